@@ -1,0 +1,110 @@
+//! The L2 store against raw redis-rs on the same kind of connection, on a loopback
+//! `redis-server` started by the testkit.
+//!
+//! Run with: `cargo bench -p headroom-benches --bench kv`
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::memory::MemoryKvStore;
+use headroom_core::{Key, Namespace};
+use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_testkit::RedisServer;
+
+fn kv(c: &mut Criterion) {
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ns = Namespace::new("bench").expect("namespace");
+    let keys: Vec<Key> = (0..100)
+        .map(|i| ns.key(format!("k{i}")).expect("key"))
+        .collect();
+    let value = Bytes::from(vec![b'x'; 256]);
+    let entries: Vec<KvEntry> = keys
+        .iter()
+        .map(|key| KvEntry {
+            key: key.clone(),
+            value: value.clone(),
+            ttl: Duration::from_secs(600),
+        })
+        .collect();
+
+    let (store, mut raw) = runtime.block_on(async {
+        let redis = Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .expect("connect");
+        let store = RedisKvStore::new(redis);
+        store.set_many(&entries).await.expect("fill");
+        let client = redis::Client::open(server.url()).expect("client");
+        let raw = redis::aio::ConnectionManager::new(client)
+            .await
+            .expect("raw connection");
+        (store, raw)
+    });
+    let memory = MemoryKvStore::new();
+    runtime
+        .block_on(memory.set_many(&entries))
+        .expect("fill memory");
+
+    let mut group = c.benchmark_group("kv_get");
+    group.bench_function(BenchmarkId::new("raw_redis_rs", "GET"), |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut conn = raw.clone();
+            let cmd = redis::cmd("GET").arg(keys[0].as_bytes()).clone();
+            async move {
+                cmd.query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+                    .expect("get")
+            }
+        })
+    });
+    group.bench_function(BenchmarkId::new("headroom_redis", "GET"), |b| {
+        b.to_async(&runtime)
+            .iter(|| async { store.get(&keys[0]).await.expect("get") })
+    });
+    group.bench_function(BenchmarkId::new("headroom_memory", "GET"), |b| {
+        b.to_async(&runtime)
+            .iter(|| async { memory.get(&keys[0]).await.expect("get") })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("kv_get_100");
+    group.bench_function(BenchmarkId::new("raw_redis_rs", "MGET"), |b| {
+        b.to_async(&runtime).iter(|| {
+            let mut conn = raw.clone();
+            let mut cmd = redis::cmd("MGET");
+            for key in &keys {
+                cmd.arg(key.as_bytes());
+            }
+            async move {
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+                    .await
+                    .expect("mget")
+            }
+        })
+    });
+    group.bench_function(BenchmarkId::new("headroom_redis", "get_many"), |b| {
+        b.to_async(&runtime)
+            .iter(|| async { store.get_many(&keys).await.expect("get_many") })
+    });
+    group.bench_function(
+        BenchmarkId::new("headroom_redis", "100_sequential_get"),
+        |b| {
+            b.to_async(&runtime).iter(|| async {
+                for key in &keys {
+                    store.get(key).await.expect("get");
+                }
+            })
+        },
+    );
+    group.finish();
+    raw = raw.clone();
+    drop(raw);
+}
+
+criterion_group!(benches, kv);
+criterion_main!(benches);

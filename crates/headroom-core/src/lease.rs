@@ -1,0 +1,103 @@
+//! The lease store behind idempotency keys: one record per key, changed only by atomic
+//! compare-and-set steps.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::{BackendError, Key};
+
+/// A fencing token: strictly increasing for one key, so a store can tell a current lease
+/// holder from one whose lease expired and was taken over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+/// The answer to [`LeaseStore::begin`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Begin {
+    /// The caller holds the lease and must run the operation.
+    Acquired {
+        /// The token to present to `complete`, `extend` and `release`.
+        token: FencingToken,
+        /// The previous holder's lease had expired and was taken over.
+        took_over: bool,
+    },
+    /// Another holder's lease is live.
+    InProgress {
+        /// The fingerprint the holder began with.
+        fingerprint: Bytes,
+        /// Time left on the holder's lease.
+        lease_remaining: Duration,
+    },
+    /// The operation completed; its stored outcome is returned for replay.
+    Completed {
+        /// The fingerprint of the request that completed it.
+        fingerprint: Bytes,
+        /// The stored outcome, opaque bytes.
+        outcome: Bytes,
+    },
+}
+
+/// The answer to `complete`, `extend` and `release`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fenced {
+    /// The token was current and the change was made.
+    Applied,
+    /// The token is no longer current (the lease expired and another holder took over, or the
+    /// record is gone); nothing was changed.
+    Rejected,
+}
+
+/// Stores idempotency records: in progress under a lease, or completed with an outcome.
+///
+/// # Contract
+///
+/// - Every method is one atomic step (one round trip and one Lua script on Redis): no
+///   interleaving of two callers can make two of them hold a live lease on one key.
+/// - `begin` on a missing key, or on a key whose lease expired, creates an in-progress record
+///   with `fingerprint` and a lease of `lease`, and returns a token greater than every token
+///   issued for that key before (the store keeps the last token at least as long as the
+///   longest lease it issued, even after `release`).
+/// - `complete` stores `outcome` with a retention of `retention` only if `token` is the current
+///   one and the record is in progress; a stale token is [`Fenced::Rejected`] and changes nothing.
+/// - `extend` moves the lease deadline to `now + lease` for the current token only.
+/// - `release` removes an in-progress record held by `token`, so a retry runs again.
+/// - Lease deadlines use the store's clock (Redis server time), never the caller's.
+/// - Keys of one record live in one Redis Cluster slot.
+pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
+    /// Begins the operation for `key`, or reports who holds it or what it returned.
+    fn begin(
+        &self,
+        key: &Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> impl Future<Output = Result<Begin, BackendError>> + Send;
+
+    /// Stores the outcome for the holder of `token`.
+    fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Extends the lease of the holder of `token`.
+    fn extend(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Releases the lease of the holder of `token` without storing an outcome.
+    fn release(
+        &self,
+        key: &Key,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+}

@@ -1,0 +1,37 @@
+//! The stable vocabulary of the headroom crate family.
+//!
+//! Every other headroom crate builds on the pieces defined here, and this crate changes rarely:
+//!
+//! - [`Clock`]: the one source of time. [`Clock::system`] follows tokio's clock (so tests under
+//!   paused time work unchanged) and [`ManualClock`] is driven by hand in tests.
+//! - [`error`]: the classification convention ([`Classify`]) every headroom error follows, and
+//!   [`BackendError`], the error of every backend call.
+//! - [`Namespace`] and [`Key`]: validated, namespaced keys for every shared store.
+//! - Backend traits, byte-oriented, with their contracts in their docs:
+//!   [`KvStore`](kv::KvStore) (cache L2), [`InvalidationBus`](bus::InvalidationBus) (cache
+//!   invalidation), [`LeaseStore`](lease::LeaseStore) (idempotency) and
+//!   [`RateStore`](rate::RateStore) (distributed rate limits).
+//! - [`memory`]: real in-memory implementations of those traits, the default for a single
+//!   process. They are embedded backends, not test doubles.
+//!
+//! Redis implementations live in `headroom-redis`, the only crate of the family that depends on
+//! the `redis` client.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.88.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bus;
+mod clock;
+pub mod error;
+mod key;
+pub mod kv;
+pub mod lease;
+pub mod memory;
+pub mod rate;
+
+pub use clock::{Clock, ManualClock};
+pub use error::{BackendError, BackendErrorKind, Classify};
+pub use key::{Key, KeyError, Namespace};

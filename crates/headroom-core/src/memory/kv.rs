@@ -1,0 +1,281 @@
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::kv::{KvEntry, KvStore};
+use crate::{BackendError, BackendErrorKind, Clock, Key};
+
+const SHARDS: usize = 16;
+/// Entries looked at when a full shard must evict a live entry.
+const EVICTION_SAMPLE: usize = 8;
+
+/// An in-memory [`KvStore`]: a sharded map with per-entry expiry and a bound on entries.
+///
+/// When a shard is full, a write first drops its expired entries, then evicts the entry that
+/// expires soonest among a small sample (like Redis' `volatile-ttl` policy). Expired entries
+/// are never returned.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use std::time::Duration;
+/// use headroom_core::{kv::KvStore, memory::MemoryKvStore, Namespace};
+///
+/// let store = MemoryKvStore::new();
+/// let key = Namespace::new("app")?.key("user:1")?;
+/// store.set(&key, "Ada".into(), Duration::from_secs(60)).await?;
+/// assert_eq!(store.get(&key).await?.as_deref(), Some(&b"Ada"[..]));
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryKvStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Box<[Mutex<HashMap<Bytes, Entry>>]>,
+    hasher: RandomState,
+    clock: Clock,
+    max_entries_per_shard: usize,
+    max_value_len: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Bytes,
+    expires_at: Instant,
+}
+
+/// Builds a [`MemoryKvStore`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct MemoryKvStoreBuilder {
+    clock: Clock,
+    max_entries: usize,
+    max_value_len: usize,
+}
+
+impl MemoryKvStoreBuilder {
+    /// The clock that decides expiry (default: [`Clock::system`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The most entries held at once (default 1,000,000). Rounded up to a multiple of the
+    /// number of internal shards.
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries.max(1);
+        self
+    }
+
+    /// The largest value accepted, in bytes (default 16 MiB).
+    pub fn max_value_len(mut self, max_value_len: usize) -> Self {
+        self.max_value_len = max_value_len;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryKvStore {
+        MemoryKvStore {
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: RandomState::new(),
+                clock: self.clock,
+                max_entries_per_shard: self.max_entries.div_ceil(SHARDS),
+                max_value_len: self.max_value_len,
+            }),
+        }
+    }
+}
+
+impl MemoryKvStore {
+    /// A store with default limits on the system clock.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Starts building a store.
+    pub fn builder() -> MemoryKvStoreBuilder {
+        MemoryKvStoreBuilder {
+            clock: Clock::system(),
+            max_entries: 1_000_000,
+            max_value_len: 16 * 1024 * 1024,
+        }
+    }
+
+    /// The number of entries held, expired ones not yet dropped included.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether the store holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<Bytes, Entry>> {
+        let index = self.inner.hasher.hash_one(key) as usize % SHARDS;
+        &self.inner.shards[index]
+    }
+
+    fn read(&self, key: &Key, now: Instant) -> Option<Bytes> {
+        let mut shard = self.shard(key.as_bytes()).lock();
+        match shard.get(key.as_bytes()) {
+            Some(entry) if entry.expires_at > now => Some(entry.value.clone()),
+            Some(_) => {
+                shard.remove(key.as_bytes());
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn check(&self, value: &Bytes, ttl: Duration) -> Result<(), BackendError> {
+        if ttl.is_zero() {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                "a ttl of zero is not allowed",
+            ));
+        }
+        if value.len() > self.inner.max_value_len {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::TooLarge,
+                format!(
+                    "value of {} bytes exceeds the limit of {} bytes",
+                    value.len(),
+                    self.inner.max_value_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn write(&self, key: &Key, value: Bytes, ttl: Duration, now: Instant) {
+        let mut shard = self.shard(key.as_bytes()).lock();
+        if shard.len() >= self.inner.max_entries_per_shard && !shard.contains_key(key.as_bytes()) {
+            shard.retain(|_, entry| entry.expires_at > now);
+            if shard.len() >= self.inner.max_entries_per_shard {
+                let victim = shard
+                    .iter()
+                    .take(EVICTION_SAMPLE)
+                    .min_by_key(|(_, entry)| entry.expires_at)
+                    .map(|(k, _)| k.clone());
+                if let Some(victim) = victim {
+                    shard.remove(&victim);
+                }
+            }
+        }
+        let expires_at = now
+            .checked_add(ttl)
+            .unwrap_or(now + Duration::from_secs(u32::MAX.into()));
+        shard.insert(key.to_bytes(), Entry { value, expires_at });
+    }
+}
+
+impl Default for MemoryKvStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KvStore for MemoryKvStore {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        Ok(self.read(key, self.inner.clock.now()))
+    }
+
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        let now = self.inner.clock.now();
+        Ok(keys.iter().map(|key| self.read(key, now)).collect())
+    }
+
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.check(&value, ttl)?;
+        self.write(key, value, ttl, self.inner.clock.now());
+        Ok(())
+    }
+
+    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
+        for entry in entries {
+            self.check(&entry.value, entry.ttl)?;
+        }
+        let now = self.inner.clock.now();
+        for entry in entries {
+            self.write(&entry.key, entry.value.clone(), entry.ttl, now);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        let now = self.inner.clock.now();
+        let mut existed = 0;
+        for key in keys {
+            let removed = self.shard(key.as_bytes()).lock().remove(key.as_bytes());
+            if removed.is_some_and(|entry| entry.expires_at > now) {
+                existed += 1;
+            }
+        }
+        Ok(existed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Namespace};
+
+    #[tokio::test]
+    async fn entry_count_stays_bounded_under_many_distinct_keys() {
+        let store = MemoryKvStore::builder().max_entries(1_600).build();
+        let ns = Namespace::new("t").unwrap();
+        for i in 0..50_000u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            store
+                .set(&key, Bytes::from_static(b"v"), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert!(store.len() <= 1_600, "len {}", store.len());
+    }
+
+    #[tokio::test]
+    async fn full_shard_drops_expired_entries_before_live_ones() {
+        let manual = ManualClock::new();
+        let store = MemoryKvStore::builder()
+            .max_entries(SHARDS)
+            .clock(manual.clock())
+            .build();
+        let ns = Namespace::new("t").unwrap();
+        let keys: Vec<Key> = (0..200u32)
+            .map(|i| ns.key(i.to_be_bytes()).unwrap())
+            .collect();
+        // Find two keys of one shard: the first expires soon, the second lives long.
+        let first = &keys[0];
+        let same_shard = keys[1..]
+            .iter()
+            .find(|k| std::ptr::eq(store.shard(k.as_bytes()), store.shard(first.as_bytes())))
+            .expect("two keys share a shard");
+        store
+            .set(first, "short".into(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        manual.advance(Duration::from_secs(2));
+        store
+            .set(same_shard, "long".into(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(same_shard).await.unwrap().as_deref(),
+            Some(&b"long"[..])
+        );
+        assert_eq!(store.get(first).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,11 @@
+//! In-memory backends: the embedded defaults for a single process.
+//!
+//! They are real implementations, safe to share across tasks and threads, bounded in memory,
+//! and pass the same conformance suite as the Redis backends. Use them when one process is
+//! all you run; switch to `headroom-redis` when instances must share state.
+
+mod bus;
+mod kv;
+
+pub use bus::MemoryBus;
+pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};

@@ -1,0 +1,59 @@
+//! The rate store behind distributed rate limits: GCRA cells shared by every instance.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{BackendError, Key};
+
+/// The parameters of one GCRA cell.
+///
+/// A cell admits one unit of cost every `emission_interval` on average, with bursts of up to
+/// `burst` units at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Gcra {
+    /// The time one unit of cost takes to replenish (period / rate). Never zero.
+    pub emission_interval: Duration,
+    /// How many units may be spent at once. At least 1.
+    pub burst: u32,
+}
+
+impl Gcra {
+    /// The delay variation tolerance: how far ahead of now the theoretical arrival time may run.
+    pub fn tolerance(&self) -> Duration {
+        self.emission_interval.saturating_mul(self.burst)
+    }
+}
+
+/// The answer to [`RateStore::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateDecision {
+    /// Whether the cost was admitted (and charged).
+    pub allowed: bool,
+    /// Units that could still be spent right now after this decision.
+    pub remaining: u32,
+    /// When rejected: how long until the same cost would be admitted. Zero when allowed.
+    pub retry_after: Duration,
+    /// How long until the cell is full again (all `burst` units available).
+    pub reset_after: Duration,
+}
+
+/// Stores GCRA cells keyed by [`Key`], shared by every instance of a service.
+///
+/// # Contract
+///
+/// - `apply` is one atomic step (one round trip, one Lua script touching one key on Redis):
+///   it charges `cost` units if the cell admits them, and otherwise changes nothing.
+/// - Time is the store's clock (Redis server time), so instances' clocks do not matter.
+/// - A cost greater than `burst` can never be admitted; it is rejected with
+///   [`BackendErrorKind::Config`](crate::BackendErrorKind::Config).
+/// - A cell expires once it is full again, so idle keys take no memory.
+pub trait RateStore: Send + Sync + fmt::Debug + 'static {
+    /// Applies `cost` units to the cell at `key`.
+    fn apply(
+        &self,
+        key: &Key,
+        gcra: Gcra,
+        cost: u32,
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send;
+}

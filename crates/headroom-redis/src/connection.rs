@@ -1,0 +1,160 @@
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::{BackendError, BackendErrorKind};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
+
+use crate::error::backend_error;
+use crate::{RedisConfig, RedisMode};
+
+/// One shared connection to Redis, standalone or cluster: clone it freely, every clone shares
+/// the same multiplexed connections.
+///
+/// - Every command is bounded by [`RedisConfig::command_timeout`], reconnection included:
+///   a stalled or cut connection yields [`BackendErrorKind::Timeout`] or
+///   [`BackendErrorKind::Connection`], never a hang.
+/// - A lost connection is re-established by itself in the background, with exponential backoff
+///   between attempts; the command in flight when it broke fails, and later commands succeed
+///   once the server answers again. No caller has to rebuild the handle.
+#[derive(Clone)]
+pub struct Redis {
+    conn: Conn,
+    config: Arc<RedisConfig>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Redis {
+    /// Connects to Redis as `config` says; fails if the first connection cannot be made.
+    pub async fn connect(config: RedisConfig) -> Result<Self, BackendError> {
+        config
+            .validate()
+            .map_err(|detail| BackendError::with_detail(BackendErrorKind::Config, detail))?;
+        let deadline = config.connect_timeout.saturating_mul(2);
+        let conn = match config.mode {
+            RedisMode::Standalone => {
+                let client = redis::Client::open(config.urls[0].as_str()).map_err(backend_error)?;
+                let manager = ConnectionManager::new_with_config(client, manager_config(&config));
+                Conn::Standalone(bounded(deadline, manager).await?)
+            }
+            RedisMode::Cluster => {
+                let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
+                    .connection_timeout(config.connect_timeout)
+                    .response_timeout(config.command_timeout)
+                    .retries(2)
+                    .min_retry_wait(millis(config.reconnect_min_delay))
+                    .max_retry_wait(millis(config.reconnect_max_delay))
+                    .build()
+                    .map_err(backend_error)?;
+                Conn::Cluster(bounded(deadline, client.get_async_connection()).await?)
+            }
+        };
+        Ok(Self {
+            conn,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The configuration this handle was made with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// Whether this handle talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Runs one command within the command timeout.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, BackendError> {
+        let timeout = self.config.command_timeout;
+        match self.conn.clone() {
+            Conn::Standalone(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
+            Conn::Cluster(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
+        }
+    }
+
+    /// Runs a pipeline (one round trip) within the command timeout.
+    ///
+    /// On a cluster, every command of the pipeline must address keys of one slot.
+    pub async fn query_pipeline<T: FromRedisValue>(
+        &self,
+        pipeline: &Pipeline,
+    ) -> Result<T, BackendError> {
+        let timeout = self.config.command_timeout;
+        match self.conn.clone() {
+            Conn::Standalone(mut c) => bounded(timeout, pipeline.query_async(&mut c)).await,
+            Conn::Cluster(mut c) => bounded(timeout, pipeline.query_async(&mut c)).await,
+        }
+    }
+
+    /// Runs a Lua script by its SHA (`EVALSHA`), loading it first if the server lacks it,
+    /// within the command timeout.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, BackendError> {
+        let timeout = self.config.command_timeout;
+        match self.conn.clone() {
+            Conn::Standalone(mut c) => bounded(timeout, invocation.invoke_async(&mut c)).await,
+            Conn::Cluster(mut c) => bounded(timeout, invocation.invoke_async(&mut c)).await,
+        }
+    }
+
+    /// Sends `PING` and waits for the answer: a health check.
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        let pong: String = self.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(BackendError::with_detail(
+                BackendErrorKind::Protocol,
+                format!("PING answered {pong:?}"),
+            ))
+        }
+    }
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis")
+            .field("mode", &self.config.mode)
+            .field("urls", &self.config.urls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.command_timeout))
+        .set_min_delay(config.reconnect_min_delay)
+        .set_max_delay(config.reconnect_max_delay)
+        .set_number_of_retries(3)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    future: impl Future<Output = RedisResult<T>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(timeout, future).await {
+        Ok(result) => result.map_err(backend_error),
+        Err(_) => Err(BackendError::with_detail(
+            BackendErrorKind::Timeout,
+            format!("no answer from Redis within {timeout:?}"),
+        )),
+    }
+}

@@ -1,0 +1,39 @@
+//! Redis backends for headroom: the one crate of the family that depends on `redis`.
+//!
+//! - [`RedisConfig`] and [`Redis`]: one shared, cheap-to-clone connection handle for a
+//!   standalone server or a Redis Cluster, with automatic reconnect and a timeout on every
+//!   command.
+//! - [`RedisKvStore`]: the [`KvStore`](headroom_core::kv::KvStore) behind the cache's L2
+//!   (`GET`, `MGET`, pipelined `SET PX`, `DEL`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), headroom_core::BackendError> {
+//! use std::time::Duration;
+//! use headroom_core::{kv::KvStore, Namespace};
+//! use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+//!
+//! let redis = Redis::connect(RedisConfig::standalone("redis://127.0.0.1:6379")).await?;
+//! let store = RedisKvStore::new(redis);
+//! let key = Namespace::new("shop").unwrap().key("user:1").unwrap();
+//! store.set(&key, "Ada".into(), Duration::from_secs(60)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Redis Cluster
+//!
+//! Every multi-key call is split by slot: `MGET` and `DEL` are routed per node by the client,
+//! and pipelined writes are grouped per slot and sent concurrently. Keys that must live together
+//! (the records of one idempotency key, for example) use `{hash tags}`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod connection;
+mod error;
+mod kv;
+mod slot;
+
+pub use config::{RedisConfig, RedisMode};
+pub use connection::Redis;
+pub use kv::RedisKvStore;
+pub use slot::cluster_slot;

@@ -1,0 +1,234 @@
+//! Checks of the [`KvStore`] contract.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::{BackendErrorKind, Key, Namespace};
+
+/// The value limit the stores under test must be configured with.
+pub const MAX_VALUE_LEN: usize = 1024 * 1024;
+
+const HOUR: Duration = Duration::from_secs(3_600);
+
+fn key(ns: &Namespace, name: impl AsRef<[u8]>) -> Key {
+    ns.key(name).expect("valid test key")
+}
+
+/// Empty, binary, non-UTF-8 and large values come back byte for byte.
+pub async fn values_round_trip_unchanged<S: KvStore>(store: &S, ns: Namespace) {
+    let large: Vec<u8> = (0..MAX_VALUE_LEN).map(|i| (i % 251) as u8).collect();
+    let values: Vec<Bytes> = vec![
+        Bytes::new(),
+        Bytes::from_static(b"plain"),
+        Bytes::from_static(&[0, 159, 146, 150, 255, 0xC3, 0x28, b'\r', b'\n']),
+        Bytes::from(large),
+    ];
+    for (i, value) in values.iter().enumerate() {
+        let k = key(&ns, format!("v{i}"));
+        store.set(&k, value.clone(), HOUR).await.expect("set");
+        assert_eq!(
+            store.get(&k).await.expect("get").as_ref(),
+            Some(value),
+            "value {i}"
+        );
+    }
+    let binary_key = key(&ns, [0u8, 255, b'{', b'}', b' ']);
+    store
+        .set(&binary_key, "k".into(), HOUR)
+        .await
+        .expect("set binary key");
+    assert_eq!(
+        store.get(&binary_key).await.expect("get").as_deref(),
+        Some(&b"k"[..])
+    );
+}
+
+/// A key never written reads as `None`.
+pub async fn missing_keys_read_as_none<S: KvStore>(store: &S, ns: Namespace) {
+    assert_eq!(store.get(&key(&ns, "nobody")).await.expect("get"), None);
+}
+
+/// `set` replaces the previous value.
+pub async fn set_overwrites<S: KvStore>(store: &S, ns: Namespace) {
+    let k = key(&ns, "k");
+    store.set(&k, "one".into(), HOUR).await.expect("set");
+    store.set(&k, "two".into(), HOUR).await.expect("set");
+    assert_eq!(
+        store.get(&k).await.expect("get").as_deref(),
+        Some(&b"two"[..])
+    );
+}
+
+/// An entry is gone once its TTL has passed, while one with a long TTL stays.
+pub async fn entries_expire_after_their_ttl<S: KvStore>(store: &S, ns: Namespace) {
+    let short = key(&ns, "short");
+    let long = key(&ns, "long");
+    store.set(&long, "stays".into(), HOUR).await.expect("set");
+    store
+        .set(&short, "goes".into(), Duration::from_millis(5))
+        .await
+        .expect("set");
+    // Expiry happens in the store's own time (Redis' clock for Redis): wait for it, bounded.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.get(&short).await.expect("get").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "entry with a 5 ms ttl still present after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        store.get(&long).await.expect("get").as_deref(),
+        Some(&b"stays"[..])
+    );
+}
+
+/// A TTL of zero is a configuration error, not an entry that never expires.
+pub async fn zero_ttl_is_refused<S: KvStore>(store: &S, ns: Namespace) {
+    let k = key(&ns, "k");
+    let err = store
+        .set(&k, "v".into(), Duration::ZERO)
+        .await
+        .expect_err("zero ttl");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let entry = KvEntry {
+        key: k.clone(),
+        value: "v".into(),
+        ttl: Duration::ZERO,
+    };
+    let err = store.set_many(&[entry]).await.expect_err("zero ttl");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    assert_eq!(store.get(&k).await.expect("get"), None);
+}
+
+/// A value over the limit fails with `TooLarge` and writes nothing, alone or in a batch.
+pub async fn oversized_values_are_refused_and_not_written<S: KvStore>(store: &S, ns: Namespace) {
+    let big = Bytes::from(vec![7u8; MAX_VALUE_LEN + 1]);
+    let k = key(&ns, "big");
+    let err = store
+        .set(&k, big.clone(), HOUR)
+        .await
+        .expect_err("oversized");
+    assert_eq!(err.kind(), BackendErrorKind::TooLarge);
+    let small = key(&ns, "small");
+    let batch = [
+        KvEntry {
+            key: small.clone(),
+            value: "ok".into(),
+            ttl: HOUR,
+        },
+        KvEntry {
+            key: k.clone(),
+            value: big,
+            ttl: HOUR,
+        },
+    ];
+    let err = store
+        .set_many(&batch)
+        .await
+        .expect_err("oversized in batch");
+    assert_eq!(err.kind(), BackendErrorKind::TooLarge);
+    assert_eq!(
+        store.get_many(&[k, small]).await.expect("get_many"),
+        vec![None, None]
+    );
+}
+
+/// `get_many` answers one slot per key, in order, duplicates and misses included, across many
+/// keys (so across cluster slots).
+pub async fn get_many_answers_in_order_with_duplicates<S: KvStore>(store: &S, ns: Namespace) {
+    assert!(
+        store
+            .get_many(&[])
+            .await
+            .expect("empty get_many")
+            .is_empty()
+    );
+    let keys: Vec<Key> = (0..100).map(|i| key(&ns, format!("k{i}"))).collect();
+    for (i, k) in keys.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+        store
+            .set(k, Bytes::from(i.to_string()), HOUR)
+            .await
+            .expect("set");
+    }
+    let mut asked = keys.clone();
+    asked.push(keys[1].clone());
+    asked.push(keys[0].clone());
+    let got = store.get_many(&asked).await.expect("get_many");
+    assert_eq!(got.len(), asked.len());
+    for (i, value) in got.iter().take(100).enumerate() {
+        let expected = (i % 3 != 0).then(|| Bytes::from(i.to_string()));
+        assert_eq!(value, &expected, "key {i}");
+    }
+    assert_eq!(got[100], Some(Bytes::from("1")));
+    assert_eq!(got[101], None);
+}
+
+/// `set_many` writes every entry with its own TTL.
+pub async fn set_many_writes_every_entry<S: KvStore>(store: &S, ns: Namespace) {
+    store.set_many(&[]).await.expect("empty set_many");
+    let entries: Vec<KvEntry> = (0..100)
+        .map(|i| KvEntry {
+            key: key(&ns, format!("k{i}")),
+            value: Bytes::from(format!("v{i}")),
+            ttl: HOUR + Duration::from_secs(i),
+        })
+        .collect();
+    store.set_many(&entries).await.expect("set_many");
+    let keys: Vec<Key> = entries.iter().map(|e| e.key.clone()).collect();
+    let got = store.get_many(&keys).await.expect("get_many");
+    let expected: Vec<Option<Bytes>> = entries.iter().map(|e| Some(e.value.clone())).collect();
+    assert_eq!(got, expected);
+}
+
+/// `delete` removes keys and counts those that existed.
+pub async fn delete_counts_existing_keys<S: KvStore>(store: &S, ns: Namespace) {
+    assert_eq!(store.delete(&[]).await.expect("empty delete"), 0);
+    let keys: Vec<Key> = (0..10).map(|i| key(&ns, format!("k{i}"))).collect();
+    for k in &keys[..6] {
+        store.set(k, "v".into(), HOUR).await.expect("set");
+    }
+    assert_eq!(store.delete(&keys).await.expect("delete"), 6);
+    assert_eq!(
+        store.get_many(&keys).await.expect("get_many"),
+        vec![None; 10]
+    );
+    assert_eq!(store.delete(&keys).await.expect("delete again"), 0);
+}
+
+/// The same key part in two namespaces names two entries.
+pub async fn namespaces_do_not_collide<S: KvStore>(store: &S, ns: Namespace) {
+    let a = ns.child("a").expect("ns");
+    let b = ns.child("b").expect("ns");
+    store
+        .set(&key(&a, "k"), "in a".into(), HOUR)
+        .await
+        .expect("set");
+    store
+        .set(&key(&b, "k"), "in b".into(), HOUR)
+        .await
+        .expect("set");
+    store.delete(&[key(&a, "k")]).await.expect("delete");
+    assert_eq!(store.get(&key(&a, "k")).await.expect("get"), None);
+    assert_eq!(
+        store.get(&key(&b, "k")).await.expect("get").as_deref(),
+        Some(&b"in b"[..])
+    );
+}
+
+/// Many tasks writing and reading their own keys at once each read what they wrote.
+pub async fn concurrent_writers_and_readers_agree<S: KvStore>(store: &S, ns: Namespace) {
+    let tasks = (0..32).map(|task| {
+        let ns = ns.clone();
+        async move {
+            for round in 0..20 {
+                let k = key(&ns, format!("t{task}"));
+                let value = Bytes::from(format!("{task}:{round}"));
+                store.set(&k, value.clone(), HOUR).await.expect("set");
+                assert_eq!(store.get(&k).await.expect("get"), Some(value));
+            }
+        }
+    });
+    futures_util::future::join_all(tasks).await;
+}

@@ -1,0 +1,82 @@
+//! Contract tests of the backend traits, shared by every implementation.
+//!
+//! Each check is a public async function taking the backend under test and a fresh namespace.
+//! The macros [`kv_store_conformance!`](crate::kv_store_conformance) and
+//! [`bus_conformance!`](crate::bus_conformance) expand to one `#[tokio::test]` per check, so a
+//! backend crate runs the whole suite with one line per backend:
+//!
+//! ```text
+//! headroom_testkit::kv_store_conformance!(memory, async {
+//!     headroom_core::memory::MemoryKvStore::builder().max_value_len(1 << 20).build()
+//! });
+//! ```
+//!
+//! Stores given to the KV suite must accept values of up to [`kv::MAX_VALUE_LEN`] bytes and
+//! refuse larger ones.
+
+pub mod bus;
+pub mod kv;
+
+/// Expands to one test per KV store check, each in a module named `$name`.
+///
+/// `$make` is an expression of a future that yields a fresh store; it runs once per test.
+#[macro_export]
+macro_rules! kv_store_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::kv_store_conformance!(@tests $make;
+                values_round_trip_unchanged,
+                missing_keys_read_as_none,
+                set_overwrites,
+                entries_expire_after_their_ttl,
+                zero_ttl_is_refused,
+                oversized_values_are_refused_and_not_written,
+                get_many_answers_in_order_with_duplicates,
+                set_many_writes_every_entry,
+                delete_counts_existing_keys,
+                namespaces_do_not_collide,
+                concurrent_writers_and_readers_agree,
+            );
+        }
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = $make.await;
+                $crate::conformance::kv::$check(&store, $crate::unique_namespace(stringify!($check))).await;
+            }
+        )+
+    };
+}
+
+/// Expands to one test per invalidation bus check, each in a module named `$name`.
+///
+/// `$make` is an expression of a future that yields a fresh bus; it runs once per test.
+#[macro_export]
+macro_rules! bus_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::bus_conformance!(@tests $make;
+                subscription_goes_live_then_receives_in_order,
+                every_subscriber_receives_every_message,
+                publishing_without_subscribers_succeeds,
+                channels_are_separate,
+                dropped_subscription_does_not_disturb_others,
+            );
+        }
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let bus = $make.await;
+                $crate::conformance::bus::$check(&bus, $crate::unique_namespace(stringify!($check))).await;
+            }
+        )+
+    };
+}

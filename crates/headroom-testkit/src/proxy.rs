@@ -1,0 +1,143 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    Delay(Duration),
+    Stall,
+    Cut,
+}
+
+/// A TCP proxy on a loopback port between a client and a server, with faults on command.
+///
+/// - [`cut`](Self::cut): every open connection is closed at once and new ones are closed as
+///   soon as they are accepted, until [`restore`](Self::restore).
+/// - [`stall`](Self::stall): connections stay open but no byte is forwarded either way (bytes
+///   are held and delivered in order after [`restore`](Self::restore)).
+/// - [`delay`](Self::delay): every chunk is forwarded after a delay.
+///
+/// The proxy runs on the tokio runtime that started it and stops when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` on a free loopback port.
+    ///
+    /// # Panics
+    ///
+    /// If no loopback port can be bound.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy port");
+        let addr = listener.local_addr().expect("proxy address");
+        let (mode, watcher) = watch::channel(Mode::Pass);
+        let task = tokio::spawn(accept_loop(listener, upstream, watcher));
+        Self { addr, mode, task }
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `redis://` URL clients connect to.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Closes every connection and refuses new ones until [`restore`](Self::restore).
+    pub fn cut(&self) {
+        self.mode.send_replace(Mode::Cut);
+    }
+
+    /// Holds every byte in both directions until [`restore`](Self::restore).
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stall);
+    }
+
+    /// Delays every forwarded chunk by `delay`.
+    pub fn delay(&self, delay: Duration) {
+        self.mode.send_replace(Mode::Delay(delay));
+    }
+
+    /// Forwards normally again.
+    pub fn restore(&self) {
+        self.mode.send_replace(Mode::Pass);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.mode.send_replace(Mode::Cut);
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
+    while let Ok((client, _)) = listener.accept().await {
+        if *mode.borrow() == Mode::Cut {
+            drop(client);
+            continue;
+        }
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            // Either direction ending (EOF, error or cut) closes the whole connection.
+            tokio::select! {
+                () = pump(client_read, server_write, mode.clone()) => {}
+                () = pump(server_read, client_write, mode) => {}
+            }
+        });
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+    let mut cut = mode.clone();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = cut.wait_for(|m| *m == Mode::Cut) => return,
+        };
+        loop {
+            let current = *mode.borrow_and_update();
+            match current {
+                Mode::Pass => break,
+                Mode::Delay(delay) => {
+                    tokio::time::sleep(delay).await;
+                    break;
+                }
+                Mode::Stall => {
+                    if mode.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Mode::Cut => return,
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,402 @@
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use std::sync::Mutex;
+
+const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with \
+     `sudo apt-get install -y redis-server` (Debian/Ubuntu), or run the README's test command, \
+     which installs it.";
+
+/// How long a server may take to answer its first PING.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Builds a [`RedisServer`] with extra configuration.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct RedisServerBuilder {
+    args: Vec<String>,
+    port: Option<u16>,
+}
+
+impl RedisServerBuilder {
+    /// Adds a configuration directive, for example `.config("notify-keyspace-events", "KEA")`.
+    pub fn config(mut self, name: &str, value: &str) -> Self {
+        self.args.push(format!("--{name}"));
+        self.args.push(value.to_owned());
+        self
+    }
+
+    /// Listens on `port` instead of a free one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Starts the server and waits until it answers `PING`.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-server` is missing or does not start: test support fails loudly.
+    pub fn start(self) -> RedisServer {
+        let port = self.port.unwrap_or_else(|| free_port(false));
+        let dir = scratch_dir(port);
+        let server = RedisServer {
+            port,
+            dir,
+            args: self.args,
+            process: Mutex::new(None),
+        };
+        server.spawn();
+        server
+    }
+}
+
+/// A real `redis-server` process on a loopback port, stopped when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    args: Vec<String>,
+    process: Mutex<Option<Process>>,
+}
+
+#[derive(Debug)]
+struct Process {
+    guard: Child,
+    // Closing this pipe tells the guard shell to kill the server.
+    _lifeline: ChildStdin,
+    pid: u32,
+}
+
+impl RedisServer {
+    /// Starts a server with default configuration (no persistence) on a free port.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    /// Starts building a server.
+    pub fn builder() -> RedisServerBuilder {
+        RedisServerBuilder::default()
+    }
+
+    /// The port the server listens on (it keeps it across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The socket address of the server.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The `redis://` URL of the server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills the server with `SIGKILL` and waits for it to exit. Unpersisted data is lost.
+    pub fn kill(&self) {
+        if let Some(mut process) = self.lock().take() {
+            signal(process.pid, "KILL");
+            drop(process._lifeline);
+            // The guard shell exits once its server is gone.
+            let _ = process.guard.wait();
+            wait_until_port_closed(self.port);
+        }
+    }
+
+    /// Starts the server again on the same port (after [`kill`](Self::kill), or to restart it).
+    pub fn restart(&self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Freezes the server with `SIGSTOP`: connections stay open but nothing is answered.
+    pub fn pause(&self) {
+        if let Some(process) = self.lock().as_ref() {
+            signal(process.pid, "STOP");
+        }
+    }
+
+    /// Thaws a server frozen by [`pause`](Self::pause).
+    pub fn resume(&self) {
+        if let Some(process) = self.lock().as_ref() {
+            signal(process.pid, "CONT");
+        }
+    }
+
+    /// Whether the server process is running (it may be paused).
+    pub fn is_running(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Runs `redis-cli` against this server and returns its output, for admin commands in
+    /// tests (`CONFIG SET`, `CLIENT KILL`, `DEBUG`, writing foreign data).
+    ///
+    /// # Panics
+    ///
+    /// If `redis-cli` cannot run or exits with an error.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Process>> {
+        self.process
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn spawn(&self) {
+        ensure_installed();
+        let mut args = vec![
+            "--port".to_owned(),
+            self.port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--save".to_owned(),
+            String::new(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+            "--dir".to_owned(),
+            self.dir.display().to_string(),
+            "--logfile".to_owned(),
+            "redis.log".to_owned(),
+        ];
+        args.extend(self.args.iter().cloned());
+        // The guard shell starts the server, prints its pid, then waits for its stdin to close
+        // (the test process ended or dropped the server) and kills it.
+        let mut guard = Command::new("sh")
+            .arg("-c")
+            .arg(r#"redis-server "$@" & echo $!; cat >/dev/null; kill -9 $! 2>/dev/null; wait"#)
+            .arg("sh")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}. {INSTALL_HINT}"));
+        let lifeline = guard.stdin.take().expect("guard stdin is piped");
+        let mut line = String::new();
+        BufReader::new(guard.stdout.take().expect("guard stdout is piped"))
+            .read_line(&mut line)
+            .expect("read redis-server pid");
+        let pid = line
+            .trim()
+            .parse()
+            .expect("guard prints the redis-server pid");
+        *self.lock() = Some(Process {
+            guard,
+            _lifeline: lifeline,
+            pid,
+        });
+        wait_for_ping(self.port, &self.dir);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real Redis Cluster of `masters` masters, each with `replicas` replicas, on loopback.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    masters: usize,
+}
+
+impl RedisCluster {
+    /// Starts a cluster of three masters and no replicas.
+    pub fn start() -> Self {
+        Self::start_with(3, 0)
+    }
+
+    /// Starts a cluster of `masters` masters (at least 3) with `replicas` replicas each, and
+    /// waits until every node reports `cluster_state:ok`.
+    pub fn start_with(masters: usize, replicas: usize) -> Self {
+        assert!(masters >= 3, "a Redis Cluster needs at least three masters");
+        let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
+            .map(|_| {
+                RedisServer::builder()
+                    .port(free_port(true))
+                    .config("cluster-enabled", "yes")
+                    .config("cluster-config-file", "nodes.conf")
+                    .config("cluster-node-timeout", "2000")
+                    .start()
+            })
+            .collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())));
+        args.extend([
+            "--cluster-replicas".into(),
+            replicas.to_string(),
+            "--cluster-yes".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        redis_cli(nodes[0].port(), &args);
+        let cluster = Self { nodes, masters };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// Every node, masters first (as created).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// The number of masters the cluster was created with.
+    pub fn masters(&self) -> usize {
+        self.masters
+    }
+
+    /// The URLs of every node, to use as seeds.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Waits until every running node reports `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// If that does not happen within 30 seconds.
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let info = redis_cli_lenient(node.port(), &["CLUSTER", "INFO"]);
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster not ok in time: {info}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// One standalone server shared by every test of a test binary (for conformance suites that
+/// do not disturb the server). Each test should use its own [`unique_namespace`](crate::unique_namespace).
+pub fn shared_server() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+/// One three-master cluster shared by every test of a test binary.
+pub fn shared_cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(RedisCluster::start)
+}
+
+fn ensure_installed() {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(found, "{INSTALL_HINT}");
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A port that is free now (and, for cluster nodes, whose bus port `port + 10000` is free too).
+fn free_port(with_bus: bool) -> u16 {
+    for _ in 0..1_000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local addr").port();
+        if !with_bus {
+            return port;
+        }
+        if port < 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port found");
+}
+
+fn scratch_dir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("headroom-redis-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
+    dir
+}
+
+fn wait_for_ping(port: u16, dir: &Path) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if ping(port) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            panic!(
+                "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{log}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+fn wait_until_port_closed(port: u16) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}. {INSTALL_HINT}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !stdout.starts_with("ERR") && !stdout.contains("[ERR]"),
+        "redis-cli {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn redis_cli_lenient(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,12 @@
+//! The backend conformance suites against the in-memory backends of `headroom-core`.
+
+use headroom_core::memory::{MemoryBus, MemoryKvStore};
+use headroom_testkit::conformance::kv::MAX_VALUE_LEN;
+
+headroom_testkit::kv_store_conformance!(memory_kv, async {
+    MemoryKvStore::builder()
+        .max_value_len(MAX_VALUE_LEN)
+        .build()
+});
+
+headroom_testkit::bus_conformance!(memory_bus, async { MemoryBus::new() });
