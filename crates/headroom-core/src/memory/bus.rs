@@ -64,11 +64,11 @@ impl InvalidationBus for MemoryBus {
             ));
         }
         let mut channels = self.inner.channels.lock();
-        if let Some(sender) = channels.get(channel) {
-            if sender.send(message).is_err() {
-                // Nobody listens any more: forget the channel so memory stays bounded.
-                channels.remove(channel);
-            }
+        if let Some(sender) = channels.get(channel)
+            && sender.send(message).is_err()
+        {
+            // Nobody listens any more: forget the channel so memory stays bounded.
+            channels.remove(channel);
         }
         Ok(())
     }
@@ -98,5 +98,58 @@ impl InvalidationBus for MemoryBus {
             },
         );
         Ok(Subscription::new(events))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Namespace;
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_told_it_lost_messages_then_goes_live_again() {
+        let bus = MemoryBus::with_capacity(4);
+        let channel = Namespace::new("t").unwrap().key("ch").unwrap();
+        let mut sub = bus.subscribe(&channel).await.unwrap();
+        assert_eq!(sub.next_event().await, Some(BusEvent::Live));
+        for i in 0..10u8 {
+            bus.publish(&channel, Bytes::from(vec![i])).await.unwrap();
+        }
+        assert_eq!(
+            sub.next_event().await,
+            Some(BusEvent::Lost(LossReason::Lagged(6)))
+        );
+        assert_eq!(sub.next_event().await, Some(BusEvent::Live));
+        for i in 6..10u8 {
+            assert_eq!(
+                sub.next_event().await,
+                Some(BusEvent::Message(Bytes::from(vec![i])))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_messages_are_refused() {
+        let bus = MemoryBus::new();
+        let channel = Namespace::new("t").unwrap().key("ch").unwrap();
+        let err = bus
+            .publish(
+                &channel,
+                Bytes::from(vec![0; MemoryBus::MAX_MESSAGE_LEN + 1]),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn channels_without_subscribers_are_forgotten() {
+        let bus = MemoryBus::new();
+        let channel = Namespace::new("t").unwrap().key("ch").unwrap();
+        drop(bus.subscribe(&channel).await.unwrap());
+        bus.publish(&channel, Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert!(bus.inner.channels.lock().is_empty());
     }
 }

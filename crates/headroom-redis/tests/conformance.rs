@@ -1,0 +1,22 @@
+//! The KV store conformance suite against real Redis, standalone and cluster.
+
+use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_testkit::conformance::kv::MAX_VALUE_LEN;
+use headroom_testkit::{shared_cluster, shared_server};
+
+async fn store(config: RedisConfig) -> RedisKvStore {
+    let redis = Redis::connect(config)
+        .await
+        .expect("connect to the test Redis");
+    RedisKvStore::new(redis).with_max_value_len(MAX_VALUE_LEN)
+}
+
+headroom_testkit::kv_store_conformance!(
+    standalone,
+    store(RedisConfig::standalone(shared_server().url()))
+);
+
+headroom_testkit::kv_store_conformance!(
+    cluster,
+    store(RedisConfig::cluster(shared_cluster().urls()))
+);

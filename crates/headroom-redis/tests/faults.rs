@@ -1,0 +1,277 @@
+//! The shared handle under real faults: a killed and restarted server, a cut, stalled or
+//! delayed connection, and foreign data under the namespace.
+
+use std::time::{Duration, Instant};
+
+use headroom_core::kv::KvStore;
+use headroom_core::{BackendErrorKind, Classify};
+use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_testkit::{FaultProxy, RedisCluster, RedisServer, shared_server, unique_namespace};
+
+const TIMEOUT: Duration = Duration::from_millis(300);
+const HOUR: Duration = Duration::from_secs(3_600);
+
+fn config(url: String) -> RedisConfig {
+    RedisConfig::standalone(url)
+        .with_command_timeout(TIMEOUT)
+        .with_connect_timeout(TIMEOUT)
+}
+
+/// Retries `op` until it succeeds, within a bounded number of attempts; returns the attempts.
+async fn attempts_until_ok<F, Fut, T>(mut op: F) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, headroom_core::BackendError>>,
+{
+    for attempt in 1..=100 {
+        if op().await.is_ok() {
+            return attempt;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no success within 100 attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_server_reconnects_by_itself() {
+    let server = RedisServer::start();
+    let store = RedisKvStore::new(Redis::connect(config(server.url())).await.expect("connect"));
+    let key = unique_namespace("restart").key("k").unwrap();
+    store
+        .set(&key, "before".into(), HOUR)
+        .await
+        .expect("set before the kill");
+
+    server.kill();
+    let err = store.get(&key).await.expect_err("the server is down");
+    assert!(
+        err.is_retryable(),
+        "a dead server is a retryable error: {err:?}"
+    );
+
+    server.restart();
+    // The handle reconnects in the background; the first command after the restart may still
+    // see the broken connection, and every later one must succeed.
+    let attempts = attempts_until_ok(|| store.get(&key)).await;
+    assert!(attempts <= 3, "reconnection took {attempts} attempts");
+    store
+        .set(&key, "after".into(), HOUR)
+        .await
+        .expect("set after the restart");
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"after"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection_fails_within_the_timeout_and_recovers() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("cut").key("k").unwrap();
+    store
+        .set(&key, "v".into(), HOUR)
+        .await
+        .expect("set through the proxy");
+
+    proxy.cut();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = store.get(&key).await.expect_err("the connection is cut");
+        assert!(
+            matches!(
+                err.kind(),
+                BackendErrorKind::Connection | BackendErrorKind::Timeout
+            ),
+            "{err:?}"
+        );
+        assert!(
+            started.elapsed() < TIMEOUT * 3,
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    proxy.restore();
+    attempts_until_ok(|| store.get(&key)).await;
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connection_times_out_instead_of_hanging() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("stall").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    proxy.stall();
+    let started = Instant::now();
+    let err = store
+        .get(&key)
+        .await
+        .expect_err("the connection is stalled");
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        started.elapsed() < TIMEOUT * 3,
+        "took {:?}",
+        started.elapsed()
+    );
+
+    proxy.restore();
+    attempts_until_ok(|| store.get(&key)).await;
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_server_times_out_then_answers_after_resume() {
+    let server = RedisServer::start();
+    let store = RedisKvStore::new(Redis::connect(config(server.url())).await.expect("connect"));
+    let key = unique_namespace("pause").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    server.pause();
+    let err = store.get(&key).await.expect_err("the server is frozen");
+    assert!(err.is_timeout(), "{err:?}");
+
+    server.resume();
+    attempts_until_ok(|| store.get(&key)).await;
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_connection_still_answers_within_the_timeout() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("delay").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+    proxy.delay(Duration::from_millis(20));
+    assert_eq!(
+        store.get(&key).await.expect("slow but in time").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_data_under_the_namespace_is_bytes_or_a_typed_error() {
+    let redis = Redis::connect(config(shared_server().url()))
+        .await
+        .expect("connect");
+    let store = RedisKvStore::new(redis.clone());
+    let ns = unique_namespace("foreign");
+    let garbage = ns.key("garbage").unwrap();
+    let list = ns.key("list").unwrap();
+    let foreign: &[u8] = b"\x00\xff\xfenot-an-envelope";
+    // Another program writes under the namespace: raw bytes, and a list.
+    redis
+        .query::<()>(redis::cmd("SET").arg(garbage.as_bytes()).arg(foreign))
+        .await
+        .expect("raw SET");
+    redis
+        .query::<()>(redis::cmd("RPUSH").arg(list.as_bytes()).arg("a").arg("b"))
+        .await
+        .expect("raw RPUSH");
+
+    // Bytes in, bytes out: a string value is returned whatever it contains.
+    let value = store.get(&garbage).await.expect("get garbage");
+    assert_eq!(value.as_deref(), Some(foreign));
+
+    // A key of another type is a typed command error, alone and inside a batch read.
+    let err = store.get(&list).await.expect_err("wrong type");
+    assert_eq!(err.kind(), BackendErrorKind::Command);
+    assert!(!err.is_retryable());
+    let values = store
+        .get_many(&[garbage.clone(), list.clone()])
+        .await
+        .expect("MGET");
+    assert_eq!(
+        values[1], None,
+        "MGET answers nil for a key of another type"
+    );
+
+    // Overwriting and deleting foreign keys works.
+    store
+        .set(&list, "mine now".into(), HOUR)
+        .await
+        .expect("overwrite");
+    assert_eq!(store.delete(&[garbage, list]).await.expect("delete"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_fails_fast_at_connect() {
+    let server = RedisServer::start();
+    let url = server.url();
+    drop(server);
+    let started = Instant::now();
+    let err = Redis::connect(config(url))
+        .await
+        .expect_err("nothing listens");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        started.elapsed() < TIMEOUT * 4,
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_a_config_error() {
+    let err = Redis::connect(RedisConfig::cluster(Vec::<String>::new()))
+        .await
+        .expect_err("no URL");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let mut two = RedisConfig::standalone("redis://127.0.0.1:1");
+    two.urls.push("redis://127.0.0.1:2".into());
+    let err = Redis::connect(two)
+        .await
+        .expect_err("two URLs for one server");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let err = Redis::connect(RedisConfig::standalone("http://nope"))
+        .await
+        .expect_err("bad URL");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_killed_and_restarted_is_reconnected() {
+    let cluster = RedisCluster::start();
+    let redis = Redis::connect(
+        RedisConfig::cluster(cluster.urls())
+            .with_command_timeout(Duration::from_secs(1))
+            .with_connect_timeout(TIMEOUT),
+    )
+    .await
+    .expect("connect");
+    let store = RedisKvStore::new(redis);
+    let ns = unique_namespace("cluster-restart");
+    let keys: Vec<_> = (0..30).map(|i| ns.key(format!("k{i}")).unwrap()).collect();
+    for key in &keys {
+        store.set(key, "v".into(), HOUR).await.expect("set");
+    }
+
+    let node = &cluster.nodes()[1];
+    node.kill();
+    node.restart();
+    cluster.wait_until_ok();
+    // The restarted master lost its data (no persistence) but serves its slots again.
+    attempts_until_ok(|| store.get_many(&keys)).await;
+    for key in &keys {
+        store
+            .set(key, "again".into(), HOUR)
+            .await
+            .expect("set after restart");
+    }
+    let values = store.get_many(&keys).await.expect("get_many");
+    assert!(values.iter().all(|v| v.as_deref() == Some(&b"again"[..])));
+}
