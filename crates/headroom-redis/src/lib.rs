@@ -5,6 +5,8 @@
 //!   command.
 //! - [`RedisKvStore`]: the [`KvStore`](headroom_core::kv::KvStore) behind the cache's L2
 //!   (`GET`, `MGET`, pipelined `SET PX`, `DEL`).
+//! - [`RedisLeaseStore`]: the [`LeaseStore`](headroom_core::lease::LeaseStore) behind
+//!   idempotency keys (one Lua script per step, one key per record, server time).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), headroom_core::BackendError> {
@@ -31,9 +33,11 @@ mod config;
 mod connection;
 mod error;
 mod kv;
+mod lease;
 mod slot;
 
 pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
 pub use kv::RedisKvStore;
+pub use lease::RedisLeaseStore;
 pub use slot::cluster_slot;

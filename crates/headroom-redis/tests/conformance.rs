@@ -1,6 +1,6 @@
 //! The KV store conformance suite against real Redis, standalone and cluster.
 
-use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_redis::{Redis, RedisConfig, RedisKvStore, RedisLeaseStore};
 use headroom_testkit::conformance::kv::MAX_VALUE_LEN;
 use headroom_testkit::{shared_cluster, shared_server};
 
@@ -19,4 +19,22 @@ headroom_testkit::kv_store_conformance!(
 headroom_testkit::kv_store_conformance!(
     cluster,
     store(RedisConfig::cluster(shared_cluster().urls()))
+);
+
+async fn lease_store(config: RedisConfig) -> RedisLeaseStore {
+    RedisLeaseStore::new(
+        Redis::connect(config)
+            .await
+            .expect("connect to the test Redis"),
+    )
+}
+
+headroom_testkit::lease_store_conformance!(
+    standalone_lease,
+    lease_store(RedisConfig::standalone(shared_server().url()))
+);
+
+headroom_testkit::lease_store_conformance!(
+    cluster_lease,
+    lease_store(RedisConfig::cluster(shared_cluster().urls()))
 );

@@ -10,3 +10,7 @@ headroom_testkit::kv_store_conformance!(memory_kv, async {
 });
 
 headroom_testkit::bus_conformance!(memory_bus, async { MemoryBus::new() });
+
+headroom_testkit::lease_store_conformance!(memory_lease, async {
+    headroom_core::memory::MemoryLeaseStore::new()
+});

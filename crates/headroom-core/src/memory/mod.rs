@@ -6,6 +6,8 @@
 
 mod bus;
 mod kv;
+mod lease;
 
 pub use bus::MemoryBus;
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
+pub use lease::MemoryLeaseStore;

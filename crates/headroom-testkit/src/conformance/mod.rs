@@ -1,8 +1,9 @@
 //! Contract tests of the backend traits, shared by every implementation.
 //!
 //! Each check is a public async function taking the backend under test and a fresh namespace.
-//! The macros [`kv_store_conformance!`](crate::kv_store_conformance) and
-//! [`bus_conformance!`](crate::bus_conformance) expand to one `#[tokio::test]` per check, so a
+//! The macros [`kv_store_conformance!`](crate::kv_store_conformance),
+//! [`bus_conformance!`](crate::bus_conformance) and
+//! [`lease_store_conformance!`](crate::lease_store_conformance) expand to one `#[tokio::test]` per check, so a
 //! backend crate runs the whole suite with one line per backend:
 //!
 //! ```text
@@ -16,6 +17,7 @@
 
 pub mod bus;
 pub mod kv;
+pub mod lease;
 
 /// Expands to one test per KV store check, each in a module named `$name`.
 ///
@@ -76,6 +78,41 @@ macro_rules! bus_conformance {
             async fn $check() {
                 let bus = $make.await;
                 $crate::conformance::bus::$check(&bus, $crate::unique_namespace(stringify!($check))).await;
+            }
+        )+
+    };
+}
+
+/// Expands to one test per lease store check, each in a module named `$name`.
+///
+/// `$make` is an expression of a future that yields a fresh store; it runs once per test. The
+/// store must run on real time (its own clock), since some checks wait for short leases to
+/// expire.
+#[macro_export]
+macro_rules! lease_store_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::lease_store_conformance!(@tests $make;
+                first_begin_acquires_and_the_next_sees_it_in_progress,
+                completed_outcome_is_replayed,
+                foreign_tokens_are_rejected,
+                released_lease_can_be_taken_again_with_a_greater_token,
+                expired_lease_is_taken_over_and_the_old_holder_fenced,
+                holder_extends_its_lease,
+                completed_record_expires_after_retention,
+                concurrent_begins_acquire_exactly_once,
+                keys_are_independent,
+            );
+        }
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = $make.await;
+                $crate::conformance::lease::$check(&store, $crate::unique_namespace(stringify!($check))).await;
             }
         )+
     };

@@ -1,0 +1,266 @@
+//! Checks of the [`LeaseStore`] contract.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::{Key, Namespace};
+
+const LONG: Duration = Duration::from_secs(60);
+const SHORT: Duration = Duration::from_millis(20);
+
+fn key(ns: &Namespace) -> Key {
+    ns.key("op").expect("valid test key")
+}
+
+async fn acquire<S: LeaseStore>(
+    store: &S,
+    key: &Key,
+    fingerprint: &[u8],
+    lease: Duration,
+) -> (FencingToken, bool) {
+    match store.begin(key, fingerprint, lease).await.expect("begin") {
+        Begin::Acquired { token, took_over } => (token, took_over),
+        other => panic!("expected the lease, got {other:?}"),
+    }
+}
+
+/// Calls `begin` until the lease is acquired (the previous one expired on the store's clock),
+/// bounded in time.
+async fn acquire_after_expiry<S: LeaseStore>(
+    store: &S,
+    key: &Key,
+    fingerprint: &[u8],
+) -> (FencingToken, bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Begin::Acquired { token, took_over } =
+            store.begin(key, fingerprint, LONG).await.expect("begin")
+        {
+            return (token, took_over);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a 20 ms lease or retention still held after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The first `begin` acquires; a second one sees the live lease and its fingerprint.
+pub async fn first_begin_acquires_and_the_next_sees_it_in_progress<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let (_, took_over) = acquire(store, &k, b"fp-1", LONG).await;
+    assert!(!took_over);
+    match store.begin(&k, b"fp-2", LONG).await.expect("begin") {
+        Begin::InProgress {
+            fingerprint,
+            lease_remaining,
+        } => {
+            assert_eq!(fingerprint, Bytes::from_static(b"fp-1"));
+            assert!(
+                lease_remaining > Duration::ZERO && lease_remaining <= LONG,
+                "{lease_remaining:?}"
+            );
+        }
+        other => panic!("expected in progress, got {other:?}"),
+    }
+}
+
+/// A completed record replays its outcome and the fingerprint that produced it.
+pub async fn completed_outcome_is_replayed<S: LeaseStore>(store: &S, ns: Namespace) {
+    let k = key(&ns);
+    let (token, _) = acquire(store, &k, b"fp", LONG).await;
+    let outcome = Bytes::from_static(b"\x00receipt\xff");
+    assert_eq!(
+        store
+            .complete(&k, token, outcome.clone(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            store.begin(&k, b"other", LONG).await.expect("begin"),
+            Begin::Completed {
+                fingerprint: Bytes::from_static(b"fp"),
+                outcome: outcome.clone()
+            }
+        );
+    }
+}
+
+/// A token that does not hold the lease changes nothing.
+pub async fn foreign_tokens_are_rejected<S: LeaseStore>(store: &S, ns: Namespace) {
+    let k = key(&ns);
+    let (token, _) = acquire(store, &k, b"fp", LONG).await;
+    let wrong = FencingToken(token.0.wrapping_add(1_000_000));
+    assert_eq!(
+        store
+            .complete(&k, wrong, "x".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.extend(&k, wrong, LONG).await.expect("extend"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.release(&k, wrong).await.expect("release"),
+        Fenced::Rejected
+    );
+    assert!(matches!(
+        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        Begin::InProgress { .. }
+    ));
+    let missing = ns.key("missing").expect("key");
+    assert_eq!(
+        store
+            .complete(&missing, token, "x".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+}
+
+/// A released lease lets the next `begin` run again, with a greater token.
+pub async fn released_lease_can_be_taken_again_with_a_greater_token<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let (first, _) = acquire(store, &k, b"fp", LONG).await;
+    assert_eq!(
+        store.release(&k, first).await.expect("release"),
+        Fenced::Applied
+    );
+    let (second, took_over) = acquire(store, &k, b"fp", LONG).await;
+    assert!(second > first, "{second:?} after {first:?}");
+    assert!(!took_over);
+    assert_eq!(
+        store
+            .complete(&k, first, "late".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+}
+
+/// An expired lease is taken over with a greater token; the old holder is fenced and the new
+/// holder's outcome stands.
+pub async fn expired_lease_is_taken_over_and_the_old_holder_fenced<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let (old, _) = acquire(store, &k, b"fp", SHORT).await;
+    let (new, _) = acquire_after_expiry(store, &k, b"fp").await;
+    assert!(new > old, "{new:?} after {old:?}");
+    assert_eq!(
+        store
+            .complete(&k, old, "old".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.extend(&k, old, LONG).await.expect("extend"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store
+            .complete(&k, new, "new".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        Begin::Completed {
+            fingerprint: Bytes::from_static(b"fp"),
+            outcome: Bytes::from_static(b"new")
+        }
+    );
+}
+
+/// `extend` by the holder keeps the lease; a completed record cannot be extended or released.
+pub async fn holder_extends_its_lease<S: LeaseStore>(store: &S, ns: Namespace) {
+    let k = key(&ns);
+    let (token, _) = acquire(store, &k, b"fp", LONG).await;
+    assert_eq!(
+        store.extend(&k, token, LONG).await.expect("extend"),
+        Fenced::Applied
+    );
+    match store.begin(&k, b"fp", LONG).await.expect("begin") {
+        Begin::InProgress {
+            lease_remaining, ..
+        } => assert!(lease_remaining > LONG / 2),
+        other => panic!("expected in progress, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .complete(&k, token, "done".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.extend(&k, token, LONG).await.expect("extend"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.release(&k, token).await.expect("release"),
+        Fenced::Rejected
+    );
+}
+
+/// A completed record is forgotten after its retention.
+pub async fn completed_record_expires_after_retention<S: LeaseStore>(store: &S, ns: Namespace) {
+    let k = key(&ns);
+    let (token, _) = acquire(store, &k, b"fp", LONG).await;
+    assert_eq!(
+        store
+            .complete(&k, token, "done".into(), SHORT)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    let (next, _) = acquire_after_expiry(store, &k, b"fp").await;
+    assert!(next > token);
+}
+
+/// Of many concurrent `begin`s on one key, exactly one acquires the lease.
+pub async fn concurrent_begins_acquire_exactly_once<S: LeaseStore>(store: &S, ns: Namespace) {
+    let k = key(&ns);
+    let attempts = (0..64).map(|_| store.begin(&k, b"fp", LONG));
+    let answers = futures_util::future::join_all(attempts).await;
+    let acquired = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Begin::Acquired { .. })))
+        .count();
+    assert_eq!(acquired, 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Ok(Begin::Acquired { .. } | Begin::InProgress { .. })))
+    );
+}
+
+/// Records of different keys are independent.
+pub async fn keys_are_independent<S: LeaseStore>(store: &S, ns: Namespace) {
+    let a = ns.key("a").expect("key");
+    let b = ns.key("b").expect("key");
+    let (token_a, _) = acquire(store, &a, b"fp", LONG).await;
+    acquire(store, &b, b"fp", LONG).await;
+    assert_eq!(
+        store
+            .complete(&b, token_a, "x".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+}
