@@ -1,0 +1,95 @@
+use std::time::Duration;
+
+/// What a duplicate does while the first request with its key is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "policy"))]
+pub enum InProgressPolicy {
+    /// Fail at once with [`IdempotencyError::InProgress`](crate::IdempotencyError::InProgress)
+    /// and a retry-after (HTTP 409).
+    Reject,
+    /// Wait up to `max_wait` for the outcome and replay it; then fail as with `Reject`.
+    Wait {
+        /// The longest a duplicate waits.
+        #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+        max_wait: Duration,
+    },
+}
+
+/// What happens when the record store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StoreFailure {
+    /// Refuse the request with [`IdempotencyError::Unavailable`](crate::IdempotencyError::Unavailable)
+    /// (HTTP 503): nothing runs without its record, so nothing runs twice.
+    #[default]
+    FailClosed,
+    /// Run the operation without a record. Duplicates that arrive while the store is down run
+    /// again: choose this only where availability matters more than at-most-once.
+    FailOpen,
+}
+
+/// How an [`Idempotency`](crate::Idempotency) executor behaves.
+///
+/// Loadable with serde (feature `serde`), with human-readable durations:
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let config: headroom_idempotency::IdempotencyConfig = serde_json::from_str(r#"{
+///     "lease": "10s",
+///     "retention": "48h",
+///     "in_progress": { "policy": "wait", "max_wait": "2s" }
+/// }"#).unwrap();
+/// assert_eq!(config.retention, std::time::Duration::from_secs(48 * 3600));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct IdempotencyConfig {
+    /// How long a running operation holds its key before another request may take over (if
+    /// its holder died). The executor extends the lease every third of it while the operation
+    /// runs, so only a stalled or dead holder loses it. Default 30 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub lease: Duration,
+    /// How long a completed outcome is kept for replay. Default 24 h.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub retention: Duration,
+    /// What a duplicate does while the first request runs. Default: wait up to 5 s.
+    pub in_progress: InProgressPolicy,
+    /// What happens when the store is down. Default: fail closed.
+    pub store_failure: StoreFailure,
+    /// The largest encoded outcome stored, in bytes. Default 1 MiB.
+    pub max_outcome_len: usize,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            in_progress: InProgressPolicy::Wait {
+                max_wait: Duration::from_secs(5),
+            },
+            store_failure: StoreFailure::FailClosed,
+            max_outcome_len: 1024 * 1024,
+        }
+    }
+}
+
+impl IdempotencyConfig {
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.lease < Duration::from_millis(10) {
+            return Err("lease must be at least 10 ms");
+        }
+        if self.retention < Duration::from_millis(1) {
+            return Err("retention must be at least 1 ms");
+        }
+        if self.max_outcome_len == 0 {
+            return Err("max_outcome_len must be greater than zero");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+use std::time::Duration;
+
+use headroom_core::{BackendError, Classify};
+
+use crate::InvalidKey;
+
+/// Why [`Idempotency::execute`](crate::Idempotency::execute) did not return an outcome.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdempotencyError<E> {
+    /// The key or scope is invalid (HTTP 400).
+    #[error(transparent)]
+    InvalidKey(#[from] InvalidKey),
+    /// The key was used before with a different request (HTTP 422).
+    #[error("the idempotency key was used with a different request")]
+    KeyReused,
+    /// A request with this key is still running (HTTP 409).
+    #[error("a request with this idempotency key is in progress; retry after {retry_after:?}")]
+    InProgress {
+        /// When a retry may find the outcome.
+        retry_after: Duration,
+    },
+    /// The record store is unavailable and the executor fails closed (HTTP 503).
+    #[error("the idempotency store is unavailable")]
+    Unavailable(#[source] BackendError),
+    /// The operation ran but its outcome is larger than the store takes; the key was released.
+    #[error("the outcome is {len} bytes, more than the limit of {max}")]
+    OutcomeTooLarge {
+        /// The encoded outcome's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The operation ran but its outcome cannot be encoded (its `Serialize` impl failed); the
+    /// key was released.
+    #[error("the outcome cannot be encoded")]
+    Unencodable,
+    /// The stored outcome could not be decoded (written by another program or format).
+    #[error("the stored outcome is corrupt")]
+    Corrupt,
+    /// This request's lease expired and another holder took over: its outcome was not stored,
+    /// and the other holder's outcome stands.
+    #[error("the lease expired and another request took over the key")]
+    Fenced,
+    /// The operation itself failed (its key was released so a retry runs again).
+    #[error("the operation failed")]
+    Operation(#[source] E),
+}
+
+impl<E> IdempotencyError<E> {
+    /// The operation's own error, if that is what this is.
+    pub fn into_operation_error(self) -> Option<E> {
+        match self {
+            Self::Operation(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl<E: Classify> Classify for IdempotencyError<E> {
+    fn is_timeout(&self) -> bool {
+        match self {
+            Self::Unavailable(err) => err.is_timeout(),
+            Self::Operation(err) => err.is_timeout(),
+            _ => false,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        match self {
+            Self::InProgress { .. } | Self::Unavailable(_) => true,
+            Self::Operation(err) => err.is_retryable(),
+            _ => false,
+        }
+    }
+
+    fn is_rejected(&self) -> bool {
+        matches!(
+            self,
+            Self::InProgress { .. } | Self::KeyReused | Self::InvalidKey(_)
+        )
+    }
+}

@@ -1,0 +1,485 @@
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::{BackendError, Clock, Key, Namespace};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    IdempotencyConfig, IdempotencyError, IdempotencyKey, InProgressPolicy, InvalidKey, Scope,
+    StoreFailure,
+};
+
+/// The first byte of every stored outcome: the encoding's version.
+const FORMAT_V1: u8 = 1;
+/// The longest pause between two looks at a running duplicate.
+const MAX_POLL: Duration = Duration::from_millis(200);
+/// Attempts to store an outcome before giving up on a failing store.
+const COMPLETE_ATTEMPTS: usize = 3;
+
+/// An outcome, and whether it was replayed from the store rather than produced now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Executed<T> {
+    /// The operation's outcome.
+    pub value: T,
+    /// `true` when a previous request produced it and this one replayed it.
+    pub replayed: bool,
+}
+
+/// The configuration was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid idempotency configuration: {0}")]
+pub struct InvalidConfig(&'static str);
+
+/// Runs operations at most once per (scope, key) while their record lives, and replays their
+/// outcome to every later request with the same key.
+///
+/// 1. The first request takes a lease on its key and runs the operation. While it runs, the
+///    lease is extended every third of its length; if the holder dies, the lease expires and a
+///    later request takes over with a greater fencing token.
+/// 2. Its outcome is stored for the retention period; later requests with the same key and
+///    fingerprint replay it without running anything, and a different fingerprint is
+///    [`IdempotencyError::KeyReused`].
+/// 3. A duplicate that arrives while the operation runs waits for the outcome or is told
+///    [`IdempotencyError::InProgress`], as [`InProgressPolicy`] says.
+/// 4. An error, an outcome the policy does not store, a panic or a cancelled (dropped) call
+///    releases the key, so a retry runs again.
+/// 5. A holder whose lease was taken over cannot store its outcome: it gets
+///    [`IdempotencyError::Fenced`] and the new holder's outcome stands.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// use headroom_core::memory::MemoryLeaseStore;
+/// use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
+///
+/// let idempotency = Idempotency::builder(MemoryLeaseStore::new()).build()?;
+/// let scope = Scope::new("customer-42", "create-payment")?;
+/// let key = IdempotencyKey::new("8e03978e-40d5-43e8-bc93-6894a57f9324")?;
+///
+/// let first = idempotency
+///     .execute(&scope, &key, b"amount=100", || async { Ok::<_, std::io::Error>(String::from("pay_1")) })
+///     .await?;
+/// let retry = idempotency
+///     .execute(&scope, &key, b"amount=100", || async { Ok::<_, std::io::Error>(String::from("pay_2")) })
+///     .await?;
+/// assert_eq!(retry.value, "pay_1");
+/// assert!(retry.replayed && !first.replayed);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Idempotency<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Idempotency<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    store: S,
+    config: IdempotencyConfig,
+    clock: Clock,
+    namespace: Namespace,
+}
+
+/// Builds an [`Idempotency`] executor.
+#[derive(Debug)]
+#[must_use]
+pub struct IdempotencyBuilder<S> {
+    store: S,
+    config: IdempotencyConfig,
+    clock: Clock,
+    namespace: Option<Namespace>,
+}
+
+impl<S: LeaseStore> IdempotencyBuilder<S> {
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: IdempotencyConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How long a running operation holds its key (default 30 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// How long outcomes are kept for replay (default 24 h).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config.retention = retention;
+        self
+    }
+
+    /// What duplicates do while the first request runs (default: wait up to 5 s).
+    pub fn in_progress(mut self, policy: InProgressPolicy) -> Self {
+        self.config.in_progress = policy;
+        self
+    }
+
+    /// What happens when the store is down (default: fail closed).
+    pub fn store_failure(mut self, policy: StoreFailure) -> Self {
+        self.config.store_failure = policy;
+        self
+    }
+
+    /// The largest encoded outcome stored, in bytes (default 1 MiB).
+    pub fn max_outcome_len(mut self, max: usize) -> Self {
+        self.config.max_outcome_len = max;
+        self
+    }
+
+    /// The clock for lease extension and waiting (default: the system clock). Lease deadlines
+    /// themselves are kept by the store's clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The namespace of the records in the store (default `headroom:idempotency`).
+    pub fn namespace(mut self, namespace: Namespace) -> Self {
+        self.namespace = Some(namespace);
+        self
+    }
+
+    /// Builds the executor.
+    pub fn build(self) -> Result<Idempotency<S>, InvalidConfig> {
+        self.config.validate().map_err(InvalidConfig)?;
+        let namespace = match self.namespace {
+            Some(namespace) => namespace,
+            None => Namespace::new("headroom:idempotency")
+                .map_err(|_| InvalidConfig("default namespace"))?,
+        };
+        Ok(Idempotency {
+            inner: Arc::new(Inner {
+                store: self.store,
+                config: self.config,
+                clock: self.clock,
+                namespace,
+            }),
+        })
+    }
+}
+
+impl<S: LeaseStore> Idempotency<S> {
+    /// Starts building an executor over `store`.
+    pub fn builder(store: S) -> IdempotencyBuilder<S> {
+        IdempotencyBuilder {
+            store,
+            config: IdempotencyConfig::default(),
+            clock: Clock::system(),
+            namespace: None,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &IdempotencyConfig {
+        &self.inner.config
+    }
+
+    /// Runs `operation` at most once for (`scope`, `key`) and stores every successful outcome.
+    ///
+    /// `fingerprint` identifies the request (its method, path and body, say): a later request
+    /// with the same key and another fingerprint is refused with
+    /// [`IdempotencyError::KeyReused`]. Only its SHA-256 digest is stored.
+    ///
+    /// An error from `operation` releases the key so a retry runs again; to store chosen
+    /// errors (a declined card, a validation failure), return them inside `T`.
+    pub async fn execute<T, E, F, Fut>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.execute_with_policy(scope, key, fingerprint, |_: &T| true, operation)
+            .await
+    }
+
+    /// Like [`execute`](Self::execute), but stores an outcome only when `store_if` says so;
+    /// other outcomes are returned and release the key (for transient results such as an
+    /// HTTP 503 produced without an error).
+    pub async fn execute_with_policy<T, E, F, Fut, P>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        store_if: P,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: FnOnce(&T) -> bool,
+    {
+        let inner = &self.inner;
+        let record =
+            inner
+                .namespace
+                .key(scope.record_key(key))
+                .map_err(|_| InvalidKey::TooLong {
+                    field: "key",
+                    len: key.as_str().len(),
+                    max: IdempotencyKey::MAX_LEN,
+                })?;
+        let fingerprint = Sha256::digest(fingerprint);
+        let wait_until = match inner.config.in_progress {
+            InProgressPolicy::Wait { max_wait } => Some(inner.clock.now() + max_wait),
+            InProgressPolicy::Reject => None,
+        };
+        let mut poll = Duration::from_millis(5);
+        loop {
+            let begin = match inner
+                .store
+                .begin(&record, &fingerprint, inner.config.lease)
+                .await
+            {
+                Ok(begin) => begin,
+                Err(err) => return self.store_down(err, operation).await,
+            };
+            match begin {
+                Begin::Acquired { token, took_over } => {
+                    metrics::counter!("headroom_idempotency_executions_total").increment(1);
+                    if took_over {
+                        metrics::counter!("headroom_idempotency_takeovers_total").increment(1);
+                        tracing::info!(record = ?record, "idempotency lease taken over from an expired holder");
+                    }
+                    return self.run(record, token, store_if, operation).await;
+                }
+                Begin::Completed {
+                    fingerprint: stored,
+                    ..
+                }
+                | Begin::InProgress {
+                    fingerprint: stored,
+                    ..
+                } if stored.as_ref() != fingerprint.as_slice() => {
+                    metrics::counter!("headroom_idempotency_key_reused_total").increment(1);
+                    return Err(IdempotencyError::KeyReused);
+                }
+                Begin::Completed { outcome, .. } => {
+                    metrics::counter!("headroom_idempotency_replays_total").increment(1);
+                    let value = decode(&outcome).ok_or(IdempotencyError::Corrupt)?;
+                    return Ok(Executed {
+                        value,
+                        replayed: true,
+                    });
+                }
+                Begin::InProgress {
+                    lease_remaining, ..
+                } => {
+                    let now = inner.clock.now();
+                    match wait_until {
+                        Some(deadline) if now < deadline => {
+                            inner
+                                .clock
+                                .sleep(poll.min(lease_remaining).min(deadline - now))
+                                .await;
+                            poll = (poll * 2).min(MAX_POLL);
+                        }
+                        _ => {
+                            metrics::counter!("headroom_idempotency_in_progress_total")
+                                .increment(1);
+                            return Err(IdempotencyError::InProgress {
+                                retry_after: lease_remaining.min(Duration::from_secs(1)),
+                            });
+                        }
+                    }
+                }
+                _ => return Err(IdempotencyError::Corrupt),
+            }
+        }
+    }
+
+    async fn store_down<T, E, F, Fut>(
+        &self,
+        err: BackendError,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        metrics::counter!("headroom_idempotency_store_errors_total").increment(1);
+        match self.inner.config.store_failure {
+            StoreFailure::FailClosed => {
+                tracing::warn!(error = %err, "idempotency store unavailable; failing closed");
+                Err(IdempotencyError::Unavailable(err))
+            }
+            StoreFailure::FailOpen => {
+                tracing::warn!(error = %err, "idempotency store unavailable; running without a record");
+                let value = operation().await.map_err(IdempotencyError::Operation)?;
+                Ok(Executed {
+                    value,
+                    replayed: false,
+                })
+            }
+        }
+    }
+
+    async fn run<T, E, F, Fut, P>(
+        &self,
+        record: Key,
+        token: FencingToken,
+        store_if: P,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: FnOnce(&T) -> bool,
+    {
+        let inner = &self.inner;
+        // Releases the key if the operation panics or this future is dropped mid-way.
+        let mut guard = ReleaseOnDrop {
+            executor: self,
+            record: &record,
+            token,
+            armed: true,
+        };
+        let outcome = {
+            let operation = operation();
+            tokio::pin!(operation);
+            let renew_every = inner.config.lease / 3;
+            loop {
+                tokio::select! {
+                    biased;
+                    outcome = &mut operation => break outcome,
+                    () = inner.clock.sleep(renew_every) => self.extend(&record, token).await,
+                }
+            }
+        };
+        guard.armed = false;
+        let value = match outcome {
+            Ok(value) => value,
+            Err(err) => {
+                self.release(&record, token).await;
+                return Err(IdempotencyError::Operation(err));
+            }
+        };
+        if !store_if(&value) {
+            self.release(&record, token).await;
+            return Ok(Executed {
+                value,
+                replayed: false,
+            });
+        }
+        let encoded = match encode(&value) {
+            Some(encoded) if encoded.len() <= inner.config.max_outcome_len => encoded,
+            encoded => {
+                self.release(&record, token).await;
+                return Err(match encoded {
+                    Some(encoded) => IdempotencyError::OutcomeTooLarge {
+                        len: encoded.len(),
+                        max: inner.config.max_outcome_len,
+                    },
+                    None => IdempotencyError::Unencodable,
+                });
+            }
+        };
+        for attempt in 1..=COMPLETE_ATTEMPTS {
+            match inner
+                .store
+                .complete(&record, token, encoded.clone(), inner.config.retention)
+                .await
+            {
+                Ok(Fenced::Applied) => {
+                    return Ok(Executed {
+                        value,
+                        replayed: false,
+                    });
+                }
+                Ok(_) => {
+                    metrics::counter!("headroom_idempotency_fenced_total").increment(1);
+                    tracing::warn!(record = ?record, "outcome fenced: the lease was taken over");
+                    return Err(IdempotencyError::Fenced);
+                }
+                Err(err) => {
+                    metrics::counter!("headroom_idempotency_store_errors_total").increment(1);
+                    tracing::warn!(error = %err, attempt, "storing the idempotent outcome failed");
+                }
+            }
+        }
+        // The operation ran; its result goes back to the caller. The record stays in progress
+        // until its lease expires, then a retry with this key runs again.
+        tracing::error!(record = ?record, "the outcome could not be stored; a retry after the lease may run again");
+        Ok(Executed {
+            value,
+            replayed: false,
+        })
+    }
+
+    async fn extend(&self, record: &Key, token: FencingToken) {
+        match self
+            .inner
+            .store
+            .extend(record, token, self.inner.config.lease)
+            .await
+        {
+            Ok(Fenced::Applied) => {}
+            Ok(_) => tracing::warn!(record = ?record, "lease lost while the operation runs"),
+            Err(err) => tracing::warn!(error = %err, "extending the idempotency lease failed"),
+        }
+    }
+
+    async fn release(&self, record: &Key, token: FencingToken) {
+        metrics::counter!("headroom_idempotency_released_total").increment(1);
+        if let Err(err) = self.inner.store.release(record, token).await {
+            tracing::warn!(error = %err, "releasing the idempotency lease failed; it will expire");
+        }
+    }
+}
+
+struct ReleaseOnDrop<'a, S: LeaseStore> {
+    executor: &'a Idempotency<S>,
+    record: &'a Key,
+    token: FencingToken,
+    armed: bool,
+}
+
+impl<S: LeaseStore> Drop for ReleaseOnDrop<'_, S> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Cancelled or panicked: hand the release to the runtime, since nothing can be awaited
+        // here. Without a runtime the lease simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let executor = self.executor.clone();
+            let record = self.record.clone();
+            let token = self.token;
+            runtime.spawn(async move { executor.release(&record, token).await });
+        }
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Option<Bytes> {
+    let mut out = BytesMut::new().writer();
+    out.get_mut().put_u8(FORMAT_V1);
+    let out = postcard::to_io(value, out).ok()?.into_inner();
+    Some(out.freeze())
+}
+
+fn decode<T: DeserializeOwned>(stored: &[u8]) -> Option<T> {
+    match stored.split_first() {
+        Some((&FORMAT_V1, body)) => postcard::from_bytes(body).ok(),
+        _ => None,
+    }
+}

@@ -1,0 +1,451 @@
+//! A tower layer that gives HTTP services idempotency through the `Idempotency-Key` header
+//! (IETF draft `draft-ietf-httpapi-idempotency-key-header`).
+//!
+//! For the configured methods (`POST` and `PATCH` by default) the layer:
+//!
+//! | situation | response |
+//! |---|---|
+//! | first request with a key | the service's response; stored unless it is a 5xx, 408, 409, 425 or 429 |
+//! | retry with the same key and request | the stored status, replayed headers and body, plus `Idempotent-Replayed: true` |
+//! | key missing (when required) | `400 Bad Request` |
+//! | key malformed, too long, or sent twice | `400 Bad Request` |
+//! | no scope (tenant or principal) for the request | `401 Unauthorized` |
+//! | same key, different request | `422 Unprocessable Content` |
+//! | the first request is still running | `409 Conflict` with `Retry-After` |
+//! | body larger than the limit | `413 Content Too Large` |
+//! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
+//!
+//! The request fingerprint is the method, path and query, and body by default; replace it with
+//! [`IdempotencyLayer::fingerprint`]. Records are scoped by the tenant the scope function
+//! returns, and by method and path, so a key can never replay another tenant's response.
+//!
+//! ```
+//! use headroom_core::memory::MemoryLeaseStore;
+//! use headroom_idempotency::Idempotency;
+//! use headroom_idempotency::http::IdempotencyLayer;
+//!
+//! let executor = Idempotency::builder(MemoryLeaseStore::new()).build().unwrap();
+//! // The scope is the authenticated principal; here, an API key header.
+//! let layer = IdempotencyLayer::new(executor, |parts: &http::request::Parts| {
+//!     parts.headers.get("x-api-key")?.to_str().ok().map(str::to_owned)
+//! });
+//! # let _ = layer;
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::lease::LeaseStore;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
+
+/// The request header carrying the key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The response header marking a replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+type Fingerprint = dyn Fn(&http::request::Parts, &[u8]) -> Vec<u8> + Send + Sync;
+
+/// Applies [`Idempotency`] to HTTP requests. See the [module docs](self).
+pub struct IdempotencyLayer<S, F> {
+    executor: Idempotency<S>,
+    options: Arc<Options<F>>,
+}
+
+struct Options<F> {
+    scope: F,
+    methods: Vec<Method>,
+    require_key: bool,
+    max_body_len: usize,
+    replay_headers: Vec<HeaderName>,
+    fingerprint: Arc<Fingerprint>,
+    store_status: fn(StatusCode) -> bool,
+}
+
+impl<S, F> Clone for IdempotencyLayer<S, F> {
+    fn clone(&self) -> Self {
+        Self {
+            executor: self.executor.clone(),
+            options: Arc::clone(&self.options),
+        }
+    }
+}
+
+impl<S, F> fmt::Debug for IdempotencyLayer<S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("methods", &self.options.methods)
+            .field("require_key", &self.options.require_key)
+            .field("max_body_len", &self.options.max_body_len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a response status is a final outcome worth replaying: everything but server errors
+/// and the statuses that ask the client to retry.
+pub fn is_final_status(status: StatusCode) -> bool {
+    !(status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429))
+}
+
+fn default_fingerprint(parts: &http::request::Parts, body: &[u8]) -> Vec<u8> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut fingerprint =
+        Vec::with_capacity(parts.method.as_str().len() + target.len() + body.len() + 2);
+    fingerprint.extend_from_slice(parts.method.as_str().as_bytes());
+    fingerprint.push(0);
+    fingerprint.extend_from_slice(target.as_bytes());
+    fingerprint.push(0);
+    fingerprint.extend_from_slice(body);
+    fingerprint
+}
+
+impl<S, F> IdempotencyLayer<S, F>
+where
+    S: LeaseStore,
+    F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+{
+    /// A layer over `executor`; `scope` names the tenant or principal a request belongs to.
+    pub fn new(executor: Idempotency<S>, scope: F) -> Self {
+        Self {
+            executor,
+            options: Arc::new(Options {
+                scope,
+                methods: vec![Method::POST, Method::PATCH],
+                require_key: true,
+                max_body_len: 1024 * 1024,
+                replay_headers: vec![
+                    header::CONTENT_TYPE,
+                    header::CONTENT_LANGUAGE,
+                    header::LOCATION,
+                    header::CONTENT_LOCATION,
+                    header::ETAG,
+                ],
+                fingerprint: Arc::new(default_fingerprint),
+                store_status: is_final_status,
+            }),
+        }
+    }
+
+    fn options_mut(&mut self) -> &mut Options<F> {
+        Arc::get_mut(&mut self.options).expect("options are shared only once the layer is cloned")
+    }
+
+    /// The methods protected (default `POST` and `PATCH`); others pass through.
+    #[must_use]
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.options_mut().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether a protected request without a key is refused with 400 (default) or passes
+    /// through unprotected.
+    #[must_use]
+    pub fn require_key(mut self, require: bool) -> Self {
+        self.options_mut().require_key = require;
+        self
+    }
+
+    /// The largest request body accepted, in bytes (default 1 MiB); larger ones get 413.
+    #[must_use]
+    pub fn max_body_len(mut self, max: usize) -> Self {
+        self.options_mut().max_body_len = max;
+        self
+    }
+
+    /// The response headers stored and replayed (default: content type and language,
+    /// location, content location, etag).
+    #[must_use]
+    pub fn replay_headers(mut self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.options_mut().replay_headers = headers.into_iter().collect();
+        self
+    }
+
+    /// Replaces the request fingerprint (default: method, path and query, body).
+    #[must_use]
+    pub fn fingerprint(
+        mut self,
+        fingerprint: impl Fn(&http::request::Parts, &[u8]) -> Vec<u8> + Send + Sync + 'static,
+    ) -> Self {
+        self.options_mut().fingerprint = Arc::new(fingerprint);
+        self
+    }
+
+    /// Replaces the rule deciding which response statuses are stored (default
+    /// [`is_final_status`]); other responses release the key so a retry runs again.
+    #[must_use]
+    pub fn store_status(mut self, store_status: fn(StatusCode) -> bool) -> Self {
+        self.options_mut().store_status = store_status;
+        self
+    }
+}
+
+impl<S, F, Inner> Layer<Inner> for IdempotencyLayer<S, F> {
+    type Service = IdempotencyService<S, F, Inner>;
+
+    fn layer(&self, inner: Inner) -> Self::Service {
+        IdempotencyService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+pub struct IdempotencyService<S, F, Inner> {
+    inner: Inner,
+    layer: IdempotencyLayer<S, F>,
+}
+
+impl<S, F, Inner: Clone> Clone for IdempotencyService<S, F, Inner> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S, F, Inner: fmt::Debug> fmt::Debug for IdempotencyService<S, F, Inner> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+/// A response as stored for replay.
+#[derive(Serialize, Deserialize)]
+struct StoredResponse {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+    /// The first response's full head, returned to its own caller (never stored).
+    #[serde(skip)]
+    head: Option<http::response::Parts>,
+}
+
+enum Failure<E> {
+    Service(E),
+    Body,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, F, Inner, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S, F, Inner>
+where
+    S: LeaseStore,
+    F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
+    Inner: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    Inner::Future: Send,
+    Inner::Error: Send,
+    ReqB: Body + From<Bytes> + Send + 'static,
+    ReqB::Data: Send,
+    ReqB::Error: Into<Box<dyn StdError + Send + Sync>>,
+    ResB: Body + From<Bytes> + Send + 'static,
+    ResB::Data: Send,
+{
+    type Response = Response<ResB>;
+    type Error = Inner::Error;
+    type Future = BoxFuture<Result<Response<ResB>, Inner::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The ready service handles this request; its clone serves the next one.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let options = &layer.options;
+            if !options.methods.contains(request.method()) {
+                return inner.call(request).await;
+            }
+            let (parts, body) = request.into_parts();
+            let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
+            let key = match (values.next(), values.next()) {
+                (None, _) if options.require_key => {
+                    return Ok(plain(
+                        StatusCode::BAD_REQUEST,
+                        "the Idempotency-Key header is required",
+                    ));
+                }
+                (None, _) => return inner.call(Request::from_parts(parts, body)).await,
+                (Some(_), Some(_)) => {
+                    return Ok(plain(
+                        StatusCode::BAD_REQUEST,
+                        "send one Idempotency-Key header",
+                    ));
+                }
+                (Some(value), None) => match IdempotencyKey::parse_header(value.as_bytes()) {
+                    Ok(key) => key,
+                    Err(err) => return Ok(plain(StatusCode::BAD_REQUEST, &err.to_string())),
+                },
+            };
+            let Some(tenant) = (options.scope)(&parts) else {
+                return Ok(plain(
+                    StatusCode::UNAUTHORIZED,
+                    "no principal to scope the idempotency key to",
+                ));
+            };
+            let scope = match Scope::new(tenant, format!("{} {}", parts.method, parts.uri.path())) {
+                Ok(scope) => scope,
+                Err(err) => return Ok(plain(StatusCode::BAD_REQUEST, &err.to_string())),
+            };
+            let body = match Limited::new(body, options.max_body_len).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Ok(plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the request body is too large",
+                    ));
+                }
+                Err(_) => {
+                    return Ok(plain(
+                        StatusCode::BAD_REQUEST,
+                        "the request body could not be read",
+                    ));
+                }
+            };
+            let fingerprint = (options.fingerprint)(&parts, &body);
+            let request = Request::from_parts(parts, ReqB::from(body));
+            let replay_headers = &options.replay_headers;
+            let store_status = options.store_status;
+            let outcome = layer
+                .executor
+                .execute_with_policy(
+                    &scope,
+                    &key,
+                    &fingerprint,
+                    |stored: &StoredResponse| {
+                        StatusCode::from_u16(stored.status).is_ok_and(store_status)
+                    },
+                    || async move {
+                        let response = inner.call(request).await.map_err(Failure::Service)?;
+                        let (head, body) = response.into_parts();
+                        let body = body.collect().await.map_err(|_| Failure::Body)?.to_bytes();
+                        let headers = replay_headers
+                            .iter()
+                            .flat_map(|name| {
+                                head.headers.get_all(name).iter().map(|value| {
+                                    (name.as_str().to_owned(), value.as_bytes().to_vec())
+                                })
+                            })
+                            .collect();
+                        Ok(StoredResponse {
+                            status: head.status.as_u16(),
+                            headers,
+                            body: body.to_vec(),
+                            head: Some(head),
+                        })
+                    },
+                )
+                .await;
+            match outcome {
+                Ok(executed) => Ok(rebuild(executed.value, executed.replayed)),
+                Err(IdempotencyError::Operation(Failure::Service(err))) => Err(err),
+                Err(err) => Ok(refusal(&err)),
+            }
+        })
+    }
+}
+
+fn rebuild<B: From<Bytes>>(stored: StoredResponse, replayed: bool) -> Response<B> {
+    let body = B::from(Bytes::from(stored.body));
+    if let Some(head) = stored.head {
+        return Response::from_parts(head, body);
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name), HeaderValue::from_bytes(&value))
+        {
+            response.headers_mut().append(name, value);
+        }
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<Failure<E>>) -> Response<B> {
+    match err {
+        IdempotencyError::InvalidKey(err) => plain(StatusCode::BAD_REQUEST, &err.to_string()),
+        IdempotencyError::KeyReused => plain(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "this Idempotency-Key was used with a different request",
+        ),
+        IdempotencyError::InProgress { retry_after } => with_retry_after(
+            plain(
+                StatusCode::CONFLICT,
+                "a request with this Idempotency-Key is in progress",
+            ),
+            *retry_after,
+        ),
+        IdempotencyError::Fenced => with_retry_after(
+            plain(
+                StatusCode::CONFLICT,
+                "another request with this Idempotency-Key took over",
+            ),
+            Duration::from_secs(1),
+        ),
+        IdempotencyError::Unavailable(_) => with_retry_after(
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency records are unavailable",
+            ),
+            Duration::from_secs(1),
+        ),
+        IdempotencyError::Operation(Failure::Body) => plain(
+            StatusCode::BAD_GATEWAY,
+            "the response body could not be read",
+        ),
+        IdempotencyError::OutcomeTooLarge { len, max } => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!(
+                "the response ({len} bytes) is larger than the idempotency store takes ({max})"
+            ),
+        ),
+        _ => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the idempotent response could not be stored or read",
+        ),
+    }
+}
+
+fn plain<B: From<Bytes>>(status: StatusCode, message: &str) -> Response<B> {
+    let mut response = Response::new(B::from(Bytes::copy_from_slice(message.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn with_retry_after<B>(mut response: Response<B>, after: Duration) -> Response<B> {
+    let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
+}

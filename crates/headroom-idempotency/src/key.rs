@@ -1,0 +1,268 @@
+use std::fmt;
+
+/// Why an idempotency key or scope was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidKey {
+    /// The value is empty.
+    #[error("the {field} is empty")]
+    Empty {
+        /// `"key"`, `"tenant"` or `"operation"`.
+        field: &'static str,
+    },
+    /// The value is longer than allowed.
+    #[error("the {field} is {len} bytes long, more than the limit of {max}")]
+    TooLong {
+        /// `"key"`, `"tenant"` or `"operation"`.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The value holds a byte it may not.
+    #[error("the {field} holds the byte {byte:#04x} at offset {offset}")]
+    InvalidByte {
+        /// `"key"`, `"tenant"` or `"operation"`.
+        field: &'static str,
+        /// The byte.
+        byte: u8,
+        /// Its offset.
+        offset: usize,
+    },
+    /// The `Idempotency-Key` header is not a structured-field string or a plain token.
+    #[error("the Idempotency-Key header is malformed: {0}")]
+    MalformedHeader(&'static str),
+}
+
+/// A validated idempotency key: 1 to 255 printable ASCII characters (`0x20..=0x7E`), as the
+/// IETF `Idempotency-Key` draft allows (a UUID is the usual choice).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The longest key accepted.
+    pub const MAX_LEN: usize = 255;
+
+    /// Validates `key`.
+    pub fn new(key: &str) -> Result<Self, InvalidKey> {
+        check("key", key.as_bytes(), Self::MAX_LEN, |b| {
+            (0x20..=0x7E).contains(&b)
+        })?;
+        Ok(Self(key.to_owned()))
+    }
+
+    /// Parses the value of an `Idempotency-Key` header.
+    ///
+    /// The draft makes the value a structured-field string (`"8e03978e-40d5-43e8"`, with `\"`
+    /// and `\\` escapes); a bare token of visible ASCII (`8e03978e-40d5-43e8`) is accepted too,
+    /// since many clients send one.
+    ///
+    /// ```
+    /// use headroom_idempotency::IdempotencyKey;
+    /// assert_eq!(IdempotencyKey::parse_header(b"\"a\\\"b\"").unwrap().as_str(), "a\"b");
+    /// assert_eq!(IdempotencyKey::parse_header(b"plain-key").unwrap().as_str(), "plain-key");
+    /// assert!(IdempotencyKey::parse_header(b"\"unterminated").is_err());
+    /// ```
+    pub fn parse_header(value: &[u8]) -> Result<Self, InvalidKey> {
+        let value = value.trim_ascii();
+        let Some(quoted) = value.strip_prefix(b"\"") else {
+            check("key", value, Self::MAX_LEN, |b| {
+                (0x21..=0x7E).contains(&b) && b != b'"'
+            })?;
+            return Ok(Self(String::from_utf8_lossy(value).into_owned()));
+        };
+        let mut key = String::with_capacity(quoted.len());
+        let mut bytes = quoted.iter().copied();
+        loop {
+            match bytes.next() {
+                None => return Err(InvalidKey::MalformedHeader("unterminated string")),
+                Some(b'"') => break,
+                Some(b'\\') => match bytes.next() {
+                    Some(escaped @ (b'"' | b'\\')) => key.push(char::from(escaped)),
+                    _ => return Err(InvalidKey::MalformedHeader("invalid escape")),
+                },
+                Some(b) if (0x20..=0x7E).contains(&b) => key.push(char::from(b)),
+                Some(_) => return Err(InvalidKey::MalformedHeader("non-printable character")),
+            }
+            if key.len() > Self::MAX_LEN {
+                return Err(InvalidKey::TooLong {
+                    field: "key",
+                    len: key.len(),
+                    max: Self::MAX_LEN,
+                });
+            }
+        }
+        if bytes.next().is_some() {
+            return Err(InvalidKey::MalformedHeader(
+                "characters after the closing quote",
+            ));
+        }
+        Self::new(&key)
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+    }
+}
+
+/// Whose key it is and for what: records are kept per (tenant, operation, key), so one tenant
+/// or principal can never replay another's outcome, and one key can be reused across operations.
+///
+/// The tenant is normally the authenticated principal (an account or API key id); the
+/// operation names the endpoint or use case (`"POST /payments"`, `"charge"`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Scope {
+    tenant: String,
+    operation: String,
+}
+
+impl Scope {
+    /// The longest tenant or operation accepted, in bytes.
+    pub const MAX_LEN: usize = 255;
+
+    /// Validates a scope: both parts are 1 to 255 bytes of UTF-8 without control characters.
+    pub fn new(
+        tenant: impl Into<String>,
+        operation: impl Into<String>,
+    ) -> Result<Self, InvalidKey> {
+        let tenant = tenant.into();
+        let operation = operation.into();
+        check("tenant", tenant.as_bytes(), Self::MAX_LEN, |b| {
+            !b.is_ascii_control()
+        })?;
+        check("operation", operation.as_bytes(), Self::MAX_LEN, |b| {
+            !b.is_ascii_control()
+        })?;
+        Ok(Self { tenant, operation })
+    }
+
+    /// The tenant or principal.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The operation.
+    pub fn operation(&self) -> &str {
+        &self.operation
+    }
+
+    /// The record's key part: every field length-prefixed, so no two scopes and keys map to
+    /// the same record whatever characters they hold.
+    pub(crate) fn record_key(&self, key: &IdempotencyKey) -> String {
+        format!(
+            "{}:{}{}:{}{}:{}",
+            self.tenant.len(),
+            self.tenant,
+            self.operation.len(),
+            self.operation,
+            key.0.len(),
+            key.0
+        )
+    }
+}
+
+fn check(
+    field: &'static str,
+    value: &[u8],
+    max: usize,
+    allowed: impl Fn(u8) -> bool,
+) -> Result<(), InvalidKey> {
+    if value.is_empty() {
+        return Err(InvalidKey::Empty { field });
+    }
+    if value.len() > max {
+        return Err(InvalidKey::TooLong {
+            field,
+            len: value.len(),
+            max,
+        });
+    }
+    match value.iter().position(|&b| !allowed(b)) {
+        Some(offset) => Err(InvalidKey::InvalidByte {
+            field,
+            byte: value[offset],
+            offset,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_parse_per_the_draft() {
+        assert_eq!(
+            IdempotencyKey::parse_header(b" \"abc\" ").unwrap().as_str(),
+            "abc"
+        );
+        assert_eq!(
+            IdempotencyKey::parse_header(b"\"a b\"").unwrap().as_str(),
+            "a b"
+        );
+        assert_eq!(
+            IdempotencyKey::parse_header(b"\"\\\\\"").unwrap().as_str(),
+            "\\"
+        );
+        for bad in [
+            &b"\"a"[..],
+            b"\"a\\x\"",
+            b"\"a\"b",
+            b"\"\x01\"",
+            b"a b",
+            b"",
+            b"\"\"",
+        ] {
+            assert!(
+                IdempotencyKey::parse_header(bad).is_err(),
+                "{:?}",
+                bad.escape_ascii().to_string()
+            );
+        }
+        let long = format!("\"{}\"", "k".repeat(256));
+        assert!(matches!(
+            IdempotencyKey::parse_header(long.as_bytes()),
+            Err(InvalidKey::TooLong { len: 256, .. })
+        ));
+        assert!(IdempotencyKey::parse_header(&[0xFF, 0xFE]).is_err());
+    }
+
+    #[test]
+    fn record_keys_cannot_collide_across_scopes() {
+        let key = IdempotencyKey::new("k").unwrap();
+        let a = Scope::new("ab", "c").unwrap().record_key(&key);
+        let b = Scope::new("a", "bc").unwrap().record_key(&key);
+        assert_ne!(a, b);
+        let tricky = IdempotencyKey::new("1:k").unwrap();
+        assert_ne!(
+            Scope::new("t", "o").unwrap().record_key(&tricky),
+            Scope::new("t", "o:1").unwrap().record_key(&key)
+        );
+    }
+
+    #[test]
+    fn scopes_refuse_control_characters_and_empty_parts() {
+        assert!(matches!(
+            Scope::new("", "op"),
+            Err(InvalidKey::Empty { field: "tenant" })
+        ));
+        assert!(matches!(
+            Scope::new("t\n", "op"),
+            Err(InvalidKey::InvalidByte {
+                field: "tenant",
+                byte: b'\n',
+                offset: 1
+            })
+        ));
+        assert!(Scope::new("tenant-é", "POST /payments").is_ok());
+    }
+}
