@@ -483,3 +483,63 @@ fn decode<T: DeserializeOwned>(stored: &[u8]) -> Option<T> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use headroom_core::memory::MemoryLeaseStore;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_corrupt_stored_outcome_is_a_typed_error_not_a_panic() {
+        let store = MemoryLeaseStore::new();
+        let idem = Idempotency::builder(store.clone()).build().unwrap();
+        let scope = Scope::new("t", "op").unwrap();
+        let fingerprint = Sha256::digest(b"request");
+        let garbage: [&[u8]; 4] = [
+            b"",
+            b"\x01",
+            b"\x01\xff\xff\xff\xff\xff",
+            b"\x09future-format",
+        ];
+        for (i, garbage) in garbage.into_iter().enumerate() {
+            // Another program (or a future format) wrote this record.
+            let key = IdempotencyKey::new(&format!("k{i}")).unwrap();
+            let record = idem.inner.namespace.key(scope.record_key(&key)).unwrap();
+            let Ok(Begin::Acquired { token, .. }) = store
+                .begin(&record, &fingerprint, Duration::from_secs(5))
+                .await
+            else {
+                panic!("a fresh key is acquired");
+            };
+            let stored = Bytes::copy_from_slice(garbage);
+            store
+                .complete(&record, token, stored, Duration::from_secs(60))
+                .await
+                .unwrap();
+
+            let err = idem
+                .execute(&scope, &key, b"request", || async {
+                    Ok::<String, ()>("fresh".into())
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, IdempotencyError::Corrupt),
+                "{garbage:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcomes_round_trip_through_the_versioned_encoding() {
+        let encoded = encode(&("receipt", 42u32)).unwrap();
+        assert_eq!(encoded[0], FORMAT_V1);
+        assert_eq!(
+            decode::<(String, u32)>(&encoded),
+            Some(("receipt".to_owned(), 42))
+        );
+        assert_eq!(decode::<(String, u32)>(&encoded[..encoded.len() - 1]), None);
+        assert_eq!(decode::<u32>(b""), None);
+    }
+}

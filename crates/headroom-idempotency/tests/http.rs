@@ -1,0 +1,287 @@
+//! The Idempotency-Key layer: every documented status, on the memory store and on a Redis that
+//! is killed.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::memory::MemoryLeaseStore;
+use headroom_idempotency::http::IdempotencyLayer;
+use headroom_idempotency::{Idempotency, InProgressPolicy};
+use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
+use headroom_testkit::RedisServer;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Notify;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+type Body = Full<Bytes>;
+
+fn tenant(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .headers
+        .get("x-tenant")?
+        .to_str()
+        .ok()
+        .map(str::to_owned)
+}
+
+/// A payments endpoint that counts its calls and answers with the status in `x-status`.
+fn payments(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |request: Request<Body>| {
+        let calls = Arc::clone(&calls);
+        async move {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let status = request
+                .headers()
+                .get("x-status")
+                .and_then(|s| s.to_str().ok()?.parse().ok())
+                .unwrap_or(201);
+            let mut response = Response::new(Body::from(format!("payment {n}")));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            response
+                .headers_mut()
+                .insert("content-type", "text/plain".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("location", format!("/payments/{n}").parse().unwrap());
+            response
+                .headers_mut()
+                .insert("x-request-trace", "not replayed".parse().unwrap());
+            Ok(response)
+        }
+    })
+}
+
+fn post(key: Option<&str>, body: &'static str) -> Request<Body> {
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri("/payments")
+        .header("x-tenant", "acme");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Body::from(body)).unwrap()
+}
+
+async fn send<S>(service: &mut S, request: Request<Body>) -> (StatusCode, http::HeaderMap, String)
+where
+    S: Service<Request<Body>, Response = Response<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let response = service.ready().await.unwrap().call(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8(body.to_vec()).unwrap(),
+    )
+}
+
+fn memory_layer() -> IdempotencyLayer<MemoryLeaseStore, fn(&http::request::Parts) -> Option<String>>
+{
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    )
+    .max_body_len(1024)
+}
+
+#[tokio::test]
+async fn a_retry_replays_status_selected_headers_and_body() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let (status, headers, body) = send(&mut service, post(Some("\"k-1\""), "amount=10")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_eq!(headers["x-request-trace"], "not replayed");
+
+    let (status, headers, body) = send(&mut service, post(Some("\"k-1\""), "amount=10")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(headers["location"], "/payments/0");
+    assert_eq!(headers["content-type"], "text/plain");
+    assert!(
+        headers.get("x-request-trace").is_none(),
+        "only selected headers are replayed"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bad_keys_get_400_and_never_reach_the_service() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let too_long = format!("\"{}\"", "k".repeat(256));
+    for key in [
+        None,
+        Some("\"unterminated"),
+        Some("has space"),
+        Some(too_long.as_str()),
+    ] {
+        let (status, _, _) = send(&mut service, post(key, "x")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key:?}");
+    }
+    let mut twice = post(Some("a"), "x");
+    twice
+        .headers_mut()
+        .append("idempotency-key", "b".parse().unwrap());
+    assert_eq!(send(&mut service, twice).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn key_reuse_with_another_body_gets_422() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(calls));
+    assert_eq!(
+        send(&mut service, post(Some("k"), "amount=10")).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        send(&mut service, post(Some("k"), "amount=99")).await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_413() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let big: &'static str = Box::leak("x".repeat(2048).into_boxed_str());
+    assert_eq!(
+        send(&mut service, post(Some("k"), big)).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_request_without_a_principal_gets_401() {
+    let mut service = memory_layer().layer(payments(Arc::new(AtomicUsize::new(0))));
+    let mut request = post(Some("k"), "x");
+    request.headers_mut().remove("x-tenant");
+    assert_eq!(
+        send(&mut service, request).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn safe_methods_pass_through_without_a_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let get = Request::get("/payments/1").body(Body::default()).unwrap();
+    assert_eq!(send(&mut service, get).await.0, StatusCode::CREATED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn server_errors_are_not_stored_so_a_retry_runs_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let mut failing = post(Some("k"), "x");
+    failing
+        .headers_mut()
+        .insert("x-status", "503".parse().unwrap());
+    assert_eq!(
+        send(&mut service, failing).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (status, headers, _) = send(&mut service, post(Some("k"), "x")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_duplicate_while_the_first_runs_gets_409_with_retry_after() {
+    let release = Arc::new(Notify::new());
+    let slow = {
+        let release = Arc::clone(&release);
+        service_fn(move |_: Request<Body>| {
+            let release = Arc::clone(&release);
+            async move {
+                release.notified().await;
+                Ok::<_, Infallible>(Response::new(Body::from("done")))
+            }
+        })
+    };
+    let service = memory_layer().layer(slow);
+    let first = tokio::spawn(service.clone().oneshot(post(Some("k"), "x")));
+    tokio::task::yield_now().await;
+    let (status, headers, _) = send(&mut service.clone(), post(Some("k"), "x")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(headers["retry-after"], "1");
+    release.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_store_gets_503_when_failing_closed() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(
+        RedisConfig::standalone(server.url())
+            .with_command_timeout(Duration::from_millis(300))
+            .with_connect_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(payments(Arc::clone(&calls)));
+    assert_eq!(
+        send(&mut service, post(Some("k"), "x")).await.0,
+        StatusCode::CREATED
+    );
+    server.kill();
+    let (status, headers, _) = send(&mut service, post(Some("k2"), "x")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn inner_service_errors_propagate_and_release_the_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let flaky = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(BoxError::from("connection reset"))
+                } else {
+                    Ok(Response::new(Body::from("ok")))
+                }
+            }
+        })
+    };
+    let mut service = memory_layer().layer(flaky);
+    let err = service
+        .ready()
+        .await
+        .unwrap()
+        .call(post(Some("k"), "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "connection reset");
+    assert_eq!(
+        send(&mut service, post(Some("k"), "x")).await.0,
+        StatusCode::OK
+    );
+}

@@ -1,0 +1,214 @@
+//! The executor on real Redis, standalone and cluster: many executors sharing one store, and a
+//! store that dies mid-request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use headroom_idempotency::{
+    Idempotency, IdempotencyError, IdempotencyKey, InProgressPolicy, Scope, StoreFailure,
+};
+use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
+use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
+
+async fn executors(config: RedisConfig, count: usize) -> Vec<Idempotency<RedisLeaseStore>> {
+    let namespace = unique_namespace("idem");
+    let mut executors = Vec::new();
+    for _ in 0..count {
+        // Each executor has its own connection, as separate instances would.
+        let redis = Redis::connect(config.clone()).await.expect("connect");
+        executors.push(
+            Idempotency::builder(RedisLeaseStore::new(redis))
+                .namespace(namespace.clone())
+                .in_progress(InProgressPolicy::Wait {
+                    max_wait: Duration::from_secs(20),
+                })
+                .build()
+                .expect("executor"),
+        );
+    }
+    executors
+}
+
+async fn two_hundred_requests_across_four_executors_run_once(config: RedisConfig) {
+    let executors = executors(config, 4).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let scope = Scope::new("tenant", "charge").unwrap();
+    let key = IdempotencyKey::new("order-1").unwrap();
+    let calls = (0..200).map(|i| {
+        let executor = executors[i % 4].clone();
+        let (runs, scope, key) = (Arc::clone(&runs), scope.clone(), key.clone());
+        tokio::spawn(async move {
+            executor
+                .execute(&scope, &key, b"amount=100", || async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    // Hold the lease across several round trips of the others.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, String>(format!("charge-{n}"))
+                })
+                .await
+                .expect("every request gets the outcome")
+        })
+    });
+    let outcomes = futures_util::future::try_join_all(calls).await.unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran more than once"
+    );
+    assert!(outcomes.iter().all(|o| o.value == "charge-0"));
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_two_hundred_requests_across_four_executors_run_once() {
+    two_hundred_requests_across_four_executors_run_once(RedisConfig::standalone(
+        shared_server().url(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_hundred_requests_across_four_executors_run_once() {
+    two_hundred_requests_across_four_executors_run_once(RedisConfig::cluster(
+        shared_cluster().urls(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_killed_mid_request_fails_closed_then_recovers() {
+    let server = RedisServer::start();
+    let config = RedisConfig::standalone(server.url())
+        .with_command_timeout(Duration::from_millis(300))
+        .with_connect_timeout(Duration::from_millis(300));
+    let executor = executors(config, 1).await.remove(0);
+    let scope = Scope::new("tenant", "charge").unwrap();
+    let key = IdempotencyKey::new("k").unwrap();
+
+    // The store dies while the operation runs: the outcome cannot be stored, yet the caller
+    // gets it (the operation did run).
+    let ran = executor
+        .execute(&scope, &key, b"x", || async {
+            server.kill();
+            Ok::<_, String>("done".to_owned())
+        })
+        .await
+        .expect("the operation's outcome is returned");
+    assert_eq!(ran.value, "done");
+
+    // While it is down, new requests fail closed with a typed error and run nothing.
+    let runs = AtomicUsize::new(0);
+    let err = executor
+        .execute(
+            &scope,
+            &IdempotencyKey::new("other").unwrap(),
+            b"x",
+            || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>("must not run".to_owned())
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, IdempotencyError::Unavailable(_)), "{err:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // Back up (empty: no persistence): requests run again.
+    server.restart();
+    let mut recovered = None;
+    for _ in 0..50 {
+        match executor
+            .execute(
+                &scope,
+                &IdempotencyKey::new("after").unwrap(),
+                b"x",
+                || async { Ok::<_, String>(1) },
+            )
+            .await
+        {
+            Ok(out) => {
+                recovered = Some(out.value);
+                break;
+            }
+            Err(IdempotencyError::Unavailable(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(recovered, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_runs_without_a_record_when_the_store_is_down() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(
+        RedisConfig::standalone(server.url())
+            .with_command_timeout(Duration::from_millis(300))
+            .with_connect_timeout(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .store_failure(StoreFailure::FailOpen)
+        .build()
+        .unwrap();
+    server.kill();
+    let out = executor
+        .execute(
+            &Scope::new("t", "op").unwrap(),
+            &IdempotencyKey::new("k").unwrap(),
+            b"x",
+            || async { Ok::<_, String>("ran anyway".to_owned()) },
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.value.as_str(), out.replayed), ("ran anyway", false));
+}
+
+/// `EVALSHA` calls the server has answered, from `INFO commandstats`.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_costs_two_round_trips_and_a_replay_one() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(RedisConfig::standalone(server.url()))
+        .await
+        .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .build()
+        .unwrap();
+    let scope = Scope::new("t", "op").unwrap();
+    let run = |key: &'static str| {
+        let (executor, scope) = (executor.clone(), scope.clone());
+        async move {
+            executor
+                .execute(&scope, &IdempotencyKey::new(key).unwrap(), b"x", || async {
+                    Ok::<_, String>(1u8)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    run("warm-up").await; // loads the scripts
+
+    let before = evalsha_calls(&server);
+    assert!(!run("new").await.replayed);
+    let after_new = evalsha_calls(&server);
+    assert!(run("new").await.replayed);
+    let after_replay = evalsha_calls(&server);
+    assert_eq!(after_new - before, 2, "begin + complete");
+    assert_eq!(
+        after_replay - after_new,
+        1,
+        "begin answers the stored outcome"
+    );
+}
