@@ -10,6 +10,12 @@ use crate::{BackendError, Key};
 ///
 /// A cell admits one unit of cost every `emission_interval` on average, with bursts of up to
 /// `burst` units at once.
+///
+/// The algorithm, shared by every implementation: a cell holds its theoretical arrival time
+/// `tat` (initially now). A request of cost `n` at `now` computes
+/// `new_tat = max(tat, now) + n × emission_interval`; it is admitted if
+/// `new_tat − burst × emission_interval ≤ now`, and then `tat = new_tat`. When rejected,
+/// `retry_after` is exactly the time until that inequality holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Gcra {
     /// The time one unit of cost takes to replenish (period / rate). Never zero.

@@ -7,6 +7,8 @@
 //!   (`GET`, `MGET`, pipelined `SET PX`, `DEL`).
 //! - [`RedisLeaseStore`]: the [`LeaseStore`](headroom_core::lease::LeaseStore) behind
 //!   idempotency keys (one Lua script per step, one key per record, server time).
+//! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
+//!   rate limits (GCRA in one Lua script on one key, server time).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), headroom_core::BackendError> {
@@ -34,10 +36,12 @@ mod connection;
 mod error;
 mod kv;
 mod lease;
+mod rate;
 mod slot;
 
 pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
+pub use rate::RedisRateStore;
 pub use slot::cluster_slot;

@@ -1,6 +1,6 @@
 //! The KV store conformance suite against real Redis, standalone and cluster.
 
-use headroom_redis::{Redis, RedisConfig, RedisKvStore, RedisLeaseStore};
+use headroom_redis::{Redis, RedisConfig, RedisKvStore, RedisLeaseStore, RedisRateStore};
 use headroom_testkit::conformance::kv::MAX_VALUE_LEN;
 use headroom_testkit::{shared_cluster, shared_server};
 
@@ -37,4 +37,22 @@ headroom_testkit::lease_store_conformance!(
 headroom_testkit::lease_store_conformance!(
     cluster_lease,
     lease_store(RedisConfig::cluster(shared_cluster().urls()))
+);
+
+async fn rate_store(config: RedisConfig) -> RedisRateStore {
+    RedisRateStore::new(
+        Redis::connect(config)
+            .await
+            .expect("connect to the test Redis"),
+    )
+}
+
+headroom_testkit::rate_store_conformance!(
+    standalone_rate,
+    rate_store(RedisConfig::standalone(shared_server().url()))
+);
+
+headroom_testkit::rate_store_conformance!(
+    cluster_rate,
+    rate_store(RedisConfig::cluster(shared_cluster().urls()))
 );

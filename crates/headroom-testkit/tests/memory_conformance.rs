@@ -14,3 +14,7 @@ headroom_testkit::bus_conformance!(memory_bus, async { MemoryBus::new() });
 headroom_testkit::lease_store_conformance!(memory_lease, async {
     headroom_core::memory::MemoryLeaseStore::new()
 });
+
+headroom_testkit::rate_store_conformance!(memory_rate, async {
+    headroom_core::memory::MemoryRateStore::new()
+});

@@ -7,7 +7,9 @@
 mod bus;
 mod kv;
 mod lease;
+mod rate;
 
 pub use bus::MemoryBus;
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
 pub use lease::MemoryLeaseStore;
+pub use rate::MemoryRateStore;

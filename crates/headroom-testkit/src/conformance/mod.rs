@@ -2,8 +2,9 @@
 //!
 //! Each check is a public async function taking the backend under test and a fresh namespace.
 //! The macros [`kv_store_conformance!`](crate::kv_store_conformance),
-//! [`bus_conformance!`](crate::bus_conformance) and
-//! [`lease_store_conformance!`](crate::lease_store_conformance) expand to one `#[tokio::test]` per check, so a
+//! [`bus_conformance!`](crate::bus_conformance),
+//! [`lease_store_conformance!`](crate::lease_store_conformance) and
+//! [`rate_store_conformance!`](crate::rate_store_conformance) expand to one `#[tokio::test]` per check, so a
 //! backend crate runs the whole suite with one line per backend:
 //!
 //! ```text
@@ -18,6 +19,7 @@
 pub mod bus;
 pub mod kv;
 pub mod lease;
+pub mod rate;
 
 /// Expands to one test per KV store check, each in a module named `$name`.
 ///
@@ -113,6 +115,36 @@ macro_rules! lease_store_conformance {
             async fn $check() {
                 let store = $make.await;
                 $crate::conformance::lease::$check(&store, $crate::unique_namespace(stringify!($check))).await;
+            }
+        )+
+    };
+}
+
+/// Expands to one test per rate store check, each in a module named `$name`.
+///
+/// `$make` is an expression of a future that yields a fresh store; it runs once per test.
+#[macro_export]
+macro_rules! rate_store_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::rate_store_conformance!(@tests $make;
+                admits_exactly_the_burst,
+                costs_spend_several_units,
+                impossible_costs_are_refused,
+                keys_are_independent,
+                concurrent_requests_admit_exactly_the_burst,
+                units_replenish_over_time,
+            );
+        }
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = $make.await;
+                $crate::conformance::rate::$check(&store, $crate::unique_namespace(stringify!($check))).await;
             }
         )+
     };

@@ -1,0 +1,201 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::rate::{Gcra, RateDecision, RateStore};
+use crate::{BackendError, BackendErrorKind, Clock, Key};
+
+/// An in-memory [`RateStore`]: one map of GCRA cells, bounded in size.
+///
+/// A cell that is full again (its theoretical arrival time has passed) is the same as no cell,
+/// so the store drops such cells whenever it reaches `max_cells`, losing nothing. Only when
+/// every held cell is still draining does it evict one at random, which gives that key a
+/// fresh burst: the documented price of a hard memory cap under attacker-chosen keys.
+#[derive(Clone, Debug)]
+pub struct MemoryRateStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cells: Mutex<HashMap<Key, Instant>>,
+    clock: Clock,
+    max_cells: usize,
+}
+
+impl MemoryRateStore {
+    /// A store on the system clock holding up to 1,000,000 cells.
+    pub fn new() -> Self {
+        Self::with_limits(Clock::system(), 1_000_000)
+    }
+
+    /// A store on `clock` holding up to `max_cells` cells.
+    pub fn with_limits(clock: Clock, max_cells: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cells: Mutex::new(HashMap::new()),
+                clock,
+                max_cells: max_cells.max(1),
+            }),
+        }
+    }
+
+    /// The number of cells held.
+    pub fn len(&self) -> usize {
+        self.inner.cells.lock().len()
+    }
+
+    /// Whether the store holds no cell.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Default for MemoryRateStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Applies GCRA to a cell's theoretical arrival time; returns the decision and the new `tat`.
+pub(crate) fn gcra(
+    tat: Instant,
+    now: Instant,
+    gcra: Gcra,
+    cost: u32,
+) -> Result<(RateDecision, Instant), BackendError> {
+    if gcra.emission_interval.is_zero() || gcra.burst == 0 {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            "a rate needs a non-zero emission interval and a burst of at least 1",
+        ));
+    }
+    if cost > gcra.burst {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!("a cost of {cost} can never fit a burst of {}", gcra.burst),
+        ));
+    }
+    let tat = tat.max(now);
+    let new_tat = tat + gcra.emission_interval * cost;
+    let allow_at = new_tat.checked_sub(gcra.tolerance()).unwrap_or(now);
+    let remaining = |tat: Instant| {
+        let headroom = (now + gcra.tolerance()).saturating_duration_since(tat);
+        u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos()).unwrap_or(u32::MAX)
+    };
+    if allow_at > now {
+        let decision = RateDecision {
+            allowed: false,
+            remaining: remaining(tat),
+            retry_after: allow_at - now,
+            reset_after: tat - now,
+        };
+        return Ok((decision, tat));
+    }
+    let decision = RateDecision {
+        allowed: true,
+        remaining: remaining(new_tat),
+        retry_after: Duration::ZERO,
+        reset_after: new_tat - now,
+    };
+    Ok((decision, new_tat))
+}
+
+impl RateStore for MemoryRateStore {
+    async fn apply(&self, key: &Key, limit: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
+        let now = self.inner.clock.now();
+        let mut cells = self.inner.cells.lock();
+        let tat = cells.get(key).copied().unwrap_or(now);
+        let (decision, new_tat) = gcra(tat, now, limit, cost)?;
+        if decision.allowed {
+            if cells.len() >= self.inner.max_cells && !cells.contains_key(key) {
+                cells.retain(|_, tat| *tat > now);
+                if cells.len() >= self.inner.max_cells
+                    && let Some(victim) = cells.keys().next().cloned()
+                {
+                    cells.remove(&victim);
+                }
+            }
+            cells.insert(key.clone(), new_tat);
+        }
+        Ok(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Namespace};
+
+    const TEN_PER_SECOND: Gcra = Gcra {
+        emission_interval: Duration::from_millis(100),
+        burst: 5,
+    };
+
+    #[tokio::test]
+    async fn admits_exactly_the_burst_then_one_per_interval_with_an_exact_retry_after() {
+        let clock = ManualClock::new();
+        let store = MemoryRateStore::with_limits(clock.clock(), 100);
+        let key = Namespace::new("t").unwrap().key("k").unwrap();
+        for remaining in (0..5).rev() {
+            let d = store.apply(&key, TEN_PER_SECOND, 1).await.unwrap();
+            assert!(d.allowed);
+            assert_eq!(d.remaining, remaining);
+        }
+        let rejected = store.apply(&key, TEN_PER_SECOND, 1).await.unwrap();
+        assert!(!rejected.allowed);
+        assert_eq!(rejected.retry_after, Duration::from_millis(100));
+        assert_eq!(rejected.reset_after, Duration::from_millis(500));
+
+        clock.advance(Duration::from_millis(99));
+        let d = store.apply(&key, TEN_PER_SECOND, 1).await.unwrap();
+        assert_eq!(
+            (d.allowed, d.retry_after),
+            (false, Duration::from_millis(1))
+        );
+        clock.advance(Duration::from_millis(1));
+        assert!(store.apply(&key, TEN_PER_SECOND, 1).await.unwrap().allowed);
+
+        // A cost of 3 waits for three intervals.
+        let d = store.apply(&key, TEN_PER_SECOND, 3).await.unwrap();
+        assert_eq!(
+            (d.allowed, d.retry_after),
+            (false, Duration::from_millis(300))
+        );
+        clock.advance(Duration::from_millis(300));
+        assert!(store.apply(&key, TEN_PER_SECOND, 3).await.unwrap().allowed);
+    }
+
+    #[tokio::test]
+    async fn impossible_costs_and_rates_are_configuration_errors() {
+        let store = MemoryRateStore::new();
+        let key = Namespace::new("t").unwrap().key("k").unwrap();
+        let err = store.apply(&key, TEN_PER_SECOND, 6).await.unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Config);
+        let zero = Gcra {
+            emission_interval: Duration::ZERO,
+            burst: 1,
+        };
+        assert_eq!(
+            store.apply(&key, zero, 1).await.unwrap_err().kind(),
+            BackendErrorKind::Config
+        );
+    }
+
+    #[tokio::test]
+    async fn memory_stays_capped_under_millions_of_distinct_keys() {
+        let clock = ManualClock::new();
+        let store = MemoryRateStore::with_limits(clock.clock(), 10_000);
+        let ns = Namespace::new("t").unwrap();
+        for i in 0..1_000_000u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            assert!(store.apply(&key, TEN_PER_SECOND, 1).await.unwrap().allowed);
+            if i % 1_000 == 0 {
+                clock.advance(Duration::from_millis(10));
+            }
+        }
+        assert!(store.len() <= 10_000, "{} cells", store.len());
+    }
+}
