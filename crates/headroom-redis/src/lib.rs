@@ -5,6 +5,8 @@
 //!   command.
 //! - [`RedisKvStore`]: the [`KvStore`](headroom_core::kv::KvStore) behind the cache's L2
 //!   (`GET`, `MGET`, pipelined `SET PX`, `DEL`).
+//! - [`RedisBus`]: the [`InvalidationBus`](headroom_core::bus::InvalidationBus) on pub/sub
+//!   (sharded pub/sub on a cluster), reporting lost messages on disconnect.
 //! - [`RedisLeaseStore`]: the [`LeaseStore`](headroom_core::lease::LeaseStore) behind
 //!   idempotency keys (one Lua script per step, one key per record, server time).
 //! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
@@ -31,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod bus;
 mod config;
 mod connection;
 mod error;
@@ -39,6 +42,7 @@ mod lease;
 mod rate;
 mod slot;
 
+pub use bus::RedisBus;
 pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
 pub use kv::RedisKvStore;

@@ -1,6 +1,6 @@
 //! The KV store conformance suite against real Redis, standalone and cluster.
 
-use headroom_redis::{Redis, RedisConfig, RedisKvStore, RedisLeaseStore, RedisRateStore};
+use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore, RedisLeaseStore, RedisRateStore};
 use headroom_testkit::conformance::kv::MAX_VALUE_LEN;
 use headroom_testkit::{shared_cluster, shared_server};
 
@@ -55,4 +55,23 @@ headroom_testkit::rate_store_conformance!(
 headroom_testkit::rate_store_conformance!(
     cluster_rate,
     rate_store(RedisConfig::cluster(shared_cluster().urls()))
+);
+
+async fn bus(config: RedisConfig) -> RedisBus {
+    let redis = Redis::connect(config)
+        .await
+        .expect("connect to the test Redis");
+    RedisBus::connect(redis)
+        .await
+        .expect("subscriber connection")
+}
+
+headroom_testkit::bus_conformance!(
+    standalone_bus,
+    bus(RedisConfig::standalone(shared_server().url()))
+);
+
+headroom_testkit::bus_conformance!(
+    cluster_bus,
+    bus(RedisConfig::cluster(shared_cluster().urls()))
 );

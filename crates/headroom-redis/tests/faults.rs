@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use headroom_core::bus::{BusEvent, InvalidationBus, LossReason};
 use headroom_core::kv::KvStore;
 use headroom_core::{BackendErrorKind, Classify};
-use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
 use headroom_testkit::{FaultProxy, RedisCluster, RedisServer, shared_server, unique_namespace};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -274,4 +275,73 @@ async fn cluster_node_killed_and_restarted_is_reconnected() {
     }
     let values = store.get_many(&keys).await.expect("get_many");
     assert!(values.iter().all(|v| v.as_deref() == Some(&b"again"[..])));
+}
+
+async fn next_event(sub: &mut headroom_core::bus::Subscription) -> BusEvent {
+    tokio::time::timeout(Duration::from_secs(10), sub.next_event())
+        .await
+        .expect("an event within 10 s")
+        .expect("the bus is not shut down")
+}
+
+async fn bus_survives_a_restart(server: &RedisServer, config: RedisConfig) {
+    let redis = Redis::connect(config).await.expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-restart").key("ch").unwrap();
+    let mut sub = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+    bus.publish(&channel, "before".into())
+        .await
+        .expect("publish");
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("before".into())
+    );
+
+    server.kill();
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    server.restart();
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Live,
+        "resubscribed after the restart"
+    );
+    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("after".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_reports_loss_on_restart_and_resubscribes() {
+    let server = RedisServer::start();
+    bus_survives_a_restart(&server, config(server.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_reports_loss_when_the_proxy_cuts_and_resubscribes() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(config(proxy.url())).await.expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-cut").key("ch").unwrap();
+    let mut sub = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+
+    proxy.cut();
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    proxy.restore();
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("after".into())
+    );
 }
