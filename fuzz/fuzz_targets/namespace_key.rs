@@ -7,9 +7,13 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte is the namespace's length; the rest is the namespace, then the key.
-    let Some((&len, rest)) = data.split_first() else { return };
+    let Some((&len, rest)) = data.split_first() else {
+        return;
+    };
     let (name, key) = rest.split_at(usize::from(len).min(rest.len()));
-    let Ok(name) = std::str::from_utf8(name) else { return };
+    let Ok(name) = std::str::from_utf8(name) else {
+        return;
+    };
     let Ok(ns) = Namespace::new(name) else { return };
     if let Ok(full) = ns.key(key) {
         assert_eq!(full.namespace(), name);
