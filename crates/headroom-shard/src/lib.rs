@@ -77,7 +77,8 @@ pub use config::{
 pub use error::{ConfigError, ConfigErrorKind, MigrationError, MigrationErrorKind, UnknownShard};
 pub use read::{LagProbe, ReadPolicy, Session, monitor_lag};
 pub use reshard::{
-    EpochFence, Migration, Move, PLAN_SAMPLES, Phase, ReadRoute, ReshardPlan, Units, WriteRoute,
+    EpochFence, KeyRange, Migration, Move, PLAN_SAMPLES, Phase, ReadRoute, ReshardPlan, Units,
+    WriteRoute,
 };
 pub use router::{
     AnyRouter, BoundedLoadRouter, CLUSTER_SLOTS, Directory, JumpRouter, Layout, LoadGuard,

@@ -93,8 +93,8 @@ pub enum Units {
     Shards(Vec<ShardId>),
     /// Redis Cluster slot ranges.
     Slots(Vec<Range<u16>>),
-    /// Key ranges `[start, end)`; `end` of `None` is unbounded.
-    KeyRanges(Vec<(Box<[u8]>, Option<Box<[u8]>>)>),
+    /// Key ranges.
+    KeyRanges(Vec<KeyRange>),
     /// Keys spread by hash; the fraction was measured over this many sample keys.
     Sampled(u32),
 }
@@ -109,6 +109,15 @@ impl Units {
             Self::Sampled(_) => 1,
         }
     }
+}
+
+/// Keys from `start` (inclusive) to `end` (exclusive; `None` is unbounded), in byte order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The first key of the range.
+    pub start: Box<[u8]>,
+    /// The first key after the range, if any.
+    pub end: Option<Box<[u8]>>,
 }
 
 type Pair = (Arc<str>, Arc<str>);
@@ -253,7 +262,7 @@ fn range_moves<H, R: Router>(
     let mut bounds: Vec<&[u8]> = a.ranges().chain(b.ranges()).map(|(lo, _)| lo).collect();
     bounds.sort_unstable();
     bounds.dedup();
-    let mut moves: BTreeMap<Pair, Vec<(Box<[u8]>, Option<Box<[u8]>>)>> = BTreeMap::new();
+    let mut moves: BTreeMap<Pair, Vec<KeyRange>> = BTreeMap::new();
     for (i, lo) in bounds.iter().enumerate() {
         let hi = bounds.get(i + 1).map(|hi| Box::<[u8]>::from(*hi));
         let (Some(x), Some(y)) = (
@@ -265,8 +274,11 @@ fn range_moves<H, R: Router>(
         if x != y {
             let ranges = moves.entry((x, y)).or_default();
             match ranges.last_mut() {
-                Some((_, end)) if end.as_deref() == Some(*lo) => *end = hi,
-                _ => ranges.push(((*lo).into(), hi)),
+                Some(last) if last.end.as_deref() == Some(*lo) => last.end = hi,
+                _ => ranges.push(KeyRange {
+                    start: (*lo).into(),
+                    end: hi,
+                }),
             }
         }
     }

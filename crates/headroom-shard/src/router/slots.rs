@@ -26,10 +26,10 @@ pub fn cluster_slot(key: &[u8]) -> u16 {
 fn hash_tag(key: &[u8]) -> &[u8] {
     if let Some(open) = key.iter().position(|&b| b == b'{') {
         let rest = &key[open + 1..];
-        if let Some(len) = rest.iter().position(|&b| b == b'}') {
-            if len > 0 {
-                return &rest[..len];
-            }
+        if let Some(len) = rest.iter().position(|&b| b == b'}')
+            && len > 0
+        {
+            return &rest[..len];
         }
     }
     key
