@@ -19,6 +19,8 @@ pub enum ConfigErrorKind {
     InvalidWeight,
     /// A Maglev table size is not a prime larger than the number of members.
     InvalidTableSize,
+    /// A ring or table would exceed the size limit (2^24 entries).
+    TooLarge,
     /// Range bounds are not strictly increasing.
     UnorderedBounds,
     /// A Redis Cluster slot is outside `0..16384` or left unassigned.

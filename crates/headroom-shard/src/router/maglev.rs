@@ -2,7 +2,7 @@ use crate::ShardId;
 use crate::error::{ConfigError, ConfigErrorKind};
 use crate::hash::{key_hash, mix};
 
-use super::{Router, member_seed, uniform, validate_members};
+use super::{MAX_ENTRIES, Router, member_seed, uniform, validate_members};
 
 /// Maglev hashing (Eisenbud et al., 2016): a lookup table filled by per-member permutations.
 ///
@@ -10,7 +10,7 @@ use super::{Router, member_seed, uniform, validate_members};
 /// (max/mean ≤ 1 + n / M). Lookup is one hash and one array read. Disruption on a membership
 /// change is small but not minimal: besides the `1 / (n + 1)` of entries that must move, a few
 /// percent more change owner. The table size must be a prime larger than the number of
-/// members; the paper suggests at least 100 × n. Maglev has no weights.
+/// members and at most 2^24; the paper suggests at least 100 × n. Maglev has no weights.
 ///
 /// ```
 /// use headroom_shard::{MaglevRouter, Router, ShardId};
@@ -42,10 +42,13 @@ impl MaglevRouter {
     ) -> Result<Self, ConfigError> {
         let members = validate_members(shards.into_iter().map(|shard| (shard, 1.0)))?;
         let m = u64::from(table_size);
-        if !is_prime(m) || m <= members.len() as u64 {
+        if m > MAX_ENTRIES || !is_prime(m) || m <= members.len() as u64 {
             return Err(ConfigError::new(
                 ConfigErrorKind::InvalidTableSize,
-                format_args!("{table_size} is not a prime above {}", members.len()),
+                format_args!(
+                    "{table_size} is not a prime above {} and at most {MAX_ENTRIES}",
+                    members.len()
+                ),
             ));
         }
         // (offset, skip, next) per member, as in the paper's population algorithm.

@@ -207,6 +207,9 @@ pub(crate) fn validate_members(
     Ok(members)
 }
 
+/// The most points a ring or entries a Maglev table may hold (64 MiB of table at most).
+pub(crate) const MAX_ENTRIES: u64 = 1 << 24;
+
 /// Shards `0..count` with weight 1.
 pub(crate) fn uniform(count: u32) -> impl Iterator<Item = (ShardId, f64)> {
     (0..count).map(|i| (ShardId(i), 1.0))

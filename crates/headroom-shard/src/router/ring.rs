@@ -1,8 +1,8 @@
 use crate::ShardId;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, ConfigErrorKind};
 use crate::hash::{key_hash, mix};
 
-use super::{Router, member_seed, uniform, validate_members};
+use super::{MAX_ENTRIES, Router, member_seed, uniform, validate_members};
 
 /// Consistent hash ring with virtual nodes (Karger et al., 1997), weighted.
 ///
@@ -38,10 +38,19 @@ impl RingRouter {
         vnodes: u32,
     ) -> Result<Self, ConfigError> {
         let members = validate_members(members)?;
+        let counts: Vec<u64> = members
+            .iter()
+            .map(|(_, weight)| (f64::from(vnodes) * weight).round().max(1.0) as u64)
+            .collect();
+        if counts.iter().fold(0u64, |sum, &c| sum.saturating_add(c)) > MAX_ENTRIES {
+            return Err(ConfigError::new(
+                ConfigErrorKind::TooLarge,
+                format_args!("more than {MAX_ENTRIES} ring points"),
+            ));
+        }
         let mut ring: Vec<(u64, ShardId)> = Vec::new();
-        for (shard, weight) in &members {
+        for ((shard, _), &count) in members.iter().zip(&counts) {
             let seed = member_seed(*shard);
-            let count = (f64::from(vnodes) * weight).round().max(1.0) as u64;
             ring.extend((0..count).map(|i| (mix(seed, i), *shard)));
         }
         // Ties between points (vanishingly rare) resolve by shard id, deterministically.
