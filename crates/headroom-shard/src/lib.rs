@@ -45,7 +45,7 @@
 //!
 //! # Features
 //!
-//! - `serde`: [`TopologyConfig`] and friends, to load topologies from configuration files.
+//! - `serde`: `TopologyConfig` and friends, to load topologies from configuration files.
 //! - `tower`: the `tower` module, a service that routes requests by shard key.
 //!
 //! # Minimum supported Rust version
