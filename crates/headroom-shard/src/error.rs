@@ -19,7 +19,7 @@ pub enum ConfigErrorKind {
     InvalidWeight,
     /// A Maglev table size is not a prime larger than the number of members.
     InvalidTableSize,
-    /// A ring or table would exceed the size limit (2^24 entries).
+    /// A router would exceed the size limit (2^24 shards, ring points or table entries).
     TooLarge,
     /// Range bounds are not strictly increasing.
     UnorderedBounds,

@@ -364,7 +364,7 @@ pub struct TopologyBuilder<H, R> {
     epoch: u64,
     router: R,
     nodes: Vec<(Arc<str>, H)>,
-    shards: Vec<(ShardId, Arc<str>, Vec<Arc<str>>)>,
+    shards: Vec<(std::ops::Range<u64>, Arc<str>, Vec<Arc<str>>)>,
 }
 
 impl<H, R: fmt::Debug> fmt::Debug for TopologyBuilder<H, R> {
@@ -397,24 +397,27 @@ impl<H, R: Router> TopologyBuilder<H, R> {
     }
 
     /// Places logical shard `shard` on node `primary` with `replicas`.
-    pub fn shard(mut self, shard: ShardId, primary: &str, replicas: &[&str]) -> Self {
-        self.shards.push((
-            shard,
-            primary.into(),
-            replicas.iter().map(|&id| id.into()).collect(),
-        ));
-        self
+    pub fn shard(self, shard: ShardId, primary: &str, replicas: &[&str]) -> Self {
+        self.place(
+            u64::from(shard.0)..u64::from(shard.0) + 1,
+            primary,
+            replicas,
+        )
     }
 
     /// Places every logical shard in `shards` on node `primary` with `replicas`.
-    pub fn shards(
-        mut self,
-        shards: std::ops::Range<u32>,
-        primary: &str,
-        replicas: &[&str],
-    ) -> Self {
-        for shard in shards {
-            self = self.shard(ShardId(shard), primary, replicas);
+    pub fn shards(self, shards: std::ops::Range<u32>, primary: &str, replicas: &[&str]) -> Self {
+        self.place(
+            u64::from(shards.start)..u64::from(shards.end),
+            primary,
+            replicas,
+        )
+    }
+
+    fn place(mut self, shards: std::ops::Range<u64>, primary: &str, replicas: &[&str]) -> Self {
+        if !shards.is_empty() {
+            let replicas = replicas.iter().map(|&id| id.into()).collect();
+            self.shards.push((shards, primary.into(), replicas));
         }
         self
     }
@@ -449,33 +452,38 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                 })
         };
         let mut shards: Vec<Option<ShardEntry>> = Vec::new();
-        for (shard, primary, replicas) in &placements {
-            if shard.0 > MAX_SHARD_ID {
+        for (range, primary, replicas) in &placements {
+            if range.end > u64::from(MAX_SHARD_ID) + 1 {
                 return Err(ConfigError::new(
-                    ConfigErrorKind::MissingShard,
-                    format_args!("shard {shard} is above {MAX_SHARD_ID}"),
+                    ConfigErrorKind::TooLarge,
+                    format_args!("shard {} is above {MAX_SHARD_ID}", range.end - 1),
                 ));
             }
-            if shards.len() <= shard.index() {
-                shards.resize_with(shard.index() + 1, || None);
+            let primary = index_of(primary)?;
+            let replicas: Box<[usize]> = replicas
+                .iter()
+                .map(|id| index_of(id))
+                .collect::<Result<_, _>>()?;
+            if shards.len() < range.end as usize {
+                shards.resize_with(range.end as usize, || None);
             }
-            if shards[shard.index()].is_some() {
-                return Err(ConfigError::new(
-                    ConfigErrorKind::Duplicate,
-                    format_args!("shard {shard} placed twice"),
-                ));
+            for index in range.start as usize..range.end as usize {
+                let shard = ShardId(index as u32);
+                if shards[index].is_some() {
+                    return Err(ConfigError::new(
+                        ConfigErrorKind::Duplicate,
+                        format_args!("shard {shard} placed twice"),
+                    ));
+                }
+                let labels = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
+                shards[index] = Some(ShardEntry {
+                    primary,
+                    replicas: replicas.clone(),
+                    next_replica: AtomicUsize::new(0),
+                    routed_reads: labels("read"),
+                    routed_writes: labels("write"),
+                });
             }
-            let labels = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
-            shards[shard.index()] = Some(ShardEntry {
-                primary: index_of(primary)?,
-                replicas: replicas
-                    .iter()
-                    .map(|id| index_of(id))
-                    .collect::<Result<_, _>>()?,
-                next_replica: AtomicUsize::new(0),
-                routed_reads: labels("read"),
-                routed_writes: labels("write"),
-            });
         }
         if let Some(missing) = router
             .shards()

@@ -2,7 +2,7 @@ use crate::ShardId;
 use crate::error::{ConfigError, ConfigErrorKind};
 use crate::hash::key_hash;
 
-use super::Router;
+use super::{MAX_ENTRIES, Router};
 
 /// Jump consistent hash (Lamping and Veach, 2014) over shards `0..n`.
 ///
@@ -25,10 +25,16 @@ pub struct JumpRouter {
 }
 
 impl JumpRouter {
-    /// A router over shards `0..shards`.
+    /// A router over shards `0..shards`, at most 2^24.
     pub fn new(shards: u32) -> Result<Self, ConfigError> {
         if shards == 0 {
             return Err(ConfigError::new(ConfigErrorKind::Empty, "no shards"));
+        }
+        if u64::from(shards) > MAX_ENTRIES {
+            return Err(ConfigError::new(
+                ConfigErrorKind::TooLarge,
+                format_args!("{shards} shards, more than {MAX_ENTRIES}"),
+            ));
         }
         Ok(Self { shards })
     }
