@@ -364,7 +364,14 @@ pub struct TopologyBuilder<H, R> {
     epoch: u64,
     router: R,
     nodes: Vec<(Arc<str>, H)>,
-    shards: Vec<(std::ops::Range<u64>, Arc<str>, Vec<Arc<str>>)>,
+    shards: Vec<Placement>,
+}
+
+/// Logical shards (as a range, checked at build time) placed on a primary with replicas.
+struct Placement {
+    shards: std::ops::Range<u64>,
+    primary: Arc<str>,
+    replicas: Vec<Arc<str>>,
 }
 
 impl<H, R: fmt::Debug> fmt::Debug for TopologyBuilder<H, R> {
@@ -417,7 +424,11 @@ impl<H, R: Router> TopologyBuilder<H, R> {
     fn place(mut self, shards: std::ops::Range<u64>, primary: &str, replicas: &[&str]) -> Self {
         if !shards.is_empty() {
             let replicas = replicas.iter().map(|&id| id.into()).collect();
-            self.shards.push((shards, primary.into(), replicas));
+            self.shards.push(Placement {
+                shards,
+                primary: primary.into(),
+                replicas,
+            });
         }
         self
     }
@@ -452,7 +463,12 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                 })
         };
         let mut shards: Vec<Option<ShardEntry>> = Vec::new();
-        for (range, primary, replicas) in &placements {
+        for Placement {
+            shards: range,
+            primary,
+            replicas,
+        } in &placements
+        {
             if range.end > u64::from(MAX_SHARD_ID) + 1 {
                 return Err(ConfigError::new(
                     ConfigErrorKind::TooLarge,
@@ -467,16 +483,17 @@ impl<H, R: Router> TopologyBuilder<H, R> {
             if shards.len() < range.end as usize {
                 shards.resize_with(range.end as usize, || None);
             }
-            for index in range.start as usize..range.end as usize {
-                let shard = ShardId(index as u32);
-                if shards[index].is_some() {
+            let start = range.start as usize;
+            for (offset, slot) in shards[start..range.end as usize].iter_mut().enumerate() {
+                let shard = ShardId((start + offset) as u32);
+                if slot.is_some() {
                     return Err(ConfigError::new(
                         ConfigErrorKind::Duplicate,
                         format_args!("shard {shard} placed twice"),
                     ));
                 }
                 let labels = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
-                shards[index] = Some(ShardEntry {
+                *slot = Some(ShardEntry {
                     primary,
                     replicas: replicas.clone(),
                     next_replica: AtomicUsize::new(0),
