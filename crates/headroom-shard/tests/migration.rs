@@ -461,3 +461,106 @@ async fn a_live_migration_loses_no_write() {
         assert_eq!(stores[owner].get(key), acked, "key {key} lost a write");
     }
 }
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(u64),
+    Finish(usize),
+    Read(u64),
+    Copied(u64),
+    Advance,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0..64u64).prop_map(Step::Write),
+        (0..8usize).prop_map(Step::Finish),
+        (0..64u64).prop_map(Step::Read),
+        (0..=8u64).prop_map(Step::Copied),
+        Just(Step::Advance),
+    ]
+}
+
+proptest::proptest! {
+    /// Random interleavings of writes (held open or finished), reads, copy progress and phase
+    /// steps (including cut-overs abandoned while they wait): phases only move forward, Copy is
+    /// left only once copied, moving writes are mirrored before the cut-over, and once the
+    /// cut-over has drained no route leads to the retired owner.
+    #[test]
+    fn the_phase_machine_keeps_its_invariants(steps in proptest::collection::vec(step(), 1..120)) {
+        let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+        let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+        let migration = Migration::new("prop", from, to).unwrap();
+        let moving = |key: &u64| migration.to_topology().shard_of(key) >= ShardId(8);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut open = Vec::new();
+        let mut copied = 0;
+        let mut phase = Phase::Copy;
+        for step in steps {
+            match step {
+                Step::Write(key) => {
+                    let route = migration.write(&key).unwrap();
+                    if phase < Phase::CutOver {
+                        proptest::prop_assert_eq!(route.owner().node_id(), "a");
+                        proptest::prop_assert_eq!(route.mirror().is_some(), moving(&key));
+                    } else {
+                        proptest::prop_assert_eq!(route.owner().node_id(), if moving(&key) { "b" } else { "a" });
+                        proptest::prop_assert!(route.mirror().is_none());
+                    }
+                    open.push(route);
+                }
+                Step::Finish(i) => {
+                    if !open.is_empty() {
+                        let at = i % open.len();
+                        drop(open.swap_remove(at));
+                    }
+                }
+                Step::Read(key) => {
+                    let route = migration.read(&key, &ReadPolicy::Primary).unwrap();
+                    let expected = if phase >= Phase::CutOver && moving(&key) { "b" } else { "a" };
+                    proptest::prop_assert_eq!(route.target.node_id(), expected);
+                    proptest::prop_assert_eq!(
+                        route.shadow.is_some(),
+                        phase == Phase::ShadowRead && moving(&key)
+                    );
+                }
+                Step::Copied(n) => {
+                    copied = n;
+                    migration.report_copied(n, 8);
+                }
+                Step::Advance => {
+                    let outcome = runtime.block_on(async {
+                        let advance = migration.advance();
+                        tokio::pin!(advance);
+                        futures_poll_once(advance.as_mut()).await
+                    });
+                    match outcome {
+                        Some(Ok(next)) => {
+                            proptest::prop_assert!(next > phase);
+                            proptest::prop_assert!(phase != Phase::Copy || copied == 8);
+                            phase = next;
+                        }
+                        Some(Err(err)) => match err.kind() {
+                            MigrationErrorKind::CopyIncomplete => proptest::prop_assert!(copied < 8),
+                            MigrationErrorKind::Finished => proptest::prop_assert_eq!(phase, Phase::Done),
+                            other => proptest::prop_assert!(false, "unexpected {:?}", other),
+                        },
+                        // The cut-over waits for open writes to the old owner; abandoning the
+                        // wait leaves the phase advanced.
+                        None => {
+                            proptest::prop_assert_eq!(migration.phase(), Phase::CutOver);
+                            proptest::prop_assert!(migration.writes_to_old_owners() > 0);
+                            phase = Phase::CutOver;
+                        }
+                    }
+                    proptest::prop_assert_eq!(migration.phase(), phase);
+                }
+            }
+            let old_routes = open.iter().filter(|r| r.epoch() == 1).count();
+            proptest::prop_assert_eq!(migration.writes_to_old_owners(), old_routes);
+        }
+        drop(open);
+        proptest::prop_assert_eq!(migration.writes_to_old_owners(), 0);
+    }
+}
