@@ -188,7 +188,7 @@ impl<H, R: Router> Topology<H, R> {
     pub async fn probe_nodes<P: LagProbe<H>>(&self, probe: &P) {
         for node in &self.nodes {
             let status = probe.probe(node.id(), node.handle()).await;
-            self.report(node.id(), status.unwrap_or_default());
+            node.state.set(status.unwrap_or_default());
         }
     }
 }

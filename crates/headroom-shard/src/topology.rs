@@ -96,7 +96,7 @@ impl NodeState {
         }
     }
 
-    fn set(&self, status: ReplicaStatus) {
+    pub(crate) fn set(&self, status: ReplicaStatus) {
         let micros = status.lag.map_or(UNKNOWN, |lag| {
             u64::try_from(lag.as_micros()).unwrap_or(UNKNOWN - 1)
         });
