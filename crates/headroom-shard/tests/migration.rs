@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::TestRecorder;
+use common::{TestRecorder, poll_once};
 use headroom_core::Classify;
 use headroom_shard::{
     EpochFence, JumpRouter, KeyRange, Migration, MigrationErrorKind, Phase, RangeRouter,
@@ -266,7 +266,7 @@ async fn cut_over_waits_for_writes_to_old_owners_and_survives_cancellation() {
         // The cut-over switches routing at once, then waits for the write in flight.
         let advance = migration.advance();
         tokio::pin!(advance);
-        assert!(futures_poll_once(advance.as_mut()).await.is_none());
+        assert!(poll_once(advance.as_mut()).await.is_none());
         assert_eq!(migration.phase(), Phase::CutOver);
         assert_eq!(migration.write("k").unwrap().owner().node_id(), "b");
         // Dropping the waiting advance leaves the phase advanced and leaks nothing.
@@ -274,20 +274,10 @@ async fn cut_over_waits_for_writes_to_old_owners_and_survives_cancellation() {
     assert_eq!(migration.writes_to_old_owners(), 1);
     let drained = migration.drained();
     tokio::pin!(drained);
-    assert!(futures_poll_once(drained.as_mut()).await.is_none());
+    assert!(poll_once(drained.as_mut()).await.is_none());
     drop(in_flight);
-    assert!(futures_poll_once(drained.as_mut()).await.is_some());
+    assert!(poll_once(drained.as_mut()).await.is_some());
     assert_eq!(migration.writes_to_old_owners(), 0);
-}
-
-async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
-            std::task::Poll::Ready(output) => Some(output),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await
 }
 
 #[test]
@@ -533,7 +523,7 @@ proptest::proptest! {
                     let outcome = runtime.block_on(async {
                         let advance = migration.advance();
                         tokio::pin!(advance);
-                        futures_poll_once(advance.as_mut()).await
+                        poll_once(advance.as_mut()).await
                     });
                     match outcome {
                         Some(Ok(next)) => {

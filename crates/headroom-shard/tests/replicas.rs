@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::TestRecorder;
+use common::{TestRecorder, poll_once};
 use headroom_core::{Classify, Clock, ManualClock};
 use headroom_shard::{
     ConfigErrorKind, JumpRouter, ReadPolicy, ReplicaStatus, Role, Session, ShardId, Topology,
@@ -346,21 +346,11 @@ async fn a_dropped_request_releases_its_in_flight_mark() {
     };
     let mut request = Box::pin(request);
     // Poll once so the target is held at the await point, then drop the future.
-    assert!(futures_poll_once(request.as_mut()).await.is_none());
+    assert!(poll_once(request.as_mut()).await.is_none());
     assert_eq!(topology.node("r1").unwrap().in_flight(), 1);
     drop(request);
     drop(tx);
     assert!(topology.nodes().iter().all(|n| n.in_flight() == 0));
-}
-
-async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
-            std::task::Poll::Ready(output) => Some(output),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await
 }
 
 #[tokio::test]
@@ -383,7 +373,7 @@ async fn the_lag_monitor_reports_probe_answers() {
     let monitor = monitor_lag(&handle, &probe, Duration::from_secs(1), &clock);
     tokio::pin!(monitor);
     // First round runs immediately.
-    assert!(futures_poll_once(monitor.as_mut()).await.is_none());
+    assert!(poll_once(monitor.as_mut()).await.is_none());
     assert_eq!(handle.load().node("r1").unwrap().status().position, Some(0));
     assert_eq!(
         handle.load().node("r3").unwrap().status(),
@@ -391,6 +381,6 @@ async fn the_lag_monitor_reports_probe_answers() {
     );
     round.store(7, Ordering::Release);
     manual.advance(Duration::from_secs(1));
-    assert!(futures_poll_once(monitor.as_mut()).await.is_none());
+    assert!(poll_once(monitor.as_mut()).await.is_none());
     assert_eq!(handle.load().node("r2").unwrap().status().position, Some(7));
 }

@@ -86,6 +86,21 @@ pub enum Layout<'a> {
     Ranges(&'a RangeRouter),
 }
 
+impl<R: Router + ?Sized> Router for Box<R> {
+    #[inline]
+    fn route_bytes(&self, key: &[u8]) -> ShardId {
+        (**self).route_bytes(key)
+    }
+
+    fn shards(&self) -> Vec<ShardId> {
+        (**self).shards()
+    }
+
+    fn layout(&self) -> Layout<'_> {
+        (**self).layout()
+    }
+}
+
 impl<R: Router + ?Sized> Router for std::sync::Arc<R> {
     fn layout(&self) -> Layout<'_> {
         (**self).layout()

@@ -1,4 +1,4 @@
-//! A metrics recorder that keeps every counter and gauge, to assert on what was recorded.
+//! Test support: a metrics recorder that keeps every counter and gauge, and a single poll.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,4 +65,15 @@ impl Recorder for TestRecorder {
     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::noop()
     }
+}
+
+/// Polls `future` once: its output if it is ready, `None` if it is pending.
+pub(crate) async fn poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
