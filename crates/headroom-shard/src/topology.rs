@@ -605,6 +605,7 @@ impl<H, R: Router> TopologyHandle<H, R> {
             ));
         }
         next.adopt_state(&current);
+        tracing::info!(topology = %next.name, from = current.epoch, to = next.epoch, "topology replaced");
         gauge!(TOPOLOGY_EPOCH, "topology" => next.name.to_string()).set(next.epoch as f64);
         self.current.store(Arc::new(next));
         Ok(current)
