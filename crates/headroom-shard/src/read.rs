@@ -1,0 +1,236 @@
+//! Replica routing: read policies, lag probes and read-your-writes sessions.
+
+use std::future::Future;
+use std::time::Duration;
+
+use headroom_core::Clock;
+
+use crate::error::UnknownShard;
+use crate::hash::ShardKey;
+use crate::topology::{Node, ReplicaStatus, Role, ShardEntry, Target, Topology};
+use crate::{Router, ShardId};
+
+/// How reads choose among a shard's primary and replicas. Writes always go to the primary.
+///
+/// Every policy other than [`Primary`](Self::Primary) reads from replicas and falls back to the
+/// primary when no replica qualifies (none configured, all too far behind, or none has caught
+/// up with the session).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(tag = "policy", rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum ReadPolicy {
+    /// Every read goes to the primary.
+    #[default]
+    Primary,
+    /// Replicas in turn.
+    RoundRobin,
+    /// Power of two choices: two random replicas, the one with fewer reads in flight.
+    LeastInFlight,
+    /// Like [`LeastInFlight`](Self::LeastInFlight), among replicas whose reported lag is known
+    /// and at most `max_lag`; others are skipped and counted as lag rejections.
+    LagAware {
+        /// The largest replication delay a read tolerates.
+        #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+        max_lag: Duration,
+    },
+}
+
+/// A read-your-writes session: the positions its writes reached, per shard.
+///
+/// Record the position (LSN, replication offset, commit timestamp: any number that grows
+/// with each write on a shard's primary) after every write; reads through
+/// [`Topology::read_session`] then only use a replica whose reported position has reached it,
+/// and the primary otherwise. Serialize the session (with the `serde` feature) to carry it
+/// across requests, in a cookie or a header.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Session {
+    positions: Vec<(ShardId, u64)>,
+}
+
+impl Session {
+    /// A session that has written nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that a write on `shard` reached `position`; positions never go backwards.
+    pub fn record_write(&mut self, shard: ShardId, position: u64) {
+        match self.positions.binary_search_by_key(&shard, |(s, _)| *s) {
+            Ok(at) => self.positions[at].1 = self.positions[at].1.max(position),
+            Err(at) => self.positions.insert(at, (shard, position)),
+        }
+    }
+
+    /// The position a replica of `shard` must have reached to serve this session.
+    pub fn required(&self, shard: ShardId) -> Option<u64> {
+        self.positions
+            .binary_search_by_key(&shard, |(s, _)| *s)
+            .ok()
+            .map(|at| self.positions[at].1)
+    }
+}
+
+impl<H, R: Router> Topology<H, R> {
+    /// Routes a read of `key` by `policy`.
+    #[inline]
+    pub fn read<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        policy: &ReadPolicy,
+    ) -> Result<Target<'_, H>, UnknownShard> {
+        self.read_shard(self.shard_of(key), policy, None)
+    }
+
+    /// Routes a read of `key` by `policy`, never to a replica behind `session`'s writes.
+    #[inline]
+    pub fn read_session<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        policy: &ReadPolicy,
+        session: &Session,
+    ) -> Result<Target<'_, H>, UnknownShard> {
+        let shard = self.shard_of(key);
+        self.read_shard(shard, policy, session.required(shard))
+    }
+
+    /// Routes a read on `shard` by `policy`; with `min_position`, only replicas that have
+    /// reached it qualify.
+    pub fn read_shard(
+        &self,
+        shard: ShardId,
+        policy: &ReadPolicy,
+        min_position: Option<u64>,
+    ) -> Result<Target<'_, H>, UnknownShard> {
+        let entry = self.entry(shard)?;
+        self.count_read(entry);
+        let chosen = match policy {
+            ReadPolicy::Primary => None,
+            ReadPolicy::RoundRobin => self.round_robin(entry, min_position),
+            ReadPolicy::LeastInFlight => self.two_choices(entry, min_position, None),
+            ReadPolicy::LagAware { max_lag } => {
+                self.two_choices(entry, min_position, Some(*max_lag))
+            }
+        };
+        Ok(match chosen {
+            Some(node) => {
+                node.metrics.replica_reads.increment(1);
+                Target::new(node, shard, Role::Replica, self.epoch())
+            }
+            None => {
+                let node = &self.nodes[entry.primary];
+                node.metrics.primary_reads.increment(1);
+                Target::new(node, shard, Role::Primary, self.epoch())
+            }
+        })
+    }
+
+    fn replica(&self, entry: &ShardEntry, i: usize) -> &Node<H> {
+        &self.nodes[entry.replicas[i]]
+    }
+
+    fn round_robin(&self, entry: &ShardEntry, min_position: Option<u64>) -> Option<&Node<H>> {
+        let count = entry.replicas.len();
+        if count == 0 {
+            return None;
+        }
+        let start = entry
+            .next_replica
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..count)
+            .map(|step| self.replica(entry, (start + step) % count))
+            .find(|node| caught_up(node, min_position))
+    }
+
+    fn two_choices(
+        &self,
+        entry: &ShardEntry,
+        min_position: Option<u64>,
+        max_lag: Option<Duration>,
+    ) -> Option<&Node<H>> {
+        let qualifies = |node: &Node<H>| {
+            caught_up(node, min_position)
+                && max_lag.is_none_or(|max| node.state.lag().is_some_and(|lag| lag <= max))
+        };
+        // Count, then pick the n-th qualifying replicas: no buffer, so no allocation.
+        let mut count = 0;
+        for &i in &entry.replicas {
+            let node = &self.nodes[i];
+            if qualifies(node) {
+                count += 1;
+            } else if max_lag.is_some() && caught_up(node, min_position) {
+                node.metrics.lag_rejections.increment(1);
+            }
+        }
+        let nth = |n: usize| {
+            entry
+                .replicas
+                .iter()
+                .map(|&i| &self.nodes[i])
+                .filter(|node| qualifies(node))
+                .nth(n)
+        };
+        match count {
+            0 => None,
+            1 => nth(0),
+            _ => {
+                let first = fastrand::usize(..count);
+                let second = (first + 1 + fastrand::usize(..count - 1)) % count;
+                let (a, b) = (nth(first)?, nth(second)?);
+                Some(if b.in_flight() < a.in_flight() { b } else { a })
+            }
+        }
+    }
+
+    /// Probes every node once with `probe` and records the answers. A node whose probe
+    /// fails gets an unknown status, so lag-aware and session reads avoid it.
+    pub async fn probe_nodes<P: LagProbe<H>>(&self, probe: &P) {
+        for node in &self.nodes {
+            let status = probe.probe(node.id(), node.handle()).await;
+            node.state.set(status.unwrap_or_default());
+        }
+    }
+}
+
+/// Whether `node` has replayed at least `min_position` (always, when no position is needed).
+fn caught_up<H>(node: &Node<H>, min_position: Option<u64>) -> bool {
+    min_position.is_none_or(|min| node.state.position().is_some_and(|at| at >= min))
+}
+
+/// Asks a node how far behind its primary it is.
+///
+/// Implemented for closures `Fn(&str, &H) -> impl Future<Output = Option<ReplicaStatus>>`
+/// taking the node id and handle; `None` means the probe failed.
+pub trait LagProbe<H>: Send + Sync {
+    /// Probes the node `id` through `handle`.
+    fn probe(&self, id: &str, handle: &H) -> impl Future<Output = Option<ReplicaStatus>> + Send;
+}
+
+impl<H, F, Fut> LagProbe<H> for F
+where
+    F: Fn(&str, &H) -> Fut + Send + Sync,
+    Fut: Future<Output = Option<ReplicaStatus>> + Send,
+{
+    fn probe(&self, id: &str, handle: &H) -> impl Future<Output = Option<ReplicaStatus>> + Send {
+        self(id, handle)
+    }
+}
+
+/// Probes the nodes of the current topology every `interval`, forever; spawn it as a task and
+/// abort it (or drop it) to stop. Each round probes the topology in force when it starts.
+pub async fn monitor_lag<H, R, P>(
+    topology: &crate::TopologyHandle<H, R>,
+    probe: &P,
+    interval: Duration,
+    clock: &Clock,
+) where
+    H: Send + Sync,
+    R: Router,
+    P: LagProbe<H>,
+{
+    loop {
+        topology.snapshot().probe_nodes(probe).await;
+        clock.sleep(interval).await;
+    }
+}

@@ -1,0 +1,707 @@
+//! Resharding: what moves between two topologies, and the routing of a live migration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+
+use metrics::{Counter, Gauge, counter, gauge};
+use tokio::sync::Notify;
+
+use crate::error::{MigrationError, MigrationErrorKind, UnknownShard};
+use crate::hash::ShardKey;
+use crate::metrics::{MIGRATION_PHASE, MIGRATION_PROGRESS, SHADOW_READS};
+use crate::router::{CLUSTER_SLOTS, Layout};
+use crate::{AnyRouter, ReadPolicy, Router, ShardId, Target, Topology};
+
+/// Keys sampled to measure hash-spread moves: 2^16, so a fraction is within ±0.5% (3σ).
+pub const PLAN_SAMPLES: u32 = 1 << 16;
+
+/// What moves when one topology replaces another, grouped by source and destination node.
+///
+/// Units follow how the routers divide keys:
+///
+/// - the same router in both topologies: logical [`Shards`](Units::Shards) that change
+///   primary node (the usual resharding when many logical shards share few nodes);
+/// - Redis Cluster slots on both sides: [`Slots`](Units::Slots) ranges, with exact fractions;
+/// - ranges on both sides: [`KeyRanges`](Units::KeyRanges) (no fraction: it depends on the
+///   key distribution);
+/// - otherwise, keys spread by hash: fractions measured over [`PLAN_SAMPLES`] keys.
+///
+/// ```
+/// use headroom_shard::{JumpRouter, ReshardPlan, Topology, Units};
+///
+/// let build = |epoch, second: &str| {
+///     Topology::builder(JumpRouter::new(4).unwrap())
+///         .epoch(epoch)
+///         .node("a", ())
+///         .node(second, ())
+///         .shards(0..3, "a", &[])
+///         .shards(3..4, second, &[])
+///         .build()
+/// };
+/// let plan = ReshardPlan::between(&build(1, "b")?, &build(2, "c")?);
+/// assert_eq!(plan.moves().len(), 1);
+/// assert_eq!(plan.moves()[0].units(), &Units::Shards(vec![headroom_shard::ShardId(3)]));
+/// assert!((plan.moved_fraction().unwrap() - 0.25).abs() < 0.01);
+/// # Ok::<(), headroom_shard::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReshardPlan {
+    from_epoch: u64,
+    to_epoch: u64,
+    moves: Vec<Move>,
+}
+
+/// Keys moving from one node to another.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Move {
+    from: Arc<str>,
+    to: Arc<str>,
+    units: Units,
+    fraction: Option<f64>,
+}
+
+impl Move {
+    /// The node that owns the keys before the move.
+    pub fn from(&self) -> &str {
+        &self.from
+    }
+
+    /// The node that owns the keys after the move.
+    pub fn to(&self) -> &str {
+        &self.to
+    }
+
+    /// What moves.
+    pub fn units(&self) -> &Units {
+        &self.units
+    }
+
+    /// The fraction of all keys that moves, when the layout allows knowing it.
+    pub fn fraction(&self) -> Option<f64> {
+        self.fraction
+    }
+}
+
+/// The units of a [`Move`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Units {
+    /// Logical shards that change node.
+    Shards(Vec<ShardId>),
+    /// Redis Cluster slot ranges.
+    Slots(Vec<Range<u16>>),
+    /// Key ranges.
+    KeyRanges(Vec<KeyRange>),
+    /// Keys spread by hash; the fraction was measured over this many sample keys.
+    Sampled(u32),
+}
+
+impl Units {
+    /// How many units move (shards, slots, ranges; sampled moves count as one).
+    pub fn count(&self) -> u64 {
+        match self {
+            Self::Shards(shards) => shards.len() as u64,
+            Self::Slots(ranges) => ranges.iter().map(|r| u64::from(r.end - r.start)).sum(),
+            Self::KeyRanges(ranges) => ranges.len() as u64,
+            Self::Sampled(_) => 1,
+        }
+    }
+}
+
+/// Keys from `start` (inclusive) to `end` (exclusive; `None` is unbounded), in byte order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    /// The first key of the range.
+    pub start: Box<[u8]>,
+    /// The first key after the range, if any.
+    pub end: Option<Box<[u8]>>,
+}
+
+type Pair = (Arc<str>, Arc<str>);
+
+impl ReshardPlan {
+    /// The plan for replacing `from` with `to`.
+    pub fn between<H, R: Router + PartialEq>(from: &Topology<H, R>, to: &Topology<H, R>) -> Self {
+        let moves = if from.router() == to.router() {
+            shard_moves(from, to)
+        } else {
+            match (from.router().layout(), to.router().layout()) {
+                (Layout::Slots(a), Layout::Slots(b)) => {
+                    slot_moves(from, to, |s| (a.slot_owner(s), b.slot_owner(s)))
+                }
+                (Layout::Ranges(a), Layout::Ranges(b)) => range_moves(from, to, a, b),
+                _ => sampled_moves(from, to),
+            }
+        };
+        Self {
+            from_epoch: from.epoch(),
+            to_epoch: to.epoch(),
+            moves,
+        }
+    }
+
+    /// The epoch of the topology being replaced.
+    pub fn from_epoch(&self) -> u64 {
+        self.from_epoch
+    }
+
+    /// The epoch of the replacement.
+    pub fn to_epoch(&self) -> u64 {
+        self.to_epoch
+    }
+
+    /// The moves, ordered by source then destination node.
+    pub fn moves(&self) -> &[Move] {
+        &self.moves
+    }
+
+    /// The fraction of all keys that moves, when every move's fraction is known.
+    pub fn moved_fraction(&self) -> Option<f64> {
+        self.moves.iter().map(Move::fraction).sum()
+    }
+
+    /// The number of units to copy, for progress reporting.
+    pub fn unit_count(&self) -> u64 {
+        self.moves.iter().map(|m| m.units.count()).sum()
+    }
+}
+
+fn node_of<H, R: Router>(topology: &Topology<H, R>, shard: ShardId) -> Option<Arc<str>> {
+    topology.primary(shard).ok().map(|node| node.id().into())
+}
+
+fn sample_shares<R: Router>(router: &R) -> BTreeMap<ShardId, u32> {
+    let mut shares = BTreeMap::new();
+    for i in 0..PLAN_SAMPLES {
+        *shares
+            .entry(router.route_bytes(&i.to_be_bytes()))
+            .or_default() += 1;
+    }
+    shares
+}
+
+fn shard_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<Move> {
+    let exact_slots = match from.router().layout() {
+        Layout::Slots(slots) => Some(slots),
+        _ => None,
+    };
+    let shares = sample_shares(from.router());
+    let mut moves: BTreeMap<Pair, (Vec<ShardId>, f64)> = BTreeMap::new();
+    for shard in from.router().shards() {
+        let (Some(a), Some(b)) = (node_of(from, shard), node_of(to, shard)) else {
+            continue;
+        };
+        if a != b {
+            let share = match exact_slots {
+                Some(slots) => {
+                    let owned = (0..CLUSTER_SLOTS).filter(|&s| slots.slot_owner(s) == shard);
+                    owned.count() as f64 / f64::from(CLUSTER_SLOTS)
+                }
+                None => {
+                    f64::from(shares.get(&shard).copied().unwrap_or(0)) / f64::from(PLAN_SAMPLES)
+                }
+            };
+            let entry = moves.entry((a, b)).or_default();
+            entry.0.push(shard);
+            entry.1 += share;
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), (shards, fraction))| Move {
+            from,
+            to,
+            units: Units::Shards(shards),
+            fraction: Some(fraction),
+        })
+        .collect()
+}
+
+fn slot_moves<H, R: Router>(
+    from: &Topology<H, R>,
+    to: &Topology<H, R>,
+    owners: impl Fn(u16) -> (ShardId, ShardId),
+) -> Vec<Move> {
+    let mut moves: BTreeMap<Pair, Vec<Range<u16>>> = BTreeMap::new();
+    for slot in 0..CLUSTER_SLOTS {
+        let (a, b) = owners(slot);
+        let (Some(a), Some(b)) = (node_of(from, a), node_of(to, b)) else {
+            continue;
+        };
+        if a != b {
+            let ranges = moves.entry((a, b)).or_default();
+            match ranges.last_mut() {
+                Some(last) if last.end == slot => last.end = slot + 1,
+                _ => ranges.push(slot..slot + 1),
+            }
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), ranges)| {
+            let slots: u32 = ranges.iter().map(|r| u32::from(r.end - r.start)).sum();
+            Move {
+                from,
+                to,
+                fraction: Some(f64::from(slots) / f64::from(CLUSTER_SLOTS)),
+                units: Units::Slots(ranges),
+            }
+        })
+        .collect()
+}
+
+fn range_moves<H, R: Router>(
+    from: &Topology<H, R>,
+    to: &Topology<H, R>,
+    a: &crate::RangeRouter,
+    b: &crate::RangeRouter,
+) -> Vec<Move> {
+    let mut bounds: Vec<&[u8]> = a.ranges().chain(b.ranges()).map(|(lo, _)| lo).collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut moves: BTreeMap<Pair, Vec<KeyRange>> = BTreeMap::new();
+    for (i, lo) in bounds.iter().enumerate() {
+        let hi = bounds.get(i + 1).map(|hi| Box::<[u8]>::from(*hi));
+        let (Some(x), Some(y)) = (
+            node_of(from, a.route_bytes(lo)),
+            node_of(to, b.route_bytes(lo)),
+        ) else {
+            continue;
+        };
+        if x != y {
+            let ranges = moves.entry((x, y)).or_default();
+            match ranges.last_mut() {
+                Some(last) if last.end.as_deref() == Some(*lo) => last.end = hi,
+                _ => ranges.push(KeyRange {
+                    start: (*lo).into(),
+                    end: hi,
+                }),
+            }
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), ranges)| Move {
+            from,
+            to,
+            units: Units::KeyRanges(ranges),
+            fraction: None,
+        })
+        .collect()
+}
+
+fn sampled_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<Move> {
+    let mut moves: BTreeMap<Pair, u32> = BTreeMap::new();
+    for i in 0..PLAN_SAMPLES {
+        let key = i.to_be_bytes();
+        let (Some(a), Some(b)) = (
+            node_of(from, from.router().route_bytes(&key)),
+            node_of(to, to.router().route_bytes(&key)),
+        ) else {
+            continue;
+        };
+        if a != b {
+            *moves.entry((a, b)).or_default() += 1;
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), count)| Move {
+            from,
+            to,
+            units: Units::Sampled(PLAN_SAMPLES),
+            fraction: Some(f64::from(count) / f64::from(PLAN_SAMPLES)),
+        })
+        .collect()
+}
+
+/// The phases of a migration, in order.
+///
+/// | phase | writes to a moving key | reads of a moving key |
+/// |---|---|---|
+/// | `Copy` | old owner, mirrored to the new | old owner |
+/// | `DualWrite` | old owner, mirrored to the new | old owner |
+/// | `ShadowRead` | old owner, mirrored to the new | old owner, shadowed on the new |
+/// | `CutOver` | new owner only | new owner |
+/// | `Cleanup` | new owner only | new owner |
+/// | `Done` | new owner only | new owner |
+///
+/// Mirroring starts with `Copy` so nothing written while the backfill runs is missed; the
+/// backfill must not overwrite what a mirrored write put on the new owner (copy if absent,
+/// or compare versions). `DualWrite` begins once the copy is complete and lasts while the new
+/// owners are watched under the write load; `ShadowRead` compares answers; `Cleanup` is the
+/// time to delete moved data from the old owners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Phase {
+    /// Backfill existing data while writes are mirrored.
+    Copy = 0,
+    /// Copy complete; writes still go to both owners.
+    DualWrite = 1,
+    /// Reads are also sent to the new owner and compared.
+    ShadowRead = 2,
+    /// The new owner is authoritative; the old one receives nothing.
+    CutOver = 3,
+    /// Moved data is being deleted from the old owners.
+    Cleanup = 4,
+    /// The migration is over; publish the new topology.
+    Done = 5,
+}
+
+impl Phase {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Copy,
+            1 => Self::DualWrite,
+            2 => Self::ShadowRead,
+            3 => Self::CutOver,
+            4 => Self::Cleanup,
+            _ => Self::Done,
+        }
+    }
+
+    fn next(self) -> Option<Self> {
+        (self != Self::Done).then(|| Self::from_u8(self as u8 + 1))
+    }
+}
+
+/// Routes reads and writes while keys move from one topology to another.
+///
+/// Every request of the migrating service goes through the migration until it is
+/// [`Done`](Phase::Done); then publish the target topology in the
+/// [`TopologyHandle`](crate::TopologyHandle). Keys whose primary node is the same in both
+/// topologies are routed as usual; moving keys follow the [`Phase`] table.
+///
+/// The cut-over is fenced: [`advance`](Self::advance) into `CutOver` switches routing and then
+/// waits until every write routed to an old owner has finished (dropped its [`WriteRoute`]),
+/// so once it returns no write is in flight to a retired owner and none can be routed there.
+/// Each route also carries the epoch it was made under; owners shared by several processes
+/// check it with an [`EpochFence`].
+pub struct Migration<H, R = AnyRouter> {
+    from: Arc<Topology<H, R>>,
+    to: Arc<Topology<H, R>>,
+    plan: ReshardPlan,
+    phase: AtomicU8,
+    old_writers: AtomicUsize,
+    drained: Notify,
+    copied: AtomicU64,
+    to_copy: AtomicU64,
+    metrics: MigrationMetrics,
+}
+
+struct MigrationMetrics {
+    phase: Gauge,
+    progress: Gauge,
+    shadow_match: Counter,
+    shadow_mismatch: Counter,
+}
+
+impl<H, R: fmt::Debug> fmt::Debug for Migration<H, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Migration")
+            .field("phase", &Phase::from_u8(self.phase.load(Ordering::Acquire)))
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a write goes during a migration.
+#[must_use = "the cut-over waits for this write until the route is dropped"]
+pub struct WriteRoute<'a, H> {
+    owner: Target<'a, H>,
+    mirror: Option<Target<'a, H>>,
+    _old_writer: Option<OldWriter<'a>>,
+}
+
+/// A write routed to an old owner, counted until dropped so the cut-over can wait for it.
+struct OldWriter<'a> {
+    count: &'a AtomicUsize,
+    drained: &'a Notify,
+}
+
+impl<'a> OldWriter<'a> {
+    fn enter(count: &'a AtomicUsize, drained: &'a Notify) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self { count, drained }
+    }
+}
+
+impl Drop for OldWriter<'_> {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+impl<'a, H> WriteRoute<'a, H> {
+    /// The authoritative owner: write here first.
+    pub fn owner(&self) -> &Target<'a, H> {
+        &self.owner
+    }
+
+    /// The new owner that must also receive the write, while the key is moving.
+    pub fn mirror(&self) -> Option<&Target<'a, H>> {
+        self.mirror.as_ref()
+    }
+
+    /// The topology epoch the route was made under.
+    pub fn epoch(&self) -> u64 {
+        self.owner.epoch()
+    }
+}
+
+impl<H> fmt::Debug for WriteRoute<'_, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteRoute")
+            .field("owner", &self.owner)
+            .field("mirror", &self.mirror)
+            .finish()
+    }
+}
+
+/// Where a read goes during a migration.
+#[derive(Debug)]
+pub struct ReadRoute<'a, H> {
+    /// The node whose answer counts.
+    pub target: Target<'a, H>,
+    /// The new owner to read as well and compare, during [`Phase::ShadowRead`]; report the
+    /// outcome with [`Migration::record_shadow`].
+    pub shadow: Option<Target<'a, H>>,
+}
+
+impl<H, R: Router + PartialEq> Migration<H, R> {
+    /// A migration from `from` to `to`, starting in [`Phase::Copy`]; `to` must have the
+    /// greater epoch. `name` labels its metrics.
+    pub fn new(
+        name: &str,
+        from: Arc<Topology<H, R>>,
+        to: Arc<Topology<H, R>>,
+    ) -> Result<Self, MigrationError> {
+        if to.epoch() <= from.epoch() {
+            return Err(MigrationError::new(
+                MigrationErrorKind::StaleEpoch,
+                from.epoch(),
+            ));
+        }
+        let plan = ReshardPlan::between(&from, &to);
+        let shadow = |outcome: &'static str| counter!(SHADOW_READS, "migration" => name.to_owned(), "outcome" => outcome);
+        let metrics = MigrationMetrics {
+            phase: gauge!(MIGRATION_PHASE, "migration" => name.to_owned()),
+            progress: gauge!(MIGRATION_PROGRESS, "migration" => name.to_owned()),
+            shadow_match: shadow("match"),
+            shadow_mismatch: shadow("mismatch"),
+        };
+        metrics.phase.set(f64::from(Phase::Copy as u8));
+        metrics.progress.set(0.0);
+        Ok(Self {
+            to_copy: AtomicU64::new(plan.unit_count()),
+            from,
+            to,
+            plan,
+            phase: AtomicU8::new(Phase::Copy as u8),
+            old_writers: AtomicUsize::new(0),
+            drained: Notify::new(),
+            copied: AtomicU64::new(0),
+            metrics,
+        })
+    }
+}
+
+impl<H, R: Router> Migration<H, R> {
+    /// What moves.
+    pub fn plan(&self) -> &ReshardPlan {
+        &self.plan
+    }
+
+    /// The topology being replaced.
+    pub fn from_topology(&self) -> &Arc<Topology<H, R>> {
+        &self.from
+    }
+
+    /// The replacement topology.
+    pub fn to_topology(&self) -> &Arc<Topology<H, R>> {
+        &self.to
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::SeqCst))
+    }
+
+    /// Reports backfill progress: `copied` of `total` units (by default the plan's
+    /// [`unit_count`](ReshardPlan::unit_count); any unit the copier counts in works).
+    pub fn report_copied(&self, copied: u64, total: u64) {
+        self.to_copy.store(total, Ordering::Release);
+        self.copied.store(copied.min(total), Ordering::Release);
+        self.metrics.progress.set(self.progress());
+    }
+
+    /// The fraction of the backfill done, 0 to 1.
+    pub fn progress(&self) -> f64 {
+        let total = self.to_copy.load(Ordering::Acquire);
+        if total == 0 {
+            return 1.0;
+        }
+        self.copied.load(Ordering::Acquire) as f64 / total as f64
+    }
+
+    /// Counts one shadow-read comparison.
+    pub fn record_shadow(&self, matched: bool) {
+        if matched {
+            self.metrics.shadow_match.increment(1);
+        } else {
+            self.metrics.shadow_mismatch.increment(1);
+            tracing::warn!(to_epoch = self.to.epoch(), "shadow read mismatch");
+        }
+    }
+
+    /// Routes a write of `key`.
+    pub fn write<K: ShardKey + ?Sized>(&self, key: &K) -> Result<WriteRoute<'_, H>, UnknownShard> {
+        let (old_shard, new_shard) = key.with_key_bytes(|bytes| {
+            (
+                self.from.router().route_bytes(bytes),
+                self.to.router().route_bytes(bytes),
+            )
+        });
+        loop {
+            let phase = self.phase();
+            if phase >= Phase::CutOver {
+                return Ok(WriteRoute {
+                    owner: self.to.write_shard(new_shard)?,
+                    mirror: None,
+                    _old_writer: None,
+                });
+            }
+            // Announce the write to an old owner, then confirm the cut-over has not begun:
+            // with both sides sequentially consistent, either this write sees the cut-over
+            // or the cut-over sees this write and waits for it.
+            let old_writer = OldWriter::enter(&self.old_writers, &self.drained);
+            if self.phase() >= Phase::CutOver {
+                continue;
+            }
+            let owner = self.from.write_shard(old_shard)?;
+            let mirror = self.to.write_shard(new_shard)?;
+            let moving = mirror.node_id() != owner.node_id();
+            return Ok(WriteRoute {
+                owner,
+                mirror: moving.then_some(mirror),
+                _old_writer: Some(old_writer),
+            });
+        }
+    }
+
+    /// Routes a read of `key` by `policy`.
+    pub fn read<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        policy: &ReadPolicy,
+    ) -> Result<ReadRoute<'_, H>, UnknownShard> {
+        let (old_shard, new_shard) = key.with_key_bytes(|bytes| {
+            (
+                self.from.router().route_bytes(bytes),
+                self.to.router().route_bytes(bytes),
+            )
+        });
+        let phase = self.phase();
+        if phase >= Phase::CutOver {
+            return Ok(ReadRoute {
+                target: self.to.read_shard(new_shard, policy, None)?,
+                shadow: None,
+            });
+        }
+        let target = self.from.read_shard(old_shard, policy, None)?;
+        let shadow = if phase == Phase::ShadowRead
+            && self.to.primary(new_shard)?.id() != self.from.primary(old_shard)?.id()
+        {
+            Some(self.to.read_shard(new_shard, policy, None)?)
+        } else {
+            None
+        };
+        Ok(ReadRoute { target, shadow })
+    }
+
+    /// Moves to the next phase and returns it.
+    ///
+    /// Leaving [`Phase::Copy`] requires the backfill to be reported complete. Entering
+    /// [`Phase::CutOver`] waits until every write routed to an old owner has finished; if this
+    /// future is dropped during that wait the phase has still advanced (routing is already
+    /// fenced), and [`drained`](Self::drained) waits again.
+    pub async fn advance(&self) -> Result<Phase, MigrationError> {
+        let current = self.phase();
+        let next = current
+            .next()
+            .ok_or_else(|| MigrationError::new(MigrationErrorKind::Finished, self.to.epoch()))?;
+        if current == Phase::Copy && self.progress() < 1.0 {
+            return Err(MigrationError::new(
+                MigrationErrorKind::CopyIncomplete,
+                self.from.epoch(),
+            ));
+        }
+        self.phase
+            .compare_exchange(
+                current as u8,
+                next as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .map_err(|_| MigrationError::new(MigrationErrorKind::StaleEpoch, self.from.epoch()))?;
+        self.metrics.phase.set(f64::from(next as u8));
+        tracing::info!(phase = ?next, to_epoch = self.to.epoch(), "migration advanced");
+        if next == Phase::CutOver {
+            self.drained().await;
+        }
+        Ok(next)
+    }
+
+    /// Waits until no write routed to an old owner is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.old_writers.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Writes routed to old owners and not finished yet.
+    pub fn writes_to_old_owners(&self) -> usize {
+        self.old_writers.load(Ordering::SeqCst)
+    }
+}
+
+/// Rejects writes routed under an epoch older than the owner accepts.
+///
+/// An owner (a storage node, or the owner's handle in each process) raises its fence to the
+/// target epoch at cut-over; a write stamped with an older epoch is then refused with
+/// [`MigrationErrorKind::Fenced`] and must be routed again.
+#[derive(Debug, Default)]
+pub struct EpochFence {
+    min_epoch: AtomicU64,
+}
+
+impl EpochFence {
+    /// A fence admitting epochs from `epoch` on.
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            min_epoch: AtomicU64::new(epoch),
+        }
+    }
+
+    /// Raises the fence to `epoch` (never lowers it).
+    pub fn raise(&self, epoch: u64) {
+        self.min_epoch.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Admits a write routed under `epoch`, or refuses it.
+    pub fn admit(&self, epoch: u64) -> Result<(), MigrationError> {
+        let min = self.min_epoch.load(Ordering::Acquire);
+        if epoch < min {
+            return Err(MigrationError::new(MigrationErrorKind::Fenced, min));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+use std::ops::Range;
+
+use crate::ShardId;
+use crate::error::{ConfigError, ConfigErrorKind};
+use crate::hash::crc16;
+
+use super::{Layout, Router};
+
+/// The number of Redis Cluster hash slots.
+pub const CLUSTER_SLOTS: u16 = 16_384;
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of the part between
+/// the first `{` and the next `}` when that part is non-empty, modulo 16384.
+///
+/// ```
+/// use headroom_shard::cluster_slot;
+///
+/// assert_eq!(cluster_slot(b"123456789"), 0x31C3);
+/// assert_eq!(cluster_slot(b"{user1}.following"), cluster_slot(b"{user1}.followers"));
+/// ```
+#[inline]
+pub fn cluster_slot(key: &[u8]) -> u16 {
+    crc16(hash_tag(key)) % CLUSTER_SLOTS
+}
+
+fn hash_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        let rest = &key[open + 1..];
+        if let Some(len) = rest.iter().position(|&b| b == b'}')
+            && len > 0
+        {
+            return &rest[..len];
+        }
+    }
+    key
+}
+
+/// Redis Cluster slots: keys map to one of 16384 slots, slots to shards.
+///
+/// Use it to route the way a Redis Cluster does, or as a general fixed-slot scheme where
+/// resharding moves whole slots. Lookup is a CRC16 and one array read.
+///
+/// ```
+/// use headroom_shard::{Router, ShardId, SlotRouter};
+///
+/// let router = SlotRouter::even(3)?;
+/// assert_eq!(router.route("{user1}.following"), router.route("{user1}.followers"));
+/// assert_eq!(router.slot_owner(0), ShardId(0));
+/// assert_eq!(router.slot_owner(16383), ShardId(2));
+/// # Ok::<(), headroom_shard::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotRouter {
+    owners: Vec<ShardId>,
+}
+
+impl SlotRouter {
+    /// Slots split into `shards` contiguous ranges of nearly equal size, in order (the layout
+    /// `redis-cli --cluster create` produces).
+    pub fn even(shards: u32) -> Result<Self, ConfigError> {
+        if shards == 0 || shards > u32::from(CLUSTER_SLOTS) {
+            return Err(ConfigError::new(
+                ConfigErrorKind::Empty,
+                format_args!("{shards} shards for {CLUSTER_SLOTS} slots"),
+            ));
+        }
+        let slots = u64::from(CLUSTER_SLOTS);
+        let owners = (0..slots)
+            .map(|slot| ShardId((slot * u64::from(shards) / slots) as u32))
+            .collect();
+        Ok(Self { owners })
+    }
+
+    /// Starts a router where every slot must be assigned explicitly.
+    pub fn builder() -> SlotRouterBuilder {
+        SlotRouterBuilder {
+            owners: vec![None; usize::from(CLUSTER_SLOTS)],
+            error: None,
+        }
+    }
+
+    /// The owner of `slot` (taken modulo 16384).
+    #[inline]
+    pub fn slot_owner(&self, slot: u16) -> ShardId {
+        self.owners[usize::from(slot % CLUSTER_SLOTS)]
+    }
+
+    /// Contiguous slot ranges with their owners, in slot order.
+    pub fn slot_ranges(&self) -> Vec<(Range<u16>, ShardId)> {
+        let mut ranges: Vec<(Range<u16>, ShardId)> = Vec::new();
+        for (slot, owner) in (0..CLUSTER_SLOTS).zip(&self.owners) {
+            match ranges.last_mut() {
+                Some((range, last)) if last == owner => range.end = slot + 1,
+                _ => ranges.push((slot..slot + 1, *owner)),
+            }
+        }
+        ranges
+    }
+}
+
+impl Router for SlotRouter {
+    #[inline]
+    fn route_bytes(&self, key: &[u8]) -> ShardId {
+        self.owners[usize::from(cluster_slot(key))]
+    }
+
+    fn layout(&self) -> Layout<'_> {
+        Layout::Slots(self)
+    }
+
+    fn shards(&self) -> Vec<ShardId> {
+        let mut shards = self.owners.clone();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+}
+
+/// Builds a [`SlotRouter`] from explicit slot ranges.
+#[derive(Debug)]
+#[must_use]
+pub struct SlotRouterBuilder {
+    owners: Vec<Option<ShardId>>,
+    error: Option<ConfigError>,
+}
+
+impl SlotRouterBuilder {
+    /// Assigns `slots` (a range within `0..16384`) to `shard`; later assignments win.
+    pub fn assign(mut self, slots: Range<u16>, shard: ShardId) -> Self {
+        if slots.start >= slots.end || slots.end > CLUSTER_SLOTS {
+            self.error.get_or_insert(ConfigError::new(
+                ConfigErrorKind::InvalidSlot,
+                format_args!("slot range {slots:?}"),
+            ));
+            return self;
+        }
+        for owner in &mut self.owners[usize::from(slots.start)..usize::from(slots.end)] {
+            *owner = Some(shard);
+        }
+        self
+    }
+
+    /// Checks that every slot has an owner and builds the router.
+    pub fn build(self) -> Result<SlotRouter, ConfigError> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let owners = self
+            .owners
+            .iter()
+            .enumerate()
+            .map(|(slot, owner)| {
+                owner.ok_or_else(|| {
+                    ConfigError::new(
+                        ConfigErrorKind::InvalidSlot,
+                        format_args!("slot {slot} has no owner"),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SlotRouter { owners })
+    }
+}

@@ -1,0 +1,147 @@
+//! Loading topologies from configuration.
+#![cfg(feature = "serde")]
+
+use std::time::Duration;
+
+use headroom_shard::{
+    ConfigErrorKind, ReadPolicy, Router, ShardId, TopologyConfig, TopologyHandle,
+};
+
+fn parse(json: &str) -> TopologyConfig {
+    serde_json::from_str(json).unwrap()
+}
+
+fn with_router(router: &str) -> String {
+    format!(
+        r#"{{ "epoch": 1, "router": {router},
+             "nodes": [{{ "id": "a", "address": "10.0.0.1" }}, {{ "id": "b", "address": "10.0.0.2" }}],
+             "shards": [{{ "range": [0, 4], "primary": "a", "replicas": ["b"] }}] }}"#
+    )
+}
+
+#[test]
+fn every_router_kind_loads() {
+    let routers = [
+        r#"{ "kind": "jump", "shards": 4 }"#,
+        r#"{ "kind": "rendezvous", "shards": [{ "shard": 0 }, { "shard": 1, "weight": 2.0 }, { "shard": 3 }] }"#,
+        r#"{ "kind": "ring", "shards": 4, "vnodes": 40 }"#,
+        r#"{ "kind": "maglev", "shards": 4, "table_size": 251 }"#,
+        r#"{ "kind": "range", "first": 0, "splits": [{ "at": "m", "shard": 3 }] }"#,
+        r#"{ "kind": "slots", "shards": 4 }"#,
+        r#"{ "kind": "slot_ranges", "ranges": [{ "start": 0, "end": 100, "shard": 1 }, { "start": 100, "end": 16384, "shard": 2 }] }"#,
+        r#"{ "kind": "directory", "base": { "kind": "jump", "shards": 3 }, "overrides": [{ "key": "vip", "shard": 3 }] }"#,
+    ];
+    for router in routers {
+        let config = parse(&with_router(router));
+        let topology = config
+            .build(|node| Ok::<_, std::io::Error>(node.address.clone()))
+            .unwrap_or_else(|e| panic!("{router}: {e}"));
+        let write = topology.write("key").unwrap();
+        assert_eq!(*write.handle(), "10.0.0.1");
+        assert!(topology.router().route("key") < ShardId(4));
+    }
+    let directory = parse(&with_router(routers[7]))
+        .build(|_| Ok::<_, std::io::Error>(()))
+        .unwrap();
+    assert_eq!(directory.shard_of("vip"), ShardId(3));
+}
+
+#[test]
+fn configurations_round_trip_and_swap_in() {
+    let config = parse(&with_router(r#"{ "kind": "jump", "shards": 4 }"#));
+    let json = serde_json::to_string(&config).unwrap();
+    assert_eq!(parse(&json), config);
+    let handle = TopologyHandle::new(config.build(|_| Ok::<_, std::io::Error>(())).unwrap());
+    let mut next = config.clone();
+    next.epoch = 2;
+    next.shards[0].primary = "b".into();
+    next.shards[0].replicas = vec!["a".into()];
+    handle
+        .replace(next.build(|_| Ok::<_, std::io::Error>(())).unwrap())
+        .unwrap();
+    assert_eq!(handle.load().write("k").unwrap().node_id(), "b");
+}
+
+#[test]
+fn read_policies_deserialize_with_human_durations() {
+    let policy: ReadPolicy =
+        serde_json::from_str(r#"{ "policy": "lag_aware", "max_lag": "250ms" }"#).unwrap();
+    assert_eq!(
+        policy,
+        ReadPolicy::LagAware {
+            max_lag: Duration::from_millis(250)
+        }
+    );
+    let policy: ReadPolicy = serde_json::from_str(r#"{ "policy": "round_robin" }"#).unwrap();
+    assert_eq!(policy, ReadPolicy::RoundRobin);
+}
+
+#[test]
+fn bad_configurations_are_typed_errors() {
+    let kind = |router: &str| {
+        parse(&with_router(router))
+            .build(|_| Ok::<_, std::io::Error>(()))
+            .unwrap_err()
+            .kind()
+    };
+    assert_eq!(
+        kind(r#"{ "kind": "jump", "shards": 0 }"#),
+        ConfigErrorKind::Empty
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "jump", "shards": 5 }"#),
+        ConfigErrorKind::MissingShard
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "maglev", "shards": 4, "table_size": 100 }"#),
+        ConfigErrorKind::InvalidTableSize
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "maglev", "shards": [{ "shard": 0, "weight": 2.0 }], "table_size": 7 }"#),
+        ConfigErrorKind::InvalidWeight
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "rendezvous", "shards": [{ "shard": 0, "weight": -1.0 }] }"#),
+        ConfigErrorKind::InvalidWeight
+    );
+    assert_eq!(
+        kind(
+            r#"{ "kind": "range", "first": 0, "splits": [{ "at": "m", "shard": 1 }, { "at": "c", "shard": 2 }] }"#
+        ),
+        ConfigErrorKind::UnorderedBounds
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "slot_ranges", "ranges": [{ "start": 0, "end": 100, "shard": 1 }] }"#),
+        ConfigErrorKind::InvalidSlot
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "slot_ranges", "ranges": [{ "start": 0, "end": 16385, "shard": 1 }] }"#),
+        ConfigErrorKind::InvalidSlot
+    );
+    assert_eq!(
+        kind(
+            r#"{ "kind": "directory", "base": { "kind": "jump", "shards": 4 }, "overrides": [{ "key": "x", "shard": 1 }, { "key": "x", "shard": 2 }] }"#
+        ),
+        ConfigErrorKind::Duplicate
+    );
+    let unknown_node = parse(
+        &with_router(r#"{ "kind": "jump", "shards": 4 }"#)
+            .replace(r#""replicas": ["b"]"#, r#""replicas": ["z"]"#),
+    );
+    assert_eq!(
+        unknown_node
+            .build(|_| Ok::<_, std::io::Error>(()))
+            .unwrap_err()
+            .kind(),
+        ConfigErrorKind::UnknownNode
+    );
+    let failing = parse(&with_router(r#"{ "kind": "jump", "shards": 4 }"#))
+        .build(|_| Err::<(), _>(std::io::Error::other("refused")))
+        .unwrap_err();
+    assert_eq!(failing.kind(), ConfigErrorKind::Handle);
+    assert_eq!(
+        std::error::Error::source(&failing).unwrap().to_string(),
+        "refused"
+    );
+    assert!(serde_json::from_str::<TopologyConfig>(r#"{ "epoch": 1, "surprise": 1 }"#).is_err());
+}

@@ -1,0 +1,556 @@
+//! Resharding plans and a simulated live migration under concurrent reads and writes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{TestRecorder, poll_once};
+use headroom_core::Classify;
+use headroom_shard::{
+    EpochFence, JumpRouter, KeyRange, Migration, MigrationErrorKind, Phase, RangeRouter,
+    ReadPolicy, ReshardPlan, ShardId, SlotRouter, Topology, Units,
+};
+
+fn jump_topology(
+    epoch: u64,
+    placement: &[(std::ops::Range<u32>, &str)],
+) -> Topology<(), JumpRouter> {
+    let mut builder = Topology::builder(JumpRouter::new(16).unwrap()).epoch(epoch);
+    let mut nodes: Vec<&str> = placement.iter().map(|(_, n)| *n).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    for node in nodes {
+        builder = builder.node(node, ());
+    }
+    for (shards, node) in placement {
+        builder = builder.shards(shards.clone(), node, &[]);
+    }
+    builder.build().unwrap()
+}
+
+#[test]
+fn plans_list_moving_logical_shards() {
+    let from = jump_topology(1, &[(0..8, "a"), (8..16, "b")]);
+    let to = jump_topology(2, &[(0..6, "a"), (6..8, "c"), (8..14, "b"), (14..16, "c")]);
+    let plan = ReshardPlan::between(&from, &to);
+    assert_eq!((plan.from_epoch(), plan.to_epoch()), (1, 2));
+    let moves: Vec<_> = plan
+        .moves()
+        .iter()
+        .map(|m| (m.from(), m.to(), m.units().clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            ("a", "c", Units::Shards(vec![ShardId(6), ShardId(7)])),
+            ("b", "c", Units::Shards(vec![ShardId(14), ShardId(15)])),
+        ]
+    );
+    assert_eq!(plan.unit_count(), 4);
+    let fraction = plan.moved_fraction().unwrap();
+    assert!((fraction - 0.25).abs() < 0.01, "moved {fraction}");
+}
+
+#[test]
+fn plans_list_moving_slot_ranges_exactly() {
+    let build = |epoch, router: SlotRouter, nodes: &[&str]| {
+        let mut builder = Topology::builder(router).epoch(epoch);
+        for (i, node) in nodes.iter().enumerate() {
+            builder = builder.node(*node, ()).shard(ShardId(i as u32), node, &[]);
+        }
+        builder.build().unwrap()
+    };
+    let from = build(1, SlotRouter::even(2).unwrap(), &["a", "b"]);
+    let to = build(
+        2,
+        SlotRouter::builder()
+            .assign(0..8000, ShardId(0))
+            .assign(8000..8192, ShardId(2))
+            .assign(8192..16000, ShardId(1))
+            .assign(16000..16384, ShardId(2))
+            .build()
+            .unwrap(),
+        &["a", "b", "c"],
+    );
+    let plan = ReshardPlan::between(&from, &to);
+    let moves: Vec<_> = plan
+        .moves()
+        .iter()
+        .map(|m| (m.from(), m.to(), m.units().clone(), m.fraction()))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (
+                "a",
+                "c",
+                Units::Slots(vec![Range {
+                    start: 8000,
+                    end: 8192
+                }]),
+                Some(192.0 / 16384.0)
+            ),
+            (
+                "b",
+                "c",
+                Units::Slots(vec![Range {
+                    start: 16000,
+                    end: 16384
+                }]),
+                Some(384.0 / 16384.0)
+            ),
+        ]
+    );
+    assert_eq!(plan.unit_count(), 576);
+}
+
+#[test]
+fn plans_list_moving_key_ranges() {
+    let build = |epoch, router: RangeRouter| {
+        Topology::builder(router)
+            .epoch(epoch)
+            .node("a", ())
+            .node("b", ())
+            .shard(ShardId(0), "a", &[])
+            .shard(ShardId(1), "b", &[])
+            .build()
+            .unwrap()
+    };
+    let from = build(
+        1,
+        RangeRouter::builder(ShardId(0))
+            .split_at("m", ShardId(1))
+            .build()
+            .unwrap(),
+    );
+    let to = build(
+        2,
+        RangeRouter::builder(ShardId(0))
+            .split_at("t", ShardId(1))
+            .build()
+            .unwrap(),
+    );
+    let plan = ReshardPlan::between(&from, &to);
+    assert_eq!(plan.moves().len(), 1);
+    assert_eq!((plan.moves()[0].from(), plan.moves()[0].to()), ("b", "a"));
+    assert_eq!(
+        plan.moves()[0].units(),
+        &Units::KeyRanges(vec![KeyRange {
+            start: b"m".as_slice().into(),
+            end: Some(b"t".as_slice().into())
+        }])
+    );
+    assert_eq!(plan.moved_fraction(), None);
+}
+
+#[test]
+fn plans_between_different_hash_routers_are_sampled() {
+    let build = |epoch, shards: u32| {
+        let mut builder = Topology::builder(JumpRouter::new(shards).unwrap()).epoch(epoch);
+        for s in 0..shards {
+            let id = format!("n{s}");
+            builder = builder.node(id.as_str(), ()).shard(ShardId(s), &id, &[]);
+        }
+        builder.build().unwrap()
+    };
+    let plan = ReshardPlan::between(&build(1, 4), &build(2, 5));
+    assert!(
+        plan.moves()
+            .iter()
+            .all(|m| m.to() == "n4" && m.units() == &Units::Sampled(1 << 16))
+    );
+    let fraction = plan.moved_fraction().unwrap();
+    assert!((fraction - 0.2).abs() < 0.01, "moved {fraction}");
+}
+
+#[tokio::test]
+async fn phases_advance_in_order_with_checks() {
+    let recorder = TestRecorder::default();
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let stale = Migration::new("m", Arc::clone(&to), Arc::clone(&from)).unwrap_err();
+    assert_eq!(stale.kind(), MigrationErrorKind::StaleEpoch);
+    let migration =
+        metrics::with_local_recorder(&recorder, || Migration::new("m", from, to).unwrap());
+    assert_eq!(migration.plan().unit_count(), 8);
+    let err = migration.advance().await.unwrap_err();
+    assert_eq!(err.kind(), MigrationErrorKind::CopyIncomplete);
+    migration.report_copied(4, 8);
+    assert_eq!(
+        recorder.gauge("headroom_shard_migration_progress_ratio{migration=m}"),
+        0.5
+    );
+    migration.report_copied(8, 8);
+    for expected in [
+        Phase::DualWrite,
+        Phase::ShadowRead,
+        Phase::CutOver,
+        Phase::Cleanup,
+        Phase::Done,
+    ] {
+        assert_eq!(migration.advance().await.unwrap(), expected);
+        assert_eq!(
+            recorder.gauge("headroom_shard_migration_phase{migration=m}"),
+            f64::from(expected as u8)
+        );
+    }
+    assert_eq!(
+        migration.advance().await.unwrap_err().kind(),
+        MigrationErrorKind::Finished
+    );
+}
+
+#[tokio::test]
+async fn routing_follows_the_phase_table() {
+    let recorder = TestRecorder::default();
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let migration =
+        metrics::with_local_recorder(&recorder, || Migration::new("m", from, to).unwrap());
+    let moving = (0..1000u64)
+        .find(|k| migration.to_topology().shard_of(k) >= ShardId(8))
+        .unwrap();
+    let staying = (0..1000u64)
+        .find(|k| migration.to_topology().shard_of(k) < ShardId(8))
+        .unwrap();
+    let write = |key: &u64| {
+        let route = migration.write(key).unwrap();
+        (
+            route.owner().node_id().to_owned(),
+            route.mirror().map(|m| m.node_id().to_owned()),
+            route.epoch(),
+        )
+    };
+    let read = |key: &u64| {
+        let route = migration.read(key, &ReadPolicy::Primary).unwrap();
+        (
+            route.target.node_id().to_owned(),
+            route.shadow.map(|s| s.node_id().to_owned()),
+        )
+    };
+    assert_eq!(write(&moving), ("a".into(), Some("b".into()), 1));
+    assert_eq!(write(&staying), ("a".into(), None, 1));
+    assert_eq!(read(&moving), ("a".into(), None));
+    migration.report_copied(8, 8);
+    migration.advance().await.unwrap();
+    migration.advance().await.unwrap();
+    assert_eq!(migration.phase(), Phase::ShadowRead);
+    assert_eq!(read(&moving), ("a".into(), Some("b".into())));
+    assert_eq!(read(&staying), ("a".into(), None));
+    migration.record_shadow(true);
+    migration.record_shadow(false);
+    assert_eq!(
+        recorder.counter("headroom_shard_shadow_reads_total{migration=m,outcome=mismatch}"),
+        1
+    );
+    migration.advance().await.unwrap();
+    assert_eq!(write(&moving), ("b".into(), None, 2));
+    assert_eq!(write(&staying), ("a".into(), None, 2));
+    assert_eq!(read(&moving), ("b".into(), None));
+}
+
+#[tokio::test]
+async fn cut_over_waits_for_writes_to_old_owners_and_survives_cancellation() {
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..16, "b")]));
+    let migration = Migration::new("m", from, to).unwrap();
+    migration.report_copied(1, 1);
+    migration.advance().await.unwrap();
+    migration.advance().await.unwrap();
+    let in_flight = migration.write("k").unwrap();
+    assert_eq!(in_flight.owner().node_id(), "a");
+    {
+        // The cut-over switches routing at once, then waits for the write in flight.
+        let advance = migration.advance();
+        tokio::pin!(advance);
+        assert!(poll_once(advance.as_mut()).await.is_none());
+        assert_eq!(migration.phase(), Phase::CutOver);
+        assert_eq!(migration.write("k").unwrap().owner().node_id(), "b");
+        // Dropping the waiting advance leaves the phase advanced and leaks nothing.
+    }
+    assert_eq!(migration.writes_to_old_owners(), 1);
+    let drained = migration.drained();
+    tokio::pin!(drained);
+    assert!(poll_once(drained.as_mut()).await.is_none());
+    drop(in_flight);
+    assert!(poll_once(drained.as_mut()).await.is_some());
+    assert_eq!(migration.writes_to_old_owners(), 0);
+}
+
+#[test]
+fn epoch_fences_refuse_older_routes() {
+    let fence = EpochFence::new(1);
+    assert!(fence.admit(1).is_ok());
+    fence.raise(3);
+    fence.raise(2); // never lowered
+    let err = fence.admit(2).unwrap_err();
+    assert_eq!(err.kind(), MigrationErrorKind::Fenced);
+    assert!(err.is_retryable() && err.is_rejected());
+    assert!(fence.admit(3).is_ok());
+}
+
+/// A storage node: versioned values, last writer (highest version) wins, and a log of writes
+/// that arrived after the node was retired for moving keys.
+#[derive(Default)]
+struct Store {
+    values: Mutex<HashMap<u64, u64>>,
+    fence: EpochFence,
+    late_writes: AtomicU64,
+}
+
+impl Store {
+    fn put(&self, key: u64, version: u64) {
+        let mut values = self.values.lock().unwrap();
+        let slot = values.entry(key).or_default();
+        *slot = (*slot).max(version);
+    }
+
+    fn get(&self, key: u64) -> u64 {
+        self.values.lock().unwrap().get(&key).copied().unwrap_or(0)
+    }
+}
+
+/// Waits (cooperatively, bounded) until `n` more writes have completed.
+async fn writes_pass(completed: &AtomicU64, n: u64) {
+    let target = completed.load(Ordering::Acquire) + n;
+    for _ in 0..10_000_000 {
+        if completed.load(Ordering::Acquire) >= target {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("writers stalled");
+}
+
+/// Writers, readers and a copier run while the driver walks every phase: no acknowledged write
+/// is lost, reads never go back in time, and no write reaches the retired owner after the
+/// cut-over (the retired owner's fence refuses the old epoch and the test counts it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_migration_loses_no_write() {
+    const KEYS: u64 = 64;
+    const WRITERS: u64 = 4;
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let migration = Arc::new(Migration::new("sim", from, to).unwrap());
+    let stores: Arc<HashMap<&'static str, Store>> = Arc::new(
+        [("a", Store::default()), ("b", Store::default())]
+            .into_iter()
+            .collect(),
+    );
+    let moving: Vec<u64> = (0..KEYS)
+        .filter(|k| migration.to_topology().shard_of(k) >= ShardId(8))
+        .collect();
+    assert!(!moving.is_empty());
+    // acknowledged[k]: the highest version whose write completed.
+    let acknowledged: Arc<Vec<AtomicU64>> =
+        Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let completed = Arc::new(AtomicU64::new(0));
+    let cut_over = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let (migration, stores, acknowledged, completed, cut_over, stop, moving) = (
+            Arc::clone(&migration),
+            Arc::clone(&stores),
+            Arc::clone(&acknowledged),
+            Arc::clone(&completed),
+            Arc::clone(&cut_over),
+            Arc::clone(&stop),
+            moving.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            // Each writer owns the keys congruent to its number, so versions grow per key.
+            let mut version = 0;
+            while !stop.load(Ordering::Acquire) && version < 1_000_000 {
+                version += 1;
+                let key = (version * 7 + writer) % KEYS / WRITERS * WRITERS + writer;
+                let route = migration.write(&key).unwrap();
+                tokio::task::yield_now().await;
+                let owner = &stores[route.owner().node_id()];
+                let late = owner.fence.admit(route.epoch()).is_err()
+                    || (cut_over.load(Ordering::Acquire)
+                        && route.owner().node_id() == "a"
+                        && moving.contains(&key));
+                if late {
+                    owner.late_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                owner.put(key, version);
+                tokio::task::yield_now().await;
+                if let Some(mirror) = route.mirror() {
+                    stores[mirror.node_id()].put(key, version);
+                }
+                drop(route);
+                acknowledged[key as usize].fetch_max(version, Ordering::AcqRel);
+                completed.fetch_add(1, Ordering::AcqRel);
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (migration, stores, acknowledged, stop) = (
+            Arc::clone(&migration),
+            Arc::clone(&stores),
+            Arc::clone(&acknowledged),
+            Arc::clone(&stop),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) && i < 10_000_000 {
+                i += 1;
+                let key = i % KEYS;
+                let floor = acknowledged[key as usize].load(Ordering::Acquire);
+                let route = migration.read(&key, &ReadPolicy::Primary).unwrap();
+                tokio::task::yield_now().await;
+                let seen = stores[route.target.node_id()].get(key);
+                assert!(
+                    seen >= floor,
+                    "key {key}: read {seen} after {floor} was acknowledged"
+                );
+                if let Some(shadow) = route.shadow {
+                    migration.record_shadow(stores[shadow.node_id()].get(key) == seen);
+                }
+            }
+        }));
+    }
+
+    writes_pass(&completed, 200).await;
+    // The copier backfills moving keys from the old owner without overwriting newer data,
+    // while writes keep landing.
+    for (done, key) in moving.iter().enumerate() {
+        let value = stores["a"].get(*key);
+        writes_pass(&completed, 5).await;
+        stores["b"].put(*key, value);
+        migration.report_copied(done as u64 + 1, moving.len() as u64);
+    }
+    for phase in [Phase::DualWrite, Phase::ShadowRead, Phase::CutOver] {
+        writes_pass(&completed, 200).await;
+        assert_eq!(migration.advance().await.unwrap(), phase);
+    }
+    cut_over.store(true, Ordering::Release);
+    // The retired owner now refuses the old epoch: a write routed before the cut-over that
+    // arrived now would be counted as late.
+    stores["a"].fence.raise(2);
+    assert_eq!(migration.writes_to_old_owners(), 0);
+    for phase in [Phase::Cleanup, Phase::Done] {
+        writes_pass(&completed, 200).await;
+        assert_eq!(migration.advance().await.unwrap(), phase);
+    }
+    writes_pass(&completed, 200).await;
+    stop.store(true, Ordering::Release);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    assert_eq!(stores["a"].late_writes.load(Ordering::Relaxed), 0);
+    for key in 0..KEYS {
+        let owner = if moving.contains(&key) { "b" } else { "a" };
+        let acked = acknowledged[key as usize].load(Ordering::Acquire);
+        assert_eq!(stores[owner].get(key), acked, "key {key} lost a write");
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(u64),
+    Finish(usize),
+    Read(u64),
+    Copied(u64),
+    Advance,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0..64u64).prop_map(Step::Write),
+        (0..8usize).prop_map(Step::Finish),
+        (0..64u64).prop_map(Step::Read),
+        (0..=8u64).prop_map(Step::Copied),
+        Just(Step::Advance),
+    ]
+}
+
+proptest::proptest! {
+    /// Random interleavings of writes (held open or finished), reads, copy progress and phase
+    /// steps (including cut-overs abandoned while they wait): phases only move forward, Copy is
+    /// left only once copied, moving writes are mirrored before the cut-over, and once the
+    /// cut-over has drained no route leads to the retired owner.
+    #[test]
+    fn the_phase_machine_keeps_its_invariants(steps in proptest::collection::vec(step(), 1..120)) {
+        let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+        let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+        let migration = Migration::new("prop", from, to).unwrap();
+        let moving = |key: &u64| migration.to_topology().shard_of(key) >= ShardId(8);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut open = Vec::new();
+        let mut copied = 0;
+        let mut phase = Phase::Copy;
+        for step in steps {
+            match step {
+                Step::Write(key) => {
+                    let route = migration.write(&key).unwrap();
+                    if phase < Phase::CutOver {
+                        proptest::prop_assert_eq!(route.owner().node_id(), "a");
+                        proptest::prop_assert_eq!(route.mirror().is_some(), moving(&key));
+                    } else {
+                        proptest::prop_assert_eq!(route.owner().node_id(), if moving(&key) { "b" } else { "a" });
+                        proptest::prop_assert!(route.mirror().is_none());
+                    }
+                    open.push(route);
+                }
+                Step::Finish(i) => {
+                    if !open.is_empty() {
+                        let at = i % open.len();
+                        drop(open.swap_remove(at));
+                    }
+                }
+                Step::Read(key) => {
+                    let route = migration.read(&key, &ReadPolicy::Primary).unwrap();
+                    let expected = if phase >= Phase::CutOver && moving(&key) { "b" } else { "a" };
+                    proptest::prop_assert_eq!(route.target.node_id(), expected);
+                    proptest::prop_assert_eq!(
+                        route.shadow.is_some(),
+                        phase == Phase::ShadowRead && moving(&key)
+                    );
+                }
+                Step::Copied(n) => {
+                    copied = n;
+                    migration.report_copied(n, 8);
+                }
+                Step::Advance => {
+                    let outcome = runtime.block_on(async {
+                        let advance = migration.advance();
+                        tokio::pin!(advance);
+                        poll_once(advance.as_mut()).await
+                    });
+                    match outcome {
+                        Some(Ok(next)) => {
+                            proptest::prop_assert!(next > phase);
+                            proptest::prop_assert!(phase != Phase::Copy || copied == 8);
+                            phase = next;
+                        }
+                        Some(Err(err)) => match err.kind() {
+                            MigrationErrorKind::CopyIncomplete => proptest::prop_assert!(copied < 8),
+                            MigrationErrorKind::Finished => proptest::prop_assert_eq!(phase, Phase::Done),
+                            other => proptest::prop_assert!(false, "unexpected {:?}", other),
+                        },
+                        // The cut-over waits for open writes to the old owner; abandoning the
+                        // wait leaves the phase advanced.
+                        None => {
+                            proptest::prop_assert_eq!(migration.phase(), Phase::CutOver);
+                            proptest::prop_assert!(migration.writes_to_old_owners() > 0);
+                            phase = Phase::CutOver;
+                        }
+                    }
+                    proptest::prop_assert_eq!(migration.phase(), phase);
+                }
+            }
+            let old_routes = open.iter().filter(|r| r.epoch() == 1).count();
+            proptest::prop_assert_eq!(migration.writes_to_old_owners(), old_routes);
+        }
+        drop(open);
+        proptest::prop_assert_eq!(migration.writes_to_old_owners(), 0);
+    }
+}

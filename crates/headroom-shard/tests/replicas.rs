@@ -1,0 +1,386 @@
+//! Topologies, read policies, read-your-writes sessions and runtime replacement.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{TestRecorder, poll_once};
+use headroom_core::{Classify, Clock, ManualClock};
+use headroom_shard::{
+    ConfigErrorKind, JumpRouter, ReadPolicy, ReplicaStatus, Role, Session, ShardId, Topology,
+    TopologyHandle, UnknownShard, monitor_lag,
+};
+use proptest::prelude::*;
+
+/// One logical shard space of 8 on a primary with three replicas.
+fn topology(epoch: u64) -> Topology<&'static str, JumpRouter> {
+    Topology::builder(JumpRouter::new(8).unwrap())
+        .name("test")
+        .epoch(epoch)
+        .node("p", "primary")
+        .node("r1", "replica-1")
+        .node("r2", "replica-2")
+        .node("r3", "replica-3")
+        .shards(0..8, "p", &["r1", "r2", "r3"])
+        .build()
+        .unwrap()
+}
+
+const FRESH: ReplicaStatus = ReplicaStatus {
+    lag: Some(Duration::from_millis(5)),
+    position: Some(100),
+};
+
+#[test]
+fn writes_go_to_the_primary_and_primary_policy_reads_there() {
+    let topology = topology(1);
+    for key in 0..100u64 {
+        let write = topology.write(&key).unwrap();
+        assert_eq!((write.node_id(), write.role()), ("p", Role::Primary));
+        assert_eq!(*write.handle(), "primary");
+        assert_eq!(write.shard(), topology.shard_of(&key));
+        let read = topology.read(&key, &ReadPolicy::Primary).unwrap();
+        assert_eq!(read.node_id(), "p");
+    }
+}
+
+#[test]
+fn round_robin_takes_replicas_in_turn() {
+    let topology = topology(1);
+    let ids: Vec<&str> = (0..6)
+        .map(|_| {
+            topology
+                .read_shard(ShardId(0), &ReadPolicy::RoundRobin, None)
+                .unwrap()
+                .node_id()
+        })
+        .collect();
+    assert_eq!(ids, ["r1", "r2", "r3", "r1", "r2", "r3"]);
+}
+
+#[test]
+fn least_in_flight_avoids_busy_replicas() {
+    let topology = topology(1);
+    // Keep r1 and r2 busy; power of two choices must then prefer r3 whenever it is drawn, and
+    // never pick the busiest replica.
+    let busy: Vec<_> = (0..10)
+        .map(|_| {
+            topology
+                .read_shard(ShardId(0), &ReadPolicy::RoundRobin, None)
+                .unwrap()
+        })
+        .filter(|t| t.node_id() != "r3")
+        .collect();
+    assert!(topology.node("r1").unwrap().in_flight() > 0);
+    let mut r3 = 0;
+    for _ in 0..300 {
+        let read = topology
+            .read_shard(ShardId(0), &ReadPolicy::LeastInFlight, None)
+            .unwrap();
+        assert_eq!(read.role(), Role::Replica);
+        if read.node_id() == "r3" {
+            r3 += 1;
+        }
+    }
+    // r3 is drawn in 2 of 3 pairs and wins each of them.
+    assert!(r3 > 150, "r3 chosen {r3} times of 300");
+    drop(busy);
+    assert!(topology.nodes().iter().all(|n| n.in_flight() == 0));
+}
+
+#[test]
+fn lag_aware_skips_stale_and_unknown_replicas() {
+    let recorder = TestRecorder::default();
+    let topology = metrics::with_local_recorder(&recorder, || topology(1));
+    let policy = ReadPolicy::LagAware {
+        max_lag: Duration::from_millis(50),
+    };
+    // No status known yet: every replica is rejected, the primary serves.
+    assert_eq!(
+        topology
+            .read_shard(ShardId(0), &policy, None)
+            .unwrap()
+            .node_id(),
+        "p"
+    );
+    topology.report(
+        "r1",
+        ReplicaStatus {
+            lag: Some(Duration::from_secs(2)),
+            position: Some(1),
+        },
+    );
+    topology.report("r2", FRESH);
+    for _ in 0..50 {
+        let read = topology.read_shard(ShardId(0), &policy, None).unwrap();
+        assert_eq!(read.node_id(), "r2");
+    }
+    assert!(recorder.counter("headroom_shard_lag_rejections_total{node=r1,topology=test}") >= 51);
+    assert_eq!(
+        recorder.counter("headroom_shard_reads_total{node=r2,role=replica,topology=test}"),
+        50
+    );
+    assert_eq!(
+        recorder.counter("headroom_shard_reads_total{node=p,role=primary,topology=test}"),
+        1
+    );
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=read,shard=0,topology=test}"),
+        51
+    );
+    drop(topology.write_shard(ShardId(3)).unwrap());
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=write,shard=3,topology=test}"),
+        1
+    );
+}
+
+#[test]
+fn session_reads_wait_for_replicas_to_catch_up() {
+    let topology = topology(1);
+    let mut session = Session::new();
+    let shard = topology.shard_of("cart:1");
+    session.record_write(shard, 500);
+    session.record_write(shard, 400); // positions never go backwards
+    assert_eq!(session.required(shard), Some(500));
+    topology.report(
+        "r1",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(499),
+        },
+    );
+    let read = topology
+        .read_session("cart:1", &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.role(), Role::Primary);
+    topology.report(
+        "r2",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(500),
+        },
+    );
+    for _ in 0..10 {
+        let read = topology
+            .read_session("cart:1", &ReadPolicy::RoundRobin, &session)
+            .unwrap();
+        assert_eq!(read.node_id(), "r2");
+    }
+    // Another shard has no requirement: any replica may serve it.
+    let other = (0..100u64).find(|k| topology.shard_of(k) != shard).unwrap();
+    let read = topology
+        .read_session(&other, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.role(), Role::Replica);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write,
+    Replay { replica: usize, by: u64 },
+    Probe { replica: usize },
+    Read { policy: u8 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        Just(Op::Write),
+        (0..3usize, 0..4u64).prop_map(|(replica, by)| Op::Replay { replica, by }),
+        (0..3usize).prop_map(|replica| Op::Probe { replica }),
+        (0..4u8).prop_map(|policy| Op::Read { policy }),
+    ]
+}
+
+proptest! {
+    /// After a write at position p, a session never reads from a replica that has not
+    /// replayed p, whatever the policy, replication progress and probe timing.
+    #[test]
+    fn read_your_writes_never_reads_behind_the_session(ops in proptest::collection::vec(op(), 1..200)) {
+        let topology = topology(1);
+        let names = ["r1", "r2", "r3"];
+        let mut primary = 0u64;
+        let mut replayed = [0u64; 3];
+        let mut session = Session::new();
+        let shard = topology.shard_of("k");
+        for op in ops {
+            match op {
+                Op::Write => {
+                    let write = topology.write("k").unwrap();
+                    primary += 1;
+                    session.record_write(write.shard(), primary);
+                }
+                Op::Replay { replica, by } => {
+                    replayed[replica] = (replayed[replica] + by).min(primary);
+                }
+                Op::Probe { replica } => {
+                    let lag = Duration::from_millis((primary - replayed[replica]) * 10);
+                    topology.report(names[replica], ReplicaStatus {
+                        lag: Some(lag),
+                        position: Some(replayed[replica]),
+                    });
+                }
+                Op::Read { policy } => {
+                    let policy = match policy {
+                        0 => ReadPolicy::Primary,
+                        1 => ReadPolicy::RoundRobin,
+                        2 => ReadPolicy::LeastInFlight,
+                        _ => ReadPolicy::LagAware { max_lag: Duration::from_millis(20) },
+                    };
+                    let read = topology.read_session("k", &policy, &session).unwrap();
+                    if read.role() == Role::Replica {
+                        let at = names.iter().position(|n| *n == read.node_id()).unwrap();
+                        prop_assert!(
+                            replayed[at] >= session.required(shard).unwrap_or(0),
+                            "{} at {} served a session at {:?}", read.node_id(), replayed[at], session.required(shard)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_shards_are_typed_errors() {
+    let topology = topology(1);
+    let err = topology.write_shard(ShardId(99)).unwrap_err();
+    assert_eq!(err, UnknownShard(ShardId(99)));
+    assert!(!err.is_retryable());
+    assert!(
+        topology
+            .read_shard(ShardId(8), &ReadPolicy::RoundRobin, None)
+            .is_err()
+    );
+    assert!(!topology.report("nope", FRESH));
+}
+
+#[test]
+fn invalid_topologies_are_rejected() {
+    let kind = |b: headroom_shard::TopologyBuilder<(), JumpRouter>| b.build().unwrap_err().kind();
+    let base = || Topology::builder(JumpRouter::new(2).unwrap());
+    assert_eq!(kind(base()), ConfigErrorKind::Empty);
+    assert_eq!(
+        kind(base().node("a", ()).node("a", ()).shards(0..2, "a", &[])),
+        ConfigErrorKind::Duplicate
+    );
+    assert_eq!(
+        kind(base().node("a", ()).shard(ShardId(0), "a", &[])),
+        ConfigErrorKind::MissingShard
+    );
+    assert_eq!(
+        kind(base().node("a", ()).shards(0..2, "a", &["b"])),
+        ConfigErrorKind::UnknownNode
+    );
+    assert_eq!(
+        kind(
+            base()
+                .node("a", ())
+                .shards(0..2, "a", &[])
+                .shard(ShardId(1), "a", &[])
+        ),
+        ConfigErrorKind::Duplicate
+    );
+}
+
+#[test]
+fn replacement_needs_a_greater_epoch_and_keeps_node_state() {
+    let handle = TopologyHandle::new(topology(5));
+    handle.load().report("r1", FRESH);
+    let err = handle.replace(topology(5)).unwrap_err();
+    assert_eq!(err.kind(), ConfigErrorKind::StaleEpoch);
+    let previous = handle.replace(topology(6)).unwrap();
+    assert_eq!(previous.epoch(), 5);
+    let current = handle.load();
+    assert_eq!(current.epoch(), 6);
+    assert_eq!(current.node("r1").unwrap().status(), FRESH);
+    assert_eq!(
+        current.node("r2").unwrap().status(),
+        ReplicaStatus::default()
+    );
+}
+
+#[test]
+fn readers_see_epochs_only_grow_while_topologies_are_replaced() {
+    let handle = Arc::new(TopologyHandle::new(topology(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (handle, stop) = (Arc::clone(&handle), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut last = 0;
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Acquire) || reads == 0 {
+                    let topology = handle.load();
+                    let write = topology.write(&reads).unwrap();
+                    assert!(write.epoch() >= last, "epoch went back");
+                    last = write.epoch();
+                    reads += 1;
+                }
+                last
+            })
+        })
+        .collect();
+    for epoch in 2..=200 {
+        handle.replace(topology(epoch)).unwrap();
+    }
+    stop.store(true, Ordering::Release);
+    for reader in readers {
+        assert!(reader.join().unwrap() <= 200);
+    }
+    assert!(handle.load().nodes().iter().all(|n| n.in_flight() == 0));
+}
+
+#[tokio::test]
+async fn a_dropped_request_releases_its_in_flight_mark() {
+    let topology = topology(1);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let request = async {
+        let target = topology
+            .read_shard(ShardId(0), &ReadPolicy::RoundRobin, None)
+            .unwrap();
+        rx.await.ok();
+        drop(target);
+    };
+    let mut request = Box::pin(request);
+    // Poll once so the target is held at the await point, then drop the future.
+    assert!(poll_once(request.as_mut()).await.is_none());
+    assert_eq!(topology.node("r1").unwrap().in_flight(), 1);
+    drop(request);
+    drop(tx);
+    assert!(topology.nodes().iter().all(|n| n.in_flight() == 0));
+}
+
+#[tokio::test]
+async fn the_lag_monitor_reports_probe_answers() {
+    let manual = ManualClock::new();
+    let clock: Clock = manual.clock();
+    let handle = TopologyHandle::new(topology(1));
+    let round = Arc::new(AtomicU64::new(0));
+    let probe = {
+        let round = Arc::clone(&round);
+        move |id: &str, _: &&'static str| {
+            let n = round.load(Ordering::Acquire);
+            let answer = (id != "r3").then_some(ReplicaStatus {
+                lag: Some(Duration::from_millis(n)),
+                position: Some(n),
+            });
+            async move { answer }
+        }
+    };
+    let monitor = monitor_lag(&handle, &probe, Duration::from_secs(1), &clock);
+    tokio::pin!(monitor);
+    // First round runs immediately.
+    assert!(poll_once(monitor.as_mut()).await.is_none());
+    assert_eq!(handle.load().node("r1").unwrap().status().position, Some(0));
+    assert_eq!(
+        handle.load().node("r3").unwrap().status(),
+        ReplicaStatus::default()
+    );
+    round.store(7, Ordering::Release);
+    manual.advance(Duration::from_secs(1));
+    assert!(poll_once(monitor.as_mut()).await.is_none());
+    assert_eq!(handle.load().node("r2").unwrap().status().position, Some(7));
+}
