@@ -24,11 +24,11 @@ use crate::{LoadShedder, Overloaded};
 /// let bulkhead = Bulkhead::builder("api").max_concurrent(64).build()?;
 /// let shedder = LoadShedder::builder(bulkhead.clone()).build()?;
 /// let mut service = ServiceBuilder::new()
-///     .layer(LoadShedLayer::new(shedder, |path: &&str| {
+///     .layer(LoadShedLayer::new(shedder, |path: &&'static str| {
 ///         if path.starts_with("/batch") { Priority::Sheddable } else { Priority::Critical }
 ///     }))
 ///     .layer(BulkheadLayer::new(bulkhead))
-///     .service(service_fn(|path: &str| async move { Ok::<_, std::io::Error>(path.len()) }));
+///     .service(service_fn(|path: &'static str| async move { Ok::<_, std::io::Error>(path.len()) }));
 /// assert_eq!(service.ready().await?.call("/checkout").await?, 9);
 /// # Ok(()) }
 /// ```
