@@ -9,9 +9,11 @@
 //!   is being used and every request succeeds fast; shrinks by a ratio on a
 //!   [`Outcome::Dropped`] or a round trip slower than the latency threshold. Simple and
 //!   robust; it needs a drop signal (errors, timeouts or the threshold) to find the ceiling.
-//! - [`GradientConfig`]: Gradient2. Compares a short-term round trip with a long-term average
-//!   and scales the limit by their ratio, plus a small queue allowance. Finds the knee of the
-//!   latency curve without any error signal.
+//! - [`GradientConfig`]: the gradient algorithm. Compares each round trip with the lowest one
+//!   seen (the no-load round trip) and scales the limit by their ratio, plus a small queue
+//!   allowance: the limit settles where queueing starts to add latency, without any error
+//!   signal. The no-load round trip is re-learned periodically (a *probe*), so a lasting
+//!   change of the service's base latency is followed.
 //!
 //! Use it as the limit of a [`Bulkhead`](crate::Bulkhead) through
 //! [`BulkheadBuilder::adaptive`](crate::BulkheadBuilder::adaptive), or on its own.
@@ -62,7 +64,7 @@ pub enum Outcome {
 pub enum AdaptiveConfig {
     /// Additive increase, multiplicative decrease.
     Aimd(AimdConfig),
-    /// Gradient2: the ratio of long-term to short-term round trip steers the limit.
+    /// Gradient: the ratio of no-load to current round trip steers the limit.
     Gradient(GradientConfig),
 }
 
@@ -104,8 +106,8 @@ impl AdaptiveConfig {
                 if !(c.rtt_tolerance >= 1.0 && c.rtt_tolerance.is_finite()) {
                     return Err(ConfigError::new("rtt_tolerance", "must be at least 1.0"));
                 }
-                if c.long_window == 0 {
-                    return Err(ConfigError::new("long_window", "must be at least 1"));
+                if c.probe_interval == 0 {
+                    return Err(ConfigError::new("probe_interval", "must be at least 1"));
                 }
             }
         }
@@ -144,7 +146,7 @@ impl Default for AimdConfig {
     }
 }
 
-/// Parameters of the Gradient2 algorithm.
+/// Parameters of the gradient algorithm.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
@@ -157,13 +159,15 @@ pub struct GradientConfig {
     pub max_limit: usize,
     /// How much of each new estimate is blended into the limit, in (0, 1].
     pub smoothing: f64,
-    /// How much slower than the long-term average a round trip may be before the limit
-    /// shrinks (1.5 = 50 % slower).
+    /// How much slower than the no-load round trip a round trip may be before the limit
+    /// shrinks (1.2 = 20 % slower). The limit settles near
+    /// `rtt_tolerance × capacity + queue_size`.
     pub rtt_tolerance: f64,
-    /// Number of samples the long-term round-trip average spans.
-    pub long_window: u32,
-    /// Extra concurrency allowed on top of the gradient, so the limit can probe upwards.
+    /// Extra concurrency allowed on top of the gradient, so the limit can grow.
     pub queue_size: usize,
+    /// Every this many samples the no-load round trip is forgotten and the limit restarts
+    /// from `max(min_limit, queue_size)`, so a change of base latency is learned.
+    pub probe_interval: u32,
 }
 
 impl Default for GradientConfig {
@@ -173,9 +177,9 @@ impl Default for GradientConfig {
             min_limit: 1,
             max_limit: 1_000,
             smoothing: 0.2,
-            rtt_tolerance: 1.5,
-            long_window: 600,
-            queue_size: 4,
+            rtt_tolerance: 1.2,
+            queue_size: 2,
+            probe_interval: 1_000,
         }
     }
 }
@@ -205,30 +209,10 @@ enum State {
     Gradient {
         config: GradientConfig,
         limit: f64,
-        long_rtt: ExpAverage,
+        /// The lowest round trip since the last probe, in seconds.
+        no_load_rtt: Option<f64>,
+        until_probe: u32,
     },
-}
-
-/// Exponential moving average with a simple-average warm-up, as in Gradient2.
-struct ExpAverage {
-    window: f64,
-    count: u32,
-    value: f64,
-}
-
-impl ExpAverage {
-    const WARMUP: u32 = 10;
-
-    fn add(&mut self, sample: f64) -> f64 {
-        if self.count < Self::WARMUP {
-            self.count += 1;
-            self.value += (sample - self.value) / f64::from(self.count);
-        } else {
-            let factor = 2.0 / (self.window + 1.0);
-            self.value = self.value * (1.0 - factor) + sample * factor;
-        }
-        self.value
-    }
 }
 
 impl AdaptiveLimit {
@@ -243,11 +227,8 @@ impl AdaptiveLimit {
             },
             AdaptiveConfig::Gradient(config) => State::Gradient {
                 limit: initial as f64,
-                long_rtt: ExpAverage {
-                    window: f64::from(config.long_window),
-                    count: 0,
-                    value: 0.0,
-                },
+                no_load_rtt: None,
+                until_probe: config.probe_interval,
                 config,
             },
         };
@@ -294,26 +275,32 @@ impl AdaptiveLimit {
             State::Gradient {
                 config,
                 limit,
-                long_rtt,
+                no_load_rtt,
+                until_probe,
             } => {
-                let short = rtt.as_secs_f64().max(1e-9);
-                let mut long = long_rtt.add(short);
-                // After a lasting slowdown the long average catches up slowly; let it decay so
-                // the limit can recover once the short round trip is back to normal.
-                if long / short > 2.0 {
-                    long *= 0.95;
-                    long_rtt.value = long;
-                }
-                let app_limited = (in_flight as f64) < *limit / 2.0;
-                if !(app_limited && outcome == Outcome::Success) {
-                    let gradient = if outcome == Outcome::Dropped {
-                        0.5
+                *until_probe -= 1;
+                if *until_probe == 0 {
+                    *until_probe = config.probe_interval;
+                    *no_load_rtt = None;
+                    *limit = config.min_limit.max(config.queue_size) as f64;
+                } else {
+                    let rtt = rtt.as_secs_f64().max(1e-9);
+                    let no_load = no_load_rtt.map_or(rtt, |lowest| lowest.min(rtt));
+                    *no_load_rtt = Some(no_load);
+                    let app_limited = (in_flight as f64) < *limit / 2.0;
+                    let estimate = if outcome == Outcome::Dropped {
+                        Some(*limit * 0.5)
+                    } else if app_limited {
+                        None
                     } else {
-                        (config.rtt_tolerance * long / short).clamp(0.5, 1.0)
+                        let gradient = (config.rtt_tolerance * no_load / rtt).clamp(0.5, 1.0);
+                        Some(*limit * gradient + config.queue_size as f64)
                     };
-                    let estimate = *limit * gradient + config.queue_size as f64;
-                    let blended = *limit * (1.0 - config.smoothing) + estimate * config.smoothing;
-                    *limit = blended.clamp(config.min_limit as f64, config.max_limit as f64);
+                    if let Some(estimate) = estimate {
+                        let blended =
+                            *limit * (1.0 - config.smoothing) + estimate * config.smoothing;
+                        *limit = blended.clamp(config.min_limit as f64, config.max_limit as f64);
+                    }
                 }
                 *limit as usize
             }

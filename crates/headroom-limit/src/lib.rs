@@ -12,7 +12,7 @@
 //! - [`adaptive`]: concurrency limits that learn from latency and errors (AIMD, Gradient2),
 //!   usable as the limit of a bulkhead.
 //! - [`LoadShedder`]: refuses the least important work first when a bulkhead is saturated.
-//! - [`tower`](crate::tower) (feature `tower`): layers for all of the above.
+//! - `tower` (feature `tower`): tower layers for the bulkhead, the queue and the shedder.
 //!
 //! Every refusal is an [`Overloaded`] carrying a [`Reason`] and the [`Priority`] of the refused
 //! work; it implements [`Classify`](headroom_core::Classify) as a retryable rejection.

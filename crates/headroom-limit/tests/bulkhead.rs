@@ -225,7 +225,7 @@ proptest! {
             for op in ops {
                 match op {
                     Op::TryAcquire => if let Ok(p) = b.try_acquire() { held.push(p) },
-                    Op::Release(i) => if !held.is_empty() { held.swap_remove(i % held.len()); },
+                    Op::Release(i) => if !held.is_empty() { drop(held.swap_remove(i % held.len())); },
                     Op::Resize(n) => {
                         b.set_max_concurrent(n).unwrap();
                         max_limit_since_last_idle = max_limit_since_last_idle.max(n);
