@@ -65,9 +65,12 @@ impl Default for BulkheadConfig {
 /// A permit is returned when it is dropped: on success, on error, on panic and when the
 /// future holding it is cancelled. Waiting callers that are cancelled leave the queue.
 ///
-/// Cloning is cheap; clones share the compartment. The uncontended
-/// [`try_acquire`](Bulkhead::try_acquire) and [`acquire`](Bulkhead::acquire) and the release
-/// of a permit take no lock and do not allocate.
+/// Like tokio's semaphore, permits come in two kinds: [`Permit`] borrows the bulkhead (the
+/// cheapest), [`OwnedPermit`] owns a handle to it (for futures and tasks that must be
+/// `'static`).
+///
+/// Cloning is cheap; clones share the compartment. The uncontended acquire and the release
+/// of a permit take no lock of their own and do not allocate.
 ///
 /// ```
 /// use std::time::Duration;
@@ -79,7 +82,7 @@ impl Default for BulkheadConfig {
 ///     .max_queued(0)
 ///     .build()?;
 /// let a = bulkhead.acquire().await?;
-/// let _b = bulkhead.try_acquire()?;
+/// let _b = bulkhead.try_acquire_owned()?;
 /// assert_eq!(bulkhead.try_acquire().unwrap_err().reason(), Reason::QueueFull);
 /// drop(a);
 /// assert!(bulkhead.try_acquire().is_ok());
@@ -90,19 +93,34 @@ pub struct Bulkhead {
     inner: Arc<Inner>,
 }
 
+/// Keeps the free-permit counter, written on every acquire and release, off the cache line
+/// of the settings every caller reads.
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+/// Permits live in one of three places: `free` (taken and returned with one atomic operation
+/// each, no lock), held by a caller, or in `handoff`, a FIFO semaphore through which released
+/// permits go to waiting callers. A permit only goes through `handoff` while someone waits,
+/// so the uncontended path never touches the semaphore or its lock.
+///
+/// No permit is stranded in `handoff` with nobody waiting, and no waiter sleeps while a
+/// permit is free: whoever makes a permit free checks `queued` afterwards and hands it over,
+/// and a waiter registers in `queued` before it looks at `free` for the last time; the last
+/// waiter to leave returns what is left in `handoff` to `free` (all with sequential
+/// consistency, so one of the two sides always sees the other).
 struct Inner {
-    name: Arc<str>,
-    semaphore: Semaphore,
+    free: CacheLine<AtomicUsize>,
+    handoff: Semaphore,
     limit: AtomicUsize,
     /// Permits still to retire after a shrink: taken back as holders release them.
     debt: AtomicUsize,
-    resize: Mutex<()>,
-    in_use: AtomicUsize,
-    queued: AtomicUsize,
     max_queued: AtomicUsize,
     max_wait_nanos: AtomicU64,
     /// Wait of the most recently admitted caller (0 when it did not wait).
     last_wait_nanos: AtomicU64,
+    queued: AtomicUsize,
+    resize: Mutex<()>,
+    name: Arc<str>,
     clock: Clock,
     adaptive: Option<AdaptiveLimit>,
     metrics: AdmissionMetrics,
@@ -141,8 +159,17 @@ impl Bulkhead {
     /// Takes a permit if one is free right now; never waits.
     ///
     /// Fails with [`Reason::QueueFull`] when every permit is in use.
-    pub fn try_acquire(&self) -> Result<Permit, Overloaded> {
-        self.try_admit().ok_or_else(|| self.reject_full())
+    pub fn try_acquire(&self) -> Result<Permit<'_>, Overloaded> {
+        match self.inner.try_take() {
+            Some(started) => Ok(Permit::new(&self.inner, started)),
+            None => Err(self.inner.reject(Reason::QueueFull, Priority::Default)),
+        }
+    }
+
+    /// Like [`try_acquire`](Self::try_acquire), returning a permit that owns a handle to the
+    /// bulkhead.
+    pub fn try_acquire_owned(&self) -> Result<OwnedPermit, Overloaded> {
+        self.try_acquire().map(Permit::into_owned)
     }
 
     /// Takes a permit, waiting in the queue for one if there is room.
@@ -150,75 +177,33 @@ impl Bulkhead {
     /// Fails with [`Reason::QueueFull`] when every permit is taken and the queue is full, and
     /// with [`Reason::WaitTimeout`] after waiting [`max_wait`](Bulkhead::max_wait). Dropping
     /// the future gives up the place in the queue.
-    pub async fn acquire(&self) -> Result<Permit, Overloaded> {
+    pub async fn acquire(&self) -> Result<Permit<'_>, Overloaded> {
         self.acquire_as(Priority::Default).await
     }
 
-    pub(crate) async fn acquire_as(&self, priority: Priority) -> Result<Permit, Overloaded> {
-        match self.try_admit() {
-            Some(permit) => Ok(permit),
-            None => self.wait(priority).await,
-        }
+    /// Like [`acquire`](Self::acquire), returning a permit that owns a handle to the
+    /// bulkhead.
+    pub async fn acquire_owned(&self) -> Result<OwnedPermit, Overloaded> {
+        self.acquire().await.map(Permit::into_owned)
     }
 
-    pub(crate) fn try_admit(&self) -> Option<Permit> {
-        let inner = &*self.inner;
-        let permit = inner.semaphore.try_acquire().ok()?;
-        permit.forget();
-        if inner.last_wait_nanos.load(Ordering::Relaxed) != 0 {
-            inner.last_wait_nanos.store(0, Ordering::Relaxed);
-        }
-        Some(self.admitted())
+    pub(crate) async fn acquire_as(&self, priority: Priority) -> Result<Permit<'_>, Overloaded> {
+        let started = match self.inner.try_take() {
+            Some(started) => started,
+            None => self.inner.wait(priority).await?,
+        };
+        Ok(Permit::new(&self.inner, started))
     }
 
-    async fn wait(&self, priority: Priority) -> Result<Permit, Overloaded> {
-        let inner = &*self.inner;
-        let max_queued = inner.max_queued.load(Ordering::Relaxed);
-        if inner.queued.fetch_add(1, Ordering::AcqRel) >= max_queued {
-            inner.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.reject(Reason::QueueFull, priority));
-        }
-        let _slot = QueueSlot::enter(inner);
-        let start = inner.clock.now();
-        let max_wait = Duration::from_nanos(inner.max_wait_nanos.load(Ordering::Relaxed));
-        let acquire = pin!(inner.semaphore.acquire());
-        let expire = pin!(inner.clock.sleep(max_wait));
-        match select(acquire, expire).await {
-            Either::Left((Ok(permit), _)) => {
-                permit.forget();
-                let waited = inner.clock.now().saturating_duration_since(start);
-                let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
-                inner.last_wait_nanos.store(nanos.max(1), Ordering::Relaxed);
-                inner.metrics.queue_delay.record(waited.as_secs_f64());
-                Ok(self.admitted())
-            }
-            // The semaphore is never closed; a closed one would mean no permit ever again.
-            Either::Left((Err(_), _)) => Err(self.reject(Reason::Closed, priority)),
-            Either::Right(_) => Err(self.reject(Reason::WaitTimeout, priority)),
-        }
-    }
-
-    fn admitted(&self) -> Permit {
-        let inner = &*self.inner;
-        inner.in_use.fetch_add(1, Ordering::Relaxed);
-        inner.in_flight_gauge.increment(1.0);
-        inner.metrics.admitted.increment(1);
-        Permit {
-            started: inner.adaptive.as_ref().map(|_| inner.clock.now()),
-            outcome: Outcome::Success,
-            inner: Arc::clone(&self.inner),
-        }
+    /// Takes a free permit without counting a refusal when there is none.
+    pub(crate) fn try_admit_owned(&self) -> Option<OwnedPermit> {
+        let started = self.inner.try_take()?;
+        Some(Permit::new(&self.inner, started).into_owned())
     }
 
     /// Refuses a caller that found every permit taken and may not wait.
     pub(crate) fn reject_full(&self) -> Overloaded {
-        self.reject(Reason::QueueFull, Priority::Default)
-    }
-
-    fn reject(&self, reason: Reason, priority: Priority) -> Overloaded {
-        self.inner.metrics.rejections.record(priority, reason);
-        tracing::debug!(bulkhead = %self.inner.name, %reason, %priority, "rejected");
-        Overloaded::new(reason, priority)
+        self.inner.reject(Reason::QueueFull, Priority::Default)
     }
 
     /// The bulkhead's name.
@@ -232,8 +217,11 @@ impl Bulkhead {
     }
 
     /// How many permits are held right now.
+    ///
+    /// Derived from the free permits rather than counted, so the hot path pays nothing for
+    /// it; under concurrent change it is a snapshot, not a synchronised value.
     pub fn in_use(&self) -> usize {
-        self.inner.in_use.load(Ordering::Relaxed)
+        self.inner.in_use()
     }
 
     /// How many callers are waiting for a permit right now.
@@ -292,7 +280,100 @@ impl Bulkhead {
     }
 }
 
+/// When a permit was taken: only read (and only worth a clock read) with an adaptive limit.
+type Started = Option<Instant>;
+
 impl Inner {
+    /// Takes a free permit, if any.
+    fn try_take(&self) -> Option<Started> {
+        self.take_free()?;
+        if self.last_wait_nanos.load(Ordering::Relaxed) != 0 {
+            self.last_wait_nanos.store(0, Ordering::Relaxed);
+        }
+        Some(self.admitted())
+    }
+
+    async fn wait(&self, priority: Priority) -> Result<Started, Overloaded> {
+        let max_queued = self.max_queued.load(Ordering::Relaxed);
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= max_queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.reclaim_handoff();
+            return Err(self.reject(Reason::QueueFull, priority));
+        }
+        let _slot = QueueSlot::enter(self);
+        // Registered as waiting: a permit freed from now on is handed over, so one last look.
+        if self.take_free().is_some() {
+            return Ok(self.admitted());
+        }
+        let start = self.clock.now();
+        let max_wait = Duration::from_nanos(self.max_wait_nanos.load(Ordering::Relaxed));
+        let acquire = pin!(self.handoff.acquire());
+        let expire = pin!(self.clock.sleep(max_wait));
+        match select(acquire, expire).await {
+            Either::Left((Ok(permit), _)) => {
+                permit.forget();
+                let waited = self.clock.now().saturating_duration_since(start);
+                let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+                self.last_wait_nanos.store(nanos.max(1), Ordering::Relaxed);
+                self.metrics.queue_delay.record(waited.as_secs_f64());
+                Ok(self.admitted())
+            }
+            // The hand-off semaphore is never closed; a closed one would mean no permit again.
+            Either::Left((Err(_), _)) => Err(self.reject(Reason::Closed, priority)),
+            Either::Right(_) => Err(self.reject(Reason::WaitTimeout, priority)),
+        }
+    }
+
+    fn admitted(&self) -> Started {
+        self.in_flight_gauge.increment(1.0);
+        self.metrics.admitted.increment(1);
+        self.adaptive.as_ref().map(|_| self.clock.now())
+    }
+
+    fn reject(&self, reason: Reason, priority: Priority) -> Overloaded {
+        self.metrics.rejections.record(priority, reason);
+        tracing::debug!(bulkhead = %self.name, %reason, %priority, "rejected");
+        Overloaded::new(reason, priority)
+    }
+
+    fn in_use(&self) -> usize {
+        // Every permit is free, in hand-off, held, or owed back after a shrink.
+        let total = self.limit.load(Ordering::Relaxed) + self.debt.load(Ordering::Relaxed);
+        let idle = self.free.0.load(Ordering::Relaxed) + self.handoff.available_permits();
+        total.saturating_sub(idle)
+    }
+
+    fn take_free(&self) -> Option<()> {
+        self.free
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                free.checked_sub(1)
+            })
+            .ok()
+            .map(drop)
+    }
+
+    /// Makes `n` permits free, then hands as many as needed to callers already waiting.
+    fn make_free(&self, n: usize) {
+        self.free.0.fetch_add(n, Ordering::SeqCst);
+        for _ in 0..n {
+            if self.queued.load(Ordering::SeqCst) == 0 || self.take_free().is_none() {
+                return;
+            }
+            self.handoff.add_permits(1);
+        }
+    }
+
+    /// Returns permits left in hand-off by waiters that gave up, once nobody waits.
+    fn reclaim_handoff(&self) {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            let stranded = self.handoff.forget_permits(usize::MAX);
+            if stranded > 0 {
+                self.make_free(stranded);
+            }
+        }
+    }
+
     fn resize(&self, new: usize) {
         let _serialised = self.resize.lock();
         let old = self.limit.swap(new, Ordering::AcqRel);
@@ -307,11 +388,17 @@ impl Inner {
                 .unwrap_or_else(|debt| debt);
             let forgiven = owed.min(grow);
             if grow > forgiven {
-                self.semaphore.add_permits(grow - forgiven);
+                self.make_free(grow - forgiven);
             }
         } else if new < old {
             let shrink = old - new;
-            let retired = self.semaphore.forget_permits(shrink);
+            let retired = self
+                .free
+                .0
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                    Some(free - free.min(shrink))
+                })
+                .map_or(0, |free| free.min(shrink));
             self.debt.fetch_add(shrink - retired, Ordering::AcqRel);
         } else {
             return;
@@ -321,8 +408,20 @@ impl Inner {
         tracing::debug!(bulkhead = %self.name, old, new, "concurrency limit changed");
     }
 
-    fn release(&self) {
-        self.in_use.fetch_sub(1, Ordering::Relaxed);
+    /// Gives a permit back, first teaching the adaptive limit how the work went.
+    fn release(&self, started: Started, outcome: Outcome) {
+        if let (Some(adaptive), Some(started)) = (&self.adaptive, started) {
+            let outcome = if std::thread::panicking() {
+                Outcome::Ignored
+            } else {
+                outcome
+            };
+            let rtt = self.clock.now().saturating_duration_since(started);
+            let limit = adaptive.sample(rtt, self.in_use(), outcome);
+            if limit != self.limit.load(Ordering::Relaxed) {
+                self.resize(limit);
+            }
+        }
         self.in_flight_gauge.decrement(1.0);
         let mut debt = self.debt.load(Ordering::Acquire);
         while debt > 0 {
@@ -336,7 +435,13 @@ impl Inner {
                 Err(current) => debt = current,
             }
         }
-        self.semaphore.add_permits(1);
+        if self.queued.load(Ordering::SeqCst) > 0 {
+            // Straight to the longest waiter; reclaimed if it gave up meanwhile.
+            self.handoff.add_permits(1);
+            self.reclaim_handoff();
+        } else {
+            self.make_free(1);
+        }
     }
 }
 
@@ -365,8 +470,9 @@ impl<'a> QueueSlot<'a> {
 
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+        self.0.queued.fetch_sub(1, Ordering::SeqCst);
         self.0.metrics.queued.decrement(1.0);
+        self.0.reclaim_handoff();
     }
 }
 
@@ -440,11 +546,11 @@ impl BulkheadBuilder {
             inner: Arc::new(Inner {
                 metrics: AdmissionMetrics::new("bulkhead", &self.name),
                 name: Arc::from(self.name),
-                semaphore: Semaphore::new(limit),
+                free: CacheLine(AtomicUsize::new(limit)),
+                handoff: Semaphore::new(0),
                 limit: AtomicUsize::new(limit),
                 debt: AtomicUsize::new(0),
                 resize: Mutex::new(()),
-                in_use: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
                 max_queued: AtomicUsize::new(self.config.max_queued),
                 max_wait_nanos: AtomicU64::new(max_wait_nanos),
@@ -461,46 +567,81 @@ impl BulkheadBuilder {
 
 /// The right to run one unit of work in a [`Bulkhead`]; dropping it gives the right back.
 ///
-/// With an adaptive limit, dropping the permit also reports how long it was held and its
-/// [`Outcome`] (success unless [`set_outcome`](Permit::set_outcome) says otherwise; a permit
-/// dropped while panicking reports [`Outcome::Ignored`]).
+/// Borrows the bulkhead; [`into_owned`](Permit::into_owned) turns it into an
+/// [`OwnedPermit`]. With an adaptive limit, dropping the permit also reports how long it was
+/// held and its [`Outcome`] (success unless [`set_outcome`](Permit::set_outcome) says
+/// otherwise; a permit dropped while panicking reports [`Outcome::Ignored`]).
 #[must_use = "the permit is released as soon as it is dropped"]
-pub struct Permit {
-    inner: Arc<Inner>,
-    started: Option<Instant>,
+pub struct Permit<'a> {
+    inner: &'a Arc<Inner>,
+    started: Started,
     outcome: Outcome,
 }
 
-impl Permit {
+impl<'a> Permit<'a> {
+    fn new(inner: &'a Arc<Inner>, started: Started) -> Self {
+        Self {
+            inner,
+            started,
+            outcome: Outcome::Success,
+        }
+    }
+
+    /// Records how the work ended, for the adaptive limit (a no-op without one).
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+
+    /// The same permit, owning a handle to the bulkhead so it can outlive the borrow.
+    pub fn into_owned(self) -> OwnedPermit {
+        let this = std::mem::ManuallyDrop::new(self);
+        OwnedPermit {
+            inner: Arc::clone(this.inner),
+            started: this.started,
+            outcome: this.outcome,
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.inner.release(self.started, self.outcome);
+    }
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("bulkhead", &self.inner.name)
+            .field("outcome", &self.outcome)
+            .finish()
+    }
+}
+
+/// A [`Permit`] that owns a handle to its [`Bulkhead`], for `'static` futures and tasks.
+#[must_use = "the permit is released as soon as it is dropped"]
+pub struct OwnedPermit {
+    inner: Arc<Inner>,
+    started: Started,
+    outcome: Outcome,
+}
+
+impl OwnedPermit {
     /// Records how the work ended, for the adaptive limit (a no-op without one).
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
     }
 }
 
-impl Drop for Permit {
+impl Drop for OwnedPermit {
     fn drop(&mut self) {
-        let inner = &*self.inner;
-        if let (Some(adaptive), Some(started)) = (&inner.adaptive, self.started) {
-            let outcome = if std::thread::panicking() {
-                Outcome::Ignored
-            } else {
-                self.outcome
-            };
-            let rtt = inner.clock.now().saturating_duration_since(started);
-            let in_flight = inner.in_use.load(Ordering::Relaxed);
-            let limit = adaptive.sample(rtt, in_flight, outcome);
-            if limit != inner.limit.load(Ordering::Relaxed) {
-                inner.resize(limit);
-            }
-        }
-        inner.release();
+        self.inner.release(self.started, self.outcome);
     }
 }
 
-impl fmt::Debug for Permit {
+impl fmt::Debug for OwnedPermit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit")
+        f.debug_struct("OwnedPermit")
             .field("bulkhead", &self.inner.name)
             .field("outcome", &self.outcome)
             .finish()

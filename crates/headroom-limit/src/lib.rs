@@ -57,7 +57,7 @@ mod shed;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 
-pub use bulkhead::{Bulkhead, BulkheadBuilder, BulkheadConfig, Permit};
+pub use bulkhead::{Bulkhead, BulkheadBuilder, BulkheadConfig, OwnedPermit, Permit};
 pub use error::{ConfigError, Overloaded, Reason};
 pub use priority::Priority;
 pub use queue::{

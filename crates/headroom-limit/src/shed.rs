@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::Rejections;
-use crate::{Bulkhead, ConfigError, Overloaded, Permit, Priority, Reason};
+use crate::{Bulkhead, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Reason};
 
 /// Configuration of a [`LoadShedder`], loadable with serde (feature `serde`).
 ///
@@ -159,9 +159,15 @@ impl LoadShedder {
 
     /// Checks the load, then takes a permit from the bulkhead (waiting in its queue if
     /// allowed). Refusals of the bulkhead itself carry `priority` too.
-    pub async fn acquire(&self, priority: Priority) -> Result<Permit, Overloaded> {
+    pub async fn acquire(&self, priority: Priority) -> Result<Permit<'_>, Overloaded> {
         self.check(priority)?;
         self.inner.bulkhead.acquire_as(priority).await
+    }
+
+    /// Like [`acquire`](Self::acquire), returning a permit that owns a handle to the
+    /// bulkhead.
+    pub async fn acquire_owned(&self, priority: Priority) -> Result<OwnedPermit, Overloaded> {
+        self.acquire(priority).await.map(Permit::into_owned)
     }
 
     /// The guarded bulkhead.

@@ -1,11 +1,10 @@
 //! Bulkhead behaviour: admission, waiting, resizing, and release on every path.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use headroom_core::{Classify, ManualClock};
-use headroom_limit::{Bulkhead, Permit, Reason};
+use headroom_limit::{Bulkhead, OwnedPermit, Reason};
 use proptest::prelude::*;
 
 fn bulkhead(max_concurrent: usize, max_queued: usize, max_wait: Duration) -> Bulkhead {
@@ -207,7 +206,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 type Waiter = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Permit, headroom_limit::Overloaded>>>,
+    Box<dyn std::future::Future<Output = Result<OwnedPermit, headroom_limit::Overloaded>>>,
 >;
 
 proptest! {
@@ -218,21 +217,21 @@ proptest! {
     fn permits_follow_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let b = Arc::new(bulkhead(3, 16, Duration::from_secs(3_600)));
-            let mut held: Vec<Permit> = Vec::new();
+            let b = bulkhead(3, 16, Duration::from_secs(3_600));
+            let mut held: Vec<OwnedPermit> = Vec::new();
             let mut waiters: Vec<Waiter> = Vec::new();
             let mut max_limit_since_last_idle = b.limit();
             for op in ops {
                 match op {
-                    Op::TryAcquire => if let Ok(p) = b.try_acquire() { held.push(p) },
+                    Op::TryAcquire => if let Ok(p) = b.try_acquire_owned() { held.push(p) },
                     Op::Release(i) => if !held.is_empty() { drop(held.swap_remove(i % held.len())); },
                     Op::Resize(n) => {
                         b.set_max_concurrent(n).unwrap();
                         max_limit_since_last_idle = max_limit_since_last_idle.max(n);
                     }
                     Op::StartWaiter => {
-                        let b = Arc::clone(&b);
-                        waiters.push(Box::pin(async move { b.acquire().await }));
+                        let b = b.clone();
+                        waiters.push(Box::pin(async move { b.acquire_owned().await }));
                     }
                     Op::CancelWaiter(i) => if !waiters.is_empty() { drop(waiters.swap_remove(i % waiters.len())); },
                 }
@@ -257,4 +256,77 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// The lock-free fast path and the hand-off to waiters, on two threads at once: the limit
+/// is never exceeded, no waiter sleeps past a free permit (the run would stall for the
+/// minute-long `max_wait`), and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_racing_on_fast_path_and_queue_keep_the_invariants() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let limit = 3;
+    let b = bulkhead(limit, 64, Duration::from_secs(60));
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let waited = Arc::new(AtomicUsize::new(0));
+    let run = async {
+        let tasks: Vec<_> = (0..32_u64)
+            .map(|task| {
+                let (b, holding, most) = (b.clone(), Arc::clone(&holding), Arc::clone(&most));
+                let waited = Arc::clone(&waited);
+                tokio::spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed(task);
+                    for _ in 0..300 {
+                        let hold = async |permit| {
+                            waited.fetch_max(b.queued(), Ordering::SeqCst);
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            drop(permit);
+                        };
+                        match rng.u8(0..3) {
+                            0 => {
+                                if let Ok(permit) = b.try_acquire() {
+                                    hold(permit).await;
+                                }
+                            }
+                            1 => hold(b.acquire().await.expect("admitted within a minute")).await,
+                            _ => {
+                                // Gives up after a random number of polls.
+                                let give_up = rng.u32(0..3);
+                                let attempt = std::pin::pin!(b.acquire());
+                                let mut attempt = attempt;
+                                for _ in 0..=give_up {
+                                    if let Some(result) = (&mut attempt).now_or_never() {
+                                        if let Ok(permit) = result {
+                                            hold(permit).await;
+                                        }
+                                        break;
+                                    }
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("no waiter stalls while permits are free");
+    assert!(most.load(Ordering::SeqCst) <= limit);
+    assert!(
+        waited.load(Ordering::SeqCst) > 0,
+        "the queue path was exercised"
+    );
+    assert_eq!((b.in_use(), b.queued()), (0, 0));
+    assert_eq!(drain(&b), limit);
 }

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::BoxError;
 use crate::adaptive::Outcome;
-use crate::{Bulkhead, Overloaded, Permit};
+use crate::{Bulkhead, Overloaded, OwnedPermit};
 
 /// Wraps services in a [`BulkheadService`] sharing one [`Bulkhead`].
 ///
@@ -49,7 +49,7 @@ impl<S> Layer<S> for BulkheadLayer {
     }
 }
 
-/// Runs each request while holding a [`Permit`] of a [`Bulkhead`].
+/// Runs each request while holding an [`OwnedPermit`] of a [`Bulkhead`].
 ///
 /// The permit is taken in `call` (see the [module docs](super)) and held until the response
 /// future completes or is dropped. A request that must wait for a permit takes the ready inner
@@ -78,7 +78,7 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if let Some(permit) = self.bulkhead.try_admit() {
+        if let Some(permit) = self.bulkhead.try_admit_owned() {
             return BulkheadFuture::running(self.inner.call(request), permit);
         }
         if self.bulkhead.max_queued() == 0 {
@@ -88,13 +88,13 @@ where
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let bulkhead = self.bulkhead.clone();
         BulkheadFuture::waiting(Box::pin(async move {
-            let permit = bulkhead.acquire().await?;
+            let permit = bulkhead.acquire_owned().await?;
             Ok((permit, ready.call(request)))
         }))
     }
 }
 
-type Admission<F> = Pin<Box<dyn Future<Output = Result<(Permit, F), Overloaded>> + Send>>;
+type Admission<F> = Pin<Box<dyn Future<Output = Result<(OwnedPermit, F), Overloaded>> + Send>>;
 
 pin_project_lite::pin_project! {
     /// The response future of [`BulkheadService`].
@@ -108,13 +108,13 @@ pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State<F> {
         Waiting { admission: Admission<F> },
-        Running { #[pin] future: F, permit: Option<Permit> },
+        Running { #[pin] future: F, permit: Option<OwnedPermit> },
         Rejected { error: Option<Overloaded> },
     }
 }
 
 impl<F> BulkheadFuture<F> {
-    fn running(future: F, permit: Permit) -> Self {
+    fn running(future: F, permit: OwnedPermit) -> Self {
         Self {
             state: State::Running {
                 future,
