@@ -159,6 +159,7 @@ impl Bulkhead {
     /// Takes a permit if one is free right now; never waits.
     ///
     /// Fails with [`Reason::QueueFull`] when every permit is in use.
+    #[inline]
     pub fn try_acquire(&self) -> Result<Permit<'_>, Overloaded> {
         match self.inner.try_take() {
             Some(started) => Ok(Permit::new(&self.inner, started)),
@@ -168,6 +169,7 @@ impl Bulkhead {
 
     /// Like [`try_acquire`](Self::try_acquire), returning a permit that owns a handle to the
     /// bulkhead.
+    #[inline]
     pub fn try_acquire_owned(&self) -> Result<OwnedPermit, Overloaded> {
         self.try_acquire().map(Permit::into_owned)
     }
@@ -196,6 +198,7 @@ impl Bulkhead {
     }
 
     /// Takes a free permit without counting a refusal when there is none.
+    #[inline]
     pub(crate) fn try_admit_owned(&self) -> Option<OwnedPermit> {
         let started = self.inner.try_take()?;
         Some(Permit::new(&self.inner, started).into_owned())
@@ -285,6 +288,7 @@ type Started = Option<Instant>;
 
 impl Inner {
     /// Takes a free permit, if any.
+    #[inline]
     fn try_take(&self) -> Option<Started> {
         self.take_free()?;
         if self.last_wait_nanos.load(Ordering::Relaxed) != 0 {
@@ -324,6 +328,7 @@ impl Inner {
         }
     }
 
+    #[inline]
     fn admitted(&self) -> Started {
         self.in_flight_gauge.increment(1.0);
         self.metrics.admitted.increment(1);
@@ -343,6 +348,7 @@ impl Inner {
         total.saturating_sub(idle)
     }
 
+    #[inline]
     fn take_free(&self) -> Option<()> {
         self.free
             .0
@@ -354,6 +360,7 @@ impl Inner {
     }
 
     /// Makes `n` permits free, then hands as many as needed to callers already waiting.
+    #[inline]
     fn make_free(&self, n: usize) {
         self.free.0.fetch_add(n, Ordering::SeqCst);
         for _ in 0..n {
@@ -409,6 +416,7 @@ impl Inner {
     }
 
     /// Gives a permit back, first teaching the adaptive limit how the work went.
+    #[inline]
     fn release(&self, started: Started, outcome: Outcome) {
         if let (Some(adaptive), Some(started)) = (&self.adaptive, started) {
             let outcome = if std::thread::panicking() {
@@ -579,6 +587,7 @@ pub struct Permit<'a> {
 }
 
 impl<'a> Permit<'a> {
+    #[inline]
     fn new(inner: &'a Arc<Inner>, started: Started) -> Self {
         Self {
             inner,
@@ -593,6 +602,7 @@ impl<'a> Permit<'a> {
     }
 
     /// The same permit, owning a handle to the bulkhead so it can outlive the borrow.
+    #[inline]
     pub fn into_owned(self) -> OwnedPermit {
         let this = std::mem::ManuallyDrop::new(self);
         OwnedPermit {
@@ -604,6 +614,7 @@ impl<'a> Permit<'a> {
 }
 
 impl Drop for Permit<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.inner.release(self.started, self.outcome);
     }
@@ -634,6 +645,7 @@ impl OwnedPermit {
 }
 
 impl Drop for OwnedPermit {
+    #[inline]
     fn drop(&mut self) {
         self.inner.release(self.started, self.outcome);
     }
