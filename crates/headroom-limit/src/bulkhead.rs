@@ -198,6 +198,7 @@ impl Bulkhead {
     }
 
     /// Takes a free permit without counting a refusal when there is none.
+    #[cfg(feature = "tower")]
     #[inline]
     pub(crate) fn try_admit_owned(&self) -> Option<OwnedPermit> {
         let started = self.inner.try_take()?;
@@ -205,6 +206,7 @@ impl Bulkhead {
     }
 
     /// Refuses a caller that found every permit taken and may not wait.
+    #[cfg(feature = "tower")]
     pub(crate) fn reject_full(&self) -> Overloaded {
         self.inner.reject(Reason::QueueFull, Priority::Default)
     }
