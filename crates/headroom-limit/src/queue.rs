@@ -358,9 +358,14 @@ impl<T> WorkQueue<T> {
             drop(state);
             return Err(self.refuse(item, how.priority, Reason::Closed));
         }
-        let mut shed = Vec::new();
+        // Allocates only when expired items are found; an eviction needs no buffer.
+        let mut expired = Vec::new();
+        let mut evicted = None;
         if state.len >= inner.config.capacity {
-            self.make_room(&mut state, how.priority, now, &mut shed);
+            Self::drop_expired(&mut state, now, &mut expired);
+            if state.len >= inner.config.capacity {
+                evicted = self.evict_for(&mut state, how.priority);
+            }
         }
         let result = if state.len < inner.config.capacity {
             state.classes[how.priority.index()].push_back(Entry {
@@ -375,7 +380,7 @@ impl<T> WorkQueue<T> {
             Err(item)
         };
         drop(state);
-        for (item, rejection) in shed {
+        for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
         match result {
@@ -389,22 +394,19 @@ impl<T> WorkQueue<T> {
         }
     }
 
-    /// Frees one place in a full queue if the policy and priorities allow it.
-    fn make_room(
-        &self,
-        state: &mut State<T>,
-        incoming: Priority,
-        now: Instant,
-        shed: &mut Vec<(T, Overloaded)>,
-    ) {
-        // Expired items hold places for nothing.
+    /// Removes items whose deadline passed: they hold places for nothing.
+    fn drop_expired(state: &mut State<T>, now: Instant, expired: &mut Vec<(T, Overloaded)>) {
+        let is_expired = |entry: &Entry<T>| entry.deadline.is_some_and(|deadline| deadline <= now);
         for class in state.classes.iter_mut() {
+            if !class.iter().any(is_expired) {
+                continue;
+            }
             let before = class.len();
             let mut kept = VecDeque::with_capacity(before);
             for entry in class.drain(..) {
-                if entry.deadline.is_some_and(|deadline| deadline <= now) {
+                if is_expired(&entry) {
                     let rejection = Overloaded::new(Reason::DeadlineExpired, entry.priority);
-                    shed.push((entry.item, rejection));
+                    expired.push((entry.item, rejection));
                 } else {
                     kept.push_back(entry);
                 }
@@ -412,23 +414,24 @@ impl<T> WorkQueue<T> {
             state.len -= before - kept.len();
             *class = kept;
         }
-        if state.len < self.inner.config.capacity {
-            return;
-        }
+    }
+
+    /// Evicts one item from a full queue to make room for `incoming`, if the priorities or
+    /// the overflow policy allow it.
+    fn evict_for(&self, state: &mut State<T>, incoming: Priority) -> Option<(T, Overloaded)> {
         // Less important work makes room for more important work, oldest first.
-        let lowest = Priority::ALL
+        let lower = Priority::ALL
             .iter()
             .rev()
             .find(|p| **p > incoming && !state.classes[p.index()].is_empty());
-        let victim_class = match (lowest, self.inner.config.overflow) {
-            (Some(lower), _) => Some(*lower),
-            (None, Overflow::DropOldest) => Some(incoming),
-            (None, _) => None,
+        let victim_class = match (lower, self.inner.config.overflow) {
+            (Some(lower), _) => *lower,
+            (None, Overflow::DropOldest) => incoming,
+            (None, _) => return None,
         };
-        if let Some(entry) = victim_class.and_then(|p| state.classes[p.index()].pop_front()) {
-            state.len -= 1;
-            shed.push((entry.item, Overloaded::new(Reason::Evicted, entry.priority)));
-        }
+        let entry = state.classes[victim_class.index()].pop_front()?;
+        state.len -= 1;
+        Some((entry.item, Overloaded::new(Reason::Evicted, entry.priority)))
     }
 
     /// Takes the next item to run, waiting while the queue is empty.

@@ -295,3 +295,84 @@ fn bad_configuration_is_a_typed_error() {
         .unwrap_err();
     assert_eq!(err.field(), "codel.target");
 }
+
+mod model {
+    use std::collections::VecDeque;
+
+    use headroom_limit::{Enqueue, Overflow, Priority, Reason, WorkQueue};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push(Priority),
+        Pop,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => prop_oneof![
+                Just(Priority::Critical),
+                Just(Priority::Default),
+                Just(Priority::Sheddable)
+            ]
+            .prop_map(Op::Push),
+            2 => Just(Op::Pop),
+        ]
+    }
+
+    proptest! {
+        /// Against a model of three FIFO classes: capacity is never exceeded, the most
+        /// important class is served first and FIFO within a class, a full queue evicts the
+        /// oldest item of the least important lower class, and otherwise follows the policy.
+        #[test]
+        fn queue_follows_the_model(
+            capacity in 1..6_usize,
+            drop_oldest in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            let overflow = if drop_oldest { Overflow::DropOldest } else { Overflow::RejectNew };
+            let queue: WorkQueue<u32> =
+                WorkQueue::builder("model").capacity(capacity).overflow(overflow).build().unwrap();
+            let mut classes: [VecDeque<u32>; 3] = Default::default();
+            let index = |p: Priority| Priority::ALL.iter().position(|q| *q == p).unwrap();
+            for (id, op) in (0_u32..).zip(ops) {
+                match op {
+                    Op::Push(priority) => {
+                        let len: usize = classes.iter().map(VecDeque::len).sum();
+                        let expected_ok = if len < capacity {
+                            true
+                        } else if let Some(lower) =
+                            (index(priority) + 1..3).rev().find(|&c| !classes[c].is_empty())
+                        {
+                            classes[lower].pop_front();
+                            true
+                        } else if drop_oldest && !classes[index(priority)].is_empty() {
+                            classes[index(priority)].pop_front();
+                            true
+                        } else {
+                            false
+                        };
+                        let pushed = queue.try_push_with(id, Enqueue::new().priority(priority));
+                        match pushed {
+                            Ok(()) => {
+                                prop_assert!(expected_ok);
+                                classes[index(priority)].push_back(id);
+                            }
+                            Err(refused) => {
+                                prop_assert!(!expected_ok);
+                                prop_assert_eq!(refused.rejection().reason(), Reason::QueueFull);
+                            }
+                        }
+                    }
+                    Op::Pop => {
+                        let expected = classes.iter_mut().find_map(VecDeque::pop_front);
+                        prop_assert_eq!(queue.try_pop(), expected);
+                    }
+                }
+                let len: usize = classes.iter().map(VecDeque::len).sum();
+                prop_assert_eq!(queue.len(), len);
+                prop_assert!(len <= capacity);
+            }
+        }
+    }
+}
