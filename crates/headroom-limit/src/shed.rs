@@ -1,0 +1,229 @@
+//! Load shedding: refuse work early, least important first, when the service is saturated.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Rejections;
+use crate::{Bulkhead, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Reason};
+
+/// Configuration of a [`LoadShedder`], loadable with serde (feature `serde`).
+///
+/// Each priority has a threshold on the *load*, a number where 1.0 means saturated. The load
+/// is the larger of:
+///
+/// - concurrency: `(in use + queued) / (limit + max queued)` of the guarded bulkhead (whose
+///   limit may be adaptive), and
+/// - queue delay: the bulkhead's latest queue delay divided by `queue_delay_target`.
+///
+/// Work of a priority is refused once the load reaches its threshold, so with the defaults
+/// sheddable work goes at 70 %, default work at 90 %, and critical work only when the
+/// compartment is full or the queue delay reaches its target.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+pub struct LoadShedConfig {
+    /// Load at which critical work is refused (default 1.0).
+    pub critical_at: f64,
+    /// Load at which default work is refused (default 0.9).
+    pub default_at: f64,
+    /// Load at which sheddable work is refused (default 0.7).
+    pub sheddable_at: f64,
+    /// Queue delay that counts as a load of 1.0; `None` ignores queue delay.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub queue_delay_target: Option<Duration>,
+}
+
+impl Default for LoadShedConfig {
+    fn default() -> Self {
+        Self {
+            critical_at: 1.0,
+            default_at: 0.9,
+            sheddable_at: 0.7,
+            queue_delay_target: None,
+        }
+    }
+}
+
+impl LoadShedConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("critical_at", self.critical_at),
+            ("default_at", self.default_at),
+            ("sheddable_at", self.sheddable_at),
+        ] {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(ConfigError::new(field, "must lie in (0, 1]"));
+            }
+        }
+        if !(self.sheddable_at <= self.default_at && self.default_at <= self.critical_at) {
+            return Err(ConfigError::new(
+                "default_at",
+                "thresholds must not decrease with importance",
+            ));
+        }
+        if self.queue_delay_target == Some(Duration::ZERO) {
+            return Err(ConfigError::new("queue_delay_target", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses work by priority before it reaches a saturated [`Bulkhead`].
+///
+/// A bulkhead alone treats every caller alike: when it is full, whoever comes next is refused.
+/// The shedder looks at how loaded the bulkhead is and refuses the less important classes
+/// first, keeping the remaining room for critical work. Refusals are typed
+/// ([`Overloaded`] with [`Reason::InFlight`], [`Reason::AdaptiveLimit`] or
+/// [`Reason::QueueDelay`]) and counted by priority and reason
+/// (`headroom_limit_rejected_total{shedder, priority, reason}`).
+///
+/// ```
+/// use headroom_limit::{Bulkhead, LoadShedder, Priority, Reason};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let bulkhead = Bulkhead::builder("api").max_concurrent(10).build()?;
+/// let shedder = LoadShedder::builder(bulkhead).build()?;
+/// let mut held = Vec::new();
+/// for _ in 0..7 {
+///     held.push(shedder.acquire(Priority::Default).await?);
+/// }
+/// // 70 % in use: sheddable work is refused, the rest still gets in.
+/// let refused = shedder.check(Priority::Sheddable).unwrap_err();
+/// assert_eq!(refused.reason(), Reason::InFlight);
+/// assert!(shedder.check(Priority::Critical).is_ok());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LoadShedder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    bulkhead: Bulkhead,
+    config: LoadShedConfig,
+    rejections: Rejections,
+}
+
+/// Builds a [`LoadShedder`].
+#[must_use]
+#[derive(Debug)]
+pub struct LoadShedderBuilder {
+    bulkhead: Bulkhead,
+    config: LoadShedConfig,
+}
+
+impl LoadShedder {
+    /// A builder for a shedder guarding `bulkhead` (its metrics carry the bulkhead's name).
+    pub fn builder(bulkhead: Bulkhead) -> LoadShedderBuilder {
+        LoadShedderBuilder {
+            bulkhead,
+            config: LoadShedConfig::default(),
+        }
+    }
+
+    /// Admits or refuses work of `priority` given the current load; takes no permit.
+    pub fn check(&self, priority: Priority) -> Result<(), Overloaded> {
+        let inner = &*self.inner;
+        let Some(reason) = self.saturation(priority) else {
+            return Ok(());
+        };
+        inner.rejections.record(priority, reason);
+        tracing::debug!(shedder = %inner.name, %reason, %priority, "shed");
+        Err(Overloaded::new(reason, priority))
+    }
+
+    /// Why work of `priority` would be refused now, if it would.
+    fn saturation(&self, priority: Priority) -> Option<Reason> {
+        let inner = &*self.inner;
+        let bulkhead = &inner.bulkhead;
+        let threshold = match priority {
+            Priority::Critical => inner.config.critical_at,
+            Priority::Default => inner.config.default_at,
+            Priority::Sheddable => inner.config.sheddable_at,
+        };
+        let capacity = (bulkhead.limit() + bulkhead.max_queued()) as f64;
+        let concurrency = (bulkhead.in_use() + bulkhead.queued()) as f64 / capacity;
+        if concurrency >= threshold {
+            return Some(if bulkhead.adaptive().is_some() {
+                Reason::AdaptiveLimit
+            } else {
+                Reason::InFlight
+            });
+        }
+        let target = inner.config.queue_delay_target?;
+        let delay = bulkhead.queue_delay().as_secs_f64() / target.as_secs_f64();
+        (delay >= threshold).then_some(Reason::QueueDelay)
+    }
+
+    /// Checks the load, then takes a permit from the bulkhead (waiting in its queue if
+    /// allowed). Refusals of the bulkhead itself carry `priority` too.
+    pub async fn acquire(&self, priority: Priority) -> Result<Permit<'_>, Overloaded> {
+        self.check(priority)?;
+        self.inner.bulkhead.acquire_as(priority).await
+    }
+
+    /// Like [`acquire`](Self::acquire), returning a permit that owns a handle to the
+    /// bulkhead.
+    pub async fn acquire_owned(&self, priority: Priority) -> Result<OwnedPermit, Overloaded> {
+        self.acquire(priority).await.map(Permit::into_owned)
+    }
+
+    /// The guarded bulkhead.
+    pub fn bulkhead(&self) -> &Bulkhead {
+        &self.inner.bulkhead
+    }
+
+    /// How much work of `priority` this shedder refused for `reason` since it was built.
+    pub fn rejected(&self, priority: Priority, reason: Reason) -> u64 {
+        self.inner.rejections.count(priority, reason)
+    }
+}
+
+impl fmt::Debug for LoadShedder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadShedder")
+            .field("bulkhead", &self.inner.bulkhead)
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl LoadShedderBuilder {
+    /// Sets the load at which work of `priority` is refused, in (0, 1].
+    pub fn shed_at(mut self, priority: Priority, load: f64) -> Self {
+        match priority {
+            Priority::Critical => self.config.critical_at = load,
+            Priority::Default => self.config.default_at = load,
+            Priority::Sheddable => self.config.sheddable_at = load,
+        }
+        self
+    }
+
+    /// Counts a queue delay of `target` as full load (default: queue delay is ignored).
+    pub fn queue_delay_target(mut self, target: Duration) -> Self {
+        self.config.queue_delay_target = Some(target);
+        self
+    }
+
+    /// Replaces every setting with `config`.
+    pub fn config(mut self, config: LoadShedConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Builds the shedder, or says which setting is out of range.
+    pub fn build(self) -> Result<LoadShedder, ConfigError> {
+        self.config.validate()?;
+        let name: Arc<str> = Arc::from(self.bulkhead.name());
+        Ok(LoadShedder {
+            inner: Arc::new(Inner {
+                rejections: Rejections::new("shedder", &name),
+                name,
+                bulkhead: self.bulkhead,
+                config: self.config,
+            }),
+        })
+    }
+}

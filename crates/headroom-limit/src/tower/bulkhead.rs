@@ -1,0 +1,179 @@
+//! The bulkhead as tower middleware.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::BoxError;
+use crate::adaptive::Outcome;
+use crate::{Bulkhead, Overloaded, OwnedPermit};
+
+/// Wraps services in a [`BulkheadService`] sharing one [`Bulkhead`].
+///
+/// ```
+/// use headroom_limit::Bulkhead;
+/// use headroom_limit::tower::BulkheadLayer;
+/// use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let bulkhead = Bulkhead::builder("inventory").max_concurrent(32).build()?;
+/// let mut service = ServiceBuilder::new()
+///     .layer(BulkheadLayer::new(bulkhead))
+///     .service(service_fn(|n: u32| async move { Ok::<_, std::io::Error>(n * 2) }));
+/// assert_eq!(service.ready().await?.call(21).await?, 42);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct BulkheadLayer {
+    bulkhead: Bulkhead,
+}
+
+impl BulkheadLayer {
+    /// A layer admitting requests through `bulkhead`.
+    pub fn new(bulkhead: Bulkhead) -> Self {
+        Self { bulkhead }
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BulkheadService {
+            inner,
+            bulkhead: self.bulkhead.clone(),
+        }
+    }
+}
+
+/// Runs each request while holding an [`OwnedPermit`] of a [`Bulkhead`].
+///
+/// The permit is taken in `call` (see the [module docs](super)) and held until the response
+/// future completes or is dropped. A request that must wait for a permit takes the ready inner
+/// service with it (leaving a clone behind, hence `S: Clone`) and calls it once admitted.
+/// With an adaptive limit, an `Ok` response reports [`Outcome::Success`] and an `Err`
+/// [`Outcome::Dropped`].
+#[derive(Clone, Debug)]
+pub struct BulkheadService<S> {
+    inner: S,
+    bulkhead: Bulkhead,
+}
+
+impl<S, Req> Service<Req> for BulkheadService<S>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BulkheadFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        if let Some(permit) = self.bulkhead.try_admit_owned() {
+            return BulkheadFuture::running(self.inner.call(request), permit);
+        }
+        if self.bulkhead.max_queued() == 0 {
+            return BulkheadFuture::rejected(self.bulkhead.reject_full());
+        }
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let bulkhead = self.bulkhead.clone();
+        BulkheadFuture::waiting(Box::pin(async move {
+            let permit = bulkhead.acquire_owned().await?;
+            Ok((permit, ready.call(request)))
+        }))
+    }
+}
+
+type Admission<F> = Pin<Box<dyn Future<Output = Result<(OwnedPermit, F), Overloaded>> + Send>>;
+
+pin_project_lite::pin_project! {
+    /// The response future of [`BulkheadService`].
+    pub struct BulkheadFuture<F> {
+        #[pin]
+        state: State<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Waiting { admission: Admission<F> },
+        Running { #[pin] future: F, permit: Option<OwnedPermit> },
+        Rejected { error: Option<Overloaded> },
+    }
+}
+
+impl<F> BulkheadFuture<F> {
+    fn running(future: F, permit: OwnedPermit) -> Self {
+        Self {
+            state: State::Running {
+                future,
+                permit: Some(permit),
+            },
+        }
+    }
+
+    fn waiting(admission: Admission<F>) -> Self {
+        Self {
+            state: State::Waiting { admission },
+        }
+    }
+
+    fn rejected(error: Overloaded) -> Self {
+        Self {
+            state: State::Rejected { error: Some(error) },
+        }
+    }
+}
+
+impl<F, T, E> Future for BulkheadFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project().state.project() {
+                StateProj::Waiting { admission } => match ready!(admission.as_mut().poll(cx)) {
+                    Ok((permit, future)) => {
+                        self.as_mut().project().state.set(State::Running {
+                            future,
+                            permit: Some(permit),
+                        });
+                    }
+                    Err(error) => return Poll::Ready(Err(error.into())),
+                },
+                StateProj::Running { future, permit } => {
+                    let result = ready!(future.poll(cx));
+                    if let Some(mut permit) = permit.take() {
+                        let outcome = match &result {
+                            Ok(_) => Outcome::Success,
+                            Err(_) => Outcome::Dropped,
+                        };
+                        permit.set_outcome(outcome);
+                    }
+                    return Poll::Ready(result.map_err(Into::into));
+                }
+                StateProj::Rejected { error } => {
+                    let error = error.take().map_or_else(
+                        || "bulkhead future polled after completion".into(),
+                        BoxError::from,
+                    );
+                    return Poll::Ready(Err(error));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! tower middleware for the bulkhead, the work queue and the load shedder (feature `tower`).
+//!
+//! | layer | service | readiness | refusal |
+//! |---|---|---|---|
+//! | [`BulkheadLayer`] | [`BulkheadService`] | the inner service's | in `call`: [`Overloaded`] from the bulkhead |
+//! | [`QueueLayer`] | [`QueueService`] | always ready | in `call`: [`Overloaded`] from the queue |
+//! | [`LoadShedLayer`] | [`LoadShedService`] | the inner service's | in `call`: [`Overloaded`] from the shedder |
+//!
+//! # Where permits are taken
+//!
+//! tower's `ConcurrencyLimit` takes its permit in `poll_ready`, so a connection that polled
+//! ready and then sits idle holds a permit that no one else can use. These layers take their
+//! permit (or queue slot) in `call`, in the response future: only requests hold permits.
+//! `poll_ready` passes the inner service's backpressure through unchanged (the queue is
+//! always ready: it is where excess work waits or is refused).
+//!
+//! # Errors
+//!
+//! Every service returns [`BoxError`], as tower's own middleware does, so layers stack. A
+//! refusal is an [`Overloaded`] inside it; find it with `downcast_ref::<Overloaded>()`. Errors
+//! of the inner service are passed through boxed.
+//!
+//! [`Overloaded`]: crate::Overloaded
+
+mod bulkhead;
+mod queue;
+mod shed;
+
+pub use bulkhead::{BulkheadFuture, BulkheadLayer, BulkheadService};
+pub use queue::{QueueFuture, QueueLayer, QueueService};
+pub use shed::{LoadShedFuture, LoadShedLayer, LoadShedService};
+
+use crate::Priority;
+
+/// The error type of these services: the inner service's error or an
+/// [`Overloaded`](crate::Overloaded), boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Tells the priority of a request. Implemented for every `Fn(&Req) -> Priority`.
+pub trait Prioritize<Req> {
+    /// The priority class of `request`.
+    fn priority(&self, request: &Req) -> Priority;
+}
+
+impl<Req, F> Prioritize<Req> for F
+where
+    F: Fn(&Req) -> Priority,
+{
+    fn priority(&self, request: &Req) -> Priority {
+        self(request)
+    }
+}

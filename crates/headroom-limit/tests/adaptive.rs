@@ -1,0 +1,183 @@
+//! Adaptive limits against a simulated service: they settle near its capacity and back off
+//! when its latency rises.
+//!
+//! The service runs `workers` requests at a time for 10 ms each; the rest wait inside it, so
+//! any concurrency above `workers` only adds latency. Forty closed-loop callers go through a
+//! bulkhead whose limit is adaptive. Paused time keeps it deterministic.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use headroom_limit::Bulkhead;
+use headroom_limit::adaptive::{
+    AdaptiveConfig, AdaptiveLimit, AimdConfig, GradientConfig, Outcome,
+};
+use tokio::sync::Semaphore;
+
+const CALLERS: usize = 40;
+const CAPACITY: usize = 10;
+const SERVICE_TIME: Duration = Duration::from_millis(10);
+
+struct Service {
+    workers: Semaphore,
+}
+
+impl Service {
+    async fn call(&self) {
+        let _worker = self.workers.acquire().await.expect("never closed");
+        tokio::time::sleep(SERVICE_TIME).await;
+    }
+}
+
+/// Runs the callers for `duration` and returns the mean limit over its second half.
+async fn run(bulkhead: &Bulkhead, service: &Arc<Service>, duration: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (bulkhead, service, stop) =
+                (bulkhead.clone(), Arc::clone(service), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match bulkhead.acquire().await {
+                        Ok(_permit) => service.call().await,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let steps = duration.as_millis() as usize / 10;
+    let mut sum = 0.0;
+    let mut count = 0.0;
+    for step in 0..steps {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if step >= steps / 2 {
+            sum += bulkhead.limit() as f64;
+            count += 1.0;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for caller in callers {
+        caller.await.expect("caller");
+    }
+    sum / count
+}
+
+async fn converges_and_backs_off(config: AdaptiveConfig) -> (f64, f64) {
+    let bulkhead = Bulkhead::builder("adaptive")
+        .adaptive(config)
+        .max_queued(CALLERS)
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .expect("valid");
+    let service = Arc::new(Service {
+        workers: Semaphore::new(CAPACITY),
+    });
+    let settled = run(&bulkhead, &service, Duration::from_secs(6)).await;
+    // Half the capacity goes away: the same concurrency now queues inside the service and
+    // latency rises.
+    assert_eq!(service.workers.forget_permits(CAPACITY / 2), CAPACITY / 2);
+    let halved = run(&bulkhead, &service, Duration::from_secs(6)).await;
+    println!("settled at {settled:.1} (capacity {CAPACITY}), after halving capacity {halved:.1}");
+    (settled, halved)
+}
+
+#[tokio::test(start_paused = true)]
+async fn gradient_settles_near_capacity_and_backs_off_when_latency_rises() {
+    let (settled, halved) = converges_and_backs_off(AdaptiveConfig::Gradient(GradientConfig {
+        initial_limit: 40,
+        ..GradientConfig::default()
+    }))
+    .await;
+    let capacity = CAPACITY as f64;
+    assert!(
+        (0.7 * capacity..=1.6 * capacity).contains(&settled),
+        "settled at {settled}"
+    );
+    assert!(
+        halved < settled * 0.75 && (0.7 * capacity / 2.0..=1.8 * capacity / 2.0).contains(&halved),
+        "backed off to {halved} from {settled}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_settles_near_capacity_and_backs_off_when_latency_rises() {
+    let (settled, halved) = converges_and_backs_off(AdaptiveConfig::Aimd(AimdConfig {
+        initial_limit: 2,
+        latency_threshold: Some(Duration::from_millis(15)),
+        ..AimdConfig::default()
+    }))
+    .await;
+    let capacity = CAPACITY as f64;
+    assert!(
+        (0.7 * capacity..=1.6 * capacity).contains(&settled),
+        "settled at {settled}"
+    );
+    assert!(
+        halved < settled * 0.75 && (0.7 * capacity / 2.0..=1.8 * capacity / 2.0).contains(&halved),
+        "backed off to {halved} from {settled}"
+    );
+}
+
+#[test]
+fn aimd_grows_only_while_used_and_backs_off_on_drops() {
+    let limit = AdaptiveLimit::new(
+        "aimd",
+        AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 10,
+            min_limit: 4,
+            max_limit: 12,
+            ..AimdConfig::default()
+        }),
+    )
+    .unwrap();
+    let rtt = Duration::from_millis(5);
+    assert_eq!(
+        limit.sample(rtt, 2, Outcome::Success),
+        10,
+        "idle: no growth"
+    );
+    assert_eq!(limit.sample(rtt, 10, Outcome::Success), 11);
+    assert_eq!(limit.sample(rtt, 11, Outcome::Success), 12);
+    assert_eq!(limit.sample(rtt, 12, Outcome::Success), 12, "capped at max");
+    assert_eq!(limit.sample(rtt, 12, Outcome::Ignored), 12);
+    assert_eq!(limit.sample(rtt, 12, Outcome::Dropped), 10);
+    for _ in 0..20 {
+        limit.sample(rtt, 12, Outcome::Dropped);
+    }
+    assert_eq!(limit.limit(), 4, "floored at min");
+}
+
+#[test]
+fn invalid_adaptive_configuration_is_a_typed_error() {
+    let bad = |config| AdaptiveLimit::new("bad", config).unwrap_err().field();
+    assert_eq!(
+        bad(AdaptiveConfig::Aimd(AimdConfig {
+            min_limit: 0,
+            ..AimdConfig::default()
+        })),
+        "min_limit"
+    );
+    assert_eq!(
+        bad(AdaptiveConfig::Aimd(AimdConfig {
+            backoff_ratio: 1.5,
+            ..AimdConfig::default()
+        })),
+        "backoff_ratio"
+    );
+    assert_eq!(
+        bad(AdaptiveConfig::Gradient(GradientConfig {
+            initial_limit: 5_000,
+            ..GradientConfig::default()
+        })),
+        "initial_limit"
+    );
+    assert_eq!(
+        bad(AdaptiveConfig::Gradient(GradientConfig {
+            rtt_tolerance: f64::NAN,
+            ..GradientConfig::default()
+        })),
+        "rtt_tolerance"
+    );
+}

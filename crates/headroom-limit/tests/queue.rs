@@ -1,0 +1,378 @@
+//! Work queue behaviour: overflow policies, priorities, deadlines, CoDel, adaptive LIFO and
+//! cancellation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::ManualClock;
+use headroom_limit::{
+    CodelConfig, Enqueue, Overflow, Overloaded, Priority, Reason, WorkQueue, WorkQueueBuilder,
+};
+use parking_lot::Mutex;
+
+type Shed = Arc<Mutex<Vec<(u32, Reason)>>>;
+
+fn recording(builder: WorkQueueBuilder<u32>) -> (WorkQueue<u32>, Shed) {
+    let shed: Shed = Arc::default();
+    let sink = Arc::clone(&shed);
+    let queue = builder
+        .on_shed(move |item, rejection: Overloaded| sink.lock().push((item, rejection.reason())))
+        .build()
+        .expect("valid queue");
+    (queue, shed)
+}
+
+fn drain(queue: &WorkQueue<u32>) -> Vec<u32> {
+    std::iter::from_fn(|| queue.try_pop()).collect()
+}
+
+#[tokio::test]
+async fn reject_new_hands_the_item_back() {
+    let (queue, shed) = recording(WorkQueue::builder("q").capacity(2));
+    queue.try_push(1).unwrap();
+    queue.try_push(2).unwrap();
+    let refused = queue.try_push(3).unwrap_err();
+    assert_eq!(refused.rejection().reason(), Reason::QueueFull);
+    assert_eq!(refused.into_item(), 3);
+    assert_eq!(drain(&queue), [1, 2]);
+    assert!(shed.lock().is_empty());
+    assert_eq!(queue.rejected(Priority::Default, Reason::QueueFull), 1);
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_the_oldest_of_the_class() {
+    let (queue, shed) = recording(
+        WorkQueue::builder("q")
+            .capacity(2)
+            .overflow(Overflow::DropOldest),
+    );
+    for item in 1..=4 {
+        queue.try_push(item).unwrap();
+    }
+    assert_eq!(drain(&queue), [3, 4]);
+    assert_eq!(*shed.lock(), [(1, Reason::Evicted), (2, Reason::Evicted)]);
+}
+
+#[tokio::test]
+async fn more_important_work_evicts_the_least_important_first() {
+    let (queue, shed) = recording(WorkQueue::builder("q").capacity(3));
+    let with = |p| Enqueue::new().priority(p);
+    queue.try_push_with(1, with(Priority::Default)).unwrap();
+    queue.try_push_with(2, with(Priority::Sheddable)).unwrap();
+    queue.try_push_with(3, with(Priority::Sheddable)).unwrap();
+    queue.try_push_with(4, with(Priority::Critical)).unwrap();
+    queue.try_push_with(5, with(Priority::Default)).unwrap();
+    // Full of work at least as important: refused under RejectNew.
+    assert_eq!(
+        queue
+            .try_push_with(6, with(Priority::Sheddable))
+            .unwrap_err()
+            .rejection()
+            .reason(),
+        Reason::QueueFull
+    );
+    assert_eq!(*shed.lock(), [(2, Reason::Evicted), (3, Reason::Evicted)]);
+    // Served most important first.
+    assert_eq!(drain(&queue), [4, 1, 5]);
+}
+
+#[tokio::test]
+async fn expired_items_are_dropped_never_run() {
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let (queue, shed) = recording(WorkQueue::builder("q").capacity(2).clock(clock.clone()));
+    let soon = clock.now() + Duration::from_millis(10);
+    queue
+        .try_push_with(1, Enqueue::new().deadline(soon))
+        .unwrap();
+    queue.try_push(2).unwrap();
+    manual.advance(Duration::from_millis(10));
+    // A full queue first clears expired items to make room.
+    queue.try_push(3).unwrap();
+    assert_eq!(drain(&queue), [2, 3]);
+    assert_eq!(*shed.lock(), [(1, Reason::DeadlineExpired)]);
+    let past = Enqueue::new().deadline(clock.now());
+    assert_eq!(
+        queue
+            .try_push_with(4, past)
+            .unwrap_err()
+            .rejection()
+            .reason(),
+        Reason::DeadlineExpired
+    );
+
+    // Expired while queued and found at pop time.
+    queue
+        .try_push_with(
+            5,
+            Enqueue::new().deadline(clock.now() + Duration::from_millis(1)),
+        )
+        .unwrap();
+    manual.advance(Duration::from_millis(2));
+    assert_eq!(queue.try_pop(), None);
+    assert_eq!(shed.lock().last(), Some(&(5, Reason::DeadlineExpired)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_policy_waits_for_room_then_times_out() {
+    let (queue, _) = recording(
+        WorkQueue::builder("q")
+            .capacity(1)
+            .overflow(Overflow::Wait {
+                timeout: Duration::from_millis(50),
+            }),
+    );
+    queue.push(1).await.unwrap();
+    let producer = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.push(2).await.map_err(|e| e.rejection().reason()) }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(queue.pop().await, Some(1));
+    producer.await.unwrap().expect("got room");
+    let started = tokio::time::Instant::now();
+    let refused = queue.push(3).await.unwrap_err();
+    assert_eq!(refused.rejection().reason(), Reason::WaitTimeout);
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    // try_push never waits.
+    assert_eq!(
+        queue.try_push(4).unwrap_err().rejection().reason(),
+        Reason::QueueFull
+    );
+}
+
+#[tokio::test]
+async fn codel_sheds_items_once_delay_stays_above_target() {
+    let manual = ManualClock::new();
+    let codel = CodelConfig {
+        target: Duration::from_millis(5),
+        interval: Duration::from_millis(100),
+    };
+    let (queue, shed) = recording(
+        WorkQueue::builder("q")
+            .capacity(1_000)
+            .codel(codel)
+            .clock(manual.clock()),
+    );
+    // A standing queue: every item waits 20 ms for a whole interval and more.
+    let mut next = 0;
+    let mut served = 0;
+    for _ in 0..30 {
+        for _ in 0..2 {
+            queue.try_push(next).unwrap();
+            next += 1;
+        }
+        manual.advance(Duration::from_millis(10));
+        if queue.try_pop().is_some() {
+            served += 1;
+        }
+    }
+    let shed = shed.lock();
+    assert!(!shed.is_empty(), "a persistent standing queue must be shed");
+    assert!(shed.iter().all(|(_, reason)| *reason == Reason::QueueDelay));
+    assert!(served > 0);
+    drop(shed);
+
+    // Once the queue drains and delay is low again, nothing more is shed.
+    let before = queue.rejected(Priority::Default, Reason::QueueDelay);
+    while queue.try_pop().is_some() {}
+    for item in 0..50 {
+        queue.try_push(item).unwrap();
+        manual.advance(Duration::from_millis(3));
+        assert_eq!(queue.try_pop(), Some(item));
+    }
+    assert!(queue.rejected(Priority::Default, Reason::QueueDelay) <= before + 1);
+}
+
+#[tokio::test]
+async fn adaptive_lifo_serves_newest_first_only_when_overloaded() {
+    let (queue, _) = recording(WorkQueue::builder("q").capacity(4).adaptive_lifo(true));
+    queue.try_push(1).unwrap();
+    queue.try_push(2).unwrap();
+    // Half full is not overloaded: FIFO.
+    assert_eq!(queue.try_pop(), Some(1));
+    for item in 3..=5 {
+        queue.try_push(item).unwrap();
+    }
+    // More than half full: overloaded, newest first until it is half full again.
+    assert_eq!(queue.try_pop(), Some(5));
+    assert_eq!(queue.try_pop(), Some(4));
+    assert_eq!(queue.try_pop(), Some(2));
+    assert_eq!(queue.try_pop(), Some(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_producers_and_consumers_leak_no_slot_or_item() {
+    for seed in 0..20_u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let queue: WorkQueue<u32> = WorkQueue::builder("q")
+            .capacity(rng.usize(1..5))
+            .overflow(Overflow::Wait {
+                timeout: Duration::from_millis(rng.u64(1..30)),
+            })
+            .build()
+            .unwrap();
+        let pushed = Arc::new(Mutex::new(Vec::new()));
+        let popped = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for item in 0..40_u32 {
+            let (queue, pushed) = (queue.clone(), Arc::clone(&pushed));
+            let cancel = Duration::from_millis(rng.u64(0..20));
+            let start = Duration::from_millis(rng.u64(0..30));
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(start).await;
+                if let Ok(Ok(())) = tokio::time::timeout(cancel, queue.push(item)).await {
+                    pushed.lock().push(item);
+                }
+            }));
+        }
+        for _ in 0..10 {
+            let (queue, popped) = (queue.clone(), Arc::clone(&popped));
+            let cancel = Duration::from_millis(rng.u64(0..40));
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(item)) = tokio::time::timeout(cancel, queue.pop()).await {
+                    popped.lock().push(item);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Whatever is left is still there, and the queue has room for exactly its capacity.
+        popped.lock().extend(std::iter::from_fn(|| queue.try_pop()));
+        let mut pushed = pushed.lock().clone();
+        let mut popped = popped.lock().clone();
+        pushed.sort_unstable();
+        popped.sort_unstable();
+        assert_eq!(
+            pushed, popped,
+            "seed {seed}: every accepted item comes out once"
+        );
+        let capacity = queue.config().capacity;
+        for item in 0..capacity as u32 {
+            queue.try_push(item).unwrap();
+        }
+        assert!(queue.try_push(99).is_err(), "seed {seed}");
+    }
+}
+
+#[tokio::test]
+async fn close_refuses_producers_and_lets_consumers_drain() {
+    let queue: WorkQueue<u32> = WorkQueue::builder("q").build().unwrap();
+    queue.try_push(1).unwrap();
+    let consumer = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            let mut got = Vec::new();
+            while let Some(item) = queue.pop().await {
+                got.push(item);
+            }
+            got
+        }
+    });
+    tokio::task::yield_now().await;
+    queue.close();
+    assert_eq!(
+        queue.try_push(2).unwrap_err().rejection().reason(),
+        Reason::Closed
+    );
+    assert_eq!(consumer.await.unwrap(), [1]);
+}
+
+#[test]
+fn bad_configuration_is_a_typed_error() {
+    let err = WorkQueue::<u32>::builder("q")
+        .capacity(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "capacity");
+    let err = WorkQueue::<u32>::builder("q")
+        .codel(CodelConfig {
+            target: Duration::ZERO,
+            interval: Duration::from_millis(100),
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "codel.target");
+}
+
+mod model {
+    use std::collections::VecDeque;
+
+    use headroom_limit::{Enqueue, Overflow, Priority, Reason, WorkQueue};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push(Priority),
+        Pop,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => prop_oneof![
+                Just(Priority::Critical),
+                Just(Priority::Default),
+                Just(Priority::Sheddable)
+            ]
+            .prop_map(Op::Push),
+            2 => Just(Op::Pop),
+        ]
+    }
+
+    proptest! {
+        /// Against a model of three FIFO classes: capacity is never exceeded, the most
+        /// important class is served first and FIFO within a class, a full queue evicts the
+        /// oldest item of the least important lower class, and otherwise follows the policy.
+        #[test]
+        fn queue_follows_the_model(
+            capacity in 1..6_usize,
+            drop_oldest in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            let overflow = if drop_oldest { Overflow::DropOldest } else { Overflow::RejectNew };
+            let queue: WorkQueue<u32> =
+                WorkQueue::builder("model").capacity(capacity).overflow(overflow).build().unwrap();
+            let mut classes: [VecDeque<u32>; 3] = Default::default();
+            let index = |p: Priority| Priority::ALL.iter().position(|q| *q == p).unwrap();
+            for (id, op) in (0_u32..).zip(ops) {
+                match op {
+                    Op::Push(priority) => {
+                        let len: usize = classes.iter().map(VecDeque::len).sum();
+                        let expected_ok = if len < capacity {
+                            true
+                        } else if let Some(lower) =
+                            (index(priority) + 1..3).rev().find(|&c| !classes[c].is_empty())
+                        {
+                            classes[lower].pop_front();
+                            true
+                        } else if drop_oldest && !classes[index(priority)].is_empty() {
+                            classes[index(priority)].pop_front();
+                            true
+                        } else {
+                            false
+                        };
+                        let pushed = queue.try_push_with(id, Enqueue::new().priority(priority));
+                        match pushed {
+                            Ok(()) => {
+                                prop_assert!(expected_ok);
+                                classes[index(priority)].push_back(id);
+                            }
+                            Err(refused) => {
+                                prop_assert!(!expected_ok);
+                                prop_assert_eq!(refused.rejection().reason(), Reason::QueueFull);
+                            }
+                        }
+                    }
+                    Op::Pop => {
+                        let expected = classes.iter_mut().find_map(VecDeque::pop_front);
+                        prop_assert_eq!(queue.try_pop(), expected);
+                    }
+                }
+                let len: usize = classes.iter().map(VecDeque::len).sum();
+                prop_assert_eq!(queue.len(), len);
+                prop_assert!(len <= capacity);
+            }
+        }
+    }
+}

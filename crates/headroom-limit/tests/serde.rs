@@ -1,0 +1,75 @@
+//! Configurations load from files with human-readable durations.
+#![cfg(feature = "serde")]
+
+use std::time::Duration;
+
+use headroom_limit::adaptive::{AdaptiveConfig, GradientConfig};
+use headroom_limit::{
+    Bulkhead, BulkheadConfig, CodelConfig, LoadShedConfig, Overflow, Priority, QueueConfig,
+    WorkQueue,
+};
+
+#[test]
+fn bulkhead_config_with_adaptive_limit_loads_and_builds() {
+    let config: BulkheadConfig = serde_json::from_str(
+        r#"{
+            "max_queued": 16,
+            "max_wait": "250ms",
+            "adaptive": { "algorithm": "gradient", "initial_limit": 8, "max_limit": 64 }
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(config.max_wait, Duration::from_millis(250));
+    assert_eq!(
+        config.adaptive,
+        Some(AdaptiveConfig::Gradient(GradientConfig {
+            initial_limit: 8,
+            max_limit: 64,
+            ..GradientConfig::default()
+        }))
+    );
+    let bulkhead = Bulkhead::from_config("orders", config).unwrap();
+    assert_eq!((bulkhead.limit(), bulkhead.max_queued()), (8, 16));
+}
+
+#[test]
+fn queue_and_shed_configs_load() {
+    let queue: QueueConfig = serde_json::from_str(
+        r#"{
+            "capacity": 256,
+            "overflow": { "policy": "wait", "timeout": "20ms" },
+            "codel": { "target": "5ms", "interval": "100ms" },
+            "adaptive_lifo": true
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        queue.overflow,
+        Overflow::Wait {
+            timeout: Duration::from_millis(20)
+        }
+    );
+    assert_eq!(queue.codel, Some(CodelConfig::default()));
+    WorkQueue::<u32>::builder("q")
+        .config(queue)
+        .build()
+        .unwrap();
+
+    let shed: LoadShedConfig =
+        serde_json::from_str(r#"{ "sheddable_at": 0.5, "queue_delay_target": "10ms" }"#).unwrap();
+    assert_eq!(shed.sheddable_at, 0.5);
+    assert_eq!(shed.queue_delay_target, Some(Duration::from_millis(10)));
+    let priority: Priority = serde_json::from_str(r#""sheddable""#).unwrap();
+    assert_eq!(priority, Priority::Sheddable);
+}
+
+#[test]
+fn unknown_fields_and_bad_values_are_errors_not_panics() {
+    assert!(serde_json::from_str::<BulkheadConfig>(r#"{ "max_concurent": 4 }"#).is_err());
+    assert!(serde_json::from_str::<BulkheadConfig>(r#"{ "max_wait": "soon" }"#).is_err());
+    let config: BulkheadConfig = serde_json::from_str(r#"{ "max_concurrent": 0 }"#).unwrap();
+    assert_eq!(
+        Bulkhead::from_config("zero", config).unwrap_err().field(),
+        "max_concurrent"
+    );
+}

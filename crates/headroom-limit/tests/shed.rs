@@ -1,0 +1,173 @@
+//! Load shedding by priority: under overload the least important work goes first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::Classify;
+use headroom_limit::{Bulkhead, LoadShedConfig, LoadShedder, Priority, Reason};
+use parking_lot::Mutex;
+
+#[derive(Default, Debug)]
+struct Tally {
+    offered: [usize; 3],
+    completed: [usize; 3],
+    refused_by_shedder: [usize; 3],
+    refused_by_bulkhead: [usize; 3],
+}
+
+fn slot(priority: Priority) -> usize {
+    Priority::ALL
+        .iter()
+        .position(|p| *p == priority)
+        .expect("known")
+}
+
+/// Offered load three times the capacity of 10 workers × 10 ms: 1.5× sheddable, 1.2×
+/// default and 0.3× critical.
+#[tokio::test(start_paused = true)]
+async fn sheddable_work_is_refused_before_critical_work_is_touched() {
+    let bulkhead = Bulkhead::builder("api")
+        .max_concurrent(10)
+        .max_queued(10)
+        .max_wait(Duration::from_millis(50))
+        .build()
+        .expect("valid bulkhead");
+    let shedder = LoadShedder::builder(bulkhead.clone())
+        .shed_at(Priority::Sheddable, 0.5)
+        .shed_at(Priority::Default, 0.75)
+        .build()
+        .expect("valid shedder");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut due = [0.0_f64; 3];
+    let rates = [0.3, 1.2, 1.5];
+    let mut tasks = Vec::new();
+    for _ in 0..2_000 {
+        for priority in Priority::ALL {
+            due[slot(priority)] += rates[slot(priority)];
+            while due[slot(priority)] >= 1.0 {
+                due[slot(priority)] -= 1.0;
+                tally.lock().offered[slot(priority)] += 1;
+                let (shedder, tally) = (shedder.clone(), Arc::clone(&tally));
+                let work = Duration::from_millis(rng.u64(8..=12));
+                tasks.push(tokio::spawn(async move {
+                    match shedder.acquire(priority).await {
+                        Ok(_permit) => {
+                            tokio::time::sleep(work).await;
+                            tally.lock().completed[slot(priority)] += 1;
+                        }
+                        Err(refused) => {
+                            assert!(refused.is_rejected() && refused.is_retryable());
+                            assert_eq!(refused.priority(), priority);
+                            let mut tally = tally.lock();
+                            match refused.reason() {
+                                Reason::InFlight => tally.refused_by_shedder[slot(priority)] += 1,
+                                _ => tally.refused_by_bulkhead[slot(priority)] += 1,
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for task in tasks {
+        task.await.expect("request task");
+    }
+    let tally = tally.lock();
+    println!("{tally:?}");
+    let [critical, default, sheddable] = [0, 1, 2];
+    assert_eq!(
+        tally.completed[critical], tally.offered[critical],
+        "critical untouched"
+    );
+    assert!(tally.refused_by_shedder[sheddable] > 0);
+    let refused_share = |i: usize| {
+        (tally.refused_by_shedder[i] + tally.refused_by_bulkhead[i]) as f64
+            / tally.offered[i] as f64
+    };
+    assert!(refused_share(sheddable) > refused_share(default));
+    assert!(
+        refused_share(sheddable) > 0.9,
+        "sheddable is shed first and most"
+    );
+    let total: usize = tally.completed.iter().sum();
+    assert!(
+        total as f64 >= 0.9 * 2_000.0,
+        "capacity stays in use: {total}"
+    );
+    // Counted by priority and reason.
+    for priority in Priority::ALL {
+        assert_eq!(
+            shedder.rejected(priority, Reason::InFlight) as usize,
+            tally.refused_by_shedder[slot(priority)]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_delay_signal_sheds_low_priority_work() {
+    let bulkhead = Bulkhead::builder("slow")
+        .max_concurrent(1)
+        .max_queued(100)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone())
+        .shed_at(Priority::Sheddable, 1.0)
+        .shed_at(Priority::Default, 1.0)
+        .queue_delay_target(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let held = bulkhead.acquire().await.unwrap();
+    let waiter = tokio::spawn({
+        let shedder = shedder.clone();
+        async move { shedder.acquire(Priority::Default).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    drop(held);
+    waiter.await.unwrap().unwrap();
+    assert!(bulkhead.queue_delay() >= Duration::from_millis(30));
+    assert_eq!(
+        shedder.check(Priority::Sheddable).unwrap_err().reason(),
+        Reason::QueueDelay
+    );
+    // Once a caller gets in without waiting, the signal clears.
+    drop(bulkhead.try_acquire().unwrap());
+    assert!(shedder.check(Priority::Sheddable).is_ok());
+}
+
+#[tokio::test]
+async fn adaptive_bulkhead_reports_the_adaptive_limit_as_reason() {
+    use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig};
+    let bulkhead = Bulkhead::builder("adaptive")
+        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 2,
+            ..AimdConfig::default()
+        }))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone()).build().unwrap();
+    let _a = shedder.acquire(Priority::Critical).await.unwrap();
+    let _b = shedder.acquire(Priority::Critical).await.unwrap();
+    let refused = shedder.check(Priority::Default).unwrap_err();
+    assert_eq!(refused.reason(), Reason::AdaptiveLimit);
+}
+
+#[test]
+fn thresholds_must_not_favour_less_important_work() {
+    let bulkhead = Bulkhead::builder("b").build().unwrap();
+    let err = LoadShedder::builder(bulkhead.clone())
+        .config(LoadShedConfig {
+            sheddable_at: 0.95,
+            ..LoadShedConfig::default()
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "default_at");
+    let err = LoadShedder::builder(bulkhead)
+        .shed_at(Priority::Critical, 1.5)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "critical_at");
+}

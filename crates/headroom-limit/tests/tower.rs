@@ -1,0 +1,289 @@
+//! The tower layers: readiness, where permits are held, refusals and cancellation.
+#![cfg(feature = "tower")]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig};
+use headroom_limit::tower::{BoxError, BulkheadLayer, LoadShedLayer, QueueLayer};
+use headroom_limit::{Bulkhead, LoadShedder, Overflow, Overloaded, Priority, QueueConfig, Reason};
+use tokio::sync::Semaphore;
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+fn reason(error: &BoxError) -> Reason {
+    error
+        .downcast_ref::<Overloaded>()
+        .expect("an Overloaded rejection")
+        .reason()
+}
+
+/// A service that completes each request when the test adds a permit to `gate`.
+fn gated(
+    gate: Arc<Semaphore>,
+    runs: Arc<AtomicUsize>,
+) -> impl Service<
+    u32,
+    Response = u32,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<u32, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |n: u32| {
+        let (gate, runs) = (Arc::clone(&gate), Arc::clone(&runs));
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            gate.acquire().await.expect("open").forget();
+            Ok::<_, Infallible>(n)
+        }
+    })
+}
+
+#[tokio::test]
+async fn bulkhead_permits_are_held_by_requests_not_by_ready_connections() {
+    let bulkhead = Bulkhead::builder("b").max_concurrent(1).build().unwrap();
+    let layer = BulkheadLayer::new(bulkhead.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    // Many idle "connections" that polled ready hold nothing.
+    let mut connections: Vec<_> = (0..8)
+        .map(|_| layer.layer(gated(Arc::clone(&gate), Arc::clone(&runs))))
+        .collect();
+    for connection in &mut connections {
+        connection.ready().await.unwrap();
+    }
+    assert_eq!(bulkhead.in_use(), 0);
+
+    let first = connections[0].call(1);
+    assert_eq!(bulkhead.in_use(), 1);
+    let refused = connections[1].call(2).await.unwrap_err();
+    assert_eq!(reason(&refused), Reason::QueueFull);
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap(), 1);
+    assert_eq!(bulkhead.in_use(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_and_running_requests_release_everything_when_dropped() {
+    let bulkhead = Bulkhead::builder("b")
+        .max_concurrent(1)
+        .max_queued(4)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut service =
+        BulkheadLayer::new(bulkhead.clone()).layer(gated(Arc::clone(&gate), Arc::clone(&runs)));
+    let mut running = Box::pin(service.ready().await.unwrap().call(1));
+    assert!(running.as_mut().now_or_never().is_none());
+    let mut waiting = Box::pin(service.ready().await.unwrap().call(2));
+    assert!(waiting.as_mut().now_or_never().is_none());
+    assert_eq!((bulkhead.in_use(), bulkhead.queued()), (1, 1));
+    drop(waiting);
+    assert_eq!(bulkhead.queued(), 0);
+    drop(running);
+    assert_eq!(bulkhead.in_use(), 0);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the waiting request never ran"
+    );
+
+    // A waiting request runs once a permit frees up.
+    let running = tokio::spawn(service.ready().await.unwrap().call(3));
+    tokio::task::yield_now().await;
+    let waiting = tokio::spawn(service.ready().await.unwrap().call(4));
+    tokio::task::yield_now().await;
+    gate.add_permits(2);
+    assert_eq!(running.await.unwrap().unwrap(), 3);
+    assert_eq!(waiting.await.unwrap().unwrap(), 4);
+    assert_eq!(bulkhead.in_use(), 0);
+}
+
+/// A service that is not ready until told so.
+#[derive(Clone)]
+struct NotReady;
+
+impl Service<u32> for NotReady {
+    type Response = u32;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<u32, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Pending
+    }
+
+    fn call(&mut self, n: u32) -> Self::Future {
+        std::future::ready(Ok(n))
+    }
+}
+
+#[tokio::test]
+async fn inner_backpressure_passes_through_bulkhead_and_shedder() {
+    let bulkhead = Bulkhead::builder("b").build().unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone()).build().unwrap();
+    let mut service = LoadShedLayer::new(shedder, |_: &u32| Priority::Sheddable)
+        .layer(BulkheadLayer::new(bulkhead.clone()).layer(NotReady));
+    assert!(service.ready().now_or_never().is_none());
+    assert_eq!(bulkhead.in_use(), 0);
+}
+
+#[tokio::test]
+async fn shed_layer_refuses_low_priority_requests_under_load() {
+    let bulkhead = Bulkhead::builder("b").max_concurrent(4).build().unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone()).build().unwrap();
+    let mut service = LoadShedLayer::new(shedder.clone(), |n: &u32| {
+        if *n == 0 {
+            Priority::Critical
+        } else {
+            Priority::Sheddable
+        }
+    })
+    .layer(
+        BulkheadLayer::new(bulkhead.clone())
+            .layer(service_fn(|n: u32| async move { Ok::<_, Infallible>(n) })),
+    );
+    let _held: Vec<_> = (0..3).map(|_| bulkhead.try_acquire().unwrap()).collect();
+    let refused = service.ready().await.unwrap().call(7).await.unwrap_err();
+    assert_eq!(reason(&refused), Reason::InFlight);
+    assert_eq!(service.ready().await.unwrap().call(0).await.unwrap(), 0);
+    assert_eq!(shedder.rejected(Priority::Sheddable, Reason::InFlight), 1);
+}
+
+#[tokio::test]
+async fn errors_teach_the_adaptive_limit_through_the_layer() {
+    let bulkhead = Bulkhead::builder("b")
+        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 10,
+            ..AimdConfig::default()
+        }))
+        .build()
+        .unwrap();
+    let mut service =
+        BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|fail: bool| async move {
+            if fail {
+                Err(std::io::Error::other("downstream timed out"))
+            } else {
+                Ok(())
+            }
+        }));
+    let error = service.ready().await.unwrap().call(true).await.unwrap_err();
+    assert!(
+        error.downcast_ref::<std::io::Error>().is_some(),
+        "inner errors pass through"
+    );
+    assert_eq!(bulkhead.limit(), 9);
+}
+
+#[tokio::test]
+async fn queue_layer_serves_by_priority_and_refuses_when_full() {
+    let gate = Arc::new(Semaphore::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let config = QueueConfig {
+        capacity: 2,
+        ..QueueConfig::default()
+    };
+    let layer = QueueLayer::new("q", config, 1, |n: &u32| {
+        if *n >= 100 {
+            Priority::Critical
+        } else {
+            Priority::Default
+        }
+    })
+    .unwrap();
+    let mut service = layer.layer(gated(Arc::clone(&gate), Arc::clone(&runs)));
+    let first = tokio::spawn(service.ready().await.unwrap().call(1));
+    // Let the worker take the first request.
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let low = tokio::spawn(service.ready().await.unwrap().call(2));
+    let high = tokio::spawn(service.ready().await.unwrap().call(100));
+    tokio::task::yield_now().await;
+    let refused = service.ready().await.unwrap().call(3).await.unwrap_err();
+    assert_eq!(reason(&refused), Reason::QueueFull);
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    gate.add_permits(1);
+    assert_eq!(high.await.unwrap().unwrap(), 100);
+    assert!(!low.is_finished(), "the critical request went first");
+    gate.add_permits(1);
+    assert_eq!(low.await.unwrap().unwrap(), 2);
+}
+
+#[tokio::test]
+async fn queue_layer_skips_requests_whose_caller_left_and_stops_with_the_service() {
+    let gate = Arc::new(Semaphore::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer =
+        QueueLayer::new("q", QueueConfig::default(), 1, |_: &u32| Priority::Default).unwrap();
+    let mut service = layer.layer(gated(Arc::clone(&gate), Arc::clone(&runs)));
+    let first = tokio::spawn(service.ready().await.unwrap().call(1));
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let abandoned = service.ready().await.unwrap().call(2);
+    drop(abandoned);
+    let kept = tokio::spawn(service.ready().await.unwrap().call(3));
+    tokio::task::yield_now().await;
+    gate.add_permits(2);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(kept.await.unwrap().unwrap(), 3);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the abandoned request never ran"
+    );
+    // The worker owns a clone of the inner service (and so of `runs`); it lets go once the
+    // last handle to the queue service is dropped.
+    assert!(Arc::strong_count(&runs) > 1);
+    drop(service);
+    for _ in 0..100 {
+        if Arc::strong_count(&runs) == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(Arc::strong_count(&runs), 1, "the worker stopped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_layer_wait_policy_waits_for_room_inside_the_future() {
+    let gate = Arc::new(Semaphore::new(0));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let config = QueueConfig {
+        capacity: 1,
+        overflow: Overflow::Wait {
+            timeout: Duration::from_millis(50),
+        },
+        ..QueueConfig::default()
+    };
+    let layer = QueueLayer::new("q", config, 1, |_: &u32| Priority::Default).unwrap();
+    let mut service = layer.layer(gated(Arc::clone(&gate), Arc::clone(&runs)));
+    let first = tokio::spawn(service.ready().await.unwrap().call(1));
+    while runs.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let queued = tokio::spawn(service.ready().await.unwrap().call(2));
+    tokio::task::yield_now().await;
+    let refused = service.ready().await.unwrap().call(3).await.unwrap_err();
+    assert_eq!(reason(&refused), Reason::WaitTimeout);
+    gate.add_permits(2);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(queued.await.unwrap().unwrap(), 2);
+}
+
+#[test]
+fn queue_layer_rejects_bad_configuration() {
+    assert_eq!(
+        QueueLayer::<u32, _>::new("q", QueueConfig::default(), 0, |_: &u32| Priority::Default)
+            .unwrap_err()
+            .field(),
+        "workers"
+    );
+}
