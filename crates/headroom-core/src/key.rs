@@ -81,21 +81,29 @@ impl Namespace {
     ///
     /// The key part is binary-safe: any bytes are accepted.
     pub fn key(&self, key: impl AsRef<[u8]>) -> Result<Key, KeyError> {
-        let key = key.as_ref();
-        if key.is_empty() {
+        self.key_from_parts(&[key.as_ref()])
+    }
+
+    /// The full key `namespace:` followed by `parts` concatenated, built in one allocation.
+    /// The parts together are the key part, with the limits of [`Namespace::key`].
+    pub fn key_from_parts(&self, parts: &[&[u8]]) -> Result<Key, KeyError> {
+        let len: usize = parts.iter().map(|part| part.len()).sum();
+        if len == 0 {
             return Err(KeyError::Empty { what: "key" });
         }
-        if key.len() > Key::MAX_LEN {
+        if len > Key::MAX_LEN {
             return Err(KeyError::TooLong {
                 what: "key",
-                len: key.len(),
+                len,
                 max: Key::MAX_LEN,
             });
         }
-        let mut full = BytesMut::with_capacity(self.prefix.len() + 1 + key.len());
+        let mut full = BytesMut::with_capacity(self.prefix.len() + 1 + len);
         full.put_slice(&self.prefix);
         full.put_u8(b':');
-        full.put_slice(key);
+        for part in parts {
+            full.put_slice(part);
+        }
         Ok(Key {
             full: full.freeze(),
             prefix_len: self.prefix.len() + 1,

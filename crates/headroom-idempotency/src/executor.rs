@@ -7,7 +7,7 @@ use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
 use headroom_core::{BackendError, Clock, Key, Namespace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{
     IdempotencyConfig, IdempotencyError, IdempotencyKey, InProgressPolicy, InvalidKey, Scope,
@@ -191,7 +191,9 @@ impl<S: LeaseStore> Idempotency<S> {
     ///
     /// `fingerprint` identifies the request (its method, path and body, say): a later request
     /// with the same key and another fingerprint is refused with
-    /// [`IdempotencyError::KeyReused`]. Only its SHA-256 digest is stored.
+    /// [`IdempotencyError::KeyReused`]. Only its 128-bit XXH3 hash is stored: a fast,
+    /// stable hash, not a cryptographic one, which is enough because records are scoped per
+    /// tenant (a crafted collision could only replay the crafter's own earlier response).
     ///
     /// An error from `operation` releases the key so a retry runs again; to store chosen
     /// errors (a declined card, a validation failure), return them inside `T`.
@@ -229,16 +231,8 @@ impl<S: LeaseStore> Idempotency<S> {
         P: FnOnce(&T) -> bool,
     {
         let inner = &self.inner;
-        let record =
-            inner
-                .namespace
-                .key(scope.record_key(key))
-                .map_err(|_| InvalidKey::TooLong {
-                    field: "key",
-                    len: key.as_str().len(),
-                    max: IdempotencyKey::MAX_LEN,
-                })?;
-        let fingerprint = Sha256::digest(fingerprint);
+        let record = scope.record_key(&inner.namespace, key);
+        let fingerprint = xxh3_128(fingerprint).to_be_bytes();
         let wait_until = match inner.config.in_progress {
             InProgressPolicy::Wait { max_wait } => Some(inner.clock.now() + max_wait),
             InProgressPolicy::Reject => None,
@@ -495,7 +489,7 @@ mod tests {
         let store = MemoryLeaseStore::new();
         let idem = Idempotency::builder(store.clone()).build().unwrap();
         let scope = Scope::new("t", "op").unwrap();
-        let fingerprint = Sha256::digest(b"request");
+        let fingerprint = xxh3_128(b"request").to_be_bytes();
         let garbage: [&[u8]; 4] = [
             b"",
             b"\x01",
@@ -505,7 +499,7 @@ mod tests {
         for (i, garbage) in garbage.into_iter().enumerate() {
             // Another program (or a future format) wrote this record.
             let key = IdempotencyKey::new(&format!("k{i}")).unwrap();
-            let record = idem.inner.namespace.key(scope.record_key(&key)).unwrap();
+            let record = scope.record_key(&idem.inner.namespace, &key);
             let Ok(Begin::Acquired { token, .. }) = store
                 .begin(&record, &fingerprint, Duration::from_secs(5))
                 .await

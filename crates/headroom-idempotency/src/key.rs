@@ -1,5 +1,7 @@
 use std::fmt;
 
+use headroom_core::{Key, Namespace};
+
 /// Why an idempotency key or scope was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -154,18 +156,21 @@ impl Scope {
         &self.operation
     }
 
-    /// The record's key part: every field length-prefixed, so no two scopes and keys map to
-    /// the same record whatever characters they hold.
-    pub(crate) fn record_key(&self, key: &IdempotencyKey) -> String {
-        format!(
-            "{}:{}{}:{}{}:{}",
-            self.tenant.len(),
-            self.tenant,
-            self.operation.len(),
-            self.operation,
-            key.0.len(),
-            key.0
-        )
+    /// The record's key in `namespace`: tenant and operation each behind a one-byte length
+    /// (both are at most 255 bytes), then the key, so no two scopes and keys map to the same
+    /// record whatever characters they hold.
+    pub(crate) fn record_key(&self, namespace: &Namespace, key: &IdempotencyKey) -> Key {
+        let tenant_len = [self.tenant.len() as u8];
+        let operation_len = [self.operation.len() as u8];
+        namespace
+            .key_from_parts(&[
+                &tenant_len,
+                self.tenant.as_bytes(),
+                &operation_len,
+                self.operation.as_bytes(),
+                key.0.as_bytes(),
+            ])
+            .expect("1 + 255 + 1 + 255 + 255 bytes fit the key limit")
     }
 }
 
@@ -238,15 +243,19 @@ mod tests {
 
     #[test]
     fn record_keys_cannot_collide_across_scopes() {
-        let key = IdempotencyKey::new("k").unwrap();
-        let a = Scope::new("ab", "c").unwrap().record_key(&key);
-        let b = Scope::new("a", "bc").unwrap().record_key(&key);
-        assert_ne!(a, b);
-        let tricky = IdempotencyKey::new("1:k").unwrap();
-        assert_ne!(
-            Scope::new("t", "o").unwrap().record_key(&tricky),
-            Scope::new("t", "o:1").unwrap().record_key(&key)
-        );
+        let ns = Namespace::new("idem").unwrap();
+        let record = |tenant: &str, operation: &str, key: &str| {
+            Scope::new(tenant, operation)
+                .unwrap()
+                .record_key(&ns, &IdempotencyKey::new(key).unwrap())
+        };
+        assert_ne!(record("ab", "c", "k"), record("a", "bc", "k"));
+        assert_ne!(record("t", "ok", "x"), record("t", "o", "kx"));
+        // A length byte equal to a printable character cannot shift the boundaries either.
+        let a65 = "A".repeat(65);
+        assert_ne!(record(&a65, "o", "k"), record(&"A".repeat(64), "Ao", "k"));
+        let longest = "x".repeat(255);
+        assert_eq!(record(&longest, &longest, &longest).local().len(), 767);
     }
 
     #[test]
