@@ -10,8 +10,7 @@ use serde::de::DeserializeOwned;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{
-    IdempotencyConfig, IdempotencyError, IdempotencyKey, InProgressPolicy, InvalidKey, Scope,
-    StoreFailure,
+    IdempotencyConfig, IdempotencyError, IdempotencyKey, InProgressPolicy, Scope, StoreFailure,
 };
 
 /// The first byte of every stored outcome: the encoding's version.
