@@ -96,15 +96,25 @@ fn classifier_decides_which_errors_count() {
         .expect("runtime");
     runtime.block_on(async {
         for _ in 0..20 {
-            let result = breaker.call(async { Err::<(), _>(Failure::BadRequest) }).await;
-            assert!(matches!(result.unwrap_err().inner(), Some(Failure::BadRequest)));
+            let result = breaker
+                .call(async { Err::<(), _>(Failure::BadRequest) })
+                .await;
+            assert!(matches!(
+                result.unwrap_err().inner(),
+                Some(Failure::BadRequest)
+            ));
         }
         assert_eq!(breaker.state(), State::Closed, "client errors do not count");
         for _ in 0..10 {
-            let _ = breaker.call(async { Err::<(), _>(Failure::Dependency) }).await;
+            let _ = breaker
+                .call(async { Err::<(), _>(Failure::Dependency) })
+                .await;
         }
         assert_eq!(breaker.state(), State::Open);
-        let refused = breaker.call(async { Ok::<_, Failure>(()) }).await.unwrap_err();
+        let refused = breaker
+            .call(async { Ok::<_, Failure>(()) })
+            .await
+            .unwrap_err();
         assert_eq!(refused.kind(), headroom_breaker::ErrorKind::CircuitOpen);
     });
 }
@@ -137,7 +147,10 @@ fn half_open_admits_exactly_the_configured_probes_and_closes_after_them() {
     probes.next().expect("probe").success();
     probes.next().expect("probe").success();
     assert_eq!(breaker.state(), State::HalfOpen);
-    assert!(breaker.try_acquire().is_err(), "finished probes are not replaced");
+    assert!(
+        breaker.try_acquire().is_err(),
+        "finished probes are not replaced"
+    );
     probes.next().expect("probe").success();
     assert_eq!(breaker.state(), State::Closed);
     // Closed again with an empty window: nine failures do not reopen it.
@@ -179,7 +192,9 @@ fn a_failed_probe_reopens_with_a_longer_open_duration() {
 fn stalled_probes_reopen_after_the_maximum_wait_and_fresh_probes_follow() {
     let manual = ManualClock::new();
     let breaker = half_open(&manual);
-    let stuck: Vec<_> = (0..3).map(|_| breaker.try_acquire().expect("probe")).collect();
+    let stuck: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("probe"))
+        .collect();
     manual.advance(Duration::from_secs(29));
     assert!(breaker.try_acquire().is_err());
     assert_eq!(breaker.state(), State::HalfOpen);
@@ -187,7 +202,9 @@ fn stalled_probes_reopen_after_the_maximum_wait_and_fresh_probes_follow() {
     assert!(breaker.try_acquire().is_err());
     assert_eq!(breaker.state(), State::Open, "gave up on the stuck probes");
     manual.advance(Duration::from_secs(20));
-    let fresh: Vec<_> = (0..3).map(|_| breaker.try_acquire().expect("fresh probe")).collect();
+    let fresh: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("fresh probe"))
+        .collect();
     drop(stuck); // the old probes finishing late do not free the new phase's slots
     assert!(breaker.try_acquire().is_err());
     for probe in fresh {
@@ -208,7 +225,9 @@ async fn a_cancelled_probe_frees_its_slot() {
         let mut call = Box::pin(call);
         assert!(futures_poll_once(call.as_mut()).await.is_none());
     }
-    let third = breaker.try_acquire().expect("the cancelled probe's slot is free");
+    let third = breaker
+        .try_acquire()
+        .expect("the cancelled probe's slot is free");
     assert!(breaker.try_acquire().is_err());
     first.success();
     second.success();
@@ -311,7 +330,9 @@ fn isolate_and_reset_by_hand_and_every_transition_is_announced() {
 fn results_admitted_before_a_transition_are_dropped() {
     let manual = ManualClock::new();
     let breaker = breaker(&manual);
-    let early: Vec<_> = (0..10).map(|_| breaker.try_acquire().expect("admitted")).collect();
+    let early: Vec<_> = (0..10)
+        .map(|_| breaker.try_acquire().expect("admitted"))
+        .collect();
     record(&breaker, 10, 0);
     assert_eq!(breaker.state(), State::Open);
     breaker.reset();
@@ -347,7 +368,11 @@ fn a_closed_breaker_is_shared_safely_across_threads() {
     for thread in threads {
         thread.join().expect("thread");
     }
-    assert_eq!(breaker.state(), State::Closed, "10% failures stay under 50%");
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "10% failures stay under 50%"
+    );
 }
 
 #[test]
