@@ -553,6 +553,7 @@ impl<E> CircuitBreaker<E> {
         }
     }
 
+    #[cfg(feature = "tower")]
     pub(crate) fn shared(&self) -> &Shared {
         &self.inner.shared
     }
