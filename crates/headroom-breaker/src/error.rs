@@ -16,7 +16,8 @@ pub struct CircuitOpen {
 }
 
 impl CircuitOpen {
-    /// How long until the breaker lets probe calls through again; `None` while it is isolated.
+    /// How long until the breaker lets probe calls through again; `None` when that is not
+    /// known: while it is isolated, or half-open with every probe slot taken.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }

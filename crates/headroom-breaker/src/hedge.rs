@@ -205,7 +205,8 @@ impl Hedge {
         Fut: Future<Output = Result<T, E>>,
     {
         let inner = &*self.inner;
-        let start = inner.clock.now();
+        // Only a percentile delay needs the latency of this attempt.
+        let start = inner.latencies.as_ref().map(|_| inner.clock.now());
         let delay = self.delay();
         let mut primary = pin!(Some(op()));
         let mut timer = pin!(inner.clock.sleep(delay));
@@ -264,7 +265,7 @@ impl Hedge {
         })
         .await;
         if result.is_ok()
-            && let Some(latencies) = &inner.latencies
+            && let (Some(latencies), Some(start)) = (&inner.latencies, start)
         {
             latencies.record(inner.clock.now().saturating_duration_since(start));
         }

@@ -61,6 +61,11 @@ mod timeout;
 pub mod tower;
 mod window;
 
+/// The guide, `docs/breaker.md`, whose examples are compiled as doc tests.
+#[cfg(all(doctest, feature = "serde"))]
+#[doc = include_str!("../../../docs/breaker.md")]
+mod guide {}
+
 pub use breaker::{CircuitBreaker, CircuitBreakerBuilder, Permit, Reason, State, Transition};
 pub use budget::{RetryBudget, RetryBudgetBuilder};
 pub use config::{
