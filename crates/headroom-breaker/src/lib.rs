@@ -13,7 +13,7 @@
 //!   the others are cancelled; bounded by the budget.
 //! - [`Fallback`]: the answer when everything else failed.
 //! - [`Pipeline`]: all of them in one documented order, on async closures, and as tower layers
-//!   with the `tower` feature ([`tower`] module).
+//!   with the `tower` feature (the `tower` module).
 //!
 //! Errors are typed: [`Error`] wraps the operation's own error or one of the cheap rejections
 //! [`CircuitOpen`] and [`Elapsed`], or reports a spent budget, and implements
