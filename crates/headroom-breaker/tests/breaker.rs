@@ -388,3 +388,25 @@ fn invalid_settings_are_typed_errors() {
         .unwrap_err();
     assert_eq!(error.field(), "half_open_probes");
 }
+
+#[tokio::test]
+async fn a_probe_that_panics_frees_its_slot() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let first = breaker.try_acquire().expect("probe");
+    let second = breaker.try_acquire().expect("probe");
+    let panicking = breaker.clone();
+    let task = tokio::spawn(async move {
+        panicking
+            .call(async { panic!("user code panicked") as Result<(), Failure> })
+            .await
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let third = breaker
+        .try_acquire()
+        .expect("the panicked probe's slot is free");
+    first.success();
+    second.success();
+    third.success();
+    assert_eq!(breaker.state(), State::Closed);
+}

@@ -257,3 +257,33 @@ async fn hedging_cuts_the_long_tail_within_its_budget() {
     assert!(hedges >= 10, "the slow calls were hedged: {hedges}");
     assert!(hedges <= 50, "at most 5% of 1000 requests: {hedges}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn when_everything_is_slow_the_budget_bounds_the_hedges() {
+    let budget = RetryBudget::builder()
+        .ratio(0.1)
+        .min_per_second(0)
+        .build()
+        .expect("budget");
+    let hedge = Hedge::builder()
+        .delay(Duration::from_millis(10))
+        .budget(budget)
+        .build()
+        .expect("hedge");
+    let tally = Tally::default();
+    let calls = AtomicU64::new(0);
+    for _ in 0..200 {
+        hedge
+            .call(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                work(&tally, Duration::from_millis(200))
+            })
+            .await
+            .expect("call");
+    }
+    let hedges = calls.load(Ordering::SeqCst) - 200;
+    assert!(
+        (1..=20).contains(&hedges),
+        "at most 10% of 200 requests: {hedges}"
+    );
+}
