@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use crate::error::{ConfigError, check};
 
-/// The largest count window and the most buckets a time window may have.
+/// The largest count window (one byte per call) and the most half-open probes.
 const MAX_WINDOW_SLOTS: u32 = 1 << 20;
+/// The most buckets a time window may have (a cache line each, per core).
+const MAX_TIME_BUCKETS: u32 = 1024;
 
 /// How a breaker's sliding window measures recent calls.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,9 +44,9 @@ impl WindowConfig {
             ),
             Self::Time { length, buckets } => {
                 check(
-                    (1..=MAX_WINDOW_SLOTS).contains(&buckets),
+                    (1..=MAX_TIME_BUCKETS).contains(&buckets),
                     "window.buckets",
-                    "between 1 and 1048576",
+                    "between 1 and 1024",
                 )?;
                 check(
                     length.as_nanos() >= u128::from(buckets),

@@ -29,13 +29,14 @@ fn stripe_index() -> usize {
 
 const EMPTY: u64 = u64::MAX;
 
+/// A cache line of its own, so that threads writing to different stripes never share one.
+#[repr(align(64))]
 struct Bucket<const K: usize> {
     epoch: AtomicU64,
     counts: [AtomicI64; K],
 }
 
-/// One thread's buckets, on cache lines of their own.
-#[repr(align(128))]
+/// One thread's buckets.
 struct Stripe<const K: usize> {
     buckets: Box<[Bucket<K>]>,
 }
