@@ -79,16 +79,13 @@ impl Latencies {
     }
 
     fn recompute(&self) {
-        let counts: Vec<u64> = self
-            .counts
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
+        // Two passes over the live counts: concurrent records may shift the result by a
+        // sample, which a percentile estimate tolerates.
+        let total: u64 = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
         let target = (self.percentile * total as f64).ceil() as u64;
         let mut seen = 0;
-        for (bucket, count) in counts.iter().enumerate() {
-            seen += count;
+        for (bucket, count) in self.counts.iter().enumerate() {
+            seen += count.load(Ordering::Relaxed);
             if seen >= target.max(1) {
                 self.cached_micros
                     .store(upper_bound_of(bucket), Ordering::Relaxed);
