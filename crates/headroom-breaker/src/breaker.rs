@@ -1,0 +1,786 @@
+//! The circuit breaker: stop calling a dependency that is failing, probe it, resume.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use headroom_core::Clock;
+use metrics::{Counter, Gauge};
+use parking_lot::Mutex;
+use tokio::sync::broadcast;
+
+use crate::config::{BreakerConfig, WindowConfig};
+use crate::error::{CircuitOpen, ConfigError, Error, Predicate};
+use crate::window::{Sample, Window};
+
+/// Where a breaker is in its cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum State {
+    /// Calls go through and are counted.
+    Closed,
+    /// Calls are refused until the open duration has passed.
+    Open,
+    /// A bounded number of probe calls go through; the rest are refused.
+    HalfOpen,
+    /// Refused by hand until [`CircuitBreaker::reset`].
+    Isolated,
+}
+
+impl State {
+    const fn from_bits(bits: u64) -> Self {
+        match bits & 3 {
+            CLOSED => Self::Closed,
+            OPEN => Self::Open,
+            HALF_OPEN => Self::HalfOpen,
+            _ => Self::Isolated,
+        }
+    }
+
+    const fn bits(self) -> u64 {
+        match self {
+            Self::Closed => CLOSED,
+            Self::Open => OPEN,
+            Self::HalfOpen => HALF_OPEN,
+            Self::Isolated => ISOLATED,
+        }
+    }
+
+    /// The name used in metrics and traces.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+            Self::Isolated => "isolated",
+        }
+    }
+}
+
+/// Why a breaker changed state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// The failure ratio reached its threshold with enough calls in the window.
+    FailureRatio,
+    /// The slow-call ratio reached its threshold with enough calls in the window.
+    SlowCallRatio,
+    /// The open duration passed.
+    OpenElapsed,
+    /// Every half-open probe succeeded.
+    ProbesSucceeded,
+    /// A half-open probe failed or was slow.
+    ProbeFailed,
+    /// The probes did not finish within the half-open maximum wait.
+    ProbesStalled,
+    /// [`CircuitBreaker::isolate`] was called.
+    Isolated,
+    /// [`CircuitBreaker::reset`] was called.
+    Reset,
+}
+
+/// A state change, as sent to [`CircuitBreaker::subscribe`] receivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transition {
+    /// The state left.
+    pub from: State,
+    /// The state entered.
+    pub to: State,
+    /// Why.
+    pub reason: Reason,
+    /// When, on the breaker's clock.
+    pub at: Instant,
+}
+
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const ISOLATED: u64 = 3;
+const PROBE_COUNT_MASK: u64 = u32::MAX as u64;
+
+/// The admission a call holds: the state word it was admitted under and its start time.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    word: u64,
+    start_nanos: u64,
+}
+
+/// How an admitted call ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Success,
+    Failure,
+    /// An error the classifier says is not the dependency's fault.
+    Ignored,
+    /// The call's future was dropped before it finished.
+    Cancelled,
+}
+
+/// Counters registered once, so that recording a call costs one handle increment.
+struct Metrics {
+    success: Counter,
+    failure: Counter,
+    ignored: Counter,
+    cancelled: Counter,
+    rejected: Counter,
+    slow: Counter,
+    state: Gauge,
+}
+
+impl Metrics {
+    fn new(name: &Arc<str>) -> Self {
+        let calls = |outcome: &'static str| metrics::counter!("headroom_breaker_calls_total", "breaker" => name.to_string(), "outcome" => outcome);
+        Self {
+            success: calls("success"),
+            failure: calls("failure"),
+            ignored: calls("ignored"),
+            cancelled: calls("cancelled"),
+            rejected: calls("rejected"),
+            slow: metrics::counter!("headroom_breaker_slow_calls_total", "breaker" => name.to_string()),
+            state: metrics::gauge!("headroom_breaker_state", "breaker" => name.to_string()),
+        }
+    }
+}
+
+/// Bookkeeping changed only while making a transition.
+struct Recovery {
+    /// Openings since the breaker was last closed: drives the open-duration backoff.
+    opens: u32,
+    probes_succeeded: u32,
+}
+
+/// The breaker state every clone shares.
+pub(crate) struct Shared {
+    name: Arc<str>,
+    config: BreakerConfig,
+    clock: Clock,
+    origin: Instant,
+    /// Generation (upper 62 bits) and state (lower 2 bits): one load tells a call what to do,
+    /// and a result recorded under an older generation is dropped.
+    state: AtomicU64,
+    open_until: AtomicU64,
+    half_open_since: AtomicU64,
+    /// Half-open probes admitted (lower 32 bits), tagged with the generation (upper 32 bits),
+    /// so that a late release can never touch the count of a later half-open phase.
+    probes: AtomicU64,
+    recovery: Mutex<Recovery>,
+    window: Window,
+    slow_nanos: Option<u64>,
+    events: broadcast::Sender<Transition>,
+    metrics: Metrics,
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn probe_tag(word: u64) -> u64 {
+    (word >> 2) << 32
+}
+
+impl Shared {
+    fn now_nanos(&self) -> u64 {
+        nanos(self.clock.now().saturating_duration_since(self.origin))
+    }
+
+    fn rejected(&self, retry_after: Option<Duration>) -> CircuitOpen {
+        self.metrics.rejected.increment(1);
+        CircuitOpen { retry_after }
+    }
+
+    fn ticket(&self, word: u64) -> Ticket {
+        Ticket {
+            word,
+            start_nanos: if self.slow_nanos.is_some() {
+                self.now_nanos()
+            } else {
+                0
+            },
+        }
+    }
+
+    pub(crate) fn acquire(&self) -> Result<Ticket, CircuitOpen> {
+        let mut word = self.state.load(Ordering::Acquire);
+        // Each pass either returns or follows a transition another pass cannot undo
+        // (open -> half-open), so three passes always suffice.
+        for _ in 0..3 {
+            match word & 3 {
+                CLOSED => return Ok(self.ticket(word)),
+                OPEN => {
+                    let now = self.now_nanos();
+                    let until = self.open_until.load(Ordering::Acquire);
+                    if now < until {
+                        return Err(self.rejected(Some(Duration::from_nanos(until - now))));
+                    }
+                    self.transition(word, State::HalfOpen, Reason::OpenElapsed);
+                    word = self.state.load(Ordering::Acquire);
+                }
+                HALF_OPEN => return self.admit_probe(word),
+                _ => return Err(self.rejected(None)),
+            }
+        }
+        Err(self.rejected(None))
+    }
+
+    fn admit_probe(&self, word: u64) -> Result<Ticket, CircuitOpen> {
+        let tag = probe_tag(word);
+        let limit = u64::from(self.config.half_open_probes);
+        let mut probes = self.probes.load(Ordering::Acquire);
+        while probes & !PROBE_COUNT_MASK == tag && probes & PROBE_COUNT_MASK < limit {
+            match self.probes.compare_exchange_weak(
+                probes,
+                probes + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(self.ticket(word)),
+                Err(current) => probes = current,
+            }
+        }
+        let now = self.now_nanos();
+        let since = self.half_open_since.load(Ordering::Acquire);
+        if now.saturating_sub(since) >= nanos(self.config.half_open_max_wait)
+            && self.transition(word, State::Open, Reason::ProbesStalled)
+        {
+            let until = self.open_until.load(Ordering::Acquire);
+            return Err(self.rejected(Some(Duration::from_nanos(until.saturating_sub(now)))));
+        }
+        Err(self.rejected(None))
+    }
+
+    fn release_probe(&self, word: u64) {
+        let tag = probe_tag(word);
+        let mut probes = self.probes.load(Ordering::Acquire);
+        while probes & !PROBE_COUNT_MASK == tag && probes & PROBE_COUNT_MASK > 0 {
+            match self.probes.compare_exchange_weak(
+                probes,
+                probes - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(current) => probes = current,
+            }
+        }
+    }
+
+    pub(crate) fn finish(&self, ticket: Ticket, outcome: Outcome) {
+        let timed = self.window.is_timed() || self.slow_nanos.is_some();
+        let now = if timed { self.now_nanos() } else { 0 };
+        let slow = matches!(outcome, Outcome::Success | Outcome::Failure)
+            && self
+                .slow_nanos
+                .is_some_and(|limit| now.saturating_sub(ticket.start_nanos) > limit);
+        if slow {
+            self.metrics.slow.increment(1);
+        }
+        let failure = match outcome {
+            Outcome::Success => {
+                self.metrics.success.increment(1);
+                Some(false)
+            }
+            Outcome::Failure => {
+                self.metrics.failure.increment(1);
+                Some(true)
+            }
+            Outcome::Ignored => {
+                self.metrics.ignored.increment(1);
+                None
+            }
+            Outcome::Cancelled => {
+                self.metrics.cancelled.increment(1);
+                self.config.count_cancelled.then_some(true)
+            }
+        };
+        let sample = failure.map(|failure| Sample { failure, slow });
+        match ticket.word & 3 {
+            CLOSED => {
+                let Some(sample) = sample else { return };
+                if self.state.load(Ordering::Acquire) != ticket.word {
+                    return; // admitted before a transition: its result describes another era
+                }
+                self.window.record(sample, now);
+                if sample.failure || sample.slow {
+                    self.judge(ticket.word, now);
+                }
+            }
+            HALF_OPEN => match sample {
+                None => self.release_probe(ticket.word),
+                Some(sample) if sample.failure || sample.slow => {
+                    self.transition(ticket.word, State::Open, Reason::ProbeFailed);
+                }
+                Some(_) => {
+                    let mut recovery = self.recovery.lock();
+                    if self.state.load(Ordering::Acquire) != ticket.word {
+                        return;
+                    }
+                    recovery.probes_succeeded += 1;
+                    if recovery.probes_succeeded >= self.config.half_open_probes {
+                        self.transition_locked(
+                            &mut recovery,
+                            ticket.word,
+                            State::Closed,
+                            Reason::ProbesSucceeded,
+                        );
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Opens the circuit if the window holds enough calls and a ratio reached its threshold.
+    fn judge(&self, word: u64, now: u64) {
+        let totals = self.window.totals(now);
+        if totals.calls < u64::from(self.config.minimum_calls) {
+            return;
+        }
+        let calls = totals.calls as f64;
+        let reason = if totals.failures as f64 >= self.config.failure_ratio * calls {
+            Reason::FailureRatio
+        } else if self
+            .config
+            .slow_call_ratio
+            .is_some_and(|ratio| totals.slow as f64 >= ratio * calls)
+        {
+            Reason::SlowCallRatio
+        } else {
+            return;
+        };
+        self.transition(word, State::Open, reason);
+    }
+
+    fn transition(&self, from_word: u64, to: State, reason: Reason) -> bool {
+        let mut recovery = self.recovery.lock();
+        self.transition_locked(&mut recovery, from_word, to, reason)
+    }
+
+    /// Moves from `from_word` to `to` unless another transition came first. The caller holds
+    /// the recovery lock, so transitions are serialized; calls never take it in closed state.
+    fn transition_locked(
+        &self,
+        recovery: &mut Recovery,
+        from_word: u64,
+        to: State,
+        reason: Reason,
+    ) -> bool {
+        if self.state.load(Ordering::Acquire) != from_word {
+            return false;
+        }
+        let now = self.now_nanos();
+        let word = (((from_word >> 2) + 1) << 2) | to.bits();
+        match to {
+            State::Open => {
+                recovery.opens = recovery.opens.saturating_add(1);
+                let doubling = 1u32 << (recovery.opens - 1).min(31);
+                let open_for = self
+                    .config
+                    .open_duration
+                    .saturating_mul(doubling)
+                    .min(self.config.max_open_duration);
+                self.open_until
+                    .store(now.saturating_add(nanos(open_for)), Ordering::Release);
+            }
+            State::HalfOpen => {
+                recovery.probes_succeeded = 0;
+                self.probes.store(probe_tag(word), Ordering::Release);
+                self.half_open_since.store(now, Ordering::Release);
+            }
+            State::Closed => {
+                recovery.opens = 0;
+                self.window.reset();
+            }
+            State::Isolated => {}
+        }
+        self.state.store(word, Ordering::Release);
+        let from = State::from_bits(from_word);
+        self.announce(Transition {
+            from,
+            to,
+            reason,
+            at: self.origin + Duration::from_nanos(now),
+        });
+        true
+    }
+
+    fn announce(&self, transition: Transition) {
+        let Transition {
+            from, to, reason, ..
+        } = transition;
+        self.metrics.state.set(to.bits() as f64);
+        metrics::counter!(
+            "headroom_breaker_transitions_total",
+            "breaker" => self.name.to_string(),
+            "from" => from.as_str(),
+            "to" => to.as_str(),
+        )
+        .increment(1);
+        if to == State::Open {
+            tracing::warn!(breaker = %self.name, from = from.as_str(), ?reason, "circuit opened");
+        } else {
+            tracing::info!(breaker = %self.name, from = from.as_str(), to = to.as_str(), ?reason, "circuit state changed");
+        }
+        // No receiver is not an error: events are optional.
+        let _ = self.events.send(transition);
+    }
+}
+
+/// A circuit breaker for calls failing with `E`.
+///
+/// Closed, it counts calls in a sliding window (by count or by time) and opens when, with at
+/// least `minimum_calls` in the window, the failure ratio or the slow-call ratio reaches its
+/// threshold. Open, it refuses calls with [`CircuitOpen`] for the open duration, which doubles
+/// on each reopening up to a maximum. Then it turns half-open and admits exactly
+/// `half_open_probes` calls: if all succeed it closes, if one fails (or is slow) it reopens,
+/// and if they have not all finished within `half_open_max_wait` it reopens too, so that
+/// stuck probes never keep it half-open.
+///
+/// A closed call costs a few atomic operations and takes no lock: the state is one atomic word
+/// and the window's counters are atomics, striped per thread for time windows. Clones share
+/// the breaker.
+///
+/// ```
+/// use std::time::Duration;
+/// use headroom_breaker::{CircuitBreaker, State};
+/// # use headroom_core::ManualClock;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let breaker = CircuitBreaker::<std::io::Error>::builder()
+///     .failure_ratio(0.5)
+///     .count_window(10)
+///     .minimum_calls(4)
+///     .open_duration(Duration::from_secs(5))
+///     .build()?;
+///
+/// // Around a future:
+/// let answer = breaker.call(async { Ok::<_, std::io::Error>(42) }).await?;
+/// assert_eq!(answer, 42);
+///
+/// // Or by hand, with a permit:
+/// if let Ok(permit) = breaker.try_acquire() {
+///     // ... make the call, then:
+///     permit.success();
+/// }
+/// assert_eq!(breaker.state(), State::Closed);
+/// # Ok(())
+/// # }
+/// ```
+pub struct CircuitBreaker<E> {
+    inner: Arc<Inner<E>>,
+}
+
+struct Inner<E> {
+    shared: Shared,
+    counts_as_failure: Predicate<E>,
+}
+
+impl<E> Clone for CircuitBreaker<E> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<E> fmt::Debug for CircuitBreaker<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("name", &self.inner.shared.name)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> CircuitBreaker<E> {
+    /// A builder starting from [`BreakerConfig::default`].
+    pub fn builder() -> CircuitBreakerBuilder<E> {
+        CircuitBreakerBuilder {
+            config: BreakerConfig::default(),
+            name: None,
+            clock: Clock::system(),
+            counts_as_failure: None,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        State::from_bits(self.inner.shared.state.load(Ordering::Acquire))
+    }
+
+    /// The name given at build time (the `breaker` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    /// Asks to make one call. The permit must be told how the call ended; dropping it unused
+    /// counts as a cancelled call.
+    pub fn try_acquire(&self) -> Result<Permit<'_>, CircuitOpen> {
+        let shared = &self.inner.shared;
+        shared.acquire().map(|ticket| Permit {
+            shared,
+            ticket: Some(ticket),
+        })
+    }
+
+    /// Runs `fut` if the breaker admits it and records how it ended: an error counts as a
+    /// failure when the classifier says so, dropping the returned future counts as a cancelled
+    /// call.
+    pub async fn call<T, F>(&self, fut: F) -> Result<T, Error<E>>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let permit = self.try_acquire().map_err(Error::CircuitOpen)?;
+        let result = fut.await.map_err(Error::Inner);
+        self.record(permit, &result);
+        result
+    }
+
+    /// Records the result of a call made under `permit`.
+    pub(crate) fn record<T>(&self, permit: Permit<'_>, result: &Result<T, Error<E>>) {
+        permit.finish(self.outcome(result));
+    }
+
+    pub(crate) fn outcome<T>(&self, result: &Result<T, Error<E>>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(Error::Inner(error)) if !(self.inner.counts_as_failure)(error) => Outcome::Ignored,
+            Err(Error::Inner(_) | Error::Elapsed(_)) => Outcome::Failure,
+            Err(_) => Outcome::Ignored,
+        }
+    }
+
+    #[cfg(feature = "tower")]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// Receives every state change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Transition> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Refuses every call until [`reset`](Self::reset), whatever the window says.
+    pub fn isolate(&self) {
+        let shared = &self.inner.shared;
+        let mut recovery = shared.recovery.lock();
+        let word = shared.state.load(Ordering::Acquire);
+        if word & 3 != ISOLATED {
+            shared.transition_locked(&mut recovery, word, State::Isolated, Reason::Isolated);
+        }
+    }
+
+    /// Closes the breaker and empties its window, from any state.
+    pub fn reset(&self) {
+        let shared = &self.inner.shared;
+        let mut recovery = shared.recovery.lock();
+        let word = shared.state.load(Ordering::Acquire);
+        if word & 3 == CLOSED {
+            shared.window.reset();
+        } else {
+            shared.transition_locked(&mut recovery, word, State::Closed, Reason::Reset);
+        }
+    }
+}
+
+/// Leave to make one call through a [`CircuitBreaker`].
+///
+/// Tell it how the call went with [`success`](Self::success), [`failure`](Self::failure) or
+/// [`ignore`](Self::ignore). Dropping it without doing so records a cancelled call (counted as
+/// a failure only if the breaker is configured so), so a permit held across an `.await` that
+/// is cancelled never leaks a half-open probe slot.
+#[must_use = "a permit records a cancelled call when dropped unused"]
+pub struct Permit<'a> {
+    shared: &'a Shared,
+    ticket: Option<Ticket>,
+}
+
+impl Permit<'_> {
+    /// The call succeeded.
+    pub fn success(self) {
+        self.finish(Outcome::Success);
+    }
+
+    /// The call failed because of the dependency.
+    pub fn failure(self) {
+        self.finish(Outcome::Failure);
+    }
+
+    /// The call ended in a way that says nothing about the dependency's health (for example,
+    /// a client error). It is not counted, and a half-open probe slot it held is freed.
+    pub fn ignore(self) {
+        self.finish(Outcome::Ignored);
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        if let Some(ticket) = self.ticket.take() {
+            self.shared.finish(ticket, outcome);
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.shared.finish(ticket, Outcome::Cancelled);
+        }
+    }
+}
+
+impl fmt::Debug for Permit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("state", &self.ticket.map(|t| State::from_bits(t.word)))
+            .finish()
+    }
+}
+
+/// Builds a [`CircuitBreaker`]; every setting defaults to [`BreakerConfig::default`].
+#[must_use]
+pub struct CircuitBreakerBuilder<E> {
+    config: BreakerConfig,
+    name: Option<Arc<str>>,
+    clock: Clock,
+    counts_as_failure: Option<Predicate<E>>,
+}
+
+impl<E> fmt::Debug for CircuitBreakerBuilder<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerBuilder")
+            .field("config", &self.config)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> CircuitBreakerBuilder<E> {
+    /// Replaces every setting with `config` (for example, one loaded from a file).
+    pub fn config(mut self, config: BreakerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Names the breaker in metrics and traces. Default `"default"`.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The clock measuring windows, open durations and slow calls. Default: the system clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Share of failures that opens the circuit, in (0, 1].
+    pub fn failure_ratio(mut self, ratio: f64) -> Self {
+        self.config.failure_ratio = ratio;
+        self
+    }
+
+    /// Opens the circuit also when `ratio` of the calls in the window took longer than
+    /// `slower_than`.
+    pub fn slow_calls(mut self, ratio: f64, slower_than: Duration) -> Self {
+        self.config.slow_call_ratio = Some(ratio);
+        self.config.slow_call_duration = slower_than;
+        self
+    }
+
+    /// Judges the last `size` calls.
+    pub fn count_window(mut self, size: u32) -> Self {
+        self.config.window = WindowConfig::Count { size };
+        self
+    }
+
+    /// Judges the calls of the last `length`, in `buckets` slices.
+    pub fn time_window(mut self, length: Duration, buckets: u32) -> Self {
+        self.config.window = WindowConfig::Time { length, buckets };
+        self
+    }
+
+    /// Calls the window must hold before it is judged (the minimum throughput).
+    pub fn minimum_calls(mut self, calls: u32) -> Self {
+        self.config.minimum_calls = calls;
+        self
+    }
+
+    /// How long the circuit stays open the first time.
+    pub fn open_duration(mut self, duration: Duration) -> Self {
+        self.config.open_duration = duration;
+        self
+    }
+
+    /// The longest open duration reached by doubling on repeated reopening.
+    pub fn max_open_duration(mut self, duration: Duration) -> Self {
+        self.config.max_open_duration = duration;
+        self
+    }
+
+    /// Probe calls admitted when half-open.
+    pub fn half_open_probes(mut self, probes: u32) -> Self {
+        self.config.half_open_probes = probes;
+        self
+    }
+
+    /// How long half-open waits for its probes before reopening.
+    pub fn half_open_max_wait(mut self, wait: Duration) -> Self {
+        self.config.half_open_max_wait = wait;
+        self
+    }
+
+    /// Whether cancelled calls count as failures.
+    pub fn count_cancelled(mut self, count: bool) -> Self {
+        self.config.count_cancelled = count;
+        self
+    }
+
+    /// Decides which errors count as failures; the others are ignored. Default: all do.
+    /// Timeouts of a pipeline's attempts always count.
+    pub fn failure_if(mut self, counts: impl Fn(&E) -> bool + Send + Sync + 'static) -> Self {
+        self.counts_as_failure = Some(Box::new(counts));
+        self
+    }
+
+    /// Validates the settings and builds the breaker.
+    pub fn build(self) -> Result<CircuitBreaker<E>, ConfigError> {
+        self.config.validate()?;
+        let window = match self.config.window {
+            WindowConfig::Count { size } => Window::count(size),
+            WindowConfig::Time { length, buckets } => Window::time(nanos(length), buckets),
+        };
+        let name = self.name.unwrap_or_else(|| Arc::from("default"));
+        let metrics = Metrics::new(&name);
+        metrics.state.set(0.0);
+        let origin = self.clock.now();
+        let shared = Shared {
+            slow_nanos: self
+                .config
+                .slow_call_ratio
+                .map(|_| nanos(self.config.slow_call_duration)),
+            name,
+            config: self.config,
+            clock: self.clock,
+            origin,
+            state: AtomicU64::new(CLOSED),
+            open_until: AtomicU64::new(0),
+            half_open_since: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+            recovery: Mutex::new(Recovery {
+                opens: 0,
+                probes_succeeded: 0,
+            }),
+            window,
+            events: broadcast::channel(64).0,
+            metrics,
+        };
+        Ok(CircuitBreaker {
+            inner: Arc::new(Inner {
+                shared,
+                counts_as_failure: self.counts_as_failure.unwrap_or_else(|| Box::new(|_| true)),
+            }),
+        })
+    }
+}

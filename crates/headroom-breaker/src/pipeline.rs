@@ -1,0 +1,344 @@
+//! The pipeline: the strategies composed in one fixed, documented order.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::{Classify, Clock};
+
+use crate::breaker::CircuitBreaker;
+use crate::budget::RetryBudget;
+use crate::config::PipelineConfig;
+use crate::error::{ConfigError, Error};
+use crate::fallback::Fallback;
+use crate::hedge::Hedge;
+use crate::retry::{Next, Retry};
+use crate::timeout::Timeout;
+
+/// Borrowed strategies, run in the pipeline order. Every entry point of the crate that makes
+/// attempts goes through [`Parts::call`], so the order is defined in one place.
+pub(crate) struct Parts<'a, E> {
+    pub(crate) retry: Option<&'a Retry<E>>,
+    pub(crate) breaker: Option<&'a CircuitBreaker<E>>,
+    pub(crate) timeout: Option<&'a Timeout>,
+    pub(crate) hedge: Option<&'a Hedge>,
+}
+
+impl<E> Default for Parts<'_, E> {
+    fn default() -> Self {
+        Self {
+            retry: None,
+            breaker: None,
+            timeout: None,
+            hedge: None,
+        }
+    }
+}
+
+impl<E> Parts<'_, E> {
+    pub(crate) async fn call<T, F, Fut>(self, mut op: F) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.deposit();
+        let mut attempt = 1;
+        loop {
+            let error = match self.attempt(&mut op).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            let Some(retry) = self.retry else {
+                return Err(error);
+            };
+            match retry.next(&error, attempt) {
+                Next::Stop => return Err(error),
+                Next::Exhausted => {
+                    return Err(Error::BudgetExhausted {
+                        last: Box::new(error),
+                    });
+                }
+                Next::After(wait) => {
+                    retry.clock().sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One request deposits once in each distinct budget.
+    fn deposit(&self) {
+        let retry_budget = self.retry.and_then(Retry::budget);
+        if let Some(budget) = retry_budget {
+            budget.deposit();
+        }
+        if let Some(budget) = self.hedge.and_then(Hedge::budget)
+            && !retry_budget.is_some_and(|other| RetryBudget::same(budget, other))
+        {
+            budget.deposit();
+        }
+    }
+
+    async fn attempt<T, F, Fut>(&self, op: &mut F) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let permit = match self.breaker {
+            Some(breaker) => Some(breaker.try_acquire().map_err(Error::CircuitOpen)?),
+            None => None,
+        };
+        let result = match (self.timeout, self.hedge) {
+            (Some(timeout), Some(hedge)) => flatten(timeout.call(hedge.run(op)).await),
+            (Some(timeout), None) => flatten(timeout.call(op()).await),
+            (None, Some(hedge)) => hedge.run(op).await.map_err(Error::Inner),
+            (None, None) => op().await.map_err(Error::Inner),
+        };
+        if let (Some(breaker), Some(permit)) = (self.breaker, permit) {
+            breaker.record(permit, &result);
+        }
+        result
+    }
+}
+
+fn flatten<T, E>(result: Result<Result<T, E>, crate::Elapsed>) -> Result<T, Error<E>> {
+    match result {
+        Ok(inner) => inner.map_err(Error::Inner),
+        Err(elapsed) => Err(Error::Elapsed(elapsed)),
+    }
+}
+
+/// Strategies composed in a fixed order, outermost first:
+///
+/// 1. **fallback** ([`call_with_fallback`](Self::call_with_fallback)): replaces the final error;
+/// 2. **retry**: repeats failed attempts, within its budget;
+/// 3. **circuit breaker**: each attempt needs a permit, and its outcome is recorded (a timed-out
+///    attempt is a failure);
+/// 4. **timeout**: bounds each attempt, hedges included, and cancels it when reached;
+/// 5. **hedge**: inside an attempt, starts extra calls when the first is slow.
+///
+/// So a retry never waits on an open circuit's attempt, a breaker sees every attempt rather
+/// than every request, and a timeout cancels all the hedged calls of its attempt at once.
+/// Each strategy is optional. The operation is a closure returning a new future per call.
+///
+/// ```
+/// use std::time::Duration;
+/// use headroom_breaker::{CircuitBreaker, Pipeline, Retry, RetryBudget};
+/// use headroom_core::BackendError;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let budget = RetryBudget::builder().ratio(0.2).build()?;
+/// let pipeline = Pipeline::<BackendError>::builder()
+///     .retry(Retry::builder().max_attempts(3).budget(budget).build()?)
+///     .breaker(CircuitBreaker::builder().name("inventory").build()?)
+///     .timeout(Duration::from_millis(250))
+///     .build();
+/// let stock = pipeline.call(|| async { Ok::<_, BackendError>(12) }).await?;
+/// assert_eq!(stock, 12);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Pipeline<E> {
+    retry: Option<Retry<E>>,
+    breaker: Option<CircuitBreaker<E>>,
+    timeout: Option<Timeout>,
+    hedge: Option<Hedge>,
+}
+
+impl<E> Clone for Pipeline<E> {
+    fn clone(&self) -> Self {
+        Self {
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
+            timeout: self.timeout.clone(),
+            hedge: self.hedge.clone(),
+        }
+    }
+}
+
+impl<E> fmt::Debug for Pipeline<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker)
+            .field("timeout", &self.timeout.as_ref().map(Timeout::duration))
+            .field("hedge", &self.hedge)
+            .finish()
+    }
+}
+
+impl<E> Pipeline<E> {
+    /// An empty pipeline builder.
+    pub fn builder() -> PipelineBuilder<E> {
+        PipelineBuilder {
+            pipeline: Pipeline {
+                retry: None,
+                breaker: None,
+                timeout: None,
+                hedge: None,
+            },
+            timeout: None,
+            clock: Clock::system(),
+            name: Arc::from("default"),
+        }
+    }
+
+    fn parts(&self) -> Parts<'_, E> {
+        Parts {
+            retry: self.retry.as_ref(),
+            breaker: self.breaker.as_ref(),
+            timeout: self.timeout.as_ref(),
+            hedge: self.hedge.as_ref(),
+        }
+    }
+
+    /// Runs `op` through every strategy. Each attempt and each hedge is a new call of `op`.
+    pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.parts().call(op).await
+    }
+
+    /// Runs `op` and falls back as `fallback` says when it fails for good.
+    pub async fn call_with_fallback<T, F, Fut>(
+        &self,
+        fallback: &Fallback<T, E>,
+        op: F,
+    ) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        fallback.call(self.call(op)).await
+    }
+
+    /// The circuit breaker, if there is one (to subscribe to its transitions, for example).
+    pub fn breaker(&self) -> Option<&CircuitBreaker<E>> {
+        self.breaker.as_ref()
+    }
+}
+
+impl<E: Classify + 'static> Pipeline<E> {
+    /// A pipeline from configuration, named `name` in metrics, classifying errors with
+    /// [`Classify`]: every error counts as a breaker failure except rejections, and retryable
+    /// errors are retried. One budget, if configured, bounds both retries and hedges.
+    pub fn from_config(
+        config: &PipelineConfig,
+        name: &str,
+        clock: Clock,
+    ) -> Result<Self, ConfigError> {
+        let budget = config
+            .budget
+            .clone()
+            .map(|budget| {
+                RetryBudget::builder()
+                    .config(budget)
+                    .clock(clock.clone())
+                    .build()
+            })
+            .transpose()?;
+        let mut builder = Self::builder().name(name).clock(clock.clone());
+        if let Some(timeout) = config.timeout {
+            builder = builder.timeout(timeout);
+        }
+        if let Some(breaker) = &config.breaker {
+            builder = builder.breaker(
+                CircuitBreaker::builder()
+                    .config(breaker.clone())
+                    .name(name)
+                    .clock(clock.clone())
+                    .failure_if(|error: &E| !error.is_rejected())
+                    .build()?,
+            );
+        }
+        if let Some(retry) = &config.retry {
+            let mut retry = Retry::builder()
+                .config(retry.clone())
+                .name(name)
+                .clock(clock.clone());
+            if let Some(budget) = &budget {
+                retry = retry.budget(budget.clone());
+            }
+            builder = builder.retry(retry.build()?);
+        }
+        if let Some(hedge) = &config.hedge {
+            let mut hedge = Hedge::builder()
+                .config(hedge.clone())
+                .name(name)
+                .clock(clock);
+            if let Some(budget) = budget {
+                hedge = hedge.budget(budget);
+            }
+            builder = builder.hedge(hedge.build()?);
+        }
+        Ok(builder.build())
+    }
+}
+
+/// Builds a [`Pipeline`] from strategies built beforehand.
+#[must_use]
+pub struct PipelineBuilder<E> {
+    pipeline: Pipeline<E>,
+    timeout: Option<Duration>,
+    clock: Clock,
+    name: Arc<str>,
+}
+
+impl<E> fmt::Debug for PipelineBuilder<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineBuilder")
+            .field("pipeline", &self.pipeline)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E> PipelineBuilder<E> {
+    /// Retries failed attempts.
+    pub fn retry(mut self, retry: Retry<E>) -> Self {
+        self.pipeline.retry = Some(retry);
+        self
+    }
+
+    /// Guards every attempt with `breaker` (clones share its state).
+    pub fn breaker(mut self, breaker: CircuitBreaker<E>) -> Self {
+        self.pipeline.breaker = Some(breaker);
+        self
+    }
+
+    /// Limits each attempt to `after`, measured on the pipeline's clock.
+    pub fn timeout(mut self, after: Duration) -> Self {
+        self.timeout = Some(after);
+        self
+    }
+
+    /// Hedges slow attempts.
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        self.pipeline.hedge = Some(hedge);
+        self
+    }
+
+    /// The clock of the timeout. Default: the system clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The `pipeline` label of the timeout metric. Default `"default"`.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The pipeline.
+    pub fn build(mut self) -> Pipeline<E> {
+        self.pipeline.timeout = self
+            .timeout
+            .map(|after| Timeout::named(after, self.clock, &self.name));
+        self.pipeline
+    }
+}

@@ -1,0 +1,74 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use pin_project_lite::pin_project;
+
+use crate::breaker::{Outcome, Ticket};
+use crate::{CircuitBreaker, CircuitOpen, Error};
+
+pin_project! {
+    /// The response future of [`CircuitBreakerService`](super::CircuitBreakerService).
+    ///
+    /// Dropping it before it completes records a cancelled call.
+    pub struct ResponseFuture<F, E> {
+        #[pin]
+        inner: Option<F>,
+        admission: Option<(CircuitBreaker<E>, Ticket)>,
+        open: CircuitOpen,
+    }
+
+    impl<F, E> PinnedDrop for ResponseFuture<F, E> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some((breaker, ticket)) = this.project().admission.take() {
+                breaker.shared().finish(ticket, Outcome::Cancelled);
+            }
+        }
+    }
+}
+
+impl<F, E> ResponseFuture<F, E> {
+    pub(super) fn admitted(inner: F, breaker: CircuitBreaker<E>, ticket: Ticket) -> Self {
+        Self {
+            inner: Some(inner),
+            admission: Some((breaker, ticket)),
+            open: CircuitOpen { retry_after: None },
+        }
+    }
+
+    pub(super) fn rejected(open: CircuitOpen) -> Self {
+        Self {
+            inner: None,
+            admission: None,
+            open,
+        }
+    }
+}
+
+impl<F, E> fmt::Debug for ResponseFuture<F, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("admitted", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    type Output = Result<T, Error<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(Error::CircuitOpen(*this.open)));
+        };
+        let result = ready!(inner.poll(cx)).map_err(Error::Inner);
+        if let Some((breaker, ticket)) = this.admission.take() {
+            breaker.shared().finish(ticket, breaker.outcome(&result));
+        }
+        Poll::Ready(result)
+    }
+}

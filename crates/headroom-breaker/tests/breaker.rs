@@ -1,0 +1,412 @@
+//! The circuit breaker's state machine on a manual clock.
+
+use std::future::pending;
+use std::time::Duration;
+
+use headroom_breaker::{CircuitBreaker, Reason, State};
+use headroom_core::ManualClock;
+
+#[derive(Debug, PartialEq)]
+enum Failure {
+    Dependency,
+    BadRequest,
+}
+
+fn breaker(manual: &ManualClock) -> CircuitBreaker<Failure> {
+    CircuitBreaker::builder()
+        .clock(manual.clock())
+        .count_window(10)
+        .minimum_calls(10)
+        .failure_ratio(0.5)
+        .open_duration(Duration::from_secs(10))
+        .max_open_duration(Duration::from_secs(40))
+        .half_open_probes(3)
+        .half_open_max_wait(Duration::from_secs(30))
+        .failure_if(|error| *error == Failure::Dependency)
+        .build()
+        .expect("valid config")
+}
+
+fn record(breaker: &CircuitBreaker<Failure>, failures: usize, successes: usize) {
+    for _ in 0..failures {
+        breaker.try_acquire().expect("admitted").failure();
+    }
+    for _ in 0..successes {
+        breaker.try_acquire().expect("admitted").success();
+    }
+}
+
+/// Opens a fresh breaker and moves it to half-open.
+fn half_open(manual: &ManualClock) -> CircuitBreaker<Failure> {
+    let breaker = breaker(manual);
+    record(&breaker, 10, 0);
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(10));
+    breaker
+}
+
+#[test]
+fn does_not_trip_below_the_minimum_number_of_calls() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    record(&breaker, 9, 0);
+    assert_eq!(breaker.state(), State::Closed, "9 calls < minimum of 10");
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[test]
+fn trips_exactly_at_the_failure_ratio() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    record(&breaker, 0, 6);
+    record(&breaker, 4, 0);
+    assert_eq!(breaker.state(), State::Closed, "4 of 10 is below 0.5");
+    // The window holds the last 10 calls: one success slides out, a failure comes in.
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open, "5 of 10 reaches 0.5");
+}
+
+#[test]
+fn time_window_forgets_old_failures() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .time_window(Duration::from_secs(10), 10)
+        .minimum_calls(4)
+        .failure_ratio(0.5)
+        .build()
+        .expect("valid config");
+    record(&breaker, 3, 0);
+    manual.advance(Duration::from_secs(11));
+    record(&breaker, 1, 3);
+    assert_eq!(breaker.state(), State::Closed, "1 of 4 in the window");
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Closed, "2 of 5 in the window");
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open, "3 of 6 in the window");
+}
+
+#[test]
+fn classifier_decides_which_errors_count() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for _ in 0..20 {
+            let result = breaker
+                .call(async { Err::<(), _>(Failure::BadRequest) })
+                .await;
+            assert!(matches!(
+                result.unwrap_err().inner(),
+                Some(Failure::BadRequest)
+            ));
+        }
+        assert_eq!(breaker.state(), State::Closed, "client errors do not count");
+        for _ in 0..10 {
+            let _ = breaker
+                .call(async { Err::<(), _>(Failure::Dependency) })
+                .await;
+        }
+        assert_eq!(breaker.state(), State::Open);
+        let refused = breaker
+            .call(async { Ok::<_, Failure>(()) })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), headroom_breaker::ErrorKind::CircuitOpen);
+    });
+}
+
+#[test]
+fn open_refuses_with_the_time_left() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    record(&breaker, 10, 0);
+    manual.advance(Duration::from_secs(4));
+    let open = breaker.try_acquire().unwrap_err();
+    assert_eq!(open.retry_after(), Some(Duration::from_secs(6)));
+    manual.advance(Duration::from_secs(5));
+    assert!(breaker.try_acquire().is_err());
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[test]
+fn half_open_admits_exactly_the_configured_probes_and_closes_after_them() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let probes: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("probe admitted"))
+        .collect();
+    assert_eq!(breaker.state(), State::HalfOpen);
+    for _ in 0..5 {
+        assert!(breaker.try_acquire().is_err(), "a fourth call is refused");
+    }
+    let mut probes = probes.into_iter();
+    probes.next().expect("probe").success();
+    probes.next().expect("probe").success();
+    assert_eq!(breaker.state(), State::HalfOpen);
+    assert!(
+        breaker.try_acquire().is_err(),
+        "finished probes are not replaced"
+    );
+    probes.next().expect("probe").success();
+    assert_eq!(breaker.state(), State::Closed);
+    // Closed again with an empty window: nine failures do not reopen it.
+    record(&breaker, 9, 0);
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[test]
+fn a_failed_probe_reopens_with_a_longer_open_duration() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let first = breaker.try_acquire().expect("probe");
+    let second = breaker.try_acquire().expect("probe");
+    first.failure();
+    assert_eq!(breaker.state(), State::Open);
+    assert_eq!(
+        breaker.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(20)),
+        "the open duration doubles"
+    );
+    second.success(); // a late probe of the old half-open phase changes nothing
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(20));
+    breaker.try_acquire().expect("probe").failure();
+    assert_eq!(
+        breaker.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(40))
+    );
+    manual.advance(Duration::from_secs(40));
+    breaker.try_acquire().expect("probe").failure();
+    assert_eq!(
+        breaker.try_acquire().unwrap_err().retry_after(),
+        Some(Duration::from_secs(40)),
+        "capped at the maximum"
+    );
+}
+
+#[test]
+fn stalled_probes_reopen_after_the_maximum_wait_and_fresh_probes_follow() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let stuck: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("probe"))
+        .collect();
+    manual.advance(Duration::from_secs(29));
+    assert!(breaker.try_acquire().is_err());
+    assert_eq!(breaker.state(), State::HalfOpen);
+    manual.advance(Duration::from_secs(1));
+    assert!(breaker.try_acquire().is_err());
+    assert_eq!(breaker.state(), State::Open, "gave up on the stuck probes");
+    manual.advance(Duration::from_secs(20));
+    let fresh: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("fresh probe"))
+        .collect();
+    drop(stuck); // the old probes finishing late do not free the new phase's slots
+    assert!(breaker.try_acquire().is_err());
+    for probe in fresh {
+        probe.success();
+    }
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test]
+async fn a_cancelled_probe_frees_its_slot() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let first = breaker.try_acquire().expect("probe");
+    let second = breaker.try_acquire().expect("probe");
+    {
+        // A probe whose future is dropped mid-flight.
+        let call = breaker.call(pending::<Result<(), Failure>>());
+        let mut call = Box::pin(call);
+        assert!(futures_poll_once(call.as_mut()).await.is_none());
+    }
+    let third = breaker
+        .try_acquire()
+        .expect("the cancelled probe's slot is free");
+    assert!(breaker.try_acquire().is_err());
+    first.success();
+    second.success();
+    third.success();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+#[test]
+fn cancelled_calls_count_as_failures_when_configured() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(4)
+        .minimum_calls(4)
+        .count_cancelled(true)
+        .build()
+        .expect("valid config");
+    for _ in 0..4 {
+        drop(breaker.try_acquire().expect("admitted"));
+    }
+    assert_eq!(breaker.state(), State::Open);
+
+    let forgiving = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(4)
+        .minimum_calls(4)
+        .build()
+        .expect("valid config");
+    for _ in 0..4 {
+        drop(forgiving.try_acquire().expect("admitted"));
+    }
+    assert_eq!(forgiving.state(), State::Closed);
+}
+
+#[test]
+fn slow_calls_trip_the_breaker() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(4)
+        .minimum_calls(4)
+        .slow_calls(0.5, Duration::from_millis(100))
+        .build()
+        .expect("valid config");
+    for slow in [false, true, false] {
+        let permit = breaker.try_acquire().expect("admitted");
+        manual.advance(Duration::from_millis(if slow { 150 } else { 50 }));
+        permit.success();
+    }
+    assert_eq!(breaker.state(), State::Closed);
+    let permit = breaker.try_acquire().expect("admitted");
+    manual.advance(Duration::from_millis(101));
+    permit.success();
+    assert_eq!(breaker.state(), State::Open, "2 of 4 calls were slow");
+}
+
+#[test]
+fn isolate_and_reset_by_hand_and_every_transition_is_announced() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let mut events = breaker.subscribe();
+    breaker.isolate();
+    let refused = breaker.try_acquire().unwrap_err();
+    assert_eq!(refused.retry_after(), None);
+    manual.advance(Duration::from_secs(3_600));
+    assert!(breaker.try_acquire().is_err(), "isolation does not expire");
+    breaker.reset();
+    assert_eq!(breaker.state(), State::Closed);
+    record(&breaker, 10, 0);
+    manual.advance(Duration::from_secs(10));
+    for _ in 0..3 {
+        breaker.try_acquire().expect("probe").success();
+    }
+    let seen: Vec<_> = std::iter::from_fn(|| events.try_recv().ok())
+        .map(|t| (t.from, t.to, t.reason))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (State::Closed, State::Isolated, Reason::Isolated),
+            (State::Isolated, State::Closed, Reason::Reset),
+            (State::Closed, State::Open, Reason::FailureRatio),
+            (State::Open, State::HalfOpen, Reason::OpenElapsed),
+            (State::HalfOpen, State::Closed, Reason::ProbesSucceeded),
+        ]
+    );
+}
+
+#[test]
+fn results_admitted_before_a_transition_are_dropped() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let early: Vec<_> = (0..10)
+        .map(|_| breaker.try_acquire().expect("admitted"))
+        .collect();
+    record(&breaker, 10, 0);
+    assert_eq!(breaker.state(), State::Open);
+    breaker.reset();
+    for permit in early {
+        permit.failure(); // from the previous closed phase
+    }
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[test]
+fn a_closed_breaker_is_shared_safely_across_threads() {
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .time_window(Duration::from_secs(60), 6)
+        .minimum_calls(1_000)
+        .failure_ratio(0.5)
+        .build()
+        .expect("valid config");
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let breaker = breaker.clone();
+            std::thread::spawn(move || {
+                for i in 0..10_000 {
+                    let permit = breaker.try_acquire().expect("closed");
+                    if i % 10 == 0 {
+                        permit.failure();
+                    } else {
+                        permit.success();
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "10% failures stay under 50%"
+    );
+}
+
+#[test]
+fn invalid_settings_are_typed_errors() {
+    let error = CircuitBreaker::<Failure>::builder()
+        .failure_ratio(0.0)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), "failure_ratio");
+    let error = CircuitBreaker::<Failure>::builder()
+        .half_open_probes(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), "half_open_probes");
+}
+
+#[tokio::test]
+async fn a_probe_that_panics_frees_its_slot() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let first = breaker.try_acquire().expect("probe");
+    let second = breaker.try_acquire().expect("probe");
+    let panicking = breaker.clone();
+    let task = tokio::spawn(async move {
+        panicking
+            .call(async { panic!("user code panicked") as Result<(), Failure> })
+            .await
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    let third = breaker
+        .try_acquire()
+        .expect("the panicked probe's slot is free");
+    first.success();
+    second.success();
+    third.success();
+    assert_eq!(breaker.state(), State::Closed);
+}

@@ -1,0 +1,245 @@
+//! Composition: the order of the strategies and what each passes to the next.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use headroom_breaker::{CircuitBreaker, ErrorKind, Fallback, Pipeline, Retry, RetryBudget, State};
+use headroom_core::Classify;
+use tokio::time::Instant;
+
+#[derive(Debug, PartialEq)]
+enum Failure {
+    /// Retryable, optionally with the server's retry-after.
+    Busy(Option<Duration>),
+    /// Not retryable.
+    Invalid,
+}
+
+impl Classify for Failure {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Busy(_))
+    }
+}
+
+fn retry() -> headroom_breaker::RetryBuilder<Failure> {
+    Retry::builder()
+        .max_attempts(4)
+        .base_delay(Duration::from_millis(100))
+        .max_delay(Duration::from_secs(1))
+        .retry_after(|error| match error {
+            Failure::Busy(after) => *after,
+            Failure::Invalid => None,
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_retryable_errors_up_to_max_attempts_with_capped_backoff() {
+    let pipeline = Pipeline::builder()
+        .retry(retry().build().expect("retry"))
+        .build();
+    let calls = AtomicU32::new(0);
+    let start = Instant::now();
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Busy(None)) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(error.into_inner(), Some(Failure::Busy(None)));
+    // Full jitter below caps of 100, 200 and 400 ms.
+    assert!(start.elapsed() <= Duration::from_millis(700));
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_retryable_errors_are_returned_at_once() {
+    let pipeline = Pipeline::builder()
+        .retry(retry().build().expect("retry"))
+        .build();
+    let calls = AtomicU32::new(0);
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Invalid) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(error.inner(), Some(&Failure::Invalid));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_servers_retry_after_is_honoured_and_too_long_a_wait_is_not_retried() {
+    let pipeline = Pipeline::builder()
+        .retry(
+            retry()
+                .max_retry_after(Duration::from_secs(5))
+                .build()
+                .expect("retry"),
+        )
+        .build();
+    let calls = AtomicU32::new(0);
+    let start = Instant::now();
+    let value = pipeline
+        .call(|| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    Err(Failure::Busy(Some(Duration::from_secs(3))))
+                } else {
+                    Ok("served")
+                }
+            }
+        })
+        .await
+        .expect("second attempt");
+    assert_eq!(value, "served");
+    assert!(start.elapsed() >= Duration::from_secs(3));
+
+    let calls = AtomicU32::new(0);
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Busy(Some(Duration::from_secs(60)))) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(error.kind(), ErrorKind::Inner);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_breaker_counts_attempts_and_an_open_circuit_is_not_retried() {
+    let breaker = CircuitBreaker::builder()
+        .count_window(4)
+        .minimum_calls(4)
+        .failure_ratio(1.0)
+        .build()
+        .expect("breaker");
+    let pipeline = Pipeline::builder()
+        .retry(retry().build().expect("retry"))
+        .breaker(breaker.clone())
+        .build();
+    let calls = AtomicU32::new(0);
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Busy(None)) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "four attempts");
+    assert_eq!(error.kind(), ErrorKind::Inner);
+    assert_eq!(breaker.state(), State::Open, "the four attempts tripped it");
+
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Failure>(()) }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CircuitOpen);
+    assert!(error.is_rejected());
+    assert_eq!(calls.load(Ordering::SeqCst), 4, "never called while open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_ends_retries_with_a_typed_error_keeping_the_last_one() {
+    let budget = RetryBudget::builder()
+        .ratio(0.0)
+        .min_per_second(0)
+        .build()
+        .expect("budget");
+    let pipeline = Pipeline::builder()
+        .retry(retry().budget(budget).build().expect("retry"))
+        .build();
+    let error = pipeline
+        .call(|| async { Err::<(), _>(Failure::Busy(None)) })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BudgetExhausted);
+    assert!(error.is_rejected() && !error.is_retryable());
+    assert_eq!(error.inner(), Some(&Failure::Busy(None)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fallback_answers_when_the_circuit_is_open_or_attempts_are_spent() {
+    let breaker = CircuitBreaker::builder().build().expect("breaker");
+    let pipeline = Pipeline::builder()
+        .retry(retry().max_attempts(2).build().expect("retry"))
+        .breaker(breaker.clone())
+        .build();
+    let fallback = Fallback::with(|error: &headroom_breaker::Error<Failure>| {
+        format!("fallback after {:?}", error.kind())
+    });
+    let spent = pipeline
+        .call_with_fallback(&fallback, || async {
+            Err::<String, _>(Failure::Busy(None))
+        })
+        .await;
+    assert_eq!(spent.expect("fallback"), "fallback after Inner");
+    breaker.isolate();
+    let open = pipeline
+        .call_with_fallback(&fallback, || async { Ok("live".to_owned()) })
+        .await;
+    assert_eq!(open.expect("fallback"), "fallback after CircuitOpen");
+
+    let only_when_open = Fallback::value("cached".to_owned())
+        .when(|error: &headroom_breaker::Error<Failure>| error.kind() == ErrorKind::CircuitOpen);
+    breaker.reset();
+    let error = pipeline
+        .call_with_fallback(&only_when_open, || async {
+            Err::<String, _>(Failure::Invalid)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.inner(), Some(&Failure::Invalid));
+}
+
+#[cfg(feature = "serde")]
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_loads_from_configuration() {
+    let config: headroom_breaker::PipelineConfig = serde_json::from_str(
+        r#"{
+            "timeout": "100ms",
+            "breaker": { "window": { "kind": "count", "size": 10 }, "minimum_calls": 5 },
+            "retry": { "max_attempts": 2, "base_delay": "10ms" },
+            "budget": { "ratio": 0.5 },
+            "hedge": { "delay": "20ms" }
+        }"#,
+    )
+    .expect("config");
+    let pipeline =
+        Pipeline::<Failure>::from_config(&config, "orders", headroom_core::Clock::system())
+            .expect("valid config");
+    let calls = AtomicU32::new(0);
+    let error = pipeline
+        .call(|| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, Failure>(())
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Elapsed);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "2 attempts, each hedged once"
+    );
+    assert_eq!(pipeline.breaker().map(CircuitBreaker::name), Some("orders"));
+
+    let bad: headroom_breaker::PipelineConfig =
+        serde_json::from_str(r#"{ "retry": { "max_attempts": 0 } }"#).expect("parses");
+    let error = Pipeline::<Failure>::from_config(&bad, "orders", headroom_core::Clock::system())
+        .unwrap_err();
+    assert_eq!(error.field(), "max_attempts");
+}
