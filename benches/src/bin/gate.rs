@@ -7,6 +7,7 @@
 
 use std::hint::black_box;
 
+use headroom_breaker::CircuitBreaker;
 use headroom_core::memory::MemoryLeaseStore;
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
@@ -23,6 +24,7 @@ const BENCHES: &[Bench] = &[
     ("shard_maglev_100", shard_maglev),
     ("shard_cluster_slot", shard_cluster_slot),
     ("bulkhead_try_acquire_release", bulkhead),
+    ("breaker_closed_permit_count_window", breaker),
     ("idempotency_replay_memory", idempotency_replay),
 ];
 
@@ -90,6 +92,21 @@ fn bulkhead() {
 fn measured_bulkhead(bulkhead: &Bulkhead) {
     for _ in 0..ITERATIONS {
         drop(black_box(bulkhead.try_acquire()));
+    }
+}
+
+fn breaker() {
+    let breaker: CircuitBreaker<()> = CircuitBreaker::builder()
+        .count_window(100)
+        .build()
+        .expect("breaker");
+    measured_breaker(&breaker);
+}
+
+#[inline(never)]
+fn measured_breaker(breaker: &CircuitBreaker<()>) {
+    for _ in 0..ITERATIONS {
+        black_box(breaker.try_acquire()).expect("closed").success();
     }
 }
 
