@@ -31,6 +31,7 @@ pub mod kv;
 pub mod lease;
 pub mod memory;
 pub mod rate;
+pub mod slot;
 
 pub use clock::{Clock, ManualClock};
 pub use error::{BackendError, BackendErrorKind, Classify};

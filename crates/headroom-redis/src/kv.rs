@@ -6,7 +6,9 @@ use futures_util::future::try_join_all;
 use headroom_core::kv::{KvEntry, KvStore};
 use headroom_core::{BackendError, BackendErrorKind, Key};
 
-use crate::{Redis, cluster_slot};
+use headroom_core::slot::cluster_slot;
+
+use crate::Redis;
 
 /// The Redis [`KvStore`]: `GET`, `MGET`, `SET PX` (pipelined for many), `DEL`.
 ///

@@ -40,7 +40,6 @@ mod error;
 mod kv;
 mod lease;
 mod rate;
-mod slot;
 
 pub use bus::RedisBus;
 pub use config::{RedisConfig, RedisMode};
@@ -48,4 +47,3 @@ pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
 pub use rate::RedisRateStore;
-pub use slot::cluster_slot;

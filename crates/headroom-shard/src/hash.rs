@@ -102,36 +102,7 @@ pub fn mix(a: u64, b: u64) -> u64 {
     x ^ (x >> 33)
 }
 
-/// CRC-16/XMODEM (polynomial 0x1021, initial value 0), as used by Redis Cluster.
-///
-/// ```
-/// assert_eq!(headroom_shard::hash::crc16(b"123456789"), 0x31C3);
-/// ```
-pub fn crc16(bytes: &[u8]) -> u16 {
-    bytes.iter().fold(0u16, |crc, &b| {
-        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ b)]
-    })
-}
-
-const CRC16_TABLE: [u16; 256] = {
-    let mut table = [0u16; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = (i as u16) << 8;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-};
+pub use headroom_core::slot::crc16;
 
 #[cfg(test)]
 mod tests {

@@ -2,38 +2,10 @@ use std::ops::Range;
 
 use crate::ShardId;
 use crate::error::{ConfigError, ConfigErrorKind};
-use crate::hash::crc16;
 
 use super::{Layout, Router};
 
-/// The number of Redis Cluster hash slots.
-pub const CLUSTER_SLOTS: u16 = 16_384;
-
-/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of the key, or of the part between
-/// the first `{` and the next `}` when that part is non-empty, modulo 16384.
-///
-/// ```
-/// use headroom_shard::cluster_slot;
-///
-/// assert_eq!(cluster_slot(b"123456789"), 0x31C3);
-/// assert_eq!(cluster_slot(b"{user1}.following"), cluster_slot(b"{user1}.followers"));
-/// ```
-#[inline]
-pub fn cluster_slot(key: &[u8]) -> u16 {
-    crc16(hash_tag(key)) % CLUSTER_SLOTS
-}
-
-fn hash_tag(key: &[u8]) -> &[u8] {
-    if let Some(open) = key.iter().position(|&b| b == b'{') {
-        let rest = &key[open + 1..];
-        if let Some(len) = rest.iter().position(|&b| b == b'}')
-            && len > 0
-        {
-            return &rest[..len];
-        }
-    }
-    key
-}
+pub use headroom_core::slot::{CLUSTER_SLOTS, cluster_slot};
 
 /// Redis Cluster slots: keys map to one of 16384 slots, slots to shards.
 ///
