@@ -171,11 +171,11 @@ where
     /// L2 failures read as a miss.
     pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
         let inner = &self.inner;
-        if let Some(slot) = inner.l1.get(key) {
-            if inner.clock.now() < slot.expires_at {
-                inner.metrics.l1_hits.increment(1);
-                return Ok(slot.value.clone());
-            }
+        if let Some(slot) = inner.l1.get(key)
+            && inner.clock.now() < slot.expires_at
+        {
+            inner.metrics.l1_hits.increment(1);
+            return Ok(slot.value.clone());
         }
         inner.metrics.l1_misses.increment(1);
         let Some(l2) = &inner.l2 else {
@@ -642,10 +642,10 @@ where
                     None
                 };
                 send(&mut reply, Ok(value));
-                if let (Some(l2), Some(entry)) = (&self.l2, entry) {
-                    if self.write_count(&key) == write {
-                        l2.set_many(&[entry]).await;
-                    }
+                if let (Some(l2), Some(entry)) = (&self.l2, entry)
+                    && self.write_count(&key) == write
+                {
+                    l2.set_many(&[entry]).await;
                 }
             }
             Err(error) => {
@@ -839,10 +839,8 @@ where
             }
         }
         let mut reply = Some(reply);
-        if answered_all {
-            if let Some(reply) = reply.take() {
-                let _ = reply.send(outcomes.clone());
-            }
+        if answered_all && let Some(reply) = reply.take() {
+            let _ = reply.send(outcomes.clone());
         }
         if to_load.is_empty() {
             return;
@@ -861,12 +859,11 @@ where
                 for &i in &to_load {
                     let key = &keys[i];
                     let value = found.remove(key);
-                    if value.is_some() || self.config.negative_ttl.is_some() {
-                        if let Some(entry) = self.store(key, value.clone(), writes[i]) {
-                            if self.write_count(key) == writes[i] {
-                                entries.push(entry);
-                            }
-                        }
+                    if (value.is_some() || self.config.negative_ttl.is_some())
+                        && let Some(entry) = self.store(key, value.clone(), writes[i])
+                        && self.write_count(key) == writes[i]
+                    {
+                        entries.push(entry);
                     }
                     outcomes.insert(key.clone(), Ok(value));
                 }
