@@ -584,23 +584,9 @@ where
                     return;
                 }
             };
-            match l2.get(&full).await.flatten() {
-                Some(bytes) => match self.decode(l2, full, &bytes, now) {
-                    Some(slot)
-                        if best
-                            .as_ref()
-                            .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms) =>
-                    {
-                        self.metrics.l2_hits.increment(1);
-                        if now < slot.expires_at {
-                            self.fill_l1(&key, Arc::clone(&slot), write);
-                        }
-                        best = Some(slot);
-                    }
-                    _ => self.metrics.l2_misses.increment(1),
-                },
-                None => self.metrics.l2_misses.increment(1),
-            }
+            let found = l2.get(&full).await.flatten();
+            let found = found.and_then(|bytes| self.decode(l2, full, &bytes, now));
+            self.adopt(&key, found, &mut best, now, write);
         }
         if let Some(slot) = &best {
             if now < slot.fresh_until {
@@ -662,6 +648,35 @@ where
                     None => send(&mut reply, Err(error)),
                 }
             }
+        }
+    }
+
+    /// Takes a slot read from L2 as the key's best candidate when it is at least as new as
+    /// L1's, filling L1 with it while it may be served. A slot past its TTL is kept only as a
+    /// fail-safe candidate and counts as a miss.
+    fn adopt(
+        &self,
+        key: &K,
+        found: Option<Arc<Slot<V>>>,
+        best: &mut Option<Arc<Slot<V>>>,
+        now: Instant,
+        write: u64,
+    ) {
+        let newer = found.filter(|slot| {
+            best.as_ref()
+                .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms)
+        });
+        match newer {
+            Some(slot) if now < slot.expires_at => {
+                self.metrics.l2_hits.increment(1);
+                self.fill_l1(key, Arc::clone(&slot), write);
+                *best = Some(slot);
+            }
+            Some(stale) => {
+                self.metrics.l2_misses.increment(1);
+                *best = Some(stale);
+            }
+            None => self.metrics.l2_misses.increment(1),
         }
     }
 
@@ -804,21 +819,8 @@ where
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             for (i, (bytes, full)) in values.into_iter().zip(full).enumerate() {
-                let slot = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now));
-                match slot {
-                    Some(slot)
-                        if best[i]
-                            .as_ref()
-                            .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms) =>
-                    {
-                        self.metrics.l2_hits.increment(1);
-                        if now < slot.expires_at {
-                            self.fill_l1(&keys[i], Arc::clone(&slot), writes[i]);
-                        }
-                        best[i] = Some(slot);
-                    }
-                    _ => self.metrics.l2_misses.increment(1),
-                }
+                let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now));
+                self.adopt(&keys[i], found, &mut best[i], now, writes[i]);
             }
         }
         let mut to_load = Vec::new();

@@ -146,8 +146,13 @@ impl L2 {
         Some(values)
     }
 
-    /// Writes entries; keys that were not written become pending deletes.
+    /// Writes entries; keys that were not written become pending deletes, also when the
+    /// caller is dropped before the write completes.
     pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) {
+        let mut unsure = Unsure {
+            l2: self,
+            keys: Some(entries.iter().map(|entry| &entry.key)),
+        };
         let written = match entries {
             [] => return,
             [one] => self
@@ -159,7 +164,7 @@ impl L2 {
                 .await
                 .is_some(),
         };
-        let keys = entries.iter().map(|entry| &entry.key);
+        let keys = unsure.keys.take().into_iter().flatten();
         if written {
             self.settled(keys);
         } else {
@@ -167,12 +172,19 @@ impl L2 {
         }
     }
 
-    /// Deletes keys; keys that were not deleted become pending deletes.
+    /// Deletes keys; keys that were not deleted become pending deletes, also when the caller
+    /// is dropped before the delete completes.
     pub(crate) async fn delete(self: &Arc<Self>, keys: &[Key]) {
-        if self.call("delete", self.store.delete(keys)).await.is_some() {
-            self.settled(keys.iter());
+        let mut unsure = Unsure {
+            l2: self,
+            keys: Some(keys.iter()),
+        };
+        let deleted = self.call("delete", self.store.delete(keys)).await.is_some();
+        let keys = unsure.keys.take().into_iter().flatten();
+        if deleted {
+            self.settled(keys);
         } else {
-            self.outdated(keys.iter());
+            self.outdated(keys);
         }
     }
 
@@ -212,7 +224,11 @@ impl L2 {
             self.pending_changed(pending.len());
         }
         if !self.draining.swap(true, Ordering::AcqRel) {
-            tokio::spawn(drain(Arc::downgrade(self)));
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(drain(Arc::downgrade(self)))),
+                // No runtime (a write dropped while it shuts down): the next failure retries.
+                Err(_) => self.draining.store(false, Ordering::Release),
+            }
         }
     }
 
@@ -223,6 +239,21 @@ impl L2 {
 
     pub(crate) fn pending_deletes(&self) -> usize {
         self.pending_len.load(Ordering::Acquire)
+    }
+}
+
+/// Keys of a write in progress: if the write is dropped before it ends, L2 may or may not
+/// hold the new state, so the keys become pending deletes.
+struct Unsure<'a, I: Iterator<Item = &'a Key>> {
+    l2: &'a Arc<L2>,
+    keys: Option<I>,
+}
+
+impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
+    fn drop(&mut self) {
+        if let Some(keys) = self.keys.take() {
+            self.l2.outdated(keys);
+        }
     }
 }
 

@@ -57,6 +57,41 @@ impl Counter {
     }
 }
 
+/// A store whose calls never answer.
+#[derive(Debug, Clone)]
+struct Hung;
+impl KvStore for Hung {
+    async fn get(
+        &self,
+        _: &headroom_core::Key,
+    ) -> Result<Option<Bytes>, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn get_many(
+        &self,
+        _: &[headroom_core::Key],
+    ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn set(
+        &self,
+        _: &headroom_core::Key,
+        _: Bytes,
+        _: Duration,
+    ) -> Result<(), headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn set_many(
+        &self,
+        _: &[headroom_core::kv::KvEntry],
+    ) -> Result<(), headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn delete(&self, _: &[headroom_core::Key]) -> Result<u64, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+}
+
 fn key(name: &str) -> String {
     name.to_owned()
 }
@@ -728,42 +763,6 @@ async fn pending_deletes_are_cleared_once_l2_answers() {
 
 #[tokio::test]
 async fn a_hung_l2_times_out() {
-    #[derive(Debug, Clone)]
-    struct Hung;
-    impl KvStore for Hung {
-        async fn get(
-            &self,
-            _: &headroom_core::Key,
-        ) -> Result<Option<Bytes>, headroom_core::BackendError> {
-            std::future::pending().await
-        }
-        async fn get_many(
-            &self,
-            _: &[headroom_core::Key],
-        ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
-            std::future::pending().await
-        }
-        async fn set(
-            &self,
-            _: &headroom_core::Key,
-            _: Bytes,
-            _: Duration,
-        ) -> Result<(), headroom_core::BackendError> {
-            std::future::pending().await
-        }
-        async fn set_many(
-            &self,
-            _: &[headroom_core::kv::KvEntry],
-        ) -> Result<(), headroom_core::BackendError> {
-            std::future::pending().await
-        }
-        async fn delete(
-            &self,
-            _: &[headroom_core::Key],
-        ) -> Result<u64, headroom_core::BackendError> {
-            std::future::pending().await
-        }
-    }
     let cache: Cache<String, String> = Cache::builder()
         .clock(Clock::system())
         .l2(Hung, ns())
@@ -831,4 +830,29 @@ async fn a_value_written_with_another_codec_is_a_miss() {
         Some(&b"\"v\""[..])
     );
     assert_eq!(postcard.get(&key("k")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_write_dropped_while_l2_is_hung_leaves_the_key_pending() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(Hung, ns())
+        .build()
+        .unwrap();
+    tokio::select! {
+        biased;
+        _ = cache.insert(key("k"), "v".into()) => panic!("a hung L2 cannot complete the write"),
+        () = tokio::task::yield_now() => {}
+    }
+    assert_eq!(
+        cache.pending_l2_deletes(),
+        1,
+        "the dropped write left L2 unsure"
+    );
+    assert_eq!(
+        cache.get(&key("k")).await.unwrap().as_deref(),
+        Some("v"),
+        "L1 has the value"
+    );
 }
