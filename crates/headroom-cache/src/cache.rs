@@ -100,6 +100,13 @@ pub(crate) struct Slot<V> {
     pub(crate) l1_lifetime: Duration,
 }
 
+/// A key's write counter stripe and its value when a read or load began.
+#[derive(Clone, Copy)]
+struct WriteMark {
+    stripe: usize,
+    count: u64,
+}
+
 /// Deadlines of an entry in Unix milliseconds, as written in its envelope.
 #[derive(Clone, Copy)]
 struct Times {
@@ -178,27 +185,10 @@ where
             return Ok(slot.value.clone());
         }
         inner.metrics.l1_misses.increment(1);
-        let Some(l2) = &inner.l2 else {
-            return Ok(None);
-        };
-        let full = inner.l2_key(l2, key)?;
-        let write = inner.write_count(key);
-        let Some(bytes) = l2.get(&full).await.flatten() else {
-            inner.metrics.l2_misses.increment(1);
-            return Ok(None);
-        };
-        let now = inner.clock.now();
-        match inner.decode(l2, full, &bytes, now) {
-            Some(slot) if now < slot.expires_at => {
-                inner.metrics.l2_hits.increment(1);
-                let value = slot.value.clone();
-                inner.fill_l1(key, slot, write);
-                Ok(value)
-            }
-            _ => {
-                inner.metrics.l2_misses.increment(1);
-                Ok(None)
-            }
+        match &inner.l2 {
+            // Boxed so that the future of an L1 hit stays small.
+            Some(l2) => Box::pin(inner.read_l2(l2, key)).await,
+            None => Ok(None),
         }
     }
 
@@ -370,30 +360,59 @@ where
             .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))
     }
 
-    fn write_stripe(&self, key: &K) -> &AtomicU64 {
-        &self.writes[self.hasher.hash_one(key) as usize % WRITE_STRIPES]
+    /// The L2 part of [`Cache::get`]: read, decode, fill L1.
+    async fn read_l2(&self, l2: &Arc<L2>, key: &K) -> Result<Option<V>, CacheError> {
+        let full = self.l2_key(l2, key)?;
+        let write = self.mark(key);
+        let Some(bytes) = l2.get(&full).await.flatten() else {
+            self.metrics.l2_misses.increment(1);
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        match self.decode(l2, full, &bytes, now) {
+            Some(slot) if now < slot.expires_at => {
+                self.metrics.l2_hits.increment(1);
+                let value = slot.value.clone();
+                self.fill_l1(key, slot, write);
+                Ok(value)
+            }
+            _ => {
+                self.metrics.l2_misses.increment(1);
+                Ok(None)
+            }
+        }
     }
 
-    /// A token that changes whenever the key (or a key sharing its stripe) is written.
-    fn write_count(&self, key: &K) -> u64 {
-        self.write_stripe(key).load(Ordering::Acquire)
+    /// Where the key's writes stand now, to tell later whether it was written meanwhile.
+    fn mark(&self, key: &K) -> WriteMark {
+        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        WriteMark {
+            stripe,
+            count: self.writes[stripe].load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether no write of the key (or of a key sharing its stripe) happened since `mark`.
+    fn unchanged(&self, mark: WriteMark) -> bool {
+        self.writes[mark.stripe].load(Ordering::Acquire) == mark.count
     }
 
     /// Records a write of `key`: loads started before it no longer fill the cache, and later
     /// reads start a new load instead of joining theirs.
     fn bump_writes(&self, key: &K) {
-        self.write_stripe(key).fetch_add(1, Ordering::AcqRel);
+        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        self.writes[stripe].fetch_add(1, Ordering::AcqRel);
         self.in_flight.lock().remove(key);
     }
 
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
-    fn fill_l1(&self, key: &K, slot: Arc<Slot<V>>, write: u64) -> bool {
-        if slot.l1_lifetime.is_zero() || self.write_count(key) != write {
+    fn fill_l1(&self, key: &K, slot: Arc<Slot<V>>, write: WriteMark) -> bool {
+        if slot.l1_lifetime.is_zero() || !self.unchanged(write) {
             return false;
         }
         self.l1.insert(key.clone(), slot);
         // A write that raced with the insert wins: drop what was just put.
-        if self.write_count(key) != write {
+        if !self.unchanged(write) {
             self.l1.invalidate(key);
             return false;
         }
@@ -572,7 +591,7 @@ where
             load,
             keys: std::slice::from_ref(&key),
         };
-        let write = self.write_count(&key);
+        let write = self.mark(&key);
         let mut reply = Some(reply);
         let now = self.clock.now();
         let mut best = self.l1.get(&key).filter(|slot| now < slot.stale_until);
@@ -629,7 +648,7 @@ where
                 };
                 send(&mut reply, Ok(value));
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
-                    && self.write_count(&key) == write
+                    && self.unchanged(write)
                 {
                     l2.set_many(&[entry]).await;
                 }
@@ -660,7 +679,7 @@ where
         found: Option<Arc<Slot<V>>>,
         best: &mut Option<Arc<Slot<V>>>,
         now: Instant,
-        write: u64,
+        write: WriteMark,
     ) {
         let newer = found.filter(|slot| {
             best.as_ref()
@@ -702,7 +721,7 @@ where
     }
 
     /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
-    fn store(&self, key: &K, value: Option<V>, write: u64) -> Option<KvEntry> {
+    fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
         let times = self.times(value.as_ref());
         let entry = match &self.l2 {
             Some(l2) => match self.entry(l2, key, value.as_ref(), times) {
@@ -792,7 +811,7 @@ where
             load,
             keys: &keys,
         };
-        let writes: Vec<u64> = keys.iter().map(|key| self.write_count(key)).collect();
+        let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
         let now = self.clock.now();
         let mut best: Vec<Option<Arc<Slot<V>>>> = keys
             .iter()
@@ -863,7 +882,7 @@ where
                     let value = found.remove(key);
                     if (value.is_some() || self.config.negative_ttl.is_some())
                         && let Some(entry) = self.store(key, value.clone(), writes[i])
-                        && self.write_count(key) == writes[i]
+                        && self.unchanged(writes[i])
                     {
                         entries.push(entry);
                     }
