@@ -117,6 +117,7 @@ impl Breaker {
 mod tests {
     use super::*;
     use headroom_core::ManualClock;
+    use proptest::prelude::*;
 
     #[test]
     fn opens_after_threshold_probes_after_cooldown_and_recovers() {
@@ -137,6 +138,74 @@ mod tests {
         assert_eq!(breaker.permit(), Permit::Probe);
         assert!(breaker.succeeded(), "successful probe closes");
         assert_eq!(breaker.permit(), Permit::Call);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Advance(u64),
+        Call { ok: bool },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u64..8).prop_map(Step::Advance),
+            any::<bool>().prop_map(|ok| Step::Call { ok }),
+        ]
+    }
+
+    /// The breaker as a plain state machine, one call at a time.
+    #[derive(Debug)]
+    enum Model {
+        Closed { failures: u32 },
+        Open { since: u64, probing: bool },
+    }
+
+    proptest! {
+        #[test]
+        fn follows_its_model(steps in proptest::collection::vec(step(), 1..200)) {
+            const THRESHOLD: u32 = 3;
+            const COOLDOWN: u64 = 5;
+            let manual = ManualClock::new();
+            let breaker = Breaker::new(manual.clock(), THRESHOLD, Duration::from_secs(COOLDOWN));
+            let mut model = Model::Closed { failures: 0 };
+            let mut now = 0;
+            for step in steps {
+                match step {
+                    Step::Advance(secs) => {
+                        manual.advance(Duration::from_secs(secs));
+                        now += secs;
+                    }
+                    Step::Call { ok } => {
+                        let expected = match &mut model {
+                            Model::Closed { .. } => Permit::Call,
+                            Model::Open { since, .. } if now < *since + COOLDOWN => Permit::Refused,
+                            Model::Open { probing: true, .. } => Permit::Refused,
+                            Model::Open { probing, .. } => {
+                                *probing = true;
+                                Permit::Probe
+                            }
+                        };
+                        let permit = breaker.permit();
+                        prop_assert_eq!(permit, expected, "model {:?} at {}", model, now);
+                        if permit == Permit::Refused {
+                            continue;
+                        }
+                        if ok {
+                            breaker.succeeded();
+                            model = Model::Closed { failures: 0 };
+                        } else {
+                            breaker.failed(permit);
+                            model = match model {
+                                Model::Closed { failures } if failures + 1 < THRESHOLD => {
+                                    Model::Closed { failures: failures + 1 }
+                                }
+                                _ => Model::Open { since: now, probing: false },
+                            };
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
