@@ -1,6 +1,6 @@
 //! How cached values become bytes in L2: serde with a pluggable [`Codec`].
 //!
-//! [`Postcard`] (compact, the default) is always available; [`Json`] (readable with
+//! [`Postcard`] (compact, the default) is always available; `Json` (readable with
 //! `redis-cli`) comes with the `json` feature. The codec's [`Codec::ID`] is written in every
 //! envelope, so a value written by one codec is never decoded by another: it reads as a miss.
 
