@@ -1,7 +1,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use headroom_core::kv::{DynKvStore, KvStore};
 use headroom_core::{Clock, Namespace};
@@ -9,7 +9,6 @@ use moka::notification::RemovalCause;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::Slot;
 use crate::codec::{Bound, Codec, Postcard, ValueCodec};
 use crate::l2::L2;
 use crate::metrics::Metrics;
@@ -106,7 +105,8 @@ where
     }
 
     /// Chooses each value's TTL from the value itself (for loaded and inserted values),
-    /// instead of [`CacheConfig::ttl`]. Jitter and the soft TTL still apply.
+    /// instead of [`CacheConfig::ttl`], which stays the maximum: longer answers are cut to it.
+    /// Jitter and the soft TTL still apply.
     pub fn ttl_by(mut self, ttl_by: impl Fn(&V) -> Duration + Send + Sync + 'static) -> Self {
         self.ttl_by = Some(Arc::new(ttl_by));
         self
@@ -185,7 +185,15 @@ where
         let evictions = metrics.evictions.clone();
         let l1 = moka::sync::Cache::builder()
             .max_capacity(self.config.l1_max_capacity)
-            .expire_after(L1Expiry)
+            // Serving decisions use the cache's clock and each entry's deadlines; this only
+            // frees memory once no entry can be served any more, fail-safe window included. A
+            // global TTL keeps moka's read path as fast as without expiry.
+            .time_to_live(
+                self.config
+                    .ttl
+                    .saturating_add(self.config.ttl_jitter)
+                    .saturating_add(self.config.fail_safe_max_stale),
+            )
             .eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
                     evictions.increment(1);
@@ -213,25 +221,5 @@ where
             self.clock,
             metrics,
         ))
-    }
-}
-
-/// Keeps each L1 slot as long as it may be served, fail-safe window included. Serving
-/// decisions use the cache's clock; this only bounds memory.
-struct L1Expiry;
-
-impl<K, V> moka::Expiry<K, Arc<Slot<V>>> for L1Expiry {
-    fn expire_after_create(&self, _: &K, slot: &Arc<Slot<V>>, _: Instant) -> Option<Duration> {
-        Some(slot.l1_lifetime)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &K,
-        slot: &Arc<Slot<V>>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(slot.l1_lifetime)
     }
 }

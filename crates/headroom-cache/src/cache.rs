@@ -87,6 +87,10 @@ struct InFlight<V> {
 }
 
 /// One cached value (or cached "not found") with its deadlines on this instance's clock.
+///
+/// L1 holds slots by value: a hit clones the slot (its value, as a raw moka read would) and
+/// hands the value over without reference counting.
+#[derive(Clone)]
 pub(crate) struct Slot<V> {
     value: Option<V>,
     created_unix_ms: u64,
@@ -96,8 +100,6 @@ pub(crate) struct Slot<V> {
     expires_at: Instant,
     /// Until then, the value may be served when a load fails (fail-safe).
     stale_until: Instant,
-    /// How long L1 keeps the slot, from its insertion.
-    pub(crate) l1_lifetime: Duration,
 }
 
 /// A key's write counter stripe and its value when a read or load began.
@@ -116,7 +118,7 @@ struct Times {
 }
 
 pub(crate) struct Inner<K, V> {
-    l1: moka::sync::Cache<K, Arc<Slot<V>>>,
+    l1: moka::sync::Cache<K, Slot<V>>,
     l2: Option<Arc<L2>>,
     codec: Box<dyn ValueCodec<V>>,
     config: CacheConfig,
@@ -141,7 +143,7 @@ where
 
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_parts(
-        l1: moka::sync::Cache<K, Arc<Slot<V>>>,
+        l1: moka::sync::Cache<K, Slot<V>>,
         l2: Option<Arc<L2>>,
         codec: Box<dyn ValueCodec<V>>,
         config: CacheConfig,
@@ -182,7 +184,7 @@ where
             && inner.clock.now() < slot.expires_at
         {
             inner.metrics.l1_hits.increment(1);
-            return Ok(slot.value.clone());
+            return Ok(slot.value);
         }
         inner.metrics.l1_misses.increment(1);
         match &inner.l2 {
@@ -215,14 +217,14 @@ where
             let now = inner.clock.now();
             if now < slot.fresh_until {
                 inner.metrics.l1_hits.increment(1);
-                return Ok(slot.value.clone());
+                return Ok(slot.value);
             }
             if now < slot.expires_at {
                 inner.metrics.l1_hits.increment(1);
                 inner.metrics.refreshes.increment(1);
                 // Starts (or joins) a load without waiting for it.
                 drop(Inner::join_or_load(inner, key, loader));
-                return Ok(slot.value.clone());
+                return Ok(slot.value);
             }
         }
         inner.metrics.l1_misses.increment(1);
@@ -259,7 +261,7 @@ where
                 if now >= slot.fresh_until {
                     refresh.push(key.clone());
                 }
-                Some(slot.value.clone())
+                Some(slot.value)
             });
             match &hit {
                 Some(_) => inner.metrics.l1_hits.increment(1),
@@ -361,7 +363,7 @@ where
     }
 
     /// The L2 part of [`Cache::get`]: read, decode, fill L1.
-    async fn read_l2(&self, l2: &Arc<L2>, key: &K) -> Result<Option<V>, CacheError> {
+    async fn read_l2(self: &Arc<Self>, l2: &Arc<L2>, key: &K) -> Result<Option<V>, CacheError> {
         let full = self.l2_key(l2, key)?;
         let write = self.mark(key);
         let Some(bytes) = l2.get(&full).await.flatten() else {
@@ -373,7 +375,8 @@ where
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
-                self.fill_l1(key, slot, write);
+                let (this, key) = (Arc::clone(self), key.clone());
+                tokio::spawn(async move { this.fill_l1(&key, slot, write) });
                 Ok(value)
             }
             _ => {
@@ -406,8 +409,8 @@ where
     }
 
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
-    fn fill_l1(&self, key: &K, slot: Arc<Slot<V>>, write: WriteMark) -> bool {
-        if slot.l1_lifetime.is_zero() || !self.unchanged(write) {
+    fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
+        if !self.unchanged(write) {
             return false;
         }
         self.l1.insert(key.clone(), slot);
@@ -427,11 +430,11 @@ where
                 let ttl = self
                     .ttl_by
                     .as_ref()
-                    .map_or(config.ttl, |ttl_by| ttl_by(value));
+                    .map_or(config.ttl, |ttl_by| ttl_by(value).min(config.ttl));
                 (ttl, config.soft_ttl.unwrap_or(ttl).min(ttl))
             }
             None => {
-                let ttl = config.negative_ttl.unwrap_or_default();
+                let ttl = config.negative_ttl.unwrap_or_default().min(config.ttl);
                 (ttl, ttl)
             }
         };
@@ -445,7 +448,7 @@ where
     }
 
     /// An L1 slot for `times`, read at `now` (whose wall time is `now_ms`).
-    fn slot(&self, value: Option<V>, times: Times, now: Instant, now_ms: u64) -> Arc<Slot<V>> {
+    fn slot(&self, value: Option<V>, times: Times, now: Instant, now_ms: u64) -> Slot<V> {
         let after = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
         let stale_ms = times
             .expires
@@ -455,14 +458,13 @@ where
         if let Some(cap) = self.config.l1_max_ttl {
             expires_at = expires_at.min(now + cap);
         }
-        Arc::new(Slot {
+        Slot {
             value,
             created_unix_ms: times.created,
             fresh_until: after(times.fresh_until).min(expires_at),
             expires_at,
             stale_until,
-            l1_lifetime: stale_until - now,
-        })
+        }
     }
 
     /// The L2 entry for a value produced at `times`.
@@ -510,7 +512,7 @@ where
 
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
     /// are entries past their fail-safe window.
-    fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Arc<Slot<V>>> {
+    fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Slot<V>> {
         let decoded = envelope::decode(bytes)
             .map_err(|error| -> Box<dyn StdError + Send + Sync> { error.into() })
             .and_then(|env| {
@@ -595,6 +597,7 @@ where
         let mut reply = Some(reply);
         let now = self.clock.now();
         let mut best = self.l1.get(&key).filter(|slot| now < slot.stale_until);
+        let mut fill = false;
         if let Some(l2) = &self.l2 {
             let full = match self.l2_key(l2, &key) {
                 Ok(full) => full,
@@ -605,16 +608,17 @@ where
             };
             let found = l2.get(&full).await.flatten();
             let found = found.and_then(|bytes| self.decode(l2, full, &bytes, now));
-            self.adopt(&key, found, &mut best, now, write);
+            fill = self.adopt(found, &mut best, now);
         }
-        if let Some(slot) = &best {
-            if now < slot.fresh_until {
-                send(&mut reply, Ok(slot.value.clone()));
-                return;
+        // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
+        // refreshed below); L1 is filled after the callers have it.
+        if let Some(slot) = best.as_ref().filter(|slot| now < slot.expires_at) {
+            send(&mut reply, Ok(slot.value.clone()));
+            if fill {
+                self.fill_l1(&key, slot.clone(), write);
             }
-            if now < slot.expires_at {
-                // Stale-while-revalidate: answer now, refresh below.
-                send(&mut reply, Ok(slot.value.clone()));
+            if now < slot.fresh_until {
+                return;
             }
         }
         let started = self.clock.now();
@@ -671,32 +675,25 @@ where
     }
 
     /// Takes a slot read from L2 as the key's best candidate when it is at least as new as
-    /// L1's, filling L1 with it while it may be served. A slot past its TTL is kept only as a
-    /// fail-safe candidate and counts as a miss.
-    fn adopt(
-        &self,
-        key: &K,
-        found: Option<Arc<Slot<V>>>,
-        best: &mut Option<Arc<Slot<V>>>,
-        now: Instant,
-        write: WriteMark,
-    ) {
+    /// L1's. Returns whether it may be served and so should fill L1; a slot past its TTL is
+    /// kept only as a fail-safe candidate and counts as a miss.
+    fn adopt(&self, found: Option<Slot<V>>, best: &mut Option<Slot<V>>, now: Instant) -> bool {
         let newer = found.filter(|slot| {
             best.as_ref()
                 .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms)
         });
-        match newer {
-            Some(slot) if now < slot.expires_at => {
-                self.metrics.l2_hits.increment(1);
-                self.fill_l1(key, Arc::clone(&slot), write);
-                *best = Some(slot);
-            }
-            Some(stale) => {
-                self.metrics.l2_misses.increment(1);
-                *best = Some(stale);
-            }
-            None => self.metrics.l2_misses.increment(1),
+        let Some(slot) = newer else {
+            self.metrics.l2_misses.increment(1);
+            return false;
+        };
+        let servable = now < slot.expires_at;
+        if servable {
+            self.metrics.l2_hits.increment(1);
+        } else {
+            self.metrics.l2_misses.increment(1);
         }
+        *best = Some(slot);
+        servable
     }
 
     /// Runs a loader under the hard timeout, counting failures.
@@ -813,11 +810,12 @@ where
         };
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
         let now = self.clock.now();
-        let mut best: Vec<Option<Arc<Slot<V>>>> = keys
+        let mut best: Vec<Option<Slot<V>>> = keys
             .iter()
             .map(|key| self.l1.get(key).filter(|slot| now < slot.stale_until))
             .collect();
         let mut outcomes = HashMap::with_capacity(keys.len());
+        let mut fill = vec![false; keys.len()];
         if let Some(l2) = &self.l2 {
             let mut full = Vec::with_capacity(keys.len());
             for key in &keys {
@@ -839,7 +837,7 @@ where
                 .unwrap_or_else(|| vec![None; keys.len()]);
             for (i, (bytes, full)) in values.into_iter().zip(full).enumerate() {
                 let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now));
-                self.adopt(&keys[i], found, &mut best[i], now, writes[i]);
+                fill[i] = self.adopt(found, &mut best[i], now);
             }
         }
         let mut to_load = Vec::new();
@@ -862,6 +860,13 @@ where
         let mut reply = Some(reply);
         if answered_all && let Some(reply) = reply.take() {
             let _ = reply.send(outcomes.clone());
+        }
+        for (i, slot) in best.iter().enumerate() {
+            if fill[i]
+                && let Some(slot) = slot
+            {
+                self.fill_l1(&keys[i], slot.clone(), writes[i]);
+            }
         }
         if to_load.is_empty() {
             return;

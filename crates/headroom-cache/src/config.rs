@@ -28,7 +28,7 @@ pub struct CacheConfig {
     /// the bound on how stale one instance can be behind another. `None`: the entry's TTL.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub l1_max_ttl: Option<Duration>,
-    /// How long a value is served (hard TTL) unless a per-entry TTL is set.
+    /// How long a value is served (hard TTL): the default, and the maximum of per-entry TTLs.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub ttl: Duration,
     /// After this age a hit is still served but refreshed in the background (eager refresh).
@@ -39,7 +39,7 @@ pub struct CacheConfig {
     /// not expire together. Zero disables jitter.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub ttl_jitter: Duration,
-    /// How long a "not found" answer of the loader is cached. `None`: not cached.
+    /// How long a "not found" answer of the loader is cached (at most `ttl`). `None`: not cached.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub negative_ttl: Option<Duration>,
     /// How long past its TTL a value is kept to be served when the loader fails or times out

@@ -201,6 +201,8 @@ async fn l1_never_outlives_the_remaining_l2_ttl() {
     // A second instance reads the entry with 10 s left: its L1 copy must not live 60 s.
     let reader = options("reader").build().unwrap();
     assert_eq!(reader.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    // An L2 hit fills L1 in a spawned task, after the caller has its value.
+    tokio::task::yield_now().await;
     let reads = l2.calls.reads();
     clock.advance(9 * SEC);
     assert_eq!(reader.get(&key("k")).await.unwrap().as_deref(), Some("v"));
@@ -248,7 +250,9 @@ async fn jitter_spreads_expiry_of_entries_loaded_together() {
         .await
         .unwrap();
     let mut alive_after = Vec::new();
-    for step in [SEC * 10, SEC * 5, SEC * 5] {
+    let ms = Duration::from_millis(1);
+    // Just before the TTL, at TTL + half the jitter, and at TTL + the whole jitter.
+    for step in [SEC * 10 - ms, SEC * 5 + ms, SEC * 5] {
         clock.advance(step);
         let mut alive = 0;
         for k in &keys {
