@@ -79,11 +79,43 @@ impl<K, V> fmt::Debug for Cache<K, V> {
 /// What a read or load ends with, shared by every caller waiting on the same load.
 type Outcome<V> = Result<Option<V>, CacheError>;
 type Pending<V> = Shared<BoxFuture<'static, Outcome<V>>>;
+/// The outcomes of a batch load, by key; `None` when the load task died (a loader panic).
+type Batch<K, V> = Shared<BoxFuture<'static, Option<Arc<HashMap<K, Outcome<V>>>>>>;
 
-/// A load in flight: callers join `pending`; `load` tells it apart from a later load of the key.
-struct InFlight<V> {
+/// A load in flight: callers join it; `load` tells it apart from a later load of the key.
+struct InFlight<K, V> {
     load: u64,
-    pending: Pending<V>,
+    join: Join<K, V>,
+}
+
+/// What a caller joining a load in flight waits on.
+enum Join<K, V> {
+    One(Pending<V>),
+    Batch(Batch<K, V>),
+}
+
+impl<K: CacheKey, V: Clone + Send + Sync + 'static> Join<K, V> {
+    /// The outcome for `key`.
+    fn wait(&self, key: &K) -> BoxFuture<'static, Outcome<V>> {
+        match self {
+            Self::One(pending) => pending.clone().boxed(),
+            Self::Batch(batch) => {
+                let key = key.clone();
+                batch
+                    .clone()
+                    .map(move |outcomes| pick(outcomes.as_deref(), &key))
+                    .boxed()
+            }
+        }
+    }
+}
+
+/// One key's outcome of a batch.
+fn pick<K: CacheKey, V: Clone>(outcomes: Option<&HashMap<K, Outcome<V>>>, key: &K) -> Outcome<V> {
+    match outcomes {
+        Some(outcomes) => outcomes.get(key).cloned().unwrap_or(Ok(None)),
+        None => Err(CacheError::new(CacheErrorKind::LoaderPanicked)),
+    }
 }
 
 /// One cached value (or cached "not found") with its deadlines on this instance's clock.
@@ -125,7 +157,7 @@ pub(crate) struct Inner<K, V> {
     ttl_by: Option<TtlFn<V>>,
     clock: Clock,
     metrics: Arc<Metrics>,
-    in_flight: Mutex<HashMap<K, InFlight<V>>>,
+    in_flight: Mutex<HashMap<K, InFlight<K, V>>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
     hasher: RandomState,
@@ -281,13 +313,32 @@ where
         if !refresh.is_empty() {
             inner.metrics.refreshes.increment(refresh.len() as u64);
         }
-        let pending =
+        let (own, joined) =
             Inner::join_or_load_many(inner, missing.iter().copied().chain(&refresh), loader);
-        let waits = missing.iter().map(|key| pending[*key].clone());
-        let loaded = join_all(waits).await;
-        let mut loaded = loaded.into_iter();
-        for result in results.iter_mut().filter(|hit| hit.is_none()) {
-            *result = Some(loaded.next().expect("one outcome per missing key")?);
+        if missing.is_empty() {
+            // Only refreshes: they run in the background.
+            return Ok(results.into_iter().map(Option::flatten).collect());
+        }
+        let own = async move {
+            match own {
+                Some(batch) => batch.await,
+                None => None,
+            }
+        };
+        let joined = join_all(
+            joined
+                .into_iter()
+                .map(|(key, wait)| async move { (key, wait.await) }),
+        );
+        let (own, joined) = futures_util::future::join(own, joined).await;
+        let joined: HashMap<K, Outcome<V>> = joined.into_iter().collect();
+        for (key, result) in keys.iter().zip(results.iter_mut()) {
+            if result.is_none() {
+                *result = Some(match joined.get(key) {
+                    Some(outcome) => outcome.clone()?,
+                    None => pick(own.as_deref(), key)?,
+                });
+            }
         }
         Ok(results.into_iter().map(Option::flatten).collect())
     }
@@ -546,7 +597,11 @@ where
     }
 
     /// Joins the load of `key` in flight, or starts one in a spawned task.
-    fn join_or_load<F, Fut, E>(this: &Arc<Self>, key: &K, loader: F) -> Pending<V>
+    fn join_or_load<F, Fut, E>(
+        this: &Arc<Self>,
+        key: &K,
+        loader: F,
+    ) -> BoxFuture<'static, Outcome<V>>
     where
         F: FnOnce(K) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -554,7 +609,7 @@ where
     {
         let mut in_flight = this.in_flight.lock();
         if let Some(existing) = in_flight.get(key) {
-            return existing.pending.clone();
+            return existing.join.wait(key);
         }
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
@@ -568,12 +623,12 @@ where
             key.clone(),
             InFlight {
                 load,
-                pending: pending.clone(),
+                join: Join::One(pending.clone()),
             },
         );
         drop(in_flight);
         tokio::spawn(Arc::clone(this).load(load, key.clone(), loader, reply));
-        pending
+        pending.boxed()
     }
 
     /// The load task of one key: L2, then the loader, with fail-safe and soft timeout.
@@ -615,6 +670,8 @@ where
         if let Some(slot) = best.as_ref().filter(|slot| now < slot.expires_at) {
             send(&mut reply, Ok(slot.value.clone()));
             if fill {
+                // Let the callers run first.
+                tokio::task::yield_now().await;
                 self.fill_l1(&key, slot.clone(), write);
             }
             if now < slot.fresh_until {
@@ -736,59 +793,58 @@ where
         entry
     }
 
-    /// Registers a batch load for every key not already in flight and returns one pending
-    /// outcome per key.
+    /// Registers one batch load for every key not already in flight. Returns that load (if
+    /// any key needed it) and, for keys already in flight, what to wait on.
+    #[allow(clippy::type_complexity)]
     fn join_or_load_many<'k, F, Fut, E>(
         this: &Arc<Self>,
         keys: impl Iterator<Item = &'k K>,
         loader: F,
-    ) -> HashMap<K, Pending<V>>
+    ) -> (
+        Option<Batch<K, V>>,
+        HashMap<K, BoxFuture<'static, Outcome<V>>>,
+    )
     where
         F: FnOnce(Vec<K>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel::<HashMap<K, Outcome<V>>>();
-        let batch = answer
+        let batch: Batch<K, V> = answer
             .map(|answer| answer.ok().map(Arc::new))
             .boxed()
             .shared();
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
-        let mut pending = HashMap::new();
+        let mut joined = HashMap::new();
         let mut to_load = Vec::new();
         let mut in_flight = this.in_flight.lock();
         for key in keys {
-            if pending.contains_key(key) {
+            if joined.contains_key(key) {
                 continue;
             }
-            if let Some(existing) = in_flight.get(key) {
-                pending.insert(key.clone(), existing.pending.clone());
-                continue;
+            match in_flight.get(key) {
+                Some(existing) if existing.load != load => {
+                    joined.insert(key.clone(), existing.join.wait(key));
+                }
+                Some(_) => {}
+                None => {
+                    in_flight.insert(
+                        key.clone(),
+                        InFlight {
+                            load,
+                            join: Join::Batch(batch.clone()),
+                        },
+                    );
+                    to_load.push(key.clone());
+                }
             }
-            let own = key.clone();
-            let outcome = batch
-                .clone()
-                .map(move |answer| match answer {
-                    Some(outcomes) => outcomes.get(&own).cloned().unwrap_or(Ok(None)),
-                    None => Err(CacheError::new(CacheErrorKind::LoaderPanicked)),
-                })
-                .boxed()
-                .shared();
-            in_flight.insert(
-                key.clone(),
-                InFlight {
-                    load,
-                    pending: outcome.clone(),
-                },
-            );
-            pending.insert(key.clone(), outcome);
-            to_load.push(key.clone());
         }
         drop(in_flight);
-        if !to_load.is_empty() {
-            tokio::spawn(Arc::clone(this).load_many(load, to_load, loader, reply));
+        if to_load.is_empty() {
+            return (None, joined);
         }
-        pending
+        tokio::spawn(Arc::clone(this).load_many(load, to_load, loader, reply));
+        (Some(batch), joined)
     }
 
     /// The load task of a batch: one L2 round trip, then one loader call for what is left.
@@ -860,6 +916,8 @@ where
         let mut reply = Some(reply);
         if answered_all && let Some(reply) = reply.take() {
             let _ = reply.send(outcomes.clone());
+            // Let the callers run before the fills below.
+            tokio::task::yield_now().await;
         }
         for (i, slot) in best.iter().enumerate() {
             if fill[i]

@@ -13,6 +13,7 @@ use headroom_cache::{Cache, CacheError, CacheErrorKind, envelope};
 use headroom_core::kv::KvStore;
 use headroom_core::memory::MemoryKvStore;
 use headroom_core::{Classify, Clock, ManualClock, Namespace};
+use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 
 const SEC: Duration = Duration::from_secs(1);
@@ -859,4 +860,90 @@ async fn a_write_dropped_while_l2_is_hung_leaves_the_key_pending() {
         Some("v"),
         "L1 has the value"
     );
+}
+
+#[tokio::test]
+async fn single_reads_and_batches_join_each_other() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let batch_keys = Arc::new(Mutex::new(Vec::new()));
+    let batch = {
+        let (cache, gate, started_tx, batch_keys) = (
+            cache.clone(),
+            Arc::clone(&gate),
+            started_tx.clone(),
+            Arc::clone(&batch_keys),
+        );
+        tokio::spawn(async move {
+            let keys = [key("a"), key("b")];
+            cache
+                .get_many_or_load(&keys, move |keys: Vec<String>| async move {
+                    batch_keys.lock().extend(keys.iter().cloned());
+                    let _ = started_tx.send(());
+                    let _permit = gate.acquire().await.expect("gate");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k.clone(), format!("{k} from batch")))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    // A single read of a key the batch is loading joins it.
+    let loads = Counter::default();
+    let single = {
+        let (cache, loader) = (cache.clone(), loads.loader());
+        tokio::spawn(async move { cache.get_or_load(&key("a"), loader).await })
+    };
+    // A single load in flight is joined by a later batch.
+    let c_single = {
+        let (cache, loader) = (cache.clone(), gated(&gate, &started_tx, "c from single"));
+        tokio::spawn(async move { cache.get_or_load(&key("c"), loader).await })
+    };
+    started.recv().await.unwrap();
+    let second_batch = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_many_or_load(&[key("c"), key("d")], |keys: Vec<String>| async move {
+                    assert_eq!(keys, [key("d")], "c is joined, not loaded again");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k, "d from batch".to_owned()))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    gate.add_permits(2);
+    let values = batch.await.unwrap().unwrap();
+    assert_eq!(
+        values,
+        [
+            Some("a from batch".to_owned()),
+            Some("b from batch".to_owned())
+        ]
+    );
+    assert_eq!(
+        single.await.unwrap().unwrap().as_deref(),
+        Some("a from batch")
+    );
+    assert_eq!(loads.calls(), 0, "the single read joined the batch");
+    assert_eq!(
+        c_single.await.unwrap().unwrap().as_deref(),
+        Some("c from single")
+    );
+    let values = second_batch.await.unwrap().unwrap();
+    assert_eq!(
+        values,
+        [
+            Some("c from single".to_owned()),
+            Some("d from batch".to_owned())
+        ]
+    );
+    assert_eq!(*batch_keys.lock(), [key("a"), key("b")]);
 }
