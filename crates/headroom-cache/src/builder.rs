@@ -172,6 +172,12 @@ where
         self
     }
 
+    /// See [`CacheConfig::l1_eviction_metric`].
+    pub fn l1_eviction_metric(mut self, enabled: bool) -> Self {
+        self.config.l1_eviction_metric = enabled;
+        self
+    }
+
     /// See [`CacheConfig::max_value_len`].
     pub fn max_value_len(mut self, bytes: usize) -> Self {
         self.config.max_value_len = bytes;
@@ -182,8 +188,7 @@ where
     pub fn build(self) -> Result<Cache<K, V>, ConfigError> {
         self.config.validate().map_err(ConfigError::new)?;
         let metrics = Arc::new(Metrics::new(&self.config.name));
-        let evictions = metrics.evictions.clone();
-        let l1 = moka::sync::Cache::builder()
+        let mut l1 = moka::sync::Cache::builder()
             .max_capacity(self.config.l1_max_capacity)
             // Serving decisions use the cache's clock and each entry's deadlines; this only
             // frees memory once no entry can be served any more, fail-safe window included. A
@@ -193,13 +198,16 @@ where
                     .ttl
                     .saturating_add(self.config.ttl_jitter)
                     .saturating_add(self.config.fail_safe_max_stale),
-            )
-            .eviction_listener(move |_, _, cause| {
+            );
+        if self.config.l1_eviction_metric {
+            let evictions = metrics.evictions.clone();
+            l1 = l1.eviction_listener(move |_, _, cause| {
                 if cause == RemovalCause::Size {
                     evictions.increment(1);
                 }
-            })
-            .build();
+            });
+        }
+        let l1 = l1.build();
         let l2 = self.l2.map(|(store, namespace)| {
             Arc::new(L2::new(
                 store,

@@ -188,3 +188,23 @@ async fn l2_errors_the_breaker_and_corrupt_values_are_reported() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn l1_evictions_are_counted_unless_disabled() {
+    for enabled in [true, false] {
+        let recorded = Recorded::default();
+        let cache: Cache<u32, u32> = metrics::with_local_recorder(&recorded, || {
+            Cache::builder()
+                .name("m")
+                .l1_max_capacity(10)
+                .l1_eviction_metric(enabled)
+                .build()
+                .unwrap()
+        });
+        for i in 0..2_000 {
+            cache.insert(i, i).await.unwrap();
+        }
+        let evictions = recorded.counter("headroom_cache_evictions_total{cache=m}");
+        assert_eq!(evictions > 0, enabled, "evictions {evictions}");
+    }
+}
