@@ -209,7 +209,8 @@ where
     ///
     /// `Ok(None)` means absent, or cached as "not found". A value past its soft TTL is served
     /// without a refresh (there is no loader to refresh it with); one past its TTL is not.
-    /// L2 failures read as a miss.
+    /// L2 failures read as a miss. An L2 hit fills L1 in a spawned task, once the caller has
+    /// its value.
     pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
         let inner = &self.inner;
         if let Some(slot) = inner.l1.get(key)
