@@ -160,7 +160,8 @@ pub async fn stampede_runs_one_load_and_survives_cancellation<S: KvStore + Clone
             tokio::spawn(async move { cache.get_or_load(&key, loader).await })
         })
         .collect();
-    // Every caller reaches the in-flight load before it is allowed to finish.
+    // Let the callers reach the load in flight before it may finish (on a current-thread
+    // runtime all of them do; elsewhere a late one hits L1: either way one loader call).
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
