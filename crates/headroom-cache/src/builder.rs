@@ -193,12 +193,7 @@ where
             // Serving decisions use the cache's clock and each entry's deadlines; this only
             // frees memory once no entry can be served any more, fail-safe window included. A
             // global TTL keeps moka's read path as fast as without expiry.
-            .time_to_live(
-                self.config
-                    .ttl
-                    .saturating_add(self.config.ttl_jitter)
-                    .saturating_add(self.config.fail_safe_max_stale),
-            );
+            .time_to_live(self.config.max_entry_lifetime());
         if self.config.l1_eviction_metric {
             let evictions = metrics.evictions.clone();
             l1 = l1.eviction_listener(move |_, _, cause| {
@@ -217,6 +212,7 @@ where
                 self.config.l2_failure_threshold,
                 self.config.l2_cooldown,
                 self.config.l2_max_pending_deletes,
+                self.config.max_entry_lifetime(),
                 Arc::clone(&metrics),
             ))
         });

@@ -69,8 +69,9 @@ pub struct CacheConfig {
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub l2_cooldown: Duration,
     /// The most keys whose L2 copy is known to be outdated (a write failed to reach L2) that
-    /// are remembered until a delete reaches L2. Beyond it, L2 reads are skipped until the
-    /// backlog is cleared.
+    /// are remembered until a delete reaches L2. A key beyond it makes the cache skip L2 reads
+    /// for `ttl + ttl_jitter + fail_safe_max_stale`, after which every copy it could have missed
+    /// has expired.
     pub l2_max_pending_deletes: usize,
     /// The largest encoded value accepted, in bytes.
     pub max_value_len: usize,
@@ -100,6 +101,13 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
+    /// The longest any entry of this cache can be kept: TTL, jitter and fail-safe window.
+    pub(crate) fn max_entry_lifetime(&self) -> Duration {
+        self.ttl
+            .saturating_add(self.ttl_jitter)
+            .saturating_add(self.fail_safe_max_stale)
+    }
+
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
         if self.ttl.is_zero() {
             return Err("ttl must be greater than zero");

@@ -1,12 +1,14 @@
 //! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
 //! failing the caller. Writes that did not reach L2 are remembered as pending deletes: until a
-//! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy.
+//! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy. A key
+//! that cannot be remembered (the backlog is full) makes all of L2 untrusted for the longest
+//! lifetime of an entry, after which any copy it could have missed has expired.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::kv::{DynKvStore, KvEntry, KvStore};
@@ -32,6 +34,11 @@ pub(crate) struct L2 {
     max_pending: usize,
     generation: AtomicU64,
     draining: AtomicBool,
+    /// The longest an entry written by this cache lives in L2.
+    max_lifetime: Duration,
+    origin: Instant,
+    /// Nanoseconds after `origin` until which L2 reads are skipped; zero when trusted.
+    untrusted_until: AtomicU64,
 }
 
 impl L2 {
@@ -44,9 +51,13 @@ impl L2 {
         failure_threshold: u32,
         cooldown: Duration,
         max_pending: usize,
+        max_lifetime: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            max_lifetime,
+            origin: clock.now(),
+            untrusted_until: AtomicU64::new(0),
             store,
             namespace,
             timeout,
@@ -117,8 +128,16 @@ impl L2 {
     }
 
     fn readable(&self, key: &Key) -> bool {
-        let pending = self.pending_len.load(Ordering::Acquire);
-        pending == 0 || (pending < self.max_pending && !self.pending.lock().contains_key(key))
+        let untrusted_until = self.untrusted_until.load(Ordering::Acquire);
+        if untrusted_until != 0 && self.since_origin() < untrusted_until {
+            return false;
+        }
+        self.pending_len.load(Ordering::Acquire) == 0 || !self.pending.lock().contains_key(key)
+    }
+
+    fn since_origin(&self) -> u64 {
+        let elapsed = self.clock.now().saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Reads one key; `None` when L2 was not reached or must not be trusted for this key.
@@ -215,8 +234,16 @@ impl L2 {
             let mut pending = self.pending.lock();
             for key in keys {
                 if pending.len() >= self.max_pending && !pending.contains_key(key) {
-                    // Full: L2 reads are skipped entirely until the backlog clears.
-                    tracing::warn!(namespace = %self.namespace, "too many pending L2 deletes");
+                    // This key's outdated copy cannot be tracked: distrust all of L2 until any
+                    // copy written before now has expired.
+                    let lifetime = u64::try_from(self.max_lifetime.as_nanos()).unwrap_or(u64::MAX);
+                    let until = self.since_origin().saturating_add(lifetime).max(1);
+                    self.untrusted_until.fetch_max(until, Ordering::AcqRel);
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        for_ = ?self.max_lifetime,
+                        "too many pending L2 deletes; L2 reads paused",
+                    );
                     break;
                 }
                 pending.insert(key.clone(), generation);

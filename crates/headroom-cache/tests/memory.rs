@@ -947,3 +947,55 @@ async fn single_reads_and_batches_join_each_other() {
     );
     assert_eq!(*batch_keys.lock(), [key("a"), key("b")]);
 }
+
+#[tokio::test]
+async fn a_full_pending_delete_backlog_distrusts_l2_for_one_entry_lifetime() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(SEC)
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .l2_cooldown(5 * SEC)
+        .l2_max_pending_deletes(1)
+        .build()
+        .unwrap();
+    for k in ["a", "b"] {
+        cache.insert(key(k), "old".into()).await.unwrap();
+    }
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    for k in ["a", "b"] {
+        cache.insert(key(k), "new".into()).await.unwrap();
+    }
+    assert_eq!(
+        cache.pending_l2_deletes(),
+        1,
+        "only one key fits the backlog"
+    );
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(5 * SEC);
+    settle(|| cache.pending_l2_deletes() == 0).await;
+    // "b" was never remembered and its old copy is still in L2: it must not be served.
+    assert!(
+        l2.inner
+            .get(&ns().key("b").unwrap())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        cache.get(&key("b")).await.unwrap(),
+        None,
+        "L2 is distrusted"
+    );
+    // Once every copy written before the failure has expired, L2 is read again.
+    clock.advance(60 * SEC);
+    cache.insert(key("c"), "fresh".into()).await.unwrap();
+    cache.invalidate_local(&key("c"));
+    assert_eq!(
+        cache.get(&key("c")).await.unwrap().as_deref(),
+        Some("fresh")
+    );
+}
