@@ -999,3 +999,133 @@ async fn a_full_pending_delete_backlog_distrusts_l2_for_one_entry_lifetime() {
         Some("fresh")
     );
 }
+
+#[tokio::test]
+async fn a_dropped_batch_caller_does_not_cancel_its_load() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let caller = {
+        let (cache, gate) = (cache.clone(), Arc::clone(&gate));
+        tokio::spawn(async move {
+            cache
+                .get_many_or_load(&[key("a"), key("b")], move |keys: Vec<String>| async move {
+                    let _ = started_tx.send(());
+                    let _permit = gate.acquire().await.expect("gate");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k.clone(), k))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    // A reader arriving now joins the load that is still running.
+    let loads = Counter::default();
+    let joiner = {
+        let (cache, loader) = (cache.clone(), loads.loader());
+        tokio::spawn(async move { cache.get_or_load(&key("b"), loader).await })
+    };
+    tokio::task::yield_now().await;
+    gate.add_permits(1);
+    assert_eq!(joiner.await.unwrap().unwrap().as_deref(), Some("b"));
+    assert_eq!(
+        cache.get(&key("a")).await.unwrap().as_deref(),
+        Some("a"),
+        "the load filled L1"
+    );
+    assert_eq!(loads.calls(), 0);
+}
+
+/// A store that fails every call, or hangs on every call, as told.
+#[derive(Clone, Debug, Default)]
+struct Flaky {
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    async fn answer<T>(&self) -> Result<T, headroom_core::BackendError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending().await
+        } else {
+            Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Connection,
+            ))
+        }
+    }
+}
+
+impl KvStore for Flaky {
+    async fn get(
+        &self,
+        _: &headroom_core::Key,
+    ) -> Result<Option<Bytes>, headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn get_many(
+        &self,
+        _: &[headroom_core::Key],
+    ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn set(
+        &self,
+        _: &headroom_core::Key,
+        _: Bytes,
+        _: Duration,
+    ) -> Result<(), headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn set_many(
+        &self,
+        _: &[headroom_core::kv::KvEntry],
+    ) -> Result<(), headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn delete(&self, _: &[headroom_core::Key]) -> Result<u64, headroom_core::BackendError> {
+        self.answer().await
+    }
+}
+
+#[tokio::test]
+async fn a_probe_dropped_mid_call_lets_the_next_call_probe() {
+    let clock = ManualClock::new();
+    let store = Flaky::default();
+    let probe = Probe::new(store.clone());
+    let calls = Arc::clone(&probe.calls);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(probe, ns())
+        .l2_failure_threshold(1)
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    // One failure opens the breaker; after the cool-down the next read is the probe.
+    cache.get(&key("k")).await.unwrap();
+    cache.get(&key("k")).await.unwrap();
+    assert_eq!(calls.get.load(Ordering::SeqCst), 1, "open: not called");
+    clock.advance(5 * SEC);
+    store.hang.store(true, Ordering::SeqCst);
+    let k = key("k");
+    tokio::select! {
+        biased;
+        _ = cache.get(&k) => panic!("a hung L2 cannot answer"),
+        () = tokio::task::yield_now() => {}
+    }
+    assert_eq!(
+        calls.get.load(Ordering::SeqCst),
+        2,
+        "the probe was sent, then dropped"
+    );
+    store.hang.store(false, Ordering::SeqCst);
+    cache.get(&key("k")).await.unwrap();
+    assert_eq!(
+        calls.get.load(Ordering::SeqCst),
+        3,
+        "the abandoned probe freed its slot"
+    );
+}
