@@ -916,15 +916,22 @@ where
         }
         let mut reply = Some(reply);
         if answered_all && let Some(reply) = reply.take() {
-            let _ = reply.send(outcomes.clone());
+            // Keep the outcomes only when a refresh below still needs them.
+            let answer = if to_load.is_empty() {
+                std::mem::take(&mut outcomes)
+            } else {
+                outcomes.clone()
+            };
+            let _ = reply.send(answer);
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
         }
-        for (i, slot) in best.iter().enumerate() {
+        // Filled slots are servable, so their outcome is known and no fail-safe needs them.
+        for (i, slot) in best.iter_mut().enumerate() {
             if fill[i]
-                && let Some(slot) = slot
+                && let Some(slot) = slot.take()
             {
-                self.fill_l1(&keys[i], slot.clone(), writes[i]);
+                self.fill_l1(&keys[i], slot, writes[i]);
             }
         }
         if to_load.is_empty() {
