@@ -1129,3 +1129,17 @@ async fn a_probe_dropped_mid_call_lets_the_next_call_probe() {
         "the abandoned probe freed its slot"
     );
 }
+
+#[test]
+fn every_future_of_the_cache_is_send() {
+    fn send<T: Send>(_: T) {}
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let k = key("k");
+    send(cache.get(&k));
+    send(cache.get_or_load(&k, Counter::default().loader()));
+    send(cache.get_many_or_load(&[], |_: Vec<String>| async {
+        Ok::<_, CacheError>(HashMap::new())
+    }));
+    send(cache.insert(key("k"), "v".into()));
+    send(cache.remove(&k));
+}
