@@ -1,0 +1,229 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::kv::{DynKvStore, KvStore};
+use headroom_core::{Clock, Namespace};
+use moka::notification::RemovalCause;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{Bound, Codec, Postcard, ValueCodec};
+use crate::l2::L2;
+use crate::metrics::Metrics;
+use crate::{Cache, CacheConfig, CacheKey, ConfigError};
+
+/// Chooses an entry's TTL from its value.
+pub(crate) type TtlFn<V> = Arc<dyn Fn(&V) -> Duration + Send + Sync>;
+
+/// Builds a [`Cache`]. Start with [`Cache::builder`].
+#[must_use]
+pub struct CacheBuilder<K, V> {
+    config: CacheConfig,
+    clock: Clock,
+    l2: Option<(DynKvStore, Namespace)>,
+    codec: Box<dyn ValueCodec<V>>,
+    ttl_by: Option<TtlFn<V>>,
+    key: PhantomData<fn(K)>,
+}
+
+impl<K, V> fmt::Debug for CacheBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheBuilder")
+            .field("config", &self.config)
+            .field("clock", &self.clock)
+            .field("l2", &self.l2)
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> CacheBuilder<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    pub(crate) fn new() -> Self {
+        Self {
+            config: CacheConfig::default(),
+            clock: Clock::system(),
+            l2: None,
+            codec: Box::new(Bound::new(Postcard)),
+            ttl_by: None,
+            key: PhantomData,
+        }
+    }
+
+    /// Replaces every setting of [`CacheConfig`] at once (for a configuration loaded from a file).
+    pub fn config(mut self, config: CacheConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The name used as the `cache` label of metrics (default `"default"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// The shared level: any [`KvStore`], with keys written under `namespace`.
+    /// Without it the cache is L1 only.
+    pub fn l2(mut self, store: impl KvStore, namespace: Namespace) -> Self {
+        self.l2 = Some((DynKvStore::new(store), namespace));
+        self
+    }
+
+    /// The codec of L2 values (default [`Postcard`]).
+    pub fn codec<C: Codec>(mut self, codec: C) -> Self {
+        self.codec = Box::new(Bound::new(codec));
+        self
+    }
+
+    /// The clock (default [`Clock::system`]); a manual clock in tests.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// See [`CacheConfig::l1_max_capacity`].
+    pub fn l1_max_capacity(mut self, entries: u64) -> Self {
+        self.config.l1_max_capacity = entries;
+        self
+    }
+
+    /// See [`CacheConfig::l1_max_ttl`].
+    pub fn l1_max_ttl(mut self, ttl: Duration) -> Self {
+        self.config.l1_max_ttl = Some(ttl);
+        self
+    }
+
+    /// See [`CacheConfig::ttl`].
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// Chooses each value's TTL from the value itself (for loaded and inserted values),
+    /// instead of [`CacheConfig::ttl`], which stays the maximum: longer answers are cut to it.
+    /// Jitter and the soft TTL still apply.
+    pub fn ttl_by(mut self, ttl_by: impl Fn(&V) -> Duration + Send + Sync + 'static) -> Self {
+        self.ttl_by = Some(Arc::new(ttl_by));
+        self
+    }
+
+    /// See [`CacheConfig::soft_ttl`].
+    pub fn soft_ttl(mut self, soft_ttl: Duration) -> Self {
+        self.config.soft_ttl = Some(soft_ttl);
+        self
+    }
+
+    /// See [`CacheConfig::ttl_jitter`].
+    pub fn ttl_jitter(mut self, jitter: Duration) -> Self {
+        self.config.ttl_jitter = jitter;
+        self
+    }
+
+    /// See [`CacheConfig::negative_ttl`].
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.config.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// See [`CacheConfig::fail_safe_max_stale`].
+    pub fn fail_safe_max_stale(mut self, max_stale: Duration) -> Self {
+        self.config.fail_safe_max_stale = max_stale;
+        self
+    }
+
+    /// See [`CacheConfig::loader_soft_timeout`].
+    pub fn loader_soft_timeout(mut self, timeout: Duration) -> Self {
+        self.config.loader_soft_timeout = Some(timeout);
+        self
+    }
+
+    /// See [`CacheConfig::loader_hard_timeout`].
+    pub fn loader_hard_timeout(mut self, timeout: Duration) -> Self {
+        self.config.loader_hard_timeout = Some(timeout);
+        self
+    }
+
+    /// See [`CacheConfig::l2_timeout`].
+    pub fn l2_timeout(mut self, timeout: Duration) -> Self {
+        self.config.l2_timeout = timeout;
+        self
+    }
+
+    /// See [`CacheConfig::l2_failure_threshold`].
+    pub fn l2_failure_threshold(mut self, failures: u32) -> Self {
+        self.config.l2_failure_threshold = failures;
+        self
+    }
+
+    /// See [`CacheConfig::l2_cooldown`].
+    pub fn l2_cooldown(mut self, cooldown: Duration) -> Self {
+        self.config.l2_cooldown = cooldown;
+        self
+    }
+
+    /// See [`CacheConfig::l2_max_pending_deletes`].
+    pub fn l2_max_pending_deletes(mut self, keys: usize) -> Self {
+        self.config.l2_max_pending_deletes = keys;
+        self
+    }
+
+    /// See [`CacheConfig::l1_eviction_metric`].
+    pub fn l1_eviction_metric(mut self, enabled: bool) -> Self {
+        self.config.l1_eviction_metric = enabled;
+        self
+    }
+
+    /// See [`CacheConfig::max_value_len`].
+    pub fn max_value_len(mut self, bytes: usize) -> Self {
+        self.config.max_value_len = bytes;
+        self
+    }
+
+    /// Builds the cache, or says which setting cannot work.
+    pub fn build(self) -> Result<Cache<K, V>, ConfigError> {
+        self.config.validate().map_err(ConfigError::new)?;
+        let metrics = Arc::new(Metrics::new(&self.config.name));
+        let mut l1 = moka::sync::Cache::builder()
+            .max_capacity(self.config.l1_max_capacity)
+            // Serving decisions use the cache's clock and each entry's deadlines; this only
+            // frees memory once no entry can be served any more, fail-safe window included. A
+            // global TTL keeps moka's read path as fast as without expiry.
+            .time_to_live(self.config.max_entry_lifetime());
+        if self.config.l1_eviction_metric {
+            let evictions = metrics.evictions.clone();
+            l1 = l1.eviction_listener(move |_, _, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.increment(1);
+                }
+            });
+        }
+        let l1 = l1.build();
+        let l2 = self.l2.map(|(store, namespace)| {
+            Arc::new(L2::new(
+                store,
+                namespace,
+                self.config.l2_timeout,
+                self.clock.clone(),
+                self.config.l2_failure_threshold,
+                self.config.l2_cooldown,
+                self.config.l2_max_pending_deletes,
+                self.config.max_entry_lifetime(),
+                Arc::clone(&metrics),
+            ))
+        });
+        Ok(Cache::from_parts(
+            l1,
+            l2,
+            self.codec,
+            self.config,
+            self.ttl_by,
+            self.clock,
+            metrics,
+        ))
+    }
+}

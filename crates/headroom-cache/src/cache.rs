@@ -1,0 +1,1021 @@
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared, join_all};
+use headroom_core::kv::KvEntry;
+use headroom_core::{Clock, Key};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use crate::codec::ValueCodec;
+use crate::config::CacheConfig;
+use crate::envelope;
+use crate::error::{CacheError, CacheErrorKind};
+use crate::key::CacheKey;
+use crate::l2::L2;
+use crate::metrics::Metrics;
+use crate::{CacheBuilder, TtlFn};
+
+/// Stripes of the write counters that tell a load whether its key was written meanwhile.
+const WRITE_STRIPES: usize = 256;
+
+/// A typed two-level cache: L1 in process (moka), L2 in any
+/// [`KvStore`](headroom_core::kv::KvStore), a loader behind both.
+///
+/// Cloning is cheap; clones share everything. Reads and writes must run inside a tokio
+/// runtime (loads run in spawned tasks so that a dropped caller never cancels them).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use headroom_cache::Cache;
+/// use headroom_core::{memory::MemoryKvStore, Namespace};
+///
+/// let cache: Cache<u64, String> = Cache::builder()
+///     .name("users")
+///     .ttl(Duration::from_secs(60))
+///     .l2(MemoryKvStore::new(), Namespace::new("app:users")?)
+///     .build()?;
+///
+/// let name = cache
+///     .get_or_load(&7, |id| async move { Ok::<_, std::io::Error>(Some(format!("user {id}"))) })
+///     .await?;
+/// assert_eq!(name.as_deref(), Some("user 7"));
+/// assert_eq!(cache.get(&7).await?.as_deref(), Some("user 7"));
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct Cache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for Cache<K, V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for Cache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("name", &self.inner.config.name)
+            .field("l2", &self.inner.l2.as_ref().map(|l2| &l2.namespace))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a read or load ends with, shared by every caller waiting on the same load.
+type Outcome<V> = Result<Option<V>, CacheError>;
+type Pending<V> = Shared<BoxFuture<'static, Outcome<V>>>;
+/// The outcomes of a batch load, by key; `None` when the load task died (a loader panic).
+type Batch<K, V> = Shared<BoxFuture<'static, Option<Arc<HashMap<K, Outcome<V>>>>>>;
+
+/// A load in flight: callers join it; `load` tells it apart from a later load of the key.
+struct InFlight<K, V> {
+    load: u64,
+    join: Join<K, V>,
+}
+
+/// What a caller joining a load in flight waits on.
+enum Join<K, V> {
+    One(Pending<V>),
+    Batch(Batch<K, V>),
+}
+
+impl<K: CacheKey, V: Clone + Send + Sync + 'static> Join<K, V> {
+    /// The outcome for `key`.
+    fn wait(&self, key: &K) -> BoxFuture<'static, Outcome<V>> {
+        match self {
+            Self::One(pending) => pending.clone().boxed(),
+            Self::Batch(batch) => {
+                let key = key.clone();
+                batch
+                    .clone()
+                    .map(move |outcomes| pick(outcomes.as_deref(), &key))
+                    .boxed()
+            }
+        }
+    }
+}
+
+/// One key's outcome of a batch.
+fn pick<K: CacheKey, V: Clone>(outcomes: Option<&HashMap<K, Outcome<V>>>, key: &K) -> Outcome<V> {
+    match outcomes {
+        Some(outcomes) => outcomes.get(key).cloned().unwrap_or(Ok(None)),
+        None => Err(CacheError::new(CacheErrorKind::LoaderPanicked)),
+    }
+}
+
+/// One cached value (or cached "not found") with its deadlines on this instance's clock.
+///
+/// L1 holds slots by value: a hit clones the slot (its value, as a raw moka read would) and
+/// hands the value over without reference counting.
+#[derive(Clone)]
+pub(crate) struct Slot<V> {
+    value: Option<V>,
+    created_unix_ms: u64,
+    /// Until then, a hit is served as is.
+    fresh_until: Instant,
+    /// Until then, a hit is served (and refreshed in the background after `fresh_until`).
+    expires_at: Instant,
+    /// Until then, the value may be served when a load fails (fail-safe).
+    stale_until: Instant,
+}
+
+/// A key's write counter stripe and its value when a read or load began.
+#[derive(Clone, Copy)]
+struct WriteMark {
+    stripe: usize,
+    count: u64,
+}
+
+/// Deadlines of an entry in Unix milliseconds, as written in its envelope.
+#[derive(Clone, Copy)]
+struct Times {
+    created: u64,
+    fresh_until: u64,
+    expires: u64,
+}
+
+pub(crate) struct Inner<K, V> {
+    l1: moka::sync::Cache<K, Slot<V>>,
+    l2: Option<Arc<L2>>,
+    codec: Box<dyn ValueCodec<V>>,
+    config: CacheConfig,
+    ttl_by: Option<TtlFn<V>>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    in_flight: Mutex<HashMap<K, InFlight<K, V>>>,
+    loads: AtomicU64,
+    writes: Box<[AtomicU64]>,
+    hasher: RandomState,
+}
+
+impl<K, V> Cache<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    /// Starts building a cache.
+    pub fn builder() -> CacheBuilder<K, V> {
+        CacheBuilder::new()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_parts(
+        l1: moka::sync::Cache<K, Slot<V>>,
+        l2: Option<Arc<L2>>,
+        codec: Box<dyn ValueCodec<V>>,
+        config: CacheConfig,
+        ttl_by: Option<TtlFn<V>>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                l1,
+                l2,
+                codec,
+                config,
+                ttl_by,
+                clock,
+                metrics,
+                in_flight: Mutex::new(HashMap::new()),
+                loads: AtomicU64::new(0),
+                writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                hasher: RandomState::new(),
+            }),
+        }
+    }
+
+    /// The cache's configuration.
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// Reads a value from L1, then L2; never calls a loader.
+    ///
+    /// `Ok(None)` means absent, or cached as "not found". A value past its soft TTL is served
+    /// without a refresh (there is no loader to refresh it with); one past its TTL is not.
+    /// L2 failures read as a miss. An L2 hit fills L1 in a spawned task, once the caller has
+    /// its value.
+    pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
+        let inner = &self.inner;
+        if let Some(slot) = inner.l1.get(key)
+            && inner.clock.now() < slot.expires_at
+        {
+            inner.metrics.l1_hits.increment(1);
+            return Ok(slot.value);
+        }
+        inner.metrics.l1_misses.increment(1);
+        match &inner.l2 {
+            // Boxed so that the future of an L1 hit stays small.
+            Some(l2) => Box::pin(inner.read_l2(l2, key)).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Reads a value from L1, then L2, then `loader`, with stampede protection.
+    ///
+    /// - One load per key runs at a time in this instance, however many callers ask; they all
+    ///   receive its result. The load runs in a spawned task, so a caller that is dropped does
+    ///   not cancel it for the others.
+    /// - A hit past its soft TTL is served at once and refreshed in the background.
+    /// - `Ok(None)` from the loader means "not found": returned, and cached for the negative
+    ///   TTL when one is configured.
+    /// - When the loader fails or times out and a value within `fail_safe_max_stale` past its
+    ///   TTL is at hand (in L1 or L2), that stale value is served instead of the error.
+    ///
+    /// The loader gets the key by value and returns `Result<Option<V>, E>`.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if let Some(slot) = inner.l1.get(key) {
+            let now = inner.clock.now();
+            if now < slot.fresh_until {
+                inner.metrics.l1_hits.increment(1);
+                return Ok(slot.value);
+            }
+            if now < slot.expires_at {
+                inner.metrics.l1_hits.increment(1);
+                inner.metrics.refreshes.increment(1);
+                // Starts (or joins) a load without waiting for it.
+                drop(Inner::join_or_load(inner, key, loader));
+                return Ok(slot.value);
+            }
+        }
+        inner.metrics.l1_misses.increment(1);
+        Inner::join_or_load(inner, key, loader).await
+    }
+
+    /// Reads many values: L1 first, then L2 in one round trip for all L1 misses, then one call
+    /// of `loader` for every key still missing. Results come in the order of `keys`.
+    ///
+    /// Keys already being loaded by another call are joined rather than loaded again, and
+    /// concurrent single-key reads join this call's load. The loader returns the values it
+    /// found; keys absent from its map are "not found" (cached for the negative TTL when one
+    /// is configured). When the loader fails, keys with a stale value within
+    /// `fail_safe_max_stale` are served that value; if any key has none, the call fails.
+    pub async fn get_many_or_load<F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<V>>, CacheError>
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let mut results: Vec<Option<Option<V>>> = Vec::with_capacity(keys.len());
+        let mut refresh = Vec::new();
+        for key in keys {
+            let hit = inner.l1.get(key).and_then(|slot| {
+                if now >= slot.expires_at {
+                    return None;
+                }
+                if now >= slot.fresh_until {
+                    refresh.push(key.clone());
+                }
+                Some(slot.value)
+            });
+            match &hit {
+                Some(_) => inner.metrics.l1_hits.increment(1),
+                None => inner.metrics.l1_misses.increment(1),
+            }
+            results.push(hit);
+        }
+        let missing: Vec<&K> = keys
+            .iter()
+            .zip(&results)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(key, _)| key)
+            .collect();
+        if missing.is_empty() && refresh.is_empty() {
+            return Ok(results.into_iter().map(Option::flatten).collect());
+        }
+        if !refresh.is_empty() {
+            inner.metrics.refreshes.increment(refresh.len() as u64);
+        }
+        let (own, joined) =
+            Inner::join_or_load_many(inner, missing.iter().copied().chain(&refresh), loader);
+        if missing.is_empty() {
+            // Only refreshes: they run in the background.
+            return Ok(results.into_iter().map(Option::flatten).collect());
+        }
+        let own = async move {
+            match own {
+                Some(batch) => batch.await,
+                None => None,
+            }
+        };
+        let joined = join_all(
+            joined
+                .into_iter()
+                .map(|(key, wait)| async move { (key, wait.await) }),
+        );
+        let (own, joined) = futures_util::future::join(own, joined).await;
+        let joined: HashMap<K, Outcome<V>> = joined.into_iter().collect();
+        for (key, result) in keys.iter().zip(results.iter_mut()) {
+            if result.is_none() {
+                *result = Some(match joined.get(key) {
+                    Some(outcome) => outcome.clone()?,
+                    None => pick(own.as_deref(), key)?,
+                });
+            }
+        }
+        Ok(results.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Writes a value to L1 and L2 (write-through), with the TTL of
+    /// [`CacheBuilder::ttl_by`] or the default TTL.
+    ///
+    /// Fails only for an invalid key or a value too large; an L2 failure does not fail the
+    /// write. When the value could not be written to L2, the key's L2 copy is outdated: this
+    /// instance stops reading it and deletes it from L2 once L2 answers again (until then, other
+    /// instances may still read the old copy until its TTL).
+    pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
+        let inner = &self.inner;
+        let times = inner.times(Some(&value));
+        let l2_entry = match &inner.l2 {
+            Some(l2) => Some(inner.entry(l2, &key, Some(&value), times)?),
+            None => None,
+        };
+        inner.bump_writes(&key);
+        let slot = inner.slot(
+            Some(value),
+            times,
+            inner.clock.now(),
+            inner.clock.unix_millis(),
+        );
+        inner.l1.insert(key, slot);
+        if let (Some(l2), Some(entry)) = (&inner.l2, l2_entry) {
+            l2.set_many(&[entry]).await;
+        }
+        Ok(())
+    }
+
+    /// Removes a value from L1 and L2.
+    ///
+    /// An in-flight load of the key still answers its callers but no longer fills the cache.
+    /// When L2 cannot be reached, the delete is retried in the background and this instance
+    /// does not read the key from L2 meanwhile.
+    pub async fn remove(&self, key: &K) -> Result<(), CacheError> {
+        let inner = &self.inner;
+        inner.bump_writes(key);
+        inner.l1.invalidate(key);
+        if let Some(l2) = &inner.l2 {
+            let full = inner.l2_key(l2, key)?;
+            l2.delete(&[full]).await;
+        }
+        Ok(())
+    }
+
+    /// Drops a value from L1 only, for instance when another instance changed it.
+    ///
+    /// Like [`remove`](Self::remove), it stops in-flight loads of the key from filling L1 with
+    /// a value read before the call.
+    pub fn invalidate_local(&self, key: &K) {
+        self.inner.bump_writes(key);
+        self.inner.l1.invalidate(key);
+    }
+
+    /// The number of keys whose L2 copy is known to be outdated and waits for a delete.
+    pub fn pending_l2_deletes(&self) -> usize {
+        self.inner.l2.as_ref().map_or(0, |l2| l2.pending_deletes())
+    }
+}
+
+impl<K, V> Inner<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn l2_key(&self, l2: &L2, key: &K) -> Result<Key, CacheError> {
+        l2.namespace
+            .key(key.to_key_bytes())
+            .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))
+    }
+
+    /// The L2 part of [`Cache::get`]: read, decode, fill L1.
+    async fn read_l2(self: &Arc<Self>, l2: &Arc<L2>, key: &K) -> Result<Option<V>, CacheError> {
+        let full = self.l2_key(l2, key)?;
+        let write = self.mark(key);
+        let Some(bytes) = l2.get(&full).await.flatten() else {
+            self.metrics.l2_misses.increment(1);
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        match self.decode(l2, full, &bytes, now) {
+            Some(slot) if now < slot.expires_at => {
+                self.metrics.l2_hits.increment(1);
+                let value = slot.value.clone();
+                let (this, key) = (Arc::clone(self), key.clone());
+                tokio::spawn(async move { this.fill_l1(&key, slot, write) });
+                Ok(value)
+            }
+            _ => {
+                self.metrics.l2_misses.increment(1);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Where the key's writes stand now, to tell later whether it was written meanwhile.
+    fn mark(&self, key: &K) -> WriteMark {
+        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        WriteMark {
+            stripe,
+            count: self.writes[stripe].load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether no write of the key (or of a key sharing its stripe) happened since `mark`.
+    fn unchanged(&self, mark: WriteMark) -> bool {
+        self.writes[mark.stripe].load(Ordering::Acquire) == mark.count
+    }
+
+    /// Records a write of `key`: loads started before it no longer fill the cache, and later
+    /// reads start a new load instead of joining theirs.
+    fn bump_writes(&self, key: &K) {
+        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        self.writes[stripe].fetch_add(1, Ordering::AcqRel);
+        self.in_flight.lock().remove(key);
+    }
+
+    /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
+    fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
+        if !self.unchanged(write) {
+            return false;
+        }
+        self.l1.insert(key.clone(), slot);
+        // A write that raced with the insert wins: drop what was just put.
+        if !self.unchanged(write) {
+            self.l1.invalidate(key);
+            return false;
+        }
+        true
+    }
+
+    /// The deadlines of a value produced now.
+    fn times(&self, value: Option<&V>) -> Times {
+        let config = &self.config;
+        let (ttl, soft) = match value {
+            Some(value) => {
+                let ttl = self
+                    .ttl_by
+                    .as_ref()
+                    .map_or(config.ttl, |ttl_by| ttl_by(value).min(config.ttl));
+                (ttl, config.soft_ttl.unwrap_or(ttl).min(ttl))
+            }
+            None => {
+                let ttl = config.negative_ttl.unwrap_or_default().min(config.ttl);
+                (ttl, ttl)
+            }
+        };
+        let jitter = fastrand::u64(0..=millis(config.ttl_jitter));
+        let created = self.clock.unix_millis();
+        Times {
+            created,
+            fresh_until: created.saturating_add(millis(soft)).saturating_add(jitter),
+            expires: created.saturating_add(millis(ttl)).saturating_add(jitter),
+        }
+    }
+
+    /// An L1 slot for `times`, read at `now` (whose wall time is `now_ms`).
+    fn slot(&self, value: Option<V>, times: Times, now: Instant, now_ms: u64) -> Slot<V> {
+        let after = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
+        let stale_ms = times
+            .expires
+            .saturating_add(millis(self.config.fail_safe_max_stale));
+        let stale_until = after(stale_ms);
+        let mut expires_at = after(times.expires);
+        if let Some(cap) = self.config.l1_max_ttl {
+            expires_at = expires_at.min(now + cap);
+        }
+        Slot {
+            value,
+            created_unix_ms: times.created,
+            fresh_until: after(times.fresh_until).min(expires_at),
+            expires_at,
+            stale_until,
+        }
+    }
+
+    /// The L2 entry for a value produced at `times`.
+    fn entry(
+        &self,
+        l2: &L2,
+        key: &K,
+        value: Option<&V>,
+        times: Times,
+    ) -> Result<KvEntry, CacheError> {
+        let key = self.l2_key(l2, key)?;
+        let mut bytes = Vec::with_capacity(64);
+        envelope::write_header(
+            &mut bytes,
+            self.codec.id(),
+            [times.created, times.fresh_until, times.expires],
+            value.is_none(),
+        );
+        if let Some(value) = value {
+            self.codec
+                .encode(value, &mut bytes)
+                .map_err(|error| CacheError::with_source(CacheErrorKind::Encode, error))?;
+        }
+        if bytes.len() > self.config.max_value_len {
+            return Err(CacheError::with_source(
+                CacheErrorKind::ValueTooLarge,
+                format!(
+                    "encoded value of {} bytes exceeds the limit of {} bytes",
+                    bytes.len(),
+                    self.config.max_value_len
+                ),
+            ));
+        }
+        let lifetime = times
+            .expires
+            .saturating_sub(times.created)
+            .saturating_add(millis(self.config.fail_safe_max_stale))
+            .max(1);
+        Ok(KvEntry {
+            key,
+            value: Bytes::from(bytes),
+            ttl: Duration::from_millis(lifetime),
+        })
+    }
+
+    /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
+    /// are entries past their fail-safe window.
+    fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Slot<V>> {
+        let decoded = envelope::decode(bytes)
+            .map_err(|error| -> Box<dyn StdError + Send + Sync> { error.into() })
+            .and_then(|env| {
+                if env.codec != self.codec.id() {
+                    return Err("written by another codec".into());
+                }
+                let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
+                Ok((
+                    env.created_unix_ms,
+                    env.fresh_until_unix_ms,
+                    env.expires_unix_ms,
+                    value,
+                ))
+            });
+        match decoded {
+            Ok((created, fresh_until, expires, value)) => {
+                let times = Times {
+                    created,
+                    fresh_until,
+                    expires,
+                };
+                let slot = self.slot(value, times, now, self.clock.unix_millis());
+                (now < slot.stale_until).then_some(slot)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "L2 value is not a valid envelope");
+                l2.discard(key);
+                None
+            }
+        }
+    }
+
+    /// Joins the load of `key` in flight, or starts one in a spawned task.
+    fn join_or_load<F, Fut, E>(
+        this: &Arc<Self>,
+        key: &K,
+        loader: F,
+    ) -> BoxFuture<'static, Outcome<V>>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let mut in_flight = this.in_flight.lock();
+        if let Some(existing) = in_flight.get(key) {
+            return existing.join.wait(key);
+        }
+        let load = this.loads.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let pending = answer
+            .map(|answer| {
+                answer.unwrap_or_else(|_| Err(CacheError::new(CacheErrorKind::LoaderPanicked)))
+            })
+            .boxed()
+            .shared();
+        in_flight.insert(
+            key.clone(),
+            InFlight {
+                load,
+                join: Join::One(pending.clone()),
+            },
+        );
+        drop(in_flight);
+        tokio::spawn(Arc::clone(this).load(load, key.clone(), loader, reply));
+        pending.boxed()
+    }
+
+    /// The load task of one key: L2, then the loader, with fail-safe and soft timeout.
+    async fn load<F, Fut, E>(
+        self: Arc<Self>,
+        load: u64,
+        key: K,
+        loader: F,
+        reply: oneshot::Sender<Outcome<V>>,
+    ) where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let _done = InFlightGuard {
+            inner: &self,
+            load,
+            keys: std::slice::from_ref(&key),
+        };
+        let write = self.mark(&key);
+        let mut reply = Some(reply);
+        let now = self.clock.now();
+        let mut best = self.l1.get(&key).filter(|slot| now < slot.stale_until);
+        let mut fill = false;
+        if let Some(l2) = &self.l2 {
+            let full = match self.l2_key(l2, &key) {
+                Ok(full) => full,
+                Err(error) => {
+                    send(&mut reply, Err(error));
+                    return;
+                }
+            };
+            let found = l2.get(&full).await.flatten();
+            let found = found.and_then(|bytes| self.decode(l2, full, &bytes, now));
+            fill = self.adopt(found, &mut best, now);
+        }
+        // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
+        // refreshed below); L1 is filled after the callers have it.
+        if let Some(slot) = best.as_ref().filter(|slot| now < slot.expires_at) {
+            send(&mut reply, Ok(slot.value.clone()));
+            if fill {
+                // Let the callers run first.
+                tokio::task::yield_now().await;
+                self.fill_l1(&key, slot.clone(), write);
+            }
+            if now < slot.fresh_until {
+                return;
+            }
+        }
+        let started = self.clock.now();
+        let load = self.bounded(loader(key.clone()));
+        tokio::pin!(load);
+        let result = match (self.config.loader_soft_timeout, &best) {
+            (Some(soft), Some(stale)) if reply.is_some() => {
+                tokio::select! {
+                    result = &mut load => result,
+                    () = self.clock.sleep(soft) => {
+                        self.metrics.stale_served.increment(1);
+                        tracing::debug!("loader exceeds its soft timeout; serving the stale value");
+                        send(&mut reply, Ok(stale.value.clone()));
+                        load.await
+                    }
+                }
+            }
+            _ => load.await,
+        };
+        self.metrics
+            .load_duration
+            .record(self.clock.now().saturating_duration_since(started));
+        match result {
+            Ok(value) => {
+                self.metrics.loads.increment(1);
+                let cached = value.is_some() || self.config.negative_ttl.is_some();
+                let entry = if cached {
+                    self.store(&key, value.clone(), write)
+                } else {
+                    None
+                };
+                send(&mut reply, Ok(value));
+                if let (Some(l2), Some(entry)) = (&self.l2, entry)
+                    && self.unchanged(write)
+                {
+                    l2.set_many(&[entry]).await;
+                }
+            }
+            Err(error) => {
+                if reply.is_none() {
+                    return;
+                }
+                let now = self.clock.now();
+                match best.filter(|slot| now < slot.stale_until) {
+                    Some(stale) => {
+                        self.metrics.stale_served.increment(1);
+                        tracing::warn!(%error, "load failed; serving a stale value (fail-safe)");
+                        send(&mut reply, Ok(stale.value.clone()));
+                    }
+                    None => send(&mut reply, Err(error)),
+                }
+            }
+        }
+    }
+
+    /// Takes a slot read from L2 as the key's best candidate when it is at least as new as
+    /// L1's. Returns whether it may be served and so should fill L1; a slot past its TTL is
+    /// kept only as a fail-safe candidate and counts as a miss.
+    fn adopt(&self, found: Option<Slot<V>>, best: &mut Option<Slot<V>>, now: Instant) -> bool {
+        let newer = found.filter(|slot| {
+            best.as_ref()
+                .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms)
+        });
+        let Some(slot) = newer else {
+            self.metrics.l2_misses.increment(1);
+            return false;
+        };
+        let servable = now < slot.expires_at;
+        if servable {
+            self.metrics.l2_hits.increment(1);
+        } else {
+            self.metrics.l2_misses.increment(1);
+        }
+        *best = Some(slot);
+        servable
+    }
+
+    /// Runs a loader under the hard timeout, counting failures.
+    async fn bounded<T, E>(&self, load: impl Future<Output = Result<T, E>>) -> Result<T, CacheError>
+    where
+        E: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let result = match self.config.loader_hard_timeout {
+            Some(limit) => tokio::select! {
+                result = load => result,
+                () = self.clock.sleep(limit) => {
+                    self.metrics.load_timeouts.increment(1);
+                    return Err(CacheError::new(CacheErrorKind::LoaderTimeout));
+                }
+            },
+            None => load.await,
+        };
+        result.map_err(|error| {
+            self.metrics.load_errors.increment(1);
+            CacheError::with_source(CacheErrorKind::Loader, error)
+        })
+    }
+
+    /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
+    fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
+        let times = self.times(value.as_ref());
+        let entry = match &self.l2 {
+            Some(l2) => match self.entry(l2, key, value.as_ref(), times) {
+                Ok(entry) => Some(entry),
+                Err(error) => {
+                    self.metrics.oversized.increment(1);
+                    tracing::warn!(%error, "loaded value kept in L1 only");
+                    None
+                }
+            },
+            None => None,
+        };
+        let slot = self.slot(value, times, self.clock.now(), self.clock.unix_millis());
+        self.fill_l1(key, slot, write);
+        entry
+    }
+
+    /// Registers one batch load for every key not already in flight. Returns that load (if
+    /// any key needed it) and, for keys already in flight, what to wait on.
+    #[allow(clippy::type_complexity)]
+    fn join_or_load_many<'k, F, Fut, E>(
+        this: &Arc<Self>,
+        keys: impl Iterator<Item = &'k K>,
+        loader: F,
+    ) -> (
+        Option<Batch<K, V>>,
+        HashMap<K, BoxFuture<'static, Outcome<V>>>,
+    )
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<HashMap<K, Outcome<V>>>();
+        let batch: Batch<K, V> = answer
+            .map(|answer| answer.ok().map(Arc::new))
+            .boxed()
+            .shared();
+        let load = this.loads.fetch_add(1, Ordering::Relaxed);
+        let mut joined = HashMap::new();
+        let mut to_load = Vec::new();
+        let mut in_flight = this.in_flight.lock();
+        for key in keys {
+            if joined.contains_key(key) {
+                continue;
+            }
+            match in_flight.get(key) {
+                Some(existing) if existing.load != load => {
+                    joined.insert(key.clone(), existing.join.wait(key));
+                }
+                Some(_) => {}
+                None => {
+                    in_flight.insert(
+                        key.clone(),
+                        InFlight {
+                            load,
+                            join: Join::Batch(batch.clone()),
+                        },
+                    );
+                    to_load.push(key.clone());
+                }
+            }
+        }
+        drop(in_flight);
+        if to_load.is_empty() {
+            return (None, joined);
+        }
+        tokio::spawn(Arc::clone(this).load_many(load, to_load, loader, reply));
+        (Some(batch), joined)
+    }
+
+    /// The load task of a batch: one L2 round trip, then one loader call for what is left.
+    async fn load_many<F, Fut, E>(
+        self: Arc<Self>,
+        load: u64,
+        keys: Vec<K>,
+        loader: F,
+        reply: oneshot::Sender<HashMap<K, Outcome<V>>>,
+    ) where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let _done = InFlightGuard {
+            inner: &self,
+            load,
+            keys: &keys,
+        };
+        let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
+        let now = self.clock.now();
+        let mut best: Vec<Option<Slot<V>>> = keys
+            .iter()
+            .map(|key| self.l1.get(key).filter(|slot| now < slot.stale_until))
+            .collect();
+        let mut outcomes = HashMap::with_capacity(keys.len());
+        let mut fill = vec![false; keys.len()];
+        if let Some(l2) = &self.l2 {
+            let mut full = Vec::with_capacity(keys.len());
+            for key in &keys {
+                match self.l2_key(l2, key) {
+                    Ok(key) => full.push(key),
+                    Err(error) => {
+                        let _ = reply.send(
+                            keys.iter()
+                                .map(|k| (k.clone(), Err(error.clone())))
+                                .collect(),
+                        );
+                        return;
+                    }
+                }
+            }
+            let values = l2
+                .get_many(&full)
+                .await
+                .unwrap_or_else(|| vec![None; keys.len()]);
+            for (i, (bytes, full)) in values.into_iter().zip(full).enumerate() {
+                let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now));
+                fill[i] = self.adopt(found, &mut best[i], now);
+            }
+        }
+        let mut to_load = Vec::new();
+        let mut answered_all = true;
+        for (i, key) in keys.iter().enumerate() {
+            match &best[i] {
+                Some(slot) if now < slot.fresh_until => {
+                    outcomes.insert(key.clone(), Ok(slot.value.clone()));
+                }
+                Some(slot) if now < slot.expires_at => {
+                    outcomes.insert(key.clone(), Ok(slot.value.clone()));
+                    to_load.push(i);
+                }
+                _ => {
+                    answered_all = false;
+                    to_load.push(i);
+                }
+            }
+        }
+        let mut reply = Some(reply);
+        if answered_all && let Some(reply) = reply.take() {
+            // Keep the outcomes only when a refresh below still needs them.
+            let answer = if to_load.is_empty() {
+                std::mem::take(&mut outcomes)
+            } else {
+                outcomes.clone()
+            };
+            let _ = reply.send(answer);
+            // Let the callers run before the fills below.
+            tokio::task::yield_now().await;
+        }
+        // Filled slots are servable, so their outcome is known and no fail-safe needs them.
+        for (i, slot) in best.iter_mut().enumerate() {
+            if fill[i]
+                && let Some(slot) = slot.take()
+            {
+                self.fill_l1(&keys[i], slot, writes[i]);
+            }
+        }
+        if to_load.is_empty() {
+            return;
+        }
+        let started = self.clock.now();
+        let result = self
+            .bounded(loader(to_load.iter().map(|&i| keys[i].clone()).collect()))
+            .await;
+        self.metrics
+            .load_duration
+            .record(self.clock.now().saturating_duration_since(started));
+        let mut entries = Vec::new();
+        match result {
+            Ok(mut found) => {
+                self.metrics.loads.increment(1);
+                for &i in &to_load {
+                    let key = &keys[i];
+                    let value = found.remove(key);
+                    if (value.is_some() || self.config.negative_ttl.is_some())
+                        && let Some(entry) = self.store(key, value.clone(), writes[i])
+                        && self.unchanged(writes[i])
+                    {
+                        entries.push(entry);
+                    }
+                    outcomes.insert(key.clone(), Ok(value));
+                }
+            }
+            Err(error) => {
+                let now = self.clock.now();
+                for &i in &to_load {
+                    let key = &keys[i];
+                    if outcomes.contains_key(key) {
+                        continue;
+                    }
+                    let outcome = match best[i].as_ref().filter(|slot| now < slot.stale_until) {
+                        Some(stale) => {
+                            self.metrics.stale_served.increment(1);
+                            Ok(stale.value.clone())
+                        }
+                        None => Err(error.clone()),
+                    };
+                    outcomes.insert(key.clone(), outcome);
+                }
+            }
+        }
+        if let Some(reply) = reply.take() {
+            let _ = reply.send(outcomes);
+        }
+        if let Some(l2) = &self.l2 {
+            l2.set_many(&entries).await;
+        }
+    }
+}
+
+/// Removes keys from the in-flight map when their load task ends, however it ends.
+struct InFlightGuard<'a, K: CacheKey, V> {
+    inner: &'a Inner<K, V>,
+    load: u64,
+    keys: &'a [K],
+}
+
+impl<K: CacheKey, V> Drop for InFlightGuard<'_, K, V> {
+    fn drop(&mut self) {
+        let mut in_flight = self.inner.in_flight.lock();
+        for key in self.keys {
+            // A write may have detached this load and a newer one taken its place.
+            if in_flight
+                .get(key)
+                .is_some_and(|entry| entry.load == self.load)
+            {
+                in_flight.remove(key);
+            }
+        }
+    }
+}
+
+fn send<V>(reply: &mut Option<oneshot::Sender<Outcome<V>>>, outcome: Outcome<V>) {
+    if let Some(reply) = reply.take() {
+        // Every caller may have gone; the load still fills the cache.
+        let _ = reply.send(outcome);
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

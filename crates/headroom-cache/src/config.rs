@@ -1,0 +1,129 @@
+use std::time::Duration;
+
+/// The tunable settings of a cache, loadable with serde (feature `serde`, human-readable
+/// durations). Every field has a default; [`CacheBuilder`](crate::CacheBuilder) sets them one
+/// by one or all at once with [`CacheBuilder::config`](crate::CacheBuilder::config).
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let config: headroom_cache::CacheConfig = serde_json::from_str(r#"{
+///     "ttl": "5m",
+///     "soft_ttl": "4m",
+///     "fail_safe_max_stale": "1h",
+///     "l2_timeout": "50ms"
+/// }"#).unwrap();
+/// assert_eq!(config.ttl, std::time::Duration::from_secs(300));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct CacheConfig {
+    /// The name used as the `cache` label of metrics and in traces.
+    pub name: String,
+    /// The most entries L1 holds.
+    pub l1_max_capacity: u64,
+    /// Whether L1 evictions (for lack of capacity) are counted in
+    /// `headroom_cache_evictions_total`. Counting makes moka report every L1 removal to the
+    /// cache, which adds about half a microsecond to each L1 write or invalidation.
+    pub l1_eviction_metric: bool,
+    /// The longest an entry is served from L1 before L1 asks L2 again, whatever its TTL:
+    /// the bound on how stale one instance can be behind another. `None`: the entry's TTL.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub l1_max_ttl: Option<Duration>,
+    /// How long a value is served (hard TTL): the default, and the maximum of per-entry TTLs.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub ttl: Duration,
+    /// After this age a hit is still served but refreshed in the background (eager refresh).
+    /// `None`: no eager refresh. Values at or above the entry's TTL disable it for that entry.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub soft_ttl: Option<Duration>,
+    /// Up to this much is added at random to each entry's TTLs, so entries loaded together do
+    /// not expire together. Zero disables jitter.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub ttl_jitter: Duration,
+    /// How long a "not found" answer of the loader is cached (at most `ttl`). `None`: not cached.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub negative_ttl: Option<Duration>,
+    /// How long past its TTL a value is kept to be served when the loader fails or times out
+    /// (fail-safe). Zero disables fail-safe.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub fail_safe_max_stale: Duration,
+    /// When a stale value is at hand, callers wait this long for the loader before being served
+    /// the stale value; the loader keeps running and updates the cache when it finishes.
+    /// `None`: wait for the loader (up to the hard timeout).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub loader_soft_timeout: Option<Duration>,
+    /// The loader is abandoned after this long and the call fails with
+    /// [`CacheErrorKind::LoaderTimeout`](crate::CacheErrorKind::LoaderTimeout) (or is served a
+    /// stale value). `None`: no limit.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub loader_hard_timeout: Option<Duration>,
+    /// The longest any L2 call may take before the cache goes on without it.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub l2_timeout: Duration,
+    /// After this many L2 failures in a row, the cache stops calling L2 for a cool-down.
+    pub l2_failure_threshold: u32,
+    /// How long the cache leaves L2 alone after repeated failures before probing it again.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub l2_cooldown: Duration,
+    /// The most keys whose L2 copy is known to be outdated (a write failed to reach L2) that
+    /// are remembered until a delete reaches L2. A key beyond it makes the cache skip L2 reads
+    /// for `ttl + ttl_jitter + fail_safe_max_stale`, after which every copy it could have missed
+    /// has expired.
+    pub l2_max_pending_deletes: usize,
+    /// The largest encoded value accepted, in bytes.
+    pub max_value_len: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".to_owned(),
+            l1_max_capacity: 10_000,
+            l1_eviction_metric: true,
+            l1_max_ttl: None,
+            ttl: Duration::from_secs(300),
+            soft_ttl: None,
+            ttl_jitter: Duration::ZERO,
+            negative_ttl: None,
+            fail_safe_max_stale: Duration::ZERO,
+            loader_soft_timeout: None,
+            loader_hard_timeout: None,
+            l2_timeout: Duration::from_millis(250),
+            l2_failure_threshold: 5,
+            l2_cooldown: Duration::from_secs(5),
+            l2_max_pending_deletes: 10_000,
+            max_value_len: 1024 * 1024,
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The longest any entry of this cache can be kept: TTL, jitter and fail-safe window.
+    pub(crate) fn max_entry_lifetime(&self) -> Duration {
+        self.ttl
+            .saturating_add(self.ttl_jitter)
+            .saturating_add(self.fail_safe_max_stale)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.ttl.is_zero() {
+            return Err("ttl must be greater than zero");
+        }
+        if self.negative_ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err("negative_ttl must be greater than zero");
+        }
+        if self.l1_max_ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err("l1_max_ttl must be greater than zero");
+        }
+        if self.l2_timeout.is_zero() {
+            return Err("l2_timeout must be greater than zero");
+        }
+        if self.l2_failure_threshold == 0 {
+            return Err("l2_failure_threshold must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,327 @@
+//! The versioned envelope around every value the cache writes to L2.
+//!
+//! # Layout (format version 1)
+//!
+//! All integers are little-endian.
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 2 | magic `b"hc"` |
+//! | 1 | format version |
+//! | 2 | header length `h`: the bytes from here up to the tags (19 in version 1) |
+//! | 1 | flags: bit 0 set when the entry caches "not found" (no payload follows) |
+//! | 1 | codec id ([`Codec::ID`](crate::codec::Codec::ID)) |
+//! | 8 | created at, Unix milliseconds |
+//! | 8 | fresh until (soft TTL), Unix milliseconds |
+//! | 8 | expires at (hard TTL), Unix milliseconds |
+//! | `h - 19` | fields added by later versions (skipped by this reader) |
+//! | 1 | number of tags, then per tag: 1 byte length and UTF-8 bytes |
+//! | rest | the payload, encoded by the codec |
+//!
+//! A reader skips header fields it does not know (the header length tells it where they end),
+//! so a later format that appends fields stays readable here, and every later reader keeps
+//! decoding version 1. Anything else (wrong magic, truncated, a timestamp order that makes no
+//! sense, invalid tag text) is refused with an [`EnvelopeError`], never a panic.
+
+use std::fmt;
+
+/// The format version this crate writes.
+pub const FORMAT_VERSION: u8 = 1;
+
+const MAGIC: [u8; 2] = *b"hc";
+/// Header bytes after the header-length field in version 1: flags, codec, three timestamps.
+const HEADER_V1: u16 = 1 + 1 + 8 + 8 + 8;
+const FLAG_NOT_FOUND: u8 = 1;
+/// The most tags an envelope carries.
+pub const MAX_TAGS: usize = 32;
+
+/// A decoded envelope, borrowing its tags and payload from the input bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// The format version the bytes were written in.
+    pub version: u8,
+    /// The codec the payload was written with.
+    pub codec: u8,
+    /// When the value was produced, Unix milliseconds.
+    pub created_unix_ms: u64,
+    /// Until when the value is fresh (soft TTL), Unix milliseconds.
+    pub fresh_until_unix_ms: u64,
+    /// When the value expires (hard TTL), Unix milliseconds.
+    pub expires_unix_ms: u64,
+    /// Tags attached to the entry.
+    pub tags: Vec<&'a str>,
+    /// The encoded value, or `None` when the entry caches "not found".
+    pub payload: Option<&'a [u8]>,
+}
+
+impl fmt::Debug for Envelope<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("version", &self.version)
+            .field("codec", &self.codec)
+            .field("created_unix_ms", &self.created_unix_ms)
+            .field("fresh_until_unix_ms", &self.fresh_until_unix_ms)
+            .field("expires_unix_ms", &self.expires_unix_ms)
+            .field("tags", &self.tags)
+            .field("payload_len", &self.payload.map(<[u8]>::len))
+            .finish()
+    }
+}
+
+/// Why bytes are not a valid envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The bytes do not start with the envelope magic: foreign data.
+    #[error("not a headroom cache envelope")]
+    Foreign,
+    /// The format version is not one this reader knows.
+    #[error("unknown envelope format version {0}")]
+    UnknownVersion(u8),
+    /// The bytes end before the envelope does.
+    #[error("envelope truncated")]
+    Truncated,
+    /// A field holds a value that cannot be right.
+    #[error("malformed envelope: {0}")]
+    Malformed(&'static str),
+}
+
+impl headroom_core::Classify for EnvelopeError {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+impl Envelope<'_> {
+    /// Appends the encoded envelope to `out`.
+    ///
+    /// At most [`MAX_TAGS`] tags of at most 255 bytes each are written; longer ones are cut.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        write_fixed(
+            out,
+            self.codec,
+            [
+                self.created_unix_ms,
+                self.fresh_until_unix_ms,
+                self.expires_unix_ms,
+            ],
+            self.payload.is_none(),
+        );
+        let tags = &self.tags[..self.tags.len().min(MAX_TAGS)];
+        out.push(tags.len() as u8);
+        for tag in tags {
+            let mut end = tag.len().min(255);
+            while !tag.is_char_boundary(end) {
+                end -= 1;
+            }
+            let bytes = &tag.as_bytes()[..end];
+            out.push(bytes.len() as u8);
+            out.extend_from_slice(bytes);
+        }
+        if let Some(payload) = self.payload {
+            out.extend_from_slice(payload);
+        }
+    }
+
+    /// The encoded envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.payload.map_or(0, <[u8]>::len));
+        self.encode_into(&mut out);
+        out
+    }
+}
+
+/// Writes a version-1 header without tags; the payload (if any) follows it.
+///
+/// `times` are created, fresh until and expires at, in Unix milliseconds.
+pub(crate) fn write_header(out: &mut Vec<u8>, codec: u8, times: [u64; 3], not_found: bool) {
+    write_fixed(out, codec, times, not_found);
+    out.push(0);
+}
+
+/// Writes everything before the tags.
+fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], not_found: bool) {
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&HEADER_V1.to_le_bytes());
+    out.push(if not_found { FLAG_NOT_FOUND } else { 0 });
+    out.push(codec);
+    for time in times {
+        out.extend_from_slice(&time.to_le_bytes());
+    }
+}
+
+/// Decodes an envelope; never panics, whatever the bytes.
+///
+/// ```
+/// use headroom_cache::envelope::{self, Envelope, EnvelopeError};
+///
+/// let bytes = Envelope {
+///     version: envelope::FORMAT_VERSION,
+///     codec: 1,
+///     created_unix_ms: 1_000,
+///     fresh_until_unix_ms: 2_000,
+///     expires_unix_ms: 3_000,
+///     tags: vec!["user"],
+///     payload: Some(b"value"),
+/// }
+/// .encode();
+/// let decoded = envelope::decode(&bytes).unwrap();
+/// assert_eq!(decoded.payload, Some(&b"value"[..]));
+/// assert_eq!(envelope::decode(b"GARBAGE"), Err(EnvelopeError::Foreign));
+/// ```
+pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
+    let mut reader = Reader(bytes);
+    if reader.take(2)? != MAGIC {
+        return Err(EnvelopeError::Foreign);
+    }
+    let version = reader.u8()?;
+    if version == 0 {
+        return Err(EnvelopeError::UnknownVersion(version));
+    }
+    let header_len = u16::from_le_bytes(reader.array()?);
+    if header_len < HEADER_V1 {
+        return Err(EnvelopeError::Malformed("header too short"));
+    }
+    let mut header = Reader(reader.take(usize::from(header_len))?);
+    let flags = header.u8()?;
+    let codec = header.u8()?;
+    let created_unix_ms = u64::from_le_bytes(header.array()?);
+    let fresh_until_unix_ms = u64::from_le_bytes(header.array()?);
+    let expires_unix_ms = u64::from_le_bytes(header.array()?);
+    if fresh_until_unix_ms > expires_unix_ms || created_unix_ms > fresh_until_unix_ms {
+        return Err(EnvelopeError::Malformed("timestamps out of order"));
+    }
+    let tag_count = usize::from(reader.u8()?);
+    if tag_count > MAX_TAGS {
+        return Err(EnvelopeError::Malformed("too many tags"));
+    }
+    let mut tags = Vec::with_capacity(tag_count);
+    for _ in 0..tag_count {
+        let len = usize::from(reader.u8()?);
+        let tag = std::str::from_utf8(reader.take(len)?)
+            .map_err(|_| EnvelopeError::Malformed("tag is not UTF-8"))?;
+        tags.push(tag);
+    }
+    let payload = if flags & FLAG_NOT_FOUND != 0 {
+        if !reader.0.is_empty() {
+            return Err(EnvelopeError::Malformed("payload after a not-found entry"));
+        }
+        None
+    } else {
+        Some(reader.0)
+    };
+    Ok(Envelope {
+        version,
+        codec,
+        created_unix_ms,
+        fresh_until_unix_ms,
+        expires_unix_ms,
+        tags,
+        payload,
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], EnvelopeError> {
+        if self.0.len() < n {
+            return Err(EnvelopeError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, EnvelopeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], EnvelopeError> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(payload: Option<&[u8]>) -> Envelope<'_> {
+        Envelope {
+            version: FORMAT_VERSION,
+            codec: 1,
+            created_unix_ms: 10,
+            fresh_until_unix_ms: 20,
+            expires_unix_ms: 30,
+            tags: vec!["a", "bc"],
+            payload,
+        }
+    }
+
+    #[test]
+    fn round_trips_values_and_not_found() {
+        for payload in [Some(&b"xyz"[..]), Some(&b""[..]), None] {
+            let env = sample(payload);
+            assert_eq!(decode(&env.encode()), Ok(env));
+        }
+    }
+
+    #[test]
+    fn a_later_version_with_extra_header_fields_is_readable() {
+        let mut bytes = sample(Some(b"p")).encode();
+        // Version 2 appends four header bytes this reader does not know.
+        bytes[2] = 2;
+        bytes[3..5].copy_from_slice(&(HEADER_V1 + 4).to_le_bytes());
+        let tags_at = 5 + usize::from(HEADER_V1);
+        bytes.splice(tags_at..tags_at, [9, 9, 9, 9]);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.version, 2);
+        assert_eq!(decoded.tags, ["a", "bc"]);
+        assert_eq!(decoded.payload, Some(&b"p"[..]));
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let bytes = sample(None).encode();
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "prefix of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn foreign_and_malformed_bytes_are_refused() {
+        assert_eq!(decode(b"hello world"), Err(EnvelopeError::Foreign));
+        let mut bytes = sample(None).encode();
+        bytes[2] = 0;
+        assert_eq!(decode(&bytes), Err(EnvelopeError::UnknownVersion(0)));
+        let mut out_of_order = sample(None);
+        out_of_order.fresh_until_unix_ms = 40;
+        assert!(matches!(
+            decode(&out_of_order.encode()),
+            Err(EnvelopeError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decoding_mutated_envelopes_never_panics(index in 0usize..64, byte in any::<u8>()) {
+            let mut bytes = sample(Some(b"payload")).encode();
+            let i = index % bytes.len();
+            bytes[i] = byte;
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
+//! failing the caller. Writes that did not reach L2 are remembered as pending deletes: until a
+//! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy. A key
+//! that cannot be remembered (the backlog is full) makes all of L2 untrusted for the longest
+//! lifetime of an entry, after which any copy it could have missed has expired.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_core::kv::{DynKvStore, KvEntry, KvStore};
+use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Key, Namespace};
+use parking_lot::Mutex;
+
+use crate::breaker::{Breaker, Permit};
+use crate::metrics::Metrics;
+
+/// Keys deleted per round trip while clearing pending deletes.
+const DRAIN_BATCH: usize = 100;
+
+pub(crate) struct L2 {
+    store: DynKvStore,
+    pub(crate) namespace: Namespace,
+    timeout: Duration,
+    clock: Clock,
+    breaker: Breaker,
+    metrics: Arc<Metrics>,
+    /// Keys whose L2 copy may be outdated, with the generation of the write that failed.
+    pending: Mutex<HashMap<Key, u64>>,
+    pending_len: AtomicUsize,
+    max_pending: usize,
+    generation: AtomicU64,
+    draining: AtomicBool,
+    /// The longest an entry written by this cache lives in L2.
+    max_lifetime: Duration,
+    origin: Instant,
+    /// Nanoseconds after `origin` until which L2 reads are skipped; zero when trusted.
+    untrusted_until: AtomicU64,
+}
+
+impl L2 {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: DynKvStore,
+        namespace: Namespace,
+        timeout: Duration,
+        clock: Clock,
+        failure_threshold: u32,
+        cooldown: Duration,
+        max_pending: usize,
+        max_lifetime: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            max_lifetime,
+            origin: clock.now(),
+            untrusted_until: AtomicU64::new(0),
+            store,
+            namespace,
+            timeout,
+            breaker: Breaker::new(clock.clone(), failure_threshold, cooldown),
+            clock,
+            metrics,
+            pending: Mutex::new(HashMap::new()),
+            pending_len: AtomicUsize::new(0),
+            max_pending,
+            generation: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs one L2 call under the breaker and the timeout; `None` when L2 was not reached.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Option<T> {
+        let permit = self.breaker.permit();
+        if permit == Permit::Refused {
+            self.metrics.l2_skipped.increment(1);
+            return None;
+        }
+        let mut guard = ProbeGuard {
+            breaker: &self.breaker,
+            permit: Some(permit),
+        };
+        let result = tokio::select! {
+            result = call => result,
+            () = self.clock.sleep(self.timeout) => Err(BackendError::new(BackendErrorKind::Timeout)),
+        };
+        guard.permit = None;
+        match result {
+            Ok(value) => {
+                if self.breaker.succeeded() {
+                    self.metrics.breaker_open.set(0.0);
+                    tracing::info!(namespace = %self.namespace, "L2 answers again; calls resume");
+                }
+                Some(value)
+            }
+            Err(error) => {
+                if error.is_timeout() {
+                    self.metrics.l2_timeouts.increment(1);
+                } else {
+                    self.metrics.l2_errors.increment(1);
+                }
+                tracing::debug!(namespace = %self.namespace, op, %error, "L2 call failed");
+                // A refused value or configuration says nothing about L2's health.
+                let health = !matches!(
+                    error.kind(),
+                    BackendErrorKind::TooLarge | BackendErrorKind::Config
+                );
+                if health && self.breaker.failed(permit) {
+                    self.metrics.breaker_open.set(1.0);
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        cooldown = ?self.breaker.cooldown(),
+                        "L2 keeps failing; calls paused",
+                    );
+                } else if !health && permit == Permit::Probe {
+                    self.breaker.abandoned(permit);
+                }
+                None
+            }
+        }
+    }
+
+    fn readable(&self, key: &Key) -> bool {
+        let untrusted_until = self.untrusted_until.load(Ordering::Acquire);
+        if untrusted_until != 0 && self.since_origin() < untrusted_until {
+            return false;
+        }
+        self.pending_len.load(Ordering::Acquire) == 0 || !self.pending.lock().contains_key(key)
+    }
+
+    fn since_origin(&self) -> u64 {
+        let elapsed = self.clock.now().saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads one key; `None` when L2 was not reached or must not be trusted for this key.
+    pub(crate) async fn get(&self, key: &Key) -> Option<Option<Bytes>> {
+        if !self.readable(key) {
+            self.metrics.l2_skipped.increment(1);
+            return None;
+        }
+        self.call("get", self.store.get(key)).await
+    }
+
+    /// Reads many keys in one round trip; keys that must not be trusted read as `None`.
+    pub(crate) async fn get_many(&self, keys: &[Key]) -> Option<Vec<Option<Bytes>>> {
+        let trusted: Vec<bool> = keys.iter().map(|key| self.readable(key)).collect();
+        if !trusted.iter().any(|t| *t) {
+            self.metrics.l2_skipped.increment(1);
+            return None;
+        }
+        let mut values = self.call("get_many", self.store.get_many(keys)).await?;
+        for (value, trusted) in values.iter_mut().zip(trusted) {
+            if !trusted {
+                *value = None;
+            }
+        }
+        Some(values)
+    }
+
+    /// Writes entries; keys that were not written become pending deletes, also when the
+    /// caller is dropped before the write completes.
+    pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) {
+        let mut unsure = Unsure {
+            l2: self,
+            keys: Some(entries.iter().map(|entry| &entry.key)),
+        };
+        let written = match entries {
+            [] => return,
+            [one] => self
+                .call("set", self.store.set(&one.key, one.value.clone(), one.ttl))
+                .await
+                .is_some(),
+            _ => self
+                .call("set_many", self.store.set_many(entries))
+                .await
+                .is_some(),
+        };
+        let keys = unsure.keys.take().into_iter().flatten();
+        if written {
+            self.settled(keys);
+        } else {
+            self.outdated(keys);
+        }
+    }
+
+    /// Deletes keys; keys that were not deleted become pending deletes, also when the caller
+    /// is dropped before the delete completes.
+    pub(crate) async fn delete(self: &Arc<Self>, keys: &[Key]) {
+        let mut unsure = Unsure {
+            l2: self,
+            keys: Some(keys.iter()),
+        };
+        let deleted = self.call("delete", self.store.delete(keys)).await.is_some();
+        let keys = unsure.keys.take().into_iter().flatten();
+        if deleted {
+            self.settled(keys);
+        } else {
+            self.outdated(keys);
+        }
+    }
+
+    /// Deletes a key whose bytes could not be decoded, without making the reader wait.
+    pub(crate) fn discard(self: &Arc<Self>, key: Key) {
+        self.metrics.l2_corrupt.increment(1);
+        tracing::warn!(namespace = %self.namespace, ?key, "undecodable L2 value; deleting it");
+        let l2 = Arc::clone(self);
+        tokio::spawn(async move { l2.delete(&[key]).await });
+    }
+
+    /// The keys' L2 copies are current again.
+    fn settled<'k>(&self, keys: impl Iterator<Item = &'k Key>) {
+        if self.pending_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut pending = self.pending.lock();
+        for key in keys {
+            pending.remove(key);
+        }
+        self.pending_changed(pending.len());
+    }
+
+    /// The keys' L2 copies may be outdated: remember them and make sure a drain runs.
+    fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = &'k Key>) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut pending = self.pending.lock();
+            for key in keys {
+                if pending.len() >= self.max_pending && !pending.contains_key(key) {
+                    // This key's outdated copy cannot be tracked: distrust all of L2 until any
+                    // copy written before now has expired.
+                    let lifetime = u64::try_from(self.max_lifetime.as_nanos()).unwrap_or(u64::MAX);
+                    let until = self.since_origin().saturating_add(lifetime).max(1);
+                    self.untrusted_until.fetch_max(until, Ordering::AcqRel);
+                    tracing::warn!(
+                        namespace = %self.namespace,
+                        for_ = ?self.max_lifetime,
+                        "too many pending L2 deletes; L2 reads paused",
+                    );
+                    break;
+                }
+                pending.insert(key.clone(), generation);
+            }
+            self.pending_changed(pending.len());
+        }
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(drain(Arc::downgrade(self)))),
+                // No runtime (a write dropped while it shuts down): the next failure retries.
+                Err(_) => self.draining.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    fn pending_changed(&self, len: usize) {
+        self.pending_len.store(len, Ordering::Release);
+        self.metrics.l2_pending_deletes.set(len as f64);
+    }
+
+    pub(crate) fn pending_deletes(&self) -> usize {
+        self.pending_len.load(Ordering::Acquire)
+    }
+}
+
+/// Keys of a write in progress: if the write is dropped before it ends, L2 may or may not
+/// hold the new state, so the keys become pending deletes.
+struct Unsure<'a, I: Iterator<Item = &'a Key>> {
+    l2: &'a Arc<L2>,
+    keys: Option<I>,
+}
+
+impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
+    fn drop(&mut self) {
+        if let Some(keys) = self.keys.take() {
+            self.l2.outdated(keys);
+        }
+    }
+}
+
+struct ProbeGuard<'a> {
+    breaker: &'a Breaker,
+    permit: Option<Permit>,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit {
+            self.breaker.abandoned(permit);
+        }
+    }
+}
+
+/// Deletes pending keys from L2 until none is left, waiting a cool-down after each failure.
+async fn drain(l2: Weak<L2>) {
+    loop {
+        let Some(this) = l2.upgrade() else { return };
+        let batch: Vec<(Key, u64)> = this
+            .pending
+            .lock()
+            .iter()
+            .take(DRAIN_BATCH)
+            .map(|(key, generation)| (key.clone(), *generation))
+            .collect();
+        if batch.is_empty() {
+            this.draining.store(false, Ordering::Release);
+            // A key added between the snapshot and the flag reset needs a drain: keep this one.
+            if this.pending_len.load(Ordering::Acquire) == 0
+                || this.draining.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            continue;
+        }
+        let keys: Vec<Key> = batch.iter().map(|(key, _)| key.clone()).collect();
+        if this
+            .call("delete", this.store.delete(&keys))
+            .await
+            .is_some()
+        {
+            let mut pending = this.pending.lock();
+            for (key, generation) in batch {
+                // A write that failed after this batch was taken keeps its key pending.
+                if pending.get(&key) == Some(&generation) {
+                    pending.remove(&key);
+                }
+            }
+            this.pending_changed(pending.len());
+        } else {
+            let clock = this.clock.clone();
+            let wait = this.breaker.cooldown();
+            drop(this);
+            clock.sleep(wait).await;
+        }
+    }
+}

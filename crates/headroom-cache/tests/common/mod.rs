@@ -1,0 +1,266 @@
+//! Shared test support: a KV store wrapper that counts calls and fails on demand, and the
+//! backend-independent scenarios run against memory, Redis and Redis Cluster.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_cache::{Cache, CacheError};
+use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::{BackendError, BackendErrorKind, Key, Namespace};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Calls made to a [`Probe`], by method.
+#[derive(Debug, Default)]
+pub struct Calls {
+    pub get: AtomicUsize,
+    pub get_many: AtomicUsize,
+    pub set: AtomicUsize,
+    pub set_many: AtomicUsize,
+    pub delete: AtomicUsize,
+    /// Calls that reached the store and succeeded.
+    pub ok: AtomicUsize,
+    pub fail: AtomicBool,
+}
+
+impl Calls {
+    pub fn l2_round_trips(&self) -> usize {
+        [
+            &self.get,
+            &self.get_many,
+            &self.set,
+            &self.set_many,
+            &self.delete,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .sum()
+    }
+
+    pub fn reads(&self) -> usize {
+        self.get.load(Ordering::SeqCst) + self.get_many.load(Ordering::SeqCst)
+    }
+}
+
+/// A store that counts every call and fails all of them while `fail` is set.
+#[derive(Clone, Debug)]
+pub struct Probe<S> {
+    pub inner: S,
+    pub calls: Arc<Calls>,
+}
+
+impl<S: KvStore> Probe<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            calls: Arc::default(),
+        }
+    }
+
+    async fn run<T>(
+        &self,
+        counter: &AtomicUsize,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        if self.calls.fail.load(Ordering::SeqCst) {
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
+        let result = call.await;
+        if result.is_ok() {
+            self.calls.ok.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl<S: KvStore> KvStore for Probe<S> {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.run(&self.calls.get, self.inner.get(key)).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.run(&self.calls.get_many, self.inner.get_many(keys))
+            .await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.run(&self.calls.set, self.inner.set(key, value, ttl))
+            .await
+    }
+    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
+        self.run(&self.calls.set_many, self.inner.set_many(entries))
+            .await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.run(&self.calls.delete, self.inner.delete(keys)).await
+    }
+}
+
+/// Lets spawned tasks run until `done` holds. Background work on a real server needs real
+/// time for its round trip, so after many yields this also waits, bounded to five seconds.
+pub async fn settle(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for i in 0u32.. {
+        if done() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached in 5 s"
+        );
+        if i < 10_000 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// 1,000 concurrent callers of one cold key run the loader once; cancelling the first caller
+/// (while the load is running) does not cancel the load for the others.
+pub async fn stampede_runs_one_load_and_survives_cancellation<S: KvStore + Clone>(
+    store: S,
+    ns: Namespace,
+) {
+    let cache: Cache<String, String> = Cache::builder().l2(store, ns).build().expect("cache");
+    let loads = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let loader = {
+        let loads = Arc::clone(&loads);
+        let gate = Arc::clone(&gate);
+        move |key: String| async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            let _ = started_tx.send(());
+            let _permit = gate.acquire().await.expect("gate");
+            Ok::<_, CacheError>(Some(format!("value of {key}")))
+        }
+    };
+    let key = "cold".to_owned();
+
+    let first = {
+        let (cache, key, loader) = (cache.clone(), key.clone(), loader.clone());
+        tokio::spawn(async move { cache.get_or_load(&key, loader).await })
+    };
+    started
+        .recv()
+        .await
+        .expect("the first caller starts the load");
+    first.abort();
+    assert!(
+        first.await.expect_err("aborted").is_cancelled(),
+        "the first caller was cancelled mid-load"
+    );
+
+    let callers: Vec<_> = (0..1_000)
+        .map(|_| {
+            let (cache, key, loader) = (cache.clone(), key.clone(), loader.clone());
+            tokio::spawn(async move { cache.get_or_load(&key, loader).await })
+        })
+        .collect();
+    // Let the callers reach the load in flight before it may finish (on a current-thread
+    // runtime all of them do; elsewhere a late one hits L1: either way one loader call).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1_000);
+    for caller in callers {
+        let value = caller.await.expect("caller task").expect("value");
+        assert_eq!(value.as_deref(), Some("value of cold"));
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "one loader call in all");
+}
+
+/// `get_many_or_load` of 100 cold keys (50 of them in L2) makes one L2 read and one batch
+/// loader call.
+pub async fn batch_reads_l2_once_and_loads_once<S: KvStore + Clone>(
+    store: Probe<S>,
+    ns: Namespace,
+) {
+    let writer: Cache<u32, String> = Cache::builder()
+        .l2(store.inner.clone(), ns.clone())
+        .build()
+        .expect("writer");
+    for i in (0..100).step_by(2) {
+        writer.insert(i, format!("l2 {i}")).await.expect("insert");
+    }
+    let calls = Arc::clone(&store.calls);
+    let cache: Cache<u32, String> = Cache::builder().l2(store, ns).build().expect("cache");
+    let keys: Vec<u32> = (0..100).collect();
+    let batches = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let batches = Arc::clone(&batches);
+        move |keys: Vec<u32>| async move {
+            batches.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(keys.len(), 50, "only the keys L2 lacks are loaded");
+            Ok::<_, CacheError>(
+                keys.into_iter()
+                    .map(|k| (k, format!("loaded {k}")))
+                    .collect::<HashMap<_, _>>(),
+            )
+        }
+    };
+    let values = cache
+        .get_many_or_load(&keys, loader.clone())
+        .await
+        .expect("values");
+    for (i, value) in values.iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            format!("l2 {i}")
+        } else {
+            format!("loaded {i}")
+        };
+        assert_eq!(value.as_deref(), Some(expected.as_str()));
+    }
+    assert_eq!(batches.load(Ordering::SeqCst), 1, "one batch-loader call");
+    assert_eq!(calls.reads(), 1, "one L2 read round trip");
+    assert_eq!(calls.get_many.load(Ordering::SeqCst), 1);
+    // The loaded values are written back in one round trip too; then L1 answers everything.
+    settle(|| calls.set_many.load(Ordering::SeqCst) == 1).await;
+    let again = cache.get_many_or_load(&keys, loader).await.expect("values");
+    assert_eq!(again, values);
+    assert_eq!(batches.load(Ordering::SeqCst), 1);
+    assert_eq!(calls.reads(), 1, "the second batch is all L1 hits");
+}
+
+/// Bytes that are not an envelope, under the cache's own key, read as a miss and are deleted.
+pub async fn garbage_in_l2_is_a_miss<S: KvStore + Clone>(store: S, ns: Namespace) {
+    let cache: Cache<String, String> = Cache::builder()
+        .l2(store.clone(), ns.clone())
+        .build()
+        .expect("cache");
+    let garbage: [&[u8]; 4] = [b"garbage", b"", b"hc\x01\x13", &[0xFF; 64]];
+    for (i, bytes) in garbage.iter().enumerate() {
+        let name = format!("g{i}");
+        let key = ns.key(&name).expect("key");
+        store
+            .set(&key, Bytes::copy_from_slice(bytes), Duration::from_secs(60))
+            .await
+            .expect("write garbage");
+        assert_eq!(cache.get(&name).await.expect("get"), None, "garbage {i}");
+        // The delete runs in the background: wait for it, bounded.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.get(&key).await.expect("read back").is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "garbage {i} is deleted from L2"
+            );
+            tokio::task::yield_now().await;
+        }
+
+        store
+            .set(&key, Bytes::copy_from_slice(bytes), Duration::from_secs(60))
+            .await
+            .expect("write garbage");
+        let loaded = cache
+            .get_or_load(&name, |k| async move {
+                Ok::<_, CacheError>(Some(format!("fresh {k}")))
+            })
+            .await
+            .expect("load");
+        assert_eq!(loaded, Some(format!("fresh {name}")));
+        cache.invalidate_local(&name);
+    }
+}

@@ -1,0 +1,1145 @@
+//! The cache over the in-memory L2, on a manual clock.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Probe, settle};
+use headroom_cache::{Cache, CacheError, CacheErrorKind, envelope};
+use headroom_core::kv::KvStore;
+use headroom_core::memory::MemoryKvStore;
+use headroom_core::{Classify, Clock, ManualClock, Namespace};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn ns() -> Namespace {
+    Namespace::new("test:cache").unwrap()
+}
+
+fn store(clock: &ManualClock) -> Probe<MemoryKvStore> {
+    Probe::new(MemoryKvStore::builder().clock(clock.clock()).build())
+}
+
+/// A loader that counts its calls and answers `"{key}#{call}"`.
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    fn calls(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn loader(
+        &self,
+    ) -> impl FnOnce(String) -> std::future::Ready<Result<Option<String>, CacheError>> + Send + 'static
+    {
+        let calls = Arc::clone(&self.0);
+        move |key| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            std::future::ready(Ok(Some(format!("{key}#{n}"))))
+        }
+    }
+
+    fn failing(
+        &self,
+    ) -> impl FnOnce(String) -> std::future::Ready<Result<Option<String>, std::io::Error>> + Send + 'static
+    {
+        let calls = Arc::clone(&self.0);
+        move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Err(std::io::Error::other("database down")))
+        }
+    }
+}
+
+/// A store whose calls never answer.
+#[derive(Debug, Clone)]
+struct Hung;
+impl KvStore for Hung {
+    async fn get(
+        &self,
+        _: &headroom_core::Key,
+    ) -> Result<Option<Bytes>, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn get_many(
+        &self,
+        _: &[headroom_core::Key],
+    ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn set(
+        &self,
+        _: &headroom_core::Key,
+        _: Bytes,
+        _: Duration,
+    ) -> Result<(), headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn set_many(
+        &self,
+        _: &[headroom_core::kv::KvEntry],
+    ) -> Result<(), headroom_core::BackendError> {
+        std::future::pending().await
+    }
+    async fn delete(&self, _: &[headroom_core::Key]) -> Result<u64, headroom_core::BackendError> {
+        std::future::pending().await
+    }
+}
+
+fn key(name: &str) -> String {
+    name.to_owned()
+}
+
+#[tokio::test]
+async fn stampede_on_memory_l2() {
+    common::stampede_runs_one_load_and_survives_cancellation(MemoryKvStore::new(), ns()).await;
+}
+
+#[tokio::test]
+async fn batch_on_memory_l2() {
+    common::batch_reads_l2_once_and_loads_once(Probe::new(MemoryKvStore::new()), ns()).await;
+}
+
+#[tokio::test]
+async fn garbage_on_memory_l2() {
+    common::garbage_in_l2_is_a_miss(MemoryKvStore::new(), ns()).await;
+}
+
+#[tokio::test]
+async fn values_expire_after_their_ttl_in_l1_and_l2() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let k = key("k");
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+    clock.advance(9 * SEC);
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+    cache.invalidate_local(&k);
+    assert_eq!(
+        cache.get(&k).await.unwrap().unwrap(),
+        "k#1",
+        "L2 still holds it"
+    );
+    clock.advance(SEC);
+    assert_eq!(cache.get(&k).await.unwrap(), None, "expired in L1 and L2");
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#2"
+    );
+    assert_eq!(loads.calls(), 2);
+}
+
+#[tokio::test]
+async fn per_entry_ttl_is_chosen_from_the_value() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(100 * SEC)
+        .ttl_by(|value: &String| {
+            if value.starts_with("short") {
+                SEC
+            } else {
+                100 * SEC
+            }
+        })
+        .build()
+        .unwrap();
+    cache.insert(key("a"), "short lived".into()).await.unwrap();
+    cache.insert(key("b"), "long lived".into()).await.unwrap();
+    clock.advance(2 * SEC);
+    assert_eq!(cache.get(&key("a")).await.unwrap(), None);
+    assert_eq!(
+        cache.get(&key("b")).await.unwrap().as_deref(),
+        Some("long lived")
+    );
+}
+
+#[tokio::test]
+async fn l1_never_outlives_the_remaining_l2_ttl() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let options = |cache: &str| {
+        Cache::<String, String>::builder()
+            .name(cache)
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l2(l2.clone(), ns())
+    };
+    let writer = options("writer").build().unwrap();
+    writer.insert(key("k"), "v".into()).await.unwrap();
+    clock.advance(50 * SEC);
+    // A second instance reads the entry with 10 s left: its L1 copy must not live 60 s.
+    let reader = options("reader").build().unwrap();
+    assert_eq!(reader.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    // An L2 hit fills L1 in a spawned task, after the caller has its value.
+    tokio::task::yield_now().await;
+    let reads = l2.calls.reads();
+    clock.advance(9 * SEC);
+    assert_eq!(reader.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(l2.calls.reads(), reads, "served by L1");
+    clock.advance(SEC);
+    assert_eq!(reader.get(&key("k")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn l1_max_ttl_sends_reads_back_to_l2() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(5 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    cache.insert(key("k"), "v".into()).await.unwrap();
+    clock.advance(5 * SEC);
+    let reads = l2.calls.reads();
+    assert_eq!(cache.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    assert_eq!(
+        l2.calls.reads(),
+        reads + 1,
+        "L1 copy expired, L2 asked again"
+    );
+}
+
+#[tokio::test]
+async fn jitter_spreads_expiry_of_entries_loaded_together() {
+    let clock = ManualClock::new();
+    let cache: Cache<u32, u32> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .ttl_jitter(10 * SEC)
+        .build()
+        .unwrap();
+    let keys: Vec<u32> = (0..200).collect();
+    cache
+        .get_many_or_load(&keys, |keys| async move {
+            Ok::<_, CacheError>(keys.into_iter().map(|k| (k, k)).collect::<HashMap<_, _>>())
+        })
+        .await
+        .unwrap();
+    let mut alive_after = Vec::new();
+    let ms = Duration::from_millis(1);
+    // Just before the TTL, at TTL + half the jitter, and at TTL + the whole jitter.
+    for step in [SEC * 10 - ms, SEC * 5 + ms, SEC * 5] {
+        clock.advance(step);
+        let mut alive = 0;
+        for k in &keys {
+            alive += usize::from(cache.get(k).await.unwrap().is_some());
+        }
+        alive_after.push(alive);
+    }
+    assert_eq!(alive_after[0], 200, "nothing expires before the TTL");
+    assert!(
+        alive_after[1] > 20 && alive_after[1] < 180,
+        "about half expire within the jitter: {alive_after:?}"
+    );
+    assert_eq!(alive_after[2], 0, "all expire by TTL + jitter");
+}
+
+#[tokio::test]
+async fn not_found_is_cached_for_the_negative_ttl() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .negative_ttl(5 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let missing = || {
+        let calls = Arc::clone(&calls);
+        move |_: String| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok::<Option<String>, CacheError>(None)
+        }
+    };
+    assert_eq!(
+        cache.get_or_load(&key("ghost"), missing()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        cache.get_or_load(&key("ghost"), missing()).await.unwrap(),
+        None
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the miss is cached");
+    // The negative entry is in L2 too, for other instances.
+    let stored = l2
+        .inner
+        .get(&ns().key("ghost").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope::decode(&stored).unwrap().payload, None);
+    clock.advance(5 * SEC);
+    assert_eq!(
+        cache.get_or_load(&key("ghost"), missing()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the negative TTL is shorter"
+    );
+
+    let uncached: Cache<String, String> = Cache::builder().build().unwrap();
+    uncached
+        .get_or_load(&key("ghost"), missing())
+        .await
+        .unwrap();
+    uncached
+        .get_or_load(&key("ghost"), missing())
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "no negative TTL, no negative caching"
+    );
+}
+
+#[tokio::test]
+async fn past_the_soft_ttl_a_hit_is_served_and_refreshed_in_the_background() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(6 * SEC)
+        .l2(store(&clock), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let k = key("k");
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(5 * SEC);
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+    assert_eq!(loads.calls(), 1, "fresh: no refresh");
+    clock.advance(SEC);
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1",
+        "past the soft TTL the old value is served at once"
+    );
+    settle(|| loads.calls() == 2).await;
+    let mut refreshed = None;
+    for _ in 0..10_000 {
+        refreshed = cache.get(&k).await.unwrap();
+        if refreshed.as_deref() == Some("k#2") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(refreshed.as_deref(), Some("k#2"), "the refresh replaced it");
+    // The refreshed value has a full TTL again.
+    clock.advance(9 * SEC);
+    assert_eq!(cache.get(&k).await.unwrap().as_deref(), Some("k#2"));
+}
+
+#[tokio::test]
+async fn past_the_hard_ttl_a_value_is_not_served() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let k = key("k");
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(10 * SEC);
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#2"
+    );
+}
+
+#[tokio::test]
+async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .l2(store(&clock), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let k = key("k");
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(30 * SEC);
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "expired: not served by a plain read"
+    );
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.failing())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("k#1"),
+        "the loader failed: stale value served"
+    );
+    // Only from L2 (another instance's view) the stale value is found too.
+    cache.invalidate_local(&k);
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.failing())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("k#1")
+    );
+    clock.advance(40 * SEC);
+    let error = cache.get_or_load(&k, loads.failing()).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        CacheErrorKind::Loader,
+        "beyond max staleness: the error"
+    );
+    assert_eq!(loads.calls(), 4);
+}
+
+#[tokio::test]
+async fn without_fail_safe_the_loader_error_is_returned() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    cache.get_or_load(&key("k"), loads.loader()).await.unwrap();
+    clock.advance(10 * SEC);
+    let error = cache
+        .get_or_load(&key("k"), loads.failing())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::Loader);
+    assert_eq!(
+        std::error::Error::source(&error).unwrap().to_string(),
+        "database down"
+    );
+}
+
+/// A loader that blocks until released, telling when it starts.
+fn gated(
+    gate: &Arc<Semaphore>,
+    started: &mpsc::UnboundedSender<()>,
+    value: &str,
+) -> impl FnOnce(String) -> futures_util::future::BoxFuture<'static, Result<Option<String>, CacheError>>
++ Send
++ 'static {
+    let (gate, started, value) = (Arc::clone(gate), started.clone(), value.to_owned());
+    move |_| {
+        Box::pin(async move {
+            let _ = started.send(());
+            let _permit = gate.acquire().await.expect("gate");
+            Ok(Some(value))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_slow_loader_past_the_soft_timeout_serves_stale_and_updates_later() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .loader_soft_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "old".into()).await.unwrap();
+    clock.advance(20 * SEC);
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let caller = {
+        let (cache, k, loader) = (cache.clone(), k.clone(), gated(&gate, &started_tx, "new"));
+        tokio::spawn(async move { cache.get_or_load(&k, loader).await })
+    };
+    started.recv().await.unwrap();
+    clock.advance(Duration::from_millis(100));
+    assert_eq!(
+        caller.await.unwrap().unwrap().as_deref(),
+        Some("old"),
+        "stale after the soft timeout"
+    );
+    gate.add_permits(1);
+    let mut value = None;
+    for _ in 0..10_000 {
+        value = cache.get(&k).await.unwrap();
+        if value.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        value.as_deref(),
+        Some("new"),
+        "the load finished in the background"
+    );
+}
+
+#[tokio::test]
+async fn a_loader_past_the_hard_timeout_fails_with_a_timeout() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .loader_hard_timeout(SEC)
+        .build()
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let caller = {
+        let (cache, loader) = (cache.clone(), gated(&gate, &started_tx, "late"));
+        tokio::spawn(async move { cache.get_or_load(&key("k"), loader).await })
+    };
+    started.recv().await.unwrap();
+    clock.advance(SEC);
+    let error = caller.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::LoaderTimeout);
+    assert!(error.is_timeout());
+    // The abandoned load left nothing behind: the next call loads again.
+    let loads = Counter::default();
+    assert_eq!(
+        cache
+            .get_or_load(&key("k"), loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_loader_fails_its_callers_and_the_next_call_loads_again() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let error = cache
+        .get_or_load(&key("k"), |_| async {
+            panic!("loader bug") as Result<Option<String>, CacheError>
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::LoaderPanicked);
+    let loads = Counter::default();
+    assert_eq!(
+        cache
+            .get_or_load(&key("k"), loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+}
+
+#[tokio::test]
+async fn a_value_loaded_before_a_remove_is_not_cached_after_it() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let k = key("k");
+    let caller = {
+        let (cache, k, loader) = (
+            cache.clone(),
+            k.clone(),
+            gated(&gate, &started_tx, "before"),
+        );
+        tokio::spawn(async move { cache.get_or_load(&k, loader).await })
+    };
+    started.recv().await.unwrap();
+    cache.remove(&k).await.unwrap();
+    gate.add_permits(1);
+    assert_eq!(caller.await.unwrap().unwrap().as_deref(), Some("before"));
+    // Let the load task run to its end.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    let writes = l2.calls.set.load(Ordering::SeqCst);
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "neither L1 nor L2 was filled"
+    );
+    assert_eq!(writes, 0);
+    let loads = Counter::default();
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+}
+
+#[tokio::test]
+async fn inserts_and_removes_write_through_to_l2() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let other: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    cache.insert(key("k"), "v".into()).await.unwrap();
+    assert_eq!(other.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    cache.remove(&key("k")).await.unwrap();
+    other.invalidate_local(&key("k"));
+    assert_eq!(other.get(&key("k")).await.unwrap(), None);
+    assert_eq!(cache.get(&key("k")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn l2_failures_never_reach_the_caller_and_the_breaker_pauses_l2() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(3)
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    let loads = Counter::default();
+    for i in 0..10 {
+        let k = format!("k{i}");
+        let value = cache.get_or_load(&k, loads.loader()).await.unwrap();
+        assert_eq!(value, Some(format!("k{i}#{}", i + 1)));
+        cache.insert(format!("w{i}"), "v".into()).await.unwrap();
+        assert_eq!(
+            cache.get(&format!("w{i}")).await.unwrap().as_deref(),
+            Some("v")
+        );
+    }
+    assert_eq!(
+        l2.calls.l2_round_trips(),
+        3,
+        "after 3 failures L2 is left alone"
+    );
+    // L2 comes back; after the cool-down a probe finds it and calls resume.
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(5 * SEC);
+    let ok = l2.calls.ok.load(Ordering::SeqCst);
+    cache
+        .get_or_load(&key("after"), loads.loader())
+        .await
+        .unwrap();
+    assert!(
+        l2.calls.ok.load(Ordering::SeqCst) > ok,
+        "reads reach L2 again"
+    );
+    cache.insert(key("x"), "y".into()).await.unwrap();
+    assert!(
+        l2.inner
+            .get(&ns().key("x").unwrap())
+            .await
+            .unwrap()
+            .is_some(),
+        "writes reach L2 again"
+    );
+}
+
+#[tokio::test]
+async fn a_write_that_missed_l2_never_lets_the_old_l2_copy_be_served() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(SEC)
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "old".into()).await.unwrap();
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    cache.insert(k.clone(), "new".into()).await.unwrap();
+    assert_eq!(cache.pending_l2_deletes(), 1);
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    // L1's copy expires; the old L2 copy is still there but must not be served.
+    clock.advance(SEC);
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "the outdated L2 copy is skipped"
+    );
+    let loads = Counter::default();
+    assert_eq!(
+        cache
+            .get_or_load(&k, loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+    // The background delete runs after the cool-down and clears the backlog.
+    clock.advance(5 * SEC);
+    settle(|| cache.pending_l2_deletes() == 0).await;
+}
+
+#[tokio::test]
+async fn pending_deletes_are_cleared_once_l2_answers() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    cache.insert(key("k"), "old".into()).await.unwrap();
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    cache.remove(&key("k")).await.unwrap();
+    assert_eq!(cache.pending_l2_deletes(), 1);
+    settle(|| l2.calls.delete.load(Ordering::SeqCst) >= 2).await;
+    assert_eq!(cache.pending_l2_deletes(), 1, "still failing");
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(5 * SEC);
+    settle(|| cache.pending_l2_deletes() == 0).await;
+    assert_eq!(l2.inner.get(&ns().key("k").unwrap()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_hung_l2_times_out() {
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(Clock::system())
+        .l2(Hung, ns())
+        .l2_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    tokio::time::pause();
+    let loads = Counter::default();
+    assert_eq!(
+        cache
+            .get_or_load(&key("k"), loads.loader())
+            .await
+            .unwrap()
+            .unwrap(),
+        "k#1"
+    );
+    assert_eq!(cache.get(&key("other")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn bad_keys_and_oversized_values_get_typed_errors() {
+    let cache: Cache<Vec<u8>, Vec<u8>> = Cache::builder()
+        .l2(MemoryKvStore::new(), ns())
+        .max_value_len(1_000)
+        .build()
+        .unwrap();
+    let error = cache.insert(vec![b'k'; 2_000], vec![1]).await.unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
+    assert_eq!(
+        cache.get(&vec![]).await.unwrap_err().kind(),
+        CacheErrorKind::InvalidKey
+    );
+    let error = cache
+        .insert(b"k".to_vec(), vec![0; 2_000])
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::ValueTooLarge);
+    assert_eq!(
+        cache.get(&b"k".to_vec()).await.unwrap(),
+        None,
+        "nothing was written"
+    );
+    assert!(!error.is_retryable());
+
+    let bad = Cache::<String, String>::builder()
+        .ttl(Duration::ZERO)
+        .build();
+    assert_eq!(bad.unwrap_err().reason(), "ttl must be greater than zero");
+}
+
+#[cfg(feature = "json")]
+#[tokio::test]
+async fn a_value_written_with_another_codec_is_a_miss() {
+    let l2 = MemoryKvStore::new();
+    let json: Cache<String, String> = Cache::builder()
+        .codec(headroom_cache::codec::Json)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let postcard: Cache<String, String> = Cache::builder().l2(l2.clone(), ns()).build().unwrap();
+    json.insert(key("k"), "v".into()).await.unwrap();
+    let stored = l2.get(&ns().key("k").unwrap()).await.unwrap().unwrap();
+    assert_eq!(
+        envelope::decode(&stored).unwrap().payload,
+        Some(&b"\"v\""[..])
+    );
+    assert_eq!(postcard.get(&key("k")).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_write_dropped_while_l2_is_hung_leaves_the_key_pending() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(Hung, ns())
+        .build()
+        .unwrap();
+    tokio::select! {
+        biased;
+        _ = cache.insert(key("k"), "v".into()) => panic!("a hung L2 cannot complete the write"),
+        () = tokio::task::yield_now() => {}
+    }
+    assert_eq!(
+        cache.pending_l2_deletes(),
+        1,
+        "the dropped write left L2 unsure"
+    );
+    assert_eq!(
+        cache.get(&key("k")).await.unwrap().as_deref(),
+        Some("v"),
+        "L1 has the value"
+    );
+}
+
+#[tokio::test]
+async fn single_reads_and_batches_join_each_other() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let batch_keys = Arc::new(Mutex::new(Vec::new()));
+    let batch = {
+        let (cache, gate, started_tx, batch_keys) = (
+            cache.clone(),
+            Arc::clone(&gate),
+            started_tx.clone(),
+            Arc::clone(&batch_keys),
+        );
+        tokio::spawn(async move {
+            let keys = [key("a"), key("b")];
+            cache
+                .get_many_or_load(&keys, move |keys: Vec<String>| async move {
+                    batch_keys.lock().extend(keys.iter().cloned());
+                    let _ = started_tx.send(());
+                    let _permit = gate.acquire().await.expect("gate");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k.clone(), format!("{k} from batch")))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    // A single read of a key the batch is loading joins it.
+    let loads = Counter::default();
+    let single = {
+        let (cache, loader) = (cache.clone(), loads.loader());
+        tokio::spawn(async move { cache.get_or_load(&key("a"), loader).await })
+    };
+    // A single load in flight is joined by a later batch.
+    let c_single = {
+        let (cache, loader) = (cache.clone(), gated(&gate, &started_tx, "c from single"));
+        tokio::spawn(async move { cache.get_or_load(&key("c"), loader).await })
+    };
+    started.recv().await.unwrap();
+    let second_batch = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_many_or_load(&[key("c"), key("d")], |keys: Vec<String>| async move {
+                    assert_eq!(keys, [key("d")], "c is joined, not loaded again");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k, "d from batch".to_owned()))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    gate.add_permits(2);
+    let values = batch.await.unwrap().unwrap();
+    assert_eq!(
+        values,
+        [
+            Some("a from batch".to_owned()),
+            Some("b from batch".to_owned())
+        ]
+    );
+    assert_eq!(
+        single.await.unwrap().unwrap().as_deref(),
+        Some("a from batch")
+    );
+    assert_eq!(loads.calls(), 0, "the single read joined the batch");
+    assert_eq!(
+        c_single.await.unwrap().unwrap().as_deref(),
+        Some("c from single")
+    );
+    let values = second_batch.await.unwrap().unwrap();
+    assert_eq!(
+        values,
+        [
+            Some("c from single".to_owned()),
+            Some("d from batch".to_owned())
+        ]
+    );
+    assert_eq!(*batch_keys.lock(), [key("a"), key("b")]);
+}
+
+#[tokio::test]
+async fn a_full_pending_delete_backlog_distrusts_l2_for_one_entry_lifetime() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(SEC)
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .l2_cooldown(5 * SEC)
+        .l2_max_pending_deletes(1)
+        .build()
+        .unwrap();
+    for k in ["a", "b"] {
+        cache.insert(key(k), "old".into()).await.unwrap();
+    }
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    for k in ["a", "b"] {
+        cache.insert(key(k), "new".into()).await.unwrap();
+    }
+    assert_eq!(
+        cache.pending_l2_deletes(),
+        1,
+        "only one key fits the backlog"
+    );
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(5 * SEC);
+    settle(|| cache.pending_l2_deletes() == 0).await;
+    // "b" was never remembered and its old copy is still in L2: it must not be served.
+    assert!(
+        l2.inner
+            .get(&ns().key("b").unwrap())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        cache.get(&key("b")).await.unwrap(),
+        None,
+        "L2 is distrusted"
+    );
+    // Once every copy written before the failure has expired, L2 is read again.
+    clock.advance(60 * SEC);
+    cache.insert(key("c"), "fresh".into()).await.unwrap();
+    cache.invalidate_local(&key("c"));
+    assert_eq!(
+        cache.get(&key("c")).await.unwrap().as_deref(),
+        Some("fresh")
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_batch_caller_does_not_cancel_its_load() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let caller = {
+        let (cache, gate) = (cache.clone(), Arc::clone(&gate));
+        tokio::spawn(async move {
+            cache
+                .get_many_or_load(&[key("a"), key("b")], move |keys: Vec<String>| async move {
+                    let _ = started_tx.send(());
+                    let _permit = gate.acquire().await.expect("gate");
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .map(|k| (k.clone(), k))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    // A reader arriving now joins the load that is still running.
+    let loads = Counter::default();
+    let joiner = {
+        let (cache, loader) = (cache.clone(), loads.loader());
+        tokio::spawn(async move { cache.get_or_load(&key("b"), loader).await })
+    };
+    tokio::task::yield_now().await;
+    gate.add_permits(1);
+    assert_eq!(joiner.await.unwrap().unwrap().as_deref(), Some("b"));
+    assert_eq!(
+        cache.get(&key("a")).await.unwrap().as_deref(),
+        Some("a"),
+        "the load filled L1"
+    );
+    assert_eq!(loads.calls(), 0);
+}
+
+/// A store that fails every call, or hangs on every call, as told.
+#[derive(Clone, Debug, Default)]
+struct Flaky {
+    hang: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Flaky {
+    async fn answer<T>(&self) -> Result<T, headroom_core::BackendError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending().await
+        } else {
+            Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Connection,
+            ))
+        }
+    }
+}
+
+impl KvStore for Flaky {
+    async fn get(
+        &self,
+        _: &headroom_core::Key,
+    ) -> Result<Option<Bytes>, headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn get_many(
+        &self,
+        _: &[headroom_core::Key],
+    ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn set(
+        &self,
+        _: &headroom_core::Key,
+        _: Bytes,
+        _: Duration,
+    ) -> Result<(), headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn set_many(
+        &self,
+        _: &[headroom_core::kv::KvEntry],
+    ) -> Result<(), headroom_core::BackendError> {
+        self.answer().await
+    }
+    async fn delete(&self, _: &[headroom_core::Key]) -> Result<u64, headroom_core::BackendError> {
+        self.answer().await
+    }
+}
+
+#[tokio::test]
+async fn a_probe_dropped_mid_call_lets_the_next_call_probe() {
+    let clock = ManualClock::new();
+    let store = Flaky::default();
+    let probe = Probe::new(store.clone());
+    let calls = Arc::clone(&probe.calls);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(probe, ns())
+        .l2_failure_threshold(1)
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    // One failure opens the breaker; after the cool-down the next read is the probe.
+    cache.get(&key("k")).await.unwrap();
+    cache.get(&key("k")).await.unwrap();
+    assert_eq!(calls.get.load(Ordering::SeqCst), 1, "open: not called");
+    clock.advance(5 * SEC);
+    store.hang.store(true, Ordering::SeqCst);
+    let k = key("k");
+    tokio::select! {
+        biased;
+        _ = cache.get(&k) => panic!("a hung L2 cannot answer"),
+        () = tokio::task::yield_now() => {}
+    }
+    assert_eq!(
+        calls.get.load(Ordering::SeqCst),
+        2,
+        "the probe was sent, then dropped"
+    );
+    store.hang.store(false, Ordering::SeqCst);
+    cache.get(&key("k")).await.unwrap();
+    assert_eq!(
+        calls.get.load(Ordering::SeqCst),
+        3,
+        "the abandoned probe freed its slot"
+    );
+}
+
+#[test]
+fn every_future_of_the_cache_is_send() {
+    fn send<T: Send>(_: T) {}
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let k = key("k");
+    send(cache.get(&k));
+    send(cache.get_or_load(&k, Counter::default().loader()));
+    send(cache.get_many_or_load(&[], |_: Vec<String>| async {
+        Ok::<_, CacheError>(HashMap::new())
+    }));
+    send(cache.insert(key("k"), "v".into()));
+    send(cache.remove(&k));
+}

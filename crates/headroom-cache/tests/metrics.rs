@@ -1,0 +1,210 @@
+//! The metrics the cache records, read back through a small in-test recorder.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Probe;
+use headroom_cache::{Cache, CacheError};
+use headroom_core::kv::KvStore;
+use headroom_core::memory::MemoryKvStore;
+use headroom_core::{ManualClock, Namespace};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use parking_lot::Mutex;
+
+/// Counters and gauges by `name{label=value,...}`.
+#[derive(Clone, Debug, Default)]
+struct Recorded(Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>);
+
+impl Recorded {
+    fn cell(&self, key: &Key) -> Arc<AtomicU64> {
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        Arc::clone(self.0.lock().entry(name).or_default())
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .get(name)
+            .map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        f64::from_bits(self.counter(name))
+    }
+}
+
+impl Recorder for Recorded {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.cell(key))
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.cell(key))
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn ns() -> Namespace {
+    Namespace::new("test:metrics").unwrap()
+}
+
+fn ok(
+    value: &str,
+) -> impl FnOnce(String) -> std::future::Ready<Result<Option<String>, CacheError>> + Send + 'static
+{
+    let value = value.to_owned();
+    move |_| std::future::ready(Ok(Some(value)))
+}
+
+#[tokio::test]
+async fn hits_misses_loads_and_stale_serves_are_counted() {
+    let recorded = Recorded::default();
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = metrics::with_local_recorder(&recorded, || {
+        Cache::builder()
+            .name("m")
+            .clock(clock.clock())
+            .ttl(10 * SEC)
+            .fail_safe_max_stale(60 * SEC)
+            .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+            .build()
+            .unwrap()
+    });
+    let k = "k".to_owned();
+    cache.get_or_load(&k, ok("v")).await.unwrap();
+    cache.get_or_load(&k, ok("v")).await.unwrap();
+    cache.invalidate_local(&k);
+    cache.get(&k).await.unwrap();
+    assert_eq!(
+        recorded.counter("headroom_cache_hits_total{cache=m,level=l1}"),
+        1
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_misses_total{cache=m,level=l1}"),
+        2
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_misses_total{cache=m,level=l2}"),
+        1
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_hits_total{cache=m,level=l2}"),
+        1
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_loads_total{cache=m,outcome=ok}"),
+        1
+    );
+
+    clock.advance(20 * SEC);
+    let stale = cache
+        .get_or_load(&k, |_| async {
+            Err::<Option<String>, _>(std::io::Error::other("down"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(stale.as_deref(), Some("v"));
+    assert_eq!(
+        recorded.counter("headroom_cache_loads_total{cache=m,outcome=error}"),
+        1
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_stale_served_total{cache=m}"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn l2_errors_the_breaker_and_corrupt_values_are_reported() {
+    let recorded = Recorded::default();
+    let clock = ManualClock::new();
+    let store = Probe::new(MemoryKvStore::builder().clock(clock.clock()).build());
+    let cache: Cache<String, String> = metrics::with_local_recorder(&recorded, || {
+        Cache::builder()
+            .name("m")
+            .clock(clock.clock())
+            .l2(store.clone(), ns())
+            .l2_failure_threshold(2)
+            .l2_cooldown(5 * SEC)
+            .build()
+            .unwrap()
+    });
+    store
+        .inner
+        .set(
+            &ns().key("bad").unwrap(),
+            Bytes::from_static(b"junk"),
+            60 * SEC,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cache.get(&"bad".to_owned()).await.unwrap(), None);
+    assert_eq!(
+        recorded.counter("headroom_cache_l2_corrupt_total{cache=m}"),
+        1
+    );
+
+    store.calls.fail.store(true, Ordering::SeqCst);
+    for i in 0..4 {
+        cache.get(&format!("k{i}")).await.unwrap();
+    }
+    assert_eq!(
+        recorded.counter("headroom_cache_l2_errors_total{cache=m,kind=error}"),
+        2
+    );
+    assert_eq!(
+        recorded.counter("headroom_cache_l2_skipped_total{cache=m}"),
+        2
+    );
+    assert_eq!(
+        recorded.gauge("headroom_cache_l2_breaker_open{cache=m}"),
+        1.0
+    );
+
+    store.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(5 * SEC);
+    cache.get(&"k0".to_owned()).await.unwrap();
+    assert_eq!(
+        recorded.gauge("headroom_cache_l2_breaker_open{cache=m}"),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn l1_evictions_are_counted_unless_disabled() {
+    for enabled in [true, false] {
+        let recorded = Recorded::default();
+        let cache: Cache<u32, u32> = metrics::with_local_recorder(&recorded, || {
+            Cache::builder()
+                .name("m")
+                .l1_max_capacity(10)
+                .l1_eviction_metric(enabled)
+                .build()
+                .unwrap()
+        });
+        for i in 0..2_000 {
+            cache.insert(i, i).await.unwrap();
+        }
+        let evictions = recorded.counter("headroom_cache_evictions_total{cache=m}");
+        assert_eq!(evictions > 0, enabled, "evictions {evictions}");
+    }
+}

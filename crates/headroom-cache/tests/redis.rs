@@ -1,0 +1,168 @@
+//! The cache over real Redis (standalone and cluster) started by the testkit.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Probe;
+use headroom_cache::{Cache, CacheError};
+use headroom_core::ManualClock;
+use headroom_redis::{Redis, RedisConfig, RedisKvStore};
+use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
+
+async fn standalone() -> RedisKvStore {
+    let redis = Redis::connect(RedisConfig::standalone(shared_server().url()))
+        .await
+        .expect("connect");
+    RedisKvStore::new(redis)
+}
+
+async fn cluster() -> RedisKvStore {
+    let redis = Redis::connect(RedisConfig::cluster(shared_cluster().urls()))
+        .await
+        .expect("connect");
+    RedisKvStore::new(redis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stampede_on_redis() {
+    common::stampede_runs_one_load_and_survives_cancellation(
+        standalone().await,
+        unique_namespace("stampede"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stampede_on_redis_cluster() {
+    common::stampede_runs_one_load_and_survives_cancellation(
+        cluster().await,
+        unique_namespace("stampede"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_on_redis() {
+    common::batch_reads_l2_once_and_loads_once(
+        Probe::new(standalone().await),
+        unique_namespace("batch"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_on_redis_cluster() {
+    common::batch_reads_l2_once_and_loads_once(
+        Probe::new(cluster().await),
+        unique_namespace("batch"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_redis() {
+    common::garbage_in_l2_is_a_miss(standalone().await, unique_namespace("garbage")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_redis_cluster() {
+    common::garbage_in_l2_is_a_miss(cluster().await, unique_namespace("garbage")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_written_by_redis_cli_is_a_miss() {
+    let ns = unique_namespace("cli");
+    let cache: Cache<String, String> = Cache::builder()
+        .l2(standalone().await, ns.clone())
+        .build()
+        .unwrap();
+    shared_server().cli(&["SET", &format!("{ns}:k"), "\u{1}not an envelope"]);
+    assert_eq!(cache.get(&"k".to_owned()).await.unwrap(), None);
+    let value = cache
+        .get_or_load(&"k".to_owned(), |_| async {
+            Ok::<_, CacheError>(Some("loaded".to_owned()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("loaded"));
+}
+
+/// Redis is killed mid-run: every read still answers (from L1 or the loader) without an
+/// error; once Redis is back, reads reach L2 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_redis_being_killed_and_return_to_l2_after_restart() {
+    let server = RedisServer::start();
+    let config = RedisConfig::standalone(server.url())
+        .with_command_timeout(Duration::from_millis(200))
+        .with_connect_timeout(Duration::from_millis(200));
+    let store = Probe::new(RedisKvStore::new(Redis::connect(config).await.unwrap()));
+    let calls = Arc::clone(&store.calls);
+    let clock = ManualClock::new();
+    let cooldown = Duration::from_secs(5);
+    let cache: Cache<u32, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(store, unique_namespace("kill"))
+        .l2_failure_threshold(3)
+        .l2_cooldown(cooldown)
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let loader = |loads: &Arc<AtomicUsize>| {
+        let loads = Arc::clone(loads);
+        move |k: u32| async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, CacheError>(Some(format!("value {k}")))
+        }
+    };
+    for k in 0..20 {
+        cache.get_or_load(&k, loader(&loads)).await.unwrap();
+    }
+    assert!(
+        calls.ok.load(Ordering::SeqCst) >= 20,
+        "values reached Redis"
+    );
+
+    server.kill();
+    for round in 0..3 {
+        for k in 0..20 {
+            // Half the keys leave L1, so their reads need L2 or the loader.
+            if k % 2 == 0 {
+                cache.invalidate_local(&k);
+            }
+            let value = cache.get_or_load(&k, loader(&loads)).await;
+            assert_eq!(
+                value.unwrap().as_deref(),
+                Some(format!("value {k}").as_str()),
+                "round {round}, key {k}"
+            );
+        }
+    }
+    assert!(
+        loads.load(Ordering::SeqCst) > 20,
+        "the loader stood in for Redis"
+    );
+
+    server.restart();
+    let ok_before = calls.ok.load(Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut k = 100;
+    while calls.ok.load(Ordering::SeqCst) == ok_before {
+        assert!(Instant::now() < deadline, "reads did not return to Redis");
+        // Past the cool-down the cache probes L2; the client reconnects on its own.
+        clock.advance(cooldown);
+        k += 1;
+        let value = cache.get_or_load(&k, loader(&loads)).await.unwrap();
+        assert_eq!(value, Some(format!("value {k}")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // L2 serves reads again: a value written now is read back from Redis, not loaded.
+    cache.insert(1_000, "from l2".into()).await.unwrap();
+    cache.invalidate_local(&1_000);
+    let loads_before = loads.load(Ordering::SeqCst);
+    let value = cache.get_or_load(&1_000, loader(&loads)).await.unwrap();
+    assert_eq!(value.as_deref(), Some("from l2"));
+    assert_eq!(loads.load(Ordering::SeqCst), loads_before);
+}
