@@ -7,8 +7,12 @@
 
 use std::hint::black_box;
 
+use std::time::Duration;
+
 use headroom_breaker::CircuitBreaker;
-use headroom_core::memory::MemoryLeaseStore;
+use headroom_cache::Cache;
+use headroom_core::Namespace;
+use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
 use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
@@ -19,6 +23,7 @@ const ITERATIONS: usize = 10_000;
 type Bench = (&'static str, fn());
 
 const BENCHES: &[Bench] = &[
+    ("cache_l1_hit", cache_l1_hit),
     ("shard_jump_1000", shard_jump),
     ("shard_ring_100x160", shard_ring),
     ("shard_maglev_100", shard_maglev),
@@ -44,6 +49,38 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+fn cache_l1_hit() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let cache: Cache<u64, String> = runtime.block_on(async {
+        let cache = Cache::builder()
+            .name("gate")
+            .ttl(Duration::from_secs(3_600))
+            .l2(
+                MemoryKvStore::new(),
+                Namespace::new("gate").expect("namespace"),
+            )
+            .build()
+            .expect("cache");
+        for k in 0..64 {
+            cache.insert(k, format!("value-{k}")).await.expect("fill");
+        }
+        cache
+    });
+    measured_cache_l1_hit(&runtime, &cache);
+}
+
+#[inline(never)]
+fn measured_cache_l1_hit(runtime: &tokio::runtime::Runtime, cache: &Cache<u64, String>) {
+    runtime.block_on(async {
+        for i in 0..ITERATIONS {
+            black_box(cache.get(&(i as u64 % 64)).await.expect("get"));
+        }
+    });
 }
 
 fn keys() -> Vec<String> {
