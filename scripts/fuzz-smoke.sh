@@ -15,8 +15,12 @@ for target in $(cargo fuzz list); do
     # A scratch corpus: new inputs found here are not committed.
     work=$(mktemp -d)
     cp corpus/"$target"/seed-* "$work"/ 2>/dev/null || true
-    cargo fuzz run "$target" "$work" -- -max_total_time="$seconds" -print_final_stats=1 2>&1 |
-        grep -E '^(Done|stat::number_of_executed_units)|ERROR|panicked' || true
-    test "${PIPESTATUS[0]}" -eq 0 || { echo "fuzz target $target failed"; exit 1; }
+    if ! cargo fuzz run "$target" "$work" -- -max_total_time="$seconds" -print_final_stats=1 \
+        > "$work/log" 2>&1; then
+        tail -n 40 "$work/log"
+        echo "fuzz target $target failed"
+        exit 1
+    fi
+    grep -E '^(Done|stat::number_of_executed_units)' "$work/log"
     rm -rf "$work"
 done
