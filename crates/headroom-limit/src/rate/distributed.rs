@@ -14,7 +14,9 @@ use metrics::Counter;
 use parking_lot::Mutex;
 
 use super::limiter::record;
-use super::{Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, RateLimit, TierConfig};
+use super::{
+    Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig,
+};
 use crate::ConfigError;
 use crate::metrics::TierMetrics;
 
@@ -161,23 +163,26 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// # Exact mode (the default)
 ///
-/// Every decision is one `apply` on the store: one round trip, one key (`namespace:tier:key`,
-/// a single cluster slot), on the store's clock. Any number of instances admit together
-/// exactly what one limiter would.
+/// Every decision is at most one `apply` on the store: one round trip, one key
+/// (`namespace:tier:key`, a single cluster slot), on the store's clock. Any number of
+/// instances admit together exactly what one limiter would. A refusal is remembered until its
+/// `retry_after`: the store's cell only moves forward, so requests for that key are refused
+/// locally until then with no round trip, which is exact too and keeps a flood of refused
+/// requests off the store.
 ///
 /// # Batched mode
 ///
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
 /// a key with one `apply(cost = n)` and spends them locally, so a busy key costs one round
-/// trip per `n` requests. When the cell holds fewer than `n` units the instance asks for just
-/// the request's cost (a second round trip). Reserved units are charged in the store before
-/// they are spent, and an instance keeps them for at most `n` emission intervals, so:
+/// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
+/// left (a second round trip). Reserved units are charged in the store before they are spent,
+/// and an instance keeps them for at most `n` emission intervals, so:
 ///
 /// - over the life of the store, the instances never admit more than the store granted;
 /// - in any window, they admit at most `n` units more than one exact limiter would (units
 ///   charged just before the window and spent inside it), whatever the number of instances;
-/// - they may admit less: units reserved by an idle instance are unavailable to the others
-///   until they expire (at most `n` per instance and key).
+/// - they may admit less: units reserved by an instance that sees no more requests for the key
+///   are lost to the others until they replenish (at most `n - 1` per instance and key).
 ///
 /// # When the store is unreachable
 ///
@@ -250,88 +255,107 @@ struct StoreMetrics {
 struct Tier {
     quota: Quota,
     prefix: Namespace,
-    reserved: Reserved,
+    local_state: LocalState,
     local: Option<KeyedLimiter<String>>,
     metrics: TierMetrics,
 }
 
-/// Units reserved from the store and not yet spent, per key, in a bounded sharded map.
+/// What an instance knows of each key without asking the store, in a bounded sharded map:
+/// units reserved and not yet spent, and until when the key is known to be refused.
 #[derive(Debug)]
-struct Reserved {
-    shards: Box<[Mutex<HashMap<String, Allowance>>]>,
+struct LocalState {
+    shards: Box<[Mutex<HashMap<String, Entry>>]>,
     shard_cap: usize,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Allowance {
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
     units: u32,
     /// Units left in the store when these were reserved.
     store_remaining: u32,
+    /// When the reserved units must no longer be spent (ns since the limiter's origin).
     expires: u64,
+    /// Until when a cost of 1 is refused: the store's cell only ever moves forward, so a
+    /// refusal holds until then whatever the other instances do.
+    blocked_until: u64,
 }
 
-const RESERVED_SHARDS: usize = 16;
+/// What the local state says about a request.
+enum Local {
+    /// Spent from reserved units: units left here and in the store.
+    Spent { units: u32, store_remaining: u32 },
+    /// Refused until this much later.
+    Blocked(u64),
+    /// Ask the store.
+    Unknown,
+}
 
-impl Reserved {
+const LOCAL_SHARDS: usize = 16;
+
+impl LocalState {
     fn new(max_keys: usize) -> Self {
         Self {
-            shards: (0..RESERVED_SHARDS)
+            shards: (0..LOCAL_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
-            shard_cap: max_keys.div_ceil(RESERVED_SHARDS).max(1),
+            shard_cap: max_keys.div_ceil(LOCAL_SHARDS).max(1),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Allowance>> {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
         // FNV-1a: spreading keys over a few locks needs no keyed hash; the maps inside use one.
         let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        &self.shards[(hash as usize) % RESERVED_SHARDS]
+        &self.shards[(hash % LOCAL_SHARDS as u64) as usize]
     }
 
-    /// Spends `cost` reserved units of `key`, returning what is left and the store's count.
-    fn take(&self, key: &str, cost: u32, now: u64) -> Option<(u32, u32)> {
+    fn check(&self, key: &str, cost: u32, now: u64, interval: u64) -> Local {
         let mut shard = self.shard(key).lock();
-        let allowance = shard.get_mut(key)?;
-        if allowance.expires <= now || allowance.units < cost {
-            return None;
+        let Some(entry) = shard.get_mut(key) else {
+            return Local::Unknown;
+        };
+        if entry.blocked_until > now {
+            let extra = interval.saturating_mul(u64::from(cost - 1));
+            return Local::Blocked(entry.blocked_until - now + extra);
         }
-        allowance.units -= cost;
-        Some((allowance.units, allowance.store_remaining))
+        if entry.expires > now && entry.units >= cost {
+            entry.units -= cost;
+            return Local::Spent {
+                units: entry.units,
+                store_remaining: entry.store_remaining,
+            };
+        }
+        Local::Unknown
     }
 
-    fn put(&self, key: &str, allowance: Allowance, now: u64) {
+    fn update(&self, key: &str, now: u64, change: impl FnOnce(&mut Entry)) {
         let mut shard = self.shard(key).lock();
         if shard.len() >= self.shard_cap && !shard.contains_key(key) {
-            shard.retain(|_, a| a.expires > now && a.units > 0);
+            shard.retain(|_, e| (e.expires > now && e.units > 0) || e.blocked_until > now);
             if shard.len() >= self.shard_cap {
-                // Dropping reserved units only ever admits less.
+                // Forgetting reserved units or refusals only ever admits less or asks more.
                 shard.clear();
             }
         }
         match shard.get_mut(key) {
-            Some(existing) if existing.expires > now => {
-                existing.units += allowance.units;
-                existing.store_remaining = allowance.store_remaining;
-                existing.expires = allowance.expires;
-            }
-            _ => {
-                shard.insert(key.to_owned(), allowance);
+            Some(entry) => change(entry),
+            None => {
+                let mut entry = Entry::default();
+                change(&mut entry);
+                shard.insert(key.to_owned(), entry);
             }
         }
     }
 }
 
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl<S: RateStore> Inner<S> {
     fn now(&self) -> u64 {
-        u64::try_from(
-            self.clock
-                .now()
-                .saturating_duration_since(self.origin)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+        nanos(self.clock.now().saturating_duration_since(self.origin))
     }
 
     fn build_tiers(
@@ -359,7 +383,7 @@ impl<S: RateStore> Inner<S> {
                 Ok(Tier {
                     quota,
                     prefix,
-                    reserved: Reserved::new(self.max_keys),
+                    local_state: LocalState::new(self.max_keys),
                     local,
                     metrics: TierMetrics::new(&self.name, name),
                 })
@@ -387,19 +411,28 @@ impl<S: RateStore> Inner<S> {
     }
 
     async fn decide(&self, tier: &Tier, key: &str, cost: u32) -> Result<Admitted, RateError> {
-        if cost > tier.quota.burst() {
+        let quota = tier.quota;
+        if cost > quota.burst() {
             return Err(RateError::new(RateErrorKind::CostTooHigh));
         }
+        let interval = nanos(quota.emission_interval());
         let now = self.now();
-        if self.batch > 1
-            && let Some((units, store_remaining)) = tier.reserved.take(key, cost, now)
-        {
-            return Ok(Admitted {
-                quota: tier.quota,
-                remaining: store_remaining.saturating_add(units),
-                reset_after: tier.quota.emission_interval()
-                    * (tier.quota.burst() - store_remaining.min(tier.quota.burst())),
-            });
+        match tier.local_state.check(key, cost, now, interval) {
+            Local::Spent {
+                units,
+                store_remaining,
+            } => {
+                return Ok(Admitted {
+                    quota,
+                    remaining: store_remaining.saturating_add(units),
+                    reset_after: quota.emission_interval()
+                        * quota.burst().saturating_sub(store_remaining),
+                });
+            }
+            Local::Blocked(wait) => {
+                return Err(RateLimited::new(quota, Duration::from_nanos(wait)).into());
+            }
+            Local::Unknown => {}
         }
         if now < self.down_until.load(Ordering::Relaxed) {
             return self.fall_back(tier, key, cost, None);
@@ -407,44 +440,62 @@ impl<S: RateStore> Inner<S> {
         let Ok(store_key) = tier.prefix.key(key) else {
             return Err(RateError::new(RateErrorKind::InvalidKey));
         };
-        let mut reserve = self.batch.max(cost).min(tier.quota.burst());
+        let mut reserve = self.batch.max(cost).min(quota.burst());
         let mut decision = self.apply(tier, &store_key, reserve).await;
-        if reserve > cost && matches!(decision, Ok(RateDecision { allowed: false, .. })) {
-            reserve = cost;
-            decision = self.apply(tier, &store_key, cost).await;
+        if let Ok(refused) = &decision
+            && !refused.allowed
+            && reserve > cost
+            && refused.remaining >= cost
+        {
+            // Fewer units than a batch are left: take what is there.
+            reserve = refused.remaining.min(reserve);
+            decision = self.apply(tier, &store_key, reserve).await;
         }
         match decision {
             Ok(decision) if decision.allowed => {
                 let granted = reserve - cost;
                 if granted > 0 {
-                    let hold = tier.quota.emission_interval() * self.batch;
-                    tier.reserved.put(
-                        key,
-                        Allowance {
-                            units: granted,
-                            store_remaining: decision.remaining,
-                            expires: now
-                                .saturating_add(u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX)),
-                        },
-                        now,
-                    );
+                    let expires =
+                        now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
+                    tier.local_state.update(key, now, |entry| {
+                        entry.units = if entry.expires > now {
+                            entry.units + granted
+                        } else {
+                            granted
+                        };
+                        entry.store_remaining = decision.remaining;
+                        entry.expires = expires;
+                    });
                 }
                 Ok(Admitted {
-                    quota: tier.quota,
+                    quota,
                     remaining: decision.remaining.saturating_add(granted),
                     reset_after: decision.reset_after,
                 })
             }
-            Ok(decision) => Err(super::RateLimited::new(tier.quota, decision.retry_after).into()),
+            Ok(decision) => {
+                // The refusal was for `reserve` units; a cost of 1 fits `reserve - 1`
+                // intervals earlier, and `cost` units `cost - 1` intervals after that.
+                let earlier = interval.saturating_mul(u64::from(reserve - 1));
+                let for_one = nanos(decision.retry_after).saturating_sub(earlier).max(1);
+                tier.local_state.update(key, now, |entry| {
+                    entry.blocked_until = now.saturating_add(for_one);
+                });
+                let wait = for_one + interval.saturating_mul(u64::from(cost - 1));
+                Err(RateLimited::new(quota, Duration::from_nanos(wait)).into())
+            }
             Err(error) if error.kind() == BackendErrorKind::Config => {
                 Err(RateError::new(RateErrorKind::CostTooHigh))
             }
             Err(error) => {
-                let retry_at = now.saturating_add(
-                    u64::try_from(self.retry_after_failure.as_nanos()).unwrap_or(u64::MAX),
-                );
+                let retry_at = now.saturating_add(nanos(self.retry_after_failure));
                 if self.down_until.swap(retry_at, Ordering::Relaxed) <= now {
-                    tracing::warn!(limiter = &*self.name, %error, fallback = self.fallback.as_str(), "rate store unreachable, using the fallback");
+                    tracing::warn!(
+                        limiter = &*self.name,
+                        %error,
+                        fallback = self.fallback.as_str(),
+                        "rate store unreachable, using the fallback"
+                    );
                 }
                 self.fall_back(tier, key, cost, Some(error))
             }
