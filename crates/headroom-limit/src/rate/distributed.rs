@@ -315,16 +315,18 @@ impl LocalState {
         let Some(entry) = shard.get_mut(key) else {
             return Local::Unknown;
         };
-        if entry.blocked_until > now {
-            let extra = interval.saturating_mul(u64::from(cost - 1));
-            return Local::Blocked(entry.blocked_until - now + extra);
-        }
+        // Reserved units are already charged in the store: spend them even when the store
+        // refuses more.
         if entry.expires > now && entry.units >= cost {
             entry.units -= cost;
             return Local::Spent {
                 units: entry.units,
                 store_remaining: entry.store_remaining,
             };
+        }
+        if entry.blocked_until > now {
+            let extra = interval.saturating_mul(u64::from(cost - 1));
+            return Local::Blocked(entry.blocked_until - now + extra);
         }
         Local::Unknown
     }
