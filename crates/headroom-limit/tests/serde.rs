@@ -102,6 +102,19 @@ fn rate_tiers_and_fallbacks_load_with_human_readable_periods() {
         Fallback::Closed
     );
 
+    let config: headroom_limit::rate::DistributedConfig = serde_json::from_str(
+        r#"{ "tiers": { "free": { "limit": 60, "period": "1m" } }, "batch": 0 }"#,
+    )
+    .unwrap();
+    let built = headroom_limit::rate::DistributedRateLimiter::builder_from(
+        "api",
+        headroom_core::memory::MemoryRateStore::new(),
+        headroom_core::Namespace::new("rate").unwrap(),
+        config,
+    )
+    .build();
+    assert_eq!(built.unwrap_err().field(), "batch");
+
     // Out-of-range values are errors, not panics.
     for bad in [
         r#"{ "t": { "limit": 0, "period": "1m" } }"#,

@@ -52,6 +52,58 @@ impl Fallback {
     }
 }
 
+/// Configuration of a [`DistributedRateLimiter`], loadable with serde (feature `serde`,
+/// human-readable durations). Every field but `tiers` has the builder's default.
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// use std::time::Duration;
+/// use headroom_limit::rate::{DistributedConfig, Fallback};
+///
+/// let config: DistributedConfig = serde_json::from_str(r#"{
+///     "tiers": { "free": { "limit": 60, "period": "1m" } },
+///     "batch": 5,
+///     "fallback": { "mode": "local", "instances": 4 },
+///     "timeout": "50ms"
+/// }"#).unwrap();
+/// assert_eq!(config.fallback, Fallback::Local { instances: 4 });
+/// assert_eq!(config.timeout, Duration::from_millis(50));
+/// assert_eq!(config.retry_after_failure, Duration::from_secs(1));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+pub struct DistributedConfig {
+    /// Quotas by tier.
+    pub tiers: TierConfig,
+    /// Units reserved per round trip (1: exact mode).
+    pub batch: u32,
+    /// What to do while the store is unreachable.
+    pub fallback: Fallback,
+    /// How long a store call may take.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub timeout: Duration,
+    /// How long to use the fallback after a failed store call.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub retry_after_failure: Duration,
+    /// The most keys held per tier in local state.
+    pub max_keys_per_tier: usize,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            tiers: TierConfig::new(),
+            batch: 1,
+            fallback: Fallback::Local { instances: 1 },
+            timeout: Duration::from_millis(100),
+            retry_after_failure: Duration::from_secs(1),
+            max_keys_per_tier: 100_000,
+        }
+    }
+}
+
 /// Builds a [`DistributedRateLimiter`].
 #[derive(Debug)]
 #[must_use]
@@ -539,17 +591,35 @@ impl<S: RateStore> DistributedRateLimiter<S> {
         namespace: Namespace,
         tiers: TierConfig,
     ) -> DistributedRateLimiterBuilder<S> {
+        Self::builder_from(
+            name,
+            store,
+            namespace,
+            DistributedConfig {
+                tiers,
+                ..DistributedConfig::default()
+            },
+        )
+    }
+
+    /// A builder set up from `config` (the clock can still be changed).
+    pub fn builder_from(
+        name: impl Into<String>,
+        store: S,
+        namespace: Namespace,
+        config: DistributedConfig,
+    ) -> DistributedRateLimiterBuilder<S> {
         DistributedRateLimiterBuilder {
             name: name.into(),
             store,
             namespace,
-            tiers,
+            tiers: config.tiers,
             clock: Clock::system(),
-            batch: 1,
-            fallback: Fallback::Local { instances: 1 },
-            timeout: Duration::from_millis(100),
-            retry_after_failure: Duration::from_secs(1),
-            max_keys: 100_000,
+            batch: config.batch,
+            fallback: config.fallback,
+            timeout: config.timeout,
+            retry_after_failure: config.retry_after_failure,
+            max_keys: config.max_keys_per_tier,
         }
     }
 

@@ -30,7 +30,9 @@ mod tier;
 
 use std::time::Duration;
 
-pub use distributed::{DistributedRateLimiter, DistributedRateLimiterBuilder, Fallback};
+pub use distributed::{
+    DistributedConfig, DistributedRateLimiter, DistributedRateLimiterBuilder, Fallback,
+};
 pub use error::{RateError, RateErrorKind, RateLimited};
 pub use limiter::{LocalRateLimiter, LocalRateLimiterBuilder, RateLimit};
 pub use local::{DirectLimiter, DirectLimiterBuilder, KeyedLimiter, KeyedLimiterBuilder};
