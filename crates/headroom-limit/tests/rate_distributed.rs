@@ -380,3 +380,69 @@ async fn refusals_are_remembered_exactly_until_their_retry_after() {
     limiter.check("t", "k", 1).await.unwrap();
     assert_eq!(limiter.round_trips(), 7);
 }
+
+mod batched_bound {
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const BATCH: u32 = 4;
+    const INTERVAL_MS: u64 = 100;
+    const BURST: u64 = 5;
+
+    proptest! {
+        /// Three batched instances on one store, random interleavings and gaps on a manual
+        /// clock: in every window, they admit at most `BATCH` more than GCRA allows one exact
+        /// limiter (`burst + window / interval`). Without the slack the test fails: batching
+        /// does shift admissions.
+        #[test]
+        fn batched_instances_admit_at_most_a_batch_more_in_any_window(
+            ops in prop::collection::vec((0..3usize, 0..120u64), 1..150)
+        ) {
+            let clock = ManualClock::new();
+            let store = MemoryRateStore::with_limits(clock.clock(), 100);
+            let namespace = unique_namespace("rate");
+            let quota = Quota::per_second(10).unwrap().with_burst(BURST as u32).unwrap();
+            let instances: Vec<_> = (0..3)
+                .map(|i| {
+                    DistributedRateLimiter::builder(
+                        format!("i{i}"),
+                        store.clone(),
+                        namespace.clone(),
+                        TierConfig::new().tier("t", quota),
+                    )
+                    .clock(clock.clock())
+                    .batch(BATCH)
+                    .build()
+                    .unwrap()
+                })
+                .collect();
+            let mut now_ms = 0;
+            let mut admitted_at = Vec::new();
+            for (instance, advance_ms) in ops {
+                clock.advance(Duration::from_millis(advance_ms));
+                now_ms += advance_ms;
+                let decision = instances[instance]
+                    .check("t", "k", 1)
+                    .now_or_never()
+                    .expect("the memory store answers at once");
+                match decision {
+                    Ok(_) => admitted_at.push(now_ms),
+                    Err(error) => prop_assert_eq!(error.kind(), RateErrorKind::Limited),
+                }
+            }
+            for (i, &start) in admitted_at.iter().enumerate() {
+                for (j, &end) in admitted_at.iter().enumerate().skip(i) {
+                    let in_window = (j - i + 1) as u64;
+                    let exact = BURST + (end - start) / INTERVAL_MS;
+                    prop_assert!(
+                        in_window <= exact + u64::from(BATCH),
+                        "{} admitted in [{}, {}] ms, exact allows {}",
+                        in_window, start, end, exact
+                    );
+                }
+            }
+        }
+    }
+}
