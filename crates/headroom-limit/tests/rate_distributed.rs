@@ -446,3 +446,27 @@ mod batched_bound {
         }
     }
 }
+
+#[tokio::test]
+async fn a_quota_the_store_cannot_hold_is_a_typed_error_with_the_store_error_as_source() {
+    let store = redis_store(RedisConfig::standalone(shared_server().url())).await;
+    // Redis keeps microseconds: ten million a second is an interval of 100 ns.
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10_000_000).unwrap()),
+    )
+    .fallback(Fallback::Open)
+    .build()
+    .unwrap();
+    let error = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(error.kind(), RateErrorKind::StoreConfig);
+    assert!(!error.is_retryable() && !error.is_rejected());
+    let source = std::error::Error::source(&error).unwrap();
+    assert_eq!(
+        source.downcast_ref::<BackendError>().unwrap().kind(),
+        BackendErrorKind::Config
+    );
+    assert_eq!(limiter.fallback_decisions(), 0);
+}

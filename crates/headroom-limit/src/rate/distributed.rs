@@ -512,13 +512,15 @@ impl<S: RateStore> Inner<S> {
                     let expires =
                         now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
                     tier.local_state.update(key, now, |entry| {
-                        entry.units = if entry.expires > now {
-                            entry.units + granted
+                        // Units merged with older ones expire with the oldest, so none is
+                        // held longer than the bound allows.
+                        if entry.expires > now {
+                            entry.units += granted;
                         } else {
-                            granted
-                        };
+                            entry.units = granted;
+                            entry.expires = expires;
+                        }
                         entry.store_remaining = decision.remaining;
-                        entry.expires = expires;
                     });
                 }
                 Ok(Admitted {
@@ -539,7 +541,7 @@ impl<S: RateStore> Inner<S> {
                 Err(RateLimited::new(quota, Duration::from_nanos(wait)).into())
             }
             Err(error) if error.kind() == BackendErrorKind::Config => {
-                Err(RateError::new(RateErrorKind::CostTooHigh))
+                Err(RateError::with_source(RateErrorKind::StoreConfig, error))
             }
             Err(error) => {
                 let retry_at = now.saturating_add(nanos(self.retry_after_failure));

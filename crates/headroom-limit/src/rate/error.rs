@@ -83,6 +83,9 @@ pub enum RateErrorKind {
     InvalidKey,
     /// The shared store is unreachable and the limiter fails closed.
     Unavailable,
+    /// The shared store cannot hold this quota (for example, a rate finer than its time
+    /// resolution); its error is the `source()`.
+    StoreConfig,
 }
 
 /// The error of a rate-limit check: a rejection or a reason no decision could be made.
@@ -106,6 +109,13 @@ impl RateError {
         Self {
             source,
             ..Self::new(RateErrorKind::Unavailable)
+        }
+    }
+
+    pub(crate) fn with_source(kind: RateErrorKind, source: BackendError) -> Self {
+        Self {
+            source: Some(source),
+            ..Self::new(kind)
         }
     }
 
@@ -136,6 +146,7 @@ impl fmt::Display for RateError {
             (RateErrorKind::CostTooHigh, _) => f.write_str("cost larger than the burst"),
             (RateErrorKind::UnknownTier, _) => f.write_str("unknown rate-limit tier"),
             (RateErrorKind::InvalidKey, _) => f.write_str("rate-limit key too long"),
+            (RateErrorKind::StoreConfig, _) => f.write_str("the rate store cannot hold this quota"),
             _ => f.write_str("rate-limit store unavailable"),
         }
     }
