@@ -191,8 +191,9 @@ impl KeyedLimiterBuilder {
         self
     }
 
-    /// The most keys held at once (default 1,000,000). The cap holds under any number of
-    /// distinct keys; see [`KeyedLimiter`] for what happens when it is reached.
+    /// The most keys held at once (default 1,000,000), rounded up to a multiple of the
+    /// number of shards. The cap holds under any number of distinct keys; see
+    /// [`KeyedLimiter`] for what happens when it is reached.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
