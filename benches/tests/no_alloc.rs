@@ -1,5 +1,6 @@
 //! The hot paths allocate nothing: an L1 cache hit, a bulkhead permit taken and returned, a
-//! closed circuit breaker's permit, and shard lookups, counted by a global allocator.
+//! closed circuit breaker's permit, rate checks and shard lookups, counted by a global
+//! allocator.
 //! (Each crate may check more of its own paths; this is the family-wide check.)
 
 use std::alloc::System;
@@ -10,6 +11,7 @@ use headroom_cache::Cache;
 use headroom_core::Namespace;
 use headroom_core::memory::MemoryKvStore;
 use headroom_limit::Bulkhead;
+use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
 use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -44,7 +46,15 @@ fn allocations_over_hits(read_all: impl Fn() -> u64) -> u64 {
 /// small allocations per 10,000 reads, more when an eviction listener is set). The check: an
 /// L1 hit through the cache allocates exactly what the same raw moka read does, nothing of
 /// its own, with and without the eviction metric (which sets a listener).
+/// One test: the allocator counts every thread, so the checks must not run side by side.
 #[test]
+fn hot_paths_allocate_nothing() {
+    l1_hits_allocate_nothing_beyond_moka();
+    permits_allocate_nothing();
+    rate_checks_allocate_nothing();
+    shard_lookups_allocate_nothing();
+}
+
 fn l1_hits_allocate_nothing_beyond_moka() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -97,7 +107,6 @@ fn l1_hits_allocate_nothing_beyond_moka() {
     }
 }
 
-#[test]
 fn permits_allocate_nothing() {
     let bulkhead = Bulkhead::builder("no-alloc")
         .max_concurrent(8)
@@ -131,7 +140,22 @@ fn permits_allocate_nothing() {
     });
 }
 
-#[test]
+fn rate_checks_allocate_nothing() {
+    let quota = Quota::per_second(1_000_000_000).unwrap();
+    let direct = DirectLimiter::builder(quota).build();
+    let keyed: KeyedLimiter<String> = KeyedLimiter::builder(quota).build();
+    let keys: Vec<String> = (0..256).map(|i| format!("customer-{i}")).collect();
+    for key in &keys {
+        keyed.check_key(key.as_str()).unwrap();
+    }
+    assert_no_alloc("direct and keyed rate checks", || {
+        for key in &keys {
+            direct.check().unwrap();
+            keyed.check_key(key.as_str()).unwrap();
+        }
+    });
+}
+
 fn shard_lookups_allocate_nothing() {
     let keys: Vec<String> = (0..256).map(|i| format!("tenant:{i}:orders")).collect();
     let routers: Vec<Box<dyn Router>> = vec![

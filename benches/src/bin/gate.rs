@@ -15,6 +15,7 @@ use headroom_core::Namespace;
 use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
+use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
 use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
 
 /// Iterations of every measured loop; the gate divides by it.
@@ -30,6 +31,8 @@ const BENCHES: &[Bench] = &[
     ("shard_cluster_slot", shard_cluster_slot),
     ("bulkhead_try_acquire_release", bulkhead),
     ("breaker_closed_permit_count_window", breaker),
+    ("rate_direct_check", rate_direct),
+    ("rate_keyed_check", rate_keyed),
     ("idempotency_replay_memory", idempotency_replay),
 ];
 
@@ -144,6 +147,38 @@ fn breaker() {
 fn measured_breaker(breaker: &CircuitBreaker<()>) {
     for _ in 0..ITERATIONS {
         black_box(breaker.try_acquire()).expect("closed").success();
+    }
+}
+
+/// A quota no check in the gate exhausts, so every check takes the admitting path.
+fn generous() -> Quota {
+    Quota::per_second(1_000_000_000).expect("quota")
+}
+
+fn rate_direct() {
+    measured_rate_direct(&DirectLimiter::builder(generous()).build());
+}
+
+#[inline(never)]
+fn measured_rate_direct(limiter: &DirectLimiter) {
+    for _ in 0..ITERATIONS {
+        black_box(limiter.check()).expect("admitted");
+    }
+}
+
+fn rate_keyed() {
+    let limiter: KeyedLimiter<String> = KeyedLimiter::builder(generous()).build();
+    let keys = keys();
+    for key in &keys {
+        limiter.check_key(key.as_str()).expect("admitted");
+    }
+    measured_rate_keyed(&limiter, &keys);
+}
+
+#[inline(never)]
+fn measured_rate_keyed(limiter: &KeyedLimiter<String>, keys: &[String]) {
+    for i in 0..ITERATIONS {
+        black_box(limiter.check_key(keys[i % keys.len()].as_str())).expect("admitted");
     }
 }
 
