@@ -4,7 +4,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream;
 use headroom_core::bus::{BusEvent, InvalidationBus, LossReason, Subscription};
-use headroom_core::{BackendError, BackendErrorKind, Key};
+use headroom_core::{BackendError, Key};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -12,6 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
+use crate::connection::bounded;
 use crate::error::backend_error;
 use crate::{Redis, RedisMode};
 
@@ -131,16 +132,7 @@ impl RedisBus {
                     .set_push_sender(pushes)
                     .set_automatic_resubscription();
                 let connect = ConnectionManager::new_with_config(client, manager);
-                let manager =
-                    tokio::time::timeout(config.connect_timeout.saturating_mul(2), connect)
-                        .await
-                        .map_err(|_| {
-                            BackendError::with_detail(
-                                BackendErrorKind::Timeout,
-                                "subscriber connection",
-                            )
-                        })?
-                        .map_err(backend_error)?;
+                let manager = bounded(config.connect_timeout.saturating_mul(2), connect).await?;
                 SubscriberConn::Standalone(manager)
             }
             RedisMode::Cluster => {
@@ -152,15 +144,7 @@ impl RedisBus {
                     .build()
                     .map_err(backend_error)?;
                 let connect = client.get_async_connection();
-                let conn = tokio::time::timeout(config.connect_timeout.saturating_mul(2), connect)
-                    .await
-                    .map_err(|_| {
-                        BackendError::with_detail(
-                            BackendErrorKind::Timeout,
-                            "subscriber connection",
-                        )
-                    })?
-                    .map_err(backend_error)?;
+                let conn = bounded(config.connect_timeout.saturating_mul(2), connect).await?;
                 SubscriberConn::Cluster(conn)
             }
         };
@@ -259,21 +243,13 @@ impl InvalidationBus for RedisBus {
             let timeout = self.inner.publisher.config().command_timeout;
             let subscribed = match self.inner.subscriber.clone() {
                 SubscriberConn::Standalone(mut conn) => {
-                    tokio::time::timeout(timeout, conn.subscribe(name.as_ref())).await
+                    bounded(timeout, conn.subscribe(name.as_ref())).await
                 }
                 SubscriberConn::Cluster(mut conn) => {
-                    tokio::time::timeout(timeout, conn.ssubscribe(name.as_ref())).await
+                    bounded(timeout, conn.ssubscribe(name.as_ref())).await
                 }
             };
-            let failure = match subscribed {
-                Ok(Ok(())) => None,
-                Ok(Err(err)) => Some(backend_error(err)),
-                Err(_) => Some(BackendError::with_detail(
-                    BackendErrorKind::Timeout,
-                    "subscribe",
-                )),
-            };
-            if let Some(err) = failure {
+            if let Err(err) = subscribed {
                 self.inner.channels.lock().remove(&name);
                 return Err(err);
             }

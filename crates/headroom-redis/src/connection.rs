@@ -146,7 +146,8 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-async fn bounded<T>(
+/// Runs `future` within `timeout`, mapping both failures to a [`BackendError`].
+pub(crate) async fn bounded<T>(
     timeout: Duration,
     future: impl Future<Output = RedisResult<T>>,
 ) -> Result<T, BackendError> {
