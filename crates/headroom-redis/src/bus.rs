@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -29,8 +30,10 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 /// [`BusEvent::Live`] again once Redis confirms. A subscriber that falls
 /// 1,024 events behind yields `Lost(Lagged(n))`.
 ///
-/// A connection that stalls without closing is not detected here: consumers detect silence
-/// with their own liveness messages, as the bus contract says.
+/// While a subscription is not live, the bus pings its connection so that it reconnects even
+/// after an outage longer than the client's own reconnection attempts. A connection that
+/// stalls without closing is not detected here: consumers detect silence with their own
+/// liveness messages, as the bus contract says.
 #[derive(Clone, Debug)]
 pub struct RedisBus {
     inner: Arc<Inner>,
@@ -150,6 +153,12 @@ impl RedisBus {
         };
         let channels = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(route(pushed, Arc::downgrade(&channels)));
+        tokio::spawn(revive(
+            subscriber.clone(),
+            Arc::downgrade(&channels),
+            config.reconnect_max_delay,
+            config.command_timeout,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 publisher: redis,
@@ -157,6 +166,40 @@ impl RedisBus {
                 channels,
             }),
         })
+    }
+}
+
+/// While any subscription is not live, pings the subscriber connection every `every`: an idle
+/// connection whose own reconnection attempts ran out during a long outage only reconnects
+/// (and resubscribes) when a command fails on it.
+async fn revive(
+    subscriber: SubscriberConn,
+    channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
+    every: Duration,
+    timeout: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(channels) = channels.upgrade() else {
+            return;
+        };
+        let all_live = channels
+            .lock()
+            .values()
+            .all(|channel| channel.live || channel.subscribers.is_empty());
+        if all_live {
+            continue;
+        }
+        let ping = redis::cmd("PING");
+        // A failure is the point: it makes the connection reconnect.
+        let _ = match subscriber.clone() {
+            SubscriberConn::Standalone(mut conn) => {
+                bounded(timeout, ping.query_async::<Value>(&mut conn)).await
+            }
+            SubscriberConn::Cluster(mut conn) => {
+                bounded(timeout, ping.query_async::<Value>(&mut conn)).await
+            }
+        };
     }
 }
 

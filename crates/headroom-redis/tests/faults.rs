@@ -303,6 +303,8 @@ async fn bus_survives_a_restart(server: &RedisServer, config: RedisConfig) {
         next_event(&mut sub).await,
         BusEvent::Lost(LossReason::Disconnected)
     );
+    // An outage longer than the client's own reconnection attempts last.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     server.restart();
     assert_eq!(
         next_event(&mut sub).await,
