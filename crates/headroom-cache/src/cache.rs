@@ -3,13 +3,14 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, join_all};
+use headroom_core::bus::DynInvalidationBus;
 use headroom_core::kv::KvEntry;
 use headroom_core::{Clock, Key};
 use parking_lot::Mutex;
@@ -21,6 +22,7 @@ use crate::codec::ValueCodec;
 use crate::config::CacheConfig;
 use crate::envelope;
 use crate::error::{CacheError, CacheErrorKind};
+use crate::invalidation::{Invalidation, InvalidationConfig, Local};
 use crate::key::CacheKey;
 use crate::l2::L2;
 use crate::metrics::Metrics;
@@ -161,6 +163,9 @@ pub(crate) struct Inner<K, V> {
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
     hasher: RandomState,
+    invalidation: Option<Invalidation>,
+    /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
+    cleared_unix_ms: AtomicU64,
 }
 
 impl<K, V> Cache<K, V>
@@ -182,9 +187,27 @@ where
         ttl_by: Option<TtlFn<V>>,
         clock: Clock,
         metrics: Arc<Metrics>,
+        invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
     ) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak: &Weak<Inner<K, V>>| Inner {
+                in_flight: Mutex::new(HashMap::new()),
+                loads: AtomicU64::new(0),
+                writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                hasher: RandomState::new(),
+                invalidation: invalidation.map(|(bus, channel, invalidation)| {
+                    let local: Weak<dyn Local> = weak.clone();
+                    Invalidation::start(
+                        bus,
+                        channel,
+                        invalidation,
+                        clock.clone(),
+                        &config.name,
+                        config.max_entry_lifetime(),
+                        local,
+                    )
+                }),
+                cleared_unix_ms: AtomicU64::new(0),
                 l1,
                 l2,
                 codec,
@@ -192,10 +215,6 @@ where
                 ttl_by,
                 clock,
                 metrics,
-                in_flight: Mutex::new(HashMap::new()),
-                loads: AtomicU64::new(0),
-                writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
-                hasher: RandomState::new(),
             }),
         }
     }
@@ -213,7 +232,8 @@ where
     /// its value.
     pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
         let inner = &self.inner;
-        if let Some(slot) = inner.l1.get(key)
+        if inner.l1_usable()
+            && let Some(slot) = inner.l1.get(key)
             && inner.clock.now() < slot.expires_at
         {
             inner.metrics.l1_hits.increment(1);
@@ -246,7 +266,9 @@ where
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let inner = &self.inner;
-        if let Some(slot) = inner.l1.get(key) {
+        if inner.l1_usable()
+            && let Some(slot) = inner.l1.get(key)
+        {
             let now = inner.clock.now();
             if now < slot.fresh_until {
                 inner.metrics.l1_hits.increment(1);
@@ -286,8 +308,9 @@ where
         let now = inner.clock.now();
         let mut results: Vec<Option<Option<V>>> = Vec::with_capacity(keys.len());
         let mut refresh = Vec::new();
+        let l1_usable = inner.l1_usable();
         for key in keys {
-            let hit = inner.l1.get(key).and_then(|slot| {
+            let hit = inner.l1_get(key, l1_usable).and_then(|slot| {
                 if now >= slot.expires_at {
                     return None;
                 }
@@ -365,9 +388,15 @@ where
             inner.clock.now(),
             inner.clock.unix_millis(),
         );
-        inner.l1.insert(key, slot);
+        if inner.l1_usable() {
+            inner.l1.insert(key.clone(), slot);
+        }
         if let (Some(l2), Some(entry)) = (&inner.l2, l2_entry) {
             l2.set_many(&[entry]).await;
+        }
+        // After L2 has the value, so that an instance reading L2 on the message reads it.
+        if let Some(invalidation) = &inner.invalidation {
+            invalidation.publish_keys([key.to_key_bytes().as_ref()]);
         }
         Ok(())
     }
@@ -378,14 +407,50 @@ where
     /// When L2 cannot be reached, the delete is retried in the background and this instance
     /// does not read the key from L2 meanwhile.
     pub async fn remove(&self, key: &K) -> Result<(), CacheError> {
+        self.remove_many(std::slice::from_ref(key)).await
+    }
+
+    /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys.
+    ///
+    /// Fails, removing nothing, when a key is invalid.
+    pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        inner.bump_writes(key);
-        inner.l1.invalidate(key);
+        let full = match &inner.l2 {
+            Some(l2) => keys
+                .iter()
+                .map(|key| inner.l2_key(l2, key))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        for key in keys {
+            inner.bump_writes(key);
+            inner.l1.invalidate(key);
+        }
         if let Some(l2) = &inner.l2 {
-            let full = inner.l2_key(l2, key)?;
-            l2.delete(&[full]).await;
+            l2.delete(&full).await;
+        }
+        if let Some(invalidation) = &inner.invalidation {
+            let bytes: Vec<_> = keys.iter().map(CacheKey::to_key_bytes).collect();
+            invalidation.publish_keys(bytes.iter().map(AsRef::as_ref));
         }
         Ok(())
+    }
+
+    /// Empties the cache on every instance: L1 here and, through the invalidation bus, on the
+    /// others; L2 entries written before the call are no longer read by any instance that
+    /// received the message (they expire from L2 with their TTL).
+    pub fn clear(&self) {
+        let inner = &self.inner;
+        inner.clear_at(inner.clock.unix_millis());
+        if let Some(invalidation) = &inner.invalidation {
+            invalidation.publish_clear();
+        }
+    }
+
+    /// Whether this instance's L1 is in use: always without an invalidation bus; with one,
+    /// only while its subscription is live and not silent (otherwise every read goes to L2).
+    pub fn l1_in_use(&self) -> bool {
+        self.inner.l1_usable()
     }
 
     /// Drops a value from L1 only, for instance when another instance changed it.
@@ -460,9 +525,25 @@ where
         self.in_flight.lock().remove(key);
     }
 
+    /// Whether L1 may be read and filled: not while invalidation messages may be lost.
+    fn l1_usable(&self) -> bool {
+        self.invalidation.as_ref().is_none_or(Invalidation::healthy)
+    }
+
+    /// The L1 slot of `key`, when L1 is usable.
+    fn l1_get(&self, key: &K, usable: bool) -> Option<Slot<V>> {
+        if usable { self.l1.get(key) } else { None }
+    }
+
+    /// Drops everything from L1 and hides L2 entries created at or before `at_unix_ms`.
+    fn clear_at(&self, at_unix_ms: u64) {
+        self.cleared_unix_ms.fetch_max(at_unix_ms, Ordering::AcqRel);
+        self.flush();
+    }
+
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
     fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
-        if !self.unchanged(write) {
+        if !self.unchanged(write) || !self.l1_usable() {
             return false;
         }
         self.l1.insert(key.clone(), slot);
@@ -580,6 +661,7 @@ where
                 ))
             });
         match decoded {
+            Ok((created, ..)) if created <= self.cleared_unix_ms.load(Ordering::Acquire) => None,
             Ok((created, fresh_until, expires, value)) => {
                 let times = Times {
                     created,
@@ -652,7 +734,9 @@ where
         let write = self.mark(&key);
         let mut reply = Some(reply);
         let now = self.clock.now();
-        let mut best = self.l1.get(&key).filter(|slot| now < slot.stale_until);
+        let mut best = self
+            .l1_get(&key, self.l1_usable())
+            .filter(|slot| now < slot.stale_until);
         let mut fill = false;
         if let Some(l2) = &self.l2 {
             let full = match self.l2_key(l2, &key) {
@@ -867,9 +951,13 @@ where
         };
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
         let now = self.clock.now();
+        let l1_usable = self.l1_usable();
         let mut best: Vec<Option<Slot<V>>> = keys
             .iter()
-            .map(|key| self.l1.get(key).filter(|slot| now < slot.stale_until))
+            .map(|key| {
+                self.l1_get(key, l1_usable)
+                    .filter(|slot| now < slot.stale_until)
+            })
             .collect();
         let mut outcomes = HashMap::with_capacity(keys.len());
         let mut fill = vec![false; keys.len()];
@@ -984,6 +1072,37 @@ where
         if let Some(l2) = &self.l2 {
             l2.set_many(&entries).await;
         }
+    }
+}
+
+impl<K, V> Local for Inner<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn invalidate_keys(&self, keys: &[&[u8]]) {
+        for bytes in keys {
+            match K::from_key_bytes(bytes) {
+                Some(key) => {
+                    self.bump_writes(&key);
+                    self.l1.invalidate(&key);
+                }
+                // A key type that cannot be rebuilt from its bytes: drop everything instead.
+                None => return self.flush(),
+            }
+        }
+    }
+
+    fn flush(&self) {
+        for count in &self.writes {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.in_flight.lock().clear();
+        self.l1.invalidate_all();
+    }
+
+    fn clear(&self, at_unix_ms: u64) {
+        self.clear_at(at_unix_ms);
     }
 }
 

@@ -1,0 +1,349 @@
+//! Invalidation across instances: several caches in one process, each with its own bus
+//! connection, over the memory bus, Redis and Redis Cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::settle;
+use headroom_cache::{Cache, InvalidationConfig};
+use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
+use headroom_core::kv::DynKvStore;
+use headroom_core::memory::{MemoryBus, MemoryKvStore};
+use headroom_core::{BackendError, Key, Namespace};
+use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
+use headroom_testkit::{FaultProxy, shared_cluster, shared_server, unique_namespace};
+
+/// One instance's connections: its L2 store and its bus.
+type Parts = (DynKvStore, DynInvalidationBus);
+
+/// The staleness bound of every test below.
+fn config() -> InvalidationConfig {
+    let mut config = InvalidationConfig::default();
+    config.ping_interval = Duration::from_millis(50);
+    config.max_silence = Duration::from_millis(200);
+    config
+}
+
+fn cache(parts: Parts, ns: &Namespace) -> Cache<String, u64> {
+    Cache::builder()
+        .ttl(Duration::from_secs(60))
+        .l2(parts.0, ns.clone())
+        .invalidation(parts.1, config())
+        .build()
+        .expect("build")
+}
+
+fn memory_parts(n: usize) -> Vec<Parts> {
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    (0..n)
+        .map(|_| {
+            (
+                DynKvStore::new(store.clone()),
+                DynInvalidationBus::new(bus.clone()),
+            )
+        })
+        .collect()
+}
+
+async fn redis_parts(config: RedisConfig) -> Parts {
+    let redis = Redis::connect(config).await.expect("connect");
+    let bus = RedisBus::connect(redis.clone()).await.expect("bus");
+    (
+        DynKvStore::new(RedisKvStore::new(redis)),
+        DynInvalidationBus::new(bus),
+    )
+}
+
+async fn standalone_parts(n: usize) -> Vec<Parts> {
+    let mut parts = Vec::new();
+    for _ in 0..n {
+        parts.push(redis_parts(RedisConfig::standalone(shared_server().url())).await);
+    }
+    parts
+}
+
+async fn cluster_parts(n: usize) -> Vec<Parts> {
+    let mut parts = Vec::new();
+    for _ in 0..n {
+        parts.push(redis_parts(RedisConfig::cluster(shared_cluster().urls())).await);
+    }
+    parts
+}
+
+/// Waits until every cache's subscription is live.
+async fn live(caches: &[Cache<String, u64>]) {
+    settle(|| caches.iter().all(Cache::l1_in_use)).await;
+}
+
+/// An update on A stops being served by B's L1 once the message arrives; returns the lag.
+async fn update_reaches_other_l1(parts: Vec<Parts>, ns: Namespace) -> Duration {
+    let mut parts = parts.into_iter();
+    let a = cache(parts.next().unwrap(), &ns);
+    let b = cache(parts.next().unwrap(), &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    // B reads L2 once; from then on it serves its L1 copy.
+    settle_value(&b, "k", Some(1)).await;
+    let started = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    started.elapsed()
+}
+
+/// Reads `key` on `cache` until it answers `expected` (bounded by [`settle`]'s 5 s).
+async fn settle_value(cache: &Cache<String, u64>, key: &str, expected: Option<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if cache.get(&key.to_owned()).await.unwrap() == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} never became {expected:?}");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_memory_bus() {
+    let lag = update_reaches_other_l1(memory_parts(2), unique_namespace("inval")).await;
+    println!("memory bus propagation: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_redis() {
+    let lag = update_reaches_other_l1(standalone_parts(2).await, unique_namespace("inval")).await;
+    println!("redis propagation: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_redis_cluster() {
+    let lag = update_reaches_other_l1(cluster_parts(2).await, unique_namespace("inval")).await;
+    println!("redis cluster propagation: {lag:?}");
+}
+
+/// B's L1 holds a key; A updates it: B's L1 must not answer the old value once the message is
+/// in, even though B's L1 copy is still fresh by TTL. Checked without L2 reads on B: B's
+/// L2 copy is the new value, so only L1 could serve the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_many_and_clear_reach_every_instance_and_l2() {
+    let ns = unique_namespace("clear");
+    let caches: Vec<_> = memory_parts(3)
+        .into_iter()
+        .map(|parts| cache(parts, &ns))
+        .collect();
+    live(&caches).await;
+    for key in ["a", "b", "c"] {
+        caches[0].insert(key.into(), 1).await.unwrap();
+    }
+    for cache in &caches {
+        for key in ["a", "b", "c"] {
+            settle_value(cache, key, Some(1)).await;
+        }
+    }
+    caches[1]
+        .remove_many(&["a".to_owned(), "b".to_owned()])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", None).await;
+        settle_value(cache, "b", None).await;
+        assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(1));
+    }
+    // `clear` hides "c" everywhere although its L2 copy stays until its TTL.
+    caches[2].clear();
+    for cache in &caches {
+        settle_value(cache, "c", None).await;
+    }
+    // Values written after the clear are served again (the clock moved past the clear).
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    caches[0].insert("c".into(), 2).await.unwrap();
+    for cache in &caches {
+        settle_value(cache, "c", Some(2)).await;
+    }
+}
+
+/// A bus in front of another that can drop published messages or silence subscriptions, as
+/// a network would, without telling anyone.
+#[derive(Clone, Debug)]
+struct Faulty {
+    inner: MemoryBus,
+    drop_next_publish: Arc<AtomicBool>,
+    silenced: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    fn new(inner: MemoryBus) -> Self {
+        Self {
+            inner,
+            drop_next_publish: Arc::default(),
+            silenced: Arc::default(),
+        }
+    }
+}
+
+impl InvalidationBus for Faulty {
+    async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
+        if self.drop_next_publish.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
+        let silenced = Arc::clone(&self.silenced);
+        let events = self.inner.subscribe(channel).await?;
+        Ok(Subscription::new(futures_util::StreamExt::filter(
+            events,
+            move |event| {
+                let pass =
+                    !(matches!(event, BusEvent::Message(_)) && silenced.load(Ordering::SeqCst));
+                std::future::ready(pass)
+            },
+        )))
+    }
+}
+
+/// A message lost on its way (the bus said nothing) shows as a gap in A's sequence numbers at
+/// A's next message, and B flushes its L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_flushes_l1() {
+    let ns = unique_namespace("gap");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    let b = cache((DynKvStore::new(store), DynInvalidationBus::new(bus)), &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    faulty.drop_next_publish.store(true, Ordering::SeqCst);
+    a.insert("k".into(), 2).await.unwrap();
+    settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
+    // A's next ping (at most 50 ms later) reveals the gap.
+    settle_value(&b, "k", Some(2)).await;
+}
+
+/// B's subscription goes silent (no loss reported): after `max_silence` B stops using L1, so
+/// it never serves a value invalidated longer ago than that; once messages flow, L1 is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_bypasses_l1_until_heard_again() {
+    let ns = unique_namespace("silence");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
+        &ns,
+    );
+    let b = cache(
+        (
+            DynKvStore::new(store),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    faulty.silenced.store(true, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    assert!(!b.l1_in_use(), "B must bypass L1 while silent");
+    assert!(
+        stale_for < config().max_silence + Duration::from_millis(100),
+        "B served the old value for {stale_for:?}"
+    );
+    faulty.silenced.store(false, Ordering::SeqCst);
+    settle(|| b.l1_in_use()).await;
+}
+
+/// Garbage on the channel is ignored: B keeps its subscription and keeps invalidating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_messages_are_ignored() {
+    let ns = unique_namespace("garbage");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        ),
+        &ns,
+    );
+    let b = cache(
+        (DynKvStore::new(store), DynInvalidationBus::new(bus.clone())),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    let channel = ns.key("~invalidation").unwrap();
+    for garbage in [
+        &b""[..],
+        b"\x01",
+        b"\x01\xff\xff\xff\xff",
+        b"\x09hello",
+        b"\x01\x00\x00\x00\x00\x03",
+    ] {
+        bus.publish(&channel, Bytes::from_static(garbage))
+            .await
+            .unwrap();
+    }
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    assert!(b.l1_in_use());
+}
+
+/// B reaches Redis (L2 and bus) through a proxy that is cut while A keeps writing: B never
+/// serves a value older than the staleness bound, and serves fresh values after the restore.
+/// (Standalone only: a cluster client learns node addresses from the cluster and would bypass
+/// the proxy.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_subscriber_on_redis_stays_within_bound() {
+    let ns = unique_namespace("cut");
+    let config_for = |url: String| {
+        RedisConfig::standalone(url)
+            .with_command_timeout(Duration::from_millis(100))
+            .with_connect_timeout(Duration::from_millis(100))
+    };
+    let a = cache(redis_parts(config_for(shared_server().url())).await, &ns);
+    let proxy = FaultProxy::start(shared_server().addr()).await;
+    let b = cache(redis_parts(config_for(proxy.url())).await, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    let bound = config().max_silence + Duration::from_millis(100);
+    let mut writes: Vec<Instant> = Vec::new();
+    for round in 0u64..60 {
+        if round == 10 {
+            proxy.cut();
+        }
+        if round == 40 {
+            proxy.restore();
+        }
+        a.insert("k".into(), round).await.unwrap();
+        writes.push(Instant::now());
+        for _ in 0..5 {
+            let served = b.get(&"k".to_owned()).await.unwrap();
+            if let Some(version) = served {
+                // The write that replaced `version`, if any, is at most `bound` old.
+                if let Some(replaced) = writes.get(version as usize + 1) {
+                    assert!(
+                        replaced.elapsed() <= bound,
+                        "B served version {version}, replaced {:?} ago",
+                        replaced.elapsed()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    settle_value(&b, "k", Some(59)).await;
+    settle(|| b.l1_in_use()).await;
+}
