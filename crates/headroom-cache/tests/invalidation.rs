@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::settle;
+use common::{Calls, Probe, settle};
 use headroom_cache::{Cache, InvalidationConfig};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::kv::DynKvStore;
@@ -79,15 +79,37 @@ async fn live(caches: &[Cache<String, u64>]) {
     settle(|| caches.iter().all(Cache::l1_in_use)).await;
 }
 
+/// Wraps an instance's store to count its L2 calls.
+fn probed(parts: Parts) -> (Parts, Arc<Calls>) {
+    let probe = Probe::new(parts.0);
+    let calls = Arc::clone(&probe.calls);
+    ((DynKvStore::new(probe), parts.1), calls)
+}
+
+/// Reads `key` until it is served from L1 with `expected` (a read that makes no L2 call).
+async fn settle_in_l1(cache: &Cache<String, u64>, calls: &Calls, key: &str, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = calls.reads();
+        let served = cache.get(&key.to_owned()).await.unwrap();
+        if served == Some(expected) && calls.reads() == before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} never served from L1");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
 /// An update on A stops being served by B's L1 once the message arrives; returns the lag.
 async fn update_reaches_other_l1(parts: Vec<Parts>, ns: Namespace) -> Duration {
     let mut parts = parts.into_iter();
     let a = cache(parts.next().unwrap(), &ns);
-    let b = cache(parts.next().unwrap(), &ns);
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = cache(b_parts, &ns);
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
-    // B reads L2 once; from then on it serves its L1 copy.
-    settle_value(&b, "k", Some(1)).await;
+    // From here on B serves its L1 copy: only the message can make it read L2 again.
+    settle_in_l1(&b, &b_calls, "k", 1).await;
     let started = Instant::now();
     a.insert("k".into(), 2).await.unwrap();
     settle_value(&b, "k", Some(2)).await;
@@ -220,10 +242,11 @@ async fn a_sequence_gap_flushes_l1() {
         ),
         &ns,
     );
-    let b = cache((DynKvStore::new(store), DynInvalidationBus::new(bus)), &ns);
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
-    settle_value(&b, "k", Some(1)).await;
+    settle_in_l1(&b, &b_calls, "k", 1).await;
     faulty.drop_next_publish.store(true, Ordering::SeqCst);
     a.insert("k".into(), 2).await.unwrap();
     settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
@@ -346,4 +369,131 @@ async fn cut_subscriber_on_redis_stays_within_bound() {
     }
     settle_value(&b, "k", Some(59)).await;
     settle(|| b.l1_in_use()).await;
+}
+
+/// Every write of one key in order: the value written (`None` for a remove) and when the
+/// write returned.
+type History = Vec<(Option<u64>, Instant)>;
+
+/// A seeded model of concurrent writers, readers and invalidations on several instances:
+/// writes of one key are serialized (so "the latest value" is defined) while reads run
+/// freely. During the run, no read returns a value replaced longer than the bound before the
+/// read began; after quiescence, within the bound, every instance serves the latest value of
+/// every key, and keeps serving it.
+async fn randomized_run(parts: Vec<Parts>, ns: Namespace, seed: u64) {
+    const KEYS: usize = 6;
+    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    live(&caches).await;
+    let bound = config().max_silence + Duration::from_millis(100);
+    let histories: Arc<Vec<tokio::sync::Mutex<History>>> = Arc::new(
+        (0..KEYS)
+            .map(|_| tokio::sync::Mutex::new(Vec::new()))
+            .collect(),
+    );
+    let next_value = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (i, cache) in caches.iter().enumerate() {
+        for worker in 0..2u64 {
+            let (cache, histories, next_value) = (
+                cache.clone(),
+                Arc::clone(&histories),
+                Arc::clone(&next_value),
+            );
+            let mut rng = fastrand::Rng::with_seed(seed ^ ((i as u64) << 8) ^ worker);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..150 {
+                    let k = rng.usize(0..KEYS);
+                    let key = format!("k{k}");
+                    match rng.u8(0..10) {
+                        0..=2 => {
+                            let mut history = histories[k].lock().await;
+                            let value = next_value.fetch_add(1, Ordering::SeqCst);
+                            cache.insert(key, value).await.unwrap();
+                            history.push((Some(value), Instant::now()));
+                        }
+                        3 => {
+                            let mut history = histories[k].lock().await;
+                            cache.remove(&key).await.unwrap();
+                            history.push((None, Instant::now()));
+                        }
+                        4 => {
+                            // Two keys in one call, locked in key order.
+                            let other = (k + 1) % KEYS;
+                            let (first, second) = (k.min(other), k.max(other));
+                            let mut h1 = histories[first].lock().await;
+                            let mut h2 = histories[second].lock().await;
+                            cache
+                                .remove_many(&[format!("k{first}"), format!("k{second}")])
+                                .await
+                                .unwrap();
+                            h1.push((None, Instant::now()));
+                            h2.push((None, Instant::now()));
+                        }
+                        _ => {
+                            let started = Instant::now();
+                            let served = cache.get(&key).await.unwrap();
+                            let Some(value) = served else { continue };
+                            let history = histories[k].lock().await;
+                            let at = history
+                                .iter()
+                                .position(|(v, _)| *v == Some(value))
+                                .expect("served a value never written");
+                            if let Some((_, replaced)) = history.get(at + 1) {
+                                assert!(
+                                    *replaced + bound >= started,
+                                    "served {value} of {key}, replaced {:?} before the read",
+                                    started - *replaced
+                                );
+                            }
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    let quiet = Instant::now();
+    for (k, history) in histories.iter().enumerate() {
+        let latest = history.lock().await.last().and_then(|(v, _)| *v);
+        let key = format!("k{k}");
+        for cache in &caches {
+            while cache.get(&key).await.unwrap() != latest {
+                assert!(
+                    quiet.elapsed() <= bound,
+                    "{key} still stale after {bound:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    for (k, history) in histories.iter().enumerate() {
+        let latest = history.lock().await.last().and_then(|(v, _)| *v);
+        for cache in &caches {
+            assert_eq!(cache.get(&format!("k{k}")).await.unwrap(), latest);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_memory_bus() {
+    for seed in 0..8 {
+        randomized_run(memory_parts(3), unique_namespace("model"), seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_redis() {
+    for seed in 0..3 {
+        randomized_run(standalone_parts(3).await, unique_namespace("model"), seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_redis_cluster() {
+    for seed in 0..2 {
+        randomized_run(cluster_parts(3).await, unique_namespace("model"), seed).await;
+    }
 }
