@@ -84,6 +84,29 @@ where
     ///
     /// Needs [`l2`](Self::l2): its namespace names the channel. The cache must be built inside
     /// a tokio runtime, which runs the publisher and listener tasks.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use headroom_cache::{Cache, InvalidationConfig};
+    /// use headroom_core::memory::{MemoryBus, MemoryKvStore};
+    /// use headroom_core::Namespace;
+    ///
+    /// // Two instances of one cache; in production, each in its own process over Redis.
+    /// let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    /// let instance = || {
+    ///     Cache::<String, u64>::builder()
+    ///         .l2(store.clone(), Namespace::new("app:stock").unwrap())
+    ///         .invalidation(bus.clone(), InvalidationConfig::default())
+    ///         .build()
+    /// };
+    /// let (a, b) = (instance()?, instance()?);
+    /// b.insert("apples".into(), 3).await?;
+    /// a.insert("apples".into(), 2).await?; // B drops its L1 copy when the message arrives
+    /// b.remove_many(&["apples".into(), "pears".into()]).await?; // one message for both
+    /// a.clear(); // every instance
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub fn invalidation(mut self, bus: impl InvalidationBus, config: InvalidationConfig) -> Self {
         self.invalidation = Some((DynInvalidationBus::new(bus), config));
         self

@@ -189,23 +189,10 @@ where
         metrics: Arc<Metrics>,
         invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
     ) -> Self {
-        Self {
-            inner: Arc::new_cyclic(|weak: &Weak<Inner<K, V>>| Inner {
-                in_flight: Mutex::new(HashMap::new()),
-                loads: AtomicU64::new(0),
-                writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
-                hasher: RandomState::new(),
+        let cache = Self {
+            inner: Arc::new(Inner {
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
-                    let local: Weak<dyn Local> = weak.clone();
-                    Invalidation::start(
-                        bus,
-                        channel,
-                        invalidation,
-                        clock.clone(),
-                        &config.name,
-                        config.max_entry_lifetime(),
-                        local,
-                    )
+                    Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
                 }),
                 cleared_unix_ms: AtomicU64::new(0),
                 l1,
@@ -215,8 +202,17 @@ where
                 ttl_by,
                 clock,
                 metrics,
+                in_flight: Mutex::new(HashMap::new()),
+                loads: AtomicU64::new(0),
+                writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                hasher: RandomState::new(),
             }),
+        };
+        if let Some(invalidation) = &cache.inner.invalidation {
+            let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
+            invalidation.spawn(local, cache.inner.config.max_entry_lifetime());
         }
+        cache
     }
 
     /// The cache's configuration.

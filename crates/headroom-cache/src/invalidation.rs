@@ -182,7 +182,7 @@ struct Outbox {
 pub(crate) struct Invalidation {
     shared: Arc<Shared>,
     /// Dropped with the cache, which stops both tasks (the publisher says goodbye first).
-    _stop: watch::Sender<()>,
+    stop: watch::Sender<()>,
 }
 
 struct Shared {
@@ -200,16 +200,14 @@ struct Shared {
 }
 
 impl Invalidation {
-    /// Starts the publisher and listener tasks of a cache; L1 stays bypassed until the
-    /// subscription is live.
-    pub(crate) fn start(
+    /// The invalidation state of a cache; L1 stays bypassed until [`spawn`](Self::spawn)
+    /// has started the tasks and the subscription is live.
+    pub(crate) fn new(
         bus: DynInvalidationBus,
         channel: Key,
         config: InvalidationConfig,
         clock: Clock,
         cache_name: &str,
-        entry_lifetime: Duration,
-        local: Weak<dyn Local>,
     ) -> Self {
         let shared = Arc::new(Shared {
             bus,
@@ -224,13 +222,22 @@ impl Invalidation {
             metrics: InvalidationMetrics::new(cache_name),
         });
         shared.metrics.healthy.set(0.0);
-        let (stop, stopped) = watch::channel(());
-        tokio::spawn(publish(Arc::clone(&shared), stopped.clone()));
-        tokio::spawn(listen(Arc::clone(&shared), local, entry_lifetime, stopped));
         Self {
             shared,
-            _stop: stop,
+            stop: watch::channel(()).0,
         }
+    }
+
+    /// Starts the publisher and listener tasks, which act on `local` (once it is fully built:
+    /// a failed upgrade means the cache is gone).
+    pub(crate) fn spawn(&self, local: Weak<dyn Local>, entry_lifetime: Duration) {
+        tokio::spawn(publish(Arc::clone(&self.shared), self.stop.subscribe()));
+        tokio::spawn(listen(
+            Arc::clone(&self.shared),
+            local,
+            entry_lifetime,
+            self.stop.subscribe(),
+        ));
     }
 
     /// Whether L1 may be read and filled.
@@ -322,6 +329,8 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
 struct Origin {
     next_seq: u64,
     heard: Instant,
+    /// Not heard for `max_silence`; L1 was flushed for it.
+    silent: bool,
 }
 
 /// The listener task: subscribes (again, after a failure), applies messages, watches for
@@ -342,6 +351,18 @@ async fn listen(
             None => false,
         }
     };
+    // Back to using L1. Loads that read L2 while messages were being lost must not fill
+    // it: the flush detaches them (L1 itself is already empty).
+    let recover = || match local.upgrade() {
+        Some(local) => {
+            if !shared.healthy.load(Ordering::Acquire) {
+                local.flush();
+                shared.set_healthy(true);
+            }
+            true
+        }
+        None => false,
+    };
     let mut origins: HashMap<u64, Origin> = HashMap::new();
     let mut last_silence_flush = shared.clock.now();
     loop {
@@ -360,12 +381,16 @@ async fn listen(
         };
         let mut live = false;
         let mut heard = shared.clock.now();
+        // Silence is checked on a fixed beat, however busy the channel is.
+        let tick = shared.config.ping_interval / 2;
+        let mut next_check = heard + tick;
         loop {
-            let tick = shared.config.ping_interval / 2;
+            let wait = next_check.saturating_duration_since(shared.clock.now());
             let event = tokio::select! {
                 event = subscription.next_event() => event,
-                () = shared.clock.sleep(tick) => {
+                () = shared.clock.sleep(wait) => {
                     let now = shared.clock.now();
+                    next_check = now + tick;
                     let silence = shared.config.max_silence;
                     if live && now.saturating_duration_since(heard) >= silence {
                         live = false;
@@ -375,10 +400,16 @@ async fn listen(
                     origins.retain(|_, origin| {
                         now.saturating_duration_since(origin.heard) < entry_lifetime
                     });
-                    let one_silent = origins
-                        .values()
-                        .any(|origin| now.saturating_duration_since(origin.heard) >= silence);
-                    if one_silent && now.saturating_duration_since(last_silence_flush) >= silence {
+                    // Flush when an origin falls silent, then every `max_silence` while one is.
+                    let (mut newly, mut any) = (false, false);
+                    for origin in origins.values_mut() {
+                        if now.saturating_duration_since(origin.heard) >= silence {
+                            newly |= !origin.silent;
+                            origin.silent = true;
+                            any = true;
+                        }
+                    }
+                    if newly || (any && now.saturating_duration_since(last_silence_flush) >= silence) {
                         last_silence_flush = now;
                         if !flush(Flush::Silence) { return; }
                     }
@@ -399,7 +430,9 @@ async fn listen(
                 Some(BusEvent::Live) => {
                     live = true;
                     heard = shared.clock.now();
-                    shared.set_healthy(true);
+                    if !recover() {
+                        return;
+                    }
                 }
                 Some(BusEvent::Message(bytes)) => {
                     let Some(message) = decode(&bytes) else {
@@ -411,7 +444,9 @@ async fn listen(
                     if !live {
                         // Silent until now: L1 was flushed and bypassed meanwhile.
                         live = true;
-                        shared.set_healthy(true);
+                        if !recover() {
+                            return;
+                        }
                     }
                     if message.origin == shared.origin {
                         continue;
@@ -430,15 +465,17 @@ async fn listen(
                     };
                     match known {
                         Some(origin) => {
-                            origin.next_seq = origin.next_seq.max(message.seq + 1);
+                            origin.next_seq = origin.next_seq.max(message.seq.saturating_add(1));
                             origin.heard = now;
+                            origin.silent = false;
                         }
                         None => {
                             origins.insert(
                                 message.origin,
                                 Origin {
-                                    next_seq: message.seq + 1,
+                                    next_seq: message.seq.saturating_add(1),
                                     heard: now,
+                                    silent: false,
                                 },
                             );
                         }

@@ -76,7 +76,12 @@ async fn cluster_parts(n: usize) -> Vec<Parts> {
 
 /// Waits until every cache's subscription is live.
 async fn live(caches: &[Cache<String, u64>]) {
-    settle(|| caches.iter().all(Cache::l1_in_use)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !caches.iter().all(Cache::l1_in_use) {
+        let states: Vec<bool> = caches.iter().map(Cache::l1_in_use).collect();
+        assert!(Instant::now() < deadline, "not live: {states:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Wraps an instance's store to count its L2 calls.
@@ -193,6 +198,8 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
 struct Faulty {
     inner: MemoryBus,
     drop_next_publish: Arc<AtomicBool>,
+    /// Drops every published message.
+    muted: Arc<AtomicBool>,
     silenced: Arc<AtomicBool>,
 }
 
@@ -201,6 +208,7 @@ impl Faulty {
         Self {
             inner,
             drop_next_publish: Arc::default(),
+            muted: Arc::default(),
             silenced: Arc::default(),
         }
     }
@@ -208,7 +216,8 @@ impl Faulty {
 
 impl InvalidationBus for Faulty {
     async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
-        if self.drop_next_publish.swap(false, Ordering::SeqCst) {
+        if self.drop_next_publish.swap(false, Ordering::SeqCst) || self.muted.load(Ordering::SeqCst)
+        {
             return Ok(());
         }
         self.inner.publish(channel, message).await
@@ -280,13 +289,52 @@ async fn a_silent_subscription_bypasses_l1_until_heard_again() {
     a.insert("k".into(), 2).await.unwrap();
     settle_value(&b, "k", Some(2)).await;
     let stale_for = written.elapsed();
-    assert!(!b.l1_in_use(), "B must bypass L1 while silent");
+    let bound = config().max_silence + Duration::from_millis(100);
+    assert!(
+        stale_for < bound,
+        "B served the old value for {stale_for:?}"
+    );
+    // A's silence may have flushed B's L1 first; B's own silence follows within the bound.
+    settle(|| !b.l1_in_use()).await;
+    assert!(
+        written.elapsed() < bound,
+        "B used L1 for {:?}",
+        written.elapsed()
+    );
+    faulty.silenced.store(false, Ordering::SeqCst);
+    settle(|| b.l1_in_use()).await;
+}
+
+/// A writes L2 but its messages no longer get out (no error anywhere): B notices A's silence
+/// and flushes its L1 within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_origin_makes_others_flush() {
+    let ns = unique_namespace("mute");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    faulty.muted.store(true, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
     assert!(
         stale_for < config().max_silence + Duration::from_millis(100),
         "B served the old value for {stale_for:?}"
     );
-    faulty.silenced.store(false, Ordering::SeqCst);
-    settle(|| b.l1_in_use()).await;
+    // B's own subscription is fine: it keeps using L1.
+    assert!(b.l1_in_use());
 }
 
 /// Garbage on the channel is ignored: B keeps its subscription and keeps invalidating.
