@@ -30,6 +30,8 @@ use crate::{CacheBuilder, TtlFn};
 
 /// Stripes of the write counters that tell a load whether its key was written meanwhile.
 const WRITE_STRIPES: usize = 256;
+/// The most invalidated tags remembered (see `Inner::hide_tag`).
+const MAX_HIDDEN_TAGS: usize = 10_000;
 
 /// A typed two-level cache: L1 in process (moka), L2 in any
 /// [`KvStore`](headroom_core::kv::KvStore), a loader behind both.
@@ -166,6 +168,9 @@ pub(crate) struct Inner<K, V> {
     invalidation: Option<Invalidation>,
     /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
     cleared_unix_ms: AtomicU64,
+    /// L2 entries carrying one of these tags created at or before its Unix millisecond were
+    /// removed by [`Cache::invalidate_tag`].
+    hidden_tags: Mutex<HashMap<Box<str>, u64>>,
 }
 
 impl<K, V> Cache<K, V>
@@ -195,6 +200,7 @@ where
                     Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
                 }),
                 cleared_unix_ms: AtomicU64::new(0),
+                hidden_tags: Mutex::new(HashMap::new()),
                 l1,
                 l2,
                 codec,
@@ -371,10 +377,22 @@ where
     /// instance stops reading it and deletes it from L2 once L2 answers again (until then, other
     /// instances may still read the old copy until its TTL).
     pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
+        self.insert_tagged(key, value, &[]).await
+    }
+
+    /// Like [`insert`](Self::insert), with tags written in the entry's L2 envelope, so that
+    /// [`invalidate_tag`](Self::invalidate_tag) of any of them removes it.
+    ///
+    /// Fails with [`CacheErrorKind::InvalidTag`] for an empty tag, one over 255 bytes, or more
+    /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
+    pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let inner = &self.inner;
+        if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
+            return Err(CacheError::new(CacheErrorKind::InvalidTag));
+        }
         let times = inner.times(Some(&value));
         let l2_entry = match &inner.l2 {
-            Some(l2) => Some(inner.entry(l2, &key, Some(&value), times)?),
+            Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
         };
         inner.bump_writes(&key);
@@ -440,6 +458,18 @@ where
         inner.clear_at(inner.clock.unix_millis());
         if let Some(invalidation) = &inner.invalidation {
             invalidation.publish_clear();
+        }
+    }
+
+    /// Removes every entry carrying `tag` (see [`insert_tagged`](Self::insert_tagged)) on
+    /// every instance: L1 is flushed here and, through the invalidation bus, on the others;
+    /// L2 entries carrying the tag written before the call are no longer read by any instance
+    /// that received the message (they expire from L2 with their TTL).
+    pub fn invalidate_tag(&self, tag: &str) {
+        let inner = &self.inner;
+        inner.hide_tag(tag, inner.clock.unix_millis());
+        if let Some(invalidation) = &inner.invalidation {
+            invalidation.publish_tag(tag);
         }
     }
 
@@ -531,6 +561,40 @@ where
         if usable { self.l1.get(key) } else { None }
     }
 
+    /// Whether an L2 entry created at `created` is hidden by a clear or one of its tags.
+    fn hidden(&self, created: u64, tags: &[&str]) -> bool {
+        if created <= self.cleared_unix_ms.load(Ordering::Acquire) {
+            return true;
+        }
+        if tags.is_empty() {
+            return false;
+        }
+        let hidden = self.hidden_tags.lock();
+        tags.iter()
+            .any(|tag| hidden.get(*tag).is_some_and(|&at| created <= at))
+    }
+
+    /// Drops everything from L1 and hides L2 entries carrying `tag` created at or before
+    /// `at_unix_ms`. Tags are forgotten once no entry they could hide is alive; past
+    /// `MAX_HIDDEN_TAGS` tags the cache hides everything as old as the newest instead (a clear).
+    fn hide_tag(&self, tag: &str, at_unix_ms: u64) {
+        let mut hidden = self.hidden_tags.lock();
+        let at = hidden.entry(tag.into()).or_insert(0);
+        *at = (*at).max(at_unix_ms);
+        if hidden.len() > MAX_HIDDEN_TAGS {
+            let alive = millis(self.config.max_entry_lifetime());
+            let oldest = self.clock.unix_millis().saturating_sub(alive);
+            hidden.retain(|_, at| *at >= oldest);
+            if hidden.len() > MAX_HIDDEN_TAGS {
+                let newest = hidden.values().copied().max().unwrap_or(0);
+                self.cleared_unix_ms.fetch_max(newest, Ordering::AcqRel);
+                hidden.clear();
+            }
+        }
+        drop(hidden);
+        self.flush();
+    }
+
     /// Drops everything from L1 and hides L2 entries created at or before `at_unix_ms`.
     fn clear_at(&self, at_unix_ms: u64) {
         self.cleared_unix_ms.fetch_max(at_unix_ms, Ordering::AcqRel);
@@ -603,6 +667,7 @@ where
         key: &K,
         value: Option<&V>,
         times: Times,
+        tags: &[&str],
     ) -> Result<KvEntry, CacheError> {
         let key = self.l2_key(l2, key)?;
         let mut bytes = Vec::with_capacity(64);
@@ -611,6 +676,7 @@ where
             self.codec.id(),
             [times.created, times.fresh_until, times.expires],
             value.is_none(),
+            tags,
         );
         if let Some(value) = value {
             self.codec
@@ -648,17 +714,20 @@ where
                 if env.codec != self.codec.id() {
                     return Err("written by another codec".into());
                 }
+                if self.hidden(env.created_unix_ms, &env.tags) {
+                    return Ok(None);
+                }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
-                Ok((
+                Ok(Some((
                     env.created_unix_ms,
                     env.fresh_until_unix_ms,
                     env.expires_unix_ms,
                     value,
-                ))
+                )))
             });
         match decoded {
-            Ok((created, ..)) if created <= self.cleared_unix_ms.load(Ordering::Acquire) => None,
-            Ok((created, fresh_until, expires, value)) => {
+            Ok(None) => None,
+            Ok(Some((created, fresh_until, expires, value))) => {
                 let times = Times {
                     created,
                     fresh_until,
@@ -859,7 +928,7 @@ where
     fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
         let times = self.times(value.as_ref());
         let entry = match &self.l2 {
-            Some(l2) => match self.entry(l2, key, value.as_ref(), times) {
+            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &[]) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     self.metrics.oversized.increment(1);
@@ -1099,6 +1168,10 @@ where
 
     fn clear(&self, at_unix_ms: u64) {
         self.clear_at(at_unix_ms);
+    }
+
+    fn invalidate_tag(&self, tag: &str, at_unix_ms: u64) {
+        self.hide_tag(tag, at_unix_ms);
     }
 }
 

@@ -90,6 +90,9 @@ pub(crate) enum Action<'a> {
     Keys(Vec<&'a [u8]>),
     /// Drop everything from L1.
     Clear,
+    /// Drop every entry carrying one of these tags, in L1 and (hidden) in L2.
+    #[serde(borrow)]
+    Tags(Vec<&'a str>),
 }
 
 /// One invalidation message (after the format byte).
@@ -127,6 +130,9 @@ pub(crate) trait Local: Send + Sync + 'static {
     fn flush(&self);
     /// Flushes L1 and stops reading L2 entries created at or before `at_unix_ms`.
     fn clear(&self, at_unix_ms: u64);
+    /// Flushes L1 and stops reading L2 entries carrying `tag` created at or before
+    /// `at_unix_ms`.
+    fn invalidate_tag(&self, tag: &str, at_unix_ms: u64);
 }
 
 /// Why L1 was flushed, the label of `headroom_cache_invalidation_flushes_total`.
@@ -136,6 +142,7 @@ enum Flush {
     Silence,
     Gap,
     Clear,
+    Tag,
 }
 
 struct InvalidationMetrics {
@@ -144,7 +151,7 @@ struct InvalidationMetrics {
     received: Counter,
     invalid: Counter,
     gaps: Counter,
-    flushes: [Counter; 4],
+    flushes: [Counter; 5],
     healthy: Gauge,
     lag: Histogram,
 }
@@ -164,6 +171,7 @@ impl InvalidationMetrics {
                 flush("silence"),
                 flush("gap"),
                 flush("clear"),
+                flush("tag"),
             ],
             healthy: gauge!("headroom_cache_invalidation_healthy", "cache" => name.clone()),
             lag: histogram!("headroom_cache_invalidation_lag_seconds", "cache" => name.clone()),
@@ -175,6 +183,7 @@ impl InvalidationMetrics {
 #[derive(Default)]
 struct Outbox {
     keys: Vec<Vec<u8>>,
+    tags: Vec<String>,
     clear: bool,
 }
 
@@ -260,10 +269,21 @@ impl Invalidation {
         shared.wake.notify_one();
     }
 
+    /// Queues a tag for the next message.
+    pub(crate) fn publish_tag(&self, tag: &str) {
+        let mut outbox = self.shared.outbox.lock();
+        if !outbox.clear {
+            outbox.tags.push(tag.to_owned());
+        }
+        drop(outbox);
+        self.shared.wake.notify_one();
+    }
+
     /// Queues a "clear" for the next message.
     pub(crate) fn publish_clear(&self) {
         let mut outbox = self.shared.outbox.lock();
         outbox.keys = Vec::new();
+        outbox.tags = Vec::new();
         outbox.clear = true;
         drop(outbox);
         self.shared.wake.notify_one();
@@ -307,9 +327,15 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
         let outbox = std::mem::take(&mut *shared.outbox.lock());
         if outbox.clear {
             shared.send(Action::Clear).await;
-        } else if !outbox.keys.is_empty() {
-            let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
-            shared.send(Action::Keys(keys)).await;
+        } else if !outbox.keys.is_empty() || !outbox.tags.is_empty() {
+            if !outbox.keys.is_empty() {
+                let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
+                shared.send(Action::Keys(keys)).await;
+            }
+            if !outbox.tags.is_empty() {
+                let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
+                shared.send(Action::Tags(tags)).await;
+            }
         } else {
             tokio::select! {
                 () = shared.wake.notified() => {}
@@ -497,6 +523,12 @@ async fn listen(
                         Action::Clear => {
                             shared.metrics.flushes[Flush::Clear as usize].increment(1);
                             target.clear(message.sent_unix_ms);
+                        }
+                        Action::Tags(tags) => {
+                            shared.metrics.flushes[Flush::Tag as usize].increment(1);
+                            for tag in tags {
+                                target.invalidate_tag(tag, message.sent_unix_ms);
+                            }
                         }
                     }
                 }

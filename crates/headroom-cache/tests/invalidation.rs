@@ -192,6 +192,68 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
     }
 }
 
+/// `invalidate_tag` removes the entries carrying the tag from every instance's L1 and hides
+/// their L2 copies (still in L2 until their TTL) from every instance; other entries stay.
+async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
+    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    live(&caches).await;
+    caches[0]
+        .insert_tagged("a".into(), 1, &["team:1"])
+        .await
+        .unwrap();
+    caches[0]
+        .insert_tagged("b".into(), 2, &["team:1", "x"])
+        .await
+        .unwrap();
+    caches[0]
+        .insert_tagged("c".into(), 3, &["team:2"])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", Some(1)).await;
+        settle_value(cache, "b", Some(2)).await;
+        settle_value(cache, "c", Some(3)).await;
+    }
+    caches[1].invalidate_tag("team:1");
+    for cache in &caches {
+        settle_value(cache, "a", None).await;
+        settle_value(cache, "b", None).await;
+        assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(3));
+    }
+    // Written after the invalidation: served again.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    caches[2]
+        .insert_tagged("a".into(), 4, &["team:1"])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", Some(4)).await;
+    }
+    let too_many = vec!["t"; headroom_cache::envelope::MAX_TAGS + 1];
+    for bad in [&[""][..], &[&*"x".repeat(256)][..], &too_many[..]] {
+        let error = caches[0]
+            .insert_tagged("d".into(), 5, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), headroom_cache::CacheErrorKind::InvalidTag);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_memory_bus() {
+    tags_reach_every_instance_and_l2(memory_parts(3), unique_namespace("tags")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_redis() {
+    tags_reach_every_instance_and_l2(standalone_parts(3).await, unique_namespace("tags")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_redis_cluster() {
+    tags_reach_every_instance_and_l2(cluster_parts(3).await, unique_namespace("tags")).await;
+}
+
 /// A bus in front of another that can drop published messages or silence subscriptions, as
 /// a network would, without telling anyone.
 #[derive(Clone, Debug)]
