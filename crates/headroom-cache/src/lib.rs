@@ -20,6 +20,8 @@
 //!   keys they change on an [`InvalidationBus`](headroom_core::bus::InvalidationBus) and
 //!   other instances drop them from L1; lost messages (bus losses, sequence gaps, silence)
 //!   flush or bypass L1, so staleness stays under [`InvalidationConfig::max_silence`].
+//!   [`Cache::invalidate_tag`] (for entries written with [`Cache::insert_tagged`]) and
+//!   [`Cache::clear`] reach every instance.
 //! - **Envelope**: every L2 value is wrapped in a versioned [`envelope`] (format version,
 //!   timestamps, tags) and encoded by a pluggable [`codec`]; undecodable bytes are a miss, a
 //!   metric and a delete.
