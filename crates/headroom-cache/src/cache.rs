@@ -405,13 +405,8 @@ where
         if inner.l1_usable() {
             inner.l1.insert(key.clone(), slot);
         }
-        if let (Some(l2), Some(entry)) = (&inner.l2, l2_entry) {
-            l2.set_many(&[entry]).await;
-        }
-        // After L2 has the value, so that an instance reading L2 on the message reads it.
-        if let Some(invalidation) = &inner.invalidation {
-            invalidation.publish_keys([key.to_key_bytes().as_ref()]);
-        }
+        let published = vec![key.to_key_bytes().into_owned()];
+        Inner::write_through(inner, l2_entry.into_iter().collect(), Vec::new(), published).await;
         Ok(())
     }
 
@@ -440,13 +435,11 @@ where
             inner.bump_writes(key);
             inner.l1.invalidate(key);
         }
-        if let Some(l2) = &inner.l2 {
-            l2.delete(&full).await;
-        }
-        if let Some(invalidation) = &inner.invalidation {
-            let bytes: Vec<_> = keys.iter().map(CacheKey::to_key_bytes).collect();
-            invalidation.publish_keys(bytes.iter().map(AsRef::as_ref));
-        }
+        let published = match inner.invalidation {
+            Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
+            None => Vec::new(),
+        };
+        Inner::write_through(inner, Vec::new(), full, published).await;
         Ok(())
     }
 
@@ -549,6 +542,42 @@ where
         let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
         self.writes[stripe].fetch_add(1, Ordering::AcqRel);
         self.in_flight.lock().remove(key);
+    }
+
+    /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
+    /// bus: after L2 has the change, so that an instance reading L2 on the message sees it.
+    /// Runs in a spawned task when there is L2 work, so a caller dropped meanwhile cannot
+    /// skip the message.
+    async fn write_through(
+        this: &Arc<Self>,
+        entries: Vec<KvEntry>,
+        deletes: Vec<Key>,
+        keys: Vec<Vec<u8>>,
+    ) {
+        let publish = move |inner: &Self| {
+            if let Some(invalidation) = &inner.invalidation {
+                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+            }
+        };
+        let Some(l2) = this
+            .l2
+            .clone()
+            .filter(|_| !(entries.is_empty() && deletes.is_empty()))
+        else {
+            return publish(this);
+        };
+        let this = Arc::clone(this);
+        let task = tokio::spawn(async move {
+            if !entries.is_empty() {
+                l2.set_many(&entries).await;
+            }
+            if !deletes.is_empty() {
+                l2.delete(&deletes).await;
+            }
+            publish(&this);
+        });
+        // The task never panics; a runtime shutting down is the only other way it ends early.
+        let _ = task.await;
     }
 
     /// Whether L1 may be read and filled: not while invalidation messages may be lost.

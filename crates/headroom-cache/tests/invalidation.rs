@@ -651,3 +651,72 @@ async fn randomized_instances_on_redis_cluster() {
         randomized_run(cluster_parts(3).await, unique_namespace("model"), seed).await;
     }
 }
+
+/// A store whose writes wait for a permit while `held` is set.
+#[derive(Clone, Debug)]
+struct Gated {
+    inner: MemoryKvStore,
+    held: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gated {
+    async fn wait(&self) {
+        if self.held.load(Ordering::SeqCst) {
+            self.gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
+impl headroom_core::kv::KvStore for Gated {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, entries: &[headroom_core::kv::KvEntry]) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set_many(entries).await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.inner.delete(keys).await
+    }
+}
+
+/// An `insert` dropped while its L2 write is in flight still announces the write once it
+/// lands: B does not keep serving the old value from L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_insert_still_publishes() {
+    use futures_util::FutureExt;
+
+    let ns = unique_namespace("dropped");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let gated = Gated {
+        inner: store.clone(),
+        held: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let a = cache(
+        (
+            DynKvStore::new(gated.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    gated.held.store(true, Ordering::SeqCst);
+    let mut insert = std::pin::pin!(a.insert("k".into(), 2));
+    assert!((&mut insert).now_or_never().is_none(), "the L2 write waits");
+    drop(insert);
+    gated.gate.add_permits(1);
+    settle_value(&b, "k", Some(2)).await;
+}
