@@ -714,7 +714,7 @@ async fn a_dropped_insert_still_publishes() {
     a.insert("k".into(), 1).await.unwrap();
     settle_in_l1(&b, &b_calls, "k", 1).await;
     gated.held.store(true, Ordering::SeqCst);
-    let mut insert = std::pin::pin!(a.insert("k".into(), 2));
+    let mut insert = Box::pin(a.insert("k".into(), 2));
     assert!((&mut insert).now_or_never().is_none(), "the L2 write waits");
     drop(insert);
     gated.gate.add_permits(1);
