@@ -546,35 +546,32 @@ where
 
     /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
     /// bus: after L2 has the change, so that an instance reading L2 on the message sees it.
-    /// Runs in a spawned task when there is L2 work, so a caller dropped meanwhile cannot
-    /// skip the message.
+    /// With a bus, this runs in a spawned task, so a caller dropped meanwhile cannot skip the
+    /// message; without one, a dropped write leaves the key pending (see `L2`).
     async fn write_through(
         this: &Arc<Self>,
         entries: Vec<KvEntry>,
         deletes: Vec<Key>,
         keys: Vec<Vec<u8>>,
     ) {
-        let publish = move |inner: &Self| {
-            if let Some(invalidation) = &inner.invalidation {
-                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
-            }
-        };
-        let Some(l2) = this
-            .l2
-            .clone()
-            .filter(|_| !(entries.is_empty() && deletes.is_empty()))
-        else {
-            return publish(this);
-        };
-        let this = Arc::clone(this);
-        let task = tokio::spawn(async move {
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry], deletes: &[Key]) {
+            let Some(l2) = l2 else { return };
             if !entries.is_empty() {
-                l2.set_many(&entries).await;
+                l2.set_many(entries).await;
             }
             if !deletes.is_empty() {
-                l2.delete(&deletes).await;
+                l2.delete(deletes).await;
             }
-            publish(&this);
+        }
+        if this.invalidation.is_none() {
+            return l2_work(this.l2.as_ref(), &entries, &deletes).await;
+        }
+        let this = Arc::clone(this);
+        let task = tokio::spawn(async move {
+            l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            if let Some(invalidation) = &this.invalidation {
+                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+            }
         });
         // The task never panics; a runtime shutting down is the only other way it ends early.
         let _ = task.await;

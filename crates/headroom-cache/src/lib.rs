@@ -4,7 +4,8 @@
 //! - **Reads**: [`Cache::get`], [`Cache::get_or_load`] and [`Cache::get_many_or_load`] look in
 //!   L1, then L2, then call the loader; L2 hits fill L1, loaded values fill both. A batch reads
 //!   L2 in one round trip and calls its loader once for every key still missing.
-//! - **Writes**: [`Cache::insert`] and [`Cache::remove`] write through to L2.
+//! - **Writes**: [`Cache::insert`], [`Cache::remove`] and [`Cache::remove_many`] write
+//!   through to L2.
 //! - **Stampede protection**: one load per key per instance, whatever the number of callers;
 //!   loads run in spawned tasks, so a caller that gives up does not cancel them for the others.
 //! - **TTL**: a default TTL or one chosen per value ([`CacheBuilder::ttl_by`]), random jitter,
