@@ -3,6 +3,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use headroom_core::bus::{DynInvalidationBus, InvalidationBus};
 use headroom_core::kv::{DynKvStore, KvStore};
 use headroom_core::{Clock, Namespace};
 use moka::notification::RemovalCause;
@@ -12,7 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{Bound, Codec, Postcard, ValueCodec};
 use crate::l2::L2;
 use crate::metrics::Metrics;
-use crate::{Cache, CacheConfig, CacheKey, ConfigError};
+use crate::{Cache, CacheConfig, CacheKey, ConfigError, InvalidationConfig};
 
 /// Chooses an entry's TTL from its value.
 pub(crate) type TtlFn<V> = Arc<dyn Fn(&V) -> Duration + Send + Sync>;
@@ -25,6 +26,7 @@ pub struct CacheBuilder<K, V> {
     l2: Option<(DynKvStore, Namespace)>,
     codec: Box<dyn ValueCodec<V>>,
     ttl_by: Option<TtlFn<V>>,
+    invalidation: Option<(DynInvalidationBus, InvalidationConfig)>,
     key: PhantomData<fn(K)>,
 }
 
@@ -51,6 +53,7 @@ where
             l2: None,
             codec: Box::new(Bound::new(Postcard)),
             ttl_by: None,
+            invalidation: None,
             key: PhantomData,
         }
     }
@@ -71,6 +74,41 @@ where
     /// Without it the cache is L1 only.
     pub fn l2(mut self, store: impl KvStore, namespace: Namespace) -> Self {
         self.l2 = Some((DynKvStore::new(store), namespace));
+        self
+    }
+
+    /// Invalidation across instances over `bus` (memory or Redis): every write publishes the
+    /// keys it changed, and every instance drops them from its L1 within milliseconds.
+    /// Lost messages are detected and make L1 flushed or bypassed, so no instance serves from
+    /// L1 a value invalidated longer ago than [`InvalidationConfig::max_silence`].
+    ///
+    /// Needs [`l2`](Self::l2): its namespace names the channel. The cache must be built inside
+    /// a tokio runtime, which runs the publisher and listener tasks.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use headroom_cache::{Cache, InvalidationConfig};
+    /// use headroom_core::memory::{MemoryBus, MemoryKvStore};
+    /// use headroom_core::Namespace;
+    ///
+    /// // Two instances of one cache; in production, each in its own process over Redis.
+    /// let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    /// let instance = || {
+    ///     Cache::<String, u64>::builder()
+    ///         .l2(store.clone(), Namespace::new("app:stock").unwrap())
+    ///         .invalidation(bus.clone(), InvalidationConfig::default())
+    ///         .build()
+    /// };
+    /// let (a, b) = (instance()?, instance()?);
+    /// b.insert("apples".into(), 3).await?;
+    /// a.insert("apples".into(), 2).await?; // B drops its L1 copy when the message arrives
+    /// b.remove_many(&["apples".into(), "pears".into()]).await?; // one message for both
+    /// a.clear(); // every instance
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn invalidation(mut self, bus: impl InvalidationBus, config: InvalidationConfig) -> Self {
+        self.invalidation = Some((DynInvalidationBus::new(bus), config));
         self
     }
 
@@ -187,6 +225,26 @@ where
     /// Builds the cache, or says which setting cannot work.
     pub fn build(self) -> Result<Cache<K, V>, ConfigError> {
         self.config.validate().map_err(ConfigError::new)?;
+        let invalidation = match (self.invalidation, &self.l2) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "invalidation needs an l2, whose namespace names the channel",
+                ));
+            }
+            (Some((bus, config)), Some((_, namespace))) => {
+                config.validate().map_err(ConfigError::new)?;
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(ConfigError::new(
+                        "a cache with invalidation must be built inside a tokio runtime",
+                    ));
+                }
+                let channel = namespace
+                    .key("~invalidation")
+                    .map_err(|_| ConfigError::new("invalid invalidation channel"))?;
+                Some((bus, channel, config))
+            }
+        };
         let metrics = Arc::new(Metrics::new(&self.config.name));
         let mut l1 = moka::sync::Cache::builder()
             .max_capacity(self.config.l1_max_capacity)
@@ -224,6 +282,7 @@ where
             self.ttl_by,
             self.clock,
             metrics,
+            invalidation,
         ))
     }
 }

@@ -3,13 +3,14 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, join_all};
+use headroom_core::bus::DynInvalidationBus;
 use headroom_core::kv::KvEntry;
 use headroom_core::{Clock, Key};
 use parking_lot::Mutex;
@@ -21,6 +22,7 @@ use crate::codec::ValueCodec;
 use crate::config::CacheConfig;
 use crate::envelope;
 use crate::error::{CacheError, CacheErrorKind};
+use crate::invalidation::{Invalidation, InvalidationConfig, Local};
 use crate::key::CacheKey;
 use crate::l2::L2;
 use crate::metrics::Metrics;
@@ -28,6 +30,8 @@ use crate::{CacheBuilder, TtlFn};
 
 /// Stripes of the write counters that tell a load whether its key was written meanwhile.
 const WRITE_STRIPES: usize = 256;
+/// The most invalidated tags remembered (see `Inner::hide_tag`).
+const MAX_HIDDEN_TAGS: usize = 10_000;
 
 /// A typed two-level cache: L1 in process (moka), L2 in any
 /// [`KvStore`](headroom_core::kv::KvStore), a loader behind both.
@@ -161,6 +165,12 @@ pub(crate) struct Inner<K, V> {
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
     hasher: RandomState,
+    invalidation: Option<Invalidation>,
+    /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
+    cleared_unix_ms: AtomicU64,
+    /// L2 entries carrying one of these tags created at or before its Unix millisecond were
+    /// removed by [`Cache::invalidate_tag`].
+    hidden_tags: Mutex<HashMap<Box<str>, u64>>,
 }
 
 impl<K, V> Cache<K, V>
@@ -182,9 +192,15 @@ where
         ttl_by: Option<TtlFn<V>>,
         clock: Clock,
         metrics: Arc<Metrics>,
+        invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
     ) -> Self {
-        Self {
+        let cache = Self {
             inner: Arc::new(Inner {
+                invalidation: invalidation.map(|(bus, channel, invalidation)| {
+                    Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
+                }),
+                cleared_unix_ms: AtomicU64::new(0),
+                hidden_tags: Mutex::new(HashMap::new()),
                 l1,
                 l2,
                 codec,
@@ -197,7 +213,12 @@ where
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 hasher: RandomState::new(),
             }),
+        };
+        if let Some(invalidation) = &cache.inner.invalidation {
+            let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
+            invalidation.spawn(local, cache.inner.config.max_entry_lifetime());
         }
+        cache
     }
 
     /// The cache's configuration.
@@ -213,7 +234,8 @@ where
     /// its value.
     pub async fn get(&self, key: &K) -> Result<Option<V>, CacheError> {
         let inner = &self.inner;
-        if let Some(slot) = inner.l1.get(key)
+        if inner.l1_usable()
+            && let Some(slot) = inner.l1.get(key)
             && inner.clock.now() < slot.expires_at
         {
             inner.metrics.l1_hits.increment(1);
@@ -246,7 +268,9 @@ where
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let inner = &self.inner;
-        if let Some(slot) = inner.l1.get(key) {
+        if inner.l1_usable()
+            && let Some(slot) = inner.l1.get(key)
+        {
             let now = inner.clock.now();
             if now < slot.fresh_until {
                 inner.metrics.l1_hits.increment(1);
@@ -286,8 +310,9 @@ where
         let now = inner.clock.now();
         let mut results: Vec<Option<Option<V>>> = Vec::with_capacity(keys.len());
         let mut refresh = Vec::new();
+        let l1_usable = inner.l1_usable();
         for key in keys {
-            let hit = inner.l1.get(key).and_then(|slot| {
+            let hit = inner.l1_get(key, l1_usable).and_then(|slot| {
                 if now >= slot.expires_at {
                     return None;
                 }
@@ -352,10 +377,22 @@ where
     /// instance stops reading it and deletes it from L2 once L2 answers again (until then, other
     /// instances may still read the old copy until its TTL).
     pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
+        self.insert_tagged(key, value, &[]).await
+    }
+
+    /// Like [`insert`](Self::insert), with tags written in the entry's L2 envelope, so that
+    /// [`invalidate_tag`](Self::invalidate_tag) of any of them removes it.
+    ///
+    /// Fails with [`CacheErrorKind::InvalidTag`] for an empty tag, one over 255 bytes, or more
+    /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
+    pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let inner = &self.inner;
+        if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
+            return Err(CacheError::new(CacheErrorKind::InvalidTag));
+        }
         let times = inner.times(Some(&value));
         let l2_entry = match &inner.l2 {
-            Some(l2) => Some(inner.entry(l2, &key, Some(&value), times)?),
+            Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
         };
         inner.bump_writes(&key);
@@ -365,10 +402,11 @@ where
             inner.clock.now(),
             inner.clock.unix_millis(),
         );
-        inner.l1.insert(key, slot);
-        if let (Some(l2), Some(entry)) = (&inner.l2, l2_entry) {
-            l2.set_many(&[entry]).await;
+        if inner.l1_usable() {
+            inner.l1.insert(key.clone(), slot);
         }
+        let published = vec![key.to_key_bytes().into_owned()];
+        Inner::write_through(inner, l2_entry.into_iter().collect(), Vec::new(), published).await;
         Ok(())
     }
 
@@ -378,14 +416,60 @@ where
     /// When L2 cannot be reached, the delete is retried in the background and this instance
     /// does not read the key from L2 meanwhile.
     pub async fn remove(&self, key: &K) -> Result<(), CacheError> {
+        self.remove_many(std::slice::from_ref(key)).await
+    }
+
+    /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys.
+    ///
+    /// Fails, removing nothing, when a key is invalid.
+    pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        inner.bump_writes(key);
-        inner.l1.invalidate(key);
-        if let Some(l2) = &inner.l2 {
-            let full = inner.l2_key(l2, key)?;
-            l2.delete(&[full]).await;
+        let full = match &inner.l2 {
+            Some(l2) => keys
+                .iter()
+                .map(|key| inner.l2_key(l2, key))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        for key in keys {
+            inner.bump_writes(key);
+            inner.l1.invalidate(key);
         }
+        let published = match inner.invalidation {
+            Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
+            None => Vec::new(),
+        };
+        Inner::write_through(inner, Vec::new(), full, published).await;
         Ok(())
+    }
+
+    /// Empties the cache on every instance: L1 here and, through the invalidation bus, on the
+    /// others; L2 entries written before the call are no longer read by any instance that
+    /// received the message (they expire from L2 with their TTL).
+    pub fn clear(&self) {
+        let inner = &self.inner;
+        inner.clear_at(inner.clock.unix_millis());
+        if let Some(invalidation) = &inner.invalidation {
+            invalidation.publish_clear();
+        }
+    }
+
+    /// Removes every entry carrying `tag` (see [`insert_tagged`](Self::insert_tagged)) on
+    /// every instance: L1 is flushed here and, through the invalidation bus, on the others;
+    /// L2 entries carrying the tag written before the call are no longer read by any instance
+    /// that received the message (they expire from L2 with their TTL).
+    pub fn invalidate_tag(&self, tag: &str) {
+        let inner = &self.inner;
+        inner.hide_tag(tag, inner.clock.unix_millis());
+        if let Some(invalidation) = &inner.invalidation {
+            invalidation.publish_tag(tag);
+        }
+    }
+
+    /// Whether this instance's L1 is in use: always without an invalidation bus; with one,
+    /// only while its subscription is live and not silent (otherwise every read goes to L2).
+    pub fn l1_in_use(&self) -> bool {
+        self.inner.l1_usable()
     }
 
     /// Drops a value from L1 only, for instance when another instance changed it.
@@ -460,9 +544,92 @@ where
         self.in_flight.lock().remove(key);
     }
 
+    /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
+    /// bus: after L2 has the change, so that an instance reading L2 on the message sees it.
+    /// With a bus, this runs in a spawned task, so a caller dropped meanwhile cannot skip the
+    /// message; without one, a dropped write leaves the key pending (see `L2`).
+    async fn write_through(
+        this: &Arc<Self>,
+        entries: Vec<KvEntry>,
+        deletes: Vec<Key>,
+        keys: Vec<Vec<u8>>,
+    ) {
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry], deletes: &[Key]) {
+            let Some(l2) = l2 else { return };
+            if !entries.is_empty() {
+                l2.set_many(entries).await;
+            }
+            if !deletes.is_empty() {
+                l2.delete(deletes).await;
+            }
+        }
+        if this.invalidation.is_none() {
+            return l2_work(this.l2.as_ref(), &entries, &deletes).await;
+        }
+        let this = Arc::clone(this);
+        let task = tokio::spawn(async move {
+            l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            if let Some(invalidation) = &this.invalidation {
+                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+            }
+        });
+        // The task never panics; a runtime shutting down is the only other way it ends early.
+        let _ = task.await;
+    }
+
+    /// Whether L1 may be read and filled: not while invalidation messages may be lost.
+    fn l1_usable(&self) -> bool {
+        self.invalidation.as_ref().is_none_or(Invalidation::healthy)
+    }
+
+    /// The L1 slot of `key`, when L1 is usable.
+    fn l1_get(&self, key: &K, usable: bool) -> Option<Slot<V>> {
+        if usable { self.l1.get(key) } else { None }
+    }
+
+    /// Whether an L2 entry created at `created` is hidden by a clear or one of its tags.
+    fn hidden(&self, created: u64, tags: &[&str]) -> bool {
+        if created <= self.cleared_unix_ms.load(Ordering::Acquire) {
+            return true;
+        }
+        if tags.is_empty() {
+            return false;
+        }
+        let hidden = self.hidden_tags.lock();
+        tags.iter()
+            .any(|tag| hidden.get(*tag).is_some_and(|&at| created <= at))
+    }
+
+    /// Drops everything from L1 and hides L2 entries carrying `tag` created at or before
+    /// `at_unix_ms`. Tags are forgotten once no entry they could hide is alive; past
+    /// `MAX_HIDDEN_TAGS` tags the cache hides everything as old as the newest instead (a clear).
+    fn hide_tag(&self, tag: &str, at_unix_ms: u64) {
+        let mut hidden = self.hidden_tags.lock();
+        let at = hidden.entry(tag.into()).or_insert(0);
+        *at = (*at).max(at_unix_ms);
+        if hidden.len() > MAX_HIDDEN_TAGS {
+            let alive = millis(self.config.max_entry_lifetime());
+            let oldest = self.clock.unix_millis().saturating_sub(alive);
+            hidden.retain(|_, at| *at >= oldest);
+            if hidden.len() > MAX_HIDDEN_TAGS {
+                let newest = hidden.values().copied().max().unwrap_or(0);
+                self.cleared_unix_ms.fetch_max(newest, Ordering::AcqRel);
+                hidden.clear();
+            }
+        }
+        drop(hidden);
+        self.flush();
+    }
+
+    /// Drops everything from L1 and hides L2 entries created at or before `at_unix_ms`.
+    fn clear_at(&self, at_unix_ms: u64) {
+        self.cleared_unix_ms.fetch_max(at_unix_ms, Ordering::AcqRel);
+        self.flush();
+    }
+
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
     fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
-        if !self.unchanged(write) {
+        if !self.unchanged(write) || !self.l1_usable() {
             return false;
         }
         self.l1.insert(key.clone(), slot);
@@ -526,6 +693,7 @@ where
         key: &K,
         value: Option<&V>,
         times: Times,
+        tags: &[&str],
     ) -> Result<KvEntry, CacheError> {
         let key = self.l2_key(l2, key)?;
         let mut bytes = Vec::with_capacity(64);
@@ -534,6 +702,7 @@ where
             self.codec.id(),
             [times.created, times.fresh_until, times.expires],
             value.is_none(),
+            tags,
         );
         if let Some(value) = value {
             self.codec
@@ -571,16 +740,20 @@ where
                 if env.codec != self.codec.id() {
                     return Err("written by another codec".into());
                 }
+                if self.hidden(env.created_unix_ms, &env.tags) {
+                    return Ok(None);
+                }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
-                Ok((
+                Ok(Some((
                     env.created_unix_ms,
                     env.fresh_until_unix_ms,
                     env.expires_unix_ms,
                     value,
-                ))
+                )))
             });
         match decoded {
-            Ok((created, fresh_until, expires, value)) => {
+            Ok(None) => None,
+            Ok(Some((created, fresh_until, expires, value))) => {
                 let times = Times {
                     created,
                     fresh_until,
@@ -652,7 +825,9 @@ where
         let write = self.mark(&key);
         let mut reply = Some(reply);
         let now = self.clock.now();
-        let mut best = self.l1.get(&key).filter(|slot| now < slot.stale_until);
+        let mut best = self
+            .l1_get(&key, self.l1_usable())
+            .filter(|slot| now < slot.stale_until);
         let mut fill = false;
         if let Some(l2) = &self.l2 {
             let full = match self.l2_key(l2, &key) {
@@ -779,7 +954,7 @@ where
     fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
         let times = self.times(value.as_ref());
         let entry = match &self.l2 {
-            Some(l2) => match self.entry(l2, key, value.as_ref(), times) {
+            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &[]) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     self.metrics.oversized.increment(1);
@@ -867,9 +1042,13 @@ where
         };
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
         let now = self.clock.now();
+        let l1_usable = self.l1_usable();
         let mut best: Vec<Option<Slot<V>>> = keys
             .iter()
-            .map(|key| self.l1.get(key).filter(|slot| now < slot.stale_until))
+            .map(|key| {
+                self.l1_get(key, l1_usable)
+                    .filter(|slot| now < slot.stale_until)
+            })
             .collect();
         let mut outcomes = HashMap::with_capacity(keys.len());
         let mut fill = vec![false; keys.len()];
@@ -984,6 +1163,41 @@ where
         if let Some(l2) = &self.l2 {
             l2.set_many(&entries).await;
         }
+    }
+}
+
+impl<K, V> Local for Inner<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn invalidate_keys(&self, keys: &[&[u8]]) {
+        for bytes in keys {
+            match K::from_key_bytes(bytes) {
+                Some(key) => {
+                    self.bump_writes(&key);
+                    self.l1.invalidate(&key);
+                }
+                // A key type that cannot be rebuilt from its bytes: drop everything instead.
+                None => return self.flush(),
+            }
+        }
+    }
+
+    fn flush(&self) {
+        for count in &self.writes {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.in_flight.lock().clear();
+        self.l1.invalidate_all();
+    }
+
+    fn clear(&self, at_unix_ms: u64) {
+        self.clear_at(at_unix_ms);
+    }
+
+    fn invalidate_tag(&self, tag: &str, at_unix_ms: u64) {
+        self.hide_tag(tag, at_unix_ms);
     }
 }
 

@@ -111,17 +111,7 @@ impl Envelope<'_> {
             ],
             self.payload.is_none(),
         );
-        let tags = &self.tags[..self.tags.len().min(MAX_TAGS)];
-        out.push(tags.len() as u8);
-        for tag in tags {
-            let mut end = tag.len().min(255);
-            while !tag.is_char_boundary(end) {
-                end -= 1;
-            }
-            let bytes = &tag.as_bytes()[..end];
-            out.push(bytes.len() as u8);
-            out.extend_from_slice(bytes);
-        }
+        write_tags(out, &self.tags);
         if let Some(payload) = self.payload {
             out.extend_from_slice(payload);
         }
@@ -135,12 +125,33 @@ impl Envelope<'_> {
     }
 }
 
-/// Writes a version-1 header without tags; the payload (if any) follows it.
+/// Writes a version-1 header; the payload (if any) follows it.
 ///
 /// `times` are created, fresh until and expires at, in Unix milliseconds.
-pub(crate) fn write_header(out: &mut Vec<u8>, codec: u8, times: [u64; 3], not_found: bool) {
+pub(crate) fn write_header(
+    out: &mut Vec<u8>,
+    codec: u8,
+    times: [u64; 3],
+    not_found: bool,
+    tags: &[&str],
+) {
     write_fixed(out, codec, times, not_found);
-    out.push(0);
+    write_tags(out, tags);
+}
+
+/// Writes at most [`MAX_TAGS`] tags, each cut to 255 bytes.
+fn write_tags(out: &mut Vec<u8>, tags: &[&str]) {
+    let tags = &tags[..tags.len().min(MAX_TAGS)];
+    out.push(tags.len() as u8);
+    for tag in tags {
+        let mut end = tag.len().min(255);
+        while !tag.is_char_boundary(end) {
+            end -= 1;
+        }
+        let bytes = &tag.as_bytes()[..end];
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
 }
 
 /// Writes everything before the tags.

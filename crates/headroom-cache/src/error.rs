@@ -14,6 +14,9 @@ pub enum CacheErrorKind {
     InvalidKey,
     /// The encoded value is larger than the cache's `max_value_len`.
     ValueTooLarge,
+    /// A tag is empty or longer than 255 bytes, or an entry has more than
+    /// [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
+    InvalidTag,
     /// The codec could not encode the value.
     Encode,
     /// The loader returned an error and no stale value could be served instead.
@@ -29,6 +32,7 @@ impl CacheErrorKind {
         match self {
             Self::InvalidKey => "invalid key",
             Self::ValueTooLarge => "value too large",
+            Self::InvalidTag => "invalid tag",
             Self::Encode => "value could not be encoded",
             Self::Loader => "loader failed",
             Self::LoaderTimeout => "loader timed out",

@@ -12,27 +12,40 @@ use bytes::Bytes;
 pub trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
     /// The key's bytes in L2 (without the namespace).
     fn to_key_bytes(&self) -> Cow<'_, [u8]>;
+
+    /// The key whose [`to_key_bytes`](Self::to_key_bytes) are `bytes`, used to drop a key
+    /// named in an invalidation message. `None` (the default) makes such a message flush the
+    /// whole L1 instead: correct, but costly.
+    fn from_key_bytes(bytes: &[u8]) -> Option<Self> {
+        let _ = bytes;
+        None
+    }
 }
 
 macro_rules! borrowed_key {
-    ($($t:ty => $as:ty),*) => {$(
+    ($($t:ty => $as:ty, |$b:ident| $from:expr);* $(;)?) => {$(
         impl CacheKey for $t {
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
                 Cow::Borrowed(<$t as AsRef<$as>>::as_ref(self).as_ref())
+            }
+
+            fn from_key_bytes($b: &[u8]) -> Option<Self> {
+                $from
             }
         }
     )*};
 }
 
 borrowed_key!(
-    String => str,
-    Box<str> => str,
-    Arc<str> => str,
-    &'static str => str,
-    Vec<u8> => [u8],
-    Box<[u8]> => [u8],
-    Arc<[u8]> => [u8],
-    Bytes => [u8]
+    String => str, |b| std::str::from_utf8(b).ok().map(Into::into);
+    Box<str> => str, |b| std::str::from_utf8(b).ok().map(Into::into);
+    Arc<str> => str, |b| std::str::from_utf8(b).ok().map(Into::into);
+    // A `'static` key cannot be rebuilt from bytes: messages naming one flush L1.
+    &'static str => str, |b| { let _ = b; None };
+    Vec<u8> => [u8], |b| Some(b.into());
+    Box<[u8]> => [u8], |b| Some(b.into());
+    Arc<[u8]> => [u8], |b| Some(b.into());
+    Bytes => [u8], |b| Some(Bytes::copy_from_slice(b));
 );
 
 macro_rules! integer_key {
@@ -40,6 +53,10 @@ macro_rules! integer_key {
         impl CacheKey for $t {
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
                 Cow::Owned(self.to_string().into_bytes())
+            }
+
+            fn from_key_bytes(bytes: &[u8]) -> Option<Self> {
+                std::str::from_utf8(bytes).ok()?.parse().ok()
             }
         }
     )*};

@@ -4,7 +4,8 @@
 //! - **Reads**: [`Cache::get`], [`Cache::get_or_load`] and [`Cache::get_many_or_load`] look in
 //!   L1, then L2, then call the loader; L2 hits fill L1, loaded values fill both. A batch reads
 //!   L2 in one round trip and calls its loader once for every key still missing.
-//! - **Writes**: [`Cache::insert`] and [`Cache::remove`] write through to L2.
+//! - **Writes**: [`Cache::insert`], [`Cache::remove`] and [`Cache::remove_many`] write
+//!   through to L2.
 //! - **Stampede protection**: one load per key per instance, whatever the number of callers;
 //!   loads run in spawned tasks, so a caller that gives up does not cancel them for the others.
 //! - **TTL**: a default TTL or one chosen per value ([`CacheBuilder::ttl_by`]), random jitter,
@@ -16,11 +17,18 @@
 //!   and updates the cache when it finishes.
 //! - **L2 isolation**: every L2 call has a timeout and L2 errors never fail a cache call; after
 //!   repeated failures a breaker stops calling L2 for a cool-down, then probes it.
+//! - **Invalidation across instances** ([`CacheBuilder::invalidation`]): writes publish the
+//!   keys they change on an [`InvalidationBus`](headroom_core::bus::InvalidationBus) and
+//!   other instances drop them from L1; lost messages (bus losses, sequence gaps, silence)
+//!   flush or bypass L1, so staleness stays under [`InvalidationConfig::max_silence`].
+//!   [`Cache::invalidate_tag`] (for entries written with [`Cache::insert_tagged`]) and
+//!   [`Cache::clear`] reach every instance.
 //! - **Envelope**: every L2 value is wrapped in a versioned [`envelope`] (format version,
 //!   timestamps, tags) and encoded by a pluggable [`codec`]; undecodable bytes are a miss, a
 //!   metric and a delete.
 //!
-//! The guide (`docs/cache.md`) covers the concepts, sizing L1, and Redis settings.
+//! The guides (`docs/cache.md`, `docs/invalidation.md`) cover the concepts, sizing L1,
+//! invalidation across instances, and Redis settings.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -64,7 +72,11 @@
 //! `headroom_cache_stale_served_total`, `headroom_cache_l2_errors_total` (label `kind`:
 //! `error`, `timeout`), `headroom_cache_l2_skipped_total`, `headroom_cache_l2_corrupt_total`,
 //! `headroom_cache_l2_pending_deletes`, `headroom_cache_l2_breaker_open`,
-//! `headroom_cache_evictions_total` and `headroom_cache_oversized_total`. Handles are
+//! `headroom_cache_evictions_total` and `headroom_cache_oversized_total`; with invalidation,
+//! `headroom_cache_invalidation_sent_total`, `_publish_errors_total`, `_received_total`,
+//! `_invalid_total`, `_gaps_total`, `_flushes_total` (label `reason`), the
+//! `headroom_cache_invalidation_healthy` gauge and `headroom_cache_invalidation_lag_seconds`
+//! (all prefixed `headroom_cache_invalidation`). Handles are
 //! registered when the cache is built, so install the recorder first.
 //!
 //! # Minimum supported Rust version
@@ -80,6 +92,7 @@ pub mod codec;
 mod config;
 pub mod envelope;
 mod error;
+mod invalidation;
 mod key;
 mod l2;
 mod metrics;
@@ -89,4 +102,5 @@ pub(crate) use builder::TtlFn;
 pub use cache::Cache;
 pub use config::CacheConfig;
 pub use error::{CacheError, CacheErrorKind, ConfigError};
+pub use invalidation::InvalidationConfig;
 pub use key::CacheKey;

@@ -208,3 +208,53 @@ async fn l1_evictions_are_counted_unless_disabled() {
         assert_eq!(evictions > 0, enabled, "evictions {evictions}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_messages_gaps_and_state_are_reported() {
+    use headroom_cache::InvalidationConfig;
+    use headroom_core::bus::InvalidationBus;
+    use headroom_core::memory::MemoryBus;
+
+    let recorded = Recorded::default();
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let ns = Namespace::new("test:metrics-inval").unwrap();
+    let build = |name: &str| -> Cache<String, String> {
+        metrics::with_local_recorder(&recorded, || {
+            Cache::builder()
+                .name(name)
+                .l2(store.clone(), ns.clone())
+                .invalidation(bus.clone(), InvalidationConfig::default())
+                .build()
+                .unwrap()
+        })
+    };
+    let (a, b) = (build("ia"), build("ib"));
+    common::settle(|| a.l1_in_use() && b.l1_in_use()).await;
+    assert_eq!(
+        recorded.gauge("headroom_cache_invalidation_healthy{cache=ib}"),
+        1.0
+    );
+    a.insert("k".into(), "v".into()).await.unwrap();
+    common::settle(|| {
+        recorded.counter("headroom_cache_invalidation_received_total{cache=ib}") >= 1
+    })
+    .await;
+    assert!(recorded.counter("headroom_cache_invalidation_sent_total{cache=ia}") >= 1);
+
+    let channel = ns.key("~invalidation").unwrap();
+    bus.publish(&channel, Bytes::from_static(b"\x09garbage"))
+        .await
+        .unwrap();
+    // Format 1, origin 5, sequence 9, sent at 0, a ping: an unknown origin past its first
+    // message, so earlier ones were missed.
+    bus.publish(&channel, Bytes::from_static(&[1, 5, 9, 0, 0]))
+        .await
+        .unwrap();
+    common::settle(|| {
+        recorded.counter("headroom_cache_invalidation_invalid_total{cache=ib}") >= 1
+            && recorded.counter("headroom_cache_invalidation_gaps_total{cache=ib}") >= 1
+            && recorded.counter("headroom_cache_invalidation_flushes_total{cache=ib,reason=gap}")
+                >= 1
+    })
+    .await;
+}

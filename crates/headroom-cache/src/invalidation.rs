@@ -1,0 +1,566 @@
+//! Invalidation across instances: every write publishes a small message on an
+//! [`InvalidationBus`]; every other instance drops the keys from its L1.
+//!
+//! Messages carry no values: the origin instance, its sequence number, the send time, and
+//! the keys (or "everything"). Lost messages are detected three ways, and each makes L1 safe
+//! again by flushing it (and bypassing it while the subscription is down):
+//!
+//! - the bus reports a loss ([`BusEvent::Lost`]: lag, disconnection, server restart or
+//!   failover): L1 is flushed and bypassed until [`BusEvent::Live`];
+//! - an origin's sequence numbers jump: L1 is flushed;
+//! - silence: every instance publishes a ping each `ping_interval`, its own included. When
+//!   nothing (not even its own ping) arrives for `max_silence`, the subscription is taken as
+//!   dead: L1 is flushed and bypassed until a message arrives. When one origin falls silent
+//!   while others are heard, L1 is flushed every `max_silence` until that origin is heard
+//!   again, says goodbye, or has been silent for a whole entry lifetime.
+//!
+//! So no instance serves from L1 a value invalidated more than `max_silence` ago.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
+use headroom_core::{Clock, Key};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+/// The first byte of every message; a message of another format is counted and ignored.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// The settings of invalidation across instances, loadable with serde (feature `serde`).
+///
+/// The staleness bound is `max_silence`: no instance serves from L1 a value invalidated on
+/// another instance longer ago than that, whatever happens to the bus.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct InvalidationConfig {
+    /// How often each instance publishes a liveness ping.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub ping_interval: Duration,
+    /// How long the bus may stay silent before L1 is flushed and bypassed: the staleness
+    /// bound. At least twice `ping_interval`.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub max_silence: Duration,
+    /// The most keys waiting to be published; beyond it the pending keys are sent as one
+    /// "clear" message instead.
+    pub max_pending_keys: usize,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_millis(500),
+            max_silence: Duration::from_secs(2),
+            max_pending_keys: 1024,
+        }
+    }
+}
+
+impl InvalidationConfig {
+    pub(crate) fn validate(&self) -> Result<(), &'static str> {
+        if self.ping_interval.is_zero() {
+            return Err("invalidation ping_interval must be greater than zero");
+        }
+        if self.max_silence < self.ping_interval.saturating_mul(2) {
+            return Err("invalidation max_silence must be at least twice ping_interval");
+        }
+        if self.max_pending_keys == 0 {
+            return Err("invalidation max_pending_keys must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What a message asks of the instances receiving it.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Action<'a> {
+    /// Liveness only.
+    Ping,
+    /// The origin shuts down: stop expecting its pings.
+    Bye,
+    /// Drop these keys (their L2 key parts) from L1.
+    #[serde(borrow)]
+    Keys(Vec<&'a [u8]>),
+    /// Drop everything from L1.
+    Clear,
+    /// Drop every entry carrying one of these tags, in L1 and (hidden) in L2.
+    #[serde(borrow)]
+    Tags(Vec<&'a str>),
+}
+
+/// One invalidation message (after the format byte).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Message<'a> {
+    pub(crate) origin: u64,
+    pub(crate) seq: u64,
+    pub(crate) sent_unix_ms: u64,
+    #[serde(borrow)]
+    pub(crate) action: Action<'a>,
+}
+
+impl Message<'_> {
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut out = vec![FORMAT_VERSION];
+        // Serializing into a Vec cannot fail for these types.
+        out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        Bytes::from(out)
+    }
+}
+
+/// Decodes a message; `None` for anything else (another format, foreign or corrupt bytes).
+pub(crate) fn decode(bytes: &[u8]) -> Option<Message<'_>> {
+    match bytes.split_first() {
+        Some((&FORMAT_VERSION, body)) => postcard::from_bytes(body).ok(),
+        _ => None,
+    }
+}
+
+/// What the cache does on behalf of the bus.
+pub(crate) trait Local: Send + Sync + 'static {
+    /// Drops keys (as L2 key parts) from L1 and detaches their loads in flight.
+    fn invalidate_keys(&self, keys: &[&[u8]]);
+    /// Drops everything from L1 and detaches every load in flight.
+    fn flush(&self);
+    /// Flushes L1 and stops reading L2 entries created at or before `at_unix_ms`.
+    fn clear(&self, at_unix_ms: u64);
+    /// Flushes L1 and stops reading L2 entries carrying `tag` created at or before
+    /// `at_unix_ms`.
+    fn invalidate_tag(&self, tag: &str, at_unix_ms: u64);
+}
+
+/// Why L1 was flushed, the label of `headroom_cache_invalidation_flushes_total`.
+#[derive(Clone, Copy)]
+enum Flush {
+    Lost,
+    Silence,
+    Gap,
+    Clear,
+    Tag,
+}
+
+struct InvalidationMetrics {
+    sent: Counter,
+    publish_errors: Counter,
+    received: Counter,
+    invalid: Counter,
+    gaps: Counter,
+    flushes: [Counter; 5],
+    healthy: Gauge,
+    lag: Histogram,
+}
+
+impl InvalidationMetrics {
+    fn new(cache: &str) -> Self {
+        let name = cache.to_owned();
+        let flush = |reason: &'static str| counter!("headroom_cache_invalidation_flushes_total", "cache" => name.clone(), "reason" => reason);
+        Self {
+            sent: counter!("headroom_cache_invalidation_sent_total", "cache" => name.clone()),
+            publish_errors: counter!("headroom_cache_invalidation_publish_errors_total", "cache" => name.clone()),
+            received: counter!("headroom_cache_invalidation_received_total", "cache" => name.clone()),
+            invalid: counter!("headroom_cache_invalidation_invalid_total", "cache" => name.clone()),
+            gaps: counter!("headroom_cache_invalidation_gaps_total", "cache" => name.clone()),
+            flushes: [
+                flush("lost"),
+                flush("silence"),
+                flush("gap"),
+                flush("clear"),
+                flush("tag"),
+            ],
+            healthy: gauge!("headroom_cache_invalidation_healthy", "cache" => name.clone()),
+            lag: histogram!("headroom_cache_invalidation_lag_seconds", "cache" => name.clone()),
+        }
+    }
+}
+
+/// Keys waiting for the publisher task.
+#[derive(Default)]
+struct Outbox {
+    keys: Vec<Vec<u8>>,
+    tags: Vec<String>,
+    clear: bool,
+}
+
+/// The cache's side of invalidation: state shared with the publisher and listener tasks.
+pub(crate) struct Invalidation {
+    shared: Arc<Shared>,
+    /// Dropped with the cache, which stops both tasks (the publisher says goodbye first).
+    stop: watch::Sender<()>,
+}
+
+struct Shared {
+    bus: DynInvalidationBus,
+    channel: Key,
+    config: InvalidationConfig,
+    clock: Clock,
+    origin: u64,
+    /// Whether L1 may be used: the subscription is live and not silent.
+    healthy: AtomicBool,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+    seq: AtomicU64,
+    metrics: InvalidationMetrics,
+}
+
+impl Invalidation {
+    /// The invalidation state of a cache; L1 stays bypassed until [`spawn`](Self::spawn)
+    /// has started the tasks and the subscription is live.
+    pub(crate) fn new(
+        bus: DynInvalidationBus,
+        channel: Key,
+        config: InvalidationConfig,
+        clock: Clock,
+        cache_name: &str,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            bus,
+            channel,
+            config,
+            clock,
+            origin: fastrand::u64(..),
+            healthy: AtomicBool::new(false),
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            seq: AtomicU64::new(0),
+            metrics: InvalidationMetrics::new(cache_name),
+        });
+        shared.metrics.healthy.set(0.0);
+        Self {
+            shared,
+            stop: watch::channel(()).0,
+        }
+    }
+
+    /// Starts the publisher and listener tasks, which act on `local` (once it is fully built:
+    /// a failed upgrade means the cache is gone).
+    pub(crate) fn spawn(&self, local: Weak<dyn Local>, entry_lifetime: Duration) {
+        tokio::spawn(publish(Arc::clone(&self.shared), self.stop.subscribe()));
+        tokio::spawn(listen(
+            Arc::clone(&self.shared),
+            local,
+            entry_lifetime,
+            self.stop.subscribe(),
+        ));
+    }
+
+    /// Whether L1 may be read and filled.
+    pub(crate) fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    /// Queues keys (as L2 key parts) for the next message.
+    pub(crate) fn publish_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        let shared = &self.shared;
+        let mut outbox = shared.outbox.lock();
+        if !outbox.clear {
+            outbox.keys.extend(keys.into_iter().map(<[u8]>::to_vec));
+            if outbox.keys.len() > shared.config.max_pending_keys {
+                outbox.keys = Vec::new();
+                outbox.clear = true;
+            }
+        }
+        drop(outbox);
+        shared.wake.notify_one();
+    }
+
+    /// Queues a tag for the next message.
+    pub(crate) fn publish_tag(&self, tag: &str) {
+        let mut outbox = self.shared.outbox.lock();
+        if !outbox.clear {
+            outbox.tags.push(tag.to_owned());
+        }
+        drop(outbox);
+        self.shared.wake.notify_one();
+    }
+
+    /// Queues a "clear" for the next message.
+    pub(crate) fn publish_clear(&self) {
+        let mut outbox = self.shared.outbox.lock();
+        outbox.keys = Vec::new();
+        outbox.tags = Vec::new();
+        outbox.clear = true;
+        drop(outbox);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Shared {
+    async fn send(&self, action: Action<'_>) {
+        let message = Message {
+            origin: self.origin,
+            // Taken even when the publish fails, so receivers see the gap.
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            sent_unix_ms: self.clock.unix_millis(),
+            action,
+        };
+        match self.bus.publish(&self.channel, message.encode()).await {
+            Ok(()) => self.metrics.sent.increment(1),
+            Err(error) => {
+                self.metrics.publish_errors.increment(1);
+                tracing::debug!(%error, "invalidation message not published");
+            }
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            self.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
+            if healthy {
+                tracing::info!("invalidation bus healthy; L1 in use again");
+            } else {
+                tracing::warn!("invalidation bus unhealthy; L1 flushed and bypassed");
+            }
+        }
+    }
+}
+
+/// The publisher task: one message at a time, in sequence order, batching every key queued
+/// while the previous message was in flight; a ping when idle for `ping_interval`.
+async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+    loop {
+        let outbox = std::mem::take(&mut *shared.outbox.lock());
+        if outbox.clear {
+            shared.send(Action::Clear).await;
+        } else if !outbox.keys.is_empty() || !outbox.tags.is_empty() {
+            if !outbox.keys.is_empty() {
+                let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
+                shared.send(Action::Keys(keys)).await;
+            }
+            if !outbox.tags.is_empty() {
+                let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
+                shared.send(Action::Tags(tags)).await;
+            }
+        } else {
+            tokio::select! {
+                () = shared.wake.notified() => {}
+                () = shared.clock.sleep(shared.config.ping_interval) => {
+                    shared.send(Action::Ping).await;
+                }
+                _ = stopped.changed() => {
+                    shared.send(Action::Bye).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the listener knows of one other instance.
+struct Origin {
+    next_seq: u64,
+    heard: Instant,
+    /// Not heard for `max_silence`; L1 was flushed for it.
+    silent: bool,
+}
+
+/// The listener task: subscribes (again, after a failure), applies messages, watches for
+/// lost messages and silence.
+async fn listen(
+    shared: Arc<Shared>,
+    local: Weak<dyn Local>,
+    entry_lifetime: Duration,
+    mut stopped: watch::Receiver<()>,
+) {
+    let flush = |reason: Flush| {
+        shared.metrics.flushes[reason as usize].increment(1);
+        match local.upgrade() {
+            Some(local) => {
+                local.flush();
+                true
+            }
+            None => false,
+        }
+    };
+    // Back to using L1. Loads that read L2 while messages were being lost must not fill
+    // it: the flush detaches them (L1 itself is already empty).
+    let recover = || match local.upgrade() {
+        Some(local) => {
+            if !shared.healthy.load(Ordering::Acquire) {
+                local.flush();
+                shared.set_healthy(true);
+            }
+            true
+        }
+        None => false,
+    };
+    let mut origins: HashMap<u64, Origin> = HashMap::new();
+    let mut last_silence_flush = shared.clock.now();
+    loop {
+        let mut subscription: Subscription = tokio::select! {
+            subscribed = shared.bus.subscribe(&shared.channel) => match subscribed {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    tracing::debug!(%error, "invalidation subscribe failed; retrying");
+                    tokio::select! {
+                        () = shared.clock.sleep(shared.config.ping_interval) => continue,
+                        _ = stopped.changed() => return,
+                    }
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        let mut live = false;
+        let mut heard = shared.clock.now();
+        // Silence is checked on a fixed beat, however busy the channel is.
+        let tick = shared.config.ping_interval / 2;
+        let mut next_check = heard + tick;
+        loop {
+            let wait = next_check.saturating_duration_since(shared.clock.now());
+            let event = tokio::select! {
+                event = subscription.next_event() => event,
+                () = shared.clock.sleep(wait) => {
+                    let now = shared.clock.now();
+                    next_check = now + tick;
+                    let silence = shared.config.max_silence;
+                    if live && now.saturating_duration_since(heard) >= silence {
+                        live = false;
+                        shared.set_healthy(false);
+                        if !flush(Flush::Silence) { return; }
+                    }
+                    origins.retain(|_, origin| {
+                        now.saturating_duration_since(origin.heard) < entry_lifetime
+                    });
+                    // Flush when an origin falls silent, then every `max_silence` while one is.
+                    let (mut newly, mut any) = (false, false);
+                    for origin in origins.values_mut() {
+                        if now.saturating_duration_since(origin.heard) >= silence {
+                            newly |= !origin.silent;
+                            origin.silent = true;
+                            any = true;
+                        }
+                    }
+                    if newly || (any && now.saturating_duration_since(last_silence_flush) >= silence) {
+                        last_silence_flush = now;
+                        if !flush(Flush::Silence) { return; }
+                    }
+                    continue;
+                }
+                _ = stopped.changed() => return,
+            };
+            match event {
+                None => break,
+                Some(BusEvent::Lost(reason)) => {
+                    tracing::debug!(?reason, "invalidation messages lost");
+                    live = false;
+                    shared.set_healthy(false);
+                    if !flush(Flush::Lost) {
+                        return;
+                    }
+                }
+                Some(BusEvent::Live) => {
+                    live = true;
+                    heard = shared.clock.now();
+                    if !recover() {
+                        return;
+                    }
+                }
+                Some(BusEvent::Message(bytes)) => {
+                    let Some(message) = decode(&bytes) else {
+                        shared.metrics.invalid.increment(1);
+                        continue;
+                    };
+                    let now = shared.clock.now();
+                    heard = now;
+                    if !live {
+                        // Silent until now: L1 was flushed and bypassed meanwhile.
+                        live = true;
+                        if !recover() {
+                            return;
+                        }
+                    }
+                    if message.origin == shared.origin {
+                        continue;
+                    }
+                    shared.metrics.received.increment(1);
+                    let lag = shared
+                        .clock
+                        .unix_millis()
+                        .saturating_sub(message.sent_unix_ms);
+                    shared.metrics.lag.record(Duration::from_millis(lag));
+                    let known = origins.get_mut(&message.origin);
+                    let gap = match &known {
+                        Some(origin) => message.seq > origin.next_seq,
+                        // A new instance starts at 0; a later number means missed messages.
+                        None => message.seq > 0,
+                    };
+                    match known {
+                        Some(origin) => {
+                            origin.next_seq = origin.next_seq.max(message.seq.saturating_add(1));
+                            origin.heard = now;
+                            origin.silent = false;
+                        }
+                        None => {
+                            origins.insert(
+                                message.origin,
+                                Origin {
+                                    next_seq: message.seq.saturating_add(1),
+                                    heard: now,
+                                    silent: false,
+                                },
+                            );
+                        }
+                    }
+                    let Some(target) = local.upgrade() else {
+                        return;
+                    };
+                    if gap {
+                        shared.metrics.gaps.increment(1);
+                        shared.metrics.flushes[Flush::Gap as usize].increment(1);
+                        target.flush();
+                    }
+                    match message.action {
+                        Action::Ping => {}
+                        Action::Bye => {
+                            origins.remove(&message.origin);
+                        }
+                        Action::Keys(keys) => target.invalidate_keys(&keys),
+                        Action::Clear => {
+                            shared.metrics.flushes[Flush::Clear as usize].increment(1);
+                            target.clear(message.sent_unix_ms);
+                        }
+                        Action::Tags(tags) => {
+                            shared.metrics.flushes[Flush::Tag as usize].increment(1);
+                            for tag in tags {
+                                target.invalidate_tag(tag, message.sent_unix_ms);
+                            }
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        // The bus shut the subscription: messages may be lost until a new one is live.
+        shared.set_healthy(false);
+        if !flush(Flush::Lost) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let message = Message {
+            origin: 7,
+            seq: 42,
+            sent_unix_ms: 1_700_000_000_000,
+            action: Action::Keys(vec![b"a", b"bc"]),
+        };
+        let bytes = message.encode();
+        assert!(bytes.len() < 32, "{} bytes", bytes.len());
+        assert_eq!(decode(&bytes), Some(message));
+        assert_eq!(decode(b""), None);
+        assert_eq!(decode(&[FORMAT_VERSION + 1, 0, 0, 0, 0]), None);
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode(&[FORMAT_VERSION, 0xff, 0xff, 0xff]), None);
+    }
+}

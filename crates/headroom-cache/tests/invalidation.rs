@@ -1,0 +1,722 @@
+//! Invalidation across instances: several caches in one process, each with its own bus
+//! connection, over the memory bus, Redis and Redis Cluster.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Calls, Probe, settle};
+use headroom_cache::{Cache, InvalidationConfig};
+use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
+use headroom_core::kv::DynKvStore;
+use headroom_core::memory::{MemoryBus, MemoryKvStore};
+use headroom_core::{BackendError, Key, Namespace};
+use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
+use headroom_testkit::{FaultProxy, RedisServer, shared_cluster, shared_server, unique_namespace};
+
+/// One instance's connections: its L2 store and its bus.
+type Parts = (DynKvStore, DynInvalidationBus);
+
+/// The staleness bound of every test below.
+fn config() -> InvalidationConfig {
+    let mut config = InvalidationConfig::default();
+    config.ping_interval = Duration::from_millis(50);
+    config.max_silence = Duration::from_millis(200);
+    config
+}
+
+fn cache(parts: Parts, ns: &Namespace) -> Cache<String, u64> {
+    Cache::builder()
+        .ttl(Duration::from_secs(60))
+        .l2_cooldown(Duration::from_millis(100))
+        .l2(parts.0, ns.clone())
+        .invalidation(parts.1, config())
+        .build()
+        .expect("build")
+}
+
+fn memory_parts(n: usize) -> Vec<Parts> {
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    (0..n)
+        .map(|_| {
+            (
+                DynKvStore::new(store.clone()),
+                DynInvalidationBus::new(bus.clone()),
+            )
+        })
+        .collect()
+}
+
+async fn redis_parts(config: RedisConfig) -> Parts {
+    let redis = Redis::connect(config).await.expect("connect");
+    let bus = RedisBus::connect(redis.clone()).await.expect("bus");
+    (
+        DynKvStore::new(RedisKvStore::new(redis)),
+        DynInvalidationBus::new(bus),
+    )
+}
+
+async fn standalone_parts(n: usize) -> Vec<Parts> {
+    let mut parts = Vec::new();
+    for _ in 0..n {
+        parts.push(redis_parts(RedisConfig::standalone(shared_server().url())).await);
+    }
+    parts
+}
+
+async fn cluster_parts(n: usize) -> Vec<Parts> {
+    let mut parts = Vec::new();
+    for _ in 0..n {
+        parts.push(redis_parts(RedisConfig::cluster(shared_cluster().urls())).await);
+    }
+    parts
+}
+
+/// Waits until every cache's subscription is live.
+async fn live(caches: &[Cache<String, u64>]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !caches.iter().all(Cache::l1_in_use) {
+        let states: Vec<bool> = caches.iter().map(Cache::l1_in_use).collect();
+        assert!(Instant::now() < deadline, "not live: {states:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Wraps an instance's store to count its L2 calls.
+fn probed(parts: Parts) -> (Parts, Arc<Calls>) {
+    let probe = Probe::new(parts.0);
+    let calls = Arc::clone(&probe.calls);
+    ((DynKvStore::new(probe), parts.1), calls)
+}
+
+/// Reads `key` until it is served from L1 with `expected` (a read that makes no L2 call).
+async fn settle_in_l1(cache: &Cache<String, u64>, calls: &Calls, key: &str, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = calls.reads();
+        let served = cache.get(&key.to_owned()).await.unwrap();
+        if served == Some(expected) && calls.reads() == before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} never served from L1");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+/// An update on A stops being served by B's L1 once the message arrives; returns the lag.
+async fn update_reaches_other_l1(parts: Vec<Parts>, ns: Namespace) -> Duration {
+    let mut parts = parts.into_iter();
+    let a = cache(parts.next().unwrap(), &ns);
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    // From here on B serves its L1 copy: only the message can make it read L2 again.
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    let started = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    started.elapsed()
+}
+
+/// Reads `key` on `cache` until it answers `expected` (bounded by [`settle`]'s 5 s).
+async fn settle_value(cache: &Cache<String, u64>, key: &str, expected: Option<u64>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if cache.get(&key.to_owned()).await.unwrap() == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key} never became {expected:?}");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_memory_bus() {
+    let lag = update_reaches_other_l1(memory_parts(2), unique_namespace("inval")).await;
+    println!("memory bus propagation: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_redis() {
+    let lag = update_reaches_other_l1(standalone_parts(2).await, unique_namespace("inval")).await;
+    println!("redis propagation: {lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_reaches_other_instance_on_redis_cluster() {
+    let lag = update_reaches_other_l1(cluster_parts(2).await, unique_namespace("inval")).await;
+    println!("redis cluster propagation: {lag:?}");
+}
+
+/// B's L1 holds a key; A updates it: B's L1 must not answer the old value once the message is
+/// in, even though B's L1 copy is still fresh by TTL. Checked without L2 reads on B: B's
+/// L2 copy is the new value, so only L1 could serve the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_many_and_clear_reach_every_instance_and_l2() {
+    let ns = unique_namespace("clear");
+    let caches: Vec<_> = memory_parts(3)
+        .into_iter()
+        .map(|parts| cache(parts, &ns))
+        .collect();
+    live(&caches).await;
+    for key in ["a", "b", "c"] {
+        caches[0].insert(key.into(), 1).await.unwrap();
+    }
+    for cache in &caches {
+        for key in ["a", "b", "c"] {
+            settle_value(cache, key, Some(1)).await;
+        }
+    }
+    caches[1]
+        .remove_many(&["a".to_owned(), "b".to_owned()])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", None).await;
+        settle_value(cache, "b", None).await;
+        assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(1));
+    }
+    // `clear` hides "c" everywhere although its L2 copy stays until its TTL.
+    caches[2].clear();
+    for cache in &caches {
+        settle_value(cache, "c", None).await;
+    }
+    // Values written after the clear are served again (the clock moved past the clear).
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    caches[0].insert("c".into(), 2).await.unwrap();
+    for cache in &caches {
+        settle_value(cache, "c", Some(2)).await;
+    }
+}
+
+/// `invalidate_tag` removes the entries carrying the tag from every instance's L1 and hides
+/// their L2 copies (still in L2 until their TTL) from every instance; other entries stay.
+async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
+    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    live(&caches).await;
+    caches[0]
+        .insert_tagged("a".into(), 1, &["team:1"])
+        .await
+        .unwrap();
+    caches[0]
+        .insert_tagged("b".into(), 2, &["team:1", "x"])
+        .await
+        .unwrap();
+    caches[0]
+        .insert_tagged("c".into(), 3, &["team:2"])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", Some(1)).await;
+        settle_value(cache, "b", Some(2)).await;
+        settle_value(cache, "c", Some(3)).await;
+    }
+    caches[1].invalidate_tag("team:1");
+    for cache in &caches {
+        settle_value(cache, "a", None).await;
+        settle_value(cache, "b", None).await;
+        assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(3));
+    }
+    // Written after the invalidation: served again.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    caches[2]
+        .insert_tagged("a".into(), 4, &["team:1"])
+        .await
+        .unwrap();
+    for cache in &caches {
+        settle_value(cache, "a", Some(4)).await;
+    }
+    let too_many = vec!["t"; headroom_cache::envelope::MAX_TAGS + 1];
+    for bad in [&[""][..], &[&*"x".repeat(256)][..], &too_many[..]] {
+        let error = caches[0]
+            .insert_tagged("d".into(), 5, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), headroom_cache::CacheErrorKind::InvalidTag);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_memory_bus() {
+    tags_reach_every_instance_and_l2(memory_parts(3), unique_namespace("tags")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_redis() {
+    tags_reach_every_instance_and_l2(standalone_parts(3).await, unique_namespace("tags")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_on_redis_cluster() {
+    tags_reach_every_instance_and_l2(cluster_parts(3).await, unique_namespace("tags")).await;
+}
+
+/// A bus in front of another that can drop published messages or silence subscriptions, as
+/// a network would, without telling anyone.
+#[derive(Clone, Debug)]
+struct Faulty {
+    inner: MemoryBus,
+    drop_next_publish: Arc<AtomicBool>,
+    /// Drops every published message.
+    muted: Arc<AtomicBool>,
+    silenced: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    fn new(inner: MemoryBus) -> Self {
+        Self {
+            inner,
+            drop_next_publish: Arc::default(),
+            muted: Arc::default(),
+            silenced: Arc::default(),
+        }
+    }
+}
+
+impl InvalidationBus for Faulty {
+    async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
+        if self.drop_next_publish.swap(false, Ordering::SeqCst) || self.muted.load(Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
+        let silenced = Arc::clone(&self.silenced);
+        let events = self.inner.subscribe(channel).await?;
+        Ok(Subscription::new(futures_util::StreamExt::filter(
+            events,
+            move |event| {
+                let pass =
+                    !(matches!(event, BusEvent::Message(_)) && silenced.load(Ordering::SeqCst));
+                std::future::ready(pass)
+            },
+        )))
+    }
+}
+
+/// A message lost on its way (the bus said nothing) shows as a gap in A's sequence numbers at
+/// A's next message, and B flushes its L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_flushes_l1() {
+    let ns = unique_namespace("gap");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    faulty.drop_next_publish.store(true, Ordering::SeqCst);
+    a.insert("k".into(), 2).await.unwrap();
+    settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
+    // A's next ping (at most 50 ms later) reveals the gap.
+    settle_value(&b, "k", Some(2)).await;
+}
+
+/// B's subscription goes silent (no loss reported): after `max_silence` B stops using L1, so
+/// it never serves a value invalidated longer ago than that; once messages flow, L1 is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_bypasses_l1_until_heard_again() {
+    let ns = unique_namespace("silence");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
+        &ns,
+    );
+    let b = cache(
+        (
+            DynKvStore::new(store),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    faulty.silenced.store(true, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    let bound = config().max_silence + Duration::from_millis(100);
+    assert!(
+        stale_for < bound,
+        "B served the old value for {stale_for:?}"
+    );
+    // A's silence may have flushed B's L1 first; B's own silence follows within the bound.
+    settle(|| !b.l1_in_use()).await;
+    assert!(
+        written.elapsed() < bound,
+        "B used L1 for {:?}",
+        written.elapsed()
+    );
+    faulty.silenced.store(false, Ordering::SeqCst);
+    settle(|| b.l1_in_use()).await;
+}
+
+/// A writes L2 but its messages no longer get out (no error anywhere): B notices A's silence
+/// and flushes its L1 within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_origin_makes_others_flush() {
+    let ns = unique_namespace("mute");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    faulty.muted.store(true, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    assert!(
+        stale_for < config().max_silence + Duration::from_millis(100),
+        "B served the old value for {stale_for:?}"
+    );
+    // B's own subscription is fine: it keeps using L1.
+    assert!(b.l1_in_use());
+}
+
+/// Garbage on the channel is ignored: B keeps its subscription and keeps invalidating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_messages_are_ignored() {
+    let ns = unique_namespace("garbage");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        ),
+        &ns,
+    );
+    let b = cache(
+        (DynKvStore::new(store), DynInvalidationBus::new(bus.clone())),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    let channel = ns.key("~invalidation").unwrap();
+    for garbage in [
+        &b""[..],
+        b"\x01",
+        b"\x01\xff\xff\xff\xff",
+        b"\x09hello",
+        b"\x01\x00\x00\x00\x00\x03",
+    ] {
+        bus.publish(&channel, Bytes::from_static(garbage))
+            .await
+            .unwrap();
+    }
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    assert!(b.l1_in_use());
+}
+
+/// What happens to B's Redis during a faulty run.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// B's connections (L2 and bus) are closed and refused: the bus reports the loss.
+    Cut,
+    /// B's connections stay open but carry nothing: only silence shows it.
+    Stall,
+    /// The server is killed (for A too) and restarted empty.
+    Restart,
+}
+
+/// A keeps writing one key while B reads it; B's Redis suffers `fault` from round 10 to
+/// round 40. B never serves a value replaced longer than the staleness bound ago, and serves
+/// fresh values once Redis is back (from L1 again, except after a restart: see below).
+/// (Standalone only: a cluster client learns node addresses from the cluster and would bypass
+/// the proxy.)
+async fn faulty_run(fault: Fault) {
+    let server = RedisServer::start();
+    let ns = unique_namespace("fault");
+    let config_for = |url: String| {
+        RedisConfig::standalone(url)
+            .with_command_timeout(Duration::from_millis(100))
+            .with_connect_timeout(Duration::from_millis(100))
+    };
+    let a = cache(redis_parts(config_for(server.url())).await, &ns);
+    let proxy = FaultProxy::start(server.addr()).await;
+    let b = cache(redis_parts(config_for(proxy.url())).await, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    let bound = config().max_silence + Duration::from_millis(100);
+    let mut writes: Vec<Instant> = Vec::new();
+    for round in 0u64..60 {
+        match (round, fault) {
+            (10, Fault::Cut) => proxy.cut(),
+            (10, Fault::Stall) => proxy.stall(),
+            (10, Fault::Restart) => server.kill(),
+            (40, Fault::Cut | Fault::Stall) => proxy.restore(),
+            (40, Fault::Restart) => server.restart(),
+            _ => {}
+        }
+        a.insert("k".into(), round).await.unwrap();
+        writes.push(Instant::now());
+        for _ in 0..5 {
+            let served = b.get(&"k".to_owned()).await.unwrap();
+            if let Some(version) = served {
+                // The write that replaced `version`, if any, is at most `bound` old.
+                if let Some(replaced) = writes.get(version as usize + 1) {
+                    assert!(
+                        replaced.elapsed() <= bound,
+                        "{fault:?}: B served version {version}, replaced {:?} ago",
+                        replaced.elapsed()
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    if !matches!(fault, Fault::Restart) {
+        live(&[a.clone(), b.clone()]).await;
+    }
+    // After a restart, `RedisBus` subscriptions stay lost (its idle subscriber connection is
+    // not re-established), so L1 stays bypassed: safe, and checked by the reads below.
+    // A's own L2 breaker may still be cooling down (its writes then wait in L1 and as pending
+    // deletes): A keeps writing until B serves A's latest value.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for version in 60u64.. {
+        a.insert("k".into(), version).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if b.get(&"k".to_owned()).await.unwrap() == Some(version) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{fault:?}: B never caught up");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_subscriber_on_redis_stays_within_bound() {
+    faulty_run(Fault::Cut).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_on_redis_stays_within_bound() {
+    faulty_run(Fault::Stall).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_stays_within_bound() {
+    faulty_run(Fault::Restart).await;
+}
+
+/// Every write of one key in order: the value written (`None` for a remove) and when the
+/// write returned.
+type History = Vec<(Option<u64>, Instant)>;
+
+/// A seeded model of concurrent writers, readers and invalidations on several instances:
+/// writes of one key are serialized (so "the latest value" is defined) while reads run
+/// freely. During the run, no read returns a value replaced longer than the bound before the
+/// read began; after quiescence, within the bound, every instance serves the latest value of
+/// every key, and keeps serving it.
+async fn randomized_run(parts: Vec<Parts>, ns: Namespace, seed: u64) {
+    const KEYS: usize = 6;
+    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    live(&caches).await;
+    let bound = config().max_silence + Duration::from_millis(100);
+    let histories: Arc<Vec<tokio::sync::Mutex<History>>> = Arc::new(
+        (0..KEYS)
+            .map(|_| tokio::sync::Mutex::new(Vec::new()))
+            .collect(),
+    );
+    let next_value = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (i, cache) in caches.iter().enumerate() {
+        for worker in 0..2u64 {
+            let (cache, histories, next_value) = (
+                cache.clone(),
+                Arc::clone(&histories),
+                Arc::clone(&next_value),
+            );
+            let mut rng = fastrand::Rng::with_seed(seed ^ ((i as u64) << 8) ^ worker);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..150 {
+                    let k = rng.usize(0..KEYS);
+                    let key = format!("k{k}");
+                    match rng.u8(0..10) {
+                        0..=2 => {
+                            let mut history = histories[k].lock().await;
+                            let value = next_value.fetch_add(1, Ordering::SeqCst);
+                            cache.insert(key, value).await.unwrap();
+                            history.push((Some(value), Instant::now()));
+                        }
+                        3 => {
+                            let mut history = histories[k].lock().await;
+                            cache.remove(&key).await.unwrap();
+                            history.push((None, Instant::now()));
+                        }
+                        4 => {
+                            // Two keys in one call, locked in key order.
+                            let other = (k + 1) % KEYS;
+                            let (first, second) = (k.min(other), k.max(other));
+                            let mut h1 = histories[first].lock().await;
+                            let mut h2 = histories[second].lock().await;
+                            cache
+                                .remove_many(&[format!("k{first}"), format!("k{second}")])
+                                .await
+                                .unwrap();
+                            h1.push((None, Instant::now()));
+                            h2.push((None, Instant::now()));
+                        }
+                        _ => {
+                            let started = Instant::now();
+                            let served = cache.get(&key).await.unwrap();
+                            let Some(value) = served else { continue };
+                            let history = histories[k].lock().await;
+                            let at = history
+                                .iter()
+                                .position(|(v, _)| *v == Some(value))
+                                .expect("served a value never written");
+                            if let Some((_, replaced)) = history.get(at + 1) {
+                                assert!(
+                                    *replaced + bound >= started,
+                                    "served {value} of {key}, replaced {:?} before the read",
+                                    started - *replaced
+                                );
+                            }
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    let quiet = Instant::now();
+    for (k, history) in histories.iter().enumerate() {
+        let latest = history.lock().await.last().and_then(|(v, _)| *v);
+        let key = format!("k{k}");
+        for cache in &caches {
+            while cache.get(&key).await.unwrap() != latest {
+                assert!(
+                    quiet.elapsed() <= bound,
+                    "{key} still stale after {bound:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    for (k, history) in histories.iter().enumerate() {
+        let latest = history.lock().await.last().and_then(|(v, _)| *v);
+        for cache in &caches {
+            assert_eq!(cache.get(&format!("k{k}")).await.unwrap(), latest);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_memory_bus() {
+    for seed in 0..8 {
+        randomized_run(memory_parts(3), unique_namespace("model"), seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_redis() {
+    for seed in 0..3 {
+        randomized_run(standalone_parts(3).await, unique_namespace("model"), seed).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_instances_on_redis_cluster() {
+    for seed in 0..2 {
+        randomized_run(cluster_parts(3).await, unique_namespace("model"), seed).await;
+    }
+}
+
+/// A store whose writes wait for a permit while `held` is set.
+#[derive(Clone, Debug)]
+struct Gated {
+    inner: MemoryKvStore,
+    held: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Gated {
+    async fn wait(&self) {
+        if self.held.load(Ordering::SeqCst) {
+            self.gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
+impl headroom_core::kv::KvStore for Gated {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, entries: &[headroom_core::kv::KvEntry]) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set_many(entries).await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.inner.delete(keys).await
+    }
+}
+
+/// An `insert` dropped while its L2 write is in flight still announces the write once it
+/// lands: B does not keep serving the old value from L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_insert_still_publishes() {
+    use futures_util::FutureExt;
+
+    let ns = unique_namespace("dropped");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let gated = Gated {
+        inner: store.clone(),
+        held: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let a = cache(
+        (
+            DynKvStore::new(gated.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    gated.held.store(true, Ordering::SeqCst);
+    let mut insert = Box::pin(a.insert("k".into(), 2));
+    assert!((&mut insert).now_or_never().is_none(), "the L2 write waits");
+    drop(insert);
+    gated.gate.add_permits(1);
+    settle_value(&b, "k", Some(2)).await;
+}
