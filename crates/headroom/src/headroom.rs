@@ -103,6 +103,7 @@ pub struct Headroom {
 struct Inner {
     backend: Backend,
     namespace: Namespace,
+    #[cfg(feature = "idempotency")]
     idempotency_namespace: Namespace,
     clock: Clock,
     kv: DynKvStore,
@@ -340,6 +341,7 @@ impl HeadroomBuilder {
     fn finish(
         self,
         backend: Backend,
+        #[cfg_attr(not(feature = "idempotency"), allow(unused_variables))]
         (namespace, idempotency_namespace): (Namespace, Namespace),
         kv: DynKvStore,
         bus: DynInvalidationBus,
@@ -350,6 +352,7 @@ impl HeadroomBuilder {
             inner: Arc::new(Inner {
                 backend,
                 namespace,
+                #[cfg(feature = "idempotency")]
                 idempotency_namespace,
                 clock: self.clock,
                 kv,

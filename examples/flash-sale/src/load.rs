@@ -1,7 +1,7 @@
 //! The load generator: open-loop arrivals at a target rate, phase by phase, from customers who
 //! give up after a second and retry (with the same idempotency key for a checkout).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -212,13 +212,20 @@ pub(crate) async fn run(label: &str, plan: &Plan, targets: &[SocketAddr]) -> Vec
 }
 
 async fn print_progress(label: String, plan: Plan, start: Instant, progress: Arc<Progress>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // One line redrawn in place on a terminal; a line every two seconds in a log.
+    let tty = std::io::stderr().is_terminal();
+    let (every, lead, end) = if tty {
+        (Duration::from_millis(500), "\r", "")
+    } else {
+        (Duration::from_secs(2), "", "\n")
+    };
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let elapsed = start.elapsed();
         let phase = &plan.phases[plan.phase_at(elapsed)];
         eprint!(
-            "\r{label:<12} {:<9} {:>3.0}x {:>5.1}s/{:.0}s  sent {:>6}  ok {:>6}  failed {:>6}  in flight {:>4}   ",
+            "{lead}{label:<12} {:<9} {:>3.0}x {:>5.1}s/{:.0}s  sent {:>6}  ok {:>6}  failed {:>6}  in flight {:>4}   {end}",
             phase.name,
             phase.multiplier,
             elapsed.as_secs_f64().min(plan.total().as_secs_f64()),
