@@ -6,19 +6,16 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use headroom_benches::{LoopbackRedis, runtime};
 use headroom_core::memory::MemoryLeaseStore;
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
-use headroom_testkit::RedisServer;
+use headroom_redis::RedisLeaseStore;
 
 type Outcome = Result<String, std::convert::Infallible>;
 
 fn idempotency(c: &mut Criterion) {
-    let server = RedisServer::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
+    let loopback = LoopbackRedis::start(&runtime);
     let scope = Scope::new("tenant-42", "create-payment").expect("scope");
     let replay_key = IdempotencyKey::new("replayed-key").expect("key");
     let fresh = AtomicU64::new(0);
@@ -30,17 +27,8 @@ fn idempotency(c: &mut Criterion) {
     let memory = Idempotency::builder(MemoryLeaseStore::new())
         .build()
         .expect("executor");
-    let (redis, raw) = runtime.block_on(async {
-        let redis = Redis::connect(RedisConfig::standalone(server.url()))
-            .await
-            .expect("connect");
-        let client = redis::Client::open(server.url()).expect("client");
-        let raw = redis::aio::ConnectionManager::new(client)
-            .await
-            .expect("raw connection");
-        (redis, raw)
-    });
-    let on_redis = Idempotency::builder(RedisLeaseStore::new(redis))
+    let raw = loopback.raw.clone();
+    let on_redis = Idempotency::builder(RedisLeaseStore::new(loopback.redis.clone()))
         .build()
         .expect("executor");
     let receipt = || async { Outcome::Ok("pay_1MtwBwLkdIwHu7ix".to_owned()) };

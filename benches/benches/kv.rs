@@ -7,18 +7,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use headroom_benches::{LoopbackRedis, runtime};
 use headroom_core::kv::{KvEntry, KvStore};
 use headroom_core::memory::MemoryKvStore;
 use headroom_core::{Key, Namespace};
-use headroom_redis::{Redis, RedisConfig, RedisKvStore};
-use headroom_testkit::RedisServer;
+use headroom_redis::RedisKvStore;
 
 fn kv(c: &mut Criterion) {
-    let server = RedisServer::start();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
+    let loopback = LoopbackRedis::start(&runtime);
     let ns = Namespace::new("bench").expect("namespace");
     let keys: Vec<Key> = (0..100)
         .map(|i| ns.key(format!("k{i}")).expect("key"))
@@ -33,18 +30,9 @@ fn kv(c: &mut Criterion) {
         })
         .collect();
 
-    let (store, mut raw) = runtime.block_on(async {
-        let redis = Redis::connect(RedisConfig::standalone(server.url()))
-            .await
-            .expect("connect");
-        let store = RedisKvStore::new(redis);
-        store.set_many(&entries).await.expect("fill");
-        let client = redis::Client::open(server.url()).expect("client");
-        let raw = redis::aio::ConnectionManager::new(client)
-            .await
-            .expect("raw connection");
-        (store, raw)
-    });
+    let store = RedisKvStore::new(loopback.redis.clone());
+    runtime.block_on(store.set_many(&entries)).expect("fill");
+    let raw = loopback.raw.clone();
     let memory = MemoryKvStore::new();
     runtime
         .block_on(memory.set_many(&entries))
@@ -102,8 +90,6 @@ fn kv(c: &mut Criterion) {
         },
     );
     group.finish();
-    raw = raw.clone();
-    drop(raw);
 }
 
 criterion_group!(benches, kv);

@@ -6,32 +6,13 @@
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use headroom_benches::throughput;
 use headroom_breaker::CircuitBreaker;
 use headroom_core::BackendError;
 
-const CALLS_PER_THREAD: u64 = 5_000_000;
-
-/// Runs `work` on `threads` threads and returns calls per second in all.
-fn throughput(threads: usize, work: impl Fn() + Send + Sync + 'static) -> f64 {
-    let work = Arc::new(work);
-    let start = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let work = work.clone();
-            std::thread::spawn(move || {
-                for _ in 0..CALLS_PER_THREAD {
-                    work();
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.join().expect("thread");
-    }
-    (threads as u64 * CALLS_PER_THREAD) as f64 / start.elapsed().as_secs_f64()
-}
+const RUN_FOR: Duration = Duration::from_secs(2);
 
 fn breaker(timed: bool) -> CircuitBreaker<BackendError> {
     let builder = CircuitBreaker::builder();
@@ -47,8 +28,9 @@ fn main() {
     println!("{:<34} {:>8} {:>14}", "scenario", "threads", "Mcalls/s");
     for threads in [1, 2] {
         let counter = Arc::new(AtomicU64::new(0));
-        let rate = throughput(threads, move || {
+        let rate = throughput(threads, RUN_FOR, move || {
             black_box(counter.fetch_add(1, Ordering::Relaxed));
+            true
         });
         println!(
             "{:<34} {threads:>8} {:>14.1}",
@@ -60,8 +42,9 @@ fn main() {
             ("breaker, time window", true),
         ] {
             let breaker = breaker(timed);
-            let rate = throughput(threads, move || {
+            let rate = throughput(threads, RUN_FOR, move || {
                 breaker.try_acquire().expect("closed").success();
+                true
             });
             println!("{name:<34} {threads:>8} {:>14.1}", rate / 1e6);
         }

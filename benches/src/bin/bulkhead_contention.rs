@@ -8,51 +8,22 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use headroom_benches::{cores, throughput};
 use headroom_limit::Bulkhead;
 use tokio::sync::Semaphore;
 
 const RUN_FOR: Duration = Duration::from_secs(2);
 
-/// Runs `acquire_release` on `threads` threads for `RUN_FOR`; returns operations per second.
-fn measure(threads: usize, acquire_release: impl Fn() -> bool + Send + Sync + 'static) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let work = Arc::new(acquire_release);
-    let started = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let (stop, work) = (Arc::clone(&stop), Arc::clone(&work));
-            thread::spawn(move || {
-                let mut done = 0_u64;
-                while !stop.load(Ordering::Relaxed) {
-                    if work() {
-                        done += 1;
-                    }
-                }
-                done
-            })
-        })
-        .collect();
-    thread::sleep(RUN_FOR);
-    stop.store(true, Ordering::Relaxed);
-    let total: u64 = handles
-        .into_iter()
-        .map(|handle| handle.join().expect("worker thread"))
-        .sum();
-    total as f64 / started.elapsed().as_secs_f64()
-}
-
 fn main() {
-    let threads = thread::available_parallelism().map_or(2, usize::from);
+    let threads = cores();
     println!("acquire + release, {threads} threads, {RUN_FOR:?} each");
     println!("| limit | tokio Semaphore (M ops/s) | headroom Bulkhead (M ops/s) | ratio |");
     println!("|---|---|---|---|");
     for limit in [64, 1] {
         let semaphore = Arc::new(Semaphore::new(limit));
-        let peer = measure(threads, move || {
+        let peer = throughput(threads, RUN_FOR, move || {
             semaphore
                 .try_acquire()
                 .map(|permit| drop(black_box(permit)))
@@ -62,7 +33,7 @@ fn main() {
             .max_concurrent(limit)
             .build()
             .expect("bulkhead");
-        let ours = measure(threads, move || {
+        let ours = throughput(threads, RUN_FOR, move || {
             bulkhead
                 .try_acquire()
                 .map(|permit| drop(black_box(permit)))

@@ -7,10 +7,15 @@
 
 use std::hint::black_box;
 
+use std::time::Duration;
+
 use headroom_breaker::CircuitBreaker;
-use headroom_core::memory::MemoryLeaseStore;
+use headroom_cache::Cache;
+use headroom_core::Namespace;
+use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
+use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
 use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
 
 /// Iterations of every measured loop; the gate divides by it.
@@ -19,12 +24,15 @@ const ITERATIONS: usize = 10_000;
 type Bench = (&'static str, fn());
 
 const BENCHES: &[Bench] = &[
+    ("cache_l1_hit", cache_l1_hit),
     ("shard_jump_1000", shard_jump),
     ("shard_ring_100x160", shard_ring),
     ("shard_maglev_100", shard_maglev),
     ("shard_cluster_slot", shard_cluster_slot),
     ("bulkhead_try_acquire_release", bulkhead),
     ("breaker_closed_permit_count_window", breaker),
+    ("rate_direct_check", rate_direct),
+    ("rate_keyed_check", rate_keyed),
     ("idempotency_replay_memory", idempotency_replay),
 ];
 
@@ -44,6 +52,38 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+fn cache_l1_hit() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let cache: Cache<u64, String> = runtime.block_on(async {
+        let cache = Cache::builder()
+            .name("gate")
+            .ttl(Duration::from_secs(3_600))
+            .l2(
+                MemoryKvStore::new(),
+                Namespace::new("gate").expect("namespace"),
+            )
+            .build()
+            .expect("cache");
+        for k in 0..64 {
+            cache.insert(k, format!("value-{k}")).await.expect("fill");
+        }
+        cache
+    });
+    measured_cache_l1_hit(&runtime, &cache);
+}
+
+#[inline(never)]
+fn measured_cache_l1_hit(runtime: &tokio::runtime::Runtime, cache: &Cache<u64, String>) {
+    runtime.block_on(async {
+        for i in 0..ITERATIONS {
+            black_box(cache.get(&(i as u64 % 64)).await.expect("get"));
+        }
+    });
 }
 
 fn keys() -> Vec<String> {
@@ -107,6 +147,38 @@ fn breaker() {
 fn measured_breaker(breaker: &CircuitBreaker<()>) {
     for _ in 0..ITERATIONS {
         black_box(breaker.try_acquire()).expect("closed").success();
+    }
+}
+
+/// A quota no check in the gate exhausts, so every check takes the admitting path.
+fn generous() -> Quota {
+    Quota::per_second(1_000_000_000).expect("quota")
+}
+
+fn rate_direct() {
+    measured_rate_direct(&DirectLimiter::builder(generous()).build());
+}
+
+#[inline(never)]
+fn measured_rate_direct(limiter: &DirectLimiter) {
+    for _ in 0..ITERATIONS {
+        black_box(limiter.check()).expect("admitted");
+    }
+}
+
+fn rate_keyed() {
+    let limiter: KeyedLimiter<String> = KeyedLimiter::builder(generous()).build();
+    let keys = keys();
+    for key in &keys {
+        limiter.check_key(key.as_str()).expect("admitted");
+    }
+    measured_rate_keyed(&limiter, &keys);
+}
+
+#[inline(never)]
+fn measured_rate_keyed(limiter: &KeyedLimiter<String>, keys: &[String]) {
+    for i in 0..ITERATIONS {
+        black_box(limiter.check_key(keys[i % keys.len()].as_str())).expect("admitted");
     }
 }
 

@@ -12,7 +12,10 @@
 //! - [`adaptive`]: concurrency limits that learn from latency and errors (AIMD, Gradient2),
 //!   usable as the limit of a bulkhead.
 //! - [`LoadShedder`]: refuses the least important work first when a bulkhead is saturated.
-//! - `tower` (feature `tower`): tower layers for the bulkhead, the queue and the shedder.
+//! - [`rate`]: rate limits with GCRA: a lock-free direct limiter, bounded keyed limiters,
+//!   tiers, and limits shared across instances through a `RateStore` (Redis).
+//! - `tower` (feature `tower`): tower layers for the bulkhead, the queue, the shedder and
+//!   HTTP rate limits.
 //!
 //! Every refusal is an [`Overloaded`] carrying a [`Reason`] and the [`Priority`] of the refused
 //! work; it implements [`Classify`](headroom_core::Classify) as a retryable rejection.
@@ -36,6 +39,10 @@
 //! | `headroom_limit_concurrency_limit_requests` | gauge | current limit (`bulkhead` or `limiter`) |
 //! | `headroom_limit_limit_changes_total` | counter | limit changes (`bulkhead` or `limiter`) |
 //!
+//! | `headroom_limit_rate_decisions_total` | counter | rate-limit decisions, by `limiter`, `tier` and `outcome` (`allowed`, `rejected`) |
+//! | `headroom_limit_rate_store_round_trips_total` | counter | rate store calls, by `limiter` and `outcome` (`ok`, `error`) |
+//! | `headroom_limit_rate_fallbacks_total` | counter | decisions made by the fallback while the store is unreachable, by `limiter` and `fallback` |
+//!
 //! Handles are registered when a component is built, so install the recorder first. Refusals
 //! and limit changes are also `tracing` events at debug and trace level.
 //!
@@ -52,6 +59,7 @@ mod error;
 mod metrics;
 mod priority;
 mod queue;
+pub mod rate;
 mod shed;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]

@@ -64,3 +64,27 @@ impl Rejections {
         self.counts[priority.index()][reason.index()].load(Ordering::Relaxed)
     }
 }
+
+/// Decisions of one rate-limit tier.
+#[derive(Debug)]
+pub(crate) struct TierMetrics {
+    pub(crate) allowed: Counter,
+    pub(crate) rejected: Counter,
+}
+
+impl TierMetrics {
+    pub(crate) fn new(limiter: &str, tier: &str) -> Self {
+        let counter = |outcome: &'static str| {
+            metrics::counter!(
+                "headroom_limit_rate_decisions_total",
+                "limiter" => limiter.to_owned(),
+                "tier" => tier.to_owned(),
+                "outcome" => outcome
+            )
+        };
+        Self {
+            allowed: counter("allowed"),
+            rejected: counter("rejected"),
+        }
+    }
+}

@@ -73,3 +73,56 @@ fn unknown_fields_and_bad_values_are_errors_not_panics() {
         "max_concurrent"
     );
 }
+
+#[test]
+fn rate_tiers_and_fallbacks_load_with_human_readable_periods() {
+    use headroom_limit::rate::{Fallback, Quota, TierConfig};
+
+    let tiers: TierConfig = serde_json::from_str(
+        r#"{
+            "free": { "limit": 60, "period": "1m" },
+            "pro": { "limit": 100, "period": "1s", "burst": 500 }
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(tiers.get("free"), Some(Quota::per_minute(60).unwrap()));
+    assert_eq!(
+        tiers.get("pro"),
+        Some(Quota::per_second(100).unwrap().with_burst(500).unwrap())
+    );
+    let round_trip: TierConfig =
+        serde_json::from_str(&serde_json::to_string(&tiers).unwrap()).unwrap();
+    assert_eq!(round_trip, tiers);
+
+    let fallback: Fallback =
+        serde_json::from_str(r#"{ "mode": "local", "instances": 4 }"#).unwrap();
+    assert_eq!(fallback, Fallback::Local { instances: 4 });
+    assert_eq!(
+        serde_json::from_str::<Fallback>(r#"{ "mode": "closed" }"#).unwrap(),
+        Fallback::Closed
+    );
+
+    let config: headroom_limit::rate::DistributedConfig = serde_json::from_str(
+        r#"{ "tiers": { "free": { "limit": 60, "period": "1m" } }, "batch": 0 }"#,
+    )
+    .unwrap();
+    let built = headroom_limit::rate::DistributedRateLimiter::builder_from(
+        "api",
+        headroom_core::memory::MemoryRateStore::new(),
+        headroom_core::Namespace::new("rate").unwrap(),
+        config,
+    )
+    .build();
+    assert_eq!(built.unwrap_err().field(), "batch");
+
+    // Out-of-range values are errors, not panics.
+    for bad in [
+        r#"{ "t": { "limit": 0, "period": "1m" } }"#,
+        r#"{ "t": { "limit": 1, "period": "0s" } }"#,
+        r#"{ "t": { "limit": 1, "period": "1m", "burst": 0 } }"#,
+        r#"{ "t": { "limit": 1, "period": "soon" } }"#,
+        r#"{ "t": { "limit": 1, "period": "1m", "extra": 1 } }"#,
+    ] {
+        assert!(serde_json::from_str::<TierConfig>(bad).is_err(), "{bad}");
+    }
+}

@@ -1,10 +1,12 @@
-//! tower middleware for the bulkhead, the work queue and the load shedder (feature `tower`).
+//! tower middleware for the bulkhead, the work queue, the load shedder and HTTP rate limits
+//! (feature `tower`).
 //!
 //! | layer | service | readiness | refusal |
 //! |---|---|---|---|
 //! | [`BulkheadLayer`] | [`BulkheadService`] | the inner service's | in `call`: [`Overloaded`] from the bulkhead |
 //! | [`QueueLayer`] | [`QueueService`] | always ready | in `call`: [`Overloaded`] from the queue |
 //! | [`LoadShedLayer`] | [`LoadShedService`] | the inner service's | in `call`: [`Overloaded`] from the shedder |
+//! | [`RateLimitLayer`] (HTTP) | [`RateLimitService`] | the inner service's | in `call`: a `429` response with `Retry-After` and the `RateLimit` headers |
 //!
 //! # Where permits are taken
 //!
@@ -24,10 +26,12 @@
 
 mod bulkhead;
 mod queue;
+mod rate;
 mod shed;
 
 pub use bulkhead::{BulkheadFuture, BulkheadLayer, BulkheadService};
 pub use queue::{QueueFuture, QueueLayer, QueueService};
+pub use rate::{RATELIMIT, RATELIMIT_POLICY, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use shed::{LoadShedFuture, LoadShedLayer, LoadShedService};
 
 use crate::Priority;

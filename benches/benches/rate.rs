@@ -1,0 +1,260 @@
+//! Rate limits against their peers: the direct and keyed GCRA checks against `governor`'s
+//! `check` and `check_key` (on its default clock and on `std::time::Instant`, the clock
+//! headroom reads outside tests), and the distributed check on a loopback `redis-server` (started by
+//! the testkit) against a raw EVALSHA of a trivial script on the same kind of connection.
+//!
+//! Run with: `cargo bench -p headroom-benches --bench rate`
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use governor::clock::{Clock as _, DefaultClock, MonotonicClock};
+use governor::{Quota as GovernorQuota, RateLimiter};
+use headroom_core::Namespace;
+use headroom_core::rate::RateStore;
+use headroom_limit::rate::{
+    DirectLimiter, DistributedRateLimiter, KeyedLimiter, Quota, RateLimit, TierConfig,
+};
+use headroom_redis::{Redis, RedisConfig, RedisRateStore};
+use headroom_testkit::RedisServer;
+
+/// A rate no benchmark loop can exhaust, so every check is admitted (the common path).
+const PER_SECOND: u32 = 1_000_000_000;
+const KEYS: u64 = 1024;
+
+fn governor_quota() -> GovernorQuota {
+    GovernorQuota::per_second(NonZeroU32::new(PER_SECOND).expect("non-zero"))
+}
+
+fn local(c: &mut Criterion) {
+    let quota = Quota::per_second(PER_SECOND).expect("quota");
+
+    // What a check pays to read the time: governor's default clock reads the TSC (quanta),
+    // headroom's Clock reads tokio's clock, which is `std::time::Instant` outside tests.
+    let mut group = c.benchmark_group("rate_clock");
+    let quanta = DefaultClock::default();
+    let clock = headroom_core::Clock::system();
+    group.bench_function(BenchmarkId::new("governor", "DefaultClock::now"), |b| {
+        b.iter(|| black_box(quanta.now()))
+    });
+    group.bench_function(BenchmarkId::new("std", "Instant::now"), |b| {
+        b.iter(|| black_box(Instant::now()))
+    });
+    group.bench_function(BenchmarkId::new("headroom", "Clock::now"), |b| {
+        b.iter(|| black_box(clock.now()))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("rate_direct");
+    let governor = RateLimiter::direct(governor_quota());
+    let governor_std = RateLimiter::direct_with_clock(governor_quota(), MonotonicClock);
+    let headroom = DirectLimiter::builder(quota).build();
+    group.bench_function(BenchmarkId::new("governor", "check"), |b| {
+        b.iter(|| black_box(governor.check()).is_ok())
+    });
+    group.bench_function(BenchmarkId::new("governor_std_clock", "check"), |b| {
+        b.iter(|| black_box(governor_std.check()).is_ok())
+    });
+    group.bench_function(BenchmarkId::new("headroom", "check"), |b| {
+        b.iter(|| black_box(headroom.check()).is_ok())
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("rate_keyed");
+    let governor = RateLimiter::keyed(governor_quota());
+    let governor_std = RateLimiter::dashmap_with_clock(governor_quota(), MonotonicClock);
+    let headroom: KeyedLimiter<u64> = KeyedLimiter::builder(quota).build();
+    for key in 0..KEYS {
+        let _ = governor.check_key(&key);
+        let _ = governor_std.check_key(&key);
+        let _ = headroom.check_key(&key);
+    }
+    group.bench_function(BenchmarkId::new("governor", "check_key"), |b| {
+        let mut key = 0;
+        b.iter(|| {
+            key = (key + 1) % KEYS;
+            black_box(governor.check_key(&key)).is_ok()
+        })
+    });
+    group.bench_function(BenchmarkId::new("governor_std_clock", "check_key"), |b| {
+        let mut key = 0;
+        b.iter(|| {
+            key = (key + 1) % KEYS;
+            black_box(governor_std.check_key(&key)).is_ok()
+        })
+    });
+    group.bench_function(BenchmarkId::new("headroom", "check_key"), |b| {
+        let mut key = 0;
+        b.iter(|| {
+            key = (key + 1) % KEYS;
+            black_box(headroom.check_key(&key)).is_ok()
+        })
+    });
+    group.finish();
+}
+
+fn distributed(c: &mut Criterion) {
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The Redis script keeps microseconds: a million a second is the finest rate it holds.
+    let quota = Quota::per_second(1_000_000)
+        .and_then(|q| q.with_burst(1_000_000))
+        .expect("quota");
+    let (store, limiter, raw, trivial) = runtime.block_on(async {
+        let redis = Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .expect("connect");
+        let store = RedisRateStore::new(redis);
+        let limiter = DistributedRateLimiter::builder(
+            "bench",
+            store.clone(),
+            Namespace::new("bench").expect("namespace"),
+            TierConfig::new().tier("t", quota),
+        )
+        .build()
+        .expect("limiter");
+        let client = redis::Client::open(server.url()).expect("client");
+        let raw = redis::aio::ConnectionManager::new(client)
+            .await
+            .expect("raw connection");
+        let trivial = redis::Script::new("return 1");
+        trivial
+            .prepare_invoke()
+            .load_async(&mut raw.clone())
+            .await
+            .expect("load script");
+        (store, limiter, raw, trivial)
+    });
+    let key = Namespace::new("bench")
+        .and_then(|ns| ns.key("raw"))
+        .expect("key");
+
+    let fixture = Fixture {
+        store,
+        limiter,
+        raw,
+        trivial,
+        key,
+        quota,
+        totals: Mutex::new([(Duration::ZERO, 0); 3]),
+    };
+    // Loopback latency on a shared machine swings between runs (how soon a sleeping core
+    // wakes for the answer). Each measurement runs the three calls in turn and reports one
+    // of them, so all three see the same traffic pattern.
+    let mut group = c.benchmark_group("rate_distributed");
+    for (call, name) in [
+        (
+            Call::RawEvalsha,
+            BenchmarkId::new("raw_redis_rs", "EVALSHA"),
+        ),
+        (
+            Call::StoreApply,
+            BenchmarkId::new("headroom_redis", "RateStore::apply"),
+        ),
+        (
+            Call::LimiterCheck,
+            BenchmarkId::new("headroom", "DistributedRateLimiter::check"),
+        ),
+    ] {
+        let fixture = &fixture;
+        group.bench_function(name, |b| {
+            b.to_async(&runtime).iter_custom(|iters| async move {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    for each in Call::ALL {
+                        let started = Instant::now();
+                        fixture.call(each).await;
+                        let elapsed = started.elapsed();
+                        fixture.record(each, elapsed);
+                        if each == call {
+                            timed += elapsed;
+                        }
+                    }
+                }
+                timed
+            })
+        });
+    }
+    group.finish();
+    // Every call above was timed, interleaved: their means share the same conditions, which
+    // makes the ratio steadier than the separate criterion figures on a loaded machine.
+    let totals = fixture.totals.into_inner().expect("totals");
+    if totals.iter().any(|&(_, count)| count == 0) {
+        return; // The group was filtered out.
+    }
+    let mean = |call: Call| {
+        let (total, count) = totals[call as usize];
+        total.as_secs_f64() * 1e6 / count.max(1) as f64
+    };
+    let raw = mean(Call::RawEvalsha);
+    println!(
+        "rate_distributed interleaved means over {} calls each: EVALSHA {raw:.2} µs, \
+         RateStore::apply {:.2} µs ({:.2}×), DistributedRateLimiter::check {:.2} µs ({:.2}×)",
+        totals[0].1,
+        mean(Call::StoreApply),
+        mean(Call::StoreApply) / raw,
+        mean(Call::LimiterCheck),
+        mean(Call::LimiterCheck) / raw,
+    );
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    RawEvalsha,
+    StoreApply,
+    LimiterCheck,
+}
+
+impl Call {
+    const ALL: [Call; 3] = [Call::RawEvalsha, Call::StoreApply, Call::LimiterCheck];
+}
+
+struct Fixture {
+    store: RedisRateStore,
+    limiter: DistributedRateLimiter<RedisRateStore>,
+    raw: redis::aio::ConnectionManager,
+    trivial: redis::Script,
+    key: headroom_core::Key,
+    quota: Quota,
+    /// Total time and count of every call made, by `Call`.
+    totals: Mutex<[(Duration, u64); 3]>,
+}
+
+impl Fixture {
+    fn record(&self, call: Call, elapsed: Duration) {
+        let mut totals = self.totals.lock().expect("totals");
+        totals[call as usize].0 += elapsed;
+        totals[call as usize].1 += 1;
+    }
+
+    async fn call(&self, call: Call) -> bool {
+        match call {
+            Call::RawEvalsha => {
+                let mut conn = self.raw.clone();
+                self.trivial
+                    .key(self.key.as_bytes())
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .expect("evalsha")
+                    == 1
+            }
+            Call::StoreApply => {
+                self.store
+                    .apply(&self.key, self.quota.gcra(), 1)
+                    .await
+                    .expect("apply")
+                    .allowed
+            }
+            Call::LimiterCheck => self.limiter.check("t", "user-1", 1).await.is_ok(),
+        }
+    }
+}
+
+criterion_group!(benches, local, distributed);
+criterion_main!(benches);

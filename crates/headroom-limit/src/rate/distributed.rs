@@ -1,0 +1,666 @@
+//! Rate limits shared by every instance of a service, over a [`RateStore`].
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::future::{Either, select};
+use headroom_core::rate::{RateDecision, RateStore};
+use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
+use metrics::Counter;
+use parking_lot::Mutex;
+
+use super::limiter::record;
+use super::{
+    Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig,
+};
+use crate::ConfigError;
+use crate::metrics::TierMetrics;
+
+/// What a [`DistributedRateLimiter`] does while its store is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)
+)]
+#[non_exhaustive]
+pub enum Fallback {
+    /// Enforce, in each instance, its share of the quota: rate and burst divided by
+    /// `instances`. With that many instances up, the service as a whole stays within the
+    /// quota (each instance starts its share full when the store goes away).
+    Local {
+        /// How many instances share the quota.
+        instances: u32,
+    },
+    /// Admit everything: availability over enforcement.
+    Open,
+    /// Refuse everything with [`RateErrorKind::Unavailable`]: enforcement over availability.
+    Closed,
+}
+
+impl Fallback {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Local { .. } => "local",
+            Fallback::Open => "open",
+            Fallback::Closed => "closed",
+        }
+    }
+}
+
+/// Configuration of a [`DistributedRateLimiter`], loadable with serde (feature `serde`,
+/// human-readable durations). Every field but `tiers` has the builder's default.
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// use std::time::Duration;
+/// use headroom_limit::rate::{DistributedConfig, Fallback};
+///
+/// let config: DistributedConfig = serde_json::from_str(r#"{
+///     "tiers": { "free": { "limit": 60, "period": "1m" } },
+///     "batch": 5,
+///     "fallback": { "mode": "local", "instances": 4 },
+///     "timeout": "50ms"
+/// }"#).unwrap();
+/// assert_eq!(config.fallback, Fallback::Local { instances: 4 });
+/// assert_eq!(config.timeout, Duration::from_millis(50));
+/// assert_eq!(config.retry_after_failure, Duration::from_secs(1));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+pub struct DistributedConfig {
+    /// Quotas by tier.
+    pub tiers: TierConfig,
+    /// Units reserved per round trip (1: exact mode).
+    pub batch: u32,
+    /// What to do while the store is unreachable.
+    pub fallback: Fallback,
+    /// How long a store call may take.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub timeout: Duration,
+    /// How long to use the fallback after a failed store call.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub retry_after_failure: Duration,
+    /// The most keys held per tier in local state.
+    pub max_keys_per_tier: usize,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        Self {
+            tiers: TierConfig::new(),
+            batch: 1,
+            fallback: Fallback::Local { instances: 1 },
+            timeout: Duration::from_millis(100),
+            retry_after_failure: Duration::from_secs(1),
+            max_keys_per_tier: 100_000,
+        }
+    }
+}
+
+/// Builds a [`DistributedRateLimiter`].
+#[derive(Debug)]
+#[must_use]
+pub struct DistributedRateLimiterBuilder<S> {
+    name: String,
+    store: S,
+    namespace: Namespace,
+    tiers: TierConfig,
+    clock: Clock,
+    batch: u32,
+    fallback: Fallback,
+    timeout: Duration,
+    retry_after_failure: Duration,
+    max_keys: usize,
+}
+
+impl<S: RateStore> DistributedRateLimiterBuilder<S> {
+    /// The clock local decisions read (default: the system clock). The store keeps its own
+    /// time for shared cells.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Reserve `units` at a time from the store and spend them locally (default 1: every
+    /// decision is one round trip). See the type's documentation for the bound this keeps.
+    pub fn batch(mut self, units: u32) -> Self {
+        self.batch = units;
+        self
+    }
+
+    /// What to do while the store is unreachable (default: [`Fallback::Local`] for one
+    /// instance, that is the whole quota per instance).
+    pub fn fallback(mut self, fallback: Fallback) -> Self {
+        self.fallback = fallback;
+        self
+    }
+
+    /// How long a store call may take before the store counts as unreachable (default 100 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long to use the fallback after a failed store call before trying the store again
+    /// (default 1 s), so an outage does not cost a timeout on every request.
+    pub fn retry_after_failure(mut self, wait: Duration) -> Self {
+        self.retry_after_failure = wait;
+        self
+    }
+
+    /// The most keys held per tier in local state (reserved units, fallback cells);
+    /// default 100,000.
+    pub fn max_keys_per_tier(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Builds the limiter; errors on invalid tier names, a zero batch or zero instances.
+    pub fn build(self) -> Result<DistributedRateLimiter<S>, ConfigError> {
+        if self.batch == 0 {
+            return Err(ConfigError::new("batch", "must be at least 1"));
+        }
+        if self.fallback == (Fallback::Local { instances: 0 }) {
+            return Err(ConfigError::new("instances", "must be at least 1"));
+        }
+        let round_trips = |outcome: &'static str| {
+            metrics::counter!(
+                "headroom_limit_rate_store_round_trips_total",
+                "limiter" => self.name.clone(),
+                "outcome" => outcome
+            )
+        };
+        let inner = Inner {
+            metrics: StoreMetrics {
+                ok: round_trips("ok"),
+                error: round_trips("error"),
+                fallbacks: metrics::counter!(
+                    "headroom_limit_rate_fallbacks_total",
+                    "limiter" => self.name.clone(),
+                    "fallback" => self.fallback.as_str()
+                ),
+                round_trips: AtomicU64::new(0),
+                fallback_decisions: AtomicU64::new(0),
+            },
+            name: self.name.into(),
+            store: self.store,
+            namespace: self.namespace,
+            origin: self.clock.now(),
+            clock: self.clock,
+            batch: self.batch,
+            fallback: self.fallback,
+            timeout: self.timeout,
+            retry_after_failure: self.retry_after_failure,
+            max_keys: self.max_keys,
+            down_until: AtomicU64::new(0),
+            tiers: ArcSwap::from_pointee(HashMap::new()),
+        };
+        let tiers = inner.build_tiers(&self.tiers, None)?;
+        inner.tiers.store(Arc::new(tiers));
+        Ok(DistributedRateLimiter {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+/// Tiered rate limits shared by every instance, kept in a [`RateStore`]
+/// (`headroom_redis::RedisRateStore` for Redis and Redis Cluster, or the in-memory store).
+///
+/// # Exact mode (the default)
+///
+/// Every decision is at most one `apply` on the store: one round trip, one key
+/// (`namespace:tier:key`, a single cluster slot), on the store's clock. Any number of
+/// instances admit together exactly what one limiter would. A refusal is remembered until its
+/// `retry_after`: the store's cell only moves forward, so requests for that key are refused
+/// locally until then with no round trip, which is exact too and keeps a flood of refused
+/// requests off the store.
+///
+/// # Batched mode
+///
+/// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
+/// a key with one `apply(cost = n)` and spends them locally, so a busy key costs one round
+/// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
+/// left (a second round trip). Reserved units are charged in the store before they are spent,
+/// and an instance keeps them for at most `n` emission intervals, so:
+///
+/// - over the life of the store, the instances never admit more than the store granted;
+/// - in any window, they admit at most `n` units more than one exact limiter would (units
+///   charged just before the window and spent inside it), whatever the number of instances;
+/// - they may admit less: units reserved by an instance that sees no more requests for the key
+///   are lost to the others until they replenish (at most `n - 1` per instance and key).
+///
+/// # When the store is unreachable
+///
+/// A store error or a call slower than the [`timeout`](DistributedRateLimiterBuilder::timeout)
+/// switches the limiter to its [`Fallback`] for
+/// [`retry_after_failure`](DistributedRateLimiterBuilder::retry_after_failure), after which the
+/// next request tries the store again. Fallback decisions are counted.
+///
+/// ```
+/// use headroom_core::memory::MemoryRateStore;
+/// use headroom_core::Namespace;
+/// use headroom_limit::rate::{DistributedRateLimiter, Fallback, Quota, RateLimit, TierConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let tiers = TierConfig::new().tier("free", Quota::per_minute(60).unwrap());
+/// let limiter = DistributedRateLimiter::builder(
+///     "api",
+///     MemoryRateStore::new(),
+///     Namespace::new("rate").unwrap(),
+///     tiers,
+/// )
+/// .fallback(Fallback::Local { instances: 4 })
+/// .build()
+/// .unwrap();
+/// assert_eq!(limiter.check("free", "alice", 1).await.unwrap().remaining(), 59);
+/// assert_eq!(limiter.round_trips(), 1);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct DistributedRateLimiter<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for DistributedRateLimiter<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    name: Box<str>,
+    store: S,
+    namespace: Namespace,
+    clock: Clock,
+    origin: Instant,
+    batch: u32,
+    fallback: Fallback,
+    timeout: Duration,
+    retry_after_failure: Duration,
+    max_keys: usize,
+    /// Nanoseconds since `origin` until which the store is not tried.
+    down_until: AtomicU64,
+    tiers: ArcSwap<HashMap<Box<str>, Arc<Tier>>>,
+    metrics: StoreMetrics,
+}
+
+#[derive(Debug)]
+struct StoreMetrics {
+    ok: Counter,
+    error: Counter,
+    fallbacks: Counter,
+    round_trips: AtomicU64,
+    fallback_decisions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Tier {
+    quota: Quota,
+    prefix: Namespace,
+    local_state: LocalState,
+    local: Option<KeyedLimiter<String>>,
+    metrics: TierMetrics,
+}
+
+/// What an instance knows of each key without asking the store, in a bounded sharded map:
+/// units reserved and not yet spent, and until when the key is known to be refused.
+#[derive(Debug)]
+struct LocalState {
+    shards: Box<[Mutex<HashMap<String, Entry>>]>,
+    shard_cap: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    units: u32,
+    /// Units left in the store when these were reserved.
+    store_remaining: u32,
+    /// When the reserved units must no longer be spent (ns since the limiter's origin).
+    expires: u64,
+    /// Until when a cost of 1 is refused: the store's cell only ever moves forward, so a
+    /// refusal holds until then whatever the other instances do.
+    blocked_until: u64,
+}
+
+/// What the local state says about a request.
+enum Local {
+    /// Spent from reserved units: units left here and in the store.
+    Spent { units: u32, store_remaining: u32 },
+    /// Refused until this much later.
+    Blocked(u64),
+    /// Ask the store.
+    Unknown,
+}
+
+const LOCAL_SHARDS: usize = 16;
+
+impl LocalState {
+    fn new(max_keys: usize) -> Self {
+        Self {
+            shards: (0..LOCAL_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            shard_cap: max_keys.div_ceil(LOCAL_SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
+        // FNV-1a: spreading keys over a few locks needs no keyed hash; the maps inside use one.
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        &self.shards[(hash % LOCAL_SHARDS as u64) as usize]
+    }
+
+    fn check(&self, key: &str, cost: u32, now: u64, interval: u64) -> Local {
+        let mut shard = self.shard(key).lock();
+        let Some(entry) = shard.get_mut(key) else {
+            return Local::Unknown;
+        };
+        // Reserved units are already charged in the store: spend them even when the store
+        // refuses more.
+        if entry.expires > now && entry.units >= cost {
+            entry.units -= cost;
+            return Local::Spent {
+                units: entry.units,
+                store_remaining: entry.store_remaining,
+            };
+        }
+        if entry.blocked_until > now {
+            let extra = interval.saturating_mul(u64::from(cost - 1));
+            return Local::Blocked(entry.blocked_until - now + extra);
+        }
+        Local::Unknown
+    }
+
+    fn update(&self, key: &str, now: u64, change: impl FnOnce(&mut Entry)) {
+        let mut shard = self.shard(key).lock();
+        if shard.len() >= self.shard_cap && !shard.contains_key(key) {
+            shard.retain(|_, e| (e.expires > now && e.units > 0) || e.blocked_until > now);
+            if shard.len() >= self.shard_cap {
+                // Forgetting reserved units or refusals only ever admits less or asks more.
+                shard.clear();
+            }
+        }
+        match shard.get_mut(key) {
+            Some(entry) => change(entry),
+            None => {
+                let mut entry = Entry::default();
+                change(&mut entry);
+                shard.insert(key.to_owned(), entry);
+            }
+        }
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl<S: RateStore> Inner<S> {
+    fn now(&self) -> u64 {
+        nanos(self.clock.now().saturating_duration_since(self.origin))
+    }
+
+    fn build_tiers(
+        &self,
+        config: &TierConfig,
+        previous: Option<&HashMap<Box<str>, Arc<Tier>>>,
+    ) -> Result<HashMap<Box<str>, Arc<Tier>>, ConfigError> {
+        config.build(
+            previous,
+            |tier| tier.quota,
+            |name, quota| {
+                let prefix = self
+                    .namespace
+                    .child(name)
+                    .map_err(|_| ConfigError::new("tiers", "name does not fit the namespace"))?;
+                let local = match self.fallback {
+                    Fallback::Local { instances } => Some(
+                        KeyedLimiter::builder(quota.share(instances))
+                            .clock(self.clock.clone())
+                            .max_keys(self.max_keys)
+                            .build(),
+                    ),
+                    Fallback::Open | Fallback::Closed => None,
+                };
+                Ok(Tier {
+                    quota,
+                    prefix,
+                    local_state: LocalState::new(self.max_keys),
+                    local,
+                    metrics: TierMetrics::new(&self.name, name),
+                })
+            },
+        )
+    }
+
+    /// One store call, bounded by the timeout.
+    async fn apply(&self, tier: &Tier, key: &Key, cost: u32) -> Result<RateDecision, BackendError> {
+        self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
+        let call = pin!(self.store.apply(key, tier.quota.gcra(), cost));
+        let deadline = pin!(self.clock.sleep(self.timeout));
+        let result = match select(call, deadline).await {
+            Either::Left((result, _)) => result,
+            Either::Right(((), _)) => Err(BackendError::with_detail(
+                BackendErrorKind::Timeout,
+                "rate store call timed out",
+            )),
+        };
+        match &result {
+            Ok(_) => self.metrics.ok.increment(1),
+            Err(_) => self.metrics.error.increment(1),
+        }
+        result
+    }
+
+    async fn decide(&self, tier: &Tier, key: &str, cost: u32) -> Result<Admitted, RateError> {
+        let quota = tier.quota;
+        if cost > quota.burst() {
+            return Err(RateError::new(RateErrorKind::CostTooHigh));
+        }
+        let interval = nanos(quota.emission_interval());
+        let now = self.now();
+        match tier.local_state.check(key, cost, now, interval) {
+            Local::Spent {
+                units,
+                store_remaining,
+            } => {
+                return Ok(Admitted {
+                    quota,
+                    remaining: store_remaining.saturating_add(units),
+                    reset_after: quota.emission_interval()
+                        * quota.burst().saturating_sub(store_remaining),
+                });
+            }
+            Local::Blocked(wait) => {
+                return Err(RateLimited::new(quota, Duration::from_nanos(wait)).into());
+            }
+            Local::Unknown => {}
+        }
+        if now < self.down_until.load(Ordering::Relaxed) {
+            return self.fall_back(tier, key, cost, None);
+        }
+        let Ok(store_key) = tier.prefix.key(key) else {
+            return Err(RateError::new(RateErrorKind::InvalidKey));
+        };
+        let mut reserve = self.batch.max(cost).min(quota.burst());
+        let mut decision = self.apply(tier, &store_key, reserve).await;
+        if let Ok(refused) = &decision
+            && !refused.allowed
+            && reserve > cost
+            && refused.remaining >= cost
+        {
+            // Fewer units than a batch are left: take what is there.
+            reserve = refused.remaining.min(reserve);
+            decision = self.apply(tier, &store_key, reserve).await;
+        }
+        match decision {
+            Ok(decision) if decision.allowed => {
+                let granted = reserve - cost;
+                if granted > 0 {
+                    let expires =
+                        now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
+                    tier.local_state.update(key, now, |entry| {
+                        // Units merged with older ones expire with the oldest, so none is
+                        // held longer than the bound allows.
+                        if entry.expires > now {
+                            entry.units += granted;
+                        } else {
+                            entry.units = granted;
+                            entry.expires = expires;
+                        }
+                        entry.store_remaining = decision.remaining;
+                    });
+                }
+                Ok(Admitted {
+                    quota,
+                    remaining: decision.remaining.saturating_add(granted),
+                    reset_after: decision.reset_after,
+                })
+            }
+            Ok(decision) => {
+                // The refusal was for `reserve` units; a cost of 1 fits `reserve - 1`
+                // intervals earlier, and `cost` units `cost - 1` intervals after that.
+                let earlier = interval.saturating_mul(u64::from(reserve - 1));
+                let for_one = nanos(decision.retry_after).saturating_sub(earlier).max(1);
+                tier.local_state.update(key, now, |entry| {
+                    entry.blocked_until = now.saturating_add(for_one);
+                });
+                let wait = for_one + interval.saturating_mul(u64::from(cost - 1));
+                Err(RateLimited::new(quota, Duration::from_nanos(wait)).into())
+            }
+            Err(error) if error.kind() == BackendErrorKind::Config => {
+                Err(RateError::with_source(RateErrorKind::StoreConfig, error))
+            }
+            Err(error) => {
+                let retry_at = now.saturating_add(nanos(self.retry_after_failure));
+                if self.down_until.swap(retry_at, Ordering::Relaxed) <= now {
+                    tracing::warn!(
+                        limiter = &*self.name,
+                        %error,
+                        fallback = self.fallback.as_str(),
+                        "rate store unreachable, using the fallback"
+                    );
+                }
+                self.fall_back(tier, key, cost, Some(error))
+            }
+        }
+    }
+
+    fn fall_back(
+        &self,
+        tier: &Tier,
+        key: &str,
+        cost: u32,
+        error: Option<BackendError>,
+    ) -> Result<Admitted, RateError> {
+        self.metrics.fallbacks.increment(1);
+        self.metrics
+            .fallback_decisions
+            .fetch_add(1, Ordering::Relaxed);
+        match (&tier.local, self.fallback) {
+            (Some(local), _) => local.check_key_n(key, cost).map(|admitted| Admitted {
+                quota: tier.quota,
+                ..admitted
+            }),
+            (None, Fallback::Closed) => Err(RateError::unavailable(error)),
+            (None, _) => Ok(Admitted {
+                quota: tier.quota,
+                remaining: tier.quota.burst(),
+                reset_after: Duration::ZERO,
+            }),
+        }
+    }
+}
+
+impl<S: RateStore> DistributedRateLimiter<S> {
+    /// A builder named `name` (the `limiter` label of metrics) keeping `tiers` in `store`
+    /// under `namespace`.
+    pub fn builder(
+        name: impl Into<String>,
+        store: S,
+        namespace: Namespace,
+        tiers: TierConfig,
+    ) -> DistributedRateLimiterBuilder<S> {
+        Self::builder_from(
+            name,
+            store,
+            namespace,
+            DistributedConfig {
+                tiers,
+                ..DistributedConfig::default()
+            },
+        )
+    }
+
+    /// A builder set up from `config` (the clock can still be changed).
+    pub fn builder_from(
+        name: impl Into<String>,
+        store: S,
+        namespace: Namespace,
+        config: DistributedConfig,
+    ) -> DistributedRateLimiterBuilder<S> {
+        DistributedRateLimiterBuilder {
+            name: name.into(),
+            store,
+            namespace,
+            tiers: config.tiers,
+            clock: Clock::system(),
+            batch: config.batch,
+            fallback: config.fallback,
+            timeout: config.timeout,
+            retry_after_failure: config.retry_after_failure,
+            max_keys: config.max_keys_per_tier,
+        }
+    }
+
+    /// Replaces the tiers. Shared cells live in the store and are kept; local state of new
+    /// or changed tiers starts afresh.
+    pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
+        let current = self.inner.tiers.load();
+        let next = self.inner.build_tiers(tiers, Some(&current))?;
+        self.inner.tiers.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The quota of `tier`, if configured.
+    pub fn quota(&self, tier: &str) -> Option<Quota> {
+        self.inner.tiers.load().get(tier).map(|t| t.quota)
+    }
+
+    /// Store calls made so far (successful or not).
+    pub fn round_trips(&self) -> u64 {
+        self.inner.metrics.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Decisions made by the fallback so far.
+    pub fn fallback_decisions(&self) -> u64 {
+        self.inner
+            .metrics
+            .fallback_decisions
+            .load(Ordering::Relaxed)
+    }
+}
+
+impl<S: RateStore> RateLimit for DistributedRateLimiter<S> {
+    async fn check(&self, tier: &str, key: &str, cost: u32) -> Result<Admitted, RateError> {
+        let tiers = self.inner.tiers.load_full();
+        let Some(state) = tiers.get(tier) else {
+            return Err(RateError::new(RateErrorKind::UnknownTier));
+        };
+        let result = self.inner.decide(state, key, cost).await;
+        record(&state.metrics, tier, &result);
+        result
+    }
+}

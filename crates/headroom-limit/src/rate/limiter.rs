@@ -1,0 +1,181 @@
+//! The tiered in-process limiter and the interface every tiered limiter shares.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use headroom_core::Clock;
+
+use super::{Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, TierConfig};
+use crate::ConfigError;
+use crate::metrics::TierMetrics;
+
+/// A limiter that charges a key of a tier: [`LocalRateLimiter`] in process,
+/// [`DistributedRateLimiter`](super::DistributedRateLimiter) across instances. The tower
+/// layer takes either.
+pub trait RateLimit: Clone + Send + Sync + 'static {
+    /// Spends `cost` units of `key`'s quota in `tier`.
+    fn check(
+        &self,
+        tier: &str,
+        key: &str,
+        cost: u32,
+    ) -> impl Future<Output = Result<Admitted, RateError>> + Send;
+}
+
+/// Records a decision in the tier's metrics and traces rejections.
+pub(crate) fn record(metrics: &TierMetrics, tier: &str, result: &Result<Admitted, RateError>) {
+    match result {
+        Ok(_) => metrics.allowed.increment(1),
+        Err(error) if error.kind() == RateErrorKind::Limited => {
+            metrics.rejected.increment(1);
+            tracing::trace!(tier, retry_after = ?error.limited().map(|l| l.retry_after()), "rate limited");
+        }
+        Err(_) => {}
+    }
+}
+
+/// Tiered rate limits in one process: a [`KeyedLimiter`] per tier.
+///
+/// Cheap to clone (clones share state). The tiers can be replaced at run time with
+/// [`replace`](Self::replace); tiers whose quota did not change keep their state.
+///
+/// ```
+/// use headroom_limit::rate::{LocalRateLimiter, Quota, RateErrorKind, RateLimit, TierConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let tiers = TierConfig::new()
+///     .tier("free", Quota::per_minute(1).unwrap())
+///     .tier("pro", Quota::per_minute(100).unwrap());
+/// let limiter = LocalRateLimiter::builder("api", tiers).build().unwrap();
+/// assert!(limiter.check("free", "alice", 1).await.is_ok());
+/// let refused = limiter.check("free", "alice", 1).await.unwrap_err();
+/// assert_eq!(refused.kind(), RateErrorKind::Limited);
+/// assert_eq!(limiter.check("pro", "bob", 1).await.unwrap().remaining(), 99);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct LocalRateLimiter {
+    inner: Arc<LocalInner>,
+}
+
+#[derive(Debug)]
+struct LocalInner {
+    name: Box<str>,
+    clock: Clock,
+    max_keys: usize,
+    tiers: ArcSwap<HashMap<Box<str>, Arc<LocalTier>>>,
+}
+
+#[derive(Debug)]
+struct LocalTier {
+    limiter: KeyedLimiter<String>,
+    metrics: TierMetrics,
+}
+
+/// Builds a [`LocalRateLimiter`].
+#[derive(Debug)]
+#[must_use]
+pub struct LocalRateLimiterBuilder {
+    name: String,
+    tiers: TierConfig,
+    clock: Clock,
+    max_keys: usize,
+}
+
+impl LocalRateLimiterBuilder {
+    /// The clock time is read from (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The most keys held per tier (default 1,000,000); see [`KeyedLimiter`].
+    pub fn max_keys_per_tier(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
+    }
+
+    /// Builds the limiter; errors on an invalid tier name.
+    pub fn build(self) -> Result<LocalRateLimiter, ConfigError> {
+        let inner = LocalInner {
+            name: self.name.into(),
+            clock: self.clock,
+            max_keys: self.max_keys,
+            tiers: ArcSwap::from_pointee(HashMap::new()),
+        };
+        let tiers = inner.build_tiers(&self.tiers, None)?;
+        inner.tiers.store(Arc::new(tiers));
+        Ok(LocalRateLimiter {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl LocalInner {
+    fn build_tiers(
+        &self,
+        config: &TierConfig,
+        previous: Option<&HashMap<Box<str>, Arc<LocalTier>>>,
+    ) -> Result<HashMap<Box<str>, Arc<LocalTier>>, ConfigError> {
+        config.build(
+            previous,
+            |tier| tier.limiter.quota(),
+            |name, quota| {
+                Ok(LocalTier {
+                    limiter: KeyedLimiter::builder(quota)
+                        .clock(self.clock.clone())
+                        .max_keys(self.max_keys)
+                        .idle_sweep(quota.period().max(Duration::from_secs(1)))
+                        .build(),
+                    metrics: TierMetrics::new(&self.name, name),
+                })
+            },
+        )
+    }
+}
+
+impl LocalRateLimiter {
+    /// A builder named `name` (the `limiter` label of metrics) enforcing `tiers`.
+    pub fn builder(name: impl Into<String>, tiers: TierConfig) -> LocalRateLimiterBuilder {
+        LocalRateLimiterBuilder {
+            name: name.into(),
+            tiers,
+            clock: Clock::system(),
+            max_keys: 1_000_000,
+        }
+    }
+
+    /// Replaces the tiers. Tiers whose quota is unchanged keep their keys' state; new or
+    /// changed tiers start with every key full.
+    pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
+        let current = self.inner.tiers.load();
+        let next = self.inner.build_tiers(tiers, Some(&current))?;
+        self.inner.tiers.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The quota of `tier`, if configured.
+    pub fn quota(&self, tier: &str) -> Option<Quota> {
+        self.inner.tiers.load().get(tier).map(|t| t.limiter.quota())
+    }
+
+    /// Spends `cost` units of `key`'s quota in `tier`, without waiting on anything.
+    pub fn check_now(&self, tier: &str, key: &str, cost: u32) -> Result<Admitted, RateError> {
+        let tiers = self.inner.tiers.load();
+        let Some(state) = tiers.get(tier) else {
+            return Err(RateError::new(RateErrorKind::UnknownTier));
+        };
+        let result = state.limiter.check_key_n(key, cost);
+        record(&state.metrics, tier, &result);
+        result
+    }
+}
+
+impl RateLimit for LocalRateLimiter {
+    async fn check(&self, tier: &str, key: &str, cost: u32) -> Result<Admitted, RateError> {
+        self.check_now(tier, key, cost)
+    }
+}

@@ -1,0 +1,472 @@
+//! Distributed rate limits: instances sharing one store admit together what one limiter
+//! would (exactly, or within the documented bound when batching), on the in-memory store,
+//! a real Redis and a real Redis Cluster; and the fallbacks when the store goes away.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use headroom_core::memory::MemoryRateStore;
+use headroom_core::rate::{Gcra, RateDecision, RateStore};
+use headroom_core::{BackendError, BackendErrorKind, Classify, Key, ManualClock, Namespace};
+use headroom_limit::rate::{
+    DistributedRateLimiter, Fallback, Quota, RateErrorKind, RateLimit, TierConfig,
+};
+use headroom_redis::{Redis, RedisConfig, RedisRateStore};
+use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
+
+const INSTANCES: usize = 4;
+const REQUESTS_PER_INSTANCE: usize = 150;
+const QUOTA: u32 = 200;
+
+fn tiers() -> TierConfig {
+    // 200 an hour: one unit replenishes every 18 s, far longer than a test takes, so the
+    // whole run sees exactly the burst.
+    TierConfig::new().tier("free", Quota::per_hour(QUOTA).unwrap())
+}
+
+/// Runs `INSTANCES` limiters concurrently, each sending its requests for one key until it is
+/// done; returns (admitted in total, round trips in total).
+async fn admitted_together<S: RateStore + Clone>(
+    store: S,
+    namespace: Namespace,
+    batch: u32,
+) -> (usize, u64) {
+    let limiters: Vec<_> = (0..INSTANCES)
+        .map(|i| {
+            DistributedRateLimiter::builder(
+                format!("instance-{i}"),
+                store.clone(),
+                namespace.clone(),
+                tiers(),
+            )
+            .batch(batch)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+        })
+        .collect();
+    let tasks: Vec<_> = limiters
+        .iter()
+        .cloned()
+        .map(|limiter| {
+            tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..REQUESTS_PER_INSTANCE {
+                    match limiter.check("free", "tenant-1", 1).await {
+                        Ok(_) => admitted += 1,
+                        Err(error) => assert_eq!(error.kind(), RateErrorKind::Limited),
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let round_trips = limiters.iter().map(|l| l.round_trips()).sum();
+    assert!(limiters.iter().all(|l| l.fallback_decisions() == 0));
+    (total, round_trips)
+}
+
+async fn redis_store(config: RedisConfig) -> RedisRateStore {
+    RedisRateStore::new(Redis::connect(config).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_on_one_memory_store_admit_exactly_the_quota() {
+    let (admitted, round_trips) =
+        admitted_together(MemoryRateStore::new(), unique_namespace("rate"), 1).await;
+    assert_eq!(admitted, QUOTA as usize);
+    assert_at_most_one_round_trip_each(round_trips);
+}
+
+/// One round trip per admitted request, and refusals remembered once seen: after its first
+/// refusal an instance refuses locally.
+fn assert_at_most_one_round_trip_each(round_trips: u64) {
+    assert!(
+        round_trips >= u64::from(QUOTA) && round_trips <= u64::from(QUOTA) + INSTANCES as u64,
+        "{round_trips} round trips"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_on_one_redis_admit_exactly_the_quota_one_round_trip_each() {
+    let store = redis_store(RedisConfig::standalone(shared_server().url())).await;
+    let (admitted, round_trips) = admitted_together(store, unique_namespace("rate"), 1).await;
+    assert_eq!(admitted, QUOTA as usize);
+    assert_at_most_one_round_trip_each(round_trips);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_on_a_redis_cluster_admit_exactly_the_quota() {
+    let store = redis_store(RedisConfig::cluster(shared_cluster().urls())).await;
+    let (admitted, _) = admitted_together(store, unique_namespace("rate"), 1).await;
+    assert_eq!(admitted, QUOTA as usize);
+}
+
+/// Batched: never more than the store granted (the quota here, as no unit replenishes during
+/// the run), at most `batch` units per instance left unspent, and far fewer round trips.
+fn assert_within_batch_bound(admitted: usize, round_trips: u64, batch: u32) {
+    assert!(admitted <= QUOTA as usize, "{admitted} admitted");
+    assert!(
+        admitted >= QUOTA as usize - INSTANCES * (batch as usize - 1),
+        "{admitted} admitted"
+    );
+    // One per batch, plus at most two per instance where the batches run out and one for
+    // its first refusal.
+    let most = u64::from(QUOTA) / u64::from(batch) + 3 * INSTANCES as u64;
+    assert!(round_trips <= most, "{round_trips} round trips > {most}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_instances_on_one_redis_stay_within_the_documented_bound() {
+    let store = redis_store(RedisConfig::standalone(shared_server().url())).await;
+    let (admitted, round_trips) = admitted_together(store, unique_namespace("rate"), 10).await;
+    assert_within_batch_bound(admitted, round_trips, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_instances_on_a_redis_cluster_stay_within_the_documented_bound() {
+    let store = redis_store(RedisConfig::cluster(shared_cluster().urls())).await;
+    let (admitted, round_trips) = admitted_together(store, unique_namespace("rate"), 10).await;
+    assert_within_batch_bound(admitted, round_trips, 10);
+}
+
+#[tokio::test]
+async fn batched_units_are_spent_locally_and_expire() {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::with_limits(clock.clock(), 1000);
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store.clone(),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
+    )
+    .clock(clock.clock())
+    .batch(10)
+    .build()
+    .unwrap();
+    for _ in 0..10 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    assert_eq!(limiter.round_trips(), 1);
+    limiter.check("t", "k", 1).await.unwrap();
+    assert_eq!(limiter.round_trips(), 2);
+    // The 9 units left are held for at most 10 emission intervals (100 ms).
+    clock.advance(Duration::from_millis(100));
+    limiter.check("t", "k", 1).await.unwrap();
+    assert_eq!(limiter.round_trips(), 3);
+}
+
+/// A store that is down: every call fails at once.
+#[derive(Clone, Debug)]
+struct DownStore;
+
+impl RateStore for DownStore {
+    async fn apply(&self, _: &Key, _: Gcra, _: u32) -> Result<RateDecision, BackendError> {
+        Err(BackendError::new(BackendErrorKind::Connection))
+    }
+}
+
+/// A store that never answers, counting calls.
+#[derive(Clone, Debug, Default)]
+struct StalledStore {
+    calls: Arc<AtomicU32>,
+}
+
+impl RateStore for StalledStore {
+    fn apply(
+        &self,
+        _: &Key,
+        _: Gcra,
+        _: u32,
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        std::future::pending()
+    }
+}
+
+fn limiter_on<S: RateStore>(
+    store: S,
+    fallback: Fallback,
+    clock: &ManualClock,
+) -> DistributedRateLimiter<S> {
+    DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_minute(40).unwrap()),
+    )
+    .clock(clock.clock())
+    .fallback(fallback)
+    .build()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn local_fallback_enforces_this_instances_share() {
+    let clock = ManualClock::new();
+    let limiter = limiter_on(DownStore, Fallback::Local { instances: 4 }, &clock);
+    for _ in 0..10 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    let refused = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(
+        refused.limited().unwrap().retry_after(),
+        Duration::from_secs(6)
+    );
+    assert_eq!(limiter.fallback_decisions(), 11);
+    // Only the first call tried the store; the rest waited out the retry interval.
+    assert_eq!(limiter.round_trips(), 1);
+    clock.advance(Duration::from_secs(1));
+    limiter.check("t", "other", 1).await.unwrap();
+    assert_eq!(limiter.round_trips(), 2);
+}
+
+#[tokio::test]
+async fn fail_open_admits_and_fail_closed_refuses() {
+    let clock = ManualClock::new();
+    let open = limiter_on(DownStore, Fallback::Open, &clock);
+    for _ in 0..100 {
+        open.check("t", "k", 1).await.unwrap();
+    }
+    let closed = limiter_on(DownStore, Fallback::Closed, &clock);
+    let refused = closed.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(refused.kind(), RateErrorKind::Unavailable);
+    assert!(refused.is_rejected());
+    let source = std::error::Error::source(&refused).unwrap();
+    assert_eq!(
+        source.downcast_ref::<BackendError>().unwrap().kind(),
+        BackendErrorKind::Connection
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_does_not_answer_times_out_into_the_fallback() {
+    let store = StalledStore::default();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store.clone(),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_minute(40).unwrap()),
+    )
+    .timeout(Duration::from_millis(50))
+    .fallback(Fallback::Closed)
+    .build()
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let refused = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(refused.kind(), RateErrorKind::Unavailable);
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    assert_eq!(store.calls.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_check_leaves_the_limiter_usable() {
+    let clock = ManualClock::new();
+    let store = StalledStore::default();
+    let limiter = limiter_on(store.clone(), Fallback::Open, &clock);
+    let check = limiter.check("t", "k", 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), check)
+            .await
+            .is_err()
+    );
+    // The cancelled call left no reservation or lock behind: the next call reaches the store.
+    let again = limiter.check("t", "k", 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), again)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.calls.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn costs_and_keys_that_cannot_fit_are_typed_errors() {
+    let clock = ManualClock::new();
+    let limiter = limiter_on(MemoryRateStore::new(), Fallback::Closed, &clock);
+    let too_big = limiter.check("t", "k", 41).await.unwrap_err();
+    assert_eq!(too_big.kind(), RateErrorKind::CostTooHigh);
+    let long = "x".repeat(Key::MAX_LEN + 1);
+    assert_eq!(
+        limiter.check("t", &long, 1).await.unwrap_err().kind(),
+        RateErrorKind::InvalidKey
+    );
+    assert_eq!(
+        limiter.check("nope", "k", 1).await.unwrap_err().kind(),
+        RateErrorKind::UnknownTier
+    );
+    assert_eq!(limiter.round_trips(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_switches_to_the_local_fallback_without_hanging() {
+    let server = RedisServer::start();
+    let store = redis_store(
+        RedisConfig::standalone(server.url()).with_command_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_hour(40).unwrap()),
+    )
+    .fallback(Fallback::Local { instances: 4 })
+    .timeout(Duration::from_millis(300))
+    .retry_after_failure(Duration::from_millis(100))
+    .build()
+    .unwrap();
+    for _ in 0..5 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    assert_eq!(limiter.fallback_decisions(), 0);
+
+    server.kill();
+    let run = async {
+        let mut admitted = 0;
+        for _ in 0..30 {
+            if limiter.check("t", "k", 1).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        admitted
+    };
+    let admitted = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("checks must not hang while Redis is down");
+    // The local share of 40 an hour over 4 instances is a burst of 10.
+    assert_eq!(admitted, 10);
+    assert_eq!(limiter.fallback_decisions(), 30);
+}
+
+#[tokio::test]
+async fn refusals_are_remembered_exactly_until_their_retry_after() {
+    let clock = ManualClock::new();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::with_limits(clock.clock(), 1000),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10).unwrap().with_burst(5).unwrap()),
+    )
+    .clock(clock.clock())
+    .build()
+    .unwrap();
+    for _ in 0..5 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    let retry = |error: headroom_limit::rate::RateError| error.limited().unwrap().retry_after();
+    assert_eq!(
+        retry(limiter.check("t", "k", 1).await.unwrap_err()),
+        Duration::from_millis(100)
+    );
+    assert_eq!(limiter.round_trips(), 6);
+    clock.advance(Duration::from_millis(40));
+    assert_eq!(
+        retry(limiter.check("t", "k", 1).await.unwrap_err()),
+        Duration::from_millis(60)
+    );
+    assert_eq!(
+        retry(limiter.check("t", "k", 3).await.unwrap_err()),
+        Duration::from_millis(260)
+    );
+    assert_eq!(limiter.round_trips(), 6);
+    clock.advance(Duration::from_millis(60));
+    limiter.check("t", "k", 1).await.unwrap();
+    assert_eq!(limiter.round_trips(), 7);
+}
+
+mod batched_bound {
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const BATCH: u32 = 4;
+    const INTERVAL_MS: u64 = 100;
+    const BURST: u64 = 5;
+
+    proptest! {
+        /// Three batched instances on one store, random interleavings and gaps on a manual
+        /// clock: in every window, they admit at most `BATCH` more than GCRA allows one exact
+        /// limiter (`burst + window / interval`). Without the slack the test fails: batching
+        /// does shift admissions.
+        #[test]
+        fn batched_instances_admit_at_most_a_batch_more_in_any_window(
+            ops in prop::collection::vec((0..3usize, 0..120u64), 1..150)
+        ) {
+            let clock = ManualClock::new();
+            let store = MemoryRateStore::with_limits(clock.clock(), 100);
+            let namespace = unique_namespace("rate");
+            let quota = Quota::per_second(10).unwrap().with_burst(BURST as u32).unwrap();
+            let instances: Vec<_> = (0..3)
+                .map(|i| {
+                    DistributedRateLimiter::builder(
+                        format!("i{i}"),
+                        store.clone(),
+                        namespace.clone(),
+                        TierConfig::new().tier("t", quota),
+                    )
+                    .clock(clock.clock())
+                    .batch(BATCH)
+                    .build()
+                    .unwrap()
+                })
+                .collect();
+            let mut now_ms = 0;
+            let mut admitted_at = Vec::new();
+            for (instance, advance_ms) in ops {
+                clock.advance(Duration::from_millis(advance_ms));
+                now_ms += advance_ms;
+                let decision = instances[instance]
+                    .check("t", "k", 1)
+                    .now_or_never()
+                    .expect("the memory store answers at once");
+                match decision {
+                    Ok(_) => admitted_at.push(now_ms),
+                    Err(error) => prop_assert_eq!(error.kind(), RateErrorKind::Limited),
+                }
+            }
+            for (i, &start) in admitted_at.iter().enumerate() {
+                for (j, &end) in admitted_at.iter().enumerate().skip(i) {
+                    let in_window = (j - i + 1) as u64;
+                    let exact = BURST + (end - start) / INTERVAL_MS;
+                    prop_assert!(
+                        in_window <= exact + u64::from(BATCH),
+                        "{} admitted in [{}, {}] ms, exact allows {}",
+                        in_window, start, end, exact
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_quota_the_store_cannot_hold_is_a_typed_error_with_the_store_error_as_source() {
+    let store = redis_store(RedisConfig::standalone(shared_server().url())).await;
+    // Redis keeps microseconds: ten million a second is an interval of 100 ns.
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10_000_000).unwrap()),
+    )
+    .fallback(Fallback::Open)
+    .build()
+    .unwrap();
+    let error = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(error.kind(), RateErrorKind::StoreConfig);
+    assert!(!error.is_retryable() && !error.is_rejected());
+    let source = std::error::Error::source(&error).unwrap();
+    assert_eq!(
+        source.downcast_ref::<BackendError>().unwrap().kind(),
+        BackendErrorKind::Config
+    );
+    assert_eq!(limiter.fallback_decisions(), 0);
+}
