@@ -237,6 +237,42 @@ impl Headroom {
         headroom_limit::Bulkhead::builder(name).clock(self.inner.clock.clone())
     }
 
+    /// A tiered rate limiter builder named `name`, sharing its GCRA cells through the shared
+    /// rate store under `<namespace>:rate:<name>`, on the shared clock. With the memory
+    /// backend the limits hold for this process; with Redis they hold across every instance.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use headroom::limit::rate::{Quota, RateLimit, TierConfig};
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let tiers = TierConfig::new()
+    ///     .tier("free", Quota::per_second(2)?)
+    ///     .tier("premium", Quota::per_second(50)?);
+    /// let limiter = headroom.rate_limiter("checkout", tiers)?.build()?;
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_ok());
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_ok());
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_err());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub fn rate_limiter(
+        &self,
+        name: &str,
+        tiers: headroom_limit::rate::TierConfig,
+    ) -> Result<headroom_limit::rate::DistributedRateLimiterBuilder<DynRateStore>, KeyError> {
+        let namespace = self.inner.namespace.child("rate")?.child(name)?;
+        Ok(headroom_limit::rate::DistributedRateLimiter::builder(
+            name,
+            self.inner.rates.clone(),
+            namespace,
+            tiers,
+        )
+        .clock(self.inner.clock.clone()))
+    }
+
     /// A circuit breaker builder named `name`, on the shared clock.
     #[cfg(feature = "breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]

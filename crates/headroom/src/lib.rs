@@ -7,7 +7,7 @@
 //! | `headroom-core` | clock, error classification, namespaced keys, backend traits and in-memory backends | always |
 //! | `headroom-cache` | two-level cache: moka L1 over a shared L2, stampede protection, fail-safe | `cache` |
 //! | `headroom-idempotency` | idempotency keys with leases, fencing and replay | `idempotency` |
-//! | `headroom-limit` | bulkheads, backpressure queues, load shedding, adaptive limits | `limit` |
+//! | `headroom-limit` | bulkheads, backpressure queues, load shedding, adaptive limits, rate-limit tiers | `limit` |
 //! | `headroom-breaker` | circuit breakers, retries with budgets, timeouts, hedging | `breaker` |
 //! | `headroom-shard` | shard routing, replicas, resharding | `shard` |
 //! | `headroom-redis` | Redis backends, standalone and cluster | `redis` |
@@ -60,6 +60,14 @@
 //!     .execute(&scope, &key, b"sku=7", || async { Ok::<_, std::io::Error>(1002_u64) })
 //!     .await?;
 //! assert_eq!((retry.value, retry.replayed), (order.value, true));
+//!
+//! // Rate limits per customer tier, shared through the backend.
+//! use headroom::limit::rate::{Quota, RateLimit, TierConfig};
+//! let tiers = TierConfig::new()
+//!     .tier("free", Quota::per_second(5)?)
+//!     .tier("premium", Quota::per_second(100)?);
+//! let limiter = headroom.rate_limiter("checkout", tiers)?.build()?;
+//! limiter.check("premium", "customer-1", 1).await?;
 //!
 //! // Admission control and a breaker around the database.
 //! let checkout = headroom.bulkhead("checkout").max_concurrent(32).build()?;
@@ -136,6 +144,10 @@ pub mod prelude {
     #[doc(inline)]
     pub use headroom_idempotency::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
 
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    #[doc(inline)]
+    pub use headroom_limit::rate::{Quota, RateLimit, RateLimited, TierConfig};
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
     #[doc(inline)]

@@ -36,6 +36,8 @@ pub(crate) struct Phase {
     pub(crate) duration: Duration,
     /// Share of arrivals that are checkouts (the rest read a product page).
     pub(crate) checkout_share: f64,
+    /// Share of checkouts sent by a few scripted buyers (scalpers) hammering the sale.
+    pub(crate) scalper_share: f64,
 }
 
 /// The run: a base rate and its phases.
@@ -252,13 +254,19 @@ struct Request {
 impl Request {
     fn random(phase: &Phase, next_reference: &AtomicU64, targets: &[SocketAddr]) -> Self {
         let target = targets[fastrand::usize(..targets.len())];
-        let customer = fastrand::u64(1..20_000);
+        let checkout = fastrand::f64() < phase.checkout_share;
+        // Scalpers are 20 free-tier accounts (ids ending in 9) placing order after order.
+        let customer = if checkout && fastrand::f64() < phase.scalper_share {
+            fastrand::u64(0..20) * 10 + 9
+        } else {
+            fastrand::u64(1..20_000)
+        };
         let tier = match customer % 10 {
             0 | 1 => "premium",
             2..=6 => "standard",
             _ => "free",
         };
-        if fastrand::f64() < phase.checkout_share {
+        if checkout {
             Self {
                 kind: Kind::Checkout,
                 target,

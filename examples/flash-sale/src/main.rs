@@ -2,11 +2,12 @@
 //!
 //! An order service goes through a flash sale twice, on the same stand-in database: once
 //! unprotected, once with headroom. A built-in load generator sends open-loop traffic over
-//! loopback through four phases (baseline, 3× growth, a 6× flash-sale spike, recovery); the
+//! loopback through four phases (baseline, 3× growth, a 6× flash-sale spike with scripted
+//! buyers, recovery); the
 //! program prints a side-by-side report and writes an SVG chart of latency and goodput.
 //!
-//! - Memory backends by default; set `REDIS_URL=redis://127.0.0.1:6379` to share the cache's L2
-//!   and the idempotency records through Redis.
+//! - Memory backends by default; set `REDIS_URL=redis://127.0.0.1:6379` to share the cache's L2,
+//!   the idempotency records and the rate-limit cells through Redis.
 //! - `--smoke` (or `HEADROOM_SMOKE=1`) runs a few seconds, for CI.
 //! - `--chart <path>` chooses where the chart goes (default `target/flash-sale.svg`).
 
@@ -33,20 +34,22 @@ pub(crate) const DB_CONNECTIONS: usize = 16;
 const INSTANCES: usize = 2;
 
 fn plan(smoke: bool) -> Plan {
-    let phase = |name, multiplier, secs: f64, checkout_share| Phase {
+    let phase = |name, multiplier, secs: f64, checkout_share, scalper_share| Phase {
         name,
         multiplier,
         duration: Duration::from_secs_f64(secs),
         checkout_share,
+        scalper_share,
     };
     let scale = if smoke { 0.12 } else { 1.0 };
     Plan {
         base_rate: 200.0,
         phases: vec![
-            phase("baseline", 1.0, 6.0 * scale, 0.2),
-            phase("growth", 3.0, 8.0 * scale, 0.2),
-            phase("spike", 6.0, 10.0 * scale, 0.5),
-            phase("recovery", 1.0, 4.0 * scale, 0.2),
+            phase("baseline", 1.0, 6.0 * scale, 0.2, 0.0),
+            phase("growth", 3.0, 8.0 * scale, 0.2, 0.0),
+            // The sale opens: half the visitors check out, and scripts join in.
+            phase("spike", 6.0, 10.0 * scale, 0.5, 0.1),
+            phase("recovery", 1.0, 4.0 * scale, 0.2, 0.0),
         ],
     }
 }

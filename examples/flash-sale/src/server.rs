@@ -1,9 +1,9 @@
 //! The order service: product pages and checkout, served by axum on loopback, in two builds.
 //!
 //! - unprotected: every request goes straight to the database;
-//! - with headroom: product reads through a two-level cache, checkout through a load shedder
-//!   (priority by customer tier), idempotency keys, and a circuit breaker with a timeout
-//!   around every database call.
+//! - with headroom: product reads through a two-level cache; checkout through rate limits per
+//!   customer tier, a load shedder (priority by tier), idempotency keys, and a circuit breaker
+//!   with a timeout around every database call.
 //!
 //! Every response carries an `x-outcome` header naming what happened, which the load generator
 //! counts.
@@ -21,7 +21,9 @@ use axum::routing::{get, post};
 use headroom::breaker::{self, CircuitBreaker, Timeout};
 use headroom::cache::Cache;
 use headroom::core::lease::DynLeaseStore;
+use headroom::core::rate::DynRateStore;
 use headroom::idempotency::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
+use headroom::limit::rate::{DistributedRateLimiter, Quota, RateErrorKind, RateLimit, TierConfig};
 use headroom::limit::{LoadShedder, Priority};
 use headroom::{BuildError, Headroom};
 use tokio::net::TcpListener;
@@ -76,6 +78,7 @@ pub(crate) struct GuardCounters {
 struct Guard {
     products: Cache<u64, Product>,
     shedder: LoadShedder,
+    rate_limits: DistributedRateLimiter<DynRateStore>,
     idempotency: Idempotency<DynLeaseStore>,
     breaker: CircuitBreaker<Failure>,
     timeout: Timeout,
@@ -114,6 +117,12 @@ pub(crate) fn guard(
         .max_wait(Duration::from_millis(100))
         .build()?;
     let shedder = LoadShedder::builder(bulkhead).build()?;
+    // Checkouts per customer, by tier: generous for people, tight enough to stop scripts.
+    let tiers = TierConfig::new()
+        .tier("premium", Quota::per_second(10)?.with_burst(10)?)
+        .tier("standard", Quota::per_second(5)?.with_burst(5)?)
+        .tier("free", Quota::per_second(1)?.with_burst(3)?);
+    let rate_limits = headroom.rate_limiter("checkout", tiers)?.build()?;
     let idempotency = headroom
         .idempotency()
         .lease(Duration::from_secs(10))
@@ -133,6 +142,7 @@ pub(crate) fn guard(
     Ok(GuardHandle(Arc::new(Guard {
         products,
         shedder,
+        rate_limits,
         idempotency,
         breaker,
         timeout: Timeout::new(Duration::from_millis(250)).with_clock(headroom.clock().clone()),
@@ -260,20 +270,25 @@ impl Guard {
     }
 }
 
-/// The customer, tier and order reference of a checkout.
-fn checkout_request(headers: &HeaderMap) -> Option<(u64, Priority, String)> {
+/// The customer, tier, priority and order reference of a checkout.
+fn checkout_request(headers: &HeaderMap) -> Option<(u64, &'static str, Priority, String)> {
     let text = |name: &str| headers.get(name)?.to_str().ok();
     let customer = text("x-customer")?.parse().ok()?;
-    let priority = match text("x-tier")? {
-        "premium" => Priority::Critical,
-        "standard" => Priority::Default,
-        _ => Priority::Sheddable,
+    let (tier, priority) = match text("x-tier")? {
+        "premium" => ("premium", Priority::Critical),
+        "standard" => ("standard", Priority::Default),
+        _ => ("free", Priority::Sheddable),
     };
-    Some((customer, priority, text("idempotency-key")?.to_owned()))
+    Some((
+        customer,
+        tier,
+        priority,
+        text("idempotency-key")?.to_owned(),
+    ))
 }
 
 async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
-    let Some((customer, priority, reference)) = checkout_request(&headers) else {
+    let Some((customer, tier, priority, reference)) = checkout_request(&headers) else {
         return respond(StatusCode::BAD_REQUEST, "bad-request");
     };
     let Ok(reference_number) = reference.parse::<u64>() else {
@@ -288,7 +303,28 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
             _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
         };
     };
-    // Refuse early, before any record is written, when this tier is being shed.
+    // Refuse early, before any record is written: over the customer's quota, or a tier that
+    // is being shed.
+    match guard
+        .rate_limits
+        .check(tier, &customer.to_string(), 1)
+        .await
+    {
+        Err(err) if err.kind() == RateErrorKind::Limited => {
+            let mut response = respond(StatusCode::TOO_MANY_REQUESTS, "rate-limited");
+            let retry_after = err
+                .limited()
+                .map_or(1, |l| l.retry_after().as_secs().max(1));
+            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+                response.headers_mut().insert("retry-after", value);
+            }
+            return response;
+        }
+        // The limiter's own fallback decided when the store was unreachable; anything else
+        // (a misconfigured tier) is a server error.
+        Err(_) => return respond(StatusCode::INTERNAL_SERVER_ERROR, "rate-limit-error"),
+        Ok(_) => {}
+    }
     if guard.shedder.check(priority).is_err() {
         return failure_response(Failure::Shed);
     }
