@@ -4,8 +4,9 @@
 //!
 //! - `GET /products/{id}`: read through a two-level cache (L1 in process, L2 in the shared
 //!   backend), so the database sees one load per product per TTL;
-//! - `POST /orders`: behind a bulkhead (at most 32 orders at once, a short queue, a typed 503
-//!   beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
+//! - `POST /orders`: behind a rate limit per API key (tiers shared through the backend, 429
+//!   with `Retry-After` and `RateLimit` headers), a bulkhead (at most 32 orders at once, a
+//!   short queue, a typed 503 beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
 //!   so a retried order is replayed instead of charged twice;
 //! - the payment gateway the orders call is a tower service behind a circuit breaker layer.
 //!
@@ -31,7 +32,8 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
 use headroom::idempotency::http::IdempotencyLayer;
-use headroom::limit::tower::BulkheadLayer;
+use headroom::limit::rate::RateKey;
+use headroom::limit::tower::{BulkheadLayer, RateLimitLayer};
 use headroom::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -91,7 +93,8 @@ async fn order(State(app): State<App>, body: String) -> impl IntoResponse {
     }
 }
 
-/// Turns a refusal of the bulkhead into a typed 503 response.
+/// Turns a refusal of the bulkhead into a typed 503 response (the rate limit layer answers its
+/// own refusals with 429).
 async fn overloaded(err: headroom::limit::tower::BoxError) -> (StatusCode, String) {
     match err.downcast_ref::<Overloaded>() {
         Some(overloaded) => (StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string()),
@@ -131,6 +134,11 @@ async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn st
         .max_queued(64)
         .max_wait(Duration::from_millis(200))
         .build()?;
+    // API keys starting with `partner-` get the partner tier.
+    let tiers = TierConfig::new()
+        .tier("standard", Quota::per_second(20)?)
+        .tier("partner", Quota::per_second(200)?);
+    let rate_limits = headroom.rate_limiter("orders", tiers)?.build()?;
     let idempotency = headroom.idempotency().build()?;
     let charges = Arc::new(AtomicU64::new(0));
     let state = App {
@@ -140,6 +148,18 @@ async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn st
     };
     let orders = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(overloaded))
+        .layer(RateLimitLayer::new(
+            rate_limits,
+            |request: &axum::http::Request<axum::body::Body>| {
+                let key = request.headers().get("x-api-key")?.to_str().ok()?;
+                let tier = if key.starts_with("partner-") {
+                    "partner"
+                } else {
+                    "standard"
+                };
+                Some(RateKey::new(tier, key))
+            },
+        ))
         .layer(BulkheadLayer::new(bulkhead))
         .layer(IdempotencyLayer::new(
             idempotency,
