@@ -351,3 +351,45 @@ impl Request {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_map_to_outcomes() {
+        assert_eq!(
+            Outcome::from_response(200, Some(b"replayed")),
+            Outcome::Replayed
+        );
+        assert_eq!(Outcome::from_response(200, None), Outcome::Ok);
+        assert_eq!(Outcome::from_response(429, None), Outcome::RateLimited);
+        assert_eq!(
+            Outcome::from_response(503, Some(b"circuit-open")),
+            Outcome::CircuitOpen
+        );
+        assert_eq!(Outcome::from_response(503, Some(b"shed")), Outcome::Shed);
+        assert_eq!(Outcome::from_response(500, None), Outcome::ServerError);
+        assert!(!Outcome::RateLimited.retryable() && Outcome::Shed.retryable());
+    }
+
+    #[test]
+    fn phases_follow_each_other() {
+        let phase = |secs| Phase {
+            name: "p",
+            multiplier: 1.0,
+            duration: Duration::from_secs(secs),
+            checkout_share: 0.0,
+            scalper_share: 0.0,
+        };
+        let plan = Plan {
+            base_rate: 1.0,
+            phases: vec![phase(2), phase(3)],
+        };
+        assert_eq!(plan.total(), Duration::from_secs(5));
+        assert_eq!(plan.phase_at(Duration::from_millis(1_999)), 0);
+        assert_eq!(plan.phase_at(Duration::from_secs(2)), 1);
+        // Stragglers answered after the end count in the last phase.
+        assert_eq!(plan.phase_at(Duration::from_secs(9)), 1);
+    }
+}

@@ -276,3 +276,39 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     }
     met
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_takes_the_nearest_rank() {
+        let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&sorted, 0.50), Duration::from_millis(50));
+        assert_eq!(percentile(&sorted, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 0.99), Duration::ZERO);
+    }
+
+    #[test]
+    fn goodput_counts_successes_within_the_slo_only() {
+        let sample = |latency, outcome| Sample {
+            at: Duration::ZERO,
+            latency,
+            kind: Kind::Read,
+            outcome,
+            attempts: 1,
+            premium: false,
+        };
+        let samples = [
+            sample(Duration::from_millis(10), Outcome::Ok),
+            sample(SLO + Duration::from_millis(1), Outcome::Ok),
+            sample(Duration::from_millis(10), Outcome::Shed),
+            sample(Duration::from_millis(10), Outcome::Replayed),
+        ];
+        let figures = Figures::of(samples.iter());
+        assert_eq!(
+            (figures.requests, figures.succeeded, figures.good),
+            (4, 3, 2)
+        );
+    }
+}
