@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -100,4 +102,113 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         key: &Key,
         token: FencingToken,
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Object-safe mirror of [`LeaseStore`], implemented for every store.
+trait ErasedLeaseStore: Send + Sync + fmt::Debug + 'static {
+    fn begin<'a>(
+        &'a self,
+        key: &'a Key,
+        fingerprint: &'a [u8],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Begin, BackendError>>;
+    fn complete<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn extend<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+}
+
+impl<S: LeaseStore> ErasedLeaseStore for S {
+    fn begin<'a>(
+        &'a self,
+        key: &'a Key,
+        fingerprint: &'a [u8],
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Begin, BackendError>> {
+        Box::pin(LeaseStore::begin(self, key, fingerprint, lease))
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(LeaseStore::complete(self, key, token, outcome, retention))
+    }
+    fn extend<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(LeaseStore::extend(self, key, token, lease))
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a Key,
+        token: FencingToken,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(LeaseStore::release(self, key, token))
+    }
+}
+
+/// A [`LeaseStore`] chosen at run time (memory or Redis), behind one cheap-to-clone type.
+///
+/// Each call boxes its future; use the concrete store type where that matters.
+#[derive(Clone, Debug)]
+pub struct DynLeaseStore(Arc<dyn ErasedLeaseStore>);
+
+impl DynLeaseStore {
+    /// Erases the type of `store`.
+    pub fn new(store: impl LeaseStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+impl LeaseStore for DynLeaseStore {
+    async fn begin(
+        &self,
+        key: &Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> Result<Begin, BackendError> {
+        self.0.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.0.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.0.extend(key, token, lease).await
+    }
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
+        self.0.release(key, token).await
+    }
 }

@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{BackendError, Key};
@@ -62,4 +64,46 @@ pub trait RateStore: Send + Sync + fmt::Debug + 'static {
         gcra: Gcra,
         cost: u32,
     ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Object-safe mirror of [`RateStore`], implemented for every store.
+trait ErasedRateStore: Send + Sync + fmt::Debug + 'static {
+    fn apply<'a>(
+        &'a self,
+        key: &'a Key,
+        gcra: Gcra,
+        cost: u32,
+    ) -> BoxFuture<'a, Result<RateDecision, BackendError>>;
+}
+
+impl<S: RateStore> ErasedRateStore for S {
+    fn apply<'a>(
+        &'a self,
+        key: &'a Key,
+        gcra: Gcra,
+        cost: u32,
+    ) -> BoxFuture<'a, Result<RateDecision, BackendError>> {
+        Box::pin(RateStore::apply(self, key, gcra, cost))
+    }
+}
+
+/// A [`RateStore`] chosen at run time (memory or Redis), behind one cheap-to-clone type.
+///
+/// Each call boxes its future; use the concrete store type where that matters.
+#[derive(Clone, Debug)]
+pub struct DynRateStore(Arc<dyn ErasedRateStore>);
+
+impl DynRateStore {
+    /// Erases the type of `store`.
+    pub fn new(store: impl RateStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+impl RateStore for DynRateStore {
+    async fn apply(&self, key: &Key, gcra: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
+        self.0.apply(key, gcra, cost).await
+    }
 }

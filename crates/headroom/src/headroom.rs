@@ -1,0 +1,405 @@
+//! [`Headroom`]: one shared backend handed to every part.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+use headroom_core::bus::DynInvalidationBus;
+use headroom_core::kv::DynKvStore;
+use headroom_core::lease::DynLeaseStore;
+use headroom_core::memory::{MemoryBus, MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
+use headroom_core::rate::DynRateStore;
+use headroom_core::{BackendError, Classify, Clock, KeyError, Namespace};
+
+/// Which backend a [`Headroom`] shares between its parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The in-memory backends of `headroom-core`: state shared by the tasks of one process.
+    Memory,
+    /// One Redis server: state shared by every instance of the service.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
+}
+
+impl Backend {
+    /// A short name: `memory`, `redis` or `redis-cluster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Redis => "redis",
+            Backend::RedisCluster => "redis-cluster",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a [`Headroom`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The namespace was refused.
+    Namespace(KeyError),
+    /// The backend could not be reached.
+    Backend(BackendError),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Namespace(_) => f.write_str("invalid headroom namespace"),
+            BuildError::Backend(_) => f.write_str("headroom backend unavailable"),
+        }
+    }
+}
+
+impl StdError for BuildError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            BuildError::Namespace(err) => Some(err),
+            BuildError::Backend(err) => Some(err),
+        }
+    }
+}
+
+impl Classify for BuildError {
+    fn is_timeout(&self) -> bool {
+        matches!(self, BuildError::Backend(err) if err.is_timeout())
+    }
+
+    fn is_retryable(&self) -> bool {
+        matches!(self, BuildError::Backend(err) if err.is_retryable())
+    }
+}
+
+/// One backend (memory or Redis, chosen at run time) shared by every headroom part of a
+/// service, under one namespace.
+///
+/// Build it once at start-up with [`Headroom::builder`] and clone it freely (it is reference
+/// counted). Its methods start the builders of each part already wired to the shared stores:
+/// caches get the KV store as L2, idempotency gets the lease store, and every component gets
+/// the clock and a child of the namespace, so two services (or two caches) never share keys.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+/// assert_eq!(headroom.backend(), headroom::Backend::Memory);
+/// assert_eq!(headroom.namespace().as_str(), "shop");
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Debug)]
+pub struct Headroom {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend: Backend,
+    namespace: Namespace,
+    #[cfg(feature = "idempotency")]
+    idempotency_namespace: Namespace,
+    clock: Clock,
+    kv: DynKvStore,
+    bus: DynInvalidationBus,
+    leases: DynLeaseStore,
+    rates: DynRateStore,
+}
+
+/// Builds a [`Headroom`]; finish with [`memory`](Self::memory) or, with the `redis` feature,
+/// `redis`, `redis_cluster` or `redis_with`.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct HeadroomBuilder {
+    namespace: String,
+    clock: Clock,
+}
+
+impl Headroom {
+    /// Starts building: namespace `headroom`, system clock.
+    pub fn builder() -> HeadroomBuilder {
+        HeadroomBuilder {
+            namespace: String::from("headroom"),
+            clock: Clock::system(),
+        }
+    }
+
+    /// The shared backend's kind.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// The namespace every part's keys live under.
+    pub fn namespace(&self) -> &Namespace {
+        &self.inner.namespace
+    }
+
+    /// The clock every part is built with.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The shared KV store (the L2 of caches).
+    pub fn kv_store(&self) -> &DynKvStore {
+        &self.inner.kv
+    }
+
+    /// The shared invalidation bus.
+    pub fn invalidation_bus(&self) -> &DynInvalidationBus {
+        &self.inner.bus
+    }
+
+    /// The shared lease store (idempotency records).
+    pub fn lease_store(&self) -> &DynLeaseStore {
+        &self.inner.leases
+    }
+
+    /// The shared rate store (GCRA cells of distributed rate limits).
+    pub fn rate_store(&self) -> &DynRateStore {
+        &self.inner.rates
+    }
+
+    /// The namespace of one component: `<namespace>:<segment>`.
+    pub fn child_namespace(&self, segment: &str) -> Result<Namespace, KeyError> {
+        self.inner.namespace.child(segment)
+    }
+
+    /// A cache builder named `name`, with the shared KV store as L2 under
+    /// `<namespace>:cache:<name>` and the shared clock. `name` must be a valid namespace segment
+    /// (`[A-Za-z0-9_.:/-]`).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let prices = headroom
+    ///     .cache::<u64, u32>("prices")?
+    ///     .ttl(Duration::from_secs(60))
+    ///     .build()?;
+    /// let price = prices
+    ///     .get_or_load(&7, |_| async { Ok::<_, std::io::Error>(Some(1_999)) })
+    ///     .await?;
+    /// assert_eq!(price, Some(1_999));
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+    pub fn cache<K, V>(&self, name: &str) -> Result<headroom_cache::CacheBuilder<K, V>, KeyError>
+    where
+        K: headroom_cache::CacheKey,
+        V: Clone + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
+        let namespace = self.inner.namespace.child("cache")?.child(name)?;
+        Ok(headroom_cache::Cache::builder()
+            .name(name)
+            .clock(self.inner.clock.clone())
+            .l2(self.inner.kv.clone(), namespace))
+    }
+
+    /// An idempotency executor builder over the shared lease store, with records under
+    /// `<namespace>:idempotency` and the shared clock.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use headroom::idempotency::{IdempotencyKey, Scope};
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let idempotency = headroom.idempotency().build()?;
+    /// let scope = Scope::new("customer-1", "checkout")?;
+    /// let key = IdempotencyKey::new("order-2b1f")?;
+    /// let order = idempotency
+    ///     .execute(&scope, &key, b"sku=7", || async { Ok::<_, std::io::Error>(41_u64) })
+    ///     .await?;
+    /// assert!(!order.replayed);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "idempotency")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
+    pub fn idempotency(&self) -> headroom_idempotency::IdempotencyBuilder<DynLeaseStore> {
+        headroom_idempotency::Idempotency::builder(self.inner.leases.clone())
+            .clock(self.inner.clock.clone())
+            .namespace(self.inner.idempotency_namespace.clone())
+    }
+
+    /// A bulkhead builder named `name`, on the shared clock.
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub fn bulkhead(&self, name: impl Into<String>) -> headroom_limit::BulkheadBuilder {
+        headroom_limit::Bulkhead::builder(name).clock(self.inner.clock.clone())
+    }
+
+    /// A tiered rate limiter builder named `name`, sharing its GCRA cells through the shared
+    /// rate store under `<namespace>:rate:<name>`, on the shared clock. With the memory
+    /// backend the limits hold for this process; with Redis they hold across every instance.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use headroom::limit::rate::{Quota, RateLimit, TierConfig};
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let tiers = TierConfig::new()
+    ///     .tier("free", Quota::per_second(2)?)
+    ///     .tier("premium", Quota::per_second(50)?);
+    /// let limiter = headroom.rate_limiter("checkout", tiers)?.build()?;
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_ok());
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_ok());
+    /// assert!(limiter.check("free", "customer-1", 1).await.is_err());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub fn rate_limiter(
+        &self,
+        name: &str,
+        tiers: headroom_limit::rate::TierConfig,
+    ) -> Result<headroom_limit::rate::DistributedRateLimiterBuilder<DynRateStore>, KeyError> {
+        let namespace = self.inner.namespace.child("rate")?.child(name)?;
+        Ok(headroom_limit::rate::DistributedRateLimiter::builder(
+            name,
+            self.inner.rates.clone(),
+            namespace,
+            tiers,
+        )
+        .clock(self.inner.clock.clone()))
+    }
+
+    /// A circuit breaker builder named `name`, on the shared clock.
+    #[cfg(feature = "breaker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
+    pub fn circuit_breaker<E>(
+        &self,
+        name: impl Into<Arc<str>>,
+    ) -> headroom_breaker::CircuitBreakerBuilder<E> {
+        headroom_breaker::CircuitBreaker::builder()
+            .name(name)
+            .clock(self.inner.clock.clone())
+    }
+}
+
+impl HeadroomBuilder {
+    /// The namespace every key lives under (default `headroom`): 1 to 128 bytes of
+    /// `[A-Za-z0-9_.:/-]`, checked when the backend is chosen.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The clock every part is built with (default [`Clock::system`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Shares the in-memory backends of `headroom-core` (one process).
+    pub fn memory(self) -> Result<Headroom, BuildError> {
+        let namespaces = self.namespaces()?;
+        let kv = MemoryKvStore::builder().clock(self.clock.clone()).build();
+        let leases = MemoryLeaseStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
+        let rates = MemoryRateStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
+        Ok(self.finish(
+            Backend::Memory,
+            namespaces,
+            DynKvStore::new(kv),
+            DynInvalidationBus::new(MemoryBus::new()),
+            DynLeaseStore::new(leases),
+            DynRateStore::new(rates),
+        ))
+    }
+
+    /// Connects to one Redis server at `url` (`redis://host:port`) and shares it.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn redis(self, url: impl Into<String>) -> Result<Headroom, BuildError> {
+        self.redis_with(headroom_redis::RedisConfig::standalone(url))
+            .await
+    }
+
+    /// Connects to a Redis Cluster through its seed nodes and shares it.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn redis_cluster<I, S>(self, seeds: I) -> Result<Headroom, BuildError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.redis_with(headroom_redis::RedisConfig::cluster(seeds))
+            .await
+    }
+
+    /// Connects to Redis as `config` says (timeouts, standalone or cluster) and shares it.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub async fn redis_with(
+        self,
+        config: headroom_redis::RedisConfig,
+    ) -> Result<Headroom, BuildError> {
+        use headroom_redis::{Redis, RedisBus, RedisKvStore, RedisLeaseStore, RedisRateStore};
+
+        let namespaces = self.namespaces()?;
+        let redis = Redis::connect(config).await.map_err(BuildError::Backend)?;
+        let backend = if redis.is_cluster() {
+            Backend::RedisCluster
+        } else {
+            Backend::Redis
+        };
+        let bus = RedisBus::connect(redis.clone())
+            .await
+            .map_err(BuildError::Backend)?;
+        Ok(self.finish(
+            backend,
+            namespaces,
+            DynKvStore::new(RedisKvStore::new(redis.clone())),
+            DynInvalidationBus::new(bus),
+            DynLeaseStore::new(RedisLeaseStore::new(redis.clone())),
+            DynRateStore::new(RedisRateStore::new(redis)),
+        ))
+    }
+
+    /// The application's namespace and the idempotency records' one inside it.
+    fn namespaces(&self) -> Result<(Namespace, Namespace), BuildError> {
+        let namespace = Namespace::new(&self.namespace).map_err(BuildError::Namespace)?;
+        let idempotency = namespace
+            .child("idempotency")
+            .map_err(BuildError::Namespace)?;
+        Ok((namespace, idempotency))
+    }
+
+    fn finish(
+        self,
+        backend: Backend,
+        #[cfg_attr(not(feature = "idempotency"), allow(unused_variables))]
+        (namespace, idempotency_namespace): (Namespace, Namespace),
+        kv: DynKvStore,
+        bus: DynInvalidationBus,
+        leases: DynLeaseStore,
+        rates: DynRateStore,
+    ) -> Headroom {
+        Headroom {
+            inner: Arc::new(Inner {
+                backend,
+                namespace,
+                #[cfg(feature = "idempotency")]
+                idempotency_namespace,
+                clock: self.clock,
+                kv,
+                bus,
+                leases,
+                rates,
+            }),
+        }
+    }
+}
+
+/// Records (idempotency records, rate cells) the memory backends keep at most, so attacker-chosen
+/// keys cannot grow memory without bound.
+const MEMORY_MAX_RECORDS: usize = 1_000_000;

@@ -1,0 +1,109 @@
+//! Every part a `Headroom` builds shares its one backend and namespace.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use headroom::Headroom;
+use headroom::core::kv::KvStore;
+use headroom::idempotency::{IdempotencyKey, Scope};
+use headroom::limit::rate::{Quota, RateLimit, TierConfig};
+
+#[tokio::test]
+async fn caches_of_two_instances_share_l2() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let a = headroom
+        .cache::<u64, String>("products")
+        .unwrap()
+        .build()
+        .unwrap();
+    let b = headroom
+        .cache::<u64, String>("products")
+        .unwrap()
+        .build()
+        .unwrap();
+    // `insert` writes through to L2 before it returns.
+    a.insert(7, String::from("teapot")).await.unwrap();
+    let loads = Arc::new(AtomicU32::new(0));
+    let counted = loads.clone();
+    let value = b
+        .get_or_load(&7, move |_| async move {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, std::io::Error>(Some(String::from("other")))
+        })
+        .await
+        .unwrap();
+    // The second cache found the first one's value in the shared L2, without loading.
+    assert_eq!(value.as_deref(), Some("teapot"));
+    assert_eq!(loads.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn cache_entries_live_under_the_namespace() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let cache = headroom
+        .cache::<u64, u32>("prices")
+        .unwrap()
+        .build()
+        .unwrap();
+    cache.insert(1, 99).await.unwrap();
+    let key = headroom
+        .child_namespace("cache")
+        .unwrap()
+        .child("prices")
+        .unwrap()
+        .key("1")
+        .unwrap();
+    assert!(headroom.kv_store().get(&key).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn idempotency_executors_share_records() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let first = headroom.idempotency().build().unwrap();
+    let second = headroom.idempotency().build().unwrap();
+    let scope = Scope::new("customer-1", "checkout").unwrap();
+    let key = IdempotencyKey::new("k-1").unwrap();
+    let ran = first
+        .execute(&scope, &key, b"sku=1", || async {
+            Ok::<_, std::io::Error>(1_u32)
+        })
+        .await
+        .unwrap();
+    let replayed = second
+        .execute(&scope, &key, b"sku=1", || async {
+            Ok::<_, std::io::Error>(2_u32)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (ran.replayed, replayed.replayed, replayed.value),
+        (false, true, 1)
+    );
+}
+
+#[tokio::test]
+async fn rate_limiters_share_cells() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let tiers = || TierConfig::new().tier("free", Quota::per_minute(2).unwrap());
+    let a = headroom
+        .rate_limiter("api", tiers())
+        .unwrap()
+        .build()
+        .unwrap();
+    let b = headroom
+        .rate_limiter("api", tiers())
+        .unwrap()
+        .build()
+        .unwrap();
+    assert!(a.check("free", "c1", 1).await.is_ok());
+    assert!(b.check("free", "c1", 1).await.is_ok());
+    // Both units of the quota are spent, whichever limiter spent them.
+    assert!(a.check("free", "c1", 1).await.is_err());
+}
+
+#[tokio::test]
+async fn invalid_component_names_are_typed_errors() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    assert!(headroom.cache::<u64, u32>("has space").is_err());
+    assert!(headroom.rate_limiter("{tag}", TierConfig::new()).is_err());
+}

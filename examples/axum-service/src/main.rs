@@ -1,0 +1,259 @@
+//! Run with: cargo run -p axum-service
+//!
+//! An HTTP service on axum with every headroom part in place:
+//!
+//! - `GET /products/{id}`: read through a two-level cache (L1 in process, L2 in the shared
+//!   backend), so the database sees one load per product per TTL;
+//! - `POST /orders`: behind a rate limit per API key (tiers shared through the backend, 429
+//!   with `Retry-After` and `RateLimit` headers), a bulkhead (at most 32 orders at once, a
+//!   short queue, a typed 503 beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
+//!   so a retried order is replayed instead of charged twice;
+//! - the payment gateway the orders call is a tower service behind a circuit breaker layer.
+//!
+//! It listens on 127.0.0.1:3000 until Ctrl-C. Memory backends by default; set
+//! `REDIS_URL=redis://127.0.0.1:6379` to share state between instances. With `--smoke` (or
+//! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits.
+//!
+//! ```text
+//! curl localhost:3000/products/7
+//! curl -X POST -H 'x-api-key: acme' -H 'Idempotency-Key: order-1' -d 'sku=7' localhost:3000/orders
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
+use headroom::idempotency::http::IdempotencyLayer;
+use headroom::limit::rate::RateKey;
+use headroom::limit::tower::{BulkheadLayer, RateLimitLayer};
+use headroom::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::util::{BoxCloneSyncService, ServiceFn, service_fn};
+use tower::{Layer, ServiceBuilder, ServiceExt};
+
+/// A charge at the payment gateway failed.
+#[derive(Debug)]
+struct GatewayError;
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("payment gateway error")
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+/// The payment gateway client: a tower service from an amount to a charge id.
+type Gateway = BoxCloneSyncService<u64, u64, headroom::breaker::Error<GatewayError>>;
+
+#[derive(Clone)]
+struct App {
+    products: Cache<u64, String>,
+    gateway: Gateway,
+    charges: Arc<AtomicU64>,
+}
+
+async fn product(
+    State(app): State<App>,
+    Path(id): Path<u64>,
+) -> Result<String, (StatusCode, &'static str)> {
+    let name = app
+        .products
+        .get_or_load(&id, |id| async move {
+            // The database query of a real service.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, Infallible>((id < 1_000).then(|| format!("product {id}")))
+        })
+        .await
+        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "catalogue unavailable"))?;
+    name.ok_or((StatusCode::NOT_FOUND, "no such product"))
+}
+
+async fn order(State(app): State<App>, body: String) -> impl IntoResponse {
+    let amount = body.len() as u64 * 100;
+    match app.gateway.oneshot(amount).await {
+        Ok(charge) => {
+            app.charges.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::CREATED, format!("charge {charge}"))
+        }
+        Err(err) if err.kind() == headroom::breaker::ErrorKind::CircuitOpen => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            String::from("payments paused"),
+        ),
+        Err(_) => (StatusCode::BAD_GATEWAY, String::from("payment failed")),
+    }
+}
+
+/// Turns a refusal of the bulkhead into a typed 503 response (the rate limit layer answers its
+/// own refusals with 429).
+async fn overloaded(err: headroom::limit::tower::BoxError) -> (StatusCode, String) {
+    match err.downcast_ref::<Overloaded>() {
+        Some(overloaded) => (StatusCode::SERVICE_UNAVAILABLE, overloaded.to_string()),
+        None => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    }
+}
+
+fn gateway(headroom: &Headroom) -> Result<Gateway, Box<dyn std::error::Error>> {
+    let breaker = headroom
+        .circuit_breaker::<GatewayError>("payment-gateway")
+        .failure_ratio(0.5)
+        .minimum_calls(10)
+        .open_duration(Duration::from_secs(5))
+        .build()?;
+    let next_charge = Arc::new(AtomicU64::new(1));
+    let client: ServiceFn<_> = service_fn(move |_amount: u64| {
+        let next_charge = next_charge.clone();
+        async move {
+            // The HTTP call to the gateway in a real service.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok::<_, GatewayError>(next_charge.fetch_add(1, Ordering::Relaxed))
+        }
+    });
+    let guarded: CircuitBreakerService<_, _> = CircuitBreakerLayer::new(breaker).layer(client);
+    Ok(BoxCloneSyncService::new(guarded))
+}
+
+async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn std::error::Error>> {
+    let products = headroom
+        .cache::<u64, String>("products")?
+        .ttl(Duration::from_secs(60))
+        .negative_ttl(Duration::from_secs(10))
+        .build()?;
+    let bulkhead = headroom
+        .bulkhead("orders")
+        .max_concurrent(32)
+        .max_queued(64)
+        .max_wait(Duration::from_millis(200))
+        .build()?;
+    // API keys starting with `partner-` get the partner tier.
+    let tiers = TierConfig::new()
+        .tier("standard", Quota::per_second(20)?)
+        .tier("partner", Quota::per_second(200)?);
+    let rate_limits = headroom.rate_limiter("orders", tiers)?.build()?;
+    let idempotency = headroom.idempotency().build()?;
+    let charges = Arc::new(AtomicU64::new(0));
+    let state = App {
+        products,
+        gateway: gateway(headroom)?,
+        charges: charges.clone(),
+    };
+    let orders = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .layer(RateLimitLayer::new(
+            rate_limits,
+            |request: &axum::http::Request<axum::body::Body>| {
+                let key = request.headers().get("x-api-key")?.to_str().ok()?;
+                let tier = if key.starts_with("partner-") {
+                    "partner"
+                } else {
+                    "standard"
+                };
+                Some(RateKey::new(tier, key))
+            },
+        ))
+        .layer(BulkheadLayer::new(bulkhead))
+        .layer(IdempotencyLayer::new(
+            idempotency,
+            |parts: &axum::http::request::Parts| {
+                parts
+                    .headers
+                    .get("x-api-key")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_owned)
+            },
+        ));
+    let router = Router::new()
+        .route("/products/{id}", get(product))
+        .route("/orders", post(order).layer(orders))
+        .with_state(state);
+    Ok((router, charges))
+}
+
+/// Sends one HTTP/1.1 request over a fresh connection; returns the status and the body.
+async fn send(
+    addr: std::net::SocketAddr,
+    request: &str,
+) -> Result<(u16, String), Box<dyn std::error::Error>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or("malformed response")?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
+fn order_request(key: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nIdempotency-Key: {key}\r\n\
+         Content-Type: text/plain\r\nContent-Length: 5\r\nConnection: close\r\n\r\nsku=7"
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let smoke = std::env::args().any(|a| a == "--smoke")
+        || std::env::var("HEADROOM_SMOKE").is_ok_and(|v| v == "1");
+    let builder = Headroom::builder().namespace("axum-service");
+    let headroom = match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => builder.redis(url).await?,
+        _ => builder.memory()?,
+    };
+    let (router, charges) = app(&headroom).await?;
+    let listener = TcpListener::bind(if smoke {
+        "127.0.0.1:0"
+    } else {
+        "127.0.0.1:3000"
+    })
+    .await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "listening on http://{addr} (backend: {})",
+        headroom.backend()
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    if !smoke {
+        tokio::signal::ctrl_c().await?;
+        server.abort();
+        return Ok(());
+    }
+
+    let product = "GET /products/7 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, body) = send(addr, product).await?;
+    println!("GET /products/7            -> {status} {body}");
+    // A unique key per run, so a shared Redis does not replay the previous run's order.
+    let key = format!(
+        "order-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    let (first, body) = send(addr, &order_request(&key)).await?;
+    println!("POST /orders               -> {first} {body}");
+    let (retry, body) = send(addr, &order_request(&key)).await?;
+    println!("POST /orders (same key)    -> {retry} {body} (replayed)");
+    let missing = "POST /orders HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let (no_key, _) = send(addr, missing).await?;
+    println!("POST /orders (no key)      -> {no_key}");
+    server.abort();
+    let charged = charges.load(Ordering::Relaxed);
+    println!("payment gateway charged {charged} time(s)");
+    if (status, first, retry, no_key, charged) != (200, 201, 201, 400, 1) {
+        return Err("the service did not answer as expected".into());
+    }
+    Ok(())
+}

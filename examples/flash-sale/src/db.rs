@@ -1,0 +1,151 @@
+//! A stand-in database: a fixed pool of connections, queries that take 5–20 ms and slow down
+//! as more of them pile up (lock contention, cache thrashing), and a pool wait limit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+/// How long a query may wait for a connection before the pool gives up.
+const POOL_WAIT: Duration = Duration::from_secs(2);
+
+/// A query failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DbError {
+    /// No connection became free within the pool's wait limit.
+    PoolTimeout,
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("database pool timeout")
+    }
+}
+
+impl std::error::Error for DbError {}
+
+/// A product row.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Product {
+    /// Its id.
+    pub(crate) id: u64,
+    /// Its price in cents.
+    pub(crate) price_cents: u32,
+}
+
+/// The database shared by every instance of the service.
+#[derive(Debug)]
+pub(crate) struct Database {
+    connections: Semaphore,
+    size: usize,
+    /// Queries waiting for a connection or running.
+    pending: AtomicUsize,
+    peak_pending: AtomicUsize,
+    queries: AtomicU64,
+    busy_micros: AtomicU64,
+    /// Committed orders by (customer, order reference): more than one is a duplicate charge.
+    orders: Mutex<HashMap<(u64, u64), u32>>,
+}
+
+/// Counters of one run.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DbStats {
+    pub(crate) queries: u64,
+    pub(crate) mean_query: Duration,
+    pub(crate) peak_pending: usize,
+    pub(crate) orders: u64,
+    pub(crate) duplicate_orders: u64,
+}
+
+impl Database {
+    /// A database with `size` connections.
+    pub(crate) fn new(size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            connections: Semaphore::new(size),
+            size,
+            pending: AtomicUsize::new(0),
+            peak_pending: AtomicUsize::new(0),
+            queries: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
+            orders: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs one query.
+    pub(crate) async fn query(&self) -> Result<(), DbError> {
+        let pending = Pending::enter(self);
+        let permit = tokio::time::timeout(POOL_WAIT, self.connections.acquire())
+            .await
+            .map_err(|_| DbError::PoolTimeout)?
+            .expect("the pool is never closed");
+        // 5–20 ms, up to 3× slower when many queries pile up on the pool.
+        let base = 5_000 + fastrand::u64(0..15_000);
+        let contention = (pending.load() as f64 / self.size as f64 - 1.0).clamp(0.0, 4.0);
+        let micros = (base as f64 * (1.0 + contention * 0.5)) as u64;
+        tokio::time::sleep(Duration::from_micros(micros)).await;
+        drop(permit);
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        self.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads a product.
+    pub(crate) async fn product(&self, id: u64) -> Result<Product, DbError> {
+        self.query().await?;
+        Ok(Product {
+            id,
+            price_cents: 500 + (id % 97) as u32 * 10,
+        })
+    }
+
+    /// Places an order: reserves stock, then inserts the order row. Returns the order number.
+    pub(crate) async fn place_order(&self, customer: u64, reference: u64) -> Result<u64, DbError> {
+        self.query().await?;
+        self.query().await?;
+        let mut orders = self.orders.lock().expect("orders lock");
+        let count = orders.entry((customer, reference)).or_insert(0);
+        *count += 1;
+        Ok(customer * 1_000_000 + reference % 1_000_000)
+    }
+
+    /// The counters so far.
+    pub(crate) fn stats(&self) -> DbStats {
+        let queries = self.queries.load(Ordering::Relaxed);
+        let busy = self.busy_micros.load(Ordering::Relaxed);
+        let orders = self.orders.lock().expect("orders lock");
+        DbStats {
+            queries,
+            mean_query: Duration::from_micros(busy.checked_div(queries).unwrap_or(0)),
+            peak_pending: self.peak_pending.load(Ordering::Relaxed),
+            orders: orders.values().map(|&n| u64::from(n)).sum(),
+            duplicate_orders: orders.values().map(|&n| u64::from(n - 1)).sum(),
+        }
+    }
+}
+
+/// Counts a query as pending for as long as it lives (dropped on every path).
+struct Pending<'a> {
+    db: &'a Database,
+    now: usize,
+}
+
+impl<'a> Pending<'a> {
+    fn enter(db: &'a Database) -> Self {
+        let now = db.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        db.peak_pending.fetch_max(now, Ordering::Relaxed);
+        Self { db, now }
+    }
+
+    fn load(&self) -> usize {
+        self.now.max(self.db.pending.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.db.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
