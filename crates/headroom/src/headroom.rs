@@ -171,8 +171,10 @@ impl Headroom {
     }
 
     /// A cache builder named `name`, with the shared KV store as L2 under
-    /// `<namespace>:cache:<name>` and the shared clock. `name` must be a valid namespace segment
-    /// (`[A-Za-z0-9_.:/-]`).
+    /// `<namespace>:cache:<name>`, invalidation across instances over the shared bus (default
+    /// [`InvalidationConfig`](headroom_cache::InvalidationConfig): a 2 s staleness bound when
+    /// messages are lost), and the shared clock. `name` must be a valid namespace segment
+    /// (`[A-Za-z0-9_.:/-]`). Build it inside a tokio runtime.
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -201,7 +203,11 @@ impl Headroom {
         Ok(headroom_cache::Cache::builder()
             .name(name)
             .clock(self.inner.clock.clone())
-            .l2(self.inner.kv.clone(), namespace))
+            .l2(self.inner.kv.clone(), namespace)
+            .invalidation(
+                self.inner.bus.clone(),
+                headroom_cache::InvalidationConfig::default(),
+            ))
     }
 
     /// An idempotency executor builder over the shared lease store, with records under
