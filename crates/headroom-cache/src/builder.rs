@@ -261,19 +261,23 @@ where
             });
         }
         let l1 = l1.build();
-        let l2 = self.l2.map(|(store, namespace)| {
-            Arc::new(L2::new(
-                store,
-                namespace,
-                self.config.l2_timeout,
-                self.clock.clone(),
-                self.config.l2_failure_threshold,
-                self.config.l2_cooldown,
-                self.config.l2_max_pending_deletes,
-                self.config.max_entry_lifetime(),
-                Arc::clone(&metrics),
-            ))
-        });
+        let l2 = self
+            .l2
+            .map(|(store, namespace)| {
+                L2::new(
+                    store,
+                    namespace,
+                    self.config.l2_timeout,
+                    self.clock.clone(),
+                    self.config.l2_failure_threshold,
+                    self.config.l2_cooldown,
+                    self.config.l2_max_pending_deletes,
+                    self.config.max_entry_lifetime(),
+                    Arc::clone(&metrics),
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
         Ok(Cache::from_parts(
             l1,
             l2,

@@ -15,7 +15,9 @@ use headroom_core::kv::{DynKvStore, KvEntry, KvStore};
 use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Key, Namespace};
 use parking_lot::Mutex;
 
-use crate::breaker::{Breaker, Permit};
+use headroom_breaker::{CircuitBreaker, State};
+
+use crate::ConfigError;
 use crate::metrics::Metrics;
 
 /// Keys deleted per round trip while clearing pending deletes.
@@ -26,7 +28,8 @@ pub(crate) struct L2 {
     pub(crate) namespace: Namespace,
     timeout: Duration,
     clock: Clock,
-    breaker: Breaker,
+    breaker: CircuitBreaker<()>,
+    cooldown: Duration,
     metrics: Arc<Metrics>,
     /// Keys whose L2 copy may be outdated, with the generation of the write that failed.
     pending: Mutex<HashMap<Key, u64>>,
@@ -53,15 +56,30 @@ impl L2 {
         max_pending: usize,
         max_lifetime: Duration,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ConfigError> {
+        // `failure_threshold` failures in a row open it (a full window of failures); one probe
+        // after each cool-down closes it or opens it again. Dropped calls count as nothing.
+        let breaker = CircuitBreaker::builder()
+            .name(format!("cache-l2:{namespace}"))
+            .clock(clock.clone())
+            .count_window(failure_threshold)
+            .minimum_calls(failure_threshold)
+            .failure_ratio(1.0)
+            .open_duration(cooldown)
+            .max_open_duration(cooldown)
+            .half_open_probes(1)
+            .count_cancelled(false)
+            .build()
+            .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
+        Ok(Self {
             max_lifetime,
             origin: clock.now(),
             untrusted_until: AtomicU64::new(0),
             store,
             namespace,
             timeout,
-            breaker: Breaker::new(clock.clone(), failure_threshold, cooldown),
+            breaker,
+            cooldown,
             clock,
             metrics,
             pending: Mutex::new(HashMap::new()),
@@ -69,7 +87,7 @@ impl L2 {
             max_pending,
             generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Runs one L2 call under the breaker and the timeout; `None` when L2 was not reached.
@@ -78,23 +96,20 @@ impl L2 {
         op: &'static str,
         call: impl Future<Output = Result<T, BackendError>>,
     ) -> Option<T> {
-        let permit = self.breaker.permit();
-        if permit == Permit::Refused {
+        let Ok(permit) = self.breaker.try_acquire() else {
             self.metrics.l2_skipped.increment(1);
             return None;
-        }
-        let mut guard = ProbeGuard {
-            breaker: &self.breaker,
-            permit: Some(permit),
         };
+        let was_closed = self.breaker.state() == State::Closed;
+        // A dropped call drops its permit: a cancelled call, which frees a probe slot.
         let result = tokio::select! {
             result = call => result,
             () = self.clock.sleep(self.timeout) => Err(BackendError::new(BackendErrorKind::Timeout)),
         };
-        guard.permit = None;
         match result {
             Ok(value) => {
-                if self.breaker.succeeded() {
+                permit.success();
+                if !was_closed && self.breaker.state() == State::Closed {
                     self.metrics.breaker_open.set(0.0);
                     tracing::info!(namespace = %self.namespace, "L2 answers again; calls resume");
                 }
@@ -112,15 +127,18 @@ impl L2 {
                     error.kind(),
                     BackendErrorKind::TooLarge | BackendErrorKind::Config
                 );
-                if health && self.breaker.failed(permit) {
+                if !health {
+                    permit.ignore();
+                    return None;
+                }
+                permit.failure();
+                if was_closed && self.breaker.state() == State::Open {
                     self.metrics.breaker_open.set(1.0);
                     tracing::warn!(
                         namespace = %self.namespace,
-                        cooldown = ?self.breaker.cooldown(),
+                        cooldown = ?self.cooldown,
                         "L2 keeps failing; calls paused",
                     );
-                } else if !health && permit == Permit::Probe {
-                    self.breaker.abandoned(permit);
                 }
                 None
             }
@@ -284,19 +302,6 @@ impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
     }
 }
 
-struct ProbeGuard<'a> {
-    breaker: &'a Breaker,
-    permit: Option<Permit>,
-}
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit {
-            self.breaker.abandoned(permit);
-        }
-    }
-}
-
 /// Deletes pending keys from L2 until none is left, waiting a cool-down after each failure.
 async fn drain(l2: Weak<L2>) {
     loop {
@@ -334,7 +339,7 @@ async fn drain(l2: Weak<L2>) {
             this.pending_changed(pending.len());
         } else {
             let clock = this.clock.clone();
-            let wait = this.breaker.cooldown();
+            let wait = this.cooldown;
             drop(this);
             clock.sleep(wait).await;
         }

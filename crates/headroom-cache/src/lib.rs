@@ -85,7 +85,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod breaker;
 mod builder;
 mod cache;
 pub mod codec;
