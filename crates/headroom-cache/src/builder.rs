@@ -3,6 +3,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use headroom_core::bus::Subscription;
 use headroom_core::bus::{DynInvalidationBus, InvalidationBus};
 use headroom_core::kv::{DynKvStore, KvStore};
 use headroom_core::{Clock, Namespace};
@@ -27,6 +28,7 @@ pub struct CacheBuilder<K, V> {
     codec: Box<dyn ValueCodec<V>>,
     ttl_by: Option<TtlFn<V>>,
     invalidation: Option<(DynInvalidationBus, InvalidationConfig)>,
+    external_writes: Option<Subscription>,
     key: PhantomData<fn(K)>,
 }
 
@@ -54,6 +56,7 @@ where
             codec: Box::new(Bound::new(Postcard)),
             ttl_by: None,
             invalidation: None,
+            external_writes: None,
             key: PhantomData,
         }
     }
@@ -109,6 +112,15 @@ where
     /// ```
     pub fn invalidation(mut self, bus: impl InvalidationBus, config: InvalidationConfig) -> Self {
         self.invalidation = Some((DynInvalidationBus::new(bus), config));
+        self
+    }
+
+    /// Keys changed in L2 by other programs, so that L1 drops them too: a subscription whose
+    /// messages are full L2 keys, such as `headroom_redis::tracked_writes` (Redis
+    /// server-assisted tracking of the L2 namespace). While it reports a loss, L1 is flushed
+    /// and bypassed until it is live again. Needs an L2 and a tokio runtime.
+    pub fn external_writes(mut self, writes: Subscription) -> Self {
+        self.external_writes = Some(writes);
         self
     }
 
@@ -245,6 +257,26 @@ where
                 Some((bus, channel, config))
             }
         };
+        let external_writes = match (self.external_writes, &self.l2) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "external writes need an l2 namespace to watch",
+                ));
+            }
+            (Some(writes), Some((_, namespace))) => {
+                if tokio::runtime::Handle::try_current().is_err() {
+                    return Err(ConfigError::new(
+                        "a cache watching external writes must be built inside a tokio runtime",
+                    ));
+                }
+                let prefix = namespace
+                    .key_from_parts(&[b"x"])
+                    .map_err(|_| ConfigError::new("invalid l2 namespace"))?;
+                let prefix = prefix.as_bytes()[..prefix.as_bytes().len() - 1].to_vec();
+                Some((writes, prefix))
+            }
+        };
         let metrics = Arc::new(Metrics::new(&self.config.name));
         let mut l1 = moka::sync::Cache::builder()
             .max_capacity(self.config.l1_max_capacity)
@@ -287,6 +319,7 @@ where
             self.clock,
             metrics,
             invalidation,
+            external_writes,
         ))
     }
 }

@@ -3,14 +3,14 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, join_all};
-use headroom_core::bus::DynInvalidationBus;
+use headroom_core::bus::{DynInvalidationBus, Subscription};
 use headroom_core::kv::KvEntry;
 use headroom_core::{Clock, Key};
 use parking_lot::Mutex;
@@ -166,6 +166,8 @@ pub(crate) struct Inner<K, V> {
     writes: Box<[AtomicU64]>,
     hasher: RandomState,
     invalidation: Option<Invalidation>,
+    /// Whether the subscription to writes made by other programs is live (when there is one).
+    external_live: Option<Arc<AtomicBool>>,
     /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
     cleared_unix_ms: AtomicU64,
     /// L2 entries carrying one of these tags created at or before its Unix millisecond were
@@ -193,12 +195,17 @@ where
         clock: Clock,
         metrics: Arc<Metrics>,
         invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
+        external_writes: Option<(Subscription, Vec<u8>)>,
     ) -> Self {
         let cache = Self {
             inner: Arc::new(Inner {
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
                     Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
                 }),
+                // Until the subscription is live, writes by others may go unseen.
+                external_live: external_writes
+                    .as_ref()
+                    .map(|_| Arc::new(AtomicBool::new(false))),
                 cleared_unix_ms: AtomicU64::new(0),
                 hidden_tags: Mutex::new(HashMap::new()),
                 l1,
@@ -217,6 +224,16 @@ where
         if let Some(invalidation) = &cache.inner.invalidation {
             let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
             invalidation.spawn(local, cache.inner.config.max_entry_lifetime());
+        }
+        if let (Some((writes, prefix)), Some(live)) = (external_writes, &cache.inner.external_live)
+        {
+            let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
+            tokio::spawn(crate::invalidation::watch_external_writes(
+                writes,
+                prefix,
+                Arc::clone(live),
+                local,
+            ));
         }
         cache
     }
@@ -580,6 +597,10 @@ where
     /// Whether L1 may be read and filled: not while invalidation messages may be lost.
     fn l1_usable(&self) -> bool {
         self.invalidation.as_ref().is_none_or(Invalidation::healthy)
+            && self
+                .external_live
+                .as_ref()
+                .is_none_or(|live| live.load(Ordering::Acquire))
     }
 
     /// The L1 slot of `key`, when L1 is usable.

@@ -543,6 +543,36 @@ async fn listen(
     }
 }
 
+/// Applies writes made by other programs, reported as full L2 keys starting with `prefix`,
+/// until the subscription ends. While it reports a loss, L1 is flushed and bypassed.
+pub(crate) async fn watch_external_writes(
+    mut writes: Subscription,
+    prefix: Vec<u8>,
+    live: Arc<AtomicBool>,
+    local: Weak<dyn Local>,
+) {
+    while let Some(event) = writes.next_event().await {
+        let Some(local) = local.upgrade() else { return };
+        match event {
+            BusEvent::Message(key) => {
+                if let Some(part) = key.strip_prefix(prefix.as_slice()) {
+                    local.invalidate_keys(&[part]);
+                }
+            }
+            BusEvent::Lost(_) => {
+                live.store(false, Ordering::Release);
+                local.flush();
+            }
+            // Writes made while the subscription was down are unknown: start L1 afresh.
+            _ => {
+                local.flush();
+                live.store(true, Ordering::Release);
+            }
+        }
+    }
+    live.store(false, Ordering::Release);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,3 +166,42 @@ async fn reads_survive_redis_being_killed_and_return_to_l2_after_restart() {
     assert_eq!(value.as_deref(), Some("from l2"));
     assert_eq!(loads.load(Ordering::SeqCst), loads_before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_learns_of_writes_made_outside_headroom() {
+    let server = shared_server();
+    let redis = Redis::connect(RedisConfig::standalone(server.url()))
+        .await
+        .expect("connect");
+    let ns = unique_namespace("external");
+    let prefix = format!("{ns}:");
+    let writes = headroom_redis::tracked_writes(&redis, prefix.as_bytes())
+        .await
+        .expect("tracking");
+    let cache: Cache<String, u64> = Cache::builder()
+        .name("external")
+        .ttl(Duration::from_secs(3_600))
+        .l2(RedisKvStore::new(redis), ns.clone())
+        .external_writes(writes)
+        .build()
+        .expect("cache");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cache.l1_in_use() {
+        assert!(Instant::now() < deadline, "tracking never went live");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache.insert("k".into(), 1).await.expect("insert");
+    assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), Some(1));
+
+    // Another program overwrites the key in Redis (with bytes that are not an envelope).
+    server.cli(&["SET", &format!("{prefix}k"), "written by another program"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.get(&"k".to_owned()).await.expect("get") == Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "L1 still serves the value replaced in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), None);
+}

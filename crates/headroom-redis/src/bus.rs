@@ -18,7 +18,7 @@ use crate::error::backend_error;
 use crate::{Redis, RedisMode};
 
 /// Events a subscriber may fall behind by before it is told it lost some.
-const SUBSCRIBER_BUFFER: usize = 1024;
+pub(crate) const SUBSCRIBER_BUFFER: usize = 1024;
 
 /// The Redis [`InvalidationBus`]: `PUBLISH`/`SUBSCRIBE` on a standalone server, sharded
 /// `SPUBLISH`/`SSUBSCRIBE` on a cluster (a channel lives on the node owning its slot, so
@@ -67,15 +67,20 @@ struct Channel {
     live: bool,
 }
 
-struct Subscriber {
+pub(crate) struct Subscriber {
     events: mpsc::Sender<BusEvent>,
     /// Events dropped because the subscriber was full, not yet reported.
     lagged: u64,
 }
 
 impl Subscriber {
+    /// A subscriber sending to `events`.
+    pub(crate) fn new(events: mpsc::Sender<BusEvent>) -> Self {
+        Self { events, lagged: 0 }
+    }
+
     /// Delivers `event`, first reporting any loss; returns false once the subscriber is gone.
-    fn deliver(&mut self, event: BusEvent) -> bool {
+    pub(crate) fn deliver(&mut self, event: BusEvent) -> bool {
         if self.lagged > 0 {
             match self
                 .events
@@ -117,25 +122,7 @@ impl RedisBus {
         let (pushes, pushed) = mpsc::unbounded_channel::<PushInfo>();
         let subscriber = match config.mode {
             RedisMode::Standalone => {
-                let info = config.urls[0]
-                    .as_str()
-                    .into_connection_info()
-                    .map_err(backend_error)?;
-                let settings = info
-                    .redis_settings()
-                    .clone()
-                    .set_protocol(ProtocolVersion::RESP3);
-                let client = redis::Client::open(info.set_redis_settings(settings))
-                    .map_err(backend_error)?;
-                let manager = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(Some(config.command_timeout))
-                    .set_min_delay(config.reconnect_min_delay)
-                    .set_max_delay(config.reconnect_max_delay)
-                    .set_push_sender(pushes)
-                    .set_automatic_resubscription();
-                let connect = ConnectionManager::new_with_config(client, manager);
-                let manager = bounded(config.connect_timeout.saturating_mul(2), connect).await?;
+                let manager = push_connection(&config, pushes, true).await?;
                 SubscriberConn::Standalone(manager)
             }
             RedisMode::Cluster => {
@@ -201,6 +188,36 @@ async fn revive(
             }
         };
     }
+}
+
+/// A dedicated RESP3 connection to a standalone server whose pushes (messages, invalidations,
+/// disconnections) go to `pushes`; with `resubscribe`, its channels are subscribed again after a
+/// reconnection.
+pub(crate) async fn push_connection(
+    config: &crate::RedisConfig,
+    pushes: mpsc::UnboundedSender<PushInfo>,
+    resubscribe: bool,
+) -> Result<ConnectionManager, BackendError> {
+    let info = config.urls[0]
+        .as_str()
+        .into_connection_info()
+        .map_err(backend_error)?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(settings)).map_err(backend_error)?;
+    let mut manager = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.command_timeout))
+        .set_min_delay(config.reconnect_min_delay)
+        .set_max_delay(config.reconnect_max_delay)
+        .set_push_sender(pushes);
+    if resubscribe {
+        manager = manager.set_automatic_resubscription();
+    }
+    let connect = ConnectionManager::new_with_config(client, manager);
+    bounded(config.connect_timeout.saturating_mul(2), connect).await
 }
 
 /// Dispatches pushes from the subscriber connection to subscriptions until the bus is dropped.

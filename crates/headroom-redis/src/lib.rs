@@ -7,6 +7,8 @@
 //!   (`GET`, `MGET`, pipelined `SET PX`, `DEL`).
 //! - [`RedisBus`]: the [`InvalidationBus`](headroom_core::bus::InvalidationBus) on pub/sub
 //!   (sharded pub/sub on a cluster), reporting lost messages on disconnect.
+//! - [`tracked_writes`]: keys under a prefix changed by anyone (`CLIENT TRACKING BCAST`), so
+//!   a cache's L1 also learns of writes made outside headroom.
 //! - [`RedisLeaseStore`]: the [`LeaseStore`](headroom_core::lease::LeaseStore) behind
 //!   idempotency keys (one Lua script per step, one key per record, server time).
 //! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
@@ -40,6 +42,7 @@ mod error;
 mod kv;
 mod lease;
 mod rate;
+mod tracking;
 
 pub use bus::RedisBus;
 pub use config::{RedisConfig, RedisMode};
@@ -47,3 +50,4 @@ pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
 pub use rate::RedisRateStore;
+pub use tracking::tracked_writes;

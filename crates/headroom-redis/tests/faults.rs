@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use headroom_core::bus::{BusEvent, InvalidationBus, LossReason};
 use headroom_core::kv::KvStore;
 use headroom_core::{BackendErrorKind, Classify};
-use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
+use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore, tracked_writes};
 use headroom_testkit::{FaultProxy, RedisCluster, RedisServer, shared_server, unique_namespace};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -346,4 +346,60 @@ async fn bus_reports_loss_when_the_proxy_cuts_and_resubscribes() {
         next_event(&mut sub).await,
         BusEvent::Message("after".into())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_writes_report_keys_changed_by_anyone_and_survive_a_restart() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(config(server.url())).await.expect("connect");
+    let mut writes = tracked_writes(&redis, b"shop:").await.expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+
+    // Another program writes, outside the prefix and inside it.
+    server.cli(&["SET", "elsewhere:x", "1"]);
+    server.cli(&["SET", "shop:k", "1"]);
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Message("shop:k".into())
+    );
+    server.cli(&["DEL", "shop:k"]);
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Message("shop:k".into())
+    );
+    // A flush changes everything.
+    server.cli(&["FLUSHALL"]);
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+
+    server.kill();
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    server.restart();
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Live,
+        "tracking is on again"
+    );
+    server.cli(&["SET", "shop:after", "1"]);
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Message("shop:after".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_writes_are_refused_on_a_cluster() {
+    let redis = Redis::connect(RedisConfig::cluster(
+        headroom_testkit::shared_cluster().urls(),
+    ))
+    .await
+    .expect("connect");
+    let err = tracked_writes(&redis, b"shop:").await.expect_err("cluster");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
 }
