@@ -21,7 +21,9 @@ mod proxy;
 mod server;
 
 pub use proxy::FaultProxy;
-pub use server::{RedisCluster, RedisServer, RedisServerBuilder, shared_cluster, shared_server};
+pub use server::{
+    ClusterNode, RedisCluster, RedisServer, RedisServerBuilder, shared_cluster, shared_server,
+};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -286,6 +286,205 @@ impl RedisCluster {
     }
 }
 
+/// One line of `CLUSTER NODES`: a node's id, port, role and the slots it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// The node's cluster id.
+    pub id: String,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+    /// Whether it is a master now (replicas become masters on failover).
+    pub master: bool,
+    /// Whether the cluster considers it failed.
+    pub failed: bool,
+    /// The slot ranges it serves (inclusive), empty for a replica.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    /// The cluster's view of its nodes, asked of the first running node.
+    ///
+    /// # Panics
+    ///
+    /// If no node runs or the output cannot be read.
+    pub fn topology(&self) -> Vec<ClusterNode> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running cluster node");
+        parse_cluster_nodes(&redis_cli(node.port(), &["CLUSTER", "NODES"]))
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the master serving `slot` now.
+    ///
+    /// # Panics
+    ///
+    /// If no master serves it.
+    pub fn slot_owner(&self, slot: u16) -> usize {
+        let owner = self
+            .topology()
+            .into_iter()
+            .find(|n| {
+                n.master && !n.failed && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+            })
+            .unwrap_or_else(|| panic!("no master serves slot {slot}"));
+        self.index_of_port(owner.port)
+    }
+
+    /// The slot of `key`, as the cluster computes it (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a running cluster node");
+        redis_cli(node.port(), &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
+    }
+
+    /// Moves `slot` and its keys to the master at index `to` while the cluster keeps serving
+    /// (`SETSLOT IMPORTING/MIGRATING`, `MIGRATE` in batches, then `SETSLOT NODE` on every
+    /// master), as `redis-cli --cluster reshard` does. Clients see `ASK` and `MOVED` redirects.
+    ///
+    /// # Panics
+    ///
+    /// If `to` is not a running master, or a step fails.
+    pub fn migrate_slot(&self, slot: u16, to: usize) {
+        let from = self.slot_owner(slot);
+        if from == to {
+            return;
+        }
+        let topology = self.topology();
+        let id_of = |index: usize| {
+            let port = self.nodes[index].port();
+            topology
+                .iter()
+                .find(|n| n.port == port)
+                .map(|n| n.id.clone())
+                .expect("node in topology")
+        };
+        let (from_id, to_id) = (id_of(from), id_of(to));
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let slot_arg = slot.to_string();
+        target.cli(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]);
+        source.cli(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]);
+        let target_port = target.port().to_string();
+        loop {
+            let keys = source.cli(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "REPLACE",
+                "KEYS",
+            ];
+            args.extend(keys);
+            source.cli(&args);
+        }
+        // The new owner first, then the old one, then every other master (as redis-cli does).
+        target.cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        source.cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+        for node in topology.iter().filter(|n| n.master && !n.failed) {
+            let index = self.index_of_port(node.port);
+            if index != from && index != to {
+                self.nodes[index].cli(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
+            }
+        }
+        self.wait_until_ok();
+    }
+
+    /// Kills the master at index `master` with `SIGKILL` and waits until one of its replicas has
+    /// taken over every slot it served (needs a cluster started with replicas). Returns the index
+    /// of the promoted replica. The killed node stays down; [`RedisServer::restart`] brings it
+    /// back as a replica of the new master.
+    ///
+    /// # Panics
+    ///
+    /// If `master` has no replica or no failover happens within 30 seconds.
+    pub fn fail_over(&self, master: usize) -> usize {
+        let topology = self.topology();
+        let port = self.nodes[master].port();
+        let old = topology
+            .iter()
+            .find(|n| n.port == port && n.master)
+            .cloned()
+            .expect("the node to fail over is a master");
+        assert!(!old.slots.is_empty(), "the master serves no slot");
+        let slot = old.slots[0].0;
+        self.nodes[master].kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let promoted = self.topology().into_iter().find(|n| {
+                n.master
+                    && !n.failed
+                    && n.port != port
+                    && n.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+            });
+            if let Some(promoted) = promoted {
+                self.wait_until_ok();
+                return self.index_of_port(promoted.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over from node {master} in time"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn index_of_port(&self, port: u16) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+}
+
+fn parse_cluster_nodes(text: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert!(fields.len() >= 8, "unexpected CLUSTER NODES line: {line}");
+            let port = fields[1]
+                .split(['@', ','])
+                .next()
+                .and_then(|addr| addr.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("no port in CLUSTER NODES line: {line}"));
+            let flags = fields[2];
+            let slots = fields[8..]
+                .iter()
+                .filter(|s| !s.starts_with('['))
+                .map(|s| match s.split_once('-') {
+                    Some((a, b)) => (a.parse().expect("slot"), b.parse().expect("slot")),
+                    None => {
+                        let one = s.parse().expect("slot");
+                        (one, one)
+                    }
+                })
+                .collect();
+            ClusterNode {
+                id: fields[0].to_owned(),
+                port,
+                master: flags.contains("master"),
+                failed: flags.contains("fail") && !flags.contains("fail?"),
+                slots,
+            }
+        })
+        .collect()
+}
+
 /// One standalone server shared by every test of a test binary (for conformance suites that
 /// do not disturb the server). Each test should use its own [`unique_namespace`](crate::unique_namespace).
 pub fn shared_server() -> &'static RedisServer {
