@@ -48,8 +48,9 @@ pub struct InvalidationConfig {
     /// bound. At least twice `ping_interval`.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_silence: Duration,
-    /// The most keys waiting to be published; beyond it the pending keys are sent as one
-    /// "clear" message instead.
+    /// The most keys waiting to be published; beyond it the pending keys are replaced by one
+    /// "flush" message, which empties the other instances' L1 (their L2 entries stay
+    /// visible).
     pub max_pending_keys: usize,
 }
 
@@ -93,6 +94,8 @@ pub(crate) enum Action<'a> {
     /// Drop every entry carrying one of these tags, in L1 and (hidden) in L2.
     #[serde(borrow)]
     Tags(Vec<&'a str>),
+    /// Drop everything from L1 only: more keys were written than one message carries.
+    Flush,
 }
 
 /// One invalidation message (after the format byte).
@@ -143,6 +146,7 @@ enum Flush {
     Gap,
     Clear,
     Tag,
+    Overflow,
 }
 
 struct InvalidationMetrics {
@@ -151,7 +155,7 @@ struct InvalidationMetrics {
     received: Counter,
     invalid: Counter,
     gaps: Counter,
-    flushes: [Counter; 5],
+    flushes: [Counter; 6],
     healthy: Gauge,
     lag: Histogram,
 }
@@ -172,6 +176,7 @@ impl InvalidationMetrics {
                 flush("gap"),
                 flush("clear"),
                 flush("tag"),
+                flush("overflow"),
             ],
             healthy: gauge!("headroom_cache_invalidation_healthy", "cache" => name.clone()),
             lag: histogram!("headroom_cache_invalidation_lag_seconds", "cache" => name.clone()),
@@ -184,6 +189,8 @@ impl InvalidationMetrics {
 struct Outbox {
     keys: Vec<Vec<u8>>,
     tags: Vec<String>,
+    /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
+    overflowed: bool,
     clear: bool,
 }
 
@@ -258,11 +265,11 @@ impl Invalidation {
     pub(crate) fn publish_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
         let shared = &self.shared;
         let mut outbox = shared.outbox.lock();
-        if !outbox.clear {
+        if !outbox.clear && !outbox.overflowed {
             outbox.keys.extend(keys.into_iter().map(<[u8]>::to_vec));
             if outbox.keys.len() > shared.config.max_pending_keys {
                 outbox.keys = Vec::new();
-                outbox.clear = true;
+                outbox.overflowed = true;
             }
         }
         drop(outbox);
@@ -327,8 +334,10 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
         let outbox = std::mem::take(&mut *shared.outbox.lock());
         if outbox.clear {
             shared.send(Action::Clear).await;
-        } else if !outbox.keys.is_empty() || !outbox.tags.is_empty() {
-            if !outbox.keys.is_empty() {
+        } else if outbox.overflowed || !outbox.keys.is_empty() || !outbox.tags.is_empty() {
+            if outbox.overflowed {
+                shared.send(Action::Flush).await;
+            } else if !outbox.keys.is_empty() {
                 let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
                 shared.send(Action::Keys(keys)).await;
             }
@@ -529,6 +538,10 @@ async fn listen(
                             for tag in tags {
                                 target.invalidate_tag(tag, message.sent_unix_ms);
                             }
+                        }
+                        Action::Flush => {
+                            shared.metrics.flushes[Flush::Overflow as usize].increment(1);
+                            target.flush();
                         }
                     }
                 }

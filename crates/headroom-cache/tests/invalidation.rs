@@ -717,3 +717,43 @@ async fn a_dropped_insert_still_publishes() {
     gated.gate.add_permits(1);
     settle_value(&b, "k", Some(2)).await;
 }
+
+/// A burst of writes larger than the outbox costs the other instances an L1 flush, never
+/// their L2: entries nobody wrote stay readable from L2 on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_outbox_flushes_l1_but_hides_no_l2_entry() {
+    let ns = unique_namespace("burst");
+    let mut small = config();
+    small.max_pending_keys = 4;
+    let build = |parts: Parts| -> Cache<String, u64> {
+        Cache::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(parts.0, ns.clone())
+            .invalidation(parts.1, small.clone())
+            .build()
+            .expect("build")
+    };
+    let mut parts = memory_parts(2).into_iter();
+    let a = build(parts.next().unwrap());
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = build(b_parts);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("untouched".into(), 7).await.unwrap();
+    settle_in_l1(&b, &b_calls, "untouched", 7).await;
+
+    let burst: Vec<String> = (0..10).map(|i| format!("burst-{i}")).collect();
+    a.remove_many(&burst).await.unwrap();
+
+    // B's L1 is flushed once the message arrives: its next read of the key goes to L2.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let served = loop {
+        let before = b_calls.reads();
+        let served = b.get(&"untouched".to_owned()).await.unwrap();
+        if b_calls.reads() > before {
+            break served;
+        }
+        assert!(Instant::now() < deadline, "B's L1 was never flushed");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    };
+    assert_eq!(served, Some(7), "the L2 entry nobody wrote stays visible");
+}
