@@ -120,6 +120,16 @@ fn bad_configurations_are_typed_errors() {
     );
     assert_eq!(
         kind(
+            r#"{ "kind": "slot_ranges", "ranges": [{ "start": 0, "end": 9000, "shard": 0 }, { "start": 8000, "end": 16384, "shard": 1 }] }"#
+        ),
+        ConfigErrorKind::Duplicate
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "slots", "shards": 16385 }"#),
+        ConfigErrorKind::TooLarge
+    );
+    assert_eq!(
+        kind(
             r#"{ "kind": "directory", "base": { "kind": "jump", "shards": 4 }, "overrides": [{ "key": "x", "shard": 1 }, { "key": "x", "shard": 2 }] }"#
         ),
         ConfigErrorKind::Duplicate
