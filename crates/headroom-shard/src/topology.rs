@@ -22,6 +22,9 @@ const UNKNOWN: u64 = u64::MAX;
 /// How long a replication report counts unless the builder says otherwise.
 const DEFAULT_STATUS_TTL: Duration = Duration::from_secs(10);
 
+/// How many shards get their own metric label unless the builder says otherwise.
+const DEFAULT_MAX_SHARD_LABELS: u32 = 1024;
+
 /// A physical node (a database primary or replica, a Redis node) and the handle to reach it.
 pub struct Node<H> {
     id: Arc<str>,
@@ -283,6 +286,7 @@ impl<H, R: Router> Topology<H, R> {
             epoch: 0,
             clock: Clock::system(),
             status_ttl: DEFAULT_STATUS_TTL,
+            max_shard_labels: DEFAULT_MAX_SHARD_LABELS,
             router,
             nodes: Vec::new(),
             shards: Vec::new(),
@@ -387,6 +391,7 @@ pub struct TopologyBuilder<H, R> {
     epoch: u64,
     clock: Clock,
     status_ttl: Duration,
+    max_shard_labels: u32,
     router: R,
     nodes: Vec<(Arc<str>, H)>,
     shards: Vec<Placement>,
@@ -436,6 +441,14 @@ impl<H, R: Router> TopologyBuilder<H, R> {
         self
     }
 
+    /// The most shards that get their own `shard` metric label (default 1024). A topology
+    /// placing more records every shard under `shard="all"`, so its routed counters stay at two
+    /// series instead of two per shard.
+    pub fn max_shard_labels(mut self, max: u32) -> Self {
+        self.max_shard_labels = max;
+        self
+    }
+
     /// Adds a physical node with the handle used to reach it.
     pub fn node(mut self, id: impl Into<Arc<str>>, handle: H) -> Self {
         self.nodes.push((id.into(), handle));
@@ -480,6 +493,7 @@ impl<H, R: Router> TopologyBuilder<H, R> {
             epoch,
             clock,
             status_ttl,
+            max_shard_labels,
             router,
             nodes,
             shards: placements,
@@ -503,6 +517,17 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                     ConfigError::new(ConfigErrorKind::UnknownNode, format_args!("node {id}"))
                 })
         };
+        // One routed-counter pair per shard, or one shared pair for a topology with more
+        // shards than the label limit: metric series stay bounded whatever the shard count.
+        let routed = |shard: &str| {
+            let counter = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
+            (counter("read"), counter("write"))
+        };
+        let placed: u64 = placements
+            .iter()
+            .map(|p| p.shards.end - p.shards.start)
+            .sum();
+        let shared_counters = (placed > u64::from(max_shard_labels)).then(|| routed("all"));
         let mut shards: Vec<Option<ShardEntry>> = Vec::new();
         for Placement {
             shards: range,
@@ -533,13 +558,16 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                         format_args!("shard {shard} placed twice"),
                     ));
                 }
-                let labels = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
+                let (routed_reads, routed_writes) = match &shared_counters {
+                    Some((reads, writes)) => (reads.clone(), writes.clone()),
+                    None => routed(&shard.to_string()),
+                };
                 *slot = Some(ShardEntry {
                     primary,
                     replicas: replicas.clone(),
                     next_replica: AtomicUsize::new(0),
-                    routed_reads: labels("read"),
-                    routed_writes: labels("write"),
+                    routed_reads,
+                    routed_writes,
                 });
             }
         }

@@ -476,3 +476,36 @@ async fn the_lag_monitor_reports_probe_answers() {
     assert!(poll_once(monitor.as_mut()).await.is_none());
     assert_eq!(handle.load().node("r2").unwrap().status().position, Some(7));
 }
+
+#[test]
+fn shard_labels_are_bounded() {
+    let recorder = TestRecorder::default();
+    let build = |shards: u32| {
+        metrics::with_local_recorder(&recorder, || {
+            Topology::builder(JumpRouter::new(shards).unwrap())
+                .name(format!("t{shards}"))
+                .node("p", ())
+                .shards(0..shards, "p", &[])
+                .build()
+                .unwrap()
+        })
+    };
+    // A small topology labels each shard.
+    let small = build(64);
+    drop(small.write_shard(ShardId(63)).unwrap());
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=write,shard=63,topology=t64}"),
+        1
+    );
+    // A large one must not create a series per shard (up to 2^20 of them): past the label
+    // limit, its shards share one label.
+    let large = build(1 << 16);
+    drop(large.write_shard(ShardId(40_000)).unwrap());
+    drop(large.write_shard(ShardId(7)).unwrap());
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=write,shard=all,topology=t65536}"),
+        2
+    );
+    let series = recorder.series("headroom_shard_routed_total");
+    assert!(series <= 2 * 64 + 2 * 1024, "{series} series");
+}
