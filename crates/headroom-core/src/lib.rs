@@ -30,6 +30,7 @@ mod key;
 pub mod kv;
 pub mod lease;
 pub mod memory;
+pub mod migration;
 pub mod rate;
 pub mod slot;
 

@@ -41,6 +41,7 @@ mod connection;
 mod error;
 mod kv;
 mod lease;
+mod migration;
 mod rate;
 mod tracking;
 
@@ -49,5 +50,6 @@ pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
+pub use migration::RedisMigrationStore;
 pub use rate::RedisRateStore;
 pub use tracking::tracked_writes;
