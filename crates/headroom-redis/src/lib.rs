@@ -13,6 +13,8 @@
 //!   idempotency keys (one Lua script per step, one key per record, server time).
 //! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
 //!   rate limits (GCRA in one Lua script on one key, server time).
+//! - [`RedisMigrationStore`]: the [`MigrationStore`](headroom_core::migration::MigrationStore)
+//!   behind resharding shared by several processes (one hash per migration, server time).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), headroom_core::BackendError> {
