@@ -167,6 +167,41 @@ fn plans_between_different_hash_routers_are_sampled() {
 }
 
 #[tokio::test]
+async fn rollback_is_allowed_until_the_cut_over() {
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let moving = (0..1000u64)
+        .find(|k| to.write(k).unwrap().node_id() == "b")
+        .unwrap();
+    let migration = Migration::new("m", Arc::clone(&from), Arc::clone(&to)).unwrap();
+    migration.report_copied(8, 8);
+    migration.advance().await.unwrap();
+    assert!(migration.write(&moving).unwrap().mirror().is_some());
+    migration.rollback().unwrap();
+    assert_eq!(migration.phase(), Phase::RolledBack);
+    let route = migration.write(&moving).unwrap();
+    assert_eq!(route.owner().node_id(), "a");
+    assert!(route.mirror().is_none());
+    drop(route);
+    migration.rollback().unwrap();
+    assert_eq!(
+        migration.advance().await.unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+
+    let migration = Migration::new("m", from, to).unwrap();
+    migration.report_copied(8, 8);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(
+        migration.rollback().unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+    assert_eq!(migration.phase(), Phase::CutOver);
+}
+
+#[tokio::test]
 async fn phases_advance_in_order_with_checks() {
     let recorder = TestRecorder::default();
     let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
