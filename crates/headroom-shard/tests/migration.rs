@@ -494,6 +494,7 @@ enum Step {
     Read(u64),
     Copied(u64),
     Advance,
+    Rollback,
 }
 
 fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -504,6 +505,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         (0..64u64).prop_map(Step::Read),
         (0..=8u64).prop_map(Step::Copied),
         Just(Step::Advance),
+        Just(Step::Rollback),
     ]
 }
 
@@ -511,7 +513,8 @@ proptest::proptest! {
     /// Random interleavings of writes (held open or finished), reads, copy progress and phase
     /// steps (including cut-overs abandoned while they wait): phases only move forward, Copy is
     /// left only once copied, moving writes are mirrored before the cut-over, and once the
-    /// cut-over has drained no route leads to the retired owner.
+    /// cut-over has drained no route leads to the retired owner. A rollback succeeds only
+    /// before the cut-over, and then routes everything to the old owner, unmirrored, for good.
     #[test]
     fn the_phase_machine_keeps_its_invariants(steps in proptest::collection::vec(step(), 1..120)) {
         let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
@@ -526,7 +529,10 @@ proptest::proptest! {
             match step {
                 Step::Write(key) => {
                     let route = migration.write(&key).unwrap();
-                    if phase < Phase::CutOver {
+                    if phase == Phase::RolledBack {
+                        proptest::prop_assert_eq!(route.owner().node_id(), "a");
+                        proptest::prop_assert!(route.mirror().is_none());
+                    } else if phase < Phase::CutOver {
                         proptest::prop_assert_eq!(route.owner().node_id(), "a");
                         proptest::prop_assert_eq!(route.mirror().is_some(), moving(&key));
                     } else {
@@ -543,7 +549,8 @@ proptest::proptest! {
                 }
                 Step::Read(key) => {
                     let route = migration.read(&key, &ReadPolicy::Primary).unwrap();
-                    let expected = if phase >= Phase::CutOver && moving(&key) { "b" } else { "a" };
+                    let new_owner_serves = matches!(phase, Phase::CutOver | Phase::Cleanup | Phase::Done);
+                    let expected = if new_owner_serves && moving(&key) { "b" } else { "a" };
                     proptest::prop_assert_eq!(route.target.node_id(), expected);
                     proptest::prop_assert_eq!(
                         route.shadow.is_some(),
@@ -569,6 +576,7 @@ proptest::proptest! {
                         Some(Err(err)) => match err.kind() {
                             MigrationErrorKind::CopyIncomplete => proptest::prop_assert!(copied < 8),
                             MigrationErrorKind::Finished => proptest::prop_assert_eq!(phase, Phase::Done),
+                            MigrationErrorKind::RolledBack => proptest::prop_assert_eq!(phase, Phase::RolledBack),
                             other => proptest::prop_assert!(false, "unexpected {:?}", other),
                         },
                         // The cut-over waits for open writes to the old owner; abandoning the
@@ -577,6 +585,23 @@ proptest::proptest! {
                             proptest::prop_assert_eq!(migration.phase(), Phase::CutOver);
                             proptest::prop_assert!(migration.writes_to_old_owners() > 0);
                             phase = Phase::CutOver;
+                        }
+                    }
+                    proptest::prop_assert_eq!(migration.phase(), phase);
+                }
+                Step::Rollback => {
+                    let allowed = matches!(
+                        phase,
+                        Phase::Copy | Phase::DualWrite | Phase::ShadowRead | Phase::RolledBack
+                    );
+                    match migration.rollback() {
+                        Ok(()) => {
+                            proptest::prop_assert!(allowed, "rolled back from {:?}", phase);
+                            phase = Phase::RolledBack;
+                        }
+                        Err(err) => {
+                            proptest::prop_assert!(!allowed, "refused from {:?}", phase);
+                            proptest::prop_assert_eq!(err.kind(), MigrationErrorKind::RolledBack);
                         }
                     }
                     proptest::prop_assert_eq!(migration.phase(), phase);
