@@ -204,7 +204,8 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// reported complete. Entering [`Phase::CutOver`] returns once every live participant has
     /// acknowledged it, that is, has stopped routing to old owners and finished its writes
     /// there. Fails with [`MigrationErrorKind::Conflict`] when another participant moved the
-    /// phase first.
+    /// phase first. If this future is dropped during that wait, the shared phase has still
+    /// advanced; [`settled`](Self::settled) waits again.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
         let current = self.refresh().await?;
         if current == Phase::RolledBack {
@@ -223,6 +224,14 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
             self.await_acknowledgements(next).await?;
         }
         Ok(next)
+    }
+
+    /// Waits until no live participant has acknowledged a phase before the shared one, and
+    /// returns that phase.
+    pub async fn settled(&self) -> Result<Phase, MigrationError> {
+        let phase = self.refresh().await?;
+        self.await_acknowledgements(phase).await?;
+        Ok(phase)
     }
 
     /// Abandons the migration before the cut-over, for every participant: each one routes to

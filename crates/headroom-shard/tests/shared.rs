@@ -124,6 +124,7 @@ async fn participants_follow_the_shared_phase() {
     drop(held);
     assert_eq!(refresh.await.unwrap(), Phase::CutOver);
     assert_eq!(cut_over.await.unwrap().unwrap(), Phase::CutOver);
+    assert_eq!(driver.settled().await.unwrap(), Phase::CutOver);
     // Too late to roll back.
     assert_eq!(
         other.rollback().await.unwrap_err().kind(),
