@@ -234,6 +234,8 @@ impl RedisCluster {
                     .config("cluster-enabled", "yes")
                     .config("cluster-config-file", "nodes.conf")
                     .config("cluster-node-timeout", "2000")
+                    // Replicas sync at once instead of waiting to batch a diskless transfer.
+                    .config("repl-diskless-sync-delay", "0")
                     .start()
             })
             .collect();
@@ -248,7 +250,31 @@ impl RedisCluster {
         redis_cli(nodes[0].port(), &args);
         let cluster = Self { nodes, masters };
         cluster.wait_until_ok();
+        cluster.wait_until_replicas_synced();
         cluster
+    }
+
+    /// Waits until every running replica has a live link to its master: a replica that never
+    /// finished its first sync refuses to fail over.
+    ///
+    /// # Panics
+    ///
+    /// If that does not happen within 30 seconds.
+    pub fn wait_until_replicas_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            loop {
+                let info = redis_cli_lenient(node.port(), &["INFO", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica not synced in time: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Every node, masters first (as created).
