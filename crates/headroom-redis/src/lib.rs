@@ -50,4 +50,4 @@ pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
 pub use rate::RedisRateStore;
-pub use tracking::tracked_writes;
+pub use tracking::{TRACKING_PING_INTERVAL, tracked_writes};
