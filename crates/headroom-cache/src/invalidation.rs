@@ -619,14 +619,21 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
 }
 
 /// Applies writes made by other programs, reported as full L2 keys starting with `prefix`,
-/// until the subscription ends. While it reports a loss, L1 is flushed and bypassed.
+/// until the subscription ends or the cache is dropped (`stopped` resolves; the subscription
+/// is dropped with this task). While it reports a loss, L1 is flushed and bypassed.
 pub(crate) async fn watch_external_writes(
     mut writes: Subscription,
     prefix: Vec<u8>,
     live: Arc<AtomicBool>,
     local: Weak<dyn Local>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
-    while let Some(event) = writes.next_event().await {
+    loop {
+        let event = tokio::select! {
+            event = writes.next_event() => event,
+            _ = &mut stopped => return,
+        };
+        let Some(event) = event else { break };
         let Some(local) = local.upgrade() else { return };
         match event {
             BusEvent::Message(key) => {

@@ -832,3 +832,54 @@ async fn a_graceful_shutdown_costs_the_others_no_flush() {
     );
     served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
 }
+
+/// Dropping a cache releases what it holds in Redis: its invalidation channel is unsubscribed
+/// and its tracking connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_cache_unsubscribes_and_closes_its_tracking_connection() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(RedisConfig::standalone(server.url()))
+        .await
+        .expect("connect");
+    let bus = RedisBus::connect(redis.clone()).await.expect("bus");
+    let ns = unique_namespace("dropped-cache");
+    let writes = headroom_redis::tracked_writes(&redis, format!("{}:", ns.as_str()).as_bytes())
+        .await
+        .expect("tracking");
+    let cache: Cache<String, u64> = Cache::builder()
+        .l2(RedisKvStore::new(redis), ns.clone())
+        .invalidation(bus.clone(), config())
+        .external_writes(writes)
+        .build()
+        .expect("build");
+    live(std::slice::from_ref(&cache)).await;
+    let channel = format!("{}:~invalidation", ns.as_str());
+    let subscribers = || {
+        let out = server.cli(&["PUBSUB", "NUMSUB", &channel]);
+        out.lines().nth(1).unwrap_or("").trim().to_owned()
+    };
+    let tracking = || {
+        server
+            .cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|line| {
+                line.split_whitespace()
+                    .any(|field| field.starts_with("flags=") && field.contains('t'))
+            })
+            .count()
+    };
+    assert_eq!(subscribers(), "1");
+    assert_eq!(tracking(), 1);
+
+    drop(cache);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while subscribers() != "0" || tracking() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still held after 5 s: {} subscribers, {} tracking connections",
+            subscribers(),
+            tracking()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
