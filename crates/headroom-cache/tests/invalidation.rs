@@ -883,3 +883,42 @@ async fn a_dropped_cache_unsubscribes_and_closes_its_tracking_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// With its subscription silent, an instance stops using L1 `max_silence` after the last
+/// message it heard, not on some later beat. On tokio's paused clock the bound is exact, to
+/// the timer's millisecond.
+#[tokio::test(start_paused = true)]
+async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
+    let ns = unique_namespace("silence-bound");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
+        &ns,
+    );
+    let b = cache(
+        (
+            DynKvStore::new(store),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    // Off the ping beat: the last message B hears is A's next write.
+    tokio::time::sleep(Duration::from_millis(13)).await;
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    faulty.silenced.store(true, Ordering::SeqCst);
+    let silenced = tokio::time::Instant::now();
+    while b.l1_in_use() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let noticed = silenced.elapsed();
+    // Tokio's timers fire on whole milliseconds.
+    assert!(
+        noticed <= config().max_silence + Duration::from_millis(1),
+        "L1 still used {noticed:?} after the last message"
+    );
+}
