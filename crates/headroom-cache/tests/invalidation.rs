@@ -13,7 +13,7 @@ use headroom_cache::{Cache, InvalidationConfig};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::kv::DynKvStore;
 use headroom_core::memory::{MemoryBus, MemoryKvStore};
-use headroom_core::{BackendError, Key, Namespace};
+use headroom_core::{BackendError, Clock, Key, ManualClock, Namespace};
 use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
 use headroom_testkit::{FaultProxy, RedisServer, shared_cluster, shared_server, unique_namespace};
 
@@ -29,7 +29,12 @@ fn config() -> InvalidationConfig {
 }
 
 fn cache(parts: Parts, ns: &Namespace) -> Cache<String, u64> {
+    cache_on(parts, ns, Clock::system())
+}
+
+fn cache_on(parts: Parts, ns: &Namespace, clock: Clock) -> Cache<String, u64> {
     Cache::builder()
+        .clock(clock)
         .ttl(Duration::from_secs(60))
         .l2_cooldown(Duration::from_millis(100))
         .l2(parts.0, ns.clone())
@@ -152,15 +157,17 @@ async fn update_reaches_other_instance_on_redis_cluster() {
     println!("redis cluster propagation: {lag:?}");
 }
 
-/// B's L1 holds a key; A updates it: B's L1 must not answer the old value once the message is
-/// in, even though B's L1 copy is still fresh by TTL. Checked without L2 reads on B: B's
-/// L2 copy is the new value, so only L1 could serve the old one.
+/// `remove_many` on one instance removes the keys from every instance (L1 and L2); `clear`
+/// hides every entry from every instance although the L2 copies stay until their TTL, and
+/// entries written after it are served again. The instances share a manual clock, so "after"
+/// is a step of that clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_many_and_clear_reach_every_instance_and_l2() {
     let ns = unique_namespace("clear");
+    let clock = ManualClock::new();
     let caches: Vec<_> = memory_parts(3)
         .into_iter()
-        .map(|parts| cache(parts, &ns))
+        .map(|parts| cache_on(parts, &ns, clock.clock()))
         .collect();
     live(&caches).await;
     for key in ["a", "b", "c"] {
@@ -185,8 +192,8 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
     for cache in &caches {
         settle_value(cache, "c", None).await;
     }
-    // Values written after the clear are served again (the clock moved past the clear).
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    // Values written after the clear are served again.
+    clock.advance(Duration::from_millis(1));
     caches[0].insert("c".into(), 2).await.unwrap();
     for cache in &caches {
         settle_value(cache, "c", Some(2)).await;
@@ -195,8 +202,13 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
 
 /// `invalidate_tag` removes the entries carrying the tag from every instance's L1 and hides
 /// their L2 copies (still in L2 until their TTL) from every instance; other entries stay.
+/// The instances share a manual clock, so "after the invalidation" is a step of that clock.
 async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
-    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    let clock = ManualClock::new();
+    let caches: Vec<_> = parts
+        .into_iter()
+        .map(|parts| cache_on(parts, &ns, clock.clock()))
+        .collect();
     live(&caches).await;
     caches[0]
         .insert_tagged("a".into(), 1, &["team:1"])
@@ -222,7 +234,7 @@ async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
         assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(3));
     }
     // Written after the invalidation: served again.
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    clock.advance(Duration::from_millis(1));
     caches[2]
         .insert_tagged("a".into(), 4, &["team:1"])
         .await
