@@ -51,6 +51,9 @@ struct Inner {
     channels: Arc<Mutex<HashMap<Bytes, Channel>>>,
     /// Channels whose subscription was dropped, for the maintenance task to unsubscribe.
     released: mpsc::UnboundedSender<Bytes>,
+    /// Held while a channel is subscribed or unsubscribed, so that the commands reach Redis
+    /// in the order the decisions were made.
+    commands: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -154,6 +157,7 @@ impl RedisBus {
         let channels = Arc::new(Mutex::new(HashMap::new()));
         let dropped = Arc::new(Notify::new());
         let (released, to_release) = mpsc::unbounded_channel();
+        let commands = Arc::new(tokio::sync::Mutex::new(()));
         tokio::spawn(route(
             pushed,
             Arc::downgrade(&channels),
@@ -165,6 +169,7 @@ impl RedisBus {
             Maintenance {
                 dropped,
                 to_release,
+                commands: Arc::clone(&commands),
                 every: config.reconnect_max_delay,
                 timeout: config.command_timeout,
             },
@@ -175,6 +180,7 @@ impl RedisBus {
                 subscriber,
                 channels,
                 released,
+                commands,
             }),
         })
     }
@@ -186,6 +192,8 @@ struct Maintenance {
     dropped: Arc<Notify>,
     /// Channels whose last subscription was dropped.
     to_release: mpsc::UnboundedReceiver<Bytes>,
+    /// Held while (un)subscribing, shared with `subscribe`.
+    commands: Arc<tokio::sync::Mutex<()>>,
     every: Duration,
     timeout: Duration,
 }
@@ -203,6 +211,8 @@ async fn maintain(
     channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
     mut maintenance: Maintenance,
 ) {
+    // Channels to unsubscribe, kept until Redis confirms (a failed command is retried).
+    let mut unused: Vec<Bytes> = Vec::new();
     loop {
         let released = tokio::select! {
             () = tokio::time::sleep(maintenance.every) => None,
@@ -215,24 +225,33 @@ async fn maintain(
         let Some(channels) = channels.upgrade() else {
             return;
         };
+        let _commands = maintenance.commands.lock().await;
         if let Some(name) = released {
-            let unused = {
-                let mut channels = channels.lock();
-                let unused = channels.get_mut(&name).is_some_and(|channel| {
-                    channel.subscribers.retain(|s| !s.events.is_closed());
-                    channel.subscribers.is_empty()
-                });
-                if unused {
-                    channels.remove(&name);
-                }
-                unused
-            };
-            if unused {
-                // A failure leaves a subscription nobody reads; the next reconnection drops it.
-                let _ = subscriber.unsubscribe(&name, maintenance.timeout).await;
+            let mut channels = channels.lock();
+            let gone = channels.get_mut(&name).is_some_and(|channel| {
+                channel.subscribers.retain(|s| !s.events.is_closed());
+                channel.subscribers.is_empty()
+            });
+            if gone {
+                channels.remove(&name);
+                unused.push(name);
             }
-            continue;
         }
+        let mut left = Vec::new();
+        for name in unused.drain(..) {
+            // Subscribed again meanwhile: keep it.
+            if channels.lock().contains_key(&name) {
+                continue;
+            }
+            if subscriber
+                .unsubscribe(&name, maintenance.timeout)
+                .await
+                .is_err()
+            {
+                left.push(name);
+            }
+        }
+        unused = left;
         let stale: Vec<Bytes> = channels
             .lock()
             .iter()
@@ -379,6 +398,11 @@ impl InvalidationBus for RedisBus {
     async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
         let name = channel.to_bytes();
         let (events, received) = mpsc::channel(SUBSCRIBER_BUFFER);
+        // From here on, dropping this future releases the channel like a dropped subscription.
+        let received = Received {
+            events: received,
+            release: Some((name.clone(), self.inner.released.clone())),
+        };
         let first = {
             let mut channels = self.inner.channels.lock();
             let entry = channels.entry(name.clone()).or_default();
@@ -390,16 +414,11 @@ impl InvalidationBus for RedisBus {
             entry.subscribers.len() == 1
         };
         if first {
+            // After any unsubscription of this channel already decided on.
+            let _commands = self.inner.commands.lock().await;
             let timeout = self.inner.publisher.config().command_timeout;
-            if let Err(err) = self.inner.subscriber.subscribe(&name, timeout).await {
-                self.inner.channels.lock().remove(&name);
-                return Err(err);
-            }
+            self.inner.subscriber.subscribe(&name, timeout).await?;
         }
-        let received = Received {
-            events: received,
-            release: Some((name, self.inner.released.clone())),
-        };
         Ok(received.into_subscription())
     }
 }
