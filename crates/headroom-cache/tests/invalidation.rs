@@ -934,3 +934,32 @@ async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
         "L1 still used {noticed:?} after the last message"
     );
 }
+
+/// A graceful restart (shut down, then a new instance on the same channel that writes other
+/// keys) costs the other instances no flush: the goodbye retires the old origin and the new
+/// one starts at sequence number 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_costs_the_others_no_flush() {
+    let ns = unique_namespace("restart");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let parts = || {
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        )
+    };
+    let a = cache(parts(), &ns);
+    let (b_parts, b_calls) = probed(parts());
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+
+    a.shutdown().await;
+    drop(a);
+    let restarted = cache(parts(), &ns);
+    live(std::slice::from_ref(&restarted)).await;
+    restarted.insert("other".into(), 2).await.unwrap();
+    settle_value(&b, "other", Some(2)).await;
+    served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
+}
