@@ -466,8 +466,13 @@ async fn tracked_writes_report_a_stalled_connection_as_lost() {
         BusEvent::Lost(LossReason::Disconnected)
     );
     let noticed = stalled.elapsed();
+    // The documented bound, plus slack for scheduling on a loaded machine.
     let bound = headroom_redis::TRACKING_PING_INTERVAL + TIMEOUT;
-    assert!(noticed <= bound * 2, "stall noticed after {noticed:?}");
+    assert!(
+        noticed <= bound + Duration::from_millis(300),
+        "stall noticed after {noticed:?}"
+    );
+    println!("tracking stall noticed after {noticed:?} (bound {bound:?})");
 
     proxy.restore();
     assert_eq!(next_event(&mut writes).await, BusEvent::Live);
