@@ -466,8 +466,13 @@ async fn tracked_writes_report_a_stalled_connection_as_lost() {
         BusEvent::Lost(LossReason::Disconnected)
     );
     let noticed = stalled.elapsed();
+    // The documented bound, plus slack for scheduling on a loaded machine.
     let bound = headroom_redis::TRACKING_PING_INTERVAL + TIMEOUT;
-    assert!(noticed <= bound * 2, "stall noticed after {noticed:?}");
+    assert!(
+        noticed <= bound + Duration::from_millis(300),
+        "stall noticed after {noticed:?}"
+    );
+    println!("tracking stall noticed after {noticed:?} (bound {bound:?})");
 
     proxy.restore();
     assert_eq!(next_event(&mut writes).await, BusEvent::Live);
@@ -500,11 +505,14 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 /// Dropping the last subscription of a channel unsubscribes it in Redis; dropping a tracked
-/// writes subscription closes its tracking connection.
+/// writes subscription closes its tracking connection; dropping the bus and its
+/// subscriptions closes its subscriber connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_subscriptions_release_redis() {
     let server = RedisServer::start();
     let redis = Redis::connect(config(server.url())).await.expect("connect");
+    let clients = |server: &RedisServer| server.cli(&["CLIENT", "LIST"]).lines().count();
+    let before = clients(&server);
     let bus = RedisBus::connect(redis.clone()).await.expect("bus");
     let channel = unique_namespace("bus-drop").key("ch").unwrap();
     let name = String::from_utf8(channel.to_bytes().to_vec()).unwrap();
@@ -534,6 +542,11 @@ async fn dropped_subscriptions_release_redis() {
     drop(writes);
     eventually("the tracking connection closed", || {
         tracking_clients(&server) == 0
+    })
+    .await;
+    drop((again, bus));
+    eventually("the subscriber connection closed", || {
+        clients(&server) == before
     })
     .await;
 }
