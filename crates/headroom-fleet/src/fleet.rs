@@ -22,7 +22,19 @@ struct Process {
     child: Child,
 }
 
+/// The counters of one slot across its processes.
+#[derive(Clone, Debug, Default)]
+struct Counted {
+    /// What the slot's earlier processes counted.
+    carried: Stats,
+    /// What the current process had counted when it was rebased (not the slot's doing).
+    offset: Stats,
+}
+
 /// The instances of the service, by slot; a slot is empty while its instance is down.
+///
+/// Each slot's counters add up over its processes, so that a window sees what the slot
+/// counted however often it was restarted.
 #[derive(Debug)]
 pub struct Fleet {
     binary: PathBuf,
@@ -30,6 +42,7 @@ pub struct Fleet {
     seeds: Vec<String>,
     slots: Vec<RwLock<Option<Arc<Client>>>>,
     processes: tokio::sync::Mutex<Vec<Option<Process>>>,
+    counted: tokio::sync::Mutex<Vec<Counted>>,
 }
 
 impl Fleet {
@@ -41,6 +54,7 @@ impl Fleet {
             seeds,
             slots: (0..size).map(|_| RwLock::new(None)).collect(),
             processes: tokio::sync::Mutex::new((0..size).map(|_| None).collect()),
+            counted: tokio::sync::Mutex::new(vec![Counted::default(); size]),
         }
     }
 
@@ -67,6 +81,7 @@ impl Fleet {
         if !matches!(ready, Ok(Ok(Some(ref line))) if line == "ready") {
             return Err(io::Error::other(format!("instance {slot} did not start")));
         }
+        self.counted.lock().await[slot].offset = Stats::default();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let client = Arc::new(Client::new(addr, Duration::from_secs(5)));
         self.processes.lock().await[slot] = Some(Process { child });
@@ -77,8 +92,9 @@ impl Fleet {
     /// Takes the instance of `slot` out of the load, waits for its requests to finish, and
     /// stops it with SIGTERM (it shuts headroom down gracefully).
     pub async fn stop(&self, slot: usize) -> io::Result<()> {
-        self.slot(slot).take();
+        let client = self.slot(slot).take();
         tokio::time::sleep(Duration::from_millis(300)).await;
+        self.carry(slot, client).await;
         let Some(mut process) = self.processes.lock().await[slot].take() else {
             return Ok(());
         };
@@ -95,7 +111,8 @@ impl Fleet {
 
     /// Kills the instance of `slot` with SIGKILL, requests in flight included.
     pub async fn kill(&self, slot: usize) -> io::Result<()> {
-        self.slot(slot).take();
+        let client = self.slot(slot).take();
+        self.carry(slot, client).await;
         if let Some(mut process) = self.processes.lock().await[slot].take() {
             process.child.kill().await?;
         }
@@ -110,21 +127,40 @@ impl Fleet {
             .clone()
     }
 
-    /// The counters of every instance that is up, by slot.
+    /// What each slot counted over all its processes (`None` while a slot is down or does
+    /// not answer), leaving out what a process counted before it was rebased.
     pub async fn stats(&self) -> Vec<Option<Stats>> {
         let mut all = Vec::new();
         for slot in 0..self.size() {
-            let stats = match self.client(slot) {
-                Some(client) => client
-                    .call::<_, ServiceResponse>(&ServiceRequest::Stats)
-                    .await
-                    .ok()
-                    .and_then(|answer| answer.stats),
+            let current = match self.client(slot) {
+                Some(client) => process_stats(&client).await,
                 None => None,
             };
-            all.push(stats);
+            let counted = self.counted.lock().await[slot].clone();
+            all.push(current.map(|now| counted.carried.plus(&now.since(&counted.offset))));
         }
         all
+    }
+
+    /// Leaves out of the slot's counters what its current process counted so far: a newcomer
+    /// catching up (its empty L1 flushed as it first hears each other instance) is not
+    /// something another instance's fault caused.
+    pub async fn rebase(&self, slot: usize) {
+        if let Some(client) = self.client(slot)
+            && let Some(now) = process_stats(&client).await
+        {
+            self.counted.lock().await[slot].offset = now;
+        }
+    }
+
+    /// Adds what the slot's ending process counted (since its rebase) to what it carries.
+    async fn carry(&self, slot: usize, client: Option<Arc<Client>>) {
+        let Some(client) = client else { return };
+        if let Some(last) = process_stats(&client).await {
+            let mut counted = self.counted.lock().await;
+            let entry = &mut counted[slot];
+            entry.carried = entry.carried.plus(&last.since(&entry.offset));
+        }
     }
 
     /// Stops every instance gracefully.
@@ -139,4 +175,12 @@ impl Fleet {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+async fn process_stats(client: &Client) -> Option<Stats> {
+    client
+        .call::<_, ServiceResponse>(&ServiceRequest::Stats)
+        .await
+        .ok()
+        .and_then(|answer| answer.stats)
 }

@@ -95,6 +95,49 @@ pub struct Stats {
     pub l1_in_use: bool,
 }
 
+impl Stats {
+    /// Counters added up (`l1_in_use` from `other`, the later look).
+    pub fn plus(&self, other: &Stats) -> Stats {
+        let mut flushes = self.flushes.clone();
+        for (reason, count) in &other.flushes {
+            *flushes.entry(reason.clone()).or_default() += count;
+        }
+        Stats {
+            flushes,
+            l2_hits: self.l2_hits + other.l2_hits,
+            l2_misses: self.l2_misses + other.l2_misses,
+            loads: self.loads + other.loads,
+            publish_errors: self.publish_errors + other.publish_errors,
+            l1_in_use: other.l1_in_use,
+        }
+    }
+
+    /// What was counted since `earlier`, a look at the same process.
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        let flushes = self
+            .flushes
+            .iter()
+            .map(|(reason, count)| {
+                let before = earlier.flushes.get(reason).copied().unwrap_or(0);
+                (reason.clone(), count.saturating_sub(before))
+            })
+            .collect();
+        Stats {
+            flushes,
+            l2_hits: self.l2_hits.saturating_sub(earlier.l2_hits),
+            l2_misses: self.l2_misses.saturating_sub(earlier.l2_misses),
+            loads: self.loads.saturating_sub(earlier.loads),
+            publish_errors: self.publish_errors.saturating_sub(earlier.publish_errors),
+            l1_in_use: self.l1_in_use,
+        }
+    }
+
+    /// L1 flushes over every reason.
+    pub fn total_flushes(&self) -> u64 {
+        self.flushes.values().sum()
+    }
+}
+
 /// What a service asks of the database.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

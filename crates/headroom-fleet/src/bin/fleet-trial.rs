@@ -52,51 +52,27 @@ impl Schedule {
     }
 }
 
-/// Counters summed per process lifetime while a window runs.
-struct Tally {
-    last: Vec<Option<Stats>>,
-    flushes: Vec<Option<u64>>,
-    reasons: BTreeMap<String, u64>,
-    l2: (u64, u64),
-}
-
-impl Tally {
-    async fn start(fleet: &Fleet) -> Self {
-        Self {
-            last: fleet.stats().await,
-            flushes: vec![None; fleet.size()],
-            reasons: BTreeMap::new(),
-            l2: (0, 0),
-        }
-    }
-
-    /// Adds what each instance counted since the last look; `restarted` is a slot whose
-    /// process changed meanwhile (its old counters are gone, its new ones start from 0).
-    async fn add(&mut self, fleet: &Fleet, restarted: Option<usize>) {
-        let now = fleet.stats().await;
-        for (slot, (before, after)) in self.last.iter().zip(&now).enumerate() {
-            // A restarted slot is a new process: what it counted while starting (its empty
-            // L1 catching up with the others) is not a flush the fault caused elsewhere.
-            let (Some(after), false) = (after, restarted == Some(slot)) else {
-                continue;
-            };
-            // A slot that was down at the last look started from zero.
-            let before = before.clone().unwrap_or_default();
-            let flushes = |s: &Stats| s.flushes.values().sum::<u64>();
-            *self.flushes[slot].get_or_insert(0) += flushes(after) - flushes(&before);
-            *self
-                .reasons
-                .entry("(publish errors)".to_owned())
-                .or_default() += after.publish_errors - before.publish_errors;
-            for (reason, count) in &after.flushes {
-                let earlier = before.flushes.get(reason).copied().unwrap_or(0);
-                *self.reasons.entry(reason.clone()).or_default() += count - earlier;
+/// What each slot counted between two looks.
+fn counted(
+    before: &[Option<Stats>],
+    after: &[Option<Stats>],
+) -> (Vec<Option<u64>>, BTreeMap<String, u64>, (u64, u64)) {
+    let mut reasons = BTreeMap::new();
+    let mut l2 = (0, 0);
+    let flushes = before
+        .iter()
+        .zip(after)
+        .map(|(before, after)| {
+            let delta = after.as_ref()?.since(&before.clone().unwrap_or_default());
+            for (reason, count) in &delta.flushes {
+                *reasons.entry(reason.clone()).or_default() += count;
             }
-            self.l2.0 += after.l2_hits - before.l2_hits;
-            self.l2.1 += after.l2_misses - before.l2_misses;
-        }
-        self.last = now;
-    }
+            *reasons.entry("(publish errors)".to_owned()).or_default() += delta.publish_errors;
+            l2 = (l2.0 + delta.l2_hits, l2.1 + delta.l2_misses);
+            Some(delta.total_flushes())
+        })
+        .collect();
+    (flushes, reasons, l2)
 }
 
 struct Trial {
@@ -111,28 +87,22 @@ struct Trial {
 impl Trial {
     /// Runs one window: the fault, then `settle` of recovery while watching whether every
     /// instance uses L1 again.
-    async fn window<F, Fut>(&mut self, name: &str, expect: Expect, restarts: bool, fault: F)
+    async fn window<F, Fut>(&mut self, name: &str, expect: Expect, fault: F)
     where
         F: FnOnce(Arc<Fleet>, Arc<RedisCluster>, Arc<Load>) -> Fut,
-        Fut: Future<Output = Vec<Option<usize>>>,
+        Fut: Future<Output = ()>,
     {
         println!("window: {name}");
         let loads_before = self.db.loads();
-        let mut tally = Tally::start(&self.fleet).await;
+        let stats_before = self.fleet.stats().await;
         let start = self.load.now();
-        let steps = fault(
+        fault(
             Arc::clone(&self.fleet),
             Arc::clone(&self.cluster),
             Arc::clone(&self.load),
         )
         .await;
         let fault_end = self.load.now();
-        if restarts {
-            // Each step restarted one slot; tally what the others counted across them.
-            for restarted in steps {
-                tally.add(&self.fleet, restarted).await;
-            }
-        }
         // When every instance went back to using L1 for good (until the window ends).
         let mut l1_back_after = None;
         while self.load.now() < fault_end + self.schedule.settle {
@@ -147,21 +117,29 @@ impl Trial {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        tally.add(&self.fleet, None).await;
+        let (flushes, flush_reasons, l2) = counted(&stats_before, &self.fleet.stats().await);
         self.windows.push(Window {
             name: name.to_owned(),
             start,
             end: self.load.now(),
             fault_end,
-            flushes: tally.flushes,
-            flush_reasons: tally.reasons,
-            l2: tally.l2,
+            flushes,
+            flush_reasons,
+            l2,
             loads_before,
             loads_after: self.db.loads(),
             l1_back_after,
             expect,
         });
     }
+}
+
+/// Waits, as a deploy waits for health before it moves on, until a newcomer has heard every
+/// other instance (each first message flushes its still empty L1), then leaves those flushes
+/// out of its counters: they are the newcomer's own start, not a cost to the others.
+async fn settle_newcomer(fleet: &Fleet, slot: usize) {
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    fleet.rebase(slot).await;
 }
 
 /// The slot of a product's L2 key and of the cache's invalidation channel.
@@ -205,15 +183,10 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
         schedule,
         windows: Vec::new(),
     };
-    let wait = |d: Duration| async move {
-        tokio::time::sleep(d).await;
-        vec![]
-    };
+    let wait = |d: Duration| tokio::time::sleep(d);
     let (warmup, baseline) = (trial.schedule.warmup, trial.schedule.baseline);
     trial
-        .window("warm-up", Expect::default(), false, move |_, _, _| {
-            wait(warmup)
-        })
+        .window("warm-up", Expect::default(), move |_, _, _| wait(warmup))
         .await;
     trial
         .window(
@@ -223,7 +196,6 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 no_reloads: true,
                 ..Expect::default()
             },
-            false,
             move |_, _, _| wait(baseline),
         )
         .await;
@@ -234,19 +206,12 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 max_flushes: Some(0),
                 ..Expect::default()
             },
-            true,
             |fleet, _, _| async move {
-                let mut steps = Vec::new();
                 for slot in 0..fleet.size() {
                     fleet.stop(slot).await.expect("graceful stop");
                     fleet.start(slot).await.expect("restart");
-                    // As a deploy waits for health before the next instance: the newcomer
-                    // hears every other instance once (its empty L1 catching up) in its own
-                    // step, so only flushes the restart caused elsewhere are counted.
-                    tokio::time::sleep(Duration::from_millis(2_500)).await;
-                    steps.push(Some(slot));
+                    settle_newcomer(&fleet, slot).await;
                 }
-                steps
             },
         )
         .await;
@@ -258,14 +223,12 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 spared: Some(0),
                 ..Expect::default()
             },
-            true,
             |fleet, _, _| async move {
                 fleet.kill(0).await.expect("kill");
                 // Long enough for the others to notice the silence.
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 fleet.start(0).await.expect("replace");
-                tokio::time::sleep(Duration::from_millis(2_500)).await;
-                vec![Some(0)]
+                settle_newcomer(&fleet, 0).await;
             },
         )
         .await;
@@ -276,14 +239,12 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 no_reloads: true,
                 ..Expect::default()
             },
-            false,
             |fleet, _, _| async move {
                 if let Some(client) = fleet.client(1) {
                     let _ = client
                         .call::<_, ServiceResponse>(&ServiceRequest::Burst { count: 5_000 })
                         .await;
                 }
-                vec![]
             },
         )
         .await;
@@ -294,14 +255,12 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 l1_back_within: Some(10.0),
                 ..Expect::default()
             },
-            false,
             |_, cluster, _| async move {
                 blocking(move || {
                     let master = cluster.slot_owner(slots(&cluster).0);
                     cluster.fail_over(master);
                 })
                 .await;
-                vec![]
             },
         )
         .await;
@@ -312,7 +271,6 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 l1_back_within: Some(10.0),
                 ..Expect::default()
             },
-            false,
             |_, cluster, _| async move {
                 blocking(move || {
                     let (key_slot, channel_slot) = slots(&cluster);
@@ -332,7 +290,6 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                     }
                 })
                 .await;
-                vec![]
             },
         )
         .await;
@@ -345,12 +302,10 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 critical_success: Some(0.99),
                 ..Expect::default()
             },
-            false,
             move |_, _, load| async move {
                 load.surge(3.0 * REPORT_CAPACITY);
                 tokio::time::sleep(overload).await;
                 load.surge(0.0);
-                vec![]
             },
         )
         .await;
