@@ -13,6 +13,7 @@
 //! | no scope (tenant or principal) for the request | `401 Unauthorized` |
 //! | same key, different request | `422 Unprocessable Content` |
 //! | the first request is still running | `409 Conflict` with `Retry-After` |
+//! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
 //! | body larger than the limit | `413 Content Too Large` |
 //! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
 //!
@@ -440,7 +441,7 @@ fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<E>) -> Response<B> {
             ),
             *retry_after,
         ),
-        IdempotencyError::Fenced => with_retry_after(
+        IdempotencyError::Fenced | IdempotencyError::LeaseLost => with_retry_after(
             plain(
                 StatusCode::CONFLICT,
                 "another request with this Idempotency-Key took over",
