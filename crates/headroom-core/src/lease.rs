@@ -70,6 +70,10 @@ pub enum Fenced {
 /// - `release` removes an in-progress record held by `token`, so a retry runs again.
 /// - Lease deadlines use the store's clock (Redis server time), never the caller's.
 /// - Keys of one record live in one Redis Cluster slot.
+/// - A key's **scope** (the tenant a bounded store shares memory by) is the first segment of
+///   its local part: one length byte, then that many bytes. A store may refuse a new key with
+///   [`BackendErrorKind::Unavailable`](crate::BackendErrorKind::Unavailable) when its scope holds
+///   its share, but never refuses `complete`.
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Begins the operation for `key`, or reports who holds it or what it returned.
     fn begin(

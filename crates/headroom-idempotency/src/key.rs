@@ -158,7 +158,8 @@ impl Scope {
 
     /// The record's key in `namespace`: tenant and operation each behind a one-byte length
     /// (both are at most 255 bytes), then the key, so no two scopes and keys map to the same
-    /// record whatever characters they hold.
+    /// record whatever characters they hold. The tenant comes first, the lease store's scope
+    /// (see the `LeaseStore` contract), so a store bounded per scope bounds each tenant.
     pub(crate) fn record_key(&self, namespace: &Namespace, key: &IdempotencyKey) -> Key {
         let tenant_len = [self.tenant.len() as u8];
         let operation_len = [self.operation.len() as u8];

@@ -539,3 +539,30 @@ async fn a_slow_extension_does_not_stall_the_operation() {
         .unwrap();
     assert_eq!((out.value, out.replayed), (5, false));
 }
+
+/// A tenant that holds its share of the memory store is refused new keys; other tenants run.
+#[tokio::test]
+async fn one_tenant_cannot_fill_the_memory_store_for_all() {
+    let store = MemoryLeaseStore::builder()
+        .max_records(1000)
+        .max_records_per_scope(20)
+        .build();
+    let idem = Idempotency::builder(store).build().unwrap();
+    let mallory = Scope::new("mallory", "charge").unwrap();
+    let mut refused = 0;
+    for i in 0..50 {
+        let out = idem
+            .execute(&mallory, &key(&format!("k{i}")), b"x", || async {
+                Result::Ok(i)
+            })
+            .await;
+        refused += usize::from(matches!(out, Err(IdempotencyError::Unavailable(_))));
+    }
+    assert_eq!(refused, 30, "mallory keeps 20 records");
+    let alice = Scope::new("alice", "charge").unwrap();
+    let out = idem
+        .execute(&alice, &key("k0"), b"x", || async { Result::Ok(1) })
+        .await
+        .unwrap();
+    assert!(!out.replayed);
+}

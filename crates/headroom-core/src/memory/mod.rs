@@ -11,5 +11,5 @@ mod rate;
 
 pub use bus::MemoryBus;
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
-pub use lease::MemoryLeaseStore;
+pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use rate::MemoryRateStore;
