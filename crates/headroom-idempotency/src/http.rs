@@ -73,13 +73,27 @@ pub struct IdempotencyLayer<S, F> {
 }
 
 struct Options<F> {
-    scope: F,
+    scope: Arc<F>,
     methods: Vec<Method>,
     require_key: bool,
     max_body_len: usize,
     replay_headers: Vec<HeaderName>,
     fingerprint: Arc<Fingerprint>,
     store_status: Arc<StoreStatus>,
+}
+
+impl<F> Clone for Options<F> {
+    fn clone(&self) -> Self {
+        Self {
+            scope: Arc::clone(&self.scope),
+            methods: self.methods.clone(),
+            require_key: self.require_key,
+            max_body_len: self.max_body_len,
+            replay_headers: self.replay_headers.clone(),
+            fingerprint: Arc::clone(&self.fingerprint),
+            store_status: Arc::clone(&self.store_status),
+        }
+    }
 }
 
 impl<S, F> Clone for IdempotencyLayer<S, F> {
@@ -133,7 +147,7 @@ where
         Self {
             executor,
             options: Arc::new(Options {
-                scope,
+                scope: Arc::new(scope),
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: true,
                 max_body_len: 1024 * 1024,
@@ -150,8 +164,9 @@ where
         }
     }
 
+    /// The options of this layer alone: copied first if a clone shares them.
     fn options_mut(&mut self) -> &mut Options<F> {
-        Arc::get_mut(&mut self.options).expect("options are shared only once the layer is cloned")
+        Arc::make_mut(&mut self.options)
     }
 
     /// The methods protected (default `POST` and `PATCH`); others pass through.

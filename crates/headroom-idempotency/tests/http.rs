@@ -399,3 +399,23 @@ async fn a_response_body_that_breaks_runs_the_handler_once() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
+
+/// Configuring a layer after it was cloned changes that layer only, and never panics.
+#[tokio::test]
+async fn configuring_a_cloned_layer_does_not_panic_or_change_the_clone() {
+    let layer = memory_layer();
+    let kept = layer.clone();
+    let put_only = layer.methods([Method::PUT]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The reconfigured layer passes POST through unprotected; the clone still requires a key.
+    let mut open = put_only.layer(payments(Arc::clone(&calls)));
+    assert_eq!(
+        send(&mut open, post(None, "x")).await.0,
+        StatusCode::CREATED
+    );
+    let mut guarded = kept.layer(payments(Arc::clone(&calls)));
+    assert_eq!(
+        send(&mut guarded, post(None, "x")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+}
