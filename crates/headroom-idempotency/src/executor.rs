@@ -23,6 +23,8 @@ const NOT_REPLAYABLE: u8 = 0xFF;
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// Attempts to store an outcome before giving up on a failing store.
 const COMPLETE_ATTEMPTS: usize = 3;
+/// The pause before the second attempt to store an outcome; it doubles before each next one.
+const COMPLETE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// An outcome, and whether it was replayed from the store rather than produced now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -521,7 +523,13 @@ impl<S: LeaseStore> Idempotency<S> {
                 Bytes::from_static(&[NOT_REPLAYABLE])
             }
         };
+        // Short enough that the pauses together stay well inside the lease.
+        let mut backoff = COMPLETE_BACKOFF.min(inner.config.lease / 16);
         for attempt in 1..=COMPLETE_ATTEMPTS {
+            if attempt > 1 {
+                inner.clock.sleep(backoff).await;
+                backoff *= 2;
+            }
             match inner
                 .store
                 .complete(&record, token, encoded.clone(), inner.config.retention)

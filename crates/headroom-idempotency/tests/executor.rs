@@ -566,3 +566,107 @@ async fn one_tenant_cannot_fill_the_memory_store_for_all() {
         .unwrap();
     assert!(!out.replayed);
 }
+
+/// A memory store whose first `failures` completions fail, as a store that is briefly down.
+#[derive(Clone, Debug)]
+struct FlakyComplete {
+    store: MemoryLeaseStore,
+    failures: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl headroom_core::lease::LeaseStore for FlakyComplete {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: bytes::Bytes,
+        retention: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(headroom_core::BackendError::with_detail(
+                headroom_core::BackendErrorKind::Unavailable,
+                "store briefly down",
+            ));
+        }
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.extend(key, token, lease).await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// Storing an outcome is retried after a pause that grows, not at once, so a store that is
+/// briefly down gets time to come back and the outcome is kept.
+#[tokio::test]
+async fn storing_an_outcome_is_retried_with_backoff() {
+    let clock = ManualClock::new();
+    let store = FlakyComplete {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failures: Arc::new(AtomicUsize::new(2)),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let idem = Idempotency::builder(store.clone())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async { Result::Ok(9u32) })
+                .await
+        })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        1,
+        "no retry before a pause"
+    );
+    let mut waited = Duration::ZERO;
+    while !holder.is_finished() && waited < Duration::from_secs(5) {
+        clock.advance(Duration::from_millis(10));
+        waited += Duration::from_millis(10);
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(holder.await.unwrap().unwrap().value, 9);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 3);
+    assert!(
+        waited >= Duration::from_millis(100),
+        "paused {waited:?} in all"
+    );
+    let replay = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::Ok(0u32) })
+        .await
+        .unwrap();
+    assert_eq!((replay.value, replay.replayed), (9, true));
+}
