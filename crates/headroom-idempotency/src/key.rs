@@ -57,7 +57,7 @@ impl IdempotencyKey {
     /// Parses the value of an `Idempotency-Key` header.
     ///
     /// The draft makes the value a structured-field string (`"8e03978e-40d5-43e8"`, with `\"`
-    /// and `\\` escapes); a bare token of visible ASCII (`8e03978e-40d5-43e8`) is accepted too,
+    /// and `\\` escapes, and parameters such as `;v=1`, which are ignored); a bare token of visible ASCII (`8e03978e-40d5-43e8`) is accepted too,
     /// since many clients send one.
     ///
     /// ```
@@ -68,39 +68,25 @@ impl IdempotencyKey {
     /// ```
     pub fn parse_header(value: &[u8]) -> Result<Self, InvalidKey> {
         let value = value.trim_ascii();
-        let Some(quoted) = value.strip_prefix(b"\"") else {
+        if !value.starts_with(b"\"") {
             check("key", value, Self::MAX_LEN, |b| {
                 (0x21..=0x7E).contains(&b) && b != b'"'
             })?;
             return Ok(Self(String::from_utf8_lossy(value).into_owned()));
-        };
-        let mut key = String::with_capacity(quoted.len());
-        let mut bytes = quoted.iter().copied();
-        loop {
-            match bytes.next() {
-                None => return Err(InvalidKey::MalformedHeader("unterminated string")),
-                Some(b'"') => break,
-                Some(b'\\') => match bytes.next() {
-                    Some(escaped @ (b'"' | b'\\')) => key.push(char::from(escaped)),
-                    _ => return Err(InvalidKey::MalformedHeader("invalid escape")),
-                },
-                Some(b) if (0x20..=0x7E).contains(&b) => key.push(char::from(b)),
-                Some(_) => return Err(InvalidKey::MalformedHeader("non-printable character")),
-            }
-            if key.len() > Self::MAX_LEN {
-                return Err(InvalidKey::TooLong {
-                    field: "key",
-                    len: key.len(),
-                    max: Self::MAX_LEN,
-                });
-            }
         }
-        if bytes.next().is_some() {
-            return Err(InvalidKey::MalformedHeader(
-                "characters after the closing quote",
-            ));
+        // A structured-field string with optional parameters (`"key";v=1`), which are ignored.
+        let key = sfv::Parser::new(value)
+            .parse_item_with_visitor(string_item)
+            .map_err(|_| InvalidKey::MalformedHeader("not a structured-field string"))?;
+        let key = key.as_str();
+        if key.len() > Self::MAX_LEN {
+            return Err(InvalidKey::TooLong {
+                field: "key",
+                len: key.len(),
+                max: Self::MAX_LEN,
+            });
         }
-        Self::new(&key)
+        Self::new(key)
     }
 
     /// The key as text.
@@ -175,6 +161,24 @@ impl Scope {
     }
 }
 
+/// Takes a structured-field item's string and ignores its parameters.
+fn string_item(
+    item: sfv::BareItemFromInput<'_>,
+) -> Result<impl sfv::visitor::ParameterVisitor<'_, Out = String>, NotAString> {
+    match item {
+        sfv::BareItemFromInput::String(key) => Ok(sfv::visitor::parameter_visitor_with(
+            sfv::visitor::Ignored,
+            move |_| Ok(key.as_str().to_owned()),
+        )),
+        _ => Err(NotAString),
+    }
+}
+
+/// A structured-field item that is not a string.
+#[derive(Debug, thiserror::Error)]
+#[error("not a string")]
+struct NotAString;
+
 fn check(
     field: &'static str,
     value: &[u8],
@@ -240,6 +244,37 @@ mod tests {
             Err(InvalidKey::TooLong { len: 256, .. })
         ));
         assert!(IdempotencyKey::parse_header(&[0xFF, 0xFE]).is_err());
+    }
+
+    #[test]
+    fn structured_field_parameters_are_accepted_and_ignored() {
+        for value in [
+            &b"\"abc\";v=1"[..],
+            b"\"abc\"; v=1",
+            b"\"abc\";a;b=?0;c=\"x y\";d=1.5;e=tok/en;f=:aGk=:",
+            b" \"abc\";v=1 ",
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse_header(value).map(|k| k.0),
+                Ok("abc".to_owned()),
+                "{}",
+                value.escape_ascii()
+            );
+        }
+        for bad in [
+            &b"\"abc\";"[..],
+            b"\"abc\";V=1",
+            b"\"abc\";v=",
+            b"\"abc\";v=\"open",
+            b"\"abc\" ;v=1",
+            b"\"abc\";v=1,\"def\"",
+        ] {
+            assert!(
+                IdempotencyKey::parse_header(bad).is_err(),
+                "{}",
+                bad.escape_ascii()
+            );
+        }
     }
 
     #[test]
