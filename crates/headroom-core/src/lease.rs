@@ -71,7 +71,8 @@ pub enum Fenced {
 /// - Lease deadlines use the store's clock (Redis server time), never the caller's.
 /// - Keys of one record live in one Redis Cluster slot.
 /// - A key's **scope** (the tenant a bounded store shares memory by) is the first segment of
-///   its local part: one length byte, then that many bytes. A store may refuse a new key with
+///   its local part, after a leading `{hash tag}` if it has one: one length byte, then that
+///   many bytes. A store may refuse a new key with
 ///   [`BackendErrorKind::Unavailable`](crate::BackendErrorKind::Unavailable) when its scope holds
 ///   its share, but never refuses `complete`.
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {

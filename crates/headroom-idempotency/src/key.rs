@@ -1,6 +1,7 @@
 use std::fmt;
 
 use headroom_core::{Key, Namespace};
+use xxhash_rust::xxh3::Xxh3;
 
 /// Why an idempotency key or scope was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -142,22 +143,39 @@ impl Scope {
         &self.operation
     }
 
-    /// The record's key in `namespace`: tenant and operation each behind a one-byte length
-    /// (both are at most 255 bytes), then the key, so no two scopes and keys map to the same
-    /// record whatever characters they hold. The tenant comes first, the lease store's scope
-    /// (see the `LeaseStore` contract), so a store bounded per scope bounds each tenant.
+    /// The record's key in `namespace`: a hash tag of its own, then tenant and operation each
+    /// behind a one-byte length (both are at most 255 bytes), then the key, so no two scopes and
+    /// keys map to the same record whatever characters they hold.
+    ///
+    /// The tag (`{` and 16 hex digits of the XXH3 hash of the rest, then `}`) comes first, so it
+    /// is the one Redis Cluster hashes: braces in a client's key never choose the slot. The
+    /// tenant follows it as the lease store's scope (see the `LeaseStore` contract), so a store
+    /// bounded per scope bounds each tenant.
     pub(crate) fn record_key(&self, namespace: &Namespace, key: &IdempotencyKey) -> Key {
         let tenant_len = [self.tenant.len() as u8];
         let operation_len = [self.operation.len() as u8];
+        let parts: [&[u8]; 5] = [
+            &tenant_len,
+            self.tenant.as_bytes(),
+            &operation_len,
+            self.operation.as_bytes(),
+            key.0.as_bytes(),
+        ];
+        let mut hasher = Xxh3::new();
+        for part in parts {
+            hasher.update(part);
+        }
+        let tag = format!("{{{:016x}}}", hasher.digest());
         namespace
             .key_from_parts(&[
-                &tenant_len,
-                self.tenant.as_bytes(),
-                &operation_len,
-                self.operation.as_bytes(),
-                key.0.as_bytes(),
+                tag.as_bytes(),
+                parts[0],
+                parts[1],
+                parts[2],
+                parts[3],
+                parts[4],
             ])
-            .expect("1 + 255 + 1 + 255 + 255 bytes fit the key limit")
+            .expect("18 + 1 + 255 + 1 + 255 + 255 bytes fit the key limit")
     }
 }
 
@@ -291,7 +309,7 @@ mod tests {
         let a65 = "A".repeat(65);
         assert_ne!(record(&a65, "o", "k"), record(&"A".repeat(64), "Ao", "k"));
         let longest = "x".repeat(255);
-        assert_eq!(record(&longest, &longest, &longest).local().len(), 767);
+        assert_eq!(record(&longest, &longest, &longest).local().len(), 785);
     }
 
     #[test]

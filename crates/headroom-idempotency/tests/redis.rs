@@ -212,3 +212,40 @@ async fn a_new_key_costs_two_round_trips_and_a_replay_one() {
         "begin answers the stored outcome"
     );
 }
+
+/// A client cannot choose the cluster slot of its records by putting a `{hash tag}` in its
+/// idempotency keys: records of keys that share a tag still spread over the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_tags_in_client_keys_do_not_choose_the_slot() {
+    let cluster = shared_cluster();
+    let namespace = unique_namespace("idem-tags");
+    let redis = Redis::connect(RedisConfig::cluster(cluster.urls()))
+        .await
+        .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .namespace(namespace.clone())
+        .build()
+        .unwrap();
+    let scope = Scope::new("tenant", "charge").unwrap();
+    for i in 0..16 {
+        let key = IdempotencyKey::new(&format!("{{hot}}-{i}")).unwrap();
+        executor
+            .execute(&scope, &key, b"x", || async { Ok::<_, String>(i) })
+            .await
+            .unwrap();
+    }
+    let pattern = format!("{}:*", namespace.as_str());
+    let mut slots = std::collections::BTreeSet::new();
+    let mut records = 0;
+    for node in cluster.nodes() {
+        for name in node.cli(&["--raw", "KEYS", &pattern]).lines() {
+            if name.is_empty() {
+                continue;
+            }
+            records += 1;
+            slots.insert(cluster.keyslot(name));
+        }
+    }
+    assert_eq!(records, 16);
+    assert!(slots.len() > 1, "all records in slot {slots:?}");
+}

@@ -163,10 +163,17 @@ impl Record {
 }
 
 /// The scope of `key`: the first segment of its local part (a length byte, then that many
-/// bytes), or the whole local part when it does not hold one.
+/// bytes) after a leading `{hash tag}`, or the whole local part when it does not hold one.
 fn scope_of(key: &Key) -> &[u8] {
     let local = key.local();
-    match local.split_first() {
+    let segments = match local.strip_prefix(b"{") {
+        Some(tagged) => match tagged.iter().position(|&b| b == b'}') {
+            Some(end) => &tagged[end + 1..],
+            None => local,
+        },
+        None => local,
+    };
+    match segments.split_first() {
         Some((&len, rest)) if usize::from(len) <= rest.len() => &rest[..usize::from(len)],
         _ => local,
     }
