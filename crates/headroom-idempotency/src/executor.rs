@@ -352,11 +352,15 @@ impl<S: LeaseStore> Idempotency<S> {
         let mut poll = Duration::from_millis(5);
         loop {
             let asked_at = inner.clock.now();
-            let begin = match inner
-                .store
-                .begin(&record, &fingerprint, inner.config.lease)
-                .await
-            {
+            let begin = if inner.store.begin_completes_at_once() {
+                inner
+                    .store
+                    .begin(&record, &fingerprint, inner.config.lease)
+                    .await
+            } else {
+                self.begin_handed_over_on_drop(&record, fingerprint).await
+            };
+            let begin = match begin {
                 Ok(begin) => begin,
                 Err(err) => return self.store_down(err, operation).await,
             };
@@ -418,6 +422,33 @@ impl<S: LeaseStore> Idempotency<S> {
                 _ => return Err(IdempotencyError::Corrupt),
             }
         }
+    }
+
+    /// `begin` on a store that answers over the wire: if this call is dropped while the answer
+    /// is on its way, a task takes the answer over and releases a lease it took, so the key is
+    /// not held for a whole lease by nobody.
+    async fn begin_handed_over_on_drop(
+        &self,
+        record: &Key,
+        fingerprint: [u8; 16],
+    ) -> Result<Begin, BackendError> {
+        let inner = Arc::clone(&self.inner);
+        let record = record.clone();
+        let begin: PendingBegin<S> = Box::pin(async move {
+            let begin = inner
+                .store
+                .begin(&record, &fingerprint, inner.config.lease)
+                .await;
+            (Idempotency { inner }, record, begin)
+        });
+        let mut handover = HandOver(Some(begin));
+        let (_, _, begin) = std::future::poll_fn(|cx| match handover.0.as_mut() {
+            Some(begin) => begin.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        handover.0 = None;
+        begin
     }
 
     async fn store_down<T, E, F, Fut>(
@@ -601,6 +632,29 @@ impl<S: LeaseStore> Idempotency<S> {
         metrics::counter!("headroom_idempotency_released_total").increment(1);
         if let Err(err) = self.inner.store.release(record, token).await {
             tracing::warn!(error = %err, "releasing the idempotency lease failed; it will expire");
+        }
+    }
+}
+
+type PendingBegin<S> = std::pin::Pin<
+    Box<dyn Future<Output = (Idempotency<S>, Key, Result<Begin, BackendError>)> + Send>,
+>;
+
+/// A `begin` in flight; dropped before it answered, it finishes on a task and releases.
+struct HandOver<S: LeaseStore>(Option<PendingBegin<S>>);
+
+impl<S: LeaseStore> Drop for HandOver<S> {
+    fn drop(&mut self) {
+        let Some(begin) = self.0.take() else {
+            return;
+        };
+        // Without a runtime the lease simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let (executor, record, Ok(Begin::Acquired { token, .. })) = begin.await {
+                    executor.release(&record, token).await;
+                }
+            });
         }
     }
 }

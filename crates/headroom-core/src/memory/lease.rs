@@ -447,6 +447,10 @@ impl LeaseStore for MemoryLeaseStore {
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
         Ok(self.with_holder(key, token, |state, _, _| state.remove(key)))
     }
+
+    fn begin_completes_at_once(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
