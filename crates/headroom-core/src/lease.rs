@@ -70,6 +70,11 @@ pub enum Fenced {
 /// - `release` removes an in-progress record held by `token`, so a retry runs again.
 /// - Lease deadlines use the store's clock (Redis server time), never the caller's.
 /// - Keys of one record live in one Redis Cluster slot.
+/// - A key's **scope** (the tenant a bounded store shares memory by) is the first segment of
+///   its local part, after a leading `{hash tag}` if it has one: one length byte, then that
+///   many bytes. A store may refuse a new key with
+///   [`BackendErrorKind::Unavailable`](crate::BackendErrorKind::Unavailable) when its scope holds
+///   its share, but never refuses `complete`.
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Begins the operation for `key`, or reports who holds it or what it returned.
     fn begin(
@@ -102,6 +107,13 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         key: &Key,
         token: FencingToken,
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Whether `begin` always completes the first time it is polled (an in-process store).
+    /// Otherwise (the default) a caller dropped while `begin` is in flight hands it to a task
+    /// that releases the lease it may have taken, which costs an allocation per `begin`.
+    fn begin_completes_at_once(&self) -> bool {
+        false
+    }
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -132,6 +144,7 @@ trait ErasedLeaseStore: Send + Sync + fmt::Debug + 'static {
         key: &'a Key,
         token: FencingToken,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn begin_completes_at_once(&self) -> bool;
 }
 
 impl<S: LeaseStore> ErasedLeaseStore for S {
@@ -166,6 +179,9 @@ impl<S: LeaseStore> ErasedLeaseStore for S {
         token: FencingToken,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
         Box::pin(LeaseStore::release(self, key, token))
+    }
+    fn begin_completes_at_once(&self) -> bool {
+        LeaseStore::begin_completes_at_once(self)
     }
 }
 
@@ -210,5 +226,8 @@ impl LeaseStore for DynLeaseStore {
     }
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
         self.0.release(key, token).await
+    }
+    fn begin_completes_at_once(&self) -> bool {
+        self.0.begin_completes_at_once()
     }
 }

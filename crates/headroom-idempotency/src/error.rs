@@ -38,6 +38,11 @@ pub enum IdempotencyError<E> {
     /// and the other holder's outcome stands.
     #[error("the lease expired and another request took over the key")]
     Fenced,
+    /// The lease was lost while the operation ran: its extension was refused (another request
+    /// took over after a stall) or the store could not be reached before the lease ran out.
+    /// The operation was stopped (its future dropped) and nothing was stored (HTTP 409).
+    #[error("the idempotency lease was lost while the operation ran; it was stopped")]
+    LeaseLost,
     /// The operation itself failed (its key was released so a retry runs again).
     #[error("the operation failed")]
     Operation(#[source] E),

@@ -1,12 +1,13 @@
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
 use headroom_core::{BackendError, Clock, Key, Namespace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{
@@ -22,6 +23,8 @@ const NOT_REPLAYABLE: u8 = 0xFF;
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// Attempts to store an outcome before giving up on a failing store.
 const COMPLETE_ATTEMPTS: usize = 3;
+/// The pause before the second attempt to store an outcome; it doubles before each next one.
+const COMPLETE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// An outcome, and whether it was replayed from the store rather than produced now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +33,50 @@ pub struct Executed<T> {
     pub value: T,
     /// `true` when a previous request produced it and this one replayed it.
     pub replayed: bool,
+}
+
+/// The lease an operation runs under, handed to it by
+/// [`Idempotency::execute_leased`]: its fencing token, and whether the lease is still held.
+///
+/// Pass the token to the writes the operation makes (a conditional update, a version column)
+/// so a store of your own can refuse a holder whose lease was taken over. Once the executor
+/// learns the lease is lost (its extension refused, or the store unreachable until the lease
+/// ran out), it stops the operation by dropping its future; work the operation spawned
+/// elsewhere can watch [`lost`](Self::lost) to stop too.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    token: FencingToken,
+    held: watch::Receiver<bool>,
+}
+
+impl Lease {
+    /// The fencing token: greater than that of every earlier holder of this key.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether the lease is held, as far as the executor knows: `false` once an extension was
+    /// refused, once the lease ran out without one, and once the operation has ended. Without
+    /// a record (the store down and [`StoreFailure::FailOpen`]) it is never held.
+    pub fn is_held(&self) -> bool {
+        *self.held.borrow() && self.held.has_changed().is_ok()
+    }
+
+    /// Completes when the lease is no longer held (see [`is_held`](Self::is_held)).
+    pub async fn lost(&self) {
+        let mut held = self.held.clone();
+        // An error means the executor is gone, and the lease with it.
+        let _ = held.wait_for(|held| !*held).await;
+    }
+
+    /// The lease of an operation that runs without a record.
+    fn none() -> Self {
+        let (_, held) = watch::channel(false);
+        Self {
+            token: FencingToken(0),
+            held,
+        }
+    }
 }
 
 /// The configuration was refused.
@@ -42,7 +89,9 @@ pub struct InvalidConfig(&'static str);
 ///
 /// 1. The first request takes a lease on its key and runs the operation. While it runs, the
 ///    lease is extended every third of its length; if the holder dies, the lease expires and a
-///    later request takes over with a greater fencing token.
+///    later request takes over with a greater fencing token. A holder that learns its lease
+///    was lost stops the operation (drops its future) and gets [`IdempotencyError::LeaseLost`];
+///    [`execute_leased`](Self::execute_leased) hands the operation its token and lease state.
 /// 2. Its outcome is stored for the retention period; later requests with the same key and
 ///    fingerprint replay it without running anything, and a different fingerprint is
 ///    [`IdempotencyError::KeyReused`].
@@ -235,6 +284,64 @@ impl<S: LeaseStore> Idempotency<S> {
         Fut: Future<Output = Result<T, E>>,
         P: FnOnce(&T) -> bool,
     {
+        self.execute_leased_with_policy(scope, key, fingerprint, store_if, |_| operation())
+            .await
+    }
+
+    /// Like [`execute`](Self::execute), but hands the operation its [`Lease`]: the fencing
+    /// token for its own writes, and a way to see that the lease is still held.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use headroom_core::memory::MemoryLeaseStore;
+    /// use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
+    ///
+    /// let idempotency = Idempotency::builder(MemoryLeaseStore::new()).build()?;
+    /// let scope = Scope::new("customer-42", "create-payment")?;
+    /// let key = IdempotencyKey::new("8e03978e-40d5-43e8-bc93-6894a57f9324")?;
+    /// let out = idempotency
+    ///     .execute_leased(&scope, &key, b"amount=100", |lease| async move {
+    ///         // e.g. UPDATE payments SET .., fence = $token WHERE id = $id AND fence < $token
+    ///         let fence = lease.token().0;
+    ///         Ok::<_, std::io::Error>(format!("pay_1 written under fence {fence}"))
+    ///     })
+    ///     .await?;
+    /// assert!(!out.replayed);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn execute_leased<T, E, F, Fut>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.execute_leased_with_policy(scope, key, fingerprint, |_: &T| true, operation)
+            .await
+    }
+
+    /// [`execute_leased`](Self::execute_leased) with the storing policy of
+    /// [`execute_with_policy`](Self::execute_with_policy).
+    pub async fn execute_leased_with_policy<T, E, F, Fut, P>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        store_if: P,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: FnOnce(&T) -> bool,
+    {
         let inner = &self.inner;
         let record = scope.record_key(&inner.namespace, key);
         let fingerprint = xxh3_128(fingerprint).to_be_bytes();
@@ -244,11 +351,16 @@ impl<S: LeaseStore> Idempotency<S> {
         };
         let mut poll = Duration::from_millis(5);
         loop {
-            let begin = match inner
-                .store
-                .begin(&record, &fingerprint, inner.config.lease)
-                .await
-            {
+            let asked_at = inner.clock.now();
+            let begin = if inner.store.begin_completes_at_once() {
+                inner
+                    .store
+                    .begin(&record, &fingerprint, inner.config.lease)
+                    .await
+            } else {
+                self.begin_handed_over_on_drop(&record, fingerprint).await
+            };
+            let begin = match begin {
                 Ok(begin) => begin,
                 Err(err) => return self.store_down(err, operation).await,
             };
@@ -259,7 +371,10 @@ impl<S: LeaseStore> Idempotency<S> {
                         metrics::counter!("headroom_idempotency_takeovers_total").increment(1);
                         tracing::info!(record = ?record, "idempotency lease taken over from an expired holder");
                     }
-                    return self.run(record, token, store_if, operation).await;
+                    let held_until = asked_at + inner.config.lease;
+                    return self
+                        .run(record, token, held_until, store_if, operation)
+                        .await;
                 }
                 Begin::Completed {
                     fingerprint: stored,
@@ -309,13 +424,40 @@ impl<S: LeaseStore> Idempotency<S> {
         }
     }
 
+    /// `begin` on a store that answers over the wire: if this call is dropped while the answer
+    /// is on its way, a task takes the answer over and releases a lease it took, so the key is
+    /// not held for a whole lease by nobody.
+    async fn begin_handed_over_on_drop(
+        &self,
+        record: &Key,
+        fingerprint: [u8; 16],
+    ) -> Result<Begin, BackendError> {
+        let inner = Arc::clone(&self.inner);
+        let record = record.clone();
+        let begin: PendingBegin<S> = Box::pin(async move {
+            let begin = inner
+                .store
+                .begin(&record, &fingerprint, inner.config.lease)
+                .await;
+            (Idempotency { inner }, record, begin)
+        });
+        let mut handover = HandOver(Some(begin));
+        let (_, _, begin) = std::future::poll_fn(|cx| match handover.0.as_mut() {
+            Some(begin) => begin.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        handover.0 = None;
+        begin
+    }
+
     async fn store_down<T, E, F, Fut>(
         &self,
         err: BackendError,
         operation: F,
     ) -> Result<Executed<T>, IdempotencyError<E>>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
         metrics::counter!("headroom_idempotency_store_errors_total").increment(1);
@@ -326,7 +468,9 @@ impl<S: LeaseStore> Idempotency<S> {
             }
             StoreFailure::FailOpen => {
                 tracing::warn!(error = %err, "idempotency store unavailable; running without a record");
-                let value = operation().await.map_err(IdempotencyError::Operation)?;
+                let value = operation(Lease::none())
+                    .await
+                    .map_err(IdempotencyError::Operation)?;
                 Ok(Executed {
                     value,
                     replayed: false,
@@ -339,12 +483,13 @@ impl<S: LeaseStore> Idempotency<S> {
         &self,
         record: Key,
         token: FencingToken,
+        held_until: Instant,
         store_if: P,
         operation: F,
     ) -> Result<Executed<T>, IdempotencyError<E>>
     where
         T: Serialize,
-        F: FnOnce() -> Fut,
+        F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         P: FnOnce(&T) -> bool,
     {
@@ -356,19 +501,29 @@ impl<S: LeaseStore> Idempotency<S> {
             token,
             armed: true,
         };
+        let (held, lease) = watch::channel(true);
         let outcome = {
-            let operation = operation();
+            let operation = operation(Lease { token, held: lease });
             tokio::pin!(operation);
-            let renew_every = inner.config.lease / 3;
-            loop {
-                tokio::select! {
-                    biased;
-                    outcome = &mut operation => break outcome,
-                    () = inner.clock.sleep(renew_every) => self.extend(&record, token).await,
-                }
+            // Both are polled together, so a slow extension never stalls the operation.
+            let keep = self.keep_lease(&record, token, held_until);
+            tokio::pin!(keep);
+            tokio::select! {
+                biased;
+                outcome = &mut operation => Some(outcome),
+                () = &mut keep => None,
             }
+            // The operation's future is dropped here when the lease was lost.
         };
+        held.send_replace(false);
         guard.armed = false;
+        let Some(outcome) = outcome else {
+            metrics::counter!("headroom_idempotency_leases_lost_total").increment(1);
+            tracing::warn!(record = ?record, "idempotency lease lost while the operation ran; the operation was stopped");
+            // A no-op if another holder took over; otherwise a retry need not wait out the lease.
+            self.release(&record, token).await;
+            return Err(IdempotencyError::LeaseLost);
+        };
         let value = match outcome {
             Ok(value) => value,
             Err(err) => {
@@ -399,7 +554,13 @@ impl<S: LeaseStore> Idempotency<S> {
                 Bytes::from_static(&[NOT_REPLAYABLE])
             }
         };
+        // Short enough that the pauses together stay well inside the lease.
+        let mut backoff = COMPLETE_BACKOFF.min(inner.config.lease / 16);
         for attempt in 1..=COMPLETE_ATTEMPTS {
+            if attempt > 1 {
+                inner.clock.sleep(backoff).await;
+                backoff *= 2;
+            }
             match inner
                 .store
                 .complete(&record, token, encoded.clone(), inner.config.retention)
@@ -431,16 +592,39 @@ impl<S: LeaseStore> Idempotency<S> {
         })
     }
 
-    async fn extend(&self, record: &Key, token: FencingToken) {
-        match self
-            .inner
-            .store
-            .extend(record, token, self.inner.config.lease)
-            .await
-        {
-            Ok(Fenced::Applied) => {}
-            Ok(_) => tracing::warn!(record = ?record, "lease lost while the operation runs"),
-            Err(err) => tracing::warn!(error = %err, "extending the idempotency lease failed"),
+    /// Extends the lease every third of its length; completes only when the lease is lost:
+    /// an extension refused, or none applied before the lease ran out.
+    async fn keep_lease(&self, record: &Key, token: FencingToken, mut held_until: Instant) {
+        let inner = &self.inner;
+        let lease = inner.config.lease;
+        loop {
+            let remaining = held_until.saturating_duration_since(inner.clock.now());
+            inner.clock.sleep((lease / 3).min(remaining)).await;
+            let sent = inner.clock.now();
+            let extend = inner.store.extend(record, token, lease);
+            let answer = match held_until.checked_duration_since(sent) {
+                // Still held: the extension must land before the lease runs out.
+                Some(left) if !left.is_zero() => tokio::select! {
+                    answer = extend => Some(answer),
+                    () = inner.clock.sleep(left) => None,
+                },
+                // Ran out here (a stalled process): the store says whether anyone took over.
+                _ => Some(extend.await),
+            };
+            match answer {
+                Some(Ok(Fenced::Applied)) => held_until = sent + lease,
+                Some(Ok(_)) => {
+                    tracing::warn!(record = ?record, "the idempotency lease was taken over");
+                    return;
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "extending the idempotency lease failed");
+                    if inner.clock.now() >= held_until {
+                        return;
+                    }
+                }
+                None => return,
+            }
         }
     }
 
@@ -448,6 +632,29 @@ impl<S: LeaseStore> Idempotency<S> {
         metrics::counter!("headroom_idempotency_released_total").increment(1);
         if let Err(err) = self.inner.store.release(record, token).await {
             tracing::warn!(error = %err, "releasing the idempotency lease failed; it will expire");
+        }
+    }
+}
+
+type PendingBegin<S> = std::pin::Pin<
+    Box<dyn Future<Output = (Idempotency<S>, Key, Result<Begin, BackendError>)> + Send>,
+>;
+
+/// A `begin` in flight; dropped before it answered, it finishes on a task and releases.
+struct HandOver<S: LeaseStore>(Option<PendingBegin<S>>);
+
+impl<S: LeaseStore> Drop for HandOver<S> {
+    fn drop(&mut self) {
+        let Some(begin) = self.0.take() else {
+            return;
+        };
+        // Without a runtime the lease simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let (executor, record, Ok(Begin::Acquired { token, .. })) = begin.await {
+                    executor.release(&record, token).await;
+                }
+            });
         }
     }
 }

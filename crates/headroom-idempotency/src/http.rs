@@ -5,7 +5,7 @@
 //!
 //! | situation | response |
 //! |---|---|
-//! | first request with a key | the service's response; stored unless it is a 5xx, 408, 409, 425 or 429 |
+//! | first request with a key | the service's response; stored unless it is a 408, 409, 425 or 429 (server errors are stored: the handler may have acted before it failed) |
 //! | retry with the same key and request | the stored status, replayed headers and body, plus `Idempotent-Replayed: true` |
 //! | response body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
 //! | key missing (when required) | `400 Bad Request` |
@@ -13,6 +13,7 @@
 //! | no scope (tenant or principal) for the request | `401 Unauthorized` |
 //! | same key, different request | `422 Unprocessable Content` |
 //! | the first request is still running | `409 Conflict` with `Retry-After` |
+//! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
 //! | body larger than the limit | `413 Content Too Large` |
 //! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
 //!
@@ -63,6 +64,7 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
 type Fingerprint = dyn Fn(&http::request::Parts, &[u8]) -> Vec<u8> + Send + Sync;
+type StoreStatus = dyn Fn(StatusCode) -> bool + Send + Sync;
 
 /// Applies [`Idempotency`] to HTTP requests. See the [module docs](self).
 pub struct IdempotencyLayer<S, F> {
@@ -71,13 +73,27 @@ pub struct IdempotencyLayer<S, F> {
 }
 
 struct Options<F> {
-    scope: F,
+    scope: Arc<F>,
     methods: Vec<Method>,
     require_key: bool,
     max_body_len: usize,
     replay_headers: Vec<HeaderName>,
     fingerprint: Arc<Fingerprint>,
-    store_status: fn(StatusCode) -> bool,
+    store_status: Arc<StoreStatus>,
+}
+
+impl<F> Clone for Options<F> {
+    fn clone(&self) -> Self {
+        Self {
+            scope: Arc::clone(&self.scope),
+            methods: self.methods.clone(),
+            require_key: self.require_key,
+            max_body_len: self.max_body_len,
+            replay_headers: self.replay_headers.clone(),
+            fingerprint: Arc::clone(&self.fingerprint),
+            store_status: Arc::clone(&self.store_status),
+        }
+    }
 }
 
 impl<S, F> Clone for IdempotencyLayer<S, F> {
@@ -99,10 +115,14 @@ impl<S, F> fmt::Debug for IdempotencyLayer<S, F> {
     }
 }
 
-/// Whether a response status is a final outcome worth replaying: everything but server errors
-/// and the statuses that ask the client to retry.
+/// Whether a response status is stored and replayed by default: every status but those that
+/// ask the client to retry a request that was not acted on (408, 409, 425 and 429).
+///
+/// Server errors are stored, as Stripe does: a handler that charged a card and then failed with
+/// a 500 must not charge again on retry. Opt statuses out with
+/// [`IdempotencyLayer::store_status`].
 pub fn is_final_status(status: StatusCode) -> bool {
-    !(status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429))
+    !matches!(status.as_u16(), 408 | 409 | 425 | 429)
 }
 
 fn default_fingerprint(parts: &http::request::Parts, body: &[u8]) -> Vec<u8> {
@@ -127,7 +147,7 @@ where
         Self {
             executor,
             options: Arc::new(Options {
-                scope,
+                scope: Arc::new(scope),
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: true,
                 max_body_len: 1024 * 1024,
@@ -139,13 +159,14 @@ where
                     header::ETAG,
                 ],
                 fingerprint: Arc::new(default_fingerprint),
-                store_status: is_final_status,
+                store_status: Arc::new(is_final_status),
             }),
         }
     }
 
+    /// The options of this layer alone: copied first if a clone shares them.
     fn options_mut(&mut self) -> &mut Options<F> {
-        Arc::get_mut(&mut self.options).expect("options are shared only once the layer is cloned")
+        Arc::make_mut(&mut self.options)
     }
 
     /// The methods protected (default `POST` and `PATCH`); others pass through.
@@ -189,10 +210,26 @@ where
     }
 
     /// Replaces the rule deciding which response statuses are stored (default
-    /// [`is_final_status`]); other responses release the key so a retry runs again.
+    /// [`is_final_status`]); other responses release the key so a retry runs the handler
+    /// again. To opt one status out, say a 503 that only a handler's own load shedding returns:
+    ///
+    /// ```
+    /// # use headroom_core::memory::MemoryLeaseStore;
+    /// # use headroom_idempotency::Idempotency;
+    /// use headroom_idempotency::http::{IdempotencyLayer, is_final_status};
+    /// use http::StatusCode;
+    /// # let executor = Idempotency::builder(MemoryLeaseStore::new()).build().unwrap();
+    /// # let scope = |_: &http::request::Parts| Some(String::from("tenant"));
+    /// let layer = IdempotencyLayer::new(executor, scope)
+    ///     .store_status(|status| is_final_status(status) && status != StatusCode::SERVICE_UNAVAILABLE);
+    /// # let _ = layer;
+    /// ```
     #[must_use]
-    pub fn store_status(mut self, store_status: fn(StatusCode) -> bool) -> Self {
-        self.options_mut().store_status = store_status;
+    pub fn store_status(
+        mut self,
+        store_status: impl Fn(StatusCode) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.options_mut().store_status = Arc::new(store_status);
         self
     }
 }
@@ -326,7 +363,7 @@ where
             let fingerprint = (options.fingerprint)(&parts, &body);
             let request = Request::from_parts(parts, ReqB::from(body));
             let replay_headers = &options.replay_headers;
-            let store_status = options.store_status;
+            let store_status = &options.store_status;
             let max_response_len = layer.executor.config().max_outcome_len;
             let outcome = layer
                 .executor
@@ -335,7 +372,7 @@ where
                     &key,
                     &fingerprint,
                     |stored: &StoredResponse| {
-                        StatusCode::from_u16(stored.status).is_ok_and(store_status)
+                        StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
                     },
                     || async move {
                         let response = inner.call(request).await?;
@@ -419,7 +456,7 @@ fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<E>) -> Response<B> {
             ),
             *retry_after,
         ),
-        IdempotencyError::Fenced => with_retry_after(
+        IdempotencyError::Fenced | IdempotencyError::LeaseLost => with_retry_after(
             plain(
                 StatusCode::CONFLICT,
                 "another request with this Idempotency-Key took over",

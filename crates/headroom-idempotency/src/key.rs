@@ -1,6 +1,7 @@
 use std::fmt;
 
 use headroom_core::{Key, Namespace};
+use xxhash_rust::xxh3::Xxh3;
 
 /// Why an idempotency key or scope was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +58,7 @@ impl IdempotencyKey {
     /// Parses the value of an `Idempotency-Key` header.
     ///
     /// The draft makes the value a structured-field string (`"8e03978e-40d5-43e8"`, with `\"`
-    /// and `\\` escapes); a bare token of visible ASCII (`8e03978e-40d5-43e8`) is accepted too,
+    /// and `\\` escapes, and parameters such as `;v=1`, which are ignored); a bare token of visible ASCII (`8e03978e-40d5-43e8`) is accepted too,
     /// since many clients send one.
     ///
     /// ```
@@ -68,39 +69,25 @@ impl IdempotencyKey {
     /// ```
     pub fn parse_header(value: &[u8]) -> Result<Self, InvalidKey> {
         let value = value.trim_ascii();
-        let Some(quoted) = value.strip_prefix(b"\"") else {
+        if !value.starts_with(b"\"") {
             check("key", value, Self::MAX_LEN, |b| {
                 (0x21..=0x7E).contains(&b) && b != b'"'
             })?;
             return Ok(Self(String::from_utf8_lossy(value).into_owned()));
-        };
-        let mut key = String::with_capacity(quoted.len());
-        let mut bytes = quoted.iter().copied();
-        loop {
-            match bytes.next() {
-                None => return Err(InvalidKey::MalformedHeader("unterminated string")),
-                Some(b'"') => break,
-                Some(b'\\') => match bytes.next() {
-                    Some(escaped @ (b'"' | b'\\')) => key.push(char::from(escaped)),
-                    _ => return Err(InvalidKey::MalformedHeader("invalid escape")),
-                },
-                Some(b) if (0x20..=0x7E).contains(&b) => key.push(char::from(b)),
-                Some(_) => return Err(InvalidKey::MalformedHeader("non-printable character")),
-            }
-            if key.len() > Self::MAX_LEN {
-                return Err(InvalidKey::TooLong {
-                    field: "key",
-                    len: key.len(),
-                    max: Self::MAX_LEN,
-                });
-            }
         }
-        if bytes.next().is_some() {
-            return Err(InvalidKey::MalformedHeader(
-                "characters after the closing quote",
-            ));
+        // A structured-field string with optional parameters (`"key";v=1`), which are ignored.
+        let key = sfv::Parser::new(value)
+            .parse_item_with_visitor(string_item)
+            .map_err(|_| InvalidKey::MalformedHeader("not a structured-field string"))?;
+        let key = key.as_str();
+        if key.len() > Self::MAX_LEN {
+            return Err(InvalidKey::TooLong {
+                field: "key",
+                len: key.len(),
+                max: Self::MAX_LEN,
+            });
         }
-        Self::new(&key)
+        Self::new(key)
     }
 
     /// The key as text.
@@ -156,23 +143,59 @@ impl Scope {
         &self.operation
     }
 
-    /// The record's key in `namespace`: tenant and operation each behind a one-byte length
-    /// (both are at most 255 bytes), then the key, so no two scopes and keys map to the same
-    /// record whatever characters they hold.
+    /// The record's key in `namespace`: a hash tag of its own, then tenant and operation each
+    /// behind a one-byte length (both are at most 255 bytes), then the key, so no two scopes and
+    /// keys map to the same record whatever characters they hold.
+    ///
+    /// The tag (`{` and 16 hex digits of the XXH3 hash of the rest, then `}`) comes first, so it
+    /// is the one Redis Cluster hashes: braces in a client's key never choose the slot. The
+    /// tenant follows it as the lease store's scope (see the `LeaseStore` contract), so a store
+    /// bounded per scope bounds each tenant.
     pub(crate) fn record_key(&self, namespace: &Namespace, key: &IdempotencyKey) -> Key {
         let tenant_len = [self.tenant.len() as u8];
         let operation_len = [self.operation.len() as u8];
+        let parts: [&[u8]; 5] = [
+            &tenant_len,
+            self.tenant.as_bytes(),
+            &operation_len,
+            self.operation.as_bytes(),
+            key.0.as_bytes(),
+        ];
+        let mut hasher = Xxh3::new();
+        for part in parts {
+            hasher.update(part);
+        }
+        let tag = format!("{{{:016x}}}", hasher.digest());
         namespace
             .key_from_parts(&[
-                &tenant_len,
-                self.tenant.as_bytes(),
-                &operation_len,
-                self.operation.as_bytes(),
-                key.0.as_bytes(),
+                tag.as_bytes(),
+                parts[0],
+                parts[1],
+                parts[2],
+                parts[3],
+                parts[4],
             ])
-            .expect("1 + 255 + 1 + 255 + 255 bytes fit the key limit")
+            .expect("18 + 1 + 255 + 1 + 255 + 255 bytes fit the key limit")
     }
 }
+
+/// Takes a structured-field item's string and ignores its parameters.
+fn string_item(
+    item: sfv::BareItemFromInput<'_>,
+) -> Result<impl sfv::visitor::ParameterVisitor<'_, Out = String>, NotAString> {
+    match item {
+        sfv::BareItemFromInput::String(key) => Ok(sfv::visitor::parameter_visitor_with(
+            sfv::visitor::Ignored,
+            move |_| Ok(key.as_str().to_owned()),
+        )),
+        _ => Err(NotAString),
+    }
+}
+
+/// A structured-field item that is not a string.
+#[derive(Debug, thiserror::Error)]
+#[error("not a string")]
+struct NotAString;
 
 fn check(
     field: &'static str,
@@ -242,6 +265,37 @@ mod tests {
     }
 
     #[test]
+    fn structured_field_parameters_are_accepted_and_ignored() {
+        for value in [
+            &b"\"abc\";v=1"[..],
+            b"\"abc\"; v=1",
+            b"\"abc\";a;b=?0;c=\"x y\";d=1.5;e=tok/en;f=:aGk=:",
+            b" \"abc\";v=1 ",
+        ] {
+            assert_eq!(
+                IdempotencyKey::parse_header(value).map(|k| k.0),
+                Ok("abc".to_owned()),
+                "{}",
+                value.escape_ascii()
+            );
+        }
+        for bad in [
+            &b"\"abc\";"[..],
+            b"\"abc\";V=1",
+            b"\"abc\";v=",
+            b"\"abc\";v=\"open",
+            b"\"abc\" ;v=1",
+            b"\"abc\";v=1,\"def\"",
+        ] {
+            assert!(
+                IdempotencyKey::parse_header(bad).is_err(),
+                "{}",
+                bad.escape_ascii()
+            );
+        }
+    }
+
+    #[test]
     fn record_keys_cannot_collide_across_scopes() {
         let ns = Namespace::new("idem").unwrap();
         let record = |tenant: &str, operation: &str, key: &str| {
@@ -255,7 +309,7 @@ mod tests {
         let a65 = "A".repeat(65);
         assert_ne!(record(&a65, "o", "k"), record(&"A".repeat(64), "Ao", "k"));
         let longest = "x".repeat(255);
-        assert_eq!(record(&longest, &longest, &longest).local().len(), 767);
+        assert_eq!(record(&longest, &longest, &longest).local().len(), 785);
     }
 
     #[test]

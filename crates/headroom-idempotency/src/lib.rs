@@ -38,5 +38,6 @@ mod key;
 
 pub use config::{IdempotencyConfig, InProgressPolicy, StoreFailure};
 pub use error::IdempotencyError;
-pub use executor::{Executed, Idempotency, IdempotencyBuilder, InvalidConfig};
+pub use executor::{Executed, Idempotency, IdempotencyBuilder, InvalidConfig, Lease};
+pub use headroom_core::lease::FencingToken;
 pub use key::{IdempotencyKey, InvalidKey, Scope};

@@ -382,3 +382,291 @@ fn invalid_configuration_is_refused() {
             .is_err()
     );
 }
+
+/// A holder that learns its lease was taken over stops its operation (the future is dropped,
+/// so its lease-dependent work ends) instead of running on beside the new holder.
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_loses_its_lease_stops_its_operation() {
+    let clock = ManualClock::new();
+    let idem = executor(&clock, InProgressPolicy::Reject);
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let holder = {
+        let (idem, dropped) = (idem.clone(), Arc::clone(&dropped));
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async move {
+                let _guard = DropCounter(dropped);
+                std::future::pending::<Result<u32>>().await
+            })
+            .await
+        })
+    };
+    tokio::task::yield_now().await;
+    // The holder is not scheduled for a whole lease (a stalled VM); a newcomer takes over.
+    clock.advance(Duration::from_secs(31));
+    let new = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::Ok(7u32) })
+        .await
+        .unwrap();
+    assert_eq!(new.value, 7);
+    let err = tokio::time::timeout(Duration::from_secs(3600), holder)
+        .await
+        .expect("the holder stops once its extension is refused")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, IdempotencyError::LeaseLost), "{err:?}");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the operation was dropped"
+    );
+}
+
+struct DropCounter(Arc<AtomicUsize>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The operation gets its fencing token, greater than every earlier holder's, and can ask
+/// whether its lease is still held.
+#[tokio::test]
+async fn the_operation_gets_its_fencing_token_and_lease_state() {
+    let clock = ManualClock::new();
+    let idem = executor(&clock, InProgressPolicy::Reject);
+    let kept = std::sync::Mutex::new(None);
+    let first = idem
+        .execute_leased(&scope(), &key("a"), b"x", |lease| async {
+            assert!(lease.is_held());
+            let token = lease.token().0;
+            *kept.lock().unwrap() = Some(lease);
+            Result::Ok(token)
+        })
+        .await
+        .unwrap();
+    let first_lease = kept.lock().unwrap().take().unwrap();
+    assert!(!first_lease.is_held(), "the lease ends with the operation");
+    first_lease.lost().await;
+    let first_token = first.value;
+    let second = idem
+        .execute_leased(&scope(), &key("b"), b"x", |lease| async move {
+            Result::Ok(lease.token().0)
+        })
+        .await
+        .unwrap();
+    assert!(second.value > first_token);
+}
+
+/// A memory store whose `extend` answers only when the test lets it: a store slow to answer.
+#[derive(Clone, Debug)]
+struct SlowExtend {
+    store: MemoryLeaseStore,
+    answer: Arc<tokio::sync::Semaphore>,
+    asked: Arc<tokio::sync::Notify>,
+}
+
+impl headroom_core::lease::LeaseStore for SlowExtend {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: bytes::Bytes,
+        retention: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.asked.notify_one();
+        let _permit = self.answer.acquire().await.unwrap();
+        self.store.extend(key, token, lease).await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// An extension waiting on a slow store does not stop the operation from running and finishing.
+#[tokio::test(start_paused = true)]
+async fn a_slow_extension_does_not_stall_the_operation() {
+    let clock = ManualClock::new();
+    let store = SlowExtend {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        answer: Arc::new(tokio::sync::Semaphore::new(0)),
+        asked: Arc::new(tokio::sync::Notify::new()),
+    };
+    let idem = Idempotency::builder(store.clone())
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (go, went) = oneshot::channel::<u32>();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async {
+                Result::Ok(went.await.unwrap())
+            })
+            .await
+        })
+    };
+    tokio::task::yield_now().await;
+    clock.advance(Duration::from_secs(10));
+    store.asked.notified().await;
+    // The extension is in flight and unanswered; the operation's input arrives.
+    go.send(5).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(3600), holder)
+        .await
+        .expect("the operation finishes while the extension waits")
+        .unwrap()
+        .unwrap();
+    assert_eq!((out.value, out.replayed), (5, false));
+}
+
+/// A tenant that holds its share of the memory store is refused new keys; other tenants run.
+#[tokio::test]
+async fn one_tenant_cannot_fill_the_memory_store_for_all() {
+    let store = MemoryLeaseStore::builder()
+        .max_records(1000)
+        .max_records_per_scope(20)
+        .build();
+    let idem = Idempotency::builder(store).build().unwrap();
+    let mallory = Scope::new("mallory", "charge").unwrap();
+    let mut refused = 0;
+    for i in 0..50 {
+        let out = idem
+            .execute(&mallory, &key(&format!("k{i}")), b"x", || async {
+                Result::Ok(i)
+            })
+            .await;
+        refused += usize::from(matches!(out, Err(IdempotencyError::Unavailable(_))));
+    }
+    assert_eq!(refused, 30, "mallory keeps 20 records");
+    let alice = Scope::new("alice", "charge").unwrap();
+    let out = idem
+        .execute(&alice, &key("k0"), b"x", || async { Result::Ok(1) })
+        .await
+        .unwrap();
+    assert!(!out.replayed);
+}
+
+/// A memory store whose first `failures` completions fail, as a store that is briefly down.
+#[derive(Clone, Debug)]
+struct FlakyComplete {
+    store: MemoryLeaseStore,
+    failures: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl headroom_core::lease::LeaseStore for FlakyComplete {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: bytes::Bytes,
+        retention: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(headroom_core::BackendError::with_detail(
+                headroom_core::BackendErrorKind::Unavailable,
+                "store briefly down",
+            ));
+        }
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.extend(key, token, lease).await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// Storing an outcome is retried after a pause that grows, not at once, so a store that is
+/// briefly down gets time to come back and the outcome is kept.
+#[tokio::test]
+async fn storing_an_outcome_is_retried_with_backoff() {
+    let clock = ManualClock::new();
+    let store = FlakyComplete {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failures: Arc::new(AtomicUsize::new(2)),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let idem = Idempotency::builder(store.clone())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async { Result::Ok(9u32) })
+                .await
+        })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        1,
+        "no retry before a pause"
+    );
+    let mut waited = Duration::ZERO;
+    while !holder.is_finished() && waited < Duration::from_secs(5) {
+        clock.advance(Duration::from_millis(10));
+        waited += Duration::from_millis(10);
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(holder.await.unwrap().unwrap().value, 9);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 3);
+    assert!(
+        waited >= Duration::from_millis(100),
+        "paused {waited:?} in all"
+    );
+    let replay = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::Ok(0u32) })
+        .await
+        .unwrap();
+    assert_eq!((replay.value, replay.replayed), (9, true));
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::memory::MemoryLeaseStore;
-use headroom_idempotency::http::IdempotencyLayer;
+use headroom_idempotency::http::{IdempotencyLayer, is_final_status};
 use headroom_idempotency::{Idempotency, InProgressPolicy};
 use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
 use headroom_testkit::RedisServer;
@@ -188,22 +188,47 @@ async fn safe_methods_pass_through_without_a_key() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A handler that charged a card and then failed with a 500 has still run: by default its
+/// response is stored and replayed, so a retry does not charge again.
 #[tokio::test]
-async fn server_errors_are_not_stored_so_a_retry_runs_again() {
+async fn server_errors_are_stored_and_replayed_by_default() {
+    for code in ["500", "502", "503"] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+        let mut failing = post(Some("k"), "x");
+        failing
+            .headers_mut()
+            .insert("x-status", code.parse().unwrap());
+        let (status, _, body) = send(&mut service, failing).await;
+        assert_eq!(status.as_str(), code);
+        let (retried, headers, replayed_body) = send(&mut service, post(Some("k"), "x")).await;
+        assert_eq!(retried.as_str(), code, "the retry replays the {code}");
+        assert_eq!(headers["idempotent-replayed"], "true");
+        assert_eq!(replayed_body, body);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    }
+}
+
+/// Statuses that ask the client to retry (the request was not acted on) are not stored, and a
+/// user can opt any other status out.
+#[tokio::test]
+async fn retry_statuses_and_opted_out_statuses_are_not_stored() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
-    let mut failing = post(Some("k"), "x");
-    failing
-        .headers_mut()
-        .insert("x-status", "503".parse().unwrap());
-    assert_eq!(
-        send(&mut service, failing).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    let (status, headers, _) = send(&mut service, post(Some("k"), "x")).await;
-    assert_eq!(status, StatusCode::CREATED);
-    assert!(headers.get("idempotent-replayed").is_none());
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let mut service = memory_layer()
+        .store_status(|status| is_final_status(status) && status != StatusCode::BAD_GATEWAY)
+        .layer(payments(Arc::clone(&calls)));
+    for (i, code) in ["429", "408", "409", "425", "502"].into_iter().enumerate() {
+        let key = format!("k{i}");
+        let mut failing = post(Some(&key), "x");
+        failing
+            .headers_mut()
+            .insert("x-status", code.parse().unwrap());
+        assert_eq!(send(&mut service, failing).await.0.as_str(), code);
+        let (status, headers, _) = send(&mut service, post(Some(&key), "x")).await;
+        assert_eq!(status, StatusCode::CREATED, "a {code} is not stored");
+        assert!(headers.get("idempotent-replayed").is_none());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
 }
 
 #[tokio::test]
@@ -373,4 +398,24 @@ async fn a_response_body_that_breaks_runs_the_handler_once() {
         assert_eq!(response.headers()["idempotent-body-omitted"], "true");
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// Configuring a layer after it was cloned changes that layer only, and never panics.
+#[tokio::test]
+async fn configuring_a_cloned_layer_does_not_panic_or_change_the_clone() {
+    let layer = memory_layer();
+    let kept = layer.clone();
+    let put_only = layer.methods([Method::PUT]);
+    let calls = Arc::new(AtomicUsize::new(0));
+    // The reconfigured layer passes POST through unprotected; the clone still requires a key.
+    let mut open = put_only.layer(payments(Arc::clone(&calls)));
+    assert_eq!(
+        send(&mut open, post(None, "x")).await.0,
+        StatusCode::CREATED
+    );
+    let mut guarded = kept.layer(payments(Arc::clone(&calls)));
+    assert_eq!(
+        send(&mut guarded, post(None, "x")).await.0,
+        StatusCode::BAD_REQUEST
+    );
 }

@@ -212,3 +212,109 @@ async fn a_new_key_costs_two_round_trips_and_a_replay_one() {
         "begin answers the stored outcome"
     );
 }
+
+/// A client cannot choose the cluster slot of its records by putting a `{hash tag}` in its
+/// idempotency keys: records of keys that share a tag still spread over the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_tags_in_client_keys_do_not_choose_the_slot() {
+    let cluster = shared_cluster();
+    let namespace = unique_namespace("idem-tags");
+    let redis = Redis::connect(RedisConfig::cluster(cluster.urls()))
+        .await
+        .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .namespace(namespace.clone())
+        .build()
+        .unwrap();
+    let scope = Scope::new("tenant", "charge").unwrap();
+    for i in 0..16 {
+        let key = IdempotencyKey::new(&format!("{{hot}}-{i}")).unwrap();
+        executor
+            .execute(&scope, &key, b"x", || async { Ok::<_, String>(i) })
+            .await
+            .unwrap();
+    }
+    let pattern = format!("{}:*", namespace.as_str());
+    let mut slots = std::collections::BTreeSet::new();
+    let mut records = 0;
+    for node in cluster.nodes() {
+        for name in node.cli(&["--raw", "KEYS", &pattern]).lines() {
+            if name.is_empty() {
+                continue;
+            }
+            records += 1;
+            slots.insert(cluster.keyslot(name));
+        }
+    }
+    assert_eq!(records, 16);
+    assert!(slots.len() > 1, "all records in slot {slots:?}");
+}
+
+/// A call dropped while its `begin` is on the wire (a client that hangs up, a timeout) does not
+/// leave an ownerless in-progress record for a whole lease: a retry soon runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_during_begin_does_not_strand_its_key() {
+    let server = shared_server();
+    let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(RedisConfig::standalone(proxy.url()))
+        .await
+        .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .namespace(unique_namespace("idem-drop"))
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let scope = Scope::new("tenant", "charge").unwrap();
+    let key = IdempotencyKey::new("k").unwrap();
+    let runs = AtomicUsize::new(0);
+    // Scripts loaded: the next begin is one EVALSHA.
+    executor
+        .execute(
+            &scope,
+            &IdempotencyKey::new("warm").unwrap(),
+            b"x",
+            || async { Ok::<_, String>(0) },
+        )
+        .await
+        .unwrap();
+
+    // The begin is held on the wire; the caller gives up; then the wire delivers it.
+    proxy.stall();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(200),
+        executor.execute(&scope, &key, b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(0)
+        }),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call is dropped mid-begin");
+    proxy.restore();
+
+    let mut outcome = None;
+    for _ in 0..100 {
+        match executor
+            .execute(&scope, &key, b"x", || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(1)
+            })
+            .await
+        {
+            Ok(out) => {
+                outcome = Some(out.value);
+                break;
+            }
+            Err(IdempotencyError::InProgress { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        outcome,
+        Some(1),
+        "a retry ran within 5 s, not after the 30 s lease"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

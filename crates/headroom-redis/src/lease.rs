@@ -8,11 +8,13 @@ use redis::Script;
 
 use crate::Redis;
 
-/// One Redis hash per record (so one cluster slot): `st` (`p` in progress, `c` completed),
-/// `fp` fingerprint, `tok` fencing token, `exp` lease deadline (ms, server time), `out` outcome.
+/// One Redis hash per record (so one cluster slot): `st` (`p` in progress, `c` completed, `r`
+/// released), `fp` fingerprint, `tok` fencing token, `exp` lease deadline (ms, server time),
+/// `out` outcome.
 ///
-/// Tokens are `max(previous + 1, server time in µs)`: they grow across releases and even after
-/// the record expired, without keeping anything else in Redis.
+/// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
+/// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
+/// clock, even after the record expired.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -59,7 +61,10 @@ elseif op == 'extend' then
   redis.call('HSET', KEYS[1], 'exp', t[1] * 1000 + math.floor(t[2] / 1000) + lease)
   redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
 else
-  redis.call('DEL', KEYS[1])
+  -- Released: the key is free again, but the token stays until the record expires (at least
+  -- one lease from its last begin or extend), so the next token is greater.
+  redis.call('HSET', KEYS[1], 'st', 'r')
+  redis.call('HDEL', KEYS[1], 'fp', 'exp')
 end
 return 1
 ",

@@ -1,4 +1,5 @@
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -9,24 +10,121 @@ use parking_lot::Mutex;
 use crate::lease::{Begin, Fenced, FencingToken, LeaseStore};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
+/// What a record costs beyond its key, fingerprint and outcome bytes: map entry, expiry entry
+/// and bookkeeping, rounded up.
+const RECORD_OVERHEAD: usize = 128;
+
 /// An in-memory [`LeaseStore`] for services that run one process.
 ///
 /// Records live in a map behind one mutex per store (every step is a few map operations).
-/// Memory is bounded: at [`max_records`](Self::with_limits) the store first drops
-/// expired records, and if every record is still live it refuses new keys with
+///
+/// Memory is bounded by record count and by bytes (key, fingerprint and outcome, plus a fixed
+/// overhead per record), in total and per scope, so one tenant cannot fill the store for all.
+/// A key's scope is the first segment of its local part, as the [`LeaseStore`] contract
+/// describes (the idempotency executor puts its tenant there). Expired records are dropped in
+/// deadline order as keys begin, each in O(log n), never by a scan. When a new key would pass a
+/// bound with every record still live, the store refuses it with
 /// [`BackendErrorKind::Unavailable`] rather than forget a live record (which could let an
 /// operation run twice).
+///
+/// The bounds are checked when a key begins. A completion is never refused, since that would
+/// let the operation run again; so a scope can pass its byte bound by the outcomes of the
+/// operations it has in flight.
 #[derive(Clone, Debug)]
 pub struct MemoryLeaseStore {
     inner: Arc<Inner>,
 }
 
+/// Builds a [`MemoryLeaseStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct MemoryLeaseStoreBuilder {
+    clock: Clock,
+    limits: Limits,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_records: usize,
+    max_bytes: usize,
+    max_records_per_scope: usize,
+    max_bytes_per_scope: usize,
+}
+
+impl MemoryLeaseStoreBuilder {
+    /// The clock for lease deadlines and retention (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The most records held (default 1,000,000).
+    pub fn max_records(mut self, max: usize) -> Self {
+        self.limits.max_records = max.max(1);
+        self
+    }
+
+    /// The most bytes held (default 256 MiB).
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.limits.max_bytes = max.max(1);
+        self
+    }
+
+    /// The most records one scope holds (default: no bound beyond `max_records`).
+    pub fn max_records_per_scope(mut self, max: usize) -> Self {
+        self.limits.max_records_per_scope = max.max(1);
+        self
+    }
+
+    /// The most bytes one scope holds (default: no bound beyond `max_bytes`).
+    pub fn max_bytes_per_scope(mut self, max: usize) -> Self {
+        self.limits.max_bytes_per_scope = max.max(1);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryLeaseStore {
+        MemoryLeaseStore {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                next_token: AtomicU64::new(1),
+                clock: self.clock,
+                limits: self.limits,
+            }),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
-    records: Mutex<HashMap<Key, Record>>,
+    state: Mutex<State>,
     next_token: AtomicU64,
     clock: Clock,
-    max_records: usize,
+    limits: Limits,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    records: HashMap<Key, Entry>,
+    /// Deadlines in order, with the generation of the record they were pushed for; an entry
+    /// whose record has moved on (extended, completed, removed) is skipped when popped.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, Key)>>,
+    scopes: HashMap<Bytes, Usage>,
+    total: Usage,
+    next_generation: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    records: usize,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Record,
+    generation: u64,
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -44,36 +142,180 @@ enum Record {
 }
 
 impl Record {
-    /// Whether the record still means something at `now`: a live lease or a retained outcome.
-    fn is_live(&self, now: Instant) -> bool {
+    fn deadline(&self) -> Instant {
         match self {
-            Self::InProgress { lease_until, .. } => *lease_until > now,
-            Self::Completed { expires_at, .. } => *expires_at > now,
+            Self::InProgress { lease_until, .. } => *lease_until,
+            Self::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+
+    fn bytes(&self, key: &Key) -> usize {
+        let payload = match self {
+            Self::InProgress { fingerprint, .. } => fingerprint.len(),
+            Self::Completed {
+                fingerprint,
+                outcome,
+                ..
+            } => fingerprint.len() + outcome.len(),
+        };
+        RECORD_OVERHEAD + key.as_bytes().len() + payload
+    }
+}
+
+/// The scope of `key`: the first segment of its local part (a length byte, then that many
+/// bytes) after a leading `{hash tag}`, or the whole local part when it does not hold one.
+fn scope_of(key: &Key) -> &[u8] {
+    let local = key.local();
+    let segments = match local.strip_prefix(b"{") {
+        Some(tagged) => match tagged.iter().position(|&b| b == b'}') {
+            Some(end) => &tagged[end + 1..],
+            None => local,
+        },
+        None => local,
+    };
+    match segments.split_first() {
+        Some((&len, rest)) if usize::from(len) <= rest.len() => &rest[..usize::from(len)],
+        _ => local,
+    }
+}
+
+impl State {
+    /// Puts `record` under `key`, replacing any record there, and keeps the books.
+    fn put(&mut self, key: &Key, record: Record) {
+        self.remove(key);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let bytes = record.bytes(key);
+        self.deadlines
+            .push(Reverse((record.deadline(), generation, key.clone())));
+        let scope = self
+            .scopes
+            .entry(Bytes::copy_from_slice(scope_of(key)))
+            .or_default();
+        scope.records += 1;
+        scope.bytes += bytes;
+        self.total.records += 1;
+        self.total.bytes += bytes;
+        self.records.insert(
+            key.clone(),
+            Entry {
+                record,
+                generation,
+                bytes,
+            },
+        );
+        // Skipped entries of extended or completed records pile up; rebuilding once they
+        // outnumber the records costs O(1) amortized per push.
+        if self.deadlines.len() > 2 * self.records.len() + 64 {
+            let records = &self.records;
+            self.deadlines.retain(|Reverse((_, generation, key))| {
+                records
+                    .get(key)
+                    .is_some_and(|e| e.generation == *generation)
+            });
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        let Some(entry) = self.records.remove(key) else {
+            return;
+        };
+        self.total.records -= 1;
+        self.total.bytes -= entry.bytes;
+        let scope = scope_of(key);
+        if let Some(usage) = self.scopes.get_mut(scope) {
+            usage.records -= 1;
+            usage.bytes -= entry.bytes;
+            if usage.records == 0 {
+                self.scopes.remove(scope);
+            }
+        }
+    }
+
+    /// Drops the records whose deadline passed, earliest first, stopping at the first live one.
+    fn drop_expired(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, generation, _))) = self.deadlines.peek() {
+            if *deadline > now {
+                return;
+            }
+            let generation = *generation;
+            let Some(Reverse((_, _, key))) = self.deadlines.pop() else {
+                return;
+            };
+            if self
+                .records
+                .get(&key)
+                .is_some_and(|e| e.generation == generation)
+            {
+                self.remove(&key);
+            }
+        }
+    }
+
+    /// Why a new record of `bytes` under `key` would pass a bound, if it would.
+    fn refusal(&self, key: &Key, bytes: usize, limits: &Limits) -> Option<String> {
+        let scope = self.scopes.get(scope_of(key)).copied().unwrap_or_default();
+        if self.total.records >= limits.max_records {
+            Some(format!(
+                "the lease store holds its maximum of {} live records",
+                limits.max_records
+            ))
+        } else if self.total.bytes + bytes > limits.max_bytes {
+            Some(format!(
+                "the lease store holds its maximum of {} bytes of live records",
+                limits.max_bytes
+            ))
+        } else if scope.records >= limits.max_records_per_scope {
+            Some(format!(
+                "this scope holds its maximum of {} live records",
+                limits.max_records_per_scope
+            ))
+        } else if scope.bytes + bytes > limits.max_bytes_per_scope {
+            Some(format!(
+                "this scope holds its maximum of {} bytes of live records",
+                limits.max_bytes_per_scope
+            ))
+        } else {
+            None
         }
     }
 }
 
 impl MemoryLeaseStore {
-    /// A store on the system clock holding up to 1,000,000 records.
+    /// A store on the system clock holding up to 1,000,000 records and 256 MiB.
     pub fn new() -> Self {
-        Self::with_limits(Clock::system(), 1_000_000)
+        Self::builder().build()
     }
 
-    /// A store on `clock` holding up to `max_records` records.
+    /// A store on `clock` holding up to `max_records` records (and the default byte bound).
     pub fn with_limits(clock: Clock, max_records: usize) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                records: Mutex::new(HashMap::new()),
-                next_token: AtomicU64::new(1),
-                clock,
-                max_records: max_records.max(1),
-            }),
+        Self::builder()
+            .clock(clock)
+            .max_records(max_records)
+            .build()
+    }
+
+    /// Starts building a store with bounds per scope or in bytes.
+    pub fn builder() -> MemoryLeaseStoreBuilder {
+        MemoryLeaseStoreBuilder {
+            clock: Clock::system(),
+            limits: Limits {
+                max_records: 1_000_000,
+                max_bytes: 256 * 1024 * 1024,
+                max_records_per_scope: usize::MAX,
+                max_bytes_per_scope: usize::MAX,
+            },
         }
     }
 
     /// The number of records held, expired ones not yet dropped included.
     pub fn len(&self) -> usize {
-        self.inner.records.lock().len()
+        self.inner.state.lock().records.len()
+    }
+
+    /// The bytes the records held are counted for, expired ones not yet dropped included.
+    pub fn bytes(&self) -> usize {
+        self.inner.state.lock().total.bytes
     }
 
     /// Whether the store holds no record.
@@ -86,18 +328,18 @@ impl MemoryLeaseStore {
         &self,
         key: &Key,
         token: FencingToken,
-        change: impl FnOnce(&mut HashMap<Key, Record>, Instant, Bytes),
+        change: impl FnOnce(&mut State, Instant, Bytes),
     ) -> Fenced {
         let now = self.inner.clock.now();
-        let mut records = self.inner.records.lock();
-        match records.get(key) {
+        let mut state = self.inner.state.lock();
+        match state.records.get(key).map(|e| &e.record) {
             Some(Record::InProgress {
                 token: current,
                 fingerprint,
                 ..
             }) if *current == token => {
                 let fingerprint = fingerprint.clone();
-                change(&mut records, now, fingerprint);
+                change(&mut state, now, fingerprint);
                 Fenced::Applied
             }
             _ => Fenced::Rejected,
@@ -119,8 +361,8 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
-        let mut records = self.inner.records.lock();
-        let took_over = match records.get(key) {
+        let mut state = self.inner.state.lock();
+        let took_over = match state.records.get(key).map(|e| &e.record) {
             Some(Record::Completed {
                 fingerprint,
                 outcome,
@@ -146,24 +388,20 @@ impl LeaseStore for MemoryLeaseStore {
             }
             Some(Record::Completed { .. }) => false,
             None => {
-                if records.len() >= self.inner.max_records {
-                    records.retain(|_, record| record.is_live(now));
-                    if records.len() >= self.inner.max_records {
-                        return Err(BackendError::with_detail(
-                            BackendErrorKind::Unavailable,
-                            format!(
-                                "the lease store holds its maximum of {} live records",
-                                self.inner.max_records
-                            ),
-                        ));
-                    }
+                state.drop_expired(now);
+                let bytes = RECORD_OVERHEAD + key.as_bytes().len() + fingerprint.len();
+                if let Some(reason) = state.refusal(key, bytes, &self.inner.limits) {
+                    return Err(BackendError::with_detail(
+                        BackendErrorKind::Unavailable,
+                        reason,
+                    ));
                 }
                 false
             }
         };
         let token = FencingToken(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
-        records.insert(
-            key.clone(),
+        state.put(
+            key,
             Record::InProgress {
                 fingerprint: Bytes::copy_from_slice(fingerprint),
                 token,
@@ -180,13 +418,13 @@ impl LeaseStore for MemoryLeaseStore {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
-        Ok(self.with_holder(key, token, |records, now, fingerprint| {
+        Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let completed = Record::Completed {
                 fingerprint,
                 outcome,
                 expires_at: now + retention,
             };
-            records.insert(key.clone(), completed);
+            state.put(key, completed);
         }))
     }
 
@@ -196,19 +434,153 @@ impl LeaseStore for MemoryLeaseStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Fenced, BackendError> {
-        Ok(self.with_holder(key, token, |records, now, fingerprint| {
+        Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let extended = Record::InProgress {
                 fingerprint,
                 token,
                 lease_until: now + lease,
             };
-            records.insert(key.clone(), extended);
+            state.put(key, extended);
         }))
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
-        Ok(self.with_holder(key, token, |records, _, _| {
-            records.remove(key);
-        }))
+        Ok(self.with_holder(key, token, |state, _, _| state.remove(key)))
+    }
+
+    fn begin_completes_at_once(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ManualClock, Namespace};
+
+    /// A lease key in `scope`, laid out as the contract says: a length byte, the scope, the rest.
+    fn key(scope: &str, rest: &str) -> Key {
+        let len = [u8::try_from(scope.len()).unwrap()];
+        Namespace::new("leases")
+            .unwrap()
+            .key_from_parts(&[&len, scope.as_bytes(), rest.as_bytes()])
+            .unwrap()
+    }
+
+    async fn begin(
+        store: &MemoryLeaseStore,
+        key: &Key,
+        lease: Duration,
+    ) -> Result<FencingToken, BackendError> {
+        match store.begin(key, b"fp", lease).await? {
+            Begin::Acquired { token, .. } => Ok(token),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_are_bounded_by_bytes_not_only_by_record_count() {
+        let store = MemoryLeaseStore::with_limits(ManualClock::new().clock(), 1_000_000);
+        // One shared buffer: the store counts 1 MiB per outcome, the test holds 1 MiB.
+        let outcome = Bytes::from(vec![7u8; 1024 * 1024]);
+        let mut refused = None;
+        for i in 0..1000 {
+            let key = key("tenant", &format!("k{i}"));
+            match begin(&store, &key, Duration::from_secs(30)).await {
+                Ok(token) => {
+                    let done = store
+                        .complete(&key, token, outcome.clone(), Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    assert_eq!(done, Fenced::Applied, "a completion is never refused");
+                }
+                Err(err) => {
+                    assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+                    refused = Some(i);
+                    break;
+                }
+            }
+        }
+        let refused = refused.expect("a thousand 1 MiB outcomes pass the default 256 MiB bound");
+        assert!((250..=256).contains(&refused), "refused at {refused}");
+    }
+
+    #[tokio::test]
+    async fn one_scope_at_its_bound_leaves_room_for_the_others() {
+        let store = MemoryLeaseStore::builder()
+            .clock(ManualClock::new().clock())
+            .max_records(1000)
+            .max_records_per_scope(10)
+            .max_bytes_per_scope(64 * 1024)
+            .build();
+        for i in 0..10 {
+            begin(
+                &store,
+                &key("mallory", &format!("k{i}")),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        }
+        let err = begin(&store, &key("mallory", "k10"), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+        begin(&store, &key("alice", "k0"), Duration::from_secs(30))
+            .await
+            .expect("another scope still begins");
+
+        // Bytes per scope: one large outcome fills alice's share, bob is untouched.
+        let big = key("alice", "k1");
+        let token = begin(&store, &big, Duration::from_secs(30)).await.unwrap();
+        let outcome = Bytes::from(vec![0u8; 64 * 1024]);
+        let done = store
+            .complete(&big, token, outcome, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(done, Fenced::Applied);
+        let err = begin(&store, &key("alice", "k2"), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+        begin(&store, &key("bob", "k0"), Duration::from_secs(30))
+            .await
+            .expect("another scope still begins");
+    }
+
+    #[tokio::test]
+    async fn expired_records_make_room_and_their_bytes_are_returned() {
+        let clock = ManualClock::new();
+        let store = MemoryLeaseStore::builder()
+            .clock(clock.clock())
+            .max_records(3)
+            .build();
+        for i in 0..3 {
+            let key = key("t", &format!("k{i}"));
+            let token = begin(&store, &key, Duration::from_secs(30)).await.unwrap();
+            // Extensions and completions leave skipped deadlines behind; they are not records.
+            for _ in 0..100 {
+                store
+                    .extend(&key, token, Duration::from_secs(1))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert!(
+            begin(&store, &key("t", "k3"), Duration::from_secs(30))
+                .await
+                .is_err()
+        );
+        clock.advance(Duration::from_secs(2));
+        begin(&store, &key("t", "k3"), Duration::from_secs(30))
+            .await
+            .expect("expired leases make room");
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.bytes(),
+            RECORD_OVERHEAD + key("t", "k3").as_bytes().len() + 2
+        );
+        let state = store.inner.state.lock();
+        assert!(state.deadlines.len() <= 2 * state.records.len() + 64);
     }
 }

@@ -12,6 +12,6 @@ mod rate;
 
 pub use bus::MemoryBus;
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
-pub use lease::MemoryLeaseStore;
+pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
 pub use rate::MemoryRateStore;
