@@ -380,6 +380,10 @@ impl<T> WorkQueue<T> {
             Err(item)
         };
         drop(state);
+        let removed = expired.len() + usize::from(evicted.is_some());
+        if removed > 0 {
+            inner.metrics.queued.decrement(removed as f64);
+        }
         for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
