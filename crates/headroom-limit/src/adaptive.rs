@@ -82,7 +82,7 @@ impl AdaptiveConfig {
         if min == 0 {
             return Err(ConfigError::new("min_limit", "must be at least 1"));
         }
-        if max > crate::bulkhead::MAX_LIMIT {
+        if max > crate::limits::MAX_LIMIT {
             return Err(ConfigError::new(
                 "max_limit",
                 "exceeds the largest supported limit",

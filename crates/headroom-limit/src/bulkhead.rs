@@ -13,11 +13,9 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Outcome};
+use crate::limits::MAX_LIMIT;
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
-
-/// The largest concurrency limit a bulkhead supports.
-pub(crate) const MAX_LIMIT: usize = Semaphore::MAX_PERMITS;
 
 /// Configuration of a [`Bulkhead`], loadable with serde (feature `serde`).
 ///
