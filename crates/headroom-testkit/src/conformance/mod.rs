@@ -19,6 +19,7 @@
 pub mod bus;
 pub mod kv;
 pub mod lease;
+pub mod migration;
 pub mod rate;
 
 /// Expands to one test per KV store check, each in a module named `$name`.
