@@ -54,4 +54,4 @@ pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
 pub use migration::RedisMigrationStore;
 pub use rate::RedisRateStore;
-pub use tracking::tracked_writes;
+pub use tracking::{TRACKING_PING_INTERVAL, tracked_writes};

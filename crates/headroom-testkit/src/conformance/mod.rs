@@ -72,6 +72,7 @@ macro_rules! bus_conformance {
                 publishing_without_subscribers_succeeds,
                 channels_are_separate,
                 dropped_subscription_does_not_disturb_others,
+                channel_subscribed_again_after_its_last_subscription_dropped,
             );
         }
     };
