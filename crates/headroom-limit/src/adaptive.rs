@@ -9,11 +9,12 @@
 //!   is being used and every request succeeds fast; shrinks by a ratio on a
 //!   [`Outcome::Dropped`] or a round trip slower than the latency threshold. Simple and
 //!   robust; it needs a drop signal (errors, timeouts or the threshold) to find the ceiling.
-//! - [`GradientConfig`]: the gradient algorithm. Compares each round trip with the lowest one
-//!   seen (the no-load round trip) and scales the limit by their ratio, plus a small queue
+//! - [`GradientConfig`]: Gradient2. Compares each round trip (the short RTT) with a long-term
+//!   average of them (the long RTT) and scales the limit by their ratio, plus a queue
 //!   allowance: the limit settles where queueing starts to add latency, without any error
-//!   signal. The no-load round trip is re-learned periodically (a *probe*), so a lasting
-//!   change of the service's base latency is followed.
+//!   signal. Every step is sized by the limit, so it behaves the same at a capacity of 10 and
+//!   of 10,000. A steady queue raises the long RTT too, so the long RTT only rises slowly and
+//!   is re-measured now and then by a short *probe*.
 //!
 //! Use it as the limit of a [`Bulkhead`](crate::Bulkhead) through
 //! [`BulkheadBuilder::adaptive`](crate::BulkheadBuilder::adaptive), or on its own.
@@ -64,7 +65,7 @@ pub enum Outcome {
 pub enum AdaptiveConfig {
     /// Additive increase, multiplicative decrease.
     Aimd(AimdConfig),
-    /// Gradient: the ratio of no-load to current round trip steers the limit.
+    /// Gradient2: the ratio of the long to the short round trip steers the limit.
     Gradient(GradientConfig),
 }
 
@@ -81,7 +82,7 @@ impl AdaptiveConfig {
         if min == 0 {
             return Err(ConfigError::new("min_limit", "must be at least 1"));
         }
-        if max > crate::bulkhead::MAX_LIMIT {
+        if max > crate::limits::MAX_LIMIT {
             return Err(ConfigError::new(
                 "max_limit",
                 "exceeds the largest supported limit",
@@ -108,6 +109,9 @@ impl AdaptiveConfig {
                 }
                 if c.probe_interval == 0 {
                     return Err(ConfigError::new("probe_interval", "must be at least 1"));
+                }
+                if c.long_window == 0 {
+                    return Err(ConfigError::new("long_window", "must be at least 1"));
                 }
             }
         }
@@ -146,7 +150,20 @@ impl Default for AimdConfig {
     }
 }
 
-/// Parameters of the gradient algorithm.
+/// Parameters of the gradient algorithm (Gradient2, after Netflix's concurrency-limits).
+///
+/// Each successful sample compares its round trip (the short RTT) with the long RTT, an
+/// exponential average of round trips over `long_window` round trips that follows a lower
+/// sample at once. The gradient `rtt_tolerance × long / short`, clamped to [0.5, 1], scales the
+/// limit, plus a queue allowance of `max(queue_size, √limit)`, and `smoothing` of that estimate
+/// is blended in per round trip (one limit's worth of samples), so every step is sized by the
+/// limit: the limit settles near `rtt_tolerance × capacity + √limit` at any scale. A
+/// [`Outcome::Dropped`] sample blends in half the limit instead.
+///
+/// A steady queue makes every round trip slow, the long RTT included. So every
+/// `probe_interval` round trips (jittered by ±50 % so that instances do not probe together) the
+/// limit drops to `limit / (2 × rtt_tolerance)` for about one and a half round trips, the lowest
+/// round trip seen meanwhile becomes the long RTT, and the limit goes back to where it was.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
@@ -157,16 +174,17 @@ pub struct GradientConfig {
     pub min_limit: usize,
     /// The limit never goes above this.
     pub max_limit: usize,
-    /// How much of each new estimate is blended into the limit, in (0, 1].
+    /// How much of each new estimate is blended into the limit per round trip, in (0, 1].
     pub smoothing: f64,
-    /// How much slower than the no-load round trip a round trip may be before the limit
-    /// shrinks (1.2 = 20 % slower). The limit settles near
-    /// `rtt_tolerance × capacity + queue_size`.
+    /// How much slower than the long RTT a round trip may be before the limit shrinks
+    /// (1.2 = 20 % slower).
     pub rtt_tolerance: f64,
-    /// Extra concurrency allowed on top of the gradient, so the limit can grow.
+    /// The smallest queue allowance added on top of the gradient, so the limit can grow; the
+    /// allowance is `√limit` when that is larger.
     pub queue_size: usize,
-    /// Every this many samples the no-load round trip is forgotten and the limit restarts
-    /// from `max(min_limit, queue_size)`, so a change of base latency is learned.
+    /// How many round trips the long RTT averages over.
+    pub long_window: u32,
+    /// About how many round trips pass between probes of the no-load round trip.
     pub probe_interval: u32,
 }
 
@@ -179,7 +197,8 @@ impl Default for GradientConfig {
             smoothing: 0.2,
             rtt_tolerance: 1.2,
             queue_size: 2,
-            probe_interval: 1_000,
+            long_window: 1_000,
+            probe_interval: 100,
         }
     }
 }
@@ -202,17 +221,98 @@ struct Inner {
 }
 
 enum State {
-    Aimd {
-        config: AimdConfig,
-        limit: usize,
-    },
-    Gradient {
-        config: GradientConfig,
-        limit: f64,
-        /// The lowest round trip since the last probe, in seconds.
-        no_load_rtt: Option<f64>,
-        until_probe: u32,
-    },
+    Aimd { config: AimdConfig, limit: usize },
+    Gradient(Box<Gradient>),
+}
+
+struct Gradient {
+    config: GradientConfig,
+    limit: f64,
+    /// The long RTT in seconds; `None` before the first sample.
+    long_rtt: Option<f64>,
+    /// Samples left before the next probe.
+    until_probe: f64,
+    probe: Option<Probe>,
+    rng: fastrand::Rng,
+}
+
+/// A probe under way: the limit is lowered until `samples_left` more samples have come in.
+struct Probe {
+    restore: f64,
+    samples_left: u64,
+    lowest_rtt: f64,
+}
+
+impl Gradient {
+    fn new(config: GradientConfig) -> Self {
+        let mut gradient = Self {
+            limit: config.initial_limit as f64,
+            config,
+            long_rtt: None,
+            until_probe: 0.0,
+            probe: None,
+            rng: fastrand::Rng::new(),
+        };
+        gradient.schedule_probe();
+        gradient
+    }
+
+    fn schedule_probe(&mut self) {
+        let jitter = 0.5 + self.rng.f64();
+        self.until_probe = f64::from(self.config.probe_interval) * self.limit.max(1.0) * jitter;
+    }
+
+    fn clamp(&self, limit: f64) -> f64 {
+        limit.clamp(self.config.min_limit as f64, self.config.max_limit as f64)
+    }
+
+    fn sample(&mut self, rtt: Duration, in_flight: usize, outcome: Outcome) -> usize {
+        let rtt = rtt.as_secs_f64().max(1e-9);
+        if let Some(probe) = &mut self.probe {
+            probe.lowest_rtt = probe.lowest_rtt.min(rtt);
+            probe.samples_left -= 1;
+            if probe.samples_left == 0 {
+                self.long_rtt = Some(probe.lowest_rtt);
+                self.limit = probe.restore;
+                self.probe = None;
+                self.schedule_probe();
+            }
+            return self.limit as usize;
+        }
+        self.until_probe -= 1.0;
+        if self.until_probe <= 0.0 && self.long_rtt.is_some() {
+            // Long enough for the requests admitted before the drop to finish and for a round
+            // trip at the lower limit to come back.
+            self.probe = Some(Probe {
+                restore: self.limit,
+                samples_left: (self.limit * 1.5).ceil() as u64 + 1,
+                lowest_rtt: f64::INFINITY,
+            });
+            self.limit = self.clamp(self.limit / (2.0 * self.config.rtt_tolerance));
+            return self.limit as usize;
+        }
+        let long = match self.long_rtt {
+            None => rtt,
+            Some(long) => {
+                let weight = 2.0 / (f64::from(self.config.long_window) * self.limit + 1.0);
+                (long * (1.0 - weight) + rtt * weight).min(rtt)
+            }
+        };
+        self.long_rtt = Some(long);
+        let estimate = if outcome == Outcome::Dropped {
+            self.limit * 0.5
+        } else if (in_flight as f64) < self.limit / 2.0 {
+            // An idle service teaches nothing about its ceiling.
+            return self.limit as usize;
+        } else {
+            let gradient = (self.config.rtt_tolerance * long / rtt).clamp(0.5, 1.0);
+            let allowance = (self.config.queue_size as f64).max(self.limit.sqrt());
+            self.limit * gradient + allowance
+        };
+        let weight = (self.config.smoothing / self.limit).min(1.0);
+        self.limit = self.clamp(self.limit * (1.0 - weight) + estimate * weight);
+        self.limit as usize
+    }
 }
 
 impl AdaptiveLimit {
@@ -225,12 +325,7 @@ impl AdaptiveLimit {
                 config,
                 limit: initial,
             },
-            AdaptiveConfig::Gradient(config) => State::Gradient {
-                limit: initial as f64,
-                no_load_rtt: None,
-                until_probe: config.probe_interval,
-                config,
-            },
+            AdaptiveConfig::Gradient(config) => State::Gradient(Box::new(Gradient::new(config))),
         };
         let name: Arc<str> = Arc::from(name);
         let gauge = metrics::gauge!("headroom_limit_concurrency_limit_requests", "limiter" => name.to_string());
@@ -272,38 +367,7 @@ impl AdaptiveLimit {
                 }
                 *limit
             }
-            State::Gradient {
-                config,
-                limit,
-                no_load_rtt,
-                until_probe,
-            } => {
-                *until_probe -= 1;
-                if *until_probe == 0 {
-                    *until_probe = config.probe_interval;
-                    *no_load_rtt = None;
-                    *limit = config.min_limit.max(config.queue_size) as f64;
-                } else {
-                    let rtt = rtt.as_secs_f64().max(1e-9);
-                    let no_load = no_load_rtt.map_or(rtt, |lowest| lowest.min(rtt));
-                    *no_load_rtt = Some(no_load);
-                    let app_limited = (in_flight as f64) < *limit / 2.0;
-                    let estimate = if outcome == Outcome::Dropped {
-                        Some(*limit * 0.5)
-                    } else if app_limited {
-                        None
-                    } else {
-                        let gradient = (config.rtt_tolerance * no_load / rtt).clamp(0.5, 1.0);
-                        Some(*limit * gradient + config.queue_size as f64)
-                    };
-                    if let Some(estimate) = estimate {
-                        let blended =
-                            *limit * (1.0 - config.smoothing) + estimate * config.smoothing;
-                        *limit = blended.clamp(config.min_limit as f64, config.max_limit as f64);
-                    }
-                }
-                *limit as usize
-            }
+            State::Gradient(gradient) => gradient.sample(rtt, in_flight, outcome),
         };
         drop(state);
         let old = self.inner.limit.swap(new, Ordering::Relaxed);

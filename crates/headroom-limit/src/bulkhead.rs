@@ -13,11 +13,9 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Outcome};
+use crate::limits::MAX_LIMIT;
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
-
-/// The largest concurrency limit a bulkhead supports.
-pub(crate) const MAX_LIMIT: usize = Semaphore::MAX_PERMITS;
 
 /// Configuration of a [`Bulkhead`], loadable with serde (feature `serde`).
 ///
@@ -600,8 +598,26 @@ impl BulkheadBuilder {
 ///
 /// Borrows the bulkhead; [`into_owned`](Permit::into_owned) turns it into an
 /// [`OwnedPermit`]. With an adaptive limit, dropping the permit also reports how long it was
-/// held and its [`Outcome`] (success unless [`set_outcome`](Permit::set_outcome) says
-/// otherwise; a permit dropped while panicking reports [`Outcome::Ignored`]).
+/// held and its [`Outcome`]: success unless [`set_outcome`](Permit::set_outcome) says
+/// otherwise; a permit dropped while panicking reports [`Outcome::Ignored`].
+///
+/// A permit cannot tell a cancelled holder from a finished one. When the work under a permit
+/// may be cancelled (a timeout around it), mark the permit [`Outcome::Dropped`] before the work
+/// and [`Outcome::Success`] after it, as the tower layer does, so that a cancellation counts
+/// as a drop:
+///
+/// ```
+/// use headroom_limit::Bulkhead;
+/// use headroom_limit::adaptive::Outcome;
+///
+/// # async fn work() {}
+/// # async fn run(bulkhead: &Bulkhead) -> Result<(), headroom_limit::Overloaded> {
+/// let mut permit = bulkhead.acquire().await?;
+/// permit.set_outcome(Outcome::Dropped);
+/// work().await;
+/// permit.set_outcome(Outcome::Success);
+/// # Ok(()) }
+/// ```
 #[must_use = "the permit is released as soon as it is dropped"]
 pub struct Permit<'a> {
     inner: &'a Arc<Inner>,

@@ -56,6 +56,7 @@
 pub mod adaptive;
 mod bulkhead;
 mod error;
+mod limits;
 mod metrics;
 mod priority;
 mod queue;

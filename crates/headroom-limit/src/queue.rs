@@ -219,6 +219,9 @@ struct State<T> {
     len: usize,
     closed: bool,
     codel: Codel,
+    /// Entries looked at to find expired ones, to show the cost of a push into a full queue.
+    #[cfg(test)]
+    examined: usize,
 }
 
 struct Entry<T> {
@@ -380,6 +383,10 @@ impl<T> WorkQueue<T> {
             Err(item)
         };
         drop(state);
+        let removed = expired.len() + usize::from(evicted.is_some());
+        if removed > 0 {
+            inner.metrics.queued.decrement(removed as f64);
+        }
         for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
@@ -394,25 +401,31 @@ impl<T> WorkQueue<T> {
         }
     }
 
-    /// Removes items whose deadline passed: they hold places for nothing.
+    /// Removes the expired items at the head of each class: they hold places for nothing.
+    ///
+    /// Looks at each removed item once and at one live item per class, so a push into a full
+    /// queue costs the same however long the queue is. An item that expired behind a live one
+    /// of its class (a shorter deadline pushed later) keeps its place until it reaches the
+    /// head, and is shed, never run, when a consumer gets to it.
     fn drop_expired(state: &mut State<T>, now: Instant, expired: &mut Vec<(T, Overloaded)>) {
         let is_expired = |entry: &Entry<T>| entry.deadline.is_some_and(|deadline| deadline <= now);
-        for class in state.classes.iter_mut() {
-            if !class.iter().any(is_expired) {
-                continue;
-            }
-            let before = class.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for entry in class.drain(..) {
-                if is_expired(&entry) {
-                    let rejection = Overloaded::new(Reason::DeadlineExpired, entry.priority);
-                    expired.push((entry.item, rejection));
-                } else {
-                    kept.push_back(entry);
+        for index in 0..state.classes.len() {
+            while let Some(head) = state.classes[index].front() {
+                let head_expired = is_expired(head);
+                #[cfg(test)]
+                {
+                    state.examined += 1;
                 }
+                if !head_expired {
+                    break;
+                }
+                let Some(entry) = state.classes[index].pop_front() else {
+                    break;
+                };
+                state.len -= 1;
+                let rejection = Overloaded::new(Reason::DeadlineExpired, entry.priority);
+                expired.push((entry.item, rejection));
             }
-            state.len -= before - kept.len();
-            *class = kept;
         }
     }
 
@@ -669,6 +682,8 @@ impl<T> WorkQueueBuilder<T> {
                     len: 0,
                     closed: false,
                     codel: Codel::default(),
+                    #[cfg(test)]
+                    examined: 0,
                 }),
                 items: Notify::new(),
                 space: Notify::new(),
@@ -676,5 +691,45 @@ impl<T> WorkQueueBuilder<T> {
                 last_delay_nanos: AtomicU64::new(0),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use headroom_core::ManualClock;
+
+    use super::*;
+
+    /// A push into a full queue looks at a bounded number of entries to find expired ones,
+    /// however long the queue: each expired entry once, plus one per class.
+    #[test]
+    fn a_push_into_a_full_queue_examines_a_bounded_number_of_entries() {
+        const CAPACITY: usize = 100_000;
+        let manual = ManualClock::new();
+        let clock = manual.clock();
+        let queue = WorkQueue::builder("q")
+            .capacity(CAPACITY)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let soon = Enqueue::new().deadline(clock.now() + Duration::from_millis(10));
+        let later = Enqueue::new().deadline(clock.now() + Duration::from_secs(3_600));
+        for item in 0..CAPACITY {
+            let how = if item < 100 { soon } else { later };
+            queue.try_push_with(item, how).unwrap();
+        }
+        manual.advance(Duration::from_millis(10));
+        let examined = || queue.inner.state.lock().examined;
+        let before = examined();
+        // The first 100 pushes take the places of the 100 expired items; the rest are refused.
+        for item in 0..1_000 {
+            let pushed = queue.try_push_with(CAPACITY + item, later);
+            assert_eq!(pushed.is_ok(), item < 100, "push {item}");
+        }
+        let per_push = (examined() - before) as f64 / 1_000.0;
+        assert!(per_push <= 4.0, "{per_push} entries examined per push");
+        assert_eq!(queue.len(), CAPACITY);
     }
 }

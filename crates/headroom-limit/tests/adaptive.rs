@@ -91,14 +91,22 @@ async fn gradient_settles_near_capacity_and_backs_off_when_latency_rises() {
     }))
     .await;
     let capacity = CAPACITY as f64;
+    let tolerance = GradientConfig::default().rtt_tolerance;
     assert!(
-        (0.7 * capacity..=1.6 * capacity).contains(&settled),
+        gradient_band(capacity, tolerance).contains(&settled),
         "settled at {settled}"
     );
     assert!(
-        halved < settled * 0.75 && (0.7 * capacity / 2.0..=1.8 * capacity / 2.0).contains(&halved),
+        halved < settled * 0.75 && gradient_band(capacity / 2.0, tolerance).contains(&halved),
         "backed off to {halved} from {settled}"
     );
+}
+
+/// Where the documentation says a gradient limit settles on a service of `capacity`:
+/// `rtt_tolerance × capacity` plus a queue allowance of `√limit` (at least 2).
+fn gradient_band(capacity: f64, tolerance: f64) -> std::ops::RangeInclusive<f64> {
+    let top = tolerance * capacity + 2.0 * (tolerance * capacity).sqrt() + 2.0;
+    0.7 * capacity..=top
 }
 
 #[tokio::test(start_paused = true)]
@@ -118,6 +126,98 @@ async fn aimd_settles_near_capacity_and_backs_off_when_latency_rises() {
         halved < settled * 0.75 && (0.7 * capacity / 2.0..=1.8 * capacity / 2.0).contains(&halved),
         "backed off to {halved} from {settled}"
     );
+}
+
+/// A service of `capacity` workers taking `SERVICE_TIME` per request, with a FIFO queue
+/// inside, driven by `4 × capacity` closed-loop callers through `limit`: each caller sends its
+/// next request as soon as the last one returns and waits for admission while `limit` requests
+/// are in flight. Simulated event by event (no runtime), so a capacity of 1,000 is cheap.
+/// Halfway through, half the workers go away. Returns the mean limit over the second quarter
+/// and over the last quarter of the run.
+fn simulate(limit: &AdaptiveLimit, capacity: usize, seconds: u64) -> (f64, f64) {
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, VecDeque};
+
+    let callers = 4 * capacity;
+    let end = Duration::from_secs(seconds);
+    let mut workers = capacity;
+    let mut now = Duration::ZERO;
+    let mut in_flight = 0;
+    let mut idle_callers = callers;
+    // Requests admitted and waiting for a worker (their admission time), and those being
+    // served (completion time, admission time).
+    let mut service_queue: VecDeque<Duration> = VecDeque::new();
+    let mut serving: BinaryHeap<Reverse<(Duration, Duration)>> = BinaryHeap::new();
+    let (mut settled, mut halved) = ((0.0, 0.0), (0.0, 0.0));
+    let mut next_reading = Duration::ZERO;
+    loop {
+        while idle_callers > 0 && in_flight < limit.limit() {
+            idle_callers -= 1;
+            in_flight += 1;
+            service_queue.push_back(now);
+        }
+        while serving.len() < workers {
+            let Some(admitted) = service_queue.pop_front() else {
+                break;
+            };
+            serving.push(Reverse((now + SERVICE_TIME, admitted)));
+        }
+        let Some(Reverse((done, admitted))) = serving.pop() else {
+            panic!("the simulated service stalled");
+        };
+        now = done;
+        if now >= end {
+            break;
+        }
+        if now >= end / 2 {
+            workers = capacity / 2;
+        }
+        limit.sample(now - admitted, in_flight, Outcome::Success);
+        in_flight -= 1;
+        idle_callers += 1;
+        while now >= next_reading {
+            let quarter = next_reading.as_secs_f64() / end.as_secs_f64() * 4.0;
+            let sum = match quarter as usize {
+                1 => &mut settled,
+                3 => &mut halved,
+                _ => &mut (0.0, 0.0),
+            };
+            sum.0 += limit.limit() as f64;
+            sum.1 += 1.0;
+            next_reading += Duration::from_millis(10);
+        }
+    }
+    (settled.0 / settled.1, halved.0 / halved.1)
+}
+
+/// The gradient limit settles within the band its documentation gives,
+/// `rtt_tolerance × capacity` plus a queue allowance of at most `sqrt` of the limit, and
+/// follows the capacity when half of it goes away, whatever the scale.
+#[test]
+fn gradient_converges_near_capacity_of_10_100_and_1000() {
+    for capacity in [10, 100, 1_000] {
+        let config = GradientConfig {
+            initial_limit: 20,
+            max_limit: 10_000,
+            ..GradientConfig::default()
+        };
+        let tolerance = config.rtt_tolerance;
+        let limit = AdaptiveLimit::new("gradient", AdaptiveConfig::Gradient(config)).unwrap();
+        let (settled, halved) = simulate(&limit, capacity, 16);
+        println!("capacity {capacity}: settled at {settled:.1}, after halving {halved:.1}");
+        let band = |capacity| gradient_band(capacity, tolerance);
+        let capacity = capacity as f64;
+        assert!(
+            band(capacity).contains(&settled),
+            "capacity {capacity}: settled at {settled}, outside {:?}",
+            band(capacity)
+        );
+        assert!(
+            band(capacity / 2.0).contains(&halved),
+            "capacity {capacity}: after halving at {halved}, outside {:?}",
+            band(capacity / 2.0)
+        );
+    }
 }
 
 #[test]

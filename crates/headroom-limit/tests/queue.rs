@@ -376,3 +376,106 @@ mod model {
         }
     }
 }
+
+/// Gauges by name, holding the value the last update left.
+#[derive(Default)]
+struct Gauges(Mutex<std::collections::HashMap<String, Arc<GaugeCell>>>);
+
+#[derive(Default)]
+struct GaugeCell(std::sync::atomic::AtomicU64);
+
+impl GaugeCell {
+    fn update(&self, change: impl Fn(f64) -> f64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some(change(f64::from_bits(bits)).to_bits())
+            });
+    }
+}
+
+impl metrics::GaugeFn for GaugeCell {
+    fn increment(&self, value: f64) {
+        self.update(|v| v + value);
+    }
+    fn decrement(&self, value: f64) {
+        self.update(|v| v - value);
+    }
+    fn set(&self, value: f64) {
+        self.update(|_| value);
+    }
+}
+
+impl Gauges {
+    fn get(&self, name: &str) -> f64 {
+        let gauges = self.0.lock();
+        f64::from_bits(gauges[name].0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl metrics::Recorder for Gauges {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        let cell = Arc::clone(self.0.lock().entry(key.name().to_owned()).or_default());
+        metrics::Gauge::from_arc(cell)
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+#[tokio::test]
+async fn queued_gauge_counts_items_evicted_or_expired_on_push() {
+    const QUEUED: &str = "headroom_limit_queued_requests";
+    let gauges = Gauges::default();
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let queue = metrics::with_local_recorder(&gauges, || {
+        WorkQueue::builder("q")
+            .capacity(2)
+            .overflow(Overflow::DropOldest)
+            .clock(clock.clone())
+            .build()
+            .expect("valid queue")
+    });
+    for item in 1..=5 {
+        queue.try_push(item).unwrap();
+    }
+    assert_eq!(gauges.get(QUEUED), queue.len() as f64, "after evictions");
+    let soon = Enqueue::new().deadline(clock.now() + Duration::from_millis(10));
+    queue.try_push_with(6, soon).unwrap();
+    queue.try_push_with(7, soon).unwrap();
+    manual.advance(Duration::from_millis(10));
+    queue.try_push(8).unwrap();
+    assert_eq!(gauges.get(QUEUED), queue.len() as f64, "after expiries");
+    assert_eq!(drain(&queue), [8]);
+    assert_eq!(gauges.get(QUEUED), 0.0);
+}

@@ -269,3 +269,46 @@ fn invalid_quotas_are_configuration_errors() {
         .share(4);
     assert_eq!((share.limit(), share.burst()), (25, 2));
 }
+
+#[tokio::test]
+async fn acquire_waits_for_a_near_permit_and_refuses_a_far_one_at_once() {
+    let manual = ManualClock::new();
+    let quota = Quota::per_second(10).unwrap().with_burst(1).unwrap();
+    let direct = DirectLimiter::builder(quota).clock(manual.clock()).build();
+    let keyed: KeyedLimiter<String> = KeyedLimiter::builder(quota).clock(manual.clock()).build();
+    direct.check().unwrap();
+    keyed.check_key("alice").unwrap();
+
+    // The next permit is 100 ms away: a caller willing to wait 50 ms is refused at once.
+    let far = direct
+        .acquire_n(1, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        far.limited().map(|l| l.retry_after()),
+        Some(Duration::from_millis(100))
+    );
+    let far = keyed
+        .acquire_key_n("alice", 1, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        far.limited().map(|l| l.retry_after()),
+        Some(Duration::from_millis(100))
+    );
+
+    // One willing to wait 150 ms waits the 100 ms, then gets it.
+    let near = tokio::spawn(async move {
+        let direct = direct.acquire_n(1, Duration::from_millis(150)).await;
+        let keyed = keyed
+            .acquire_key_n("alice", 1, Duration::from_millis(150))
+            .await;
+        (direct.is_ok(), keyed.is_ok())
+    });
+    tokio::task::yield_now().await;
+    manual.advance(Duration::from_millis(99));
+    tokio::task::yield_now().await;
+    assert!(!near.is_finished(), "admitted before its permit was due");
+    manual.advance(Duration::from_millis(1));
+    assert_eq!(near.await.unwrap(), (true, true));
+}

@@ -470,3 +470,54 @@ async fn a_quota_the_store_cannot_hold_is_a_typed_error_with_the_store_error_as_
     );
     assert_eq!(limiter.fallback_decisions(), 0);
 }
+
+/// Four instances saturating one key, in exact mode or batched: returns the units admitted and
+/// the store round trips made over one simulated second.
+async fn saturated(batch: u32) -> (u32, u64) {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::with_limits(clock.clock(), 1000);
+    let namespace = unique_namespace("rate");
+    let limiters: Vec<_> = (0..4)
+        .map(|_| {
+            DistributedRateLimiter::builder(
+                "api",
+                store.clone(),
+                namespace.clone(),
+                TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
+            )
+            .clock(clock.clock())
+            .batch(batch)
+            .build()
+            .unwrap()
+        })
+        .collect();
+    let mut admitted = 0;
+    for _ in 0..1_000 {
+        for limiter in &limiters {
+            for _ in 0..5 {
+                admitted += u32::from(limiter.check("t", "k", 1).await.is_ok());
+            }
+        }
+        clock.advance(Duration::from_millis(1));
+    }
+    (admitted, limiters.iter().map(|l| l.round_trips()).sum())
+}
+
+/// A key saturated far beyond its rate costs a batched limiter no more round trips than an
+/// exact one: the docs promise fewer round trips for busy keys.
+#[tokio::test]
+async fn a_saturated_key_costs_batched_instances_no_more_round_trips_than_exact_ones() {
+    let (exact_admitted, exact) = saturated(1).await;
+    let (batched_admitted, batched) = saturated(10).await;
+    println!(
+        "exact: {exact_admitted} admitted, {exact} round trips; batched: {batched_admitted} admitted, {batched} round trips"
+    );
+    assert!(
+        batched <= exact,
+        "batched {batched} round trips against exact {exact}"
+    );
+    assert!(
+        batched_admitted.abs_diff(exact_admitted) <= 10,
+        "batched admitted {batched_admitted}, exact {exact_admitted}: more than a batch apart"
+    );
+}

@@ -1,26 +1,30 @@
 //! Keyed checks of existing keys do not allocate, direct checks never do, and millions of
 //! distinct keys keep the bytes held under a bound set by the cap, measured with a counting
-//! global allocator.
+//! global allocator whose counts are per thread: only the measuring thread's allocations
+//! count, so the test harness and other tests running meanwhile cannot disturb a measurement.
 
-use std::alloc::System;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use headroom_core::ManualClock;
 use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// The allocator's counts are process-wide: measure one test at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+#[test]
+fn counts_only_the_measuring_thread() {
+    let info = allocation_counter::measure(|| {
+        std::thread::spawn(|| std::hint::black_box(vec![0u8; 1024]))
+            .join()
+            .unwrap();
+    });
+    // Spawning and joining allocate on this thread; the other thread's 1 KiB does not count.
+    assert!(info.bytes_max < 1024, "{info:?}");
+    let own = allocation_counter::measure(|| {
+        std::hint::black_box(vec![0u8; 1024]);
+    });
+    assert_eq!((own.count_total, own.bytes_total), (1, 1024), "{own:?}");
+}
 
 #[test]
 fn checks_do_not_allocate() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let clock = ManualClock::new();
     let direct = DirectLimiter::builder(Quota::per_second(1000).unwrap())
         .clock(clock.clock())
@@ -30,43 +34,42 @@ fn checks_do_not_allocate() {
         .build();
     keyed.check_key("alice").unwrap();
 
-    let region = Region::new(GLOBAL);
-    for _ in 0..2000 {
-        let _ = direct.check();
-        let _ = keyed.check_key("alice");
-        let _ = keyed.check_key_n("alice", 2);
-    }
-    let change = region.change();
-    assert_eq!(change.allocations + change.reallocations, 0, "{change:?}");
+    let info = allocation_counter::measure(|| {
+        for _ in 0..2000 {
+            let _ = direct.check();
+            let _ = keyed.check_key("alice");
+            let _ = keyed.check_key_n("alice", 2);
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
 }
 
 #[test]
 fn millions_of_distinct_keys_keep_memory_under_the_cap() {
     const MAX_KEYS: usize = 20_000;
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let clock = ManualClock::new();
-    let region = Region::new(GLOBAL);
-    let limiter: KeyedLimiter<u64> = KeyedLimiter::builder(Quota::per_hour(10).unwrap())
-        .clock(clock.clock())
-        .max_keys(MAX_KEYS)
-        .build();
-    let mut peak = 0isize;
-    for key in 0..3_000_000u64 {
-        limiter.check_key(&key).unwrap();
-        if key % 50_000 == 0 {
-            clock.advance(Duration::from_millis(1));
-            let stats = region.change();
-            peak = peak.max(stats.bytes_allocated as isize - stats.bytes_deallocated as isize);
+    let mut held = 0;
+    let info = allocation_counter::measure(|| {
+        let limiter: KeyedLimiter<u64> = KeyedLimiter::builder(Quota::per_hour(10).unwrap())
+            .clock(clock.clock())
+            .max_keys(MAX_KEYS)
+            .build();
+        for key in 0..3_000_000u64 {
+            limiter.check_key(&key).unwrap();
+            if key % 50_000 == 0 {
+                clock.advance(Duration::from_millis(1));
+            }
         }
-    }
-    let stats = region.change();
-    peak = peak.max(stats.bytes_allocated as isize - stats.bytes_deallocated as isize);
-    assert!(limiter.len() <= MAX_KEYS);
+        held = limiter.len();
+    });
+    assert!(held <= MAX_KEYS);
     // An entry is a u64 key and an AtomicU64 plus one control byte; a table is at most 7/8
     // full after growing, and at most half full just after doubling: 4× covers both, and the
     // eviction scratch space.
-    let bound = (MAX_KEYS * (16 + 1) * 4 + 64 * 1024) as isize;
-    assert!(peak <= bound, "peak {peak} bytes > bound {bound}");
+    let bound = (MAX_KEYS * (16 + 1) * 4 + 64 * 1024) as u64;
+    assert!(
+        info.bytes_max <= bound,
+        "peak {} bytes > bound {bound}",
+        info.bytes_max
+    );
 }

@@ -180,6 +180,33 @@ async fn errors_teach_the_adaptive_limit_through_the_layer() {
     assert_eq!(bulkhead.limit(), 9);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_request_cancelled_while_running_counts_as_a_drop() {
+    // AIMD from 2: a success with both permits in use would grow the limit to 3, a drop
+    // backs it off to 1.
+    let bulkhead = Bulkhead::builder("b")
+        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 2,
+            ..AimdConfig::default()
+        }))
+        .build()
+        .unwrap();
+    let mut service = BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|()| {
+        std::future::pending::<Result<(), Infallible>>()
+    }));
+    let _other = bulkhead.try_acquire().unwrap();
+    let call = service.ready().await.unwrap().call(());
+    // The caller's timeout fires while the request runs, and drops its future.
+    let timed_out = tokio::time::timeout(Duration::from_millis(50), call).await;
+    assert!(timed_out.is_err());
+    assert_eq!(
+        bulkhead.in_use(),
+        1,
+        "the cancelled request returned its permit"
+    );
+    assert_eq!(bulkhead.limit(), 1, "cancellation taught the limit a drop");
+}
+
 #[tokio::test]
 async fn queue_layer_serves_by_priority_and_refuses_when_full() {
     let gate = Arc::new(Semaphore::new(0));

@@ -1,18 +1,23 @@
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use indexmap::IndexMap;
 use parking_lot::Mutex;
 
 use crate::rate::{Gcra, RateDecision, RateStore};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
+/// How many cells a full store looks at to make room for a new one.
+const EVICTION_SAMPLE: usize = 8;
+
 /// An in-memory [`RateStore`]: one map of GCRA cells, bounded in size.
 ///
 /// A cell that is full again (its theoretical arrival time has passed) is the same as no cell,
-/// so the store drops such cells whenever it reaches `max_cells`, losing nothing. Only when
-/// every held cell is still draining does it evict one at random, which gives that key a
-/// fresh burst: the documented price of a hard memory cap under attacker-chosen keys.
+/// so dropping it loses nothing. A store at `max_cells` makes room for a new key by looking at
+/// the next 8 cells in a sweep that goes round the store: it drops those
+/// that are full again, and if none is, it evicts the one closest to full, which gives that key
+/// a fresh burst: the documented price of a hard memory cap under attacker-chosen keys. Each
+/// insert into a full store costs the same however many cells it holds.
 #[derive(Clone, Debug)]
 pub struct MemoryRateStore {
     inner: Arc<Inner>,
@@ -20,9 +25,51 @@ pub struct MemoryRateStore {
 
 #[derive(Debug)]
 struct Inner {
-    cells: Mutex<HashMap<Key, Instant>>,
+    cells: Mutex<Cells>,
     clock: Clock,
     max_cells: usize,
+}
+
+#[derive(Debug, Default)]
+struct Cells {
+    tats: IndexMap<Key, Instant>,
+    /// Where the eviction sweep goes on from.
+    hand: usize,
+    #[cfg(test)]
+    examined: usize,
+}
+
+impl Cells {
+    /// Frees at least one place, looking at no more than `EVICTION_SAMPLE` cells.
+    fn make_room(&mut self, now: Instant) {
+        let mut closest_to_full: Option<(usize, Instant)> = None;
+        let mut freed = false;
+        for _ in 0..EVICTION_SAMPLE.min(self.tats.len()) {
+            if self.hand >= self.tats.len() {
+                self.hand = 0;
+            }
+            let Some((_, &tat)) = self.tats.get_index(self.hand) else {
+                break;
+            };
+            #[cfg(test)]
+            {
+                self.examined += 1;
+            }
+            if tat <= now {
+                // The last cell moves into this place: the sweep looks at it next.
+                self.tats.swap_remove_index(self.hand);
+                freed = true;
+                continue;
+            }
+            if closest_to_full.is_none_or(|(_, closest)| tat < closest) {
+                closest_to_full = Some((self.hand, tat));
+            }
+            self.hand += 1;
+        }
+        if !freed && let Some((index, _)) = closest_to_full {
+            self.tats.swap_remove_index(index);
+        }
+    }
 }
 
 impl MemoryRateStore {
@@ -35,7 +82,7 @@ impl MemoryRateStore {
     pub fn with_limits(clock: Clock, max_cells: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                cells: Mutex::new(HashMap::new()),
+                cells: Mutex::new(Cells::default()),
                 clock,
                 max_cells: max_cells.max(1),
             }),
@@ -44,7 +91,7 @@ impl MemoryRateStore {
 
     /// The number of cells held.
     pub fn len(&self) -> usize {
-        self.inner.cells.lock().len()
+        self.inner.cells.lock().tats.len()
     }
 
     /// Whether the store holds no cell.
@@ -107,18 +154,17 @@ impl RateStore for MemoryRateStore {
     async fn apply(&self, key: &Key, limit: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
         let now = self.inner.clock.now();
         let mut cells = self.inner.cells.lock();
-        let tat = cells.get(key).copied().unwrap_or(now);
+        let tat = cells.tats.get(key).copied().unwrap_or(now);
         let (decision, new_tat) = gcra(tat, now, limit, cost)?;
         if decision.allowed {
-            if cells.len() >= self.inner.max_cells && !cells.contains_key(key) {
-                cells.retain(|_, tat| *tat > now);
-                if cells.len() >= self.inner.max_cells
-                    && let Some(victim) = cells.keys().next().cloned()
-                {
-                    cells.remove(&victim);
+            if let Some(tat) = cells.tats.get_mut(key) {
+                *tat = new_tat;
+            } else {
+                if cells.tats.len() >= self.inner.max_cells {
+                    cells.make_room(now);
                 }
+                cells.tats.insert(key.clone(), new_tat);
             }
-            cells.insert(key.clone(), new_tat);
         }
         Ok(decision)
     }
@@ -197,5 +243,32 @@ mod tests {
             }
         }
         assert!(store.len() <= 10_000, "{} cells", store.len());
+    }
+
+    /// A full store of cells that are all still draining: each insert of a new key examines
+    /// a bounded number of cells, however many the store holds.
+    #[tokio::test]
+    async fn an_insert_into_a_full_store_examines_a_bounded_number_of_cells() {
+        const CELLS: usize = 100_000;
+        let clock = ManualClock::new();
+        let store = MemoryRateStore::with_limits(clock.clock(), CELLS);
+        let ns = Namespace::new("t").unwrap();
+        let hour = Gcra {
+            emission_interval: Duration::from_secs(3_600),
+            burst: 1,
+        };
+        for i in 0..CELLS as u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            assert!(store.apply(&key, hour, 1).await.unwrap().allowed);
+        }
+        assert_eq!(store.len(), CELLS);
+        let before = store.inner.cells.lock().examined;
+        for i in CELLS as u32..CELLS as u32 + 1_000 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            assert!(store.apply(&key, hour, 1).await.unwrap().allowed);
+        }
+        let per_insert = (store.inner.cells.lock().examined - before) / 1_000;
+        assert!(per_insert <= 8, "{per_insert} cells examined per insert");
+        assert_eq!(store.len(), CELLS);
     }
 }

@@ -227,7 +227,9 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
 /// a key with one `apply(cost = n)` and spends them locally, so a busy key costs one round
 /// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
-/// left (a second round trip). Reserved units are charged in the store before they are spent,
+/// left (a second round trip). A key the store refused within the last `n` intervals is
+/// saturated: the instance asks for single units, as in exact mode, until the key goes `n`
+/// intervals without a refusal. Reserved units are charged in the store before they are spent,
 /// and an instance keeps them for at most `n` emission intervals, so:
 ///
 /// - over the life of the store, the instances never admit more than the store granted;
@@ -339,7 +341,11 @@ enum Local {
     /// Refused until this much later.
     Blocked(u64),
     /// Ask the store.
-    Unknown,
+    Unknown {
+        /// The store refused this key within the last `batch` intervals: the key is
+        /// saturated, and a batch would be refused and retried with what is left.
+        saturated: bool,
+    },
 }
 
 const LOCAL_SHARDS: usize = 16;
@@ -362,10 +368,10 @@ impl LocalState {
         &self.shards[(hash % LOCAL_SHARDS as u64) as usize]
     }
 
-    fn check(&self, key: &str, cost: u32, now: u64, interval: u64) -> Local {
+    fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
         let mut shard = self.shard(key).lock();
         let Some(entry) = shard.get_mut(key) else {
-            return Local::Unknown;
+            return Local::Unknown { saturated: false };
         };
         // Reserved units are already charged in the store: spend them even when the store
         // refuses more.
@@ -380,7 +386,10 @@ impl LocalState {
             let extra = interval.saturating_mul(u64::from(cost - 1));
             return Local::Blocked(entry.blocked_until - now + extra);
         }
-        Local::Unknown
+        let recent = interval.saturating_mul(u64::from(batch));
+        Local::Unknown {
+            saturated: entry.blocked_until > 0 && now < entry.blocked_until.saturating_add(recent),
+        }
     }
 
     fn update(&self, key: &str, now: u64, change: impl FnOnce(&mut Entry)) {
@@ -471,7 +480,7 @@ impl<S: RateStore> Inner<S> {
         }
         let interval = nanos(quota.emission_interval());
         let now = self.now();
-        match tier.local_state.check(key, cost, now, interval) {
+        let saturated = match tier.local_state.check(key, cost, now, interval, self.batch) {
             Local::Spent {
                 units,
                 store_remaining,
@@ -486,15 +495,18 @@ impl<S: RateStore> Inner<S> {
             Local::Blocked(wait) => {
                 return Err(RateLimited::new(quota, Duration::from_nanos(wait)).into());
             }
-            Local::Unknown => {}
-        }
+            Local::Unknown { saturated } => saturated,
+        };
         if now < self.down_until.load(Ordering::Relaxed) {
             return self.fall_back(tier, key, cost, None);
         }
         let Ok(store_key) = tier.prefix.key(key) else {
             return Err(RateError::new(RateErrorKind::InvalidKey));
         };
-        let mut reserve = self.batch.max(cost).min(quota.burst());
+        // A saturated key is charged one request at a time, as in exact mode: a batch would
+        // be refused and the call repeated for what is left, two round trips for one unit.
+        let batch = if saturated { 1 } else { self.batch };
+        let mut reserve = batch.max(cost).min(quota.burst());
         let mut decision = self.apply(tier, &store_key, reserve).await;
         if let Ok(refused) = &decision
             && !refused.allowed

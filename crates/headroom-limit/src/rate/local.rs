@@ -34,6 +34,28 @@ impl Gcra {
         }
     }
 
+    /// Runs `attempt` until it is admitted, sleeping between attempts while the wait it is
+    /// told stays within `max_wait` of the first; refuses at once otherwise.
+    async fn acquire(
+        &self,
+        max_wait: Duration,
+        mut attempt: impl FnMut() -> Result<Admitted, RateError>,
+    ) -> Result<Admitted, RateError> {
+        let deadline = self.clock.now() + max_wait;
+        loop {
+            let error = match attempt() {
+                Ok(admitted) => return Ok(admitted),
+                Err(error) => error,
+            };
+            match error.limited() {
+                Some(limited) if self.clock.now() + limited.retry_after() <= deadline => {
+                    self.clock.sleep(limited.retry_after()).await;
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
     /// Nanoseconds since the limiter was built.
     #[inline]
     fn now(&self) -> u64 {
@@ -170,6 +192,15 @@ impl DirectLimiter {
     pub fn check_n(&self, cost: u32) -> Result<Admitted, RateError> {
         let now = self.gcra.now();
         self.gcra.check_n(&self.tat, now, cost)
+    }
+
+    /// Spends `cost` units, waiting for them if they will be available within `max_wait`;
+    /// refuses at once, with the wait it would have needed, if they will not.
+    ///
+    /// Nothing is reserved while waiting: a caller that checks meanwhile may take the units,
+    /// and the wait goes on within `max_wait`. Dropping the future gives up the wait.
+    pub async fn acquire_n(&self, cost: u32, max_wait: Duration) -> Result<Admitted, RateError> {
+        self.gcra.acquire(max_wait, || self.check_n(cost)).await
     }
 }
 
@@ -328,6 +359,24 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
             Ok(new_tat) => Ok(self.gcra.admitted(new_tat, now)),
             Err(wait) => Err(self.gcra.limited(wait).into()),
         }
+    }
+
+    /// Spends `cost` units of `key`'s quota, waiting for them if they will be available
+    /// within `max_wait`; refuses at once, with the wait it would have needed, if they will
+    /// not. As for [`DirectLimiter::acquire_n`], nothing is reserved while waiting.
+    pub async fn acquire_key_n<Q>(
+        &self,
+        key: &Q,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Result<Admitted, RateError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.gcra
+            .acquire(max_wait, || self.check_key_n(key, cost))
+            .await
     }
 
     /// The number of keys held.

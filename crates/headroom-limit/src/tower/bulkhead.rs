@@ -54,8 +54,9 @@ impl<S> Layer<S> for BulkheadLayer {
 /// The permit is taken in `call` (see the [module docs](super)) and held until the response
 /// future completes or is dropped. A request that must wait for a permit takes the ready inner
 /// service with it (leaving a clone behind, hence `S: Clone`) and calls it once admitted.
-/// With an adaptive limit, an `Ok` response reports [`Outcome::Success`] and an `Err`
-/// [`Outcome::Dropped`].
+/// With an adaptive limit, an `Ok` response reports [`Outcome::Success`]; an `Err`, and a
+/// request whose future is dropped while it runs (its caller timed out or went away), report
+/// [`Outcome::Dropped`]; a request whose service panics reports [`Outcome::Ignored`].
 #[derive(Clone, Debug)]
 pub struct BulkheadService<S> {
     inner: S,
@@ -116,10 +117,7 @@ pin_project_lite::pin_project! {
 impl<F> BulkheadFuture<F> {
     fn running(future: F, permit: OwnedPermit) -> Self {
         Self {
-            state: State::Running {
-                future,
-                permit: Some(permit),
-            },
+            state: State::running(future, permit),
         }
     }
 
@@ -136,6 +134,18 @@ impl<F> BulkheadFuture<F> {
     }
 }
 
+impl<F> State<F> {
+    /// A request that held a permit and never finished was cancelled, most often by its
+    /// caller's timeout: it counts as a drop until its response says otherwise.
+    fn running(future: F, mut permit: OwnedPermit) -> Self {
+        permit.set_outcome(Outcome::Dropped);
+        State::Running {
+            future,
+            permit: Some(permit),
+        }
+    }
+}
+
 impl<F, T, E> Future for BulkheadFuture<F>
 where
     F: Future<Output = Result<T, E>>,
@@ -148,10 +158,10 @@ where
             match self.as_mut().project().state.project() {
                 StateProj::Waiting { admission } => match ready!(admission.as_mut().poll(cx)) {
                     Ok((permit, future)) => {
-                        self.as_mut().project().state.set(State::Running {
-                            future,
-                            permit: Some(permit),
-                        });
+                        self.as_mut()
+                            .project()
+                            .state
+                            .set(State::running(future, permit));
                     }
                     Err(error) => return Poll::Ready(Err(error.into())),
                 },
