@@ -3,7 +3,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,9 @@ pub(crate) struct Inner<K, V> {
     in_flight: Mutex<HashMap<K, InFlight<K, V>>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
+    /// Per write stripe, the writes whose L2 change has not landed yet: no read fills L1
+    /// meanwhile, since what it read from L2 may be the state the write replaces.
+    writing: Box<[AtomicU32]>,
     hasher: RandomState,
     invalidation: Option<Invalidation>,
     /// Whether the subscription to writes made by other programs is live (when there is one).
@@ -218,6 +221,7 @@ where
                 in_flight: Mutex::new(HashMap::new()),
                 loads: AtomicU64::new(0),
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                writing: (0..WRITE_STRIPES).map(|_| AtomicU32::new(0)).collect(),
                 hasher: RandomState::new(),
             }),
         };
@@ -412,7 +416,7 @@ where
             Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
         };
-        inner.bump_writes(&key);
+        let writing = vec![Inner::begin_write(inner, &key)];
         let slot = inner.slot(
             Some(value),
             times,
@@ -423,7 +427,14 @@ where
             inner.l1.insert(key.clone(), slot);
         }
         let published = vec![key.to_key_bytes().into_owned()];
-        Inner::write_through(inner, l2_entry.into_iter().collect(), Vec::new(), published).await;
+        Inner::write_through(
+            inner,
+            l2_entry.into_iter().collect(),
+            Vec::new(),
+            published,
+            writing,
+        )
+        .await;
         Ok(())
     }
 
@@ -448,15 +459,16 @@ where
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        let mut writing = Vec::with_capacity(keys.len());
         for key in keys {
-            inner.bump_writes(key);
+            writing.push(Inner::begin_write(inner, key));
             inner.l1.invalidate(key);
         }
         let published = match inner.invalidation {
             Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
             None => Vec::new(),
         };
-        Inner::write_through(inner, Vec::new(), full, published).await;
+        Inner::write_through(inner, Vec::new(), full, published, writing).await;
         Ok(())
     }
 
@@ -553,12 +565,31 @@ where
         self.writes[mark.stripe].load(Ordering::Acquire) == mark.count
     }
 
+    /// Whether no write happened since `mark` and none is still reaching L2.
+    fn settled(&self, mark: WriteMark) -> bool {
+        self.writing[mark.stripe].load(Ordering::Acquire) == 0 && self.unchanged(mark)
+    }
+
     /// Records a write of `key`: loads started before it no longer fill the cache, and later
     /// reads start a new load instead of joining theirs.
     fn bump_writes(&self, key: &K) {
         let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
         self.writes[stripe].fetch_add(1, Ordering::AcqRel);
         self.in_flight.lock().remove(key);
+    }
+
+    /// Records a write of `key` whose L2 change is under way: until the returned guard is
+    /// dropped (after L2 has the change, or the change was given up), no read fills L1 with
+    /// the key's stripe; dropping it counts as another write, so reads begun meanwhile do not
+    /// fill L1 either.
+    fn begin_write(this: &Arc<Self>, key: &K) -> Writing<K, V> {
+        this.bump_writes(key);
+        let stripe = this.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        this.writing[stripe].fetch_add(1, Ordering::AcqRel);
+        Writing {
+            inner: Arc::clone(this),
+            stripe,
+        }
     }
 
     /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
@@ -570,6 +601,7 @@ where
         entries: Vec<KvEntry>,
         deletes: Vec<Key>,
         keys: Vec<Vec<u8>>,
+        writing: Vec<Writing<K, V>>,
     ) {
         async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry], deletes: &[Key]) {
             let Some(l2) = l2 else { return };
@@ -581,11 +613,14 @@ where
             }
         }
         if this.invalidation.is_none() {
-            return l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            drop(writing);
+            return;
         }
         let this = Arc::clone(this);
         let task = tokio::spawn(async move {
             l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            drop(writing);
             if let Some(invalidation) = &this.invalidation {
                 invalidation.publish_keys(keys.iter().map(Vec::as_slice));
             }
@@ -650,12 +685,12 @@ where
 
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
     fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
-        if !self.unchanged(write) || !self.l1_usable() {
+        if !self.settled(write) || !self.l1_usable() {
             return false;
         }
         self.l1.insert(key.clone(), slot);
         // A write that raced with the insert wins: drop what was just put.
-        if !self.unchanged(write) {
+        if !self.settled(write) {
             self.l1.invalidate(key);
             return false;
         }
@@ -1219,6 +1254,20 @@ where
 
     fn invalidate_tag(&self, tag: &str, at_unix_ms: u64) {
         self.hide_tag(tag, at_unix_ms);
+    }
+}
+
+/// A write on its way to L2 (see `Inner::begin_write`).
+struct Writing<K, V> {
+    inner: Arc<Inner<K, V>>,
+    stripe: usize,
+}
+
+impl<K, V> Drop for Writing<K, V> {
+    fn drop(&mut self) {
+        // Bumped before the count falls, so no read that saw the old L2 state can fill L1.
+        self.inner.writes[self.stripe].fetch_add(1, Ordering::AcqRel);
+        self.inner.writing[self.stripe].fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -1143,3 +1143,27 @@ fn every_future_of_the_cache_is_send() {
     send(cache.insert(key("k"), "v".into()));
     send(cache.remove(&k));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_read_while_a_remove_reaches_l2_does_not_bring_the_value_back() {
+    let store = common::HoldWrites::new(MemoryKvStore::new());
+    let cache: Cache<String, String> = Cache::builder().l2(store.clone(), ns()).build().unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "old".into()).await.unwrap();
+    store.hold.store(true, Ordering::SeqCst);
+    let remove = {
+        let (cache, k) = (cache.clone(), k.clone());
+        tokio::spawn(async move { cache.remove(&k).await })
+    };
+    settle(|| store.held() == 1).await;
+    // The delete has not reached L2 yet: this read may still see the old copy.
+    let _ = cache.get(&k).await.unwrap();
+    store.release();
+    remove.await.unwrap().unwrap();
+    common::idle().await;
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "the removed value stays removed"
+    );
+}

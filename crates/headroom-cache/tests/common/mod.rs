@@ -264,3 +264,68 @@ pub async fn garbage_in_l2_is_a_miss<S: KvStore + Clone>(store: S, ns: Namespace
         cache.invalidate_local(&name);
     }
 }
+
+/// A store whose writes (`set`, `set_many`, `delete`) wait at a gate while `hold` is on.
+#[derive(Clone, Debug)]
+pub struct HoldWrites<S> {
+    pub inner: S,
+    pub hold: Arc<AtomicBool>,
+    pub gate: Arc<Semaphore>,
+    /// Writes that reached the gate.
+    pub held: Arc<AtomicUsize>,
+}
+
+impl<S: KvStore> HoldWrites<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            hold: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            held: Arc::default(),
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Lets every held write (and all later ones) through.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.gate.add_permits(1_000);
+    }
+
+    async fn wait(&self) {
+        if self.hold.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            self.gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
+impl<S: KvStore> KvStore for HoldWrites<S> {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set_many(entries).await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.wait().await;
+        self.inner.delete(keys).await
+    }
+}
+
+/// Returns once every task of a runtime with paused time has nothing left to do: tokio
+/// advances paused time only when all tasks are idle.
+pub async fn idle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
