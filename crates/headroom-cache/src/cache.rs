@@ -943,7 +943,7 @@ where
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
                     && self.unchanged(write)
                 {
-                    l2.set_many(&[entry]).await;
+                    l2.set_loaded(&[entry]).await;
                 }
             }
             Err(error) => {
@@ -1217,7 +1217,7 @@ where
             let _ = reply.send(outcomes);
         }
         if let Some(l2) = &self.l2 {
-            l2.set_many(&entries).await;
+            l2.set_loaded(&entries).await;
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
-//! failing the caller. Writes that did not reach L2 are remembered as pending deletes: until a
+//! failing the caller. Writes a user made (insert, remove) that did not reach L2 are remembered
+//! as pending deletes (a load's write-back that fails is not: L2 then holds nothing older
+//! than what the load read): until a
 //! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy. A key
 //! that cannot be remembered (the backlog is full) makes all of L2 untrusted for the longest
 //! lifetime of an entry, after which any copy it could have missed has expired.
@@ -206,6 +208,21 @@ impl L2 {
             self.settled(keys);
         } else {
             self.outdated(keys);
+        }
+    }
+
+    /// Writes loaded entries. Unlike a user's write, one that fails leaves nothing to track:
+    /// whatever L2 holds then is either the value loaded or what a user wrote.
+    pub(crate) async fn set_loaded(&self, entries: &[KvEntry]) {
+        match entries {
+            [] => {}
+            [one] => {
+                self.call("set", self.store.set(&one.key, one.value.clone(), one.ttl))
+                    .await;
+            }
+            _ => {
+                self.call("set_many", self.store.set_many(entries)).await;
+            }
         }
     }
 

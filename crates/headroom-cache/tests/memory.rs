@@ -1167,3 +1167,39 @@ async fn a_read_while_a_remove_reaches_l2_does_not_bring_the_value_back() {
         "the removed value stays removed"
     );
 }
+
+#[tokio::test]
+async fn a_load_whose_l2_write_fails_leaves_no_pending_delete() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    cache
+        .get_or_load(&key("one"), loads.loader())
+        .await
+        .unwrap();
+    cache
+        .get_many_or_load(&[key("a"), key("b")], |keys: Vec<String>| async move {
+            Ok::<_, CacheError>(
+                keys.into_iter()
+                    .map(|k| (k.clone(), k))
+                    .collect::<HashMap<_, _>>(),
+            )
+        })
+        .await
+        .unwrap();
+    settle(|| l2.calls.set.load(Ordering::SeqCst) + l2.calls.set_many.load(Ordering::SeqCst) == 2)
+        .await;
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    assert_eq!(
+        cache.pending_l2_deletes(),
+        0,
+        "only the user's own writes are tracked as pending"
+    );
+}
