@@ -820,7 +820,7 @@ where
             }
             Err(error) => {
                 tracing::debug!(%error, "L2 value is not a valid envelope");
-                l2.discard(key);
+                l2.discard(key, bytes);
                 None
             }
         }

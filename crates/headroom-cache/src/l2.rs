@@ -242,12 +242,17 @@ impl L2 {
         }
     }
 
-    /// Deletes a key whose bytes could not be decoded, without making the reader wait.
-    pub(crate) fn discard(self: &Arc<Self>, key: Key) {
+    /// Deletes a key whose bytes could not be decoded, without making the reader wait; only
+    /// while it still holds those bytes, so a value written meanwhile (the load that follows
+    /// the miss, say) stays. A delete that fails is not retried: the bytes expire with their TTL.
+    pub(crate) fn discard(self: &Arc<Self>, key: Key, bytes: &[u8]) {
         self.metrics.l2_corrupt.increment(1);
         tracing::warn!(namespace = %self.namespace, ?key, "undecodable L2 value; deleting it");
-        let l2 = Arc::clone(self);
-        tokio::spawn(async move { l2.delete(&[key]).await });
+        let (l2, bytes) = (Arc::clone(self), bytes.to_vec());
+        tokio::spawn(async move {
+            l2.call("delete_if_eq", l2.store.delete_if_eq(&key, &bytes))
+                .await
+        });
     }
 
     /// The keys' L2 copies are current again.

@@ -1203,3 +1203,24 @@ async fn a_load_whose_l2_write_fails_leaves_no_pending_delete() {
         "only the user's own writes are tracked as pending"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_delete_of_corrupt_bytes_spares_the_value_loaded_over_them() {
+    let store = MemoryKvStore::new();
+    let cache: Cache<String, String> = Cache::builder().l2(store.clone(), ns()).build().unwrap();
+    let full = ns().key("k").unwrap();
+    store
+        .set(&full, Bytes::from_static(b"garbage"), 60 * SEC)
+        .await
+        .unwrap();
+    let loads = Counter::default();
+    let value = cache.get_or_load(&key("k"), loads.loader()).await.unwrap();
+    assert_eq!(value.as_deref(), Some("k#1"));
+    common::idle().await;
+    let stored = store
+        .get(&full)
+        .await
+        .unwrap()
+        .expect("the loaded value stays in L2");
+    assert!(envelope::decode(&stored).unwrap().payload.is_some());
+}

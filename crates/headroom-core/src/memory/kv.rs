@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::kv::{KvEntry, KvStore};
+use crate::kv::{KvEntry, KvStore, check_versions, is_newer};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
 const SHARDS: usize = 16;
@@ -160,7 +160,26 @@ impl MemoryKvStore {
     }
 
     fn write(&self, key: &Key, value: Bytes, ttl: Duration, now: Instant) {
+        self.write_if(key, value, ttl, now, |_| true);
+    }
+
+    /// Writes unless `replace` refuses what the key holds (a live value or `None`).
+    fn write_if(
+        &self,
+        key: &Key,
+        value: Bytes,
+        ttl: Duration,
+        now: Instant,
+        replace: impl FnOnce(Option<&[u8]>) -> bool,
+    ) -> bool {
         let mut shard = self.shard(key.as_bytes()).lock();
+        let held = shard
+            .get(key.as_bytes())
+            .filter(|entry| entry.expires_at > now)
+            .map(|entry| &entry.value[..]);
+        if !replace(held) {
+            return false;
+        }
         if shard.len() >= self.inner.max_entries_per_shard && !shard.contains_key(key.as_bytes()) {
             shard.retain(|_, entry| entry.expires_at > now);
             if shard.len() >= self.inner.max_entries_per_shard {
@@ -178,6 +197,7 @@ impl MemoryKvStore {
             .checked_add(ttl)
             .unwrap_or(now + Duration::from_secs(u32::MAX.into()));
         shard.insert(key.to_bytes(), Entry { value, expires_at });
+        true
     }
 }
 
@@ -224,6 +244,38 @@ impl KvStore for MemoryKvStore {
             }
         }
         Ok(existed)
+    }
+
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        for entry in entries {
+            self.check(&entry.value, entry.ttl)?;
+        }
+        check_versions(entries, version_at)?;
+        let now = self.inner.clock.now();
+        let mut written = 0;
+        for entry in entries {
+            let newer = |held: Option<&[u8]>| is_newer(&entry.value, held, version_at);
+            if self.write_if(&entry.key, entry.value.clone(), entry.ttl, now, newer) {
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(key.as_bytes()).lock();
+        let held = shard
+            .get(key.as_bytes())
+            .is_some_and(|entry| entry.expires_at > now && entry.value[..] == *expected);
+        if held {
+            shard.remove(key.as_bytes());
+        }
+        Ok(held)
     }
 }
 
