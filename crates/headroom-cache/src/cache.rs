@@ -452,10 +452,10 @@ where
     /// Fails, removing nothing, when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        let full = match &inner.l2 {
+        let tombstones = match &inner.l2 {
             Some(l2) => keys
                 .iter()
-                .map(|key| inner.l2_key(l2, key))
+                .map(|key| inner.tombstone(l2, key, inner.clock.unix_millis()))
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
@@ -468,7 +468,7 @@ where
             Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
             None => Vec::new(),
         };
-        Inner::write_through(inner, Vec::new(), full, published, writing).await;
+        Inner::write_through(inner, tombstones, Vec::new(), published, writing).await;
         Ok(())
     }
 
@@ -758,6 +758,7 @@ where
             self.codec.id(),
             [times.created, times.fresh_until, times.expires],
             value.is_none(),
+            0,
             tags,
         );
         if let Some(value) = value {
@@ -787,6 +788,33 @@ where
         })
     }
 
+    /// The L2 entry that records the removal of `key` at `at_unix_ms`: a tombstone, read as
+    /// absent, which no value loaded before the removal replaces (see `store`). It lives as
+    /// long as such a load may still write: the loader's hard timeout plus the L2 timeout
+    /// (without a hard timeout, an entry's whole lifetime).
+    fn tombstone(&self, l2: &L2, key: &K, at_unix_ms: u64) -> Result<KvEntry, CacheError> {
+        let key = self.l2_key(l2, key)?;
+        let config = &self.config;
+        let ttl = config
+            .loader_hard_timeout
+            .unwrap_or_else(|| config.max_entry_lifetime())
+            .saturating_add(config.l2_timeout)
+            .max(Duration::from_millis(1));
+        let expires = at_unix_ms.saturating_add(millis(ttl));
+        let mut bytes = Vec::with_capacity(40);
+        envelope::write_tombstone(
+            &mut bytes,
+            self.codec.id(),
+            [at_unix_ms, at_unix_ms, expires],
+            0,
+        );
+        Ok(KvEntry {
+            key,
+            value: Bytes::from(bytes),
+            ttl,
+        })
+    }
+
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
     /// are entries past their fail-safe window.
     fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Slot<V>> {
@@ -796,7 +824,7 @@ where
                 if env.codec != self.codec.id() {
                     return Err("written by another codec".into());
                 }
-                if self.hidden(env.created_unix_ms, &env.tags) {
+                if env.tombstone || self.hidden(env.created_unix_ms, &env.tags) {
                     return Ok(None);
                 }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
@@ -911,6 +939,7 @@ where
             }
         }
         let started = self.clock.now();
+        let version = self.clock.unix_millis();
         let load = self.bounded(loader(key.clone()));
         tokio::pin!(load);
         let result = match (self.config.loader_soft_timeout, &best) {
@@ -935,7 +964,7 @@ where
                 self.metrics.loads.increment(1);
                 let cached = value.is_some() || self.config.negative_ttl.is_some();
                 let entry = if cached {
-                    self.store(&key, value.clone(), write)
+                    self.store(&key, value.clone(), write, version)
                 } else {
                     None
                 };
@@ -1007,8 +1036,12 @@ where
     }
 
     /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
-    fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
-        let times = self.times(value.as_ref());
+    ///
+    /// The entry's created time (its version in L2) is `version`, when the load began: a
+    /// write made meanwhile elsewhere is newer, so this entry never replaces it.
+    fn store(&self, key: &K, value: Option<V>, write: WriteMark, version: u64) -> Option<KvEntry> {
+        let mut times = self.times(value.as_ref());
+        times.created = times.created.min(version);
         let entry = match &self.l2 {
             Some(l2) => match self.entry(l2, key, value.as_ref(), times, &[]) {
                 Ok(entry) => Some(entry),
@@ -1173,6 +1206,7 @@ where
             return;
         }
         let started = self.clock.now();
+        let version = self.clock.unix_millis();
         let result = self
             .bounded(loader(to_load.iter().map(|&i| keys[i].clone()).collect()))
             .await;
@@ -1187,7 +1221,7 @@ where
                     let key = &keys[i];
                     let value = found.remove(key);
                     if (value.is_some() || self.config.negative_ttl.is_some())
-                        && let Some(entry) = self.store(key, value.clone(), writes[i])
+                        && let Some(entry) = self.store(key, value.clone(), writes[i], version)
                         && self.unchanged(writes[i])
                     {
                         entries.push(entry);

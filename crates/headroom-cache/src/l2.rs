@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use headroom_breaker::{CircuitBreaker, State};
 
 use crate::ConfigError;
+use crate::envelope;
 use crate::metrics::Metrics;
 
 /// Keys deleted per round trip while clearing pending deletes.
@@ -213,17 +214,18 @@ impl L2 {
 
     /// Writes loaded entries. Unlike a user's write, one that fails leaves nothing to track:
     /// whatever L2 holds then is either the value loaded or what a user wrote.
+    ///
+    /// Each entry is written only over an older one (by created time, its version): a value
+    /// loaded before a write or removal made elsewhere never replaces it.
     pub(crate) async fn set_loaded(&self, entries: &[KvEntry]) {
-        match entries {
-            [] => {}
-            [one] => {
-                self.call("set", self.store.set(&one.key, one.value.clone(), one.ttl))
-                    .await;
-            }
-            _ => {
-                self.call("set_many", self.store.set_many(entries)).await;
-            }
+        if entries.is_empty() {
+            return;
         }
+        self.call(
+            "set_if_newer",
+            self.store.set_if_newer(entries, envelope::CREATED_AT),
+        )
+        .await;
     }
 
     /// Deletes keys; keys that were not deleted become pending deletes, also when the caller

@@ -73,8 +73,8 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     /// Deletes keys; returns how many existed.
     fn delete(&self, keys: &[Key]) -> impl Future<Output = Result<u64, BackendError>> + Send;
 
-    /// Writes each entry unless its key already holds a value at least as new; returns how
-    /// many entries were written.
+    /// Writes each entry unless its key already holds a newer value (a higher version; an
+    /// equal one is replaced); returns how many entries were written.
     ///
     /// A value's version is the little-endian `u64` in its bytes `version_at..version_at + 8`.
     /// A held value too short to carry one is overwritten. An entry too short to carry one
@@ -133,7 +133,7 @@ pub fn is_newer(value: &[u8], held: Option<&[u8]>, version_at: usize) -> bool {
         held.and_then(|held| version_of(held, version_at)),
         version_of(value, version_at),
     ) {
-        (Some(held), Some(new)) => new > held,
+        (Some(held), Some(new)) => new >= held,
         _ => true,
     }
 }

@@ -14,7 +14,7 @@ use crate::Redis;
 
 /// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
 /// byte, then per key: value, TTL in ms. Versions are little-endian, so bytes compare from the
-/// last one down. Returns how many keys were written.
+/// last one down; an equal version is written. Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -25,7 +25,6 @@ for i, key in ipairs(KEYS) do
   local held = redis.call('GET', key)
   local newer = true
   if held and #held >= at + 7 then
-    newer = false
     for b = at + 7, at, -1 do
       local h, v = string.byte(held, b), string.byte(value, b)
       if h ~= v then

@@ -21,6 +21,8 @@ pub struct Calls {
     pub set: AtomicUsize,
     pub set_many: AtomicUsize,
     pub delete: AtomicUsize,
+    pub set_if_newer: AtomicUsize,
+    pub delete_if_eq: AtomicUsize,
     /// Calls that reached the store and succeeded.
     pub ok: AtomicUsize,
     pub fail: AtomicBool,
@@ -34,6 +36,8 @@ impl Calls {
             &self.set,
             &self.set_many,
             &self.delete,
+            &self.set_if_newer,
+            &self.delete_if_eq,
         ]
         .iter()
         .map(|c| c.load(Ordering::SeqCst))
@@ -95,6 +99,24 @@ impl<S: KvStore> KvStore for Probe<S> {
     }
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
         self.run(&self.calls.delete, self.inner.delete(keys)).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        self.run(
+            &self.calls.set_if_newer,
+            self.inner.set_if_newer(entries, version_at),
+        )
+        .await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.run(
+            &self.calls.delete_if_eq,
+            self.inner.delete_if_eq(key, expected),
+        )
+        .await
     }
 }
 
@@ -218,7 +240,7 @@ pub async fn batch_reads_l2_once_and_loads_once<S: KvStore + Clone>(
     assert_eq!(calls.reads(), 1, "one L2 read round trip");
     assert_eq!(calls.get_many.load(Ordering::SeqCst), 1);
     // The loaded values are written back in one round trip too; then L1 answers everything.
-    settle(|| calls.set_many.load(Ordering::SeqCst) == 1).await;
+    settle(|| calls.set_if_newer.load(Ordering::SeqCst) == 1).await;
     let again = cache.get_many_or_load(&keys, loader).await.expect("values");
     assert_eq!(again, values);
     assert_eq!(batches.load(Ordering::SeqCst), 1);
@@ -321,6 +343,18 @@ impl<S: KvStore> KvStore for HoldWrites<S> {
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
         self.wait().await;
         self.inner.delete(keys).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        self.wait().await;
+        self.inner.set_if_newer(entries, version_at).await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.wait().await;
+        self.inner.delete_if_eq(key, expected).await
     }
 }
 

@@ -241,8 +241,8 @@ fn versioned(version: u64, tag: &str) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// `set_if_newer` writes over absent, older, unversioned (too short) values, never over a
-/// value as new or newer, and refuses an entry that carries no version.
+/// `set_if_newer` writes over absent, older, equally new and unversioned (too short) values,
+/// never over a newer value, and refuses an entry that carries no version.
 pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns: Namespace) {
     let entry = |name: &str, value: Bytes| KvEntry {
         key: key(&ns, name),
@@ -273,12 +273,12 @@ pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns
         )
         .await
         .expect("set_if_newer");
-    assert_eq!(written, 3, "absent, older and short are written");
+    assert_eq!(written, 4, "absent, older, same and short are written");
     for (name, expected) in [
         ("absent", versioned(low, "new")),
         ("older", versioned(high, "new")),
         ("newer", versioned(high, "held")),
-        ("same", versioned(low, "held")),
+        ("same", versioned(low, "new")),
         ("short", versioned(low, "new")),
     ] {
         assert_eq!(
