@@ -277,7 +277,8 @@ where
     ///   not cancel it for the others.
     /// - A hit past its soft TTL is served at once and refreshed in the background.
     /// - `Ok(None)` from the loader means "not found": returned, and cached for the negative
-    ///   TTL when one is configured.
+    ///   TTL when one is configured; otherwise a value the cache held for the key is removed
+    ///   (L1 here, a tombstone in L2), so that fail-safe never serves it again.
     /// - When the loader fails or times out and a value within `fail_safe_max_stale` past its
     ///   TTL is at hand (in L1 or L2), that stale value is served instead of the error.
     ///
@@ -965,6 +966,8 @@ where
                 let cached = value.is_some() || self.config.negative_ttl.is_some();
                 let entry = if cached {
                     self.store(&key, value.clone(), write, version)
+                } else if best.is_some() {
+                    self.forget(&key, write, version)
                 } else {
                     None
                 };
@@ -1056,6 +1059,17 @@ where
         let slot = self.slot(value, times, self.clock.now(), self.clock.unix_millis());
         self.fill_l1(key, slot, write);
         entry
+    }
+
+    /// The source no longer has the key (and "not found" is not cached): drops the copy
+    /// held here and returns a tombstone for L2, versioned when the load began so that it
+    /// replaces only entries older than the load.
+    fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
+        if self.unchanged(write) {
+            self.l1.invalidate(key);
+        }
+        let l2 = self.l2.as_ref()?;
+        self.tombstone(l2, key, version).ok()
     }
 
     /// Registers one batch load for every key not already in flight. Returns that load (if
@@ -1220,8 +1234,14 @@ where
                 for &i in &to_load {
                     let key = &keys[i];
                     let value = found.remove(key);
-                    if (value.is_some() || self.config.negative_ttl.is_some())
-                        && let Some(entry) = self.store(key, value.clone(), writes[i], version)
+                    let entry = if value.is_some() || self.config.negative_ttl.is_some() {
+                        self.store(key, value.clone(), writes[i], version)
+                    } else if best[i].is_some() {
+                        self.forget(key, writes[i], version)
+                    } else {
+                        None
+                    };
+                    if let Some(entry) = entry
                         && self.unchanged(writes[i])
                     {
                         entries.push(entry);

@@ -1267,3 +1267,34 @@ async fn a_value_loaded_before_a_write_elsewhere_never_replaces_it_in_l2() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_finds_nothing_removes_the_old_value() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    let loads = Counter::default();
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(6 * SEC);
+    let gone = |_: String| async { Ok::<Option<String>, CacheError>(None) };
+    // Past the soft TTL: served, and refreshed in the background; the source has no value now.
+    assert_eq!(
+        cache.get_or_load(&k, gone).await.unwrap().as_deref(),
+        Some("k#1")
+    );
+    common::idle().await;
+    assert_eq!(cache.get(&k).await.unwrap(), None, "the refresh removed it");
+    clock.advance(10 * SEC);
+    let error = cache.get_or_load(&k, loads.failing()).await;
+    assert!(
+        error.is_err(),
+        "fail-safe never serves a value the source deleted: {error:?}"
+    );
+}
