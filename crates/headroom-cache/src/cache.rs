@@ -136,7 +136,12 @@ pub(crate) struct Slot<V> {
     expires_at: Instant,
     /// Until then, the value may be served when a load fails (fail-safe).
     stale_until: Instant,
+    /// Kept so that a refresh writes the entry back with them.
+    tags: Tags,
 }
+
+/// The tags of an entry (`None` when it has none), shared by its L1 slot and its loads.
+type Tags = Option<Arc<[Box<str>]>>;
 
 /// A key's write counter stripe and its value when a read or load began.
 #[derive(Clone, Copy)]
@@ -282,8 +287,45 @@ where
     /// - When the loader fails or times out and a value within `fail_safe_max_stale` past its
     ///   TTL is at hand (in L1 or L2), that stale value is served instead of the error.
     ///
-    /// The loader gets the key by value and returns `Result<Option<V>, E>`.
+    /// The loader gets the key by value and returns `Result<Option<V>, E>`. A loaded value
+    /// keeps the tags of the entry it replaces (see
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged)).
     pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        self.read_or_load(key, None, loader).await
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load), and a value this call loads (or refreshes)
+    /// carries `tags`, so that [`invalidate_tag`](Self::invalidate_tag) of any of them removes
+    /// it. A call that joins a load already in flight gets that load's value and tags.
+    ///
+    /// Fails with [`CacheErrorKind::InvalidTag`] as [`insert_tagged`](Self::insert_tagged) does.
+    pub async fn get_or_load_tagged<F, Fut, E>(
+        &self,
+        key: &K,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        check_tags(tags)?;
+        let tags: Tags = (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect());
+        self.read_or_load(key, tags, loader).await
+    }
+
+    async fn read_or_load<F, Fut, E>(
+        &self,
+        key: &K,
+        tags: Tags,
+        loader: F,
+    ) -> Result<Option<V>, CacheError>
     where
         F: FnOnce(K) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -302,12 +344,12 @@ where
                 inner.metrics.l1_hits.increment(1);
                 inner.metrics.refreshes.increment(1);
                 // Starts (or joins) a load without waiting for it.
-                drop(Inner::join_or_load(inner, key, loader));
+                drop(Inner::join_or_load(inner, key, tags, loader));
                 return Ok(slot.value);
             }
         }
         inner.metrics.l1_misses.increment(1);
-        Inner::join_or_load(inner, key, loader).await
+        Inner::join_or_load(inner, key, tags, loader).await
     }
 
     /// Reads many values: L1 first, then L2 in one round trip for all L1 misses, then one call
@@ -409,9 +451,7 @@ where
     /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
     pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
-            return Err(CacheError::new(CacheErrorKind::InvalidTag));
-        }
+        check_tags(tags)?;
         let times = inner.times(Some(&value));
         let l2_entry = match &inner.l2 {
             Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
@@ -423,6 +463,7 @@ where
             times,
             inner.clock.now(),
             inner.clock.unix_millis(),
+            (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect()),
         );
         if inner.l1_usable() {
             inner.l1.insert(key.clone(), slot);
@@ -724,7 +765,14 @@ where
     }
 
     /// An L1 slot for `times`, read at `now` (whose wall time is `now_ms`).
-    fn slot(&self, value: Option<V>, times: Times, now: Instant, now_ms: u64) -> Slot<V> {
+    fn slot(
+        &self,
+        value: Option<V>,
+        times: Times,
+        now: Instant,
+        now_ms: u64,
+        tags: Tags,
+    ) -> Slot<V> {
         let after = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
         let stale_ms = times
             .expires
@@ -740,6 +788,7 @@ where
             fresh_until: after(times.fresh_until).min(expires_at),
             expires_at,
             stale_until,
+            tags,
         }
     }
 
@@ -829,22 +878,25 @@ where
                     return Ok(None);
                 }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
+                let tags: Tags =
+                    (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
                 Ok(Some((
                     env.created_unix_ms,
                     env.fresh_until_unix_ms,
                     env.expires_unix_ms,
                     value,
+                    tags,
                 )))
             });
         match decoded {
             Ok(None) => None,
-            Ok(Some((created, fresh_until, expires, value))) => {
+            Ok(Some((created, fresh_until, expires, value, tags))) => {
                 let times = Times {
                     created,
                     fresh_until,
                     expires,
                 };
-                let slot = self.slot(value, times, now, self.clock.unix_millis());
+                let slot = self.slot(value, times, now, self.clock.unix_millis(), tags);
                 (now < slot.stale_until).then_some(slot)
             }
             Err(error) => {
@@ -859,6 +911,7 @@ where
     fn join_or_load<F, Fut, E>(
         this: &Arc<Self>,
         key: &K,
+        tags: Tags,
         loader: F,
     ) -> BoxFuture<'static, Outcome<V>>
     where
@@ -886,7 +939,7 @@ where
             },
         );
         drop(in_flight);
-        tokio::spawn(Arc::clone(this).load(load, key.clone(), loader, reply));
+        tokio::spawn(Arc::clone(this).load(load, key.clone(), tags, loader, reply));
         pending.boxed()
     }
 
@@ -895,6 +948,7 @@ where
         self: Arc<Self>,
         load: u64,
         key: K,
+        tags: Tags,
         loader: F,
         reply: oneshot::Sender<Outcome<V>>,
     ) where
@@ -965,7 +1019,8 @@ where
                 self.metrics.loads.increment(1);
                 let cached = value.is_some() || self.config.negative_ttl.is_some();
                 let entry = if cached {
-                    self.store(&key, value.clone(), write, version)
+                    let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
+                    self.store(&key, value.clone(), write, version, tags)
                 } else if best.is_some() {
                     self.forget(&key, write, version)
                 } else {
@@ -1042,11 +1097,19 @@ where
     ///
     /// The entry's created time (its version in L2) is `version`, when the load began: a
     /// write made meanwhile elsewhere is newer, so this entry never replaces it.
-    fn store(&self, key: &K, value: Option<V>, write: WriteMark, version: u64) -> Option<KvEntry> {
+    fn store(
+        &self,
+        key: &K,
+        value: Option<V>,
+        write: WriteMark,
+        version: u64,
+        tags: Tags,
+    ) -> Option<KvEntry> {
         let mut times = self.times(value.as_ref());
         times.created = times.created.min(version);
+        let tag_refs: Vec<&str> = tags.iter().flat_map(|t| t.iter().map(|t| &**t)).collect();
         let entry = match &self.l2 {
-            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &[]) {
+            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &tag_refs) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     self.metrics.oversized.increment(1);
@@ -1056,7 +1119,13 @@ where
             },
             None => None,
         };
-        let slot = self.slot(value, times, self.clock.now(), self.clock.unix_millis());
+        let slot = self.slot(
+            value,
+            times,
+            self.clock.now(),
+            self.clock.unix_millis(),
+            tags,
+        );
         self.fill_l1(key, slot, write);
         entry
     }
@@ -1235,7 +1304,8 @@ where
                     let key = &keys[i];
                     let value = found.remove(key);
                     let entry = if value.is_some() || self.config.negative_ttl.is_some() {
-                        self.store(key, value.clone(), writes[i], version)
+                        let tags = best[i].as_ref().and_then(|slot| slot.tags.clone());
+                        self.store(key, value.clone(), writes[i], version, tags)
                     } else if best[i].is_some() {
                         self.forget(key, writes[i], version)
                     } else {
@@ -1345,6 +1415,14 @@ impl<K: CacheKey, V> Drop for InFlightGuard<'_, K, V> {
             }
         }
     }
+}
+
+/// Refuses an empty tag, one over 255 bytes, or more than `MAX_TAGS` tags.
+fn check_tags(tags: &[&str]) -> Result<(), CacheError> {
+    if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
+        return Err(CacheError::new(CacheErrorKind::InvalidTag));
+    }
+    Ok(())
 }
 
 fn send<V>(reply: &mut Option<oneshot::Sender<Outcome<V>>>, outcome: Outcome<V>) {

@@ -1298,3 +1298,57 @@ async fn a_refresh_that_finds_nothing_removes_the_old_value() {
         "fail-safe never serves a value the source deleted: {error:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refreshed_entry_keeps_its_tags() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache
+        .insert_tagged(k.clone(), "v".into(), &["t"])
+        .await
+        .unwrap();
+    clock.advance(6 * SEC);
+    let loads = Counter::default();
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    common::idle().await;
+    assert_eq!(loads.calls(), 1, "refreshed");
+    clock.advance(Duration::from_millis(1));
+    cache.invalidate_tag("t");
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "the refreshed entry still carries its tag"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_loaded_entry_carries_the_tags_it_was_loaded_with() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let value = cache
+        .get_or_load_tagged(&key("k"), &["t"], loads.loader())
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("k#1"));
+    common::idle().await;
+    clock.advance(Duration::from_millis(1));
+    cache.invalidate_tag("t");
+    assert_eq!(cache.get(&key("k")).await.unwrap(), None);
+    let error = cache
+        .get_or_load_tagged(&key("k"), &[""], loads.loader())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::InvalidTag);
+}
