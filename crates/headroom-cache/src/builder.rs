@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::codec::{Bound, Codec, Postcard, ValueCodec};
 use crate::l2::L2;
 use crate::metrics::Metrics;
-use crate::{Cache, CacheConfig, CacheKey, ConfigError, InvalidationConfig};
+use crate::{Cache, CacheConfig, CacheKey, ConfigError, InvalidationConfig, ShutdownGroup};
 
 /// Chooses an entry's TTL from its value.
 pub(crate) type TtlFn<V> = Arc<dyn Fn(&V) -> Duration + Send + Sync>;
@@ -29,6 +29,7 @@ pub struct CacheBuilder<K, V> {
     ttl_by: Option<TtlFn<V>>,
     invalidation: Option<(DynInvalidationBus, InvalidationConfig)>,
     external_writes: Option<Subscription>,
+    shutdown_group: Option<ShutdownGroup>,
     key: PhantomData<fn(K)>,
 }
 
@@ -57,6 +58,7 @@ where
             ttl_by: None,
             invalidation: None,
             external_writes: None,
+            shutdown_group: None,
             key: PhantomData,
         }
     }
@@ -121,6 +123,13 @@ where
     /// and bypassed until it is live again. Needs an L2 and a tokio runtime.
     pub fn external_writes(mut self, writes: Subscription) -> Self {
         self.external_writes = Some(writes);
+        self
+    }
+
+    /// Adds the cache to `group`, so that [`ShutdownGroup::shutdown`] shuts it down with the
+    /// others (see [`Cache::shutdown`]).
+    pub fn shutdown_group(mut self, group: &ShutdownGroup) -> Self {
+        self.shutdown_group = Some(group.clone());
         self
     }
 
@@ -310,7 +319,7 @@ where
                 .map(Arc::new)
             })
             .transpose()?;
-        Ok(Cache::from_parts(
+        let cache = Cache::from_parts(
             l1,
             l2,
             self.codec,
@@ -320,6 +329,10 @@ where
             metrics,
             invalidation,
             external_writes,
-        ))
+        );
+        if let Some(group) = &self.shutdown_group {
+            cache.join(group);
+        }
+        Ok(cache)
     }
 }

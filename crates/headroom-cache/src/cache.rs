@@ -22,7 +22,7 @@ use crate::codec::ValueCodec;
 use crate::config::CacheConfig;
 use crate::envelope;
 use crate::error::{CacheError, CacheErrorKind};
-use crate::invalidation::{Invalidation, InvalidationConfig, Local};
+use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
 use crate::metrics::Metrics;
@@ -232,7 +232,7 @@ where
         };
         if let Some(invalidation) = &cache.inner.invalidation {
             let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
-            invalidation.spawn(local, cache.inner.config.max_entry_lifetime());
+            invalidation.spawn(local);
         }
         if let (Some((writes, prefix)), Some(live)) = (external_writes, &cache.inner.external_live)
         {
@@ -541,6 +541,23 @@ where
     /// only while its subscription is live and not silent (otherwise every read goes to L2).
     pub fn l1_in_use(&self) -> bool {
         self.inner.l1_usable()
+    }
+
+    /// Stops this cache's part in invalidation across instances, for a graceful stop of the
+    /// process: sends the keys still queued and a goodbye, then stops listening. The other
+    /// instances stop expecting this one without flushing anything. Afterwards L1 is no
+    /// longer used (invalidations are no longer heard); L2 reads and writes go on. Without an
+    /// invalidation bus it does nothing. Shutting down again does nothing.
+    pub async fn shutdown(&self) {
+        if let Some(invalidation) = &self.inner.invalidation {
+            invalidation.shutdown().await;
+        }
+    }
+
+    pub(crate) fn join(&self, group: &ShutdownGroup) {
+        if let Some(invalidation) = &self.inner.invalidation {
+            group.add(invalidation);
+        }
     }
 
     /// Drops a value from L1 only, for instance when another instance changed it.

@@ -11,10 +11,12 @@
 //! - silence: every instance publishes a ping each `ping_interval`, its own included. When
 //!   nothing (not even its own ping) arrives for `max_silence`, the subscription is taken as
 //!   dead: L1 is flushed and bypassed until a message arrives. When one origin falls silent
-//!   while others are heard, L1 is flushed every `max_silence` until that origin is heard
-//!   again, says goodbye, or has been silent for a whole entry lifetime.
+//!   while others are heard (it crashed, or its messages stopped getting out), L1 is flushed
+//!   once and the origin forgotten: if it speaks again, its sequence number shows what was
+//!   missed and L1 is flushed again.
 //!
-//! So no instance serves from L1 a value invalidated more than `max_silence` ago.
+//! An instance that stops gracefully ([`Cache::shutdown`](crate::Cache::shutdown)) sends its
+//! last keys and a goodbye: the others stop expecting it and flush nothing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +30,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 
 /// The first byte of every message; a message of another format is counted and ignored.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -48,8 +51,9 @@ pub struct InvalidationConfig {
     /// bound. At least twice `ping_interval`.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_silence: Duration,
-    /// The most keys waiting to be published; beyond it the pending keys are sent as one
-    /// "clear" message instead.
+    /// The most keys waiting to be published; beyond it the pending keys are replaced by one
+    /// "flush" message, which empties the other instances' L1 (their L2 entries stay
+    /// visible).
     pub max_pending_keys: usize,
 }
 
@@ -93,6 +97,8 @@ pub(crate) enum Action<'a> {
     /// Drop every entry carrying one of these tags, in L1 and (hidden) in L2.
     #[serde(borrow)]
     Tags(Vec<&'a str>),
+    /// Drop everything from L1 only: more keys were written than one message carries.
+    Flush,
 }
 
 /// One invalidation message (after the format byte).
@@ -143,6 +149,7 @@ enum Flush {
     Gap,
     Clear,
     Tag,
+    Overflow,
 }
 
 struct InvalidationMetrics {
@@ -151,7 +158,7 @@ struct InvalidationMetrics {
     received: Counter,
     invalid: Counter,
     gaps: Counter,
-    flushes: [Counter; 5],
+    flushes: [Counter; 6],
     healthy: Gauge,
     lag: Histogram,
 }
@@ -172,6 +179,7 @@ impl InvalidationMetrics {
                 flush("gap"),
                 flush("clear"),
                 flush("tag"),
+                flush("overflow"),
             ],
             healthy: gauge!("headroom_cache_invalidation_healthy", "cache" => name.clone()),
             lag: histogram!("headroom_cache_invalidation_lag_seconds", "cache" => name.clone()),
@@ -184,6 +192,8 @@ impl InvalidationMetrics {
 struct Outbox {
     keys: Vec<Vec<u8>>,
     tags: Vec<String>,
+    /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
+    overflowed: bool,
     clear: bool,
 }
 
@@ -191,7 +201,74 @@ struct Outbox {
 pub(crate) struct Invalidation {
     shared: Arc<Shared>,
     /// Dropped with the cache, which stops both tasks (the publisher says goodbye first).
+    closer: Arc<Closer>,
+}
+
+/// Stops the tasks of one cache: at once on [`shutdown`](Closer::shutdown), or when the cache
+/// is dropped (the stop sender goes with it).
+struct Closer {
+    shared: Arc<Shared>,
     stop: watch::Sender<()>,
+    publisher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Closer {
+    async fn shutdown(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        self.shared.set_healthy(false);
+        self.stop.send_replace(());
+        let publisher = self.publisher.lock().take();
+        if let Some(publisher) = publisher {
+            // The publisher sends what is queued, then the goodbye, then ends.
+            let _ = publisher.await;
+        }
+    }
+}
+
+/// Caches to shut down together, such as every cache of one service.
+///
+/// Give it to each cache with
+/// [`CacheBuilder::shutdown_group`](crate::CacheBuilder::shutdown_group); then
+/// [`shutdown`](Self::shutdown) stops them all as [`Cache::shutdown`](crate::Cache::shutdown)
+/// does. A cache dropped before that is left out.
+#[derive(Clone, Default)]
+pub struct ShutdownGroup {
+    members: Arc<Mutex<Vec<Weak<Closer>>>>,
+}
+
+impl ShutdownGroup {
+    /// An empty group.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn add(&self, invalidation: &Invalidation) {
+        let mut members = self.members.lock();
+        members.retain(|member| member.strong_count() > 0);
+        members.push(Arc::downgrade(&invalidation.closer));
+    }
+
+    /// Shuts down every cache of the group that is still alive: each sends what it has
+    /// queued and says goodbye, and stops using its L1.
+    pub async fn shutdown(&self) {
+        let members: Vec<Arc<Closer>> = self
+            .members
+            .lock()
+            .drain(..)
+            .filter_map(|member| member.upgrade())
+            .collect();
+        for member in members {
+            member.shutdown().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for ShutdownGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownGroup")
+            .field("members", &self.members.lock().len())
+            .finish()
+    }
 }
 
 struct Shared {
@@ -202,6 +279,8 @@ struct Shared {
     origin: u64,
     /// Whether L1 may be used: the subscription is live and not silent.
     healthy: AtomicBool,
+    /// Shut down: no message is heard any more, so L1 is never used again.
+    stopped: AtomicBool,
     outbox: Mutex<Outbox>,
     wake: Notify,
     seq: AtomicU64,
@@ -225,6 +304,7 @@ impl Invalidation {
             clock,
             origin: fastrand::u64(..),
             healthy: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             seq: AtomicU64::new(0),
@@ -232,37 +312,43 @@ impl Invalidation {
         });
         shared.metrics.healthy.set(0.0);
         Self {
+            closer: Arc::new(Closer {
+                shared: Arc::clone(&shared),
+                stop: watch::channel(()).0,
+                publisher: Mutex::new(None),
+            }),
             shared,
-            stop: watch::channel(()).0,
         }
     }
 
     /// Starts the publisher and listener tasks, which act on `local` (once it is fully built:
     /// a failed upgrade means the cache is gone).
-    pub(crate) fn spawn(&self, local: Weak<dyn Local>, entry_lifetime: Duration) {
-        tokio::spawn(publish(Arc::clone(&self.shared), self.stop.subscribe()));
-        tokio::spawn(listen(
-            Arc::clone(&self.shared),
-            local,
-            entry_lifetime,
-            self.stop.subscribe(),
-        ));
+    pub(crate) fn spawn(&self, local: Weak<dyn Local>) {
+        let stop = &self.closer.stop;
+        let publisher = tokio::spawn(publish(Arc::clone(&self.shared), stop.subscribe()));
+        *self.closer.publisher.lock() = Some(publisher);
+        tokio::spawn(listen(Arc::clone(&self.shared), local, stop.subscribe()));
     }
 
     /// Whether L1 may be read and filled.
     pub(crate) fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Acquire)
+        self.shared.healthy.load(Ordering::Acquire) && !self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Sends what is queued and a goodbye, stops both tasks and stops using L1.
+    pub(crate) async fn shutdown(&self) {
+        self.closer.shutdown().await;
     }
 
     /// Queues keys (as L2 key parts) for the next message.
     pub(crate) fn publish_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
         let shared = &self.shared;
         let mut outbox = shared.outbox.lock();
-        if !outbox.clear {
+        if !outbox.clear && !outbox.overflowed {
             outbox.keys.extend(keys.into_iter().map(<[u8]>::to_vec));
             if outbox.keys.len() > shared.config.max_pending_keys {
                 outbox.keys = Vec::new();
-                outbox.clear = true;
+                outbox.overflowed = true;
             }
         }
         drop(outbox);
@@ -309,6 +395,7 @@ impl Shared {
     }
 
     fn set_healthy(&self, healthy: bool) {
+        let healthy = healthy && !self.stopped.load(Ordering::Acquire);
         if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
             self.metrics.healthy.set(if healthy { 1.0 } else { 0.0 });
             if healthy {
@@ -327,8 +414,10 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
         let outbox = std::mem::take(&mut *shared.outbox.lock());
         if outbox.clear {
             shared.send(Action::Clear).await;
-        } else if !outbox.keys.is_empty() || !outbox.tags.is_empty() {
-            if !outbox.keys.is_empty() {
+        } else if outbox.overflowed || !outbox.keys.is_empty() || !outbox.tags.is_empty() {
+            if outbox.overflowed {
+                shared.send(Action::Flush).await;
+            } else if !outbox.keys.is_empty() {
                 let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
                 shared.send(Action::Keys(keys)).await;
             }
@@ -355,18 +444,11 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
 struct Origin {
     next_seq: u64,
     heard: Instant,
-    /// Not heard for `max_silence`; L1 was flushed for it.
-    silent: bool,
 }
 
 /// The listener task: subscribes (again, after a failure), applies messages, watches for
 /// lost messages and silence.
-async fn listen(
-    shared: Arc<Shared>,
-    local: Weak<dyn Local>,
-    entry_lifetime: Duration,
-    mut stopped: watch::Receiver<()>,
-) {
+async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch::Receiver<()>) {
     let flush = |reason: Flush| {
         shared.metrics.flushes[reason as usize].increment(1);
         match local.upgrade() {
@@ -390,7 +472,6 @@ async fn listen(
         None => false,
     };
     let mut origins: HashMap<u64, Origin> = HashMap::new();
-    let mut last_silence_flush = shared.clock.now();
     loop {
         let mut subscription: Subscription = tokio::select! {
             subscribed = shared.bus.subscribe(&shared.channel) => match subscribed {
@@ -423,21 +504,13 @@ async fn listen(
                         shared.set_healthy(false);
                         if !flush(Flush::Silence) { return; }
                     }
-                    origins.retain(|_, origin| {
-                        now.saturating_duration_since(origin.heard) < entry_lifetime
-                    });
-                    // Flush when an origin falls silent, then every `max_silence` while one is.
-                    let (mut newly, mut any) = (false, false);
-                    for origin in origins.values_mut() {
-                        if now.saturating_duration_since(origin.heard) >= silence {
-                            newly |= !origin.silent;
-                            origin.silent = true;
-                            any = true;
-                        }
-                    }
-                    if newly || (any && now.saturating_duration_since(last_silence_flush) >= silence) {
-                        last_silence_flush = now;
-                        if !flush(Flush::Silence) { return; }
+                    // An origin that fell silent may have written without telling: flush
+                    // once and forget it. Should it speak again, it is a new origin whose
+                    // sequence number already passed 0: a gap, so another flush.
+                    let known = origins.len();
+                    origins.retain(|_, origin| now.saturating_duration_since(origin.heard) < silence);
+                    if origins.len() < known && !flush(Flush::Silence) {
+                        return;
                     }
                     continue;
                 }
@@ -493,7 +566,6 @@ async fn listen(
                         Some(origin) => {
                             origin.next_seq = origin.next_seq.max(message.seq.saturating_add(1));
                             origin.heard = now;
-                            origin.silent = false;
                         }
                         None => {
                             origins.insert(
@@ -501,7 +573,6 @@ async fn listen(
                                 Origin {
                                     next_seq: message.seq.saturating_add(1),
                                     heard: now,
-                                    silent: false,
                                 },
                             );
                         }
@@ -529,6 +600,10 @@ async fn listen(
                             for tag in tags {
                                 target.invalidate_tag(tag, message.sent_unix_ms);
                             }
+                        }
+                        Action::Flush => {
+                            shared.metrics.flushes[Flush::Overflow as usize].increment(1);
+                            target.flush();
                         }
                     }
                 }

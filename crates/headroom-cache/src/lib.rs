@@ -101,5 +101,5 @@ pub(crate) use builder::TtlFn;
 pub use cache::Cache;
 pub use config::CacheConfig;
 pub use error::{CacheError, CacheErrorKind, ConfigError};
-pub use invalidation::InvalidationConfig;
+pub use invalidation::{InvalidationConfig, ShutdownGroup};
 pub use key::CacheKey;

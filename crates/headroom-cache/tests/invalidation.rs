@@ -717,3 +717,118 @@ async fn a_dropped_insert_still_publishes() {
     gated.gate.add_permits(1);
     settle_value(&b, "k", Some(2)).await;
 }
+
+/// A burst of writes larger than the outbox costs the other instances an L1 flush, never
+/// their L2: entries nobody wrote stay readable from L2 on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_outbox_flushes_l1_but_hides_no_l2_entry() {
+    let ns = unique_namespace("burst");
+    let mut small = config();
+    small.max_pending_keys = 4;
+    let build = |parts: Parts| -> Cache<String, u64> {
+        Cache::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(parts.0, ns.clone())
+            .invalidation(parts.1, small.clone())
+            .build()
+            .expect("build")
+    };
+    let mut parts = memory_parts(2).into_iter();
+    let a = build(parts.next().unwrap());
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = build(b_parts);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("untouched".into(), 7).await.unwrap();
+    settle_in_l1(&b, &b_calls, "untouched", 7).await;
+
+    let burst: Vec<String> = (0..10).map(|i| format!("burst-{i}")).collect();
+    a.remove_many(&burst).await.unwrap();
+
+    // B's L1 is flushed once the message arrives: its next read of the key goes to L2.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let served = loop {
+        let before = b_calls.reads();
+        let served = b.get(&"untouched".to_owned()).await.unwrap();
+        if b_calls.reads() > before {
+            break served;
+        }
+        assert!(Instant::now() < deadline, "B's L1 was never flushed");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    };
+    assert_eq!(served, Some(7), "the L2 entry nobody wrote stays visible");
+}
+
+/// Serves `key` on `cache` for `window` and asserts that no read goes to L2: L1 was not
+/// flushed meanwhile.
+async fn served_from_l1_throughout(
+    cache: &Cache<String, u64>,
+    calls: &Calls,
+    key: &str,
+    expected: u64,
+    window: Duration,
+) {
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        let before = calls.reads();
+        assert_eq!(cache.get(&key.to_owned()).await.unwrap(), Some(expected));
+        assert_eq!(calls.reads(), before, "L1 was flushed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An instance that dies without a word (its messages simply stop) costs each survivor one
+/// L1 flush, not one every `max_silence` for as long as entries live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_costs_each_survivor_one_flush() {
+    let ns = unique_namespace("crash");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    // A "crashes": nothing it sends arrives any more.
+    faulty.muted.store(true, Ordering::SeqCst);
+    // B notices the silence once and flushes (its next read goes to L2)...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = b_calls.reads();
+        b.get(&"k".to_owned()).await.unwrap();
+        if b_calls.reads() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never noticed A's silence");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    // ...and then keeps its L1 for several silence periods.
+    served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
+}
+
+/// A graceful shutdown says goodbye: the other instances keep their L1 untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_costs_the_others_no_flush() {
+    let ns = unique_namespace("bye");
+    let mut parts = memory_parts(2).into_iter();
+    let a = cache(parts.next().unwrap(), &ns);
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+
+    a.shutdown().await;
+    assert!(
+        !a.l1_in_use(),
+        "a shut down cache no longer hears invalidations"
+    );
+    served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
+}

@@ -23,18 +23,14 @@ pub enum IdempotencyError<E> {
     /// The record store is unavailable and the executor fails closed (HTTP 503).
     #[error("the idempotency store is unavailable")]
     Unavailable(#[source] BackendError),
-    /// The operation ran but its outcome is larger than the store takes; the key was released.
-    #[error("the outcome is {len} bytes, more than the limit of {max}")]
-    OutcomeTooLarge {
-        /// The encoded outcome's length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The operation ran but its outcome cannot be encoded (its `Serialize` impl failed); the
-    /// key was released.
-    #[error("the outcome cannot be encoded")]
-    Unencodable,
+    /// The operation ran for this key before, but its outcome could not be stored (larger
+    /// than `max_outcome_len`, or its `Serialize` impl failed), so there is nothing to
+    /// replay. The key stays taken: the operation never runs again for it while the record
+    /// lives.
+    #[error(
+        "the operation ran for this key, but its outcome was not stored and cannot be replayed"
+    )]
+    NotReplayable,
     /// The stored outcome could not be decoded (written by another program or format).
     #[error("the stored outcome is corrupt")]
     Corrupt,

@@ -15,6 +15,9 @@ use crate::{
 
 /// The first byte of every stored outcome: the encoding's version.
 const FORMAT_V1: u8 = 1;
+/// The outcome stored for an operation that ran but whose outcome could not be stored: the
+/// key stays taken and later requests get [`IdempotencyError::NotReplayable`].
+const NOT_REPLAYABLE: u8 = 0xFF;
 /// The longest pause between two looks at a running duplicate.
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// Attempts to store an outcome before giving up on a failing store.
@@ -47,7 +50,10 @@ pub struct InvalidConfig(&'static str);
 ///    [`IdempotencyError::InProgress`], as [`InProgressPolicy`] says.
 /// 4. An error, an outcome the policy does not store, a panic or a cancelled (dropped) call
 ///    releases the key, so a retry runs again.
-/// 5. A holder whose lease was taken over cannot store its outcome: it gets
+/// 5. An outcome that cannot be stored (over `max_outcome_len`, or failing to serialize) goes
+///    back to its caller, but the key stays taken: later requests get
+///    [`IdempotencyError::NotReplayable`] and the operation never runs again.
+/// 6. A holder whose lease was taken over cannot store its outcome: it gets
 ///    [`IdempotencyError::Fenced`] and the new holder's outcome stands.
 ///
 /// ```
@@ -268,6 +274,9 @@ impl<S: LeaseStore> Idempotency<S> {
                 }
                 Begin::Completed { outcome, .. } => {
                     metrics::counter!("headroom_idempotency_replays_total").increment(1);
+                    if outcome.as_ref() == [NOT_REPLAYABLE] {
+                        return Err(IdempotencyError::NotReplayable);
+                    }
                     let value = decode(&outcome).ok_or(IdempotencyError::Corrupt)?;
                     return Ok(Executed {
                         value,
@@ -374,17 +383,20 @@ impl<S: LeaseStore> Idempotency<S> {
                 replayed: false,
             });
         }
+        let max = inner.config.max_outcome_len;
         let encoded = match encode(&value) {
-            Some(encoded) if encoded.len() <= inner.config.max_outcome_len => encoded,
+            Some(encoded) if encoded.len() <= max => encoded,
             encoded => {
-                self.release(&record, token).await;
-                return Err(match encoded {
-                    Some(encoded) => IdempotencyError::OutcomeTooLarge {
-                        len: encoded.len(),
-                        max: inner.config.max_outcome_len,
-                    },
-                    None => IdempotencyError::Unencodable,
-                });
+                // The operation ran: releasing the key would let a retry run it again. Keep the
+                // key with a marker instead; this caller still gets its value.
+                metrics::counter!("headroom_idempotency_not_replayable_total").increment(1);
+                tracing::warn!(
+                    record = ?record,
+                    len = ?encoded.map(|e| e.len()),
+                    max,
+                    "the outcome cannot be stored; later requests with this key get NotReplayable"
+                );
+                Bytes::from_static(&[NOT_REPLAYABLE])
             }
         };
         for attempt in 1..=COMPLETE_ATTEMPTS {

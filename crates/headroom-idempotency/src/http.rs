@@ -7,6 +7,7 @@
 //! |---|---|
 //! | first request with a key | the service's response; stored unless it is a 5xx, 408, 409, 425 or 429 |
 //! | retry with the same key and request | the stored status, replayed headers and body, plus `Idempotent-Replayed: true` |
+//! | response body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
 //! | key missing (when required) | `400 Bad Request` |
 //! | key malformed, too long, or sent twice | `400 Bad Request` |
 //! | no scope (tenant or principal) for the request | `401 Unauthorized` |
@@ -56,6 +57,10 @@ use crate::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The response header marking a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The response header marking a response whose body was left out: it was larger than the
+/// store takes (`max_outcome_len`) or failed while it was read. The handler ran; the status and
+/// replayed headers are the handler's, and every retry gets the same.
+pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
 type Fingerprint = dyn Fn(&http::request::Parts, &[u8]) -> Vec<u8> + Send + Sync;
 
@@ -238,11 +243,6 @@ struct StoredResponse {
     head: Option<http::response::Parts>,
 }
 
-enum Failure<E> {
-    Service(E),
-    Body,
-}
-
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, F, Inner, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S, F, Inner>
@@ -257,6 +257,7 @@ where
     ReqB::Error: Into<Box<dyn StdError + Send + Sync>>,
     ResB: Body + From<Bytes> + Send + 'static,
     ResB::Data: Send,
+    ResB::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     type Response = Response<ResB>;
     type Error = Inner::Error;
@@ -326,6 +327,7 @@ where
             let request = Request::from_parts(parts, ReqB::from(body));
             let replay_headers = &options.replay_headers;
             let store_status = options.store_status;
+            let max_response_len = layer.executor.config().max_outcome_len;
             let outcome = layer
                 .executor
                 .execute_with_policy(
@@ -336,10 +338,9 @@ where
                         StatusCode::from_u16(stored.status).is_ok_and(store_status)
                     },
                     || async move {
-                        let response = inner.call(request).await.map_err(Failure::Service)?;
+                        let response = inner.call(request).await?;
                         let (head, body) = response.into_parts();
-                        let body = body.collect().await.map_err(|_| Failure::Body)?.to_bytes();
-                        let headers = replay_headers
+                        let mut headers: Vec<(String, Vec<u8>)> = replay_headers
                             .iter()
                             .flat_map(|name| {
                                 head.headers.get_all(name).iter().map(|value| {
@@ -347,18 +348,35 @@ where
                                 })
                             })
                             .collect();
-                        Ok(StoredResponse {
-                            status: head.status.as_u16(),
-                            headers,
-                            body: body.to_vec(),
-                            head: Some(head),
-                        })
+                        let status = head.status.as_u16();
+                        // The handler has run: whatever happens to its body, the key must keep
+                        // an outcome, or a retry would run the handler again.
+                        match Limited::new(body, max_response_len).collect().await {
+                            Ok(body) => Ok(StoredResponse {
+                                status,
+                                headers,
+                                body: body.to_bytes().to_vec(),
+                                head: Some(head),
+                            }),
+                            Err(_) => {
+                                headers.push((
+                                    IDEMPOTENT_BODY_OMITTED.as_str().to_owned(),
+                                    b"true".to_vec(),
+                                ));
+                                Ok(StoredResponse {
+                                    status,
+                                    headers,
+                                    body: Vec::new(),
+                                    head: None,
+                                })
+                            }
+                        }
                     },
                 )
                 .await;
             match outcome {
                 Ok(executed) => Ok(rebuild(executed.value, executed.replayed)),
-                Err(IdempotencyError::Operation(Failure::Service(err))) => Err(err),
+                Err(IdempotencyError::Operation(err)) => Err(err),
                 Err(err) => Ok(refusal(&err)),
             }
         })
@@ -387,7 +405,7 @@ fn rebuild<B: From<Bytes>>(stored: StoredResponse, replayed: bool) -> Response<B
     response
 }
 
-fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<Failure<E>>) -> Response<B> {
+fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<E>) -> Response<B> {
     match err {
         IdempotencyError::InvalidKey(err) => plain(StatusCode::BAD_REQUEST, &err.to_string()),
         IdempotencyError::KeyReused => plain(
@@ -415,15 +433,9 @@ fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<Failure<E>>) -> Response<B>
             ),
             Duration::from_secs(1),
         ),
-        IdempotencyError::Operation(Failure::Body) => plain(
-            StatusCode::BAD_GATEWAY,
-            "the response body could not be read",
-        ),
-        IdempotencyError::OutcomeTooLarge { len, max } => plain(
+        IdempotencyError::NotReplayable => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
-            &format!(
-                "the response ({len} bytes) is larger than the idempotency store takes ({max})"
-            ),
+            "the request with this Idempotency-Key was executed, but its response was not stored and cannot be replayed",
         ),
         _ => plain(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -310,29 +310,62 @@ async fn a_running_holder_keeps_its_lease_by_extending_it() {
     assert_eq!(holder.await.unwrap().unwrap().value, 1);
 }
 
+/// The operation ran, so its key must not be released even though its outcome cannot be
+/// stored: the caller gets its value, later requests `NotReplayable`, and nothing runs again.
 #[tokio::test]
-async fn an_outcome_over_the_size_limit_is_refused_and_releases_the_key() {
+async fn an_outcome_over_the_size_limit_runs_once_and_is_not_replayable() {
     let idem = Idempotency::builder(MemoryLeaseStore::new())
         .max_outcome_len(64)
         .build()
         .unwrap();
-    let err = idem
-        .execute(&scope(), &key("k"), b"x", || async {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let op = || {
+        let runs = Arc::clone(&runs);
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
             Result::Ok(vec![7u8; 1000])
-        })
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, IdempotencyError::OutcomeTooLarge { max: 64, .. }),
-        "{err:?}"
-    );
-    let out = idem
-        .execute(&scope(), &key("k"), b"x", || async {
-            Result::Ok(vec![1u8])
-        })
-        .await
+        }
+    };
+    let first = idem.execute(&scope(), &key("k"), b"x", op()).await.unwrap();
+    assert_eq!((first.value.len(), first.replayed), (1000, false));
+    for _ in 0..3 {
+        let err = idem
+            .execute(&scope(), &key("k"), b"x", op())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IdempotencyError::NotReplayable), "{err:?}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Same for an outcome whose `Serialize` impl fails.
+#[tokio::test]
+async fn an_unencodable_outcome_runs_once_and_is_not_replayable() {
+    #[derive(Debug, serde::Deserialize)]
+    struct Unencodable;
+    impl serde::Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not today"))
+        }
+    }
+    let idem = Idempotency::builder(MemoryLeaseStore::new())
+        .build()
         .unwrap();
-    assert!(!out.replayed);
+    let runs = Arc::new(AtomicUsize::new(0));
+    for attempt in 0..3 {
+        let runs = Arc::clone(&runs);
+        let result = idem
+            .execute(&scope(), &key("u"), b"x", || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Result::Ok(Unencodable)
+            })
+            .await;
+        match attempt {
+            0 => assert!(result.is_ok()),
+            _ => assert!(matches!(result, Err(IdempotencyError::NotReplayable))),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 #[test]

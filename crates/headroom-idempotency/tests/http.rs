@@ -285,3 +285,92 @@ async fn inner_service_errors_propagate_and_release_the_key() {
         StatusCode::OK
     );
 }
+
+/// A handler whose response is larger than the store takes has still run: however often the
+/// client retries, it never runs again, and every answer carries the same status.
+#[tokio::test]
+async fn a_response_too_large_to_store_runs_once_however_often_the_client_retries() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(1024)
+        .build()
+        .unwrap();
+    let layer = IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    );
+    let large = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(Body::from(vec![b'x'; 64 * 1024]));
+            *response.status_mut() = StatusCode::CREATED;
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = layer.layer(large);
+    let (first, first_headers, _) = send(&mut service, post(Some("\"big\""), "export")).await;
+    assert_eq!(first, StatusCode::CREATED);
+    assert_eq!(first_headers["idempotent-body-omitted"], "true");
+    for _ in 0..5 {
+        let (status, headers, body) = send(&mut service, post(Some("\"big\""), "export")).await;
+        assert_eq!(status, first, "a retry gets the first request's status");
+        assert_eq!(headers["idempotent-replayed"], "true");
+        assert_eq!(headers["idempotent-body-omitted"], "true");
+        assert!(body.is_empty());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// A response body that fails while it is read cannot be replayed, but the handler behind it
+/// ran: retries must not run it again.
+#[tokio::test]
+async fn a_response_body_that_breaks_runs_the_handler_once() {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body that yields one chunk and then fails.
+    struct Breaks(Option<Bytes>, bool);
+    impl From<Bytes> for Breaks {
+        fn from(bytes: Bytes) -> Self {
+            Self(Some(bytes), false)
+        }
+    }
+    impl http_body::Body for Breaks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            match self.0.take() {
+                Some(chunk) => Poll::Ready(Some(Ok(http_body::Frame::data(chunk)))),
+                None if self.1 => Poll::Ready(Some(Err("connection to the backend reset".into()))),
+                None => Poll::Ready(None),
+            }
+        }
+    }
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let breaking = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(Breaks(Some(Bytes::from_static(b"half")), true));
+            *response.status_mut() = StatusCode::OK;
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = memory_layer().layer(breaking);
+    for _ in 0..4 {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(post(Some("\"brk\""), "charge"))
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["idempotent-body-omitted"], "true");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}

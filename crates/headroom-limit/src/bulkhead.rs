@@ -118,6 +118,9 @@ struct Inner {
     max_wait_nanos: AtomicU64,
     /// Wait of the most recently admitted caller (0 when it did not wait).
     last_wait_nanos: AtomicU64,
+    /// When that wait ended, in nanoseconds since `created`.
+    last_wait_at_nanos: AtomicU64,
+    created: Instant,
     queued: AtomicUsize,
     resize: Mutex<()>,
     name: Arc<str>,
@@ -249,6 +252,18 @@ impl Bulkhead {
         Duration::from_nanos(self.inner.last_wait_nanos.load(Ordering::Relaxed))
     }
 
+    /// How long ago the wait reported by [`queue_delay`](Self::queue_delay) ended: a signal
+    /// that nobody has refreshed for a while says little about the queue now.
+    pub fn queue_delay_age(&self) -> Duration {
+        let inner = &*self.inner;
+        let at = Duration::from_nanos(inner.last_wait_at_nanos.load(Ordering::Relaxed));
+        inner
+            .clock
+            .now()
+            .saturating_duration_since(inner.created)
+            .saturating_sub(at)
+    }
+
     /// The adaptive limit steering this bulkhead, if it has one.
     pub fn adaptive(&self) -> Option<&AdaptiveLimit> {
         self.inner.adaptive.as_ref()
@@ -318,8 +333,12 @@ impl Inner {
         match select(acquire, expire).await {
             Either::Left((Ok(permit), _)) => {
                 permit.forget();
-                let waited = self.clock.now().saturating_duration_since(start);
+                let now = self.clock.now();
+                let waited = now.saturating_duration_since(start);
                 let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+                let at = now.saturating_duration_since(self.created).as_nanos();
+                self.last_wait_at_nanos
+                    .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::Relaxed);
                 self.last_wait_nanos.store(nanos.max(1), Ordering::Relaxed);
                 self.metrics.queue_delay.record(waited.as_secs_f64());
                 Ok(self.admitted())
@@ -565,6 +584,8 @@ impl BulkheadBuilder {
                 max_queued: AtomicUsize::new(self.config.max_queued),
                 max_wait_nanos: AtomicU64::new(max_wait_nanos),
                 last_wait_nanos: AtomicU64::new(0),
+                last_wait_at_nanos: AtomicU64::new(0),
+                created: self.clock.now(),
                 clock: self.clock,
                 adaptive,
                 limit_gauge,

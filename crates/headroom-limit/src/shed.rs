@@ -14,7 +14,11 @@ use crate::{Bulkhead, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Re
 ///
 /// - concurrency: `(in use + queued) / (limit + max queued)` of the guarded bulkhead (whose
 ///   limit may be adaptive), and
-/// - queue delay: the bulkhead's latest queue delay divided by `queue_delay_target`.
+/// - queue delay: the bulkhead's latest queue delay divided by `queue_delay_target`, fading
+///   linearly to zero over `queue_delay_decay` after that wait ended. The signal is refreshed
+///   only when a caller is admitted; the fade keeps a shedder that refuses everyone from
+///   latching shut, so after an overload every priority is admitted again within
+///   `queue_delay_decay`.
 ///
 /// Work of a priority is refused once the load reaches its threshold, so with the defaults
 /// sheddable work goes at 70 %, default work at 90 %, and critical work only when the
@@ -32,6 +36,10 @@ pub struct LoadShedConfig {
     /// Queue delay that counts as a load of 1.0; `None` ignores queue delay.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub queue_delay_target: Option<Duration>,
+    /// How long the queue-delay signal takes to fade to zero when nobody is admitted after
+    /// the wait it reports (default 1 s).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub queue_delay_decay: Duration,
 }
 
 impl Default for LoadShedConfig {
@@ -41,6 +49,7 @@ impl Default for LoadShedConfig {
             default_at: 0.9,
             sheddable_at: 0.7,
             queue_delay_target: None,
+            queue_delay_decay: Duration::from_secs(1),
         }
     }
 }
@@ -64,6 +73,9 @@ impl LoadShedConfig {
         }
         if self.queue_delay_target == Some(Duration::ZERO) {
             return Err(ConfigError::new("queue_delay_target", "must be positive"));
+        }
+        if self.queue_delay_decay.is_zero() {
+            return Err(ConfigError::new("queue_delay_decay", "must be positive"));
         }
         Ok(())
     }
@@ -153,8 +165,17 @@ impl LoadShedder {
             });
         }
         let target = inner.config.queue_delay_target?;
-        let delay = bulkhead.queue_delay().as_secs_f64() / target.as_secs_f64();
-        (delay >= threshold).then_some(Reason::QueueDelay)
+        let delay = bulkhead.queue_delay();
+        if delay.is_zero() {
+            return None;
+        }
+        // Only admissions refresh the signal, and a shedder refusing everything admits
+        // nobody: left as it was, the signal would keep every priority out for good.
+        let fade = 1.0
+            - bulkhead.queue_delay_age().as_secs_f64()
+                / inner.config.queue_delay_decay.as_secs_f64();
+        let load = delay.as_secs_f64() / target.as_secs_f64() * fade.max(0.0);
+        (load >= threshold).then_some(Reason::QueueDelay)
     }
 
     /// Checks the load, then takes a permit from the bulkhead (waiting in its queue if
@@ -204,6 +225,13 @@ impl LoadShedderBuilder {
     /// Counts a queue delay of `target` as full load (default: queue delay is ignored).
     pub fn queue_delay_target(mut self, target: Duration) -> Self {
         self.config.queue_delay_target = Some(target);
+        self
+    }
+
+    /// Sets how long the queue-delay signal takes to fade to zero once nobody is admitted
+    /// (default 1 s).
+    pub fn queue_delay_decay(mut self, decay: Duration) -> Self {
+        self.config.queue_delay_decay = decay;
         self
     }
 

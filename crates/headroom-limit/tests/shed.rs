@@ -132,9 +132,59 @@ async fn queue_delay_signal_sheds_low_priority_work() {
         shedder.check(Priority::Sheddable).unwrap_err().reason(),
         Reason::QueueDelay
     );
-    // Once a caller gets in without waiting, the signal clears.
-    drop(bulkhead.try_acquire().unwrap());
-    assert!(shedder.check(Priority::Sheddable).is_ok());
+}
+
+/// An overload long enough to shut every priority, then no traffic gets through the shedder
+/// at all: the signal must fade by itself, since no admission will ever reset it.
+#[tokio::test(start_paused = true)]
+async fn queue_delay_signal_fades_once_overload_ends() {
+    let decay = Duration::from_secs(1);
+    let bulkhead = Bulkhead::builder("latch")
+        .max_concurrent(1)
+        .max_queued(100)
+        .max_wait(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone())
+        .queue_delay_target(Duration::from_millis(20))
+        .queue_delay_decay(decay)
+        .build()
+        .unwrap();
+    // One caller waits 100 ms (5x the target) behind a slow one: every priority is shed.
+    let held = shedder
+        .acquire(Priority::Critical)
+        .await
+        .unwrap()
+        .into_owned();
+    let waiter = tokio::spawn({
+        let shedder = shedder.clone();
+        async move { shedder.acquire(Priority::Critical).await.map(drop) }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(held);
+    waiter.await.unwrap().unwrap();
+    for priority in Priority::ALL {
+        assert_eq!(
+            shedder.check(priority).unwrap_err().reason(),
+            Reason::QueueDelay
+        );
+    }
+    // The overload is over and the bulkhead idle; callers only ever meet the shedder.
+    let mut admitted_after = None;
+    for step in 1..=20 {
+        tokio::time::advance(decay / 20).await;
+        if shedder.check(Priority::Critical).is_ok() {
+            admitted_after = Some(decay / 20 * step);
+            break;
+        }
+    }
+    let admitted_after = admitted_after.expect("critical work admitted within the decay window");
+    assert!(admitted_after <= decay);
+    // Sheddable work comes back last, and by the end of the window everything is admitted.
+    tokio::time::advance(decay).await;
+    for priority in Priority::ALL {
+        assert!(shedder.check(priority).is_ok(), "{priority} admitted");
+    }
 }
 
 #[tokio::test]

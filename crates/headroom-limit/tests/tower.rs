@@ -287,3 +287,32 @@ fn queue_layer_rejects_bad_configuration() {
         "workers"
     );
 }
+
+/// A panic in the inner service fails that request only: the worker lives on and serves the
+/// next one, however many requests panicked before.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_request_fails_alone_and_the_workers_live_on() {
+    let layer = QueueLayer::new("q", QueueConfig::default(), 2, |_: &u32| Priority::Default)
+        .expect("valid layer");
+    let mut service = layer.layer(service_fn(|n: u32| async move {
+        assert!(n != 0, "the handler panics on 0");
+        Ok::<_, Infallible>(n * 10)
+    }));
+    for _ in 0..5 {
+        let failed = tokio::time::timeout(
+            Duration::from_secs(1),
+            service.ready().await.expect("ready").call(0),
+        )
+        .await
+        .expect("a panicking request is answered, not left hanging");
+        let error = failed.expect_err("the panicking request fails");
+        assert!(error.is::<headroom_limit::tower::Panicked>(), "{error}");
+    }
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        service.ready().await.expect("ready").call(4),
+    )
+    .await
+    .expect("the workers still serve");
+    assert_eq!(answer.expect("served"), 40);
+}

@@ -110,6 +110,9 @@ struct Inner {
     bus: DynInvalidationBus,
     leases: DynLeaseStore,
     rates: DynRateStore,
+    /// Every cache built from [`Headroom::cache`], for [`Headroom::shutdown`].
+    #[cfg(feature = "cache")]
+    caches: headroom_cache::ShutdownGroup,
 }
 
 /// Builds a [`Headroom`]; finish with [`memory`](Self::memory) or, with the `redis` feature,
@@ -207,7 +210,17 @@ impl Headroom {
             .invalidation(
                 self.inner.bus.clone(),
                 headroom_cache::InvalidationConfig::default(),
-            ))
+            )
+            .shutdown_group(&self.inner.caches))
+    }
+
+    /// Stops this instance gracefully, before the process exits: every cache built from
+    /// [`cache`](Self::cache) sends its queued invalidations and a goodbye, so the other
+    /// instances flush nothing for it (a crash costs each of them one L1 flush). Await it on
+    /// SIGTERM, after the server stopped taking requests.
+    pub async fn shutdown(&self) {
+        #[cfg(feature = "cache")]
+        self.inner.caches.shutdown().await;
     }
 
     /// An idempotency executor builder over the shared lease store, with records under
@@ -401,6 +414,8 @@ impl HeadroomBuilder {
                 bus,
                 leases,
                 rates,
+                #[cfg(feature = "cache")]
+                caches: headroom_cache::ShutdownGroup::new(),
             }),
         }
     }

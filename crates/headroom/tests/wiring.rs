@@ -107,3 +107,27 @@ async fn invalid_component_names_are_typed_errors() {
     assert!(headroom.cache::<u64, u32>("has space").is_err());
     assert!(headroom.rate_limiter("{tag}", TierConfig::new()).is_err());
 }
+
+#[cfg(feature = "cache")]
+#[tokio::test]
+async fn shutdown_stops_every_cache_it_built() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let cache = headroom
+        .cache::<u64, String>("products")
+        .unwrap()
+        .build()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cache.l1_in_use() {
+        assert!(std::time::Instant::now() < deadline, "never live");
+        tokio::task::yield_now().await;
+    }
+    headroom.shutdown().await;
+    assert!(
+        !cache.l1_in_use(),
+        "the cache said goodbye and stopped using L1"
+    );
+    // L2 keeps working after a shutdown.
+    cache.insert(1, String::from("kettle")).await.unwrap();
+    assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("kettle"));
+}

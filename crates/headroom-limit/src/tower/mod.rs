@@ -30,7 +30,7 @@ mod rate;
 mod shed;
 
 pub use bulkhead::{BulkheadFuture, BulkheadLayer, BulkheadService};
-pub use queue::{QueueFuture, QueueLayer, QueueService};
+pub use queue::{Panicked, QueueFuture, QueueLayer, QueueService};
 pub use rate::{RATELIMIT, RATELIMIT_POLICY, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use shed::{LoadShedFuture, LoadShedLayer, LoadShedService};
 

@@ -3,10 +3,12 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::FutureExt;
 use futures_util::future::poll_fn;
 use headroom_core::Clock;
 use tokio::sync::oneshot;
@@ -30,7 +32,7 @@ struct Job<Req, Rsp> {
 /// concurrency limit. Requests are admitted, ordered and shed by the [`QueueConfig`]:
 /// priorities (from `prioritize`), overflow policy, CoDel and adaptive LIFO. A request whose
 /// caller has gone (its response future was dropped, for example by a timeout) is skipped,
-/// never run.
+/// never run. A request whose service panics fails with [`Panicked`]; its worker goes on.
 ///
 /// ```
 /// use headroom_limit::tower::QueueLayer;
@@ -143,23 +145,44 @@ where
     }
 }
 
-async fn work<S, Req>(queue: WorkQueue<Job<Req, S::Response>>, mut service: S)
+async fn work<S, Req>(queue: WorkQueue<Job<Req, S::Response>>, template: S)
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
 {
+    let mut service = template.clone();
     while let Some(job) = queue.pop().await {
         if job.reply.is_closed() {
             continue;
         }
-        let ready = poll_fn(|cx| service.poll_ready(cx).map_err(Into::into)).await;
-        let result = match ready {
-            Ok(()) => service.call(job.request).await.map_err(Into::into),
-            Err(error) => Err(error),
+        let serve = async {
+            poll_fn(|cx| service.poll_ready(cx).map_err(Into::into)).await?;
+            service.call(job.request).await.map_err(Into::into)
+        };
+        let result = match AssertUnwindSafe(serve).catch_unwind().await {
+            Ok(result) => result,
+            Err(_) => {
+                // A service that panicked may be left half-changed: start over from a clone.
+                service = template.clone();
+                Err(Panicked.into())
+            }
         };
         let _ = job.reply.send(result);
     }
 }
+
+/// The inner service panicked while serving this request. Only that request fails: the
+/// worker answers it with this error and goes on with a fresh clone of the service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Panicked;
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the service panicked while serving this request")
+    }
+}
+
+impl std::error::Error for Panicked {}
 
 /// Closes the queue when the last handle to the service goes, so the workers stop.
 struct Closer<T>(WorkQueue<T>);
