@@ -195,6 +195,12 @@ where
         self
     }
 
+    /// See [`CacheConfig::fail_safe_throttle`].
+    pub fn fail_safe_throttle(mut self, throttle: Duration) -> Self {
+        self.config.fail_safe_throttle = throttle;
+        self
+    }
+
     /// See [`CacheConfig::loader_soft_timeout`].
     pub fn loader_soft_timeout(mut self, timeout: Duration) -> Self {
         self.config.loader_soft_timeout = Some(timeout);

@@ -1051,15 +1051,18 @@ where
                 }
             }
             Err(error) => {
-                if reply.is_none() {
-                    return;
-                }
                 let now = self.clock.now();
                 match best.filter(|slot| now < slot.stale_until) {
                     Some(stale) => {
-                        self.metrics.stale_served.increment(1);
-                        tracing::warn!(%error, "load failed; serving a stale value (fail-safe)");
-                        send(&mut reply, Ok(stale.value.clone()));
+                        if reply.is_some() {
+                            self.metrics.stale_served.increment(1);
+                            tracing::warn!(
+                                %error,
+                                "load failed; serving a stale value (fail-safe)"
+                            );
+                            send(&mut reply, Ok(stale.value.clone()));
+                        }
+                        self.rest(&key, stale, write);
                     }
                     None => send(&mut reply, Err(error)),
                 }
@@ -1156,6 +1159,19 @@ where
         }
         let l2 = self.l2.as_ref()?;
         self.tombstone(l2, key, version).ok()
+    }
+
+    /// After a failed load was answered with `stale`, serves it from L1 for the fail-safe
+    /// throttle (within its fail-safe window) without calling the loader.
+    fn rest(&self, key: &K, mut stale: Slot<V>, write: WriteMark) {
+        let throttle = self.config.fail_safe_throttle;
+        if throttle.is_zero() {
+            return;
+        }
+        let until = (self.clock.now() + throttle).min(stale.stale_until);
+        stale.fresh_until = until;
+        stale.expires_at = until;
+        self.fill_l1(key, stale, write);
     }
 
     /// Registers one batch load for every key not already in flight. Returns that load (if
@@ -1343,10 +1359,12 @@ where
                     if outcomes.contains_key(key) {
                         continue;
                     }
-                    let outcome = match best[i].as_ref().filter(|slot| now < slot.stale_until) {
+                    let outcome = match best[i].take().filter(|slot| now < slot.stale_until) {
                         Some(stale) => {
                             self.metrics.stale_served.increment(1);
-                            Ok(stale.value.clone())
+                            let value = stale.value.clone();
+                            self.rest(key, stale, writes[i]);
+                            Ok(value)
                         }
                         None => Err(error.clone()),
                     };

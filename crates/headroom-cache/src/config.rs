@@ -50,6 +50,11 @@ pub struct CacheConfig {
     /// (fail-safe). Zero disables fail-safe.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub fail_safe_max_stale: Duration,
+    /// After a load fails and a stale value is served instead, that value is served from L1
+    /// for this long without calling the loader again (fail-safe throttle), so a failing source
+    /// is not called on every request.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub fail_safe_throttle: Duration,
     /// When a stale value is at hand, callers wait this long for the loader before being served
     /// the stale value; the loader keeps running and updates the cache when it finishes.
     /// `None`: wait for the loader (up to the hard timeout).
@@ -89,6 +94,7 @@ impl Default for CacheConfig {
             ttl_jitter: Duration::ZERO,
             negative_ttl: None,
             fail_safe_max_stale: Duration::ZERO,
+            fail_safe_throttle: Duration::from_secs(30),
             loader_soft_timeout: None,
             loader_hard_timeout: None,
             l2_timeout: Duration::from_millis(250),

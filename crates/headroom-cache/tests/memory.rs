@@ -1352,3 +1352,38 @@ async fn a_loaded_entry_carries_the_tags_it_was_loaded_with() {
         .unwrap_err();
     assert_eq!(error.kind(), CacheErrorKind::InvalidTag);
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_serving_a_stale_value_the_failing_loader_rests_for_the_throttle() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .fail_safe_max_stale(600 * SEC)
+        .fail_safe_throttle(30 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let k = key("k");
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(20 * SEC);
+    for _ in 0..3 {
+        let value = cache.get_or_load(&k, loads.failing()).await.unwrap();
+        assert_eq!(value.as_deref(), Some("k#1"), "stale value served");
+        common::idle().await;
+    }
+    assert_eq!(
+        loads.calls(),
+        2,
+        "one failing call, then the stale value rests in L1"
+    );
+    clock.advance(30 * SEC);
+    let value = cache.get_or_load(&k, loads.failing()).await.unwrap();
+    assert_eq!(value.as_deref(), Some("k#1"));
+    assert_eq!(
+        loads.calls(),
+        3,
+        "after the throttle the loader is tried again"
+    );
+}
