@@ -62,7 +62,8 @@ pub struct CacheConfig {
     pub loader_soft_timeout: Option<Duration>,
     /// The loader is abandoned after this long and the call fails with
     /// [`CacheErrorKind::LoaderTimeout`](crate::CacheErrorKind::LoaderTimeout) (or is served a
-    /// stale value). `None`: no limit.
+    /// stale value). Default 30 s. `None`: no limit; then a loader that never answers keeps its
+    /// key's load (and its entry in the map of loads in flight) forever.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub loader_hard_timeout: Option<Duration>,
     /// The longest any L2 call may take before the cache goes on without it.
@@ -96,7 +97,7 @@ impl Default for CacheConfig {
             fail_safe_max_stale: Duration::ZERO,
             fail_safe_throttle: Duration::from_secs(30),
             loader_soft_timeout: None,
-            loader_hard_timeout: None,
+            loader_hard_timeout: Some(Duration::from_secs(30)),
             l2_timeout: Duration::from_millis(250),
             l2_failure_threshold: 5,
             l2_cooldown: Duration::from_secs(5),

@@ -1387,3 +1387,30 @@ async fn after_serving_a_stale_value_the_failing_loader_rests_for_the_throttle()
         "after the throttle the loader is tried again"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_loader_is_abandoned_by_default() {
+    let cache: Cache<String, String> = Cache::builder().build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hang = {
+        let calls = Arc::clone(&calls);
+        move |_: String| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Option<String>, CacheError>>().await
+        }
+    };
+    for round in 1..=2 {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(3_600),
+            cache.get_or_load(&key("k"), hang.clone()),
+        )
+        .await
+        .expect("the load ends by itself");
+        assert_eq!(outcome.unwrap_err().kind(), CacheErrorKind::LoaderTimeout);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            round,
+            "the abandoned load left no entry behind"
+        );
+    }
+}
