@@ -243,6 +243,12 @@ where
         self
     }
 
+    /// See [`CacheConfig::schema_version`].
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.config.schema_version = version;
+        self
+    }
+
     /// See [`CacheConfig::max_value_len`].
     pub fn max_value_len(mut self, bytes: usize) -> Self {
         self.config.max_value_len = bytes;

@@ -825,7 +825,7 @@ where
             self.codec.id(),
             [times.created, times.fresh_until, times.expires],
             value.is_none(),
-            0,
+            self.config.schema_version,
             tags,
         );
         if let Some(value) = value {
@@ -873,7 +873,7 @@ where
             &mut bytes,
             self.codec.id(),
             [at_unix_ms, at_unix_ms, expires],
-            0,
+            self.config.schema_version,
         );
         Ok(KvEntry {
             key,
@@ -891,7 +891,11 @@ where
                 if env.codec != self.codec.id() {
                     return Err("written by another codec".into());
                 }
-                if env.tombstone || self.hidden(env.created_unix_ms, &env.tags) {
+                // Another schema's entry is not corrupt: a miss, left for its own readers.
+                if env.tombstone
+                    || env.schema != self.config.schema_version
+                    || self.hidden(env.created_unix_ms, &env.tags)
+                {
                     return Ok(None);
                 }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;

@@ -81,6 +81,11 @@ pub struct CacheConfig {
     pub l2_max_pending_deletes: usize,
     /// The largest encoded value accepted, in bytes.
     pub max_value_len: usize,
+    /// The version of the cached value's shape, written in every L2 entry. An entry of another
+    /// schema version reads as a miss and is left in place, so that during a rolling deploy
+    /// that changes the value type, old and new instances ignore (rather than delete) each
+    /// other's entries. Default 0.
+    pub schema_version: u32,
 }
 
 impl Default for CacheConfig {
@@ -103,6 +108,7 @@ impl Default for CacheConfig {
             l2_cooldown: Duration::from_secs(5),
             l2_max_pending_deletes: 10_000,
             max_value_len: 1024 * 1024,
+            schema_version: 0,
         }
     }
 }

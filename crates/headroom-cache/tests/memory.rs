@@ -1414,3 +1414,27 @@ async fn a_hung_loader_is_abandoned_by_default() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_entry_of_another_schema_version_is_a_miss_and_stays() {
+    let l2 = MemoryKvStore::new();
+    let old: Cache<String, String> = Cache::builder()
+        .schema_version(1)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let new: Cache<String, (String, u32)> = Cache::builder()
+        .schema_version(2)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    old.insert(key("k"), "v".into()).await.unwrap();
+    assert_eq!(new.get(&key("k")).await.unwrap(), None);
+    common::idle().await;
+    old.invalidate_local(&key("k"));
+    assert_eq!(
+        old.get(&key("k")).await.unwrap().as_deref(),
+        Some("v"),
+        "the other schema's entry was left in place"
+    );
+}
