@@ -151,6 +151,12 @@ where
         self
     }
 
+    /// See [`CacheConfig::l1_max_bytes`].
+    pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
+        self.config.l1_max_bytes = Some(bytes);
+        self
+    }
+
     /// See [`CacheConfig::l1_max_ttl`].
     pub fn l1_max_ttl(mut self, ttl: Duration) -> Self {
         self.config.l1_max_ttl = Some(ttl);
@@ -299,8 +305,13 @@ where
             }
         };
         let metrics = Arc::new(Metrics::new(&self.config.name));
-        let mut l1 = moka::sync::Cache::builder()
-            .max_capacity(self.config.l1_max_capacity)
+        let l1 = match self.config.l1_max_bytes {
+            Some(bytes) => moka::sync::Cache::builder()
+                .max_capacity(bytes)
+                .weigher(|_, slot: &crate::cache::Slot<V>| slot.weight),
+            None => moka::sync::Cache::builder().max_capacity(self.config.l1_max_capacity),
+        };
+        let mut l1 = l1
             // Serving decisions use the cache's clock and each entry's deadlines; this only
             // frees memory once no entry can be served any more, fail-safe window included. A
             // global TTL keeps moka's read path as fast as without expiry.

@@ -30,6 +30,8 @@ use crate::{CacheBuilder, TtlFn};
 
 /// Stripes of the write counters that tell a load whether its key was written meanwhile.
 const WRITE_STRIPES: usize = 256;
+/// Bytes an L1 entry costs besides its key and value (moka's node and the slot's deadlines).
+const SLOT_OVERHEAD: usize = 100;
 /// The most invalidated tags remembered (see `Inner::hide_tag`).
 const MAX_HIDDEN_TAGS: usize = 10_000;
 
@@ -138,6 +140,8 @@ pub(crate) struct Slot<V> {
     stale_until: Instant,
     /// Kept so that a refresh writes the entry back with them.
     tags: Tags,
+    /// Bytes counted against `l1_max_bytes` (see `Inner::weigh`).
+    pub(crate) weight: u32,
 }
 
 /// The tags of an entry (`None` when it has none), shared by its L1 slot and its loads.
@@ -458,13 +462,14 @@ where
             None => None,
         };
         let writing = vec![Inner::begin_write(inner, &key)];
-        let slot = inner.slot(
+        let mut slot = inner.slot(
             Some(value),
             times,
             inner.clock.now(),
             inner.clock.unix_millis(),
             (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect()),
         );
+        inner.weigh(&key, &mut slot, l2_entry.as_ref().map(|e| e.value.len()));
         if inner.l1_usable() {
             inner.l1.insert(key.clone(), slot);
         }
@@ -806,7 +811,28 @@ where
             expires_at,
             stale_until,
             tags,
+            weight: 0,
         }
+    }
+
+    /// Sets the L1 weight of `slot`: the key, the encoded value (`encoded` bytes when known)
+    /// and the bookkeeping. Only weighed when L1 is bounded by bytes.
+    fn weigh(&self, key: &K, slot: &mut Slot<V>, encoded: Option<usize>) {
+        if self.config.l1_max_bytes.is_none() {
+            return;
+        }
+        let encoded = encoded.unwrap_or_else(|| {
+            let mut bytes = Vec::new();
+            match &slot.value {
+                Some(value) => self
+                    .codec
+                    .encode(value, &mut bytes)
+                    .map_or(0, |()| bytes.len()),
+                None => 0,
+            }
+        });
+        let total = key.to_key_bytes().len() + encoded + SLOT_OVERHEAD;
+        slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
     }
 
     /// The L2 entry for a value produced at `times`.
@@ -917,7 +943,11 @@ where
                     fresh_until,
                     expires,
                 };
-                let slot = self.slot(value, times, now, self.clock.unix_millis(), tags);
+                let mut slot = self.slot(value, times, now, self.clock.unix_millis(), tags);
+                if self.config.l1_max_bytes.is_some() {
+                    let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
+                    slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
+                }
                 (now < slot.stale_until).then_some(slot)
             }
             Err(error) => {
@@ -1137,19 +1167,24 @@ where
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     self.metrics.oversized.increment(1);
-                    tracing::warn!(%error, "loaded value kept in L1 only");
-                    None
+                    tracing::warn!(%error, "loaded value not cached");
+                    if self.unchanged(write) {
+                        // Whatever L1 held for the key is older than this value.
+                        self.l1.invalidate(key);
+                    }
+                    return None;
                 }
             },
             None => None,
         };
-        let slot = self.slot(
+        let mut slot = self.slot(
             value,
             times,
             self.clock.now(),
             self.clock.unix_millis(),
             tags,
         );
+        self.weigh(key, &mut slot, entry.as_ref().map(|e| e.value.len()));
         self.fill_l1(key, slot, write);
         entry
     }

@@ -22,8 +22,12 @@ use std::time::Duration;
 pub struct CacheConfig {
     /// The name used as the `cache` label of metrics and in traces.
     pub name: String,
-    /// The most entries L1 holds.
+    /// The most entries L1 holds (when `l1_max_bytes` is not set).
     pub l1_max_capacity: u64,
+    /// The most bytes L1 holds, counting each entry as its key, its encoded value and about
+    /// 100 bytes of bookkeeping; replaces `l1_max_capacity` when set. A cache without L2
+    /// encodes each value it puts in L1 once to weigh it. `None`: L1 is bounded by entries.
+    pub l1_max_bytes: Option<u64>,
     /// Whether L1 evictions (for lack of capacity) are counted in
     /// `headroom_cache_evictions_total`. Counting makes moka report every L1 removal to the
     /// cache, which adds about half a microsecond to each L1 write or invalidation.
@@ -93,6 +97,7 @@ impl Default for CacheConfig {
         Self {
             name: "default".to_owned(),
             l1_max_capacity: 10_000,
+            l1_max_bytes: None,
             l1_eviction_metric: true,
             l1_max_ttl: None,
             ttl: Duration::from_secs(300),

@@ -1438,3 +1438,41 @@ async fn an_entry_of_another_schema_version_is_a_miss_and_stays() {
         "the other schema's entry was left in place"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_loaded_value_over_the_size_limit_is_served_but_not_kept() {
+    let cache: Cache<String, Vec<u8>> = Cache::builder()
+        .l2(MemoryKvStore::new(), ns())
+        .max_value_len(1_000)
+        .build()
+        .unwrap();
+    let big = |_: String| async { Ok::<_, CacheError>(Some(vec![7u8; 2_000])) };
+    let value = cache.get_or_load(&key("k"), big).await.unwrap();
+    assert_eq!(value.map(|v| v.len()), Some(2_000), "served");
+    common::idle().await;
+    assert!(
+        cache.get(&key("k")).await.unwrap().is_none(),
+        "kept neither in L1 nor L2"
+    );
+}
+
+#[tokio::test]
+async fn l1_is_bounded_by_bytes() {
+    let cache: Cache<u32, Vec<u8>> = Cache::builder()
+        .l1_max_bytes(64 * 1024)
+        .l1_max_capacity(1_000_000)
+        .build()
+        .unwrap();
+    for i in 0..1_000u32 {
+        cache.insert(i, vec![1u8; 1_024]).await.unwrap();
+    }
+    let mut held = 0;
+    for i in 0..1_000u32 {
+        if cache.get(&i).await.unwrap().is_some() {
+            held += 1;
+        }
+    }
+    // Each entry weighs over 1 KiB: at most 64 fit.
+    assert!(held <= 64, "{held} entries of 1 KiB held in 64 KiB");
+    assert!(held > 0);
+}
