@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::codec::ValueCodec;
 use crate::config::CacheConfig;
@@ -274,7 +275,10 @@ where
         inner.metrics.l1_misses.increment(1);
         match &inner.l2 {
             // Boxed so that the future of an L1 hit stays small.
-            Some(l2) => Box::pin(inner.read_l2(l2, key)).await,
+            Some(l2) => {
+                let span = tracing::debug_span!("cache.get", cache = %inner.config.name);
+                Box::pin(inner.read_l2(l2, key).instrument(span)).await
+            }
             None => Ok(None),
         }
     }
@@ -348,12 +352,16 @@ where
                 inner.metrics.l1_hits.increment(1);
                 inner.metrics.refreshes.increment(1);
                 // Starts (or joins) a load without waiting for it.
-                drop(Inner::join_or_load(inner, key, tags, loader));
+                let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+                span.in_scope(|| drop(Inner::join_or_load(inner, key, tags, loader)));
                 return Ok(slot.value);
             }
         }
         inner.metrics.l1_misses.increment(1);
-        Inner::join_or_load(inner, key, tags, loader).await
+        let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+        // The load is spawned inside the span, and runs in it.
+        let wait = span.in_scope(|| Inner::join_or_load(inner, key, tags, loader));
+        wait.instrument(span).await
     }
 
     /// Reads many values: L1 first, then L2 in one round trip for all L1 misses, then one call
@@ -365,6 +373,20 @@ where
     /// is configured). When the loader fails, keys with a stale value within
     /// `fail_safe_max_stale` are served that value; if any key has none, the call fails.
     pub async fn get_many_or_load<F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<V>>, CacheError>
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let span = tracing::debug_span!("cache.get_many", cache = %self.inner.config.name);
+        self.read_many_or_load(keys, loader).instrument(span).await
+    }
+
+    async fn read_many_or_load<F, Fut, E>(
         &self,
         keys: &[K],
         loader: F,
@@ -454,6 +476,11 @@ where
     /// Fails with [`CacheErrorKind::InvalidTag`] for an empty tag, one over 255 bytes, or more
     /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
     pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.insert", cache = %self.inner.config.name);
+        self.write_value(key, value, tags).instrument(span).await
+    }
+
+    async fn write_value(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let inner = &self.inner;
         check_tags(tags)?;
         let times = inner.times(Some(&value));
@@ -498,6 +525,11 @@ where
     ///
     /// Fails, removing nothing, when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.remove", cache = %self.inner.config.name);
+        self.remove_keys(keys).instrument(span).await
+    }
+
+    async fn remove_keys(&self, keys: &[K]) -> Result<(), CacheError> {
         let inner = &self.inner;
         let tombstones = match &inner.l2 {
             Some(l2) => keys
@@ -682,13 +714,16 @@ where
             return;
         }
         let this = Arc::clone(this);
-        let task = tokio::spawn(async move {
-            l2_work(this.l2.as_ref(), &entries, &deletes).await;
-            drop(writing);
-            if let Some(invalidation) = &this.invalidation {
-                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+        let task = tokio::spawn(
+            async move {
+                l2_work(this.l2.as_ref(), &entries, &deletes).await;
+                drop(writing);
+                if let Some(invalidation) = &this.invalidation {
+                    invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+                }
             }
-        });
+            .in_current_span(),
+        );
         // The task never panics; a runtime shutting down is the only other way it ends early.
         let _ = task.await;
     }
@@ -990,7 +1025,11 @@ where
             },
         );
         drop(in_flight);
-        tokio::spawn(Arc::clone(this).load(load, key.clone(), tags, loader, reply));
+        tokio::spawn(
+            Arc::clone(this)
+                .load(load, key.clone(), tags, loader, reply)
+                .in_current_span(),
+        );
         pending.boxed()
     }
 
@@ -1263,7 +1302,11 @@ where
         if to_load.is_empty() {
             return (None, joined);
         }
-        tokio::spawn(Arc::clone(this).load_many(load, to_load, loader, reply));
+        tokio::spawn(
+            Arc::clone(this)
+                .load_many(load, to_load, loader, reply)
+                .in_current_span(),
+        );
         (Some(batch), joined)
     }
 
