@@ -6,6 +6,7 @@ use std::time::Duration;
 use headroom_core::bus::Subscription;
 use headroom_core::bus::{DynInvalidationBus, InvalidationBus};
 use headroom_core::kv::{DynKvStore, KvStore};
+use headroom_core::lease::{DynLeaseStore, LeaseStore};
 use headroom_core::{Clock, Namespace};
 use moka::notification::RemovalCause;
 use serde::Serialize;
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{Bound, Codec, Postcard, ValueCodec};
 use crate::l2::L2;
+use crate::lock::FleetLock;
 use crate::metrics::Metrics;
 use crate::{Cache, CacheConfig, CacheKey, ConfigError, InvalidationConfig, ShutdownGroup};
 
@@ -30,6 +32,7 @@ pub struct CacheBuilder<K, V> {
     invalidation: Option<(DynInvalidationBus, InvalidationConfig)>,
     external_writes: Option<Subscription>,
     shutdown_group: Option<ShutdownGroup>,
+    fleet_lock: Option<(DynLeaseStore, Duration)>,
     key: PhantomData<fn(K)>,
 }
 
@@ -59,6 +62,7 @@ where
             invalidation: None,
             external_writes: None,
             shutdown_group: None,
+            fleet_lock: None,
             key: PhantomData,
         }
     }
@@ -130,6 +134,18 @@ where
     /// others (see [`Cache::shutdown`]).
     pub fn shutdown_group(mut self, group: &ShutdownGroup) -> Self {
         self.shutdown_group = Some(group.clone());
+        self
+    }
+
+    /// One load of a key at a time across every instance (a fleet-wide single flight): before
+    /// calling its loader, an instance claims the key's lock in `leases` (memory or Redis,
+    /// shared by the fleet). The holder loads and writes the value to L2; the others poll L2
+    /// for a fresh value and use it, for at most `wait`, after which they load anyway, so a
+    /// lost or slow holder never blocks reads. A lease store that does not answer within
+    /// `l2_timeout` is skipped. Applies to `get_or_load` and its refreshes (not to batches).
+    /// Needs an L2; lock records live in the namespace `<l2 namespace>.fleet-lock`.
+    pub fn fleet_lock(mut self, leases: impl LeaseStore, wait: Duration) -> Self {
+        self.fleet_lock = Some((DynLeaseStore::new(leases), wait));
         self
     }
 
@@ -304,6 +320,17 @@ where
                 Some((writes, prefix))
             }
         };
+        let fleet_lock = match (self.fleet_lock, &self.l2) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "a fleet lock needs an l2, where waiting instances find the loaded value",
+                ));
+            }
+            (Some((store, wait)), Some((_, namespace))) => {
+                Some(FleetLock::new(store, namespace, wait)?)
+            }
+        };
         let metrics = Arc::new(Metrics::new(&self.config.name));
         let l1 = match self.config.l1_max_bytes {
             Some(bytes) => moka::sync::Cache::builder()
@@ -352,6 +379,7 @@ where
             metrics,
             invalidation,
             external_writes,
+            fleet_lock,
         );
         if let Some(group) = &self.shutdown_group {
             cache.join(group);

@@ -26,6 +26,7 @@ use crate::error::{CacheError, CacheErrorKind};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
+use crate::lock::{Claim, FleetLock, LockGuard};
 use crate::metrics::Metrics;
 use crate::{CacheBuilder, TtlFn};
 
@@ -179,6 +180,8 @@ pub(crate) struct Inner<K, V> {
     writing: Box<[AtomicU32]>,
     hasher: RandomState,
     invalidation: Option<Invalidation>,
+    /// One load of a key at a time across the fleet (see `CacheBuilder::fleet_lock`).
+    fleet_lock: Option<FleetLock>,
     /// Whether the subscription to writes made by other programs is live (when there is one).
     external_live: Option<Arc<AtomicBool>>,
     /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
@@ -209,9 +212,11 @@ where
         metrics: Arc<Metrics>,
         invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
         external_writes: Option<(Subscription, Vec<u8>)>,
+        fleet_lock: Option<FleetLock>,
     ) -> Self {
         let cache = Self {
             inner: Arc::new(Inner {
+                fleet_lock,
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
                     Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
                 }),
@@ -1083,6 +1088,18 @@ where
                 return;
             }
         }
+        // With a fleet lock, one instance loads; the others wait for its value in L2.
+        let _lock = match (&self.fleet_lock, &self.l2) {
+            (Some(lock), Some(l2)) => match self.claim_or_wait(lock, l2, &key).await {
+                Ok(guard) => guard,
+                Err(loaded) => {
+                    send(&mut reply, Ok(loaded.value.clone()));
+                    self.fill_l1(&key, loaded, write);
+                    return;
+                }
+            },
+            _ => None,
+        };
         let started = self.clock.now();
         let version = self.clock.unix_millis();
         let load = self.bounded(loader(key.clone()));
@@ -1139,6 +1156,49 @@ where
                     }
                     None => send(&mut reply, Err(error)),
                 }
+            }
+        }
+    }
+
+    /// Claims the fleet lock of `key`: `Ok` with the guard (or `None` when the lease store is
+    /// unavailable, or the wait ran out) means this instance loads; `Err` is the fresh value
+    /// another instance's load put in L2 meanwhile.
+    async fn claim_or_wait(
+        &self,
+        lock: &FleetLock,
+        l2: &Arc<L2>,
+        key: &K,
+    ) -> Result<Option<LockGuard>, Slot<V>> {
+        let config = &self.config;
+        let lease = config
+            .loader_hard_timeout
+            .unwrap_or(lock.wait)
+            .saturating_add(config.l2_timeout);
+        let claim = lock
+            .claim(&key.to_key_bytes(), lease, &self.clock, config.l2_timeout)
+            .await;
+        match claim {
+            Claim::Held(guard) => return Ok(Some(guard)),
+            Claim::Unavailable => return Ok(None),
+            Claim::Taken => {}
+        }
+        let Ok(full) = self.l2_key(l2, key) else {
+            return Ok(None);
+        };
+        let deadline = self.clock.now() + lock.wait;
+        let poll = (lock.wait / 20).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        loop {
+            let now = self.clock.now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.clock.sleep(poll.min(deadline - now)).await;
+            let now = self.clock.now();
+            if let Some(bytes) = l2.get(&full).await.flatten()
+                && let Some(slot) = self.decode(l2, full.clone(), &bytes, now)
+                && now < slot.fresh_until
+            {
+                return Err(slot);
             }
         }
     }

@@ -94,6 +94,7 @@ mod error;
 mod invalidation;
 mod key;
 mod l2;
+mod lock;
 mod metrics;
 
 pub use builder::CacheBuilder;

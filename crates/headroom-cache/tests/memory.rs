@@ -1476,3 +1476,89 @@ async fn l1_is_bounded_by_bytes() {
     assert!(held <= 64, "{held} entries of 1 KiB held in 64 KiB");
     assert!(held > 0);
 }
+
+/// Two instances sharing a lease store: one loads a cold key, the other waits for its value
+/// in L2 instead of calling the loader too.
+#[tokio::test(start_paused = true)]
+async fn a_fleet_lock_makes_one_instance_load_and_the_others_wait() {
+    let (l2, leases) = (
+        MemoryKvStore::new(),
+        headroom_core::memory::MemoryLeaseStore::new(),
+    );
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), 10 * SEC)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let loader = {
+        let (calls, gate) = (Arc::clone(&calls), Arc::clone(&gate));
+        move |k: String| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _permit = gate.acquire().await.expect("gate");
+            Ok::<_, CacheError>(Some(format!("{k} loaded")))
+        }
+    };
+    let first = {
+        let (a, loader) = (a.clone(), loader.clone());
+        tokio::spawn(async move { a.get_or_load(&key("k"), loader).await })
+    };
+    settle(|| calls.load(Ordering::SeqCst) == 1).await;
+    let second = {
+        let (b, loader) = (b.clone(), loader.clone());
+        tokio::spawn(async move { b.get_or_load(&key("k"), loader).await })
+    };
+    // B finds the lock taken and waits; 2 s later A's load finishes.
+    tokio::time::sleep(2 * SEC).await;
+    gate.add_permits(10);
+    assert_eq!(first.await.unwrap().unwrap().as_deref(), Some("k loaded"));
+    assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("k loaded"));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one loader call in the fleet"
+    );
+}
+
+/// The wait for another instance's load is bounded: past it, the instance loads anyway.
+#[tokio::test(start_paused = true)]
+async fn a_fleet_lock_held_too_long_does_not_block_reads() {
+    let (l2, leases) = (
+        MemoryKvStore::new(),
+        headroom_core::memory::MemoryLeaseStore::new(),
+    );
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), 3 * SEC)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let hung = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.get_or_load(&key("k"), |_| {
+                std::future::pending::<Result<Option<String>, CacheError>>()
+            })
+            .await
+        }
+    });
+    common::idle().await;
+    let started = tokio::time::Instant::now();
+    let loads = Counter::default();
+    assert_eq!(
+        b.get_or_load(&key("k"), loads.loader())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("k#1")
+    );
+    let waited = started.elapsed();
+    assert!(waited >= 3 * SEC && waited < 4 * SEC, "waited {waited:?}");
+    hung.abort();
+}
