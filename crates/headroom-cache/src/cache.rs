@@ -506,14 +506,7 @@ where
             inner.l1.insert(key.clone(), slot);
         }
         let published = vec![key.to_key_bytes().into_owned()];
-        Inner::write_through(
-            inner,
-            l2_entry.into_iter().collect(),
-            Vec::new(),
-            published,
-            writing,
-        )
-        .await;
+        Inner::write_through(inner, l2_entry.into_iter().collect(), published, writing).await;
         Ok(())
     }
 
@@ -528,7 +521,9 @@ where
 
     /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys.
     ///
-    /// Fails, removing nothing, when a key is invalid.
+    /// In L2 each key gets a tombstone (read as absent) rather than a delete, so that a value
+    /// loaded before the removal, on any instance, never replaces it. Fails, removing nothing,
+    /// when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
         let span = tracing::debug_span!("cache.remove", cache = %self.inner.config.name);
         self.remove_keys(keys).instrument(span).await
@@ -552,7 +547,7 @@ where
             Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
             None => Vec::new(),
         };
-        Inner::write_through(inner, tombstones, Vec::new(), published, writing).await;
+        Inner::write_through(inner, tombstones, published, writing).await;
         Ok(())
     }
 
@@ -693,35 +688,32 @@ where
         }
     }
 
-    /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
-    /// bus: after L2 has the change, so that an instance reading L2 on the message sees it.
-    /// With a bus, this runs in a spawned task, so a caller dropped meanwhile cannot skip the
-    /// message; without one, a dropped write leaves the key pending (see `L2`).
+    /// Writes `entries` (values, or tombstones of removed keys) to L2, then announces `keys`
+    /// on the invalidation bus: after L2 has the change, so that an instance reading L2 on the
+    /// message sees it. With a bus, this runs in a spawned task, so a caller dropped meanwhile
+    /// cannot skip the message; without one, a dropped write leaves the key pending (see `L2`).
     async fn write_through(
         this: &Arc<Self>,
         entries: Vec<KvEntry>,
-        deletes: Vec<Key>,
         keys: Vec<Vec<u8>>,
         writing: Vec<Writing<K, V>>,
     ) {
-        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry], deletes: &[Key]) {
-            let Some(l2) = l2 else { return };
-            if !entries.is_empty() {
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) {
+            if let Some(l2) = l2
+                && !entries.is_empty()
+            {
                 l2.set_many(entries).await;
-            }
-            if !deletes.is_empty() {
-                l2.delete(deletes).await;
             }
         }
         if this.invalidation.is_none() {
-            l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            l2_work(this.l2.as_ref(), &entries).await;
             drop(writing);
             return;
         }
         let this = Arc::clone(this);
         let task = tokio::spawn(
             async move {
-                l2_work(this.l2.as_ref(), &entries, &deletes).await;
+                l2_work(this.l2.as_ref(), &entries).await;
                 drop(writing);
                 if let Some(invalidation) = &this.invalidation {
                     invalidation.publish_keys(keys.iter().map(Vec::as_slice));

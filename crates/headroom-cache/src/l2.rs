@@ -1,10 +1,10 @@
 //! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
 //! failing the caller. Writes a user made (insert, remove) that did not reach L2 are remembered
-//! as pending deletes (a load's write-back that fails is not: L2 then holds nothing older
-//! than what the load read): until a
-//! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy. A key
-//! that cannot be remembered (the backlog is full) makes all of L2 untrusted for the longest
-//! lifetime of an entry, after which any copy it could have missed has expired.
+//! as pending deletes: until a delete of the key reaches L2, this instance never reads the
+//! key's (outdated) L2 copy. A load's write-back that fails is not remembered: L2 then holds
+//! nothing older than what the load read. A key that cannot be remembered (the backlog is
+//! full) makes all of L2 untrusted for the longest lifetime of an entry, after which any copy
+//! it could have missed has expired.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -226,22 +226,6 @@ impl L2 {
             self.store.set_if_newer(entries, envelope::CREATED_AT),
         )
         .await;
-    }
-
-    /// Deletes keys; keys that were not deleted become pending deletes, also when the caller
-    /// is dropped before the delete completes.
-    pub(crate) async fn delete(self: &Arc<Self>, keys: &[Key]) {
-        let mut unsure = Unsure {
-            l2: self,
-            keys: Some(keys.iter()),
-        };
-        let deleted = self.call("delete", self.store.delete(keys)).await.is_some();
-        let keys = unsure.keys.take().into_iter().flatten();
-        if deleted {
-            self.settled(keys);
-        } else {
-            self.outdated(keys);
-        }
     }
 
     /// Deletes a key whose bytes could not be decoded, without making the reader wait; only
