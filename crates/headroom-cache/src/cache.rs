@@ -1166,10 +1166,9 @@ where
             .loader_hard_timeout
             .unwrap_or(lock.wait)
             .saturating_add(config.l2_timeout);
-        let claim = lock
-            .claim(&key.to_key_bytes(), lease, &self.clock, config.l2_timeout)
-            .await;
-        match claim {
+        let key_bytes = key.to_key_bytes();
+        let claim = || lock.claim(&key_bytes, lease, &self.clock, config.l2_timeout);
+        match claim().await {
             Claim::Held(guard) => return Ok(Some(guard)),
             Claim::Unavailable => return Ok(None),
             Claim::Taken => {}
@@ -1191,6 +1190,12 @@ where
                 && now < slot.fresh_until
             {
                 return Err(slot);
+            }
+            // A holder that finished without a value for L2 (the source has none) freed the lock.
+            match claim().await {
+                Claim::Held(guard) => return Ok(Some(guard)),
+                Claim::Unavailable => return Ok(None),
+                Claim::Taken => {}
             }
         }
     }

@@ -1562,3 +1562,50 @@ async fn a_fleet_lock_held_too_long_does_not_block_reads() {
     assert!(waited >= 3 * SEC && waited < 4 * SEC, "waited {waited:?}");
     hung.abort();
 }
+
+/// A holder whose load finds nothing frees the lock: a waiting instance loads at once rather
+/// than waiting out the whole bound.
+#[tokio::test(start_paused = true)]
+async fn a_fleet_lock_freed_without_a_value_ends_the_wait() {
+    let (l2, leases) = (
+        MemoryKvStore::new(),
+        headroom_core::memory::MemoryLeaseStore::new(),
+    );
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), 60 * SEC)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let first = tokio::spawn({
+        let (a, gate) = (a.clone(), Arc::clone(&gate));
+        async move {
+            a.get_or_load(&key("k"), move |_| async move {
+                let _ = started_tx.send(());
+                let _permit = gate.acquire().await.expect("gate");
+                Ok::<Option<String>, CacheError>(None)
+            })
+            .await
+        }
+    });
+    started.recv().await.unwrap();
+    let clock = tokio::time::Instant::now();
+    let second = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.get_or_load(&key("k"), |_| async {
+                Ok::<_, CacheError>(Some("b".to_owned()))
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(SEC).await;
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap(), None);
+    assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("b"));
+    assert!(clock.elapsed() < 2 * SEC, "waited {:?}", clock.elapsed());
+}
