@@ -58,7 +58,8 @@ pub struct Envelope<'a> {
     pub expires_unix_ms: u64,
     /// The user's schema version of the payload (0 when unset).
     pub schema: u32,
-    /// Whether the entry is a tombstone: the key was removed at `created_unix_ms`.
+    /// Whether the entry is a tombstone: the key was removed at `created_unix_ms`. A
+    /// tombstone has no payload.
     pub tombstone: bool,
     /// Tags attached to the entry.
     pub tags: Vec<&'a str>,
