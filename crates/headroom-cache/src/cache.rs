@@ -1449,6 +1449,12 @@ where
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
         }
+        // Per key, whether the cache held a value (which a "not found" must remove) and its
+        // tags (which a loaded value keeps).
+        let held: Vec<Option<Tags>> = best
+            .iter()
+            .map(|slot| slot.as_ref().map(|slot| slot.tags.clone()))
+            .collect();
         // Filled slots are servable, so their outcome is known and no fail-safe needs them.
         for (i, slot) in best.iter_mut().enumerate() {
             if fill[i]
@@ -1476,9 +1482,9 @@ where
                     let key = &keys[i];
                     let value = found.remove(key);
                     let entry = if value.is_some() || self.config.negative_ttl.is_some() {
-                        let tags = best[i].as_ref().and_then(|slot| slot.tags.clone());
+                        let tags = held[i].clone().flatten();
                         self.store(key, value.clone(), writes[i], version, tags)
-                    } else if best[i].is_some() {
+                    } else if held[i].is_some() {
                         self.forget(key, writes[i], version)
                     } else {
                         None

@@ -1609,3 +1609,62 @@ async fn a_fleet_lock_freed_without_a_value_ends_the_wait() {
     assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("b"));
     assert!(clock.elapsed() < 2 * SEC, "waited {:?}", clock.elapsed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_refresh_that_finds_nothing_removes_the_old_value() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "old".into()).await.unwrap();
+    clock.advance(6 * SEC);
+    let nothing = |_: Vec<String>| async { Ok::<_, CacheError>(HashMap::new()) };
+    let values = cache.get_many_or_load(&[k.clone()], nothing).await.unwrap();
+    assert_eq!(
+        values,
+        vec![Some("old".to_owned())],
+        "served, refreshed in the background"
+    );
+    common::idle().await;
+    assert_eq!(cache.get(&k).await.unwrap(), None, "the refresh removed it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_refresh_keeps_the_entry_tags() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache
+        .insert_tagged(k.clone(), "old".into(), &["t"])
+        .await
+        .unwrap();
+    clock.advance(6 * SEC);
+    let fresh = |keys: Vec<String>| async move {
+        Ok::<_, CacheError>(
+            keys.into_iter()
+                .map(|k| (k, "new".to_owned()))
+                .collect::<HashMap<_, _>>(),
+        )
+    };
+    cache.get_many_or_load(&[k.clone()], fresh).await.unwrap();
+    common::idle().await;
+    clock.advance(Duration::from_millis(1));
+    cache.invalidate_tag("t");
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "the refreshed entry still carries its tag"
+    );
+}
