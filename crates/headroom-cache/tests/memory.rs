@@ -1625,7 +1625,10 @@ async fn a_batch_refresh_that_finds_nothing_removes_the_old_value() {
     cache.insert(k.clone(), "old".into()).await.unwrap();
     clock.advance(6 * SEC);
     let nothing = |_: Vec<String>| async { Ok::<_, CacheError>(HashMap::new()) };
-    let values = cache.get_many_or_load(&[k.clone()], nothing).await.unwrap();
+    let values = cache
+        .get_many_or_load(std::slice::from_ref(&k), nothing)
+        .await
+        .unwrap();
     assert_eq!(
         values,
         vec![Some("old".to_owned())],
@@ -1658,7 +1661,10 @@ async fn a_batch_refresh_keeps_the_entry_tags() {
                 .collect::<HashMap<_, _>>(),
         )
     };
-    cache.get_many_or_load(&[k.clone()], fresh).await.unwrap();
+    cache
+        .get_many_or_load(std::slice::from_ref(&k), fresh)
+        .await
+        .unwrap();
     common::idle().await;
     clock.advance(Duration::from_millis(1));
     cache.invalidate_tag("t");
