@@ -845,40 +845,6 @@ async fn a_graceful_shutdown_costs_the_others_no_flush() {
     served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
 }
 
-<<<<<<< HEAD
-/// A rolling restart: B says goodbye and a new instance takes its place and writes. A, which
-/// stayed up, keeps its L1: the newcomer's messages start at sequence 0, so no gap shows.
-async fn a_restart_costs_the_survivor_no_flush(parts: Vec<Parts>, ns: Namespace) {
-    let mut parts = parts.into_iter();
-    let (a_parts, a_calls) = probed(parts.next().unwrap());
-    let a = cache(a_parts, &ns);
-    let b = cache(parts.next().unwrap(), &ns);
-    live(&[a.clone(), b.clone()]).await;
-    a.insert("k".into(), 1).await.unwrap();
-    settle_in_l1(&a, &a_calls, "k", 1).await;
-    b.insert("other".into(), 1).await.unwrap();
-    b.shutdown().await;
-    drop(b);
-    let c = cache(parts.next().unwrap(), &ns);
-    live(std::slice::from_ref(&c)).await;
-    c.insert("other".into(), 2).await.unwrap();
-    settle_value(&a, "other", Some(2)).await;
-    served_from_l1_throughout(&a, &a_calls, "k", 1, config().max_silence * 2).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_costs_the_survivor_no_flush_on_memory_bus() {
-    a_restart_costs_the_survivor_no_flush(memory_parts(3), unique_namespace("restart")).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_costs_the_survivor_no_flush_on_redis_cluster() {
-    a_restart_costs_the_survivor_no_flush(cluster_parts(3).await, unique_namespace("restart"))
-        .await;
-}
-
-=======
->>>>>>> redis
 /// Dropping a cache releases what it holds in Redis: its invalidation channel is unsubscribed
 /// and its tracking connection closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -968,8 +934,6 @@ async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
         "L1 still used {noticed:?} after the last message"
     );
 }
-<<<<<<< HEAD
-=======
 
 /// A rolling restart: B says goodbye and a new instance takes its place and writes. A, which
 /// stayed up, keeps its L1: the newcomer's messages start at sequence 0, so no gap shows.
@@ -1001,4 +965,3 @@ async fn a_restart_costs_the_survivor_no_flush_on_redis_cluster() {
     a_restart_costs_the_survivor_no_flush(cluster_parts(3).await, unique_namespace("restart"))
         .await;
 }
->>>>>>> redis
