@@ -92,5 +92,32 @@ fn kv(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, kv);
+/// Writes of new keys into a full memory store, each evicting one entry: the cost must not
+/// grow with the store's size.
+fn memory_set_when_full(c: &mut Criterion) {
+    let runtime = runtime();
+    let ns = Namespace::new("bench").expect("namespace");
+    let value = Bytes::from_static(b"v");
+    let mut group = c.benchmark_group("kv_memory_set_full");
+    for entries in [10_000usize, 1_000_000] {
+        let store = MemoryKvStore::builder().max_entries(entries).build();
+        let mut next = 0u64;
+        let mut write = |store: &MemoryKvStore| {
+            next += 1;
+            let key = ns.key(next.to_be_bytes()).expect("key");
+            runtime
+                .block_on(store.set(&key, value.clone(), Duration::from_secs(600)))
+                .expect("set");
+        };
+        for _ in 0..entries {
+            write(&store);
+        }
+        group.bench_function(BenchmarkId::new("headroom_memory", entries), |b| {
+            b.iter(|| write(&store));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, kv, memory_set_when_full);
 criterion_main!(benches);

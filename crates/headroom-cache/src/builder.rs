@@ -6,6 +6,7 @@ use std::time::Duration;
 use headroom_core::bus::Subscription;
 use headroom_core::bus::{DynInvalidationBus, InvalidationBus};
 use headroom_core::kv::{DynKvStore, KvStore};
+use headroom_core::lease::{DynLeaseStore, LeaseStore};
 use headroom_core::{Clock, Namespace};
 use moka::notification::RemovalCause;
 use serde::Serialize;
@@ -13,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{Bound, Codec, Postcard, ValueCodec};
 use crate::l2::L2;
+use crate::lock::FleetLock;
 use crate::metrics::Metrics;
 use crate::{Cache, CacheConfig, CacheKey, ConfigError, InvalidationConfig, ShutdownGroup};
 
@@ -30,6 +32,7 @@ pub struct CacheBuilder<K, V> {
     invalidation: Option<(DynInvalidationBus, InvalidationConfig)>,
     external_writes: Option<Subscription>,
     shutdown_group: Option<ShutdownGroup>,
+    fleet_lock: Option<(DynLeaseStore, Duration)>,
     key: PhantomData<fn(K)>,
 }
 
@@ -59,6 +62,7 @@ where
             invalidation: None,
             external_writes: None,
             shutdown_group: None,
+            fleet_lock: None,
             key: PhantomData,
         }
     }
@@ -133,6 +137,18 @@ where
         self
     }
 
+    /// One load of a key at a time across every instance (a fleet-wide single flight): before
+    /// calling its loader, an instance claims the key's lock in `leases` (memory or Redis,
+    /// shared by the fleet). The holder loads and writes the value to L2; the others poll L2
+    /// for a fresh value and use it, for at most `wait`, after which they load anyway, so a
+    /// lost or slow holder never blocks reads. A lease store that does not answer within
+    /// `l2_timeout` is skipped. Applies to `get_or_load` and its refreshes (not to batches).
+    /// Needs an L2; lock records live in the namespace `<l2 namespace>.fleet-lock`.
+    pub fn fleet_lock(mut self, leases: impl LeaseStore, wait: Duration) -> Self {
+        self.fleet_lock = Some((DynLeaseStore::new(leases), wait));
+        self
+    }
+
     /// The codec of L2 values (default [`Postcard`]).
     pub fn codec<C: Codec>(mut self, codec: C) -> Self {
         self.codec = Box::new(Bound::new(codec));
@@ -148,6 +164,12 @@ where
     /// See [`CacheConfig::l1_max_capacity`].
     pub fn l1_max_capacity(mut self, entries: u64) -> Self {
         self.config.l1_max_capacity = entries;
+        self
+    }
+
+    /// See [`CacheConfig::l1_max_bytes`].
+    pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
+        self.config.l1_max_bytes = Some(bytes);
         self
     }
 
@@ -195,6 +217,12 @@ where
         self
     }
 
+    /// See [`CacheConfig::fail_safe_throttle`].
+    pub fn fail_safe_throttle(mut self, throttle: Duration) -> Self {
+        self.config.fail_safe_throttle = throttle;
+        self
+    }
+
     /// See [`CacheConfig::loader_soft_timeout`].
     pub fn loader_soft_timeout(mut self, timeout: Duration) -> Self {
         self.config.loader_soft_timeout = Some(timeout);
@@ -234,6 +262,12 @@ where
     /// See [`CacheConfig::l1_eviction_metric`].
     pub fn l1_eviction_metric(mut self, enabled: bool) -> Self {
         self.config.l1_eviction_metric = enabled;
+        self
+    }
+
+    /// See [`CacheConfig::schema_version`].
+    pub fn schema_version(mut self, version: u32) -> Self {
+        self.config.schema_version = version;
         self
     }
 
@@ -286,9 +320,25 @@ where
                 Some((writes, prefix))
             }
         };
+        let fleet_lock = match (self.fleet_lock, &self.l2) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "a fleet lock needs an l2, where waiting instances find the loaded value",
+                ));
+            }
+            (Some((store, wait)), Some((_, namespace))) => {
+                Some(FleetLock::new(store, namespace, wait)?)
+            }
+        };
         let metrics = Arc::new(Metrics::new(&self.config.name));
-        let mut l1 = moka::sync::Cache::builder()
-            .max_capacity(self.config.l1_max_capacity)
+        let l1 = match self.config.l1_max_bytes {
+            Some(bytes) => moka::sync::Cache::builder()
+                .max_capacity(bytes)
+                .weigher(|_, slot: &crate::cache::Slot<V>| slot.weight),
+            None => moka::sync::Cache::builder().max_capacity(self.config.l1_max_capacity),
+        };
+        let mut l1 = l1
             // Serving decisions use the cache's clock and each entry's deadlines; this only
             // frees memory once no entry can be served any more, fail-safe window included. A
             // global TTL keeps moka's read path as fast as without expiry.
@@ -329,6 +379,7 @@ where
             metrics,
             invalidation,
             external_writes,
+            fleet_lock,
         );
         if let Some(group) = &self.shutdown_group {
             cache.join(group);

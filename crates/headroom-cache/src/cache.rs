@@ -3,7 +3,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::codec::ValueCodec;
 use crate::config::CacheConfig;
@@ -25,11 +26,14 @@ use crate::error::{CacheError, CacheErrorKind};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
+use crate::lock::{Claim, FleetLock, LockGuard};
 use crate::metrics::Metrics;
 use crate::{CacheBuilder, TtlFn};
 
 /// Stripes of the write counters that tell a load whether its key was written meanwhile.
 const WRITE_STRIPES: usize = 256;
+/// Bytes an L1 entry costs besides its key and value (moka's node and the slot's deadlines).
+const SLOT_OVERHEAD: usize = 100;
 /// The most invalidated tags remembered (see `Inner::hide_tag`).
 const MAX_HIDDEN_TAGS: usize = 10_000;
 
@@ -136,7 +140,14 @@ pub(crate) struct Slot<V> {
     expires_at: Instant,
     /// Until then, the value may be served when a load fails (fail-safe).
     stale_until: Instant,
+    /// Kept so that a refresh writes the entry back with them.
+    tags: Tags,
+    /// Bytes counted against `l1_max_bytes` (see `Inner::weigh`).
+    pub(crate) weight: u32,
 }
+
+/// The tags of an entry (`None` when it has none), shared by its L1 slot and its loads.
+type Tags = Option<Arc<[Box<str>]>>;
 
 /// A key's write counter stripe and its value when a read or load began.
 #[derive(Clone, Copy)]
@@ -164,8 +175,13 @@ pub(crate) struct Inner<K, V> {
     in_flight: Mutex<HashMap<K, InFlight<K, V>>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
+    /// Per write stripe, the writes whose L2 change has not landed yet: no read fills L1
+    /// meanwhile, since what it read from L2 may be the state the write replaces.
+    writing: Box<[AtomicU32]>,
     hasher: RandomState,
     invalidation: Option<Invalidation>,
+    /// One load of a key at a time across the fleet (see `CacheBuilder::fleet_lock`).
+    fleet_lock: Option<FleetLock>,
     /// Whether the subscription to writes made by other programs is live (when there is one).
     external_live: Option<Arc<AtomicBool>>,
     /// Dropped with the cache: stops the task watching writes made by other programs.
@@ -198,10 +214,12 @@ where
         metrics: Arc<Metrics>,
         invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
         external_writes: Option<(Subscription, Vec<u8>)>,
+        fleet_lock: Option<FleetLock>,
     ) -> Self {
         let (external_stop, external_stopped) = tokio::sync::oneshot::channel();
         let cache = Self {
             inner: Arc::new(Inner {
+                fleet_lock,
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
                     Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
                 }),
@@ -222,6 +240,7 @@ where
                 in_flight: Mutex::new(HashMap::new()),
                 loads: AtomicU64::new(0),
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                writing: (0..WRITE_STRIPES).map(|_| AtomicU32::new(0)).collect(),
                 hasher: RandomState::new(),
             }),
         };
@@ -266,7 +285,10 @@ where
         inner.metrics.l1_misses.increment(1);
         match &inner.l2 {
             // Boxed so that the future of an L1 hit stays small.
-            Some(l2) => Box::pin(inner.read_l2(l2, key)).await,
+            Some(l2) => {
+                let span = tracing::debug_span!("cache.get", cache = %inner.config.name);
+                Box::pin(inner.read_l2(l2, key).instrument(span)).await
+            }
             None => Ok(None),
         }
     }
@@ -278,12 +300,50 @@ where
     ///   not cancel it for the others.
     /// - A hit past its soft TTL is served at once and refreshed in the background.
     /// - `Ok(None)` from the loader means "not found": returned, and cached for the negative
-    ///   TTL when one is configured.
+    ///   TTL when one is configured; otherwise a value the cache held for the key is removed
+    ///   (L1 here, a tombstone in L2), so that fail-safe never serves it again.
     /// - When the loader fails or times out and a value within `fail_safe_max_stale` past its
     ///   TTL is at hand (in L1 or L2), that stale value is served instead of the error.
     ///
-    /// The loader gets the key by value and returns `Result<Option<V>, E>`.
+    /// The loader gets the key by value and returns `Result<Option<V>, E>`. A loaded value
+    /// keeps the tags of the entry it replaces (see
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged)).
     pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        self.read_or_load(key, None, loader).await
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load), and a value this call loads (or refreshes)
+    /// carries `tags`, so that [`invalidate_tag`](Self::invalidate_tag) of any of them removes
+    /// it. A call that joins a load already in flight gets that load's value and tags.
+    ///
+    /// Fails with [`CacheErrorKind::InvalidTag`] as [`insert_tagged`](Self::insert_tagged) does.
+    pub async fn get_or_load_tagged<F, Fut, E>(
+        &self,
+        key: &K,
+        tags: &[&str],
+        loader: F,
+    ) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        check_tags(tags)?;
+        let tags: Tags = (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect());
+        self.read_or_load(key, tags, loader).await
+    }
+
+    async fn read_or_load<F, Fut, E>(
+        &self,
+        key: &K,
+        tags: Tags,
+        loader: F,
+    ) -> Result<Option<V>, CacheError>
     where
         F: FnOnce(K) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -302,12 +362,16 @@ where
                 inner.metrics.l1_hits.increment(1);
                 inner.metrics.refreshes.increment(1);
                 // Starts (or joins) a load without waiting for it.
-                drop(Inner::join_or_load(inner, key, loader));
+                let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+                span.in_scope(|| drop(Inner::join_or_load(inner, key, tags, loader)));
                 return Ok(slot.value);
             }
         }
         inner.metrics.l1_misses.increment(1);
-        Inner::join_or_load(inner, key, loader).await
+        let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+        // The load is spawned inside the span, and runs in it.
+        let wait = span.in_scope(|| Inner::join_or_load(inner, key, tags, loader));
+        wait.instrument(span).await
     }
 
     /// Reads many values: L1 first, then L2 in one round trip for all L1 misses, then one call
@@ -319,6 +383,20 @@ where
     /// is configured). When the loader fails, keys with a stale value within
     /// `fail_safe_max_stale` are served that value; if any key has none, the call fails.
     pub async fn get_many_or_load<F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<V>>, CacheError>
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
+    {
+        let span = tracing::debug_span!("cache.get_many", cache = %self.inner.config.name);
+        self.read_many_or_load(keys, loader).instrument(span).await
+    }
+
+    async fn read_many_or_load<F, Fut, E>(
         &self,
         keys: &[K],
         loader: F,
@@ -408,27 +486,32 @@ where
     /// Fails with [`CacheErrorKind::InvalidTag`] for an empty tag, one over 255 bytes, or more
     /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
     pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.insert", cache = %self.inner.config.name);
+        self.write_value(key, value, tags).instrument(span).await
+    }
+
+    async fn write_value(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
-            return Err(CacheError::new(CacheErrorKind::InvalidTag));
-        }
+        check_tags(tags)?;
         let times = inner.times(Some(&value));
         let l2_entry = match &inner.l2 {
             Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
         };
-        inner.bump_writes(&key);
-        let slot = inner.slot(
+        let writing = vec![Inner::begin_write(inner, &key)];
+        let mut slot = inner.slot(
             Some(value),
             times,
             inner.clock.now(),
             inner.clock.unix_millis(),
+            (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect()),
         );
+        inner.weigh(&key, &mut slot, l2_entry.as_ref().map(|e| e.value.len()));
         if inner.l1_usable() {
             inner.l1.insert(key.clone(), slot);
         }
         let published = vec![key.to_key_bytes().into_owned()];
-        Inner::write_through(inner, l2_entry.into_iter().collect(), Vec::new(), published).await;
+        Inner::write_through(inner, l2_entry.into_iter().collect(), published, writing).await;
         Ok(())
     }
 
@@ -443,25 +526,33 @@ where
 
     /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys.
     ///
-    /// Fails, removing nothing, when a key is invalid.
+    /// In L2 each key gets a tombstone (read as absent) rather than a delete, so that a value
+    /// loaded before the removal, on any instance, never replaces it. Fails, removing nothing,
+    /// when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.remove", cache = %self.inner.config.name);
+        self.remove_keys(keys).instrument(span).await
+    }
+
+    async fn remove_keys(&self, keys: &[K]) -> Result<(), CacheError> {
         let inner = &self.inner;
-        let full = match &inner.l2 {
+        let tombstones = match &inner.l2 {
             Some(l2) => keys
                 .iter()
-                .map(|key| inner.l2_key(l2, key))
+                .map(|key| inner.tombstone(l2, key, inner.clock.unix_millis()))
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        let mut writing = Vec::with_capacity(keys.len());
         for key in keys {
-            inner.bump_writes(key);
+            writing.push(Inner::begin_write(inner, key));
             inner.l1.invalidate(key);
         }
         let published = match inner.invalidation {
             Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
             None => Vec::new(),
         };
-        Inner::write_through(inner, Vec::new(), full, published).await;
+        Inner::write_through(inner, tombstones, published, writing).await;
         Ok(())
     }
 
@@ -575,6 +666,11 @@ where
         self.writes[mark.stripe].load(Ordering::Acquire) == mark.count
     }
 
+    /// Whether no write happened since `mark` and none is still reaching L2.
+    fn settled(&self, mark: WriteMark) -> bool {
+        self.writing[mark.stripe].load(Ordering::Acquire) == 0 && self.unchanged(mark)
+    }
+
     /// Records a write of `key`: loads started before it no longer fill the cache, and later
     /// reads start a new load instead of joining theirs.
     fn bump_writes(&self, key: &K) {
@@ -583,35 +679,53 @@ where
         self.in_flight.lock().remove(key);
     }
 
-    /// Writes `entries` and deletes `deletes` in L2, then announces `keys` on the invalidation
-    /// bus: after L2 has the change, so that an instance reading L2 on the message sees it.
-    /// With a bus, this runs in a spawned task, so a caller dropped meanwhile cannot skip the
-    /// message; without one, a dropped write leaves the key pending (see `L2`).
+    /// Records a write of `key` whose L2 change is under way: until the returned guard is
+    /// dropped (after L2 has the change, or the change was given up), no read fills L1 with
+    /// the key's stripe; dropping it counts as another write, so reads begun meanwhile do not
+    /// fill L1 either.
+    fn begin_write(this: &Arc<Self>, key: &K) -> Writing<K, V> {
+        this.bump_writes(key);
+        let stripe = this.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        this.writing[stripe].fetch_add(1, Ordering::AcqRel);
+        Writing {
+            inner: Arc::clone(this),
+            stripe,
+        }
+    }
+
+    /// Writes `entries` (values, or tombstones of removed keys) to L2, then announces `keys`
+    /// on the invalidation bus: after L2 has the change, so that an instance reading L2 on the
+    /// message sees it. With a bus, this runs in a spawned task, so a caller dropped meanwhile
+    /// cannot skip the message; without one, a dropped write leaves the key pending (see `L2`).
     async fn write_through(
         this: &Arc<Self>,
         entries: Vec<KvEntry>,
-        deletes: Vec<Key>,
         keys: Vec<Vec<u8>>,
+        writing: Vec<Writing<K, V>>,
     ) {
-        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry], deletes: &[Key]) {
-            let Some(l2) = l2 else { return };
-            if !entries.is_empty() {
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) {
+            if let Some(l2) = l2
+                && !entries.is_empty()
+            {
                 l2.set_many(entries).await;
-            }
-            if !deletes.is_empty() {
-                l2.delete(deletes).await;
             }
         }
         if this.invalidation.is_none() {
-            return l2_work(this.l2.as_ref(), &entries, &deletes).await;
+            l2_work(this.l2.as_ref(), &entries).await;
+            drop(writing);
+            return;
         }
         let this = Arc::clone(this);
-        let task = tokio::spawn(async move {
-            l2_work(this.l2.as_ref(), &entries, &deletes).await;
-            if let Some(invalidation) = &this.invalidation {
-                invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+        let task = tokio::spawn(
+            async move {
+                l2_work(this.l2.as_ref(), &entries).await;
+                drop(writing);
+                if let Some(invalidation) = &this.invalidation {
+                    invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+                }
             }
-        });
+            .in_current_span(),
+        );
         // The task never panics; a runtime shutting down is the only other way it ends early.
         let _ = task.await;
     }
@@ -672,12 +786,12 @@ where
 
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
     fn fill_l1(&self, key: &K, slot: Slot<V>, write: WriteMark) -> bool {
-        if !self.unchanged(write) || !self.l1_usable() {
+        if !self.settled(write) || !self.l1_usable() {
             return false;
         }
         self.l1.insert(key.clone(), slot);
         // A write that raced with the insert wins: drop what was just put.
-        if !self.unchanged(write) {
+        if !self.settled(write) {
             self.l1.invalidate(key);
             return false;
         }
@@ -710,7 +824,14 @@ where
     }
 
     /// An L1 slot for `times`, read at `now` (whose wall time is `now_ms`).
-    fn slot(&self, value: Option<V>, times: Times, now: Instant, now_ms: u64) -> Slot<V> {
+    fn slot(
+        &self,
+        value: Option<V>,
+        times: Times,
+        now: Instant,
+        now_ms: u64,
+        tags: Tags,
+    ) -> Slot<V> {
         let after = |ms: u64| now + Duration::from_millis(ms.saturating_sub(now_ms));
         let stale_ms = times
             .expires
@@ -726,7 +847,29 @@ where
             fresh_until: after(times.fresh_until).min(expires_at),
             expires_at,
             stale_until,
+            tags,
+            weight: 0,
         }
+    }
+
+    /// Sets the L1 weight of `slot`: the key, the encoded value (`encoded` bytes when known)
+    /// and the bookkeeping. Only weighed when L1 is bounded by bytes.
+    fn weigh(&self, key: &K, slot: &mut Slot<V>, encoded: Option<usize>) {
+        if self.config.l1_max_bytes.is_none() {
+            return;
+        }
+        let encoded = encoded.unwrap_or_else(|| {
+            let mut bytes = Vec::new();
+            match &slot.value {
+                Some(value) => self
+                    .codec
+                    .encode(value, &mut bytes)
+                    .map_or(0, |()| bytes.len()),
+                None => 0,
+            }
+        });
+        let total = key.to_key_bytes().len() + encoded + SLOT_OVERHEAD;
+        slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
     }
 
     /// The L2 entry for a value produced at `times`.
@@ -745,6 +888,7 @@ where
             self.codec.id(),
             [times.created, times.fresh_until, times.expires],
             value.is_none(),
+            self.config.schema_version,
             tags,
         );
         if let Some(value) = value {
@@ -774,6 +918,33 @@ where
         })
     }
 
+    /// The L2 entry that records the removal of `key` at `at_unix_ms`: a tombstone, read as
+    /// absent, which no value loaded before the removal replaces (see `store`). It lives as
+    /// long as such a load may still write: the loader's hard timeout plus the L2 timeout
+    /// (without a hard timeout, an entry's whole lifetime).
+    fn tombstone(&self, l2: &L2, key: &K, at_unix_ms: u64) -> Result<KvEntry, CacheError> {
+        let key = self.l2_key(l2, key)?;
+        let config = &self.config;
+        let ttl = config
+            .loader_hard_timeout
+            .unwrap_or_else(|| config.max_entry_lifetime())
+            .saturating_add(config.l2_timeout)
+            .max(Duration::from_millis(1));
+        let expires = at_unix_ms.saturating_add(millis(ttl));
+        let mut bytes = Vec::with_capacity(40);
+        envelope::write_tombstone(
+            &mut bytes,
+            self.codec.id(),
+            [at_unix_ms, at_unix_ms, expires],
+            self.config.schema_version,
+        );
+        Ok(KvEntry {
+            key,
+            value: Bytes::from(bytes),
+            ttl,
+        })
+    }
+
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
     /// are entries past their fail-safe window.
     fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Slot<V>> {
@@ -783,31 +954,42 @@ where
                 if env.codec != self.codec.id() {
                     return Err("written by another codec".into());
                 }
-                if self.hidden(env.created_unix_ms, &env.tags) {
+                // Another schema's entry is not corrupt: a miss, left for its own readers.
+                if env.tombstone
+                    || env.schema != self.config.schema_version
+                    || self.hidden(env.created_unix_ms, &env.tags)
+                {
                     return Ok(None);
                 }
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
+                let tags: Tags =
+                    (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
                 Ok(Some((
                     env.created_unix_ms,
                     env.fresh_until_unix_ms,
                     env.expires_unix_ms,
                     value,
+                    tags,
                 )))
             });
         match decoded {
             Ok(None) => None,
-            Ok(Some((created, fresh_until, expires, value))) => {
+            Ok(Some((created, fresh_until, expires, value, tags))) => {
                 let times = Times {
                     created,
                     fresh_until,
                     expires,
                 };
-                let slot = self.slot(value, times, now, self.clock.unix_millis());
+                let mut slot = self.slot(value, times, now, self.clock.unix_millis(), tags);
+                if self.config.l1_max_bytes.is_some() {
+                    let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
+                    slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
+                }
                 (now < slot.stale_until).then_some(slot)
             }
             Err(error) => {
                 tracing::debug!(%error, "L2 value is not a valid envelope");
-                l2.discard(key);
+                l2.discard(key, bytes);
                 None
             }
         }
@@ -817,6 +999,7 @@ where
     fn join_or_load<F, Fut, E>(
         this: &Arc<Self>,
         key: &K,
+        tags: Tags,
         loader: F,
     ) -> BoxFuture<'static, Outcome<V>>
     where
@@ -844,7 +1027,11 @@ where
             },
         );
         drop(in_flight);
-        tokio::spawn(Arc::clone(this).load(load, key.clone(), loader, reply));
+        tokio::spawn(
+            Arc::clone(this)
+                .load(load, key.clone(), tags, loader, reply)
+                .in_current_span(),
+        );
         pending.boxed()
     }
 
@@ -853,6 +1040,7 @@ where
         self: Arc<Self>,
         load: u64,
         key: K,
+        tags: Tags,
         loader: F,
         reply: oneshot::Sender<Outcome<V>>,
     ) where
@@ -897,7 +1085,20 @@ where
                 return;
             }
         }
+        // With a fleet lock, one instance loads; the others wait for its value in L2.
+        let _lock = match (&self.fleet_lock, &self.l2) {
+            (Some(lock), Some(l2)) => match self.claim_or_wait(lock, l2, &key).await {
+                Ok(guard) => guard,
+                Err(loaded) => {
+                    send(&mut reply, Ok(loaded.value.clone()));
+                    self.fill_l1(&key, loaded, write);
+                    return;
+                }
+            },
+            _ => None,
+        };
         let started = self.clock.now();
+        let version = self.clock.unix_millis();
         let load = self.bounded(loader(key.clone()));
         tokio::pin!(load);
         let result = match (self.config.loader_soft_timeout, &best) {
@@ -922,7 +1123,10 @@ where
                 self.metrics.loads.increment(1);
                 let cached = value.is_some() || self.config.negative_ttl.is_some();
                 let entry = if cached {
-                    self.store(&key, value.clone(), write)
+                    let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
+                    self.store(&key, value.clone(), write, version, tags)
+                } else if best.is_some() {
+                    self.forget(&key, write, version)
                 } else {
                     None
                 };
@@ -930,22 +1134,73 @@ where
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
                     && self.unchanged(write)
                 {
-                    l2.set_many(&[entry]).await;
+                    l2.set_loaded(&[entry]).await;
                 }
             }
             Err(error) => {
-                if reply.is_none() {
-                    return;
-                }
                 let now = self.clock.now();
                 match best.filter(|slot| now < slot.stale_until) {
                     Some(stale) => {
-                        self.metrics.stale_served.increment(1);
-                        tracing::warn!(%error, "load failed; serving a stale value (fail-safe)");
-                        send(&mut reply, Ok(stale.value.clone()));
+                        if reply.is_some() {
+                            self.metrics.stale_served.increment(1);
+                            tracing::warn!(
+                                %error,
+                                "load failed; serving a stale value (fail-safe)"
+                            );
+                            send(&mut reply, Ok(stale.value.clone()));
+                        }
+                        self.rest(&key, stale, write);
                     }
                     None => send(&mut reply, Err(error)),
                 }
+            }
+        }
+    }
+
+    /// Claims the fleet lock of `key`: `Ok` with the guard (or `None` when the lease store is
+    /// unavailable, or the wait ran out) means this instance loads; `Err` is the fresh value
+    /// another instance's load put in L2 meanwhile.
+    async fn claim_or_wait(
+        &self,
+        lock: &FleetLock,
+        l2: &Arc<L2>,
+        key: &K,
+    ) -> Result<Option<LockGuard>, Slot<V>> {
+        let config = &self.config;
+        let lease = config
+            .loader_hard_timeout
+            .unwrap_or(lock.wait)
+            .saturating_add(config.l2_timeout);
+        let key_bytes = key.to_key_bytes();
+        let claim = || lock.claim(&key_bytes, lease, &self.clock, config.l2_timeout);
+        match claim().await {
+            Claim::Held(guard) => return Ok(Some(guard)),
+            Claim::Unavailable => return Ok(None),
+            Claim::Taken => {}
+        }
+        let Ok(full) = self.l2_key(l2, key) else {
+            return Ok(None);
+        };
+        let deadline = self.clock.now() + lock.wait;
+        let poll = (lock.wait / 20).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        loop {
+            let now = self.clock.now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            self.clock.sleep(poll.min(deadline - now)).await;
+            let now = self.clock.now();
+            if let Some(bytes) = l2.get(&full).await.flatten()
+                && let Some(slot) = self.decode(l2, full.clone(), &bytes, now)
+                && now < slot.fresh_until
+            {
+                return Err(slot);
+            }
+            // A holder that finished without a value for L2 (the source has none) freed the lock.
+            match claim().await {
+                Claim::Held(guard) => return Ok(Some(guard)),
+                Claim::Unavailable => return Ok(None),
+                Claim::Taken => {}
             }
         }
     }
@@ -994,22 +1249,69 @@ where
     }
 
     /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
-    fn store(&self, key: &K, value: Option<V>, write: WriteMark) -> Option<KvEntry> {
-        let times = self.times(value.as_ref());
+    ///
+    /// The entry's created time (its version in L2) is `version`, when the load began: a
+    /// write made meanwhile elsewhere is newer, so this entry never replaces it.
+    fn store(
+        &self,
+        key: &K,
+        value: Option<V>,
+        write: WriteMark,
+        version: u64,
+        tags: Tags,
+    ) -> Option<KvEntry> {
+        let mut times = self.times(value.as_ref());
+        times.created = times.created.min(version);
+        let tag_refs: Vec<&str> = tags.iter().flat_map(|t| t.iter().map(|t| &**t)).collect();
         let entry = match &self.l2 {
-            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &[]) {
+            Some(l2) => match self.entry(l2, key, value.as_ref(), times, &tag_refs) {
                 Ok(entry) => Some(entry),
                 Err(error) => {
                     self.metrics.oversized.increment(1);
-                    tracing::warn!(%error, "loaded value kept in L1 only");
-                    None
+                    tracing::warn!(%error, "loaded value not cached");
+                    if self.unchanged(write) {
+                        // Whatever L1 held for the key is older than this value.
+                        self.l1.invalidate(key);
+                    }
+                    return None;
                 }
             },
             None => None,
         };
-        let slot = self.slot(value, times, self.clock.now(), self.clock.unix_millis());
+        let mut slot = self.slot(
+            value,
+            times,
+            self.clock.now(),
+            self.clock.unix_millis(),
+            tags,
+        );
+        self.weigh(key, &mut slot, entry.as_ref().map(|e| e.value.len()));
         self.fill_l1(key, slot, write);
         entry
+    }
+
+    /// The source no longer has the key (and "not found" is not cached): drops the copy
+    /// held here and returns a tombstone for L2, versioned when the load began so that it
+    /// replaces only entries older than the load.
+    fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
+        if self.unchanged(write) {
+            self.l1.invalidate(key);
+        }
+        let l2 = self.l2.as_ref()?;
+        self.tombstone(l2, key, version).ok()
+    }
+
+    /// After a failed load was answered with `stale`, serves it from L1 for the fail-safe
+    /// throttle (within its fail-safe window) without calling the loader.
+    fn rest(&self, key: &K, mut stale: Slot<V>, write: WriteMark) {
+        let throttle = self.config.fail_safe_throttle;
+        if throttle.is_zero() {
+            return;
+        }
+        let until = (self.clock.now() + throttle).min(stale.stale_until);
+        stale.fresh_until = until;
+        stale.expires_at = until;
+        self.fill_l1(key, stale, write);
     }
 
     /// Registers one batch load for every key not already in flight. Returns that load (if
@@ -1062,7 +1364,11 @@ where
         if to_load.is_empty() {
             return (None, joined);
         }
-        tokio::spawn(Arc::clone(this).load_many(load, to_load, loader, reply));
+        tokio::spawn(
+            Arc::clone(this)
+                .load_many(load, to_load, loader, reply)
+                .in_current_span(),
+        );
         (Some(batch), joined)
     }
 
@@ -1148,6 +1454,12 @@ where
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
         }
+        // Per key, whether the cache held a value (which a "not found" must remove) and its
+        // tags (which a loaded value keeps).
+        let held: Vec<Option<Tags>> = best
+            .iter()
+            .map(|slot| slot.as_ref().map(|slot| slot.tags.clone()))
+            .collect();
         // Filled slots are servable, so their outcome is known and no fail-safe needs them.
         for (i, slot) in best.iter_mut().enumerate() {
             if fill[i]
@@ -1160,6 +1472,7 @@ where
             return;
         }
         let started = self.clock.now();
+        let version = self.clock.unix_millis();
         let result = self
             .bounded(loader(to_load.iter().map(|&i| keys[i].clone()).collect()))
             .await;
@@ -1173,8 +1486,15 @@ where
                 for &i in &to_load {
                     let key = &keys[i];
                     let value = found.remove(key);
-                    if (value.is_some() || self.config.negative_ttl.is_some())
-                        && let Some(entry) = self.store(key, value.clone(), writes[i])
+                    let entry = if value.is_some() || self.config.negative_ttl.is_some() {
+                        let tags = held[i].clone().flatten();
+                        self.store(key, value.clone(), writes[i], version, tags)
+                    } else if held[i].is_some() {
+                        self.forget(key, writes[i], version)
+                    } else {
+                        None
+                    };
+                    if let Some(entry) = entry
                         && self.unchanged(writes[i])
                     {
                         entries.push(entry);
@@ -1189,10 +1509,12 @@ where
                     if outcomes.contains_key(key) {
                         continue;
                     }
-                    let outcome = match best[i].as_ref().filter(|slot| now < slot.stale_until) {
+                    let outcome = match best[i].take().filter(|slot| now < slot.stale_until) {
                         Some(stale) => {
                             self.metrics.stale_served.increment(1);
-                            Ok(stale.value.clone())
+                            let value = stale.value.clone();
+                            self.rest(key, stale, writes[i]);
+                            Ok(value)
                         }
                         None => Err(error.clone()),
                     };
@@ -1204,7 +1526,7 @@ where
             let _ = reply.send(outcomes);
         }
         if let Some(l2) = &self.l2 {
-            l2.set_many(&entries).await;
+            l2.set_loaded(&entries).await;
         }
     }
 }
@@ -1244,6 +1566,20 @@ where
     }
 }
 
+/// A write on its way to L2 (see `Inner::begin_write`).
+struct Writing<K, V> {
+    inner: Arc<Inner<K, V>>,
+    stripe: usize,
+}
+
+impl<K, V> Drop for Writing<K, V> {
+    fn drop(&mut self) {
+        // Bumped before the count falls, so no read that saw the old L2 state can fill L1.
+        self.inner.writes[self.stripe].fetch_add(1, Ordering::AcqRel);
+        self.inner.writing[self.stripe].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Removes keys from the in-flight map when their load task ends, however it ends.
 struct InFlightGuard<'a, K: CacheKey, V> {
     inner: &'a Inner<K, V>,
@@ -1264,6 +1600,14 @@ impl<K: CacheKey, V> Drop for InFlightGuard<'_, K, V> {
             }
         }
     }
+}
+
+/// Refuses an empty tag, one over 255 bytes, or more than `MAX_TAGS` tags.
+fn check_tags(tags: &[&str]) -> Result<(), CacheError> {
+    if tags.len() > envelope::MAX_TAGS || tags.iter().any(|t| t.is_empty() || t.len() > 255) {
+        return Err(CacheError::new(CacheErrorKind::InvalidTag));
+    }
+    Ok(())
 }
 
 fn send<V>(reply: &mut Option<oneshot::Sender<Outcome<V>>>, outcome: Outcome<V>) {

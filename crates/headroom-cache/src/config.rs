@@ -22,8 +22,12 @@ use std::time::Duration;
 pub struct CacheConfig {
     /// The name used as the `cache` label of metrics and in traces.
     pub name: String,
-    /// The most entries L1 holds.
+    /// The most entries L1 holds (when `l1_max_bytes` is not set).
     pub l1_max_capacity: u64,
+    /// The most bytes L1 holds, counting each entry as its key, its encoded value and about
+    /// 100 bytes of bookkeeping; replaces `l1_max_capacity` when set. A cache without L2
+    /// encodes each value it puts in L1 once to weigh it. `None`: L1 is bounded by entries.
+    pub l1_max_bytes: Option<u64>,
     /// Whether L1 evictions (for lack of capacity) are counted in
     /// `headroom_cache_evictions_total`. Counting makes moka report every L1 removal to the
     /// cache, which adds about half a microsecond to each L1 write or invalidation.
@@ -50,6 +54,11 @@ pub struct CacheConfig {
     /// (fail-safe). Zero disables fail-safe.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub fail_safe_max_stale: Duration,
+    /// After a load fails and a stale value is served instead, that value is served from L1
+    /// for this long without calling the loader again (fail-safe throttle), so a failing source
+    /// is not called on every request.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub fail_safe_throttle: Duration,
     /// When a stale value is at hand, callers wait this long for the loader before being served
     /// the stale value; the loader keeps running and updates the cache when it finishes.
     /// `None`: wait for the loader (up to the hard timeout).
@@ -57,7 +66,8 @@ pub struct CacheConfig {
     pub loader_soft_timeout: Option<Duration>,
     /// The loader is abandoned after this long and the call fails with
     /// [`CacheErrorKind::LoaderTimeout`](crate::CacheErrorKind::LoaderTimeout) (or is served a
-    /// stale value). `None`: no limit.
+    /// stale value). Default 30 s. `None`: no limit; then a loader that never answers keeps its
+    /// key's load (and its entry in the map of loads in flight) forever.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub loader_hard_timeout: Option<Duration>,
     /// The longest any L2 call may take before the cache goes on without it.
@@ -75,6 +85,11 @@ pub struct CacheConfig {
     pub l2_max_pending_deletes: usize,
     /// The largest encoded value accepted, in bytes.
     pub max_value_len: usize,
+    /// The version of the cached value's shape, written in every L2 entry. An entry of another
+    /// schema version reads as a miss and is left in place, so that during a rolling deploy
+    /// that changes the value type, old and new instances ignore (rather than delete) each
+    /// other's entries. Default 0.
+    pub schema_version: u32,
 }
 
 impl Default for CacheConfig {
@@ -82,6 +97,7 @@ impl Default for CacheConfig {
         Self {
             name: "default".to_owned(),
             l1_max_capacity: 10_000,
+            l1_max_bytes: None,
             l1_eviction_metric: true,
             l1_max_ttl: None,
             ttl: Duration::from_secs(300),
@@ -89,13 +105,15 @@ impl Default for CacheConfig {
             ttl_jitter: Duration::ZERO,
             negative_ttl: None,
             fail_safe_max_stale: Duration::ZERO,
+            fail_safe_throttle: Duration::from_secs(30),
             loader_soft_timeout: None,
-            loader_hard_timeout: None,
+            loader_hard_timeout: Some(Duration::from_secs(30)),
             l2_timeout: Duration::from_millis(250),
             l2_failure_threshold: 5,
             l2_cooldown: Duration::from_secs(5),
             l2_max_pending_deletes: 10_000,
             max_value_len: 1024 * 1024,
+            schema_version: 0,
         }
     }
 }

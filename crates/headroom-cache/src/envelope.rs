@@ -1,6 +1,6 @@
 //! The versioned envelope around every value the cache writes to L2.
 //!
-//! # Layout (format version 1)
+//! # Layout (format version 2)
 //!
 //! All integers are little-endian.
 //!
@@ -8,13 +8,14 @@
 //! |---|---|
 //! | 2 | magic `b"hc"` |
 //! | 1 | format version |
-//! | 2 | header length `h`: the bytes from here up to the tags (19 in version 1) |
-//! | 1 | flags: bit 0 set when the entry caches "not found" (no payload follows) |
+//! | 2 | header length `h`: the bytes from here up to the tags (23 in version 2, 19 in version 1) |
+//! | 1 | flags: bit 0 set when the entry caches "not found" (no payload follows); bit 1 set (with bit 0) when the entry is a tombstone: the key was removed |
 //! | 1 | codec id ([`Codec::ID`](crate::codec::Codec::ID)) |
-//! | 8 | created at, Unix milliseconds |
+//! | 8 | created at, Unix milliseconds: when the value was written, or when its load began; also the entry's version (see [`CREATED_AT`]) |
 //! | 8 | fresh until (soft TTL), Unix milliseconds |
 //! | 8 | expires at (hard TTL), Unix milliseconds |
-//! | `h - 19` | fields added by later versions (skipped by this reader) |
+//! | 4 | schema version, set by the user (version 2; version 1 entries read as schema 0) |
+//! | `h - 23` | fields added by later versions (skipped by this reader) |
 //! | 1 | number of tags, then per tag: 1 byte length and UTF-8 bytes |
 //! | rest | the payload, encoded by the codec |
 //!
@@ -26,12 +27,19 @@
 use std::fmt;
 
 /// The format version this crate writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
+
+/// Where the created-at timestamp starts in an encoded envelope: the version that
+/// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares.
+pub const CREATED_AT: usize = 7;
 
 const MAGIC: [u8; 2] = *b"hc";
 /// Header bytes after the header-length field in version 1: flags, codec, three timestamps.
 const HEADER_V1: u16 = 1 + 1 + 8 + 8 + 8;
+/// Version 2 appends the schema version.
+const HEADER_V2: u16 = HEADER_V1 + 4;
 const FLAG_NOT_FOUND: u8 = 1;
+const FLAG_TOMBSTONE: u8 = 2;
 /// The most tags an envelope carries.
 pub const MAX_TAGS: usize = 32;
 
@@ -48,6 +56,11 @@ pub struct Envelope<'a> {
     pub fresh_until_unix_ms: u64,
     /// When the value expires (hard TTL), Unix milliseconds.
     pub expires_unix_ms: u64,
+    /// The user's schema version of the payload (0 when unset).
+    pub schema: u32,
+    /// Whether the entry is a tombstone: the key was removed at `created_unix_ms`. A
+    /// tombstone has no payload.
+    pub tombstone: bool,
     /// Tags attached to the entry.
     pub tags: Vec<&'a str>,
     /// The encoded value, or `None` when the entry caches "not found".
@@ -62,6 +75,8 @@ impl fmt::Debug for Envelope<'_> {
             .field("created_unix_ms", &self.created_unix_ms)
             .field("fresh_until_unix_ms", &self.fresh_until_unix_ms)
             .field("expires_unix_ms", &self.expires_unix_ms)
+            .field("schema", &self.schema)
+            .field("tombstone", &self.tombstone)
             .field("tags", &self.tags)
             .field("payload_len", &self.payload.map(<[u8]>::len))
             .finish()
@@ -109,11 +124,22 @@ impl Envelope<'_> {
                 self.fresh_until_unix_ms,
                 self.expires_unix_ms,
             ],
-            self.payload.is_none(),
+            self.flags(),
+            self.schema,
         );
         write_tags(out, &self.tags);
         if let Some(payload) = self.payload {
             out.extend_from_slice(payload);
+        }
+    }
+
+    fn flags(&self) -> u8 {
+        if self.tombstone {
+            FLAG_NOT_FOUND | FLAG_TOMBSTONE
+        } else if self.payload.is_none() {
+            FLAG_NOT_FOUND
+        } else {
+            0
         }
     }
 
@@ -125,7 +151,7 @@ impl Envelope<'_> {
     }
 }
 
-/// Writes a version-1 header; the payload (if any) follows it.
+/// Writes a header; the payload (if any) follows it.
 ///
 /// `times` are created, fresh until and expires at, in Unix milliseconds.
 pub(crate) fn write_header(
@@ -133,10 +159,19 @@ pub(crate) fn write_header(
     codec: u8,
     times: [u64; 3],
     not_found: bool,
+    schema: u32,
     tags: &[&str],
 ) {
-    write_fixed(out, codec, times, not_found);
+    let flags = if not_found { FLAG_NOT_FOUND } else { 0 };
+    write_fixed(out, codec, times, flags, schema);
     write_tags(out, tags);
+}
+
+/// Writes a tombstone: the key was removed at `times[0]` (a reader of format version 1 takes
+/// it for a cached "not found").
+pub(crate) fn write_tombstone(out: &mut Vec<u8>, codec: u8, times: [u64; 3], schema: u32) {
+    write_fixed(out, codec, times, FLAG_NOT_FOUND | FLAG_TOMBSTONE, schema);
+    write_tags(out, &[]);
 }
 
 /// Writes at most [`MAX_TAGS`] tags, each cut to 255 bytes.
@@ -155,15 +190,16 @@ fn write_tags(out: &mut Vec<u8>, tags: &[&str]) {
 }
 
 /// Writes everything before the tags.
-fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], not_found: bool) {
+fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], flags: u8, schema: u32) {
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT_VERSION);
-    out.extend_from_slice(&HEADER_V1.to_le_bytes());
-    out.push(if not_found { FLAG_NOT_FOUND } else { 0 });
+    out.extend_from_slice(&HEADER_V2.to_le_bytes());
+    out.push(flags);
     out.push(codec);
     for time in times {
         out.extend_from_slice(&time.to_le_bytes());
     }
+    out.extend_from_slice(&schema.to_le_bytes());
 }
 
 /// Decodes an envelope; never panics, whatever the bytes.
@@ -177,6 +213,8 @@ fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], not_found: bool) {
 ///     created_unix_ms: 1_000,
 ///     fresh_until_unix_ms: 2_000,
 ///     expires_unix_ms: 3_000,
+///     schema: 0,
+///     tombstone: false,
 ///     tags: vec!["user"],
 ///     payload: Some(b"value"),
 /// }
@@ -207,6 +245,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     if fresh_until_unix_ms > expires_unix_ms || created_unix_ms > fresh_until_unix_ms {
         return Err(EnvelopeError::Malformed("timestamps out of order"));
     }
+    let schema = if version >= 2 {
+        u32::from_le_bytes(header.array()?)
+    } else {
+        0
+    };
     let tag_count = usize::from(reader.u8()?);
     if tag_count > MAX_TAGS {
         return Err(EnvelopeError::Malformed("too many tags"));
@@ -217,6 +260,10 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         let tag = std::str::from_utf8(reader.take(len)?)
             .map_err(|_| EnvelopeError::Malformed("tag is not UTF-8"))?;
         tags.push(tag);
+    }
+    let tombstone = flags & FLAG_TOMBSTONE != 0;
+    if tombstone && flags & FLAG_NOT_FOUND == 0 {
+        return Err(EnvelopeError::Malformed("a tombstone with a payload"));
     }
     let payload = if flags & FLAG_NOT_FOUND != 0 {
         if !reader.0.is_empty() {
@@ -232,6 +279,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         created_unix_ms,
         fresh_until_unix_ms,
         expires_unix_ms,
+        schema,
+        tombstone,
         tags,
         payload,
     })
@@ -272,6 +321,8 @@ mod tests {
             created_unix_ms: 10,
             fresh_until_unix_ms: 20,
             expires_unix_ms: 30,
+            schema: 7,
+            tombstone: false,
             tags: vec!["a", "bc"],
             payload,
         }
@@ -288,15 +339,41 @@ mod tests {
     #[test]
     fn a_later_version_with_extra_header_fields_is_readable() {
         let mut bytes = sample(Some(b"p")).encode();
-        // Version 2 appends four header bytes this reader does not know.
-        bytes[2] = 2;
-        bytes[3..5].copy_from_slice(&(HEADER_V1 + 4).to_le_bytes());
-        let tags_at = 5 + usize::from(HEADER_V1);
+        // Version 3 appends four header bytes this reader does not know.
+        bytes[2] = 3;
+        bytes[3..5].copy_from_slice(&(HEADER_V2 + 4).to_le_bytes());
+        let tags_at = 5 + usize::from(HEADER_V2);
         bytes.splice(tags_at..tags_at, [9, 9, 9, 9]);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded.version, 2);
+        assert_eq!(decoded.version, 3);
+        assert_eq!(decoded.schema, 7);
         assert_eq!(decoded.tags, ["a", "bc"]);
         assert_eq!(decoded.payload, Some(&b"p"[..]));
+    }
+
+    #[test]
+    fn version_1_entries_read_as_schema_0() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(b"hc\x01");
+        bytes.extend_from_slice(&HEADER_V1.to_le_bytes());
+        bytes.extend_from_slice(&[0, 1]);
+        for time in [10u64, 20, 30] {
+            bytes.extend_from_slice(&time.to_le_bytes());
+        }
+        bytes.extend_from_slice(b"\x00p");
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!((decoded.version, decoded.schema), (1, 0));
+        assert_eq!(decoded.payload, Some(&b"p"[..]));
+    }
+
+    #[test]
+    fn tombstones_round_trip_and_the_version_sits_at_created_at() {
+        let mut tombstone = sample(None);
+        tombstone.tombstone = true;
+        tombstone.tags = vec![];
+        let bytes = tombstone.encode();
+        assert_eq!(decode(&bytes), Ok(tombstone));
+        assert_eq!(headroom_core::kv::version_of(&bytes, CREATED_AT), Some(10));
     }
 
     #[test]

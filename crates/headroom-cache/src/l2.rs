@@ -1,8 +1,10 @@
 //! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
-//! failing the caller. Writes that did not reach L2 are remembered as pending deletes: until a
-//! delete of the key reaches L2, this instance never reads the key's (outdated) L2 copy. A key
-//! that cannot be remembered (the backlog is full) makes all of L2 untrusted for the longest
-//! lifetime of an entry, after which any copy it could have missed has expired.
+//! failing the caller. Writes a user made (insert, remove) that did not reach L2 are remembered
+//! as pending deletes: until a delete of the key reaches L2, this instance never reads the
+//! key's (outdated) L2 copy. A load's write-back that fails is not remembered: L2 then holds
+//! nothing older than what the load read. A key that cannot be remembered (the backlog is
+//! full) makes all of L2 untrusted for the longest lifetime of an entry, after which any copy
+//! it could have missed has expired.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,6 +20,7 @@ use parking_lot::Mutex;
 use headroom_breaker::{CircuitBreaker, State};
 
 use crate::ConfigError;
+use crate::envelope;
 use crate::metrics::Metrics;
 
 /// Keys deleted per round trip while clearing pending deletes.
@@ -209,28 +212,33 @@ impl L2 {
         }
     }
 
-    /// Deletes keys; keys that were not deleted become pending deletes, also when the caller
-    /// is dropped before the delete completes.
-    pub(crate) async fn delete(self: &Arc<Self>, keys: &[Key]) {
-        let mut unsure = Unsure {
-            l2: self,
-            keys: Some(keys.iter()),
-        };
-        let deleted = self.call("delete", self.store.delete(keys)).await.is_some();
-        let keys = unsure.keys.take().into_iter().flatten();
-        if deleted {
-            self.settled(keys);
-        } else {
-            self.outdated(keys);
+    /// Writes loaded entries. Unlike a user's write, one that fails leaves nothing to track:
+    /// whatever L2 holds then is either the value loaded or what a user wrote.
+    ///
+    /// Each entry is written only over an older one (by created time, its version): a value
+    /// loaded before a write or removal made elsewhere never replaces it.
+    pub(crate) async fn set_loaded(&self, entries: &[KvEntry]) {
+        if entries.is_empty() {
+            return;
         }
+        self.call(
+            "set_if_newer",
+            self.store.set_if_newer(entries, envelope::CREATED_AT),
+        )
+        .await;
     }
 
-    /// Deletes a key whose bytes could not be decoded, without making the reader wait.
-    pub(crate) fn discard(self: &Arc<Self>, key: Key) {
+    /// Deletes a key whose bytes could not be decoded, without making the reader wait; only
+    /// while it still holds those bytes, so a value written meanwhile (the load that follows
+    /// the miss, say) stays. A delete that fails is not retried: the bytes expire with their TTL.
+    pub(crate) fn discard(self: &Arc<Self>, key: Key, bytes: &[u8]) {
         self.metrics.l2_corrupt.increment(1);
         tracing::warn!(namespace = %self.namespace, ?key, "undecodable L2 value; deleting it");
-        let l2 = Arc::clone(self);
-        tokio::spawn(async move { l2.delete(&[key]).await });
+        let (l2, bytes) = (Arc::clone(self), bytes.to_vec());
+        tokio::spawn(async move {
+            l2.call("delete_if_eq", l2.store.delete_if_eq(&key, &bytes))
+                .await
+        });
     }
 
     /// The keys' L2 copies are current again.

@@ -24,8 +24,10 @@
 //!   [`Cache::invalidate_tag`] (for entries written with [`Cache::insert_tagged`]) and
 //!   [`Cache::clear`] reach every instance.
 //! - **Envelope**: every L2 value is wrapped in a versioned [`envelope`] (format version,
-//!   timestamps, tags) and encoded by a pluggable [`codec`]; undecodable bytes are a miss, a
-//!   metric and a delete.
+//!   timestamps, schema version, tags) and encoded by a pluggable [`codec`]; undecodable
+//!   bytes are a miss, a metric and a delete (of those bytes only); another schema version's
+//!   entry is a miss left in place. Loads write back only over older entries, so a value
+//!   loaded before a write or removal elsewhere never replaces it.
 //!
 //! The guides (`docs/cache.md`, `docs/invalidation.md`) cover the concepts, sizing L1,
 //! invalidation across instances, and Redis settings.
@@ -94,6 +96,7 @@ mod error;
 mod invalidation;
 mod key;
 mod l2;
+mod lock;
 mod metrics;
 
 pub use builder::CacheBuilder;

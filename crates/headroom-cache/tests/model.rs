@@ -1,5 +1,5 @@
-//! The cache against a plain model of its time rules (TTL, negative TTL, fail-safe), driven by
-//! random operations on a manual clock.
+//! The cache against a plain model of its time rules (TTL, negative TTL, fail-safe and its
+//! throttle), driven by random operations on a manual clock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use proptest::prelude::*;
 const TTL: u64 = 10;
 const NEGATIVE_TTL: u64 = 3;
 const MAX_STALE: u64 = 20;
+const THROTTLE: u64 = 4;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -45,6 +46,8 @@ fn op() -> impl Strategy<Value = Op> {
 struct Entry {
     value: Option<u32>,
     at: u64,
+    /// After a failed load served this stale value: until then, it is served without a load.
+    resting_until: u64,
 }
 
 impl Entry {
@@ -70,6 +73,7 @@ proptest! {
                 .ttl(Duration::from_secs(TTL))
                 .negative_ttl(Duration::from_secs(NEGATIVE_TTL))
                 .fail_safe_max_stale(Duration::from_secs(MAX_STALE))
+                .fail_safe_throttle(Duration::from_secs(THROTTLE))
                 .l2(
                     MemoryKvStore::builder().clock(clock.clock()).build(),
                     Namespace::new("model").unwrap(),
@@ -96,7 +100,7 @@ proptest! {
                             .await;
                         let loaded = calls.load(Ordering::SeqCst) > before;
                         let entry = model.get(&k).copied();
-                        match entry.filter(|e| now < e.at + e.ttl()) {
+                        match entry.filter(|e| now < e.at + e.ttl() || now < e.resting_until) {
                             Some(fresh) => {
                                 prop_assert!(!loaded, "op {:?}: fresh entry, no load", op);
                                 prop_assert_eq!(got.unwrap(), fresh.value);
@@ -106,10 +110,14 @@ proptest! {
                                 match answer {
                                     Some(value) => {
                                         prop_assert_eq!(got.unwrap(), value);
-                                        model.insert(k, Entry { value, at: now });
+                                        model.insert(k, Entry { value, at: now, resting_until: 0 });
                                     }
                                     None => match entry.filter(|e| now < e.at + e.ttl() + MAX_STALE) {
-                                        Some(stale) => prop_assert_eq!(got.unwrap(), stale.value),
+                                        Some(stale) => {
+                                            prop_assert_eq!(got.unwrap(), stale.value);
+                                            let until = (now + THROTTLE).min(stale.at + stale.ttl() + MAX_STALE);
+                                            model.insert(k, Entry { resting_until: until, ..stale });
+                                        }
                                         None => prop_assert_eq!(
                                             got.unwrap_err().kind(),
                                             CacheErrorKind::Loader
@@ -121,13 +129,19 @@ proptest! {
                     }
                     Op::Insert(k, v) => {
                         cache.insert(k, v).await.unwrap();
-                        model.insert(k, Entry { value: Some(v), at: now });
+                        model.insert(k, Entry { value: Some(v), at: now, resting_until: 0 });
                     }
                     Op::Remove(k) => {
                         cache.remove(&k).await.unwrap();
                         model.remove(&k);
                     }
-                    Op::InvalidateLocal(k) => cache.invalidate_local(&k),
+                    Op::InvalidateLocal(k) => {
+                        cache.invalidate_local(&k);
+                        // The throttle rests in L1 only.
+                        if let Some(entry) = model.get_mut(&k) {
+                            entry.resting_until = 0;
+                        }
+                    }
                 }
                 // Background L1 fills and L2 writes finish before the next operation.
                 for _ in 0..10 {

@@ -205,3 +205,58 @@ async fn l1_learns_of_writes_made_outside_headroom() {
     }
     assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), None);
 }
+
+/// Two instances over a Redis Cluster with a fleet lock in Redis: one loader call for a cold
+/// key; the other instance waits for the value in L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_lock_on_redis_cluster_runs_one_load() {
+    let redis = Redis::connect(RedisConfig::cluster(shared_cluster().urls()))
+        .await
+        .expect("connect");
+    let ns = unique_namespace("fleet");
+    let b_store = Probe::new(RedisKvStore::new(redis.clone()));
+    let b_calls = Arc::clone(&b_store.calls);
+    let build = |store: Probe<RedisKvStore>| -> Cache<String, String> {
+        Cache::builder()
+            .l2(store, ns.clone())
+            .fleet_lock(
+                headroom_redis::RedisLeaseStore::new(redis.clone()),
+                Duration::from_secs(10),
+            )
+            .build()
+            .expect("cache")
+    };
+    let (a, b) = (
+        build(Probe::new(RedisKvStore::new(redis.clone()))),
+        build(b_store),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let loader = {
+        let (calls, gate) = (Arc::clone(&calls), Arc::clone(&gate));
+        move |k: String| async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _permit = gate.acquire().await.expect("gate");
+            Ok::<_, CacheError>(Some(format!("{k} loaded")))
+        }
+    };
+    let first = tokio::spawn({
+        let (a, loader) = (a.clone(), loader.clone());
+        async move { a.get_or_load(&"k".to_owned(), loader).await }
+    });
+    common::settle(|| calls.load(Ordering::SeqCst) == 1).await;
+    let second = tokio::spawn({
+        let (b, loader) = (b.clone(), loader.clone());
+        async move { b.get_or_load(&"k".to_owned(), loader).await }
+    });
+    // B read L2 once, found the lock taken, and polls L2.
+    common::settle(|| b_calls.get.load(Ordering::SeqCst) >= 2).await;
+    gate.add_permits(10);
+    assert_eq!(first.await.unwrap().unwrap().as_deref(), Some("k loaded"));
+    assert_eq!(second.await.unwrap().unwrap().as_deref(), Some("k loaded"));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one loader call in the fleet"
+    );
+}

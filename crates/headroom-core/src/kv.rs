@@ -37,6 +37,10 @@ pub struct KvEntry {
 ///   is one round trip to a networked store (split per node on a cluster, sent concurrently).
 /// - `set_many` writes all entries in one round trip (pipelined); it is not a transaction.
 /// - `delete` returns how many of the keys existed.
+/// - `set_if_newer` is atomic per key: it compares with what the key holds at the moment it
+///   writes, so no write lands between the comparison and its own. It is one round trip (one
+///   per node on a cluster).
+/// - `delete_if_eq` is atomic: it deletes only the exact bytes it was given.
 /// - A value larger than the store's limit fails with
 ///   [`BackendErrorKind::TooLarge`](crate::BackendErrorKind::TooLarge) and writes nothing.
 /// - Every call of a networked store is bounded by its configured timeout and fails with
@@ -68,6 +72,84 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes keys; returns how many existed.
     fn delete(&self, keys: &[Key]) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Writes each entry unless its key already holds a newer value (a higher version; an
+    /// equal one is replaced); returns how many entries were written.
+    ///
+    /// A value's version is the little-endian `u64` in its bytes `version_at..version_at + 8`.
+    /// A held value too short to carry one is overwritten. An entry too short to carry one
+    /// fails the call with [`BackendErrorKind::Config`](crate::BackendErrorKind::Config)
+    /// before anything is written.
+    ///
+    /// The default implementation reads, compares and writes in separate calls: it is not
+    /// atomic, and a store shared by several callers must override it.
+    fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        async move {
+            check_versions(entries, version_at)?;
+            let keys: Vec<Key> = entries.iter().map(|entry| entry.key.clone()).collect();
+            let held = self.get_many(&keys).await?;
+            let newer: Vec<KvEntry> = entries
+                .iter()
+                .zip(held)
+                .filter(|(entry, held)| is_newer(&entry.value, held.as_deref(), version_at))
+                .map(|(entry, _)| entry.clone())
+                .collect();
+            self.set_many(&newer).await?;
+            Ok(newer.len() as u64)
+        }
+    }
+
+    /// Deletes `key` only while it holds exactly `expected`; returns whether it was deleted.
+    ///
+    /// The default implementation reads and deletes in separate calls: it is not atomic, and
+    /// a store shared by several callers must override it.
+    fn delete_if_eq(
+        &self,
+        key: &Key,
+        expected: &[u8],
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async move {
+            if self.get(key).await?.as_deref() != Some(expected) {
+                return Ok(false);
+            }
+            Ok(self.delete(std::slice::from_ref(key)).await? > 0)
+        }
+    }
+}
+
+/// The version a value carries at `version_at` (see [`KvStore::set_if_newer`]).
+pub fn version_of(value: &[u8], version_at: usize) -> Option<u64> {
+    let bytes = value.get(version_at..version_at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// Whether `value` may replace `held` under [`KvStore::set_if_newer`].
+pub fn is_newer(value: &[u8], held: Option<&[u8]>, version_at: usize) -> bool {
+    match (
+        held.and_then(|held| version_of(held, version_at)),
+        version_of(value, version_at),
+    ) {
+        (Some(held), Some(new)) => new >= held,
+        _ => true,
+    }
+}
+
+/// Refuses entries that carry no version at `version_at`.
+pub fn check_versions(entries: &[KvEntry], version_at: usize) -> Result<(), BackendError> {
+    if entries
+        .iter()
+        .any(|entry| version_of(&entry.value, version_at).is_none())
+    {
+        return Err(BackendError::with_detail(
+            crate::BackendErrorKind::Config,
+            "a value too short to carry its version",
+        ));
+    }
+    Ok(())
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -87,6 +169,16 @@ trait ErasedKvStore: Send + Sync + fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<(), BackendError>>;
     fn set_many<'a>(&'a self, entries: &'a [KvEntry]) -> BoxFuture<'a, Result<(), BackendError>>;
     fn delete<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<u64, BackendError>>;
+    fn set_if_newer<'a>(
+        &'a self,
+        entries: &'a [KvEntry],
+        version_at: usize,
+    ) -> BoxFuture<'a, Result<u64, BackendError>>;
+    fn delete_if_eq<'a>(
+        &'a self,
+        key: &'a Key,
+        expected: &'a [u8],
+    ) -> BoxFuture<'a, Result<bool, BackendError>>;
 }
 
 impl<S: KvStore> ErasedKvStore for S {
@@ -112,6 +204,20 @@ impl<S: KvStore> ErasedKvStore for S {
     }
     fn delete<'a>(&'a self, keys: &'a [Key]) -> BoxFuture<'a, Result<u64, BackendError>> {
         Box::pin(KvStore::delete(self, keys))
+    }
+    fn set_if_newer<'a>(
+        &'a self,
+        entries: &'a [KvEntry],
+        version_at: usize,
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(KvStore::set_if_newer(self, entries, version_at))
+    }
+    fn delete_if_eq<'a>(
+        &'a self,
+        key: &'a Key,
+        expected: &'a [u8],
+    ) -> BoxFuture<'a, Result<bool, BackendError>> {
+        Box::pin(KvStore::delete_if_eq(self, key, expected))
     }
 }
 
@@ -144,6 +250,16 @@ impl KvStore for DynKvStore {
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
         self.0.delete(keys).await
     }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        self.0.set_if_newer(entries, version_at).await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.0.delete_if_eq(key, expected).await
+    }
 }
 
 impl<S: KvStore> KvStore for Arc<S> {
@@ -161,5 +277,15 @@ impl<S: KvStore> KvStore for Arc<S> {
     }
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
         S::delete(self, keys).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        S::set_if_newer(self, entries, version_at).await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        S::delete_if_eq(self, key, expected).await
     }
 }

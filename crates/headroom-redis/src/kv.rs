@@ -1,16 +1,63 @@
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::kv::{KvEntry, KvStore, check_versions};
 use headroom_core::{BackendError, BackendErrorKind, Key};
 
 use headroom_core::slot::cluster_slot;
+use redis::Script;
 
 use crate::Redis;
 
-/// The Redis [`KvStore`]: `GET`, `MGET`, `SET PX` (pipelined for many), `DEL`.
+/// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
+/// byte, then per key: value, TTL in ms. Versions are little-endian, so bytes compare from the
+/// last one down; an equal version is written. Returns how many keys were written.
+static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local at = tonumber(ARGV[1])
+local written = 0
+for i, key in ipairs(KEYS) do
+  local value = ARGV[2 * i]
+  local held = redis.call('GET', key)
+  local newer = true
+  if held and #held >= at + 7 then
+    for b = at + 7, at, -1 do
+      local h, v = string.byte(held, b), string.byte(value, b)
+      if h ~= v then
+        newer = v > h
+        break
+      end
+    end
+  end
+  if newer then
+    redis.call('SET', key, value, 'PX', ARGV[2 * i + 1])
+    written = written + 1
+  end
+end
+return written
+",
+    )
+});
+
+/// Deletes KEYS[1] only while it holds exactly ARGV[1].
+static DELETE_IF_EQ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// The Redis [`KvStore`]: `GET`, `MGET`, `SET PX` (pipelined for many), `DEL`, and Lua
+/// scripts for the conditional writes (`set_if_newer`: one script call per cluster slot;
+/// `delete_if_eq`).
 ///
 /// Values are stored as they are given; keys are the full namespaced [`Key`]s.
 #[derive(Clone, Debug)]
@@ -75,6 +122,37 @@ impl RedisKvStore {
         }
         self.redis.query_pipeline::<()>(&pipeline).await
     }
+
+    /// Groups entries by cluster slot (all in one group on a standalone server).
+    fn by_slot<'a>(&self, entries: Vec<(&'a KvEntry, u64)>) -> Vec<Vec<(&'a KvEntry, u64)>> {
+        if !self.redis.is_cluster() {
+            return vec![entries];
+        }
+        let mut by_slot: BTreeMap<u16, Vec<(&KvEntry, u64)>> = BTreeMap::new();
+        for item in entries {
+            by_slot
+                .entry(cluster_slot(item.0.key.as_bytes()))
+                .or_default()
+                .push(item);
+        }
+        by_slot.into_values().collect()
+    }
+
+    async fn set_if_newer_in_slot(
+        &self,
+        entries: &[(&KvEntry, u64)],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        let mut invocation = SET_IF_NEWER.prepare_invoke();
+        invocation.arg(version_at + 1);
+        for (entry, millis) in entries {
+            invocation
+                .key(entry.key.as_bytes())
+                .arg(entry.value.as_ref())
+                .arg(*millis);
+        }
+        self.redis.invoke(&invocation).await
+    }
 }
 
 impl KvStore for RedisKvStore {
@@ -129,19 +207,42 @@ impl KvStore for RedisKvStore {
         if checked.is_empty() {
             return Ok(());
         }
-        if !self.redis.is_cluster() {
-            return self.set_pipelined(&checked).await;
-        }
         // A cluster pipeline must stay within one slot: one pipeline per slot, all at once.
-        let mut by_slot: BTreeMap<u16, Vec<(&KvEntry, u64)>> = BTreeMap::new();
-        for item in checked {
-            by_slot
-                .entry(cluster_slot(item.0.key.as_bytes()))
-                .or_default()
-                .push(item);
-        }
-        try_join_all(by_slot.values().map(|group| self.set_pipelined(group))).await?;
+        let groups = self.by_slot(checked);
+        try_join_all(groups.iter().map(|group| self.set_pipelined(group))).await?;
         Ok(())
+    }
+
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        let checked = entries
+            .iter()
+            .map(|entry| Ok((entry, self.check(&entry.value, entry.ttl)?)))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        check_versions(entries, version_at)?;
+        if checked.is_empty() {
+            return Ok(0);
+        }
+        // A script touches keys of one slot: one call per slot, all at once.
+        let groups = self.by_slot(checked);
+        let written = try_join_all(
+            groups
+                .iter()
+                .map(|group| self.set_if_newer_in_slot(group, version_at)),
+        )
+        .await?;
+        Ok(written.into_iter().sum())
+    }
+
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        let deleted: i64 = self
+            .redis
+            .invoke(DELETE_IF_EQ.key(key.as_bytes()).arg(expected))
+            .await?;
+        Ok(deleted == 1)
     }
 
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {

@@ -21,6 +21,8 @@ pub struct Calls {
     pub set: AtomicUsize,
     pub set_many: AtomicUsize,
     pub delete: AtomicUsize,
+    pub set_if_newer: AtomicUsize,
+    pub delete_if_eq: AtomicUsize,
     /// Calls that reached the store and succeeded.
     pub ok: AtomicUsize,
     pub fail: AtomicBool,
@@ -34,6 +36,8 @@ impl Calls {
             &self.set,
             &self.set_many,
             &self.delete,
+            &self.set_if_newer,
+            &self.delete_if_eq,
         ]
         .iter()
         .map(|c| c.load(Ordering::SeqCst))
@@ -95,6 +99,24 @@ impl<S: KvStore> KvStore for Probe<S> {
     }
     async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
         self.run(&self.calls.delete, self.inner.delete(keys)).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        self.run(
+            &self.calls.set_if_newer,
+            self.inner.set_if_newer(entries, version_at),
+        )
+        .await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.run(
+            &self.calls.delete_if_eq,
+            self.inner.delete_if_eq(key, expected),
+        )
+        .await
     }
 }
 
@@ -218,7 +240,7 @@ pub async fn batch_reads_l2_once_and_loads_once<S: KvStore + Clone>(
     assert_eq!(calls.reads(), 1, "one L2 read round trip");
     assert_eq!(calls.get_many.load(Ordering::SeqCst), 1);
     // The loaded values are written back in one round trip too; then L1 answers everything.
-    settle(|| calls.set_many.load(Ordering::SeqCst) == 1).await;
+    settle(|| calls.set_if_newer.load(Ordering::SeqCst) == 1).await;
     let again = cache.get_many_or_load(&keys, loader).await.expect("values");
     assert_eq!(again, values);
     assert_eq!(batches.load(Ordering::SeqCst), 1);
@@ -263,4 +285,81 @@ pub async fn garbage_in_l2_is_a_miss<S: KvStore + Clone>(store: S, ns: Namespace
         assert_eq!(loaded, Some(format!("fresh {name}")));
         cache.invalidate_local(&name);
     }
+}
+
+/// A store whose writes (`set`, `set_many`, `delete`) wait at a gate while `hold` is on.
+#[derive(Clone, Debug)]
+pub struct HoldWrites<S> {
+    pub inner: S,
+    pub hold: Arc<AtomicBool>,
+    pub gate: Arc<Semaphore>,
+    /// Writes that reached the gate.
+    pub held: Arc<AtomicUsize>,
+}
+
+impl<S: KvStore> HoldWrites<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            hold: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            held: Arc::default(),
+        }
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Lets every held write (and all later ones) through.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+        self.gate.add_permits(1_000);
+    }
+
+    async fn wait(&self) {
+        if self.hold.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            self.gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
+impl<S: KvStore> KvStore for HoldWrites<S> {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
+        self.wait().await;
+        self.inner.set_many(entries).await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.wait().await;
+        self.inner.delete(keys).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        self.wait().await;
+        self.inner.set_if_newer(entries, version_at).await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.wait().await;
+        self.inner.delete_if_eq(key, expected).await
+    }
+}
+
+/// Returns once every task of a runtime with paused time has nothing left to do: tokio
+/// advances paused time only when all tasks are idle.
+pub async fn idle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
 }

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -6,18 +6,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::kv::{KvEntry, KvStore};
+use crate::kv::{KvEntry, KvStore, check_versions, is_newer};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
 const SHARDS: usize = 16;
-/// Entries looked at when a full shard must evict a live entry.
-const EVICTION_SAMPLE: usize = 8;
+/// Stale slots the eviction order may hold beyond twice the live entries before it is compacted.
+const ORDER_SLACK: usize = 16;
 
-/// An in-memory [`KvStore`]: a sharded map with per-entry expiry and a bound on entries.
+/// An in-memory [`KvStore`]: a sharded map with per-entry expiry, bounded in entries and in
+/// bytes (keys plus values).
 ///
-/// When a shard is full, a write first drops its expired entries, then evicts the entry that
-/// expires soonest among a small sample (like Redis' `volatile-ttl` policy). Expired entries
-/// are never returned.
+/// When a shard is over either bound, a write evicts the entries of that shard written first
+/// (first in, first out; an overwrite keeps the key's place), in O(1) amortized time: each shard
+/// keeps its keys in write order. Expired entries are never returned; they are dropped when
+/// read, deleted, evicted or overwritten.
 ///
 /// ```
 /// # tokio_test_block_on(async {
@@ -41,17 +43,83 @@ pub struct MemoryKvStore {
 
 #[derive(Debug)]
 struct Inner {
-    shards: Box<[Mutex<HashMap<Bytes, Entry>>]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     clock: Clock,
     max_entries_per_shard: usize,
+    max_bytes_per_shard: usize,
     max_value_len: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<Bytes, Entry>,
+    /// Keys in the order they were first written, with the number of that write; a slot whose
+    /// key is gone or was written anew since (another number) is stale and skipped.
+    order: VecDeque<(Bytes, u64)>,
+    /// Key and value bytes held.
+    bytes: usize,
+    writes: u64,
 }
 
 #[derive(Debug)]
 struct Entry {
     value: Bytes,
     expires_at: Instant,
+    /// The write that put the key in the map (its place in `order`).
+    number: u64,
+}
+
+impl Shard {
+    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
+        let entry = self.map.remove(key)?;
+        self.bytes -= key.len() + entry.value.len();
+        Some(entry)
+    }
+
+    /// Writes `key`, then evicts the oldest other entries while over a bound.
+    fn insert(&mut self, key: &Key, value: Bytes, expires_at: Instant, bounds: (usize, usize)) {
+        let key_bytes = key.as_bytes();
+        let added = key_bytes.len() + value.len();
+        if let Some(entry) = self.map.get_mut(key_bytes) {
+            self.bytes = self.bytes - entry.value.len() + value.len();
+            entry.value = value;
+            entry.expires_at = expires_at;
+        } else {
+            self.writes += 1;
+            let number = self.writes;
+            let key_bytes = key.to_bytes();
+            self.map.insert(
+                key_bytes.clone(),
+                Entry {
+                    value,
+                    expires_at,
+                    number,
+                },
+            );
+            self.bytes += added;
+            self.order.push_back((key_bytes, number));
+            if self.order.len() > 2 * self.map.len() + ORDER_SLACK {
+                let map = &self.map;
+                self.order
+                    .retain(|(key, number)| map.get(key).is_some_and(|e| e.number == *number));
+            }
+        }
+        let (max_entries, max_bytes) = bounds;
+        while (self.map.len() > max_entries || self.bytes > max_bytes) && self.map.len() > 1 {
+            let Some((oldest, number)) = self.order.pop_front() else {
+                break;
+            };
+            if oldest == key_bytes {
+                // Never evict the entry just written: it goes to the back.
+                self.order.push_back((oldest, number));
+                continue;
+            }
+            if self.map.get(&oldest).is_some_and(|e| e.number == number) {
+                self.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// Builds a [`MemoryKvStore`].
@@ -60,6 +128,7 @@ struct Entry {
 pub struct MemoryKvStoreBuilder {
     clock: Clock,
     max_entries: usize,
+    max_bytes: usize,
     max_value_len: usize,
 }
 
@@ -83,14 +152,22 @@ impl MemoryKvStoreBuilder {
         self
     }
 
+    /// The most key and value bytes held at once (default 1 GiB), split evenly among the
+    /// internal shards. An entry larger than its shard's share is still kept, alone.
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryKvStore {
         MemoryKvStore {
             inner: Arc::new(Inner {
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 hasher: RandomState::new(),
                 clock: self.clock,
                 max_entries_per_shard: self.max_entries.div_ceil(SHARDS),
+                max_bytes_per_shard: self.max_bytes.div_ceil(SHARDS),
                 max_value_len: self.max_value_len,
             }),
         }
@@ -108,13 +185,24 @@ impl MemoryKvStore {
         MemoryKvStoreBuilder {
             clock: Clock::system(),
             max_entries: 1_000_000,
+            max_bytes: 1 << 30,
             max_value_len: 16 * 1024 * 1024,
         }
     }
 
     /// The number of entries held, expired ones not yet dropped included.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| s.lock().len()).sum()
+        self.inner.shards.iter().map(|s| s.lock().map.len()).sum()
+    }
+
+    /// The key and value bytes held, expired entries not yet dropped included.
+    pub fn bytes(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().bytes).sum()
+    }
+
+    #[cfg(test)]
+    fn order_len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().order.len()).sum()
     }
 
     /// Whether the store holds no entries.
@@ -122,14 +210,14 @@ impl MemoryKvStore {
         self.len() == 0
     }
 
-    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<Bytes, Entry>> {
+    fn shard(&self, key: &[u8]) -> &Mutex<Shard> {
         let index = self.inner.hasher.hash_one(key) as usize % SHARDS;
         &self.inner.shards[index]
     }
 
     fn read(&self, key: &Key, now: Instant) -> Option<Bytes> {
         let mut shard = self.shard(key.as_bytes()).lock();
-        match shard.get(key.as_bytes()) {
+        match shard.map.get(key.as_bytes()) {
             Some(entry) if entry.expires_at > now => Some(entry.value.clone()),
             Some(_) => {
                 shard.remove(key.as_bytes());
@@ -160,24 +248,40 @@ impl MemoryKvStore {
     }
 
     fn write(&self, key: &Key, value: Bytes, ttl: Duration, now: Instant) {
+        self.write_if(key, value, ttl, now, |_| true);
+    }
+
+    /// Writes unless `replace` refuses what the key holds (a live value or `None`).
+    fn write_if(
+        &self,
+        key: &Key,
+        value: Bytes,
+        ttl: Duration,
+        now: Instant,
+        replace: impl FnOnce(Option<&[u8]>) -> bool,
+    ) -> bool {
         let mut shard = self.shard(key.as_bytes()).lock();
-        if shard.len() >= self.inner.max_entries_per_shard && !shard.contains_key(key.as_bytes()) {
-            shard.retain(|_, entry| entry.expires_at > now);
-            if shard.len() >= self.inner.max_entries_per_shard {
-                let victim = shard
-                    .iter()
-                    .take(EVICTION_SAMPLE)
-                    .min_by_key(|(_, entry)| entry.expires_at)
-                    .map(|(k, _)| k.clone());
-                if let Some(victim) = victim {
-                    shard.remove(&victim);
-                }
+        let live = match shard.map.get(key.as_bytes()) {
+            Some(entry) if entry.expires_at <= now => {
+                // An expired entry is gone: the write is a new entry.
+                shard.remove(key.as_bytes());
+                None
             }
+            Some(entry) => Some(&entry.value[..]),
+            None => None,
+        };
+        if !replace(live) {
+            return false;
         }
         let expires_at = now
             .checked_add(ttl)
             .unwrap_or(now + Duration::from_secs(u32::MAX.into()));
-        shard.insert(key.to_bytes(), Entry { value, expires_at });
+        let bounds = (
+            self.inner.max_entries_per_shard,
+            self.inner.max_bytes_per_shard,
+        );
+        shard.insert(key, value, expires_at, bounds);
+        true
     }
 }
 
@@ -225,6 +329,39 @@ impl KvStore for MemoryKvStore {
         }
         Ok(existed)
     }
+
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version_at: usize,
+    ) -> Result<u64, BackendError> {
+        for entry in entries {
+            self.check(&entry.value, entry.ttl)?;
+        }
+        check_versions(entries, version_at)?;
+        let now = self.inner.clock.now();
+        let mut written = 0;
+        for entry in entries {
+            let newer = |held: Option<&[u8]>| is_newer(&entry.value, held, version_at);
+            if self.write_if(&entry.key, entry.value.clone(), entry.ttl, now, newer) {
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        let now = self.inner.clock.now();
+        let mut shard = self.shard(key.as_bytes()).lock();
+        let held = shard
+            .map
+            .get(key.as_bytes())
+            .is_some_and(|entry| entry.expires_at > now && entry.value[..] == *expected);
+        if held {
+            shard.remove(key.as_bytes());
+        }
+        Ok(held)
+    }
 }
 
 #[cfg(test)]
@@ -244,6 +381,55 @@ mod tests {
                 .unwrap();
         }
         assert!(store.len() <= 1_600, "len {}", store.len());
+    }
+
+    #[tokio::test]
+    async fn held_bytes_stay_bounded() {
+        let store = MemoryKvStore::builder().max_bytes(160 * 1024).build();
+        let ns = Namespace::new("t").unwrap();
+        let value = Bytes::from(vec![0u8; 1_024]);
+        for i in 0..5_000u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            store
+                .set(&key, value.clone(), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        assert!(store.bytes() <= 160 * 1024, "{} bytes held", store.bytes());
+        assert!(store.len() > 100, "{} entries", store.len());
+        // A value larger than a shard's share of the bound still fits alone.
+        let big = ns.key("big").unwrap();
+        store
+            .set(
+                &big,
+                Bytes::from(vec![1u8; 64 * 1024]),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&big).await.unwrap().map(|v| v.len()),
+            Some(64 * 1024)
+        );
+    }
+
+    #[tokio::test]
+    async fn overwrites_and_deletes_keep_the_eviction_order_bounded() {
+        let store = MemoryKvStore::builder().max_entries(SHARDS * 4).build();
+        let ns = Namespace::new("t").unwrap();
+        let key = ns.key("k").unwrap();
+        for _ in 0..10_000 {
+            store
+                .set(&key, "v".into(), Duration::from_secs(60))
+                .await
+                .unwrap();
+            store.delete(std::slice::from_ref(&key)).await.unwrap();
+        }
+        assert!(
+            store.order_len() <= 2 * SHARDS * 4 + SHARDS,
+            "{}",
+            store.order_len()
+        );
     }
 
     #[tokio::test]

@@ -232,3 +232,95 @@ pub async fn concurrent_writers_and_readers_agree<S: KvStore>(store: &S, ns: Nam
     });
     futures_util::future::join_all(tasks).await;
 }
+
+/// A value carrying `version` (little-endian) at byte 3, then `tag`.
+fn versioned(version: u64, tag: &str) -> Bytes {
+    let mut bytes = b"hdr".to_vec();
+    bytes.extend_from_slice(&version.to_le_bytes());
+    bytes.extend_from_slice(tag.as_bytes());
+    Bytes::from(bytes)
+}
+
+/// `set_if_newer` writes over absent, older, equally new and unversioned (too short) values,
+/// never over a newer value, and refuses an entry that carries no version.
+pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns: Namespace) {
+    let entry = |name: &str, value: Bytes| KvEntry {
+        key: key(&ns, name),
+        value,
+        ttl: HOUR,
+    };
+    // Versions that differ only in a high byte, so a wrong byte order shows.
+    let (low, high) = (0x0100_0000_0000_00ff_u64, 0x0200_0000_0000_0001_u64);
+    store
+        .set_many(&[
+            entry("older", versioned(low, "held")),
+            entry("newer", versioned(high, "held")),
+            entry("same", versioned(low, "held")),
+            entry("short", Bytes::from_static(b"x")),
+        ])
+        .await
+        .expect("set_many");
+    let written = store
+        .set_if_newer(
+            &[
+                entry("absent", versioned(low, "new")),
+                entry("older", versioned(high, "new")),
+                entry("newer", versioned(low, "new")),
+                entry("same", versioned(low, "new")),
+                entry("short", versioned(low, "new")),
+            ],
+            3,
+        )
+        .await
+        .expect("set_if_newer");
+    assert_eq!(written, 4, "absent, older, same and short are written");
+    for (name, expected) in [
+        ("absent", versioned(low, "new")),
+        ("older", versioned(high, "new")),
+        ("newer", versioned(high, "held")),
+        ("same", versioned(low, "new")),
+        ("short", versioned(low, "new")),
+    ] {
+        assert_eq!(
+            store.get(&key(&ns, name)).await.expect("get"),
+            Some(expected),
+            "{name}"
+        );
+    }
+    let error = store
+        .set_if_newer(&[entry("absent", Bytes::from_static(b"tiny"))], 3)
+        .await
+        .expect_err("an entry without a version");
+    assert_eq!(error.kind(), BackendErrorKind::Config);
+}
+
+/// `delete_if_eq` deletes only the exact bytes given.
+pub async fn delete_if_eq_deletes_only_the_expected_bytes<S: KvStore>(store: &S, ns: Namespace) {
+    let k = key(&ns, "k");
+    store.set(&k, "current".into(), HOUR).await.expect("set");
+    assert!(
+        !store
+            .delete_if_eq(&k, b"previous")
+            .await
+            .expect("delete_if_eq"),
+        "other bytes stay"
+    );
+    assert_eq!(
+        store.get(&k).await.expect("get").as_deref(),
+        Some(&b"current"[..])
+    );
+    assert!(
+        store
+            .delete_if_eq(&k, b"current")
+            .await
+            .expect("delete_if_eq")
+    );
+    assert_eq!(store.get(&k).await.expect("get"), None);
+    assert!(
+        !store
+            .delete_if_eq(&k, b"current")
+            .await
+            .expect("delete_if_eq"),
+        "an absent key is not deleted"
+    );
+}

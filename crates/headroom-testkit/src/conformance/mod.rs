@@ -43,6 +43,8 @@ macro_rules! kv_store_conformance {
                 delete_counts_existing_keys,
                 namespaces_do_not_collide,
                 concurrent_writers_and_readers_agree,
+                set_if_newer_never_replaces_a_newer_value,
+                delete_if_eq_deletes_only_the_expected_bytes,
             );
         }
     };

@@ -1,0 +1,93 @@
+//! The fleet lock: one load of a key at a time across every instance sharing a lease store.
+//! The holder loads; the others wait, bounded, for its value to appear in L2.
+
+use std::time::Duration;
+
+use headroom_core::lease::{Begin, DynLeaseStore, FencingToken, LeaseStore};
+use headroom_core::{Clock, Key, Namespace};
+
+use crate::ConfigError;
+
+pub(crate) struct FleetLock {
+    store: DynLeaseStore,
+    /// Beside the L2 namespace, never inside it, so lock records are not taken for entries.
+    namespace: Namespace,
+    /// The longest an instance waits for another's load before loading itself.
+    pub(crate) wait: Duration,
+}
+
+/// What claiming the lock of a key gave.
+pub(crate) enum Claim {
+    /// This instance loads; the lock is released when the guard is dropped.
+    Held(LockGuard),
+    /// Another instance is loading the key.
+    Taken,
+    /// The lease store did not answer (in time): load without the lock.
+    Unavailable,
+}
+
+impl FleetLock {
+    pub(crate) fn new(
+        store: DynLeaseStore,
+        l2: &Namespace,
+        wait: Duration,
+    ) -> Result<Self, ConfigError> {
+        let namespace = Namespace::new(&format!("{}.fleet-lock", l2.as_str()))
+            .map_err(|_| ConfigError::new("the l2 namespace is too long for a fleet lock"))?;
+        if wait.is_zero() {
+            return Err(ConfigError::new(
+                "the fleet lock wait must be greater than zero",
+            ));
+        }
+        Ok(Self {
+            store,
+            namespace,
+            wait,
+        })
+    }
+
+    /// Claims the lock of `key` for `lease`, giving the store at most `timeout` to answer.
+    pub(crate) async fn claim(
+        &self,
+        key: &[u8],
+        lease: Duration,
+        clock: &Clock,
+        timeout: Duration,
+    ) -> Claim {
+        let Ok(key) = self.namespace.key(key) else {
+            return Claim::Unavailable;
+        };
+        let begin = tokio::select! {
+            begin = self.store.begin(&key, b"", lease) => begin,
+            () = clock.sleep(timeout) => return Claim::Unavailable,
+        };
+        match begin {
+            Ok(Begin::Acquired { token, .. }) => Claim::Held(LockGuard {
+                store: self.store.clone(),
+                key,
+                token,
+            }),
+            Ok(Begin::InProgress { .. }) => Claim::Taken,
+            Ok(_) | Err(_) => Claim::Unavailable,
+        }
+    }
+}
+
+/// A held fleet lock, released (in a spawned task) when dropped; a lock whose release is lost
+/// expires with its lease.
+pub(crate) struct LockGuard {
+    store: DynLeaseStore,
+    key: Key,
+    token: FencingToken,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+            runtime.spawn(async move {
+                let _ = store.release(&key, token).await;
+            });
+        }
+    }
+}
