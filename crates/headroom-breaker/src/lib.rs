@@ -47,6 +47,7 @@
 //! Rust 1.88.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod breaker;
 mod budget;
@@ -58,6 +59,7 @@ mod pipeline;
 mod retry;
 mod timeout;
 #[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 mod window;
 

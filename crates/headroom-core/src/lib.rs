@@ -24,6 +24,7 @@
 //! Rust 1.88.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bus;
 mod clock;

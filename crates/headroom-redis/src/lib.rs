@@ -36,6 +36,7 @@
 //! (the records of one idempotency key, for example) use `{hash tags}`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod bus;
 mod config;

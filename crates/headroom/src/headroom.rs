@@ -53,17 +53,19 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BuildError::Namespace(_) => f.write_str("invalid headroom namespace"),
-            BuildError::Backend(_) => f.write_str("headroom backend unavailable"),
+            BuildError::Namespace(err) => write!(f, "invalid headroom namespace: {err}"),
+            BuildError::Backend(err) => write!(f, "headroom backend unavailable: {err}"),
         }
     }
 }
 
+/// The message already names the cause, so `source` skips to the cause's own source and a
+/// report that walks the chain does not print it twice. The cause itself is in the variant.
 impl StdError for BuildError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            BuildError::Namespace(err) => Some(err),
-            BuildError::Backend(err) => Some(err),
+            BuildError::Namespace(err) => err.source(),
+            BuildError::Backend(err) => err.source(),
         }
     }
 }
@@ -302,6 +304,39 @@ impl Headroom {
         headroom_breaker::CircuitBreaker::builder()
             .name(name)
             .clock(self.inner.clock.clone())
+    }
+
+    /// A pipeline builder (retry, breaker, timeout, hedging in one call) named `name` in
+    /// metrics, on the shared clock.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let inventory = headroom
+    ///     .pipeline::<std::io::Error>("inventory")
+    ///     .timeout(Duration::from_millis(300))
+    ///     .build();
+    /// let stock = inventory.call(|| async { Ok::<_, std::io::Error>(12) }).await?;
+    /// assert_eq!(stock, 12);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "breaker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
+    pub fn pipeline<E>(&self, name: impl Into<Arc<str>>) -> headroom_breaker::PipelineBuilder<E> {
+        headroom_breaker::Pipeline::builder()
+            .name(name)
+            .clock(self.inner.clock.clone())
+    }
+
+    /// A retry budget builder on the shared clock, to bound the retries and hedges of every
+    /// caller of one dependency.
+    #[cfg(feature = "breaker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
+    pub fn retry_budget(&self) -> headroom_breaker::RetryBudgetBuilder {
+        headroom_breaker::RetryBudget::builder().clock(self.inner.clock.clone())
     }
 }
 

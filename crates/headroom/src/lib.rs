@@ -156,10 +156,15 @@ pub mod prelude {
     #[cfg(feature = "breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
     #[doc(inline)]
-    pub use headroom_breaker::{CircuitBreaker, CircuitOpen, Elapsed, Retry, Timeout};
+    pub use headroom_breaker::{
+        CircuitBreaker, CircuitOpen, Elapsed, Fallback, Hedge, Pipeline, Retry, RetryBudget,
+        Timeout,
+    };
 
     #[cfg(feature = "shard")]
     #[cfg_attr(docsrs, doc(cfg(feature = "shard")))]
     #[doc(inline)]
-    pub use headroom_shard::{JumpRouter, Topology};
+    pub use headroom_shard::{
+        JumpRouter, Node, ReadPolicy, Role, ShardId, Topology, TopologyHandle,
+    };
 }

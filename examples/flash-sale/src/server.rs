@@ -38,6 +38,10 @@ pub(crate) enum Failure {
     Elapsed,
     CircuitOpen,
     Shed,
+    /// Over the customer's checkout quota; retry after the given time.
+    RateLimited(Duration),
+    /// The rate limit could not be judged (a misconfigured tier).
+    RateLimitError,
 }
 
 impl Failure {
@@ -54,6 +58,8 @@ impl Failure {
             Failure::Elapsed => "db-timeout",
             Failure::CircuitOpen => "circuit-open",
             Failure::Shed => "shed",
+            Failure::RateLimited(_) => "rate-limited",
+            Failure::RateLimitError => "rate-limit-error",
         }
     }
 }
@@ -83,6 +89,8 @@ struct Guard {
     breaker: CircuitBreaker<Failure>,
     timeout: Timeout,
     counters: Arc<GuardCounters>,
+    /// Product pages skip the cache and the shedder (`--weaken`).
+    weakened: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -95,10 +103,14 @@ struct App {
 pub(crate) const INSTANCE_CONCURRENCY: usize = 8;
 
 /// The protections of one instance, built from the shared [`Headroom`].
+///
+/// `weakened` sends product pages straight to the database, past the cache and the shedder:
+/// a deliberately broken build that shows `--check` failing when the targets are missed.
 pub(crate) fn guard(
     headroom: &Headroom,
     instance: usize,
     counters: Arc<GuardCounters>,
+    weakened: bool,
 ) -> Result<GuardHandle, Box<dyn std::error::Error>> {
     let products = headroom
         .cache::<u64, Product>("products")?
@@ -147,6 +159,7 @@ pub(crate) fn guard(
         breaker,
         timeout: Timeout::new(Duration::from_millis(250)).with_clock(headroom.clock().clone()),
         counters,
+        weakened,
     })))
 }
 
@@ -196,18 +209,18 @@ fn respond(status: StatusCode, outcome: &'static str) -> Response {
 }
 
 fn failure_response(failure: Failure) -> Response {
-    let mut response = match failure {
-        Failure::Shed | Failure::CircuitOpen => {
-            respond(StatusCode::SERVICE_UNAVAILABLE, failure.outcome())
+    let (status, retry_after) = match failure {
+        Failure::Shed | Failure::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+        Failure::RateLimited(after) => {
+            (StatusCode::TOO_MANY_REQUESTS, Some(after.as_secs().max(1)))
         }
-        Failure::Db(_) | Failure::Elapsed => {
-            respond(StatusCode::INTERNAL_SERVER_ERROR, failure.outcome())
+        Failure::Db(_) | Failure::Elapsed | Failure::RateLimitError => {
+            (StatusCode::INTERNAL_SERVER_ERROR, None)
         }
     };
-    if matches!(failure, Failure::Shed | Failure::CircuitOpen) {
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from_static("1"));
+    let mut response = respond(status, failure.outcome());
+    if let Some(value) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+        response.headers_mut().insert("retry-after", value);
     }
     response
 }
@@ -219,6 +232,12 @@ async fn product(State(app): State<App>, Path(id): Path<u64>) -> Response {
             Err(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
         };
     };
+    if guard.weakened {
+        return match guard.db_call(app.db.product(id)).await {
+            Ok(_) => respond(StatusCode::OK, "ok"),
+            Err(failure) => failure_response(failure),
+        };
+    }
     let db = app.db.clone();
     let loader_guard = guard.clone();
     let read = guard
@@ -246,6 +265,23 @@ async fn product(State(app): State<App>, Path(id): Path<u64>) -> Response {
 }
 
 impl Guard {
+    /// Admits a new checkout: within the customer's quota, and of a tier not being shed.
+    async fn admit(&self, tier: &str, customer: u64, priority: Priority) -> Result<(), Failure> {
+        match self.rate_limits.check(tier, &customer.to_string(), 1).await {
+            Err(err) if err.kind() == RateErrorKind::Limited => {
+                let after = err
+                    .limited()
+                    .map_or(Duration::from_secs(1), |l| l.retry_after());
+                return Err(Failure::RateLimited(after));
+            }
+            // The limiter's own fallback decided when the store was unreachable; anything
+            // else is a server error.
+            Err(_) => return Err(Failure::RateLimitError),
+            Ok(_) => {}
+        }
+        self.shedder.check(priority).map_err(|_| Failure::Shed)
+    }
+
     /// One database call under the breaker and the timeout.
     async fn db_call<T>(
         &self,
@@ -303,39 +339,17 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
             _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
         };
     };
-    // Refuse early, before any record is written: over the customer's quota, or a tier that
-    // is being shed.
-    match guard
-        .rate_limits
-        .check(tier, &customer.to_string(), 1)
-        .await
-    {
-        Err(err) if err.kind() == RateErrorKind::Limited => {
-            let mut response = respond(StatusCode::TOO_MANY_REQUESTS, "rate-limited");
-            let retry_after = err
-                .limited()
-                .map_or(1, |l| l.retry_after().as_secs().max(1));
-            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
-                response.headers_mut().insert("retry-after", value);
-            }
-            return response;
-        }
-        // The limiter's own fallback decided when the store was unreachable; anything else
-        // (a misconfigured tier) is a server error.
-        Err(_) => return respond(StatusCode::INTERNAL_SERVER_ERROR, "rate-limit-error"),
-        Ok(_) => {}
-    }
-    if guard.shedder.check(priority).is_err() {
-        return failure_response(Failure::Shed);
-    }
     let (Ok(scope), Ok(key)) = (
         Scope::new(customer.to_string(), "checkout"),
         IdempotencyKey::new(&reference),
     ) else {
         return respond(StatusCode::BAD_REQUEST, "bad-request");
     };
-    // The whole idempotent operation runs in its own task, so a client that gives up neither
-    // cancels the transaction nor releases the key while the transaction still runs.
+    // The idempotency record is looked up first: a retry of a checkout that already committed
+    // gets its replay even when the customer is over quota or the tier is being shed. Only new
+    // work meets the rate limit and the shedder, and a refusal releases the key for a retry.
+    // The whole operation runs in its own task, so a client that gives up neither cancels the
+    // transaction nor releases the key while the transaction still runs.
     let db = app.db.clone();
     let task_guard = guard.clone();
     let placed = tokio::spawn(async move {
@@ -343,6 +357,7 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
         guard
             .idempotency
             .execute(&scope, &key, b"checkout", || async {
+                guard.admit(tier, customer, priority).await?;
                 let _permit = guard
                     .shedder
                     .acquire(priority)
@@ -378,5 +393,65 @@ pub(crate) async fn headroom(namespace: &str) -> Result<Headroom, BuildError> {
     match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => builder.redis(url).await,
         _ => builder.memory(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headroom::core::ManualClock;
+
+    fn checkout_headers(customer: u64, tier: &str, reference: u64) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let value = |v: String| HeaderValue::from_str(&v).expect("header value");
+        headers.insert("x-customer", value(customer.to_string()));
+        headers.insert("x-tier", value(tier.to_owned()));
+        headers.insert("idempotency-key", value(reference.to_string()));
+        headers
+    }
+
+    fn outcome(response: &Response) -> (StatusCode, String) {
+        let outcome = response
+            .headers()
+            .get("x-outcome")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (response.status(), outcome)
+    }
+
+    #[tokio::test]
+    async fn a_retried_checkout_that_committed_gets_its_replay_even_over_quota() {
+        // Time stands still, so the customer's quota does not refill during the test.
+        let manual = ManualClock::new();
+        let headroom = Headroom::builder()
+            .namespace("flash-sale-test")
+            .clock(manual.clock())
+            .memory()
+            .expect("memory backend");
+        let guard = guard(&headroom, 0, Arc::new(GuardCounters::default()), false).expect("guard");
+        let app = App {
+            db: Database::new(4),
+            guard: Some(guard.0),
+        };
+        // A free-tier customer may place a burst of 3 checkouts.
+        let customer = 17;
+        for reference in 1..=3 {
+            let response = checkout(
+                State(app.clone()),
+                checkout_headers(customer, "free", reference),
+            )
+            .await;
+            assert_eq!(outcome(&response), (StatusCode::OK, "ok".to_owned()));
+        }
+        let over_quota = checkout(State(app.clone()), checkout_headers(customer, "free", 4)).await;
+        assert_eq!(
+            outcome(&over_quota),
+            (StatusCode::TOO_MANY_REQUESTS, "rate-limited".to_owned())
+        );
+        // The first checkout's response was lost; its retry must get the committed order.
+        let retry = checkout(State(app.clone()), checkout_headers(customer, "free", 1)).await;
+        assert_eq!(outcome(&retry), (StatusCode::OK, "replayed".to_owned()));
+        assert_eq!(app.db.stats().orders, 3);
     }
 }
