@@ -5,6 +5,7 @@
 //! Everything talks JSON lines over loopback TCP: the driver to the services, the services to
 //! the stand-in database that the driver hosts (the truth about versions and executions).
 
+pub mod chart;
 pub mod db;
 pub mod fleet;
 pub mod load;

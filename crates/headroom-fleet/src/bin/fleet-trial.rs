@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use headroom_fleet::chart;
 use headroom_fleet::db::{Database, Latency};
 use headroom_fleet::fleet::Fleet;
 use headroom_fleet::load::Load;
@@ -321,6 +322,7 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("report.txt"), &text)?;
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(out.join("timeline.svg"), chart::timeline(&report))?;
     for broken in &report.broken {
         eprintln!("BROKEN: {broken}");
     }
