@@ -225,6 +225,40 @@ impl Shared {
         Err(self.rejected(None))
     }
 
+    /// The rejection a call made now would get, without admitting one (a transition due is
+    /// left to [`acquire`](Self::acquire)). Not counted: the caller counts it when it rejects.
+    #[cfg(feature = "tower")]
+    pub(crate) fn refusal(&self) -> Option<CircuitOpen> {
+        let word = self.state.load(Ordering::Acquire);
+        match word & 3 {
+            CLOSED => None,
+            OPEN => {
+                let now = self.now_nanos();
+                let until = self.open_until.load(Ordering::Acquire);
+                (now < until).then(|| CircuitOpen {
+                    retry_after: Some(Duration::from_nanos(until - now)),
+                })
+            }
+            HALF_OPEN => {
+                let probes = self.probes.load(Ordering::Acquire);
+                let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
+                    && probes & PROBE_COUNT_MASK >= u64::from(self.config.half_open_probes);
+                let stalled = self
+                    .now_nanos()
+                    .saturating_sub(self.half_open_since.load(Ordering::Acquire))
+                    >= nanos(self.config.half_open_max_wait);
+                (full && !stalled).then_some(CircuitOpen { retry_after: None })
+            }
+            _ => Some(CircuitOpen { retry_after: None }),
+        }
+    }
+
+    /// Counts a rejection made from [`refusal`](Self::refusal).
+    #[cfg(feature = "tower")]
+    pub(crate) fn count_rejection(&self) {
+        self.metrics.rejected.increment(1);
+    }
+
     fn admit_probe(&self, word: u64) -> Result<Ticket, CircuitOpen> {
         let tag = probe_tag(word);
         let limit = u64::from(self.config.half_open_probes);

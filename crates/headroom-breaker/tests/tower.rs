@@ -8,7 +8,7 @@ use std::time::Duration;
 use headroom_breaker::tower::{CircuitBreakerLayer, PipelineLayer};
 use headroom_breaker::{CircuitBreaker, ErrorKind, Pipeline, Retry, State};
 use headroom_core::{BackendError, BackendErrorKind};
-use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 fn flaky(
     calls: Arc<AtomicU32>,
@@ -102,4 +102,49 @@ async fn the_pipeline_layer_retries_with_a_clone_of_the_request() {
         .service(flaky(calls.clone(), 2));
     assert_eq!(service.oneshot(21).await.expect("third attempt"), 42);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// A service that never answers, so the calls made to it hold their concurrency permits.
+fn hanging() -> impl tower::Service<
+    u32,
+    Response = u32,
+    Error = BackendError,
+    Future = std::future::Pending<Result<u32, BackendError>>,
+> + Clone {
+    service_fn(|_: u32| std::future::pending::<Result<u32, BackendError>>())
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() {
+    use futures_util::FutureExt;
+
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .build()
+        .expect("breaker");
+    let mut service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .concurrency_limit(1)
+        .service(hanging());
+    // The one concurrency permit is taken by a call that never ends.
+    let in_flight = service.ready().await.expect("ready").call(1);
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let mut waiting = service.clone();
+    let ready = waiting
+        .ready()
+        .now_or_never()
+        .expect("an open circuit is ready at once, whatever the inner service's backpressure")
+        .expect("ready");
+    let error = ready
+        .call(2)
+        .now_or_never()
+        .expect("the rejection needs no wait")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CircuitOpen);
+    assert!(
+        matches!(error, headroom_breaker::Error::CircuitOpen(open) if open.retry_after().is_some())
+    );
+    drop(in_flight);
 }

@@ -6,19 +6,31 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use crate::{CircuitBreaker, Error, Pipeline};
+use crate::{CircuitBreaker, CircuitOpen, Error, Pipeline};
 
 /// A service guarded by a [`CircuitBreaker`]; built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// While the circuit refuses calls, `poll_ready` answers ready at once without asking the
+/// inner service, and the next `call` fails with [`CircuitOpen`](crate::CircuitOpen): callers
+/// of a tripped breaker never wait on the backpressure of what it guards (a concurrency limit,
+/// a buffer). A caller already waiting on the inner service when the circuit opens is refused
+/// when that wait ends.
 pub struct CircuitBreakerService<S, E> {
     inner: S,
     breaker: CircuitBreaker<E>,
+    /// The refusal `poll_ready` saw; the next `call` returns it.
+    refused: Option<CircuitOpen>,
 }
 
 impl<S, E> CircuitBreakerService<S, E> {
     /// Guards `inner` with `breaker`.
     pub fn new(inner: S, breaker: CircuitBreaker<E>) -> Self {
-        Self { inner, breaker }
+        Self {
+            inner,
+            breaker,
+            refused: None,
+        }
     }
 
     /// The wrapped service.
@@ -51,10 +63,19 @@ where
     type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.refused = self.breaker.shared().refusal();
+        if self.refused.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         self.inner.poll_ready(cx).map_err(Error::Inner)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
+        if let Some(open) = self.refused.take() {
+            self.breaker.shared().count_rejection();
+            return ResponseFuture::rejected(open);
+        }
+        // The inner service is ready; a circuit that opened since is still honoured here.
         match self.breaker.shared().acquire() {
             Ok(ticket) => {
                 ResponseFuture::admitted(self.inner.call(request), self.breaker.clone(), ticket)
