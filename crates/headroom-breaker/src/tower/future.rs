@@ -33,7 +33,11 @@ impl<F, E> ResponseFuture<F, E> {
         Self {
             inner: Some(inner),
             admission: Some((breaker, ticket)),
-            open: CircuitOpen { retry_after: None },
+            // Read only by a rejected future.
+            open: CircuitOpen {
+                state: crate::State::Closed,
+                retry_after: None,
+            },
         }
     }
 
