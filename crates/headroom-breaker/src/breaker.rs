@@ -389,15 +389,15 @@ impl Shared {
     }
 
     /// Whether the window may have reached a threshold with this sample recorded. A failed or
-    /// slow call may; so may any call while the window is short of `minimum_calls`. A count
-    /// window's totals are three loads, so it is always judged; a time window sums its stripes,
-    /// so a success is judged only in a new bucket epoch (when older calls left the window).
+    /// slow call may; so may any call while the window is short of `minimum_calls`. Otherwise a
+    /// success only adds a call or replaces an older one, which cannot raise a ratio, unless
+    /// older calls left a time window since its last judgement (a new bucket epoch).
     fn may_trip(&self, sample: Sample, now: u64) -> bool {
         if sample.failure || sample.slow || self.short.load(Ordering::Relaxed) {
             return true;
         }
         match self.window.epoch(now) {
-            None => true,
+            None => false,
             Some(epoch) => {
                 self.judged_epoch.load(Ordering::Relaxed) != epoch
                     && self.judged_epoch.swap(epoch, Ordering::Relaxed) != epoch
