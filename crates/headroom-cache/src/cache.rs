@@ -168,6 +168,8 @@ pub(crate) struct Inner<K, V> {
     invalidation: Option<Invalidation>,
     /// Whether the subscription to writes made by other programs is live (when there is one).
     external_live: Option<Arc<AtomicBool>>,
+    /// Dropped with the cache: stops the task watching writes made by other programs.
+    _external_stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
     cleared_unix_ms: AtomicU64,
     /// L2 entries carrying one of these tags created at or before its Unix millisecond were
@@ -197,6 +199,7 @@ where
         invalidation: Option<(DynInvalidationBus, Key, InvalidationConfig)>,
         external_writes: Option<(Subscription, Vec<u8>)>,
     ) -> Self {
+        let (external_stop, external_stopped) = tokio::sync::oneshot::channel();
         let cache = Self {
             inner: Arc::new(Inner {
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
@@ -206,6 +209,7 @@ where
                 external_live: external_writes
                     .as_ref()
                     .map(|_| Arc::new(AtomicBool::new(false))),
+                _external_stop: external_writes.as_ref().map(|_| external_stop),
                 cleared_unix_ms: AtomicU64::new(0),
                 hidden_tags: Mutex::new(HashMap::new()),
                 l1,
@@ -233,6 +237,7 @@ where
                 prefix,
                 Arc::clone(live),
                 local,
+                external_stopped,
             ));
         }
         cache

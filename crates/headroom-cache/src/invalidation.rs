@@ -38,7 +38,8 @@ pub(crate) const FORMAT_VERSION: u8 = 1;
 /// The settings of invalidation across instances, loadable with serde (feature `serde`).
 ///
 /// The staleness bound is `max_silence`: no instance serves from L1 a value invalidated on
-/// another instance longer ago than that, whatever happens to the bus.
+/// another instance longer ago than that (plus the runtime's scheduling delay), whatever
+/// happens to the bus.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
@@ -488,17 +489,17 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
         };
         let mut live = false;
         let mut heard = shared.clock.now();
-        // Silence is checked on a fixed beat, however busy the channel is.
-        let tick = shared.config.ping_interval / 2;
-        let mut next_check = heard + tick;
+        let silence = shared.config.max_silence;
+        // Checked when the oldest of the last messages heard (from the channel, and from
+        // each origin) turns `max_silence` old, not on a beat: the bound is exact. Messages
+        // only move these times later, so a check that finds nothing due just moves on.
+        let mut next_check = heard + silence;
         loop {
             let wait = next_check.saturating_duration_since(shared.clock.now());
             let event = tokio::select! {
                 event = subscription.next_event() => event,
                 () = shared.clock.sleep(wait) => {
                     let now = shared.clock.now();
-                    next_check = now + tick;
-                    let silence = shared.config.max_silence;
                     if live && now.saturating_duration_since(heard) >= silence {
                         live = false;
                         shared.set_healthy(false);
@@ -512,6 +513,13 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     if origins.len() < known && !flush(Flush::Silence) {
                         return;
                     }
+                    let oldest = origins
+                        .values()
+                        .map(|origin| origin.heard)
+                        .chain(live.then_some(heard))
+                        .min()
+                        .unwrap_or(now);
+                    next_check = oldest + silence;
                     continue;
                 }
                 _ = stopped.changed() => return,
@@ -619,14 +627,21 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
 }
 
 /// Applies writes made by other programs, reported as full L2 keys starting with `prefix`,
-/// until the subscription ends. While it reports a loss, L1 is flushed and bypassed.
+/// until the subscription ends or the cache is dropped (`stopped` resolves; the subscription
+/// is dropped with this task). While it reports a loss, L1 is flushed and bypassed.
 pub(crate) async fn watch_external_writes(
     mut writes: Subscription,
     prefix: Vec<u8>,
     live: Arc<AtomicBool>,
     local: Weak<dyn Local>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
-    while let Some(event) = writes.next_event().await {
+    loop {
+        let event = tokio::select! {
+            event = writes.next_event() => event,
+            _ = &mut stopped => return,
+        };
+        let Some(event) = event else { break };
         let Some(local) = local.upgrade() else { return };
         match event {
             BusEvent::Message(key) => {

@@ -13,7 +13,7 @@ use headroom_cache::{Cache, InvalidationConfig};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::kv::DynKvStore;
 use headroom_core::memory::{MemoryBus, MemoryKvStore};
-use headroom_core::{BackendError, Key, Namespace};
+use headroom_core::{BackendError, Clock, Key, ManualClock, Namespace};
 use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
 use headroom_testkit::{FaultProxy, RedisServer, shared_cluster, shared_server, unique_namespace};
 
@@ -29,7 +29,12 @@ fn config() -> InvalidationConfig {
 }
 
 fn cache(parts: Parts, ns: &Namespace) -> Cache<String, u64> {
+    cache_on(parts, ns, Clock::system())
+}
+
+fn cache_on(parts: Parts, ns: &Namespace, clock: Clock) -> Cache<String, u64> {
     Cache::builder()
+        .clock(clock)
         .ttl(Duration::from_secs(60))
         .l2_cooldown(Duration::from_millis(100))
         .l2(parts.0, ns.clone())
@@ -152,15 +157,17 @@ async fn update_reaches_other_instance_on_redis_cluster() {
     println!("redis cluster propagation: {lag:?}");
 }
 
-/// B's L1 holds a key; A updates it: B's L1 must not answer the old value once the message is
-/// in, even though B's L1 copy is still fresh by TTL. Checked without L2 reads on B: B's
-/// L2 copy is the new value, so only L1 could serve the old one.
+/// `remove_many` on one instance removes the keys from every instance (L1 and L2); `clear`
+/// hides every entry from every instance although the L2 copies stay until their TTL, and
+/// entries written after it are served again. The instances share a manual clock, so "after"
+/// is a step of that clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_many_and_clear_reach_every_instance_and_l2() {
     let ns = unique_namespace("clear");
+    let clock = ManualClock::new();
     let caches: Vec<_> = memory_parts(3)
         .into_iter()
-        .map(|parts| cache(parts, &ns))
+        .map(|parts| cache_on(parts, &ns, clock.clock()))
         .collect();
     live(&caches).await;
     for key in ["a", "b", "c"] {
@@ -185,8 +192,8 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
     for cache in &caches {
         settle_value(cache, "c", None).await;
     }
-    // Values written after the clear are served again (the clock moved past the clear).
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    // Values written after the clear are served again.
+    clock.advance(Duration::from_millis(1));
     caches[0].insert("c".into(), 2).await.unwrap();
     for cache in &caches {
         settle_value(cache, "c", Some(2)).await;
@@ -195,8 +202,13 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
 
 /// `invalidate_tag` removes the entries carrying the tag from every instance's L1 and hides
 /// their L2 copies (still in L2 until their TTL) from every instance; other entries stay.
+/// The instances share a manual clock, so "after the invalidation" is a step of that clock.
 async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
-    let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
+    let clock = ManualClock::new();
+    let caches: Vec<_> = parts
+        .into_iter()
+        .map(|parts| cache_on(parts, &ns, clock.clock()))
+        .collect();
     live(&caches).await;
     caches[0]
         .insert_tagged("a".into(), 1, &["team:1"])
@@ -222,7 +234,7 @@ async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
         assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(3));
     }
     // Written after the invalidation: served again.
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    clock.advance(Duration::from_millis(1));
     caches[2]
         .insert_tagged("a".into(), 4, &["team:1"])
         .await
@@ -831,4 +843,125 @@ async fn a_graceful_shutdown_costs_the_others_no_flush() {
         "a shut down cache no longer hears invalidations"
     );
     served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
+}
+
+/// A rolling restart: B says goodbye and a new instance takes its place and writes. A, which
+/// stayed up, keeps its L1: the newcomer's messages start at sequence 0, so no gap shows.
+async fn a_restart_costs_the_survivor_no_flush(parts: Vec<Parts>, ns: Namespace) {
+    let mut parts = parts.into_iter();
+    let (a_parts, a_calls) = probed(parts.next().unwrap());
+    let a = cache(a_parts, &ns);
+    let b = cache(parts.next().unwrap(), &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&a, &a_calls, "k", 1).await;
+    b.insert("other".into(), 1).await.unwrap();
+    b.shutdown().await;
+    drop(b);
+    let c = cache(parts.next().unwrap(), &ns);
+    live(std::slice::from_ref(&c)).await;
+    c.insert("other".into(), 2).await.unwrap();
+    settle_value(&a, "other", Some(2)).await;
+    served_from_l1_throughout(&a, &a_calls, "k", 1, config().max_silence * 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_costs_the_survivor_no_flush_on_memory_bus() {
+    a_restart_costs_the_survivor_no_flush(memory_parts(3), unique_namespace("restart")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_costs_the_survivor_no_flush_on_redis_cluster() {
+    a_restart_costs_the_survivor_no_flush(cluster_parts(3).await, unique_namespace("restart"))
+        .await;
+}
+
+/// Dropping a cache releases what it holds in Redis: its invalidation channel is unsubscribed
+/// and its tracking connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_cache_unsubscribes_and_closes_its_tracking_connection() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(RedisConfig::standalone(server.url()))
+        .await
+        .expect("connect");
+    let bus = RedisBus::connect(redis.clone()).await.expect("bus");
+    let ns = unique_namespace("dropped-cache");
+    let writes = headroom_redis::tracked_writes(&redis, format!("{}:", ns.as_str()).as_bytes())
+        .await
+        .expect("tracking");
+    let cache: Cache<String, u64> = Cache::builder()
+        .l2(RedisKvStore::new(redis), ns.clone())
+        .invalidation(bus.clone(), config())
+        .external_writes(writes)
+        .build()
+        .expect("build");
+    live(std::slice::from_ref(&cache)).await;
+    let channel = format!("{}:~invalidation", ns.as_str());
+    let subscribers = || {
+        let out = server.cli(&["PUBSUB", "NUMSUB", &channel]);
+        out.lines().nth(1).unwrap_or("").trim().to_owned()
+    };
+    let tracking = || {
+        server
+            .cli(&["CLIENT", "LIST"])
+            .lines()
+            .filter(|line| {
+                line.split_whitespace()
+                    .any(|field| field.starts_with("flags=") && field.contains('t'))
+            })
+            .count()
+    };
+    assert_eq!(subscribers(), "1");
+    assert_eq!(tracking(), 1);
+
+    drop(cache);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while subscribers() != "0" || tracking() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "still held after 5 s: {} subscribers, {} tracking connections",
+            subscribers(),
+            tracking()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// With its subscription silent, an instance stops using L1 `max_silence` after the last
+/// message it heard, not on some later beat. On tokio's paused clock the bound is exact, to
+/// the timer's millisecond.
+#[tokio::test(start_paused = true)]
+async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
+    let ns = unique_namespace("silence-bound");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = cache(
+        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
+        &ns,
+    );
+    let b = cache(
+        (
+            DynKvStore::new(store),
+            DynInvalidationBus::new(faulty.clone()),
+        ),
+        &ns,
+    );
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_value(&b, "k", Some(1)).await;
+    // Off the ping beat: the last message B hears is A's next write.
+    tokio::time::sleep(Duration::from_millis(13)).await;
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    faulty.silenced.store(true, Ordering::SeqCst);
+    let silenced = tokio::time::Instant::now();
+    while b.l1_in_use() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let noticed = silenced.elapsed();
+    // Tokio's timers fire on whole milliseconds.
+    assert!(
+        noticed <= config().max_silence + Duration::from_millis(1),
+        "L1 still used {noticed:?} after the last message"
+    );
 }

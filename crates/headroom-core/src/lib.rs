@@ -11,6 +11,8 @@
 //!   [`KvStore`](kv::KvStore) (cache L2), [`InvalidationBus`](bus::InvalidationBus) (cache
 //!   invalidation), [`LeaseStore`](lease::LeaseStore) (idempotency) and
 //!   [`RateStore`](rate::RateStore) (distributed rate limits).
+//! - [`MigrationStore`](migration::MigrationStore): the shared phase of a resharding that
+//!   several processes run together.
 //! - [`memory`]: real in-memory implementations of those traits, the default for a single
 //!   process. They are embedded backends, not test doubles.
 //!
@@ -30,6 +32,7 @@ mod key;
 pub mod kv;
 pub mod lease;
 pub mod memory;
+pub mod migration;
 pub mod rate;
 pub mod slot;
 

@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::connection::bounded;
 use crate::error::backend_error;
@@ -30,10 +30,16 @@ pub(crate) const SUBSCRIBER_BUFFER: usize = 1024;
 /// [`BusEvent::Live`] again once Redis confirms. A subscriber that falls
 /// 1,024 events behind yields `Lost(Lagged(n))`.
 ///
-/// While a subscription is not live, the bus pings its connection so that it reconnects even
-/// after an outage longer than the client's own reconnection attempts. A connection that
-/// stalls without closing is not detected here: consumers detect silence with their own
-/// liveness messages, as the bus contract says.
+/// On a cluster, a node that gives the channel's slot away (a slot migration) ends the
+/// subscription: it yields [`BusEvent::Lost`], and [`BusEvent::Live`] once subscribed on the
+/// new owner. While a subscription is not live, the bus subscribes it again every
+/// `reconnect_max_delay`, so that the connection reconnects even after an outage longer than
+/// the client's own reconnection attempts. A connection that stalls without closing is not
+/// detected here: consumers detect silence with their own liveness messages, as the bus
+/// contract says.
+///
+/// Dropping the last subscription of a channel unsubscribes it; dropping the bus and every
+/// subscription closes the connection.
 #[derive(Clone, Debug)]
 pub struct RedisBus {
     inner: Arc<Inner>,
@@ -43,6 +49,11 @@ struct Inner {
     publisher: Redis,
     subscriber: SubscriberConn,
     channels: Arc<Mutex<HashMap<Bytes, Channel>>>,
+    /// Channels whose subscription was dropped, for the maintenance task to unsubscribe.
+    released: mpsc::UnboundedSender<Bytes>,
+    /// Held while a channel is subscribed or unsubscribed, so that the commands reach Redis
+    /// in the order the decisions were made.
+    commands: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -103,6 +114,11 @@ impl Subscriber {
         !self.events.is_closed()
     }
 
+    /// Resolves once the subscription is dropped.
+    pub(crate) async fn closed(&self) {
+        self.events.closed().await;
+    }
+
     fn send(&mut self, event: BusEvent) -> bool {
         match self.events.try_send(event) {
             Ok(()) => true,
@@ -139,54 +155,131 @@ impl RedisBus {
             }
         };
         let channels = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(route(pushed, Arc::downgrade(&channels)));
-        tokio::spawn(revive(
+        let dropped = Arc::new(Notify::new());
+        let (released, to_release) = mpsc::unbounded_channel();
+        let commands = Arc::new(tokio::sync::Mutex::new(()));
+        tokio::spawn(route(
+            pushed,
+            Arc::downgrade(&channels),
+            Arc::clone(&dropped),
+        ));
+        tokio::spawn(maintain(
             subscriber.clone(),
             Arc::downgrade(&channels),
-            config.reconnect_max_delay,
-            config.command_timeout,
+            Maintenance {
+                dropped,
+                to_release,
+                commands: Arc::clone(&commands),
+                every: config.reconnect_max_delay,
+                timeout: config.command_timeout,
+            },
         ));
         Ok(Self {
             inner: Arc::new(Inner {
                 publisher: redis,
                 subscriber,
                 channels,
+                released,
+                commands,
             }),
         })
     }
 }
 
-/// While any subscription is not live, pings the subscriber connection every `every`: an idle
-/// connection whose own reconnection attempts ran out during a long outage only reconnects
-/// (and resubscribes) when a command fails on it.
-async fn revive(
-    subscriber: SubscriberConn,
-    channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
+/// What the maintenance task listens to, and how often it acts.
+struct Maintenance {
+    /// Redis dropped a subscription by itself (a cluster slot moved to another node).
+    dropped: Arc<Notify>,
+    /// Channels whose last subscription was dropped.
+    to_release: mpsc::UnboundedReceiver<Bytes>,
+    /// Held while (un)subscribing, shared with `subscribe`.
+    commands: Arc<tokio::sync::Mutex<()>>,
     every: Duration,
     timeout: Duration,
+}
+
+/// Keeps the subscriber connection in line with the subscriptions until the bus and every
+/// subscription are dropped (which closes the connection):
+///
+/// - channels that are not live are subscribed again every `every`, and at once when Redis
+///   dropped one by itself. A cluster node that gives a moved slot away ends the sharded
+///   subscriptions of its channels; on a standalone server the command also makes an idle
+///   connection whose own reconnection attempts ran out during a long outage reconnect;
+/// - channels without subscribers are unsubscribed.
+async fn maintain(
+    subscriber: SubscriberConn,
+    channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
+    mut maintenance: Maintenance,
 ) {
+    // Channels to unsubscribe, kept until Redis confirms (a failed command is retried).
+    let mut unused: Vec<Bytes> = Vec::new();
     loop {
-        tokio::time::sleep(every).await;
+        let released = tokio::select! {
+            () = tokio::time::sleep(maintenance.every) => None,
+            () = maintenance.dropped.notified() => None,
+            name = maintenance.to_release.recv() => match name {
+                Some(name) => Some(name),
+                None => return,
+            },
+        };
         let Some(channels) = channels.upgrade() else {
             return;
         };
-        let all_live = channels
-            .lock()
-            .values()
-            .all(|channel| channel.live || channel.subscribers.is_empty());
-        if all_live {
-            continue;
+        let _commands = maintenance.commands.lock().await;
+        if let Some(name) = released {
+            let mut channels = channels.lock();
+            let gone = channels.get_mut(&name).is_some_and(|channel| {
+                channel.subscribers.retain(|s| !s.events.is_closed());
+                channel.subscribers.is_empty()
+            });
+            if gone {
+                channels.remove(&name);
+                unused.push(name);
+            }
         }
-        let ping = redis::cmd("PING");
-        // A failure is the point: it makes the connection reconnect.
-        let _ = match subscriber.clone() {
-            SubscriberConn::Standalone(mut conn) => {
-                bounded(timeout, ping.query_async::<Value>(&mut conn)).await
+        let mut left = Vec::new();
+        for name in unused.drain(..) {
+            // Subscribed again meanwhile: keep it.
+            if channels.lock().contains_key(&name) {
+                continue;
             }
-            SubscriberConn::Cluster(mut conn) => {
-                bounded(timeout, ping.query_async::<Value>(&mut conn)).await
+            if subscriber
+                .unsubscribe(&name, maintenance.timeout)
+                .await
+                .is_err()
+            {
+                left.push(name);
             }
-        };
+        }
+        unused = left;
+        let stale: Vec<Bytes> = channels
+            .lock()
+            .iter()
+            .filter(|(_, channel)| !channel.live && !channel.subscribers.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            // A failure is part of the point: it makes the connection reconnect.
+            let _ = subscriber.subscribe(&name, maintenance.timeout).await;
+        }
+    }
+}
+
+impl SubscriberConn {
+    /// Subscribes to `channel` (sharded on a cluster) within `timeout`.
+    async fn subscribe(&self, channel: &[u8], timeout: Duration) -> Result<(), BackendError> {
+        match self.clone() {
+            Self::Standalone(mut conn) => bounded(timeout, conn.subscribe(channel)).await,
+            Self::Cluster(mut conn) => bounded(timeout, conn.ssubscribe(channel)).await,
+        }
+    }
+
+    /// Unsubscribes from `channel` within `timeout`.
+    async fn unsubscribe(&self, channel: &[u8], timeout: Duration) -> Result<(), BackendError> {
+        match self.clone() {
+            Self::Standalone(mut conn) => bounded(timeout, conn.unsubscribe(channel)).await,
+            Self::Cluster(mut conn) => bounded(timeout, conn.sunsubscribe(channel)).await,
+        }
     }
 }
 
@@ -224,6 +317,7 @@ pub(crate) async fn push_connection(
 async fn route(
     mut pushed: mpsc::UnboundedReceiver<PushInfo>,
     channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
+    dropped: Arc<Notify>,
 ) {
     while let Some(push) = pushed.recv().await {
         let Some(channels) = channels.upgrade() else {
@@ -250,6 +344,21 @@ async fn route(
                     channel
                         .subscribers
                         .retain_mut(|s| s.deliver(BusEvent::Live));
+                }
+            }
+            // Redis ended a subscription still in use: a cluster node gave the channel's
+            // slot away. (A channel whose last subscription was dropped is no longer listed.)
+            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                if let Some(Value::BulkString(name)) = push.data.first()
+                    && let Some(channel) = channels.get_mut(name.as_slice())
+                {
+                    if channel.live {
+                        channel.live = false;
+                        channel
+                            .subscribers
+                            .retain_mut(|s| s.deliver(BusEvent::Lost(LossReason::Disconnected)));
+                    }
+                    dropped.notify_one();
                 }
             }
             PushKind::Disconnection => {
@@ -289,10 +398,15 @@ impl InvalidationBus for RedisBus {
     async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
         let name = channel.to_bytes();
         let (events, received) = mpsc::channel(SUBSCRIBER_BUFFER);
+        // From here on, dropping this future releases the channel like a dropped subscription.
+        let received = Received {
+            events: received,
+            release: Some((name.clone(), self.inner.released.clone())),
+        };
         let first = {
             let mut channels = self.inner.channels.lock();
             let entry = channels.entry(name.clone()).or_default();
-            let mut subscriber = Subscriber { events, lagged: 0 };
+            let mut subscriber = Subscriber::new(events);
             if entry.live {
                 subscriber.deliver(BusEvent::Live);
             }
@@ -300,23 +414,36 @@ impl InvalidationBus for RedisBus {
             entry.subscribers.len() == 1
         };
         if first {
+            // After any unsubscription of this channel already decided on.
+            let _commands = self.inner.commands.lock().await;
             let timeout = self.inner.publisher.config().command_timeout;
-            let subscribed = match self.inner.subscriber.clone() {
-                SubscriberConn::Standalone(mut conn) => {
-                    bounded(timeout, conn.subscribe(name.as_ref())).await
-                }
-                SubscriberConn::Cluster(mut conn) => {
-                    bounded(timeout, conn.ssubscribe(name.as_ref())).await
-                }
-            };
-            if let Err(err) = subscribed {
-                self.inner.channels.lock().remove(&name);
-                return Err(err);
-            }
+            self.inner.subscriber.subscribe(&name, timeout).await?;
         }
-        let events = stream::unfold(received, |mut received| async move {
-            received.recv().await.map(|event| (event, received))
-        });
-        Ok(Subscription::new(events))
+        Ok(received.into_subscription())
+    }
+}
+
+/// The receiving end of one subscription; dropping it releases its channel.
+pub(crate) struct Received {
+    pub(crate) events: mpsc::Receiver<BusEvent>,
+    /// The channel, and where to report that this subscription is gone.
+    pub(crate) release: Option<(Bytes, mpsc::UnboundedSender<Bytes>)>,
+}
+
+impl Received {
+    pub(crate) fn into_subscription(self) -> Subscription {
+        Subscription::new(stream::unfold(self, |mut received| async move {
+            received.events.recv().await.map(|event| (event, received))
+        }))
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        // Closed first, so that the maintenance task sees this subscriber gone.
+        self.events.close();
+        if let Some((name, released)) = self.release.take() {
+            let _ = released.send(name);
+        }
     }
 }

@@ -13,6 +13,8 @@
 //!   idempotency keys (one Lua script per step, one key per record, server time).
 //! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
 //!   rate limits (GCRA in one Lua script on one key, server time).
+//! - [`RedisMigrationStore`]: the [`MigrationStore`](headroom_core::migration::MigrationStore)
+//!   behind resharding shared by several processes (one hash per migration, server time).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), headroom_core::BackendError> {
@@ -41,6 +43,7 @@ mod connection;
 mod error;
 mod kv;
 mod lease;
+mod migration;
 mod rate;
 mod tracking;
 
@@ -49,5 +52,6 @@ pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
+pub use migration::RedisMigrationStore;
 pub use rate::RedisRateStore;
-pub use tracking::tracked_writes;
+pub use tracking::{TRACKING_PING_INTERVAL, tracked_writes};

@@ -1,5 +1,6 @@
+use std::time::Duration;
+
 use bytes::Bytes;
-use futures_util::stream;
 use headroom_core::bus::{BusEvent, LossReason, Subscription};
 use headroom_core::{BackendError, BackendErrorKind};
 use redis::aio::ConnectionManager;
@@ -7,17 +8,25 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use crate::Redis;
-use crate::bus::{SUBSCRIBER_BUFFER, Subscriber, push_connection};
+use crate::bus::{Received, SUBSCRIBER_BUFFER, Subscriber, push_connection};
 use crate::connection::bounded;
+
+/// How often [`tracked_writes`] pings its connection while tracking is on. A ping not
+/// answered within the command timeout counts as a lost connection.
+pub const TRACKING_PING_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Keys under `prefix` written by anyone, reported by Redis itself (server-assisted client-side
 /// caching: `CLIENT TRACKING ON BCAST PREFIX`), so that an L1 cache also learns of changes made
 /// by programs that do not use headroom.
 ///
 /// Each [`BusEvent::Message`] is one full key that was written, deleted or expired. The
-/// subscription yields [`BusEvent::Live`] once tracking is on; when the connection drops it
-/// yields [`BusEvent::Lost`], turns tracking on again once Redis answers and yields `Live`. A
-/// `FLUSHALL`/`FLUSHDB` is reported as `Lost` then `Live`: everything may have changed.
+/// subscription yields [`BusEvent::Live`] once tracking is on. The connection is pinged every
+/// [`TRACKING_PING_INTERVAL`]; when it drops, or a ping gets no answer within the command
+/// timeout (a stalled connection), the subscription yields [`BusEvent::Lost`], turns tracking
+/// on again once Redis answers and yields `Live`. So a write is reported, or a loss is, within
+/// `TRACKING_PING_INTERVAL` plus the command timeout. A `FLUSHALL`/`FLUSHDB` is reported as
+/// `Lost` then `Live`: everything may have changed. Dropping the subscription closes the
+/// connection.
 ///
 /// Cost: Redis sends one invalidation to this connection for every write of every key under
 /// the prefix, by any client, this instance's own writes included (a write also drops the
@@ -45,30 +54,37 @@ pub async fn tracked_writes(redis: &Redis, prefix: &[u8]) -> Result<Subscription
         config.reconnect_max_delay,
         config.command_timeout,
     ));
-    let events = stream::unfold(received, |mut received| async move {
-        received.recv().await.map(|event| (event, received))
-    });
-    Ok(Subscription::new(events))
+    let received = Received {
+        events: received,
+        release: None,
+    };
+    Ok(received.into_subscription())
 }
 
-/// Keeps tracking on and forwards invalidations until the subscription is dropped.
+/// Keeps tracking on and forwards invalidations until the subscription is dropped, which
+/// ends the task and closes the connection.
 async fn track(
     mut conn: ConnectionManager,
     prefix: Vec<u8>,
     mut pushed: mpsc::UnboundedReceiver<PushInfo>,
     mut subscriber: Subscriber,
-    retry_every: std::time::Duration,
-    timeout: std::time::Duration,
+    retry_every: Duration,
+    timeout: Duration,
 ) {
     let mut tracking = false;
     loop {
         if !tracking {
-            let mut on = redis::cmd("CLIENT");
-            on.arg("TRACKING")
+            // Off first: after a stall the server may still track for this connection, and
+            // it refuses a prefix it already has.
+            let mut on = redis::pipe();
+            on.cmd("CLIENT").arg("TRACKING").arg("OFF").ignore();
+            on.cmd("CLIENT")
+                .arg("TRACKING")
                 .arg("ON")
                 .arg("BCAST")
                 .arg("PREFIX")
-                .arg(prefix.as_slice());
+                .arg(prefix.as_slice())
+                .ignore();
             // A failure makes the connection reconnect; the next round tries again.
             if bounded(timeout, on.query_async::<()>(&mut conn))
                 .await
@@ -80,17 +96,37 @@ async fn track(
                 }
             }
         }
+        let wait = if tracking {
+            TRACKING_PING_INTERVAL
+        } else {
+            retry_every
+        };
         let open = tokio::select! {
             push = pushed.recv() => match push {
                 Some(push) => forward(push, &mut subscriber, &mut tracking),
                 None => false,
             },
-            () = tokio::time::sleep(retry_every), if !tracking => true,
+            () = tokio::time::sleep(wait) => {
+                if tracking && !alive(&mut conn, timeout).await {
+                    tracking = false;
+                    subscriber.deliver(BusEvent::Lost(LossReason::Disconnected))
+                } else {
+                    true
+                }
+            },
+            () = subscriber.closed() => false,
         };
         if !open {
             return;
         }
     }
+}
+
+/// Whether the connection answers a ping within `timeout`.
+async fn alive(conn: &mut ConnectionManager, timeout: Duration) -> bool {
+    bounded(timeout, redis::cmd("PING").query_async::<Value>(conn))
+        .await
+        .is_ok()
 }
 
 /// Passes one push on; returns false once the subscriber is gone.

@@ -403,3 +403,173 @@ async fn tracked_writes_are_refused_on_a_cluster() {
     let err = tracked_writes(&redis, b"shop:").await.expect_err("cluster");
     assert_eq!(err.kind(), BackendErrorKind::Config);
 }
+
+/// Moving the channel's slot to another master makes the old owner drop the sharded
+/// subscription (an unsolicited `SUNSUBSCRIBE`): the bus reports the loss, subscribes again on
+/// the new owner and delivers from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_follows_its_channel_when_the_slot_migrates() {
+    let cluster = RedisCluster::start();
+    let redis = Redis::connect(RedisConfig::cluster(cluster.urls()).with_connect_timeout(TIMEOUT))
+        .await
+        .expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-migrate").key("ch").unwrap();
+    let mut sub = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+    bus.publish(&channel, "before".into())
+        .await
+        .expect("publish");
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("before".into())
+    );
+
+    let name = String::from_utf8(channel.to_bytes().to_vec()).unwrap();
+    let slot = cluster.keyslot(&name);
+    let to = (cluster.slot_owner(slot) + 1) % cluster.masters();
+    cluster.migrate_slot(slot, to);
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Lost(LossReason::Disconnected),
+        "the old owner dropped the subscription"
+    );
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Live,
+        "subscribed on the new owner"
+    );
+    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("after".into())
+    );
+}
+
+/// A tracking connection that stalls without closing is noticed by its pings: the
+/// subscription reports a loss, and tracking is on again once the connection answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_writes_report_a_stalled_connection_as_lost() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(config(proxy.url())).await.expect("connect");
+    let prefix = format!("{}:", unique_namespace("track-stall").as_str());
+    let mut writes = tracked_writes(&redis, prefix.as_bytes())
+        .await
+        .expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+
+    proxy.stall();
+    let stalled = Instant::now();
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    let noticed = stalled.elapsed();
+    let bound = headroom_redis::TRACKING_PING_INTERVAL + TIMEOUT;
+    assert!(noticed <= bound * 2, "stall noticed after {noticed:?}");
+
+    proxy.restore();
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+    let key = format!("{prefix}k");
+    server.cli(&["SET", &key, "1"]);
+    assert_eq!(next_event(&mut writes).await, BusEvent::Message(key.into()));
+}
+
+/// Whether any client connected to `server` has key tracking on.
+fn tracking_clients(server: &RedisServer) -> usize {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|line| {
+            line.split_whitespace()
+                .any(|field| field.starts_with("flags=") && field.contains('t'))
+        })
+        .count()
+}
+
+/// Polls `condition` for up to 5 s.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..250 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what} within 5 s");
+}
+
+/// Dropping the last subscription of a channel unsubscribes it in Redis; dropping a tracked
+/// writes subscription closes its tracking connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_subscriptions_release_redis() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(config(server.url())).await.expect("connect");
+    let bus = RedisBus::connect(redis.clone()).await.expect("bus");
+    let channel = unique_namespace("bus-drop").key("ch").unwrap();
+    let name = String::from_utf8(channel.to_bytes().to_vec()).unwrap();
+    let subscribers = |server: &RedisServer| {
+        let out = server.cli(&["PUBSUB", "NUMSUB", &name]);
+        out.lines().nth(1).unwrap_or("").trim().to_owned()
+    };
+    let mut first = bus.subscribe(&channel).await.expect("subscribe");
+    let mut second = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut first).await, BusEvent::Live);
+    assert_eq!(next_event(&mut second).await, BusEvent::Live);
+    assert_eq!(subscribers(&server), "1");
+    drop(first);
+    bus.publish(&channel, "x".into()).await.expect("publish");
+    assert_eq!(next_event(&mut second).await, BusEvent::Message("x".into()));
+    assert_eq!(subscribers(&server), "1", "one subscription is left");
+    drop(second);
+    eventually("the channel unsubscribed", || subscribers(&server) == "0").await;
+    // Subscribing again works.
+    let mut again = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut again).await, BusEvent::Live);
+    assert_eq!(subscribers(&server), "1");
+
+    let mut writes = tracked_writes(&redis, b"shop:").await.expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+    assert_eq!(tracking_clients(&server), 1);
+    drop(writes);
+    eventually("the tracking connection closed", || {
+        tracking_clients(&server) == 0
+    })
+    .await;
+}
+
+/// The master serving the channel dies and a replica takes over: the bus reports the loss,
+/// subscribes on the new master and delivers from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_follows_its_channel_through_a_master_failover() {
+    let cluster = RedisCluster::start_with(3, 1);
+    let redis = Redis::connect(
+        RedisConfig::cluster(cluster.urls())
+            .with_command_timeout(Duration::from_secs(1))
+            .with_connect_timeout(TIMEOUT),
+    )
+    .await
+    .expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-failover").key("ch").unwrap();
+    let mut sub = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+
+    let name = String::from_utf8(channel.to_bytes().to_vec()).unwrap();
+    let owner = cluster.slot_owner(cluster.keyslot(&name));
+    cluster.fail_over(owner);
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Live,
+        "subscribed on the promoted replica"
+    );
+    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("after".into())
+    );
+}

@@ -44,6 +44,18 @@ pub struct TopologyConfig {
     pub nodes: Vec<NodeConfig>,
     /// Where each logical shard lives.
     pub shards: Vec<PlacementConfig>,
+    /// How long a replication report counts (default 10 s); see
+    /// [`TopologyBuilder::status_ttl`](crate::TopologyBuilder::status_ttl).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub status_ttl: Option<std::time::Duration>,
+    /// The most shards with their own metric label (default 1024); see
+    /// [`TopologyBuilder::max_shard_labels`](crate::TopologyBuilder::max_shard_labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_shard_labels: Option<u32>,
 }
 
 fn default_name() -> String {
@@ -264,6 +276,12 @@ impl TopologyConfig {
         let mut builder = Topology::builder(self.router.build()?)
             .name(self.name.as_str())
             .epoch(self.epoch);
+        if let Some(ttl) = self.status_ttl {
+            builder = builder.status_ttl(ttl);
+        }
+        if let Some(max) = self.max_shard_labels {
+            builder = builder.max_shard_labels(max);
+        }
         for node in &self.nodes {
             let handle = connect(node).map_err(|source| {
                 ConfigError::new(ConfigErrorKind::Handle, format_args!("node {}", node.id))

@@ -89,21 +89,51 @@ pub enum MigrationErrorKind {
     Finished,
     /// The copy phase cannot end before every moving unit is reported copied.
     CopyIncomplete,
-    /// The target topology's epoch is not greater than the source's.
+    /// The target topology's epoch is not greater than the source's, or the shared record
+    /// describes a migration between other epochs.
     StaleEpoch,
+    /// Another process changed the shared phase first; refresh and decide again.
+    Conflict,
+    /// The migration was rolled back, or a rollback came after the cut-over (too late: the
+    /// new owners have taken writes the old ones never saw).
+    RolledBack,
+    /// The shared migration store failed; the error's source says how.
+    Backend,
 }
 
 /// A refused migration step or a fenced write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("migration: {kind:?} (epoch {epoch})")]
 pub struct MigrationError {
     kind: MigrationErrorKind,
     epoch: u64,
+    #[source]
+    source: Option<std::sync::Arc<headroom_core::BackendError>>,
 }
+
+impl PartialEq for MigrationError {
+    fn eq(&self, other: &Self) -> bool {
+        (self.kind, self.epoch) == (other.kind, other.epoch)
+    }
+}
+
+impl Eq for MigrationError {}
 
 impl MigrationError {
     pub(crate) fn new(kind: MigrationErrorKind, epoch: u64) -> Self {
-        Self { kind, epoch }
+        Self {
+            kind,
+            epoch,
+            source: None,
+        }
+    }
+
+    pub(crate) fn backend(source: headroom_core::BackendError, epoch: u64) -> Self {
+        Self {
+            kind: MigrationErrorKind::Backend,
+            epoch,
+            source: Some(std::sync::Arc::new(source)),
+        }
     }
 
     /// Why the step or write was refused.
@@ -119,12 +149,22 @@ impl MigrationError {
 
 impl Classify for MigrationError {
     fn is_timeout(&self) -> bool {
-        false
+        self.source
+            .as_ref()
+            .is_some_and(|source| source.is_timeout())
     }
 
-    /// A fenced write succeeds when routed again under the current epoch.
+    /// A fenced write succeeds when routed again under the current epoch; a conflicting step
+    /// or a store failure may succeed when tried again.
     fn is_retryable(&self) -> bool {
-        self.kind == MigrationErrorKind::Fenced
+        match self.kind {
+            MigrationErrorKind::Fenced | MigrationErrorKind::Conflict => true,
+            MigrationErrorKind::Backend => self
+                .source
+                .as_ref()
+                .is_some_and(|source| source.is_retryable()),
+            _ => false,
+        }
     }
 
     fn is_rejected(&self) -> bool {

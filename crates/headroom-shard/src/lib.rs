@@ -15,8 +15,14 @@
 //!   Writes go to the primary; reads follow a [`ReadPolicy`] (primary, round robin, least in
 //!   flight, lag-aware) and a [`Session`] gives read-your-writes.
 //! - **Resharding**: a [`ReshardPlan`] says what moves between two topologies, and a
-//!   [`Migration`] routes traffic through copy, dual-write, shadow-read, cut-over and cleanup,
-//!   fenced so no write reaches a retired owner after the cut-over.
+//!   [`Migration`] routes traffic through copy, dual-write, shadow-read, cut-over and cleanup
+//!   (or a rollback before the cut-over); once the cut-over returns, no write of its process
+//!   is in flight to, or can be routed to, a retired owner. Several processes migrate together
+//!   through a [`SharedMigration`] each: the phase lives in a shared
+//!   [`MigrationStore`](headroom_core::migration::MigrationStore) (memory or Redis), every
+//!   process follows it, and the cut-over returns once every live process has left the old
+//!   owners. Writes carry their route's epoch for a fence where the data lives, which stops a
+//!   process that stopped following (its acknowledgement lease expired).
 //!
 //! The guide in `docs/sharding.md` compares the routers (balance, disruption, lookup cost,
 //! memory). Metric names are in [`metrics`].
@@ -63,6 +69,7 @@ pub mod metrics;
 mod read;
 mod reshard;
 mod router;
+mod shared;
 mod topology;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
@@ -85,6 +92,7 @@ pub use router::{
     MaglevRouter, RangeRouter, RangeRouterBuilder, RendezvousRouter, RingRouter, Router, ShardId,
     SlotRouter, SlotRouterBuilder, cluster_slot, jump_hash,
 };
+pub use shared::SharedMigration;
 pub use topology::{
     MAX_SHARD_ID, Node, ReplicaStatus, Role, Target, Topology, TopologyBuilder, TopologyHandle,
 };

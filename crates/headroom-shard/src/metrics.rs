@@ -11,7 +11,7 @@ pub const READS: &str = "headroom_shard_reads_total";
 pub const LAG_REJECTIONS: &str = "headroom_shard_lag_rejections_total";
 /// Gauge: the epoch of the topology in force. Labels: `topology`.
 pub const TOPOLOGY_EPOCH: &str = "headroom_shard_topology_epoch";
-/// Gauge: the phase of a migration (0 copy … 5 done). Labels: `migration`.
+/// Gauge: the phase of a migration (0 copy … 5 done, 6 rolled back). Labels: `migration`.
 pub const MIGRATION_PHASE: &str = "headroom_shard_migration_phase";
 /// Gauge: the fraction of moving units copied, 0 to 1. Labels: `migration`.
 pub const MIGRATION_PROGRESS: &str = "headroom_shard_migration_progress_ratio";

@@ -1,9 +1,9 @@
 //! Replica routing: read policies, lag probes and read-your-writes sessions.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use headroom_core::Clock;
+use futures_util::future::{Either, join_all, select};
 
 use crate::error::UnknownShard;
 use crate::hash::ShardKey;
@@ -105,13 +105,17 @@ impl<H, R: Router> Topology<H, R> {
     ) -> Result<Target<'_, H>, UnknownShard> {
         let entry = self.entry(shard)?;
         self.count_read(entry);
+        // Statuses are only read (and the clock only consulted) when a rule needs them.
+        let needs_status = min_position.is_some() || matches!(policy, ReadPolicy::LagAware { .. });
+        let rules = Rules {
+            now: needs_status.then(|| self.clock.now()),
+            min_position,
+        };
         let chosen = match policy {
             ReadPolicy::Primary => None,
-            ReadPolicy::RoundRobin => self.round_robin(entry, min_position),
-            ReadPolicy::LeastInFlight => self.two_choices(entry, min_position, None),
-            ReadPolicy::LagAware { max_lag } => {
-                self.two_choices(entry, min_position, Some(*max_lag))
-            }
+            ReadPolicy::RoundRobin => self.round_robin(entry, &rules),
+            ReadPolicy::LeastInFlight => self.two_choices(entry, &rules, None),
+            ReadPolicy::LagAware { max_lag } => self.two_choices(entry, &rules, Some(*max_lag)),
         };
         Ok(match chosen {
             Some(node) => {
@@ -130,7 +134,7 @@ impl<H, R: Router> Topology<H, R> {
         &self.nodes[entry.replicas[i]]
     }
 
-    fn round_robin(&self, entry: &ShardEntry, min_position: Option<u64>) -> Option<&Node<H>> {
+    fn round_robin(&self, entry: &ShardEntry, rules: &Rules) -> Option<&Node<H>> {
         let count = entry.replicas.len();
         if count == 0 {
             return None;
@@ -140,26 +144,23 @@ impl<H, R: Router> Topology<H, R> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (0..count)
             .map(|step| self.replica(entry, (start + step) % count))
-            .find(|node| caught_up(node, min_position))
+            .find(|node| rules.caught_up(node))
     }
 
     fn two_choices(
         &self,
         entry: &ShardEntry,
-        min_position: Option<u64>,
+        rules: &Rules,
         max_lag: Option<Duration>,
     ) -> Option<&Node<H>> {
-        let qualifies = |node: &Node<H>| {
-            caught_up(node, min_position)
-                && max_lag.is_none_or(|max| node.state.lag().is_some_and(|lag| lag <= max))
-        };
+        let qualifies = |node: &Node<H>| rules.caught_up(node) && rules.lag_within(node, max_lag);
         // Count, then pick the n-th qualifying replicas: no buffer, so no allocation.
         let mut count = 0;
         for &i in &entry.replicas {
             let node = &self.nodes[i];
             if qualifies(node) {
                 count += 1;
-            } else if max_lag.is_some() && caught_up(node, min_position) {
+            } else if max_lag.is_some() && rules.caught_up(node) {
                 node.metrics.lag_rejections.increment(1);
             }
         }
@@ -183,19 +184,48 @@ impl<H, R: Router> Topology<H, R> {
         }
     }
 
-    /// Probes every node once with `probe` and records the answers. A node whose probe
-    /// fails gets an unknown status, so lag-aware and session reads avoid it.
-    pub async fn probe_nodes<P: LagProbe<H>>(&self, probe: &P) {
-        for node in &self.nodes {
-            let status = probe.probe(node.id(), node.handle()).await;
-            node.state.set(status.unwrap_or_default());
-        }
+    /// Probes every node once with `probe`, all at once, and records the answers as they come.
+    ///
+    /// A node whose probe fails, or has not answered within `timeout` (on the topology's
+    /// clock), gets an unknown status, so lag-aware and session reads avoid it; one hung node
+    /// delays nobody else's report.
+    pub async fn probe_nodes<P: LagProbe<H>>(&self, probe: &P, timeout: Duration) {
+        join_all(self.nodes.iter().map(|node| async move {
+            let answer = std::pin::pin!(probe.probe(node.id(), node.handle()));
+            let deadline = std::pin::pin!(self.clock.sleep(timeout));
+            let status = match select(answer, deadline).await {
+                Either::Left((status, _)) => status,
+                Either::Right(((), _)) => None,
+            };
+            node.set_status(status.unwrap_or_default());
+        }))
+        .await;
     }
 }
 
-/// Whether `node` has replayed at least `min_position` (always, when no position is needed).
-fn caught_up<H>(node: &Node<H>, min_position: Option<u64>) -> bool {
-    min_position.is_none_or(|min| node.state.position().is_some_and(|at| at >= min))
+/// What a replica must satisfy to serve one read.
+struct Rules {
+    /// The instant statuses are judged at; `None` when no rule needs a status.
+    now: Option<Instant>,
+    min_position: Option<u64>,
+}
+
+impl Rules {
+    /// Whether `node` has replayed at least `min_position` (always, when none is needed).
+    fn caught_up<H>(&self, node: &Node<H>) -> bool {
+        match (self.min_position, self.now) {
+            (Some(min), Some(now)) => node.status_at(now).position.is_some_and(|at| at >= min),
+            _ => true,
+        }
+    }
+
+    /// Whether `node`'s known lag is at most `max_lag` (always, when there is no bound).
+    fn lag_within<H>(&self, node: &Node<H>, max_lag: Option<Duration>) -> bool {
+        match (max_lag, self.now) {
+            (Some(max), Some(now)) => node.status_at(now).lag.is_some_and(|lag| lag <= max),
+            _ => true,
+        }
+    }
 }
 
 /// Asks a node how far behind its primary it is.
@@ -217,20 +247,22 @@ where
     }
 }
 
-/// Probes the nodes of the current topology every `interval`, forever; spawn it as a task and
-/// abort it (or drop it) to stop. Each round probes the topology in force when it starts.
+/// Probes the nodes of the current topology every `interval`, forever, each probe bounded by
+/// `timeout` (see [`Topology::probe_nodes`]); spawn it as a task and abort it (or drop it) to
+/// stop. Each round probes the topology in force when it starts, and waits on its clock.
 pub async fn monitor_lag<H, R, P>(
     topology: &crate::TopologyHandle<H, R>,
     probe: &P,
     interval: Duration,
-    clock: &Clock,
+    timeout: Duration,
 ) where
     H: Send + Sync,
     R: Router,
     P: LagProbe<H>,
 {
     loop {
-        topology.snapshot().probe_nodes(probe).await;
-        clock.sleep(interval).await;
+        let current = topology.snapshot();
+        current.probe_nodes(probe, timeout).await;
+        current.clock.sleep(interval).await;
     }
 }

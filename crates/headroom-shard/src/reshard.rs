@@ -329,11 +329,15 @@ fn sampled_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Ve
 /// | `Cleanup` | new owner only | new owner |
 /// | `Done` | new owner only | new owner |
 ///
+/// | `RolledBack` | old owner only | old owner |
+///
 /// Mirroring starts with `Copy` so nothing written while the backfill runs is missed; the
 /// backfill must not overwrite what a mirrored write put on the new owner (copy if absent,
 /// or compare versions). `DualWrite` begins once the copy is complete and lasts while the new
 /// owners are watched under the write load; `ShadowRead` compares answers; `Cleanup` is the
-/// time to delete moved data from the old owners.
+/// time to delete moved data from the old owners. Any phase before `CutOver` may end in
+/// `RolledBack` instead: the old owners never stopped receiving every write, so they are
+/// complete, and the copies on the new owners can be dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
     /// Backfill existing data while writes are mirrored.
@@ -348,22 +352,45 @@ pub enum Phase {
     Cleanup = 4,
     /// The migration is over; publish the new topology.
     Done = 5,
+    /// The migration was abandoned before the cut-over; the old topology stays in force.
+    RolledBack = 6,
 }
 
 impl Phase {
-    fn from_u8(value: u8) -> Self {
-        match value {
+    /// The phase numbered `value` (its discriminant), if any.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
             0 => Self::Copy,
             1 => Self::DualWrite,
             2 => Self::ShadowRead,
             3 => Self::CutOver,
             4 => Self::Cleanup,
-            _ => Self::Done,
+            5 => Self::Done,
+            6 => Self::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// The phase after this one; `None` after `Done` and `RolledBack`.
+    pub fn next(self) -> Option<Self> {
+        match self {
+            Self::Done | Self::RolledBack => None,
+            _ => Self::from_u8(self as u8 + 1),
         }
     }
 
-    fn next(self) -> Option<Self> {
-        (self != Self::Done).then(|| Self::from_u8(self as u8 + 1))
+    /// Whether the new owners serve moving keys (from the cut-over on).
+    pub fn new_owners_serve(self) -> bool {
+        matches!(self, Self::CutOver | Self::Cleanup | Self::Done)
+    }
+
+    /// Whether writes to moving keys are mirrored to the new owners (before the cut-over).
+    pub fn mirrors(self) -> bool {
+        matches!(self, Self::Copy | Self::DualWrite | Self::ShadowRead)
+    }
+
+    fn load(cell: &AtomicU8) -> Self {
+        Self::from_u8(cell.load(Ordering::SeqCst)).unwrap_or(Self::Copy)
     }
 }
 
@@ -377,8 +404,15 @@ impl Phase {
 /// The cut-over is fenced: [`advance`](Self::advance) into `CutOver` switches routing and then
 /// waits until every write routed to an old owner has finished (dropped its [`WriteRoute`]),
 /// so once it returns no write is in flight to a retired owner and none can be routed there.
-/// Each route also carries the epoch it was made under; owners shared by several processes
-/// check it with an [`EpochFence`].
+///
+/// A `Migration` holds its phase in memory and its guarantees cover the routes it makes, in
+/// one process. For several processes, each wraps its own in a
+/// [`SharedMigration`](crate::SharedMigration), which keeps the phase in a shared store and
+/// extends the cut-over wait to every live process. Each route also carries the epoch it was
+/// made under ([`WriteRoute::epoch`]); stamp both the owner's and the mirror's write with it
+/// and let the data store refuse older epochs (an [`EpochFence`] in front of an owner, or a
+/// compare on an epoch column; see the guide), so a process that stopped following the shared
+/// phase cannot land a late write.
 pub struct Migration<H, R = AnyRouter> {
     from: Arc<Topology<H, R>>,
     to: Arc<Topology<H, R>>,
@@ -401,7 +435,7 @@ struct MigrationMetrics {
 impl<H, R: fmt::Debug> fmt::Debug for Migration<H, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Migration")
-            .field("phase", &Phase::from_u8(self.phase.load(Ordering::Acquire)))
+            .field("phase", &Phase::load(&self.phase))
             .field("plan", &self.plan)
             .finish_non_exhaustive()
     }
@@ -528,7 +562,7 @@ impl<H, R: Router> Migration<H, R> {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.phase.load(Ordering::SeqCst))
+        Phase::load(&self.phase)
     }
 
     /// Reports backfill progress: `copied` of `total` units (by default the plan's
@@ -568,7 +602,7 @@ impl<H, R: Router> Migration<H, R> {
         });
         loop {
             let phase = self.phase();
-            if phase >= Phase::CutOver {
+            if phase.new_owners_serve() {
                 return Ok(WriteRoute {
                     owner: self.to.write_shard(new_shard)?,
                     mirror: None,
@@ -579,12 +613,12 @@ impl<H, R: Router> Migration<H, R> {
             // with both sides sequentially consistent, either this write sees the cut-over
             // or the cut-over sees this write and waits for it.
             let old_writer = OldWriter::enter(&self.old_writers, &self.drained);
-            if self.phase() >= Phase::CutOver {
+            if self.phase().new_owners_serve() {
                 continue;
             }
             let owner = self.from.write_shard(old_shard)?;
             let mirror = self.to.write_shard(new_shard)?;
-            let moving = mirror.node_id() != owner.node_id();
+            let moving = phase.mirrors() && mirror.node_id() != owner.node_id();
             return Ok(WriteRoute {
                 owner,
                 mirror: moving.then_some(mirror),
@@ -606,7 +640,7 @@ impl<H, R: Router> Migration<H, R> {
             )
         });
         let phase = self.phase();
-        if phase >= Phase::CutOver {
+        if phase.new_owners_serve() {
             return Ok(ReadRoute {
                 target: self.to.read_shard(new_shard, policy, None)?,
                 shadow: None,
@@ -631,6 +665,12 @@ impl<H, R: Router> Migration<H, R> {
     /// fenced), and [`drained`](Self::drained) waits again.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
         let current = self.phase();
+        if current == Phase::RolledBack {
+            return Err(MigrationError::new(
+                MigrationErrorKind::RolledBack,
+                self.from.epoch(),
+            ));
+        }
         let next = current
             .next()
             .ok_or_else(|| MigrationError::new(MigrationErrorKind::Finished, self.to.epoch()))?;
@@ -656,6 +696,60 @@ impl<H, R: Router> Migration<H, R> {
         Ok(next)
     }
 
+    /// Abandons the migration before the cut-over: every route goes to the old owners again,
+    /// without mirrors. Refused with [`MigrationErrorKind::RolledBack`] from the cut-over on.
+    pub fn rollback(&self) -> Result<(), MigrationError> {
+        loop {
+            let current = self.phase();
+            if current == Phase::RolledBack {
+                return Ok(());
+            }
+            if !current.mirrors() {
+                return Err(MigrationError::new(
+                    MigrationErrorKind::RolledBack,
+                    self.to.epoch(),
+                ));
+            }
+            if self.set_phase(current, Phase::RolledBack) {
+                tracing::warn!(from = ?current, to_epoch = self.to.epoch(), "migration rolled back");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Takes on `phase` as decided elsewhere (by the process driving a shared migration).
+    /// Phases only move forward (or to `RolledBack` before the cut-over); entering the
+    /// cut-over waits, as [`advance`](Self::advance) does, for writes routed to old owners.
+    pub(crate) async fn follow(&self, phase: Phase) {
+        loop {
+            let current = self.phase();
+            let forward = phase != Phase::RolledBack && phase > current;
+            let rollback = phase == Phase::RolledBack && current.mirrors();
+            if !(forward || rollback) || self.set_phase(current, phase) {
+                break;
+            }
+        }
+        if self.phase().new_owners_serve() {
+            self.drained().await;
+        }
+    }
+
+    fn set_phase(&self, current: Phase, next: Phase) -> bool {
+        let swapped = self
+            .phase
+            .compare_exchange(
+                current as u8,
+                next as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok();
+        if swapped {
+            self.metrics.phase.set(f64::from(next as u8));
+        }
+        swapped
+    }
+
     /// Waits until no write routed to an old owner is in flight.
     pub async fn drained(&self) {
         loop {
@@ -673,11 +767,14 @@ impl<H, R: Router> Migration<H, R> {
     }
 }
 
-/// Rejects writes routed under an epoch older than the owner accepts.
+/// Rejects writes routed under an epoch older than the owner accepts, in one process.
 ///
-/// An owner (a storage node, or the owner's handle in each process) raises its fence to the
-/// target epoch at cut-over; a write stamped with an older epoch is then refused with
-/// [`MigrationErrorKind::Fenced`] and must be routed again.
+/// An owner served by this process (an embedded store, a proxy in front of a node) raises its
+/// fence to the target epoch at cut-over; a write stamped with an older epoch is then refused
+/// with [`MigrationErrorKind::Fenced`] and must be routed again. The fence is in memory: when
+/// several processes write to one owner, keep the fence where the data lives instead (an epoch
+/// column compared in the write's `WHERE`, or a fence key checked by a Lua script), as the
+/// guide shows.
 #[derive(Debug, Default)]
 pub struct EpochFence {
     min_epoch: AtomicU64,

@@ -3,9 +3,10 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use headroom_core::Clock;
 use metrics::{Counter, counter, gauge};
 
 use crate::error::{ConfigError, ConfigErrorKind, UnknownShard};
@@ -18,12 +19,20 @@ pub const MAX_SHARD_ID: u32 = (1 << 20) - 1;
 
 const UNKNOWN: u64 = u64::MAX;
 
+/// How long a replication report counts unless the builder says otherwise.
+const DEFAULT_STATUS_TTL: Duration = Duration::from_secs(10);
+
+/// How many shards get their own metric label unless the builder says otherwise.
+const DEFAULT_MAX_SHARD_LABELS: u32 = 1024;
+
 /// A physical node (a database primary or replica, a Redis node) and the handle to reach it.
 pub struct Node<H> {
     id: Arc<str>,
     handle: H,
     pub(crate) state: Arc<NodeState>,
     pub(crate) metrics: NodeMetrics,
+    clock: Clock,
+    status_ttl: Duration,
 }
 
 impl<H> Node<H> {
@@ -42,9 +51,20 @@ impl<H> Node<H> {
         self.state.in_flight.load(Ordering::Acquire)
     }
 
-    /// The last replication status reported for this node.
+    /// The last replication status reported for this node, or unknown once it is older than
+    /// the topology's [`status_ttl`](TopologyBuilder::status_ttl).
     pub fn status(&self) -> ReplicaStatus {
-        self.state.status()
+        self.status_at(self.clock.now())
+    }
+
+    /// The status as of `now`, read once per routing decision.
+    pub(crate) fn status_at(&self, now: Instant) -> ReplicaStatus {
+        self.state.status(now, self.status_ttl)
+    }
+
+    /// Records `status` as reported now.
+    pub(crate) fn set_status(&self, status: ReplicaStatus) {
+        self.state.set(status, self.clock.now());
     }
 }
 
@@ -64,39 +84,40 @@ pub(crate) struct NodeState {
     pub(crate) in_flight: AtomicUsize,
     lag_micros: AtomicU64,
     position: AtomicU64,
+    /// When the status was reported, in microseconds after `base`; `UNKNOWN` before any report.
+    reported_micros: AtomicU64,
+    base: Instant,
 }
 
 impl NodeState {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
             lag_micros: AtomicU64::new(UNKNOWN),
             position: AtomicU64::new(UNKNOWN),
+            reported_micros: AtomicU64::new(UNKNOWN),
+            base: now,
         }
     }
 
-    pub(crate) fn lag(&self) -> Option<Duration> {
-        match self.lag_micros.load(Ordering::Acquire) {
-            UNKNOWN => None,
-            micros => Some(Duration::from_micros(micros)),
-        }
+    fn micros_since_base(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.base).as_micros()).unwrap_or(UNKNOWN - 1)
     }
 
-    pub(crate) fn position(&self) -> Option<u64> {
-        match self.position.load(Ordering::Acquire) {
-            UNKNOWN => None,
-            position => Some(position),
+    fn status(&self, now: Instant, ttl: Duration) -> ReplicaStatus {
+        let reported = self.reported_micros.load(Ordering::Acquire);
+        let age = self.micros_since_base(now).saturating_sub(reported);
+        if reported == UNKNOWN || u128::from(age) > ttl.as_micros() {
+            return ReplicaStatus::default();
         }
-    }
-
-    fn status(&self) -> ReplicaStatus {
+        let known = |value: u64| (value != UNKNOWN).then_some(value);
         ReplicaStatus {
-            lag: self.lag(),
-            position: self.position(),
+            lag: known(self.lag_micros.load(Ordering::Acquire)).map(Duration::from_micros),
+            position: known(self.position.load(Ordering::Acquire)),
         }
     }
 
-    pub(crate) fn set(&self, status: ReplicaStatus) {
+    fn set(&self, status: ReplicaStatus, now: Instant) {
         let micros = status.lag.map_or(UNKNOWN, |lag| {
             u64::try_from(lag.as_micros()).unwrap_or(UNKNOWN - 1)
         });
@@ -105,6 +126,8 @@ impl NodeState {
             status.position.map_or(UNKNOWN, |p| p.min(UNKNOWN - 1)),
             Ordering::Release,
         );
+        self.reported_micros
+            .store(self.micros_since_base(now), Ordering::Release);
     }
 }
 
@@ -166,6 +189,7 @@ pub(crate) struct ShardEntry {
 pub struct Topology<H, R = AnyRouter> {
     name: Arc<str>,
     epoch: u64,
+    pub(crate) clock: Clock,
     router: R,
     pub(crate) nodes: Vec<Node<H>>,
     pub(crate) shards: Vec<Option<ShardEntry>>,
@@ -260,6 +284,9 @@ impl<H, R: Router> Topology<H, R> {
         TopologyBuilder {
             name: "default".into(),
             epoch: 0,
+            clock: Clock::system(),
+            status_ttl: DEFAULT_STATUS_TTL,
+            max_shard_labels: DEFAULT_MAX_SHARD_LABELS,
             router,
             nodes: Vec::new(),
             shards: Vec::new(),
@@ -337,9 +364,9 @@ impl<H, R: Router> Topology<H, R> {
         ))
     }
 
-    /// Reports the replication status of node `id`; returns whether the node exists.
+    /// Reports the replication status of node `id`, dated now; returns whether the node exists.
     pub fn report(&self, id: &str, status: ReplicaStatus) -> bool {
-        self.node(id).map(|node| node.state.set(status)).is_some()
+        self.node(id).map(|node| node.set_status(status)).is_some()
     }
 
     pub(crate) fn count_read(&self, entry: &ShardEntry) {
@@ -362,6 +389,9 @@ impl<H, R: Router> Topology<H, R> {
 pub struct TopologyBuilder<H, R> {
     name: Arc<str>,
     epoch: u64,
+    clock: Clock,
+    status_ttl: Duration,
+    max_shard_labels: u32,
     router: R,
     nodes: Vec<(Arc<str>, H)>,
     shards: Vec<Placement>,
@@ -394,6 +424,28 @@ impl<H, R: Router> TopologyBuilder<H, R> {
     /// The topology's version (default 0).
     pub fn epoch(mut self, epoch: u64) -> Self {
         self.epoch = epoch;
+        self
+    }
+
+    /// The clock that dates replication reports and times probes (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// How long a replication report counts (default 10 s): an older one reads as unknown, so
+    /// a replica whose probe hangs or stopped is avoided instead of trusted on its last
+    /// answer. Set it to a few probe intervals.
+    pub fn status_ttl(mut self, ttl: Duration) -> Self {
+        self.status_ttl = ttl;
+        self
+    }
+
+    /// The most shards that get their own `shard` metric label (default 1024). A topology
+    /// placing more records every shard under `shard="all"`, so its routed counters stay at two
+    /// series instead of two per shard.
+    pub fn max_shard_labels(mut self, max: u32) -> Self {
+        self.max_shard_labels = max;
         self
     }
 
@@ -439,6 +491,9 @@ impl<H, R: Router> TopologyBuilder<H, R> {
         let Self {
             name,
             epoch,
+            clock,
+            status_ttl,
+            max_shard_labels,
             router,
             nodes,
             shards: placements,
@@ -462,6 +517,17 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                     ConfigError::new(ConfigErrorKind::UnknownNode, format_args!("node {id}"))
                 })
         };
+        // One routed-counter pair per shard, or one shared pair for a topology with more
+        // shards than the label limit: metric series stay bounded whatever the shard count.
+        let routed = |shard: &str| {
+            let counter = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
+            (counter("read"), counter("write"))
+        };
+        let placed: u64 = placements
+            .iter()
+            .map(|p| p.shards.end - p.shards.start)
+            .sum();
+        let shared_counters = (placed > u64::from(max_shard_labels)).then(|| routed("all"));
         let mut shards: Vec<Option<ShardEntry>> = Vec::new();
         for Placement {
             shards: range,
@@ -492,13 +558,16 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                         format_args!("shard {shard} placed twice"),
                     ));
                 }
-                let labels = |op: &'static str| counter!(ROUTED, "topology" => name.to_string(), "shard" => shard.to_string(), "op" => op);
+                let (routed_reads, routed_writes) = match &shared_counters {
+                    Some((reads, writes)) => (reads.clone(), writes.clone()),
+                    None => routed(&shard.to_string()),
+                };
                 *slot = Some(ShardEntry {
                     primary,
                     replicas: replicas.clone(),
                     next_replica: AtomicUsize::new(0),
-                    routed_reads: labels("read"),
-                    routed_writes: labels("write"),
+                    routed_reads,
+                    routed_writes,
                 });
             }
         }
@@ -512,6 +581,7 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                 format_args!("the router returns shard {missing}, which is not placed"),
             ));
         }
+        let now = clock.now();
         let nodes = nodes
             .into_iter()
             .map(|(id, handle)| {
@@ -526,13 +596,16 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                     },
                     id,
                     handle,
-                    state: Arc::new(NodeState::new()),
+                    state: Arc::new(NodeState::new(now)),
+                    clock: clock.clone(),
+                    status_ttl,
                 }
             })
             .collect();
         Ok(Topology {
             name,
             epoch,
+            clock,
             router,
             nodes,
             shards,

@@ -120,6 +120,16 @@ fn bad_configurations_are_typed_errors() {
     );
     assert_eq!(
         kind(
+            r#"{ "kind": "slot_ranges", "ranges": [{ "start": 0, "end": 9000, "shard": 0 }, { "start": 8000, "end": 16384, "shard": 1 }] }"#
+        ),
+        ConfigErrorKind::Duplicate
+    );
+    assert_eq!(
+        kind(r#"{ "kind": "slots", "shards": 16385 }"#),
+        ConfigErrorKind::TooLarge
+    );
+    assert_eq!(
+        kind(
             r#"{ "kind": "directory", "base": { "kind": "jump", "shards": 4 }, "overrides": [{ "key": "x", "shard": 1 }, { "key": "x", "shard": 2 }] }"#
         ),
         ConfigErrorKind::Duplicate
@@ -144,4 +154,28 @@ fn bad_configurations_are_typed_errors() {
         "refused"
     );
     assert!(serde_json::from_str::<TopologyConfig>(r#"{ "epoch": 1, "surprise": 1 }"#).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn status_ttl_and_label_limit_load_from_configuration() {
+    let json = r#"{ "epoch": 1, "status_ttl": "2s", "max_shard_labels": 4,
+        "router": { "kind": "jump", "shards": 2 },
+        "nodes": [{ "id": "a", "address": "x" }, { "id": "b", "address": "y" }],
+        "shards": [{ "range": [0, 2], "primary": "a", "replicas": ["b"] }] }"#;
+    let config = parse(json);
+    assert_eq!(config.status_ttl, Some(Duration::from_secs(2)));
+    assert_eq!(config.max_shard_labels, Some(4));
+    let round_trip: TopologyConfig =
+        serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    let topology = config.build(|_| Ok::<_, std::io::Error>(())).unwrap();
+    let fresh = headroom_shard::ReplicaStatus {
+        lag: Some(Duration::ZERO),
+        position: Some(1),
+    };
+    topology.report("b", fresh);
+    tokio::time::advance(Duration::from_millis(1900)).await;
+    assert_eq!(topology.node("b").unwrap().status(), fresh);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(topology.node("b").unwrap().status(), Default::default());
 }

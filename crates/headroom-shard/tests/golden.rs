@@ -1,6 +1,7 @@
 //! Golden vectors: fixed keys map to fixed shards for every router, so any change to a hash
 //! function or a router's construction (which would re-route keys in production) fails here.
 
+use headroom_shard::ConfigErrorKind;
 use headroom_shard::hash::{crc16, key_hash, mix};
 use headroom_shard::{
     BoundedLoadRouter, Directory, JumpRouter, MaglevRouter, RangeRouter, RendezvousRouter,
@@ -41,6 +42,18 @@ fn redis_cluster_vectors() {
     assert_eq!(cluster_slot(b"user:42"), 15880);
     let router = SlotRouter::even(3).unwrap();
     assert_eq!(routes(&router), [0, 2, 1, 2, 2, 1]);
+    assert_eq!(
+        SlotRouter::even(0).unwrap_err().kind(),
+        ConfigErrorKind::Empty
+    );
+    assert_eq!(
+        SlotRouter::even(16385).unwrap_err().kind(),
+        ConfigErrorKind::TooLarge
+    );
+    assert_eq!(
+        SlotRouter::even(16384).unwrap().slot_owner(16383),
+        ShardId(16383)
+    );
     assert_eq!(
         router.route("{user1}.following"),
         router.route("{user1}.followers")
@@ -132,4 +145,108 @@ fn bounded_load_follows_the_ring_when_unloaded() {
     for key in KEYS {
         assert_eq!(bounded.acquire(key).shard(), ring.route(key));
     }
+}
+
+#[test]
+fn slot_assignments_may_not_overlap() {
+    let overlapping = SlotRouter::builder()
+        .assign(0..9000, ShardId(0))
+        .assign(8999..16384, ShardId(1))
+        .build()
+        .unwrap_err();
+    assert_eq!(overlapping.kind(), ConfigErrorKind::Duplicate);
+    assert!(overlapping.to_string().contains("8999"), "{overlapping}");
+    let adjacent = SlotRouter::builder()
+        .assign(0..9000, ShardId(0))
+        .assign(9000..16384, ShardId(1))
+        .build()
+        .unwrap();
+    assert_eq!(adjacent.slot_owner(8999), ShardId(0));
+    assert_eq!(adjacent.slot_owner(9000), ShardId(1));
+}
+
+/// Keys of every shape the slot function must handle: plain, hash tags (empty, nested,
+/// unclosed, several), unicode, and bytes that are not UTF-8.
+fn slot_keys() -> Vec<Vec<u8>> {
+    let mut rng = fastrand::Rng::with_seed(16384);
+    let mut keys: Vec<Vec<u8>> = [
+        "",
+        "{}",
+        "{}{a}",
+        "a{}b",
+        "{a}{}",
+        "{{a}}",
+        "{a",
+        "a}",
+        "}{a}",
+        "{",
+        "}",
+        "{}}",
+        "{{}}",
+        "foo{}{bar}",
+        "foo{{bar}}zap",
+        "foo{bar}{zap}",
+        "{user1}.following",
+        "日本{語}",
+        "{é}",
+        "🦀{🦀}🦀",
+        "ключ",
+        "{\u{0}}",
+    ]
+    .iter()
+    .map(|key| key.as_bytes().to_vec())
+    .collect();
+    keys.push(vec![0]);
+    keys.push(vec![0xff, b'{', 0xfe, b'}', 0]);
+    keys.push(b"{\x00}".to_vec());
+    const PIECES: [&str; 10] = ["{", "}", "{}", "user", "é", "語", "🦀", ":", "\0", "x"];
+    for i in 0..4000 {
+        let len = rng.usize(0..24);
+        let key = match i % 4 {
+            // Arbitrary bytes, most of them not UTF-8.
+            0 => (0..len).map(|_| rng.u8(..)).collect(),
+            // Bytes drawn mostly from the braces.
+            1 => {
+                const BYTES: [u8; 7] = [b'{', b'}', b'{', b'}', b'a', 0, 0xff];
+                (0..len).map(|_| BYTES[rng.usize(..BYTES.len())]).collect()
+            }
+            // Printable pieces, unicode included.
+            _ => (0..len / 3)
+                .flat_map(|_| PIECES[rng.usize(..PIECES.len())].bytes())
+                .collect(),
+        };
+        keys.push(key);
+    }
+    keys
+}
+
+/// The slot function agrees with a live Redis Cluster's `CLUSTER KEYSLOT` on thousands of keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slot_agrees_with_a_live_cluster() {
+    let cluster = headroom_testkit::shared_cluster();
+    let node = &cluster.urls()[0];
+    let redis = headroom_redis::Redis::connect(
+        headroom_redis::RedisConfig::standalone(node.as_str())
+            .with_command_timeout(std::time::Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let keys = slot_keys();
+    assert!(keys.len() > 4000);
+    let mut pipeline = redis::pipe();
+    for key in &keys {
+        pipeline.cmd("CLUSTER").arg("KEYSLOT").arg(key.as_slice());
+    }
+    let slots: Vec<u16> = redis.query_pipeline(&pipeline).await.unwrap();
+    assert_eq!(slots.len(), keys.len());
+    for (key, live) in keys.iter().zip(slots) {
+        assert_eq!(
+            cluster_slot(key),
+            live,
+            "key {:?}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    // And one key checked through the test kit's own client, as a cross-check of the pipeline.
+    assert_eq!(cluster.keyslot("{user1}.following"), cluster_slot(b"user1"));
 }

@@ -167,6 +167,41 @@ fn plans_between_different_hash_routers_are_sampled() {
 }
 
 #[tokio::test]
+async fn rollback_is_allowed_until_the_cut_over() {
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let moving = (0..1000u64)
+        .find(|k| to.write(k).unwrap().node_id() == "b")
+        .unwrap();
+    let migration = Migration::new("m", Arc::clone(&from), Arc::clone(&to)).unwrap();
+    migration.report_copied(8, 8);
+    migration.advance().await.unwrap();
+    assert!(migration.write(&moving).unwrap().mirror().is_some());
+    migration.rollback().unwrap();
+    assert_eq!(migration.phase(), Phase::RolledBack);
+    let route = migration.write(&moving).unwrap();
+    assert_eq!(route.owner().node_id(), "a");
+    assert!(route.mirror().is_none());
+    drop(route);
+    migration.rollback().unwrap();
+    assert_eq!(
+        migration.advance().await.unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+
+    let migration = Migration::new("m", from, to).unwrap();
+    migration.report_copied(8, 8);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(
+        migration.rollback().unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+    assert_eq!(migration.phase(), Phase::CutOver);
+}
+
+#[tokio::test]
 async fn phases_advance_in_order_with_checks() {
     let recorder = TestRecorder::default();
     let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
@@ -459,6 +494,7 @@ enum Step {
     Read(u64),
     Copied(u64),
     Advance,
+    Rollback,
 }
 
 fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -469,6 +505,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         (0..64u64).prop_map(Step::Read),
         (0..=8u64).prop_map(Step::Copied),
         Just(Step::Advance),
+        Just(Step::Rollback),
     ]
 }
 
@@ -476,7 +513,8 @@ proptest::proptest! {
     /// Random interleavings of writes (held open or finished), reads, copy progress and phase
     /// steps (including cut-overs abandoned while they wait): phases only move forward, Copy is
     /// left only once copied, moving writes are mirrored before the cut-over, and once the
-    /// cut-over has drained no route leads to the retired owner.
+    /// cut-over has drained no route leads to the retired owner. A rollback succeeds only
+    /// before the cut-over, and then routes everything to the old owner, unmirrored, for good.
     #[test]
     fn the_phase_machine_keeps_its_invariants(steps in proptest::collection::vec(step(), 1..120)) {
         let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
@@ -491,7 +529,10 @@ proptest::proptest! {
             match step {
                 Step::Write(key) => {
                     let route = migration.write(&key).unwrap();
-                    if phase < Phase::CutOver {
+                    if phase == Phase::RolledBack {
+                        proptest::prop_assert_eq!(route.owner().node_id(), "a");
+                        proptest::prop_assert!(route.mirror().is_none());
+                    } else if phase < Phase::CutOver {
                         proptest::prop_assert_eq!(route.owner().node_id(), "a");
                         proptest::prop_assert_eq!(route.mirror().is_some(), moving(&key));
                     } else {
@@ -508,7 +549,8 @@ proptest::proptest! {
                 }
                 Step::Read(key) => {
                     let route = migration.read(&key, &ReadPolicy::Primary).unwrap();
-                    let expected = if phase >= Phase::CutOver && moving(&key) { "b" } else { "a" };
+                    let new_owner_serves = matches!(phase, Phase::CutOver | Phase::Cleanup | Phase::Done);
+                    let expected = if new_owner_serves && moving(&key) { "b" } else { "a" };
                     proptest::prop_assert_eq!(route.target.node_id(), expected);
                     proptest::prop_assert_eq!(
                         route.shadow.is_some(),
@@ -534,6 +576,7 @@ proptest::proptest! {
                         Some(Err(err)) => match err.kind() {
                             MigrationErrorKind::CopyIncomplete => proptest::prop_assert!(copied < 8),
                             MigrationErrorKind::Finished => proptest::prop_assert_eq!(phase, Phase::Done),
+                            MigrationErrorKind::RolledBack => proptest::prop_assert_eq!(phase, Phase::RolledBack),
                             other => proptest::prop_assert!(false, "unexpected {:?}", other),
                         },
                         // The cut-over waits for open writes to the old owner; abandoning the
@@ -542,6 +585,23 @@ proptest::proptest! {
                             proptest::prop_assert_eq!(migration.phase(), Phase::CutOver);
                             proptest::prop_assert!(migration.writes_to_old_owners() > 0);
                             phase = Phase::CutOver;
+                        }
+                    }
+                    proptest::prop_assert_eq!(migration.phase(), phase);
+                }
+                Step::Rollback => {
+                    let allowed = matches!(
+                        phase,
+                        Phase::Copy | Phase::DualWrite | Phase::ShadowRead | Phase::RolledBack
+                    );
+                    match migration.rollback() {
+                        Ok(()) => {
+                            proptest::prop_assert!(allowed, "rolled back from {:?}", phase);
+                            phase = Phase::RolledBack;
+                        }
+                        Err(err) => {
+                            proptest::prop_assert!(!allowed, "refused from {:?}", phase);
+                            proptest::prop_assert_eq!(err.kind(), MigrationErrorKind::RolledBack);
                         }
                     }
                     proptest::prop_assert_eq!(migration.phase(), phase);

@@ -1,8 +1,8 @@
 //! Shard lookups do not allocate: every router, topology routing (writes, reads under each
 //! policy, sessions), topology snapshots and migration routing, measured with a counting
-//! global allocator.
+//! global allocator on the measuring thread only (other tests run beside it on their own
+//! threads).
 
-use std::alloc::System;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,20 +11,11 @@ use headroom_shard::{
     RendezvousRouter, ReplicaStatus, RingRouter, Router, Session, ShardId, SlotRouter, Topology,
     TopologyHandle, cluster_slot,
 };
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
-#[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
+/// Runs `f` and asserts that it allocated (or reallocated) nothing on this thread.
 fn assert_no_alloc(what: &str, f: impl FnOnce()) {
-    let region = Region::new(GLOBAL);
-    f();
-    let change = region.change();
-    assert_eq!(
-        change.allocations + change.reallocations,
-        0,
-        "{what} allocated: {change:?}"
-    );
+    let counted = allocation_counter::measure(f);
+    assert_eq!(counted.count_total, 0, "{what} allocated: {counted:?}");
 }
 
 fn topology(epoch: u64, primary: &str) -> Topology<(), JumpRouter> {

@@ -353,11 +353,98 @@ async fn a_dropped_request_releases_its_in_flight_mark() {
     assert!(topology.nodes().iter().all(|n| n.in_flight() == 0));
 }
 
+/// The topology of [`topology`] on a manual clock, whose reports count for one second.
+fn topology_on(clock: &Clock) -> Topology<&'static str, JumpRouter> {
+    Topology::builder(JumpRouter::new(8).unwrap())
+        .name("test")
+        .clock(clock.clone())
+        .status_ttl(Duration::from_secs(1))
+        .node("p", "primary")
+        .node("r1", "replica-1")
+        .node("r2", "replica-2")
+        .node("r3", "replica-3")
+        .shards(0..8, "p", &["r1", "r2", "r3"])
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn reports_older_than_the_status_ttl_count_as_unknown() {
+    let manual = ManualClock::new();
+    let topology = topology_on(&manual.clock());
+    let policy = ReadPolicy::LagAware {
+        max_lag: Duration::from_millis(50),
+    };
+    let mut session = Session::new();
+    session.record_write(ShardId(0), 100);
+    for id in ["r1", "r2", "r3"] {
+        topology.report(id, FRESH);
+    }
+    manual.advance(Duration::from_millis(900));
+    assert_eq!(topology.node("r1").unwrap().status(), FRESH);
+    let read = topology.read_shard(ShardId(0), &policy, None).unwrap();
+    assert_eq!(read.role(), Role::Replica);
+    drop(read);
+    // Nobody reported for longer than the TTL: lag and position are unknown again, so neither
+    // lag-aware nor session reads trust a replica on a report that may be arbitrarily old.
+    manual.advance(Duration::from_millis(200));
+    assert_eq!(
+        topology.node("r1").unwrap().status(),
+        ReplicaStatus::default()
+    );
+    let read = topology.read_shard(ShardId(0), &policy, None).unwrap();
+    assert_eq!(read.node_id(), "p");
+    drop(read);
+    let read = topology
+        .read_shard(
+            ShardId(0),
+            &ReadPolicy::RoundRobin,
+            session.required(ShardId(0)),
+        )
+        .unwrap();
+    assert_eq!(read.node_id(), "p");
+    drop(read);
+    // A fresh report counts again.
+    topology.report("r2", FRESH);
+    let read = topology.read_shard(ShardId(0), &policy, None).unwrap();
+    assert_eq!(read.node_id(), "r2");
+}
+
+#[tokio::test]
+async fn probes_run_concurrently_and_a_hung_probe_times_out() {
+    let manual = ManualClock::new();
+    let topology = topology_on(&manual.clock());
+    topology.report("r1", FRESH);
+    let probe = |id: &str, _: &&'static str| {
+        let hangs = id == "r1";
+        async move {
+            if hangs {
+                std::future::pending::<()>().await;
+            }
+            Some(FRESH)
+        }
+    };
+    let round = topology.probe_nodes(&probe, Duration::from_millis(100));
+    tokio::pin!(round);
+    // r1 hangs, yet every other node is probed at once.
+    assert!(poll_once(round.as_mut()).await.is_none());
+    for id in ["p", "r2", "r3"] {
+        assert_eq!(topology.node(id).unwrap().status(), FRESH, "{id}");
+    }
+    // Once the timeout passes, the round ends and r1's old report is replaced by unknown.
+    manual.advance(Duration::from_millis(100));
+    assert!(poll_once(round.as_mut()).await.is_some());
+    assert_eq!(
+        topology.node("r1").unwrap().status(),
+        ReplicaStatus::default()
+    );
+}
+
 #[tokio::test]
 async fn the_lag_monitor_reports_probe_answers() {
     let manual = ManualClock::new();
     let clock: Clock = manual.clock();
-    let handle = TopologyHandle::new(topology(1));
+    let handle = TopologyHandle::new(topology_on(&clock));
     let round = Arc::new(AtomicU64::new(0));
     let probe = {
         let round = Arc::clone(&round);
@@ -370,7 +457,12 @@ async fn the_lag_monitor_reports_probe_answers() {
             async move { answer }
         }
     };
-    let monitor = monitor_lag(&handle, &probe, Duration::from_secs(1), &clock);
+    let monitor = monitor_lag(
+        &handle,
+        &probe,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     tokio::pin!(monitor);
     // First round runs immediately.
     assert!(poll_once(monitor.as_mut()).await.is_none());
@@ -383,4 +475,37 @@ async fn the_lag_monitor_reports_probe_answers() {
     manual.advance(Duration::from_secs(1));
     assert!(poll_once(monitor.as_mut()).await.is_none());
     assert_eq!(handle.load().node("r2").unwrap().status().position, Some(7));
+}
+
+#[test]
+fn shard_labels_are_bounded() {
+    let recorder = TestRecorder::default();
+    let build = |shards: u32| {
+        metrics::with_local_recorder(&recorder, || {
+            Topology::builder(JumpRouter::new(shards).unwrap())
+                .name(format!("t{shards}"))
+                .node("p", ())
+                .shards(0..shards, "p", &[])
+                .build()
+                .unwrap()
+        })
+    };
+    // A small topology labels each shard.
+    let small = build(64);
+    drop(small.write_shard(ShardId(63)).unwrap());
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=write,shard=63,topology=t64}"),
+        1
+    );
+    // A large one must not create a series per shard (up to 2^20 of them): past the label
+    // limit, its shards share one label.
+    let large = build(1 << 16);
+    drop(large.write_shard(ShardId(40_000)).unwrap());
+    drop(large.write_shard(ShardId(7)).unwrap());
+    assert_eq!(
+        recorder.counter("headroom_shard_routed_total{op=write,shard=all,topology=t65536}"),
+        2
+    );
+    let series = recorder.series("headroom_shard_routed_total");
+    assert!(series <= 2 * 64 + 2 * 1024, "{series} series");
 }

@@ -2,6 +2,7 @@
 #![cfg(feature = "tower")]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -94,17 +95,45 @@ async fn routes_outside_the_services_are_unknown_shards() {
 }
 
 #[tokio::test]
-async fn readiness_waits_for_every_shard() {
-    let (ready, mut handle) = tower_test_pair();
-    let mut service =
-        ShardLayer::new(JumpRouter::new(1).unwrap(), |_: &()| Some(0u64)).layer(vec![ready]);
-    handle.allow(0);
-    assert!(futures_poll_ready(&mut service).is_pending());
-    handle.allow(1);
+async fn a_busy_shard_delays_only_its_own_requests() {
+    let (busy, mut busy_handle) = tower_test_pair();
+    let (free, mut free_handle) = tower_test_pair();
+    free_handle.allow(1);
+    busy_handle.allow(0);
+    let router = JumpRouter::new(2).unwrap();
+    let key_on = |shard: u32| {
+        (0..100u64)
+            .find(|k| router.route(k) == ShardId(shard))
+            .unwrap()
+    };
+    let (busy_key, free_key) = (key_on(0), key_on(1));
+    let mut service = ShardLayer::new(router, |key: &u64| Some(*key)).layer(vec![busy, free]);
+    // Shard 0 is not ready, yet the service is: a request for shard 1 goes through.
     assert!(futures_poll_ready(&mut service).is_ready());
+    let done = poll_once(service.call(free_key)).await;
+    assert!(matches!(done, Some(Ok(()))), "{done:?}");
+    // A request for shard 0 waits for shard 0 alone, and completes once it is ready.
+    let mut waiting = service.call(busy_key);
+    assert!(poll_once(&mut waiting).await.is_none());
+    assert!(futures_poll_ready(&mut service).is_ready());
+    busy_handle.allow(1);
+    assert!(matches!(poll_once(&mut waiting).await, Some(Ok(()))));
 }
 
-fn futures_poll_ready<S: Service<()>>(service: &mut S) -> std::task::Poll<Result<(), S::Error>> {
+/// Polls `future` once.
+async fn poll_once<F: Future + Unpin>(mut future: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+fn futures_poll_ready<Req, S: Service<Req>>(
+    service: &mut S,
+) -> std::task::Poll<Result<(), S::Error>> {
     let waker = std::task::Waker::noop();
     service.poll_ready(&mut std::task::Context::from_waker(waker))
 }
@@ -126,7 +155,7 @@ fn tower_test_pair() -> (Gate, GateHandle) {
     (Gate(Arc::clone(&permits)), GateHandle(permits))
 }
 
-impl Service<()> for Gate {
+impl<Req> Service<Req> for Gate {
     type Response = ();
     type Error = Infallible;
     type Future = std::future::Ready<Result<(), Infallible>>;
@@ -142,7 +171,7 @@ impl Service<()> for Gate {
         }
     }
 
-    fn call(&mut self, (): ()) -> Self::Future {
+    fn call(&mut self, _: Req) -> Self::Future {
         std::future::ready(Ok(()))
     }
 }

@@ -7,9 +7,11 @@
 mod bus;
 mod kv;
 mod lease;
+mod migration;
 mod rate;
 
 pub use bus::MemoryBus;
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
 pub use lease::MemoryLeaseStore;
+pub use migration::MemoryMigrationStore;
 pub use rate::MemoryRateStore;

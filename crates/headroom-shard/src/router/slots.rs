@@ -30,9 +30,12 @@ impl SlotRouter {
     /// Slots split into `shards` contiguous ranges of nearly equal size, in order (the layout
     /// `redis-cli --cluster create` produces).
     pub fn even(shards: u32) -> Result<Self, ConfigError> {
-        if shards == 0 || shards > u32::from(CLUSTER_SLOTS) {
+        if shards == 0 {
+            return Err(ConfigError::new(ConfigErrorKind::Empty, "0 shards"));
+        }
+        if shards > u32::from(CLUSTER_SLOTS) {
             return Err(ConfigError::new(
-                ConfigErrorKind::Empty,
+                ConfigErrorKind::TooLarge,
                 format_args!("{shards} shards for {CLUSTER_SLOTS} slots"),
             ));
         }
@@ -97,7 +100,8 @@ pub struct SlotRouterBuilder {
 }
 
 impl SlotRouterBuilder {
-    /// Assigns `slots` (a range within `0..16384`) to `shard`; later assignments win.
+    /// Assigns `slots` (a range within `0..16384`) to `shard`. A slot assigned twice makes
+    /// [`build`](Self::build) fail with [`ConfigErrorKind::Duplicate`].
     pub fn assign(mut self, slots: Range<u16>, shard: ShardId) -> Self {
         if slots.start >= slots.end || slots.end > CLUSTER_SLOTS {
             self.error.get_or_insert(ConfigError::new(
@@ -106,7 +110,16 @@ impl SlotRouterBuilder {
             ));
             return self;
         }
-        for owner in &mut self.owners[usize::from(slots.start)..usize::from(slots.end)] {
+        let range = usize::from(slots.start)..usize::from(slots.end);
+        if let Some(taken) = self.owners[range.clone()].iter().position(Option::is_some) {
+            let slot = range.start + taken;
+            self.error.get_or_insert(ConfigError::new(
+                ConfigErrorKind::Duplicate,
+                format_args!("slot {slot} assigned twice"),
+            ));
+            return self;
+        }
+        for owner in &mut self.owners[range] {
             *owner = Some(shard);
         }
         self

@@ -3,7 +3,11 @@
 //! [`ShardLayer`] turns one service per logical shard (a `Vec<S>` indexed by [`ShardId`])
 //! into a single [`Sharded`] service: it extracts the request's shard key with a
 //! [`ShardKeyExtractor`] (any closure `Fn(&Req) -> Option<K>` works), routes it, and calls that
-//! shard's service. Like tower's `Steer`, it is ready when every shard's service is ready.
+//! shard's service. Unlike tower's `Steer`, it does not wait for every shard: it is always
+//! ready, and each request waits in its response future for its own shard's service (a clone
+//! of it, so shard services must be `Clone`; wrap one that is not in tower's `Buffer`). A busy
+//! or stalled shard delays only the requests routed to it; bound each shard with a concurrency
+//! limit or a buffer to apply backpressure.
 //!
 //! ```
 //! use headroom_shard::tower::{ShardLayer, MissingShardKey};

@@ -52,30 +52,19 @@ impl<S, R, E> Sharded<S, R, E> {
 
 impl<S, R, E, Req> Service<Req> for Sharded<S, R, E>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     R: Router,
     E: ShardKeyExtractor<Req>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, Req>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Any shard may receive the next request, so all must be ready (as tower's `Steer`).
-        let mut pending = false;
-        for service in &mut self.services {
-            match service.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                Poll::Pending => pending = true,
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok(()))
-        }
+    /// Always ready: each request waits for its own shard's service in its response future,
+    /// so a busy shard never holds up requests for the others.
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
@@ -86,8 +75,10 @@ where
         else {
             return ResponseFuture::rejected(MissingShardKey);
         };
-        match self.services.get_mut(shard.index()) {
-            Some(service) => ResponseFuture::called(service.call(request)),
+        match self.services.get(shard.index()) {
+            // A clone per request, as tower's `Oneshot` does: the clone reserves its own
+            // readiness (a permit, a buffer slot) for this request alone.
+            Some(service) => ResponseFuture::waiting(service.clone(), request),
             None => ResponseFuture::rejected(UnknownShard(shard)),
         }
     }

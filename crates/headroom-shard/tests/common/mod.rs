@@ -36,6 +36,18 @@ impl TestRecorder {
             .map_or(0, |v| v.load(Ordering::Relaxed))
     }
 
+    /// The number of distinct series of metric `name`.
+    #[allow(dead_code)]
+    pub(crate) fn series(&self, name: &str) -> usize {
+        let prefix = format!("{name}{{");
+        self.values
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|key| key.starts_with(&prefix))
+            .count()
+    }
+
     /// The gauge `name{labels}`.
     #[allow(dead_code)]
     pub(crate) fn gauge(&self, name_and_labels: &str) -> f64 {

@@ -98,3 +98,19 @@ pub async fn dropped_subscription_does_not_disturb_others<B: InvalidationBus>(
         .expect("publish");
     expect_message(&mut kept, b"still here").await;
 }
+
+/// A channel whose every subscription was dropped can be subscribed again at once, and the
+/// new subscription receives, however the two race inside the bus.
+pub async fn channel_subscribed_again_after_its_last_subscription_dropped<B: InvalidationBus>(
+    bus: &B,
+    ns: Namespace,
+) {
+    let ch = channel(&ns, "ch");
+    for round in 0..10u8 {
+        let mut sub = live_subscription(bus, &ch).await;
+        bus.publish(&ch, Bytes::from(vec![round]))
+            .await
+            .expect("publish");
+        expect_message(&mut sub, &[round]).await;
+    }
+}

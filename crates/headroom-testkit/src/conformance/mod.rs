@@ -19,6 +19,7 @@
 pub mod bus;
 pub mod kv;
 pub mod lease;
+pub mod migration;
 pub mod rate;
 
 /// Expands to one test per KV store check, each in a module named `$name`.
@@ -71,6 +72,7 @@ macro_rules! bus_conformance {
                 publishing_without_subscribers_succeeds,
                 channels_are_separate,
                 dropped_subscription_does_not_disturb_others,
+                channel_subscribed_again_after_its_last_subscription_dropped,
             );
         }
     };

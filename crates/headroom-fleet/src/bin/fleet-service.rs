@@ -1,0 +1,331 @@
+//! One instance of the fleet's order service: products read through the two-level cache,
+//! written to the database and then the cache, orders placed once per idempotency key within
+//! rate limits per tenant tier, and every database call behind a load shedder.
+//!
+//! Run by `fleet-trial`: `fleet-service <port> <database address> <instance> <seed URL>...`.
+//! It prints `ready` once it listens, and on SIGTERM shuts headroom down gracefully (queued
+//! invalidations and a goodbye) before it exits.
+
+use std::error::Error;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use headroom::Headroom;
+use headroom::cache::Cache;
+use headroom::core::lease::DynLeaseStore;
+use headroom::core::rate::DynRateStore;
+use headroom::idempotency::{
+    Idempotency, IdempotencyError, IdempotencyKey, InProgressPolicy, Scope,
+};
+use headroom::limit::rate::{DistributedRateLimiter, Fallback, Quota, RateLimit, TierConfig};
+use headroom::limit::{LoadShedder, Priority};
+use headroom_fleet::proto::{
+    Client, DbRequest, DbResponse, ServiceRequest, ServiceResponse, Stats, serve_lines,
+};
+use headroom_fleet::recorder::Counters;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
+
+/// Database calls one instance runs at once; more wait in the bulkhead's queue or are shed.
+const DB_CONCURRENCY: usize = 2;
+/// How many instances share the rate limits.
+const INSTANCES: u32 = 6;
+
+struct Service {
+    instance: usize,
+    products: Cache<String, u64>,
+    shedder: LoadShedder,
+    limiter: DistributedRateLimiter<DynRateStore>,
+    orders: Idempotency<DynLeaseStore>,
+    db: Client,
+    counters: Counters,
+    loads: AtomicU64,
+}
+
+/// Why a database call did not happen.
+#[derive(Debug)]
+enum DbFailure {
+    Shed,
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Shed => f.write_str("shed"),
+            Self::Io(err) => write!(f, "db: {err}"),
+        }
+    }
+}
+
+impl Error for DbFailure {}
+
+impl DbFailure {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Shed => "shed",
+            Self::Io(_) => "db",
+        }
+    }
+}
+
+impl Service {
+    /// One database call at `priority`, behind the shedder.
+    async fn db(&self, priority: Priority, request: DbRequest) -> Result<u64, DbFailure> {
+        let _permit = self
+            .shedder
+            .acquire(priority)
+            .await
+            .map_err(|_| DbFailure::Shed)?;
+        let answer: DbResponse = self.db.call(&request).await.map_err(DbFailure::Io)?;
+        Ok(answer.value)
+    }
+
+    async fn handle(self: Arc<Self>, request: ServiceRequest) -> ServiceResponse {
+        match request {
+            ServiceRequest::Read { key } => self.read(key).await,
+            ServiceRequest::Write { key } => self.write(key).await,
+            ServiceRequest::Checkout { tenant, tier, key } => {
+                self.checkout(&tenant, &tier, &key).await
+            }
+            ServiceRequest::Report => match self.db(Priority::Sheddable, DbRequest::Report).await {
+                Ok(_) => ServiceResponse::outcome("ok"),
+                Err(failure) => ServiceResponse::outcome(failure.outcome()),
+            },
+            ServiceRequest::Burst { count } => self.burst(count).await,
+            ServiceRequest::Stats => self.stats(),
+        }
+    }
+
+    async fn read(self: &Arc<Self>, key: String) -> ServiceResponse {
+        let service = Arc::clone(self);
+        let loaded = self
+            .products
+            .get_or_load(&key, move |key| async move {
+                service.loads.fetch_add(1, Ordering::Relaxed);
+                service
+                    .db(Priority::Default, DbRequest::Get { key })
+                    .await
+                    .map(Some)
+            })
+            .await;
+        match loaded {
+            Ok(Some(version)) => ServiceResponse {
+                version: Some(version),
+                ..ServiceResponse::outcome("ok")
+            },
+            Ok(None) => ServiceResponse::outcome("missing"),
+            Err(err) => match err.source().map(ToString::to_string) {
+                Some(cause) if cause == "shed" => ServiceResponse::outcome("shed"),
+                Some(cause) if cause.starts_with("db") => ServiceResponse::outcome("db"),
+                _ => ServiceResponse::outcome("cache"),
+            },
+        }
+    }
+
+    async fn write(&self, key: String) -> ServiceResponse {
+        let version = match self
+            .db(Priority::Default, DbRequest::Put { key: key.clone() })
+            .await
+        {
+            Ok(version) => version,
+            Err(failure) => return ServiceResponse::outcome(failure.outcome()),
+        };
+        match self.products.insert(key, version).await {
+            Ok(()) => ServiceResponse {
+                version: Some(version),
+                ..ServiceResponse::outcome("ok")
+            },
+            Err(_) => ServiceResponse::outcome("cache"),
+        }
+    }
+
+    async fn checkout(&self, tenant: &str, tier: &str, key: &str) -> ServiceResponse {
+        let (Ok(scope), Ok(idempotency_key)) =
+            (Scope::new(tenant, "checkout"), IdempotencyKey::new(key))
+        else {
+            return ServiceResponse::outcome("bad_request");
+        };
+        match self.limiter.check(tier, tenant, 1).await {
+            Ok(_) => {}
+            Err(err) if err.limited().is_some() => return ServiceResponse::outcome("rate_limited"),
+            Err(_) => return ServiceResponse::outcome("rate_store"),
+        }
+        let placed = self
+            .orders
+            .execute(&scope, &idempotency_key, b"checkout", || {
+                self.db(
+                    Priority::Critical,
+                    DbRequest::Checkout {
+                        key: key.to_owned(),
+                    },
+                )
+            })
+            .await;
+        match placed {
+            Ok(executed) => ServiceResponse {
+                order: Some(executed.value),
+                replayed: executed.replayed,
+                ..ServiceResponse::outcome("ok")
+            },
+            Err(IdempotencyError::InProgress { .. }) => ServiceResponse::outcome("in_progress"),
+            Err(IdempotencyError::Operation(failure)) => {
+                ServiceResponse::outcome(failure.outcome())
+            }
+            Err(_) => ServiceResponse::outcome("idempotency"),
+        }
+    }
+
+    /// Writes `count` products of this instance's own, at most 64 at a time.
+    async fn burst(self: &Arc<Self>, count: u32) -> ServiceResponse {
+        let gate = Arc::new(Semaphore::new(64));
+        let mut writes = tokio::task::JoinSet::new();
+        for n in 0..count {
+            let (service, gate) = (Arc::clone(self), Arc::clone(&gate));
+            writes.spawn(async move {
+                let _permit = gate.acquire_owned().await;
+                let key = format!("burst-{}-{n}", service.instance);
+                service.write(key).await.is_ok()
+            });
+        }
+        let written = writes.join_all().await.into_iter().filter(|ok| *ok).count();
+        ServiceResponse {
+            version: Some(written as u64),
+            ..ServiceResponse::outcome("ok")
+        }
+    }
+
+    fn stats(&self) -> ServiceResponse {
+        let counters = &self.counters;
+        let labels = [("cache", "products"), ("level", "l2")];
+        let stats = Stats {
+            flushes: counters
+                .by_label("headroom_cache_invalidation_flushes_total", "reason")
+                .into_iter()
+                .collect(),
+            l2_hits: counters.sum("headroom_cache_hits_total", &labels),
+            l2_misses: counters.sum("headroom_cache_misses_total", &labels),
+            loads: self.loads.load(Ordering::Relaxed),
+            publish_errors: counters.sum("headroom_cache_invalidation_publish_errors_total", &[]),
+            l1_in_use: self.products.l1_in_use(),
+        };
+        ServiceResponse {
+            stats: Some(stats),
+            ..ServiceResponse::outcome("ok")
+        }
+    }
+}
+
+struct Args {
+    port: u16,
+    db: SocketAddr,
+    instance: usize,
+    seeds: Vec<String>,
+}
+
+fn args() -> Option<Args> {
+    let mut args = std::env::args().skip(1);
+    Some(Args {
+        port: args.next()?.parse().ok()?,
+        db: args.next()?.parse().ok()?,
+        instance: args.next()?.parse().ok()?,
+        seeds: args.collect(),
+    })
+}
+
+async fn build(args: &Args, counters: Counters) -> Result<(Service, Headroom), Box<dyn Error>> {
+    let headroom = Headroom::builder()
+        .namespace("fleet")
+        .redis_cluster(args.seeds.iter().map(String::as_str))
+        .await?;
+    let products = headroom
+        .cache::<String, u64>("products")?
+        .ttl(Duration::from_secs(600))
+        .build()?;
+    let bulkhead = headroom
+        .bulkhead(format!("db-{}", args.instance))
+        .max_concurrent(DB_CONCURRENCY)
+        .max_queued(2 * DB_CONCURRENCY)
+        .max_wait(Duration::from_millis(100))
+        .build()?;
+    let shedder = LoadShedder::builder(bulkhead)
+        .shed_at(Priority::Sheddable, 0.5)
+        .shed_at(Priority::Default, 0.75)
+        // Waits are bounded by max_wait (100 ms), so only sheddable and default work is shed
+        // on queue delay; critical work is refused only when the compartment is full.
+        .queue_delay_target(Duration::from_millis(200))
+        .build()?;
+    let tiers = TierConfig::new()
+        .tier("free", Quota::per_second(2)?.with_burst(2)?)
+        .tier("pro", Quota::per_second(10)?.with_burst(10)?);
+    // While Redis is out of reach, each instance enforces its share of every quota.
+    let limiter = headroom
+        .rate_limiter("checkout", tiers)?
+        .fallback(Fallback::Local {
+            instances: INSTANCES,
+        })
+        .build()?;
+    let orders = headroom
+        .idempotency()
+        .in_progress(InProgressPolicy::Wait {
+            max_wait: Duration::from_secs(2),
+        })
+        .build()?;
+    let service = Service {
+        instance: args.instance,
+        products,
+        shedder,
+        limiter,
+        orders,
+        db: Client::new(args.db, Duration::from_secs(2)),
+        counters,
+        loads: AtomicU64::new(0),
+    };
+    Ok((service, headroom))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let Some(args) = args() else {
+        eprintln!("usage: fleet-service <port> <database address> <instance> <seed URL>...");
+        return ExitCode::from(2);
+    };
+    let counters = Counters::install();
+    let (service, headroom) = match build(&args, counters).await {
+        Ok((service, headroom)) => (Arc::new(service), headroom),
+        Err(err) => {
+            eprintln!("fleet-service {}: {err}", args.instance);
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match TcpListener::bind(("127.0.0.1", args.port)).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("fleet-service {}: {err}", args.instance);
+            return ExitCode::FAILURE;
+        }
+    };
+    let Ok(mut terminate) = signal(SignalKind::terminate()) else {
+        return ExitCode::FAILURE;
+    };
+    println!("ready");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    let service = Arc::clone(&service);
+                    tokio::spawn(serve_lines(stream, move |request| {
+                        Arc::clone(&service).handle(request)
+                    }));
+                }
+            }
+            _ = terminate.recv() => break,
+        }
+    }
+    headroom.shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,117 @@
+//! The stand-in database, hosted by the driver: the truth the trial measures against.
+//!
+//! It keeps every product's current version, counts loads per product and executions per
+//! idempotency key, and serves a bounded number of calls at once, each taking a fixed time.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::proto::{DbRequest, DbResponse, serve_lines};
+
+/// How long each kind of call takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    /// A product read (a cache load).
+    pub get: Duration,
+    /// A product write.
+    pub put: Duration,
+    /// An order.
+    pub checkout: Duration,
+    /// A report: the heavy work that overload piles up.
+    pub report: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Truth {
+    versions: HashMap<String, u64>,
+    loads: HashMap<String, u64>,
+    /// Per idempotency key: the order of each execution.
+    executions: HashMap<String, Vec<u64>>,
+    next_order: u64,
+}
+
+/// The database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Database {
+    truth: Arc<Mutex<Truth>>,
+    capacity: Arc<Semaphore>,
+    latency: Latency,
+}
+
+impl Database {
+    /// A database serving `capacity` calls at once.
+    pub fn new(capacity: usize, latency: Latency) -> Self {
+        Self {
+            truth: Arc::default(),
+            capacity: Arc::new(Semaphore::new(capacity)),
+            latency,
+        }
+    }
+
+    /// Serves the database on a loopback port until the runtime ends; returns its address.
+    pub async fn serve(&self) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let db = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let db = db.clone();
+                tokio::spawn(serve_lines(stream, move |request| {
+                    let db = db.clone();
+                    async move { db.handle(request).await }
+                }));
+            }
+        });
+        Ok(addr)
+    }
+
+    async fn handle(&self, request: DbRequest) -> DbResponse {
+        let took = match &request {
+            DbRequest::Get { .. } => self.latency.get,
+            DbRequest::Put { .. } => self.latency.put,
+            DbRequest::Checkout { .. } => self.latency.checkout,
+            DbRequest::Report => self.latency.report,
+        };
+        let _permit = self.capacity.acquire().await;
+        tokio::time::sleep(took).await;
+        let mut truth = self.lock();
+        let value = match request {
+            DbRequest::Get { key } => {
+                *truth.loads.entry(key.clone()).or_default() += 1;
+                truth.versions.get(&key).copied().unwrap_or(0)
+            }
+            DbRequest::Put { key } => {
+                let version = truth.versions.entry(key).or_default();
+                *version += 1;
+                *version
+            }
+            DbRequest::Checkout { key } => {
+                truth.next_order += 1;
+                let order = truth.next_order;
+                truth.executions.entry(key).or_default().push(order);
+                order
+            }
+            DbRequest::Report => 0,
+        };
+        DbResponse { value }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Truth> {
+        self.truth.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Loads per product so far.
+    pub fn loads(&self) -> HashMap<String, u64> {
+        self.lock().loads.clone()
+    }
+
+    /// The orders placed per idempotency key so far (more than one is a duplicate execution).
+    pub fn executions(&self) -> HashMap<String, Vec<u64>> {
+        self.lock().executions.clone()
+    }
+}

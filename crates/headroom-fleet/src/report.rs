@@ -1,0 +1,474 @@
+//! Figures per window and the promises they must keep.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::load::{Event, HOT_TENANT, Kind};
+
+/// The staleness bound the trial holds the fleet to: `max_silence` (2 s) plus half a
+/// `ping_interval` (silence is checked every half interval) plus 250 ms of scheduling delay
+/// on a loaded two-core machine.
+pub const STALENESS_BOUND: Duration = Duration::from_millis(2_500);
+/// Checkouts per second and burst of the hot tenant's tier.
+const HOT_TENANT_QUOTA: (f64, f64) = (2.0, 2.0);
+
+/// What a window promises beyond what every window promises.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Expect {
+    /// The most L1 flushes each instance other than `spared` may make.
+    pub max_flushes: Option<u64>,
+    /// The instance the fault was done to (its own flushes are not judged).
+    pub spared: Option<usize>,
+    /// No product loaded before the window may be loaded again in it (nothing hidden in L2).
+    pub no_reloads: bool,
+    /// Goodput back within 5 % of offered within this many seconds after the fault ends.
+    pub recovery_within: Option<u64>,
+    /// Critical requests (checkouts) keep this success ratio.
+    pub critical_success: Option<f64>,
+    /// Every instance uses its L1 again within this many seconds after the fault ends.
+    pub l1_back_within: Option<f64>,
+}
+
+/// What the schedule recorded about one window.
+#[derive(Clone, Debug)]
+pub struct Window {
+    /// Its name.
+    pub name: String,
+    /// When it began and ended, on the load's clock.
+    pub start: Duration,
+    /// See `start`.
+    pub end: Duration,
+    /// When the fault itself was over (recovery is measured from here).
+    pub fault_end: Duration,
+    /// L1 flushes per instance (`None` for an instance that was never up), summed over each
+    /// process's own lifetime.
+    pub flushes: Vec<Option<u64>>,
+    /// Those flushes by reason, over every instance.
+    pub flush_reasons: BTreeMap<String, u64>,
+    /// L2 hits and misses over every instance.
+    pub l2: (u64, u64),
+    /// Database loads per product at the start and at the end.
+    pub loads_before: HashMap<String, u64>,
+    /// See `loads_before`.
+    pub loads_after: HashMap<String, u64>,
+    /// Seconds after the fault until every instance used L1 again, when measured.
+    pub l1_back_after: Option<f64>,
+    /// Its promises.
+    pub expect: Expect,
+}
+
+/// The figures of one window.
+// The fields are the JSON figures, described in docs/operations.md.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Serialize)]
+pub struct WindowReport {
+    pub name: String,
+    pub start_s: f64,
+    pub end_s: f64,
+    pub requests: usize,
+    pub outcomes: BTreeMap<String, usize>,
+    pub goodput: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p99_good_ms: f64,
+    pub critical_success: f64,
+    pub stale_reads: usize,
+    pub max_staleness_ms: f64,
+    /// Up to five reads staler than the bound: product, version served, staleness.
+    pub stale_examples: Vec<(String, u64, f64)>,
+    pub duplicate_executions: usize,
+    pub different_outcomes: usize,
+    pub flushes_per_instance: Vec<Option<u64>>,
+    pub flush_reasons: BTreeMap<String, u64>,
+    pub loads_hot: u64,
+    pub reloads: u64,
+    pub l2_hit_ratio: Option<f64>,
+    pub hot_tenant_orders: usize,
+    pub hot_tenant_allowed: f64,
+    pub recovery_s: Option<f64>,
+    pub l1_back_s: Option<f64>,
+    pub broken: Vec<String>,
+}
+
+/// One second of the timeline.
+// The fields are the JSON figures, described in docs/operations.md.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Second {
+    pub offered: usize,
+    pub good: usize,
+    pub p99_ms: f64,
+    pub max_staleness_ms: f64,
+}
+
+/// The whole trial.
+// The fields are the JSON figures, described in docs/operations.md.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub windows: Vec<WindowReport>,
+    pub timeline: Vec<Second>,
+    pub executions: ExecutionFigures,
+    pub broken: Vec<String>,
+}
+
+/// Idempotency over the whole run.
+// The fields are the JSON figures, described in docs/operations.md.
+#[allow(missing_docs)]
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ExecutionFigures {
+    pub keys: usize,
+    pub duplicate_executions: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// How stale each read was: the time since a newer version had been acknowledged to a
+/// writer when the read was sent (zero when the version served was current).
+pub fn staleness(events: &[Event]) -> Vec<Duration> {
+    let mut acks: HashMap<&str, Vec<(u64, Duration)>> = HashMap::new();
+    for event in events {
+        if let (Kind::Write, "ok", Some(version)) =
+            (event.kind, event.outcome.as_str(), event.version)
+        {
+            acks.entry(&event.key)
+                .or_default()
+                .push((version, event.sent + event.latency));
+        }
+    }
+    events
+        .iter()
+        .map(|event| {
+            let (Kind::Read, Some(served)) = (event.kind, event.version) else {
+                return Duration::ZERO;
+            };
+            acks.get(event.key.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|(version, acked)| *version > served && *acked < event.sent)
+                .map(|(_, acked)| event.sent - *acked)
+                .max()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Judges every window and the run.
+pub fn judge(
+    events: &[Event],
+    windows: &[Window],
+    executions: &HashMap<String, Vec<u64>>,
+) -> Report {
+    let stale = staleness(events);
+    let mut orders_by_key: HashMap<&str, HashSet<u64>> = HashMap::new();
+    for event in events.iter().filter(|e| e.kind == Kind::Checkout) {
+        if let Some(order) = event.order {
+            orders_by_key.entry(&event.key).or_default().insert(order);
+        }
+    }
+    let mut reports = Vec::new();
+    for window in windows {
+        let inside: Vec<(usize, &Event)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.sent >= window.start && e.sent < window.end)
+            .collect();
+        let mut outcomes = BTreeMap::new();
+        for (_, e) in &inside {
+            *outcomes.entry(e.outcome.clone()).or_insert(0) += 1;
+        }
+        let good = inside.iter().filter(|(_, e)| e.is_good()).count();
+        let mut latencies: Vec<f64> = inside.iter().map(|(_, e)| ms(e.latency)).collect();
+        latencies.sort_by(f64::total_cmp);
+        let mut good_latencies: Vec<f64> = inside
+            .iter()
+            .filter(|(_, e)| e.is_good())
+            .map(|(_, e)| ms(e.latency))
+            .collect();
+        good_latencies.sort_by(f64::total_cmp);
+        let critical: Vec<&Event> = inside
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| e.kind == Kind::Checkout)
+            .collect();
+        let critical_success = if critical.is_empty() {
+            1.0
+        } else {
+            critical.iter().filter(|e| e.is_good()).count() as f64 / critical.len() as f64
+        };
+        let staleness_in: Vec<Duration> = inside.iter().map(|(i, _)| stale[*i]).collect();
+        let stale_reads = staleness_in
+            .iter()
+            .filter(|s| **s > STALENESS_BOUND)
+            .count();
+        let max_staleness = staleness_in.iter().max().copied().unwrap_or_default();
+        let stale_examples = inside
+            .iter()
+            .filter(|(i, _)| stale[*i] > STALENESS_BOUND)
+            .take(5)
+            .map(|(i, e)| (e.key.clone(), e.version.unwrap_or(0), ms(stale[*i])))
+            .collect();
+        let keys: HashSet<&str> = critical.iter().map(|e| e.key.as_str()).collect();
+        let duplicate_executions = keys
+            .iter()
+            .filter(|k| executions.get(**k).is_some_and(|orders| orders.len() > 1))
+            .count();
+        let different_outcomes = keys
+            .iter()
+            .filter(|k| {
+                orders_by_key
+                    .get(**k)
+                    .is_some_and(|orders| orders.len() > 1)
+            })
+            .count();
+        let flushes_per_instance = window.flushes.clone();
+        let delta = |key: &String| {
+            window.loads_after.get(key).copied().unwrap_or(0)
+                - window.loads_before.get(key).copied().unwrap_or(0)
+        };
+        let loads_hot = window
+            .loads_after
+            .keys()
+            .filter(|k| k.starts_with("hot-"))
+            .map(delta)
+            .sum();
+        let reloads = window
+            .loads_after
+            .keys()
+            .filter(|k| window.loads_before.get(*k).copied().unwrap_or(0) > 0)
+            .map(delta)
+            .sum();
+        let (hits, misses) = window.l2;
+        let l2_hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
+        let hot_tenant_orders = keys
+            .iter()
+            .filter(|k| k.starts_with(&format!("{HOT_TENANT}.")))
+            .filter(|k| executions.contains_key(**k))
+            .count();
+        let span = (window.end - window.start).as_secs_f64();
+        let hot_tenant_allowed = HOT_TENANT_QUOTA.0 * span + HOT_TENANT_QUOTA.1;
+        let recovery_s = recovery(events, window.fault_end, window.end);
+
+        let mut broken = Vec::new();
+        let caused_by_shared_state: usize = ["cache", "rate_store"]
+            .iter()
+            .map(|kind| outcomes.get(*kind).copied().unwrap_or(0))
+            .sum();
+        if caused_by_shared_state > 0 {
+            broken.push(format!(
+                "{caused_by_shared_state} caller errors caused by L2, the bus or the rate store"
+            ));
+        }
+        if duplicate_executions > 0 || different_outcomes > 0 {
+            broken.push(format!(
+                "idempotency: {duplicate_executions} duplicate executions, {different_outcomes} keys with different outcomes"
+            ));
+        }
+        if stale_reads > 0 {
+            broken.push(format!(
+                "{stale_reads} reads staler than {STALENESS_BOUND:?} (max {:.0} ms)",
+                ms(max_staleness)
+            ));
+        }
+        if hot_tenant_orders as f64 > hot_tenant_allowed {
+            broken.push(format!(
+                "rate limit: {hot_tenant_orders} orders of {HOT_TENANT} against {hot_tenant_allowed:.0} allowed"
+            ));
+        }
+        let expect = window.expect;
+        if let Some(max) = expect.max_flushes {
+            for (instance, count) in flushes_per_instance.iter().enumerate() {
+                if Some(instance) != expect.spared && count.is_some_and(|c| c > max) {
+                    broken.push(format!(
+                        "instance {instance} flushed L1 {} times (at most {max})",
+                        count.unwrap_or(0)
+                    ));
+                }
+            }
+        }
+        if expect.no_reloads && reloads > 0 {
+            broken.push(format!(
+                "{reloads} products loaded again: L2 entries were hidden"
+            ));
+        }
+        if let Some(within) = expect.recovery_within
+            && recovery_s.is_none_or(|s| s > within as f64)
+        {
+            broken.push(format!(
+                "goodput not back within 5 % of offered in {within} s"
+            ));
+        }
+        if let Some(min) = expect.critical_success
+            && critical_success < min
+        {
+            broken.push(format!(
+                "critical success {:.1} % (at least {:.0} %)",
+                critical_success * 100.0,
+                min * 100.0
+            ));
+        }
+        if let Some(within) = expect.l1_back_within
+            && window.l1_back_after.is_none_or(|s| s > within)
+        {
+            broken.push(format!("L1 not in use on every instance within {within} s"));
+        }
+        reports.push(WindowReport {
+            name: window.name.clone(),
+            start_s: window.start.as_secs_f64(),
+            end_s: window.end.as_secs_f64(),
+            requests: inside.len(),
+            outcomes,
+            goodput: if inside.is_empty() {
+                1.0
+            } else {
+                good as f64 / inside.len() as f64
+            },
+            p50_ms: percentile(&latencies, 0.50),
+            p99_ms: percentile(&latencies, 0.99),
+            p99_good_ms: percentile(&good_latencies, 0.99),
+            critical_success,
+            stale_reads,
+            max_staleness_ms: ms(max_staleness),
+            stale_examples,
+            duplicate_executions,
+            different_outcomes,
+            flushes_per_instance,
+            flush_reasons: window.flush_reasons.clone(),
+            loads_hot,
+            reloads,
+            l2_hit_ratio,
+            hot_tenant_orders,
+            hot_tenant_allowed,
+            recovery_s,
+            l1_back_s: window.l1_back_after,
+            broken,
+        });
+    }
+    let duplicates = executions
+        .values()
+        .filter(|orders| orders.len() > 1)
+        .count();
+    let mut broken: Vec<String> = reports
+        .iter()
+        .flat_map(|w| w.broken.iter().map(move |b| format!("{}: {b}", w.name)))
+        .collect();
+    if duplicates > 0 {
+        broken.push(format!(
+            "run: {duplicates} idempotency keys executed more than once"
+        ));
+    }
+    Report {
+        windows: reports,
+        timeline: timeline(events, &stale),
+        executions: ExecutionFigures {
+            keys: executions.len(),
+            duplicate_executions: duplicates,
+        },
+        broken,
+    }
+}
+
+/// Seconds from `from` until the first whole second in which at least 95 % of the requests
+/// sent got a good answer; `None` if that never happens before `until`.
+fn recovery(events: &[Event], from: Duration, until: Duration) -> Option<f64> {
+    let mut second = from;
+    while second + Duration::from_secs(1) <= until {
+        let next = second + Duration::from_secs(1);
+        let sent: Vec<&Event> = events
+            .iter()
+            .filter(|e| e.sent >= second && e.sent < next)
+            .collect();
+        let good = sent.iter().filter(|e| e.is_good()).count();
+        if !sent.is_empty() && good as f64 >= 0.95 * sent.len() as f64 {
+            return Some((second - from).as_secs_f64());
+        }
+        second = next;
+    }
+    None
+}
+
+fn timeline(events: &[Event], stale: &[Duration]) -> Vec<Second> {
+    let seconds = events
+        .iter()
+        .map(|e| e.sent.as_secs() as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); seconds];
+    let mut timeline = vec![Second::default(); seconds];
+    for (event, staleness) in events.iter().zip(stale) {
+        let second = event.sent.as_secs() as usize;
+        let entry = &mut timeline[second];
+        entry.offered += 1;
+        entry.good += usize::from(event.is_good());
+        entry.max_staleness_ms = entry.max_staleness_ms.max(ms(*staleness));
+        latencies[second].push(ms(event.latency));
+    }
+    for (entry, mut second) in timeline.iter_mut().zip(latencies) {
+        second.sort_by(f64::total_cmp);
+        entry.p99_ms = percentile(&second, 0.99);
+    }
+    timeline
+}
+
+/// The report as text: one table per window, then the broken promises.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    for w in &report.windows {
+        out.push_str(&format!(
+            "\n== {} ({:.1}-{:.1} s)\n  requests {:>6}  goodput {:>5.1} %  p50 {:>6.1} ms  p99 {:>7.1} ms  p99 good {:>7.1} ms\n  outcomes {:?}\n  critical success {:.1} %  stale reads {}  max staleness {:.0} ms\n  duplicates {}  different outcomes {}  orders of {HOT_TENANT} {} (allowed {:.0})\n  L1 flushes per instance {:?} by reason {:?}\n  loads of hot products {}  reloads {}  L2 hit ratio {}\n  recovery {}  L1 back {}\n",
+            w.name,
+            w.start_s,
+            w.end_s,
+            w.requests,
+            w.goodput * 100.0,
+            w.p50_ms,
+            w.p99_ms,
+            w.p99_good_ms,
+            w.outcomes,
+            w.critical_success * 100.0,
+            w.stale_reads,
+            w.max_staleness_ms,
+            w.duplicate_executions,
+            w.different_outcomes,
+            w.hot_tenant_orders,
+            w.hot_tenant_allowed,
+            w.flushes_per_instance,
+            w.flush_reasons,
+            w.loads_hot,
+            w.reloads,
+            w.l2_hit_ratio.map_or("-".to_owned(), |r| format!("{:.1} %", r * 100.0)),
+            w.recovery_s.map_or("-".to_owned(), |s| format!("{s:.0} s")),
+            w.l1_back_s.map_or("-".to_owned(), |s| format!("{s:.1} s")),
+        ));
+        for (key, version, staleness) in &w.stale_examples {
+            out.push_str(&format!(
+                "  stale: {key} v{version} served {staleness:.0} ms late\n"
+            ));
+        }
+        for broken in &w.broken {
+            out.push_str(&format!("  BROKEN: {broken}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "\nidempotency keys {}  executed more than once {}\n",
+        report.executions.keys, report.executions.duplicate_executions
+    ));
+    if report.broken.is_empty() {
+        out.push_str("every promise held\n");
+    } else {
+        out.push_str(&format!("{} promises broken\n", report.broken.len()));
+    }
+    out
+}

@@ -1,0 +1,309 @@
+//! Migrations shared by several processes: the phase lives in a [`MigrationStore`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
+use headroom_core::{BackendError, Clock, Key};
+
+use crate::error::{MigrationError, MigrationErrorKind};
+use crate::{Migration, Phase, Router};
+
+/// One process's part in a migration that several processes run together.
+///
+/// The phase is kept in a shared [`MigrationStore`] (memory for routers in one process, Redis
+/// across processes) under `key`. Every participant routes through its own [`Migration`] and
+/// keeps it in step with the store: [`refresh`](Self::refresh) reads the shared phase, takes it
+/// on (waiting, on entering the cut-over, for its own writes still in flight to old owners) and
+/// then acknowledges it in the store under a lease. [`follow`](Self::follow) refreshes every
+/// `poll` interval; run it as a task in every participant.
+///
+/// One participant drives: [`advance`](Self::advance) moves the shared phase one step (a
+/// compare-and-set, so two drivers cannot both move it) and, into the cut-over, returns only
+/// once no live participant has acknowledged an earlier phase. From then on no participant
+/// routes to a retired owner and none has a write in flight there. A participant that stops
+/// acknowledging (crashed, partitioned, stuck) for longer than its lease is no longer waited
+/// for; the epoch fence at the data (see [`EpochFence`](crate::EpochFence) and the SQL pattern
+/// in the guide) is what stops its late writes. [`rollback`](Self::rollback) abandons the
+/// migration before the cut-over.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use headroom_core::{Namespace, memory::MemoryMigrationStore};
+/// use headroom_shard::{JumpRouter, Migration, Phase, SharedMigration, Topology};
+///
+/// let build = |epoch, last: &str| {
+///     Topology::builder(JumpRouter::new(4).unwrap())
+///         .epoch(epoch)
+///         .node("a", ())
+///         .node(last, ())
+///         .shards(0..3, "a", &[])
+///         .shards(3..4, last, &[])
+///         .build()
+/// };
+/// let (from, to) = (Arc::new(build(1, "b")?), Arc::new(build(2, "c")?));
+/// let store = MemoryMigrationStore::new();
+/// let key = Namespace::new("orders")?.key("migration")?;
+/// let join = |id: &str| {
+///     let migration = Migration::new("orders", Arc::clone(&from), Arc::clone(&to)).unwrap();
+///     SharedMigration::new(migration, store.clone(), key.clone(), id).join()
+/// };
+/// let (driver, other) = (join("web-1").await?, join("web-2").await?);
+/// driver.migration().report_copied(1, 1);
+/// assert_eq!(driver.advance().await?, Phase::DualWrite);
+/// assert_eq!(other.refresh().await?, Phase::DualWrite);
+/// # Ok(()) }
+/// ```
+pub struct SharedMigration<H, R, S> {
+    migration: Migration<H, R>,
+    store: S,
+    key: Key,
+    participant: Arc<str>,
+    lease: Duration,
+    poll: Duration,
+    clock: Clock,
+}
+
+impl<H, R: fmt::Debug, S: fmt::Debug> fmt::Debug for SharedMigration<H, R, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedMigration")
+            .field("participant", &self.participant)
+            .field("key", &self.key)
+            .field("migration", &self.migration)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long an acknowledgement counts unless set otherwise.
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// How often participants read the shared phase unless set otherwise.
+const DEFAULT_POLL: Duration = Duration::from_millis(500);
+
+impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
+    /// A participant `participant` (an id unique among the processes, such as host and pid) in
+    /// the migration recorded under `key`; configure it, then [`join`](Self::join).
+    pub fn new(
+        migration: Migration<H, R>,
+        store: S,
+        key: Key,
+        participant: impl Into<Arc<str>>,
+    ) -> Self {
+        Self {
+            migration,
+            store,
+            key,
+            participant: participant.into(),
+            lease: DEFAULT_LEASE,
+            poll: DEFAULT_POLL,
+            clock: Clock::system(),
+        }
+    }
+
+    /// Creates the shared record in [`Phase::Copy`] if none exists, takes on its phase and
+    /// acknowledges it; route through [`migration`](Self::migration) only after this returns.
+    ///
+    /// Fails with [`MigrationErrorKind::StaleEpoch`] when the record describes a migration
+    /// between other epochs.
+    pub async fn join(self) -> Result<Self, MigrationError> {
+        let start = MigrationRecord {
+            phase: Phase::Copy as u8,
+            ..self.expected_epochs()
+        };
+        let stored = self
+            .store
+            .create(&self.key, start)
+            .await
+            .map_err(|e| self.backend(e))?;
+        self.check_epochs(stored)?;
+        self.refresh().await?;
+        Ok(self)
+    }
+
+    /// How long an acknowledgement keeps this participant counted (default 10 s); a driver's
+    /// cut-over waits at most about this long for a participant that stopped refreshing.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often [`follow`](Self::follow) refreshes, and the driver checks acknowledgements
+    /// during a cut-over (default 500 ms). Keep it well below the lease.
+    #[must_use]
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// The clock for polling intervals (default: the system clock).
+    #[must_use]
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The local router: route every read and write through it.
+    pub fn migration(&self) -> &Migration<H, R> {
+        &self.migration
+    }
+
+    /// This participant's id.
+    pub fn participant(&self) -> &str {
+        &self.participant
+    }
+
+    /// Reads the shared phase, takes it on locally, and acknowledges it.
+    pub async fn refresh(&self) -> Result<Phase, MigrationError> {
+        let mut phase = self.load().await?;
+        loop {
+            self.migration.follow(phase).await;
+            let local = self.migration.phase();
+            self.store
+                .acknowledge(&self.key, &self.participant, local as u8, self.lease)
+                .await
+                .map_err(|e| self.backend(e))?;
+            // A driver that moved the phase after our read may have counted the participants
+            // before this acknowledgement arrived: read again, so that either it saw the
+            // acknowledgement and waits for the next one, or this participant sees its phase.
+            let now = self.load().await?;
+            if now == phase {
+                return Ok(local);
+            }
+            phase = now;
+        }
+    }
+
+    async fn load(&self) -> Result<Phase, MigrationError> {
+        let record = self
+            .store
+            .load(&self.key)
+            .await
+            .map_err(|e| self.backend(e))?
+            .ok_or_else(|| self.error(MigrationErrorKind::Conflict))?;
+        self.check_epochs(record)
+    }
+
+    /// Refreshes every poll interval, forever; spawn it as a task and abort it (or drop it) to
+    /// stop. A failed refresh is logged and tried again at the next interval.
+    pub async fn follow(&self) {
+        loop {
+            if let Err(error) = self.refresh().await {
+                tracing::warn!(%error, participant = %self.participant, "migration refresh failed");
+            }
+            self.clock.sleep(self.poll).await;
+        }
+    }
+
+    /// Moves the shared phase to the next one and returns it.
+    ///
+    /// Leaving [`Phase::Copy`] requires this participant's [`Migration`] to have the backfill
+    /// reported complete. Entering [`Phase::CutOver`] returns once every live participant has
+    /// acknowledged it, that is, has stopped routing to old owners and finished its writes
+    /// there. Fails with [`MigrationErrorKind::Conflict`] when another participant moved the
+    /// phase first. If this future is dropped during that wait, the shared phase has still
+    /// advanced; [`settled`](Self::settled) waits again.
+    pub async fn advance(&self) -> Result<Phase, MigrationError> {
+        let current = self.refresh().await?;
+        if current == Phase::RolledBack {
+            return Err(self.error(MigrationErrorKind::RolledBack));
+        }
+        let next = current
+            .next()
+            .ok_or_else(|| self.error(MigrationErrorKind::Finished))?;
+        if current == Phase::Copy && self.migration.progress() < 1.0 {
+            return Err(self.error(MigrationErrorKind::CopyIncomplete));
+        }
+        self.transition(current, next).await?;
+        tracing::info!(phase = ?next, participant = %self.participant, "shared migration advanced");
+        self.refresh().await?;
+        if next == Phase::CutOver {
+            self.await_acknowledgements(next).await?;
+        }
+        Ok(next)
+    }
+
+    /// Waits until no live participant has acknowledged a phase before the shared one, and
+    /// returns that phase.
+    pub async fn settled(&self) -> Result<Phase, MigrationError> {
+        let phase = self.refresh().await?;
+        self.await_acknowledgements(phase).await?;
+        Ok(phase)
+    }
+
+    /// Abandons the migration before the cut-over, for every participant: each one routes to
+    /// the old owners only from its next refresh. Refused with
+    /// [`MigrationErrorKind::RolledBack`] from the cut-over on.
+    pub async fn rollback(&self) -> Result<(), MigrationError> {
+        let current = self.refresh().await?;
+        if current == Phase::RolledBack {
+            return Ok(());
+        }
+        if !current.mirrors() {
+            return Err(self.error(MigrationErrorKind::RolledBack));
+        }
+        self.transition(current, Phase::RolledBack).await?;
+        self.refresh().await?;
+        Ok(())
+    }
+
+    /// Waits until no live participant has acknowledged a phase before `phase`.
+    async fn await_acknowledgements(&self, phase: Phase) -> Result<(), MigrationError> {
+        loop {
+            let lagging = self
+                .store
+                .lagging(&self.key, phase as u8)
+                .await
+                .map_err(|e| self.backend(e))?;
+            if lagging == 0 {
+                return Ok(());
+            }
+            tracing::debug!(lagging, phase = ?phase, "waiting for participants");
+            self.clock.sleep(self.poll).await;
+        }
+    }
+
+    async fn transition(&self, current: Phase, next: Phase) -> Result<(), MigrationError> {
+        let expected = MigrationRecord {
+            phase: current as u8,
+            ..self.expected_epochs()
+        };
+        match self
+            .store
+            .transition(&self.key, expected, next as u8)
+            .await
+            .map_err(|e| self.backend(e))?
+        {
+            Transition::Applied => Ok(()),
+            _ => Err(self.error(MigrationErrorKind::Conflict)),
+        }
+    }
+
+    fn expected_epochs(&self) -> MigrationRecord {
+        MigrationRecord {
+            from_epoch: self.migration.from_topology().epoch(),
+            to_epoch: self.migration.to_topology().epoch(),
+            phase: 0,
+        }
+    }
+
+    /// The record's phase, if the record is about this migration.
+    fn check_epochs(&self, record: MigrationRecord) -> Result<Phase, MigrationError> {
+        let expected = self.expected_epochs();
+        if (record.from_epoch, record.to_epoch) != (expected.from_epoch, expected.to_epoch) {
+            return Err(self.error(MigrationErrorKind::StaleEpoch));
+        }
+        Phase::from_u8(record.phase).ok_or_else(|| self.error(MigrationErrorKind::Conflict))
+    }
+
+    fn error(&self, kind: MigrationErrorKind) -> MigrationError {
+        MigrationError::new(kind, self.migration.to_topology().epoch())
+    }
+
+    fn backend(&self, error: BackendError) -> MigrationError {
+        MigrationError::backend(error, self.migration.to_topology().epoch())
+    }
+}

@@ -1,0 +1,444 @@
+//! Migrations shared by several routers through a migration store: in memory, and on a real
+//! Redis with three routers on separate connections migrating together under writes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use headroom_core::Namespace;
+use headroom_core::memory::MemoryMigrationStore;
+use headroom_core::migration::MigrationStore;
+use headroom_redis::{Redis, RedisConfig, RedisMigrationStore};
+use headroom_shard::{JumpRouter, Migration, MigrationErrorKind, Phase, SharedMigration, Topology};
+use headroom_testkit::RedisServer;
+
+type Node = &'static str;
+type Shared = Arc<Topology<Node, JumpRouter>>;
+
+/// 8 logical shards: `a` holds 0..4 and `b` 4..8; the target moves 6..8 from `b` to `c`.
+fn topologies() -> (Shared, Shared) {
+    let build = |epoch, last: Node| {
+        Topology::builder(JumpRouter::new(8).unwrap())
+            .epoch(epoch)
+            .node("a", "a")
+            .node("b", "b")
+            .node(last, last)
+            .shards(0..4, "a", &[])
+            .shards(4..6, "b", &[])
+            .shards(6..8, last, &[])
+            .build()
+            .unwrap()
+    };
+    let from = Topology::builder(JumpRouter::new(8).unwrap())
+        .epoch(1)
+        .node("a", "a")
+        .node("b", "b")
+        .shards(0..4, "a", &[])
+        .shards(4..8, "b", &[])
+        .build()
+        .unwrap();
+    (Arc::new(from), Arc::new(build(2, "c")))
+}
+
+async fn join<S: MigrationStore + Clone>(
+    store: &S,
+    ns: &Namespace,
+    id: &str,
+) -> SharedMigration<Node, JumpRouter, S> {
+    participant(store, ns, id, Duration::from_secs(60)).await
+}
+
+async fn participant<S: MigrationStore + Clone>(
+    store: &S,
+    ns: &Namespace,
+    id: &str,
+    lease: Duration,
+) -> SharedMigration<Node, JumpRouter, S> {
+    let (from, to) = topologies();
+    let migration = Migration::new("shared", from, to).unwrap();
+    SharedMigration::new(migration, store.clone(), ns.key("m").unwrap(), id)
+        .lease(lease)
+        .poll(Duration::from_millis(100))
+        .join()
+        .await
+        .unwrap()
+}
+
+/// A key that moves from `b` to `c`.
+fn moving_key() -> u64 {
+    let (from, to) = topologies();
+    (0..1000u64)
+        .find(|k| from.write(k).unwrap().node_id() != to.write(k).unwrap().node_id())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn participants_follow_the_shared_phase() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("follow").unwrap();
+    let driver = join(&store, &ns, "driver").await;
+    let other = join(&store, &ns, "other").await;
+    let key = moving_key();
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    // The other router learns the phase from the store, not from the driver.
+    assert_eq!(other.migration().phase(), Phase::Copy);
+    assert_eq!(other.refresh().await.unwrap(), Phase::DualWrite);
+    // A second driver acting on a phase it has not refreshed loses the compare-and-set.
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    let (from, to) = topologies();
+    let stale = Migration::new("stale", from, to).unwrap();
+    let stale = SharedMigration::new(stale, store.clone(), ns.key("m").unwrap(), "late")
+        .join()
+        .await
+        .unwrap();
+    assert_eq!(stale.migration().phase(), Phase::ShadowRead);
+
+    // The cut-over waits for `other`, which still has a write in flight to the old owner.
+    let held = other.migration().write(&key).unwrap();
+    assert_eq!(held.owner().node_id(), "b");
+    assert_eq!(held.mirror().unwrap().node_id(), "c");
+    let driver = Arc::new(driver);
+    let cut_over = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.advance().await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !cut_over.is_finished(),
+        "cut-over ended with a participant behind"
+    );
+    // `other` sees the cut-over, stops routing to `b`, and acknowledges once its write is done.
+    assert_eq!(stale.refresh().await.unwrap(), Phase::CutOver);
+    let refresh = other.refresh();
+    tokio::pin!(refresh);
+    tokio::select! {
+        _ = &mut refresh => panic!("acknowledged the cut-over with a write in flight"),
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+    assert_eq!(
+        other.migration().write(&key).unwrap().owner().node_id(),
+        "c"
+    );
+    drop(held);
+    assert_eq!(refresh.await.unwrap(), Phase::CutOver);
+    assert_eq!(cut_over.await.unwrap().unwrap(), Phase::CutOver);
+    assert_eq!(driver.settled().await.unwrap(), Phase::CutOver);
+    // Too late to roll back.
+    assert_eq!(
+        other.rollback().await.unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_participant_is_waited_for_no_longer_than_its_lease() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("silent").unwrap();
+    let driver = join(&store, &ns, "driver").await;
+    let _silent = participant(&store, &ns, "silent", Duration::from_secs(30)).await;
+    // `silent` acknowledged Copy with a 30 s lease at join; it never refreshes again.
+    driver.migration().report_copied(1, 1);
+    for _ in 0..2 {
+        driver.advance().await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    assert_eq!(driver.advance().await.unwrap(), Phase::CutOver);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(29) && waited <= Duration::from_secs(31),
+        "waited {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn rollback_before_the_cut_over_returns_every_router_to_the_old_owners() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("rollback").unwrap();
+    let driver = join(&store, &ns, "driver").await;
+    let other = join(&store, &ns, "other").await;
+    let key = moving_key();
+    driver.migration().report_copied(1, 1);
+    driver.advance().await.unwrap();
+    driver.advance().await.unwrap();
+    other.refresh().await.unwrap();
+    assert!(other.migration().write(&key).unwrap().mirror().is_some());
+    driver.rollback().await.unwrap();
+    assert_eq!(other.refresh().await.unwrap(), Phase::RolledBack);
+    let route = other.migration().write(&key).unwrap();
+    assert_eq!(route.owner().node_id(), "b");
+    assert!(route.mirror().is_none());
+    drop(route);
+    let read = other
+        .migration()
+        .read(&key, &headroom_shard::ReadPolicy::Primary)
+        .unwrap();
+    assert_eq!(read.target.node_id(), "b");
+    assert!(read.shadow.is_none());
+    assert_eq!(
+        driver.advance().await.unwrap_err().kind(),
+        MigrationErrorKind::RolledBack
+    );
+}
+
+/// Adds `member` to `key`'s set on `node` if the write's epoch passes both fences where the
+/// data lives: the node's fence for the shard (raised on an old owner at the cut-over) and the
+/// key's own epoch (a late mirror, stamped with the old epoch, cannot land on a key the new
+/// owner already took writes for under the new epoch). Returns 1, or 0 when fenced.
+const FENCED_ADD: &str = r"
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+local row = tonumber(redis.call('GET', KEYS[2]) or '0')
+local epoch = tonumber(ARGV[1])
+if epoch < fence or epoch < row then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+";
+
+struct Data {
+    redis: Redis,
+    script: redis::Script,
+}
+
+impl Data {
+    async fn connect(url: &str) -> Self {
+        Self {
+            redis: Redis::connect(RedisConfig::standalone(url)).await.unwrap(),
+            script: redis::Script::new(FENCED_ADD),
+        }
+    }
+
+    async fn add(&self, node: &str, shard: u32, key: u64, member: &str, epoch: u64) -> bool {
+        let mut invocation = self.script.key(format!("{node}:fence:{shard}"));
+        invocation
+            .key(format!("{node}:{key}:epoch"))
+            .key(format!("{node}:{key}:set"))
+            .arg(epoch)
+            .arg(member);
+        let added: i64 = self.redis.invoke(&invocation).await.unwrap();
+        added == 1
+    }
+
+    async fn members(&self, node: &str, key: u64) -> HashSet<String> {
+        self.redis
+            .query(redis::cmd("SMEMBERS").arg(format!("{node}:{key}:set")))
+            .await
+            .unwrap()
+    }
+}
+
+const KEYS: u64 = 64;
+
+/// Three routers, each with its own connections to the migration store and to the data, walk
+/// a migration together while each of them writes: every acknowledged write ends on its key's
+/// owner, none is accepted by a retired owner after the cut-over, and no key lands on a node
+/// that never owns it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_routers_migrate_together_on_redis_under_writes() {
+    let coordination = RedisServer::start();
+    let data_server = RedisServer::start();
+    let ns = headroom_testkit::unique_namespace("three");
+    let (from, to) = topologies();
+
+    // Data written before the migration, on the old owners.
+    let seed = Data::connect(&data_server.url()).await;
+    for key in 0..KEYS {
+        let owner = from.write(&key).unwrap();
+        assert!(
+            seed.add(
+                owner.node_id(),
+                owner.shard().0,
+                key,
+                &format!("seed-{key}"),
+                1
+            )
+            .await
+        );
+    }
+
+    let mut routers = Vec::new();
+    for id in ["r0", "r1", "r2"] {
+        let store = RedisMigrationStore::new(
+            Redis::connect(RedisConfig::standalone(coordination.url()))
+                .await
+                .unwrap(),
+        );
+        let migration = Migration::new("three", Arc::clone(&from), Arc::clone(&to)).unwrap();
+        let shared = SharedMigration::new(migration, store, ns.key("m").unwrap(), id)
+            .lease(Duration::from_secs(5))
+            .poll(Duration::from_millis(20))
+            .join()
+            .await
+            .unwrap();
+        routers.push(Arc::new(shared));
+    }
+    let followers: Vec<_> = routers
+        .iter()
+        .map(|router| {
+            let router = Arc::clone(router);
+            tokio::spawn(async move { router.follow().await })
+        })
+        .collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cut_over_done = Arc::new(AtomicBool::new(false));
+    let acknowledged: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let after_cut_over = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for (r, router) in routers.iter().enumerate() {
+        for w in 0..2 {
+            let router = Arc::clone(router);
+            let (stop, cut_over_done) = (Arc::clone(&stop), Arc::clone(&cut_over_done));
+            let (acknowledged, after_cut_over) =
+                (Arc::clone(&acknowledged), Arc::clone(&after_cut_over));
+            let to = Arc::clone(&to);
+            let data = Data::connect(&data_server.url()).await;
+            writers.push(tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed((r * 2 + w) as u64);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let key = rng.u64(..KEYS);
+                    let member = format!("r{r}w{w}-{n}");
+                    n += 1;
+                    loop {
+                        let after = cut_over_done.load(Ordering::Acquire);
+                        let route = router.migration().write(&key).unwrap();
+                        if after {
+                            // Once the cut-over returned, no router routes to a retired owner.
+                            assert_eq!(route.owner().node_id(), to.write(&key).unwrap().node_id());
+                            after_cut_over.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let owner = route.owner();
+                        let mut ok = data
+                            .add(
+                                owner.node_id(),
+                                owner.shard().0,
+                                key,
+                                &member,
+                                route.epoch(),
+                            )
+                            .await;
+                        if ok && let Some(mirror) = route.mirror() {
+                            ok = data
+                                .add(
+                                    mirror.node_id(),
+                                    mirror.shard().0,
+                                    key,
+                                    &member,
+                                    route.epoch(),
+                                )
+                                .await;
+                        }
+                        drop(route);
+                        if ok {
+                            acknowledged.lock().unwrap().push((key, member));
+                            break;
+                        }
+                        // Fenced: the phase moved on; learn it and route again.
+                        router.refresh().await.unwrap();
+                    }
+                }
+            }));
+        }
+    }
+
+    // The driver: backfill the moving keys, then walk every phase while the writers run.
+    let driver = &routers[0];
+    let copier = Data::connect(&data_server.url()).await;
+    let wait_for_writes = |min: usize| {
+        let acknowledged = Arc::clone(&acknowledged);
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while acknowledged.lock().unwrap().len() < min {
+                assert!(std::time::Instant::now() < deadline, "writers stalled");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_writes(50).await;
+    for key in 0..KEYS {
+        let (old, new) = (from.write(&key).unwrap(), to.write(&key).unwrap());
+        if old.node_id() != new.node_id() {
+            for member in copier.members(old.node_id(), key).await {
+                // Copy under the old epoch: never over a key the new owner took under the new one.
+                copier
+                    .add(new.node_id(), new.shard().0, key, &member, 1)
+                    .await;
+            }
+        }
+    }
+    driver.migration().report_copied(1, 1);
+    for phase in [Phase::DualWrite, Phase::ShadowRead] {
+        assert_eq!(driver.advance().await.unwrap(), phase);
+        let seen = acknowledged.lock().unwrap().len();
+        wait_for_writes(seen + 100).await;
+    }
+    assert_eq!(driver.advance().await.unwrap(), Phase::CutOver);
+    // Every router has left the old owners: fence them where the data lives.
+    let fences = Data::connect(&data_server.url()).await;
+    for shard in 6..8 {
+        let _: () = fences
+            .redis
+            .query(redis::cmd("SET").arg(format!("b:fence:{shard}")).arg(2))
+            .await
+            .unwrap();
+    }
+    cut_over_done.store(true, Ordering::Release);
+    let seen = acknowledged.lock().unwrap().len();
+    wait_for_writes(seen + 200).await;
+    for phase in [Phase::Cleanup, Phase::Done] {
+        assert_eq!(driver.advance().await.unwrap(), phase);
+    }
+    stop.store(true, Ordering::Release);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    for follower in followers {
+        follower.abort();
+    }
+
+    // Every acknowledged write is on its key's owner under the new topology.
+    let check = Data::connect(&data_server.url()).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(after_cut_over.load(Ordering::Relaxed) >= 100);
+    let mut by_key: HashMap<u64, HashSet<String>> = HashMap::new();
+    for key in 0..KEYS {
+        let owner = to.write(&key).unwrap();
+        by_key.insert(key, check.members(owner.node_id(), key).await);
+    }
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|(key, member)| !by_key[key].contains(member))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} writes lost: {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+    for key in 0..KEYS {
+        assert!(
+            by_key[&key].contains(&format!("seed-{key}")),
+            "seed of {key} lost"
+        );
+    }
+    // No key on a node that owns it in neither topology.
+    for node in ["a", "b", "c"] {
+        for key in 0..KEYS {
+            let owners = [
+                from.write(&key).unwrap().node_id(),
+                to.write(&key).unwrap().node_id(),
+            ];
+            if !owners.contains(&node) {
+                assert!(
+                    check.members(node, key).await.is_empty(),
+                    "{key} misrouted to {node}"
+                );
+            }
+        }
+    }
+}
