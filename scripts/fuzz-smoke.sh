@@ -9,6 +9,9 @@ seconds="${FUZZ_SECONDS:-30}"
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 
+# `cargo fuzz build` has no --locked flag: `cargo fetch --locked` first fails when
+# fuzz/Cargo.lock is missing or out of date, so the build below resolves nothing new.
+cargo fetch --locked
 cargo fuzz build
 for target in $(cargo fuzz list); do
     echo "== fuzz $target for ${seconds}s"

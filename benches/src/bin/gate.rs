@@ -9,14 +9,17 @@ use std::hint::black_box;
 
 use std::time::Duration;
 
-use headroom_breaker::CircuitBreaker;
+use headroom_breaker::{CircuitBreaker, Hedge, Pipeline, Retry, RetryBudget};
 use headroom_cache::Cache;
-use headroom_core::Namespace;
 use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore};
+use headroom_core::{BackendError, ManualClock, Namespace};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
 use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
-use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
+use headroom_shard::{
+    JumpRouter, MaglevRouter, ReadPolicy, RendezvousRouter, RingRouter, Router, ShardId, Topology,
+    TopologyHandle, cluster_slot,
+};
 
 /// Iterations of every measured loop; the gate divides by it.
 const ITERATIONS: usize = 10_000;
@@ -29,8 +32,13 @@ const BENCHES: &[Bench] = &[
     ("shard_ring_100x160", shard_ring),
     ("shard_maglev_100", shard_maglev),
     ("shard_cluster_slot", shard_cluster_slot),
+    ("shard_rendezvous_100", shard_rendezvous),
+    ("shard_topology_read_round_robin", shard_topology_read),
     ("bulkhead_try_acquire_release", bulkhead),
     ("breaker_closed_permit_count_window", breaker),
+    ("breaker_closed_permit_time_window", breaker_time_window),
+    ("breaker_pipeline_success", pipeline),
+    ("breaker_hedge_fast_answer", hedge_fast),
     ("rate_direct_check", rate_direct),
     ("rate_keyed_check", rate_keyed),
     ("idempotency_replay_memory", idempotency_replay),
@@ -109,6 +117,40 @@ fn measured_route(router: &dyn Router, keys: &[String]) {
     }
 }
 
+fn shard_rendezvous() {
+    measured_route(&RendezvousRouter::new(100).expect("router"), &keys());
+}
+
+fn shard_topology_read() {
+    let mut builder = Topology::builder(JumpRouter::new(16).expect("router"));
+    for shard in 0..16u32 {
+        let primary = format!("primary-{shard}");
+        let replicas = [format!("replica-{shard}-a"), format!("replica-{shard}-b")];
+        builder = builder
+            .node(primary.as_str(), ())
+            .node(replicas[0].as_str(), ())
+            .node(replicas[1].as_str(), ())
+            .shard(
+                ShardId(shard),
+                &primary,
+                &[replicas[0].as_str(), replicas[1].as_str()],
+            );
+    }
+    let handle = TopologyHandle::new(builder.build().expect("topology"));
+    measured_topology_read(&handle, &keys());
+}
+
+#[inline(never)]
+fn measured_topology_read(handle: &TopologyHandle<(), JumpRouter>, keys: &[String]) {
+    for i in 0..ITERATIONS {
+        let topology = handle.load();
+        let target = topology
+            .read(keys[i % keys.len()].as_str(), &ReadPolicy::RoundRobin)
+            .expect("read");
+        black_box(target.node_id());
+    }
+}
+
 fn shard_cluster_slot() {
     measured_cluster_slot(&keys());
 }
@@ -148,6 +190,90 @@ fn measured_breaker(breaker: &CircuitBreaker<()>) {
     for _ in 0..ITERATIONS {
         black_box(breaker.try_acquire()).expect("closed").success();
     }
+}
+
+/// A time window on a manual clock, so that every run reads the same times.
+fn breaker_time_window() {
+    let manual = ManualClock::new();
+    let breaker: CircuitBreaker<()> = CircuitBreaker::builder()
+        .clock(manual.clock())
+        .time_window(Duration::from_secs(10), 10)
+        .build()
+        .expect("breaker");
+    measured_breaker_time_window(&breaker, &manual);
+}
+
+#[inline(never)]
+fn measured_breaker_time_window(breaker: &CircuitBreaker<()>, manual: &ManualClock) {
+    for i in 0..ITERATIONS {
+        // A new bucket every 100 calls: rollovers are part of the path.
+        if i % 100 == 0 {
+            manual.advance(Duration::from_millis(250));
+        }
+        black_box(breaker.try_acquire()).expect("closed").success();
+    }
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
+/// Retry with a budget, breaker and timeout around an operation that succeeds at once.
+fn pipeline() {
+    let runtime = current_thread();
+    let budget = RetryBudget::builder().build().expect("budget");
+    let pipeline = Pipeline::<BackendError>::builder()
+        .retry(
+            Retry::builder()
+                .max_attempts(3)
+                .budget(budget)
+                .build()
+                .expect("retry"),
+        )
+        .breaker(
+            CircuitBreaker::builder()
+                .count_window(100)
+                .build()
+                .expect("breaker"),
+        )
+        .timeout(Duration::from_secs(1))
+        .build();
+    measured_pipeline(&runtime, &pipeline);
+}
+
+#[inline(never)]
+fn measured_pipeline(runtime: &tokio::runtime::Runtime, pipeline: &Pipeline<BackendError>) {
+    runtime.block_on(async {
+        for i in 0..ITERATIONS {
+            let answer = pipeline
+                .call(|| async move { Ok::<_, BackendError>(i) })
+                .await;
+            black_box(answer).expect("success");
+        }
+    });
+}
+
+/// A hedge whose first call answers at once: no hedge is started.
+fn hedge_fast() {
+    let runtime = current_thread();
+    let hedge = Hedge::builder()
+        .delay(Duration::from_millis(50))
+        .build()
+        .expect("hedge");
+    measured_hedge_fast(&runtime, &hedge);
+}
+
+#[inline(never)]
+fn measured_hedge_fast(runtime: &tokio::runtime::Runtime, hedge: &Hedge) {
+    runtime.block_on(async {
+        for i in 0..ITERATIONS {
+            let answer = hedge.call(|| async move { Ok::<_, BackendError>(i) }).await;
+            black_box(answer).expect("success");
+        }
+    });
 }
 
 /// A quota no check in the gate exhausts, so every check takes the admitting path.

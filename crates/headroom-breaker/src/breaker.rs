@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use headroom_core::Clock;
@@ -168,6 +168,11 @@ pub(crate) struct Shared {
     probes: AtomicU64,
     recovery: Mutex<Recovery>,
     window: Window,
+    /// A time window's bucket epoch at its last judgement: within one epoch no call leaves
+    /// the window, so a success cannot raise a ratio and needs no judgement.
+    judged_epoch: AtomicU64,
+    /// The last judgement found fewer than `minimum_calls`: the next call may complete them.
+    short: AtomicBool,
     slow_nanos: Option<u64>,
     events: broadcast::Sender<Transition>,
     metrics: Metrics,
@@ -175,6 +180,11 @@ pub(crate) struct Shared {
 
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The state word of the generation after `word`'s, in state `to`.
+fn next_generation(word: u64, to: State) -> u64 {
+    (((word >> 2) + 1) << 2) | to.bits()
 }
 
 fn probe_tag(word: u64) -> u64 {
@@ -186,9 +196,9 @@ impl Shared {
         nanos(self.clock.now().saturating_duration_since(self.origin))
     }
 
-    fn rejected(&self, retry_after: Option<Duration>) -> CircuitOpen {
+    fn rejected(&self, state: State, retry_after: Option<Duration>) -> CircuitOpen {
         self.metrics.rejected.increment(1);
-        CircuitOpen { retry_after }
+        CircuitOpen { state, retry_after }
     }
 
     fn ticket(&self, word: u64) -> Ticket {
@@ -213,16 +223,59 @@ impl Shared {
                     let now = self.now_nanos();
                     let until = self.open_until.load(Ordering::Acquire);
                     if now < until {
-                        return Err(self.rejected(Some(Duration::from_nanos(until - now))));
+                        return Err(
+                            self.rejected(State::Open, Some(Duration::from_nanos(until - now)))
+                        );
                     }
                     self.transition(word, State::HalfOpen, Reason::OpenElapsed);
                     word = self.state.load(Ordering::Acquire);
                 }
                 HALF_OPEN => return self.admit_probe(word),
-                _ => return Err(self.rejected(None)),
+                _ => return Err(self.rejected(State::Isolated, None)),
             }
         }
-        Err(self.rejected(None))
+        Err(self.rejected(State::from_bits(word), None))
+    }
+
+    /// The rejection a call made now would get, without admitting one (a transition due is
+    /// left to [`acquire`](Self::acquire)). Not counted: the caller counts it when it rejects.
+    #[cfg(feature = "tower")]
+    pub(crate) fn refusal(&self) -> Option<CircuitOpen> {
+        let word = self.state.load(Ordering::Acquire);
+        match word & 3 {
+            CLOSED => None,
+            OPEN => {
+                let now = self.now_nanos();
+                let until = self.open_until.load(Ordering::Acquire);
+                (now < until).then(|| CircuitOpen {
+                    state: State::Open,
+                    retry_after: Some(Duration::from_nanos(until - now)),
+                })
+            }
+            HALF_OPEN => {
+                let probes = self.probes.load(Ordering::Acquire);
+                let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
+                    && probes & PROBE_COUNT_MASK >= u64::from(self.config.half_open_probes);
+                let stalled = self
+                    .now_nanos()
+                    .saturating_sub(self.half_open_since.load(Ordering::Acquire))
+                    >= nanos(self.config.half_open_max_wait);
+                (full && !stalled).then_some(CircuitOpen {
+                    state: State::HalfOpen,
+                    retry_after: None,
+                })
+            }
+            _ => Some(CircuitOpen {
+                state: State::Isolated,
+                retry_after: None,
+            }),
+        }
+    }
+
+    /// Counts a rejection made from [`refusal`](Self::refusal).
+    #[cfg(feature = "tower")]
+    pub(crate) fn count_rejection(&self) {
+        self.metrics.rejected.increment(1);
     }
 
     fn admit_probe(&self, word: u64) -> Result<Ticket, CircuitOpen> {
@@ -246,9 +299,12 @@ impl Shared {
             && self.transition(word, State::Open, Reason::ProbesStalled)
         {
             let until = self.open_until.load(Ordering::Acquire);
-            return Err(self.rejected(Some(Duration::from_nanos(until.saturating_sub(now)))));
+            return Err(self.rejected(
+                State::Open,
+                Some(Duration::from_nanos(until.saturating_sub(now))),
+            ));
         }
-        Err(self.rejected(None))
+        Err(self.rejected(State::HalfOpen, None))
     }
 
     fn release_probe(&self, word: u64) {
@@ -303,7 +359,7 @@ impl Shared {
                     return; // admitted before a transition: its result describes another era
                 }
                 self.window.record(sample, now);
-                if sample.failure || sample.slow {
+                if self.may_trip(sample, now) {
                     self.judge(ticket.word, now);
                 }
             }
@@ -332,10 +388,31 @@ impl Shared {
         }
     }
 
+    /// Whether the window may have reached a threshold with this sample recorded. A failed or
+    /// slow call may; so may any call while the window is short of `minimum_calls`. Otherwise a
+    /// success only adds a call or replaces an older one, which cannot raise a ratio, unless
+    /// older calls left a time window since its last judgement (a new bucket epoch).
+    fn may_trip(&self, sample: Sample, now: u64) -> bool {
+        if sample.failure || sample.slow || self.short.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.window.epoch(now) {
+            None => false,
+            Some(epoch) => {
+                self.judged_epoch.load(Ordering::Relaxed) != epoch
+                    && self.judged_epoch.swap(epoch, Ordering::Relaxed) != epoch
+            }
+        }
+    }
+
     /// Opens the circuit if the window holds enough calls and a ratio reached its threshold.
     fn judge(&self, word: u64, now: u64) {
         let totals = self.window.totals(now);
-        if totals.calls < u64::from(self.config.minimum_calls) {
+        let short = totals.calls < u64::from(self.config.minimum_calls);
+        if self.short.load(Ordering::Relaxed) != short {
+            self.short.store(short, Ordering::Relaxed);
+        }
+        if short {
             return;
         }
         let calls = totals.calls as f64;
@@ -371,7 +448,7 @@ impl Shared {
             return false;
         }
         let now = self.now_nanos();
-        let word = (((from_word >> 2) + 1) << 2) | to.bits();
+        let word = next_generation(from_word, to);
         match to {
             State::Open => {
                 recovery.opens = recovery.opens.saturating_add(1);
@@ -392,6 +469,7 @@ impl Shared {
             State::Closed => {
                 recovery.opens = 0;
                 self.window.reset();
+                self.short.store(true, Ordering::Relaxed);
             }
             State::Isolated => {}
         }
@@ -430,9 +508,9 @@ impl Shared {
 
 /// A circuit breaker for calls failing with `E`.
 ///
-/// Closed, it counts calls in a sliding window (by count or by time) and opens when, with at
-/// least `minimum_calls` in the window, the failure ratio or the slow-call ratio reaches its
-/// threshold. Open, it refuses calls with [`CircuitOpen`] for the open duration, which doubles
+/// Closed, it counts calls in a sliding window (by count or by time) and judges the window after
+/// each counted call, success or failure: it opens when, with at least `minimum_calls` in the
+/// window, the failure ratio or the slow-call ratio reaches its threshold. Open, it refuses calls with [`CircuitOpen`] for the open duration, which doubles
 /// on each reopening up to a maximum. Then it turns half-open and admits exactly
 /// `half_open_probes` calls: if all succeed it closes, if one fails (or is slow) it reopens,
 /// and if they have not all finished within `half_open_max_wait` it reopens too, so that
@@ -573,13 +651,19 @@ impl<E> CircuitBreaker<E> {
         }
     }
 
-    /// Closes the breaker and empties its window, from any state.
+    /// Closes the breaker and empties its window, from any state. Calls admitted before the
+    /// reset are not counted in the new window, also when the breaker was closed already.
     pub fn reset(&self) {
         let shared = &self.inner.shared;
         let mut recovery = shared.recovery.lock();
         let word = shared.state.load(Ordering::Acquire);
         if word & 3 == CLOSED {
+            // A new generation first, so that results admitted before it stop recording.
+            shared
+                .state
+                .store(next_generation(word, State::Closed), Ordering::Release);
             shared.window.reset();
+            shared.short.store(true, Ordering::Relaxed);
         } else {
             shared.transition_locked(&mut recovery, word, State::Closed, Reason::Reset);
         }
@@ -773,6 +857,8 @@ impl<E> CircuitBreakerBuilder<E> {
                 probes_succeeded: 0,
             }),
             window,
+            judged_epoch: AtomicU64::new(u64::MAX),
+            short: AtomicBool::new(true),
             events: broadcast::channel(64).0,
             metrics,
         };

@@ -6,16 +6,26 @@ use std::time::Duration;
 
 use headroom_core::Classify;
 
+use crate::State;
+
 /// A user's classifier of errors (which count as failures, which are retryable).
 pub(crate) type Predicate<E> = Box<dyn Fn(&E) -> bool + Send + Sync>;
 
-/// The circuit is open (or isolated by hand): the call was refused without being attempted.
+/// The circuit refused the call without attempting it: it is open, half-open with every probe
+/// slot taken, or isolated by hand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CircuitOpen {
+    pub(crate) state: State,
     pub(crate) retry_after: Option<Duration>,
 }
 
 impl CircuitOpen {
+    /// The state that refused the call: [`State::Open`], [`State::HalfOpen`] or
+    /// [`State::Isolated`].
+    pub fn state(&self) -> State {
+        self.state
+    }
+
     /// How long until the breaker lets probe calls through again; `None` when that is not
     /// known: while it is isolated, or half-open with every probe slot taken.
     pub fn retry_after(&self) -> Option<Duration> {
@@ -25,9 +35,11 @@ impl CircuitOpen {
 
 impl fmt::Display for CircuitOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.retry_after {
-            Some(after) => write!(f, "circuit open, retry after {after:?}"),
-            None => f.write_str("circuit isolated"),
+        match (self.state, self.retry_after) {
+            (State::HalfOpen, _) => f.write_str("circuit half-open, every probe slot taken"),
+            (State::Isolated, _) => f.write_str("circuit isolated"),
+            (_, Some(after)) => write!(f, "circuit open, retry after {after:?}"),
+            (_, None) => f.write_str("circuit open"),
         }
     }
 }
@@ -247,7 +259,10 @@ mod tests {
 
     #[test]
     fn classification_of_each_kind() {
-        let open: Error<BackendError> = Error::CircuitOpen(CircuitOpen { retry_after: None });
+        let open: Error<BackendError> = Error::CircuitOpen(CircuitOpen {
+            state: State::Isolated,
+            retry_after: None,
+        });
         assert!(open.is_rejected() && !open.is_retryable() && !open.is_timeout());
         let elapsed: Error<BackendError> = Error::Elapsed(Elapsed {
             after: Duration::from_millis(5),
@@ -269,6 +284,7 @@ mod tests {
     #[test]
     fn rejections_are_downcastable_from_a_boxed_error() {
         let boxed: Box<dyn StdError + Send + Sync> = Box::new(CircuitOpen {
+            state: State::Open,
             retry_after: Some(Duration::from_secs(1)),
         });
         assert!(boxed.downcast_ref::<CircuitOpen>().is_some());

@@ -72,7 +72,12 @@ impl<T, E> Fallback<T, E> {
     where
         F: Future<Output = Result<T, Error<E>>>,
     {
-        match fut.await {
+        self.recover(fut.await)
+    }
+
+    /// Replaces `result`'s error with the fallback answer when it applies.
+    pub(crate) fn recover(&self, result: Result<T, Error<E>>) -> Result<T, Error<E>> {
+        match result {
             Err(error) if (self.applies)(&error) => {
                 self.used.increment(1);
                 tracing::debug!(kind = ?error.kind(), "falling back");

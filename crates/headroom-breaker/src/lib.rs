@@ -12,8 +12,10 @@
 //! - [`Hedge`]: a second attempt after a fixed or percentile delay; the first success wins and
 //!   the others are cancelled; bounded by the budget.
 //! - [`Fallback`]: the answer when everything else failed.
-//! - [`Pipeline`]: all of them in one documented order, on async closures, and as tower layers
-//!   with the `tower` feature (the `tower` module).
+//! - [`Pipeline`]: all of them in one documented order, on async closures.
+//!
+//! With the `tower` feature, the `tower` module has a layer for the breaker, for the pipeline
+//! and for each strategy alone.
 //!
 //! Errors are typed: [`Error`] wraps the operation's own error or one of the cheap rejections
 //! [`CircuitOpen`] and [`Elapsed`], or reports a spent budget, and implements

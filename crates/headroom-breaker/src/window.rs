@@ -225,6 +225,14 @@ impl Window {
         }
     }
 
+    /// A time window's bucket epoch at `now_nanos`; `None` for a count window.
+    pub(crate) fn epoch(&self, now_nanos: u64) -> Option<u64> {
+        match self {
+            Self::Count(_) => None,
+            Self::Time(window) => Some(window.epoch(now_nanos)),
+        }
+    }
+
     pub(crate) fn totals(&self, now_nanos: u64) -> Totals {
         match self {
             Self::Count(window) => window.totals(),

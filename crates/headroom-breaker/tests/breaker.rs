@@ -68,6 +68,55 @@ fn trips_exactly_at_the_failure_ratio() {
 }
 
 #[test]
+fn a_success_that_completes_the_minimum_is_judged_too() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(10)
+        .minimum_calls(4)
+        .failure_ratio(0.5)
+        .build()
+        .expect("valid config");
+    record(&breaker, 3, 1);
+    assert_eq!(
+        breaker.state(),
+        State::Open,
+        "4 calls in the window, 75 % failed: the ratio of 50 % is reached"
+    );
+
+    // The same on a time window.
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .time_window(Duration::from_secs(10), 10)
+        .minimum_calls(4)
+        .failure_ratio(0.5)
+        .build()
+        .expect("valid config");
+    record(&breaker, 3, 1);
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[test]
+fn a_time_window_is_judged_again_when_old_successes_expire() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .time_window(Duration::from_secs(10), 10)
+        .minimum_calls(4)
+        .failure_ratio(0.5)
+        .build()
+        .expect("valid config");
+    record(&breaker, 0, 6);
+    manual.advance(Duration::from_secs(5));
+    record(&breaker, 3, 0);
+    assert_eq!(breaker.state(), State::Closed, "3 failures in 9 calls");
+    // The six successes leave the window; the next call sees 3 failures in 4 calls.
+    manual.advance(Duration::from_secs(6));
+    record(&breaker, 0, 1);
+    assert_eq!(breaker.state(), State::Open);
+}
+
+#[test]
 fn time_window_forgets_old_failures() {
     let manual = ManualClock::new();
     let breaker = CircuitBreaker::<Failure>::builder()
@@ -409,4 +458,51 @@ async fn a_probe_that_panics_frees_its_slot() {
     second.success();
     third.success();
     assert_eq!(breaker.state(), State::Closed);
+}
+
+#[test]
+fn calls_in_flight_during_a_reset_of_a_closed_breaker_are_not_counted() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let in_flight: Vec<_> = (0..10)
+        .map(|_| breaker.try_acquire().expect("closed"))
+        .collect();
+    breaker.reset();
+    for permit in in_flight {
+        permit.failure();
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "the ten failures were admitted before the reset and describe the old window"
+    );
+    record(&breaker, 10, 0);
+    assert_eq!(breaker.state(), State::Open, "calls after the reset count");
+}
+
+#[test]
+fn a_refusal_says_which_state_refused() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let _probes: Vec<_> = (0..3)
+        .map(|_| breaker.try_acquire().expect("probe"))
+        .collect();
+    let full = breaker.try_acquire().unwrap_err();
+    assert_eq!(full.state(), State::HalfOpen);
+    assert_eq!(full.retry_after(), None);
+    assert_eq!(
+        full.to_string(),
+        "circuit half-open, every probe slot taken"
+    );
+
+    breaker.isolate();
+    let isolated = breaker.try_acquire().unwrap_err();
+    assert_eq!(isolated.state(), State::Isolated);
+    assert_eq!(isolated.to_string(), "circuit isolated");
+
+    breaker.reset();
+    record(&breaker, 10, 0);
+    let open = breaker.try_acquire().unwrap_err();
+    assert_eq!(open.state(), State::Open);
+    assert_eq!(open.to_string(), "circuit open, retry after 10s");
 }

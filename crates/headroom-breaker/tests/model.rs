@@ -50,7 +50,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The reference: the documented behaviour, written as plainly as possible.
+/// The reference: the behaviour documented in docs/breaker.md and the rustdoc of
+/// `CircuitBreaker`, written as plainly as possible. A result is counted only in the phase
+/// (generation) that admitted it: every transition, and every reset, starts a new one.
 #[derive(Debug)]
 struct Model {
     state: State,
@@ -140,11 +142,7 @@ impl Model {
                     self.window.pop_front();
                 }
                 self.window.push_back(failure);
-                let failures = self.window.iter().filter(|f| **f).count();
-                if failure
-                    && self.window.len() >= MINIMUM
-                    && failures as f64 >= RATIO * self.window.len() as f64
-                {
+                if self.window_trips() {
                     self.enter(State::Open);
                 }
             }
@@ -160,18 +158,24 @@ impl Model {
         }
     }
 
+    /// "When the window holds at least `minimum_calls` and the share of failures reaches
+    /// `failure_ratio` [...] the circuit opens": whatever the call that completed it was.
+    fn window_trips(&self) -> bool {
+        let calls = self.window.len();
+        let failures = self.window.iter().filter(|failed| **failed).count();
+        calls >= MINIMUM && failures as f64 / calls as f64 >= RATIO
+    }
+
     fn isolate(&mut self) {
         if self.state != State::Isolated {
             self.enter(State::Isolated);
         }
     }
 
+    /// "`reset()` closes the circuit and empties its window from any state; calls admitted
+    /// before it are not counted": a new generation even when already closed.
     fn reset(&mut self) {
-        if self.state == State::Closed {
-            self.window.clear();
-        } else {
-            self.enter(State::Closed);
-        }
+        self.enter(State::Closed);
     }
 }
 

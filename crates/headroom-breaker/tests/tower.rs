@@ -5,10 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use headroom_breaker::tower::{CircuitBreakerLayer, PipelineLayer};
-use headroom_breaker::{CircuitBreaker, ErrorKind, Pipeline, Retry, State};
+use headroom_breaker::tower::{
+    CircuitBreakerLayer, FallbackLayer, HedgeLayer, PipelineLayer, RetryLayer, TimeoutLayer,
+};
+use headroom_breaker::{
+    CircuitBreaker, Error, ErrorKind, Fallback, Hedge, Pipeline, Retry, State, Timeout,
+};
 use headroom_core::{BackendError, BackendErrorKind};
-use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 fn flaky(
     calls: Arc<AtomicU32>,
@@ -102,4 +106,163 @@ async fn the_pipeline_layer_retries_with_a_clone_of_the_request() {
         .service(flaky(calls.clone(), 2));
     assert_eq!(service.oneshot(21).await.expect("third attempt"), 42);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+/// A service that never answers, so the calls made to it hold their concurrency permits.
+fn hanging() -> impl tower::Service<
+    u32,
+    Response = u32,
+    Error = BackendError,
+    Future = std::future::Pending<Result<u32, BackendError>>,
+> + Clone {
+    service_fn(|_: u32| std::future::pending::<Result<u32, BackendError>>())
+}
+
+#[tokio::test]
+async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() {
+    use futures_util::FutureExt;
+
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .build()
+        .expect("breaker");
+    let mut service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .concurrency_limit(1)
+        .service(hanging());
+    // The one concurrency permit is taken by a call that never ends.
+    let in_flight = service.ready().await.expect("ready").call(1);
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    let mut waiting = service.clone();
+    let ready = waiting
+        .ready()
+        .now_or_never()
+        .expect("an open circuit is ready at once, whatever the inner service's backpressure")
+        .expect("ready");
+    let error = ready
+        .call(2)
+        .now_or_never()
+        .expect("the rejection needs no wait")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CircuitOpen);
+    assert!(
+        matches!(error, headroom_breaker::Error::CircuitOpen(open) if open.retry_after().is_some())
+    );
+    drop(in_flight);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_layer_retries_failed_requests_with_a_clone_of_each() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let retry = Retry::builder()
+        .max_attempts(3)
+        .base_delay(Duration::from_millis(5))
+        .build()
+        .expect("retry");
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(retry.clone()))
+        .service(flaky(calls.clone(), 2));
+    assert_eq!(service.oneshot(21).await.expect("third attempt"), 42);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = RetryLayer::new(retry).layer(flaky(calls.clone(), 5));
+    let error = service.oneshot(21).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Inner, "the last attempt's error");
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "no more than max_attempts");
+}
+
+/// Counts response futures dropped before they finished.
+struct DropCounter(Arc<AtomicU32>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_timeout_layer_cancels_a_slow_response() {
+    let dropped = Arc::new(AtomicU32::new(0));
+    let counter = dropped.clone();
+    let slow = service_fn(move |request: u32| {
+        let guard = DropCounter(counter.clone());
+        async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            std::mem::forget(guard);
+            Ok::<_, BackendError>(request)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(Timeout::new(Duration::from_millis(100))))
+        .service(slow);
+    let start = tokio::time::Instant::now();
+    let error = service.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Elapsed);
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the response was dropped"
+    );
+
+    let fast = TimeoutLayer::new(Timeout::new(Duration::from_millis(100)))
+        .layer(flaky(Arc::new(AtomicU32::new(0)), 0));
+    assert_eq!(fast.oneshot(4).await.expect("in time"), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hedge_layer_answers_with_the_first_success() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let first_is_slow = service_fn(move |request: u32| {
+        let slow = counter.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            let takes: u32 = if slow { 1_000 } else { 20 };
+            tokio::time::sleep(Duration::from_millis(u64::from(takes))).await;
+            Ok::<_, BackendError>(request + takes)
+        }
+    });
+    let hedge = Hedge::builder()
+        .delay(Duration::from_millis(50))
+        .build()
+        .expect("hedge");
+    let service = ServiceBuilder::new()
+        .layer(HedgeLayer::new(hedge))
+        .service(first_is_slow);
+    let start = tokio::time::Instant::now();
+    assert_eq!(service.oneshot(1).await.expect("hedged"), 21);
+    assert_eq!(start.elapsed(), Duration::from_millis(70));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fallback_layer_replaces_the_errors_it_applies_to() {
+    let hanging_for = |d: u64| {
+        service_fn(move |_: u32| async move {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+            Err::<u32, _>(BackendError::new(BackendErrorKind::Connection))
+        })
+    };
+    let fallback = || {
+        Fallback::value(0).when(|error: &Error<BackendError>| error.kind() == ErrorKind::Elapsed)
+    };
+    let timed_out = ServiceBuilder::new()
+        .layer(FallbackLayer::new(fallback()))
+        .layer(TimeoutLayer::new(Timeout::new(Duration::from_millis(100))))
+        .service(hanging_for(1_000));
+    assert_eq!(timed_out.oneshot(1).await.expect("fallback"), 0);
+
+    let failed = ServiceBuilder::new()
+        .layer(FallbackLayer::new(fallback()))
+        .layer(TimeoutLayer::new(Timeout::new(Duration::from_millis(100))))
+        .service(hanging_for(10));
+    let error = failed.oneshot(1).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        ErrorKind::Inner,
+        "not an error the fallback applies to"
+    );
 }

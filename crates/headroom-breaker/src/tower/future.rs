@@ -5,8 +5,10 @@ use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
 
+use std::sync::Arc;
+
 use crate::breaker::{Outcome, Ticket};
-use crate::{CircuitBreaker, CircuitOpen, Error};
+use crate::{CircuitBreaker, CircuitOpen, Error, Fallback};
 
 pin_project! {
     /// The response future of [`CircuitBreakerService`](super::CircuitBreakerService).
@@ -33,7 +35,11 @@ impl<F, E> ResponseFuture<F, E> {
         Self {
             inner: Some(inner),
             admission: Some((breaker, ticket)),
-            open: CircuitOpen { retry_after: None },
+            // Read only by a rejected future.
+            open: CircuitOpen {
+                state: crate::State::Closed,
+                retry_after: None,
+            },
         }
     }
 
@@ -70,5 +76,39 @@ where
             breaker.shared().finish(ticket, breaker.outcome(&result));
         }
         Poll::Ready(result)
+    }
+}
+
+pin_project! {
+    /// The response future of [`FallbackService`](super::FallbackService).
+    pub struct FallbackFuture<F, T, E> {
+        #[pin]
+        inner: F,
+        fallback: Arc<Fallback<T, E>>,
+    }
+}
+
+impl<F, T, E> FallbackFuture<F, T, E> {
+    pub(super) fn new(inner: F, fallback: Arc<Fallback<T, E>>) -> Self {
+        Self { inner, fallback }
+    }
+}
+
+impl<F, T, E> fmt::Debug for FallbackFuture<F, T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for FallbackFuture<F, T, E>
+where
+    F: Future<Output = Result<T, Error<E>>>,
+{
+    type Output = Result<T, Error<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        Poll::Ready(this.fallback.recover(result))
     }
 }

@@ -7,7 +7,15 @@
 //!   attempt (and hedge) calls a clone of the service with a clone of the request, so both
 //!   must be `Clone`; the response future is boxed.
 //!
-//! Both keep the service's error typed inside [`Error`](crate::Error).
+//! - [`RetryLayer`], [`TimeoutLayer`], [`HedgeLayer`] and [`FallbackLayer`] apply one strategy
+//!   each, for stacks that compose their own order. A retry or hedge calls a clone of the
+//!   service with a clone of the request for each attempt, so both must be `Clone`; a timeout
+//!   drops (cancels) the response future it gives up on; a fallback wraps a service failing
+//!   with [`Error`](crate::Error), so it goes outside the other layers. Their futures are boxed,
+//!   except the fallback's.
+//!
+//! All keep the service's error typed inside [`Error`](crate::Error) (the hedge adds no error
+//! and returns the service's own).
 //!
 //! ```
 //! use headroom_breaker::CircuitBreaker;
@@ -26,6 +34,11 @@ mod future;
 mod layer;
 mod service;
 
-pub use future::ResponseFuture;
-pub use layer::{CircuitBreakerLayer, PipelineLayer};
-pub use service::{CircuitBreakerService, PipelineService};
+pub use future::{FallbackFuture, ResponseFuture};
+pub use layer::{
+    CircuitBreakerLayer, FallbackLayer, HedgeLayer, PipelineLayer, RetryLayer, TimeoutLayer,
+};
+pub use service::{
+    CircuitBreakerService, FallbackService, HedgeService, PipelineService, RetryService,
+    TimeoutService,
+};

@@ -5,20 +5,34 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::ResponseFuture;
-use crate::{CircuitBreaker, Error, Pipeline};
+use std::sync::Arc;
+
+use super::future::{FallbackFuture, ResponseFuture};
+use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, Timeout};
 
 /// A service guarded by a [`CircuitBreaker`]; built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// While the circuit refuses calls, `poll_ready` answers ready at once without asking the
+/// inner service, and the next `call` fails with [`CircuitOpen`](crate::CircuitOpen): callers
+/// of a tripped breaker never wait on the backpressure of what it guards (a concurrency limit,
+/// a buffer). A caller already waiting on the inner service when the circuit opens is refused
+/// when that wait ends.
 pub struct CircuitBreakerService<S, E> {
     inner: S,
     breaker: CircuitBreaker<E>,
+    /// The refusal `poll_ready` saw; the next `call` returns it.
+    refused: Option<CircuitOpen>,
 }
 
 impl<S, E> CircuitBreakerService<S, E> {
     /// Guards `inner` with `breaker`.
     pub fn new(inner: S, breaker: CircuitBreaker<E>) -> Self {
-        Self { inner, breaker }
+        Self {
+            inner,
+            breaker,
+            refused: None,
+        }
     }
 
     /// The wrapped service.
@@ -51,10 +65,19 @@ where
     type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.refused = self.breaker.shared().refusal();
+        if self.refused.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         self.inner.poll_ready(cx).map_err(Error::Inner)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
+        if let Some(open) = self.refused.take() {
+            self.breaker.shared().count_rejection();
+            return ResponseFuture::rejected(open);
+        }
+        // The inner service is ready; a circuit that opened since is still honoured here.
         match self.breaker.shared().acquire() {
             Ok(ticket) => {
                 ResponseFuture::admitted(self.inner.call(request), self.breaker.clone(), ticket)
@@ -120,17 +143,228 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let pipeline = self.pipeline.clone();
         let service = self.inner.clone();
+        Box::pin(async move { pipeline.call(move || attempt(&service, &request)).await })
+    }
+}
+
+/// One attempt: a clone of the service, once ready, called with a clone of the request.
+fn attempt<S, Req>(
+    service: &S,
+    request: &Req,
+) -> impl Future<Output = Result<S::Response, S::Error>> + use<S, Req>
+where
+    S: Service<Req> + Clone,
+    Req: Clone,
+{
+    let mut service = service.clone();
+    let request = request.clone();
+    async move {
+        poll_fn(|cx| service.poll_ready(cx)).await?;
+        service.call(request).await
+    }
+}
+
+/// A service whose failed requests are retried by a [`Retry`]; built by
+/// [`RetryLayer`](super::RetryLayer).
+pub struct RetryService<S, E> {
+    inner: S,
+    retry: Retry<E>,
+}
+
+impl<S, E> RetryService<S, E> {
+    /// Retries requests to `inner` with `retry`.
+    pub fn new(inner: S, retry: Retry<E>) -> Self {
+        Self { inner, retry }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, E> Clone for RetryService<S, E> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.retry.clone())
+    }
+}
+
+impl<S: fmt::Debug, E> fmt::Debug for RetryService<S, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryService")
+            .field("inner", &self.inner)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl<S, Req> Service<Req> for RetryService<S, S::Error>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: Clone + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Error<S::Error>;
+    type Future = BoxFuture<Result<S::Response, Self::Error>>;
+
+    /// Always ready: each attempt waits for the readiness of its own clone of the service.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let retry = self.retry.clone();
+        let service = self.inner.clone();
+        Box::pin(async move { retry.call(move || attempt(&service, &request)).await })
+    }
+}
+
+/// A service whose requests are bounded by a [`Timeout`]; built by
+/// [`TimeoutLayer`](super::TimeoutLayer).
+#[derive(Clone, Debug)]
+pub struct TimeoutService<S> {
+    inner: S,
+    timeout: Timeout,
+}
+
+impl<S> TimeoutService<S> {
+    /// Bounds requests to `inner` with `timeout`.
+    pub fn new(inner: S, timeout: Timeout) -> Self {
+        Self { inner, timeout }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for TimeoutService<S>
+where
+    S: Service<Req>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Error<S::Error>;
+    type Future = BoxFuture<Result<S::Response, Self::Error>>;
+
+    /// The inner service's readiness: the limit bounds the response, not the wait to be served.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Error::Inner)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let response = self.inner.call(request);
+        let timeout = self.timeout.clone();
         Box::pin(async move {
-            pipeline
-                .call(move || {
-                    let mut service = service.clone();
-                    let request = request.clone();
-                    async move {
-                        poll_fn(|cx| service.poll_ready(cx)).await?;
-                        service.call(request).await
-                    }
-                })
-                .await
+            match timeout.call(response).await {
+                Ok(result) => result.map_err(Error::Inner),
+                Err(elapsed) => Err(Error::Elapsed(elapsed)),
+            }
         })
+    }
+}
+
+/// A service whose slow requests are hedged by a [`Hedge`]; built by
+/// [`HedgeLayer`](super::HedgeLayer).
+///
+/// Hedging adds no error of its own: the service's error comes back as it is.
+#[derive(Clone, Debug)]
+pub struct HedgeService<S> {
+    inner: S,
+    hedge: Hedge,
+}
+
+impl<S> HedgeService<S> {
+    /// Hedges requests to `inner` with `hedge`.
+    pub fn new(inner: S, hedge: Hedge) -> Self {
+        Self { inner, hedge }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for HedgeService<S>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: Clone + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    /// Always ready: each call waits for the readiness of its own clone of the service.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let hedge = self.hedge.clone();
+        let service = self.inner.clone();
+        Box::pin(async move { hedge.call(move || attempt(&service, &request)).await })
+    }
+}
+
+/// A service answering with a [`Fallback`] when the service it wraps fails for good; built by
+/// [`FallbackLayer`](super::FallbackLayer).
+///
+/// The wrapped service fails with [`Error`]: put the fallback outside the other layers of this
+/// crate (a retry, a timeout, a breaker, a pipeline), as the pipeline order does.
+pub struct FallbackService<S, T, E> {
+    inner: S,
+    fallback: Arc<Fallback<T, E>>,
+}
+
+impl<S, T, E> FallbackService<S, T, E> {
+    /// Falls back on the errors of `inner` as `fallback` says.
+    pub fn new(inner: S, fallback: Arc<Fallback<T, E>>) -> Self {
+        Self { inner, fallback }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, T, E> Clone for FallbackService<S, T, E> {
+    fn clone(&self) -> Self {
+        Self::new(self.inner.clone(), self.fallback.clone())
+    }
+}
+
+impl<S: fmt::Debug, T, E> fmt::Debug for FallbackService<S, T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackService")
+            .field("inner", &self.inner)
+            .field("fallback", &self.fallback)
+            .finish()
+    }
+}
+
+impl<S, Req, T, E> Service<Req> for FallbackService<S, T, E>
+where
+    S: Service<Req, Response = T, Error = Error<E>>,
+{
+    type Response = T;
+    type Error = Error<E>;
+    type Future = FallbackFuture<S::Future, T, E>;
+
+    /// The inner service's readiness; an error there is not the request's and is not replaced.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        FallbackFuture::new(self.inner.call(request), self.fallback.clone())
     }
 }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Checks every workspace package with no features, with each feature alone and with all of them
+# (cargo hack --each-feature), without dev-dependencies: a feature that fails to build on its
+# own, or a `cfg` that forgot one, fails here. Only `cargo check`, to keep CI time down.
+# Installs cargo-hack if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo-hack >/dev/null 2>&1 || cargo install cargo-hack --locked
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+start=$(date +%s)
+# Without dev-dependencies cargo would prune the lock file, so --locked cannot be used; the
+# committed Cargo.lock is put back afterwards (and `--locked` everywhere else guards it).
+cp Cargo.lock "${TMPDIR:-/tmp}/headroom-feature-check.lock"
+trap 'cp "${TMPDIR:-/tmp}/headroom-feature-check.lock" Cargo.lock' EXIT
+cargo hack check --workspace --each-feature --no-dev-deps
+echo "feature check: every package and feature passed in $(( $(date +%s) - start )) s"
