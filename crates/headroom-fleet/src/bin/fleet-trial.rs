@@ -53,11 +53,14 @@ impl Schedule {
     }
 }
 
-/// What each slot counted between two looks.
-fn counted(
-    before: &[Option<Stats>],
-    after: &[Option<Stats>],
-) -> (Vec<Option<u64>>, BTreeMap<String, u64>, (u64, u64)) {
+/// What the slots counted between two looks.
+struct Counted {
+    flushes: Vec<Option<u64>>,
+    reasons: BTreeMap<String, u64>,
+    l2: (u64, u64),
+}
+
+fn counted(before: &[Option<Stats>], after: &[Option<Stats>]) -> Counted {
     let mut reasons = BTreeMap::new();
     let mut l2 = (0, 0);
     let flushes = before
@@ -73,7 +76,11 @@ fn counted(
             Some(delta.total_flushes())
         })
         .collect();
-    (flushes, reasons, l2)
+    Counted {
+        flushes,
+        reasons,
+        l2,
+    }
 }
 
 struct Trial {
@@ -118,15 +125,15 @@ impl Trial {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let (flushes, flush_reasons, l2) = counted(&stats_before, &self.fleet.stats().await);
+        let counted = counted(&stats_before, &self.fleet.stats().await);
         self.windows.push(Window {
             name: name.to_owned(),
             start,
             end: self.load.now(),
             fault_end,
-            flushes,
-            flush_reasons,
-            l2,
+            flushes: counted.flushes,
+            flush_reasons: counted.reasons,
+            l2: counted.l2,
             loads_before,
             loads_after: self.db.loads(),
             l1_back_after,
