@@ -46,6 +46,8 @@ pub struct Event {
     pub version: Option<u64>,
     /// The order placed.
     pub order: Option<u64>,
+    /// The slot of the instance that answered.
+    pub instance: Option<usize>,
 }
 
 impl Event {
@@ -186,9 +188,15 @@ impl Load {
     /// Sends `request` to the first instance that is up from `slot` on, and logs the answer.
     async fn send(&self, slot: usize, (kind, request): (Kind, ServiceRequest)) {
         let size = self.fleet.size();
-        let client = (0..size).find_map(|i| self.fleet.client((slot + i) % size));
+        let serving = (0..size)
+            .map(|i| (slot + i) % size)
+            .find_map(|s| Some((s, self.fleet.client(s)?)));
+        let instance = serving.as_ref().map(|(s, _)| *s);
+        let client = serving.map(|(_, client)| client);
         let key = match &request {
-            ServiceRequest::Read { key } | ServiceRequest::Write { key } => key.clone(),
+            ServiceRequest::Read { key }
+            | ServiceRequest::ReadLocked { key }
+            | ServiceRequest::Write { key } => key.clone(),
             ServiceRequest::Checkout { key, .. } => key.clone(),
             _ => String::new(),
         };
@@ -207,6 +215,7 @@ impl Load {
             key,
             version: answer.version,
             order: answer.order,
+            instance,
         };
         self.events
             .lock()

@@ -19,6 +19,12 @@ pub enum ServiceRequest {
         /// The product.
         key: String,
     },
+    /// Read a product through the cache with a fleet-wide single flight (one load per key
+    /// across every instance).
+    ReadLocked {
+        /// The product.
+        key: String,
+    },
     /// Change a product in the database, then in the cache; answers the new version.
     Write {
         /// The product.

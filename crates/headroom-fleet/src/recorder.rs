@@ -41,11 +41,18 @@ impl Counters {
             .sum()
     }
 
-    /// Counter `name` summed by the value of `label`.
-    pub fn by_label(&self, name: &str, label: &str) -> Vec<(String, u64)> {
+    /// Counter `name` summed by the value of `label`, over the label sets where each of
+    /// `only` matches.
+    pub fn by_label(&self, name: &str, label: &str, only: &[(&str, &str)]) -> Vec<(String, u64)> {
         let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut sums: HashMap<String, u64> = HashMap::new();
-        for (key, count) in counters.iter().filter(|(key, _)| key.name() == name) {
+        let matches = |key: &Key| {
+            key.name() == name
+                && only
+                    .iter()
+                    .all(|(l, v)| key.labels().any(|k| k.key() == *l && k.value() == *v))
+        };
+        for (key, count) in counters.iter().filter(|(key, _)| matches(key)) {
             if let Some(value) = key.labels().find(|l| l.key() == label) {
                 *sums.entry(value.value().to_owned()).or_default() += count.load(Ordering::Relaxed);
             }

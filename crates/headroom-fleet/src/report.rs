@@ -23,6 +23,9 @@ pub struct Expect {
     pub spared: Option<usize>,
     /// No product loaded before the window may be loaded again in it (nothing hidden in L2).
     pub no_reloads: bool,
+    /// Products read by every instance at once load at most this often each on average with
+    /// the fleet-wide single flight.
+    pub max_locked_loads_per_key: Option<f64>,
     /// Goodput back within 5 % of offered within this many seconds after the fault ends.
     pub recovery_within: Option<u64>,
     /// Critical requests (checkouts) keep this success ratio.
@@ -76,14 +79,18 @@ pub struct WindowReport {
     pub critical_success: f64,
     pub stale_reads: usize,
     pub max_staleness_ms: f64,
-    /// Up to five reads staler than the bound: product, version served, staleness.
-    pub stale_examples: Vec<(String, u64, f64)>,
+    /// Up to five reads staler than the bound: product, version served, staleness (ms), and
+    /// the instance that served it.
+    pub stale_examples: Vec<(String, u64, f64, Option<usize>)>,
     pub duplicate_executions: usize,
     pub different_outcomes: usize,
     pub flushes_per_instance: Vec<Option<u64>>,
     pub flush_reasons: BTreeMap<String, u64>,
     pub loads_hot: u64,
     pub reloads: u64,
+    /// Loads per product first read in the window by every instance at once, without and
+    /// with the fleet-wide single flight.
+    pub loads_per_cold_key: Option<(f64, f64)>,
     pub l2_hit_ratio: Option<f64>,
     pub hot_tenant_orders: usize,
     pub hot_tenant_allowed: f64,
@@ -218,7 +225,14 @@ pub fn judge(
             .iter()
             .filter(|(i, _)| stale[*i] > STALENESS_BOUND)
             .take(5)
-            .map(|(i, e)| (e.key.clone(), e.version.unwrap_or(0), ms(stale[*i])))
+            .map(|(i, e)| {
+                (
+                    e.key.clone(),
+                    e.version.unwrap_or(0),
+                    ms(stale[*i]),
+                    e.instance,
+                )
+            })
             .collect();
         let keys: HashSet<&str> = critical.iter().map(|e| e.key.as_str()).collect();
         let duplicate_executions = keys
@@ -244,6 +258,17 @@ pub fn judge(
             .filter(|k| k.starts_with("hot-"))
             .map(delta)
             .sum();
+        let per_key = |prefix: &str| {
+            let loads: Vec<u64> = window
+                .loads_after
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .map(delta)
+                .filter(|n| *n > 0)
+                .collect();
+            (!loads.is_empty()).then(|| loads.iter().sum::<u64>() as f64 / loads.len() as f64)
+        };
+        let loads_per_cold_key = per_key("cold-plain-").zip(per_key("cold-locked-"));
         let reloads = window
             .loads_after
             .keys()
@@ -298,6 +323,14 @@ pub fn judge(
                 }
             }
         }
+        if let (Some(max), Some((_, locked))) =
+            (expect.max_locked_loads_per_key, loads_per_cold_key)
+            && locked > max
+        {
+            broken.push(format!(
+                "single flight: {locked:.2} loads per product across the fleet (at most {max})"
+            ));
+        }
         if expect.no_reloads && reloads > 0 {
             broken.push(format!(
                 "{reloads} products loaded again: L2 entries were hidden"
@@ -348,6 +381,7 @@ pub fn judge(
             flush_reasons: window.flush_reasons.clone(),
             loads_hot,
             reloads,
+            loads_per_cold_key,
             l2_hit_ratio,
             hot_tenant_orders,
             hot_tenant_allowed,
@@ -427,7 +461,7 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     for w in &report.windows {
         out.push_str(&format!(
-            "\n== {} ({:.1}-{:.1} s)\n  requests {:>6}  goodput {:>5.1} %  p50 {:>6.1} ms  p99 {:>7.1} ms  p99 good {:>7.1} ms\n  outcomes {:?}\n  critical success {:.1} %  stale reads {}  max staleness {:.0} ms\n  duplicates {}  different outcomes {}  orders of {HOT_TENANT} {} (allowed {:.0})\n  L1 flushes per instance {:?} by reason {:?}\n  loads of hot products {}  reloads {}  L2 hit ratio {}\n  recovery {}  L1 back {}\n",
+            "\n== {} ({:.1}-{:.1} s)\n  requests {:>6}  goodput {:>5.1} %  p50 {:>6.1} ms  p99 {:>7.1} ms  p99 good {:>7.1} ms\n  outcomes {:?}\n  critical success {:.1} %  stale reads {}  max staleness {:.0} ms\n  duplicates {}  different outcomes {}  orders of {HOT_TENANT} {} (allowed {:.0})\n  L1 flushes per instance {:?} by reason {:?}\n  loads of hot products {}  reloads {}  L2 hit ratio {}\n  recovery {}  L1 back {}  loads per cold product (plain, single flight) {}\n",
             w.name,
             w.start_s,
             w.end_s,
@@ -451,10 +485,12 @@ pub fn render(report: &Report) -> String {
             w.l2_hit_ratio.map_or("-".to_owned(), |r| format!("{:.1} %", r * 100.0)),
             w.recovery_s.map_or("-".to_owned(), |s| format!("{s:.0} s")),
             w.l1_back_s.map_or("-".to_owned(), |s| format!("{s:.1} s")),
+            w.loads_per_cold_key
+                .map_or("-".to_owned(), |(plain, locked)| format!("{plain:.2}, {locked:.2}")),
         ));
-        for (key, version, staleness) in &w.stale_examples {
+        for (key, version, staleness, instance) in &w.stale_examples {
             out.push_str(&format!(
-                "  stale: {key} v{version} served {staleness:.0} ms late\n"
+                "  stale: {key} v{version} served {staleness:.0} ms late by instance {instance:?}\n"
             ));
         }
         for broken in &w.broken {

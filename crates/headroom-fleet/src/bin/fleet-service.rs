@@ -38,6 +38,8 @@ const INSTANCES: u32 = 6;
 struct Service {
     instance: usize,
     products: Cache<String, u64>,
+    /// The same products through a cache with a fleet-wide single flight.
+    locked: Cache<String, u64>,
     shedder: LoadShedder,
     limiter: DistributedRateLimiter<DynRateStore>,
     orders: Idempotency<DynLeaseStore>,
@@ -87,7 +89,8 @@ impl Service {
 
     async fn handle(self: Arc<Self>, request: ServiceRequest) -> ServiceResponse {
         match request {
-            ServiceRequest::Read { key } => self.read(key).await,
+            ServiceRequest::Read { key } => self.read(&self.products, key).await,
+            ServiceRequest::ReadLocked { key } => self.read(&self.locked, key).await,
             ServiceRequest::Write { key } => self.write(key).await,
             ServiceRequest::Checkout { tenant, tier, key } => {
                 self.checkout(&tenant, &tier, &key).await
@@ -101,10 +104,9 @@ impl Service {
         }
     }
 
-    async fn read(self: &Arc<Self>, key: String) -> ServiceResponse {
+    async fn read(self: &Arc<Self>, cache: &Cache<String, u64>, key: String) -> ServiceResponse {
         let service = Arc::clone(self);
-        let loaded = self
-            .products
+        let loaded = cache
             .get_or_load(&key, move |key| async move {
                 service.loads.fetch_add(1, Ordering::Relaxed);
                 service
@@ -204,13 +206,20 @@ impl Service {
         let labels = [("cache", "products"), ("level", "l2")];
         let stats = Stats {
             flushes: counters
-                .by_label("headroom_cache_invalidation_flushes_total", "reason")
+                .by_label(
+                    "headroom_cache_invalidation_flushes_total",
+                    "reason",
+                    &[("cache", "products")],
+                )
                 .into_iter()
                 .collect(),
             l2_hits: counters.sum("headroom_cache_hits_total", &labels),
             l2_misses: counters.sum("headroom_cache_misses_total", &labels),
             loads: self.loads.load(Ordering::Relaxed),
-            publish_errors: counters.sum("headroom_cache_invalidation_publish_errors_total", &[]),
+            publish_errors: counters.sum(
+                "headroom_cache_invalidation_publish_errors_total",
+                &[("cache", "products")],
+            ),
             l1_in_use: self.products.l1_in_use(),
         };
         ServiceResponse {
@@ -246,6 +255,11 @@ async fn build(args: &Args, counters: Counters) -> Result<(Service, Headroom), B
         .cache::<String, u64>("products")?
         .ttl(Duration::from_secs(600))
         .build()?;
+    let locked = headroom
+        .cache::<String, u64>("locked-products")?
+        .ttl(Duration::from_secs(600))
+        .fleet_lock(headroom.lease_store().clone(), Duration::from_secs(1))
+        .build()?;
     let bulkhead = headroom
         .bulkhead(format!("db-{}", args.instance))
         .max_concurrent(DB_CONCURRENCY)
@@ -278,6 +292,7 @@ async fn build(args: &Args, counters: Counters) -> Result<(Service, Headroom), B
     let service = Service {
         instance: args.instance,
         products,
+        locked,
         shedder,
         limiter,
         orders,

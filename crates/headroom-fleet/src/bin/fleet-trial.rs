@@ -209,6 +209,39 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
         .await;
     trial
         .window(
+            "stampede (every instance reads 50 new products at once)",
+            Expect {
+                max_locked_loads_per_key: Some(1.5),
+                ..Expect::default()
+            },
+            |fleet, _, _| async move {
+                let mut reads = tokio::task::JoinSet::new();
+                for n in 0..50 {
+                    for slot in 0..fleet.size() {
+                        let Some(client) = fleet.client(slot) else {
+                            continue;
+                        };
+                        for request in [
+                            ServiceRequest::Read {
+                                key: format!("cold-plain-{n}"),
+                            },
+                            ServiceRequest::ReadLocked {
+                                key: format!("cold-locked-{n}"),
+                            },
+                        ] {
+                            let client = Arc::clone(&client);
+                            reads.spawn(async move {
+                                let _ = client.call::<_, ServiceResponse>(&request).await;
+                            });
+                        }
+                    }
+                }
+                reads.join_all().await;
+            },
+        )
+        .await;
+    trial
+        .window(
             "rolling deploy",
             Expect {
                 max_flushes: Some(0),
