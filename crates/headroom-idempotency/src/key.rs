@@ -176,14 +176,7 @@ impl Scope {
         }
         tag[17] = b'}';
         namespace
-            .key_from_parts(&[
-                &tag,
-                parts[0],
-                parts[1],
-                parts[2],
-                parts[3],
-                parts[4],
-            ])
+            .key_from_parts(&[&tag, parts[0], parts[1], parts[2], parts[3], parts[4]])
             .expect("18 + 1 + 255 + 1 + 255 + 255 bytes fit the key limit")
     }
 }
