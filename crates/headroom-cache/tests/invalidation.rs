@@ -312,11 +312,11 @@ impl InvalidationBus for Faulty {
     }
 }
 
-/// A message lost on its way (the bus said nothing) shows as a gap in A's sequence numbers at
-/// A's next message, and B flushes its L1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sequence_gap_flushes_l1() {
-    let ns = unique_namespace("gap");
+/// A writes through a [`Faulty`] bus; B, on the plain bus and with its L2 calls counted, holds
+/// `k` = 1 in its L1.
+async fn faulty_writer_and_reader(
+    ns: &Namespace,
+) -> (Cache<String, u64>, Cache<String, u64>, Arc<Calls>, Faulty) {
     let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
     let faulty = Faulty::new(bus.clone());
     let a = cache(
@@ -324,13 +324,22 @@ async fn a_sequence_gap_flushes_l1() {
             DynKvStore::new(store.clone()),
             DynInvalidationBus::new(faulty.clone()),
         ),
-        &ns,
+        ns,
     );
     let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
-    let b = cache(b_parts, &ns);
+    let b = cache(b_parts, ns);
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
     settle_in_l1(&b, &b_calls, "k", 1).await;
+    (a, b, b_calls, faulty)
+}
+
+/// A message lost on its way (the bus said nothing) shows as a gap in A's sequence numbers at
+/// A's next message, and B flushes its L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_flushes_l1() {
+    let ns = unique_namespace("gap");
+    let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
     faulty.drop_next_publish.store(true, Ordering::SeqCst);
     a.insert("k".into(), 2).await.unwrap();
     settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
@@ -385,20 +394,7 @@ async fn a_silent_subscription_bypasses_l1_until_heard_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_origin_makes_others_flush() {
     let ns = unique_namespace("mute");
-    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
-    let faulty = Faulty::new(bus.clone());
-    let a = cache(
-        (
-            DynKvStore::new(store.clone()),
-            DynInvalidationBus::new(faulty.clone()),
-        ),
-        &ns,
-    );
-    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
-    let b = cache(b_parts, &ns);
-    live(&[a.clone(), b.clone()]).await;
-    a.insert("k".into(), 1).await.unwrap();
-    settle_in_l1(&b, &b_calls, "k", 1).await;
+    let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
     faulty.muted.store(true, Ordering::SeqCst);
     let written = Instant::now();
     a.insert("k".into(), 2).await.unwrap();
@@ -793,20 +789,7 @@ async fn served_from_l1_throughout(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_instance_costs_each_survivor_one_flush() {
     let ns = unique_namespace("crash");
-    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
-    let faulty = Faulty::new(bus.clone());
-    let a = cache(
-        (
-            DynKvStore::new(store.clone()),
-            DynInvalidationBus::new(faulty.clone()),
-        ),
-        &ns,
-    );
-    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
-    let b = cache(b_parts, &ns);
-    live(&[a.clone(), b.clone()]).await;
-    a.insert("k".into(), 1).await.unwrap();
-    settle_in_l1(&b, &b_calls, "k", 1).await;
+    let (_a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
     // A "crashes": nothing it sends arrives any more.
     faulty.muted.store(true, Ordering::SeqCst);
     // B notices the silence once and flushes (its next read goes to L2)...
