@@ -409,8 +409,10 @@ impl Shared {
 }
 
 /// The publisher task: one message at a time, in sequence order, batching every key queued
-/// while the previous message was in flight; a ping when idle for `ping_interval`.
+/// while the previous message was in flight; a ping when idle for `ping_interval`; when told to
+/// stop, what is still queued, then the goodbye.
 async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+    let mut stopping = false;
     loop {
         let outbox = std::mem::take(&mut *shared.outbox.lock());
         if outbox.clear {
@@ -426,16 +428,18 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
                 let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
                 shared.send(Action::Tags(tags)).await;
             }
+        } else if stopping {
+            shared.send(Action::Bye).await;
+            return;
         } else {
             tokio::select! {
                 () = shared.wake.notified() => {}
                 () = shared.clock.sleep(shared.config.ping_interval) => {
                     shared.send(Action::Ping).await;
                 }
-                _ = stopped.changed() => {
-                    shared.send(Action::Bye).await;
-                    return;
-                }
+                // Keys may have been queued since the outbox was last taken: the next turn
+                // sends them, and the goodbye only once it finds the outbox empty.
+                _ = stopped.changed() => stopping = true,
             }
         }
     }

@@ -948,3 +948,28 @@ async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
         "L1 still used {noticed:?} after the last message"
     );
 }
+
+/// A write acknowledged just before a graceful shutdown is announced before the goodbye: the
+/// other instances never keep the old value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_just_before_shutdown_is_announced_before_the_goodbye() {
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let parts = || {
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        )
+    };
+    for round in 0..20_u64 {
+        let ns = unique_namespace("last-write");
+        let (b_parts, b_calls) = probed(parts());
+        let b = cache(b_parts, &ns);
+        let a = cache(parts(), &ns);
+        live(&[a.clone(), b.clone()]).await;
+        a.insert("k".into(), round).await.unwrap();
+        settle_in_l1(&b, &b_calls, "k", round).await;
+        a.insert("k".into(), round + 100).await.unwrap();
+        a.shutdown().await;
+        settle_value(&b, "k", Some(round + 100)).await;
+    }
+}
