@@ -317,17 +317,17 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                     let (key_slot, channel_slot) = slots(&cluster);
                     for slot in [key_slot, channel_slot] {
                         let owner = cluster.slot_owner(slot);
-                        let masters: Vec<usize> = (0..cluster.nodes().len())
-                            .filter(|&i| i != owner && cluster.nodes()[i].is_running())
-                            .filter(|&i| {
-                                let port = cluster.nodes()[i].port();
-                                cluster
-                                    .topology()
-                                    .iter()
-                                    .any(|n| n.port == port && n.master && !n.slots.is_empty())
+                        let owner_port = cluster.nodes()[owner].port();
+                        // Another master that serves slots, as the cluster sees it now.
+                        let target = cluster
+                            .topology()
+                            .into_iter()
+                            .find(|n| {
+                                n.master && !n.failed && !n.slots.is_empty() && n.port != owner_port
                             })
-                            .collect();
-                        cluster.migrate_slot(slot, masters[0]);
+                            .and_then(|n| cluster.nodes().iter().position(|s| s.port() == n.port))
+                            .expect("a second master");
+                        cluster.migrate_slot(slot, target);
                     }
                 })
                 .await;
