@@ -476,6 +476,11 @@ where
     /// write. When the value could not be written to L2, the key's L2 copy is outdated: this
     /// instance stops reading it and deletes it from L2 once L2 answers again (until then, other
     /// instances may still read the old copy until its TTL).
+    ///
+    /// Of two writes of one key, on any instances, the later call stays in L2 even when the
+    /// earlier one reaches L2 last: each L2 entry carries the Unix millisecond of its write and
+    /// is written only over an older one (so the order holds up to the clock skew between
+    /// instances).
     pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
         self.insert_tagged(key, value, &[]).await
     }

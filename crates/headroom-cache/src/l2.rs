@@ -186,24 +186,27 @@ impl L2 {
         Some(values)
     }
 
-    /// Writes entries; keys that were not written become pending deletes, also when the
-    /// caller is dropped before the write completes.
+    /// Writes a user's entries (values or tombstones); keys that were not written become
+    /// pending deletes, also when the caller is dropped before the write completes.
+    ///
+    /// Each entry is written only over an older one (by created time, its version), like a
+    /// load: when two instances write one key, the later write stays in L2 even if the earlier
+    /// one lands last (a slow connection, a redirect during a slot migration).
     pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) {
+        if entries.is_empty() {
+            return;
+        }
         let mut unsure = Unsure {
             l2: self,
             keys: Some(entries.iter().map(|entry| &entry.key)),
         };
-        let written = match entries {
-            [] => return,
-            [one] => self
-                .call("set", self.store.set(&one.key, one.value.clone(), one.ttl))
-                .await
-                .is_some(),
-            _ => self
-                .call("set_many", self.store.set_many(entries))
-                .await
-                .is_some(),
-        };
+        let written = self
+            .call(
+                "set_if_newer",
+                self.store.set_if_newer(entries, envelope::CREATED_AT),
+            )
+            .await
+            .is_some();
         let keys = unsure.keys.take().into_iter().flatten();
         if written {
             self.settled(keys);

@@ -607,13 +607,14 @@ async fn a_value_loaded_before_a_remove_is_not_cached_after_it() {
     };
     started.recv().await.unwrap();
     cache.remove(&k).await.unwrap();
+    let removed = l2.calls.set_if_newer.load(Ordering::SeqCst);
     gate.add_permits(1);
     assert_eq!(caller.await.unwrap().unwrap().as_deref(), Some("before"));
     // Let the load task run to its end.
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
-    let writes = l2.calls.set_if_newer.load(Ordering::SeqCst);
+    let writes = l2.calls.set_if_newer.load(Ordering::SeqCst) - removed;
     assert_eq!(
         cache.get(&k).await.unwrap(),
         None,
@@ -1673,4 +1674,59 @@ async fn a_batch_refresh_keeps_the_entry_tags() {
         None,
         "the refreshed entry still carries its tag"
     );
+}
+
+/// Two instances write one key one after the other; the first one's L2 write is slow and lands
+/// last. Every instance must end up reading the later write, not whichever landed last.
+async fn later_write_wins_although_the_earlier_lands_last(later_is_remove: bool) {
+    let clock = ManualClock::new();
+    let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+    let slow = common::HoldWrites::new(shared.clone());
+    let first: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(slow.clone(), ns())
+        .build()
+        .unwrap();
+    let second: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(shared.clone(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    slow.hold.store(true, Ordering::SeqCst);
+    let earlier = {
+        let (first, k) = (first.clone(), k.clone());
+        tokio::spawn(async move { first.insert(k, "earlier".into()).await })
+    };
+    settle(|| slow.held() == 1).await;
+    clock.advance(Duration::from_millis(5));
+    if later_is_remove {
+        second.remove(&k).await.unwrap();
+    } else {
+        second.insert(k.clone(), "later".into()).await.unwrap();
+    }
+    slow.release();
+    earlier.await.unwrap().unwrap();
+
+    let reader: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(shared, ns())
+        .build()
+        .unwrap();
+    let expected = (!later_is_remove).then(|| "later".to_owned());
+    assert_eq!(
+        reader.get(&k).await.unwrap(),
+        expected,
+        "a fresh instance reads the later write"
+    );
+}
+
+#[tokio::test]
+async fn an_earlier_insert_landing_last_in_l2_does_not_replace_a_later_one() {
+    later_write_wins_although_the_earlier_lands_last(false).await;
+}
+
+#[tokio::test]
+async fn an_earlier_insert_landing_last_in_l2_does_not_undo_a_later_remove() {
+    later_write_wins_although_the_earlier_lands_last(true).await;
 }
