@@ -247,6 +247,9 @@ where
         if let Some(invalidation) = &cache.inner.invalidation {
             let local: Weak<Inner<K, V>> = Arc::downgrade(&cache.inner);
             invalidation.spawn(local);
+            if let Some(l2) = &cache.inner.l2 {
+                l2.announce_deletes_to(invalidation.publisher());
+            }
         }
         if let (Some((writes, prefix)), Some(live)) = (external_writes, &cache.inner.external_live)
         {
@@ -708,11 +711,11 @@ where
         keys: Vec<Vec<u8>>,
         writing: Vec<Writing<K, V>>,
     ) {
-        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) {
-            if let Some(l2) = l2
-                && !entries.is_empty()
-            {
-                l2.set_many(entries).await;
+        /// Whether L2 holds the entries (or there is no L2 to hold them).
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) -> bool {
+            match l2 {
+                Some(l2) => l2.set_many(entries).await,
+                None => true,
             }
         }
         if this.invalidation.is_none() {
@@ -723,10 +726,15 @@ where
         let this = Arc::clone(this);
         let task = tokio::spawn(
             async move {
-                l2_work(this.l2.as_ref(), &entries).await;
+                let written = l2_work(this.l2.as_ref(), &entries).await;
                 drop(writing);
                 if let Some(invalidation) = &this.invalidation {
-                    invalidation.publish_keys(keys.iter().map(Vec::as_slice));
+                    let keys = keys.iter().map(Vec::as_slice);
+                    if written {
+                        invalidation.publish_keys(keys);
+                    } else {
+                        invalidation.publish_outdated_keys(keys);
+                    }
                 }
             }
             .in_current_span(),
@@ -1552,6 +1560,18 @@ where
                 None => return self.flush(),
             }
         }
+    }
+
+    fn outdated_keys(&self, keys: &[&[u8]]) {
+        // L2 first: a read that misses L1 once it is dropped must not find the old copy there.
+        if let Some(l2) = &self.l2 {
+            let full: Vec<Key> = keys
+                .iter()
+                .filter_map(|bytes| l2.namespace.key(bytes).ok())
+                .collect();
+            l2.outdated(full.iter());
+        }
+        self.invalidate_keys(keys);
     }
 
     fn flush(&self) {

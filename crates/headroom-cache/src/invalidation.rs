@@ -100,6 +100,10 @@ pub(crate) enum Action<'a> {
     Tags(Vec<&'a str>),
     /// Drop everything from L1 only: more keys were written than one message carries.
     Flush,
+    /// These keys were written, but the writer could not update L2, which may still hold an
+    /// older copy: drop them from L1, do not read them from L2, and delete them from L2.
+    #[serde(borrow)]
+    Outdated(Vec<&'a [u8]>),
 }
 
 /// One invalidation message (after the format byte).
@@ -133,6 +137,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Message<'_>> {
 pub(crate) trait Local: Send + Sync + 'static {
     /// Drops keys (as L2 key parts) from L1 and detaches their loads in flight.
     fn invalidate_keys(&self, keys: &[&[u8]]);
+    /// Like `invalidate_keys`, and the keys' L2 copies are outdated (see [`Action::Outdated`]).
+    fn outdated_keys(&self, keys: &[&[u8]]);
     /// Drops everything from L1 and detaches every load in flight.
     fn flush(&self);
     /// Flushes L1 and stops reading L2 entries created at or before `at_unix_ms`.
@@ -192,6 +198,8 @@ impl InvalidationMetrics {
 #[derive(Default)]
 struct Outbox {
     keys: Vec<Vec<u8>>,
+    /// Keys written whose L2 copies could not be updated.
+    outdated: Vec<Vec<u8>>,
     tags: Vec<String>,
     /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
     overflowed: bool,
@@ -343,17 +351,17 @@ impl Invalidation {
 
     /// Queues keys (as L2 key parts) for the next message.
     pub(crate) fn publish_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
-        let shared = &self.shared;
-        let mut outbox = shared.outbox.lock();
-        if !outbox.clear && !outbox.overflowed {
-            outbox.keys.extend(keys.into_iter().map(<[u8]>::to_vec));
-            if outbox.keys.len() > shared.config.max_pending_keys {
-                outbox.keys = Vec::new();
-                outbox.overflowed = true;
-            }
-        }
-        drop(outbox);
-        shared.wake.notify_one();
+        self.shared.queue_keys(keys, false);
+    }
+
+    /// Queues keys (as L2 key parts) whose L2 copies this instance could not update.
+    pub(crate) fn publish_outdated_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        self.shared.queue_keys(keys, true);
+    }
+
+    /// A handle that queues keys for the next message without keeping the tasks alive.
+    pub(crate) fn publisher(&self) -> KeyPublisher {
+        KeyPublisher(Arc::downgrade(&self.shared))
     }
 
     /// Queues a tag for the next message.
@@ -370,6 +378,7 @@ impl Invalidation {
     pub(crate) fn publish_clear(&self) {
         let mut outbox = self.shared.outbox.lock();
         outbox.keys = Vec::new();
+        outbox.outdated = Vec::new();
         outbox.tags = Vec::new();
         outbox.clear = true;
         drop(outbox);
@@ -377,7 +386,37 @@ impl Invalidation {
     }
 }
 
+/// Queues keys for the next message of a cache's invalidation, while the cache lives.
+pub(crate) struct KeyPublisher(Weak<Shared>);
+
+impl KeyPublisher {
+    pub(crate) fn publish_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.queue_keys(keys, false);
+        }
+    }
+}
+
 impl Shared {
+    fn queue_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, outdated: bool) {
+        let mut outbox = self.outbox.lock();
+        if !outbox.clear && !outbox.overflowed {
+            let keys = keys.into_iter().map(<[u8]>::to_vec);
+            if outdated {
+                outbox.outdated.extend(keys);
+            } else {
+                outbox.keys.extend(keys);
+            }
+            if outbox.keys.len() + outbox.outdated.len() > self.config.max_pending_keys {
+                outbox.keys = Vec::new();
+                outbox.outdated = Vec::new();
+                outbox.overflowed = true;
+            }
+        }
+        drop(outbox);
+        self.wake.notify_one();
+    }
+
     async fn send(&self, action: Action<'_>) {
         let message = Message {
             origin: self.origin,
@@ -417,12 +456,22 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
         let outbox = std::mem::take(&mut *shared.outbox.lock());
         if outbox.clear {
             shared.send(Action::Clear).await;
-        } else if outbox.overflowed || !outbox.keys.is_empty() || !outbox.tags.is_empty() {
+        } else if outbox.overflowed
+            || !outbox.keys.is_empty()
+            || !outbox.outdated.is_empty()
+            || !outbox.tags.is_empty()
+        {
             if outbox.overflowed {
                 shared.send(Action::Flush).await;
-            } else if !outbox.keys.is_empty() {
-                let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
-                shared.send(Action::Keys(keys)).await;
+            } else {
+                if !outbox.keys.is_empty() {
+                    let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
+                    shared.send(Action::Keys(keys)).await;
+                }
+                if !outbox.outdated.is_empty() {
+                    let keys: Vec<&[u8]> = outbox.outdated.iter().map(Vec::as_slice).collect();
+                    shared.send(Action::Outdated(keys)).await;
+                }
             }
             if !outbox.tags.is_empty() {
                 let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
@@ -603,6 +652,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                             origins.remove(&message.origin);
                         }
                         Action::Keys(keys) => target.invalidate_keys(&keys),
+                        Action::Outdated(keys) => target.outdated_keys(&keys),
                         Action::Clear => {
                             shared.metrics.flushes[Flush::Clear as usize].increment(1);
                             target.clear(message.sent_unix_ms);
@@ -682,6 +732,13 @@ mod tests {
         let bytes = message.encode();
         assert!(bytes.len() < 32, "{} bytes", bytes.len());
         assert_eq!(decode(&bytes), Some(message));
+        let outdated = Message {
+            origin: 7,
+            seq: 43,
+            sent_unix_ms: 1_700_000_000_000,
+            action: Action::Outdated(vec![b"a"]),
+        };
+        assert_eq!(decode(&outdated.encode()), Some(outdated));
         assert_eq!(decode(b""), None);
         assert_eq!(decode(&[FORMAT_VERSION + 1, 0, 0, 0, 0]), None);
         assert_eq!(decode(&bytes[..bytes.len() - 1]), None);

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +18,8 @@ use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Key, Namesp
 use parking_lot::Mutex;
 
 use headroom_breaker::{CircuitBreaker, State};
+
+use crate::invalidation::KeyPublisher;
 
 use crate::ConfigError;
 use crate::envelope;
@@ -45,6 +47,7 @@ pub(crate) struct L2 {
     origin: Instant,
     /// Nanoseconds after `origin` until which L2 reads are skipped; zero when trusted.
     untrusted_until: AtomicU64,
+    deletes_announced_to: OnceLock<KeyPublisher>,
 }
 
 impl L2 {
@@ -78,6 +81,7 @@ impl L2 {
             max_lifetime,
             origin: clock.now(),
             untrusted_until: AtomicU64::new(0),
+            deletes_announced_to: OnceLock::new(),
             store,
             namespace,
             timeout,
@@ -192,9 +196,11 @@ impl L2 {
     /// Each entry is written only over an older one (by created time, its version), like a
     /// load: when two instances write one key, the later write stays in L2 even if the earlier
     /// one lands last (a slow connection, a redirect during a slot migration).
-    pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) {
+    ///
+    /// Returns whether L2 holds the entries (or newer ones).
+    pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) -> bool {
         if entries.is_empty() {
-            return;
+            return true;
         }
         let mut unsure = Unsure {
             l2: self,
@@ -213,6 +219,7 @@ impl L2 {
         } else {
             self.outdated(keys);
         }
+        written
     }
 
     /// Writes loaded entries. Unlike a user's write, one that fails leaves nothing to track:
@@ -256,8 +263,14 @@ impl L2 {
         self.pending_changed(pending.len());
     }
 
+    /// Sends the keys of every delete the drain makes to the other instances: one of them may
+    /// have read the outdated copy back from L2 after it heard of the write.
+    pub(crate) fn announce_deletes_to(&self, publisher: KeyPublisher) {
+        let _ = self.deletes_announced_to.set(publisher);
+    }
+
     /// The keys' L2 copies may be outdated: remember them and make sure a drain runs.
-    fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = &'k Key>) {
+    pub(crate) fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = &'k Key>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel);
         {
             let mut pending = self.pending.lock();
@@ -341,13 +354,17 @@ async fn drain(l2: Weak<L2>) {
             .is_some()
         {
             let mut pending = this.pending.lock();
-            for (key, generation) in batch {
+            for (key, generation) in &batch {
                 // A write that failed after this batch was taken keeps its key pending.
-                if pending.get(&key) == Some(&generation) {
-                    pending.remove(&key);
+                if pending.get(key) == Some(generation) {
+                    pending.remove(key);
                 }
             }
             this.pending_changed(pending.len());
+            drop(pending);
+            if let Some(publisher) = this.deletes_announced_to.get() {
+                publisher.publish_keys(batch.iter().map(|(key, _)| key.local()));
+            }
         } else {
             let clock = this.clock.clone();
             let wait = this.cooldown;

@@ -973,3 +973,86 @@ async fn a_write_just_before_shutdown_is_announced_before_the_goodbye() {
         settle_value(&b, "k", Some(round + 100)).await;
     }
 }
+
+/// A (whose L2 calls fail on demand and whose messages can be dropped) and B share L2 and a
+/// bus; B holds `k` = 1 in L1.
+async fn writer_with_failing_l2_and_reader(
+    ns: &Namespace,
+) -> (
+    Cache<String, u64>,
+    Arc<Calls>,
+    Faulty,
+    Cache<String, u64>,
+    Arc<Calls>,
+) {
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let (a_parts, a_calls) = probed((
+        DynKvStore::new(store.clone()),
+        DynInvalidationBus::new(faulty.clone()),
+    ));
+    let a = cache(a_parts, ns);
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    (a, a_calls, faulty, b, b_calls)
+}
+
+/// Reads `k` on `cache` until it no longer serves `old`; fails after `within`.
+async fn stops_serving(cache: &Cache<String, u64>, old: u64, within: Duration, what: &str) {
+    let start = Instant::now();
+    while cache.get(&"k".to_owned()).await.unwrap() == Some(old) {
+        assert!(
+            start.elapsed() < within,
+            "{what}: still served after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A's L2 fails while B's answers: A's write leaves the old value in L2. Once B hears of the
+/// write it never serves the old copy, from L1 or L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_missed_l2_is_not_served_from_the_old_copy_by_others() {
+    let ns = unique_namespace("missed");
+    let (a, a_calls, _, b, _) = writer_with_failing_l2_and_reader(&ns).await;
+    a_calls.fail.store(true, Ordering::SeqCst);
+    a.insert("k".into(), 2).await.unwrap();
+    assert_eq!(a.pending_l2_deletes(), 1, "A's L2 copy is outdated");
+    stops_serving(&b, 1, Duration::from_secs(2), "the message").await;
+    for _ in 0..50 {
+        assert_ne!(
+            b.get(&"k".to_owned()).await.unwrap(),
+            Some(1),
+            "B serves the L2 copy A's write replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// As above, but A's message is lost too: B learns of it only by the gap and may read the old
+/// copy back from L2 meanwhile. Once A's L2 answers again and A deletes the copy, B stops
+/// serving it within the staleness bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_missed_l2_and_the_bus_ends_when_its_copy_is_deleted() {
+    let ns = unique_namespace("missed-lost");
+    let (a, a_calls, faulty, b, b_calls) = writer_with_failing_l2_and_reader(&ns).await;
+    a_calls.fail.store(true, Ordering::SeqCst);
+    faulty.drop_next_publish.store(true, Ordering::SeqCst);
+    a.insert("k".into(), 2).await.unwrap();
+    settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
+    // The gap (at A's next ping) flushes B's L1; B reads the old copy back from L2.
+    let reads = b_calls.reads();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while b_calls.reads() == reads {
+        assert!(Instant::now() < deadline, "B never flushed its L1");
+        assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    a_calls.fail.store(false, Ordering::SeqCst);
+    settle(|| a.pending_l2_deletes() == 0).await;
+    let bound = config().max_silence + Duration::from_millis(100);
+    stops_serving(&b, 1, bound, "after A deleted its outdated copy").await;
+}
