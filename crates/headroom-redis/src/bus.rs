@@ -13,7 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 
-use crate::connection::bounded;
+use crate::connection::{bounded, cluster_address_map};
 use crate::error::backend_error;
 use crate::{Redis, RedisMode};
 
@@ -146,7 +146,8 @@ impl RedisBus {
                     .connection_timeout(config.connect_timeout)
                     .response_timeout(config.command_timeout)
                     .use_protocol(ProtocolVersion::RESP3)
-                    .push_sender(pushes)
+                    .push_sender(pushes);
+                let client = cluster_address_map(client, &config)
                     .build()
                     .map_err(backend_error)?;
                 let connect = client.get_async_connection();

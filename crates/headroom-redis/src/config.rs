@@ -1,4 +1,7 @@
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::address_map::AddressMap;
 
 /// Standalone server or cluster.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,7 +24,8 @@ pub enum RedisMode {
 /// let config: headroom_redis::RedisConfig = serde_json::from_str(r#"{
 ///     "mode": "cluster",
 ///     "urls": ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"],
-///     "command_timeout": "150ms"
+///     "command_timeout": "150ms",
+///     "address_map": { "10.0.0.1:6379": "127.0.0.1:16379" }
 /// }"#).unwrap();
 /// assert_eq!(config.command_timeout, std::time::Duration::from_millis(150));
 /// # }
@@ -48,6 +52,11 @@ pub struct RedisConfig {
     /// The longest wait between reconnection attempts.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub reconnect_max_delay: Duration,
+    /// Addresses to dial instead of the ones the nodes announce, `"host:port"` to
+    /// `"host:port"` (an IPv6 host in brackets): for a cluster behind NAT, port forwarding or
+    /// a proxy. It applies to every connection to a cluster: seeds, redirects and discovered
+    /// nodes (a standalone URL already names the address to dial).
+    pub address_map: BTreeMap<String, String>,
 }
 
 impl Default for RedisConfig {
@@ -59,6 +68,7 @@ impl Default for RedisConfig {
             command_timeout: Duration::from_millis(500),
             reconnect_min_delay: Duration::from_millis(10),
             reconnect_max_delay: Duration::from_secs(1),
+            address_map: BTreeMap::new(),
         }
     }
 }
@@ -99,7 +109,20 @@ impl RedisConfig {
         self
     }
 
+    /// Dials `reachable` whenever a connection to `announced` is made (see
+    /// [`address_map`](Self::address_map)).
+    #[must_use]
+    pub fn with_address(
+        mut self,
+        announced: impl Into<String>,
+        reachable: impl Into<String>,
+    ) -> Self {
+        self.address_map.insert(announced.into(), reachable.into());
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), String> {
+        AddressMap::parse(&self.address_map)?;
         match (self.mode, self.urls.len()) {
             (_, 0) => return Err("no Redis URL given".into()),
             (RedisMode::Standalone, n) if n > 1 => {

@@ -6,6 +6,8 @@ use std::time::Duration;
 use headroom_core::{BackendError, BackendErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
+
+use crate::address_map::AddressMap;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
 
@@ -52,7 +54,8 @@ impl Redis {
                     .response_timeout(config.command_timeout)
                     .retries(2)
                     .min_retry_wait(millis(config.reconnect_min_delay))
-                    .max_retry_wait(millis(config.reconnect_max_delay))
+                    .max_retry_wait(millis(config.reconnect_max_delay));
+                let client = cluster_address_map(client, &config)
                     .build()
                     .map_err(backend_error)?;
                 Conn::Cluster(bounded(deadline, client.get_async_connection()).await?)
@@ -157,5 +160,16 @@ pub(crate) async fn bounded<T>(
             BackendErrorKind::Timeout,
             format!("no answer from Redis within {timeout:?}"),
         )),
+    }
+}
+
+/// A cluster client that dials through `config.address_map`.
+pub(crate) fn cluster_address_map(
+    builder: ClusterClientBuilder,
+    config: &RedisConfig,
+) -> ClusterClientBuilder {
+    match AddressMap::parse(&config.address_map) {
+        Ok(map) if !map.is_empty() => builder.async_dns_resolver(map),
+        _ => builder,
     }
 }

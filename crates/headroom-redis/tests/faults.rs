@@ -586,3 +586,65 @@ async fn bus_follows_its_channel_through_a_master_failover() {
         BusEvent::Message("after".into())
     );
 }
+
+/// A client whose address map sends every cluster node through its own proxy: it works
+/// through them, fails (typed, within its timeout) while they are cut, and recovers after,
+/// while a client without the map is never affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_map_dials_every_cluster_node_through_its_mapped_address() {
+    let cluster = headroom_testkit::shared_cluster();
+    let mut proxies = Vec::new();
+    let mut mapped = RedisConfig::cluster(cluster.urls())
+        .with_command_timeout(TIMEOUT)
+        .with_connect_timeout(TIMEOUT);
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
+        proxies.push(proxy);
+    }
+    let through_proxies = RedisKvStore::new(Redis::connect(mapped).await.expect("connect"));
+    let direct = RedisKvStore::new(
+        Redis::connect(RedisConfig::cluster(cluster.urls()))
+            .await
+            .expect("connect"),
+    );
+    let ns = unique_namespace("address-map");
+    let keys: Vec<_> = (0..30).map(|i| ns.key(format!("k{i}")).unwrap()).collect();
+    for key in &keys {
+        through_proxies
+            .set(key, "v".into(), HOUR)
+            .await
+            .expect("set");
+    }
+
+    for proxy in &proxies {
+        proxy.cut();
+    }
+    let start = Instant::now();
+    let err = through_proxies
+        .get_many(&keys)
+        .await
+        .expect_err("every node is cut off");
+    assert!(
+        matches!(
+            err.kind(),
+            BackendErrorKind::Timeout | BackendErrorKind::Connection
+        ),
+        "{err}"
+    );
+    assert!(start.elapsed() < TIMEOUT * 4, "{:?}", start.elapsed());
+    let values = direct.get_many(&keys).await.expect("the direct client");
+    assert!(values.iter().all(|v| v.as_deref() == Some(&b"v"[..])));
+
+    for proxy in &proxies {
+        proxy.restore();
+    }
+    attempts_until_ok(|| through_proxies.get_many(&keys)).await;
+}
+
+#[tokio::test]
+async fn an_address_map_entry_that_is_not_host_port_is_a_config_error() {
+    let config = RedisConfig::cluster(["redis://127.0.0.1:1"]).with_address("10.0.0.1", "x:1");
+    let err = Redis::connect(config).await.expect_err("bad map");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+}
