@@ -1730,3 +1730,53 @@ async fn an_earlier_insert_landing_last_in_l2_does_not_replace_a_later_one() {
 async fn an_earlier_insert_landing_last_in_l2_does_not_undo_a_later_remove() {
     later_write_wins_although_the_earlier_lands_last(true).await;
 }
+
+/// The pattern docs/cache.md gives for rows that several instances write: write the database,
+/// then `remove`. Whatever order the two instances' cache calls take, every instance then
+/// loads the row the database holds last.
+#[tokio::test]
+async fn writers_that_remove_after_the_database_write_leave_the_last_row_in_any_order() {
+    let clock = ManualClock::new();
+    let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .clock(clock.clock())
+            .l2(shared.clone(), ns())
+            .build()
+            .unwrap()
+    };
+    let (first, second, reader) = (instance(), instance(), instance());
+    let database = Arc::new(parking_lot::Mutex::new("v0".to_owned()));
+    let load = |database: Arc<parking_lot::Mutex<String>>| {
+        move |_: String| async move { Ok::<_, CacheError>(Some(database.lock().clone())) }
+    };
+    let k = key("k");
+    assert_eq!(
+        reader
+            .get_or_load(&k, load(Arc::clone(&database)))
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("v0")
+    );
+    // The first instance writes the database, the second one after it; their cache calls
+    // come in the other order.
+    *database.lock() = "v1".to_owned();
+    clock.advance(Duration::from_millis(1));
+    *database.lock() = "v2".to_owned();
+    second.remove(&k).await.unwrap();
+    clock.advance(Duration::from_millis(1));
+    first.remove(&k).await.unwrap();
+    clock.advance(Duration::from_millis(1));
+    reader.invalidate_local(&k);
+    for cache in [&first, &second, &reader] {
+        assert_eq!(
+            cache
+                .get_or_load(&k, load(Arc::clone(&database)))
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("v2")
+        );
+    }
+}

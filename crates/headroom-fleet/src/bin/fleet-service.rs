@@ -137,7 +137,10 @@ impl Service {
             Ok(version) => version,
             Err(failure) => return ServiceResponse::outcome(failure.outcome()),
         };
-        match self.products.insert(key, version).await {
+        // Several instances write one product: the cache orders its own writes, not the
+        // database's, so the value is removed (one load from the database follows) rather than
+        // written through, as docs/cache.md advises for rows with concurrent writers.
+        match self.products.remove(&key).await {
             Ok(()) => ServiceResponse {
                 version: Some(version),
                 ..ServiceResponse::outcome("ok")
