@@ -148,8 +148,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
         self
     }
 
-    /// How long to use the fallback after a failed store call before trying the store again
-    /// (default 1 s), so an outage does not cost a timeout on every request.
+    /// How long to use the fallback after a failed store call before one request probes the
+    /// store again (default 1 s), so an outage does not cost a timeout on every request.
     pub fn retry_after_failure(mut self, wait: Duration) -> Self {
         self.retry_after_failure = wait;
         self
@@ -199,7 +199,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             timeout: self.timeout,
             retry_after_failure: self.retry_after_failure,
             max_keys: self.max_keys,
-            down_until: AtomicU64::new(0),
+            health: AtomicU64::new(HEALTHY),
             tiers: ArcSwap::from_pointee(HashMap::new()),
         };
         let tiers = inner.build_tiers(&self.tiers, None)?;
@@ -242,8 +242,10 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// A store error or a call slower than the [`timeout`](DistributedRateLimiterBuilder::timeout)
 /// switches the limiter to its [`Fallback`] for
-/// [`retry_after_failure`](DistributedRateLimiterBuilder::retry_after_failure), after which the
-/// next request tries the store again. Fallback decisions are counted.
+/// [`retry_after_failure`](DistributedRateLimiterBuilder::retry_after_failure). Then one
+/// request probes the store while the others keep the fallback; its answer brings every request
+/// back to the store, its failure starts another window. A recovering store sees one call per
+/// window from each instance, not a herd. Fallback decisions are counted.
 ///
 /// ```
 /// use headroom_core::memory::MemoryRateStore;
@@ -290,8 +292,9 @@ struct Inner<S> {
     timeout: Duration,
     retry_after_failure: Duration,
     max_keys: usize,
-    /// Nanoseconds since `origin` until which the store is not tried.
-    down_until: AtomicU64,
+    /// [`HEALTHY`], [`PROBING`], or the time (ns since `origin`) until which the store is not
+    /// tried after a failure.
+    health: AtomicU64,
     tiers: ArcSwap<HashMap<Box<str>, Arc<Tier>>>,
     metrics: StoreMetrics,
 }
@@ -349,6 +352,39 @@ enum Local {
 }
 
 const LOCAL_SHARDS: usize = 16;
+
+/// The store answered its last probe (or never failed): every request may call it.
+const HEALTHY: u64 = 0;
+/// One request is probing the store after a failure; the others use the fallback meanwhile.
+const PROBING: u64 = u64::MAX;
+
+/// Whether a request calls the store.
+enum Route<'a> {
+    Store,
+    /// This request probes the store after an outage.
+    Probe(Probe<'a>),
+    Fallback,
+}
+
+/// The claim of the one request probing the store. Dropped before the store answers (the
+/// request was cancelled), it gives the claim back so the next request probes.
+struct Probe<'a> {
+    health: &'a AtomicU64,
+    /// The end of the failure window the claim replaced (already past).
+    window_end: u64,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        // Fails when the answer was recorded, which replaced the claim.
+        let _ = self.health.compare_exchange(
+            PROBING,
+            self.window_end,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
 
 impl LocalState {
     fn new(max_keys: usize) -> Self {
@@ -497,11 +533,13 @@ impl<S: RateStore> Inner<S> {
             }
             Local::Unknown { saturated } => saturated,
         };
-        if now < self.down_until.load(Ordering::Relaxed) {
-            return self.fall_back(tier, key, cost, None);
-        }
         let Ok(store_key) = tier.prefix.key(key) else {
             return Err(RateError::new(RateErrorKind::InvalidKey));
+        };
+        let probe = match self.route(now) {
+            Route::Store => None,
+            Route::Probe(probe) => Some(probe),
+            Route::Fallback => return self.fall_back(tier, key, cost, None),
         };
         // A saturated key is charged one request at a time, as in exact mode: a batch would
         // be refused and the call repeated for what is left, two round trips for one unit.
@@ -517,6 +555,7 @@ impl<S: RateStore> Inner<S> {
             reserve = refused.remaining.min(reserve);
             decision = self.apply(tier, &store_key, reserve).await;
         }
+        self.record_health(&decision, probe);
         match decision {
             Ok(decision) if decision.allowed => {
                 let granted = reserve - cost;
@@ -555,18 +594,72 @@ impl<S: RateStore> Inner<S> {
             Err(error) if error.kind() == BackendErrorKind::Config => {
                 Err(RateError::with_source(RateErrorKind::StoreConfig, error))
             }
-            Err(error) => {
-                let retry_at = now.saturating_add(nanos(self.retry_after_failure));
-                if self.down_until.swap(retry_at, Ordering::Relaxed) <= now {
-                    tracing::warn!(
-                        limiter = &*self.name,
-                        %error,
-                        fallback = self.fallback.as_str(),
-                        "rate store unreachable, using the fallback"
-                    );
-                }
-                self.fall_back(tier, key, cost, Some(error))
+            Err(error) => self.fall_back(tier, key, cost, Some(error)),
+        }
+    }
+
+    /// Whether a request at `now` calls the store. After a failure, the store is left alone
+    /// for `retry_after_failure`; then the first request to come probes it, and the others
+    /// keep the fallback until the probe's answer is in.
+    fn route(&self, now: u64) -> Route<'_> {
+        match self.health.load(Ordering::Relaxed) {
+            HEALTHY => Route::Store,
+            PROBING => Route::Fallback,
+            window_end if now < window_end => Route::Fallback,
+            window_end => match self.health.compare_exchange(
+                window_end,
+                PROBING,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => Route::Probe(Probe {
+                    health: &self.health,
+                    window_end,
+                }),
+                Err(_) => Route::Fallback,
+            },
+        }
+    }
+
+    /// Records what a store call says of the store: an answer to a probe ends the outage, a
+    /// failure starts one (or, for a probe, another window) from now.
+    fn record_health(
+        &self,
+        decision: &Result<RateDecision, BackendError>,
+        probe: Option<Probe<'_>>,
+    ) {
+        let failure = match decision {
+            Err(error) if error.kind() != BackendErrorKind::Config => Some(error),
+            _ => None,
+        };
+        let Some(error) = failure else {
+            if probe.is_some() {
+                self.health.store(HEALTHY, Ordering::Relaxed);
+                tracing::info!(limiter = &*self.name, "rate store reachable again");
             }
+            return;
+        };
+        let window_end = self
+            .now()
+            .saturating_add(nanos(self.retry_after_failure))
+            .clamp(HEALTHY + 1, PROBING - 1);
+        if probe.is_some() {
+            self.health.store(window_end, Ordering::Relaxed);
+            return;
+        }
+        // A failure seen while a probe is out leaves the decision to the probe.
+        let previous = self
+            .health
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |health| {
+                (health != PROBING).then_some(window_end)
+            });
+        if previous == Ok(HEALTHY) {
+            tracing::warn!(
+                limiter = &*self.name,
+                %error,
+                fallback = self.fallback.as_str(),
+                "rate store unreachable, using the fallback"
+            );
         }
     }
 
