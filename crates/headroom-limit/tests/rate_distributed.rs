@@ -167,7 +167,7 @@ async fn batched_units_are_spent_locally_and_expire() {
 struct DownStore;
 
 impl RateStore for DownStore {
-    async fn apply(&self, _: &Key, _: Gcra, _: u32) -> Result<RateDecision, BackendError> {
+    async fn apply_all(&self, _: &[(Key, Gcra)], _: u32) -> Result<RateDecision, BackendError> {
         Err(BackendError::new(BackendErrorKind::Connection))
     }
 }
@@ -179,10 +179,9 @@ struct StalledStore {
 }
 
 impl RateStore for StalledStore {
-    fn apply(
+    fn apply_all(
         &self,
-        _: &Key,
-        _: Gcra,
+        _: &[(Key, Gcra)],
         _: u32,
     ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -220,13 +219,17 @@ impl FlakyStore {
 }
 
 impl RateStore for FlakyStore {
-    async fn apply(&self, key: &Key, gcra: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
+    async fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> Result<RateDecision, BackendError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.latency).await;
         if self.down.load(Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Connection));
         }
-        self.inner.apply(key, gcra, cost).await
+        self.inner.apply_all(cells, cost).await
     }
 }
 
