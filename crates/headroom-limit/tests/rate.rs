@@ -235,7 +235,10 @@ async fn tiers_have_their_own_quotas_and_can_be_replaced_at_run_time() {
     assert!(limiter.check_now("free", "alice", 1).is_err());
     assert_eq!(limiter.check_now("pro", "alice", 1).unwrap().remaining(), 9);
     assert!(limiter.check_now("gold", "alice", 1).is_ok());
-    assert_eq!(limiter.quota("pro"), Some(Quota::per_minute(10).unwrap()));
+    assert_eq!(
+        limiter.quotas("pro"),
+        Some(Quota::per_minute(10).unwrap().into())
+    );
 
     let bad = TierConfig::new().tier("free tier", Quota::per_minute(1).unwrap());
     assert_eq!(limiter.replace(&bad).unwrap_err().field(), "tiers");
