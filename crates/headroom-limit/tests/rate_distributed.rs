@@ -514,6 +514,31 @@ async fn refusals_are_remembered_exactly_until_their_retry_after() {
     assert_eq!(limiter.round_trips(), 7);
 }
 
+/// A refused cost of several units waits exactly until they fit, also when a single unit
+/// would fit at once.
+#[tokio::test]
+async fn a_refused_cost_waits_exactly_for_its_own_units() {
+    let clock = ManualClock::new();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::with_limits(clock.clock(), 1000),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10).unwrap().with_burst(3).unwrap()),
+    )
+    .clock(clock.clock())
+    .build()
+    .unwrap();
+    limiter.check("t", "k", 1).await.unwrap();
+    // Two units are left: three fit in one interval.
+    let refused = limiter.check("t", "k", 3).await.unwrap_err();
+    assert_eq!(
+        refused.limited().unwrap().retry_after(),
+        Duration::from_millis(100)
+    );
+    // The refusal said nothing against a single unit.
+    limiter.check("t", "k", 1).await.unwrap();
+}
+
 mod batched_bound {
     use futures_util::FutureExt;
     use proptest::prelude::*;

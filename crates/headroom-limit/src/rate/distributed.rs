@@ -528,19 +528,21 @@ impl<S: RateStore> Inner<S> {
                 })
             }
             Ok(decision) => {
-                // The refusal was for `reserve` units; by the quota that waits longest, a cost
-                // of 1 fits `reserve - 1` intervals earlier, and `cost` units `cost - 1`
-                // intervals after that. (With several quotas, another may hold a single unit
-                // back longer: remembering the shorter wait only asks the store sooner.)
+                // The refusal was for `reserve` units; by the quota that waits longest, `cost`
+                // units fit `reserve - cost` intervals earlier and a single unit `reserve - 1`
+                // intervals earlier. (With several quotas, another may hold a single unit back
+                // longer: remembering the shorter wait only asks the store sooner.)
                 let quota = quotas.get(decision.cell);
                 let interval = nanos(quota.emission_interval());
-                let earlier = interval.saturating_mul(u64::from(reserve - 1));
-                let for_one = nanos(decision.retry_after).saturating_sub(earlier).max(1);
+                let retry_after = nanos(decision.retry_after);
+                let earlier = |units: u32| interval.saturating_mul(u64::from(units));
+                let for_one = retry_after.saturating_sub(earlier(reserve - 1));
                 tier.local_state.update(key, now, |entry| {
+                    entry.refused = true;
                     entry.blocked_until = now.saturating_add(for_one);
                     entry.blocked_quota = quota_index(decision.cell);
                 });
-                let wait = for_one + interval.saturating_mul(u64::from(cost - 1));
+                let wait = retry_after.saturating_sub(earlier(reserve - cost)).max(1);
                 Err(RateLimited::new(quota, Duration::from_nanos(wait)).into())
             }
             Err(error) if error.kind() == BackendErrorKind::Config => {

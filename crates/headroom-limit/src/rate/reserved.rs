@@ -21,8 +21,10 @@ pub(crate) struct Entry {
     pub(crate) reserved_quota: u8,
     /// When the reserved units must no longer be spent (ns since the limiter's origin).
     pub(crate) expires: u64,
-    /// Until when a cost of 1 is refused: the store's cells only ever move forward, so a
-    /// refusal holds until then whatever the other instances do.
+    /// Whether the store has refused this key.
+    pub(crate) refused: bool,
+    /// Until when a cost of 1 is refused (after the last refusal): the store's cells only ever
+    /// move forward, so a refusal holds until then whatever the other instances do.
     pub(crate) blocked_until: u64,
     /// The quota that refused (its index in the tier).
     pub(crate) blocked_quota: u8,
@@ -96,7 +98,7 @@ impl LocalState {
         }
         let recent = interval.saturating_mul(u64::from(batch));
         Local::Unknown {
-            saturated: entry.blocked_until > 0 && now < entry.blocked_until.saturating_add(recent),
+            saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
         }
     }
 
