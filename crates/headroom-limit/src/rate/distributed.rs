@@ -215,17 +215,24 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// # Exact mode (the default)
 ///
-/// Every decision is at most one `apply` on the store: one round trip, one key
-/// (`namespace:tier:key`, a single cluster slot), on the store's clock. Any number of
-/// instances admit together exactly what one limiter would. A refusal is remembered until its
-/// `retry_after`: the store's cell only moves forward, so requests for that key are refused
-/// locally until then with no round trip, which is exact too and keeps a flood of refused
-/// requests off the store.
+/// Every decision is at most one [`apply_all`](RateStore::apply_all) on the store: one round
+/// trip, on the store's clock, over the key's cell of each quota of its tier (one for most
+/// tiers), all charged or none. The cells are `<namespace>:<tier>:{<tag>}:<index>:<key>`,
+/// where the tag is the FNV-1a hash of the key (64 bits, 16 lowercase hexadecimal digits): it
+/// comes first, so the cells of a key share one cluster slot and braces in a caller's key never
+/// choose it. Keys are at most [`MAX_KEY_LEN`](Self::MAX_KEY_LEN) bytes.
+///
+/// Any number of instances admit together exactly what one limiter would. A refusal is
+/// remembered until its `retry_after`: the store's cells only move forward, so requests for
+/// that key are refused locally until then with no round trip, which is exact too and keeps a
+/// flood of refused requests off the store. (For a tier of several quotas, the refusal is
+/// remembered for the quota that waited longest; a remembered refusal of another cost names
+/// that quota's wait, which another quota may exceed.)
 ///
 /// # Batched mode
 ///
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
-/// a key with one `apply(cost = n)` and spends them locally, so a busy key costs one round
+/// a key with one `apply_all(cost = n)` and spends them locally, so a busy key costs one round
 /// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
 /// left (a second round trip). A key the store refused within the last `n` intervals is
 /// saturated: the instance asks for single units, as in exact mode, until the key goes `n`
@@ -237,6 +244,9 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///   charged just before the window and spent inside it), whatever the number of instances;
 /// - they may admit less: units reserved by an instance that sees no more requests for the key
 ///   are lost to the others until they replenish (at most `n - 1` per instance and key).
+///
+/// For a tier of several quotas, the intervals are those of its fastest quota (the shortest
+/// emission interval), so the bound holds for each quota.
 ///
 /// # When the store is unreachable
 ///

@@ -62,17 +62,26 @@ pub(crate) fn record(metrics: &TierMetrics, tier: &str, result: &Result<Admitted
 /// [`replace`](Self::replace); tiers whose quotas did not change keep their state.
 ///
 /// ```
-/// use headroom_limit::rate::{LocalRateLimiter, Quota, RateErrorKind, RateLimit, TierConfig};
+/// use std::time::Duration;
+/// use headroom_limit::rate::{
+///     LocalRateLimiter, Quota, Quotas, RateErrorKind, RateLimit, TierConfig,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let tiers = TierConfig::new()
 ///     .tier("free", Quota::per_minute(1).unwrap())
-///     .tier("pro", Quota::per_minute(100).unwrap());
+///     // 10 a second and 1,000 an hour: a request must fit both.
+///     .tier("pro", Quotas::new([Quota::per_second(10).unwrap(), Quota::per_hour(1000).unwrap()])
+///         .unwrap());
 /// let limiter = LocalRateLimiter::builder("api", tiers).build().unwrap();
 /// assert!(limiter.check("free", "alice", 1).await.is_ok());
 /// let refused = limiter.check("free", "alice", 1).await.unwrap_err();
 /// assert_eq!(refused.kind(), RateErrorKind::Limited);
-/// assert_eq!(limiter.check("pro", "bob", 1).await.unwrap().remaining(), 99);
+/// // The next unit is a minute away: a caller willing to wait a second is refused at once.
+/// let refused = limiter.acquire("free", "alice", 1, Duration::from_secs(1)).await.unwrap_err();
+/// assert!(refused.limited().unwrap().retry_after() > Duration::from_secs(59));
+/// // The per-second quota has the fewest units left.
+/// assert_eq!(limiter.check("pro", "bob", 1).await.unwrap().remaining(), 9);
 /// # }
 /// ```
 #[derive(Clone, Debug)]

@@ -13,6 +13,11 @@
 //! | [`LocalRateLimiter`] | quotas per tier ([`TierConfig`]), a cell per key and quota | one keyed limiter per tier, replaceable at run time |
 //! | [`DistributedRateLimiter`] | shared by every instance | a [`RateStore`](headroom_core::rate::RateStore) (Redis), one round trip per decision, or batched; a [`Fallback`] when it is unreachable |
 //!
+//! A tier may hold several quotas ([`Quotas`], "10 a second and 1,000 a day"): a request is
+//! admitted only if every quota admits it, a refused request is charged to none of them, and
+//! its `retry_after` is the longest wait among the quotas that refuse. Both tiered limiters
+//! can also wait for a permit that is near ([`RateLimit::acquire`]) instead of refusing.
+//!
 //! A [`Resolve`]r tells a request's tier, key and cost; the tower layer
 //! (`tower::RateLimitLayer`, feature `tower`) answers HTTP requests over their quota with
 //! `429 Too Many Requests`, `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy`

@@ -285,7 +285,7 @@ impl TryFrom<QuotasConfig> for Quotas {
                 quotas: Some(_), ..
             } => Err(ConfigError::new(
                 "quotas",
-                "is a list of quotas in place of `limit`, `period` and `burst`: give one or the other",
+                "is a list of quotas in place of `limit`, `period` and `burst`: not both",
             )),
             QuotasConfig {
                 limit: Some(limit),

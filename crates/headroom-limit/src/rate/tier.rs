@@ -7,8 +7,8 @@ use std::sync::Arc;
 use super::Quotas;
 use crate::ConfigError;
 
-/// Quotas by tier name (`free`, `pro`, `enterprise`, or one per route): one [`Quota`](super::Quota) per
-/// tier, or several that a request must fit together ([`Quotas`]).
+/// Quotas by tier name (`free`, `pro`, `enterprise`, or one per route): one
+/// [`Quota`](super::Quota) per tier, or several that a request must fit together ([`Quotas`]).
 ///
 /// Loadable with serde (feature `serde`); a tier is one quota's fields, or `quotas` and a list:
 ///
@@ -41,8 +41,8 @@ impl TierConfig {
         Self::default()
     }
 
-    /// Adds (or replaces) tier `name` with `quotas`: a [`Quota`](super::Quota), or [`Quotas`] that a request
-    /// must fit together.
+    /// Adds (or replaces) tier `name` with `quotas`: a [`Quota`](super::Quota), or [`Quotas`]
+    /// that a request must fit together.
     #[must_use]
     pub fn tier(mut self, name: impl Into<String>, quotas: impl Into<Quotas>) -> Self {
         self.tiers.insert(name.into(), quotas.into());
