@@ -18,16 +18,17 @@ static APPLY_ALL: LazyLock<Script> = LazyLock::new(|| {
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local cost = tonumber(ARGV[1])
-local tats = {}
+local tats, intervals, tolerances = {}, {}, {}
 local wait, cell = 0, 1
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[2 * i])
+  local tolerance = interval * tonumber(ARGV[2 * i + 1])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
   if tat < now then
     tat = now
   end
-  tats[i] = tat
-  local late = tat + cost * interval - interval * tonumber(ARGV[2 * i + 1]) - now
+  tats[i], intervals[i], tolerances[i] = tat, interval, tolerance
+  local late = tat + cost * interval - tolerance - now
   if late > wait then
     wait, cell = late, i
   end
@@ -38,13 +39,13 @@ if wait > 0 then
 end
 local remaining, reset = nil, 0
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
+  local interval = intervals[i]
   local tat = tats[i]
   if allowed == 1 then
     tat = tat + cost * interval
     redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
   end
-  local left = math.floor((now + interval * tonumber(ARGV[2 * i + 1]) - tat) / interval)
+  local left = math.floor((now + tolerances[i] - tat) / interval)
   if remaining == nil or left < remaining then
     remaining = left
     if allowed == 1 then

@@ -343,9 +343,6 @@ impl Tier {
     /// a caller's key never choose that slot.
     fn cells(&self, key: &str) -> Result<Vec<(Key, Gcra)>, RateError> {
         let invalid = || RateError::new(RateErrorKind::InvalidKey);
-        if key.len() > MAX_KEY_LEN {
-            return Err(invalid());
-        }
         let hash = fnv1a(key.as_bytes());
         let mut tag = [b'{'; TAG_LEN];
         for (i, digit) in tag[1..17].iter_mut().enumerate() {
@@ -490,12 +487,15 @@ impl<S: RateStore> Inner<S> {
             }
             Local::Unknown { saturated } => saturated,
         };
-        let cells = tier.cells(key)?;
+        if key.len() > MAX_KEY_LEN {
+            return Err(RateError::new(RateErrorKind::InvalidKey));
+        }
         let probe = match self.route(now) {
             Route::Store => None,
             Route::Probe(probe) => Some(probe),
             Route::Fallback => return self.fall_back(tier, key, cost, None),
         };
+        let cells = tier.cells(key)?;
         // A saturated key is charged one request at a time, as in exact mode: a batch would
         // be refused and the call repeated for what is left, two round trips for one unit.
         let batch = if saturated { 1 } else { self.batch };
