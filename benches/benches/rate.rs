@@ -1,7 +1,9 @@
 //! Rate limits against their peers: the direct and keyed GCRA checks against `governor`'s
 //! `check` and `check_key` (on its default clock and on `std::time::Instant`, the clock
-//! headroom reads outside tests), and the distributed check on a loopback `redis-server` (started by
-//! the testkit) against a raw EVALSHA of a trivial script on the same kind of connection.
+//! headroom reads outside tests), the tiered local check of one quota and of two quotas at once
+//! next to the keyed check, and the distributed check (one quota and two) on a loopback
+//! `redis-server` (started by the testkit) against a raw EVALSHA of a trivial script on the same
+//! kind of connection.
 //!
 //! Run with: `cargo bench -p headroom-benches --bench rate`
 
@@ -16,7 +18,8 @@ use governor::{Quota as GovernorQuota, RateLimiter};
 use headroom_core::Namespace;
 use headroom_core::rate::RateStore;
 use headroom_limit::rate::{
-    DirectLimiter, DistributedRateLimiter, KeyedLimiter, Quota, RateLimit, TierConfig,
+    DirectLimiter, DistributedRateLimiter, KeyedLimiter, LocalRateLimiter, Quota, Quotas,
+    RateLimit, TierConfig,
 };
 use headroom_redis::{Redis, RedisConfig, RedisRateStore};
 use headroom_testkit::RedisServer;
@@ -94,6 +97,47 @@ fn local(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // Tiers: one quota (a keyed limiter's cell behind the tier lookup) and two quotas charged
+    // together (a small locked set of cells per key), on the same string keys.
+    let mut group = c.benchmark_group("rate_tiered");
+    let keys: Vec<String> = (0..KEYS).map(|key| format!("user-{key}")).collect();
+    let keyed: KeyedLimiter<String> = KeyedLimiter::builder(quota).build();
+    let tiers = TierConfig::new().tier("one", quota).tier(
+        "two",
+        Quotas::new([quota, Quota::per_hour(u32::MAX).expect("quota")]).expect("quotas"),
+    );
+    let tiered = LocalRateLimiter::builder("bench", tiers)
+        .build()
+        .expect("limiter");
+    for key in &keys {
+        let _ = keyed.check_key(key.as_str());
+        let _ = tiered.check_now("one", key, 1);
+        let _ = tiered.check_now("two", key, 1);
+    }
+    group.bench_function(
+        BenchmarkId::new("headroom", "KeyedLimiter::check_key"),
+        |b| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(keyed.check_key(keys[i].as_str())).is_ok()
+            })
+        },
+    );
+    for tier in ["one", "two"] {
+        group.bench_function(
+            BenchmarkId::new("headroom", format!("LocalRateLimiter::check_now/{tier}")),
+            |b| {
+                let mut i = 0;
+                b.iter(|| {
+                    i = (i + 1) % keys.len();
+                    black_box(tiered.check_now(tier, &keys[i], 1)).is_ok()
+                })
+            },
+        );
+    }
+    group.finish();
 }
 
 fn distributed(c: &mut Criterion) {
@@ -115,7 +159,16 @@ fn distributed(c: &mut Criterion) {
             "bench",
             store.clone(),
             Namespace::new("bench").expect("namespace"),
-            TierConfig::new().tier("t", quota),
+            TierConfig::new().tier("t", quota).tier(
+                "t2",
+                // A second quota the loop cannot exhaust either (1 µs per unit, the finest
+                // rate the script keeps).
+                Quotas::new([
+                    quota,
+                    Quota::new(1_000_000_000, Duration::from_secs(1000)).expect("quota"),
+                ])
+                .expect("quotas"),
+            ),
         )
         .build()
         .expect("limiter");
@@ -142,11 +195,11 @@ fn distributed(c: &mut Criterion) {
         trivial,
         key,
         quota,
-        totals: Mutex::new([(Duration::ZERO, 0); 3]),
+        totals: Mutex::new([(Duration::ZERO, 0); 4]),
     };
     // Loopback latency on a shared machine swings between runs (how soon a sleeping core
-    // wakes for the answer). Each measurement runs the three calls in turn and reports one
-    // of them, so all three see the same traffic pattern.
+    // wakes for the answer). Each measurement runs the four calls in turn and reports one
+    // of them, so all four see the same traffic pattern.
     let mut group = c.benchmark_group("rate_distributed");
     for (call, name) in [
         (
@@ -160,6 +213,10 @@ fn distributed(c: &mut Criterion) {
         (
             Call::LimiterCheck,
             BenchmarkId::new("headroom", "DistributedRateLimiter::check"),
+        ),
+        (
+            Call::LimiterCheckTwoQuotas,
+            BenchmarkId::new("headroom", "DistributedRateLimiter::check/two_quotas"),
         ),
     ] {
         let fixture = &fixture;
@@ -195,12 +252,15 @@ fn distributed(c: &mut Criterion) {
     let raw = mean(Call::RawEvalsha);
     println!(
         "rate_distributed interleaved means over {} calls each: EVALSHA {raw:.2} µs, \
-         RateStore::apply {:.2} µs ({:.2}×), DistributedRateLimiter::check {:.2} µs ({:.2}×)",
+         RateStore::apply {:.2} µs ({:.2}×), DistributedRateLimiter::check {:.2} µs ({:.2}×), \
+         two quotas {:.2} µs ({:.2}×)",
         totals[0].1,
         mean(Call::StoreApply),
         mean(Call::StoreApply) / raw,
         mean(Call::LimiterCheck),
         mean(Call::LimiterCheck) / raw,
+        mean(Call::LimiterCheckTwoQuotas),
+        mean(Call::LimiterCheckTwoQuotas) / raw,
     );
 }
 
@@ -209,10 +269,16 @@ enum Call {
     RawEvalsha,
     StoreApply,
     LimiterCheck,
+    LimiterCheckTwoQuotas,
 }
 
 impl Call {
-    const ALL: [Call; 3] = [Call::RawEvalsha, Call::StoreApply, Call::LimiterCheck];
+    const ALL: [Call; 4] = [
+        Call::RawEvalsha,
+        Call::StoreApply,
+        Call::LimiterCheck,
+        Call::LimiterCheckTwoQuotas,
+    ];
 }
 
 struct Fixture {
@@ -223,7 +289,7 @@ struct Fixture {
     key: headroom_core::Key,
     quota: Quota,
     /// Total time and count of every call made, by `Call`.
-    totals: Mutex<[(Duration, u64); 3]>,
+    totals: Mutex<[(Duration, u64); 4]>,
 }
 
 impl Fixture {
@@ -252,6 +318,7 @@ impl Fixture {
                     .allowed
             }
             Call::LimiterCheck => self.limiter.check("t", "user-1", 1).await.is_ok(),
+            Call::LimiterCheckTwoQuotas => self.limiter.check("t2", "user-1", 1).await.is_ok(),
         }
     }
 }

@@ -33,59 +33,79 @@ impl Gcra {
     }
 }
 
-/// The answer to [`RateStore::apply`].
+/// The answer to [`RateStore::apply_all`] (and [`RateStore::apply`], one cell).
+///
+/// Over several cells, each figure is the one that binds: the fewest units left, the longest
+/// wait, the longest time to full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateDecision {
     /// Whether the cost was admitted (and charged).
     pub allowed: bool,
-    /// Units that could still be spent right now after this decision.
+    /// Units that could still be spent right now after this decision: the fewest any cell
+    /// has left.
     pub remaining: u32,
-    /// When rejected: how long until the same cost would be admitted. Zero when allowed.
+    /// When rejected: how long until the same cost would be admitted, the longest wait of any
+    /// cell. Zero when allowed.
     pub retry_after: Duration,
-    /// How long until the cell is full again (all `burst` units available).
+    /// How long until every cell is full again (all `burst` units available).
     pub reset_after: Duration,
+    /// The index of the cell that decided: when rejected, the one with the longest wait; when
+    /// allowed, the one with the fewest units left (the first of equals). 0 for one cell.
+    pub cell: usize,
 }
 
 /// Stores GCRA cells keyed by [`Key`], shared by every instance of a service.
 ///
 /// # Contract
 ///
-/// - `apply` is one atomic step (one round trip, one Lua script touching one key on Redis):
-///   it charges `cost` units if the cell admits them, and otherwise changes nothing.
+/// - `apply_all` is one atomic step over one or more cells (one round trip, one Lua script on
+///   Redis): it charges `cost` units to every cell if each of them admits them, and otherwise
+///   changes nothing. The keys of one call are distinct and share a Redis Cluster slot (a
+///   common `{hash tag}`).
 /// - Time is the store's clock (Redis server time), so instances' clocks do not matter.
-/// - A cost greater than `burst` can never be admitted; it is rejected with
+/// - A cost greater than the `burst` of any cell can never be admitted, and an empty list of
+///   cells decides nothing: both are rejected with
 ///   [`BackendErrorKind::Config`](crate::BackendErrorKind::Config).
 /// - A cell expires once it is full again, so idle keys take no memory.
 pub trait RateStore: Send + Sync + fmt::Debug + 'static {
-    /// Applies `cost` units to the cell at `key`.
+    /// Applies `cost` units to every cell of `cells` (a key and its limit) together: all of
+    /// them are charged, or none.
+    fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send;
+
+    /// Applies `cost` units to the one cell at `key`.
     fn apply(
         &self,
         key: &Key,
         gcra: Gcra,
         cost: u32,
-    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send;
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
+        let cells = [(key.clone(), gcra)];
+        async move { self.apply_all(&cells, cost).await }
+    }
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Object-safe mirror of [`RateStore`], implemented for every store.
 trait ErasedRateStore: Send + Sync + fmt::Debug + 'static {
-    fn apply<'a>(
+    fn apply_all<'a>(
         &'a self,
-        key: &'a Key,
-        gcra: Gcra,
+        cells: &'a [(Key, Gcra)],
         cost: u32,
     ) -> BoxFuture<'a, Result<RateDecision, BackendError>>;
 }
 
 impl<S: RateStore> ErasedRateStore for S {
-    fn apply<'a>(
+    fn apply_all<'a>(
         &'a self,
-        key: &'a Key,
-        gcra: Gcra,
+        cells: &'a [(Key, Gcra)],
         cost: u32,
     ) -> BoxFuture<'a, Result<RateDecision, BackendError>> {
-        Box::pin(RateStore::apply(self, key, gcra, cost))
+        Box::pin(RateStore::apply_all(self, cells, cost))
     }
 }
 
@@ -103,7 +123,11 @@ impl DynRateStore {
 }
 
 impl RateStore for DynRateStore {
-    async fn apply(&self, key: &Key, gcra: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
-        self.0.apply(key, gcra, cost).await
+    async fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> Result<RateDecision, BackendError> {
+        self.0.apply_all(cells, cost).await
     }
 }

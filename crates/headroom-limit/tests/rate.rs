@@ -235,7 +235,10 @@ async fn tiers_have_their_own_quotas_and_can_be_replaced_at_run_time() {
     assert!(limiter.check_now("free", "alice", 1).is_err());
     assert_eq!(limiter.check_now("pro", "alice", 1).unwrap().remaining(), 9);
     assert!(limiter.check_now("gold", "alice", 1).is_ok());
-    assert_eq!(limiter.quota("pro"), Some(Quota::per_minute(10).unwrap()));
+    assert_eq!(
+        limiter.quotas("pro"),
+        Some(Quota::per_minute(10).unwrap().into())
+    );
 
     let bad = TierConfig::new().tier("free tier", Quota::per_minute(1).unwrap());
     assert_eq!(limiter.replace(&bad).unwrap_err().field(), "tiers");
@@ -311,4 +314,22 @@ async fn acquire_waits_for_a_near_permit_and_refuses_a_far_one_at_once() {
     assert!(!near.is_finished(), "admitted before its permit was due");
     manual.advance(Duration::from_millis(1));
     assert_eq!(near.await.unwrap(), (true, true));
+}
+
+/// A `max_wait` too long to add to a clock reading means no limit: the caller waits for its
+/// permit, and nothing panics.
+#[tokio::test(start_paused = true)]
+async fn acquire_with_an_unbounded_wait_waits_without_a_panic() {
+    let quota = Quota::per_second(10).unwrap().with_burst(1).unwrap();
+    let direct = DirectLimiter::builder(quota).build();
+    let keyed: KeyedLimiter<String> = KeyedLimiter::builder(quota).build();
+    direct.check().unwrap();
+    keyed.check_key("alice").unwrap();
+    let started = tokio::time::Instant::now();
+    direct.acquire_n(1, Duration::MAX).await.unwrap();
+    keyed
+        .acquire_key_n("alice", 1, Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), 100 * MS);
 }

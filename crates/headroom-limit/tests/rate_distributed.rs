@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use headroom_core::memory::MemoryRateStore;
@@ -167,7 +167,7 @@ async fn batched_units_are_spent_locally_and_expire() {
 struct DownStore;
 
 impl RateStore for DownStore {
-    async fn apply(&self, _: &Key, _: Gcra, _: u32) -> Result<RateDecision, BackendError> {
+    async fn apply_all(&self, _: &[(Key, Gcra)], _: u32) -> Result<RateDecision, BackendError> {
         Err(BackendError::new(BackendErrorKind::Connection))
     }
 }
@@ -179,15 +179,148 @@ struct StalledStore {
 }
 
 impl RateStore for StalledStore {
-    fn apply(
+    fn apply_all(
         &self,
-        _: &Key,
-        _: Gcra,
+        _: &[(Key, Gcra)],
         _: u32,
     ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
         self.calls.fetch_add(1, Ordering::Relaxed);
         std::future::pending()
     }
+}
+
+/// A memory store that counts its calls, answers each after `latency`, and fails while
+/// `down` is set.
+#[derive(Clone, Debug)]
+struct FlakyStore {
+    inner: MemoryRateStore,
+    calls: Arc<AtomicU32>,
+    down: Arc<AtomicBool>,
+    latency: Duration,
+}
+
+impl FlakyStore {
+    fn new(latency: Duration) -> Self {
+        Self {
+            inner: MemoryRateStore::new(),
+            calls: Arc::default(),
+            down: Arc::default(),
+            latency,
+        }
+    }
+
+    fn calls(&self) -> u32 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+}
+
+impl RateStore for FlakyStore {
+    async fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> Result<RateDecision, BackendError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(self.latency).await;
+        if self.down.load(Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
+        self.inner.apply_all(cells, cost).await
+    }
+}
+
+/// A limiter on `store` (on tokio's clock) that fails open for one second after a failure.
+fn recovering_limiter(store: FlakyStore) -> DistributedRateLimiter<FlakyStore> {
+    DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_minute(1000).unwrap()),
+    )
+    .fallback(Fallback::Open)
+    .timeout(Duration::from_millis(100))
+    .retry_after_failure(Duration::from_secs(1))
+    .build()
+    .unwrap()
+}
+
+/// Sends `n` checks at once, each for its own key; returns how many were admitted.
+async fn concurrent_checks<S: RateStore>(limiter: &DistributedRateLimiter<S>, n: usize) -> usize {
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    futures_util::future::join_all(keys.iter().map(|key| limiter.check("t", key, 1)))
+        .await
+        .iter()
+        .filter(|result| result.is_ok())
+        .count()
+}
+
+/// When the failure window ends, one request probes the store; the others arriving while the
+/// probe is out keep the fallback, so a recovering store sees one call, not a herd.
+#[tokio::test(start_paused = true)]
+async fn after_the_failure_window_one_probe_goes_out_and_the_rest_keep_the_fallback() {
+    let store = FlakyStore::new(Duration::from_millis(10));
+    let limiter = recovering_limiter(store.clone());
+    store.set_down(true);
+    limiter.check("t", "k", 1).await.unwrap();
+    assert_eq!((store.calls(), limiter.fallback_decisions()), (1, 1));
+
+    store.set_down(false);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(concurrent_checks(&limiter, 16).await, 16);
+    assert_eq!(store.calls(), 2, "one probe, not one call per request");
+    assert_eq!(limiter.fallback_decisions(), 1 + 15);
+
+    // The probe was answered: requests go to the store again, concurrently.
+    assert_eq!(concurrent_checks(&limiter, 4).await, 4);
+    assert_eq!((store.calls(), limiter.fallback_decisions()), (6, 16));
+}
+
+/// A probe the store fails keeps every request on the fallback for another whole window, with
+/// one probe at its end.
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_keeps_the_fallback_for_another_window() {
+    let store = FlakyStore::new(Duration::from_millis(10));
+    let limiter = recovering_limiter(store.clone());
+    store.set_down(true);
+    limiter.check("t", "k", 1).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(concurrent_checks(&limiter, 8).await, 8);
+    assert_eq!(store.calls(), 2);
+
+    // The probe failed 10 ms into it: the next window ends a second after that.
+    tokio::time::advance(Duration::from_millis(999)).await;
+    assert_eq!(concurrent_checks(&limiter, 8).await, 8);
+    assert_eq!(store.calls(), 2);
+    store.set_down(false);
+    tokio::time::advance(Duration::from_millis(11)).await;
+    assert_eq!(concurrent_checks(&limiter, 8).await, 8);
+    assert_eq!(store.calls(), 3);
+    assert_eq!(limiter.fallback_decisions(), 1 + 8 + 8 + 7);
+}
+
+/// A probe dropped before the store answers leaves no claim behind: the next request probes.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_probe_lets_the_next_request_probe() {
+    let store = FlakyStore::new(Duration::from_millis(10));
+    let limiter = recovering_limiter(store.clone());
+    store.set_down(true);
+    limiter.check("t", "k", 1).await.unwrap();
+    store.set_down(false);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let probe = limiter.check("t", "k", 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), probe)
+            .await
+            .is_err()
+    );
+    assert_eq!(store.calls(), 2);
+    limiter.check("t", "k", 1).await.unwrap();
+    assert_eq!(store.calls(), 3);
+    assert_eq!(limiter.fallback_decisions(), 1);
 }
 
 fn limiter_on<S: RateStore>(
@@ -379,6 +512,31 @@ async fn refusals_are_remembered_exactly_until_their_retry_after() {
     clock.advance(Duration::from_millis(60));
     limiter.check("t", "k", 1).await.unwrap();
     assert_eq!(limiter.round_trips(), 7);
+}
+
+/// A refused cost of several units waits exactly until they fit, also when a single unit
+/// would fit at once.
+#[tokio::test]
+async fn a_refused_cost_waits_exactly_for_its_own_units() {
+    let clock = ManualClock::new();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::with_limits(clock.clock(), 1000),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10).unwrap().with_burst(3).unwrap()),
+    )
+    .clock(clock.clock())
+    .build()
+    .unwrap();
+    limiter.check("t", "k", 1).await.unwrap();
+    // Two units are left: three fit in one interval.
+    let refused = limiter.check("t", "k", 3).await.unwrap_err();
+    assert_eq!(
+        refused.limited().unwrap().retry_after(),
+        Duration::from_millis(100)
+    );
+    // The refusal said nothing against a single unit.
+    limiter.check("t", "k", 1).await.unwrap();
 }
 
 mod batched_bound {

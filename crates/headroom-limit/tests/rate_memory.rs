@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use headroom_core::ManualClock;
-use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
+use headroom_limit::rate::{
+    DirectLimiter, KeyedLimiter, LocalRateLimiter, Quota, Quotas, TierConfig,
+};
 
 #[test]
 fn counts_only_the_measuring_thread() {
@@ -39,6 +41,30 @@ fn checks_do_not_allocate() {
             let _ = direct.check();
             let _ = keyed.check_key("alice");
             let _ = keyed.check_key_n("alice", 2);
+        }
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn tiered_checks_of_known_keys_do_not_allocate() {
+    let clock = ManualClock::new();
+    let quota = Quota::per_second(1000).unwrap();
+    let tiers = TierConfig::new().tier("one", quota).tier(
+        "two",
+        Quotas::new([quota, Quota::per_hour(100_000).unwrap()]).unwrap(),
+    );
+    let limiter = LocalRateLimiter::builder("api", tiers)
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    limiter.check_now("one", "alice", 1).unwrap();
+    limiter.check_now("two", "alice", 1).unwrap();
+    let info = allocation_counter::measure(|| {
+        for _ in 0..500 {
+            let _ = limiter.check_now("one", "alice", 1);
+            let _ = limiter.check_now("two", "alice", 1);
+            let _ = limiter.check_now("two", "alice", 3);
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");

@@ -57,10 +57,9 @@ impl Recorder for Counters {
 struct DownStore;
 
 impl RateStore for DownStore {
-    async fn apply(
+    async fn apply_all(
         &self,
-        _: &headroom_core::Key,
-        _: Gcra,
+        _: &[(headroom_core::Key, Gcra)],
         _: u32,
     ) -> Result<RateDecision, BackendError> {
         Err(BackendError::new(BackendErrorKind::Connection))

@@ -124,7 +124,7 @@ async fn an_unknown_tier_is_an_error_not_a_refusal() {
 struct DownStore;
 
 impl RateStore for DownStore {
-    async fn apply(&self, _: &Key, _: Gcra, _: u32) -> Result<RateDecision, BackendError> {
+    async fn apply_all(&self, _: &[(Key, Gcra)], _: u32) -> Result<RateDecision, BackendError> {
         Err(BackendError::new(BackendErrorKind::Connection))
     }
 }

@@ -85,10 +85,19 @@ fn rate_tiers_and_fallbacks_load_with_human_readable_periods() {
         }"#,
     )
     .unwrap();
-    assert_eq!(tiers.get("free"), Some(Quota::per_minute(60).unwrap()));
+    assert_eq!(
+        tiers.get("free"),
+        Some(&Quota::per_minute(60).unwrap().into())
+    );
     assert_eq!(
         tiers.get("pro"),
-        Some(Quota::per_second(100).unwrap().with_burst(500).unwrap())
+        Some(
+            &Quota::per_second(100)
+                .unwrap()
+                .with_burst(500)
+                .unwrap()
+                .into()
+        )
     );
     let round_trip: TierConfig =
         serde_json::from_str(&serde_json::to_string(&tiers).unwrap()).unwrap();
@@ -124,5 +133,85 @@ fn rate_tiers_and_fallbacks_load_with_human_readable_periods() {
         r#"{ "t": { "limit": 1, "period": "1m", "extra": 1 } }"#,
     ] {
         assert!(serde_json::from_str::<TierConfig>(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_tier_of_several_quotas_loads_from_a_list_next_to_single_quota_tiers() {
+    use headroom_limit::rate::{Quota, Quotas, TierConfig};
+
+    let tiers: TierConfig = serde_json::from_str(
+        r#"{
+            "free": { "limit": 60, "period": "1m" },
+            "api": { "quotas": [
+                { "limit": 10, "period": "1s" },
+                { "limit": 1000, "period": "1day", "burst": 100 }
+            ] }
+        }"#,
+    )
+    .unwrap();
+    let day = Quota::new(1000, Duration::from_secs(86_400))
+        .unwrap()
+        .with_burst(100)
+        .unwrap();
+    assert_eq!(
+        tiers.get("api"),
+        Some(&Quotas::new([Quota::per_second(10).unwrap(), day]).unwrap())
+    );
+    assert_eq!(
+        tiers.get("free"),
+        Some(&Quota::per_minute(60).unwrap().into())
+    );
+    // Written back, each tier keeps its form.
+    let written = serde_json::to_value(&tiers).unwrap();
+    assert_eq!(written["api"]["quotas"].as_array().unwrap().len(), 2);
+    assert_eq!(written["free"]["limit"], 60);
+    let round_trip: TierConfig = serde_json::from_value(written).unwrap();
+    assert_eq!(round_trip, tiers);
+}
+
+#[test]
+fn bad_quota_lists_are_typed_errors_naming_the_field() {
+    use headroom_limit::rate::{Quota, Quotas, TierConfig};
+
+    let quota = Quota::per_second(1).unwrap();
+    assert_eq!(Quotas::new([]).unwrap_err().field(), "quotas");
+    assert_eq!(
+        Quotas::new([quota; Quotas::MAX + 1]).unwrap_err().field(),
+        "quotas"
+    );
+    assert!(Quotas::new([quota; Quotas::MAX]).is_ok());
+
+    // From a file, the same errors (their field named in the message), never a panic.
+    let nine = [r#"{ "limit": 1, "period": "1s" }"#; 9].join(", ");
+    let nine = format!(r#"{{ "t": {{ "quotas": [{nine}] }} }}"#);
+    for (bad, field) in [
+        (r#"{ "t": { "quotas": [] } }"#, "`quotas`"),
+        (nine.as_str(), "`quotas`"),
+        (
+            r#"{ "t": { "quotas": [{ "limit": 0, "period": "1s" }] } }"#,
+            "`limit`",
+        ),
+        (
+            r#"{ "t": { "quotas": [{ "limit": 5, "period": "0s" }] } }"#,
+            "`period`",
+        ),
+        (
+            r#"{ "t": { "quotas": [{ "limit": 5, "period": "1s", "burst": 0 }] } }"#,
+            "`burst`",
+        ),
+        (
+            r#"{ "t": { "quotas": [{ "limit": 5, "period": "1s" }], "limit": 5 } }"#,
+            "`quotas`",
+        ),
+        (r#"{ "t": { "period": "1s" } }"#, "`limit`"),
+        (r#"{ "t": { "limit": 5 } }"#, "`period`"),
+        (r#"{ "t": {} }"#, "`limit`"),
+    ] {
+        let error = serde_json::from_str::<TierConfig>(bad).unwrap_err();
+        assert!(
+            error.to_string().contains(field),
+            "{bad}: {error} does not name {field}"
+        );
     }
 }

@@ -12,7 +12,7 @@
 //! - [`RedisLeaseStore`]: the [`LeaseStore`](headroom_core::lease::LeaseStore) behind
 //!   idempotency keys (one Lua script per step, one key per record, server time).
 //! - [`RedisRateStore`]: the [`RateStore`](headroom_core::rate::RateStore) behind distributed
-//!   rate limits (GCRA in one Lua script on one key, server time).
+//!   rate limits (GCRA in one Lua script over the cells of one limit key, one slot, server time).
 //! - [`RedisMigrationStore`]: the [`MigrationStore`](headroom_core::migration::MigrationStore)
 //!   behind resharding shared by several processes (one hash per migration, server time).
 //!

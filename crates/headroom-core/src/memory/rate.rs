@@ -106,65 +106,103 @@ impl Default for MemoryRateStore {
     }
 }
 
-/// Applies GCRA to a cell's theoretical arrival time; returns the decision and the new `tat`.
-pub(crate) fn gcra(
-    tat: Instant,
-    now: Instant,
-    gcra: Gcra,
-    cost: u32,
-) -> Result<(RateDecision, Instant), BackendError> {
-    if gcra.emission_interval.is_zero() || gcra.burst == 0 {
+/// One cell's side of a decision: what GCRA says of `cost` units at `now` for a cell whose
+/// theoretical arrival time is `tat` (already checked: a non-zero interval, `cost <= burst`).
+struct Step {
+    /// The theoretical arrival time if the cost is charged.
+    new_tat: Instant,
+    /// How long until the cell admits the cost; zero if it does now.
+    wait: Duration,
+}
+
+impl Step {
+    fn new(tat: Instant, now: Instant, gcra: Gcra, cost: u32) -> Self {
+        let new_tat = tat.max(now) + gcra.emission_interval * cost;
+        let allow_at = new_tat.checked_sub(gcra.tolerance()).unwrap_or(now);
+        Self {
+            new_tat,
+            wait: allow_at.saturating_duration_since(now),
+        }
+    }
+}
+
+/// Units a cell whose theoretical arrival time is `tat` could spend at `now`.
+fn remaining(tat: Instant, now: Instant, gcra: Gcra) -> u32 {
+    let headroom = (now + gcra.tolerance()).saturating_duration_since(tat);
+    u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos()).unwrap_or(u32::MAX)
+}
+
+/// Refuses what no cell could ever admit: a zero interval or burst, a cost over a burst, no cell.
+fn check(cells: &[(Key, Gcra)], cost: u32) -> Result<(), BackendError> {
+    if cells.is_empty() {
         return Err(BackendError::with_detail(
             BackendErrorKind::Config,
-            "a rate needs a non-zero emission interval and a burst of at least 1",
+            "a rate decision needs at least one cell",
         ));
     }
-    if cost > gcra.burst {
-        return Err(BackendError::with_detail(
-            BackendErrorKind::Config,
-            format!("a cost of {cost} can never fit a burst of {}", gcra.burst),
-        ));
+    for (_, gcra) in cells {
+        if gcra.emission_interval.is_zero() || gcra.burst == 0 {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                "a rate needs a non-zero emission interval and a burst of at least 1",
+            ));
+        }
+        if cost > gcra.burst {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                format!("a cost of {cost} can never fit a burst of {}", gcra.burst),
+            ));
+        }
     }
-    let tat = tat.max(now);
-    let new_tat = tat + gcra.emission_interval * cost;
-    let allow_at = new_tat.checked_sub(gcra.tolerance()).unwrap_or(now);
-    let remaining = |tat: Instant| {
-        let headroom = (now + gcra.tolerance()).saturating_duration_since(tat);
-        u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos()).unwrap_or(u32::MAX)
-    };
-    if allow_at > now {
-        let decision = RateDecision {
-            allowed: false,
-            remaining: remaining(tat),
-            retry_after: allow_at - now,
-            reset_after: tat - now,
-        };
-        return Ok((decision, tat));
-    }
-    let decision = RateDecision {
-        allowed: true,
-        remaining: remaining(new_tat),
-        retry_after: Duration::ZERO,
-        reset_after: new_tat - now,
-    };
-    Ok((decision, new_tat))
+    Ok(())
 }
 
 impl RateStore for MemoryRateStore {
-    async fn apply(&self, key: &Key, limit: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
+    async fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> Result<RateDecision, BackendError> {
+        check(cells, cost)?;
         let now = self.inner.clock.now();
-        let mut cells = self.inner.cells.lock();
-        let tat = cells.tats.get(key).copied().unwrap_or(now);
-        let (decision, new_tat) = gcra(tat, now, limit, cost)?;
-        if decision.allowed {
-            if let Some(tat) = cells.tats.get_mut(key) {
-                *tat = new_tat;
-            } else {
-                if cells.tats.len() >= self.inner.max_cells {
-                    cells.make_room(now);
-                }
-                cells.tats.insert(key.clone(), new_tat);
+        let mut held = self.inner.cells.lock();
+        let tat = |held: &Cells, key: &Key| held.tats.get(key).copied().unwrap_or(now).max(now);
+        // Every cell is looked at before any is charged: all of them, or none.
+        let mut refused: Option<(usize, Duration)> = None;
+        for (index, (key, gcra)) in cells.iter().enumerate() {
+            let wait = Step::new(tat(&held, key), now, *gcra, cost).wait;
+            if !wait.is_zero() && refused.is_none_or(|(_, longest)| wait > longest) {
+                refused = Some((index, wait));
             }
+        }
+        let mut decision = RateDecision {
+            allowed: refused.is_none(),
+            remaining: u32::MAX,
+            retry_after: refused.map_or(Duration::ZERO, |(_, wait)| wait),
+            reset_after: Duration::ZERO,
+            cell: refused.map_or(0, |(index, _)| index),
+        };
+        for (index, (key, gcra)) in cells.iter().enumerate() {
+            let mut tat = tat(&held, key);
+            if decision.allowed {
+                tat = Step::new(tat, now, *gcra, cost).new_tat;
+                if let Some(held_tat) = held.tats.get_mut(key) {
+                    *held_tat = tat;
+                } else {
+                    if held.tats.len() >= self.inner.max_cells {
+                        held.make_room(now);
+                    }
+                    held.tats.insert(key.clone(), tat);
+                }
+            }
+            let left = remaining(tat, now, *gcra);
+            if left < decision.remaining {
+                decision.remaining = left;
+                if decision.allowed {
+                    decision.cell = index;
+                }
+            }
+            decision.reset_after = decision.reset_after.max(tat - now);
         }
         Ok(decision)
     }

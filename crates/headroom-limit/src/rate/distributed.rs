@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, select};
-use headroom_core::rate::{RateDecision, RateStore};
+use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
 use metrics::Counter;
-use parking_lot::Mutex;
 
+use super::cells::TierCells;
 use super::limiter::record;
-use super::{
-    Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig,
-};
+use super::local::nanos;
+use super::reserved::{Local, LocalState, fnv1a};
+use super::{Admitted, Quotas, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig, wait};
 use crate::ConfigError;
 use crate::metrics::TierMetrics;
 
@@ -148,8 +148,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
         self
     }
 
-    /// How long to use the fallback after a failed store call before trying the store again
-    /// (default 1 s), so an outage does not cost a timeout on every request.
+    /// How long to use the fallback after a failed store call before one request probes the
+    /// store again (default 1 s), so an outage does not cost a timeout on every request.
     pub fn retry_after_failure(mut self, wait: Duration) -> Self {
         self.retry_after_failure = wait;
         self
@@ -199,7 +199,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             timeout: self.timeout,
             retry_after_failure: self.retry_after_failure,
             max_keys: self.max_keys,
-            down_until: AtomicU64::new(0),
+            health: AtomicU64::new(HEALTHY),
             tiers: ArcSwap::from_pointee(HashMap::new()),
         };
         let tiers = inner.build_tiers(&self.tiers, None)?;
@@ -215,17 +215,24 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// # Exact mode (the default)
 ///
-/// Every decision is at most one `apply` on the store: one round trip, one key
-/// (`namespace:tier:key`, a single cluster slot), on the store's clock. Any number of
-/// instances admit together exactly what one limiter would. A refusal is remembered until its
-/// `retry_after`: the store's cell only moves forward, so requests for that key are refused
-/// locally until then with no round trip, which is exact too and keeps a flood of refused
-/// requests off the store.
+/// Every decision is at most one [`apply_all`](RateStore::apply_all) on the store: one round
+/// trip, on the store's clock, over the key's cell of each quota of its tier (one for most
+/// tiers), all charged or none. The cells are `<namespace>:<tier>:{<tag>}:<index>:<key>`,
+/// where the tag is the FNV-1a hash of the key (64 bits, 16 lowercase hexadecimal digits): it
+/// comes first, so the cells of a key share one cluster slot and braces in a caller's key never
+/// choose it. Keys are at most [`MAX_KEY_LEN`](Self::MAX_KEY_LEN) bytes.
+///
+/// Any number of instances admit together exactly what one limiter would. A refusal is
+/// remembered until its `retry_after`: the store's cells only move forward, so requests for
+/// that key are refused locally until then with no round trip, which is exact too and keeps a
+/// flood of refused requests off the store. (For a tier of several quotas, the refusal is
+/// remembered for the quota that waited longest; a remembered refusal of another cost names
+/// that quota's wait, which another quota may exceed.)
 ///
 /// # Batched mode
 ///
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
-/// a key with one `apply(cost = n)` and spends them locally, so a busy key costs one round
+/// a key with one `apply_all(cost = n)` and spends them locally, so a busy key costs one round
 /// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
 /// left (a second round trip). A key the store refused within the last `n` intervals is
 /// saturated: the instance asks for single units, as in exact mode, until the key goes `n`
@@ -238,12 +245,17 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 /// - they may admit less: units reserved by an instance that sees no more requests for the key
 ///   are lost to the others until they replenish (at most `n - 1` per instance and key).
 ///
+/// For a tier of several quotas, the intervals are those of its fastest quota (the shortest
+/// emission interval), so the bound holds for each quota.
+///
 /// # When the store is unreachable
 ///
 /// A store error or a call slower than the [`timeout`](DistributedRateLimiterBuilder::timeout)
 /// switches the limiter to its [`Fallback`] for
-/// [`retry_after_failure`](DistributedRateLimiterBuilder::retry_after_failure), after which the
-/// next request tries the store again. Fallback decisions are counted.
+/// [`retry_after_failure`](DistributedRateLimiterBuilder::retry_after_failure). Then one
+/// request probes the store while the others keep the fallback; its answer brings every request
+/// back to the store, its failure starts another window. A recovering store sees one call per
+/// window from each instance, not a herd. Fallback decisions are counted.
 ///
 /// ```
 /// use headroom_core::memory::MemoryRateStore;
@@ -290,8 +302,9 @@ struct Inner<S> {
     timeout: Duration,
     retry_after_failure: Duration,
     max_keys: usize,
-    /// Nanoseconds since `origin` until which the store is not tried.
-    down_until: AtomicU64,
+    /// [`HEALTHY`], [`PROBING`], or the time (ns since `origin`) until which the store is not
+    /// tried after a failure.
+    health: AtomicU64,
     tiers: ArcSwap<HashMap<Box<str>, Arc<Tier>>>,
     metrics: StoreMetrics,
 }
@@ -307,113 +320,81 @@ struct StoreMetrics {
 
 #[derive(Debug)]
 struct Tier {
-    quota: Quota,
+    quotas: Quotas,
+    /// The shortest emission interval of the quotas (ns): how long reserved units are held
+    /// and refusals count as recent is measured in it.
+    interval: u64,
     prefix: Namespace,
     local_state: LocalState,
-    local: Option<KeyedLimiter<String>>,
+    local: Option<TierCells>,
     metrics: TierMetrics,
 }
 
-/// What an instance knows of each key without asking the store, in a bounded sharded map:
-/// units reserved and not yet spent, and until when the key is known to be refused.
-#[derive(Debug)]
-struct LocalState {
-    shards: Box<[Mutex<HashMap<String, Entry>>]>,
-    shard_cap: usize,
-}
+/// The longest key a distributed limiter takes: the store's key part less what the limiter
+/// adds (a hash tag, the quota's index and two separators).
+const MAX_KEY_LEN: usize = Key::MAX_LEN - TAG_LEN - 3;
+/// `{`, 16 hexadecimal digits, `}`.
+const TAG_LEN: usize = 18;
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Entry {
-    units: u32,
-    /// Units left in the store when these were reserved.
-    store_remaining: u32,
-    /// When the reserved units must no longer be spent (ns since the limiter's origin).
-    expires: u64,
-    /// Until when a cost of 1 is refused: the store's cell only ever moves forward, so a
-    /// refusal holds until then whatever the other instances do.
-    blocked_until: u64,
-}
-
-/// What the local state says about a request.
-enum Local {
-    /// Spent from reserved units: units left here and in the store.
-    Spent { units: u32, store_remaining: u32 },
-    /// Refused until this much later.
-    Blocked(u64),
-    /// Ask the store.
-    Unknown {
-        /// The store refused this key within the last `batch` intervals: the key is
-        /// saturated, and a batch would be refused and retried with what is left.
-        saturated: bool,
-    },
-}
-
-const LOCAL_SHARDS: usize = 16;
-
-impl LocalState {
-    fn new(max_keys: usize) -> Self {
-        Self {
-            shards: (0..LOCAL_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-            shard_cap: max_keys.div_ceil(LOCAL_SHARDS).max(1),
+impl Tier {
+    /// The store's cells of `key`, one per quota: `<namespace>:<tier>:{<tag>}:<index>:<key>`,
+    /// where the tag is the FNV-1a hash (64 bits, 16 lowercase hexadecimal digits) of the key.
+    /// The tag comes first, so every cell of a key is on one Redis Cluster slot and braces in
+    /// a caller's key never choose that slot.
+    fn cells(&self, key: &str) -> Result<Vec<(Key, Gcra)>, RateError> {
+        let invalid = || RateError::new(RateErrorKind::InvalidKey);
+        let hash = fnv1a(key.as_bytes());
+        let mut tag = [b'{'; TAG_LEN];
+        for (i, digit) in tag[1..17].iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[((hash >> (60 - 4 * i)) & 0xF) as usize];
         }
-    }
-
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
-        // FNV-1a: spreading keys over a few locks needs no keyed hash; the maps inside use one.
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        &self.shards[(hash % LOCAL_SHARDS as u64) as usize]
-    }
-
-    fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
-        let mut shard = self.shard(key).lock();
-        let Some(entry) = shard.get_mut(key) else {
-            return Local::Unknown { saturated: false };
-        };
-        // Reserved units are already charged in the store: spend them even when the store
-        // refuses more.
-        if entry.expires > now && entry.units >= cost {
-            entry.units -= cost;
-            return Local::Spent {
-                units: entry.units,
-                store_remaining: entry.store_remaining,
-            };
-        }
-        if entry.blocked_until > now {
-            let extra = interval.saturating_mul(u64::from(cost - 1));
-            return Local::Blocked(entry.blocked_until - now + extra);
-        }
-        let recent = interval.saturating_mul(u64::from(batch));
-        Local::Unknown {
-            saturated: entry.blocked_until > 0 && now < entry.blocked_until.saturating_add(recent),
-        }
-    }
-
-    fn update(&self, key: &str, now: u64, change: impl FnOnce(&mut Entry)) {
-        let mut shard = self.shard(key).lock();
-        if shard.len() >= self.shard_cap && !shard.contains_key(key) {
-            shard.retain(|_, e| (e.expires > now && e.units > 0) || e.blocked_until > now);
-            if shard.len() >= self.shard_cap {
-                // Forgetting reserved units or refusals only ever admits less or asks more.
-                shard.clear();
-            }
-        }
-        match shard.get_mut(key) {
-            Some(entry) => change(entry),
-            None => {
-                let mut entry = Entry::default();
-                change(&mut entry);
-                shard.insert(key.to_owned(), entry);
-            }
-        }
+        tag[17] = b'}';
+        self.quotas
+            .iter()
+            .enumerate()
+            .map(|(index, quota)| {
+                let index = [b':', b'0' + index as u8, b':'];
+                let key = self
+                    .prefix
+                    .key_from_parts(&[&tag, &index, key.as_bytes()])
+                    .map_err(|_| invalid())?;
+                Ok((key, quota.gcra()))
+            })
+            .collect()
     }
 }
 
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+/// The store answered its last probe (or never failed): every request may call it.
+const HEALTHY: u64 = 0;
+/// One request is probing the store after a failure; the others use the fallback meanwhile.
+const PROBING: u64 = u64::MAX;
+
+/// Whether a request calls the store.
+enum Route<'a> {
+    Store,
+    /// This request probes the store after an outage.
+    Probe(Probe<'a>),
+    Fallback,
+}
+
+/// The claim of the one request probing the store. Dropped before the store answers (the
+/// request was cancelled), it gives the claim back so the next request probes.
+struct Probe<'a> {
+    health: &'a AtomicU64,
+    /// The end of the failure window the claim replaced (already past).
+    window_end: u64,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        // Fails when the answer was recorded, which replaced the claim.
+        let _ = self.health.compare_exchange(
+            PROBING,
+            self.window_end,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
 }
 
 impl<S: RateStore> Inner<S> {
@@ -428,23 +409,25 @@ impl<S: RateStore> Inner<S> {
     ) -> Result<HashMap<Box<str>, Arc<Tier>>, ConfigError> {
         config.build(
             previous,
-            |tier| tier.quota,
-            |name, quota| {
+            |tier| &tier.quotas,
+            |name, quotas| {
                 let prefix = self
                     .namespace
                     .child(name)
                     .map_err(|_| ConfigError::new("tiers", "name does not fit the namespace"))?;
                 let local = match self.fallback {
-                    Fallback::Local { instances } => Some(
-                        KeyedLimiter::builder(quota.share(instances))
-                            .clock(self.clock.clone())
-                            .max_keys(self.max_keys)
-                            .build(),
-                    ),
+                    Fallback::Local { instances } => Some(TierCells::new(
+                        &quotas.share(instances),
+                        self.clock.clone(),
+                        self.max_keys,
+                        Duration::from_secs(10),
+                    )),
                     Fallback::Open | Fallback::Closed => None,
                 };
+                let shortest = quotas.iter().map(|quota| quota.emission_interval()).min();
                 Ok(Tier {
-                    quota,
+                    quotas: quotas.clone(),
+                    interval: nanos(shortest.unwrap_or_default()),
                     prefix,
                     local_state: LocalState::new(self.max_keys),
                     local,
@@ -455,9 +438,9 @@ impl<S: RateStore> Inner<S> {
     }
 
     /// One store call, bounded by the timeout.
-    async fn apply(&self, tier: &Tier, key: &Key, cost: u32) -> Result<RateDecision, BackendError> {
+    async fn apply(&self, cells: &[(Key, Gcra)], cost: u32) -> Result<RateDecision, BackendError> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
-        let call = pin!(self.store.apply(key, tier.quota.gcra(), cost));
+        let call = pin!(self.store.apply_all(cells, cost));
         let deadline = pin!(self.clock.sleep(self.timeout));
         let result = match select(call, deadline).await {
             Either::Left((result, _)) => result,
@@ -474,17 +457,21 @@ impl<S: RateStore> Inner<S> {
     }
 
     async fn decide(&self, tier: &Tier, key: &str, cost: u32) -> Result<Admitted, RateError> {
-        let quota = tier.quota;
-        if cost > quota.burst() {
+        let quotas = &tier.quotas;
+        if cost > quotas.max_cost() {
             return Err(RateError::new(RateErrorKind::CostTooHigh));
         }
-        let interval = nanos(quota.emission_interval());
         let now = self.now();
-        let saturated = match tier.local_state.check(key, cost, now, interval, self.batch) {
+        let saturated = match tier
+            .local_state
+            .check(key, cost, now, tier.interval, self.batch)
+        {
             Local::Spent {
                 units,
                 store_remaining,
+                quota,
             } => {
+                let quota = quotas.get(quota);
                 return Ok(Admitted {
                     quota,
                     remaining: store_remaining.saturating_add(units),
@@ -492,22 +479,28 @@ impl<S: RateStore> Inner<S> {
                         * quota.burst().saturating_sub(store_remaining),
                 });
             }
-            Local::Blocked(wait) => {
-                return Err(RateLimited::new(quota, Duration::from_nanos(wait)).into());
+            Local::Blocked { wait, quota } => {
+                let quota = quotas.get(quota);
+                let extra = nanos(quota.emission_interval()).saturating_mul(u64::from(cost - 1));
+                let wait = Duration::from_nanos(wait.saturating_add(extra));
+                return Err(RateLimited::new(quota, wait).into());
             }
             Local::Unknown { saturated } => saturated,
         };
-        if now < self.down_until.load(Ordering::Relaxed) {
-            return self.fall_back(tier, key, cost, None);
-        }
-        let Ok(store_key) = tier.prefix.key(key) else {
+        if key.len() > MAX_KEY_LEN {
             return Err(RateError::new(RateErrorKind::InvalidKey));
+        }
+        let probe = match self.route(now) {
+            Route::Store => None,
+            Route::Probe(probe) => Some(probe),
+            Route::Fallback => return self.fall_back(tier, key, cost, None),
         };
+        let cells = tier.cells(key)?;
         // A saturated key is charged one request at a time, as in exact mode: a batch would
         // be refused and the call repeated for what is left, two round trips for one unit.
         let batch = if saturated { 1 } else { self.batch };
-        let mut reserve = batch.max(cost).min(quota.burst());
-        let mut decision = self.apply(tier, &store_key, reserve).await;
+        let mut reserve = batch.max(cost).min(quotas.max_cost());
+        let mut decision = self.apply(&cells, reserve).await;
         if let Ok(refused) = &decision
             && !refused.allowed
             && reserve > cost
@@ -515,12 +508,14 @@ impl<S: RateStore> Inner<S> {
         {
             // Fewer units than a batch are left: take what is there.
             reserve = refused.remaining.min(reserve);
-            decision = self.apply(tier, &store_key, reserve).await;
+            decision = self.apply(&cells, reserve).await;
         }
+        self.record_health(&decision, probe);
         match decision {
             Ok(decision) if decision.allowed => {
                 let granted = reserve - cost;
                 if granted > 0 {
+                    let interval = tier.interval;
                     let expires =
                         now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
                     tier.local_state.update(key, now, |entry| {
@@ -533,40 +528,102 @@ impl<S: RateStore> Inner<S> {
                             entry.expires = expires;
                         }
                         entry.store_remaining = decision.remaining;
+                        entry.reserved_quota = quota_index(decision.cell);
                     });
                 }
                 Ok(Admitted {
-                    quota,
+                    quota: quotas.get(decision.cell),
                     remaining: decision.remaining.saturating_add(granted),
                     reset_after: decision.reset_after,
                 })
             }
             Ok(decision) => {
-                // The refusal was for `reserve` units; a cost of 1 fits `reserve - 1`
-                // intervals earlier, and `cost` units `cost - 1` intervals after that.
-                let earlier = interval.saturating_mul(u64::from(reserve - 1));
-                let for_one = nanos(decision.retry_after).saturating_sub(earlier).max(1);
+                // The refusal was for `reserve` units; by the quota that waits longest, `cost`
+                // units fit `reserve - cost` intervals earlier and a single unit `reserve - 1`
+                // intervals earlier. (With several quotas, another may hold a single unit back
+                // longer: remembering the shorter wait only asks the store sooner.)
+                let quota = quotas.get(decision.cell);
+                let interval = nanos(quota.emission_interval());
+                let retry_after = nanos(decision.retry_after);
+                let earlier = |units: u32| interval.saturating_mul(u64::from(units));
+                let for_one = retry_after.saturating_sub(earlier(reserve - 1));
                 tier.local_state.update(key, now, |entry| {
+                    entry.refused = true;
                     entry.blocked_until = now.saturating_add(for_one);
+                    entry.blocked_quota = quota_index(decision.cell);
                 });
-                let wait = for_one + interval.saturating_mul(u64::from(cost - 1));
+                let wait = retry_after.saturating_sub(earlier(reserve - cost)).max(1);
                 Err(RateLimited::new(quota, Duration::from_nanos(wait)).into())
             }
             Err(error) if error.kind() == BackendErrorKind::Config => {
                 Err(RateError::with_source(RateErrorKind::StoreConfig, error))
             }
-            Err(error) => {
-                let retry_at = now.saturating_add(nanos(self.retry_after_failure));
-                if self.down_until.swap(retry_at, Ordering::Relaxed) <= now {
-                    tracing::warn!(
-                        limiter = &*self.name,
-                        %error,
-                        fallback = self.fallback.as_str(),
-                        "rate store unreachable, using the fallback"
-                    );
-                }
-                self.fall_back(tier, key, cost, Some(error))
+            Err(error) => self.fall_back(tier, key, cost, Some(error)),
+        }
+    }
+
+    /// Whether a request at `now` calls the store. After a failure, the store is left alone
+    /// for `retry_after_failure`; then the first request to come probes it, and the others
+    /// keep the fallback until the probe's answer is in.
+    fn route(&self, now: u64) -> Route<'_> {
+        match self.health.load(Ordering::Relaxed) {
+            HEALTHY => Route::Store,
+            PROBING => Route::Fallback,
+            window_end if now < window_end => Route::Fallback,
+            window_end => match self.health.compare_exchange(
+                window_end,
+                PROBING,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => Route::Probe(Probe {
+                    health: &self.health,
+                    window_end,
+                }),
+                Err(_) => Route::Fallback,
+            },
+        }
+    }
+
+    /// Records what a store call says of the store: an answer to a probe ends the outage, a
+    /// failure starts one (or, for a probe, another window) from now.
+    fn record_health(
+        &self,
+        decision: &Result<RateDecision, BackendError>,
+        probe: Option<Probe<'_>>,
+    ) {
+        let failure = match decision {
+            Err(error) if error.kind() != BackendErrorKind::Config => Some(error),
+            _ => None,
+        };
+        let Some(error) = failure else {
+            if probe.is_some() {
+                self.health.store(HEALTHY, Ordering::Relaxed);
+                tracing::info!(limiter = &*self.name, "rate store reachable again");
             }
+            return;
+        };
+        let window_end = self
+            .now()
+            .saturating_add(nanos(self.retry_after_failure))
+            .clamp(HEALTHY + 1, PROBING - 1);
+        if probe.is_some() {
+            self.health.store(window_end, Ordering::Relaxed);
+            return;
+        }
+        // A failure seen while a probe is out leaves the decision to the probe.
+        let previous = self
+            .health
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |health| {
+                (health != PROBING).then_some(window_end)
+            });
+        if previous == Ok(HEALTHY) {
+            tracing::warn!(
+                limiter = &*self.name,
+                %error,
+                fallback = self.fallback.as_str(),
+                "rate store unreachable, using the fallback"
+            );
         }
     }
 
@@ -582,16 +639,26 @@ impl<S: RateStore> Inner<S> {
             .fallback_decisions
             .fetch_add(1, Ordering::Relaxed);
         match (&tier.local, self.fallback) {
-            (Some(local), _) => local.check_key_n(key, cost).map(|admitted| Admitted {
-                quota: tier.quota,
-                ..admitted
+            (Some(local), _) => local.check(key, cost).map(|admitted| {
+                // Answers name the quota the enforced share comes from.
+                let shares = local.quotas().as_slice();
+                let index = shares.iter().position(|share| *share == admitted.quota);
+                Admitted {
+                    quota: tier.quotas.get(index.unwrap_or(0)),
+                    ..admitted
+                }
             }),
             (None, Fallback::Closed) => Err(RateError::unavailable(error)),
-            (None, _) => Ok(Admitted {
-                quota: tier.quota,
-                remaining: tier.quota.burst(),
-                reset_after: Duration::ZERO,
-            }),
+            (None, _) => {
+                let quotas = tier.quotas.as_slice();
+                let narrowest = quotas.iter().min_by_key(|quota| quota.burst());
+                let quota = narrowest.copied().unwrap_or_else(|| tier.quotas.get(0));
+                Ok(Admitted {
+                    quota,
+                    remaining: quota.burst(),
+                    reset_after: Duration::ZERO,
+                })
+            }
         }
     }
 }
@@ -646,9 +713,14 @@ impl<S: RateStore> DistributedRateLimiter<S> {
         Ok(())
     }
 
-    /// The quota of `tier`, if configured.
-    pub fn quota(&self, tier: &str) -> Option<Quota> {
-        self.inner.tiers.load().get(tier).map(|t| t.quota)
+    /// The longest key a check takes, in bytes; longer ones are
+    /// [`RateErrorKind::InvalidKey`]. The store's keys hold a hash tag and the quota's index
+    /// besides the key.
+    pub const MAX_KEY_LEN: usize = MAX_KEY_LEN;
+
+    /// The quotas of `tier`, if configured.
+    pub fn quotas(&self, tier: &str) -> Option<Quotas> {
+        self.inner.tiers.load().get(tier).map(|t| t.quotas.clone())
     }
 
     /// Store calls made so far (successful or not).
@@ -675,4 +747,29 @@ impl<S: RateStore> RateLimit for DistributedRateLimiter<S> {
         record(&state.metrics, tier, &result);
         result
     }
+
+    async fn acquire(
+        &self,
+        tier: &str,
+        key: &str,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Result<Admitted, RateError> {
+        let tiers = self.inner.tiers.load_full();
+        let Some(state) = tiers.get(tier) else {
+            return Err(RateError::new(RateErrorKind::UnknownTier));
+        };
+        let result = wait::acquire(&self.inner.clock, max_wait, || {
+            self.inner.decide(state, key, cost)
+        })
+        .await;
+        record(&state.metrics, tier, &result);
+        result
+    }
+}
+
+/// A cell index from the store as the local state keeps it (a tier holds at most 8 quotas;
+/// a foreign index maps to one the tier has).
+fn quota_index(cell: usize) -> u8 {
+    u8::try_from(cell.min(Quotas::MAX - 1)).unwrap_or(0)
 }

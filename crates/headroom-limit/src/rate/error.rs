@@ -9,7 +9,8 @@ use super::Quota;
 
 /// A request was refused because its key has spent its quota.
 ///
-/// A cheap `Copy` value carrying the exact time until the same cost would be admitted:
+/// A cheap `Copy` value carrying the exact time until the same cost would be admitted (for a
+/// tier of several quotas, the longest wait among the quotas that refuse, and that quota):
 ///
 /// ```
 /// use std::time::Duration;
@@ -41,7 +42,7 @@ impl RateLimited {
         self.retry_after
     }
 
-    /// The quota that was exhausted.
+    /// The quota that was exhausted (of several, the one whose wait is given).
     pub fn quota(&self) -> Quota {
         self.quota
     }
@@ -79,7 +80,8 @@ pub enum RateErrorKind {
     CostTooHigh,
     /// The request names a tier that is not configured.
     UnknownTier,
-    /// The key does not fit the store (longer than [`Key::MAX_LEN`](headroom_core::Key::MAX_LEN)).
+    /// The key does not fit the store (longer than
+    /// [`DistributedRateLimiter::MAX_KEY_LEN`](super::DistributedRateLimiter::MAX_KEY_LEN)).
     InvalidKey,
     /// The shared store is unreachable and the limiter fails closed.
     Unavailable,

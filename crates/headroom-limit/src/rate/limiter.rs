@@ -8,7 +8,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use headroom_core::Clock;
 
-use super::{Admitted, KeyedLimiter, Quota, RateError, RateErrorKind, TierConfig};
+use super::cells::TierCells;
+use super::{Admitted, Quotas, RateError, RateErrorKind, TierConfig};
 use crate::ConfigError;
 use crate::metrics::TierMetrics;
 
@@ -16,12 +17,28 @@ use crate::metrics::TierMetrics;
 /// [`DistributedRateLimiter`](super::DistributedRateLimiter) across instances. The tower
 /// layer takes either.
 pub trait RateLimit: Clone + Send + Sync + 'static {
-    /// Spends `cost` units of `key`'s quota in `tier`.
+    /// Spends `cost` units of `key`'s quotas in `tier` (every quota of the tier, or none).
     fn check(
         &self,
         tier: &str,
         key: &str,
         cost: u32,
+    ) -> impl Future<Output = Result<Admitted, RateError>> + Send;
+
+    /// Spends `cost` units as [`check`](Self::check) does, waiting for them when they will be
+    /// available within `max_wait`; refuses at once, with the wait it would have needed
+    /// ([`RateLimited::retry_after`](super::RateLimited::retry_after)), when they will not, so
+    /// a caller never sleeps only to be refused.
+    ///
+    /// Nothing is reserved while waiting: another caller may take the units first, and the
+    /// wait goes on within `max_wait`. Dropping the future while it waits consumes nothing.
+    /// Errors other than a refusal come back at once.
+    fn acquire(
+        &self,
+        tier: &str,
+        key: &str,
+        cost: u32,
+        max_wait: Duration,
     ) -> impl Future<Output = Result<Admitted, RateError>> + Send;
 }
 
@@ -37,23 +54,34 @@ pub(crate) fn record(metrics: &TierMetrics, tier: &str, result: &Result<Admitted
     }
 }
 
-/// Tiered rate limits in one process: a [`KeyedLimiter`] per tier.
+/// Tiered rate limits in one process: a [`KeyedLimiter`](super::KeyedLimiter) per tier, or
+/// for a tier of several [`Quotas`], one small locked set of cells per key so that a request
+/// is charged to all of them or none.
 ///
 /// Cheap to clone (clones share state). The tiers can be replaced at run time with
-/// [`replace`](Self::replace); tiers whose quota did not change keep their state.
+/// [`replace`](Self::replace); tiers whose quotas did not change keep their state.
 ///
 /// ```
-/// use headroom_limit::rate::{LocalRateLimiter, Quota, RateErrorKind, RateLimit, TierConfig};
+/// use std::time::Duration;
+/// use headroom_limit::rate::{
+///     LocalRateLimiter, Quota, Quotas, RateErrorKind, RateLimit, TierConfig,
+/// };
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let tiers = TierConfig::new()
 ///     .tier("free", Quota::per_minute(1).unwrap())
-///     .tier("pro", Quota::per_minute(100).unwrap());
+///     // 10 a second and 1,000 an hour: a request must fit both.
+///     .tier("pro", Quotas::new([Quota::per_second(10).unwrap(), Quota::per_hour(1000).unwrap()])
+///         .unwrap());
 /// let limiter = LocalRateLimiter::builder("api", tiers).build().unwrap();
 /// assert!(limiter.check("free", "alice", 1).await.is_ok());
 /// let refused = limiter.check("free", "alice", 1).await.unwrap_err();
 /// assert_eq!(refused.kind(), RateErrorKind::Limited);
-/// assert_eq!(limiter.check("pro", "bob", 1).await.unwrap().remaining(), 99);
+/// // The next unit is a minute away: a caller willing to wait a second is refused at once.
+/// let refused = limiter.acquire("free", "alice", 1, Duration::from_secs(1)).await.unwrap_err();
+/// assert!(refused.limited().unwrap().retry_after() > Duration::from_secs(59));
+/// // The per-second quota has the fewest units left.
+/// assert_eq!(limiter.check("pro", "bob", 1).await.unwrap().remaining(), 9);
 /// # }
 /// ```
 #[derive(Clone, Debug)]
@@ -71,7 +99,7 @@ struct LocalInner {
 
 #[derive(Debug)]
 struct LocalTier {
-    limiter: KeyedLimiter<String>,
+    cells: TierCells,
     metrics: TierMetrics,
 }
 
@@ -92,7 +120,8 @@ impl LocalRateLimiterBuilder {
         self
     }
 
-    /// The most keys held per tier (default 1,000,000); see [`KeyedLimiter`].
+    /// The most keys held per tier (default 1,000,000); see
+    /// [`KeyedLimiter`](super::KeyedLimiter).
     pub fn max_keys_per_tier(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
@@ -122,14 +151,13 @@ impl LocalInner {
     ) -> Result<HashMap<Box<str>, Arc<LocalTier>>, ConfigError> {
         config.build(
             previous,
-            |tier| tier.limiter.quota(),
-            |name, quota| {
+            |tier| tier.cells.quotas(),
+            |name, quotas| {
+                // Keys are full again one period after their last request at the latest.
+                let longest = quotas.iter().map(|quota| quota.period()).max();
+                let idle_sweep = longest.unwrap_or_default().max(Duration::from_secs(1));
                 Ok(LocalTier {
-                    limiter: KeyedLimiter::builder(quota)
-                        .clock(self.clock.clone())
-                        .max_keys(self.max_keys)
-                        .idle_sweep(quota.period().max(Duration::from_secs(1)))
-                        .build(),
+                    cells: TierCells::new(quotas, self.clock.clone(), self.max_keys, idle_sweep),
                     metrics: TierMetrics::new(&self.name, name),
                 })
             },
@@ -148,7 +176,7 @@ impl LocalRateLimiter {
         }
     }
 
-    /// Replaces the tiers. Tiers whose quota is unchanged keep their keys' state; new or
+    /// Replaces the tiers. Tiers whose quotas are unchanged keep their keys' state; new or
     /// changed tiers start with every key full.
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
         let current = self.inner.tiers.load();
@@ -157,18 +185,23 @@ impl LocalRateLimiter {
         Ok(())
     }
 
-    /// The quota of `tier`, if configured.
-    pub fn quota(&self, tier: &str) -> Option<Quota> {
-        self.inner.tiers.load().get(tier).map(|t| t.limiter.quota())
+    /// The quotas of `tier`, if configured.
+    pub fn quotas(&self, tier: &str) -> Option<Quotas> {
+        self.inner
+            .tiers
+            .load()
+            .get(tier)
+            .map(|t| t.cells.quotas().clone())
     }
 
-    /// Spends `cost` units of `key`'s quota in `tier`, without waiting on anything.
+    /// Spends `cost` units of `key`'s quotas in `tier` (every quota of the tier, or none),
+    /// without waiting on anything.
     pub fn check_now(&self, tier: &str, key: &str, cost: u32) -> Result<Admitted, RateError> {
         let tiers = self.inner.tiers.load();
         let Some(state) = tiers.get(tier) else {
             return Err(RateError::new(RateErrorKind::UnknownTier));
         };
-        let result = state.limiter.check_key_n(key, cost);
+        let result = state.cells.check(key, cost);
         record(&state.metrics, tier, &result);
         result
     }
@@ -177,5 +210,20 @@ impl LocalRateLimiter {
 impl RateLimit for LocalRateLimiter {
     async fn check(&self, tier: &str, key: &str, cost: u32) -> Result<Admitted, RateError> {
         self.check_now(tier, key, cost)
+    }
+
+    async fn acquire(
+        &self,
+        tier: &str,
+        key: &str,
+        cost: u32,
+        max_wait: Duration,
+    ) -> Result<Admitted, RateError> {
+        let Some(state) = self.inner.tiers.load().get(tier).cloned() else {
+            return Err(RateError::new(RateErrorKind::UnknownTier));
+        };
+        let result = state.cells.acquire(key, cost, max_wait).await;
+        record(&state.metrics, tier, &result);
+        result
     }
 }

@@ -1,84 +1,54 @@
 //! In-process GCRA: a lock-free direct limiter and a sharded, bounded keyed limiter.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
 use headroom_core::Clock;
-use parking_lot::RwLock;
 
-use super::{Admitted, Quota, RateError, RateErrorKind, RateLimited};
+use super::table::{Table, default_shards};
+use super::{Admitted, Quota, RateError, RateErrorKind, RateLimited, wait};
 
-/// A quota in integer nanoseconds, with the clock it is measured on.
-#[derive(Clone, Debug)]
-struct Gcra {
+/// A quota in integer nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gcra {
     quota: Quota,
     interval: u64,
     tolerance: u64,
-    clock: Clock,
-    origin: Instant,
 }
 
 impl Gcra {
-    fn new(quota: Quota, clock: Clock) -> Self {
+    pub(crate) fn new(quota: Quota) -> Self {
         let interval = nanos(quota.emission_interval());
         Self {
             quota,
             interval,
             tolerance: interval.saturating_mul(u64::from(quota.burst())),
-            origin: clock.now(),
-            clock,
         }
     }
 
-    /// Runs `attempt` until it is admitted, sleeping between attempts while the wait it is
-    /// told stays within `max_wait` of the first; refuses at once otherwise.
-    async fn acquire(
-        &self,
-        max_wait: Duration,
-        mut attempt: impl FnMut() -> Result<Admitted, RateError>,
-    ) -> Result<Admitted, RateError> {
-        let deadline = self.clock.now() + max_wait;
-        loop {
-            let error = match attempt() {
-                Ok(admitted) => return Ok(admitted),
-                Err(error) => error,
-            };
-            match error.limited() {
-                Some(limited) if self.clock.now() + limited.retry_after() <= deadline => {
-                    self.clock.sleep(limited.retry_after()).await;
-                }
-                _ => return Err(error),
-            }
-        }
-    }
-
-    /// Nanoseconds since the limiter was built.
+    /// One GCRA step from the theoretical arrival time `tat`: the new one when `cost` units
+    /// are admitted at `now`, the nanoseconds to wait when not.
     #[inline]
-    fn now(&self) -> u64 {
-        let elapsed = self.clock.now().saturating_duration_since(self.origin);
-        // u64 arithmetic: cheaper than `as_nanos` (u128), and 584 years before it saturates.
-        elapsed
-            .as_secs()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(elapsed.subsec_nanos()))
+    pub(crate) fn next(&self, tat: u64, now: u64, cost: u32) -> Result<u64, u64> {
+        let new_tat = tat
+            .max(now)
+            .saturating_add(self.interval.saturating_mul(u64::from(cost)));
+        let allow_at = new_tat.saturating_sub(self.tolerance);
+        if allow_at > now {
+            Err(allow_at - now)
+        } else {
+            Ok(new_tat)
+        }
     }
 
-    /// One GCRA step on `cell` (the theoretical arrival time): the new `tat` when admitted,
-    /// the nanoseconds to wait when not. One compare-and-swap, retried only on contention.
+    /// One GCRA step on `cell`: one compare-and-swap, retried only on contention.
     #[inline]
     fn step(&self, cell: &AtomicU64, now: u64, cost: u32) -> Result<u64, u64> {
-        let increment = self.interval.saturating_mul(u64::from(cost));
         let mut tat = cell.load(Ordering::Relaxed);
         loop {
-            let new_tat = tat.max(now).saturating_add(increment);
-            let allow_at = new_tat.saturating_sub(self.tolerance);
-            if allow_at > now {
-                return Err(allow_at - now);
-            }
+            let new_tat = self.next(tat, now, cost)?;
             match cell.compare_exchange_weak(tat, new_tat, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return Ok(new_tat),
                 Err(actual) => tat = actual,
@@ -87,11 +57,12 @@ impl Gcra {
     }
 
     #[inline]
-    fn limited(&self, wait: u64) -> RateLimited {
+    pub(crate) fn limited(&self, wait: u64) -> RateLimited {
         RateLimited::new(self.quota, Duration::from_nanos(wait))
     }
 
-    fn admitted(&self, new_tat: u64, now: u64) -> Admitted {
+    /// What is left of the quota at `now` once the theoretical arrival time is `new_tat`.
+    pub(crate) fn admitted(&self, new_tat: u64, now: u64) -> Admitted {
         let headroom = now.saturating_add(self.tolerance).saturating_sub(new_tat);
         Admitted {
             quota: self.quota,
@@ -111,7 +82,38 @@ impl Gcra {
     }
 }
 
-fn nanos(duration: Duration) -> u64 {
+/// Time as the in-process limiters count it: nanoseconds since they were built, on their clock.
+#[derive(Clone, Debug)]
+pub(crate) struct Time {
+    clock: Clock,
+    origin: Instant,
+}
+
+impl Time {
+    pub(crate) fn new(clock: Clock) -> Self {
+        Self {
+            origin: clock.now(),
+            clock,
+        }
+    }
+
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Nanoseconds since the limiter was built.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        let elapsed = self.clock.now().saturating_duration_since(self.origin);
+        // u64 arithmetic: cheaper than `as_nanos` (u128), and 584 years before it saturates.
+        elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(elapsed.subsec_nanos()))
+    }
+}
+
+pub(crate) fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -136,6 +138,7 @@ fn nanos(duration: Duration) -> u64 {
 #[derive(Debug)]
 pub struct DirectLimiter {
     gcra: Gcra,
+    time: Time,
     tat: AtomicU64,
 }
 
@@ -157,7 +160,8 @@ impl DirectLimiterBuilder {
     /// Builds the limiter with its full burst available.
     pub fn build(self) -> DirectLimiter {
         DirectLimiter {
-            gcra: Gcra::new(self.quota, self.clock),
+            gcra: Gcra::new(self.quota),
+            time: Time::new(self.clock),
             tat: AtomicU64::new(0),
         }
     }
@@ -180,7 +184,7 @@ impl DirectLimiter {
     /// Spends one unit, or says how long until one is available.
     #[inline]
     pub fn check(&self) -> Result<(), RateLimited> {
-        let now = self.gcra.now();
+        let now = self.time.now();
         match self.gcra.step(&self.tat, now, 1) {
             Ok(_) => Ok(()),
             Err(wait) => Err(self.gcra.limited(wait)),
@@ -190,7 +194,7 @@ impl DirectLimiter {
     /// Spends `cost` units at once, or none. A cost above the burst is
     /// [`RateErrorKind::CostTooHigh`].
     pub fn check_n(&self, cost: u32) -> Result<Admitted, RateError> {
-        let now = self.gcra.now();
+        let now = self.time.now();
         self.gcra.check_n(&self.tat, now, cost)
     }
 
@@ -200,7 +204,10 @@ impl DirectLimiter {
     /// Nothing is reserved while waiting: a caller that checks meanwhile may take the units,
     /// and the wait goes on within `max_wait`. Dropping the future gives up the wait.
     pub async fn acquire_n(&self, cost: u32, max_wait: Duration) -> Result<Admitted, RateError> {
-        self.gcra.acquire(max_wait, || self.check_n(cost)).await
+        wait::acquire(self.time.clock(), max_wait, || {
+            std::future::ready(self.check_n(cost))
+        })
+        .await
     }
 }
 
@@ -246,22 +253,10 @@ impl KeyedLimiterBuilder {
 
     /// Builds the limiter.
     pub fn build<K>(self) -> KeyedLimiter<K> {
-        let shards = self.shards.clamp(1, 1 << 16).next_power_of_two();
-        let shard_cap = self.max_keys.div_ceil(shards).max(1);
         KeyedLimiter {
-            shards: (0..shards)
-                .map(|_| {
-                    RwLock::new(Shard {
-                        cells: HashTable::new(),
-                        next_sweep: 0,
-                    })
-                })
-                .collect(),
-            mask: shards - 1,
-            shard_cap,
-            sweep_every: nanos(self.idle_sweep),
-            hasher: RandomState::new(),
-            gcra: Gcra::new(self.quota, self.clock),
+            table: Table::new(self.max_keys, self.shards, self.idle_sweep),
+            gcra: Gcra::new(self.quota),
+            time: Time::new(self.clock),
         }
     }
 }
@@ -296,29 +291,19 @@ impl KeyedLimiterBuilder {
 /// ```
 #[derive(Debug)]
 pub struct KeyedLimiter<K> {
-    shards: Box<[RwLock<Shard<K>>]>,
-    mask: usize,
-    shard_cap: usize,
-    sweep_every: u64,
-    hasher: RandomState,
+    table: Table<K, AtomicU64>,
     gcra: Gcra,
-}
-
-#[derive(Debug)]
-struct Shard<K> {
-    cells: HashTable<(K, AtomicU64)>,
-    next_sweep: u64,
+    time: Time,
 }
 
 impl KeyedLimiter<()> {
     /// A builder enforcing `quota` per key.
     pub fn builder(quota: Quota) -> KeyedLimiterBuilder {
-        let cores = std::thread::available_parallelism().map_or(4, usize::from);
         KeyedLimiterBuilder {
             quota,
             clock: Clock::system(),
             max_keys: 1_000_000,
-            shards: (cores * 4).max(16),
+            shards: default_shards(),
             idle_sweep: Duration::from_secs(10),
         }
     }
@@ -337,8 +322,11 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let now = self.gcra.now();
-        match self.apply(key, now, 1) {
+        let now = self.time.now();
+        match self
+            .table
+            .apply(key, now, |cell| self.gcra.step(cell, now, 1))
+        {
             Ok(_) => Ok(()),
             Err(wait) => Err(self.gcra.limited(wait)),
         }
@@ -354,8 +342,11 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         if cost > self.gcra.quota.burst() {
             return Err(RateError::new(RateErrorKind::CostTooHigh));
         }
-        let now = self.gcra.now();
-        match self.apply(key, now, cost) {
+        let now = self.time.now();
+        match self
+            .table
+            .apply(key, now, |cell| self.gcra.step(cell, now, cost))
+        {
             Ok(new_tat) => Ok(self.gcra.admitted(new_tat, now)),
             Err(wait) => Err(self.gcra.limited(wait).into()),
         }
@@ -374,17 +365,15 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        self.gcra
-            .acquire(max_wait, || self.check_key_n(key, cost))
-            .await
+        wait::acquire(self.time.clock(), max_wait, || {
+            std::future::ready(self.check_key_n(key, cost))
+        })
+        .await
     }
 
     /// The number of keys held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.read().cells.len())
-            .sum()
+        self.table.len()
     }
 
     /// Whether no key is held.
@@ -394,84 +383,12 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
 
     /// The most keys held at once.
     pub fn max_keys(&self) -> usize {
-        self.shard_cap * self.shards.len()
+        self.table.max_keys()
     }
 
     /// Drops every key whose cell is full again (losing nothing) and returns how many
     /// keys remain.
     pub fn sweep(&self) -> usize {
-        let now = self.gcra.now();
-        self.shards
-            .iter()
-            .map(|shard| {
-                let mut shard = shard.write();
-                shard.sweep(now, self.sweep_every, &self.hasher);
-                shard.cells.len()
-            })
-            .sum()
-    }
-
-    #[inline]
-    fn apply<Q>(&self, key: &Q, now: u64, cost: u32) -> Result<u64, u64>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
-    {
-        let hash = self.hasher.hash_one(key);
-        // The table uses the low bits to place entries and the top seven as tags; pick
-        // the shard from bits in between.
-        let shard = &self.shards[(hash >> 32) as usize & self.mask];
-        let eq = |(k, _): &(K, AtomicU64)| k.borrow() == key;
-        if let Some((_, cell)) = shard.read().cells.find(hash, eq) {
-            return self.gcra.step(cell, now, cost);
-        }
-        let mut shard = shard.write();
-        if let Some((_, cell)) = shard.cells.find(hash, eq) {
-            return self.gcra.step(cell, now, cost);
-        }
-        // A new key starts full: check it on a fresh cell before making room for it, so
-        // refused keys take no memory.
-        let cell = AtomicU64::new(0);
-        let new_tat = self.gcra.step(&cell, now, cost)?;
-        if now >= shard.next_sweep || shard.cells.len() >= self.shard_cap {
-            shard.sweep(now, self.sweep_every, &self.hasher);
-        }
-        if shard.cells.len() >= self.shard_cap {
-            shard.evict_nearest_full(self.shard_cap - self.shard_cap / 8 - 1);
-        }
-        shard
-            .cells
-            .insert_unique(hash, (key.to_owned(), AtomicU64::new(new_tat)), |(k, _)| {
-                self.hasher.hash_one(k)
-            });
-        Ok(new_tat)
-    }
-}
-
-impl<K: Hash> Shard<K> {
-    /// Drops the cells that are full again: they hold nothing an absent key does not.
-    /// Gives memory back once the shard is mostly empty.
-    fn sweep(&mut self, now: u64, every: u64, hasher: &RandomState) {
-        self.cells.retain(|(_, tat)| *tat.get_mut() > now);
-        self.next_sweep = now.saturating_add(every);
-        if self.cells.capacity() > 4 * self.cells.len().max(16) {
-            self.cells
-                .shrink_to(self.cells.len(), |(k, _)| hasher.hash_one(k));
-        }
-    }
-
-    /// Evicts the cells nearest to full until at most `keep` remain.
-    fn evict_nearest_full(&mut self, keep: usize) {
-        let excess = self.cells.len().saturating_sub(keep);
-        if excess == 0 {
-            return;
-        }
-        let mut tats: Vec<u64> = self
-            .cells
-            .iter_mut()
-            .map(|(_, tat)| *tat.get_mut())
-            .collect();
-        let (_, &mut threshold, _) = tats.select_nth_unstable(excess - 1);
-        self.cells.retain(|(_, tat)| *tat.get_mut() > threshold);
+        self.table.sweep(self.time.now())
     }
 }

@@ -10,8 +10,13 @@
 //! |---|---|---|
 //! | [`DirectLimiter`] | one resource | one `AtomicU64`: a compare-and-swap per check, no lock, no allocation |
 //! | [`KeyedLimiter`] | one cell per key | sharded maps, capped under any number of keys |
-//! | [`LocalRateLimiter`] | a quota per tier ([`TierConfig`]), a cell per key | one keyed limiter per tier, replaceable at run time |
+//! | [`LocalRateLimiter`] | quotas per tier ([`TierConfig`]), a cell per key and quota | one keyed limiter per tier, replaceable at run time |
 //! | [`DistributedRateLimiter`] | shared by every instance | a [`RateStore`](headroom_core::rate::RateStore) (Redis), one round trip per decision, or batched; a [`Fallback`] when it is unreachable |
+//!
+//! A tier may hold several quotas ([`Quotas`], "10 a second and 1,000 a day"): a request is
+//! admitted only if every quota admits it, a refused request is charged to none of them, and
+//! its `retry_after` is the longest wait among the quotas that refuse. Both tiered limiters
+//! can also wait for a permit that is near ([`RateLimit::acquire`]) instead of refusing.
 //!
 //! A [`Resolve`]r tells a request's tier, key and cost; the tower layer
 //! (`tower::RateLimitLayer`, feature `tower`) answers HTTP requests over their quota with
@@ -21,12 +26,16 @@
 //! The guide in `docs/rate-limits.md` explains how to choose quotas, the local and
 //! distributed modes and their bounds, and the fallbacks.
 
+mod cells;
 mod distributed;
 mod error;
 mod limiter;
 mod local;
 mod quota;
+mod reserved;
+mod table;
 mod tier;
+mod wait;
 
 use std::time::Duration;
 
@@ -36,10 +45,13 @@ pub use distributed::{
 pub use error::{RateError, RateErrorKind, RateLimited};
 pub use limiter::{LocalRateLimiter, LocalRateLimiterBuilder, RateLimit};
 pub use local::{DirectLimiter, DirectLimiterBuilder, KeyedLimiter, KeyedLimiterBuilder};
-pub use quota::Quota;
+pub use quota::{Quota, Quotas};
 pub use tier::{RateKey, Resolve, TierConfig};
 
 /// An admitted request: what is left of its quota, for the `RateLimit` response header.
+///
+/// For a tier of several [`Quotas`], the figures are those that bind: the quota with the fewest
+/// units left, those units, and the time until every quota is full again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admitted {
     quota: Quota,
@@ -48,7 +60,7 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// The quota the request was charged to.
+    /// The quota the request was charged to (of several, the one with the fewest units left).
     pub fn quota(&self) -> Quota {
         self.quota
     }
@@ -58,7 +70,7 @@ impl Admitted {
         self.remaining
     }
 
-    /// How long until the whole burst is available again.
+    /// How long until the whole burst is available again (of every quota).
     pub fn reset_after(&self) -> Duration {
         self.reset_after
     }

@@ -1,4 +1,5 @@
-//! Quotas: how many units per period, with how large a burst.
+//! Quotas: how many units per period, with how large a burst; and the quotas of a tier,
+//! which a request must fit together.
 
 use std::time::Duration;
 
@@ -121,6 +122,98 @@ impl Quota {
     }
 }
 
+/// The quotas of one tier: one [`Quota`], or several that a request must fit together, as in
+/// "10 a second and 1,000 a day".
+///
+/// A request is admitted only if every quota admits it, and a refused request is charged to
+/// none of them. A refusal waits for the slowest of the quotas that refuse: its
+/// [`retry_after`](super::RateLimited::retry_after) is the longest of their waits, so the
+/// request fits once it has passed (if nothing else was spent meanwhile).
+///
+/// Holds 1 to [`Quotas::MAX`] quotas. Loadable with serde (feature `serde`) in either form: one
+/// quota's fields, or `quotas` and a list of them:
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// use headroom_limit::rate::{Quota, Quotas};
+///
+/// let one: Quotas = serde_json::from_str(r#"{ "limit": 60, "period": "1m" }"#).unwrap();
+/// assert_eq!(one, Quotas::from(Quota::per_minute(60).unwrap()));
+/// let two: Quotas = serde_json::from_str(r#"{ "quotas": [
+///     { "limit": 10, "period": "1s" },
+///     { "limit": 1000, "period": "1day" }
+/// ] }"#).unwrap();
+/// assert_eq!(two.as_slice().len(), 2);
+/// assert_eq!(two.max_cost(), 10);
+/// assert!(serde_json::from_str::<Quotas>(r#"{ "quotas": [] }"#).is_err());
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    serde(try_from = "QuotasConfig", into = "QuotasConfig")
+)]
+pub struct Quotas {
+    quotas: Box<[Quota]>,
+}
+
+impl Quotas {
+    /// The most quotas one tier holds.
+    pub const MAX: usize = 8;
+
+    /// The quotas `quotas`, all of which a request must fit.
+    ///
+    /// Errors (field `quotas`) when there are none or more than [`Quotas::MAX`].
+    pub fn new(quotas: impl IntoIterator<Item = Quota>) -> Result<Self, ConfigError> {
+        let quotas: Box<[Quota]> = quotas.into_iter().collect();
+        if quotas.is_empty() {
+            return Err(ConfigError::new("quotas", "must hold at least one quota"));
+        }
+        if quotas.len() > Self::MAX {
+            return Err(ConfigError::new("quotas", "must hold at most 8 quotas"));
+        }
+        Ok(Self { quotas })
+    }
+
+    /// The quotas, in the order given.
+    pub fn as_slice(&self) -> &[Quota] {
+        &self.quotas
+    }
+
+    /// The quotas, in the order given.
+    pub fn iter(&self) -> impl Iterator<Item = Quota> + '_ {
+        self.quotas.iter().copied()
+    }
+
+    /// The largest cost a request can have: the smallest burst. A larger cost is
+    /// [`CostTooHigh`](super::RateErrorKind::CostTooHigh).
+    pub fn max_cost(&self) -> u32 {
+        self.iter().map(|quota| quota.burst()).min().unwrap_or(1)
+    }
+
+    /// The quota at `index`, or the first one for an index out of range (a store that
+    /// answers with a foreign index still gets an answer).
+    pub(crate) fn get(&self, index: usize) -> Quota {
+        self.quotas.get(index).copied().unwrap_or(self.quotas[0])
+    }
+
+    /// Each quota split evenly over `instances`; see [`Quota::share`].
+    pub fn share(&self, instances: u32) -> Self {
+        Self {
+            quotas: self.iter().map(|quota| quota.share(instances)).collect(),
+        }
+    }
+}
+
+impl From<Quota> for Quotas {
+    fn from(quota: Quota) -> Self {
+        Self {
+            quotas: Box::new([quota]),
+        }
+    }
+}
+
 /// The serde shape of a [`Quota`], validated on the way in.
 #[cfg(feature = "serde")]
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -153,6 +246,83 @@ impl From<Quota> for QuotaConfig {
             limit: quota.limit,
             period: quota.period,
             burst: Some(quota.burst),
+        }
+    }
+}
+
+/// The serde shape of [`Quotas`]: one quota's fields, or `quotas` and a list of quotas.
+#[cfg(feature = "serde")]
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotasConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quotas: Option<Vec<Quota>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    limit: Option<u32>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    period: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<u32>,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<QuotasConfig> for Quotas {
+    type Error = ConfigError;
+
+    fn try_from(config: QuotasConfig) -> Result<Self, ConfigError> {
+        match config {
+            QuotasConfig {
+                quotas: Some(quotas),
+                limit: None,
+                period: None,
+                burst: None,
+            } => Quotas::new(quotas),
+            QuotasConfig {
+                quotas: Some(_), ..
+            } => Err(ConfigError::new(
+                "quotas",
+                "is a list of quotas in place of `limit`, `period` and `burst`: not both",
+            )),
+            QuotasConfig {
+                limit: Some(limit),
+                period: Some(period),
+                burst,
+                ..
+            } => Quota::try_from(QuotaConfig {
+                limit,
+                period,
+                burst,
+            })
+            .map(Quotas::from),
+            QuotasConfig { limit: None, .. } => Err(ConfigError::new(
+                "limit",
+                "is missing (or give `quotas`, a list of quotas)",
+            )),
+            QuotasConfig { .. } => Err(ConfigError::new("period", "is missing")),
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<Quotas> for QuotasConfig {
+    fn from(quotas: Quotas) -> Self {
+        match &*quotas.quotas {
+            [quota] => Self {
+                quotas: None,
+                limit: Some(quota.limit),
+                period: Some(quota.period),
+                burst: Some(quota.burst),
+            },
+            many => Self {
+                quotas: Some(many.to_vec()),
+                limit: None,
+                period: None,
+                burst: None,
+            },
         }
     }
 }

@@ -1,15 +1,16 @@
-//! Tiers: a quota per class of caller, and the resolver that tells a request's class and key.
+//! Tiers: quotas per class of caller, and the resolver that tells a request's class and key.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::Quota;
+use super::Quotas;
 use crate::ConfigError;
 
-/// Quotas by tier name (`free`, `pro`, `enterprise`, or one per route).
+/// Quotas by tier name (`free`, `pro`, `enterprise`, or one per route): one
+/// [`Quota`](super::Quota) per tier, or several that a request must fit together ([`Quotas`]).
 ///
-/// Loadable with serde (feature `serde`):
+/// Loadable with serde (feature `serde`); a tier is one quota's fields, or `quotas` and a list:
 ///
 /// ```
 /// # #[cfg(feature = "serde")] {
@@ -17,16 +18,21 @@ use crate::ConfigError;
 ///
 /// let config: TierConfig = serde_json::from_str(r#"{
 ///     "free": { "limit": 60, "period": "1m" },
-///     "pro": { "limit": 6000, "period": "1m", "burst": 200 }
+///     "pro": { "limit": 6000, "period": "1m", "burst": 200 },
+///     "api": { "quotas": [
+///         { "limit": 10, "period": "1s" },
+///         { "limit": 1000, "period": "1day" }
+///     ] }
 /// }"#).unwrap();
-/// assert_eq!(config.get("pro").unwrap().burst(), 200);
+/// assert_eq!(config.get("pro").unwrap().max_cost(), 200);
+/// assert_eq!(config.get("api").unwrap().as_slice().len(), 2);
 /// # }
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(transparent))]
 pub struct TierConfig {
-    tiers: BTreeMap<String, Quota>,
+    tiers: BTreeMap<String, Quotas>,
 }
 
 impl TierConfig {
@@ -35,23 +41,24 @@ impl TierConfig {
         Self::default()
     }
 
-    /// Adds (or replaces) tier `name` with `quota`.
+    /// Adds (or replaces) tier `name` with `quotas`: a [`Quota`](super::Quota), or [`Quotas`]
+    /// that a request must fit together.
     #[must_use]
-    pub fn tier(mut self, name: impl Into<String>, quota: Quota) -> Self {
-        self.tiers.insert(name.into(), quota);
+    pub fn tier(mut self, name: impl Into<String>, quotas: impl Into<Quotas>) -> Self {
+        self.tiers.insert(name.into(), quotas.into());
         self
     }
 
-    /// The quota of tier `name`.
-    pub fn get(&self, name: &str) -> Option<Quota> {
-        self.tiers.get(name).copied()
+    /// The quotas of tier `name`.
+    pub fn get(&self, name: &str) -> Option<&Quotas> {
+        self.tiers.get(name)
     }
 
     /// The tiers and their quotas, by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Quota)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Quotas)> {
         self.tiers
             .iter()
-            .map(|(name, quota)| (name.as_str(), *quota))
+            .map(|(name, quotas)| (name.as_str(), quotas))
     }
 
     /// Checks every tier name: non-empty, at most 64 bytes of ASCII letters, digits and
@@ -74,23 +81,23 @@ impl TierConfig {
         }
     }
 
-    /// Builds the state of each tier, keeping the state of tiers whose quota is unchanged.
+    /// Builds the state of each tier, keeping the state of tiers whose quotas are unchanged.
     pub(crate) fn build<T>(
         &self,
         previous: Option<&HashMap<Box<str>, Arc<T>>>,
-        quota_of: impl Fn(&T) -> Quota,
-        mut make: impl FnMut(&str, Quota) -> Result<T, ConfigError>,
+        quotas_of: impl Fn(&T) -> &Quotas,
+        mut make: impl FnMut(&str, &Quotas) -> Result<T, ConfigError>,
     ) -> Result<HashMap<Box<str>, Arc<T>>, ConfigError> {
         self.validate()?;
         self.iter()
-            .map(|(name, quota)| {
+            .map(|(name, quotas)| {
                 let kept = previous
                     .and_then(|tiers| tiers.get(name))
-                    .filter(|tier| quota_of(tier) == quota)
+                    .filter(|tier| quotas_of(tier) == quotas)
                     .cloned();
                 let tier = match kept {
                     Some(tier) => tier,
-                    None => Arc::new(make(name, quota)?),
+                    None => Arc::new(make(name, quotas)?),
                 };
                 Ok((Box::from(name), tier))
             })

@@ -140,6 +140,10 @@ macro_rules! rate_store_conformance {
                 keys_are_independent,
                 concurrent_requests_admit_exactly_the_burst,
                 units_replenish_over_time,
+                several_cells_are_charged_together_or_not_at_all,
+                a_refusal_waits_for_the_longest_of_the_cells,
+                impossible_combined_decisions_are_refused,
+                concurrent_requests_on_several_cells_admit_exactly_the_smallest_burst,
             );
         }
     };

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use headroom_core::rate::{Gcra, RateStore};
-use headroom_core::{BackendErrorKind, Namespace};
+use headroom_core::{BackendErrorKind, Key, Namespace};
 
 const HOURLY: Gcra = Gcra {
     emission_interval: Duration::from_secs(3_600),
@@ -96,4 +96,125 @@ pub async fn units_replenish_over_time<S: RateStore>(store: &S, ns: Namespace) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Two cells of one limit key: their keys share a hash tag, as the contract asks.
+fn two_cells(ns: &Namespace, wide: Gcra, narrow: Gcra) -> [(Key, Gcra); 2] {
+    [
+        (ns.key("{k}:wide").expect("key"), wide),
+        (ns.key("{k}:narrow").expect("key"), narrow),
+    ]
+}
+
+const NARROW: Gcra = Gcra {
+    emission_interval: Duration::from_secs(3_600),
+    burst: 3,
+};
+
+/// Several cells admit a cost only together: the fewest units left bind, and a refusal
+/// charges none of them (each cell alone still holds what it held).
+pub async fn several_cells_are_charged_together_or_not_at_all<S: RateStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let cells = two_cells(&ns, HOURLY, NARROW);
+    let admitted = store.apply_all(&cells, 2).await.expect("apply");
+    assert!(admitted.allowed);
+    assert_eq!((admitted.remaining, admitted.cell), (1, 1), "{admitted:?}");
+    let refused = store.apply_all(&cells, 2).await.expect("apply");
+    assert!(!refused.allowed, "the narrow cell has one unit left");
+    assert_eq!((refused.remaining, refused.cell), (1, 1), "{refused:?}");
+    // Neither cell was charged by the refusal: the wide one still has 8 units, the narrow 1.
+    let [wide, narrow] = &cells;
+    assert_eq!(
+        store
+            .apply(&wide.0, wide.1, 8)
+            .await
+            .expect("apply")
+            .remaining,
+        0
+    );
+    assert!(
+        store
+            .apply(&narrow.0, narrow.1, 1)
+            .await
+            .expect("apply")
+            .allowed
+    );
+    // Both cells are empty now.
+    let refused = store.apply_all(&cells, 1).await.expect("apply");
+    assert!(!refused.allowed);
+    assert_eq!(refused.remaining, 0);
+}
+
+/// A refusal waits for the slowest of the cells that refuse.
+pub async fn a_refusal_waits_for_the_longest_of_the_cells<S: RateStore>(store: &S, ns: Namespace) {
+    let hourly = Gcra {
+        emission_interval: Duration::from_secs(3_600),
+        burst: 1,
+    };
+    let daily = Gcra {
+        emission_interval: Duration::from_secs(86_400),
+        burst: 1,
+    };
+    let cells = two_cells(&ns, hourly, daily);
+    assert!(store.apply_all(&cells, 1).await.expect("apply").allowed);
+    let refused = store.apply_all(&cells, 1).await.expect("apply");
+    assert!(!refused.allowed);
+    assert_eq!(refused.cell, 1, "{refused:?}");
+    assert!(
+        refused.retry_after > hourly.emission_interval
+            && refused.retry_after <= daily.emission_interval,
+        "{refused:?}"
+    );
+    assert!(
+        refused.reset_after > hourly.emission_interval,
+        "{refused:?}"
+    );
+}
+
+/// No cell, or a cost over any cell's burst, can never be admitted: configuration errors that
+/// charge nothing.
+pub async fn impossible_combined_decisions_are_refused<S: RateStore>(store: &S, ns: Namespace) {
+    let err = store.apply_all(&[], 1).await.expect_err("no cell");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let cells = two_cells(&ns, HOURLY, NARROW);
+    let err = store
+        .apply_all(&cells, 4)
+        .await
+        .expect_err("cost over a burst");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let wide = &cells[0];
+    assert!(
+        store
+            .apply(&wide.0, wide.1, 10)
+            .await
+            .expect("apply")
+            .allowed
+    );
+}
+
+/// Of many concurrent requests on two cells, exactly the smaller burst is admitted, and each
+/// cell is charged for exactly those.
+pub async fn concurrent_requests_on_several_cells_admit_exactly_the_smallest_burst<S: RateStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let cells = two_cells(&ns, HOURLY, NARROW);
+    let decisions =
+        futures_util::future::join_all((0..100).map(|_| store.apply_all(&cells, 1))).await;
+    let allowed = decisions
+        .iter()
+        .filter(|d| d.as_ref().expect("apply").allowed)
+        .count();
+    assert_eq!(allowed, 3);
+    let wide = &cells[0];
+    assert_eq!(
+        store
+            .apply(&wide.0, wide.1, 1)
+            .await
+            .expect("apply")
+            .remaining,
+        6
+    );
 }
