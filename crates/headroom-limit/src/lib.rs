@@ -56,6 +56,7 @@
 pub mod adaptive;
 mod bulkhead;
 mod error;
+mod keyed_bulkhead;
 mod limits;
 mod metrics;
 mod priority;
@@ -68,6 +69,10 @@ pub mod tower;
 
 pub use bulkhead::{Bulkhead, BulkheadBuilder, BulkheadConfig, OwnedPermit, Permit};
 pub use error::{ConfigError, Overloaded, Reason};
+pub use keyed_bulkhead::{
+    KeyedBulkhead, KeyedBulkheadBuilder, KeyedBulkheadConfig, KeyedPermit, OwnedKeyedPermit,
+    TenantClass,
+};
 pub use priority::Priority;
 pub use queue::{
     CodelConfig, Enqueue, Overflow, PushError, QueueConfig, WorkQueue, WorkQueueBuilder,
