@@ -275,6 +275,11 @@ impl KeyedBulkhead {
         self.acquire_hashed(hash, class).await
     }
 
+    #[cfg(feature = "tower")]
+    pub(crate) fn tenant_hash<Q: Hash + ?Sized>(&self, tenant: &Q) -> u64 {
+        self.inner.hasher.hash_one(tenant)
+    }
+
     pub(crate) async fn acquire_hashed(
         &self,
         hash: u64,
@@ -285,6 +290,23 @@ impl KeyedBulkhead {
             None => self.inner.wait(hash, class).await?,
         };
         Ok(KeyedPermit::new(&self.inner, slot))
+    }
+
+    /// Takes a free permit without counting a refusal when there is none.
+    #[cfg(feature = "tower")]
+    pub(crate) fn try_admit_owned(
+        &self,
+        hash: u64,
+        class: TenantClass,
+    ) -> Option<OwnedKeyedPermit> {
+        let slot = self.inner.try_take(hash, class)?;
+        Some(KeyedPermit::new(&self.inner, slot).into_owned())
+    }
+
+    /// Refuses a caller that found every permit taken and may not wait.
+    #[cfg(feature = "tower")]
+    pub(crate) fn reject_full(&self) -> Overloaded {
+        self.inner.reject(Reason::QueueFull)
     }
 
     /// The bulkhead's name.
