@@ -598,163 +598,217 @@ proptest! {
         max_tenants in prop_oneof![Just(NAMES.len()), 1..NAMES.len()],
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let b = KeyedBulkhead::builder("model")
-                .max_concurrent(capacity)
-                .max_queued(max_queued)
-                .max_tenants(max_tenants)
-                .max_wait(Duration::from_secs(3_600))
-                .class("heavy", 2)
-                .build()
-                .unwrap();
-            let heavy = b.class("heavy").unwrap();
-            let exact = max_tenants >= NAMES.len();
-            let caller = |tenant: usize| -> Waiter {
-                let b = b.clone();
-                let class = if tenant == 0 { heavy } else { TenantClass::DEFAULT };
-                Box::pin(async move {
-                    b.acquire_in(class, NAMES[tenant]).await.map(KeyedPermit::into_owned)
-                })
-            };
-            let mut seen = Seen { capacity: capacity as u64, held: Vec::new(), waiting: Vec::new() };
-            for (arrival, op) in ops.into_iter().enumerate() {
-                let arrival = arrival as u64;
-                match op {
-                    Op::TryAcquire(t) => {
-                        let class = if t == 0 { heavy } else { TenantClass::DEFAULT };
-                        let free = seen.held.len() < capacity;
-                        match b.try_acquire_in(class, NAMES[t]) {
-                            Ok(permit) => {
-                                prop_assert!(free, "a permit taken beyond the capacity");
-                                seen.held.push((t, permit.into_owned()));
-                            }
-                            Err(refused) => {
-                                prop_assert!(!free, "refused with a permit free");
-                                prop_assert_eq!(refused.reason(), Reason::QueueFull);
-                            }
-                        }
+        runtime.block_on(check_shares(ops, capacity, max_queued, max_tenants))?;
+    }
+}
+
+/// The model test of one sequence of operations.
+async fn check_shares(
+    ops: Vec<Op>,
+    capacity: usize,
+    max_queued: usize,
+    max_tenants: usize,
+) -> Result<(), TestCaseError> {
+    let b = KeyedBulkhead::builder("model")
+        .max_concurrent(capacity)
+        .max_queued(max_queued)
+        .max_tenants(max_tenants)
+        .max_wait(Duration::from_secs(3_600))
+        .class("heavy", 2)
+        .build()
+        .unwrap();
+    let heavy = b.class("heavy").unwrap();
+    let exact = max_tenants >= NAMES.len();
+    let caller = |tenant: usize| -> Waiter {
+        let b = b.clone();
+        let class = if tenant == 0 {
+            heavy
+        } else {
+            TenantClass::DEFAULT
+        };
+        Box::pin(async move {
+            b.acquire_in(class, NAMES[tenant])
+                .await
+                .map(KeyedPermit::into_owned)
+        })
+    };
+    let mut seen = Seen {
+        capacity: capacity as u64,
+        held: Vec::new(),
+        waiting: Vec::new(),
+    };
+    for (arrival, op) in ops.into_iter().enumerate() {
+        let arrival = arrival as u64;
+        match op {
+            Op::TryAcquire(t) => {
+                let class = if t == 0 { heavy } else { TenantClass::DEFAULT };
+                let free = seen.held.len() < capacity;
+                match b.try_acquire_in(class, NAMES[t]) {
+                    Ok(permit) => {
+                        prop_assert!(free, "a permit taken beyond the capacity");
+                        seen.held.push((t, permit.into_owned()));
                     }
-                    Op::Wait(t) => {
-                        let free = seen.held.len() < capacity;
-                        let full = seen.waiting.len() >= max_queued;
-                        let within = seen.held_by(t) + seen.queued_for(t) + 1 <= seen.share(t, Some(t));
-                        // Tenants whose permits and waiters exceed their share, most per weight first.
-                        let claims: Vec<f64> = (0..NAMES.len())
-                            .map(|u| (seen.held_by(u) + seen.queued_for(u)) as f64 / weight(u) as f64)
-                            .collect();
-                        let over: Vec<usize> = seen
-                            .waiting_tenants()
-                            .into_iter()
-                            .filter(|&u| seen.held_by(u) + seen.queued_for(u) > seen.share(u, Some(t)))
-                            .collect();
-                        let most = over.iter().map(|&u| claims[u]).fold(f64::MIN, f64::max);
-                        let mut waiter = caller(t);
-                        match poll(&mut waiter) {
-                            Some(Ok(permit)) => {
-                                prop_assert!(free, "admitted at once with no permit free");
-                                seen.held.push((t, permit));
-                            }
-                            Some(Err(refused)) => {
-                                prop_assert_eq!(refused.reason(), Reason::QueueFull);
-                                prop_assert!(!free && full, "refused with room");
-                                if exact {
-                                    prop_assert!(!within || over.is_empty(),
-                                        "a tenant within its share was refused while another was over");
-                                }
-                            }
-                            None => {
-                                prop_assert!(!free, "waits with a permit free");
-                                if full {
-                                    // Someone made room: the newest caller of the tenant most over its share.
-                                    let evicted: Vec<usize> = seen.waiting.iter_mut()
-                                        .enumerate()
-                                        .filter_map(|(i, (_, _, w))| poll(w).map(|outcome| (i, outcome)))
-                                        .map(|(i, outcome)| {
-                                            assert_eq!(outcome.unwrap_err().reason(), Reason::Evicted);
-                                            i
-                                        })
-                                        .collect();
-                                    prop_assert_eq!(evicted.len(), 1);
-                                    let (victim, seq, _) = seen.waiting.remove(evicted[0]);
-                                    if exact {
-                                        prop_assert!(within, "made room for a tenant beyond its share");
-                                        prop_assert!(over.contains(&victim), "evicted a tenant within its share");
-                                        prop_assert!(claims[victim] >= most, "evicted a tenant less over its share");
-                                        prop_assert!(seen.waiting.iter().all(|(u, s, _)| *u != victim || *s < seq),
-                                            "evicted a caller that was not the tenant's newest");
-                                    }
-                                }
-                                seen.waiting.push((t, arrival, waiter));
-                            }
-                        }
+                    Err(refused) => {
+                        prop_assert!(!free, "refused with a permit free");
+                        prop_assert_eq!(refused.reason(), Reason::QueueFull);
                     }
-                    Op::Release(i) => {
-                        if seen.held.is_empty() {
-                            continue;
-                        }
-                        let (_, permit) = seen.held.swap_remove(i % seen.held.len());
-                        // The line as it stands once the permit is back, before it is handed on.
-                        let candidates = seen.waiting_tenants();
-                        let fewest = |u: usize| (seen.held_by(u) + 1) as f64 / weight(u) as f64;
-                        let oldest: Vec<Option<u64>> = (0..NAMES.len())
-                            .map(|u| seen.waiting.iter().filter(|(v, ..)| *v == u).map(|(_, s, _)| *s).min())
-                            .collect();
-                        let expected = candidates.iter().copied().min_by(|&a, &c| {
-                            fewest(a).partial_cmp(&fewest(c)).unwrap().then(oldest[a].cmp(&oldest[c]))
-                        });
-                        let below: Vec<usize> = candidates.iter().copied()
-                            .filter(|&u| seen.held_by(u) < seen.share(u, None))
-                            .collect();
-                        drop(permit);
-                        let mut served = Vec::new();
-                        let mut still = Vec::new();
-                        for (u, s, mut w) in seen.waiting.drain(..) {
-                            match poll(&mut w) {
-                                Some(outcome) => served.push((u, s, outcome.expect("admitted"))),
-                                None => still.push((u, s, w)),
-                            }
-                        }
-                        seen.waiting = still;
-                        prop_assert_eq!(served.len(), usize::from(expected.is_some()),
-                            "one permit returned, one caller served");
-                        if let Some((u, s, permit)) = served.pop() {
-                            if exact {
-                                prop_assert_eq!(Some(u), expected, "served out of turn");
-                                prop_assert_eq!(Some(s), oldest[u], "a tenant's callers are served in order");
-                                prop_assert!(below.is_empty() || below.contains(&u),
-                                    "a tenant below its share waited while another was served");
-                            }
-                            seen.held.push((u, permit));
-                        }
-                    }
-                    Op::Cancel(i) => {
-                        if !seen.waiting.is_empty() {
-                            let at = i % seen.waiting.len();
-                            drop(seen.waiting.remove(at));
-                        }
-                    }
-                }
-                // Nothing else changed: the other callers still wait.
-                for (_, _, w) in &mut seen.waiting {
-                    prop_assert!(poll(w).is_none(), "a caller settled out of turn");
-                }
-                prop_assert_eq!(b.in_use(), seen.held.len());
-                prop_assert!(seen.held.len() <= capacity);
-                prop_assert_eq!(b.queued(), seen.waiting.len());
-                prop_assert!(seen.waiting.len() <= max_queued);
-                prop_assert!(seen.waiting.is_empty() || seen.held.len() == capacity,
-                    "a caller waits while a permit is free");
-                prop_assert!(b.tracked_tenants() <= max_tenants);
-                if exact {
-                    let active = (0..NAMES.len())
-                        .filter(|&t| seen.held_by(t) + seen.queued_for(t) > 0)
-                        .count();
-                    prop_assert_eq!(b.tracked_tenants(), active);
                 }
             }
-            drop(seen);
-            prop_assert_eq!((b.in_use(), b.queued(), b.tracked_tenants()), (0, 0, 0));
-            Ok(())
-        })?;
+            Op::Wait(t) => {
+                let free = seen.held.len() < capacity;
+                let full = seen.waiting.len() >= max_queued;
+                let within = seen.held_by(t) + seen.queued_for(t) + 1 <= seen.share(t, Some(t));
+                // Tenants whose permits and waiters exceed their share, most per weight first.
+                let claims: Vec<f64> = (0..NAMES.len())
+                    .map(|u| (seen.held_by(u) + seen.queued_for(u)) as f64 / weight(u) as f64)
+                    .collect();
+                let over: Vec<usize> = seen
+                    .waiting_tenants()
+                    .into_iter()
+                    .filter(|&u| seen.held_by(u) + seen.queued_for(u) > seen.share(u, Some(t)))
+                    .collect();
+                let most = over.iter().map(|&u| claims[u]).fold(f64::MIN, f64::max);
+                let mut waiter = caller(t);
+                match poll(&mut waiter) {
+                    Some(Ok(permit)) => {
+                        prop_assert!(free, "admitted at once with no permit free");
+                        seen.held.push((t, permit));
+                    }
+                    Some(Err(refused)) => {
+                        prop_assert_eq!(refused.reason(), Reason::QueueFull);
+                        prop_assert!(!free && full, "refused with room");
+                        if exact {
+                            prop_assert!(
+                                !within || over.is_empty(),
+                                "a tenant within its share was refused while another was over"
+                            );
+                        }
+                    }
+                    None => {
+                        prop_assert!(!free, "waits with a permit free");
+                        if full {
+                            // Someone made room: the newest caller of the tenant most over its share.
+                            let evicted: Vec<usize> = seen
+                                .waiting
+                                .iter_mut()
+                                .enumerate()
+                                .filter_map(|(i, (_, _, w))| poll(w).map(|outcome| (i, outcome)))
+                                .map(|(i, outcome)| {
+                                    assert_eq!(outcome.unwrap_err().reason(), Reason::Evicted);
+                                    i
+                                })
+                                .collect();
+                            prop_assert_eq!(evicted.len(), 1);
+                            let (victim, seq, _) = seen.waiting.remove(evicted[0]);
+                            if exact {
+                                prop_assert!(within, "made room for a tenant beyond its share");
+                                prop_assert!(
+                                    over.contains(&victim),
+                                    "evicted a tenant within its share"
+                                );
+                                prop_assert!(
+                                    claims[victim] >= most,
+                                    "evicted a tenant less over its share"
+                                );
+                                prop_assert!(
+                                    seen.waiting
+                                        .iter()
+                                        .all(|(u, s, _)| *u != victim || *s < seq),
+                                    "evicted a caller that was not the tenant's newest"
+                                );
+                            }
+                        }
+                        seen.waiting.push((t, arrival, waiter));
+                    }
+                }
+            }
+            Op::Release(i) => {
+                if seen.held.is_empty() {
+                    continue;
+                }
+                let (_, permit) = seen.held.swap_remove(i % seen.held.len());
+                // The line as it stands once the permit is back, before it is handed on.
+                let candidates = seen.waiting_tenants();
+                let fewest = |u: usize| (seen.held_by(u) + 1) as f64 / weight(u) as f64;
+                let oldest: Vec<Option<u64>> = (0..NAMES.len())
+                    .map(|u| {
+                        seen.waiting
+                            .iter()
+                            .filter(|(v, ..)| *v == u)
+                            .map(|(_, s, _)| *s)
+                            .min()
+                    })
+                    .collect();
+                let expected = candidates.iter().copied().min_by(|&a, &c| {
+                    fewest(a)
+                        .partial_cmp(&fewest(c))
+                        .unwrap()
+                        .then(oldest[a].cmp(&oldest[c]))
+                });
+                let below: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&u| seen.held_by(u) < seen.share(u, None))
+                    .collect();
+                drop(permit);
+                let mut served = Vec::new();
+                let mut still = Vec::new();
+                for (u, s, mut w) in seen.waiting.drain(..) {
+                    match poll(&mut w) {
+                        Some(outcome) => served.push((u, s, outcome.expect("admitted"))),
+                        None => still.push((u, s, w)),
+                    }
+                }
+                seen.waiting = still;
+                prop_assert_eq!(
+                    served.len(),
+                    usize::from(expected.is_some()),
+                    "one permit returned, one caller served"
+                );
+                if let Some((u, s, permit)) = served.pop() {
+                    if exact {
+                        prop_assert_eq!(Some(u), expected, "served out of turn");
+                        prop_assert_eq!(
+                            Some(s),
+                            oldest[u],
+                            "a tenant's callers are served in order"
+                        );
+                        prop_assert!(
+                            below.is_empty() || below.contains(&u),
+                            "a tenant below its share waited while another was served"
+                        );
+                    }
+                    seen.held.push((u, permit));
+                }
+            }
+            Op::Cancel(i) => {
+                if !seen.waiting.is_empty() {
+                    let at = i % seen.waiting.len();
+                    drop(seen.waiting.remove(at));
+                }
+            }
+        }
+        // Nothing else changed: the other callers still wait.
+        for (_, _, w) in &mut seen.waiting {
+            prop_assert!(poll(w).is_none(), "a caller settled out of turn");
+        }
+        prop_assert_eq!(b.in_use(), seen.held.len());
+        prop_assert!(seen.held.len() <= capacity);
+        prop_assert_eq!(b.queued(), seen.waiting.len());
+        prop_assert!(seen.waiting.len() <= max_queued);
+        prop_assert!(
+            seen.waiting.is_empty() || seen.held.len() == capacity,
+            "a caller waits while a permit is free"
+        );
+        prop_assert!(b.tracked_tenants() <= max_tenants);
+        if exact {
+            let active = (0..NAMES.len())
+                .filter(|&t| seen.held_by(t) + seen.queued_for(t) > 0)
+                .count();
+            prop_assert_eq!(b.tracked_tenants(), active);
+        }
     }
+    drop(seen);
+    prop_assert_eq!((b.in_use(), b.queued(), b.tracked_tenants()), (0, 0, 0));
+    Ok(())
 }
