@@ -21,8 +21,10 @@ use self::shares::{Settled, Shares};
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
 
-/// The largest capacity, queue and tenant count a keyed bulkhead supports.
+/// The largest capacity and queue a keyed bulkhead supports.
 const MAX_SIZE: usize = 1 << 30;
+/// The most tenants with state of their own: their state is allocated at build time.
+const MAX_TENANTS: usize = 1 << 20;
 /// The largest weight of a tenant class.
 const MAX_WEIGHT: u32 = 1_000_000;
 
@@ -54,8 +56,8 @@ pub struct KeyedBulkheadConfig {
     /// How long a caller waits for a permit before it is refused.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_wait: Duration,
-    /// How many tenants have state of their own at once; beyond it, new tenants share one
-    /// overflow tenant.
+    /// How many tenants have state of their own at once (at most 2^20); beyond it, new
+    /// tenants share one overflow tenant.
     pub max_tenants: usize,
     /// Tenant classes by name, with their weight (1 to 1,000,000). Tenants acquired without
     /// a class, and the overflow tenant, weigh 1.
@@ -528,8 +530,8 @@ impl KeyedBulkheadBuilder {
         self
     }
 
-    /// How many tenants may have state of their own at once (default 1024); beyond it, new
-    /// tenants share one overflow tenant.
+    /// How many tenants may have state of their own at once (default 1024, at most 2^20);
+    /// beyond it, new tenants share one overflow tenant.
     pub fn max_tenants(mut self, max_tenants: usize) -> Self {
         self.config.max_tenants = max_tenants;
         self
@@ -559,12 +561,12 @@ impl KeyedBulkheadBuilder {
         if config.max_concurrent == 0 {
             return Err(ConfigError::new("max_concurrent", "must be at least 1"));
         }
-        for (field, value) in [
-            ("max_concurrent", config.max_concurrent),
-            ("max_queued", config.max_queued),
-            ("max_tenants", config.max_tenants),
+        for (field, value, max) in [
+            ("max_concurrent", config.max_concurrent, MAX_SIZE),
+            ("max_queued", config.max_queued, MAX_SIZE),
+            ("max_tenants", config.max_tenants, MAX_TENANTS),
         ] {
-            if value > MAX_SIZE {
+            if value > max {
                 return Err(ConfigError::new(
                     field,
                     "exceeds the largest supported size",
