@@ -500,6 +500,81 @@ async fn cancellation_at_random_await_points_leaks_nothing() {
     }
 }
 
+/// Acquires, waits, give-ups and releases of three tenants on two threads at once: never
+/// more permits held than the capacity, no waiter sleeps past a permit handed to it (the run
+/// would stall for the minute-long `max_wait`), and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_racing_keep_the_invariants() {
+    const CAPACITY: usize = 3;
+    let b = KeyedBulkhead::builder("race")
+        .max_concurrent(CAPACITY)
+        .max_queued(64)
+        .max_wait(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let holding = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let waited = Arc::new(AtomicUsize::new(0));
+    let run = async {
+        let tasks: Vec<_> = (0..24_u64)
+            .map(|task| {
+                let (b, holding, most) = (b.clone(), Arc::clone(&holding), Arc::clone(&most));
+                let waited = Arc::clone(&waited);
+                tokio::spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed(task);
+                    let tenant = ["a", "b", "c"][task as usize % 3];
+                    for _ in 0..300 {
+                        let hold = async |permit| {
+                            waited.fetch_max(b.queued(), Ordering::SeqCst);
+                            let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            drop(permit);
+                        };
+                        match rng.u8(0..3) {
+                            0 => {
+                                if let Ok(permit) = b.try_acquire(tenant) {
+                                    hold(permit).await;
+                                }
+                            }
+                            1 => match b.acquire(tenant).await {
+                                Ok(permit) => hold(permit).await,
+                                // Made room for a tenant below its share.
+                                Err(refused) => assert_eq!(refused.reason(), Reason::Evicted),
+                            },
+                            _ => {
+                                // Gives up after a random number of polls.
+                                let mut attempt = std::pin::pin!(b.acquire(tenant));
+                                for _ in 0..=rng.u32(0..3) {
+                                    if let Some(result) = attempt.as_mut().now_or_never() {
+                                        if let Ok(permit) = result {
+                                            hold(permit).await;
+                                        }
+                                        break;
+                                    }
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("no waiter stalls while permits are free");
+    assert!(most.load(Ordering::SeqCst) <= CAPACITY);
+    assert!(waited.load(Ordering::SeqCst) > 0, "the queue was used");
+    assert_eq!((b.in_use(), b.queued(), b.tracked_tenants()), (0, 0, 0));
+    assert_eq!(take(&b, "a", CAPACITY).len(), CAPACITY);
+}
+
 #[test]
 fn bad_configuration_is_a_typed_error() {
     let zero = KeyedBulkhead::builder("zero")
@@ -517,6 +592,7 @@ fn bad_configuration_is_a_typed_error() {
         KeyedBulkhead::builder("huge").max_concurrent(usize::MAX),
         KeyedBulkhead::builder("huge").max_queued(usize::MAX),
         KeyedBulkhead::builder("huge").max_tenants(usize::MAX),
+        KeyedBulkhead::builder("huge").max_tenants((1 << 20) + 1),
         KeyedBulkhead::builder("huge").class("x", u32::MAX),
     ] {
         assert!(build.build().is_err());
@@ -657,7 +733,8 @@ async fn check_shares(
             Op::Wait(t) => {
                 let free = seen.held.len() < capacity;
                 let full = seen.waiting.len() >= max_queued;
-                let within = seen.held_by(t) + seen.queued_for(t) + 1 <= seen.share(t, Some(t));
+                // Its permits and waiters, this caller included, within its share.
+                let within = seen.held_by(t) + seen.queued_for(t) < seen.share(t, Some(t));
                 // Tenants whose permits and waiters exceed their share, most per weight first.
                 let claims: Vec<f64> = (0..NAMES.len())
                     .map(|u| (seen.held_by(u) + seen.queued_for(u)) as f64 / weight(u) as f64)
