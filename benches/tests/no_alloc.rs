@@ -1,6 +1,7 @@
-//! The hot paths allocate nothing: an L1 cache hit, a bulkhead permit taken and returned, a
-//! closed circuit breaker's permit, rate checks and shard lookups, counted by a global
-//! allocator on the measuring thread only (other tests run beside them on their own threads).
+//! The hot paths allocate nothing: an L1 cache hit, a bulkhead permit (plain and keyed) taken
+//! and returned, a closed circuit breaker's permit, rate checks and shard lookups, counted by a
+//! global allocator on the measuring thread only (other tests run beside them on their own
+//! threads).
 //! (Each crate may check more of its own paths; this is the family-wide check.)
 
 use std::time::Duration;
@@ -9,8 +10,8 @@ use headroom_breaker::CircuitBreaker;
 use headroom_cache::Cache;
 use headroom_core::Namespace;
 use headroom_core::memory::MemoryKvStore;
-use headroom_limit::Bulkhead;
 use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
+use headroom_limit::{Bulkhead, KeyedBulkhead};
 use headroom_shard::{JumpRouter, MaglevRouter, RingRouter, Router, cluster_slot};
 
 /// Runs `f` and asserts that it allocated (or reallocated) nothing on this thread.
@@ -109,6 +110,26 @@ fn permits_allocate_nothing() {
         runtime.block_on(async {
             for _ in 0..1_000 {
                 drop(std::hint::black_box(bulkhead.acquire().await.unwrap()));
+            }
+        })
+    });
+
+    // Keyed: a tenant's state is made and dropped on each permit, and new tenants keep coming.
+    let keyed = KeyedBulkhead::builder("no-alloc")
+        .max_concurrent(8)
+        .build()
+        .unwrap();
+    assert_no_alloc("keyed bulkhead try_acquire + release", || {
+        for tenant in 0..1_000_u64 {
+            drop(std::hint::black_box(keyed.try_acquire(&tenant).unwrap()));
+            drop(std::hint::black_box(keyed.try_acquire("tenant").unwrap()));
+        }
+    });
+    runtime.block_on(async { drop(keyed.acquire("tenant").await.unwrap()) });
+    assert_no_alloc("keyed bulkhead acquire + release, uncontended", || {
+        runtime.block_on(async {
+            for _ in 0..1_000 {
+                drop(std::hint::black_box(keyed.acquire("tenant").await.unwrap()));
             }
         })
     });

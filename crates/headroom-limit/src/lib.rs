@@ -7,6 +7,9 @@
 //!
 //! - [`Bulkhead`]: a named compartment with a concurrency limit and a bounded, timed wait
 //!   queue. Permits are released on drop, panic and cancellation; limits change at run time.
+//! - [`KeyedBulkhead`]: one compartment shared among tenants, each guaranteed a (weighted)
+//!   share of it and free to borrow what the others leave idle; memory bounded under any
+//!   number of attacker-chosen tenant names.
 //! - [`WorkQueue`]: a bounded queue of work in front of a worker pool, with overflow policies
 //!   ([`Overflow`]), per-item deadlines, priority classes, CoDel shedding and adaptive LIFO.
 //! - [`adaptive`]: concurrency limits that learn from latency and errors (AIMD, Gradient2),
@@ -14,7 +17,7 @@
 //! - [`LoadShedder`]: refuses the least important work first when a bulkhead is saturated.
 //! - [`rate`]: rate limits with GCRA: a lock-free direct limiter, bounded keyed limiters,
 //!   tiers, and limits shared across instances through a `RateStore` (Redis).
-//! - `tower` (feature `tower`): tower layers for the bulkhead, the queue, the shedder and
+//! - `tower` (feature `tower`): tower layers for the bulkheads, the queue, the shedder and
 //!   HTTP rate limits.
 //!
 //! Every refusal is an [`Overloaded`] carrying a [`Reason`] and the [`Priority`] of the refused
@@ -38,7 +41,8 @@
 //! | `headroom_limit_rejected_total` | counter | work refused or shed, by `priority` and `reason` |
 //! | `headroom_limit_concurrency_limit_requests` | gauge | current limit (`bulkhead` or `limiter`) |
 //! | `headroom_limit_limit_changes_total` | counter | limit changes (`bulkhead` or `limiter`) |
-//!
+//! | `headroom_limit_tracked_tenants` | gauge | tenants with state of their own in a keyed bulkhead |
+//! | `headroom_limit_tenant_overflows_total` | counter | acquires of tenants that found no room of their own, charged to the overflow tenant |
 //! | `headroom_limit_rate_decisions_total` | counter | rate-limit decisions, by `limiter`, `tier` and `outcome` (`allowed`, `rejected`) |
 //! | `headroom_limit_rate_store_round_trips_total` | counter | rate store calls, by `limiter` and `outcome` (`ok`, `error`) |
 //! | `headroom_limit_rate_fallbacks_total` | counter | decisions made by the fallback while the store is unreachable, by `limiter` and `fallback` |
@@ -56,6 +60,7 @@
 pub mod adaptive;
 mod bulkhead;
 mod error;
+mod keyed_bulkhead;
 mod limits;
 mod metrics;
 mod priority;
@@ -68,6 +73,10 @@ pub mod tower;
 
 pub use bulkhead::{Bulkhead, BulkheadBuilder, BulkheadConfig, OwnedPermit, Permit};
 pub use error::{ConfigError, Overloaded, Reason};
+pub use keyed_bulkhead::{
+    KeyedBulkhead, KeyedBulkheadBuilder, KeyedBulkheadConfig, KeyedPermit, OwnedKeyedPermit,
+    TenantClass,
+};
 pub use priority::Priority;
 pub use queue::{
     CodelConfig, Enqueue, Overflow, PushError, QueueConfig, WorkQueue, WorkQueueBuilder,

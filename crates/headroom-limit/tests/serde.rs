@@ -215,3 +215,47 @@ fn bad_quota_lists_are_typed_errors_naming_the_field() {
         );
     }
 }
+
+#[test]
+fn keyed_bulkhead_config_with_classes_loads_and_builds() {
+    use headroom_limit::{KeyedBulkhead, KeyedBulkheadConfig};
+
+    let config: KeyedBulkheadConfig = serde_json::from_str(
+        r#"{
+            "max_concurrent": 32,
+            "max_queued": 16,
+            "max_wait": "25ms",
+            "max_tenants": 500,
+            "classes": { "enterprise": 4, "pro": 2 }
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(config.max_wait, Duration::from_millis(25));
+    let round_trip: KeyedBulkheadConfig =
+        serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+    assert_eq!(round_trip, config);
+    let bulkhead = KeyedBulkhead::from_config("api", config).unwrap();
+    assert_eq!(
+        (
+            bulkhead.capacity(),
+            bulkhead.max_queued(),
+            bulkhead.max_tenants()
+        ),
+        (32, 16, 500)
+    );
+    assert_eq!(bulkhead.class("enterprise").unwrap().weight(), 4);
+
+    // Unset fields take their defaults; unknown fields and bad values are errors.
+    let defaults: KeyedBulkheadConfig = serde_json::from_str("{}").unwrap();
+    assert_eq!(defaults, KeyedBulkheadConfig::default());
+    assert!(serde_json::from_str::<KeyedBulkheadConfig>(r#"{ "max_tenant": 4 }"#).is_err());
+    assert!(serde_json::from_str::<KeyedBulkheadConfig>(r#"{ "classes": { "a": -1 } }"#).is_err());
+    let zero: KeyedBulkheadConfig =
+        serde_json::from_str(r#"{ "classes": { "free": 0 } }"#).unwrap();
+    assert_eq!(
+        KeyedBulkhead::from_config("zero", zero)
+            .unwrap_err()
+            .field(),
+        "classes"
+    );
+}

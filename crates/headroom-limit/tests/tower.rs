@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig};
-use headroom_limit::tower::{BoxError, BulkheadLayer, LoadShedLayer, QueueLayer};
-use headroom_limit::{Bulkhead, LoadShedder, Overflow, Overloaded, Priority, QueueConfig, Reason};
+use headroom_limit::tower::{
+    BoxError, BulkheadLayer, Identify, KeyedBulkheadLayer, LoadShedLayer, QueueLayer,
+};
+use headroom_limit::{
+    Bulkhead, KeyedBulkhead, LoadShedder, Overflow, Overloaded, Priority, QueueConfig, Reason,
+    TenantClass,
+};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -342,4 +347,128 @@ async fn a_panicking_request_fails_alone_and_the_workers_live_on() {
     .await
     .expect("the workers still serve");
     assert_eq!(answer.expect("served"), 40);
+}
+
+/// A service that records which requests started, then completes each request when the
+/// test adds a permit to `gate` (in the order the requests started).
+fn recorded(
+    gate: Arc<Semaphore>,
+    started: Arc<std::sync::Mutex<Vec<u32>>>,
+) -> impl Service<
+    u32,
+    Response = u32,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<u32, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |n: u32| {
+        started.lock().unwrap().push(n);
+        let gate = Arc::clone(&gate);
+        async move {
+            gate.acquire().await.expect("open").forget();
+            Ok::<_, Infallible>(n)
+        }
+    })
+}
+
+type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u32, BoxError>> + Send>>;
+
+/// Calls `service` with `n` and polls the response once.
+async fn start<S>(service: &mut S, n: u32) -> Call
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    let mut call: Call = Box::pin(service.ready().await.unwrap().call(n));
+    assert!(call.as_mut().now_or_never().is_none());
+    call
+}
+
+#[tokio::test]
+async fn keyed_bulkhead_layer_serves_a_quiet_tenant_before_a_busy_one() {
+    let bulkhead = KeyedBulkhead::builder("k")
+        .max_concurrent(2)
+        .max_queued(4)
+        .max_wait(Duration::from_secs(3_600))
+        .build()
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Requests 0..100 belong to tenant 0, 100..200 to tenant 1.
+    let mut service = KeyedBulkheadLayer::new(bulkhead.clone(), |n: &u32| n / 100)
+        .layer(recorded(Arc::clone(&gate), Arc::clone(&started)));
+    let mut first = start(&mut service, 1).await;
+    let _second = start(&mut service, 2).await;
+    let _third = start(&mut service, 3).await;
+    let mut quiet = start(&mut service, 101).await;
+    assert_eq!((bulkhead.in_use(), bulkhead.queued()), (2, 2));
+    gate.add_permits(1);
+    assert_eq!(first.as_mut().now_or_never().unwrap().unwrap(), 1);
+    // The permit request 1 returned went to tenant 1, which asked after request 3.
+    assert_eq!(bulkhead.queued(), 1);
+    assert!(quiet.as_mut().now_or_never().is_none());
+    assert_eq!(*started.lock().unwrap(), [1, 2, 101]);
+
+    // Dropping requests, waiting or running, gives everything back.
+    drop((quiet, _second, _third));
+    assert_eq!(
+        (
+            bulkhead.in_use(),
+            bulkhead.queued(),
+            bulkhead.tracked_tenants()
+        ),
+        (0, 0, 0)
+    );
+}
+
+/// Tenant `n / 100`; tenant 1 is of the `gold` class.
+#[derive(Clone)]
+struct ByTenant {
+    gold: TenantClass,
+}
+
+impl Identify<u32> for ByTenant {
+    type Tenant = u32;
+
+    fn tenant(&self, n: &u32) -> u32 {
+        n / 100
+    }
+
+    fn class(&self, n: &u32) -> TenantClass {
+        if n / 100 == 1 {
+            self.gold
+        } else {
+            TenantClass::DEFAULT
+        }
+    }
+}
+
+#[tokio::test]
+async fn keyed_bulkhead_layer_takes_the_class_from_identify() {
+    let bulkhead = KeyedBulkhead::builder("k")
+        .max_concurrent(4)
+        .max_queued(4)
+        .max_wait(Duration::from_secs(3_600))
+        .class("gold", 3)
+        .build()
+        .unwrap();
+    let gold = bulkhead.class("gold").unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut service = KeyedBulkheadLayer::new(bulkhead.clone(), ByTenant { gold })
+        .layer(recorded(Arc::clone(&gate), Arc::clone(&started)));
+    let mut plain = start(&mut service, 1).await;
+    let mut calls = Vec::new();
+    for n in [2, 101, 102, 3, 103] {
+        calls.push(start(&mut service, n).await);
+    }
+    assert_eq!((bulkhead.in_use(), bulkhead.queued()), (4, 2));
+    gate.add_permits(1);
+    assert_eq!(plain.as_mut().now_or_never().unwrap().unwrap(), 1);
+    // Each holds 2 now; gold's share is 3 of 4, so its request (asked after request 3) runs.
+    for call in &mut calls {
+        assert!(call.as_mut().now_or_never().is_none());
+    }
+    assert_eq!(*started.lock().unwrap(), [1, 2, 101, 102, 103]);
 }

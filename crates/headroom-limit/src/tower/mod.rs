@@ -1,9 +1,10 @@
-//! tower middleware for the bulkhead, the work queue, the load shedder and HTTP rate limits
+//! tower middleware for the bulkheads, the work queue, the load shedder and HTTP rate limits
 //! (feature `tower`).
 //!
 //! | layer | service | readiness | refusal |
 //! |---|---|---|---|
 //! | [`BulkheadLayer`] | [`BulkheadService`] | the inner service's | in `call`: [`Overloaded`] from the bulkhead |
+//! | [`KeyedBulkheadLayer`] | [`KeyedBulkheadService`] | the inner service's | in `call`: [`Overloaded`] from the keyed bulkhead |
 //! | [`QueueLayer`] | [`QueueService`] | always ready | in `call`: [`Overloaded`] from the queue |
 //! | [`LoadShedLayer`] | [`LoadShedService`] | the inner service's | in `call`: [`Overloaded`] from the shedder |
 //! | [`RateLimitLayer`] (HTTP) | [`RateLimitService`] | the inner service's | in `call`: a `429` response with `Retry-After` and the `RateLimit` headers |
@@ -25,11 +26,13 @@
 //! [`Overloaded`]: crate::Overloaded
 
 mod bulkhead;
+mod keyed_bulkhead;
 mod queue;
 mod rate;
 mod shed;
 
 pub use bulkhead::{BulkheadFuture, BulkheadLayer, BulkheadService};
+pub use keyed_bulkhead::{Identify, KeyedBulkheadFuture, KeyedBulkheadLayer, KeyedBulkheadService};
 pub use queue::{Panicked, QueueFuture, QueueLayer, QueueService};
 pub use rate::{RATELIMIT, RATELIMIT_POLICY, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use shed::{LoadShedFuture, LoadShedLayer, LoadShedService};
