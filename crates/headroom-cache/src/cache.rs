@@ -477,8 +477,9 @@ where
     ///
     /// Fails only for an invalid key or a value too large; an L2 failure does not fail the
     /// write. When the value could not be written to L2, the key's L2 copy is outdated: this
-    /// instance stops reading it and deletes it from L2 once L2 answers again (until then, other
-    /// instances may still read the old copy until its TTL).
+    /// instance stops reading it and deletes it from L2 once L2 answers again. With invalidation
+    /// on, the write's message tells the other instances the same, so they stop reading the old
+    /// copy too; without it, they may read it until its TTL.
     ///
     /// Of two writes of one key, on any instances, the later call stays in L2 even when the
     /// earlier one reaches L2 last: each L2 entry carries the Unix millisecond of its write and
