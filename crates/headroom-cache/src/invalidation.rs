@@ -12,8 +12,9 @@
 //!   nothing (not even its own ping) arrives for `max_silence`, the subscription is taken as
 //!   dead: L1 is flushed and bypassed until a message arrives. When one origin falls silent
 //!   while others are heard (it crashed, or its messages stopped getting out), L1 is flushed
-//!   once and the origin forgotten: if it speaks again, its sequence number shows what was
-//!   missed and L1 is flushed again.
+//!   once and the origin no longer waited for. A publisher sends again, under the same
+//!   sequence numbers, what the bus refused, so an origin that speaks again after a cut
+//!   shows no gap; one whose messages were taken by the bus and then lost does.
 //!
 //! An instance that stops gracefully ([`Cache::shutdown`](crate::Cache::shutdown)) sends its
 //! last keys and a goodbye: the others stop expecting it and flush nothing.
@@ -204,6 +205,16 @@ struct Outbox {
     /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
     overflowed: bool,
     clear: bool,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        !self.clear
+            && !self.overflowed
+            && self.keys.is_empty()
+            && self.outdated.is_empty()
+            && self.tags.is_empty()
+    }
 }
 
 /// The cache's side of invalidation: state shared with the publisher and listener tasks.
@@ -417,21 +428,94 @@ impl Shared {
         self.wake.notify_one();
     }
 
-    async fn send(&self, action: Action<'_>) {
+    /// Publishes one message; whether the bus took it.
+    async fn send(&self, action: Action<'_>) -> bool {
+        // Only the publisher task sends. A number is used up only by a message the bus took:
+        // what failed is sent again under the same number, so receivers see no gap (and one
+        // that failed yet arrived is merely applied twice). A message the bus took and then
+        // lost still shows as a gap.
+        let seq = self.seq.load(Ordering::Relaxed);
         let message = Message {
             origin: self.origin,
-            // Taken even when the publish fails, so receivers see the gap.
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             sent_unix_ms: self.clock.unix_millis(),
             action,
         };
         match self.bus.publish(&self.channel, message.encode()).await {
-            Ok(()) => self.metrics.sent.increment(1),
+            Ok(()) => {
+                self.seq.store(seq + 1, Ordering::Relaxed);
+                self.metrics.sent.increment(1);
+                true
+            }
             Err(error) => {
                 self.metrics.publish_errors.increment(1);
                 tracing::debug!(%error, "invalidation message not published");
+                false
             }
         }
+    }
+
+    /// Sends what `outbox` holds, emptying it part by part; at the first publish that fails,
+    /// stops and leaves the rest in it.
+    async fn send_outbox(&self, outbox: &mut Outbox) -> bool {
+        if outbox.clear {
+            // A clear covers every key and tag queued before it.
+            if !self.send(Action::Clear).await {
+                return false;
+            }
+            *outbox = Outbox::default();
+            return true;
+        }
+        if outbox.overflowed {
+            if !self.send(Action::Flush).await {
+                return false;
+            }
+            outbox.overflowed = false;
+        }
+        if !outbox.keys.is_empty() {
+            let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
+            if !self.send(Action::Keys(keys)).await {
+                return false;
+            }
+            outbox.keys = Vec::new();
+        }
+        if !outbox.outdated.is_empty() {
+            let keys: Vec<&[u8]> = outbox.outdated.iter().map(Vec::as_slice).collect();
+            if !self.send(Action::Outdated(keys)).await {
+                return false;
+            }
+            outbox.outdated = Vec::new();
+        }
+        if !outbox.tags.is_empty() {
+            let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
+            if !self.send(Action::Tags(tags)).await {
+                return false;
+            }
+            outbox.tags = Vec::new();
+        }
+        true
+    }
+
+    /// Queues again, ahead of what was queued since, what could not be sent.
+    fn put_back(&self, mut unsent: Outbox) {
+        let mut outbox = self.outbox.lock();
+        if outbox.clear {
+            return;
+        }
+        if unsent.clear {
+            *outbox = unsent;
+            return;
+        }
+        unsent.keys.append(&mut outbox.keys);
+        unsent.outdated.append(&mut outbox.outdated);
+        unsent.tags.append(&mut outbox.tags);
+        unsent.overflowed |= outbox.overflowed;
+        if unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys {
+            unsent.keys = Vec::new();
+            unsent.outdated = Vec::new();
+            unsent.overflowed = true;
+        }
+        *outbox = unsent;
     }
 
     fn set_healthy(&self, healthy: bool) {
@@ -448,34 +532,24 @@ impl Shared {
 }
 
 /// The publisher task: one message at a time, in sequence order, batching every key queued
-/// while the previous message was in flight; a ping when idle for `ping_interval`; when told to
-/// stop, what is still queued, then the goodbye.
+/// while the previous message was in flight; a ping when idle for `ping_interval`; what the bus
+/// refused, again after a pause (in order, so that receivers see no gap); when told to stop,
+/// what is still queued (once), then the goodbye.
 async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
     let mut stopping = false;
+    let mut failures = 0;
     loop {
-        let outbox = std::mem::take(&mut *shared.outbox.lock());
-        if outbox.clear {
-            shared.send(Action::Clear).await;
-        } else if outbox.overflowed
-            || !outbox.keys.is_empty()
-            || !outbox.outdated.is_empty()
-            || !outbox.tags.is_empty()
-        {
-            if outbox.overflowed {
-                shared.send(Action::Flush).await;
-            } else {
-                if !outbox.keys.is_empty() {
-                    let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
-                    shared.send(Action::Keys(keys)).await;
+        let mut outbox = std::mem::take(&mut *shared.outbox.lock());
+        if !outbox.is_empty() {
+            if shared.send_outbox(&mut outbox).await {
+                failures = 0;
+            } else if !stopping {
+                shared.put_back(outbox);
+                failures += 1;
+                tokio::select! {
+                    () = shared.clock.sleep(retry_pause(failures, shared.config.ping_interval)) => {}
+                    _ = stopped.changed() => stopping = true,
                 }
-                if !outbox.outdated.is_empty() {
-                    let keys: Vec<&[u8]> = outbox.outdated.iter().map(Vec::as_slice).collect();
-                    shared.send(Action::Outdated(keys)).await;
-                }
-            }
-            if !outbox.tags.is_empty() {
-                let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
-                shared.send(Action::Tags(tags)).await;
             }
         } else if stopping {
             shared.send(Action::Bye).await;
@@ -494,10 +568,45 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
     }
 }
 
+/// The pause after `failures` publishes in a row failed: 10 ms, doubling up to `ping_interval`.
+fn retry_pause(failures: u32, ping_interval: Duration) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(ping_interval)
+}
+
 /// What the listener knows of one other instance.
 struct Origin {
     next_seq: u64,
     heard: Instant,
+    /// Not heard for `max_silence`: flushed for once, not waited for any more.
+    silent: bool,
+}
+
+/// Silent origins remembered (most are crashed instances, which never speak again); past
+/// this, the one silent longest is forgotten, and should it speak again, that is a gap.
+const MAX_SILENT_ORIGINS: usize = 256;
+
+/// Marks the origins not heard for `silence` as silent; whether any newly fell silent.
+fn mark_silent(origins: &mut HashMap<u64, Origin>, now: Instant, silence: Duration) -> bool {
+    let mut fell_silent = false;
+    for origin in origins.values_mut() {
+        if !origin.silent && now.saturating_duration_since(origin.heard) >= silence {
+            origin.silent = true;
+            fell_silent = true;
+        }
+    }
+    while origins.values().filter(|origin| origin.silent).count() > MAX_SILENT_ORIGINS {
+        let longest = origins
+            .iter()
+            .filter(|(_, origin)| origin.silent)
+            .min_by_key(|(_, origin)| origin.heard)
+            .map(|(id, _)| *id);
+        if let Some(id) = longest {
+            origins.remove(&id);
+        }
+    }
+    fell_silent
 }
 
 /// The listener task: subscribes (again, after a failure), applies messages, watches for
@@ -559,15 +668,14 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                         if !flush(Flush::Silence) { return; }
                     }
                     // An origin that fell silent may have written without telling: flush
-                    // once and forget it. Should it speak again, it is a new origin whose
-                    // sequence number already passed 0: a gap, so another flush.
-                    let known = origins.len();
-                    origins.retain(|_, origin| now.saturating_duration_since(origin.heard) < silence);
-                    if origins.len() < known && !flush(Flush::Silence) {
+                    // once and stop waiting for it. Should it speak again, its sequence
+                    // number shows whether anything it sent meanwhile was lost.
+                    if mark_silent(&mut origins, now, silence) && !flush(Flush::Silence) {
                         return;
                     }
                     let oldest = origins
                         .values()
+                        .filter(|origin| !origin.silent)
                         .map(|origin| origin.heard)
                         .chain(live.then_some(heard))
                         .min()
@@ -627,6 +735,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                         Some(origin) => {
                             origin.next_seq = origin.next_seq.max(message.seq.saturating_add(1));
                             origin.heard = now;
+                            origin.silent = false;
                         }
                         None => {
                             origins.insert(
@@ -634,6 +743,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                                 Origin {
                                     next_seq: message.seq.saturating_add(1),
                                     heard: now,
+                                    silent: false,
                                 },
                             );
                         }

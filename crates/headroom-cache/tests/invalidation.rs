@@ -13,7 +13,7 @@ use headroom_cache::{Cache, InvalidationConfig};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::kv::DynKvStore;
 use headroom_core::memory::{MemoryBus, MemoryKvStore};
-use headroom_core::{BackendError, Clock, Key, ManualClock, Namespace};
+use headroom_core::{BackendError, BackendErrorKind, Clock, Key, ManualClock, Namespace};
 use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
 use headroom_testkit::{FaultProxy, RedisServer, shared_cluster, shared_server, unique_namespace};
 
@@ -275,6 +275,8 @@ struct Faulty {
     drop_next_publish: Arc<AtomicBool>,
     /// Drops every published message.
     muted: Arc<AtomicBool>,
+    /// Refuses every publish with a connection error.
+    failing: Arc<AtomicBool>,
     silenced: Arc<AtomicBool>,
 }
 
@@ -284,6 +286,7 @@ impl Faulty {
             inner,
             drop_next_publish: Arc::default(),
             muted: Arc::default(),
+            failing: Arc::default(),
             silenced: Arc::default(),
         }
     }
@@ -291,6 +294,12 @@ impl Faulty {
 
 impl InvalidationBus for Faulty {
     async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Connection,
+                "the bus is out of reach",
+            ));
+        }
         if self.drop_next_publish.swap(false, Ordering::SeqCst) || self.muted.load(Ordering::SeqCst)
         {
             return Ok(());
@@ -806,6 +815,37 @@ async fn a_crashed_instance_costs_each_survivor_one_flush() {
     settle_in_l1(&b, &b_calls, "k", 1).await;
     // ...and then keeps its L1 for several silence periods.
     served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
+}
+
+/// A cut from the bus (every publish fails) costs each other instance one flush: when A's
+/// messages flow again, what it could not send reaches B, in sequence, and B keeps its L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_back_on_the_bus_sends_what_it_missed_and_costs_no_second_flush() {
+    let ns = unique_namespace("cut-writer");
+    let (a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
+    a.insert("other".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "other", 1).await;
+
+    faulty.failing.store(true, Ordering::SeqCst);
+    // B notices A's silence once and flushes (its next read goes to L2).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = b_calls.reads();
+        b.get(&"other".to_owned()).await.unwrap();
+        if b_calls.reads() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never noticed A's silence");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    settle_in_l1(&b, &b_calls, "other", 1).await;
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    // A writes while none of its messages get out.
+    a.insert("k".into(), 2).await.unwrap();
+
+    faulty.failing.store(false, Ordering::SeqCst);
+    settle_value(&b, "k", Some(2)).await;
+    served_from_l1_throughout(&b, &b_calls, "other", 1, config().max_silence * 4).await;
 }
 
 /// A graceful shutdown says goodbye: the other instances keep their L1 untouched.
