@@ -40,6 +40,8 @@ pub struct Fleet {
     binary: PathBuf,
     db: SocketAddr,
     seeds: Vec<String>,
+    /// Per slot: cluster node addresses its instance dials through other addresses.
+    routes: Vec<Vec<(SocketAddr, SocketAddr)>>,
     slots: Vec<RwLock<Option<Arc<Client>>>>,
     processes: tokio::sync::Mutex<Vec<Option<Process>>>,
     counted: tokio::sync::Mutex<Vec<Counted>>,
@@ -52,10 +54,18 @@ impl Fleet {
             binary,
             db,
             seeds,
+            routes: vec![Vec::new(); size],
             slots: (0..size).map(|_| RwLock::new(None)).collect(),
             processes: tokio::sync::Mutex::new((0..size).map(|_| None).collect()),
             counted: tokio::sync::Mutex::new(vec![Counted::default(); size]),
         }
+    }
+
+    /// Makes every instance of `slot` reach each cluster node (`announced`) through
+    /// `reachable` instead, e.g. a fault proxy that can cut it from Redis.
+    pub fn with_route(mut self, slot: usize, announced: SocketAddr, reachable: SocketAddr) -> Self {
+        self.routes[slot].push((announced, reachable));
+        self
     }
 
     /// How many slots the fleet has.
@@ -70,6 +80,9 @@ impl Fleet {
             .arg(port.to_string())
             .arg(self.db.to_string())
             .arg(slot.to_string())
+            .args(self.routes[slot].iter().flat_map(|(announced, reachable)| {
+                ["--via".to_owned(), format!("{announced}={reachable}")]
+            }))
             .args(&self.seeds)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -33,6 +33,10 @@ pub struct Expect {
     pub critical_success: Option<f64>,
     /// Every instance uses its L1 again within this many seconds after the fault ends.
     pub l1_back_within: Option<f64>,
+    /// The instance cut from Redis during the fault. Nobody can hear of the writes it
+    /// acknowledges meanwhile before it reaches Redis again, so they count as acknowledged
+    /// when the fault ends.
+    pub cut_off: Option<usize>,
 }
 
 /// What the schedule recorded about one window.
@@ -85,6 +89,11 @@ pub struct WindowReport {
     pub stale_examples: Vec<(String, u64, f64, Option<usize>)>,
     pub duplicate_executions: usize,
     pub different_outcomes: usize,
+    /// Writes acknowledged by the instance cut off from Redis while it was cut off.
+    pub writes_cut_off: usize,
+    /// Reads that served a version older than one of those writes before the cut ended (or
+    /// less than the bound after): nobody could hear of them yet.
+    pub reads_before_heard: usize,
     pub flushes_per_instance: Vec<Option<u64>>,
     pub flush_reasons: BTreeMap<String, u64>,
     pub loads_hot: u64,
@@ -144,8 +153,19 @@ fn ms(duration: Duration) -> f64 {
 }
 
 /// How stale each read was: the time since a newer version had been acknowledged to a
-/// writer when the read was sent (zero when the version served was current).
-pub fn staleness(events: &[Event]) -> Vec<Duration> {
+/// writer when the read was sent (zero when the version served was current). A write
+/// acknowledged by an instance while it was cut off from Redis counts from the end of the cut.
+pub fn staleness(events: &[Event], windows: &[Window]) -> Vec<Duration> {
+    let cuts: Vec<(usize, Duration, Duration)> = windows
+        .iter()
+        .filter_map(|w| Some((w.expect.cut_off?, w.start, w.fault_end)))
+        .collect();
+    let heard_at = |event: &Event| {
+        let acked = event.sent + event.latency;
+        cuts.iter()
+            .find(|(slot, from, to)| event.instance == Some(*slot) && (*from..*to).contains(&acked))
+            .map_or(acked, |(_, _, to)| *to)
+    };
     let mut acks: HashMap<&str, Vec<(u64, Duration)>> = HashMap::new();
     for event in events {
         if let (Kind::Write, "ok", Some(version)) =
@@ -153,7 +173,7 @@ pub fn staleness(events: &[Event]) -> Vec<Duration> {
         {
             acks.entry(&event.key)
                 .or_default()
-                .push((version, event.sent + event.latency));
+                .push((version, heard_at(event)));
         }
     }
     events
@@ -179,7 +199,8 @@ pub fn judge(
     windows: &[Window],
     executions: &HashMap<String, Vec<u64>>,
 ) -> Report {
-    let stale = staleness(events);
+    let stale = staleness(events, windows);
+    let stale_as_acknowledged = staleness(events, &[]);
     let mut orders_by_key: HashMap<&str, HashSet<u64>> = HashMap::new();
     for event in events.iter().filter(|e| e.kind == Kind::Checkout) {
         if let Some(order) = event.order {
@@ -235,6 +256,21 @@ pub fn judge(
                 )
             })
             .collect();
+        let writes_cut_off = inside
+            .iter()
+            .filter(|(_, e)| e.kind == Kind::Write && e.outcome == "ok")
+            .filter(|(_, e)| {
+                window
+                    .expect
+                    .cut_off
+                    .is_some_and(|slot| e.instance == Some(slot))
+                    && e.sent + e.latency < window.fault_end
+            })
+            .count();
+        let reads_before_heard = inside
+            .iter()
+            .filter(|(i, _)| stale_as_acknowledged[*i] > stale[*i])
+            .count();
         let keys: HashSet<&str> = critical.iter().map(|e| e.key.as_str()).collect();
         let duplicate_executions = keys
             .iter()
@@ -391,6 +427,8 @@ pub fn judge(
             stale_examples,
             duplicate_executions,
             different_outcomes,
+            writes_cut_off,
+            reads_before_heard,
             flushes_per_instance,
             flush_reasons: window.flush_reasons.clone(),
             loads_hot,
@@ -502,6 +540,12 @@ pub fn render(report: &Report) -> String {
             w.loads_per_cold_key
                 .map_or("-".to_owned(), |(plain, locked)| format!("{plain:.2}, {locked:.2}")),
         ));
+        if w.writes_cut_off > 0 {
+            out.push_str(&format!(
+                "  writes acknowledged while cut off {}  reads of the version before them until heard {}\n",
+                w.writes_cut_off, w.reads_before_heard
+            ));
+        }
         for (key, version, staleness, instance) in &w.stale_examples {
             out.push_str(&format!(
                 "  stale: {key} v{version} served {staleness:.0} ms late by instance {instance:?}\n"
@@ -521,4 +565,76 @@ pub fn render(report: &Report) -> String {
         out.push_str(&format!("{} promises broken\n", report.broken.len()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: Kind, at_ms: u64, version: u64, instance: usize) -> Event {
+        Event {
+            sent: Duration::from_millis(at_ms),
+            latency: Duration::from_millis(1),
+            kind,
+            outcome: "ok".to_owned(),
+            key: "hot-0".to_owned(),
+            version: Some(version),
+            order: None,
+            instance: Some(instance),
+        }
+    }
+
+    fn cut_window(instance: usize, from_ms: u64, to_ms: u64) -> Window {
+        Window {
+            name: "cut".to_owned(),
+            start: Duration::from_millis(from_ms),
+            end: Duration::from_millis(to_ms + 5_000),
+            fault_end: Duration::from_millis(to_ms),
+            flushes: Vec::new(),
+            flush_reasons: BTreeMap::new(),
+            l2: (0, 0),
+            loads_before: HashMap::new(),
+            loads_after: HashMap::new(),
+            l1_back_after: None,
+            expect: Expect {
+                cut_off: Some(instance),
+                ..Expect::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_read_is_as_stale_as_the_time_since_a_newer_version_was_acknowledged() {
+        let events = [
+            event(Kind::Write, 1_000, 2, 1),
+            event(Kind::Read, 500, 1, 0),
+            event(Kind::Read, 3_001, 1, 0),
+            event(Kind::Read, 3_001, 2, 0),
+        ];
+        let stale = staleness(&events, &[]);
+        assert_eq!(
+            stale,
+            [
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::from_secs(2),
+                Duration::ZERO
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_acknowledged_while_its_instance_was_cut_off_counts_from_the_end_of_the_cut() {
+        let events = [
+            // Acknowledged by the cut instance at 1,001 ms, inside the cut (500 to 4,000 ms).
+            event(Kind::Write, 1_000, 2, 2),
+            event(Kind::Read, 3_001, 1, 0),
+            event(Kind::Read, 6_000, 1, 0),
+        ];
+        let stale = staleness(&events, &[cut_window(2, 500, 4_000)]);
+        assert_eq!(
+            stale,
+            [Duration::ZERO, Duration::ZERO, Duration::from_secs(2)]
+        );
+    }
 }

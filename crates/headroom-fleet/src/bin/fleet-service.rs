@@ -2,7 +2,10 @@
 //! written to the database and then the cache, orders placed once per idempotency key within
 //! rate limits per tenant tier, and every database call behind a load shedder.
 //!
-//! Run by `fleet-trial`: `fleet-service <port> <database address> <instance> <seed URL>...`.
+//! Run by `fleet-trial`: `fleet-service <port> <database address> <instance>
+//! [--via <announced host:port>=<reachable host:port>]... <seed URL>...`; each `--via` sends the
+//! instance's connections to one cluster node through another address (the trial's fault
+//! proxies).
 //! It prints `ready` once it listens, and on SIGTERM shuts headroom down gracefully (queued
 //! invalidations and a goodbye) before it exits.
 
@@ -22,6 +25,7 @@ use headroom::idempotency::{
 };
 use headroom::limit::rate::{DistributedRateLimiter, Fallback, Quota, RateLimit, TierConfig};
 use headroom::limit::{LoadShedder, Priority};
+use headroom::redis::RedisConfig;
 use headroom_fleet::proto::{
     Client, DbRequest, DbResponse, ServiceRequest, ServiceResponse, Stats, serve_lines,
 };
@@ -236,23 +240,41 @@ struct Args {
     port: u16,
     db: SocketAddr,
     instance: usize,
+    /// Announced node address, and the address to dial instead.
+    via: Vec<(String, String)>,
     seeds: Vec<String>,
 }
 
 fn args() -> Option<Args> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    let port = args.next()?.parse().ok()?;
+    let db = args.next()?.parse().ok()?;
+    let instance = args.next()?.parse().ok()?;
+    let mut via = Vec::new();
+    while args.next_if(|arg| arg == "--via").is_some() {
+        let (announced, reachable) = args
+            .next()?
+            .split_once('=')
+            .map(|(a, r)| (a.to_owned(), r.to_owned()))?;
+        via.push((announced, reachable));
+    }
     Some(Args {
-        port: args.next()?.parse().ok()?,
-        db: args.next()?.parse().ok()?,
-        instance: args.next()?.parse().ok()?,
+        port,
+        db,
+        instance,
+        via,
         seeds: args.collect(),
     })
 }
 
 async fn build(args: &Args, counters: Counters) -> Result<(Service, Headroom), Box<dyn Error>> {
+    let redis = args.via.iter().fold(
+        RedisConfig::cluster(args.seeds.iter().map(String::as_str)),
+        |config, (announced, reachable)| config.with_address(announced, reachable),
+    );
     let headroom = Headroom::builder()
         .namespace("fleet")
-        .redis_cluster(args.seeds.iter().map(String::as_str))
+        .redis_with(redis)
         .await?;
     let products = headroom
         .cache::<String, u64>("products")?
@@ -309,7 +331,9 @@ async fn build(args: &Args, counters: Counters) -> Result<(Service, Headroom), B
 #[tokio::main]
 async fn main() -> ExitCode {
     let Some(args) = args() else {
-        eprintln!("usage: fleet-service <port> <database address> <instance> <seed URL>...");
+        eprintln!(
+            "usage: fleet-service <port> <database address> <instance> [--via A=B]... <seed URL>..."
+        );
         return ExitCode::from(2);
     };
     let counters = Counters::install();

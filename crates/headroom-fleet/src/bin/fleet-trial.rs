@@ -17,13 +17,15 @@ use headroom_fleet::fleet::Fleet;
 use headroom_fleet::load::Load;
 use headroom_fleet::proto::{ServiceRequest, ServiceResponse, Stats};
 use headroom_fleet::report::{self, Expect, Window};
-use headroom_testkit::RedisCluster;
+use headroom_testkit::{FaultProxy, RedisCluster};
 
 const INSTANCES: usize = 6;
 /// Requests per second of the usual mix.
 const RATE: f64 = 100.0;
 /// Reports the fleet can serve per second: 6 instances x 2 at once / 100 ms each.
 const REPORT_CAPACITY: f64 = 120.0;
+/// The instance that reaches every cluster node through a fault proxy, to be cut from Redis.
+const CUT_SLOT: usize = 2;
 
 /// Window lengths of one schedule.
 struct Schedule {
@@ -31,6 +33,7 @@ struct Schedule {
     baseline: Duration,
     settle: Duration,
     overload: Duration,
+    cut: Duration,
 }
 
 impl Schedule {
@@ -40,6 +43,7 @@ impl Schedule {
             baseline: Duration::from_secs(8),
             settle: Duration::from_secs(6),
             overload: Duration::from_secs(6),
+            cut: Duration::from_secs(6),
         }
     }
 
@@ -49,6 +53,7 @@ impl Schedule {
             baseline: Duration::from_secs(30),
             settle: Duration::from_secs(20),
             overload: Duration::from_secs(10),
+            cut: Duration::from_secs(10),
         }
     }
 }
@@ -177,7 +182,15 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
         },
     );
     let db_addr = db.serve().await?;
-    let fleet = Arc::new(Fleet::new(binary, INSTANCES, db_addr, cluster.urls()));
+    let mut fleet = Fleet::new(binary, INSTANCES, db_addr, cluster.urls());
+    let mut proxies = Vec::new();
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        fleet = fleet.with_route(CUT_SLOT, node.addr(), proxy.addr());
+        proxies.push(proxy);
+    }
+    let proxies = Arc::new(proxies);
+    let fleet = Arc::new(fleet);
     for slot in 0..INSTANCES {
         fleet.start(slot).await?;
     }
@@ -334,6 +347,28 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
             },
         )
         .await;
+    let (cut, cut_proxies) = (trial.schedule.cut, Arc::clone(&proxies));
+    trial
+        .window(
+            "one instance cut from Redis",
+            Expect {
+                max_flushes: Some(1),
+                spared: Some(CUT_SLOT),
+                l1_back_within: Some(10.0),
+                cut_off: Some(CUT_SLOT),
+                ..Expect::default()
+            },
+            move |_, _, _| async move {
+                for proxy in cut_proxies.iter() {
+                    proxy.cut();
+                }
+                tokio::time::sleep(cut).await;
+                for proxy in cut_proxies.iter() {
+                    proxy.restore();
+                }
+            },
+        )
+        .await;
     let overload = trial.schedule.overload;
     trial
         .window(
@@ -355,6 +390,8 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
     // Requests in flight finish (each has a 5 s timeout).
     tokio::time::sleep(Duration::from_secs(2)).await;
     trial.fleet.stop_all().await;
+    // The cut instance's way to Redis stays open until it has stopped.
+    drop(proxies);
 
     let report = report::judge(&trial.load.events(), &trial.windows, &trial.db.executions());
     let text = report::render(&report);
