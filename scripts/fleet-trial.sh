@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The fleet trial: a Redis Cluster of 3 masters with a replica each, 6 service processes and an
 # open-loop load through a rolling deploy, a crash, a write burst, a master failover, a slot
-# migration and overload. Exits non-zero when a promise is broken.
+# migration, one instance cut from Redis, and overload. Exits non-zero when a promise is broken.
 #
-#   bash scripts/fleet-trial.sh           # the full schedule (about 4 minutes)
-#   bash scripts/fleet-trial.sh --short   # the CI schedule (under 2 minutes after the build)
+#   bash scripts/fleet-trial.sh           # the full schedule (about 5 minutes)
+#   bash scripts/fleet-trial.sh --short   # the CI schedule (about 2 minutes after the build)
 #
 # Writes target/fleet-trial/{report.txt,report.json,timeline.svg}.
 set -euo pipefail

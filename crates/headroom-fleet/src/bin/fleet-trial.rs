@@ -1,5 +1,6 @@
 //! The fleet trial: a Redis Cluster of three masters with a replica each, six `fleet-service`
-//! processes, an open-loop load, and a schedule of faults, each followed by a recovery window.
+//! processes (one of them reaching Redis through fault proxies, to be cut off), an open-loop
+//! load, and a schedule of faults, each followed by a recovery window.
 //! Prints a report per window, writes `report.json`, `report.txt` and `timeline.svg`, and
 //! exits 1 when a promise is broken.
 //!
