@@ -510,7 +510,10 @@ impl Shared {
         unsent.outdated.append(&mut outbox.outdated);
         unsent.tags.append(&mut outbox.tags);
         unsent.overflowed |= outbox.overflowed;
-        if unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys {
+        // Past the limit, one flush stands for every key, as when they are queued.
+        if unsent.overflowed
+            || unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys
+        {
             unsent.keys = Vec::new();
             unsent.outdated = Vec::new();
             unsent.overflowed = true;
