@@ -127,6 +127,29 @@ async fn growing_wakes_waiters_and_shrinking_retires_permits_as_they_return() {
     assert!(b.set_max_concurrent(0).is_err());
 }
 
+#[tokio::test]
+async fn growth_beyond_the_waiters_is_free_at_once() {
+    let b = bulkhead(1, 8, Duration::from_secs(60));
+    let _held = b.try_acquire().expect("the only permit");
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire().await.map(drop) }
+    });
+    tokio::task::yield_now().await;
+    assert_eq!(b.queued(), 1);
+    b.set_max_concurrent(4).expect("grow");
+    assert_eq!(
+        drain(&b),
+        2,
+        "of three new permits, one goes to the waiter and two are free"
+    );
+    waiter
+        .await
+        .expect("task")
+        .expect("the waiter gets its permit");
+    assert_eq!(drain(&b), 3);
+}
+
 #[test]
 fn bad_configuration_is_a_typed_error() {
     let err = Bulkhead::builder("zero")

@@ -1,5 +1,8 @@
 //! Bulkheads: named compartments of bounded concurrency with a bounded, timed wait queue.
 
+mod permits;
+mod sync;
+
 use std::fmt;
 use std::pin::pin;
 use std::sync::Arc;
@@ -9,8 +12,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::{Either, select};
 use headroom_core::Clock;
 use metrics::{Counter, Gauge};
-use parking_lot::Mutex;
-use tokio::sync::Semaphore;
+
+use permits::{Entry, Permits};
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Outcome};
 use crate::limits::MAX_LIMIT;
@@ -35,7 +38,8 @@ use crate::{ConfigError, Overloaded, Priority, Reason};
 pub struct BulkheadConfig {
     /// How many callers may hold a permit at once (ignored when `adaptive` is set).
     pub max_concurrent: usize,
-    /// How many callers may wait for a permit; 0 rejects as soon as every permit is taken.
+    /// How many callers may wait for a permit; 0 rejects as soon as every permit is taken
+    /// (at most 2³² − 1 wait at once, whatever the setting).
     pub max_queued: usize,
     /// How long a caller waits for a permit before it is rejected.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -91,27 +95,9 @@ pub struct Bulkhead {
     inner: Arc<Inner>,
 }
 
-/// Keeps the free-permit counter, written on every acquire and release, off the cache line
-/// of the settings every caller reads.
-#[repr(align(128))]
-struct CacheLine<T>(T);
-
-/// Permits live in one of three places: `free` (taken and returned with one atomic operation
-/// each, no lock), held by a caller, or in `handoff`, a FIFO semaphore through which released
-/// permits go to waiting callers. A permit only goes through `handoff` while someone waits,
-/// so the uncontended path never touches the semaphore or its lock.
-///
-/// No permit is stranded in `handoff` with nobody waiting, and no waiter sleeps while a
-/// permit is free: whoever makes a permit free checks `queued` afterwards and hands it over,
-/// and a waiter registers in `queued` before it looks at `free` for the last time; the last
-/// waiter to leave returns what is left in `handoff` to `free` (all with sequential
-/// consistency, so one of the two sides always sees the other).
+/// What the clones of a bulkhead share: its permits, settings, signals and metrics.
 struct Inner {
-    free: CacheLine<AtomicUsize>,
-    handoff: Semaphore,
-    limit: AtomicUsize,
-    /// Permits still to retire after a shrink: taken back as holders release them.
-    debt: AtomicUsize,
+    permits: Permits,
     max_queued: AtomicUsize,
     max_wait_nanos: AtomicU64,
     /// Wait of the most recently admitted caller (0 when it did not wait).
@@ -119,8 +105,6 @@ struct Inner {
     /// When that wait ended, in nanoseconds since `created`.
     last_wait_at_nanos: AtomicU64,
     created: Instant,
-    queued: AtomicUsize,
-    resize: Mutex<()>,
     name: Arc<str>,
     clock: Clock,
     adaptive: Option<AdaptiveLimit>,
@@ -219,7 +203,7 @@ impl Bulkhead {
 
     /// The current concurrency limit.
     pub fn limit(&self) -> usize {
-        self.inner.limit.load(Ordering::Relaxed)
+        self.inner.permits.limit()
     }
 
     /// How many permits are held right now.
@@ -232,7 +216,7 @@ impl Bulkhead {
 
     /// How many callers are waiting for a permit right now.
     pub fn queued(&self) -> usize {
-        self.inner.queued.load(Ordering::Relaxed)
+        self.inner.permits.waiting()
     }
 
     /// How many callers may wait for a permit.
@@ -305,7 +289,9 @@ impl Inner {
     /// Takes a free permit, if any.
     #[inline]
     fn try_take(&self) -> Option<Started> {
-        self.take_free()?;
+        if !self.permits.try_take() {
+            return None;
+        }
         if self.last_wait_nanos.load(Ordering::Relaxed) != 0 {
             self.last_wait_nanos.store(0, Ordering::Relaxed);
         }
@@ -314,23 +300,18 @@ impl Inner {
 
     async fn wait(&self, priority: Priority) -> Result<Started, Overloaded> {
         let max_queued = self.max_queued.load(Ordering::Relaxed);
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= max_queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            self.reclaim_handoff();
-            return Err(self.reject(Reason::QueueFull, priority));
-        }
-        let _slot = QueueSlot::enter(self);
-        // Registered as waiting: a permit freed from now on is handed over, so one last look.
-        if self.take_free().is_some() {
-            return Ok(self.admitted());
-        }
+        let waiter = match self.permits.take_or_wait(max_queued) {
+            Entry::Taken => return Ok(self.admitted()),
+            Entry::Waiting(waiter) => waiter,
+            Entry::Full => return Err(self.reject(Reason::QueueFull, priority)),
+        };
+        let _queued = QueuedGauge::enter(&self.metrics);
         let start = self.clock.now();
         let max_wait = Duration::from_nanos(self.max_wait_nanos.load(Ordering::Relaxed));
-        let acquire = pin!(self.handoff.acquire());
+        let handed_over = pin!(waiter.handed_over());
         let expire = pin!(self.clock.sleep(max_wait));
-        match select(acquire, expire).await {
-            Either::Left((Ok(permit), _)) => {
-                permit.forget();
+        match select(handed_over, expire).await {
+            Either::Left((true, _)) => {
                 let now = self.clock.now();
                 let waited = now.saturating_duration_since(start);
                 let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
@@ -342,7 +323,7 @@ impl Inner {
                 Ok(self.admitted())
             }
             // The hand-off semaphore is never closed; a closed one would mean no permit again.
-            Either::Left((Err(_), _)) => Err(self.reject(Reason::Closed, priority)),
+            Either::Left((false, _)) => Err(self.reject(Reason::Closed, priority)),
             Either::Right(_) => Err(self.reject(Reason::WaitTimeout, priority)),
         }
     }
@@ -361,77 +342,15 @@ impl Inner {
     }
 
     fn in_use(&self) -> usize {
-        // Every permit is free, in hand-off, held, or owed back after a shrink.
-        let total = self.limit.load(Ordering::Relaxed) + self.debt.load(Ordering::Relaxed);
-        let idle = self.free.0.load(Ordering::Relaxed) + self.handoff.available_permits();
-        total.saturating_sub(idle)
-    }
-
-    #[inline]
-    fn take_free(&self) -> Option<()> {
-        self.free
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
-                free.checked_sub(1)
-            })
-            .ok()
-            .map(drop)
-    }
-
-    /// Makes `n` permits free, then hands as many as needed to callers already waiting.
-    #[inline]
-    fn make_free(&self, n: usize) {
-        self.free.0.fetch_add(n, Ordering::SeqCst);
-        for _ in 0..n {
-            if self.queued.load(Ordering::SeqCst) == 0 || self.take_free().is_none() {
-                return;
-            }
-            self.handoff.add_permits(1);
-        }
-    }
-
-    /// Returns permits left in hand-off by waiters that gave up, once nobody waits.
-    fn reclaim_handoff(&self) {
-        if self.queued.load(Ordering::SeqCst) == 0 {
-            let stranded = self.handoff.forget_permits(usize::MAX);
-            if stranded > 0 {
-                self.make_free(stranded);
-            }
-        }
+        self.permits.in_use()
     }
 
     fn resize(&self, new: usize) {
-        let _serialised = self.resize.lock();
-        let old = self.limit.swap(new, Ordering::AcqRel);
-        if new > old {
-            let grow = new - old;
-            // Permits still owed from an earlier shrink are forgiven before new ones are added.
-            let owed = self
-                .debt
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
-                    Some(debt - debt.min(grow))
-                })
-                .unwrap_or_else(|debt| debt);
-            let forgiven = owed.min(grow);
-            if grow > forgiven {
-                self.make_free(grow - forgiven);
-            }
-        } else if new < old {
-            let shrink = old - new;
-            let retired = self
-                .free
-                .0
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
-                    Some(free - free.min(shrink))
-                })
-                .map_or(0, |free| free.min(shrink));
-            self.debt.fetch_add(shrink - retired, Ordering::AcqRel);
-        } else {
-            return;
+        if let Some(old) = self.permits.resize(new) {
+            self.limit_gauge.set(new as f64);
+            self.limit_changes.increment(1);
+            tracing::debug!(bulkhead = %self.name, old, new, "concurrency limit changed");
         }
-        self.limit_gauge.set(new as f64);
-        self.limit_changes.increment(1);
-        tracing::debug!(bulkhead = %self.name, old, new, "concurrency limit changed");
     }
 
     /// Gives a permit back, first teaching the adaptive limit how the work went.
@@ -445,30 +364,12 @@ impl Inner {
             };
             let rtt = self.clock.now().saturating_duration_since(started);
             let limit = adaptive.sample(rtt, self.in_use(), outcome);
-            if limit != self.limit.load(Ordering::Relaxed) {
+            if limit != self.permits.limit() {
                 self.resize(limit);
             }
         }
         self.in_flight_gauge.decrement(1.0);
-        let mut debt = self.debt.load(Ordering::Acquire);
-        while debt > 0 {
-            match self.debt.compare_exchange_weak(
-                debt,
-                debt - 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return,
-                Err(current) => debt = current,
-            }
-        }
-        if self.queued.load(Ordering::SeqCst) > 0 {
-            // Straight to the longest waiter; reclaimed if it gave up meanwhile.
-            self.handoff.add_permits(1);
-            self.reclaim_handoff();
-        } else {
-            self.make_free(1);
-        }
+        self.permits.release();
     }
 }
 
@@ -485,21 +386,19 @@ fn validate_limit(limit: usize) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A place in the wait queue, given back however the wait ends.
-struct QueueSlot<'a>(&'a Inner);
+/// Counts a caller in the queued gauge for as long as it waits.
+struct QueuedGauge<'a>(&'a AdmissionMetrics);
 
-impl<'a> QueueSlot<'a> {
-    fn enter(inner: &'a Inner) -> Self {
-        inner.metrics.queued.increment(1.0);
-        Self(inner)
+impl<'a> QueuedGauge<'a> {
+    fn enter(metrics: &'a AdmissionMetrics) -> Self {
+        metrics.queued.increment(1.0);
+        Self(metrics)
     }
 }
 
-impl Drop for QueueSlot<'_> {
+impl Drop for QueuedGauge<'_> {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::SeqCst);
-        self.0.metrics.queued.decrement(1.0);
-        self.0.reclaim_handoff();
+        self.0.queued.decrement(1.0);
     }
 }
 
@@ -573,12 +472,7 @@ impl BulkheadBuilder {
             inner: Arc::new(Inner {
                 metrics: AdmissionMetrics::new("bulkhead", &self.name),
                 name: Arc::from(self.name),
-                free: CacheLine(AtomicUsize::new(limit)),
-                handoff: Semaphore::new(0),
-                limit: AtomicUsize::new(limit),
-                debt: AtomicUsize::new(0),
-                resize: Mutex::new(()),
-                queued: AtomicUsize::new(0),
+                permits: Permits::new(limit),
                 max_queued: AtomicUsize::new(self.config.max_queued),
                 max_wait_nanos: AtomicU64::new(max_wait_nanos),
                 last_wait_nanos: AtomicU64::new(0),
