@@ -35,8 +35,8 @@ fn governor_quota() -> GovernorQuota {
 fn local(c: &mut Criterion) {
     let quota = Quota::per_second(PER_SECOND).expect("quota");
 
-    // What a check pays to read the time: governor's default clock reads the TSC (quanta),
-    // headroom's Clock reads tokio's clock, which is `std::time::Instant` outside tests.
+    // What a check pays to read the time: governor's default clock and headroom's system clock
+    // both read the calibrated TSC (quanta); the limiters count on a `Stopwatch`.
     let mut group = c.benchmark_group("rate_clock");
     let quanta = DefaultClock::default();
     let clock = headroom_core::Clock::system();
@@ -49,6 +49,11 @@ fn local(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("headroom", "Clock::now"), |b| {
         b.iter(|| black_box(clock.now()))
     });
+    let stopwatch = clock.stopwatch();
+    group.bench_function(
+        BenchmarkId::new("headroom", "Stopwatch::elapsed_nanos"),
+        |b| b.iter(|| black_box(stopwatch.elapsed_nanos())),
+    );
     group.finish();
 
     let mut group = c.benchmark_group("rate_direct");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use headroom_core::Clock;
+use headroom_core::{Clock, Stopwatch};
 use metrics::{Counter, Gauge};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
@@ -156,8 +156,8 @@ struct Recovery {
 pub(crate) struct Shared {
     name: Arc<str>,
     config: BreakerConfig,
-    clock: Clock,
-    origin: Instant,
+    /// Nanoseconds since the breaker was built, on its clock.
+    time: Stopwatch,
     /// Generation (upper 62 bits) and state (lower 2 bits): one load tells a call what to do,
     /// and a result recorded under an older generation is dropped.
     state: AtomicU64,
@@ -193,7 +193,7 @@ fn probe_tag(word: u64) -> u64 {
 
 impl Shared {
     fn now_nanos(&self) -> u64 {
-        nanos(self.clock.now().saturating_duration_since(self.origin))
+        self.time.elapsed_nanos()
     }
 
     fn rejected(&self, state: State, retry_after: Option<Duration>) -> CircuitOpen {
@@ -358,8 +358,8 @@ impl Shared {
                 if self.state.load(Ordering::Acquire) != ticket.word {
                     return; // admitted before a transition: its result describes another era
                 }
-                self.window.record(sample, now);
-                if self.may_trip(sample, now) {
+                let epoch = self.window.record(sample, now);
+                if self.may_trip(sample, epoch) {
                     self.judge(ticket.word, now);
                 }
             }
@@ -392,11 +392,11 @@ impl Shared {
     /// slow call may; so may any call while the window is short of `minimum_calls`. Otherwise a
     /// success only adds a call or replaces an older one, which cannot raise a ratio, unless
     /// older calls left a time window since its last judgement (a new bucket epoch).
-    fn may_trip(&self, sample: Sample, now: u64) -> bool {
+    fn may_trip(&self, sample: Sample, epoch: Option<u64>) -> bool {
         if sample.failure || sample.slow || self.short.load(Ordering::Relaxed) {
             return true;
         }
-        match self.window.epoch(now) {
+        match epoch {
             None => false,
             Some(epoch) => {
                 self.judged_epoch.load(Ordering::Relaxed) != epoch
@@ -479,7 +479,7 @@ impl Shared {
             from,
             to,
             reason,
-            at: self.origin + Duration::from_nanos(now),
+            at: self.time.started() + Duration::from_nanos(now),
         });
         true
     }
@@ -838,7 +838,6 @@ impl<E> CircuitBreakerBuilder<E> {
         let name = self.name.unwrap_or_else(|| Arc::from("default"));
         let metrics = Metrics::new(&name);
         metrics.state.set(0.0);
-        let origin = self.clock.now();
         let shared = Shared {
             slow_nanos: self
                 .config
@@ -846,8 +845,7 @@ impl<E> CircuitBreakerBuilder<E> {
                 .map(|_| nanos(self.config.slow_call_duration)),
             name,
             config: self.config,
-            clock: self.clock,
-            origin,
+            time: self.clock.stopwatch(),
             state: AtomicU64::new(CLOSED),
             open_until: AtomicU64::new(0),
             half_open_since: AtomicU64::new(0),

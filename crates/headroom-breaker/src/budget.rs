@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use headroom_core::Clock;
+use headroom_core::{Clock, Stopwatch};
 
 use crate::config::BudgetConfig;
 use crate::error::ConfigError;
@@ -45,8 +45,8 @@ struct Inner {
     buckets: TimeBuckets<2>,
     ratio: f64,
     reserve: f64,
-    clock: Clock,
-    origin: Instant,
+    /// Nanoseconds since the budget was built, on its clock.
+    time: Stopwatch,
 }
 
 impl fmt::Debug for RetryBudget {
@@ -73,14 +73,7 @@ impl RetryBudget {
     }
 
     fn epoch(&self) -> u64 {
-        let elapsed = self
-            .inner
-            .clock
-            .now()
-            .saturating_duration_since(self.inner.origin);
-        self.inner
-            .buckets
-            .epoch(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX))
+        self.inner.buckets.epoch(self.inner.time.elapsed_nanos())
     }
 
     /// Records one request (a first attempt).
@@ -145,7 +138,6 @@ impl RetryBudgetBuilder {
     pub fn build(self) -> Result<RetryBudget, ConfigError> {
         self.config.validate()?;
         let window = self.config.window;
-        let origin = self.clock.now();
         Ok(RetryBudget {
             inner: Arc::new(Inner {
                 buckets: TimeBuckets::new(
@@ -154,8 +146,7 @@ impl RetryBudgetBuilder {
                 ),
                 ratio: self.config.ratio,
                 reserve: f64::from(self.config.min_per_second) * window.as_secs_f64(),
-                clock: self.clock,
-                origin,
+                time: self.clock.stopwatch(),
             }),
         })
     }

@@ -36,7 +36,8 @@ struct Bucket<const K: usize> {
     counts: [AtomicI64; K],
 }
 
-/// One thread's buckets.
+/// One thread's buckets: a ring of a power-of-two length, at least the window's bucket count,
+/// so that an epoch finds its bucket with a mask rather than a division.
 struct Stripe<const K: usize> {
     buckets: Box<[Bucket<K>]>,
 }
@@ -45,6 +46,8 @@ struct Stripe<const K: usize> {
 pub(crate) struct TimeBuckets<const K: usize> {
     stripes: Box<[Stripe<K>]>,
     bucket_nanos: u64,
+    /// Epochs in the window.
+    buckets: u64,
 }
 
 impl<const K: usize> TimeBuckets<K> {
@@ -52,7 +55,7 @@ impl<const K: usize> TimeBuckets<K> {
         let buckets = buckets.max(1);
         let stripes = (0..stripe_count())
             .map(|_| Stripe {
-                buckets: (0..buckets)
+                buckets: (0..buckets.next_power_of_two())
                     .map(|_| Bucket {
                         epoch: AtomicU64::new(EMPTY),
                         counts: std::array::from_fn(|_| AtomicI64::new(0)),
@@ -63,6 +66,7 @@ impl<const K: usize> TimeBuckets<K> {
         Self {
             stripes,
             bucket_nanos: (length_nanos / u64::from(buckets)).max(1),
+            buckets: u64::from(buckets),
         }
     }
 
@@ -74,7 +78,7 @@ impl<const K: usize> TimeBuckets<K> {
     /// Adds `deltas` to the counters of `epoch`.
     pub(crate) fn add(&self, epoch: u64, deltas: [i64; K]) {
         let stripe = &self.stripes[stripe_index() & (self.stripes.len() - 1)];
-        let bucket = &stripe.buckets[(epoch % stripe.buckets.len() as u64) as usize];
+        let bucket = &stripe.buckets[epoch as usize & (stripe.buckets.len() - 1)];
         let seen = bucket.epoch.load(Ordering::Acquire);
         if seen != epoch {
             if seen != EMPTY && seen > epoch {
@@ -101,10 +105,9 @@ impl<const K: usize> TimeBuckets<K> {
     pub(crate) fn sum(&self, epoch: u64) -> [i64; K] {
         let mut sums = [0; K];
         for stripe in &self.stripes {
-            let len = stripe.buckets.len() as u64;
             for bucket in &stripe.buckets {
                 let at = bucket.epoch.load(Ordering::Acquire);
-                if at != EMPTY && at <= epoch && epoch - at < len {
+                if at != EMPTY && at <= epoch && epoch - at < self.buckets {
                     for (sum, count) in sums.iter_mut().zip(&bucket.counts) {
                         *sum += count.load(Ordering::Relaxed);
                     }
@@ -215,21 +218,22 @@ impl Window {
         matches!(self, Self::Time(_))
     }
 
-    pub(crate) fn record(&self, sample: Sample, now_nanos: u64) {
+    /// Records `sample` at `now_nanos`; returns the time window's bucket epoch it went into
+    /// (`None` for a count window), which the caller reuses rather than dividing again.
+    pub(crate) fn record(&self, sample: Sample, now_nanos: u64) -> Option<u64> {
         match self {
-            Self::Count(window) => window.record(sample),
-            Self::Time(window) => window.add(
-                window.epoch(now_nanos),
-                [1, i64::from(sample.failure), i64::from(sample.slow)],
-            ),
-        }
-    }
-
-    /// A time window's bucket epoch at `now_nanos`; `None` for a count window.
-    pub(crate) fn epoch(&self, now_nanos: u64) -> Option<u64> {
-        match self {
-            Self::Count(_) => None,
-            Self::Time(window) => Some(window.epoch(now_nanos)),
+            Self::Count(window) => {
+                window.record(sample);
+                None
+            }
+            Self::Time(window) => {
+                let epoch = window.epoch(now_nanos);
+                window.add(
+                    epoch,
+                    [1, i64::from(sample.failure), i64::from(sample.slow)],
+                );
+                Some(epoch)
+            }
         }
     }
 
@@ -296,6 +300,24 @@ mod tests {
         assert_eq!(window.totals(1_600).calls, 0);
         window.record(OK, 2_000);
         assert_eq!(window.totals(2_000).calls, 1);
+    }
+
+    #[test]
+    fn a_time_window_counts_exactly_its_last_buckets_as_time_goes_round() {
+        // Bucket counts that are and are not powers of two: each window counts the calls of
+        // its own last `buckets` slices of 100 ns, never an older one left in the ring.
+        for buckets in [1_u32, 3, 4, 10] {
+            let window = Window::time(100 * u64::from(buckets), buckets);
+            for slice in 0..50_u64 {
+                window.record(OK, slice * 100 + 50);
+                let expected = (slice + 1).min(u64::from(buckets));
+                assert_eq!(
+                    window.totals(slice * 100 + 99).calls,
+                    expected,
+                    "{buckets} buckets"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Every other headroom crate builds on the pieces defined here, and this crate changes rarely:
 //!
-//! - [`Clock`]: the one source of time. [`Clock::system`] follows tokio's clock (so tests under
-//!   paused time work unchanged) and [`ManualClock`] is driven by hand in tests.
+//! - [`Clock`]: the one source of time. [`Clock::system`] reads the calibrated CPU counter, or
+//!   tokio's clock with the `test-util` feature (so tests under paused time drive it);
+//!   [`ManualClock`] is driven by hand in tests; [`Stopwatch`] counts elapsed nanoseconds on
+//!   hot paths.
 //! - [`error`]: the classification convention ([`Classify`]) every headroom error follows, and
 //!   [`BackendError`], the error of every backend call.
 //! - [`Namespace`] and [`Key`]: validated, namespaced keys for every shared store.
@@ -37,6 +39,6 @@ pub mod migration;
 pub mod rate;
 pub mod slot;
 
-pub use clock::{Clock, ManualClock};
+pub use clock::{Clock, ManualClock, Stopwatch};
 pub use error::{BackendError, BackendErrorKind, Classify};
 pub use key::{Key, KeyError, Namespace};

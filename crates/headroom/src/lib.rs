@@ -17,6 +17,8 @@
 //! crate: `tower` (the tower layers of idempotency, limits, breakers and shard routing) and
 //! `serde` (configuration types that load from files, with human-readable durations). `json`
 //! adds the cache's JSON codec, and `full` enables everything. No feature is on by default.
+//! `test-util`, for `[dev-dependencies]` only, makes the components' default clock follow
+//! tokio's clock, so tests under `#[tokio::test(start_paused = true)]` drive it.
 //!
 //! ```toml
 //! [dependencies]

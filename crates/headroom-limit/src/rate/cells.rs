@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use headroom_core::Clock;
+use headroom_core::{Clock, Stopwatch};
 use parking_lot::Mutex;
 
-use super::local::{Gcra, Time};
+use super::local::Gcra;
 use super::table::{Cell, Table, default_shards};
 use super::{Admitted, KeyedLimiter, Quotas, RateError, RateErrorKind, wait};
 
@@ -36,7 +36,7 @@ enum Cells {
     Several {
         table: Table<String, Tats>,
         gcras: Box<[Gcra]>,
-        time: Time,
+        time: Stopwatch,
     },
 }
 
@@ -60,7 +60,7 @@ impl TierCells {
             several => Cells::Several {
                 table: Table::new(max_keys, default_shards(), idle_sweep),
                 gcras: several.iter().map(|quota| Gcra::new(*quota)).collect(),
-                time: Time::new(clock),
+                time: clock.stopwatch(),
             },
         };
         Self {
@@ -83,7 +83,7 @@ impl TierCells {
                 if cost > self.quotas.max_cost() {
                     return Err(RateError::new(RateErrorKind::CostTooHigh));
                 }
-                let now = time.now();
+                let now = time.elapsed_nanos();
                 table
                     .apply(key, now, |tats| {
                         charge(gcras, &mut tats.lock()[..], now, cost)

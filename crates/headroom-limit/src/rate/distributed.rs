@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, select};
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
-use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
+use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace, Stopwatch};
 use metrics::Counter;
 
 use super::cells::TierCells;
@@ -192,8 +192,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             name: self.name.into(),
             store: self.store,
             namespace: self.namespace,
-            origin: self.clock.now(),
-            clock: self.clock,
+            time: self.clock.stopwatch(),
             batch: self.batch,
             fallback: self.fallback,
             timeout: self.timeout,
@@ -295,14 +294,14 @@ struct Inner<S> {
     name: Box<str>,
     store: S,
     namespace: Namespace,
-    clock: Clock,
-    origin: Instant,
+    /// Nanoseconds since the limiter was built, on its clock.
+    time: Stopwatch,
     batch: u32,
     fallback: Fallback,
     timeout: Duration,
     retry_after_failure: Duration,
     max_keys: usize,
-    /// [`HEALTHY`], [`PROBING`], or the time (ns since `origin`) until which the store is not
+    /// [`HEALTHY`], [`PROBING`], or the time (ns on `time`) until which the store is not
     /// tried after a failure.
     health: AtomicU64,
     tiers: ArcSwap<HashMap<Box<str>, Arc<Tier>>>,
@@ -399,7 +398,7 @@ impl Drop for Probe<'_> {
 
 impl<S: RateStore> Inner<S> {
     fn now(&self) -> u64 {
-        nanos(self.clock.now().saturating_duration_since(self.origin))
+        self.time.elapsed_nanos()
     }
 
     fn build_tiers(
@@ -418,7 +417,7 @@ impl<S: RateStore> Inner<S> {
                 let local = match self.fallback {
                     Fallback::Local { instances } => Some(TierCells::new(
                         &quotas.share(instances),
-                        self.clock.clone(),
+                        self.time.clock().clone(),
                         self.max_keys,
                         Duration::from_secs(10),
                     )),
@@ -441,7 +440,7 @@ impl<S: RateStore> Inner<S> {
     async fn apply(&self, cells: &[(Key, Gcra)], cost: u32) -> Result<RateDecision, BackendError> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
         let call = pin!(self.store.apply_all(cells, cost));
-        let deadline = pin!(self.clock.sleep(self.timeout));
+        let deadline = pin!(self.time.clock().sleep(self.timeout));
         let result = match select(call, deadline).await {
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => Err(BackendError::with_detail(
@@ -759,7 +758,7 @@ impl<S: RateStore> RateLimit for DistributedRateLimiter<S> {
         let Some(state) = tiers.get(tier) else {
             return Err(RateError::new(RateErrorKind::UnknownTier));
         };
-        let result = wait::acquire(&self.inner.clock, max_wait, || {
+        let result = wait::acquire(self.inner.time.clock(), max_wait, || {
             self.inner.decide(state, key, cost)
         })
         .await;

@@ -3,9 +3,9 @@
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use headroom_core::Clock;
+use headroom_core::{Clock, Stopwatch};
 
 use super::table::{Table, default_shards};
 use super::{Admitted, Quota, RateError, RateErrorKind, RateLimited, wait};
@@ -82,37 +82,6 @@ impl Gcra {
     }
 }
 
-/// Time as the in-process limiters count it: nanoseconds since they were built, on their clock.
-#[derive(Clone, Debug)]
-pub(crate) struct Time {
-    clock: Clock,
-    origin: Instant,
-}
-
-impl Time {
-    pub(crate) fn new(clock: Clock) -> Self {
-        Self {
-            origin: clock.now(),
-            clock,
-        }
-    }
-
-    pub(crate) fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    /// Nanoseconds since the limiter was built.
-    #[inline]
-    pub(crate) fn now(&self) -> u64 {
-        let elapsed = self.clock.now().saturating_duration_since(self.origin);
-        // u64 arithmetic: cheaper than `as_nanos` (u128), and 584 years before it saturates.
-        elapsed
-            .as_secs()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(u64::from(elapsed.subsec_nanos()))
-    }
-}
-
 pub(crate) fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -138,7 +107,7 @@ pub(crate) fn nanos(duration: Duration) -> u64 {
 #[derive(Debug)]
 pub struct DirectLimiter {
     gcra: Gcra,
-    time: Time,
+    time: Stopwatch,
     tat: AtomicU64,
 }
 
@@ -161,7 +130,7 @@ impl DirectLimiterBuilder {
     pub fn build(self) -> DirectLimiter {
         DirectLimiter {
             gcra: Gcra::new(self.quota),
-            time: Time::new(self.clock),
+            time: self.clock.stopwatch(),
             tat: AtomicU64::new(0),
         }
     }
@@ -184,7 +153,7 @@ impl DirectLimiter {
     /// Spends one unit, or says how long until one is available.
     #[inline]
     pub fn check(&self) -> Result<(), RateLimited> {
-        let now = self.time.now();
+        let now = self.time.elapsed_nanos();
         match self.gcra.step(&self.tat, now, 1) {
             Ok(_) => Ok(()),
             Err(wait) => Err(self.gcra.limited(wait)),
@@ -194,7 +163,7 @@ impl DirectLimiter {
     /// Spends `cost` units at once, or none. A cost above the burst is
     /// [`RateErrorKind::CostTooHigh`].
     pub fn check_n(&self, cost: u32) -> Result<Admitted, RateError> {
-        let now = self.time.now();
+        let now = self.time.elapsed_nanos();
         self.gcra.check_n(&self.tat, now, cost)
     }
 
@@ -256,7 +225,7 @@ impl KeyedLimiterBuilder {
         KeyedLimiter {
             table: Table::new(self.max_keys, self.shards, self.idle_sweep),
             gcra: Gcra::new(self.quota),
-            time: Time::new(self.clock),
+            time: self.clock.stopwatch(),
         }
     }
 }
@@ -293,7 +262,7 @@ impl KeyedLimiterBuilder {
 pub struct KeyedLimiter<K> {
     table: Table<K, AtomicU64>,
     gcra: Gcra,
-    time: Time,
+    time: Stopwatch,
 }
 
 impl KeyedLimiter<()> {
@@ -322,7 +291,7 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let now = self.time.now();
+        let now = self.time.elapsed_nanos();
         match self
             .table
             .apply(key, now, |cell| self.gcra.step(cell, now, 1))
@@ -342,7 +311,7 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
         if cost > self.gcra.quota.burst() {
             return Err(RateError::new(RateErrorKind::CostTooHigh));
         }
-        let now = self.time.now();
+        let now = self.time.elapsed_nanos();
         match self
             .table
             .apply(key, now, |cell| self.gcra.step(cell, now, cost))
@@ -389,6 +358,6 @@ impl<K: Hash + Eq> KeyedLimiter<K> {
     /// Drops every key whose cell is full again (losing nothing) and returns how many
     /// keys remain.
     pub fn sweep(&self) -> usize {
-        self.table.sweep(self.time.now())
+        self.table.sweep(self.time.elapsed_nanos())
     }
 }
