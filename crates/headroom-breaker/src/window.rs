@@ -4,27 +4,40 @@
 //! readers sum every stripe. Counts are statistics, not ledgers: an add racing the rollover of
 //! its bucket may be lost, which moves a ratio by one call at most.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
-/// Stripes per time window: one per core, up to 8, a power of two.
+/// The most stripes a time window has.
+const MAX_STRIPES: usize = 8;
+
+/// Stripes per time window: one per core, up to [`MAX_STRIPES`], a power of two.
 fn stripe_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(|| {
         std::thread::available_parallelism()
             .map_or(1, usize::from)
-            .min(8)
+            .min(MAX_STRIPES)
             .next_power_of_two()
     })
 }
 
 /// This thread's stripe, assigned round-robin on first use.
+#[inline]
 fn stripe_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Const-initialised, so that a read is a plain thread-local load with no lazy-init check.
+        static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
     }
-    INDEX.with(|index| *index)
+    INDEX.with(|index| match index.get() {
+        usize::MAX => {
+            let assigned = NEXT.fetch_add(1, Ordering::Relaxed) % MAX_STRIPES;
+            index.set(assigned);
+            assigned
+        }
+        assigned => assigned,
+    })
 }
 
 const EMPTY: u64 = u64::MAX;
