@@ -6,6 +6,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use parking_lot::RwLock;
 
@@ -38,15 +39,18 @@ pub(crate) fn default_shards() -> usize {
 
 /// Cells by key, spread over independently locked shards by a randomly seeded hash, each shard
 /// holding at most its share of `max_keys`; see [`KeyedLimiter`](super::KeyedLimiter) for
-/// how the cap is kept.
+/// how the cap is kept. Each shard's lock has a cache line of its own, so that threads checking
+/// keys of different shards never write to a shared line.
 #[derive(Debug)]
 pub(crate) struct Table<K, C> {
-    shards: Box<[RwLock<Shard<K, C>>]>,
+    shards: Box<[LockedShard<K, C>]>,
     mask: usize,
     shard_cap: usize,
     sweep_every: u64,
     hasher: RandomState,
 }
+
+type LockedShard<K, C> = CachePadded<RwLock<Shard<K, C>>>;
 
 #[derive(Debug)]
 struct Shard<K, C> {
@@ -62,10 +66,10 @@ impl<K, C> Table<K, C> {
         Self {
             shards: (0..shards)
                 .map(|_| {
-                    RwLock::new(Shard {
+                    CachePadded::new(RwLock::new(Shard {
                         cells: HashTable::new(),
                         next_sweep: 0,
-                    })
+                    }))
                 })
                 .collect(),
             mask: shards - 1,
