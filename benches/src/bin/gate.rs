@@ -5,21 +5,29 @@
 //!
 //! Run with: `cargo run --profile bench -p headroom-benches --bin gate -- <name>` (or `--list`).
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::{Ready, ready};
 use std::hint::black_box;
-
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use headroom_breaker::{CircuitBreaker, Hedge, Pipeline, Retry, RetryBudget};
 use headroom_cache::Cache;
-use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore};
+use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
 use headroom_core::{BackendError, ManualClock, Namespace};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
-use headroom_limit::rate::{DirectLimiter, KeyedLimiter, Quota};
+use headroom_limit::rate::{
+    DirectLimiter, DistributedRateLimiter, KeyedLimiter, Quota, RateLimit, TierConfig,
+};
+use headroom_limit::tower::{BulkheadLayer, BulkheadService};
 use headroom_shard::{
     JumpRouter, MaglevRouter, ReadPolicy, RendezvousRouter, RingRouter, Router, ShardId, Topology,
     TopologyHandle, cluster_slot,
 };
+use tower::util::ServiceFn;
+use tower::{Layer, Service, ServiceExt, service_fn};
 
 /// Iterations of every measured loop; the gate divides by it.
 const ITERATIONS: usize = 10_000;
@@ -28,6 +36,8 @@ type Bench = (&'static str, fn());
 
 const BENCHES: &[Bench] = &[
     ("cache_l1_hit", cache_l1_hit),
+    ("cache_l2_hit_memory", cache_l2_hit),
+    ("cache_get_many_per_key_memory", cache_get_many),
     ("shard_jump_1000", shard_jump),
     ("shard_ring_100x160", shard_ring),
     ("shard_maglev_100", shard_maglev),
@@ -35,12 +45,14 @@ const BENCHES: &[Bench] = &[
     ("shard_rendezvous_100", shard_rendezvous),
     ("shard_topology_read_round_robin", shard_topology_read),
     ("bulkhead_try_acquire_release", bulkhead),
+    ("bulkhead_tower_layer", bulkhead_layer),
     ("breaker_closed_permit_count_window", breaker),
     ("breaker_closed_permit_time_window", breaker_time_window),
     ("breaker_pipeline_success", pipeline),
     ("breaker_hedge_fast_answer", hedge_fast),
     ("rate_direct_check", rate_direct),
     ("rate_keyed_check", rate_keyed),
+    ("rate_distributed_check_memory", rate_distributed),
     ("idempotency_replay_memory", idempotency_replay),
 ];
 
@@ -90,6 +102,77 @@ fn measured_cache_l1_hit(runtime: &tokio::runtime::Runtime, cache: &Cache<u64, S
     runtime.block_on(async {
         for i in 0..ITERATIONS {
             black_box(cache.get(&(i as u64 % 64)).await.expect("get"));
+        }
+    });
+}
+
+/// A cache of 64 entries on the memory L2, built and filled on `runtime`.
+fn filled_cache(runtime: &tokio::runtime::Runtime) -> Cache<u64, String> {
+    runtime.block_on(async {
+        let cache = Cache::builder()
+            .name("gate")
+            .ttl(Duration::from_secs(3_600))
+            .l2(
+                MemoryKvStore::new(),
+                Namespace::new("gate").expect("namespace"),
+            )
+            .build()
+            .expect("cache");
+        for k in 0..64 {
+            cache.insert(k, format!("value-{k}")).await.expect("fill");
+        }
+        cache
+    })
+}
+
+/// An L2 hit: the L1 copy is dropped before each read, which then fills L1 again.
+fn cache_l2_hit() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let cache = filled_cache(&runtime);
+    measured_cache_l2_hit(&runtime, &cache);
+}
+
+#[inline(never)]
+fn measured_cache_l2_hit(runtime: &tokio::runtime::Runtime, cache: &Cache<u64, String>) {
+    runtime.block_on(async {
+        for i in 0..ITERATIONS {
+            let key = i as u64 % 64;
+            cache.invalidate_local(&key);
+            black_box(cache.get(&key).await.expect("get"));
+        }
+    });
+}
+
+/// Batches of 50 L2 hits (one `get_many` of the store each); counted per key.
+fn cache_get_many() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let cache = filled_cache(&runtime);
+    let keys: Vec<u64> = (0..50).collect();
+    measured_cache_get_many(&runtime, &cache, &keys);
+}
+
+#[inline(never)]
+fn measured_cache_get_many(
+    runtime: &tokio::runtime::Runtime,
+    cache: &Cache<u64, String>,
+    keys: &[u64],
+) {
+    runtime.block_on(async {
+        for _ in 0..ITERATIONS / keys.len() {
+            for key in keys {
+                cache.invalidate_local(key);
+            }
+            let found = cache
+                .get_many_or_load(keys, |_| async { Ok::<_, Infallible>(HashMap::new()) })
+                .await
+                .expect("get_many");
+            black_box(found);
         }
     });
 }
@@ -174,6 +257,28 @@ fn bulkhead() {
 fn measured_bulkhead(bulkhead: &Bulkhead) {
     for _ in 0..ITERATIONS {
         drop(black_box(bulkhead.try_acquire()));
+    }
+}
+
+type Echo = ServiceFn<fn(u64) -> Ready<Result<u64, Infallible>>>;
+
+/// One request through the bulkhead's tower layer: `ready`, then `call` answered at once.
+fn bulkhead_layer() {
+    let bulkhead = Bulkhead::builder("gate")
+        .max_concurrent(64)
+        .build()
+        .expect("bulkhead");
+    let echo: fn(u64) -> Ready<Result<u64, Infallible>> = |n| ready(Ok(n));
+    let mut service = BulkheadLayer::new(bulkhead).layer(service_fn(echo));
+    measured_bulkhead_layer(&mut service);
+}
+
+#[inline(never)]
+fn measured_bulkhead_layer(service: &mut BulkheadService<Echo>) {
+    for i in 0..ITERATIONS {
+        let ready = service.ready().now_or_never().expect("ready").expect("ok");
+        let answer = ready.call(i as u64).now_or_never().expect("answered");
+        black_box(answer.expect("ok"));
     }
 }
 
@@ -306,6 +411,41 @@ fn measured_rate_keyed(limiter: &KeyedLimiter<String>, keys: &[String]) {
     for i in 0..ITERATIONS {
         black_box(limiter.check_key(keys[i % keys.len()].as_str())).expect("admitted");
     }
+}
+
+/// A distributed check on the memory rate store: the limiter's own work around one store call.
+fn rate_distributed() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let limiter = DistributedRateLimiter::builder(
+        "gate",
+        MemoryRateStore::new(),
+        Namespace::new("gate").expect("namespace"),
+        // The shared stores keep microseconds: a million a second is the finest rate they hold.
+        TierConfig::new().tier(
+            "t",
+            Quota::per_second(1_000_000)
+                .and_then(|q| q.with_burst(1_000_000))
+                .expect("quota"),
+        ),
+    )
+    .build()
+    .expect("limiter");
+    measured_rate_distributed(&runtime, &limiter);
+}
+
+#[inline(never)]
+fn measured_rate_distributed(
+    runtime: &tokio::runtime::Runtime,
+    limiter: &DistributedRateLimiter<MemoryRateStore>,
+) {
+    runtime.block_on(async {
+        for _ in 0..ITERATIONS {
+            black_box(limiter.check("t", "user-1", 1).await).expect("admitted");
+        }
+    });
 }
 
 fn idempotency_replay() {

@@ -81,7 +81,18 @@ struct ManualState {
     advanced: Notify,
 }
 
+/// Tokio's clock, out of line: the counter's read is the one worth inlining into hot paths.
+#[inline(never)]
+fn tokio_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 impl ManualState {
+    #[inline(never)]
+    fn now(&self) -> Instant {
+        self.origin + self.elapsed()
+    }
+
     fn elapsed(&self) -> Duration {
         Duration::from_nanos(self.elapsed_nanos())
     }
@@ -146,8 +157,8 @@ impl Clock {
             Source::Counter(counter) => {
                 counter.origin + Duration::from_nanos(counter.nanos_since(counter.origin_ticks))
             }
-            Source::Tokio => tokio::time::Instant::now().into_std(),
-            Source::Manual(state) => state.origin + state.elapsed(),
+            Source::Tokio => tokio_now(),
+            Source::Manual(state) => state.now(),
         }
     }
 
@@ -231,11 +242,7 @@ impl Stopwatch {
     pub fn elapsed_nanos(&self) -> u64 {
         match &self.clock.source {
             Source::Counter(counter) => counter.nanos_since(self.started_ticks),
-            Source::Tokio => nanos(
-                tokio::time::Instant::now()
-                    .into_std()
-                    .saturating_duration_since(self.started),
-            ),
+            Source::Tokio => nanos(tokio_now().saturating_duration_since(self.started)),
             Source::Manual(state) => state.elapsed_nanos().saturating_sub(self.started_ticks),
         }
     }

@@ -332,7 +332,13 @@ impl Inner {
     fn admitted(&self) -> Started {
         self.in_flight_gauge.increment(1.0);
         self.metrics.admitted.increment(1);
-        self.adaptive.as_ref().map(|_| self.clock.now())
+        self.adaptive.as_ref().map(|_| self.rtt_start())
+    }
+
+    /// The clock read that starts a round trip, out of line like [`sample`](Self::sample).
+    #[inline(never)]
+    fn rtt_start(&self) -> Instant {
+        self.clock.now()
     }
 
     fn reject(&self, reason: Reason, priority: Priority) -> Overloaded {
@@ -356,20 +362,30 @@ impl Inner {
     /// Gives a permit back, first teaching the adaptive limit how the work went.
     #[inline]
     fn release(&self, started: Started, outcome: Outcome) {
-        if let (Some(adaptive), Some(started)) = (&self.adaptive, started) {
-            let outcome = if std::thread::panicking() {
-                Outcome::Ignored
-            } else {
-                outcome
-            };
-            let rtt = self.clock.now().saturating_duration_since(started);
-            let limit = adaptive.sample(rtt, self.in_use(), outcome);
-            if limit != self.permits.limit() {
-                self.resize(limit);
-            }
+        if let Some(started) = started {
+            self.sample(started, outcome);
         }
         self.in_flight_gauge.decrement(1.0);
         self.permits.release();
+    }
+
+    /// Teaches the adaptive limit the round trip and outcome of one permit, out of line so
+    /// that a fixed limit's release stays small enough to inline.
+    #[inline(never)]
+    fn sample(&self, started: Instant, outcome: Outcome) {
+        let Some(adaptive) = &self.adaptive else {
+            return;
+        };
+        let outcome = if std::thread::panicking() {
+            Outcome::Ignored
+        } else {
+            outcome
+        };
+        let rtt = self.clock.now().saturating_duration_since(started);
+        let limit = adaptive.sample(rtt, self.in_use(), outcome);
+        if limit != self.permits.limit() {
+            self.resize(limit);
+        }
     }
 }
 
