@@ -172,7 +172,13 @@ impl CountWindow {
         let bits =
             CALL | if sample.failure { FAILURE } else { 0 } | if sample.slow { SLOW } else { 0 };
         let at = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let old = self.slots[(at % self.slots.len() as u64) as usize].swap(bits, Ordering::AcqRel);
+        let slot = &self.slots[(at % self.slots.len() as u64) as usize];
+        // A call like the one it replaces changes nothing: only reading the slot keeps its cache
+        // line shared between threads, so that a closed breaker's successes write one line.
+        if slot.load(Ordering::Relaxed) == bits {
+            return;
+        }
+        let old = slot.swap(bits, Ordering::AcqRel);
         let changed = old ^ bits;
         if changed & FAILURE != 0 {
             self.failures
