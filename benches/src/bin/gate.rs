@@ -75,25 +75,8 @@ fn main() {
 }
 
 fn cache_l1_hit() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
-    let cache: Cache<u64, String> = runtime.block_on(async {
-        let cache = Cache::builder()
-            .name("gate")
-            .ttl(Duration::from_secs(3_600))
-            .l2(
-                MemoryKvStore::new(),
-                Namespace::new("gate").expect("namespace"),
-            )
-            .build()
-            .expect("cache");
-        for k in 0..64 {
-            cache.insert(k, format!("value-{k}")).await.expect("fill");
-        }
-        cache
-    });
+    let runtime = current_thread();
+    let cache = filled_cache(&runtime);
     measured_cache_l1_hit(&runtime, &cache);
 }
 
@@ -127,10 +110,7 @@ fn filled_cache(runtime: &tokio::runtime::Runtime) -> Cache<u64, String> {
 
 /// An L2 hit: the L1 copy is dropped before each read, which then fills L1 again.
 fn cache_l2_hit() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let runtime = current_thread();
     let cache = filled_cache(&runtime);
     measured_cache_l2_hit(&runtime, &cache);
 }
@@ -148,10 +128,7 @@ fn measured_cache_l2_hit(runtime: &tokio::runtime::Runtime, cache: &Cache<u64, S
 
 /// Batches of 50 L2 hits (one `get_many` of the store each); counted per key.
 fn cache_get_many() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let runtime = current_thread();
     let cache = filled_cache(&runtime);
     let keys: Vec<u64> = (0..50).collect();
     measured_cache_get_many(&runtime, &cache, &keys);
@@ -415,10 +392,7 @@ fn measured_rate_keyed(limiter: &KeyedLimiter<String>, keys: &[String]) {
 
 /// A distributed check on the memory rate store: the limiter's own work around one store call.
 fn rate_distributed() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let runtime = current_thread();
     let limiter = DistributedRateLimiter::builder(
         "gate",
         MemoryRateStore::new(),
@@ -449,10 +423,7 @@ fn measured_rate_distributed(
 }
 
 fn idempotency_replay() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let runtime = current_thread();
     let executor = Idempotency::builder(MemoryLeaseStore::new())
         .build()
         .expect("executor");
