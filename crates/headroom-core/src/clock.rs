@@ -167,14 +167,14 @@ impl Clock {
     /// A stopwatch started now on this clock: the cheapest way to count elapsed time on a hot
     /// path.
     pub fn stopwatch(&self) -> Stopwatch {
-        let (started, started_ticks) = match &self.source {
-            Source::Counter(counter) => (self.now(), counter.ticks()),
-            Source::Tokio => (self.now(), 0),
-            Source::Manual(state) => (self.now(), state.elapsed_nanos()),
+        let started_ticks = match &self.source {
+            Source::Counter(counter) => counter.ticks(),
+            Source::Tokio => 0,
+            Source::Manual(state) => state.elapsed_nanos(),
         };
         Stopwatch {
             clock: self.clone(),
-            started,
+            started: self.now(),
             started_ticks,
         }
     }
