@@ -54,6 +54,55 @@ pub struct RateDecision {
     pub cell: usize,
 }
 
+impl RateDecision {
+    /// What GCRA decides of `cost` units over cells given as each one's limit and how far its
+    /// theoretical arrival time runs ahead of now (zero for a cell that is full): admitted if
+    /// every cell admits the cost, with the figures that bind. Every store decides through
+    /// this, so they agree to the nanosecond.
+    ///
+    /// The caller has checked the cells: at least one, non-zero intervals and bursts, and
+    /// `cost` within every burst.
+    pub fn of_cells(
+        cells: impl IntoIterator<Item = (Gcra, Duration), IntoIter: Clone>,
+        cost: u32,
+    ) -> Self {
+        let cells = cells.into_iter();
+        let charge = |gcra: Gcra| gcra.emission_interval.saturating_mul(cost);
+        // The longest wait of any cell, the first of equals.
+        let mut refused: Option<(usize, Duration)> = None;
+        for (index, (gcra, ahead)) in cells.clone().enumerate() {
+            let wait = (ahead + charge(gcra)).saturating_sub(gcra.tolerance());
+            if !wait.is_zero() && refused.is_none_or(|(_, longest)| wait > longest) {
+                refused = Some((index, wait));
+            }
+        }
+        let mut decision = Self {
+            allowed: refused.is_none(),
+            remaining: u32::MAX,
+            retry_after: refused.map_or(Duration::ZERO, |(_, wait)| wait),
+            reset_after: Duration::ZERO,
+            cell: refused.map_or(0, |(index, _)| index),
+        };
+        for (index, (gcra, mut ahead)) in cells.enumerate() {
+            if decision.allowed {
+                ahead += charge(gcra);
+            }
+            let headroom = gcra.tolerance().saturating_sub(ahead);
+            let left = u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos())
+                .unwrap_or(u32::MAX);
+            // The fewest units left, the first of equals.
+            if left < decision.remaining {
+                decision.remaining = left;
+                if decision.allowed {
+                    decision.cell = index;
+                }
+            }
+            decision.reset_after = decision.reset_after.max(ahead);
+        }
+        decision
+    }
+}
+
 /// Stores GCRA cells keyed by [`Key`], shared by every instance of a service.
 ///
 /// # Contract

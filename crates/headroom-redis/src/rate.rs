@@ -3,60 +3,63 @@ use std::time::Duration;
 
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, BackendErrorKind, Key};
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 
 use crate::Redis;
 
-/// GCRA on every key of KEYS together, each holding its cell's theoretical arrival time in µs
-/// of server time; see [`Gcra`] for the algorithm. ARGV: the cost, then the emission interval
-/// (µs) and the burst of each cell in the order of KEYS. Every cell is decided before any is
-/// written: all are charged, or none. Answers `{allowed, remaining, retry_after_us,
-/// reset_after_us, cell}` as [`RateDecision`] describes them (`cell` counted from 0).
+// The scripts do only what must happen on the server, in as few Lua steps as they can (each
+// step costs the server time on every decision): read the server's clock and the cells, and
+// charge them if every one admits the cost. Each cell holds its theoretical arrival time in µs
+// of server time and expires when it is full again. ARGV holds, for each cell in the order of
+// KEYS, the cost's charge (cost × emission interval) and the tolerance (burst × emission
+// interval), in µs. The answer is how far each cell's arrival time ran ahead of now before the
+// decision (zero when full), from which [`RateDecision::of_cells`] derives the figures.
+
+/// One cell. Answers the ahead when it charged the cell, and `-1 - ahead` when it did not.
+static APPLY_ONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat or tat < now then
+  tat = now
+end
+local new = tat + tonumber(ARGV[1])
+if new - now > tonumber(ARGV[2]) then
+  return now - tat - 1
+end
+redis.call('SET', KEYS[1], new, 'PXAT', math.ceil(new / 1000))
+return tat - now
+",
+    )
+});
+
+/// Every cell of KEYS together: all are charged, or none. Answers `{charged (1 or 0), ahead
+/// of each cell...}`.
 static APPLY_ALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local cost = tonumber(ARGV[1])
-local tats, intervals, tolerances = {}, {}, {}
-local wait, cell = 0, 1
+local answer = {1}
 for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
-  local tolerance = interval * tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then
-    tat = now
+  local ahead = (tonumber(redis.call('GET', KEYS[i])) or now) - now
+  if ahead < 0 then
+    ahead = 0
   end
-  tats[i], intervals[i], tolerances[i] = tat, interval, tolerance
-  local late = tat + cost * interval - tolerance - now
-  if late > wait then
-    wait, cell = late, i
+  answer[i + 1] = ahead
+  if ahead + ARGV[2 * i - 1] > tonumber(ARGV[2 * i]) then
+    answer[1] = 0
   end
 end
-local allowed = 1
-if wait > 0 then
-  allowed = 0
-end
-local remaining, reset = nil, 0
-for i = 1, #KEYS do
-  local interval = intervals[i]
-  local tat = tats[i]
-  if allowed == 1 then
-    tat = tat + cost * interval
-    redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
-  end
-  local left = math.floor((now + tolerances[i] - tat) / interval)
-  if remaining == nil or left < remaining then
-    remaining = left
-    if allowed == 1 then
-      cell = i
-    end
-  end
-  if tat - now > reset then
-    reset = tat - now
+if answer[1] == 1 then
+  for i = 1, #KEYS do
+    local tat = now + answer[i + 1] + ARGV[2 * i - 1]
+    redis.call('SET', KEYS[i], tat, 'PXAT', math.ceil(tat / 1000))
   end
 end
-return {allowed, remaining, wait, reset, cell - 1}
+return answer
 ",
     )
 });
@@ -86,6 +89,15 @@ impl RateStore for RedisRateStore {
         cells: &[(Key, Gcra)],
         cost: u32,
     ) -> Result<RateDecision, BackendError> {
+        if let [(key, gcra)] = cells {
+            let gcra = on_server(gcra, cost)?;
+            let mut invocation = APPLY_ONE.prepare_invoke();
+            arguments(&mut invocation, key, gcra, cost);
+            let answer: i64 = self.redis.invoke(&invocation).await?;
+            let charged = answer >= 0;
+            let ahead = if charged { answer } else { -1 - answer };
+            return decided([(gcra, ahead)], cost, charged);
+        }
         if cells.is_empty() {
             return Err(BackendError::with_detail(
                 BackendErrorKind::Config,
@@ -93,29 +105,81 @@ impl RateStore for RedisRateStore {
             ));
         }
         let mut invocation = APPLY_ALL.prepare_invoke();
-        invocation.arg(cost);
+        let mut held = Vec::with_capacity(cells.len());
         for (key, gcra) in cells {
-            let interval = micros(gcra.emission_interval);
-            if interval == 0 || gcra.burst == 0 || cost > gcra.burst {
-                return Err(BackendError::with_detail(
-                    BackendErrorKind::Config,
-                    format!(
-                        "cost {cost} cannot be admitted by an emission interval of {:?} and a burst of {}",
-                        gcra.emission_interval, gcra.burst
-                    ),
-                ));
-            }
-            invocation.key(key.as_bytes()).arg(interval).arg(gcra.burst);
+            let gcra = on_server(gcra, cost)?;
+            arguments(&mut invocation, key, gcra, cost);
+            held.push(gcra);
         }
-        let (allowed, remaining, retry_after, reset_after, cell): (u8, i64, i64, i64, i64) =
-            self.redis.invoke(&invocation).await?;
-        let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
-        Ok(RateDecision {
-            allowed: allowed == 1,
-            remaining: u32::try_from(remaining).unwrap_or(0),
-            retry_after: micros(retry_after),
-            reset_after: micros(reset_after),
-            cell: usize::try_from(cell).unwrap_or(0).min(cells.len() - 1),
-        })
+        let answer: Vec<i64> = self.redis.invoke(&invocation).await?;
+        let [charged, aheads @ ..] = answer.as_slice() else {
+            return Err(malformed(&answer));
+        };
+        if aheads.len() != held.len() {
+            return Err(malformed(&answer));
+        }
+        decided(
+            held.into_iter().zip(aheads.iter().copied()),
+            cost,
+            *charged == 1,
+        )
     }
+}
+
+/// The limit as the server holds it, in whole microseconds; refuses one that cannot admit
+/// `cost`.
+fn on_server(gcra: &Gcra, cost: u32) -> Result<Gcra, BackendError> {
+    let interval = micros(gcra.emission_interval);
+    if interval == 0 || gcra.burst == 0 || cost > gcra.burst {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!(
+                "cost {cost} cannot be admitted by an emission interval of {:?} and a burst of {}",
+                gcra.emission_interval, gcra.burst
+            ),
+        ));
+    }
+    Ok(Gcra {
+        emission_interval: Duration::from_micros(interval),
+        burst: gcra.burst,
+    })
+}
+
+fn arguments(invocation: &mut ScriptInvocation<'_>, key: &Key, gcra: Gcra, cost: u32) {
+    invocation
+        .key(key.as_bytes())
+        .arg(micros(gcra.emission_interval.saturating_mul(cost)))
+        .arg(micros(gcra.tolerance()));
+}
+
+/// The decision from the cells' aheads (µs) the script answered, which must agree with
+/// whether it charged them.
+fn decided(
+    cells: impl IntoIterator<Item = (Gcra, i64), IntoIter: Clone>,
+    cost: u32,
+    charged: bool,
+) -> Result<RateDecision, BackendError> {
+    let cells = cells.into_iter().map(|(gcra, ahead)| {
+        let ahead = Duration::from_micros(u64::try_from(ahead).unwrap_or(0));
+        (gcra, ahead)
+    });
+    let decision = RateDecision::of_cells(cells, cost);
+    if decision.allowed == charged {
+        Ok(decision)
+    } else {
+        Err(BackendError::with_detail(
+            BackendErrorKind::Protocol,
+            "the rate script charged cells that do not admit the cost, or the reverse",
+        ))
+    }
+}
+
+fn malformed(answer: &[i64]) -> BackendError {
+    BackendError::with_detail(
+        BackendErrorKind::Protocol,
+        format!(
+            "the rate script answered {} values for its cells",
+            answer.len()
+        ),
+    )
 }

@@ -106,32 +106,6 @@ impl Default for MemoryRateStore {
     }
 }
 
-/// One cell's side of a decision: what GCRA says of `cost` units at `now` for a cell whose
-/// theoretical arrival time is `tat` (already checked: a non-zero interval, `cost <= burst`).
-struct Step {
-    /// The theoretical arrival time if the cost is charged.
-    new_tat: Instant,
-    /// How long until the cell admits the cost; zero if it does now.
-    wait: Duration,
-}
-
-impl Step {
-    fn new(tat: Instant, now: Instant, gcra: Gcra, cost: u32) -> Self {
-        let new_tat = tat.max(now) + gcra.emission_interval * cost;
-        let allow_at = new_tat.checked_sub(gcra.tolerance()).unwrap_or(now);
-        Self {
-            new_tat,
-            wait: allow_at.saturating_duration_since(now),
-        }
-    }
-}
-
-/// Units a cell whose theoretical arrival time is `tat` could spend at `now`.
-fn remaining(tat: Instant, now: Instant, gcra: Gcra) -> u32 {
-    let headroom = (now + gcra.tolerance()).saturating_duration_since(tat);
-    u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos()).unwrap_or(u32::MAX)
-}
-
 /// Refuses what no cell could ever admit: a zero interval or burst, a cost over a burst, no cell.
 fn check(cells: &[(Key, Gcra)], cost: u32) -> Result<(), BackendError> {
     if cells.is_empty() {
@@ -166,26 +140,18 @@ impl RateStore for MemoryRateStore {
         check(cells, cost)?;
         let now = self.inner.clock.now();
         let mut held = self.inner.cells.lock();
-        let tat = |held: &Cells, key: &Key| held.tats.get(key).copied().unwrap_or(now).max(now);
-        // Every cell is looked at before any is charged: all of them, or none.
-        let mut refused: Option<(usize, Duration)> = None;
-        for (index, (key, gcra)) in cells.iter().enumerate() {
-            let wait = Step::new(tat(&held, key), now, *gcra, cost).wait;
-            if !wait.is_zero() && refused.is_none_or(|(_, longest)| wait > longest) {
-                refused = Some((index, wait));
-            }
-        }
-        let mut decision = RateDecision {
-            allowed: refused.is_none(),
-            remaining: u32::MAX,
-            retry_after: refused.map_or(Duration::ZERO, |(_, wait)| wait),
-            reset_after: Duration::ZERO,
-            cell: refused.map_or(0, |(index, _)| index),
+        let ahead = |held: &Cells, key: &Key| {
+            held.tats
+                .get(key)
+                .map_or(Duration::ZERO, |tat| tat.saturating_duration_since(now))
         };
-        for (index, (key, gcra)) in cells.iter().enumerate() {
-            let mut tat = tat(&held, key);
-            if decision.allowed {
-                tat = Step::new(tat, now, *gcra, cost).new_tat;
+        let decision = RateDecision::of_cells(
+            cells.iter().map(|(key, gcra)| (*gcra, ahead(&held, key))),
+            cost,
+        );
+        if decision.allowed {
+            for (key, gcra) in cells {
+                let tat = now + ahead(&held, key) + gcra.emission_interval * cost;
                 if let Some(held_tat) = held.tats.get_mut(key) {
                     *held_tat = tat;
                 } else {
@@ -195,14 +161,6 @@ impl RateStore for MemoryRateStore {
                     held.tats.insert(key.clone(), tat);
                 }
             }
-            let left = remaining(tat, now, *gcra);
-            if left < decision.remaining {
-                decision.remaining = left;
-                if decision.allowed {
-                    decision.cell = index;
-                }
-            }
-            decision.reset_after = decision.reset_after.max(tat - now);
         }
         Ok(decision)
     }

@@ -1,0 +1,72 @@
+//! What the Redis rate store keeps in Redis, beyond the conformance suite.
+
+use std::time::Duration;
+
+use headroom_core::rate::{Gcra, RateStore};
+use headroom_redis::{Redis, RedisConfig, RedisRateStore};
+use headroom_testkit::{shared_server, unique_namespace};
+
+const TEN_PER_SECOND: Gcra = Gcra {
+    emission_interval: Duration::from_millis(100),
+    burst: 5,
+};
+
+/// The store's contract: a cell expires once it is full again, so idle keys take no memory;
+/// and a refused decision changes nothing.
+#[tokio::test]
+async fn a_cell_lives_until_it_is_full_again_and_a_refusal_leaves_it_alone() {
+    let server = shared_server();
+    let store = RedisRateStore::new(
+        Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .unwrap(),
+    );
+    let ns = unique_namespace("rate");
+    let key = ns.key("k").unwrap();
+    let name = std::str::from_utf8(key.as_bytes()).unwrap();
+    let pttl = || -> i64 { server.cli(&["PTTL", name]).trim().parse().unwrap() };
+
+    // Three units of five: full again 300 ms from now.
+    assert!(store.apply(&key, TEN_PER_SECOND, 3).await.unwrap().allowed);
+    let ttl = pttl();
+    assert!((200..=300).contains(&ttl), "{ttl} ms to full again");
+
+    // Three more do not fit: nothing is charged, the expiry stays.
+    let held = server.cli(&["GET", name]);
+    let refused = store.apply(&key, TEN_PER_SECOND, 3).await.unwrap();
+    assert!(!refused.allowed);
+    assert_eq!(server.cli(&["GET", name]), held);
+    assert!(pttl() <= ttl);
+
+    // Two more do: full again 500 ms from now.
+    assert!(store.apply(&key, TEN_PER_SECOND, 2).await.unwrap().allowed);
+    let ttl = pttl();
+    assert!((400..=500).contains(&ttl), "{ttl} ms to full again");
+
+    // Several cells are each kept until they are full again.
+    let other = ns.key("other").unwrap();
+    let one_per_second = Gcra {
+        emission_interval: Duration::from_secs(1),
+        burst: 5,
+    };
+    let decision = store
+        .apply_all(
+            &[
+                (other.clone(), one_per_second),
+                (ns.key("third").unwrap(), TEN_PER_SECOND),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(decision.allowed);
+    let other_ttl: i64 = server
+        .cli(&["PTTL", std::str::from_utf8(other.as_bytes()).unwrap()])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (900..=1_000).contains(&other_ttl),
+        "{other_ttl} ms to full again"
+    );
+}
