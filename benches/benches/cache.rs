@@ -1,6 +1,8 @@
 //! The cache against its peers: L1 hits against raw moka, L2 hits against raw redis-rs `GET`
-//! on the same kind of connection (a loopback `redis-server` started by the testkit), and a
-//! batch of 100 against 100 sequential reads.
+//! on the same kind of connection (a loopback `redis-server` started by the testkit), an L2 hit
+//! on the in-memory store against the store's own `get` (the cache's own work), and a batch of
+//! 100 L2 hits against one raw `MGET` of the same keys and against 100 sequential reads. The
+//! Redis groups interleave their calls (see `headroom_benches::interleaved`).
 //!
 //! Run with: `cargo bench -p headroom-benches --bench cache`
 
@@ -9,8 +11,11 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use headroom_benches::interleaved;
 use headroom_cache::Cache;
 use headroom_core::Namespace;
+use headroom_core::kv::KvStore;
+use headroom_core::memory::MemoryKvStore;
 use headroom_redis::{Redis, RedisConfig, RedisKvStore};
 use headroom_testkit::RedisServer;
 
@@ -90,75 +95,129 @@ fn cache(c: &mut Criterion) {
     });
     group.finish();
 
+    // The L2 rows drop the L1 copy before each read (untimed), so that it goes to L2.
     let mut group = c.benchmark_group("cache_get_l2_hit");
-    group.bench_function(BenchmarkId::new("raw_redis_rs", "GET"), |b| {
-        b.to_async(&runtime).iter(|| {
-            let mut conn = raw.clone();
-            let cmd = redis::cmd("GET").arg(key7.as_bytes()).clone();
-            async move {
-                cmd.query_async::<Option<Vec<u8>>>(&mut conn)
+    let get = redis::cmd("GET").arg(key7.as_bytes()).clone();
+    let (raw, get, cache, lean) = (&raw, &get, &cache, &lean);
+    interleaved(
+        &mut group,
+        &runtime,
+        &[
+            ("raw_redis_rs", "GET"),
+            ("headroom", "get"),
+            ("headroom_no_eviction_metric", "get"),
+        ],
+        |call| match call {
+            1 => cache.invalidate_local(&7),
+            2 => lean.invalidate_local(&7),
+            _ => {}
+        },
+        |call| async move {
+            let found = match call {
+                0 => get
+                    .query_async::<Option<Vec<u8>>>(&mut raw.clone())
                     .await
                     .expect("get")
-                    .expect("hit")
+                    .is_some(),
+                1 => cache.get(&7).await.expect("get").is_some(),
+                _ => lean.get(&7).await.expect("get").is_some(),
+            };
+            assert!(found);
+        },
+    );
+    group.finish();
+
+    // The cache's own work on an L2 hit, without a network: the same read with the in-memory
+    // store as L2, next to the store's own `get`.
+    let store = MemoryKvStore::new();
+    let in_memory: Cache<u64, String> = runtime.block_on(async {
+        let in_memory: Cache<u64, String> = Cache::builder()
+            .name("bench_memory")
+            .ttl(Duration::from_secs(3_600))
+            .l2(store.clone(), ns.clone())
+            .build()
+            .expect("cache");
+        in_memory.insert(7, value(7)).await.expect("fill");
+        in_memory
+    });
+    let mut group = c.benchmark_group("cache_get_l2_hit_memory");
+    let (store, in_memory, key7) = (&store, &in_memory, &key7);
+    interleaved(
+        &mut group,
+        &runtime,
+        &[
+            ("headroom_memory", "MemoryKvStore::get"),
+            ("headroom", "get"),
+        ],
+        |call| {
+            if call == 1 {
+                in_memory.invalidate_local(&7);
             }
-        })
-    });
-    group.bench_function(BenchmarkId::new("headroom", "get"), |b| {
-        b.to_async(&runtime).iter(|| async {
-            // Drop the L1 copy so the read goes to L2 (and fills L1 again).
-            cache.invalidate_local(&7);
-            cache.get(&7).await.expect("get").expect("hit")
-        })
-    });
-    group.bench_function(
-        BenchmarkId::new("headroom_no_eviction_metric", "get"),
-        |b| {
-            b.to_async(&runtime).iter(|| async {
-                lean.invalidate_local(&7);
-                lean.get(&7).await.expect("get").expect("hit")
-            })
+        },
+        |call| async move {
+            let found = match call {
+                0 => store.get(key7).await.expect("get").is_some(),
+                _ => in_memory.get(&7).await.expect("get").is_some(),
+            };
+            assert!(found);
         },
     );
     group.finish();
 
     let mut group = c.benchmark_group("cache_get_100_l2_hits");
-    group.bench_function(BenchmarkId::new("headroom", "get_many_or_load"), |b| {
-        b.to_async(&runtime).iter(|| async {
-            for k in &keys {
-                cache.invalidate_local(k);
+    let mut mget = redis::cmd("MGET");
+    for k in &keys {
+        mget.arg(ns.key(k.to_string()).expect("key").as_bytes());
+    }
+    let (mget, keys) = (&mget, &keys);
+    let nothing = |_: Vec<u64>| async { Ok::<_, Infallible>(HashMap::<u64, String>::new()) };
+    interleaved(
+        &mut group,
+        &runtime,
+        &[
+            ("raw_redis_rs", "MGET"),
+            ("headroom", "get_many_or_load"),
+            ("headroom_no_eviction_metric", "get_many_or_load"),
+        ],
+        |call| {
+            let dropped = match call {
+                1 => cache,
+                2 => lean,
+                _ => return,
+            };
+            for k in keys {
+                dropped.invalidate_local(k);
             }
-            cache
-                .get_many_or_load(&keys, |_| async {
-                    Ok::<_, Infallible>(HashMap::<u64, String>::new())
-                })
-                .await
-                .expect("get_many")
-        })
-    });
-    group.bench_function(
-        BenchmarkId::new("headroom_no_eviction_metric", "get_many_or_load"),
-        |b| {
-            b.to_async(&runtime).iter(|| async {
-                for k in &keys {
-                    lean.invalidate_local(k);
-                }
-                lean.get_many_or_load(&keys, |_| async {
-                    Ok::<_, Infallible>(HashMap::<u64, String>::new())
-                })
-                .await
-                .expect("get_many")
-            })
+        },
+        |call| async move {
+            let found = match call {
+                0 => mget
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut raw.clone())
+                    .await
+                    .expect("mget")
+                    .into_iter()
+                    .flatten()
+                    .count(),
+                1 => hits(cache.get_many_or_load(keys, nothing).await),
+                _ => hits(lean.get_many_or_load(keys, nothing).await),
+            };
+            assert_eq!(found, keys.len());
         },
     );
+    // For reference: the same reads one by one (each L1 copy dropped first, timed with them).
     group.bench_function(BenchmarkId::new("headroom", "100_sequential_get"), |b| {
         b.to_async(&runtime).iter(|| async {
-            for k in &keys {
+            for k in keys {
                 cache.invalidate_local(k);
                 cache.get(k).await.expect("get").expect("hit");
             }
         })
     });
     group.finish();
+}
+
+fn hits(found: Result<Vec<Option<String>>, headroom_cache::CacheError>) -> usize {
+    found.expect("get_many").into_iter().flatten().count()
 }
 
 criterion_group!(benches, cache);

@@ -1,5 +1,6 @@
 //! The L2 store against raw redis-rs on the same kind of connection, on a loopback
-//! `redis-server` started by the testkit.
+//! `redis-server` started by the testkit, the calls of each group interleaved (see
+//! `headroom_benches::interleaved`).
 //!
 //! Run with: `cargo bench -p headroom-benches --bench kv`
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use headroom_benches::{LoopbackRedis, runtime};
+use headroom_benches::{LoopbackRedis, interleaved, runtime};
 use headroom_core::kv::{KvEntry, KvStore};
 use headroom_core::memory::MemoryKvStore;
 use headroom_core::{Key, Namespace};
@@ -39,21 +40,25 @@ fn kv(c: &mut Criterion) {
         .expect("fill memory");
 
     let mut group = c.benchmark_group("kv_get");
-    group.bench_function(BenchmarkId::new("raw_redis_rs", "GET"), |b| {
-        b.to_async(&runtime).iter(|| {
-            let mut conn = raw.clone();
-            let cmd = redis::cmd("GET").arg(keys[0].as_bytes()).clone();
-            async move {
-                cmd.query_async::<Option<Vec<u8>>>(&mut conn)
+    let get = redis::cmd("GET").arg(keys[0].as_bytes()).clone();
+    let (raw, store, get, first) = (&raw, &store, &get, &keys[0]);
+    interleaved(
+        &mut group,
+        &runtime,
+        &[("raw_redis_rs", "GET"), ("headroom_redis", "GET")],
+        |_| {},
+        |call| async move {
+            let found = match call {
+                0 => get
+                    .query_async::<Option<Vec<u8>>>(&mut raw.clone())
                     .await
                     .expect("get")
-            }
-        })
-    });
-    group.bench_function(BenchmarkId::new("headroom_redis", "GET"), |b| {
-        b.to_async(&runtime)
-            .iter(|| async { store.get(&keys[0]).await.expect("get") })
-    });
+                    .is_some(),
+                _ => store.get(first).await.expect("get").is_some(),
+            };
+            assert!(found);
+        },
+    );
     group.bench_function(BenchmarkId::new("headroom_memory", "GET"), |b| {
         b.to_async(&runtime)
             .iter(|| async { memory.get(&keys[0]).await.expect("get") })
@@ -61,29 +66,33 @@ fn kv(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("kv_get_100");
-    group.bench_function(BenchmarkId::new("raw_redis_rs", "MGET"), |b| {
-        b.to_async(&runtime).iter(|| {
-            let mut conn = raw.clone();
-            let mut cmd = redis::cmd("MGET");
-            for key in &keys {
-                cmd.arg(key.as_bytes());
-            }
-            async move {
-                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+    let mut mget = redis::cmd("MGET");
+    for key in &keys {
+        mget.arg(key.as_bytes());
+    }
+    let (mget, keys) = (&mget, &keys);
+    interleaved(
+        &mut group,
+        &runtime,
+        &[("raw_redis_rs", "MGET"), ("headroom_redis", "get_many")],
+        |_| {},
+        |call| async move {
+            let found = match call {
+                0 => mget
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut raw.clone())
                     .await
                     .expect("mget")
-            }
-        })
-    });
-    group.bench_function(BenchmarkId::new("headroom_redis", "get_many"), |b| {
-        b.to_async(&runtime)
-            .iter(|| async { store.get_many(&keys).await.expect("get_many") })
-    });
+                    .len(),
+                _ => store.get_many(keys).await.expect("get_many").len(),
+            };
+            assert_eq!(found, keys.len());
+        },
+    );
     group.bench_function(
         BenchmarkId::new("headroom_redis", "100_sequential_get"),
         |b| {
             b.to_async(&runtime).iter(|| async {
-                for key in &keys {
+                for key in keys {
                     store.get(key).await.expect("get");
                 }
             })

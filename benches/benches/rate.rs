@@ -3,18 +3,18 @@
 //! headroom reads outside tests), the tiered local check of one quota and of two quotas at once
 //! next to the keyed check, and the distributed check (one quota and two) on a loopback
 //! `redis-server` (started by the testkit) against a raw EVALSHA of a trivial script on the same
-//! kind of connection.
+//! kind of connection, the Redis calls interleaved (see `headroom_benches::interleaved`).
 //!
 //! Run with: `cargo bench -p headroom-benches --bench rate`
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::clock::{Clock as _, DefaultClock, MonotonicClock};
 use governor::{Quota as GovernorQuota, RateLimiter};
+use headroom_benches::interleaved;
 use headroom_core::Namespace;
 use headroom_core::rate::RateStore;
 use headroom_limit::rate::{
@@ -193,139 +193,43 @@ fn distributed(c: &mut Criterion) {
         .and_then(|ns| ns.key("raw"))
         .expect("key");
 
-    let fixture = Fixture {
-        store,
-        limiter,
-        raw,
-        trivial,
-        key,
-        quota,
-        totals: Mutex::new([(Duration::ZERO, 0); 4]),
-    };
-    // Loopback latency on a shared machine swings between runs (how soon a sleeping core
-    // wakes for the answer). Each measurement runs the four calls in turn and reports one
-    // of them, so all four see the same traffic pattern.
     let mut group = c.benchmark_group("rate_distributed");
-    for (call, name) in [
-        (
-            Call::RawEvalsha,
-            BenchmarkId::new("raw_redis_rs", "EVALSHA"),
-        ),
-        (
-            Call::StoreApply,
-            BenchmarkId::new("headroom_redis", "RateStore::apply"),
-        ),
-        (
-            Call::LimiterCheck,
-            BenchmarkId::new("headroom", "DistributedRateLimiter::check"),
-        ),
-        (
-            Call::LimiterCheckTwoQuotas,
-            BenchmarkId::new("headroom", "DistributedRateLimiter::check/two_quotas"),
-        ),
-    ] {
-        let fixture = &fixture;
-        group.bench_function(name, |b| {
-            b.to_async(&runtime).iter_custom(|iters| async move {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    for each in Call::ALL {
-                        let started = Instant::now();
-                        fixture.call(each).await;
-                        let elapsed = started.elapsed();
-                        fixture.record(each, elapsed);
-                        if each == call {
-                            timed += elapsed;
-                        }
-                    }
-                }
-                timed
-            })
-        });
-    }
-    group.finish();
-    // Every call above was timed, interleaved: their means share the same conditions, which
-    // makes the ratio steadier than the separate criterion figures on a loaded machine.
-    let totals = fixture.totals.into_inner().expect("totals");
-    if totals.iter().any(|&(_, count)| count == 0) {
-        return; // The group was filtered out.
-    }
-    let mean = |call: Call| {
-        let (total, count) = totals[call as usize];
-        total.as_secs_f64() * 1e6 / count.max(1) as f64
-    };
-    let raw = mean(Call::RawEvalsha);
-    println!(
-        "rate_distributed interleaved means over {} calls each: EVALSHA {raw:.2} µs, \
-         RateStore::apply {:.2} µs ({:.2}×), DistributedRateLimiter::check {:.2} µs ({:.2}×), \
-         two quotas {:.2} µs ({:.2}×)",
-        totals[0].1,
-        mean(Call::StoreApply),
-        mean(Call::StoreApply) / raw,
-        mean(Call::LimiterCheck),
-        mean(Call::LimiterCheck) / raw,
-        mean(Call::LimiterCheckTwoQuotas),
-        mean(Call::LimiterCheckTwoQuotas) / raw,
-    );
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Call {
-    RawEvalsha,
-    StoreApply,
-    LimiterCheck,
-    LimiterCheckTwoQuotas,
-}
-
-impl Call {
-    const ALL: [Call; 4] = [
-        Call::RawEvalsha,
-        Call::StoreApply,
-        Call::LimiterCheck,
-        Call::LimiterCheckTwoQuotas,
+    let names = [
+        ("raw_redis_rs", "EVALSHA"),
+        ("headroom_redis", "RateStore::apply"),
+        ("headroom", "DistributedRateLimiter::check"),
+        ("headroom", "DistributedRateLimiter::check/two_quotas"),
     ];
-}
-
-struct Fixture {
-    store: RedisRateStore,
-    limiter: DistributedRateLimiter<RedisRateStore>,
-    raw: redis::aio::ConnectionManager,
-    trivial: redis::Script,
-    key: headroom_core::Key,
-    quota: Quota,
-    /// Total time and count of every call made, by `Call`.
-    totals: Mutex<[(Duration, u64); 4]>,
-}
-
-impl Fixture {
-    fn record(&self, call: Call, elapsed: Duration) {
-        let mut totals = self.totals.lock().expect("totals");
-        totals[call as usize].0 += elapsed;
-        totals[call as usize].1 += 1;
-    }
-
-    async fn call(&self, call: Call) -> bool {
-        match call {
-            Call::RawEvalsha => {
-                let mut conn = self.raw.clone();
-                self.trivial
-                    .key(self.key.as_bytes())
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                    .expect("evalsha")
-                    == 1
-            }
-            Call::StoreApply => {
-                self.store
-                    .apply(&self.key, self.quota.gcra(), 1)
-                    .await
-                    .expect("apply")
-                    .allowed
-            }
-            Call::LimiterCheck => self.limiter.check("t", "user-1", 1).await.is_ok(),
-            Call::LimiterCheckTwoQuotas => self.limiter.check("t2", "user-1", 1).await.is_ok(),
-        }
-    }
+    let (store, limiter, raw, trivial, key) = (&store, &limiter, &raw, &trivial, &key);
+    interleaved(
+        &mut group,
+        &runtime,
+        &names,
+        |_| {},
+        |call| async move {
+            let admitted = match call {
+                0 => {
+                    trivial
+                        .key(key.as_bytes())
+                        .invoke_async::<i64>(&mut raw.clone())
+                        .await
+                        .expect("evalsha")
+                        == 1
+                }
+                1 => {
+                    store
+                        .apply(key, quota.gcra(), 1)
+                        .await
+                        .expect("apply")
+                        .allowed
+                }
+                2 => limiter.check("t", "user-1", 1).await.is_ok(),
+                _ => limiter.check("t2", "user-1", 1).await.is_ok(),
+            };
+            assert!(admitted);
+        },
+    );
+    group.finish();
 }
 
 criterion_group!(benches, local, distributed);

@@ -1,9 +1,14 @@
 //! Fixtures shared by the benchmarks and the contention programs of this package.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId};
 
 use headroom_redis::{Redis, RedisConfig};
 use headroom_testkit::RedisServer;
@@ -37,6 +42,66 @@ pub fn throughput(
         .map(|h| h.join().expect("worker thread"))
         .sum();
     total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Benches calls side by side on a loopback server, whose speed drifts from second to second
+/// on a shared machine: every iteration of every bench function makes each of the calls once,
+/// in turn, and the function reports the time of its own call. Criterion measures the
+/// functions one after the other, so their figures still come from different stretches of
+/// time; the ratios that do not are printed at the end: each call's mean over every call made
+/// in the whole group, against the first call's (the peer).
+///
+/// `names` are each call's function and parameter. `prepare(i)` runs before call `i` and is not timed; `call(i)` is the timed call. What a call
+/// leaves to spawned tasks (the cache's L1 fill) runs after it, untimed, so that it does not
+/// land in the next call's time.
+pub fn interleaved<F: Future<Output = ()>>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    names: &[(&str, &str)],
+    prepare: impl Fn(usize),
+    call: impl Fn(usize) -> F,
+) {
+    let totals = RefCell::new(vec![(Duration::ZERO, 0_u64); names.len()]);
+    let (prepare, call, totals) = (&prepare, &call, &totals);
+    for (own, &(function, parameter)) in names.iter().enumerate() {
+        group.bench_function(BenchmarkId::new(function, parameter), |b| {
+            b.to_async(runtime).iter_custom(|iters| async move {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
+                    for i in 0..names.len() {
+                        prepare(i);
+                        let started = Instant::now();
+                        call(i).await;
+                        let elapsed = started.elapsed();
+                        if i == own {
+                            timed += elapsed;
+                        }
+                        {
+                            let (total, count) = &mut totals.borrow_mut()[i];
+                            *total += elapsed;
+                            *count += 1;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                }
+                timed
+            })
+        });
+    }
+    let totals = totals.borrow();
+    if totals.iter().any(|&(_, count)| count == 0) {
+        return; // Filtered out.
+    }
+    let mean = |i: usize| totals[i].0.as_secs_f64() * 1e6 / totals[i].1 as f64;
+    let mut line = format!("interleaved means over {} calls each:", totals[0].1);
+    for (i, (function, parameter)) in names.iter().enumerate() {
+        line += &format!(
+            " {function}/{parameter} {:.2} µs ({:.3}×);",
+            mean(i),
+            mean(i) / mean(0)
+        );
+    }
+    println!("{line}");
 }
 
 /// The number of cores, the thread count of contention runs.
