@@ -29,7 +29,7 @@ local new = tat + tonumber(ARGV[1])
 if new - now > tonumber(ARGV[2]) then
   return now - tat - 1
 end
-redis.call('SET', KEYS[1], new, 'PXAT', math.ceil(new / 1000))
+redis.call('SET', KEYS[1], new, 'PX', math.ceil((new - now) / 1000))
 return tat - now
 ",
     )
@@ -56,7 +56,7 @@ end
 if answer[1] == 1 then
   for i = 1, #KEYS do
     local tat = now + answer[i + 1] + ARGV[2 * i - 1]
-    redis.call('SET', KEYS[i], tat, 'PXAT', math.ceil(tat / 1000))
+    redis.call('SET', KEYS[i], tat, 'PX', math.ceil((tat - now) / 1000))
   end
 end
 return answer
