@@ -71,7 +71,9 @@ impl RateDecision {
         // The longest wait of any cell, the first of equals.
         let mut refused: Option<(usize, Duration)> = None;
         for (index, (gcra, ahead)) in cells.clone().enumerate() {
-            let wait = (ahead + charge(gcra)).saturating_sub(gcra.tolerance());
+            let wait = ahead
+                .saturating_add(charge(gcra))
+                .saturating_sub(gcra.tolerance());
             if !wait.is_zero() && refused.is_none_or(|(_, longest)| wait > longest) {
                 refused = Some((index, wait));
             }
@@ -85,7 +87,7 @@ impl RateDecision {
         };
         for (index, (gcra, mut ahead)) in cells.enumerate() {
             if decision.allowed {
-                ahead += charge(gcra);
+                ahead = ahead.saturating_add(charge(gcra));
             }
             let headroom = gcra.tolerance().saturating_sub(ahead);
             let left = u32::try_from(headroom.as_nanos() / gcra.emission_interval.as_nanos())
