@@ -3,7 +3,8 @@
 //! headroom reads outside tests), the tiered local check of one quota and of two quotas at once
 //! next to the keyed check, and the distributed check (one quota and two) on a loopback
 //! `redis-server` (started by the testkit) against a raw EVALSHA of a trivial script on the same
-//! kind of connection, the Redis calls interleaved (see `headroom_benches::interleaved`).
+//! kind of connection, and of a script doing only `TIME`, `GET` and `SET PX` (the floor of any
+//! GCRA on the server's clock), the Redis calls interleaved (see `headroom_benches::interleaved`).
 //!
 //! Run with: `cargo bench -p headroom-benches --bench rate`
 
@@ -155,7 +156,7 @@ fn distributed(c: &mut Criterion) {
     let quota = Quota::per_second(1_000_000)
         .and_then(|q| q.with_burst(1_000_000))
         .expect("quota");
-    let (store, limiter, raw, trivial) = runtime.block_on(async {
+    let (store, limiter, raw, trivial, floor) = runtime.block_on(async {
         let redis = Redis::connect(RedisConfig::standalone(server.url()))
             .await
             .expect("connect");
@@ -182,16 +183,23 @@ fn distributed(c: &mut Criterion) {
             .await
             .expect("raw connection");
         let trivial = redis::Script::new("return 1");
-        trivial
-            .prepare_invoke()
-            .load_async(&mut raw.clone())
-            .await
-            .expect("load script");
-        (store, limiter, raw, trivial)
+        // What any GCRA on the server's clock with expiring cells must do, and nothing else:
+        // the floor under the store's script.
+        let floor = redis::Script::new(
+            "local t = redis.call('TIME') local tat = redis.call('GET', KEYS[1]) \
+             redis.call('SET', KEYS[1], t[1], 'PX', 1000) return 1",
+        );
+        for script in [&trivial, &floor] {
+            script
+                .prepare_invoke()
+                .load_async(&mut raw.clone())
+                .await
+                .expect("load script");
+        }
+        (store, limiter, raw, trivial, floor)
     });
-    let key = Namespace::new("bench")
-        .and_then(|ns| ns.key("raw"))
-        .expect("key");
+    let ns = Namespace::new("bench").expect("namespace");
+    let (key, floor_key) = (ns.key("raw").expect("key"), ns.key("floor").expect("key"));
 
     let mut group = c.benchmark_group("rate_distributed");
     let names = [
@@ -199,8 +207,10 @@ fn distributed(c: &mut Criterion) {
         ("headroom_redis", "RateStore::apply"),
         ("headroom", "DistributedRateLimiter::check"),
         ("headroom", "DistributedRateLimiter::check/two_quotas"),
+        ("raw_redis_rs", "EVALSHA/TIME+GET+SET"),
     ];
-    let (store, limiter, raw, trivial, key) = (&store, &limiter, &raw, &trivial, &key);
+    let (store, limiter, raw, trivial, floor, key, floor_key) =
+        (&store, &limiter, &raw, &trivial, &floor, &key, &floor_key);
     interleaved(
         &mut group,
         &runtime,
@@ -224,7 +234,15 @@ fn distributed(c: &mut Criterion) {
                         .allowed
                 }
                 2 => limiter.check("t", "user-1", 1).await.is_ok(),
-                _ => limiter.check("t2", "user-1", 1).await.is_ok(),
+                3 => limiter.check("t2", "user-1", 1).await.is_ok(),
+                _ => {
+                    floor
+                        .key(floor_key.as_bytes())
+                        .invoke_async::<i64>(&mut raw.clone())
+                        .await
+                        .expect("evalsha")
+                        == 1
+                }
             };
             assert!(admitted);
         },
