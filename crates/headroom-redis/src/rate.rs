@@ -159,8 +159,10 @@ fn decided(
     cost: u32,
     charged: bool,
 ) -> Result<RateDecision, BackendError> {
+    // An ahead is never negative, except a time too far for Redis's integer replies (a
+    // corrupt cell), which arrives as the most negative integer: as far as it gets.
     let cells = cells.into_iter().map(|(gcra, ahead)| {
-        let ahead = Duration::from_micros(u64::try_from(ahead).unwrap_or(0));
+        let ahead = Duration::from_micros(u64::try_from(ahead).unwrap_or(u64::MAX));
         (gcra, ahead)
     });
     let decision = RateDecision::of_cells(cells, cost);

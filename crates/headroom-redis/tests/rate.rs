@@ -70,3 +70,35 @@ async fn a_cell_lives_until_it_is_full_again_and_a_refusal_leaves_it_alone() {
         "{other_ttl} ms to full again"
     );
 }
+
+/// Bad bytes in Redis: a cell that does not hold a number reads as full and is overwritten; one
+/// that holds an absurd time refuses with a long wait. Neither panics or fails the call.
+#[tokio::test]
+async fn a_corrupt_cell_is_read_without_a_panic() {
+    let server = shared_server();
+    let store = RedisRateStore::new(
+        Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .unwrap(),
+    );
+    let ns = unique_namespace("rate");
+    let garbage = ns.key("garbage").unwrap();
+    let far = ns.key("far").unwrap();
+    let name = |key: &headroom_core::Key| std::str::from_utf8(key.as_bytes()).unwrap().to_owned();
+    server.cli(&["SET", &name(&garbage), "not a number"]);
+    server.cli(&["SET", &name(&far), "1e300"]);
+
+    let decision = store.apply(&garbage, TEN_PER_SECOND, 1).await.unwrap();
+    assert!(decision.allowed);
+    assert_eq!(decision.remaining, 4);
+
+    let refused = store.apply(&far, TEN_PER_SECOND, 1).await.unwrap();
+    assert!(!refused.allowed);
+    assert!(refused.retry_after > Duration::from_secs(3_600 * 24 * 365));
+    let both = store
+        .apply_all(&[(garbage, TEN_PER_SECOND), (far, TEN_PER_SECOND)], 1)
+        .await
+        .unwrap();
+    assert!(!both.allowed);
+    assert_eq!(both.cell, 1, "the absurd cell is the one that refuses");
+}
