@@ -4,23 +4,27 @@ use std::time::Duration;
 
 use headroom_core::rate::{Gcra, RateStore};
 use headroom_redis::{Redis, RedisConfig, RedisRateStore};
-use headroom_testkit::{shared_server, unique_namespace};
+use headroom_testkit::{RedisServer, shared_server, unique_namespace};
 
 const TEN_PER_SECOND: Gcra = Gcra {
     emission_interval: Duration::from_millis(100),
     burst: 5,
 };
 
+async fn store(server: &RedisServer) -> RedisRateStore {
+    RedisRateStore::new(
+        Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .unwrap(),
+    )
+}
+
 /// The store's contract: a cell expires once it is full again, so idle keys take no memory;
 /// and a refused decision changes nothing.
 #[tokio::test]
 async fn a_cell_lives_until_it_is_full_again_and_a_refusal_leaves_it_alone() {
     let server = shared_server();
-    let store = RedisRateStore::new(
-        Redis::connect(RedisConfig::standalone(server.url()))
-            .await
-            .unwrap(),
-    );
+    let store = store(server).await;
     let ns = unique_namespace("rate");
     let key = ns.key("k").unwrap();
     let name = std::str::from_utf8(key.as_bytes()).unwrap();
@@ -76,11 +80,7 @@ async fn a_cell_lives_until_it_is_full_again_and_a_refusal_leaves_it_alone() {
 #[tokio::test]
 async fn a_corrupt_cell_is_read_without_a_panic() {
     let server = shared_server();
-    let store = RedisRateStore::new(
-        Redis::connect(RedisConfig::standalone(server.url()))
-            .await
-            .unwrap(),
-    );
+    let store = store(server).await;
     let ns = unique_namespace("rate");
     let garbage = ns.key("garbage").unwrap();
     let far = ns.key("far").unwrap();
