@@ -151,10 +151,11 @@ impl RateStore for MemoryRateStore {
         );
         if decision.allowed {
             for (key, gcra) in cells {
-                let tat = now + ahead(&held, key) + gcra.emission_interval * cost;
-                if let Some(held_tat) = held.tats.get_mut(key) {
-                    *held_tat = tat;
+                let charge = gcra.emission_interval * cost;
+                if let Some(tat) = held.tats.get_mut(key) {
+                    *tat = (*tat).max(now) + charge;
                 } else {
+                    let tat = now + charge;
                     if held.tats.len() >= self.inner.max_cells {
                         held.make_room(now);
                     }
