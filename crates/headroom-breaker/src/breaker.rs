@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{Clock, Stopwatch};
-use metrics::{Counter, Gauge};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
@@ -132,15 +132,15 @@ struct Metrics {
 
 impl Metrics {
     fn new(name: &Arc<str>) -> Self {
-        let calls = |outcome: &'static str| metrics::counter!("headroom_breaker_calls_total", "breaker" => name.to_string(), "outcome" => outcome);
+        let calls = |outcome: &'static str| headroom_core::counter!("headroom_breaker_calls_total", "breaker" => name.to_string(), "outcome" => outcome);
         Self {
             success: calls("success"),
             failure: calls("failure"),
             ignored: calls("ignored"),
             cancelled: calls("cancelled"),
             rejected: calls("rejected"),
-            slow: metrics::counter!("headroom_breaker_slow_calls_total", "breaker" => name.to_string()),
-            state: metrics::gauge!("headroom_breaker_state", "breaker" => name.to_string()),
+            slow: headroom_core::counter!("headroom_breaker_slow_calls_total", "breaker" => name.to_string()),
+            state: headroom_core::gauge!("headroom_breaker_state", "breaker" => name.to_string()),
         }
     }
 }
@@ -489,6 +489,7 @@ impl Shared {
             from, to, reason, ..
         } = transition;
         self.metrics.state.set(to.bits() as f64);
+        // Registered with the recorder current at each (rare) transition.
         metrics::counter!(
             "headroom_breaker_transitions_total",
             "breaker" => self.name.to_string(),

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::future::Future;
 
-use metrics::Counter;
+use headroom_core::metrics::Counter;
 
 use crate::error::Error;
 
@@ -55,7 +55,7 @@ impl<T, E> Fallback<T, E> {
         Self {
             produce: Box::new(produce),
             applies: Box::new(|_| true),
-            used: metrics::counter!("headroom_breaker_fallbacks_total"),
+            used: headroom_core::counter!("headroom_breaker_fallbacks_total"),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use headroom_core::Clock;
-use metrics::Counter;
+use headroom_core::metrics::Counter;
 
 use crate::budget::RetryBudget;
 use crate::config::HedgeConfig;
@@ -333,8 +333,8 @@ impl HedgeBuilder {
                 config: self.config,
                 budget: self.budget,
                 clock: self.clock,
-                hedges: metrics::counter!("headroom_breaker_hedges_total", "pipeline" => label.clone()),
-                denied: metrics::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "hedge"),
+                hedges: headroom_core::counter!("headroom_breaker_hedges_total", "pipeline" => label.clone()),
+                denied: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "hedge"),
             }),
         })
     }

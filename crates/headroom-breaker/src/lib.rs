@@ -25,9 +25,10 @@
 //!
 //! # Metrics
 //!
-//! Through the `metrics` facade, registered when a strategy is built (install the recorder
-//! first): `headroom_breaker_calls_total{breaker, outcome}` (success, failure, ignored,
-//! cancelled, rejected), `headroom_breaker_slow_calls_total{breaker}`,
+//! Through the `metrics` facade, registered when a strategy is built (a recorder installed
+//! later still gets them, see [`headroom_core::metrics`]):
+//! `headroom_breaker_calls_total{breaker, outcome}` (success, failure, ignored, cancelled,
+//! rejected), `headroom_breaker_slow_calls_total{breaker}`,
 //! `headroom_breaker_state{breaker}` (0 closed, 1 open, 2 half-open, 3 isolated),
 //! `headroom_breaker_transitions_total{breaker, from, to}`,
 //! `headroom_breaker_retries_total{pipeline}`, `headroom_breaker_hedges_total{pipeline}`,

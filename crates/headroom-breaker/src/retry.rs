@@ -5,8 +5,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use headroom_core::metrics::Counter;
 use headroom_core::{Classify, Clock};
-use metrics::Counter;
 
 use crate::budget::RetryBudget;
 use crate::config::RetryConfig;
@@ -268,8 +268,8 @@ impl<E> RetryBuilder<E> {
                 retry_after: self.retry_after,
                 budget: self.budget,
                 clock: self.clock,
-                retries: metrics::counter!("headroom_breaker_retries_total", "pipeline" => label.clone()),
-                exhausted: metrics::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "retry"),
+                retries: headroom_core::counter!("headroom_breaker_retries_total", "pipeline" => label.clone()),
+                exhausted: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "retry"),
             }),
         })
     }

@@ -7,7 +7,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use headroom_core::Clock;
-use metrics::Counter;
+use headroom_core::metrics::Counter;
 
 use crate::error::Elapsed;
 
@@ -43,7 +43,7 @@ impl Timeout {
         Self {
             after,
             clock,
-            elapsed: metrics::counter!("headroom_breaker_timeouts_total", "pipeline" => name.to_string()),
+            elapsed: headroom_core::counter!("headroom_breaker_timeouts_total", "pipeline" => name.to_string()),
         }
     }
 

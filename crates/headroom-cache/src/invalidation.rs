@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
+use headroom_core::metrics::{Counter, Gauge, Histogram};
 use headroom_core::{Clock, Key};
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use headroom_core::{counter, gauge, histogram};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};

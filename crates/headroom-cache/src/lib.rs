@@ -79,7 +79,8 @@
 //! `_invalid_total`, `_gaps_total`, `_flushes_total` (label `reason`), the
 //! `headroom_cache_invalidation_healthy` gauge and `headroom_cache_invalidation_lag_seconds`
 //! (all prefixed `headroom_cache_invalidation`). Handles are
-//! registered when the cache is built, so install the recorder first.
+//! registered when the cache is built; a recorder installed later still gets them (see
+//! [`headroom_core::metrics`]).
 //!
 //! # Minimum supported Rust version
 //!

@@ -1,7 +1,8 @@
 //! Metric handles, registered once per cache so recording on hot paths neither allocates nor
-//! looks anything up. Handles are bound to the recorder installed when the cache is built.
+//! looks anything up. A recorder installed after the cache is built still gets them.
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use headroom_core::metrics::{Counter, Gauge, Histogram};
+use headroom_core::{counter, gauge, histogram};
 
 /// Every metric of one cache, labelled with its name.
 pub(crate) struct Metrics {

@@ -15,6 +15,8 @@
 //!   [`RateStore`](rate::RateStore) (distributed rate limits).
 //! - [`MigrationStore`](migration::MigrationStore): the shared phase of a resharding that
 //!   several processes run together.
+//! - [`metrics`]: metric handles that reach the process's recorder even when it is installed
+//!   after the parts are built.
 //! - [`memory`]: real in-memory implementations of those traits, the default for a single
 //!   process. They are embedded backends, not test doubles.
 //!
@@ -35,6 +37,7 @@ mod key;
 pub mod kv;
 pub mod lease;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod rate;
 pub mod slot;

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use metrics::{Counter, Gauge};
+use headroom_core::metrics::{Counter, Gauge};
 use parking_lot::Mutex;
 
 use crate::ConfigError;
@@ -328,11 +328,11 @@ impl AdaptiveLimit {
             AdaptiveConfig::Gradient(config) => State::Gradient(Box::new(Gradient::new(config))),
         };
         let name: Arc<str> = Arc::from(name);
-        let gauge = metrics::gauge!("headroom_limit_concurrency_limit_requests", "limiter" => name.to_string());
+        let gauge = headroom_core::gauge!("headroom_limit_concurrency_limit_requests", "limiter" => name.to_string());
         gauge.set(initial as f64);
         Ok(Self {
             inner: Arc::new(Inner {
-                changes: metrics::counter!("headroom_limit_limit_changes_total", "limiter" => name.to_string()),
+                changes: headroom_core::counter!("headroom_limit_limit_changes_total", "limiter" => name.to_string()),
                 name,
                 state: Mutex::new(state),
                 limit: AtomicUsize::new(initial),

@@ -47,7 +47,8 @@
 //! | `headroom_limit_rate_store_round_trips_total` | counter | rate store calls, by `limiter` and `outcome` (`ok`, `error`) |
 //! | `headroom_limit_rate_fallbacks_total` | counter | decisions made by the fallback while the store is unreachable, by `limiter` and `fallback` |
 //!
-//! Handles are registered when a component is built, so install the recorder first. Refusals
+//! Handles are registered when a component is built; a recorder installed later still gets
+//! them (see [`headroom_core::metrics`]). Refusals
 //! and limit changes are also `tracing` events at debug and trace level.
 //!
 //! # Minimum supported Rust version

@@ -1,11 +1,11 @@
 //! Metric handles, registered once per component so recording never builds a key.
 //!
-//! Handles are taken from the recorder installed when the component is built; with none
-//! installed they are no-ops and cost nothing.
+//! Handles reach the recorder whether it was installed before or after the component was
+//! built (see [`headroom_core::metrics`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use metrics::{Counter, Gauge, Histogram};
+use headroom_core::metrics::{Counter, Gauge, Histogram};
 
 use crate::{Priority, Reason};
 
@@ -24,9 +24,9 @@ impl AdmissionMetrics {
     /// Handles labelled `kind = name`, where `kind` is `bulkhead` or `queue`.
     pub(crate) fn new(kind: &'static str, name: &str) -> Self {
         Self {
-            queued: metrics::gauge!("headroom_limit_queued_requests", kind => name.to_owned()),
-            queue_delay: metrics::histogram!("headroom_limit_queue_delay_seconds", kind => name.to_owned()),
-            admitted: metrics::counter!("headroom_limit_admitted_total", kind => name.to_owned()),
+            queued: headroom_core::gauge!("headroom_limit_queued_requests", kind => name.to_owned()),
+            queue_delay: headroom_core::histogram!("headroom_limit_queue_delay_seconds", kind => name.to_owned()),
+            admitted: headroom_core::counter!("headroom_limit_admitted_total", kind => name.to_owned()),
             rejections: Rejections::new(kind, name),
         }
     }
@@ -43,7 +43,7 @@ impl Rejections {
         Self {
             counters: Priority::ALL.map(|priority| {
                 Reason::ALL.map(|reason| {
-                    metrics::counter!(
+                    headroom_core::counter!(
                         "headroom_limit_rejected_total",
                         kind => name.to_owned(),
                         "priority" => priority.as_str(),
@@ -75,7 +75,7 @@ pub(crate) struct TierMetrics {
 impl TierMetrics {
     pub(crate) fn new(limiter: &str, tier: &str) -> Self {
         let counter = |outcome: &'static str| {
-            metrics::counter!(
+            headroom_core::counter!(
                 "headroom_limit_rate_decisions_total",
                 "limiter" => limiter.to_owned(),
                 "tier" => tier.to_owned(),

@@ -1,6 +1,7 @@
 //! Metric names. Every metric carries a `topology` (or `migration`) label with the name given
 //! at build time. Handles are registered when a topology or migration is built, so recording on
-//! the routing path neither allocates nor looks anything up; install the recorder first.
+//! the routing path neither allocates nor looks anything up; a recorder installed later still
+//! gets them (see [`headroom_core::metrics`]).
 
 /// Counter: requests routed to a shard. Labels: `topology`, `shard`, `op` (`read`, `write`).
 pub const ROUTED: &str = "headroom_shard_routed_total";

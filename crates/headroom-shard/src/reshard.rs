@@ -6,7 +6,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
-use metrics::{Counter, Gauge, counter, gauge};
+use headroom_core::metrics::{Counter, Gauge};
+use headroom_core::{counter, gauge};
 use tokio::sync::Notify;
 
 use crate::error::{MigrationError, MigrationErrorKind, UnknownShard};

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use headroom_core::Clock;
-use metrics::{Counter, counter, gauge};
+use headroom_core::metrics::{Counter, Gauge};
+use headroom_core::{counter, gauge};
 
 use crate::error::{ConfigError, ConfigErrorKind, UnknownShard};
 use crate::hash::ShardKey;
@@ -633,6 +634,8 @@ impl<H, R: Router> TopologyBuilder<H, R> {
 pub struct TopologyHandle<H, R = AnyRouter> {
     current: ArcSwap<Topology<H, R>>,
     writer: Mutex<()>,
+    /// The current epoch, labelled with the first topology's name.
+    epoch: Gauge,
 }
 
 impl<H, R: fmt::Debug> fmt::Debug for TopologyHandle<H, R> {
@@ -646,10 +649,12 @@ impl<H, R: fmt::Debug> fmt::Debug for TopologyHandle<H, R> {
 impl<H, R: Router> TopologyHandle<H, R> {
     /// A handle holding `topology`.
     pub fn new(topology: Topology<H, R>) -> Self {
-        gauge!(TOPOLOGY_EPOCH, "topology" => topology.name.to_string()).set(topology.epoch as f64);
+        let epoch = gauge!(TOPOLOGY_EPOCH, "topology" => topology.name.to_string());
+        epoch.set(topology.epoch as f64);
         Self {
             current: ArcSwap::from_pointee(topology),
             writer: Mutex::new(()),
+            epoch,
         }
     }
 
@@ -679,7 +684,7 @@ impl<H, R: Router> TopologyHandle<H, R> {
         }
         next.adopt_state(&current);
         tracing::info!(topology = %next.name, from = current.epoch, to = next.epoch, "topology replaced");
-        gauge!(TOPOLOGY_EPOCH, "topology" => next.name.to_string()).set(next.epoch as f64);
+        self.epoch.set(next.epoch as f64);
         self.current.store(Arc::new(next));
         Ok(current)
     }

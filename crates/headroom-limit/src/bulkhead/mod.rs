@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{Either, select};
 use headroom_core::Clock;
-use metrics::{Counter, Gauge};
+use headroom_core::metrics::{Counter, Gauge};
 
 use permits::{Entry, Permits};
 
@@ -330,7 +330,7 @@ impl Inner {
 
     #[inline]
     fn admitted(&self) -> Started {
-        self.in_flight_gauge.increment(1.0);
+        self.in_flight_gauge.set_level(|| self.permits.in_use());
         self.metrics.admitted.increment(1);
         self.adaptive.as_ref().map(|_| self.rtt_start())
     }
@@ -365,8 +365,8 @@ impl Inner {
         if let Some(started) = started {
             self.sample(started, outcome);
         }
-        self.in_flight_gauge.decrement(1.0);
         self.permits.release();
+        self.in_flight_gauge.set_level(|| self.permits.in_use());
     }
 
     /// Teaches the adaptive limit the round trip and outcome of one permit, out of line so
@@ -479,11 +479,10 @@ impl BulkheadBuilder {
         };
         validate_limit(limit)?;
         let max_wait_nanos = u64::try_from(self.config.max_wait.as_nanos()).unwrap_or(u64::MAX);
-        let limit_gauge = metrics::gauge!("headroom_limit_concurrency_limit_requests", "bulkhead" => self.name.clone());
+        let limit_gauge = headroom_core::gauge!("headroom_limit_concurrency_limit_requests", "bulkhead" => self.name.clone());
         limit_gauge.set(limit as f64);
-        let in_flight_gauge =
-            metrics::gauge!("headroom_limit_in_flight_requests", "bulkhead" => self.name.clone());
-        let limit_changes = metrics::counter!("headroom_limit_limit_changes_total", "bulkhead" => self.name.clone());
+        let in_flight_gauge = headroom_core::gauge!("headroom_limit_in_flight_requests", "bulkhead" => self.name.clone());
+        let limit_changes = headroom_core::counter!("headroom_limit_limit_changes_total", "bulkhead" => self.name.clone());
         Ok(Bulkhead {
             inner: Arc::new(Inner {
                 metrics: AdmissionMetrics::new("bulkhead", &self.name),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::future::{Either, select};
 use headroom_core::Clock;
-use metrics::Gauge;
+use headroom_core::metrics::Gauge;
 use parking_lot::Mutex;
 
 use self::shares::{Settled, Shares};
@@ -199,6 +199,8 @@ struct Inner {
     clock: Clock,
     metrics: AdmissionMetrics,
     in_flight_gauge: Gauge,
+    /// Set once; kept so that a recorder installed later still gets its value.
+    _limit_gauge: Gauge,
 }
 
 /// Builds a [`KeyedBulkhead`].
@@ -584,14 +586,16 @@ impl KeyedBulkheadBuilder {
             classes.insert(name, TenantClass { weight });
         }
         let name = self.name;
-        let gauge = |metric: &'static str| metrics::gauge!(metric, "bulkhead" => name.clone());
-        gauge("headroom_limit_concurrency_limit_requests").set(config.max_concurrent as f64);
+        let gauge =
+            |metric: &'static str| headroom_core::gauge!(metric, "bulkhead" => name.clone());
+        let limit_gauge = gauge("headroom_limit_concurrency_limit_requests");
+        limit_gauge.set(config.max_concurrent as f64);
         let shares = Shares::new(
             config.max_concurrent as u32,
             config.max_queued as u32,
             config.max_tenants,
             gauge("headroom_limit_tracked_tenants"),
-            metrics::counter!("headroom_limit_tenant_overflows_total", "bulkhead" => name.clone()),
+            headroom_core::counter!("headroom_limit_tenant_overflows_total", "bulkhead" => name.clone()),
         );
         Ok(KeyedBulkhead {
             inner: Arc::new(Inner {
@@ -599,6 +603,7 @@ impl KeyedBulkheadBuilder {
                 hasher: RandomState::new(),
                 metrics: AdmissionMetrics::new("bulkhead", &name),
                 in_flight_gauge: gauge("headroom_limit_in_flight_requests"),
+                _limit_gauge: limit_gauge,
                 name: Arc::from(name),
                 capacity: config.max_concurrent,
                 max_queued: config.max_queued,

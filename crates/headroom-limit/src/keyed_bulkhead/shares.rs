@@ -8,7 +8,7 @@ use std::cmp::Ordering;
 use std::task::Waker;
 
 use hashbrown::HashTable;
-use metrics::{Counter, Gauge};
+use headroom_core::metrics::{Counter, Gauge};
 
 /// No slot: the end of a list.
 const NONE: u32 = u32::MAX;

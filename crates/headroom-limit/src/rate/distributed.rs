@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::future::{Either, select};
+use headroom_core::metrics::Counter;
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace, Stopwatch};
-use metrics::Counter;
 
 use super::cells::TierCells;
 use super::limiter::record;
@@ -171,7 +171,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             return Err(ConfigError::new("instances", "must be at least 1"));
         }
         let round_trips = |outcome: &'static str| {
-            metrics::counter!(
+            headroom_core::counter!(
                 "headroom_limit_rate_store_round_trips_total",
                 "limiter" => self.name.clone(),
                 "outcome" => outcome
@@ -181,7 +181,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             metrics: StoreMetrics {
                 ok: round_trips("ok"),
                 error: round_trips("error"),
-                fallbacks: metrics::counter!(
+                fallbacks: headroom_core::counter!(
                     "headroom_limit_rate_fallbacks_total",
                     "limiter" => self.name.clone(),
                     "fallback" => self.fallback.as_str()
