@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::metrics::Counter;
 use headroom_core::{BackendError, Clock, Key, Namespace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -144,6 +145,39 @@ struct Inner<S> {
     config: IdempotencyConfig,
     clock: Clock,
     namespace: Namespace,
+    metrics: Metrics,
+}
+
+/// The executor's counters, registered when it is built.
+#[derive(Debug)]
+struct Metrics {
+    executions: Counter,
+    fenced: Counter,
+    in_progress: Counter,
+    key_reused: Counter,
+    leases_lost: Counter,
+    not_replayable: Counter,
+    released: Counter,
+    replays: Counter,
+    store_errors: Counter,
+    takeovers: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            executions: headroom_core::counter!("headroom_idempotency_executions_total"),
+            fenced: headroom_core::counter!("headroom_idempotency_fenced_total"),
+            in_progress: headroom_core::counter!("headroom_idempotency_in_progress_total"),
+            key_reused: headroom_core::counter!("headroom_idempotency_key_reused_total"),
+            leases_lost: headroom_core::counter!("headroom_idempotency_leases_lost_total"),
+            not_replayable: headroom_core::counter!("headroom_idempotency_not_replayable_total"),
+            released: headroom_core::counter!("headroom_idempotency_released_total"),
+            replays: headroom_core::counter!("headroom_idempotency_replays_total"),
+            store_errors: headroom_core::counter!("headroom_idempotency_store_errors_total"),
+            takeovers: headroom_core::counter!("headroom_idempotency_takeovers_total"),
+        }
+    }
 }
 
 /// Builds an [`Idempotency`] executor.
@@ -220,6 +254,7 @@ impl<S: LeaseStore> IdempotencyBuilder<S> {
                 config: self.config,
                 clock: self.clock,
                 namespace,
+                metrics: Metrics::new(),
             }),
         })
     }
@@ -366,9 +401,9 @@ impl<S: LeaseStore> Idempotency<S> {
             };
             match begin {
                 Begin::Acquired { token, took_over } => {
-                    metrics::counter!("headroom_idempotency_executions_total").increment(1);
+                    self.inner.metrics.executions.increment(1);
                     if took_over {
-                        metrics::counter!("headroom_idempotency_takeovers_total").increment(1);
+                        self.inner.metrics.takeovers.increment(1);
                         tracing::info!(record = ?record, "idempotency lease taken over from an expired holder");
                     }
                     let held_until = asked_at + inner.config.lease;
@@ -384,11 +419,11 @@ impl<S: LeaseStore> Idempotency<S> {
                     fingerprint: stored,
                     ..
                 } if stored.as_ref() != fingerprint.as_slice() => {
-                    metrics::counter!("headroom_idempotency_key_reused_total").increment(1);
+                    self.inner.metrics.key_reused.increment(1);
                     return Err(IdempotencyError::KeyReused);
                 }
                 Begin::Completed { outcome, .. } => {
-                    metrics::counter!("headroom_idempotency_replays_total").increment(1);
+                    self.inner.metrics.replays.increment(1);
                     if outcome.as_ref() == [NOT_REPLAYABLE] {
                         return Err(IdempotencyError::NotReplayable);
                     }
@@ -411,8 +446,7 @@ impl<S: LeaseStore> Idempotency<S> {
                             poll = (poll * 2).min(MAX_POLL);
                         }
                         _ => {
-                            metrics::counter!("headroom_idempotency_in_progress_total")
-                                .increment(1);
+                            self.inner.metrics.in_progress.increment(1);
                             return Err(IdempotencyError::InProgress {
                                 retry_after: lease_remaining.min(Duration::from_secs(1)),
                             });
@@ -460,7 +494,7 @@ impl<S: LeaseStore> Idempotency<S> {
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        metrics::counter!("headroom_idempotency_store_errors_total").increment(1);
+        self.inner.metrics.store_errors.increment(1);
         match self.inner.config.store_failure {
             StoreFailure::FailClosed => {
                 tracing::warn!(error = %err, "idempotency store unavailable; failing closed");
@@ -518,7 +552,7 @@ impl<S: LeaseStore> Idempotency<S> {
         held.send_replace(false);
         guard.armed = false;
         let Some(outcome) = outcome else {
-            metrics::counter!("headroom_idempotency_leases_lost_total").increment(1);
+            self.inner.metrics.leases_lost.increment(1);
             tracing::warn!(record = ?record, "idempotency lease lost while the operation ran; the operation was stopped");
             // A no-op if another holder took over; otherwise a retry need not wait out the lease.
             self.release(&record, token).await;
@@ -544,7 +578,7 @@ impl<S: LeaseStore> Idempotency<S> {
             encoded => {
                 // The operation ran: releasing the key would let a retry run it again. Keep the
                 // key with a marker instead; this caller still gets its value.
-                metrics::counter!("headroom_idempotency_not_replayable_total").increment(1);
+                self.inner.metrics.not_replayable.increment(1);
                 tracing::warn!(
                     record = ?record,
                     len = ?encoded.map(|e| e.len()),
@@ -573,12 +607,12 @@ impl<S: LeaseStore> Idempotency<S> {
                     });
                 }
                 Ok(_) => {
-                    metrics::counter!("headroom_idempotency_fenced_total").increment(1);
+                    self.inner.metrics.fenced.increment(1);
                     tracing::warn!(record = ?record, "outcome fenced: the lease was taken over");
                     return Err(IdempotencyError::Fenced);
                 }
                 Err(err) => {
-                    metrics::counter!("headroom_idempotency_store_errors_total").increment(1);
+                    self.inner.metrics.store_errors.increment(1);
                     tracing::warn!(error = %err, attempt, "storing the idempotent outcome failed");
                 }
             }
@@ -629,7 +663,7 @@ impl<S: LeaseStore> Idempotency<S> {
     }
 
     async fn release(&self, record: &Key, token: FencingToken) {
-        metrics::counter!("headroom_idempotency_released_total").increment(1);
+        self.inner.metrics.released.increment(1);
         if let Err(err) = self.inner.store.release(record, token).await {
             tracing::warn!(error = %err, "releasing the idempotency lease failed; it will expire");
         }
