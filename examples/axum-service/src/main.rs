@@ -8,15 +8,20 @@
 //!   with `Retry-After` and `RateLimit` headers), a bulkhead (at most 32 orders at once, a
 //!   short queue, a typed 503 beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
 //!   so a retried order is replayed instead of charged twice;
-//! - the payment gateway the orders call is a tower service behind a circuit breaker layer.
+//! - the payment gateway the orders call is a tower service behind a circuit breaker layer;
+//! - `GET /metrics`: every headroom metric in the Prometheus text format, through
+//!   `metrics-exporter-prometheus` (the recorder may be installed before or after the parts
+//!   are built).
 //!
 //! It listens on 127.0.0.1:3000 until Ctrl-C. Memory backends by default; set
 //! `REDIS_URL=redis://127.0.0.1:6379` to share state between instances. With `--smoke` (or
-//! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits.
+//! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits;
+//! `--print-metrics` then prints what `/metrics` answered.
 //!
 //! ```text
 //! curl localhost:3000/products/7
 //! curl -X POST -H 'x-api-key: acme' -H 'Idempotency-Key: order-1' -d 'sku=7' localhost:3000/orders
+//! curl localhost:3000/metrics
 //! ```
 
 use std::convert::Infallible;
@@ -35,6 +40,7 @@ use headroom::idempotency::http::IdempotencyLayer;
 use headroom::limit::rate::RateKey;
 use headroom::limit::tower::{BulkheadLayer, RateLimitLayer};
 use headroom::prelude::*;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::util::{BoxCloneSyncService, ServiceFn, service_fn};
@@ -60,6 +66,11 @@ struct App {
     products: Cache<u64, String>,
     gateway: Gateway,
     charges: Arc<AtomicU64>,
+    metrics: PrometheusHandle,
+}
+
+async fn scrape(State(app): State<App>) -> String {
+    app.metrics.render()
 }
 
 async fn product(
@@ -122,7 +133,10 @@ fn gateway(headroom: &Headroom) -> Result<Gateway, Box<dyn std::error::Error>> {
     Ok(BoxCloneSyncService::new(guarded))
 }
 
-async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn std::error::Error>> {
+async fn app(
+    headroom: &Headroom,
+    metrics: PrometheusHandle,
+) -> Result<(Router, Arc<AtomicU64>), Box<dyn std::error::Error>> {
     let products = headroom
         .cache::<u64, String>("products")?
         .ttl(Duration::from_secs(60))
@@ -145,6 +159,7 @@ async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn st
         products,
         gateway: gateway(headroom)?,
         charges: charges.clone(),
+        metrics,
     };
     let orders = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(overloaded))
@@ -175,6 +190,7 @@ async fn app(headroom: &Headroom) -> Result<(Router, Arc<AtomicU64>), Box<dyn st
     let router = Router::new()
         .route("/products/{id}", get(product))
         .route("/orders", post(order).layer(orders))
+        .route("/metrics", get(scrape))
         .with_state(state);
     Ok((router, charges))
 }
@@ -208,12 +224,14 @@ fn order_request(key: &str) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
         || std::env::var("HEADROOM_SMOKE").is_ok_and(|v| v == "1");
+    let print_metrics = std::env::args().any(|a| a == "--print-metrics");
+    let metrics = PrometheusBuilder::new().install_recorder()?;
     let builder = Headroom::builder().namespace("axum-service");
     let headroom = match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => builder.redis(url).await?,
         _ => builder.memory()?,
     };
-    let (router, charges) = app(&headroom).await?;
+    let (router, charges) = app(&headroom, metrics).await?;
     let listener = TcpListener::bind(if smoke {
         "127.0.0.1:0"
     } else {
@@ -249,10 +267,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let missing = "POST /orders HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let (no_key, _) = send(addr, missing).await?;
     println!("POST /orders (no key)      -> {no_key}");
+    let (scraped, exposition) = send(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    println!(
+        "GET /metrics               -> {scraped} ({} series)",
+        exposition
+            .lines()
+            .filter(|line| line.starts_with("headroom_"))
+            .count()
+    );
+    if print_metrics {
+        println!("# scrape\n{exposition}");
+    }
     server.abort();
     let charged = charges.load(Ordering::Relaxed);
     println!("payment gateway charged {charged} time(s)");
-    if (status, first, retry, no_key, charged) != (200, 201, 201, 400, 1) {
+    if (status, first, retry, no_key, charged, scraped) != (200, 201, 201, 400, 1, 200) {
         return Err("the service did not answer as expected".into());
     }
     Ok(())
