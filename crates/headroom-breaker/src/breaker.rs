@@ -39,6 +39,8 @@ impl State {
         }
     }
 
+    const ALL: [Self; 4] = [Self::Closed, Self::Open, Self::HalfOpen, Self::Isolated];
+
     const fn bits(self) -> u64 {
         match self {
             Self::Closed => CLOSED,
@@ -128,6 +130,8 @@ struct Metrics {
     rejected: Counter,
     slow: Counter,
     state: Gauge,
+    /// By `from` and `to` state; none from a state to itself.
+    transitions: [[Option<Counter>; 4]; 4],
 }
 
 impl Metrics {
@@ -141,6 +145,18 @@ impl Metrics {
             rejected: calls("rejected"),
             slow: headroom_core::counter!("headroom_breaker_slow_calls_total", "breaker" => name.to_string()),
             state: headroom_core::gauge!("headroom_breaker_state", "breaker" => name.to_string()),
+            transitions: State::ALL.map(|from| {
+                State::ALL.map(|to| {
+                    (from != to).then(|| {
+                        headroom_core::counter!(
+                            "headroom_breaker_transitions_total",
+                            "breaker" => name.to_string(),
+                            "from" => from.as_str(),
+                            "to" => to.as_str(),
+                        )
+                    })
+                })
+            }),
         }
     }
 }
@@ -489,14 +505,9 @@ impl Shared {
             from, to, reason, ..
         } = transition;
         self.metrics.state.set(to.bits() as f64);
-        // Registered with the recorder current at each (rare) transition.
-        metrics::counter!(
-            "headroom_breaker_transitions_total",
-            "breaker" => self.name.to_string(),
-            "from" => from.as_str(),
-            "to" => to.as_str(),
-        )
-        .increment(1);
+        if let Some(counter) = &self.metrics.transitions[from.bits() as usize][to.bits() as usize] {
+            counter.increment(1);
+        }
         if to == State::Open {
             tracing::warn!(breaker = %self.name, from = from.as_str(), ?reason, "circuit opened");
         } else {
