@@ -274,15 +274,20 @@ impl Gauge {
     /// after it is bound.
     #[inline]
     pub fn set_level(&self, level: impl Fn() -> usize) {
-        let Some(bound) = self.0.handle.bound.get() else {
+        if let Some(bound) = self.0.handle.bound.get() {
+            publish_level(bound, &level);
+        }
+    }
+}
+
+/// Out of line, so that a part's path stays small enough to inline where no recorder is bound.
+#[inline(never)]
+fn publish_level(gauge: &metrics::Gauge, level: &dyn Fn() -> usize) {
+    loop {
+        let seen = level();
+        gauge.set(seen as f64);
+        if level() == seen {
             return;
-        };
-        loop {
-            let seen = level();
-            bound.set(seen as f64);
-            if level() == seen {
-                return;
-            }
         }
     }
 }
