@@ -3,7 +3,9 @@
 //! An HTTP service on axum with every headroom part in place:
 //!
 //! - `GET /products/{id}`: read through a two-level cache (L1 in process, L2 in the shared
-//!   backend), so the database sees one load per product per TTL;
+//!   backend), so the database sees one load per product per TTL; each load runs through a
+//!   pipeline that retries a failed query once, bounds it with a timeout and hedges a slow one
+//!   (reads are safe to repeat; retries and hedges share one budget);
 //! - `POST /orders`: behind a rate limit per API key (tiers shared through the backend, 429
 //!   with `Retry-After` and `RateLimit` headers), a bulkhead (at most 32 orders at once, a
 //!   short queue, a typed 503 beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
@@ -24,7 +26,6 @@
 //! curl localhost:3000/metrics
 //! ```
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -64,6 +65,7 @@ type Gateway = BoxCloneSyncService<u64, u64, headroom::breaker::Error<GatewayErr
 #[derive(Clone)]
 struct App {
     products: Cache<u64, String>,
+    catalogue: Pipeline<std::io::Error>,
     gateway: Gateway,
     charges: Arc<AtomicU64>,
     metrics: PrometheusHandle,
@@ -77,12 +79,17 @@ async fn product(
     State(app): State<App>,
     Path(id): Path<u64>,
 ) -> Result<String, (StatusCode, &'static str)> {
+    let catalogue = app.catalogue.clone();
     let name = app
         .products
         .get_or_load(&id, |id| async move {
-            // The database query of a real service.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            Ok::<_, Infallible>((id < 1_000).then(|| format!("product {id}")))
+            catalogue
+                .call(|| async move {
+                    // The database query of a real service.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Ok::<_, std::io::Error>((id < 1_000).then(|| format!("product {id}")))
+                })
+                .await
         })
         .await
         .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "catalogue unavailable"))?;
@@ -133,6 +140,22 @@ fn gateway(headroom: &Headroom) -> Result<Gateway, Box<dyn std::error::Error>> {
     Ok(BoxCloneSyncService::new(guarded))
 }
 
+/// The catalogue database's reads: retried once, bounded, hedged when slow.
+fn catalogue(headroom: &Headroom) -> Result<Pipeline<std::io::Error>, Box<dyn std::error::Error>> {
+    let budget = headroom.retry_budget().ratio(0.1).build()?;
+    let retry = Retry::builder_when(|_: &std::io::Error| true)
+        .max_attempts(2)
+        .budget(budget.clone())
+        .build()?;
+    let hedge = Hedge::builder().percentile(0.95).budget(budget).build()?;
+    Ok(headroom
+        .pipeline::<std::io::Error>("catalogue")
+        .retry(retry)
+        .timeout(Duration::from_millis(300))
+        .hedge(hedge)
+        .build())
+}
+
 async fn app(
     headroom: &Headroom,
     metrics: PrometheusHandle,
@@ -157,6 +180,7 @@ async fn app(
     let charges = Arc::new(AtomicU64::new(0));
     let state = App {
         products,
+        catalogue: catalogue(headroom)?,
         gateway: gateway(headroom)?,
         charges: charges.clone(),
         metrics,
@@ -225,7 +249,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
         || std::env::var("HEADROOM_SMOKE").is_ok_and(|v| v == "1");
     let print_metrics = std::env::args().any(|a| a == "--print-metrics");
-    let metrics = PrometheusBuilder::new().install_recorder()?;
+    // Histograms as Prometheus histograms (buckets, in seconds), so they add up across
+    // instances; without buckets the exporter writes per-instance summaries.
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])?
+        .install_recorder()?;
     let builder = Headroom::builder().namespace("axum-service");
     let headroom = match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => builder.redis(url).await?,

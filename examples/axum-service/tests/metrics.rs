@@ -1,4 +1,5 @@
-//! `GET /metrics` of the running service, after traffic, against the metrics the docs name.
+//! `GET /metrics` of the running service, after traffic, against the metrics the docs name and
+//! the Grafana dashboard's queries.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -13,16 +14,7 @@ const NOT_BUILT_HERE: &[(&str, &[&str])] = &[
             "headroom_limit_tenant_overflows_total",
         ],
     ),
-    (
-        "pipeline strategies (retry, hedge, timeout, fallback)",
-        &[
-            "headroom_breaker_retries_total",
-            "headroom_breaker_hedges_total",
-            "headroom_breaker_budget_exhausted_total",
-            "headroom_breaker_timeouts_total",
-            "headroom_breaker_fallbacks_total",
-        ],
-    ),
+    ("fallback", &["headroom_breaker_fallbacks_total"]),
     (
         "shard topology and migration",
         &[
@@ -60,6 +52,49 @@ fn documented() -> BTreeSet<String> {
     names
 }
 
+/// The metric names in the Grafana dashboard's queries, without the `_bucket`, `_sum` and
+/// `_count` of histogram series.
+fn dashboard() -> BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/grafana/headroom.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(!exprs.is_empty(), "no queries in the dashboard");
+    let mut names = BTreeSet::new();
+    for expr in exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("headroom_") {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| word.strip_suffix(suffix))
+                    .unwrap_or(word);
+                names.insert(family.to_owned());
+            }
+        }
+    }
+    names
+}
+
+fn collect_exprs<'a>(value: &'a serde_json::Value, exprs: &mut Vec<&'a str>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr", serde_json::Value::String(expr)) => exprs.push(expr),
+                    _ => collect_exprs(value, exprs),
+                }
+            }
+        }
+        serde_json::Value::Array(values) => {
+            for value in values {
+                collect_exprs(value, exprs);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The metric families of a Prometheus text exposition (`# TYPE <name> <type>` lines).
 fn families(exposition: &str) -> BTreeSet<String> {
     exposition
@@ -70,8 +105,7 @@ fn families(exposition: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn every_documented_metric_of_the_parts_it_builds_is_scraped() {
+fn scrape() -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_axum-service"))
         .args(["--smoke", "--print-metrics"])
         .env_remove("REDIS_URL")
@@ -84,11 +118,22 @@ fn every_documented_metric_of_the_parts_it_builds_is_scraped() {
         String::from_utf8_lossy(&output.stderr)
     );
     let (_, exposition) = stdout.split_once("# scrape\n").expect("a scrape printed");
-    let scraped = families(exposition);
-    let elsewhere: BTreeSet<&str> = NOT_BUILT_HERE
+    exposition.to_owned()
+}
+
+/// The metrics of parts this service does not build.
+fn elsewhere() -> BTreeSet<&'static str> {
+    NOT_BUILT_HERE
         .iter()
         .flat_map(|(_, names)| names.iter().copied())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn every_documented_metric_of_the_parts_it_builds_is_scraped() {
+    let exposition = scrape();
+    let scraped = families(&exposition);
+    let elsewhere = elsewhere();
     let documented = documented();
     assert!(documented.len() > 50, "{documented:?}");
     let missing: Vec<&String> = documented
@@ -111,5 +156,35 @@ fn every_documented_metric_of_the_parts_it_builds_is_scraped() {
     assert!(
         undocumented.is_empty(),
         "scraped but undocumented: {undocumented:?}"
+    );
+}
+
+#[test]
+fn the_dashboard_shows_every_documented_metric_and_only_those_that_exist() {
+    let exposition = scrape();
+    let scraped = families(&exposition);
+    let elsewhere = elsewhere();
+    let documented = documented();
+    let shown = dashboard();
+    let unknown: Vec<&String> = shown
+        .iter()
+        .filter(|name| !documented.contains(*name))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "queried but not documented: {unknown:?}"
+    );
+    let absent: Vec<&String> = shown
+        .iter()
+        .filter(|name| !scraped.contains(*name) && !elsewhere.contains(name.as_str()))
+        .collect();
+    assert!(absent.is_empty(), "queried but not served: {absent:?}");
+    let not_shown: Vec<&String> = documented
+        .iter()
+        .filter(|name| !shown.contains(*name))
+        .collect();
+    assert!(
+        not_shown.is_empty(),
+        "documented but not on the dashboard: {not_shown:?}"
     );
 }
