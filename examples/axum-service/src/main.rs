@@ -5,11 +5,13 @@
 //! - `GET /products/{id}`: read through a two-level cache (L1 in process, L2 in the shared
 //!   backend), so the database sees one load per product per TTL; each load runs through a
 //!   pipeline that retries a failed query once, bounds it with a timeout and hedges a slow one
-//!   (reads are safe to repeat; retries and hedges share one budget);
+//!   (reads are safe to repeat; retries and hedges share one budget), and holds one of the
+//!   catalogue database's 16 connections (a bulkhead);
 //! - `POST /orders`: behind a rate limit per API key (tiers shared through the backend, 429
-//!   with `Retry-After` and `RateLimit` headers), a bulkhead (at most 32 orders at once, a
-//!   short queue, a typed 503 beyond it) and the idempotency layer (`Idempotency-Key` header, scoped per `x-api-key`),
-//!   so a retried order is replayed instead of charged twice;
+//!   with `Retry-After` and `RateLimit` headers), a keyed bulkhead (at most 32 orders at once,
+//!   shared fairly between API keys, a short queue, a typed 503 beyond it) and the idempotency
+//!   layer (`Idempotency-Key` header, scoped per `x-api-key`), so a retried order is replayed
+//!   instead of charged twice; each order is stored on the shard of its API key;
 //! - the payment gateway the orders call is a tower service behind a circuit breaker layer;
 //! - `GET /metrics`: every headroom metric in the Prometheus text format, through
 //!   `metrics-exporter-prometheus` (the recorder may be installed before or after the parts
@@ -33,14 +35,16 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
 use headroom::idempotency::http::IdempotencyLayer;
+use headroom::limit::KeyedBulkhead;
 use headroom::limit::rate::RateKey;
-use headroom::limit::tower::{BulkheadLayer, RateLimitLayer};
+use headroom::limit::tower::{KeyedBulkheadLayer, RateLimitLayer};
 use headroom::prelude::*;
+use headroom::shard::JumpRouter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,10 +66,16 @@ impl std::error::Error for GatewayError {}
 /// The payment gateway client: a tower service from an amount to a charge id.
 type Gateway = BoxCloneSyncService<u64, u64, headroom::breaker::Error<GatewayError>>;
 
+/// The order database: two shards, each a primary with a replica.
+type OrdersDb = Arc<TopologyHandle<&'static str, JumpRouter>>;
+
 #[derive(Clone)]
 struct App {
     products: Cache<u64, String>,
     catalogue: Pipeline<std::io::Error>,
+    /// The catalogue database's connections.
+    catalogue_db: Bulkhead,
+    orders_db: OrdersDb,
     gateway: Gateway,
     charges: Arc<AtomicU64>,
     metrics: PrometheusHandle,
@@ -79,15 +89,19 @@ async fn product(
     State(app): State<App>,
     Path(id): Path<u64>,
 ) -> Result<String, (StatusCode, &'static str)> {
-    let catalogue = app.catalogue.clone();
+    let (catalogue, db) = (app.catalogue.clone(), app.catalogue_db.clone());
     let name = app
         .products
         .get_or_load(&id, |id| async move {
             catalogue
-                .call(|| async move {
-                    // The database query of a real service.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    Ok::<_, std::io::Error>((id < 1_000).then(|| format!("product {id}")))
+                .call(|| {
+                    let db = db.clone();
+                    async move {
+                        let _connection = db.acquire().await.map_err(std::io::Error::other)?;
+                        // The database query of a real service.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        Ok::<_, std::io::Error>((id < 1_000).then(|| format!("product {id}")))
+                    }
                 })
                 .await
         })
@@ -96,12 +110,21 @@ async fn product(
     name.ok_or((StatusCode::NOT_FOUND, "no such product"))
 }
 
-async fn order(State(app): State<App>, body: String) -> impl IntoResponse {
+async fn order(State(app): State<App>, headers: HeaderMap, body: String) -> impl IntoResponse {
+    let customer = headers
+        .get("x-api-key")
+        .and_then(|key| key.to_str().ok())
+        .unwrap_or("");
+    // The shard that stores this customer's orders.
+    let shard = match app.orders_db.load().write(customer) {
+        Ok(target) => target.node_id().to_owned(),
+        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, String::from("no shard")),
+    };
     let amount = body.len() as u64 * 100;
     match app.gateway.oneshot(amount).await {
         Ok(charge) => {
             app.charges.fetch_add(1, Ordering::Relaxed);
-            (StatusCode::CREATED, format!("charge {charge}"))
+            (StatusCode::CREATED, format!("charge {charge} on {shard}"))
         }
         Err(err) if err.kind() == headroom::breaker::ErrorKind::CircuitOpen => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -165,12 +188,26 @@ async fn app(
         .ttl(Duration::from_secs(60))
         .negative_ttl(Duration::from_secs(10))
         .build()?;
-    let bulkhead = headroom
-        .bulkhead("orders")
+    let bulkhead = KeyedBulkhead::builder("orders")
         .max_concurrent(32)
         .max_queued(64)
         .max_wait(Duration::from_millis(200))
         .build()?;
+    let catalogue_db = headroom
+        .bulkhead("catalogue-db")
+        .max_concurrent(16)
+        .build()?;
+    let orders_db = Arc::new(TopologyHandle::new(
+        Topology::builder(JumpRouter::new(2)?)
+            .name("orders")
+            .node("orders-a", "postgres://orders-a")
+            .node("orders-a-replica", "postgres://orders-a-replica")
+            .node("orders-b", "postgres://orders-b")
+            .node("orders-b-replica", "postgres://orders-b-replica")
+            .shards(0..1, "orders-a", &["orders-a-replica"])
+            .shards(1..2, "orders-b", &["orders-b-replica"])
+            .build()?,
+    ));
     // API keys starting with `partner-` get the partner tier.
     let tiers = TierConfig::new()
         .tier("standard", Quota::per_second(20)?)
@@ -181,6 +218,8 @@ async fn app(
     let state = App {
         products,
         catalogue: catalogue(headroom)?,
+        catalogue_db,
+        orders_db,
         gateway: gateway(headroom)?,
         charges: charges.clone(),
         metrics,
@@ -199,7 +238,13 @@ async fn app(
                 Some(RateKey::new(tier, key))
             },
         ))
-        .layer(BulkheadLayer::new(bulkhead))
+        // Cloning a header value copies no bytes; requests without a key share a tenant.
+        .layer(KeyedBulkheadLayer::new(
+            bulkhead,
+            |request: &axum::http::Request<axum::body::Body>| {
+                request.headers().get("x-api-key").cloned()
+            },
+        ))
         .layer(IdempotencyLayer::new(
             idempotency,
             |parts: &axum::http::request::Parts| {

@@ -7,21 +7,12 @@ use std::process::Command;
 
 /// Metrics of parts this service does not build, by the part.
 const NOT_BUILT_HERE: &[(&str, &[&str])] = &[
-    (
-        "keyed bulkhead",
-        &[
-            "headroom_limit_tracked_tenants",
-            "headroom_limit_tenant_overflows_total",
-        ],
-    ),
+    // It has no answer to give in place of a product or a charge.
     ("fallback", &["headroom_breaker_fallbacks_total"]),
+    // A resharding is an operation run on the fleet, not part of the service.
     (
-        "shard topology and migration",
+        "shard migration",
         &[
-            "headroom_shard_routed_total",
-            "headroom_shard_reads_total",
-            "headroom_shard_lag_rejections_total",
-            "headroom_shard_topology_epoch",
             "headroom_shard_shadow_reads_total",
             "headroom_shard_migration_phase",
             "headroom_shard_migration_progress_ratio",
