@@ -91,6 +91,7 @@ fn wait(handle: Weak<dyn Waiting>) {
 #[derive(Debug)]
 struct Handle<H> {
     key: Key,
+    register: fn(&dyn Recorder, &Key) -> H,
     /// Registered when the part was built: the no-op handle when no recorder was current.
     built: H,
     /// The handle to record to: `built` when a recorder was current then, or the one
@@ -114,7 +115,13 @@ impl<H: Clone> Handle<H> {
         if !waits {
             let _ = bound.set(built.clone());
         }
-        (Self { key, built, bound }, waits)
+        let handle = Self {
+            key,
+            register,
+            built,
+            bound,
+        };
+        (handle, waits)
     }
 
     /// The handle to record to now; a counter or histogram looks for a recorder while waiting.
@@ -144,20 +151,26 @@ fn register_gauge(recorder: &dyn Recorder, key: &Key) -> metrics::Gauge {
     recorder.register_gauge(key, &METADATA)
 }
 
-impl Waiting for Handle<metrics::Counter> {
+impl<H: Send + Sync> Waiting for Handle<H> {
     fn bind(&self) {
         self.bound.get_or_init(|| {
-            metrics::with_recorder(|recorder| register_counter(recorder, &self.key))
+            metrics::with_recorder(|recorder| (self.register)(recorder, &self.key))
         });
     }
 }
 
-impl Waiting for Handle<metrics::Histogram> {
-    fn bind(&self) {
-        self.bound.get_or_init(|| {
-            metrics::with_recorder(|recorder| register_histogram(recorder, &self.key))
-        });
+/// A counter's or histogram's shared handle, waiting for a recorder when none is current.
+fn shared<H: Clone + Send + Sync + 'static>(
+    name: &'static str,
+    labels: impl IntoLabels,
+    register: fn(&dyn Recorder, &Key) -> H,
+) -> Arc<Handle<H>> {
+    let (handle, waits) = Handle::new(name, labels, register);
+    let handle = Arc::new(handle);
+    if waits {
+        wait(Arc::downgrade(&handle) as Weak<dyn Waiting>);
     }
+    handle
 }
 
 /// A counter that reaches the recorder whenever it is installed.
@@ -167,12 +180,7 @@ pub struct Counter(Arc<Handle<metrics::Counter>>);
 impl Counter {
     /// The counter `name` with `labels`, e.g. `&[("cache", name)]`.
     pub fn new(name: &'static str, labels: impl IntoLabels) -> Self {
-        let (handle, waits) = Handle::new(name, labels, register_counter);
-        let handle = Arc::new(handle);
-        if waits {
-            wait(Arc::downgrade(&handle) as Weak<dyn Waiting>);
-        }
-        Self(handle)
+        Self(shared(name, labels, register_counter))
     }
 
     /// Adds `value`.
@@ -189,12 +197,7 @@ pub struct Histogram(Arc<Handle<metrics::Histogram>>);
 impl Histogram {
     /// The histogram `name` with `labels`.
     pub fn new(name: &'static str, labels: impl IntoLabels) -> Self {
-        let (handle, waits) = Handle::new(name, labels, register_histogram);
-        let handle = Arc::new(handle);
-        if waits {
-            wait(Arc::downgrade(&handle) as Weak<dyn Waiting>);
-        }
-        Self(handle)
+        Self(shared(name, labels, register_histogram))
     }
 
     /// Records one `value` (a `Duration` in seconds).
@@ -322,8 +325,9 @@ impl Waiting for GaugeState {
         let value = self.kept.swap(HANDED_OVER, Ordering::AcqRel);
         if value != HANDED_OVER {
             self.handle.bound.get_or_init(|| {
-                let found =
-                    metrics::with_recorder(|recorder| register_gauge(recorder, &self.handle.key));
+                let found = metrics::with_recorder(|recorder| {
+                    (self.handle.register)(recorder, &self.handle.key)
+                });
                 found.set(f64::from_bits(value));
                 found
             });
