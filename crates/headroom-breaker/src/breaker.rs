@@ -10,6 +10,7 @@ use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{Clock, Stopwatch};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use crate::config::{BreakerConfig, WindowConfig};
 use crate::error::{CircuitOpen, ConfigError, Error, Predicate};
@@ -119,6 +120,18 @@ pub(crate) enum Outcome {
     Ignored,
     /// The call's future was dropped before it finished.
     Cancelled,
+}
+
+impl Outcome {
+    /// The `outcome` label of `headroom_breaker_calls_total`.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Ignored => "ignored",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Counters registered once, so that recording a call costs one handle increment.
@@ -623,9 +636,25 @@ impl<E> CircuitBreaker<E> {
     where
         F: Future<Output = Result<T, E>>,
     {
-        let permit = self.try_acquire().map_err(Error::CircuitOpen)?;
-        let result = fut.await.map_err(Error::Inner);
-        self.record(permit, &result);
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            // Without a span the caller's future is not wrapped, so not moved.
+            let permit = self.try_acquire().map_err(Error::CircuitOpen)?;
+            let result = fut.await.map_err(Error::Inner);
+            self.record(permit, &result);
+            return result;
+        }
+        let span = tracing::debug_span!("breaker.call", name = %self.inner.shared.name, outcome = tracing::field::Empty);
+        let permit = match self.try_acquire() {
+            Ok(permit) => permit,
+            Err(open) => {
+                span.record("outcome", "rejected");
+                return Err(Error::CircuitOpen(open));
+            }
+        };
+        let result = fut.instrument(span.clone()).await.map_err(Error::Inner);
+        let outcome = self.outcome(&result);
+        span.record("outcome", outcome.as_str());
+        permit.finish(outcome);
         result
     }
 

@@ -106,6 +106,19 @@ pub enum ErrorKind {
     BudgetExhausted,
 }
 
+impl ErrorKind {
+    /// The kind in snake case: `inner`, `circuit_open`, `elapsed`, `budget_exhausted` (the
+    /// `outcome` of a failed `pipeline.call` span).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Inner => "inner",
+            Self::CircuitOpen => "circuit_open",
+            Self::Elapsed => "elapsed",
+            Self::BudgetExhausted => "budget_exhausted",
+        }
+    }
+}
+
 /// The error of a call made through a [`Pipeline`](crate::Pipeline) or one of its strategies.
 ///
 /// Every variant but [`Error::Inner`] is a cheap typed value made by this crate.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use headroom_core::{Classify, Clock};
+use tracing::Instrument;
 
 use crate::breaker::CircuitBreaker;
 use crate::budget::RetryBudget;
@@ -145,6 +146,8 @@ pub struct Pipeline<E> {
     breaker: Option<CircuitBreaker<E>>,
     timeout: Option<Timeout>,
     hedge: Option<Hedge>,
+    /// The `name` of its `pipeline.call` spans.
+    name: Arc<str>,
 }
 
 impl<E> Clone for Pipeline<E> {
@@ -154,6 +157,7 @@ impl<E> Clone for Pipeline<E> {
             breaker: self.breaker.clone(),
             timeout: self.timeout.clone(),
             hedge: self.hedge.clone(),
+            name: Arc::clone(&self.name),
         }
     }
 }
@@ -178,6 +182,7 @@ impl<E> Pipeline<E> {
                 breaker: None,
                 timeout: None,
                 hedge: None,
+                name: Arc::from("default"),
             },
             timeout: None,
             clock: Clock::system(),
@@ -200,7 +205,20 @@ impl<E> Pipeline<E> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.parts().call(op).await
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            // Without a span the call's future is not wrapped, so not moved.
+            return self.parts().call(op).await;
+        }
+        let span = tracing::debug_span!("pipeline.call", name = %self.name, outcome = tracing::field::Empty);
+        let result = self.parts().call(op).instrument(span.clone()).await;
+        span.record(
+            "outcome",
+            match &result {
+                Ok(_) => "ok",
+                Err(err) => err.kind().as_str(),
+            },
+        );
+        result
     }
 
     /// Runs `op` and falls back as `fallback` says when it fails for good.
@@ -328,7 +346,8 @@ impl<E> PipelineBuilder<E> {
         self
     }
 
-    /// The `pipeline` label of the timeout metric. Default `"default"`.
+    /// The `pipeline` label of the strategies' metrics and the `name` of the pipeline's spans.
+    /// Default `"default"`.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
         self
@@ -339,6 +358,7 @@ impl<E> PipelineBuilder<E> {
         self.pipeline.timeout = self
             .timeout
             .map(|after| Timeout::named(after, self.clock, &self.name));
+        self.pipeline.name = self.name;
         self.pipeline
     }
 }

@@ -289,7 +289,7 @@ where
         match &inner.l2 {
             // Boxed so that the future of an L1 hit stays small.
             Some(l2) => {
-                let span = tracing::debug_span!("cache.get", cache = %inner.config.name);
+                let span = tracing::debug_span!("cache.get", name = %inner.config.name);
                 Box::pin(inner.read_l2(l2, key).instrument(span)).await
             }
             None => Ok(None),
@@ -365,13 +365,13 @@ where
                 inner.metrics.l1_hits.increment(1);
                 inner.metrics.refreshes.increment(1);
                 // Starts (or joins) a load without waiting for it.
-                let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+                let span = tracing::debug_span!("cache.get_or_load", name = %inner.config.name);
                 span.in_scope(|| drop(Inner::join_or_load(inner, key, tags, loader)));
                 return Ok(slot.value);
             }
         }
         inner.metrics.l1_misses.increment(1);
-        let span = tracing::debug_span!("cache.get_or_load", cache = %inner.config.name);
+        let span = tracing::debug_span!("cache.get_or_load", name = %inner.config.name);
         // The load is spawned inside the span, and runs in it.
         let wait = span.in_scope(|| Inner::join_or_load(inner, key, tags, loader));
         wait.instrument(span).await
@@ -395,7 +395,7 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
-        let span = tracing::debug_span!("cache.get_many", cache = %self.inner.config.name);
+        let span = tracing::debug_span!("cache.get_many", name = %self.inner.config.name);
         self.read_many_or_load(keys, loader).instrument(span).await
     }
 
@@ -495,7 +495,7 @@ where
     /// Fails with [`CacheErrorKind::InvalidTag`] for an empty tag, one over 255 bytes, or more
     /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
     pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
-        let span = tracing::debug_span!("cache.insert", cache = %self.inner.config.name);
+        let span = tracing::debug_span!("cache.insert", name = %self.inner.config.name);
         self.write_value(key, value, tags).instrument(span).await
     }
 
@@ -539,7 +539,7 @@ where
     /// loaded before the removal, on any instance, never replaces it. Fails, removing nothing,
     /// when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
-        let span = tracing::debug_span!("cache.remove", cache = %self.inner.config.name);
+        let span = tracing::debug_span!("cache.remove", name = %self.inner.config.name);
         self.remove_keys(keys).instrument(span).await
     }
 

@@ -23,7 +23,7 @@ struct Traced(Arc<TracedState>);
 struct TracedState {
     spans: Mutex<Vec<(&'static tracing::Metadata<'static>, String)>>,
     entered: Mutex<Vec<u64>>,
-    /// (event message, the span it happened in: "name cache=...").
+    /// (event message, the span it happened in: "cache.get name=...").
     events: Mutex<Vec<(String, Option<String>)>>,
 }
 
@@ -41,7 +41,7 @@ impl Traced {
     fn describe(&self, id: u64) -> String {
         let spans = self.0.spans.lock();
         let (meta, cache) = &spans[id as usize - 1];
-        format!("{} cache={cache}", meta.name())
+        format!("{} name={cache}", meta.name())
     }
 
     fn spans(&self) -> Vec<String> {
@@ -55,10 +55,10 @@ impl tracing::Subscriber for Traced {
         true
     }
     fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        let mut cache = Field("cache", String::new());
-        attrs.record(&mut cache);
+        let mut name = Field("name", String::new());
+        attrs.record(&mut name);
         let mut spans = self.0.spans.lock();
-        spans.push((attrs.metadata(), cache.1));
+        spans.push((attrs.metadata(), name.1));
         tracing::span::Id::from_u64(spans.len() as u64)
     }
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
@@ -122,14 +122,14 @@ async fn calls_run_in_spans_named_after_the_cache_and_loads_stay_in_them() {
         "cache.get_or_load",
         "cache.get_many",
     ] {
-        let expected = format!("{name} cache=users");
+        let expected = format!("{name} name=users");
         assert!(spans.contains(&expected), "{expected} in {spans:?}");
     }
     let events = traced.0.events.lock().clone();
     let loading = events.iter().find(|(message, _)| message == "loading");
     assert_eq!(
         loading.and_then(|(_, span)| span.clone()).as_deref(),
-        Some("cache.get_or_load cache=users"),
+        Some("cache.get_or_load name=users"),
         "the loader runs in the caller's span: {events:?}"
     );
 }

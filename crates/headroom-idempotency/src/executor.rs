@@ -9,6 +9,7 @@ use headroom_core::{BackendError, Clock, Key, Namespace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tracing::Instrument;
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{
@@ -146,6 +147,23 @@ struct Inner<S> {
     clock: Clock,
     namespace: Namespace,
     metrics: Metrics,
+}
+
+/// The `outcome` of an `idempotency.execute` span.
+fn outcome<T, E>(result: &Result<Executed<T>, IdempotencyError<E>>) -> &'static str {
+    match result {
+        Ok(executed) if executed.replayed => "replayed",
+        Ok(_) => "executed",
+        Err(IdempotencyError::InvalidKey(_)) => "invalid_key",
+        Err(IdempotencyError::KeyReused) => "key_reused",
+        Err(IdempotencyError::InProgress { .. }) => "in_progress",
+        Err(IdempotencyError::Unavailable(_)) => "unavailable",
+        Err(IdempotencyError::NotReplayable) => "not_replayable",
+        Err(IdempotencyError::Corrupt) => "corrupt",
+        Err(IdempotencyError::Fenced) => "fenced",
+        Err(IdempotencyError::LeaseLost) => "lease_lost",
+        Err(IdempotencyError::Operation(_)) => "operation_error",
+    }
 }
 
 /// The executor's counters, registered when it is built.
@@ -364,6 +382,39 @@ impl<S: LeaseStore> Idempotency<S> {
     /// [`execute_leased`](Self::execute_leased) with the storing policy of
     /// [`execute_with_policy`](Self::execute_with_policy).
     pub async fn execute_leased_with_policy<T, E, F, Fut, P>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        store_if: P,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: FnOnce(&T) -> bool,
+    {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            // Without a span the execution's future is not wrapped, so not moved.
+            return self
+                .execute_in_span(scope, key, fingerprint, store_if, operation)
+                .await;
+        }
+        let span = tracing::debug_span!(
+            "idempotency.execute",
+            name = %scope.operation(),
+            outcome = tracing::field::Empty
+        );
+        let result = self
+            .execute_in_span(scope, key, fingerprint, store_if, operation)
+            .instrument(span.clone())
+            .await;
+        span.record("outcome", outcome(&result));
+        result
+    }
+
+    async fn execute_in_span<T, E, F, Fut, P>(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,

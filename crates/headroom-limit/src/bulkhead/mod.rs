@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{Either, select};
 use headroom_core::Clock;
 use headroom_core::metrics::{Counter, Gauge};
+use tracing::Instrument;
 
 use permits::{Entry, Permits};
 
@@ -305,6 +306,28 @@ impl Inner {
             Entry::Waiting(waiter) => waiter,
             Entry::Full => return Err(self.reject(Reason::QueueFull, priority)),
         };
+        // Only a caller that waits opens a span: taking a free permit costs a few nanoseconds.
+        let span = tracing::debug_span!("bulkhead.acquire", name = %self.name, outcome = tracing::field::Empty);
+        let result = self
+            .wait_in_queue(waiter, priority)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "outcome",
+            match &result {
+                Ok(_) => "admitted",
+                Err(overloaded) => overloaded.reason().as_str(),
+            },
+        );
+        result
+    }
+
+    /// Waits in the queue for a permit handed over, up to the bulkhead's `max_wait`.
+    async fn wait_in_queue(
+        &self,
+        waiter: permits::Waiter<'_>,
+        priority: Priority,
+    ) -> Result<Started, Overloaded> {
         let _queued = QueuedGauge::enter(&self.metrics);
         let start = self.clock.now();
         let max_wait = Duration::from_nanos(self.max_wait_nanos.load(Ordering::Relaxed));

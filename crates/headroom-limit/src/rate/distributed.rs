@@ -11,6 +11,7 @@ use futures_util::future::{Either, select};
 use headroom_core::metrics::Counter;
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace, Stopwatch};
+use tracing::Instrument;
 
 use super::cells::TierCells;
 use super::limiter::record;
@@ -742,8 +743,27 @@ impl<S: RateStore> RateLimit for DistributedRateLimiter<S> {
         let Some(state) = tiers.get(tier) else {
             return Err(RateError::new(RateErrorKind::UnknownTier));
         };
-        let result = self.inner.decide(state, key, cost).await;
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            // Without a span the decision's future is not wrapped, so not moved.
+            let result = self.inner.decide(state, key, cost).await;
+            record(&state.metrics, tier, &result);
+            return result;
+        }
+        let span = tracing::debug_span!("rate.check", name = %self.inner.name, tier, outcome = tracing::field::Empty);
+        let result = self
+            .inner
+            .decide(state, key, cost)
+            .instrument(span.clone())
+            .await;
         record(&state.metrics, tier, &result);
+        span.record(
+            "outcome",
+            match &result {
+                Ok(_) => "allowed",
+                Err(error) if error.kind() == RateErrorKind::Limited => "rejected",
+                Err(_) => "error",
+            },
+        );
         result
     }
 
