@@ -11,6 +11,7 @@ use futures_util::future::{Either, select};
 use headroom_core::{Classify, Clock};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
@@ -324,20 +325,37 @@ impl<T> WorkQueue<T> {
         };
         let mut expire = pin!(clock.sleep(limit));
         let mut item = item;
-        loop {
+        // Opened when the push first has to wait: one that finds room at once costs no span.
+        let mut span = None;
+        let result = loop {
             let mut space = pin!(self.inner.space.notified());
             space.as_mut().enable();
             match self.offer(item, how) {
-                Ok(()) => return Ok(()),
-                Err(refused) if refused.rejection.reason() == Reason::QueueFull => {
-                    item = refused.item;
-                }
-                Err(refused) => return Err(refused),
+                Ok(()) => break Ok(()),
+                // Not a refusal yet: the push waits for room.
+                Err(full) if full.rejection.reason() == Reason::QueueFull => item = full.item,
+                Err(refused) => break Err(refused),
             }
-            if let Either::Right(_) = select(space, expire.as_mut()).await {
-                return Err(self.refuse(item, how.priority, reason));
+            let span = span.get_or_insert_with(|| {
+                tracing::debug_span!("queue.push", name = %self.inner.name, outcome = tracing::field::Empty)
+            });
+            let waited = select(space, expire.as_mut())
+                .instrument(span.clone())
+                .await;
+            if let Either::Right(_) = waited {
+                break Err(self.refuse(item, how.priority, reason));
             }
+        };
+        if let Some(span) = span {
+            span.record(
+                "outcome",
+                match &result {
+                    Ok(()) => "admitted",
+                    Err(refused) => refused.rejection.reason().as_str(),
+                },
+            );
         }
+        result
     }
 
     /// Adds an item of default priority without a deadline, never waiting.
@@ -347,9 +365,17 @@ impl<T> WorkQueue<T> {
 
     /// Adds an item, never waiting: under [`Overflow::Wait`] a full queue refuses at once.
     pub fn try_push_with(&self, item: T, how: Enqueue) -> Result<(), PushError<T>> {
-        self.offer(item, how)
+        match self.offer(item, how) {
+            Err(full) if full.rejection.reason() == Reason::QueueFull => {
+                Err(self.refuse(full.item, how.priority, Reason::QueueFull))
+            }
+            offered => offered,
+        }
     }
 
+    /// Adds the item if there is room (after the overflow policy made what room it may). A full
+    /// queue hands the item back uncounted, for the caller to refuse or to wait; every other
+    /// refusal is counted here.
     fn offer(&self, item: T, how: Enqueue) -> Result<(), PushError<T>> {
         let inner = &*self.inner;
         let now = inner.clock.now();
@@ -397,7 +423,10 @@ impl<T> WorkQueue<T> {
                 inner.items.notify_one();
                 Ok(())
             }
-            Err(item) => Err(self.refuse(item, how.priority, Reason::QueueFull)),
+            Err(item) => Err(PushError {
+                item,
+                rejection: Overloaded::new(Reason::QueueFull, how.priority),
+            }),
         }
     }
 

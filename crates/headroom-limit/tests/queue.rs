@@ -141,6 +141,48 @@ async fn wait_policy_waits_for_room_then_times_out() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_push_that_waits_is_counted_once_and_only_when_refused() {
+    let (queue, _) = recording(
+        WorkQueue::builder("q")
+            .capacity(1)
+            .overflow(Overflow::Wait {
+                timeout: Duration::from_millis(50),
+            }),
+    );
+    queue.push(1).await.unwrap();
+    let producer = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.push(2).await.map_err(|e| e.rejection().reason()) }
+    });
+    // Room is made and taken again while the producer waits: it wakes and finds none.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(queue.pop().await, Some(1));
+    queue.try_push(3).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(queue.pop().await, Some(3));
+    producer.await.unwrap().expect("got room");
+    assert_eq!(
+        queue.rejected(Priority::Default, Reason::QueueFull),
+        0,
+        "a push that waited and got in was not refused"
+    );
+    // A push that waits out its timeout is one refusal, whatever happened meanwhile.
+    let waiting = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.push(4).await.map_err(|e| e.rejection().reason()) }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    queue.try_push(5).unwrap_err();
+    assert_eq!(waiting.await.unwrap(), Err(Reason::WaitTimeout));
+    assert_eq!(queue.rejected(Priority::Default, Reason::WaitTimeout), 1);
+    assert_eq!(
+        queue.rejected(Priority::Default, Reason::QueueFull),
+        1,
+        "only the try_push that found no room"
+    );
+}
+
 #[tokio::test]
 async fn codel_sheds_items_once_delay_stays_above_target() {
     let manual = ManualClock::new();

@@ -10,6 +10,7 @@ use headroom::Headroom;
 use headroom::breaker::Error as BreakerError;
 use headroom::idempotency::{IdempotencyKey, Scope};
 use headroom::limit::rate::{Quota, RateLimit, TierConfig};
+use headroom::limit::{KeyedBulkhead, Overflow, WorkQueue};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -162,6 +163,44 @@ async fn operations_open_spans_with_a_name_and_an_outcome() {
     drop(held);
     waiting.await.unwrap().unwrap();
     assert_eq!(spans.outcomes("bulkhead.acquire"), [pair("db", "admitted")]);
+
+    // A keyed bulkhead: a tenant that waits, then gives up.
+    let keyed = KeyedBulkhead::builder("tenants")
+        .max_concurrent(1)
+        .max_queued(1)
+        .max_wait(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let held = keyed.try_acquire("acme").unwrap();
+    assert!(keyed.acquire("acme").await.is_err());
+    drop(held);
+    assert_eq!(
+        spans.outcomes("keyed_bulkhead.acquire"),
+        [pair("tenants", "wait_timeout")]
+    );
+
+    // A work queue: a push that waits for room.
+    let queue = WorkQueue::builder("jobs")
+        .capacity(1)
+        .overflow(Overflow::Wait {
+            timeout: Duration::from_secs(5),
+        })
+        .build()
+        .unwrap();
+    queue.push(1_u32).await.unwrap();
+    let pushing = {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.push(2).await.map_err(drop) })
+    };
+    for _ in 0..100 {
+        if !spans.named("queue.push").is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(queue.pop().await, Some(1));
+    pushing.await.unwrap().unwrap();
+    assert_eq!(spans.outcomes("queue.push"), [pair("jobs", "admitted")]);
 
     // A breaker: a call that succeeds, one that fails, one refused.
     let breaker = headroom

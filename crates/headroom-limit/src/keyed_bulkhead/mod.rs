@@ -16,6 +16,7 @@ use futures_util::future::{Either, select};
 use headroom_core::Clock;
 use headroom_core::metrics::Gauge;
 use parking_lot::Mutex;
+use tracing::Instrument;
 
 use self::shares::{Settled, Shares};
 use crate::metrics::AdmissionMetrics;
@@ -390,33 +391,48 @@ impl Inner {
                 waker.wake();
             }
         }
+        // From here on the place in the queue is given up however the wait ends.
         let mut place = Place::enter(self, queued.waiter);
-        let start = self.clock.now();
-        let settled = {
-            let granted = std::future::poll_fn(|cx| match place.poll(cx.waker()) {
-                Some(settled) => Poll::Ready(settled),
-                None => Poll::Pending,
-            });
-            match select(pin!(granted), pin!(self.clock.sleep(self.max_wait))).await {
-                Either::Left((settled, _)) => Some(settled),
-                Either::Right(_) => place.give_up(),
+        // Only a caller that waits opens a span: taking a free permit costs little.
+        let span = tracing::debug_span!("keyed_bulkhead.acquire", name = %self.name, outcome = tracing::field::Empty);
+        let result = async {
+            let start = self.clock.now();
+            let settled = {
+                let granted = std::future::poll_fn(|cx| match place.poll(cx.waker()) {
+                    Some(settled) => Poll::Ready(settled),
+                    None => Poll::Pending,
+                });
+                match select(pin!(granted), pin!(self.clock.sleep(self.max_wait))).await {
+                    Either::Left((settled, _)) => Some(settled),
+                    Either::Right(_) => place.give_up(),
+                }
+            };
+            match settled {
+                Some(Settled::Granted(slot)) => {
+                    self.metrics.queue_delay.record(
+                        self.clock
+                            .now()
+                            .saturating_duration_since(start)
+                            .as_secs_f64(),
+                    );
+                    self.admitted();
+                    Ok(slot)
+                }
+                // Counted when the place was taken.
+                Some(Settled::Evicted) => Err(Overloaded::new(Reason::Evicted, Priority::Default)),
+                None => Err(self.reject(Reason::WaitTimeout)),
             }
-        };
-        match settled {
-            Some(Settled::Granted(slot)) => {
-                self.metrics.queue_delay.record(
-                    self.clock
-                        .now()
-                        .saturating_duration_since(start)
-                        .as_secs_f64(),
-                );
-                self.admitted();
-                Ok(slot)
-            }
-            // Counted when the place was taken.
-            Some(Settled::Evicted) => Err(Overloaded::new(Reason::Evicted, Priority::Default)),
-            None => Err(self.reject(Reason::WaitTimeout)),
         }
+        .instrument(span.clone())
+        .await;
+        span.record(
+            "outcome",
+            match &result {
+                Ok(_) => "admitted",
+                Err(overloaded) => overloaded.reason().as_str(),
+            },
+        );
+        result
     }
 
     fn admitted(&self) {
