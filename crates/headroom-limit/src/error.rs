@@ -95,6 +95,14 @@ pub struct Overloaded {
     priority: Priority,
 }
 
+/// The `outcome` of an admission span: `admitted`, or the refusal's reason.
+pub(crate) fn admission_outcome<T>(result: &Result<T, Overloaded>) -> &'static str {
+    match result {
+        Ok(_) => "admitted",
+        Err(overloaded) => overloaded.reason().as_str(),
+    }
+}
+
 impl Overloaded {
     /// A rejection of work of `priority` for `reason`.
     pub fn new(reason: Reason, priority: Priority) -> Self {

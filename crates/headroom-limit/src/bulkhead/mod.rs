@@ -17,6 +17,7 @@ use tracing::Instrument;
 use permits::{Entry, Permits};
 
 use crate::adaptive::{AdaptiveConfig, AdaptiveLimit, Outcome};
+use crate::error::admission_outcome;
 use crate::limits::MAX_LIMIT;
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
@@ -312,13 +313,7 @@ impl Inner {
             .wait_in_queue(waiter, priority)
             .instrument(span.clone())
             .await;
-        span.record(
-            "outcome",
-            match &result {
-                Ok(_) => "admitted",
-                Err(overloaded) => overloaded.reason().as_str(),
-            },
-        );
+        span.record("outcome", admission_outcome(&result));
         result
     }
 

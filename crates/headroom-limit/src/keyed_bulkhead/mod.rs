@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 
 use self::shares::{Settled, Shares};
+use crate::error::admission_outcome;
 use crate::metrics::AdmissionMetrics;
 use crate::{ConfigError, Overloaded, Priority, Reason};
 
@@ -425,13 +426,7 @@ impl Inner {
         }
         .instrument(span.clone())
         .await;
-        span.record(
-            "outcome",
-            match &result {
-                Ok(_) => "admitted",
-                Err(overloaded) => overloaded.reason().as_str(),
-            },
-        );
+        span.record("outcome", admission_outcome(&result));
         result
     }
 
