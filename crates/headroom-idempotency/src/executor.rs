@@ -398,7 +398,7 @@ impl<S: LeaseStore> Idempotency<S> {
         if !tracing::enabled!(tracing::Level::DEBUG) {
             // Without a span the execution's future is not wrapped, so not moved.
             return self
-                .execute_in_span(scope, key, fingerprint, store_if, operation)
+                .execute_untraced(scope, key, fingerprint, store_if, operation)
                 .await;
         }
         let span = tracing::debug_span!(
@@ -407,14 +407,14 @@ impl<S: LeaseStore> Idempotency<S> {
             outcome = tracing::field::Empty
         );
         let result = self
-            .execute_in_span(scope, key, fingerprint, store_if, operation)
+            .execute_untraced(scope, key, fingerprint, store_if, operation)
             .instrument(span.clone())
             .await;
         span.record("outcome", outcome(&result));
         result
     }
 
-    async fn execute_in_span<T, E, F, Fut, P>(
+    async fn execute_untraced<T, E, F, Fut, P>(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
