@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Calls, Probe, settle};
@@ -16,6 +16,9 @@ use headroom_core::memory::{MemoryBus, MemoryKvStore};
 use headroom_core::{BackendError, BackendErrorKind, Clock, Key, ManualClock, Namespace};
 use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
 use headroom_testkit::{FaultProxy, RedisServer, shared_cluster, shared_server, unique_namespace};
+// Tokio's clock: real time, or the paused clock of the tests that must not depend on how
+// promptly a loaded machine schedules them.
+use tokio::time::Instant;
 
 /// One instance's connections: its L2 store and its bus.
 type Parts = (DynKvStore, DynInvalidationBus);
@@ -795,7 +798,7 @@ async fn served_from_l1_throughout(
 
 /// An instance that dies without a word (its messages simply stop) costs each survivor one
 /// L1 flush, not one every `max_silence` for as long as entries live.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_crashed_instance_costs_each_survivor_one_flush() {
     let ns = unique_namespace("crash");
     let (_a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
@@ -819,7 +822,7 @@ async fn a_crashed_instance_costs_each_survivor_one_flush() {
 
 /// A cut from the bus (every publish fails) costs each other instance one flush: when A's
 /// messages flow again, what it could not send reaches B, in sequence, and B keeps its L1.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_instance_back_on_the_bus_sends_what_it_missed_and_costs_no_second_flush() {
     let ns = unique_namespace("cut-writer");
     let (a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
@@ -849,7 +852,7 @@ async fn an_instance_back_on_the_bus_sends_what_it_missed_and_costs_no_second_fl
 }
 
 /// A graceful shutdown says goodbye: the other instances keep their L1 untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_graceful_shutdown_costs_the_others_no_flush() {
     let ns = unique_namespace("bye");
     let mut parts = memory_parts(2).into_iter();
@@ -977,7 +980,7 @@ async fn silence_is_acted_on_exactly_max_silence_after_the_last_message() {
     a.insert("k".into(), 2).await.unwrap();
     settle_value(&b, "k", Some(2)).await;
     faulty.silenced.store(true, Ordering::SeqCst);
-    let silenced = tokio::time::Instant::now();
+    let silenced = Instant::now();
     while b.l1_in_use() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
