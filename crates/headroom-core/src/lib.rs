@@ -40,8 +40,10 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod rate;
+mod signal;
 pub mod slot;
 
 pub use clock::{Clock, ManualClock, Stopwatch};
 pub use error::{BackendError, BackendErrorKind, Classify};
 pub use key::{Key, KeyError, Namespace};
+pub use signal::Signal;

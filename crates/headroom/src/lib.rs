@@ -10,11 +10,12 @@
 //! | `headroom-limit` | bulkheads, backpressure queues, load shedding, adaptive limits, rate-limit tiers | `limit` |
 //! | `headroom-breaker` | circuit breakers, retries with budgets, timeouts, hedging | `breaker` |
 //! | `headroom-shard` | shard routing, replicas, resharding | `shard` |
+//! | `headroom-slo` | service level objectives, burn-rate alerts, generated Prometheus rules | `slo` |
 //! | `headroom-redis` | Redis backends, standalone and cluster | `redis` |
 //!
 //! The crates are split so that each service pulls only what it uses, and so that only
 //! `headroom-redis` depends on the `redis` client. Two more features reach into every enabled
-//! crate: `tower` (the tower layers of idempotency, limits, breakers and shard routing) and
+//! crate: `tower` (the tower layers of idempotency, limits, breakers, shard routing and SLOs) and
 //! `serde` (configuration types that load from files, with human-readable durations). `json`
 //! adds the cache's JSON codec, and `full` enables everything. No feature is on by default.
 //! `test-util`, for `[dev-dependencies]` only, makes the components' default clock follow
@@ -129,6 +130,11 @@ pub use headroom_breaker as breaker;
 #[doc(inline)]
 pub use headroom_shard as shard;
 
+#[cfg(feature = "slo")]
+#[cfg_attr(docsrs, doc(cfg(feature = "slo")))]
+#[doc(inline)]
+pub use headroom_slo as slo;
+
 /// The names most services use, in one import: `use headroom::prelude::*;`.
 pub mod prelude {
     #[doc(inline)]
@@ -169,4 +175,9 @@ pub mod prelude {
     pub use headroom_shard::{
         JumpRouter, Node, ReadPolicy, Role, ShardId, Topology, TopologyHandle,
     };
+
+    #[cfg(feature = "slo")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "slo")))]
+    #[doc(inline)]
+    pub use headroom_slo::{Objective, ObjectiveConfig, Severity, Slos};
 }

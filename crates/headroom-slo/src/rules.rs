@@ -1,0 +1,190 @@
+//! Prometheus recording and alerting rules generated from the objectives' declarations.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::{ObjectiveConfig, Severity};
+
+/// The Prometheus rule file (YAML) that computes, from `headroom_slo_events_total` and
+/// `headroom_slo_bad_events_total`, what the objectives compute in process: one group per
+/// objective with
+///
+/// - a recording rule `headroom_slo:error_ratio:rate<window>{slo}` per window,
+/// - `headroom_slo:error_budget_remaining{slo}` over the period,
+/// - an alert per severity, `HeadroomSloPageBurn` or `HeadroomSloTicketBurn`, that fires while
+///   the error ratio is above `burn_rate * (1 - target)` over both windows of any of its
+///   alerts, labelled `slo` and `severity`, with a `runbook` annotation.
+///
+/// The rules sum over every instance, so they judge the fleet; each instance's
+/// [`Objective`](crate::Objective) judges its own requests.
+///
+/// ```
+/// use headroom_slo::{ObjectiveConfig, prometheus_rules};
+///
+/// let rules = prometheus_rules(&[ObjectiveConfig::availability("checkout", 0.999)]);
+/// assert!(rules.contains("record: \"headroom_slo:error_ratio:rate5m\""));
+/// assert!(rules.contains("alert: \"HeadroomSloPageBurn\""));
+/// ```
+pub fn prometheus_rules(objectives: &[ObjectiveConfig]) -> String {
+    let mut out = String::from("groups:\n");
+    for objective in objectives {
+        write_group(&mut out, objective);
+    }
+    out
+}
+
+fn write_group(out: &mut String, objective: &ObjectiveConfig) {
+    let name = &objective.name;
+    let slo = promql_string(name);
+    let target = objective.target;
+    let _ = writeln!(
+        out,
+        "  - name: {}",
+        yaml_string(&format!("headroom-slo-{name}"))
+    );
+    let _ = writeln!(out, "    rules:");
+    for window in objective.windows() {
+        let range = prometheus_duration(window);
+        let expr = format!(
+            "sum(rate(headroom_slo_bad_events_total{{slo={slo}}}[{range}])) / sum(rate(headroom_slo_events_total{{slo={slo}}}[{range}]))"
+        );
+        write_rule(
+            out,
+            "record",
+            &ratio_rule(window),
+            &expr,
+            &[("slo", name)],
+            &[],
+        );
+    }
+    let expr = format!(
+        "1 - {}{{slo={slo}}} / (1 - {target:?})",
+        ratio_rule(objective.period)
+    );
+    write_rule(
+        out,
+        "record",
+        "headroom_slo:error_budget_remaining",
+        &expr,
+        &[("slo", name)],
+        &[],
+    );
+    for severity in [Severity::Page, Severity::Ticket] {
+        let pairs: Vec<String> = objective
+            .alerts
+            .iter()
+            .filter(|alert| alert.severity == severity)
+            .map(|alert| {
+                let threshold = format!("({:?} * (1 - {target:?}))", alert.burn_rate);
+                format!(
+                    "({long}{{slo={slo}}} > {threshold} and {short}{{slo={slo}}} > {threshold})",
+                    long = ratio_rule(alert.long_window),
+                    short = ratio_rule(alert.short_window),
+                )
+            })
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let (alert, meaning) = match severity {
+            Severity::Page => ("HeadroomSloPageBurn", "fast enough to page"),
+            Severity::Ticket => ("HeadroomSloTicketBurn", "steadily enough for a ticket"),
+        };
+        let summary = format!("{name} is burning its error budget {meaning}");
+        let runbook = format!("docs/operations.md#{}", alert.to_lowercase());
+        write_rule(
+            out,
+            "alert",
+            alert,
+            &pairs.join(" or "),
+            &[("slo", name), ("severity", severity.as_str())],
+            &[("summary", &summary), ("runbook", &runbook)],
+        );
+    }
+}
+
+/// The recording rule that holds the error ratio over `window`.
+fn ratio_rule(window: Duration) -> String {
+    format!(
+        "headroom_slo:error_ratio:rate{}",
+        prometheus_duration(window)
+    )
+}
+
+fn write_rule(
+    out: &mut String,
+    kind: &str,
+    name: &str,
+    expr: &str,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) {
+    let _ = writeln!(out, "      - {kind}: {}", yaml_string(name));
+    let _ = writeln!(out, "        expr: {}", yaml_string(expr));
+    for (section, pairs) in [("labels", labels), ("annotations", annotations)] {
+        if pairs.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "        {section}:");
+        for (key, value) in pairs {
+            let _ = writeln!(out, "          {key}: {}", yaml_string(value));
+        }
+    }
+}
+
+/// `duration` as Prometheus writes one: `30d`, `6h`, `1h30m`, `250ms`.
+pub(crate) fn prometheus_duration(duration: Duration) -> String {
+    const UNITS: [(&str, u128); 5] = [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ];
+    let mut millis = duration.as_millis();
+    if millis == 0 {
+        return "0s".to_owned();
+    }
+    let mut out = String::new();
+    for (unit, size) in UNITS {
+        if millis >= size {
+            let _ = write!(out, "{}{unit}", millis / size);
+            millis %= size;
+        }
+    }
+    out
+}
+
+/// A YAML double-quoted scalar. Names carry no control characters (the configuration refuses
+/// them), so quotes and backslashes are all that need escaping.
+fn yaml_string(value: &str) -> String {
+    format!("\"{}\"", escape(value))
+}
+
+/// A PromQL double-quoted string: the same escaping.
+fn promql_string(value: &str) -> String {
+    format!("\"{}\"", escape(value))
+}
+
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_written_as_prometheus_reads_them() {
+        let cases = [
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(5400), "1h30m"),
+            (Duration::from_secs(30 * 86_400), "30d"),
+            (Duration::from_millis(1500), "1s500ms"),
+        ];
+        for (duration, written) in cases {
+            assert_eq!(prometheus_duration(duration), written);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Objectives refuse what cannot be measured or alerted on, naming the field, and load from
+//! files.
+
+use std::time::Duration;
+
+use headroom_slo::{BurnAlert, ObjectiveConfig, Severity, SloConfig, Slos};
+
+fn refused(config: ObjectiveConfig) -> String {
+    let error = Slos::new(SloConfig {
+        objectives: vec![config],
+    })
+    .unwrap_err();
+    format!("{}: {error}", error.field())
+}
+
+#[test]
+fn invalid_objectives_are_refused_with_the_field_at_fault() {
+    let secs = Duration::from_secs;
+    let base = || ObjectiveConfig::availability("checkout", 0.999);
+    let cases = [
+        (ObjectiveConfig::availability("", 0.999), "name"),
+        (ObjectiveConfig::availability("a\nb", 0.999), "name"),
+        (ObjectiveConfig::availability("checkout", 1.0), "target"),
+        (
+            ObjectiveConfig::availability("checkout", f64::NAN),
+            "target",
+        ),
+        (
+            ObjectiveConfig::latency("checkout", Duration::ZERO, 0.99),
+            "sli.threshold",
+        ),
+        (base().period(Duration::from_millis(10)), "period"),
+        (base().period(secs(1000 * 86_400)), "period"),
+        (
+            base().alerts([BurnAlert::new(Severity::Page, 14.4, secs(300), secs(3600))]),
+            "alerts.short_window",
+        ),
+        (
+            base().alerts([BurnAlert::new(
+                Severity::Page,
+                14.4,
+                secs(40 * 86_400),
+                secs(3600),
+            )]),
+            "alerts.long_window",
+        ),
+        // 1000 x 0.1 % is 100 %: an error ratio cannot exceed it.
+        (
+            base().alerts([BurnAlert::new(
+                Severity::Page,
+                1000.0,
+                secs(3600),
+                secs(300),
+            )]),
+            "alerts.burn_rate",
+        ),
+    ];
+    for (config, field) in cases {
+        let message = refused(config.clone());
+        assert!(
+            message.starts_with(&format!("{field}: ")),
+            "{config:?}: {message}"
+        );
+    }
+}
+
+#[test]
+fn two_objectives_may_not_share_a_name() {
+    let error = Slos::new(SloConfig {
+        objectives: vec![
+            ObjectiveConfig::availability("checkout", 0.999),
+            ObjectiveConfig::latency("checkout", Duration::from_millis(300), 0.99),
+        ],
+    })
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "objective `checkout`: name is used by another objective"
+    );
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn objectives_load_from_a_file_and_unknown_fields_are_refused() {
+    let config: SloConfig = serde_json::from_str(
+        r#"{ "objectives": [
+            { "name": "search", "sli": { "kind": "latency", "threshold": "250ms" }, "target": 0.99,
+              "period": "7d",
+              "alerts": [{ "severity": "page", "burn_rate": 10.0, "long_window": "1h", "short_window": "5m" }] }
+        ] }"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.objectives[0],
+        ObjectiveConfig::latency("search", Duration::from_millis(250), 0.99)
+            .period(Duration::from_secs(7 * 86_400))
+            .alerts([BurnAlert::new(
+                Severity::Page,
+                10.0,
+                Duration::from_secs(3600),
+                Duration::from_secs(300)
+            )])
+    );
+    let misspelt = serde_json::from_str::<SloConfig>(
+        r#"{ "objectives": [{ "name": "x", "sli": { "kind": "availability" }, "targte": 0.9 }] }"#,
+    );
+    assert!(
+        misspelt
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `targte`")
+    );
+}
