@@ -27,11 +27,14 @@ pub enum Reason {
     AdaptiveLimit,
     /// The queue is closed: its consumers are gone or the service is shutting down.
     Closed,
+    /// A load shedder refused this priority while a signal given to it was raised (an SLO
+    /// burning its error budget fast, say).
+    Signal,
 }
 
 impl Reason {
     /// Every reason, in a stable order (used to pre-register one counter per reason).
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::QueueFull,
         Reason::WaitTimeout,
         Reason::DeadlineExpired,
@@ -40,6 +43,7 @@ impl Reason {
         Reason::InFlight,
         Reason::AdaptiveLimit,
         Reason::Closed,
+        Reason::Signal,
     ];
 
     /// A short snake_case name, used as the `reason` label of metrics.
@@ -53,6 +57,7 @@ impl Reason {
             Reason::InFlight => "in_flight",
             Reason::AdaptiveLimit => "adaptive_limit",
             Reason::Closed => "closed",
+            Reason::Signal => "signal",
         }
     }
 
@@ -66,6 +71,7 @@ impl Reason {
             Reason::InFlight => 5,
             Reason::AdaptiveLimit => 6,
             Reason::Closed => 7,
+            Reason::Signal => 8,
         }
     }
 }

@@ -4,6 +4,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use headroom_core::Signal;
+
 use crate::metrics::Rejections;
 use crate::{Bulkhead, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Reason};
 
@@ -116,6 +118,7 @@ struct Inner {
     bulkhead: Bulkhead,
     config: LoadShedConfig,
     rejections: Rejections,
+    signals: Vec<(Signal, Priority)>,
 }
 
 /// Builds a [`LoadShedder`].
@@ -124,6 +127,7 @@ struct Inner {
 pub struct LoadShedderBuilder {
     bulkhead: Bulkhead,
     config: LoadShedConfig,
+    signals: Vec<(Signal, Priority)>,
 }
 
 impl LoadShedder {
@@ -132,6 +136,7 @@ impl LoadShedder {
         LoadShedderBuilder {
             bulkhead,
             config: LoadShedConfig::default(),
+            signals: Vec::new(),
         }
     }
 
@@ -149,6 +154,13 @@ impl LoadShedder {
     /// Why work of `priority` would be refused now, if it would.
     fn saturation(&self, priority: Priority) -> Option<Reason> {
         let inner = &*self.inner;
+        if inner
+            .signals
+            .iter()
+            .any(|(signal, up_to)| priority >= *up_to && signal.is_raised())
+        {
+            return Some(Reason::Signal);
+        }
         let bulkhead = &inner.bulkhead;
         let threshold = match priority {
             Priority::Critical => inner.config.critical_at,
@@ -235,6 +247,14 @@ impl LoadShedderBuilder {
         self
     }
 
+    /// Refuses work of `up_to` and less important priorities while `signal` is raised, with
+    /// [`Reason::Signal`], whatever the load: give it an SLO's page signal to keep the error
+    /// budget for the work that matters while it burns fast.
+    pub fn shed_while(mut self, signal: Signal, up_to: Priority) -> Self {
+        self.signals.push((signal, up_to));
+        self
+    }
+
     /// Replaces every setting with `config`.
     pub fn config(mut self, config: LoadShedConfig) -> Self {
         self.config = config;
@@ -251,6 +271,7 @@ impl LoadShedderBuilder {
                 name,
                 bulkhead: self.bulkhead,
                 config: self.config,
+                signals: self.signals,
             }),
         })
     }

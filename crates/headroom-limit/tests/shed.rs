@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use headroom_core::Classify;
+use headroom_core::{Classify, Signal};
 use headroom_limit::{Bulkhead, LoadShedConfig, LoadShedder, Priority, Reason};
 use parking_lot::Mutex;
 
@@ -202,6 +202,30 @@ async fn adaptive_bulkhead_reports_the_adaptive_limit_as_reason() {
     let _b = shedder.acquire(Priority::Critical).await.unwrap();
     let refused = shedder.check(Priority::Default).unwrap_err();
     assert_eq!(refused.reason(), Reason::AdaptiveLimit);
+}
+
+/// While a signal given to the shedder is raised, the priorities it names are refused with
+/// `Reason::Signal` on an idle bulkhead; the others, and everyone once it is lowered, get in.
+#[test]
+fn a_raised_signal_sheds_the_priorities_it_names_and_only_while_raised() {
+    let burning = Signal::new("checkout page burn");
+    let bulkhead = Bulkhead::builder("signal")
+        .max_concurrent(10)
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead)
+        .shed_while(burning.clone(), Priority::Default)
+        .build()
+        .unwrap();
+    let admitted = || Priority::ALL.map(|priority| shedder.check(priority).is_ok());
+    assert_eq!(admitted(), [true, true, true]);
+    burning.set(true);
+    assert_eq!(admitted(), [true, false, false]);
+    let refused = shedder.check(Priority::Sheddable).unwrap_err();
+    assert_eq!(refused.reason(), Reason::Signal);
+    assert_eq!(shedder.rejected(Priority::Default, Reason::Signal), 1);
+    burning.set(false);
+    assert_eq!(admitted(), [true, true, true]);
 }
 
 #[test]

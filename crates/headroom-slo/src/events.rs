@@ -59,6 +59,8 @@ struct Coarse {
 pub(crate) struct Events {
     /// Width of a level-0 bucket, in nanoseconds.
     resolution: u64,
+    /// The newest level-0 bucket opened: most events land in it, found without a division.
+    current: AtomicU64,
     fine: Box<[FineSlot]>,
     /// The coarser levels; also held while a fine bucket moves up, so that a reader never
     /// sees it in two places or in none.
@@ -80,6 +82,7 @@ impl Events {
             .collect();
         let mut events = Self {
             resolution,
+            current: AtomicU64::new(0),
             fine,
             coarse: Mutex::new(Coarse {
                 levels: Vec::new(),
@@ -133,7 +136,12 @@ impl Events {
     /// opened a new level-0 bucket.
     #[inline]
     pub(crate) fn record(&self, now: u64, bad: bool) -> bool {
-        let epoch = now / self.resolution;
+        let current = self.current.load(Ordering::Relaxed);
+        let epoch = if now.wrapping_sub(current.wrapping_mul(self.resolution)) < self.resolution {
+            current
+        } else {
+            now / self.resolution
+        };
         let slot = &self.fine[(epoch % SLOTS) as usize];
         let opened = slot.epoch.load(Ordering::Acquire) != epoch && self.open(slot, epoch);
         slot.total.fetch_add(1, Ordering::Relaxed);
@@ -162,6 +170,7 @@ impl Events {
             coarse.insert(1, held / WIDER, counts);
         }
         slot.epoch.store(epoch, Ordering::Release);
+        self.current.fetch_max(epoch, Ordering::Relaxed);
         true
     }
 
