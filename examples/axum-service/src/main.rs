@@ -13,6 +13,9 @@
 //!   layer (`Idempotency-Key` header, scoped per `x-api-key`), so a retried order is replayed
 //!   instead of charged twice; each order is stored on the shard of its API key;
 //! - the payment gateway the orders call is a tower service behind a circuit breaker layer;
+//! - two service level objectives on orders (99.9 % answered without a server error, 99 %
+//!   within 300 ms), recorded by `SloLayer`s, with their burn rates evaluated at each scrape;
+//!   `--print-slo-rules` prints the Prometheus rules that alert on them;
 //! - `GET /metrics`: every headroom metric in the Prometheus text format, through
 //!   `metrics-exporter-prometheus` (the recorder may be installed before or after the parts
 //!   are built).
@@ -45,6 +48,7 @@ use headroom::limit::rate::RateKey;
 use headroom::limit::tower::{KeyedBulkheadLayer, RateLimitLayer};
 use headroom::prelude::*;
 use headroom::shard::JumpRouter;
+use headroom::slo::{SloConfig, SloLayer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -78,11 +82,30 @@ struct App {
     orders_db: OrdersDb,
     gateway: Gateway,
     charges: Arc<AtomicU64>,
+    slos: Slos,
     metrics: PrometheusHandle,
 }
 
 async fn scrape(State(app): State<App>) -> String {
+    // Brings the burn-rate gauges up to this moment.
+    app.slos.evaluate();
     app.metrics.render()
+}
+
+/// The objectives of `POST /orders`.
+fn slos() -> Result<Slos, headroom::slo::ConfigError> {
+    Slos::new(SloConfig {
+        objectives: vec![
+            ObjectiveConfig::availability("orders", 0.999),
+            ObjectiveConfig::latency("orders-latency", Duration::from_millis(300), 0.99),
+        ],
+    })
+}
+
+/// An order counts as served unless the service answered with a server error (a refusal by
+/// the rate limit, 429, is the client's doing; an overloaded 503 is the service's).
+fn served(result: &Result<axum::response::Response, std::convert::Infallible>) -> bool {
+    matches!(result, Ok(response) if !response.status().is_server_error())
 }
 
 async fn product(
@@ -215,6 +238,8 @@ async fn app(
     let rate_limits = headroom.rate_limiter("orders", tiers)?.build()?;
     let idempotency = headroom.idempotency().build()?;
     let charges = Arc::new(AtomicU64::new(0));
+    let slos = slos()?;
+    let objective = |name: &str| slos.get(name).expect("declared above").clone();
     let state = App {
         products,
         catalogue: catalogue(headroom)?,
@@ -222,9 +247,12 @@ async fn app(
         orders_db,
         gateway: gateway(headroom)?,
         charges: charges.clone(),
+        slos: slos.clone(),
         metrics,
     };
     let orders = ServiceBuilder::new()
+        .layer(SloLayer::new(objective("orders")).classify(served))
+        .layer(SloLayer::new(objective("orders-latency")).classify(served))
         .layer(HandleErrorLayer::new(overloaded))
         .layer(RateLimitLayer::new(
             rate_limits,
@@ -294,6 +322,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
         || std::env::var("HEADROOM_SMOKE").is_ok_and(|v| v == "1");
     let print_metrics = std::env::args().any(|a| a == "--print-metrics");
+    if std::env::args().any(|a| a == "--print-slo-rules") {
+        print!("{}", slos()?.prometheus_rules());
+        return Ok(());
+    }
     // Histograms as Prometheus histograms (buckets, in seconds), so they add up across
     // instances; without buckets the exporter writes per-instance summaries.
     let metrics = PrometheusBuilder::new()
