@@ -101,6 +101,22 @@ pub enum MigrationErrorKind {
     Backend,
 }
 
+impl MigrationErrorKind {
+    /// A short snake_case name: `fenced`, `finished`, `copy_incomplete`, `stale_epoch`,
+    /// `conflict`, `rolled_back`, `backend`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fenced => "fenced",
+            Self::Finished => "finished",
+            Self::CopyIncomplete => "copy_incomplete",
+            Self::StaleEpoch => "stale_epoch",
+            Self::Conflict => "conflict",
+            Self::RolledBack => "rolled_back",
+            Self::Backend => "backend",
+        }
+    }
+}
+
 /// A refused migration step or a fenced write.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("migration: {kind:?} (epoch {epoch})")]

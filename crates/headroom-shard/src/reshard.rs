@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{counter, gauge};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::error::{MigrationError, MigrationErrorKind, UnknownShard};
 use crate::hash::ShardKey;
@@ -380,6 +381,19 @@ impl Phase {
         }
     }
 
+    /// A short snake_case name: `copy`, `dual_write`, ..., `rolled_back`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::DualWrite => "dual_write",
+            Self::ShadowRead => "shadow_read",
+            Self::CutOver => "cut_over",
+            Self::Cleanup => "cleanup",
+            Self::Done => "done",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+
     /// Whether the new owners serve moving keys (from the cut-over on).
     pub fn new_owners_serve(self) -> bool {
         matches!(self, Self::CutOver | Self::Cleanup | Self::Done)
@@ -393,6 +407,23 @@ impl Phase {
     fn load(cell: &AtomicU8) -> Self {
         Self::from_u8(cell.load(Ordering::SeqCst)).unwrap_or(Self::Copy)
     }
+}
+
+/// Runs a migration step inside a `migration.advance` span whose `outcome` is the phase
+/// reached or the refusal's kind.
+pub(crate) async fn traced_step(
+    name: &str,
+    step: impl Future<Output = Result<Phase, MigrationError>>,
+) -> Result<Phase, MigrationError> {
+    let span =
+        tracing::debug_span!("migration.advance", name = %name, outcome = tracing::field::Empty);
+    let result = step.instrument(span.clone()).await;
+    let outcome = match &result {
+        Ok(phase) => phase.as_str(),
+        Err(error) => error.kind().as_str(),
+    };
+    span.record("outcome", outcome);
+    result
 }
 
 /// Routes reads and writes while keys move from one topology to another.
@@ -415,6 +446,7 @@ impl Phase {
 /// compare on an epoch column; see the guide), so a process that stopped following the shared
 /// phase cannot land a late write.
 pub struct Migration<H, R = AnyRouter> {
+    name: Arc<str>,
     from: Arc<Topology<H, R>>,
     to: Arc<Topology<H, R>>,
     plan: ReshardPlan,
@@ -532,6 +564,7 @@ impl<H, R: Router + PartialEq> Migration<H, R> {
         metrics.phase.set(f64::from(Phase::Copy as u8));
         metrics.progress.set(0.0);
         Ok(Self {
+            name: Arc::from(name),
             to_copy: AtomicU64::new(plan.unit_count()),
             from,
             to,
@@ -546,6 +579,11 @@ impl<H, R: Router + PartialEq> Migration<H, R> {
 }
 
 impl<H, R: Router> Migration<H, R> {
+    /// The name given at build time (the `migration` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// What moves.
     pub fn plan(&self) -> &ReshardPlan {
         &self.plan
@@ -665,6 +703,10 @@ impl<H, R: Router> Migration<H, R> {
     /// future is dropped during that wait the phase has still advanced (routing is already
     /// fenced), and [`drained`](Self::drained) waits again.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
+        traced_step(&self.name, self.advance_untraced()).await
+    }
+
+    async fn advance_untraced(&self) -> Result<Phase, MigrationError> {
         let current = self.phase();
         if current == Phase::RolledBack {
             return Err(MigrationError::new(

@@ -207,6 +207,10 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// phase first. If this future is dropped during that wait, the shared phase has still
     /// advanced; [`settled`](Self::settled) waits again.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
+        crate::reshard::traced_step(self.migration.name(), self.advance_untraced()).await
+    }
+
+    async fn advance_untraced(&self) -> Result<Phase, MigrationError> {
         let current = self.refresh().await?;
         if current == Phase::RolledBack {
             return Err(self.error(MigrationErrorKind::RolledBack));

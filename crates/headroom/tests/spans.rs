@@ -11,6 +11,7 @@ use headroom::breaker::Error as BreakerError;
 use headroom::idempotency::{IdempotencyKey, Scope};
 use headroom::limit::rate::{Quota, RateLimit, TierConfig};
 use headroom::limit::{KeyedBulkhead, Overflow, WorkQueue};
+use headroom::shard::{JumpRouter, Migration, Topology};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -273,5 +274,34 @@ async fn operations_open_spans_with_a_name_and_an_outcome() {
     assert_eq!(
         spans.outcomes("rate.check"),
         [pair("api", "allowed"), pair("api", "rejected")]
+    );
+
+    // A resharding step: refused while the copy is incomplete, then the phase reached.
+    let topology = |epoch: u64, shards_on_b: std::ops::Range<u32>| {
+        Topology::builder(JumpRouter::new(4).unwrap())
+            .epoch(epoch)
+            .node("a", ())
+            .node("b", ())
+            .shards(0..shards_on_b.start, "a", &[])
+            .shards(shards_on_b, "b", &[])
+            .build()
+            .unwrap()
+    };
+    let migration = Migration::new(
+        "orders-reshard",
+        Arc::new(topology(1, 2..4)),
+        Arc::new(topology(2, 1..4)),
+    )
+    .unwrap();
+    assert!(migration.advance().await.is_err());
+    let moving = migration.plan().unit_count();
+    migration.report_copied(moving, moving);
+    migration.advance().await.unwrap();
+    assert_eq!(
+        spans.outcomes("migration.advance"),
+        [
+            pair("orders-reshard", "copy_incomplete"),
+            pair("orders-reshard", "dual_write")
+        ]
     );
 }
