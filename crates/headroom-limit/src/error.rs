@@ -145,8 +145,9 @@ impl Classify for Overloaded {
         false
     }
 
+    /// `false` only for [`Reason::Signal`]: a retry soon after meets the same raised signal.
     fn is_retryable(&self) -> bool {
-        true
+        self.reason != Reason::Signal
     }
 
     fn is_rejected(&self) -> bool {

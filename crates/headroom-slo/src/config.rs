@@ -198,15 +198,25 @@ impl ObjectiveConfig {
         windows
     }
 
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every setting, as building an [`Objective`](crate::Objective) does.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let name = &self.name;
-        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        // Names become label values and alert annotations, which Prometheus renders as Go
+        // templates, in a YAML file.
+        let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+        let length = name.chars().count();
+        if !(1..=128).contains(&length)
+            || name.chars().any(unsafe_char)
+            || name.contains("{{")
+            || name.contains("}}")
+        {
             return Err(ConfigError::new(
                 name,
                 "name",
-                "must be 1 to 128 characters, none of them control characters",
+                "must be 1 to 128 characters, without control characters, line separators, `{{` or `}}`",
             ));
         }
+        let whole_millis = |duration: Duration| duration.subsec_nanos().is_multiple_of(1_000_000);
         if !(self.target > 0.0 && self.target < 1.0) {
             return Err(ConfigError::new(name, "target", "must lie in (0, 1)"));
         }
@@ -215,6 +225,13 @@ impl ObjectiveConfig {
         {
             return Err(ConfigError::new(name, "sli.threshold", "must be positive"));
         }
+        if !whole_millis(self.period) {
+            return Err(ConfigError::new(
+                name,
+                "period",
+                "must be whole milliseconds",
+            ));
+        }
         if self.period < Duration::from_secs(1) || self.period > Duration::from_secs(400 * DAY) {
             return Err(ConfigError::new(
                 name,
@@ -222,25 +239,38 @@ impl ObjectiveConfig {
                 "must lie between 1 s and 400 days",
             ));
         }
-        for alert in &self.alerts {
+        for (index, alert) in self.alerts.iter().enumerate() {
+            let field = |field: &str| format!("alerts[{index}].{field}");
             if alert.short_window < Duration::from_secs(1) {
                 return Err(ConfigError::new(
                     name,
-                    "alerts.short_window",
+                    field("short_window"),
                     "must be at least 1 s",
                 ));
+            }
+            for (window, length) in [
+                ("short_window", alert.short_window),
+                ("long_window", alert.long_window),
+            ] {
+                if !whole_millis(length) {
+                    return Err(ConfigError::new(
+                        name,
+                        field(window),
+                        "must be whole milliseconds",
+                    ));
+                }
             }
             if alert.short_window >= alert.long_window {
                 return Err(ConfigError::new(
                     name,
-                    "alerts.short_window",
+                    field("short_window"),
                     "must be shorter than the long window",
                 ));
             }
             if alert.long_window > self.period {
                 return Err(ConfigError::new(
                     name,
-                    "alerts.long_window",
+                    field("long_window"),
                     "must not exceed the period",
                 ));
             }
@@ -248,7 +278,7 @@ impl ObjectiveConfig {
             if !(alert.burn_rate > 0.0 && alert.burn_rate * self.error_budget() < 1.0) {
                 return Err(ConfigError::new(
                     name,
-                    "alerts.burn_rate",
+                    field("burn_rate"),
                     "must be positive and below 1 / (1 - target)",
                 ));
             }
@@ -257,7 +287,8 @@ impl ObjectiveConfig {
     }
 }
 
-/// A set of objectives, as loaded from a file.
+/// A set of objectives, as loaded from a file. [`Slos::new`](crate::Slos::new) and the rule
+/// generators check it ([`SloConfig::validate`]).
 ///
 /// ```
 /// # #[cfg(feature = "serde")] {
@@ -277,4 +308,22 @@ impl ObjectiveConfig {
 pub struct SloConfig {
     /// The objectives, each with a distinct name.
     pub objectives: Vec<ObjectiveConfig>,
+}
+
+impl SloConfig {
+    /// Checks every objective, and that no two share a name.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for objective in &self.objectives {
+            objective.validate()?;
+            if !names.insert(objective.name.as_str()) {
+                return Err(ConfigError::new(
+                    &objective.name,
+                    "name",
+                    "is used by another objective",
+                ));
+            }
+        }
+        Ok(())
+    }
 }

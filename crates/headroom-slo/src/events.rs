@@ -4,8 +4,10 @@
 //! ring when its slot is needed for a bucket 256 slots newer, and its counts move to a ring of
 //! buckets 8 times as wide (level 1), and so on up the levels; what leaves the last level
 //! still counts in the totals but in no window. Every event is in exactly one bucket at any
-//! time, and the older it is, the coarser its bucket: a window's sum is exact to the width of
-//! the coarsest bucket it reaches (see [`Events::granularity`]).
+//! time. A bucket moves up only when its slot is wanted for a newer one, so an event above
+//! level 0 is at least that level's reach old (under sparse traffic, old events may also stay
+//! low, in finer buckets): a window's sum is exact to the width of the coarsest bucket that
+//! can hold events of its length (see [`Events::granularity`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -122,8 +124,8 @@ impl Events {
     }
 
     /// The width of the coarsest bucket that can hold an event younger than `window`: a
-    /// window's sum counts every event younger than `window - granularity` and none older
-    /// than `window`.
+    /// window's sum counts every event younger than `window - granularity` and none as old as
+    /// `window` or older.
     pub(crate) fn granularity(&self, window: Duration) -> Duration {
         let last = self.levels() - 1;
         let level = (0..last)
@@ -151,7 +153,9 @@ impl Events {
         opened
     }
 
-    /// Gives `slot` to `epoch`, moving what it held up a level.
+    /// Gives `slot` to `epoch`, moving what it held up a level. A caller whose clock reading
+    /// is older than the slot's bucket (it read the clock a whole ring ago) counts into that
+    /// newer bucket.
     #[cold]
     #[inline(never)]
     fn open(&self, slot: &FineSlot, epoch: u64) -> bool {
@@ -182,7 +186,9 @@ impl Events {
             all.add(counts);
             let age = Duration::from_nanos(now.saturating_sub(start));
             for (window, sum) in windows.iter().zip(&mut sums) {
-                if age <= *window {
+                // As Prometheus's `rate` over `[window]` counts the increases after the
+                // sample `window` ago.
+                if age < *window {
                     sum.add(counts);
                 }
             }
@@ -191,7 +197,8 @@ impl Events {
         for slot in self.fine.iter() {
             let epoch = slot.epoch.load(Ordering::Acquire);
             if epoch != EMPTY {
-                // Bad first: it is added after the total, so it never reads above it.
+                // Read without ordering against the adds: a bad count may be ahead of its
+                // total for an instant.
                 let bad = slot.bad.load(Ordering::Relaxed);
                 let total = slot.total.load(Ordering::Relaxed).max(bad);
                 count(epoch.saturating_mul(self.resolution), Counts { total, bad });

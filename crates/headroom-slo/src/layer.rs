@@ -13,7 +13,7 @@ use crate::{Objective, Started};
 ///
 /// Implemented by [`SucceedsWhenOk`] and by every `Fn(&Result<R, E>) -> bool`, e.g. for HTTP,
 /// `|result: &Result<Response, _>| matches!(result, Ok(response) if !response.status().is_server_error())`.
-pub trait Classify<R, E> {
+pub trait ClassifyOutcome<R, E> {
     /// Whether `result` counts as succeeded.
     fn succeeded(&self, result: &Result<R, E>) -> bool;
 }
@@ -22,14 +22,14 @@ pub trait Classify<R, E> {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SucceedsWhenOk;
 
-impl<R, E> Classify<R, E> for SucceedsWhenOk {
+impl<R, E> ClassifyOutcome<R, E> for SucceedsWhenOk {
     #[inline]
     fn succeeded(&self, result: &Result<R, E>) -> bool {
         result.is_ok()
     }
 }
 
-impl<R, E, F: Fn(&Result<R, E>) -> bool> Classify<R, E> for F {
+impl<R, E, F: Fn(&Result<R, E>) -> bool> ClassifyOutcome<R, E> for F {
     #[inline]
     fn succeeded(&self, result: &Result<R, E>) -> bool {
         self(result)
@@ -38,7 +38,12 @@ impl<R, E, F: Fn(&Result<R, E>) -> bool> Classify<R, E> for F {
 
 /// Records every call of the wrapped service into an [`Objective`]: its outcome, and for a
 /// latency objective its duration from the call to the response. A call whose future is
-/// dropped before it completes is not recorded: the client that gave up has no outcome.
+/// dropped before it completes (the client gave up, an outer timeout fired) has no outcome: it
+/// is recorded only by a latency objective, as bad, once it has taken longer than the
+/// threshold ([`Objective::abandon`]).
+///
+/// Put the layer inside a load shedder or rate limit whose refusals should not count against
+/// the objective, outside those whose refusals should.
 ///
 /// ```
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
@@ -106,7 +111,7 @@ pub struct SloService<S, C = SucceedsWhenOk> {
 impl<S, C, Request> Service<Request> for SloService<S, C>
 where
     S: Service<Request>,
-    C: Classify<S::Response, S::Error> + Clone,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -124,6 +129,7 @@ where
             inner: self.inner.call(request),
             objective: self.objective.clone(),
             classify: self.classify.clone(),
+            finished: false,
         }
     }
 }
@@ -137,13 +143,23 @@ pin_project_lite::pin_project! {
         objective: Objective,
         classify: C,
         started: Started,
+        finished: bool,
+    }
+
+    impl<F, C> PinnedDrop for SloFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.finished {
+                this.objective.abandon(*this.started);
+            }
+        }
     }
 }
 
 impl<F, C, R, E> Future for SloFuture<F, C>
 where
     F: Future<Output = Result<R, E>>,
-    C: Classify<R, E>,
+    C: ClassifyOutcome<R, E>,
 {
     type Output = Result<R, E>;
 
@@ -151,6 +167,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
+        *this.finished = true;
         this.objective
             .finish(*this.started, this.classify.succeeded(&result));
         Poll::Ready(result)

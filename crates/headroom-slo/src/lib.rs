@@ -5,8 +5,8 @@
 //!   threshold), a target such as 99.9 %, a period (30 days by default) and the burn-rate
 //!   alerts (the Google SRE workbook's multi-window, multi-burn-rate alerts by default), in code
 //!   or loaded with serde (feature `serde`) as an [`SloConfig`].
-//! - [`Objective`]: records each request into fixed time buckets (no per-request storage, a
-//!   few kilobytes per objective), evaluates every window, publishes burn rates and the
+//! - [`Objective`]: records each request into fixed time buckets (no per-request storage,
+//!   about 25 KB per objective with the default alerts), evaluates every window, publishes burn rates and the
 //!   remaining error budget as metrics, and raises a [`Signal`](headroom_core::Signal) per
 //!   severity for other parts to act on.
 //! - [`prometheus_rules`]: the recording and alerting rules that compute the same numbers in
@@ -19,7 +19,8 @@
 //! `headroom_slo_bad_events_total` (counters), `headroom_slo_burn_rate{window}`,
 //! `headroom_slo_error_budget_remaining` and `headroom_slo_burning{severity}` (gauges). They
 //! are updated at each evaluation: every tenth of the shortest window while requests arrive,
-//! and on [`Objective::evaluate`] (call it before a scrape to have them current).
+//! on [`Objective::evaluate`] (call it before a scrape to have them current) and on a timer
+//! with [`Objective::evaluate_every`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -32,14 +33,12 @@ mod layer;
 mod objective;
 mod rules;
 
-use std::collections::HashSet;
-
 pub use config::{BurnAlert, ObjectiveConfig, Severity, Sli, SloConfig};
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-pub use layer::{Classify, SloFuture, SloLayer, SloService, SucceedsWhenOk};
+pub use layer::{ClassifyOutcome, SloFuture, SloLayer, SloService, SucceedsWhenOk};
 pub use objective::{AlertStatus, Objective, SloStatus, Started, WindowStatus};
-pub use rules::prometheus_rules;
+pub use rules::{RuleOptions, prometheus_rules, prometheus_rules_with};
 
 use headroom_core::Clock;
 
@@ -48,15 +47,15 @@ use headroom_core::Clock;
 #[error("objective `{objective}`: {field} {reason}")]
 pub struct ConfigError {
     objective: String,
-    field: &'static str,
+    field: String,
     reason: &'static str,
 }
 
 impl ConfigError {
-    pub(crate) fn new(objective: &str, field: &'static str, reason: &'static str) -> Self {
+    pub(crate) fn new(objective: &str, field: impl Into<String>, reason: &'static str) -> Self {
         Self {
             objective: objective.to_owned(),
-            field,
+            field: field.into(),
             reason,
         }
     }
@@ -66,9 +65,14 @@ impl ConfigError {
         &self.objective
     }
 
-    /// The field at fault.
-    pub fn field(&self) -> &'static str {
-        self.field
+    /// The field at fault, e.g. `target` or `alerts[1].short_window`.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What the field must be.
+    pub fn reason(&self) -> &'static str {
+        self.reason
     }
 }
 
@@ -100,16 +104,7 @@ impl Slos {
 
     /// Builds every objective of `config` on `clock`.
     pub fn with_clock(config: SloConfig, clock: Clock) -> Result<Self, ConfigError> {
-        let mut names = HashSet::new();
-        for objective in &config.objectives {
-            if !names.insert(objective.name.as_str()) {
-                return Err(ConfigError::new(
-                    &objective.name,
-                    "name",
-                    "is used by another objective",
-                ));
-            }
-        }
+        config.validate()?;
         let objectives = config
             .objectives
             .iter()
@@ -137,6 +132,12 @@ impl Slos {
 
     /// The Prometheus rules of every objective (see [`prometheus_rules`]).
     pub fn prometheus_rules(&self) -> String {
-        prometheus_rules(&self.config.objectives)
+        self.prometheus_rules_with(&RuleOptions::default())
+    }
+
+    /// The Prometheus rules of every objective, with `options` (see
+    /// [`prometheus_rules_with`]).
+    pub fn prometheus_rules_with(&self, options: &RuleOptions) -> String {
+        rules::write(&self.config.objectives, options)
     }
 }

@@ -19,8 +19,9 @@ const BUCKETS_PER_SHORTEST_WINDOW: u32 = 10;
 ///
 /// Recording is a clock read and one or two atomic adds into a fixed ring of time buckets; no
 /// request is stored. The objective evaluates its windows each time a request opens a new
-/// bucket (a tenth of the shortest window: every 30 s with the default alerts) and whenever
-/// [`evaluate`](Self::evaluate) is called, and then:
+/// bucket (a tenth of the shortest window: every 30 s with the default alerts), whenever
+/// [`evaluate`](Self::evaluate) is called, and on a timer with
+/// [`evaluate_every`](Self::evaluate_every), and then:
 ///
 /// - publishes `headroom_slo_events_total{slo}`, `headroom_slo_bad_events_total{slo}`,
 ///   `headroom_slo_burn_rate{slo, window}`, `headroom_slo_error_budget_remaining{slo}` and
@@ -30,6 +31,10 @@ const BUCKETS_PER_SHORTEST_WINDOW: u32 = 10;
 ///
 /// An alert fires while the burn rate is above its threshold over both its windows, as the
 /// generated Prometheus rules ([`crate::prometheus_rules`]) compute it from the two counters.
+///
+/// The objective judges this instance's own requests since it was built: in its first hour the
+/// "1 h" window holds less than an hour, and the remaining budget covers the time since the
+/// start, up to the period. The fleet's numbers over full windows are the generated rules'.
 ///
 /// ```
 /// use std::time::Duration;
@@ -155,7 +160,7 @@ impl Objective {
     }
 
     /// Marks the start of a request whose outcome [`finish`](Self::finish) records; reads the
-    /// clock only for a latency objective.
+    /// clock only for a latency objective. A `Started` belongs to the objective that made it.
     #[inline]
     pub fn start(&self) -> Started {
         if self.inner.threshold == u64::MAX {
@@ -181,6 +186,35 @@ impl Objective {
         }
     }
 
+    /// Records a request started at `started` whose caller gave up before it finished (its
+    /// future was dropped): bad for a latency objective once it has taken longer than the
+    /// threshold, which it failed whatever its outcome would have been; otherwise not
+    /// recorded, having no outcome.
+    pub fn abandon(&self, started: Started) {
+        let inner = &*self.inner;
+        if inner.threshold == u64::MAX {
+            return;
+        }
+        let now = inner.origin.elapsed_nanos();
+        if now.saturating_sub(started.0) > inner.threshold {
+            self.count(now, true);
+        }
+    }
+
+    /// Evaluates the objective every `every` on its clock, for as long as the future runs:
+    /// spawn it so that the gauges and the signals follow time even when few requests arrive
+    /// (a signal that sheds traffic would otherwise wait for traffic to be lowered).
+    pub fn evaluate_every(&self, every: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let objective = self.clone();
+        async move {
+            let clock = objective.inner.origin.clock().clone();
+            loop {
+                clock.sleep(every).await;
+                objective.evaluate();
+            }
+        }
+    }
+
     /// The signal raised while an alert of `severity` fires; `None` if the objective has no
     /// alert of that severity.
     pub fn signal(&self, severity: Severity) -> Option<Signal> {
@@ -194,6 +228,9 @@ impl Objective {
     /// Evaluates every window now, publishes the metrics and sets the signals.
     pub fn evaluate(&self) -> SloStatus {
         let inner = &*self.inner;
+        // Held from the clock read to the publication, so that an evaluation of older data
+        // never publishes over a newer one.
+        let mut published = inner.published.lock();
         let now = inner.origin.elapsed_nanos();
         let (sums, all) = inner.events.sums(now, &inner.windows);
         let budget = inner.config.error_budget();
@@ -233,13 +270,13 @@ impl Objective {
             })
             .collect();
         let status = SloStatus {
+            objective: inner.config.name.clone(),
             error_budget_remaining: 1.0 - window(inner.config.period).burn_rate,
             events: all.total,
             bad: all.bad,
             windows,
             alerts,
         };
-        let mut published = inner.published.lock();
         for (severity, signal) in &inner.signals {
             signal.set(status.firing(*severity));
         }
@@ -250,7 +287,8 @@ impl Objective {
 
 impl Published {
     fn publish(&mut self, status: &SloStatus, all: Counts, signals: &[(Severity, Signal)]) {
-        // Totals only grow while the lock is held, so the counters only ever move forwards.
+        // Evaluations publish one at a time, each with totals at least the last one's, so the
+        // counters only move forwards.
         self.events
             .increment(all.total.saturating_sub(self.counts.total));
         self.bad.increment(all.bad.saturating_sub(self.counts.bad));
@@ -289,6 +327,8 @@ impl fmt::Debug for Objective {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct SloStatus {
+    /// The objective's name.
+    pub objective: String,
     /// Every window evaluated, shortest first.
     pub windows: Vec<WindowStatus>,
     /// Every alert, in the configured order.

@@ -3,50 +3,118 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::{ObjectiveConfig, Severity};
+use crate::{ConfigError, ObjectiveConfig, Severity, SloConfig};
+
+/// How the rules are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuleOptions {
+    /// The page the alerts' `runbook` annotation points into (the runbooks' anchors are
+    /// added). Default: headroom's operations guide.
+    pub runbook_url: String,
+    /// Label matchers every counter selector gets besides `slo`, such as
+    /// `job="shop", env="production"`, so that instances of another service or environment
+    /// sharing an objective's name are not counted. Default: none.
+    pub selector: String,
+}
+
+impl Default for RuleOptions {
+    fn default() -> Self {
+        Self {
+            runbook_url: "https://github.com/headroom-rs/headroom/blob/main/docs/operations.md"
+                .to_owned(),
+            selector: String::new(),
+        }
+    }
+}
+
+impl RuleOptions {
+    /// Sets the runbook page.
+    #[must_use]
+    pub fn runbook_url(mut self, url: impl Into<String>) -> Self {
+        self.runbook_url = url.into();
+        self
+    }
+
+    /// Sets the extra label matchers.
+    #[must_use]
+    pub fn selector(mut self, selector: impl Into<String>) -> Self {
+        self.selector = selector.into();
+        self
+    }
+}
 
 /// The Prometheus rule file (YAML) that computes, from `headroom_slo_events_total` and
-/// `headroom_slo_bad_events_total`, what the objectives compute in process: one group per
-/// objective with
+/// `headroom_slo_bad_events_total`, what the objectives compute in process, with the default
+/// [`RuleOptions`]. Per objective:
 ///
-/// - a recording rule `headroom_slo:error_ratio:rate<window>{slo}` per window,
-/// - `headroom_slo:error_budget_remaining{slo}` over the period,
-/// - an alert per severity, `HeadroomSloPageBurn` or `HeadroomSloTicketBurn`, that fires while
-///   the error ratio is above `burn_rate * (1 - target)` over both windows of any of its
-///   alerts, labelled `slo` and `severity`, with a `runbook` annotation.
+/// - a group `headroom-slo-<name>` with a recording rule
+///   `headroom_slo:error_ratio:rate<window>{slo}` per alert window, and an alert per severity,
+///   `HeadroomSloPageBurn` or `HeadroomSloTicketBurn`, that fires while the error ratio is
+///   above `burn_rate * (1 - target)` over both windows of any of its alerts, labelled `slo`
+///   and `severity`, with `summary` and `runbook` annotations;
+/// - a group `headroom-slo-<name>-budget`, evaluated every 5 minutes, with the period's ratio
+///   and `headroom_slo:error_budget_remaining{slo}`. It reads the counters over the whole
+///   period: Prometheus must keep them that long (`--storage.tsdb.retention.time`, 15 days by
+///   default), or the budget covers only what it keeps.
 ///
 /// The rules sum over every instance, so they judge the fleet; each instance's
-/// [`Objective`](crate::Objective) judges its own requests.
+/// [`Objective`](crate::Objective) judges its own requests. The objectives are checked first,
+/// as [`SloConfig::validate`] does.
 ///
 /// ```
 /// use headroom_slo::{ObjectiveConfig, prometheus_rules};
 ///
-/// let rules = prometheus_rules(&[ObjectiveConfig::availability("checkout", 0.999)]);
+/// let rules = prometheus_rules(&[ObjectiveConfig::availability("checkout", 0.999)])?;
 /// assert!(rules.contains("record: \"headroom_slo:error_ratio:rate5m\""));
 /// assert!(rules.contains("alert: \"HeadroomSloPageBurn\""));
+/// # Ok::<(), headroom_slo::ConfigError>(())
 /// ```
-pub fn prometheus_rules(objectives: &[ObjectiveConfig]) -> String {
+pub fn prometheus_rules(objectives: &[ObjectiveConfig]) -> Result<String, ConfigError> {
+    prometheus_rules_with(objectives, &RuleOptions::default())
+}
+
+/// [`prometheus_rules`] with `options`.
+pub fn prometheus_rules_with(
+    objectives: &[ObjectiveConfig],
+    options: &RuleOptions,
+) -> Result<String, ConfigError> {
+    SloConfig {
+        objectives: objectives.to_vec(),
+    }
+    .validate()?;
+    if options.selector.contains(['{', '}', '\n']) {
+        return Err(ConfigError::new(
+            "",
+            "selector",
+            "must be label matchers only, without braces or line breaks",
+        ));
+    }
+    Ok(write(objectives, options))
+}
+
+/// The rules of objectives already checked.
+pub(crate) fn write(objectives: &[ObjectiveConfig], options: &RuleOptions) -> String {
     let mut out = String::from("groups:\n");
     for objective in objectives {
-        write_group(&mut out, objective);
+        write_groups(&mut out, objective, options);
     }
     out
 }
 
-fn write_group(out: &mut String, objective: &ObjectiveConfig) {
+fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOptions) {
     let name = &objective.name;
     let slo = promql_string(name);
-    let target = objective.target;
-    let _ = writeln!(
-        out,
-        "  - name: {}",
-        yaml_string(&format!("headroom-slo-{name}"))
-    );
-    let _ = writeln!(out, "    rules:");
-    for window in objective.windows() {
+    let selector = options.selector.trim();
+    let matchers = if selector.is_empty() {
+        format!("slo={slo}")
+    } else {
+        format!("slo={slo}, {selector}")
+    };
+    let ratio = |out: &mut String, window: Duration| {
         let range = prometheus_duration(window);
         let expr = format!(
-            "sum(rate(headroom_slo_bad_events_total{{slo={slo}}}[{range}])) / sum(rate(headroom_slo_events_total{{slo={slo}}}[{range}]))"
+            "sum(rate(headroom_slo_bad_events_total{{{matchers}}}[{range}])) / sum(rate(headroom_slo_events_total{{{matchers}}}[{range}]))"
         );
         write_rule(
             out,
@@ -56,10 +124,29 @@ fn write_group(out: &mut String, objective: &ObjectiveConfig) {
             &[("slo", name)],
             &[],
         );
+    };
+    let _ = writeln!(
+        out,
+        "  - name: {}",
+        yaml_string(&format!("headroom-slo-{name}"))
+    );
+    let _ = writeln!(out, "    rules:");
+    for window in objective.windows() {
+        if window != objective.period {
+            ratio(out, window);
+        }
     }
+    write_alerts(out, objective, options, &slo);
+
+    let budget_group = format!("headroom-slo-{name}-budget");
+    let _ = writeln!(out, "  - name: {}", yaml_string(&budget_group));
+    let _ = writeln!(out, "    interval: 5m");
+    let _ = writeln!(out, "    rules:");
+    ratio(out, objective.period);
     let expr = format!(
-        "1 - {}{{slo={slo}}} / (1 - {target:?})",
-        ratio_rule(objective.period)
+        "1 - {}{{slo={slo}}} / (1 - {:?})",
+        ratio_rule(objective.period),
+        objective.target
     );
     write_rule(
         out,
@@ -69,6 +156,11 @@ fn write_group(out: &mut String, objective: &ObjectiveConfig) {
         &[("slo", name)],
         &[],
     );
+}
+
+fn write_alerts(out: &mut String, objective: &ObjectiveConfig, options: &RuleOptions, slo: &str) {
+    let name = &objective.name;
+    let target = objective.target;
     for severity in [Severity::Page, Severity::Ticket] {
         let pairs: Vec<String> = objective
             .alerts
@@ -91,7 +183,8 @@ fn write_group(out: &mut String, objective: &ObjectiveConfig) {
             Severity::Ticket => ("HeadroomSloTicketBurn", "steadily enough for a ticket"),
         };
         let summary = format!("{name} is burning its error budget {meaning}");
-        let runbook = format!("docs/operations.md#{}", alert.to_lowercase());
+        // The anchor of the runbook's heading, "Runbook: <alert>".
+        let runbook = format!("{}#runbook-{}", options.runbook_url, alert.to_lowercase());
         write_rule(
             out,
             "alert",

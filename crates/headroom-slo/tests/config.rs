@@ -20,6 +20,12 @@ fn invalid_objectives_are_refused_with_the_field_at_fault() {
     let cases = [
         (ObjectiveConfig::availability("", 0.999), "name"),
         (ObjectiveConfig::availability("a\nb", 0.999), "name"),
+        (ObjectiveConfig::availability("a\u{2028}b", 0.999), "name"),
+        (ObjectiveConfig::availability("{{ $value }}", 0.999), "name"),
+        (
+            ObjectiveConfig::availability("x".repeat(129), 0.999),
+            "name",
+        ),
         (ObjectiveConfig::availability("checkout", 1.0), "target"),
         (
             ObjectiveConfig::availability("checkout", f64::NAN),
@@ -33,7 +39,7 @@ fn invalid_objectives_are_refused_with_the_field_at_fault() {
         (base().period(secs(1000 * 86_400)), "period"),
         (
             base().alerts([BurnAlert::new(Severity::Page, 14.4, secs(300), secs(3600))]),
-            "alerts.short_window",
+            "alerts[0].short_window",
         ),
         (
             base().alerts([BurnAlert::new(
@@ -42,7 +48,25 @@ fn invalid_objectives_are_refused_with_the_field_at_fault() {
                 secs(40 * 86_400),
                 secs(3600),
             )]),
-            "alerts.long_window",
+            "alerts[0].long_window",
+        ),
+        (
+            base().alerts([BurnAlert::new(
+                Severity::Page,
+                f64::NAN,
+                secs(3600),
+                secs(300),
+            )]),
+            "alerts[0].burn_rate",
+        ),
+        (
+            base().alerts([BurnAlert::new(
+                Severity::Page,
+                14.4,
+                secs(3600),
+                Duration::from_micros(300_000_500),
+            )]),
+            "alerts[0].short_window",
         ),
         // 1000 x 0.1 % is 100 %: an error ratio cannot exceed it.
         (
@@ -52,7 +76,7 @@ fn invalid_objectives_are_refused_with_the_field_at_fault() {
                 secs(3600),
                 secs(300),
             )]),
-            "alerts.burn_rate",
+            "alerts[0].burn_rate",
         ),
     ];
     for (config, field) in cases {

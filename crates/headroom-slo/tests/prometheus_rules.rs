@@ -7,7 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use headroom_core::ManualClock;
-use headroom_slo::{BurnAlert, Objective, ObjectiveConfig, Severity, prometheus_rules};
+use headroom_slo::{
+    BurnAlert, Objective, ObjectiveConfig, RuleOptions, Severity, prometheus_rules,
+    prometheus_rules_with,
+};
 
 fn promtool(args: &[&str]) -> String {
     let output = Command::new("promtool").args(args).output().unwrap_or_else(|error| {
@@ -55,10 +58,15 @@ fn generated_rules_pass_promtool_check() {
                 ),
             ]),
     ];
-    let file = scratch("check.yml", &prometheus_rules(&objectives));
+    let rules = prometheus_rules_with(
+        &objectives,
+        &RuleOptions::default().selector(r#"job="shop", env=~"prod.*""#),
+    )
+    .unwrap();
+    let file = scratch("check.yml", &rules);
     let report = promtool(&["check", "rules", path(&file)]);
     // Per objective: a ratio per window, the budget left, an alert per severity.
-    // checkout: 8 windows + 1 + 2; search: 5 windows (90s, 2h, 1h30m, 1d, 7d) + 1 + 2.
+    // checkout: 8 windows + 1 + 2; search: 5 windows (1m30s, 1h30m, 2h, 1d, 7d) + 1 + 2.
     assert!(report.contains("SUCCESS: 19 rules found"), "{report}");
 }
 
@@ -67,10 +75,14 @@ fn bad_in_minute(minute: u64) -> u64 {
     if (420..430).contains(&minute) { 200 } else { 0 }
 }
 
+/// Minute by minute, through the start and the end of a burn.
 #[test]
 fn prometheus_fires_the_page_when_the_objective_does() {
     let config = ObjectiveConfig::availability("checkout", 0.999);
-    let rules = scratch("page.yml", &prometheus_rules(std::slice::from_ref(&config)));
+    let rules = scratch(
+        "page.yml",
+        &prometheus_rules(std::slice::from_ref(&config)).unwrap(),
+    );
 
     // In process: the same requests, a minute's worth at each minute mark.
     let time = ManualClock::new();
@@ -82,7 +94,7 @@ fn prometheus_fires_the_page_when_the_objective_does() {
                 objective.record(request >= bad_in_minute(minute - 1));
             }
         }
-        if [422, 428, 440].contains(&minute) {
+        if (415..=445).contains(&minute) {
             in_process.push((minute, objective.evaluate().firing(Severity::Page)));
         }
         time.advance(Duration::from_secs(60));
@@ -91,7 +103,15 @@ fn prometheus_fires_the_page_when_the_objective_does() {
     // 30 min, which 2,000 bad in 360,000 never reach). 2 minutes in: 5 min at 20 %, but the
     // hour at 400 bad in about 60,000. 8 minutes in: 1,600 in the hour. 20 minutes in: the
     // hour still holds 2,000 bad, but the last 5 minutes are clean.
-    assert_eq!(in_process, [(422, false), (428, true), (440, false)]);
+    let firing_at = |minute: u64| {
+        in_process
+            .iter()
+            .any(|&(at, firing)| at == minute && firing)
+    };
+    assert_eq!(
+        (firing_at(422), firing_at(428), firing_at(440)),
+        (false, true, false)
+    );
 
     // In Prometheus: the counters as scraped every minute.
     let mut events = Vec::new();
@@ -104,7 +124,7 @@ fn prometheus_fires_the_page_when_the_objective_does() {
     }
     let alert = |minute: u64, firing: bool| {
         let expected = if firing {
-            "\n        exp_alerts:\n          - exp_labels: {severity: page, slo: checkout}\n            exp_annotations:\n              summary: checkout is burning its error budget fast enough to page\n              runbook: docs/operations.md#headroomslopageburn"
+            "\n        exp_alerts:\n          - exp_labels: {severity: page, slo: checkout}\n            exp_annotations:\n              summary: checkout is burning its error budget fast enough to page\n              runbook: https://github.com/headroom-rs/headroom/blob/main/docs/operations.md#runbook-headroomslopageburn"
         } else {
             "\n        exp_alerts: []"
         };
