@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{Clock, Stopwatch};
 use parking_lot::Mutex;
@@ -184,7 +185,9 @@ struct Recovery {
 /// The breaker state every clone shares.
 pub(crate) struct Shared {
     name: Arc<str>,
-    config: BreakerConfig,
+    /// Replaced whole at run time ([`CircuitBreaker::reconfigure`]); read where a decision is
+    /// made, not on a closed call's path.
+    config: ArcSwap<BreakerConfig>,
     /// Nanoseconds since the breaker was built, on its clock.
     time: Stopwatch,
     /// Generation (upper 62 bits) and state (lower 2 bits): one load tells a call what to do,
@@ -202,13 +205,26 @@ pub(crate) struct Shared {
     judged_epoch: AtomicU64,
     /// The last judgement found fewer than `minimum_calls`: the next call may complete them.
     short: AtomicBool,
-    slow_nanos: Option<u64>,
+    /// A call taking longer than this many nanoseconds is slow; [`NOT_TIMED`] when slow
+    /// calls are ignored.
+    slow_nanos: AtomicU64,
     events: broadcast::Sender<Transition>,
     metrics: Metrics,
 }
 
+/// No slow-call limit, or (as a ticket's start) a call admitted while there was none.
+const NOT_TIMED: u64 = u64::MAX;
+
 fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The slow-call limit of `config` in nanoseconds, or [`NOT_TIMED`].
+fn slow_nanos(config: &BreakerConfig) -> u64 {
+    match config.slow_call_ratio {
+        Some(_) => nanos(config.slow_call_duration).min(NOT_TIMED - 1),
+        None => NOT_TIMED,
+    }
 }
 
 /// The state word of the generation after `word`'s, in state `to`.
@@ -233,10 +249,10 @@ impl Shared {
     fn ticket(&self, word: u64) -> Ticket {
         Ticket {
             word,
-            start_nanos: if self.slow_nanos.is_some() {
-                self.now_nanos()
+            start_nanos: if self.slow_nanos.load(Ordering::Relaxed) == NOT_TIMED {
+                NOT_TIMED
             } else {
-                0
+                self.now_nanos()
             },
         }
     }
@@ -284,11 +300,11 @@ impl Shared {
             HALF_OPEN => {
                 let probes = self.probes.load(Ordering::Acquire);
                 let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
-                    && probes & PROBE_COUNT_MASK >= u64::from(self.config.half_open_probes);
+                    && probes & PROBE_COUNT_MASK >= u64::from(self.config.load().half_open_probes);
                 let stalled = self
                     .now_nanos()
                     .saturating_sub(self.half_open_since.load(Ordering::Acquire))
-                    >= nanos(self.config.half_open_max_wait);
+                    >= nanos(self.config.load().half_open_max_wait);
                 (full && !stalled).then_some(CircuitOpen {
                     state: State::HalfOpen,
                     retry_after: None,
@@ -309,7 +325,7 @@ impl Shared {
 
     fn admit_probe(&self, word: u64) -> Result<Ticket, CircuitOpen> {
         let tag = probe_tag(word);
-        let limit = u64::from(self.config.half_open_probes);
+        let limit = u64::from(self.config.load().half_open_probes);
         let mut probes = self.probes.load(Ordering::Acquire);
         while probes & !PROBE_COUNT_MASK == tag && probes & PROBE_COUNT_MASK < limit {
             match self.probes.compare_exchange_weak(
@@ -324,7 +340,7 @@ impl Shared {
         }
         let now = self.now_nanos();
         let since = self.half_open_since.load(Ordering::Acquire);
-        if now.saturating_sub(since) >= nanos(self.config.half_open_max_wait)
+        if now.saturating_sub(since) >= nanos(self.config.load().half_open_max_wait)
             && self.transition(word, State::Open, Reason::ProbesStalled)
         {
             let until = self.open_until.load(Ordering::Acquire);
@@ -353,12 +369,13 @@ impl Shared {
     }
 
     pub(crate) fn finish(&self, ticket: Ticket, outcome: Outcome) {
-        let timed = self.window.is_timed() || self.slow_nanos.is_some();
+        let slow_nanos = self.slow_nanos.load(Ordering::Relaxed);
+        let timed = self.window.is_timed() || slow_nanos != NOT_TIMED;
         let now = if timed { self.now_nanos() } else { 0 };
+        // A call admitted while slow calls were ignored started untimed and is never slow.
         let slow = matches!(outcome, Outcome::Success | Outcome::Failure)
-            && self
-                .slow_nanos
-                .is_some_and(|limit| now.saturating_sub(ticket.start_nanos) > limit);
+            && slow_nanos != NOT_TIMED
+            && now.saturating_sub(ticket.start_nanos) > slow_nanos;
         if slow {
             self.metrics.slow.increment(1);
         }
@@ -377,7 +394,7 @@ impl Shared {
             }
             Outcome::Cancelled => {
                 self.metrics.cancelled.increment(1);
-                self.config.count_cancelled.then_some(true)
+                self.config.load().count_cancelled.then_some(true)
             }
         };
         let sample = failure.map(|failure| Sample { failure, slow });
@@ -403,7 +420,7 @@ impl Shared {
                         return;
                     }
                     recovery.probes_succeeded += 1;
-                    if recovery.probes_succeeded >= self.config.half_open_probes {
+                    if recovery.probes_succeeded >= self.config.load().half_open_probes {
                         self.transition_locked(
                             &mut recovery,
                             ticket.word,
@@ -437,7 +454,8 @@ impl Shared {
     /// Opens the circuit if the window holds enough calls and a ratio reached its threshold.
     fn judge(&self, word: u64, now: u64) {
         let totals = self.window.totals(now);
-        let short = totals.calls < u64::from(self.config.minimum_calls);
+        let config = self.config.load();
+        let short = totals.calls < u64::from(config.minimum_calls);
         if self.short.load(Ordering::Relaxed) != short {
             self.short.store(short, Ordering::Relaxed);
         }
@@ -445,10 +463,9 @@ impl Shared {
             return;
         }
         let calls = totals.calls as f64;
-        let reason = if totals.failures as f64 >= self.config.failure_ratio * calls {
+        let reason = if totals.failures as f64 >= config.failure_ratio * calls {
             Reason::FailureRatio
-        } else if self
-            .config
+        } else if config
             .slow_call_ratio
             .is_some_and(|ratio| totals.slow as f64 >= ratio * calls)
         {
@@ -482,11 +499,11 @@ impl Shared {
             State::Open => {
                 recovery.opens = recovery.opens.saturating_add(1);
                 let doubling = 1u32 << (recovery.opens - 1).min(31);
-                let open_for = self
-                    .config
+                let config = self.config.load();
+                let open_for = config
                     .open_duration
                     .saturating_mul(doubling)
-                    .min(self.config.max_open_duration);
+                    .min(config.max_open_duration);
                 self.open_until
                     .store(now.saturating_add(nanos(open_for)), Ordering::Release);
             }
@@ -617,6 +634,38 @@ impl<E> CircuitBreaker<E> {
     /// The name given at build time (the `breaker` label of its metrics).
     pub fn name(&self) -> &str {
         &self.inner.shared.name
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> BreakerConfig {
+        BreakerConfig::clone(&self.inner.shared.config.load())
+    }
+
+    /// Replaces the thresholds while the breaker runs: failure and slow-call ratios, the slow
+    /// call duration, the minimum calls, open durations, half-open probes and their wait. The
+    /// state and the calls in the window are kept; the next judgement uses the new thresholds.
+    /// The window's kind and size are fixed when the breaker is built, so a configuration
+    /// that changes them is refused, as is an invalid one; the settings in force stay.
+    pub fn reconfigure(&self, config: BreakerConfig) -> Result<(), ConfigError> {
+        self.check(&config)?;
+        let shared = &self.inner.shared;
+        shared
+            .slow_nanos
+            .store(slow_nanos(&config), Ordering::Relaxed);
+        shared.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// Whether [`reconfigure`](Self::reconfigure) would accept `config`.
+    pub fn check(&self, config: &BreakerConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        if config.window != self.inner.shared.config.load().window {
+            return Err(ConfigError::new(
+                "window",
+                "the window the breaker was built with (build a new breaker to change it)",
+            ));
+        }
+        Ok(())
     }
 
     /// Asks to make one call. The permit must be told how the call ended; dropping it unused
@@ -880,12 +929,9 @@ impl<E> CircuitBreakerBuilder<E> {
         let metrics = Metrics::new(&name);
         metrics.state.set(0.0);
         let shared = Shared {
-            slow_nanos: self
-                .config
-                .slow_call_ratio
-                .map(|_| nanos(self.config.slow_call_duration)),
+            slow_nanos: AtomicU64::new(slow_nanos(&self.config)),
             name,
-            config: self.config,
+            config: ArcSwap::from_pointee(self.config),
             time: self.clock.stopwatch(),
             state: AtomicU64::new(CLOSED),
             open_until: AtomicU64::new(0),

@@ -506,3 +506,75 @@ fn a_refusal_says_which_state_refused() {
     assert_eq!(open.state(), State::Open);
     assert_eq!(open.to_string(), "circuit open, retry after 10s");
 }
+
+/// New thresholds apply to the calls already in the window, at the next judgement; the state
+/// and the window are kept.
+#[test]
+fn reconfigured_thresholds_judge_the_calls_already_counted() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let mut config = breaker.config();
+    config.failure_ratio = 0.9;
+    breaker.reconfigure(config.clone()).unwrap();
+    record(&breaker, 6, 4);
+    assert_eq!(breaker.state(), State::Closed, "6 failures in 10 < 0.9");
+    config.failure_ratio = 0.5;
+    breaker.reconfigure(config).unwrap();
+    // The window still holds 6 failures in 10: the next failure is judged against 0.5.
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open);
+}
+
+/// A window of another kind or size, or an invalid threshold, is refused; the settings in
+/// force stay.
+#[test]
+fn a_reconfiguration_that_changes_the_window_or_is_invalid_is_refused() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let before = breaker.config();
+    let mut other_window = before.clone();
+    other_window.window = headroom_breaker::config::WindowConfig::Count { size: 20 };
+    assert_eq!(
+        breaker.reconfigure(other_window).unwrap_err().field(),
+        "window"
+    );
+    let mut invalid = before.clone();
+    invalid.failure_ratio = 0.0;
+    assert_eq!(
+        breaker.reconfigure(invalid).unwrap_err().field(),
+        "failure_ratio"
+    );
+    assert_eq!(breaker.config(), before);
+}
+
+/// Slow calls switched on at run time judge only calls admitted afterwards: a call admitted
+/// while duration was ignored was never timed and is not slow, however late it ends.
+#[test]
+fn slow_calls_switched_on_at_run_time_time_only_later_calls() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let untimed = breaker.try_acquire().unwrap();
+    let mut config = breaker.config();
+    // Every call in the window must be slow to open it.
+    config.slow_call_ratio = Some(1.0);
+    config.slow_call_duration = Duration::from_millis(100);
+    breaker.reconfigure(config).unwrap();
+    manual.advance(Duration::from_secs(1));
+    untimed.success();
+    let slow_call = || {
+        let timed = breaker.try_acquire().unwrap();
+        manual.advance(Duration::from_secs(1));
+        timed.success();
+    };
+    for _ in 0..9 {
+        slow_call();
+    }
+    assert_eq!(
+        breaker.state(),
+        State::Closed,
+        "9 slow calls in 10: the untimed one was not slow"
+    );
+    // One more slow call pushes the untimed one out of the window: 10 slow in 10.
+    slow_call();
+    assert_eq!(breaker.state(), State::Open);
+}

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, join_all};
@@ -20,9 +21,9 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::codec::ValueCodec;
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, TtlConfig};
 use crate::envelope;
-use crate::error::{CacheError, CacheErrorKind};
+use crate::error::{CacheError, CacheErrorKind, ConfigError};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
@@ -169,6 +170,11 @@ pub(crate) struct Inner<K, V> {
     l2: Option<Arc<L2>>,
     codec: Box<dyn ValueCodec<V>>,
     config: CacheConfig,
+    /// The lifetimes new entries get; `config`'s until replaced at run time.
+    ttls: ArcSwap<TtlConfig>,
+    /// The longest any entry written so far can live, in milliseconds: the lifetime under
+    /// every TTL configuration the cache has had, which tags and tombstones must outlive.
+    longest_lifetime_ms: AtomicU64,
     ttl_by: Option<TtlFn<V>>,
     clock: Clock,
     metrics: Arc<Metrics>,
@@ -233,6 +239,8 @@ where
                 l1,
                 l2,
                 codec,
+                ttls: ArcSwap::from_pointee(config.ttls()),
+                longest_lifetime_ms: AtomicU64::new(millis(config.max_entry_lifetime())),
                 config,
                 ttl_by,
                 clock,
@@ -265,9 +273,46 @@ where
         cache
     }
 
-    /// The cache's configuration.
+    /// The cache's configuration, as built: the lifetimes in force are [`ttls`](Self::ttls).
     pub fn config(&self) -> &CacheConfig {
         &self.inner.config
+    }
+
+    /// How many keys have a load running now. It returns to 0 once loads finish, whether
+    /// they succeed, fail, time out, panic or lose every caller; a count that stays above 0
+    /// with no traffic is a load that never ends (see `loader_hard_timeout`).
+    pub fn loads_in_flight(&self) -> usize {
+        self.inner.in_flight.lock().len()
+    }
+
+    /// The lifetimes entries written now get.
+    pub fn ttls(&self) -> TtlConfig {
+        TtlConfig::clone(&self.inner.ttls.load())
+    }
+
+    /// Replaces the lifetimes of the entries written from now on, while the cache runs;
+    /// entries already cached keep the deadlines they were written with. A longer TTL than
+    /// the cache was built with keeps entries in L2 that long (L1 still drops them after the
+    /// lifetime it was built with, and reads them back from L2); the cache remembers the
+    /// longest lifetime it ever gave, for how long removals and tag invalidations must hide
+    /// older copies. An invalid configuration is refused and the one in force stays.
+    pub fn reconfigure_ttls(&self, ttls: TtlConfig) -> Result<(), ConfigError> {
+        ttls.validate()?;
+        let inner = &*self.inner;
+        let lifetime = ttls
+            .ttl
+            .saturating_add(ttls.ttl_jitter)
+            .saturating_add(inner.config.fail_safe_max_stale);
+        // Raised before the new TTLs are used, so that nothing written under them outlives
+        // what removals account for.
+        inner
+            .longest_lifetime_ms
+            .fetch_max(millis(lifetime), Ordering::Relaxed);
+        if let Some(l2) = &inner.l2 {
+            l2.outlive(lifetime);
+        }
+        inner.ttls.store(Arc::new(ttls));
+        Ok(())
     }
 
     /// Reads a value from L1, then L2; never calls a loader.
@@ -779,7 +824,7 @@ where
         let at = hidden.entry(tag.into()).or_insert(0);
         *at = (*at).max(at_unix_ms);
         if hidden.len() > MAX_HIDDEN_TAGS {
-            let alive = millis(self.config.max_entry_lifetime());
+            let alive = self.longest_lifetime_ms.load(Ordering::Relaxed);
             let oldest = self.clock.unix_millis().saturating_sub(alive);
             hidden.retain(|_, at| *at >= oldest);
             if hidden.len() > MAX_HIDDEN_TAGS {
@@ -814,7 +859,7 @@ where
 
     /// The deadlines of a value produced now.
     fn times(&self, value: Option<&V>) -> Times {
-        let config = &self.config;
+        let config = self.ttls.load();
         let (ttl, soft) = match value {
             Some(value) => {
                 let ttl = self
@@ -941,7 +986,9 @@ where
         let config = &self.config;
         let ttl = config
             .loader_hard_timeout
-            .unwrap_or_else(|| config.max_entry_lifetime())
+            .unwrap_or_else(|| {
+                Duration::from_millis(self.longest_lifetime_ms.load(Ordering::Relaxed))
+            })
             .saturating_add(config.l2_timeout)
             .max(Duration::from_millis(1));
         let expires = at_unix_ms.saturating_add(millis(ttl));
@@ -1135,7 +1182,7 @@ where
         match result {
             Ok(value) => {
                 self.metrics.loads.increment(1);
-                let cached = value.is_some() || self.config.negative_ttl.is_some();
+                let cached = value.is_some() || self.ttls.load().negative_ttl.is_some();
                 let entry = if cached {
                     let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
                     self.store(&key, value.clone(), write, version, tags)
@@ -1500,7 +1547,7 @@ where
                 for &i in &to_load {
                     let key = &keys[i];
                     let value = found.remove(key);
-                    let entry = if value.is_some() || self.config.negative_ttl.is_some() {
+                    let entry = if value.is_some() || self.ttls.load().negative_ttl.is_some() {
                         let tags = held[i].clone().flatten();
                         self.store(key, value.clone(), writes[i], version, tags)
                     } else if held[i].is_some() {

@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::ConfigError;
+
 /// The tunable settings of a cache, loadable with serde (feature `serde`, human-readable
 /// durations). Every field has a default; [`CacheBuilder`](crate::CacheBuilder) sets them one
 /// by one or all at once with [`CacheBuilder::config`](crate::CacheBuilder::config).
@@ -126,6 +128,16 @@ impl CacheConfig {
             .saturating_add(self.fail_safe_max_stale)
     }
 
+    /// The lifetimes this configuration gives new entries.
+    pub fn ttls(&self) -> TtlConfig {
+        TtlConfig {
+            ttl: self.ttl,
+            soft_ttl: self.soft_ttl,
+            ttl_jitter: self.ttl_jitter,
+            negative_ttl: self.negative_ttl,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
         if self.ttl.is_zero() {
             return Err("ttl must be greater than zero");
@@ -141,6 +153,48 @@ impl CacheConfig {
         }
         if self.l2_failure_threshold == 0 {
             return Err("l2_failure_threshold must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The lifetimes a cache gives the entries it writes from now on, replaceable while it runs
+/// ([`Cache::reconfigure_ttls`](crate::Cache::reconfigure_ttls)); the fields mean what they
+/// mean in [`CacheConfig`].
+///
+/// ```
+/// # #[cfg(feature = "serde")] {
+/// let ttls: headroom_cache::TtlConfig =
+///     serde_json::from_str(r#"{ "ttl": "10m", "soft_ttl": "8m" }"#).unwrap();
+/// assert_eq!(ttls.ttl, std::time::Duration::from_secs(600));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct TtlConfig {
+    /// How long a value is served (hard TTL).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub ttl: Duration,
+    /// After this age a hit is refreshed in the background. `None`: no eager refresh.
+    #[cfg_attr(feature = "serde", serde(default, with = "humantime_serde"))]
+    pub soft_ttl: Option<Duration>,
+    /// Up to this much is added at random to each entry's TTLs.
+    #[cfg_attr(feature = "serde", serde(default, with = "humantime_serde"))]
+    pub ttl_jitter: Duration,
+    /// How long a "not found" answer is cached. `None`: not cached.
+    #[cfg_attr(feature = "serde", serde(default, with = "humantime_serde"))]
+    pub negative_ttl: Option<Duration>,
+}
+
+impl TtlConfig {
+    /// Checks the lifetimes, as building a cache does.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ttl.is_zero() {
+            return Err(ConfigError::new("ttl must be greater than zero"));
+        }
+        if self.negative_ttl.is_some_and(|ttl| ttl.is_zero()) {
+            return Err(ConfigError::new("negative_ttl must be greater than zero"));
         }
         Ok(())
     }

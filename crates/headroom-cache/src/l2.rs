@@ -42,8 +42,9 @@ pub(crate) struct L2 {
     max_pending: usize,
     generation: AtomicU64,
     draining: AtomicBool,
-    /// The longest an entry written by this cache lives in L2.
-    max_lifetime: Duration,
+    /// The longest an entry written by this cache lives in L2, in nanoseconds (raised when
+    /// its TTLs grow at run time, never lowered).
+    max_lifetime: AtomicU64,
     origin: Instant,
     /// Nanoseconds after `origin` until which L2 reads are skipped; zero when trusted.
     untrusted_until: AtomicU64,
@@ -78,7 +79,9 @@ impl L2 {
             .build()
             .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
         Ok(Self {
-            max_lifetime,
+            max_lifetime: AtomicU64::new(
+                u64::try_from(max_lifetime.as_nanos()).unwrap_or(u64::MAX),
+            ),
             origin: clock.now(),
             untrusted_until: AtomicU64::new(0),
             deletes_announced_to: OnceLock::new(),
@@ -269,6 +272,12 @@ impl L2 {
         let _ = self.deletes_announced_to.set(publisher);
     }
 
+    /// Entries written from now on may live `lifetime` in L2.
+    pub(crate) fn outlive(&self, lifetime: Duration) {
+        let nanos = u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX);
+        self.max_lifetime.fetch_max(nanos, Ordering::Relaxed);
+    }
+
     /// The keys' L2 copies may be outdated: remember them and make sure a drain runs.
     pub(crate) fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = &'k Key>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel);
@@ -278,12 +287,12 @@ impl L2 {
                 if pending.len() >= self.max_pending && !pending.contains_key(key) {
                     // This key's outdated copy cannot be tracked: distrust all of L2 until any
                     // copy written before now has expired.
-                    let lifetime = u64::try_from(self.max_lifetime.as_nanos()).unwrap_or(u64::MAX);
+                    let lifetime = self.max_lifetime.load(Ordering::Relaxed);
                     let until = self.since_origin().saturating_add(lifetime).max(1);
                     self.untrusted_until.fetch_max(until, Ordering::AcqRel);
                     tracing::warn!(
                         namespace = %self.namespace,
-                        for_ = ?self.max_lifetime,
+                        for_ = ?Duration::from_nanos(lifetime),
                         "too many pending L2 deletes; L2 reads paused",
                     );
                     break;

@@ -104,7 +104,7 @@ mod metrics;
 pub use builder::CacheBuilder;
 pub(crate) use builder::TtlFn;
 pub use cache::Cache;
-pub use config::CacheConfig;
+pub use config::{CacheConfig, TtlConfig};
 pub use error::{CacheError, CacheErrorKind, ConfigError};
 pub use invalidation::{InvalidationConfig, ShutdownGroup};
 pub use key::CacheKey;

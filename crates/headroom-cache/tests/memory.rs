@@ -1780,3 +1780,38 @@ async fn writers_that_remove_after_the_database_write_leave_the_last_row_in_any_
         );
     }
 }
+
+/// New lifetimes apply to what is written from then on; entries already cached keep their
+/// deadlines, and an invalid configuration changes nothing.
+#[tokio::test]
+async fn reconfigured_ttls_apply_to_new_entries_only() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .l2(store(&clock), ns())
+        .build()
+        .unwrap();
+    let loads = Counter::default();
+    let (old, new) = (key("old"), key("new"));
+    cache.get_or_load(&old, loads.loader()).await.unwrap();
+    let mut longer = cache.ttls();
+    longer.ttl = 30 * SEC;
+    cache.reconfigure_ttls(longer.clone()).unwrap();
+    cache.get_or_load(&new, loads.loader()).await.unwrap();
+    clock.advance(10 * SEC);
+    assert_eq!(cache.get(&old).await.unwrap(), None, "kept its 10 s");
+    clock.advance(19 * SEC);
+    assert_eq!(
+        cache.get(&new).await.unwrap().unwrap(),
+        "new#2",
+        "lives 30 s"
+    );
+    clock.advance(SEC);
+    assert_eq!(cache.get(&new).await.unwrap(), None);
+
+    let mut invalid = longer.clone();
+    invalid.ttl = Duration::ZERO;
+    assert!(cache.reconfigure_ttls(invalid).is_err());
+    assert_eq!(cache.ttls(), longer, "the lifetimes in force stay");
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::future::{Either, select};
 use headroom_core::{Classify, Clock};
 use parking_lot::Mutex;
@@ -69,6 +70,24 @@ pub struct QueueConfig {
     /// Serve the newest item first while overloaded (default off): fresh requests still meet
     /// their callers' deadlines while the stale ones age out.
     pub adaptive_lifo: bool,
+}
+
+impl QueueConfig {
+    /// Checks every setting, as [`WorkQueueBuilder::build`] and [`WorkQueue::reconfigure`] do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.capacity == 0 {
+            return Err(ConfigError::new("capacity", "must be at least 1"));
+        }
+        if let Some(codel) = &self.codel {
+            if codel.target.is_zero() {
+                return Err(ConfigError::new("codel.target", "must be positive"));
+            }
+            if codel.interval.is_zero() {
+                return Err(ConfigError::new("codel.interval", "must be positive"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for QueueConfig {
@@ -205,7 +224,7 @@ impl<T> Clone for WorkQueue<T> {
 
 struct Inner<T> {
     name: Arc<str>,
-    config: QueueConfig,
+    config: ArcSwap<QueueConfig>,
     clock: Clock,
     state: Mutex<State<T>>,
     items: Notify,
@@ -311,7 +330,7 @@ impl<T> WorkQueue<T> {
     /// Only [`Overflow::Wait`] ever waits, and never past the item's deadline. Dropping the
     /// future while it waits drops the item and leaves the queue as it was.
     pub async fn push_with(&self, item: T, how: Enqueue) -> Result<(), PushError<T>> {
-        let Overflow::Wait { timeout } = self.inner.config.overflow else {
+        let Overflow::Wait { timeout } = self.inner.config.load().overflow else {
             return self.try_push_with(item, how);
         };
         let clock = &self.inner.clock;
@@ -382,6 +401,7 @@ impl<T> WorkQueue<T> {
         if how.deadline.is_some_and(|deadline| deadline <= now) {
             return Err(self.refuse(item, how.priority, Reason::DeadlineExpired));
         }
+        let config = inner.config.load();
         let mut state = inner.state.lock();
         if state.closed {
             drop(state);
@@ -390,13 +410,13 @@ impl<T> WorkQueue<T> {
         // Allocates only when expired items are found; an eviction needs no buffer.
         let mut expired = Vec::new();
         let mut evicted = None;
-        if state.len >= inner.config.capacity {
+        if state.len >= config.capacity {
             Self::drop_expired(&mut state, now, &mut expired);
-            if state.len >= inner.config.capacity {
-                evicted = self.evict_for(&mut state, how.priority);
+            if state.len >= config.capacity {
+                evicted = self.evict_for(&mut state, how.priority, config.overflow);
             }
         }
-        let result = if state.len < inner.config.capacity {
+        let result = if state.len < config.capacity {
             state.classes[how.priority.index()].push_back(Entry {
                 item,
                 priority: how.priority,
@@ -460,13 +480,18 @@ impl<T> WorkQueue<T> {
 
     /// Evicts one item from a full queue to make room for `incoming`, if the priorities or
     /// the overflow policy allow it.
-    fn evict_for(&self, state: &mut State<T>, incoming: Priority) -> Option<(T, Overloaded)> {
+    fn evict_for(
+        &self,
+        state: &mut State<T>,
+        incoming: Priority,
+        overflow: Overflow,
+    ) -> Option<(T, Overloaded)> {
         // Less important work makes room for more important work, oldest first.
         let lower = Priority::ALL
             .iter()
             .rev()
             .find(|p| **p > incoming && !state.classes[p.index()].is_empty());
-        let victim_class = match (lower, self.inner.config.overflow) {
+        let victim_class = match (lower, overflow) {
             (Some(lower), _) => *lower,
             (None, Overflow::DropOldest) => incoming,
             (None, _) => return None,
@@ -511,6 +536,7 @@ impl<T> WorkQueue<T> {
     fn take(&self) -> Take<T> {
         let inner = &*self.inner;
         let now = inner.clock.now();
+        let config = inner.config.load();
         let mut state = inner.state.lock();
         let Some(index) = state.classes.iter().position(|class| !class.is_empty()) else {
             return if state.closed {
@@ -519,15 +545,15 @@ impl<T> WorkQueue<T> {
                 Take::Empty
             };
         };
-        let overloaded = match inner.config.codel {
+        let overloaded = match config.codel {
             Some(_) => state.codel.overloaded,
-            None => state.len * 2 > inner.config.capacity,
+            None => state.len * 2 > config.capacity,
         };
-        let lifo = inner.config.adaptive_lifo && overloaded;
+        let lifo = config.adaptive_lifo && overloaded;
         let class = &mut state.classes[index];
         let entry = if lifo {
             // Serving the newest first lets the oldest age out; shed it once it is stale.
-            let stale = inner.config.codel.is_some_and(|codel| {
+            let stale = config.codel.is_some_and(|codel| {
                 class.front().is_some_and(|oldest| {
                     now.saturating_duration_since(oldest.enqueued) > codel.target * 2
                 })
@@ -545,7 +571,7 @@ impl<T> WorkQueue<T> {
         };
         state.len -= 1;
         let delay = now.saturating_duration_since(entry.enqueued);
-        let codel_shed = match &inner.config.codel {
+        let codel_shed = match &config.codel {
             Some(config) => state.codel.observe(config, now, delay),
             None => false,
         };
@@ -615,9 +641,26 @@ impl<T> WorkQueue<T> {
         self.len() == 0
     }
 
-    /// The queue's configuration.
-    pub fn config(&self) -> &QueueConfig {
-        &self.inner.config
+    /// The name given at build time (the `queue` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> QueueConfig {
+        QueueConfig::clone(&self.inner.config.load())
+    }
+
+    /// Replaces the configuration while the queue runs. Growing the capacity lets waiting
+    /// pushes in at once; shrinking it drops nothing: queued items stay, and pushes are
+    /// refused until consumers bring the queue under the new capacity. An invalid
+    /// configuration is refused and the one in force stays.
+    pub fn reconfigure(&self, config: QueueConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.inner.config.store(Arc::new(config));
+        // Waiting pushes look again: there may be room now.
+        self.inner.space.notify_waiters();
+        Ok(())
     }
 
     /// How long the most recently handed-out item had waited.
@@ -637,7 +680,7 @@ impl<T> fmt::Debug for WorkQueue<T> {
         f.debug_struct("WorkQueue")
             .field("name", &self.inner.name)
             .field("len", &self.len())
-            .field("config", &self.inner.config)
+            .field("config", &**self.inner.config.load())
             .finish()
     }
 }
@@ -689,22 +732,12 @@ impl<T> WorkQueueBuilder<T> {
 
     /// Builds the queue, or says which setting is out of range.
     pub fn build(self) -> Result<WorkQueue<T>, ConfigError> {
-        if self.config.capacity == 0 {
-            return Err(ConfigError::new("capacity", "must be at least 1"));
-        }
-        if let Some(codel) = &self.config.codel {
-            if codel.target.is_zero() {
-                return Err(ConfigError::new("codel.target", "must be positive"));
-            }
-            if codel.interval.is_zero() {
-                return Err(ConfigError::new("codel.interval", "must be positive"));
-            }
-        }
+        self.config.validate()?;
         Ok(WorkQueue {
             inner: Arc::new(Inner {
                 metrics: AdmissionMetrics::new("queue", &self.name),
                 name: Arc::from(self.name),
-                config: self.config,
+                config: ArcSwap::from_pointee(self.config),
                 clock: self.clock,
                 state: Mutex::new(State {
                     classes: Default::default(),

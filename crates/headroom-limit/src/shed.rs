@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use headroom_core::Signal;
 
 use crate::metrics::Rejections;
@@ -57,7 +58,9 @@ impl Default for LoadShedConfig {
 }
 
 impl LoadShedConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every setting, as [`LoadShedderBuilder::build`] and
+    /// [`LoadShedder::reconfigure`] do.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         for (field, value) in [
             ("critical_at", self.critical_at),
             ("default_at", self.default_at),
@@ -88,8 +91,8 @@ impl LoadShedConfig {
 /// A bulkhead alone treats every caller alike: when it is full, whoever comes next is refused.
 /// The shedder looks at how loaded the bulkhead is and refuses the less important classes
 /// first, keeping the remaining room for critical work. Refusals are typed
-/// ([`Overloaded`] with [`Reason::InFlight`], [`Reason::AdaptiveLimit`] or
-/// [`Reason::QueueDelay`]) and counted by priority and reason
+/// ([`Overloaded`] with [`Reason::InFlight`], [`Reason::AdaptiveLimit`],
+/// [`Reason::QueueDelay`] or [`Reason::Signal`]) and counted by priority and reason
 /// (`headroom_limit_rejected_total{shedder, priority, reason}`).
 ///
 /// ```
@@ -116,7 +119,7 @@ pub struct LoadShedder {
 struct Inner {
     name: Arc<str>,
     bulkhead: Bulkhead,
-    config: LoadShedConfig,
+    config: ArcSwap<LoadShedConfig>,
     rejections: Rejections,
     signals: Vec<(Signal, Priority)>,
 }
@@ -162,10 +165,11 @@ impl LoadShedder {
             return Some(Reason::Signal);
         }
         let bulkhead = &inner.bulkhead;
+        let config = inner.config.load();
         let threshold = match priority {
-            Priority::Critical => inner.config.critical_at,
-            Priority::Default => inner.config.default_at,
-            Priority::Sheddable => inner.config.sheddable_at,
+            Priority::Critical => config.critical_at,
+            Priority::Default => config.default_at,
+            Priority::Sheddable => config.sheddable_at,
         };
         let capacity = (bulkhead.limit() + bulkhead.max_queued()) as f64;
         let concurrency = (bulkhead.in_use() + bulkhead.queued()) as f64 / capacity;
@@ -176,16 +180,15 @@ impl LoadShedder {
                 Reason::InFlight
             });
         }
-        let target = inner.config.queue_delay_target?;
+        let target = config.queue_delay_target?;
         let delay = bulkhead.queue_delay();
         if delay.is_zero() {
             return None;
         }
         // Only admissions refresh the signal, and a shedder refusing everything admits
         // nobody: left as it was, the signal would keep every priority out for good.
-        let fade = 1.0
-            - bulkhead.queue_delay_age().as_secs_f64()
-                / inner.config.queue_delay_decay.as_secs_f64();
+        let fade =
+            1.0 - bulkhead.queue_delay_age().as_secs_f64() / config.queue_delay_decay.as_secs_f64();
         let load = delay.as_secs_f64() / target.as_secs_f64() * fade.max(0.0);
         (load >= threshold).then_some(Reason::QueueDelay)
     }
@@ -203,6 +206,24 @@ impl LoadShedder {
         self.acquire(priority).await.map(Permit::into_owned)
     }
 
+    /// The guarded bulkhead's name (the `shedder` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The thresholds in force.
+    pub fn config(&self) -> LoadShedConfig {
+        LoadShedConfig::clone(&self.inner.config.load())
+    }
+
+    /// Replaces the thresholds while the shedder runs: the next check uses them. An invalid
+    /// configuration is refused and the one in force stays.
+    pub fn reconfigure(&self, config: LoadShedConfig) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.inner.config.store(Arc::new(config));
+        Ok(())
+    }
+
     /// The guarded bulkhead.
     pub fn bulkhead(&self) -> &Bulkhead {
         &self.inner.bulkhead
@@ -218,7 +239,8 @@ impl fmt::Debug for LoadShedder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LoadShedder")
             .field("bulkhead", &self.inner.bulkhead)
-            .field("config", &self.inner.config)
+            .field("config", &**self.inner.config.load())
+            .field("signals", &self.inner.signals)
             .finish()
     }
 }
@@ -249,7 +271,13 @@ impl LoadShedderBuilder {
 
     /// Refuses work of `up_to` and less important priorities while `signal` is raised, with
     /// [`Reason::Signal`], whatever the load: give it an SLO's page signal to keep the error
-    /// budget for the work that matters while it burns fast.
+    /// budget for the work that matters while it burns fast. `up_to` may not be
+    /// [`Priority::Critical`], which would refuse everything.
+    ///
+    /// Record the SLO inside the shedder (its layer after the shedder's), so that what the
+    /// shedder refuses is not counted against the budget it protects, and keep the objective
+    /// evaluated on a timer (`Objective::evaluate_every`), so that the signal is lowered even
+    /// when little traffic reaches it.
     pub fn shed_while(mut self, signal: Signal, up_to: Priority) -> Self {
         self.signals.push((signal, up_to));
         self
@@ -264,13 +292,23 @@ impl LoadShedderBuilder {
     /// Builds the shedder, or says which setting is out of range.
     pub fn build(self) -> Result<LoadShedder, ConfigError> {
         self.config.validate()?;
+        if self
+            .signals
+            .iter()
+            .any(|(_, up_to)| *up_to == Priority::Critical)
+        {
+            return Err(ConfigError::new(
+                "shed_while",
+                "may not shed critical work: that would refuse every request",
+            ));
+        }
         let name: Arc<str> = Arc::from(self.bulkhead.name());
         Ok(LoadShedder {
             inner: Arc::new(Inner {
                 rejections: Rejections::new("shedder", &name),
                 name,
                 bulkhead: self.bulkhead,
-                config: self.config,
+                config: ArcSwap::from_pointee(self.config),
                 signals: self.signals,
             }),
         })

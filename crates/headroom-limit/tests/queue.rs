@@ -521,3 +521,53 @@ async fn queued_gauge_counts_items_evicted_or_expired_on_push() {
     assert_eq!(drain(&queue), [8]);
     assert_eq!(gauges.get(QUEUED), 0.0);
 }
+
+/// Shrinking the capacity drops nothing: queued items stay and pushes are refused until the
+/// queue is under the new capacity. Growing it lets a push that waits for room in at once.
+#[tokio::test(start_paused = true)]
+async fn a_reconfigured_capacity_keeps_queued_items_and_wakes_waiting_pushes() {
+    let queue: WorkQueue<u32> = WorkQueue::builder("resized")
+        .capacity(4)
+        .overflow(Overflow::Wait {
+            timeout: Duration::from_secs(60),
+        })
+        .build()
+        .unwrap();
+    for item in 0..4 {
+        queue.push(item).await.unwrap();
+    }
+    let mut smaller = queue.config();
+    smaller.capacity = 2;
+    queue.reconfigure(smaller.clone()).unwrap();
+    assert_eq!(queue.len(), 4, "nothing queued is dropped");
+    assert_eq!(
+        queue.try_push(9).unwrap_err().rejection().reason(),
+        Reason::QueueFull
+    );
+    assert_eq!(queue.try_pop(), Some(0));
+    assert_eq!(queue.try_pop(), Some(1));
+    assert_eq!(queue.try_pop(), Some(2));
+    assert!(queue.try_push(3).is_ok(), "under the new capacity again");
+
+    // A push waits for room; growing the capacity lets it in without a pop.
+    let waiting = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.push(10).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished());
+    let mut larger = smaller;
+    larger.capacity = 8;
+    queue.reconfigure(larger).unwrap();
+    waiting.await.unwrap().unwrap();
+    assert_eq!(drain(&queue), [3, 3, 10]);
+
+    let mut invalid = queue.config();
+    invalid.capacity = 0;
+    assert!(queue.reconfigure(invalid).is_err());
+    assert_eq!(
+        queue.config().capacity,
+        8,
+        "the configuration in force stays"
+    );
+}

@@ -228,6 +228,36 @@ fn a_raised_signal_sheds_the_priorities_it_names_and_only_while_raised() {
     assert_eq!(admitted(), [true, true, true]);
 }
 
+/// New thresholds apply from the next check; invalid ones are refused and the old stay.
+#[tokio::test]
+async fn reconfigured_thresholds_apply_to_the_next_check() {
+    let bulkhead = Bulkhead::builder("resized")
+        .max_concurrent(10)
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead).build().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(shedder.acquire(Priority::Critical).await.unwrap());
+    }
+    assert!(shedder.check(Priority::Sheddable).is_ok(), "60 % < 70 %");
+    let stricter = LoadShedConfig {
+        sheddable_at: 0.5,
+        ..shedder.config()
+    };
+    shedder.reconfigure(stricter.clone()).unwrap();
+    assert_eq!(
+        shedder.check(Priority::Sheddable).unwrap_err().reason(),
+        Reason::InFlight
+    );
+    let invalid = LoadShedConfig {
+        sheddable_at: 0.95,
+        ..stricter.clone()
+    };
+    assert!(shedder.reconfigure(invalid).is_err());
+    assert_eq!(shedder.config(), stricter);
+}
+
 #[test]
 fn thresholds_must_not_favour_less_important_work() {
     let bulkhead = Bulkhead::builder("b").build().unwrap();

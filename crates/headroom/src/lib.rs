@@ -135,6 +135,8 @@ pub use headroom_shard as shard;
 #[doc(inline)]
 pub use headroom_slo as slo;
 
+pub mod reload;
+
 /// The names most services use, in one import: `use headroom::prelude::*;`.
 pub mod prelude {
     #[doc(inline)]

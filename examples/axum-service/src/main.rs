@@ -20,6 +20,10 @@
 //!   `metrics-exporter-prometheus` (the recorder may be installed before or after the parts
 //!   are built).
 //!
+//! With `HEADROOM_RUNTIME_CONFIG=/path/to/runtime.json`, the catalogue database's bulkhead,
+//! the orders rate limits and the products cache take new settings from that file whenever
+//! it changes (checked every 5 s; see docs/operations.md, "Reloading configuration").
+//!
 //! It listens on 127.0.0.1:3000 until Ctrl-C. Memory backends by default; set
 //! `REDIS_URL=redis://127.0.0.1:6379` to share state between instances. With `--smoke` (or
 //! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits;
@@ -47,6 +51,7 @@ use headroom::limit::KeyedBulkhead;
 use headroom::limit::rate::RateKey;
 use headroom::limit::tower::{KeyedBulkheadLayer, RateLimitLayer};
 use headroom::prelude::*;
+use headroom::reload::{Reloader, RuntimeConfig};
 use headroom::shard::JumpRouter;
 use headroom::slo::{SloConfig, SloLayer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -205,7 +210,7 @@ fn catalogue(headroom: &Headroom) -> Result<Pipeline<std::io::Error>, Box<dyn st
 async fn app(
     headroom: &Headroom,
     metrics: PrometheusHandle,
-) -> Result<(Router, Arc<AtomicU64>), Box<dyn std::error::Error>> {
+) -> Result<(Router, Arc<AtomicU64>, Reloader), Box<dyn std::error::Error>> {
     let products = headroom
         .cache::<u64, String>("products")?
         .ttl(Duration::from_secs(60))
@@ -236,6 +241,11 @@ async fn app(
         .tier("standard", Quota::per_second(20)?)
         .tier("partner", Quota::per_second(200)?);
     let rate_limits = headroom.rate_limiter("orders", tiers)?.build()?;
+    // What may change at run time, from a watched file.
+    let reloader = Reloader::new()
+        .bulkhead(&catalogue_db)
+        .rate_limiter(&rate_limits)
+        .cache(&products);
     let idempotency = headroom.idempotency().build()?;
     let charges = Arc::new(AtomicU64::new(0));
     let slos = slos()?;
@@ -289,7 +299,7 @@ async fn app(
         .route("/orders", post(order).layer(orders))
         .route("/metrics", get(scrape))
         .with_state(state);
-    Ok((router, charges))
+    Ok((router, charges, reloader))
 }
 
 /// Sends one HTTP/1.1 request over a fresh connection; returns the status and the body.
@@ -338,7 +348,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(url) if !url.is_empty() => builder.redis(url).await?,
         _ => builder.memory()?,
     };
-    let (router, charges) = app(&headroom, metrics).await?;
+    let (router, charges, reloader) = app(&headroom, metrics).await?;
+    if let Ok(path) = std::env::var("HEADROOM_RUNTIME_CONFIG") {
+        tokio::spawn(reloader.watch(
+            path,
+            Duration::from_secs(5),
+            headroom.clock().clone(),
+            |bytes| serde_json::from_slice::<RuntimeConfig>(bytes),
+        ));
+    }
     let listener = TcpListener::bind(if smoke {
         "127.0.0.1:0"
     } else {

@@ -32,9 +32,17 @@ fn documented() -> BTreeSet<String> {
         let text = std::fs::read_to_string(&path).unwrap();
         let words = text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
         for word in words {
-            let metric = ["cache", "limit", "breaker", "idempotency", "shard", "slo"]
-                .iter()
-                .any(|part| word.starts_with(&format!("headroom_{part}_")));
+            let metric = [
+                "cache",
+                "limit",
+                "breaker",
+                "idempotency",
+                "shard",
+                "slo",
+                "reload",
+            ]
+            .iter()
+            .any(|part| word.starts_with(&format!("headroom_{part}_")));
             if metric && !word.ends_with('_') {
                 names.insert(word.to_owned());
             }

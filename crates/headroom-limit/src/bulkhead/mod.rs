@@ -282,6 +282,39 @@ impl Bulkhead {
         let nanos = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
         self.inner.max_wait_nanos.store(nanos, Ordering::Relaxed);
     }
+
+    /// Replaces the limits while the bulkhead runs, as [`set_max_concurrent`],
+    /// [`set_max_queued`] and [`set_max_wait`] do: no permit is revoked and no waiter loses its
+    /// place. Whether the limit is adaptive is fixed when the bulkhead is built, so a
+    /// configuration that changes it is refused; with an adaptive limit, `max_concurrent` is
+    /// ignored. An invalid configuration is refused and the one in force stays.
+    ///
+    /// [`set_max_concurrent`]: Self::set_max_concurrent
+    /// [`set_max_queued`]: Self::set_max_queued
+    /// [`set_max_wait`]: Self::set_max_wait
+    pub fn reconfigure(&self, config: &BulkheadConfig) -> Result<(), ConfigError> {
+        self.check(config)?;
+        if self.inner.adaptive.is_none() {
+            self.set_max_concurrent(config.max_concurrent)?;
+        }
+        self.set_max_queued(config.max_queued);
+        self.set_max_wait(config.max_wait);
+        Ok(())
+    }
+
+    /// Whether [`reconfigure`](Self::reconfigure) would accept `config`.
+    pub fn check(&self, config: &BulkheadConfig) -> Result<(), ConfigError> {
+        if config.adaptive.is_some() != self.inner.adaptive.is_some() {
+            return Err(ConfigError::new(
+                "adaptive",
+                "cannot be switched on or off at run time; build a new bulkhead",
+            ));
+        }
+        if self.inner.adaptive.is_none() {
+            validate_limit(config.max_concurrent)?;
+        }
+        Ok(())
+    }
 }
 
 /// When a permit was taken: only read (and only worth a clock read) with an adaptive limit.

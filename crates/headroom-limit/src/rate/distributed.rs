@@ -704,6 +704,11 @@ impl<S: RateStore> DistributedRateLimiter<S> {
         }
     }
 
+    /// The name given at build time (the `limiter` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
     /// Replaces the tiers. Shared cells live in the store and are kept; local state of new
     /// or changed tiers starts afresh.
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {

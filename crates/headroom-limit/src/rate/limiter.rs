@@ -176,6 +176,11 @@ impl LocalRateLimiter {
         }
     }
 
+    /// The name given at build time (the `limiter` label of its metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
     /// Replaces the tiers. Tiers whose quotas are unchanged keep their keys' state; new or
     /// changed tiers start with every key full.
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {

@@ -62,8 +62,9 @@ impl TierConfig {
     }
 
     /// Checks every tier name: non-empty, at most 64 bytes of ASCII letters, digits and
-    /// `_ . : / -` (they name metrics labels, store keys and HTTP header parameters).
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+    /// `_ . : / -` (they name metrics labels, store keys and HTTP header parameters). The
+    /// limiters' `replace` checks this too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let valid = |name: &str| {
             !name.is_empty()
                 && name.len() <= 64

@@ -1,0 +1,510 @@
+//! Configuration replaced while the service runs: from code, or from a watched file.
+//!
+//! Register the parts whose settings may change with a [`Reloader`], then hand it a
+//! [`RuntimeConfig`] (built in code or loaded with serde, feature `serde`): the settings of
+//! each part it names, by the part's name. A reload is all or nothing: every named part must
+//! be registered and every setting valid, or nothing changes and the error says which part
+//! and which setting. What a part does with its new settings:
+//!
+//! | part | settings | in flight |
+//! |---|---|---|
+//! | bulkhead | `max_concurrent`, `max_queued`, `max_wait` | no permit is revoked; shrinking retires permits as they are released; waiters keep their place |
+//! | work queue | capacity, overflow, CoDel, adaptive LIFO | queued items stay; growing lets waiting pushes in |
+//! | load shedder | thresholds, queue-delay target and decay | the next check uses them |
+//! | rate limiter | tiers and quotas | unchanged tiers keep their keys' state |
+//! | circuit breaker | ratios, slow-call duration, minimum calls, open durations, probes | the state and the window's calls are kept |
+//! | cache | TTL, soft TTL, jitter, negative TTL | entries keep the deadlines they were written with |
+//!
+//! Settings fixed at build time (a bulkhead's adaptive limit, a breaker's window) are refused
+//! if a reload changes them.
+//!
+//! ```
+//! # #[cfg(all(feature = "limit", feature = "breaker"))] {
+//! use headroom::limit::{Bulkhead, BulkheadConfig};
+//! use headroom::reload::{Reloader, RuntimeConfig};
+//!
+//! let bulkhead = Bulkhead::builder("catalogue-db").max_concurrent(16).build()?;
+//! let reloader = Reloader::new().bulkhead(&bulkhead);
+//!
+//! let mut config = RuntimeConfig::default();
+//! config.bulkheads.insert("catalogue-db".into(), BulkheadConfig { max_concurrent: 32, ..Default::default() });
+//! reloader.apply(&config)?;
+//! assert_eq!(bulkhead.limit(), 32);
+//!
+//! // A zero limit is refused, and the limit in force stays.
+//! config.bulkheads.insert("catalogue-db".into(), BulkheadConfig { max_concurrent: 0, ..Default::default() });
+//! let refused = reloader.apply(&config).unwrap_err();
+//! assert_eq!(refused.part(), "bulkhead `catalogue-db`");
+//! assert_eq!(bulkhead.limit(), 32);
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_core::Clock;
+use headroom_core::metrics::Counter;
+use parking_lot::Mutex;
+
+/// The settings that may change while the service runs, by part name. Parts not named keep
+/// their settings.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct RuntimeConfig {
+    /// Bulkheads' limits.
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub bulkheads: BTreeMap<String, headroom_limit::BulkheadConfig>,
+    /// Work queues' settings.
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub queues: BTreeMap<String, headroom_limit::QueueConfig>,
+    /// Load shedders' thresholds, by the name of the bulkhead they guard.
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub shedders: BTreeMap<String, headroom_limit::LoadShedConfig>,
+    /// Rate limiters' tiers and quotas.
+    #[cfg(feature = "limit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
+    pub rate_limits: BTreeMap<String, headroom_limit::rate::TierConfig>,
+    /// Circuit breakers' thresholds.
+    #[cfg(feature = "breaker")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
+    pub breakers: BTreeMap<String, headroom_breaker::config::BreakerConfig>,
+    /// Caches' lifetimes.
+    #[cfg(feature = "cache")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+    pub caches: BTreeMap<String, headroom_cache::TtlConfig>,
+}
+
+/// A reload refused: the part and what is wrong. Nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadError {
+    part: String,
+    reason: String,
+}
+
+impl ReloadError {
+    fn new(kind: &str, name: &str, reason: impl fmt::Display) -> Self {
+        Self {
+            part: format!("{kind} `{name}`"),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The part, as "<kind> `<name>`".
+    pub fn part(&self) -> &str {
+        &self.part
+    }
+
+    /// What is wrong with its settings.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.part, self.reason)
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
+/// One registered part: checks, then applies, its entry of a configuration.
+trait Part: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn name(&self) -> &str;
+    /// Checks the part's entry in `config`, if it has one.
+    fn check(&self, config: &RuntimeConfig) -> Result<(), String>;
+    fn apply(&self, config: &RuntimeConfig) -> Result<(), String>;
+}
+
+/// The names `config` gives settings for, by kind.
+fn named(config: &RuntimeConfig) -> Vec<(&'static str, &str)> {
+    let mut names: Vec<(&'static str, &str)> = Vec::new();
+    #[cfg(feature = "limit")]
+    {
+        names.extend(config.bulkheads.keys().map(|n| ("bulkhead", n.as_str())));
+        names.extend(config.queues.keys().map(|n| ("queue", n.as_str())));
+        names.extend(config.shedders.keys().map(|n| ("shedder", n.as_str())));
+        names.extend(
+            config
+                .rate_limits
+                .keys()
+                .map(|n| ("rate limiter", n.as_str())),
+        );
+    }
+    #[cfg(feature = "breaker")]
+    names.extend(config.breakers.keys().map(|n| ("breaker", n.as_str())));
+    #[cfg(feature = "cache")]
+    names.extend(config.caches.keys().map(|n| ("cache", n.as_str())));
+    let _ = config;
+    names
+}
+
+/// Applies [`RuntimeConfig`]s to the parts registered with it. Cloning is cheap; clones share
+/// the registrations made before they were cloned.
+///
+/// Each reload counts in `headroom_reload_total{outcome}` (`applied` or `refused`).
+#[derive(Clone)]
+#[must_use]
+pub struct Reloader {
+    parts: Vec<Arc<dyn Part>>,
+    /// One reload at a time, so that two never interleave their checks and changes.
+    reloading: Arc<Mutex<()>>,
+    applied: Counter,
+    refused: Counter,
+}
+
+impl Default for Reloader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.parts.iter().map(|part| (part.kind(), part.name())))
+            .finish()
+    }
+}
+
+impl Reloader {
+    /// A reloader with no part registered.
+    pub fn new() -> Self {
+        Self {
+            parts: Vec::new(),
+            reloading: Arc::default(),
+            applied: headroom_core::counter!("headroom_reload_total", "outcome" => "applied"),
+            refused: headroom_core::counter!("headroom_reload_total", "outcome" => "refused"),
+        }
+    }
+
+    fn with(mut self, part: impl Part + 'static) -> Self {
+        self.parts.push(Arc::new(part));
+        self
+    }
+
+    /// Checks every setting `config` names, then applies them all, or, if one part is
+    /// missing or one setting invalid, none.
+    pub fn apply(&self, config: &RuntimeConfig) -> Result<(), ReloadError> {
+        let result = {
+            let _one_at_a_time = self.reloading.lock();
+            self.check_and_apply(config)
+        };
+        match &result {
+            Ok(()) => {
+                self.applied.increment(1);
+                tracing::info!("configuration reloaded");
+            }
+            Err(error) => {
+                self.refused.increment(1);
+                tracing::warn!(%error, "configuration refused; the settings in force stay");
+            }
+        }
+        result
+    }
+
+    fn check_and_apply(&self, config: &RuntimeConfig) -> Result<(), ReloadError> {
+        for (kind, name) in named(config) {
+            if !self
+                .parts
+                .iter()
+                .any(|part| part.kind() == kind && part.name() == name)
+            {
+                return Err(ReloadError::new(kind, name, "no such part is registered"));
+            }
+        }
+        for part in &self.parts {
+            part.check(config)
+                .map_err(|reason| ReloadError::new(part.kind(), part.name(), reason))?;
+        }
+        for part in &self.parts {
+            part.apply(config)
+                .map_err(|reason| ReloadError::new(part.kind(), part.name(), reason))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the file at `path` every `every` on `clock`, and applies it (read with `parse`)
+    /// whenever its bytes change, starting with the first read. A file that cannot be read,
+    /// parsed or applied is logged and counted as refused, and the settings in force stay
+    /// until a later version is valid. Runs until dropped: spawn it.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "limit")] async fn run(bulkhead: headroom::limit::Bulkhead) {
+    /// # use std::time::Duration;
+    /// # use headroom::reload::{Reloader, RuntimeConfig};
+    /// # fn parse(bytes: &[u8]) -> Result<RuntimeConfig, std::io::Error> { todo!() }
+    /// let reloader = Reloader::new().bulkhead(&bulkhead);
+    /// // With serde_json, say: `|bytes| serde_json::from_slice::<RuntimeConfig>(bytes)`.
+    /// tokio::spawn(reloader.watch("/etc/shop/runtime.json", Duration::from_secs(5), headroom::core::Clock::system(), parse));
+    /// # }
+    /// ```
+    pub fn watch<E: fmt::Display>(
+        self,
+        path: impl Into<PathBuf>,
+        every: Duration,
+        clock: Clock,
+        parse: impl Fn(&[u8]) -> Result<RuntimeConfig, E> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let path = path.into();
+        async move {
+            let mut seen: Option<Vec<u8>> = None;
+            loop {
+                match std::fs::read(&path) {
+                    Ok(bytes) if seen.as_ref() != Some(&bytes) => {
+                        match parse(&bytes) {
+                            Ok(config) => {
+                                let _ = self.apply(&config);
+                            }
+                            Err(error) => {
+                                self.refused.increment(1);
+                                tracing::warn!(path = %path.display(), %error, "configuration file unreadable; the settings in force stay");
+                            }
+                        }
+                        seen = Some(bytes);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "configuration file missing; the settings in force stay");
+                    }
+                }
+                clock.sleep(every).await;
+            }
+        }
+    }
+}
+
+#[cfg(feature = "limit")]
+mod limit_parts {
+    use headroom_core::rate::RateStore;
+    use headroom_limit::rate::{DistributedRateLimiter, LocalRateLimiter, TierConfig};
+    use headroom_limit::{Bulkhead, LoadShedder, WorkQueue};
+
+    use super::{Part, Reloader, RuntimeConfig};
+
+    struct BulkheadPart(Bulkhead);
+
+    impl Part for BulkheadPart {
+        fn kind(&self) -> &'static str {
+            "bulkhead"
+        }
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.bulkheads.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.check(entry).map_err(|e| e.to_string())
+            })
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.bulkheads.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.reconfigure(entry).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    struct QueuePart<T>(WorkQueue<T>);
+
+    impl<T: Send + 'static> Part for QueuePart<T> {
+        fn kind(&self) -> &'static str {
+            "queue"
+        }
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config
+                .queues
+                .get(self.name())
+                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.queues.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    struct ShedderPart(LoadShedder);
+
+    impl Part for ShedderPart {
+        fn kind(&self) -> &'static str {
+            "shedder"
+        }
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config
+                .shedders
+                .get(self.name())
+                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.shedders.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    /// A rate limiter of either kind: its name and how it replaces its tiers.
+    struct RatePart<L> {
+        name: String,
+        limiter: L,
+        replace: fn(&L, &TierConfig) -> Result<(), headroom_limit::ConfigError>,
+    }
+
+    impl<L: Send + Sync> Part for RatePart<L> {
+        fn kind(&self) -> &'static str {
+            "rate limiter"
+        }
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config
+                .rate_limits
+                .get(self.name())
+                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.rate_limits.get(self.name()).map_or(Ok(()), |entry| {
+                (self.replace)(&self.limiter, entry).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    impl Reloader {
+        /// Registers a bulkhead, under its name.
+        pub fn bulkhead(self, bulkhead: &Bulkhead) -> Self {
+            self.with(BulkheadPart(bulkhead.clone()))
+        }
+
+        /// Registers a work queue, under its name.
+        pub fn queue<T: Send + 'static>(self, queue: &WorkQueue<T>) -> Self {
+            self.with(QueuePart(queue.clone()))
+        }
+
+        /// Registers a load shedder, under the name of the bulkhead it guards.
+        pub fn shedder(self, shedder: &LoadShedder) -> Self {
+            self.with(ShedderPart(shedder.clone()))
+        }
+
+        /// Registers a distributed rate limiter (as [`Headroom::rate_limiter`] builds), under
+        /// its name.
+        ///
+        /// [`Headroom::rate_limiter`]: crate::Headroom::rate_limiter
+        pub fn rate_limiter<S: RateStore + Send + Sync + 'static>(
+            self,
+            limiter: &DistributedRateLimiter<S>,
+        ) -> Self {
+            self.with(RatePart {
+                name: limiter.name().to_owned(),
+                limiter: limiter.clone(),
+                replace: DistributedRateLimiter::replace,
+            })
+        }
+
+        /// Registers an in-process rate limiter, under its name.
+        pub fn local_rate_limiter(self, limiter: &LocalRateLimiter) -> Self {
+            self.with(RatePart {
+                name: limiter.name().to_owned(),
+                limiter: limiter.clone(),
+                replace: LocalRateLimiter::replace,
+            })
+        }
+    }
+}
+
+#[cfg(feature = "breaker")]
+mod breaker_parts {
+    use headroom_breaker::CircuitBreaker;
+
+    use super::{Part, Reloader, RuntimeConfig};
+
+    struct BreakerPart<E>(CircuitBreaker<E>);
+
+    impl<E: 'static> Part for BreakerPart<E> {
+        fn kind(&self) -> &'static str {
+            "breaker"
+        }
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.breakers.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.check(entry).map_err(|e| e.to_string())
+            })
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.breakers.get(self.name()).map_or(Ok(()), |entry| {
+                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    impl Reloader {
+        /// Registers a circuit breaker, under its name.
+        pub fn breaker<E: 'static>(self, breaker: &CircuitBreaker<E>) -> Self {
+            self.with(BreakerPart(breaker.clone()))
+        }
+    }
+}
+
+#[cfg(feature = "cache")]
+mod cache_parts {
+    use headroom_cache::{Cache, CacheKey};
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{Part, Reloader, RuntimeConfig};
+
+    struct CachePart<K, V>(Cache<K, V>);
+
+    impl<K, V> Part for CachePart<K, V>
+    where
+        K: CacheKey,
+        V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        fn kind(&self) -> &'static str {
+            "cache"
+        }
+        fn name(&self) -> &str {
+            &self.0.config().name
+        }
+        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config
+                .caches
+                .get(self.name())
+                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
+        }
+        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+            config.caches.get(self.name()).map_or(Ok(()), |entry| {
+                self.0
+                    .reconfigure_ttls(entry.clone())
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    impl Reloader {
+        /// Registers a cache, under its name.
+        pub fn cache<K, V>(self, cache: &Cache<K, V>) -> Self
+        where
+            K: CacheKey,
+            V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+        {
+            self.with(CachePart(cache.clone()))
+        }
+    }
+}
