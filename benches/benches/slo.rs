@@ -1,5 +1,5 @@
 //! The SLO layer's cost per request: a ready service alone, and wrapped in an `SloLayer` that
-//! records into an availability or a latency objective.
+//! records into an availability or a latency objective; and one evaluation of an objective.
 //!
 //! Run with: `cargo bench -p headroom-benches --bench slo`
 
@@ -59,5 +59,23 @@ fn slo_layer(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, slo_layer);
+/// One evaluation of an objective with the default alerts, every bucket of every level in use.
+fn slo_evaluate(c: &mut Criterion) {
+    let time = headroom_core::ManualClock::new();
+    let objective = Objective::with_clock(
+        ObjectiveConfig::availability("bench-evaluate", 0.999),
+        time.clock(),
+    )
+    .expect("objective");
+    // A request every 30 s for 50 days: every level's ring is full.
+    for _ in 0..(50 * 24 * 120) {
+        objective.record(true);
+        time.advance(Duration::from_secs(30));
+    }
+    c.bench_function("slo_evaluate/full", |b| {
+        b.iter(|| black_box(objective.evaluate()))
+    });
+}
+
+criterion_group!(benches, slo_layer, slo_evaluate);
 criterion_main!(benches);
