@@ -194,10 +194,17 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
         })
         .collect();
 
-    // Meanwhile: small and large limits in turn, and invalid configurations in between.
+    // Meanwhile, for as long as the workers run: small and large limits in turn, and invalid
+    // configurations in between.
     let mut refused = 0;
+    let mut under_load = 0;
     let mut limit_in_force = db.limit();
-    for round in 0..ROUNDS {
+    let mut round = 0;
+    while !workers.iter().all(tokio::task::JoinHandle::is_finished) {
+        assert!(round < 1_000_000, "the workers never finished");
+        if db.in_use() + db.queued() + jobs.len() > 0 {
+            under_load += 1;
+        }
         if round % 3 == 2 {
             let error = reloader.apply(&invalid(round)).unwrap_err();
             assert!(!error.reason().is_empty());
@@ -211,6 +218,7 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
             reloader.apply(&config(round.is_multiple_of(2))).unwrap();
             limit_in_force = db.limit();
         }
+        round += 1;
         tokio::task::yield_now().await;
     }
     for worker in workers {
@@ -219,6 +227,10 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
     jobs.close();
     consumer.await.unwrap();
     assert!(refused > 0);
+    assert!(
+        under_load > 0,
+        "no reload met a held permit or a queued job"
+    );
 
     // The last settings: every permit, queue place and load is accounted for.
     let mut last = config(true);
