@@ -40,7 +40,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,27 +59,27 @@ pub struct RuntimeConfig {
     /// Bulkheads' limits.
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
-    pub bulkheads: BTreeMap<String, headroom_limit::BulkheadConfig>,
+    pub bulkheads: std::collections::BTreeMap<String, headroom_limit::BulkheadConfig>,
     /// Work queues' settings.
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
-    pub queues: BTreeMap<String, headroom_limit::QueueConfig>,
+    pub queues: std::collections::BTreeMap<String, headroom_limit::QueueConfig>,
     /// Load shedders' thresholds, by the name of the bulkhead they guard.
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
-    pub shedders: BTreeMap<String, headroom_limit::LoadShedConfig>,
+    pub shedders: std::collections::BTreeMap<String, headroom_limit::LoadShedConfig>,
     /// Rate limiters' tiers and quotas.
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]
-    pub rate_limits: BTreeMap<String, headroom_limit::rate::TierConfig>,
+    pub rate_limits: std::collections::BTreeMap<String, headroom_limit::rate::TierConfig>,
     /// Circuit breakers' thresholds.
     #[cfg(feature = "breaker")]
     #[cfg_attr(docsrs, doc(cfg(feature = "breaker")))]
-    pub breakers: BTreeMap<String, headroom_breaker::config::BreakerConfig>,
+    pub breakers: std::collections::BTreeMap<String, headroom_breaker::config::BreakerConfig>,
     /// Caches' lifetimes.
     #[cfg(feature = "cache")]
     #[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
-    pub caches: BTreeMap<String, headroom_cache::TtlConfig>,
+    pub caches: std::collections::BTreeMap<String, headroom_cache::TtlConfig>,
 }
 
 /// A reload refused: the part and what is wrong. Nothing was changed.
@@ -126,7 +125,47 @@ trait Part: Send + Sync {
     fn apply(&self, config: &RuntimeConfig) -> Result<(), String>;
 }
 
+/// A part `P` of some kind, whose settings `C` a configuration holds by name.
+#[cfg(any(feature = "limit", feature = "breaker", feature = "cache"))]
+struct Registered<P, C> {
+    kind: &'static str,
+    name: String,
+    part: P,
+    /// The configuration's settings of this kind.
+    entries: fn(&RuntimeConfig) -> &std::collections::BTreeMap<String, C>,
+    check: fn(&P, &C) -> Result<(), String>,
+    apply: fn(&P, &C) -> Result<(), String>,
+}
+
+#[cfg(any(feature = "limit", feature = "breaker", feature = "cache"))]
+impl<P: Send + Sync, C> Part for Registered<P, C> {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
+        (self.entries)(config)
+            .get(&self.name)
+            .map_or(Ok(()), |entry| (self.check)(&self.part, entry))
+    }
+
+    fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
+        (self.entries)(config)
+            .get(&self.name)
+            .map_or(Ok(()), |entry| (self.apply)(&self.part, entry))
+    }
+}
+
 /// The names `config` gives settings for, by kind.
+// Without the part features there is nothing to add.
+#[cfg_attr(
+    not(any(feature = "limit", feature = "breaker", feature = "cache")),
+    allow(unused_mut)
+)]
 fn named(config: &RuntimeConfig) -> Vec<(&'static str, &str)> {
     let mut names: Vec<(&'static str, &str)> = Vec::new();
     #[cfg(feature = "limit")]
@@ -188,6 +227,7 @@ impl Reloader {
         }
     }
 
+    #[cfg(any(feature = "limit", feature = "breaker", feature = "cache"))]
     fn with(mut self, part: impl Part + 'static) -> Self {
         self.parts.push(Arc::new(part));
         self
@@ -287,117 +327,46 @@ impl Reloader {
 #[cfg(feature = "limit")]
 mod limit_parts {
     use headroom_core::rate::RateStore;
-    use headroom_limit::rate::{DistributedRateLimiter, LocalRateLimiter, TierConfig};
+    use headroom_limit::rate::{DistributedRateLimiter, LocalRateLimiter};
     use headroom_limit::{Bulkhead, LoadShedder, WorkQueue};
 
-    use super::{Part, Reloader, RuntimeConfig};
-
-    struct BulkheadPart(Bulkhead);
-
-    impl Part for BulkheadPart {
-        fn kind(&self) -> &'static str {
-            "bulkhead"
-        }
-        fn name(&self) -> &str {
-            self.0.name()
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.bulkheads.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.check(entry).map_err(|e| e.to_string())
-            })
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.bulkheads.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.reconfigure(entry).map_err(|e| e.to_string())
-            })
-        }
-    }
-
-    struct QueuePart<T>(WorkQueue<T>);
-
-    impl<T: Send + 'static> Part for QueuePart<T> {
-        fn kind(&self) -> &'static str {
-            "queue"
-        }
-        fn name(&self) -> &str {
-            self.0.name()
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config
-                .queues
-                .get(self.name())
-                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.queues.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
-            })
-        }
-    }
-
-    struct ShedderPart(LoadShedder);
-
-    impl Part for ShedderPart {
-        fn kind(&self) -> &'static str {
-            "shedder"
-        }
-        fn name(&self) -> &str {
-            self.0.name()
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config
-                .shedders
-                .get(self.name())
-                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.shedders.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
-            })
-        }
-    }
-
-    /// A rate limiter of either kind: its name and how it replaces its tiers.
-    struct RatePart<L> {
-        name: String,
-        limiter: L,
-        replace: fn(&L, &TierConfig) -> Result<(), headroom_limit::ConfigError>,
-    }
-
-    impl<L: Send + Sync> Part for RatePart<L> {
-        fn kind(&self) -> &'static str {
-            "rate limiter"
-        }
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config
-                .rate_limits
-                .get(self.name())
-                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.rate_limits.get(self.name()).map_or(Ok(()), |entry| {
-                (self.replace)(&self.limiter, entry).map_err(|e| e.to_string())
-            })
-        }
-    }
+    use super::{Registered, Reloader};
 
     impl Reloader {
         /// Registers a bulkhead, under its name.
         pub fn bulkhead(self, bulkhead: &Bulkhead) -> Self {
-            self.with(BulkheadPart(bulkhead.clone()))
+            self.with(Registered {
+                kind: "bulkhead",
+                name: bulkhead.name().to_owned(),
+                part: bulkhead.clone(),
+                entries: |config| &config.bulkheads,
+                check: |part, entry| part.check(entry).map_err(|e| e.to_string()),
+                apply: |part, entry| part.reconfigure(entry).map_err(|e| e.to_string()),
+            })
         }
 
         /// Registers a work queue, under its name.
         pub fn queue<T: Send + 'static>(self, queue: &WorkQueue<T>) -> Self {
-            self.with(QueuePart(queue.clone()))
+            self.with(Registered {
+                kind: "queue",
+                name: queue.name().to_owned(),
+                part: queue.clone(),
+                entries: |config| &config.queues,
+                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                apply: |part, entry| part.reconfigure(entry.clone()).map_err(|e| e.to_string()),
+            })
         }
 
         /// Registers a load shedder, under the name of the bulkhead it guards.
         pub fn shedder(self, shedder: &LoadShedder) -> Self {
-            self.with(ShedderPart(shedder.clone()))
+            self.with(Registered {
+                kind: "shedder",
+                name: shedder.name().to_owned(),
+                part: shedder.clone(),
+                entries: |config| &config.shedders,
+                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                apply: |part, entry| part.reconfigure(entry.clone()).map_err(|e| e.to_string()),
+            })
         }
 
         /// Registers a distributed rate limiter (as [`Headroom::rate_limiter`] builds), under
@@ -408,103 +377,63 @@ mod limit_parts {
             self,
             limiter: &DistributedRateLimiter<S>,
         ) -> Self {
-            self.with(RatePart {
+            self.with(Registered {
+                kind: "rate limiter",
                 name: limiter.name().to_owned(),
-                limiter: limiter.clone(),
-                replace: DistributedRateLimiter::replace,
+                part: limiter.clone(),
+                entries: |config| &config.rate_limits,
+                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                apply: |part, entry| part.replace(entry).map_err(|e| e.to_string()),
             })
         }
 
         /// Registers an in-process rate limiter, under its name.
         pub fn local_rate_limiter(self, limiter: &LocalRateLimiter) -> Self {
-            self.with(RatePart {
+            self.with(Registered {
+                kind: "rate limiter",
                 name: limiter.name().to_owned(),
-                limiter: limiter.clone(),
-                replace: LocalRateLimiter::replace,
+                part: limiter.clone(),
+                entries: |config| &config.rate_limits,
+                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                apply: |part, entry| part.replace(entry).map_err(|e| e.to_string()),
             })
         }
     }
 }
 
 #[cfg(feature = "breaker")]
-mod breaker_parts {
-    use headroom_breaker::CircuitBreaker;
-
-    use super::{Part, Reloader, RuntimeConfig};
-
-    struct BreakerPart<E>(CircuitBreaker<E>);
-
-    impl<E: 'static> Part for BreakerPart<E> {
-        fn kind(&self) -> &'static str {
-            "breaker"
-        }
-        fn name(&self) -> &str {
-            self.0.name()
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.breakers.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.check(entry).map_err(|e| e.to_string())
-            })
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.breakers.get(self.name()).map_or(Ok(()), |entry| {
-                self.0.reconfigure(entry.clone()).map_err(|e| e.to_string())
-            })
-        }
-    }
-
-    impl Reloader {
-        /// Registers a circuit breaker, under its name.
-        pub fn breaker<E: 'static>(self, breaker: &CircuitBreaker<E>) -> Self {
-            self.with(BreakerPart(breaker.clone()))
-        }
+impl Reloader {
+    /// Registers a circuit breaker, under its name.
+    pub fn breaker<E: 'static>(self, breaker: &headroom_breaker::CircuitBreaker<E>) -> Self {
+        self.with(Registered {
+            kind: "breaker",
+            name: breaker.name().to_owned(),
+            part: breaker.clone(),
+            entries: |config| &config.breakers,
+            check: |part, entry| part.check(entry).map_err(|e| e.to_string()),
+            apply: |part, entry| part.reconfigure(entry.clone()).map_err(|e| e.to_string()),
+        })
     }
 }
 
 #[cfg(feature = "cache")]
-mod cache_parts {
-    use headroom_cache::{Cache, CacheKey};
-    use serde::Serialize;
-    use serde::de::DeserializeOwned;
-
-    use super::{Part, Reloader, RuntimeConfig};
-
-    struct CachePart<K, V>(Cache<K, V>);
-
-    impl<K, V> Part for CachePart<K, V>
+impl Reloader {
+    /// Registers a cache, under its name.
+    pub fn cache<K, V>(self, cache: &headroom_cache::Cache<K, V>) -> Self
     where
-        K: CacheKey,
-        V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+        K: headroom_cache::CacheKey,
+        V: Clone + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
     {
-        fn kind(&self) -> &'static str {
-            "cache"
-        }
-        fn name(&self) -> &str {
-            &self.0.config().name
-        }
-        fn check(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config
-                .caches
-                .get(self.name())
-                .map_or(Ok(()), |entry| entry.validate().map_err(|e| e.to_string()))
-        }
-        fn apply(&self, config: &RuntimeConfig) -> Result<(), String> {
-            config.caches.get(self.name()).map_or(Ok(()), |entry| {
-                self.0
-                    .reconfigure_ttls(entry.clone())
+        self.with(Registered {
+            kind: "cache",
+            name: cache.config().name.clone(),
+            part: cache.clone(),
+            entries: |config| &config.caches,
+            check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+            apply: |part, entry| {
+                part.reconfigure_ttls(entry.clone())
                     .map_err(|e| e.to_string())
-            })
-        }
-    }
-
-    impl Reloader {
-        /// Registers a cache, under its name.
-        pub fn cache<K, V>(self, cache: &Cache<K, V>) -> Self
-        where
-            K: CacheKey,
-            V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-        {
-            self.with(CachePart(cache.clone()))
-        }
+            },
+        })
     }
 }
