@@ -349,6 +349,11 @@ impl<T> WorkQueue<T> {
         let result = loop {
             let mut space = pin!(self.inner.space.notified());
             space.as_mut().enable();
+            // The policy may have changed while this push waited: it keeps its timeout, and
+            // stops waiting when the queue no longer waits.
+            if !matches!(self.inner.config.load().overflow, Overflow::Wait { .. }) {
+                break self.try_push_with(item, how);
+            }
             match self.offer(item, how) {
                 Ok(()) => break Ok(()),
                 // Not a refusal yet: the push waits for room.
@@ -412,7 +417,9 @@ impl<T> WorkQueue<T> {
         let mut evicted = None;
         if state.len >= config.capacity {
             Self::drop_expired(&mut state, now, &mut expired);
-            if state.len >= config.capacity {
+            // One eviction makes room only in a queue at its capacity; a queue over it (its
+            // capacity was lowered) refuses rather than lose queued work for nothing.
+            if state.len == config.capacity {
                 evicted = self.evict_for(&mut state, how.priority, config.overflow);
             }
         }
@@ -653,12 +660,18 @@ impl<T> WorkQueue<T> {
 
     /// Replaces the configuration while the queue runs. Growing the capacity lets waiting
     /// pushes in at once; shrinking it drops nothing: queued items stay, and pushes are
-    /// refused until consumers bring the queue under the new capacity. An invalid
-    /// configuration is refused and the one in force stays.
+    /// refused, evicting nothing, until consumers bring the queue under the new capacity.
+    /// Pushes waiting for room keep the timeout they started with, and are refused at once
+    /// if the queue no longer waits. Changed CoDel settings start a fresh interval. An
+    /// invalid configuration is refused and the one in force stays.
     pub fn reconfigure(&self, config: QueueConfig) -> Result<(), ConfigError> {
         config.validate()?;
+        let codel_changed = self.inner.config.load().codel != config.codel;
         self.inner.config.store(Arc::new(config));
-        // Waiting pushes look again: there may be room now.
+        if codel_changed {
+            self.inner.state.lock().codel = Codel::default();
+        }
+        // Waiting pushes look again: there may be room now, or another policy.
         self.inner.space.notify_waiters();
         Ok(())
     }

@@ -571,3 +571,63 @@ async fn a_reconfigured_capacity_keeps_queued_items_and_wakes_waiting_pushes() {
         "the configuration in force stays"
     );
 }
+
+/// A queue shrunk below what it holds evicts nothing to make room: one eviction would not
+/// make room, so the push is refused and every queued item stays.
+#[tokio::test]
+async fn a_queue_over_its_new_capacity_refuses_without_evicting() {
+    let (queue, shed) = recording(
+        WorkQueue::builder("shrunk")
+            .capacity(4)
+            .overflow(Overflow::DropOldest),
+    );
+    for item in 0..4 {
+        queue.try_push(item).unwrap();
+    }
+    let mut smaller = queue.config();
+    smaller.capacity = 2;
+    queue.reconfigure(smaller).unwrap();
+    for item in [10, 11] {
+        let refused = queue.try_push(item).unwrap_err();
+        assert_eq!(refused.rejection().reason(), Reason::QueueFull);
+        assert_eq!(
+            queue
+                .try_push_with(item, Enqueue::new().priority(Priority::Critical))
+                .unwrap_err()
+                .rejection()
+                .reason(),
+            Reason::QueueFull
+        );
+    }
+    assert!(shed.lock().is_empty(), "nothing evicted: {:?}", shed.lock());
+    assert_eq!(drain(&queue), [0, 1, 2, 3]);
+}
+
+/// A push waiting for room follows a change of policy: once the queue no longer waits, it is
+/// refused at its next look instead of waiting out the old timeout.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_push_follows_a_new_overflow_policy() {
+    let queue: WorkQueue<u32> = WorkQueue::builder("policy")
+        .capacity(1)
+        .overflow(Overflow::Wait {
+            timeout: Duration::from_secs(30),
+        })
+        .build()
+        .unwrap();
+    queue.push(0).await.unwrap();
+    let waiting = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.push(1).await }
+    });
+    tokio::task::yield_now().await;
+    let mut reject = queue.config();
+    reject.overflow = Overflow::RejectNew;
+    queue.reconfigure(reject).unwrap();
+    let started = tokio::time::Instant::now();
+    let refused = waiting.await.unwrap().unwrap_err();
+    assert_eq!(refused.rejection().reason(), Reason::QueueFull);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+}
