@@ -643,21 +643,28 @@ impl<E> CircuitBreaker<E> {
 
     /// Replaces the thresholds while the breaker runs: failure and slow-call ratios, the slow
     /// call duration, the minimum calls, open durations, half-open probes and their wait. The
-    /// state and the calls in the window are kept; the next judgement uses the new thresholds.
+    /// state and the calls in the window are kept, and the next call that ends judges them by
+    /// the new thresholds, whatever its outcome.
     /// The window's kind and size are fixed when the breaker is built, so a configuration
     /// that changes them is refused, as is an invalid one; the settings in force stay.
     pub fn reconfigure(&self, config: BreakerConfig) -> Result<(), ConfigError> {
-        self.check(&config)?;
+        self.check_config(&config)?;
         let shared = &self.inner.shared;
+        // Under the transitions' lock, so that two reconfigurations never leave one's slow
+        // limit with the other's settings.
+        let _recovery = shared.recovery.lock();
         shared
             .slow_nanos
             .store(slow_nanos(&config), Ordering::Relaxed);
         shared.config.store(Arc::new(config));
+        // The calls in the window may be above new thresholds: the next call judges them,
+        // whatever its outcome.
+        shared.short.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// Whether [`reconfigure`](Self::reconfigure) would accept `config`.
-    pub fn check(&self, config: &BreakerConfig) -> Result<(), ConfigError> {
+    pub fn check_config(&self, config: &BreakerConfig) -> Result<(), ConfigError> {
         config.validate()?;
         if config.window != self.inner.shared.config.load().window {
             return Err(ConfigError::new(

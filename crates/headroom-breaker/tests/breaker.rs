@@ -578,3 +578,21 @@ fn slow_calls_switched_on_at_run_time_time_only_later_calls() {
     slow_call();
     assert_eq!(breaker.state(), State::Open);
 }
+
+/// A lowered threshold is judged at the next call, whatever its outcome: the calls already in
+/// the window may be above it.
+#[test]
+fn a_lowered_threshold_is_judged_at_the_next_call_even_a_success() {
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let mut config = breaker.config();
+    config.failure_ratio = 0.9;
+    breaker.reconfigure(config.clone()).unwrap();
+    record(&breaker, 6, 4);
+    assert_eq!(breaker.state(), State::Closed);
+    config.failure_ratio = 0.5;
+    breaker.reconfigure(config).unwrap();
+    // The success pushes the oldest failure out: 5 failures in 10, at the new threshold.
+    record(&breaker, 0, 1);
+    assert_eq!(breaker.state(), State::Open);
+}

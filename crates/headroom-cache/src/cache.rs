@@ -285,6 +285,24 @@ where
         self.inner.in_flight.lock().len()
     }
 
+    /// Whether [`reconfigure_ttls`](Self::reconfigure_ttls) would accept `ttls`; the longest
+    /// an entry written under them lives.
+    pub fn check_ttls(&self, ttls: &TtlConfig) -> Result<Duration, ConfigError> {
+        ttls.validate()?;
+        let inner = &*self.inner;
+        let lifetime = ttls
+            .ttl
+            .saturating_add(ttls.ttl_jitter)
+            .saturating_add(inner.config.fail_safe_max_stale);
+        if inner.l2.is_none() && lifetime > inner.config.max_entry_lifetime() {
+            return Err(ConfigError::new(
+                "a cache without L2 keeps entries at most the lifetime it was built with \
+                 (ttl + ttl_jitter + fail_safe_max_stale)",
+            ));
+        }
+        Ok(lifetime)
+    }
+
     /// The lifetimes entries written now get.
     pub fn ttls(&self) -> TtlConfig {
         TtlConfig::clone(&self.inner.ttls.load())
@@ -293,16 +311,13 @@ where
     /// Replaces the lifetimes of the entries written from now on, while the cache runs;
     /// entries already cached keep the deadlines they were written with. A longer TTL than
     /// the cache was built with keeps entries in L2 that long (L1 still drops them after the
-    /// lifetime it was built with, and reads them back from L2); the cache remembers the
-    /// longest lifetime it ever gave, for how long removals and tag invalidations must hide
-    /// older copies. An invalid configuration is refused and the one in force stays.
+    /// lifetime it was built with, and reads them back from L2); a cache without L2 refuses
+    /// one. The cache remembers the longest lifetime it ever gave, for how long removals and
+    /// tag invalidations must hide older copies. An invalid configuration is refused and the
+    /// one in force stays.
     pub fn reconfigure_ttls(&self, ttls: TtlConfig) -> Result<(), ConfigError> {
-        ttls.validate()?;
+        let lifetime = self.check_ttls(&ttls)?;
         let inner = &*self.inner;
-        let lifetime = ttls
-            .ttl
-            .saturating_add(ttls.ttl_jitter)
-            .saturating_add(inner.config.fail_safe_max_stale);
         // Raised before the new TTLs are used, so that nothing written under them outlives
         // what removals account for.
         inner

@@ -1815,3 +1815,42 @@ async fn reconfigured_ttls_apply_to_new_entries_only() {
     assert!(cache.reconfigure_ttls(invalid).is_err());
     assert_eq!(cache.ttls(), longer, "the lifetimes in force stay");
 }
+
+/// A cache without L2 keeps entries only in L1, whose lifetime is fixed when it is built: a
+/// longer TTL is refused rather than cut short in silence. A shorter one is taken.
+#[tokio::test]
+async fn a_cache_without_l2_refuses_a_longer_ttl() {
+    let cache: Cache<String, String> = Cache::builder().ttl(10 * SEC).build().unwrap();
+    let mut ttls = cache.ttls();
+    ttls.ttl = 20 * SEC;
+    assert!(cache.reconfigure_ttls(ttls.clone()).is_err());
+    assert_eq!(cache.ttls().ttl, 10 * SEC);
+    ttls.ttl = 5 * SEC;
+    cache.reconfigure_ttls(ttls).unwrap();
+    assert_eq!(cache.ttls().ttl, 5 * SEC);
+}
+
+/// With L2, a longer TTL keeps entries there that long: another instance sharing the store
+/// reads them.
+#[tokio::test]
+async fn a_longer_ttl_keeps_entries_in_l2_that_long() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let build = || -> Cache<String, String> {
+        Cache::builder()
+            .clock(clock.clock())
+            .ttl(10 * SEC)
+            .l2(l2.clone(), ns())
+            .build()
+            .unwrap()
+    };
+    let (writer, reader) = (build(), build());
+    let mut longer = writer.ttls();
+    longer.ttl = 30 * SEC;
+    writer.reconfigure_ttls(longer).unwrap();
+    writer.insert(key("k"), "v".to_owned()).await.unwrap();
+    clock.advance(29 * SEC);
+    assert_eq!(reader.get(&key("k")).await.unwrap().as_deref(), Some("v"));
+    clock.advance(SEC);
+    assert_eq!(reader.get(&key("k")).await.unwrap(), None);
+}

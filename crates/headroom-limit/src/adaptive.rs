@@ -214,6 +214,7 @@ pub struct AdaptiveLimit {
 
 struct Inner {
     name: Arc<str>,
+    config: AdaptiveConfig,
     state: Mutex<State>,
     limit: AtomicUsize,
     gauge: Gauge,
@@ -320,6 +321,7 @@ impl AdaptiveLimit {
     pub fn new(name: &str, config: AdaptiveConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let initial = config.bounds().1;
+        let built = config.clone();
         let state = match config {
             AdaptiveConfig::Aimd(config) => State::Aimd {
                 config,
@@ -333,12 +335,18 @@ impl AdaptiveLimit {
         Ok(Self {
             inner: Arc::new(Inner {
                 changes: headroom_core::counter!("headroom_limit_limit_changes_total", "limiter" => name.to_string()),
+                config: built,
                 name,
                 state: Mutex::new(state),
                 limit: AtomicUsize::new(initial),
                 gauge,
             }),
         })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &AdaptiveConfig {
+        &self.inner.config
     }
 
     /// The current limit.

@@ -353,3 +353,29 @@ async fn threads_racing_on_fast_path_and_queue_keep_the_invariants() {
     assert_eq!((b.in_use(), b.queued()), (0, 0));
     assert_eq!(drain(&b), limit);
 }
+
+/// An adaptive bulkhead's settings are fixed at build: a reconfiguration may leave them out
+/// or repeat them, and one that changes them is refused.
+#[test]
+fn an_adaptive_bulkhead_refuses_other_adaptive_settings() {
+    use headroom_limit::BulkheadConfig;
+    use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig, GradientConfig};
+    let built = AdaptiveConfig::Aimd(AimdConfig::default());
+    let bulkhead = Bulkhead::builder("adaptive")
+        .adaptive(built.clone())
+        .build()
+        .unwrap();
+    let mut config = BulkheadConfig {
+        max_wait: Duration::from_millis(5),
+        ..BulkheadConfig::default()
+    };
+    bulkhead.reconfigure(&config).unwrap();
+    assert_eq!(bulkhead.max_wait(), Duration::from_millis(5));
+    config.adaptive = Some(built);
+    bulkhead.reconfigure(&config).unwrap();
+    config.adaptive = Some(AdaptiveConfig::Gradient(GradientConfig::default()));
+    assert_eq!(
+        bulkhead.reconfigure(&config).unwrap_err().field(),
+        "adaptive"
+    );
+}

@@ -15,8 +15,11 @@
 //! | circuit breaker | ratios, slow-call duration, minimum calls, open durations, probes | the state and the window's calls are kept |
 //! | cache | TTL, soft TTL, jitter, negative TTL | entries keep the deadlines they were written with |
 //!
-//! Settings fixed at build time (a bulkhead's adaptive limit, a breaker's window) are refused
-//! if a reload changes them.
+//! Each entry is the part's whole configuration: a field it leaves out takes its default, not
+//! the value in force, and a rate limiter's entry lists all its tiers. Settings fixed at build
+//! time (a bulkhead's adaptive limit, a breaker's window, the lifetime of a cache without L2)
+//! are refused if a reload changes them. A part a configuration no longer names keeps the
+//! settings it has.
 //!
 //! ```
 //! # #[cfg(all(feature = "limit", feature = "breaker"))] {
@@ -85,16 +88,30 @@ pub struct RuntimeConfig {
 /// A reload refused: the part and what is wrong. Nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadError {
+    kind: &'static str,
+    name: String,
     part: String,
     reason: String,
 }
 
 impl ReloadError {
-    fn new(kind: &str, name: &str, reason: impl fmt::Display) -> Self {
+    fn new(kind: &'static str, name: &str, reason: impl fmt::Display) -> Self {
         Self {
+            kind,
+            name: name.to_owned(),
             part: format!("{kind} `{name}`"),
             reason: reason.to_string(),
         }
+    }
+
+    /// The kind of part: `bulkhead`, `queue`, `shedder`, `rate limiter`, `breaker`, `cache`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The part's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The part, as "<kind> `<name>`".
@@ -254,6 +271,18 @@ impl Reloader {
     }
 
     fn check_and_apply(&self, config: &RuntimeConfig) -> Result<(), ReloadError> {
+        for (index, part) in self.parts.iter().enumerate() {
+            let twice = self.parts[..index]
+                .iter()
+                .any(|other| other.kind() == part.kind() && other.name() == part.name());
+            if twice {
+                return Err(ReloadError::new(
+                    part.kind(),
+                    part.name(),
+                    "two parts are registered under this name: give them distinct names",
+                ));
+            }
+        }
         for (kind, name) in named(config) {
             if !self
                 .parts
@@ -274,10 +303,12 @@ impl Reloader {
         Ok(())
     }
 
-    /// Reads the file at `path` every `every` on `clock`, and applies it (read with `parse`)
-    /// whenever its bytes change, starting with the first read. A file that cannot be read,
-    /// parsed or applied is logged and counted as refused, and the settings in force stay
-    /// until a later version is valid. Runs until dropped: spawn it.
+    /// Reads the file at `path` every `every` (at least 1 ms) on `clock`, and applies it (read
+    /// with `parse`) whenever its bytes change, starting with the first read. A file that
+    /// cannot be read, parsed or applied is logged and counted as refused once (not at every
+    /// look), and the settings in force stay until a later version is valid. Write the file
+    /// by renaming a complete one over it, so that a half-written file is never read. Runs
+    /// until dropped: spawn it.
     ///
     /// ```no_run
     /// # #[cfg(feature = "limit")] async fn run(bulkhead: headroom::limit::Bulkhead) {
@@ -297,26 +328,33 @@ impl Reloader {
         parse: impl Fn(&[u8]) -> Result<RuntimeConfig, E> + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         let path = path.into();
+        let every = every.max(Duration::from_millis(1));
         async move {
             let mut seen: Option<Vec<u8>> = None;
+            // The read error last reported, so that a lasting one is reported once.
+            let mut failing: Option<std::io::ErrorKind> = None;
             loop {
                 match std::fs::read(&path) {
                     Ok(bytes) if seen.as_ref() != Some(&bytes) => {
+                        failing = None;
                         match parse(&bytes) {
                             Ok(config) => {
                                 let _ = self.apply(&config);
                             }
                             Err(error) => {
                                 self.refused.increment(1);
-                                tracing::warn!(path = %path.display(), %error, "configuration file unreadable; the settings in force stay");
+                                tracing::warn!(path = %path.display(), %error, "configuration file cannot be parsed; the settings in force stay");
                             }
                         }
                         seen = Some(bytes);
                     }
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::warn!(path = %path.display(), %error, "configuration file missing; the settings in force stay");
+                    Ok(_) => failing = None,
+                    Err(error) if failing != Some(error.kind()) => {
+                        failing = Some(error.kind());
+                        self.refused.increment(1);
+                        tracing::warn!(path = %path.display(), %error, "configuration file cannot be read; the settings in force stay");
                     }
+                    Err(_) => {}
                 }
                 clock.sleep(every).await;
             }
@@ -340,7 +378,7 @@ mod limit_parts {
                 name: bulkhead.name().to_owned(),
                 part: bulkhead.clone(),
                 entries: |config| &config.bulkheads,
-                check: |part, entry| part.check(entry).map_err(|e| e.to_string()),
+                check: |part, entry| part.check_config(entry).map_err(|e| e.to_string()),
                 apply: |part, entry| part.reconfigure(entry).map_err(|e| e.to_string()),
             })
         }
@@ -382,7 +420,7 @@ mod limit_parts {
                 name: limiter.name().to_owned(),
                 part: limiter.clone(),
                 entries: |config| &config.rate_limits,
-                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                check: |part, entry| part.check_tiers(entry).map_err(|e| e.to_string()),
                 apply: |part, entry| part.replace(entry).map_err(|e| e.to_string()),
             })
         }
@@ -394,7 +432,7 @@ mod limit_parts {
                 name: limiter.name().to_owned(),
                 part: limiter.clone(),
                 entries: |config| &config.rate_limits,
-                check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+                check: |part, entry| part.check_tiers(entry).map_err(|e| e.to_string()),
                 apply: |part, entry| part.replace(entry).map_err(|e| e.to_string()),
             })
         }
@@ -410,7 +448,7 @@ impl Reloader {
             name: breaker.name().to_owned(),
             part: breaker.clone(),
             entries: |config| &config.breakers,
-            check: |part, entry| part.check(entry).map_err(|e| e.to_string()),
+            check: |part, entry| part.check_config(entry).map_err(|e| e.to_string()),
             apply: |part, entry| part.reconfigure(entry.clone()).map_err(|e| e.to_string()),
         })
     }
@@ -429,7 +467,7 @@ impl Reloader {
             name: cache.config().name.clone(),
             part: cache.clone(),
             entries: |config| &config.caches,
-            check: |_, entry| entry.validate().map_err(|e| e.to_string()),
+            check: |part, entry| part.check_ttls(entry).map(drop).map_err(|e| e.to_string()),
             apply: |part, entry| {
                 part.reconfigure_ttls(entry.clone())
                     .map_err(|e| e.to_string())

@@ -17,7 +17,8 @@ use headroom::limit::{
 use headroom::reload::{Reloader, RuntimeConfig};
 use headroom_core::ManualClock;
 
-const WORKERS: usize = 8;
+/// More than the largest limit: the bulkhead, not the workers, bounds what runs at once.
+const WORKERS: usize = 40;
 const ROUNDS: usize = 200;
 
 /// Small limits, or large ones: reloads alternate between them under load.
@@ -60,7 +61,7 @@ fn config(small: bool) -> RuntimeConfig {
         ),
     );
     let mut breaker = BreakerConfig::default();
-    breaker.failure_ratio = pick(small, 0.5, 0.9);
+    breaker.failure_ratio = pick(small, 0.6, 0.9);
     config.breakers.insert("gateway".into(), breaker);
     config.caches.insert(
         "products".into(),
@@ -77,15 +78,21 @@ fn config(small: bool) -> RuntimeConfig {
 /// Configurations a reload must refuse whole, one bad setting each.
 fn invalid(round: usize) -> RuntimeConfig {
     let mut config = config(round.is_multiple_of(2));
-    match round % 5 {
+    match round % 6 {
         0 => config.bulkheads.get_mut("db").unwrap().max_concurrent = 0,
         1 => config.queues.get_mut("jobs").unwrap().capacity = 0,
         2 => config.shedders.get_mut("api").unwrap().sheddable_at = 1.5,
         3 => {
             config.breakers.get_mut("gateway").unwrap().window = WindowConfig::Count { size: 5 };
         }
-        _ => {
+        4 => {
             config.caches.get_mut("products").unwrap().ttl = Duration::ZERO;
+        }
+        _ => {
+            config.rate_limits.insert(
+                "orders".into(),
+                TierConfig::new().tier("no spaces", Quota::per_second(1).unwrap()),
+            );
         }
     }
     config
@@ -198,7 +205,19 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
     // configurations in between.
     let mut refused = 0;
     let mut under_load = 0;
-    let mut limit_in_force = db.limit();
+    // What every part has in force, to compare after each refused reload.
+    let in_force = || {
+        (
+            db.limit(),
+            db.max_queued(),
+            jobs.config(),
+            api.config(),
+            orders.quotas("standard"),
+            gateway.config(),
+            products.ttls(),
+        )
+    };
+    let mut settings_in_force = in_force();
     let mut round = 0;
     while !workers.iter().all(tokio::task::JoinHandle::is_finished) {
         assert!(round < 1_000_000, "the workers never finished");
@@ -208,15 +227,14 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
         if round % 3 == 2 {
             let error = reloader.apply(&invalid(round)).unwrap_err();
             assert!(!error.reason().is_empty());
-            assert_eq!(
-                db.limit(),
-                limit_in_force,
+            assert!(
+                in_force() == settings_in_force,
                 "a refused reload changed nothing"
             );
             refused += 1;
         } else {
             reloader.apply(&config(round.is_multiple_of(2))).unwrap();
-            limit_in_force = db.limit();
+            settings_in_force = in_force();
         }
         round += 1;
         tokio::task::yield_now().await;
@@ -256,8 +274,17 @@ async fn a_reload_under_load_drops_and_leaks_nothing() {
     assert_eq!(products.loads_in_flight(), 0);
     assert_eq!(api.bulkhead().in_use(), 0);
     assert_eq!(jobs.config().capacity, 3);
-    assert_eq!(gateway.config().failure_ratio, 0.5);
+    assert_eq!(gateway.config().failure_ratio, 0.6);
     assert_eq!(products.ttls().ttl, Duration::from_millis(5));
+}
+
+#[test]
+fn two_parts_of_one_kind_and_name_are_refused() {
+    let a = Bulkhead::builder("db").max_concurrent(8).build().unwrap();
+    let b = Bulkhead::builder("db").max_concurrent(4).build().unwrap();
+    let reloader = Reloader::new().bulkhead(&a).bulkhead(&b);
+    let error = reloader.apply(&RuntimeConfig::default()).unwrap_err();
+    assert_eq!((error.kind(), error.name()), ("bulkhead", "db"));
 }
 
 #[test]
@@ -328,6 +355,16 @@ async fn a_watched_file_is_applied_when_it_changes_and_a_bad_version_changes_not
     time.advance(every);
     settle().await;
     assert_eq!(db.limit(), 24);
+
+    // The file goes away for a while: the settings in force stay.
+    std::fs::remove_file(&path).unwrap();
+    time.advance(every);
+    settle().await;
+    assert_eq!(db.limit(), 24);
+    write("28");
+    time.advance(every);
+    settle().await;
+    assert_eq!(db.limit(), 28);
     watch.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -349,4 +386,40 @@ fn the_documented_example_file_loads() {
     assert_eq!(config.bulkheads["catalogue-db"].max_concurrent, 32);
     assert_eq!(config.caches["products"].ttl, Duration::from_secs(600));
     assert_eq!(config.breakers["payment-gateway"].failure_ratio, 0.3);
+}
+
+/// A setting that only the part itself can judge (a rate tier whose name does not fit the
+/// limiter's namespace in the store) is refused before any part changes.
+#[tokio::test]
+async fn a_setting_refused_by_its_part_leaves_every_part_unchanged() {
+    let headroom = Headroom::builder()
+        .namespace("n".repeat(60))
+        .memory()
+        .unwrap();
+    let orders = headroom
+        .rate_limiter(
+            "orders",
+            TierConfig::new().tier("standard", Quota::per_second(10).unwrap()),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+    let db = Bulkhead::builder("db").max_concurrent(8).build().unwrap();
+    let reloader = Reloader::new().bulkhead(&db).rate_limiter(&orders);
+    let mut config = RuntimeConfig::default();
+    config.bulkheads.insert(
+        "db".into(),
+        BulkheadConfig {
+            max_concurrent: 16,
+            ..BulkheadConfig::default()
+        },
+    );
+    config.rate_limits.insert(
+        "orders".into(),
+        TierConfig::new().tier("t".repeat(64), Quota::per_second(10).unwrap()),
+    );
+    let error = reloader.apply(&config).unwrap_err();
+    assert_eq!(error.part(), "rate limiter `orders`");
+    assert_eq!(db.limit(), 8, "nothing changed");
+    assert!(orders.quotas("standard").is_some());
 }

@@ -285,15 +285,16 @@ impl Bulkhead {
 
     /// Replaces the limits while the bulkhead runs, as [`set_max_concurrent`],
     /// [`set_max_queued`] and [`set_max_wait`] do: no permit is revoked and no waiter loses its
-    /// place. Whether the limit is adaptive is fixed when the bulkhead is built, so a
-    /// configuration that changes it is refused; with an adaptive limit, `max_concurrent` is
-    /// ignored. An invalid configuration is refused and the one in force stays.
+    /// place. An adaptive limit's settings are fixed when the bulkhead is built: a
+    /// configuration may leave `adaptive` out or repeat it unchanged (and its
+    /// `max_concurrent` is then ignored), and one that changes it is refused, as is an
+    /// invalid one; the settings in force stay.
     ///
     /// [`set_max_concurrent`]: Self::set_max_concurrent
     /// [`set_max_queued`]: Self::set_max_queued
     /// [`set_max_wait`]: Self::set_max_wait
     pub fn reconfigure(&self, config: &BulkheadConfig) -> Result<(), ConfigError> {
-        self.check(config)?;
+        self.check_config(config)?;
         if self.inner.adaptive.is_none() {
             self.set_max_concurrent(config.max_concurrent)?;
         }
@@ -303,17 +304,21 @@ impl Bulkhead {
     }
 
     /// Whether [`reconfigure`](Self::reconfigure) would accept `config`.
-    pub fn check(&self, config: &BulkheadConfig) -> Result<(), ConfigError> {
-        if config.adaptive.is_some() != self.inner.adaptive.is_some() {
-            return Err(ConfigError::new(
+    pub fn check_config(&self, config: &BulkheadConfig) -> Result<(), ConfigError> {
+        match (&config.adaptive, &self.inner.adaptive) {
+            (None, None) => validate_limit(config.max_concurrent),
+            // Not named: the adaptive limit stays as built.
+            (None, Some(_)) => Ok(()),
+            (Some(given), Some(built)) if given == built.config() => Ok(()),
+            (Some(_), Some(_)) => Err(ConfigError::new(
                 "adaptive",
-                "cannot be switched on or off at run time; build a new bulkhead",
-            ));
+                "settings are fixed when the bulkhead is built; build a new bulkhead to change them",
+            )),
+            (Some(_), None) => Err(ConfigError::new(
+                "adaptive",
+                "cannot be switched on at run time; build a new bulkhead",
+            )),
         }
-        if self.inner.adaptive.is_none() {
-            validate_limit(config.max_concurrent)?;
-        }
-        Ok(())
     }
 }
 

@@ -709,6 +709,19 @@ impl<S: RateStore> DistributedRateLimiter<S> {
         &self.inner.name
     }
 
+    /// Whether [`replace`](Self::replace) would accept `tiers`: valid names that fit the
+    /// limiter's namespace in the store.
+    pub fn check_tiers(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
+        tiers.validate()?;
+        for (name, _) in tiers.iter() {
+            self.inner
+                .namespace
+                .child(name)
+                .map_err(|_| ConfigError::new("tiers", "name does not fit the namespace"))?;
+        }
+        Ok(())
+    }
+
     /// Replaces the tiers. Shared cells live in the store and are kept; local state of new
     /// or changed tiers starts afresh.
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {

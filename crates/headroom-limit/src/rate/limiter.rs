@@ -181,8 +181,14 @@ impl LocalRateLimiter {
         &self.inner.name
     }
 
+    /// Whether [`replace`](Self::replace) would accept `tiers`.
+    pub fn check_tiers(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
+        tiers.validate()
+    }
+
     /// Replaces the tiers. Tiers whose quotas are unchanged keep their keys' state; new or
-    /// changed tiers start with every key full.
+    /// changed tiers start with every key full (a lowered quota gives every key a full burst
+    /// once).
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
         let current = self.inner.tiers.load();
         let next = self.inner.build_tiers(tiers, Some(&current))?;
