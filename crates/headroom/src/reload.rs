@@ -114,7 +114,7 @@ impl ReloadError {
         &self.name
     }
 
-    /// The part, as "<kind> `<name>`".
+    /// The part, as its kind and its name: ``bulkhead `db` ``.
     pub fn part(&self) -> &str {
         &self.part
     }
@@ -311,13 +311,18 @@ impl Reloader {
     /// until dropped: spawn it.
     ///
     /// ```no_run
-    /// # #[cfg(feature = "limit")] async fn run(bulkhead: headroom::limit::Bulkhead) {
-    /// # use std::time::Duration;
-    /// # use headroom::reload::{Reloader, RuntimeConfig};
-    /// # fn parse(bytes: &[u8]) -> Result<RuntimeConfig, std::io::Error> { todo!() }
+    /// # #[cfg(all(feature = "limit", feature = "serde"))] async fn run(bulkhead: headroom::limit::Bulkhead) {
+    /// use std::time::Duration;
+    /// use headroom::core::Clock;
+    /// use headroom::reload::{Reloader, RuntimeConfig};
+    ///
     /// let reloader = Reloader::new().bulkhead(&bulkhead);
-    /// // With serde_json, say: `|bytes| serde_json::from_slice::<RuntimeConfig>(bytes)`.
-    /// tokio::spawn(reloader.watch("/etc/shop/runtime.json", Duration::from_secs(5), headroom::core::Clock::system(), parse));
+    /// tokio::spawn(reloader.watch(
+    ///     "/etc/shop/runtime.json",
+    ///     Duration::from_secs(5),
+    ///     Clock::system(),
+    ///     |bytes| serde_json::from_slice::<RuntimeConfig>(bytes),
+    /// ));
     /// # }
     /// ```
     pub fn watch<E: fmt::Display>(
