@@ -26,6 +26,7 @@ use headroom_shard::{
     JumpRouter, MaglevRouter, ReadPolicy, RendezvousRouter, RingRouter, Router, ShardId, Topology,
     TopologyHandle, cluster_slot,
 };
+use headroom_slo::{Objective, ObjectiveConfig, SloLayer, SloService};
 use tower::util::ServiceFn;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -54,6 +55,7 @@ const BENCHES: &[Bench] = &[
     ("rate_keyed_check", rate_keyed),
     ("rate_distributed_check_memory", rate_distributed),
     ("idempotency_replay_memory", idempotency_replay),
+    ("slo_layer_latency", slo_layer),
 ];
 
 fn main() {
@@ -293,6 +295,32 @@ fn measured_breaker_time_window(breaker: &CircuitBreaker<()>, manual: &ManualClo
             manual.advance(Duration::from_millis(250));
         }
         black_box(breaker.try_acquire()).expect("closed").success();
+    }
+}
+
+/// One request through the SLO layer of a latency objective, on a manual clock: a new time
+/// bucket, and with it an evaluation, every 1,000 calls.
+fn slo_layer() {
+    let manual = ManualClock::new();
+    let objective = Objective::with_clock(
+        ObjectiveConfig::latency("gate", Duration::from_millis(300), 0.99),
+        manual.clock(),
+    )
+    .expect("objective");
+    let echo: fn(u64) -> Ready<Result<u64, Infallible>> = |n| ready(Ok(n));
+    let mut service = SloLayer::new(objective).layer(service_fn(echo));
+    measured_slo_layer(&mut service, &manual);
+}
+
+#[inline(never)]
+fn measured_slo_layer(service: &mut SloService<Echo>, manual: &ManualClock) {
+    for i in 0..ITERATIONS {
+        if i % 100 == 0 {
+            manual.advance(Duration::from_secs(3));
+        }
+        let ready = service.ready().now_or_never().expect("ready").expect("ok");
+        let answer = ready.call(i as u64).now_or_never().expect("answered");
+        black_box(answer.expect("ok"));
     }
 }
 
