@@ -172,9 +172,6 @@ pub(crate) struct Inner<K, V> {
     config: CacheConfig,
     /// The lifetimes new entries get; `config`'s until replaced at run time.
     ttls: ArcSwap<TtlConfig>,
-    /// The longest any entry written so far can live, in milliseconds: the lifetime under
-    /// every TTL configuration the cache has had, which tags and tombstones must outlive.
-    longest_lifetime_ms: AtomicU64,
     ttl_by: Option<TtlFn<V>>,
     clock: Clock,
     metrics: Arc<Metrics>,
@@ -240,7 +237,6 @@ where
                 l2,
                 codec,
                 ttls: ArcSwap::from_pointee(config.ttls()),
-                longest_lifetime_ms: AtomicU64::new(millis(config.max_entry_lifetime())),
                 config,
                 ttl_by,
                 clock,
@@ -319,10 +315,7 @@ where
         let lifetime = self.check_ttls(&ttls)?;
         let inner = &*self.inner;
         // Raised before the new TTLs are used, so that nothing written under them outlives
-        // what removals account for.
-        inner
-            .longest_lifetime_ms
-            .fetch_max(millis(lifetime), Ordering::Relaxed);
+        // what removals account for. Without L2 the lifetime cannot grow (see `check_ttls`).
         if let Some(l2) = &inner.l2 {
             l2.outlive(lifetime);
         }
@@ -839,7 +832,7 @@ where
         let at = hidden.entry(tag.into()).or_insert(0);
         *at = (*at).max(at_unix_ms);
         if hidden.len() > MAX_HIDDEN_TAGS {
-            let alive = self.longest_lifetime_ms.load(Ordering::Relaxed);
+            let alive = millis(self.longest_lifetime());
             let oldest = self.clock.unix_millis().saturating_sub(alive);
             hidden.retain(|_, at| *at >= oldest);
             if hidden.len() > MAX_HIDDEN_TAGS {
@@ -870,6 +863,15 @@ where
             return false;
         }
         true
+    }
+
+    /// The longest any entry written so far can live, under every TTL configuration the cache
+    /// has had: what tags and tombstones must outlive. L2 keeps it; without L2 it is the
+    /// lifetime the cache was built with, which a reload cannot raise.
+    fn longest_lifetime(&self) -> Duration {
+        self.l2
+            .as_ref()
+            .map_or_else(|| self.config.max_entry_lifetime(), |l2| l2.max_lifetime())
     }
 
     /// The deadlines of a value produced now.
@@ -1001,9 +1003,7 @@ where
         let config = &self.config;
         let ttl = config
             .loader_hard_timeout
-            .unwrap_or_else(|| {
-                Duration::from_millis(self.longest_lifetime_ms.load(Ordering::Relaxed))
-            })
+            .unwrap_or_else(|| l2.max_lifetime())
             .saturating_add(config.l2_timeout)
             .max(Duration::from_millis(1));
         let expires = at_unix_ms.saturating_add(millis(ttl));

@@ -272,6 +272,11 @@ impl L2 {
         let _ = self.deletes_announced_to.set(publisher);
     }
 
+    /// The longest an entry written by this cache lives in L2.
+    pub(crate) fn max_lifetime(&self) -> Duration {
+        Duration::from_nanos(self.max_lifetime.load(Ordering::Relaxed))
+    }
+
     /// Entries written from now on may live `lifetime` in L2.
     pub(crate) fn outlive(&self, lifetime: Duration) {
         let nanos = u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX);

@@ -90,7 +90,6 @@ pub struct RuntimeConfig {
 pub struct ReloadError {
     kind: &'static str,
     name: String,
-    part: String,
     reason: String,
 }
 
@@ -99,7 +98,6 @@ impl ReloadError {
         Self {
             kind,
             name: name.to_owned(),
-            part: format!("{kind} `{name}`"),
             reason: reason.to_string(),
         }
     }
@@ -115,8 +113,8 @@ impl ReloadError {
     }
 
     /// The part, as its kind and its name: ``bulkhead `db` ``.
-    pub fn part(&self) -> &str {
-        &self.part
+    pub fn part(&self) -> String {
+        format!("{} `{}`", self.kind, self.name)
     }
 
     /// What is wrong with its settings.
@@ -127,7 +125,7 @@ impl ReloadError {
 
 impl fmt::Display for ReloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.part, self.reason)
+        write!(f, "{} `{}`: {}", self.kind, self.name, self.reason)
     }
 }
 
