@@ -251,6 +251,57 @@ impl Headroom {
             .namespace(self.inner.idempotency_namespace.clone())
     }
 
+    /// The same backends, namespace and clock, each backend wrapped so that `experiment`
+    /// injects into its calls: every part built from the result (caches, idempotency, rate
+    /// limits) meets a slow, failing or stalling backend, and caches meet lost invalidation
+    /// messages, while the experiment runs; while it is off, one relaxed load per call.
+    /// Caches built from it share this instance's [`shutdown`](Self::shutdown).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use headroom::chaos::{Delay, Experiment, ExperimentConfig};
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let redis_slow = Experiment::builder("redis-slow").build()?;
+    /// let under_chaos = headroom.with_chaos(&redis_slow);
+    /// redis_slow.start(
+    ///     ExperimentConfig::new(Duration::from_secs(60))
+    ///         .latency(1.0, Delay::Fixed(Duration::from_millis(1))),
+    /// )?;
+    /// assert_eq!(under_chaos.namespace(), headroom.namespace());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "chaos")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+    pub fn with_chaos(&self, experiment: &headroom_chaos::Experiment) -> Headroom {
+        use headroom_chaos::{ChaosBus, ChaosKvStore, ChaosLeaseStore, ChaosRateStore};
+
+        let inner = &self.inner;
+        Headroom {
+            inner: Arc::new(Inner {
+                backend: inner.backend,
+                namespace: inner.namespace.clone(),
+                #[cfg(feature = "idempotency")]
+                idempotency_namespace: inner.idempotency_namespace.clone(),
+                clock: inner.clock.clone(),
+                kv: DynKvStore::new(ChaosKvStore::new(inner.kv.clone(), experiment.clone())),
+                bus: DynInvalidationBus::new(ChaosBus::new(inner.bus.clone(), experiment.clone())),
+                leases: DynLeaseStore::new(ChaosLeaseStore::new(
+                    inner.leases.clone(),
+                    experiment.clone(),
+                )),
+                rates: DynRateStore::new(ChaosRateStore::new(
+                    inner.rates.clone(),
+                    experiment.clone(),
+                )),
+                #[cfg(feature = "cache")]
+                caches: inner.caches.clone(),
+            }),
+        }
+    }
+
     /// A bulkhead builder named `name`, on the shared clock.
     #[cfg(feature = "limit")]
     #[cfg_attr(docsrs, doc(cfg(feature = "limit")))]

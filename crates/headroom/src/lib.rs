@@ -11,11 +11,12 @@
 //! | `headroom-breaker` | circuit breakers, retries with budgets, timeouts, hedging | `breaker` |
 //! | `headroom-shard` | shard routing, replicas, resharding | `shard` |
 //! | `headroom-slo` | service level objectives, burn-rate alerts, generated Prometheus rules | `slo` |
+//! | `headroom-chaos` | fault injection in a service's own stack, switched at run time | `chaos` |
 //! | `headroom-redis` | Redis backends, standalone and cluster | `redis` |
 //!
 //! The crates are split so that each service pulls only what it uses, and so that only
 //! `headroom-redis` depends on the `redis` client. Two more features reach into every enabled
-//! crate: `tower` (the tower layers of idempotency, limits, breakers, shard routing and SLOs) and
+//! crate: `tower` (the tower layers of idempotency, limits, breakers, shard routing, SLOs and chaos) and
 //! `serde` (configuration types that load from files, with human-readable durations). `json`
 //! adds the cache's JSON codec, and `full` enables everything. No feature is on by default.
 //! `test-util`, for `[dev-dependencies]` only, makes the components' default clock follow
@@ -134,6 +135,11 @@ pub use headroom_shard as shard;
 #[cfg_attr(docsrs, doc(cfg(feature = "slo")))]
 #[doc(inline)]
 pub use headroom_slo as slo;
+
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+#[doc(inline)]
+pub use headroom_chaos as chaos;
 
 pub mod reload;
 

@@ -1,0 +1,102 @@
+//! Parts built from `Headroom::with_chaos` meet the injected backend faults, and keep their
+//! promises: a cache whose backend (L2 and bus) fails, crawls or stalls still answers every
+//! caller, through its loader, and a cache whose instance loses every
+//! invalidation message serves nothing older than its staleness bound.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use headroom::Headroom;
+use headroom::chaos::{Delay, Experiment, ExperimentConfig, FaultKind};
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// The cache's default L2 timeout, and a tick for the loader's own answer.
+const L2_TIMEOUT: Duration = Duration::from_millis(251);
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_whose_backend_fails_crawls_or_stalls_still_answers_every_caller() {
+    let headroom = Headroom::builder().namespace("chaos-l2").memory().unwrap();
+    let experiment = Experiment::builder("l2-down").build().unwrap();
+    let cache = headroom
+        .with_chaos(&experiment)
+        .cache::<u64, u64>("prices")
+        .unwrap()
+        .ttl(HOUR)
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicU32::new(0));
+    let load = |key: u64| {
+        let loads = Arc::clone(&loads);
+        move |_: u64| async move {
+            loads.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, std::io::Error>(Some(key * 10))
+        }
+    };
+    for config in [
+        ExperimentConfig::new(HOUR).fault_of(1.0, FaultKind::Connection),
+        ExperimentConfig::new(HOUR).latency(1.0, Delay::Fixed(Duration::from_secs(5))),
+        ExperimentConfig::new(HOUR).abort(1.0),
+    ] {
+        experiment.start(config.clone()).unwrap();
+        cache.clear();
+        let before = loads.load(Ordering::Relaxed);
+        for key in 0..20 {
+            // No caller waits on L2 longer than the cache's L2 timeout (250 ms by default).
+            let value = tokio::time::timeout(L2_TIMEOUT, cache.get_or_load(&key, load(key)))
+                .await
+                .unwrap_or_else(|_| panic!("{config:?}: the caller waited on L2"));
+            assert_eq!(value.unwrap(), Some(key * 10), "{config:?}");
+        }
+        assert!(loads.load(Ordering::Relaxed) - before >= 20, "{config:?}");
+        experiment.stop();
+    }
+}
+
+/// Two instances share a cache; one loses every invalidation message (and every ping). After
+/// the other updates a value, the deaf instance serves the old value for at most `max_silence`
+/// (2 s by default): then it notices the silence and stops trusting its L1.
+#[tokio::test(start_paused = true)]
+async fn an_instance_losing_every_invalidation_serves_nothing_staler_than_the_bound() {
+    let headroom = Headroom::builder().namespace("chaos-bus").memory().unwrap();
+    let experiment = Experiment::builder("bus-loss").build().unwrap();
+    let writer = headroom
+        .cache::<u64, u64>("prices")
+        .unwrap()
+        .ttl(HOUR)
+        .build()
+        .unwrap();
+    let deaf = headroom
+        .with_chaos(&experiment)
+        .cache::<u64, u64>("prices")
+        .unwrap()
+        .ttl(HOUR)
+        .build()
+        .unwrap();
+    writer.insert(7, 100).await.unwrap();
+    assert_eq!(deaf.get(&7).await.unwrap(), Some(100));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    experiment
+        .start(ExperimentConfig::new(HOUR).loss(1.0))
+        .unwrap();
+    writer.insert(7, 200).await.unwrap();
+    let updated = tokio::time::Instant::now();
+    loop {
+        let seen = deaf.get(&7).await.unwrap();
+        if seen == Some(200) {
+            break;
+        }
+        assert_eq!(seen, Some(100));
+        assert!(
+            updated.elapsed() <= Duration::from_secs(2) + Duration::from_millis(50),
+            "still the old value {:?} after the update",
+            updated.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        experiment.status().running.unwrap().affected > 0,
+        "messages were lost"
+    );
+}
