@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use headroom_breaker::{CircuitBreaker, Hedge, Pipeline, Retry, RetryBudget};
 use headroom_cache::Cache;
+use headroom_chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig};
 use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
 use headroom_core::{BackendError, ManualClock, Namespace};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
@@ -56,6 +57,8 @@ const BENCHES: &[Bench] = &[
     ("rate_distributed_check_memory", rate_distributed),
     ("idempotency_replay_memory", idempotency_replay),
     ("slo_layer_latency", slo_layer),
+    ("tower_bare_call", bare_call),
+    ("chaos_layer_off", chaos_off),
 ];
 
 fn main() {
@@ -321,6 +324,54 @@ fn measured_slo_layer(service: &mut SloService<Echo>, manual: &ManualClock) {
         let ready = service.ready().now_or_never().expect("ready").expect("ok");
         let answer = ready.call(i as u64).now_or_never().expect("answered");
         black_box(answer.expect("ok"));
+    }
+}
+
+/// The service the chaos layer wraps, alone: the difference is the layer's cost when off.
+fn bare_call() {
+    let echo: fn(u64) -> Ready<Result<u64, Infallible>> = |n| ready(Ok(n));
+    measured_bare_call(&mut service_fn(echo));
+}
+
+#[inline(never)]
+fn measured_bare_call(service: &mut Echo) {
+    for i in 0..ITERATIONS {
+        let ready = service.ready().now_or_never().expect("ready").expect("ok");
+        black_box(
+            ready
+                .call(i as u64)
+                .now_or_never()
+                .expect("answered")
+                .expect("ok"),
+        );
+    }
+}
+
+/// A chaos layer whose experiment ran and was switched off, with every hook given.
+fn chaos_off() {
+    let experiment = Experiment::builder("gate").build().expect("experiment");
+    let chaos = Chaos::new(experiment.clone())
+        .fault(|| unreachable!("off"))
+        .outcome(|| 0);
+    experiment
+        .start(ExperimentConfig::new(Duration::from_secs(60)).fault(1.0))
+        .expect("started");
+    experiment.stop();
+    let echo: fn(u64) -> Ready<Result<u64, Infallible>> = |n| ready(Ok(n));
+    measured_chaos_off(&mut ChaosLayer::new(chaos).layer(service_fn(echo)));
+}
+
+#[inline(never)]
+fn measured_chaos_off(service: &mut ChaosService<Echo, u64, Infallible>) {
+    for i in 0..ITERATIONS {
+        let ready = service.ready().now_or_never().expect("ready").expect("ok");
+        black_box(
+            ready
+                .call(i as u64)
+                .now_or_never()
+                .expect("answered")
+                .expect("ok"),
+        );
     }
 }
 
