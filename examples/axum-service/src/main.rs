@@ -12,7 +12,11 @@
 //!   shared fairly between API keys, a short queue, a typed 503 beyond it) and the idempotency
 //!   layer (`Idempotency-Key` header, scoped per `x-api-key`), so a retried order is replayed
 //!   instead of charged twice; each order is stored on the shard of its API key;
-//! - the payment gateway the orders call is a tower service behind a circuit breaker layer;
+//! - the payment gateway the orders call is a tower service behind a circuit breaker layer,
+//!   with a chaos experiment between the two (off until started): `PUT /admin/chaos` with an
+//!   experiment's JSON starts it on every instance sharing the backend, `DELETE /admin/chaos`
+//!   stops it, and it stops by itself at its end time or when the orders SLO pages (see
+//!   docs/chaos.md); in a real service, put these routes behind your admin authentication;
 //! - two service level objectives on orders (99.9 % answered without a server error, 99 %
 //!   within 300 ms), recorded by `SloLayer`s, with their burn rates evaluated at each scrape;
 //!   `--print-slo-rules` prints the Prometheus rules that alert on them;
@@ -33,6 +37,9 @@
 //! curl localhost:3000/products/7
 //! curl -X POST -H 'x-api-key: acme' -H 'Idempotency-Key: order-1' -d 'sku=7' localhost:3000/orders
 //! curl localhost:3000/metrics
+//! curl -X PUT -H 'Content-Type: application/json' localhost:3000/admin/chaos \
+//!      -d '{"duration": "5m", "fault": {"rate": 0.2}, "blast_radius": {"max_fraction": 0.25}}'
+//! curl -X DELETE localhost:3000/admin/chaos
 //! ```
 
 use std::sync::Arc;
@@ -44,8 +51,10 @@ use axum::error_handling::HandleErrorLayer;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
+use headroom::chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig, FleetSwitch};
+use headroom::core::kv::DynKvStore;
 use headroom::idempotency::http::IdempotencyLayer;
 use headroom::limit::KeyedBulkhead;
 use headroom::limit::rate::RateKey;
@@ -86,6 +95,8 @@ struct App {
     catalogue_db: Bulkhead,
     orders_db: OrdersDb,
     gateway: Gateway,
+    /// The switch of the payment gateway's chaos experiment, shared by every instance.
+    chaos: FleetSwitch<DynKvStore>,
     charges: Arc<AtomicU64>,
     slos: Slos,
     metrics: PrometheusHandle,
@@ -171,7 +182,40 @@ async fn overloaded(err: headroom::limit::tower::BoxError) -> (StatusCode, Strin
     }
 }
 
-fn gateway(headroom: &Headroom) -> Result<Gateway, Box<dyn std::error::Error>> {
+/// Starts the payment gateway's chaos experiment on every instance, with the configuration in
+/// the body.
+async fn start_chaos(State(app): State<App>, body: String) -> (StatusCode, String) {
+    let config = match serde_json::from_str::<ExperimentConfig>(&body) {
+        Ok(config) => config,
+        Err(err) => return (StatusCode::BAD_REQUEST, err.to_string()),
+    };
+    match app.chaos.start(&config).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            String::from("started on every instance"),
+        ),
+        Err(err @ headroom::chaos::FleetError::Config(_)) => {
+            (StatusCode::BAD_REQUEST, err.to_string())
+        }
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+/// Stops the payment gateway's chaos experiment on every instance.
+async fn stop_chaos(State(app): State<App>) -> (StatusCode, String) {
+    match app.chaos.stop().await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            String::from("stopped on every instance"),
+        ),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
+fn gateway(
+    headroom: &Headroom,
+    experiment: &Experiment,
+) -> Result<Gateway, Box<dyn std::error::Error>> {
     let breaker = headroom
         .circuit_breaker::<GatewayError>("payment-gateway")
         .failure_ratio(0.5)
@@ -187,7 +231,10 @@ fn gateway(headroom: &Headroom) -> Result<Gateway, Box<dyn std::error::Error>> {
             Ok::<_, GatewayError>(next_charge.fetch_add(1, Ordering::Relaxed))
         }
     });
-    let guarded: CircuitBreakerService<_, _> = CircuitBreakerLayer::new(breaker).layer(client);
+    // Inside the breaker, so that the breaker sees the injected failures as real ones.
+    let chaotic: ChaosService<_, u64, GatewayError> =
+        ChaosLayer::new(Chaos::new(experiment.clone()).fault(|| GatewayError)).layer(client);
+    let guarded: CircuitBreakerService<_, _> = CircuitBreakerLayer::new(breaker).layer(chaotic);
     Ok(BoxCloneSyncService::new(guarded))
 }
 
@@ -207,10 +254,19 @@ fn catalogue(headroom: &Headroom) -> Result<Pipeline<std::io::Error>, Box<dyn st
         .build())
 }
 
+/// What `app` builds besides the router.
+struct Parts {
+    charges: Arc<AtomicU64>,
+    reloader: Reloader,
+    /// Makes this instance's experiment follow the shared switch; spawn it.
+    follow_chaos: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
 async fn app(
     headroom: &Headroom,
     metrics: PrometheusHandle,
-) -> Result<(Router, Arc<AtomicU64>, Reloader), Box<dyn std::error::Error>> {
+    chaos_poll: Duration,
+) -> Result<(Router, Parts), Box<dyn std::error::Error>> {
     let products = headroom
         .cache::<u64, String>("products")?
         .ttl(Duration::from_secs(60))
@@ -250,12 +306,27 @@ async fn app(
     let charges = Arc::new(AtomicU64::new(0));
     let slos = slos()?;
     let objective = |name: &str| slos.get(name).expect("declared above").clone();
+    // A chaos experiment that users' pain ends: it stops as soon as the orders SLO pages.
+    let experiment = Experiment::builder("payment-gateway")
+        .stop_when(
+            objective("orders")
+                .signal(headroom::slo::Severity::Page)
+                .expect("the default alerts page"),
+        )
+        .build()?;
+    let chaos = FleetSwitch::new(
+        headroom.kv_store().clone(),
+        headroom.namespace(),
+        experiment.name(),
+    )?;
+    let follow_chaos = Box::pin(chaos.follow(experiment.clone(), chaos_poll));
     let state = App {
         products,
         catalogue: catalogue(headroom)?,
         catalogue_db,
         orders_db,
-        gateway: gateway(headroom)?,
+        gateway: gateway(headroom, &experiment)?,
+        chaos,
         charges: charges.clone(),
         slos: slos.clone(),
         metrics,
@@ -298,8 +369,16 @@ async fn app(
         .route("/products/{id}", get(product))
         .route("/orders", post(order).layer(orders))
         .route("/metrics", get(scrape))
+        .route("/admin/chaos", put(start_chaos).delete(stop_chaos))
         .with_state(state);
-    Ok((router, charges, reloader))
+    Ok((
+        router,
+        Parts {
+            charges,
+            reloader,
+            follow_chaos,
+        },
+    ))
 }
 
 /// Sends one HTTP/1.1 request over a fresh connection; returns the status and the body.
@@ -327,6 +406,42 @@ fn order_request(key: &str) -> String {
     )
 }
 
+/// Starts a chaos experiment failing every payment, sends orders until this instance follows
+/// the switch (the order is answered 502, the injected gateway failure), and stops it.
+/// Returns the last answer and how many orders were charged before the experiment began.
+async fn chaos_round(
+    addr: std::net::SocketAddr,
+    key: &str,
+) -> Result<(u16, u64), Box<dyn std::error::Error>> {
+    let config = r#"{"duration": "1m", "fault": {"rate": 1.0}}"#;
+    let start = format!(
+        "PUT /admin/chaos HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{config}",
+        config.len()
+    );
+    let (started, body) = send(addr, &start).await?;
+    println!("PUT /admin/chaos           -> {started} {body}");
+    let (mut answered, mut charged_before) = (0, 0);
+    // The follower polls every 50 ms here: a bounded wait for it to start the experiment.
+    for attempt in 0..100 {
+        let (status, _) = send(addr, &order_request(&format!("{key}-chaos-{attempt}"))).await?;
+        answered = status;
+        if status != 201 {
+            break;
+        }
+        charged_before += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("POST /orders (chaos)       -> {answered} (injected gateway failure)");
+    let stop = "DELETE /admin/chaos HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (stopped, body) = send(addr, stop).await?;
+    println!("DELETE /admin/chaos        -> {stopped} {body}");
+    if (started, stopped) != (202, 202) {
+        return Err("the chaos switch did not answer as expected".into());
+    }
+    Ok((answered, charged_before))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
@@ -348,7 +463,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(url) if !url.is_empty() => builder.redis(url).await?,
         _ => builder.memory()?,
     };
-    let (router, charges, reloader) = app(&headroom, metrics).await?;
+    // The smoke run checks the switch quickly; a service polls it every second or so.
+    let chaos_poll = Duration::from_millis(if smoke { 50 } else { 1_000 });
+    let (router, parts) = app(&headroom, metrics, chaos_poll).await?;
+    let Parts {
+        charges,
+        reloader,
+        follow_chaos,
+    } = parts;
+    tokio::spawn(follow_chaos);
     if let Ok(path) = std::env::var("HEADROOM_RUNTIME_CONFIG") {
         tokio::spawn(reloader.watch(
             path,
@@ -392,6 +515,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let missing = "POST /orders HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let (no_key, _) = send(addr, missing).await?;
     println!("POST /orders (no key)      -> {no_key}");
+    let (injected, charged_before_chaos) = chaos_round(addr, &key).await?;
     let (scraped, exposition) = send(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -408,9 +532,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("# scrape\n{exposition}");
     }
     server.abort();
-    let charged = charges.load(Ordering::Relaxed);
+    let charged = charges.load(Ordering::Relaxed) - charged_before_chaos;
     println!("payment gateway charged {charged} time(s)");
-    if (status, first, retry, no_key, charged, scraped) != (200, 201, 201, 400, 1, 200) {
+    if (status, first, retry, no_key, charged, scraped, injected)
+        != (200, 201, 201, 400, 1, 200, 502)
+    {
         return Err("the service did not answer as expected".into());
     }
     Ok(())

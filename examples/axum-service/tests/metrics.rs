@@ -39,6 +39,7 @@ fn documented() -> BTreeSet<String> {
                 "idempotency",
                 "shard",
                 "slo",
+                "chaos",
                 "reload",
             ]
             .iter()
