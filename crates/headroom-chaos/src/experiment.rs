@@ -134,6 +134,7 @@ struct Control {
 
 struct Run {
     /// Which start this is, so a follower stops only the run it started.
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
     sequence: u64,
     config: ExperimentConfig,
     started: Instant,
@@ -280,11 +281,13 @@ impl Experiment {
     }
 
     /// The current run's sequence number, if one is running.
+    #[cfg(feature = "fleet")]
     pub(crate) fn running_sequence(&self) -> Option<u64> {
         self.0.run.load().as_ref().map(|run| run.sequence)
     }
 
     /// Stops the run numbered `sequence` if it is still the current one.
+    #[cfg(feature = "fleet")]
     pub(crate) fn stop_started(&self, sequence: u64, reason: StopReason) {
         if let Some(run) = self
             .0
