@@ -159,7 +159,7 @@ struct Metrics {
     loss: Counter,
     spared: Counter,
     running: Gauge,
-    /// Per stop reason, in [`StopReason::label`] order.
+    /// Per stop reason, in [`StopReason::LABELS`] order.
     stops: [Counter; 4],
 }
 
@@ -208,6 +208,11 @@ impl Experiment {
     /// The experiment's name.
     pub fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// The clock of its end times and delays.
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.0.clock
     }
 
     /// Switches the experiment on with `config`, for `config.duration` from now. If it was
@@ -483,13 +488,7 @@ impl ExperimentBuilder {
 
     /// The experiment, off.
     pub fn build(self) -> Result<Experiment, ConfigError> {
-        let valid = !self.name.is_empty()
-            && self.name.len() <= Experiment::MAX_NAME_LEN
-            && self
-                .name
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
-        if !valid {
+        if !valid_name(&self.name) {
             return Err(ConfigError::new(
                 "name",
                 "must be 1 to 128 letters, digits, `-`, `_` or `.`",
@@ -509,6 +508,16 @@ impl ExperimentBuilder {
             starts: AtomicU64::new(0),
         })))
     }
+}
+
+/// An experiment's name: it labels metrics and is the key part of its fleet switch, so it
+/// never carries a `{hash tag}` that would pick a Redis Cluster slot.
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= Experiment::MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
 }
 
 /// How an injected call ends, when it does not run as usual.
@@ -542,7 +551,7 @@ impl Injection {
         self.behavior
     }
 
-    /// Whether to hold the call until the experiment stops ([`Injection::hold`]).
+    /// Whether to hold the call until the experiment stops (done by [`Injection::wait`]).
     pub fn abort(&self) -> bool {
         self.end == Some(End::Abort)
     }
