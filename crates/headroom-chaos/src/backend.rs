@@ -70,6 +70,9 @@ impl Point {
         strategies: Strategies,
         keys: impl IntoIterator<Item = &'a Key>,
     ) -> Option<Injection> {
+        if !self.experiment.is_on() {
+            return None;
+        }
         if let Some(when) = &self.when
             && !keys.into_iter().any(|key| when(key))
         {

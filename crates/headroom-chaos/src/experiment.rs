@@ -211,6 +211,7 @@ impl Experiment {
     }
 
     /// The clock of its end times and delays.
+    #[cfg(feature = "fleet")]
     pub(crate) fn clock(&self) -> &Clock {
         &self.0.clock
     }
@@ -368,12 +369,19 @@ impl Experiment {
         true
     }
 
+    /// Whether the experiment is switched on: one relaxed load. Injection points check it
+    /// before anything else (a predicate, a draw).
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.0.on.load(Ordering::Relaxed)
+    }
+
     /// Draws what to inject into one call at a point supporting `at`: `None` when the
     /// experiment is off (one relaxed load), when no strategy drew this call, or when the blast
     /// radius spares it.
     #[inline]
     pub fn draw(&self, at: Strategies) -> Option<Injection> {
-        if !self.0.on.load(Ordering::Relaxed) {
+        if !self.is_on() {
             return None;
         }
         self.draw_running(at)
@@ -390,7 +398,7 @@ impl Experiment {
         }
         run.seen.fetch_add(1, Ordering::Relaxed);
         let config = &run.config;
-        let mut rng = fastrand::Rng::with_seed(self.0.seed.fetch_add(1, Ordering::Relaxed));
+        let mut rng = fastrand::Rng::with_seed(next_seed(&self.0.seed));
         let mut drawn = |strategy: Strategies, rate: Option<f64>| {
             at.contains(strategy) && rate.is_some_and(|rate| rng.f64() < rate)
         };
@@ -510,6 +518,18 @@ impl ExperimentBuilder {
     }
 }
 
+/// The next seed of a SplitMix64 sequence: consecutive seeds of a counter give correlated first
+/// draws (two calls in a row would fail together far less often than the rate says), so each
+/// call's generator is seeded from the counter's mixed value.
+fn next_seed(state: &AtomicU64) -> u64 {
+    let mut z = state
+        .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// An experiment's name: it labels metrics and is the key part of its fleet switch, so it
 /// never carries a `{hash tag}` that would pick a Redis Cluster slot.
 pub(crate) fn valid_name(name: &str) -> bool {
@@ -579,24 +599,30 @@ impl Injection {
         self.experiment.name()
     }
 
-    /// Waits out the delay, then, for an aborted call, holds until the run ends: stopped,
-    /// replaced, or out of time. A caller's timeout usually ends it first.
+    /// Waits out the delay, or for an aborted call holds until the run ends. Either ends when
+    /// the run does (stopped, replaced, or out of time): stopping an experiment releases every
+    /// call it is delaying or holding. A caller's timeout usually ends a hold first.
     pub async fn wait(&self) {
-        if let Some(delay) = self.delay.filter(|delay| !delay.is_zero()) {
-            self.experiment.0.clock.sleep(delay).await;
+        let delay = self.delay.filter(|delay| !delay.is_zero());
+        if delay.is_none() && !self.abort() {
+            return;
         }
-        if self.abort() {
-            self.hold().await;
-        }
+        // Held: until the run ends. Delayed only: the delay, cut short by the run's end.
+        let limit = if self.abort() { None } else { delay };
+        self.while_running(limit).await;
     }
 
-    async fn hold(&self) {
+    /// Sleeps for `limit` (forever if `None`), but no longer than this call's run lasts: it
+    /// wakes at the run's end time, when the run is stopped, and when another replaces it.
+    async fn while_running(&self, limit: Option<Duration>) {
         let shared = &self.experiment.0;
-        let until_end = shared.clock.sleep(
-            self.run
-                .ends_at
-                .saturating_duration_since(shared.clock.now()),
-        );
+        let to_end = self
+            .run
+            .ends_at
+            .saturating_duration_since(shared.clock.now());
+        let sleep = shared
+            .clock
+            .sleep(limit.map_or(to_end, |limit| limit.min(to_end)));
         let stopped = async {
             loop {
                 let notified = shared.stopped.notified();
@@ -612,7 +638,7 @@ impl Injection {
                 notified.await;
             }
         };
-        futures_util::future::select(std::pin::pin!(until_end), std::pin::pin!(stopped)).await;
+        futures_util::future::select(std::pin::pin!(sleep), std::pin::pin!(stopped)).await;
     }
 
     fn record(&self) {

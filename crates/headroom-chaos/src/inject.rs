@@ -106,16 +106,19 @@ impl<T, E> Chaos<T, E> {
     {
         match self.experiment.draw(self.strategies) {
             None => ChaosFuture::passthrough(make()),
-            Some(injection) => self.injected(injection, make),
+            Some(injection) => {
+                let (prelude, answer) = self.prelude(injection);
+                let call = answer.is_none().then(|| Built(make()));
+                ChaosFuture::injected(prelude, answer, call)
+            }
         }
     }
 
+    /// What an injected call runs before its real call (the hook, then the delay or hold), and
+    /// the answer that replaces the call, if any.
     #[cold]
     #[inline(never)]
-    fn injected<F>(&self, injection: Injection, make: impl FnOnce() -> F) -> ChaosFuture<F, T, E>
-    where
-        F: Future<Output = Result<T, E>>,
-    {
+    pub(crate) fn prelude(&self, injection: Injection) -> (BoxFuture<()>, Option<Result<T, E>>) {
         let hook = injection
             .behavior()
             .then(|| self.behavior.as_ref().map(|hook| hook()))
@@ -133,15 +136,13 @@ impl<T, E> Chaos<T, E> {
             }
             injection.wait().await;
         });
-        ChaosFuture {
-            state: State::Injected {
-                call: Box::pin(InjectedCall {
-                    prelude: Some(prelude),
-                    inner: if answer.is_none() { Some(make()) } else { None },
-                    answer,
-                }),
-            },
-        }
+        (prelude, answer)
+    }
+
+    /// The strategies this point applies.
+    #[cfg(feature = "tower")]
+    pub(crate) fn strategies(&self) -> Strategies {
+        self.strategies
     }
 
     /// `operation` with every call it makes going through [`Chaos::call`]: give the result to a
@@ -177,50 +178,91 @@ impl<T, E> fmt::Debug for Chaos<T, E> {
     }
 }
 
+/// A real call not made yet: it is made once the injected prelude is over.
+pub trait Deferred {
+    /// The call's future.
+    type Future;
+
+    /// Makes the call.
+    fn start(self) -> Self::Future;
+}
+
+/// A call already built (a future does nothing until polled).
+#[derive(Debug)]
+pub struct Built<F>(F);
+
+impl<F> Deferred for Built<F> {
+    type Future = F;
+
+    fn start(self) -> F {
+        self.0
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// The future of a call through [`Chaos`]: the call itself when nothing is injected;
-    /// otherwise the injected prelude (hook, delay, hold), then the injected answer or the call.
-    pub struct ChaosFuture<F, T, E> {
+    /// The future of a call through [`Chaos`] or `ChaosLayer`: the call itself when nothing is
+    /// injected; otherwise the injected prelude (hook, delay, hold), then the injected answer
+    /// or the call, made only then.
+    pub struct ChaosFuture<F, T, E, C = Built<F>> {
         #[pin]
-        state: State<F, T, E>,
+        state: State<F, T, E, C>,
     }
 }
 
 pin_project_lite::pin_project! {
     #[project = StateProjection]
-    enum State<F, T, E> {
+    enum State<F, T, E, C> {
         Passthrough {
             #[pin]
             inner: F,
         },
         // Boxed so that the passthrough future stays the size of the call's own.
         Injected {
-            call: Pin<Box<InjectedCall<F, T, E>>>,
+            call: Pin<Box<InjectedCall<F, T, E, C>>>,
         },
     }
 }
 
 pin_project_lite::pin_project! {
-    struct InjectedCall<F, T, E> {
+    struct InjectedCall<F, T, E, C> {
         prelude: Option<BoxFuture<()>>,
         answer: Option<Result<T, E>>,
+        deferred: Option<C>,
         #[pin]
         inner: Option<F>,
     }
 }
 
-impl<F, T, E> ChaosFuture<F, T, E> {
+impl<F, T, E, C> ChaosFuture<F, T, E, C> {
     #[inline]
     pub(crate) fn passthrough(inner: F) -> Self {
         Self {
             state: State::Passthrough { inner },
         }
     }
+
+    pub(crate) fn injected(
+        prelude: BoxFuture<()>,
+        answer: Option<Result<T, E>>,
+        deferred: Option<C>,
+    ) -> Self {
+        Self {
+            state: State::Injected {
+                call: Box::pin(InjectedCall {
+                    prelude: Some(prelude),
+                    answer,
+                    deferred,
+                    inner: None,
+                }),
+            },
+        }
+    }
 }
 
-impl<F, T, E> Future for ChaosFuture<F, T, E>
+impl<F, T, E, C> Future for ChaosFuture<F, T, E, C>
 where
     F: Future<Output = Result<T, E>>,
+    C: Deferred<Future = F>,
 {
     type Output = Result<T, E>;
 
@@ -233,9 +275,10 @@ where
     }
 }
 
-impl<F, T, E> Future for InjectedCall<F, T, E>
+impl<F, T, E, C> Future for InjectedCall<F, T, E, C>
 where
     F: Future<Output = Result<T, E>>,
+    C: Deferred<Future = F>,
 {
     type Output = Result<T, E>;
 
@@ -248,6 +291,9 @@ where
         if let Some(answer) = this.answer.take() {
             return Poll::Ready(answer);
         }
+        if let Some(deferred) = this.deferred.take() {
+            this.inner.set(Some(deferred.start()));
+        }
         match this.inner.as_mut().as_pin_mut() {
             Some(inner) => inner.poll(cx),
             None => panic!("ChaosFuture polled after completion"),
@@ -255,7 +301,7 @@ where
     }
 }
 
-impl<F, T, E> fmt::Debug for ChaosFuture<F, T, E> {
+impl<F, T, E, C> fmt::Debug for ChaosFuture<F, T, E, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChaosFuture")
             .field("injected", &matches!(self.state, State::Injected { .. }))

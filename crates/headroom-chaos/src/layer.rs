@@ -6,13 +6,15 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::inject::Deferred;
 use crate::{Chaos, ChaosFuture};
 
 /// Injects a [`Chaos`] point's strategies into the calls of the wrapped service whose request
 /// the predicate picks (all of them by default): a route, a tenant, a header.
 ///
-/// The delay, hook and hold run before the inner service's future is first polled; an injected
-/// fault or outcome answers without calling the inner service. For axum, whose services never
+/// The hook, the delay and the hold run before the inner service is called: a held request is
+/// never sent. An injected fault or outcome answers without calling the inner service. The
+/// inner service must be `Clone` (the one made ready travels with the delayed request). For axum, whose services never
 /// fail, inject outcomes (a 503 response) rather than faults.
 ///
 /// ```
@@ -139,12 +141,12 @@ impl<S: fmt::Debug, T, E, P> fmt::Debug for ChaosService<S, T, E, P> {
 
 impl<S, P, Request> Service<Request> for ChaosService<S, S::Response, S::Error, P>
 where
-    S: Service<Request>,
+    S: Service<Request> + Clone,
     P: Pick<Request>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ChaosFuture<S::Future, S::Response, S::Error>;
+    type Future = ChaosFuture<S::Future, S::Response, S::Error, ServiceCall<S, Request>>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -153,10 +155,40 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        if !self.when.picks(&request) {
+        if !self.chaos.experiment().is_on() || !self.when.picks(&request) {
             return ChaosFuture::passthrough(self.inner.call(request));
         }
-        let inner = &mut self.inner;
-        self.chaos.call_with(move || inner.call(request))
+        match self.chaos.experiment().draw(self.chaos.strategies()) {
+            None => ChaosFuture::passthrough(self.inner.call(request)),
+            Some(injection) => {
+                let (prelude, answer) = self.chaos.prelude(injection);
+                // The service made ready goes with the call, made once the injection is over;
+                // a clone takes its place here (tower's usual pattern).
+                let call = answer.is_none().then(|| {
+                    let clone = self.inner.clone();
+                    let ready = std::mem::replace(&mut self.inner, clone);
+                    ServiceCall(ready, request)
+                });
+                ChaosFuture::injected(prelude, answer, call)
+            }
+        }
+    }
+}
+
+/// A request for a service made ready, sent once the injected delay or hold is over.
+pub struct ServiceCall<S, Request>(S, Request);
+
+impl<S: Service<Request>, Request> Deferred for ServiceCall<S, Request> {
+    type Future = S::Future;
+
+    fn start(self) -> S::Future {
+        let Self(mut service, request) = self;
+        service.call(request)
+    }
+}
+
+impl<S, Request> fmt::Debug for ServiceCall<S, Request> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceCall").finish_non_exhaustive()
     }
 }

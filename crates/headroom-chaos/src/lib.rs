@@ -45,10 +45,10 @@ pub use experiment::{
 #[cfg(feature = "fleet")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fleet")))]
 pub use fleet::{FleetError, FleetSwitch};
-pub use inject::{Chaos, ChaosFuture};
+pub use inject::{Built, Chaos, ChaosFuture, Deferred};
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
-pub use layer::{ChaosLayer, ChaosService, Everything, Pick};
+pub use layer::{ChaosLayer, ChaosService, Everything, Pick, ServiceCall};
 
 /// The guide, `docs/chaos.md`, whose examples are compiled as doc tests.
 #[cfg(all(doctest, feature = "fleet", feature = "tower"))]

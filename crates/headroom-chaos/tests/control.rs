@@ -222,3 +222,45 @@ fn a_configuration_loads_from_json_with_readable_durations() {
         serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
     assert_eq!(round_trip, config);
 }
+
+/// The kill switch kills: stopping ends injected delays at once, and no delay outlasts the
+/// run's end time.
+#[tokio::test(start_paused = true)]
+async fn stopping_or_ending_cuts_injected_delays_short() {
+    let experiment = Experiment::builder("slow").build().unwrap();
+    let chaos = Chaos::<u32, ()>::new(experiment.clone());
+    let day = ExperimentConfig::LONGEST;
+    experiment
+        .start(ExperimentConfig::new(day).latency(1.0, Delay::Fixed(day)))
+        .unwrap();
+    let delayed = tokio::spawn({
+        let chaos = chaos.clone();
+        async move {
+            let started = tokio::time::Instant::now();
+            chaos.call(async { Ok(1) }).await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(MINUTE).await;
+    experiment.stop();
+    assert_eq!(
+        delayed.await.unwrap(),
+        MINUTE,
+        "the delay ended with the stop"
+    );
+
+    experiment
+        .start(
+            ExperimentConfig::new(Duration::from_secs(600))
+                .latency(1.0, Delay::Fixed(Duration::from_secs(600))),
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(599)).await;
+    let started = tokio::time::Instant::now();
+    chaos.call(async { Ok(1) }).await.unwrap();
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1),
+        "the delay ended with the run"
+    );
+}

@@ -165,3 +165,59 @@ fn the_off_path_injects_nothing_and_allocates_nothing() {
     assert_eq!(allocations.count_total, 0);
     assert_eq!(experiment.status().running, None);
 }
+
+/// A held or delayed request reaches the inner service only once its injection is over: a
+/// stalled payment gateway charges nothing.
+#[tokio::test(start_paused = true)]
+async fn the_inner_service_is_called_only_after_the_injection() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let experiment = Experiment::builder("stalled-gateway").build().unwrap();
+    let mut service = ChaosLayer::new(Chaos::new(experiment.clone())).layer(service_fn({
+        let calls = calls.clone();
+        move |request: u32| {
+            // Work done in `call` itself, as a client that sends on `call` does.
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ready(Ok::<_, Infallible>(request))
+        }
+    }));
+    experiment
+        .start(ExperimentConfig::new(MINUTE).abort(1.0))
+        .unwrap();
+    let held = service.ready().await.unwrap().call(1);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), held)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a stalled call reached the service"
+    );
+    let held = service.ready().await.unwrap().call(2);
+    experiment.stop();
+    assert_eq!(held.await, Ok(2));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// Off, a point does not even run its predicate: one relaxed load.
+#[test]
+fn the_off_path_does_not_run_the_predicate() {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let experiment = Experiment::builder("off-picky").build().unwrap();
+    let mut service = ChaosLayer::new(Chaos::<u32, Infallible>::new(experiment))
+        .when({
+            let runs = runs.clone();
+            move |_: &u32| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+        })
+        .layer(service_fn(|request: u32| {
+            ready(Ok::<_, Infallible>(request))
+        }));
+    for request in 0..100 {
+        service.call(request).now_or_never().unwrap().unwrap();
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
