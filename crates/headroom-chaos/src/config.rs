@@ -182,7 +182,9 @@ pub struct BlastRadius {
     /// from 0 to 1 (1 by default: the rates alone decide). A call is affected when any
     /// strategy injects into it.
     pub max_fraction: f64,
-    /// The most calls affected in any one second of the experiment's clock (no cap by default).
+    /// The most calls affected in each second of the run, counted from its start on the
+    /// experiment's clock (no cap by default). Two seconds' caps can fall within one second
+    /// across a boundary: at most twice the cap in any sliding second.
     pub max_per_second: Option<u32>,
 }
 

@@ -458,7 +458,9 @@ impl Run {
         }
         if let Some(per_second) = radius.max_per_second {
             let second = now.saturating_duration_since(self.started).as_secs();
-            if second != state.second {
+            // A call that read the clock just before another moved the window on counts in
+            // the newer second: the window never moves back.
+            if second > state.second {
                 state.second = second;
                 state.in_second = 0;
             }

@@ -12,12 +12,12 @@
 //!
 //! | it reads | it does |
 //! |---|---|
-//! | a new generation | starts the run, ending at the record's end time (nothing if already past) |
+//! | a new generation | starts the run, ending at the record's end time but never later than its duration from now (nothing if already past); while a run started locally is going on, it waits for that run to end |
 //! | the generation it started | nothing |
 //! | nothing (stopped or expired) | stops the run it started, with [`StopReason::Fleet`] |
-//! | an error, or bytes it cannot understand | stops the run it started (fail safe), warns, counts `headroom_chaos_fleet_errors_total` |
+//! | an error, no answer within the polling interval, or bytes it cannot understand | stops the run it started (fail safe), warns, counts `headroom_chaos_fleet_errors_total`; resumes it once the switch reads again |
 //!
-//! A run started locally with [`Experiment::start`] is never stopped by a follower.
+//! A run started locally with [`Experiment::start`] is never stopped or replaced by a follower.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,7 +26,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use headroom_core::kv::KvStore;
 use headroom_core::metrics::Counter;
-use headroom_core::{BackendError, Classify, Clock, Key, KeyError, Namespace, counter};
+use headroom_core::{
+    BackendError, BackendErrorKind, Classify, Clock, Key, KeyError, Namespace, counter,
+};
 
 use crate::{ConfigError, Experiment, ExperimentConfig, StopReason};
 
@@ -340,7 +342,18 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
         async move {
             let mut follower = Follower::new(experiment);
             loop {
-                let read = switch.read().await;
+                // A store that hangs must not keep the follower from failing safe.
+                let read = std::pin::pin!(switch.read());
+                let waited = std::pin::pin!(switch.clock.sleep(every));
+                let read = match futures_util::future::select(read, waited).await {
+                    futures_util::future::Either::Left((read, _)) => read,
+                    futures_util::future::Either::Right(_) => {
+                        Err(FleetError::Backend(BackendError::with_detail(
+                            BackendErrorKind::Timeout,
+                            "no answer within the polling interval",
+                        )))
+                    }
+                };
                 follower.apply(&switch, read);
                 switch.clock.sleep(every).await;
             }
@@ -392,21 +405,33 @@ impl Follower {
             return;
         };
         let new = self.generation != Some(record.generation);
-        let resume = std::mem::take(&mut self.stopped_unconfirmed);
-        if !new && !resume {
+        if !new && !self.stopped_unconfirmed {
             return;
         }
+        if self
+            .experiment
+            .running_sequence()
+            .is_some_and(|current| Some(current) != self.run)
+        {
+            // A run started locally is the operator's: the fleet's starts once it is over.
+            return;
+        }
+        self.stopped_unconfirmed = false;
         self.generation = Some(record.generation);
-        let remaining = record
-            .ends_at_unix_ms
-            .saturating_sub(switch.clock.unix_millis());
-        if remaining == 0 {
+        // Never longer than the configuration's own duration, whatever the record says.
+        let remaining = Duration::from_millis(
+            record
+                .ends_at_unix_ms
+                .saturating_sub(switch.clock.unix_millis()),
+        )
+        .min(record.config.duration);
+        if remaining.is_zero() {
             // A start already over (read late, or written by a clock ahead of ours): the
             // switch no longer holds the generation this follower ran, so that run stops too.
             self.stop();
             return;
         }
-        let ends_at = self.experiment.clock().now() + Duration::from_millis(remaining);
+        let ends_at = self.experiment.clock().now() + remaining;
         self.run = Some(self.experiment.start_until(record.config, ends_at));
     }
 

@@ -484,3 +484,111 @@ fn invalid_starts_and_names_are_refused() {
         }
     });
 }
+
+/// A run an operator started on one instance is theirs: a fleet start does not replace it, and
+/// neither does a follower resuming after the store failed. The fleet's run starts once the
+/// local one is over.
+#[test]
+fn a_follower_never_replaces_a_local_run() {
+    paused(async {
+        let store_down = Experiment::builder("store-down").build().unwrap();
+        let store = ChaosKvStore::new(MemoryKvStore::new(), store_down.clone());
+        let switch = memory_switch(&store);
+        let experiment = Experiment::builder(NAME).build().unwrap();
+        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let local = ExperimentConfig::new(Duration::from_secs(60)).abort(0.1);
+        experiment.start(local.clone()).unwrap();
+        let fleet = config(Duration::from_secs(600));
+        switch.start(&fleet).await.unwrap();
+        settle().await;
+        assert_eq!(
+            experiment.status().running.unwrap().config,
+            local,
+            "a fleet start replaced it"
+        );
+
+        // The local run ends; the fleet's starts.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        settle().await;
+        assert_eq!(experiment.status().running.unwrap().config, fleet);
+
+        // The store fails: the fleet's run stops; meanwhile an operator starts one locally.
+        store_down
+            .start(ExperimentConfig::new(Duration::from_secs(600)).fault(1.0))
+            .unwrap();
+        settle().await;
+        assert!(!experiment.is_running());
+        experiment.start(local.clone()).unwrap();
+        store_down.stop();
+        settle().await;
+        assert_eq!(
+            experiment.status().running.unwrap().config,
+            local,
+            "the resume replaced it"
+        );
+        follower.abort();
+    });
+}
+
+/// A record can only say when a run ends within the run's own duration: a record claiming a
+/// month for a one-minute experiment (foreign, corrupt, or from a clock far ahead) runs a
+/// minute.
+#[test]
+fn a_record_cannot_stretch_a_run_past_its_duration() {
+    paused(async {
+        let store = MemoryKvStore::new();
+        let switch = memory_switch(&store);
+        let experiment = Experiment::builder(NAME).build().unwrap();
+        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let month_ms = 30 * 24 * 3600 * 1000;
+        let record = serde_json::json!({
+            "version": 1,
+            "generation": 7,
+            "ends_at_unix_ms": Clock::default().unix_millis() + month_ms,
+            "config": { "duration": "1m", "fault": { "rate": 0.5 } }
+        });
+        store
+            .set(
+                switch.key(),
+                Bytes::from(serde_json::to_vec(&record).unwrap()),
+                Duration::from_secs(40 * 24 * 3600),
+            )
+            .await
+            .unwrap();
+        settle().await;
+        let remaining = experiment.status().running.unwrap().remaining;
+        assert!(
+            remaining <= Duration::from_secs(60),
+            "{remaining:?} left of a one-minute run"
+        );
+        follower.abort();
+    });
+}
+
+/// A store that hangs is a store that failed: the follower stops the fleet's run within a
+/// polling interval or two, and resumes it when the store answers again.
+#[test]
+fn a_hanging_store_stops_the_fleet_run() {
+    paused(async {
+        let store_stalls = Experiment::builder("store-stalls").build().unwrap();
+        let store = ChaosKvStore::new(MemoryKvStore::new(), store_stalls.clone());
+        let switch = memory_switch(&store);
+        let experiment = Experiment::builder(NAME).build().unwrap();
+        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        switch
+            .start(&config(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        settle().await;
+        assert!(experiment.is_running());
+        store_stalls
+            .start(ExperimentConfig::new(Duration::from_secs(600)).abort(1.0))
+            .unwrap();
+        settle().await;
+        assert_eq!(experiment.status().last_stop, Some(StopReason::Fleet));
+        store_stalls.stop();
+        settle().await;
+        assert!(experiment.is_running(), "resumed once the store answers");
+        follower.abort();
+    });
+}
