@@ -1,11 +1,18 @@
 //! Every injection is counted per strategy, spared calls and stops are counted, and the running
-//! gauge follows the experiment: what a dashboard shows beside what broke.
+//! gauge follows the experiment: what a dashboard shows beside what broke. Each injection is
+//! also a tracing event in the span of the call it affects.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use headroom_chaos::{Chaos, Delay, Experiment, ExperimentConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
 
 fn line<'a>(rendered: &'a str, series: &str) -> Option<&'a str> {
     rendered
@@ -76,4 +83,88 @@ fn injections_spares_stops_and_the_running_gauge_are_recorded() {
         ),
         Some("0")
     );
+}
+
+/// Events seen: the target, the name of the span they were in, and their fields as text.
+#[derive(Clone, Default)]
+struct Events {
+    seen: Arc<Mutex<Vec<(String, Option<&'static str>, BTreeMap<String, String>)>>>,
+    spans: Arc<Mutex<Vec<&'static str>>>,
+    entered: Arc<Mutex<Vec<u64>>>,
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+impl Subscriber for Events {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, span: &Attributes<'_>) -> Id {
+        let mut spans = self.spans.lock().unwrap();
+        spans.push(span.metadata().name());
+        Id::from_u64(spans.len() as u64)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        let span = self
+            .entered
+            .lock()
+            .unwrap()
+            .last()
+            .map(|id| self.spans.lock().unwrap()[usize::try_from(*id).unwrap() - 1]);
+        self.seen
+            .lock()
+            .unwrap()
+            .push((event.metadata().target().to_owned(), span, fields));
+    }
+    fn enter(&self, span: &Id) {
+        self.entered.lock().unwrap().push(span.into_u64());
+    }
+    fn exit(&self, _: &Id) {
+        self.entered.lock().unwrap().pop();
+    }
+}
+
+/// Each injection is an event in the span of the call it affects, naming the experiment and
+/// what was injected; starts and stops are events too.
+#[test]
+fn each_injection_is_a_tracing_event_in_the_callers_span() {
+    let events = Events::default();
+    tracing::subscriber::with_default(events.clone(), || {
+        let experiment = Experiment::builder("traced").build().unwrap();
+        let chaos = Chaos::<u32, &str>::new(experiment.clone()).fault(|| "injected");
+        experiment
+            .start(ExperimentConfig::new(Duration::from_secs(60)).fault(1.0))
+            .unwrap();
+        let checkout = tracing::info_span!("checkout");
+        checkout.in_scope(|| {
+            let _ = chaos.call(async { Ok(1) }).now_or_never();
+        });
+        experiment.stop();
+    });
+    let seen = events.seen.lock().unwrap();
+    let chaos: Vec<_> = seen
+        .iter()
+        .filter(|(target, _, _)| target == "headroom_chaos")
+        .collect();
+    assert_eq!(
+        chaos.len(),
+        3,
+        "a start, an injection and a stop: {chaos:?}"
+    );
+    let (_, span, fields) = chaos[1];
+    assert_eq!(*span, Some("checkout"));
+    assert_eq!(fields["experiment"], "traced");
+    assert_eq!(fields["fault"], "true");
+    assert_eq!(fields["abort"], "false");
+    assert!(chaos[2].2["message"].contains("stopped"), "{:?}", chaos[2]);
 }
