@@ -85,10 +85,13 @@ fn injections_spares_stops_and_the_running_gauge_are_recorded() {
     );
 }
 
-/// Events seen: the target, the name of the span they were in, and their fields as text.
+/// An event seen: its target, the name of the span it was in, and its fields as text.
+type Seen = (String, Option<&'static str>, BTreeMap<String, String>);
+
+/// Every event seen, and the spans that were entered.
 #[derive(Clone, Default)]
 struct Events {
-    seen: Arc<Mutex<Vec<(String, Option<&'static str>, BTreeMap<String, String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     spans: Arc<Mutex<Vec<&'static str>>>,
     entered: Arc<Mutex<Vec<u64>>>,
 }
