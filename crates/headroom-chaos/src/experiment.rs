@@ -128,6 +128,9 @@ struct Shared {
 #[derive(Default)]
 struct Control {
     last_stop: Option<StopReason>,
+    /// The sequence number of the run that stopped last.
+    #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
+    last_stopped: u64,
     /// The task that stops the current run at its end time.
     end_timer: Option<tokio::task::AbortHandle>,
 }
@@ -286,6 +289,19 @@ impl Experiment {
         }
     }
 
+    /// Why the run numbered `sequence` stopped, if it was the last to stop. Reading it first
+    /// stops the current run if a stop signal is raised, so a follower notices with no traffic.
+    #[cfg(feature = "fleet")]
+    pub(crate) fn stop_reason_of(&self, sequence: u64) -> Option<StopReason> {
+        if let Some(run) = self.0.run.load_full() {
+            self.check_stops(&run, self.0.clock.now());
+        }
+        let control = self.0.control.lock();
+        (control.last_stopped == sequence)
+            .then(|| control.last_stop.clone())
+            .flatten()
+    }
+
     /// The current run's sequence number, if one is running.
     #[cfg(feature = "fleet")]
     pub(crate) fn running_sequence(&self) -> Option<u64> {
@@ -326,6 +342,7 @@ impl Experiment {
             "chaos experiment stopped"
         );
         control.last_stop = Some(reason);
+        control.last_stopped = run.sequence;
         if let Some(end_timer) = control.end_timer.take() {
             end_timer.abort();
         }

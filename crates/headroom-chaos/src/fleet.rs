@@ -18,6 +18,8 @@
 //! | an error, no answer within the polling interval, or bytes it cannot understand | stops the run it started (fail safe), warns, counts `headroom_chaos_fleet_errors_total`; resumes it once the switch reads again |
 //!
 //! A run started locally with [`Experiment::start`] is never stopped or replaced by a follower.
+//! When a stop signal ends the run a follower started (an SLO paging on one instance), that
+//! follower clears the switch, so the experiment stops on every instance.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -355,6 +357,17 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
                     }
                 };
                 follower.apply(&switch, read);
+                if follower.stopped_by_signal() {
+                    // The signal that stopped this instance's run stops the fleet's.
+                    tracing::warn!(
+                        target: "headroom_chaos",
+                        experiment = %switch.name,
+                        "a stop signal ended the run: clearing the fleet switch"
+                    );
+                    if let Err(error) = switch.stop().await {
+                        follower.failed(&switch, &error);
+                    }
+                }
                 switch.clock.sleep(every).await;
             }
         }
@@ -457,6 +470,22 @@ impl Follower {
             self.stopped_unconfirmed = true;
         }
         self.stop();
+    }
+
+    /// Whether the run this follower started was stopped by a stop signal (then forgotten, so
+    /// that it is reported once).
+    fn stopped_by_signal(&mut self) -> bool {
+        let Some(run) = self.run else {
+            return false;
+        };
+        if matches!(
+            self.experiment.stop_reason_of(run),
+            Some(StopReason::Signal(_))
+        ) {
+            self.run = None;
+            return true;
+        }
+        false
     }
 
     fn stop(&mut self) {

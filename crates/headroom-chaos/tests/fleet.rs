@@ -592,3 +592,48 @@ fn a_hanging_store_stops_the_fleet_run() {
         follower.abort();
     });
 }
+
+/// One instance's SLO pages: its stop signal ends its run, and its follower clears the switch,
+/// so the run stops on every instance, and nobody restarts it.
+#[test]
+fn a_stop_signal_on_one_instance_stops_the_fleet() {
+    paused(async {
+        let store = MemoryKvStore::new();
+        let switch = memory_switch(&store);
+        let paging = headroom_core::Signal::new("orders page burn");
+        let watched = Experiment::builder(NAME)
+            .stop_when(paging.clone())
+            .build()
+            .unwrap();
+        let other = Experiment::builder(NAME).build().unwrap();
+        let followers = [
+            tokio::spawn(switch.follow(watched.clone(), Duration::from_secs(1))),
+            tokio::spawn(switch.follow(other.clone(), Duration::from_secs(1))),
+        ];
+        switch
+            .start(&config(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        settle().await;
+        assert!(watched.is_running() && other.is_running());
+
+        paging.set(true);
+        settle().await;
+        assert_eq!(
+            watched.status().last_stop,
+            Some(StopReason::Signal("orders page burn".to_owned()))
+        );
+        assert_eq!(other.status().last_stop, Some(StopReason::Fleet));
+        assert_eq!(
+            store.get(switch.key()).await.unwrap(),
+            None,
+            "the switch is cleared"
+        );
+        paging.set(false);
+        settle().await;
+        assert!(!watched.is_running() && !other.is_running());
+        for follower in followers {
+            follower.abort();
+        }
+    });
+}
