@@ -60,7 +60,7 @@ pub(crate) fn draw(
         .iter()
         .map(|p| format!("{} {}x", p.name, p.multiplier))
         .collect::<Vec<_>>()
-        .join(", then ");
+        .join(", ");
     let colors = [RGBColor(214, 39, 40), RGBColor(31, 119, 180)];
 
     let root = SVGBackend::new(path, (1000, 720)).into_drawing_area();
@@ -85,7 +85,7 @@ pub(crate) fn draw(
             .build_cartesian_2d(0.0..total, 0.0..y_max)?;
         chart
             .configure_mesh()
-            .x_desc(format!("seconds ({phases})"))
+            .x_desc(format!("seconds; phases: {phases}"))
             .draw()?;
         // Phase boundaries.
         let mut end = 0.0;

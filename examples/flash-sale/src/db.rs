@@ -1,11 +1,15 @@
 //! A stand-in database: a fixed pool of connections, queries that take 5–20 ms and slow down
 //! as more of them pile up (lock contention, cache thrashing), and a pool wait limit.
+//!
+//! Product rows carry a version, bumped by each price update, and the database remembers when
+//! each version was replaced: the demo's ground truth for how stale a product page served from
+//! a cache was.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
@@ -34,6 +38,14 @@ pub(crate) struct Product {
     pub(crate) id: u64,
     /// Its price in cents.
     pub(crate) price_cents: u32,
+    /// How many price updates it has had.
+    pub(crate) version: u64,
+}
+
+/// When each version of one product was replaced by the next: `[v]` replaced version `v`.
+#[derive(Debug, Default)]
+struct History {
+    replaced_at: Vec<Instant>,
 }
 
 /// The database shared by every instance of the service.
@@ -48,6 +60,8 @@ pub(crate) struct Database {
     busy_micros: AtomicU64,
     /// Committed orders by (customer, order reference): more than one is a duplicate charge.
     orders: Mutex<HashMap<(u64, u64), u32>>,
+    /// Products updated at least once.
+    updated: Mutex<HashMap<u64, History>>,
 }
 
 /// Counters of one run.
@@ -71,6 +85,7 @@ impl Database {
             queries: AtomicU64::new(0),
             busy_micros: AtomicU64::new(0),
             orders: Mutex::new(HashMap::new()),
+            updated: Mutex::new(HashMap::new()),
         })
     }
 
@@ -95,10 +110,45 @@ impl Database {
     /// Reads a product.
     pub(crate) async fn product(&self, id: u64) -> Result<Product, DbError> {
         self.query().await?;
-        Ok(Product {
+        Ok(self.row(id))
+    }
+
+    /// Changes a product's price (a new version of its row) and returns the new row.
+    pub(crate) async fn update_price(&self, id: u64) -> Result<Product, DbError> {
+        self.query().await?;
+        let mut updated = self.updated.lock().expect("products lock");
+        updated
+            .entry(id)
+            .or_default()
+            .replaced_at
+            .push(Instant::now());
+        Ok(Self::row_of(id, updated.get(&id)))
+    }
+
+    /// The product's row as committed now.
+    fn row(&self, id: u64) -> Product {
+        Self::row_of(id, self.updated.lock().expect("products lock").get(&id))
+    }
+
+    fn row_of(id: u64, history: Option<&History>) -> Product {
+        let version = history.map_or(0, |h| h.replaced_at.len() as u64);
+        Product {
             id,
-            price_cents: 500 + (id % 97) as u32 * 10,
-        })
+            // Each update moves the price by a few cents.
+            price_cents: 500 + (id % 97) as u32 * 10 + (version % 10) as u32,
+            version,
+        }
+    }
+
+    /// How long ago `served` stopped being the product's current row, if it has: the staleness
+    /// of a page showing it.
+    pub(crate) fn staleness(&self, served: &Product) -> Option<Duration> {
+        let updated = self.updated.lock().expect("products lock");
+        let replaced = updated
+            .get(&served.id)?
+            .replaced_at
+            .get(usize::try_from(served.version).ok()?)?;
+        Some(replaced.elapsed())
     }
 
     /// Places an order: reserves stock, then inserts the order row. Returns the order number.
@@ -147,5 +197,25 @@ impl<'a> Pending<'a> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.db.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replaced_row_is_stale_since_its_replacement() {
+        let db = Database::new(2);
+        let first = db.product(7).await.expect("read");
+        assert_eq!((first.version, db.staleness(&first)), (0, None));
+        let second = db.update_price(7).await.expect("update");
+        assert_eq!(second.version, 1);
+        assert_ne!(second.price_cents, first.price_cents);
+        assert_eq!(db.product(7).await.expect("read"), second);
+        assert!(db.staleness(&first).is_some());
+        assert_eq!(db.staleness(&second), None);
+        // Other products are untouched.
+        assert_eq!(db.product(8).await.expect("read").version, 0);
     }
 }

@@ -1,5 +1,6 @@
 //! The load generator: open-loop arrivals at a target rate, phase by phase, from customers who
-//! give up after a second and retry (with the same idempotency key for a checkout).
+//! give up after a second and retry (with the same idempotency key for a checkout), and a small
+//! steady stream of price updates from the back office.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -26,6 +27,8 @@ const MAX_ATTEMPTS: u32 = 3;
 const MAX_REQUESTS_PER_PHASE: u64 = 50_000;
 /// How long stragglers may run after the last phase.
 const DRAIN: Duration = Duration::from_secs(4);
+/// The products on sale: most page views, and every price update.
+const HOT_PRODUCTS: u64 = 50;
 
 /// One phase of the run.
 #[derive(Clone, Debug)]
@@ -38,16 +41,35 @@ pub(crate) struct Phase {
     pub(crate) checkout_share: f64,
     /// Share of checkouts sent by a few scripted buyers (scalpers) hammering the sale.
     pub(crate) scalper_share: f64,
+    /// The fault injected into the protected run's shared backend during the phase.
+    pub(crate) chaos: Option<Chaos>,
+}
+
+/// A chaos experiment of one phase, on the protected run's shared backend (its KV store,
+/// invalidation bus, lease store and rate store).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Chaos {
+    /// Every backend call delayed this long.
+    Latency(Duration),
+    /// This share of the invalidation messages dropped, for each subscriber.
+    Loss(f64),
 }
 
 /// The run: a base rate and its phases.
 #[derive(Clone, Debug)]
 pub(crate) struct Plan {
     pub(crate) base_rate: f64,
+    /// Price updates per second, in every phase, on top of the visitors' requests.
+    pub(crate) update_rate: f64,
     pub(crate) phases: Vec<Phase>,
 }
 
 impl Plan {
+    /// Requests per second offered during `phase`: visitors and price updates.
+    pub(crate) fn offered_rate(&self, phase: &Phase) -> f64 {
+        self.base_rate * phase.multiplier + self.update_rate
+    }
+
     pub(crate) fn total(&self) -> Duration {
         self.phases.iter().map(|p| p.duration).sum()
     }
@@ -69,6 +91,8 @@ impl Plan {
 pub(crate) enum Kind {
     Read,
     Checkout,
+    /// A price update (back office).
+    Update,
 }
 
 /// How a request ended, after its retries.
@@ -145,6 +169,9 @@ pub(crate) struct Sample {
     pub(crate) attempts: u32,
     /// Sent by a premium customer.
     pub(crate) premium: bool,
+    /// For a product page: how long its row had been replaced by a price update when it was
+    /// served (`None`: it was current).
+    pub(crate) stale: Option<Duration>,
 }
 
 /// What the progress line shows.
@@ -158,8 +185,14 @@ struct Progress {
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Drives `plan` against `targets` and returns every request's sample.
-pub(crate) async fn run(label: &str, plan: &Plan, targets: &[SocketAddr]) -> Vec<Sample> {
+/// Drives `plan` against `targets` and returns every request's sample. `on_phase` is called
+/// with each phase's index as it begins, before its first request.
+pub(crate) async fn run(
+    label: &str,
+    plan: &Plan,
+    targets: &[SocketAddr],
+    mut on_phase: impl FnMut(usize),
+) -> Vec<Sample> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(512)
         .build_http();
@@ -174,14 +207,22 @@ pub(crate) async fn run(label: &str, plan: &Plan, targets: &[SocketAddr]) -> Vec
     ));
     let next_reference = AtomicU64::new(1);
     let mut phase_start = start;
-    for phase in &plan.phases {
-        let rate = plan.base_rate * phase.multiplier;
+    for (index, phase) in plan.phases.iter().enumerate() {
+        // Superposed Poisson streams: an arrival is an update with probability update / total.
+        let rate = plan.offered_rate(phase);
+        let update_share = plan.update_rate / rate;
         let phase_end = phase_start + phase.duration;
+        tokio::time::sleep_until(phase_start).await;
+        on_phase(index);
         let mut next = phase_start;
         let mut started = 0;
         while next < phase_end && started < MAX_REQUESTS_PER_PHASE {
             tokio::time::sleep_until(next).await;
-            let request = Request::random(phase, &next_reference, targets);
+            let request = if fastrand::f64() < update_share {
+                Request::update(targets)
+            } else {
+                Request::random(phase, &next_reference, targets)
+            };
             let (client, samples, progress) = (client.clone(), samples.clone(), progress.clone());
             progress.in_flight.fetch_add(1, Ordering::Relaxed);
             progress.sent.fetch_add(1, Ordering::Relaxed);
@@ -252,6 +293,18 @@ struct Request {
 }
 
 impl Request {
+    /// A price update of one of the products on sale.
+    fn update(targets: &[SocketAddr]) -> Self {
+        Self {
+            kind: Kind::Update,
+            target: targets[fastrand::usize(..targets.len())],
+            path: format!("/products/{}/price", fastrand::u64(0..HOT_PRODUCTS)),
+            customer: 0,
+            tier: "staff",
+            reference: 0,
+        }
+    }
+
     fn random(phase: &Phase, next_reference: &AtomicU64, targets: &[SocketAddr]) -> Self {
         let target = targets[fastrand::usize(..targets.len())];
         let checkout = fastrand::f64() < phase.checkout_share;
@@ -278,7 +331,7 @@ impl Request {
         } else {
             // Most visitors look at the few products on sale.
             let product = if fastrand::f64() < 0.8 {
-                fastrand::u64(0..50)
+                fastrand::u64(0..HOT_PRODUCTS)
             } else {
                 fastrand::u64(0..5_000)
             };
@@ -296,11 +349,11 @@ impl Request {
     async fn send(&self, client: &HttpClient, start: Instant) -> Sample {
         let first = Instant::now();
         let mut attempts = 0;
-        let outcome = loop {
+        let (outcome, stale) = loop {
             attempts += 1;
-            let outcome = self.attempt(client).await;
+            let (outcome, stale) = self.attempt(client).await;
             if !outcome.retryable() || attempts == MAX_ATTEMPTS {
-                break outcome;
+                break (outcome, stale);
             }
             // Exponential backoff with jitter: about 100 ms, then 200 ms.
             let backoff = 100.0 * f64::from(1 << (attempts - 1)) * (0.5 + fastrand::f64());
@@ -313,30 +366,41 @@ impl Request {
             outcome,
             attempts,
             premium: self.tier == "premium",
+            stale,
         }
     }
 
-    async fn attempt(&self, client: &HttpClient) -> Outcome {
+    /// One attempt: its outcome and, for a product page, its staleness.
+    async fn attempt(&self, client: &HttpClient) -> (Outcome, Option<Duration>) {
         let uri = format!("http://{}{}", self.target, self.path);
         let mut builder = hyper::Request::builder().uri(uri);
-        if self.kind == Kind::Checkout {
-            builder = builder
-                .method(hyper::Method::POST)
-                .header("x-customer", self.customer)
-                .header("x-tier", self.tier)
-                .header("idempotency-key", self.reference);
+        match self.kind {
+            Kind::Checkout => {
+                builder = builder
+                    .method(hyper::Method::POST)
+                    .header("x-customer", self.customer)
+                    .header("x-tier", self.tier)
+                    .header("idempotency-key", self.reference);
+            }
+            Kind::Update => builder = builder.method(hyper::Method::POST),
+            Kind::Read => {}
         }
         let Ok(request) = builder.body(Empty::new()) else {
-            return Outcome::ServerError;
+            return (Outcome::ServerError, None);
         };
         let exchange = async {
             let response = client.request(request).await.ok()?;
             let status = response.status().as_u16();
             let outcome = response.headers().get("x-outcome").cloned();
+            let stale = response
+                .headers()
+                .get("x-stale-ms")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .map(Duration::from_millis);
             response.into_body().collect().await.ok()?;
-            Some(Outcome::from_response(
-                status,
-                outcome.as_ref().map(|v| v.as_bytes()),
+            Some((
+                Outcome::from_response(status, outcome.as_ref().map(|v| v.as_bytes())),
+                stale,
             ))
         };
         let patience = if self.kind == Kind::Checkout && fastrand::f64() < LOST_RESPONSES {
@@ -345,9 +409,9 @@ impl Request {
             ATTEMPT_TIMEOUT
         };
         match tokio::time::timeout(patience, exchange).await {
-            Ok(Some(outcome)) => outcome,
-            Ok(None) => Outcome::ServerError,
-            Err(_) => Outcome::Timeout,
+            Ok(Some(answer)) => answer,
+            Ok(None) => (Outcome::ServerError, None),
+            Err(_) => (Outcome::Timeout, None),
         }
     }
 }
@@ -381,11 +445,14 @@ mod tests {
             duration: Duration::from_secs(secs),
             checkout_share: 0.0,
             scalper_share: 0.0,
+            chaos: None,
         };
         let plan = Plan {
             base_rate: 1.0,
+            update_rate: 0.5,
             phases: vec![phase(2), phase(3)],
         };
+        assert_eq!(plan.offered_rate(&plan.phases[0]), 1.5);
         assert_eq!(plan.total(), Duration::from_secs(5));
         assert_eq!(plan.phase_at(Duration::from_millis(1_999)), 0);
         assert_eq!(plan.phase_at(Duration::from_secs(2)), 1);

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use crate::counters::Snapshot;
 use crate::db::DbStats;
-use crate::load::{Kind, Outcome, Plan, Sample};
+use crate::load::{Chaos, Kind, Outcome, Plan, Sample};
 
 /// A request counts towards goodput when it succeeded within this time, retries included.
 pub(crate) const SLO: Duration = Duration::from_millis(500);
@@ -14,6 +15,11 @@ pub(crate) const SPIKE_P99_TARGET: Duration = SLO;
 pub(crate) const SPIKE_GOODPUT_TARGET: f64 = 0.75;
 /// Share of premium checkouts that succeed during the spike.
 pub(crate) const SPIKE_PREMIUM_TARGET: f64 = 0.99;
+
+/// What the protected run promises while its shared backend misbehaves: p99 within the SLO.
+pub(crate) const CHAOS_P99_TARGET: Duration = SLO;
+/// Share of a chaos phase's requests served within the SLO.
+pub(crate) const CHAOS_GOODPUT_TARGET: f64 = 0.95;
 
 /// Counters of the protected build.
 #[derive(Clone, Copy, Debug, Default)]
@@ -34,6 +40,8 @@ pub(crate) struct Run {
     pub(crate) samples: Vec<Sample>,
     pub(crate) db: DbStats,
     pub(crate) guard: Option<GuardStats>,
+    /// What headroom's metrics counted in each phase (protected run only).
+    pub(crate) phase_counters: Vec<Snapshot>,
 }
 
 /// Figures of a set of samples.
@@ -109,13 +117,38 @@ fn phase_samples<'a>(
         .filter(move |s| plan.phase_at(s.at) == phase)
 }
 
-/// Prints the report and returns whether the protected run met the spike targets.
+/// Product pages served after their row had changed, and the longest such staleness.
+fn staleness<'a>(samples: impl Iterator<Item = &'a Sample>) -> (usize, Option<Duration>) {
+    let stale: Vec<Duration> = samples.filter_map(|s| s.stale).collect();
+    (stale.len(), stale.iter().max().copied())
+}
+
+fn stale_cell((count, longest): (usize, Option<Duration>)) -> String {
+    match longest {
+        Some(longest) => format!("{count} (max {})", ms(longest)),
+        None => String::from("0"),
+    }
+}
+
+/// The name of a phase in tables.
+fn phase_label(plan: &Plan, phase: usize) -> String {
+    let phase = &plan.phases[phase];
+    format!("{} {}x", phase.name, phase.multiplier)
+}
+
+/// Prints the report and returns whether the protected run met the spike and chaos targets.
 pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     let [bare, guarded] = runs;
+    let width = (0..plan.phases.len())
+        .map(|i| phase_label(plan, i).len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
     println!();
     println!(
-        "flash sale: {} rps base load, database of {} connections, backend {backend}",
+        "flash sale: {} rps base load and {} price updates/s, database of {} connections, backend {backend}",
         plan.base_rate,
+        plan.update_rate,
         crate::DB_CONNECTIONS
     );
     println!(
@@ -126,11 +159,11 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     println!("p99 = all answers, failures included; p99 ok = successful requests only");
     println!();
     println!(
-        "{:<10} {:>8} | {:^42} | {:^42}",
+        "{:<width$} {:>8} | {:^42} | {:^42}",
         "phase", "offered", bare.label, guarded.label
     );
     println!(
-        "{:<10} {:>8} | {:>9} {:>7} {:>7} {:>7} {:>7} | {:>9} {:>7} {:>7} {:>7} {:>7}",
+        "{:<width$} {:>8} | {:>9} {:>7} {:>7} {:>7} {:>7} | {:>9} {:>7} {:>7} {:>7} {:>7}",
         "",
         "rps",
         "goodput/s",
@@ -144,7 +177,7 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
         "p99 ok",
         "failed"
     );
-    println!("{}", "-".repeat(108));
+    println!("{}", "-".repeat(98 + width));
     for (i, phase) in plan.phases.iter().enumerate() {
         let secs = phase.duration.as_secs_f64();
         let cells: Vec<String> = [bare, guarded]
@@ -162,9 +195,9 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
             })
             .collect();
         println!(
-            "{:<10} {:>8.0} | {} | {}",
-            format!("{} {}x", phase.name, phase.multiplier),
-            plan.base_rate * phase.multiplier,
+            "{:<width$} {:>8.0} | {} | {}",
+            phase_label(plan, i),
+            plan.offered_rate(phase),
             cells[0],
             cells[1]
         );
@@ -204,6 +237,14 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     });
     row("p99 checkout", &|r| {
         ms(Figures::of(r.samples.iter().filter(|s| s.kind == Kind::Checkout)).p99)
+    });
+    row("price updates", &|r| {
+        let updates = r.samples.iter().filter(|s| s.kind == Kind::Update);
+        let ok = updates.clone().filter(|s| s.outcome.is_success()).count();
+        format!("{ok} of {}", updates.count())
+    });
+    row("pages served after a price change", &|r| {
+        stale_cell(staleness(r.samples.iter()))
     });
     for outcome in Outcome::ERRORS {
         row(&format!("errors: {}", outcome.label()), &|r| {
@@ -264,7 +305,7 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
         .position(|p| p.name == "spike")
         .unwrap_or(plan.phases.len() - 1);
     let spike_secs = plan.phases[spike].duration.as_secs_f64();
-    let offered = plan.base_rate * plan.phases[spike].multiplier * spike_secs;
+    let offered = plan.offered_rate(&plan.phases[spike]) * spike_secs;
     let check = |run: &Run| {
         let f = Figures::of(phase_samples(run, plan, spike));
         let premium: Vec<&Sample> = phase_samples(run, plan, spike)
@@ -299,6 +340,173 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
             met = ok;
         }
     }
+    let chaos_met = print_chaos(plan, bare, guarded);
+    met && chaos_met
+}
+
+/// The chaos section: what was injected beside what headroom did, per chaos phase, with the
+/// recovery phase (same rate, nothing injected) as the reference; then the chaos targets.
+/// Returns whether the protected run met them.
+fn print_chaos(plan: &Plan, bare: &Run, guarded: &Run) -> bool {
+    let chaos: Vec<usize> = (0..plan.phases.len())
+        .filter(|&i| plan.phases[i].chaos.is_some())
+        .collect();
+    if chaos.is_empty() {
+        return true;
+    }
+    let bound = headroom::cache::InvalidationConfig::default().max_silence;
+    println!();
+    println!("chaos: one experiment on the protected run's shared backend (Headroom::with_chaos)");
+    for &i in &chaos {
+        let injected = match plan.phases[i].chaos {
+            Some(Chaos::Latency(delay)) => format!(
+                "every call to the KV store (cache L2), lease store, rate store and invalidation bus {} slower",
+                ms(delay)
+            ),
+            Some(Chaos::Loss(rate)) => format!(
+                "{:.0} % of invalidation messages dropped, per subscriber, while prices change",
+                rate * 100.0
+            ),
+            None => String::new(),
+        };
+        println!("  {:<24} {injected}", plan.phases[i].name);
+    }
+    println!(
+        "  {} has no shared backend to slow down: it ran the same phases with nothing injected",
+        bare.label
+    );
+    println!();
+    let reference = plan.phases.iter().position(|p| p.name == "recovery");
+    let columns: Vec<usize> = reference.into_iter().chain(chaos.iter().copied()).collect();
+    let labels: Vec<String> = columns
+        .iter()
+        .map(|&i| {
+            let label = phase_label(plan, i);
+            if plan.phases[i].chaos.is_none() {
+                format!("{label} (no chaos)")
+            } else {
+                label
+            }
+        })
+        .collect();
+    let cell = labels.iter().map(String::len).max().unwrap_or(0).max(12);
+    print!("{:<42}", format!("{}, per phase", guarded.label));
+    for label in &labels {
+        print!(" {label:>cell$}");
+    }
+    println!();
+    println!("{}", "-".repeat(42 + (cell + 1) * columns.len()));
+    let row = |name: &str, value: &dyn Fn(usize) -> String| {
+        print!("{name:<42}");
+        for &i in &columns {
+            print!(" {:>cell$}", value(i));
+        }
+        println!();
+    };
+    let counted = |i: usize, name: &str, labels: &[(&str, &str)]| {
+        guarded
+            .phase_counters
+            .get(i)
+            .map_or(0, |c| c.get(name, labels))
+    };
+    let injected = |strategy| {
+        move |i| {
+            counted(
+                i,
+                "headroom_chaos_injected_total",
+                &[("experiment", crate::EXPERIMENT), ("strategy", strategy)],
+            )
+            .to_string()
+        }
+    };
+    row("injected: latency (calls delayed)", &injected("latency"));
+    row("injected: loss (messages dropped)", &injected("loss"));
+    row("price updates (ok of sent)", &|i| {
+        let updates: Vec<&Sample> = phase_samples(guarded, plan, i)
+            .filter(|s| s.kind == Kind::Update)
+            .collect();
+        let ok = updates.iter().filter(|s| s.outcome.is_success()).count();
+        format!("{ok} of {}", updates.len())
+    });
+    row("product pages served from L1", &|i| {
+        counted(i, "headroom_cache_hits_total", &[("level", "l1")]).to_string()
+    });
+    row("product pages served from L2", &|i| {
+        counted(i, "headroom_cache_hits_total", &[("level", "l2")]).to_string()
+    });
+    row("loader calls (database reads)", &|i| {
+        counted(i, "headroom_cache_loads_total", &[]).to_string()
+    });
+    row("L1 flushes: gap / silence / lost", &|i| {
+        let flushes = |reason| {
+            counted(
+                i,
+                "headroom_cache_invalidation_flushes_total",
+                &[("reason", reason)],
+            )
+        };
+        format!(
+            "{} / {} / {}",
+            flushes("gap"),
+            flushes("silence"),
+            flushes("lost")
+        )
+    });
+    row("L2 errors and timeouts", &|i| {
+        counted(i, "headroom_cache_l2_errors_total", &[]).to_string()
+    });
+    row("pages served after a price change", &|i| {
+        stale_cell(staleness(phase_samples(guarded, plan, i)))
+    });
+    row("p99 product page", &|i| {
+        ms(Figures::of(phase_samples(guarded, plan, i).filter(|s| s.kind == Kind::Read)).p99)
+    });
+    row("p99 checkout", &|i| {
+        ms(Figures::of(phase_samples(guarded, plan, i).filter(|s| s.kind == Kind::Checkout)).p99)
+    });
+    row("p99 all answers", &|i| {
+        ms(Figures::of(phase_samples(guarded, plan, i)).p99)
+    });
+    row("goodput (share of requests within SLO)", &|i| {
+        let f = Figures::of(phase_samples(guarded, plan, i));
+        ratio(f.good as u64, f.requests as u64)
+    });
+    println!();
+
+    println!(
+        "chaos targets: p99 of all answers <= {}, goodput >= {:.0} % of the phase's requests, no product page served more than {} (the cache's staleness bound, max_silence) after its price changed",
+        ms(CHAOS_P99_TARGET),
+        CHAOS_GOODPUT_TARGET * 100.0,
+        ms(bound)
+    );
+    let mut met = true;
+    for &i in &chaos {
+        for run in [bare, guarded] {
+            let f = Figures::of(phase_samples(run, plan, i));
+            let goodput = f.good as f64 / f.requests.max(1) as f64;
+            let (stale, longest) = staleness(phase_samples(run, plan, i));
+            let ok = f.p99 <= CHAOS_P99_TARGET
+                && goodput >= CHAOS_GOODPUT_TARGET
+                && longest.is_none_or(|longest| longest <= bound);
+            let verdict = match (run.guard.is_some(), ok) {
+                (false, _) => "nothing injected",
+                (true, true) => "held",
+                (true, false) => "missed",
+            };
+            println!(
+                "  {:<22} {:<12} p99 {:>8}  goodput {:>5.1} %  stale pages {:>4}, longest {:>8}  => {verdict}",
+                plan.phases[i].name,
+                run.label,
+                ms(f.p99),
+                goodput * 100.0,
+                stale,
+                longest.map_or_else(|| String::from("-"), ms),
+            );
+            if run.guard.is_some() {
+                met &= ok;
+            }
+        }
+    }
     met
 }
 
@@ -323,6 +531,7 @@ mod tests {
             outcome,
             attempts: 1,
             premium: false,
+            stale: None,
         };
         let samples = [
             sample(Duration::from_millis(10), Outcome::Ok),
@@ -346,6 +555,7 @@ mod tests {
             outcome,
             attempts: 1,
             premium: false,
+            stale: None,
         };
         // 90 fast successes and 10 slow client timeouts.
         let samples: Vec<Sample> = (1..=90)

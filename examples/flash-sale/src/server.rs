@@ -1,12 +1,15 @@
 //! The order service: product pages and checkout, served by axum on loopback, in two builds.
 //!
 //! - unprotected: every request goes straight to the database;
-//! - with headroom: product reads through a two-level cache; checkout through rate limits per
+//! - with headroom: product reads through a two-level cache; price updates commit to the
+//!   database, then remove the product from the cache (L1 here, a tombstone in the shared L2,
+//!   and an invalidation message to the other instance's L1); checkout through rate limits per
 //!   customer tier, a load shedder (priority by tier), idempotency keys, and a circuit breaker
 //!   with a timeout around every database call.
 //!
 //! Every response carries an `x-outcome` header naming what happened, which the load generator
-//! counts.
+//! counts. A product page whose row had already been replaced by a price update when it was
+//! served also carries `x-stale-ms`: how long before (the database knows).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -189,6 +192,7 @@ pub(crate) async fn start(
     };
     let router = Router::new()
         .route("/products/{id}", get(product))
+        .route("/products/{id}/price", post(update_price))
         .route("/checkout", post(checkout))
         .with_state(app);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -225,16 +229,34 @@ fn failure_response(failure: Failure) -> Response {
     response
 }
 
+/// A product page, with `x-stale-ms` when the row shown had already been replaced.
+fn page(db: &Database, product: Option<&Product>) -> Response {
+    let mut response = respond(StatusCode::OK, "ok");
+    if let Some(stale) = product.and_then(|p| db.staleness(p)) {
+        let value = HeaderValue::from(u64::try_from(stale.as_millis()).unwrap_or(u64::MAX));
+        response.headers_mut().insert("x-stale-ms", value);
+    }
+    response
+}
+
+/// The failure behind a cache error, as the loader reported it.
+fn cache_failure(err: &headroom::cache::CacheError) -> Failure {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<Failure>())
+        .copied()
+        .unwrap_or(Failure::Elapsed)
+}
+
 async fn product(State(app): State<App>, Path(id): Path<u64>) -> Response {
     let Some(guard) = app.guard else {
         return match app.db.product(id).await {
-            Ok(_) => respond(StatusCode::OK, "ok"),
+            Ok(product) => page(&app.db, Some(&product)),
             Err(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
         };
     };
     if guard.weakened {
         return match guard.db_call(app.db.product(id)).await {
-            Ok(_) => respond(StatusCode::OK, "ok"),
+            Ok(product) => page(&app.db, Some(&product)),
             Err(failure) => failure_response(failure),
         };
     }
@@ -253,14 +275,33 @@ async fn product(State(app): State<App>, Path(id): Path<u64>) -> Response {
         })
         .await;
     match read {
-        Ok(_) => respond(StatusCode::OK, "ok"),
-        Err(err) => {
-            let failure = std::error::Error::source(&err)
-                .and_then(|source| source.downcast_ref::<Failure>())
-                .copied()
-                .unwrap_or(Failure::Elapsed);
-            failure_response(failure)
-        }
+        Ok(product) => page(&app.db, product.as_ref()),
+        Err(err) => failure_response(cache_failure(&err)),
+    }
+}
+
+/// A price update from the back office: committed to the database, then the product is removed
+/// from the cache, on every instance (through the invalidation bus) and in L2, so the next read
+/// loads the new row. Both run in their own task: a client that gives up must not leave a
+/// committed update with the old price still cached.
+async fn update_price(State(app): State<App>, Path(id): Path<u64>) -> Response {
+    let db = app.db.clone();
+    let Some(guard) = app.guard else {
+        return match tokio::spawn(async move { db.update_price(id).await }).await {
+            Ok(Ok(_)) => respond(StatusCode::OK, "ok"),
+            _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
+        };
+    };
+    let updated = tokio::spawn(async move {
+        guard.db_call(db.update_price(id)).await?;
+        // Only an invalid key fails a removal; L2 trouble is retried by the cache.
+        Ok::<_, Failure>(guard.products.remove(&id).await.is_ok())
+    })
+    .await;
+    match updated {
+        Ok(Ok(true)) => respond(StatusCode::OK, "ok"),
+        Ok(Err(failure)) => failure_response(failure),
+        _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "cache-error"),
     }
 }
 
