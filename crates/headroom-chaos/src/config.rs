@@ -11,8 +11,11 @@ use crate::ConfigError;
 /// and the blast radius that caps them all.
 ///
 /// Each strategy left out (`None`) injects nothing. Every rate is the probability, from 0 to 1,
-/// that a call the experiment sees gets that strategy; strategies draw independently, so one
-/// call can be delayed and then failed.
+/// that a call the experiment sees draws that strategy; strategies draw independently, so one
+/// call can be delayed and then failed. A call ends one way, in this order: held (abort), else
+/// failed (fault), else answered by the substitute (outcome), else it runs. So with abort at
+/// `a` and fault at `f`, a share `f × (1 − a)` of the calls fail, and outcome's share is
+/// `o × (1 − a) × (1 − f)`. The blast radius then caps the calls affected by any strategy.
 ///
 /// ```
 /// use std::time::Duration;
