@@ -74,10 +74,14 @@ where
     type Error = BoxError;
     type Future = BulkheadFuture<S::Future>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    // Inline, as tower's own services are: the admitted path is a few instructions, and
+    // without the hint whether it inlines depends on how the caller's crate is partitioned.
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         if let Some(permit) = self.bulkhead.try_admit_owned() {
             return BulkheadFuture::running(self.inner.call(request), permit);
@@ -153,6 +157,7 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             match self.as_mut().project().state.project() {
