@@ -4,25 +4,18 @@
 //!
 //! Run with: `cargo bench -p headroom-benches --bench limit`
 
-use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
+use headroom_benches::echo;
 use headroom_limit::tower::BulkheadLayer;
 use headroom_limit::{Bulkhead, KeyedBulkhead};
 use tokio::sync::Semaphore;
 use tower::limit::ConcurrencyLimitLayer;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, Service, ServiceExt};
 
 const LIMIT: usize = 64;
-
-fn echo()
--> impl Service<u64, Response = u64, Error = Infallible, Future = Ready<Result<u64, Infallible>>> + Clone
-{
-    service_fn(|n: u64| ready(Ok::<_, Infallible>(n)))
-}
 
 fn acquire_release(c: &mut Criterion) {
     let semaphore = Semaphore::new(LIMIT);

@@ -3,48 +3,25 @@
 //!
 //! Run with: `cargo bench -p headroom-benches --bench slo`
 
-use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use futures_util::FutureExt;
+use headroom_benches::{echo, ready_call};
 use headroom_slo::{Objective, ObjectiveConfig, SloLayer};
-use tower::{Layer, Service, ServiceExt, service_fn};
-
-fn echo()
--> impl Service<u64, Response = u64, Error = Infallible, Future = Ready<Result<u64, Infallible>>> + Clone
-{
-    service_fn(|n: u64| ready(Ok::<_, Infallible>(n)))
-}
-
-/// One ready+call of `service`, completed at once.
-fn call<S>(service: &mut S)
-where
-    S: Service<u64, Response = u64, Error = Infallible>,
-{
-    let ready = service.ready().now_or_never().expect("ready").expect("ok");
-    black_box(
-        ready
-            .call(black_box(7))
-            .now_or_never()
-            .expect("done")
-            .expect("ok"),
-    );
-}
+use tower::Layer;
 
 fn slo_layer(c: &mut Criterion) {
     let mut group = c.benchmark_group("slo_layer");
     let mut bare = echo();
     group.bench_function(BenchmarkId::new("bare", "ready+call"), |b| {
-        b.iter(|| call(&mut bare))
+        b.iter(|| ready_call(&mut bare))
     });
     let availability =
         Objective::new(ObjectiveConfig::availability("bench", 0.999)).expect("objective");
     let mut service = SloLayer::new(availability).layer(echo());
     group.bench_function(BenchmarkId::new("headroom_slo", "availability"), |b| {
-        b.iter(|| call(&mut service))
+        b.iter(|| ready_call(&mut service))
     });
     let latency = Objective::new(ObjectiveConfig::latency(
         "bench-latency",
@@ -54,7 +31,7 @@ fn slo_layer(c: &mut Criterion) {
     .expect("objective");
     let mut service = SloLayer::new(latency).layer(echo());
     group.bench_function(BenchmarkId::new("headroom_slo", "latency"), |b| {
-        b.iter(|| call(&mut service))
+        b.iter(|| ready_call(&mut service))
     });
     group.finish();
 }

@@ -1,7 +1,9 @@
 //! Fixtures shared by the benchmarks and the contention programs of this package.
 
 use std::cell::RefCell;
-use std::future::Future;
+use std::convert::Infallible;
+use std::future::{Future, Ready, ready};
+use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -10,8 +12,32 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId};
 
+use futures_util::FutureExt;
 use headroom_redis::{Redis, RedisConfig};
 use headroom_testkit::RedisServer;
+use tower::{Service, ServiceExt, service_fn};
+
+/// A ready service that answers its request at once: what the layer benches wrap.
+pub fn echo()
+-> impl Service<u64, Response = u64, Error = Infallible, Future = Ready<Result<u64, Infallible>>> + Clone
+{
+    service_fn(|n: u64| ready(Ok::<_, Infallible>(n)))
+}
+
+/// One `ready` + `call` of `service`, completed at once.
+pub fn ready_call<S>(service: &mut S)
+where
+    S: Service<u64, Response = u64, Error = Infallible>,
+{
+    let ready = service.ready().now_or_never().expect("ready").expect("ok");
+    black_box(
+        ready
+            .call(black_box(7))
+            .now_or_never()
+            .expect("done")
+            .expect("ok"),
+    );
+}
 
 /// Runs `work` on `threads` threads for `run_for`; returns the operations per second in all
 /// (an operation counts when `work` returns true).
