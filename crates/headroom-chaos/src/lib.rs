@@ -20,7 +20,9 @@
 //! Per experiment, labelled `experiment`: `headroom_chaos_injected_total{strategy}` (each
 //! injected strategy), `headroom_chaos_spared_total` (calls a strategy drew that the blast
 //! radius spared), `headroom_chaos_stops_total{reason}` (`manual`, `ended`, `signal`,
-//! `fleet`) and the gauge `headroom_chaos_running`. Each injection is also a `tracing` event
+//! `fleet`), the gauge `headroom_chaos_running`, and with the `fleet` feature
+//! `headroom_chaos_fleet_errors_total` (switch reads that failed or were not understood).
+//! Each injection is also a `tracing` event
 //! (target `headroom_chaos`, in the span of the call it affects), and each start and stop a
 //! warning.
 

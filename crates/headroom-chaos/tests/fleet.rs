@@ -54,7 +54,7 @@ async fn instances(server: &RedisServer, namespace: &Namespace) -> Vec<Instance>
     let mut instances = Vec::new();
     for _ in 0..3 {
         let switch = FleetSwitch::new(redis_store(server).await, namespace, NAME).unwrap();
-        let experiment = Experiment::builder(NAME).build().unwrap();
+        let experiment = experiment();
         let follower = tokio::spawn(switch.follow(experiment.clone(), POLL));
         instances.push(Instance {
             experiment,
@@ -236,6 +236,23 @@ fn memory_switch<S: KvStore + Clone>(store: &S) -> FleetSwitch<S> {
 }
 
 /// Three follower polls.
+/// This instance's experiment.
+fn experiment() -> Experiment {
+    Experiment::builder(NAME).build().unwrap()
+}
+
+/// Makes `experiment` follow `switch`, reading it every second.
+fn follow<S: KvStore + Clone>(switch: &FleetSwitch<S>, experiment: &Experiment) -> JoinHandle<()> {
+    tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)))
+}
+
+/// A memory store that an experiment of its own, named `name`, makes misbehave.
+fn chaotic_store(name: &str) -> (Experiment, ChaosKvStore<MemoryKvStore>) {
+    let experiment = Experiment::builder(name).build().unwrap();
+    let store = ChaosKvStore::new(MemoryKvStore::new(), experiment.clone());
+    (experiment, store)
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 }
@@ -248,8 +265,8 @@ fn a_follower_acts_only_on_what_the_switch_started() {
     paused(async {
         let store = MemoryKvStore::new();
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
 
         experiment.start(config(Duration::from_secs(600))).unwrap();
         settle().await;
@@ -309,8 +326,8 @@ fn a_follower_ends_the_run_at_the_end_time_written_in_the_switch() {
             .unwrap();
         // An instance that joins 40 s late still ends with the others.
         tokio::time::sleep(Duration::from_secs(40)).await;
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         tokio::time::sleep(Duration::from_secs(2)).await;
         let remaining = experiment.status().running.unwrap().remaining;
         assert!(
@@ -334,11 +351,10 @@ fn a_follower_ends_the_run_at_the_end_time_written_in_the_switch() {
 #[test]
 fn a_failing_store_stops_the_fleet_run_until_it_answers_again() {
     paused(async {
-        let l2_down = Experiment::builder("l2-down").build().unwrap();
-        let store = ChaosKvStore::new(MemoryKvStore::new(), l2_down.clone());
+        let (l2_down, store) = chaotic_store("l2-down");
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         switch
             .start(&config(Duration::from_secs(60)))
             .await
@@ -373,11 +389,10 @@ fn a_failing_store_stops_the_fleet_run_until_it_answers_again() {
 #[test]
 fn a_failing_store_leaves_a_local_run_alone() {
     paused(async {
-        let l2_down = Experiment::builder("l2-down").build().unwrap();
-        let store = ChaosKvStore::new(MemoryKvStore::new(), l2_down.clone());
+        let (l2_down, store) = chaotic_store("l2-down");
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         l2_down
             .start(ExperimentConfig::new(Duration::from_secs(600)).fault(1.0))
             .unwrap();
@@ -395,8 +410,8 @@ fn a_start_already_over_replaces_the_previous_one() {
     paused(async {
         let store = MemoryKvStore::new();
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         switch
             .start(&config(Duration::from_secs(600)))
             .await
@@ -431,8 +446,8 @@ fn dropping_the_follower_stops_the_run_it_started() {
     paused(async {
         let store = MemoryKvStore::new();
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         switch
             .start(&config(Duration::from_secs(600)))
             .await
@@ -444,7 +459,7 @@ fn dropping_the_follower_stops_the_run_it_started() {
         assert!(!experiment.is_running());
         assert_eq!(experiment.status().last_stop, Some(StopReason::Fleet));
 
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let follower = follow(&switch, &experiment);
         switch.stop().await.unwrap();
         experiment.start(config(Duration::from_secs(600))).unwrap();
         settle().await;
@@ -491,11 +506,10 @@ fn invalid_starts_and_names_are_refused() {
 #[test]
 fn a_follower_never_replaces_a_local_run() {
     paused(async {
-        let store_down = Experiment::builder("store-down").build().unwrap();
-        let store = ChaosKvStore::new(MemoryKvStore::new(), store_down.clone());
+        let (store_down, store) = chaotic_store("store-down");
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         let local = ExperimentConfig::new(Duration::from_secs(60)).abort(0.1);
         experiment.start(local.clone()).unwrap();
         let fleet = config(Duration::from_secs(600));
@@ -538,8 +552,8 @@ fn a_record_cannot_stretch_a_run_past_its_duration() {
     paused(async {
         let store = MemoryKvStore::new();
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         let month_ms = 30 * 24 * 3600 * 1000;
         let record = serde_json::json!({
             "version": 1,
@@ -570,11 +584,10 @@ fn a_record_cannot_stretch_a_run_past_its_duration() {
 #[test]
 fn a_hanging_store_stops_the_fleet_run() {
     paused(async {
-        let store_stalls = Experiment::builder("store-stalls").build().unwrap();
-        let store = ChaosKvStore::new(MemoryKvStore::new(), store_stalls.clone());
+        let (store_stalls, store) = chaotic_store("store-stalls");
         let switch = memory_switch(&store);
-        let experiment = Experiment::builder(NAME).build().unwrap();
-        let follower = tokio::spawn(switch.follow(experiment.clone(), Duration::from_secs(1)));
+        let experiment = experiment();
+        let follower = follow(&switch, &experiment);
         switch
             .start(&config(Duration::from_secs(600)))
             .await
@@ -605,11 +618,8 @@ fn a_stop_signal_on_one_instance_stops_the_fleet() {
             .stop_when(paging.clone())
             .build()
             .unwrap();
-        let other = Experiment::builder(NAME).build().unwrap();
-        let followers = [
-            tokio::spawn(switch.follow(watched.clone(), Duration::from_secs(1))),
-            tokio::spawn(switch.follow(other.clone(), Duration::from_secs(1))),
-        ];
+        let other = experiment();
+        let followers = [follow(&switch, &watched), follow(&switch, &other)];
         switch
             .start(&config(Duration::from_secs(600)))
             .await
