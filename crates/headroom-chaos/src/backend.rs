@@ -7,7 +7,7 @@
 //! store) and **abort** (the call is held until the experiment stops: the caller's own timeout
 //! must end it). [`ChaosBus`] also honours **loss**: each message delivered to a subscription
 //! opened through it may be dropped silently, as a subscriber that missed a pub/sub message
-//! would see it. Off, a call is the inner store's behind one relaxed load.
+//! would see it. Off, a call is the inner store's own future behind one relaxed load.
 //!
 //! ```
 //! use std::time::Duration;
@@ -27,11 +27,15 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::future::Either;
+use futures_util::{Stream, StreamExt};
 use headroom_core::bus::{BusEvent, InvalidationBus, Subscription};
 use headroom_core::kv::{KvEntry, KvStore};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
@@ -58,45 +62,65 @@ impl Point {
         }
     }
 
-    /// Draws for a call on `keys`: seen only if the predicate picks one of them.
+    /// Whether a call on `keys` is seen: the predicate picks one of them (or there is none).
     #[inline]
-    fn draw<'a>(&self, keys: impl IntoIterator<Item = &'a Key>) -> Option<Injection> {
-        self.draw_as(Strategies::BACKEND, keys)
+    fn picks<'k>(&self, keys: impl IntoIterator<Item = &'k Key>) -> bool {
+        self.when
+            .as_ref()
+            .is_none_or(|when| keys.into_iter().any(|key| when(key)))
     }
 
+    /// Runs the call `make` builds with what the experiment draws for it. Off (one relaxed
+    /// load), or when nothing is drawn, the future is the inner store's own, made at once and
+    /// not boxed; otherwise the call is made only once the delay or hold is over, and not at
+    /// all when the injection fails it.
     #[inline]
-    fn draw_as<'a>(
+    fn call<'k, K, M, F, T>(
         &self,
-        strategies: Strategies,
-        keys: impl IntoIterator<Item = &'a Key>,
-    ) -> Option<Injection> {
-        if !self.experiment.is_on() {
-            return None;
+        keys: K,
+        make: M,
+    ) -> Either<F, Pin<Box<impl Future<Output = Result<T, BackendError>> + Send + use<K, M, F, T>>>>
+    where
+        K: IntoIterator<Item = &'k Key>,
+        M: FnOnce() -> F + Send,
+        F: Future<Output = Result<T, BackendError>> + Send,
+    {
+        if !self.experiment.is_on() || !self.picks(keys) {
+            return Either::Left(make());
         }
-        if let Some(when) = &self.when
-            && !keys.into_iter().any(|key| when(key))
-        {
-            return None;
+        match self.experiment.draw(Strategies::BACKEND) {
+            None => Either::Left(make()),
+            Some(injection) => Either::Right(injected(injection, make)),
         }
-        self.experiment.draw(strategies)
     }
+}
 
-    /// Runs `call` unless the injection fails it; delays and holds first.
-    async fn run<T>(
-        injection: Option<Injection>,
-        call: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        if let Some(injection) = injection {
-            injection.wait().await;
-            if let Some(kind) = injection.fault() {
-                return Err(BackendError::with_detail(
-                    kind.backend_kind(),
-                    format!("injected by chaos experiment `{}`", injection.experiment()),
-                ));
-            }
+/// An injected call: the delay or hold, then the fault instead of the call, or the call.
+///
+/// The inner call starts in the poll that ends the wait, so a store whose calls complete when
+/// first polled still does (what [`LeaseStore::begin_completes_at_once`] promises the
+/// idempotency executor: a caller dropped meanwhile has taken no lease).
+#[cold]
+#[inline(never)]
+fn injected<M, F, T>(
+    injection: Injection,
+    make: M,
+) -> Pin<Box<impl Future<Output = Result<T, BackendError>> + Send + use<M, F, T>>>
+where
+    M: FnOnce() -> F + Send,
+    F: Future<Output = Result<T, BackendError>> + Send,
+{
+    Box::pin(async move {
+        injection.wait().await;
+        if let Some(kind) = injection.fault() {
+            return Err(BackendError::with_detail(
+                kind.backend_kind(),
+                format!("injected by chaos experiment `{}`", injection.experiment()),
+            ));
         }
-        call.await
-    }
+        drop(injection);
+        make().await
+    })
 }
 
 impl fmt::Debug for Point {
@@ -126,8 +150,9 @@ macro_rules! wrapper {
                 }
             }
 
-            /// Injects only into calls on a key `when` picks (a multi-key call: if it picks
-            /// any of them); the others are not seen by the experiment.
+            /// Injects only into the calls on a key `when` picks (a call on several keys: if
+            /// it picks any of them); the others are not seen by the experiment (they count
+            /// neither in its rates nor in its blast radius). Replaces an earlier predicate.
             #[must_use]
             pub fn when(mut self, when: impl Fn(&Key) -> bool + Send + Sync + 'static) -> Self {
                 self.point.when = Some(Arc::new(when));
@@ -138,29 +163,107 @@ macro_rules! wrapper {
             pub fn inner(&self) -> &S {
                 &self.inner
             }
+
+            /// The experiment injected.
+            pub fn experiment(&self) -> &Experiment {
+                &self.point.experiment
+            }
         }
     };
 }
 
 wrapper!(
-    /// A [`KvStore`] (a cache's L2) with an experiment injected into every call.
+    /// A [`KvStore`] (a cache's L2) with an experiment's **latency**, **fault** and **abort**
+    /// injected into every call: `get`, `get_many`, `set`, `set_many`, `delete`,
+    /// `set_if_newer` and `delete_if_eq` (the last two run the inner store's own
+    /// implementation once the injection lets them through).
+    ///
+    /// A faulted call returns a [`BackendError`] of the experiment's
+    /// [`FaultKind`](crate::FaultKind) and never reaches the store: a faulted `set` writes
+    /// nothing. A held call waits until the experiment stops, then runs. Off, each call is the
+    /// inner store's own future behind one relaxed atomic load, with no allocation.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use headroom_chaos::{ChaosKvStore, Experiment, ExperimentConfig};
+    /// use headroom_core::kv::KvStore;
+    /// use headroom_core::memory::MemoryKvStore;
+    /// use headroom_core::{Key, Namespace};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let experiment = Experiment::builder("hot-keys-down").build()?;
+    /// // Give this to the cache as its L2 (`Cache::builder().l2(l2, namespace)`).
+    /// let l2 = ChaosKvStore::new(MemoryKvStore::new(), experiment.clone())
+    ///     .when(|key: &Key| key.local().starts_with(b"hot:"));
+    /// let products = Namespace::new("shop")?;
+    /// experiment.start(ExperimentConfig::new(Duration::from_secs(60)).fault(1.0))?;
+    /// assert!(l2.get(&products.key("hot:7")?).await.is_err());
+    /// assert!(l2.get(&products.key("cold:7")?).await.is_ok()); // not picked: not seen
+    /// # Ok(()) }
+    /// ```
     ChaosKvStore
 );
 wrapper!(
-    /// An [`InvalidationBus`] with an experiment injected into publishes and subscribes, and
-    /// messages lost on the subscriptions opened through it.
+    /// An [`InvalidationBus`] with an experiment's **latency**, **fault** and **abort**
+    /// injected into `publish` and `subscribe`, and **loss** on the subscriptions opened
+    /// through it.
+    ///
+    /// Loss drops a delivered message silently: the subscriber never sees it and gets no
+    /// [`BusEvent::Lost`], as when a pub/sub message vanishes on its way. A consumer that
+    /// keeps derived state (an L1 cache) must notice such a loss by itself (sequence numbers,
+    /// liveness pings); this is how to test that it does. [`BusEvent::Live`] and
+    /// [`BusEvent::Lost`] pass through untouched. Each message is drawn as the subscriber
+    /// receives it (one call the experiment sees, on the channel's key for the predicate), so
+    /// a message still waiting to be read when the experiment stops is delivered. Subscribers
+    /// on the inner bus lose nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use futures_util::FutureExt;
+    /// use headroom_chaos::{ChaosBus, Experiment, ExperimentConfig};
+    /// use headroom_core::bus::{BusEvent, InvalidationBus};
+    /// use headroom_core::memory::MemoryBus;
+    /// use headroom_core::Namespace;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let experiment = Experiment::builder("lossy-pubsub").build()?;
+    /// let bus = ChaosBus::new(MemoryBus::new(), experiment.clone());
+    /// let channel = Namespace::new("shop")?.key("~invalidation")?;
+    /// let mut subscription = bus.subscribe(&channel).await?;
+    /// assert_eq!(subscription.next_event().await, Some(BusEvent::Live));
+    ///
+    /// experiment.start(ExperimentConfig::new(Duration::from_secs(60)).loss(1.0))?;
+    /// bus.publish(&channel, Bytes::from_static(b"lost")).await?;
+    /// assert_eq!(subscription.next_event().now_or_never(), None); // dropped, silently
+    /// experiment.stop();
+    /// bus.publish(&channel, Bytes::from_static(b"kept")).await?;
+    /// let next = subscription.next_event().await;
+    /// assert_eq!(next, Some(BusEvent::Message(Bytes::from_static(b"kept"))));
+    /// # Ok(()) }
+    /// ```
     ChaosBus
 );
 wrapper!(
-    /// A [`LeaseStore`] (idempotency records) with an experiment injected into every call.
+    /// A [`LeaseStore`] (idempotency records) with an experiment's **latency**, **fault** and
+    /// **abort** injected into `begin`, `complete`, `extend` and `release`.
+    ///
+    /// A faulted call never reaches the store: a faulted `begin` takes no lease, a faulted
+    /// `complete` stores no outcome. [`begin_completes_at_once`](LeaseStore::begin_completes_at_once)
+    /// is the inner store's answer: a delayed or held `begin` reaches the store only in the
+    /// poll that ends its wait, so a caller dropped while it waits has taken no lease.
     ChaosLeaseStore
 );
 wrapper!(
-    /// A [`RateStore`] (distributed rate limits) with an experiment injected into every call.
+    /// A [`RateStore`] (distributed rate limits) with an experiment's **latency**, **fault**
+    /// and **abort** injected into `apply_all` and `apply` (the latter runs the inner store's
+    /// own implementation). A faulted call charges no cell.
     ChaosRateStore
 );
 wrapper!(
-    /// A [`MigrationStore`] (resharding state) with an experiment injected into every call.
+    /// A [`MigrationStore`] (resharding state) with an experiment's **latency**, **fault** and
+    /// **abort** injected into every call. A faulted call changes nothing.
     ChaosMigrationStore
 );
 
@@ -169,114 +272,157 @@ fn entry_keys(entries: &[KvEntry]) -> impl Iterator<Item = &Key> {
 }
 
 impl<S: KvStore> KvStore for ChaosKvStore<S> {
-    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.get(key)).await
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Bytes>, BackendError>> + Send {
+        self.point.call([key], move || self.inner.get(key))
     }
 
-    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
-        Point::run(self.point.draw(keys), self.inner.get_many(keys)).await
+    fn get_many(
+        &self,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<Vec<Option<Bytes>>, BackendError>> + Send {
+        self.point.call(keys, move || self.inner.get_many(keys))
     }
 
-    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
-        Point::run(self.point.draw([key]), self.inner.set(key, value, ttl)).await
+    fn set(
+        &self,
+        key: &Key,
+        value: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.set(key, value, ttl))
     }
 
-    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
-        Point::run(
-            self.point.draw(entry_keys(entries)),
-            self.inner.set_many(entries),
-        )
-        .await
+    fn set_many(
+        &self,
+        entries: &[KvEntry],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point
+            .call(entry_keys(entries), move || self.inner.set_many(entries))
     }
 
-    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
-        Point::run(self.point.draw(keys), self.inner.delete(keys)).await
+    fn delete(&self, keys: &[Key]) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        self.point.call(keys, move || self.inner.delete(keys))
     }
 
-    async fn set_if_newer(
+    fn set_if_newer(
         &self,
         entries: &[KvEntry],
         version_at: usize,
-    ) -> Result<u64, BackendError> {
-        Point::run(
-            self.point.draw(entry_keys(entries)),
-            self.inner.set_if_newer(entries, version_at),
-        )
-        .await
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        self.point.call(entry_keys(entries), move || {
+            self.inner.set_if_newer(entries, version_at)
+        })
     }
 
-    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
-        Point::run(
-            self.point.draw([key]),
-            self.inner.delete_if_eq(key, expected),
-        )
-        .await
+    fn delete_if_eq(
+        &self,
+        key: &Key,
+        expected: &[u8],
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.delete_if_eq(key, expected))
     }
 }
 
 impl<B: InvalidationBus> InvalidationBus for ChaosBus<B> {
-    async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
-        Point::run(
-            self.point.draw([channel]),
-            self.inner.publish(channel, message),
-        )
-        .await
+    fn publish(
+        &self,
+        channel: &Key,
+        message: Bytes,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point
+            .call([channel], move || self.inner.publish(channel, message))
     }
 
-    async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
-        let subscription =
-            Point::run(self.point.draw([channel]), self.inner.subscribe(channel)).await?;
-        let point = self.point.clone();
-        let channel = channel.clone();
-        Ok(Subscription::new(subscription.filter(move |event| {
-            let lost = matches!(event, BusEvent::Message(_))
-                && point
-                    .draw_as(Strategies::LOSS, [&channel])
+    fn subscribe(
+        &self,
+        channel: &Key,
+    ) -> impl Future<Output = Result<Subscription, BackendError>> + Send {
+        let subscribed = self
+            .point
+            .call([channel], move || self.inner.subscribe(channel));
+        // The channel is fixed, so the predicate is asked once: a channel it does not pick
+        // loses nothing and its messages are not seen.
+        let experiment = self
+            .point
+            .picks([channel])
+            .then(|| self.point.experiment.clone());
+        async move {
+            let events = subscribed.await?;
+            Ok(match experiment {
+                Some(experiment) => Subscription::new(Lossy { events, experiment }),
+                None => events,
+            })
+        }
+    }
+}
+
+/// A subscription through [`ChaosBus`]: each delivered message may be dropped by the loss
+/// strategy.
+struct Lossy {
+    events: Subscription,
+    experiment: Experiment,
+}
+
+impl Stream for Lossy {
+    type Item = BusEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BusEvent>> {
+        loop {
+            let event = ready!(self.events.poll_next_unpin(cx));
+            let lost = matches!(event, Some(BusEvent::Message(_)))
+                && self
+                    .experiment
+                    .draw(Strategies::LOSS)
                     .is_some_and(|injection| injection.loss());
-            std::future::ready(!lost)
-        })))
+            if !lost {
+                return Poll::Ready(event);
+            }
+        }
     }
 }
 
 impl<S: LeaseStore> LeaseStore for ChaosLeaseStore<S> {
-    async fn begin(
+    fn begin(
         &self,
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
-    ) -> Result<Begin, BackendError> {
-        Point::run(
-            self.point.draw([key]),
-            self.inner.begin(key, fingerprint, lease),
-        )
-        .await
+    ) -> impl Future<Output = Result<Begin, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.begin(key, fingerprint, lease))
     }
 
-    async fn complete(
+    fn complete(
         &self,
         key: &Key,
         token: FencingToken,
         outcome: Bytes,
         retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        Point::run(
-            self.point.draw([key]),
-            self.inner.complete(key, token, outcome, retention),
-        )
-        .await
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([key], move || {
+            self.inner.complete(key, token, outcome, retention)
+        })
     }
 
-    async fn extend(
+    fn extend(
         &self,
         key: &Key,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<Fenced, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.extend(key, token, lease)).await
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.extend(key, token, lease))
     }
 
-    async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.release(key, token)).await
+    fn release(
+        &self,
+        key: &Key,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.release(key, token))
     }
 
     fn begin_completes_at_once(&self) -> bool {
@@ -285,68 +431,76 @@ impl<S: LeaseStore> LeaseStore for ChaosLeaseStore<S> {
 }
 
 impl<S: RateStore> RateStore for ChaosRateStore<S> {
-    async fn apply_all(
+    fn apply_all(
         &self,
         cells: &[(Key, Gcra)],
         cost: u32,
-    ) -> Result<RateDecision, BackendError> {
-        Point::run(
-            self.point.draw(cells.iter().map(|(key, _)| key)),
-            self.inner.apply_all(cells, cost),
-        )
-        .await
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
+        self.point.call(cells.iter().map(|(key, _)| key), move || {
+            self.inner.apply_all(cells, cost)
+        })
     }
 
-    async fn apply(&self, key: &Key, gcra: Gcra, cost: u32) -> Result<RateDecision, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.apply(key, gcra, cost)).await
+    fn apply(
+        &self,
+        key: &Key,
+        gcra: Gcra,
+        cost: u32,
+    ) -> impl Future<Output = Result<RateDecision, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.apply(key, gcra, cost))
     }
 }
 
 impl<S: MigrationStore> MigrationStore for ChaosMigrationStore<S> {
-    async fn create(
+    fn create(
         &self,
         key: &Key,
         record: MigrationRecord,
-    ) -> Result<MigrationRecord, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.create(key, record)).await
+    ) -> impl Future<Output = Result<MigrationRecord, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.create(key, record))
     }
 
-    async fn load(&self, key: &Key) -> Result<Option<MigrationRecord>, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.load(key)).await
+    fn load(
+        &self,
+        key: &Key,
+    ) -> impl Future<Output = Result<Option<MigrationRecord>, BackendError>> + Send {
+        self.point.call([key], move || self.inner.load(key))
     }
 
-    async fn transition(
+    fn transition(
         &self,
         key: &Key,
         expected: MigrationRecord,
         phase: u8,
-    ) -> Result<Transition, BackendError> {
-        Point::run(
-            self.point.draw([key]),
-            self.inner.transition(key, expected, phase),
-        )
-        .await
+    ) -> impl Future<Output = Result<Transition, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.transition(key, expected, phase))
     }
 
-    async fn acknowledge(
+    fn acknowledge(
         &self,
         key: &Key,
         participant: &str,
         phase: u8,
         lease: Duration,
-    ) -> Result<(), BackendError> {
-        Point::run(
-            self.point.draw([key]),
-            self.inner.acknowledge(key, participant, phase, lease),
-        )
-        .await
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point.call([key], move || {
+            self.inner.acknowledge(key, participant, phase, lease)
+        })
     }
 
-    async fn lagging(&self, key: &Key, phase: u8) -> Result<u64, BackendError> {
-        Point::run(self.point.draw([key]), self.inner.lagging(key, phase)).await
+    fn lagging(
+        &self,
+        key: &Key,
+        phase: u8,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.lagging(key, phase))
     }
 
-    async fn remove(&self, key: &Key) -> Result<(), BackendError> {
-        Point::run(self.point.draw([key]), self.inner.remove(key)).await
+    fn remove(&self, key: &Key) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point.call([key], move || self.inner.remove(key))
     }
 }
