@@ -182,8 +182,10 @@ impl Delay {
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct BlastRadius {
     /// The largest share of the calls seen since the experiment started that may be affected,
-    /// from 0 to 1 (1 by default: the rates alone decide). A call is affected when any
-    /// strategy injects into it.
+    /// from 0 to 1 (1 by default: the rates alone decide). A call is seen when its point's
+    /// predicate picks it and the point can apply one of the experiment's strategies (a
+    /// fault-only experiment does not see calls at a point with no fault to return); it is
+    /// affected when any strategy injects into it.
     pub max_fraction: f64,
     /// The most calls affected in each second of the run, counted from its start on the
     /// experiment's clock (no cap by default). Two seconds' caps can fall within one second

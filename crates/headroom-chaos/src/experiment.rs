@@ -49,6 +49,28 @@ impl Strategies {
     pub const fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
+
+    /// Whether `self` and `other` share a strategy.
+    pub const fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// The strategies `config` injects (those with a rate above zero).
+    pub(crate) fn of(config: &ExperimentConfig) -> Self {
+        let on = |strategy: Self, rate: Option<f64>| {
+            if rate.is_some_and(|rate| rate > 0.0) {
+                strategy
+            } else {
+                Self(0)
+            }
+        };
+        on(Self::LATENCY, config.latency.map(|latency| latency.rate))
+            .with(on(Self::FAULT, config.fault.map(|fault| fault.rate)))
+            .with(on(Self::OUTCOME, config.outcome.map(|rate| rate.rate)))
+            .with(on(Self::BEHAVIOR, config.behavior.map(|rate| rate.rate)))
+            .with(on(Self::ABORT, config.abort.map(|rate| rate.rate)))
+            .with(on(Self::LOSS, config.loss.map(|rate| rate.rate)))
+    }
 }
 
 /// Why an experiment stopped.
@@ -136,6 +158,8 @@ struct Control {
 }
 
 struct Run {
+    /// The strategies it injects: a call at a point that can apply none of them is not seen.
+    injects: Strategies,
     /// Which start this is, so a follower stops only the run it started.
     #[cfg_attr(not(feature = "fleet"), allow(dead_code))]
     sequence: u64,
@@ -233,6 +257,7 @@ impl Experiment {
         let mut control = self.0.control.lock();
         let sequence = self.0.starts.fetch_add(1, Ordering::Relaxed) + 1;
         let run = Arc::new(Run {
+            injects: Strategies::of(&config),
             sequence,
             started: self.0.clock.now(),
             ends_at,
@@ -410,7 +435,7 @@ impl Experiment {
         let current = self.0.run.load();
         let run = current.as_ref()?;
         let now = self.0.clock.now();
-        if !self.check_stops(run, now) {
+        if !self.check_stops(run, now) || !run.injects.intersects(at) {
             return None;
         }
         run.seen.fetch_add(1, Ordering::Relaxed);

@@ -268,3 +268,30 @@ fn consecutive_calls_draw_independently() {
         );
     }
 }
+
+/// A call at a point that can apply none of the configured strategies is not seen: it counts
+/// neither in the rates nor in the blast radius. A fault-only experiment at a point with no
+/// fault hook sees nothing, and a point that can fail makes up the whole share it is capped at.
+#[test]
+fn calls_that_cannot_be_injected_are_not_seen() {
+    let experiment = experiment(13);
+    let cannot_fail = Chaos::<u32, &str>::new(experiment.clone());
+    let can_fail = Chaos::<u32, &str>::new(experiment.clone()).fault(|| "injected");
+    experiment
+        .start(ExperimentConfig::new(MINUTE).fault(1.0).max_fraction(0.5))
+        .unwrap();
+    fn call(chaos: &Chaos<u32, &'static str>) -> Result<u32, &'static str> {
+        futures_util::FutureExt::now_or_never(chaos.call(async { Ok(1) })).unwrap()
+    }
+    let mut failed = 0;
+    for _ in 0..100 {
+        assert_eq!(call(&cannot_fail), Ok(1));
+        failed += u32::from(call(&can_fail).is_err());
+    }
+    let status = experiment.status().running.unwrap();
+    assert_eq!(
+        status.seen, 100,
+        "only the calls that could be failed are seen"
+    );
+    assert_eq!(failed, 50);
+}
