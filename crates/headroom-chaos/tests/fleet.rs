@@ -214,13 +214,7 @@ async fn an_unreadable_switch_stops_the_experiment_everywhere() {
 // The memory store on tokio's paused time.
 
 /// Runs `test` on a current-thread runtime on paused time.
-///
-/// `Clock::unix_time` anchors wall time to tokio's clock once per process. Anchored from
-/// inside a paused runtime whose time had run ahead, it stalls the wall time of every runtime
-/// whose clock is behind that anchor (the other tests'), so the anchor is pinned here to real
-/// time, before this runtime pauses: every paused runtime then starts after it.
 fn paused(test: impl Future<Output = ()>) {
-    let _ = Clock::system().unix_millis();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)

@@ -104,16 +104,18 @@ impl ManualState {
     }
 }
 
-/// Wall time anchored to the monotonic clock at first use.
+/// Wall time anchored to the real monotonic clock at first use. Anchoring to tokio's clock
+/// instead would pin it to whichever runtime read it first: a paused one that had run ahead
+/// would freeze the wall time of every later runtime until real time caught up.
 struct Anchor {
-    instant: tokio::time::Instant,
+    instant: Instant,
     unix: Duration,
 }
 
 fn anchor() -> &'static Anchor {
     static ANCHOR: OnceLock<Anchor> = OnceLock::new();
     ANCHOR.get_or_init(|| Anchor {
-        instant: tokio::time::Instant::now(),
+        instant: Instant::now(),
         unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default(),
@@ -186,8 +188,13 @@ impl Clock {
     pub fn unix_time(&self) -> Duration {
         match &self.source {
             Source::Counter(_) | Source::Tokio => {
+                // Tokio's clock: the real one, or a paused runtime's, which may be ahead.
                 let anchor = anchor();
-                anchor.unix + tokio::time::Instant::now().saturating_duration_since(anchor.instant)
+                let now = tokio_now();
+                match now.checked_duration_since(anchor.instant) {
+                    Some(since) => anchor.unix + since,
+                    None => anchor.unix.saturating_sub(anchor.instant - now),
+                }
             }
             Source::Manual(state) => state.unix_origin + state.elapsed(),
         }
