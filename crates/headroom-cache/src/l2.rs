@@ -27,6 +27,10 @@ use crate::metrics::Metrics;
 
 /// Keys deleted per round trip while clearing pending deletes.
 const DRAIN_BATCH: usize = 100;
+/// The first wait before a failed pending delete is retried; each failure doubles it.
+const DRAIN_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between retries of pending deletes.
+const DRAIN_RETRY_MAX: Duration = Duration::from_secs(1);
 
 pub(crate) struct L2 {
     store: DynKvStore,
@@ -340,8 +344,14 @@ impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
     }
 }
 
-/// Deletes pending keys from L2 until none is left, waiting a cool-down after each failure.
+/// Deletes pending keys from L2 until none is left. While a key is pending, another instance
+/// that missed its message may be reading the outdated copy, so a failed delete is retried
+/// soon: from `DRAIN_RETRY_FIRST`, doubling up to `DRAIN_RETRY_MAX` (or the cool-down if
+/// shorter), rather than a whole cool-down after each failure. Retries go through the breaker:
+/// while it is open they do not reach L2, and the first once it lets calls through lands the
+/// deletes.
 async fn drain(l2: Weak<L2>) {
+    let mut retry = DRAIN_RETRY_FIRST;
     loop {
         let Some(this) = l2.upgrade() else { return };
         let batch: Vec<(Key, u64)> = this
@@ -367,6 +377,7 @@ async fn drain(l2: Weak<L2>) {
             .await
             .is_some()
         {
+            retry = DRAIN_RETRY_FIRST;
             let mut pending = this.pending.lock();
             for (key, generation) in &batch {
                 // A write that failed after this batch was taken keeps its key pending.
@@ -381,7 +392,8 @@ async fn drain(l2: Weak<L2>) {
             }
         } else {
             let clock = this.clock.clone();
-            let wait = this.cooldown;
+            let wait = retry.min(this.cooldown);
+            retry = retry.saturating_mul(2).min(DRAIN_RETRY_MAX);
             drop(this);
             clock.sleep(wait).await;
         }

@@ -100,3 +100,55 @@ async fn an_instance_losing_every_invalidation_serves_nothing_staler_than_the_bo
         "messages were lost"
     );
 }
+
+/// A remove whose L2 delete fails leaves an outdated L2 copy; if the others also miss its
+/// message, they read that copy until the delete lands. Once L2 answers the writer again, the
+/// delete lands within a second, not a whole breaker cool-down: an instance that lost every
+/// message serves the new value within its staleness bound (2 s) of the remove.
+#[tokio::test(start_paused = true)]
+async fn an_outdated_l2_copy_goes_soon_after_l2_answers_again() {
+    let headroom = Headroom::builder()
+        .namespace("chaos-outdated")
+        .memory()
+        .unwrap();
+    let writer_cut = Experiment::builder("writer-cut").build().unwrap();
+    let deaf = Experiment::builder("deaf").build().unwrap();
+    let build = |headroom: Headroom| {
+        headroom
+            .cache::<u64, u64>("prices")
+            .unwrap()
+            .ttl(HOUR)
+            .build()
+            .unwrap()
+    };
+    let writer = build(headroom.with_chaos(&writer_cut));
+    let reader = build(headroom.with_chaos(&deaf));
+    let load = |value: u64| move |_: u64| async move { Ok::<_, std::io::Error>(Some(value)) };
+    assert_eq!(reader.get_or_load(&7, load(100)).await.unwrap(), Some(100));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    deaf.start(ExperimentConfig::new(HOUR).loss(1.0)).unwrap();
+    writer_cut
+        .start(ExperimentConfig::new(HOUR).fault_of(1.0, FaultKind::Connection))
+        .unwrap();
+    writer.remove(&7).await.unwrap();
+    let removed = tokio::time::Instant::now();
+    assert_eq!(writer.pending_l2_deletes(), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    writer_cut.stop();
+
+    loop {
+        let seen = reader.get_or_load(&7, load(200)).await.unwrap();
+        if seen == Some(200) {
+            break;
+        }
+        assert_eq!(seen, Some(100));
+        assert!(
+            removed.elapsed() <= Duration::from_millis(2_050),
+            "the old value is still served {:?} after the remove",
+            removed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(writer.pending_l2_deletes(), 0);
+}
