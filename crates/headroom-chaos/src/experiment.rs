@@ -304,13 +304,8 @@ impl Experiment {
 
     /// Switches the experiment off. Calls held by the abort strategy go on to their real call.
     pub fn stop(&self) {
-        self.stop_because(StopReason::Manual);
-    }
-
-    /// Stops the current run, if any, recording `reason`.
-    pub(crate) fn stop_because(&self, reason: StopReason) {
         if let Some(run) = self.0.run.load_full() {
-            self.stop_run(&run, reason);
+            self.stop_run(&run, StopReason::Manual);
         }
     }
 

@@ -8,9 +8,20 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use headroom::Headroom;
+use headroom::cache::Cache;
 use headroom::chaos::{Delay, Experiment, ExperimentConfig, FaultKind};
 
 const HOUR: Duration = Duration::from_secs(3600);
+/// The cache every instance of these tests shares through the backend.
+fn prices(headroom: &Headroom) -> Cache<u64, u64> {
+    headroom
+        .cache::<u64, u64>("prices")
+        .unwrap()
+        .ttl(HOUR)
+        .build()
+        .unwrap()
+}
+
 /// The cache's default L2 timeout, and a tick for the loader's own answer.
 const L2_TIMEOUT: Duration = Duration::from_millis(251);
 
@@ -18,13 +29,7 @@ const L2_TIMEOUT: Duration = Duration::from_millis(251);
 async fn a_cache_whose_backend_fails_crawls_or_stalls_still_answers_every_caller() {
     let headroom = Headroom::builder().namespace("chaos-l2").memory().unwrap();
     let experiment = Experiment::builder("l2-down").build().unwrap();
-    let cache = headroom
-        .with_chaos(&experiment)
-        .cache::<u64, u64>("prices")
-        .unwrap()
-        .ttl(HOUR)
-        .build()
-        .unwrap();
+    let cache = prices(&headroom.with_chaos(&experiment));
     let loads = Arc::new(AtomicU32::new(0));
     let load = |key: u64| {
         let loads = Arc::clone(&loads);
@@ -60,19 +65,8 @@ async fn a_cache_whose_backend_fails_crawls_or_stalls_still_answers_every_caller
 async fn an_instance_losing_every_invalidation_serves_nothing_staler_than_the_bound() {
     let headroom = Headroom::builder().namespace("chaos-bus").memory().unwrap();
     let experiment = Experiment::builder("bus-loss").build().unwrap();
-    let writer = headroom
-        .cache::<u64, u64>("prices")
-        .unwrap()
-        .ttl(HOUR)
-        .build()
-        .unwrap();
-    let deaf = headroom
-        .with_chaos(&experiment)
-        .cache::<u64, u64>("prices")
-        .unwrap()
-        .ttl(HOUR)
-        .build()
-        .unwrap();
+    let writer = prices(&headroom);
+    let deaf = prices(&headroom.with_chaos(&experiment));
     writer.insert(7, 100).await.unwrap();
     assert_eq!(deaf.get(&7).await.unwrap(), Some(100));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -113,16 +107,8 @@ async fn an_outdated_l2_copy_goes_soon_after_l2_answers_again() {
         .unwrap();
     let writer_cut = Experiment::builder("writer-cut").build().unwrap();
     let deaf = Experiment::builder("deaf").build().unwrap();
-    let build = |headroom: Headroom| {
-        headroom
-            .cache::<u64, u64>("prices")
-            .unwrap()
-            .ttl(HOUR)
-            .build()
-            .unwrap()
-    };
-    let writer = build(headroom.with_chaos(&writer_cut));
-    let reader = build(headroom.with_chaos(&deaf));
+    let writer = prices(&headroom.with_chaos(&writer_cut));
+    let reader = prices(&headroom.with_chaos(&deaf));
     let load = |value: u64| move |_: u64| async move { Ok::<_, std::io::Error>(Some(value)) };
     assert_eq!(reader.get_or_load(&7, load(100)).await.unwrap(), Some(100));
     tokio::time::sleep(Duration::from_secs(1)).await;
