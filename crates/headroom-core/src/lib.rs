@@ -11,8 +11,9 @@
 //! - [`Namespace`] and [`Key`]: validated, namespaced keys for every shared store.
 //! - Backend traits, byte-oriented, with their contracts in their docs:
 //!   [`KvStore`](kv::KvStore) (cache L2), [`InvalidationBus`](bus::InvalidationBus) (cache
-//!   invalidation), [`LeaseStore`](lease::LeaseStore) (idempotency) and
-//!   [`RateStore`](rate::RateStore) (distributed rate limits).
+//!   invalidation), [`LeaseStore`](lease::LeaseStore) (idempotency),
+//!   [`RateStore`](rate::RateStore) (distributed rate limits) and
+//!   [`JobStore`](jobs::JobStore) (durable job queues).
 //! - [`MigrationStore`](migration::MigrationStore): the shared phase of a resharding that
 //!   several processes run together.
 //! - [`metrics`]: metric handles that reach the process's recorder even when it is installed
@@ -33,6 +34,7 @@
 pub mod bus;
 mod clock;
 pub mod error;
+pub mod jobs;
 mod key;
 pub mod kv;
 pub mod lease;

@@ -18,3 +18,7 @@ headroom_testkit::lease_store_conformance!(memory_lease, async {
 headroom_testkit::rate_store_conformance!(memory_rate, async {
     headroom_core::memory::MemoryRateStore::new()
 });
+
+headroom_testkit::job_store_conformance!(memory_jobs, async {
+    headroom_core::memory::MemoryJobStore::new()
+});

@@ -5,12 +5,14 @@
 //! all you run; switch to `headroom-redis` when instances must share state.
 
 mod bus;
+mod jobs;
 mod kv;
 mod lease;
 mod migration;
 mod rate;
 
 pub use bus::MemoryBus;
+pub use jobs::{MemoryJobStore, MemoryJobStoreBuilder};
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
 pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;

@@ -3,8 +3,9 @@
 //! Each check is a public async function taking the backend under test and a fresh namespace.
 //! The macros [`kv_store_conformance!`](crate::kv_store_conformance),
 //! [`bus_conformance!`](crate::bus_conformance),
-//! [`lease_store_conformance!`](crate::lease_store_conformance) and
-//! [`rate_store_conformance!`](crate::rate_store_conformance) expand to one `#[tokio::test]` per check, so a
+//! [`lease_store_conformance!`](crate::lease_store_conformance),
+//! [`rate_store_conformance!`](crate::rate_store_conformance) and
+//! [`job_store_conformance!`](crate::job_store_conformance) expand to one `#[tokio::test]` per check, so a
 //! backend crate runs the whole suite with one line per backend:
 //!
 //! ```text
@@ -17,6 +18,7 @@
 //! refuse larger ones.
 
 pub mod bus;
+pub mod jobs;
 pub mod kv;
 pub mod lease;
 pub mod migration;
@@ -153,6 +155,49 @@ macro_rules! rate_store_conformance {
             async fn $check() {
                 let store = $make.await;
                 $crate::conformance::rate::$check(&store, $crate::unique_namespace(stringify!($check))).await;
+            }
+        )+
+    };
+}
+
+/// Expands to one test per job store check, each in a module named `$name`.
+///
+/// `$make` is an expression of a future that yields a fresh store; it runs once per test. The
+/// store must run on real time (its own clock), since some checks wait for short delays,
+/// visibility timeouts and retentions.
+#[macro_export]
+macro_rules! job_store_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::job_store_conformance!(@tests $make;
+                jobs_round_trip_through_their_states,
+                numbers_grow_and_partitions_are_apart,
+                enqueue_never_passes_the_bound_under_concurrency,
+                a_tenant_at_its_bound_is_refused_alone,
+                a_duplicate_returns_the_first_number_even_when_full,
+                a_dedup_key_is_forgotten_after_its_window,
+                a_refusal_carries_the_drain_rate,
+                lanes_are_read_in_the_order_asked,
+                a_delayed_job_waits_for_its_delay,
+                an_expired_visibility_is_taken_over_and_the_old_holder_fenced,
+                extending_keeps_the_job,
+                a_retried_job_comes_back_after_its_delay,
+                a_buried_job_is_a_dead_letter_and_frees_its_place,
+                finished_records_go_after_their_retention,
+                steps_on_unknown_jobs_are_rejected,
+                stats_count_each_state,
+                concurrent_consumers_get_each_job_once,
+            );
+        }
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = $make.await;
+                $crate::conformance::jobs::$check(&store, $crate::unique_namespace(stringify!($check))).await;
             }
         )+
     };

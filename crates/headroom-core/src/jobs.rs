@@ -1,0 +1,560 @@
+//! The job store behind durable job queues: partitions of jobs, bounded on enqueue, delivered
+//! at least once, with leases that lapse when a worker dies.
+//!
+//! A queue is spread over one or more **partitions**, each a [`Key`] whose local part carries
+//! a `{hash tag}` on Redis Cluster, so every step on a partition touches one slot. The store
+//! derives all the keys of a partition (lanes, delayed jobs, records, counters) from it.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::lease::Fenced;
+use crate::{BackendError, Key};
+
+/// The most priority lanes a partition has; lane 0 is the first.
+pub const MAX_LANES: u8 = 8;
+
+/// A job's number within its partition, given by the store on enqueue: the first job of a
+/// partition is 1, and numbers never repeat while the partition's data lives.
+pub type JobNumber = u64;
+
+/// A job to enqueue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NewJob {
+    /// Opaque bytes for the handler.
+    pub payload: Bytes,
+    /// The priority lane, below [`MAX_LANES`].
+    pub lane: u8,
+    /// How long the job waits before it may be delivered (zero: at once).
+    pub delay: Duration,
+    /// The tenant the job counts against, if the queue bounds tenants.
+    pub tenant: Option<Bytes>,
+    /// An idempotency key: a second enqueue with the same key within the window returns the
+    /// first job's number and adds nothing.
+    pub dedup_key: Option<Bytes>,
+}
+
+impl NewJob {
+    /// A job with `payload` in lane 0, ready at once.
+    pub fn new(payload: Bytes) -> Self {
+        Self {
+            payload,
+            ..Self::default()
+        }
+    }
+
+    /// In `lane`.
+    #[must_use]
+    pub fn lane(mut self, lane: u8) -> Self {
+        self.lane = lane;
+        self
+    }
+
+    /// Delivered no sooner than `delay` from now.
+    #[must_use]
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Counted against `tenant`.
+    #[must_use]
+    pub fn tenant(mut self, tenant: impl Into<Bytes>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
+    /// Deduplicated by `key`.
+    #[must_use]
+    pub fn dedup_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.dedup_key = Some(key.into());
+        self
+    }
+}
+
+/// The bounds an enqueue is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnqueueLimits {
+    /// The most unfinished jobs (waiting, delayed, running or retrying) in the partition.
+    pub max_len: u64,
+    /// The most unfinished jobs of one tenant in the partition.
+    pub max_per_tenant: Option<u64>,
+    /// How long a dedup key is remembered.
+    pub dedup_window: Duration,
+}
+
+/// The answer to [`JobStore::enqueue`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Enqueued {
+    /// The job was added.
+    Added(JobNumber),
+    /// A job with the same dedup key was added within the window; nothing was added.
+    Duplicate(JobNumber),
+    /// The partition, or the job's tenant in it, holds its maximum; nothing was added.
+    Full {
+        /// Whether the tenant's bound refused it (otherwise the partition's).
+        tenant: bool,
+        /// The unfinished jobs counted against the bound that refused it.
+        depth: u64,
+        /// Jobs finished (done or dead) per second in the partition over about the last
+        /// [`DRAIN_WINDOW`], for a retry-after estimate.
+        drained_per_sec: f64,
+    },
+}
+
+/// The window over which [`Enqueued::Full::drained_per_sec`] is measured.
+pub const DRAIN_WINDOW: Duration = Duration::from_secs(10);
+
+/// What [`JobStore::fetch`] asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct FetchRequest<'a> {
+    /// The caller's name, unique among the workers of the queue while it lives.
+    pub consumer: &'a str,
+    /// The lanes to take ready jobs from, in order: the first lane is emptied before the next
+    /// is read. Lanes not listed are not read.
+    pub lanes: &'a [u8],
+    /// The most jobs to deliver.
+    pub max: usize,
+    /// How long a delivery may go without completion or extension before another worker may
+    /// take it over.
+    pub visibility: Duration,
+}
+
+/// A job handed to a worker by [`JobStore::fetch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The job's number.
+    pub number: JobNumber,
+    /// Which delivery of the job this is, from 1: the fencing token of every later step. A
+    /// job taken over from a worker whose visibility ran out is delivered with a greater one,
+    /// so the earlier holder's steps are rejected.
+    pub attempt: u32,
+    /// The job's lane.
+    pub lane: u8,
+    /// The job's payload.
+    pub payload: Bytes,
+    /// The job's tenant.
+    pub tenant: Option<Bytes>,
+    /// When the job was enqueued, in milliseconds since the Unix epoch by the store's clock.
+    pub enqueued_at_ms: u64,
+    /// Whether the job was taken over from a holder whose visibility ran out.
+    pub taken_over: bool,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum JobState {
+    /// Waiting to be delivered for the first time (ready, or delayed).
+    Queued,
+    /// Held by a worker.
+    Running,
+    /// Waiting to be delivered again after a failed attempt.
+    Retrying,
+    /// Completed; its result is kept for the retention given.
+    Done,
+    /// Given up on after its last attempt; kept for the retention given.
+    Dead,
+}
+
+impl JobState {
+    /// The state's lower-case name: `queued`, `running`, `retrying`, `done` or `dead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Done => "done",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What [`JobStore::status`] knows of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobRecord {
+    /// Its state.
+    pub state: JobState,
+    /// Deliveries so far.
+    pub attempt: u32,
+    /// Its lane.
+    pub lane: u8,
+    /// When it was enqueued (Unix milliseconds, store clock).
+    pub enqueued_at_ms: u64,
+    /// Its payload while unfinished or dead; `None` once done.
+    pub payload: Option<Bytes>,
+    /// The result stored by [`JobStore::complete`].
+    pub result: Option<Bytes>,
+    /// The error of the last failed attempt.
+    pub error: Option<Bytes>,
+}
+
+/// A partition's counts, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStats {
+    /// Unfinished jobs: the count [`EnqueueLimits::max_len`] bounds.
+    pub unfinished: u64,
+    /// Jobs in the lanes, ready for delivery, in every lane.
+    pub ready: u64,
+    /// Jobs held by workers.
+    pub running: u64,
+    /// Jobs waiting for their delay or retry backoff (including those whose wait has passed
+    /// but that no fetch has moved to their lane yet).
+    pub delayed: u64,
+    /// When the oldest ready job was enqueued (Unix milliseconds), if any is ready.
+    pub oldest_ready_ms: Option<u64>,
+    /// Dead jobs still kept.
+    pub dead: u64,
+}
+
+/// Stores the jobs of queue partitions.
+///
+/// # Contract
+///
+/// - Every method is one atomic step on one partition (one round trip and one Lua script on
+///   Redis, on one cluster slot).
+/// - `enqueue` checks the bounds and adds the job in the same step: no interleaving of callers
+///   lets the unfinished jobs of a partition (or of a tenant in it) pass their bound. A job
+///   whose `dedup_key` was enqueued within `dedup_window` is [`Enqueued::Duplicate`], even
+///   when the partition is full. A job with a delay becomes ready when it has passed.
+/// - `fetch`, in one step: makes ready the jobs whose delay passed (in the order of their due
+///   time, each joining the end of its lane); then takes over the deliveries whose holder went
+///   longer than `visibility` without completing, failing or extending them (oldest first);
+///   then takes ready jobs from the lanes in the order given, oldest first in each lane, up to
+///   `max` in all. Each job delivered is running, with `attempt` one more than before and its
+///   visibility counted from now.
+/// - `extend`, `complete`, `retry` and `bury` apply only for the current attempt of a running
+///   job; otherwise they are [`Fenced::Rejected`] and change nothing.
+///   - `extend` counts the job's visibility from now again.
+///   - `complete` makes it done, keeping `result` for `retention`.
+///   - `retry` makes it wait `delay` (retrying), keeping `error`; it is then delivered again
+///     with the next attempt, in its lane.
+///   - `bury` makes it dead, keeping its payload and `error` for `retention`, and lists it
+///     among the dead letters.
+/// - A done or dead job no longer counts against any bound.
+/// - Times use the store's clock (Redis server time), never the caller's.
+/// - Deliveries are at least once: a job taken over after its visibility ran out may still be
+///   running in its first holder.
+pub trait JobStore: Send + Sync + fmt::Debug + 'static {
+    /// Adds `job` to `partition` if the bounds allow.
+    fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> impl Future<Output = Result<Enqueued, BackendError>> + Send;
+
+    /// Delivers jobs from `partition` to `request.consumer`.
+    fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send;
+
+    /// Counts the visibility of the holder of `attempt` from now again.
+    fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Finishes the job held by `attempt`, keeping `result` for `retention`.
+    fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Puts the job held by `attempt` back after `delay`, keeping `error`.
+    fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Gives up on the job held by `attempt`, keeping it as a dead letter for `retention`.
+    fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// What the store knows of job `number`; `None` if it never was or its retention passed.
+    fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> impl Future<Output = Result<Option<JobRecord>, BackendError>> + Send;
+
+    /// The numbers of up to `max` dead jobs still kept, newest first.
+    fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<JobNumber>, BackendError>> + Send;
+
+    /// The partition's counts.
+    fn stats(
+        &self,
+        partition: &Key,
+    ) -> impl Future<Output = Result<PartitionStats, BackendError>> + Send;
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Object-safe mirror of [`JobStore`], implemented for every store.
+trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
+    fn enqueue<'a>(
+        &'a self,
+        partition: &'a Key,
+        job: &'a NewJob,
+        limits: &'a EnqueueLimits,
+    ) -> BoxFuture<'a, Result<Enqueued, BackendError>>;
+    fn fetch<'a>(
+        &'a self,
+        partition: &'a Key,
+        request: FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>>;
+    fn extend<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn complete<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn retry<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn bury<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn status<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+    ) -> BoxFuture<'a, Result<Option<JobRecord>, BackendError>>;
+    fn dead_letters<'a>(
+        &'a self,
+        partition: &'a Key,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<JobNumber>, BackendError>>;
+    fn stats<'a>(
+        &'a self,
+        partition: &'a Key,
+    ) -> BoxFuture<'a, Result<PartitionStats, BackendError>>;
+}
+
+impl<S: JobStore> ErasedJobStore for S {
+    fn enqueue<'a>(
+        &'a self,
+        partition: &'a Key,
+        job: &'a NewJob,
+        limits: &'a EnqueueLimits,
+    ) -> BoxFuture<'a, Result<Enqueued, BackendError>> {
+        Box::pin(JobStore::enqueue(self, partition, job, limits))
+    }
+    fn fetch<'a>(
+        &'a self,
+        partition: &'a Key,
+        request: FetchRequest<'a>,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>> {
+        Box::pin(JobStore::fetch(self, partition, request))
+    }
+    fn extend<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(JobStore::extend(self, partition, number, attempt))
+    }
+    fn complete<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(JobStore::complete(
+            self, partition, number, attempt, result, retention,
+        ))
+    }
+    fn retry<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(JobStore::retry(
+            self, partition, number, attempt, delay, error,
+        ))
+    }
+    fn bury<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(JobStore::bury(
+            self, partition, number, attempt, error, retention,
+        ))
+    }
+    fn status<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+    ) -> BoxFuture<'a, Result<Option<JobRecord>, BackendError>> {
+        Box::pin(JobStore::status(self, partition, number))
+    }
+    fn dead_letters<'a>(
+        &'a self,
+        partition: &'a Key,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<JobNumber>, BackendError>> {
+        Box::pin(JobStore::dead_letters(self, partition, max))
+    }
+    fn stats<'a>(
+        &'a self,
+        partition: &'a Key,
+    ) -> BoxFuture<'a, Result<PartitionStats, BackendError>> {
+        Box::pin(JobStore::stats(self, partition))
+    }
+}
+
+/// A [`JobStore`] chosen at run time (memory or Redis), behind one cheap-to-clone type.
+///
+/// Each call boxes its future; use the concrete store type where that matters.
+#[derive(Clone, Debug)]
+pub struct DynJobStore(Arc<dyn ErasedJobStore>);
+
+impl DynJobStore {
+    /// Erases the type of `store`.
+    pub fn new(store: impl JobStore) -> Self {
+        Self(Arc::new(store))
+    }
+}
+
+impl JobStore for DynJobStore {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        self.0.enqueue(partition, job, limits).await
+    }
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.0.fetch(partition, request).await
+    }
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.0.extend(partition, number, attempt).await
+    }
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.0
+            .complete(partition, number, attempt, result, retention)
+            .await
+    }
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.0.retry(partition, number, attempt, delay, error).await
+    }
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.0
+            .bury(partition, number, attempt, error, retention)
+            .await
+    }
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        self.0.status(partition, number).await
+    }
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        self.0.dead_letters(partition, max).await
+    }
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        self.0.stats(partition).await
+    }
+}

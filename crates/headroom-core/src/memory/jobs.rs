@@ -1,0 +1,553 @@
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::jobs::{
+    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobState,
+    JobStore, MAX_LANES, NewJob, PartitionStats,
+};
+use crate::lease::Fenced;
+use crate::{BackendError, BackendErrorKind, Clock, Key};
+
+/// What a job costs beyond its payload, result and error bytes: record, indexes and
+/// bookkeeping, rounded up.
+const JOB_OVERHEAD: usize = 160;
+
+/// The most dead letters listed per partition; older ones stay readable by `status` until
+/// their retention passes.
+const MAX_DEAD_LETTERS: usize = 10_000;
+
+/// An in-memory [`JobStore`] for services that run one process.
+///
+/// Jobs live in maps behind one mutex per store; every step is a few map and queue operations,
+/// and expired records (done, dead, dedup keys) are dropped in deadline order as steps run,
+/// each in O(log n), never by a scan.
+///
+/// Memory is bounded in bytes (payloads, results, errors and dedup keys, plus a fixed overhead
+/// per job) besides each partition's own bound on unfinished jobs: an enqueue that would pass
+/// the byte bound is refused with [`BackendErrorKind::Unavailable`]. Completing, retrying and
+/// burying are never refused, since refusing them would run a job again.
+///
+/// Jobs do not outlive the process: use the Redis job store when they must.
+#[derive(Clone, Debug)]
+pub struct MemoryJobStore {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`MemoryJobStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct MemoryJobStoreBuilder {
+    clock: Clock,
+    max_bytes: usize,
+}
+
+impl MemoryJobStoreBuilder {
+    /// The clock for delays, visibility and retention (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The most bytes held (default 256 MiB).
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max.max(1);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryJobStore {
+        MemoryJobStore {
+            inner: Arc::new(Inner {
+                clock: self.clock,
+                max_bytes: self.max_bytes,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+}
+
+impl MemoryJobStore {
+    /// A store on the system clock with the default bound.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder with the defaults.
+    pub fn builder() -> MemoryJobStoreBuilder {
+        MemoryJobStoreBuilder {
+            clock: Clock::system(),
+            max_bytes: 256 << 20,
+        }
+    }
+
+    /// The bytes held now, as counted against the bound.
+    pub fn bytes(&self) -> usize {
+        self.inner.state.lock().bytes
+    }
+
+    fn with<T>(&self, partition: &Key, step: impl FnOnce(&mut Partition, Now<'_>) -> T) -> T {
+        let now_ms = self.inner.clock.unix_millis();
+        let mut state = self.inner.state.lock();
+        let State { partitions, bytes } = &mut *state;
+        let partition = match partitions.get_mut(partition.as_bytes()) {
+            Some(partition) => partition,
+            None => partitions.entry(partition.to_bytes()).or_default(),
+        };
+        partition.expire(now_ms, bytes);
+        step(
+            partition,
+            Now {
+                ms: now_ms,
+                bytes,
+                max_bytes: self.inner.max_bytes,
+            },
+        )
+    }
+}
+
+impl Default for MemoryJobStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    clock: Clock,
+    max_bytes: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    partitions: HashMap<Bytes, Partition>,
+    bytes: usize,
+}
+
+/// The time of a step and the store's byte books.
+struct Now<'a> {
+    ms: u64,
+    bytes: &'a mut usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct Partition {
+    last_number: JobNumber,
+    jobs: HashMap<JobNumber, Job>,
+    lanes: [VecDeque<JobNumber>; MAX_LANES as usize],
+    /// Waiting jobs by due time.
+    delayed: BTreeSet<(u64, JobNumber)>,
+    /// Running jobs by the time their visibility was last counted from.
+    running: BTreeSet<(u64, JobNumber)>,
+    /// Done and dead jobs by the end of their retention.
+    finished: BTreeSet<(u64, JobNumber)>,
+    dedup: HashMap<Bytes, (JobNumber, u64)>,
+    dedup_expiry: BTreeSet<(u64, Bytes)>,
+    tenants: HashMap<Bytes, u64>,
+    unfinished: u64,
+    dead: VecDeque<JobNumber>,
+    drain: Drain,
+}
+
+#[derive(Debug)]
+struct Job {
+    state: JobState,
+    attempt: u32,
+    lane: u8,
+    payload: Option<Bytes>,
+    tenant: Option<Bytes>,
+    enqueued_at_ms: u64,
+    result: Option<Bytes>,
+    error: Option<Bytes>,
+    /// While running: when its visibility was last counted from. While waiting: its due time.
+    /// Once finished: when its retention ends.
+    at_ms: u64,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        JOB_OVERHEAD + len(&self.payload) + len(&self.tenant) + len(&self.result) + len(&self.error)
+    }
+}
+
+/// Jobs finished per bucket of [`DRAIN_WINDOW`]: the current bucket and the one before.
+#[derive(Debug, Default)]
+struct Drain {
+    bucket: u64,
+    current: u64,
+    previous: u64,
+}
+
+impl Drain {
+    fn window_ms() -> u64 {
+        DRAIN_WINDOW.as_millis() as u64
+    }
+
+    fn roll(&mut self, now_ms: u64) {
+        let bucket = now_ms / Self::window_ms();
+        if bucket != self.bucket {
+            self.previous = if bucket == self.bucket + 1 {
+                self.current
+            } else {
+                0
+            };
+            self.current = 0;
+            self.bucket = bucket;
+        }
+    }
+
+    fn record(&mut self, now_ms: u64) {
+        self.roll(now_ms);
+        self.current += 1;
+    }
+
+    /// The previous bucket weighted by how much of it still lies within one window of now,
+    /// plus the current bucket, per second.
+    fn per_sec(&mut self, now_ms: u64) -> f64 {
+        self.roll(now_ms);
+        let into = (now_ms % Self::window_ms()) as f64 / Self::window_ms() as f64;
+        (self.previous as f64 * (1.0 - into) + self.current as f64) / DRAIN_WINDOW.as_secs_f64()
+    }
+}
+
+fn fits(bytes: &usize, more: usize, max: usize) -> Result<(), BackendError> {
+    if bytes.saturating_add(more) > max {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Unavailable,
+            format!("the memory job store holds {bytes} of its {max} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn lane_index(lane: u8) -> Result<usize, BackendError> {
+    if lane < MAX_LANES {
+        Ok(usize::from(lane))
+    } else {
+        Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!("lane {lane} is not below {MAX_LANES}"),
+        ))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Partition {
+    /// Drops the records whose retention ended and the dedup keys whose window passed.
+    fn expire(&mut self, now_ms: u64, bytes: &mut usize) {
+        while let Some(&(at, number)) = self.finished.first() {
+            if at > now_ms {
+                break;
+            }
+            self.finished.pop_first();
+            if let Some(job) = self.jobs.remove(&number) {
+                *bytes -= job.bytes();
+            }
+        }
+        while let Some((at, _)) = self.dedup_expiry.first() {
+            if *at > now_ms {
+                break;
+            }
+            let (_, key) = self.dedup_expiry.pop_first().expect("checked above");
+            self.dedup.remove(&key);
+            *bytes -= JOB_OVERHEAD + key.len();
+        }
+    }
+
+    /// The job held by `attempt`, if it is running.
+    fn held(&mut self, number: JobNumber, attempt: u32) -> Option<&mut Job> {
+        self.jobs
+            .get_mut(&number)
+            .filter(|job| job.state == JobState::Running && job.attempt == attempt)
+    }
+
+    /// Takes `number` out of the running set and off the books of unfinished jobs.
+    fn finish(&mut self, number: JobNumber, state: JobState, until_ms: u64, now_ms: u64) {
+        let job = self.jobs.get_mut(&number).expect("a held job");
+        self.running.remove(&(job.at_ms, number));
+        job.state = state;
+        job.at_ms = until_ms;
+        self.finished.insert((until_ms, number));
+        self.unfinished -= 1;
+        if let Some(tenant) = &job.tenant
+            && let Some(count) = self.tenants.get_mut(tenant)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.tenants.remove(tenant);
+            }
+        }
+        self.drain.record(now_ms);
+    }
+
+    fn deliver(&mut self, number: JobNumber, taken_over: bool, now_ms: u64) -> Delivery {
+        let job = self.jobs.get_mut(&number).expect("a queued job");
+        job.state = JobState::Running;
+        job.attempt += 1;
+        job.at_ms = now_ms;
+        self.running.insert((now_ms, number));
+        Delivery {
+            number,
+            attempt: job.attempt,
+            lane: job.lane,
+            payload: job.payload.clone().unwrap_or_default(),
+            tenant: job.tenant.clone(),
+            enqueued_at_ms: job.enqueued_at_ms,
+            taken_over,
+        }
+    }
+}
+
+impl JobStore for MemoryJobStore {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        let lane = lane_index(job.lane)?;
+        self.with(partition, |p, now| {
+            if let Some(key) = &job.dedup_key
+                && let Some(&(number, _)) = p.dedup.get(key)
+            {
+                return Ok(Enqueued::Duplicate(number));
+            }
+            if let (Some(tenant), Some(max)) = (&job.tenant, limits.max_per_tenant) {
+                let depth = p.tenants.get(tenant).copied().unwrap_or(0);
+                if depth >= max {
+                    return Ok(Enqueued::Full {
+                        tenant: true,
+                        depth,
+                        drained_per_sec: p.drain.per_sec(now.ms),
+                    });
+                }
+            }
+            if p.unfinished >= limits.max_len {
+                return Ok(Enqueued::Full {
+                    tenant: false,
+                    depth: p.unfinished,
+                    drained_per_sec: p.drain.per_sec(now.ms),
+                });
+            }
+            let due = now.ms.saturating_add(millis(job.delay));
+            let record = Job {
+                state: JobState::Queued,
+                attempt: 0,
+                lane: job.lane,
+                payload: Some(job.payload.clone()),
+                tenant: job.tenant.clone(),
+                enqueued_at_ms: now.ms,
+                result: None,
+                error: None,
+                at_ms: due,
+            };
+            let dedup_bytes = job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
+            fits(now.bytes, record.bytes() + dedup_bytes, now.max_bytes)?;
+            *now.bytes += record.bytes() + dedup_bytes;
+            p.last_number += 1;
+            let number = p.last_number;
+            if job.delay.is_zero() {
+                p.lanes[lane].push_back(number);
+            } else {
+                p.delayed.insert((due, number));
+            }
+            if let Some(key) = &job.dedup_key {
+                let until = now.ms.saturating_add(millis(limits.dedup_window));
+                p.dedup.insert(key.clone(), (number, until));
+                p.dedup_expiry.insert((until, key.clone()));
+            }
+            if let Some(tenant) = &job.tenant {
+                *p.tenants.entry(tenant.clone()).or_default() += 1;
+            }
+            p.unfinished += 1;
+            p.jobs.insert(number, record);
+            Ok(Enqueued::Added(number))
+        })
+    }
+
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        for &lane in request.lanes {
+            lane_index(lane)?;
+        }
+        self.with(partition, |p, now| {
+            while let Some(&(due, number)) = p.delayed.first() {
+                if due > now.ms {
+                    break;
+                }
+                p.delayed.pop_first();
+                let lane = p.jobs[&number].lane;
+                p.lanes[usize::from(lane)].push_back(number);
+            }
+            let mut deliveries = Vec::new();
+            let visibility = millis(request.visibility);
+            while deliveries.len() < request.max {
+                match p.running.first() {
+                    Some(&(since, number)) if now.ms.saturating_sub(since) >= visibility => {
+                        p.running.pop_first();
+                        deliveries.push(p.deliver(number, true, now.ms));
+                    }
+                    _ => break,
+                }
+            }
+            for &lane in request.lanes {
+                while deliveries.len() < request.max {
+                    let Some(number) = p.lanes[usize::from(lane)].pop_front() else {
+                        break;
+                    };
+                    deliveries.push(p.deliver(number, false, now.ms));
+                }
+            }
+            Ok(deliveries)
+        })
+    }
+
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        Ok(self.with(partition, |p, now| {
+            let Some(job) = p.held(number, attempt) else {
+                return Fenced::Rejected;
+            };
+            let since = std::mem::replace(&mut job.at_ms, now.ms);
+            p.running.remove(&(since, number));
+            p.running.insert((now.ms, number));
+            Fenced::Applied
+        }))
+    }
+
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        Ok(self.with(partition, |p, now| {
+            let Some(job) = p.held(number, attempt) else {
+                return Fenced::Rejected;
+            };
+            let before = job.bytes();
+            job.payload = None;
+            job.result = Some(result);
+            *now.bytes = *now.bytes - before + job.bytes();
+            let until = now.ms.saturating_add(millis(retention));
+            p.finish(number, JobState::Done, until, now.ms);
+            Fenced::Applied
+        }))
+    }
+
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        Ok(self.with(partition, |p, now| {
+            let Some(job) = p.held(number, attempt) else {
+                return Fenced::Rejected;
+            };
+            let before = job.bytes();
+            job.error = Some(error);
+            *now.bytes = *now.bytes - before + job.bytes();
+            let since = job.at_ms;
+            let due = now.ms.saturating_add(millis(delay));
+            job.state = JobState::Retrying;
+            job.at_ms = due;
+            p.running.remove(&(since, number));
+            p.delayed.insert((due, number));
+            Fenced::Applied
+        }))
+    }
+
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        Ok(self.with(partition, |p, now| {
+            let Some(job) = p.held(number, attempt) else {
+                return Fenced::Rejected;
+            };
+            let before = job.bytes();
+            job.error = Some(error);
+            *now.bytes = *now.bytes - before + job.bytes();
+            let until = now.ms.saturating_add(millis(retention));
+            p.finish(number, JobState::Dead, until, now.ms);
+            p.dead.push_front(number);
+            p.dead.truncate(MAX_DEAD_LETTERS);
+            Fenced::Applied
+        }))
+    }
+
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        Ok(self.with(partition, |p, _| {
+            p.jobs.get(&number).map(|job| JobRecord {
+                state: job.state,
+                attempt: job.attempt,
+                lane: job.lane,
+                enqueued_at_ms: job.enqueued_at_ms,
+                payload: job.payload.clone(),
+                result: job.result.clone(),
+                error: job.error.clone(),
+            })
+        }))
+    }
+
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        Ok(self.with(partition, |p, _| {
+            let jobs = &p.jobs;
+            p.dead.retain(|number| jobs.contains_key(number));
+            p.dead.iter().take(max).copied().collect()
+        }))
+    }
+
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        Ok(self.with(partition, |p, _| {
+            let jobs = &p.jobs;
+            p.dead.retain(|number| jobs.contains_key(number));
+            PartitionStats {
+                unfinished: p.unfinished,
+                ready: p.lanes.iter().map(VecDeque::len).sum::<usize>() as u64,
+                running: p.running.len() as u64,
+                delayed: p.delayed.len() as u64,
+                oldest_ready_ms: p
+                    .lanes
+                    .iter()
+                    .filter_map(|lane| lane.front())
+                    .map(|number| jobs[number].enqueued_at_ms)
+                    .min(),
+                dead: p.dead.len() as u64,
+            }
+        }))
+    }
+}

@@ -1,0 +1,71 @@
+//! The memory job store's bound in bytes, on a manual clock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::jobs::{EnqueueLimits, Enqueued, FetchRequest, JobStore, NewJob};
+use headroom_core::memory::MemoryJobStore;
+use headroom_core::{BackendErrorKind, ManualClock, Namespace};
+
+fn limits() -> EnqueueLimits {
+    EnqueueLimits {
+        max_len: u64::MAX,
+        max_per_tenant: None,
+        dedup_window: Duration::from_secs(60),
+    }
+}
+
+#[tokio::test]
+async fn the_store_refuses_jobs_past_its_bytes_and_takes_them_back_as_records_expire() {
+    let clock = ManualClock::new();
+    let store = MemoryJobStore::builder()
+        .clock(clock.clock())
+        .max_bytes(64 * 1024)
+        .build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let big = NewJob::new(Bytes::from(vec![7u8; 10 * 1024]));
+    let mut added = 0;
+    let refused = loop {
+        match store.enqueue(&p, &big, &limits()).await {
+            Ok(Enqueued::Added(_)) => added += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => break error,
+        }
+        assert!(added <= 6, "64 KiB held more than six 10 KiB jobs");
+    };
+    assert_eq!(refused.kind(), BackendErrorKind::Unavailable);
+    assert_eq!(added, 6);
+    assert!(store.bytes() <= 64 * 1024);
+
+    // Completing drops the payload; the record goes with its retention.
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 6,
+        visibility: Duration::from_secs(60),
+    };
+    for delivery in store.fetch(&p, request).await.unwrap() {
+        store
+            .complete(
+                &p,
+                delivery.number,
+                delivery.attempt,
+                Bytes::new(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        store.bytes() < 6 * 1024,
+        "{} bytes after completion",
+        store.bytes()
+    );
+    clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        store.enqueue(&p, &big, &limits()).await,
+        Ok(Enqueued::Added(_))
+    ));
+    // Only the new job is left: six finished records went with their retention.
+    assert!(store.bytes() < 11 * 1024, "{} bytes", store.bytes());
+}

@@ -1,0 +1,669 @@
+//! Checks of the [`JobStore`] contract.
+//!
+//! The store must run on real time (its own clock): some checks wait for short delays,
+//! visibility timeouts and retentions, each in a loop bounded by a deadline.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use headroom_core::jobs::{
+    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore,
+    MAX_LANES, NewJob,
+};
+use headroom_core::lease::Fenced;
+use headroom_core::{Key, Namespace};
+
+const LONG: Duration = Duration::from_secs(60);
+const WAIT_BOUND: Duration = Duration::from_secs(10);
+
+fn partition(ns: &Namespace, name: &str) -> Key {
+    ns.key(format!("{{{name}}}")).expect("valid test key")
+}
+
+fn limits(max_len: u64) -> EnqueueLimits {
+    EnqueueLimits {
+        max_len,
+        max_per_tenant: None,
+        dedup_window: LONG,
+    }
+}
+
+fn job(payload: &'static str) -> NewJob {
+    NewJob::new(Bytes::from_static(payload.as_bytes()))
+}
+
+async fn add<S: JobStore>(store: &S, p: &Key, job: &NewJob) -> JobNumber {
+    match store
+        .enqueue(p, job, &limits(1_000))
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Added(number) => number,
+        other => panic!("expected the job to be added, got {other:?}"),
+    }
+}
+
+async fn fetch<S: JobStore>(
+    store: &S,
+    p: &Key,
+    consumer: &str,
+    lanes: &[u8],
+    max: usize,
+    visibility: Duration,
+) -> Vec<Delivery> {
+    store
+        .fetch(
+            p,
+            FetchRequest {
+                consumer,
+                lanes,
+                max,
+                visibility,
+            },
+        )
+        .await
+        .expect("fetch")
+}
+
+/// Fetches until something is delivered, bounded in time.
+async fn fetch_eventually<S: JobStore>(
+    store: &S,
+    p: &Key,
+    consumer: &str,
+    visibility: Duration,
+) -> Vec<Delivery> {
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        let delivered = fetch(store, p, consumer, &[0], 10, visibility).await;
+        if !delivered.is_empty() {
+            return delivered;
+        }
+        assert!(Instant::now() < deadline, "nothing delivered within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// A job goes queued → running → done; its payload, lane and tenant travel with it, its
+/// result is kept, and a second completion is rejected.
+pub async fn jobs_round_trip_through_their_states<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let before = unix_ms();
+    let number = add(store, &p, &job("charge 7").lane(2).tenant("acme")).await;
+    let queued = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(queued.state, JobState::Queued);
+    assert_eq!(queued.attempt, 0);
+    assert_eq!(queued.payload.as_deref(), Some(&b"charge 7"[..]));
+
+    let [delivery] = <[Delivery; 1]>::try_from(fetch(store, &p, "a", &[2], 10, LONG).await)
+        .expect("one delivery");
+    assert_eq!(delivery.number, number);
+    assert_eq!(delivery.attempt, 1);
+    assert_eq!(delivery.lane, 2);
+    assert_eq!(&delivery.payload[..], b"charge 7");
+    assert_eq!(delivery.tenant.as_deref(), Some(&b"acme"[..]));
+    assert!(!delivery.taken_over);
+    // The store's clock (Redis server time) may differ from this process's by a little.
+    assert!(
+        delivery.enqueued_at_ms + 1_000 >= before && delivery.enqueued_at_ms <= unix_ms() + 1_000,
+        "enqueued at {} ms, test clock {before} ms",
+        delivery.enqueued_at_ms
+    );
+    let running = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(running.state, JobState::Running);
+    assert_eq!(running.attempt, 1);
+
+    let done = store
+        .complete(&p, number, 1, Bytes::from_static(b"ok"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(done, Fenced::Applied);
+    let record = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.state, JobState::Done);
+    assert_eq!(record.result.as_deref(), Some(&b"ok"[..]));
+    assert_eq!(record.payload, None);
+    assert_eq!(store.stats(&p).await.expect("stats").unfinished, 0);
+    let again = store
+        .complete(&p, number, 1, Bytes::from_static(b"twice"), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(again, Fenced::Rejected);
+    assert!(fetch(store, &p, "a", &[2], 10, LONG).await.is_empty());
+}
+
+/// Numbers grow within a partition, and partitions share nothing.
+pub async fn numbers_grow_and_partitions_are_apart<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "one");
+    let other = partition(&ns, "two");
+    let first = add(store, &p, &job("a")).await;
+    let second = add(store, &p, &job("b")).await;
+    assert!(second > first);
+    assert!(fetch(store, &other, "a", &[0], 10, LONG).await.is_empty());
+    assert_eq!(store.status(&other, first).await.expect("status"), None);
+    assert_eq!(store.stats(&other).await.expect("stats").unfinished, 0);
+    assert_eq!(store.stats(&p).await.expect("stats").unfinished, 2);
+}
+
+/// 50 concurrent enqueues on a bound of 10: exactly 10 are added, the rest refused with the
+/// depth; as jobs finish, exactly as many are accepted again.
+pub async fn enqueue_never_passes_the_bound_under_concurrency<S: JobStore + Clone>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = Arc::new(partition(&ns, "q"));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (store, p) = (store.clone(), Arc::clone(&p));
+            tokio::spawn(async move {
+                store
+                    .enqueue(&p, &NewJob::new(Bytes::from(format!("{i}"))), &limits(10))
+                    .await
+                    .expect("enqueue")
+            })
+        })
+        .collect();
+    let mut added = 0;
+    for task in tasks {
+        match task.await.expect("enqueue task") {
+            Enqueued::Added(_) => added += 1,
+            Enqueued::Full { tenant, depth, .. } => {
+                assert!(!tenant);
+                assert_eq!(depth, 10);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(added, 10);
+    for delivery in fetch(store, &p, "a", &[0], 3, LONG).await {
+        let applied = store
+            .complete(&p, delivery.number, delivery.attempt, Bytes::new(), LONG)
+            .await
+            .expect("complete");
+        assert_eq!(applied, Fenced::Applied);
+    }
+    let mut accepted = 0;
+    for _ in 0..5 {
+        if let Enqueued::Added(_) = store
+            .enqueue(&p, &job("again"), &limits(10))
+            .await
+            .expect("enqueue")
+        {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 3);
+}
+
+/// A tenant at its bound is refused while other tenants, and jobs without one, are not.
+pub async fn a_tenant_at_its_bound_is_refused_alone<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let bounded = EnqueueLimits {
+        max_per_tenant: Some(2),
+        ..limits(100)
+    };
+    for _ in 0..2 {
+        let answer = store
+            .enqueue(&p, &job("a").tenant("acme"), &bounded)
+            .await
+            .expect("enqueue");
+        assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
+    }
+    match store
+        .enqueue(&p, &job("a").tenant("acme"), &bounded)
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Full { tenant, depth, .. } => assert!(tenant && depth == 2, "{tenant} {depth}"),
+        other => panic!("expected the tenant to be full, got {other:?}"),
+    }
+    for other in [job("b").tenant("globex"), job("none")] {
+        let answer = store.enqueue(&p, &other, &bounded).await.expect("enqueue");
+        assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
+    }
+    // A finished job frees its tenant's place.
+    let delivered = fetch(store, &p, "a", &[0], 1, LONG).await;
+    assert_eq!(delivered[0].tenant.as_deref(), Some(&b"acme"[..]));
+    store
+        .complete(&p, delivered[0].number, 1, Bytes::new(), LONG)
+        .await
+        .expect("complete");
+    let answer = store
+        .enqueue(&p, &job("a").tenant("acme"), &bounded)
+        .await
+        .expect("enqueue");
+    assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
+}
+
+/// A second enqueue with one dedup key returns the first number, even when the partition is
+/// full, and adds nothing.
+pub async fn a_duplicate_returns_the_first_number_even_when_full<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let first = match store
+        .enqueue(&p, &job("pay").dedup_key("order-1"), &limits(1))
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Added(number) => number,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..3 {
+        let answer = store
+            .enqueue(&p, &job("pay again").dedup_key("order-1"), &limits(1))
+            .await
+            .expect("enqueue");
+        assert_eq!(answer, Enqueued::Duplicate(first));
+    }
+    assert!(matches!(
+        store
+            .enqueue(&p, &job("pay").dedup_key("order-2"), &limits(1))
+            .await
+            .expect("enqueue"),
+        Enqueued::Full { .. }
+    ));
+    assert_eq!(store.stats(&p).await.expect("stats").unfinished, 1);
+    let delivered = fetch(store, &p, "a", &[0], 10, LONG).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(&delivered[0].payload[..], b"pay");
+}
+
+/// A dedup key is forgotten once its window has passed.
+pub async fn a_dedup_key_is_forgotten_after_its_window<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let short = EnqueueLimits {
+        dedup_window: Duration::from_millis(100),
+        ..limits(100)
+    };
+    let first = store
+        .enqueue(&p, &job("a").dedup_key("k"), &short)
+        .await
+        .expect("enqueue");
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        match store
+            .enqueue(&p, &job("a").dedup_key("k"), &short)
+            .await
+            .expect("enqueue")
+        {
+            Enqueued::Added(number) => {
+                assert_ne!(Enqueued::Added(number), first);
+                return;
+            }
+            Enqueued::Duplicate(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "a 100 ms window held for 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A refusal carries the partition's drain rate: zero before anything finished, and about the
+/// jobs finished over the last window after.
+pub async fn a_refusal_carries_the_drain_rate<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    for _ in 0..5 {
+        add(store, &p, &job("a")).await;
+    }
+    let rate = |answer: Enqueued| match answer {
+        Enqueued::Full {
+            drained_per_sec, ..
+        } => drained_per_sec,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let idle = rate(
+        store
+            .enqueue(&p, &job("b"), &limits(5))
+            .await
+            .expect("enqueue"),
+    );
+    assert_eq!(idle, 0.0);
+    for delivery in fetch(store, &p, "a", &[0], 10, LONG).await {
+        store
+            .complete(&p, delivery.number, delivery.attempt, Bytes::new(), LONG)
+            .await
+            .expect("complete");
+    }
+    for _ in 0..5 {
+        add(store, &p, &job("a")).await;
+    }
+    let drained = rate(
+        store
+            .enqueue(&p, &job("b"), &limits(5))
+            .await
+            .expect("enqueue"),
+    );
+    let most = 5.0 / DRAIN_WINDOW.as_secs_f64();
+    assert!(
+        drained > 0.0 && drained <= most * 1.001,
+        "5 jobs finished just now: {drained}/s, expected at most {most}/s"
+    );
+}
+
+/// Lanes are read in the order asked, each oldest first; lanes not asked for are not read.
+pub async fn lanes_are_read_in_the_order_asked<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let a = add(store, &p, &job("a").lane(1)).await;
+    let b = add(store, &p, &job("b").lane(0)).await;
+    let c = add(store, &p, &job("c").lane(1)).await;
+    let d = add(store, &p, &job("d").lane(0)).await;
+    assert!(fetch(store, &p, "w", &[3], 10, LONG).await.is_empty());
+    let numbers = |ds: Vec<Delivery>| ds.iter().map(|d| d.number).collect::<Vec<_>>();
+    assert_eq!(
+        numbers(fetch(store, &p, "w", &[0, 1], 3, LONG).await),
+        [b, d, a]
+    );
+    assert_eq!(numbers(fetch(store, &p, "w", &[1, 0], 3, LONG).await), [c]);
+    let out_of_range = store
+        .enqueue(&p, &job("x").lane(MAX_LANES), &limits(100))
+        .await;
+    assert!(out_of_range.is_err(), "{out_of_range:?}");
+}
+
+/// A delayed job is not delivered before its delay and is after it; meanwhile it is queued.
+pub async fn a_delayed_job_waits_for_its_delay<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let start = Instant::now();
+    let number = add(store, &p, &job("later").delay(Duration::from_millis(300))).await;
+    assert!(fetch(store, &p, "w", &[0], 10, LONG).await.is_empty());
+    let record = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.state, JobState::Queued);
+    assert_eq!(store.stats(&p).await.expect("stats").delayed, 1);
+    let delivered = fetch_eventually(store, &p, "w", LONG).await;
+    assert_eq!(delivered[0].number, number);
+    // The store's clock and this one both run in real time; allow for their rounding.
+    assert!(
+        start.elapsed() >= Duration::from_millis(290),
+        "delivered after {:?}",
+        start.elapsed()
+    );
+}
+
+/// A delivery whose visibility runs out is taken over by another consumer with the next
+/// attempt, and the first holder's steps are rejected.
+pub async fn an_expired_visibility_is_taken_over_and_the_old_holder_fenced<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let number = add(store, &p, &job("a")).await;
+    let visibility = Duration::from_millis(200);
+    let first = fetch(store, &p, "dies", &[0], 10, visibility).await;
+    assert_eq!(first.len(), 1);
+    assert!(
+        fetch(store, &p, "lives", &[0], 10, visibility)
+            .await
+            .is_empty()
+    );
+    let taken = fetch_eventually(store, &p, "lives", visibility).await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].number, number);
+    assert_eq!(taken[0].attempt, 2);
+    assert!(taken[0].taken_over);
+    assert_eq!(&taken[0].payload[..], b"a");
+    for stale in [
+        store.extend(&p, number, 1).await,
+        store.complete(&p, number, 1, Bytes::new(), LONG).await,
+        store
+            .retry(&p, number, 1, Duration::ZERO, Bytes::new())
+            .await,
+        store.bury(&p, number, 1, Bytes::new(), LONG).await,
+    ] {
+        assert_eq!(stale.expect("step"), Fenced::Rejected);
+    }
+    let applied = store
+        .complete(&p, number, 2, Bytes::new(), LONG)
+        .await
+        .expect("complete");
+    assert_eq!(applied, Fenced::Applied);
+}
+
+/// A holder that extends keeps its job past the visibility timeout.
+pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let number = add(store, &p, &job("a")).await;
+    let visibility = Duration::from_millis(300);
+    assert_eq!(fetch(store, &p, "a", &[0], 1, visibility).await.len(), 1);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(900) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            store.extend(&p, number, 1).await.expect("extend"),
+            Fenced::Applied
+        );
+        assert!(fetch(store, &p, "b", &[0], 1, visibility).await.is_empty());
+    }
+    let taken = fetch_eventually(store, &p, "b", visibility).await;
+    assert_eq!(taken[0].attempt, 2);
+}
+
+/// A retried job waits its delay as retrying, keeping its error, then comes back with the
+/// next attempt.
+pub async fn a_retried_job_comes_back_after_its_delay<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let number = add(store, &p, &job("a")).await;
+    fetch(store, &p, "w", &[0], 1, LONG).await;
+    let start = Instant::now();
+    let retried = store
+        .retry(
+            &p,
+            number,
+            1,
+            Duration::from_millis(200),
+            Bytes::from_static(b"boom"),
+        )
+        .await
+        .expect("retry");
+    assert_eq!(retried, Fenced::Applied);
+    let record = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.state, JobState::Retrying);
+    assert_eq!(record.error.as_deref(), Some(&b"boom"[..]));
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!((stats.unfinished, stats.delayed, stats.running), (1, 1, 0));
+    assert!(fetch(store, &p, "w", &[0], 1, LONG).await.is_empty());
+    let again = fetch_eventually(store, &p, "w", LONG).await;
+    assert!(start.elapsed() >= Duration::from_millis(190));
+    assert_eq!((again[0].number, again[0].attempt), (number, 2));
+    assert!(!again[0].taken_over);
+}
+
+/// A buried job is dead: kept with its payload and error, listed newest first among the dead
+/// letters, and no longer counted against the bound.
+pub async fn a_buried_job_is_a_dead_letter_and_frees_its_place<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let mut buried = Vec::new();
+    for payload in ["first", "second"] {
+        let number = match store
+            .enqueue(&p, &job(payload), &limits(1))
+            .await
+            .expect("enqueue")
+        {
+            Enqueued::Added(number) => number,
+            other => panic!("the bound of 1 refused a job after a burial: {other:?}"),
+        };
+        fetch(store, &p, "w", &[0], 1, LONG).await;
+        let applied = store
+            .bury(&p, number, 1, Bytes::from_static(b"poison"), LONG)
+            .await
+            .expect("bury");
+        assert_eq!(applied, Fenced::Applied);
+        buried.push(number);
+    }
+    let record = store
+        .status(&p, buried[0])
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.state, JobState::Dead);
+    assert_eq!(record.payload.as_deref(), Some(&b"first"[..]));
+    assert_eq!(record.error.as_deref(), Some(&b"poison"[..]));
+    assert_eq!(
+        store.dead_letters(&p, 10).await.expect("dead letters"),
+        [buried[1], buried[0]]
+    );
+    assert_eq!(
+        store.dead_letters(&p, 1).await.expect("dead letters"),
+        [buried[1]]
+    );
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!((stats.unfinished, stats.dead), (0, 2));
+}
+
+/// Done and dead records go once their retention has passed.
+pub async fn finished_records_go_after_their_retention<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let done = add(store, &p, &job("a")).await;
+    let dead = add(store, &p, &job("b")).await;
+    fetch(store, &p, "w", &[0], 2, LONG).await;
+    let short = Duration::from_millis(100);
+    store
+        .complete(&p, done, 1, Bytes::from_static(b"r"), short)
+        .await
+        .expect("complete");
+    store
+        .bury(&p, dead, 1, Bytes::from_static(b"e"), short)
+        .await
+        .expect("bury");
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        let done_left = store.status(&p, done).await.expect("status").is_some();
+        let dead_left = store.status(&p, dead).await.expect("status").is_some();
+        if !done_left && !dead_left {
+            break;
+        }
+        assert!(Instant::now() < deadline, "100 ms retention held for 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.dead_letters(&p, 10).await.expect("dead").is_empty());
+}
+
+/// Steps on a job that does not exist change nothing.
+pub async fn steps_on_unknown_jobs_are_rejected<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    assert_eq!(store.status(&p, 999).await.expect("status"), None);
+    assert_eq!(
+        store.extend(&p, 999, 1).await.expect("extend"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store
+            .complete(&p, 999, 1, Bytes::new(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store
+            .retry(&p, 999, 1, Duration::ZERO, Bytes::new())
+            .await
+            .expect("retry"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store
+            .bury(&p, 999, 1, Bytes::new(), LONG)
+            .await
+            .expect("bury"),
+        Fenced::Rejected
+    );
+    // A queued job has no holder yet.
+    let number = add(store, &p, &job("a")).await;
+    assert_eq!(
+        store.extend(&p, number, 0).await.expect("extend"),
+        Fenced::Rejected
+    );
+    assert_eq!(store.stats(&p).await.expect("stats").unfinished, 1);
+}
+
+/// The counts follow the jobs: ready in every lane, running, delayed, and the age of the
+/// oldest ready job.
+pub async fn stats_count_each_state<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    add(store, &p, &job("run")).await;
+    fetch(store, &p, "w", &[0], 1, LONG).await;
+    let oldest = add(store, &p, &job("a").lane(1)).await;
+    add(store, &p, &job("b").lane(0)).await;
+    add(store, &p, &job("later").delay(LONG)).await;
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!(
+        (
+            stats.unfinished,
+            stats.ready,
+            stats.running,
+            stats.delayed,
+            stats.dead
+        ),
+        (4, 2, 1, 1, 0)
+    );
+    let record = store
+        .status(&p, oldest)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(stats.oldest_ready_ms, Some(record.enqueued_at_ms));
+}
+
+/// Four consumers fetching at once get every job exactly once.
+pub async fn concurrent_consumers_get_each_job_once<S: JobStore + Clone>(store: &S, ns: Namespace) {
+    let p = Arc::new(partition(&ns, "q"));
+    for i in 0..200 {
+        add(store, &p, &NewJob::new(Bytes::from(format!("{i}")))).await;
+    }
+    let tasks: Vec<_> = (0..4)
+        .map(|w| {
+            let (store, p) = (store.clone(), Arc::clone(&p));
+            tokio::spawn(async move {
+                let consumer = format!("w{w}");
+                let mut got = Vec::new();
+                loop {
+                    let batch = fetch(&store, &p, &consumer, &[0], 7, LONG).await;
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch.into_iter().map(|d| d.number));
+                }
+            })
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for task in tasks {
+        for number in task.await.expect("consumer") {
+            total += 1;
+            seen.insert(number);
+        }
+    }
+    assert_eq!((total, seen.len()), (200, 200));
+}
