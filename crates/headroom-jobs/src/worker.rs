@@ -1,0 +1,683 @@
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use headroom_core::jobs::{Delivery, FetchRequest, JobStore};
+use headroom_core::lease::Fenced;
+use headroom_core::{BackendError, Classify, Key};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::config::{InvalidConfig, WorkerConfig};
+use crate::queue::JobQueue;
+use crate::{JobError, JobId, envelope};
+
+/// A job handed to a handler.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    id: JobId,
+    attempt: u32,
+    lane: u8,
+    payload: Bytes,
+    tenant: Option<String>,
+    origin: Option<String>,
+    enqueued_at: SystemTime,
+    taken_over: bool,
+}
+
+impl JobContext {
+    /// The job's id: the key to run its effect under an idempotency key, so that a second
+    /// delivery replays instead of running again.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// Which delivery this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The job's priority lane.
+    pub fn lane(&self) -> u8 {
+        self.lane
+    }
+
+    /// The payload given on enqueue.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The tenant given on enqueue.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The origin given on enqueue (a `traceparent`, a request id).
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
+    /// When the job was enqueued (store clock).
+    pub fn enqueued_at(&self) -> SystemTime {
+        self.enqueued_at
+    }
+
+    /// Whether an earlier delivery ended without an answer (its worker died or stalled past
+    /// the visibility timeout) and this worker took the job over.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+}
+
+/// What a worker did between its start and its shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerReport {
+    /// Jobs completed.
+    pub done: u64,
+    /// Attempts that failed and were put back for another.
+    pub retried: u64,
+    /// Jobs given up on.
+    pub dead: u64,
+    /// Jobs taken over by another worker while running here (visibility ran out).
+    pub lost: u64,
+    /// Jobs still running when the shutdown's grace ended, handed back for another worker.
+    pub handed_back: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining,
+    Abort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Retried,
+    Dead,
+    Lost,
+    HandedBack,
+}
+
+impl WorkerReport {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Done => self.done += 1,
+            Outcome::Retried => self.retried += 1,
+            Outcome::Dead => self.dead += 1,
+            Outcome::Lost => self.lost += 1,
+            Outcome::HandedBack => self.handed_back += 1,
+        }
+    }
+}
+
+/// Builds a [`Worker`].
+#[must_use]
+pub struct WorkerBuilder<S, H> {
+    queue: JobQueue<S>,
+    handler: H,
+    config: WorkerConfig,
+    consumer: Option<String>,
+}
+
+impl<S, H> std::fmt::Debug for WorkerBuilder<S, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("queue", &self.queue.inner.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, H, Fut> WorkerBuilder<S, H>
+where
+    S: JobStore,
+    H: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
+{
+    /// Every setting at once.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`WorkerConfig::concurrency`].
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.config.concurrency = concurrency;
+        self
+    }
+
+    /// See [`WorkerConfig::visibility`].
+    pub fn visibility(mut self, visibility: Duration) -> Self {
+        self.config.visibility = visibility;
+        self
+    }
+
+    /// See [`WorkerConfig::max_attempts`].
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.config.max_attempts = max_attempts;
+        self
+    }
+
+    /// The backoff between attempts: see [`WorkerConfig::backoff_initial`] and the fields
+    /// after it.
+    pub fn backoff(mut self, initial: Duration, multiplier: f64, max: Duration) -> Self {
+        self.config.backoff_initial = initial;
+        self.config.backoff_multiplier = multiplier;
+        self.config.backoff_max = max;
+        self
+    }
+
+    /// The worker's name among the queue's consumers (default: the process id and a random
+    /// suffix). Two live workers must not share one.
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Starts the worker on the current tokio runtime.
+    pub fn start(self) -> Result<Worker, InvalidConfig> {
+        self.config.validate()?;
+        let consumer = match self.consumer {
+            Some(name) if !name.is_empty() && name.len() <= 128 => name,
+            Some(_) => return Err(InvalidConfig::new("consumer", "must be 1 to 128 bytes")),
+            None => format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
+        };
+        let (phase, watch_phase) = watch::channel(Phase::Running);
+        let shared = Arc::new(Shared {
+            queue: self.queue,
+            handler: self.handler,
+            config: self.config,
+            consumer,
+        });
+        let task = tokio::spawn(fetch_loop(shared, watch_phase));
+        Ok(Worker { phase, task })
+    }
+}
+
+impl<S: JobStore> JobQueue<S> {
+    /// A builder for a worker that runs this queue's jobs with `handler`.
+    ///
+    /// The handler answers a result (kept for `status`), a [`JobError`] (retried with backoff
+    /// while attempts remain, or dead), or panics (an attempt failed; the worker goes on).
+    pub fn worker<H, Fut>(&self, handler: H) -> WorkerBuilder<S, H>
+    where
+        H: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
+    {
+        WorkerBuilder {
+            queue: self.clone(),
+            handler,
+            config: WorkerConfig::default(),
+            consumer: None,
+        }
+    }
+}
+
+/// A running worker: fetches jobs from every partition of its queue, in turn, and runs up to
+/// its concurrency at once.
+///
+/// Dropping it stops fetching and lets running jobs finish; [`shutdown`](Self::shutdown)
+/// also waits for them, up to a bound.
+#[derive(Debug)]
+pub struct Worker {
+    phase: watch::Sender<Phase>,
+    task: tokio::task::JoinHandle<WorkerReport>,
+}
+
+impl Worker {
+    /// Stops fetching, waits up to `grace` for the running jobs, then hands back those still
+    /// running (each goes back to its lane at once, for another worker) and answers what the
+    /// worker did.
+    pub async fn shutdown(self, grace: Duration) -> WorkerReport {
+        self.phase.send_replace(Phase::Draining);
+        let mut task = self.task;
+        let joined = match tokio::time::timeout(grace, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                self.phase.send_replace(Phase::Abort);
+                task.await
+            }
+        };
+        joined.unwrap_or_default()
+    }
+}
+
+struct Shared<S, H> {
+    queue: JobQueue<S>,
+    handler: H,
+    config: WorkerConfig,
+    consumer: String,
+}
+
+/// Waits until the phase satisfies `pred`; a dropped worker is draining, never aborting.
+async fn until(phase: &mut watch::Receiver<Phase>, pred: impl Fn(Phase) -> bool) {
+    loop {
+        let now = *phase.borrow_and_update();
+        if pred(now) {
+            return;
+        }
+        if phase.changed().await.is_err() {
+            if pred(Phase::Draining) {
+                return;
+            }
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Smooth weighted round robin over the lanes: each fetch reads the lane whose turn it is
+/// first, then the others in priority order.
+struct LaneSchedule {
+    weights: Vec<i64>,
+    current: Vec<i64>,
+    total: i64,
+}
+
+impl LaneSchedule {
+    fn new(weights: &[u32]) -> Self {
+        let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w)).collect();
+        Self {
+            total: weights.iter().sum(),
+            current: vec![0; weights.len()],
+            weights,
+        }
+    }
+
+    fn next_order(&mut self) -> Vec<u8> {
+        for (current, weight) in self.current.iter_mut().zip(&self.weights) {
+            *current += weight;
+        }
+        let first = (0..self.current.len())
+            .max_by_key(|&i| (self.current[i], std::cmp::Reverse(i)))
+            .unwrap_or(0);
+        self.current[first] -= self.total;
+        let mut order = Vec::with_capacity(self.weights.len());
+        order.push(first as u8);
+        order.extend((0..self.weights.len() as u8).filter(|&lane| usize::from(lane) != first));
+        order
+    }
+}
+
+async fn fetch_loop<S, H, Fut>(
+    shared: Arc<Shared<S, H>>,
+    mut phase: watch::Receiver<Phase>,
+) -> WorkerReport
+where
+    S: JobStore,
+    H: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
+{
+    let config = &shared.config;
+    let queue = &shared.queue.inner;
+    let permits = Arc::new(Semaphore::new(config.concurrency));
+    let mut jobs = JoinSet::new();
+    let mut report = WorkerReport::default();
+    let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
+    let partitions = queue.partitions.len();
+    let mut next_partition = fastrand::usize(..partitions);
+    let mut empty_in_a_row = 0;
+    let mut idle = Duration::from_millis(1);
+    let mut stats_due = tokio::time::Instant::now();
+    loop {
+        while let Some(joined) = jobs.try_join_next() {
+            report.count(joined.unwrap_or(Outcome::Lost));
+        }
+        if tokio::time::Instant::now() >= stats_due {
+            stats_due = tokio::time::Instant::now() + config.stats_interval;
+            if shared.queue.publish_stats().await.is_err() {
+                queue.metrics.store_errors.increment(1);
+            }
+        }
+        let first = tokio::select! {
+            biased;
+            () = until(&mut phase, |p| p != Phase::Running) => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let mut held = vec![first];
+        while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
+            held.push(permit);
+        }
+        let p = next_partition;
+        next_partition = (next_partition + 1) % partitions;
+        let order = lanes.next_order();
+        let fetched = queue
+            .store
+            .fetch(
+                &queue.partitions[p],
+                FetchRequest {
+                    consumer: &shared.consumer,
+                    lanes: &order,
+                    max: held.len(),
+                    visibility: config.visibility,
+                },
+            )
+            .await;
+        let pause = match fetched {
+            Ok(deliveries) if !deliveries.is_empty() => {
+                empty_in_a_row = 0;
+                idle = Duration::from_millis(1);
+                for delivery in deliveries {
+                    let permit = held.pop().expect("no more deliveries than permits");
+                    let shared = Arc::clone(&shared);
+                    let phase = phase.clone();
+                    jobs.spawn(run_job(shared, p, delivery, permit, phase));
+                }
+                None
+            }
+            Ok(_) => {
+                empty_in_a_row += 1;
+                (empty_in_a_row >= partitions).then(|| {
+                    empty_in_a_row = 0;
+                    let pause = idle;
+                    idle = (idle * 2).min(config.poll_interval);
+                    pause
+                })
+            }
+            Err(error) => {
+                queue.metrics.store_errors.increment(1);
+                tracing::warn!(queue = %queue.name, %error, "fetching jobs failed");
+                Some(config.poll_interval)
+            }
+        };
+        drop(held);
+        if let Some(pause) = pause {
+            tokio::select! {
+                biased;
+                () = until(&mut phase, |p| p != Phase::Running) => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+    while let Some(joined) = jobs.join_next().await {
+        report.count(joined.unwrap_or(Outcome::Lost));
+    }
+    report
+}
+
+enum Ran {
+    Answered(Result<Result<Bytes, JobError>, Box<dyn std::any::Any + Send>>),
+    Lost,
+    Aborted,
+}
+
+async fn run_job<S, H, Fut>(
+    shared: Arc<Shared<S, H>>,
+    partition: usize,
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+    mut phase: watch::Receiver<Phase>,
+) -> Outcome
+where
+    S: JobStore,
+    H: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
+{
+    let queue = &shared.queue.inner;
+    let config = &shared.config;
+    let job = Held {
+        store: &queue.store,
+        key: &queue.partitions[partition],
+        number: delivery.number,
+        attempt: delivery.attempt,
+        budget: config.visibility / 2,
+    };
+    let id = JobId {
+        partition: partition as u16,
+        number: delivery.number,
+    };
+    let Some((origin, payload)) = envelope::open(&delivery.payload) else {
+        let error = "the stored payload is not a job envelope (corrupt or foreign bytes)";
+        tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
+        return finish(
+            &shared,
+            job.bury(error, queue.config.dead_retention).await,
+            Outcome::Dead,
+        );
+    };
+    if delivery.attempt > config.max_attempts {
+        let error = format!(
+            "gave up after {} deliveries; the last ended without an answer (its worker died or stalled)",
+            config.max_attempts
+        );
+        tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
+        return finish(
+            &shared,
+            job.bury(&error, queue.config.dead_retention).await,
+            Outcome::Dead,
+        );
+    }
+    let span = tracing::info_span!(
+        "headroom.job",
+        queue = %queue.name,
+        job.id = %id,
+        job.attempt = delivery.attempt,
+        job.origin = origin.as_deref().unwrap_or(""),
+        outcome = tracing::field::Empty,
+    );
+    let context = JobContext {
+        id,
+        attempt: delivery.attempt,
+        lane: delivery.lane,
+        payload,
+        tenant: delivery
+            .tenant
+            .map(|tenant| String::from_utf8_lossy(&tenant).into_owned()),
+        origin,
+        enqueued_at: UNIX_EPOCH + Duration::from_millis(delivery.enqueued_at_ms),
+        taken_over: delivery.taken_over,
+    };
+    queue.metrics.running.increment(1);
+    let started = queue.clock.stopwatch();
+    let handler = AssertUnwindSafe((shared.handler)(context))
+        .catch_unwind()
+        .instrument(span.clone());
+    let ran = tokio::select! {
+        answered = handler => Ran::Answered(answered),
+        () = job.heartbeat(config.visibility / 3) => Ran::Lost,
+        () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
+    };
+    queue.metrics.running.decrement(1);
+    queue.metrics.duration.record(started.elapsed());
+    let outcome = match ran {
+        Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
+            &shared,
+            job.complete(result, queue.config.result_retention).await,
+            Outcome::Done,
+        ),
+        Ran::Answered(Ok(Ok(result))) => {
+            let error = JobError::fatal(format!(
+                "the result is {} bytes, more than the queue's limit of {}",
+                result.len(),
+                queue.config.max_result_len
+            ));
+            failed(&shared, &job, error).await
+        }
+        Ran::Answered(Ok(Err(error))) => failed(&shared, &job, error).await,
+        Ran::Answered(Err(panic)) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".to_owned());
+            failed(
+                &shared,
+                &job,
+                JobError::retry(format!("the handler panicked: {message}")),
+            )
+            .await
+        }
+        Ran::Lost => Outcome::Lost,
+        Ran::Aborted => finish(
+            &shared,
+            job.retry(Duration::ZERO, "its worker shut down before it finished")
+                .await,
+            Outcome::HandedBack,
+        ),
+    };
+    let name = match outcome {
+        Outcome::Done => "done",
+        Outcome::Retried => "retried",
+        Outcome::Dead => "dead",
+        Outcome::Lost => "lost",
+        Outcome::HandedBack => "handed_back",
+    };
+    span.record("outcome", name);
+    match outcome {
+        Outcome::Done => queue.metrics.done.increment(1),
+        Outcome::Retried => queue.metrics.retried.increment(1),
+        Outcome::Dead => queue.metrics.dead.increment(1),
+        Outcome::Lost => {
+            queue.metrics.lost.increment(1);
+            tracing::warn!(parent: &span, "the job was taken over by another worker");
+        }
+        Outcome::HandedBack => queue.metrics.handed_back.increment(1),
+    }
+    outcome
+}
+
+/// The outcome of a finishing step: `outcome` if the store took it, lost if the job had been
+/// taken over (or the store could not be reached within the budget: the job stays held and
+/// another worker takes it over after its visibility).
+fn finish<S, H>(
+    shared: &Shared<S, H>,
+    step: Result<Fenced, BackendError>,
+    outcome: Outcome,
+) -> Outcome {
+    match step {
+        Ok(Fenced::Applied) => outcome,
+        Ok(_) => Outcome::Lost,
+        Err(error) => {
+            shared.queue.inner.metrics.store_errors.increment(1);
+            tracing::warn!(queue = %shared.queue.inner.name, %error, "finishing a job failed; another worker will run it again");
+            Outcome::Lost
+        }
+    }
+}
+
+async fn failed<S: JobStore, H>(
+    shared: &Shared<S, H>,
+    job: &Held<'_, S>,
+    error: JobError,
+) -> Outcome {
+    let config = &shared.config;
+    if error.is_retryable() && job.attempt < config.max_attempts {
+        let delay = config.backoff(job.attempt, fastrand::f64());
+        finish(
+            shared,
+            job.retry(delay, error.message()).await,
+            Outcome::Retried,
+        )
+    } else {
+        let retention = shared.queue.inner.config.dead_retention;
+        finish(
+            shared,
+            job.bury(error.message(), retention).await,
+            Outcome::Dead,
+        )
+    }
+}
+
+/// The job a worker holds, and the steps on it.
+struct Held<'a, S> {
+    store: &'a S,
+    key: &'a Key,
+    number: u64,
+    attempt: u32,
+    /// How long a finishing step keeps trying through store errors.
+    budget: Duration,
+}
+
+impl<S: JobStore> Held<'_, S> {
+    /// Extends the job's visibility every `every`; returns when the store says another worker
+    /// took it over.
+    async fn heartbeat(&self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Ok(Fenced::Rejected) =
+                self.store.extend(self.key, self.number, self.attempt).await
+            {
+                return;
+            }
+        }
+    }
+
+    /// Runs a finishing step, again after store errors (50 ms, doubling) within the budget.
+    async fn persist<F, Fut>(&self, step: F) -> Result<Fenced, BackendError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Fenced, BackendError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.budget;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match step().await {
+                Err(error)
+                    if error.is_retryable() && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn complete(&self, result: Bytes, retention: Duration) -> Result<Fenced, BackendError> {
+        self.persist(|| {
+            self.store.complete(
+                self.key,
+                self.number,
+                self.attempt,
+                result.clone(),
+                retention,
+            )
+        })
+        .await
+    }
+
+    async fn retry(&self, delay: Duration, error: &str) -> Result<Fenced, BackendError> {
+        let error = Bytes::copy_from_slice(error.as_bytes());
+        self.persist(|| {
+            self.store
+                .retry(self.key, self.number, self.attempt, delay, error.clone())
+        })
+        .await
+    }
+
+    async fn bury(&self, error: &str, retention: Duration) -> Result<Fenced, BackendError> {
+        let error = Bytes::copy_from_slice(error.as_bytes());
+        self.persist(|| {
+            self.store.bury(
+                self.key,
+                self.number,
+                self.attempt,
+                error.clone(),
+                retention,
+            )
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LaneSchedule;
+
+    #[test]
+    fn lanes_lead_in_proportion_to_their_weights_and_none_starves() {
+        let mut schedule = LaneSchedule::new(&[3, 1]);
+        let firsts: Vec<u8> = (0..8).map(|_| schedule.next_order()[0]).collect();
+        assert_eq!(firsts.iter().filter(|&&lane| lane == 0).count(), 6);
+        assert_eq!(firsts.iter().filter(|&&lane| lane == 1).count(), 2);
+        // Smoothly: lane 1 leads once in every four fetches.
+        assert!(firsts.chunks(4).all(|four| four.contains(&1)));
+        assert_eq!(schedule.next_order(), vec![0, 1]);
+    }
+}

@@ -1,0 +1,618 @@
+//! Queues and workers on the memory job store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::jobs::{FetchRequest, JobStore};
+use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
+use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
+use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState};
+
+async fn wait_for_state<S: JobStore>(queue: &JobQueue<S>, id: JobId, state: JobState) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        if queue.status(id).await.unwrap().map(|s| s.state) == Some(state) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} never became {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn number(bytes: &Bytes) -> u64 {
+    std::str::from_utf8(bytes).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_jobs_across_four_workers_each_take_effect_once() {
+    let queue = JobQueue::builder("orders", MemoryJobStore::new())
+        .partitions(4)
+        .max_len(20_000)
+        .build()
+        .unwrap();
+    let idempotency = Arc::new(
+        Idempotency::builder(MemoryLeaseStore::new())
+            .build()
+            .unwrap(),
+    );
+    let effects: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let runs = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (idempotency, effects, runs) = (idempotency.clone(), effects.clone(), runs.clone());
+            queue
+                .worker(move |job| {
+                    let (idempotency, effects, runs) =
+                        (idempotency.clone(), effects.clone(), runs.clone());
+                    async move {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        let scope = Scope::new("shop", "fulfil").unwrap();
+                        let key = IdempotencyKey::new(&job.id().to_string()).unwrap();
+                        let order = number(job.payload());
+                        let out = idempotency
+                            .execute(&scope, &key, job.payload(), || async {
+                                *effects.lock().unwrap().entry(order).or_default() += 1;
+                                Ok::<_, std::io::Error>(format!("fulfilled {order}"))
+                            })
+                            .await
+                            .map_err(|e| JobError::retry(e.to_string()))?;
+                        Ok(Bytes::from(out.value))
+                    }
+                })
+                .concurrency(8)
+                .consumer(format!("worker-{w}"))
+                .start()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for order in 0..10_000u64 {
+        ids.push(queue.enqueue(Job::new(order.to_string())).await.unwrap().id);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while effects.lock().unwrap().len() < 10_000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "10,000 jobs not done in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut reports = Vec::new();
+    for worker in workers {
+        reports.push(worker.shutdown(Duration::from_secs(10)).await);
+    }
+    let effects = effects.lock().unwrap();
+    assert!((0..10_000).all(|order| effects.get(&order) == Some(&1)));
+    assert_eq!(runs.load(Ordering::Relaxed), 10_000);
+    assert_eq!(reports.iter().map(|r| r.done).sum::<u64>(), 10_000);
+    assert!(
+        reports.iter().all(|r| r.done > 0),
+        "a worker got nothing: {reports:?}"
+    );
+    for id in ids.iter().step_by(997) {
+        let status = queue.status(*id).await.unwrap().unwrap();
+        assert_eq!(status.state, JobState::Done);
+        assert!(status.result.unwrap().starts_with(b"fulfilled "));
+    }
+    assert_eq!(queue.stats().await.unwrap().unfinished, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_a_lane_jobs_start_in_the_order_they_were_enqueued_and_lanes_share_by_weight() {
+    let queue = JobQueue::builder("ordered", MemoryJobStore::new())
+        .lane_weights([3, 1])
+        .build()
+        .unwrap();
+    for i in 0..400u64 {
+        let lane = u8::from(i % 2 == 1);
+        queue
+            .enqueue(Job::new(i.to_string()).lane(lane))
+            .await
+            .unwrap();
+    }
+    let started: Arc<Mutex<Vec<(u8, u64)>>> = Arc::default();
+    let seen = started.clone();
+    let worker = queue
+        .worker(move |job| {
+            seen.lock()
+                .unwrap()
+                .push((job.lane(), number(job.payload())));
+            async { Ok(Bytes::new()) }
+        })
+        .concurrency(1)
+        .start()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while started.lock().unwrap().len() < 400 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.shutdown(Duration::from_secs(5)).await;
+    let started = started.lock().unwrap();
+    for lane in [0, 1] {
+        let order: Vec<u64> = started
+            .iter()
+            .filter(|(l, _)| *l == lane)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(order.len(), 200);
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "lane {lane} out of order"
+        );
+    }
+    // While both lanes hold jobs, lane 0 (weight 3) gets three of every four starts.
+    let first_hundred = started
+        .iter()
+        .take(100)
+        .filter(|(lane, _)| *lane == 0)
+        .count();
+    assert_eq!(first_hundred, 75);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_with_a_retry_after_and_accepts_again_as_it_drains() {
+    let queue = JobQueue::builder("bounded", MemoryJobStore::new())
+        .max_len(100)
+        .build()
+        .unwrap();
+    for i in 0..100 {
+        queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
+    }
+    let refused = queue.enqueue(Job::new("one more")).await.unwrap_err();
+    let EnqueueError::Full {
+        depth,
+        retry_after,
+        tenant,
+        ..
+    } = refused
+    else {
+        panic!("{refused:?}");
+    };
+    assert_eq!((depth, tenant), (100, false));
+    // Nothing has drained yet: the longest retry-after.
+    assert_eq!(retry_after, queue.config().max_retry_after);
+
+    // A worker drains 10 jobs a second.
+    let worker = queue
+        .worker(|_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Bytes::new())
+        })
+        .concurrency(1)
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut accepted = 0;
+    let retry_after = loop {
+        match queue.enqueue(Job::new("refill")).await {
+            Ok(_) => accepted += 1,
+            Err(EnqueueError::Full { retry_after, .. }) => break retry_after,
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    // About 50 jobs finished in 5 s; the queue took that many again.
+    assert!((45..=55).contains(&accepted), "{accepted} accepted");
+    // One more place takes about a tenth of a second at 10 a second (the rate is measured
+    // over a window that started before the worker).
+    assert!(
+        retry_after >= Duration::from_millis(100) && retry_after <= Duration::from_millis(250),
+        "{retry_after:?}"
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_at_its_bound_is_refused_while_others_are_not() {
+    let queue = JobQueue::builder("tenants", MemoryJobStore::new())
+        .partitions(4)
+        .max_per_tenant(3)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        queue.enqueue(Job::new("x").tenant("acme")).await.unwrap();
+    }
+    let refused = queue
+        .enqueue(Job::new("x").tenant("acme"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            EnqueueError::Full {
+                tenant: true,
+                depth: 3,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    assert!(refused.retry_after().is_some());
+    queue.enqueue(Job::new("x").tenant("globex")).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_enqueue_answers_the_first_id_within_its_tenant() {
+    let queue = JobQueue::builder("dedup", MemoryJobStore::new())
+        .partitions(4)
+        .build()
+        .unwrap();
+    let first = queue
+        .enqueue(Job::new("pay").tenant("acme").idempotency_key("order-9"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = queue
+        .enqueue(Job::new("pay").tenant("acme").idempotency_key("order-9"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.duplicate), (first.id, true));
+    // Another tenant's key is its own.
+    let other = queue
+        .enqueue(Job::new("pay").tenant("globex").idempotency_key("order-9"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    assert_eq!(queue.stats().await.unwrap().unfinished, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attempts_back_off_exponentially_and_the_last_one_makes_the_job_dead() {
+    let queue = JobQueue::builder("flaky", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let attempts: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
+    let seen = attempts.clone();
+    let worker = queue
+        .worker(move |job| {
+            seen.lock().unwrap().push(tokio::time::Instant::now());
+            let attempt = job.attempt();
+            async move { Err::<Bytes, _>(JobError::retry(format!("down on attempt {attempt}"))) }
+        })
+        .max_attempts(4)
+        .backoff(Duration::from_secs(1), 2.0, Duration::from_secs(60))
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Dead).await;
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(status.attempt, 4);
+    assert_eq!(status.error.as_deref(), Some("down on attempt 4"));
+    assert_eq!(queue.dead_letters(10).await.unwrap(), [id]);
+    let attempts = attempts.lock().unwrap();
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps.len(), 3);
+    // Each wait is its exponential value (1 s, 2 s, 4 s) less up to half of it in jitter, plus
+    // at most one idle poll.
+    for (gap, full) in gaps.iter().zip([1, 2, 4]) {
+        let full = Duration::from_secs(full);
+        assert!(
+            *gap >= full / 2 && *gap <= full + Duration::from_millis(150),
+            "{gaps:?}"
+        );
+    }
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.retried, report.dead), (3, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_error_makes_the_job_dead_at_once() {
+    let queue = JobQueue::builder("fatal", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|_| async { Err::<Bytes, _>(JobError::fatal("card declined")) })
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Dead).await;
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.attempt, status.error.as_deref()),
+        (1, Some("card declined"))
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_fails_only_its_attempt() {
+    let queue = JobQueue::builder("panics", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|job| async move {
+            if job.payload() == "bad" && job.attempt() == 1 {
+                panic!("bug on the first attempt");
+            }
+            Ok(Bytes::from(format!("ok on attempt {}", job.attempt())))
+        })
+        .concurrency(1)
+        .backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let bad = queue.enqueue(Job::new("bad")).await.unwrap().id;
+    let good = queue.enqueue(Job::new("good")).await.unwrap().id;
+    wait_for_state(&queue, bad, JobState::Done).await;
+    wait_for_state(&queue, good, JobState::Done).await;
+    let bad = queue.status(bad).await.unwrap().unwrap();
+    assert_eq!(bad.result.as_deref(), Some(&b"ok on attempt 2"[..]));
+    assert_eq!(
+        bad.error.as_deref(),
+        Some("the handler panicked: bug on the first attempt")
+    );
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.done, report.retried), (2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn delayed_and_scheduled_jobs_wait_for_their_time() {
+    let queue = JobQueue::builder("later", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let ran: Arc<Mutex<HashMap<String, tokio::time::Instant>>> = Arc::default();
+    let seen = ran.clone();
+    let start = tokio::time::Instant::now();
+    let worker = queue
+        .worker(move |job| {
+            let payload = String::from_utf8(job.payload().to_vec()).unwrap();
+            seen.lock()
+                .unwrap()
+                .insert(payload, tokio::time::Instant::now());
+            async { Ok(Bytes::new()) }
+        })
+        .start()
+        .unwrap();
+    let delayed = queue
+        .enqueue(Job::new("delayed").delay(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let at = std::time::SystemTime::UNIX_EPOCH
+        + headroom_core::Clock::system().unix_time()
+        + Duration::from_secs(60);
+    let scheduled = queue.enqueue(Job::new("scheduled").at(at)).await.unwrap();
+    queue.enqueue(Job::new("now")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        queue.status(delayed.id).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    wait_for_state(&queue, scheduled.id, JobState::Done).await;
+    let ran = ran.lock().unwrap();
+    let after = |name: &str| ran[name] - start;
+    assert!(after("now") < Duration::from_millis(150));
+    assert!(
+        after("delayed") >= Duration::from_secs(30)
+            && after("delayed") < Duration::from_millis(30_150)
+    );
+    assert!(
+        after("scheduled") >= Duration::from_secs(60)
+            && after("scheduled") < Duration::from_millis(60_150)
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_fetching_waits_for_running_jobs_and_hands_back_the_rest() {
+    let queue = JobQueue::builder("drain", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|job| async move {
+            let secs = number(job.payload());
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            Ok(Bytes::from(format!("slept {secs} s")))
+        })
+        .concurrency(2)
+        .visibility(Duration::from_secs(600))
+        .start()
+        .unwrap();
+    let short = queue.enqueue(Job::new("2")).await.unwrap().id;
+    let long = queue.enqueue(Job::new("3600")).await.unwrap().id;
+    wait_for_state(&queue, long, JobState::Running).await;
+    let report = worker.shutdown(Duration::from_secs(10)).await;
+    assert_eq!((report.done, report.handed_back), (1, 1));
+    assert_eq!(
+        queue.status(short).await.unwrap().unwrap().state,
+        JobState::Done
+    );
+    // Handed back at once, for the next worker, not held until its visibility ends.
+    let long_status = queue.status(long).await.unwrap().unwrap();
+    assert_eq!(long_status.state, JobState::Retrying);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.running, stats.unfinished), (0, 1));
+
+    // Nothing is fetched after a shutdown.
+    let queued_after = queue.enqueue(Job::new("1")).await.unwrap().id;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        queue.status(queued_after).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+
+    let next = queue
+        .worker(|job| async move { Ok(Bytes::from(format!("attempt {}", job.attempt()))) })
+        .start()
+        .unwrap();
+    wait_for_state(&queue, long, JobState::Done).await;
+    let long_status = queue.status(long).await.unwrap().unwrap();
+    assert_eq!(long_status.result.as_deref(), Some(&b"attempt 2"[..]));
+    next.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_of_a_dead_worker_is_taken_over_and_its_effect_happens_once() {
+    let store = MemoryJobStore::new();
+    let queue = JobQueue::builder("payments", store.clone())
+        .build()
+        .unwrap();
+    let idempotency = Arc::new(
+        Idempotency::builder(MemoryLeaseStore::new())
+            .build()
+            .unwrap(),
+    );
+    let charges = Arc::new(AtomicU32::new(0));
+    let charge = {
+        let (idempotency, charges) = (idempotency.clone(), charges.clone());
+        move |id: JobId| {
+            let (idempotency, charges) = (idempotency.clone(), charges.clone());
+            async move {
+                let scope = Scope::new("shop", "charge").unwrap();
+                let key = IdempotencyKey::new(&id.to_string()).unwrap();
+                idempotency
+                    .execute(&scope, &key, b"", || async {
+                        charges.fetch_add(1, Ordering::Relaxed);
+                        Ok::<_, std::io::Error>("charged".to_owned())
+                    })
+                    .await
+                    .map(|out| out.value)
+            }
+        }
+    };
+    let id = queue.enqueue(Job::new("charge 40")).await.unwrap().id;
+
+    // A worker takes the job, charges, and dies before it answers: its delivery is left held.
+    let partition = headroom_core::Namespace::new("headroom.jobs")
+        .unwrap()
+        .key("{payments.0}")
+        .unwrap();
+    let taken = store
+        .fetch(
+            &partition,
+            FetchRequest {
+                consumer: "dies",
+                lanes: &[0],
+                max: 1,
+                visibility: Duration::from_secs(30),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    charge(id).await.unwrap();
+
+    let taken_over = Arc::new(AtomicU32::new(0));
+    let seen = taken_over.clone();
+    let charge_again = charge.clone();
+    let worker = queue
+        .worker(move |job| {
+            if job.taken_over() {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+            let charge = charge_again.clone();
+            async move {
+                charge(job.id())
+                    .await
+                    .map(Bytes::from)
+                    .map_err(|e| JobError::retry(e.to_string()))
+            }
+        })
+        .visibility(Duration::from_secs(30))
+        .start()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert!(
+        start.elapsed() >= Duration::from_secs(29),
+        "taken over after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(taken_over.load(Ordering::Relaxed), 1);
+    assert_eq!(charges.load(Ordering::Relaxed), 1, "the charge ran twice");
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.attempt, status.result.as_deref()),
+        (2, Some(&b"charged"[..]))
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_worker_keeps_a_long_job_past_its_visibility() {
+    let queue = JobQueue::builder("long", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let make = |counted: Arc<AtomicU32>| {
+        move |_job| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(Bytes::new())
+            }
+        }
+    };
+    let a = queue
+        .worker(make(counted.clone()))
+        .visibility(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let b = queue
+        .worker(make(counted))
+        .visibility(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1);
+    let (ra, rb) = (
+        a.shutdown(Duration::from_secs(1)).await,
+        b.shutdown(Duration::from_secs(1)).await,
+    );
+    assert_eq!((ra.lost + rb.lost, ra.done + rb.done), (0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_input_gets_typed_errors() {
+    let queue = JobQueue::builder("input", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let too_large = queue
+        .enqueue(Job::new(vec![0u8; 512 * 1024 + 1]))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        too_large,
+        EnqueueError::TooLarge {
+            len: 524_289,
+            max: 524_288
+        }
+    ));
+    assert!(matches!(
+        queue.enqueue(Job::new("x").lane(1)).await,
+        Err(EnqueueError::Invalid(_))
+    ));
+    assert!(matches!(
+        queue.enqueue(Job::new("x").origin("o".repeat(256))).await,
+        Err(EnqueueError::Invalid(_))
+    ));
+    for text in [
+        "",
+        "1",
+        "-1",
+        "1-",
+        "a-1",
+        "1-b",
+        "70000-1",
+        "1-99999999999999999999",
+        "1--1",
+    ] {
+        assert!(text.parse::<JobId>().is_err(), "{text:?}");
+    }
+    assert_eq!("3-1042".parse::<JobId>().unwrap().to_string(), "3-1042");
+    // A job id from another queue's partitions is not found, not a panic.
+    assert_eq!(queue.status("9-1".parse().unwrap()).await.unwrap(), None);
+    assert_eq!(
+        JobQueue::builder("bad name!", MemoryJobStore::new())
+            .build()
+            .unwrap_err()
+            .field(),
+        "name"
+    );
+}
