@@ -196,6 +196,8 @@ pub struct JobRecord {
     pub lane: u8,
     /// When it was enqueued (Unix milliseconds, store clock).
     pub enqueued_at_ms: u64,
+    /// The tenant it counts against.
+    pub tenant: Option<Bytes>,
     /// Its payload while unfinished or dead; `None` once done.
     pub payload: Option<Bytes>,
     /// The result stored by [`JobStore::complete`].

@@ -437,12 +437,31 @@ impl<S: JobStore> JobQueue<S> {
     }
 
     /// What the store knows of job `id`; `None` if it never was, or its retention passed.
+    ///
+    /// Job ids are guessable: behind a public endpoint use [`status_for`](Self::status_for).
     pub async fn status(&self, id: JobId) -> Result<Option<JobStatus>, BackendError> {
         let Some(partition) = self.inner.partitions.get(usize::from(id.partition)) else {
             return Ok(None);
         };
         let record = self.inner.store.status(partition, id.number).await?;
         Ok(record.map(status_of))
+    }
+
+    /// What the store knows of job `id` if it was enqueued for `tenant`; `None` otherwise, so
+    /// a status endpoint serving this never shows one tenant another's job (ids are numbers
+    /// anyone can guess).
+    pub async fn status_for(
+        &self,
+        tenant: &str,
+        id: JobId,
+    ) -> Result<Option<JobStatus>, BackendError> {
+        let Some(partition) = self.inner.partitions.get(usize::from(id.partition)) else {
+            return Ok(None);
+        };
+        let record = self.inner.store.status(partition, id.number).await?;
+        Ok(record
+            .filter(|record| record.tenant.as_deref() == Some(tenant.as_bytes()))
+            .map(status_of))
     }
 
     /// The ids of up to `max` dead jobs, newest first within each partition.

@@ -260,6 +260,10 @@ async fn a_duplicate_enqueue_answers_the_first_id_within_its_tenant() {
         .unwrap();
     assert!(!other.duplicate);
     assert_eq!(queue.stats().await.unwrap().unfinished, 2);
+    // A tenant reads its own job's status, and no one else's.
+    assert!(queue.status_for("acme", first.id).await.unwrap().is_some());
+    assert_eq!(queue.status_for("globex", first.id).await.unwrap(), None);
+    assert_eq!(queue.status_for("", first.id).await.unwrap(), None);
 }
 
 #[tokio::test(start_paused = true)]

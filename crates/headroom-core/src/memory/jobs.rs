@@ -512,6 +512,7 @@ impl JobStore for MemoryJobStore {
                 attempt: job.attempt,
                 lane: job.lane,
                 enqueued_at_ms: job.enqueued_at_ms,
+                tenant: job.tenant.clone(),
                 payload: job.payload.clone(),
                 result: job.result.clone(),
                 error: job.error.clone(),

@@ -128,6 +128,7 @@ pub async fn jobs_round_trip_through_their_states<S: JobStore>(store: &S, ns: Na
         .expect("kept");
     assert_eq!(running.state, JobState::Running);
     assert_eq!(running.attempt, 1);
+    assert_eq!(running.tenant.as_deref(), Some(&b"acme"[..]));
 
     let done = store
         .complete(&p, number, 1, Bytes::from_static(b"ok"), LONG)
