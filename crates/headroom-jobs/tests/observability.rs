@@ -122,12 +122,15 @@ fn outcomes_depth_and_oldest_age_are_metrics() {
 /// A span seen: its name and fields (as first given, then as recorded).
 type Span = (&'static str, BTreeMap<String, String>);
 
+/// An event seen: its message, the span it was in, and its other fields.
+type Seen = (String, Option<u64>, BTreeMap<String, String>);
+
 #[derive(Clone, Default)]
 struct Spans {
     spans: Arc<Mutex<Vec<Span>>>,
     entered: Arc<Mutex<Vec<u64>>>,
     /// Each event's message and the span it was in.
-    events: Arc<Mutex<Vec<(String, Option<u64>, BTreeMap<String, String>)>>>,
+    events: Arc<Mutex<Vec<Seen>>>,
 }
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);

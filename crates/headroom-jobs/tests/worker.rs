@@ -87,7 +87,7 @@ async fn ten_thousand_jobs_across_four_workers_each_take_effect_once() {
     for worker in workers {
         reports.push(worker.shutdown(Duration::from_secs(10)).await);
     }
-    let effects = effects.lock().unwrap();
+    let effects = effects.lock().unwrap().clone();
     assert!((0..10_000).all(|order| effects.get(&order) == Some(&1)));
     assert_eq!(runs.load(Ordering::Relaxed), 10_000);
     assert_eq!(reports.iter().map(|r| r.done).sum::<u64>(), 10_000);
@@ -289,7 +289,7 @@ async fn failed_attempts_back_off_exponentially_and_the_last_one_makes_the_job_d
     assert_eq!(status.attempt, 4);
     assert_eq!(status.error.as_deref(), Some("down on attempt 4"));
     assert_eq!(queue.dead_letters(10).await.unwrap(), [id]);
-    let attempts = attempts.lock().unwrap();
+    let attempts = attempts.lock().unwrap().clone();
     let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(gaps.len(), 3);
     // Each wait is its exponential value (1 s, 2 s, 4 s) less up to half of it in jitter, plus
@@ -387,7 +387,7 @@ async fn delayed_and_scheduled_jobs_wait_for_their_time() {
         JobState::Queued
     );
     wait_for_state(&queue, scheduled.id, JobState::Done).await;
-    let ran = ran.lock().unwrap();
+    let ran = ran.lock().unwrap().clone();
     let after = |name: &str| ran[name] - start;
     assert!(after("now") < Duration::from_millis(150));
     assert!(
