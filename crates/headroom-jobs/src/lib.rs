@@ -74,6 +74,7 @@ mod id;
 mod metrics;
 mod queue;
 mod worker;
+mod write_behind;
 
 pub use config::{InvalidConfig, QueueConfig, WorkerConfig};
 pub use error::{EnqueueError, JobError};
@@ -81,3 +82,6 @@ pub use headroom_core::jobs::JobState;
 pub use id::{InvalidJobId, JobId};
 pub use queue::{Enqueue, Job, JobQueue, JobQueueBuilder, JobStatus, QueueStats};
 pub use worker::{JobContext, Worker, WorkerBuilder, WorkerReport};
+pub use write_behind::{
+    FlushReport, Flusher, Write, WriteBehind, WriteBehindBuilder, WriteBehindConfig, Writer,
+};

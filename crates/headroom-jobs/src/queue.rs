@@ -20,6 +20,7 @@ pub struct Job {
     run_at: RunAt,
     tenant: Option<String>,
     idempotency_key: Option<String>,
+    route: Option<Bytes>,
     origin: Option<String>,
 }
 
@@ -39,6 +40,7 @@ impl Job {
             run_at: RunAt::Now,
             tenant: None,
             idempotency_key: None,
+            route: None,
             origin: None,
         }
     }
@@ -71,6 +73,14 @@ impl Job {
     /// first job's id. Keys are kept per tenant.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Jobs with one route key go to one partition, so they are delivered in the order they
+    /// became ready relative to each other (an entity's id, say). Without one, a job goes by
+    /// its tenant, then its idempotency key, and otherwise round the partitions.
+    pub fn route(mut self, key: impl Into<Bytes>) -> Self {
+        self.route = Some(key.into());
         self
     }
 
@@ -292,8 +302,9 @@ impl<S: JobStore> JobQueue<S> {
     ///
     /// The bound is checked and the job added in one atomic step of the store (one round trip
     /// on Redis). A full queue answers [`EnqueueError::Full`] with a retry-after; nothing is
-    /// added. A job's tenant (or, without one, its idempotency key) picks its partition, so a
-    /// tenant's bound and a key's deduplication are exact; other jobs go round the partitions.
+    /// added. A job's tenant, else its [route](Job::route), else its idempotency key picks its
+    /// partition, so a tenant's bound and a key's deduplication are exact; other jobs go round
+    /// the partitions.
     pub async fn enqueue(&self, job: Job) -> Result<Enqueue, EnqueueError> {
         let inner = &*self.inner;
         let config = &inner.config;
@@ -428,10 +439,11 @@ impl<S: JobStore> JobQueue<S> {
         if n == 1 {
             return 0;
         }
-        let chosen = match (&job.tenant, &job.idempotency_key) {
-            (Some(tenant), _) => hash(tenant.as_bytes()),
-            (None, Some(key)) => hash(key.as_bytes()),
-            (None, None) => self.inner.next_partition.fetch_add(1, Ordering::Relaxed) as u64,
+        let chosen = match (&job.tenant, &job.route, &job.idempotency_key) {
+            (Some(tenant), _, _) => hash(tenant.as_bytes()),
+            (None, Some(route), _) => hash(route),
+            (None, None, Some(key)) => hash(key.as_bytes()),
+            (None, None, None) => self.inner.next_partition.fetch_add(1, Ordering::Relaxed) as u64,
         };
         (chosen % n as u64) as usize
     }

@@ -1,0 +1,638 @@
+//! Write-behind: writes acknowledged once durable in the job store, coalesced per key and
+//! handed to a writer (a database) in batches, retried until it takes them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use headroom_core::jobs::{Delivery, FetchRequest, JobStore};
+use headroom_core::metrics::{Counter, Gauge};
+use headroom_core::{BackendError, Clock, Namespace};
+use tokio::sync::watch;
+
+use crate::config::InvalidConfig;
+use crate::queue::JobQueue;
+use crate::{EnqueueError, Job, JobError, QueueConfig};
+
+/// One write handed to the [`Writer`]: the latest of the writes to its key in the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Write {
+    /// The key written.
+    pub key: Bytes,
+    /// The write's version: greater for a later write of the key (by this process's order,
+    /// and across processes by their clocks, in microseconds). Apply a write only over an
+    /// older version (`UPDATE .. WHERE version < $1`), since a batch retried after a failure
+    /// can reach the writer after a later one written by another instance.
+    pub version: u64,
+    /// The value, or `None` for a delete.
+    pub value: Option<Bytes>,
+}
+
+/// Where write-behind writes go: a database, another service.
+///
+/// `write` is called with the coalesced writes of one batch, each key once. An `Err` (or a
+/// panic) keeps the whole batch and calls again after a backoff, in the same order, until it
+/// succeeds; later writes of the same keys wait behind it.
+pub trait Writer: Send + Sync + 'static {
+    /// Writes `batch`.
+    fn write(&self, batch: Vec<Write>) -> impl Future<Output = Result<(), JobError>> + Send;
+}
+
+impl<F, Fut> Writer for F
+where
+    F: Fn(Vec<Write>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), JobError>> + Send,
+{
+    fn write(&self, batch: Vec<Write>) -> impl Future<Output = Result<(), JobError>> + Send {
+        self(batch)
+    }
+}
+
+/// Write-behind settings.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
+#[non_exhaustive]
+pub struct WriteBehindConfig {
+    /// How often pending writes are handed to the writer (default 1 s): writes of one key
+    /// within one interval reach the writer once.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub flush_interval: Duration,
+    /// The most writes (after coalescing) per writer call, and per fetch from the store
+    /// (default 1,000).
+    pub batch: usize,
+    /// How long a batch may go unanswered before another instance takes it over (default
+    /// 60 s); a live flusher extends it while its writer runs.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub visibility: Duration,
+    /// The first wait after a failed writer call (default 100 ms), doubling after each.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub retry_initial: Duration,
+    /// The longest wait between writer calls for one batch (default 30 s).
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
+    pub retry_max: Duration,
+}
+
+impl Default for WriteBehindConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(1),
+            batch: 1_000,
+            visibility: Duration::from_secs(60),
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WriteBehindConfig {
+    /// Checks every setting.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.flush_interval < Duration::from_millis(1) {
+            return Err(InvalidConfig::new(
+                "flush_interval",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.batch == 0 {
+            return Err(InvalidConfig::new("batch", "must be at least 1"));
+        }
+        if self.visibility < Duration::from_millis(30) {
+            return Err(InvalidConfig::new("visibility", "must be at least 30 ms"));
+        }
+        if self.retry_initial < Duration::from_millis(1) || self.retry_max < self.retry_initial {
+            return Err(InvalidConfig::new(
+                "retry_initial",
+                "must be at least 1 ms and at most retry_max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Durable write-behind on a [`JobStore`]: [`put`](Self::put) and [`delete`](Self::delete)
+/// answer once the write is in the store; a [`Flusher`] hands the writes to a [`Writer`].
+///
+/// Each write is a job routed by its key, so one key's writes stay in one partition, in
+/// order. The queue's bound is the backlog of unwritten writes: past it, writes are refused
+/// with [`EnqueueError::Full`] (backpressure on the writing path) rather than buffered without
+/// end. With the Redis store, a crashed instance loses no acknowledged write: another
+/// instance's flusher takes over its batch after the visibility timeout and writes it.
+pub struct WriteBehind<S> {
+    queue: JobQueue<S>,
+    config: WriteBehindConfig,
+    last_version: AtomicU64,
+    clock: Clock,
+}
+
+impl<S> std::fmt::Debug for WriteBehind<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBehind")
+            .field("queue", &self.queue.inner.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`WriteBehind`].
+#[derive(Debug)]
+#[must_use]
+pub struct WriteBehindBuilder<S> {
+    name: String,
+    store: S,
+    queue: QueueConfig,
+    config: WriteBehindConfig,
+    namespace: Option<Namespace>,
+    clock: Clock,
+}
+
+impl<S: JobStore> WriteBehindBuilder<S> {
+    /// The settings of the queue holding unwritten writes (default: 100,000 writes, one
+    /// partition; results kept one minute).
+    pub fn queue(mut self, config: QueueConfig) -> Self {
+        self.queue = config;
+        self
+    }
+
+    /// The flush settings.
+    pub fn config(mut self, config: WriteBehindConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`WriteBehindConfig::flush_interval`].
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.config.flush_interval = interval;
+        self
+    }
+
+    /// The namespace of the queue's keys (default `headroom.jobs`).
+    pub fn namespace(mut self, namespace: Namespace) -> Self {
+        self.namespace = Some(namespace);
+        self
+    }
+
+    /// The clock for versions and the lag (default: the system clock).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds it, or names the setting that cannot work.
+    pub fn build(self) -> Result<WriteBehind<S>, InvalidConfig> {
+        self.config.validate()?;
+        let mut queue = JobQueue::builder(self.name, self.store)
+            .config(self.queue)
+            .clock(self.clock.clone());
+        if let Some(namespace) = self.namespace {
+            queue = queue.namespace(namespace);
+        }
+        Ok(WriteBehind {
+            queue: queue.build()?,
+            config: self.config,
+            last_version: AtomicU64::new(0),
+            clock: self.clock,
+        })
+    }
+}
+
+fn encode(version: u64, key: &[u8], value: Option<&[u8]>) -> Bytes {
+    let mut out = BytesMut::with_capacity(13 + key.len() + value.map_or(0, <[u8]>::len));
+    out.put_u64(version);
+    out.put_u8(u8::from(value.is_some()));
+    out.put_u32(key.len() as u32);
+    out.put_slice(key);
+    if let Some(value) = value {
+        out.put_slice(value);
+    }
+    out.freeze()
+}
+
+fn decode(mut bytes: Bytes) -> Option<Write> {
+    if bytes.len() < 13 {
+        return None;
+    }
+    let version = bytes.get_u64();
+    let has_value = match bytes.get_u8() {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let len = bytes.get_u32() as usize;
+    if bytes.len() < len || (!has_value && bytes.len() != len) {
+        return None;
+    }
+    let key = bytes.split_to(len);
+    Some(Write {
+        key,
+        version,
+        value: has_value.then_some(bytes),
+    })
+}
+
+impl<S: JobStore> WriteBehind<S> {
+    /// A builder for the write-behind `name` on `store`.
+    pub fn builder(name: impl Into<String>, store: S) -> WriteBehindBuilder<S> {
+        WriteBehindBuilder {
+            name: name.into(),
+            store,
+            queue: QueueConfig {
+                max_len: 100_000,
+                result_retention: Duration::from_secs(60),
+                ..QueueConfig::default()
+            },
+            config: WriteBehindConfig::default(),
+            namespace: None,
+            clock: Clock::system(),
+        }
+    }
+
+    /// The queue holding the unwritten writes.
+    pub fn queue(&self) -> &JobQueue<S> {
+        &self.queue
+    }
+
+    /// Records that `key` now holds `value`; answers the write's version once the write is
+    /// durable in the store.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, EnqueueError> {
+        let value = value.into();
+        self.record(key.into(), Some(&value)).await
+    }
+
+    /// Records that `key` was deleted; answers the write's version once durable.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<u64, EnqueueError> {
+        self.record(key.into(), None).await
+    }
+
+    async fn record(&self, key: Bytes, value: Option<&[u8]>) -> Result<u64, EnqueueError> {
+        let micros = u64::try_from(self.clock.unix_time().as_micros()).unwrap_or(u64::MAX);
+        let version = self
+            .last_version
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some(micros.max(last + 1))
+            })
+            .map_or(micros, |last| micros.max(last + 1));
+        let payload = encode(version, &key, value);
+        self.queue.enqueue(Job::new(payload).route(key)).await?;
+        Ok(version)
+    }
+
+    /// Starts handing the writes to `writer`, on the current tokio runtime. Run one flusher
+    /// per instance: together they drain every partition.
+    pub fn start<W: Writer>(&self, writer: W) -> Flusher {
+        let (phase, watch_phase) = watch::channel(Phase::Running);
+        let name = self.queue.inner.name.clone();
+        let shared = Arc::new(FlushShared {
+            queue: self.queue.clone(),
+            config: self.config.clone(),
+            writer,
+            consumer: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
+            metrics: FlushMetrics::new(&name),
+        });
+        let task = tokio::spawn(flush_loop(shared, watch_phase));
+        Flusher { phase, task }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining,
+    Abort,
+}
+
+/// What a flusher handed to its writer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Writer calls that succeeded.
+    pub calls: u64,
+    /// Writes handed over in them, after coalescing.
+    pub writes: u64,
+    /// Writes recorded and superseded by a later write of their key in the same batch.
+    pub coalesced: u64,
+    /// Writer calls that failed (and were made again).
+    pub failures: u64,
+}
+
+/// A running flusher. Dropping it stops it after the batch in hand; [`shutdown`](Self::shutdown)
+/// first flushes every pending write it can reach.
+#[derive(Debug)]
+pub struct Flusher {
+    phase: watch::Sender<Phase>,
+    task: tokio::task::JoinHandle<FlushReport>,
+}
+
+impl Flusher {
+    /// Flushes now: hands every pending write that is ready to the writer, then stops. Waits
+    /// up to `grace`; a batch whose writer has not answered by then is handed back to the
+    /// store for another instance.
+    pub async fn shutdown(self, grace: Duration) -> FlushReport {
+        self.phase.send_replace(Phase::Draining);
+        let mut task = self.task;
+        let joined = match tokio::time::timeout(grace, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                self.phase.send_replace(Phase::Abort);
+                task.await
+            }
+        };
+        joined.unwrap_or_default()
+    }
+}
+
+struct FlushShared<S, W> {
+    queue: JobQueue<S>,
+    config: WriteBehindConfig,
+    writer: W,
+    consumer: String,
+    metrics: FlushMetrics,
+}
+
+struct FlushMetrics {
+    calls: Counter,
+    writes: Counter,
+    coalesced: Counter,
+    failures: Counter,
+    lag: Gauge,
+}
+
+impl FlushMetrics {
+    fn new(name: &str) -> Self {
+        Self {
+            calls: headroom_core::counter!("headroom_jobs_write_behind_calls_total", "queue" => name.to_owned()),
+            writes: headroom_core::counter!("headroom_jobs_write_behind_writes_total", "queue" => name.to_owned()),
+            coalesced: headroom_core::counter!("headroom_jobs_write_behind_coalesced_total", "queue" => name.to_owned()),
+            failures: headroom_core::counter!("headroom_jobs_write_behind_failures_total", "queue" => name.to_owned()),
+            lag: headroom_core::gauge!("headroom_jobs_write_behind_lag_seconds", "queue" => name.to_owned()),
+        }
+    }
+}
+
+fn phase_is(phase: &watch::Receiver<Phase>, wanted: Phase) -> bool {
+    *phase.borrow() == wanted
+}
+
+async fn flush_loop<S: JobStore, W: Writer>(
+    shared: Arc<FlushShared<S, W>>,
+    mut phase: watch::Receiver<Phase>,
+) -> FlushReport {
+    let mut report = FlushReport::default();
+    let partitions = shared.queue.inner.partitions.len();
+    loop {
+        let draining = !phase_is(&phase, Phase::Running);
+        for p in 0..partitions {
+            if let Err(error) = drain_partition(&shared, p, &mut phase, &mut report).await {
+                shared.queue.inner.metrics.store_errors.increment(1);
+                tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
+            }
+            if phase_is(&phase, Phase::Abort) {
+                break;
+            }
+        }
+        publish_lag(&shared).await;
+        if draining || phase_is(&phase, Phase::Abort) {
+            return report;
+        }
+        let stop = async {
+            while phase.changed().await.is_ok() {
+                if *phase.borrow() != Phase::Running {
+                    return;
+                }
+            }
+            // The flusher was dropped: stop after this pass.
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = stop => {}
+            () = tokio::time::sleep(shared.config.flush_interval) => {}
+        }
+        if phase.has_changed().is_err() {
+            return report;
+        }
+    }
+}
+
+/// The lag: how long the oldest write not yet written has waited, by the queue's counts.
+async fn publish_lag<S: JobStore, W>(shared: &FlushShared<S, W>) {
+    if let Ok(stats) = shared.queue.publish_stats().await {
+        let lag = stats.oldest_ready_age.unwrap_or_default();
+        shared.metrics.lag.set(lag.as_secs_f64());
+    }
+}
+
+/// Takes every write ready in partition `p`, coalesces them per key (the highest version
+/// wins), and hands them to the writer in chunks of `batch` keys, in order, each until the
+/// writer takes it.
+async fn drain_partition<S: JobStore, W: Writer>(
+    shared: &FlushShared<S, W>,
+    p: usize,
+    phase: &mut watch::Receiver<Phase>,
+    report: &mut FlushReport,
+) -> Result<(), BackendError> {
+    let queue = &shared.queue.inner;
+    let key = &queue.partitions[p];
+    let config = &shared.config;
+    let mut deliveries = Vec::new();
+    loop {
+        let fetched = queue
+            .store
+            .fetch(
+                key,
+                FetchRequest {
+                    consumer: &shared.consumer,
+                    lanes: &[0],
+                    max: config.batch,
+                    visibility: config.visibility,
+                },
+            )
+            .await?;
+        let more = fetched.len() >= config.batch;
+        deliveries.extend(fetched);
+        // The queue's bound keeps a pass bounded.
+        if !more || phase_is(phase, Phase::Abort) {
+            break;
+        }
+    }
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let mut latest: HashMap<Bytes, (u64, u64, usize)> = HashMap::new();
+    let mut writes: Vec<Write> = Vec::new();
+    let mut corrupt = Vec::new();
+    for delivery in &deliveries {
+        let Some(write) = crate::envelope::open(&delivery.payload).and_then(|(_, p)| decode(p))
+        else {
+            corrupt.push(delivery);
+            continue;
+        };
+        let rank = (write.version, delivery.number);
+        match latest.get_mut(&write.key) {
+            Some((version, number, index)) => {
+                if rank > (*version, *number) {
+                    (*version, *number) = rank;
+                    writes[*index] = write;
+                }
+            }
+            None => {
+                latest.insert(write.key.clone(), (rank.0, rank.1, writes.len()));
+                writes.push(write);
+            }
+        }
+    }
+    for delivery in corrupt {
+        let error = Bytes::from_static(
+            b"the stored write is not a write-behind record (corrupt or foreign bytes)",
+        );
+        tracing::warn!(queue = %queue.name, job.number = delivery.number, "a corrupt write is dead");
+        let _ = queue
+            .store
+            .bury(
+                key,
+                delivery.number,
+                delivery.attempt,
+                error,
+                queue.config.dead_retention,
+            )
+            .await;
+    }
+    let handed = writes.len() as u64;
+    let coalesced = (deliveries.len() - writes.len()) as u64;
+    let written = writes.is_empty()
+        || tokio::select! {
+            () = write_chunks(shared, writes, report) => true,
+            () = extend_all(&queue.store, key, &deliveries, config.visibility / 3) => false,
+            () = async {
+                while !phase_is(phase, Phase::Abort) {
+                    if phase.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            } => false,
+        };
+    if written {
+        report.writes += handed;
+        report.coalesced += coalesced;
+        shared.metrics.writes.increment(handed);
+        shared.metrics.coalesced.increment(coalesced);
+        for delivery in &deliveries {
+            let _ = queue
+                .store
+                .complete(
+                    key,
+                    delivery.number,
+                    delivery.attempt,
+                    Bytes::new(),
+                    queue.config.result_retention,
+                )
+                .await;
+        }
+    } else {
+        // Shut down, or taken over: hand back what is still ours, for the next flusher. A
+        // write whose chunk was written is written again: versions make that harmless.
+        for delivery in &deliveries {
+            let _ = queue
+                .store
+                .retry(
+                    key,
+                    delivery.number,
+                    delivery.attempt,
+                    Duration::ZERO,
+                    Bytes::from_static(b"handed back"),
+                )
+                .await;
+        }
+    }
+    Ok(())
+}
+
+/// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken.
+async fn write_chunks<S, W: Writer>(
+    shared: &FlushShared<S, W>,
+    writes: Vec<Write>,
+    report: &mut FlushReport,
+) {
+    for chunk in writes.chunks(shared.config.batch) {
+        write_until_taken(shared, chunk.to_vec(), report).await;
+        report.calls += 1;
+        shared.metrics.calls.increment(1);
+    }
+}
+
+/// Calls the writer until it takes `writes`, backing off between calls.
+async fn write_until_taken<S, W: Writer>(
+    shared: &FlushShared<S, W>,
+    writes: Vec<Write>,
+    report: &mut FlushReport,
+) {
+    use futures_util::FutureExt;
+    let mut pause = shared.config.retry_initial;
+    loop {
+        let call = std::panic::AssertUnwindSafe(shared.writer.write(writes.clone())).catch_unwind();
+        let error = match call.await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.message().to_owned(),
+            Err(_) => "the writer panicked".to_owned(),
+        };
+        report.failures += 1;
+        shared.metrics.failures.increment(1);
+        tracing::warn!(queue = %shared.queue.inner.name, error, retry_in = ?pause, "the writer failed; the batch waits");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(shared.config.retry_max);
+    }
+}
+
+/// Extends every delivery of the batch every `every`; returns when one was taken over.
+async fn extend_all<S: JobStore>(
+    store: &S,
+    key: &headroom_core::Key,
+    deliveries: &[Delivery],
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        for delivery in deliveries {
+            if let Ok(headroom_core::lease::Fenced::Rejected) =
+                store.extend(key, delivery.number, delivery.attempt).await
+            {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_round_trip_and_foreign_bytes_do_not_decode() {
+        for (key, value) in [
+            (&b"k"[..], Some(&b"v"[..])),
+            (b"user:7", None),
+            (b"", Some(b"")),
+        ] {
+            let write = decode(encode(42, key, value)).expect("a write");
+            assert_eq!(
+                (&write.key[..], write.version, write.value.as_deref()),
+                (key, 42, value)
+            );
+        }
+        for bytes in [
+            &b""[..],
+            &[0; 12],
+            &[0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0],
+            &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 9, 1],
+        ] {
+            assert_eq!(decode(Bytes::copy_from_slice(bytes)), None, "{bytes:?}");
+        }
+    }
+}

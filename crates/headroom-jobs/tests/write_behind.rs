@@ -1,0 +1,198 @@
+//! Write-behind on the memory job store, on paused time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::memory::MemoryJobStore;
+use headroom_jobs::{EnqueueError, JobError, QueueConfig, Write, WriteBehind};
+
+/// Rows by key: the version written last and the value (`None` once deleted).
+type Rows = HashMap<Bytes, (u64, Option<Bytes>)>;
+
+/// A database that applies a write only over an older version, and counts its calls.
+#[derive(Clone, Default)]
+struct Database {
+    rows: Arc<Mutex<Rows>>,
+    calls: Arc<AtomicU64>,
+    writes: Arc<AtomicU64>,
+}
+
+impl Database {
+    fn apply(&self, batch: Vec<Write>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut rows = self.rows.lock().unwrap();
+        let mut keys = std::collections::HashSet::new();
+        for write in batch {
+            assert!(keys.insert(write.key.clone()), "a key twice in one batch");
+            let row = rows.entry(write.key).or_insert((0, None));
+            if row.0 < write.version {
+                *row = (write.version, write.value);
+            }
+        }
+    }
+
+    fn value(&self, key: &str) -> Option<Bytes> {
+        self.rows
+            .lock()
+            .unwrap()
+            .get(key.as_bytes())
+            .and_then(|(_, v)| v.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_thousand_writes_on_a_thousand_keys_coalesce_per_flush_window() {
+    let writes = WriteBehind::builder("profiles", MemoryJobStore::new())
+        .flush_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    let start = tokio::time::Instant::now();
+    let mut last = HashMap::new();
+    let mut previous_version = 0;
+    for round in 0..100u64 {
+        for i in 0..1_000u64 {
+            let key = format!("user:{}", (i * 7 + round) % 1_000);
+            let value = format!("{round}-{i}");
+            let version = writes.put(key.clone(), value.clone()).await.unwrap();
+            assert!(version > previous_version);
+            previous_version = version;
+            last.insert(key, value);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = flusher.shutdown(Duration::from_secs(30)).await;
+    let windows = (start.elapsed().as_secs_f64() / 1.0).ceil() as u64 + 1;
+    let (calls, handed) = (
+        database.calls.load(Ordering::Relaxed),
+        database.writes.load(Ordering::Relaxed),
+    );
+    assert!(
+        calls <= 1_000 * windows,
+        "{calls} writer calls in {windows} windows"
+    );
+    assert!(
+        handed <= 1_000 * windows,
+        "{handed} writes handed over for 1,000 keys in {windows} windows"
+    );
+    assert_eq!(report.coalesced + report.writes, 100_000);
+    assert_eq!((report.calls, report.writes), (calls, handed));
+    for (key, value) in &last {
+        assert_eq!(
+            database.value(key).as_deref(),
+            Some(value.as_bytes()),
+            "{key}"
+        );
+    }
+    assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_writer_failing_for_thirty_seconds_then_recovering_loses_nothing() {
+    let writes = WriteBehind::builder("orders", MemoryJobStore::new())
+        .flush_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let start = tokio::time::Instant::now();
+    let failures = Arc::new(AtomicU64::new(0));
+    let failed = failures.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let (db, failed) = (db.clone(), failed.clone());
+        async move {
+            if start.elapsed() < Duration::from_secs(30) {
+                failed.fetch_add(1, Ordering::Relaxed);
+                return Err(JobError::retry("database unreachable"));
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    let mut last = HashMap::new();
+    for second in 0..40u64 {
+        for i in 0..50u64 {
+            let key = format!("order:{i}");
+            let value = format!("{second}");
+            if second % 3 == 2 && i % 5 == 0 {
+                writes.delete(key.clone()).await.unwrap();
+                last.insert(key, None);
+            } else {
+                writes.put(key.clone(), value.clone()).await.unwrap();
+                last.insert(key, Some(value));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let report = flusher.shutdown(Duration::from_secs(60)).await;
+    assert!(
+        failures.load(Ordering::Relaxed) >= 5,
+        "the writer never failed"
+    );
+    assert_eq!(report.failures, failures.load(Ordering::Relaxed));
+    for (key, value) in &last {
+        assert_eq!(
+            database.value(key).as_deref(),
+            value.as_deref().map(str::as_bytes),
+            "{key}"
+        );
+    }
+    let stats = writes.queue().stats().await.unwrap();
+    assert_eq!((stats.unfinished, stats.dead), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_flushes_every_pending_write() {
+    let writes = WriteBehind::builder("carts", MemoryJobStore::new())
+        .flush_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..10 {
+        writes.put(format!("cart:{i}"), "full").await.unwrap();
+    }
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.writes, 10);
+    assert!((0..10).all(|i| database.value(&format!("cart:{i}")).is_some()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_backlog_refuses_writes_instead_of_buffering_without_end() {
+    let writes = WriteBehind::builder("bounded", MemoryJobStore::new())
+        .queue({
+            let mut config = QueueConfig::default();
+            config.max_len = 10;
+            config
+        })
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        writes.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let refused = writes.put("k10", "v").await.unwrap_err();
+    assert!(
+        matches!(refused, EnqueueError::Full { depth: 10, .. }),
+        "{refused:?}"
+    );
+}
