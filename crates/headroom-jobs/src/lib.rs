@@ -67,6 +67,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "cache")]
+mod cache;
 mod config;
 mod envelope;
 mod error;
@@ -76,6 +78,9 @@ mod queue;
 mod worker;
 mod write_behind;
 
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub use cache::{CacheWriteError, WriteBehindCache};
 pub use config::{InvalidConfig, QueueConfig, WorkerConfig};
 pub use error::{EnqueueError, JobError};
 pub use headroom_core::jobs::JobState;
