@@ -15,6 +15,9 @@ struct Profile {
     visits: u64,
 }
 
+/// What the writer was handed: each key and its value (`None` for a delete).
+type Written = Arc<Mutex<Vec<(String, Option<Profile>)>>>;
+
 fn cache() -> Cache<String, Profile> {
     Cache::builder()
         .ttl(Duration::from_secs(600))
@@ -30,7 +33,7 @@ async fn inserts_are_read_at_once_and_reach_the_writer_coalesced() {
         .build()
         .unwrap();
     let profiles = WriteBehindCache::new(cache(), writes);
-    let written: Arc<Mutex<Vec<(String, Option<Profile>)>>> = Arc::default();
+    let written: Written = Arc::default();
     let seen = written.clone();
     let flusher = profiles.writes().start(move |batch: Vec<Write>| {
         let seen = seen.clone();
