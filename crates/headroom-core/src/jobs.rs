@@ -128,8 +128,9 @@ pub struct FetchRequest<'a> {
 }
 
 /// A job handed to a worker by [`JobStore::fetch`].
+///
+/// Not `#[non_exhaustive]`: every store outside this crate builds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Delivery {
     /// The job's number.
     pub number: JobNumber,
@@ -185,8 +186,9 @@ impl fmt::Display for JobState {
 }
 
 /// What [`JobStore::status`] knows of a job.
+///
+/// Not `#[non_exhaustive]`: every store outside this crate builds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct JobRecord {
     /// Its state.
     pub state: JobState,

@@ -15,6 +15,8 @@
 //!   rate limits (GCRA in one Lua script over the cells of one limit key, one slot, server time).
 //! - [`RedisMigrationStore`]: the [`MigrationStore`](headroom_core::migration::MigrationStore)
 //!   behind resharding shared by several processes (one hash per migration, server time).
+//! - [`RedisJobStore`]: the [`JobStore`](headroom_core::jobs::JobStore) behind durable job
+//!   queues (a Redis Stream per priority lane with a consumer group, one Lua script per step).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), headroom_core::BackendError> {
@@ -43,6 +45,7 @@ mod bus;
 mod config;
 mod connection;
 mod error;
+mod jobs;
 mod kv;
 mod lease;
 mod migration;
@@ -52,6 +55,7 @@ mod tracking;
 pub use bus::RedisBus;
 pub use config::{RedisConfig, RedisMode};
 pub use connection::Redis;
+pub use jobs::RedisJobStore;
 pub use kv::RedisKvStore;
 pub use lease::RedisLeaseStore;
 pub use migration::RedisMigrationStore;

@@ -1,0 +1,1026 @@
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::jobs::{
+    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobState,
+    JobStore, MAX_LANES, NewJob, PartitionStats,
+};
+use headroom_core::lease::Fenced;
+use headroom_core::slot::hash_tag;
+use headroom_core::{BackendError, BackendErrorKind, Key};
+use redis::{Script, Value};
+
+use crate::Redis;
+
+/// The most dead letters listed per partition; older ones stay readable by `status` until
+/// their retention passes.
+const MAX_DEAD_LETTERS: usize = 10_000;
+
+/// The most delayed jobs a fetch makes ready (the rest wait for the next fetch).
+const MAX_DUE_PER_FETCH: u32 = 1_000;
+
+/// The longest duration given to the server, in ms (about 35,000 years): longer ones are
+/// clamped to it, so deadlines stay exact in Lua's doubles and valid for `PEXPIRE`.
+const MAX_MS: u64 = 1 << 50;
+
+// Every script runs on one partition `P` (KEYS[1]) and derives its keys from it, so they share
+// its hash tag and slot:
+//
+// - `P:seq`: the last job number (INCR).
+// - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
+//   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload (until
+//   done), `t` tenant (if any), `res` result, `err` error, and while running `sid` (the stream
+//   entry of the current delivery) and `c` (its consumer). Unfinished records never expire;
+//   finished ones expire after their retention.
+// - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
+//   number, and lives from the moment the job is ready until its delivery is acknowledged
+//   (complete, retry or bury: XACK and XDEL together). So every entry is either undelivered
+//   (ready) or pending (running).
+// - `P:d`: sorted set of delayed and retrying job numbers by due time (ms).
+// - `P:dd:<dedup key>`: the number first enqueued with the key, expiring after the window.
+// - `P:n`: unfinished jobs; `P:t`: hash of unfinished jobs per tenant.
+// - `P:dead`: sorted set of dead job numbers by burial order (`P:dseq`), bounded; `P:dx`: the
+//   same numbers by the end of their retention, to drop them once their record expired.
+// - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
+//   the bucket before; it expires after two windows without a finished job.
+
+/// Helpers shared by every script; `W` (the drain window in ms), `MAX_DEAD`, `MAX_DUE` and
+/// `MAX_LANE` are defined before them.
+const PRELUDE: &str = r"
+local P = KEYS[1]
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local function num(n)
+  return string.format('%.0f', n)
+end
+local function record(n)
+  return P .. ':j:' .. n
+end
+local function stream(lane)
+  return P .. ':s:' .. lane
+end
+-- A whole number the store wrote (at most 15 digits, exact in a double), or nil.
+local function int(v)
+  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
+    return tonumber(v)
+  end
+  return nil
+end
+local function lane_stream(lane)
+  local s = stream(lane)
+  if redis.call('EXISTS', s) == 0 then
+    redis.call('XGROUP', 'CREATE', s, 'w', '0', 'MKSTREAM')
+  end
+  return s
+end
+-- The drain buckets rolled to now: bucket index, finished in it, finished in the one before.
+local function drain()
+  local s = redis.call('HMGET', P .. ':stats', 'b', 'c', 'p')
+  local bucket = math.floor(now / W)
+  local b, c, p = int(s[1]), int(s[2]) or 0, int(s[3]) or 0
+  if b ~= bucket then
+    if b == bucket - 1 then
+      p = c
+    else
+      p = 0
+    end
+    c = 0
+  end
+  return bucket, c, p
+end
+local function drained_per_sec()
+  local _, c, p = drain()
+  local into = (now % W) / W
+  return string.format('%.17g', (p * (1 - into) + c) / (W / 1000))
+end
+local function finished(tenant)
+  redis.call('INCRBY', P .. ':n', -1)
+  if tenant then
+    if redis.call('HINCRBY', P .. ':t', tenant, -1) <= 0 then
+      redis.call('HDEL', P .. ':t', tenant)
+    end
+  end
+  local bucket, c, p = drain()
+  redis.call('HSET', P .. ':stats', 'b', num(bucket), 'c', num(c + 1), 'p', num(p))
+  redis.call('PEXPIRE', P .. ':stats', num(2 * W))
+end
+-- Forgets the dead letters whose record expired.
+local function prune_dead()
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', P .. ':dx', '-inf', '(' .. num(now), 'LIMIT', 0, 500)
+    if #gone == 0 then
+      return
+    end
+    redis.call('ZREM', P .. ':dead', unpack(gone))
+    redis.call('ZREM', P .. ':dx', unpack(gone))
+    if #gone < 500 then
+      return
+    end
+  end
+end
+";
+
+/// ARGV: lane, delay (ms, 0 for none), payload, tenant flag (`1`/`0`), tenant, dedup flag,
+/// dedup key, dedup window (ms), max length, max per tenant (empty for none).
+///
+/// Answers `{'a', number}`, `{'d', number}`, `{'f', tenant (1/0), depth, drained per sec}` or
+/// `{'c', what}` for a corrupt count.
+const ENQUEUE: &str = r"
+local dd
+if ARGV[6] == '1' then
+  dd = P .. ':dd:' .. ARGV[7]
+  local first = redis.call('GET', dd)
+  if first then
+    return {'d', first}
+  end
+end
+local tenant = false
+if ARGV[4] == '1' then
+  tenant = ARGV[5]
+end
+if tenant and ARGV[10] ~= '' then
+  local raw = redis.call('HGET', P .. ':t', tenant)
+  local depth = int(raw or '0')
+  if not depth then
+    return {'c', 'unfinished count of a tenant'}
+  end
+  if depth >= tonumber(ARGV[10]) then
+    return {'f', 1, depth, drained_per_sec()}
+  end
+end
+local unfinished = int(redis.call('GET', P .. ':n') or '0')
+if not unfinished then
+  return {'c', 'unfinished count'}
+end
+if unfinished >= tonumber(ARGV[9]) then
+  return {'f', 0, unfinished, drained_per_sec()}
+end
+local number = redis.call('INCR', P .. ':seq')
+local n = num(number)
+local rk = record(n)
+redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
+if tenant then
+  redis.call('HSET', rk, 't', tenant)
+  redis.call('HINCRBY', P .. ':t', tenant, 1)
+end
+redis.call('INCR', P .. ':n')
+local delay = tonumber(ARGV[2])
+if delay > 0 then
+  redis.call('ZADD', P .. ':d', num(now + delay), n)
+else
+  redis.call('XADD', lane_stream(ARGV[1]), '*', 'n', n)
+end
+if dd then
+  redis.call('SET', dd, n, 'PX', ARGV[8])
+end
+return {'a', number}
+";
+
+/// ARGV: consumer, max, visibility (ms), then the lanes to read in order.
+///
+/// Answers `{deliveries, corrupt}`: each delivery `{number, attempt, lane, payload, tenant or
+/// nil, enqueued ms, taken over (1/0)}`; `corrupt` names the jobs (or stream entries) whose
+/// record cannot be read, which were taken off their lanes. A corrupt record stops the fetch:
+/// met before any delivery, it is taken off its lane and named (and nothing is delivered);
+/// met after, it is left where it is (the next fetch meets it first), so no job is ever
+/// delivered along with an error.
+const FETCH: &str = r"
+local consumer = ARGV[1]
+local max = tonumber(ARGV[2])
+local out, corrupt = {}, {}
+local stop = false
+
+-- The delayed jobs whose time came join the end of their lanes, in due order.
+local due = redis.call('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
+if #due > 0 then
+  redis.call('ZREMRANGEBYRANK', P .. ':d', 0, #due - 1)
+  for _, n in ipairs(due) do
+    local lane = redis.call('HGET', record(n), 'l')
+    if lane and string.match(lane, '^[0-7]$') then
+      redis.call('XADD', lane_stream(lane), '*', 'n', n)
+    elseif redis.call('EXISTS', record(n)) == 1 then
+      corrupt[#corrupt + 1] = 'job ' .. n
+      stop = true
+    end
+  end
+end
+
+local function drop(s, id)
+  redis.call('XACK', s, 'w', id)
+  redis.call('XDEL', s, id)
+end
+
+-- What a stream entry's job is: 'ok' with its number, record key and fields (state,
+-- attempt, enqueued, payload, tenant) when it can be delivered; 'skip' when its record is
+-- finished or gone; 'bad' with a name when its entry or record is not what the store wrote.
+local function inspect(id, fields)
+  if fields == nil then
+    return 'skip'
+  end
+  local n = type(fields) == 'table' and fields[1] == 'n' and fields[2]
+  if not (type(n) == 'string' and string.match(n, '^%d+$')) then
+    return 'bad', 'entry ' .. id
+  end
+  local rk = record(n)
+  local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't')
+  local state = r[1]
+  if (state == 'q' or state == 'y' or state == 'r') and int(r[2]) and int(r[3]) then
+    return 'ok', n, rk, r
+  end
+  if state == 'd' or state == 'x' or redis.call('EXISTS', rk) == 0 then
+    return 'skip'
+  end
+  return 'bad', 'job ' .. n
+end
+
+local function take(lane, id, n, rk, r, taken)
+  local a = int(r[2]) + 1
+  redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
+  out[#out + 1] = {n, a, lane, r[4] or '', r[5], int(r[3]), taken}
+end
+
+-- The id just before `id`, to hand entries back to the group.
+local function before(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if seq ~= '0' then
+    return ms .. '-' .. num(tonumber(seq) - 1)
+  end
+  return num(tonumber(ms) - 1) .. '-18446744073709551615'
+end
+
+if max > 0 and not stop then
+  -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
+  local candidates = {}
+  for lane = 0, MAX_LANE do
+    local s = stream(lane)
+    if redis.call('EXISTS', s) == 1 then
+      local pending = redis.call('XPENDING', s, 'w', 'IDLE', ARGV[3], '-', '+', num(max))
+      for _, p in ipairs(pending) do
+        candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
+      end
+    end
+  end
+  table.sort(candidates, function(x, y)
+    if x[3] ~= y[3] then
+      return x[3] > y[3]
+    end
+    if x[1] ~= y[1] then
+      return x[1] < y[1]
+    end
+    return x[2] < y[2]
+  end)
+  local owners = {}
+  for i = 1, math.min(#candidates, max) do
+    local c = candidates[i]
+    local s = stream(c[1])
+    local entry = redis.call('XRANGE', s, c[2], c[2])[1]
+    local kind, n, rk, r = inspect(c[2], entry and entry[2])
+    if kind == 'bad' then
+      stop = true
+      if #out == 0 then
+        drop(s, c[2])
+        corrupt[#corrupt + 1] = n .. ' of lane ' .. c[1]
+      end
+      break
+    elseif kind == 'skip' then
+      drop(s, c[2])
+    else
+      redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
+      take(tostring(c[1]), c[2], n, rk, r, 1)
+    end
+    if c[4] ~= consumer then
+      owners[#owners + 1] = {s, c[4]}
+    end
+  end
+  -- A holder left without deliveries is most likely gone: forget it (a live one comes back
+  -- by itself on its next read).
+  for _, o in ipairs(owners) do
+    if #redis.call('XPENDING', o[1], 'w', '-', '+', 1, o[2]) == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', o[1], 'w', o[2])
+    end
+  end
+end
+
+-- Ready jobs, lane by lane in the order asked.
+for i = 4, #ARGV do
+  if stop then
+    break
+  end
+  local lane = ARGV[i]
+  local s = stream(lane)
+  if redis.call('EXISTS', s) == 1 then
+    while #out < max and not stop do
+      local r = redis.call('XREADGROUP', 'GROUP', 'w', consumer, 'COUNT', num(max - #out), 'STREAMS', s, '>')
+      if not r or not r[1] or #r[1][2] == 0 then
+        break
+      end
+      local entries = r[1][2]
+      local give_back
+      for k, entry in ipairs(entries) do
+        local kind, n, rk, rec = inspect(entry[1], entry[2])
+        if kind == 'bad' then
+          stop = true
+          if #out == 0 then
+            drop(s, entry[1])
+            corrupt[#corrupt + 1] = n .. ' of lane ' .. lane
+            give_back = k + 1
+          else
+            give_back = k
+          end
+          break
+        elseif kind == 'skip' then
+          drop(s, entry[1])
+        else
+          take(lane, entry[1], n, rk, rec, 0)
+        end
+      end
+      -- The entries read past a corrupt one go back to the group, undelivered.
+      if give_back and give_back <= #entries then
+        for k = give_back, #entries do
+          redis.call('XACK', s, 'w', entries[k][1])
+        end
+        redis.call('XGROUP', 'SETID', s, 'w', before(entries[give_back][1]))
+      end
+    end
+  end
+end
+return {out, corrupt}
+";
+
+/// ARGV: number, attempt, operation (`extend`, `complete`, `retry`, `bury`), then per
+/// operation: nothing; result and retention (ms); delay (ms) and error; error and retention.
+///
+/// Answers 1 (applied), 0 (rejected) or -1 (the record is corrupt; nothing changed).
+const STEP: &str = r"
+local n = ARGV[1]
+local rk = record(n)
+local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
+if r[1] ~= 'r' or r[2] ~= ARGV[2] then
+  return 0
+end
+local lane, sid, tenant, consumer = r[3], r[4], r[5], r[6]
+if not (lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') and consumer) then
+  return -1
+end
+local s = stream(lane)
+local op = ARGV[3]
+if op == 'extend' then
+  if #redis.call('XCLAIM', s, 'w', consumer, '0', sid, 'JUSTID') == 0 then
+    return -1
+  end
+  return 1
+end
+if op == 'complete' then
+  finished(tenant)
+  redis.call('XACK', s, 'w', sid)
+  redis.call('XDEL', s, sid)
+  redis.call('HSET', rk, 's', 'd', 'res', ARGV[4])
+  redis.call('HDEL', rk, 'p', 'sid', 'c')
+  redis.call('PEXPIRE', rk, ARGV[5])
+elseif op == 'retry' then
+  redis.call('XACK', s, 'w', sid)
+  redis.call('XDEL', s, sid)
+  redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
+  redis.call('HDEL', rk, 'sid', 'c')
+  redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
+else
+  finished(tenant)
+  redis.call('XACK', s, 'w', sid)
+  redis.call('XDEL', s, sid)
+  redis.call('HSET', rk, 's', 'x', 'err', ARGV[4])
+  redis.call('HDEL', rk, 'sid', 'c')
+  redis.call('PEXPIRE', rk, ARGV[5])
+  prune_dead()
+  redis.call('ZADD', P .. ':dead', redis.call('INCR', P .. ':dseq'), n)
+  redis.call('ZADD', P .. ':dx', num(now + tonumber(ARGV[5])), n)
+  local over = redis.call('ZCARD', P .. ':dead') - MAX_DEAD
+  if over > 0 then
+    local old = redis.call('ZRANGE', P .. ':dead', 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', P .. ':dead', 0, over - 1)
+    redis.call('ZREM', P .. ':dx', unpack(old))
+  end
+end
+return 1
+";
+
+/// ARGV: max. Answers the numbers of up to `max` dead jobs still kept, newest first.
+const DEAD_LETTERS: &str = r"
+prune_dead()
+local max = tonumber(ARGV[1])
+local out, gone = {}, {}
+local from = 0
+while #out < max do
+  local batch = redis.call('ZREVRANGE', P .. ':dead', from, from + max - 1)
+  if #batch == 0 then
+    break
+  end
+  for _, n in ipairs(batch) do
+    if #out < max then
+      if redis.call('EXISTS', record(n)) == 1 then
+        out[#out + 1] = n
+      else
+        gone[#gone + 1] = n
+      end
+    end
+  end
+  from = from + #batch
+end
+for _, n in ipairs(gone) do
+  redis.call('ZREM', P .. ':dead', n)
+  redis.call('ZREM', P .. ':dx', n)
+end
+return out
+";
+
+/// Answers `{unfinished (raw), ready, running, delayed, oldest ready ms or nil, dead}`.
+const STATS: &str = r"
+prune_dead()
+local ready, running, oldest = 0, 0, false
+for lane = 0, MAX_LANE do
+  local s = stream(lane)
+  if redis.call('EXISTS', s) == 1 then
+    local len = redis.call('XLEN', s)
+    local pending = redis.call('XPENDING', s, 'w')[1]
+    running = running + pending
+    if len > pending then
+      ready = ready + len - pending
+      local last = '0-0'
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', s)) do
+        local f = {}
+        for i = 1, #g, 2 do
+          f[g[i]] = g[i + 1]
+        end
+        if f['name'] == 'w' then
+          last = f['last-delivered-id']
+        end
+      end
+      local first = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 1)[1]
+      if first and type(first[2]) == 'table' and first[2][1] == 'n' and type(first[2][2]) == 'string' then
+        local e = int(redis.call('HGET', record(first[2][2]), 'e'))
+        if e and (not oldest or e < oldest) then
+          oldest = e
+        end
+      end
+    end
+  end
+end
+return {
+  redis.call('GET', P .. ':n'),
+  ready,
+  running,
+  redis.call('ZCARD', P .. ':d'),
+  oldest,
+  redis.call('ZCARD', P .. ':dead'),
+}
+";
+
+fn script(body: &str) -> Script {
+    Script::new(&format!(
+        "local W = {}\nlocal MAX_DEAD = {MAX_DEAD_LETTERS}\nlocal MAX_DUE = {MAX_DUE_PER_FETCH}\n\
+         local MAX_LANE = {}\n{PRELUDE}{body}",
+        DRAIN_WINDOW.as_millis(),
+        MAX_LANES - 1,
+    ))
+}
+
+static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(ENQUEUE));
+static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FETCH));
+static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STEP));
+static DEAD_LETTERS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DEAD_LETTERS));
+static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STATS));
+
+/// The Redis [`JobStore`]: each partition is a few keys sharing its hash tag (one cluster
+/// slot), with one Redis Stream per priority lane read through a consumer group, and every
+/// step is one Lua script (one round trip) on the server's clock.
+///
+/// - A job's record is a hash holding its state, attempt (the fencing token), lane, tenant,
+///   payload, result and error; the lane streams hold just job numbers. A delivery is an entry
+///   pending in the group: visibility is its idle time, so a fetch takes over the entries idle
+///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`), in every lane, not only
+///   those it reads, longest idle first; `extend` resets the idle time. Finding them scans the
+///   pending entries, so a fetch costs about the number of running jobs of the partition.
+/// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
+///   of those due to the end of their lanes.
+/// - Unfinished records never expire; done and dead ones expire after their retention. Up to
+///   10,000 dead letters are listed per partition (older ones stay readable by `status`).
+/// - On Redis Cluster every partition key must carry a `{hash tag}`; one without is refused
+///   with [`BackendErrorKind::Config`].
+/// - A record whose fields are not what the store wrote yields [`BackendErrorKind::Corrupt`].
+///   A fetch stops at one: if it delivered nothing yet, it takes the job off its lane (so it
+///   blocks nobody) and fails; otherwise it answers what it delivered and leaves the corrupt
+///   job for the next fetch. No job is ever delivered along with an error.
+#[derive(Clone, Debug)]
+pub struct RedisJobStore {
+    redis: Redis,
+}
+
+impl RedisJobStore {
+    /// A job store on `redis`.
+    pub fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    /// The partition's key, refused on a cluster when it has no hash tag (its keys would
+    /// spread over slots).
+    fn partition<'k>(&self, partition: &'k Key) -> Result<&'k [u8], BackendError> {
+        let key = partition.as_bytes();
+        if self.redis.is_cluster() && hash_tag(key).len() == key.len() {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                format!(
+                    "job partition {:?} needs a {{hash tag}} on Redis Cluster",
+                    key.escape_ascii().to_string()
+                ),
+            ));
+        }
+        Ok(key)
+    }
+
+    async fn step(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        op: &str,
+        args: &[&[u8]],
+    ) -> Result<Fenced, BackendError> {
+        let key = self.partition(partition)?;
+        let mut invocation = STEP_SCRIPT.key(key);
+        invocation
+            .arg(number.to_string())
+            .arg(attempt.to_string())
+            .arg(op);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let answer: i64 = self.redis.invoke(&invocation).await?;
+        match answer {
+            1 => Ok(Fenced::Applied),
+            0 => Ok(Fenced::Rejected),
+            -1 => Err(corrupt(format!(
+                "job {number} has a corrupt record (lane, delivery or consumer) or its delivery \
+                 is missing from its lane"
+            ))),
+            other => Err(protocol(format!("the job step answered {other}"))),
+        }
+    }
+}
+
+/// `duration` in whole ms, at least 1 ms and at most [`MAX_MS`], for a TTL.
+fn ttl_millis(duration: Duration, what: &str) -> Result<String, BackendError> {
+    if duration < Duration::from_millis(1) {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!("{what} {duration:?} must be at least 1 ms"),
+        ));
+    }
+    Ok(clamped_millis(duration).to_string())
+}
+
+/// `duration` in ms, rounded up (so a non-zero delay stays non-zero), at most [`MAX_MS`].
+fn delay_millis(duration: Duration) -> u64 {
+    let ms = clamped_millis(duration);
+    if Duration::from_millis(ms) < duration && ms < MAX_MS {
+        ms + 1
+    } else {
+        ms
+    }
+}
+
+fn clamped_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).map_or(MAX_MS, |ms| ms.min(MAX_MS))
+}
+
+fn check_lane(lane: u8) -> Result<(), BackendError> {
+    if lane < MAX_LANES {
+        Ok(())
+    } else {
+        Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!("lane {lane} is not below {MAX_LANES}"),
+        ))
+    }
+}
+
+fn protocol(detail: impl Into<Box<str>>) -> BackendError {
+    BackendError::with_detail(BackendErrorKind::Protocol, detail)
+}
+
+fn corrupt(detail: impl Into<Box<str>>) -> BackendError {
+    BackendError::with_detail(BackendErrorKind::Corrupt, detail)
+}
+
+fn shape(value: &Value) -> &'static str {
+    match value {
+        Value::Nil => "nil",
+        Value::Int(_) => "an integer",
+        Value::BulkString(_) | Value::SimpleString(_) | Value::VerbatimString { .. } => "a string",
+        Value::Array(_) | Value::Set(_) => "an array",
+        Value::ServerError(_) => "an error",
+        _ => "an unexpected value",
+    }
+}
+
+fn array(value: Value, what: &str) -> Result<Vec<Value>, BackendError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(protocol(format!(
+            "{what}: expected an array, got {}",
+            shape(&other)
+        ))),
+    }
+}
+
+/// A whole number from an integer reply or decimal digits; `error` makes the failure.
+fn whole(value: &Value, error: impl FnOnce(String) -> BackendError) -> Result<u64, BackendError> {
+    let parsed = match value {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok().and_then(|s| s.parse().ok()),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    };
+    parsed.ok_or_else(|| {
+        error(match value {
+            Value::BulkString(bytes) => format!("{:?}", bytes.escape_ascii().to_string()),
+            other => shape(other).to_owned(),
+        })
+    })
+}
+
+fn reply_number(value: &Value, what: &str) -> Result<u64, BackendError> {
+    whole(value, |got| {
+        protocol(format!("{what}: expected a number, got {got}"))
+    })
+}
+
+fn stored_number(value: &Value, what: &str) -> Result<u64, BackendError> {
+    whole(value, |got| {
+        corrupt(format!("{what} is not a number: {got}"))
+    })
+}
+
+fn bytes(value: Value, what: &str) -> Result<Option<Bytes>, BackendError> {
+    match value {
+        Value::Nil => Ok(None),
+        Value::BulkString(bytes) => Ok(Some(Bytes::from(bytes))),
+        Value::SimpleString(text) => Ok(Some(Bytes::from(text))),
+        other => Err(protocol(format!(
+            "{what}: expected bytes, got {}",
+            shape(&other)
+        ))),
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => bytes.escape_ascii().to_string(),
+        Value::SimpleString(text) => text.clone(),
+        other => shape(other).to_owned(),
+    }
+}
+
+fn state(code: &[u8]) -> Option<JobState> {
+    Some(match code {
+        b"q" => JobState::Queued,
+        b"r" => JobState::Running,
+        b"y" => JobState::Retrying,
+        b"d" => JobState::Done,
+        b"x" => JobState::Dead,
+        _ => return None,
+    })
+}
+
+fn parse_delivery(value: Value) -> Result<Delivery, BackendError> {
+    const WHAT: &str = "a fetched job";
+    let fields = array(value, WHAT)?;
+    let Ok([number, attempt, lane, payload, tenant, enqueued, taken]) =
+        <[Value; 7]>::try_from(fields)
+    else {
+        return Err(protocol(format!("{WHAT}: expected 7 fields")));
+    };
+    let number = reply_number(&number, WHAT)?;
+    let attempt = u32::try_from(reply_number(&attempt, WHAT)?)
+        .map_err(|_| corrupt(format!("job {number} has an attempt beyond u32")))?;
+    let lane = reply_number(&lane, WHAT)?;
+    let lane = u8::try_from(lane)
+        .ok()
+        .filter(|lane| *lane < MAX_LANES)
+        .ok_or_else(|| protocol(format!("{WHAT}: lane {lane}")))?;
+    Ok(delivery(
+        number,
+        attempt,
+        lane,
+        bytes(payload, WHAT)?.unwrap_or_default(),
+        bytes(tenant, WHAT)?,
+        reply_number(&enqueued, WHAT)?,
+        reply_number(&taken, WHAT)? == 1,
+    ))
+}
+
+fn delivery(
+    number: JobNumber,
+    attempt: u32,
+    lane: u8,
+    payload: Bytes,
+    tenant: Option<Bytes>,
+    enqueued_at_ms: u64,
+    taken_over: bool,
+) -> Delivery {
+    Delivery {
+        number,
+        attempt,
+        lane,
+        payload,
+        tenant,
+        enqueued_at_ms,
+        taken_over,
+    }
+}
+
+/// The fields `status` reads, in order.
+const RECORD_FIELDS: [&str; 8] = ["s", "a", "l", "e", "t", "p", "res", "err"];
+
+fn parse_record(number: JobNumber, fields: Vec<Value>) -> Result<Option<JobRecord>, BackendError> {
+    let Ok([s, a, l, e, t, p, res, err]) = <[Value; 8]>::try_from(fields) else {
+        return Err(protocol("HMGET answered the wrong number of fields"));
+    };
+    if [&s, &a, &l, &e, &t, &p, &res, &err]
+        .iter()
+        .all(|v| matches!(v, Value::Nil))
+    {
+        return Ok(None);
+    }
+    let what = |field: &str| format!("the {field} of job {number}");
+    let state = match &s {
+        Value::BulkString(code) => state(code),
+        _ => None,
+    }
+    .ok_or_else(|| corrupt(format!("{} is {}", what("state"), text(&s))))?;
+    let attempt = u32::try_from(stored_number(&a, &what("attempt"))?)
+        .map_err(|_| corrupt(format!("{} is beyond u32", what("attempt"))))?;
+    let lane = u8::try_from(stored_number(&l, &what("lane"))?)
+        .ok()
+        .filter(|lane| *lane < MAX_LANES)
+        .ok_or_else(|| corrupt(format!("{} is {}", what("lane"), text(&l))))?;
+    Ok(Some(job_record(
+        state,
+        attempt,
+        lane,
+        stored_number(&e, &what("enqueue time"))?,
+        bytes(t, "a job's tenant")?,
+        bytes(p, "a job's payload")?,
+        bytes(res, "a job's result")?,
+        bytes(err, "a job's error")?,
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn job_record(
+    state: JobState,
+    attempt: u32,
+    lane: u8,
+    enqueued_at_ms: u64,
+    tenant: Option<Bytes>,
+    payload: Option<Bytes>,
+    result: Option<Bytes>,
+    error: Option<Bytes>,
+) -> JobRecord {
+    JobRecord {
+        state,
+        attempt,
+        lane,
+        enqueued_at_ms,
+        tenant,
+        payload,
+        result,
+        error,
+    }
+}
+
+impl JobStore for RedisJobStore {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        check_lane(job.lane)?;
+        let key = self.partition(partition)?;
+        let dedup_window = match &job.dedup_key {
+            Some(_) => ttl_millis(limits.dedup_window, "the dedup window")?,
+            None => String::new(),
+        };
+        let flag = |present: bool| if present { "1" } else { "0" };
+        let mut invocation = ENQUEUE_SCRIPT.key(key);
+        invocation
+            .arg(job.lane.to_string())
+            .arg(delay_millis(job.delay).to_string())
+            .arg(&job.payload[..])
+            .arg(flag(job.tenant.is_some()))
+            .arg(job.tenant.as_deref().unwrap_or_default())
+            .arg(flag(job.dedup_key.is_some()))
+            .arg(job.dedup_key.as_deref().unwrap_or_default())
+            .arg(dedup_window)
+            .arg(limits.max_len.to_string())
+            .arg(
+                limits
+                    .max_per_tenant
+                    .map(|max| max.to_string())
+                    .unwrap_or_default(),
+            );
+        let reply = array(self.redis.invoke(&invocation).await?, "enqueue")?;
+        match reply.as_slice() {
+            [Value::BulkString(code), number] if code == b"a" => {
+                Ok(Enqueued::Added(reply_number(number, "enqueue")?))
+            }
+            [Value::BulkString(code), number] if code == b"d" => Ok(Enqueued::Duplicate(
+                stored_number(number, "the job number of a dedup key")?,
+            )),
+            [Value::BulkString(code), tenant, depth, rate] if code == b"f" => {
+                let rate = match rate {
+                    Value::BulkString(text) => std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|text| text.parse::<f64>().ok()),
+                    _ => None,
+                }
+                .filter(|rate| rate.is_finite() && *rate >= 0.0)
+                .ok_or_else(|| protocol("enqueue answered a drain rate that is not a number"))?;
+                Ok(Enqueued::Full {
+                    tenant: reply_number(tenant, "enqueue")? == 1,
+                    depth: reply_number(depth, "enqueue")?,
+                    drained_per_sec: rate,
+                })
+            }
+            [Value::BulkString(code), what] if code == b"c" => Err(corrupt(format!(
+                "the {} of the partition is not a number",
+                text(what)
+            ))),
+            _ => Err(protocol("enqueue answered an unexpected reply")),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        for &lane in request.lanes {
+            check_lane(lane)?;
+        }
+        let key = self.partition(partition)?;
+        let max = u32::try_from(request.max).unwrap_or(u32::MAX);
+        let mut invocation = FETCH_SCRIPT.key(key);
+        invocation
+            .arg(request.consumer)
+            .arg(max.to_string())
+            .arg(clamped_millis(request.visibility).to_string());
+        for lane in request.lanes {
+            invocation.arg(lane.to_string());
+        }
+        let reply = array(self.redis.invoke(&invocation).await?, "fetch")?;
+        let Ok([deliveries, corrupted]) = <[Value; 2]>::try_from(reply) else {
+            return Err(protocol("fetch answered an unexpected reply"));
+        };
+        let deliveries = array(deliveries, "fetch")?
+            .into_iter()
+            .map(parse_delivery)
+            .collect::<Result<Vec<_>, _>>()?;
+        let corrupted = array(corrupted, "fetch")?;
+        if !corrupted.is_empty() {
+            let names: Vec<String> = corrupted.iter().map(text).collect();
+            return Err(corrupt(format!(
+                "corrupt job records in partition {:?} ({}), taken off their lanes",
+                key.escape_ascii().to_string(),
+                names.join(", "),
+            )));
+        }
+        Ok(deliveries)
+    }
+
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.step(partition, number, attempt, "extend", &[]).await
+    }
+
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        let retention = ttl_millis(retention, "retention")?;
+        self.step(
+            partition,
+            number,
+            attempt,
+            "complete",
+            &[&result, retention.as_bytes()],
+        )
+        .await
+    }
+
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        let delay = delay_millis(delay).to_string();
+        self.step(
+            partition,
+            number,
+            attempt,
+            "retry",
+            &[delay.as_bytes(), &error],
+        )
+        .await
+    }
+
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        let retention = ttl_millis(retention, "retention")?;
+        self.step(
+            partition,
+            number,
+            attempt,
+            "bury",
+            &[&error, retention.as_bytes()],
+        )
+        .await
+    }
+
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        let key = self.partition(partition)?;
+        let mut record = key.to_vec();
+        record.extend_from_slice(format!(":j:{number}").as_bytes());
+        let fields: Vec<Value> = self
+            .redis
+            .query(redis::cmd("HMGET").arg(record).arg(&RECORD_FIELDS[..]))
+            .await?;
+        parse_record(number, fields)
+    }
+
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        let key = self.partition(partition)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = max.min(MAX_DEAD_LETTERS);
+        let reply = array(
+            self.redis
+                .invoke(DEAD_LETTERS_SCRIPT.key(key).arg(max.to_string()))
+                .await?,
+            "dead_letters",
+        )?;
+        reply
+            .iter()
+            .map(|number| stored_number(number, "a dead letter's job number"))
+            .collect()
+    }
+
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        let key = self.partition(partition)?;
+        let reply = array(self.redis.invoke(&STATS_SCRIPT.key(key)).await?, "stats")?;
+        let Ok([unfinished, ready, running, delayed, oldest, dead]) = <[Value; 6]>::try_from(reply)
+        else {
+            return Err(protocol("stats answered an unexpected reply"));
+        };
+        let mut stats = PartitionStats::default();
+        stats.unfinished = match unfinished {
+            Value::Nil => 0,
+            other => stored_number(&other, "the unfinished count of the partition")?,
+        };
+        stats.ready = reply_number(&ready, "stats")?;
+        stats.running = reply_number(&running, "stats")?;
+        stats.delayed = reply_number(&delayed, "stats")?;
+        stats.oldest_ready_ms = match oldest {
+            Value::Nil => None,
+            other => Some(reply_number(&other, "stats")?),
+        };
+        stats.dead = reply_number(&dead, "stats")?;
+        Ok(stats)
+    }
+}

@@ -1,0 +1,831 @@
+//! The Redis job store: the conformance suite, standalone and cluster, and what the Redis
+//! backend keeps in Redis beyond it (keys, streams, TTLs, corrupt data, cluster slots).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_core::jobs::{
+    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore, NewJob,
+};
+use headroom_core::lease::Fenced;
+use headroom_core::slot::cluster_slot;
+use headroom_core::{BackendErrorKind, Key, Namespace};
+use headroom_redis::{Redis, RedisConfig, RedisJobStore};
+use headroom_testkit::{shared_cluster, shared_server, unique_namespace};
+
+async fn store(config: RedisConfig) -> RedisJobStore {
+    RedisJobStore::new(
+        Redis::connect(config)
+            .await
+            .expect("connect to the test Redis"),
+    )
+}
+
+headroom_testkit::job_store_conformance!(
+    standalone_jobs,
+    store(RedisConfig::standalone(shared_server().url()))
+);
+
+headroom_testkit::job_store_conformance!(
+    cluster_jobs,
+    store(RedisConfig::cluster(shared_cluster().urls()))
+);
+
+const LONG: Duration = Duration::from_secs(60);
+const WAIT_BOUND: Duration = Duration::from_secs(10);
+
+/// What each check gets: the store, a raw handle on the same Redis and a fresh namespace.
+struct Ctx {
+    store: RedisJobStore,
+    redis: Redis,
+    ns: Namespace,
+}
+
+impl Ctx {
+    async fn new(config: RedisConfig, name: &str) -> Self {
+        let redis = Redis::connect(config).await.expect("connect");
+        Self {
+            store: RedisJobStore::new(redis.clone()),
+            redis,
+            ns: unique_namespace(name),
+        }
+    }
+
+    fn partition(&self, tag: &str) -> Key {
+        self.ns.key(format!("{{{tag}}}")).expect("valid key")
+    }
+
+    async fn add(&self, p: &Key, job: NewJob) -> JobNumber {
+        match self
+            .store
+            .enqueue(p, &job, &limits(1_000))
+            .await
+            .expect("enqueue")
+        {
+            Enqueued::Added(number) => number,
+            other => panic!("expected the job to be added, got {other:?}"),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        p: &Key,
+        consumer: &str,
+        lanes: &[u8],
+        max: usize,
+        visibility: Duration,
+    ) -> Vec<Delivery> {
+        self.store
+            .fetch(
+                p,
+                FetchRequest {
+                    consumer,
+                    lanes,
+                    max,
+                    visibility,
+                },
+            )
+            .await
+            .expect("fetch")
+    }
+
+    /// Fetches from lane 0 until something is delivered, bounded by [`WAIT_BOUND`].
+    async fn fetch_eventually(
+        &self,
+        p: &Key,
+        consumer: &str,
+        visibility: Duration,
+    ) -> Vec<Delivery> {
+        let deadline = Instant::now() + WAIT_BOUND;
+        loop {
+            let delivered = self.fetch(p, consumer, &[0], 10, visibility).await;
+            if !delivered.is_empty() {
+                return delivered;
+            }
+            assert!(Instant::now() < deadline, "nothing delivered within 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        self.redis.query(cmd).await.expect("raw command")
+    }
+}
+
+/// A key derived from partition `p`: `p` followed by `suffix`.
+fn sub(p: &Key, suffix: &str) -> Vec<u8> {
+    [p.as_bytes(), suffix.as_bytes()].concat()
+}
+
+fn limits(max_len: u64) -> EnqueueLimits {
+    EnqueueLimits {
+        max_len,
+        max_per_tenant: None,
+        dedup_window: LONG,
+    }
+}
+
+fn job(payload: &'static str) -> NewJob {
+    NewJob::new(Bytes::from_static(payload.as_bytes()))
+}
+
+/// Runs each check against the shared standalone server and the shared cluster.
+macro_rules! on_both {
+    ($($check:ident),+ $(,)?) => {
+        mod standalone {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let config = RedisConfig::standalone(shared_server().url());
+                    super::$check(Ctx::new(config, stringify!($check)).await).await;
+                }
+            )+
+        }
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let config = RedisConfig::cluster(shared_cluster().urls());
+                    super::$check(Ctx::new(config, stringify!($check)).await).await;
+                }
+            )+
+        }
+    };
+}
+
+on_both!(
+    a_job_lives_in_its_record_and_lane_stream,
+    concurrent_enqueuers_never_pass_the_bound,
+    a_dedup_key_lives_for_its_window,
+    lanes_are_separate_streams_read_in_order,
+    a_delayed_job_waits_in_the_delay_set,
+    an_idle_delivery_is_taken_over_and_its_holder_forgotten,
+    takeovers_go_longest_idle_first_in_every_lane,
+    a_retried_job_is_redelivered_with_the_next_attempt,
+    buried_jobs_are_dead_letters_newest_first,
+    garbage_in_a_record_is_a_typed_error,
+    garbage_in_the_counts_is_a_typed_error,
+    invalid_arguments_are_refused_before_redis,
+);
+
+/// Enqueue writes a record without expiry and one stream entry holding just the number;
+/// delivery marks the record running; completion removes the entry, drops the payload, and
+/// gives the record its retention.
+async fn a_job_lives_in_its_record_and_lane_stream(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let number = ctx.add(&p, job("payload").lane(3).tenant("acme")).await;
+    let record = sub(&p, &format!(":j:{number}"));
+    let stream = sub(&p, ":s:3");
+    let state: Option<String> = ctx.raw(redis::cmd("HGET").arg(&record).arg("s")).await;
+    assert_eq!(state.as_deref(), Some("q"));
+    let ttl: i64 = ctx.raw(redis::cmd("PTTL").arg(&record)).await;
+    assert_eq!(ttl, -1, "an unfinished record never expires");
+    let entries: Vec<(String, Vec<(String, String)>)> = ctx
+        .raw(redis::cmd("XRANGE").arg(&stream).arg("-").arg("+"))
+        .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1, [("n".to_owned(), number.to_string())]);
+    let tenants: i64 = ctx
+        .raw(redis::cmd("HGET").arg(sub(&p, ":t")).arg("acme"))
+        .await;
+    assert_eq!(tenants, 1);
+
+    let delivered = ctx.fetch(&p, "w1", &[3], 10, LONG).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!((delivered[0].number, delivered[0].attempt), (number, 1));
+    let status = ctx.store.status(&p, number).await.unwrap().unwrap();
+    assert_eq!((status.state, status.attempt), (JobState::Running, 1));
+
+    let retention = Duration::from_secs(30);
+    let applied = ctx
+        .store
+        .complete(&p, number, 1, Bytes::from_static(b"result"), retention)
+        .await
+        .unwrap();
+    assert_eq!(applied, Fenced::Applied);
+    let len: u64 = ctx.raw(redis::cmd("XLEN").arg(&stream)).await;
+    assert_eq!(len, 0, "a finished delivery leaves its lane");
+    let pending: (u64, Option<String>, Option<String>, redis::Value) =
+        ctx.raw(redis::cmd("XPENDING").arg(&stream).arg("w")).await;
+    assert_eq!(pending.0, 0, "a finished delivery is acknowledged");
+    let ttl: i64 = ctx.raw(redis::cmd("PTTL").arg(&record)).await;
+    assert!(ttl > 0 && ttl <= 30_000, "kept for the retention, {ttl} ms");
+    let payload: Option<Vec<u8>> = ctx.raw(redis::cmd("HGET").arg(&record).arg("p")).await;
+    assert_eq!(payload, None, "a done job's payload is dropped");
+    let done = ctx.store.status(&p, number).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert_eq!(done.result.as_deref(), Some(&b"result"[..]));
+    let tenants: Option<i64> = ctx
+        .raw(redis::cmd("HGET").arg(sub(&p, ":t")).arg("acme"))
+        .await;
+    assert_eq!(tenants, None, "a tenant without unfinished jobs is dropped");
+    assert_eq!(ctx.store.stats(&p).await.unwrap().unfinished, 0);
+}
+
+/// 50 enqueuers on two connections against a bound of 7: exactly 7 are added, and as many as
+/// finish are accepted again.
+async fn concurrent_enqueuers_never_pass_the_bound(ctx: Ctx) {
+    let p = Arc::new(ctx.partition("q"));
+    let other = RedisJobStore::new(
+        Redis::connect(ctx.redis.config().clone())
+            .await
+            .expect("connect"),
+    );
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                ctx.store.clone()
+            } else {
+                other.clone()
+            };
+            let p = Arc::clone(&p);
+            tokio::spawn(async move {
+                store
+                    .enqueue(&p, &NewJob::new(Bytes::from(i.to_string())), &limits(7))
+                    .await
+                    .expect("enqueue")
+            })
+        })
+        .collect();
+    let mut added = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Enqueued::Added(_) => added += 1,
+            Enqueued::Full {
+                tenant,
+                depth,
+                drained_per_sec,
+            } => {
+                assert!(!tenant);
+                assert_eq!(depth, 7);
+                assert_eq!(drained_per_sec, 0.0);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(added, 7);
+    let count: u64 = ctx.raw(redis::cmd("GET").arg(sub(&p, ":n"))).await;
+    assert_eq!(count, 7);
+    for delivery in ctx.fetch(&p, "w", &[0], 2, LONG).await {
+        let applied = ctx
+            .store
+            .complete(&p, delivery.number, delivery.attempt, Bytes::new(), LONG)
+            .await
+            .unwrap();
+        assert_eq!(applied, Fenced::Applied);
+    }
+    let mut accepted = 0;
+    for _ in 0..5 {
+        if let Enqueued::Added(_) = ctx.store.enqueue(&p, &job("x"), &limits(7)).await.unwrap() {
+            accepted += 1;
+        }
+    }
+    assert_eq!(accepted, 2);
+}
+
+/// The dedup key expires with the window; within it, a duplicate adds nothing even when full.
+async fn a_dedup_key_lives_for_its_window(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let window = EnqueueLimits {
+        dedup_window: Duration::from_millis(300),
+        ..limits(1)
+    };
+    let Enqueued::Added(first) = ctx
+        .store
+        .enqueue(&p, &job("a").dedup_key("order-1"), &window)
+        .await
+        .unwrap()
+    else {
+        panic!("the first enqueue adds");
+    };
+    let ttl: i64 = ctx
+        .raw(redis::cmd("PTTL").arg(sub(&p, ":dd:order-1")))
+        .await;
+    assert!(
+        ttl > 0 && ttl <= 300,
+        "the dedup key lives for the window, {ttl} ms"
+    );
+    let again = ctx
+        .store
+        .enqueue(&p, &job("b").dedup_key("order-1"), &window)
+        .await
+        .unwrap();
+    assert_eq!(again, Enqueued::Duplicate(first));
+    // Once the window passed, the same key is a new job, refused by the full partition.
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        match ctx
+            .store
+            .enqueue(&p, &job("c").dedup_key("order-1"), &window)
+            .await
+            .unwrap()
+        {
+            Enqueued::Duplicate(number) => assert_eq!(number, first),
+            Enqueued::Full { tenant, depth, .. } => {
+                assert!(!tenant && depth == 1);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "a 300 ms window held for 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ctx.store.stats(&p).await.unwrap().unfinished, 1);
+}
+
+/// Each lane is its own stream; a fetch empties the lanes in the order asked, oldest first.
+async fn lanes_are_separate_streams_read_in_order(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let mut by_lane = [Vec::new(), Vec::new(), Vec::new()];
+    for i in 0..9u8 {
+        let lane = i % 3;
+        by_lane[usize::from(lane)].push(ctx.add(&p, job("j").lane(lane)).await);
+    }
+    for lane in 0..3 {
+        let len: u64 = ctx
+            .raw(redis::cmd("XLEN").arg(sub(&p, &format!(":s:{lane}"))))
+            .await;
+        assert_eq!(len, 3);
+    }
+    let numbers = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.number).collect::<Vec<_>>();
+    let first = numbers(ctx.fetch(&p, "w", &[2, 0], 4, LONG).await);
+    assert_eq!(
+        first,
+        [by_lane[2].clone(), by_lane[0][..1].to_vec()].concat()
+    );
+    let rest = numbers(ctx.fetch(&p, "w", &[1, 0, 2], 10, LONG).await);
+    assert_eq!(
+        rest,
+        [by_lane[1].clone(), by_lane[0][1..].to_vec()].concat()
+    );
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!((stats.ready, stats.running), (0, 9));
+}
+
+/// A delayed job waits in the delay set, then joins its lane when its time came.
+async fn a_delayed_job_waits_in_the_delay_set(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let start = Instant::now();
+    let number = ctx
+        .add(&p, job("later").lane(0).delay(Duration::from_millis(200)))
+        .await;
+    let now_job = ctx.add(&p, job("now")).await;
+    let delayed: Vec<String> = ctx
+        .raw(redis::cmd("ZRANGE").arg(sub(&p, ":d")).arg(0).arg(-1))
+        .await;
+    assert_eq!(delayed, [number.to_string()]);
+    let first = ctx.fetch(&p, "w", &[0], 10, LONG).await;
+    assert_eq!(
+        first.iter().map(|d| d.number).collect::<Vec<_>>(),
+        [now_job]
+    );
+    let later = ctx.fetch_eventually(&p, "w", LONG).await;
+    assert_eq!(later[0].number, number);
+    assert!(
+        start.elapsed() >= Duration::from_millis(190),
+        "{:?}",
+        start.elapsed()
+    );
+    let left: u64 = ctx.raw(redis::cmd("ZCARD").arg(sub(&p, ":d"))).await;
+    assert_eq!(left, 0);
+}
+
+/// A delivery idle past the visibility goes to another consumer with the next attempt; the
+/// first holder is fenced, and the group forgets it once it holds nothing.
+async fn an_idle_delivery_is_taken_over_and_its_holder_forgotten(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let number = ctx.add(&p, job("a")).await;
+    let visibility = Duration::from_millis(300);
+    let first = ctx.fetch(&p, "dies", &[0], 10, visibility).await;
+    assert_eq!(first.len(), 1);
+    let start = Instant::now();
+    let taken = ctx.fetch_eventually(&p, "lives", visibility).await;
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!((taken[0].number, taken[0].attempt), (number, 2));
+    assert!(taken[0].taken_over);
+    assert_eq!(
+        ctx.store
+            .complete(&p, number, 1, Bytes::new(), LONG)
+            .await
+            .unwrap(),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        ctx.store.extend(&p, number, 1).await.unwrap(),
+        Fenced::Rejected
+    );
+    let consumers: Vec<Vec<redis::Value>> = ctx
+        .raw(
+            redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(sub(&p, ":s:0"))
+                .arg("w"),
+        )
+        .await;
+    let names: Vec<String> = consumers
+        .iter()
+        .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
+        .collect();
+    assert_eq!(names, ["lives"]);
+    assert_eq!(
+        ctx.store
+            .complete(&p, number, 2, Bytes::new(), LONG)
+            .await
+            .unwrap(),
+        Fenced::Applied
+    );
+}
+
+/// Takeovers come before ready jobs, longest idle first, from every lane (the lanes asked for
+/// order only the ready jobs).
+async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let older = ctx.add(&p, job("older").lane(1)).await;
+    let newer = ctx.add(&p, job("newer").lane(0)).await;
+    let ready = ctx.add(&p, job("ready").lane(0)).await;
+    assert_eq!(ctx.fetch(&p, "a", &[1], 1, LONG).await[0].number, older);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(ctx.fetch(&p, "a", &[0], 1, LONG).await[0].number, newer);
+    let taken = ctx.fetch(&p, "b", &[0], 1, Duration::ZERO).await;
+    assert_eq!((taken[0].number, taken[0].attempt), (older, 2));
+    assert!(taken[0].taken_over);
+    // Both deliveries idle past 20 ms now, the newer job's the longest.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let rest = ctx.fetch(&p, "c", &[0], 3, Duration::from_millis(20)).await;
+    let numbers: Vec<_> = rest.iter().map(|d| (d.number, d.attempt)).collect();
+    assert_eq!(numbers, [(newer, 2), (older, 3), (ready, 1)]);
+}
+
+/// A retried job waits in the delay set as retrying, then comes back with attempt 2 in a new
+/// stream entry.
+async fn a_retried_job_is_redelivered_with_the_next_attempt(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let number = ctx.add(&p, job("a").lane(1)).await;
+    let first = ctx.fetch(&p, "w", &[1], 1, LONG).await;
+    assert_eq!(first[0].attempt, 1);
+    let retried = ctx
+        .store
+        .retry(
+            &p,
+            number,
+            1,
+            Duration::from_millis(100),
+            Bytes::from_static(b"boom"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(retried, Fenced::Applied);
+    let len: u64 = ctx.raw(redis::cmd("XLEN").arg(sub(&p, ":s:1"))).await;
+    assert_eq!(len, 0);
+    let record = ctx.store.status(&p, number).await.unwrap().unwrap();
+    assert_eq!(record.state, JobState::Retrying);
+    assert_eq!(record.error.as_deref(), Some(&b"boom"[..]));
+    assert_eq!(
+        ctx.store
+            .complete(&p, number, 1, Bytes::new(), LONG)
+            .await
+            .unwrap(),
+        Fenced::Rejected,
+        "a retrying job has no holder"
+    );
+    let deadline = Instant::now() + WAIT_BOUND;
+    let again = loop {
+        let delivered = ctx.fetch(&p, "w", &[1], 1, LONG).await;
+        if let [delivery] = delivered.as_slice() {
+            break delivery.clone();
+        }
+        assert!(Instant::now() < deadline, "not redelivered within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((again.number, again.attempt, again.lane), (number, 2, 1));
+    assert!(!again.taken_over);
+    assert_eq!(&again.payload[..], b"a");
+    assert_eq!(ctx.store.stats(&p).await.unwrap().unfinished, 1);
+}
+
+/// Buried jobs keep payload and error, are listed newest first, and free their place.
+async fn buried_jobs_are_dead_letters_newest_first(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let mut numbers = Vec::new();
+    for i in 0..3 {
+        numbers.push(
+            ctx.add(&p, NewJob::new(Bytes::from(format!("job {i}"))))
+                .await,
+        );
+    }
+    // Buried in the order 2, 0, 1: newest first is 1, 0, 2.
+    let delivered = ctx.fetch(&p, "w", &[0], 3, LONG).await;
+    assert_eq!(delivered.len(), 3);
+    for i in [2, 0, 1] {
+        let applied = ctx
+            .store
+            .bury(&p, numbers[i], 1, Bytes::from_static(b"poison"), LONG)
+            .await
+            .unwrap();
+        assert_eq!(applied, Fenced::Applied);
+    }
+    assert_eq!(
+        ctx.store.dead_letters(&p, 10).await.unwrap(),
+        [numbers[1], numbers[0], numbers[2]]
+    );
+    assert_eq!(
+        ctx.store.dead_letters(&p, 2).await.unwrap(),
+        [numbers[1], numbers[0]]
+    );
+    let dead = ctx.store.status(&p, numbers[2]).await.unwrap().unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert_eq!(dead.payload.as_deref(), Some(&b"job 2"[..]));
+    assert_eq!(dead.error.as_deref(), Some(&b"poison"[..]));
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!((stats.unfinished, stats.running, stats.dead), (0, 0, 3));
+    // A dead letter whose record went (here deleted by hand) is no longer listed.
+    let _: i64 = ctx
+        .raw(redis::cmd("DEL").arg(sub(&p, &format!(":j:{}", numbers[0]))))
+        .await;
+    assert_eq!(
+        ctx.store.dead_letters(&p, 10).await.unwrap(),
+        [numbers[1], numbers[2]]
+    );
+    assert_eq!(ctx.store.stats(&p).await.unwrap().dead, 2);
+}
+
+/// Bytes the store did not write in a record give a typed error, never a panic; a fetch
+/// delivers the jobs before a corrupt one, fails on it alone, and then goes on past it.
+async fn garbage_in_a_record_is_a_typed_error(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let before = ctx.add(&p, job("before")).await;
+    let bad = ctx.add(&p, job("bad")).await;
+    let after = ctx.add(&p, job("after")).await;
+    let record = sub(&p, &format!(":j:{bad}"));
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(&record)
+                .arg("a")
+                .arg(&b"\xff\x00garbage"[..]),
+        )
+        .await;
+    let err = ctx.store.status(&p, bad).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+
+    let numbers = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.number).collect::<Vec<_>>();
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [before]);
+    let err = ctx
+        .store
+        .fetch(
+            &p,
+            FetchRequest {
+                consumer: "w",
+                lanes: &[0],
+                max: 10,
+                visibility: LONG,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    // The corrupt job left its lane; the job read past it went back, undelivered.
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!((stats.ready, stats.running), (1, 1));
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [after]);
+    assert_eq!(
+        ctx.store.status(&p, after).await.unwrap().unwrap().attempt,
+        1
+    );
+
+    // A corrupt job met by a takeover is also taken off its lane.
+    for number in [before, after] {
+        let done = ctx.store.complete(&p, number, 1, Bytes::new(), LONG).await;
+        assert_eq!(done.unwrap(), Fenced::Applied);
+    }
+    let taken = ctx.add(&p, job("taken")).await;
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [taken]);
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(sub(&p, &format!(":j:{taken}")))
+                .arg("e")
+                .arg("-"),
+        )
+        .await;
+    let err = ctx
+        .store
+        .fetch(
+            &p,
+            FetchRequest {
+                consumer: "x",
+                lanes: &[0],
+                max: 10,
+                visibility: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.running),
+        (0, 0),
+        "the corrupt delivery is gone"
+    );
+    assert!(
+        ctx.fetch(&p, "x", &[0], 10, Duration::ZERO)
+            .await
+            .is_empty()
+    );
+
+    // A state the store never writes, and a record of the wrong type.
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(&record)
+                .arg("a")
+                .arg("1")
+                .arg("s")
+                .arg("?"),
+        )
+        .await;
+    let err = ctx.store.status(&p, bad).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(&record)).await;
+    let _: () = ctx.raw(redis::cmd("SET").arg(&record).arg("x")).await;
+    assert!(ctx.store.status(&p, bad).await.is_err());
+    assert_eq!(
+        ctx.store
+            .complete(&p, bad, 1, Bytes::new(), LONG)
+            .await
+            .map_err(|e| e.kind()),
+        Err(BackendErrorKind::Command)
+    );
+
+    // A running job whose delivery id was overwritten: its steps fail typed, change nothing.
+    let good = ctx.add(&p, job("good")).await;
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [good]);
+    let record = sub(&p, &format!(":j:{good}"));
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&record).arg("sid").arg("not-an-id"))
+        .await;
+    let err = ctx
+        .store
+        .complete(&p, good, 1, Bytes::new(), LONG)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let status = ctx.store.status(&p, good).await.unwrap().unwrap();
+    assert_eq!(status.state, JobState::Running);
+}
+
+/// Garbage in the partition's counters is a typed error too.
+async fn garbage_in_the_counts_is_a_typed_error(ctx: Ctx) {
+    let p = ctx.partition("q");
+    ctx.add(&p, job("a")).await;
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":n")).arg(&b"\xfe\xff"[..]))
+        .await;
+    let err = ctx.store.stats(&p).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let err = ctx
+        .store
+        .enqueue(&p, &job("b"), &limits(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    // A dedup key holding something other than a number.
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":dd:k")).arg("nonsense"))
+        .await;
+    let err = ctx
+        .store
+        .enqueue(&p, &job("b").dedup_key("k"), &limits(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+}
+
+/// Zero retentions and dedup windows, and lanes past the last, are refused as configuration
+/// errors without touching Redis.
+async fn invalid_arguments_are_refused_before_redis(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let zero_window = EnqueueLimits {
+        dedup_window: Duration::ZERO,
+        ..limits(10)
+    };
+    let err = ctx
+        .store
+        .enqueue(&p, &job("a").dedup_key("k"), &zero_window)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    // Without a dedup key the window does not matter.
+    assert!(matches!(
+        ctx.store
+            .enqueue(&p, &job("a"), &zero_window)
+            .await
+            .unwrap(),
+        Enqueued::Added(_)
+    ));
+    let err = ctx
+        .store
+        .enqueue(&p, &job("a").lane(8), &limits(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let err = ctx
+        .store
+        .fetch(
+            &p,
+            FetchRequest {
+                consumer: "w",
+                lanes: &[0, 9],
+                max: 1,
+                visibility: LONG,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let delivered = ctx.fetch(&p, "w", &[0], 1, LONG).await;
+    let number = delivered[0].number;
+    for retention in [Duration::ZERO, Duration::from_micros(999)] {
+        let err = ctx
+            .store
+            .complete(&p, number, 1, Bytes::new(), retention)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Config);
+        let err = ctx
+            .store
+            .bury(&p, number, 1, Bytes::new(), retention)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Config);
+    }
+    // Nothing changed: the job is still held by attempt 1.
+    assert_eq!(
+        ctx.store.extend(&p, number, 1).await.unwrap(),
+        Fenced::Applied
+    );
+    // A zero retry delay is allowed: the job is ready at the next fetch.
+    assert_eq!(
+        ctx.store
+            .retry(&p, number, 1, Duration::ZERO, Bytes::new())
+            .await
+            .unwrap(),
+        Fenced::Applied
+    );
+    assert_eq!(ctx.fetch(&p, "w", &[0], 1, LONG).await[0].attempt, 2);
+}
+
+/// On a cluster, partitions with different hash tags live on different masters and both
+/// work; a partition without a hash tag is refused, since its keys would spread over slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_partitions_are_spread_over_slots() {
+    let cluster = shared_cluster();
+    let ctx = Ctx::new(RedisConfig::cluster(cluster.urls()), "spread").await;
+    let first = ctx.partition("p0");
+    let owner = cluster.slot_owner(cluster_slot(first.as_bytes()));
+    let second = (1..100)
+        .map(|i| ctx.partition(&format!("p{i}")))
+        .find(|p| cluster.slot_owner(cluster_slot(p.as_bytes())) != owner)
+        .expect("a hash tag on another master");
+    for p in [&first, &second] {
+        let number = ctx.add(p, job("a")).await;
+        let key = String::from_utf8(sub(p, ":s:0")).unwrap();
+        assert_eq!(cluster.keyslot(&key), cluster_slot(p.as_bytes()));
+        let delivered = ctx.fetch(p, "w", &[0], 10, LONG).await;
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(
+            ctx.store
+                .complete(p, number, 1, Bytes::new(), LONG)
+                .await
+                .unwrap(),
+            Fenced::Applied
+        );
+        let stats = ctx.store.stats(p).await.unwrap();
+        assert_eq!((stats.unfinished, stats.running), (0, 0));
+    }
+    let untagged = ctx.ns.key("plain").unwrap();
+    let err = ctx
+        .store
+        .enqueue(&untagged, &job("a"), &limits(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+}
+
+/// On a standalone server, a partition without a hash tag works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_partitions_need_no_hash_tag() {
+    let ctx = Ctx::new(RedisConfig::standalone(shared_server().url()), "untagged").await;
+    let p = ctx.ns.key("plain").unwrap();
+    let number = ctx.add(&p, job("a")).await;
+    let delivered = ctx.fetch(&p, "w", &[0], 10, LONG).await;
+    assert_eq!(delivered[0].number, number);
+}
