@@ -1,5 +1,6 @@
 //! Fixtures shared by the benchmarks and the contention programs of this package.
 
+pub mod apalis_peer;
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::{Future, Ready, ready};

@@ -5,9 +5,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use headroom_core::bus::DynInvalidationBus;
+use headroom_core::jobs::DynJobStore;
 use headroom_core::kv::DynKvStore;
 use headroom_core::lease::DynLeaseStore;
-use headroom_core::memory::{MemoryBus, MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
+use headroom_core::memory::{
+    MemoryBus, MemoryJobStore, MemoryKvStore, MemoryLeaseStore, MemoryRateStore,
+};
 use headroom_core::rate::DynRateStore;
 use headroom_core::{BackendError, Classify, Clock, KeyError, Namespace};
 
@@ -112,6 +115,7 @@ struct Inner {
     bus: DynInvalidationBus,
     leases: DynLeaseStore,
     rates: DynRateStore,
+    jobs: DynJobStore,
     /// Every cache built from [`Headroom::cache`], for [`Headroom::shutdown`].
     #[cfg(feature = "cache")]
     caches: headroom_cache::ShutdownGroup,
@@ -168,6 +172,53 @@ impl Headroom {
     /// The shared rate store (GCRA cells of distributed rate limits).
     pub fn rate_store(&self) -> &DynRateStore {
         &self.inner.rates
+    }
+
+    /// The shared job store (durable job queues and write-behind).
+    pub fn job_store(&self) -> &DynJobStore {
+        &self.inner.jobs
+    }
+
+    /// A job queue builder named `name`, on the shared job store under
+    /// `<namespace>:jobs`, on the shared clock.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use headroom::jobs::Job;
+    ///
+    /// let headroom = headroom::Headroom::builder().namespace("shop").memory()?;
+    /// let checkout = headroom.job_queue("checkout")?.max_len(10_000).build()?;
+    /// let enqueued = checkout.enqueue(Job::new("order 7")).await?;
+    /// assert!(checkout.status(enqueued.id).await?.is_some());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[cfg(feature = "jobs")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jobs")))]
+    pub fn job_queue(
+        &self,
+        name: impl Into<String>,
+    ) -> Result<headroom_jobs::JobQueueBuilder<DynJobStore>, KeyError> {
+        Ok(
+            headroom_jobs::JobQueue::builder(name, self.inner.jobs.clone())
+                .namespace(self.child_namespace("jobs")?)
+                .clock(self.inner.clock.clone()),
+        )
+    }
+
+    /// A write-behind builder named `name`, on the shared job store under
+    /// `<namespace>:jobs`, on the shared clock.
+    #[cfg(feature = "jobs")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jobs")))]
+    pub fn write_behind(
+        &self,
+        name: impl Into<String>,
+    ) -> Result<headroom_jobs::WriteBehindBuilder<DynJobStore>, KeyError> {
+        Ok(
+            headroom_jobs::WriteBehind::builder(name, self.inner.jobs.clone())
+                .namespace(self.child_namespace("jobs")?)
+                .clock(self.inner.clock.clone()),
+        )
     }
 
     /// The namespace of one component: `<namespace>:<segment>`.
@@ -296,6 +347,8 @@ impl Headroom {
                     inner.rates.clone(),
                     experiment.clone(),
                 )),
+                // No chaos wrapper for the job store yet: jobs run on the store as it is.
+                jobs: inner.jobs.clone(),
                 #[cfg(feature = "cache")]
                 caches: inner.caches.clone(),
             }),
@@ -411,13 +464,17 @@ impl HeadroomBuilder {
         let kv = MemoryKvStore::builder().clock(self.clock.clone()).build();
         let leases = MemoryLeaseStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
         let rates = MemoryRateStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
+        let jobs = MemoryJobStore::builder().clock(self.clock.clone()).build();
         Ok(self.finish(
             Backend::Memory,
             namespaces,
-            DynKvStore::new(kv),
-            DynInvalidationBus::new(MemoryBus::new()),
-            DynLeaseStore::new(leases),
-            DynRateStore::new(rates),
+            Stores {
+                kv: DynKvStore::new(kv),
+                bus: DynInvalidationBus::new(MemoryBus::new()),
+                leases: DynLeaseStore::new(leases),
+                rates: DynRateStore::new(rates),
+                jobs: DynJobStore::new(jobs),
+            },
         ))
     }
 
@@ -448,7 +505,9 @@ impl HeadroomBuilder {
         self,
         config: headroom_redis::RedisConfig,
     ) -> Result<Headroom, BuildError> {
-        use headroom_redis::{Redis, RedisBus, RedisKvStore, RedisLeaseStore, RedisRateStore};
+        use headroom_redis::{
+            Redis, RedisBus, RedisJobStore, RedisKvStore, RedisLeaseStore, RedisRateStore,
+        };
 
         let namespaces = self.namespaces()?;
         let redis = Redis::connect(config).await.map_err(BuildError::Backend)?;
@@ -463,10 +522,13 @@ impl HeadroomBuilder {
         Ok(self.finish(
             backend,
             namespaces,
-            DynKvStore::new(RedisKvStore::new(redis.clone())),
-            DynInvalidationBus::new(bus),
-            DynLeaseStore::new(RedisLeaseStore::new(redis.clone())),
-            DynRateStore::new(RedisRateStore::new(redis)),
+            Stores {
+                kv: DynKvStore::new(RedisKvStore::new(redis.clone())),
+                bus: DynInvalidationBus::new(bus),
+                leases: DynLeaseStore::new(RedisLeaseStore::new(redis.clone())),
+                rates: DynRateStore::new(RedisRateStore::new(redis.clone())),
+                jobs: DynJobStore::new(RedisJobStore::new(redis)),
+            },
         ))
     }
 
@@ -484,10 +546,13 @@ impl HeadroomBuilder {
         backend: Backend,
         #[cfg_attr(not(feature = "idempotency"), allow(unused_variables))]
         (namespace, idempotency_namespace): (Namespace, Namespace),
-        kv: DynKvStore,
-        bus: DynInvalidationBus,
-        leases: DynLeaseStore,
-        rates: DynRateStore,
+        Stores {
+            kv,
+            bus,
+            leases,
+            rates,
+            jobs,
+        }: Stores,
     ) -> Headroom {
         Headroom {
             inner: Arc::new(Inner {
@@ -500,11 +565,21 @@ impl HeadroomBuilder {
                 bus,
                 leases,
                 rates,
+                jobs,
                 #[cfg(feature = "cache")]
                 caches: headroom_cache::ShutdownGroup::new(),
             }),
         }
     }
+}
+
+/// The stores a [`Headroom`] shares, one of each backend trait.
+struct Stores {
+    kv: DynKvStore,
+    bus: DynInvalidationBus,
+    leases: DynLeaseStore,
+    rates: DynRateStore,
+    jobs: DynJobStore,
 }
 
 /// Records (idempotency records, rate cells) the memory backends keep at most, so attacker-chosen

@@ -12,6 +12,7 @@
 //! | `headroom-shard` | shard routing, replicas, resharding | `shard` |
 //! | `headroom-slo` | service level objectives, burn-rate alerts, generated Prometheus rules | `slo` |
 //! | `headroom-chaos` | fault injection in a service's own stack, switched at run time | `chaos` |
+//! | `headroom-jobs` | durable job queues with backpressure, write-behind for the cache | `jobs` |
 //! | `headroom-redis` | Redis backends, standalone and cluster | `redis` |
 //!
 //! The crates are split so that each service pulls only what it uses, and so that only
@@ -140,6 +141,11 @@ pub use headroom_slo as slo;
 #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
 #[doc(inline)]
 pub use headroom_chaos as chaos;
+
+#[cfg(feature = "jobs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jobs")))]
+#[doc(inline)]
+pub use headroom_jobs as jobs;
 
 pub mod reload;
 
