@@ -136,6 +136,10 @@ impl QueueConfig {
 pub struct WorkerConfig {
     /// How many jobs run at once (default 8).
     pub concurrency: usize,
+    /// Jobs fetched ahead of free handlers (default 8), so one fetch takes several jobs while
+    /// handlers are busy. A job fetched ahead is kept (extended) while it waits, and handed
+    /// back at once when the worker shuts down.
+    pub prefetch: usize,
     /// How long a job may run without its worker extending it before another worker may
     /// take it over (default 30 s). A live worker extends every third of it, so only a dead
     /// or stalled one loses its jobs.
@@ -168,6 +172,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             concurrency: 8,
+            prefetch: 8,
             visibility: Duration::from_secs(30),
             max_attempts: 5,
             backoff_initial: Duration::from_secs(1),

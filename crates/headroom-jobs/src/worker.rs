@@ -153,6 +153,12 @@ where
         self
     }
 
+    /// See [`WorkerConfig::prefetch`].
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.config.prefetch = prefetch;
+        self
+    }
+
     /// See [`WorkerConfig::visibility`].
     pub fn visibility(mut self, visibility: Duration) -> Self {
         self.config.visibility = visibility;
@@ -316,7 +322,10 @@ where
 {
     let config = &shared.config;
     let queue = &shared.queue.inner;
-    let permits = Arc::new(Semaphore::new(config.concurrency));
+    // A slot for every job fetched and not finished (running, or waiting for a handler), so
+    // fetches take several jobs at once while handlers are busy.
+    let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
+    let handlers = Arc::new(Semaphore::new(config.concurrency));
     let mut jobs = JoinSet::new();
     let mut report = WorkerReport::default();
     let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
@@ -338,11 +347,11 @@ where
         let first = tokio::select! {
             biased;
             () = until(&mut phase, |p| p != Phase::Running) => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
         };
         let mut held = vec![first];
-        while let Ok(permit) = Arc::clone(&permits).try_acquire_owned() {
-            held.push(permit);
+        while let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+            held.push(slot);
         }
         let p = next_partition;
         next_partition = (next_partition + 1) % partitions;
@@ -364,10 +373,10 @@ where
                 empty_in_a_row = 0;
                 idle = Duration::from_millis(1);
                 for delivery in deliveries {
-                    let permit = held.pop().expect("no more deliveries than permits");
+                    let slot = held.pop().expect("no more deliveries than slots");
                     let shared = Arc::clone(&shared);
-                    let phase = phase.clone();
-                    jobs.spawn(run_job(shared, p, delivery, permit, phase));
+                    let (handlers, phase) = (Arc::clone(&handlers), phase.clone());
+                    jobs.spawn(run_job(shared, p, delivery, (slot, handlers), phase));
                 }
                 None
             }
@@ -407,11 +416,19 @@ enum Ran {
     Aborted,
 }
 
+/// How a fetched job got a handler: it did, it was taken over while it waited, or the worker
+/// began to shut down first.
+enum Waited {
+    Handler(OwnedSemaphorePermit),
+    Lost,
+    Stopping,
+}
+
 async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
     partition: usize,
     delivery: Delivery,
-    _permit: OwnedSemaphorePermit,
+    (_slot, handlers): (OwnedSemaphorePermit, Arc<Semaphore>),
     mut phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -453,6 +470,27 @@ where
             Outcome::Dead,
         );
     }
+    // Fetched ahead: wait for a handler, keeping the job while waiting.
+    let waited = tokio::select! {
+        biased;
+        () = until(&mut phase, |p| p != Phase::Running) => Waited::Stopping,
+        permit = handlers.acquire_owned() => Waited::Handler(permit.expect("the semaphore is never closed")),
+        () = job.heartbeat(config.visibility / 3) => Waited::Lost,
+    };
+    let _handler = match waited {
+        Waited::Handler(permit) => permit,
+        Waited::Lost => {
+            queue.metrics.lost.increment(1);
+            return Outcome::Lost;
+        }
+        Waited::Stopping => {
+            queue.metrics.handed_back.increment(1);
+            let step = job
+                .retry(Duration::ZERO, "its worker shut down before it started")
+                .await;
+            return finish(&shared, step, Outcome::HandedBack);
+        }
+    };
     let span = tracing::info_span!(
         "headroom.job",
         queue = %queue.name,

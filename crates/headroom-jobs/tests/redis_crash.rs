@@ -1,17 +1,19 @@
 //! Jobs on real Redis through the failures they exist for: a worker process killed with
-//! SIGKILL in the middle of a job, and Redis itself killed and restarted mid-run.
+//! SIGKILL in the middle of a job, Redis itself killed and restarted mid-run, and a
+//! write-behind instance killed with writes acknowledged but not yet written.
 //!
-//! This target has its own `main`: run with the argument `worker`, it is the worker process
-//! the first scenario kills.
+//! This target has its own `main`: run with the argument `worker` or `writer`, it is the
+//! worker process or the write-behind instance a scenario kills.
 
 use std::collections::HashSet;
-use std::process::{Child, Command};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_jobs::{Job, JobError, JobId, JobQueue, JobState};
+use headroom_jobs::{Job, JobError, JobId, JobQueue, JobState, Write, WriteBehind};
 use headroom_redis::{Redis, RedisConfig, RedisJobStore, RedisLeaseStore};
 use headroom_testkit::RedisServer;
 
@@ -94,6 +96,174 @@ fn worker_process(url: &str) {
             .start()
             .unwrap();
         std::future::pending::<()>().await;
+    });
+}
+
+/// The database write-behind writes to: a Redis hash of `version:value` per key, a write
+/// applied only over an older version.
+static APPLY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and tonumber(string.match(current, '^(%d+):')) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+return 1
+",
+    )
+});
+
+async fn apply(redis: &Redis, batch: Vec<Write>) -> Result<(), JobError> {
+    for write in batch {
+        let value = write.value.unwrap_or_default();
+        let _: i64 = redis
+            .invoke(
+                APPLY
+                    .key("database")
+                    .arg(&write.key[..])
+                    .arg(write.version)
+                    .arg(&value[..]),
+            )
+            .await
+            .map_err(|e| JobError::retry(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn write_behind(redis: &Redis) -> WriteBehind<RedisJobStore> {
+    WriteBehind::builder("profiles", RedisJobStore::new(redis.clone()))
+        .flush_interval(Duration::from_millis(50))
+        .config({
+            let mut config = headroom_jobs::WriteBehindConfig::default();
+            config.visibility = VISIBILITY;
+            config
+        })
+        .build()
+        .unwrap()
+}
+
+/// The writing instance: writes 2,000 times on 100 keys, printing each acknowledged write.
+/// From the eleventh round on, its flusher's next batch hangs as if stuck, and stays so until
+/// the process is killed: the writes of the later rounds are acknowledged and unwritten.
+fn writer_process(url: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    runtime().block_on(async {
+        let redis = Redis::connect(RedisConfig::standalone(url)).await.unwrap();
+        let writes = write_behind(&redis);
+        let stall = Arc::new(AtomicBool::new(false));
+        let (db, stalls) = (redis.clone(), stall.clone());
+        let _flusher = writes.start(move |batch: Vec<Write>| {
+            let (db, stalls) = (db.clone(), stalls.clone());
+            async move {
+                if stalls.load(Ordering::Relaxed) {
+                    println!("stalled");
+                    std::future::pending::<()>().await;
+                }
+                apply(&db, batch).await
+            }
+        });
+        for round in 0..20 {
+            if round == 10 {
+                stall.store(true, Ordering::Relaxed);
+            }
+            for key in 0..100 {
+                let value = format!("{round}");
+                writes
+                    .put(format!("user:{key}"), value.clone())
+                    .await
+                    .unwrap();
+                println!("acked user:{key} {value}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("all acked");
+        std::future::pending::<()>().await;
+    });
+}
+
+fn an_instance_killed_mid_run_loses_no_acknowledged_write() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut child = Killed(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["writer", &url])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut acked = std::collections::HashMap::new();
+    let (mut all_acked, mut stalled) = (false, false);
+    for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        match line.split(' ').collect::<Vec<_>>()[..] {
+            ["acked", key, value] => {
+                acked.insert(key.to_owned(), value.to_owned());
+            }
+            ["all", "acked"] => all_acked = true,
+            ["stalled"] => stalled = true,
+            _ => panic!("unexpected line {line:?}"),
+        }
+        if all_acked && stalled {
+            break;
+        }
+    }
+    assert!(all_acked && stalled, "the writing instance ended early");
+    assert_eq!(acked.len(), 100);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    runtime().block_on(async {
+        let redis = Redis::connect(RedisConfig::standalone(&url)).await.unwrap();
+        let writes = write_behind(&redis);
+        let database = || {
+            let redis = redis.clone();
+            async move {
+                let rows: std::collections::HashMap<String, String> = redis
+                    .query(redis::cmd("HGETALL").arg("database"))
+                    .await
+                    .unwrap();
+                rows
+            }
+        };
+        let written = |rows: &std::collections::HashMap<String, String>| {
+            acked.iter().all(|(key, value)| {
+                rows.get(key)
+                    .and_then(|row| row.split_once(':'))
+                    .is_some_and(|(_, written)| written == value)
+            })
+        };
+        assert!(
+            !written(&database().await),
+            "every write was written before the kill"
+        );
+        let db = redis.clone();
+        let flusher = writes.start(move |batch: Vec<Write>| {
+            let db = db.clone();
+            async move { apply(&db, batch).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !written(&database().await) {
+            assert!(
+                Instant::now() < deadline,
+                "an acknowledged write never reached the database"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The batch the dead instance held goes too, once its visibility lapses: written again
+        // over newer versions, which changes nothing.
+        while writes.queue().stats().await.unwrap().unfinished > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the dead instance's batch was never taken over"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            written(&database().await),
+            "an older write replaced a newer one"
+        );
+        flusher.shutdown(Duration::from_secs(5)).await;
     });
 }
 
@@ -270,14 +440,15 @@ fn redis_killed_and_restarted_mid_run_loses_no_acknowledged_job() {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("worker") {
-        worker_process(&args[2]);
-        return;
+    match args.get(1).map(String::as_str) {
+        Some("worker") => return worker_process(&args[2]),
+        Some("writer") => return writer_process(&args[2]),
+        _ => {}
     }
     // `cargo test` passes harness flags (filters, --nocapture): run every scenario unless a
     // filter names one.
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
-    let scenarios: [(&str, fn()); 2] = [
+    let scenarios: [(&str, fn()); 3] = [
         (
             "a_worker_killed_mid_job_loses_it_to_another_and_the_charge_happens_once",
             a_worker_killed_mid_job_loses_it_to_another_and_the_charge_happens_once,
@@ -285,6 +456,10 @@ fn main() {
         (
             "redis_killed_and_restarted_mid_run_loses_no_acknowledged_job",
             redis_killed_and_restarted_mid_run_loses_no_acknowledged_job,
+        ),
+        (
+            "an_instance_killed_mid_run_loses_no_acknowledged_write",
+            an_instance_killed_mid_run_loses_no_acknowledged_write,
         ),
     ];
     for (name, scenario) in scenarios {
