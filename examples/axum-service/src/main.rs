@@ -20,6 +20,11 @@
 //! - two service level objectives on orders (99.9 % answered without a server error, 99 %
 //!   within 300 ms), recorded by `SloLayer`s, with their burn rates evaluated at each scrape;
 //!   `--print-slo-rules` prints the Prometheus rules that alert on them;
+//! - `POST /exports`: a slow export moved off the request path: it enqueues a job on a bounded
+//!   queue (per-tenant bound by `x-api-key`, deduplicated by `Idempotency-Key`) and answers
+//!   `202 Accepted` with `Location: /jobs/{id}`, or `503` with `Retry-After` when the queue is
+//!   full; `GET /jobs/{id}` answers the job's state and, once done, its result, to the API key
+//!   that enqueued it only. Workers in the same process run the exports (see docs/jobs.md);
 //! - `GET /metrics`: every headroom metric in the Prometheus text format, through
 //!   `metrics-exporter-prometheus` (the recorder may be installed before or after the parts
 //!   are built).
@@ -36,6 +41,8 @@
 //! ```text
 //! curl localhost:3000/products/7
 //! curl -X POST -H 'x-api-key: acme' -H 'Idempotency-Key: order-1' -d 'sku=7' localhost:3000/orders
+//! curl -i -X POST -H 'x-api-key: acme' localhost:3000/exports
+//! curl -H 'x-api-key: acme' localhost:3000/jobs/0-1
 //! curl localhost:3000/metrics
 //! curl -X PUT -H 'Content-Type: application/json' localhost:3000/admin/chaos \
 //!      -d '{"duration": "5m", "fault": {"rate": 0.2}, "blast_radius": {"max_fraction": 0.25}}'
@@ -54,8 +61,10 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post, put};
 use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
 use headroom::chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig, FleetSwitch};
+use headroom::core::jobs::DynJobStore;
 use headroom::core::kv::DynKvStore;
 use headroom::idempotency::http::IdempotencyLayer;
+use headroom::jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, Worker};
 use headroom::limit::KeyedBulkhead;
 use headroom::limit::rate::RateKey;
 use headroom::limit::tower::{KeyedBulkheadLayer, RateLimitLayer};
@@ -98,8 +107,102 @@ struct App {
     /// The switch of the payment gateway's chaos experiment, shared by every instance.
     chaos: FleetSwitch<DynKvStore>,
     charges: Arc<AtomicU64>,
+    exports: JobQueue<DynJobStore>,
     slos: Slos,
     metrics: PrometheusHandle,
+}
+
+/// Enqueues an export for the caller's API key: 202 with where to follow it, 503 with when
+/// to retry when the queue is full.
+async fn export(State(app): State<App>, headers: HeaderMap) -> axum::response::Response {
+    let Some(tenant) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+        return (StatusCode::BAD_REQUEST, "x-api-key required").into_response();
+    };
+    let mut job = Job::new(format!("export for {tenant}")).tenant(tenant);
+    if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        job = job.idempotency_key(key);
+    }
+    match app.exports.enqueue(job).await {
+        Ok(enqueued) => (
+            StatusCode::ACCEPTED,
+            [(
+                axum::http::header::LOCATION,
+                format!("/jobs/{}", enqueued.id),
+            )],
+            format!("export {} queued", enqueued.id),
+        )
+            .into_response(),
+        Err(EnqueueError::Full { retry_after, .. }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(
+                axum::http::header::RETRY_AFTER,
+                retry_after.as_secs().max(1).to_string(),
+            )],
+            "exports are backed up; retry later",
+        )
+            .into_response(),
+        Err(error @ (EnqueueError::TooLarge { .. } | EnqueueError::Invalid(_))) => {
+            (StatusCode::BAD_REQUEST, error.to_string()).into_response()
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "job store unavailable").into_response(),
+    }
+}
+
+/// An export's state, and its result once done, for the API key that enqueued it.
+async fn job_status(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> (StatusCode, String) {
+    let Ok(id) = id.parse::<JobId>() else {
+        return (StatusCode::BAD_REQUEST, "not a job id".to_owned());
+    };
+    let tenant = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match app.exports.status_for(tenant, id).await {
+        Ok(Some(status)) => {
+            let detail = match status.state {
+                JobState::Done => status
+                    .result
+                    .map(|r| String::from_utf8_lossy(&r).into_owned())
+                    .unwrap_or_default(),
+                JobState::Dead | JobState::Retrying => status.error.unwrap_or_default(),
+                _ => String::new(),
+            };
+            (StatusCode::OK, format!("{} {detail}", status.state))
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, "no such job".to_owned()),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "job store unavailable".to_owned(),
+        ),
+    }
+}
+
+/// The exports queue: at most 1,000 waiting, 50 per API key.
+fn exports(headroom: &Headroom) -> Result<JobQueue<DynJobStore>, Box<dyn std::error::Error>> {
+    Ok(headroom
+        .job_queue("exports")?
+        .max_len(1_000)
+        .max_per_tenant(50)
+        .build()?)
+}
+
+/// Runs exports, four at a time: the slow part a request no longer waits for.
+fn export_worker(exports: &JobQueue<DynJobStore>) -> Result<Worker, Box<dyn std::error::Error>> {
+    Ok(exports
+        .worker(|job| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let rows = 1_000 + job.id().number();
+            if job.payload().is_empty() {
+                return Err(JobError::fatal("nothing to export"));
+            }
+            Ok(format!("{rows} rows exported").into())
+        })
+        .concurrency(4)
+        .start()?)
 }
 
 async fn scrape(State(app): State<App>) -> String {
@@ -260,6 +363,8 @@ struct Parts {
     reloader: Reloader,
     /// Makes this instance's experiment follow the shared switch; spawn it.
     follow_chaos: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    /// Runs the exports; shut it down before exiting.
+    export_worker: Worker,
 }
 
 async fn app(
@@ -320,6 +425,8 @@ async fn app(
         experiment.name(),
     )?;
     let follow_chaos = Box::pin(chaos.follow(experiment.clone(), chaos_poll));
+    let exports = exports(headroom)?;
+    let export_worker = export_worker(&exports)?;
     let state = App {
         products,
         catalogue: catalogue(headroom)?,
@@ -328,6 +435,7 @@ async fn app(
         gateway: gateway(headroom, &experiment)?,
         chaos,
         charges: charges.clone(),
+        exports,
         slos: slos.clone(),
         metrics,
     };
@@ -368,6 +476,8 @@ async fn app(
     let router = Router::new()
         .route("/products/{id}", get(product))
         .route("/orders", post(order).layer(orders))
+        .route("/exports", post(export))
+        .route("/jobs/{id}", get(job_status))
         .route("/metrics", get(scrape))
         .route("/admin/chaos", put(start_chaos).delete(stop_chaos))
         .with_state(state);
@@ -377,6 +487,7 @@ async fn app(
             charges,
             reloader,
             follow_chaos,
+            export_worker,
         },
     ))
 }
@@ -442,6 +553,46 @@ async fn chaos_round(
     Ok((answered, charged_before))
 }
 
+/// Enqueues an export, follows its Location until it is done, and checks that another API
+/// key cannot read it.
+async fn export_round(addr: std::net::SocketAddr) -> Result<bool, Box<dyn std::error::Error>> {
+    let post = "POST /exports HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(post.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    let location = response
+        .lines()
+        .find_map(|line| line.strip_prefix("location: "))
+        .ok_or("no Location header")?
+        .to_owned();
+    println!(
+        "POST /exports              -> {} (Location: {location})",
+        &response[9..12]
+    );
+    let get = |key: &str| {
+        format!(
+            "GET {location} HTTP/1.1\r\nHost: localhost\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let done = loop {
+        let (status, body) = send(addr, &get("acme")).await?;
+        if status == 200 && body.starts_with("done") {
+            println!("GET {location:<22} -> {status} {body}");
+            break true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            println!("GET {location:<22} -> {status} {body} (not done in 5 s)");
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (other, _) = send(addr, &get("globex")).await?;
+    println!("GET {location:<22} -> {other} (another API key)");
+    Ok(done && response.starts_with("HTTP/1.1 202") && other == 404)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
@@ -470,6 +621,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         charges,
         reloader,
         follow_chaos,
+        export_worker,
     } = parts;
     tokio::spawn(follow_chaos);
     if let Ok(path) = std::env::var("HEADROOM_RUNTIME_CONFIG") {
@@ -495,6 +647,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !smoke {
         tokio::signal::ctrl_c().await?;
         server.abort();
+        // Running exports get 10 s to finish; the rest go back to the queue for the next
+        // instance.
+        export_worker.shutdown(Duration::from_secs(10)).await;
         return Ok(());
     }
 
@@ -516,6 +671,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (no_key, _) = send(addr, missing).await?;
     println!("POST /orders (no key)      -> {no_key}");
     let (injected, charged_before_chaos) = chaos_round(addr, &key).await?;
+    let exported = export_round(addr).await?;
     let (scraped, exposition) = send(
         addr,
         "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
@@ -532,10 +688,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("# scrape\n{exposition}");
     }
     server.abort();
+    export_worker.shutdown(Duration::from_secs(5)).await;
     let charged = charges.load(Ordering::Relaxed) - charged_before_chaos;
     println!("payment gateway charged {charged} time(s)");
-    if (status, first, retry, no_key, charged, scraped, injected)
-        != (200, 201, 201, 400, 1, 200, 502)
+    if (
+        status, first, retry, no_key, charged, scraped, injected, exported,
+    ) != (200, 201, 201, 400, 1, 200, 502, true)
     {
         return Err("the service did not answer as expected".into());
     }

@@ -9,6 +9,17 @@ use std::process::Command;
 const NOT_BUILT_HERE: &[(&str, &[&str])] = &[
     // It has no answer to give in place of a product or a charge.
     ("fallback", &["headroom_breaker_fallbacks_total"]),
+    // It writes its orders at once; write-behind is for services that batch their writes.
+    (
+        "write-behind",
+        &[
+            "headroom_jobs_write_behind_calls_total",
+            "headroom_jobs_write_behind_writes_total",
+            "headroom_jobs_write_behind_coalesced_total",
+            "headroom_jobs_write_behind_failures_total",
+            "headroom_jobs_write_behind_lag_seconds",
+        ],
+    ),
     // A resharding is an operation run on the fleet, not part of the service.
     (
         "shard migration",
@@ -40,6 +51,7 @@ fn documented() -> BTreeSet<String> {
                 "shard",
                 "slo",
                 "chaos",
+                "jobs",
                 "reload",
             ]
             .iter()
