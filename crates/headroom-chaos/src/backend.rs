@@ -37,6 +37,10 @@ use bytes::Bytes;
 use futures_util::future::Either;
 use futures_util::{Stream, StreamExt};
 use headroom_core::bus::{BusEvent, InvalidationBus, Subscription};
+use headroom_core::jobs::{
+    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobStore, NewJob,
+    PartitionStats,
+};
 use headroom_core::kv::{KvEntry, KvStore};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
 use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
@@ -262,6 +266,14 @@ wrapper!(
     ChaosRateStore
 );
 wrapper!(
+    /// A [`JobStore`] (durable job queues and write-behind) with an experiment's **latency**,
+    /// **fault** and **abort** injected into every call, keyed by the partition. A faulted
+    /// call changes nothing: a faulted `enqueue` adds no job, a faulted `fetch` delivers none,
+    /// a faulted `complete` leaves the job running (another worker takes it over after its
+    /// visibility, as when a worker dies).
+    ChaosJobStore
+);
+wrapper!(
     /// A [`MigrationStore`] (resharding state) with an experiment's **latency**, **fault** and
     /// **abort** injected into every call. A faulted call changes nothing.
     ChaosMigrationStore
@@ -427,6 +439,106 @@ impl<S: LeaseStore> LeaseStore for ChaosLeaseStore<S> {
 
     fn begin_completes_at_once(&self) -> bool {
         self.inner.begin_completes_at_once()
+    }
+}
+
+impl<S: JobStore> JobStore for ChaosJobStore<S> {
+    fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> impl Future<Output = Result<Enqueued, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.enqueue(partition, job, limits)
+        })
+    }
+
+    fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send {
+        self.point
+            .call([partition], move || self.inner.fetch(partition, request))
+    }
+
+    fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.extend(partition, number, attempt)
+        })
+    }
+
+    fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner
+                .complete(partition, number, attempt, result, retention)
+        })
+    }
+
+    fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.retry(partition, number, attempt, delay, error)
+        })
+    }
+
+    fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner
+                .bury(partition, number, attempt, error, retention)
+        })
+    }
+
+    fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> impl Future<Output = Result<Option<JobRecord>, BackendError>> + Send {
+        self.point
+            .call([partition], move || self.inner.status(partition, number))
+    }
+
+    fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<JobNumber>, BackendError>> + Send {
+        self.point
+            .call([partition], move || self.inner.dead_letters(partition, max))
+    }
+
+    fn stats(
+        &self,
+        partition: &Key,
+    ) -> impl Future<Output = Result<PartitionStats, BackendError>> + Send {
+        self.point
+            .call([partition], move || self.inner.stats(partition))
     }
 }
 

@@ -39,7 +39,9 @@ mod inject;
 #[cfg(feature = "tower")]
 mod layer;
 
-pub use backend::{ChaosBus, ChaosKvStore, ChaosLeaseStore, ChaosMigrationStore, ChaosRateStore};
+pub use backend::{
+    ChaosBus, ChaosJobStore, ChaosKvStore, ChaosLeaseStore, ChaosMigrationStore, ChaosRateStore,
+};
 pub use config::{BlastRadius, Delay, ExperimentConfig, Fault, FaultKind, Latency, Rate};
 pub use experiment::{
     Experiment, ExperimentBuilder, Injection, RunStatus, Status, StopReason, Strategies,

@@ -304,7 +304,7 @@ impl Headroom {
 
     /// The same backends, namespace and clock, each backend wrapped so that `experiment`
     /// injects into its calls: every part built from the result (caches, idempotency, rate
-    /// limits) meets a slow, failing or stalling backend, and caches meet lost invalidation
+    /// limits, job queues) meets a slow, failing or stalling backend, and caches meet lost invalidation
     /// messages, while the experiment runs; while it is off, one relaxed load per call.
     /// Caches built from it share this instance's [`shutdown`](Self::shutdown).
     ///
@@ -327,7 +327,9 @@ impl Headroom {
     #[cfg(feature = "chaos")]
     #[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
     pub fn with_chaos(&self, experiment: &headroom_chaos::Experiment) -> Headroom {
-        use headroom_chaos::{ChaosBus, ChaosKvStore, ChaosLeaseStore, ChaosRateStore};
+        use headroom_chaos::{
+            ChaosBus, ChaosJobStore, ChaosKvStore, ChaosLeaseStore, ChaosRateStore,
+        };
 
         let inner = &self.inner;
         Headroom {
@@ -347,8 +349,7 @@ impl Headroom {
                     inner.rates.clone(),
                     experiment.clone(),
                 )),
-                // No chaos wrapper for the job store yet: jobs run on the store as it is.
-                jobs: inner.jobs.clone(),
+                jobs: DynJobStore::new(ChaosJobStore::new(inner.jobs.clone(), experiment.clone())),
                 #[cfg(feature = "cache")]
                 caches: inner.caches.clone(),
             }),
