@@ -1,6 +1,8 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -375,8 +377,10 @@ where
                 for delivery in deliveries {
                     let slot = held.pop().expect("no more deliveries than slots");
                     let shared = Arc::clone(&shared);
-                    let (handlers, phase) = (Arc::clone(&handlers), phase.clone());
-                    jobs.spawn(run_job(shared, p, delivery, (slot, handlers), phase));
+                    // The turn is taken here, in fetch order, so jobs fetched ahead start in
+                    // the order they were delivered.
+                    let turn = Turn::take(&handlers);
+                    jobs.spawn(run_job(shared, p, delivery, (slot, turn), phase.clone()));
                 }
                 None
             }
@@ -416,6 +420,36 @@ enum Ran {
     Aborted,
 }
 
+/// A fetched job's place in the queue for a handler. The semaphore serves waiters first come,
+/// first served, and a waiter's place is taken when its acquire is first polled: taking it
+/// when the job is fetched, not when its task first runs, keeps the fetch order.
+enum Turn {
+    Now(OwnedSemaphorePermit),
+    Queued(Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>>),
+}
+
+impl Turn {
+    fn take(handlers: &Arc<Semaphore>) -> Self {
+        let mut acquire: Pin<Box<dyn Future<Output = OwnedSemaphorePermit> + Send>> = Box::pin(
+            Arc::clone(handlers)
+                .acquire_owned()
+                .map(|permit| permit.expect("the semaphore is never closed")),
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        match acquire.as_mut().poll(&mut cx) {
+            Poll::Ready(permit) => Self::Now(permit),
+            Poll::Pending => Self::Queued(acquire),
+        }
+    }
+
+    async fn wait(self) -> OwnedSemaphorePermit {
+        match self {
+            Self::Now(permit) => permit,
+            Self::Queued(acquire) => acquire.await,
+        }
+    }
+}
+
 /// How a fetched job got a handler: it did, it was taken over while it waited, or the worker
 /// began to shut down first.
 enum Waited {
@@ -428,7 +462,7 @@ async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
     partition: usize,
     delivery: Delivery,
-    (_slot, handlers): (OwnedSemaphorePermit, Arc<Semaphore>),
+    (_slot, turn): (OwnedSemaphorePermit, Turn),
     mut phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -474,7 +508,7 @@ where
     let waited = tokio::select! {
         biased;
         () = until(&mut phase, |p| p != Phase::Running) => Waited::Stopping,
-        permit = handlers.acquire_owned() => Waited::Handler(permit.expect("the semaphore is never closed")),
+        permit = turn.wait() => Waited::Handler(permit),
         () = job.heartbeat(config.visibility / 3) => Waited::Lost,
     };
     let _handler = match waited {

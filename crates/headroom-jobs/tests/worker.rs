@@ -103,8 +103,9 @@ async fn ten_thousand_jobs_across_four_workers_each_take_effect_once() {
     assert_eq!(queue.stats().await.unwrap().unfinished, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn within_a_lane_jobs_start_in_the_order_they_were_enqueued_and_lanes_share_by_weight() {
+/// Runs 400 jobs, alternating between lanes 0 and 1 (weights 3 and 1), through one worker
+/// running one at a time with `prefetch` fetched ahead; answers the (lane, job) of each start.
+async fn starts(prefetch: usize) -> Vec<(u8, u64)> {
     let queue = JobQueue::builder("ordered", MemoryJobStore::new())
         .lane_weights([3, 1])
         .build()
@@ -126,6 +127,7 @@ async fn within_a_lane_jobs_start_in_the_order_they_were_enqueued_and_lanes_shar
             async { Ok(Bytes::new()) }
         })
         .concurrency(1)
+        .prefetch(prefetch)
         .start()
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -134,20 +136,33 @@ async fn within_a_lane_jobs_start_in_the_order_they_were_enqueued_and_lanes_shar
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     worker.shutdown(Duration::from_secs(5)).await;
-    let started = started.lock().unwrap();
-    for lane in [0, 1] {
-        let order: Vec<u64> = started
-            .iter()
-            .filter(|(l, _)| *l == lane)
-            .map(|(_, n)| *n)
-            .collect();
-        assert_eq!(order.len(), 200);
-        assert!(
-            order.windows(2).all(|w| w[0] < w[1]),
-            "lane {lane} out of order"
-        );
+    started.lock().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_a_lane_jobs_start_in_the_order_they_were_enqueued_even_when_fetched_ahead() {
+    for prefetch in [0, 8] {
+        let started = starts(prefetch).await;
+        for lane in [0, 1] {
+            let order: Vec<u64> = started
+                .iter()
+                .filter(|(l, _)| *l == lane)
+                .map(|(_, n)| *n)
+                .collect();
+            assert_eq!(order.len(), 200);
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "lane {lane} out of order with prefetch {prefetch}"
+            );
+        }
     }
-    // While both lanes hold jobs, lane 0 (weight 3) gets three of every four starts.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_lead_fetches_in_proportion_to_their_weights() {
+    // One job per fetch: while both lanes hold jobs, lane 0 (weight 3) leads, and so gets,
+    // three of every four fetches.
+    let started = starts(0).await;
     let first_hundred = started
         .iter()
         .take(100)
