@@ -21,7 +21,7 @@ pub const APALIS_BATCH: usize = 100;
 /// Jobs per call of apalis' bulk push (one Lua script each).
 const PUSH_CHUNK: u64 = 1_000;
 
-/// Task ids per round trip of [`promote_scheduled`].
+/// Task ids per round trip of `promote_scheduled`.
 const PROMOTE_CHUNK: isize = 1_000;
 
 /// Pushes `jobs` jobs (each a [`PeerJob`]) into an apalis-redis queue named `queue` on
@@ -77,7 +77,7 @@ const PROMOTE_CHUNK: isize = 1_000;
 /// Every push lands in the queue's scheduled set (its run time is clamped to now), and each
 /// fetch first moves all the due scheduled tasks to the waiting list with one Lua `unpack`,
 /// which fails beyond about 8,000 ids ("too many results to unpack"): a worker cannot start on
-/// a queue filled with 10,000 tasks. So after the push, untimed, [`promote_scheduled`] makes
+/// a queue filled with 10,000 tasks. So after the push, untimed, `promote_scheduled` makes
 /// that move itself in chunks of 1,000, in the same order; the worker's fetches then find the
 /// scheduled set empty. This leaves the move of each task out of the timed part, which favours
 /// apalis a little: apalis' own script moved 7,000 ids in 4.3 ms of server time here, so about
