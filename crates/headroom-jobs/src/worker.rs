@@ -420,6 +420,22 @@ enum Ran {
     Aborted,
 }
 
+/// One running job on the running gauge, taken off however its attempt ends.
+struct Running<'a>(&'a headroom_core::metrics::Gauge);
+
+impl<'a> Running<'a> {
+    fn start(gauge: &'a headroom_core::metrics::Gauge) -> Self {
+        gauge.increment(1);
+        Self(gauge)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1);
+    }
+}
+
 /// A fetched job's place in the queue for a handler. The semaphore serves waiters first come,
 /// first served, and a waiter's place is taken when its acquire is first polled: taking it
 /// when the job is fetched, not when its task first runs, keeps the fetch order.
@@ -458,11 +474,44 @@ enum Waited {
     Stopping,
 }
 
+/// Runs one delivered job and counts its outcome, whichever path it ends on.
 async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
     partition: usize,
     delivery: Delivery,
     (_slot, turn): (OwnedSemaphorePermit, Turn),
+    phase: watch::Receiver<Phase>,
+) -> Outcome
+where
+    S: JobStore,
+    H: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
+{
+    let number = delivery.number;
+    let outcome = attempt(&shared, partition, delivery, turn, phase).await;
+    let metrics = &shared.queue.inner.metrics;
+    match outcome {
+        Outcome::Done => metrics.done.increment(1),
+        Outcome::Retried => metrics.retried.increment(1),
+        Outcome::Dead => metrics.dead.increment(1),
+        Outcome::Lost => {
+            metrics.lost.increment(1);
+            tracing::warn!(
+                queue = %shared.queue.inner.name,
+                job.number = number,
+                "the job was taken over by another worker"
+            );
+        }
+        Outcome::HandedBack => metrics.handed_back.increment(1),
+    }
+    outcome
+}
+
+async fn attempt<S, H, Fut>(
+    shared: &Shared<S, H>,
+    partition: usize,
+    delivery: Delivery,
+    turn: Turn,
     mut phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -487,7 +536,7 @@ where
         let error = "the stored payload is not a job envelope (corrupt or foreign bytes)";
         tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
         return finish(
-            &shared,
+            shared,
             job.bury(error, queue.config.dead_retention).await,
             Outcome::Dead,
         );
@@ -499,7 +548,7 @@ where
         );
         tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
         return finish(
-            &shared,
+            shared,
             job.bury(&error, queue.config.dead_retention).await,
             Outcome::Dead,
         );
@@ -513,16 +562,12 @@ where
     };
     let _handler = match waited {
         Waited::Handler(permit) => permit,
-        Waited::Lost => {
-            queue.metrics.lost.increment(1);
-            return Outcome::Lost;
-        }
+        Waited::Lost => return Outcome::Lost,
         Waited::Stopping => {
-            queue.metrics.handed_back.increment(1);
             let step = job
                 .retry(Duration::ZERO, "its worker shut down before it started")
                 .await;
-            return finish(&shared, step, Outcome::HandedBack);
+            return finish(shared, step, Outcome::HandedBack);
         }
     };
     let span = tracing::info_span!(
@@ -545,9 +590,10 @@ where
         enqueued_at: UNIX_EPOCH + Duration::from_millis(delivery.enqueued_at_ms),
         taken_over: delivery.taken_over,
     };
-    queue.metrics.running.increment(1);
+    let running = Running::start(&queue.metrics.running);
     let started = queue.clock.stopwatch();
-    let handler = AssertUnwindSafe((shared.handler)(context))
+    // A handler may panic while making its future as well as while running it.
+    let handler = AssertUnwindSafe(async { (shared.handler)(context).await })
         .catch_unwind()
         .instrument(span.clone());
     let ran = tokio::select! {
@@ -555,11 +601,11 @@ where
         () = job.heartbeat(config.visibility / 3) => Ran::Lost,
         () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
     };
-    queue.metrics.running.decrement(1);
+    drop(running);
     queue.metrics.duration.record(started.elapsed());
     let outcome = match ran {
         Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
-            &shared,
+            shared,
             job.complete(result, queue.config.result_retention).await,
             Outcome::Done,
         ),
@@ -569,9 +615,9 @@ where
                 result.len(),
                 queue.config.max_result_len
             ));
-            failed(&shared, &job, error).await
+            failed(shared, &job, error).await
         }
-        Ran::Answered(Ok(Err(error))) => failed(&shared, &job, error).await,
+        Ran::Answered(Ok(Err(error))) => failed(shared, &job, error).await,
         Ran::Answered(Err(panic)) => {
             let message = panic
                 .downcast_ref::<&str>()
@@ -579,7 +625,7 @@ where
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-string panic".to_owned());
             failed(
-                &shared,
+                shared,
                 &job,
                 JobError::retry(format!("the handler panicked: {message}")),
             )
@@ -587,7 +633,7 @@ where
         }
         Ran::Lost => Outcome::Lost,
         Ran::Aborted => finish(
-            &shared,
+            shared,
             job.retry(Duration::ZERO, "its worker shut down before it finished")
                 .await,
             Outcome::HandedBack,
@@ -601,16 +647,6 @@ where
         Outcome::HandedBack => "handed_back",
     };
     span.record("outcome", name);
-    match outcome {
-        Outcome::Done => queue.metrics.done.increment(1),
-        Outcome::Retried => queue.metrics.retried.increment(1),
-        Outcome::Dead => queue.metrics.dead.increment(1),
-        Outcome::Lost => {
-            queue.metrics.lost.increment(1);
-            tracing::warn!(parent: &span, "the job was taken over by another worker");
-        }
-        Outcome::HandedBack => queue.metrics.handed_back.increment(1),
-    }
     outcome
 }
 

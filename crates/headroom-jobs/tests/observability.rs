@@ -241,3 +241,53 @@ fn a_job_runs_in_a_span_linked_to_the_request_that_enqueued_it() {
         "the handler runs in the job's span"
     );
 }
+
+#[test]
+fn a_job_buried_on_delivery_is_counted_dead() {
+    use headroom_core::jobs::{FetchRequest, JobStore};
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let store = MemoryJobStore::new();
+    let queue = metrics::with_local_recorder(&recorder, || {
+        JobQueue::builder("poison", store.clone()).build().unwrap()
+    });
+    current_thread().block_on(async {
+        let id = queue
+            .enqueue(Job::new("kills its worker"))
+            .await
+            .unwrap()
+            .id;
+        // Its only allowed attempt went to a worker that died.
+        let partition = headroom_core::Namespace::new("headroom.jobs")
+            .unwrap()
+            .key("{poison.0}")
+            .unwrap();
+        let request = FetchRequest {
+            consumer: "died",
+            lanes: &[0],
+            max: 1,
+            visibility: Duration::from_secs(1),
+        };
+        assert_eq!(store.fetch(&partition, request).await.unwrap().len(), 1);
+        let worker = queue
+            .worker(|_| async { Ok(Bytes::new()) })
+            .max_attempts(1)
+            .visibility(Duration::from_secs(1))
+            .start()
+            .unwrap();
+        while queue.status(id).await.unwrap().unwrap().state != JobState::Dead {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = worker.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(report.dead, 1);
+    });
+    let rendered = handle.render();
+    assert_eq!(
+        value(
+            &rendered,
+            r#"headroom_jobs_attempts_total{queue="poison",outcome="dead"}"#
+        ),
+        Some(1.0)
+    );
+}

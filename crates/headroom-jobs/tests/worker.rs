@@ -635,3 +635,32 @@ async fn bad_input_gets_typed_errors() {
         "name"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_panics_before_its_future_fails_only_its_attempt() {
+    let queue = JobQueue::builder("sync-panics", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|job| {
+            assert!(job.attempt() > 1, "bug before the first await");
+            async { Ok(Bytes::from_static(b"ok")) }
+        })
+        .backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Done).await;
+    // Retried after its backoff, not after the 30 s visibility timeout.
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(status.attempt, 2);
+    assert!(status.error.unwrap().starts_with("the handler panicked"));
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.done, report.retried, report.lost), (1, 1, 0));
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::memory::MemoryJobStore;
-use headroom_jobs::{EnqueueError, JobError, QueueConfig, Write, WriteBehind};
+use headroom_jobs::{EnqueueError, Flusher, JobError, QueueConfig, Write, WriteBehind};
 
 /// Rows by key: the version written last and the value (`None` once deleted).
 type Rows = HashMap<Bytes, (u64, Option<Bytes>)>;
@@ -35,6 +35,17 @@ impl Database {
         }
     }
 
+    /// Starts a flusher writing to this database.
+    fn flusher(self, writes: &WriteBehind<MemoryJobStore>) -> Flusher {
+        writes.start(move |batch: Vec<Write>| {
+            let db = self.clone();
+            async move {
+                db.apply(batch);
+                Ok(())
+            }
+        })
+    }
+
     fn value(&self, key: &str) -> Option<Bytes> {
         self.rows
             .lock()
@@ -51,14 +62,7 @@ async fn a_hundred_thousand_writes_on_a_thousand_keys_coalesce_per_flush_window(
         .build()
         .unwrap();
     let database = Database::default();
-    let db = database.clone();
-    let flusher = writes.start(move |batch: Vec<Write>| {
-        let db = db.clone();
-        async move {
-            db.apply(batch);
-            Ok(())
-        }
-    });
+    let flusher = database.clone().flusher(&writes);
     let start = tokio::time::Instant::now();
     let mut last = HashMap::new();
     let mut previous_version = 0;
@@ -160,14 +164,7 @@ async fn shutdown_flushes_every_pending_write() {
         .build()
         .unwrap();
     let database = Database::default();
-    let db = database.clone();
-    let flusher = writes.start(move |batch: Vec<Write>| {
-        let db = db.clone();
-        async move {
-            db.apply(batch);
-            Ok(())
-        }
-    });
+    let flusher = database.clone().flusher(&writes);
     tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..10 {
         writes.put(format!("cart:{i}"), "full").await.unwrap();
