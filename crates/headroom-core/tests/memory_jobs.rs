@@ -69,3 +69,35 @@ async fn the_store_refuses_jobs_past_its_bytes_and_takes_them_back_as_records_ex
     // Only the new job is left: six finished records went with their retention.
     assert!(store.bytes() < 11 * 1024, "{} bytes", store.bytes());
 }
+
+#[tokio::test]
+async fn finished_records_make_room_for_new_jobs_before_their_retention_ends() {
+    let store = MemoryJobStore::builder().max_bytes(64 * 1024).build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let job = NewJob::new(Bytes::from(vec![1u8; 1024]));
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 1,
+        visibility: Duration::from_secs(60),
+    };
+    // Far more jobs than the bound holds, each finished with a day's retention.
+    for _ in 0..2_000 {
+        assert!(matches!(
+            store.enqueue(&p, &job, &limits()).await,
+            Ok(Enqueued::Added(_))
+        ));
+        let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+        store
+            .complete(
+                &p,
+                delivery.number,
+                delivery.attempt,
+                Bytes::from(vec![2u8; 512]),
+                Duration::from_secs(86_400),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(store.bytes() <= 64 * 1024);
+}

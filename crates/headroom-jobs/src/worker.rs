@@ -335,16 +335,14 @@ where
     let mut next_partition = fastrand::usize(..partitions);
     let mut empty_in_a_row = 0;
     let mut idle = Duration::from_millis(1);
-    let mut stats_due = tokio::time::Instant::now();
+    // On its own timer: the loop below waits for slots, which a spike keeps all busy.
+    let _stats = AbortOnDrop(tokio::spawn(publish_stats_every(
+        shared.queue.clone(),
+        config.stats_interval,
+    )));
     loop {
         while let Some(joined) = jobs.try_join_next() {
             report.count(joined.unwrap_or(Outcome::Lost));
-        }
-        if tokio::time::Instant::now() >= stats_due {
-            stats_due = tokio::time::Instant::now() + config.stats_interval;
-            if shared.queue.publish_stats().await.is_err() {
-                queue.metrics.store_errors.increment(1);
-            }
         }
         let first = tokio::select! {
             biased;
@@ -412,6 +410,25 @@ where
         report.count(joined.unwrap_or(Outcome::Lost));
     }
     report
+}
+
+/// Publishes the queue's counts every `every`, until aborted.
+async fn publish_stats_every<S: JobStore>(queue: JobQueue<S>, every: Duration) {
+    loop {
+        if queue.publish_stats().await.is_err() {
+            queue.inner.metrics.store_errors.increment(1);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Aborts its task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum Ran {

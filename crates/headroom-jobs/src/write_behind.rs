@@ -296,6 +296,7 @@ impl<S: JobStore> WriteBehind<S> {
             writer,
             consumer: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             metrics: FlushMetrics::new(&name),
+            oldest_held_ms: AtomicU64::new(0),
         });
         let task = tokio::spawn(flush_loop(shared, watch_phase));
         Flusher { phase, task }
@@ -355,6 +356,8 @@ struct FlushShared<S, W> {
     writer: W,
     consumer: String,
     metrics: FlushMetrics,
+    /// When the oldest write of the batch in hand was recorded (Unix ms), 0 when none is.
+    oldest_held_ms: AtomicU64,
 }
 
 struct FlushMetrics {
@@ -387,6 +390,9 @@ async fn flush_loop<S: JobStore, W: Writer>(
 ) -> FlushReport {
     let mut report = FlushReport::default();
     let partitions = shared.queue.inner.partitions.len();
+    // On its own timer: a pass can be stuck on a failing writer for as long as it fails.
+    let lag = tokio::spawn(publish_lag_every(Arc::clone(&shared)));
+    let _lag = crate::worker::AbortOnDrop(lag);
     loop {
         let draining = !phase_is(&phase, Phase::Running);
         for p in 0..partitions {
@@ -398,7 +404,6 @@ async fn flush_loop<S: JobStore, W: Writer>(
                 break;
             }
         }
-        publish_lag(&shared).await;
         if draining || phase_is(&phase, Phase::Abort) {
             return report;
         }
@@ -421,11 +426,21 @@ async fn flush_loop<S: JobStore, W: Writer>(
     }
 }
 
-/// The lag: how long the oldest write not yet written has waited, by the queue's counts.
-async fn publish_lag<S: JobStore, W>(shared: &FlushShared<S, W>) {
-    if let Ok(stats) = shared.queue.publish_stats().await {
-        let lag = stats.oldest_ready_age.unwrap_or_default();
-        shared.metrics.lag.set(lag.as_secs_f64());
+/// Publishes the lag every flush interval (at most every second): how long the oldest write
+/// not yet written has waited, whether it waits in the store or in the batch in hand.
+async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<FlushShared<S, W>>) {
+    let every = shared.config.flush_interval.min(Duration::from_secs(1));
+    loop {
+        let ready = match shared.queue.publish_stats().await {
+            Ok(stats) => stats.oldest_ready_age.unwrap_or_default(),
+            Err(_) => Duration::ZERO,
+        };
+        let held = match shared.oldest_held_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            ms => Duration::from_millis(shared.queue.inner.clock.unix_millis().saturating_sub(ms)),
+        };
+        shared.metrics.lag.set(ready.max(held).as_secs_f64());
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -443,18 +458,23 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let config = &shared.config;
     let mut deliveries = Vec::new();
     loop {
-        let fetched = queue
-            .store
-            .fetch(
-                key,
-                FetchRequest {
-                    consumer: &shared.consumer,
-                    lanes: &[0],
-                    max: config.batch,
-                    visibility: config.visibility,
-                },
-            )
-            .await?;
+        let request = FetchRequest {
+            consumer: &shared.consumer,
+            lanes: &[0],
+            max: config.batch,
+            visibility: config.visibility,
+        };
+        let fetched = match queue.store.fetch(key, request).await {
+            Ok(fetched) => fetched,
+            Err(error) if deliveries.is_empty() => return Err(error),
+            // Write what is in hand now: left held, it would reach the writer only after its
+            // visibility, behind later writes of the same keys.
+            Err(error) => {
+                queue.metrics.store_errors.increment(1);
+                tracing::warn!(queue = %queue.name, %error, "fetching more writes failed");
+                break;
+            }
+        };
         let more = fetched.len() >= config.batch;
         deliveries.extend(fetched);
         // The queue's bound keeps a pass bounded.
@@ -465,6 +485,12 @@ async fn drain_partition<S: JobStore, W: Writer>(
     if deliveries.is_empty() {
         return Ok(());
     }
+    let oldest = deliveries
+        .iter()
+        .map(|d| d.enqueued_at_ms.max(1))
+        .min()
+        .unwrap_or(0);
+    shared.oldest_held_ms.store(oldest, Ordering::Relaxed);
     let mut latest: HashMap<Bytes, (u64, u64, usize)> = HashMap::new();
     let mut writes: Vec<Write> = Vec::new();
     let mut corrupt = Vec::new();
@@ -551,6 +577,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 .await;
         }
     }
+    shared.oldest_held_ms.store(0, Ordering::Relaxed);
     Ok(())
 }
 

@@ -291,3 +291,45 @@ fn a_job_buried_on_delivery_is_counted_dead() {
         Some(1.0)
     );
 }
+
+#[test]
+fn the_depth_gauge_follows_the_queue_while_every_handler_is_busy() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let queue = metrics::with_local_recorder(&recorder, || {
+        JobQueue::builder("busy", MemoryJobStore::new())
+            .build()
+            .unwrap()
+    });
+    current_thread().block_on(async {
+        let worker = queue
+            .worker(|_| async {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                Ok(Bytes::new())
+            })
+            .concurrency(2)
+            .prefetch(0)
+            .start()
+            .unwrap();
+        for _ in 0..60 {
+            for _ in 0..10 {
+                queue.enqueue(Job::new("slow")).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let rendered = handle.render();
+        let depth = value(&rendered, r#"headroom_jobs_depth{queue="busy"}"#).unwrap();
+        assert_eq!(
+            depth, 600.0,
+            "the depth gauge stood still while the handlers were busy"
+        );
+        let age = value(
+            &rendered,
+            r#"headroom_jobs_oldest_ready_age_seconds{queue="busy"}"#,
+        )
+        .unwrap();
+        assert!(age >= 60.0, "oldest ready age {age}");
+        worker.shutdown(Duration::ZERO).await;
+    });
+}

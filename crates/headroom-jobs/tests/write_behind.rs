@@ -193,3 +193,46 @@ async fn a_full_backlog_refuses_writes_instead_of_buffering_without_end() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn the_lag_grows_while_the_writer_fails_and_falls_when_it_recovers() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let lag = || {
+        let rendered = handle.render();
+        let series = r#"headroom_jobs_write_behind_lag_seconds{queue="lagging"}"#;
+        rendered
+            .lines()
+            .find(|line| line.starts_with(series))
+            .map(|line| line[series.len()..].trim().parse::<f64>().unwrap())
+            .unwrap()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let writes = WriteBehind::builder("lagging", MemoryJobStore::new())
+            .flush_interval(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let flusher = metrics::with_local_recorder(&recorder, || {
+            writes.start(move |_batch: Vec<Write>| async move {
+                if start.elapsed() < Duration::from_secs(30) {
+                    return Err(JobError::retry("database unreachable"));
+                }
+                Ok(())
+            })
+        });
+        writes.put("k", "v").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(lag() >= 15.0, "lag {} s after 20 s of failures", lag());
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert!(lag() <= 2.0, "lag {} s after the writer recovered", lag());
+        flusher.shutdown(Duration::from_secs(1)).await;
+    });
+}

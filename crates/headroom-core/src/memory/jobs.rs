@@ -27,8 +27,10 @@ const MAX_DEAD_LETTERS: usize = 10_000;
 /// each in O(log n), never by a scan.
 ///
 /// Memory is bounded in bytes (payloads, results, errors and dedup keys, plus a fixed overhead
-/// per job) besides each partition's own bound on unfinished jobs: an enqueue that would pass
-/// the byte bound is refused with [`BackendErrorKind::Unavailable`]. Completing, retrying and
+/// per job) besides each partition's own bound on unfinished jobs. An enqueue that would pass
+/// the byte bound first drops finished records (done and dead), those whose retention ends
+/// first, before it ends; only when unfinished work fills the bound is it refused with
+/// [`BackendErrorKind::Unavailable`]. Completing, retrying and
 /// burying are never refused, since refusing them would run a job again.
 ///
 /// Jobs do not outlive the process: use the Redis job store when they must.
@@ -126,6 +128,27 @@ struct Inner {
 struct State {
     partitions: HashMap<Bytes, Partition>,
     bytes: usize,
+}
+
+impl State {
+    /// Drops finished records (done and dead), those whose retention ends first, until `need`
+    /// more bytes fit or none is left: kept results must not stop new work.
+    fn make_room(&mut self, need: usize, max: usize) {
+        while self.bytes.saturating_add(need) > max {
+            let first = self
+                .partitions
+                .values_mut()
+                .filter_map(|p| p.finished.first().copied().map(|first| (first, p)))
+                .min_by_key(|(first, _)| *first);
+            let Some(((_, number), partition)) = first else {
+                return;
+            };
+            partition.finished.pop_first();
+            if let Some(job) = partition.jobs.remove(&number) {
+                self.bytes -= job.bytes();
+            }
+        }
+    }
 }
 
 /// The time of a step and the store's byte books.
@@ -315,6 +338,14 @@ impl JobStore for MemoryJobStore {
         limits: &EnqueueLimits,
     ) -> Result<Enqueued, BackendError> {
         let lane = lane_index(job.lane)?;
+        let need = JOB_OVERHEAD
+            + job.payload.len()
+            + job.tenant.as_ref().map_or(0, Bytes::len)
+            + job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
+        self.inner
+            .state
+            .lock()
+            .make_room(need, self.inner.max_bytes);
         self.with(partition, |p, now| {
             if let Some(key) = &job.dedup_key
                 && let Some(&(number, _)) = p.dedup.get(key)
