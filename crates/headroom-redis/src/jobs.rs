@@ -105,6 +105,19 @@ local function finished(tenant)
   redis.call('HSET', P .. ':stats', 'b', num(bucket), 'c', num(c + 1), 'p', num(p))
   redis.call('PEXPIRE', P .. ':stats', num(2 * W))
 end
+-- A job that can no longer run (its record gone, or not what the store wrote) stops counting
+-- against the partition's bound and, when its record still names one, its tenant's.
+local function uncount(n)
+  if redis.call('INCRBY', P .. ':n', -1) < 0 then
+    redis.call('SET', P .. ':n', 0)
+  end
+  local tenant = redis.pcall('HGET', record(n), 't')
+  if type(tenant) == 'string' then
+    if redis.call('HINCRBY', P .. ':t', tenant, -1) <= 0 then
+      redis.call('HDEL', P .. ':t', tenant)
+    end
+  end
+end
 -- Forgets the dead letters whose record expired.
 local function prune_dead()
   while true do
@@ -199,9 +212,12 @@ if #due > 0 then
     local lane = redis.call('HGET', record(n), 'l')
     if lane and string.match(lane, '^[0-7]$') then
       redis.call('XADD', lane_stream(lane), '*', 'n', n)
-    elseif redis.call('EXISTS', record(n)) == 1 then
-      corrupt[#corrupt + 1] = 'job ' .. n
-      stop = true
+    else
+      if redis.call('EXISTS', record(n)) == 1 then
+        corrupt[#corrupt + 1] = 'job ' .. n
+        stop = true
+      end
+      uncount(n)
     end
   end
 end
@@ -213,7 +229,8 @@ end
 
 -- What a stream entry's job is: 'ok' with its number, record key and fields (state,
 -- attempt, enqueued, payload, tenant) when it can be delivered; 'skip' when its record is
--- finished or gone; 'bad' with a name when its entry or record is not what the store wrote.
+-- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
+-- number, when the entry names one) when its entry or record is not what the store wrote.
 local function inspect(id, fields)
   if fields == nil then
     return 'skip'
@@ -228,10 +245,13 @@ local function inspect(id, fields)
   if (state == 'q' or state == 'y' or state == 'r') and int(r[2]) and int(r[3]) then
     return 'ok', n, rk, r
   end
-  if state == 'd' or state == 'x' or redis.call('EXISTS', rk) == 0 then
+  if state == 'd' or state == 'x' then
     return 'skip'
   end
-  return 'bad', 'job ' .. n
+  if redis.call('EXISTS', rk) == 0 then
+    return 'gone', n
+  end
+  return 'bad', 'job ' .. n, n
 end
 
 local function take(lane, id, n, rk, r, taken)
@@ -281,8 +301,14 @@ if max > 0 and not stop then
       if #out == 0 then
         drop(s, c[2])
         corrupt[#corrupt + 1] = n .. ' of lane ' .. c[1]
+        if rk then
+          uncount(rk)
+        end
       end
       break
+    elseif kind == 'gone' then
+      drop(s, c[2])
+      uncount(n)
     elseif kind == 'skip' then
       drop(s, c[2])
     else
@@ -324,11 +350,17 @@ for i = 4, #ARGV do
           if #out == 0 then
             drop(s, entry[1])
             corrupt[#corrupt + 1] = n .. ' of lane ' .. lane
+            if rk then
+              uncount(rk)
+            end
             give_back = k + 1
           else
             give_back = k
           end
           break
+        elseif kind == 'gone' then
+          drop(s, entry[1])
+          uncount(n)
         elseif kind == 'skip' then
           drop(s, entry[1])
         else
