@@ -238,7 +238,8 @@ pub struct PartitionStats {
 ///   whose `dedup_key` was enqueued within `dedup_window` is [`Enqueued::Duplicate`], even
 ///   when the partition is full. A job with a delay becomes ready when it has passed.
 /// - `fetch`, in one step: makes ready the jobs whose delay passed (in the order of their due
-///   time, each joining the end of its lane); then takes over the deliveries whose holder went
+///   time, each joining the end of its lane; a store may move a bounded batch of them per
+///   fetch, the rest at the next); then takes over the deliveries whose holder went
 ///   longer than `visibility` without completing, failing or extending them (oldest first);
 ///   then takes ready jobs from the lanes in the order given, oldest first in each lane, up to
 ///   `max` in all. Each job delivered is running, with `attempt` one more than before and its

@@ -420,8 +420,9 @@ impl<S: JobStore> JobQueue<S> {
         }
     }
 
-    /// The time the partition's drain rate takes to bring `depth` below `bound`, within the
-    /// configured bounds.
+    /// The time the partition's drain rate takes to bring `depth` below `bound`, plus up to
+    /// half again of jitter, within the configured bounds. A tenant's refusal uses the
+    /// partition's rate too: the store does not measure tenants' rates.
     fn retry_after(&self, depth: u64, bound: u64, drained_per_sec: f64) -> Duration {
         let config = &self.inner.config;
         let excess = depth.saturating_sub(bound) + 1;
@@ -431,7 +432,10 @@ impl<S: JobStore> JobQueue<S> {
         } else {
             config.max_retry_after
         };
-        wait.clamp(config.min_retry_after, config.max_retry_after)
+        // Up to half again at random, so the producers refused together do not all come back
+        // at the same moment.
+        wait.mul_f64(1.0 + fastrand::f64() / 2.0)
+            .clamp(config.min_retry_after, config.max_retry_after)
     }
 
     fn partition_for(&self, job: &Job) -> usize {

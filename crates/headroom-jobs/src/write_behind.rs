@@ -396,9 +396,16 @@ async fn flush_loop<S: JobStore, W: Writer>(
     loop {
         let draining = !phase_is(&phase, Phase::Running);
         for p in 0..partitions {
-            if let Err(error) = drain_partition(&shared, p, &mut phase, &mut report).await {
-                shared.queue.inner.metrics.store_errors.increment(1);
-                tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
+            loop {
+                match drain_partition(&shared, p, &mut phase, &mut report).await {
+                    Ok(true) if !phase_is(&phase, Phase::Abort) => {}
+                    Ok(_) => break,
+                    Err(error) => {
+                        shared.queue.inner.metrics.store_errors.increment(1);
+                        tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
+                        break;
+                    }
+                }
             }
             if phase_is(&phase, Phase::Abort) {
                 break;
@@ -444,19 +451,20 @@ async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<Fl
     }
 }
 
-/// Takes every write ready in partition `p`, coalesces them per key (the highest version
-/// wins), and hands them to the writer in chunks of `batch` keys, in order, each until the
-/// writer takes it.
+/// Takes the writes ready in partition `p` (up to ten batches), coalesces them per key (the
+/// highest version wins), and hands them to the writer in chunks of `batch` keys, in order,
+/// each until the writer takes it. Answers whether more may be ready.
 async fn drain_partition<S: JobStore, W: Writer>(
     shared: &FlushShared<S, W>,
     p: usize,
     phase: &mut watch::Receiver<Phase>,
     report: &mut FlushReport,
-) -> Result<(), BackendError> {
+) -> Result<bool, BackendError> {
     let queue = &shared.queue.inner;
     let key = &queue.partitions[p];
     let config = &shared.config;
     let mut deliveries = Vec::new();
+    let mut more = false;
     loop {
         let request = FetchRequest {
             consumer: &shared.consumer,
@@ -475,15 +483,16 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 break;
             }
         };
-        let more = fetched.len() >= config.batch;
+        more = fetched.len() >= config.batch;
         deliveries.extend(fetched);
-        // The queue's bound keeps a pass bounded.
-        if !more || phase_is(phase, Phase::Abort) {
+        // A pass holds at most ten batches, so it ends (and completes them) well within
+        // their visibility; the rest wait for the next pass, which follows at once.
+        if !more || deliveries.len() >= 10 * config.batch || phase_is(phase, Phase::Abort) {
             break;
         }
     }
     if deliveries.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let oldest = deliveries
         .iter()
@@ -578,7 +587,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
         }
     }
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
-    Ok(())
+    Ok(more && written)
 }
 
 /// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken.
