@@ -193,6 +193,13 @@ struct Job {
 }
 
 impl Job {
+    /// Changes the job's fields with `change`, keeping the store's byte books.
+    fn change(&mut self, bytes: &mut usize, change: impl FnOnce(&mut Self)) {
+        let before = self.bytes();
+        change(self);
+        *bytes = *bytes - before + self.bytes();
+    }
+
     fn bytes(&self) -> usize {
         let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
         JOB_OVERHEAD + len(&self.payload) + len(&self.tenant) + len(&self.result) + len(&self.error)
@@ -474,10 +481,10 @@ impl JobStore for MemoryJobStore {
             let Some(job) = p.held(number, attempt) else {
                 return Fenced::Rejected;
             };
-            let before = job.bytes();
-            job.payload = None;
-            job.result = Some(result);
-            *now.bytes = *now.bytes - before + job.bytes();
+            job.change(now.bytes, |job| {
+                job.payload = None;
+                job.result = Some(result);
+            });
             let until = now.ms.saturating_add(millis(retention));
             p.finish(number, JobState::Done, until, now.ms);
             Fenced::Applied
@@ -496,9 +503,7 @@ impl JobStore for MemoryJobStore {
             let Some(job) = p.held(number, attempt) else {
                 return Fenced::Rejected;
             };
-            let before = job.bytes();
-            job.error = Some(error);
-            *now.bytes = *now.bytes - before + job.bytes();
+            job.change(now.bytes, |job| job.error = Some(error));
             let since = job.at_ms;
             let due = now.ms.saturating_add(millis(delay));
             job.state = JobState::Retrying;
@@ -521,9 +526,7 @@ impl JobStore for MemoryJobStore {
             let Some(job) = p.held(number, attempt) else {
                 return Fenced::Rejected;
             };
-            let before = job.bytes();
-            job.error = Some(error);
-            *now.bytes = *now.bytes - before + job.bytes();
+            job.change(now.bytes, |job| job.error = Some(error));
             let until = now.ms.saturating_add(millis(retention));
             p.finish(number, JobState::Dead, until, now.ms);
             p.dead.push_front(number);
