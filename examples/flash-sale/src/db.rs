@@ -1,6 +1,9 @@
 //! A stand-in database: a fixed pool of connections, queries that take 5–20 ms and slow down
 //! as more of them pile up (lock contention, cache thrashing), and a pool wait limit.
 //!
+//! A connection can be held across several queries (a transaction); the time its holder spends
+//! waiting for something else meanwhile is counted as idle in transaction.
+//!
 //! Product rows carry a version, bumped by each price update, and the database remembers when
 //! each version was replaced: the demo's ground truth for how stale a product page served from
 //! a cache was.
@@ -11,7 +14,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::payment::Gateway;
 
 /// How long a query may wait for a connection before the pool gives up.
 const POOL_WAIT: Duration = Duration::from_secs(2);
@@ -58,10 +63,24 @@ pub(crate) struct Database {
     peak_pending: AtomicUsize,
     queries: AtomicU64,
     busy_micros: AtomicU64,
-    /// Committed orders by (customer, order reference): more than one is a duplicate charge.
-    orders: Mutex<HashMap<(u64, u64), u32>>,
+    /// Connections held open while their holder waits for something else, now and at most.
+    idle_in_transaction: AtomicUsize,
+    peak_idle_in_transaction: AtomicUsize,
+    /// Time connections were held, and the part of it spent idle in transaction.
+    held_micros: AtomicU64,
+    idle_micros: AtomicU64,
+    /// Committed orders by (customer, order reference).
+    orders: Mutex<HashMap<(u64, u64), Order>>,
     /// Products updated at least once.
     updated: Mutex<HashMap<u64, History>>,
+}
+
+/// An order row.
+#[derive(Clone, Copy, Debug, Default)]
+struct Order {
+    /// Times it was inserted: more than once is a duplicate order.
+    placed: u32,
+    paid: bool,
 }
 
 /// Counters of one run.
@@ -72,6 +91,13 @@ pub(crate) struct DbStats {
     pub(crate) peak_pending: usize,
     pub(crate) orders: u64,
     pub(crate) duplicate_orders: u64,
+    pub(crate) paid_orders: u64,
+    /// Connections held idle in transaction at once, at most.
+    pub(crate) peak_idle_in_transaction: usize,
+    /// Time connections were held, in all.
+    pub(crate) connection_time: Duration,
+    /// The part of it spent idle in transaction.
+    pub(crate) idle_in_transaction: Duration,
 }
 
 impl Database {
@@ -84,26 +110,32 @@ impl Database {
             peak_pending: AtomicUsize::new(0),
             queries: AtomicU64::new(0),
             busy_micros: AtomicU64::new(0),
+            idle_in_transaction: AtomicUsize::new(0),
+            peak_idle_in_transaction: AtomicUsize::new(0),
+            held_micros: AtomicU64::new(0),
+            idle_micros: AtomicU64::new(0),
             orders: Mutex::new(HashMap::new()),
             updated: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Runs one query.
-    pub(crate) async fn query(&self) -> Result<(), DbError> {
-        let pending = Pending::enter(self);
+    /// Takes a connection from the pool, waiting at most the pool's wait limit.
+    pub(crate) async fn connect(&self) -> Result<Connection<'_>, DbError> {
+        let _waiting = Pending::enter(self);
         let permit = tokio::time::timeout(POOL_WAIT, self.connections.acquire())
             .await
             .map_err(|_| DbError::PoolTimeout)?
             .expect("the pool is never closed");
-        // 5–20 ms, up to 3× slower when many queries pile up on the pool.
-        let base = 5_000 + fastrand::u64(0..15_000);
-        let contention = (pending.load() as f64 / self.size as f64 - 1.0).clamp(0.0, 4.0);
-        let micros = (base as f64 * (1.0 + contention * 0.5)) as u64;
-        tokio::time::sleep(Duration::from_micros(micros)).await;
-        drop(permit);
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        self.busy_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(Connection {
+            db: self,
+            _permit: permit,
+            opened: Instant::now(),
+        })
+    }
+
+    /// Runs one query on a connection of its own.
+    pub(crate) async fn query(&self) -> Result<(), DbError> {
+        self.connect().await?.query().await;
         Ok(())
     }
 
@@ -151,14 +183,50 @@ impl Database {
         Some(replaced.elapsed())
     }
 
-    /// Places an order: reserves stock, then inserts the order row. Returns the order number.
-    pub(crate) async fn place_order(&self, customer: u64, reference: u64) -> Result<u64, DbError> {
+    /// Places an order in one transaction: reserves stock, charges the customer through
+    /// `gateway` while holding the connection, then inserts the order row, paid. Returns the
+    /// order number.
+    pub(crate) async fn place_order_and_pay(
+        &self,
+        customer: u64,
+        reference: u64,
+        gateway: &Gateway,
+    ) -> Result<u64, DbError> {
+        let mut connection = self.connect().await?;
+        connection.query().await;
+        connection.idle(gateway.charge(customer, reference)).await;
+        connection.query().await;
+        self.record(customer, reference, |order| {
+            order.placed += 1;
+            order.paid = true;
+        });
+        Ok(order_number(customer, reference))
+    }
+
+    /// Reserves stock and inserts the order row, awaiting payment. Idempotent: an order
+    /// already inserted is left as it is (`INSERT .. ON CONFLICT DO NOTHING`).
+    pub(crate) async fn reserve_order(
+        &self,
+        customer: u64,
+        reference: u64,
+    ) -> Result<u64, DbError> {
         self.query().await?;
+        self.record(customer, reference, |order| {
+            order.placed = order.placed.max(1)
+        });
+        Ok(order_number(customer, reference))
+    }
+
+    /// Marks an order paid.
+    pub(crate) async fn mark_paid(&self, customer: u64, reference: u64) -> Result<(), DbError> {
         self.query().await?;
+        self.record(customer, reference, |order| order.paid = true);
+        Ok(())
+    }
+
+    fn record(&self, customer: u64, reference: u64, change: impl FnOnce(&mut Order)) {
         let mut orders = self.orders.lock().expect("orders lock");
-        let count = orders.entry((customer, reference)).or_insert(0);
-        *count += 1;
-        Ok(customer * 1_000_000 + reference % 1_000_000)
+        change(orders.entry((customer, reference)).or_default());
     }
 
     /// The counters so far.
@@ -170,9 +238,87 @@ impl Database {
             queries,
             mean_query: Duration::from_micros(busy.checked_div(queries).unwrap_or(0)),
             peak_pending: self.peak_pending.load(Ordering::Relaxed),
-            orders: orders.values().map(|&n| u64::from(n)).sum(),
-            duplicate_orders: orders.values().map(|&n| u64::from(n - 1)).sum(),
+            orders: orders.values().map(|o| u64::from(o.placed)).sum(),
+            duplicate_orders: orders
+                .values()
+                .map(|o| u64::from(o.placed.saturating_sub(1)))
+                .sum(),
+            paid_orders: orders.values().filter(|o| o.paid).count() as u64,
+            peak_idle_in_transaction: self.peak_idle_in_transaction.load(Ordering::Relaxed),
+            connection_time: Duration::from_micros(self.held_micros.load(Ordering::Relaxed)),
+            idle_in_transaction: Duration::from_micros(self.idle_micros.load(Ordering::Relaxed)),
         }
+    }
+}
+
+fn order_number(customer: u64, reference: u64) -> u64 {
+    customer * 1_000_000 + reference % 1_000_000
+}
+
+/// A connection taken from the pool, given back when dropped.
+pub(crate) struct Connection<'a> {
+    db: &'a Database,
+    _permit: SemaphorePermit<'a>,
+    opened: Instant,
+}
+
+impl Connection<'_> {
+    /// Runs one query.
+    pub(crate) async fn query(&mut self) {
+        let db = self.db;
+        let pending = Pending::enter(db);
+        // 5–20 ms, up to 3× slower when many queries pile up on the pool.
+        let base = 5_000 + fastrand::u64(0..15_000);
+        let contention = (pending.load() as f64 / db.size as f64 - 1.0).clamp(0.0, 4.0);
+        let micros = (base as f64 * (1.0 + contention * 0.5)) as u64;
+        tokio::time::sleep(Duration::from_micros(micros)).await;
+        db.queries.fetch_add(1, Ordering::Relaxed);
+        db.busy_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Waits for `work` while holding the connection, idle in transaction.
+    pub(crate) async fn idle<T>(&mut self, work: impl Future<Output = T>) -> T {
+        let _idle = Idle::enter(self.db);
+        work.await
+    }
+}
+
+/// Counts a connection as idle in transaction for as long as it lives.
+struct Idle<'a> {
+    db: &'a Database,
+    since: Instant,
+}
+
+impl<'a> Idle<'a> {
+    fn enter(db: &'a Database) -> Self {
+        let now = db.idle_in_transaction.fetch_add(1, Ordering::Relaxed) + 1;
+        db.peak_idle_in_transaction
+            .fetch_max(now, Ordering::Relaxed);
+        Self {
+            db,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.db.idle_in_transaction.fetch_sub(1, Ordering::Relaxed);
+        self.db
+            .idle_micros
+            .fetch_add(micros(self.since.elapsed()), Ordering::Relaxed);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        self.db
+            .held_micros
+            .fetch_add(micros(self.opened.elapsed()), Ordering::Relaxed);
     }
 }
 
@@ -217,5 +363,37 @@ mod tests {
         assert_eq!(db.staleness(&second), None);
         // Other products are untouched.
         assert_eq!(db.product(8).await.expect("read").version, 0);
+    }
+
+    #[tokio::test]
+    async fn paying_inside_the_transaction_holds_its_connection_idle_for_the_whole_call() {
+        let db = Database::new(2);
+        let gateway = Gateway::default();
+        db.place_order_and_pay(1, 10, &gateway)
+            .await
+            .expect("order");
+        let stats = db.stats();
+        assert_eq!((stats.orders, stats.paid_orders), (1, 1));
+        assert_eq!(stats.peak_idle_in_transaction, 1);
+        // The provider takes at least 80 ms, all of it with the connection held.
+        assert!(stats.idle_in_transaction >= Duration::from_millis(80));
+        assert!(stats.connection_time >= stats.idle_in_transaction);
+        assert_eq!(gateway.stats().charged, 1);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_order_is_inserted_once_and_paid_apart() {
+        let db = Database::new(2);
+        db.reserve_order(1, 10).await.expect("reserve");
+        db.reserve_order(1, 10).await.expect("reserve again");
+        assert_eq!((db.stats().orders, db.stats().paid_orders), (1, 0));
+        db.mark_paid(1, 10).await.expect("paid");
+        let stats = db.stats();
+        assert_eq!(
+            (stats.orders, stats.paid_orders, stats.duplicate_orders),
+            (1, 1, 0)
+        );
+        assert_eq!(stats.peak_idle_in_transaction, 0);
+        assert_eq!(stats.idle_in_transaction, Duration::ZERO);
     }
 }

@@ -107,6 +107,8 @@ pub(crate) enum Outcome {
     CircuitOpen,
     /// The same checkout was still running.
     InProgress,
+    /// The payment queue was full (503).
+    QueueFull,
     /// 500: database error or timeout.
     ServerError,
     /// The customer gave up waiting.
@@ -114,13 +116,14 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(crate) const ERRORS: [Outcome; 6] = [
+    pub(crate) const ERRORS: [Outcome; 7] = [
         Outcome::Timeout,
         Outcome::ServerError,
         Outcome::Shed,
         Outcome::RateLimited,
         Outcome::CircuitOpen,
         Outcome::InProgress,
+        Outcome::QueueFull,
     ];
 
     pub(crate) fn is_success(self) -> bool {
@@ -135,6 +138,7 @@ impl Outcome {
             Outcome::RateLimited => "rate-limited (429)",
             Outcome::CircuitOpen => "circuit open (503)",
             Outcome::InProgress => "in progress (409)",
+            Outcome::QueueFull => "payment queue full (503)",
             Outcome::ServerError => "server error (500)",
             Outcome::Timeout => "client timeout",
         }
@@ -142,11 +146,13 @@ impl Outcome {
 
     fn from_response(status: u16, outcome: Option<&[u8]>) -> Self {
         match (status, outcome) {
-            (200, Some(b"replayed")) => Outcome::Replayed,
-            (200, _) => Outcome::Ok,
+            // A checkout with headroom answers 202: accepted, paid by a job.
+            (200 | 202, Some(b"replayed")) => Outcome::Replayed,
+            (200 | 202, _) => Outcome::Ok,
             (429, _) => Outcome::RateLimited,
             (409, _) => Outcome::InProgress,
             (503, Some(b"circuit-open")) => Outcome::CircuitOpen,
+            (503, Some(b"queue-full")) => Outcome::QueueFull,
             (503, _) => Outcome::Shed,
             _ => Outcome::ServerError,
         }
@@ -427,6 +433,15 @@ mod tests {
             Outcome::Replayed
         );
         assert_eq!(Outcome::from_response(200, None), Outcome::Ok);
+        assert_eq!(Outcome::from_response(202, Some(b"accepted")), Outcome::Ok);
+        assert_eq!(
+            Outcome::from_response(202, Some(b"replayed")),
+            Outcome::Replayed
+        );
+        assert_eq!(
+            Outcome::from_response(503, Some(b"queue-full")),
+            Outcome::QueueFull
+        );
         assert_eq!(Outcome::from_response(429, None), Outcome::RateLimited);
         assert_eq!(
             Outcome::from_response(503, Some(b"circuit-open")),

@@ -7,6 +7,11 @@
 //! stream of price updates throughout; the program prints a side-by-side report and writes an
 //! SVG chart of latency and goodput.
 //!
+//! A checkout's slow part is the payment provider's call (80–200 ms). Unprotected, the checkout
+//! holds its database transaction open across it; with headroom, the checkout reserves the
+//! order, enqueues a payment job (`headroom::jobs`) and answers 202, and a worker on each
+//! instance pays the order. The report shows the database connections this frees.
+//!
 //! The chaos phase tests headroom itself, with one `headroom::chaos::Experiment` wrapping the
 //! protected run's shared backend (`Headroom::with_chaos`), started with each part's settings
 //! as the part begins:
@@ -34,6 +39,7 @@ mod chart;
 mod counters;
 mod db;
 mod load;
+mod payment;
 mod report;
 mod server;
 
@@ -47,6 +53,7 @@ use headroom::chaos::{Delay, Experiment, ExperimentConfig};
 use crate::counters::{Counters, Snapshot};
 use crate::db::Database;
 use crate::load::{Chaos, Phase, Plan};
+use crate::payment::Gateway;
 use crate::report::{GuardStats, Run};
 use crate::server::GuardCounters;
 
@@ -54,6 +61,8 @@ use crate::server::GuardCounters;
 pub(crate) const DB_CONNECTIONS: usize = 16;
 /// Instances of the service, sharing the database and the headroom backend.
 const INSTANCES: usize = 2;
+/// How long the payment workers may take to pay for the last orders after the load ends.
+const PAYMENT_DRAIN: Duration = Duration::from_secs(30);
 
 /// The chaos experiment's name (the `experiment` label of its metrics).
 pub(crate) const EXPERIMENT: &str = "flash-sale-chaos";
@@ -164,10 +173,11 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 async fn run_bare(plan: &Plan) -> Result<Run, Box<dyn std::error::Error>> {
     let db = Database::new(DB_CONNECTIONS);
+    let gateway = Arc::new(Gateway::default());
     let mut targets = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..INSTANCES {
-        let (addr, task) = server::start(db.clone(), None).await?;
+        let (addr, task) = server::start(db.clone(), gateway.clone(), None).await?;
         targets.push(addr);
         servers.push(task);
     }
@@ -179,6 +189,7 @@ async fn run_bare(plan: &Plan) -> Result<Run, Box<dyn std::error::Error>> {
         label: "unprotected",
         samples,
         db: db.stats(),
+        payments: gateway.stats(),
         guard: None,
         phase_counters: Vec::new(),
     })
@@ -191,6 +202,7 @@ async fn run_guarded(
     weakened: bool,
 ) -> Result<Run, Box<dyn std::error::Error>> {
     let db = Database::new(DB_CONNECTIONS);
+    let gateway = Arc::new(Gateway::default());
     // One experiment for the whole run: off until a chaos phase starts it.
     let experiment = Experiment::builder(EXPERIMENT)
         .clock(headroom.clock().clone())
@@ -212,9 +224,11 @@ async fn run_guarded(
     let mut targets = Vec::new();
     let mut servers = Vec::new();
     let mut guards = Vec::new();
+    let mut workers = Vec::new();
     for instance in 0..INSTANCES {
         let guard = server::guard(&under_chaos, instance, guard_counters.clone(), weakened)?;
-        let (addr, task) = server::start(db.clone(), Some(guard.clone())).await?;
+        let (addr, task) = server::start(db.clone(), gateway.clone(), Some(guard.clone())).await?;
+        workers.push(guard.start_payments(db.clone(), gateway.clone())?);
         targets.push(addr);
         servers.push(task);
         guards.push(guard);
@@ -235,6 +249,19 @@ async fn run_guarded(
     for server in servers {
         server.abort();
     }
+    // The orders accepted last are paid after the load ends.
+    let drained = tokio::time::Instant::now() + PAYMENT_DRAIN;
+    while guards[0].unpaid().await != Some(0) && tokio::time::Instant::now() < drained {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut payment_jobs = headroom::jobs::WorkerReport::default();
+    for worker in workers {
+        let report = worker.shutdown(Duration::from_secs(5)).await;
+        payment_jobs.done += report.done;
+        payment_jobs.retried += report.retried;
+        payment_jobs.dead += report.dead;
+    }
+    let unpaid = guards[0].unpaid().await;
     let end = counters.snapshot();
     marks.push(end.clone());
     let phase_counters = marks.windows(2).map(|w| w[1].since(&w[0])).collect();
@@ -248,11 +275,20 @@ async fn run_guarded(
         shed: guards.iter().map(|g| g.shed()).sum(),
         replays: load(&guard_counters.replays),
         breaker_rejections: load(&guard_counters.breaker_rejections),
+        payment_jobs,
+        unpaid,
+        payment_waits: std::mem::take(
+            &mut *guard_counters
+                .payment_waits
+                .lock()
+                .expect("payment waits lock"),
+        ),
     };
     Ok(Run {
         label: if weakened { "weakened" } else { "headroom" },
         samples,
         db: db.stats(),
+        payments: gateway.stats(),
         guard: Some(stats),
         phase_counters,
     })

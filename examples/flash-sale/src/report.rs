@@ -3,8 +3,11 @@
 use std::time::Duration;
 
 use crate::counters::Snapshot;
+use headroom::jobs::WorkerReport;
+
 use crate::db::DbStats;
 use crate::load::{Chaos, Kind, Outcome, Plan, Sample};
+use crate::payment::PaymentStats;
 
 /// A request counts towards goodput when it succeeded within this time, retries included.
 pub(crate) const SLO: Duration = Duration::from_millis(500);
@@ -22,7 +25,7 @@ pub(crate) const CHAOS_P99_TARGET: Duration = SLO;
 pub(crate) const CHAOS_GOODPUT_TARGET: f64 = 0.95;
 
 /// Counters of the protected build.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct GuardStats {
     pub(crate) l1_hits: u64,
     pub(crate) l1_misses: u64,
@@ -31,6 +34,12 @@ pub(crate) struct GuardStats {
     pub(crate) shed: u64,
     pub(crate) replays: u64,
     pub(crate) breaker_rejections: u64,
+    /// What the payment workers did, summed over the instances.
+    pub(crate) payment_jobs: WorkerReport,
+    /// Payment jobs left unfinished after the drain (`None`: the store did not answer).
+    pub(crate) unpaid: Option<u64>,
+    /// For each payment job done: from its 202 until the order was paid.
+    pub(crate) payment_waits: Vec<Duration>,
 }
 
 /// One run's results.
@@ -39,6 +48,7 @@ pub(crate) struct Run {
     pub(crate) label: &'static str,
     pub(crate) samples: Vec<Sample>,
     pub(crate) db: DbStats,
+    pub(crate) payments: PaymentStats,
     pub(crate) guard: Option<GuardStats>,
     /// What headroom's metrics counted in each phase (protected run only).
     pub(crate) phase_counters: Vec<Snapshot>,
@@ -263,29 +273,55 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
             .to_string()
     });
     row("orders committed", &|r| r.db.orders.to_string());
-    row("duplicate orders (double charges)", &|r| {
-        r.db.duplicate_orders.to_string()
+    row("duplicate orders", &|r| r.db.duplicate_orders.to_string());
+    row("orders paid", &|r| r.db.paid_orders.to_string());
+    row("double charges (payment provider)", &|r| {
+        r.payments.double_charges.to_string()
+    });
+    row("connections idle in transaction, peak", &|r| {
+        r.db.peak_idle_in_transaction.to_string()
+    });
+    row("connection time idle in transaction", &|r| {
+        idle_share(&r.db)
+    });
+    row("payment jobs done / retried / dead", &|r| {
+        r.guard.as_ref().map_or("-".into(), |g| {
+            let jobs = g.payment_jobs;
+            format!("{} / {} / {}", jobs.done, jobs.retried, jobs.dead)
+        })
+    });
+    row("payment p99, from 202 to paid", &|r| {
+        r.guard.as_ref().map_or("-".into(), |g| {
+            let mut waits = g.payment_waits.clone();
+            waits.sort_unstable();
+            ms(percentile(&waits, 0.99))
+        })
     });
     row("idempotent replays", &|r| {
-        r.guard.map_or("-".into(), |g| g.replays.to_string())
+        r.guard
+            .as_ref()
+            .map_or("-".into(), |g| g.replays.to_string())
     });
     row("checkouts shed", &|r| {
-        r.guard.map_or("-".into(), |g| g.shed.to_string())
+        r.guard.as_ref().map_or("-".into(), |g| g.shed.to_string())
     });
     row("breaker rejections", &|r| {
         r.guard
+            .as_ref()
             .map_or("-".into(), |g| g.breaker_rejections.to_string())
     });
     row("cache hit ratio L1", &|r| {
         r.guard
+            .as_ref()
             .map_or("-".into(), |g| ratio(g.l1_hits, g.l1_hits + g.l1_misses))
     });
     row("cache hit ratio L2 (of L1 misses)", &|r| {
         r.guard
+            .as_ref()
             .map_or("-".into(), |g| ratio(g.l2_hits, g.l2_hits + g.l2_misses))
     });
     row("cache hit ratio overall", &|r| {
-        r.guard.map_or("-".into(), |g| {
+        r.guard.as_ref().map_or("-".into(), |g| {
             ratio(g.l1_hits + g.l2_hits, g.l1_hits + g.l1_misses)
         })
     });
@@ -340,8 +376,61 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
             met = ok;
         }
     }
+    let payments_met = print_payments(bare, guarded);
     let chaos_met = print_chaos(plan, bare, guarded);
-    met && chaos_met
+    met && payments_met && chaos_met
+}
+
+/// Time connections sat idle in transaction, and its share of all connection time.
+fn idle_share(db: &DbStats) -> String {
+    let share = db.idle_in_transaction.as_secs_f64() / db.connection_time.as_secs_f64().max(1e-9);
+    format!(
+        "{:.1} s ({:.0} %)",
+        db.idle_in_transaction.as_secs_f64(),
+        share * 100.0
+    )
+}
+
+/// The payment targets: with headroom, no database connection waits on the payment provider,
+/// and every payment job finished, charging its order once. Returns whether they were met.
+fn print_payments(bare: &Run, guarded: &Run) -> bool {
+    println!();
+    println!(
+        "payment targets: no database connection idle in transaction; every payment job done, each order charged once and marked paid"
+    );
+    let mut met = true;
+    for run in [bare, guarded] {
+        let (db, paid) = (&run.db, &run.payments);
+        let Some(guard) = &run.guard else {
+            println!(
+                "  {:<12} pays inside the checkout's transaction: up to {} connections idle in transaction at once, {} idle  => reference",
+                run.label,
+                db.peak_idle_in_transaction,
+                idle_share(db)
+            );
+            continue;
+        };
+        let ok = db.peak_idle_in_transaction == 0
+            && guard.unpaid == Some(0)
+            && guard.payment_jobs.dead == 0
+            && paid.double_charges == 0
+            && paid.charged == db.paid_orders;
+        println!(
+            "  {:<12} connections idle in transaction {}, unfinished payment jobs {}, dead {}, orders charged {} and paid {}, double charges {}  => {}",
+            run.label,
+            db.peak_idle_in_transaction,
+            guard
+                .unpaid
+                .map_or_else(|| String::from("unknown"), |n| n.to_string()),
+            guard.payment_jobs.dead,
+            paid.charged,
+            db.paid_orders,
+            paid.double_charges,
+            if ok { "held" } else { "missed" }
+        );
+        met &= ok;
+    }
+    met
 }
 
 /// The chaos section: what was injected beside what headroom did, per chaos phase, with the

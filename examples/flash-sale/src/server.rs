@@ -7,32 +7,44 @@
 //!   customer tier, a load shedder (priority by tier), idempotency keys, and a circuit breaker
 //!   with a timeout around every database call.
 //!
+//! A checkout's slow part is the payment provider's call (fraud screening and authorisation).
+//! Unprotected, the checkout holds its database transaction open across it, as a naive order
+//! service does. With headroom, the checkout reserves the order in one short query, enqueues a
+//! payment job and answers 202 with where to follow it (`GET /payments/{id}`); a worker on each
+//! instance charges the order, once per job even when a job is delivered twice, and marks it
+//! paid. No database connection waits on the payment provider.
+//!
 //! Every response carries an `x-outcome` header naming what happened, which the load generator
 //! counts. A product page whose row had already been replaced by a price update when it was
 //! served also carries `x-stale-ms`: how long before (the database knows).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
 use headroom::breaker::{self, CircuitBreaker, Timeout};
 use headroom::cache::Cache;
+use headroom::core::jobs::DynJobStore;
 use headroom::core::lease::DynLeaseStore;
 use headroom::core::rate::DynRateStore;
 use headroom::idempotency::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
+use headroom::jobs::{EnqueueError, Job, JobContext, JobError, JobId, JobQueue, Worker};
 use headroom::limit::rate::{DistributedRateLimiter, Quota, RateErrorKind, RateLimit, TierConfig};
-use headroom::limit::{LoadShedder, Priority};
+use headroom::limit::{Bulkhead, LoadShedder, Priority};
 use headroom::{BuildError, Headroom};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::db::{Database, DbError, Product};
+use crate::payment::Gateway;
 
 /// Why a protected call did not reach a result.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +57,10 @@ pub(crate) enum Failure {
     RateLimited(Duration),
     /// The rate limit could not be judged (a misconfigured tier).
     RateLimitError,
+    /// The payment queue is full; retry after the given time.
+    QueueFull(Duration),
+    /// The payment queue's store failed.
+    JobStore,
 }
 
 impl Failure {
@@ -52,6 +68,13 @@ impl Failure {
         match err {
             breaker::Error::CircuitOpen(_) => Failure::CircuitOpen,
             other => other.into_inner().unwrap_or(Failure::Elapsed),
+        }
+    }
+
+    fn from_enqueue(err: EnqueueError) -> Self {
+        match err.retry_after() {
+            Some(after) if matches!(err, EnqueueError::Full { .. }) => Failure::QueueFull(after),
+            _ => Failure::JobStore,
         }
     }
 
@@ -63,6 +86,8 @@ impl Failure {
             Failure::Shed => "shed",
             Failure::RateLimited(_) => "rate-limited",
             Failure::RateLimitError => "rate-limit-error",
+            Failure::QueueFull(_) => "queue-full",
+            Failure::JobStore => "job-store-error",
         }
     }
 }
@@ -80,6 +105,8 @@ impl std::error::Error for Failure {}
 pub(crate) struct GuardCounters {
     pub(crate) replays: AtomicU64,
     pub(crate) breaker_rejections: AtomicU64,
+    /// For each payment job done: from its enqueue (the 202) until the order was paid.
+    pub(crate) payment_waits: Mutex<Vec<Duration>>,
 }
 
 /// The protections of one instance.
@@ -91,6 +118,10 @@ struct Guard {
     idempotency: Idempotency<DynLeaseStore>,
     breaker: CircuitBreaker<Failure>,
     timeout: Timeout,
+    /// Orders waiting for their payment, bounded in all and per customer.
+    payments: JobQueue<DynJobStore>,
+    /// The payment worker's share of the database, apart from the checkouts'.
+    payment_db: Bulkhead,
     counters: Arc<GuardCounters>,
     /// Product pages skip the cache and the shedder (`--weaken`).
     weakened: bool,
@@ -99,11 +130,16 @@ struct Guard {
 #[derive(Clone, Debug)]
 struct App {
     db: Arc<Database>,
+    gateway: Arc<Gateway>,
     guard: Option<Arc<Guard>>,
 }
 
-/// How much of the database one instance may use at once.
+/// How much of the database one instance's requests may use at once.
 pub(crate) const INSTANCE_CONCURRENCY: usize = 8;
+/// How much of it one instance's payment worker may use at once.
+const PAYMENT_DB_CONCURRENCY: usize = 4;
+/// Payments one instance's worker runs at once (most of their time is the provider's).
+const PAYMENT_CONCURRENCY: usize = 32;
 
 /// The protections of one instance, built from the shared [`Headroom`].
 ///
@@ -154,6 +190,18 @@ pub(crate) fn guard(
         .open_duration(Duration::from_millis(500))
         .failure_if(|failure| matches!(failure, Failure::Db(_) | Failure::Elapsed))
         .build()?;
+    // Shared by the instances: the same queue on the shared job store.
+    let payments = headroom
+        .job_queue("payments")?
+        .max_len(5_000)
+        .max_per_tenant(10)
+        .build()?;
+    let payment_db = headroom
+        .bulkhead(format!("payments-db-{instance}"))
+        .max_concurrent(PAYMENT_DB_CONCURRENCY)
+        .max_queued(PAYMENT_CONCURRENCY)
+        .max_wait(Duration::from_secs(1))
+        .build()?;
     Ok(GuardHandle(Arc::new(Guard {
         products,
         shedder,
@@ -161,6 +209,8 @@ pub(crate) fn guard(
         idempotency,
         breaker,
         timeout: Timeout::new(Duration::from_millis(250)).with_clock(headroom.clock().clone()),
+        payments,
+        payment_db,
         counters,
         weakened,
     })))
@@ -179,21 +229,47 @@ impl GuardHandle {
             .flat_map(|&p| headroom::limit::Reason::ALL.map(|r| shedder.rejected(p, r)))
             .sum()
     }
+
+    /// Starts this instance's payment worker.
+    pub(crate) fn start_payments(
+        &self,
+        db: Arc<Database>,
+        gateway: Arc<Gateway>,
+    ) -> Result<Worker, Box<dyn std::error::Error>> {
+        let guard = self.0.clone();
+        Ok(self
+            .0
+            .payments
+            .worker(move |job| {
+                let (guard, db, gateway) = (guard.clone(), db.clone(), gateway.clone());
+                async move { guard.pay(&db, &gateway, &job).await }
+            })
+            .concurrency(PAYMENT_CONCURRENCY)
+            .start()?)
+    }
+
+    /// Payment jobs not yet finished, on every instance.
+    pub(crate) async fn unpaid(&self) -> Option<u64> {
+        Some(self.0.payments.stats().await.ok()?.unfinished)
+    }
 }
 
 /// Starts one instance on a free loopback port.
 pub(crate) async fn start(
     db: Arc<Database>,
+    gateway: Arc<Gateway>,
     guard: Option<GuardHandle>,
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let app = App {
         db,
+        gateway,
         guard: guard.map(|g| g.0),
     };
     let router = Router::new()
         .route("/products/{id}", get(product))
         .route("/products/{id}/price", post(update_price))
         .route("/checkout", post(checkout))
+        .route("/payments/{id}", get(payment))
         .with_state(app);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -215,10 +291,14 @@ fn respond(status: StatusCode, outcome: &'static str) -> Response {
 fn failure_response(failure: Failure) -> Response {
     let (status, retry_after) = match failure {
         Failure::Shed | Failure::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+        Failure::QueueFull(after) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(after.as_secs().max(1)),
+        ),
         Failure::RateLimited(after) => {
             (StatusCode::TOO_MANY_REQUESTS, Some(after.as_secs().max(1)))
         }
-        Failure::Db(_) | Failure::Elapsed | Failure::RateLimitError => {
+        Failure::Db(_) | Failure::Elapsed | Failure::RateLimitError | Failure::JobStore => {
             (StatusCode::INTERNAL_SERVER_ERROR, None)
         }
     };
@@ -345,6 +425,53 @@ impl Guard {
         }
         result
     }
+
+    /// A payment job: charges the order (replayed, not repeated, when the job is delivered
+    /// again) and marks it paid.
+    async fn pay(
+        &self,
+        db: &Database,
+        gateway: &Gateway,
+        job: &JobContext,
+    ) -> Result<Bytes, JobError> {
+        let Some((customer, reference)) = std::str::from_utf8(job.payload())
+            .ok()
+            .and_then(|p| p.split_once(':'))
+            .and_then(|(c, r)| Some((c.parse::<u64>().ok()?, r.parse::<u64>().ok()?)))
+        else {
+            return Err(JobError::fatal("not a payment"));
+        };
+        let (Ok(scope), Ok(key)) = (
+            Scope::new(customer.to_string(), "payment"),
+            IdempotencyKey::new(&job.id().to_string()),
+        ) else {
+            return Err(JobError::fatal("no idempotency key for the payment"));
+        };
+        self.idempotency
+            .execute(&scope, &key, b"payment", || async {
+                gateway.charge(customer, reference).await;
+                Ok::<_, Failure>(())
+            })
+            .await
+            .map_err(|err| JobError::retry(err.to_string()))?;
+        let _connection = self
+            .payment_db
+            .acquire()
+            .await
+            .map_err(|err| JobError::retry(err.to_string()))?;
+        self.db_call(db.mark_paid(customer, reference))
+            .await
+            .map_err(|failure| JobError::retry(failure.to_string()))?;
+        let waited = SystemTime::now()
+            .duration_since(job.enqueued_at())
+            .unwrap_or_default();
+        self.counters
+            .payment_waits
+            .lock()
+            .expect("payment waits lock")
+            .push(waited);
+        Ok(Bytes::new())
+    }
 }
 
 /// The customer, tier, priority and order reference of a checkout.
@@ -373,8 +500,11 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
     };
     let Some(guard) = app.guard else {
         // A transaction commits even if the client has given up waiting for it.
-        let db = app.db.clone();
-        let placed = tokio::spawn(async move { db.place_order(customer, reference_number).await });
+        let (db, gateway) = (app.db.clone(), app.gateway.clone());
+        let placed = tokio::spawn(async move {
+            db.place_order_and_pay(customer, reference_number, &gateway)
+                .await
+        });
         return match placed.await {
             Ok(Ok(_)) => respond(StatusCode::OK, "ok"),
             _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "db-error"),
@@ -390,7 +520,8 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
     // gets its replay even when the customer is over quota or the tier is being shed. Only new
     // work meets the rate limit and the shedder, and a refusal releases the key for a retry.
     // The whole operation runs in its own task, so a client that gives up neither cancels the
-    // transaction nor releases the key while the transaction still runs.
+    // transaction nor releases the key while the transaction still runs. The order is reserved
+    // before its payment is enqueued; a refused enqueue leaves the reservation for the retry.
     let db = app.db.clone();
     let task_guard = guard.clone();
     let placed = tokio::spawn(async move {
@@ -405,26 +536,65 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
                     .await
                     .map_err(|_| Failure::Shed)?;
                 guard
-                    .db_call(db.place_order(customer, reference_number))
+                    .db_call(db.reserve_order(customer, reference_number))
+                    .await?;
+                let payment = Job::new(format!("{customer}:{reference_number}"))
+                    .tenant(customer.to_string())
+                    .idempotency_key(reference.as_str());
+                guard
+                    .payments
+                    .enqueue(payment)
                     .await
+                    .map(|enqueued| enqueued.id.to_string())
+                    .map_err(Failure::from_enqueue)
             })
             .await
     })
     .await;
     match placed {
         Ok(Ok(executed)) => {
-            if executed.replayed {
+            let outcome = if executed.replayed {
                 guard.counters.replays.fetch_add(1, Ordering::Relaxed);
-                respond(StatusCode::OK, "replayed")
+                "replayed"
             } else {
-                respond(StatusCode::OK, "ok")
+                "accepted"
+            };
+            let mut response = respond(StatusCode::ACCEPTED, outcome);
+            if let Ok(location) = HeaderValue::from_str(&format!("/payments/{}", executed.value)) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::LOCATION, location);
             }
+            response
         }
         Ok(Err(IdempotencyError::Operation(failure))) => failure_response(failure),
         Ok(Err(IdempotencyError::InProgress { .. })) => {
             respond(StatusCode::CONFLICT, "in-progress")
         }
         _ => respond(StatusCode::INTERNAL_SERVER_ERROR, "idempotency-error"),
+    }
+}
+
+/// A checkout's payment, for the customer who placed it: its state (`queued`, `running`,
+/// `retrying`, `done`, `dead`).
+async fn payment(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Some(guard) = app.guard else {
+        return respond(StatusCode::NOT_FOUND, "not-found");
+    };
+    let (Ok(id), Some(customer)) = (
+        id.parse::<JobId>(),
+        headers.get("x-customer").and_then(|v| v.to_str().ok()),
+    ) else {
+        return respond(StatusCode::BAD_REQUEST, "bad-request");
+    };
+    match guard.payments.status_for(customer, id).await {
+        Ok(Some(status)) => {
+            let mut response = respond(StatusCode::OK, "ok");
+            *response.body_mut() = status.state.to_string().into();
+            response
+        }
+        Ok(None) => respond(StatusCode::NOT_FOUND, "not-found"),
+        Err(_) => respond(StatusCode::INTERNAL_SERVER_ERROR, "job-store-error"),
     }
 }
 
@@ -473,6 +643,7 @@ mod tests {
         let guard = guard(&headroom, 0, Arc::new(GuardCounters::default()), false).expect("guard");
         let app = App {
             db: Database::new(4),
+            gateway: Arc::new(Gateway::default()),
             guard: Some(guard.0),
         };
         // A free-tier customer may place a burst of 3 checkouts.
@@ -483,7 +654,10 @@ mod tests {
                 checkout_headers(customer, "free", reference),
             )
             .await;
-            assert_eq!(outcome(&response), (StatusCode::OK, "ok".to_owned()));
+            assert_eq!(
+                outcome(&response),
+                (StatusCode::ACCEPTED, "accepted".to_owned())
+            );
         }
         let over_quota = checkout(State(app.clone()), checkout_headers(customer, "free", 4)).await;
         assert_eq!(
@@ -492,7 +666,94 @@ mod tests {
         );
         // The first checkout's response was lost; its retry must get the committed order.
         let retry = checkout(State(app.clone()), checkout_headers(customer, "free", 1)).await;
-        assert_eq!(outcome(&retry), (StatusCode::OK, "replayed".to_owned()));
+        assert_eq!(
+            outcome(&retry),
+            (StatusCode::ACCEPTED, "replayed".to_owned())
+        );
         assert_eq!(app.db.stats().orders, 3);
+    }
+
+    fn location(response: &Response) -> String {
+        response
+            .headers()
+            .get(axum::http::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .expect("a Location header")
+            .to_owned()
+    }
+
+    async fn payment_state(app: &App, location: &str, customer: u64) -> (StatusCode, String) {
+        let id = location.trim_start_matches("/payments/").to_owned();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-customer", HeaderValue::from(customer));
+        let response = payment(State(app.clone()), Path(id), headers).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1_024)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_checkout_answers_202_and_a_worker_pays_the_order_once_with_no_connection_held_meanwhile()
+     {
+        let headroom = Headroom::builder()
+            .namespace("flash-sale-test")
+            .memory()
+            .expect("memory backend");
+        let counters = Arc::new(GuardCounters::default());
+        let guard = guard(&headroom, 0, counters.clone(), false).expect("guard");
+        let app = App {
+            db: Database::new(4),
+            gateway: Arc::new(Gateway::default()),
+            guard: Some(guard.0.clone()),
+        };
+        let customer = 42;
+        let accepted = checkout(State(app.clone()), checkout_headers(customer, "premium", 7)).await;
+        assert_eq!(
+            outcome(&accepted),
+            (StatusCode::ACCEPTED, "accepted".to_owned())
+        );
+        let followed = location(&accepted);
+        // Nothing pays it yet: the order is reserved, its payment queued, for its customer only.
+        assert_eq!(
+            payment_state(&app, &followed, customer).await,
+            (StatusCode::OK, "queued".to_owned())
+        );
+        assert_eq!(
+            payment_state(&app, &followed, customer + 1).await.0,
+            StatusCode::NOT_FOUND
+        );
+        let reserved = app.db.stats();
+        assert_eq!((reserved.orders, reserved.paid_orders), (1, 0));
+
+        let worker = guard
+            .start_payments(app.db.clone(), app.gateway.clone())
+            .expect("worker");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while payment_state(&app, &followed, customer).await.1 != "done"
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            payment_state(&app, &followed, customer).await,
+            (StatusCode::OK, "done".to_owned())
+        );
+        // The retried checkout is answered with the same payment, and pays nothing again.
+        let retried = checkout(State(app.clone()), checkout_headers(customer, "premium", 7)).await;
+        assert_eq!(
+            outcome(&retried),
+            (StatusCode::ACCEPTED, "replayed".to_owned())
+        );
+        assert_eq!(location(&retried), followed);
+        let report = worker.shutdown(Duration::from_secs(5)).await;
+        assert_eq!((report.done, report.dead), (1, 0));
+        let db = app.db.stats();
+        let paid = app.gateway.stats();
+        assert_eq!((db.orders, db.paid_orders, db.duplicate_orders), (1, 1, 0));
+        assert_eq!((paid.charged, paid.double_charges), (1, 0));
+        assert_eq!(db.peak_idle_in_transaction, 0);
+        assert_eq!(counters.payment_waits.lock().expect("waits").len(), 1);
     }
 }
