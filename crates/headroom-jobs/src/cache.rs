@@ -8,6 +8,7 @@ use headroom_cache::{Cache, CacheError, CacheKey};
 use headroom_core::jobs::JobStore;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Mutex;
 
 use crate::{EnqueueError, Write, WriteBehind};
 
@@ -34,11 +35,20 @@ pub enum CacheWriteError {
 /// per key per flush window.
 ///
 /// Values are written as JSON; a writer reads them back with [`Write::json`].
+///
+/// A key's writes take turns in this process: each records its version and updates the
+/// cache before the next begins, so the cache keeps the value of the latest version, the one
+/// the writer keeps.
 #[derive(Debug)]
 pub struct WriteBehindCache<K, V, S> {
     cache: Cache<K, V>,
     writes: WriteBehind<S>,
+    /// The turns, one per stripe of keys.
+    turns: Box<[Mutex<()>]>,
 }
+
+/// Stripes of keys whose writes take turns: enough that unrelated keys rarely wait.
+const TURN_STRIPES: usize = 64;
 
 impl<K, V, S> WriteBehindCache<K, V, S>
 where
@@ -48,7 +58,11 @@ where
 {
     /// `cache`, writing behind through `writes`.
     pub fn new(cache: Cache<K, V>, writes: WriteBehind<S>) -> Self {
-        Self { cache, writes }
+        Self {
+            cache,
+            writes,
+            turns: (0..TURN_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
     }
 
     /// The cache, for reads.
@@ -66,16 +80,24 @@ where
     /// (with the Redis job store).
     pub async fn insert(&self, key: K, value: V) -> Result<u64, CacheWriteError> {
         let encoded = serde_json::to_vec(&value)?;
-        let version = self.writes.put(key_bytes(&key), encoded).await?;
+        let bytes = key_bytes(&key);
+        let _turn = self.turn(&bytes).lock().await;
+        let version = self.writes.put(bytes, encoded).await?;
         self.cache.insert(key, value).await?;
         Ok(version)
     }
 
     /// Records the delete durably, then removes `key` from the cache.
     pub async fn remove(&self, key: &K) -> Result<u64, CacheWriteError> {
-        let version = self.writes.delete(key_bytes(key)).await?;
+        let bytes = key_bytes(key);
+        let _turn = self.turn(&bytes).lock().await;
+        let version = self.writes.delete(bytes).await?;
         self.cache.remove(key).await?;
         Ok(version)
+    }
+
+    fn turn(&self, key: &[u8]) -> &Mutex<()> {
+        &self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]
     }
 }
 

@@ -1,12 +1,19 @@
 //! A cache writing behind: reads see an insert at once, the database gets it at the next
 //! flush, and a refused write changes nothing.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use headroom_cache::Cache;
-use headroom_core::Namespace;
+use headroom_core::jobs::{
+    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobStore, NewJob,
+    PartitionStats,
+};
+use headroom_core::lease::Fenced;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
+use headroom_core::{BackendError, Key, Namespace};
 use headroom_jobs::{CacheWriteError, QueueConfig, Write, WriteBehind, WriteBehindCache};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -130,5 +137,130 @@ async fn a_refused_write_leaves_the_cache_as_it_was() {
     assert_eq!(
         profiles.cache().get(&"ada".to_owned()).await.unwrap(),
         Some(first)
+    );
+}
+
+/// The memory store, with its first enqueue taking 10 ms: a write recorded first reaches the
+/// store last.
+#[derive(Debug, Default)]
+struct SlowFirstEnqueue {
+    store: MemoryJobStore,
+    slowed: AtomicBool,
+}
+
+impl JobStore for SlowFirstEnqueue {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        if !self.slowed.swap(true, Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.store.enqueue(partition, job, limits).await
+    }
+
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.store.fetch(partition, request).await
+    }
+
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.store.extend(partition, number, attempt).await
+    }
+
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.store
+            .complete(partition, number, attempt, result, retention)
+            .await
+    }
+
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.store
+            .retry(partition, number, attempt, delay, error)
+            .await
+    }
+
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.store
+            .bury(partition, number, attempt, error, retention)
+            .await
+    }
+
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        self.store.status(partition, number).await
+    }
+
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        self.store.dead_letters(partition, max).await
+    }
+
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        self.store.stats(partition).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() {
+    let writes = WriteBehind::builder("profiles", SlowFirstEnqueue::default())
+        .flush_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let profiles = Arc::new(WriteBehindCache::new(cache(), writes));
+    let visits = |visits| Profile {
+        name: "Ada".into(),
+        visits,
+    };
+    let first = tokio::spawn({
+        let profiles = profiles.clone();
+        async move { profiles.insert("ada".to_owned(), visits(1)).await }
+    });
+    // The first insert has its version and waits on the store when the second begins.
+    tokio::task::yield_now().await;
+    let second = profiles.insert("ada".to_owned(), visits(2)).await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert!(first < second, "versions {first} then {second}");
+    assert_eq!(
+        profiles.cache().get(&"ada".to_owned()).await.unwrap(),
+        Some(visits(2)),
+        "the cache holds the value of the later version, as the writer will"
     );
 }
