@@ -501,6 +501,18 @@ impl<S: JobStore> JobStore for ChaosJobStore<S> {
         })
     }
 
+    fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.release(partition, number, attempt, error)
+        })
+    }
+
     fn bury(
         &self,
         partition: &Key,

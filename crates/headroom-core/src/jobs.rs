@@ -148,6 +148,9 @@ pub struct Delivery {
     pub enqueued_at_ms: u64,
     /// Whether the job was taken over from a holder whose visibility ran out.
     pub taken_over: bool,
+    /// Earlier deliveries of the job that its holder handed back with
+    /// [`JobStore::release`]: `attempt - handed_back` is the attempts charged to the job.
+    pub handed_back: u32,
 }
 
 /// Where a job is in its life.
@@ -300,6 +303,19 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         error: Bytes,
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
 
+    /// Puts the job held by `attempt` back at once, as [`retry`](Self::retry) with no delay
+    /// does, but uncharged: the holder is handing it back unfinished (it is stopping), not
+    /// failing it. Its later deliveries count this one in
+    /// [`handed_back`](Delivery::handed_back); their attempt numbers still grow, as fencing
+    /// tokens.
+    fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
     /// Gives up on the job held by `attempt`, keeping it as a dead letter for `retention`.
     fn bury(
         &self,
@@ -366,6 +382,13 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         number: JobNumber,
         attempt: u32,
         delay: Duration,
+        error: Bytes,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn release<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
         error: Bytes,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
     fn bury<'a>(
@@ -439,6 +462,15 @@ impl<S: JobStore> ErasedJobStore for S {
         Box::pin(JobStore::retry(
             self, partition, number, attempt, delay, error,
         ))
+    }
+    fn release<'a>(
+        &'a self,
+        partition: &'a Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(JobStore::release(self, partition, number, attempt, error))
     }
     fn bury<'a>(
         &'a self,
@@ -532,6 +564,15 @@ impl JobStore for DynJobStore {
         error: Bytes,
     ) -> Result<Fenced, BackendError> {
         self.0.retry(partition, number, attempt, delay, error).await
+    }
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.0.release(partition, number, attempt, error).await
     }
     async fn bury(
         &self,

@@ -38,7 +38,8 @@ impl JobContext {
         self.id
     }
 
-    /// Which delivery this is, from 1.
+    /// Which attempt this is, from 1. Deliveries a stopping worker handed back unfinished
+    /// are not counted; a takeover after a worker died or stalled is.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -543,6 +544,7 @@ where
         key: &queue.partitions[partition],
         number: delivery.number,
         attempt: delivery.attempt,
+        charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
     };
     let id = JobId {
@@ -558,9 +560,9 @@ where
             Outcome::Dead,
         );
     };
-    if delivery.attempt > config.max_attempts {
+    if job.charged > config.max_attempts {
         let error = format!(
-            "gave up after {} deliveries; the last ended without an answer (its worker died or stalled)",
+            "gave up after {} attempts; the last ended without an answer (its worker died or stalled)",
             config.max_attempts
         );
         tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
@@ -581,9 +583,7 @@ where
         Waited::Handler(permit) => permit,
         Waited::Lost => return Outcome::Lost,
         Waited::Stopping => {
-            let step = job
-                .retry(Duration::ZERO, "its worker shut down before it started")
-                .await;
+            let step = job.release("its worker shut down before it started").await;
             return finish(shared, step, Outcome::HandedBack);
         }
     };
@@ -591,13 +591,13 @@ where
         "headroom.job",
         queue = %queue.name,
         job.id = %id,
-        job.attempt = delivery.attempt,
+        job.attempt = job.charged,
         job.origin = origin.as_deref().unwrap_or(""),
         outcome = tracing::field::Empty,
     );
     let context = JobContext {
         id,
-        attempt: delivery.attempt,
+        attempt: job.charged,
         lane: delivery.lane,
         payload,
         tenant: delivery
@@ -651,8 +651,7 @@ where
         Ran::Lost => Outcome::Lost,
         Ran::Aborted => finish(
             shared,
-            job.retry(Duration::ZERO, "its worker shut down before it finished")
-                .await,
+            job.release("its worker shut down before it finished").await,
             Outcome::HandedBack,
         ),
     };
@@ -692,8 +691,8 @@ async fn failed<S: JobStore, H>(
     error: JobError,
 ) -> Outcome {
     let config = &shared.config;
-    if error.is_retryable() && job.attempt < config.max_attempts {
-        let delay = config.backoff(job.attempt, fastrand::f64());
+    if error.is_retryable() && job.charged < config.max_attempts {
+        let delay = config.backoff(job.charged, fastrand::f64());
         finish(
             shared,
             job.retry(delay, error.message()).await,
@@ -714,7 +713,10 @@ struct Held<'a, S> {
     store: &'a S,
     key: &'a Key,
     number: u64,
+    /// The delivery's attempt: the fencing token of every step.
     attempt: u32,
+    /// The attempts charged to the job, this one included (hand-backs are not charged).
+    charged: u32,
     /// How long a finishing step keeps trying through store errors.
     budget: Duration,
 }
@@ -772,6 +774,16 @@ impl<S: JobStore> Held<'_, S> {
         self.persist(|| {
             self.store
                 .retry(self.key, self.number, self.attempt, delay, error.clone())
+        })
+        .await
+    }
+
+    /// Hands the job back unfinished, uncharged, for another worker at once.
+    async fn release(&self, error: &str) -> Result<Fenced, BackendError> {
+        let error = Bytes::copy_from_slice(error.as_bytes());
+        self.persist(|| {
+            self.store
+                .release(self.key, self.number, self.attempt, error.clone())
         })
         .await
     }

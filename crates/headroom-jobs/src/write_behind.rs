@@ -576,11 +576,10 @@ async fn drain_partition<S: JobStore, W: Writer>(
         for delivery in &deliveries {
             let _ = queue
                 .store
-                .retry(
+                .release(
                     key,
                     delivery.number,
                     delivery.attempt,
-                    Duration::ZERO,
                     Bytes::from_static(b"handed back"),
                 )
                 .await;

@@ -460,8 +460,61 @@ async fn shutdown_stops_fetching_waits_for_running_jobs_and_hands_back_the_rest(
         .start()
         .unwrap();
     wait_for_state(&queue, long, JobState::Done).await;
+    // The hand-back was not charged: this is its first attempt again.
     let long_status = queue.status(long).await.unwrap().unwrap();
-    assert_eq!(long_status.result.as_deref(), Some(&b"attempt 2"[..]));
+    assert_eq!(long_status.result.as_deref(), Some(&b"attempt 1"[..]));
+    next.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_handed_back_at_shutdowns_are_not_charged_an_attempt() {
+    let queue = JobQueue::builder("rolling", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(queue.enqueue(Job::new("3600")).await.unwrap().id);
+    }
+    // Three deploys in a row: each worker runs one job and holds two fetched ahead when it is
+    // shut down, and hands all three back. One attempt each is allowed.
+    for _ in 0..3 {
+        let worker = queue
+            .worker(|job| async move {
+                tokio::time::sleep(Duration::from_secs(number(job.payload()))).await;
+                Ok(Bytes::new())
+            })
+            .concurrency(1)
+            .prefetch(2)
+            .max_attempts(1)
+            .visibility(Duration::from_secs(600))
+            .start()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while queue.stats().await.unwrap().running < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never held all three jobs: {:?}",
+                queue
+                    .status(ids[0])
+                    .await
+                    .unwrap()
+                    .map(|s| (s.state, s.error))
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = worker.shutdown(Duration::from_secs(1)).await;
+        assert_eq!((report.handed_back, report.dead), (3, 0));
+    }
+    let next = queue
+        .worker(|job| async move { Ok(Bytes::from(format!("attempt {}", job.attempt()))) })
+        .max_attempts(1)
+        .start()
+        .unwrap();
+    for &id in &ids {
+        wait_for_state(&queue, id, JobState::Done).await;
+        let status = queue.status(id).await.unwrap().unwrap();
+        assert_eq!(status.result.as_deref(), Some(&b"attempt 1"[..]));
+    }
     next.shutdown(Duration::from_secs(1)).await;
 }
 

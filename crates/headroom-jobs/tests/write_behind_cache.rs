@@ -204,6 +204,16 @@ impl JobStore for SlowFirstEnqueue {
             .await
     }
 
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.store.release(partition, number, attempt, error).await
+    }
+
     async fn bury(
         &self,
         partition: &Key,

@@ -30,7 +30,8 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload (until
-//   done), `t` tenant (if any), `res` result, `err` error, and while running `sid` (the stream
+//   done), `t` tenant (if any), `h` deliveries handed back (once one was), `res` result, `err`
+//   error, and while running `sid` (the stream
 //   entry of the current delivery) and `c` (its consumer). Unfinished records never expire;
 //   finished ones expire after their retention.
 // - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
@@ -193,7 +194,7 @@ return {'a', number}
 /// ARGV: consumer, max, visibility (ms), then the lanes to read in order.
 ///
 /// Answers `{deliveries, corrupt}`: each delivery `{number, attempt, lane, payload, tenant or
-/// nil, enqueued ms, taken over (1/0)}`; `corrupt` names the jobs (or stream entries) whose
+/// nil, enqueued ms, taken over (1/0), handed back}`; `corrupt` names the jobs (or stream entries) whose
 /// record cannot be read, which were taken off their lanes. A corrupt record stops the fetch:
 /// met before any delivery, it is taken off its lane and named (and nothing is delivered);
 /// met after, it is left where it is (the next fetch meets it first), so no job is ever
@@ -240,7 +241,7 @@ local function inspect(id, fields)
     return 'bad', 'entry ' .. id
   end
   local rk = record(n)
-  local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't')
+  local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
   local state = r[1]
   if (state == 'q' or state == 'y' or state == 'r') and int(r[2]) and int(r[3]) then
     return 'ok', n, rk, r
@@ -257,7 +258,7 @@ end
 local function take(lane, id, n, rk, r, taken)
   local a = int(r[2]) + 1
   redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
-  out[#out + 1] = {n, a, lane, r[4] or '', r[5], int(r[3]), taken}
+  out[#out + 1] = {n, a, lane, r[4] or '', r[5], int(r[3]), taken, int(r[6] or '0') or 0}
 end
 
 -- The id just before `id`, to hand entries back to the group.
@@ -380,8 +381,9 @@ end
 return {out, corrupt}
 ";
 
-/// ARGV: number, attempt, operation (`extend`, `complete`, `retry`, `bury`), then per
-/// operation: nothing; result and retention (ms); delay (ms) and error; error and retention.
+/// ARGV: number, attempt, operation (`extend`, `complete`, `retry`, `release`, `bury`), then
+/// per operation: nothing; result and retention (ms); delay (ms) and error (both for `retry`
+/// and `release`, which also counts the delivery as handed back); error and retention.
 ///
 /// Answers 1 (applied), 0 (rejected) or -1 (the record is corrupt; nothing changed).
 const STEP: &str = r"
@@ -410,11 +412,14 @@ if op == 'complete' then
   redis.call('HSET', rk, 's', 'd', 'res', ARGV[4])
   redis.call('HDEL', rk, 'p', 'sid', 'c')
   redis.call('PEXPIRE', rk, ARGV[5])
-elseif op == 'retry' then
+elseif op == 'retry' or op == 'release' then
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
   redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
   redis.call('HDEL', rk, 'sid', 'c')
+  if op == 'release' then
+    redis.call('HINCRBY', rk, 'h', 1)
+  end
   redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
 else
   finished(tenant)
@@ -726,10 +731,20 @@ fn state(code: &[u8]) -> Option<JobState> {
 fn parse_delivery(value: Value) -> Result<Delivery, BackendError> {
     const WHAT: &str = "a fetched job";
     let fields = array(value, WHAT)?;
-    let Ok([number, attempt, lane, payload, tenant, enqueued, taken]) =
-        <[Value; 7]>::try_from(fields)
+    let Ok(
+        [
+            number,
+            attempt,
+            lane,
+            payload,
+            tenant,
+            enqueued,
+            taken,
+            handed_back,
+        ],
+    ) = <[Value; 8]>::try_from(fields)
     else {
-        return Err(protocol(format!("{WHAT}: expected 7 fields")));
+        return Err(protocol(format!("{WHAT}: expected 8 fields")));
     };
     let number = reply_number(&number, WHAT)?;
     let attempt = u32::try_from(reply_number(&attempt, WHAT)?)
@@ -739,35 +754,21 @@ fn parse_delivery(value: Value) -> Result<Delivery, BackendError> {
         .ok()
         .filter(|lane| *lane < MAX_LANES)
         .ok_or_else(|| protocol(format!("{WHAT}: lane {lane}")))?;
-    Ok(delivery(
+    Ok(Delivery {
         number,
         attempt,
         lane,
-        bytes(payload, WHAT)?.unwrap_or_default(),
-        bytes(tenant, WHAT)?,
-        reply_number(&enqueued, WHAT)?,
-        reply_number(&taken, WHAT)? == 1,
-    ))
-}
-
-fn delivery(
-    number: JobNumber,
-    attempt: u32,
-    lane: u8,
-    payload: Bytes,
-    tenant: Option<Bytes>,
-    enqueued_at_ms: u64,
-    taken_over: bool,
-) -> Delivery {
-    Delivery {
-        number,
-        attempt,
-        lane,
-        payload,
-        tenant,
-        enqueued_at_ms,
-        taken_over,
-    }
+        payload: bytes(payload, WHAT)?.unwrap_or_default(),
+        tenant: bytes(tenant, WHAT)?,
+        enqueued_at_ms: reply_number(&enqueued, WHAT)?,
+        taken_over: reply_number(&taken, WHAT)? == 1,
+        // The store counts only deliveries before this one; a count it did not write reads
+        // as all of them.
+        handed_back: u32::try_from(reply_number(&handed_back, WHAT)?)
+            .map_or(attempt.saturating_sub(1), |n| {
+                n.min(attempt.saturating_sub(1))
+            }),
+    })
 }
 
 /// The fields `status` reads, in order.
@@ -975,6 +976,17 @@ impl JobStore for RedisJobStore {
             &[delay.as_bytes(), &error],
         )
         .await
+    }
+
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.step(partition, number, attempt, "release", &[b"0", &error])
+            .await
     }
 
     async fn bury(

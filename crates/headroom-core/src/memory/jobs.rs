@@ -181,6 +181,8 @@ struct Partition {
 struct Job {
     state: JobState,
     attempt: u32,
+    /// Deliveries handed back uncharged.
+    handed_back: u32,
     lane: u8,
     payload: Option<Bytes>,
     tenant: Option<Bytes>,
@@ -319,6 +321,31 @@ impl Partition {
         self.drain.record(now_ms);
     }
 
+    /// Puts the job held by `attempt` back after `delay`, as retrying; `handed_back`: its
+    /// holder hands it back unfinished, uncharged.
+    fn put_back(
+        &mut self,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+        now: Now<'_>,
+        handed_back: bool,
+    ) -> Fenced {
+        let Some(job) = self.held(number, attempt) else {
+            return Fenced::Rejected;
+        };
+        job.change(now.bytes, |job| job.error = Some(error));
+        let since = job.at_ms;
+        let due = now.ms.saturating_add(millis(delay));
+        job.state = JobState::Retrying;
+        job.at_ms = due;
+        job.handed_back += u32::from(handed_back);
+        self.running.remove(&(since, number));
+        self.delayed.insert((due, number));
+        Fenced::Applied
+    }
+
     fn deliver(&mut self, number: JobNumber, taken_over: bool, now_ms: u64) -> Delivery {
         let job = self.jobs.get_mut(&number).expect("a queued job");
         job.state = JobState::Running;
@@ -333,6 +360,7 @@ impl Partition {
             tenant: job.tenant.clone(),
             enqueued_at_ms: job.enqueued_at_ms,
             taken_over,
+            handed_back: job.handed_back,
         }
     }
 }
@@ -380,6 +408,7 @@ impl JobStore for MemoryJobStore {
             let record = Job {
                 state: JobState::Queued,
                 attempt: 0,
+                handed_back: 0,
                 lane: job.lane,
                 payload: Some(job.payload.clone()),
                 tenant: job.tenant.clone(),
@@ -500,17 +529,19 @@ impl JobStore for MemoryJobStore {
         error: Bytes,
     ) -> Result<Fenced, BackendError> {
         Ok(self.with(partition, |p, now| {
-            let Some(job) = p.held(number, attempt) else {
-                return Fenced::Rejected;
-            };
-            job.change(now.bytes, |job| job.error = Some(error));
-            let since = job.at_ms;
-            let due = now.ms.saturating_add(millis(delay));
-            job.state = JobState::Retrying;
-            job.at_ms = due;
-            p.running.remove(&(since, number));
-            p.delayed.insert((due, number));
-            Fenced::Applied
+            p.put_back(number, attempt, delay, error, now, false)
+        }))
+    }
+
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        Ok(self.with(partition, |p, now| {
+            p.put_back(number, attempt, Duration::ZERO, error, now, true)
         }))
     }
 

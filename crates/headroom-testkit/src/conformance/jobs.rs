@@ -497,6 +497,44 @@ pub async fn a_retried_job_comes_back_after_its_delay<S: JobStore>(store: &S, ns
     assert!(!again[0].taken_over);
 }
 
+/// A released job comes back at once, its hand-back counted and not charged: its next
+/// delivery has the next attempt (the holder's steps are fenced) and one more handed back. A
+/// takeover is charged.
+pub async fn a_released_job_comes_back_at_once_uncharged<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let number = add(store, &p, &job("a")).await;
+    let first = fetch(store, &p, "stopping", &[0], 1, LONG).await;
+    assert_eq!((first[0].attempt, first[0].handed_back), (1, 0));
+    let released = store
+        .release(&p, number, 1, Bytes::from_static(b"shutting down"))
+        .await
+        .expect("release");
+    assert_eq!(released, Fenced::Applied);
+    let record = store
+        .status(&p, number)
+        .await
+        .expect("status")
+        .expect("kept");
+    assert_eq!(record.state, JobState::Retrying);
+    let again = fetch_eventually(store, &p, "next", Duration::from_millis(200)).await;
+    assert_eq!(
+        (again[0].number, again[0].attempt, again[0].handed_back),
+        (number, 2, 1)
+    );
+    for stale in [
+        store.release(&p, number, 1, Bytes::new()).await,
+        store.complete(&p, number, 1, Bytes::new(), LONG).await,
+    ] {
+        assert_eq!(stale.expect("step"), Fenced::Rejected);
+    }
+    // The second holder dies: the takeover is charged, the earlier hand-back still counted.
+    let taken = fetch_eventually(store, &p, "last", Duration::from_millis(200)).await;
+    assert_eq!(
+        (taken[0].attempt, taken[0].handed_back, taken[0].taken_over),
+        (3, 1, true)
+    );
+}
+
 /// A buried job is dead: kept with its payload and error, listed newest first among the dead
 /// letters, and no longer counted against the bound.
 pub async fn a_buried_job_is_a_dead_letter_and_frees_its_place<S: JobStore>(

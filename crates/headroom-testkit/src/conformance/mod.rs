@@ -184,6 +184,7 @@ macro_rules! job_store_conformance {
                 an_expired_visibility_is_taken_over_and_the_old_holder_fenced,
                 extending_keeps_the_job,
                 a_retried_job_comes_back_after_its_delay,
+                a_released_job_comes_back_at_once_uncharged,
                 a_buried_job_is_a_dead_letter_and_frees_its_place,
                 finished_records_go_after_their_retention,
                 steps_on_unknown_jobs_are_rejected,
