@@ -2,6 +2,7 @@
 //! writes in batches.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use headroom_cache::{Cache, CacheError, CacheKey};
@@ -38,17 +39,28 @@ pub enum CacheWriteError {
 ///
 /// A key's writes take turns in this process: each records its version and updates the
 /// cache before the next begins, so the cache keeps the value of the latest version, the one
-/// the writer keeps.
-#[derive(Debug)]
+/// the writer keeps. Keys are spread over 256 stripes and the keys of a stripe take turns
+/// together: a write waits for the earlier writes of its stripe, each a job store
+/// call and a cache write. A write runs to its end in a task of its own, even when its caller
+/// stops waiting for it.
 pub struct WriteBehindCache<K, V, S> {
     cache: Cache<K, V>,
-    writes: WriteBehind<S>,
+    writes: Arc<WriteBehind<S>>,
     /// The turns, one per stripe of keys.
-    turns: Box<[Mutex<()>]>,
+    turns: Arc<[Arc<Mutex<()>>]>,
 }
 
-/// Stripes of keys whose writes take turns: enough that unrelated keys rarely wait.
-const TURN_STRIPES: usize = 64;
+impl<K, V, S> std::fmt::Debug for WriteBehindCache<K, V, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBehindCache")
+            .field("cache", &self.cache)
+            .field("writes", &self.writes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The stripes of keys whose writes take turns.
+const TURN_STRIPES: usize = 256;
 
 impl<K, V, S> WriteBehindCache<K, V, S>
 where
@@ -60,8 +72,10 @@ where
     pub fn new(cache: Cache<K, V>, writes: WriteBehind<S>) -> Self {
         Self {
             cache,
-            writes,
-            turns: (0..TURN_STRIPES).map(|_| Mutex::new(())).collect(),
+            writes: Arc::new(writes),
+            turns: (0..TURN_STRIPES)
+                .map(|_| Arc::new(Mutex::new(())))
+                .collect(),
         }
     }
 
@@ -81,23 +95,47 @@ where
     pub async fn insert(&self, key: K, value: V) -> Result<u64, CacheWriteError> {
         let encoded = serde_json::to_vec(&value)?;
         let bytes = key_bytes(&key);
-        let _turn = self.turn(&bytes).lock().await;
-        let version = self.writes.put(bytes, encoded).await?;
-        self.cache.insert(key, value).await?;
-        Ok(version)
+        let (writes, cache) = (Arc::clone(&self.writes), self.cache.clone());
+        self.in_turn(&bytes.clone(), async move {
+            let version = writes.put(bytes, encoded).await?;
+            cache.insert(key, value).await?;
+            Ok(version)
+        })
+        .await
     }
 
     /// Records the delete durably, then removes `key` from the cache.
     pub async fn remove(&self, key: &K) -> Result<u64, CacheWriteError> {
         let bytes = key_bytes(key);
-        let _turn = self.turn(&bytes).lock().await;
-        let version = self.writes.delete(bytes).await?;
-        self.cache.remove(key).await?;
-        Ok(version)
+        let (writes, cache, key) = (Arc::clone(&self.writes), self.cache.clone(), key.clone());
+        self.in_turn(&bytes.clone(), async move {
+            let version = writes.delete(bytes).await?;
+            cache.remove(&key).await?;
+            Ok(version)
+        })
+        .await
     }
 
-    fn turn(&self, key: &[u8]) -> &Mutex<()> {
-        &self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]
+    /// Runs `write` in its key's turn, in a task of its own: a caller that stops waiting
+    /// leaves it to finish, so the cache and the writer still agree.
+    async fn in_turn(
+        &self,
+        key: &[u8],
+        write: impl Future<Output = Result<u64, CacheWriteError>> + Send + 'static,
+    ) -> Result<u64, CacheWriteError> {
+        let turn = Arc::clone(&self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]);
+        let task = tokio::spawn(async move {
+            let _turn = turn.lock_owned().await;
+            write.await
+        });
+        match task.await {
+            Ok(written) => written,
+            Err(failed) => match failed.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Cancelled: the runtime is shutting down, and drops this caller too.
+                Err(_) => std::future::pending().await,
+            },
+        }
     }
 }
 

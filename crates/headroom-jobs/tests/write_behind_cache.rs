@@ -15,6 +15,7 @@ use headroom_core::lease::Fenced;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
 use headroom_core::{BackendError, Key, Namespace};
 use headroom_jobs::{CacheWriteError, QueueConfig, Write, WriteBehind, WriteBehindCache};
+use tokio::sync::Notify;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Profile {
@@ -140,12 +141,13 @@ async fn a_refused_write_leaves_the_cache_as_it_was() {
     );
 }
 
-/// The memory store, with its first enqueue taking 10 ms: a write recorded first reaches the
-/// store last.
+/// The memory store, with the answer to its first enqueue taking 10 ms: a write recorded
+/// first is answered last. `started` is told when the job is in the store.
 #[derive(Debug, Default)]
 struct SlowFirstEnqueue {
     store: MemoryJobStore,
     slowed: AtomicBool,
+    started: Arc<Notify>,
 }
 
 impl JobStore for SlowFirstEnqueue {
@@ -155,10 +157,12 @@ impl JobStore for SlowFirstEnqueue {
         job: &NewJob,
         limits: &EnqueueLimits,
     ) -> Result<Enqueued, BackendError> {
+        let answer = self.store.enqueue(partition, job, limits).await;
         if !self.slowed.swap(true, Ordering::Relaxed) {
+            self.started.notify_one();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.store.enqueue(partition, job, limits).await
+        answer
     }
 
     async fn fetch(
@@ -250,7 +254,9 @@ impl JobStore for SlowFirstEnqueue {
 
 #[tokio::test(start_paused = true)]
 async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() {
-    let writes = WriteBehind::builder("profiles", SlowFirstEnqueue::default())
+    let store = SlowFirstEnqueue::default();
+    let started = store.started.clone();
+    let writes = WriteBehind::builder("profiles", store)
         .flush_interval(Duration::from_secs(1))
         .build()
         .unwrap();
@@ -264,7 +270,7 @@ async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() 
         async move { profiles.insert("ada".to_owned(), visits(1)).await }
     });
     // The first insert has its version and waits on the store when the second begins.
-    tokio::task::yield_now().await;
+    started.notified().await;
     let second = profiles.insert("ada".to_owned(), visits(2)).await.unwrap();
     let first = first.await.unwrap().unwrap();
     assert!(first < second, "versions {first} then {second}");
@@ -272,5 +278,34 @@ async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() 
         profiles.cache().get(&"ada".to_owned()).await.unwrap(),
         Some(visits(2)),
         "the cache holds the value of the later version, as the writer will"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_insert_whose_caller_stops_waiting_still_reaches_the_cache() {
+    let store = SlowFirstEnqueue::default();
+    let started = store.started.clone();
+    let writes = WriteBehind::builder("profiles", store).build().unwrap();
+    let profiles = Arc::new(WriteBehindCache::new(cache(), writes));
+    let ada = Profile {
+        name: "Ada".into(),
+        visits: 1,
+    };
+    let caller = tokio::spawn({
+        let (profiles, ada) = (profiles.clone(), ada.clone());
+        async move { profiles.insert("ada".to_owned(), ada).await }
+    });
+    // The caller gives up (a request timeout) once its write is in the store, before the
+    // store's answer.
+    started.notified().await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stats = profiles.writes().queue().stats().await.unwrap();
+    assert_eq!(stats.unfinished, 1, "the write is durable, for the writer");
+    assert_eq!(
+        profiles.cache().get(&"ada".to_owned()).await.unwrap(),
+        Some(ada),
+        "the cache holds what the writer will write"
     );
 }
