@@ -1,8 +1,8 @@
 //! A stand-in database: a fixed pool of connections, queries that take 5–20 ms and slow down
 //! as more of them pile up (lock contention, cache thrashing), and a pool wait limit.
 //!
-//! A connection can be held across several queries (a transaction); the time its holder spends
-//! waiting for something else meanwhile is counted as idle in transaction.
+//! A connection can be held across several queries (a transaction); the time it is held
+//! outside a query (its holder waiting for something else) is counted as idle in transaction.
 //!
 //! Product rows carry a version, bumped by each price update, and the database remembers when
 //! each version was replaced: the demo's ground truth for how stale a product page served from
@@ -63,9 +63,6 @@ pub(crate) struct Database {
     peak_pending: AtomicUsize,
     queries: AtomicU64,
     busy_micros: AtomicU64,
-    /// Connections held open while their holder waits for something else, now and at most.
-    idle_in_transaction: AtomicUsize,
-    peak_idle_in_transaction: AtomicUsize,
     /// Time connections were held, and the part of it spent idle in transaction.
     held_micros: AtomicU64,
     idle_micros: AtomicU64,
@@ -81,6 +78,8 @@ struct Order {
     /// Times it was inserted: more than once is a duplicate order.
     placed: u32,
     paid: bool,
+    /// Withdrawn before payment (its payment could not be queued).
+    cancelled: bool,
 }
 
 /// Counters of one run.
@@ -89,14 +88,14 @@ pub(crate) struct DbStats {
     pub(crate) queries: u64,
     pub(crate) mean_query: Duration,
     pub(crate) peak_pending: usize,
+    /// Orders placed and not cancelled.
     pub(crate) orders: u64,
     pub(crate) duplicate_orders: u64,
     pub(crate) paid_orders: u64,
-    /// Connections held idle in transaction at once, at most.
-    pub(crate) peak_idle_in_transaction: usize,
+    pub(crate) cancelled_orders: u64,
     /// Time connections were held, in all.
     pub(crate) connection_time: Duration,
-    /// The part of it spent idle in transaction.
+    /// The part of it spent outside queries: idle in transaction.
     pub(crate) idle_in_transaction: Duration,
 }
 
@@ -110,8 +109,6 @@ impl Database {
             peak_pending: AtomicUsize::new(0),
             queries: AtomicU64::new(0),
             busy_micros: AtomicU64::new(0),
-            idle_in_transaction: AtomicUsize::new(0),
-            peak_idle_in_transaction: AtomicUsize::new(0),
             held_micros: AtomicU64::new(0),
             idle_micros: AtomicU64::new(0),
             orders: Mutex::new(HashMap::new()),
@@ -130,6 +127,7 @@ impl Database {
             db: self,
             _permit: permit,
             opened: Instant::now(),
+            querying: Duration::ZERO,
         })
     }
 
@@ -194,7 +192,7 @@ impl Database {
     ) -> Result<u64, DbError> {
         let mut connection = self.connect().await?;
         connection.query().await;
-        connection.idle(gateway.charge(customer, reference)).await;
+        gateway.charge(customer, reference, None).await;
         connection.query().await;
         self.record(customer, reference, |order| {
             order.placed += 1;
@@ -215,6 +213,13 @@ impl Database {
             order.placed = order.placed.max(1)
         });
         Ok(order_number(customer, reference))
+    }
+
+    /// Withdraws an order awaiting payment.
+    pub(crate) async fn cancel_order(&self, customer: u64, reference: u64) -> Result<(), DbError> {
+        self.query().await?;
+        self.record(customer, reference, |order| order.cancelled = !order.paid);
+        Ok(())
     }
 
     /// Marks an order paid.
@@ -238,13 +243,17 @@ impl Database {
             queries,
             mean_query: Duration::from_micros(busy.checked_div(queries).unwrap_or(0)),
             peak_pending: self.peak_pending.load(Ordering::Relaxed),
-            orders: orders.values().map(|o| u64::from(o.placed)).sum(),
+            orders: orders
+                .values()
+                .filter(|o| !o.cancelled)
+                .map(|o| u64::from(o.placed))
+                .sum(),
             duplicate_orders: orders
                 .values()
                 .map(|o| u64::from(o.placed.saturating_sub(1)))
                 .sum(),
             paid_orders: orders.values().filter(|o| o.paid).count() as u64,
-            peak_idle_in_transaction: self.peak_idle_in_transaction.load(Ordering::Relaxed),
+            cancelled_orders: orders.values().filter(|o| o.cancelled).count() as u64,
             connection_time: Duration::from_micros(self.held_micros.load(Ordering::Relaxed)),
             idle_in_transaction: Duration::from_micros(self.idle_micros.load(Ordering::Relaxed)),
         }
@@ -260,12 +269,15 @@ pub(crate) struct Connection<'a> {
     db: &'a Database,
     _permit: SemaphorePermit<'a>,
     opened: Instant,
+    /// Time spent in queries on it.
+    querying: Duration,
 }
 
 impl Connection<'_> {
     /// Runs one query.
     pub(crate) async fn query(&mut self) {
         let db = self.db;
+        let started = Instant::now();
         let pending = Pending::enter(db);
         // 5–20 ms, up to 3× slower when many queries pile up on the pool.
         let base = 5_000 + fastrand::u64(0..15_000);
@@ -274,39 +286,7 @@ impl Connection<'_> {
         tokio::time::sleep(Duration::from_micros(micros)).await;
         db.queries.fetch_add(1, Ordering::Relaxed);
         db.busy_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    /// Waits for `work` while holding the connection, idle in transaction.
-    pub(crate) async fn idle<T>(&mut self, work: impl Future<Output = T>) -> T {
-        let _idle = Idle::enter(self.db);
-        work.await
-    }
-}
-
-/// Counts a connection as idle in transaction for as long as it lives.
-struct Idle<'a> {
-    db: &'a Database,
-    since: Instant,
-}
-
-impl<'a> Idle<'a> {
-    fn enter(db: &'a Database) -> Self {
-        let now = db.idle_in_transaction.fetch_add(1, Ordering::Relaxed) + 1;
-        db.peak_idle_in_transaction
-            .fetch_max(now, Ordering::Relaxed);
-        Self {
-            db,
-            since: Instant::now(),
-        }
-    }
-}
-
-impl Drop for Idle<'_> {
-    fn drop(&mut self) {
-        self.db.idle_in_transaction.fetch_sub(1, Ordering::Relaxed);
-        self.db
-            .idle_micros
-            .fetch_add(micros(self.since.elapsed()), Ordering::Relaxed);
+        self.querying += started.elapsed();
     }
 }
 
@@ -316,9 +296,14 @@ fn micros(d: Duration) -> u64 {
 
 impl Drop for Connection<'_> {
     fn drop(&mut self) {
+        let held = self.opened.elapsed();
         self.db
             .held_micros
-            .fetch_add(micros(self.opened.elapsed()), Ordering::Relaxed);
+            .fetch_add(micros(held), Ordering::Relaxed);
+        self.db.idle_micros.fetch_add(
+            micros(held.saturating_sub(self.querying)),
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -374,7 +359,6 @@ mod tests {
             .expect("order");
         let stats = db.stats();
         assert_eq!((stats.orders, stats.paid_orders), (1, 1));
-        assert_eq!(stats.peak_idle_in_transaction, 1);
         // The provider takes at least 80 ms, all of it with the connection held.
         assert!(stats.idle_in_transaction >= Duration::from_millis(80));
         assert!(stats.connection_time >= stats.idle_in_transaction);
@@ -393,7 +377,7 @@ mod tests {
             (stats.orders, stats.paid_orders, stats.duplicate_orders),
             (1, 1, 0)
         );
-        assert_eq!(stats.peak_idle_in_transaction, 0);
-        assert_eq!(stats.idle_in_transaction, Duration::ZERO);
+        // Outside its queries, a connection of its own is held only for a moment.
+        assert!(stats.idle_in_transaction < Duration::from_millis(1));
     }
 }

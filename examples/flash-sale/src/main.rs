@@ -17,8 +17,8 @@
 //! as the part begins:
 //!
 //! - **chaos: Redis latency**: every call to the KV store (the cache's L2), the lease store
-//!   (idempotency records), the rate store (rate limits) and the invalidation bus is 30 ms
-//!   slower;
+//!   (idempotency records), the rate store (rate limits), the job store (payments) and the
+//!   invalidation bus is 30 ms slower;
 //! - **chaos: lost messages**: half of the invalidation messages are dropped, for each
 //!   subscriber, while prices change: the other instance may keep serving a replaced price from
 //!   its L1, and the report measures for how long against the cache's staleness bound.
@@ -32,8 +32,9 @@
 //! - `--chart <path>` chooses where the chart goes (default `target/flash-sale.svg`).
 //! - `--check` exits with status 1 when the protected run misses a spike or chaos target (CI
 //!   runs `--smoke --check`).
-//! - `--weaken` (or `HEADROOM_WEAKEN=1`) switches off the protection of product pages (no cache, no shedding), to see
-//!   the targets missed and `--check` fail.
+//! - `--weaken` (or `HEADROOM_WEAKEN=1`) switches off the protection of product pages (no cache,
+//!   no shedding) and pays inside the checkout's transaction, to see the targets missed and
+//!   `--check` fail.
 
 mod chart;
 mod counters;
@@ -251,7 +252,8 @@ async fn run_guarded(
     }
     // The orders accepted last are paid after the load ends.
     let drained = tokio::time::Instant::now() + PAYMENT_DRAIN;
-    while guards[0].unpaid().await != Some(0) && tokio::time::Instant::now() < drained {
+    while guards[0].unfinished_payments().await != Some(0) && tokio::time::Instant::now() < drained
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut payment_jobs = headroom::jobs::WorkerReport::default();
@@ -260,8 +262,10 @@ async fn run_guarded(
         payment_jobs.done += report.done;
         payment_jobs.retried += report.retried;
         payment_jobs.dead += report.dead;
+        payment_jobs.lost += report.lost;
+        payment_jobs.handed_back += report.handed_back;
     }
-    let unpaid = guards[0].unpaid().await;
+    let unpaid = guards[0].unfinished_payments().await;
     let end = counters.snapshot();
     marks.push(end.clone());
     let phase_counters = marks.windows(2).map(|w| w[1].since(&w[0])).collect();

@@ -11,8 +11,8 @@
 //! Unprotected, the checkout holds its database transaction open across it, as a naive order
 //! service does. With headroom, the checkout reserves the order in one short query, enqueues a
 //! payment job and answers 202 with where to follow it (`GET /payments/{id}`); a worker on each
-//! instance charges the order, once per job even when a job is delivered twice, and marks it
-//! paid. No database connection waits on the payment provider.
+//! instance charges the order under the provider's idempotency key for it (so a job delivered
+//! again charges once) and marks it paid. No database connection waits on the provider.
 //!
 //! Every response carries an `x-outcome` header naming what happened, which the load generator
 //! counts. A product page whose row had already been replaced by a price update when it was
@@ -72,8 +72,8 @@ impl Failure {
     }
 
     fn from_enqueue(err: EnqueueError) -> Self {
-        match err.retry_after() {
-            Some(after) if matches!(err, EnqueueError::Full { .. }) => Failure::QueueFull(after),
+        match err {
+            EnqueueError::Full { retry_after, .. } => Failure::QueueFull(retry_after),
             _ => Failure::JobStore,
         }
     }
@@ -120,7 +120,7 @@ struct Guard {
     timeout: Timeout,
     /// Orders waiting for their payment, bounded in all and per customer.
     payments: JobQueue<DynJobStore>,
-    /// The payment worker's share of the database, apart from the checkouts'.
+    /// A cap on the payment worker's use of the database.
     payment_db: Bulkhead,
     counters: Arc<GuardCounters>,
     /// Product pages skip the cache and the shedder (`--weaken`).
@@ -136,7 +136,7 @@ struct App {
 
 /// How much of the database one instance's requests may use at once.
 pub(crate) const INSTANCE_CONCURRENCY: usize = 8;
-/// How much of it one instance's payment worker may use at once.
+/// How much of it one instance's payment worker may use at once, on top.
 const PAYMENT_DB_CONCURRENCY: usize = 4;
 /// Payments one instance's worker runs at once (most of their time is the provider's).
 const PAYMENT_CONCURRENCY: usize = 32;
@@ -245,11 +245,13 @@ impl GuardHandle {
                 async move { guard.pay(&db, &gateway, &job).await }
             })
             .concurrency(PAYMENT_CONCURRENCY)
+            // A charged order must end paid: keep trying through database trouble.
+            .max_attempts(20)
             .start()?)
     }
 
     /// Payment jobs not yet finished, on every instance.
-    pub(crate) async fn unpaid(&self) -> Option<u64> {
+    pub(crate) async fn unfinished_payments(&self) -> Option<u64> {
         Some(self.0.payments.stats().await.ok()?.unfinished)
     }
 }
@@ -293,7 +295,7 @@ fn failure_response(failure: Failure) -> Response {
         Failure::Shed | Failure::CircuitOpen => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
         Failure::QueueFull(after) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Some(after.as_secs().max(1)),
+            Some((after.as_secs_f64().ceil() as u64).max(1)),
         ),
         Failure::RateLimited(after) => {
             (StatusCode::TOO_MANY_REQUESTS, Some(after.as_secs().max(1)))
@@ -426,8 +428,8 @@ impl Guard {
         result
     }
 
-    /// A payment job: charges the order (replayed, not repeated, when the job is delivered
-    /// again) and marks it paid.
+    /// A payment job: charges the order under the provider's idempotency key for it (so a
+    /// job delivered again, or cut off mid-charge, does not charge twice) and marks it paid.
     async fn pay(
         &self,
         db: &Database,
@@ -441,27 +443,20 @@ impl Guard {
         else {
             return Err(JobError::fatal("not a payment"));
         };
-        let (Ok(scope), Ok(key)) = (
-            Scope::new(customer.to_string(), "payment"),
-            IdempotencyKey::new(&job.id().to_string()),
-        ) else {
-            return Err(JobError::fatal("no idempotency key for the payment"));
-        };
-        self.idempotency
-            .execute(&scope, &key, b"payment", || async {
-                gateway.charge(customer, reference).await;
-                Ok::<_, Failure>(())
-            })
-            .await
-            .map_err(|err| JobError::retry(err.to_string()))?;
+        let key = format!("order {customer}-{reference}");
+        gateway.charge(customer, reference, Some(&key)).await;
+        // Capped apart from the checkouts, and no breaker of theirs: a charged order is marked
+        // paid by retrying, not given up on.
         let _connection = self
             .payment_db
             .acquire()
             .await
             .map_err(|err| JobError::retry(err.to_string()))?;
-        self.db_call(db.mark_paid(customer, reference))
-            .await
-            .map_err(|failure| JobError::retry(failure.to_string()))?;
+        match self.timeout.call(db.mark_paid(customer, reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(JobError::retry(err.to_string())),
+            Err(_) => return Err(JobError::retry("marking the order paid timed out")),
+        }
         let waited = SystemTime::now()
             .duration_since(job.enqueued_at())
             .unwrap_or_default();
@@ -471,6 +466,36 @@ impl Guard {
             .expect("payment waits lock")
             .push(waited);
         Ok(Bytes::new())
+    }
+
+    /// Reserves the order and queues its payment; answers the payment's job id. A payment
+    /// that cannot be queued withdraws the order.
+    async fn reserve_and_queue_payment(
+        &self,
+        db: &Database,
+        customer: u64,
+        reference: u64,
+        priority: Priority,
+    ) -> Result<String, Failure> {
+        {
+            let _permit = self
+                .shedder
+                .acquire(priority)
+                .await
+                .map_err(|_| Failure::Shed)?;
+            self.db_call(db.reserve_order(customer, reference)).await?;
+        }
+        let payment = Job::new(format!("{customer}:{reference}"))
+            .tenant(customer.to_string())
+            .idempotency_key(reference.to_string());
+        match self.payments.enqueue(payment).await {
+            Ok(enqueued) => Ok(enqueued.id.to_string()),
+            Err(refused) => {
+                // Best effort: an order left reserved shows in the report as unpaid.
+                let _ = self.db_call(db.cancel_order(customer, reference)).await;
+                Err(Failure::from_enqueue(refused))
+            }
+        }
     }
 }
 
@@ -520,9 +545,9 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
     // gets its replay even when the customer is over quota or the tier is being shed. Only new
     // work meets the rate limit and the shedder, and a refusal releases the key for a retry.
     // The whole operation runs in its own task, so a client that gives up neither cancels the
-    // transaction nor releases the key while the transaction still runs. The order is reserved
-    // before its payment is enqueued; a refused enqueue leaves the reservation for the retry.
-    let db = app.db.clone();
+    // transaction nor releases the key while the transaction still runs. The weakened build
+    // pays inside the checkout's transaction instead of queueing the payment.
+    let (db, gateway) = (app.db.clone(), app.gateway.clone());
     let task_guard = guard.clone();
     let placed = tokio::spawn(async move {
         let guard = task_guard;
@@ -530,23 +555,20 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
             .idempotency
             .execute(&scope, &key, b"checkout", || async {
                 guard.admit(tier, customer, priority).await?;
-                let _permit = guard
-                    .shedder
-                    .acquire(priority)
-                    .await
-                    .map_err(|_| Failure::Shed)?;
+                if guard.weakened {
+                    let _permit = guard
+                        .shedder
+                        .acquire(priority)
+                        .await
+                        .map_err(|_| Failure::Shed)?;
+                    let paid = db.place_order_and_pay(customer, reference_number, &gateway);
+                    guard.db_call(paid).await?;
+                    return Ok(None);
+                }
                 guard
-                    .db_call(db.reserve_order(customer, reference_number))
-                    .await?;
-                let payment = Job::new(format!("{customer}:{reference_number}"))
-                    .tenant(customer.to_string())
-                    .idempotency_key(reference.as_str());
-                guard
-                    .payments
-                    .enqueue(payment)
+                    .reserve_and_queue_payment(&db, customer, reference_number, priority)
                     .await
-                    .map(|enqueued| enqueued.id.to_string())
-                    .map_err(Failure::from_enqueue)
+                    .map(Some)
             })
             .await
     })
@@ -559,8 +581,11 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
             } else {
                 "accepted"
             };
+            let Some(payment) = executed.value else {
+                return respond(StatusCode::OK, outcome);
+            };
             let mut response = respond(StatusCode::ACCEPTED, outcome);
-            if let Ok(location) = HeaderValue::from_str(&format!("/payments/{}", executed.value)) {
+            if let Ok(location) = HeaderValue::from_str(&format!("/payments/{payment}")) {
                 response
                     .headers_mut()
                     .insert(axum::http::header::LOCATION, location);
@@ -576,7 +601,8 @@ async fn checkout(State(app): State<App>, headers: HeaderMap) -> Response {
 }
 
 /// A checkout's payment, for the customer who placed it: its state (`queued`, `running`,
-/// `retrying`, `done`, `dead`).
+/// `retrying`, `done`, `dead`). The demo trusts `x-customer`; an application takes the
+/// customer from the request's authentication.
 async fn payment(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let Some(guard) = app.guard else {
         return respond(StatusCode::NOT_FOUND, "not-found");
@@ -753,7 +779,46 @@ mod tests {
         let paid = app.gateway.stats();
         assert_eq!((db.orders, db.paid_orders, db.duplicate_orders), (1, 1, 0));
         assert_eq!((paid.charged, paid.double_charges), (1, 0));
-        assert_eq!(db.peak_idle_in_transaction, 0);
+        assert!(db.idle_in_transaction < Duration::from_millis(5));
         assert_eq!(counters.payment_waits.lock().expect("waits").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_payment_cut_off_mid_charge_is_paid_by_the_next_worker_and_charged_once() {
+        let headroom = Headroom::builder()
+            .namespace("flash-sale-test")
+            .memory()
+            .expect("memory backend");
+        let guard = guard(&headroom, 0, Arc::new(GuardCounters::default()), false).expect("guard");
+        let app = App {
+            db: Database::new(4),
+            gateway: Arc::new(Gateway::default()),
+            guard: Some(guard.0.clone()),
+        };
+        let customer = 42;
+        let accepted = checkout(State(app.clone()), checkout_headers(customer, "premium", 7)).await;
+        let followed = location(&accepted);
+        let first = guard
+            .start_payments(app.db.clone(), app.gateway.clone())
+            .expect("worker");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while app.gateway.stats().charged == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The worker is stopped mid-charge, with no grace: its job is handed back.
+        let report = first.shutdown(Duration::ZERO).await;
+        assert_eq!((report.done, report.handed_back), (0, 1));
+        let next = guard
+            .start_payments(app.db.clone(), app.gateway.clone())
+            .expect("worker");
+        while payment_state(&app, &followed, customer).await.1 != "done"
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(next.shutdown(Duration::from_secs(5)).await.done, 1);
+        let paid = app.gateway.stats();
+        assert_eq!((paid.charged, paid.double_charges), (1, 0));
+        assert_eq!(app.db.stats().paid_orders, 1);
     }
 }
