@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore, NewJob,
+    Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore,
+    NewJob,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::cluster_slot;
@@ -164,6 +165,7 @@ on_both!(
     a_delayed_job_waits_in_the_delay_set,
     an_idle_delivery_is_taken_over_and_its_holder_forgotten,
     takeovers_go_longest_idle_first_in_every_lane,
+    a_batch_completion_clears_every_lane_and_answers_each_job,
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
@@ -461,6 +463,71 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     let rest = ctx.fetch(&p, "c", &[0], 3, Duration::from_millis(20)).await;
     let numbers: Vec<_> = rest.iter().map(|d| (d.number, d.attempt)).collect();
     assert_eq!(numbers, [(newer, 2), (older, 3), (ready, 1)]);
+}
+
+/// One `complete_many` finishes jobs of several lanes: their entries leave every lane, their
+/// records keep the results for the retention; a job whose record is corrupt gets its own
+/// error, and the others are still completed.
+async fn a_batch_completion_clears_every_lane_and_answers_each_job(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let a = ctx.add(&p, job("a").lane(0)).await;
+    let b = ctx.add(&p, job("b").lane(3)).await;
+    let bad = ctx.add(&p, job("bad").lane(0)).await;
+    assert_eq!(ctx.fetch(&p, "w", &[0, 3], 10, LONG).await.len(), 3);
+    let _: () = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(sub(&p, &format!(":j:{bad}")))
+                .arg("l")
+                .arg("nine"),
+        )
+        .await;
+    let done = |number| Completion {
+        number,
+        attempt: 1,
+        result: Bytes::from_static(b"ok"),
+    };
+    let answers = ctx
+        .store
+        .complete_many(&p, &[done(a), done(bad), done(b)], LONG)
+        .await
+        .expect("complete_many");
+    assert!(matches!(answers[0], Ok(Fenced::Applied)), "{answers:?}");
+    assert_eq!(
+        answers[1].as_ref().map_err(|e| e.kind()).unwrap_err(),
+        BackendErrorKind::Corrupt
+    );
+    assert!(matches!(answers[2], Ok(Fenced::Applied)), "{answers:?}");
+    for lane in ["0", "3"] {
+        let len: u64 = ctx
+            .raw(redis::cmd("XLEN").arg(sub(&p, &format!(":s:{lane}"))))
+            .await;
+        let pending: Vec<redis::Value> = ctx
+            .raw(
+                redis::cmd("XPENDING")
+                    .arg(sub(&p, &format!(":s:{lane}")))
+                    .arg("w"),
+            )
+            .await;
+        let expected = if lane == "0" { 1 } else { 0 };
+        assert_eq!(len, expected, "lane {lane}");
+        assert_eq!(
+            pending[0],
+            redis::Value::Int(expected as i64),
+            "lane {lane}"
+        );
+    }
+    for number in [a, b] {
+        let ttl: i64 = ctx
+            .raw(redis::cmd("PTTL").arg(sub(&p, &format!(":j:{number}"))))
+            .await;
+        assert!(ttl > 0 && ttl <= LONG.as_millis() as i64, "{ttl}");
+        let record = ctx.store.status(&p, number).await.unwrap().unwrap();
+        assert_eq!(record.state, JobState::Done);
+        assert_eq!(record.result.as_deref(), Some(&b"ok"[..]));
+    }
+    let unfinished: u64 = ctx.raw(redis::cmd("GET").arg(sub(&p, ":n"))).await;
+    assert_eq!(unfinished, 1);
 }
 
 /// A retried job waits in the delay set as retrying, then comes back with attempt 2 in a new
