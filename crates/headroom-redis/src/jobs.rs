@@ -47,6 +47,8 @@ const MAX_MS: u64 = 1 << 50;
 //   same numbers by the end of their retention, to drop them once their record expired.
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
 //   the bucket before; it expires after two windows without a finished job.
+// - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
+//   quarter of that fetch's visibility.
 
 /// Helpers shared by every script; `W` (the drain window in ms), `MAX_DEAD`, `MAX_DUE` and
 /// `MAX_LANE` are defined before them. Each script adds only the further helpers it calls (the
@@ -295,7 +297,20 @@ local function before(id)
   return num(tonumber(ms) - 1) .. '-18446744073709551615'
 end
 
+-- Deliveries idle for the visibility or longer are looked for at most once per quarter of the
+-- visibility (`P:scan` holds when the last look was, by the server's clock): a lapsed delivery
+-- waits at most that much longer for a fetch to take it over. A look that finds as many as it
+-- may take leaves the time as it was, so the next fetch looks again for the rest.
+local scan, every = false, math.floor(tonumber(ARGV[3]) / 4)
 if max > 0 and not stop then
+  if every < 1 then
+    scan = true
+  else
+    local last = int(redis.call('GET', P .. ':scan'))
+    scan = not last or now - last >= every or now < last
+  end
+end
+if scan then
   -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
   local candidates = {}
   for lane = 0, MAX_LANE do
@@ -344,6 +359,9 @@ if max > 0 and not stop then
     if c[4] ~= consumer then
       owners[#owners + 1] = {s, c[4]}
     end
+  end
+  if every >= 1 and #candidates < max and not stop then
+    redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
   end
   -- A holder left without deliveries is most likely gone: forget it (a live one comes back
   -- by itself on its next read).
@@ -609,7 +627,10 @@ static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], S
 ///   pending in the group: visibility is its idle time, so a fetch takes over the entries idle
 ///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`), in every lane, not only
 ///   those it reads, longest idle first; `extend` resets the idle time. Finding them scans the
-///   pending entries, so a fetch costs about the number of running jobs of the partition.
+///   pending entries, so fetches look at most once per quarter of their visibility (the look
+///   costs about the number of running jobs of the partition): a lapsed delivery is taken over
+///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
+///   takes lets the next fetch look again at once.
 /// - `complete_many` completes a list of jobs in one script: the stream entries of each lane
 ///   are acknowledged and deleted with one call, and the counts written once.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000

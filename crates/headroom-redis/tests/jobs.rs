@@ -165,6 +165,7 @@ on_both!(
     a_delayed_job_waits_in_the_delay_set,
     an_idle_delivery_is_taken_over_and_its_holder_forgotten,
     takeovers_go_longest_idle_first_in_every_lane,
+    lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility,
     a_batch_completion_clears_every_lane_and_answers_each_job,
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
@@ -463,6 +464,55 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     let rest = ctx.fetch(&p, "c", &[0], 3, Duration::from_millis(20)).await;
     let numbers: Vec<_> = rest.iter().map(|d| (d.number, d.attempt)).collect();
     assert_eq!(numbers, [(newer, 2), (older, 3), (ready, 1)]);
+}
+
+/// A fetch looks for lapsed deliveries at most once per quarter of its visibility, so one is
+/// taken over within a quarter of the visibility after it lapsed (the bound documented on the
+/// store); a look that found as many as the fetch could take leaves the next fetch to look at
+/// once, so a dead holder's jobs are all taken over one after another, not a quarter apart.
+async fn lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let visibility = Duration::from_millis(800);
+    for payload in ["a", "b", "c"] {
+        ctx.add(&p, job(payload)).await;
+    }
+    let start = Instant::now();
+    assert_eq!(ctx.fetch(&p, "dies", &[0], 3, visibility).await.len(), 3);
+    // That fetch looked, found nothing lapsed, and noted when.
+    let noted: Option<String> = ctx.raw(redis::cmd("GET").arg(sub(&p, ":scan"))).await;
+    assert!(noted.is_some());
+    let (mut taken, mut held) = (Vec::new(), Vec::new());
+    while taken.len() < 3 {
+        for delivery in ctx.fetch(&p, "lives", &[0], 1, visibility).await {
+            assert!(delivery.taken_over);
+            taken.push(start.elapsed());
+            held.push(Completion {
+                number: delivery.number,
+                attempt: delivery.attempt,
+                result: Bytes::new(),
+            });
+        }
+        // A quarter late at most, and some slack for a loaded machine.
+        assert!(
+            start.elapsed() < visibility + visibility / 4 + Duration::from_millis(400),
+            "taken over by {:?} at {:?}",
+            start.elapsed(),
+            taken
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        taken[0] >= visibility - Duration::from_millis(50),
+        "{taken:?}"
+    );
+    assert!(taken[2] - taken[0] < visibility / 4, "{taken:?}");
+    let answers = ctx.store.complete_many(&p, &held, LONG).await.unwrap();
+    assert!(answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))));
+    // A fetch with a visibility of zero looks every time.
+    ctx.add(&p, job("d")).await;
+    let [d] = <[Delivery; 1]>::try_from(ctx.fetch(&p, "x", &[0], 1, LONG).await).unwrap();
+    let again = ctx.fetch(&p, "y", &[0], 1, Duration::ZERO).await;
+    assert_eq!((again[0].number, again[0].attempt), (d.number, 2));
 }
 
 /// One `complete_many` finishes jobs of several lanes: their entries leave every lane, their
