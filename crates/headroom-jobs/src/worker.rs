@@ -201,7 +201,11 @@ where
         let (completions, waiting) = mpsc::unbounded_channel();
         // It ends once every job task and the fetch loop are gone (they hold the sender).
         tokio::spawn(complete_in_batches(self.queue.clone(), waiting));
+        let storing = Arc::new(Semaphore::new(
+            self.config.concurrency + self.config.prefetch,
+        ));
         let shared = Arc::new(Shared {
+            storing,
             queue: self.queue,
             handler: self.handler,
             config: self.config,
@@ -268,6 +272,10 @@ struct Shared<S, H> {
     consumer: String,
     /// To the worker's completer: see [`complete_in_batches`].
     completions: mpsc::UnboundedSender<Completing>,
+    /// A place for every job whose handler answered and whose answer is not stored yet (as
+    /// many as fetch slots): such a job leaves its fetch slot for the next fetch, so fetching
+    /// overlaps storing, and a slow store still holds fetching back.
+    storing: Arc<Semaphore>,
 }
 
 /// A job's completion waiting for the worker's completer.
@@ -409,7 +417,7 @@ where
 {
     let config = &shared.config;
     let queue = &shared.queue.inner;
-    // A slot for every job fetched and not finished (running, or waiting for a handler), so
+    // A slot for every job fetched and not answered (running, or waiting for a handler), so
     // fetches take several jobs at once while handlers are busy.
     let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
     let handlers = Arc::new(Semaphore::new(config.concurrency));
@@ -581,7 +589,7 @@ async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
     partition: usize,
     delivery: Delivery,
-    (_slot, turn): (OwnedSemaphorePermit, Turn),
+    places: (OwnedSemaphorePermit, Turn),
     phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -590,7 +598,7 @@ where
     Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
 {
     let number = delivery.number;
-    let outcome = attempt(&shared, partition, delivery, turn, phase).await;
+    let outcome = attempt(&shared, partition, delivery, places, phase).await;
     let metrics = &shared.queue.inner.metrics;
     match outcome {
         Outcome::Done => metrics.done.increment(1),
@@ -613,7 +621,7 @@ async fn attempt<S, H, Fut>(
     shared: &Shared<S, H>,
     partition: usize,
     delivery: Delivery,
-    turn: Turn,
+    (slot, turn): (OwnedSemaphorePermit, Turn),
     mut phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -706,8 +714,14 @@ where
         () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
     };
     drop(running);
-    // The handler is done: the next job may start while this one's answer is stored.
+    // The handler is done: the next job may start while this one's answer is stored, and the
+    // next fetch may use its slot once it holds a place among the answers being stored.
     drop(handler_turn);
+    let _storing = Arc::clone(&shared.storing)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    drop(slot);
     queue.metrics.duration.record(started.elapsed());
     let outcome = match ran {
         Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(

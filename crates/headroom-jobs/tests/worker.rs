@@ -671,15 +671,26 @@ async fn a_handler_that_panics_before_its_future_fails_only_its_attempt() {
     assert_eq!((report.done, report.retried, report.lost), (1, 1, 0));
 }
 
-/// A memory store whose completions take 100 ms (paused time) and are counted per call.
-#[derive(Clone, Debug, Default)]
+/// A memory store whose completions take `takes` (paused time) and are counted per call.
+#[derive(Clone, Debug)]
 struct SlowCompletions {
     inner: MemoryJobStore,
+    takes: Duration,
     /// The jobs of each `complete_many` call, and when (paused time) each call began.
     calls: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
 }
 
 const COMPLETION_TAKES: Duration = Duration::from_millis(100);
+
+impl SlowCompletions {
+    fn new(takes: Duration) -> Self {
+        Self {
+            inner: MemoryJobStore::new(),
+            takes,
+            calls: Arc::default(),
+        }
+    }
+}
 
 impl JobStore for SlowCompletions {
     async fn enqueue(
@@ -733,7 +744,7 @@ impl JobStore for SlowCompletions {
             .lock()
             .unwrap()
             .push((jobs.len(), tokio::time::Instant::now()));
-        tokio::time::sleep(COMPLETION_TAKES).await;
+        tokio::time::sleep(self.takes).await;
         self.inner.complete_many(partition, jobs, retention).await
     }
     async fn retry(
@@ -784,7 +795,7 @@ impl JobStore for SlowCompletions {
 /// result before it is being stored.
 #[tokio::test(start_paused = true)]
 async fn results_ready_together_are_stored_together_and_the_next_job_starts_meanwhile() {
-    let store = SlowCompletions::default();
+    let store = SlowCompletions::new(COMPLETION_TAKES);
     let queue = JobQueue::builder("batched", store.clone()).build().unwrap();
     let ids: Vec<JobId> = {
         let mut ids = Vec::new();
@@ -816,7 +827,7 @@ async fn results_ready_together_are_stored_together_and_the_next_job_starts_mean
 
     // One handler at a time: each job starts as soon as the one before answered, while its
     // result is still being stored, and every result is stored.
-    let store = SlowCompletions::default();
+    let store = SlowCompletions::new(COMPLETION_TAKES);
     let queue = JobQueue::builder("one-at-a-time", store.clone())
         .build()
         .unwrap();
@@ -845,4 +856,33 @@ async fn results_ready_together_are_stored_together_and_the_next_job_starts_mean
         started[1] < first_stored + COMPLETION_TAKES,
         "the second job waited for the first one's result to be stored"
     );
+}
+
+/// A job whose handler answered leaves its fetch slot for the next fetch while its result is
+/// stored, but a worker holds at most as many such jobs as slots: with a store that never
+/// finishes storing, a worker of concurrency 1 and prefetch 1 holds four jobs and fetches no
+/// more.
+#[tokio::test(start_paused = true)]
+async fn answers_being_stored_hold_back_fetching_beyond_their_own_bound() {
+    let store = SlowCompletions::new(Duration::from_secs(3600));
+    let queue = JobQueue::builder("stuck", store.clone()).build().unwrap();
+    for i in 0..10 {
+        queue.enqueue(Job::new(i.to_string())).await.unwrap();
+    }
+    let ran = Arc::new(AtomicU32::new(0));
+    let counted = ran.clone();
+    let _worker = queue
+        .worker(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { Ok(Bytes::new()) }
+        })
+        .concurrency(1)
+        .prefetch(1)
+        .visibility(Duration::from_secs(7200))
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.running, stats.ready), (4, 6));
+    assert_eq!(ran.load(Ordering::Relaxed), 4);
 }
