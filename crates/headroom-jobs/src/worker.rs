@@ -714,15 +714,20 @@ where
         () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
     };
     drop(running);
-    // The handler is done: the next job may start while this one's answer is stored, and the
-    // next fetch may use its slot once it holds a place among the answers being stored.
-    drop(handler_turn);
-    let _storing = Arc::clone(&shared.storing)
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
-    drop(slot);
     queue.metrics.duration.record(started.elapsed());
+    // The handler is done: the next job may start while this one's answer is stored, and the
+    // next fetch may use its slot once the answer holds a place among those being stored.
+    drop(handler_turn);
+    let _storing = match ran {
+        Ran::Lost => None,
+        _ => Some(
+            Arc::clone(&shared.storing)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed"),
+        ),
+    };
+    drop(slot);
     let outcome = match ran {
         Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
             shared,
