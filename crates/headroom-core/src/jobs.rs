@@ -153,6 +153,23 @@ pub struct Delivery {
     pub handed_back: u32,
 }
 
+/// A job to finish with [`JobStore::complete_many`].
+///
+/// Not `#[non_exhaustive]`: callers outside this crate build it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The job's number.
+    pub number: JobNumber,
+    /// The attempt that holds it.
+    pub attempt: u32,
+    /// The result to keep.
+    pub result: Bytes,
+}
+
+/// What [`JobStore::complete_many`] answers: for each job, in order, what
+/// [`JobStore::complete`] would have answered for it.
+pub type Completed = Vec<Result<Fenced, BackendError>>;
+
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -235,7 +252,7 @@ pub struct PartitionStats {
 /// # Contract
 ///
 /// - Every method is one atomic step on one partition (one round trip and one Lua script on
-///   Redis, on one cluster slot).
+///   Redis, on one cluster slot), except the default `complete_many`, one step per job.
 /// - `enqueue` checks the bounds and adds the job in the same step: no interleaving of callers
 ///   lets the unfinished jobs of a partition (or of a tenant in it) pass their bound. A job
 ///   whose `dedup_key` was enqueued within `dedup_window` is [`Enqueued::Duplicate`], even
@@ -243,14 +260,17 @@ pub struct PartitionStats {
 /// - `fetch`, in one step: makes ready the jobs whose delay passed (in the order of their due
 ///   time, each joining the end of its lane; a store may move a bounded batch of them per
 ///   fetch, the rest at the next); then takes over the deliveries whose holder went
-///   longer than `visibility` without completing, failing or extending them (oldest first);
+///   longer than `visibility` without completing, failing or extending them (oldest first; a
+///   store may look for them at most once per quarter of `visibility`, so such a delivery
+///   may wait up to that much longer before a fetch takes it over);
 ///   then takes ready jobs from the lanes in the order given, oldest first in each lane, up to
 ///   `max` in all. Each job delivered is running, with `attempt` one more than before and its
 ///   visibility counted from now.
 /// - `extend`, `complete`, `retry` and `bury` apply only for the current attempt of a running
 ///   job; otherwise they are [`Fenced::Rejected`] and change nothing.
 ///   - `extend` counts the job's visibility from now again.
-///   - `complete` makes it done, keeping `result` for `retention`.
+///   - `complete` makes it done, keeping `result` for `retention`; `complete_many` does so
+///     for several jobs.
 ///   - `retry` makes it wait `delay` (retrying), keeping `error`; it is then delivered again
 ///     with the next attempt, in its lane.
 ///   - `bury` makes it dead, keeping its payload and `error` for `retention`, and lists it
@@ -292,6 +312,37 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         result: Bytes,
         retention: Duration,
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
+    /// Finishes each of `jobs` as [`complete`](Self::complete) would, in order, keeping each
+    /// result for `retention`: a job listed twice is completed by its first entry, and the
+    /// second is rejected. The answer holds one entry per job, in order. `Err` is a failure of
+    /// the whole call (as for `complete`, some jobs may then be done).
+    ///
+    /// The default calls `complete` for each job; a store may do it all in one step (one round
+    /// trip and one script on Redis).
+    fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> impl Future<Output = Result<Completed, BackendError>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                answers.push(
+                    self.complete(
+                        partition,
+                        job.number,
+                        job.attempt,
+                        job.result.clone(),
+                        retention,
+                    )
+                    .await,
+                );
+            }
+            Ok(answers)
+        }
+    }
 
     /// Puts the job held by `attempt` back after `delay`, keeping `error`.
     fn retry(
@@ -376,6 +427,12 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         result: Bytes,
         retention: Duration,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn complete_many<'a>(
+        &'a self,
+        partition: &'a Key,
+        jobs: &'a [Completion],
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Completed, BackendError>>;
     fn retry<'a>(
         &'a self,
         partition: &'a Key,
@@ -450,6 +507,14 @@ impl<S: JobStore> ErasedJobStore for S {
         Box::pin(JobStore::complete(
             self, partition, number, attempt, result, retention,
         ))
+    }
+    fn complete_many<'a>(
+        &'a self,
+        partition: &'a Key,
+        jobs: &'a [Completion],
+        retention: Duration,
+    ) -> BoxFuture<'a, Result<Completed, BackendError>> {
+        Box::pin(JobStore::complete_many(self, partition, jobs, retention))
     }
     fn retry<'a>(
         &'a self,
@@ -554,6 +619,14 @@ impl JobStore for DynJobStore {
         self.0
             .complete(partition, number, attempt, result, retention)
             .await
+    }
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        self.0.complete_many(partition, jobs, retention).await
     }
     async fn retry(
         &self,

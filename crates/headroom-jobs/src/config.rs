@@ -138,7 +138,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Jobs fetched ahead of free handlers (default 8), so one fetch takes several jobs while
     /// handlers are busy. A job fetched ahead is kept (extended) while it waits, and handed
-    /// back at once when the worker shuts down.
+    /// back at once when the worker shuts down. Jobs whose handler answered while their
+    /// answer is being stored do not count here; up to `concurrency + prefetch` of them more
+    /// are held besides.
     pub prefetch: usize,
     /// How long a job may run without its worker extending it before another worker may
     /// take it over (default 30 s). A live worker extends every third of it, so only a dead

@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use headroom_core::jobs::{Delivery, FetchRequest, JobStore};
+use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::lease::Fenced;
 use headroom_core::{BackendError, Classify, Key};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -199,11 +199,19 @@ where
             None => format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
         };
         let (phase, watch_phase) = watch::channel(Phase::Running);
+        let (completions, waiting) = mpsc::unbounded_channel();
+        // It ends once every job task and the fetch loop are gone (they hold the sender).
+        tokio::spawn(complete_in_batches(self.queue.clone(), waiting));
+        let storing = Arc::new(Semaphore::new(
+            self.config.concurrency + self.config.prefetch,
+        ));
         let shared = Arc::new(Shared {
+            storing,
             queue: self.queue,
             handler: self.handler,
             config: self.config,
             consumer,
+            completions,
         });
         let task = tokio::spawn(fetch_loop(shared, watch_phase));
         Ok(Worker { phase, task })
@@ -263,6 +271,91 @@ struct Shared<S, H> {
     handler: H,
     config: WorkerConfig,
     consumer: String,
+    /// To the worker's completer: see [`complete_in_batches`].
+    completions: mpsc::UnboundedSender<Completing>,
+    /// A place for every job whose handler answered and whose answer is not stored yet (as
+    /// many as fetch slots): such a job leaves its fetch slot for the next fetch, so fetching
+    /// overlaps storing, and a slow store still holds fetching back.
+    storing: Arc<Semaphore>,
+}
+
+/// A job's completion waiting for the worker's completer.
+struct Completing {
+    partition: usize,
+    job: Completion,
+    answer: oneshot::Sender<Result<Fenced, BackendError>>,
+}
+
+/// The most completions the completer sends in one call.
+const MAX_COMPLETIONS_PER_CALL: usize = 64;
+
+/// Completes the worker's jobs: each round takes every completion waiting at that moment (up
+/// to [`MAX_COMPLETIONS_PER_CALL`]) and sends those of each partition in one
+/// [`JobStore::complete_many`] (one round trip and one script on Redis). It never waits for
+/// more to arrive: a completion waits at most for the round in flight, and those that became
+/// ready meanwhile share the next. Each job's task gets its own answer, and retries through
+/// store errors itself.
+async fn complete_in_batches<S: JobStore>(
+    queue: JobQueue<S>,
+    mut waiting: mpsc::UnboundedReceiver<Completing>,
+) {
+    let queue = &queue.inner;
+    let retention = queue.config.result_retention;
+    let mut round = Vec::new();
+    while let Some(first) = waiting.recv().await {
+        round.push(first);
+        while round.len() < MAX_COMPLETIONS_PER_CALL {
+            match waiting.try_recv() {
+                Ok(next) => round.push(next),
+                Err(_) => break,
+            }
+        }
+        // Stable: each partition's jobs keep the order they finished in.
+        round.sort_by_key(|completing: &Completing| completing.partition);
+        while let Some(partition) = round.first().map(|completing| completing.partition) {
+            let end = round
+                .iter()
+                .position(|completing| completing.partition != partition)
+                .unwrap_or(round.len());
+            let (jobs, answers): (Vec<Completion>, Vec<_>) = round
+                .drain(..end)
+                .map(|completing| (completing.job, completing.answer))
+                .unzip();
+            let answered = queue
+                .store
+                .complete_many(&queue.partitions[partition], &jobs, retention)
+                .await;
+            match answered {
+                Ok(each) if each.len() == answers.len() => {
+                    for (answer, step) in answers.into_iter().zip(each) {
+                        let _ = answer.send(step);
+                    }
+                }
+                Ok(each) => {
+                    let detail = format!(
+                        "the store answered {} of {} completions",
+                        each.len(),
+                        answers.len()
+                    );
+                    for answer in answers {
+                        let _ = answer.send(Err(BackendError::with_detail(
+                            headroom_core::BackendErrorKind::Protocol,
+                            detail.clone(),
+                        )));
+                    }
+                }
+                Err(error) => {
+                    for answer in answers {
+                        let copy = match error.detail() {
+                            Some(detail) => BackendError::with_detail(error.kind(), detail),
+                            None => BackendError::new(error.kind()),
+                        };
+                        let _ = answer.send(Err(copy));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Waits until the phase satisfies `pred`; a dropped worker is draining, never aborting.
@@ -325,7 +418,7 @@ where
 {
     let config = &shared.config;
     let queue = &shared.queue.inner;
-    // A slot for every job fetched and not finished (running, or waiting for a handler), so
+    // A slot for every job fetched and not answered (running, or waiting for a handler), so
     // fetches take several jobs at once while handlers are busy.
     let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
     let handlers = Arc::new(Semaphore::new(config.concurrency));
@@ -497,7 +590,7 @@ async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
     partition: usize,
     delivery: Delivery,
-    (_slot, turn): (OwnedSemaphorePermit, Turn),
+    places: (OwnedSemaphorePermit, Turn),
     phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -506,7 +599,7 @@ where
     Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
 {
     let number = delivery.number;
-    let outcome = attempt(&shared, partition, delivery, turn, phase).await;
+    let outcome = attempt(&shared, partition, delivery, places, phase).await;
     let metrics = &shared.queue.inner.metrics;
     match outcome {
         Outcome::Done => metrics.done.increment(1),
@@ -529,7 +622,7 @@ async fn attempt<S, H, Fut>(
     shared: &Shared<S, H>,
     partition: usize,
     delivery: Delivery,
-    turn: Turn,
+    (slot, turn): (OwnedSemaphorePermit, Turn),
     mut phase: watch::Receiver<Phase>,
 ) -> Outcome
 where
@@ -542,6 +635,8 @@ where
     let job = Held {
         store: &queue.store,
         key: &queue.partitions[partition],
+        partition,
+        completions: &shared.completions,
         number: delivery.number,
         attempt: delivery.attempt,
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
@@ -579,7 +674,7 @@ where
         permit = turn.wait() => Waited::Handler(permit),
         () = job.heartbeat(config.visibility / 3) => Waited::Lost,
     };
-    let _handler = match waited {
+    let handler_turn = match waited {
         Waited::Handler(permit) => permit,
         Waited::Lost => return Outcome::Lost,
         Waited::Stopping => {
@@ -620,6 +715,19 @@ where
     };
     drop(running);
     queue.metrics.duration.record(started.elapsed());
+    // The handler is done: the next job may start while this one's answer is stored, and the
+    // next fetch may use its slot once the answer holds a place among those being stored.
+    drop(handler_turn);
+    let _storing = match ran {
+        Ran::Lost => None,
+        _ => Some(
+            Arc::clone(&shared.storing)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed"),
+        ),
+    };
+    drop(slot);
     let outcome = match ran {
         Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
             shared,
@@ -712,6 +820,8 @@ async fn failed<S: JobStore, H>(
 struct Held<'a, S> {
     store: &'a S,
     key: &'a Key,
+    partition: usize,
+    completions: &'a mpsc::UnboundedSender<Completing>,
     number: u64,
     /// The delivery's attempt: the fencing token of every step.
     attempt: u32,
@@ -756,15 +866,35 @@ impl<S: JobStore> Held<'_, S> {
         }
     }
 
+    /// Completes the job through the worker's completer, with the completions ready at the
+    /// same moment.
     async fn complete(&self, result: Bytes, retention: Duration) -> Result<Fenced, BackendError> {
-        self.persist(|| {
-            self.store.complete(
-                self.key,
-                self.number,
-                self.attempt,
-                result.clone(),
-                retention,
-            )
+        self.persist(|| async {
+            let (answer, answered) = oneshot::channel();
+            let completing = Completing {
+                partition: self.partition,
+                job: Completion {
+                    number: self.number,
+                    attempt: self.attempt,
+                    result: result.clone(),
+                },
+                answer,
+            };
+            if self.completions.send(completing).is_ok()
+                && let Ok(step) = answered.await
+            {
+                return step;
+            }
+            // The completer is gone (the runtime is shutting down): complete alone.
+            self.store
+                .complete(
+                    self.key,
+                    self.number,
+                    self.attempt,
+                    result.clone(),
+                    retention,
+                )
+                .await
         })
         .await
     }

@@ -6,8 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::jobs::{FetchRequest, JobStore};
+use headroom_core::jobs::{
+    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord,
+    JobStore, NewJob, PartitionStats,
+};
+use headroom_core::lease::Fenced;
 use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
+use headroom_core::{BackendError, Key};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState};
 
@@ -717,4 +722,229 @@ async fn a_handler_that_panics_before_its_future_fails_only_its_attempt() {
     assert!(status.error.unwrap().starts_with("the handler panicked"));
     let report = worker.shutdown(Duration::from_secs(1)).await;
     assert_eq!((report.done, report.retried, report.lost), (1, 1, 0));
+}
+
+/// A memory store whose completions take `takes` (paused time) and are counted per call.
+#[derive(Clone, Debug)]
+struct SlowCompletions {
+    inner: MemoryJobStore,
+    takes: Duration,
+    /// The jobs of each `complete_many` call, and when (paused time) each call began.
+    calls: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
+}
+
+const COMPLETION_TAKES: Duration = Duration::from_millis(100);
+
+impl SlowCompletions {
+    fn new(takes: Duration) -> Self {
+        Self {
+            inner: MemoryJobStore::new(),
+            takes,
+            calls: Arc::default(),
+        }
+    }
+}
+
+impl JobStore for SlowCompletions {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        self.inner.enqueue(partition, job, limits).await
+    }
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.fetch(partition, request).await
+    }
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.inner.extend(partition, number, attempt).await
+    }
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        let job = Completion {
+            number,
+            attempt,
+            result,
+        };
+        let mut answers = self
+            .complete_many(partition, std::slice::from_ref(&job), retention)
+            .await?;
+        answers.pop().unwrap()
+    }
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((jobs.len(), tokio::time::Instant::now()));
+        tokio::time::sleep(self.takes).await;
+        self.inner.complete_many(partition, jobs, retention).await
+    }
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.inner
+            .retry(partition, number, attempt, delay, error)
+            .await
+    }
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.inner.release(partition, number, attempt, error).await
+    }
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.inner
+            .bury(partition, number, attempt, error, retention)
+            .await
+    }
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        self.inner.status(partition, number).await
+    }
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        self.inner.dead_letters(partition, max).await
+    }
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        self.inner.stats(partition).await
+    }
+}
+
+/// Results of jobs that finish at the same moment are stored in one call, a result waits for
+/// no other job, and a handler's turn ends when it answers: the next job starts while the
+/// result before it is being stored.
+#[tokio::test(start_paused = true)]
+async fn results_ready_together_are_stored_together_and_the_next_job_starts_meanwhile() {
+    let store = SlowCompletions::new(COMPLETION_TAKES);
+    let queue = JobQueue::builder("batched", store.clone()).build().unwrap();
+    let ids: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for i in 0..8 {
+            ids.push(queue.enqueue(Job::new(i.to_string())).await.unwrap().id);
+        }
+        ids
+    };
+    let together = Arc::new(tokio::sync::Barrier::new(8));
+    let worker = queue
+        .worker(move |_| {
+            let together = together.clone();
+            async move {
+                together.wait().await;
+                Ok(Bytes::from_static(b"ok"))
+            }
+        })
+        .concurrency(8)
+        .start()
+        .unwrap();
+    for &id in &ids {
+        wait_for_state(&queue, id, JobState::Done).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(report.done, 8);
+    let sizes: Vec<usize> = store.calls.lock().unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 8);
+    assert!(sizes.len() <= 2, "eight results stored in {sizes:?}");
+
+    // One handler at a time: each job starts as soon as the one before answered, while its
+    // result is still being stored, and every result is stored.
+    let store = SlowCompletions::new(COMPLETION_TAKES);
+    let queue = JobQueue::builder("one-at-a-time", store.clone())
+        .build()
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(queue.enqueue(Job::new(i.to_string())).await.unwrap().id);
+    }
+    let started: Arc<Mutex<Vec<tokio::time::Instant>>> = Arc::default();
+    let seen = started.clone();
+    let worker = queue
+        .worker(move |_| {
+            seen.lock().unwrap().push(tokio::time::Instant::now());
+            async { Ok(Bytes::new()) }
+        })
+        .concurrency(1)
+        .start()
+        .unwrap();
+    for &id in &ids {
+        wait_for_state(&queue, id, JobState::Done).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(report.done, 3);
+    let started = started.lock().unwrap().clone();
+    let first_stored = store.calls.lock().unwrap()[0].1;
+    assert!(
+        started[1] < first_stored + COMPLETION_TAKES,
+        "the second job waited for the first one's result to be stored"
+    );
+}
+
+/// A job whose handler answered leaves its fetch slot for the next fetch while its result is
+/// stored, but a worker holds at most as many such jobs as slots: with a store that never
+/// finishes storing, a worker of concurrency 1 and prefetch 1 holds four jobs and fetches no
+/// more.
+#[tokio::test(start_paused = true)]
+async fn answers_being_stored_hold_back_fetching_beyond_their_own_bound() {
+    let store = SlowCompletions::new(Duration::from_secs(3600));
+    let queue = JobQueue::builder("stuck", store.clone()).build().unwrap();
+    for i in 0..10 {
+        queue.enqueue(Job::new(i.to_string())).await.unwrap();
+    }
+    let ran = Arc::new(AtomicU32::new(0));
+    let counted = ran.clone();
+    let _worker = queue
+        .worker(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { Ok(Bytes::new()) }
+        })
+        .concurrency(1)
+        .prefetch(1)
+        .visibility(Duration::from_secs(7200))
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.running, stats.ready), (4, 6));
+    assert_eq!(ran.load(Ordering::Relaxed), 4);
 }

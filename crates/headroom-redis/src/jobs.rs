@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobState,
-    JobStore, MAX_LANES, NewJob, PartitionStats,
+    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest,
+    JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::hash_tag;
@@ -19,6 +19,9 @@ const MAX_DEAD_LETTERS: usize = 10_000;
 
 /// The most delayed jobs a fetch makes ready (the rest wait for the next fetch).
 const MAX_DUE_PER_FETCH: u32 = 1_000;
+
+/// The most jobs one completion script finishes; `complete_many` sends longer lists in parts.
+const MAX_COMPLETIONS_PER_CALL: usize = 500;
 
 /// The longest duration given to the server, in ms (about 35,000 years): longer ones are
 /// clamped to it, so deadlines stay exact in Lua's doubles and valid for `PEXPIRE`.
@@ -45,9 +48,12 @@ const MAX_MS: u64 = 1 << 50;
 //   same numbers by the end of their retention, to drop them once their record expired.
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
 //   the bucket before; it expires after two windows without a finished job.
+// - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
+//   quarter of that fetch's visibility.
 
 /// Helpers shared by every script; `W` (the drain window in ms), `MAX_DEAD`, `MAX_DUE` and
-/// `MAX_LANE` are defined before them.
+/// `MAX_LANE` are defined before them. Each script adds only the further helpers it calls (the
+/// parts below), since defining a helper costs every call of the script.
 const PRELUDE: &str = r"
 local P = KEYS[1]
 local clock = redis.call('TIME')
@@ -68,13 +74,22 @@ local function int(v)
   end
   return nil
 end
-local function lane_stream(lane)
+";
+
+/// Adds an entry for job `n` to the end of `lane`'s stream, making the stream and its group
+/// the first time.
+const LANE_PUSH: &str = r"
+local function push(lane, n)
   local s = stream(lane)
-  if redis.call('EXISTS', s) == 0 then
+  if not redis.call('XADD', s, 'NOMKSTREAM', '*', 'n', n) then
     redis.call('XGROUP', 'CREATE', s, 'w', '0', 'MKSTREAM')
+    redis.call('XADD', s, '*', 'n', n)
   end
-  return s
 end
+";
+
+/// The drain rate's buckets, read and written.
+const DRAIN: &str = r"
 -- The drain buckets rolled to now: bucket index, finished in it, finished in the one before.
 local function drain()
   local s = redis.call('HMGET', P .. ':stats', 'b', 'c', 'p')
@@ -95,6 +110,13 @@ local function drained_per_sec()
   local into = (now % W) / W
   return string.format('%.17g', (p * (1 - into) + c) / (W / 1000))
 end
+-- Counts `count` jobs finished now in the drain buckets.
+local function drained(count)
+  local bucket, c, p = drain()
+  redis.call('HSET', P .. ':stats', 'b', num(bucket), 'c', num(c + count), 'p', num(p))
+  redis.call('PEXPIRE', P .. ':stats', num(2 * W))
+end
+-- Takes a finished job off the unfinished counts (its tenant's too) and counts it drained.
 local function finished(tenant)
   redis.call('INCRBY', P .. ':n', -1)
   if tenant then
@@ -102,10 +124,12 @@ local function finished(tenant)
       redis.call('HDEL', P .. ':t', tenant)
     end
   end
-  local bucket, c, p = drain()
-  redis.call('HSET', P .. ':stats', 'b', num(bucket), 'c', num(c + 1), 'p', num(p))
-  redis.call('PEXPIRE', P .. ':stats', num(2 * W))
+  drained(1)
 end
+";
+
+/// Uncounting jobs that can no longer run.
+const UNCOUNT: &str = r"
 -- A job that can no longer run (its record gone, or not what the store wrote) stops counting
 -- against the partition's bound and, when its record still names one, its tenant's.
 local function uncount(n)
@@ -119,6 +143,10 @@ local function uncount(n)
     end
   end
 end
+";
+
+/// Dropping dead letters whose record expired.
+const PRUNE_DEAD: &str = r"
 -- Forgets the dead letters whose record expired.
 local function prune_dead()
   while true do
@@ -173,17 +201,17 @@ end
 local number = redis.call('INCR', P .. ':seq')
 local n = num(number)
 local rk = record(n)
-redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
 if tenant then
-  redis.call('HSET', rk, 't', tenant)
+  redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3], 't', tenant)
   redis.call('HINCRBY', P .. ':t', tenant, 1)
+else
+  redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
 end
 redis.call('INCR', P .. ':n')
-local delay = tonumber(ARGV[2])
-if delay > 0 then
-  redis.call('ZADD', P .. ':d', num(now + delay), n)
+if ARGV[2] ~= '0' then
+  redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[2])), n)
 else
-  redis.call('XADD', lane_stream(ARGV[1]), '*', 'n', n)
+  push(ARGV[1], n)
 end
 if dd then
   redis.call('SET', dd, n, 'PX', ARGV[8])
@@ -212,7 +240,7 @@ if #due > 0 then
   for _, n in ipairs(due) do
     local lane = redis.call('HGET', record(n), 'l')
     if lane and string.match(lane, '^[0-7]$') then
-      redis.call('XADD', lane_stream(lane), '*', 'n', n)
+      push(lane, n)
     else
       if redis.call('EXISTS', record(n)) == 1 then
         corrupt[#corrupt + 1] = 'job ' .. n
@@ -270,7 +298,20 @@ local function before(id)
   return num(tonumber(ms) - 1) .. '-18446744073709551615'
 end
 
+-- Deliveries idle for the visibility or longer are looked for at most once per quarter of the
+-- visibility (`P:scan` holds when the last look was, by the server's clock): a lapsed delivery
+-- waits at most that much longer for a fetch to take it over. A look that finds as many as it
+-- may take leaves the time as it was, so the next fetch looks again for the rest.
+local scan, every = false, math.floor(tonumber(ARGV[3]) / 4)
 if max > 0 and not stop then
+  if every < 1 then
+    scan = true
+  else
+    local last = int(redis.call('GET', P .. ':scan'))
+    scan = not last or now - last >= every or now < last
+  end
+end
+if scan then
   -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
   local candidates = {}
   for lane = 0, MAX_LANE do
@@ -320,6 +361,9 @@ if max > 0 and not stop then
       owners[#owners + 1] = {s, c[4]}
     end
   end
+  if every >= 1 and #candidates < max and not stop then
+    redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
+  end
   -- A holder left without deliveries is most likely gone: forget it (a live one comes back
   -- by itself on its next read).
   for _, o in ipairs(owners) do
@@ -331,7 +375,7 @@ end
 
 -- Ready jobs, lane by lane in the order asked.
 for i = 4, #ARGV do
-  if stop then
+  if stop or #out >= max then
     break
   end
   local lane = ARGV[i]
@@ -381,9 +425,9 @@ end
 return {out, corrupt}
 ";
 
-/// ARGV: number, attempt, operation (`extend`, `complete`, `retry`, `release`, `bury`), then
-/// per operation: nothing; result and retention (ms); delay (ms) and error (both for `retry`
-/// and `release`, which also counts the delivery as handed back); error and retention.
+/// ARGV: number, attempt, operation (`extend`, `retry`, `release`, `bury`), then per
+/// operation: nothing; delay (ms) and error (both for `retry` and `release`, which also counts
+/// the delivery as handed back); error and retention (ms). Completions are [`COMPLETE`].
 ///
 /// Answers 1 (applied), 0 (rejected) or -1 (the record is corrupt; nothing changed).
 const STEP: &str = r"
@@ -405,14 +449,7 @@ if op == 'extend' then
   end
   return 1
 end
-if op == 'complete' then
-  finished(tenant)
-  redis.call('XACK', s, 'w', sid)
-  redis.call('XDEL', s, sid)
-  redis.call('HSET', rk, 's', 'd', 'res', ARGV[4])
-  redis.call('HDEL', rk, 'p', 'sid', 'c')
-  redis.call('PEXPIRE', rk, ARGV[5])
-elseif op == 'retry' or op == 'release' then
+if op == 'retry' or op == 'release' then
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
   redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
@@ -439,6 +476,61 @@ else
   end
 end
 return 1
+";
+
+/// ARGV: retention (ms), then for each job: number, attempt, result.
+///
+/// Completes the jobs in order, each as a step would (a job listed twice is completed by its
+/// first entry, and the second is rejected), and answers for each 1 (applied), 0 (rejected) or
+/// -1 (its record is corrupt; nothing of it changed). The stream entries of a lane are
+/// acknowledged and deleted with one call, and the counts and drain buckets written once.
+const COMPLETE: &str = r"
+local retention = ARGV[1]
+local out, ids, tenants = {}, {}, {}
+local done = 0
+for i = 2, #ARGV, 3 do
+  local n = ARGV[i]
+  local rk = record(n)
+  local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
+  local answer = 0
+  if r[1] == 'r' and r[2] == ARGV[i + 1] then
+    local lane, sid, tenant = r[3], r[4], r[5]
+    if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') and r[6] then
+      answer = 1
+      done = done + 1
+      local lane_ids = ids[lane]
+      if not lane_ids then
+        lane_ids = {}
+        ids[lane] = lane_ids
+      end
+      lane_ids[#lane_ids + 1] = sid
+      if tenant then
+        tenants[tenant] = (tenants[tenant] or 0) + 1
+      end
+      redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2])
+      redis.call('HDEL', rk, 'p', 'sid', 'c')
+      redis.call('PEXPIRE', rk, retention)
+    else
+      answer = -1
+    end
+  end
+  out[#out + 1] = answer
+end
+if done > 0 then
+  for lane, lane_ids in pairs(ids) do
+    local s = stream(lane)
+    redis.call('XACK', s, 'w', unpack(lane_ids))
+    redis.call('XDEL', s, unpack(lane_ids))
+  end
+  redis.call('INCRBY', P .. ':n', -done)
+  for tenant, count in pairs(tenants) do
+    if redis.call('HINCRBY', P .. ':t', tenant, -count) <= 0 then
+      redis.call('HDEL', P .. ':t', tenant)
+    end
+  end
+  drained(done)
+end
+return out
 ";
 
 /// ARGV: max. Answers the numbers of up to `max` dead jobs still kept, newest first.
@@ -512,20 +604,24 @@ return {
 }
 ";
 
-fn script(body: &str) -> Script {
+/// A script of the constants, the prelude, the helpers in `parts` and `body`.
+fn script(parts: &[&str], body: &str) -> Script {
     Script::new(&format!(
         "local W = {}\nlocal MAX_DEAD = {MAX_DEAD_LETTERS}\nlocal MAX_DUE = {MAX_DUE_PER_FETCH}\n\
-         local MAX_LANE = {}\n{PRELUDE}{body}",
+         local MAX_LANE = {}\n{PRELUDE}{}{body}",
         DRAIN_WINDOW.as_millis(),
         MAX_LANES - 1,
+        parts.concat(),
     ))
 }
 
-static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(ENQUEUE));
-static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FETCH));
-static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STEP));
-static DEAD_LETTERS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DEAD_LETTERS));
-static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STATS));
+static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, DRAIN], ENQUEUE));
+static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT], FETCH));
+static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN, PRUNE_DEAD], STEP));
+static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN], COMPLETE));
+static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
+static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
 
 /// The Redis [`JobStore`]: each partition is a few keys sharing its hash tag (one cluster
 /// slot), with one Redis Stream per priority lane read through a consumer group, and every
@@ -536,7 +632,12 @@ static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STATS));
 ///   pending in the group: visibility is its idle time, so a fetch takes over the entries idle
 ///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`), in every lane, not only
 ///   those it reads, longest idle first; `extend` resets the idle time. Finding them scans the
-///   pending entries, so a fetch costs about the number of running jobs of the partition.
+///   pending entries, so fetches look at most once per quarter of their visibility (the look
+///   costs about the number of running jobs of the partition): a lapsed delivery is taken over
+///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
+///   takes lets the next fetch look again at once.
+/// - `complete_many` completes a list of jobs in one script: the stream entries of each lane
+///   are acknowledged and deleted with one call, and the counts written once.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to
@@ -592,15 +693,20 @@ impl RedisJobStore {
             invocation.arg(*arg);
         }
         let answer: i64 = self.redis.invoke(&invocation).await?;
-        match answer {
-            1 => Ok(Fenced::Applied),
-            0 => Ok(Fenced::Rejected),
-            -1 => Err(corrupt(format!(
-                "job {number} has a corrupt record (lane, delivery or consumer) or its delivery \
-                 is missing from its lane"
-            ))),
-            other => Err(protocol(format!("the job step answered {other}"))),
-        }
+        fenced(answer, number)
+    }
+}
+
+/// A step's answer for job `number`: 1 applied, 0 rejected, -1 a corrupt record.
+fn fenced(answer: i64, number: JobNumber) -> Result<Fenced, BackendError> {
+    match answer {
+        1 => Ok(Fenced::Applied),
+        0 => Ok(Fenced::Rejected),
+        -1 => Err(corrupt(format!(
+            "job {number} has a corrupt record (lane, delivery or consumer) or its delivery is \
+             missing from its lane"
+        ))),
+        other => Err(protocol(format!("the job step answered {other}"))),
     }
 }
 
@@ -948,15 +1054,54 @@ impl JobStore for RedisJobStore {
         result: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
-        let retention = ttl_millis(retention, "retention")?;
-        self.step(
-            partition,
+        let job = Completion {
             number,
             attempt,
-            "complete",
-            &[&result, retention.as_bytes()],
-        )
-        .await
+            result,
+        };
+        self.complete_many(partition, std::slice::from_ref(&job), retention)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(protocol("the completion answered nothing")))
+    }
+
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        let retention = ttl_millis(retention, "retention")?;
+        let key = self.partition(partition)?;
+        let mut answers = Vec::with_capacity(jobs.len());
+        for part in jobs.chunks(MAX_COMPLETIONS_PER_CALL) {
+            let mut invocation = COMPLETE_SCRIPT.key(key);
+            invocation.arg(retention.as_bytes());
+            for job in part {
+                invocation
+                    .arg(job.number.to_string())
+                    .arg(job.attempt.to_string())
+                    .arg(&job.result[..]);
+            }
+            let reply = array(self.redis.invoke(&invocation).await?, "complete")?;
+            if reply.len() != part.len() {
+                return Err(protocol(format!(
+                    "the completion of {} jobs answered {}",
+                    part.len(),
+                    reply.len()
+                )));
+            }
+            for (answer, job) in reply.iter().zip(part) {
+                answers.push(match answer {
+                    Value::Int(answer) => fenced(*answer, job.number),
+                    other => Err(protocol(format!(
+                        "the completion answered {}",
+                        shape(other)
+                    ))),
+                });
+            }
+        }
+        Ok(answers)
     }
 
     async fn retry(

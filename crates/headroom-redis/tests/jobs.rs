@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore, NewJob,
+    Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore,
+    NewJob,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::cluster_slot;
@@ -164,6 +165,8 @@ on_both!(
     a_delayed_job_waits_in_the_delay_set,
     an_idle_delivery_is_taken_over_and_its_holder_forgotten,
     takeovers_go_longest_idle_first_in_every_lane,
+    lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility,
+    a_batch_completion_clears_every_lane_and_answers_each_job,
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
@@ -461,6 +464,120 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     let rest = ctx.fetch(&p, "c", &[0], 3, Duration::from_millis(20)).await;
     let numbers: Vec<_> = rest.iter().map(|d| (d.number, d.attempt)).collect();
     assert_eq!(numbers, [(newer, 2), (older, 3), (ready, 1)]);
+}
+
+/// A fetch looks for lapsed deliveries at most once per quarter of its visibility, so one is
+/// taken over within a quarter of the visibility after it lapsed (the bound documented on the
+/// store); a look that found as many as the fetch could take leaves the next fetch to look at
+/// once, so a dead holder's jobs are all taken over one after another, not a quarter apart.
+async fn lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let visibility = Duration::from_millis(800);
+    for payload in ["a", "b", "c"] {
+        ctx.add(&p, job(payload)).await;
+    }
+    let start = Instant::now();
+    assert_eq!(ctx.fetch(&p, "dies", &[0], 3, visibility).await.len(), 3);
+    // That fetch looked, found nothing lapsed, and noted when.
+    let noted: Option<String> = ctx.raw(redis::cmd("GET").arg(sub(&p, ":scan"))).await;
+    assert!(noted.is_some());
+    let (mut taken, mut held) = (Vec::new(), Vec::new());
+    while taken.len() < 3 {
+        for delivery in ctx.fetch(&p, "lives", &[0], 1, visibility).await {
+            assert!(delivery.taken_over);
+            taken.push(start.elapsed());
+            held.push(Completion {
+                number: delivery.number,
+                attempt: delivery.attempt,
+                result: Bytes::new(),
+            });
+        }
+        // A quarter late at most, and some slack for a loaded machine.
+        assert!(
+            start.elapsed() < visibility + visibility / 4 + Duration::from_millis(400),
+            "taken over by {:?} at {:?}",
+            start.elapsed(),
+            taken
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        taken[0] >= visibility - Duration::from_millis(50),
+        "{taken:?}"
+    );
+    assert!(taken[2] - taken[0] < visibility / 4, "{taken:?}");
+    let answers = ctx.store.complete_many(&p, &held, LONG).await.unwrap();
+    assert!(answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))));
+    // A fetch with a visibility of zero looks every time.
+    ctx.add(&p, job("d")).await;
+    let [d] = <[Delivery; 1]>::try_from(ctx.fetch(&p, "x", &[0], 1, LONG).await).unwrap();
+    let again = ctx.fetch(&p, "y", &[0], 1, Duration::ZERO).await;
+    assert_eq!((again[0].number, again[0].attempt), (d.number, 2));
+}
+
+/// One `complete_many` finishes jobs of several lanes: their entries leave every lane, their
+/// records keep the results for the retention; a job whose record is corrupt gets its own
+/// error, and the others are still completed.
+async fn a_batch_completion_clears_every_lane_and_answers_each_job(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let a = ctx.add(&p, job("a").lane(0)).await;
+    let b = ctx.add(&p, job("b").lane(3)).await;
+    let bad = ctx.add(&p, job("bad").lane(0)).await;
+    assert_eq!(ctx.fetch(&p, "w", &[0, 3], 10, LONG).await.len(), 3);
+    let _: () = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(sub(&p, &format!(":j:{bad}")))
+                .arg("l")
+                .arg("nine"),
+        )
+        .await;
+    let done = |number| Completion {
+        number,
+        attempt: 1,
+        result: Bytes::from_static(b"ok"),
+    };
+    let answers = ctx
+        .store
+        .complete_many(&p, &[done(a), done(bad), done(b)], LONG)
+        .await
+        .expect("complete_many");
+    assert!(matches!(answers[0], Ok(Fenced::Applied)), "{answers:?}");
+    assert_eq!(
+        answers[1].as_ref().map_err(|e| e.kind()).unwrap_err(),
+        BackendErrorKind::Corrupt
+    );
+    assert!(matches!(answers[2], Ok(Fenced::Applied)), "{answers:?}");
+    for lane in ["0", "3"] {
+        let len: u64 = ctx
+            .raw(redis::cmd("XLEN").arg(sub(&p, &format!(":s:{lane}"))))
+            .await;
+        let pending: Vec<redis::Value> = ctx
+            .raw(
+                redis::cmd("XPENDING")
+                    .arg(sub(&p, &format!(":s:{lane}")))
+                    .arg("w"),
+            )
+            .await;
+        let expected = if lane == "0" { 1 } else { 0 };
+        assert_eq!(len, expected, "lane {lane}");
+        assert_eq!(
+            pending[0],
+            redis::Value::Int(expected as i64),
+            "lane {lane}"
+        );
+    }
+    for number in [a, b] {
+        let ttl: i64 = ctx
+            .raw(redis::cmd("PTTL").arg(sub(&p, &format!(":j:{number}"))))
+            .await;
+        assert!(ttl > 0 && ttl <= LONG.as_millis() as i64, "{ttl}");
+        let record = ctx.store.status(&p, number).await.unwrap().unwrap();
+        assert_eq!(record.state, JobState::Done);
+        assert_eq!(record.result.as_deref(), Some(&b"ok"[..]));
+    }
+    let unfinished: u64 = ctx.raw(redis::cmd("GET").arg(sub(&p, ":n"))).await;
+    assert_eq!(unfinished, 1);
 }
 
 /// A retried job waits in the delay set as retrying, then comes back with attempt 2 in a new

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::jobs::{
-    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobState,
-    JobStore, MAX_LANES, NewJob, PartitionStats,
+    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest,
+    JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
 };
 use crate::lease::Fenced;
 use crate::{BackendError, BackendErrorKind, Clock, Key};
@@ -156,6 +156,17 @@ struct Now<'a> {
     ms: u64,
     bytes: &'a mut usize,
     max_bytes: usize,
+}
+
+impl Now<'_> {
+    /// The same time and books, for one more use.
+    fn reborrow(&mut self) -> Now<'_> {
+        Now {
+            ms: self.ms,
+            bytes: self.bytes,
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -346,6 +357,27 @@ impl Partition {
         Fenced::Applied
     }
 
+    /// Makes the job held by `attempt` done, keeping `result` for `retention`.
+    fn complete(
+        &mut self,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+        now: Now<'_>,
+    ) -> Fenced {
+        let Some(job) = self.held(number, attempt) else {
+            return Fenced::Rejected;
+        };
+        job.change(now.bytes, |job| {
+            job.payload = None;
+            job.result = Some(result);
+        });
+        let until = now.ms.saturating_add(millis(retention));
+        self.finish(number, JobState::Done, until, now.ms);
+        Fenced::Applied
+    }
+
     fn deliver(&mut self, number: JobNumber, taken_over: bool, now_ms: u64) -> Delivery {
         let job = self.jobs.get_mut(&number).expect("a queued job");
         job.state = JobState::Running;
@@ -507,16 +539,28 @@ impl JobStore for MemoryJobStore {
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
         Ok(self.with(partition, |p, now| {
-            let Some(job) = p.held(number, attempt) else {
-                return Fenced::Rejected;
-            };
-            job.change(now.bytes, |job| {
-                job.payload = None;
-                job.result = Some(result);
-            });
-            let until = now.ms.saturating_add(millis(retention));
-            p.finish(number, JobState::Done, until, now.ms);
-            Fenced::Applied
+            p.complete(number, attempt, result, retention, now)
+        }))
+    }
+
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        Ok(self.with(partition, |p, mut now| {
+            jobs.iter()
+                .map(|job| {
+                    Ok(p.complete(
+                        job.number,
+                        job.attempt,
+                        job.result.clone(),
+                        retention,
+                        now.reborrow(),
+                    ))
+                })
+                .collect()
         }))
     }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore,
-    MAX_LANES, NewJob,
+    Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState,
+    JobStore, MAX_LANES, NewJob,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::{Key, Namespace};
@@ -705,4 +705,109 @@ pub async fn concurrent_consumers_get_each_job_once<S: JobStore + Clone>(store: 
         }
     }
     assert_eq!((total, seen.len()), (200, 200));
+}
+
+/// `complete_many` finishes each job as `complete` would, in order: held jobs are done with
+/// their results, while a stale attempt, an unknown job and a second entry for a job are
+/// rejected; the finished jobs stop counting against the bounds (their tenant's too) and count
+/// in the drain rate. An empty list answers nothing.
+pub async fn complete_many_finishes_each_job_as_complete_would<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let a = add(store, &p, &job("a").tenant("acme")).await;
+    let b = add(store, &p, &job("b").lane(1)).await;
+    let c = add(store, &p, &job("c")).await;
+    let delivered = fetch(store, &p, "w", &[0, 1], 10, LONG).await;
+    let numbers: Vec<_> = delivered.iter().map(|d| (d.number, d.attempt)).collect();
+    assert_eq!(numbers, [(a, 1), (c, 1), (b, 1)]);
+    let done = |number, attempt, result: &'static str| Completion {
+        number,
+        attempt,
+        result: Bytes::from_static(result.as_bytes()),
+    };
+    let answers: Vec<Fenced> = store
+        .complete_many(
+            &p,
+            &[
+                done(a, 1, "ra"),
+                done(b, 2, "stale"),
+                done(b, 1, "rb"),
+                done(a, 1, "again"),
+                done(999, 1, "unknown"),
+            ],
+            LONG,
+        )
+        .await
+        .expect("complete_many")
+        .into_iter()
+        .map(|answer| answer.expect("a step on a sound record"))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            Fenced::Applied,
+            Fenced::Rejected,
+            Fenced::Applied,
+            Fenced::Rejected,
+            Fenced::Rejected
+        ]
+    );
+    for (number, result) in [(a, "ra"), (b, "rb")] {
+        let record = store
+            .status(&p, number)
+            .await
+            .expect("status")
+            .expect("kept");
+        assert_eq!(record.state, JobState::Done);
+        assert_eq!(record.result.as_deref(), Some(result.as_bytes()));
+        assert_eq!(record.payload, None);
+    }
+    let running = store.status(&p, c).await.expect("status").expect("kept");
+    assert_eq!((running.state, running.attempt), (JobState::Running, 1));
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!((stats.unfinished, stats.running, stats.ready), (1, 1, 0));
+    // The tenant's place is free again, and the partition's bound counts only `c`.
+    let one_each = EnqueueLimits {
+        max_per_tenant: Some(1),
+        ..limits(2)
+    };
+    let answer = store
+        .enqueue(&p, &job("d").tenant("acme"), &one_each)
+        .await
+        .expect("enqueue");
+    assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
+    match store
+        .enqueue(&p, &job("e"), &limits(2))
+        .await
+        .expect("enqueue")
+    {
+        Enqueued::Full {
+            depth,
+            drained_per_sec,
+            ..
+        } => {
+            assert_eq!(depth, 2);
+            let most = 2.0 / DRAIN_WINDOW.as_secs_f64();
+            assert!(
+                drained_per_sec > 0.0 && drained_per_sec <= most * 1.001,
+                "2 jobs finished just now: {drained_per_sec}/s, expected at most {most}/s"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(
+        store
+            .complete_many(&p, &[], LONG)
+            .await
+            .expect("complete_many")
+            .is_empty()
+    );
+    let last = store
+        .complete_many(&p, &[done(c, 1, "rc")], LONG)
+        .await
+        .expect("complete_many");
+    assert!(matches!(last[..], [Ok(Fenced::Applied)]), "{last:?}");
+    assert_eq!(store.stats(&p).await.expect("stats").running, 0);
 }

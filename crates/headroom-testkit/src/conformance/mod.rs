@@ -190,6 +190,7 @@ macro_rules! job_store_conformance {
                 steps_on_unknown_jobs_are_rejected,
                 stats_count_each_state,
                 concurrent_consumers_get_each_job_once,
+                complete_many_finishes_each_job_as_complete_would,
             );
         }
     };
