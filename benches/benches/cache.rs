@@ -164,13 +164,62 @@ fn cache(c: &mut Criterion) {
     );
     group.finish();
 
+    // The cache's own work on 100 L2 hits, without a network: the in-memory store as L2.
+    let many_in_memory: Cache<u64, String> = runtime.block_on(async {
+        let cache: Cache<u64, String> = Cache::builder()
+            .name("bench_memory_many")
+            .ttl(Duration::from_secs(3_600))
+            .l2(store.clone(), ns.clone())
+            .build()
+            .expect("cache");
+        for &k in &keys {
+            cache.insert(k, value(k)).await.expect("fill");
+        }
+        cache
+    });
+    let full_keys: Vec<_> = keys
+        .iter()
+        .map(|k| ns.key(k.to_string()).expect("key"))
+        .collect();
+    let nothing = |_: Vec<u64>| async { Ok::<_, Infallible>(HashMap::<u64, String>::new()) };
+    let mut group = c.benchmark_group("cache_get_100_l2_hits_memory");
+    let (many_in_memory, full_keys, keys) = (&many_in_memory, &full_keys, &keys);
+    interleaved(
+        &mut group,
+        &runtime,
+        &[
+            ("headroom_memory", "MemoryKvStore::get_many"),
+            ("headroom", "get_many_or_load"),
+        ],
+        |call| {
+            if call == 1 {
+                for k in keys {
+                    many_in_memory.invalidate_local(k);
+                }
+            }
+        },
+        |call| async move {
+            let found = match call {
+                0 => store
+                    .get_many(full_keys)
+                    .await
+                    .expect("get_many")
+                    .into_iter()
+                    .flatten()
+                    .count(),
+                _ => hits(many_in_memory.get_many_or_load(keys, nothing).await),
+            };
+            assert_eq!(found, keys.len());
+        },
+    );
+    group.finish();
+
     let mut group = c.benchmark_group("cache_get_100_l2_hits");
     let mut mget = redis::cmd("MGET");
-    for k in &keys {
+    for k in keys {
         mget.arg(ns.key(k.to_string()).expect("key").as_bytes());
     }
-    let (mget, keys) = (&mget, &keys);
-    let nothing = |_: Vec<u64>| async { Ok::<_, Infallible>(HashMap::<u64, String>::new()) };
+    let mget = &mget;
     interleaved(
         &mut group,
         &runtime,
