@@ -513,6 +513,15 @@ impl<S: JobStore> JobStore for ChaosJobStore<S> {
         })
     }
 
+    fn leave(
+        &self,
+        partition: &Key,
+        consumer: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.point
+            .call([partition], move || self.inner.leave(partition, consumer))
+    }
+
     fn bury(
         &self,
         partition: &Key,

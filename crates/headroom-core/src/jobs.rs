@@ -391,6 +391,18 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         max: usize,
     ) -> impl Future<Output = Result<Vec<JobNumber>, BackendError>> + Send;
 
+    /// Forgets `consumer`, which fetches no more (its worker stopped). A store that keeps
+    /// consumers (Redis consumer groups) drops it from `partition` unless it still holds a job
+    /// there; the default keeps nothing and does nothing.
+    fn leave(
+        &self,
+        partition: &Key,
+        consumer: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = (partition, consumer);
+        async { Ok(()) }
+    }
+
     /// The partition's counts.
     fn stats(
         &self,
@@ -466,6 +478,11 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         partition: &'a Key,
         max: usize,
     ) -> BoxFuture<'a, Result<Vec<JobNumber>, BackendError>>;
+    fn leave<'a>(
+        &'a self,
+        partition: &'a Key,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>>;
     fn stats<'a>(
         &'a self,
         partition: &'a Key,
@@ -562,6 +579,13 @@ impl<S: JobStore> ErasedJobStore for S {
         max: usize,
     ) -> BoxFuture<'a, Result<Vec<JobNumber>, BackendError>> {
         Box::pin(JobStore::dead_letters(self, partition, max))
+    }
+    fn leave<'a>(
+        &'a self,
+        partition: &'a Key,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(JobStore::leave(self, partition, consumer))
     }
     fn stats<'a>(
         &'a self,
@@ -672,6 +696,9 @@ impl JobStore for DynJobStore {
         max: usize,
     ) -> Result<Vec<JobNumber>, BackendError> {
         self.0.dead_letters(partition, max).await
+    }
+    async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
+        self.0.leave(partition, consumer).await
     }
     async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
         self.0.stats(partition).await

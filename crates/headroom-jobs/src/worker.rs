@@ -503,6 +503,16 @@ where
     while let Some(joined) = jobs.join_next().await {
         report.count(joined.unwrap_or(Outcome::Lost));
     }
+    // Gone for good: the store forgets this consumer wherever it holds nothing (a bounded
+    // wait; a consumer left behind is harmless, and found again by takeovers).
+    let leave = async {
+        for partition in &queue.partitions {
+            if let Err(error) = queue.store.leave(partition, &shared.consumer).await {
+                tracing::debug!(queue = %queue.name, %error, "leaving the consumer group failed");
+            }
+        }
+    };
+    let _ = tokio::time::timeout(config.visibility / 2, leave).await;
     report
 }
 

@@ -219,3 +219,38 @@ async fn write_behind_on_the_cluster_hands_every_keys_last_write_to_the_writer()
     assert!(report.coalesced > 0, "nothing coalesced");
     assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
 }
+
+/// A worker that shuts down leaves its lanes' consumer groups: restarts do not pile up
+/// consumers in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_shuts_down_leaves_the_consumer_group() {
+    let ns = unique_namespace("leaving");
+    let queue = JobQueue::builder("leaving", RedisJobStore::new(standalone().await))
+        .namespace(ns.clone())
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    let counted = done.clone();
+    let worker = queue
+        .worker(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { Ok(Bytes::new()) }
+        })
+        .consumer("leaver")
+        .start()
+        .unwrap();
+    for i in 0..3 {
+        queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
+    }
+    wait_until("three jobs ran", || done.load(Ordering::Relaxed) == 3).await;
+    let lane = shared_server()
+        .cli(&["KEYS", &format!("{}:*:s:0", ns.as_str())])
+        .trim()
+        .to_owned();
+    assert!(!lane.is_empty(), "the lane's stream exists");
+    let consumers = || shared_server().cli(&["XINFO", "CONSUMERS", &lane, "w"]);
+    assert!(consumers().contains("leaver"), "{}", consumers());
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.done, 3);
+    assert!(!consumers().contains("leaver"), "{}", consumers());
+}

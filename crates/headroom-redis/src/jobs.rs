@@ -604,6 +604,17 @@ return {
 }
 ";
 
+/// ARGV: consumer. Drops the consumer from the group of every lane where it holds no entry.
+const LEAVE: &str = r"
+for lane = 0, MAX_LANE do
+  local s = stream(lane)
+  if redis.call('EXISTS', s) == 1 and #redis.call('XPENDING', s, 'w', '-', '+', 1, ARGV[1]) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', s, 'w', ARGV[1])
+  end
+end
+return 1
+";
+
 /// A script of the constants, the prelude, the helpers in `parts` and `body`.
 fn script(parts: &[&str], body: &str) -> Script {
     Script::new(&format!(
@@ -622,6 +633,7 @@ static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN], COM
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
+static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 
 /// The Redis [`JobStore`]: each partition is a few keys sharing its hash tag (one cluster
 /// slot), with one Redis Stream per priority lane read through a consumer group, and every
@@ -1166,6 +1178,15 @@ impl JobStore for RedisJobStore {
             .query(redis::cmd("HMGET").arg(record).arg(&RECORD_FIELDS[..]))
             .await?;
         parse_record(number, fields)
+    }
+
+    async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
+        let key = self.partition(partition)?;
+        let _: i64 = self
+            .redis
+            .invoke(LEAVE_SCRIPT.key(key).arg(consumer))
+            .await?;
+        Ok(())
     }
 
     async fn dead_letters(
