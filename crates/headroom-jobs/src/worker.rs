@@ -728,50 +728,67 @@ where
     // The handler is done: the next job may start while this one's answer is stored, and the
     // next fetch may use its slot once the answer holds a place among those being stored.
     drop(handler_turn);
-    let _storing = match ran {
-        Ran::Lost => None,
-        _ => Some(
-            Arc::clone(&shared.storing)
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed"),
-        ),
-    };
-    drop(slot);
-    let outcome = match ran {
-        Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
-            shared,
-            job.complete(result, queue.config.result_retention).await,
-            Outcome::Done,
-        ),
-        Ran::Answered(Ok(Ok(result))) => {
-            let error = JobError::fatal(format!(
-                "the result is {} bytes, more than the queue's limit of {}",
-                result.len(),
-                queue.config.max_result_len
-            ));
-            failed(shared, &job, error).await
-        }
-        Ran::Answered(Ok(Err(error))) => failed(shared, &job, error).await,
-        Ran::Answered(Err(panic)) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic".to_owned());
-            failed(
+    // Until its answer is stored, the job stays held: waiting for a place among the answers
+    // being stored and for the completer may take longer than the visibility.
+    let finishing = async {
+        let _storing = match ran {
+            Ran::Lost => None,
+            _ => Some(
+                Arc::clone(&shared.storing)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+        };
+        drop(slot);
+        match ran {
+            Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
                 shared,
-                &job,
-                JobError::retry(format!("the handler panicked: {message}")),
-            )
-            .await
+                job.complete(result, queue.config.result_retention).await,
+                Outcome::Done,
+            ),
+            Ran::Answered(Ok(Ok(result))) => {
+                let error = JobError::fatal(format!(
+                    "the result is {} bytes, more than the queue's limit of {}",
+                    result.len(),
+                    queue.config.max_result_len
+                ));
+                failed(shared, &job, error).await
+            }
+            Ran::Answered(Ok(Err(error))) => failed(shared, &job, error).await,
+            Ran::Answered(Err(panic)) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string panic".to_owned());
+                failed(
+                    shared,
+                    &job,
+                    JobError::retry(format!("the handler panicked: {message}")),
+                )
+                .await
+            }
+            Ran::Lost => Outcome::Lost,
+            // Cut off mid-run: charged, since its effect may have begun, so a job that never
+            // finishes within a shutdown's grace still ends dead after its attempts.
+            Ran::Aborted => finish(
+                shared,
+                job.retry(Duration::ZERO, "its worker shut down before it finished")
+                    .await,
+                Outcome::HandedBack,
+            ),
         }
-        Ran::Lost => Outcome::Lost,
-        Ran::Aborted => finish(
-            shared,
-            job.release("its worker shut down before it finished").await,
-            Outcome::HandedBack,
-        ),
+    };
+    let keep_held = async {
+        job.heartbeat(config.visibility / 3).await;
+        // Taken over, or already finished: the finishing step tells which.
+        std::future::pending::<()>().await;
+    };
+    let outcome = tokio::select! {
+        biased;
+        outcome = finishing => outcome,
+        () = keep_held => unreachable!("keeping the job held never ends"),
     };
     let name = match outcome {
         Outcome::Done => "done",

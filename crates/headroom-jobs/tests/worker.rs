@@ -465,14 +465,14 @@ async fn shutdown_stops_fetching_waits_for_running_jobs_and_hands_back_the_rest(
         .start()
         .unwrap();
     wait_for_state(&queue, long, JobState::Done).await;
-    // The hand-back was not charged: this is its first attempt again.
+    // Cut off mid-run, it was charged: this is its second attempt.
     let long_status = queue.status(long).await.unwrap().unwrap();
-    assert_eq!(long_status.result.as_deref(), Some(&b"attempt 1"[..]));
+    assert_eq!(long_status.result.as_deref(), Some(&b"attempt 2"[..]));
     next.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn jobs_handed_back_at_shutdowns_are_not_charged_an_attempt() {
+async fn a_shutdown_charges_the_job_it_cut_off_but_not_those_fetched_ahead() {
     let queue = JobQueue::builder("rolling", MemoryJobStore::new())
         .build()
         .unwrap();
@@ -481,7 +481,8 @@ async fn jobs_handed_back_at_shutdowns_are_not_charged_an_attempt() {
         ids.push(queue.enqueue(Job::new("3600")).await.unwrap().id);
     }
     // Three deploys in a row: each worker runs one job and holds two fetched ahead when it is
-    // shut down, and hands all three back. One attempt each is allowed.
+    // shut down, and hands all three back: the one it cut off charged, the two that never
+    // started not.
     for _ in 0..3 {
         let worker = queue
             .worker(|job| async move {
@@ -490,7 +491,7 @@ async fn jobs_handed_back_at_shutdowns_are_not_charged_an_attempt() {
             })
             .concurrency(1)
             .prefetch(2)
-            .max_attempts(1)
+            .max_attempts(4)
             .visibility(Duration::from_secs(600))
             .start()
             .unwrap();
@@ -510,16 +511,27 @@ async fn jobs_handed_back_at_shutdowns_are_not_charged_an_attempt() {
         let report = worker.shutdown(Duration::from_secs(1)).await;
         assert_eq!((report.handed_back, report.dead), (3, 0));
     }
+    // Nine deliveries were handed back; three of them, one per deploy, were charged.
     let next = queue
-        .worker(|job| async move { Ok(Bytes::from(format!("attempt {}", job.attempt()))) })
-        .max_attempts(1)
+        .worker(|job| async move { Ok(Bytes::from(job.attempt().to_string())) })
+        .max_attempts(4)
         .start()
         .unwrap();
+    let mut charged_before = 0;
     for &id in &ids {
         wait_for_state(&queue, id, JobState::Done).await;
         let status = queue.status(id).await.unwrap().unwrap();
-        assert_eq!(status.result.as_deref(), Some(&b"attempt 1"[..]));
+        assert_eq!(
+            status.attempt, 4,
+            "every job was delivered three times before"
+        );
+        let attempt: u32 = std::str::from_utf8(&status.result.unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        charged_before += attempt - 1;
     }
+    assert_eq!(charged_before, 3);
     next.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -947,4 +959,38 @@ async fn answers_being_stored_hold_back_fetching_beyond_their_own_bound() {
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.running, stats.ready), (4, 6));
     assert_eq!(ran.load(Ordering::Relaxed), 4);
+}
+
+/// A job whose answer takes longer to store than its visibility stays held meanwhile: another
+/// worker does not take it over and run it again.
+#[tokio::test(start_paused = true)]
+async fn a_job_stays_held_while_its_answer_waits_to_be_stored() {
+    let store = SlowCompletions::new(Duration::from_secs(10));
+    let queue = JobQueue::builder("held", store).build().unwrap();
+    let id = queue.enqueue(Job::new("0")).await.unwrap().id;
+    let ran = Arc::new(AtomicU32::new(0));
+    let start = |name: &str| {
+        let counted = ran.clone();
+        queue
+            .worker(move |_| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async { Ok(Bytes::new()) }
+            })
+            .consumer(name)
+            .visibility(Duration::from_secs(1))
+            .start()
+            .unwrap()
+    };
+    let first = start("first");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ran.load(Ordering::Relaxed) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the job never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The answer takes ten visibilities to store; a second worker looks for lapsed jobs.
+    let second = start("second");
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert_eq!(ran.load(Ordering::Relaxed), 1, "the job ran again");
+    assert_eq!(first.shutdown(Duration::from_secs(1)).await.done, 1);
+    second.shutdown(Duration::from_secs(1)).await;
 }

@@ -450,12 +450,23 @@ if op == 'extend' then
   return 1
 end
 if op == 'retry' or op == 'release' then
+  -- Read before any write: a corrupt count changes nothing.
+  local handed = 0
+  if op == 'release' then
+    local raw = redis.call('HGET', rk, 'h')
+    if raw then
+      handed = int(raw)
+      if not handed then
+        return -1
+      end
+    end
+  end
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
   redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
   redis.call('HDEL', rk, 'sid', 'c')
   if op == 'release' then
-    redis.call('HINCRBY', rk, 'h', 1)
+    redis.call('HSET', rk, 'h', num(handed + 1))
   end
   redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
 else
@@ -881,11 +892,11 @@ fn parse_delivery(value: Value) -> Result<Delivery, BackendError> {
         enqueued_at_ms: reply_number(&enqueued, WHAT)?,
         taken_over: reply_number(&taken, WHAT)? == 1,
         // The store counts only deliveries before this one; a count it did not write reads
-        // as all of them.
+        // as none, so every delivery is charged.
         handed_back: u32::try_from(reply_number(&handed_back, WHAT)?)
-            .map_or(attempt.saturating_sub(1), |n| {
-                n.min(attempt.saturating_sub(1))
-            }),
+            .ok()
+            .filter(|&n| n < attempt)
+            .unwrap_or(0),
     })
 }
 

@@ -170,6 +170,7 @@ on_both!(
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
+    a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
     invalid_arguments_are_refused_before_redis,
 );
@@ -671,6 +672,30 @@ async fn buried_jobs_are_dead_letters_newest_first(ctx: Ctx) {
         [numbers[1], numbers[2]]
     );
     assert_eq!(ctx.store.stats(&p).await.unwrap().dead, 2);
+}
+
+/// A hand-back count the store did not write: a release fails on it with a typed error and
+/// changes nothing (the job stays held, for a takeover), and a delivery reads it as no
+/// hand-backs, so every delivery is charged.
+async fn a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let number = ctx.add(&p, job("a")).await;
+    assert_eq!(ctx.fetch(&p, "w", &[0], 1, LONG).await.len(), 1);
+    let record = sub(&p, &format!(":j:{number}"));
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&record).arg("h").arg("lots"))
+        .await;
+    let err = ctx
+        .store
+        .release(&p, number, 1, Bytes::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let record_now = ctx.store.status(&p, number).await.unwrap().unwrap();
+    assert_eq!(record_now.state, JobState::Running, "nothing changed");
+    // The holder's visibility lapses; the job is taken over, charged as every delivery is.
+    let taken = ctx.fetch(&p, "v", &[0], 1, Duration::ZERO).await;
+    assert_eq!((taken[0].attempt, taken[0].handed_back), (2, 0));
 }
 
 /// Bytes the store did not write in a record give a typed error, never a panic; a fetch
