@@ -1,20 +1,18 @@
 //! Queues and workers on the memory job store.
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::jobs::{
-    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord,
-    JobStore, NewJob, PartitionStats,
-};
-use headroom_core::lease::Fenced;
+use headroom_core::jobs::{FetchRequest, JobStore};
 use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
-use headroom_core::{BackendError, Key};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState};
+use support::SlowStore;
 
 async fn wait_for_state<S: JobStore>(queue: &JobQueue<S>, id: JobId, state: JobState) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
@@ -736,140 +734,14 @@ async fn a_handler_that_panics_before_its_future_fails_only_its_attempt() {
     assert_eq!((report.done, report.retried, report.lost), (1, 1, 0));
 }
 
-/// A memory store whose completions take `takes` (paused time) and are counted per call.
-#[derive(Clone, Debug)]
-struct SlowCompletions {
-    inner: MemoryJobStore,
-    takes: Duration,
-    /// The jobs of each `complete_many` call, and when (paused time) each call began.
-    calls: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
-}
-
 const COMPLETION_TAKES: Duration = Duration::from_millis(100);
-
-impl SlowCompletions {
-    fn new(takes: Duration) -> Self {
-        Self {
-            inner: MemoryJobStore::new(),
-            takes,
-            calls: Arc::default(),
-        }
-    }
-}
-
-impl JobStore for SlowCompletions {
-    async fn enqueue(
-        &self,
-        partition: &Key,
-        job: &NewJob,
-        limits: &EnqueueLimits,
-    ) -> Result<Enqueued, BackendError> {
-        self.inner.enqueue(partition, job, limits).await
-    }
-    async fn fetch(
-        &self,
-        partition: &Key,
-        request: FetchRequest<'_>,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.inner.fetch(partition, request).await
-    }
-    async fn extend(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-    ) -> Result<Fenced, BackendError> {
-        self.inner.extend(partition, number, attempt).await
-    }
-    async fn complete(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        result: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        let job = Completion {
-            number,
-            attempt,
-            result,
-        };
-        let mut answers = self
-            .complete_many(partition, std::slice::from_ref(&job), retention)
-            .await?;
-        answers.pop().unwrap()
-    }
-    async fn complete_many(
-        &self,
-        partition: &Key,
-        jobs: &[Completion],
-        retention: Duration,
-    ) -> Result<Completed, BackendError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((jobs.len(), tokio::time::Instant::now()));
-        tokio::time::sleep(self.takes).await;
-        self.inner.complete_many(partition, jobs, retention).await
-    }
-    async fn retry(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        delay: Duration,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.inner
-            .retry(partition, number, attempt, delay, error)
-            .await
-    }
-    async fn release(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.inner.release(partition, number, attempt, error).await
-    }
-    async fn bury(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        self.inner
-            .bury(partition, number, attempt, error, retention)
-            .await
-    }
-    async fn status(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-    ) -> Result<Option<JobRecord>, BackendError> {
-        self.inner.status(partition, number).await
-    }
-    async fn dead_letters(
-        &self,
-        partition: &Key,
-        max: usize,
-    ) -> Result<Vec<JobNumber>, BackendError> {
-        self.inner.dead_letters(partition, max).await
-    }
-    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-        self.inner.stats(partition).await
-    }
-}
 
 /// Results of jobs that finish at the same moment are stored in one call, a result waits for
 /// no other job, and a handler's turn ends when it answers: the next job starts while the
 /// result before it is being stored.
 #[tokio::test(start_paused = true)]
 async fn results_ready_together_are_stored_together_and_the_next_job_starts_meanwhile() {
-    let store = SlowCompletions::new(COMPLETION_TAKES);
+    let store = SlowStore::slow_completions(COMPLETION_TAKES);
     let queue = JobQueue::builder("batched", store.clone()).build().unwrap();
     let ids: Vec<JobId> = {
         let mut ids = Vec::new();
@@ -895,13 +767,19 @@ async fn results_ready_together_are_stored_together_and_the_next_job_starts_mean
     }
     let report = worker.shutdown(Duration::from_secs(1)).await;
     assert_eq!(report.done, 8);
-    let sizes: Vec<usize> = store.calls.lock().unwrap().iter().map(|c| c.0).collect();
+    let sizes: Vec<usize> = store
+        .completions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
     assert_eq!(sizes.iter().sum::<usize>(), 8);
     assert!(sizes.len() <= 2, "eight results stored in {sizes:?}");
 
     // One handler at a time: each job starts as soon as the one before answered, while its
     // result is still being stored, and every result is stored.
-    let store = SlowCompletions::new(COMPLETION_TAKES);
+    let store = SlowStore::slow_completions(COMPLETION_TAKES);
     let queue = JobQueue::builder("one-at-a-time", store.clone())
         .build()
         .unwrap();
@@ -925,7 +803,7 @@ async fn results_ready_together_are_stored_together_and_the_next_job_starts_mean
     let report = worker.shutdown(Duration::from_secs(1)).await;
     assert_eq!(report.done, 3);
     let started = started.lock().unwrap().clone();
-    let first_stored = store.calls.lock().unwrap()[0].1;
+    let first_stored = store.completions.lock().unwrap()[0].1;
     assert!(
         started[1] < first_stored + COMPLETION_TAKES,
         "the second job waited for the first one's result to be stored"
@@ -938,7 +816,7 @@ async fn results_ready_together_are_stored_together_and_the_next_job_starts_mean
 /// more.
 #[tokio::test(start_paused = true)]
 async fn answers_being_stored_hold_back_fetching_beyond_their_own_bound() {
-    let store = SlowCompletions::new(Duration::from_secs(3600));
+    let store = SlowStore::slow_completions(Duration::from_secs(3600));
     let queue = JobQueue::builder("stuck", store.clone()).build().unwrap();
     for i in 0..10 {
         queue.enqueue(Job::new(i.to_string())).await.unwrap();
@@ -965,7 +843,7 @@ async fn answers_being_stored_hold_back_fetching_beyond_their_own_bound() {
 /// worker does not take it over and run it again.
 #[tokio::test(start_paused = true)]
 async fn a_job_stays_held_while_its_answer_waits_to_be_stored() {
-    let store = SlowCompletions::new(Duration::from_secs(10));
+    let store = SlowStore::slow_completions(Duration::from_secs(10));
     let queue = JobQueue::builder("held", store).build().unwrap();
     let id = queue.enqueue(Job::new("0")).await.unwrap().id;
     let ran = Arc::new(AtomicU32::new(0));

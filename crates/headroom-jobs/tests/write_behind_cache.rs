@@ -1,21 +1,16 @@
 //! A cache writing behind: reads see an insert at once, the database gets it at the next
 //! flush, and a refused write changes nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use headroom_cache::Cache;
-use headroom_core::jobs::{
-    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobStore, NewJob,
-    PartitionStats,
-};
-use headroom_core::lease::Fenced;
+use headroom_core::Namespace;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
-use headroom_core::{BackendError, Key, Namespace};
 use headroom_jobs::{CacheWriteError, QueueConfig, Write, WriteBehind, WriteBehindCache};
-use tokio::sync::Notify;
+use support::SlowStore;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Profile {
@@ -141,121 +136,10 @@ async fn a_refused_write_leaves_the_cache_as_it_was() {
     );
 }
 
-/// The memory store, with the answer to its first enqueue taking 10 ms: a write recorded
-/// first is answered last. `started` is told when the job is in the store.
-#[derive(Debug, Default)]
-struct SlowFirstEnqueue {
-    store: MemoryJobStore,
-    slowed: AtomicBool,
-    started: Arc<Notify>,
-}
-
-impl JobStore for SlowFirstEnqueue {
-    async fn enqueue(
-        &self,
-        partition: &Key,
-        job: &NewJob,
-        limits: &EnqueueLimits,
-    ) -> Result<Enqueued, BackendError> {
-        let answer = self.store.enqueue(partition, job, limits).await;
-        if !self.slowed.swap(true, Ordering::Relaxed) {
-            self.started.notify_one();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        answer
-    }
-
-    async fn fetch(
-        &self,
-        partition: &Key,
-        request: FetchRequest<'_>,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.store.fetch(partition, request).await
-    }
-
-    async fn extend(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-    ) -> Result<Fenced, BackendError> {
-        self.store.extend(partition, number, attempt).await
-    }
-
-    async fn complete(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        result: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        self.store
-            .complete(partition, number, attempt, result, retention)
-            .await
-    }
-
-    async fn retry(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        delay: Duration,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.store
-            .retry(partition, number, attempt, delay, error)
-            .await
-    }
-
-    async fn release(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.store.release(partition, number, attempt, error).await
-    }
-
-    async fn bury(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        self.store
-            .bury(partition, number, attempt, error, retention)
-            .await
-    }
-
-    async fn status(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-    ) -> Result<Option<JobRecord>, BackendError> {
-        self.store.status(partition, number).await
-    }
-
-    async fn dead_letters(
-        &self,
-        partition: &Key,
-        max: usize,
-    ) -> Result<Vec<JobNumber>, BackendError> {
-        self.store.dead_letters(partition, max).await
-    }
-
-    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-        self.store.stats(partition).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() {
-    let store = SlowFirstEnqueue::default();
-    let started = store.started.clone();
+    let store = SlowStore::slow_first_enqueue();
+    let started = store.first_enqueue_stored.clone();
     let writes = WriteBehind::builder("profiles", store)
         .flush_interval(Duration::from_secs(1))
         .build()
@@ -283,8 +167,8 @@ async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() 
 
 #[tokio::test(start_paused = true)]
 async fn an_insert_whose_caller_stops_waiting_still_reaches_the_cache() {
-    let store = SlowFirstEnqueue::default();
-    let started = store.started.clone();
+    let store = SlowStore::slow_first_enqueue();
+    let started = store.first_enqueue_stored.clone();
     let writes = WriteBehind::builder("profiles", store).build().unwrap();
     let profiles = Arc::new(WriteBehindCache::new(cache(), writes));
     let ada = Profile {

@@ -1,0 +1,172 @@
+//! A memory job store slowed where a test needs it, shared by the test targets.
+
+// Each test target uses only some of it.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use headroom_core::jobs::{
+    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord,
+    JobStore, NewJob, PartitionStats,
+};
+use headroom_core::lease::Fenced;
+use headroom_core::memory::MemoryJobStore;
+use headroom_core::{BackendError, Key};
+use tokio::sync::Notify;
+
+/// The memory store, with completions that take `completion_takes` (each `complete_many`
+/// call is recorded) and, with `slow_first_enqueue`, the answer to the first enqueue held
+/// back 10 ms once its job is stored (`first_enqueue_stored` is told then).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SlowStore {
+    inner: MemoryJobStore,
+    completion_takes: Duration,
+    /// The jobs of each `complete_many` call, and when (paused time) each call began.
+    pub(crate) completions: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
+    slow_first_enqueue: bool,
+    first_enqueue_slowed: Arc<AtomicBool>,
+    pub(crate) first_enqueue_stored: Arc<Notify>,
+}
+
+impl SlowStore {
+    /// Completions take `takes`.
+    pub(crate) fn slow_completions(takes: Duration) -> Self {
+        Self {
+            completion_takes: takes,
+            ..Self::default()
+        }
+    }
+
+    /// The first enqueue is answered 10 ms after its job is stored.
+    pub(crate) fn slow_first_enqueue() -> Self {
+        Self {
+            slow_first_enqueue: true,
+            ..Self::default()
+        }
+    }
+}
+
+impl JobStore for SlowStore {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        let answer = self.inner.enqueue(partition, job, limits).await;
+        if self.slow_first_enqueue && !self.first_enqueue_slowed.swap(true, Ordering::Relaxed) {
+            self.first_enqueue_stored.notify_one();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        answer
+    }
+
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.fetch(partition, request).await
+    }
+
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.inner.extend(partition, number, attempt).await
+    }
+
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        let job = Completion {
+            number,
+            attempt,
+            result,
+        };
+        let mut answers = self
+            .complete_many(partition, std::slice::from_ref(&job), retention)
+            .await?;
+        answers.pop().expect("one answer per job")
+    }
+
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        self.completions
+            .lock()
+            .expect("completions lock")
+            .push((jobs.len(), tokio::time::Instant::now()));
+        tokio::time::sleep(self.completion_takes).await;
+        self.inner.complete_many(partition, jobs, retention).await
+    }
+
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.inner
+            .retry(partition, number, attempt, delay, error)
+            .await
+    }
+
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.inner.release(partition, number, attempt, error).await
+    }
+
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.inner
+            .bury(partition, number, attempt, error, retention)
+            .await
+    }
+
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        self.inner.status(partition, number).await
+    }
+
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        self.inner.dead_letters(partition, max).await
+    }
+
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        self.inner.stats(partition).await
+    }
+}
