@@ -1,8 +1,9 @@
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -88,43 +89,60 @@ impl<K, V> fmt::Debug for Cache<K, V> {
 /// What a read or load ends with, shared by every caller waiting on the same load.
 type Outcome<V> = Result<Option<V>, CacheError>;
 type Pending<V> = Shared<BoxFuture<'static, Outcome<V>>>;
-/// The outcomes of a batch load, by key; `None` when the load task died (a loader panic).
-type Batch<K, V> = Shared<BoxFuture<'static, Option<Arc<HashMap<K, Outcome<V>>>>>>;
+/// The outcomes of a batch load, in the order of its keys; `None` when the load task died (a
+/// loader panic).
+type Batch<V> = Shared<BoxFuture<'static, Option<Arc<Vec<Outcome<V>>>>>>;
 
 /// A load in flight: callers join it; `load` tells it apart from a later load of the key.
-struct InFlight<K, V> {
+struct InFlight<V> {
     load: u64,
-    join: Join<K, V>,
+    join: Join<V>,
 }
 
 /// What a caller joining a load in flight waits on.
-enum Join<K, V> {
+enum Join<V> {
     One(Pending<V>),
-    Batch(Batch<K, V>),
+    /// A batch load, and the key's place among its keys.
+    Batch(Batch<V>, usize),
 }
 
-impl<K: CacheKey, V: Clone + Send + Sync + 'static> Join<K, V> {
-    /// The outcome for `key`.
-    fn wait(&self, key: &K) -> BoxFuture<'static, Outcome<V>> {
+impl<V: Clone + Send + Sync + 'static> Join<V> {
+    /// The outcome for the key.
+    fn wait(&self) -> BoxFuture<'static, Outcome<V>> {
         match self {
             Self::One(pending) => pending.clone().boxed(),
-            Self::Batch(batch) => {
-                let key = key.clone();
+            Self::Batch(batch, place) => {
+                let place = *place;
                 batch
                     .clone()
-                    .map(move |outcomes| pick(outcomes.as_deref(), &key))
+                    .map(move |outcomes| pick(outcomes.as_deref().map(Vec::as_slice), place))
                     .boxed()
             }
         }
     }
 }
 
-/// One key's outcome of a batch.
-fn pick<K: CacheKey, V: Clone>(outcomes: Option<&HashMap<K, Outcome<V>>>, key: &K) -> Outcome<V> {
+/// The outcome at `place` of a batch.
+fn pick<V: Clone>(outcomes: Option<&[Outcome<V>]>, place: usize) -> Outcome<V> {
     match outcomes {
-        Some(outcomes) => outcomes.get(key).cloned().unwrap_or(Ok(None)),
+        Some(outcomes) => outcomes.get(place).cloned().unwrap_or(Ok(None)),
         None => Err(CacheError::new(CacheErrorKind::LoaderPanicked)),
     }
+}
+
+/// A batch's outcomes as its callers get them: a key with none is not found.
+fn answers<V>(outcomes: Vec<Option<Outcome<V>>>) -> Vec<Outcome<V>> {
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.unwrap_or(Ok(None)))
+        .collect()
+}
+
+/// What a key of a batch read waits on: the batch this read started (the key's place in it),
+/// or a load in flight that it joined.
+enum Wait<V> {
+    Own(usize),
+    Joined(BoxFuture<'static, Outcome<V>>),
 }
 
 /// One cached value (or cached "not found") with its deadlines on this instance's clock.
@@ -175,13 +193,15 @@ pub(crate) struct Inner<K, V> {
     ttl_by: Option<TtlFn<V>>,
     clock: Clock,
     metrics: Arc<Metrics>,
-    in_flight: Mutex<HashMap<K, InFlight<K, V>>>,
+    in_flight: Mutex<HashMap<K, InFlight<V>>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
     /// Per write stripe, the writes whose L2 change has not landed yet: no read fills L1
     /// meanwhile, since what it read from L2 may be the state the write replaces.
     writing: Box<[AtomicU32]>,
-    hasher: RandomState,
+    /// Picks a key's write stripe. Not flooding-resistant, and need not be: keys that share a
+    /// stripe only skip some L1 fills, and any 256 keys already share stripes.
+    stripes: foldhash::fast::RandomState,
     invalidation: Option<Invalidation>,
     /// One load of a key at a time across the fleet (see `CacheBuilder::fleet_lock`).
     fleet_lock: Option<FleetLock>,
@@ -245,7 +265,7 @@ where
                 loads: AtomicU64::new(0),
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 writing: (0..WRITE_STRIPES).map(|_| AtomicU32::new(0)).collect(),
-                hasher: RandomState::new(),
+                stripes: foldhash::fast::RandomState::default(),
             }),
         };
         if let Some(invalidation) = &cache.inner.invalidation {
@@ -464,42 +484,44 @@ where
     {
         let inner = &self.inner;
         let now = inner.clock.now();
-        let mut results: Vec<Option<Option<V>>> = Vec::with_capacity(keys.len());
-        let mut refresh = Vec::new();
         let l1_usable = inner.l1_usable();
-        for key in keys {
-            let hit = inner.l1_get(key, l1_usable).and_then(|slot| {
-                if now >= slot.expires_at {
-                    return None;
+        let mut results: Vec<Option<V>> = Vec::with_capacity(keys.len());
+        // Keys to read on, by place in `keys`, each with whether L1 held a slot for it: those
+        // L1 did not serve, which this call waits for, then those it served past their soft
+        // TTL, refreshed in the background.
+        let mut missing: Vec<(usize, bool)> = Vec::new();
+        let mut refresh: Vec<(usize, bool)> = Vec::new();
+        for (place, key) in keys.iter().enumerate() {
+            match inner.l1_get(key, l1_usable) {
+                Some(slot) if now < slot.expires_at => {
+                    inner.metrics.l1_hits.increment(1);
+                    if now >= slot.fresh_until {
+                        refresh.push((place, true));
+                    }
+                    results.push(slot.value);
                 }
-                if now >= slot.fresh_until {
-                    refresh.push(key.clone());
+                seen => {
+                    inner.metrics.l1_misses.increment(1);
+                    results.push(None);
+                    missing.push((place, seen.is_some()));
                 }
-                Some(slot.value)
-            });
-            match &hit {
-                Some(_) => inner.metrics.l1_hits.increment(1),
-                None => inner.metrics.l1_misses.increment(1),
             }
-            results.push(hit);
         }
-        let missing: Vec<&K> = keys
-            .iter()
-            .zip(&results)
-            .filter(|(_, hit)| hit.is_none())
-            .map(|(key, _)| key)
-            .collect();
         if missing.is_empty() && refresh.is_empty() {
-            return Ok(results.into_iter().map(Option::flatten).collect());
+            return Ok(results);
         }
         if !refresh.is_empty() {
             inner.metrics.refreshes.increment(refresh.len() as u64);
         }
-        let (own, joined) =
-            Inner::join_or_load_many(inner, missing.iter().copied().chain(&refresh), loader);
-        if missing.is_empty() {
+        let places: Vec<usize> = missing.iter().map(|&(place, _)| place).collect();
+        let asks = missing
+            .into_iter()
+            .chain(refresh)
+            .map(|(place, seen)| (&keys[place], seen));
+        let (own, waits) = Inner::join_or_load_many(inner, asks, loader);
+        if places.is_empty() {
             // Only refreshes: they run in the background.
-            return Ok(results.into_iter().map(Option::flatten).collect());
+            return Ok(results);
         }
         let own = async move {
             match own {
@@ -507,22 +529,28 @@ where
                 None => None,
             }
         };
-        let joined = join_all(
-            joined
-                .into_iter()
-                .map(|(key, wait)| async move { (key, wait.await) }),
-        );
-        let (own, joined) = futures_util::future::join(own, joined).await;
-        let joined: HashMap<K, Outcome<V>> = joined.into_iter().collect();
-        for (key, result) in keys.iter().zip(results.iter_mut()) {
-            if result.is_none() {
-                *result = Some(match joined.get(key) {
-                    Some(outcome) => outcome.clone()?,
-                    None => pick(own.as_deref(), key)?,
-                });
-            }
+        // Per missing key, its place in this call's batch, or `None` when it joined a load.
+        let mut joined = Vec::new();
+        let in_batch: Vec<Option<usize>> = waits
+            .into_iter()
+            .take(places.len())
+            .map(|wait| match wait {
+                Wait::Own(at) => Some(at),
+                Wait::Joined(pending) => {
+                    joined.push(pending);
+                    None
+                }
+            })
+            .collect();
+        let (own, joined) = futures_util::future::join(own, join_all(joined)).await;
+        let mut joined = joined.into_iter();
+        for (place, at) in places.into_iter().zip(in_batch) {
+            results[place] = match at {
+                Some(at) => pick(own.as_deref().map(Vec::as_slice), at)?,
+                None => joined.next().unwrap_or(Ok(None))?,
+            };
         }
-        Ok(results.into_iter().map(Option::flatten).collect())
+        Ok(results)
     }
 
     /// Writes a value to L1 and L2 (write-through), with the TTL of
@@ -699,7 +727,7 @@ where
             return Ok(None);
         };
         let now = self.clock.now();
-        match self.decode(l2, full, &bytes, now) {
+        match self.decode(l2, full, &bytes, now, self.clock.unix_millis()) {
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
@@ -716,7 +744,7 @@ where
 
     /// Where the key's writes stand now, to tell later whether it was written meanwhile.
     fn mark(&self, key: &K) -> WriteMark {
-        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        let stripe = self.stripe(key);
         WriteMark {
             stripe,
             count: self.writes[stripe].load(Ordering::Acquire),
@@ -736,9 +764,16 @@ where
     /// Records a write of `key`: loads started before it no longer fill the cache, and later
     /// reads start a new load instead of joining theirs.
     fn bump_writes(&self, key: &K) {
-        let stripe = self.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        self.bump_stripe(key, self.stripe(key));
+    }
+
+    fn bump_stripe(&self, key: &K, stripe: usize) {
         self.writes[stripe].fetch_add(1, Ordering::AcqRel);
         self.in_flight.lock().remove(key);
+    }
+
+    fn stripe(&self, key: &K) -> usize {
+        self.stripes.hash_one(key) as usize % WRITE_STRIPES
     }
 
     /// Records a write of `key` whose L2 change is under way: until the returned guard is
@@ -746,8 +781,8 @@ where
     /// the key's stripe; dropping it counts as another write, so reads begun meanwhile do not
     /// fill L1 either.
     fn begin_write(this: &Arc<Self>, key: &K) -> Writing<K, V> {
-        this.bump_writes(key);
-        let stripe = this.hasher.hash_one(key) as usize % WRITE_STRIPES;
+        let stripe = this.stripe(key);
+        this.bump_stripe(key, stripe);
         this.writing[stripe].fetch_add(1, Ordering::AcqRel);
         Writing {
             inner: Arc::clone(this),
@@ -1023,7 +1058,16 @@ where
 
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
     /// are entries past their fail-safe window.
-    fn decode(&self, l2: &Arc<L2>, key: Key, bytes: &[u8], now: Instant) -> Option<Slot<V>> {
+    ///
+    /// `now` and `unix_now` are the same moment on the two clocks (a batch reads them once).
+    fn decode(
+        &self,
+        l2: &Arc<L2>,
+        key: Key,
+        bytes: &[u8],
+        now: Instant,
+        unix_now: u64,
+    ) -> Option<Slot<V>> {
         let decoded = envelope::decode(bytes)
             .map_err(|error| -> Box<dyn StdError + Send + Sync> { error.into() })
             .and_then(|env| {
@@ -1056,7 +1100,7 @@ where
                     fresh_until,
                     expires,
                 };
-                let mut slot = self.slot(value, times, now, self.clock.unix_millis(), tags);
+                let mut slot = self.slot(value, times, now, unix_now, tags);
                 if self.config.l1_max_bytes.is_some() {
                     let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
                     slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
@@ -1085,7 +1129,7 @@ where
     {
         let mut in_flight = this.in_flight.lock();
         if let Some(existing) = in_flight.get(key) {
-            return existing.join.wait(key);
+            return existing.join.wait();
         }
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
@@ -1145,7 +1189,8 @@ where
                 }
             };
             let found = l2.get(&full).await.flatten();
-            let found = found.and_then(|bytes| self.decode(l2, full, &bytes, now));
+            let found = found
+                .and_then(|bytes| self.decode(l2, full, &bytes, now, self.clock.unix_millis()));
             fill = self.adopt(found, &mut best, now);
         }
         // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
@@ -1267,7 +1312,8 @@ where
             self.clock.sleep(poll.min(deadline - now)).await;
             let now = self.clock.now();
             if let Some(bytes) = l2.get(&full).await.flatten()
-                && let Some(slot) = self.decode(l2, full.clone(), &bytes, now)
+                && let Some(slot) =
+                    self.decode(l2, full.clone(), &bytes, now, self.clock.unix_millis())
                 && now < slot.fresh_until
             {
                 return Err(slot);
@@ -1390,92 +1436,96 @@ where
         self.fill_l1(key, stale, write);
     }
 
-    /// Registers one batch load for every key not already in flight. Returns that load (if
-    /// any key needed it) and, for keys already in flight, what to wait on.
-    #[allow(clippy::type_complexity)]
+    /// Registers one batch load for every key not already in flight, each with whether its
+    /// caller saw an L1 slot for it. Returns that load (if any key needed it) and, per key in order, what to wait
+    /// on.
     fn join_or_load_many<'k, F, Fut, E>(
         this: &Arc<Self>,
-        keys: impl Iterator<Item = &'k K>,
+        asks: impl Iterator<Item = (&'k K, bool)>,
         loader: F,
-    ) -> (
-        Option<Batch<K, V>>,
-        HashMap<K, BoxFuture<'static, Outcome<V>>>,
-    )
+    ) -> (Option<Batch<V>>, Vec<Wait<V>>)
     where
         F: FnOnce(Vec<K>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel::<HashMap<K, Outcome<V>>>();
-        let batch: Batch<K, V> = answer
+        let (reply, answer) = oneshot::channel::<Vec<Outcome<V>>>();
+        let batch: Batch<V> = answer
             .map(|answer| answer.ok().map(Arc::new))
             .boxed()
             .shared();
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
-        let mut joined = HashMap::new();
+        let mut waits = Vec::with_capacity(asks.size_hint().0);
         let mut to_load = Vec::new();
         let mut in_flight = this.in_flight.lock();
-        for key in keys {
-            if joined.contains_key(key) {
-                continue;
-            }
-            match in_flight.get(key) {
-                Some(existing) if existing.load != load => {
-                    joined.insert(key.clone(), existing.join.wait(key));
+        for (key, seen) in asks {
+            let wait = match in_flight.entry(key.clone()) {
+                Entry::Occupied(entry) => match &entry.get().join {
+                    // Listed twice in this call.
+                    Join::Batch(_, at) if entry.get().load == load => Wait::Own(*at),
+                    join => Wait::Joined(join.wait()),
+                },
+                Entry::Vacant(entry) => {
+                    let at = to_load.len();
+                    entry.insert(InFlight {
+                        load,
+                        join: Join::Batch(batch.clone(), at),
+                    });
+                    to_load.push((key.clone(), seen));
+                    Wait::Own(at)
                 }
-                Some(_) => {}
-                None => {
-                    in_flight.insert(
-                        key.clone(),
-                        InFlight {
-                            load,
-                            join: Join::Batch(batch.clone()),
-                        },
-                    );
-                    to_load.push(key.clone());
-                }
-            }
+            };
+            waits.push(wait);
         }
         drop(in_flight);
         if to_load.is_empty() {
-            return (None, joined);
+            return (None, waits);
         }
         tokio::spawn(
             Arc::clone(this)
                 .load_many(load, to_load, loader, reply)
                 .in_current_span(),
         );
-        (Some(batch), joined)
+        (Some(batch), waits)
     }
 
     /// The load task of a batch: one L2 round trip, then one loader call for what is left.
+    /// Each key comes with whether its caller saw an L1 slot for it: L1 is read again only
+    /// for those.
     async fn load_many<F, Fut, E>(
         self: Arc<Self>,
         load: u64,
-        keys: Vec<K>,
+        asks: Vec<(K, bool)>,
         loader: F,
-        reply: oneshot::Sender<HashMap<K, Outcome<V>>>,
+        reply: oneshot::Sender<Vec<Outcome<V>>>,
     ) where
         F: FnOnce(Vec<K>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
+        let (keys, seen): (Vec<K>, Vec<bool>) = asks.into_iter().unzip();
         let _done = InFlightGuard {
             inner: &self,
             load,
             keys: &keys,
         };
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
+        // Read after the marks, so that a slot older than a write made meanwhile is never put
+        // back (see `rest`). A key its caller found absent from L1 is not read again: what a
+        // write put there since is in L2 too, or the write's mark keeps this load from filling.
         let now = self.clock.now();
         let l1_usable = self.l1_usable();
         let mut best: Vec<Option<Slot<V>>> = keys
             .iter()
-            .map(|key| {
-                self.l1_get(key, l1_usable)
+            .zip(seen)
+            .map(|(key, seen)| {
+                seen.then(|| self.l1_get(key, l1_usable))
+                    .flatten()
                     .filter(|slot| now < slot.stale_until)
             })
             .collect();
-        let mut outcomes = HashMap::with_capacity(keys.len());
+        // Per key, in order; `None` until known.
+        let mut outcomes: Vec<Option<Outcome<V>>> = vec![None; keys.len()];
         let mut fill = vec![false; keys.len()];
         if let Some(l2) = &self.l2 {
             let mut full = Vec::with_capacity(keys.len());
@@ -1483,11 +1533,7 @@ where
                 match self.l2_key(l2, key) {
                     Ok(key) => full.push(key),
                     Err(error) => {
-                        let _ = reply.send(
-                            keys.iter()
-                                .map(|k| (k.clone(), Err(error.clone())))
-                                .collect(),
-                        );
+                        let _ = reply.send(vec![Err(error); keys.len()]);
                         return;
                     }
                 }
@@ -1496,20 +1542,21 @@ where
                 .get_many(&full)
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
+            let unix_now = self.clock.unix_millis();
             for (i, (bytes, full)) in values.into_iter().zip(full).enumerate() {
-                let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now));
+                let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now, unix_now));
                 fill[i] = self.adopt(found, &mut best[i], now);
             }
         }
         let mut to_load = Vec::new();
         let mut answered_all = true;
-        for (i, key) in keys.iter().enumerate() {
-            match &best[i] {
+        for (i, slot) in best.iter().enumerate() {
+            match slot {
                 Some(slot) if now < slot.fresh_until => {
-                    outcomes.insert(key.clone(), Ok(slot.value.clone()));
+                    outcomes[i] = Some(Ok(slot.value.clone()));
                 }
                 Some(slot) if now < slot.expires_at => {
-                    outcomes.insert(key.clone(), Ok(slot.value.clone()));
+                    outcomes[i] = Some(Ok(slot.value.clone()));
                     to_load.push(i);
                 }
                 _ => {
@@ -1526,7 +1573,7 @@ where
             } else {
                 outcomes.clone()
             };
-            let _ = reply.send(answer);
+            let _ = reply.send(answers(answer));
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
         }
@@ -1575,14 +1622,14 @@ where
                     {
                         entries.push(entry);
                     }
-                    outcomes.insert(key.clone(), Ok(value));
+                    outcomes[i] = Some(Ok(value));
                 }
             }
             Err(error) => {
                 let now = self.clock.now();
                 for &i in &to_load {
                     let key = &keys[i];
-                    if outcomes.contains_key(key) {
+                    if outcomes[i].is_some() {
                         continue;
                     }
                     let outcome = match best[i].take().filter(|slot| now < slot.stale_until) {
@@ -1594,12 +1641,12 @@ where
                         }
                         None => Err(error.clone()),
                     };
-                    outcomes.insert(key.clone(), outcome);
+                    outcomes[i] = Some(outcome);
                 }
             }
         }
         if let Some(reply) = reply.take() {
-            let _ = reply.send(outcomes);
+            let _ = reply.send(answers(outcomes));
         }
         if let Some(l2) = &self.l2 {
             l2.set_loaded(&entries).await;
@@ -1679,12 +1726,12 @@ impl<K: CacheKey, V> Drop for InFlightGuard<'_, K, V> {
     fn drop(&mut self) {
         let mut in_flight = self.inner.in_flight.lock();
         for key in self.keys {
-            // A write may have detached this load and a newer one taken its place.
-            if in_flight
-                .get(key)
-                .is_some_and(|entry| entry.load == self.load)
+            // A write may have detached this load and a newer one taken its place: put that
+            // one back (rare; removing first takes one lookup instead of two).
+            if let Some(entry) = in_flight.remove(key)
+                && entry.load != self.load
             {
-                in_flight.remove(key);
+                in_flight.insert(key.clone(), entry);
             }
         }
     }

@@ -52,7 +52,7 @@ macro_rules! integer_key {
     ($($t:ty),*) => {$(
         impl CacheKey for $t {
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
-                Cow::Owned(self.to_string().into_bytes())
+                Cow::Owned(itoa::Buffer::new().format(*self).as_bytes().to_vec())
             }
 
             fn from_key_bytes(bytes: &[u8]) -> Option<Self> {

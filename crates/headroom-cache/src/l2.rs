@@ -116,7 +116,9 @@ impl L2 {
         };
         let was_closed = self.breaker.state() == State::Closed;
         // A dropped call drops its permit: a cancelled call, which frees a probe slot.
+        // The call first: one that is ready at once never arms the timer.
         let result = tokio::select! {
+            biased;
             result = call => result,
             () = self.clock.sleep(self.timeout) => Err(BackendError::new(BackendErrorKind::Timeout)),
         };

@@ -951,6 +951,71 @@ async fn single_reads_and_batches_join_each_other() {
 }
 
 #[tokio::test]
+async fn each_caller_of_a_batch_gets_its_own_keys_values_in_order() {
+    let cache: Cache<String, String> = Cache::builder().ttl(60 * SEC).build().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let loaded = Arc::new(Mutex::new(Vec::new()));
+    let batch = {
+        let (cache, gate, loaded) = (cache.clone(), Arc::clone(&gate), Arc::clone(&loaded));
+        tokio::spawn(async move {
+            let keys = [key("a"), key("b"), key("a"), key("c"), key("d")];
+            cache
+                .get_many_or_load(&keys, move |keys: Vec<String>| async move {
+                    loaded.lock().extend(keys.iter().cloned());
+                    let _ = started_tx.send(());
+                    let _permit = gate.acquire().await.expect("gate");
+                    // "d" is not found.
+                    Ok::<_, CacheError>(
+                        keys.into_iter()
+                            .filter(|k| k != "d")
+                            .map(|k| (k.clone(), format!("{k}!")))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                })
+                .await
+        })
+    };
+    started.recv().await.unwrap();
+    // Later callers join the batch for keys in the middle and at the end of it.
+    let single = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_or_load(&key("c"), Counter::default().loader())
+                .await
+        })
+    };
+    let joining = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .get_many_or_load(&[key("d"), key("b"), key("c")], |_: Vec<String>| async {
+                    Ok::<_, CacheError>(HashMap::new())
+                })
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    gate.add_permits(1);
+    let some = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        batch.await.unwrap().unwrap(),
+        [some("a!"), some("b!"), some("a!"), some("c!"), None]
+    );
+    assert_eq!(single.await.unwrap().unwrap(), some("c!"));
+    assert_eq!(
+        joining.await.unwrap().unwrap(),
+        [None, some("b!"), some("c!")]
+    );
+    assert_eq!(
+        *loaded.lock(),
+        [key("a"), key("b"), key("c"), key("d")],
+        "one load, each key once"
+    );
+}
+
+#[tokio::test]
 async fn a_full_pending_delete_backlog_distrusts_l2_for_one_entry_lifetime() {
     let clock = ManualClock::new();
     let l2 = store(&clock);
