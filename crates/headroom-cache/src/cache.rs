@@ -486,24 +486,23 @@ where
         let now = inner.clock.now();
         let l1_usable = inner.l1_usable();
         let mut results: Vec<Option<V>> = Vec::with_capacity(keys.len());
-        // Keys to read on, by place in `keys`, each with whether L1 held a slot for it: those
-        // L1 did not serve, which this call waits for, then those it served past their soft
-        // TTL, refreshed in the background.
-        let mut missing: Vec<(usize, bool)> = Vec::new();
-        let mut refresh: Vec<(usize, bool)> = Vec::new();
+        // Keys to read on, by place in `keys`: those L1 did not serve, which this call waits
+        // for, then those it served past their soft TTL, refreshed in the background.
+        let mut missing: Vec<usize> = Vec::new();
+        let mut refresh: Vec<usize> = Vec::new();
         for (place, key) in keys.iter().enumerate() {
             match inner.l1_get(key, l1_usable) {
                 Some(slot) if now < slot.expires_at => {
                     inner.metrics.l1_hits.increment(1);
                     if now >= slot.fresh_until {
-                        refresh.push((place, true));
+                        refresh.push(place);
                     }
                     results.push(slot.value);
                 }
-                seen => {
+                _ => {
                     inner.metrics.l1_misses.increment(1);
                     results.push(None);
-                    missing.push((place, seen.is_some()));
+                    missing.push(place);
                 }
             }
         }
@@ -513,13 +512,9 @@ where
         if !refresh.is_empty() {
             inner.metrics.refreshes.increment(refresh.len() as u64);
         }
-        let places: Vec<usize> = missing.iter().map(|&(place, _)| place).collect();
-        let asks = missing
-            .into_iter()
-            .chain(refresh)
-            .map(|(place, seen)| (&keys[place], seen));
+        let asks = missing.iter().chain(&refresh).map(|&place| &keys[place]);
         let (own, waits) = Inner::join_or_load_many(inner, asks, loader);
-        if places.is_empty() {
+        if missing.is_empty() {
             // Only refreshes: they run in the background.
             return Ok(results);
         }
@@ -533,7 +528,7 @@ where
         let mut joined = Vec::new();
         let in_batch: Vec<Option<usize>> = waits
             .into_iter()
-            .take(places.len())
+            .take(missing.len())
             .map(|wait| match wait {
                 Wait::Own(at) => Some(at),
                 Wait::Joined(pending) => {
@@ -544,7 +539,7 @@ where
             .collect();
         let (own, joined) = futures_util::future::join(own, join_all(joined)).await;
         let mut joined = joined.into_iter();
-        for (place, at) in places.into_iter().zip(in_batch) {
+        for (place, at) in missing.into_iter().zip(in_batch) {
             results[place] = match at {
                 Some(at) => pick(own.as_deref().map(Vec::as_slice), at)?,
                 None => joined.next().unwrap_or(Ok(None))?,
@@ -1436,12 +1431,11 @@ where
         self.fill_l1(key, stale, write);
     }
 
-    /// Registers one batch load for every key not already in flight, each with whether its
-    /// caller saw an L1 slot for it. Returns that load (if any key needed it) and, per key in order, what to wait
-    /// on.
+    /// Registers one batch load for every key not already in flight. Returns that load (if any
+    /// key needed it) and, per key in order, what to wait on.
     fn join_or_load_many<'k, F, Fut, E>(
         this: &Arc<Self>,
-        asks: impl Iterator<Item = (&'k K, bool)>,
+        keys: impl Iterator<Item = &'k K>,
         loader: F,
     ) -> (Option<Batch<V>>, Vec<Wait<V>>)
     where
@@ -1455,10 +1449,10 @@ where
             .boxed()
             .shared();
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
-        let mut waits = Vec::with_capacity(asks.size_hint().0);
+        let mut waits = Vec::with_capacity(keys.size_hint().0);
         let mut to_load = Vec::new();
         let mut in_flight = this.in_flight.lock();
-        for (key, seen) in asks {
+        for key in keys {
             let wait = match in_flight.entry(key.clone()) {
                 Entry::Occupied(entry) => match &entry.get().join {
                     // Listed twice in this call.
@@ -1471,7 +1465,7 @@ where
                         load,
                         join: Join::Batch(batch.clone(), at),
                     });
-                    to_load.push((key.clone(), seen));
+                    to_load.push(key.clone());
                     Wait::Own(at)
                 }
             };
@@ -1490,12 +1484,10 @@ where
     }
 
     /// The load task of a batch: one L2 round trip, then one loader call for what is left.
-    /// Each key comes with whether its caller saw an L1 slot for it: L1 is read again only
-    /// for those.
     async fn load_many<F, Fut, E>(
         self: Arc<Self>,
         load: u64,
-        asks: Vec<(K, bool)>,
+        keys: Vec<K>,
         loader: F,
         reply: oneshot::Sender<Vec<Outcome<V>>>,
     ) where
@@ -1503,24 +1495,22 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
-        let (keys, seen): (Vec<K>, Vec<bool>) = asks.into_iter().unzip();
         let _done = InFlightGuard {
             inner: &self,
             load,
             keys: &keys,
         };
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
-        // Read after the marks, so that a slot older than a write made meanwhile is never put
-        // back (see `rest`). A key its caller found absent from L1 is not read again: what a
-        // write put there since is in L2 too, or the write's mark keeps this load from filling.
+        // L1 again, after the marks: a write or another load may have put a value there since
+        // the caller looked, and it must be seen, not loaded over.
         let now = self.clock.now();
         let l1_usable = self.l1_usable();
+        // Mostly absent: `contains_key` first, which (unlike `get`) records no read.
         let mut best: Vec<Option<Slot<V>>> = keys
             .iter()
-            .zip(seen)
-            .map(|(key, seen)| {
-                seen.then(|| self.l1_get(key, l1_usable))
-                    .flatten()
+            .map(|key| {
+                let held = l1_usable && self.l1.contains_key(key);
+                self.l1_get(key, held)
                     .filter(|slot| now < slot.stale_until)
             })
             .collect();
