@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use headroom_core::jobs::{Delivery, FetchRequest, JobStore};
+use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{BackendError, Clock, Namespace};
 use tokio::sync::watch;
@@ -558,18 +558,20 @@ async fn drain_partition<S: JobStore, W: Writer>(
         report.coalesced += coalesced;
         shared.metrics.writes.increment(handed);
         shared.metrics.coalesced.increment(coalesced);
-        for delivery in &deliveries {
-            let _ = queue
-                .store
-                .complete(
-                    key,
-                    delivery.number,
-                    delivery.attempt,
-                    Bytes::new(),
-                    queue.config.result_retention,
-                )
-                .await;
-        }
+        // All in one step (one round trip on Redis). A write left uncompleted (the store
+        // failed) is delivered again and written again: versions make that harmless.
+        let done: Vec<Completion> = deliveries
+            .iter()
+            .map(|delivery| Completion {
+                number: delivery.number,
+                attempt: delivery.attempt,
+                result: Bytes::new(),
+            })
+            .collect();
+        let _ = queue
+            .store
+            .complete_many(key, &done, queue.config.result_retention)
+            .await;
     } else {
         // Shut down, or taken over: hand back what is still ours, for the next flusher. A
         // write whose chunk was written is written again: versions make that harmless.
