@@ -15,7 +15,8 @@ use std::time::Duration;
 use headroom_breaker::{CircuitBreaker, Hedge, Pipeline, Retry, RetryBudget};
 use headroom_cache::Cache;
 use headroom_chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig};
-use headroom_core::memory::{MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
+use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
+use headroom_core::memory::{MemoryJobStore, MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
 use headroom_core::{BackendError, ManualClock, Namespace};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
 use headroom_limit::Bulkhead;
@@ -59,6 +60,7 @@ const BENCHES: &[Bench] = &[
     ("slo_layer_latency", slo_layer),
     ("tower_bare_call", bare_call),
     ("chaos_layer_off", chaos_off),
+    ("jobs_enqueue_fetch_complete_memory", jobs_memory),
 ];
 
 fn main() {
@@ -539,6 +541,68 @@ fn measured_idempotency_replay(
                 Ok::<String, std::convert::Infallible>(String::new())
             });
             black_box(replay.await.expect("replay"));
+        }
+    });
+}
+
+/// One job through the memory job store: enqueued, fetched and completed. The store's manual
+/// clock moves a millisecond per job, so each done job's retention passes and what the store
+/// prunes is the same in every run.
+fn jobs_memory() {
+    let runtime = current_thread();
+    let clock = ManualClock::new();
+    let store = MemoryJobStore::builder().clock(clock.clock()).build();
+    let partition = Namespace::new("gate")
+        .expect("namespace")
+        .key("{q}")
+        .expect("key");
+    measured_jobs_memory(&runtime, &clock, &store, &partition);
+}
+
+#[inline(never)]
+fn measured_jobs_memory(
+    runtime: &tokio::runtime::Runtime,
+    clock: &ManualClock,
+    store: &MemoryJobStore,
+    partition: &headroom_core::Key,
+) {
+    let limits = EnqueueLimits {
+        max_len: 1_000,
+        max_per_tenant: None,
+        dedup_window: Duration::from_secs(60),
+    };
+    let job = NewJob::new(bytes::Bytes::from_static(b"{\"order\":4711}"));
+    runtime.block_on(async {
+        for _ in 0..ITERATIONS {
+            store
+                .enqueue(partition, &job, &limits)
+                .await
+                .expect("enqueue");
+            let request = FetchRequest {
+                consumer: "gate",
+                lanes: &[0],
+                max: 1,
+                visibility: Duration::from_secs(30),
+            };
+            let delivery = store
+                .fetch(partition, request)
+                .await
+                .expect("fetch")
+                .pop()
+                .expect("a job");
+            black_box(
+                store
+                    .complete(
+                        partition,
+                        delivery.number,
+                        delivery.attempt,
+                        bytes::Bytes::new(),
+                        Duration::from_millis(1),
+                    )
+                    .await
+                    .expect("complete"),
+            );
+            clock.advance(Duration::from_millis(1));
         }
     });
 }
