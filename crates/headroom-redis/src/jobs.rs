@@ -271,7 +271,10 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
     local rk = record(n)
     local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
     local state = r[1]
-    if (state == 'q' or state == 'y' or state == 'r') and int(r[2]) and int(r[3]) then
+    local attempt, enqueued = int(r[2]), int(r[3])
+    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
+      -- Parsed once, for `take`.
+      r[2], r[3] = attempt, enqueued
       return 'ok', n, rk, r
     end
     if state == 'd' or state == 'x' then
@@ -284,9 +287,9 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   end
 
   local function take(lane, id, n, rk, r, taken)
-    local a = int(r[2]) + 1
+    local a = r[2] + 1
     redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
-    out[#out + 1] = {n, a, lane, r[4] or '', r[5], int(r[3]), taken, int(r[6] or '0') or 0}
+    out[#out + 1] = {n, a, lane, r[4] or '', r[5], r[3], taken, int(r[6] or '0') or 0}
   end
 
   -- The id just before `id`, to hand entries back to the group.
@@ -505,34 +508,47 @@ return 1
 /// acknowledged with one call and removed with one or two, and the counts and drain buckets
 /// written once.
 const COMPLETE_JOBS: &str = r"
--- Whether stream id `x` comes before `y` (ids are `ms-seq`, two whole numbers).
-local function before_id(x, y)
-  local xm, xs = string.match(x, '^(%d+)-(%d+)$')
-  local ym, ys = string.match(y, '^(%d+)-(%d+)$')
-  if xm ~= ym then
-    return #xm < #ym or (#xm == #ym and xm < ym)
+-- A stream id `ms-seq` as two numbers, or nil for one past what a double holds exactly.
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if ms and #ms <= 15 and #seq <= 15 then
+    return tonumber(ms), tonumber(seq)
   end
-  return #xs < #ys or (#xs == #ys and xs < ys)
+  return nil
 end
 -- Removes the just acknowledged entries `acked` from stream `s`. An entry before the newest of
 -- them was delivered (the group delivers in order), and one before the oldest pending entry is
 -- no longer pending: so every entry before both is acknowledged and done with, and one XTRIM
 -- drops them all, which is much cheaper than deleting each; the others are deleted by id.
 local function forget(s, acked)
-  local bound = acked[1]
-  for k = 2, #acked do
-    if before_id(bound, acked[k]) then
-      bound = acked[k]
+  local ms, seq = {}, {}
+  local bound
+  for k, id in ipairs(acked) do
+    ms[k], seq[k] = id_parts(id)
+    if not ms[k] then
+      redis.call('XDEL', s, unpack(acked))
+      return
+    end
+    if not bound or ms[k] > ms[bound] or (ms[k] == ms[bound] and seq[k] > seq[bound]) then
+      bound = k
     end
   end
+  local bound_id, bound_ms, bound_seq = acked[bound], ms[bound], seq[bound]
   local oldest = redis.call('XPENDING', s, 'w', '-', '+', 1)[1]
-  if oldest and before_id(oldest[1], bound) then
-    bound = oldest[1]
+  if oldest then
+    local m, q = id_parts(oldest[1])
+    if not m then
+      redis.call('XDEL', s, unpack(acked))
+      return
+    end
+    if m < bound_ms or (m == bound_ms and q < bound_seq) then
+      bound_id, bound_ms, bound_seq = oldest[1], m, q
+    end
   end
-  redis.call('XTRIM', s, 'MINID', bound)
+  redis.call('XTRIM', s, 'MINID', bound_id)
   local rest = {}
-  for _, id in ipairs(acked) do
-    if not before_id(id, bound) then
+  for k, id in ipairs(acked) do
+    if ms[k] > bound_ms or (ms[k] == bound_ms and seq[k] >= bound_seq) then
       rest[#rest + 1] = id
     end
   end
