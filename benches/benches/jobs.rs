@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use headroom_benches::apalis_peer::apalis_drain;
+use headroom_benches::apalis_peer::{APALIS_BATCH, apalis_drain};
 use headroom_benches::{LoopbackRedis, runtime};
 use headroom_core::Namespace;
 use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
@@ -22,6 +22,9 @@ use headroom_redis::RedisJobStore;
 const DRAIN: u64 = 10_000;
 /// Handlers running at once, for both workers.
 const CONCURRENCY: usize = 8;
+/// Jobs headroom's worker fetches ahead of its handlers: with them it holds up to
+/// `APALIS_BATCH` jobs, as the peer does with its fetch batch.
+const PREFETCH: usize = APALIS_BATCH - CONCURRENCY;
 
 fn enqueue(c: &mut Criterion) {
     let runtime = runtime();
@@ -101,8 +104,8 @@ fn drain(c: &mut Criterion) {
     group.finish();
 }
 
-/// Enqueues [`DRAIN`] jobs (untimed), then times one worker of [`CONCURRENCY`] from its start
-/// until the last job's handler returned.
+/// Enqueues [`DRAIN`] jobs (untimed), then times one worker of [`CONCURRENCY`] handlers and
+/// [`PREFETCH`] jobs fetched ahead from its start until the last job's handler returned.
 async fn headroom_drain(loopback: &LoopbackRedis, name: &str) -> Duration {
     let queue = JobQueue::builder(name, RedisJobStore::new(loopback.redis.clone()))
         .max_len(DRAIN)
@@ -132,6 +135,7 @@ async fn headroom_drain(loopback: &LoopbackRedis, name: &str) -> Duration {
             }
         })
         .concurrency(CONCURRENCY)
+        .prefetch(PREFETCH)
         .start()
         .expect("worker");
     let end = all_done.await.expect("every job ran");
