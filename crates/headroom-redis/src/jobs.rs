@@ -748,7 +748,11 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
 ///   takes lets the next fetch look again at once.
 /// - `complete_many` completes a list of jobs in one script: the stream entries of each lane
-///   are acknowledged and deleted with one call, and the counts written once.
+///   are acknowledged with one call, and the counts written once. The entries older than both
+///   the newest completed one and the oldest still pending are all acknowledged (the group
+///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
+///   the oldest pending one are deleted by id. `complete_and_fetch` runs the same completion,
+///   then a fetch, in one script.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to
