@@ -10,18 +10,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use headroom_benches::apalis_peer::apalis_drain;
+use headroom_benches::apalis_peer::{APALIS_BATCH, apalis_drain};
 use headroom_benches::{LoopbackRedis, runtime};
 use headroom_core::Namespace;
 use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
 use headroom_core::memory::MemoryJobStore;
-use headroom_jobs::{Job, JobQueue};
+use headroom_jobs::{Job, JobQueue, WorkerConfig};
 use headroom_redis::RedisJobStore;
 
 /// Jobs per drain in the worker comparison.
 const DRAIN: u64 = 10_000;
 /// Handlers running at once, for both workers.
 const CONCURRENCY: usize = 8;
+/// Jobs headroom's worker fetches ahead of its handlers: with them it holds up to
+/// `APALIS_BATCH` jobs, as the peer does with its fetch batch.
+const PREFETCH: usize = APALIS_BATCH - CONCURRENCY;
 
 fn enqueue(c: &mut Criterion) {
     let runtime = runtime();
@@ -87,23 +90,32 @@ fn drain(c: &mut Criterion) {
             total
         })
     });
-    group.bench_function(BenchmarkId::new("headroom", CONCURRENCY), |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let name = format!("headroom-{}", round.fetch_add(1, Ordering::Relaxed));
-                total += runtime.block_on(headroom_drain(&loopback, &name));
-                loopback.server.cli(&["FLUSHALL"]);
-            }
-            total
-        })
-    });
+    // The same jobs in hand as the peer, then the worker's default prefetch.
+    for (id, prefetch) in [
+        ("headroom", PREFETCH),
+        (
+            "headroom_default_prefetch",
+            WorkerConfig::default().prefetch,
+        ),
+    ] {
+        group.bench_function(BenchmarkId::new(id, CONCURRENCY), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = format!("headroom-{}", round.fetch_add(1, Ordering::Relaxed));
+                    total += runtime.block_on(headroom_drain(&loopback, &name, prefetch));
+                    loopback.server.cli(&["FLUSHALL"]);
+                }
+                total
+            })
+        });
+    }
     group.finish();
 }
 
-/// Enqueues [`DRAIN`] jobs (untimed), then times one worker of [`CONCURRENCY`] from its start
-/// until the last job's handler returned.
-async fn headroom_drain(loopback: &LoopbackRedis, name: &str) -> Duration {
+/// Enqueues [`DRAIN`] jobs (untimed), then times one worker of [`CONCURRENCY`] handlers and
+/// `prefetch` jobs fetched ahead from its start until the last job's handler returned.
+async fn headroom_drain(loopback: &LoopbackRedis, name: &str, prefetch: usize) -> Duration {
     let queue = JobQueue::builder(name, RedisJobStore::new(loopback.redis.clone()))
         .max_len(DRAIN)
         .build()
@@ -132,6 +144,7 @@ async fn headroom_drain(loopback: &LoopbackRedis, name: &str) -> Duration {
             }
         })
         .concurrency(CONCURRENCY)
+        .prefetch(prefetch)
         .start()
         .expect("worker");
     let end = all_done.await.expect("every job ran");

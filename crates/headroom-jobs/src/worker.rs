@@ -201,7 +201,7 @@ where
         let (phase, watch_phase) = watch::channel(Phase::Running);
         let (completions, waiting) = mpsc::unbounded_channel();
         // It ends once every job task and the fetch loop are gone (they hold the sender).
-        tokio::spawn(complete_in_batches(self.queue.clone(), waiting));
+        let completer = tokio::spawn(complete_in_batches(self.queue.clone(), waiting));
         let storing = Arc::new(Semaphore::new(
             self.config.concurrency + self.config.prefetch,
         ));
@@ -214,7 +214,11 @@ where
             completions,
         });
         let task = tokio::spawn(fetch_loop(shared, watch_phase));
-        Ok(Worker { phase, task })
+        Ok(Worker {
+            phase,
+            task,
+            completer,
+        })
     }
 }
 
@@ -246,6 +250,8 @@ impl<S: JobStore> JobQueue<S> {
 pub struct Worker {
     phase: watch::Sender<Phase>,
     task: tokio::task::JoinHandle<WorkerReport>,
+    /// Stores the completions: joined by `shutdown`, so none is stored after it returned.
+    completer: tokio::task::JoinHandle<()>,
 }
 
 impl Worker {
@@ -262,7 +268,15 @@ impl Worker {
                 task.await
             }
         };
-        joined.unwrap_or_default()
+        // The fetch loop and the job tasks are gone with their senders, so the completer
+        // ends once the completions already handed to it are stored.
+        if let Err(error) = self.completer.await {
+            tracing::error!(%error, "the worker's completer panicked");
+        }
+        joined.unwrap_or_else(|error| {
+            tracing::error!(%error, "the worker's fetch loop panicked");
+            WorkerReport::default()
+        })
     }
 }
 
@@ -783,12 +797,12 @@ where
     let keep_held = async {
         job.heartbeat(config.visibility / 3).await;
         // Taken over, or already finished: the finishing step tells which.
-        std::future::pending::<()>().await;
+        std::future::pending::<std::convert::Infallible>().await
     };
     let outcome = tokio::select! {
         biased;
         outcome = finishing => outcome,
-        () = keep_held => unreachable!("keeping the job held never ends"),
+        never = keep_held => match never {},
     };
     let name = match outcome {
         Outcome::Done => "done",

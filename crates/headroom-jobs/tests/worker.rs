@@ -872,3 +872,58 @@ async fn a_job_stays_held_while_its_answer_waits_to_be_stored() {
     assert_eq!(first.shutdown(Duration::from_secs(1)).await.done, 1);
     second.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Jobs fetched ahead keep their hold while they wait for a handler, however long the wait:
+/// with one handler, fifty jobs fetched ahead and jobs of two visibilities each, a second
+/// worker looking for lapsed deliveries takes none over, and each job runs once.
+#[tokio::test(start_paused = true)]
+async fn jobs_fetched_ahead_are_kept_while_they_wait_for_a_handler() {
+    let queue = JobQueue::builder("ahead", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(queue.enqueue(Job::new(i.to_string())).await.unwrap().id);
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let taken_over = Arc::new(AtomicU32::new(0));
+    let make = |runs: Arc<AtomicU32>, taken_over: Arc<AtomicU32>| {
+        move |job: headroom_jobs::JobContext| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            if job.taken_over() {
+                taken_over.fetch_add(1, Ordering::Relaxed);
+            }
+            async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok(Bytes::new())
+            }
+        }
+    };
+    let holder = queue
+        .worker(make(runs.clone(), taken_over.clone()))
+        .concurrency(1)
+        .prefetch(50)
+        .visibility(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while queue.stats().await.unwrap().ready > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never fetched");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let other = queue
+        .worker(make(runs.clone(), taken_over.clone()))
+        .visibility(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    for &id in &ids {
+        wait_for_state(&queue, id, JobState::Done).await;
+    }
+    let (held, idle) = (
+        holder.shutdown(Duration::from_secs(1)).await,
+        other.shutdown(Duration::from_secs(1)).await,
+    );
+    assert_eq!(runs.load(Ordering::Relaxed), 10, "a job ran twice");
+    assert_eq!(taken_over.load(Ordering::Relaxed), 0);
+    assert_eq!((held.done, held.lost, idle.done), (10, 0, 0));
+}

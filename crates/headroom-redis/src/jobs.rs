@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest,
-    JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
+    Completed, CompletedAndFetched, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued,
+    FetchRequest, JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::hash_tag;
@@ -219,7 +219,8 @@ end
 return {'a', number}
 ";
 
-/// ARGV: consumer, max, visibility (ms), then the lanes to read in order.
+/// Fetching, as `fetch_jobs(consumer, max, visibility (ms), first_lane, last_lane)`: the lanes
+/// to read, in order, are `ARGV[first_lane..=last_lane]`.
 ///
 /// Answers `{deliveries, corrupt}`: each delivery `{number, attempt, lane, payload, tenant or
 /// nil, enqueued ms, taken over (1/0), handed back}`; `corrupt` names the jobs (or stream entries) whose
@@ -227,202 +228,211 @@ return {'a', number}
 /// met before any delivery, it is taken off its lane and named (and nothing is delivered);
 /// met after, it is left where it is (the next fetch meets it first), so no job is ever
 /// delivered along with an error.
-const FETCH: &str = r"
-local consumer = ARGV[1]
-local max = tonumber(ARGV[2])
-local out, corrupt = {}, {}
-local stop = false
+const FETCH_JOBS: &str = r"
+local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
+  local out, corrupt = {}, {}
+  local stop = false
 
--- The delayed jobs whose time came join the end of their lanes, in due order.
-local due = redis.call('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
-if #due > 0 then
-  redis.call('ZREMRANGEBYRANK', P .. ':d', 0, #due - 1)
-  for _, n in ipairs(due) do
-    local lane = redis.call('HGET', record(n), 'l')
-    if lane and string.match(lane, '^[0-7]$') then
-      push(lane, n)
-    else
-      if redis.call('EXISTS', record(n)) == 1 then
-        corrupt[#corrupt + 1] = 'job ' .. n
-        stop = true
+  -- The delayed jobs whose time came join the end of their lanes, in due order.
+  local due = redis.call('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
+  if #due > 0 then
+    redis.call('ZREMRANGEBYRANK', P .. ':d', 0, #due - 1)
+    for _, n in ipairs(due) do
+      local lane = redis.call('HGET', record(n), 'l')
+      if lane and string.match(lane, '^[0-7]$') then
+        push(lane, n)
+      else
+        if redis.call('EXISTS', record(n)) == 1 then
+          corrupt[#corrupt + 1] = 'job ' .. n
+          stop = true
+        end
+        uncount(n)
       end
-      uncount(n)
     end
   end
-end
 
-local function drop(s, id)
-  redis.call('XACK', s, 'w', id)
-  redis.call('XDEL', s, id)
-end
+  local function drop(s, id)
+    redis.call('XACK', s, 'w', id)
+    redis.call('XDEL', s, id)
+  end
 
--- What a stream entry's job is: 'ok' with its number, record key and fields (state,
--- attempt, enqueued, payload, tenant) when it can be delivered; 'skip' when its record is
--- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
--- number, when the entry names one) when its entry or record is not what the store wrote.
-local function inspect(id, fields)
-  if fields == nil then
-    return 'skip'
+  -- What a stream entry's job is: 'ok' with its number, record key and fields (state,
+  -- attempt, enqueued, payload, tenant) when it can be delivered; 'skip' when its record is
+  -- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
+  -- number, when the entry names one) when its entry or record is not what the store wrote.
+  local function inspect(id, fields)
+    if fields == nil then
+      return 'skip'
+    end
+    local n = type(fields) == 'table' and fields[1] == 'n' and fields[2]
+    if not (type(n) == 'string' and string.match(n, '^%d+$')) then
+      return 'bad', 'entry ' .. id
+    end
+    local rk = record(n)
+    local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
+    local state = r[1]
+    local attempt, enqueued = int(r[2]), int(r[3])
+    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
+      -- Parsed once, for `take`.
+      r[2], r[3] = attempt, enqueued
+      return 'ok', n, rk, r
+    end
+    if state == 'd' or state == 'x' then
+      return 'skip'
+    end
+    if redis.call('EXISTS', rk) == 0 then
+      return 'gone', n
+    end
+    return 'bad', 'job ' .. n, n
   end
-  local n = type(fields) == 'table' and fields[1] == 'n' and fields[2]
-  if not (type(n) == 'string' and string.match(n, '^%d+$')) then
-    return 'bad', 'entry ' .. id
-  end
-  local rk = record(n)
-  local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
-  local state = r[1]
-  if (state == 'q' or state == 'y' or state == 'r') and int(r[2]) and int(r[3]) then
-    return 'ok', n, rk, r
-  end
-  if state == 'd' or state == 'x' then
-    return 'skip'
-  end
-  if redis.call('EXISTS', rk) == 0 then
-    return 'gone', n
-  end
-  return 'bad', 'job ' .. n, n
-end
 
-local function take(lane, id, n, rk, r, taken)
-  local a = int(r[2]) + 1
-  redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
-  out[#out + 1] = {n, a, lane, r[4] or '', r[5], int(r[3]), taken, int(r[6] or '0') or 0}
-end
-
--- The id just before `id`, to hand entries back to the group.
-local function before(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  if seq ~= '0' then
-    return ms .. '-' .. num(tonumber(seq) - 1)
+  local function take(lane, id, n, rk, r, taken)
+    local a = r[2] + 1
+    redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
+    out[#out + 1] = {n, a, lane, r[4] or '', r[5], r[3], taken, int(r[6] or '0') or 0}
   end
-  return num(tonumber(ms) - 1) .. '-18446744073709551615'
-end
 
--- Deliveries idle for the visibility or longer are looked for at most once per quarter of the
--- visibility (`P:scan` holds when the last look was, by the server's clock): a lapsed delivery
--- waits at most that much longer for a fetch to take it over. A look that finds as many as it
--- may take leaves the time as it was, so the next fetch looks again for the rest.
-local scan, every = false, math.floor(tonumber(ARGV[3]) / 4)
-if max > 0 and not stop then
-  if every < 1 then
-    scan = true
-  else
-    local last = int(redis.call('GET', P .. ':scan'))
-    scan = not last or now - last >= every or now < last
+  -- The id just before `id`, to hand entries back to the group.
+  local function before(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    if seq ~= '0' then
+      return ms .. '-' .. num(tonumber(seq) - 1)
+    end
+    return num(tonumber(ms) - 1) .. '-18446744073709551615'
   end
-end
-if scan then
-  -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
-  local candidates = {}
-  for lane = 0, MAX_LANE do
+
+  -- Deliveries idle for the visibility or longer are looked for at most once per quarter of the
+  -- visibility (`P:scan` holds when the last look was, by the server's clock): a lapsed delivery
+  -- waits at most that much longer for a fetch to take it over. A look that finds as many as it
+  -- may take leaves the time as it was, so the next fetch looks again for the rest.
+  local scan, every = false, math.floor(tonumber(visibility) / 4)
+  if max > 0 and not stop then
+    if every < 1 then
+      scan = true
+    else
+      local last = int(redis.call('GET', P .. ':scan'))
+      scan = not last or now - last >= every or now < last
+    end
+  end
+  if scan then
+    -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
+    local candidates = {}
+    for lane = 0, MAX_LANE do
+      local s = stream(lane)
+      if redis.call('EXISTS', s) == 1 then
+        local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, '-', '+', num(max))
+        for _, p in ipairs(pending) do
+          candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
+        end
+      end
+    end
+    table.sort(candidates, function(x, y)
+      if x[3] ~= y[3] then
+        return x[3] > y[3]
+      end
+      if x[1] ~= y[1] then
+        return x[1] < y[1]
+      end
+      return x[2] < y[2]
+    end)
+    local owners = {}
+    for i = 1, math.min(#candidates, max) do
+      local c = candidates[i]
+      local s = stream(c[1])
+      local entry = redis.call('XRANGE', s, c[2], c[2])[1]
+      local kind, n, rk, r = inspect(c[2], entry and entry[2])
+      if kind == 'bad' then
+        stop = true
+        if #out == 0 then
+          drop(s, c[2])
+          corrupt[#corrupt + 1] = n .. ' of lane ' .. c[1]
+          if rk then
+            uncount(rk)
+          end
+        end
+        break
+      elseif kind == 'gone' then
+        drop(s, c[2])
+        uncount(n)
+      elseif kind == 'skip' then
+        drop(s, c[2])
+      else
+        redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
+        take(tostring(c[1]), c[2], n, rk, r, 1)
+      end
+      if c[4] ~= consumer then
+        owners[#owners + 1] = {s, c[4]}
+      end
+    end
+    if every >= 1 and #candidates < max and not stop then
+      redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
+    end
+    -- A holder left without deliveries is most likely gone: forget it (a live one comes back
+    -- by itself on its next read).
+    for _, o in ipairs(owners) do
+      if #redis.call('XPENDING', o[1], 'w', '-', '+', 1, o[2]) == 0 then
+        redis.call('XGROUP', 'DELCONSUMER', o[1], 'w', o[2])
+      end
+    end
+  end
+
+  -- Ready jobs, lane by lane in the order asked.
+  for i = first_lane, last_lane do
+    if stop or #out >= max then
+      break
+    end
+    local lane = ARGV[i]
     local s = stream(lane)
     if redis.call('EXISTS', s) == 1 then
-      local pending = redis.call('XPENDING', s, 'w', 'IDLE', ARGV[3], '-', '+', num(max))
-      for _, p in ipairs(pending) do
-        candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
-      end
-    end
-  end
-  table.sort(candidates, function(x, y)
-    if x[3] ~= y[3] then
-      return x[3] > y[3]
-    end
-    if x[1] ~= y[1] then
-      return x[1] < y[1]
-    end
-    return x[2] < y[2]
-  end)
-  local owners = {}
-  for i = 1, math.min(#candidates, max) do
-    local c = candidates[i]
-    local s = stream(c[1])
-    local entry = redis.call('XRANGE', s, c[2], c[2])[1]
-    local kind, n, rk, r = inspect(c[2], entry and entry[2])
-    if kind == 'bad' then
-      stop = true
-      if #out == 0 then
-        drop(s, c[2])
-        corrupt[#corrupt + 1] = n .. ' of lane ' .. c[1]
-        if rk then
-          uncount(rk)
-        end
-      end
-      break
-    elseif kind == 'gone' then
-      drop(s, c[2])
-      uncount(n)
-    elseif kind == 'skip' then
-      drop(s, c[2])
-    else
-      redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
-      take(tostring(c[1]), c[2], n, rk, r, 1)
-    end
-    if c[4] ~= consumer then
-      owners[#owners + 1] = {s, c[4]}
-    end
-  end
-  if every >= 1 and #candidates < max and not stop then
-    redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
-  end
-  -- A holder left without deliveries is most likely gone: forget it (a live one comes back
-  -- by itself on its next read).
-  for _, o in ipairs(owners) do
-    if #redis.call('XPENDING', o[1], 'w', '-', '+', 1, o[2]) == 0 then
-      redis.call('XGROUP', 'DELCONSUMER', o[1], 'w', o[2])
-    end
-  end
-end
-
--- Ready jobs, lane by lane in the order asked.
-for i = 4, #ARGV do
-  if stop or #out >= max then
-    break
-  end
-  local lane = ARGV[i]
-  local s = stream(lane)
-  if redis.call('EXISTS', s) == 1 then
-    while #out < max and not stop do
-      local r = redis.call('XREADGROUP', 'GROUP', 'w', consumer, 'COUNT', num(max - #out), 'STREAMS', s, '>')
-      if not r or not r[1] or #r[1][2] == 0 then
-        break
-      end
-      local entries = r[1][2]
-      local give_back
-      for k, entry in ipairs(entries) do
-        local kind, n, rk, rec = inspect(entry[1], entry[2])
-        if kind == 'bad' then
-          stop = true
-          if #out == 0 then
-            drop(s, entry[1])
-            corrupt[#corrupt + 1] = n .. ' of lane ' .. lane
-            if rk then
-              uncount(rk)
-            end
-            give_back = k + 1
-          else
-            give_back = k
-          end
+      while #out < max and not stop do
+        local r = redis.call('XREADGROUP', 'GROUP', 'w', consumer, 'COUNT', num(max - #out), 'STREAMS', s, '>')
+        if not r or not r[1] or #r[1][2] == 0 then
           break
-        elseif kind == 'gone' then
-          drop(s, entry[1])
-          uncount(n)
-        elseif kind == 'skip' then
-          drop(s, entry[1])
-        else
-          take(lane, entry[1], n, rk, rec, 0)
         end
-      end
-      -- The entries read past a corrupt one go back to the group, undelivered.
-      if give_back and give_back <= #entries then
-        for k = give_back, #entries do
-          redis.call('XACK', s, 'w', entries[k][1])
+        local entries = r[1][2]
+        local give_back
+        for k, entry in ipairs(entries) do
+          local kind, n, rk, rec = inspect(entry[1], entry[2])
+          if kind == 'bad' then
+            stop = true
+            if #out == 0 then
+              drop(s, entry[1])
+              corrupt[#corrupt + 1] = n .. ' of lane ' .. lane
+              if rk then
+                uncount(rk)
+              end
+              give_back = k + 1
+            else
+              give_back = k
+            end
+            break
+          elseif kind == 'gone' then
+            drop(s, entry[1])
+            uncount(n)
+          elseif kind == 'skip' then
+            drop(s, entry[1])
+          else
+            take(lane, entry[1], n, rk, rec, 0)
+          end
         end
-        redis.call('XGROUP', 'SETID', s, 'w', before(entries[give_back][1]))
+        -- The entries read past a corrupt one go back to the group, undelivered.
+        if give_back and give_back <= #entries then
+          for k = give_back, #entries do
+            redis.call('XACK', s, 'w', entries[k][1])
+          end
+          redis.call('XGROUP', 'SETID', s, 'w', before(entries[give_back][1]))
+        end
       end
     end
   end
+  return {out, corrupt}
 end
-return {out, corrupt}
+";
+
+/// ARGV: consumer, max, visibility (ms), then the lanes to read in order. Answers as
+/// [`FETCH_JOBS`].
+const FETCH: &str = r"
+return fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], 4, #ARGV)
 ";
 
 /// ARGV: number, attempt, operation (`extend`, `retry`, `release`, `bury`), then per
@@ -489,59 +499,129 @@ end
 return 1
 ";
 
-/// ARGV: retention (ms), then for each job: number, attempt, result.
+/// Completing, as `complete_jobs(from)`: `ARGV[from]` is the retention (ms), and each job
+/// after it is three arguments: number, attempt, result.
 ///
 /// Completes the jobs in order, each as a step would (a job listed twice is completed by its
 /// first entry, and the second is rejected), and answers for each 1 (applied), 0 (rejected) or
 /// -1 (its record is corrupt; nothing of it changed). The stream entries of a lane are
-/// acknowledged and deleted with one call, and the counts and drain buckets written once.
+/// acknowledged with one call and removed with one or two, and the counts and drain buckets
+/// written once.
+const COMPLETE_JOBS: &str = r"
+-- A stream id `ms-seq` as two numbers, or nil for one past what a double holds exactly.
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if ms and #ms <= 15 and #seq <= 15 then
+    return tonumber(ms), tonumber(seq)
+  end
+  return nil
+end
+-- Removes the just acknowledged entries `acked` from stream `s`. An entry before the newest of
+-- them was delivered (the group delivers in order), and one before the oldest pending entry is
+-- no longer pending: so every entry before both is acknowledged and done with, and one XTRIM
+-- drops them all, which is much cheaper than deleting each; the others are deleted by id.
+local function forget(s, acked)
+  local ms, seq = {}, {}
+  local bound
+  for k, id in ipairs(acked) do
+    ms[k], seq[k] = id_parts(id)
+    if not ms[k] then
+      redis.call('XDEL', s, unpack(acked))
+      return
+    end
+    if not bound or ms[k] > ms[bound] or (ms[k] == ms[bound] and seq[k] > seq[bound]) then
+      bound = k
+    end
+  end
+  local bound_id, bound_ms, bound_seq = acked[bound], ms[bound], seq[bound]
+  local oldest = redis.call('XPENDING', s, 'w', '-', '+', 1)[1]
+  if oldest then
+    local m, q = id_parts(oldest[1])
+    if not m then
+      redis.call('XDEL', s, unpack(acked))
+      return
+    end
+    if m < bound_ms or (m == bound_ms and q < bound_seq) then
+      bound_id, bound_ms, bound_seq = oldest[1], m, q
+    end
+  end
+  redis.call('XTRIM', s, 'MINID', bound_id)
+  local rest = {}
+  for k, id in ipairs(acked) do
+    if ms[k] > bound_ms or (ms[k] == bound_ms and seq[k] >= bound_seq) then
+      rest[#rest + 1] = id
+    end
+  end
+  if #rest > 0 then
+    redis.call('XDEL', s, unpack(rest))
+  end
+end
+local function complete_jobs(from)
+  local retention = ARGV[from]
+  local out, ids, tenants = {}, {}, {}
+  local done = 0
+  for i = from + 1, #ARGV, 3 do
+    local n = ARGV[i]
+    local rk = record(n)
+    local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
+    local answer = 0
+    if r[1] == 'r' and r[2] == ARGV[i + 1] then
+      local lane, sid, tenant = r[3], r[4], r[5]
+      if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') and r[6] then
+        answer = 1
+        done = done + 1
+        local lane_ids = ids[lane]
+        if not lane_ids then
+          lane_ids = {}
+          ids[lane] = lane_ids
+        end
+        lane_ids[#lane_ids + 1] = sid
+        if tenant then
+          tenants[tenant] = (tenants[tenant] or 0) + 1
+        end
+        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2])
+        redis.call('HDEL', rk, 'p', 'sid', 'c')
+        redis.call('PEXPIRE', rk, retention)
+      else
+        answer = -1
+      end
+    end
+    out[#out + 1] = answer
+  end
+  if done > 0 then
+    for lane, lane_ids in pairs(ids) do
+      local s = stream(lane)
+      redis.call('XACK', s, 'w', unpack(lane_ids))
+      forget(s, lane_ids)
+    end
+    redis.call('INCRBY', P .. ':n', -done)
+    for tenant, count in pairs(tenants) do
+      if redis.call('HINCRBY', P .. ':t', tenant, -count) <= 0 then
+        redis.call('HDEL', P .. ':t', tenant)
+      end
+    end
+    drained(done)
+  end
+  return out
+end
+";
+
+/// ARGV: retention (ms), then for each job: number, attempt, result. Answers as
+/// [`COMPLETE_JOBS`].
 const COMPLETE: &str = r"
-local retention = ARGV[1]
-local out, ids, tenants = {}, {}, {}
-local done = 0
-for i = 2, #ARGV, 3 do
-  local n = ARGV[i]
-  local rk = record(n)
-  local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
-  local answer = 0
-  if r[1] == 'r' and r[2] == ARGV[i + 1] then
-    local lane, sid, tenant = r[3], r[4], r[5]
-    if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') and r[6] then
-      answer = 1
-      done = done + 1
-      local lane_ids = ids[lane]
-      if not lane_ids then
-        lane_ids = {}
-        ids[lane] = lane_ids
-      end
-      lane_ids[#lane_ids + 1] = sid
-      if tenant then
-        tenants[tenant] = (tenants[tenant] or 0) + 1
-      end
-      redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2])
-      redis.call('HDEL', rk, 'p', 'sid', 'c')
-      redis.call('PEXPIRE', rk, retention)
-    else
-      answer = -1
-    end
-  end
-  out[#out + 1] = answer
-end
-if done > 0 then
-  for lane, lane_ids in pairs(ids) do
-    local s = stream(lane)
-    redis.call('XACK', s, 'w', unpack(lane_ids))
-    redis.call('XDEL', s, unpack(lane_ids))
-  end
-  redis.call('INCRBY', P .. ':n', -done)
-  for tenant, count in pairs(tenants) do
-    if redis.call('HINCRBY', P .. ':t', tenant, -count) <= 0 then
-      redis.call('HDEL', P .. ':t', tenant)
-    end
-  end
-  drained(done)
-end
-return out
+return complete_jobs(1)
+";
+
+/// ARGV: consumer, max, visibility (ms), the number of lanes `k`, the `k` lanes to read in
+/// order, then the completions as for [`COMPLETE`] (retention, then number, attempt and result
+/// of each job).
+///
+/// Completes, then fetches, and answers `{completions, deliveries, corrupt}`.
+const COMPLETE_AND_FETCH: &str = r"
+local k = tonumber(ARGV[4])
+local completed = complete_jobs(5 + k)
+local fetched = fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], 5, 4 + k)
+return {completed, fetched[1], fetched[2]}
 ";
 
 /// ARGV: max. Answers the numbers of up to `max` dead jobs still kept, newest first.
@@ -638,9 +718,17 @@ fn script(parts: &[&str], body: &str) -> Script {
 }
 
 static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, DRAIN], ENQUEUE));
-static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT], FETCH));
+static FETCH_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT, FETCH_JOBS], FETCH));
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN, PRUNE_DEAD], STEP));
-static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN], COMPLETE));
+static COMPLETE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[DRAIN, COMPLETE_JOBS], COMPLETE));
+static COMPLETE_AND_FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        &[LANE_PUSH, UNCOUNT, DRAIN, FETCH_JOBS, COMPLETE_JOBS],
+        COMPLETE_AND_FETCH,
+    )
+});
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
@@ -660,7 +748,11 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
 ///   takes lets the next fetch look again at once.
 /// - `complete_many` completes a list of jobs in one script: the stream entries of each lane
-///   are acknowledged and deleted with one call, and the counts written once.
+///   are acknowledged with one call, and the counts written once. The entries older than both
+///   the newest completed one and the oldest still pending are all acknowledged (the group
+///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
+///   the oldest pending one are deleted by id. `complete_and_fetch` runs the same completion,
+///   then a fetch, in one script.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to
@@ -857,6 +949,51 @@ fn state(code: &[u8]) -> Option<JobState> {
     })
 }
 
+/// The answers of a completion script for `jobs`, in order.
+fn parse_completed(reply: Value, jobs: &[Completion]) -> Result<Completed, BackendError> {
+    let reply = array(reply, "complete")?;
+    if reply.len() != jobs.len() {
+        return Err(protocol(format!(
+            "the completion of {} jobs answered {}",
+            jobs.len(),
+            reply.len()
+        )));
+    }
+    Ok(reply
+        .iter()
+        .zip(jobs)
+        .map(|(answer, job)| match answer {
+            Value::Int(answer) => fenced(*answer, job.number),
+            other => Err(protocol(format!(
+                "the completion answered {}",
+                shape(other)
+            ))),
+        })
+        .collect())
+}
+
+/// The deliveries of a fetch script, or the corrupt records it met.
+fn parse_fetched(
+    key: &[u8],
+    deliveries: Value,
+    corrupted: Value,
+) -> Result<Vec<Delivery>, BackendError> {
+    let deliveries = array(deliveries, "fetch")?
+        .into_iter()
+        .map(parse_delivery)
+        .collect::<Result<Vec<_>, _>>()?;
+    let corrupted = array(corrupted, "fetch")?;
+    if !corrupted.is_empty() {
+        let names: Vec<String> = corrupted.iter().map(text).collect();
+        return Err(corrupt(format!(
+            "corrupt job records in partition {:?} ({}), taken off their lanes",
+            key.escape_ascii().to_string(),
+            names.join(", "),
+        )));
+    }
+    Ok(deliveries)
+}
+
 fn parse_delivery(value: Value) -> Result<Delivery, BackendError> {
     const WHAT: &str = "a fetched job";
     let fields = array(value, WHAT)?;
@@ -1044,20 +1181,7 @@ impl JobStore for RedisJobStore {
         let Ok([deliveries, corrupted]) = <[Value; 2]>::try_from(reply) else {
             return Err(protocol("fetch answered an unexpected reply"));
         };
-        let deliveries = array(deliveries, "fetch")?
-            .into_iter()
-            .map(parse_delivery)
-            .collect::<Result<Vec<_>, _>>()?;
-        let corrupted = array(corrupted, "fetch")?;
-        if !corrupted.is_empty() {
-            let names: Vec<String> = corrupted.iter().map(text).collect();
-            return Err(corrupt(format!(
-                "corrupt job records in partition {:?} ({}), taken off their lanes",
-                key.escape_ascii().to_string(),
-                names.join(", "),
-            )));
-        }
-        Ok(deliveries)
+        parse_fetched(key, deliveries, corrupted)
     }
 
     async fn extend(
@@ -1106,25 +1230,54 @@ impl JobStore for RedisJobStore {
                     .arg(job.attempt.to_string())
                     .arg(&job.result[..]);
             }
-            let reply = array(self.redis.invoke(&invocation).await?, "complete")?;
-            if reply.len() != part.len() {
-                return Err(protocol(format!(
-                    "the completion of {} jobs answered {}",
-                    part.len(),
-                    reply.len()
-                )));
-            }
-            for (answer, job) in reply.iter().zip(part) {
-                answers.push(match answer {
-                    Value::Int(answer) => fenced(*answer, job.number),
-                    other => Err(protocol(format!(
-                        "the completion answered {}",
-                        shape(other)
-                    ))),
-                });
-            }
+            let reply = self.redis.invoke(&invocation).await?;
+            answers.extend(parse_completed(reply, part)?);
         }
         Ok(answers)
+    }
+
+    async fn complete_and_fetch(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+        request: FetchRequest<'_>,
+    ) -> Result<CompletedAndFetched, BackendError> {
+        if jobs.len() > MAX_COMPLETIONS_PER_CALL {
+            let completed = self.complete_many(partition, jobs, retention).await?;
+            let fetched = self.fetch(partition, request).await;
+            return Ok(CompletedAndFetched { completed, fetched });
+        }
+        let retention = ttl_millis(retention, "retention")?;
+        for &lane in request.lanes {
+            check_lane(lane)?;
+        }
+        let key = self.partition(partition)?;
+        let max = u32::try_from(request.max).unwrap_or(u32::MAX);
+        let mut invocation = COMPLETE_AND_FETCH_SCRIPT.key(key);
+        invocation
+            .arg(request.consumer)
+            .arg(max.to_string())
+            .arg(clamped_millis(request.visibility).to_string())
+            .arg(request.lanes.len().to_string());
+        for lane in request.lanes {
+            invocation.arg(lane.to_string());
+        }
+        invocation.arg(retention.as_bytes());
+        for job in jobs {
+            invocation
+                .arg(job.number.to_string())
+                .arg(job.attempt.to_string())
+                .arg(&job.result[..]);
+        }
+        let reply = array(self.redis.invoke(&invocation).await?, "complete_and_fetch")?;
+        let Ok([completed, deliveries, corrupted]) = <[Value; 3]>::try_from(reply) else {
+            return Err(protocol("complete_and_fetch answered an unexpected reply"));
+        };
+        Ok(CompletedAndFetched {
+            completed: parse_completed(completed, jobs)?,
+            fetched: parse_fetched(key, deliveries, corrupted),
+        })
     }
 
     async fn retry(

@@ -167,6 +167,7 @@ on_both!(
     takeovers_go_longest_idle_first_in_every_lane,
     lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility,
     a_batch_completion_clears_every_lane_and_answers_each_job,
+    completions_in_any_order_leave_exactly_the_pending_and_ready_entries,
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
@@ -973,4 +974,73 @@ async fn standalone_partitions_need_no_hash_tag() {
     let number = ctx.add(&p, job("a")).await;
     let delivered = ctx.fetch(&p, "w", &[0], 10, LONG).await;
     assert_eq!(delivered[0].number, number);
+}
+
+/// The entries of a lane: their job numbers, oldest first.
+async fn lane_numbers(ctx: &Ctx, p: &Key, lane: u8) -> Vec<JobNumber> {
+    let entries: Vec<(String, Vec<(String, String)>)> = ctx
+        .raw(
+            redis::cmd("XRANGE")
+                .arg(sub(p, &format!(":s:{lane}")))
+                .arg("-")
+                .arg("+"),
+        )
+        .await;
+    entries
+        .iter()
+        .map(|(_, fields)| fields[0].1.parse().expect("a job number"))
+        .collect()
+}
+
+/// Completions remove their lane entries in bulk where they can: whatever order jobs finish
+/// in, a lane keeps exactly the entries of running and ready jobs, and a running job's entry
+/// before the completed ones is never removed with them.
+async fn completions_in_any_order_leave_exactly_the_pending_and_ready_entries(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let mut numbers = Vec::new();
+    for _ in 0..6 {
+        numbers.push(ctx.add(&p, job("x")).await);
+    }
+    let [a, b, c, d, e, f] = numbers[..] else {
+        unreachable!("six jobs")
+    };
+    let held = ctx.fetch(&p, "w", &[0], 3, LONG).await;
+    assert_eq!(held.len(), 3);
+    let complete = |jobs: Vec<JobNumber>| {
+        let jobs: Vec<Completion> = jobs
+            .into_iter()
+            .map(|number| Completion {
+                number,
+                attempt: 1,
+                result: Bytes::new(),
+            })
+            .collect();
+        let store = ctx.store.clone();
+        let p = p.clone();
+        async move {
+            let answers = store
+                .complete_many(&p, &jobs, LONG)
+                .await
+                .expect("complete");
+            assert!(answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))));
+        }
+    };
+    // The newest running job first, then the oldest: `b` stays, before both.
+    complete(vec![c]).await;
+    assert_eq!(lane_numbers(&ctx, &p, 0).await, [a, b, d, e, f]);
+    complete(vec![a]).await;
+    assert_eq!(lane_numbers(&ctx, &p, 0).await, [b, d, e, f]);
+    let more = ctx.fetch(&p, "w", &[0], 2, LONG).await;
+    assert_eq!(more.len(), 2);
+    complete(vec![e, d]).await;
+    assert_eq!(lane_numbers(&ctx, &p, 0).await, [b, f]);
+    let stats = ctx.store.stats(&p).await.expect("stats");
+    assert_eq!((stats.running, stats.ready), (1, 1));
+    complete(vec![b]).await;
+    assert_eq!(lane_numbers(&ctx, &p, 0).await, [f]);
+    let last = ctx.fetch(&p, "w", &[0], 10, LONG).await;
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].number, f);
+    complete(vec![f]).await;
+    assert!(lane_numbers(&ctx, &p, 0).await.is_empty());
 }

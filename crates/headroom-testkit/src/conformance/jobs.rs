@@ -811,3 +811,137 @@ pub async fn complete_many_finishes_each_job_as_complete_would<S: JobStore>(
     assert!(matches!(last[..], [Ok(Fenced::Applied)]), "{last:?}");
     assert_eq!(store.stats(&p).await.expect("stats").running, 0);
 }
+
+/// `complete_and_fetch` stores the results as `complete_many` would, then delivers as `fetch`
+/// would: stale, repeated and unknown completions are rejected, the completed jobs are done
+/// and never delivered again, and a taken-over job's first holder is fenced.
+pub async fn complete_and_fetch_completes_then_fetches<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let a = add(store, &p, &job("a").tenant("acme")).await;
+    let b = add(store, &p, &job("b")).await;
+    let first = fetch(store, &p, "w", &[0], 1, LONG).await;
+    assert_eq!((first[0].number, first[0].attempt), (a, 1));
+    let c = add(store, &p, &job("c").lane(1)).await;
+    let done = |number, attempt, result: &'static str| Completion {
+        number,
+        attempt,
+        result: Bytes::from_static(result.as_bytes()),
+    };
+    let request = |max, visibility| FetchRequest {
+        consumer: "w",
+        lanes: &[1, 0],
+        max,
+        visibility,
+    };
+    let answer = store
+        .complete_and_fetch(
+            &p,
+            &[
+                done(a, 2, "stale"),
+                done(a, 1, "ra"),
+                done(a, 1, "again"),
+                done(999, 1, "unknown"),
+            ],
+            LONG,
+            request(10, LONG),
+        )
+        .await
+        .expect("complete_and_fetch");
+    let completed: Vec<Fenced> = answer
+        .completed
+        .into_iter()
+        .map(|step| step.expect("a step on a sound record"))
+        .collect();
+    assert_eq!(
+        completed,
+        [
+            Fenced::Rejected,
+            Fenced::Applied,
+            Fenced::Rejected,
+            Fenced::Rejected
+        ]
+    );
+    let fetched: Vec<_> = answer
+        .fetched
+        .expect("fetch")
+        .iter()
+        .map(|d| (d.number, d.attempt, d.lane, d.payload.clone()))
+        .collect();
+    assert_eq!(
+        fetched,
+        [
+            (c, 1, 1, Bytes::from_static(b"c")),
+            (b, 1, 0, Bytes::from_static(b"b"))
+        ]
+    );
+    let record = store.status(&p, a).await.expect("status").expect("kept");
+    assert_eq!(record.state, JobState::Done);
+    assert_eq!(record.result.as_deref(), Some(&b"ra"[..]));
+    assert_eq!(record.payload, None);
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!((stats.unfinished, stats.running, stats.ready), (2, 2, 0));
+
+    // With nothing to complete it is a fetch; with nothing ready it still completes.
+    let d = add(store, &p, &job("d")).await;
+    let answer = store
+        .complete_and_fetch(&p, &[], LONG, request(1, LONG))
+        .await
+        .expect("complete_and_fetch");
+    assert!(answer.completed.is_empty());
+    let only: Vec<_> = answer
+        .fetched
+        .expect("fetch")
+        .iter()
+        .map(|d| d.number)
+        .collect();
+    assert_eq!(only, [d]);
+    let answer = store
+        .complete_and_fetch(
+            &p,
+            &[done(b, 1, "rb"), done(c, 1, "rc"), done(d, 1, "rd")],
+            LONG,
+            request(10, LONG),
+        )
+        .await
+        .expect("complete_and_fetch");
+    assert_eq!(answer.completed.len(), 3);
+    assert!(
+        answer
+            .completed
+            .iter()
+            .all(|step| matches!(step, Ok(Fenced::Applied)))
+    );
+    assert!(answer.fetched.expect("fetch").is_empty());
+    let stats = store.stats(&p).await.expect("stats");
+    assert_eq!((stats.unfinished, stats.running, stats.ready), (0, 0, 0));
+
+    // A job taken over after its visibility ran out: the first holder's completion is
+    // rejected, and the job stays with its new holder.
+    let e = add(store, &p, &job("e")).await;
+    let visibility = Duration::from_millis(200);
+    let held = fetch(store, &p, "dies", &[0], 10, visibility).await;
+    assert_eq!((held[0].number, held[0].attempt), (e, 1));
+    let deadline = Instant::now() + WAIT_BOUND;
+    let taken = loop {
+        let answer = store
+            .complete_and_fetch(&p, &[], LONG, request(10, visibility))
+            .await
+            .expect("complete_and_fetch");
+        let delivered = answer.fetched.expect("fetch");
+        if !delivered.is_empty() {
+            break delivered;
+        }
+        assert!(Instant::now() < deadline, "nothing taken over within 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((taken[0].number, taken[0].attempt), (e, 2));
+    assert!(taken[0].taken_over);
+    let stale = store
+        .complete_and_fetch(&p, &[done(e, 1, "stale")], LONG, request(10, LONG))
+        .await
+        .expect("complete_and_fetch");
+    assert!(matches!(stale.completed[..], [Ok(Fenced::Rejected)]));
+    assert!(stale.fetched.expect("fetch").is_empty());
+    let record = store.status(&p, e).await.expect("status").expect("kept");
+    assert_eq!((record.state, record.attempt), (JobState::Running, 2));
+}
