@@ -170,18 +170,6 @@ pub struct Completion {
 /// [`JobStore::complete`] would have answered for it.
 pub type Completed = Vec<Result<Fenced, BackendError>>;
 
-/// What [`JobStore::complete_and_fetch`] answers.
-///
-/// Not `#[non_exhaustive]`: every store outside this crate builds it.
-#[derive(Debug)]
-pub struct CompletedAndFetched {
-    /// For each job to complete, in order, what [`JobStore::complete`] would have answered.
-    pub completed: Completed,
-    /// The jobs delivered after the completions were stored, or why the fetch failed (the
-    /// completions stand either way).
-    pub fetched: Result<Vec<Delivery>, BackendError>,
-}
-
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -264,8 +252,7 @@ pub struct PartitionStats {
 /// # Contract
 ///
 /// - Every method is one atomic step on one partition (one round trip and one Lua script on
-///   Redis, on one cluster slot), except the default `complete_many`, one step per job, and
-///   the default `complete_and_fetch`, a `complete_many` and then a `fetch`.
+///   Redis, on one cluster slot), except the default `complete_many`, one step per job.
 /// - `enqueue` checks the bounds and adds the job in the same step: no interleaving of callers
 ///   lets the unfinished jobs of a partition (or of a tenant in it) pass their bound. A job
 ///   whose `dedup_key` was enqueued within `dedup_window` is [`Enqueued::Duplicate`], even
@@ -354,29 +341,6 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
                 );
             }
             Ok(answers)
-        }
-    }
-
-    /// Finishes `jobs` as [`complete_many`](Self::complete_many) would, then delivers jobs
-    /// as [`fetch`](Self::fetch) would: a worker's finished results and its next jobs in one
-    /// call. The completions come first, so a job completed here is never delivered by the
-    /// fetch. `Err` is a failure of the whole call (some jobs may then be done); a fetch that
-    /// fails after the completions were stored answers its error in
-    /// [`fetched`](CompletedAndFetched::fetched).
-    ///
-    /// The default calls `complete_many`, then `fetch`; a store may do both in one step (one
-    /// round trip and one script on Redis).
-    fn complete_and_fetch(
-        &self,
-        partition: &Key,
-        jobs: &[Completion],
-        retention: Duration,
-        request: FetchRequest<'_>,
-    ) -> impl Future<Output = Result<CompletedAndFetched, BackendError>> + Send {
-        async move {
-            let completed = self.complete_many(partition, jobs, retention).await?;
-            let fetched = self.fetch(partition, request).await;
-            Ok(CompletedAndFetched { completed, fetched })
         }
     }
 
@@ -481,13 +445,6 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         jobs: &'a [Completion],
         retention: Duration,
     ) -> BoxFuture<'a, Result<Completed, BackendError>>;
-    fn complete_and_fetch<'a>(
-        &'a self,
-        partition: &'a Key,
-        jobs: &'a [Completion],
-        retention: Duration,
-        request: FetchRequest<'a>,
-    ) -> BoxFuture<'a, Result<CompletedAndFetched, BackendError>>;
     fn retry<'a>(
         &'a self,
         partition: &'a Key,
@@ -575,17 +532,6 @@ impl<S: JobStore> ErasedJobStore for S {
         retention: Duration,
     ) -> BoxFuture<'a, Result<Completed, BackendError>> {
         Box::pin(JobStore::complete_many(self, partition, jobs, retention))
-    }
-    fn complete_and_fetch<'a>(
-        &'a self,
-        partition: &'a Key,
-        jobs: &'a [Completion],
-        retention: Duration,
-        request: FetchRequest<'a>,
-    ) -> BoxFuture<'a, Result<CompletedAndFetched, BackendError>> {
-        Box::pin(JobStore::complete_and_fetch(
-            self, partition, jobs, retention, request,
-        ))
     }
     fn retry<'a>(
         &'a self,
@@ -705,17 +651,6 @@ impl JobStore for DynJobStore {
         retention: Duration,
     ) -> Result<Completed, BackendError> {
         self.0.complete_many(partition, jobs, retention).await
-    }
-    async fn complete_and_fetch(
-        &self,
-        partition: &Key,
-        jobs: &[Completion],
-        retention: Duration,
-        request: FetchRequest<'_>,
-    ) -> Result<CompletedAndFetched, BackendError> {
-        self.0
-            .complete_and_fetch(partition, jobs, retention, request)
-            .await
     }
     async fn retry(
         &self,

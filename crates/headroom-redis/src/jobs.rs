@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Completed, CompletedAndFetched, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued,
+    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued,
     FetchRequest, JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
 };
 use headroom_core::lease::Fenced;
@@ -612,18 +612,6 @@ const COMPLETE: &str = r"
 return complete_jobs(1)
 ";
 
-/// ARGV: consumer, max, visibility (ms), the number of lanes `k`, the `k` lanes to read in
-/// order, then the completions as for [`COMPLETE`] (retention, then number, attempt and result
-/// of each job).
-///
-/// Completes, then fetches, and answers `{completions, deliveries, corrupt}`.
-const COMPLETE_AND_FETCH: &str = r"
-local k = tonumber(ARGV[4])
-local completed = complete_jobs(5 + k)
-local fetched = fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], 5, 4 + k)
-return {completed, fetched[1], fetched[2]}
-";
-
 /// ARGV: max. Answers the numbers of up to `max` dead jobs still kept, newest first.
 const DEAD_LETTERS: &str = r"
 prune_dead()
@@ -723,12 +711,6 @@ static FETCH_SCRIPT: LazyLock<Script> =
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN, PRUNE_DEAD], STEP));
 static COMPLETE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[DRAIN, COMPLETE_JOBS], COMPLETE));
-static COMPLETE_AND_FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        &[LANE_PUSH, UNCOUNT, DRAIN, FETCH_JOBS, COMPLETE_JOBS],
-        COMPLETE_AND_FETCH,
-    )
-});
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
@@ -751,8 +733,7 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   are acknowledged with one call, and the counts written once. The entries older than both
 ///   the newest completed one and the oldest still pending are all acknowledged (the group
 ///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
-///   the oldest pending one are deleted by id. `complete_and_fetch` runs the same completion,
-///   then a fetch, in one script.
+///   the oldest pending one are deleted by id.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to
@@ -1234,50 +1215,6 @@ impl JobStore for RedisJobStore {
             answers.extend(parse_completed(reply, part)?);
         }
         Ok(answers)
-    }
-
-    async fn complete_and_fetch(
-        &self,
-        partition: &Key,
-        jobs: &[Completion],
-        retention: Duration,
-        request: FetchRequest<'_>,
-    ) -> Result<CompletedAndFetched, BackendError> {
-        if jobs.len() > MAX_COMPLETIONS_PER_CALL {
-            let completed = self.complete_many(partition, jobs, retention).await?;
-            let fetched = self.fetch(partition, request).await;
-            return Ok(CompletedAndFetched { completed, fetched });
-        }
-        let retention = ttl_millis(retention, "retention")?;
-        for &lane in request.lanes {
-            check_lane(lane)?;
-        }
-        let key = self.partition(partition)?;
-        let max = u32::try_from(request.max).unwrap_or(u32::MAX);
-        let mut invocation = COMPLETE_AND_FETCH_SCRIPT.key(key);
-        invocation
-            .arg(request.consumer)
-            .arg(max.to_string())
-            .arg(clamped_millis(request.visibility).to_string())
-            .arg(request.lanes.len().to_string());
-        for lane in request.lanes {
-            invocation.arg(lane.to_string());
-        }
-        invocation.arg(retention.as_bytes());
-        for job in jobs {
-            invocation
-                .arg(job.number.to_string())
-                .arg(job.attempt.to_string())
-                .arg(&job.result[..]);
-        }
-        let reply = array(self.redis.invoke(&invocation).await?, "complete_and_fetch")?;
-        let Ok([completed, deliveries, corrupted]) = <[Value; 3]>::try_from(reply) else {
-            return Err(protocol("complete_and_fetch answered an unexpected reply"));
-        };
-        Ok(CompletedAndFetched {
-            completed: parse_completed(completed, jobs)?,
-            fetched: parse_fetched(key, deliveries, corrupted),
-        })
     }
 
     async fn retry(

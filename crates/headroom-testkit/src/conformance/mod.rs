@@ -191,7 +191,6 @@ macro_rules! job_store_conformance {
                 stats_count_each_state,
                 concurrent_consumers_get_each_job_once,
                 complete_many_finishes_each_job_as_complete_would,
-                complete_and_fetch_completes_then_fetches,
             );
         }
     };
