@@ -245,7 +245,7 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     row("p99 product page", &|r| {
         ms(Figures::of(r.samples.iter().filter(|s| s.kind == Kind::Read)).p99)
     });
-    row("p99 checkout", &|r| {
+    row("p99 checkout answer (see below)", &|r| {
         ms(Figures::of(r.samples.iter().filter(|s| s.kind == Kind::Checkout)).p99)
     });
     row("price updates", &|r| {
@@ -339,6 +339,11 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     row("database peak queries waiting+running", &|r| {
         r.db.peak_pending.to_string()
     });
+    println!(
+        "checkout answer: {} answers once the order is charged; {} answers 202 once the \
+         payment is queued, and the charge follows (\"payment p99, from 202 to paid\")",
+        bare.label, guarded.label
+    );
     println!();
 
     let spike = plan
