@@ -1510,8 +1510,7 @@ where
             .iter()
             .map(|key| {
                 let held = l1_usable && self.l1.contains_key(key);
-                self.l1_get(key, held)
-                    .filter(|slot| now < slot.stale_until)
+                self.l1_get(key, held).filter(|slot| now < slot.stale_until)
             })
             .collect();
         // Per key, in order; `None` until known.

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued,
-    FetchRequest, JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
+    Completed, Completion, DRAIN_WINDOW, Delivery, EnqueueLimits, Enqueued, FetchRequest,
+    JobNumber, JobRecord, JobState, JobStore, MAX_LANES, NewJob, PartitionStats,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::hash_tag;

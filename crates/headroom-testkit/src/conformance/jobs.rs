@@ -811,4 +811,3 @@ pub async fn complete_many_finishes_each_job_as_complete_would<S: JobStore>(
     assert!(matches!(last[..], [Ok(Fenced::Applied)]), "{last:?}");
     assert_eq!(store.stats(&p).await.expect("stats").running, 0);
 }
-
