@@ -13,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use headroom_benches::apalis_peer::{APALIS_BATCH, apalis_drain};
 use headroom_benches::{LoopbackRedis, runtime};
 use headroom_core::Namespace;
-use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
+use headroom_core::jobs::{EnqueueLimits, NewJob};
 use headroom_core::memory::MemoryJobStore;
 use headroom_jobs::{Job, JobQueue, WorkerConfig};
 use headroom_redis::RedisJobStore;
@@ -168,34 +168,8 @@ fn memory(c: &mut Criterion) {
     let job = NewJob::new(Bytes::from_static(b"{\"order\":4711}"));
     let mut group = c.benchmark_group("jobs_memory");
     group.bench_function("enqueue_fetch_complete", |b| {
-        b.to_async(&runtime).iter(|| async {
-            store
-                .enqueue(&partition, &job, &limits)
-                .await
-                .expect("enqueue");
-            let request = FetchRequest {
-                consumer: "bench",
-                lanes: &[0],
-                max: 1,
-                visibility: Duration::from_secs(30),
-            };
-            let delivery = store
-                .fetch(&partition, request)
-                .await
-                .expect("fetch")
-                .pop()
-                .expect("a job");
-            store
-                .complete(
-                    &partition,
-                    delivery.number,
-                    delivery.attempt,
-                    Bytes::new(),
-                    Duration::from_millis(1),
-                )
-                .await
-                .expect("complete")
-        })
+        b.to_async(&runtime)
+            .iter(|| headroom_benches::job_round_trip(&store, &partition, &job, &limits))
     });
     group.finish();
 }

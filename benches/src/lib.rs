@@ -14,6 +14,9 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId};
 
 use futures_util::FutureExt;
+use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
+use headroom_core::lease::Fenced;
+use headroom_core::memory::MemoryJobStore;
 use headroom_redis::{Redis, RedisConfig};
 use headroom_testkit::RedisServer;
 use tower::{Service, ServiceExt, service_fn};
@@ -171,4 +174,41 @@ impl LoopbackRedis {
         });
         Self { server, redis, raw }
     }
+}
+
+/// One job through the memory job store, as the jobs bench and the gate run it: `job`
+/// enqueued in `partition` under `limits`, fetched by one consumer and completed with an
+/// empty result kept for a millisecond.
+pub async fn job_round_trip(
+    store: &MemoryJobStore,
+    partition: &headroom_core::Key,
+    job: &NewJob,
+    limits: &EnqueueLimits,
+) -> Fenced {
+    store
+        .enqueue(partition, job, limits)
+        .await
+        .expect("enqueue");
+    let request = FetchRequest {
+        consumer: "bench",
+        lanes: &[0],
+        max: 1,
+        visibility: Duration::from_secs(30),
+    };
+    let delivery = store
+        .fetch(partition, request)
+        .await
+        .expect("fetch")
+        .pop()
+        .expect("a job");
+    store
+        .complete(
+            partition,
+            delivery.number,
+            delivery.attempt,
+            bytes::Bytes::new(),
+            Duration::from_millis(1),
+        )
+        .await
+        .expect("complete")
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use headroom_breaker::{CircuitBreaker, Hedge, Pipeline, Retry, RetryBudget};
 use headroom_cache::Cache;
 use headroom_chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig};
-use headroom_core::jobs::{EnqueueLimits, FetchRequest, JobStore, NewJob};
+use headroom_core::jobs::{EnqueueLimits, NewJob};
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore, MemoryLeaseStore, MemoryRateStore};
 use headroom_core::{BackendError, ManualClock, Namespace};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
@@ -574,34 +574,7 @@ fn measured_jobs_memory(
     let job = NewJob::new(bytes::Bytes::from_static(b"{\"order\":4711}"));
     runtime.block_on(async {
         for _ in 0..ITERATIONS {
-            store
-                .enqueue(partition, &job, &limits)
-                .await
-                .expect("enqueue");
-            let request = FetchRequest {
-                consumer: "gate",
-                lanes: &[0],
-                max: 1,
-                visibility: Duration::from_secs(30),
-            };
-            let delivery = store
-                .fetch(partition, request)
-                .await
-                .expect("fetch")
-                .pop()
-                .expect("a job");
-            black_box(
-                store
-                    .complete(
-                        partition,
-                        delivery.number,
-                        delivery.attempt,
-                        bytes::Bytes::new(),
-                        Duration::from_millis(1),
-                    )
-                    .await
-                    .expect("complete"),
-            );
+            black_box(headroom_benches::job_round_trip(store, partition, &job, &limits).await);
             clock.advance(Duration::from_millis(1));
         }
     });
