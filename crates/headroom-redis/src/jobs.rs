@@ -591,8 +591,14 @@ local function complete_jobs(from)
   if done > 0 then
     for lane, lane_ids in pairs(ids) do
       local s = stream(lane)
-      redis.call('XACK', s, 'w', unpack(lane_ids))
-      forget(s, lane_ids)
+      -- The entries before these may go in bulk only if every one of these was pending
+      -- (delivered by this group): an id that was not (its lane was lost and made again)
+      -- says nothing about the entries before it.
+      if redis.call('XACK', s, 'w', unpack(lane_ids)) == #lane_ids then
+        forget(s, lane_ids)
+      else
+        redis.call('XDEL', s, unpack(lane_ids))
+      end
     end
     redis.call('INCRBY', P .. ':n', -done)
     for tenant, count in pairs(tenants) do
@@ -733,7 +739,8 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   are acknowledged with one call, and the counts written once. The entries older than both
 ///   the newest completed one and the oldest still pending are all acknowledged (the group
 ///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
-///   the oldest pending one are deleted by id.
+///   the oldest pending one are deleted by id. When a completed entry was not pending (its
+///   lane was lost and made again), only the completed entries are deleted.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to

@@ -168,6 +168,7 @@ on_both!(
     lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility,
     a_batch_completion_clears_every_lane_and_answers_each_job,
     completions_in_any_order_leave_exactly_the_pending_and_ready_entries,
+    a_completion_whose_entry_is_not_pending_removes_no_other_entry,
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
@@ -1043,4 +1044,49 @@ async fn completions_in_any_order_leave_exactly_the_pending_and_ready_entries(ct
     assert_eq!(last[0].number, f);
     complete(vec![f]).await;
     assert!(lane_numbers(&ctx, &p, 0).await.is_empty());
+}
+
+/// A completion removes the entries before its own in bulk only when its entry was pending
+/// (delivered by the lane's group). Here the lane's stream is lost while a job runs (evicted
+/// under an `allkeys-*` memory policy, or deleted by hand) and made again by new jobs whose
+/// ids fall below the running job's (a server whose clock is behind the one that delivered
+/// it): completing that job must leave the new, ready jobs in their lane.
+async fn a_completion_whose_entry_is_not_pending_removes_no_other_entry(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let running = ctx.add(&p, job("running")).await;
+    assert_eq!(ctx.fetch(&p, "w", &[0], 1, LONG).await.len(), 1);
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":s:0"))).await;
+    let mut ready = Vec::new();
+    for _ in 0..3 {
+        ready.push(ctx.add(&p, job("ready")).await);
+    }
+    let entries: Vec<(String, Vec<(String, String)>)> = ctx
+        .raw(redis::cmd("XRANGE").arg(sub(&p, ":s:0")).arg("-").arg("+"))
+        .await;
+    let newest_ms: u64 = entries
+        .last()
+        .and_then(|(id, _)| id.split_once('-'))
+        .and_then(|(ms, _)| ms.parse().ok())
+        .expect("an entry id");
+    // The running job was delivered by a clock a second ahead.
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(sub(&p, &format!(":j:{running}")))
+                .arg("sid")
+                .arg(format!("{}-0", newest_ms + 1_000)),
+        )
+        .await;
+    assert_eq!(
+        ctx.store
+            .complete(&p, running, 1, Bytes::new(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        lane_numbers(&ctx, &p, 0).await,
+        ready,
+        "the ready jobs stay"
+    );
 }
