@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
+use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
 use headroom_core::lease::Fenced;
 use headroom_core::{BackendError, Classify, Key};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -887,30 +887,47 @@ impl<S: JobStore> Held<'_, S> {
     }
 
     /// Runs a finishing step, again after store errors (50 ms, doubling) within the budget.
-    async fn persist<F, Fut>(&self, step: F) -> Result<Fenced, BackendError>
+    /// The step leaves the job `landed`: a try refused after one that failed is checked
+    /// against the job's status, since the failed try may have been applied with only its
+    /// answer lost (a timeout).
+    async fn persist<F, Fut>(&self, landed: JobState, step: F) -> Result<Fenced, BackendError>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Fenced, BackendError>>,
     {
         let deadline = tokio::time::Instant::now() + self.budget;
         let mut pause = Duration::from_millis(50);
+        let mut failed_before = false;
         loop {
             match step().await {
                 Err(error)
                     if error.is_retryable() && tokio::time::Instant::now() + pause < deadline =>
                 {
+                    failed_before = true;
                     tokio::time::sleep(pause).await;
                     pause *= 2;
+                }
+                Ok(Fenced::Rejected) if failed_before && self.is(landed).await => {
+                    return Ok(Fenced::Applied);
                 }
                 answer => return answer,
             }
         }
     }
 
+    /// Whether the job is `state` at this holder's attempt (the fencing token: only this
+    /// holder's steps can have put it there).
+    async fn is(&self, state: JobState) -> bool {
+        matches!(
+            self.store.status(self.key, self.number).await,
+            Ok(Some(record)) if record.state == state && record.attempt == self.attempt
+        )
+    }
+
     /// Completes the job through the worker's completer, with the completions ready at the
     /// same moment.
     async fn complete(&self, result: Bytes, retention: Duration) -> Result<Fenced, BackendError> {
-        self.persist(|| async {
+        self.persist(JobState::Done, || async {
             let (answer, answered) = oneshot::channel();
             let completing = Completing {
                 partition: self.partition,
@@ -942,7 +959,7 @@ impl<S: JobStore> Held<'_, S> {
 
     async fn retry(&self, delay: Duration, error: &str) -> Result<Fenced, BackendError> {
         let error = Bytes::copy_from_slice(error.as_bytes());
-        self.persist(|| {
+        self.persist(JobState::Retrying, || {
             self.store
                 .retry(self.key, self.number, self.attempt, delay, error.clone())
         })
@@ -952,7 +969,7 @@ impl<S: JobStore> Held<'_, S> {
     /// Hands the job back unfinished, uncharged, for another worker at once.
     async fn release(&self, error: &str) -> Result<Fenced, BackendError> {
         let error = Bytes::copy_from_slice(error.as_bytes());
-        self.persist(|| {
+        self.persist(JobState::Retrying, || {
             self.store
                 .release(self.key, self.number, self.attempt, error.clone())
         })
@@ -961,7 +978,7 @@ impl<S: JobStore> Held<'_, S> {
 
     async fn bury(&self, error: &str, retention: Duration) -> Result<Fenced, BackendError> {
         let error = Bytes::copy_from_slice(error.as_bytes());
-        self.persist(|| {
+        self.persist(JobState::Dead, || {
             self.store.bury(
                 self.key,
                 self.number,

@@ -344,6 +344,25 @@ async fn a_fatal_error_makes_the_job_dead_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_job_whose_completion_reply_was_lost_counts_as_done() {
+    let queue = JobQueue::builder("reply-lost", SlowStore::first_completion_reply_lost())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|_| async { Ok(Bytes::from_static(b"paid")) })
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Done).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(
+        (report.done, report.lost),
+        (1, 0),
+        "the store applied the completion; only its answer was lost"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_panicking_handler_fails_only_its_attempt() {
     let queue = JobQueue::builder("panics", MemoryJobStore::new())
         .build()

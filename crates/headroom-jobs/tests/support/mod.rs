@@ -1,4 +1,5 @@
-//! A memory job store slowed where a test needs it, shared by the test targets.
+//! A memory job store slowed, or losing a reply, where a test needs it, shared by the test
+//! targets.
 
 // Each test target uses only some of it.
 #![allow(dead_code)]
@@ -14,7 +15,7 @@ use headroom_core::jobs::{
 };
 use headroom_core::lease::Fenced;
 use headroom_core::memory::MemoryJobStore;
-use headroom_core::{BackendError, Key};
+use headroom_core::{BackendError, BackendErrorKind, Key};
 use tokio::sync::Notify;
 
 /// The memory store, with completions that take `completion_takes` (each `complete_many`
@@ -29,6 +30,8 @@ pub(crate) struct SlowStore {
     slow_first_enqueue: bool,
     first_enqueue_slowed: Arc<AtomicBool>,
     pub(crate) first_enqueue_stored: Arc<Notify>,
+    lose_first_completion_reply: bool,
+    completion_reply_lost: Arc<AtomicBool>,
 }
 
 impl SlowStore {
@@ -36,6 +39,15 @@ impl SlowStore {
     pub(crate) fn slow_completions(takes: Duration) -> Self {
         Self {
             completion_takes: takes,
+            ..Self::default()
+        }
+    }
+
+    /// The first `complete_many` is applied, then answered with a timeout, as when its reply
+    /// is lost on the way back.
+    pub(crate) fn first_completion_reply_lost() -> Self {
+        Self {
+            lose_first_completion_reply: true,
             ..Self::default()
         }
     }
@@ -111,7 +123,13 @@ impl JobStore for SlowStore {
             .expect("completions lock")
             .push((jobs.len(), tokio::time::Instant::now()));
         tokio::time::sleep(self.completion_takes).await;
-        self.inner.complete_many(partition, jobs, retention).await
+        let answer = self.inner.complete_many(partition, jobs, retention).await;
+        if self.lose_first_completion_reply
+            && !self.completion_reply_lost.swap(true, Ordering::Relaxed)
+        {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
+        answer
     }
 
     async fn retry(
