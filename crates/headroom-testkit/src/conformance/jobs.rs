@@ -3,7 +3,7 @@
 //! The store must run on real time (its own clock): some checks wait for short delays,
 //! visibility timeouts and retentions, each in a loop bounded by a deadline.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -810,4 +810,148 @@ pub async fn complete_many_finishes_each_job_as_complete_would<S: JobStore>(
         .expect("complete_many");
     assert!(matches!(last[..], [Ok(Fenced::Applied)]), "{last:?}");
     assert_eq!(store.stats(&p).await.expect("stats").running, 0);
+}
+
+/// Random steps of two consumers on three lanes (enqueues, fetches that sometimes let their
+/// deliveries lapse at once so that later fetches take them over, completions, retries and
+/// hand-backs, by current and by superseded holders), then a drain. What the contract says
+/// holds at every step: a delivery's attempt is greater than any earlier one of its job, a
+/// finished job is never delivered, a step applies exactly when its attempt is the job's
+/// latest delivery and the job is unfinished. And at the end every job is done, completed
+/// exactly once, and nothing is left unfinished.
+pub async fn random_steps_lose_no_job_and_finish_each_once<S: JobStore>(store: &S, ns: Namespace) {
+    for seed in 1..=4 {
+        random_steps(store, &partition(&ns, &format!("random-{seed}")), seed).await;
+    }
+}
+
+async fn random_steps<S: JobStore>(store: &S, p: &Key, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // Per job: its latest delivered attempt (0 before any), and whether it is done.
+    let mut latest: HashMap<JobNumber, u32> = HashMap::new();
+    let mut done: HashSet<JobNumber> = HashSet::new();
+    // Deliveries not stepped on yet, current or superseded.
+    let mut held: Vec<(JobNumber, u32)> = Vec::new();
+    let mut completions: HashMap<JobNumber, u32> = HashMap::new();
+    for step in 0..300 {
+        match rng.u8(..100) {
+            0..=29 => {
+                let number = add(store, p, &job("x").lane(rng.u8(..3))).await;
+                latest.insert(number, 0);
+            }
+            30..=54 => {
+                let mut lanes = [0, 1, 2];
+                rng.shuffle(&mut lanes);
+                let visibility = if rng.u8(..5) == 0 {
+                    Duration::ZERO
+                } else {
+                    LONG
+                };
+                let consumer = if rng.bool() { "a" } else { "b" };
+                let max = rng.usize(1..=4);
+                for d in fetch(store, p, consumer, &lanes, max, visibility).await {
+                    assert!(
+                        !done.contains(&d.number),
+                        "seed {seed} step {step}: done job {} delivered",
+                        d.number
+                    );
+                    let before = latest.insert(d.number, d.attempt).expect("an enqueued job");
+                    assert!(
+                        d.attempt > before,
+                        "seed {seed} step {step}: job {} delivered with attempt {} after {before}",
+                        d.number,
+                        d.attempt
+                    );
+                    held.push((d.number, d.attempt));
+                }
+            }
+            _ if held.is_empty() => {}
+            kind => {
+                let (number, attempt) = held.swap_remove(rng.usize(..held.len()));
+                let current = latest[&number] == attempt && !done.contains(&number);
+                let answer = match kind {
+                    55..=79 => store.complete(p, number, attempt, Bytes::new(), LONG).await,
+                    80..=91 => {
+                        store
+                            .retry(p, number, attempt, Duration::ZERO, Bytes::new())
+                            .await
+                    }
+                    _ => store.release(p, number, attempt, Bytes::new()).await,
+                }
+                .expect("step");
+                let expected = if current {
+                    Fenced::Applied
+                } else {
+                    Fenced::Rejected
+                };
+                assert_eq!(
+                    answer, expected,
+                    "seed {seed} step {step}: a step of job {number} by attempt {attempt} (latest {})",
+                    latest[&number]
+                );
+                if current && (55..=79).contains(&kind) {
+                    done.insert(number);
+                    *completions.entry(number).or_default() += 1;
+                }
+            }
+        }
+    }
+    // The drain: complete what is held, fetch the rest, until nothing is unfinished.
+    let deadline = Instant::now() + WAIT_BOUND;
+    loop {
+        for (number, attempt) in held.drain(..) {
+            if latest[&number] == attempt && !done.contains(&number) {
+                let answer = store
+                    .complete(p, number, attempt, Bytes::new(), LONG)
+                    .await
+                    .expect("complete");
+                assert_eq!(
+                    answer,
+                    Fenced::Applied,
+                    "seed {seed}: draining job {number}"
+                );
+                done.insert(number);
+                *completions.entry(number).or_default() += 1;
+            }
+        }
+        if done.len() == latest.len() {
+            break;
+        }
+        for d in fetch(store, p, "drain", &[0, 1, 2], 50, LONG).await {
+            assert!(
+                !done.contains(&d.number),
+                "seed {seed}: done job {} delivered",
+                d.number
+            );
+            latest.insert(d.number, d.attempt);
+            held.push((d.number, d.attempt));
+        }
+        if held.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: {} of {} jobs never came back",
+                latest.len() - done.len(),
+                latest.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(
+        completions.values().all(|&n| n == 1),
+        "seed {seed}: each job completed once"
+    );
+    assert_eq!(completions.len(), latest.len());
+    for &number in latest.keys() {
+        let record = store
+            .status(p, number)
+            .await
+            .expect("status")
+            .expect("kept");
+        assert_eq!(record.state, JobState::Done, "seed {seed}: job {number}");
+    }
+    assert_eq!(
+        store.stats(p).await.expect("stats").unfinished,
+        0,
+        "seed {seed}"
+    );
 }

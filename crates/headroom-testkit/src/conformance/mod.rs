@@ -191,6 +191,7 @@ macro_rules! job_store_conformance {
                 stats_count_each_state,
                 concurrent_consumers_get_each_job_once,
                 complete_many_finishes_each_job_as_complete_would,
+                random_steps_lose_no_job_and_finish_each_once,
             );
         }
     };
