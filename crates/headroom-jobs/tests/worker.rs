@@ -893,7 +893,7 @@ async fn a_job_stays_held_while_its_answer_waits_to_be_stored() {
 }
 
 /// Jobs fetched ahead keep their hold while they wait for a handler, however long the wait:
-/// with one handler, fifty jobs fetched ahead and jobs of two visibilities each, a second
+/// with one handler, ten jobs fetched at once and each running for two visibilities, a second
 /// worker looking for lapsed deliveries takes none over, and each job runs once.
 #[tokio::test(start_paused = true)]
 async fn jobs_fetched_ahead_are_kept_while_they_wait_for_a_handler() {

@@ -516,11 +516,17 @@ local function id_parts(id)
   end
   return nil
 end
--- Removes the just acknowledged entries `acked` from stream `s`. An entry before the newest of
--- them was delivered (the group delivers in order), and one before the oldest pending entry is
--- no longer pending: so every entry before both is acknowledged and done with, and one XTRIM
--- drops them all, which is much cheaper than deleting each; the others are deleted by id.
-local function forget(s, acked)
+-- Acknowledges the finished entries `acked` of stream `s` and removes them. If every one was
+-- pending (delivered by this group), an entry before the newest of them was delivered too (the
+-- group delivers in order), and one before the oldest pending entry is no longer pending: so
+-- every entry before both is done with, and one XTRIM drops them all, which is much cheaper
+-- than deleting each; the others are deleted by id. An id that was not pending (its lane was
+-- lost and made again) says nothing about the entries before it: only `acked` are deleted.
+local function ack_and_remove(s, acked)
+  if redis.call('XACK', s, 'w', unpack(acked)) < #acked then
+    redis.call('XDEL', s, unpack(acked))
+    return
+  end
   local ms, seq = {}, {}
   local bound
   for k, id in ipairs(acked) do
@@ -590,15 +596,7 @@ local function complete_jobs(from)
   end
   if done > 0 then
     for lane, lane_ids in pairs(ids) do
-      local s = stream(lane)
-      -- The entries before these may go in bulk only if every one of these was pending
-      -- (delivered by this group): an id that was not (its lane was lost and made again)
-      -- says nothing about the entries before it.
-      if redis.call('XACK', s, 'w', unpack(lane_ids)) == #lane_ids then
-        forget(s, lane_ids)
-      else
-        redis.call('XDEL', s, unpack(lane_ids))
-      end
+      ack_and_remove(stream(lane), lane_ids)
     end
     redis.call('INCRBY', P .. ':n', -done)
     for tenant, count in pairs(tenants) do
