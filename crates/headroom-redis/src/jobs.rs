@@ -32,11 +32,11 @@ const MAX_MS: u64 = 1 << 50;
 //
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
-//   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload (until
-//   done), `t` tenant (if any), `h` deliveries handed back (once one was), `res` result, `err`
-//   error, and while running `sid` (the stream
-//   entry of the current delivery) and `c` (its consumer). Unfinished records never expire;
-//   finished ones expire after their retention.
+//   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload (empty
+//   once done), `t` tenant (if any), `h` deliveries handed back (once one was), `res` result,
+//   `err` error, and from a delivery on `sid` (the stream entry of the current delivery) and `c`
+//   (its consumer), which a completion leaves (they mean nothing once the job is done).
+//   Unfinished records never expire; finished ones expire after their retention.
 // - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
 //   number, and lives from the moment the job is ready until its delivery is acknowledged
 //   (complete, retry or bury: XACK and XDEL together). So every entry is either undelivered
@@ -569,11 +569,11 @@ local function complete_jobs(from)
   for i = from + 1, #ARGV, 3 do
     local n = ARGV[i]
     local rk = record(n)
-    local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
+    local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't')
     local answer = 0
     if r[1] == 'r' and r[2] == ARGV[i + 1] then
       local lane, sid, tenant = r[3], r[4], r[5]
-      if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') and r[6] then
+      if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') then
         answer = 1
         done = done + 1
         local lane_ids = ids[lane]
@@ -585,8 +585,7 @@ local function complete_jobs(from)
         if tenant then
           tenants[tenant] = (tenants[tenant] or 0) + 1
         end
-        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2])
-        redis.call('HDEL', rk, 'p', 'sid', 'c')
+        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '')
         redis.call('PEXPIRE', rk, retention)
       else
         answer = -1
@@ -733,8 +732,10 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   costs about the number of running jobs of the partition): a lapsed delivery is taken over
 ///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
 ///   takes lets the next fetch look again at once.
-/// - `complete_many` completes a list of jobs in one script: the stream entries of each lane
-///   are acknowledged with one call, and the counts written once. The entries older than both
+/// - `complete_many` completes a list of jobs in one script (500 at most; a longer list takes
+///   several, and when one fails, the jobs of those before it are answered as completed and
+///   only the rest fail): the stream entries of each lane are acknowledged with one call, and
+///   the counts written once. The entries older than both
 ///   the newest completed one and the oldest still pending are all acknowledged (the group
 ///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
 ///   the oldest pending one are deleted by id. When a completed entry was not pending (its
@@ -1048,13 +1049,18 @@ fn parse_record(number: JobNumber, fields: Vec<Value>) -> Result<Option<JobRecor
         .ok()
         .filter(|lane| *lane < MAX_LANES)
         .ok_or_else(|| corrupt(format!("{} is {}", what("lane"), text(&l))))?;
+    // A completion empties the payload field instead of removing it (one call fewer).
+    let payload = match state {
+        JobState::Done => None,
+        _ => bytes(p, "a job's payload")?,
+    };
     Ok(Some(job_record(
         state,
         attempt,
         lane,
         stored_number(&e, &what("enqueue time"))?,
         bytes(t, "a job's tenant")?,
-        bytes(p, "a job's payload")?,
+        payload,
         bytes(res, "a job's result")?,
         bytes(err, "a job's error")?,
     )))
@@ -1216,8 +1222,20 @@ impl JobStore for RedisJobStore {
                     .arg(job.attempt.to_string())
                     .arg(&job.result[..]);
             }
-            let reply = self.redis.invoke(&invocation).await?;
-            answers.extend(parse_completed(reply, part)?);
+            let reply = self.redis.invoke(&invocation).await;
+            match reply.and_then(|reply| parse_completed(reply, part)) {
+                Ok(part_answers) => answers.extend(part_answers),
+                Err(failed) if answers.is_empty() => return Err(failed),
+                // The calls before finished their jobs: answer for them, and fail only the
+                // jobs of this call and the ones after.
+                Err(failed) => {
+                    let detail = format!("a completion call failed part way: {failed}");
+                    answers.resize_with(jobs.len(), || {
+                        Err(BackendError::with_detail(failed.kind(), detail.as_str()))
+                    });
+                    break;
+                }
+            }
         }
         Ok(answers)
     }

@@ -13,7 +13,7 @@ use headroom_core::lease::Fenced;
 use headroom_core::slot::cluster_slot;
 use headroom_core::{BackendErrorKind, Key, Namespace};
 use headroom_redis::{Redis, RedisConfig, RedisJobStore};
-use headroom_testkit::{shared_cluster, shared_server, unique_namespace};
+use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
 
 async fn store(config: RedisConfig) -> RedisJobStore {
     RedisJobStore::new(
@@ -220,7 +220,7 @@ async fn a_job_lives_in_its_record_and_lane_stream(ctx: Ctx) {
     let ttl: i64 = ctx.raw(redis::cmd("PTTL").arg(&record)).await;
     assert!(ttl > 0 && ttl <= 30_000, "kept for the retention, {ttl} ms");
     let payload: Option<Vec<u8>> = ctx.raw(redis::cmd("HGET").arg(&record).arg("p")).await;
-    assert_eq!(payload, None, "a done job's payload is dropped");
+    assert_eq!(payload, Some(Vec::new()), "a done job's payload is emptied");
     let done = ctx.store.status(&p, number).await.unwrap().unwrap();
     assert_eq!(done.state, JobState::Done);
     assert_eq!(done.result.as_deref(), Some(&b"result"[..]));
@@ -1089,4 +1089,57 @@ async fn a_completion_whose_entry_is_not_pending_removes_no_other_entry(ctx: Ctx
         ready,
         "the ready jobs stay"
     );
+}
+
+/// A `complete_many` too long for one script call that fails part way still answers for each
+/// job: the jobs of the calls that ran are done and answered so, and only the others carry the
+/// error. Here the server refuses the call that holds a result over its bulk length limit.
+#[tokio::test]
+async fn a_long_completion_that_fails_part_way_answers_for_the_jobs_it_finished() {
+    let server = RedisServer::builder()
+        .config("proto-max-bulk-len", "1mb")
+        .start();
+    let ctx = Ctx::new(RedisConfig::standalone(server.url()), "jobs").await;
+    let p = ctx.partition("p");
+    const JOBS: usize = 1_000;
+    for _ in 0..JOBS {
+        ctx.add(&p, job("x")).await;
+    }
+    let mut delivered = Vec::new();
+    for _ in 0..JOBS {
+        if delivered.len() == JOBS {
+            break;
+        }
+        delivered.extend(ctx.fetch(&p, "w", &[0], JOBS, LONG).await);
+    }
+    assert_eq!(delivered.len(), JOBS);
+    let too_long = Bytes::from(vec![b'r'; (1 << 20) + 1]);
+    let mut jobs: Vec<Completion> = delivered
+        .iter()
+        .map(|d| Completion {
+            number: d.number,
+            attempt: d.attempt,
+            result: Bytes::from_static(b"ok"),
+        })
+        .collect();
+    jobs[JOBS - 1].result = too_long;
+
+    let answers = ctx
+        .store
+        .complete_many(&p, &jobs, LONG)
+        .await
+        .expect("the first calls completed their jobs");
+    assert_eq!(answers.len(), JOBS);
+    assert_eq!(answers[0].as_ref().ok(), Some(&Fenced::Applied));
+    assert!(answers[JOBS - 1].is_err(), "the refused call's jobs fail");
+    // The server closed the connection that sent the refused call: read on a new one.
+    let reader = store(RedisConfig::standalone(server.url())).await;
+    for (answer, d) in answers.iter().zip(&delivered) {
+        let state = reader.status(&p, d.number).await.unwrap().unwrap().state;
+        match answer {
+            Ok(Fenced::Applied) => assert_eq!(state, JobState::Done),
+            Ok(other) => panic!("job {} answered {other:?}", d.number),
+            Err(_) => assert_eq!(state, JobState::Running),
+        }
+    }
 }
