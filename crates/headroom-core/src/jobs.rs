@@ -106,6 +106,9 @@ pub enum Enqueued {
         /// Jobs finished (done or dead) per second in the partition over about the last
         /// [`DRAIN_WINDOW`], for a retry-after estimate.
         drained_per_sec: f64,
+        /// The partition's unfinished jobs, of every tenant (`depth` when the partition's
+        /// bound refused it): a tenant's jobs are `depth / unfinished` of those draining.
+        unfinished: u64,
     },
 }
 

@@ -395,12 +395,22 @@ impl<S: JobStore> JobQueue<S> {
                 tenant,
                 depth,
                 drained_per_sec,
+                unfinished,
             }) => {
                 inner.metrics.full.increment(1);
-                let bound = if tenant {
-                    config.max_per_tenant.unwrap_or(depth)
+                let (bound, drained_per_sec) = if tenant {
+                    // The tenant's jobs drain as their share of the partition's.
+                    let share = if unfinished >= depth && unfinished > 0 {
+                        depth as f64 / unfinished as f64
+                    } else {
+                        1.0
+                    };
+                    (
+                        config.max_per_tenant.unwrap_or(depth),
+                        drained_per_sec * share,
+                    )
                 } else {
-                    inner.limits.max_len
+                    (inner.limits.max_len, drained_per_sec)
                 };
                 Err(EnqueueError::Full {
                     queue: inner.name.clone(),
@@ -420,9 +430,10 @@ impl<S: JobStore> JobQueue<S> {
         }
     }
 
-    /// The time the partition's drain rate takes to bring `depth` below `bound`, plus up to
-    /// half again of jitter, within the configured bounds. A tenant's refusal uses the
-    /// partition's rate too: the store does not measure tenants' rates.
+    /// The time draining at `drained_per_sec` takes to bring `depth` below `bound`, plus up
+    /// to half again of jitter, within the configured bounds. A tenant's rate is its share of
+    /// the partition's: its unfinished jobs over the partition's, as if jobs drained in
+    /// proportion (the store does not measure tenants' rates).
     fn retry_after(&self, depth: u64, bound: u64, drained_per_sec: f64) -> Duration {
         let config = &self.inner.config;
         let excess = depth.saturating_sub(bound) + 1;

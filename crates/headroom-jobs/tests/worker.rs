@@ -256,6 +256,57 @@ async fn a_tenant_at_its_bound_is_refused_while_others_are_not() {
     queue.enqueue(Job::new("x").tenant("globex")).await.unwrap();
 }
 
+/// A tenant at its bound gets a place back when one of its own jobs finishes, and its jobs are
+/// only a share of those draining: its retry-after is the time its share of the drain takes,
+/// not the partition's.
+#[tokio::test(start_paused = true)]
+async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
+    let queue = JobQueue::builder("shares", MemoryJobStore::new())
+        .max_len(1_000)
+        .max_per_tenant(5)
+        .build()
+        .unwrap();
+    for _ in 0..195 {
+        queue.enqueue(Job::new("x")).await.unwrap();
+    }
+    for _ in 0..5 {
+        queue.enqueue(Job::new("x").tenant("acme")).await.unwrap();
+    }
+    // A worker drains 10 jobs a second, for 10 s: about 100 finish, 100 are left, 5 of them
+    // acme's.
+    let worker = queue
+        .worker(|_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Bytes::new())
+        })
+        .concurrency(1)
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let refused = queue
+        .enqueue(Job::new("x").tenant("acme"))
+        .await
+        .unwrap_err();
+    let EnqueueError::Full {
+        tenant: true,
+        depth: 5,
+        retry_after,
+        ..
+    } = refused
+    else {
+        panic!("{refused:?}");
+    };
+    // acme's jobs are 5 of the 100 left: at 10 a second they finish at a half a second, so
+    // one place takes about 2 s (up to 4 s with the rate measured over a window that began
+    // before the worker), plus up to half again of jitter. The partition's rate alone would
+    // say a tenth of a second.
+    assert!(
+        retry_after >= Duration::from_secs(2) && retry_after <= Duration::from_secs(6),
+        "{retry_after:?}"
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_enqueue_answers_the_first_id_within_its_tenant() {
     let queue = JobQueue::builder("dedup", MemoryJobStore::new())

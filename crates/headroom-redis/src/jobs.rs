@@ -166,8 +166,8 @@ end
 /// ARGV: lane, delay (ms, 0 for none), payload, tenant flag (`1`/`0`), tenant, dedup flag,
 /// dedup key, dedup window (ms), max length, max per tenant (empty for none).
 ///
-/// Answers `{'a', number}`, `{'d', number}`, `{'f', tenant (1/0), depth, drained per sec}` or
-/// `{'c', what}` for a corrupt count.
+/// Answers `{'a', number}`, `{'d', number}`, `{'f', tenant (1/0), depth, drained per sec,
+/// unfinished}` or `{'c', what}` for a corrupt count.
 const ENQUEUE: &str = r"
 local dd
 if ARGV[6] == '1' then
@@ -181,6 +181,10 @@ local tenant = false
 if ARGV[4] == '1' then
   tenant = ARGV[5]
 end
+local unfinished = int(redis.call('GET', P .. ':n') or '0')
+if not unfinished then
+  return {'c', 'unfinished count'}
+end
 if tenant and ARGV[10] ~= '' then
   local raw = redis.call('HGET', P .. ':t', tenant)
   local depth = int(raw or '0')
@@ -188,15 +192,11 @@ if tenant and ARGV[10] ~= '' then
     return {'c', 'unfinished count of a tenant'}
   end
   if depth >= tonumber(ARGV[10]) then
-    return {'f', 1, depth, drained_per_sec()}
+    return {'f', 1, depth, drained_per_sec(), unfinished}
   end
 end
-local unfinished = int(redis.call('GET', P .. ':n') or '0')
-if not unfinished then
-  return {'c', 'unfinished count'}
-end
 if unfinished >= tonumber(ARGV[9]) then
-  return {'f', 0, unfinished, drained_per_sec()}
+  return {'f', 0, unfinished, drained_per_sec(), unfinished}
 end
 local number = redis.call('INCR', P .. ':seq')
 local n = num(number)
@@ -1128,7 +1128,7 @@ impl JobStore for RedisJobStore {
             [Value::BulkString(code), number] if code == b"d" => Ok(Enqueued::Duplicate(
                 stored_number(number, "the job number of a dedup key")?,
             )),
-            [Value::BulkString(code), tenant, depth, rate] if code == b"f" => {
+            [Value::BulkString(code), tenant, depth, rate, unfinished] if code == b"f" => {
                 let rate = match rate {
                     Value::BulkString(text) => std::str::from_utf8(text)
                         .ok()
@@ -1141,6 +1141,7 @@ impl JobStore for RedisJobStore {
                     tenant: reply_number(tenant, "enqueue")? == 1,
                     depth: reply_number(depth, "enqueue")?,
                     drained_per_sec: rate,
+                    unfinished: reply_number(unfinished, "enqueue")?,
                 })
             }
             [Value::BulkString(code), what] if code == b"c" => Err(corrupt(format!(

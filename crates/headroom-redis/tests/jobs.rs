@@ -264,7 +264,9 @@ async fn concurrent_enqueuers_never_pass_the_bound(ctx: Ctx) {
                 tenant,
                 depth,
                 drained_per_sec,
+                unfinished,
             } => {
+                assert_eq!(unfinished, 7);
                 assert!(!tenant);
                 assert_eq!(depth, 7);
                 assert_eq!(drained_per_sec, 0.0);

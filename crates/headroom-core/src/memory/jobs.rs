@@ -426,6 +426,7 @@ impl JobStore for MemoryJobStore {
                         tenant: true,
                         depth,
                         drained_per_sec: p.drain.per_sec(now.ms),
+                        unfinished: p.unfinished,
                     });
                 }
             }
@@ -434,6 +435,7 @@ impl JobStore for MemoryJobStore {
                     tenant: false,
                     depth: p.unfinished,
                     drained_per_sec: p.drain.per_sec(now.ms),
+                    unfinished: p.unfinished,
                 });
             }
             let due = now.ms.saturating_add(millis(job.delay));

@@ -215,7 +215,8 @@ pub async fn enqueue_never_passes_the_bound_under_concurrency<S: JobStore + Clon
     assert_eq!(accepted, 3);
 }
 
-/// A tenant at its bound is refused while other tenants, and jobs without one, are not.
+/// A tenant at its bound is refused while other tenants, and jobs without one, are not. The
+/// refusal counts the partition's unfinished jobs of every tenant.
 pub async fn a_tenant_at_its_bound_is_refused_alone<S: JobStore>(store: &S, ns: Namespace) {
     let p = partition(&ns, "q");
     let bounded = EnqueueLimits {
@@ -229,12 +230,24 @@ pub async fn a_tenant_at_its_bound_is_refused_alone<S: JobStore>(store: &S, ns: 
             .expect("enqueue");
         assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
     }
+    for other in [job("b").tenant("initech"), job("none")] {
+        let answer = store.enqueue(&p, &other, &bounded).await.expect("enqueue");
+        assert!(matches!(answer, Enqueued::Added(_)), "{answer:?}");
+    }
     match store
         .enqueue(&p, &job("a").tenant("acme"), &bounded)
         .await
         .expect("enqueue")
     {
-        Enqueued::Full { tenant, depth, .. } => assert!(tenant && depth == 2, "{tenant} {depth}"),
+        Enqueued::Full {
+            tenant,
+            depth,
+            unfinished,
+            ..
+        } => assert!(
+            tenant && depth == 2 && unfinished == 4,
+            "{tenant} {depth} {unfinished}"
+        ),
         other => panic!("expected the tenant to be full, got {other:?}"),
     }
     for other in [job("b").tenant("globex"), job("none")] {
