@@ -15,8 +15,9 @@ pub enum EnqueueError {
         tenant: bool,
         /// The unfinished jobs counted against that bound.
         depth: u64,
-        /// When to try again: the time the queue's recent drain rate takes to make room,
-        /// within the queue's configured bounds. Suitable for a `Retry-After` header.
+        /// When to try again: the time the queue's recent drain rate takes to make room (for
+        /// a tenant's bound, the tenant's share of that rate), within the queue's configured
+        /// bounds. Suitable for a `Retry-After` header.
         retry_after: Duration,
     },
     /// The payload is larger than the queue accepts.
