@@ -296,8 +296,8 @@ async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
     else {
         panic!("{refused:?}");
     };
-    // acme's jobs are 5 of the 100 left: at 10 a second they finish at a half a second, so
-    // one place takes about 2 s (up to 4 s with the rate measured over a window that began
+    // acme's jobs are 5 of the 100 left, so they finish at about half a job a second of the
+    // 10: one place takes about 2 s (up to 4 s with the rate measured over a window that began
     // before the worker), plus up to half again of jitter. The partition's rate alone would
     // say a tenth of a second.
     assert!(
