@@ -11,7 +11,7 @@ use bytes::Bytes;
 use headroom_core::jobs::{FetchRequest, JobStore};
 use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState};
+use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, Worker};
 use support::SlowStore;
 
 async fn wait_for_state<S: JobStore>(queue: &JobQueue<S>, id: JobId, state: JobState) {
@@ -174,6 +174,18 @@ async fn lanes_lead_fetches_in_proportion_to_their_weights() {
     assert_eq!(first_hundred, 75);
 }
 
+/// A worker whose one handler takes 100 ms per job: it drains 10 jobs a second.
+fn ten_a_second(queue: &JobQueue<MemoryJobStore>) -> Worker {
+    queue
+        .worker(|_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Bytes::new())
+        })
+        .concurrency(1)
+        .start()
+        .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_queue_refuses_with_a_retry_after_and_accepts_again_as_it_drains() {
     let queue = JobQueue::builder("bounded", MemoryJobStore::new())
@@ -198,14 +210,7 @@ async fn a_full_queue_refuses_with_a_retry_after_and_accepts_again_as_it_drains(
     assert_eq!(retry_after, queue.config().max_retry_after);
 
     // A worker drains 10 jobs a second.
-    let worker = queue
-        .worker(|_| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(Bytes::new())
-        })
-        .concurrency(1)
-        .start()
-        .unwrap();
+    let worker = ten_a_second(&queue);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut accepted = 0;
     let retry_after = loop {
@@ -274,14 +279,7 @@ async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
     }
     // A worker drains 10 jobs a second, for 10 s: about 100 finish, 100 are left, 5 of them
     // acme's.
-    let worker = queue
-        .worker(|_| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(Bytes::new())
-        })
-        .concurrency(1)
-        .start()
-        .unwrap();
+    let worker = ten_a_second(&queue);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let refused = queue
         .enqueue(Job::new("x").tenant("acme"))
