@@ -22,7 +22,9 @@ use tokio::sync::Notify;
 /// `completion_takes` (each `complete_many` call is recorded); with `slow_first_enqueue`, the
 /// answer to the first enqueue held back 10 ms once its job is stored (`first_enqueue_stored`
 /// is told then); with `holding_first_enqueue`, the first enqueue held before it reaches the
-/// store (`first_enqueue_held` is told then) until `release_first_enqueue` is notified.
+/// store (`first_enqueue_held` is told then) until `release_first_enqueue` is notified; and
+/// while `fetch_panics` is set, every fetch panics (a bug in a store), telling
+/// `fetch_panicked` first.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SlowStore<S = MemoryJobStore> {
     inner: S,
@@ -38,6 +40,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     first_enqueue_taken: Arc<AtomicBool>,
     pub(crate) first_enqueue_held: Arc<Notify>,
     pub(crate) release_first_enqueue: Arc<Notify>,
+    pub(crate) fetch_panics: Arc<AtomicBool>,
+    pub(crate) fetch_panicked: Arc<Notify>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -57,6 +61,8 @@ impl<S: JobStore> SlowStore<S> {
             first_enqueue_taken: Arc::default(),
             first_enqueue_held: Arc::default(),
             release_first_enqueue: Arc::default(),
+            fetch_panics: Arc::default(),
+            fetch_panicked: Arc::default(),
         }
     }
 }
@@ -112,6 +118,10 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
+        if self.fetch_panics.load(Ordering::Relaxed) {
+            self.fetch_panicked.notify_one();
+            panic!("a bug in the store's fetch");
+        }
         self.inner.fetch(partition, request).await
     }
 
