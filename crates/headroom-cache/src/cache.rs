@@ -562,7 +562,7 @@ where
     /// Of two writes of one key, on any instances, the later call stays in L2 even when the
     /// earlier one reaches L2 last: each L2 entry carries the Unix millisecond of its write and
     /// is written only over an older one (so the order holds up to the clock skew between
-    /// instances).
+    /// instances). [`insert_at`](Self::insert_at) takes that millisecond from the caller.
     pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
         self.insert_tagged(key, value, &[]).await
     }
@@ -574,13 +574,42 @@ where
     /// than [`MAX_TAGS`](crate::envelope::MAX_TAGS) tags.
     pub async fn insert_tagged(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
         let span = tracing::debug_span!("cache.insert", name = %self.inner.config.name);
-        self.write_value(key, value, tags).instrument(span).await
+        self.write_value(key, value, tags, u64::MAX)
+            .instrument(span)
+            .await
     }
 
-    async fn write_value(&self, key: K, value: V, tags: &[&str]) -> Result<(), CacheError> {
+    /// Like [`insert`](Self::insert), for a write made at `at_unix_ms` (Unix milliseconds)
+    /// rather than at the call: the entry's version in L2 is `at_unix_ms`, capped at the
+    /// cache clock's now. A caller that orders its writes elsewhere (a database, a
+    /// write-behind) passes the time it ordered the write by, so that L2 keeps the same write
+    /// whichever reaches it last. The TTL still counts from the call; a write older than its
+    /// TTL counts as made one TTL ago.
+    ///
+    /// Two writes of one key made in the same millisecond keep the order in which they reach
+    /// L2, as with [`insert`](Self::insert).
+    pub async fn insert_at(&self, key: K, value: V, at_unix_ms: u64) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.insert", name = %self.inner.config.name);
+        self.write_value(key, value, &[], at_unix_ms)
+            .instrument(span)
+            .await
+    }
+
+    /// Writes `value` as made at `at_unix_ms` or now, whichever is earlier.
+    async fn write_value(
+        &self,
+        key: K,
+        value: V,
+        tags: &[&str],
+        at_unix_ms: u64,
+    ) -> Result<(), CacheError> {
         let inner = &self.inner;
         check_tags(tags)?;
-        let times = inner.times(Some(&value));
+        let mut times = inner.times(Some(&value));
+        // Never later than now: the deadlines count from now and must not precede it. Never
+        // earlier than one TTL ago: the L2 lifetime counts from it and stays bounded.
+        let ttl = times.expires.saturating_sub(times.created);
+        times.created = at_unix_ms.clamp(times.created.saturating_sub(ttl), times.created);
         let l2_entry = match &inner.l2 {
             Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
@@ -618,15 +647,27 @@ where
     /// when a key is invalid.
     pub async fn remove_many(&self, keys: &[K]) -> Result<(), CacheError> {
         let span = tracing::debug_span!("cache.remove", name = %self.inner.config.name);
-        self.remove_keys(keys).instrument(span).await
+        self.remove_keys(keys, u64::MAX).instrument(span).await
     }
 
-    async fn remove_keys(&self, keys: &[K]) -> Result<(), CacheError> {
+    /// Like [`remove`](Self::remove), for a removal made at `at_unix_ms` (Unix milliseconds)
+    /// rather than at the call: the tombstone's version in L2 is `at_unix_ms`, capped at the
+    /// cache clock's now (see [`insert_at`](Self::insert_at)).
+    pub async fn remove_at(&self, key: &K, at_unix_ms: u64) -> Result<(), CacheError> {
+        let span = tracing::debug_span!("cache.remove", name = %self.inner.config.name);
+        self.remove_keys(std::slice::from_ref(key), at_unix_ms)
+            .instrument(span)
+            .await
+    }
+
+    /// Removes `keys` as removed at `at_unix_ms` or now, whichever is earlier.
+    async fn remove_keys(&self, keys: &[K], at_unix_ms: u64) -> Result<(), CacheError> {
         let inner = &self.inner;
+        let at_unix_ms = inner.clock.unix_millis().min(at_unix_ms);
         let tombstones = match &inner.l2 {
             Some(l2) => keys
                 .iter()
-                .map(|key| inner.tombstone(l2, key, inner.clock.unix_millis()))
+                .map(|key| inner.tombstone(l2, key, at_unix_ms))
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };

@@ -1796,6 +1796,107 @@ async fn an_earlier_insert_landing_last_in_l2_does_not_undo_a_later_remove() {
     later_write_wins_although_the_earlier_lands_last(true).await;
 }
 
+/// Writes ordered elsewhere (a database, a write-behind) pass the time they were made: L2
+/// keeps the latest made, whatever the order of the calls, on any instance.
+#[tokio::test]
+async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
+    let clock = ManualClock::new();
+    let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l2(shared.clone(), ns())
+            .build()
+            .unwrap()
+    };
+    let (first, second, reader) = (instance(), instance(), instance());
+    let k = key("k");
+    let made = clock.clock().unix_millis();
+    clock.advance(Duration::from_millis(10));
+    let read = || {
+        reader.invalidate_local(&k);
+        reader.get(&k)
+    };
+
+    first
+        .insert_at(k.clone(), "made at +3".into(), made + 3)
+        .await
+        .unwrap();
+    second
+        .insert_at(k.clone(), "made at +1".into(), made + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        read().await.unwrap().as_deref(),
+        Some("made at +3"),
+        "an earlier write lands last"
+    );
+    second.remove_at(&k, made + 2).await.unwrap();
+    assert_eq!(
+        read().await.unwrap().as_deref(),
+        Some("made at +3"),
+        "an earlier removal lands last"
+    );
+    second.remove_at(&k, made + 4).await.unwrap();
+    assert_eq!(read().await.unwrap(), None, "a later removal");
+    first
+        .insert_at(k.clone(), "made at +5".into(), made + 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        read().await.unwrap().as_deref(),
+        Some("made at +5"),
+        "a later write"
+    );
+}
+
+/// A time past the cache's clock counts as now, and one from long ago as one TTL ago: the
+/// entry's deadlines and its L2 lifetime still count from the call.
+#[tokio::test]
+async fn a_write_time_in_the_future_counts_as_now_and_one_long_ago_still_lives_its_ttl() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let (k, old) = (key("k"), key("old"));
+    cache
+        .insert_at(k.clone(), "future".into(), u64::MAX)
+        .await
+        .unwrap();
+    cache.insert(k.clone(), "now".into()).await.unwrap();
+    cache
+        .insert_at(old.clone(), "ancient".into(), 0)
+        .await
+        .unwrap();
+    cache.invalidate_local(&k);
+    cache.invalidate_local(&old);
+    assert_eq!(
+        cache.get(&k).await.unwrap().as_deref(),
+        Some("now"),
+        "a write at the same millisecond replaces the one dated in the future"
+    );
+    clock.advance(59 * SEC);
+    assert_eq!(cache.get(&old).await.unwrap().as_deref(), Some("ancient"));
+    let stored = l2
+        .inner
+        .get(&ns().key("old").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let envelope = envelope::decode(&stored).unwrap();
+    let now = clock.clock().unix_millis();
+    assert_eq!(
+        envelope.created_unix_ms,
+        now - 119_000,
+        "counted as made one TTL before the call"
+    );
+}
+
 /// The pattern docs/cache.md gives for rows that several instances write: write the database,
 /// then `remove`. Whatever order the two instances' cache calls take, every instance then
 /// loads the row the database holds last.

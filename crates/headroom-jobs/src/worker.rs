@@ -1,7 +1,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
 use headroom_core::lease::Fenced;
 use headroom_core::{BackendError, Classify, Key};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -90,6 +90,11 @@ pub struct WorkerReport {
     pub lost: u64,
     /// Jobs still running when the shutdown's grace ended, handed back for another worker.
     pub handed_back: u64,
+    /// Jobs the worker could not finish nor hand back: a handler still running when the
+    /// shutdown's bound ended (one that blocks its thread without yielding cannot be cut off),
+    /// or a job whose task ended with the worker's own failure. Each stays held until its
+    /// visibility runs out; then another worker takes it over.
+    pub abandoned: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +111,62 @@ enum Outcome {
     Dead,
     Lost,
     HandedBack,
+}
+
+/// The outcomes of a worker's jobs, counted as each job's task ends, where `shutdown` reads
+/// them whatever became of the fetch loop.
+#[derive(Debug, Default)]
+struct Tally {
+    /// The outcomes so far, and how many job tasks have not ended.
+    counts: Mutex<(WorkerReport, u64)>,
+}
+
+impl Tally {
+    fn lock(&self) -> MutexGuard<'_, (WorkerReport, u64)> {
+        // Only counters behind it: a panic elsewhere leaves them whole.
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The outcomes so far; the job tasks that have not ended are abandoned.
+    fn report(&self) -> WorkerReport {
+        let (mut report, unfinished) = *self.lock();
+        report.abandoned += unfinished;
+        report
+    }
+}
+
+/// A job task on its worker's tally: counted with its outcome, or as abandoned when the task
+/// ends without one (aborted, or the worker's own code panicked).
+struct Counted {
+    tally: Arc<Tally>,
+    finished: bool,
+}
+
+impl Counted {
+    fn start(tally: &Arc<Tally>) -> Self {
+        tally.lock().1 += 1;
+        Self {
+            tally: Arc::clone(tally),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        let mut counts = self.tally.lock();
+        counts.0.count(outcome);
+        counts.1 -= 1;
+        self.finished = true;
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut counts = self.tally.lock();
+            counts.0.abandoned += 1;
+            counts.1 -= 1;
+        }
+    }
 }
 
 impl WorkerReport {
@@ -200,11 +261,19 @@ where
         };
         let (phase, watch_phase) = watch::channel(Phase::Running);
         let (completions, waiting) = mpsc::unbounded_channel();
-        // It ends once every job task and the fetch loop are gone (they hold the sender).
-        let completer = tokio::spawn(complete_in_batches(self.queue.clone(), waiting));
+        // It ends once every job task and the fetch loop are gone (they hold the sender), or
+        // when a shutdown stops it.
+        let stop_completer = Arc::new(Notify::new());
+        let completer = tokio::spawn(complete_in_batches(
+            self.queue.clone(),
+            waiting,
+            Arc::clone(&stop_completer),
+        ));
         let storing = Arc::new(Semaphore::new(
             self.config.concurrency + self.config.prefetch,
         ));
+        let tally = Arc::new(Tally::default());
+        let hand_back_budget = self.config.visibility / 2;
         let shared = Arc::new(Shared {
             storing,
             queue: self.queue,
@@ -212,12 +281,16 @@ where
             config: self.config,
             consumer,
             completions,
+            tally: Arc::clone(&tally),
         });
         let task = tokio::spawn(fetch_loop(shared, watch_phase));
         Ok(Worker {
             phase,
             task,
             completer,
+            stop_completer,
+            tally,
+            hand_back_budget,
         })
     }
 }
@@ -249,34 +322,75 @@ impl<S: JobStore> JobQueue<S> {
 #[derive(Debug)]
 pub struct Worker {
     phase: watch::Sender<Phase>,
-    task: tokio::task::JoinHandle<WorkerReport>,
-    /// Stores the completions: joined by `shutdown`, so none is stored after it returned.
+    task: tokio::task::JoinHandle<()>,
+    /// Stores the completions: joined by `shutdown` within its bound, so none is stored
+    /// after it returned (unless the bound cut a store call short).
     completer: tokio::task::JoinHandle<()>,
+    /// Tells the completer to store what it was handed and end, though job tasks left
+    /// running still hold its sender.
+    stop_completer: Arc<Notify>,
+    tally: Arc<Tally>,
+    /// How long a shutdown waits, after the grace, for the cut-off jobs to be handed back:
+    /// the budget of each hand-back's store calls.
+    hand_back_budget: Duration,
 }
 
 impl Worker {
-    /// Stops fetching, waits up to `grace` for the running jobs, then hands back those still
-    /// running (each goes back to its lane at once, for another worker) and answers what the
-    /// worker did.
+    /// Stops fetching, waits up to `grace` for the running jobs, then cuts off those still
+    /// running and hands them back (each goes back to its lane at once, for another worker),
+    /// and answers what the worker did.
+    ///
+    /// It returns within `grace` plus half the visibility timeout (the budget of the
+    /// hand-back's store calls), whatever the handlers and the store do, and also after the
+    /// worker's own fetch loop panicked. A job it could not finish nor hand back by then is
+    /// counted in [`WorkerReport::abandoned`] and stays held until its visibility runs out,
+    /// when another worker takes it over. A handler that blocks its thread without yielding
+    /// cannot be cut off: it is left running, and its answer, if it ever comes, is stored
+    /// unless the job was taken over meanwhile. On a current-thread runtime such a handler
+    /// blocks the runtime itself, this shutdown included, and nothing can bound that.
     pub async fn shutdown(self, grace: Duration) -> WorkerReport {
-        self.phase.send_replace(Phase::Draining);
-        let mut task = self.task;
-        let joined = match tokio::time::timeout(grace, &mut task).await {
-            Ok(joined) => joined,
+        let Self {
+            phase,
+            mut task,
+            completer,
+            stop_completer,
+            tally,
+            hand_back_budget,
+        } = self;
+        let started = tokio::time::Instant::now();
+        // Saturating: a grace of `Duration::MAX` waits without end rather than overflow.
+        let bound = grace.saturating_add(hand_back_budget);
+        let left = || bound.saturating_sub(started.elapsed());
+        phase.send_replace(Phase::Draining);
+        let ended = match tokio::time::timeout(grace, &mut task).await {
+            Ok(ended) => Some(ended),
             Err(_) => {
-                self.phase.send_replace(Phase::Abort);
-                task.await
+                phase.send_replace(Phase::Abort);
+                tokio::time::timeout(left(), &mut task).await.ok()
             }
         };
-        // The fetch loop and the job tasks are gone with their senders, so the completer
-        // ends once the completions already handed to it are stored.
-        if let Err(error) = self.completer.await {
-            tracing::error!(%error, "the worker's completer panicked");
+        match ended {
+            Some(Ok(())) => {}
+            Some(Err(error)) => tracing::error!(%error, "the worker's fetch loop panicked"),
+            // Waiting for a job task that does not end (a handler that never yields): drop
+            // the loop, which aborts the job tasks that can still be aborted.
+            None => task.abort(),
         }
-        joined.unwrap_or_else(|error| {
-            tracing::error!(%error, "the worker's fetch loop panicked");
-            WorkerReport::default()
-        })
+        stop_completer.notify_one();
+        let mut completer = completer;
+        match tokio::time::timeout(left(), &mut completer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "the worker's completer panicked"),
+            Err(_) => completer.abort(),
+        }
+        let report = tally.report();
+        if report.abandoned > 0 {
+            tracing::warn!(
+                abandoned = report.abandoned,
+                "the worker stopped with jobs it could not finish nor hand back; another worker takes them over after their visibility"
+            );
+        }
+        report
     }
 }
 
@@ -291,6 +405,8 @@ struct Shared<S, H> {
     /// many as fetch slots): such a job leaves its fetch slot for the next fetch, so fetching
     /// overlaps storing, and a slow store still holds fetching back.
     storing: Arc<Semaphore>,
+    /// Where each job task counts its outcome.
+    tally: Arc<Tally>,
 }
 
 /// A job's completion waiting for the worker's completer.
@@ -309,14 +425,33 @@ const MAX_COMPLETIONS_PER_CALL: usize = 64;
 /// more to arrive: a completion waits at most for the round in flight, and those that became
 /// ready meanwhile share the next. Each job's task gets its own answer, and retries through
 /// store errors itself.
+///
+/// Told to `stop`, it stores what it was handed and ends, though a job task left running
+/// (a handler that never yields) still holds a sender.
 async fn complete_in_batches<S: JobStore>(
     queue: JobQueue<S>,
     mut waiting: mpsc::UnboundedReceiver<Completing>,
+    stop: Arc<Notify>,
 ) {
     let queue = &queue.inner;
     let retention = queue.config.result_retention;
     let mut round = Vec::new();
-    while let Some(first) = waiting.recv().await {
+    let mut stopping = false;
+    loop {
+        let next = if stopping {
+            waiting.recv().await
+        } else {
+            tokio::select! {
+                next = waiting.recv() => next,
+                () = stop.notified() => {
+                    // A job task that answers later completes its job alone.
+                    waiting.close();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = next else { break };
         round.push(first);
         while round.len() < MAX_COMPLETIONS_PER_CALL {
             match waiting.try_recv() {
@@ -421,10 +556,7 @@ impl LaneSchedule {
     }
 }
 
-async fn fetch_loop<S, H, Fut>(
-    shared: Arc<Shared<S, H>>,
-    mut phase: watch::Receiver<Phase>,
-) -> WorkerReport
+async fn fetch_loop<S, H, Fut>(shared: Arc<Shared<S, H>>, mut phase: watch::Receiver<Phase>)
 where
     S: JobStore,
     H: Fn(JobContext) -> Fut + Send + Sync + 'static,
@@ -437,7 +569,6 @@ where
     let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
     let handlers = Arc::new(Semaphore::new(config.concurrency));
     let mut jobs = JoinSet::new();
-    let mut report = WorkerReport::default();
     let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
     let partitions = queue.partitions.len();
     let mut next_partition = fastrand::usize(..partitions);
@@ -449,9 +580,8 @@ where
         config.stats_interval,
     )));
     loop {
-        while let Some(joined) = jobs.try_join_next() {
-            report.count(joined.unwrap_or(Outcome::Lost));
-        }
+        // Each job task counts its own outcome on the tally.
+        while jobs.try_join_next().is_some() {}
         let first = tokio::select! {
             biased;
             () = until(&mut phase, |p| p != Phase::Running) => break,
@@ -486,7 +616,12 @@ where
                     // The turn is taken here, in fetch order, so jobs fetched ahead start in
                     // the order they were delivered.
                     let turn = Turn::take(&handlers);
-                    jobs.spawn(run_job(shared, p, delivery, (slot, turn), phase.clone()));
+                    let counted = Counted::start(&shared.tally);
+                    let phase = phase.clone();
+                    jobs.spawn(async move {
+                        let outcome = run_job(shared, p, delivery, (slot, turn), phase).await;
+                        counted.finish(outcome);
+                    });
                 }
                 None
             }
@@ -514,9 +649,7 @@ where
             }
         }
     }
-    while let Some(joined) = jobs.join_next().await {
-        report.count(joined.unwrap_or(Outcome::Lost));
-    }
+    while jobs.join_next().await.is_some() {}
     // Gone for good: the store forgets this consumer wherever it holds nothing (a bounded
     // wait; a consumer left behind is harmless, and found again by takeovers).
     let leave = async {
@@ -527,7 +660,6 @@ where
         }
     };
     let _ = tokio::time::timeout(config.visibility / 2, leave).await;
-    report
 }
 
 /// Publishes the queue's counts every `every`, until aborted.
@@ -943,7 +1075,8 @@ impl<S: JobStore> Held<'_, S> {
             {
                 return step;
             }
-            // The completer is gone (the runtime is shutting down): complete alone.
+            // The completer is gone (the runtime is shutting down, or a shutdown stopped it
+            // while this handler ran on): complete alone.
             self.store
                 .complete(
                     self.key,

@@ -995,3 +995,119 @@ async fn jobs_fetched_ahead_are_kept_while_they_wait_for_a_handler() {
     assert_eq!(taken_over.load(Ordering::Relaxed), 0);
     assert_eq!((held.done, held.lost, idle.done), (10, 0, 0));
 }
+
+/// What a shutdown may take on a loaded test machine beyond its bound: scheduling, not work.
+const SCHEDULING_SLACK: Duration = Duration::from_secs(2);
+
+/// A handler that blocks its thread without ever yielding until `release` sends (or is
+/// dropped), telling `started` when it begins: a handler nothing can cut off.
+struct Blocking {
+    started: Arc<tokio::sync::Notify>,
+    release: std::sync::mpsc::Sender<()>,
+    released: Arc<Mutex<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Blocking {
+    fn new() -> Self {
+        let (release, released) = std::sync::mpsc::channel();
+        Self {
+            started: Arc::default(),
+            release,
+            released: Arc::new(Mutex::new(released)),
+        }
+    }
+
+    fn handler(
+        &self,
+    ) -> impl Fn(headroom_jobs::JobContext) -> std::future::Ready<Result<Bytes, JobError>>
+    + Send
+    + Sync
+    + 'static {
+        let (started, released) = (self.started.clone(), self.released.clone());
+        move |_job| {
+            started.notify_one();
+            let _ = released.lock().unwrap().recv();
+            std::future::ready(Ok(Bytes::new()))
+        }
+    }
+}
+
+/// The fetch loop panics (a bug in the store) while a handler blocks its thread: the
+/// shutdown still returns within its bound. Real time: a handler that blocks a thread needs a
+/// multi-threaded runtime, which cannot pause time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_fetch_loop_panics_shutdown_returns_within_its_bound_though_a_handler_never_yields()
+ {
+    let store: SlowStore = SlowStore::default();
+    let (fetch_panics, fetch_panicked) = (store.fetch_panics.clone(), store.fetch_panicked.clone());
+    let queue = JobQueue::builder("stuck", store).build().unwrap();
+    queue.enqueue(Job::new("blocks")).await.unwrap();
+    let blocking = Blocking::new();
+    let (grace, visibility) = (Duration::from_secs(1), Duration::from_secs(1));
+    let worker = queue
+        .worker(blocking.handler())
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    blocking.started.notified().await;
+    fetch_panics.store(true, Ordering::Relaxed);
+    fetch_panicked.notified().await;
+
+    let bound = grace + visibility / 2;
+    let shutdown = tokio::time::timeout(bound + SCHEDULING_SLACK, worker.shutdown(grace)).await;
+    blocking.release.send(()).unwrap();
+    let report = shutdown.unwrap_or_else(|_| {
+        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
+    });
+    assert_eq!(
+        (report.done, report.handed_back, report.abandoned),
+        (0, 0, 1),
+        "the blocked job is reported as abandoned: {report:?}"
+    );
+}
+
+/// A handler that blocks its thread is not cut off when the grace ends: the shutdown still
+/// returns within its bound (the grace, then half the visibility for the hand-back). Real
+/// time, as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_within_its_bound_though_a_handler_never_yields() {
+    let queue = JobQueue::builder("stuck", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    queue.enqueue(Job::new("blocks")).await.unwrap();
+    let blocking = Blocking::new();
+    let (grace, visibility) = (Duration::from_secs(1), Duration::from_secs(1));
+    let worker = queue
+        .worker(blocking.handler())
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    blocking.started.notified().await;
+
+    let bound = grace + visibility / 2;
+    let shutdown = tokio::time::timeout(bound + SCHEDULING_SLACK, worker.shutdown(grace)).await;
+    blocking.release.send(()).unwrap();
+    let report = shutdown.unwrap_or_else(|_| {
+        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
+    });
+    assert_eq!(
+        (report.done, report.handed_back, report.abandoned),
+        (0, 0, 1),
+        "the blocked job is reported as abandoned: {report:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_with_an_endless_grace_returns_once_the_worker_is_idle() {
+    let queue = JobQueue::builder("endless", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let id = queue.enqueue(Job::new("1")).await.unwrap().id;
+    let worker = queue
+        .worker(|_job| async { Ok(Bytes::new()) })
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Done).await;
+    let report = worker.shutdown(Duration::MAX).await;
+    assert_eq!((report.done, report.abandoned), (1, 0));
+}

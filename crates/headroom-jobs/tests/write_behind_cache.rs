@@ -3,13 +3,17 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use headroom_cache::Cache;
-use headroom_core::Namespace;
+use headroom_core::jobs::JobStore;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
+use headroom_core::{Clock, ManualClock, Namespace};
 use headroom_jobs::{CacheWriteError, QueueConfig, Write, WriteBehind, WriteBehindCache};
+use headroom_redis::{Redis, RedisConfig, RedisJobStore, RedisKvStore};
+use headroom_testkit::{shared_server, unique_namespace};
 use support::SlowStore;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -20,6 +24,10 @@ struct Profile {
 
 /// What the writer was handed: each key and its value (`None` for a delete).
 type Written = Arc<Mutex<Vec<(String, Option<Profile>)>>>;
+
+/// A database table by key: the version of the write applied last and its value (`None` for
+/// a delete).
+type Rows = HashMap<String, (u64, Option<Profile>)>;
 
 fn cache() -> Cache<String, Profile> {
     Cache::builder()
@@ -191,5 +199,169 @@ async fn an_insert_whose_caller_stops_waiting_still_reaches_the_cache() {
         profiles.cache().get(&"ada".to_owned()).await.unwrap(),
         Some(ada),
         "the cache holds what the writer will write"
+    );
+}
+
+/// One instance of a service writing profiles behind its cache: its own cache (L1) and
+/// write-behind, on the Redis L2 and job queue that every instance shares.
+async fn instance<S: JobStore>(
+    store: S,
+    redis: &Redis,
+    ns: &Namespace,
+    clock: &Clock,
+) -> WriteBehindCache<String, Profile, S> {
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(600))
+        .l2(RedisKvStore::new(redis.clone()), ns.child("cache").unwrap())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("profiles", store)
+        .namespace(ns.child("jobs").unwrap())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    WriteBehindCache::new(cache, writes)
+}
+
+/// What a third instance reads for `key`: L2, since its L1 is empty.
+async fn read_elsewhere(
+    redis: &Redis,
+    ns: &Namespace,
+    clock: &Clock,
+    key: &str,
+) -> Option<Profile> {
+    let reader: Cache<String, Profile> = Cache::builder()
+        .ttl(Duration::from_secs(600))
+        .l2(RedisKvStore::new(redis.clone()), ns.child("cache").unwrap())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    reader.get(&key.to_owned()).await.unwrap()
+}
+
+/// Hands every pending write to a writer that applies a write only over an older version
+/// (`UPDATE .. WHERE version < $1`), and answers the rows it keeps.
+async fn flush_to_rows<S: JobStore>(profiles: &WriteBehindCache<String, Profile, S>) -> Rows {
+    let rows: Arc<Mutex<Rows>> = Arc::default();
+    let table = rows.clone();
+    let flusher = profiles.writes().start(move |batch: Vec<Write>| {
+        let table = table.clone();
+        async move {
+            let mut table = table.lock().unwrap();
+            for write in batch {
+                let key = String::from_utf8(write.key.to_vec()).unwrap();
+                let value = write.json::<Profile>().transpose().unwrap();
+                let row = table.entry(key).or_insert((0, None));
+                if row.0 < write.version {
+                    *row = (write.version, value);
+                }
+            }
+            Ok(())
+        }
+    });
+    flusher.shutdown(Duration::from_secs(30)).await;
+    rows.lock().unwrap().clone()
+}
+
+async fn standalone() -> Redis {
+    Redis::connect(RedisConfig::standalone(shared_server().url()))
+        .await
+        .unwrap()
+}
+
+fn visits(visits: u64) -> Profile {
+    Profile {
+        name: "Ada".into(),
+        visits,
+    }
+}
+
+/// Instance A records its write, and its enqueue is still on its way when instance B, 2 ms
+/// later, records and caches its own; A's enqueue answers 3 ms after that. The writer keeps
+/// B's write (the later version): so must the cache.
+#[tokio::test]
+async fn of_two_instances_inserting_a_key_the_cache_keeps_the_value_the_writer_keeps() {
+    let (redis, ns) = (standalone().await, unique_namespace("wb-cache-two"));
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let held = SlowStore::holding_first_enqueue(RedisJobStore::new(redis.clone()));
+    let (a_held, a_release) = (
+        held.first_enqueue_held.clone(),
+        held.release_first_enqueue.clone(),
+    );
+    let a = Arc::new(instance(held, &redis, &ns, &clock).await);
+    let b = instance(RedisJobStore::new(redis.clone()), &redis, &ns, &clock).await;
+
+    let a_insert = tokio::spawn({
+        let a = a.clone();
+        async move { a.insert("ada".to_owned(), visits(1)).await }
+    });
+    a_held.notified().await;
+    manual.advance(Duration::from_millis(2));
+    let b_version = b.insert("ada".to_owned(), visits(2)).await.unwrap();
+    manual.advance(Duration::from_millis(3));
+    a_release.notify_one();
+    let a_version = a_insert.await.unwrap().unwrap();
+
+    assert!(
+        a_version < b_version,
+        "versions: A {a_version}, B {b_version}"
+    );
+    let rows = flush_to_rows(&b).await;
+    assert_eq!(
+        rows["ada"],
+        (b_version, Some(visits(2))),
+        "the writer keeps B's write"
+    );
+    assert_eq!(
+        read_elsewhere(&redis, &ns, &clock, "ada").await,
+        Some(visits(2)),
+        "the cache holds the value the writer keeps"
+    );
+}
+
+/// Instance A records a delete whose enqueue is still on its way when instance B, 2 ms later,
+/// records and caches an insert. The writer keeps B's insert (the later version): so must the
+/// cache, rather than A's removal.
+#[tokio::test]
+async fn of_an_instance_removing_a_key_and_another_inserting_it_the_cache_keeps_what_the_writer_keeps()
+ {
+    let (redis, ns) = (standalone().await, unique_namespace("wb-cache-remove"));
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let held = SlowStore::holding_first_enqueue(RedisJobStore::new(redis.clone()));
+    let (a_held, a_release) = (
+        held.first_enqueue_held.clone(),
+        held.release_first_enqueue.clone(),
+    );
+    let a = Arc::new(instance(held, &redis, &ns, &clock).await);
+    let b = instance(RedisJobStore::new(redis.clone()), &redis, &ns, &clock).await;
+
+    let a_remove = tokio::spawn({
+        let a = a.clone();
+        async move { a.remove(&"ada".to_owned()).await }
+    });
+    a_held.notified().await;
+    manual.advance(Duration::from_millis(2));
+    let b_version = b.insert("ada".to_owned(), visits(2)).await.unwrap();
+    manual.advance(Duration::from_millis(3));
+    a_release.notify_one();
+    let a_version = a_remove.await.unwrap().unwrap();
+
+    assert!(
+        a_version < b_version,
+        "versions: A {a_version}, B {b_version}"
+    );
+    let rows = flush_to_rows(&b).await;
+    assert_eq!(
+        rows["ada"],
+        (b_version, Some(visits(2))),
+        "the writer keeps B's insert"
+    );
+    assert_eq!(
+        read_elsewhere(&redis, &ns, &clock, "ada").await,
+        Some(visits(2)),
+        "the cache holds the value the writer keeps"
     );
 }

@@ -1,4 +1,4 @@
-//! A memory job store slowed, or losing a reply, where a test needs it, shared by the test
+//! A job store slowed, held, or losing a reply, where a test needs it, shared by the test
 //! targets.
 
 // Each test target uses only some of it.
@@ -18,12 +18,16 @@ use headroom_core::memory::MemoryJobStore;
 use headroom_core::{BackendError, BackendErrorKind, Key};
 use tokio::sync::Notify;
 
-/// The memory store, with completions that take `completion_takes` (each `complete_many`
-/// call is recorded) and, with `slow_first_enqueue`, the answer to the first enqueue held
-/// back 10 ms once its job is stored (`first_enqueue_stored` is told then).
+/// A job store (the memory store unless told otherwise), with completions that take
+/// `completion_takes` (each `complete_many` call is recorded); with `slow_first_enqueue`, the
+/// answer to the first enqueue held back 10 ms once its job is stored (`first_enqueue_stored`
+/// is told then); with `holding_first_enqueue`, the first enqueue held before it reaches the
+/// store (`first_enqueue_held` is told then) until `release_first_enqueue` is notified; and
+/// while `fetch_panics` is set, every fetch panics (a bug in a store), telling
+/// `fetch_panicked` first.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct SlowStore {
-    inner: MemoryJobStore,
+pub(crate) struct SlowStore<S = MemoryJobStore> {
+    inner: S,
     completion_takes: Duration,
     /// The jobs of each `complete_many` call, and when (paused time) each call began.
     pub(crate) completions: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
@@ -32,6 +36,35 @@ pub(crate) struct SlowStore {
     pub(crate) first_enqueue_stored: Arc<Notify>,
     lose_first_completion_reply: bool,
     completion_reply_lost: Arc<AtomicBool>,
+    hold_first_enqueue: bool,
+    first_enqueue_taken: Arc<AtomicBool>,
+    pub(crate) first_enqueue_held: Arc<Notify>,
+    pub(crate) release_first_enqueue: Arc<Notify>,
+    pub(crate) fetch_panics: Arc<AtomicBool>,
+    pub(crate) fetch_panicked: Arc<Notify>,
+}
+
+impl<S: JobStore> SlowStore<S> {
+    /// `inner`, whose first enqueue waits for `release_first_enqueue` before it reaches the
+    /// store, as a call still on its way while other instances write.
+    pub(crate) fn holding_first_enqueue(inner: S) -> Self {
+        Self {
+            inner,
+            completion_takes: Duration::ZERO,
+            completions: Arc::default(),
+            slow_first_enqueue: false,
+            first_enqueue_slowed: Arc::default(),
+            first_enqueue_stored: Arc::default(),
+            lose_first_completion_reply: false,
+            completion_reply_lost: Arc::default(),
+            hold_first_enqueue: true,
+            first_enqueue_taken: Arc::default(),
+            first_enqueue_held: Arc::default(),
+            release_first_enqueue: Arc::default(),
+            fetch_panics: Arc::default(),
+            fetch_panicked: Arc::default(),
+        }
+    }
 }
 
 impl SlowStore {
@@ -61,13 +94,17 @@ impl SlowStore {
     }
 }
 
-impl JobStore for SlowStore {
+impl<S: JobStore> JobStore for SlowStore<S> {
     async fn enqueue(
         &self,
         partition: &Key,
         job: &NewJob,
         limits: &EnqueueLimits,
     ) -> Result<Enqueued, BackendError> {
+        if self.hold_first_enqueue && !self.first_enqueue_taken.swap(true, Ordering::Relaxed) {
+            self.first_enqueue_held.notify_one();
+            self.release_first_enqueue.notified().await;
+        }
         let answer = self.inner.enqueue(partition, job, limits).await;
         if self.slow_first_enqueue && !self.first_enqueue_slowed.swap(true, Ordering::Relaxed) {
             self.first_enqueue_stored.notify_one();
@@ -81,6 +118,10 @@ impl JobStore for SlowStore {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
+        if self.fetch_panics.load(Ordering::Relaxed) {
+            self.fetch_panicked.notify_one();
+            panic!("a bug in the store's fetch");
+        }
         self.inner.fetch(partition, request).await
     }
 
