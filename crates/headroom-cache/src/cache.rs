@@ -193,8 +193,9 @@ pub(crate) struct Inner<K, V> {
     ttl_by: Option<TtlFn<V>>,
     clock: Clock,
     metrics: Arc<Metrics>,
-    /// Hashed with foldhash, seeded per process: it holds only the keys being loaded at the
-    /// moment, and SipHash cost 8 % of a batch read's instructions.
+    /// Hashed with foldhash, randomly seeded per process and per map (no seed-independent
+    /// collisions are known), which costs 8 % fewer instructions per key of a batch read than
+    /// SipHash. It holds the keys being loaded at the moment: as many as the loads in flight.
     in_flight: Mutex<HashMap<K, InFlight<V>, foldhash::fast::RandomState>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,

@@ -107,7 +107,7 @@ pub enum Enqueued {
         /// [`DRAIN_WINDOW`], for a retry-after estimate.
         drained_per_sec: f64,
         /// The partition's unfinished jobs, of every tenant (`depth` when the partition's
-        /// bound refused it): a tenant's jobs are `depth / unfinished` of those draining.
+        /// bound refused it): those of other tenants may have to drain before a tenant's own.
         unfinished: u64,
     },
 }
@@ -319,7 +319,9 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
     /// Finishes each of `jobs` as [`complete`](Self::complete) would, in order, keeping each
     /// result for `retention`: a job listed twice is completed by its first entry, and the
     /// second is rejected. The answer holds one entry per job, in order. `Err` is a failure of
-    /// the whole call (as for `complete`, some jobs may then be done).
+    /// the whole call (as for `complete`, some jobs may then be done). A store that sends a
+    /// long list in parts answers the jobs of the parts that ran, and fails each job of a part
+    /// that failed or was not sent.
     ///
     /// The default calls `complete` for each job; a store may do it all in one step (one round
     /// trip and one script on Redis).

@@ -16,8 +16,9 @@ pub enum EnqueueError {
         /// The unfinished jobs counted against that bound.
         depth: u64,
         /// When to try again: the time the queue's recent drain rate takes to make room (for
-        /// a tenant's bound, the tenant's share of that rate), within the queue's configured
-        /// bounds. Suitable for a `Retry-After` header.
+        /// a tenant's bound, to drain the other tenants' unfinished jobs, which are ahead of
+        /// the tenant's newest), within the queue's configured bounds. Suitable for a
+        /// `Retry-After` header.
         retry_after: Duration,
     },
     /// The payload is larger than the queue accepts.

@@ -398,25 +398,22 @@ impl<S: JobStore> JobQueue<S> {
                 unfinished,
             }) => {
                 inner.metrics.full.increment(1);
-                let (bound, drained_per_sec) = if tenant {
-                    // The tenant's jobs drain as their share of the partition's.
-                    let share = if unfinished >= depth && unfinished > 0 {
-                        depth as f64 / unfinished as f64
-                    } else {
-                        1.0
-                    };
+                let (bound, ahead) = if tenant {
+                    // Lanes are first in, first out, and a tenant that reached its bound most
+                    // likely holds the newest jobs: the other tenants' jobs drain first.
                     (
                         config.max_per_tenant.unwrap_or(depth),
-                        drained_per_sec * share,
+                        unfinished.saturating_sub(depth),
                     )
                 } else {
-                    (inner.limits.max_len, drained_per_sec)
+                    (inner.limits.max_len, 0)
                 };
+                let to_drain = ahead + depth.saturating_sub(bound) + 1;
                 Err(EnqueueError::Full {
                     queue: inner.name.clone(),
                     tenant,
                     depth,
-                    retry_after: self.retry_after(depth, bound, drained_per_sec),
+                    retry_after: self.retry_after(to_drain, drained_per_sec),
                 })
             }
             Ok(other) => Err(EnqueueError::Backend(BackendError::with_detail(
@@ -430,15 +427,12 @@ impl<S: JobStore> JobQueue<S> {
         }
     }
 
-    /// The time draining at `drained_per_sec` takes to bring `depth` below `bound`, plus up
-    /// to half again of jitter, within the configured bounds. A tenant's rate is its share of
-    /// the partition's: its unfinished jobs over the partition's, as if jobs drained in
-    /// proportion (the store does not measure tenants' rates).
-    fn retry_after(&self, depth: u64, bound: u64, drained_per_sec: f64) -> Duration {
+    /// The time the partition's drain rate takes to finish `to_drain` jobs, plus up to half
+    /// again of jitter, within the configured bounds.
+    fn retry_after(&self, to_drain: u64, drained_per_sec: f64) -> Duration {
         let config = &self.inner.config;
-        let excess = depth.saturating_sub(bound) + 1;
         let wait = if drained_per_sec > 0.0 && drained_per_sec.is_finite() {
-            Duration::try_from_secs_f64(excess as f64 / drained_per_sec)
+            Duration::try_from_secs_f64(to_drain as f64 / drained_per_sec)
                 .unwrap_or(config.max_retry_after)
         } else {
             config.max_retry_after

@@ -261,11 +261,11 @@ async fn a_tenant_at_its_bound_is_refused_while_others_are_not() {
     queue.enqueue(Job::new("x").tenant("globex")).await.unwrap();
 }
 
-/// A tenant at its bound gets a place back when one of its own jobs finishes, and its jobs are
-/// only a share of those draining: its retry-after is the time its share of the drain takes,
-/// not the partition's.
+/// A tenant at its bound gets a place back when one of its own jobs finishes, and the lanes
+/// are first in, first out: its retry-after is the time the jobs ahead of its own take to
+/// drain, not the time the partition takes to finish one job.
 #[tokio::test(start_paused = true)]
-async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
+async fn a_tenant_at_its_bound_is_told_to_wait_for_the_jobs_ahead_of_its_own() {
     let queue = JobQueue::builder("shares", MemoryJobStore::new())
         .max_len(1_000)
         .max_per_tenant(5)
@@ -277,8 +277,7 @@ async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
     for _ in 0..5 {
         queue.enqueue(Job::new("x").tenant("acme")).await.unwrap();
     }
-    // A worker drains 10 jobs a second, for 10 s: about 100 finish, 100 are left, 5 of them
-    // acme's.
+    // 10 jobs a second, for 10 s: 100 finish, and 95 others are left ahead of acme's 5.
     let worker = ten_a_second(&queue);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let refused = queue
@@ -294,14 +293,21 @@ async fn a_tenant_at_its_bound_waits_for_its_share_of_the_drain() {
     else {
         panic!("{refused:?}");
     };
-    // acme's jobs are 5 of the 100 left, so they finish at about half a job a second of the
-    // 10: one place takes about 2 s (up to 4 s with the rate measured over a window that began
-    // before the worker), plus up to half again of jitter. The partition's rate alone would
-    // say a tenth of a second.
+    // acme's first job finishes 96 jobs from now: 9.6 s at 10 a second. The rate is measured
+    // over a window that may begin before the worker (as low as three quarters of it), and
+    // up to half again of jitter is added: at most 19.2 s. The partition's rate for one job
+    // would say a tenth of a second.
     assert!(
-        retry_after >= Duration::from_secs(2) && retry_after <= Duration::from_secs(6),
+        retry_after >= Duration::from_millis(9_600) && retry_after <= Duration::from_millis(19_200),
         "{retry_after:?}"
     );
+    // Coming back when told (a tenth of a second later: the job that frees the place may end
+    // at that very instant), acme is let in.
+    tokio::time::sleep(retry_after + Duration::from_millis(100)).await;
+    queue
+        .enqueue(Job::new("x").tenant("acme"))
+        .await
+        .expect("a place freed within the retry-after");
     worker.shutdown(Duration::from_secs(1)).await;
 }
 

@@ -32,11 +32,12 @@ const MAX_MS: u64 = 1 << 50;
 //
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
-//   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload (empty
-//   once done), `t` tenant (if any), `h` deliveries handed back (once one was), `res` result,
-//   `err` error, and from a delivery on `sid` (the stream entry of the current delivery) and `c`
-//   (its consumer), which a completion leaves (they mean nothing once the job is done).
-//   Unfinished records never expire; finished ones expire after their retention.
+//   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
+//   tenant (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
+//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer). A
+//   completion empties `p`, `sid` and `c` in the write that marks the job done rather than
+//   deleting them in a call of its own. Unfinished records never expire; finished ones expire
+//   after their retention.
 // - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
 //   number, and lives from the moment the job is ready until its delivery is acknowledged
 //   (complete, retry or bury: XACK and XDEL together). So every entry is either undelivered
@@ -585,7 +586,7 @@ local function complete_jobs(from)
         if tenant then
           tenants[tenant] = (tenants[tenant] or 0) + 1
         end
-        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '')
+        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '', 'sid', '', 'c', '')
         redis.call('PEXPIRE', rk, retention)
       else
         answer = -1
@@ -733,9 +734,9 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   up to a quarter of the visibility after it lapsed. A look that finds as many as its fetch
 ///   takes lets the next fetch look again at once.
 /// - `complete_many` completes a list of jobs in one script (500 at most; a longer list takes
-///   several, and when one fails, the jobs of those before it are answered as completed and
-///   only the rest fail): the stream entries of each lane are acknowledged with one call, and
-///   the counts written once. The entries older than both
+///   several, and when one fails, the jobs of those before it get their own answers and only
+///   the rest fail): the stream entries of each lane are acknowledged with one call, and the
+///   counts written once. The entries older than both
 ///   the newest completed one and the oldest still pending are all acknowledged (the group
 ///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
 ///   the oldest pending one are deleted by id. When a completed entry was not pending (its
@@ -1227,10 +1228,13 @@ impl JobStore for RedisJobStore {
             match reply.and_then(|reply| parse_completed(reply, part)) {
                 Ok(part_answers) => answers.extend(part_answers),
                 Err(failed) if answers.is_empty() => return Err(failed),
-                // The calls before finished their jobs: answer for them, and fail only the
-                // jobs of this call and the ones after.
+                // The calls before ran: answer for their jobs, and fail only the jobs of this
+                // call and of those never sent.
                 Err(failed) => {
-                    let detail = format!("a completion call failed part way: {failed}");
+                    let detail = format!(
+                        "not completed: the call that carried this job, or one before it, \
+                         failed: {failed}"
+                    );
                     answers.resize_with(jobs.len(), || {
                         Err(BackendError::with_detail(failed.kind(), detail.as_str()))
                     });

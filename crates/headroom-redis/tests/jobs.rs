@@ -219,8 +219,20 @@ async fn a_job_lives_in_its_record_and_lane_stream(ctx: Ctx) {
     assert_eq!(pending.0, 0, "a finished delivery is acknowledged");
     let ttl: i64 = ctx.raw(redis::cmd("PTTL").arg(&record)).await;
     assert!(ttl > 0 && ttl <= 30_000, "kept for the retention, {ttl} ms");
-    let payload: Option<Vec<u8>> = ctx.raw(redis::cmd("HGET").arg(&record).arg("p")).await;
-    assert_eq!(payload, Some(Vec::new()), "a done job's payload is emptied");
+    let emptied: Vec<Option<Vec<u8>>> = ctx
+        .raw(
+            redis::cmd("HMGET")
+                .arg(&record)
+                .arg("p")
+                .arg("sid")
+                .arg("c"),
+        )
+        .await;
+    assert_eq!(
+        emptied,
+        vec![Some(Vec::new()); 3],
+        "a done job's payload and delivery are emptied"
+    );
     let done = ctx.store.status(&p, number).await.unwrap().unwrap();
     assert_eq!(done.state, JobState::Done);
     assert_eq!(done.result.as_deref(), Some(&b"result"[..]));
