@@ -187,9 +187,14 @@ pub async fn enqueue_never_passes_the_bound_under_concurrency<S: JobStore + Clon
     for task in tasks {
         match task.await.expect("enqueue task") {
             Enqueued::Added(_) => added += 1,
-            Enqueued::Full { tenant, depth, .. } => {
+            Enqueued::Full {
+                tenant,
+                depth,
+                unfinished,
+                ..
+            } => {
                 assert!(!tenant);
-                assert_eq!(depth, 10);
+                assert_eq!((depth, unfinished), (10, 10));
             }
             other => panic!("unexpected {other:?}"),
         }
