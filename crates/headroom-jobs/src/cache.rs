@@ -42,10 +42,10 @@ pub enum CacheWriteError {
 /// the writer keeps. Across instances, each cache write carries its version's millisecond
 /// (see [`Cache::insert_at`]): L2 keeps the write of the latest version whichever instance's
 /// write reaches it last, except between two writes whose versions fall in one millisecond,
-/// where L2 keeps the one that reaches it last. Keys are spread over 256 stripes and the keys of a stripe take turns
-/// together: a write waits for the earlier writes of its stripe, each a job store
-/// call and a cache write. A write runs to its end in a task of its own, even when its caller
-/// stops waiting for it.
+/// where L2 keeps the one that reaches it last. Keys are spread over 256 stripes and the keys
+/// of a stripe take turns together: a write waits for the earlier writes of its stripe, each a
+/// job store call and a cache write. A write runs to its end in a task of its own, even when
+/// its caller stops waiting for it.
 pub struct WriteBehindCache<K, V, S> {
     cache: Cache<K, V>,
     writes: Arc<WriteBehind<S>>,
