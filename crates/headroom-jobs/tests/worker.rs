@@ -1038,6 +1038,28 @@ impl Blocking {
     }
 }
 
+/// Shuts `worker` down while `blocking`'s handler blocks its thread: the shutdown returns
+/// within its bound (the grace, then half the visibility for the hand-back) and reports the
+/// blocked job as abandoned. The handler is released afterwards.
+async fn shuts_down_within_its_bound_leaving_the_blocked_job(
+    worker: Worker,
+    blocking: &Blocking,
+    grace: Duration,
+    visibility: Duration,
+) {
+    let bound = grace + visibility / 2;
+    let shutdown = tokio::time::timeout(bound + SCHEDULING_SLACK, worker.shutdown(grace)).await;
+    blocking.release.send(()).unwrap();
+    let report = shutdown.unwrap_or_else(|_| {
+        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
+    });
+    assert_eq!(
+        (report.done, report.handed_back, report.abandoned),
+        (0, 0, 1),
+        "the blocked job is reported as abandoned: {report:?}"
+    );
+}
+
 /// The fetch loop panics (a bug in the store) while a handler blocks its thread: the
 /// shutdown still returns within its bound. Real time: a handler that blocks a thread needs a
 /// multi-threaded runtime, which cannot pause time.
@@ -1059,17 +1081,7 @@ async fn after_the_fetch_loop_panics_shutdown_returns_within_its_bound_though_a_
     fetch_panics.store(true, Ordering::Relaxed);
     fetch_panicked.notified().await;
 
-    let bound = grace + visibility / 2;
-    let shutdown = tokio::time::timeout(bound + SCHEDULING_SLACK, worker.shutdown(grace)).await;
-    blocking.release.send(()).unwrap();
-    let report = shutdown.unwrap_or_else(|_| {
-        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
-    });
-    assert_eq!(
-        (report.done, report.handed_back, report.abandoned),
-        (0, 0, 1),
-        "the blocked job is reported as abandoned: {report:?}"
-    );
+    shuts_down_within_its_bound_leaving_the_blocked_job(worker, &blocking, grace, visibility).await;
 }
 
 /// A handler that blocks its thread is not cut off when the grace ends: the shutdown still
@@ -1090,17 +1102,7 @@ async fn shutdown_returns_within_its_bound_though_a_handler_never_yields() {
         .unwrap();
     blocking.started.notified().await;
 
-    let bound = grace + visibility / 2;
-    let shutdown = tokio::time::timeout(bound + SCHEDULING_SLACK, worker.shutdown(grace)).await;
-    blocking.release.send(()).unwrap();
-    let report = shutdown.unwrap_or_else(|_| {
-        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
-    });
-    assert_eq!(
-        (report.done, report.handed_back, report.abandoned),
-        (0, 0, 1),
-        "the blocked job is reported as abandoned: {report:?}"
-    );
+    shuts_down_within_its_bound_leaving_the_blocked_job(worker, &blocking, grace, visibility).await;
 }
 
 #[tokio::test(start_paused = true)]
