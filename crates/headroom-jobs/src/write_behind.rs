@@ -297,9 +297,16 @@ impl<S: JobStore> WriteBehind<S> {
             consumer: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             metrics: FlushMetrics::new(&name),
             oldest_held_ms: AtomicU64::new(0),
+            tally: Arc::default(),
         });
+        let tally = Arc::clone(&shared.tally);
         let task = tokio::spawn(flush_loop(shared, watch_phase));
-        Flusher { phase, task }
+        Flusher {
+            phase,
+            task,
+            tally,
+            hand_back_budget: self.config.visibility / 2,
+        }
     }
 }
 
@@ -322,6 +329,33 @@ pub struct FlushReport {
     pub coalesced: u64,
     /// Writer calls that failed (and were made again).
     pub failures: u64,
+    /// Writes the flusher held when its shutdown's bound ran out, neither written nor
+    /// handed back (a writer that blocked its thread): another flusher takes them over once
+    /// their visibility runs out.
+    pub abandoned: u64,
+}
+
+/// A flusher's counts, shared so that a shutdown can report them without its flush loop.
+#[derive(Debug, Default)]
+struct FlushTally {
+    calls: AtomicU64,
+    writes: AtomicU64,
+    coalesced: AtomicU64,
+    failures: AtomicU64,
+    /// The deliveries in hand: fetched and neither completed nor handed back.
+    held: AtomicU64,
+}
+
+impl FlushTally {
+    fn report(&self) -> FlushReport {
+        FlushReport {
+            calls: self.calls.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            abandoned: 0,
+        }
+    }
 }
 
 /// A running flusher. Dropping it stops it after the batch in hand; [`shutdown`](Self::shutdown)
@@ -329,24 +363,54 @@ pub struct FlushReport {
 #[derive(Debug)]
 pub struct Flusher {
     phase: watch::Sender<Phase>,
-    task: tokio::task::JoinHandle<FlushReport>,
+    task: tokio::task::JoinHandle<()>,
+    tally: Arc<FlushTally>,
+    hand_back_budget: Duration,
 }
 
 impl Flusher {
     /// Flushes now: hands every pending write that is ready to the writer, then stops. Waits
     /// up to `grace`; a batch whose writer has not answered by then is handed back to the
     /// store for another instance.
+    ///
+    /// Returns within `grace` plus half the visibility (the hand-back's budget), even when
+    /// the writer blocks its thread: the writes it holds then are counted in
+    /// [`FlushReport::abandoned`] and taken over by another flusher after their visibility.
+    /// Such a writer, once it returns, still completes its writes (fencing rejects them if
+    /// they were taken over; versions make a second write harmless).
     pub async fn shutdown(self, grace: Duration) -> FlushReport {
-        self.phase.send_replace(Phase::Draining);
-        let mut task = self.task;
-        let joined = match tokio::time::timeout(grace, &mut task).await {
-            Ok(joined) => joined,
+        let Self {
+            phase,
+            mut task,
+            tally,
+            hand_back_budget,
+        } = self;
+        let started = tokio::time::Instant::now();
+        // Saturating: a grace of `Duration::MAX` waits without end rather than overflow.
+        let bound = grace.saturating_add(hand_back_budget);
+        phase.send_replace(Phase::Draining);
+        let ended = match tokio::time::timeout(grace, &mut task).await {
+            Ok(ended) => Some(ended),
             Err(_) => {
-                self.phase.send_replace(Phase::Abort);
-                task.await
+                phase.send_replace(Phase::Abort);
+                let left = bound.saturating_sub(started.elapsed());
+                tokio::time::timeout(left, &mut task).await.ok()
             }
         };
-        joined.unwrap_or_default()
+        let mut report = tally.report();
+        match ended {
+            Some(Ok(())) => {}
+            Some(Err(error)) => tracing::error!(%error, "the flush loop panicked"),
+            None => {
+                task.abort();
+                report.abandoned = tally.held.load(Ordering::Relaxed);
+                tracing::warn!(
+                    abandoned = report.abandoned,
+                    "the flusher stopped with writes it could not write nor hand back; another flusher takes them over after their visibility"
+                );
+            }
+        }
+        report
     }
 }
 
@@ -358,6 +422,7 @@ struct FlushShared<S, W> {
     metrics: FlushMetrics,
     /// When the oldest write of the batch in hand was recorded (Unix ms), 0 when none is.
     oldest_held_ms: AtomicU64,
+    tally: Arc<FlushTally>,
 }
 
 struct FlushMetrics {
@@ -387,8 +452,7 @@ fn phase_is(phase: &watch::Receiver<Phase>, wanted: Phase) -> bool {
 async fn flush_loop<S: JobStore, W: Writer>(
     shared: Arc<FlushShared<S, W>>,
     mut phase: watch::Receiver<Phase>,
-) -> FlushReport {
-    let mut report = FlushReport::default();
+) {
     let partitions = shared.queue.inner.partitions.len();
     // On its own timer: a pass can be stuck on a failing writer for as long as it fails.
     let lag = tokio::spawn(publish_lag_every(Arc::clone(&shared)));
@@ -397,7 +461,7 @@ async fn flush_loop<S: JobStore, W: Writer>(
         let draining = !phase_is(&phase, Phase::Running);
         for p in 0..partitions {
             loop {
-                match drain_partition(&shared, p, &mut phase, &mut report).await {
+                match drain_partition(&shared, p, &mut phase).await {
                     Ok(true) if !phase_is(&phase, Phase::Abort) => {}
                     Ok(_) => break,
                     Err(error) => {
@@ -412,7 +476,7 @@ async fn flush_loop<S: JobStore, W: Writer>(
             }
         }
         if draining || phase_is(&phase, Phase::Abort) {
-            return report;
+            return;
         }
         let stop = async {
             while phase.changed().await.is_ok() {
@@ -428,7 +492,7 @@ async fn flush_loop<S: JobStore, W: Writer>(
             () = tokio::time::sleep(shared.config.flush_interval) => {}
         }
         if phase.has_changed().is_err() {
-            return report;
+            return;
         }
     }
 }
@@ -458,7 +522,6 @@ async fn drain_partition<S: JobStore, W: Writer>(
     shared: &FlushShared<S, W>,
     p: usize,
     phase: &mut watch::Receiver<Phase>,
-    report: &mut FlushReport,
 ) -> Result<bool, BackendError> {
     let queue = &shared.queue.inner;
     let key = &queue.partitions[p];
@@ -500,6 +563,8 @@ async fn drain_partition<S: JobStore, W: Writer>(
         .min()
         .unwrap_or(0);
     shared.oldest_held_ms.store(oldest, Ordering::Relaxed);
+    let tally = &shared.tally;
+    tally.held.store(deliveries.len() as u64, Ordering::Relaxed);
     let mut latest: HashMap<Bytes, (u64, u64, usize)> = HashMap::new();
     let mut writes: Vec<Write> = Vec::new();
     let mut corrupt = Vec::new();
@@ -543,7 +608,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let coalesced = (deliveries.len() - writes.len()) as u64;
     let written = writes.is_empty()
         || tokio::select! {
-            () = write_chunks(shared, writes, report) => true,
+            () = write_chunks(shared, writes) => true,
             () = extend_all(&queue.store, key, &deliveries, config.visibility / 3) => false,
             () = async {
                 while !phase_is(phase, Phase::Abort) {
@@ -554,8 +619,8 @@ async fn drain_partition<S: JobStore, W: Writer>(
             } => false,
         };
     if written {
-        report.writes += handed;
-        report.coalesced += coalesced;
+        tally.writes.fetch_add(handed, Ordering::Relaxed);
+        tally.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         shared.metrics.writes.increment(handed);
         shared.metrics.coalesced.increment(coalesced);
         // All in one step (one round trip on Redis). A write left uncompleted (the store
@@ -588,28 +653,21 @@ async fn drain_partition<S: JobStore, W: Writer>(
         }
     }
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
+    tally.held.store(0, Ordering::Relaxed);
     Ok(more && written)
 }
 
 /// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken.
-async fn write_chunks<S, W: Writer>(
-    shared: &FlushShared<S, W>,
-    writes: Vec<Write>,
-    report: &mut FlushReport,
-) {
+async fn write_chunks<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec<Write>) {
     for chunk in writes.chunks(shared.config.batch) {
-        write_until_taken(shared, chunk.to_vec(), report).await;
-        report.calls += 1;
+        write_until_taken(shared, chunk.to_vec()).await;
+        shared.tally.calls.fetch_add(1, Ordering::Relaxed);
         shared.metrics.calls.increment(1);
     }
 }
 
 /// Calls the writer until it takes `writes`, backing off between calls.
-async fn write_until_taken<S, W: Writer>(
-    shared: &FlushShared<S, W>,
-    writes: Vec<Write>,
-    report: &mut FlushReport,
-) {
+async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec<Write>) {
     use futures_util::FutureExt;
     let mut pause = shared.config.retry_initial;
     loop {
@@ -619,7 +677,7 @@ async fn write_until_taken<S, W: Writer>(
             Ok(Err(error)) => error.message().to_owned(),
             Err(_) => "the writer panicked".to_owned(),
         };
-        report.failures += 1;
+        shared.tally.failures.fetch_add(1, Ordering::Relaxed);
         shared.metrics.failures.increment(1);
         tracing::warn!(queue = %shared.queue.inner.name, error, retry_in = ?pause, "the writer failed; the batch waits");
         tokio::time::sleep(pause).await;

@@ -236,3 +236,57 @@ fn the_lag_grows_while_the_writer_fails_and_falls_when_it_recovers() {
         flusher.shutdown(Duration::from_secs(1)).await;
     });
 }
+
+/// A writer that blocks its thread is not cut off when the grace ends: the shutdown still
+/// returns within its bound (the grace, then half the visibility for the hand-back). Real
+/// time: a writer that blocks a thread needs a multi-threaded runtime, which cannot pause
+/// time; real time is only the outer limit here, with slack for scheduling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_returns_within_its_bound_though_the_writer_never_yields() {
+    let (grace, visibility) = (Duration::from_secs(1), Duration::from_secs(1));
+    let writes = WriteBehind::builder("stuck", MemoryJobStore::new())
+        .config({
+            let mut config = headroom_jobs::WriteBehindConfig::default();
+            config.visibility = visibility;
+            config
+        })
+        .build()
+        .unwrap();
+    writes.put("k", "v").await.unwrap();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(Mutex::new(released));
+    let notify = started.clone();
+    let flusher = writes.start(move |_batch: Vec<Write>| {
+        notify.notify_one();
+        let _ = released.lock().unwrap().recv();
+        std::future::ready(Ok(()))
+    });
+    started.notified().await;
+
+    let bound = grace + visibility / 2;
+    let shutdown =
+        tokio::time::timeout(bound + Duration::from_secs(2), flusher.shutdown(grace)).await;
+    release.send(()).unwrap();
+    let report = shutdown.unwrap_or_else(|_| {
+        panic!("shutdown({grace:?}) did not return within its bound of {bound:?}")
+    });
+    assert_eq!(
+        (report.writes, report.calls, report.abandoned),
+        (0, 0, 1),
+        "the blocked write is reported as abandoned: {report:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_with_an_endless_grace_returns_once_every_write_is_written() {
+    let writes = WriteBehind::builder("endless", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let flusher = database.clone().flusher(&writes);
+    writes.put("k", "v").await.unwrap();
+    let report = flusher.shutdown(Duration::MAX).await;
+    assert_eq!((report.writes, report.abandoned), (1, 0));
+    assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
+}
