@@ -289,8 +289,9 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
 
   local function take(lane, id, n, rk, r, taken)
     local a = r[2] + 1
-    redis.call('HSET', rk, 's', 'r', 'a', num(a), 'sid', id, 'c', consumer)
-    out[#out + 1] = {n, a, lane, r[4] or '', r[5], r[3], taken, int(r[6] or '0') or 0}
+    -- A small whole number goes to Redis as its digits, and faster than `num` makes them.
+    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer)
+    out[#out + 1] = {n, a, lane, r[4] or '', r[5], r[3], taken, r[6] and int(r[6]) or 0}
   end
 
   -- The id just before `id`, to hand entries back to the group.
@@ -574,7 +575,8 @@ local function complete_jobs(from)
     local answer = 0
     if r[1] == 'r' and r[2] == ARGV[i + 1] then
       local lane, sid, tenant = r[3], r[4], r[5]
-      if lane and string.match(lane, '^[0-7]$') and sid and string.match(sid, '^%d+%-%d+$') then
+      -- The lane compared as a one-character string: cheaper than a pattern, per job.
+      if lane and #lane == 1 and lane >= '0' and lane <= '7' and sid and string.match(sid, '^%d+%-%d+$') then
         answer = 1
         done = done + 1
         local lane_ids = ids[lane]
