@@ -51,6 +51,7 @@ const BENCHES: &[Bench] = &[
     ("bulkhead_tower_layer", bulkhead_layer),
     ("breaker_closed_permit_count_window", breaker),
     ("breaker_closed_permit_time_window", breaker_time_window),
+    ("breaker_closed_call_time_window", breaker_call_time_window),
     ("breaker_pipeline_success", pipeline),
     ("breaker_hedge_fast_answer", hedge_fast),
     ("rate_direct_check", rate_direct),
@@ -300,6 +301,29 @@ fn measured_breaker_time_window(breaker: &CircuitBreaker<()>, manual: &ManualClo
             manual.advance(Duration::from_millis(250));
         }
         black_box(breaker.try_acquire()).expect("closed").success();
+    }
+}
+
+/// `call` of a future that answers at once, through a closed breaker with a time window on a
+/// manual clock: the permit's path and the wrapping future's.
+fn breaker_call_time_window() {
+    let manual = ManualClock::new();
+    let breaker: CircuitBreaker<()> = CircuitBreaker::builder()
+        .clock(manual.clock())
+        .time_window(Duration::from_secs(10), 10)
+        .build()
+        .expect("breaker");
+    measured_breaker_call_time_window(&breaker, &manual);
+}
+
+#[inline(never)]
+fn measured_breaker_call_time_window(breaker: &CircuitBreaker<()>, manual: &ManualClock) {
+    for i in 0..ITERATIONS {
+        if i % 100 == 0 {
+            manual.advance(Duration::from_millis(250));
+        }
+        let answer = poll_now(breaker.call(async move { Ok::<_, ()>(i) })).expect("answered");
+        black_box(answer).expect("closed");
     }
 }
 
