@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::codec::ValueCodec;
 use crate::config::{CacheConfig, TtlConfig};
-use crate::envelope;
+use crate::envelope::{self, Times};
 use crate::error::{CacheError, CacheErrorKind, ConfigError};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
@@ -173,14 +173,6 @@ type Tags = Option<Arc<[Box<str>]>>;
 struct WriteMark {
     stripe: usize,
     count: u64,
-}
-
-/// Deadlines of an entry in Unix milliseconds, as written in its envelope.
-#[derive(Clone, Copy)]
-struct Times {
-    created: u64,
-    fresh_until: u64,
-    expires: u64,
 }
 
 pub(crate) struct Inner<K, V> {
@@ -561,9 +553,9 @@ where
     /// copy too; without it, they may read it until its TTL.
     ///
     /// Of two writes of one key, on any instances, the later call stays in L2 even when the
-    /// earlier one reaches L2 last: each L2 entry carries the Unix millisecond of its write and
+    /// earlier one reaches L2 last: each L2 entry carries the Unix microsecond of its write and
     /// is written only over an older one (so the order holds up to the clock skew between
-    /// instances). [`insert_at`](Self::insert_at) takes that millisecond from the caller.
+    /// instances). [`insert_at`](Self::insert_at) takes that time from the caller.
     pub async fn insert(&self, key: K, value: V) -> Result<(), CacheError> {
         self.insert_tagged(key, value, &[]).await
     }
@@ -580,37 +572,40 @@ where
             .await
     }
 
-    /// Like [`insert`](Self::insert), for a write made at `at_unix_ms` (Unix milliseconds)
-    /// rather than at the call: the entry's version in L2 is `at_unix_ms`, capped at the
-    /// cache clock's now. A caller that orders its writes elsewhere (a database, a
-    /// write-behind) passes the time it ordered the write by, so that L2 keeps the same write
-    /// whichever reaches it last. The TTL still counts from the call; a write older than its
-    /// TTL counts as made one TTL ago.
+    /// Like [`insert`](Self::insert), for a write made at `at` rather than at the call: the
+    /// entry's version in L2 is `at` to the microsecond, capped at the cache clock's now. A
+    /// caller that orders its writes elsewhere (a database, a write-behind) passes the time it
+    /// ordered the write by, so that L2 keeps the same write whichever reaches it last. The TTL
+    /// still counts from the call; a write older than its TTL counts as made one TTL ago.
     ///
-    /// Two writes of one key made in the same millisecond keep the order in which they reach
-    /// L2, as with [`insert`](Self::insert).
-    pub async fn insert_at(&self, key: K, value: V, at_unix_ms: u64) -> Result<(), CacheError> {
+    /// Two writes of one key made in the same microsecond keep the order in which they reach
+    /// L2.
+    pub async fn insert_at(&self, key: K, value: V, at: SystemTime) -> Result<(), CacheError> {
         let span = tracing::debug_span!("cache.insert", name = %self.inner.config.name);
-        self.write_value(key, value, &[], at_unix_ms)
+        self.write_value(key, value, &[], unix_micros(at))
             .instrument(span)
             .await
     }
 
-    /// Writes `value` as made at `at_unix_ms` or now, whichever is earlier.
+    /// Writes `value` as made at `at_unix_us` or now, whichever is earlier.
     async fn write_value(
         &self,
         key: K,
         value: V,
         tags: &[&str],
-        at_unix_ms: u64,
+        at_unix_us: u64,
     ) -> Result<(), CacheError> {
         let inner = &self.inner;
         check_tags(tags)?;
         let mut times = inner.times(Some(&value));
         // Never later than now: the deadlines count from now and must not precede it. Never
         // earlier than one TTL ago: the L2 lifetime counts from it and stays bounded.
-        let ttl = times.expires.saturating_sub(times.created);
-        times.created = at_unix_ms.clamp(times.created.saturating_sub(ttl), times.created);
+        let now = times.created_micros();
+        let ttl = times
+            .expires
+            .saturating_sub(times.created)
+            .saturating_mul(1_000);
+        times.set_created_micros(at_unix_us.clamp(now.saturating_sub(ttl), now));
         let l2_entry = match &inner.l2 {
             Some(l2) => Some(inner.entry(l2, &key, Some(&value), times, tags)?),
             None => None,
@@ -651,24 +646,24 @@ where
         self.remove_keys(keys, u64::MAX).instrument(span).await
     }
 
-    /// Like [`remove`](Self::remove), for a removal made at `at_unix_ms` (Unix milliseconds)
-    /// rather than at the call: the tombstone's version in L2 is `at_unix_ms`, capped at the
-    /// cache clock's now (see [`insert_at`](Self::insert_at)).
-    pub async fn remove_at(&self, key: &K, at_unix_ms: u64) -> Result<(), CacheError> {
+    /// Like [`remove`](Self::remove), for a removal made at `at` rather than at the call: the
+    /// tombstone's version in L2 is `at` to the microsecond, capped at the cache clock's now
+    /// (see [`insert_at`](Self::insert_at)).
+    pub async fn remove_at(&self, key: &K, at: SystemTime) -> Result<(), CacheError> {
         let span = tracing::debug_span!("cache.remove", name = %self.inner.config.name);
-        self.remove_keys(std::slice::from_ref(key), at_unix_ms)
+        self.remove_keys(std::slice::from_ref(key), unix_micros(at))
             .instrument(span)
             .await
     }
 
-    /// Removes `keys` as removed at `at_unix_ms` or now, whichever is earlier.
-    async fn remove_keys(&self, keys: &[K], at_unix_ms: u64) -> Result<(), CacheError> {
+    /// Removes `keys` as removed at `at_unix_us` or now, whichever is earlier.
+    async fn remove_keys(&self, keys: &[K], at_unix_us: u64) -> Result<(), CacheError> {
         let inner = &self.inner;
-        let at_unix_ms = inner.clock.unix_millis().min(at_unix_ms);
+        let at_unix_us = inner.clock.unix_micros().min(at_unix_us);
         let tombstones = match &inner.l2 {
             Some(l2) => keys
                 .iter()
-                .map(|key| inner.tombstone(l2, key, at_unix_ms))
+                .map(|key| inner.tombstone(l2, key, at_unix_us))
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
@@ -965,12 +960,16 @@ where
             }
         };
         let jitter = fastrand::u64(0..=millis(config.ttl_jitter));
-        let created = self.clock.unix_millis();
-        Times {
-            created,
-            fresh_until: created.saturating_add(millis(soft)).saturating_add(jitter),
-            expires: created.saturating_add(millis(ttl)).saturating_add(jitter),
-        }
+        let mut times = Times::at(self.clock.unix_micros());
+        times.fresh_until = times
+            .created
+            .saturating_add(millis(soft))
+            .saturating_add(jitter);
+        times.expires = times
+            .created
+            .saturating_add(millis(ttl))
+            .saturating_add(jitter);
+        times
     }
 
     /// An L1 slot for `times`, read at `now` (whose wall time is `now_ms`).
@@ -1036,7 +1035,7 @@ where
         envelope::write_header(
             &mut bytes,
             self.codec.id(),
-            [times.created, times.fresh_until, times.expires],
+            times,
             value.is_none(),
             self.config.schema_version,
             tags,
@@ -1068,11 +1067,11 @@ where
         })
     }
 
-    /// The L2 entry that records the removal of `key` at `at_unix_ms`: a tombstone, read as
+    /// The L2 entry that records the removal of `key` at `at_unix_us`: a tombstone, read as
     /// absent, which no value loaded before the removal replaces (see `store`). It lives as
     /// long as such a load may still write: the loader's hard timeout plus the L2 timeout
     /// (without a hard timeout, an entry's whole lifetime).
-    fn tombstone(&self, l2: &L2, key: &K, at_unix_ms: u64) -> Result<KvEntry, CacheError> {
+    fn tombstone(&self, l2: &L2, key: &K, at_unix_us: u64) -> Result<KvEntry, CacheError> {
         let key = self.l2_key(l2, key)?;
         let config = &self.config;
         let ttl = config
@@ -1080,12 +1079,13 @@ where
             .unwrap_or_else(|| l2.max_lifetime())
             .saturating_add(config.l2_timeout)
             .max(Duration::from_millis(1));
-        let expires = at_unix_ms.saturating_add(millis(ttl));
+        let mut times = Times::at(at_unix_us);
+        times.expires = times.created.saturating_add(millis(ttl));
         let mut bytes = Vec::with_capacity(40);
         envelope::write_tombstone(
             &mut bytes,
             self.codec.id(),
-            [at_unix_ms, at_unix_ms, expires],
+            times,
             self.config.schema_version,
         );
         Ok(KvEntry {
@@ -1123,22 +1123,17 @@ where
                 let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
                 let tags: Tags =
                     (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
-                Ok(Some((
-                    env.created_unix_ms,
-                    env.fresh_until_unix_ms,
-                    env.expires_unix_ms,
-                    value,
-                    tags,
-                )))
+                let times = Times {
+                    created: env.created_unix_ms,
+                    created_sub_ms: env.created_sub_ms_micros,
+                    fresh_until: env.fresh_until_unix_ms,
+                    expires: env.expires_unix_ms,
+                };
+                Ok(Some((times, value, tags)))
             });
         match decoded {
             Ok(None) => None,
-            Ok(Some((created, fresh_until, expires, value, tags))) => {
-                let times = Times {
-                    created,
-                    fresh_until,
-                    expires,
-                };
+            Ok(Some((times, value, tags))) => {
                 let mut slot = self.slot(value, times, now, unix_now, tags);
                 if self.config.l1_max_bytes.is_some() {
                     let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
@@ -1258,7 +1253,7 @@ where
             _ => None,
         };
         let started = self.clock.now();
-        let version = self.clock.unix_millis();
+        let version = self.clock.unix_micros();
         let load = self.bounded(loader(key.clone()));
         tokio::pin!(load);
         let result = match (self.config.loader_soft_timeout, &best) {
@@ -1411,8 +1406,9 @@ where
 
     /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
     ///
-    /// The entry's created time (its version in L2) is `version`, when the load began: a
-    /// write made meanwhile elsewhere is newer, so this entry never replaces it.
+    /// The entry's created time (its version in L2) is `version`, the Unix microsecond the
+    /// load began at: a write made meanwhile elsewhere is newer, so this entry never replaces
+    /// it.
     fn store(
         &self,
         key: &K,
@@ -1422,7 +1418,7 @@ where
         tags: Tags,
     ) -> Option<KvEntry> {
         let mut times = self.times(value.as_ref());
-        times.created = times.created.min(version);
+        times.set_created_micros(times.created_micros().min(version));
         let tag_refs: Vec<&str> = tags.iter().flat_map(|t| t.iter().map(|t| &**t)).collect();
         let entry = match &self.l2 {
             Some(l2) => match self.entry(l2, key, value.as_ref(), times, &tag_refs) {
@@ -1628,7 +1624,7 @@ where
             return;
         }
         let started = self.clock.now();
-        let version = self.clock.unix_millis();
+        let version = self.clock.unix_micros();
         let result = self
             .bounded(loader(to_load.iter().map(|&i| keys[i].clone()).collect()))
             .await;
@@ -1783,6 +1779,13 @@ fn send<V>(reply: &mut Option<oneshot::Sender<Outcome<V>>>, outcome: Outcome<V>)
         // Every caller may have gone; the load still fills the cache.
         let _ = reply.send(outcome);
     }
+}
+
+/// `at` in Unix microseconds (0 before the epoch).
+fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+    })
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -1,6 +1,6 @@
 //! The versioned envelope around every value the cache writes to L2.
 //!
-//! # Layout (format version 2)
+//! # Layout (format version 3)
 //!
 //! All integers are little-endian.
 //!
@@ -8,14 +8,15 @@
 //! |---|---|
 //! | 2 | magic `b"hc"` |
 //! | 1 | format version |
-//! | 2 | header length `h`: the bytes from here up to the tags (23 in version 2, 19 in version 1) |
+//! | 2 | header length `h`: the bytes from here up to the tags (25 in version 3, 23 in version 2, 19 in version 1) |
 //! | 1 | flags: bit 0 set when the entry caches "not found" (no payload follows); bit 1 set (with bit 0) when the entry is a tombstone: the key was removed |
 //! | 1 | codec id ([`Codec::ID`](crate::codec::Codec::ID)) |
-//! | 8 | created at, Unix milliseconds: when the value was written, or when its load began; also the entry's version (see [`CREATED_AT`]) |
+//! | 8 | created at, Unix milliseconds: when the value was written, or when its load began; also the entry's version (see [`VERSION_AT`]) |
 //! | 8 | fresh until (soft TTL), Unix milliseconds |
 //! | 8 | expires at (hard TTL), Unix milliseconds |
 //! | 4 | schema version, set by the user (version 2; version 1 entries read as schema 0) |
-//! | `h - 23` | fields added by later versions (skipped by this reader) |
+//! | 2 | created at, the microseconds within its millisecond (0–999): the tie-break of the entry's version (version 3; earlier entries read as 0) |
+//! | `h - 25` | fields added by later versions (skipped by this reader) |
 //! | 1 | number of tags, then per tag: 1 byte length and UTF-8 bytes |
 //! | rest | the payload, encoded by the codec |
 //!
@@ -26,18 +27,31 @@
 
 use std::fmt;
 
-/// The format version this crate writes.
-pub const FORMAT_VERSION: u8 = 2;
+use headroom_core::kv::VersionAt;
 
-/// Where the created-at timestamp starts in an encoded envelope: the version that
-/// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares.
+/// The format version this crate writes.
+pub const FORMAT_VERSION: u8 = 3;
+
+/// Where the created-at millisecond starts in an encoded envelope.
 pub const CREATED_AT: usize = 7;
+
+/// Where the microseconds within the created-at millisecond start (format version 3).
+pub const CREATED_SUB_MS_MICROS: usize = 35;
+
+/// The entry's version, which
+/// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares: the
+/// created-at millisecond, then the microseconds within it. Between a format 3 entry and an
+/// earlier one of the same millisecond, the tie-break compares bytes that mean something else
+/// in the earlier format: such a tie is settled either way, as it was between earlier entries.
+pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT).with_tie_at(CREATED_SUB_MS_MICROS);
 
 const MAGIC: [u8; 2] = *b"hc";
 /// Header bytes after the header-length field in version 1: flags, codec, three timestamps.
 const HEADER_V1: u16 = 1 + 1 + 8 + 8 + 8;
 /// Version 2 appends the schema version.
 const HEADER_V2: u16 = HEADER_V1 + 4;
+/// Version 3 appends the microseconds within the created-at millisecond.
+const HEADER_V3: u16 = HEADER_V2 + 2;
 const FLAG_NOT_FOUND: u8 = 1;
 const FLAG_TOMBSTONE: u8 = 2;
 /// The most tags an envelope carries.
@@ -52,6 +66,9 @@ pub struct Envelope<'a> {
     pub codec: u8,
     /// When the value was produced, Unix milliseconds.
     pub created_unix_ms: u64,
+    /// The microseconds within `created_unix_ms` at which the value was produced (0–999; 0
+    /// in formats before 3).
+    pub created_sub_ms_micros: u16,
     /// Until when the value is fresh (soft TTL), Unix milliseconds.
     pub fresh_until_unix_ms: u64,
     /// When the value expires (hard TTL), Unix milliseconds.
@@ -73,6 +90,7 @@ impl fmt::Debug for Envelope<'_> {
             .field("version", &self.version)
             .field("codec", &self.codec)
             .field("created_unix_ms", &self.created_unix_ms)
+            .field("created_sub_ms_micros", &self.created_sub_ms_micros)
             .field("fresh_until_unix_ms", &self.fresh_until_unix_ms)
             .field("expires_unix_ms", &self.expires_unix_ms)
             .field("schema", &self.schema)
@@ -116,17 +134,13 @@ impl Envelope<'_> {
     ///
     /// At most [`MAX_TAGS`] tags of at most 255 bytes each are written; longer ones are cut.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        write_fixed(
-            out,
-            self.codec,
-            [
-                self.created_unix_ms,
-                self.fresh_until_unix_ms,
-                self.expires_unix_ms,
-            ],
-            self.flags(),
-            self.schema,
-        );
+        let times = Times {
+            created: self.created_unix_ms,
+            created_sub_ms: self.created_sub_ms_micros,
+            fresh_until: self.fresh_until_unix_ms,
+            expires: self.expires_unix_ms,
+        };
+        write_fixed(out, self.codec, times, self.flags(), self.schema);
         write_tags(out, &self.tags);
         if let Some(payload) = self.payload {
             out.extend_from_slice(payload);
@@ -151,13 +165,50 @@ impl Envelope<'_> {
     }
 }
 
+/// When an entry was made (its version) and its deadlines, as its envelope holds them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Times {
+    /// Unix milliseconds.
+    pub(crate) created: u64,
+    /// The microseconds within `created` (0–999).
+    pub(crate) created_sub_ms: u16,
+    /// The soft TTL's end, Unix milliseconds.
+    pub(crate) fresh_until: u64,
+    /// The hard TTL's end, Unix milliseconds.
+    pub(crate) expires: u64,
+}
+
+impl Times {
+    /// Made at `micros` (Unix microseconds), fresh and alive until that millisecond.
+    pub(crate) fn at(micros: u64) -> Self {
+        let created = micros / 1_000;
+        Self {
+            created,
+            created_sub_ms: (micros % 1_000) as u16,
+            fresh_until: created,
+            expires: created,
+        }
+    }
+
+    /// When the entry was made, in Unix microseconds.
+    pub(crate) fn created_micros(self) -> u64 {
+        self.created
+            .saturating_mul(1_000)
+            .saturating_add(u64::from(self.created_sub_ms))
+    }
+
+    /// Sets when the entry was made, in Unix microseconds.
+    pub(crate) fn set_created_micros(&mut self, micros: u64) {
+        self.created = micros / 1_000;
+        self.created_sub_ms = (micros % 1_000) as u16;
+    }
+}
+
 /// Writes a header; the payload (if any) follows it.
-///
-/// `times` are created, fresh until and expires at, in Unix milliseconds.
 pub(crate) fn write_header(
     out: &mut Vec<u8>,
     codec: u8,
-    times: [u64; 3],
+    times: Times,
     not_found: bool,
     schema: u32,
     tags: &[&str],
@@ -167,9 +218,9 @@ pub(crate) fn write_header(
     write_tags(out, tags);
 }
 
-/// Writes a tombstone: the key was removed at `times[0]` (a reader of format version 1 takes
-/// it for a cached "not found").
-pub(crate) fn write_tombstone(out: &mut Vec<u8>, codec: u8, times: [u64; 3], schema: u32) {
+/// Writes a tombstone: the key was removed at `times.created` (a reader of format version 1
+/// takes it for a cached "not found").
+pub(crate) fn write_tombstone(out: &mut Vec<u8>, codec: u8, times: Times, schema: u32) {
     write_fixed(out, codec, times, FLAG_NOT_FOUND | FLAG_TOMBSTONE, schema);
     write_tags(out, &[]);
 }
@@ -190,16 +241,17 @@ fn write_tags(out: &mut Vec<u8>, tags: &[&str]) {
 }
 
 /// Writes everything before the tags.
-fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], flags: u8, schema: u32) {
+fn write_fixed(out: &mut Vec<u8>, codec: u8, times: Times, flags: u8, schema: u32) {
     out.extend_from_slice(&MAGIC);
     out.push(FORMAT_VERSION);
-    out.extend_from_slice(&HEADER_V2.to_le_bytes());
+    out.extend_from_slice(&HEADER_V3.to_le_bytes());
     out.push(flags);
     out.push(codec);
-    for time in times {
+    for time in [times.created, times.fresh_until, times.expires] {
         out.extend_from_slice(&time.to_le_bytes());
     }
     out.extend_from_slice(&schema.to_le_bytes());
+    out.extend_from_slice(&times.created_sub_ms.to_le_bytes());
 }
 
 /// Decodes an envelope; never panics, whatever the bytes.
@@ -211,6 +263,7 @@ fn write_fixed(out: &mut Vec<u8>, codec: u8, times: [u64; 3], flags: u8, schema:
 ///     version: envelope::FORMAT_VERSION,
 ///     codec: 1,
 ///     created_unix_ms: 1_000,
+///     created_sub_ms_micros: 0,
 ///     fresh_until_unix_ms: 2_000,
 ///     expires_unix_ms: 3_000,
 ///     schema: 0,
@@ -250,6 +303,16 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     } else {
         0
     };
+    let created_sub_ms_micros = if version >= 3 {
+        u16::from_le_bytes(header.array()?)
+    } else {
+        0
+    };
+    if created_sub_ms_micros > 999 {
+        return Err(EnvelopeError::Malformed(
+            "over 999 microseconds within a millisecond",
+        ));
+    }
     let tag_count = usize::from(reader.u8()?);
     if tag_count > MAX_TAGS {
         return Err(EnvelopeError::Malformed("too many tags"));
@@ -277,6 +340,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         version,
         codec,
         created_unix_ms,
+        created_sub_ms_micros,
         fresh_until_unix_ms,
         expires_unix_ms,
         schema,
@@ -319,6 +383,7 @@ mod tests {
             version: FORMAT_VERSION,
             codec: 1,
             created_unix_ms: 10,
+            created_sub_ms_micros: 250,
             fresh_until_unix_ms: 20,
             expires_unix_ms: 30,
             schema: 7,
@@ -339,14 +404,14 @@ mod tests {
     #[test]
     fn a_later_version_with_extra_header_fields_is_readable() {
         let mut bytes = sample(Some(b"p")).encode();
-        // Version 3 appends four header bytes this reader does not know.
-        bytes[2] = 3;
-        bytes[3..5].copy_from_slice(&(HEADER_V2 + 4).to_le_bytes());
-        let tags_at = 5 + usize::from(HEADER_V2);
+        // Version 4 appends four header bytes this reader does not know.
+        bytes[2] = 4;
+        bytes[3..5].copy_from_slice(&(HEADER_V3 + 4).to_le_bytes());
+        let tags_at = 5 + usize::from(HEADER_V3);
         bytes.splice(tags_at..tags_at, [9, 9, 9, 9]);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded.version, 3);
-        assert_eq!(decoded.schema, 7);
+        assert_eq!(decoded.version, 4);
+        assert_eq!((decoded.schema, decoded.created_sub_ms_micros), (7, 250));
         assert_eq!(decoded.tags, ["a", "bc"]);
         assert_eq!(decoded.payload, Some(&b"p"[..]));
     }
@@ -367,13 +432,41 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_round_trip_and_the_version_sits_at_created_at() {
+    fn version_2_entries_read_as_made_at_their_millisecond() {
+        let mut bytes = sample(Some(b"p")).encode();
+        bytes[2] = 2;
+        bytes[3..5].copy_from_slice(&HEADER_V2.to_le_bytes());
+        let sub_ms_at = 5 + usize::from(HEADER_V2);
+        bytes.drain(sub_ms_at..sub_ms_at + 2);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!((decoded.version, decoded.schema), (2, 7));
+        assert_eq!(
+            (decoded.created_unix_ms, decoded.created_sub_ms_micros),
+            (10, 0)
+        );
+        assert_eq!(decoded.tags, ["a", "bc"]);
+        assert_eq!(decoded.payload, Some(&b"p"[..]));
+    }
+
+    #[test]
+    fn tombstones_round_trip_and_the_version_sits_at_version_at() {
         let mut tombstone = sample(None);
         tombstone.tombstone = true;
         tombstone.tags = vec![];
         let bytes = tombstone.encode();
         assert_eq!(decode(&bytes), Ok(tombstone));
-        assert_eq!(headroom_core::kv::version_of(&bytes, CREATED_AT), Some(10));
+        assert_eq!(
+            headroom_core::kv::version_of(&bytes, VERSION_AT),
+            Some((10, 250))
+        );
+    }
+
+    #[test]
+    fn more_than_999_microseconds_within_a_millisecond_are_refused() {
+        let mut bytes = sample(None).encode();
+        bytes[CREATED_SUB_MS_MICROS..CREATED_SUB_MS_MICROS + 2]
+            .copy_from_slice(&1_000u16.to_le_bytes());
+        assert!(matches!(decode(&bytes), Err(EnvelopeError::Malformed(_))));
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl L2 {
     /// Writes a user's entries (values or tombstones); keys that were not written become
     /// pending deletes, also when the caller is dropped before the write completes.
     ///
-    /// Each entry is written only over an older one (by created time, its version), like a
+    /// Each entry is written only over an older one (by created time to the microsecond, its version), like a
     /// load: when two instances write one key, the later write stays in L2 even if the earlier
     /// one lands last (a slow connection, a redirect during a slot migration).
     ///
@@ -218,7 +218,7 @@ impl L2 {
         let written = self
             .call(
                 "set_if_newer",
-                self.store.set_if_newer(entries, envelope::CREATED_AT),
+                self.store.set_if_newer(entries, envelope::VERSION_AT),
             )
             .await
             .is_some();
@@ -234,7 +234,7 @@ impl L2 {
     /// Writes loaded entries. Unlike a user's write, one that fails leaves nothing to track:
     /// whatever L2 holds then is either the value loaded or what a user wrote.
     ///
-    /// Each entry is written only over an older one (by created time, its version): a value
+    /// Each entry is written only over an older one (by created time to the microsecond, its version): a value
     /// loaded before a write or removal made elsewhere never replaces it.
     pub(crate) async fn set_loaded(&self, entries: &[KvEntry]) {
         if entries.is_empty() {
@@ -242,7 +242,7 @@ impl L2 {
         }
         self.call(
             "set_if_newer",
-            self.store.set_if_newer(entries, envelope::CREATED_AT),
+            self.store.set_if_newer(entries, envelope::VERSION_AT),
         )
         .await;
     }

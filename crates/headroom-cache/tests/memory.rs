@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::{Probe, settle};
@@ -1797,7 +1797,8 @@ async fn an_earlier_insert_landing_last_in_l2_does_not_undo_a_later_remove() {
 }
 
 /// Writes ordered elsewhere (a database, a write-behind) pass the time they were made: L2
-/// keeps the latest made, whatever the order of the calls, on any instance.
+/// keeps the latest made, whatever the order of the calls, on any instance, to the
+/// microsecond (every write here is made in one millisecond).
 #[tokio::test]
 async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     let clock = ManualClock::new();
@@ -1812,7 +1813,8 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     };
     let (first, second, reader) = (instance(), instance(), instance());
     let k = key("k");
-    let made = clock.clock().unix_millis();
+    let made = UNIX_EPOCH + Duration::from_millis(clock.clock().unix_millis());
+    let at = |micros: u64| made + Duration::from_micros(micros);
     clock.advance(Duration::from_millis(10));
     let read = || {
         reader.invalidate_local(&k);
@@ -1820,33 +1822,33 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     };
 
     first
-        .insert_at(k.clone(), "made at +3".into(), made + 3)
+        .insert_at(k.clone(), "made at +300 µs".into(), at(300))
         .await
         .unwrap();
     second
-        .insert_at(k.clone(), "made at +1".into(), made + 1)
+        .insert_at(k.clone(), "made at +100 µs".into(), at(100))
         .await
         .unwrap();
     assert_eq!(
         read().await.unwrap().as_deref(),
-        Some("made at +3"),
+        Some("made at +300 µs"),
         "an earlier write lands last"
     );
-    second.remove_at(&k, made + 2).await.unwrap();
+    second.remove_at(&k, at(200)).await.unwrap();
     assert_eq!(
         read().await.unwrap().as_deref(),
-        Some("made at +3"),
+        Some("made at +300 µs"),
         "an earlier removal lands last"
     );
-    second.remove_at(&k, made + 4).await.unwrap();
+    second.remove_at(&k, at(400)).await.unwrap();
     assert_eq!(read().await.unwrap(), None, "a later removal");
     first
-        .insert_at(k.clone(), "made at +5".into(), made + 5)
+        .insert_at(k.clone(), "made at +500 µs".into(), at(500))
         .await
         .unwrap();
     assert_eq!(
         read().await.unwrap().as_deref(),
-        Some("made at +5"),
+        Some("made at +500 µs"),
         "a later write"
     );
 }
@@ -1865,12 +1867,16 @@ async fn a_write_time_in_the_future_counts_as_now_and_one_long_ago_still_lives_i
         .unwrap();
     let (k, old) = (key("k"), key("old"));
     cache
-        .insert_at(k.clone(), "future".into(), u64::MAX)
+        .insert_at(
+            k.clone(),
+            "future".into(),
+            SystemTime::now() + Duration::from_secs(86_400),
+        )
         .await
         .unwrap();
     cache.insert(k.clone(), "now".into()).await.unwrap();
     cache
-        .insert_at(old.clone(), "ancient".into(), 0)
+        .insert_at(old.clone(), "ancient".into(), UNIX_EPOCH)
         .await
         .unwrap();
     cache.invalidate_local(&k);
@@ -1878,7 +1884,7 @@ async fn a_write_time_in_the_future_counts_as_now_and_one_long_ago_still_lives_i
     assert_eq!(
         cache.get(&k).await.unwrap().as_deref(),
         Some("now"),
-        "a write at the same millisecond replaces the one dated in the future"
+        "a write at the same microsecond replaces the one dated in the future"
     );
     clock.advance(59 * SEC);
     assert_eq!(cache.get(&old).await.unwrap().as_deref(), Some("ancient"));

@@ -41,7 +41,7 @@ use headroom_core::jobs::{
     Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobStore, NewJob,
     PartitionStats,
 };
-use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::kv::{KvEntry, KvStore, VersionAt};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
 use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
@@ -320,10 +320,10 @@ impl<S: KvStore> KvStore for ChaosKvStore<S> {
     fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         self.point.call(entry_keys(entries), move || {
-            self.inner.set_if_newer(entries, version_at)
+            self.inner.set_if_newer(entries, version)
         })
     }
 

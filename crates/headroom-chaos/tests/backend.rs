@@ -18,7 +18,7 @@ use headroom_chaos::{
     Experiment, ExperimentConfig, FaultKind,
 };
 use headroom_core::bus::{BusEvent, InvalidationBus, Subscription};
-use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::kv::{KvEntry, KvStore, VersionAt};
 use headroom_core::lease::{Begin, FencingToken, LeaseStore};
 use headroom_core::memory::{
     MemoryBus, MemoryKvStore, MemoryLeaseStore, MemoryMigrationStore, MemoryRateStore,
@@ -200,7 +200,10 @@ impl Stores {
             ),
             (
                 "kv.set_if_newer",
-                self.chaos_kv.set_if_newer(&entries, 0).await.map(drop),
+                self.chaos_kv
+                    .set_if_newer(&entries, VersionAt::new(0))
+                    .await
+                    .map(drop),
             ),
             (
                 "kv.delete_if_eq",
@@ -332,16 +335,23 @@ async fn kv_script(store: &impl KvStore) -> Vec<String> {
         format!("{:?}", store.delete(&[key("b"), key("z")]).await),
         format!(
             "{:?}",
-            store.set_if_newer(&[entry("v", versioned(2))], 0).await
-        ),
-        format!(
-            "{:?}",
-            store.set_if_newer(&[entry("v", versioned(1))], 0).await
+            store
+                .set_if_newer(&[entry("v", versioned(2))], VersionAt::new(0))
+                .await
         ),
         format!(
             "{:?}",
             store
-                .set_if_newer(&[entry("v", Bytes::from_static(b"short"))], 0)
+                .set_if_newer(&[entry("v", versioned(1))], VersionAt::new(0))
+                .await
+        ),
+        format!(
+            "{:?}",
+            store
+                .set_if_newer(
+                    &[entry("v", Bytes::from_static(b"short"))],
+                    VersionAt::new(0)
+                )
                 .await
         ),
         format!("{:?}", store.delete_if_eq(&key("a"), b"other").await),
@@ -706,7 +716,14 @@ async fn each_wrapper_delays_its_calls_by_exactly_the_injected_latency() {
         value: versioned(3),
         ttl: MINUTE,
     }];
-    assert_eq!(stores.chaos_kv.set_if_newer(&entries, 0).await.unwrap(), 1);
+    assert_eq!(
+        stores
+            .chaos_kv
+            .set_if_newer(&entries, VersionAt::new(0))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(started.elapsed(), delay);
     assert!(
         stores

@@ -205,6 +205,11 @@ impl Clock {
         u64::try_from(self.unix_time().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The wall time in whole microseconds since the Unix epoch.
+    pub fn unix_micros(&self) -> u64 {
+        u64::try_from(self.unix_time().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// Waits until `duration` has passed on this clock.
     pub async fn sleep(&self, duration: Duration) {
         match &self.source {

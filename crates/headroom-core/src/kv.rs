@@ -76,26 +76,26 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     /// Writes each entry unless its key already holds a newer value (a higher version; an
     /// equal one is replaced); returns how many entries were written.
     ///
-    /// A value's version is the little-endian `u64` in its bytes `version_at..version_at + 8`.
-    /// A held value too short to carry one is overwritten. An entry too short to carry one
-    /// fails the call with [`BackendErrorKind::Config`](crate::BackendErrorKind::Config)
-    /// before anything is written.
+    /// A value's version sits where `version` says (see [`VersionAt`]). A held value too
+    /// short to carry one is overwritten. An entry too short to carry one fails the call with
+    /// [`BackendErrorKind::Config`](crate::BackendErrorKind::Config) before anything is
+    /// written.
     ///
     /// The default implementation reads, compares and writes in separate calls: it is not
     /// atomic, and a store shared by several callers must override it.
     fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         async move {
-            check_versions(entries, version_at)?;
+            check_versions(entries, version)?;
             let keys: Vec<Key> = entries.iter().map(|entry| entry.key.clone()).collect();
             let held = self.get_many(&keys).await?;
             let newer: Vec<KvEntry> = entries
                 .iter()
                 .zip(held)
-                .filter(|(entry, held)| is_newer(&entry.value, held.as_deref(), version_at))
+                .filter(|(entry, held)| is_newer(&entry.value, held.as_deref(), version))
                 .map(|(entry, _)| entry.clone())
                 .collect();
             self.set_many(&newer).await?;
@@ -121,28 +121,80 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// The version a value carries at `version_at` (see [`KvStore::set_if_newer`]).
-pub fn version_of(value: &[u8], version_at: usize) -> Option<u64> {
-    let bytes = value.get(version_at..version_at.checked_add(8)?)?;
-    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+/// Where a value carries its version for [`KvStore::set_if_newer`]: a little-endian `u64` in
+/// its bytes `at..at + 8` and, when `tie_at` is set, a little-endian `u16` in its bytes
+/// `tie_at..tie_at + 2` that orders two values of one `u64` (a millisecond and the
+/// microseconds within it, say).
+///
+/// ```
+/// use headroom_core::kv::{VersionAt, is_newer};
+///
+/// let version = VersionAt::new(0).with_tie_at(8);
+/// let value = |ms: u64, us: u16| [&ms.to_le_bytes()[..], &us.to_le_bytes()].concat();
+/// assert!(is_newer(&value(7, 500), Some(&value(7, 100)), version));
+/// assert!(!is_newer(&value(7, 100), Some(&value(7, 500)), version));
+/// assert!(!is_newer(&value(6, 900), Some(&value(7, 0)), version));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VersionAt {
+    /// Where the `u64` starts.
+    pub at: usize,
+    /// Where the `u16` that breaks a tie starts, if the version has one.
+    pub tie_at: Option<usize>,
+}
+
+impl VersionAt {
+    /// A version that is the `u64` at `at`, without a tie-break.
+    pub const fn new(at: usize) -> Self {
+        Self { at, tie_at: None }
+    }
+
+    /// The same version, with the `u16` at `tie_at` to break a tie.
+    pub const fn with_tie_at(self, tie_at: usize) -> Self {
+        Self {
+            tie_at: Some(tie_at),
+            ..self
+        }
+    }
+
+    /// How many bytes a value needs to carry the whole version.
+    pub fn len_needed(self) -> usize {
+        let end = self.at.saturating_add(8);
+        self.tie_at
+            .map_or(end, |tie_at| end.max(tie_at.saturating_add(2)))
+    }
+}
+
+/// The version `value` carries where `version` says (see [`KvStore::set_if_newer`]): its
+/// `u64`, then its tie-break (0 without one); `None` when `value` is too short.
+pub fn version_of(value: &[u8], version: VersionAt) -> Option<(u64, u16)> {
+    if value.len() < version.len_needed() {
+        return None;
+    }
+    let high = u64::from_le_bytes(value[version.at..version.at + 8].try_into().ok()?);
+    let tie = match version.tie_at {
+        Some(at) => u16::from_le_bytes(value[at..at + 2].try_into().ok()?),
+        None => 0,
+    };
+    Some((high, tie))
 }
 
 /// Whether `value` may replace `held` under [`KvStore::set_if_newer`].
-pub fn is_newer(value: &[u8], held: Option<&[u8]>, version_at: usize) -> bool {
+pub fn is_newer(value: &[u8], held: Option<&[u8]>, version: VersionAt) -> bool {
     match (
-        held.and_then(|held| version_of(held, version_at)),
-        version_of(value, version_at),
+        held.and_then(|held| version_of(held, version)),
+        version_of(value, version),
     ) {
         (Some(held), Some(new)) => new >= held,
         _ => true,
     }
 }
 
-/// Refuses entries that carry no version at `version_at`.
-pub fn check_versions(entries: &[KvEntry], version_at: usize) -> Result<(), BackendError> {
+/// Refuses entries too short to carry their version.
+pub fn check_versions(entries: &[KvEntry], version: VersionAt) -> Result<(), BackendError> {
     if entries
         .iter()
-        .any(|entry| version_of(&entry.value, version_at).is_none())
+        .any(|entry| version_of(&entry.value, version).is_none())
     {
         return Err(BackendError::with_detail(
             crate::BackendErrorKind::Config,
@@ -172,7 +224,7 @@ trait ErasedKvStore: Send + Sync + fmt::Debug + 'static {
     fn set_if_newer<'a>(
         &'a self,
         entries: &'a [KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> BoxFuture<'a, Result<u64, BackendError>>;
     fn delete_if_eq<'a>(
         &'a self,
@@ -208,9 +260,9 @@ impl<S: KvStore> ErasedKvStore for S {
     fn set_if_newer<'a>(
         &'a self,
         entries: &'a [KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> BoxFuture<'a, Result<u64, BackendError>> {
-        Box::pin(KvStore::set_if_newer(self, entries, version_at))
+        Box::pin(KvStore::set_if_newer(self, entries, version))
     }
     fn delete_if_eq<'a>(
         &'a self,
@@ -253,9 +305,9 @@ impl KvStore for DynKvStore {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
-        self.0.set_if_newer(entries, version_at).await
+        self.0.set_if_newer(entries, version).await
     }
     async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
         self.0.delete_if_eq(key, expected).await
@@ -281,9 +333,9 @@ impl<S: KvStore> KvStore for Arc<S> {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
-        S::set_if_newer(self, entries, version_at).await
+        S::set_if_newer(self, entries, version).await
     }
     async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
         S::delete_if_eq(self, key, expected).await

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use headroom_cache::{Cache, CacheError, CacheKey};
@@ -39,10 +40,9 @@ pub enum CacheWriteError {
 ///
 /// A key's writes take turns in this process: each records its version and updates the
 /// cache before the next begins, so the cache keeps the value of the latest version, the one
-/// the writer keeps. Across instances, each cache write carries its version's millisecond
-/// (see [`Cache::insert_at`]): L2 keeps the write of the latest version whichever instance's
-/// write reaches it last, except between two writes whose versions fall in one millisecond,
-/// where L2 keeps the one that reaches it last. Keys are spread over 256 stripes and the keys
+/// the writer keeps. Across instances, each cache write carries its version, the microsecond
+/// the write was recorded at (see [`Cache::insert_at`]): L2 keeps the write of the latest
+/// version whichever instance's write reaches it last. Keys are spread over 256 stripes and the keys
 /// of a stripe take turns together: a write waits for the earlier writes of its stripe, each a
 /// job store call and a cache write. A write runs to its end in a task of its own, even when
 /// its caller stops waiting for it.
@@ -101,7 +101,7 @@ where
         let (writes, cache) = (Arc::clone(&self.writes), self.cache.clone());
         self.in_turn(&bytes.clone(), async move {
             let version = writes.put(bytes, encoded).await?;
-            cache.insert_at(key, value, version_millis(version)).await?;
+            cache.insert_at(key, value, version_time(version)).await?;
             Ok(version)
         })
         .await
@@ -113,7 +113,7 @@ where
         let (writes, cache, key) = (Arc::clone(&self.writes), self.cache.clone(), key.clone());
         self.in_turn(&bytes.clone(), async move {
             let version = writes.delete(bytes).await?;
-            cache.remove_at(&key, version_millis(version)).await?;
+            cache.remove_at(&key, version_time(version)).await?;
             Ok(version)
         })
         .await
@@ -142,9 +142,9 @@ where
     }
 }
 
-/// The Unix millisecond of a write's version (microseconds), by which L2 orders it.
-fn version_millis(version: u64) -> u64 {
-    version / 1_000
+/// The time of a write's version (Unix microseconds), by which L2 orders it.
+fn version_time(version: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(version)
 }
 
 fn key_bytes<K: CacheKey>(key: &K) -> Bytes {

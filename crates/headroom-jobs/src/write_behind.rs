@@ -273,7 +273,7 @@ impl<S: JobStore> WriteBehind<S> {
     }
 
     async fn record(&self, key: Bytes, value: Option<&[u8]>) -> Result<u64, EnqueueError> {
-        let micros = u64::try_from(self.clock.unix_time().as_micros()).unwrap_or(u64::MAX);
+        let micros = self.clock.unix_micros();
         let version = self
             .last_version
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {

@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use headroom_cache::Cache;
 use headroom_core::jobs::JobStore;
@@ -277,58 +277,24 @@ fn visits(visits: u64) -> Profile {
     }
 }
 
-/// Instance A records its write, and its enqueue is still on its way when instance B, 2 ms
-/// later, records and caches its own; A's enqueue answers 3 ms after that. The writer keeps
-/// B's write (the later version): so must the cache.
-#[tokio::test]
-async fn of_two_instances_inserting_a_key_the_cache_keeps_the_value_the_writer_keeps() {
-    let (redis, ns) = (standalone().await, unique_namespace("wb-cache-two"));
-    let manual = ManualClock::new();
-    let clock = manual.clock();
-    let held = SlowStore::holding_first_enqueue(RedisJobStore::new(redis.clone()));
-    let (a_held, a_release) = (
-        held.first_enqueue_held.clone(),
-        held.release_first_enqueue.clone(),
-    );
-    let a = Arc::new(instance(held, &redis, &ns, &clock).await);
-    let b = instance(RedisJobStore::new(redis.clone()), &redis, &ns, &clock).await;
-
-    let a_insert = tokio::spawn({
-        let a = a.clone();
-        async move { a.insert("ada".to_owned(), visits(1)).await }
-    });
-    a_held.notified().await;
-    manual.advance(Duration::from_millis(2));
-    let b_version = b.insert("ada".to_owned(), visits(2)).await.unwrap();
-    manual.advance(Duration::from_millis(3));
-    a_release.notify_one();
-    let a_version = a_insert.await.unwrap().unwrap();
-
-    assert!(
-        a_version < b_version,
-        "versions: A {a_version}, B {b_version}"
-    );
-    let rows = flush_to_rows(&b).await;
-    assert_eq!(
-        rows["ada"],
-        (b_version, Some(visits(2))),
-        "the writer keeps B's write"
-    );
-    assert_eq!(
-        read_elsewhere(&redis, &ns, &clock, "ada").await,
-        Some(visits(2)),
-        "the cache holds the value the writer keeps"
-    );
+/// What instance A does to "ada" while instance B inserts it.
+#[derive(Clone, Copy)]
+enum RaceOf {
+    Insert,
+    Remove,
 }
 
-/// Instance A records a delete whose enqueue is still on its way when instance B, 2 ms later,
-/// records and caches an insert. The writer keeps B's insert (the later version): so must the
-/// cache, rather than A's removal.
-#[tokio::test]
-async fn of_an_instance_removing_a_key_and_another_inserting_it_the_cache_keeps_what_the_writer_keeps()
- {
-    let (redis, ns) = (standalone().await, unique_namespace("wb-cache-remove"));
-    let manual = ManualClock::new();
+/// Instance A records its write of "ada", and its enqueue is still on its way when instance
+/// B, `gap` later, records and caches an insert of its own; A's enqueue answers after that,
+/// so A's cache write comes last. The writer keeps B's insert (the later version): so must
+/// the cache.
+async fn a_later_insert_reaches_the_cache_first(name: &str, a_does: RaceOf, gap: Duration) {
+    let (redis, ns) = (standalone().await, unique_namespace(name));
+    // 100 µs into a millisecond: a gap under 900 µs keeps both writes in that millisecond.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let manual = ManualClock::starting_at(
+        Duration::from_millis(now.as_millis() as u64) + Duration::from_micros(100),
+    );
     let clock = manual.clock();
     let held = SlowStore::holding_first_enqueue(RedisJobStore::new(redis.clone()));
     let (a_held, a_release) = (
@@ -338,16 +304,21 @@ async fn of_an_instance_removing_a_key_and_another_inserting_it_the_cache_keeps_
     let a = Arc::new(instance(held, &redis, &ns, &clock).await);
     let b = instance(RedisJobStore::new(redis.clone()), &redis, &ns, &clock).await;
 
-    let a_remove = tokio::spawn({
+    let a_write = tokio::spawn({
         let a = a.clone();
-        async move { a.remove(&"ada".to_owned()).await }
+        async move {
+            match a_does {
+                RaceOf::Insert => a.insert("ada".to_owned(), visits(1)).await,
+                RaceOf::Remove => a.remove(&"ada".to_owned()).await,
+            }
+        }
     });
     a_held.notified().await;
-    manual.advance(Duration::from_millis(2));
+    manual.advance(gap);
     let b_version = b.insert("ada".to_owned(), visits(2)).await.unwrap();
-    manual.advance(Duration::from_millis(3));
+    manual.advance(gap);
     a_release.notify_one();
-    let a_version = a_remove.await.unwrap().unwrap();
+    let a_version = a_write.await.unwrap().unwrap();
 
     assert!(
         a_version < b_version,
@@ -364,4 +335,47 @@ async fn of_an_instance_removing_a_key_and_another_inserting_it_the_cache_keeps_
         Some(visits(2)),
         "the cache holds the value the writer keeps"
     );
+}
+
+#[tokio::test]
+async fn of_two_instances_inserting_a_key_the_cache_keeps_the_value_the_writer_keeps() {
+    a_later_insert_reaches_the_cache_first(
+        "wb-cache-two",
+        RaceOf::Insert,
+        Duration::from_millis(2),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn of_two_instances_inserting_a_key_within_a_millisecond_the_cache_keeps_the_value_the_writer_keeps()
+ {
+    a_later_insert_reaches_the_cache_first(
+        "wb-cache-two-us",
+        RaceOf::Insert,
+        Duration::from_micros(300),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn of_an_instance_removing_a_key_and_another_inserting_it_the_cache_keeps_what_the_writer_keeps()
+ {
+    a_later_insert_reaches_the_cache_first(
+        "wb-cache-remove",
+        RaceOf::Remove,
+        Duration::from_millis(2),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn of_an_instance_removing_a_key_and_another_inserting_it_within_a_millisecond_the_cache_keeps_what_the_writer_keeps()
+ {
+    a_later_insert_reaches_the_cache_first(
+        "wb-cache-remove-us",
+        RaceOf::Remove,
+        Duration::from_micros(300),
+    )
+    .await;
 }

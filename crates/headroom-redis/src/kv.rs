@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use headroom_core::kv::{KvEntry, KvStore, check_versions};
+use headroom_core::kv::{KvEntry, KvStore, VersionAt, check_versions};
 use headroom_core::{BackendError, BackendErrorKind, Key};
 
 use headroom_core::slot::cluster_slot;
@@ -13,28 +13,35 @@ use redis::Script;
 use crate::Redis;
 
 /// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
-/// byte, then per key: value, TTL in ms. Versions are little-endian, so bytes compare from the
-/// last one down; an equal version is written. Returns how many keys were written.
+/// byte, that of its tie-break's first byte (0 for none), then per key: value, TTL in ms.
+/// Versions are little-endian, so bytes compare from the last one down, the tie-break's after
+/// the version's; an equal version is written. Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local at = tonumber(ARGV[1])
+local at, tie = tonumber(ARGV[1]), tonumber(ARGV[2])
+local needed = at + 7
+if tie > 0 and tie + 1 > needed then needed = tie + 1 end
+-- Whether value is newer than held in bytes first..last (most significant first); nil if equal.
+local function newer_in(held, value, first, last)
+  for b = first, last, -1 do
+    local h, v = string.byte(held, b), string.byte(value, b)
+    if h ~= v then return v > h end
+  end
+  return nil
+end
 local written = 0
 for i, key in ipairs(KEYS) do
-  local value = ARGV[2 * i]
+  local value = ARGV[2 * i + 1]
   local held = redis.call('GET', key)
   local newer = true
-  if held and #held >= at + 7 then
-    for b = at + 7, at, -1 do
-      local h, v = string.byte(held, b), string.byte(value, b)
-      if h ~= v then
-        newer = v > h
-        break
-      end
-    end
+  if held and #held >= needed then
+    newer = newer_in(held, value, at + 7, at)
+    if newer == nil and tie > 0 then newer = newer_in(held, value, tie + 1, tie) end
+    if newer == nil then newer = true end
   end
   if newer then
-    redis.call('SET', key, value, 'PX', ARGV[2 * i + 1])
+    redis.call('SET', key, value, 'PX', ARGV[2 * i + 2])
     written = written + 1
   end
 end
@@ -141,10 +148,12 @@ impl RedisKvStore {
     async fn set_if_newer_in_slot(
         &self,
         entries: &[(&KvEntry, u64)],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
         let mut invocation = SET_IF_NEWER.prepare_invoke();
-        invocation.arg(version_at + 1);
+        invocation
+            .arg(version.at + 1)
+            .arg(version.tie_at.map_or(0, |tie_at| tie_at + 1));
         for (entry, millis) in entries {
             invocation
                 .key(entry.key.as_bytes())
@@ -216,13 +225,13 @@ impl KvStore for RedisKvStore {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
         let checked = entries
             .iter()
             .map(|entry| Ok((entry, self.check(&entry.value, entry.ttl)?)))
             .collect::<Result<Vec<_>, BackendError>>()?;
-        check_versions(entries, version_at)?;
+        check_versions(entries, version)?;
         if checked.is_empty() {
             return Ok(0);
         }
@@ -231,7 +240,7 @@ impl KvStore for RedisKvStore {
         let written = try_join_all(
             groups
                 .iter()
-                .map(|group| self.set_if_newer_in_slot(group, version_at)),
+                .map(|group| self.set_if_newer_in_slot(group, version)),
         )
         .await?;
         Ok(written.into_iter().sum())

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_cache::{Cache, CacheError};
-use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::kv::{KvEntry, KvStore, VersionAt};
 use headroom_core::{BackendError, BackendErrorKind, Key, Namespace};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -103,11 +103,11 @@ impl<S: KvStore> KvStore for Probe<S> {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
         self.run(
             &self.calls.set_if_newer,
-            self.inner.set_if_newer(entries, version_at),
+            self.inner.set_if_newer(entries, version),
         )
         .await
     }
@@ -347,10 +347,10 @@ impl<S: KvStore> KvStore for HoldWrites<S> {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
         self.wait().await;
-        self.inner.set_if_newer(entries, version_at).await
+        self.inner.set_if_newer(entries, version).await
     }
     async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
         self.wait().await;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::kv::{KvEntry, KvStore, check_versions, is_newer};
+use crate::kv::{KvEntry, KvStore, VersionAt, check_versions, is_newer};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
 const SHARDS: usize = 16;
@@ -333,16 +333,16 @@ impl KvStore for MemoryKvStore {
     async fn set_if_newer(
         &self,
         entries: &[KvEntry],
-        version_at: usize,
+        version: VersionAt,
     ) -> Result<u64, BackendError> {
         for entry in entries {
             self.check(&entry.value, entry.ttl)?;
         }
-        check_versions(entries, version_at)?;
+        check_versions(entries, version)?;
         let now = self.inner.clock.now();
         let mut written = 0;
         for entry in entries {
-            let newer = |held: Option<&[u8]>| is_newer(&entry.value, held, version_at);
+            let newer = |held: Option<&[u8]>| is_newer(&entry.value, held, version);
             if self.write_if(&entry.key, entry.value.clone(), entry.ttl, now, newer) {
                 written += 1;
             }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use headroom_core::kv::{KvEntry, KvStore};
+use headroom_core::kv::{KvEntry, KvStore, VersionAt};
 use headroom_core::{BackendErrorKind, Key, Namespace};
 
 /// The value limit the stores under test must be configured with.
@@ -269,7 +269,7 @@ pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns
                 entry("same", versioned(low, "new")),
                 entry("short", versioned(low, "new")),
             ],
-            3,
+            VersionAt::new(3),
         )
         .await
         .expect("set_if_newer");
@@ -288,9 +288,109 @@ pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns
         );
     }
     let error = store
-        .set_if_newer(&[entry("absent", Bytes::from_static(b"tiny"))], 3)
+        .set_if_newer(
+            &[entry("absent", Bytes::from_static(b"tiny"))],
+            VersionAt::new(3),
+        )
         .await
         .expect_err("an entry without a version");
+    assert_eq!(error.kind(), BackendErrorKind::Config);
+}
+
+/// A value carrying the tie-break `tie` at byte 0 and `version` at byte 3 (both
+/// little-endian), then `tag`.
+fn tied(version: u64, tie: u16, tag: &str) -> Bytes {
+    let mut bytes = tie.to_le_bytes().to_vec();
+    bytes.push(b'-');
+    bytes.extend_from_slice(&version.to_le_bytes());
+    bytes.extend_from_slice(tag.as_bytes());
+    Bytes::from(bytes)
+}
+
+/// With a tie-break, `set_if_newer` orders two values of one version by it (equal ones are
+/// replaced), still lets the version decide first, and refuses an entry too short to carry
+/// the tie-break.
+pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S, ns: Namespace) {
+    let entry = |name: &str, value: Bytes| KvEntry {
+        key: key(&ns, name),
+        value,
+        ttl: HOUR,
+    };
+    let version = VersionAt::new(3).with_tie_at(0);
+    let (low, high) = (0x0100_0000_0000_00ff_u64, 0x0200_0000_0000_0001_u64);
+    // (name, held, offered, whether the offered value is written)
+    let cases = [
+        (
+            "tie-lower",
+            tied(low, 100, "held"),
+            tied(low, 500, "new"),
+            true,
+        ),
+        (
+            "tie-higher",
+            tied(low, 500, "held"),
+            tied(low, 100, "new"),
+            false,
+        ),
+        (
+            "tie-same",
+            tied(low, 100, "held"),
+            tied(low, 100, "new"),
+            true,
+        ),
+        // Ties that differ only in their high byte, so a wrong byte order shows.
+        (
+            "tie-bytes",
+            tied(low, 0x00ff, "held"),
+            tied(low, 0x0100, "new"),
+            true,
+        ),
+        (
+            "version-first",
+            tied(low, 900, "held"),
+            tied(high, 0, "new"),
+            true,
+        ),
+        (
+            "version-only",
+            tied(high, 0, "held"),
+            tied(low, 900, "new"),
+            false,
+        ),
+    ];
+    let held: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, held, _, _)| entry(name, held.clone()))
+        .collect();
+    store.set_many(&held).await.expect("set_many");
+    let offered: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, _, offered, _)| entry(name, offered.clone()))
+        .collect();
+    let written = store
+        .set_if_newer(&offered, version)
+        .await
+        .expect("set_if_newer");
+    let expected = cases.iter().filter(|case| case.3).count() as u64;
+    assert_eq!(
+        written, expected,
+        "tie-lower, tie-same, tie-bytes and version-first"
+    );
+    for (name, held, offered, replaced) in cases {
+        let expected = if replaced { offered } else { held };
+        assert_eq!(
+            store.get(&key(&ns, name)).await.expect("get"),
+            Some(expected),
+            "{name}"
+        );
+    }
+    let error = store
+        .set_if_newer(
+            &[entry("tie-lower", tied(low, 1, ""))],
+            VersionAt::new(3).with_tie_at(11),
+        )
+        .await
+        .expect_err("an entry without room for the tie-break");
     assert_eq!(error.kind(), BackendErrorKind::Config);
 }
 
