@@ -747,8 +747,7 @@ where
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     fn l2_key(&self, l2: &L2, key: &K) -> Result<Key, CacheError> {
-        l2.namespace
-            .key(key.to_key_bytes())
+        key.with_key_bytes(|bytes| l2.namespace.key(bytes))
             .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))
     }
 

@@ -13,6 +13,19 @@ pub trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
     /// The key's bytes in L2 (without the namespace).
     fn to_key_bytes(&self) -> Cow<'_, [u8]>;
 
+    /// Calls `f` with the key's L2 bytes, the same as [`to_key_bytes`](Self::to_key_bytes).
+    /// The cache's read paths use it; override it when the bytes can be written without an
+    /// allocation (integers write their decimal digits on the stack).
+    ///
+    /// ```
+    /// use headroom_cache::CacheKey;
+    ///
+    /// assert_eq!(42u64.with_key_bytes(|bytes| bytes.to_vec()), b"42");
+    /// ```
+    fn with_key_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.to_key_bytes())
+    }
+
     /// The key whose [`to_key_bytes`](Self::to_key_bytes) are `bytes`, used to drop a key
     /// named in an invalidation message. `None` (the default) makes such a message flush the
     /// whole L1 instead: correct, but costly.
@@ -53,6 +66,10 @@ macro_rules! integer_key {
         impl CacheKey for $t {
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
                 Cow::Owned(itoa::Buffer::new().format(*self).as_bytes().to_vec())
+            }
+
+            fn with_key_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+                f(itoa::Buffer::new().format(*self).as_bytes())
             }
 
             fn from_key_bytes(bytes: &[u8]) -> Option<Self> {
