@@ -497,6 +497,11 @@ where
                 _ => {
                     inner.metrics.l1_misses.increment(1);
                     results.push(None);
+                    // Sized at the first miss, for every key left: a read that L1 serves
+                    // whole allocates nothing for it.
+                    if missing.is_empty() {
+                        missing.reserve_exact(keys.len() - place);
+                    }
                     missing.push(place);
                 }
             }
@@ -1489,7 +1494,7 @@ where
             .shared();
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
         let mut waits = Vec::with_capacity(keys.size_hint().0);
-        let mut to_load = Vec::new();
+        let mut to_load = Vec::with_capacity(waits.capacity());
         let mut in_flight = this.in_flight.lock();
         for key in keys {
             let wait = match in_flight.entry(key.clone()) {
