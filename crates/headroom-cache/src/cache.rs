@@ -1561,16 +1561,15 @@ where
         let mut outcomes: Vec<Option<Outcome<V>>> = vec![None; keys.len()];
         let mut fill = vec![false; keys.len()];
         if let Some(l2) = &self.l2 {
-            let mut full = Vec::with_capacity(keys.len());
+            let mut batch = l2.namespace.key_batch(keys.len());
             for key in &keys {
-                match self.l2_key(l2, key) {
-                    Ok(key) => full.push(key),
-                    Err(error) => {
-                        let _ = reply.send(vec![Err(error); keys.len()]);
-                        return;
-                    }
+                if let Err(error) = key.with_key_bytes(|bytes| batch.push(bytes)) {
+                    let error = CacheError::with_source(CacheErrorKind::InvalidKey, error);
+                    let _ = reply.send(vec![Err(error); keys.len()]);
+                    return;
                 }
             }
+            let full = batch.finish();
             let values = l2
                 .get_many(&full)
                 .await

@@ -88,16 +88,7 @@ impl Namespace {
     /// The parts together are the key part, with the limits of [`Namespace::key`].
     pub fn key_from_parts(&self, parts: &[&[u8]]) -> Result<Key, KeyError> {
         let len: usize = parts.iter().map(|part| part.len()).sum();
-        if len == 0 {
-            return Err(KeyError::Empty { what: "key" });
-        }
-        if len > Key::MAX_LEN {
-            return Err(KeyError::TooLong {
-                what: "key",
-                len,
-                max: Key::MAX_LEN,
-            });
-        }
+        check_key_len(len)?;
         let mut full = BytesMut::with_capacity(self.prefix.len() + 1 + len);
         full.put_slice(&self.prefix);
         full.put_u8(b':');
@@ -109,6 +100,83 @@ impl Namespace {
             prefix_len: self.prefix.len() + 1,
         })
     }
+
+    /// Builds many keys of this namespace in one buffer: one allocation for all of them rather
+    /// than one each, for a batch read. `count` is how many keys are expected.
+    ///
+    /// ```
+    /// use headroom_core::Namespace;
+    ///
+    /// let ns = Namespace::new("app")?;
+    /// let mut batch = ns.key_batch(2);
+    /// batch.push(b"a")?;
+    /// batch.push(b"bc")?;
+    /// let keys = batch.finish();
+    /// assert_eq!(keys[1].as_bytes(), b"app:bc");
+    /// assert_eq!(keys[1], ns.key("bc")?);
+    /// # Ok::<(), headroom_core::KeyError>(())
+    /// ```
+    pub fn key_batch(&self, count: usize) -> KeyBatch<'_> {
+        // Room for keys of 16 bytes; longer ones grow the buffer.
+        let each = self.prefix.len() + 1 + 16;
+        KeyBatch {
+            namespace: self,
+            buffer: BytesMut::with_capacity(count.saturating_mul(each)),
+            lens: Vec::with_capacity(count),
+        }
+    }
+}
+
+/// Keys of one namespace written into one buffer (see [`Namespace::key_batch`]).
+#[derive(Debug)]
+pub struct KeyBatch<'a> {
+    namespace: &'a Namespace,
+    buffer: BytesMut,
+    /// The full length of each key, in order.
+    lens: Vec<usize>,
+}
+
+impl KeyBatch<'_> {
+    /// Adds the key `namespace:key`, with the limits of [`Namespace::key`]; a refused key
+    /// adds nothing.
+    pub fn push(&mut self, key: &[u8]) -> Result<(), KeyError> {
+        check_key_len(key.len())?;
+        let prefix = &self.namespace.prefix;
+        self.buffer.reserve(prefix.len() + 1 + key.len());
+        self.buffer.put_slice(prefix);
+        self.buffer.put_u8(b':');
+        self.buffer.put_slice(key);
+        self.lens.push(prefix.len() + 1 + key.len());
+        Ok(())
+    }
+
+    /// The keys, in the order they were pushed, sharing the one buffer.
+    pub fn finish(self) -> Vec<Key> {
+        let prefix_len = self.namespace.prefix.len() + 1;
+        let mut rest = self.buffer.freeze();
+        self.lens
+            .into_iter()
+            .map(|len| Key {
+                full: rest.split_to(len),
+                prefix_len,
+            })
+            .collect()
+    }
+}
+
+/// Refuses a key part that is empty or longer than [`Key::MAX_LEN`].
+fn check_key_len(len: usize) -> Result<(), KeyError> {
+    if len == 0 {
+        return Err(KeyError::Empty { what: "key" });
+    }
+    if len > Key::MAX_LEN {
+        return Err(KeyError::TooLong {
+            what: "key",
+            len,
+            max: Key::MAX_LEN,
+        });
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Namespace {
@@ -204,6 +272,27 @@ mod tests {
         assert_eq!(key.as_bytes(), b"shop:cache:{user:1}.cart");
         assert_eq!(key.local(), b"{user:1}.cart");
         assert_eq!(key.namespace(), "shop:cache");
+    }
+
+    #[test]
+    fn a_key_batch_builds_the_same_keys_as_one_at_a_time() {
+        let ns = Namespace::new("shop").unwrap();
+        let parts: Vec<Vec<u8>> = (0..40)
+            .map(|i| vec![b'k'; 1 + i * 7 % Key::MAX_LEN])
+            .collect();
+        let mut batch = ns.key_batch(3);
+        for part in &parts {
+            batch.push(part).unwrap();
+        }
+        assert!(matches!(batch.push(b""), Err(KeyError::Empty { .. })));
+        let too_long = vec![b'x'; Key::MAX_LEN + 1];
+        assert!(matches!(
+            batch.push(&too_long),
+            Err(KeyError::TooLong { .. })
+        ));
+        let one_at_a_time: Vec<Key> = parts.iter().map(|part| ns.key(part).unwrap()).collect();
+        assert_eq!(batch.finish(), one_at_a_time, "refused keys add nothing");
+        assert!(ns.key_batch(0).finish().is_empty());
     }
 
     #[test]

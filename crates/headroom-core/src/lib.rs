@@ -47,5 +47,5 @@ pub mod slot;
 
 pub use clock::{Clock, ManualClock, Stopwatch};
 pub use error::{BackendError, BackendErrorKind, Classify};
-pub use key::{Key, KeyError, Namespace};
+pub use key::{Key, KeyBatch, KeyError, Namespace};
 pub use signal::Signal;
