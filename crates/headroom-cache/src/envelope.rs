@@ -40,9 +40,10 @@ pub const CREATED_SUB_MS_MICROS: usize = 35;
 
 /// The entry's version, which
 /// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares: the
-/// created-at millisecond, then the microseconds within it. Between a format 3 entry and an
-/// earlier one of the same millisecond, the tie-break compares bytes that mean something else
-/// in the earlier format: such a tie is settled either way, as it was between earlier entries.
+/// created-at millisecond, then the microseconds within it. An entry of an earlier format is
+/// ordered by its millisecond; against a format 3 entry of the same millisecond, the tie-break
+/// reads the earlier entry's tags or payload at those bytes (0 if it ends before them), so
+/// such a tie is settled either way, as it was between two earlier entries.
 pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT).with_tie_at(CREATED_SUB_MS_MICROS);
 
 const MAGIC: [u8; 2] = *b"hc";

@@ -1853,6 +1853,45 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     );
 }
 
+/// During a rolling deploy, an L2 entry of format 2 (versioned to the millisecond, without the
+/// microseconds) keeps its place by its millisecond: a tombstone an instance of the previous
+/// version wrote is not replaced by an older write of this one.
+#[tokio::test]
+async fn a_format_2_tombstone_is_not_replaced_by_an_older_write() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    let removed = clock.clock().unix_millis();
+    let mut tombstone = b"hc\x02".to_vec();
+    tombstone.extend_from_slice(&23u16.to_le_bytes());
+    // Flags "not found" and "tombstone", then the postcard codec's id.
+    tombstone.extend_from_slice(&[3, 1]);
+    for time in [removed, removed, removed + 60_000] {
+        tombstone.extend_from_slice(&time.to_le_bytes());
+    }
+    tombstone.extend_from_slice(&0u32.to_le_bytes());
+    tombstone.push(0);
+    l2.inner
+        .set(&ns().key("k").unwrap(), tombstone.into(), 60 * SEC)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(10));
+
+    let before = UNIX_EPOCH + Duration::from_millis(removed - 1);
+    cache
+        .insert_at(k.clone(), "written before the removal".into(), before)
+        .await
+        .unwrap();
+    cache.invalidate_local(&k);
+    assert_eq!(cache.get(&k).await.unwrap(), None, "the removal stays");
+}
+
 /// A time past the cache's clock counts as now, and one from long ago as one TTL ago: the
 /// entry's deadlines and its L2 lifetime still count from the call.
 #[tokio::test]

@@ -77,7 +77,8 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     /// equal one is replaced); returns how many entries were written.
     ///
     /// A value's version sits where `version` says (see [`VersionAt`]). A held value too
-    /// short to carry one is overwritten. An entry too short to carry one fails the call with
+    /// short to carry its `u64` is overwritten; one that ends before the tie-break has a
+    /// tie-break of 0. An entry too short to carry the whole version fails the call with
     /// [`BackendErrorKind::Config`](crate::BackendErrorKind::Config) before anything is
     /// written.
     ///
@@ -166,17 +167,15 @@ impl VersionAt {
 }
 
 /// The version `value` carries where `version` says (see [`KvStore::set_if_newer`]): its
-/// `u64`, then its tie-break (0 without one); `None` when `value` is too short.
+/// `u64`, then its tie-break, which counts as 0 when there is none or `value` ends before it
+/// (a value written by a format without one); `None` when `value` is too short for the `u64`.
 pub fn version_of(value: &[u8], version: VersionAt) -> Option<(u64, u16)> {
-    if value.len() < version.len_needed() {
-        return None;
-    }
-    let high = u64::from_le_bytes(value[version.at..version.at + 8].try_into().ok()?);
-    let tie = match version.tie_at {
-        Some(at) => u16::from_le_bytes(value[at..at + 2].try_into().ok()?),
-        None => 0,
-    };
-    Some((high, tie))
+    let high = value.get(version.at..version.at.checked_add(8)?)?;
+    let tie = version
+        .tie_at
+        .and_then(|at| value.get(at..at.checked_add(2)?))
+        .map_or(0, |tie| u16::from_le_bytes([tie[0], tie[1]]));
+    Some((u64::from_le_bytes(high.try_into().ok()?), tie))
 }
 
 /// Whether `value` may replace `held` under [`KvStore::set_if_newer`].
@@ -194,7 +193,7 @@ pub fn is_newer(value: &[u8], held: Option<&[u8]>, version: VersionAt) -> bool {
 pub fn check_versions(entries: &[KvEntry], version: VersionAt) -> Result<(), BackendError> {
     if entries
         .iter()
-        .any(|entry| version_of(&entry.value, version).is_none())
+        .any(|entry| entry.value.len() < version.len_needed())
     {
         return Err(BackendError::with_detail(
             crate::BackendErrorKind::Config,

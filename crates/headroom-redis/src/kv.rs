@@ -15,13 +15,12 @@ use crate::Redis;
 /// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
 /// byte, that of its tie-break's first byte (0 for none), then per key: value, TTL in ms.
 /// Versions are little-endian, so bytes compare from the last one down, the tie-break's after
-/// the version's; an equal version is written. Returns how many keys were written.
+/// the version's; a held value that ends before the tie-break has a tie-break of 0, which no
+/// offered one is below; an equal version is written. Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local at, tie = tonumber(ARGV[1]), tonumber(ARGV[2])
-local needed = at + 7
-if tie > 0 and tie + 1 > needed then needed = tie + 1 end
 -- Whether value is newer than held in bytes first..last (most significant first); nil if equal.
 local function newer_in(held, value, first, last)
   for b = first, last, -1 do
@@ -35,9 +34,11 @@ for i, key in ipairs(KEYS) do
   local value = ARGV[2 * i + 1]
   local held = redis.call('GET', key)
   local newer = true
-  if held and #held >= needed then
+  if held and #held >= at + 7 then
     newer = newer_in(held, value, at + 7, at)
-    if newer == nil and tie > 0 then newer = newer_in(held, value, tie + 1, tie) end
+    if newer == nil and tie > 0 and #held >= tie + 1 then
+      newer = newer_in(held, value, tie + 1, tie)
+    end
     if newer == nil then newer = true end
   end
   if newer then

@@ -308,8 +308,8 @@ fn tied(version: u64, tie: u16, tag: &str) -> Bytes {
 }
 
 /// With a tie-break, `set_if_newer` orders two values of one version by it (equal ones are
-/// replaced), still lets the version decide first, and refuses an entry too short to carry
-/// the tie-break.
+/// replaced), still lets the version decide first, counts the tie-break of a held value too
+/// short to carry one as 0, and refuses an entry too short to carry the tie-break.
 pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S, ns: Namespace) {
     let entry = |name: &str, value: Bytes| KvEntry {
         key: key(&ns, name),
@@ -376,6 +376,46 @@ pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S
         written, expected,
         "tie-lower, tie-same, tie-bytes and version-first"
     );
+    for (name, held, offered, replaced) in cases {
+        let expected = if replaced { offered } else { held };
+        assert_eq!(
+            store.get(&key(&ns, name)).await.expect("get"),
+            Some(expected),
+            "{name}"
+        );
+    }
+    // A held value that carries the u64 but ends before the tie-break (written by a format
+    // without one): its tie-break counts as 0, and its u64 still decides.
+    let trailing = VersionAt::new(3).with_tie_at(11);
+    let with_tie = |version: u64, tie: u16| {
+        let mut bytes = versioned(version, "").to_vec();
+        bytes.extend_from_slice(&tie.to_le_bytes());
+        Bytes::from(bytes)
+    };
+    let cases = [
+        (
+            "untied-newer",
+            versioned(high, ""),
+            with_tie(low, 900),
+            false,
+        ),
+        ("untied-older", versioned(low, ""), with_tie(high, 0), true),
+        ("untied-same", versioned(low, ""), with_tie(low, 0), true),
+    ];
+    let held: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, held, _, _)| entry(name, held.clone()))
+        .collect();
+    store.set_many(&held).await.expect("set_many");
+    let offered: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, _, offered, _)| entry(name, offered.clone()))
+        .collect();
+    let written = store
+        .set_if_newer(&offered, trailing)
+        .await
+        .expect("set_if_newer");
+    assert_eq!(written, 2, "untied-older and untied-same");
     for (name, held, offered, replaced) in cases {
         let expected = if replaced { offered } else { held };
         assert_eq!(
