@@ -358,32 +358,7 @@ pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S
             false,
         ),
     ];
-    let held: Vec<KvEntry> = cases
-        .iter()
-        .map(|(name, held, _, _)| entry(name, held.clone()))
-        .collect();
-    store.set_many(&held).await.expect("set_many");
-    let offered: Vec<KvEntry> = cases
-        .iter()
-        .map(|(name, _, offered, _)| entry(name, offered.clone()))
-        .collect();
-    let written = store
-        .set_if_newer(&offered, version)
-        .await
-        .expect("set_if_newer");
-    let expected = cases.iter().filter(|case| case.3).count() as u64;
-    assert_eq!(
-        written, expected,
-        "tie-lower, tie-same, tie-bytes and version-first"
-    );
-    for (name, held, offered, replaced) in cases {
-        let expected = if replaced { offered } else { held };
-        assert_eq!(
-            store.get(&key(&ns, name)).await.expect("get"),
-            Some(expected),
-            "{name}"
-        );
-    }
+    offer_over_held(store, &ns, version, &cases).await;
     // A held value that carries the u64 but ends before the tie-break (written by a format
     // without one): its tie-break counts as 0, and its u64 still decides.
     let trailing = VersionAt::new(3).with_tie_at(11);
@@ -402,28 +377,7 @@ pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S
         ("untied-older", versioned(low, ""), with_tie(high, 0), true),
         ("untied-same", versioned(low, ""), with_tie(low, 0), true),
     ];
-    let held: Vec<KvEntry> = cases
-        .iter()
-        .map(|(name, held, _, _)| entry(name, held.clone()))
-        .collect();
-    store.set_many(&held).await.expect("set_many");
-    let offered: Vec<KvEntry> = cases
-        .iter()
-        .map(|(name, _, offered, _)| entry(name, offered.clone()))
-        .collect();
-    let written = store
-        .set_if_newer(&offered, trailing)
-        .await
-        .expect("set_if_newer");
-    assert_eq!(written, 2, "untied-older and untied-same");
-    for (name, held, offered, replaced) in cases {
-        let expected = if replaced { offered } else { held };
-        assert_eq!(
-            store.get(&key(&ns, name)).await.expect("get"),
-            Some(expected),
-            "{name}"
-        );
-    }
+    offer_over_held(store, &ns, trailing, &cases).await;
     let error = store
         .set_if_newer(
             &[entry("tie-lower", tied(low, 1, ""))],
@@ -432,6 +386,44 @@ pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S
         .await
         .expect_err("an entry without room for the tie-break");
     assert_eq!(error.kind(), BackendErrorKind::Config);
+}
+
+/// For each case `(name, held, offered, written)`: holds `held` under `name`, offers `offered`
+/// with `set_if_newer(version)`, and checks that exactly the cases marked `written` were.
+async fn offer_over_held<S: KvStore>(
+    store: &S,
+    ns: &Namespace,
+    version: VersionAt,
+    cases: &[(&str, Bytes, Bytes, bool)],
+) {
+    let entry = |name: &str, value: &Bytes| KvEntry {
+        key: key(ns, name),
+        value: value.clone(),
+        ttl: HOUR,
+    };
+    let held: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, held, ..)| entry(name, held))
+        .collect();
+    store.set_many(&held).await.expect("set_many");
+    let offered: Vec<KvEntry> = cases
+        .iter()
+        .map(|(name, _, offered, _)| entry(name, offered))
+        .collect();
+    let written = store
+        .set_if_newer(&offered, version)
+        .await
+        .expect("set_if_newer");
+    let expected = cases.iter().filter(|case| case.3).count() as u64;
+    assert_eq!(written, expected, "how many were written");
+    for (name, held, offered, replaced) in cases {
+        let expected = if *replaced { offered } else { held };
+        assert_eq!(
+            store.get(&key(ns, name)).await.expect("get").as_ref(),
+            Some(expected),
+            "{name}"
+        );
+    }
 }
 
 /// `delete_if_eq` deletes only the exact bytes given.
