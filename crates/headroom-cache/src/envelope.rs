@@ -8,7 +8,7 @@
 //! |---|---|
 //! | 2 | magic `b"hc"` |
 //! | 1 | format version |
-//! | 2 | header length `h`: the bytes from here up to the tags (25 in version 3, 23 in version 2, 19 in version 1) |
+//! | 2 | header length `h`: the bytes after this field up to the tags (32 in version 3, 30 in version 2, 26 in version 1) |
 //! | 1 | flags: bit 0 set when the entry caches "not found" (no payload follows); bit 1 set (with bit 0) when the entry is a tombstone: the key was removed |
 //! | 1 | codec id ([`Codec::ID`](crate::codec::Codec::ID)) |
 //! | 8 | created at, Unix milliseconds: when the value was written, or when its load began; also the entry's version (see [`VERSION_AT`]) |
@@ -16,7 +16,7 @@
 //! | 8 | expires at (hard TTL), Unix milliseconds |
 //! | 4 | schema version, set by the user (version 2; version 1 entries read as schema 0) |
 //! | 2 | created at, the microseconds within its millisecond (0–999): the tie-break of the entry's version (version 3; earlier entries read as 0) |
-//! | `h - 25` | fields added by later versions (skipped by this reader) |
+//! | `h - 32` | fields added by later versions (skipped by this reader) |
 //! | 1 | number of tags, then per tag: 1 byte length and UTF-8 bytes |
 //! | rest | the payload, encoded by the codec |
 //!
@@ -38,13 +38,18 @@ pub const CREATED_AT: usize = 7;
 /// Where the microseconds within the created-at millisecond start (format version 3).
 pub const CREATED_SUB_MS_MICROS: usize = 35;
 
+/// Where the format version sits in an encoded envelope.
+const FORMAT_AT: usize = 2;
+
 /// The entry's version, which
 /// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares: the
-/// created-at millisecond, then the microseconds within it. An entry of an earlier format is
-/// ordered by its millisecond; against a format 3 entry of the same millisecond, the tie-break
-/// reads the earlier entry's tags or payload at those bytes (0 if it ends before them), so
-/// such a tie is settled either way, as it was between two earlier entries.
-pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT).with_tie_at(CREATED_SUB_MS_MICROS);
+/// created-at millisecond, then, in entries of format 3 on, the microseconds within it. An
+/// entry of an earlier format has no microseconds: it ties at 0 with every entry of its
+/// millisecond (whatever it holds at those bytes), so a write of that millisecond replaces
+/// it, as it would between two earlier entries.
+pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT)
+    .with_tie_at(CREATED_SUB_MS_MICROS)
+    .with_tie_only_when(FORMAT_AT, 3);
 
 const MAGIC: [u8; 2] = *b"hc";
 /// Header bytes after the header-length field in version 1: flags, codec, three timestamps.

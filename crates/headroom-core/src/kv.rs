@@ -77,8 +77,9 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     /// equal one is replaced); returns how many entries were written.
     ///
     /// A value's version sits where `version` says (see [`VersionAt`]). A held value too
-    /// short to carry its `u64` is overwritten; one that ends before the tie-break has a
-    /// tie-break of 0. An entry too short to carry the whole version fails the call with
+    /// short to carry its `u64` is overwritten; one that ends before the tie-break, or whose
+    /// gate byte says it has none, has a tie-break of 0. An entry too short to carry the whole
+    /// version (its gate byte included) fails the call with
     /// [`BackendErrorKind::Config`](crate::BackendErrorKind::Config) before anything is
     /// written.
     ///
@@ -123,9 +124,13 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Where a value carries its version for [`KvStore::set_if_newer`]: a little-endian `u64` in
-/// its bytes `at..at + 8` and, when `tie_at` is set, a little-endian `u16` in its bytes
+/// its bytes `at..at + 8` and, optionally, a little-endian `u16` tie-break in its bytes
 /// `tie_at..tie_at + 2` that orders two values of one `u64` (a millisecond and the
 /// microseconds within it, say).
+///
+/// When values of several formats share a store, the tie-break can be made to count only in
+/// values of a format that carries it ([`with_tie_only_when`](Self::with_tie_only_when)); in
+/// the others it counts as 0, whatever their bytes hold there.
 ///
 /// ```
 /// use headroom_core::kv::{VersionAt, is_newer};
@@ -135,47 +140,116 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
 /// assert!(is_newer(&value(7, 500), Some(&value(7, 100)), version));
 /// assert!(!is_newer(&value(7, 100), Some(&value(7, 500)), version));
 /// assert!(!is_newer(&value(6, 900), Some(&value(7, 0)), version));
+///
+/// // A format byte first: the tie-break counts only from format 3 on.
+/// let version = VersionAt::new(1).with_tie_at(9).with_tie_only_when(0, 3);
+/// let value = |format: u8, ms: u64, us: u16| {
+///     [&[format][..], &ms.to_le_bytes(), &us.to_le_bytes()].concat()
+/// };
+/// assert!(is_newer(&value(3, 7, 100), Some(&value(2, 7, 500)), version));
+/// assert!(!is_newer(&value(3, 7, 100), Some(&value(3, 7, 500)), version));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionAt {
-    /// Where the `u64` starts.
-    pub at: usize,
-    /// Where the `u16` that breaks a tie starts, if the version has one.
-    pub tie_at: Option<usize>,
+    at: usize,
+    tie: Option<Tie>,
+}
+
+/// Where a version's tie-break sits, and which values carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tie {
+    at: usize,
+    /// The byte that must be at least the given value for the tie-break to count.
+    only_when: Option<(usize, u8)>,
 }
 
 impl VersionAt {
     /// A version that is the `u64` at `at`, without a tie-break.
     pub const fn new(at: usize) -> Self {
-        Self { at, tie_at: None }
+        Self { at, tie: None }
     }
 
     /// The same version, with the `u16` at `tie_at` to break a tie.
     pub const fn with_tie_at(self, tie_at: usize) -> Self {
         Self {
-            tie_at: Some(tie_at),
+            tie: Some(Tie {
+                at: tie_at,
+                only_when: None,
+            }),
             ..self
+        }
+    }
+
+    /// The same version, whose tie-break counts only in values whose byte at `byte_at` is at
+    /// least `at_least` (say, a format version from which values carry it); in any other
+    /// value, it counts as 0. Without a tie-break (see [`with_tie_at`](Self::with_tie_at)),
+    /// this changes nothing.
+    pub const fn with_tie_only_when(self, byte_at: usize, at_least: u8) -> Self {
+        match self.tie {
+            Some(tie) => Self {
+                tie: Some(Tie {
+                    only_when: Some((byte_at, at_least)),
+                    ..tie
+                }),
+                ..self
+            },
+            None => self,
+        }
+    }
+
+    /// Where the `u64` starts.
+    pub const fn at(self) -> usize {
+        self.at
+    }
+
+    /// Where the `u16` that breaks a tie starts, if the version has one.
+    pub const fn tie_at(self) -> Option<usize> {
+        match self.tie {
+            Some(tie) => Some(tie.at),
+            None => None,
+        }
+    }
+
+    /// The byte that decides whether the tie-break counts, and its least value, if one does.
+    pub const fn tie_only_when(self) -> Option<(usize, u8)> {
+        match self.tie {
+            Some(tie) => tie.only_when,
+            None => None,
         }
     }
 
     /// How many bytes a value needs to carry the whole version.
     pub fn len_needed(self) -> usize {
         let end = self.at.saturating_add(8);
-        self.tie_at
-            .map_or(end, |tie_at| end.max(tie_at.saturating_add(2)))
+        let Some(tie) = self.tie else { return end };
+        let gate_end = tie.only_when.map_or(0, |(at, _)| at.saturating_add(1));
+        end.max(tie.at.saturating_add(2)).max(gate_end)
+    }
+
+    /// The tie-break `value` carries: 0 when the version has none, `value` ends before it, or
+    /// its gate byte is missing or below its least value.
+    fn tie_of(self, value: &[u8]) -> u16 {
+        let Some(tie) = self.tie else { return 0 };
+        let counts = tie
+            .only_when
+            .is_none_or(|(at, least)| value.get(at).is_some_and(|byte| *byte >= least));
+        match value.get(tie.at..tie.at.saturating_add(2)) {
+            Some(&[low, high]) if counts => u16::from_le_bytes([low, high]),
+            _ => 0,
+        }
     }
 }
 
 /// The version `value` carries where `version` says (see [`KvStore::set_if_newer`]): its
-/// `u64`, then its tie-break, which counts as 0 when there is none or `value` ends before it
-/// (a value written by a format without one); `None` when `value` is too short for the `u64`.
+/// `u64`, then its tie-break, which counts as 0 when there is none, `value` ends before it (a
+/// value written by a format without one), or the version's gate byte says it does not count
+/// (see [`VersionAt::with_tie_only_when`]); `None` when `value` is too short for the `u64`.
 pub fn version_of(value: &[u8], version: VersionAt) -> Option<(u64, u16)> {
     let high = value.get(version.at..version.at.checked_add(8)?)?;
-    let tie = version
-        .tie_at
-        .and_then(|at| value.get(at..at.checked_add(2)?))
-        .map_or(0, |tie| u16::from_le_bytes([tie[0], tie[1]]));
-    Some((u64::from_le_bytes(high.try_into().ok()?), tie))
+    Some((
+        u64::from_le_bytes(high.try_into().ok()?),
+        version.tie_of(value),
+    ))
 }
 
 /// Whether `value` may replace `held` under [`KvStore::set_if_newer`].

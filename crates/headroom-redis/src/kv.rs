@@ -13,14 +13,17 @@ use redis::Script;
 use crate::Redis;
 
 /// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
-/// byte, that of its tie-break's first byte (0 for none), then per key: value, TTL in ms.
-/// Versions are little-endian, so bytes compare from the last one down, the tie-break's after
-/// the version's; a held value that ends before the tie-break has a tie-break of 0, which no
-/// offered one is below; an equal version is written. Returns how many keys were written.
+/// byte, that of its tie-break's first byte (0 for none), that of the byte the tie-break
+/// counts only when it is at least the next argument (0 for none), that least value, then per
+/// key: value, TTL in ms. Versions are little-endian, so bytes compare from the last one down;
+/// the tie-break decides between equal versions, and counts as 0 in a value that ends before
+/// it or whose gate byte is missing or below its least value; an equal version is written.
+/// Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local at, tie = tonumber(ARGV[1]), tonumber(ARGV[2])
+local gate, gate_least = tonumber(ARGV[3]), tonumber(ARGV[4])
 -- Whether value is newer than held in bytes first..last (most significant first); nil if equal.
 local function newer_in(held, value, first, last)
   for b = first, last, -1 do
@@ -29,20 +32,23 @@ local function newer_in(held, value, first, last)
   end
   return nil
 end
+-- The tie-break v carries.
+local function tie_of(v)
+  if tie == 0 or #v < tie + 1 then return 0 end
+  if gate > 0 and (#v < gate or string.byte(v, gate) < gate_least) then return 0 end
+  return string.byte(v, tie) + 256 * string.byte(v, tie + 1)
+end
 local written = 0
 for i, key in ipairs(KEYS) do
-  local value = ARGV[2 * i + 1]
+  local value = ARGV[2 * i + 3]
   local held = redis.call('GET', key)
   local newer = true
   if held and #held >= at + 7 then
     newer = newer_in(held, value, at + 7, at)
-    if newer == nil and tie > 0 and #held >= tie + 1 then
-      newer = newer_in(held, value, tie + 1, tie)
-    end
-    if newer == nil then newer = true end
+    if newer == nil then newer = tie_of(value) >= tie_of(held) end
   end
   if newer then
-    redis.call('SET', key, value, 'PX', ARGV[2 * i + 2])
+    redis.call('SET', key, value, 'PX', ARGV[2 * i + 4])
     written = written + 1
   end
 end
@@ -152,9 +158,14 @@ impl RedisKvStore {
         version: VersionAt,
     ) -> Result<u64, BackendError> {
         let mut invocation = SET_IF_NEWER.prepare_invoke();
+        let (gate, gate_least) = version
+            .tie_only_when()
+            .map_or((0, 0), |(at, least)| (at + 1, least));
         invocation
-            .arg(version.at + 1)
-            .arg(version.tie_at.map_or(0, |tie_at| tie_at + 1));
+            .arg(version.at() + 1)
+            .arg(version.tie_at().map_or(0, |tie_at| tie_at + 1))
+            .arg(gate)
+            .arg(gate_least);
         for (entry, millis) in entries {
             invocation
                 .key(entry.key.as_bytes())

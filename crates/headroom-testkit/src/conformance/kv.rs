@@ -309,7 +309,8 @@ fn tied(version: u64, tie: u16, tag: &str) -> Bytes {
 
 /// With a tie-break, `set_if_newer` orders two values of one version by it (equal ones are
 /// replaced), still lets the version decide first, counts the tie-break of a held value too
-/// short to carry one as 0, and refuses an entry too short to carry the tie-break.
+/// short to carry one, or whose gate byte is below its minimum, as 0, and refuses an entry
+/// too short to carry the tie-break.
 pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S, ns: Namespace) {
     let entry = |name: &str, value: Bytes| KvEntry {
         key: key(&ns, name),
@@ -378,6 +379,47 @@ pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S
         ("untied-same", versioned(low, ""), with_tie(low, 0), true),
     ];
     offer_over_held(store, &ns, trailing, &cases).await;
+    // A tie-break that counts only in values whose byte 2 is at least 3 (a format that
+    // carries it); in others it counts as 0, whatever their bytes there.
+    let gated_version = version.with_tie_only_when(2, 3);
+    let gated = |version: u64, gate: u8, tie: u16| {
+        let mut bytes = tied(version, tie, "").to_vec();
+        bytes[2] = gate;
+        Bytes::from(bytes)
+    };
+    let cases = [
+        (
+            "gate-held-below",
+            gated(low, 2, 900),
+            gated(low, 3, 100),
+            true,
+        ),
+        (
+            "gate-offered-below",
+            gated(low, 3, 100),
+            gated(low, 2, 900),
+            false,
+        ),
+        (
+            "gate-both-below",
+            gated(low, 2, 900),
+            gated(low, 0, 100),
+            true,
+        ),
+        (
+            "gate-both-met",
+            gated(low, 4, 500),
+            gated(low, 3, 100),
+            false,
+        ),
+        (
+            "gate-version-first",
+            gated(high, 2, 0),
+            gated(low, 3, 900),
+            false,
+        ),
+    ];
+    offer_over_held(store, &ns, gated_version, &cases).await;
     let error = store
         .set_if_newer(
             &[entry("tie-lower", tied(low, 1, ""))],
