@@ -139,10 +139,11 @@ impl Envelope<'_> {
     /// Appends the encoded envelope to `out`.
     ///
     /// At most [`MAX_TAGS`] tags of at most 255 bytes each are written; longer ones are cut.
+    /// Over 999 microseconds within the created-at millisecond are written as 999.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         let times = Times {
             created: self.created_unix_ms,
-            created_sub_ms: self.created_sub_ms_micros,
+            created_sub_ms: self.created_sub_ms_micros.min(999),
             fresh_until: self.fresh_until_unix_ms,
             expires: self.expires_unix_ms,
         };
@@ -473,6 +474,14 @@ mod tests {
         bytes[CREATED_SUB_MS_MICROS..CREATED_SUB_MS_MICROS + 2]
             .copy_from_slice(&1_000u16.to_le_bytes());
         assert!(matches!(decode(&bytes), Err(EnvelopeError::Malformed(_))));
+    }
+
+    #[test]
+    fn more_than_999_microseconds_are_written_as_999() {
+        let mut envelope = sample(None);
+        envelope.created_sub_ms_micros = 1_500;
+        let bytes = envelope.encode();
+        assert_eq!(decode(&bytes).map(|e| e.created_sub_ms_micros), Ok(999));
     }
 
     #[test]
