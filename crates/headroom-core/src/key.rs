@@ -102,7 +102,9 @@ impl Namespace {
     }
 
     /// Builds many keys of this namespace in one buffer: one allocation for all of them rather
-    /// than one each, for a batch read. `count` is how many keys are expected.
+    /// than one each, for a batch read. `count` is how many keys are expected (room for at
+    /// most 4096 is made up front; more grow the buffer). The keys share the buffer: one
+    /// kept keeps it all alive, so keep them only as long as the batch call.
     ///
     /// ```
     /// use headroom_core::Namespace;
@@ -117,7 +119,8 @@ impl Namespace {
     /// # Ok::<(), headroom_core::KeyError>(())
     /// ```
     pub fn key_batch(&self, count: usize) -> KeyBatch<'_> {
-        // Room for keys of 16 bytes; longer ones grow the buffer.
+        // Room for keys of 16 bytes; longer ones, or more, grow the buffer.
+        let count = count.min(4096);
         let each = self.prefix.len() + 1 + 16;
         KeyBatch {
             namespace: self,
@@ -293,6 +296,14 @@ mod tests {
         let one_at_a_time: Vec<Key> = parts.iter().map(|part| ns.key(part).unwrap()).collect();
         assert_eq!(batch.finish(), one_at_a_time, "refused keys add nothing");
         assert!(ns.key_batch(0).finish().is_empty());
+    }
+
+    #[test]
+    fn a_key_batch_of_any_expected_count_is_built() {
+        let ns = Namespace::new("shop").unwrap();
+        let mut batch = ns.key_batch(usize::MAX);
+        batch.push(b"a").unwrap();
+        assert_eq!(batch.finish(), [ns.key("a").unwrap()]);
     }
 
     #[test]
