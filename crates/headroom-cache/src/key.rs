@@ -13,9 +13,10 @@ pub trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
     /// The key's bytes in L2 (without the namespace).
     fn to_key_bytes(&self) -> Cow<'_, [u8]>;
 
-    /// Calls `f` with the key's L2 bytes, the same as [`to_key_bytes`](Self::to_key_bytes).
-    /// The cache's read paths use it; override it when the bytes can be written without an
-    /// allocation (integers write their decimal digits on the stack).
+    /// Calls `f` with the key's L2 bytes: exactly those of [`to_key_bytes`](Self::to_key_bytes),
+    /// or reads and writes of one key would use two L2 keys. The cache builds its L2 keys
+    /// through it; override it when the bytes can be written without an allocation (integers
+    /// write their decimal digits on the stack).
     ///
     /// ```
     /// use headroom_cache::CacheKey;
