@@ -41,15 +41,18 @@ pub const CREATED_SUB_MS_MICROS: usize = 35;
 /// Where the format version sits in an encoded envelope.
 const FORMAT_AT: usize = 2;
 
+/// The first format version that carries the microseconds within the created-at millisecond.
+const FIRST_WITH_MICROS: u8 = 3;
+
 /// The entry's version, which
 /// [`KvStore::set_if_newer`](headroom_core::kv::KvStore::set_if_newer) compares: the
 /// created-at millisecond, then, in entries of format 3 on, the microseconds within it. An
-/// entry of an earlier format has no microseconds: it ties at 0 with every entry of its
-/// millisecond (whatever it holds at those bytes), so a write of that millisecond replaces
-/// it, as it would between two earlier entries.
+/// entry of an earlier format counts as made at microsecond 0 of its millisecond (whatever it
+/// holds at those bytes), so a write of that millisecond replaces it, as it would between two
+/// earlier entries.
 pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT)
     .with_tie_at(CREATED_SUB_MS_MICROS)
-    .with_tie_only_when(FORMAT_AT, 3);
+    .with_tie_only_when(FORMAT_AT, FIRST_WITH_MICROS);
 
 const MAGIC: [u8; 2] = *b"hc";
 /// Header bytes after the header-length field in version 1: flags, codec, three timestamps.

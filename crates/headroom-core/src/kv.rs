@@ -152,48 +152,36 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionAt {
     at: usize,
-    tie: Option<Tie>,
-}
-
-/// Where a version's tie-break sits, and which values carry it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tie {
-    at: usize,
-    /// The byte that must be at least the given value for the tie-break to count.
-    only_when: Option<(usize, u8)>,
+    tie_at: Option<usize>,
+    tie_only_when: Option<(usize, u8)>,
 }
 
 impl VersionAt {
     /// A version that is the `u64` at `at`, without a tie-break.
     pub const fn new(at: usize) -> Self {
-        Self { at, tie: None }
+        Self {
+            at,
+            tie_at: None,
+            tie_only_when: None,
+        }
     }
 
-    /// The same version, with the `u16` at `tie_at` to break a tie.
+    /// This version, with the `u16` at `tie_at` to break a tie.
     pub const fn with_tie_at(self, tie_at: usize) -> Self {
         Self {
-            tie: Some(Tie {
-                at: tie_at,
-                only_when: None,
-            }),
+            tie_at: Some(tie_at),
             ..self
         }
     }
 
-    /// The same version, whose tie-break counts only in values whose byte at `byte_at` is at
+    /// This version, whose tie-break counts only in values whose byte at `byte_at` is at
     /// least `at_least` (say, a format version from which values carry it); in any other
-    /// value, it counts as 0. Without a tie-break (see [`with_tie_at`](Self::with_tie_at)),
-    /// this changes nothing.
+    /// value, it counts as 0. It applies to the tie-break set by
+    /// [`with_tie_at`](Self::with_tie_at), in either order; without one, it has no effect.
     pub const fn with_tie_only_when(self, byte_at: usize, at_least: u8) -> Self {
-        match self.tie {
-            Some(tie) => Self {
-                tie: Some(Tie {
-                    only_when: Some((byte_at, at_least)),
-                    ..tie
-                }),
-                ..self
-            },
-            None => self,
+        Self {
+            tie_only_when: Some((byte_at, at_least)),
+            ..self
         }
     }
 
@@ -204,36 +192,36 @@ impl VersionAt {
 
     /// Where the `u16` that breaks a tie starts, if the version has one.
     pub const fn tie_at(self) -> Option<usize> {
-        match self.tie {
-            Some(tie) => Some(tie.at),
-            None => None,
-        }
+        self.tie_at
     }
 
-    /// The byte that decides whether the tie-break counts, and its least value, if one does.
+    /// The byte that decides whether the tie-break counts, and its least value, if one does
+    /// (see [`with_tie_only_when`](Self::with_tie_only_when)).
     pub const fn tie_only_when(self) -> Option<(usize, u8)> {
-        match self.tie {
-            Some(tie) => tie.only_when,
+        match self.tie_at {
+            Some(_) => self.tie_only_when,
             None => None,
         }
     }
 
-    /// How many bytes a value needs to carry the whole version.
+    /// How many bytes a value needs to carry the whole version, its gate byte included.
     pub fn len_needed(self) -> usize {
         let end = self.at.saturating_add(8);
-        let Some(tie) = self.tie else { return end };
-        let gate_end = tie.only_when.map_or(0, |(at, _)| at.saturating_add(1));
-        end.max(tie.at.saturating_add(2)).max(gate_end)
+        let Some(tie_at) = self.tie_at else {
+            return end;
+        };
+        let gate_end = self.tie_only_when.map_or(0, |(at, _)| at.saturating_add(1));
+        end.max(tie_at.saturating_add(2)).max(gate_end)
     }
 
     /// The tie-break `value` carries: 0 when the version has none, `value` ends before it, or
     /// its gate byte is missing or below its least value.
     fn tie_of(self, value: &[u8]) -> u16 {
-        let Some(tie) = self.tie else { return 0 };
-        let counts = tie
-            .only_when
+        let Some(tie_at) = self.tie_at else { return 0 };
+        let counts = self
+            .tie_only_when
             .is_none_or(|(at, least)| value.get(at).is_some_and(|byte| *byte >= least));
-        match value.get(tie.at..tie.at.saturating_add(2)) {
+        match value.get(tie_at..tie_at.saturating_add(2)) {
             Some(&[low, high]) if counts => u16::from_le_bytes([low, high]),
             _ => 0,
         }
@@ -412,5 +400,39 @@ impl<S: KvStore> KvStore for Arc<S> {
     }
     async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
         S::delete_if_eq(self, key, expected).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_applies_in_either_order_and_counts_in_the_length_needed() {
+        let gated = VersionAt::new(0).with_tie_at(8).with_tie_only_when(12, 3);
+        assert_eq!(
+            VersionAt::new(0).with_tie_only_when(12, 3).with_tie_at(8),
+            gated
+        );
+        assert_eq!(gated.len_needed(), 13);
+        assert_eq!(gated.tie_only_when(), Some((12, 3)));
+        assert_eq!(VersionAt::new(0).with_tie_only_when(12, 3).len_needed(), 8);
+        assert_eq!(
+            VersionAt::new(0).with_tie_only_when(12, 3).tie_only_when(),
+            None
+        );
+        let value = |tie: u16, gate: u8| {
+            [&7u64.to_le_bytes()[..], &tie.to_le_bytes(), &[0, 0, gate]].concat()
+        };
+        assert_eq!(version_of(&value(500, 3), gated), Some((7, 500)));
+        assert_eq!(version_of(&value(500, 2), gated), Some((7, 0)));
+        assert_eq!(version_of(&value(500, 2)[..12], gated), Some((7, 0)));
+        let entry = |value: &[u8]| KvEntry {
+            key: crate::Namespace::new("t").unwrap().key("k").unwrap(),
+            value: Bytes::copy_from_slice(value),
+            ttl: Duration::from_secs(1),
+        };
+        assert!(check_versions(&[entry(&value(1, 3))], gated).is_ok());
+        assert!(check_versions(&[entry(&value(1, 3)[..12])], gated).is_err());
     }
 }

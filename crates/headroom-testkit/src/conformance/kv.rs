@@ -308,9 +308,9 @@ fn tied(version: u64, tie: u16, tag: &str) -> Bytes {
 }
 
 /// With a tie-break, `set_if_newer` orders two values of one version by it (equal ones are
-/// replaced), still lets the version decide first, counts the tie-break of a held value too
-/// short to carry one, or whose gate byte is below its minimum, as 0, and refuses an entry
-/// too short to carry the tie-break.
+/// replaced), still lets the version decide first, counts as 0 the tie-break of a held value
+/// too short to carry one and that of any value, held or offered, whose gate byte is below
+/// its least value, and refuses an entry too short to carry the tie-break.
 pub async fn set_if_newer_breaks_a_tie_by_the_second_field<S: KvStore>(store: &S, ns: Namespace) {
     let entry = |name: &str, value: Bytes| KvEntry {
         key: key(&ns, name),
