@@ -169,7 +169,10 @@ impl Envelope<'_> {
 
     /// The encoded envelope.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.payload.map_or(0, <[u8]>::len));
+        // Magic, version and header length; the header; the tags' count.
+        let fixed = 5 + usize::from(HEADER_V3) + 1;
+        let tags: usize = self.tags.iter().map(|tag| 1 + tag.len()).sum();
+        let mut out = Vec::with_capacity(fixed + tags + self.payload.map_or(0, <[u8]>::len));
         self.encode_into(&mut out);
         out
     }
@@ -408,6 +411,14 @@ mod tests {
         for payload in [Some(&b"xyz"[..]), Some(&b""[..]), None] {
             let env = sample(payload);
             assert_eq!(decode(&env.encode()), Ok(env));
+        }
+    }
+
+    #[test]
+    fn encode_sizes_its_buffer_exactly() {
+        for payload in [Some(&b"xyz"[..]), None] {
+            let bytes = sample(payload).encode();
+            assert_eq!(bytes.capacity(), bytes.len());
         }
     }
 
