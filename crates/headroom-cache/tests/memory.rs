@@ -1853,6 +1853,19 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     );
 }
 
+/// A cache with a TTL of a minute over an in-memory L2, both on a manual clock.
+fn minute_cache() -> (ManualClock, Probe<MemoryKvStore>, Cache<String, String>) {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    (clock, l2, cache)
+}
+
 /// An L2 entry as an instance of the previous version writes it: format 2, versioned to the
 /// millisecond `created`, alive for a minute; the postcard encoding of `value`, or a tombstone.
 fn format_2_entry(created: u64, value: Option<&str>) -> Vec<u8> {
@@ -1878,14 +1891,7 @@ fn format_2_entry(created: u64, value: Option<&str>) -> Vec<u8> {
 /// version wrote is not replaced by an older write of this one.
 #[tokio::test]
 async fn a_format_2_tombstone_is_not_replaced_by_an_older_write() {
-    let clock = ManualClock::new();
-    let l2 = store(&clock);
-    let cache: Cache<String, String> = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .l2(l2.clone(), ns())
-        .build()
-        .unwrap();
+    let (clock, l2, cache) = minute_cache();
     let k = key("k");
     let l2_key = ns().key("k").unwrap();
     let removed = clock.clock().unix_millis();
@@ -1916,14 +1922,7 @@ async fn a_format_2_tombstone_is_not_replaced_by_an_older_write() {
 /// whatever that entry holds where format 3 keeps the microseconds, it ties at 0.
 #[tokio::test]
 async fn a_write_in_the_millisecond_of_a_format_2_entry_replaces_it() {
-    let clock = ManualClock::new();
-    let l2 = store(&clock);
-    let cache: Cache<String, String> = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .l2(l2.clone(), ns())
-        .build()
-        .unwrap();
+    let (clock, l2, cache) = minute_cache();
     let written = clock.clock().unix_millis();
     // Its payload's first byte, the string's length (31), sits where format 3 keeps the
     // microseconds' high byte: read as microseconds, 7936.
@@ -1962,14 +1961,7 @@ async fn a_write_in_the_millisecond_of_a_format_2_entry_replaces_it() {
 /// entry's deadlines and its L2 lifetime still count from the call.
 #[tokio::test]
 async fn a_write_time_in_the_future_counts_as_now_and_one_long_ago_still_lives_its_ttl() {
-    let clock = ManualClock::new();
-    let l2 = store(&clock);
-    let cache: Cache<String, String> = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .l2(l2.clone(), ns())
-        .build()
-        .unwrap();
+    let (clock, l2, cache) = minute_cache();
     let (k, old) = (key("k"), key("old"));
     cache
         .insert_at(
