@@ -152,7 +152,8 @@ enum Wait<V> {
 #[derive(Clone)]
 pub(crate) struct Slot<V> {
     value: Option<V>,
-    created_unix_ms: u64,
+    /// When the value was made, in Unix microseconds: its version, as in L2.
+    created_micros: u64,
     /// Until then, a hit is served as is.
     fresh_until: Instant,
     /// Until then, a hit is served (and refreshed in the background after `fresh_until`).
@@ -996,7 +997,7 @@ where
         }
         Slot {
             value,
-            created_unix_ms: times.created,
+            created_micros: times.created_micros(),
             fresh_until: after(times.fresh_until).min(expires_at),
             expires_at,
             stale_until,
@@ -1371,7 +1372,7 @@ where
     fn adopt(&self, found: Option<Slot<V>>, best: &mut Option<Slot<V>>, now: Instant) -> bool {
         let newer = found.filter(|slot| {
             best.as_ref()
-                .is_none_or(|b| slot.created_unix_ms >= b.created_unix_ms)
+                .is_none_or(|b| slot.created_micros >= b.created_micros)
         });
         let Some(slot) = newer else {
             self.metrics.l2_misses.increment(1);

@@ -1853,6 +1853,54 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     );
 }
 
+/// A load takes L2's copy only when it is at least as new as the one this instance holds, to
+/// the microsecond as in L2: an older copy written after L2 lost the newer one (a restart
+/// without persistence) is loaded over, whether it is older by a millisecond or by a few
+/// microseconds of the same one.
+#[tokio::test]
+async fn a_load_does_not_take_an_l2_copy_older_than_its_own() {
+    for older_by in [Duration::from_millis(1), Duration::from_micros(400)] {
+        let clock = ManualClock::new();
+        let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+        let instance = || -> Cache<String, String> {
+            Cache::builder()
+                .clock(clock.clock())
+                .ttl(60 * SEC)
+                .fail_safe_max_stale(60 * SEC)
+                .l2(shared.clone(), ns())
+                .build()
+                .unwrap()
+        };
+        let (holder, other) = (instance(), instance());
+        let k = key("k");
+        let made = UNIX_EPOCH + Duration::from_millis(clock.clock().unix_millis());
+        let newer = made + Duration::from_micros(500);
+        holder
+            .insert_at(k.clone(), "newer".into(), newer)
+            .await
+            .unwrap();
+        // L2 restarts empty; another instance then writes an older value.
+        shared.delete(&[ns().key("k").unwrap()]).await.unwrap();
+        clock.advance(30 * SEC);
+        other
+            .insert_at(k.clone(), "older".into(), newer - older_by)
+            .await
+            .unwrap();
+        // The holder's copy has expired; L2's is fresh.
+        clock.advance(31 * SEC);
+        let loads = Counter::default();
+        assert_eq!(
+            holder
+                .get_or_load(&k, loads.loader())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("k#1"),
+            "older by {older_by:?}: loaded, not taken from L2"
+        );
+    }
+}
+
 /// A cache with a TTL of a minute over an in-memory L2, both on a manual clock.
 fn minute_cache() -> (ManualClock, Probe<MemoryKvStore>, Cache<String, String>) {
     let clock = ManualClock::new();
