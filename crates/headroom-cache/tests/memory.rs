@@ -1875,6 +1875,8 @@ async fn a_load_does_not_take_an_l2_copy_older_than_its_own() {
         let k = key("k");
         let made = UNIX_EPOCH + Duration::from_millis(clock.clock().unix_millis());
         let newer = made + Duration::from_micros(500);
+        // Both writes' times in the past, where they count as given.
+        clock.advance(Duration::from_millis(10));
         holder
             .insert_at(k.clone(), "newer".into(), newer)
             .await
