@@ -1903,115 +1903,24 @@ async fn a_load_does_not_take_an_l2_copy_older_than_its_own() {
     }
 }
 
-/// A cache with a TTL of a minute over an in-memory L2, both on a manual clock.
-fn minute_cache() -> (ManualClock, Probe<MemoryKvStore>, Cache<String, String>) {
-    let clock = ManualClock::new();
-    let l2 = store(&clock);
-    let cache = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .l2(l2.clone(), ns())
-        .build()
-        .unwrap();
-    (clock, l2, cache)
-}
-
-/// An L2 entry as an instance of the previous version writes it: format 2, versioned to the
-/// millisecond `created`, alive for a minute; the postcard encoding of `value`, or a tombstone.
-fn format_2_entry(created: u64, value: Option<&str>) -> Vec<u8> {
-    let mut entry = b"hc\x02".to_vec();
-    // The header after its length: flags, codec, three times, schema.
-    entry.extend_from_slice(&30u16.to_le_bytes());
-    // Flags ("not found" and "tombstone" for a tombstone), then the postcard codec's id.
-    entry.extend_from_slice(&[if value.is_some() { 0 } else { 3 }, 1]);
-    for time in [created, created, created + 60_000] {
-        entry.extend_from_slice(&time.to_le_bytes());
-    }
-    entry.extend_from_slice(&0u32.to_le_bytes());
-    // No tags.
-    entry.push(0);
-    if let Some(value) = value {
-        entry.extend_from_slice(&postcard::to_allocvec(value).unwrap());
-    }
-    entry
-}
-
-/// During a rolling deploy, an L2 entry of format 2 (versioned to the millisecond, without the
-/// microseconds) keeps its place by its millisecond: a tombstone an instance of the previous
-/// version wrote is not replaced by an older write of this one.
 #[tokio::test]
-async fn a_format_2_tombstone_is_not_replaced_by_an_older_write() {
-    let (clock, l2, cache) = minute_cache();
-    let k = key("k");
-    let l2_key = ns().key("k").unwrap();
-    let removed = clock.clock().unix_millis();
-    let tombstone = format_2_entry(removed, None);
-    assert!(envelope::decode(&tombstone).unwrap().tombstone);
-    l2.inner
-        .set(&l2_key, tombstone.clone().into(), 60 * SEC)
-        .await
-        .unwrap();
-    clock.advance(Duration::from_millis(10));
-
-    let before = UNIX_EPOCH + Duration::from_millis(removed - 1);
-    cache
-        .insert_at(k.clone(), "written before the removal".into(), before)
-        .await
-        .unwrap();
-    assert_eq!(
-        l2.inner.get(&l2_key).await.unwrap().as_deref(),
-        Some(&tombstone[..]),
-        "the removal stays in L2"
-    );
-    cache.invalidate_local(&k);
-    assert_eq!(cache.get(&k).await.unwrap(), None, "the removal stays");
-}
-
-/// During a rolling deploy, a write of this version in the millisecond of a format 2 entry
-/// (which has no microseconds) takes the key, as a write of the previous version would:
-/// whatever that entry holds where format 3 keeps the microseconds, it ties at 0.
-#[tokio::test]
-async fn a_write_in_the_millisecond_of_a_format_2_entry_replaces_it() {
-    let (clock, l2, cache) = minute_cache();
-    let written = clock.clock().unix_millis();
-    // Its payload's first byte, the string's length (31), sits where format 3 keeps the
-    // microseconds' high byte: read as microseconds, 7936.
-    let old = "written by the previous version".to_owned();
-    let at = |micros| UNIX_EPOCH + Duration::from_millis(written) + Duration::from_micros(micros);
-    for name in ["removed", "replaced"] {
-        let entry = format_2_entry(written, Some(&old));
-        assert_eq!(
-            envelope::decode(&entry).unwrap().payload,
-            Some(&postcard::to_allocvec(&old).unwrap()[..])
-        );
-        l2.inner
-            .set(&ns().key(name).unwrap(), entry.into(), 60 * SEC)
-            .await
-            .unwrap();
-    }
-    clock.advance(Duration::from_millis(10));
-
-    let (removed, replaced) = (key("removed"), key("replaced"));
-    cache.remove_at(&removed, at(500)).await.unwrap();
-    cache
-        .insert_at(replaced.clone(), "new".into(), at(0))
-        .await
-        .unwrap();
-    cache.invalidate_local(&removed);
-    cache.invalidate_local(&replaced);
-    assert_eq!(cache.get(&removed).await.unwrap(), None, "the removal");
-    assert_eq!(
-        cache.get(&replaced).await.unwrap().as_deref(),
-        Some("new"),
-        "the write"
-    );
+async fn format_2_entries_on_memory_l2() {
+    common::format_2_entries_keep_their_place_by_their_millisecond(MemoryKvStore::new(), ns())
+        .await;
 }
 
 /// A time past the cache's clock counts as now, and one from long ago as one TTL ago: the
 /// entry's deadlines and its L2 lifetime still count from the call.
 #[tokio::test]
 async fn a_write_time_in_the_future_counts_as_now_and_one_long_ago_still_lives_its_ttl() {
-    let (clock, l2, cache) = minute_cache();
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
     let (k, old) = (key("k"), key("old"));
     cache
         .insert_at(

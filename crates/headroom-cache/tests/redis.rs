@@ -73,6 +73,24 @@ async fn garbage_on_redis_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_2_entries_on_redis() {
+    common::format_2_entries_keep_their_place_by_their_millisecond(
+        standalone().await,
+        unique_namespace("format-2"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_2_entries_on_redis_cluster() {
+    common::format_2_entries_keep_their_place_by_their_millisecond(
+        cluster().await,
+        unique_namespace("format-2"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_written_by_redis_cli_is_a_miss() {
     let ns = unique_namespace("cli");
     let cache: Cache<String, String> = Cache::builder()

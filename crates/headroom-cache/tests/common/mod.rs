@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use headroom_cache::{Cache, CacheError};
@@ -285,6 +285,102 @@ pub async fn garbage_in_l2_is_a_miss<S: KvStore + Clone>(store: S, ns: Namespace
         assert_eq!(loaded, Some(format!("fresh {name}")));
         cache.invalidate_local(&name);
     }
+}
+
+/// An L2 entry as an instance of the previous version writes it: format 2, versioned to the
+/// millisecond `created`, alive for a minute; the postcard encoding of `value`, or a tombstone.
+pub fn format_2_entry(created: u64, value: Option<&str>) -> Vec<u8> {
+    let mut entry = b"hc\x02".to_vec();
+    // The header after its length: flags, codec, three times, schema.
+    entry.extend_from_slice(&30u16.to_le_bytes());
+    // Flags ("not found" and "tombstone" for a tombstone), then the postcard codec's id.
+    entry.extend_from_slice(&[if value.is_some() { 0 } else { 3 }, 1]);
+    for time in [created, created, created + 60_000] {
+        entry.extend_from_slice(&time.to_le_bytes());
+    }
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    // No tags.
+    entry.push(0);
+    if let Some(value) = value {
+        entry.extend_from_slice(&postcard::to_allocvec(value).expect("postcard"));
+    }
+    entry
+}
+
+/// During a rolling deploy, L2 entries of format 2 (versioned to the millisecond, without the
+/// microseconds) keep their place by their millisecond, as between two format 2 entries: a
+/// tombstone is not replaced by an older write of this version, and a write in an entry's
+/// millisecond replaces it, whatever that entry holds where format 3 keeps the microseconds.
+pub async fn format_2_entries_keep_their_place_by_their_millisecond<S: KvStore + Clone>(
+    store: S,
+    ns: Namespace,
+) {
+    let cache: Cache<String, String> = Cache::builder()
+        .ttl(Duration::from_secs(60))
+        .l2(store.clone(), ns.clone())
+        .build()
+        .expect("cache");
+    // A second ago: a write time in the past counts as given.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    let written = u64::try_from(now.as_millis()).expect("millis") - 1_000;
+    let at = |micros| UNIX_EPOCH + Duration::from_millis(written) + Duration::from_micros(micros);
+    // Its payload's first byte, the string's length (31), sits where format 3 keeps the
+    // microseconds' high byte: read as microseconds, 7936.
+    let old = "written by the previous version";
+    let held = [
+        ("tombstone", format_2_entry(written, None)),
+        ("removed", format_2_entry(written, Some(old))),
+        ("replaced", format_2_entry(written, Some(old))),
+    ];
+    for (name, entry) in &held {
+        let decoded = headroom_cache::envelope::decode(entry).expect("a format 2 envelope");
+        assert_eq!(decoded.tombstone, *name == "tombstone");
+        let key = ns.key(name).expect("key");
+        store
+            .set(&key, Bytes::from(entry.clone()), Duration::from_secs(60))
+            .await
+            .expect("set");
+    }
+
+    let names = held.each_ref().map(|(name, _)| (*name).to_owned());
+    let [tombstone, removed, replaced] = &names;
+    cache
+        .insert_at(
+            tombstone.clone(),
+            "older".into(),
+            at(0) - Duration::from_millis(1),
+        )
+        .await
+        .expect("insert_at");
+    cache.remove_at(removed, at(500)).await.expect("remove_at");
+    cache
+        .insert_at(replaced.clone(), "new".into(), at(0))
+        .await
+        .expect("insert_at");
+    let in_l2 = store.get(&ns.key(tombstone).expect("key")).await;
+    assert_eq!(
+        in_l2.expect("get").as_deref(),
+        Some(&held[0].1[..]),
+        "the tombstone stays in L2"
+    );
+    for name in &names {
+        cache.invalidate_local(name);
+    }
+    assert_eq!(
+        cache.get(tombstone).await.expect("get"),
+        None,
+        "the removal stays"
+    );
+    assert_eq!(
+        cache.get(removed).await.expect("get"),
+        None,
+        "a removal in its millisecond"
+    );
+    assert_eq!(
+        cache.get(replaced).await.expect("get").as_deref(),
+        Some("new"),
+        "a write in its millisecond"
+    );
 }
 
 /// A store whose writes (`set`, `set_many`, `delete`) wait at a gate while `hold` is on.
