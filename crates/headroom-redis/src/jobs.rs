@@ -68,6 +68,15 @@ end
 local function stream(lane)
   return P .. ':s:' .. lane
 end
+-- The fields of record `rk`, or nil when the key holds another type: not what the store
+-- wrote, so corrupt, and not an error that would stop the script half way.
+local function read_record(rk, ...)
+  local r = redis.pcall('HMGET', rk, ...)
+  if r.err then
+    return nil
+  end
+  return r
+end
 -- A whole number the store wrote (at most 15 digits, exact in a double), or nil.
 local function int(v)
   if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
@@ -242,7 +251,8 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   if #due > 0 then
     redis.call('ZREMRANGEBYRANK', P .. ':d', 0, #due - 1)
     for _, n in ipairs(due) do
-      local lane = redis.call('HGET', record(n), 'l')
+      local r = read_record(record(n), 'l')
+      local lane = r and r[1]
       if lane and string.match(lane, '^[0-7]$') then
         push(lane, n)
       else
@@ -273,7 +283,10 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       return 'bad', 'entry ' .. id
     end
     local rk = record(n)
-    local r = redis.call('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
+    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h')
+    if not r then
+      return 'bad', 'job ' .. n, n
+    end
     local state = r[1]
     local attempt, enqueued = int(r[2]), int(r[3])
     if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
@@ -451,7 +464,10 @@ return fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], 4, #ARGV)
 const STEP: &str = r"
 local n = ARGV[1]
 local rk = record(n)
-local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't', 'c')
+local r = read_record(rk, 's', 'a', 'l', 'sid', 't', 'c')
+if not r then
+  return -1
+end
 if r[1] ~= 'r' or r[2] ~= ARGV[2] then
   return 0
 end
@@ -577,9 +593,11 @@ local function complete_jobs(from)
   for i = from + 1, #ARGV, 3 do
     local n = ARGV[i]
     local rk = record(n)
-    local r = redis.call('HMGET', rk, 's', 'a', 'l', 'sid', 't')
+    local r = read_record(rk, 's', 'a', 'l', 'sid', 't')
     local answer = 0
-    if r[1] == 'r' and r[2] == ARGV[i + 1] then
+    if not r then
+      answer = -1
+    elseif r[1] == 'r' and r[2] == ARGV[i + 1] then
       local lane, sid, tenant = r[3], r[4], r[5]
       -- The lane compared as a one-character string: cheaper than a pattern, per job.
       if lane and #lane == 1 and lane >= '0' and lane <= '7' and sid and string.match(sid, '^%d+%-%d+$') then
@@ -677,7 +695,8 @@ for lane = 0, MAX_LANE do
       end
       local first = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 1)[1]
       if first and type(first[2]) == 'table' and first[2][1] == 'n' and type(first[2][2]) == 'string' then
-        local e = int(redis.call('HGET', record(first[2][2]), 'e'))
+        local r = read_record(record(first[2][2]), 'e')
+        local e = r and int(r[1])
         if e and (not oldest or e < oldest) then
           oldest = e
         end
@@ -755,8 +774,9 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   10,000 dead letters are listed per partition (older ones stay readable by `status`).
 /// - On Redis Cluster every partition key must carry a `{hash tag}`; one without is refused
 ///   with [`BackendErrorKind::Config`].
-/// - A record whose fields are not what the store wrote yields [`BackendErrorKind::Corrupt`].
-///   A fetch stops at one: if it delivered nothing yet, it takes the job off its lane (so it
+/// - A record whose fields are not what the store wrote, or a key of another type in its
+///   place, yields [`BackendErrorKind::Corrupt`] (from `status`, a key of another type is
+///   Redis' own error, [`BackendErrorKind::Command`]). A fetch stops at one: if it delivered nothing yet, it takes the job off its lane (so it
 ///   blocks nobody) and fails; otherwise it answers what it delivered and leaves the corrupt
 ///   job for the next fetch. No job is ever delivered along with an error.
 #[derive(Clone, Debug)]

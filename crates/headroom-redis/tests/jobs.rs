@@ -172,6 +172,7 @@ on_both!(
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
+    a_record_of_another_type_is_corrupt_and_stops_no_other_job,
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
     invalid_arguments_are_refused_before_redis,
@@ -690,6 +691,103 @@ async fn buried_jobs_are_dead_letters_newest_first(ctx: Ctx) {
     assert_eq!(ctx.store.stats(&p).await.unwrap().dead, 2);
 }
 
+/// A job's record replaced by a key of another type (a string here): a fetch meeting it,
+/// among ready, due or lapsed jobs, fails typed with `Corrupt`, takes it off its lane, and
+/// leaves every other job deliverable; none is lost with it.
+async fn a_record_of_another_type_is_corrupt_and_stops_no_other_job(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let numbers = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.number).collect::<Vec<_>>();
+    async fn replace(ctx: &Ctx, p: &Key, number: JobNumber) {
+        let record = sub(p, &format!(":j:{number}"));
+        let _: i64 = ctx.raw(redis::cmd("DEL").arg(&record)).await;
+        let _: () = ctx.raw(redis::cmd("SET").arg(&record).arg("x")).await;
+    }
+    async fn fetch_err(ctx: &Ctx, p: &Key, visibility: Duration) -> BackendErrorKind {
+        let request = FetchRequest {
+            consumer: "w",
+            lanes: &[0],
+            max: 10,
+            visibility,
+        };
+        ctx.store.fetch(p, request).await.unwrap_err().kind()
+    }
+
+    // Ready: the jobs before it are delivered, then it fails alone, then the rest come.
+    let [before, bad, after] = [
+        ctx.add(&p, job("before")).await,
+        ctx.add(&p, job("bad")).await,
+        ctx.add(&p, job("after")).await,
+    ];
+    replace(&ctx, &p, bad).await;
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [before]);
+    assert_eq!(fetch_err(&ctx, &p, LONG).await, BackendErrorKind::Corrupt);
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [after]);
+    for number in [before, after] {
+        let done = ctx.store.complete(&p, number, 1, Bytes::new(), LONG).await;
+        assert_eq!(done.unwrap(), Fenced::Applied);
+    }
+
+    // Due: two jobs waiting to be retried, one replaced; the other still comes.
+    let [x, y] = [ctx.add(&p, job("x")).await, ctx.add(&p, job("y")).await];
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [x, y]);
+    for number in [x, y] {
+        let retried = ctx.store.retry(&p, number, 1, Duration::ZERO, Bytes::new());
+        assert_eq!(retried.await.unwrap(), Fenced::Applied);
+    }
+    replace(&ctx, &p, x).await;
+    assert_eq!(fetch_err(&ctx, &p, LONG).await, BackendErrorKind::Corrupt);
+    let again = ctx.fetch(&p, "w", &[0], 10, LONG).await;
+    assert_eq!((again[0].number, again[0].attempt), (y, 2));
+    assert_eq!(again.len(), 1);
+    let done = ctx.store.complete(&p, y, 2, Bytes::new(), LONG).await;
+    assert_eq!(done.unwrap(), Fenced::Applied);
+
+    // Running: its steps and a batch completion answer `Corrupt` for it alone (the other job
+    // is completed), and a takeover fails on it once, taking it off its lane.
+    let [held, other] = [
+        ctx.add(&p, job("held")).await,
+        ctx.add(&p, job("other")).await,
+    ];
+    assert_eq!(
+        numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await),
+        [held, other]
+    );
+    replace(&ctx, &p, held).await;
+    let err = ctx.store.extend(&p, held, 1).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let done = |number| Completion {
+        number,
+        attempt: 1,
+        result: Bytes::new(),
+    };
+    let answers = ctx
+        .store
+        .complete_many(&p, &[done(held), done(other)], LONG)
+        .await
+        .expect("complete_many");
+    assert_eq!(
+        answers[0].as_ref().map_err(|e| e.kind()).unwrap_err(),
+        BackendErrorKind::Corrupt
+    );
+    assert!(matches!(answers[1], Ok(Fenced::Applied)), "{answers:?}");
+    assert_eq!(
+        fetch_err(&ctx, &p, Duration::ZERO).await,
+        BackendErrorKind::Corrupt
+    );
+    assert!(
+        ctx.fetch(&p, "v", &[0], 10, Duration::ZERO)
+            .await
+            .is_empty()
+    );
+
+    // None of the replaced jobs is counted or listed any more.
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!(
+        (stats.unfinished, stats.ready, stats.running, stats.delayed),
+        (0, 0, 0, 0)
+    );
+}
+
 /// A hand-back count the store did not write: a release fails on it with a typed error and
 /// changes nothing (the job stays held, for a takeover), and a delivery reads it as no
 /// hand-backs, so every delivery is charged.
@@ -823,7 +921,7 @@ async fn garbage_in_a_record_is_a_typed_error(ctx: Ctx) {
             .complete(&p, bad, 1, Bytes::new(), LONG)
             .await
             .map_err(|e| e.kind()),
-        Err(BackendErrorKind::Command)
+        Err(BackendErrorKind::Corrupt)
     );
 
     // A running job whose delivery id was overwritten: its steps fail typed, change nothing.
