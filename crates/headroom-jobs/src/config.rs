@@ -229,13 +229,30 @@ impl WorkerConfig {
         let exponent = attempt.saturating_sub(1).min(64) as i32;
         let full = (self.backoff_initial.as_secs_f64() * self.backoff_multiplier.powi(exponent))
             .min(self.backoff_max.as_secs_f64());
-        Duration::from_secs_f64(full * (1.0 - self.backoff_jitter * draw))
+        // `backoff_max` may be past what seconds in an `f64` convert back exactly.
+        Duration::try_from_secs_f64(full * (1.0 - self.backoff_jitter * draw))
+            .unwrap_or(self.backoff_max)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_backoff_is_the_maximum_without_a_panic() {
+        let config = WorkerConfig {
+            backoff_initial: Duration::from_secs(1),
+            backoff_multiplier: 1e300,
+            backoff_max: Duration::MAX,
+            ..WorkerConfig::default()
+        };
+        config.validate().unwrap();
+        for attempt in [2, 100, u32::MAX] {
+            assert_eq!(config.backoff(attempt, 0.0), Duration::MAX);
+            assert!(config.backoff(attempt, 1.0) < Duration::MAX);
+        }
+    }
 
     #[test]
     fn backoff_grows_by_the_multiplier_up_to_the_maximum_and_jitters_down() {

@@ -438,8 +438,10 @@ impl<S: JobStore> JobQueue<S> {
             config.max_retry_after
         };
         // Up to half again at random, so the producers refused together do not all come back
-        // at the same moment.
-        wait.mul_f64(1.0 + fastrand::f64() / 2.0)
+        // at the same moment; past what a `Duration` holds, the longest.
+        let jittered = wait.as_secs_f64() * (1.0 + fastrand::f64() / 2.0);
+        Duration::try_from_secs_f64(jittered)
+            .unwrap_or(Duration::MAX)
             .clamp(config.min_retry_after, config.max_retry_after)
     }
 

@@ -630,7 +630,7 @@ where
                 (empty_in_a_row >= partitions).then(|| {
                     empty_in_a_row = 0;
                     let pause = idle;
-                    idle = (idle * 2).min(config.poll_interval);
+                    idle = idle.saturating_mul(2).min(config.poll_interval);
                     pause
                 })
             }
@@ -1027,17 +1027,23 @@ impl<S: JobStore> Held<'_, S> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Fenced, BackendError>>,
     {
-        let deadline = tokio::time::Instant::now() + self.budget;
+        // No deadline when the budget (half the visibility) is past what an `Instant` holds.
+        let deadline = tokio::time::Instant::now().checked_add(self.budget);
         let mut pause = Duration::from_millis(50);
         let mut failed_before = false;
         loop {
             match step().await {
                 Err(error)
-                    if error.is_retryable() && tokio::time::Instant::now() + pause < deadline =>
+                    if error.is_retryable()
+                        && deadline.is_none_or(|deadline| {
+                            tokio::time::Instant::now()
+                                .checked_add(pause)
+                                .is_some_and(|resumed| resumed < deadline)
+                        }) =>
                 {
                     failed_before = true;
                     tokio::time::sleep(pause).await;
-                    pause *= 2;
+                    pause = pause.saturating_mul(2);
                 }
                 Ok(Fenced::Rejected) if failed_before && self.is(landed).await => {
                     return Ok(Fenced::Applied);

@@ -681,7 +681,7 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
         shared.metrics.failures.increment(1);
         tracing::warn!(queue = %shared.queue.inner.name, error, retry_in = ?pause, "the writer failed; the batch waits");
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(shared.config.retry_max);
+        pause = pause.saturating_mul(2).min(shared.config.retry_max);
     }
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use headroom_core::jobs::{FetchRequest, JobStore};
 use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, Worker};
+use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, QueueConfig, Worker};
 use support::SlowStore;
 
 async fn wait_for_state<S: JobStore>(queue: &JobQueue<S>, id: JobId, state: JobState) {
@@ -230,6 +230,50 @@ async fn a_full_queue_refuses_with_a_retry_after_and_accepts_again_as_it_drains(
         "{retry_after:?}"
     );
     worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The longest durations a configuration takes are bounds, not arithmetic to overflow: a
+/// refusal with no drain yet, a finished job's store calls and a long backoff all work.
+#[tokio::test(start_paused = true)]
+async fn the_longest_durations_are_taken_without_a_panic() {
+    let mut config = QueueConfig::default();
+    config.max_len = 1;
+    config.max_retry_after = Duration::MAX;
+    let queue = JobQueue::builder("unbounded-waits", MemoryJobStore::new())
+        .config(config)
+        .build()
+        .unwrap();
+    let first = queue.enqueue(Job::new("first")).await.unwrap();
+    let refused = queue.enqueue(Job::new("second")).await.unwrap_err();
+    let EnqueueError::Full { retry_after, .. } = refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(
+        retry_after,
+        Duration::MAX,
+        "nothing drained: the longest wait"
+    );
+
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counted = attempts.clone();
+    let worker = queue
+        .worker(move |_| {
+            let attempt = counted.fetch_add(1, Ordering::Relaxed) + 1;
+            async move {
+                if attempt == 1 {
+                    Err(JobError::retry("once"))
+                } else {
+                    Ok(Bytes::new())
+                }
+            }
+        })
+        .visibility(Duration::MAX)
+        .backoff(Duration::from_secs(3_600), 2.0, Duration::MAX)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, first.id, JobState::Retrying).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(report.abandoned, 0, "{report:?}");
 }
 
 #[tokio::test(start_paused = true)]
