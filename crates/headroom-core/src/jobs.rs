@@ -125,8 +125,8 @@ pub struct FetchRequest<'a> {
     pub lanes: &'a [u8],
     /// The most jobs to deliver.
     pub max: usize,
-    /// How long a delivery may go without completion or extension before another worker may
-    /// take it over.
+    /// How long the deliveries of this fetch may go without completion or extension before
+    /// another worker may take them over; a delivery taken over must also have gone this long.
     pub visibility: Duration,
 }
 
@@ -263,9 +263,11 @@ pub struct PartitionStats {
 /// - `fetch`, in one step: makes ready the jobs whose delay passed (in the order of their due
 ///   time, each joining the end of its lane; a store may move a bounded batch of them per
 ///   fetch, the rest at the next); then takes over the deliveries whose holder went
-///   longer than `visibility` without completing, failing or extending them (oldest first; a
-///   store may look for them at most once per quarter of `visibility`, so such a delivery
-///   may wait up to that much longer before a fetch takes it over);
+///   longer than the visibility it fetched them with, and than this fetch's `visibility`,
+///   without completing, failing or extending them (oldest first; a store may look for them
+///   at most once per quarter of `visibility`, so such a delivery may wait up to that much
+///   longer before a fetch takes it over). A worker fetching with a shorter visibility than
+///   another's (during a deploy that changes it) never takes the other's jobs over sooner;
 ///   then takes ready jobs from the lanes in the order given, oldest first in each lane, up to
 ///   `max` in all. Each job delivered is running, with `attempt` one more than before and its
 ///   visibility counted from now.

@@ -34,7 +34,8 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
 //   tenant (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
-//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer). A
+//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer);
+//   `v` the visibility (ms) of the last delivery, before which no fetch takes it over. A
 //   completion empties `p`, `sid` and `c` in the write that marks the job done rather than
 //   deleting them in a call of its own. Unfinished records never expire; finished ones expire
 //   after their retention.
@@ -77,10 +78,13 @@ local function read_record(rk, ...)
   end
   return r
 end
--- A whole number the store wrote (at most 15 digits, exact in a double), or nil.
+-- A whole number the store wrote (at most 2^53, exact in a double), or nil.
 local function int(v)
-  if type(v) == 'string' and #v <= 15 and string.match(v, '^%d+$') then
-    return tonumber(v)
+  if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
+    local x = tonumber(v)
+    if x <= 9007199254740992 then
+      return x
+    end
   end
   return nil
 end
@@ -271,7 +275,8 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   end
 
   -- What a stream entry's job is: 'ok' with its number, record key and fields (state,
-  -- attempt, enqueued, payload, tenant) when it can be delivered; 'skip' when its record is
+  -- attempt, enqueued, payload, tenant, handed back, and the visibility of its last delivery
+  -- in ms, 0 for none) when it can be delivered; 'skip' when its record is
   -- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
   -- number, when the entry names one) when its entry or record is not what the store wrote.
   local function inspect(id, fields)
@@ -283,15 +288,19 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       return 'bad', 'entry ' .. id
     end
     local rk = record(n)
-    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h')
+    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h', 'v')
     if not r then
       return 'bad', 'job ' .. n, n
     end
     local state = r[1]
     local attempt, enqueued = int(r[2]), int(r[3])
-    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
-      -- Parsed once, for `take`.
-      r[2], r[3] = attempt, enqueued
+    local held_for = 0
+    if r[7] then
+      held_for = int(r[7])
+    end
+    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued and held_for then
+      -- Parsed once, for `take` and takeovers.
+      r[2], r[3], r[7] = attempt, enqueued, held_for
       return 'ok', n, rk, r
     end
     if state == 'd' or state == 'x' then
@@ -306,7 +315,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   local function take(lane, id, n, rk, r, taken)
     local a = r[2] + 1
     -- A small whole number goes to Redis as its digits, and faster than `num` makes them.
-    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer)
+    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer, 'v', visibility)
     local k = count * 8
     out[k + 1], out[k + 2], out[k + 3], out[k + 4] = n, a, lane, r[4] or ''
     out[k + 5], out[k + 6], out[k + 7], out[k + 8] = r[5], r[3], taken, r[6] and int(r[6]) or 0
@@ -377,7 +386,8 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         uncount(n)
       elseif kind == 'skip' then
         drop(s, c[2])
-      else
+      elseif c[3] >= r[7] then
+        -- Idle for its holder's visibility too (a longer one is left to run).
         redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
         take(tostring(c[1]), c[2], n, rk, r, 1)
       end
@@ -754,7 +764,8 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 /// - A job's record is a hash holding its state, attempt (the fencing token), lane, tenant,
 ///   payload, result and error; the lane streams hold just job numbers. A delivery is an entry
 ///   pending in the group: visibility is its idle time, so a fetch takes over the entries idle
-///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`), in every lane, not only
+///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`) that have also been idle
+///   for the visibility they were fetched with (kept in the record), in every lane, not only
 ///   those it reads, longest idle first; `extend` resets the idle time. Finding them scans the
 ///   pending entries, so fetches look at most once per quarter of their visibility (the look
 ///   costs about the number of running jobs of the partition): a lapsed delivery is taken over

@@ -471,14 +471,18 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     let older = ctx.add(&p, job("older").lane(1)).await;
     let newer = ctx.add(&p, job("newer").lane(0)).await;
     let ready = ctx.add(&p, job("ready").lane(0)).await;
-    assert_eq!(ctx.fetch(&p, "a", &[1], 1, LONG).await[0].number, older);
+    // A fetch takes over only deliveries idle for the visibility they were fetched with too:
+    // the older job is held for 20 ms, the newer one for 300 ms, fetched 30 ms later.
+    let short = Duration::from_millis(20);
+    assert_eq!(ctx.fetch(&p, "a", &[1], 1, short).await[0].number, older);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    assert_eq!(ctx.fetch(&p, "a", &[0], 1, LONG).await[0].number, newer);
+    let long = Duration::from_millis(300);
+    assert_eq!(ctx.fetch(&p, "a", &[0], 1, long).await[0].number, newer);
     let taken = ctx.fetch(&p, "b", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].number, taken[0].attempt), (older, 2));
     assert!(taken[0].taken_over);
-    // Both deliveries idle past 20 ms now, the newer job's the longest.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Both deliveries lapsed now, the newer job's idle the longest.
+    tokio::time::sleep(long + Duration::from_millis(50)).await;
     let rest = ctx.fetch(&p, "c", &[0], 3, Duration::from_millis(20)).await;
     let numbers: Vec<_> = rest.iter().map(|d| (d.number, d.attempt)).collect();
     assert_eq!(numbers, [(newer, 2), (older, 3), (ready, 1)]);
@@ -528,7 +532,7 @@ async fn lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility(ctx
     assert!(answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))));
     // A fetch with a visibility of zero looks every time.
     ctx.add(&p, job("d")).await;
-    let [d] = <[Delivery; 1]>::try_from(ctx.fetch(&p, "x", &[0], 1, LONG).await).unwrap();
+    let [d] = <[Delivery; 1]>::try_from(ctx.fetch(&p, "x", &[0], 1, Duration::ZERO).await).unwrap();
     let again = ctx.fetch(&p, "y", &[0], 1, Duration::ZERO).await;
     assert_eq!((again[0].number, again[0].attempt), (d.number, 2));
 }
@@ -794,7 +798,7 @@ async fn a_record_of_another_type_is_corrupt_and_stops_no_other_job(ctx: Ctx) {
 async fn a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery(ctx: Ctx) {
     let p = ctx.partition("q");
     let number = ctx.add(&p, job("a")).await;
-    assert_eq!(ctx.fetch(&p, "w", &[0], 1, LONG).await.len(), 1);
+    assert_eq!(ctx.fetch(&p, "w", &[0], 1, Duration::ZERO).await.len(), 1);
     let record = sub(&p, &format!(":j:{number}"));
     let _: i64 = ctx
         .raw(redis::cmd("HSET").arg(&record).arg("h").arg("lots"))

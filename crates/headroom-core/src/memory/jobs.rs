@@ -203,6 +203,8 @@ struct Job {
     /// While running: when its visibility was last counted from. While waiting: its due time.
     /// Once finished: when its retention ends.
     at_ms: u64,
+    /// While running: the visibility its holder fetched it with (ms).
+    visibility_ms: u64,
 }
 
 impl Job {
@@ -378,11 +380,18 @@ impl Partition {
         Fenced::Applied
     }
 
-    fn deliver(&mut self, number: JobNumber, taken_over: bool, now_ms: u64) -> Delivery {
+    fn deliver(
+        &mut self,
+        number: JobNumber,
+        taken_over: bool,
+        now_ms: u64,
+        visibility_ms: u64,
+    ) -> Delivery {
         let job = self.jobs.get_mut(&number).expect("a queued job");
         job.state = JobState::Running;
         job.attempt += 1;
         job.at_ms = now_ms;
+        job.visibility_ms = visibility_ms;
         self.running.insert((now_ms, number));
         Delivery {
             number,
@@ -450,6 +459,7 @@ impl JobStore for MemoryJobStore {
                 result: None,
                 error: None,
                 at_ms: due,
+                visibility_ms: 0,
             };
             let dedup_bytes = job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
             fits(now.bytes, record.bytes() + dedup_bytes, now.max_bytes)?;
@@ -493,22 +503,29 @@ impl JobStore for MemoryJobStore {
                 p.lanes[usize::from(lane)].push_back(number);
             }
             let mut deliveries = Vec::new();
+            // Deliveries idle for their holder's visibility, and for this fetch's, longest idle
+            // first.
             let visibility = millis(request.visibility);
-            while deliveries.len() < request.max {
-                match p.running.first() {
-                    Some(&(since, number)) if now.ms.saturating_sub(since) >= visibility => {
-                        p.running.pop_first();
-                        deliveries.push(p.deliver(number, true, now.ms));
-                    }
-                    _ => break,
-                }
+            let lapsed: Vec<(u64, JobNumber)> = p
+                .running
+                .iter()
+                .take_while(|&&(since, _)| now.ms.saturating_sub(since) >= visibility)
+                .filter(|&&(since, number)| {
+                    now.ms.saturating_sub(since) >= p.jobs[&number].visibility_ms
+                })
+                .take(request.max)
+                .copied()
+                .collect();
+            for (since, number) in lapsed {
+                p.running.remove(&(since, number));
+                deliveries.push(p.deliver(number, true, now.ms, visibility));
             }
             for &lane in request.lanes {
                 while deliveries.len() < request.max {
                     let Some(number) = p.lanes[usize::from(lane)].pop_front() else {
                         break;
                     };
-                    deliveries.push(p.deliver(number, false, now.ms));
+                    deliveries.push(p.deliver(number, false, now.ms, visibility));
                 }
             }
             Ok(deliveries)

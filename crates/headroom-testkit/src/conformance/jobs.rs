@@ -462,6 +462,41 @@ pub async fn an_expired_visibility_is_taken_over_and_the_old_holder_fenced<S: Jo
     assert_eq!(applied, Fenced::Applied);
 }
 
+/// A delivery is kept for the visibility its holder fetched it with: a worker fetching with a
+/// shorter one (another version of a service, during a deploy) does not take it over sooner.
+/// Once the holder's visibility lapsed, it does.
+pub async fn a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let number = add(store, &p, &job("a")).await;
+    let (holders, short) = (Duration::from_secs(3), Duration::from_millis(20));
+    let start = Instant::now();
+    assert_eq!(fetch(store, &p, "long", &[0], 10, holders).await.len(), 1);
+    // Well past the short visibility, and within the holder's.
+    while start.elapsed() < Duration::from_millis(500) {
+        assert!(
+            fetch(store, &p, "short", &[0], 10, short).await.is_empty(),
+            "taken over {:?} into a hold of {holders:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let taken = fetch_eventually(store, &p, "short", short).await;
+    // Stores count idle time in whole milliseconds, so up to one early by this clock.
+    assert!(
+        start.elapsed() + Duration::from_millis(2) >= holders,
+        "taken over after {:?}",
+        start.elapsed()
+    );
+    assert_eq!((taken[0].number, taken[0].attempt), (number, 2));
+    assert_eq!(
+        store.extend(&p, number, 1).await.expect("extend"),
+        Fenced::Rejected
+    );
+}
+
 /// A holder that extends keeps its job past the visibility timeout.
 pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
     let p = partition(&ns, "q");

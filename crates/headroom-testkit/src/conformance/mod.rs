@@ -183,6 +183,7 @@ macro_rules! job_store_conformance {
                 lanes_are_read_in_the_order_asked,
                 a_delayed_job_waits_for_its_delay,
                 an_expired_visibility_is_taken_over_and_the_old_holder_fenced,
+                a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers,
                 extending_keeps_the_job,
                 a_retried_job_comes_back_after_its_delay,
                 a_released_job_comes_back_at_once_uncharged,
