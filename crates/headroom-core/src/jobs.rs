@@ -127,6 +127,7 @@ pub struct FetchRequest<'a> {
     pub max: usize,
     /// How long the deliveries of this fetch may go without completion or extension before
     /// another worker may take them over; a delivery taken over must also have gone this long.
+    /// A consumer fetches with one visibility (a store may keep the latest per consumer).
     pub visibility: Duration,
 }
 

@@ -34,8 +34,7 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
 //   tenant (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
-//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer);
-//   `v` the visibility (ms) of the last delivery, before which no fetch takes it over. A
+//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer). A
 //   completion empties `p`, `sid` and `c` in the write that marks the job done rather than
 //   deleting them in a call of its own. Unfinished records never expire; finished ones expire
 //   after their retention.
@@ -50,6 +49,8 @@ const MAX_MS: u64 = 1 << 50;
 //   same numbers by the end of their retention, to drop them once their record expired.
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
 //   the bucket before; it expires after two windows without a finished job.
+// - `P:v`: hash of the visibility (ms) each consumer holding deliveries fetched with: a
+//   takeover waits for the holder's too. A consumer's entry goes when it holds nothing.
 // - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
 //   quarter of that fetch's visibility.
 
@@ -139,6 +140,20 @@ local function finished(tenant)
     end
   end
   drained(1)
+end
+";
+
+/// Whether a consumer holds a delivery.
+const HOLDS: &str = r"
+-- Whether `consumer` holds a delivery in any lane.
+local function holds_any(consumer)
+  for lane = 0, MAX_LANE do
+    local s = stream(lane)
+    if redis.call('EXISTS', s) == 1 and #redis.call('XPENDING', s, 'w', '-', '+', 1, consumer) > 0 then
+      return true
+    end
+  end
+  return false
 end
 ";
 
@@ -275,8 +290,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   end
 
   -- What a stream entry's job is: 'ok' with its number, record key and fields (state,
-  -- attempt, enqueued, payload, tenant, handed back, and the visibility of its last delivery
-  -- in ms, 0 for none) when it can be delivered; 'skip' when its record is
+  -- attempt, enqueued, payload, tenant, handed back) when it can be delivered; 'skip' when its record is
   -- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
   -- number, when the entry names one) when its entry or record is not what the store wrote.
   local function inspect(id, fields)
@@ -288,19 +302,15 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       return 'bad', 'entry ' .. id
     end
     local rk = record(n)
-    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h', 'v')
-    if not r then
+    local r = redis.pcall('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
+    if r.err then
       return 'bad', 'job ' .. n, n
     end
     local state = r[1]
     local attempt, enqueued = int(r[2]), int(r[3])
-    local held_for = 0
-    if r[7] then
-      held_for = int(r[7])
-    end
-    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued and held_for then
-      -- Parsed once, for `take` and takeovers.
-      r[2], r[3], r[7] = attempt, enqueued, held_for
+    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
+      -- Parsed once, for `take`.
+      r[2], r[3] = attempt, enqueued
       return 'ok', n, rk, r
     end
     if state == 'd' or state == 'x' then
@@ -315,7 +325,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   local function take(lane, id, n, rk, r, taken)
     local a = r[2] + 1
     -- A small whole number goes to Redis as its digits, and faster than `num` makes them.
-    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer, 'v', visibility)
+    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer)
     local k = count * 8
     out[k + 1], out[k + 2], out[k + 3], out[k + 4] = n, a, lane, r[4] or ''
     out[k + 5], out[k + 6], out[k + 7], out[k + 8] = r[5], r[3], taken, r[6] and int(r[6]) or 0
@@ -365,6 +375,16 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       end
       return x[2] < y[2]
     end)
+    -- The visibility each holder last fetched with (ms, 0 when not known), read once each.
+    local visibilities = {}
+    local function held_for(holder)
+      local v = visibilities[holder]
+      if not v then
+        v = int(redis.pcall('HGET', P .. ':v', holder)) or 0
+        visibilities[holder] = v
+      end
+      return v
+    end
     local owners = {}
     for i = 1, math.min(#candidates, max) do
       local c = candidates[i]
@@ -386,7 +406,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         uncount(n)
       elseif kind == 'skip' then
         drop(s, c[2])
-      elseif c[3] >= r[7] then
+      elseif c[3] >= held_for(c[4]) then
         -- Idle for its holder's visibility too (a longer one is left to run).
         redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
         take(tostring(c[1]), c[2], n, rk, r, 1)
@@ -399,10 +419,17 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
     end
     -- A holder left without deliveries is most likely gone: forget it (a live one comes back
-    -- by itself on its next read).
+    -- by itself on its next read), and its visibility once it holds nothing in any lane.
+    local forgotten = {}
     for _, o in ipairs(owners) do
       if #redis.call('XPENDING', o[1], 'w', '-', '+', 1, o[2]) == 0 then
         redis.call('XGROUP', 'DELCONSUMER', o[1], 'w', o[2])
+        forgotten[o[2]] = true
+      end
+    end
+    for holder in pairs(forgotten) do
+      if not holds_any(holder) then
+        redis.call('HDEL', P .. ':v', holder)
       end
     end
   end
@@ -455,6 +482,10 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         end
       end
     end
+  end
+  -- This consumer's deliveries are held for its visibility, whoever looks at them.
+  if count > 0 then
+    redis.call('HSET', P .. ':v', consumer, visibility)
   end
   return {out, corrupt}
 end
@@ -603,9 +634,9 @@ local function complete_jobs(from)
   for i = from + 1, #ARGV, 3 do
     local n = ARGV[i]
     local rk = record(n)
-    local r = read_record(rk, 's', 'a', 'l', 'sid', 't')
+    local r = redis.pcall('HMGET', rk, 's', 'a', 'l', 'sid', 't')
     local answer = 0
-    if not r then
+    if r.err then
       answer = -1
     elseif r[1] == 'r' and r[2] == ARGV[i + 1] then
       local lane, sid, tenant = r[3], r[4], r[5]
@@ -724,13 +755,17 @@ return {
 }
 ";
 
-/// ARGV: consumer. Drops the consumer from the group of every lane where it holds no entry.
+/// ARGV: consumer. Drops the consumer from the group of every lane where it holds no entry,
+/// and its visibility when it holds none in any.
 const LEAVE: &str = r"
 for lane = 0, MAX_LANE do
   local s = stream(lane)
   if redis.call('EXISTS', s) == 1 and #redis.call('XPENDING', s, 'w', '-', '+', 1, ARGV[1]) == 0 then
     redis.call('XGROUP', 'DELCONSUMER', s, 'w', ARGV[1])
   end
+end
+if not holds_any(ARGV[1]) then
+  redis.call('HDEL', P .. ':v', ARGV[1])
 end
 return 1
 ";
@@ -748,14 +783,14 @@ fn script(parts: &[&str], body: &str) -> Script {
 
 static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, DRAIN], ENQUEUE));
 static FETCH_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT, FETCH_JOBS], FETCH));
+    LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT, HOLDS, FETCH_JOBS], FETCH));
 static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN, PRUNE_DEAD], STEP));
 static COMPLETE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[DRAIN, COMPLETE_JOBS], COMPLETE));
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
-static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
+static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[HOLDS], LEAVE));
 
 /// The Redis [`JobStore`]: each partition is a few keys sharing its hash tag (one cluster
 /// slot), with one Redis Stream per priority lane read through a consumer group, and every
@@ -765,7 +800,7 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], LEAVE));
 ///   payload, result and error; the lane streams hold just job numbers. A delivery is an entry
 ///   pending in the group: visibility is its idle time, so a fetch takes over the entries idle
 ///   for its visibility or longer (`XPENDING … IDLE`, then `XCLAIM`) that have also been idle
-///   for the visibility they were fetched with (kept in the record), in every lane, not only
+///   for the visibility their holder fetched with (kept per consumer), in every lane, not only
 ///   those it reads, longest idle first; `extend` resets the idle time. Finding them scans the
 ///   pending entries, so fetches look at most once per quarter of their visibility (the look
 ///   costs about the number of running jobs of the partition): a lapsed delivery is taken over

@@ -415,7 +415,7 @@ async fn a_delayed_job_waits_in_the_delay_set(ctx: Ctx) {
 }
 
 /// A delivery idle past the visibility goes to another consumer with the next attempt; the
-/// first holder is fenced, and the group forgets it once it holds nothing.
+/// first holder is fenced, and the group forgets it (and its visibility) once it holds nothing.
 async fn an_idle_delivery_is_taken_over_and_its_holder_forgotten(ctx: Ctx) {
     let p = ctx.partition("q");
     let number = ctx.add(&p, job("a")).await;
@@ -455,12 +455,26 @@ async fn an_idle_delivery_is_taken_over_and_its_holder_forgotten(ctx: Ctx) {
         .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
         .collect();
     assert_eq!(names, ["lives"]);
+    let visibilities = || async {
+        let held: Vec<String> = ctx.raw(redis::cmd("HKEYS").arg(sub(&p, ":v"))).await;
+        held
+    };
+    assert_eq!(
+        visibilities().await,
+        ["lives"],
+        "a forgotten holder's visibility goes"
+    );
     assert_eq!(
         ctx.store
             .complete(&p, number, 2, Bytes::new(), LONG)
             .await
             .unwrap(),
         Fenced::Applied
+    );
+    ctx.store.leave(&p, "lives").await.unwrap();
+    assert!(
+        visibilities().await.is_empty(),
+        "a holder that left is forgotten"
     );
 }
 
@@ -472,12 +486,12 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     let newer = ctx.add(&p, job("newer").lane(0)).await;
     let ready = ctx.add(&p, job("ready").lane(0)).await;
     // A fetch takes over only deliveries idle for the visibility they were fetched with too:
-    // the older job is held for 20 ms, the newer one for 300 ms, fetched 30 ms later.
+    // the older job is held for 20 ms, the newer one for 300 ms by another worker, 30 ms later.
     let short = Duration::from_millis(20);
     assert_eq!(ctx.fetch(&p, "a", &[1], 1, short).await[0].number, older);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let long = Duration::from_millis(300);
-    assert_eq!(ctx.fetch(&p, "a", &[0], 1, long).await[0].number, newer);
+    assert_eq!(ctx.fetch(&p, "a2", &[0], 1, long).await[0].number, newer);
     let taken = ctx.fetch(&p, "b", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].number, taken[0].attempt), (older, 2));
     assert!(taken[0].taken_over);
