@@ -13,7 +13,8 @@ pub struct QueueConfig {
     /// own slot, so several spread one queue over the cluster's nodes.
     pub partitions: u16,
     /// The most unfinished jobs (waiting, delayed, running or retrying) in the queue (default
-    /// 10,000). Each partition holds at most its share, `max_len / partitions` rounded up.
+    /// 10,000). Each partition holds at most its share, `max_len / partitions` rounded up, so
+    /// the queue may hold up to `partitions - 1` more.
     pub max_len: u64,
     /// The most unfinished jobs of one tenant (default: no bound beyond `max_len`). A tenant's
     /// jobs all go to one partition, so this bound is exact.

@@ -76,9 +76,11 @@ impl Job {
         self
     }
 
-    /// Jobs with one route key go to one partition, so they are delivered in the order they
-    /// became ready relative to each other (an entity's id, say). Without one, a job goes by
-    /// its tenant, then its idempotency key, and otherwise round the partitions.
+    /// Jobs with one route key (an entity's id, say) go to one partition, so they are
+    /// delivered in the order they became ready relative to each other. A job with a tenant
+    /// goes by its tenant instead (a tenant's jobs share one partition); a job with neither
+    /// goes by its idempotency key, and otherwise round the partitions. Without a tenant, an
+    /// idempotency key deduplicates only among jobs of one route.
     pub fn route(mut self, key: impl Into<Bytes>) -> Self {
         self.route = Some(key.into());
         self
@@ -303,8 +305,8 @@ impl<S: JobStore> JobQueue<S> {
     /// The bound is checked and the job added in one atomic step of the store (one round trip
     /// on Redis). A full queue answers [`EnqueueError::Full`] with a retry-after; nothing is
     /// added. A job's tenant, else its [route](Job::route), else its idempotency key picks its
-    /// partition, so a tenant's bound and a key's deduplication are exact; other jobs go round
-    /// the partitions.
+    /// partition, so a tenant's bound is exact, and a key's deduplication among jobs of one
+    /// tenant (or, without one, of one route); other jobs go round the partitions.
     pub async fn enqueue(&self, job: Job) -> Result<Enqueue, EnqueueError> {
         let inner = &*self.inner;
         let config = &inner.config;
