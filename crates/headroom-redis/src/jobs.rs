@@ -290,8 +290,8 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   end
 
   -- What a stream entry's job is: 'ok' with its number, record key and fields (state,
-  -- attempt, enqueued, payload, tenant, handed back) when it can be delivered; 'skip' when its record is
-  -- finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
+  -- attempt, enqueued, payload, tenant, handed back) when it can be delivered; 'skip' when
+  -- its record is finished; 'gone' with its number when its record is missing; 'bad' with a name (and the
   -- number, when the entry names one) when its entry or record is not what the store wrote.
   local function inspect(id, fields)
     if fields == nil then
@@ -302,8 +302,8 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       return 'bad', 'entry ' .. id
     end
     local rk = record(n)
-    local r = redis.pcall('HMGET', rk, 's', 'a', 'e', 'p', 't', 'h')
-    if r.err then
+    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h')
+    if not r then
       return 'bad', 'job ' .. n, n
     end
     local state = r[1]
@@ -634,9 +634,9 @@ local function complete_jobs(from)
   for i = from + 1, #ARGV, 3 do
     local n = ARGV[i]
     local rk = record(n)
-    local r = redis.pcall('HMGET', rk, 's', 'a', 'l', 'sid', 't')
+    local r = read_record(rk, 's', 'a', 'l', 'sid', 't')
     local answer = 0
-    if r.err then
+    if not r then
       answer = -1
     elseif r[1] == 'r' and r[2] == ARGV[i + 1] then
       local lane, sid, tenant = r[3], r[4], r[5]
@@ -822,9 +822,10 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[HOLDS], LEAVE)
 ///   with [`BackendErrorKind::Config`].
 /// - A record whose fields are not what the store wrote, or a key of another type in its
 ///   place, yields [`BackendErrorKind::Corrupt`] (from `status`, a key of another type is
-///   Redis' own error, [`BackendErrorKind::Command`]). A fetch stops at one: if it delivered nothing yet, it takes the job off its lane (so it
-///   blocks nobody) and fails; otherwise it answers what it delivered and leaves the corrupt
-///   job for the next fetch. No job is ever delivered along with an error.
+///   Redis' own error, [`BackendErrorKind::Command`]). A fetch stops at one: if it delivered
+///   nothing yet, it takes the job off its lane (so it blocks nobody) and fails; otherwise it
+///   answers what it delivered and leaves the corrupt job for the next fetch. No job is ever
+///   delivered along with an error.
 #[derive(Clone, Debug)]
 pub struct RedisJobStore {
     redis: Redis,
