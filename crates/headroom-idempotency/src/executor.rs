@@ -1,5 +1,5 @@
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -49,6 +49,8 @@ pub struct Executed<T> {
 pub struct Lease {
     token: FencingToken,
     held: watch::Receiver<bool>,
+    /// The encoded outcome kept should the operation end early after taking effect.
+    took_effect: Arc<Mutex<Option<Option<Bytes>>>>,
 }
 
 impl Lease {
@@ -71,13 +73,42 @@ impl Lease {
         let _ = held.wait_for(|held| !*held).await;
     }
 
+    /// Records that the operation has taken effect, and the outcome to keep should it not
+    /// finish: from here on, if its future is dropped (its caller went away) or it panics, the
+    /// key keeps `outcome` instead of being released, so that a retry replays it rather than
+    /// running the operation again. `outcome` is of the type the operation returns; one that
+    /// cannot be stored keeps the key as not replayable. A later call replaces it; an error
+    /// the operation returns still releases the key.
+    ///
+    /// For an operation that does more after its effect: the HTTP layer calls it once the
+    /// handler has answered, before reading the response body.
+    pub fn took_effect<T: Serialize>(&self, outcome: &T) {
+        *self
+            .took_effect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(encode(outcome));
+    }
+
+    fn new(token: FencingToken, held: watch::Receiver<bool>) -> Self {
+        Self {
+            token,
+            held,
+            took_effect: Arc::default(),
+        }
+    }
+
+    /// The outcome recorded by [`took_effect`](Self::took_effect), if any.
+    fn kept(&self) -> Option<Option<Bytes>> {
+        self.took_effect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
     /// The lease of an operation that runs without a record.
     fn none() -> Self {
         let (_, held) = watch::channel(false);
-        Self {
-            token: FencingToken(0),
-            held,
-        }
+        Self::new(FencingToken(0), held)
     }
 }
 
@@ -100,7 +131,9 @@ pub struct InvalidConfig(&'static str);
 /// 3. A duplicate that arrives while the operation runs waits for the outcome or is told
 ///    [`IdempotencyError::InProgress`], as [`InProgressPolicy`] says.
 /// 4. An error, an outcome the policy does not store, a panic or a cancelled (dropped) call
-///    releases the key, so a retry runs again.
+///    releases the key, so a retry runs again; except once the operation has run (or said it
+///    [took effect](Lease::took_effect)): a call dropped or panicking after that keeps its
+///    outcome, stored by a task, and a retry replays it.
 /// 5. An outcome that cannot be stored (over `max_outcome_len`, or failing to serialize) goes
 ///    back to its caller, but the key stays taken: later requests get
 ///    [`IdempotencyError::NotReplayable`] and the operation never runs again.
@@ -578,17 +611,19 @@ impl<S: LeaseStore> Idempotency<S> {
         Fut: Future<Output = Result<T, E>>,
         P: FnOnce(&T) -> bool,
     {
-        let inner = &self.inner;
-        // Releases the key if the operation panics or this future is dropped mid-way.
-        let mut guard = ReleaseOnDrop {
+        // Until the operation has run, a panic or a drop releases the key.
+        let mut guard = EndGuard {
             executor: self,
             record: &record,
             token,
-            armed: true,
+            then: OnEnd::Release,
+            lease: None,
         };
         let (held, lease) = watch::channel(true);
+        let lease = Lease::new(token, lease);
+        guard.lease = Some(lease.clone());
         let outcome = {
-            let operation = operation(Lease { token, held: lease });
+            let operation = operation(lease);
             tokio::pin!(operation);
             // Both are polled together, so a slow extension never stalls the operation.
             let keep = self.keep_lease(&record, token, held_until);
@@ -601,30 +636,59 @@ impl<S: LeaseStore> Idempotency<S> {
             // The operation's future is dropped here when the lease was lost.
         };
         held.send_replace(false);
-        guard.armed = false;
+        guard.lease = None;
         let Some(outcome) = outcome else {
             self.inner.metrics.leases_lost.increment(1);
             tracing::warn!(record = ?record, "idempotency lease lost while the operation ran; the operation was stopped");
             // A no-op if another holder took over; otherwise a retry need not wait out the lease.
             self.release(&record, token).await;
+            guard.then = OnEnd::Nothing;
             return Err(IdempotencyError::LeaseLost);
         };
         let value = match outcome {
             Ok(value) => value,
             Err(err) => {
                 self.release(&record, token).await;
+                guard.then = OnEnd::Nothing;
                 return Err(IdempotencyError::Operation(err));
             }
         };
+        // The operation ran: from here the key keeps an outcome, even should the policy or the
+        // encoding panic, or this call be dropped.
+        guard.then = OnEnd::Keep(Bytes::from_static(&[NOT_REPLAYABLE]));
         if !store_if(&value) {
+            guard.then = OnEnd::Release;
             self.release(&record, token).await;
+            guard.then = OnEnd::Nothing;
             return Ok(Executed {
                 value,
                 replayed: false,
             });
         }
-        let max = inner.config.max_outcome_len;
-        let encoded = match encode(&value) {
+        let outcome = self.storable(&record, encode(&value));
+        guard.then = OnEnd::Keep(outcome.clone());
+        let stored = self.store_outcome(&record, token, outcome).await;
+        guard.then = OnEnd::Nothing;
+        match stored {
+            Some(Fenced::Applied) => Ok(Executed {
+                value,
+                replayed: false,
+            }),
+            Some(_) => Err(IdempotencyError::Fenced),
+            // The operation ran; its result goes back to the caller. The record stays in
+            // progress until its lease expires, then a retry with this key runs again.
+            None => Ok(Executed {
+                value,
+                replayed: false,
+            }),
+        }
+    }
+
+    /// The bytes to store for an encoded outcome (`None`: it failed to serialize): itself, or
+    /// the not-replayable marker when it cannot be stored.
+    fn storable(&self, record: &Key, encoded: Option<Bytes>) -> Bytes {
+        let max = self.inner.config.max_outcome_len;
+        match encoded {
             Some(encoded) if encoded.len() <= max => encoded,
             encoded => {
                 // The operation ran: releasing the key would let a retry run it again. Keep the
@@ -638,7 +702,18 @@ impl<S: LeaseStore> Idempotency<S> {
                 );
                 Bytes::from_static(&[NOT_REPLAYABLE])
             }
-        };
+        }
+    }
+
+    /// Stores an outcome, retrying a failing store with a growing pause. `None` when every
+    /// attempt failed.
+    async fn store_outcome(
+        &self,
+        record: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+    ) -> Option<Fenced> {
+        let inner = &self.inner;
         // Short enough that the pauses together stay well inside the lease.
         let mut backoff = COMPLETE_BACKOFF.min(inner.config.lease / 16);
         for attempt in 1..=COMPLETE_ATTEMPTS {
@@ -648,33 +723,23 @@ impl<S: LeaseStore> Idempotency<S> {
             }
             match inner
                 .store
-                .complete(&record, token, encoded.clone(), inner.config.retention)
+                .complete(record, token, outcome.clone(), inner.config.retention)
                 .await
             {
-                Ok(Fenced::Applied) => {
-                    return Ok(Executed {
-                        value,
-                        replayed: false,
-                    });
-                }
-                Ok(_) => {
-                    self.inner.metrics.fenced.increment(1);
+                Ok(Fenced::Applied) => return Some(Fenced::Applied),
+                Ok(fenced) => {
+                    inner.metrics.fenced.increment(1);
                     tracing::warn!(record = ?record, "outcome fenced: the lease was taken over");
-                    return Err(IdempotencyError::Fenced);
+                    return Some(fenced);
                 }
                 Err(err) => {
-                    self.inner.metrics.store_errors.increment(1);
+                    inner.metrics.store_errors.increment(1);
                     tracing::warn!(error = %err, attempt, "storing the idempotent outcome failed");
                 }
             }
         }
-        // The operation ran; its result goes back to the caller. The record stays in progress
-        // until its lease expires, then a retry with this key runs again.
         tracing::error!(record = ?record, "the outcome could not be stored; a retry after the lease may run again");
-        Ok(Executed {
-            value,
-            replayed: false,
-        })
+        None
     }
 
     /// Extends the lease every third of its length; completes only when the lease is lost:
@@ -744,26 +809,48 @@ impl<S: LeaseStore> Drop for HandOver<S> {
     }
 }
 
-struct ReleaseOnDrop<'a, S: LeaseStore> {
+/// What becomes of a held key should its call end early (dropped, or a panic).
+enum OnEnd {
+    /// Release it, unless the operation said it [took effect](Lease::took_effect).
+    Release,
+    /// Store this outcome: the operation ran.
+    Keep(Bytes),
+    Nothing,
+}
+
+struct EndGuard<'a, S: LeaseStore> {
     executor: &'a Idempotency<S>,
     record: &'a Key,
     token: FencingToken,
-    armed: bool,
+    then: OnEnd,
+    /// The running operation's lease, to see whether it took effect.
+    lease: Option<Lease>,
 }
 
-impl<S: LeaseStore> Drop for ReleaseOnDrop<'_, S> {
+impl<S: LeaseStore> Drop for EndGuard<'_, S> {
     fn drop(&mut self) {
-        if !self.armed {
+        let then = match std::mem::replace(&mut self.then, OnEnd::Nothing) {
+            OnEnd::Nothing => return,
+            OnEnd::Release => match self.lease.as_ref().and_then(Lease::kept) {
+                Some(encoded) => OnEnd::Keep(self.executor.storable(self.record, encoded)),
+                None => OnEnd::Release,
+            },
+            keep => keep,
+        };
+        // Nothing can be awaited here: the runtime finishes the work. Without a runtime the
+        // lease simply expires.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
-        }
-        // Cancelled or panicked: hand the release to the runtime, since nothing can be awaited
-        // here. Without a runtime the lease simply expires.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let executor = self.executor.clone();
-            let record = self.record.clone();
-            let token = self.token;
-            runtime.spawn(async move { executor.release(&record, token).await });
-        }
+        };
+        let (executor, record, token) = (self.executor.clone(), self.record.clone(), self.token);
+        runtime.spawn(async move {
+            match then {
+                OnEnd::Keep(outcome) => {
+                    executor.store_outcome(&record, token, outcome).await;
+                }
+                _ => executor.release(&record, token).await,
+            }
+        });
     }
 }
 

@@ -280,6 +280,20 @@ struct StoredResponse {
     head: Option<http::response::Parts>,
 }
 
+/// A response whose body could not be kept: its status and headers, and a header saying so.
+fn body_omitted(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredResponse {
+    headers.push((
+        IDEMPOTENT_BODY_OMITTED.as_str().to_owned(),
+        b"true".to_vec(),
+    ));
+    StoredResponse {
+        status,
+        headers,
+        body: Vec::new(),
+        head: None,
+    }
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 impl<S, F, Inner, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S, F, Inner>
@@ -367,17 +381,17 @@ where
             let max_response_len = layer.executor.config().max_outcome_len;
             let outcome = layer
                 .executor
-                .execute_with_policy(
+                .execute_leased_with_policy(
                     &scope,
                     &key,
                     &fingerprint,
                     |stored: &StoredResponse| {
                         StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
                     },
-                    || async move {
+                    |lease| async move {
                         let response = inner.call(request).await?;
                         let (head, body) = response.into_parts();
-                        let mut headers: Vec<(String, Vec<u8>)> = replay_headers
+                        let headers: Vec<(String, Vec<u8>)> = replay_headers
                             .iter()
                             .flat_map(|name| {
                                 head.headers.get_all(name).iter().map(|value| {
@@ -386,8 +400,12 @@ where
                             })
                             .collect();
                         let status = head.status.as_u16();
-                        // The handler has run: whatever happens to its body, the key must keep
-                        // an outcome, or a retry would run the handler again.
+                        // The handler has run: whatever happens to its body (its read failing,
+                        // the client going away meanwhile), the key must keep an outcome, or a
+                        // retry would run the handler again.
+                        if store_status(head.status) {
+                            lease.took_effect(&body_omitted(status, headers.clone()));
+                        }
                         match Limited::new(body, max_response_len).collect().await {
                             Ok(body) => Ok(StoredResponse {
                                 status,
@@ -395,18 +413,7 @@ where
                                 body: body.to_bytes().to_vec(),
                                 head: Some(head),
                             }),
-                            Err(_) => {
-                                headers.push((
-                                    IDEMPOTENT_BODY_OMITTED.as_str().to_owned(),
-                                    b"true".to_vec(),
-                                ));
-                                Ok(StoredResponse {
-                                    status,
-                                    headers,
-                                    body: Vec::new(),
-                                    head: None,
-                                })
-                            }
+                            Err(_) => Ok(body_omitted(status, headers)),
                         }
                     },
                 )

@@ -670,3 +670,92 @@ async fn storing_an_outcome_is_retried_with_backoff() {
         .unwrap();
     assert_eq!((replay.value, replay.replayed), (9, true));
 }
+
+/// The operation ran: a caller that goes away while its outcome is being stored (here in the
+/// pause before a second attempt) leaves the storing to a task, so a retry after the lease
+/// replays the outcome instead of running the operation again.
+#[tokio::test]
+async fn a_call_dropped_while_its_outcome_is_stored_still_stores_it() {
+    let clock = ManualClock::new();
+    let store = FlakyComplete {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failures: Arc::new(AtomicUsize::new(1)),
+        calls: Arc::new(AtomicUsize::new(0)),
+    };
+    let idem = Idempotency::builder(store.clone())
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let runs = AtomicUsize::new(0);
+    let (call_scope, call_key) = (scope(), key("k"));
+    let mut call = Box::pin(idem.execute(&call_scope, &call_key, b"x", || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Result::Ok(9u32)
+    }));
+    assert!(call.as_mut().now_or_never().is_none());
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        1,
+        "the first store failed"
+    );
+    drop(call);
+    for _ in 0..100 {
+        clock.advance(Duration::from_millis(10));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    clock.advance(Duration::from_secs(31));
+    let retry = idem
+        .execute(&scope(), &key("k"), b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Result::Ok(0u32)
+        })
+        .await
+        .unwrap();
+    assert_eq!((retry.value, retry.replayed), (9, true));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}
+
+/// A storing policy that panics after the operation ran fails that call only, and the key is
+/// kept (not replayable), so a retry neither waits out the lease nor runs the operation again.
+#[tokio::test]
+async fn a_storing_policy_that_panics_after_the_run_keeps_the_key() {
+    let clock = ManualClock::new();
+    let idem = executor(&clock, InProgressPolicy::Reject);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let panicked = {
+        let (idem, runs) = (idem.clone(), Arc::clone(&runs));
+        tokio::spawn(async move {
+            idem.execute_with_policy(
+                &scope(),
+                &key("k"),
+                b"x",
+                |_: &u32| panic!("bug in the policy"),
+                || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Result::Ok(1u32)
+                },
+            )
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+        .await
+    };
+    assert!(panicked.unwrap_err().is_panic());
+    tokio::task::yield_now().await; // the spawned store runs
+    let retry = idem
+        .execute(&scope(), &key("k"), b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Result::Ok(2u32)
+        })
+        .await;
+    assert!(
+        matches!(retry, Err(IdempotencyError::NotReplayable)),
+        "{retry:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}

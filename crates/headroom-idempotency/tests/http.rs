@@ -419,3 +419,83 @@ async fn configuring_a_cloned_layer_does_not_panic_or_change_the_clone() {
         StatusCode::BAD_REQUEST
     );
 }
+
+/// The handler has answered and its body is being read when the client goes away: the key
+/// keeps the outcome (its status, with the body omitted), so the client's retry is answered
+/// from it and the handler does not run again.
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_the_body_is_read_leaves_the_handler_run_once() {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A body whose data never comes (`true`), or an empty one.
+    struct Endless(bool);
+    impl From<Bytes> for Endless {
+        fn from(_: Bytes) -> Self {
+            Self(false)
+        }
+    }
+    impl http_body::Body for Endless {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+            if self.0 {
+                Poll::Pending
+            } else {
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            // Only the first answer's body never ends, so that a second run shows.
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            let mut response = Response::new(Endless(first));
+            *response.status_mut() = StatusCode::CREATED;
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    // The default policy: a duplicate waits for the outcome.
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .build()
+        .unwrap();
+    let mut service = IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    )
+    .layer(handler);
+    {
+        let first = service
+            .ready()
+            .await
+            .unwrap()
+            .call(post(Some("\"gone\""), "charge"));
+        tokio::pin!(first);
+        tokio::select! {
+            biased;
+            _ = &mut first => panic!("the body never ends"),
+            () = async {
+                while calls.load(Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            } => {}
+        }
+    }
+    let retry = service
+        .ready()
+        .await
+        .unwrap()
+        .call(post(Some("\"gone\""), "charge"))
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.headers()["idempotent-body-omitted"], "true");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
