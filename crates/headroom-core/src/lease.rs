@@ -84,7 +84,8 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Begin, BackendError>> + Send;
 
-    /// Stores the outcome for the holder of `token`.
+    /// Stores the outcome for the holder of `token`. Repeated by the holder that completed
+    /// the record (its first answer lost), it is applied again and changes nothing.
     fn complete(
         &self,
         key: &Key,

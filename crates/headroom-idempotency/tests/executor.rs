@@ -567,12 +567,14 @@ async fn one_tenant_cannot_fill_the_memory_store_for_all() {
     assert!(!out.replayed);
 }
 
-/// A memory store whose first `failures` completions fail, as a store that is briefly down.
+/// A memory store whose first `failures` completions fail, as a store that is briefly down;
+/// with `applied`, each failing one is applied first and only its answer lost (a timeout).
 #[derive(Clone, Debug)]
 struct FlakyComplete {
     store: MemoryLeaseStore,
     failures: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    applied: bool,
 }
 
 impl headroom_core::lease::LeaseStore for FlakyComplete {
@@ -597,6 +599,9 @@ impl headroom_core::lease::LeaseStore for FlakyComplete {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         if failing {
+            if self.applied {
+                self.store.complete(key, token, outcome, retention).await?;
+            }
             return Err(headroom_core::BackendError::with_detail(
                 headroom_core::BackendErrorKind::Unavailable,
                 "store briefly down",
@@ -630,6 +635,7 @@ async fn storing_an_outcome_is_retried_with_backoff() {
         store: MemoryLeaseStore::with_limits(clock.clock(), 100),
         failures: Arc::new(AtomicUsize::new(2)),
         calls: Arc::new(AtomicUsize::new(0)),
+        applied: false,
     };
     let idem = Idempotency::builder(store.clone())
         .clock(clock.clock())
@@ -681,6 +687,7 @@ async fn a_call_dropped_while_its_outcome_is_stored_still_stores_it() {
         store: MemoryLeaseStore::with_limits(clock.clock(), 100),
         failures: Arc::new(AtomicUsize::new(1)),
         calls: Arc::new(AtomicUsize::new(0)),
+        applied: false,
     };
     let idem = Idempotency::builder(store.clone())
         .clock(clock.clock())
@@ -758,4 +765,45 @@ async fn a_storing_policy_that_panics_after_the_run_keeps_the_key() {
         "{retry:?}"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}
+
+/// A completion that landed but whose answer was lost is retried, and the retry's answer is
+/// the success it was: the caller gets its value, not `Fenced`, and the outcome is replayed.
+#[tokio::test]
+async fn a_completion_whose_answer_was_lost_is_not_taken_for_a_takeover() {
+    let clock = ManualClock::new();
+    let store = FlakyComplete {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failures: Arc::new(AtomicUsize::new(1)),
+        calls: Arc::new(AtomicUsize::new(0)),
+        applied: true,
+    };
+    let idem = Idempotency::builder(store.clone())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async { Result::Ok(5u32) })
+                .await
+        })
+    };
+    for _ in 0..100 {
+        if holder.is_finished() {
+            break;
+        }
+        clock.advance(Duration::from_millis(10));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let out = holder.await.unwrap();
+    assert_eq!(out.map(|out| out.value).map_err(|e| e.to_string()), Ok(5));
+    assert_eq!(store.calls.load(Ordering::SeqCst), 2);
+    let replay = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::Ok(0u32) })
+        .await
+        .unwrap();
+    assert_eq!((replay.value, replay.replayed), (5, true));
 }

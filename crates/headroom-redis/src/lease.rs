@@ -47,10 +47,17 @@ static CHANGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then
+local op = ARGV[2]
+if r[2] ~= ARGV[1] then
   return 0
 end
-local op = ARGV[2]
+if r[1] ~= 'p' then
+  -- A completion repeated by its holder (the first answer lost) stands: it is applied.
+  if r[1] == 'c' and op == 'complete' then
+    return 1
+  end
+  return 0
+end
 if op == 'complete' then
   redis.call('HSET', KEYS[1], 'st', 'c', 'out', ARGV[3])
   redis.call('HDEL', KEYS[1], 'exp')

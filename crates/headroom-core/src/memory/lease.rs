@@ -136,6 +136,8 @@ enum Record {
     },
     Completed {
         fingerprint: Bytes,
+        /// The holder that completed it, whose repeated completion is applied.
+        token: FencingToken,
         outcome: Bytes,
         expires_at: Instant,
     },
@@ -367,6 +369,7 @@ impl LeaseStore for MemoryLeaseStore {
                 fingerprint,
                 outcome,
                 expires_at,
+                ..
             }) if *expires_at > now => {
                 return Ok(Begin::Completed {
                     fingerprint: fingerprint.clone(),
@@ -418,9 +421,17 @@ impl LeaseStore for MemoryLeaseStore {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
+        if let Some(Record::Completed { token: holder, .. }) =
+            self.inner.state.lock().records.get(key).map(|e| &e.record)
+            && *holder == token
+        {
+            // Repeated by its holder (the first answer lost): it stands.
+            return Ok(Fenced::Applied);
+        }
         Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let completed = Record::Completed {
                 fingerprint,
+                token,
                 outcome,
                 expires_at: now + retention,
             };

@@ -93,6 +93,42 @@ pub async fn completed_outcome_is_replayed<S: LeaseStore>(store: &S, ns: Namespa
     }
 }
 
+/// A completion repeated by its holder (its first answer lost on the way, say to a timeout)
+/// is applied again and keeps the outcome, so the holder is not told it was taken over; any
+/// other token is still refused.
+pub async fn a_completion_repeated_by_its_holder_is_applied<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let (token, _) = acquire(store, &k, b"fp", LONG).await;
+    let outcome = Bytes::from_static(b"receipt");
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .complete(&k, token, outcome.clone(), LONG)
+                .await
+                .expect("complete"),
+            Fenced::Applied
+        );
+    }
+    let wrong = FencingToken(token.0.wrapping_add(1_000_000));
+    assert_eq!(
+        store
+            .complete(&k, wrong, "x".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        Begin::Completed {
+            fingerprint: Bytes::from_static(b"fp"),
+            outcome
+        }
+    );
+}
+
 /// A token that does not hold the lease changes nothing.
 pub async fn foreign_tokens_are_rejected<S: LeaseStore>(store: &S, ns: Namespace) {
     let k = key(&ns);

@@ -106,6 +106,7 @@ macro_rules! lease_store_conformance {
             $crate::lease_store_conformance!(@tests $make;
                 first_begin_acquires_and_the_next_sees_it_in_progress,
                 completed_outcome_is_replayed,
+                a_completion_repeated_by_its_holder_is_applied,
                 foreign_tokens_are_rejected,
                 released_lease_can_be_taken_again_with_a_greater_token,
                 expired_lease_is_taken_over_and_the_old_holder_fenced,
