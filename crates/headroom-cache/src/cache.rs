@@ -15,6 +15,7 @@ use futures_util::future::{BoxFuture, Shared, join_all};
 use headroom_core::bus::{DynInvalidationBus, Subscription};
 use headroom_core::kv::KvEntry;
 use headroom_core::{Clock, Key};
+use moka::ops::compute::Op;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -625,11 +626,31 @@ where
             (!tags.is_empty()).then(|| tags.iter().map(|&t| t.into()).collect()),
         );
         inner.weigh(&key, &mut slot, l2_entry.as_ref().map(|e| e.value.len()));
+        let version = slot.created_micros;
         if inner.l1_usable() {
-            inner.l1.insert(key.clone(), slot);
+            // As in L2, a write made earlier than the one L1 holds does not replace it.
+            inner
+                .l1
+                .entry(key.clone())
+                .and_compute_with(|held| match held {
+                    Some(held) if held.value().created_micros > version => Op::Nop,
+                    _ => Op::Put(slot),
+                });
         }
         let published = vec![key.to_key_bytes().into_owned()];
-        Inner::write_through(inner, l2_entry.into_iter().collect(), published, writing).await;
+        let met_newer =
+            Inner::write_through(inner, l2_entry.into_iter().collect(), published, writing).await;
+        if met_newer {
+            // L2 holds a newer write or removal (one made here before, or elsewhere): L1 must
+            // not serve this one in its place.
+            inner
+                .l1
+                .entry(key)
+                .and_compute_with(|held| match held {
+                    Some(held) if held.value().created_micros == version => Op::Remove,
+                    _ => Op::Nop,
+                });
+        }
         Ok(())
     }
 
@@ -833,23 +854,28 @@ where
     /// on the invalidation bus: after L2 has the change, so that an instance reading L2 on the
     /// message sees it. With a bus, this runs in a spawned task, so a caller dropped meanwhile
     /// cannot skip the message; without one, a dropped write leaves the key pending (see `L2`).
+    /// Writes `entries` to L2 and tells the other instances about `keys`. Returns whether L2
+    /// met a newer entry for some of them (and so kept it).
     async fn write_through(
         this: &Arc<Self>,
         entries: Vec<KvEntry>,
         keys: Vec<Vec<u8>>,
         writing: Vec<Writing<K, V>>,
-    ) {
-        /// Whether L2 holds the entries (or there is no L2 to hold them).
-        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) -> bool {
+    ) -> bool {
+        /// How many entries L2 took (all when there is no L2), `None` when it failed.
+        async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) -> Option<u64> {
             match l2 {
                 Some(l2) => l2.set_many(entries).await,
-                None => true,
+                None => Some(entries.len() as u64),
             }
         }
+        let met_newer = |written: Option<u64>, entries: usize| {
+            written.is_some_and(|written| written < entries as u64)
+        };
         if this.invalidation.is_none() {
-            l2_work(this.l2.as_ref(), &entries).await;
+            let written = l2_work(this.l2.as_ref(), &entries).await;
             drop(writing);
-            return;
+            return met_newer(written, entries.len());
         }
         let this = Arc::clone(this);
         let task = tokio::spawn(
@@ -858,17 +884,18 @@ where
                 drop(writing);
                 if let Some(invalidation) = &this.invalidation {
                     let keys = keys.iter().map(Vec::as_slice);
-                    if written {
+                    if written.is_some() {
                         invalidation.publish_keys(keys);
                     } else {
                         invalidation.publish_outdated_keys(keys);
                     }
                 }
+                met_newer(written, entries.len())
             }
             .in_current_span(),
         );
         // The task never panics; a runtime shutting down is the only other way it ends early.
-        let _ = task.await;
+        task.await.unwrap_or(false)
     }
 
     /// Whether L1 may be read and filled: not while invalidation messages may be lost.

@@ -206,10 +206,11 @@ impl L2 {
     /// load: when two instances write one key, the later write stays in L2 even if the earlier
     /// one lands last (a slow connection, a redirect during a slot migration).
     ///
-    /// Returns whether L2 holds the entries (or newer ones).
-    pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) -> bool {
+    /// Returns how many entries were written (the others met newer ones), or `None` when L2
+    /// could not be reached.
+    pub(crate) async fn set_many(self: &Arc<Self>, entries: &[KvEntry]) -> Option<u64> {
         if entries.is_empty() {
-            return true;
+            return Some(0);
         }
         let mut unsure = Unsure {
             l2: self,
@@ -220,10 +221,9 @@ impl L2 {
                 "set_if_newer",
                 self.store.set_if_newer(entries, envelope::VERSION_AT),
             )
-            .await
-            .is_some();
+            .await;
         let keys = unsure.keys.take().into_iter().flatten();
-        if written {
+        if written.is_some() {
             self.settled(keys);
         } else {
             self.outdated(keys);

@@ -1853,6 +1853,57 @@ async fn writes_at_a_given_time_are_ordered_in_l2_by_that_time() {
     );
 }
 
+/// The writing instance's own L1 keeps the write L2 keeps: an earlier-made write that reaches
+/// the cache last replaces neither a later one nor a later removal there either.
+#[tokio::test]
+async fn the_writers_l1_keeps_the_latest_made_write_as_l2_does() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    let made = UNIX_EPOCH + Duration::from_millis(clock.clock().unix_millis());
+    let at = |micros: u64| made + Duration::from_micros(micros);
+    clock.advance(Duration::from_millis(10));
+
+    cache
+        .insert_at(k.clone(), "made at +300 µs".into(), at(300))
+        .await
+        .unwrap();
+    cache
+        .insert_at(k.clone(), "made at +100 µs".into(), at(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get(&k).await.unwrap().as_deref(),
+        Some("made at +300 µs"),
+        "an earlier write lands last"
+    );
+    cache.remove_at(&k, at(400)).await.unwrap();
+    cache
+        .insert_at(k.clone(), "made at +350 µs".into(), at(350))
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get(&k).await.unwrap(),
+        None,
+        "an earlier write after a later removal"
+    );
+    cache
+        .insert_at(k.clone(), "made at +500 µs".into(), at(500))
+        .await
+        .unwrap();
+    cache.insert(k.clone(), "made now".into()).await.unwrap();
+    assert_eq!(
+        cache.get(&k).await.unwrap().as_deref(),
+        Some("made now"),
+        "later writes"
+    );
+}
+
 /// A load takes L2's copy only when it is at least as new as the one this instance holds, to
 /// the microsecond as in L2: an older copy written after L2 lost the newer one (a restart
 /// without persistence) is loaded over, whether it is older by a millisecond or by a few
