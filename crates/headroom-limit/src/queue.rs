@@ -268,18 +268,18 @@ impl Codel {
             Some(_) => {
                 self.overloaded = self.min_delay > config.target;
                 self.reset = true;
-                self.interval_end = Some(now + config.interval);
+                self.interval_end = now.checked_add(config.interval);
             }
             None => {
                 self.reset = true;
-                self.interval_end = Some(now + config.interval);
+                self.interval_end = now.checked_add(config.interval);
             }
         }
         if self.reset || delay < self.min_delay {
             self.reset = false;
             self.min_delay = delay;
         }
-        self.overloaded && delay > config.target * 2
+        self.overloaded && delay > config.target.saturating_mul(2)
     }
 }
 
@@ -336,7 +336,7 @@ impl<T> WorkQueue<T> {
         let clock = &self.inner.clock;
         let now = clock.now();
         let (limit, reason) = match how.deadline {
-            Some(deadline) if deadline < now + timeout => (
+            Some(deadline) if now.checked_add(timeout).is_none_or(|end| deadline < end) => (
                 deadline.saturating_duration_since(now),
                 Reason::DeadlineExpired,
             ),
@@ -363,7 +363,14 @@ impl<T> WorkQueue<T> {
             let span = span.get_or_insert_with(|| {
                 tracing::debug_span!("queue.push", name = %self.inner.name, outcome = tracing::field::Empty)
             });
-            let waited = select(space, expire.as_mut())
+            // An item at the head of its class that expires leaves its place to this push.
+            let head_expires = pin!(async {
+                match self.next_head_expiry() {
+                    Some(at) => clock.sleep(at.saturating_duration_since(clock.now())).await,
+                    None => std::future::pending().await,
+                }
+            });
+            let waited = select(select(space, head_expires), expire.as_mut())
                 .instrument(span.clone())
                 .await;
             if let Either::Right(_) = waited {
@@ -440,6 +447,10 @@ impl<T> WorkQueue<T> {
         if removed > 0 {
             inner.metrics.queued.decrement(removed as f64);
         }
+        // Places freed beyond the one this push took are room for pushes that wait.
+        for _ in usize::from(result.is_ok())..removed {
+            inner.space.notify_one();
+        }
         for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
@@ -455,6 +466,17 @@ impl<T> WorkQueue<T> {
                 rejection: Overloaded::new(Reason::QueueFull, how.priority),
             }),
         }
+    }
+
+    /// The earliest deadline among the items at the head of their class: the next place
+    /// [`drop_expired`](Self::drop_expired) can free.
+    fn next_head_expiry(&self) -> Option<Instant> {
+        let state = self.inner.state.lock();
+        state
+            .classes
+            .iter()
+            .filter_map(|class| class.front()?.deadline)
+            .min()
     }
 
     /// Removes the expired items at the head of each class: they hold places for nothing.
@@ -562,7 +584,7 @@ impl<T> WorkQueue<T> {
             // Serving the newest first lets the oldest age out; shed it once it is stale.
             let stale = config.codel.is_some_and(|codel| {
                 class.front().is_some_and(|oldest| {
-                    now.saturating_duration_since(oldest.enqueued) > codel.target * 2
+                    now.saturating_duration_since(oldest.enqueued) > codel.target.saturating_mul(2)
                 })
             });
             if stale {

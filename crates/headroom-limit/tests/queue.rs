@@ -631,3 +631,83 @@ async fn a_waiting_push_follows_a_new_overflow_policy() {
         "refused at once"
     );
 }
+
+/// Places held by expired items are room for pushes that wait: once the items they wait behind
+/// expire, they get in without a consumer, rather than waiting out their timeout.
+#[tokio::test]
+async fn waiting_pushes_get_the_places_of_expired_items() {
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let (queue, shed) = recording(
+        WorkQueue::builder("q")
+            .capacity(2)
+            .overflow(Overflow::Wait {
+                timeout: Duration::from_millis(200),
+            })
+            .clock(clock.clone()),
+    );
+    let soon = Enqueue::new().deadline(clock.now() + Duration::from_millis(10));
+    queue.try_push_with(1, soon).unwrap();
+    queue.try_push_with(2, soon).unwrap();
+    let waiting = |item| {
+        let queue = queue.clone();
+        tokio::spawn(async move { queue.push(item).await.map_err(|e| e.rejection().reason()) })
+    };
+    let (third, fourth) = (waiting(3), waiting(4));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !third.is_finished() && !fourth.is_finished(),
+        "the queue is full"
+    );
+    manual.advance(Duration::from_millis(10));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        third.is_finished() && fourth.is_finished(),
+        "both got in at expiry"
+    );
+    assert_eq!(third.await.unwrap(), Ok(()));
+    assert_eq!(fourth.await.unwrap(), Ok(()));
+    let mut queued = drain(&queue);
+    queued.sort_unstable();
+    assert_eq!(queued, [3, 4]);
+    assert_eq!(
+        *shed.lock(),
+        [(1, Reason::DeadlineExpired), (2, Reason::DeadlineExpired)]
+    );
+}
+
+/// The longest wait is taken as such, without a panic: a push into a full queue waits up to its
+/// own deadline.
+#[tokio::test]
+async fn the_longest_wait_is_taken_without_a_panic() {
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let (queue, _) = recording(
+        WorkQueue::builder("q")
+            .capacity(1)
+            .overflow(Overflow::Wait {
+                timeout: Duration::MAX,
+            })
+            .clock(clock.clone()),
+    );
+    queue.try_push(1).unwrap();
+    let within = Enqueue::new().deadline(clock.now() + Duration::from_secs(1));
+    let waiting = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .push_with(2, within)
+                .await
+                .map_err(|e| e.rejection().reason())
+        })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    manual.advance(Duration::from_secs(1));
+    assert_eq!(waiting.await.unwrap(), Err(Reason::DeadlineExpired));
+}
