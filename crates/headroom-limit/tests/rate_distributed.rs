@@ -360,6 +360,29 @@ async fn local_fallback_enforces_this_instances_share() {
     assert_eq!(limiter.round_trips(), 2);
 }
 
+/// A cost the whole quota admits but this instance's share cannot hold is still a rate
+/// decision during an outage, never an error: it takes the whole share, once the share is full.
+#[tokio::test]
+async fn local_fallback_takes_a_cost_over_the_share_as_the_whole_share() {
+    let clock = ManualClock::new();
+    // 40 a minute, burst 40: each of 4 instances holds 10.
+    let limiter = limiter_on(DownStore, Fallback::Local { instances: 4 }, &clock);
+    limiter.check("t", "k", 30).await.unwrap();
+    let refused = limiter.check("t", "k", 30).await.unwrap_err();
+    assert_eq!(refused.kind(), RateErrorKind::Limited);
+    assert_eq!(
+        refused.limited().unwrap().retry_after(),
+        Duration::from_secs(60),
+        "the share refills in a minute"
+    );
+    let too_high = limiter.check("t", "k", 41).await.unwrap_err();
+    assert_eq!(
+        too_high.kind(),
+        RateErrorKind::CostTooHigh,
+        "over the quota itself"
+    );
+}
+
 #[tokio::test]
 async fn fail_open_admits_and_fail_closed_refuses() {
     let clock = ManualClock::new();

@@ -639,15 +639,20 @@ impl<S: RateStore> Inner<S> {
             .fallback_decisions
             .fetch_add(1, Ordering::Relaxed);
         match (&tier.local, self.fallback) {
-            (Some(local), _) => local.check(key, cost).map(|admitted| {
-                // Answers name the quota the enforced share comes from.
-                let shares = local.quotas().as_slice();
-                let index = shares.iter().position(|share| *share == admitted.quota);
-                Admitted {
-                    quota: tier.quotas.get(index.unwrap_or(0)),
-                    ..admitted
-                }
-            }),
+            // A cost the quota admits but the share cannot hold takes the whole share.
+            (Some(local), _) => {
+                local
+                    .check(key, cost.min(local.quotas().max_cost()))
+                    .map(|admitted| {
+                        // Answers name the quota the enforced share comes from.
+                        let shares = local.quotas().as_slice();
+                        let index = shares.iter().position(|share| *share == admitted.quota);
+                        Admitted {
+                            quota: tier.quotas.get(index.unwrap_or(0)),
+                            ..admitted
+                        }
+                    })
+            }
             (None, Fallback::Closed) => Err(RateError::unavailable(error)),
             (None, _) => {
                 let quotas = tier.quotas.as_slice();
