@@ -280,6 +280,17 @@ struct StoredResponse {
     head: Option<http::response::Parts>,
 }
 
+/// What a stored response takes beyond its body, at most: the format byte, the status, the
+/// headers and every length (postcard varints, up to 10 bytes each).
+fn stored_overhead(headers: &[(String, Vec<u8>)]) -> usize {
+    const VARINT: usize = 10;
+    let headers: usize = headers
+        .iter()
+        .map(|(name, value)| 2 * VARINT + name.len() + value.len())
+        .sum();
+    1 + 3 + VARINT + headers + VARINT
+}
+
 /// A response whose body could not be kept: its status and headers, and a header saying so.
 fn body_omitted(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredResponse {
     headers.push((
@@ -406,7 +417,8 @@ where
                         if store_status(head.status) {
                             lease.took_effect(&body_omitted(status, headers.clone()));
                         }
-                        match Limited::new(body, max_response_len).collect().await {
+                        let max_body = max_response_len.saturating_sub(stored_overhead(&headers));
+                        match Limited::new(body, max_body).collect().await {
                             Ok(body) => Ok(StoredResponse {
                                 status,
                                 headers,

@@ -499,3 +499,40 @@ async fn a_client_gone_while_the_body_is_read_leaves_the_handler_run_once() {
     assert_eq!(retry.headers()["idempotent-body-omitted"], "true");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
+
+/// A body within `max_outcome_len` whose headers take the stored response over it is a body
+/// too large to store: its status and headers, the body omitted, for the first caller and every
+/// retry; never a 500.
+#[tokio::test]
+async fn a_body_just_under_the_limit_with_its_headers_over_it_is_omitted_not_lost() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(1024)
+        .build()
+        .unwrap();
+    let layer = IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    );
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(Body::from(vec![b'x'; 1024]));
+            *response.status_mut() = StatusCode::CREATED;
+            response
+                .headers_mut()
+                .insert("content-type", "text/plain".parse().unwrap());
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = layer.layer(handler);
+    for _ in 0..3 {
+        let (status, headers, body) = send(&mut service, post(Some("\"edge\""), "export")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(headers["content-type"], "text/plain");
+        assert_eq!(headers["idempotent-body-omitted"], "true");
+        assert!(body.is_empty());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
