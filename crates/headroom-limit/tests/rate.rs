@@ -265,6 +265,17 @@ fn invalid_quotas_are_configuration_errors() {
             .field(),
         "burst"
     );
+    // A burst's worth of time past what the limiters count (u64 nanoseconds, ~584 years),
+    // which would otherwise admit everything once reached.
+    assert_eq!(
+        Quota::per_hour(1)
+            .unwrap()
+            .with_burst(u32::MAX)
+            .unwrap_err()
+            .field(),
+        "burst"
+    );
+    assert_eq!(Quota::new(1, Duration::MAX).unwrap_err().field(), "period");
     let share = Quota::per_minute(100)
         .unwrap()
         .with_burst(10)

@@ -45,7 +45,7 @@ pub use distributed::{
 pub use error::{RateError, RateErrorKind, RateLimited};
 pub use limiter::{LocalRateLimiter, LocalRateLimiterBuilder, RateLimit};
 pub use local::{DirectLimiter, DirectLimiterBuilder, KeyedLimiter, KeyedLimiterBuilder};
-pub use quota::{Quota, Quotas};
+pub use quota::{MAX_BURST_TIME, Quota, Quotas};
 pub use tier::{RateKey, Resolve, TierConfig};
 
 /// An admitted request: what is left of its quota, for the `RateLimit` response header.

@@ -7,6 +7,10 @@ use headroom_core::rate::Gcra;
 
 use crate::ConfigError;
 
+/// The longest a full burst may take to replenish: the limiters count time in `u64`
+/// nanoseconds (about 584 years).
+pub const MAX_BURST_TIME: Duration = Duration::from_nanos(u64::MAX);
+
 /// A rate limit: `limit` units per `period` on average, with bursts of up to `burst` units.
 ///
 /// Units replenish one at a time, every `period / limit` (the emission interval of GCRA), not
@@ -38,8 +42,8 @@ pub struct Quota {
 impl Quota {
     /// `limit` units per `period`, with a burst of `limit`.
     ///
-    /// Errors when `limit` is zero, `period` is zero, or the emission interval
-    /// (`period / limit`) would be shorter than a nanosecond.
+    /// Errors when `limit` is zero, `period` is zero, the emission interval (`period / limit`)
+    /// would be shorter than a nanosecond, or `period` is past [`MAX_BURST_TIME`].
     pub fn new(limit: u32, period: Duration) -> Result<Self, ConfigError> {
         if limit == 0 {
             return Err(ConfigError::new("limit", "must be at least 1"));
@@ -50,11 +54,16 @@ impl Quota {
                 "must be at least one nanosecond per unit",
             ));
         }
-        Ok(Self {
+        let quota = Self {
             limit,
             period,
             burst: limit,
-        })
+        };
+        if quota.burst_time_fits() {
+            Ok(quota)
+        } else {
+            Err(ConfigError::new("period", "must be under about 584 years"))
+        }
     }
 
     /// `limit` units per second.
@@ -72,12 +81,28 @@ impl Quota {
         Self::new(limit, Duration::from_secs(3600))
     }
 
-    /// The same rate with bursts of up to `burst` units (at least 1).
+    /// The same rate with bursts of up to `burst` units (at least 1, and a burst's worth of
+    /// time, `burst × period / limit`, within [`MAX_BURST_TIME`]).
     pub fn with_burst(self, burst: u32) -> Result<Self, ConfigError> {
         if burst == 0 {
             return Err(ConfigError::new("burst", "must be at least 1"));
         }
-        Ok(Self { burst, ..self })
+        let quota = Self { burst, ..self };
+        if quota.burst_time_fits() {
+            Ok(quota)
+        } else {
+            Err(ConfigError::new(
+                "burst",
+                "a burst's worth of time (burst × period / limit) must be under about 584 years",
+            ))
+        }
+    }
+
+    /// Whether the time a full burst takes to replenish fits in what the limiters count.
+    fn burst_time_fits(&self) -> bool {
+        self.emission_interval()
+            .checked_mul(self.burst)
+            .is_some_and(|time| time <= MAX_BURST_TIME)
     }
 
     /// Units per period.
