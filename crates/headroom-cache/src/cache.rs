@@ -643,13 +643,10 @@ where
         if met_newer {
             // L2 holds a newer write or removal (one made here before, or elsewhere): L1 must
             // not serve this one in its place.
-            inner
-                .l1
-                .entry(key)
-                .and_compute_with(|held| match held {
-                    Some(held) if held.value().created_micros == version => Op::Remove,
-                    _ => Op::Nop,
-                });
+            inner.l1.entry(key).and_compute_with(|held| match held {
+                Some(held) if held.value().created_micros == version => Op::Remove,
+                _ => Op::Nop,
+            });
         }
         Ok(())
     }
