@@ -79,6 +79,10 @@ impl Default for IdempotencyConfig {
     }
 }
 
+/// The longest lease, retention or wait: ten years, far inside what every store's clock and
+/// Redis's millisecond expiries count.
+const MAX_TIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl IdempotencyConfig {
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
         if self.lease < Duration::from_millis(10) {
@@ -86,6 +90,17 @@ impl IdempotencyConfig {
         }
         if self.retention < Duration::from_millis(1) {
             return Err("retention must be at least 1 ms");
+        }
+        if self.lease > MAX_TIME {
+            return Err("lease must be at most ten years");
+        }
+        if self.retention > MAX_TIME {
+            return Err("retention must be at most ten years");
+        }
+        if let InProgressPolicy::Wait { max_wait } = self.in_progress
+            && max_wait > MAX_TIME
+        {
+            return Err("max_wait must be at most ten years");
         }
         if self.max_outcome_len == 0 {
             return Err("max_outcome_len must be greater than zero");

@@ -381,6 +381,26 @@ fn invalid_configuration_is_refused() {
             .build()
             .is_err()
     );
+    // Times past what a store can count are refused, not left to panic or be cut short later.
+    let too_long = Duration::MAX;
+    for (builder, field) in [
+        (
+            Idempotency::builder(MemoryLeaseStore::new()).lease(too_long),
+            "lease",
+        ),
+        (
+            Idempotency::builder(MemoryLeaseStore::new()).retention(too_long),
+            "retention",
+        ),
+        (
+            Idempotency::builder(MemoryLeaseStore::new())
+                .in_progress(InProgressPolicy::Wait { max_wait: too_long }),
+            "max_wait",
+        ),
+    ] {
+        let err = builder.build().unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
 }
 
 /// A holder that learns its lease was taken over stops its operation (the future is dropped,
