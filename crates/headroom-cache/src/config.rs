@@ -154,8 +154,56 @@ impl CacheConfig {
         if self.l2_failure_threshold == 0 {
             return Err("l2_failure_threshold must be at least 1");
         }
-        Ok(())
+        let times = [
+            ("ttl must be at most ten years", Some(self.ttl)),
+            ("soft_ttl must be at most ten years", self.soft_ttl),
+            (
+                "ttl_jitter must be at most ten years",
+                Some(self.ttl_jitter),
+            ),
+            ("negative_ttl must be at most ten years", self.negative_ttl),
+            (
+                "fail_safe_max_stale must be at most ten years",
+                Some(self.fail_safe_max_stale),
+            ),
+            (
+                "fail_safe_throttle must be at most ten years",
+                Some(self.fail_safe_throttle),
+            ),
+            ("l1_max_ttl must be at most ten years", self.l1_max_ttl),
+            (
+                "loader_soft_timeout must be at most ten years",
+                self.loader_soft_timeout,
+            ),
+            (
+                "loader_hard_timeout must be at most ten years",
+                self.loader_hard_timeout,
+            ),
+            (
+                "l2_timeout must be at most ten years",
+                Some(self.l2_timeout),
+            ),
+            (
+                "l2_cooldown must be at most ten years",
+                Some(self.l2_cooldown),
+            ),
+        ];
+        match times
+            .into_iter()
+            .find(|(_, time)| time.is_some_and(too_long))
+        {
+            Some((reason, _)) => Err(reason),
+            None => Ok(()),
+        }
     }
+}
+
+/// The longest time a cache takes: ten years, far inside what its clocks and L2's millisecond
+/// expiries count (and moka's limit of a thousand years).
+pub(crate) const MAX_TIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn too_long(time: Duration) -> bool {
+    time > MAX_TIME
 }
 
 /// The lifetimes a cache gives the entries it writes from now on, replaceable while it runs
@@ -195,6 +243,17 @@ impl TtlConfig {
         }
         if self.negative_ttl.is_some_and(|ttl| ttl.is_zero()) {
             return Err(ConfigError::new("negative_ttl must be greater than zero"));
+        }
+        let times = [
+            Some(self.ttl),
+            self.soft_ttl,
+            Some(self.ttl_jitter),
+            self.negative_ttl,
+        ];
+        if times.into_iter().flatten().any(too_long) {
+            return Err(ConfigError::new(
+                "ttl, soft_ttl, ttl_jitter and negative_ttl must be at most ten years",
+            ));
         }
         Ok(())
     }

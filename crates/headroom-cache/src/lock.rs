@@ -34,9 +34,9 @@ impl FleetLock {
     ) -> Result<Self, ConfigError> {
         let namespace = Namespace::new(&format!("{}.fleet-lock", l2.as_str()))
             .map_err(|_| ConfigError::new("the l2 namespace is too long for a fleet lock"))?;
-        if wait.is_zero() {
+        if wait.is_zero() || wait > crate::config::MAX_TIME {
             return Err(ConfigError::new(
-                "the fleet lock wait must be greater than zero",
+                "the fleet lock wait must be greater than zero and at most ten years",
             ));
         }
         Ok(Self {

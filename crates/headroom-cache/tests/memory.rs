@@ -820,6 +820,41 @@ async fn bad_keys_and_oversized_values_get_typed_errors() {
     assert_eq!(bad.unwrap_err().reason(), "ttl must be greater than zero");
 }
 
+/// Times past what the cache's clocks and L2's expiries count are refused at build (and by
+/// `reconfigure_ttls`), rather than panicking or failing every write later.
+#[tokio::test]
+async fn times_too_long_to_count_are_configuration_errors() {
+    type Builder = headroom_cache::CacheBuilder<String, String>;
+    let too_long = Duration::MAX;
+    let setters: [(&str, fn(Builder, Duration) -> Builder); 7] = [
+        ("ttl", |b, d| b.ttl(d)),
+        ("soft_ttl", |b, d| b.soft_ttl(d)),
+        ("ttl_jitter", |b, d| b.ttl_jitter(d)),
+        ("fail_safe_max_stale", |b, d| b.fail_safe_max_stale(d)),
+        ("fail_safe_throttle", |b, d| b.fail_safe_throttle(d)),
+        ("l1_max_ttl", |b, d| b.l1_max_ttl(d)),
+        ("fleet lock wait", |b, d| {
+            b.l2(MemoryKvStore::new(), ns())
+                .fleet_lock(headroom_core::memory::MemoryLeaseStore::new(), d)
+        }),
+    ];
+    for (field, set) in setters {
+        let built = set(Cache::builder(), too_long).build();
+        let reason = built.err().map(|e| e.reason().to_owned());
+        assert!(
+            reason.as_deref().is_some_and(|r| r.contains(field)),
+            "{field}: {reason:?}"
+        );
+    }
+    let cache: Cache<String, String> = Cache::builder()
+        .l2(MemoryKvStore::new(), ns())
+        .build()
+        .unwrap();
+    let mut ttls = cache.ttls();
+    ttls.ttl = too_long;
+    assert!(cache.reconfigure_ttls(ttls).is_err());
+}
+
 #[cfg(feature = "json")]
 #[tokio::test]
 async fn a_value_written_with_another_codec_is_a_miss() {
