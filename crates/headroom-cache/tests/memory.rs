@@ -825,8 +825,9 @@ async fn bad_keys_and_oversized_values_get_typed_errors() {
 #[tokio::test]
 async fn times_too_long_to_count_are_configuration_errors() {
     type Builder = headroom_cache::CacheBuilder<String, String>;
+    type Setter = fn(Builder, Duration) -> Builder;
     let too_long = Duration::MAX;
-    let setters: [(&str, fn(Builder, Duration) -> Builder); 7] = [
+    let setters: [(&str, Setter); 7] = [
         ("ttl", |b, d| b.ttl(d)),
         ("soft_ttl", |b, d| b.soft_ttl(d)),
         ("ttl_jitter", |b, d| b.ttl_jitter(d)),
