@@ -78,6 +78,17 @@ struct Channel {
     live: bool,
 }
 
+/// What [`Subscriber::report_loss`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reported {
+    /// Nothing was left to report, or it is reported now.
+    Yes,
+    /// The subscriber is still full: reported later.
+    Full,
+    /// The subscriber is gone.
+    Gone,
+}
+
 pub(crate) struct Subscriber {
     events: mpsc::Sender<BusEvent>,
     /// Events dropped because the subscriber was full, not yet reported.
@@ -92,26 +103,44 @@ impl Subscriber {
 
     /// Delivers `event`, first reporting any loss; returns false once the subscriber is gone.
     pub(crate) fn deliver(&mut self, event: BusEvent) -> bool {
-        if self.lagged > 0 {
-            match self
-                .events
-                .try_send(BusEvent::Lost(LossReason::Lagged(self.lagged)))
-            {
-                Ok(()) => {
-                    self.lagged = 0;
-                    if !self.send(BusEvent::Live) {
-                        return !self.events.is_closed();
-                    }
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.lagged += 1;
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        match self.report_loss() {
+            Reported::Yes => {
+                self.send(event);
+                !self.events.is_closed()
             }
+            Reported::Full => {
+                self.lagged += 1;
+                true
+            }
+            Reported::Gone => false,
         }
-        self.send(event);
-        !self.events.is_closed()
+    }
+
+    /// Reports the events dropped so far, if any, as a loss followed by `Live`. Also called
+    /// when there is nothing to deliver: a loss must not wait for an event that may not come.
+    pub(crate) fn report_loss(&mut self) -> Reported {
+        if self.lagged == 0 {
+            return if self.events.is_closed() {
+                Reported::Gone
+            } else {
+                Reported::Yes
+            };
+        }
+        match self
+            .events
+            .try_send(BusEvent::Lost(LossReason::Lagged(self.lagged)))
+        {
+            Ok(()) => {
+                self.lagged = 0;
+                if self.send(BusEvent::Live) || !self.events.is_closed() {
+                    Reported::Yes
+                } else {
+                    Reported::Gone
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Reported::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Reported::Gone,
+        }
     }
 
     /// Resolves once the subscription is dropped.

@@ -8,7 +8,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use crate::Redis;
-use crate::bus::{Received, SUBSCRIBER_BUFFER, Subscriber, push_connection};
+use crate::bus::{Received, Reported, SUBSCRIBER_BUFFER, Subscriber, push_connection};
 use crate::connection::bounded;
 
 /// How often [`tracked_writes`] pings its connection while tracking is on. A ping not
@@ -25,8 +25,9 @@ pub const TRACKING_PING_INTERVAL: Duration = Duration::from_millis(500);
 /// timeout (a stalled connection), the subscription yields [`BusEvent::Lost`], turns tracking
 /// on again once Redis answers and yields `Live`. So a write is reported, or a loss is, within
 /// `TRACKING_PING_INTERVAL` plus the command timeout. A `FLUSHALL`/`FLUSHDB` is reported as
-/// `Lost` then `Live`: everything may have changed. Dropping the subscription closes the
-/// connection.
+/// `Lost` then `Live`: everything may have changed. Keys of a burst larger than the
+/// subscription holds (1,024 events) are reported as `Lost` by the next ping at the latest.
+/// Dropping the subscription closes the connection.
 ///
 /// Cost: Redis sends one invalidation to this connection for every write of every key under
 /// the prefix, by any client, this instance's own writes included (a write also drops the
@@ -111,7 +112,9 @@ async fn track(
                     tracking = false;
                     subscriber.deliver(BusEvent::Lost(LossReason::Disconnected))
                 } else {
-                    true
+                    // Keys dropped from a burst the subscriber could not hold are reported
+                    // now, not at the next write, which may be long in coming.
+                    subscriber.report_loss() != Reported::Gone
                 }
             },
             () = subscriber.closed() => false,

@@ -393,6 +393,37 @@ async fn tracked_writes_report_keys_changed_by_anyone_and_survive_a_restart() {
     );
 }
 
+/// A burst of more invalidations than the subscription holds is reported as a loss even when
+/// no write follows it, so a cache drops what it may have missed rather than serving it.
+/// (One thread: the burst is all forwarded before the test reads any of it.)
+#[tokio::test(flavor = "current_thread")]
+async fn tracked_writes_report_a_burst_they_could_not_hold_without_a_later_write() {
+    let server = RedisServer::start();
+    let redis = Redis::connect(config(server.url())).await.expect("connect");
+    let mut writes = tracked_writes(&redis, b"shop:").await.expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+    // Well over the events a subscription holds (1,024).
+    let keys = 5_000;
+    let mut mset = vec!["MSET".to_owned()];
+    for i in 0..keys {
+        mset.extend([format!("shop:{i}"), "1".to_owned()]);
+    }
+    server.cli(&mset.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut messages = 0;
+    let after = loop {
+        match next_event(&mut writes).await {
+            BusEvent::Message(_) => messages += 1,
+            other => break other,
+        }
+    };
+    assert!(messages < keys, "{messages} of {keys} keys held");
+    assert!(
+        matches!(after, BusEvent::Lost(LossReason::Lagged(_))),
+        "{after:?}"
+    );
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracked_writes_are_refused_on_a_cluster() {
     let redis = Redis::connect(RedisConfig::cluster(
