@@ -632,10 +632,7 @@ where
             inner
                 .l1
                 .entry(key.clone())
-                .and_compute_with(|held| match held {
-                    Some(held) if held.value().created_micros > version => Op::Nop,
-                    _ => Op::Put(slot),
-                });
+                .or_insert_with_if(|| slot, |held| held.created_micros <= version);
         }
         let published = vec![key.to_key_bytes().into_owned()];
         let met_newer =
