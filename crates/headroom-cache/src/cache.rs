@@ -629,22 +629,44 @@ where
         let version = slot.created_micros;
         if inner.l1_usable() {
             // As in L2, a write made earlier than the one L1 holds does not replace it.
-            inner
-                .l1
-                .entry(key.clone())
-                .or_insert_with_if(|| slot, |held| held.created_micros <= version);
+            let mut pending = Some(slot);
+            let entry = inner.l1.entry(key.clone()).or_insert_with_if(
+                || {
+                    pending
+                        .take()
+                        .expect("moka runs an initializer at most once")
+                },
+                |held| held.created_micros <= version,
+            );
+            // A concurrent write's initializer ran instead of this one's: this one goes in if
+            // it is the newer.
+            if let Some(slot) = pending.filter(|_| entry.value().created_micros < version) {
+                inner
+                    .l1
+                    .entry(key.clone())
+                    .and_compute_with(|held| match held {
+                        Some(held) if held.value().created_micros > version => Op::Nop,
+                        _ => Op::Put(slot),
+                    });
+            }
         }
         let published = vec![key.to_key_bytes().into_owned()];
-        let met_newer =
-            Inner::write_through(inner, l2_entry.into_iter().collect(), published, writing).await;
-        if met_newer {
-            // L2 holds a newer write or removal (one made here before, or elsewhere): L1 must
-            // not serve this one in its place.
+        // Should L2 hold a newer write or removal (made here before, or elsewhere), L1 must not
+        // serve this one in its place.
+        let if_refused = move |inner: &Inner<K, V>| {
             inner.l1.entry(key).and_compute_with(|held| match held {
                 Some(held) if held.value().created_micros == version => Op::Remove,
                 _ => Op::Nop,
             });
-        }
+        };
+        Inner::write_through(
+            inner,
+            l2_entry.into_iter().collect(),
+            published,
+            writing,
+            if_refused,
+        )
+        .await;
         Ok(())
     }
 
@@ -697,7 +719,7 @@ where
             Some(_) => keys.iter().map(|k| k.to_key_bytes().into_owned()).collect(),
             None => Vec::new(),
         };
-        Inner::write_through(inner, tombstones, published, writing).await;
+        Inner::write_through(inner, tombstones, published, writing, |_| {}).await;
         Ok(())
     }
 
@@ -848,14 +870,15 @@ where
     /// on the invalidation bus: after L2 has the change, so that an instance reading L2 on the
     /// message sees it. With a bus, this runs in a spawned task, so a caller dropped meanwhile
     /// cannot skip the message; without one, a dropped write leaves the key pending (see `L2`).
-    /// Writes `entries` to L2 and tells the other instances about `keys`. Returns whether L2
-    /// met a newer entry for some of them (and so kept it).
+    /// When L2 met a newer entry for some of them (and kept it), `if_refused` runs before the
+    /// write ends.
     async fn write_through(
         this: &Arc<Self>,
         entries: Vec<KvEntry>,
         keys: Vec<Vec<u8>>,
         writing: Vec<Writing<K, V>>,
-    ) -> bool {
+        if_refused: impl FnOnce(&Self) + Send + 'static,
+    ) {
         /// How many entries L2 took (all when there is no L2), `None` when it failed.
         async fn l2_work(l2: Option<&Arc<L2>>, entries: &[KvEntry]) -> Option<u64> {
             match l2 {
@@ -868,13 +891,19 @@ where
         };
         if this.invalidation.is_none() {
             let written = l2_work(this.l2.as_ref(), &entries).await;
+            if met_newer(written, entries.len()) {
+                if_refused(this);
+            }
             drop(writing);
-            return met_newer(written, entries.len());
+            return;
         }
         let this = Arc::clone(this);
         let task = tokio::spawn(
             async move {
                 let written = l2_work(this.l2.as_ref(), &entries).await;
+                if met_newer(written, entries.len()) {
+                    if_refused(&this);
+                }
                 drop(writing);
                 if let Some(invalidation) = &this.invalidation {
                     let keys = keys.iter().map(Vec::as_slice);
@@ -884,12 +913,11 @@ where
                         invalidation.publish_outdated_keys(keys);
                     }
                 }
-                met_newer(written, entries.len())
             }
             .in_current_span(),
         );
         // The task never panics; a runtime shutting down is the only other way it ends early.
-        task.await.unwrap_or(false)
+        let _ = task.await;
     }
 
     /// Whether L1 may be read and filled: not while invalidation messages may be lost.
