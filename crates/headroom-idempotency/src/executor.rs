@@ -74,8 +74,8 @@ impl Lease {
     }
 
     /// Records that the operation has taken effect, and the outcome to keep should it not
-    /// finish: from here on, if its future is dropped (its caller went away) or it panics, the
-    /// key keeps `outcome` instead of being released, so that a retry replays it rather than
+    /// finish: from here on, if its future is dropped (its caller went away, or its lease was
+    /// lost) or it panics, the key keeps `outcome` instead of being released, so that a retry replays it rather than
     /// running the operation again. `outcome` is of the type the operation returns; one that
     /// cannot be stored keeps the key as not replayable. A later call replaces it; an error
     /// the operation returns still releases the key.
@@ -636,12 +636,22 @@ impl<S: LeaseStore> Idempotency<S> {
             // The operation's future is dropped here when the lease was lost.
         };
         held.send_replace(false);
-        guard.lease = None;
+        // The outcome the operation recorded when it took effect, if it did.
+        let took_effect = guard.lease.take().and_then(|lease| lease.kept());
         let Some(outcome) = outcome else {
             self.inner.metrics.leases_lost.increment(1);
             tracing::warn!(record = ?record, "idempotency lease lost while the operation ran; the operation was stopped");
-            // A no-op if another holder took over; otherwise a retry need not wait out the lease.
-            self.release(&record, token).await;
+            match took_effect {
+                // It took effect: its outcome is kept (fenced if another holder took over).
+                Some(encoded) => {
+                    let kept = self.storable(&record, encoded);
+                    guard.then = OnEnd::Keep(kept.clone());
+                    self.store_outcome(&record, token, kept).await;
+                }
+                // A no-op if another holder took over; otherwise a retry need not wait out the
+                // lease.
+                None => self.release(&record, token).await,
+            }
             guard.then = OnEnd::Nothing;
             return Err(IdempotencyError::LeaseLost);
         };
@@ -653,9 +663,12 @@ impl<S: LeaseStore> Idempotency<S> {
                 return Err(IdempotencyError::Operation(err));
             }
         };
-        // The operation ran: from here the key keeps an outcome, even should the policy or the
-        // encoding panic, or this call be dropped.
-        guard.then = OnEnd::Keep(Bytes::from_static(&[NOT_REPLAYABLE]));
+        // The operation ran: from here the key keeps an outcome (the one it recorded, or a
+        // marker), even should the policy or the encoding panic, or this call be dropped.
+        guard.then = OnEnd::Keep(match took_effect {
+            Some(encoded) => self.storable(&record, encoded),
+            None => Bytes::from_static(&[NOT_REPLAYABLE]),
+        });
         if !store_if(&value) {
             guard.then = OnEnd::Release;
             self.release(&record, token).await;

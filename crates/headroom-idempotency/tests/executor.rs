@@ -827,3 +827,57 @@ async fn a_completion_whose_answer_was_lost_is_not_taken_for_a_takeover() {
         .unwrap();
     assert_eq!((replay.value, replay.replayed), (5, true));
 }
+
+/// An operation that took effect and then lost its lease (its extensions unanswered until the
+/// lease ran out) is stopped, but its key keeps the outcome it recorded: a retry replays it
+/// rather than running the operation again.
+#[tokio::test]
+async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost() {
+    let clock = ManualClock::new();
+    let store = SlowExtend {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        answer: Arc::new(tokio::sync::Semaphore::new(0)),
+        asked: Arc::new(tokio::sync::Notify::new()),
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let holder = {
+        let (idem, runs) = (idem.clone(), Arc::clone(&runs));
+        tokio::spawn(async move {
+            idem.execute_leased(&scope(), &key("k"), b"x", |lease| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                lease.took_effect(&7u32);
+                std::future::pending::<Result<u32>>().await
+            })
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+    };
+    for _ in 0..60 {
+        if holder.is_finished() {
+            break;
+        }
+        clock.advance(Duration::from_secs(1));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(holder.is_finished(), "the lease ran out");
+    let lost = holder.await.unwrap().unwrap_err();
+    assert!(lost.contains("lease"), "{lost}");
+    let retry = idem
+        .execute(&scope(), &key("k"), b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Result::Ok(0u32)
+        })
+        .await
+        .unwrap();
+    assert_eq!((retry.value, retry.replayed), (7, true));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}
