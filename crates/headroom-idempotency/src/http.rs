@@ -280,15 +280,19 @@ struct StoredResponse {
     head: Option<http::response::Parts>,
 }
 
-/// What a stored response takes beyond its body, at most: the format byte, the status, the
-/// headers and every length (postcard varints, up to 10 bytes each).
-fn stored_overhead(headers: &[(String, Vec<u8>)]) -> usize {
-    const VARINT: usize = 10;
-    let headers: usize = headers
+/// What a stored response takes beyond its body of up to `max_body` bytes, as encoded: the
+/// format byte, the status, the headers, and the lengths (postcard varints).
+fn stored_overhead(status: u16, headers: &[(String, Vec<u8>)], max_body: usize) -> usize {
+    let headers_len: usize = headers
         .iter()
-        .map(|(name, value)| 2 * VARINT + name.len() + value.len())
+        .map(|(name, value)| varint(name.len()) + name.len() + varint(value.len()) + value.len())
         .sum();
-    1 + 3 + VARINT + headers + VARINT
+    1 + varint(usize::from(status)) + varint(headers.len()) + headers_len + varint(max_body)
+}
+
+/// The bytes a postcard varint of `n` takes.
+fn varint(n: usize) -> usize {
+    (usize::BITS - n.leading_zeros()).max(1).div_ceil(7) as usize
 }
 
 /// A response whose body could not be kept: its status and headers, and a header saying so.
@@ -417,7 +421,11 @@ where
                         if store_status(head.status) {
                             lease.took_effect(&body_omitted(status, headers.clone()));
                         }
-                        let max_body = max_response_len.saturating_sub(stored_overhead(&headers));
+                        let max_body = max_response_len.saturating_sub(stored_overhead(
+                            status,
+                            &headers,
+                            max_response_len,
+                        ));
                         match Limited::new(body, max_body).collect().await {
                             Ok(body) => Ok(StoredResponse {
                                 status,
