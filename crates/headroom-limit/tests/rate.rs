@@ -276,6 +276,20 @@ fn invalid_quotas_are_configuration_errors() {
         "burst"
     );
     assert_eq!(Quota::new(1, Duration::MAX).unwrap_err().field(), "period");
+    // A share rounds its limit and burst down apart, which can lengthen the burst's time: it
+    // stays within what the limiters count.
+    let share = Quota::new(19, Duration::from_nanos(u64::MAX / 6))
+        .unwrap()
+        .with_burst(100)
+        .unwrap()
+        .share(10);
+    assert!(
+        share
+            .emission_interval()
+            .checked_mul(share.burst())
+            .is_some_and(|time| time <= headroom_limit::rate::MAX_BURST_TIME),
+        "{share:?}"
+    );
     let share = Quota::per_minute(100)
         .unwrap()
         .with_burst(10)

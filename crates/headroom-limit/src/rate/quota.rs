@@ -135,14 +135,23 @@ impl Quota {
     }
 
     /// This quota split evenly over `instances` (rate and burst, each at least 1): the share
-    /// one instance enforces on its own when the shared store is unreachable.
+    /// one instance enforces on its own when the shared store is unreachable. Its burst is
+    /// lowered, should the rounding put its time past [`MAX_BURST_TIME`].
     pub fn share(&self, instances: u32) -> Self {
         let instances = instances.max(1);
         let limit = (self.limit / instances).max(1);
-        Self {
+        let share = Self {
             limit,
             period: self.period,
             burst: (self.burst / instances).max(1),
+        };
+        if share.burst_time_fits() {
+            return share;
+        }
+        let fits = MAX_BURST_TIME.as_nanos() / share.emission_interval().as_nanos().max(1);
+        Self {
+            burst: u32::try_from(fits).unwrap_or(u32::MAX).max(1),
+            ..share
         }
     }
 }
