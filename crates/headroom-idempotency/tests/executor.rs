@@ -646,21 +646,44 @@ impl headroom_core::lease::LeaseStore for FlakyComplete {
     }
 }
 
+impl FlakyComplete {
+    /// A memory store on `clock` whose first `failures` completions fail (applied first when
+    /// `applied`), and an executor on it answering duplicates by `policy`.
+    fn with_executor(
+        clock: &ManualClock,
+        failures: usize,
+        applied: bool,
+        policy: InProgressPolicy,
+    ) -> (Self, Idempotency<Self>) {
+        let store = Self {
+            store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+            failures: Arc::new(AtomicUsize::new(failures)),
+            calls: Arc::new(AtomicUsize::new(0)),
+            applied,
+        };
+        let idem = Idempotency::builder(store.clone())
+            .clock(clock.clock())
+            .lease(Duration::from_secs(30))
+            .in_progress(policy)
+            .build()
+            .unwrap();
+        (store, idem)
+    }
+}
+
 /// Storing an outcome is retried after a pause that grows, not at once, so a store that is
 /// briefly down gets time to come back and the outcome is kept.
 #[tokio::test]
 async fn storing_an_outcome_is_retried_with_backoff() {
     let clock = ManualClock::new();
-    let store = FlakyComplete {
-        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        failures: Arc::new(AtomicUsize::new(2)),
-        calls: Arc::new(AtomicUsize::new(0)),
-        applied: false,
-    };
-    let idem = Idempotency::builder(store.clone())
-        .clock(clock.clock())
-        .build()
-        .unwrap();
+    let (store, idem) = FlakyComplete::with_executor(
+        &clock,
+        2,
+        false,
+        InProgressPolicy::Wait {
+            max_wait: Duration::from_secs(5),
+        },
+    );
     let holder = {
         let idem = idem.clone();
         tokio::spawn(async move {
@@ -703,18 +726,7 @@ async fn storing_an_outcome_is_retried_with_backoff() {
 #[tokio::test]
 async fn a_call_dropped_while_its_outcome_is_stored_still_stores_it() {
     let clock = ManualClock::new();
-    let store = FlakyComplete {
-        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        failures: Arc::new(AtomicUsize::new(1)),
-        calls: Arc::new(AtomicUsize::new(0)),
-        applied: false,
-    };
-    let idem = Idempotency::builder(store.clone())
-        .clock(clock.clock())
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
+    let (store, idem) = FlakyComplete::with_executor(&clock, 1, false, InProgressPolicy::Reject);
     let runs = AtomicUsize::new(0);
     let (call_scope, call_key) = (scope(), key("k"));
     let mut call = Box::pin(idem.execute(&call_scope, &call_key, b"x", || async {
@@ -792,16 +804,14 @@ async fn a_storing_policy_that_panics_after_the_run_keeps_the_key() {
 #[tokio::test]
 async fn a_completion_whose_answer_was_lost_is_not_taken_for_a_takeover() {
     let clock = ManualClock::new();
-    let store = FlakyComplete {
-        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        failures: Arc::new(AtomicUsize::new(1)),
-        calls: Arc::new(AtomicUsize::new(0)),
-        applied: true,
-    };
-    let idem = Idempotency::builder(store.clone())
-        .clock(clock.clock())
-        .build()
-        .unwrap();
+    let (store, idem) = FlakyComplete::with_executor(
+        &clock,
+        1,
+        true,
+        InProgressPolicy::Wait {
+            max_wait: Duration::from_secs(5),
+        },
+    );
     let holder = {
         let idem = idem.clone();
         tokio::spawn(async move {
