@@ -30,10 +30,19 @@ pub struct Latency {
 struct Truth {
     versions: HashMap<String, u64>,
     loads: HashMap<String, u64>,
+    /// Per product, when its first load was answered.
+    first_answered: HashMap<String, tokio::time::Instant>,
+    /// Per product, the loads that arrived once an earlier one had been answered and its value
+    /// had time to reach L2 ([`WRITE_BACK`]): loads of a product the cache should have held.
+    reloads: HashMap<String, u64>,
     /// Per idempotency key: the order of each execution.
     executions: HashMap<String, Vec<u64>>,
     next_order: u64,
 }
+
+/// Time enough for a loaded value to reach L2 after the database answered (one Redis round
+/// trip, with room to spare).
+pub const WRITE_BACK: Duration = Duration::from_millis(100);
 
 /// The database. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -77,12 +86,20 @@ impl Database {
             DbRequest::Checkout { .. } => self.latency.checkout,
             DbRequest::Report => self.latency.report,
         };
+        let arrived = tokio::time::Instant::now();
         let _permit = self.capacity.acquire().await;
         tokio::time::sleep(took).await;
         let mut truth = self.lock();
         let value = match request {
             DbRequest::Get { key } => {
                 *truth.loads.entry(key.clone()).or_default() += 1;
+                let answered = *truth
+                    .first_answered
+                    .entry(key.clone())
+                    .or_insert_with(tokio::time::Instant::now);
+                if answered + WRITE_BACK <= arrived {
+                    *truth.reloads.entry(key.clone()).or_default() += 1;
+                }
                 truth.versions.get(&key).copied().unwrap_or(0)
             }
             DbRequest::Put { key } => {
@@ -110,8 +127,55 @@ impl Database {
         self.lock().loads.clone()
     }
 
+    /// Per product so far, the loads that arrived once an earlier load of it had been answered
+    /// [`WRITE_BACK`] before: its value was in L2 by then, unless written or hidden since. (A
+    /// load in flight with the first, on another instance, is not one.)
+    pub fn reloads(&self) -> HashMap<String, u64> {
+        self.lock().reloads.clone()
+    }
+
     /// The orders placed per idempotency key so far (more than one is a duplicate execution).
     pub fn executions(&self) -> HashMap<String, Vec<u64>> {
         self.lock().executions.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load in flight with the first (another instance missing L2 before the first value
+    /// reached it) is not a reload; one arriving once the first value had time to reach L2 is.
+    #[tokio::test(start_paused = true)]
+    async fn only_loads_after_the_first_value_could_be_in_l2_are_reloads() {
+        let ms = Duration::from_millis;
+        let db = Database::new(
+            8,
+            Latency {
+                get: ms(50),
+                put: ms(1),
+                checkout: ms(1),
+                report: ms(1),
+            },
+        );
+        let get = || {
+            let db = db.clone();
+            async move {
+                db.handle(DbRequest::Get {
+                    key: "hot-0".to_owned(),
+                })
+                .await
+            }
+        };
+        let first = tokio::spawn(get());
+        tokio::time::sleep(ms(10)).await;
+        let alongside = tokio::spawn(get());
+        first.await.unwrap();
+        alongside.await.unwrap();
+        assert_eq!(db.loads()["hot-0"], 2);
+        assert!(db.reloads().is_empty(), "{:?}", db.reloads());
+        tokio::time::sleep(WRITE_BACK).await;
+        get().await;
+        assert_eq!(db.reloads()["hot-0"], 1);
     }
 }

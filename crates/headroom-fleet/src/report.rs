@@ -61,6 +61,10 @@ pub struct Window {
     pub loads_before: HashMap<String, u64>,
     /// See `loads_before`.
     pub loads_after: HashMap<String, u64>,
+    /// Database reloads per product (see `Database::reloads`) at the start and at the end.
+    pub reloads_before: HashMap<String, u64>,
+    /// See `reloads_before`.
+    pub reloads_after: HashMap<String, u64>,
     /// Seconds after the fault until every instance used L1 again, when measured.
     pub l1_back_after: Option<f64>,
     /// Its promises.
@@ -314,11 +318,10 @@ pub fn judge(
             .map(|e| e.key.as_str())
             .collect();
         let reloads = window
-            .loads_after
-            .keys()
-            .filter(|k| !written.contains(k.as_str()))
-            .filter(|k| window.loads_before.get(*k).copied().unwrap_or(0) > 0)
-            .map(delta)
+            .reloads_after
+            .iter()
+            .filter(|(k, _)| !written.contains(k.as_str()))
+            .map(|(k, after)| after - window.reloads_before.get(k).copied().unwrap_or(0))
             .sum();
         let (hits, misses) = window.l2;
         let l2_hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
@@ -595,6 +598,8 @@ mod tests {
             l2: (0, 0),
             loads_before: HashMap::new(),
             loads_after: HashMap::new(),
+            reloads_before: HashMap::new(),
+            reloads_after: HashMap::new(),
             l1_back_after: None,
             expect: Expect {
                 cut_off: Some(instance),

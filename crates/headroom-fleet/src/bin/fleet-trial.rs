@@ -107,7 +107,7 @@ impl Trial {
         Fut: Future<Output = ()>,
     {
         println!("window: {name}");
-        let loads_before = self.db.loads();
+        let (loads_before, reloads_before) = (self.db.loads(), self.db.reloads());
         let stats_before = self.fleet.stats().await;
         let start = self.load.now();
         fault(
@@ -142,6 +142,8 @@ impl Trial {
             l2: counted.l2,
             loads_before,
             loads_after: self.db.loads(),
+            reloads_before,
+            reloads_after: self.db.reloads(),
             l1_back_after,
             expect,
         });
