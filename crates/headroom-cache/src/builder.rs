@@ -358,12 +358,9 @@ where
                 L2::new(
                     store,
                     namespace,
-                    self.config.l2_timeout,
+                    &self.config,
+                    self.codec.id(),
                     self.clock.clone(),
-                    self.config.l2_failure_threshold,
-                    self.config.l2_cooldown,
-                    self.config.l2_max_pending_deletes,
-                    self.config.max_entry_lifetime(),
                     Arc::clone(&metrics),
                 )
                 .map(Arc::new)

@@ -1121,32 +1121,9 @@ where
         })
     }
 
-    /// The L2 entry that records the removal of `key` at `at_unix_us`: a tombstone, read as
-    /// absent, which no value loaded before the removal replaces (see `store`). It lives as
-    /// long as such a load may still write: the loader's hard timeout plus the L2 timeout
-    /// (without a hard timeout, an entry's whole lifetime).
+    /// The L2 tombstone of `key` removed at `at_unix_us` (see `L2::tombstone`).
     fn tombstone(&self, l2: &L2, key: &K, at_unix_us: u64) -> Result<KvEntry, CacheError> {
-        let key = self.l2_key(l2, key)?;
-        let config = &self.config;
-        let ttl = config
-            .loader_hard_timeout
-            .unwrap_or_else(|| l2.max_lifetime())
-            .saturating_add(config.l2_timeout)
-            .max(Duration::from_millis(1));
-        let mut times = Times::at(at_unix_us);
-        times.expires = times.created.saturating_add(millis(ttl));
-        let mut bytes = Vec::with_capacity(40);
-        envelope::write_tombstone(
-            &mut bytes,
-            self.codec.id(),
-            times,
-            self.config.schema_version,
-        );
-        Ok(KvEntry {
-            key,
-            value: Bytes::from(bytes),
-            ttl,
-        })
+        Ok(l2.tombstone(self.l2_key(l2, key)?, at_unix_us))
     }
 
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
@@ -1841,6 +1818,6 @@ fn unix_micros(at: SystemTime) -> u64 {
     })
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,6 +1,6 @@
 //! The cache's side of L2: every call bounded by a timeout, guarded by a breaker, and never
 //! failing the caller. Writes a user made (insert, remove) that did not reach L2 are remembered
-//! as pending deletes: until a delete of the key reaches L2, this instance never reads the
+//! as pending deletes: until a tombstone for the key reaches L2, this instance never reads the
 //! key's (outdated) L2 copy. A load's write-back that fails is not remembered: L2 then holds
 //! nothing older than what the load read. A key that cannot be remembered (the backlog is
 //! full) makes all of L2 untrusted for the longest lifetime of an entry, after which any copy
@@ -21,9 +21,10 @@ use headroom_breaker::{CircuitBreaker, State};
 
 use crate::invalidation::KeyPublisher;
 
-use crate::ConfigError;
-use crate::envelope;
+use crate::cache::millis;
+use crate::envelope::{self, Times};
 use crate::metrics::Metrics;
+use crate::{CacheConfig, ConfigError};
 
 /// Keys deleted per round trip while clearing pending deletes.
 const DRAIN_BATCH: usize = 100;
@@ -53,21 +54,23 @@ pub(crate) struct L2 {
     /// Nanoseconds after `origin` until which L2 reads are skipped; zero when trusted.
     untrusted_until: AtomicU64,
     deletes_announced_to: OnceLock<KeyPublisher>,
+    /// The codec and schema tombstones are written with.
+    codec: u8,
+    schema: u32,
+    loader_hard_timeout: Option<Duration>,
 }
 
 impl L2 {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: DynKvStore,
         namespace: Namespace,
-        timeout: Duration,
+        config: &CacheConfig,
+        codec: u8,
         clock: Clock,
-        failure_threshold: u32,
-        cooldown: Duration,
-        max_pending: usize,
-        max_lifetime: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConfigError> {
+        let failure_threshold = config.l2_failure_threshold;
+        let cooldown = config.l2_cooldown;
         // `failure_threshold` failures in a row open it (a full window of failures); one probe
         // after each cool-down closes it or opens it again. Dropped calls count as nothing.
         let breaker = CircuitBreaker::builder()
@@ -84,24 +87,48 @@ impl L2 {
             .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
         Ok(Self {
             max_lifetime: AtomicU64::new(
-                u64::try_from(max_lifetime.as_nanos()).unwrap_or(u64::MAX),
+                u64::try_from(config.max_entry_lifetime().as_nanos()).unwrap_or(u64::MAX),
             ),
             origin: clock.now(),
             untrusted_until: AtomicU64::new(0),
             deletes_announced_to: OnceLock::new(),
+            codec,
+            schema: config.schema_version,
+            loader_hard_timeout: config.loader_hard_timeout,
             store,
             namespace,
-            timeout,
+            timeout: config.l2_timeout,
             breaker,
             cooldown,
             clock,
             metrics,
             pending: Mutex::new(HashMap::new()),
             pending_len: AtomicUsize::new(0),
-            max_pending,
+            max_pending: config.l2_max_pending_deletes,
             generation: AtomicU64::new(0),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// The L2 entry that records the removal of `key` at `at_unix_us`: a tombstone, read as
+    /// absent, which no value loaded before the removal replaces (see `set_if_newer`). It
+    /// lives as long as such a load may still write: the loader's hard timeout plus the L2
+    /// timeout (without a hard timeout, an entry's whole lifetime).
+    pub(crate) fn tombstone(&self, key: Key, at_unix_us: u64) -> KvEntry {
+        let ttl = self
+            .loader_hard_timeout
+            .unwrap_or_else(|| self.max_lifetime())
+            .saturating_add(self.timeout)
+            .max(Duration::from_millis(1));
+        let mut times = Times::at(at_unix_us);
+        times.expires = times.created.saturating_add(millis(ttl));
+        let mut bytes = Vec::with_capacity(40);
+        envelope::write_tombstone(&mut bytes, self.codec, times, self.schema);
+        KvEntry {
+            key,
+            value: Bytes::from(bytes),
+            ttl,
+        }
     }
 
     /// Runs one L2 call under the breaker and the timeout; `None` when L2 was not reached.
@@ -346,7 +373,7 @@ impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
     }
 }
 
-/// Deletes pending keys from L2 until none is left. While a key is pending, another instance
+/// Writes a tombstone over each pending key's L2 copy, until none is left. While a key is pending, another instance
 /// that missed its message may be reading the outdated copy, so a failed delete is retried
 /// soon: from `DRAIN_RETRY_FIRST`, doubling up to `DRAIN_RETRY_MAX` (or the cool-down if
 /// shorter), rather than a whole cool-down after each failure. Retries go through the breaker:
@@ -373,9 +400,19 @@ async fn drain(l2: Weak<L2>) {
             }
             continue;
         }
-        let keys: Vec<Key> = batch.iter().map(|(key, _)| key.clone()).collect();
+        // A tombstone rather than a delete: a delete would also erase a newer tombstone (a
+        // removal made since, elsewhere), after which a value loaded before that removal
+        // could be written back. A newer entry keeps its place.
+        let at = this.clock.unix_micros();
+        let tombstones: Vec<KvEntry> = batch
+            .iter()
+            .map(|(key, _)| this.tombstone(key.clone(), at))
+            .collect();
         if this
-            .call("delete", this.store.delete(&keys))
+            .call(
+                "tombstone",
+                this.store.set_if_newer(&tombstones, envelope::VERSION_AT),
+            )
             .await
             .is_some()
         {

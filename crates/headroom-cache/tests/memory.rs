@@ -757,15 +757,81 @@ async fn pending_deletes_are_cleared_once_l2_answers() {
         .unwrap();
     cache.insert(key("k"), "old".into()).await.unwrap();
     l2.calls.fail.store(true, Ordering::SeqCst);
+    let writes = l2.calls.set_if_newer.load(Ordering::SeqCst);
     cache.remove(&key("k")).await.unwrap();
     assert_eq!(cache.pending_l2_deletes(), 1);
     // The remove's write failed; the background delete fails too.
-    settle(|| l2.calls.delete.load(Ordering::SeqCst) >= 1).await;
+    settle(|| l2.calls.set_if_newer.load(Ordering::SeqCst) >= writes + 2).await;
     assert_eq!(cache.pending_l2_deletes(), 1, "still failing");
     l2.calls.fail.store(false, Ordering::SeqCst);
     clock.advance(5 * SEC);
     settle(|| cache.pending_l2_deletes() == 0).await;
-    assert_eq!(l2.inner.get(&ns().key("k").unwrap()).await.unwrap(), None);
+    let other: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .l2(l2.inner.clone(), ns())
+        .build()
+        .unwrap();
+    assert_eq!(
+        other.get(&key("k")).await.unwrap(),
+        None,
+        "L2 holds no value"
+    );
+}
+
+#[tokio::test]
+async fn a_pending_delete_cleared_late_keeps_a_later_removal_in_force() {
+    // A's write misses L2, so its delete stays pending. Meanwhile B starts a load that reads
+    // the database before C removes the key, and C's removal reaches L2. A's delete then lands,
+    // and only after it does B's load write back. The value B read is older than the removal:
+    // L2 must not take it.
+    let clock = ManualClock::new();
+    let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+    let instance = |l2: &Probe<MemoryKvStore>| -> Cache<String, String> {
+        Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l1_max_ttl(SEC)
+            .l2(l2.clone(), ns())
+            .l2_cooldown(SEC)
+            .build()
+            .unwrap()
+    };
+    let (a_l2, b_l2) = (Probe::new(shared.clone()), Probe::new(shared.clone()));
+    let (a, b, c) = (
+        instance(&a_l2),
+        instance(&b_l2),
+        instance(&Probe::new(shared.clone())),
+    );
+    let k = key("k");
+    a_l2.calls.fail.store(true, Ordering::SeqCst);
+    a.insert(k.clone(), "a".into()).await.unwrap();
+    assert_eq!(a.pending_l2_deletes(), 1);
+
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let load = {
+        let (b, k, loader) = (b.clone(), k.clone(), gated(&gate, &started_tx, "before"));
+        tokio::spawn(async move { b.get_or_load(&k, loader).await })
+    };
+    started.recv().await.unwrap();
+    clock.advance(Duration::from_millis(10));
+    c.remove(&k).await.unwrap();
+
+    a_l2.calls.fail.store(false, Ordering::SeqCst);
+    clock.advance(SEC);
+    settle(|| a.pending_l2_deletes() == 0).await;
+
+    let writes = b_l2.calls.set_if_newer.load(Ordering::SeqCst);
+    gate.add_permits(1);
+    assert_eq!(load.await.unwrap().unwrap().as_deref(), Some("before"));
+    settle(|| b_l2.calls.set_if_newer.load(Ordering::SeqCst) > writes).await;
+
+    clock.advance(SEC);
+    assert_eq!(
+        instance(&Probe::new(shared)).get(&k).await.unwrap(),
+        None,
+        "the value loaded before the removal is not in L2"
+    );
 }
 
 #[tokio::test]
