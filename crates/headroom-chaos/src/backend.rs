@@ -38,8 +38,8 @@ use futures_util::future::Either;
 use futures_util::{Stream, StreamExt};
 use headroom_core::bus::{BusEvent, InvalidationBus, Subscription};
 use headroom_core::jobs::{
-    Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord, JobStore, NewJob,
-    PartitionStats,
+    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord,
+    JobStore, NewJob, PartitionStats,
 };
 use headroom_core::kv::{KvEntry, KvStore, VersionAt};
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
@@ -485,6 +485,17 @@ impl<S: JobStore> JobStore for ChaosJobStore<S> {
         self.point.call([partition], move || {
             self.inner
                 .complete(partition, number, attempt, result, retention)
+        })
+    }
+
+    fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> impl Future<Output = Result<Completed, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.complete_many(partition, jobs, retention)
         })
     }
 

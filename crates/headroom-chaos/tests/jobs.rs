@@ -7,7 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use headroom_chaos::{ChaosJobStore, Delay, Experiment, ExperimentConfig, FaultKind};
-use headroom_core::jobs::{EnqueueLimits, Enqueued, FetchRequest, JobState, JobStore, NewJob};
+use headroom_core::jobs::{
+    Completion, EnqueueLimits, Enqueued, FetchRequest, JobState, JobStore, NewJob,
+};
 use headroom_core::lease::Fenced;
 use headroom_core::memory::MemoryJobStore;
 use headroom_core::{BackendErrorKind, Key, Namespace};
@@ -33,6 +35,14 @@ fn request() -> FetchRequest<'static> {
         lanes: &[0],
         max: 10,
         visibility: MINUTE,
+    }
+}
+
+fn completion(held: &headroom_core::jobs::Delivery) -> Completion {
+    Completion {
+        number: held.number,
+        attempt: held.attempt,
+        result: Bytes::from_static(b"r"),
     }
 }
 
@@ -96,6 +106,10 @@ async fn a_fault_fails_every_step_without_reaching_the_store() {
             .map(|_| ()),
         wrapped
             .complete(&p, held.number, held.attempt, Bytes::new(), MINUTE)
+            .await
+            .map(|_| ()),
+        wrapped
+            .complete_many(&p, &[completion(&held)], MINUTE)
             .await
             .map(|_| ()),
         wrapped
