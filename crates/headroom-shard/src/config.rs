@@ -213,10 +213,11 @@ pub struct OverrideConfig {
 }
 
 impl MembersConfig {
-    fn members(&self) -> Vec<(ShardId, f64)> {
+    /// An iterator, not a list: the router bounds a count before building its members.
+    fn members(&self) -> Box<dyn Iterator<Item = (ShardId, f64)> + '_> {
         match self {
-            Self::Count(n) => (0..*n).map(|i| (ShardId(i), 1.0)).collect(),
-            Self::Weighted(members) => members.iter().map(|m| (m.shard, m.weight)).collect(),
+            Self::Count(n) => Box::new((0..*n).map(|i| (ShardId(i), 1.0))),
+            Self::Weighted(members) => Box::new(members.iter().map(|m| (m.shard, m.weight))),
         }
     }
 }
@@ -231,14 +232,18 @@ impl RouterConfig {
                 RingRouter::weighted(shards.members(), *vnodes)?.into()
             }
             Self::Maglev { shards, table_size } => {
-                let members = shards.members();
-                if let Some((shard, weight)) = members.iter().find(|(_, w)| *w != 1.0) {
+                if let MembersConfig::Weighted(members) = shards
+                    && let Some(member) = members.iter().find(|m| m.weight != 1.0)
+                {
                     return Err(ConfigError::new(
                         ConfigErrorKind::InvalidWeight,
-                        format_args!("Maglev has no weights; shard {shard} has {weight}"),
+                        format_args!(
+                            "Maglev has no weights; shard {} has {}",
+                            member.shard, member.weight
+                        ),
                     ));
                 }
-                MaglevRouter::with_members(members.into_iter().map(|(s, _)| s), *table_size)?.into()
+                MaglevRouter::with_members(shards.members().map(|(s, _)| s), *table_size)?.into()
             }
             Self::Range { first, splits } => splits
                 .iter()

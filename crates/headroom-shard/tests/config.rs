@@ -128,6 +128,16 @@ fn bad_configurations_are_typed_errors() {
         kind(r#"{ "kind": "slots", "shards": 16385 }"#),
         ConfigErrorKind::TooLarge
     );
+    // Refused before any member is built: a typo of a count must not exhaust memory.
+    for router in ["rendezvous", "ring", "maglev"] {
+        assert_eq!(
+            kind(&format!(
+                r#"{{ "kind": "{router}", "shards": 4294967295 }}"#
+            )),
+            ConfigErrorKind::TooLarge,
+            "{router}"
+        );
+    }
     assert_eq!(
         kind(
             r#"{ "kind": "directory", "base": { "kind": "jump", "shards": 4 }, "overrides": [{ "key": "x", "shard": 1 }, { "key": "x", "shard": 2 }] }"#

@@ -100,6 +100,11 @@ fn rendezvous_vectors() {
     let mut top = [ShardId(0); 3];
     assert_eq!(router.top_k(b"user:42", &mut top), 3);
     assert_eq!(top, [ShardId(98), ShardId(89), ShardId(11)]);
+    assert_eq!(
+        router.top_k(b"user:42", &mut []),
+        0,
+        "an empty buffer gets nothing"
+    );
     let weighted =
         RendezvousRouter::weighted([(ShardId(0), 1.0), (ShardId(1), 2.0), (ShardId(5), 0.5)])
             .unwrap();

@@ -200,7 +200,21 @@ impl From<Directory<AnyRouter>> for AnyRouter {
 pub(crate) fn validate_members(
     members: impl IntoIterator<Item = (ShardId, f64)>,
 ) -> Result<Vec<(ShardId, f64)>, ConfigError> {
-    let mut members: Vec<(ShardId, f64)> = members.into_iter().collect();
+    // Bounded before anything is built: a count typed wrong must not exhaust memory.
+    let members = members.into_iter();
+    let too_large = || {
+        ConfigError::new(
+            ConfigErrorKind::TooLarge,
+            format_args!("more than {MAX_ENTRIES} shards"),
+        )
+    };
+    if members.size_hint().0 as u64 > MAX_ENTRIES {
+        return Err(too_large());
+    }
+    let mut members: Vec<(ShardId, f64)> = members.take(MAX_ENTRIES as usize + 1).collect();
+    if members.len() as u64 > MAX_ENTRIES {
+        return Err(too_large());
+    }
     if members.is_empty() {
         return Err(ConfigError::new(ConfigErrorKind::Empty, "no shards"));
     }

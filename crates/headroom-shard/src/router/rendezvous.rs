@@ -89,6 +89,9 @@ impl RendezvousRouter {
     pub fn top_k(&self, key: &[u8], out: &mut [ShardId]) -> usize {
         let hash = key_hash(key);
         let k = out.len().min(self.members.len());
+        if k == 0 {
+            return 0;
+        }
         let mut len = 0;
         for member in &self.members {
             let score = self.score(hash, member);
