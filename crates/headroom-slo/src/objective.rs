@@ -203,8 +203,11 @@ impl Objective {
 
     /// Evaluates the objective every `every` on its clock, for as long as the future runs:
     /// spawn it so that the gauges and the signals follow time even when few requests arrive
-    /// (a signal that sheds traffic would otherwise wait for traffic to be lowered).
+    /// (a signal that sheds traffic would otherwise wait for traffic to be lowered). An
+    /// interval under a millisecond is taken as one millisecond.
     pub fn evaluate_every(&self, every: Duration) -> impl Future<Output = ()> + Send + 'static {
+        // A zero wait may end at once, and a loop that never waits never gives its thread back.
+        let every = every.max(Duration::from_millis(1));
         let objective = self.clone();
         async move {
             let clock = objective.inner.origin.clock().clone();

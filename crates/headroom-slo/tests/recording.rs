@@ -106,6 +106,33 @@ async fn evaluation_on_a_timer_lowers_the_signal_without_traffic() {
     timer.abort();
 }
 
+/// A zero interval is taken as the shortest one: the timer waits between evaluations, so the
+/// task that runs it still lets the others run.
+#[test]
+fn a_timer_of_zero_leaves_its_thread_to_the_other_tasks() {
+    let (done, finished) = std::sync::mpsc::channel();
+    // Its own thread, so that a timer that never yields fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let time = ManualClock::new();
+            let objective = latency(&time);
+            let timer = tokio::spawn(objective.evaluate_every(Duration::ZERO));
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            timer.abort();
+        });
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the timer kept its thread"
+    );
+}
+
 /// Two threads record while a third moves the clock through many buckets and evaluates:
 /// every request is counted once.
 #[test]
