@@ -132,12 +132,12 @@ impl Slos {
 
     /// The Prometheus rules of every objective (see [`prometheus_rules`]).
     pub fn prometheus_rules(&self) -> String {
-        self.prometheus_rules_with(&RuleOptions::default())
+        rules::write(&self.config.objectives, &RuleOptions::default())
     }
 
     /// The Prometheus rules of every objective, with `options` (see
-    /// [`prometheus_rules_with`]).
-    pub fn prometheus_rules_with(&self, options: &RuleOptions) -> String {
-        rules::write(&self.config.objectives, options)
+    /// [`prometheus_rules_with`], which refuses the same options).
+    pub fn prometheus_rules_with(&self, options: &RuleOptions) -> Result<String, ConfigError> {
+        rules::prometheus_rules_with(&self.config.objectives, options)
     }
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use headroom_slo::{BurnAlert, ObjectiveConfig, Severity, SloConfig, Slos};
+use headroom_slo::{
+    BurnAlert, ObjectiveConfig, RuleOptions, Severity, SloConfig, Slos, prometheus_rules_with,
+};
 
 fn refused(config: ObjectiveConfig) -> String {
     let error = Slos::new(SloConfig {
@@ -86,6 +88,20 @@ fn invalid_objectives_are_refused_with_the_field_at_fault() {
             "{config:?}: {message}"
         );
     }
+}
+
+/// A selector that would close the matchers and add its own query is refused, whether the
+/// rules come from the objectives' configurations or from a built set of objectives.
+#[test]
+fn a_selector_that_escapes_its_braces_is_refused() {
+    let objectives = vec![ObjectiveConfig::availability("checkout", 0.999)];
+    let options = RuleOptions::default().selector(r#"job="a"} or vector(1) or {x="b""#);
+    let from_configs = prometheus_rules_with(&objectives, &options).unwrap_err();
+    assert_eq!(from_configs.field(), "selector");
+    let slos = Slos::new(SloConfig { objectives }).unwrap();
+    let from_slos = slos.prometheus_rules_with(&options).unwrap_err();
+    assert_eq!(from_slos.field(), "selector");
+    assert!(slos.prometheus_rules().starts_with("groups:"));
 }
 
 #[test]
