@@ -282,39 +282,61 @@ impl Shared {
         Err(self.rejected(State::from_bits(word), None))
     }
 
-    /// The rejection a call made now would get, without admitting one (a transition due is
-    /// left to [`acquire`](Self::acquire)). Not counted: the caller counts it when it rejects.
+    /// The rejection a call made now would get, without admitting one. Not counted: the
+    /// caller counts it when it rejects. An elapsed open duration is left to
+    /// [`acquire`](Self::acquire), which admits the probe; but a half-open phase whose probes
+    /// stalled is reopened here, as `acquire` would, since the stuck probes may hold what the
+    /// caller would otherwise wait on (the inner service's only concurrency permit), so that
+    /// no `acquire` would ever come.
     #[cfg(feature = "tower")]
     pub(crate) fn refusal(&self) -> Option<CircuitOpen> {
-        let word = self.state.load(Ordering::Acquire);
-        match word & 3 {
-            CLOSED => None,
-            OPEN => {
-                let now = self.now_nanos();
-                let until = self.open_until.load(Ordering::Acquire);
-                (now < until).then(|| CircuitOpen {
-                    state: State::Open,
-                    retry_after: Some(Duration::from_nanos(until - now)),
-                })
+        let mut word = self.state.load(Ordering::Acquire);
+        // Only a stalled half-open phase takes another pass, after a transition (ours or
+        // another caller's), and a fresh half-open phase is not stalled.
+        for _ in 0..3 {
+            match word & 3 {
+                CLOSED => return None,
+                OPEN => {
+                    let now = self.now_nanos();
+                    let until = self.open_until.load(Ordering::Acquire);
+                    return (now < until).then(|| CircuitOpen {
+                        state: State::Open,
+                        retry_after: Some(Duration::from_nanos(until - now)),
+                    });
+                }
+                HALF_OPEN => {
+                    let config = self.config.load();
+                    let probes = self.probes.load(Ordering::Acquire);
+                    let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
+                        && probes & PROBE_COUNT_MASK >= u64::from(config.half_open_probes);
+                    if !full {
+                        return None;
+                    }
+                    let stalled = self
+                        .now_nanos()
+                        .saturating_sub(self.half_open_since.load(Ordering::Acquire))
+                        >= nanos(config.half_open_max_wait);
+                    if !stalled {
+                        return Some(CircuitOpen {
+                            state: State::HalfOpen,
+                            retry_after: None,
+                        });
+                    }
+                    self.transition(word, State::Open, Reason::ProbesStalled);
+                    word = self.state.load(Ordering::Acquire);
+                }
+                _ => {
+                    return Some(CircuitOpen {
+                        state: State::Isolated,
+                        retry_after: None,
+                    });
+                }
             }
-            HALF_OPEN => {
-                let probes = self.probes.load(Ordering::Acquire);
-                let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
-                    && probes & PROBE_COUNT_MASK >= u64::from(self.config.load().half_open_probes);
-                let stalled = self
-                    .now_nanos()
-                    .saturating_sub(self.half_open_since.load(Ordering::Acquire))
-                    >= nanos(self.config.load().half_open_max_wait);
-                (full && !stalled).then_some(CircuitOpen {
-                    state: State::HalfOpen,
-                    retry_after: None,
-                })
-            }
-            _ => Some(CircuitOpen {
-                state: State::Isolated,
-                retry_after: None,
-            }),
         }
+        Some(CircuitOpen {
+            state: State::from_bits(word),
+            retry_after: None,
+        })
     }
 
     /// Counts a rejection made from [`refusal`](Self::refusal).

@@ -153,6 +153,50 @@ async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() 
     drop(in_flight);
 }
 
+#[tokio::test]
+async fn a_stalled_half_open_breaker_reopens_in_front_of_a_saturated_concurrency_limit() {
+    use futures_util::FutureExt;
+    use headroom_core::ManualClock;
+
+    let manual = ManualClock::new();
+    // Defaults otherwise: open 5 s, half-open max wait 30 s.
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .half_open_probes(1)
+        .build()
+        .expect("breaker");
+    let mut service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .concurrency_limit(1)
+        .service(hanging());
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(5));
+    // The only probe never ends and holds the one concurrency permit.
+    let probe = service.ready().await.expect("ready").call(1);
+    assert_eq!(breaker.state(), State::HalfOpen);
+    manual.advance(Duration::from_secs(31));
+    let mut waiting = service.clone();
+    let ready = waiting
+        .ready()
+        .now_or_never()
+        .expect("a stalled half-open phase reopens instead of waiting on the inner service")
+        .expect("ready");
+    let error = ready
+        .call(2)
+        .now_or_never()
+        .expect("the rejection needs no wait")
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::CircuitOpen(open) if open.state() == State::Open && open.retry_after().is_some()),
+        "{error:?}"
+    );
+    assert_eq!(breaker.state(), State::Open);
+    drop(probe);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_retry_layer_retries_failed_requests_with_a_clone_of_each() {
     let calls = Arc::new(AtomicU32::new(0));

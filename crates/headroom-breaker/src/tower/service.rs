@@ -16,8 +16,9 @@ use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry
 /// While the circuit refuses calls, `poll_ready` answers ready at once without asking the
 /// inner service, and the next `call` fails with [`CircuitOpen`](crate::CircuitOpen): callers
 /// of a tripped breaker never wait on the backpressure of what it guards (a concurrency limit,
-/// a buffer). A caller already waiting on the inner service when the circuit opens is refused
-/// when that wait ends.
+/// a buffer). A half-open phase whose probes have outlived `half_open_max_wait` is reopened by
+/// `poll_ready` itself, since stuck probes may hold the very capacity it would wait on. A caller
+/// already waiting on the inner service when the circuit opens is refused when that wait ends.
 pub struct CircuitBreakerService<S, E> {
     inner: S,
     breaker: CircuitBreaker<E>,
