@@ -892,7 +892,8 @@ impl<E> CircuitBreakerBuilder<E> {
         self
     }
 
-    /// Judges the last `size` calls.
+    /// Judges the last `size` calls. The window never holds more, so `build()` refuses a
+    /// `minimum_calls` above `size` (the default minimum is 20).
     pub fn count_window(mut self, size: u32) -> Self {
         self.config.window = WindowConfig::Count { size };
         self
@@ -904,7 +905,8 @@ impl<E> CircuitBreakerBuilder<E> {
         self
     }
 
-    /// Calls the window must hold before it is judged (the minimum throughput).
+    /// Calls the window must hold before it is judged (the minimum throughput); for a count
+    /// window, at most its size.
     pub fn minimum_calls(mut self, calls: u32) -> Self {
         self.config.minimum_calls = calls;
         self

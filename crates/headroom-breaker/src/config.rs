@@ -75,7 +75,8 @@ pub struct BreakerConfig {
     pub slow_call_duration: Duration,
     /// The sliding window. Default: the last 10 s in 10 buckets.
     pub window: WindowConfig,
-    /// Calls the window must hold before the ratios are judged. Default 20.
+    /// Calls the window must hold before the ratios are judged, at least 1 and, for a count
+    /// window, at most its size. Default 20.
     pub minimum_calls: u32,
     /// How long the circuit stays open the first time. Default 5 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -128,6 +129,15 @@ impl BreakerConfig {
         }
         self.window.validate()?;
         check(self.minimum_calls >= 1, "minimum_calls", "at least 1")?;
+        // A count window never holds more than its size: a larger minimum is never reached,
+        // and the breaker would never open.
+        if let WindowConfig::Count { size } = self.window {
+            check(
+                self.minimum_calls <= size,
+                "minimum_calls",
+                "at most window.size for a count window",
+            )?;
+        }
         check(
             !self.open_duration.is_zero(),
             "open_duration",
@@ -318,6 +328,12 @@ mod tests {
             ..BreakerConfig::default()
         };
         assert_eq!(bad.validate().map_err(|e| e.field()), Err("window.size"));
+        let bad = BreakerConfig {
+            window: WindowConfig::Count { size: 10 },
+            minimum_calls: 11,
+            ..BreakerConfig::default()
+        };
+        assert_eq!(bad.validate().map_err(|e| e.field()), Err("minimum_calls"));
         let bad = RetryConfig {
             max_attempts: 0,
             ..RetryConfig::default()

@@ -438,6 +438,40 @@ fn invalid_settings_are_typed_errors() {
     assert_eq!(error.field(), "half_open_probes");
 }
 
+/// A count window never holds more than its size, so a larger minimum would never be reached
+/// and the breaker would never open: refused at build and at reconfiguration.
+#[test]
+fn a_minimum_above_the_count_window_size_is_refused() {
+    // The default minimum is 20.
+    let error = CircuitBreaker::<Failure>::builder()
+        .count_window(10)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), "minimum_calls");
+
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let before = breaker.config();
+    let mut unreachable = before.clone();
+    unreachable.minimum_calls = 11;
+    assert_eq!(
+        breaker.check_config(&unreachable).unwrap_err().field(),
+        "minimum_calls"
+    );
+    assert_eq!(
+        breaker.reconfigure(unreachable).unwrap_err().field(),
+        "minimum_calls"
+    );
+    assert_eq!(breaker.config(), before, "the settings in force stay");
+
+    // A time window holds any number of calls.
+    CircuitBreaker::<Failure>::builder()
+        .time_window(Duration::from_secs(1), 10)
+        .minimum_calls(1000)
+        .build()
+        .expect("no count bound on a time window");
+}
+
 #[tokio::test]
 async fn a_probe_that_panics_frees_its_slot() {
     let manual = ManualClock::new();
