@@ -484,12 +484,16 @@ impl Shared {
         if short {
             return;
         }
+        // The share itself is compared with the ratio: a quotient of exact integers rounds to
+        // the same double as the ratio written in decimal when they are equal, while
+        // `ratio * calls` may round above the count (0.55 * 100.0 > 55.0). Only judgements pay
+        // for the division, not every call.
         let calls = totals.calls as f64;
-        let reason = if totals.failures as f64 >= config.failure_ratio * calls {
+        let reason = if totals.failures as f64 / calls >= config.failure_ratio {
             Reason::FailureRatio
         } else if config
             .slow_call_ratio
-            .is_some_and(|ratio| totals.slow as f64 >= ratio * calls)
+            .is_some_and(|ratio| totals.slow as f64 / calls >= ratio)
         {
             Reason::SlowCallRatio
         } else {

@@ -67,6 +67,25 @@ fn trips_exactly_at_the_failure_ratio() {
     assert_eq!(breaker.state(), State::Open, "5 of 10 reaches 0.5");
 }
 
+/// 0.55 × 100 is a little above 55 in floating point: the share itself is compared, so 55
+/// failures of 100 reach a ratio of 0.55.
+#[test]
+fn trips_at_a_failure_ratio_that_floating_point_multiplication_overshoots() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(100)
+        .minimum_calls(100)
+        .failure_ratio(0.55)
+        .build()
+        .expect("valid config");
+    record(&breaker, 0, 45);
+    record(&breaker, 54, 0);
+    assert_eq!(breaker.state(), State::Closed, "99 calls < minimum of 100");
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open, "55 of 100 reaches 0.55");
+}
+
 #[test]
 fn a_success_that_completes_the_minimum_is_judged_too() {
     let manual = ManualClock::new();
@@ -341,6 +360,24 @@ fn slow_calls_trip_the_breaker() {
     manual.advance(Duration::from_millis(101));
     permit.success();
     assert_eq!(breaker.state(), State::Open, "2 of 4 calls were slow");
+}
+
+#[test]
+fn trips_at_a_slow_call_ratio_that_floating_point_multiplication_overshoots() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .count_window(100)
+        .minimum_calls(100)
+        .slow_calls(0.55, Duration::from_millis(100))
+        .build()
+        .expect("valid config");
+    for slow in (0..100).map(|call| call >= 45) {
+        let permit = breaker.try_acquire().expect("admitted");
+        manual.advance(Duration::from_millis(if slow { 150 } else { 50 }));
+        permit.success();
+    }
+    assert_eq!(breaker.state(), State::Open, "55 of 100 slow reaches 0.55");
 }
 
 #[test]
