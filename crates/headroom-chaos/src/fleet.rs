@@ -19,7 +19,9 @@
 //!
 //! A run started locally with [`Experiment::start`] is never stopped or replaced by a follower.
 //! When a stop signal ends the run a follower started (an SLO paging on one instance), that
-//! follower clears the switch, so the experiment stops on every instance.
+//! follower clears the switch, so the experiment stops on every instance. It clears it only
+//! while the switch holds the start of that run (a newer start stays), and tries again at each
+//! poll while the store fails.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -288,8 +290,8 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
         Ok(())
     }
 
-    /// What the switch holds now: `None` when it is off.
-    async fn read(&self) -> Result<Option<Record>, FleetError> {
+    /// What the switch holds now, with its bytes: `None` when it is off.
+    async fn read(&self) -> Result<Option<(Record, Bytes)>, FleetError> {
         let Some(bytes) = self.store.get(&self.key).await? else {
             return Ok(None);
         };
@@ -302,7 +304,27 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
             )));
         }
         record.config.validate()?;
-        Ok(Some(record))
+        Ok(Some((record, bytes)))
+    }
+
+    /// `call`'s answer, or a timeout once the polling interval has passed: a store that hangs
+    /// must not keep the follower from failing safe.
+    async fn within<T>(
+        &self,
+        every: Duration,
+        call: impl Future<Output = Result<T, FleetError>>,
+    ) -> Result<T, FleetError> {
+        let call = std::pin::pin!(call);
+        let waited = std::pin::pin!(self.clock.sleep(every));
+        match futures_util::future::select(call, waited).await {
+            futures_util::future::Either::Left((answer, _)) => answer,
+            futures_util::future::Either::Right(_) => {
+                Err(FleetError::Backend(BackendError::with_detail(
+                    BackendErrorKind::Timeout,
+                    "no answer within the polling interval",
+                )))
+            }
+        }
     }
 
     /// Reads the switch every `every` (at least a millisecond), from the first poll on, and
@@ -344,28 +366,19 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
         async move {
             let mut follower = Follower::new(experiment);
             loop {
-                // A store that hangs must not keep the follower from failing safe.
-                let read = std::pin::pin!(switch.read());
-                let waited = std::pin::pin!(switch.clock.sleep(every));
-                let read = match futures_util::future::select(read, waited).await {
-                    futures_util::future::Either::Left((read, _)) => read,
-                    futures_util::future::Either::Right(_) => {
-                        Err(FleetError::Backend(BackendError::with_detail(
-                            BackendErrorKind::Timeout,
-                            "no answer within the polling interval",
-                        )))
-                    }
-                };
+                let read = switch.within(every, switch.read()).await;
                 follower.apply(&switch, read);
-                if follower.stopped_by_signal() {
-                    // The signal that stopped this instance's run stops the fleet's.
-                    tracing::warn!(
-                        target: "headroom_chaos",
-                        experiment = %switch.name,
-                        "a stop signal ended the run: clearing the fleet switch"
-                    );
-                    if let Err(error) = switch.stop().await {
-                        follower.failed(&switch, &error);
+                follower.note_signal_stop();
+                if let Some(record) = follower.to_clear.clone() {
+                    // The signal that stopped this instance's run stops the fleet's: the
+                    // switch is cleared while it holds the start of that run, and retried at
+                    // each poll until the store answers.
+                    let cleared = switch.within(every, async {
+                        Ok(switch.store.delete_if_eq(&switch.key, &record).await?)
+                    });
+                    match cleared.await {
+                        Ok(_) => follower.to_clear = None,
+                        Err(error) => follower.failed(&switch, &error),
                     }
                 }
                 switch.clock.sleep(every).await;
@@ -382,6 +395,11 @@ struct Follower {
     generation: Option<u64>,
     /// The sequence number of the run started for it, until stopped.
     run: Option<u64>,
+    /// The switch's bytes when it started that run.
+    run_record: Option<Bytes>,
+    /// The switch's bytes of a run a stop signal ended: cleared from the store while the
+    /// switch still holds them.
+    to_clear: Option<Bytes>,
     /// The run was stopped because the switch could not be read: resume it once it can.
     stopped_unconfirmed: bool,
     /// Reads are failing: the streak's first failure was logged as a warning.
@@ -394,12 +412,18 @@ impl Follower {
             experiment,
             generation: None,
             run: None,
+            run_record: None,
+            to_clear: None,
             stopped_unconfirmed: false,
             failing: false,
         }
     }
 
-    fn apply<S>(&mut self, switch: &FleetSwitch<S>, read: Result<Option<Record>, FleetError>) {
+    fn apply<S>(
+        &mut self,
+        switch: &FleetSwitch<S>,
+        read: Result<Option<(Record, Bytes)>, FleetError>,
+    ) {
         let record = match read {
             Ok(record) => record,
             Err(error) => return self.failed(switch, &error),
@@ -411,10 +435,12 @@ impl Follower {
                 "chaos fleet switch readable again"
             );
         }
-        let Some(record) = record else {
+        let Some((record, bytes)) = record else {
             self.generation = None;
             self.stopped_unconfirmed = false;
             self.stop();
+            // Already off: nothing left to clear.
+            self.to_clear = None;
             return;
         };
         let new = self.generation != Some(record.generation);
@@ -446,6 +472,7 @@ impl Follower {
         }
         let ends_at = self.experiment.clock().now() + remaining;
         self.run = Some(self.experiment.start_until(record.config, ends_at));
+        self.run_record = Some(bytes);
     }
 
     /// Fail safe: a run the switch can no longer confirm stops.
@@ -472,24 +499,32 @@ impl Follower {
         self.stop();
     }
 
-    /// Whether the run this follower started was stopped by a stop signal (then forgotten, so
-    /// that it is reported once).
-    fn stopped_by_signal(&mut self) -> bool {
+    /// When a stop signal ended the run this follower started, forgets the run and keeps the
+    /// switch's record of it to clear.
+    fn note_signal_stop(&mut self) {
         let Some(run) = self.run else {
-            return false;
+            return;
         };
-        if matches!(
+        if !matches!(
             self.experiment.stop_reason_of(run),
             Some(StopReason::Signal(_))
         ) {
-            self.run = None;
-            return true;
+            return;
         }
-        false
+        tracing::warn!(
+            target: "headroom_chaos",
+            experiment = %self.experiment.name(),
+            "a stop signal ended the run: clearing the fleet switch"
+        );
+        self.run = None;
+        self.to_clear = self.run_record.take();
     }
 
     fn stop(&mut self) {
+        // A run a signal ended before the switch failed or changed still clears the switch.
+        self.note_signal_stop();
         if let Some(run) = self.run.take() {
+            self.run_record = None;
             self.experiment.stop_started(run, StopReason::Fleet);
         }
     }

@@ -229,7 +229,6 @@ fn memory_switch<S: KvStore + Clone>(store: &S) -> FleetSwitch<S> {
         .clock(Clock::default())
 }
 
-/// Three follower polls.
 /// This instance's experiment.
 fn experiment() -> Experiment {
     Experiment::builder(NAME).build().unwrap()
@@ -247,6 +246,7 @@ fn chaotic_store(name: &str) -> (Experiment, ChaosKvStore<MemoryKvStore>) {
     (experiment, store)
 }
 
+/// Three follower polls.
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 }
@@ -597,6 +597,49 @@ fn a_hanging_store_stops_the_fleet_run() {
         settle().await;
         assert!(experiment.is_running(), "resumed once the store answers");
         follower.abort();
+    });
+}
+
+/// A stop signal ends the run while the store fails: the follower cannot clear the switch
+/// then, and clears it once the store answers, so the other instances, which stopped while
+/// they could not read the switch, do not resume the run.
+#[test]
+fn a_stop_signal_clears_the_switch_once_the_store_answers_again() {
+    paused(async {
+        let (store_down, store) = chaotic_store("store-down");
+        let switch = memory_switch(&store);
+        let paging = headroom_core::Signal::new("orders page burn");
+        let watched = Experiment::builder(NAME)
+            .stop_when(paging.clone())
+            .build()
+            .unwrap();
+        let other = experiment();
+        let followers = [follow(&switch, &watched), follow(&switch, &other)];
+        switch
+            .start(&config(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        settle().await;
+        assert!(watched.is_running() && other.is_running());
+
+        store_down
+            .start(ExperimentConfig::new(Duration::from_secs(600)).fault(1.0))
+            .unwrap();
+        paging.set(true);
+        assert!(!watched.is_running(), "the signal stops the run");
+        settle().await;
+        store_down.stop();
+        settle().await;
+        assert_eq!(
+            store.get(switch.key()).await.unwrap(),
+            None,
+            "the switch is cleared"
+        );
+        assert!(!other.is_running(), "the other instance stays stopped");
+        assert_eq!(other.status().last_stop, Some(StopReason::Fleet));
+        for follower in followers {
+            follower.abort();
+        }
     });
 }
 
