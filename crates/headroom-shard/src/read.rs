@@ -29,8 +29,13 @@ pub enum ReadPolicy {
     LeastInFlight,
     /// Like [`LeastInFlight`](Self::LeastInFlight), among replicas whose reported lag is known
     /// and at most `max_lag`; others are skipped and counted as lag rejections.
+    ///
+    /// The lag is the one last reported: a replica whose replication stalls just after a report
+    /// may be `max_lag` plus that report's age behind. With `monitor_lag` the age stays under
+    /// its interval plus the probe's timeout (a probe that fails makes the status unknown at
+    /// once); reports are never trusted past the topology's `status_ttl`.
     LagAware {
-        /// The largest replication delay a read tolerates.
+        /// The largest replication delay a read tolerates, as of the replica's last report.
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
         max_lag: Duration,
     },
