@@ -701,7 +701,8 @@ impl<H, R: Router> Migration<H, R> {
     /// Leaving [`Phase::Copy`] requires the backfill to be reported complete. Entering
     /// [`Phase::CutOver`] waits until every write routed to an old owner has finished; if this
     /// future is dropped during that wait the phase has still advanced (routing is already
-    /// fenced), and [`drained`](Self::drained) waits again.
+    /// fenced), and [`drained`](Self::drained) waits again, as does the next `advance` before
+    /// it moves on.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
         traced_step(&self.name, self.advance_untraced()).await
     }
@@ -722,6 +723,11 @@ impl<H, R: Router> Migration<H, R> {
                 MigrationErrorKind::CopyIncomplete,
                 self.from.epoch(),
             ));
+        }
+        if current.new_owners_serve() {
+            // A cut-over whose wait was dropped: its writes to old owners end before the next
+            // step (the cleanup of old owners) begins.
+            self.drained().await;
         }
         self.phase
             .compare_exchange(

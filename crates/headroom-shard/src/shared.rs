@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::{Either, select};
 use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
 use headroom_core::{BackendError, Clock, Key};
 
@@ -22,7 +23,8 @@ use crate::{Migration, Phase, Router};
 /// One participant drives: [`advance`](Self::advance) moves the shared phase one step (a
 /// compare-and-set, so two drivers cannot both move it) and, into the cut-over, returns only
 /// once no live participant has acknowledged an earlier phase. From then on no participant
-/// routes to a retired owner and none has a write in flight there. A participant that stops
+/// routes to a retired owner and none has a write in flight there. A participant renews its
+/// acknowledgement while it waits for its own writes, however long they take; one that stops
 /// acknowledging (crashed, partitioned, stuck) for longer than its lease is no longer waited
 /// for; the epoch fence at the data (see [`EpochFence`](crate::EpochFence) and the SQL pattern
 /// in the guide) is what stops its late writes. [`rollback`](Self::rollback) abandons the
@@ -160,7 +162,7 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     pub async fn refresh(&self) -> Result<Phase, MigrationError> {
         let mut phase = self.load().await?;
         loop {
-            self.migration.follow(phase).await;
+            self.take_on(phase).await;
             let local = self.migration.phase();
             self.store
                 .acknowledge(&self.key, &self.participant, local as u8, self.lease)
@@ -174,6 +176,27 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
                 return Ok(local);
             }
             phase = now;
+        }
+    }
+
+    /// Takes `phase` on locally. While the cut-over waits for this participant's writes to old
+    /// owners, it keeps acknowledging the phase it had: it stays counted as behind however
+    /// long those writes take, since only a participant that died stops acknowledging.
+    async fn take_on(&self, phase: Phase) {
+        let before = self.migration.phase();
+        let mut follow = std::pin::pin!(self.migration.follow(phase));
+        loop {
+            let renew = std::pin::pin!(self.clock.sleep(self.poll));
+            if let Either::Left(((), _)) = select(follow.as_mut(), renew).await {
+                return;
+            }
+            if let Err(error) = self
+                .store
+                .acknowledge(&self.key, &self.participant, before as u8, self.lease)
+                .await
+            {
+                tracing::warn!(%error, participant = %self.participant, "migration acknowledgement not renewed");
+            }
         }
     }
 
@@ -205,7 +228,8 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// acknowledged it, that is, has stopped routing to old owners and finished its writes
     /// there. Fails with [`MigrationErrorKind::Conflict`] when another participant moved the
     /// phase first. If this future is dropped during that wait, the shared phase has still
-    /// advanced; [`settled`](Self::settled) waits again.
+    /// advanced; [`settled`](Self::settled) waits again, as does the next `advance` before it
+    /// moves on.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
         crate::reshard::traced_step(self.migration.name(), self.advance_untraced()).await
     }
@@ -214,6 +238,11 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
         let current = self.refresh().await?;
         if current == Phase::RolledBack {
             return Err(self.error(MigrationErrorKind::RolledBack));
+        }
+        if current.new_owners_serve() {
+            // A cut-over whose wait was dropped: nobody may still route to an old owner when
+            // the next step (the cleanup of old owners) begins.
+            self.await_acknowledgements(current).await?;
         }
         let next = current
             .next()

@@ -307,12 +307,23 @@ async fn cut_over_waits_for_writes_to_old_owners_and_survives_cancellation() {
         // Dropping the waiting advance leaves the phase advanced and leaks nothing.
     }
     assert_eq!(migration.writes_to_old_owners(), 1);
+    {
+        // The next step waits for the same writes: the cleanup never starts with one open.
+        let advance = migration.advance();
+        tokio::pin!(advance);
+        assert!(
+            poll_once(advance.as_mut()).await.is_none(),
+            "left the cut-over with a write to an old owner in flight"
+        );
+        assert_eq!(migration.phase(), Phase::CutOver);
+    }
     let drained = migration.drained();
     tokio::pin!(drained);
     assert!(poll_once(drained.as_mut()).await.is_none());
     drop(in_flight);
     assert!(poll_once(drained.as_mut()).await.is_some());
     assert_eq!(migration.writes_to_old_owners(), 0);
+    assert_eq!(migration.advance().await.unwrap(), Phase::Cleanup);
 }
 
 #[test]

@@ -132,6 +132,65 @@ async fn participants_follow_the_shared_phase() {
     );
 }
 
+/// A participant that follows the phase but whose write to an old owner outlasts its lease is
+/// alive: the cut-over waits for it, however long the write takes.
+#[tokio::test(start_paused = true)]
+async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("long-write").unwrap();
+    let lease = Duration::from_secs(2);
+    let driver = Arc::new(participant(&store, &ns, "driver", lease).await);
+    let other = Arc::new(participant(&store, &ns, "other", lease).await);
+    let following = tokio::spawn({
+        let other = Arc::clone(&other);
+        async move { other.follow().await }
+    });
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(other.migration().phase(), Phase::ShadowRead);
+
+    let held = other.migration().write(&moving_key()).unwrap();
+    assert_eq!(held.owner().node_id(), "b");
+    let cut_over = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.advance().await }
+    });
+    tokio::time::sleep(5 * lease).await;
+    assert!(
+        !cut_over.is_finished(),
+        "the cut-over ended while a live participant still writes to an old owner"
+    );
+    drop(held);
+    assert_eq!(cut_over.await.unwrap().unwrap(), Phase::CutOver);
+    following.abort();
+}
+
+/// A cut-over whose wait was dropped is waited for again before the cleanup: the next step
+/// does not start while a participant still routes to an old owner.
+#[tokio::test(start_paused = true)]
+async fn the_step_after_an_abandoned_cut_over_waits_for_the_participants() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("abandoned").unwrap();
+    let driver = join(&store, &ns, "driver").await;
+    let other = join(&store, &ns, "other").await;
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    assert_eq!(other.refresh().await.unwrap(), Phase::ShadowRead);
+    // `other` stops refreshing; the driver gives up waiting for its acknowledgement.
+    let cut_over = tokio::time::timeout(Duration::from_secs(1), driver.advance()).await;
+    assert!(cut_over.is_err(), "the cut-over waits for `other`");
+    let cleanup = tokio::time::timeout(Duration::from_secs(5), driver.advance()).await;
+    assert!(
+        cleanup.is_err(),
+        "the cleanup began while `other` still routes to an old owner"
+    );
+    assert_eq!(other.refresh().await.unwrap(), Phase::CutOver);
+    assert_eq!(driver.advance().await.unwrap(), Phase::Cleanup);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_participant_is_waited_for_no_longer_than_its_lease() {
     let store = MemoryMigrationStore::new();
