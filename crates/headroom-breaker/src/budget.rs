@@ -58,6 +58,11 @@ impl fmt::Debug for RetryBudget {
     }
 }
 
+tokio::task_local! {
+    /// The budget a retry has recorded the current request in, while one of its attempts runs.
+    static DEPOSITED: usize;
+}
+
 impl RetryBudget {
     /// A builder starting from [`BudgetConfig::default`].
     pub fn builder() -> RetryBudgetBuilder {
@@ -70,6 +75,25 @@ impl RetryBudget {
     /// Whether both handles share one budget.
     pub(crate) fn same(a: &Self, b: &Self) -> bool {
         Arc::ptr_eq(&a.inner, &b.inner)
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.inner).addr()
+    }
+
+    /// Runs `attempt` of a request already recorded in this budget: a hedge within it (a
+    /// `HedgeLayer` under a `RetryLayer`) that shares the budget does not record it again, or
+    /// each retry would pay for itself.
+    pub(crate) async fn deposited<F: Future>(&self, attempt: F) -> F::Output {
+        DEPOSITED.scope(self.id(), attempt).await
+    }
+
+    /// Records one request, unless a retry running it recorded it already (see
+    /// [`deposited`](Self::deposited)).
+    pub(crate) fn deposit_once(&self) {
+        if DEPOSITED.try_with(|id| *id == self.id()) != Ok(true) {
+            self.deposit();
+        }
     }
 
     fn epoch(&self) -> u64 {

@@ -190,7 +190,7 @@ impl Hedge {
         Fut: Future<Output = Result<T, E>>,
     {
         if let Some(budget) = &self.inner.budget {
-            budget.deposit();
+            budget.deposit_once();
         }
         self.run(&mut op).await
     }

@@ -45,8 +45,14 @@ impl<E> Parts<'_, E> {
     {
         self.deposit();
         let mut attempt = 1;
+        let deposited = self.retry.and_then(Retry::budget);
         loop {
-            let error = match self.attempt(&mut op).await {
+            let run = self.attempt(&mut op);
+            let result = match deposited {
+                Some(budget) => budget.deposited(run).await,
+                None => run.await,
+            };
+            let error = match result {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };

@@ -9,7 +9,7 @@ use headroom_breaker::tower::{
     CircuitBreakerLayer, FallbackLayer, HedgeLayer, PipelineLayer, RetryLayer, TimeoutLayer,
 };
 use headroom_breaker::{
-    CircuitBreaker, Error, ErrorKind, Fallback, Hedge, Pipeline, Retry, State, Timeout,
+    CircuitBreaker, Error, ErrorKind, Fallback, Hedge, Pipeline, Retry, RetryBudget, State, Timeout,
 };
 use headroom_core::{BackendError, BackendErrorKind};
 use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
@@ -216,6 +216,43 @@ async fn the_retry_layer_retries_failed_requests_with_a_clone_of_each() {
     let error = service.oneshot(21).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Inner, "the last attempt's error");
     assert_eq!(calls.load(Ordering::SeqCst), 3, "no more than max_attempts");
+}
+
+/// A retry layer over a hedge layer sharing its budget: a request deposits once, so the
+/// retries stay within the budget's ratio of requests (its documented bound), as in a
+/// pipeline.
+#[tokio::test(start_paused = true)]
+async fn a_retry_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
+    const REQUESTS: u32 = 100;
+    let budget = RetryBudget::builder()
+        .ratio(0.5)
+        .min_per_second(0)
+        .build()
+        .expect("budget");
+    let retry = Retry::builder()
+        .max_attempts(10)
+        .base_delay(Duration::from_millis(1))
+        .budget(budget.clone())
+        .build()
+        .expect("retry");
+    let hedge = Hedge::builder()
+        .delay(Duration::from_secs(1))
+        .budget(budget)
+        .build()
+        .expect("hedge");
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(retry))
+        .layer(HedgeLayer::new(hedge))
+        .service(flaky(calls.clone(), u32::MAX));
+    for request in 0..REQUESTS {
+        assert!(service.clone().oneshot(request).await.is_err());
+    }
+    let calls = calls.load(Ordering::SeqCst);
+    assert!(
+        calls <= REQUESTS * 3 / 2,
+        "{calls} calls for {REQUESTS} requests with a budget of 0.5 retries per request"
+    );
 }
 
 /// Counts response futures dropped before they finished.
