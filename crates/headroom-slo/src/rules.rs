@@ -14,7 +14,10 @@ pub struct RuleOptions {
     pub runbook_url: String,
     /// Label matchers every counter selector gets besides `slo`, such as
     /// `job="shop", env="production"`, so that instances of another service or environment
-    /// sharing an objective's name are not counted. Default: none.
+    /// sharing an objective's name are not counted. The recorded series keep the labels it
+    /// picks with `=` or `=~`, and the alerts and the budget select them with the same
+    /// matchers: rules written for two selectors, loaded into one Prometheus, record and
+    /// alert apart, and an alert carries those labels. Default: none.
     pub selector: String,
 }
 
@@ -111,10 +114,17 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
     } else {
         format!("slo={slo}, {selector}")
     };
+    // The recorded series keep the labels the selector picks (by `=` or `=~`), and everything
+    // that reads them selects them as the counters were: rules written for two selectors
+    // (two environments sharing an objective's name) record and alert apart.
+    let sum = match selected_labels(selector).join(", ") {
+        labels if labels.is_empty() => "sum".to_owned(),
+        labels => format!("sum by ({labels})"),
+    };
     let ratio = |out: &mut String, window: Duration| {
         let range = prometheus_duration(window);
         let expr = format!(
-            "sum(rate(headroom_slo_bad_events_total{{{matchers}}}[{range}])) / sum(rate(headroom_slo_events_total{{{matchers}}}[{range}]))"
+            "{sum}(rate(headroom_slo_bad_events_total{{{matchers}}}[{range}])) / {sum}(rate(headroom_slo_events_total{{{matchers}}}[{range}]))"
         );
         write_rule(
             out,
@@ -136,7 +146,7 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
             ratio(out, window);
         }
     }
-    write_alerts(out, objective, options, &slo);
+    write_alerts(out, objective, options, &matchers);
 
     let budget_group = format!("headroom-slo-{name}-budget");
     let _ = writeln!(out, "  - name: {}", yaml_string(&budget_group));
@@ -144,7 +154,7 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
     let _ = writeln!(out, "    rules:");
     ratio(out, objective.period);
     let expr = format!(
-        "1 - {}{{slo={slo}}} / (1 - {:?})",
+        "1 - {}{{{matchers}}} / (1 - {:?})",
         ratio_rule(objective.period),
         objective.target
     );
@@ -158,7 +168,12 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
     );
 }
 
-fn write_alerts(out: &mut String, objective: &ObjectiveConfig, options: &RuleOptions, slo: &str) {
+fn write_alerts(
+    out: &mut String,
+    objective: &ObjectiveConfig,
+    options: &RuleOptions,
+    matchers: &str,
+) {
     let name = &objective.name;
     let target = objective.target;
     for severity in [Severity::Page, Severity::Ticket] {
@@ -169,7 +184,7 @@ fn write_alerts(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
             .map(|alert| {
                 let threshold = format!("({:?} * (1 - {target:?}))", alert.burn_rate);
                 format!(
-                    "({long}{{slo={slo}}} > {threshold} and {short}{{slo={slo}}} > {threshold})",
+                    "({long}{{{matchers}}} > {threshold} and {short}{{{matchers}}} > {threshold})",
                     long = ratio_rule(alert.long_window),
                     short = ratio_rule(alert.short_window),
                 )
@@ -194,6 +209,43 @@ fn write_alerts(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
             &[("summary", &summary), ("runbook", &runbook)],
         );
     }
+}
+
+/// The names of the labels `selector` picks values of (`name="v"` or `name=~"re"`), sorted;
+/// matchers that exclude (`!=`, `!~`) pick none.
+fn selected_labels(selector: &str) -> Vec<&str> {
+    // Split at the commas outside quoted values.
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let mut matchers = Vec::new();
+    for (at, c) in selector.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                matchers.push(&selector[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    matchers.push(&selector[start..]);
+    let mut labels: Vec<&str> = matchers
+        .into_iter()
+        .filter_map(|matcher| {
+            let matcher = matcher.trim_start();
+            let end = matcher
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(matcher.len());
+            let (name, rest) = matcher.split_at(end);
+            (!name.is_empty() && rest.trim_start().starts_with('=')).then_some(name)
+        })
+        .collect();
+    labels.sort_unstable();
+    labels.dedup();
+    labels
 }
 
 /// The recording rule that holds the error ratio over `window`.

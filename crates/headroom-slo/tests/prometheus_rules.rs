@@ -143,3 +143,42 @@ fn prometheus_fires_the_page_when_the_objective_does() {
     let file = scratch("page-test.yml", &tests);
     promtool(&["test", "rules", path(&file)]);
 }
+
+/// Two environments share an objective's name in one Prometheus, each with its rules written
+/// for its own selector: staging burning its budget pages for staging alone, and the page says
+/// which environment it is about.
+#[test]
+fn rules_for_two_selectors_judge_each_environment_apart() {
+    let config = ObjectiveConfig::availability("checkout", 0.999);
+    let rules_for = |env: &str| {
+        let rules = prometheus_rules_with(
+            std::slice::from_ref(&config),
+            &RuleOptions::default().selector(format!(r#"job="shop", env="{env}""#)),
+        )
+        .unwrap();
+        scratch(&format!("{env}.yml"), &rules)
+    };
+    let (prod, staging) = (rules_for("prod"), rules_for("staging"));
+    // Seventy minutes at 1,000 requests a minute in each; 20 % of staging's fail.
+    let series = |name: &str, env: &str, per_minute: u64| {
+        let values: Vec<String> = (0..=70_u64).map(|m| (m * per_minute).to_string()).collect();
+        format!(
+            "      - series: '{name}{{slo=\"checkout\", job=\"shop\", env=\"{env}\"}}'\n        values: '{}'\n",
+            values.join(" ")
+        )
+    };
+    let tests = format!(
+        "rule_files:\n  - {prod}\n  - {staging}\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{inputs}    alert_rule_test:\n      - eval_time: 65m\n        alertname: HeadroomSloPageBurn\n        exp_alerts:\n          - exp_labels: {{severity: page, slo: checkout, job: shop, env: staging}}\n            exp_annotations:\n              summary: checkout is burning its error budget fast enough to page\n              runbook: https://github.com/headroom-rs/headroom/blob/main/docs/operations.md#runbook-headroomslopageburn\n",
+        prod = path(&prod),
+        staging = path(&staging),
+        inputs = [
+            series("headroom_slo_events_total", "prod", 1_000),
+            series("headroom_slo_bad_events_total", "prod", 0),
+            series("headroom_slo_events_total", "staging", 1_000),
+            series("headroom_slo_bad_events_total", "staging", 200),
+        ]
+        .concat(),
+    );
+    let file = scratch("environments-test.yml", &tests);
+    promtool(&["test", "rules", path(&file)]);
+}
