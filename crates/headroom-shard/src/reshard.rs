@@ -97,6 +97,8 @@ pub enum Units {
     Slots(Vec<Range<u16>>),
     /// Key ranges.
     KeyRanges(Vec<KeyRange>),
+    /// Keys pinned to a shard (a [`Directory`](crate::Directory)'s overrides), sorted.
+    Keys(Vec<Box<[u8]>>),
     /// Keys spread by hash; the fraction was measured over this many sample keys.
     Sampled(u32),
 }
@@ -108,6 +110,7 @@ impl Units {
             Self::Shards(shards) => shards.len() as u64,
             Self::Slots(ranges) => ranges.iter().map(|r| u64::from(r.end - r.start)).sum(),
             Self::KeyRanges(ranges) => ranges.len() as u64,
+            Self::Keys(keys) => keys.len() as u64,
             Self::Sampled(_) => 1,
         }
     }
@@ -135,7 +138,13 @@ impl ReshardPlan {
                     slot_moves(from, to, |s| (a.slot_owner(s), b.slot_owner(s)))
                 }
                 (Layout::Ranges(a), Layout::Ranges(b)) => range_moves(from, to, a, b),
-                _ => sampled_moves(from, to),
+                (a, b) => {
+                    // No sample reaches a pinned key: list those that change node.
+                    let mut moves = sampled_moves(from, to);
+                    moves.extend(pinned_moves(from, to, pinned(a).chain(pinned(b))));
+                    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
+                    moves
+                }
             }
         };
         Self {
@@ -291,6 +300,47 @@ fn range_moves<H, R: Router>(
             to,
             units: Units::KeyRanges(ranges),
             fraction: None,
+        })
+        .collect()
+}
+
+/// The keys a layout pins to shards.
+fn pinned<'a>(layout: Layout<'a>) -> impl Iterator<Item = &'a [u8]> {
+    let pins: &[(Box<[u8]>, ShardId)] = match layout {
+        Layout::Pinned(pins) => pins,
+        _ => &[],
+    };
+    pins.iter().map(|(key, _)| key.as_ref())
+}
+
+fn pinned_moves<'k, H, R: Router>(
+    from: &Topology<H, R>,
+    to: &Topology<H, R>,
+    keys: impl Iterator<Item = &'k [u8]>,
+) -> Vec<Move> {
+    let mut moves: BTreeMap<Pair, Vec<Box<[u8]>>> = BTreeMap::new();
+    for key in keys {
+        let (Some(a), Some(b)) = (
+            node_of(from, from.router().route_bytes(key)),
+            node_of(to, to.router().route_bytes(key)),
+        ) else {
+            continue;
+        };
+        if a != b {
+            moves.entry((a, b)).or_default().push(key.into());
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), mut keys)| {
+            keys.sort_unstable();
+            keys.dedup();
+            Move {
+                from,
+                to,
+                units: Units::Keys(keys),
+                fraction: None,
+            }
         })
         .collect()
 }

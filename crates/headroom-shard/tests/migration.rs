@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use common::{TestRecorder, poll_once};
 use headroom_core::Classify;
 use headroom_shard::{
-    EpochFence, JumpRouter, KeyRange, Migration, MigrationErrorKind, Phase, RangeRouter,
-    ReadPolicy, ReshardPlan, ShardId, SlotRouter, Topology, Units,
+    Directory, EpochFence, JumpRouter, KeyRange, Migration, MigrationErrorKind, Phase, RangeRouter,
+    ReadPolicy, ReshardPlan, Router, ShardId, SlotRouter, Topology, Units,
 };
 
 fn jump_topology(
@@ -164,6 +164,60 @@ fn plans_between_different_hash_routers_are_sampled() {
     );
     let fraction = plan.moved_fraction().unwrap();
     assert!((fraction - 0.2).abs() < 0.01, "moved {fraction}");
+}
+
+/// A key pinned to another node moves: the plan lists it, so the copy is not skipped.
+#[tokio::test]
+async fn plans_list_the_pinned_keys_that_move() {
+    let build = |epoch, pins: &[(&str, u32)]| {
+        let router = Directory::new(
+            JumpRouter::new(8).unwrap(),
+            pins.iter().map(|&(key, shard)| (key, ShardId(shard))),
+        )
+        .unwrap();
+        Topology::builder(router)
+            .epoch(epoch)
+            .node("a", ())
+            .node("b", ())
+            .shards(0..4, "a", &[])
+            .shards(4..8, "b", &[])
+            .build()
+            .unwrap()
+    };
+    // A key the base puts on `a`, pinned to shard 7 on `b`; another pinned where it was.
+    let pinned = (0..1000)
+        .map(|i| format!("tenant:{i}"))
+        .find(|key| JumpRouter::new(8).unwrap().route(key.as_str()).0 < 4)
+        .unwrap();
+    let from = Arc::new(build(1, &[("tenant:stays", 1)]));
+    let to = Arc::new(build(2, &[(pinned.as_str(), 7), ("tenant:stays", 1)]));
+    let plan = ReshardPlan::between(&from, &to);
+    let moves: Vec<_> = plan
+        .moves()
+        .iter()
+        .map(|m| (m.from(), m.to(), m.units().clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        [("a", "b", Units::Keys(vec![pinned.as_bytes().into()]))]
+    );
+    assert_eq!(plan.unit_count(), 1);
+
+    let migration = Migration::new("pin", from, to).unwrap();
+    assert_eq!(
+        migration
+            .write(pinned.as_str())
+            .unwrap()
+            .mirror()
+            .unwrap()
+            .node_id(),
+        "b"
+    );
+    assert_eq!(
+        migration.advance().await.unwrap_err().kind(),
+        MigrationErrorKind::CopyIncomplete,
+        "the pinned key's data is not copied yet"
+    );
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 use crate::ShardId;
 use crate::error::{ConfigError, ConfigErrorKind};
 
-use super::Router;
+use super::{Layout, Router};
 
 /// Explicit placements for some keys (hot tenants, pinned customers) over any router.
 ///
@@ -67,6 +67,10 @@ impl<R: Router> Router for Directory<R> {
             Ok(at) => self.overrides[at].1,
             Err(_) => self.base.route_bytes(key),
         }
+    }
+
+    fn layout(&self) -> Layout<'_> {
+        Layout::Pinned(&self.overrides)
     }
 
     fn shards(&self) -> Vec<ShardId> {

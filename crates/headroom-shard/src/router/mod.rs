@@ -84,6 +84,9 @@ pub enum Layout<'a> {
     Slots(&'a SlotRouter),
     /// Keys map to byte ranges; what moves is a set of key ranges.
     Ranges(&'a RangeRouter),
+    /// Some keys are pinned to shards (sorted by key), the others spread by hash; what moves
+    /// is the pinned keys that change node, and what a sample of the others measures.
+    Pinned(&'a [(Box<[u8]>, ShardId)]),
 }
 
 impl<R: Router + ?Sized> Router for Box<R> {
@@ -166,6 +169,7 @@ impl Router for AnyRouter {
         match self {
             Self::Range(r) => r.layout(),
             Self::Slots(r) => r.layout(),
+            Self::Directory(r) => r.layout(),
             _ => Layout::Hashed,
         }
     }
