@@ -1,7 +1,11 @@
 //! The retry budget: retries (and hedges) as a bounded share of recent requests.
 
+use std::cell::Cell;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use headroom_core::{Clock, Stopwatch};
@@ -58,9 +62,42 @@ impl fmt::Debug for RetryBudget {
     }
 }
 
-tokio::task_local! {
-    /// The budget a retry has recorded the current request in, while one of its attempts runs.
-    static DEPOSITED: usize;
+thread_local! {
+    /// The budget the request being polled was recorded in by its retry (0: none). Set around
+    /// each poll: a few instructions on the retry's path, where a task-local costs hundreds.
+    static DEPOSITED: Cell<usize> = const { Cell::new(0) };
+}
+
+pin_project_lite::pin_project! {
+    /// A request's attempts, polled as recorded in a budget (see [`RetryBudget::deposited`]).
+    pub(crate) struct Deposited<F> {
+        budget: usize,
+        #[pin]
+        attempts: F,
+    }
+}
+
+impl<F: Future> Future for Deposited<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if *this.budget == 0 {
+            // No budget of its own: a budget recorded further out stays in force.
+            return this.attempts.poll(cx);
+        }
+        let _entered = Entered(DEPOSITED.replace(*this.budget));
+        this.attempts.poll(cx)
+    }
+}
+
+/// Restores the budget recorded before a poll, also when the poll panics.
+struct Entered(usize);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        DEPOSITED.set(self.0);
+    }
 }
 
 impl RetryBudget {
@@ -81,17 +118,20 @@ impl RetryBudget {
         Arc::as_ptr(&self.inner).addr()
     }
 
-    /// Runs `attempt` of a request already recorded in this budget: a hedge within it (a
-    /// `HedgeLayer` under a `RetryLayer`) that shares the budget does not record it again, or
-    /// each retry would pay for itself.
-    pub(crate) async fn deposited<F: Future>(&self, attempt: F) -> F::Output {
-        DEPOSITED.scope(self.id(), attempt).await
+    /// Runs a request's `attempts`, recorded in `budget`: a hedge within them (a `HedgeLayer`
+    /// under a `RetryLayer`) that shares the budget does not record the request again, or each
+    /// retry would pay for itself.
+    pub(crate) fn deposited<F: Future>(budget: Option<&Self>, attempts: F) -> Deposited<F> {
+        Deposited {
+            budget: budget.map_or(0, Self::id),
+            attempts,
+        }
     }
 
     /// Records one request, unless a retry running it recorded it already (see
     /// [`deposited`](Self::deposited)).
     pub(crate) fn deposit_once(&self) {
-        if DEPOSITED.try_with(|id| *id == self.id()) != Ok(true) {
+        if DEPOSITED.get() != self.id() {
             self.deposit();
         }
     }

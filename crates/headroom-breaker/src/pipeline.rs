@@ -45,14 +45,8 @@ impl<E> Parts<'_, E> {
     {
         self.deposit();
         let mut attempt = 1;
-        let deposited = self.retry.and_then(Retry::budget);
         loop {
-            let run = self.attempt(&mut op);
-            let result = match deposited {
-                Some(budget) => budget.deposited(run).await,
-                None => run.await,
-            };
-            let error = match result {
+            let error = match self.attempt(&mut op).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };

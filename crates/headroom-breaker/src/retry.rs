@@ -117,12 +117,14 @@ impl<E> Retry<E> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        Parts {
+        let attempts = Parts {
             retry: Some(self),
             ..Parts::default()
         }
-        .call(op)
-        .await
+        .call(op);
+        // A hedge within an attempt (a `HedgeLayer` under a `RetryLayer`) that shares this
+        // budget must not record the request again. A pipeline's own hedge needs no such care.
+        RetryBudget::deposited(self.budget(), attempts).await
     }
 
     pub(crate) fn budget(&self) -> Option<&RetryBudget> {
