@@ -38,7 +38,7 @@ const WRITE_STRIPES: usize = 256;
 /// Bytes an L1 entry costs besides its key and value (moka's node and the slot's deadlines).
 const SLOT_OVERHEAD: usize = 100;
 /// The most invalidated tags remembered (see `Inner::hide_tag`).
-const MAX_HIDDEN_TAGS: usize = 10_000;
+pub(crate) const MAX_HIDDEN_TAGS: usize = 10_000;
 
 /// A typed two-level cache: L1 in process (moka), L2 in any
 /// [`KvStore`](headroom_core::kv::KvStore), a loader behind both.

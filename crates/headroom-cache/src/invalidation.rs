@@ -19,7 +19,7 @@
 //! An instance that stops gracefully ([`Cache::shutdown`](crate::Cache::shutdown)) sends its
 //! last keys and a goodbye: the others stop expecting it and flush nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+
+use crate::cache::MAX_HIDDEN_TAGS;
 
 /// The first byte of every message; a message of another format is counted and ignored.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -202,13 +204,50 @@ struct Outbox {
     keys: Vec<Vec<u8>>,
     /// Keys written whose L2 copies could not be updated.
     outdated: Vec<Vec<u8>>,
-    tags: Vec<String>,
+    /// Each tag once: the message hides all entries carrying it up to when it is sent.
+    tags: HashSet<String>,
     /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
     overflowed: bool,
     clear: bool,
 }
 
+/// The most bytes of keys or tags one message carries: under every bus's limit on a message
+/// (the memory bus takes 64 KiB), so that a large queue goes out as several messages rather
+/// than one the bus refuses each time it is sent again.
+const MESSAGE_BYTES: usize = 48 * 1024;
+
+/// How many items of these lengths, from the first, one message carries (at least one: a key
+/// or tag is far below the limit).
+fn fitting(lengths: impl Iterator<Item = usize>) -> usize {
+    let mut bytes = 0;
+    lengths
+        .take_while(|len| {
+            // Each item also takes its length, a varint of at most 3 bytes here.
+            bytes += len + 3;
+            bytes <= MESSAGE_BYTES
+        })
+        .count()
+        .max(1)
+}
+
 impl Outbox {
+    /// A clear covers every key and tag queued before it.
+    fn make_clear(&mut self) {
+        *self = Self {
+            clear: true,
+            ..Self::default()
+        };
+    }
+
+    /// Past as many tags as an instance hides one by one (beyond which it hides everything
+    /// as old as the newest), one clear stands for them: the queue stays bounded while the
+    /// bus is out of reach.
+    fn bound_tags(&mut self) {
+        if self.tags.len() > MAX_HIDDEN_TAGS {
+            self.make_clear();
+        }
+    }
+
     fn is_empty(&self) -> bool {
         !self.clear
             && !self.overflowed
@@ -379,8 +418,9 @@ impl Invalidation {
     /// Queues a tag for the next message.
     pub(crate) fn publish_tag(&self, tag: &str) {
         let mut outbox = self.shared.outbox.lock();
-        if !outbox.clear {
-            outbox.tags.push(tag.to_owned());
+        if !outbox.clear && !outbox.tags.contains(tag) {
+            outbox.tags.insert(tag.to_owned());
+            outbox.bound_tags();
         }
         drop(outbox);
         self.shared.wake.notify_one();
@@ -389,10 +429,7 @@ impl Invalidation {
     /// Queues a "clear" for the next message.
     pub(crate) fn publish_clear(&self) {
         let mut outbox = self.shared.outbox.lock();
-        outbox.keys = Vec::new();
-        outbox.outdated = Vec::new();
-        outbox.tags = Vec::new();
-        outbox.clear = true;
+        outbox.make_clear();
         drop(outbox);
         self.shared.wake.notify_one();
     }
@@ -473,26 +510,35 @@ impl Shared {
             }
             outbox.overflowed = false;
         }
-        if !outbox.keys.is_empty() {
-            let keys: Vec<&[u8]> = outbox.keys.iter().map(Vec::as_slice).collect();
+        // Several messages when the queue is large: each fits any bus (see MESSAGE_BYTES).
+        while !outbox.keys.is_empty() {
+            let n = fitting(outbox.keys.iter().map(Vec::len));
+            let keys: Vec<&[u8]> = outbox.keys[..n].iter().map(Vec::as_slice).collect();
             if !self.send(Action::Keys(keys)).await {
                 return false;
             }
-            outbox.keys = Vec::new();
+            outbox.keys.drain(..n);
         }
-        if !outbox.outdated.is_empty() {
-            let keys: Vec<&[u8]> = outbox.outdated.iter().map(Vec::as_slice).collect();
+        while !outbox.outdated.is_empty() {
+            let n = fitting(outbox.outdated.iter().map(Vec::len));
+            let keys: Vec<&[u8]> = outbox.outdated[..n].iter().map(Vec::as_slice).collect();
             if !self.send(Action::Outdated(keys)).await {
                 return false;
             }
-            outbox.outdated = Vec::new();
+            outbox.outdated.drain(..n);
         }
-        if !outbox.tags.is_empty() {
-            let tags: Vec<&str> = outbox.tags.iter().map(String::as_str).collect();
-            if !self.send(Action::Tags(tags)).await {
+        while !outbox.tags.is_empty() {
+            let n = fitting(outbox.tags.iter().map(String::len));
+            let tags: Vec<String> = outbox.tags.iter().take(n).cloned().collect();
+            if !self
+                .send(Action::Tags(tags.iter().map(String::as_str).collect()))
+                .await
+            {
                 return false;
             }
-            outbox.tags = Vec::new();
+            for tag in &tags {
+                outbox.tags.remove(tag);
+            }
         }
         true
     }
@@ -509,8 +555,13 @@ impl Shared {
         }
         unsent.keys.append(&mut outbox.keys);
         unsent.outdated.append(&mut outbox.outdated);
-        unsent.tags.append(&mut outbox.tags);
+        unsent.tags.extend(outbox.tags.drain());
         unsent.overflowed |= outbox.overflowed;
+        unsent.bound_tags();
+        if unsent.clear {
+            *outbox = unsent;
+            return;
+        }
         // Past the limit, one flush stands for every key, as when they are queued.
         if unsent.overflowed
             || unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys

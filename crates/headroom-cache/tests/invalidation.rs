@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -281,6 +281,8 @@ struct Faulty {
     /// Refuses every publish with a connection error.
     failing: Arc<AtomicBool>,
     silenced: Arc<AtomicBool>,
+    /// The length of the largest message published.
+    largest: Arc<AtomicUsize>,
 }
 
 impl Faulty {
@@ -291,6 +293,7 @@ impl Faulty {
             muted: Arc::default(),
             failing: Arc::default(),
             silenced: Arc::default(),
+            largest: Arc::default(),
         }
     }
 }
@@ -307,6 +310,7 @@ impl InvalidationBus for Faulty {
         {
             return Ok(());
         }
+        self.largest.fetch_max(message.len(), Ordering::SeqCst);
         self.inner.publish(channel, message).await
     }
 
@@ -849,6 +853,54 @@ async fn an_instance_back_on_the_bus_sends_what_it_missed_and_costs_no_second_fl
     faulty.failing.store(false, Ordering::SeqCst);
     settle_value(&b, "k", Some(2)).await;
     served_from_l1_throughout(&b, &b_calls, "other", 1, config().max_silence * 4).await;
+}
+
+/// A burst of long keys is more than the bus takes in one message: it goes out in several,
+/// and the other instance drops each key from its L1 without waiting to notice a silence.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_long_keys_reaches_the_others_in_several_messages() {
+    let ns = unique_namespace("long-keys");
+    let (a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
+    let long: Vec<String> = (0..200).map(|i| format!("{i:04}{}", "x".repeat(996))).collect();
+    a.insert(long[0].clone(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, &long[0], 1).await;
+
+    a.remove_many(&long).await.unwrap();
+    // Well within the silence that would make B stop trusting its L1.
+    let deadline = Instant::now() + config().max_silence / 2;
+    while b.get(&long[0]).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "B still serves the removed key");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(faulty.largest.load(Ordering::SeqCst) <= 64 * 1024);
+}
+
+/// Tags invalidated while the bus is out of reach wait in a bounded queue: a tag invalidated
+/// again is queued once, and past as many tags as an instance hides one by one, a clear
+/// stands for all of them. When the bus is back, B hides the tagged entry all the same.
+#[tokio::test(start_paused = true)]
+async fn tags_queued_while_the_bus_is_down_stay_bounded() {
+    let ns = unique_namespace("cut-tags");
+    let (a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
+    a.insert_tagged("tagged".into(), 1, &["team:0"])
+        .await
+        .unwrap();
+    settle_in_l1(&b, &b_calls, "tagged", 1).await;
+
+    faulty.failing.store(true, Ordering::SeqCst);
+    for round in 0..20 {
+        for team in 0..1_000 {
+            a.invalidate_tag(&format!("team:{}", (round * 1_000 + team) % 12_000));
+        }
+        tokio::task::yield_now().await;
+    }
+    faulty.failing.store(false, Ordering::SeqCst);
+    settle_value(&b, "tagged", None).await;
+    let largest = faulty.largest.load(Ordering::SeqCst);
+    assert!(
+        largest < 64 * 1024,
+        "a message of {largest} bytes for 12,000 tags invalidated 20,000 times"
+    );
 }
 
 /// A graceful shutdown says goodbye: the other instances keep their L1 untouched.
