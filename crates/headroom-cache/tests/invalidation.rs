@@ -861,7 +861,9 @@ async fn an_instance_back_on_the_bus_sends_what_it_missed_and_costs_no_second_fl
 async fn a_burst_of_long_keys_reaches_the_others_in_several_messages() {
     let ns = unique_namespace("long-keys");
     let (a, b, b_calls, faulty) = faulty_writer_and_reader(&ns).await;
-    let long: Vec<String> = (0..200).map(|i| format!("{i:04}{}", "x".repeat(996))).collect();
+    let long: Vec<String> = (0..200)
+        .map(|i| format!("{i:04}{}", "x".repeat(996)))
+        .collect();
     a.insert(long[0].clone(), 1).await.unwrap();
     settle_in_l1(&b, &b_calls, &long[0], 1).await;
 

@@ -407,7 +407,7 @@ impl<T> WorkQueue<T> {
     /// Adds the item if there is room (after the overflow policy made what room it may). A full
     /// queue hands the item back uncounted, for the caller to refuse or to wait; every other
     /// refusal is counted here.
-    fn offer(&self, item: T, how: Enqueue) -> Result<(), PushError<T>> {
+    pub(crate) fn offer(&self, item: T, how: Enqueue) -> Result<(), PushError<T>> {
         let inner = &*self.inner;
         let now = inner.clock.now();
         if how.deadline.is_some_and(|deadline| deadline <= now) {

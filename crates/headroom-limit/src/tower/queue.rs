@@ -215,6 +215,14 @@ impl<Req, Rsp, P: Clone> Clone for QueueService<Req, Rsp, P> {
     }
 }
 
+impl<Req, Rsp, P> QueueService<Req, Rsp, P> {
+    /// How many requests of `priority` were refused or shed for `reason` (see
+    /// [`WorkQueue::rejected`]); a request that waited for room and got in counts nowhere.
+    pub fn rejected(&self, priority: Priority, reason: Reason) -> u64 {
+        self.queue.rejected(priority, reason)
+    }
+}
+
 impl<Req, Rsp, P> fmt::Debug for QueueService<Req, Rsp, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueService")
@@ -242,22 +250,24 @@ where
         let (reply, response) = oneshot::channel();
         let job = Job { request, reply };
         let how = Enqueue::new().priority(priority);
-        let state = match self.queue.try_push_with(job, how) {
+        let waits = matches!(self.queue.config().overflow, Overflow::Wait { .. });
+        // Under `Wait` a full queue is no refusal yet: offered uncounted, the request waits
+        // for room in its future, and is counted only if it never gets in.
+        let offered = if waits {
+            self.queue.offer(job, how)
+        } else {
+            self.queue.try_push_with(job, how)
+        };
+        let state = match offered {
             Ok(()) => State::Queued { response },
-            Err(refused) if refused.rejection().reason() == Reason::QueueFull => {
-                if let Overflow::Wait { .. } = self.queue.config().overflow {
-                    let queue = self.queue.clone();
-                    let job = refused.into_item();
-                    State::Pushing {
-                        push: Box::pin(async move {
-                            queue.push_with(job, how).await.map_err(|e| e.rejection())
-                        }),
-                        response,
-                    }
-                } else {
-                    State::Refused {
-                        error: Some(refused.rejection()),
-                    }
+            Err(full) if waits && full.rejection().reason() == Reason::QueueFull => {
+                let queue = self.queue.clone();
+                let job = full.into_item();
+                State::Pushing {
+                    push: Box::pin(async move {
+                        queue.push_with(job, how).await.map_err(|e| e.rejection())
+                    }),
+                    response,
                 }
             }
             Err(refused) => State::Refused {
