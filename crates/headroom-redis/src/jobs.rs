@@ -106,8 +106,14 @@ end
 /// The drain rate's buckets, read and written.
 const DRAIN: &str = r"
 -- The drain buckets rolled to now: bucket index, finished in it, finished in the one before.
+-- Buckets replaced by a key of another type read as empty: they only estimate the drain rate,
+-- and no step may fail on them after its own writes.
 local function drain()
-  local s = redis.call('HMGET', P .. ':stats', 'b', 'c', 'p')
+  local s = redis.pcall('HMGET', P .. ':stats', 'b', 'c', 'p')
+  local foreign = s.err ~= nil
+  if foreign then
+    s = {}
+  end
   local bucket = math.floor(now / W)
   local b, c, p = int(s[1]), int(s[2]) or 0, int(s[3]) or 0
   if b ~= bucket then
@@ -118,7 +124,7 @@ local function drain()
     end
     c = 0
   end
-  return bucket, c, p
+  return bucket, c, p, foreign
 end
 local function drained_per_sec()
   local _, c, p = drain()
@@ -127,7 +133,10 @@ local function drained_per_sec()
 end
 -- Counts `count` jobs finished now in the drain buckets.
 local function drained(count)
-  local bucket, c, p = drain()
+  local bucket, c, p, foreign = drain()
+  if foreign then
+    redis.call('DEL', P .. ':stats')
+  end
   redis.call('HSET', P .. ':stats', 'b', num(bucket), 'c', num(c + count), 'p', num(p))
   redis.call('PEXPIRE', P .. ':stats', num(2 * W))
 end
@@ -826,6 +835,8 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[HOLDS], LEAVE)
 ///   nothing yet, it takes the job off its lane (so it blocks nobody) and fails; otherwise it
 ///   answers what it delivered and leaves the corrupt job for the next fetch. No job is ever
 ///   delivered along with an error.
+/// - The drain-rate buckets (`P:stats`) replaced by a key of another type read as empty and
+///   are written afresh: they only estimate the drain rate, and no step fails on them.
 #[derive(Clone, Debug)]
 pub struct RedisJobStore {
     redis: Redis,

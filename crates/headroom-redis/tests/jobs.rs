@@ -175,6 +175,7 @@ on_both!(
     a_record_of_another_type_is_corrupt_and_stops_no_other_job,
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
+    drain_stats_of_another_type_fail_no_step,
     invalid_arguments_are_refused_before_redis,
 );
 
@@ -984,6 +985,29 @@ async fn garbage_in_the_counts_is_a_typed_error(ctx: Ctx) {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+}
+
+/// The drain-rate buckets replaced by a key of another type: they only estimate how fast the
+/// partition drains, so every step goes on (the estimate starts over) rather than failing
+/// after the job's own writes.
+async fn drain_stats_of_another_type_fail_no_step(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let [a, b] = [ctx.add(&p, job("a")).await, ctx.add(&p, job("b")).await];
+    assert_eq!(ctx.fetch(&p, "w", &[0], 10, LONG).await.len(), 2);
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":stats")).arg("x"))
+        .await;
+    let done = ctx.store.complete(&p, a, 1, Bytes::new(), LONG).await;
+    assert_eq!(done.unwrap(), Fenced::Applied);
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":stats"))).await;
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":stats")).arg("x"))
+        .await;
+    let buried = ctx.store.bury(&p, b, 1, Bytes::new(), LONG).await;
+    assert_eq!(buried.unwrap(), Fenced::Applied);
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!((stats.unfinished, stats.dead), (0, 1));
+    ctx.add(&p, job("c")).await;
 }
 
 /// Zero retentions and dedup windows, and lanes past the last, are refused as configuration
