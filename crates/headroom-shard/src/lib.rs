@@ -39,7 +39,7 @@
 //! let mut session = Session::new();
 //! let write = topology.write("cart:7")?;
 //! // ... perform the write on `write.handle()`, learn its commit position ...
-//! session.record_write(write.shard(), 1_000);
+//! session.record_write(&write, 1_000);
 //! drop(write);
 //!
 //! // The replica has not replayed position 1000 yet: the session reads from the primary.

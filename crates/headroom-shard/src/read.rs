@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{Either, join_all, select};
 
 use crate::error::UnknownShard;
-use crate::hash::ShardKey;
+use crate::hash::{ShardKey, key_hash};
 use crate::topology::{Node, ReplicaStatus, Role, ShardEntry, Target, Topology};
 use crate::{Router, ShardId};
 
@@ -46,12 +46,25 @@ pub enum ReadPolicy {
 /// Record the position (LSN, replication offset, commit timestamp: any number that grows
 /// with each write on a shard's primary) after every write; reads through
 /// [`Topology::read_session`] then only use a replica whose reported position has reached it,
-/// and the primary otherwise. Serialize the session (with the `serde` feature) to carry it
-/// across requests, in a cookie or a header.
+/// and the primary otherwise. A position counts on the primary it was written on: once the
+/// shard has another primary (a failover, a migration's cut-over), its replicas are numbered
+/// by another stream, and the session reads from the primary until it writes there. Serialize
+/// the session (with the `serde` feature) to carry it across requests, in a cookie or a
+/// header.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Session {
-    positions: Vec<(ShardId, u64)>,
+    positions: Vec<Written>,
+}
+
+/// How far the session's writes reached on one shard, and on which primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Written {
+    shard: ShardId,
+    /// The hash of the primary's node id: stable across processes, small in a cookie.
+    primary: u64,
+    position: u64,
 }
 
 impl Session {
@@ -60,20 +73,44 @@ impl Session {
         Self::default()
     }
 
-    /// Records that a write on `shard` reached `position`; positions never go backwards.
-    pub fn record_write(&mut self, shard: ShardId, position: u64) {
-        match self.positions.binary_search_by_key(&shard, |(s, _)| *s) {
-            Ok(at) => self.positions[at].1 = self.positions[at].1.max(position),
-            Err(at) => self.positions.insert(at, (shard, position)),
+    /// Records that `write` (a write's target, on the shard's primary) reached `position`;
+    /// positions on one primary never go backwards.
+    pub fn record_write<H>(&mut self, write: &Target<'_, H>, position: u64) {
+        let written = Written {
+            shard: write.shard(),
+            primary: key_hash(write.node_id().as_bytes()),
+            position,
+        };
+        match self
+            .positions
+            .binary_search_by_key(&written.shard, |w| w.shard)
+        {
+            Ok(at) => {
+                let known = &mut self.positions[at];
+                if known.primary == written.primary {
+                    known.position = known.position.max(position);
+                } else {
+                    *known = written;
+                }
+            }
+            Err(at) => self.positions.insert(at, written),
         }
     }
 
-    /// The position a replica of `shard` must have reached to serve this session.
-    pub fn required(&self, shard: ShardId) -> Option<u64> {
-        self.positions
-            .binary_search_by_key(&shard, |(s, _)| *s)
-            .ok()
-            .map(|at| self.positions[at].1)
+    /// The position a replica of `shard` must have reached to serve this session while
+    /// `primary` (a node id) is the shard's primary: `None` when the session wrote nothing
+    /// there, `u64::MAX` (no replica) when it wrote through another primary.
+    pub fn required(&self, shard: ShardId, primary: &str) -> Option<u64> {
+        let at = self
+            .positions
+            .binary_search_by_key(&shard, |w| w.shard)
+            .ok()?;
+        let written = self.positions[at];
+        Some(if written.primary == key_hash(primary.as_bytes()) {
+            written.position
+        } else {
+            u64::MAX
+        })
     }
 }
 
@@ -97,7 +134,8 @@ impl<H, R: Router> Topology<H, R> {
         session: &Session,
     ) -> Result<Target<'_, H>, UnknownShard> {
         let shard = self.shard_of(key);
-        self.read_shard(shard, policy, session.required(shard))
+        let required = session.required(shard, self.primary(shard)?.id());
+        self.read_shard(shard, policy, required)
     }
 
     /// Routes a read on `shard` by `policy`; with `min_position`, only replicas that have

@@ -86,7 +86,7 @@ fn lookups_do_not_allocate() {
         },
     );
     let mut session = Session::new();
-    session.record_write(ShardId(3), 5);
+    session.record_write(&handle.load().write_shard(ShardId(3)).unwrap(), 5);
     let policies = [
         ReadPolicy::Primary,
         ReadPolicy::RoundRobin,

@@ -142,9 +142,11 @@ fn session_reads_wait_for_replicas_to_catch_up() {
     let topology = topology(1);
     let mut session = Session::new();
     let shard = topology.shard_of("cart:1");
-    session.record_write(shard, 500);
-    session.record_write(shard, 400); // positions never go backwards
-    assert_eq!(session.required(shard), Some(500));
+    let write = topology.write_shard(shard).unwrap();
+    session.record_write(&write, 500);
+    session.record_write(&write, 400); // positions never go backwards
+    drop(write);
+    assert_eq!(session.required(shard, "p"), Some(500));
     topology.report(
         "r1",
         ReplicaStatus {
@@ -175,6 +177,39 @@ fn session_reads_wait_for_replicas_to_catch_up() {
         .read_session(&other, &ReadPolicy::RoundRobin, &session)
         .unwrap();
     assert_eq!(read.role(), Role::Replica);
+}
+
+/// A session's positions count on the primary they were written on: once its shard has
+/// another primary (a failover, a cut-over), another replication stream numbers positions,
+/// so its replicas cannot be judged by them, and the session reads from the primary.
+#[test]
+fn a_session_written_on_another_primary_reads_from_the_new_one() {
+    let before = topology(1);
+    let mut session = Session::new();
+    let shard = before.shard_of("cart:1");
+    session.record_write(&before.write_shard(shard).unwrap(), 500);
+    let after = Topology::builder(JumpRouter::new(8).unwrap())
+        .epoch(2)
+        .node("p2", "primary-2")
+        .node("s1", "replica-of-p2")
+        .shards(0..8, "p2", &["s1"])
+        .build()
+        .unwrap();
+    after.report(
+        "s1",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(10_000),
+        },
+    );
+    let read = after
+        .read_session("cart:1", &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(
+        read.node_id(),
+        "p2",
+        "a position of p's stream says nothing of s1"
+    );
 }
 
 #[derive(Clone, Debug)]
@@ -210,7 +245,7 @@ proptest! {
                 Op::Write => {
                     let write = topology.write("k").unwrap();
                     primary += 1;
-                    session.record_write(write.shard(), primary);
+                    session.record_write(&write, primary);
                 }
                 Op::Replay { replica, by } => {
                     replayed[replica] = (replayed[replica] + by).min(primary);
@@ -233,8 +268,8 @@ proptest! {
                     if read.role() == Role::Replica {
                         let at = names.iter().position(|n| *n == read.node_id()).unwrap();
                         prop_assert!(
-                            replayed[at] >= session.required(shard).unwrap_or(0),
-                            "{} at {} served a session at {:?}", read.node_id(), replayed[at], session.required(shard)
+                            replayed[at] >= session.required(shard, "p").unwrap_or(0),
+                            "{} at {} served a session at {:?}", read.node_id(), replayed[at], session.required(shard, "p")
                         );
                     }
                 }
@@ -376,7 +411,7 @@ fn reports_older_than_the_status_ttl_count_as_unknown() {
         max_lag: Duration::from_millis(50),
     };
     let mut session = Session::new();
-    session.record_write(ShardId(0), 100);
+    session.record_write(&topology.write_shard(ShardId(0)).unwrap(), 100);
     for id in ["r1", "r2", "r3"] {
         topology.report(id, FRESH);
     }
@@ -399,7 +434,7 @@ fn reports_older_than_the_status_ttl_count_as_unknown() {
         .read_shard(
             ShardId(0),
             &ReadPolicy::RoundRobin,
-            session.required(ShardId(0)),
+            session.required(ShardId(0), "p"),
         )
         .unwrap();
     assert_eq!(read.node_id(), "p");
