@@ -136,6 +136,32 @@ async fn batched_instances_on_a_redis_cluster_stay_within_the_documented_bound()
     assert_within_batch_bound(admitted, round_trips, 10);
 }
 
+/// A tier whose quota changes starts with every key full: a key that spent the old quota is
+/// not held to it once the limit is raised.
+#[tokio::test]
+async fn a_changed_quota_starts_every_key_full() {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::with_limits(clock.clock(), 1000);
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_minute(1).unwrap()),
+    )
+    .clock(clock.clock())
+    .build()
+    .unwrap();
+    limiter.check("t", "k", 1).await.unwrap();
+    assert!(limiter.check("t", "k", 1).await.is_err(), "one a minute");
+    limiter
+        .replace(&TierConfig::new().tier("t", Quota::per_second(100).unwrap()))
+        .unwrap();
+    clock.advance(Duration::from_millis(100));
+    for _ in 0..100 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn batched_units_are_spent_locally_and_expire() {
     let clock = ManualClock::new();

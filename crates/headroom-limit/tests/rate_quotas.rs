@@ -419,9 +419,13 @@ impl RateStore for Recording {
     }
 }
 
-/// The store's keys follow the documented layout, `<namespace>:<tier>:{<tag>}:<index>:<key>`
-/// with the FNV-1a hash of the key as the tag: golden values, so every instance and every
-/// version finds the same cells, and braces in a caller's key never choose the slot.
+/// The store's keys follow the documented layout,
+/// `<namespace>:<tier>:{<tag>}:<index><quota>:<key>` with the FNV-1a hash of the key as the
+/// tag and the low 32 bits of the FNV-1a hash of the quota's emission interval (nanoseconds,
+/// u64 little-endian) and burst (u32 little-endian) as the quota: golden values, so every
+/// instance and every version finds the same cells, and braces in a caller's key never
+/// choose the slot. (10 a second: 100 ms and 10 hash to `eecf0422`; 30 an hour: 120 s and 30
+/// to `c83bf43e`.)
 #[tokio::test]
 async fn store_keys_share_a_hash_tag_of_their_own() {
     let store = Recording::default();
@@ -440,10 +444,10 @@ async fn store_keys_share_a_hash_tag_of_their_own() {
     assert_eq!(
         keys,
         [
-            &b"rate:t:{508b2abb65a03907}:0:alice"[..],
-            b"rate:t:{508b2abb65a03907}:1:alice",
-            b"rate:t:{c724da1983ce5721}:0:{x}",
-            b"rate:t:{c724da1983ce5721}:1:{x}",
+            &b"rate:t:{508b2abb65a03907}:0eecf0422:alice"[..],
+            b"rate:t:{508b2abb65a03907}:1c83bf43e:alice",
+            b"rate:t:{c724da1983ce5721}:0eecf0422:{x}",
+            b"rate:t:{c724da1983ce5721}:1c83bf43e:{x}",
         ]
     );
     for key in keys {

@@ -325,20 +325,41 @@ struct Tier {
     /// and refusals count as recent is measured in it.
     interval: u64,
     prefix: Namespace,
+    /// Each quota's part of its cells' keys (see `cells`).
+    quota_parts: Vec<[u8; QUOTA_PART_LEN]>,
     local_state: LocalState,
     local: Option<TierCells>,
     metrics: TierMetrics,
 }
 
 /// The longest key a distributed limiter takes: the store's key part less what the limiter
-/// adds (a hash tag, the quota's index and two separators).
-const MAX_KEY_LEN: usize = Key::MAX_LEN - TAG_LEN - 3;
+/// adds (a hash tag and the quota's part).
+const MAX_KEY_LEN: usize = Key::MAX_LEN - TAG_LEN - QUOTA_PART_LEN;
 /// `{`, 16 hexadecimal digits, `}`.
 const TAG_LEN: usize = 18;
+/// `:`, the quota's index, 8 hexadecimal digits of its rate and burst, `:`.
+const QUOTA_PART_LEN: usize = 11;
+
+/// The part of a quota's cell keys: its index, and a hash of its rate and burst, so that a
+/// quota changed by a reload starts with fresh cells (every key full) rather than holding
+/// keys to what they spent under the old one.
+fn quota_part(index: usize, gcra: Gcra) -> [u8; QUOTA_PART_LEN] {
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&nanos(gcra.emission_interval).to_le_bytes());
+    bytes[8..].copy_from_slice(&gcra.burst.to_le_bytes());
+    let hash = fnv1a(&bytes);
+    let mut part = [b':'; QUOTA_PART_LEN];
+    part[1] = b'0' + index as u8;
+    for (i, digit) in part[2..10].iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((hash >> (28 - 4 * i)) & 0xF) as usize];
+    }
+    part
+}
 
 impl Tier {
-    /// The store's cells of `key`, one per quota: `<namespace>:<tier>:{<tag>}:<index>:<key>`,
-    /// where the tag is the FNV-1a hash (64 bits, 16 lowercase hexadecimal digits) of the key.
+    /// The store's cells of `key`, one per quota:
+    /// `<namespace>:<tier>:{<tag>}:<index><quota hash>:<key>`, where the tag is the FNV-1a hash
+    /// (64 bits, 16 lowercase hexadecimal digits) of the key.
     /// The tag comes first, so every cell of a key is on one Redis Cluster slot and braces in
     /// a caller's key never choose that slot.
     fn cells(&self, key: &str) -> Result<Vec<(Key, Gcra)>, RateError> {
@@ -351,12 +372,11 @@ impl Tier {
         tag[17] = b'}';
         self.quotas
             .iter()
-            .enumerate()
-            .map(|(index, quota)| {
-                let index = [b':', b'0' + index as u8, b':'];
+            .zip(&self.quota_parts)
+            .map(|(quota, part)| {
                 let key = self
                     .prefix
-                    .key_from_parts(&[&tag, &index, key.as_bytes()])
+                    .key_from_parts(&[&tag, part, key.as_bytes()])
                     .map_err(|_| invalid())?;
                 Ok((key, quota.gcra()))
             })
@@ -429,6 +449,11 @@ impl<S: RateStore> Inner<S> {
                     quotas: quotas.clone(),
                     interval: nanos(shortest.unwrap_or_default()),
                     prefix,
+                    quota_parts: quotas
+                        .iter()
+                        .enumerate()
+                        .map(|(index, quota)| quota_part(index, quota.gcra()))
+                        .collect(),
                     local_state: LocalState::new(self.max_keys),
                     local,
                     metrics: TierMetrics::new(&self.name, name),
@@ -727,8 +752,9 @@ impl<S: RateStore> DistributedRateLimiter<S> {
         Ok(())
     }
 
-    /// Replaces the tiers. Shared cells live in the store and are kept; local state of new
-    /// or changed tiers starts afresh.
+    /// Replaces the tiers. A changed quota starts with fresh cells, every key full (its old
+    /// cells expire in the store); unchanged ones keep theirs. Local state of new or changed
+    /// tiers starts afresh.
     pub fn replace(&self, tiers: &TierConfig) -> Result<(), ConfigError> {
         let current = self.inner.tiers.load();
         let next = self.inner.build_tiers(tiers, Some(&current))?;
