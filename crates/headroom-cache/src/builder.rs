@@ -25,6 +25,8 @@ pub(crate) type TtlFn<V> = Arc<dyn Fn(&V) -> Duration + Send + Sync>;
 #[must_use]
 pub struct CacheBuilder<K, V> {
     config: CacheConfig,
+    /// A name given with [`name`](CacheBuilder::name): it outlasts a later `config`.
+    name: Option<String>,
     clock: Clock,
     l2: Option<(DynKvStore, Namespace)>,
     codec: Box<dyn ValueCodec<V>>,
@@ -55,6 +57,7 @@ where
     pub(crate) fn new() -> Self {
         Self {
             config: CacheConfig::default(),
+            name: None,
             clock: Clock::system(),
             l2: None,
             codec: Box::new(Bound::new(Postcard)),
@@ -67,15 +70,18 @@ where
         }
     }
 
-    /// Replaces every setting of [`CacheConfig`] at once (for a configuration loaded from a file).
+    /// Replaces every setting of [`CacheConfig`] at once (for a configuration loaded from a
+    /// file), but a name given with [`name`](Self::name), before or after, stays.
     pub fn config(mut self, config: CacheConfig) -> Self {
         self.config = config;
         self
     }
 
-    /// The name used as the `cache` label of metrics (default `"default"`).
+    /// The name used as the `cache` label of metrics and by a reload (default: the
+    /// configuration's, `"default"`). It outlasts [`config`](Self::config): a cache built
+    /// under a name (as `Headroom::cache` does) keeps it whatever file it is configured from.
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.config.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
@@ -278,7 +284,10 @@ where
     }
 
     /// Builds the cache, or says which setting cannot work.
-    pub fn build(self) -> Result<Cache<K, V>, ConfigError> {
+    pub fn build(mut self) -> Result<Cache<K, V>, ConfigError> {
+        if let Some(name) = self.name.take() {
+            self.config.name = name;
+        }
         self.config.validate().map_err(ConfigError::new)?;
         let invalidation = match (self.invalidation, &self.l2) {
             (None, _) => None,

@@ -131,3 +131,17 @@ async fn shutdown_stops_every_cache_it_built() {
     cache.insert(1, String::from("kettle")).await.unwrap();
     assert_eq!(cache.get(&1).await.unwrap().as_deref(), Some("kettle"));
 }
+
+/// A cache given a configuration loaded from a file keeps the name it was built under: its
+/// metrics label and the name a reload finds it by.
+#[tokio::test]
+async fn a_cache_configured_from_a_file_keeps_its_name() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let cache = headroom
+        .cache::<u64, String>("products")
+        .unwrap()
+        .config(headroom::cache::CacheConfig::default())
+        .build()
+        .unwrap();
+    assert_eq!(cache.config().name, "products");
+}
