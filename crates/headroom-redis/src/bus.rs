@@ -103,7 +103,9 @@ impl Subscriber {
 
     /// Delivers `event`, first reporting any loss; returns false once the subscriber is gone.
     pub(crate) fn deliver(&mut self, event: BusEvent) -> bool {
-        match self.report_loss() {
+        // Only a message says the connection is live; `Live` and a loss speak for themselves.
+        let live = matches!(event, BusEvent::Message(_));
+        match self.report_loss(live) {
             Reported::Yes => {
                 self.send(event);
                 !self.events.is_closed()
@@ -116,9 +118,10 @@ impl Subscriber {
         }
     }
 
-    /// Reports the events dropped so far, if any, as a loss followed by `Live`. Also called
-    /// when there is nothing to deliver: a loss must not wait for an event that may not come.
-    pub(crate) fn report_loss(&mut self) -> Reported {
+    /// Reports the events dropped so far, if any, as a loss, followed by `Live` when the
+    /// connection is `live` (otherwise `Live` comes once it is). Also called when there is
+    /// nothing to deliver: a loss must not wait for an event that may not come.
+    pub(crate) fn report_loss(&mut self, live: bool) -> Reported {
         if self.lagged == 0 {
             return if self.events.is_closed() {
                 Reported::Gone
@@ -132,7 +135,7 @@ impl Subscriber {
         {
             Ok(()) => {
                 self.lagged = 0;
-                if self.send(BusEvent::Live) || !self.events.is_closed() {
+                if !live || self.send(BusEvent::Live) || !self.events.is_closed() {
                     Reported::Yes
                 } else {
                     Reported::Gone

@@ -114,7 +114,7 @@ async fn track(
                 } else {
                     // Keys dropped from a burst the subscriber could not hold are reported
                     // now, not at the next write, which may be long in coming.
-                    subscriber.report_loss() != Reported::Gone
+                    subscriber.report_loss(tracking) != Reported::Gone
                 }
             },
             () = subscriber.closed() => false,

@@ -424,6 +424,54 @@ async fn tracked_writes_report_a_burst_they_could_not_hold_without_a_later_write
     assert_eq!(next_event(&mut writes).await, BusEvent::Live);
 }
 
+/// A burst the subscription could not hold, then a cut connection: the loss is reported, and
+/// `Live` comes only once tracking is on again, never while the connection is down (a cache
+/// would take its L1 back with no invalidation arriving).
+#[tokio::test(flavor = "current_thread")]
+async fn tracked_writes_are_live_again_only_once_tracking_is_on() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(config(proxy.url())).await.expect("connect");
+    let mut writes = tracked_writes(&redis, b"shop:").await.expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+    let mut mset = vec!["MSET".to_owned()];
+    for i in 0..5_000 {
+        mset.extend([format!("shop:{i}"), "1".to_owned()]);
+    }
+    server.cli(&mset.iter().map(String::as_str).collect::<Vec<_>>());
+    // Let the burst fill the subscription before the cut.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    tokio::time::sleep(headroom_redis::TRACKING_PING_INTERVAL + TIMEOUT * 2).await;
+    let lost = loop {
+        match next_event(&mut writes).await {
+            BusEvent::Message(_) => {}
+            other => break other,
+        }
+    };
+    assert!(matches!(lost, BusEvent::Lost(_)), "{lost:?}");
+    let cut_for = Instant::now() + Duration::from_secs(3);
+    while let Some(left) = cut_for.checked_duration_since(Instant::now()) {
+        match tokio::time::timeout(left, writes.next_event()).await {
+            Err(_) => break,
+            Ok(event) => assert!(
+                !matches!(event, Some(BusEvent::Live)),
+                "live while the connection is cut"
+            ),
+        }
+    }
+    proxy.restore();
+    let live = loop {
+        match next_event(&mut writes).await {
+            BusEvent::Live => break true,
+            BusEvent::Lost(_) => {}
+            other => panic!("{other:?} before tracking is on again"),
+        }
+    };
+    assert!(live);
+    assert_eq!(tracking_clients(&server), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracked_writes_are_refused_on_a_cluster() {
     let redis = Redis::connect(RedisConfig::cluster(
