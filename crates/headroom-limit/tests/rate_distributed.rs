@@ -153,6 +153,8 @@ async fn a_changed_quota_starts_every_key_full() {
     .unwrap();
     limiter.check("t", "k", 1).await.unwrap();
     assert!(limiter.check("t", "k", 1).await.is_err(), "one a minute");
+    // A cost of zero spends nothing, so it is admitted even on a key just refused.
+    assert_eq!(limiter.check("t", "k", 0).await.unwrap().remaining(), 0);
     limiter
         .replace(&TierConfig::new().tier("t", Quota::per_second(100).unwrap()))
         .unwrap();

@@ -13,7 +13,8 @@ use crate::Redis;
 // of server time and expires when it is full again. ARGV holds, for each cell in the order of
 // KEYS, the cost's charge (cost × emission interval) and the tolerance (burst × emission
 // interval), in µs. The answer is how far each cell's arrival time ran ahead of now before the
-// decision (zero when full), from which [`RateDecision::of_cells`] derives the figures.
+// decision (zero when full), from which [`RateDecision::of_cells`] derives the figures. A cell
+// a decision leaves full (a cost of zero) is not written: it reads as full without a key.
 
 /// One cell. Answers the ahead when it charged the cell, and `-1 - ahead` when it did not.
 static APPLY_ONE: LazyLock<Script> = LazyLock::new(|| {
@@ -29,7 +30,9 @@ local new = tat + tonumber(ARGV[1])
 if new - now > tonumber(ARGV[2]) then
   return now - tat - 1
 end
-redis.call('SET', KEYS[1], new, 'PX', math.ceil((new - now) / 1000))
+if new > now then
+  redis.call('SET', KEYS[1], new, 'PX', math.ceil((new - now) / 1000))
+end
 return tat - now
 ",
     )
@@ -56,7 +59,9 @@ end
 if answer[1] == 1 then
   for i = 1, #KEYS do
     local tat = now + answer[i + 1] + ARGV[2 * i - 1]
-    redis.call('SET', KEYS[i], tat, 'PX', math.ceil((tat - now) / 1000))
+    if tat > now then
+      redis.call('SET', KEYS[i], tat, 'PX', math.ceil((tat - now) / 1000))
+    end
   end
 end
 return answer

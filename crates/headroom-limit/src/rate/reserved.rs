@@ -90,7 +90,8 @@ impl LocalState {
                 quota: usize::from(entry.reserved_quota),
             };
         }
-        if entry.blocked_until > now {
+        // A cost of zero spends nothing: never refused.
+        if entry.blocked_until > now && cost > 0 {
             return Local::Blocked {
                 wait: entry.blocked_until - now,
                 quota: usize::from(entry.blocked_quota),

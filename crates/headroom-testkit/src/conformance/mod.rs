@@ -140,6 +140,7 @@ macro_rules! rate_store_conformance {
             $crate::rate_store_conformance!(@tests $make;
                 admits_exactly_the_burst,
                 costs_spend_several_units,
+                a_cost_of_zero_is_admitted_and_spends_nothing,
                 impossible_costs_are_refused,
                 keys_are_independent,
                 concurrent_requests_admit_exactly_the_burst,

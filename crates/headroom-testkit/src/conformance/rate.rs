@@ -47,6 +47,18 @@ pub async fn costs_spend_several_units<S: RateStore>(store: &S, ns: Namespace) {
     assert!(store.apply(&key, HOURLY, 3).await.expect("apply").allowed);
 }
 
+/// A cost of zero is admitted and spends nothing, on a full cell and on an empty one: it
+/// tells what is left.
+pub async fn a_cost_of_zero_is_admitted_and_spends_nothing<S: RateStore>(store: &S, ns: Namespace) {
+    let key = ns.key("k").expect("key");
+    let d = store.apply(&key, HOURLY, 0).await.expect("apply");
+    assert!(d.allowed && d.remaining == 10, "{d:?}");
+    assert!(store.apply(&key, HOURLY, 10).await.expect("apply").allowed);
+    let d = store.apply(&key, HOURLY, 0).await.expect("apply");
+    assert!(d.allowed && d.remaining == 0, "{d:?}");
+    assert!(!store.apply(&key, HOURLY, 1).await.expect("apply").allowed);
+}
+
 /// A cost over the burst can never be admitted: a configuration error.
 pub async fn impossible_costs_are_refused<S: RateStore>(store: &S, ns: Namespace) {
     let key = ns.key("k").expect("key");
