@@ -376,13 +376,17 @@ pub fn judge(
                 }
             }
         }
-        if let (Some(max), Some((_, locked))) =
-            (expect.max_locked_loads_per_key, loads_per_cold_key)
-            && locked > max
-        {
-            broken.push(format!(
-                "single flight: {locked:.2} loads per product across the fleet (at most {max})"
-            ));
+        if let Some(max) = expect.max_locked_loads_per_key {
+            match loads_per_cold_key {
+                None => broken.push(
+                    "single flight unknown: no loads of products read at once by every instance"
+                        .to_owned(),
+                ),
+                Some((_, locked)) if locked > max => broken.push(format!(
+                    "single flight: {locked:.2} loads per product across the fleet (at most {max})"
+                )),
+                Some(_) => {}
+            }
         }
         if expect.no_reloads && reloads > 0 {
             broken.push(format!(
@@ -396,14 +400,16 @@ pub fn judge(
                 "goodput not back within 5 % of offered in {within} s"
             ));
         }
-        if let Some(min) = expect.critical_success
-            && critical_success < min
-        {
-            broken.push(format!(
-                "critical success {:.1} % (at least {:.0} %)",
-                critical_success * 100.0,
-                min * 100.0
-            ));
+        if let Some(min) = expect.critical_success {
+            if critical.is_empty() {
+                broken.push("critical success unknown: no checkouts in the window".to_owned());
+            } else if critical_success < min {
+                broken.push(format!(
+                    "critical success {:.1} % (at least {:.0} %)",
+                    critical_success * 100.0,
+                    min * 100.0
+                ));
+            }
         }
         if let Some(within) = expect.l1_back_within
             && window.l1_back_after.is_none_or(|s| s > within)
@@ -640,6 +646,26 @@ mod tests {
         assert_eq!(
             stale,
             [Duration::ZERO, Duration::ZERO, Duration::from_secs(2)]
+        );
+    }
+
+    /// A promise whose figures were never measured is broken, not kept: a window expecting
+    /// checkouts or single-flight loads that saw none says so.
+    #[test]
+    fn promises_with_nothing_measured_are_broken() {
+        let mut window = cut_window(0, 0, 1_000);
+        window.expect = Expect {
+            critical_success: Some(0.99),
+            max_locked_loads_per_key: Some(1.5),
+            ..Expect::default()
+        };
+        let events = [event(Kind::Read, 100, 1, 0)];
+        let report = judge(&events, &[window], &HashMap::new());
+        let broken = &report.windows[0].broken;
+        assert!(broken.iter().any(|b| b.contains("checkouts")), "{broken:?}");
+        assert!(
+            broken.iter().any(|b| b.contains("single flight")),
+            "{broken:?}"
         );
     }
 }
