@@ -30,6 +30,12 @@ pub enum KeyError {
         /// Its offset.
         offset: usize,
     },
+    /// A name that must be one segment of a namespace (a part's name) contains `:`.
+    #[error("name contains ':' at offset {offset}; a name is one segment of its keys")]
+    Separator {
+        /// The separator's offset.
+        offset: usize,
+    },
 }
 
 impl crate::Classify for KeyError {

@@ -226,11 +226,22 @@ impl Headroom {
         self.inner.namespace.child(segment)
     }
 
+    /// The namespace of the part `name` of a `kind` of component: `<namespace>:<kind>:<name>`.
+    /// The name is one segment: one holding `:` is refused, or two parts could share keys
+    /// (`products` with key `v2:7` and `products:v2` with key `7`).
+    fn part_namespace(&self, kind: &str, name: &str) -> Result<Namespace, KeyError> {
+        if let Some(offset) = name.find(':') {
+            return Err(KeyError::Separator { offset });
+        }
+        self.inner.namespace.child(kind)?.child(name)
+    }
+
     /// A cache builder named `name`, with the shared KV store as L2 under
     /// `<namespace>:cache:<name>`, invalidation across instances over the shared bus (default
     /// [`InvalidationConfig`](headroom_cache::InvalidationConfig): a 2 s staleness bound when
-    /// messages are lost), and the shared clock. `name` must be a valid namespace segment
-    /// (`[A-Za-z0-9_.:/-]`). Build it inside a tokio runtime.
+    /// messages are lost), and the shared clock. `name` must be one namespace segment
+    /// (`[A-Za-z0-9_./-]`; a name holding `:` is refused with [`KeyError::Separator`]). Build
+    /// it inside a tokio runtime.
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -255,7 +266,7 @@ impl Headroom {
         K: headroom_cache::CacheKey,
         V: Clone + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
     {
-        let namespace = self.inner.namespace.child("cache")?.child(name)?;
+        let namespace = self.part_namespace("cache", name)?;
         Ok(headroom_cache::Cache::builder()
             .name(name)
             .clock(self.inner.clock.clone())
@@ -366,6 +377,8 @@ impl Headroom {
     /// A tiered rate limiter builder named `name`, sharing its GCRA cells through the shared
     /// rate store under `<namespace>:rate:<name>`, on the shared clock. With the memory
     /// backend the limits hold for this process; with Redis they hold across every instance.
+    /// `name` is one namespace segment: a name holding `:` is refused with
+    /// [`KeyError::Separator`].
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -389,7 +402,7 @@ impl Headroom {
         name: &str,
         tiers: headroom_limit::rate::TierConfig,
     ) -> Result<headroom_limit::rate::DistributedRateLimiterBuilder<DynRateStore>, KeyError> {
-        let namespace = self.inner.namespace.child("rate")?.child(name)?;
+        let namespace = self.part_namespace("rate", name)?;
         Ok(headroom_limit::rate::DistributedRateLimiter::builder(
             name,
             self.inner.rates.clone(),

@@ -145,3 +145,17 @@ async fn a_cache_configured_from_a_file_keeps_its_name() {
         .unwrap();
     assert_eq!(cache.config().name, "products");
 }
+
+/// A part's name is one segment of its keys: a name holding the separator is refused, or
+/// `products` reading key `v2:7` and `products:v2` reading key `7` would share one entry.
+#[tokio::test]
+async fn part_names_holding_the_key_separator_are_refused() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    assert_eq!(
+        headroom.cache::<u64, String>("products:v2").unwrap_err(),
+        headroom::core::KeyError::Separator { offset: 8 }
+    );
+    let tiers = TierConfig::new().tier("free", Quota::per_minute(1).unwrap());
+    assert!(headroom.rate_limiter("api:v2", tiers.clone()).is_err());
+    assert!(headroom.rate_limiter("api", tiers).is_ok());
+}
