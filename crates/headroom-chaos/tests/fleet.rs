@@ -600,6 +600,36 @@ fn a_hanging_store_stops_the_fleet_run() {
     });
 }
 
+/// Two instances following a started switch: `watched` stops when `paging` is raised.
+struct Paged {
+    paging: headroom_core::Signal,
+    watched: Experiment,
+    other: Experiment,
+    followers: [JoinHandle<()>; 2],
+}
+
+async fn paged<S: KvStore + Clone>(switch: &FleetSwitch<S>) -> Paged {
+    let paging = headroom_core::Signal::new("orders page burn");
+    let watched = Experiment::builder(NAME)
+        .stop_when(paging.clone())
+        .build()
+        .unwrap();
+    let other = experiment();
+    let followers = [follow(switch, &watched), follow(switch, &other)];
+    switch
+        .start(&config(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    settle().await;
+    assert!(watched.is_running() && other.is_running());
+    Paged {
+        paging,
+        watched,
+        other,
+        followers,
+    }
+}
+
 /// A stop signal ends the run while the store fails: the follower cannot clear the switch
 /// then, and clears it once the store answers, so the other instances, which stopped while
 /// they could not read the switch, do not resume the run.
@@ -608,19 +638,12 @@ fn a_stop_signal_clears_the_switch_once_the_store_answers_again() {
     paused(async {
         let (store_down, store) = chaotic_store("store-down");
         let switch = memory_switch(&store);
-        let paging = headroom_core::Signal::new("orders page burn");
-        let watched = Experiment::builder(NAME)
-            .stop_when(paging.clone())
-            .build()
-            .unwrap();
-        let other = experiment();
-        let followers = [follow(&switch, &watched), follow(&switch, &other)];
-        switch
-            .start(&config(Duration::from_secs(600)))
-            .await
-            .unwrap();
-        settle().await;
-        assert!(watched.is_running() && other.is_running());
+        let Paged {
+            paging,
+            watched,
+            other,
+            followers,
+        } = paged(&switch).await;
 
         store_down
             .start(ExperimentConfig::new(Duration::from_secs(600)).fault(1.0))
@@ -650,19 +673,12 @@ fn a_stop_signal_on_one_instance_stops_the_fleet() {
     paused(async {
         let store = MemoryKvStore::new();
         let switch = memory_switch(&store);
-        let paging = headroom_core::Signal::new("orders page burn");
-        let watched = Experiment::builder(NAME)
-            .stop_when(paging.clone())
-            .build()
-            .unwrap();
-        let other = experiment();
-        let followers = [follow(&switch, &watched), follow(&switch, &other)];
-        switch
-            .start(&config(Duration::from_secs(600)))
-            .await
-            .unwrap();
-        settle().await;
-        assert!(watched.is_running() && other.is_running());
+        let Paged {
+            paging,
+            watched,
+            other,
+            followers,
+        } = paged(&switch).await;
 
         paging.set(true);
         settle().await;

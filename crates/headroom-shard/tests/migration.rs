@@ -31,17 +31,21 @@ fn jump_topology(
     builder.build().unwrap()
 }
 
+/// A plan's moves as (from, to, units).
+fn moves_of(plan: &ReshardPlan) -> Vec<(&str, &str, Units)> {
+    plan.moves()
+        .iter()
+        .map(|m| (m.from(), m.to(), m.units().clone()))
+        .collect()
+}
+
 #[test]
 fn plans_list_moving_logical_shards() {
     let from = jump_topology(1, &[(0..8, "a"), (8..16, "b")]);
     let to = jump_topology(2, &[(0..6, "a"), (6..8, "c"), (8..14, "b"), (14..16, "c")]);
     let plan = ReshardPlan::between(&from, &to);
     assert_eq!((plan.from_epoch(), plan.to_epoch()), (1, 2));
-    let moves: Vec<_> = plan
-        .moves()
-        .iter()
-        .map(|m| (m.from(), m.to(), m.units().clone()))
-        .collect();
+    let moves = moves_of(&plan);
     assert_eq!(
         moves,
         [
@@ -192,11 +196,7 @@ async fn plans_list_the_pinned_keys_that_move() {
     let from = Arc::new(build(1, &[("tenant:stays", 1)]));
     let to = Arc::new(build(2, &[(pinned.as_str(), 7), ("tenant:stays", 1)]));
     let plan = ReshardPlan::between(&from, &to);
-    let moves: Vec<_> = plan
-        .moves()
-        .iter()
-        .map(|m| (m.from(), m.to(), m.units().clone()))
-        .collect();
+    let moves = moves_of(&plan);
     assert_eq!(
         moves,
         [("a", "b", Units::Keys(vec![pinned.as_bytes().into()]))]
