@@ -120,8 +120,6 @@ fn hanging() -> impl tower::Service<
 
 #[tokio::test]
 async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() {
-    use futures_util::FutureExt;
-
     let breaker = CircuitBreaker::<BackendError>::builder()
         .build()
         .expect("breaker");
@@ -135,17 +133,7 @@ async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() 
         breaker.try_acquire().expect("closed").failure();
     }
     assert_eq!(breaker.state(), State::Open);
-    let mut waiting = service.clone();
-    let ready = waiting
-        .ready()
-        .now_or_never()
-        .expect("an open circuit is ready at once, whatever the inner service's backpressure")
-        .expect("ready");
-    let error = ready
-        .call(2)
-        .now_or_never()
-        .expect("the rejection needs no wait")
-        .unwrap_err();
+    let error = refused_at_once(&service);
     assert_eq!(error.kind(), ErrorKind::CircuitOpen);
     assert!(
         matches!(error, headroom_breaker::Error::CircuitOpen(open) if open.retry_after().is_some())
@@ -153,9 +141,30 @@ async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() 
     drop(in_flight);
 }
 
+/// Calls a clone of `service`, which must be ready at once whatever the backpressure below
+/// it, and whose refusal needs no wait.
+fn refused_at_once<S>(service: &S) -> Error<BackendError>
+where
+    S: Service<u32, Error = Error<BackendError>> + Clone,
+{
+    use futures_util::FutureExt;
+
+    let mut waiting = service.clone();
+    let ready = waiting
+        .ready()
+        .now_or_never()
+        .expect("ready at once, whatever the inner service's backpressure")
+        .expect("ready");
+    ready
+        .call(2)
+        .now_or_never()
+        .expect("the rejection needs no wait")
+        .err()
+        .expect("refused")
+}
+
 #[tokio::test]
 async fn a_stalled_half_open_breaker_reopens_in_front_of_a_saturated_concurrency_limit() {
-    use futures_util::FutureExt;
     use headroom_core::ManualClock;
 
     let manual = ManualClock::new();
@@ -178,17 +187,8 @@ async fn a_stalled_half_open_breaker_reopens_in_front_of_a_saturated_concurrency
     let probe = service.ready().await.expect("ready").call(1);
     assert_eq!(breaker.state(), State::HalfOpen);
     manual.advance(Duration::from_secs(31));
-    let mut waiting = service.clone();
-    let ready = waiting
-        .ready()
-        .now_or_never()
-        .expect("a stalled half-open phase reopens instead of waiting on the inner service")
-        .expect("ready");
-    let error = ready
-        .call(2)
-        .now_or_never()
-        .expect("the rejection needs no wait")
-        .unwrap_err();
+    // A stalled half-open phase reopens instead of waiting on the inner service.
+    let error = refused_at_once(&service);
     assert!(
         matches!(&error, Error::CircuitOpen(open) if open.state() == State::Open && open.retry_after().is_some()),
         "{error:?}"
