@@ -363,6 +363,7 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
+        let lease_until = super::deadline(now, lease)?;
         let mut state = self.inner.state.lock();
         let took_over = match state.records.get(key).map(|e| &e.record) {
             Some(Record::Completed {
@@ -408,7 +409,7 @@ impl LeaseStore for MemoryLeaseStore {
             Record::InProgress {
                 fingerprint: Bytes::copy_from_slice(fingerprint),
                 token,
-                lease_until: now + lease,
+                lease_until,
             },
         );
         Ok(Begin::Acquired { token, took_over })
@@ -421,6 +422,7 @@ impl LeaseStore for MemoryLeaseStore {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
+        super::deadline(self.inner.clock.now(), retention)?;
         if let Some(Record::Completed { token: holder, .. }) =
             self.inner.state.lock().records.get(key).map(|e| &e.record)
             && *holder == token
@@ -433,7 +435,7 @@ impl LeaseStore for MemoryLeaseStore {
                 fingerprint,
                 token,
                 outcome,
-                expires_at: now + retention,
+                expires_at: super::deadline(now, retention).unwrap_or(now),
             };
             state.put(key, completed);
         }))
@@ -445,11 +447,12 @@ impl LeaseStore for MemoryLeaseStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Fenced, BackendError> {
+        super::deadline(self.inner.clock.now(), lease)?;
         Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let extended = Record::InProgress {
                 fingerprint,
                 token,
-                lease_until: now + lease,
+                lease_until: super::deadline(now, lease).unwrap_or(now),
             };
             state.put(key, extended);
         }))

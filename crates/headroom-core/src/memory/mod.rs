@@ -17,3 +17,22 @@ pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
 pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
 pub use rate::MemoryRateStore;
+
+/// The instant `duration` after `now`, for a lease or a retention: refused as the Redis stores
+/// refuse it (under a millisecond, or past `u64::MAX` milliseconds), so both backends agree.
+pub(crate) fn deadline(
+    now: std::time::Instant,
+    duration: std::time::Duration,
+) -> Result<std::time::Instant, crate::BackendError> {
+    let millis = duration.as_millis();
+    if millis == 0 || millis > u128::from(u64::MAX) {
+        return Err(crate::BackendError::with_detail(
+            crate::BackendErrorKind::Config,
+            format!("duration {duration:?} must be between 1 ms and u64::MAX ms"),
+        ));
+    }
+    // Past what the platform's clock counts, the deadline is as far as it counts: never.
+    Ok(now
+        .checked_add(duration)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(u64::from(u32::MAX))))
+}

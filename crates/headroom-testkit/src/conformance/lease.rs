@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
-use headroom_core::{Key, Namespace};
+use headroom_core::{BackendErrorKind, Key, Namespace};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(20);
@@ -298,5 +298,36 @@ pub async fn keys_are_independent<S: LeaseStore>(store: &S, ns: Namespace) {
             .await
             .expect("complete"),
         Fenced::Rejected
+    );
+}
+
+/// A lease or retention under a millisecond or past what the store counts in milliseconds is
+/// a configuration error, and changes nothing: the holder still holds its lease.
+pub async fn durations_outside_what_the_store_keeps_are_refused<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let key = key(&ns);
+    for lease in [Duration::ZERO, Duration::from_micros(999), Duration::MAX] {
+        let err = store.begin(&key, b"fp", lease).await.expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{lease:?}");
+    }
+    let (token, _) = acquire(store, &key, b"fp", LONG).await;
+    let err = store
+        .extend(&key, token, Duration::MAX)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let err = store
+        .complete(&key, token, Bytes::from_static(b"out"), Duration::MAX)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    assert_eq!(
+        store
+            .complete(&key, token, Bytes::from_static(b"out"), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
     );
 }

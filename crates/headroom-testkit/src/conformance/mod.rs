@@ -114,6 +114,7 @@ macro_rules! lease_store_conformance {
                 completed_record_expires_after_retention,
                 concurrent_begins_acquire_exactly_once,
                 keys_are_independent,
+                durations_outside_what_the_store_keeps_are_refused,
             );
         }
     };
