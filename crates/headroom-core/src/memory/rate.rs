@@ -107,6 +107,13 @@ impl Default for MemoryRateStore {
 }
 
 /// Refuses what no cell could ever admit: a zero interval or burst, a cost over a burst, no cell.
+/// `by` after `at`; `by` is at most a burst's time (see `check`), which every platform's
+/// clock counts, so the fallback (as far as it counts) is never reached in practice.
+fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by)
+        .unwrap_or_else(|| at + Duration::from_secs(u64::from(u32::MAX)))
+}
+
 fn check(cells: &[(Key, Gcra)], cost: u32) -> Result<(), BackendError> {
     if cells.is_empty() {
         return Err(BackendError::with_detail(
@@ -119,6 +126,16 @@ fn check(cells: &[(Key, Gcra)], cost: u32) -> Result<(), BackendError> {
             return Err(BackendError::with_detail(
                 BackendErrorKind::Config,
                 "a rate needs a non-zero emission interval and a burst of at least 1",
+            ));
+        }
+        if gcra
+            .emission_interval
+            .checked_mul(gcra.burst)
+            .is_none_or(|time| time.as_nanos() > u128::from(u64::MAX))
+        {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                "a burst's time (burst × emission interval) must be at most u64::MAX ns",
             ));
         }
         if cost > gcra.burst {
@@ -151,11 +168,11 @@ impl RateStore for MemoryRateStore {
         );
         if decision.allowed {
             for (key, gcra) in cells {
-                let charge = gcra.emission_interval * cost;
+                let charge = gcra.emission_interval.saturating_mul(cost);
                 if let Some(tat) = held.tats.get_mut(key) {
-                    *tat = (*tat).max(now) + charge;
+                    *tat = later((*tat).max(now), charge);
                 } else {
-                    let tat = now + charge;
+                    let tat = later(now, charge);
                     if held.tats.len() >= self.inner.max_cells {
                         held.make_room(now);
                     }
@@ -176,6 +193,40 @@ mod tests {
         emission_interval: Duration::from_millis(100),
         burst: 5,
     };
+
+    /// A burst's time (burst × interval) past what nanoseconds count (about 584 years, the
+    /// limiter's `MAX_BURST_TIME`) is a configuration error; the longest accepted is decided
+    /// exactly, not a panic.
+    #[tokio::test]
+    async fn the_longest_bursts_are_decided_and_longer_ones_refused() {
+        let clock = ManualClock::new();
+        let store = MemoryRateStore::with_limits(clock.clock(), 100);
+        let key = Namespace::new("t").unwrap().key("k").unwrap();
+        let too_long = [
+            Gcra {
+                emission_interval: Duration::MAX,
+                burst: 1,
+            },
+            Gcra {
+                emission_interval: Duration::from_secs(u64::MAX / 2),
+                burst: 2,
+            },
+            Gcra {
+                emission_interval: Duration::from_nanos(u64::MAX / 2 + 1),
+                burst: 2,
+            },
+        ];
+        for gcra in too_long {
+            let err = store.apply(&key, gcra, 1).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Config, "{gcra:?}");
+        }
+        let longest = Gcra {
+            emission_interval: Duration::from_nanos(u64::MAX / 2),
+            burst: 2,
+        };
+        assert!(store.apply(&key, longest, 2).await.unwrap().allowed);
+        assert!(!store.apply(&key, longest, 1).await.unwrap().allowed);
+    }
 
     #[tokio::test]
     async fn admits_exactly_the_burst_then_one_per_interval_with_an_exact_retry_after() {
