@@ -337,9 +337,13 @@ impl ManualClock {
 
     /// Moves time forward and wakes sleepers whose deadline has passed.
     pub fn advance(&self, by: Duration) {
-        self.state
-            .elapsed_nanos
-            .fetch_add(nanos(by), Ordering::AcqRel);
+        // Saturating: time advanced past what it counts stays at its end, never wraps back.
+        let _ =
+            self.state
+                .elapsed_nanos
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |elapsed| {
+                    Some(elapsed.saturating_add(nanos(by)))
+                });
         self.state.advanced.notify_waiters();
     }
 
@@ -370,6 +374,18 @@ impl From<ManualClock> for Clock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manual_time_never_goes_back_however_far_it_is_advanced() {
+        let manual = ManualClock::new();
+        let clock = manual.clock();
+        manual.advance(Duration::from_secs(1));
+        let before = clock.now();
+        manual.advance(Duration::MAX);
+        assert!(clock.now() >= before);
+        manual.advance(Duration::from_secs(1));
+        assert!(clock.now() >= before);
+    }
 
     #[test]
     fn manual_clock_moves_only_when_advanced() {
