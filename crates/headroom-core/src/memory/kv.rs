@@ -12,6 +12,9 @@ use crate::{BackendError, BackendErrorKind, Clock, Key};
 const SHARDS: usize = 16;
 /// Stale slots the eviction order may hold beyond twice the live entries before it is compacted.
 const ORDER_SLACK: usize = 16;
+/// Bytes an entry costs besides its key and value: its map slot, the key's allocation and its
+/// place in the eviction order. Counted, so that empty values cannot hold unbounded memory.
+const ENTRY_OVERHEAD: usize = 128;
 
 /// An in-memory [`KvStore`]: a sharded map with per-entry expiry, bounded in entries and in
 /// bytes (keys plus values).
@@ -57,7 +60,7 @@ struct Shard {
     /// Keys in the order they were first written, with the number of that write; a slot whose
     /// key is gone or was written anew since (another number) is stale and skipped.
     order: VecDeque<(Bytes, u64)>,
-    /// Key and value bytes held.
+    /// Key and value bytes held, with `ENTRY_OVERHEAD` for each entry.
     bytes: usize,
     writes: u64,
 }
@@ -73,14 +76,14 @@ struct Entry {
 impl Shard {
     fn remove(&mut self, key: &[u8]) -> Option<Entry> {
         let entry = self.map.remove(key)?;
-        self.bytes -= key.len() + entry.value.len();
+        self.bytes -= key.len() + entry.value.len() + ENTRY_OVERHEAD;
         Some(entry)
     }
 
     /// Writes `key`, then evicts the oldest other entries while over a bound.
     fn insert(&mut self, key: &Key, value: Bytes, expires_at: Instant, bounds: (usize, usize)) {
         let key_bytes = key.as_bytes();
-        let added = key_bytes.len() + value.len();
+        let added = key_bytes.len() + value.len() + ENTRY_OVERHEAD;
         if let Some(entry) = self.map.get_mut(key_bytes) {
             self.bytes = self.bytes - entry.value.len() + value.len();
             entry.value = value;
@@ -152,8 +155,9 @@ impl MemoryKvStoreBuilder {
         self
     }
 
-    /// The most key and value bytes held at once (default 1 GiB), split evenly among the
-    /// internal shards. An entry larger than its shard's share is still kept, alone.
+    /// The most bytes held at once (default 1 GiB): keys, values and 128 bytes for each
+    /// entry's bookkeeping, so that empty values count too. Split evenly among the internal
+    /// shards; an entry larger than its shard's share is still kept, alone.
     pub fn max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = max_bytes.max(1);
         self
@@ -195,7 +199,8 @@ impl MemoryKvStore {
         self.inner.shards.iter().map(|s| s.lock().map.len()).sum()
     }
 
-    /// The key and value bytes held, expired entries not yet dropped included.
+    /// The bytes held (keys, values and 128 for each entry), expired entries not yet dropped
+    /// included.
     pub fn bytes(&self) -> usize {
         self.inner.shards.iter().map(|s| s.lock().bytes).sum()
     }
@@ -381,6 +386,27 @@ mod tests {
                 .unwrap();
         }
         assert!(store.len() <= 1_600, "len {}", store.len());
+    }
+
+    /// Entries with nothing in them still cost the store memory: the bound counts them, so
+    /// attacker-chosen empty values cannot hold more than it allows.
+    #[tokio::test]
+    async fn empty_values_count_against_the_byte_bound() {
+        let store = MemoryKvStore::builder()
+            .max_entries(usize::MAX)
+            .max_bytes(1 << 20)
+            .build();
+        let ns = Namespace::new("t").unwrap();
+        for i in 0..100_000u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            store
+                .set(&key, Bytes::new(), Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        let held = store.len() * (ns.key([0u8; 4]).unwrap().as_bytes().len() + ENTRY_OVERHEAD);
+        assert!(held <= (1 << 20) + SHARDS * 256, "{} entries", store.len());
+        assert!(store.bytes() <= 1 << 20, "{} bytes", store.bytes());
     }
 
     #[tokio::test]
