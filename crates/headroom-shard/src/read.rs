@@ -60,11 +60,53 @@ pub struct Session {
 /// How far the session's writes reached on one shard, and on which primary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(from = "WrittenForm"))]
 struct Written {
     shard: ShardId,
     /// The hash of the primary's node id: stable across processes, small in a cookie.
+    /// `UNKNOWN_PRIMARY` for a position written before sessions named their primary.
     primary: u64,
     position: u64,
+}
+
+/// The primary of a position from a session serialized before sessions named their primary:
+/// no node's hash, so the shard is read from its primary until the session writes there.
+const UNKNOWN_PRIMARY: u64 = 0;
+
+/// The forms a session's position is read from.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum WrittenForm {
+    Now {
+        shard: ShardId,
+        primary: u64,
+        position: u64,
+    },
+    /// `[shard, position]`, before sessions named their primary.
+    Before(ShardId, u64),
+}
+
+#[cfg(feature = "serde")]
+impl From<WrittenForm> for Written {
+    fn from(form: WrittenForm) -> Self {
+        match form {
+            WrittenForm::Now {
+                shard,
+                primary,
+                position,
+            } => Self {
+                shard,
+                primary,
+                position,
+            },
+            WrittenForm::Before(shard, position) => Self {
+                shard,
+                primary: UNKNOWN_PRIMARY,
+                position,
+            },
+        }
+    }
 }
 
 impl Session {
@@ -106,11 +148,14 @@ impl Session {
             .binary_search_by_key(&shard, |w| w.shard)
             .ok()?;
         let written = self.positions[at];
-        Some(if written.primary == key_hash(primary.as_bytes()) {
-            written.position
-        } else {
-            u64::MAX
-        })
+        let known = written.primary != UNKNOWN_PRIMARY;
+        Some(
+            if known && written.primary == key_hash(primary.as_bytes()) {
+                written.position
+            } else {
+                u64::MAX
+            },
+        )
     }
 }
 

@@ -24,9 +24,9 @@ use crate::{Migration, Phase, Router};
 /// compare-and-set, so two drivers cannot both move it) and, into the cut-over, returns only
 /// once no live participant has acknowledged an earlier phase. From then on no participant
 /// routes to a retired owner and none has a write in flight there. A participant renews its
-/// acknowledgement while it waits for its own writes, however long they take; one that stops
-/// acknowledging (crashed, partitioned, stuck) for longer than its lease is no longer waited
-/// for; the epoch fence at the data (see [`EpochFence`](crate::EpochFence) and the SQL pattern
+/// acknowledgement while it waits for its own writes, however long they take (give writes a
+/// timeout: the cut-over waits for the slowest); one that stops acknowledging (crashed,
+/// partitioned, its refresh stopped) for longer than its lease is no longer waited for; the epoch fence at the data (see [`EpochFence`](crate::EpochFence) and the SQL pattern
 /// in the guide) is what stops its late writes. [`rollback`](Self::rollback) abandons the
 /// migration before the cut-over.
 ///

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use headroom_shard::{
-    ConfigErrorKind, ReadPolicy, Router, ShardId, TopologyConfig, TopologyHandle,
+    ConfigErrorKind, ReadPolicy, Router, Session, ShardId, TopologyConfig, TopologyHandle,
 };
 
 fn parse(json: &str) -> TopologyConfig {
@@ -188,4 +188,16 @@ async fn status_ttl_and_label_limit_load_from_configuration() {
     assert_eq!(topology.node("b").unwrap().status(), fresh);
     tokio::time::advance(Duration::from_millis(200)).await;
     assert_eq!(topology.node("b").unwrap().status(), Default::default());
+}
+
+/// A session serialized before sessions named their primary (`[[shard, position]]`) still
+/// loads, during a rolling deploy say: its positions name no primary, so its shards are read
+/// from their primaries until it writes again, never from a replica without its writes.
+#[test]
+fn a_session_in_the_earlier_form_loads_and_reads_from_the_primary() {
+    let old: Session = serde_json::from_str(r#"{"positions":[[3,1000]]}"#).unwrap();
+    assert_eq!(old.required(ShardId(3), "a"), Some(u64::MAX));
+    assert_eq!(old.required(ShardId(4), "a"), None);
+    let round_trip: Session = serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
+    assert_eq!(round_trip, old);
 }
