@@ -363,7 +363,7 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
-        let lease_until = super::deadline(now, lease)?;
+        let lease_until = super::after(now, super::lasting(lease)?);
         let mut state = self.inner.state.lock();
         let took_over = match state.records.get(key).map(|e| &e.record) {
             Some(Record::Completed {
@@ -422,7 +422,7 @@ impl LeaseStore for MemoryLeaseStore {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
-        super::deadline(self.inner.clock.now(), retention)?;
+        let retention = super::lasting(retention)?;
         if let Some(Record::Completed { token: holder, .. }) =
             self.inner.state.lock().records.get(key).map(|e| &e.record)
             && *holder == token
@@ -435,7 +435,7 @@ impl LeaseStore for MemoryLeaseStore {
                 fingerprint,
                 token,
                 outcome,
-                expires_at: super::deadline(now, retention).unwrap_or(now),
+                expires_at: super::after(now, retention),
             };
             state.put(key, completed);
         }))
@@ -447,12 +447,12 @@ impl LeaseStore for MemoryLeaseStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Fenced, BackendError> {
-        super::deadline(self.inner.clock.now(), lease)?;
+        let lease = super::lasting(lease)?;
         Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let extended = Record::InProgress {
                 fingerprint,
                 token,
-                lease_until: super::deadline(now, lease).unwrap_or(now),
+                lease_until: super::after(now, lease),
             };
             state.put(key, extended);
         }))

@@ -18,12 +18,11 @@ pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
 pub use rate::MemoryRateStore;
 
-/// The instant `duration` after `now`, for a lease or a retention: refused as the Redis stores
-/// refuse it (under a millisecond, or past `u64::MAX` milliseconds), so both backends agree.
-pub(crate) fn deadline(
-    now: std::time::Instant,
+/// A lease or a retention, refused as the Redis stores refuse it (under a millisecond, or past
+/// `u64::MAX` milliseconds), so both backends agree.
+pub(crate) fn lasting(
     duration: std::time::Duration,
-) -> Result<std::time::Instant, crate::BackendError> {
+) -> Result<std::time::Duration, crate::BackendError> {
     let millis = duration.as_millis();
     if millis == 0 || millis > u128::from(u64::MAX) {
         return Err(crate::BackendError::with_detail(
@@ -31,8 +30,11 @@ pub(crate) fn deadline(
             format!("duration {duration:?} must be between 1 ms and u64::MAX ms"),
         ));
     }
-    // Past what the platform's clock counts, the deadline is as far as it counts: never.
-    Ok(now
-        .checked_add(duration)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(u64::from(u32::MAX))))
+    Ok(duration)
+}
+
+/// `by` after `at`; past what the platform's clock counts, as far as it counts: never.
+pub(crate) fn after(at: std::time::Instant, by: std::time::Duration) -> std::time::Instant {
+    at.checked_add(by)
+        .unwrap_or_else(|| at + std::time::Duration::from_secs(u64::from(u32::MAX)))
 }

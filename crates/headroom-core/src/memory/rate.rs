@@ -107,13 +107,6 @@ impl Default for MemoryRateStore {
 }
 
 /// Refuses what no cell could ever admit: a zero interval or burst, a cost over a burst, no cell.
-/// `by` after `at`; `by` is at most a burst's time (see `check`), which every platform's
-/// clock counts, so the fallback (as far as it counts) is never reached in practice.
-fn later(at: Instant, by: Duration) -> Instant {
-    at.checked_add(by)
-        .unwrap_or_else(|| at + Duration::from_secs(u64::from(u32::MAX)))
-}
-
 fn check(cells: &[(Key, Gcra)], cost: u32) -> Result<(), BackendError> {
     if cells.is_empty() {
         return Err(BackendError::with_detail(
@@ -170,9 +163,9 @@ impl RateStore for MemoryRateStore {
             for (key, gcra) in cells {
                 let charge = gcra.emission_interval.saturating_mul(cost);
                 if let Some(tat) = held.tats.get_mut(key) {
-                    *tat = later((*tat).max(now), charge);
+                    *tat = super::after((*tat).max(now), charge);
                 } else {
-                    let tat = later(now, charge);
+                    let tat = super::after(now, charge);
                     if held.tats.len() >= self.inner.max_cells {
                         held.make_room(now);
                     }
