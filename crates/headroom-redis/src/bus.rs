@@ -2,20 +2,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::stream;
 use headroom_core::bus::{BusEvent, InvalidationBus, LossReason, Subscription};
-use headroom_core::{BackendError, Key};
+use headroom_core::{BackendError, BackendErrorKind, Key};
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, mpsc};
 
-use crate::connection::{bounded, cluster_address_map};
+use crate::connection::{Conn, bounded, cluster_address_map};
 use crate::error::backend_error;
-use crate::{Redis, RedisMode};
+use crate::{Redis, RedisConfig, RedisMode};
 
 /// Events a subscriber may fall behind by before it is told it lost some.
 pub(crate) const SUBSCRIBER_BUFFER: usize = 1024;
@@ -34,9 +34,11 @@ pub(crate) const SUBSCRIBER_BUFFER: usize = 1024;
 /// subscription: it yields [`BusEvent::Lost`], and [`BusEvent::Live`] once subscribed on the
 /// new owner. While a subscription is not live, the bus subscribes it again every
 /// `reconnect_max_delay`, so that the connection reconnects even after an outage longer than
-/// the client's own reconnection attempts. A connection that stalls without closing is not
-/// detected here: consumers detect silence with their own liveness messages, as the bus
-/// contract says.
+/// the client's own reconnection attempts. While a subscription is live, the bus pings the
+/// connection every `reconnect_max_delay`; one that goes silent without closing (no answer
+/// within `command_timeout`) loses every subscription and is replaced by a new connection, on
+/// which they are subscribed again. Consumers still detect shorter silences with their own
+/// liveness messages, as the bus contract says.
 ///
 /// Dropping the last subscription of a channel unsubscribes it; dropping the bus and every
 /// subscription closes the connection.
@@ -47,7 +49,7 @@ pub struct RedisBus {
 
 struct Inner {
     publisher: Redis,
-    subscriber: SubscriberConn,
+    subscriber: Arc<Listener>,
     channels: Arc<Mutex<HashMap<Bytes, Channel>>>,
     /// Channels whose subscription was dropped, for the maintenance task to unsubscribe.
     released: mpsc::UnboundedSender<Bytes>,
@@ -65,10 +67,11 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-#[derive(Clone)]
-enum SubscriberConn {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
+/// The subscriber connection, and what dials a new one when it goes silent.
+struct Listener {
+    conn: ArcSwap<Conn>,
+    config: RedisConfig,
+    pushes: mpsc::UnboundedSender<PushInfo>,
 }
 
 #[derive(Default)]
@@ -168,25 +171,11 @@ impl RedisBus {
     pub async fn connect(redis: Redis) -> Result<Self, BackendError> {
         let config = redis.config().clone();
         let (pushes, pushed) = mpsc::unbounded_channel::<PushInfo>();
-        let subscriber = match config.mode {
-            RedisMode::Standalone => {
-                let manager = push_connection(&config, pushes, true).await?;
-                SubscriberConn::Standalone(manager)
-            }
-            RedisMode::Cluster => {
-                let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
-                    .connection_timeout(config.connect_timeout)
-                    .response_timeout(config.command_timeout)
-                    .use_protocol(ProtocolVersion::RESP3)
-                    .push_sender(pushes);
-                let client = cluster_address_map(client, &config)
-                    .build()
-                    .map_err(backend_error)?;
-                let connect = client.get_async_connection();
-                let conn = bounded(config.connect_timeout.saturating_mul(2), connect).await?;
-                SubscriberConn::Cluster(conn)
-            }
-        };
+        let subscriber = Arc::new(Listener {
+            conn: ArcSwap::from_pointee(subscriber_connection(&config, pushes.clone()).await?),
+            config: config.clone(),
+            pushes,
+        });
         let channels = Arc::new(Mutex::new(HashMap::new()));
         let dropped = Arc::new(Notify::new());
         let (released, to_release) = mpsc::unbounded_channel();
@@ -197,7 +186,7 @@ impl RedisBus {
             Arc::clone(&dropped),
         ));
         tokio::spawn(maintain(
-            subscriber.clone(),
+            Arc::clone(&subscriber),
             Arc::downgrade(&channels),
             Maintenance {
                 dropped,
@@ -240,7 +229,7 @@ struct Maintenance {
 ///   connection whose own reconnection attempts ran out during a long outage reconnect;
 /// - channels without subscribers are unsubscribed.
 async fn maintain(
-    subscriber: SubscriberConn,
+    subscriber: Arc<Listener>,
     channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
     mut maintenance: Maintenance,
 ) {
@@ -285,6 +274,13 @@ async fn maintain(
             }
         }
         unused = left;
+        // A connection that went silent without closing reports nothing: a ping that gets no
+        // answer loses every channel, and the new connection subscribes them below.
+        let live = channels.lock().values().any(|channel| channel.live);
+        if live && !subscriber.answers(maintenance.timeout).await {
+            lose_all(&mut channels.lock());
+            subscriber.replace().await;
+        }
         let stale: Vec<Bytes> = channels
             .lock()
             .iter()
@@ -292,26 +288,82 @@ async fn maintain(
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            // A failure is part of the point: it makes the connection reconnect.
-            let _ = subscriber.subscribe(&name, maintenance.timeout).await;
+            // A failure is part of the point: it makes a closed connection reconnect, and a
+            // silent one be replaced (the next round subscribes on the new one).
+            if let Err(error) = subscriber.subscribe(&name, maintenance.timeout).await
+                && error.kind() == BackendErrorKind::Timeout
+            {
+                subscriber.replace().await;
+                break;
+            }
         }
     }
 }
 
-impl SubscriberConn {
+/// A RESP3 connection whose pushes go to `pushes`.
+async fn subscriber_connection(
+    config: &RedisConfig,
+    pushes: mpsc::UnboundedSender<PushInfo>,
+) -> Result<Conn, BackendError> {
+    Ok(match config.mode {
+        RedisMode::Standalone => Conn::Standalone(push_connection(config, pushes, true).await?),
+        RedisMode::Cluster => {
+            let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.command_timeout)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes);
+            let client = cluster_address_map(client, config)
+                .build()
+                .map_err(backend_error)?;
+            let connect = client.get_async_connection();
+            Conn::Cluster(bounded(config.connect_timeout.saturating_mul(2), connect).await?)
+        }
+    })
+}
+
+impl Listener {
+    fn conn(&self) -> Conn {
+        Conn::clone(&self.conn.load())
+    }
+
     /// Subscribes to `channel` (sharded on a cluster) within `timeout`.
     async fn subscribe(&self, channel: &[u8], timeout: Duration) -> Result<(), BackendError> {
-        match self.clone() {
-            Self::Standalone(mut conn) => bounded(timeout, conn.subscribe(channel)).await,
-            Self::Cluster(mut conn) => bounded(timeout, conn.ssubscribe(channel)).await,
+        match self.conn() {
+            Conn::Standalone(mut conn) => bounded(timeout, conn.subscribe(channel)).await,
+            Conn::Cluster(mut conn) => bounded(timeout, conn.ssubscribe(channel)).await,
         }
     }
 
     /// Unsubscribes from `channel` within `timeout`.
     async fn unsubscribe(&self, channel: &[u8], timeout: Duration) -> Result<(), BackendError> {
-        match self.clone() {
-            Self::Standalone(mut conn) => bounded(timeout, conn.unsubscribe(channel)).await,
-            Self::Cluster(mut conn) => bounded(timeout, conn.sunsubscribe(channel)).await,
+        match self.conn() {
+            Conn::Standalone(mut conn) => bounded(timeout, conn.unsubscribe(channel)).await,
+            Conn::Cluster(mut conn) => bounded(timeout, conn.sunsubscribe(channel)).await,
+        }
+    }
+
+    /// Whether the connection answers a `PING` (every primary's, on a cluster) in time.
+    async fn answers(&self, timeout: Duration) -> bool {
+        let answer = self
+            .conn()
+            .query::<Value>(&redis::cmd("PING"), timeout)
+            .await;
+        !answer.is_err_and(|error| error.kind() == BackendErrorKind::Timeout)
+    }
+
+    /// A connection that closed reconnects by itself; one that went silent never learns it
+    /// should, so a new one takes its place. A failed dial keeps the old one.
+    async fn replace(&self) {
+        match subscriber_connection(&self.config, self.pushes.clone()).await {
+            Ok(fresh) => {
+                tracing::warn!("Redis subscriber connection went silent; replaced by a new one");
+                self.conn.store(Arc::new(fresh));
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "Redis subscriber connection went silent; dialing a new one failed"
+            ),
         }
     }
 }
@@ -394,17 +446,20 @@ async fn route(
                     dropped.notify_one();
                 }
             }
-            PushKind::Disconnection => {
-                for channel in channels.values_mut() {
-                    if channel.live {
-                        channel.live = false;
-                        channel
-                            .subscribers
-                            .retain_mut(|s| s.deliver(BusEvent::Lost(LossReason::Disconnected)));
-                    }
-                }
-            }
+            PushKind::Disconnection => lose_all(&mut channels),
             _ => {}
+        }
+    }
+}
+
+/// The connection is gone: every live channel is lost until subscribed again.
+fn lose_all(channels: &mut HashMap<Bytes, Channel>) {
+    for channel in channels.values_mut() {
+        if channel.live {
+            channel.live = false;
+            channel
+                .subscribers
+                .retain_mut(|s| s.deliver(BusEvent::Lost(LossReason::Disconnected)));
         }
     }
 }

@@ -1,15 +1,17 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use headroom_core::{BackendError, BackendErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 use crate::address_map::AddressMap;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
+use redis::{Client, Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
 
 use crate::error::backend_error;
 use crate::{RedisConfig, RedisMode};
@@ -23,16 +25,101 @@ use crate::{RedisConfig, RedisMode};
 /// - A lost connection is re-established by itself in the background, with exponential backoff
 ///   between attempts; the command in flight when it broke fails, and later commands succeed
 ///   once the server answers again. No caller has to rebuild the handle.
+/// - A connection that goes silent without closing (a frozen host, a dead NAT entry), which
+///   the socket never reports, is noticed by its timeouts: after a command times out, one
+///   `PING` checks the connection, and if that times out too a new connection is dialed and
+///   replaces it. Commands fail with [`BackendErrorKind::Timeout`] until then.
 #[derive(Clone)]
 pub struct Redis {
-    conn: Conn,
+    link: Arc<Link>,
     config: Arc<RedisConfig>,
 }
 
+/// A multiplexed connection: clones share it.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Runs one command within `timeout`.
+    pub(crate) async fn query<T: FromRedisValue>(
+        self,
+        cmd: &Cmd,
+        timeout: Duration,
+    ) -> Result<T, BackendError> {
+        match self {
+            Self::Standalone(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
+            Self::Cluster(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
+        }
+    }
+}
+
+/// The connection in use, and what dials a new one when it goes silent.
+struct Link {
+    conn: ArcSwap<Conn>,
+    dialer: Dialer,
+    /// Whether a check of the connection is running: one at a time.
+    checking: AtomicBool,
+}
+
+enum Dialer {
+    Standalone(Client),
+    Cluster(Box<ClusterClient>),
+}
+
+impl Dialer {
+    async fn dial(&self, config: &RedisConfig) -> Result<Conn, BackendError> {
+        let deadline = config.connect_timeout.saturating_mul(2);
+        Ok(match self {
+            Self::Standalone(client) => {
+                let manager = ConnectionManager::new_with_config(
+                    Client::clone(client),
+                    manager_config(config),
+                );
+                Conn::Standalone(bounded(deadline, manager).await?)
+            }
+            Self::Cluster(client) => {
+                Conn::Cluster(bounded(deadline, client.get_async_connection()).await?)
+            }
+        })
+    }
+}
+
+impl Link {
+    /// After a timeout: `PING` the connection, and if that times out too, dial a new one in
+    /// its place. The old connection closes once the commands still holding it end.
+    async fn check(&self, config: &RedisConfig) {
+        let conn = Conn::clone(&self.conn.load());
+        let ping = conn
+            .query::<()>(&redis::cmd("PING"), config.command_timeout)
+            .await;
+        if !ping
+            .as_ref()
+            .is_err_and(|error| error.kind() == BackendErrorKind::Timeout)
+        {
+            return;
+        }
+        match self.dialer.dial(config).await {
+            Ok(fresh) => {
+                tracing::warn!("Redis connection went silent; replaced by a new one");
+                self.conn.store(Arc::new(fresh));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Redis connection went silent; dialing a new one failed");
+            }
+        }
+    }
+}
+
+/// Lets the next timeout start a check again, however the check ended.
+struct Checked<'a>(&'a AtomicBool);
+
+impl Drop for Checked<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Redis {
@@ -41,12 +128,9 @@ impl Redis {
         config
             .validate()
             .map_err(|detail| BackendError::with_detail(BackendErrorKind::Config, detail))?;
-        let deadline = config.connect_timeout.saturating_mul(2);
-        let conn = match config.mode {
+        let dialer = match config.mode {
             RedisMode::Standalone => {
-                let client = redis::Client::open(config.urls[0].as_str()).map_err(backend_error)?;
-                let manager = ConnectionManager::new_with_config(client, manager_config(&config));
-                Conn::Standalone(bounded(deadline, manager).await?)
+                Dialer::Standalone(Client::open(config.urls[0].as_str()).map_err(backend_error)?)
             }
             RedisMode::Cluster => {
                 let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
@@ -55,14 +139,20 @@ impl Redis {
                     .retries(2)
                     .min_retry_wait(millis(config.reconnect_min_delay))
                     .max_retry_wait(millis(config.reconnect_max_delay));
-                let client = cluster_address_map(client, &config)
-                    .build()
-                    .map_err(backend_error)?;
-                Conn::Cluster(bounded(deadline, client.get_async_connection()).await?)
+                Dialer::Cluster(Box::new(
+                    cluster_address_map(client, &config)
+                        .build()
+                        .map_err(backend_error)?,
+                ))
             }
         };
+        let conn = dialer.dial(&config).await?;
         Ok(Self {
-            conn,
+            link: Arc::new(Link {
+                conn: ArcSwap::from_pointee(conn),
+                dialer,
+                checking: AtomicBool::new(false),
+            }),
             config: Arc::new(config),
         })
     }
@@ -74,16 +164,32 @@ impl Redis {
 
     /// Whether this handle talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        matches!(self.link.dialer, Dialer::Cluster(_))
+    }
+
+    fn conn(&self) -> Conn {
+        Conn::clone(&self.link.conn.load())
+    }
+
+    /// Passes `result` on; a timeout starts a check of the connection in the background.
+    fn noticed<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if let Err(error) = &result
+            && error.kind() == BackendErrorKind::Timeout
+            && !self.link.checking.swap(true, Ordering::AcqRel)
+        {
+            let (link, config) = (Arc::clone(&self.link), Arc::clone(&self.config));
+            tokio::spawn(async move {
+                let _checked = Checked(&link.checking);
+                link.check(&config).await;
+            });
+        }
+        result
     }
 
     /// Runs one command within the command timeout.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, BackendError> {
-        let timeout = self.config.command_timeout;
-        match self.conn.clone() {
-            Conn::Standalone(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
-            Conn::Cluster(mut c) => bounded(timeout, cmd.query_async(&mut c)).await,
-        }
+        let result = self.conn().query(cmd, self.config.command_timeout).await;
+        self.noticed(result)
     }
 
     /// Runs a pipeline (one round trip) within the command timeout.
@@ -94,10 +200,11 @@ impl Redis {
         pipeline: &Pipeline,
     ) -> Result<T, BackendError> {
         let timeout = self.config.command_timeout;
-        match self.conn.clone() {
+        let result = match self.conn() {
             Conn::Standalone(mut c) => bounded(timeout, pipeline.query_async(&mut c)).await,
             Conn::Cluster(mut c) => bounded(timeout, pipeline.query_async(&mut c)).await,
-        }
+        };
+        self.noticed(result)
     }
 
     /// Runs a Lua script by its SHA (`EVALSHA`), loading it first if the server lacks it,
@@ -107,10 +214,11 @@ impl Redis {
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, BackendError> {
         let timeout = self.config.command_timeout;
-        match self.conn.clone() {
+        let result = match self.conn() {
             Conn::Standalone(mut c) => bounded(timeout, invocation.invoke_async(&mut c)).await,
             Conn::Cluster(mut c) => bounded(timeout, invocation.invoke_async(&mut c)).await,
-        }
+        };
+        self.noticed(result)
     }
 
     /// Sends `PING` and waits for the answer: a health check.

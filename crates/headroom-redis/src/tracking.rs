@@ -7,9 +7,9 @@ use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use crate::Redis;
 use crate::bus::{Received, Reported, SUBSCRIBER_BUFFER, Subscriber, push_connection};
 use crate::connection::bounded;
+use crate::{Redis, RedisConfig};
 
 /// How often [`tracked_writes`] pings its connection while tracking is on. A ping not
 /// answered within the command timeout counts as a lost connection.
@@ -23,7 +23,8 @@ pub const TRACKING_PING_INTERVAL: Duration = Duration::from_millis(500);
 /// subscription yields [`BusEvent::Live`] once tracking is on. The connection is pinged every
 /// [`TRACKING_PING_INTERVAL`]; when it drops, or a ping gets no answer within the command
 /// timeout (a stalled connection), the subscription yields [`BusEvent::Lost`], turns tracking
-/// on again once Redis answers and yields `Live`. So a write is reported, or a loss is, within
+/// on again once Redis answers and yields `Live`; a connection that stays silent through that
+/// is replaced by a new one. So a write is reported, or a loss is, within
 /// `TRACKING_PING_INTERVAL` plus the command timeout. A `FLUSHALL`/`FLUSHDB` is reported as
 /// `Lost` then `Live`: everything may have changed. Keys of a burst larger than the
 /// subscription holds (1,024 events) are reported as `Lost` by the next ping at the latest.
@@ -45,15 +46,17 @@ pub async fn tracked_writes(redis: &Redis, prefix: &[u8]) -> Result<Subscription
     }
     let config = redis.config();
     let (pushes, pushed) = mpsc::unbounded_channel::<PushInfo>();
-    let conn = push_connection(config, pushes, false).await?;
+    let conn = push_connection(config, pushes.clone(), false).await?;
     let (events, received) = mpsc::channel(SUBSCRIBER_BUFFER);
     tokio::spawn(track(
-        conn,
+        Pushes {
+            conn,
+            to: pushes,
+            config: config.clone(),
+        },
         prefix.to_vec(),
         pushed,
         Subscriber::new(events),
-        config.reconnect_max_delay,
-        config.command_timeout,
     ));
     let received = Received {
         events: received,
@@ -62,16 +65,35 @@ pub async fn tracked_writes(redis: &Redis, prefix: &[u8]) -> Result<Subscription
     Ok(received.into_subscription())
 }
 
+/// The tracking connection, and what replaces it when it goes silent.
+struct Pushes {
+    conn: ConnectionManager,
+    to: mpsc::UnboundedSender<PushInfo>,
+    config: RedisConfig,
+}
+
+impl Pushes {
+    /// A connection that closed reconnects by itself; one that went silent never learns it
+    /// should, so a new one takes its place. A failed dial keeps the old one.
+    async fn replace(&mut self) {
+        if let Ok(fresh) = push_connection(&self.config, self.to.clone(), false).await {
+            self.conn = fresh;
+        }
+    }
+}
+
 /// Keeps tracking on and forwards invalidations until the subscription is dropped, which
 /// ends the task and closes the connection.
 async fn track(
-    mut conn: ConnectionManager,
+    mut pushes: Pushes,
     prefix: Vec<u8>,
     mut pushed: mpsc::UnboundedReceiver<PushInfo>,
     mut subscriber: Subscriber,
-    retry_every: Duration,
-    timeout: Duration,
 ) {
+    let (retry_every, timeout) = (
+        pushes.config.reconnect_max_delay,
+        pushes.config.command_timeout,
+    );
     let mut tracking = false;
     loop {
         if !tracking {
@@ -86,15 +108,17 @@ async fn track(
                 .arg("PREFIX")
                 .arg(prefix.as_slice())
                 .ignore();
-            // A failure makes the connection reconnect; the next round tries again.
-            if bounded(timeout, on.query_async::<()>(&mut conn))
-                .await
-                .is_ok()
-            {
-                tracking = true;
-                if !subscriber.deliver(BusEvent::Live) {
-                    return;
+            // A failure makes a closed connection reconnect, and a silent one be replaced;
+            // the next round tries again.
+            match bounded(timeout, on.query_async::<()>(&mut pushes.conn)).await {
+                Ok(()) => {
+                    tracking = true;
+                    if !subscriber.deliver(BusEvent::Live) {
+                        return;
+                    }
                 }
+                Err(error) if error.kind() == BackendErrorKind::Timeout => pushes.replace().await,
+                Err(_) => {}
             }
         }
         let wait = if tracking {
@@ -108,7 +132,7 @@ async fn track(
                 None => false,
             },
             () = tokio::time::sleep(wait) => {
-                if tracking && !alive(&mut conn, timeout).await {
+                if tracking && !alive(&mut pushes.conn, timeout).await {
                     tracking = false;
                     subscriber.deliver(BusEvent::Lost(LossReason::Disconnected))
                 } else {

@@ -131,6 +131,32 @@ async fn stalled_connection_times_out_instead_of_hanging() {
     );
 }
 
+/// A connection that goes silent without closing (a frozen host, a dead NAT entry) is never
+/// reported broken by the socket: the handle notices the silence by its timeouts and dials a
+/// new connection, while the old one stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_replaced_by_a_new_one() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("silent").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    proxy.silence();
+    let err = store.get(&key).await.expect_err("the connection is silent");
+    assert!(err.is_timeout(), "{err:?}");
+
+    let attempts = attempts_until_ok(|| store.get(&key)).await;
+    assert!(
+        attempts <= 10,
+        "replacing the connection took {attempts} attempts"
+    );
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_server_times_out_then_answers_after_resume() {
     let server = RedisServer::start();
@@ -316,6 +342,57 @@ async fn bus_survives_a_restart(server: &RedisServer, config: RedisConfig) {
         next_event(&mut sub).await,
         BusEvent::Message("after".into())
     );
+}
+
+/// The bus through `proxies`, whose connections then all go silent for good: each
+/// subscription yields `Lost`, then `Live` on a new connection, and messages flow again.
+async fn bus_survives_silence(config: RedisConfig, proxies: &[FaultProxy]) {
+    let redis = Redis::connect(config).await.expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-silent").key("ch").unwrap();
+    let mut sub = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut sub).await, BusEvent::Live);
+
+    for proxy in proxies {
+        proxy.silence();
+    }
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Live,
+        "subscribed again on a new connection"
+    );
+    // A publish on the silent connection never reaches Redis: exactly one arrives.
+    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
+    assert_eq!(
+        next_event(&mut sub).await,
+        BusEvent::Message("after".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_replaces_a_silent_subscriber_connection() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    bus_survives_silence(config(proxy.url()), &[proxy]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_replaces_silent_cluster_connections() {
+    let cluster = headroom_testkit::shared_cluster();
+    let mut proxies = Vec::new();
+    let mut mapped = RedisConfig::cluster(cluster.urls())
+        .with_command_timeout(TIMEOUT)
+        .with_connect_timeout(TIMEOUT);
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
+        proxies.push(proxy);
+    }
+    bus_survives_silence(mapped, &proxies).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,6 +637,30 @@ async fn tracked_writes_report_a_stalled_connection_as_lost() {
     assert_eq!(next_event(&mut writes).await, BusEvent::Message(key.into()));
 }
 
+/// A tracking connection that goes silent for good is reported lost and replaced: tracking
+/// is on again on a new connection, and writes are reported again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_writes_replace_a_silent_connection() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(config(proxy.url())).await.expect("connect");
+    let prefix = format!("{}:", unique_namespace("track-silent").as_str());
+    let mut writes = tracked_writes(&redis, prefix.as_bytes())
+        .await
+        .expect("tracking");
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+
+    proxy.silence();
+    assert_eq!(
+        next_event(&mut writes).await,
+        BusEvent::Lost(LossReason::Disconnected)
+    );
+    assert_eq!(next_event(&mut writes).await, BusEvent::Live);
+    let key = format!("{prefix}k");
+    server.cli(&["SET", &key, "1"]);
+    assert_eq!(next_event(&mut writes).await, BusEvent::Message(key.into()));
+}
+
 /// Whether any client connected to `server` has key tracking on.
 fn tracking_clients(server: &RedisServer) -> usize {
     server
@@ -726,4 +827,41 @@ async fn an_address_map_entry_that_is_not_host_port_is_a_config_error() {
     let config = RedisConfig::cluster(["redis://127.0.0.1:1"]).with_address("10.0.0.1", "x:1");
     let err = Redis::connect(config).await.expect_err("bad map");
     assert_eq!(err.kind(), BackendErrorKind::Config);
+}
+
+/// Cluster connections that go silent without closing are replaced as a standalone one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_cluster_connections_are_replaced_by_new_ones() {
+    let cluster = headroom_testkit::shared_cluster();
+    let mut proxies = Vec::new();
+    let mut mapped = RedisConfig::cluster(cluster.urls())
+        .with_command_timeout(TIMEOUT)
+        .with_connect_timeout(TIMEOUT);
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
+        proxies.push(proxy);
+    }
+    let store = RedisKvStore::new(Redis::connect(mapped).await.expect("connect"));
+    let key = unique_namespace("silent-cluster").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    for proxy in &proxies {
+        proxy.silence();
+    }
+    let err = store
+        .get(&key)
+        .await
+        .expect_err("every connection is silent");
+    assert!(err.is_timeout(), "{err:?}");
+
+    let attempts = attempts_until_ok(|| store.get(&key)).await;
+    assert!(
+        attempts <= 10,
+        "replacing the connections took {attempts} attempts"
+    );
+    assert_eq!(
+        store.get(&key).await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
 }

@@ -1,4 +1,6 @@
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,12 +24,17 @@ enum Mode {
 /// - [`stall`](Self::stall): connections stay open but no byte is forwarded either way (bytes
 ///   are held and delivered in order after [`restore`](Self::restore)).
 /// - [`delay`](Self::delay): every chunk is forwarded after a delay.
+/// - [`silence`](Self::silence): the connections open now go silent for good, while new ones
+///   pass, as when a peer vanishes without closing (a frozen host, a dead NAT entry).
 ///
 /// The proxy runs on the tokio runtime that started it and stops when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
+    /// Connections numbered below this forward nothing any more.
+    silenced_below: watch::Sender<u64>,
+    opened: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -43,8 +50,21 @@ impl FaultProxy {
             .expect("bind the proxy port");
         let addr = listener.local_addr().expect("proxy address");
         let (mode, watcher) = watch::channel(Mode::Pass);
-        let task = tokio::spawn(accept_loop(listener, upstream, watcher));
-        Self { addr, mode, task }
+        let (silenced_below, silenced) = watch::channel(0);
+        let opened = Arc::new(AtomicU64::new(0));
+        let links = Links {
+            mode: watcher,
+            silenced,
+            opened: Arc::clone(&opened),
+        };
+        let task = tokio::spawn(accept_loop(listener, upstream, links));
+        Self {
+            addr,
+            mode,
+            silenced_below,
+            opened,
+            task,
+        }
     }
 
     /// The address clients connect to.
@@ -72,9 +92,16 @@ impl FaultProxy {
         self.mode.send_replace(Mode::Delay(delay));
     }
 
-    /// Forwards normally again.
+    /// Forwards normally again. Connections made silent by [`silence`](Self::silence) stay so.
     pub fn restore(&self) {
         self.mode.send_replace(Mode::Pass);
+    }
+
+    /// Makes every connection open now silent for good: it stays open, and the bytes sent on
+    /// it in either direction are dropped. Connections made afterwards forward normally.
+    pub fn silence(&self) {
+        self.silenced_below
+            .send_replace(self.opened.load(Ordering::SeqCst));
     }
 }
 
@@ -85,13 +112,22 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
+/// What every connection of a proxy watches.
+#[derive(Clone)]
+struct Links {
+    mode: watch::Receiver<Mode>,
+    silenced: watch::Receiver<u64>,
+    opened: Arc<AtomicU64>,
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, links: Links) {
     while let Ok((client, _)) = listener.accept().await {
-        if *mode.borrow() == Mode::Cut {
+        if *links.mode.borrow() == Mode::Cut {
             drop(client);
             continue;
         }
-        let mode = mode.clone();
+        let number = links.opened.fetch_add(1, Ordering::SeqCst);
+        let (mode, silenced) = (links.mode.clone(), links.silenced.clone());
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -101,15 +137,21 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, mode: watch::R
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             // Either direction ending (EOF, error or cut) closes the whole connection.
+            let silenced = move || *silenced.borrow() > number;
             tokio::select! {
-                () = pump(client_read, server_write, mode.clone()) => {}
-                () = pump(server_read, client_write, mode) => {}
+                () = pump(client_read, server_write, mode.clone(), silenced.clone()) => {}
+                () = pump(server_read, client_write, mode, silenced) => {}
             }
         });
     }
 }
 
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    silenced: impl Fn() -> bool,
+) {
     let mut cut = mode.clone();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -120,6 +162,9 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
             },
             _ = cut.wait_for(|m| *m == Mode::Cut) => return,
         };
+        if silenced() {
+            continue;
+        }
         loop {
             let current = *mode.borrow_and_update();
             match current {
