@@ -135,7 +135,9 @@ impl Redis {
             RedisMode::Cluster => {
                 let client = ClusterClientBuilder::new(config.urls.iter().map(String::as_str))
                     .connection_timeout(config.connect_timeout)
-                    .response_timeout(config.command_timeout)
+                    // Past the command timeout: the client sends a timed-out command again
+                    // by itself, and a write the caller saw fail must not run twice.
+                    .response_timeout(config.command_timeout.saturating_mul(2))
                     .retries(2)
                     .min_retry_wait(millis(config.reconnect_min_delay))
                     .max_retry_wait(millis(config.reconnect_max_delay));

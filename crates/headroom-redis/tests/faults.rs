@@ -865,3 +865,53 @@ async fn silent_cluster_connections_are_replaced_by_new_ones() {
         Some(&b"v"[..])
     );
 }
+
+/// A command that times out on a cluster is not sent again behind the caller's back: the
+/// caller saw an error, and a write must not then happen twice (a rate check spending twice,
+/// a job enqueued twice). Each round slows every node past the timeout for a while, then
+/// watches the counter the timed-out `INCR` wrote for long enough that a resent one would
+/// have landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_cluster_command_runs_at_most_once() {
+    const SHORT: Duration = Duration::from_millis(100);
+    let cluster = headroom_testkit::shared_cluster();
+    let mut proxies = Vec::new();
+    let mut mapped = RedisConfig::cluster(cluster.urls())
+        .with_command_timeout(SHORT)
+        .with_connect_timeout(TIMEOUT);
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
+        proxies.push(proxy);
+    }
+    let redis = Redis::connect(mapped).await.expect("connect");
+    let direct = Redis::connect(RedisConfig::cluster(cluster.urls()))
+        .await
+        .expect("connect");
+    let ns = unique_namespace("at-most-once");
+    for round in 0..12 {
+        let key = ns.key(format!("k{round}")).unwrap();
+        for proxy in &proxies {
+            proxy.delay(SHORT * 3 / 2);
+        }
+        let err = redis
+            .query::<i64>(redis::cmd("INCR").arg(key.as_bytes()))
+            .await
+            .expect_err("the reply comes after the timeout");
+        assert!(err.is_timeout(), "{err:?}");
+        // The nodes stay slow a while longer, then recover.
+        tokio::time::sleep(SHORT * 8).await;
+        for proxy in &proxies {
+            proxy.restore();
+        }
+        let watched = Instant::now();
+        while watched.elapsed() < SHORT * 6 {
+            let runs: Option<i64> = direct
+                .query(redis::cmd("GET").arg(key.as_bytes()))
+                .await
+                .expect("get");
+            assert!(runs <= Some(1), "round {round}: INCR ran {runs:?} times");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
