@@ -200,6 +200,11 @@ impl<E> Pipeline<E> {
     }
 
     /// Runs `op` through every strategy. Each attempt and each hedge is a new call of `op`.
+    ///
+    /// To hedge, give the pipeline its [`hedge`](PipelineBuilder::hedge): a [`Hedge::call`]
+    /// made inside `op` that shares the retry's budget records each attempt as a request of
+    /// its own, so retries would pay for themselves. (A `HedgeLayer` under a `PipelineLayer`
+    /// is accounted for.)
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
     where
         F: FnMut() -> Fut,
@@ -232,6 +237,11 @@ impl<E> Pipeline<E> {
         Fut: Future<Output = Result<T, E>>,
     {
         fallback.call(self.call(op)).await
+    }
+
+    /// The retry's budget, if it has one.
+    pub(crate) fn retry_budget(&self) -> Option<&RetryBudget> {
+        self.retry.as_ref().and_then(Retry::budget)
     }
 
     /// The circuit breaker, if there is one (to subscribe to its transitions, for example).

@@ -218,12 +218,9 @@ async fn the_retry_layer_retries_failed_requests_with_a_clone_of_each() {
     assert_eq!(calls.load(Ordering::SeqCst), 3, "no more than max_attempts");
 }
 
-/// A retry layer over a hedge layer sharing its budget: a request deposits once, so the
-/// retries stay within the budget's ratio of requests (its documented bound), as in a
-/// pipeline.
-#[tokio::test(start_paused = true)]
-async fn a_retry_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
-    const REQUESTS: u32 = 100;
+/// The retry and the hedge of the two tests below, sharing one budget of 0.5 retries per
+/// request.
+fn retry_and_hedge_sharing_a_budget() -> (Retry<BackendError>, Hedge) {
     let budget = RetryBudget::builder()
         .ratio(0.5)
         .min_per_second(0)
@@ -240,11 +237,18 @@ async fn a_retry_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
         .budget(budget)
         .build()
         .expect("hedge");
-    let calls = Arc::new(AtomicU32::new(0));
-    let service = ServiceBuilder::new()
-        .layer(RetryLayer::new(retry))
-        .layer(HedgeLayer::new(hedge))
-        .service(flaky(calls.clone(), u32::MAX));
+    (retry, hedge)
+}
+
+/// Sends 100 requests that always fail through `service`, and checks the calls stay within
+/// the budget's bound: a request deposits once, so the retries stay within the budget's ratio
+/// of requests.
+async fn stays_within_the_shared_budget<S>(service: S, calls: &AtomicU32)
+where
+    S: Service<u32, Response = u32> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    const REQUESTS: u32 = 100;
     for request in 0..REQUESTS {
         assert!(service.clone().oneshot(request).await.is_err());
     }
@@ -253,6 +257,30 @@ async fn a_retry_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
         calls <= REQUESTS * 3 / 2,
         "{calls} calls for {REQUESTS} requests with a budget of 0.5 retries per request"
     );
+}
+
+/// A retry layer over a hedge layer sharing its budget, as in a pipeline.
+#[tokio::test(start_paused = true)]
+async fn a_retry_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
+    let (retry, hedge) = retry_and_hedge_sharing_a_budget();
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(retry))
+        .layer(HedgeLayer::new(hedge))
+        .service(flaky(calls.clone(), u32::MAX));
+    stays_within_the_shared_budget(service, &calls).await;
+}
+
+/// A pipeline layer, whose retry has the budget, over a hedge layer sharing it.
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_over_a_hedge_sharing_its_budget_deposits_once_per_request() {
+    let (retry, hedge) = retry_and_hedge_sharing_a_budget();
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(Pipeline::builder().retry(retry).build()))
+        .layer(HedgeLayer::new(hedge))
+        .service(flaky(calls.clone(), u32::MAX));
+    stays_within_the_shared_budget(service, &calls).await;
 }
 
 /// Counts response futures dropped before they finished.

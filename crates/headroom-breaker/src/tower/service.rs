@@ -8,7 +8,9 @@ use tower_service::Service;
 use std::sync::Arc;
 
 use super::future::{FallbackFuture, ResponseFuture};
-use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, Timeout};
+use crate::{
+    CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, RetryBudget, Timeout,
+};
 
 /// A service guarded by a [`CircuitBreaker`]; built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
@@ -144,7 +146,12 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let pipeline = self.pipeline.clone();
         let service = self.inner.clone();
-        Box::pin(async move { pipeline.call(move || attempt(&service, &request)).await })
+        Box::pin(async move {
+            let attempts = pipeline.call(move || attempt(&service, &request));
+            // A `HedgeLayer` below that shares the retry's budget must not record the request
+            // again, or each retry would pay for itself.
+            RetryBudget::deposited(pipeline.retry_budget(), attempts).await
+        })
     }
 }
 
