@@ -16,7 +16,7 @@ pub use jobs::{MemoryJobStore, MemoryJobStoreBuilder};
 pub use kv::{MemoryKvStore, MemoryKvStoreBuilder};
 pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
-pub use rate::MemoryRateStore;
+pub use rate::{MemoryRateStore, MemoryRateStoreBuilder};
 
 /// A lease or a retention, refused as the Redis stores refuse it (under a millisecond, or past
 /// `u64::MAX` milliseconds), so both backends agree.

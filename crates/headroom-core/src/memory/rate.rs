@@ -10,14 +10,20 @@ use crate::{BackendError, BackendErrorKind, Clock, Key};
 /// How many cells a full store looks at to make room for a new one.
 const EVICTION_SAMPLE: usize = 8;
 
-/// An in-memory [`RateStore`]: one map of GCRA cells, bounded in size.
+/// What a cell costs besides its key's bytes: its map entry, index slot and the key's
+/// allocation, rounded up. Counted, so that short keys cannot hold unbounded memory either.
+const CELL_OVERHEAD: usize = 128;
+
+/// An in-memory [`RateStore`]: one map of GCRA cells, bounded in cells and in bytes (each
+/// cell's key plus 128 bytes of bookkeeping).
 ///
 /// A cell that is full again (its theoretical arrival time has passed) is the same as no cell,
-/// so dropping it loses nothing. A store at `max_cells` makes room for a new key by looking at
+/// so dropping it loses nothing. A store at a bound makes room for a new key by looking at
 /// the next 8 cells in a sweep that goes round the store: it drops those
 /// that are full again, and if none is, it evicts the one closest to full, which gives that key
 /// a fresh burst: the documented price of a hard memory cap under attacker-chosen keys. Each
-/// insert into a full store costs the same however many cells it holds.
+/// insert into a full store costs the same however many cells it holds (a long key may make
+/// room for itself in a few such steps, as many as its length allows).
 #[derive(Clone, Debug)]
 pub struct MemoryRateStore {
     inner: Arc<Inner>,
@@ -28,11 +34,14 @@ struct Inner {
     cells: Mutex<Cells>,
     clock: Clock,
     max_cells: usize,
+    max_bytes: usize,
 }
 
 #[derive(Debug, Default)]
 struct Cells {
     tats: IndexMap<Key, Instant>,
+    /// Key bytes held, with `CELL_OVERHEAD` for each cell.
+    bytes: usize,
     /// Where the eviction sweep goes on from.
     hand: usize,
     #[cfg(test)]
@@ -57,7 +66,7 @@ impl Cells {
             }
             if tat <= now {
                 // The last cell moves into this place: the sweep looks at it next.
-                self.tats.swap_remove_index(self.hand);
+                self.remove(self.hand);
                 freed = true;
                 continue;
             }
@@ -67,31 +76,95 @@ impl Cells {
             self.hand += 1;
         }
         if !freed && let Some((index, _)) = closest_to_full {
-            self.tats.swap_remove_index(index);
+            self.remove(index);
+        }
+    }
+
+    fn remove(&mut self, index: usize) {
+        if let Some((key, _)) = self.tats.swap_remove_index(index) {
+            self.bytes -= cell_bytes(&key);
+        }
+    }
+
+    fn insert(&mut self, key: Key, tat: Instant) {
+        self.bytes += cell_bytes(&key);
+        self.tats.insert(key, tat);
+    }
+}
+
+fn cell_bytes(key: &Key) -> usize {
+    key.as_bytes().len() + CELL_OVERHEAD
+}
+
+/// Builds a [`MemoryRateStore`].
+#[derive(Debug)]
+pub struct MemoryRateStoreBuilder {
+    clock: Clock,
+    max_cells: usize,
+    max_bytes: usize,
+}
+
+impl MemoryRateStoreBuilder {
+    /// The clock that decides the cells' times (default: [`Clock::system`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The most cells held at once (default 1,000,000).
+    pub fn max_cells(mut self, max_cells: usize) -> Self {
+        self.max_cells = max_cells.max(1);
+        self
+    }
+
+    /// The most bytes held at once (default 256 MiB): keys, and 128 bytes for each cell's
+    /// bookkeeping. A cell larger than this is still kept, alone.
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryRateStore {
+        MemoryRateStore {
+            inner: Arc::new(Inner {
+                cells: Mutex::new(Cells::default()),
+                clock: self.clock,
+                max_cells: self.max_cells,
+                max_bytes: self.max_bytes,
+            }),
         }
     }
 }
 
 impl MemoryRateStore {
-    /// A store on the system clock holding up to 1,000,000 cells.
+    /// A store on the system clock with the default bounds (1,000,000 cells, 256 MiB).
     pub fn new() -> Self {
-        Self::with_limits(Clock::system(), 1_000_000)
+        Self::builder().build()
     }
 
-    /// A store on `clock` holding up to `max_cells` cells.
-    pub fn with_limits(clock: Clock, max_cells: usize) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                cells: Mutex::new(Cells::default()),
-                clock,
-                max_cells: max_cells.max(1),
-            }),
+    /// Starts building a store.
+    pub fn builder() -> MemoryRateStoreBuilder {
+        MemoryRateStoreBuilder {
+            clock: Clock::system(),
+            max_cells: 1_000_000,
+            max_bytes: 256 << 20,
         }
+    }
+
+    /// A store on `clock` holding up to `max_cells` cells (and the default 256 MiB).
+    pub fn with_limits(clock: Clock, max_cells: usize) -> Self {
+        Self::builder().clock(clock).max_cells(max_cells).build()
     }
 
     /// The number of cells held.
     pub fn len(&self) -> usize {
         self.inner.cells.lock().tats.len()
+    }
+
+    /// The bytes held: keys, and 128 for each cell.
+    pub fn bytes(&self) -> usize {
+        self.inner.cells.lock().bytes
     }
 
     /// Whether the store holds no cell.
@@ -166,10 +239,14 @@ impl RateStore for MemoryRateStore {
                     *tat = super::after((*tat).max(now), charge);
                 } else {
                     let tat = super::after(now, charge);
-                    if held.tats.len() >= self.inner.max_cells {
+                    let (max_cells, max_bytes) = (self.inner.max_cells, self.inner.max_bytes);
+                    while !held.tats.is_empty()
+                        && (held.tats.len() >= max_cells
+                            || held.bytes + cell_bytes(key) > max_bytes)
+                    {
                         held.make_room(now);
                     }
-                    held.tats.insert(key.clone(), tat);
+                    held.insert(key.clone(), tat);
                 }
             }
         }
@@ -284,6 +361,43 @@ mod tests {
             }
         }
         assert!(store.len() <= 10_000, "{} cells", store.len());
+    }
+
+    /// Attacker-chosen keys of the longest length: the store stays within its bytes, however
+    /// many cells its count would allow, and each insert still examines a bounded number of
+    /// cells.
+    #[tokio::test]
+    async fn long_keys_keep_the_store_within_its_bytes() {
+        const MAX_BYTES: usize = 64 * 1024;
+        let clock = ManualClock::new();
+        let store = MemoryRateStore::builder()
+            .clock(clock.clock())
+            .max_cells(10_000)
+            .max_bytes(MAX_BYTES)
+            .build();
+        let ns = Namespace::new("t").unwrap();
+        // Short keys first, then long ones that must make room among them.
+        for i in 0..400u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            assert!(store.apply(&key, TEN_PER_SECOND, 1).await.unwrap().allowed);
+        }
+        let before = store.inner.cells.lock().examined;
+        for i in 0..1_000u32 {
+            let key = ns.key(format!("{i:0>900}")).unwrap();
+            assert!(store.apply(&key, TEN_PER_SECOND, 1).await.unwrap().allowed);
+            assert!(store.bytes() <= MAX_BYTES, "{} bytes", store.bytes());
+        }
+        let per_insert = (store.inner.cells.lock().examined - before) / 1_000;
+        assert!(
+            per_insert <= 8 * 8,
+            "{per_insert} cells examined per insert"
+        );
+        let long_cell = ns.key(format!("{:0>900}", 0)).unwrap().as_bytes().len() + 128;
+        assert!(
+            store.len() >= MAX_BYTES / long_cell - 1,
+            "the bound is used, not emptied: {} cells",
+            store.len()
+        );
     }
 
     /// A full store of cells that are all still draining: each insert of a new key examines
