@@ -501,8 +501,10 @@ pub struct Migration<H, R = AnyRouter> {
     to: Arc<Topology<H, R>>,
     plan: ReshardPlan,
     phase: AtomicU8,
-    old_writers: AtomicUsize,
-    drained: Notify,
+    /// Writes routed to an old owner: the cut-over waits for them.
+    old_writers: Writers,
+    /// Writes routed with a mirror: a rollback waits for them.
+    mirrored: Writers,
     copied: AtomicU64,
     to_copy: AtomicU64,
     metrics: MigrationMetrics,
@@ -525,30 +527,50 @@ impl<H, R: fmt::Debug> fmt::Debug for Migration<H, R> {
 }
 
 /// Where a write goes during a migration.
-#[must_use = "the cut-over waits for this write until the route is dropped"]
+#[must_use = "the cut-over and a rollback wait for this write until the route is dropped"]
 pub struct WriteRoute<'a, H> {
     owner: Target<'a, H>,
     mirror: Option<Target<'a, H>>,
-    _old_writer: Option<OldWriter<'a>>,
+    _old_writer: Option<Writer<'a>>,
+    _mirrored: Option<Writer<'a>>,
 }
 
-/// A write routed to an old owner, counted until dropped so the cut-over can wait for it.
-struct OldWriter<'a> {
-    count: &'a AtomicUsize,
-    drained: &'a Notify,
+/// Writes in flight of one kind, counted so that a phase change can wait for them to end.
+#[derive(Default)]
+struct Writers {
+    count: AtomicUsize,
+    none_left: Notify,
 }
 
-impl<'a> OldWriter<'a> {
-    fn enter(count: &'a AtomicUsize, drained: &'a Notify) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Self { count, drained }
+impl Writers {
+    fn enter(&self) -> Writer<'_> {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        Writer(self)
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until none is in flight.
+    async fn none(&self) {
+        loop {
+            let notified = self.none_left.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
-impl Drop for OldWriter<'_> {
+/// One write counted in its [`Writers`] until dropped.
+struct Writer<'a>(&'a Writers);
+
+impl Drop for Writer<'_> {
     fn drop(&mut self) {
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.drained.notify_waiters();
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_left.notify_waiters();
         }
     }
 }
@@ -620,8 +642,8 @@ impl<H, R: Router + PartialEq> Migration<H, R> {
             to,
             plan,
             phase: AtomicU8::new(Phase::Copy as u8),
-            old_writers: AtomicUsize::new(0),
-            drained: Notify::new(),
+            old_writers: Writers::default(),
+            mirrored: Writers::default(),
             copied: AtomicU64::new(0),
             metrics,
         })
@@ -696,13 +718,17 @@ impl<H, R: Router> Migration<H, R> {
                     owner: self.to.write_shard(new_shard)?,
                     mirror: None,
                     _old_writer: None,
+                    _mirrored: None,
                 });
             }
-            // Announce the write to an old owner, then confirm the cut-over has not begun:
-            // with both sides sequentially consistent, either this write sees the cut-over
-            // or the cut-over sees this write and waits for it.
-            let old_writer = OldWriter::enter(&self.old_writers, &self.drained);
-            if self.phase().new_owners_serve() {
+            // Announce the write to an old owner, as a mirrored one too, then read the phase
+            // again: with both sides sequentially consistent, either this write sees the
+            // cut-over (or the rollback) or the cut-over (or the rollback) sees this write and
+            // waits for it.
+            let old_writer = self.old_writers.enter();
+            let mirrored = self.mirrored.enter();
+            let phase = self.phase();
+            if phase.new_owners_serve() {
                 continue;
             }
             let owner = self.from.write_shard(old_shard)?;
@@ -712,6 +738,7 @@ impl<H, R: Router> Migration<H, R> {
                 owner,
                 mirror: moving.then_some(mirror),
                 _old_writer: Some(old_writer),
+                _mirrored: moving.then_some(mirrored),
             });
         }
     }
@@ -797,11 +824,16 @@ impl<H, R: Router> Migration<H, R> {
 
     /// Abandons the migration before the cut-over: every route goes to the old owners again,
     /// without mirrors. Refused with [`MigrationErrorKind::RolledBack`] from the cut-over on.
-    pub fn rollback(&self) -> Result<(), MigrationError> {
+    ///
+    /// Returns once no write routed with a mirror is in flight (its [`WriteRoute`] dropped),
+    /// so that the copies on the new owners can be dropped then: a mirrored write landing
+    /// afterwards would leave a stale copy. If this future is dropped during that wait, the
+    /// migration is still rolled back, and the next call waits again.
+    pub async fn rollback(&self) -> Result<(), MigrationError> {
         loop {
             let current = self.phase();
             if current == Phase::RolledBack {
-                return Ok(());
+                break;
             }
             if !current.mirrors() {
                 return Err(MigrationError::new(
@@ -811,14 +843,17 @@ impl<H, R: Router> Migration<H, R> {
             }
             if self.set_phase(current, Phase::RolledBack) {
                 tracing::warn!(from = ?current, to_epoch = self.to.epoch(), "migration rolled back");
-                return Ok(());
+                break;
             }
         }
+        self.mirrored.none().await;
+        Ok(())
     }
 
     /// Takes on `phase` as decided elsewhere (by the process driving a shared migration).
     /// Phases only move forward (or to `RolledBack` before the cut-over); entering the
-    /// cut-over waits, as [`advance`](Self::advance) does, for writes routed to old owners.
+    /// cut-over waits, as [`advance`](Self::advance) does, for writes routed to old owners,
+    /// and a rollback, as [`rollback`](Self::rollback) does, for mirrored writes.
     pub(crate) async fn follow(&self, phase: Phase) {
         loop {
             let current = self.phase();
@@ -828,8 +863,10 @@ impl<H, R: Router> Migration<H, R> {
                 break;
             }
         }
-        if self.phase().new_owners_serve() {
-            self.drained().await;
+        match self.phase() {
+            phase if phase.new_owners_serve() => self.drained().await,
+            Phase::RolledBack => self.mirrored.none().await,
+            _ => {}
         }
     }
 
@@ -851,18 +888,12 @@ impl<H, R: Router> Migration<H, R> {
 
     /// Waits until no write routed to an old owner is in flight.
     pub async fn drained(&self) {
-        loop {
-            let notified = self.drained.notified();
-            if self.old_writers.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.old_writers.none().await;
     }
 
     /// Writes routed to old owners and not finished yet.
     pub fn writes_to_old_owners(&self) -> usize {
-        self.old_writers.load(Ordering::SeqCst)
+        self.old_writers.count()
     }
 }
 

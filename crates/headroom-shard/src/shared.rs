@@ -28,7 +28,8 @@ use crate::{Migration, Phase, Router};
 /// timeout: the cut-over waits for the slowest); one that stops acknowledging (crashed,
 /// partitioned, its refresh stopped) for longer than its lease is no longer waited for; the epoch fence at the data (see [`EpochFence`](crate::EpochFence) and the SQL pattern
 /// in the guide) is what stops its late writes. [`rollback`](Self::rollback) abandons the
-/// migration before the cut-over.
+/// migration before the cut-over, and likewise returns once no live participant has a
+/// mirrored write in flight.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -270,17 +271,22 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// Abandons the migration before the cut-over, for every participant: each one routes to
     /// the old owners only from its next refresh. Refused with
     /// [`MigrationErrorKind::RolledBack`] from the cut-over on.
+    ///
+    /// Returns once every live participant has acknowledged the rollback, that is, has no
+    /// mirrored write in flight any more, so that the copies on the new owners can be dropped
+    /// then (as for the cut-over, a participant that stops acknowledging is waited for no
+    /// longer than its lease). If this future is dropped during that wait, the migration is
+    /// still rolled back, and the next call waits again.
     pub async fn rollback(&self) -> Result<(), MigrationError> {
         let current = self.refresh().await?;
-        if current == Phase::RolledBack {
-            return Ok(());
+        if current != Phase::RolledBack {
+            if !current.mirrors() {
+                return Err(self.error(MigrationErrorKind::RolledBack));
+            }
+            self.transition(current, Phase::RolledBack).await?;
+            self.refresh().await?;
         }
-        if !current.mirrors() {
-            return Err(self.error(MigrationErrorKind::RolledBack));
-        }
-        self.transition(current, Phase::RolledBack).await?;
-        self.refresh().await?;
-        Ok(())
+        self.await_acknowledgements(Phase::RolledBack).await
     }
 
     /// Waits until no live participant has acknowledged a phase before `phase`.

@@ -231,13 +231,13 @@ async fn rollback_is_allowed_until_the_cut_over() {
     migration.report_copied(8, 8);
     migration.advance().await.unwrap();
     assert!(migration.write(&moving).unwrap().mirror().is_some());
-    migration.rollback().unwrap();
+    migration.rollback().await.unwrap();
     assert_eq!(migration.phase(), Phase::RolledBack);
     let route = migration.write(&moving).unwrap();
     assert_eq!(route.owner().node_id(), "a");
     assert!(route.mirror().is_none());
     drop(route);
-    migration.rollback().unwrap();
+    migration.rollback().await.unwrap();
     assert_eq!(
         migration.advance().await.unwrap_err().kind(),
         MigrationErrorKind::RolledBack
@@ -249,10 +249,41 @@ async fn rollback_is_allowed_until_the_cut_over() {
         migration.advance().await.unwrap();
     }
     assert_eq!(
-        migration.rollback().unwrap_err().kind(),
+        migration.rollback().await.unwrap_err().kind(),
         MigrationErrorKind::RolledBack
     );
     assert_eq!(migration.phase(), Phase::CutOver);
+}
+
+/// The copies on the new owners may be dropped once a rollback returns, so it returns only
+/// once no mirrored write is in flight: one landing afterwards would leave a stale copy there
+/// (a key deleted on the old owner meanwhile would come back with a later migration).
+#[tokio::test]
+async fn rollback_waits_for_mirrored_writes_in_flight() {
+    let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let moving = (0..1000u64)
+        .find(|k| to.write(k).unwrap().node_id() == "b")
+        .unwrap();
+    let migration = Migration::new("m", from, to).unwrap();
+    migration.report_copied(8, 8);
+    migration.advance().await.unwrap();
+    let mirrored = migration.write(&moving).unwrap();
+    assert!(mirrored.mirror().is_some());
+
+    let mut rollback = std::pin::pin!(migration.rollback());
+    assert!(
+        poll_once(rollback.as_mut()).await.is_none(),
+        "a mirrored write is in flight"
+    );
+    // Routing has already changed: new writes go to the old owner alone.
+    assert_eq!(migration.phase(), Phase::RolledBack);
+    assert!(migration.write(&moving).unwrap().mirror().is_none());
+    drop(mirrored);
+    poll_once(rollback.as_mut())
+        .await
+        .expect("no mirrored write is left")
+        .unwrap();
 }
 
 #[tokio::test]
@@ -579,7 +610,8 @@ proptest::proptest! {
     /// steps (including cut-overs abandoned while they wait): phases only move forward, Copy is
     /// left only once copied, moving writes are mirrored before the cut-over, and once the
     /// cut-over has drained no route leads to the retired owner. A rollback succeeds only
-    /// before the cut-over, and then routes everything to the old owner, unmirrored, for good.
+    /// before the cut-over, returns only once no mirrored write is open, and then routes
+    /// everything to the old owner, unmirrored, for good.
     #[test]
     fn the_phase_machine_keeps_its_invariants(steps in proptest::collection::vec(step(), 1..120)) {
         let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
@@ -659,14 +691,27 @@ proptest::proptest! {
                         phase,
                         Phase::Copy | Phase::DualWrite | Phase::ShadowRead | Phase::RolledBack
                     );
-                    match migration.rollback() {
-                        Ok(()) => {
+                    let outcome = runtime.block_on(async {
+                        let rollback = migration.rollback();
+                        tokio::pin!(rollback);
+                        poll_once(rollback.as_mut()).await
+                    });
+                    let mirrored = open.iter().any(|route| route.mirror().is_some());
+                    match outcome {
+                        Some(Ok(())) => {
                             proptest::prop_assert!(allowed, "rolled back from {:?}", phase);
+                            proptest::prop_assert!(!mirrored, "returned with a mirrored write open");
                             phase = Phase::RolledBack;
                         }
-                        Err(err) => {
+                        Some(Err(err)) => {
                             proptest::prop_assert!(!allowed, "refused from {:?}", phase);
                             proptest::prop_assert_eq!(err.kind(), MigrationErrorKind::RolledBack);
+                        }
+                        // The rollback waits for mirrored writes; abandoning the wait leaves
+                        // the migration rolled back.
+                        None => {
+                            proptest::prop_assert!(allowed && mirrored);
+                            phase = Phase::RolledBack;
                         }
                     }
                     proptest::prop_assert_eq!(migration.phase(), phase);

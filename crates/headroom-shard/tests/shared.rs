@@ -167,6 +167,41 @@ async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
     following.abort();
 }
 
+/// A shared rollback returns once no live participant has a mirrored write in flight, so the
+/// copies on the new owners can be dropped then, not before.
+#[tokio::test(start_paused = true)]
+async fn a_shared_rollback_waits_for_every_participants_mirrored_writes() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("rollback-wait").unwrap();
+    let lease = Duration::from_secs(2);
+    let driver = Arc::new(participant(&store, &ns, "driver", lease).await);
+    let other = Arc::new(participant(&store, &ns, "other", lease).await);
+    let following = tokio::spawn({
+        let other = Arc::clone(&other);
+        async move { other.follow().await }
+    });
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(other.migration().phase(), Phase::DualWrite);
+
+    let held = other.migration().write(&moving_key()).unwrap();
+    assert!(held.mirror().is_some());
+    let rollback = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.rollback().await }
+    });
+    tokio::time::sleep(5 * lease).await;
+    assert!(
+        !rollback.is_finished(),
+        "the rollback ended while a live participant still mirrors a write"
+    );
+    assert_eq!(other.migration().phase(), Phase::RolledBack);
+    drop(held);
+    rollback.await.unwrap().unwrap();
+    following.abort();
+}
+
 /// A cut-over whose wait was dropped is waited for again before the cleanup: the next step
 /// does not start while a participant still routes to an old owner.
 #[tokio::test(start_paused = true)]
