@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -70,8 +71,24 @@ impl std::fmt::Debug for Inner {
 /// The subscriber connection, and what dials a new one when it goes silent.
 struct Listener {
     conn: ArcSwap<Conn>,
+    /// The number of the connection in use. Pushes carry the number of the connection they
+    /// came from, and those of replaced connections (which may still reconnect and resubscribe
+    /// by themselves until dropped) are ignored.
+    generation: Arc<AtomicU64>,
     config: RedisConfig,
-    pushes: mpsc::UnboundedSender<PushInfo>,
+    pushes: mpsc::UnboundedSender<Push>,
+}
+
+/// A push, with the number of the connection it came from.
+type Push = (u64, PushInfo);
+
+/// Sends a connection's pushes to `pushes`, numbered `generation`.
+fn numbered(
+    pushes: &mpsc::UnboundedSender<Push>,
+    generation: u64,
+) -> impl redis::aio::AsyncPushSender {
+    let pushes = pushes.clone();
+    move |push| pushes.send((generation, push))
 }
 
 #[derive(Default)]
@@ -170,9 +187,12 @@ impl RedisBus {
     /// from the same configuration.
     pub async fn connect(redis: Redis) -> Result<Self, BackendError> {
         let config = redis.config().clone();
-        let (pushes, pushed) = mpsc::unbounded_channel::<PushInfo>();
+        let (pushes, pushed) = mpsc::unbounded_channel::<Push>();
+        let conn = subscriber_connection(&config, numbered(&pushes, 0)).await?;
+        let generation = Arc::new(AtomicU64::new(0));
         let subscriber = Arc::new(Listener {
-            conn: ArcSwap::from_pointee(subscriber_connection(&config, pushes.clone()).await?),
+            conn: ArcSwap::from_pointee(conn),
+            generation: Arc::clone(&generation),
             config: config.clone(),
             pushes,
         });
@@ -182,6 +202,7 @@ impl RedisBus {
         let commands = Arc::new(tokio::sync::Mutex::new(()));
         tokio::spawn(route(
             pushed,
+            generation,
             Arc::downgrade(&channels),
             Arc::clone(&dropped),
         ));
@@ -275,25 +296,32 @@ async fn maintain(
         }
         unused = left;
         // A connection that went silent without closing reports nothing: a ping that gets no
-        // answer loses every channel, and the new connection subscribes them below.
+        // answer loses every channel, and a new connection subscribes them below.
         let live = channels.lock().values().any(|channel| channel.live);
         if live && !subscriber.answers(maintenance.timeout).await {
             lose_all(&mut channels.lock());
-            subscriber.replace().await;
+            subscriber.replace(&channels).await;
         }
-        let stale: Vec<Bytes> = channels
-            .lock()
-            .iter()
-            .filter(|(_, channel)| !channel.live && !channel.subscribers.is_empty())
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in stale {
-            // A failure is part of the point: it makes a closed connection reconnect, and a
-            // silent one be replaced (the next round subscribes on the new one).
-            if let Err(error) = subscriber.subscribe(&name, maintenance.timeout).await
-                && error.kind() == BackendErrorKind::Timeout
-            {
-                subscriber.replace().await;
+        // A failure is part of the point: it makes a closed connection reconnect. A timeout
+        // may be a silent connection: a new one replaces it, and every channel is subscribed
+        // again there (a connection still reconnecting is replaced too, harmlessly).
+        for round in 0..2 {
+            let stale: Vec<Bytes> = channels
+                .lock()
+                .iter()
+                .filter(|(_, channel)| !channel.live && !channel.subscribers.is_empty())
+                .map(|(name, _)| name.clone())
+                .collect();
+            let mut timed_out = false;
+            for name in stale {
+                if let Err(error) = subscriber.subscribe(&name, maintenance.timeout).await
+                    && error.kind() == BackendErrorKind::Timeout
+                {
+                    timed_out = true;
+                    break;
+                }
+            }
+            if !timed_out || round == 1 || !subscriber.replace(&channels).await {
                 break;
             }
         }
@@ -303,7 +331,7 @@ async fn maintain(
 /// A RESP3 connection whose pushes go to `pushes`.
 async fn subscriber_connection(
     config: &RedisConfig,
-    pushes: mpsc::UnboundedSender<PushInfo>,
+    pushes: impl redis::aio::AsyncPushSender,
 ) -> Result<Conn, BackendError> {
     Ok(match config.mode {
         RedisMode::Standalone => Conn::Standalone(push_connection(config, pushes, true).await?),
@@ -353,17 +381,25 @@ impl Listener {
     }
 
     /// A connection that closed reconnects by itself; one that went silent never learns it
-    /// should, so a new one takes its place. A failed dial keeps the old one.
-    async fn replace(&self) {
-        match subscriber_connection(&self.config, self.pushes.clone()).await {
+    /// should, so a new one takes its place, and every channel is lost until subscribed
+    /// there. A failed dial keeps the old one. Whether it replaced the connection.
+    async fn replace(&self, channels: &Mutex<HashMap<Bytes, Channel>>) -> bool {
+        let next = self.generation.load(Ordering::SeqCst) + 1;
+        match subscriber_connection(&self.config, numbered(&self.pushes, next)).await {
             Ok(fresh) => {
                 tracing::warn!("Redis subscriber connection went silent; replaced by a new one");
+                self.generation.store(next, Ordering::SeqCst);
                 self.conn.store(Arc::new(fresh));
+                lose_all(&mut channels.lock());
+                true
             }
-            Err(error) => tracing::warn!(
-                %error,
-                "Redis subscriber connection went silent; dialing a new one failed"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "Redis subscriber connection went silent; dialing a new one failed"
+                );
+                false
+            }
         }
     }
 }
@@ -373,7 +409,7 @@ impl Listener {
 /// reconnection.
 pub(crate) async fn push_connection(
     config: &crate::RedisConfig,
-    pushes: mpsc::UnboundedSender<PushInfo>,
+    pushes: impl redis::aio::AsyncPushSender,
     resubscribe: bool,
 ) -> Result<ConnectionManager, BackendError> {
     let info = config.urls[0]
@@ -400,14 +436,19 @@ pub(crate) async fn push_connection(
 
 /// Dispatches pushes from the subscriber connection to subscriptions until the bus is dropped.
 async fn route(
-    mut pushed: mpsc::UnboundedReceiver<PushInfo>,
+    mut pushed: mpsc::UnboundedReceiver<Push>,
+    generation: Arc<AtomicU64>,
     channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
     dropped: Arc<Notify>,
 ) {
-    while let Some(push) = pushed.recv().await {
+    while let Some((from, push)) = pushed.recv().await {
         let Some(channels) = channels.upgrade() else {
             return;
         };
+        if from != generation.load(Ordering::SeqCst) {
+            // A replaced connection, not yet dropped.
+            continue;
+        }
         let mut channels = channels.lock();
         match push.kind {
             PushKind::Message | PushKind::SMessage => {

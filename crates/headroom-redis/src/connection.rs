@@ -1,7 +1,6 @@
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -12,6 +11,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use crate::address_map::AddressMap;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
+use tokio::sync::Notify;
 
 use crate::error::backend_error;
 use crate::{RedisConfig, RedisMode};
@@ -26,9 +26,10 @@ use crate::{RedisConfig, RedisMode};
 ///   between attempts; the command in flight when it broke fails, and later commands succeed
 ///   once the server answers again. No caller has to rebuild the handle.
 /// - A connection that goes silent without closing (a frozen host, a dead NAT entry), which
-///   the socket never reports, is noticed by its timeouts: after a command times out, one
-///   `PING` checks the connection, and if that times out too a new connection is dialed and
-///   replaces it. Commands fail with [`BackendErrorKind::Timeout`] until then.
+///   the socket never reports, is replaced: the handle `PING`s it every
+///   [`RedisConfig::reconnect_max_delay`], and at once after a command timed out, and when a
+///   `PING` gets no answer within the command timeout it dials a new connection to take its
+///   place. Commands fail with [`BackendErrorKind::Timeout`] until then.
 #[derive(Clone)]
 pub struct Redis {
     link: Arc<Link>,
@@ -60,8 +61,8 @@ impl Conn {
 struct Link {
     conn: ArcSwap<Conn>,
     dialer: Dialer,
-    /// Whether a check of the connection is running: one at a time.
-    checking: AtomicBool,
+    /// Wakes the watcher early: a command timed out.
+    suspect: Arc<Notify>,
 }
 
 enum Dialer {
@@ -88,37 +89,49 @@ impl Dialer {
 }
 
 impl Link {
-    /// After a timeout: `PING` the connection, and if that times out too, dial a new one in
-    /// its place. The old connection closes once the commands still holding it end.
-    async fn check(&self, config: &RedisConfig) {
+    /// `PING`s the connection, and if that times out, dials a new one in its place; whether
+    /// it did. The old connection closes once the commands still holding it end.
+    async fn check(&self, config: &RedisConfig) -> bool {
         let conn = Conn::clone(&self.conn.load());
         let ping = conn
             .query::<()>(&redis::cmd("PING"), config.command_timeout)
             .await;
-        if !ping
-            .as_ref()
-            .is_err_and(|error| error.kind() == BackendErrorKind::Timeout)
-        {
-            return;
+        if !ping.is_err_and(|error| error.kind() == BackendErrorKind::Timeout) {
+            return false;
         }
         match self.dialer.dial(config).await {
             Ok(fresh) => {
                 tracing::warn!("Redis connection went silent; replaced by a new one");
                 self.conn.store(Arc::new(fresh));
+                true
             }
             Err(error) => {
                 tracing::warn!(%error, "Redis connection went silent; dialing a new one failed");
+                false
             }
         }
     }
 }
 
-/// Lets the next timeout start a check again, however the check ended.
-struct Checked<'a>(&'a AtomicBool);
-
-impl Drop for Checked<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+/// Checks the connection every `reconnect_max_delay`, and at once after a command timed out,
+/// until every handle is dropped. Callers that give up before the command timeout (the
+/// cache's L2 timeout, a rate limiter's) see no timeout of the handle's: the regular checks
+/// notice the silence all the same. A replacement is followed by a full interval, so that a
+/// server that is slow rather than gone is not redialed over and over.
+async fn watch(link: Weak<Link>, suspect: Arc<Notify>, config: Arc<RedisConfig>) {
+    let every = config.reconnect_max_delay;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = suspect.notified() => {}
+        }
+        let Some(link) = link.upgrade() else {
+            return;
+        };
+        if link.check(&config).await {
+            drop(link);
+            tokio::time::sleep(every).await;
+        }
     }
 }
 
@@ -149,14 +162,15 @@ impl Redis {
             }
         };
         let conn = dialer.dial(&config).await?;
-        Ok(Self {
-            link: Arc::new(Link {
-                conn: ArcSwap::from_pointee(conn),
-                dialer,
-                checking: AtomicBool::new(false),
-            }),
-            config: Arc::new(config),
-        })
+        let suspect = Arc::new(Notify::new());
+        let link = Arc::new(Link {
+            conn: ArcSwap::from_pointee(conn),
+            dialer,
+            suspect: Arc::clone(&suspect),
+        });
+        let config = Arc::new(config);
+        tokio::spawn(watch(Arc::downgrade(&link), suspect, Arc::clone(&config)));
+        Ok(Self { link, config })
     }
 
     /// The configuration this handle was made with.
@@ -173,17 +187,12 @@ impl Redis {
         Conn::clone(&self.link.conn.load())
     }
 
-    /// Passes `result` on; a timeout starts a check of the connection in the background.
+    /// Passes `result` on; a timeout makes the watcher check the connection at once.
     fn noticed<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
         if let Err(error) = &result
             && error.kind() == BackendErrorKind::Timeout
-            && !self.link.checking.swap(true, Ordering::AcqRel)
         {
-            let (link, config) = (Arc::clone(&self.link), Arc::clone(&self.config));
-            tokio::spawn(async move {
-                let _checked = Checked(&link.checking);
-                link.check(&config).await;
-            });
+            self.link.suspect.notify_one();
         }
         result
     }

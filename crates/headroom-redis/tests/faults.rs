@@ -829,6 +829,32 @@ async fn an_address_map_entry_that_is_not_host_port_is_a_config_error() {
     assert_eq!(err.kind(), BackendErrorKind::Config);
 }
 
+/// Callers that give up before the command timeout (the cache's L2 timeout, the rate
+/// limiter's) never see the handle's own timeout: the silence is noticed all the same, by the
+/// handle's own pings, and the connection replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connection_is_replaced_when_callers_give_up_first() {
+    let server = shared_server();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("silent-impatient").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    proxy.silence();
+    let impatient = || async {
+        match tokio::time::timeout(TIMEOUT / 3, store.get(&key)).await {
+            Ok(result) => result,
+            Err(_) => Err(headroom_core::BackendError::new(BackendErrorKind::Timeout)),
+        }
+    };
+    let attempts = attempts_until_ok(impatient).await;
+    // The handle pings every `reconnect_max_delay` (1 s): a few seconds at most.
+    assert!(
+        attempts <= 40,
+        "replacing the connection took {attempts} attempts"
+    );
+}
+
 /// Cluster connections that go silent without closing are replaced as a standalone one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_cluster_connections_are_replaced_by_new_ones() {
