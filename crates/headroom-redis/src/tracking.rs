@@ -76,8 +76,15 @@ impl Pushes {
     /// A connection that closed reconnects by itself; one that went silent never learns it
     /// should, so a new one takes its place. A failed dial keeps the old one.
     async fn replace(&mut self) {
-        if let Ok(fresh) = push_connection(&self.config, self.to.clone(), false).await {
-            self.conn = fresh;
+        match push_connection(&self.config, self.to.clone(), false).await {
+            Ok(fresh) => {
+                tracing::warn!("Redis tracking connection went silent; replaced by a new one");
+                self.conn = fresh;
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "Redis tracking connection went silent; dialing a new one failed"
+            ),
         }
     }
 }

@@ -303,6 +303,22 @@ async fn cluster_node_killed_and_restarted_is_reconnected() {
     assert!(values.iter().all(|v| v.as_deref() == Some(&b"again"[..])));
 }
 
+/// A configuration for the shared cluster that dials every node through a proxy of its own,
+/// with `command_timeout`, and the proxies.
+async fn cluster_through_proxies(command_timeout: Duration) -> (RedisConfig, Vec<FaultProxy>) {
+    let cluster = headroom_testkit::shared_cluster();
+    let mut proxies = Vec::new();
+    let mut mapped = RedisConfig::cluster(cluster.urls())
+        .with_command_timeout(command_timeout)
+        .with_connect_timeout(TIMEOUT);
+    for node in cluster.nodes() {
+        let proxy = FaultProxy::start(node.addr()).await;
+        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
+        proxies.push(proxy);
+    }
+    (mapped, proxies)
+}
+
 async fn next_event(sub: &mut headroom_core::bus::Subscription) -> BusEvent {
     tokio::time::timeout(Duration::from_secs(10), sub.next_event())
         .await
@@ -356,21 +372,31 @@ async fn bus_survives_silence(config: RedisConfig, proxies: &[FaultProxy]) {
     for proxy in proxies {
         proxy.silence();
     }
+    // A publish on the silent connection never reaches Redis: exactly one arrives.
+    lost_then_live_again(
+        &bus,
+        &channel,
+        &mut sub,
+        "subscribed again on a new connection",
+    )
+    .await;
+}
+
+/// The subscription reports a loss, then `Live` (`why`), and a message published after
+/// reaches it.
+async fn lost_then_live_again(
+    bus: &RedisBus,
+    channel: &headroom_core::Key,
+    sub: &mut headroom_core::bus::Subscription,
+    why: &str,
+) {
     assert_eq!(
-        next_event(&mut sub).await,
+        next_event(sub).await,
         BusEvent::Lost(LossReason::Disconnected)
     );
-    assert_eq!(
-        next_event(&mut sub).await,
-        BusEvent::Live,
-        "subscribed again on a new connection"
-    );
-    // A publish on the silent connection never reaches Redis: exactly one arrives.
-    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
-    assert_eq!(
-        next_event(&mut sub).await,
-        BusEvent::Message("after".into())
-    );
+    assert_eq!(next_event(sub).await, BusEvent::Live, "{why}");
+    attempts_until_ok(|| bus.publish(channel, "after".into())).await;
+    assert_eq!(next_event(sub).await, BusEvent::Message("after".into()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,16 +408,7 @@ async fn bus_replaces_a_silent_subscriber_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_replaces_silent_cluster_connections() {
-    let cluster = headroom_testkit::shared_cluster();
-    let mut proxies = Vec::new();
-    let mut mapped = RedisConfig::cluster(cluster.urls())
-        .with_command_timeout(TIMEOUT)
-        .with_connect_timeout(TIMEOUT);
-    for node in cluster.nodes() {
-        let proxy = FaultProxy::start(node.addr()).await;
-        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
-        proxies.push(proxy);
-    }
+    let (mapped, proxies) = cluster_through_proxies(TIMEOUT).await;
     bus_survives_silence(mapped, &proxies).await;
 }
 
@@ -751,20 +768,13 @@ async fn bus_follows_its_channel_through_a_master_failover() {
     let name = String::from_utf8(channel.to_bytes().to_vec()).unwrap();
     let owner = cluster.slot_owner(cluster.keyslot(&name));
     cluster.fail_over(owner);
-    assert_eq!(
-        next_event(&mut sub).await,
-        BusEvent::Lost(LossReason::Disconnected)
-    );
-    assert_eq!(
-        next_event(&mut sub).await,
-        BusEvent::Live,
-        "subscribed on the promoted replica"
-    );
-    attempts_until_ok(|| bus.publish(&channel, "after".into())).await;
-    assert_eq!(
-        next_event(&mut sub).await,
-        BusEvent::Message("after".into())
-    );
+    lost_then_live_again(
+        &bus,
+        &channel,
+        &mut sub,
+        "subscribed on the promoted replica",
+    )
+    .await;
 }
 
 /// A client whose address map sends every cluster node through its own proxy: it works
@@ -773,15 +783,7 @@ async fn bus_follows_its_channel_through_a_master_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_map_dials_every_cluster_node_through_its_mapped_address() {
     let cluster = headroom_testkit::shared_cluster();
-    let mut proxies = Vec::new();
-    let mut mapped = RedisConfig::cluster(cluster.urls())
-        .with_command_timeout(TIMEOUT)
-        .with_connect_timeout(TIMEOUT);
-    for node in cluster.nodes() {
-        let proxy = FaultProxy::start(node.addr()).await;
-        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
-        proxies.push(proxy);
-    }
+    let (mapped, proxies) = cluster_through_proxies(TIMEOUT).await;
     let through_proxies = RedisKvStore::new(Redis::connect(mapped).await.expect("connect"));
     let direct = RedisKvStore::new(
         Redis::connect(RedisConfig::cluster(cluster.urls()))
@@ -858,16 +860,7 @@ async fn silent_connection_is_replaced_when_callers_give_up_first() {
 /// Cluster connections that go silent without closing are replaced as a standalone one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_cluster_connections_are_replaced_by_new_ones() {
-    let cluster = headroom_testkit::shared_cluster();
-    let mut proxies = Vec::new();
-    let mut mapped = RedisConfig::cluster(cluster.urls())
-        .with_command_timeout(TIMEOUT)
-        .with_connect_timeout(TIMEOUT);
-    for node in cluster.nodes() {
-        let proxy = FaultProxy::start(node.addr()).await;
-        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
-        proxies.push(proxy);
-    }
+    let (mapped, proxies) = cluster_through_proxies(TIMEOUT).await;
     let store = RedisKvStore::new(Redis::connect(mapped).await.expect("connect"));
     let key = unique_namespace("silent-cluster").key("k").unwrap();
     store.set(&key, "v".into(), HOUR).await.expect("set");
@@ -901,15 +894,7 @@ async fn silent_cluster_connections_are_replaced_by_new_ones() {
 async fn a_timed_out_cluster_command_runs_at_most_once() {
     const SHORT: Duration = Duration::from_millis(100);
     let cluster = headroom_testkit::shared_cluster();
-    let mut proxies = Vec::new();
-    let mut mapped = RedisConfig::cluster(cluster.urls())
-        .with_command_timeout(SHORT)
-        .with_connect_timeout(TIMEOUT);
-    for node in cluster.nodes() {
-        let proxy = FaultProxy::start(node.addr()).await;
-        mapped = mapped.with_address(node.addr().to_string(), proxy.addr().to_string());
-        proxies.push(proxy);
-    }
+    let (mapped, proxies) = cluster_through_proxies(SHORT).await;
     let redis = Redis::connect(mapped).await.expect("connect");
     let direct = Redis::connect(RedisConfig::cluster(cluster.urls()))
         .await

@@ -132,19 +132,31 @@ async fn participants_follow_the_shared_phase() {
     );
 }
 
-/// A participant that follows the phase but whose write to an old owner outlasts its lease is
-/// alive: the cut-over waits for it, however long the write takes.
-#[tokio::test(start_paused = true)]
-async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
+type Participant = Arc<SharedMigration<Node, JumpRouter, MemoryMigrationStore>>;
+
+/// Two participants in a memory store under namespace `ns`, with `lease`: a driver, and
+/// another that follows the shared phase in a task of its own.
+async fn driver_and_follower(
+    ns: &str,
+    lease: Duration,
+) -> (Participant, Participant, tokio::task::JoinHandle<()>) {
     let store = MemoryMigrationStore::new();
-    let ns = Namespace::new("long-write").unwrap();
-    let lease = Duration::from_secs(2);
+    let ns = Namespace::new(ns).unwrap();
     let driver = Arc::new(participant(&store, &ns, "driver", lease).await);
     let other = Arc::new(participant(&store, &ns, "other", lease).await);
     let following = tokio::spawn({
         let other = Arc::clone(&other);
         async move { other.follow().await }
     });
+    (driver, other, following)
+}
+
+/// A participant that follows the phase but whose write to an old owner outlasts its lease is
+/// alive: the cut-over waits for it, however long the write takes.
+#[tokio::test(start_paused = true)]
+async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
+    let lease = Duration::from_secs(2);
+    let (driver, other, following) = driver_and_follower("long-write", lease).await;
     driver.migration().report_copied(1, 1);
     assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
     assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
@@ -171,15 +183,8 @@ async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
 /// copies on the new owners can be dropped then, not before.
 #[tokio::test(start_paused = true)]
 async fn a_shared_rollback_waits_for_every_participants_mirrored_writes() {
-    let store = MemoryMigrationStore::new();
-    let ns = Namespace::new("rollback-wait").unwrap();
     let lease = Duration::from_secs(2);
-    let driver = Arc::new(participant(&store, &ns, "driver", lease).await);
-    let other = Arc::new(participant(&store, &ns, "other", lease).await);
-    let following = tokio::spawn({
-        let other = Arc::clone(&other);
-        async move { other.follow().await }
-    });
+    let (driver, other, following) = driver_and_follower("rollback-wait", lease).await;
     driver.migration().report_copied(1, 1);
     assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
     tokio::time::sleep(Duration::from_secs(1)).await;
