@@ -36,9 +36,9 @@ pub(crate) const SUBSCRIBER_BUFFER: usize = 1024;
 /// new owner. While a subscription is not live, the bus subscribes it again every
 /// `reconnect_max_delay`, so that the connection reconnects even after an outage longer than
 /// the client's own reconnection attempts. While a subscription is live, the bus pings the
-/// connection every `reconnect_max_delay`; one that goes silent without closing (no answer
-/// within `command_timeout`) loses every subscription and is replaced by a new connection, on
-/// which they are subscribed again. Consumers still detect shorter silences with their own
+/// connection every `reconnect_max_delay`; one that goes silent without closing (two pings in
+/// a row without an answer within `command_timeout`) loses every subscription and is replaced
+/// by a new connection, on which they are subscribed again. Consumers still detect shorter silences with their own
 /// liveness messages, as the bus contract says.
 ///
 /// Dropping the last subscription of a channel unsubscribes it; dropping the bus and every
@@ -256,6 +256,8 @@ async fn maintain(
 ) {
     // Channels to unsubscribe, kept until Redis confirms (a failed command is retried).
     let mut unused: Vec<Bytes> = Vec::new();
+    // Pings in a row that got no answer.
+    let mut unanswered = 0;
     loop {
         let released = tokio::select! {
             () = tokio::time::sleep(maintenance.every) => None,
@@ -295,10 +297,17 @@ async fn maintain(
             }
         }
         unused = left;
-        // A connection that went silent without closing reports nothing: a ping that gets no
-        // answer loses every channel, and a new connection subscribes them below.
+        // A connection that went silent without closing reports nothing: two pings in a row
+        // that get no answer (one may only meet a server briefly busy, and a loss flushes
+        // every instance's L1) lose every channel, and a new connection subscribes them below.
         let live = channels.lock().values().any(|channel| channel.live);
-        if live && !subscriber.answers(maintenance.timeout).await {
+        unanswered = if live && !subscriber.answers(maintenance.timeout).await {
+            unanswered + 1
+        } else {
+            0
+        };
+        if unanswered >= 2 {
+            unanswered = 0;
             lose_all(&mut channels.lock());
             subscriber.replace(&channels).await;
         }
