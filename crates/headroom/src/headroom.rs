@@ -459,8 +459,10 @@ impl Headroom {
 }
 
 impl HeadroomBuilder {
-    /// The namespace every key lives under (default `headroom`): 1 to 128 bytes of
-    /// `[A-Za-z0-9_.:/-]`, checked when the backend is chosen.
+    /// The namespace every key lives under (default `headroom`): 1 to 116 bytes of
+    /// `[A-Za-z0-9_.:/-]`, checked when the backend is chosen. (A [`Namespace`] holds up to
+    /// 128; idempotency records live under `<namespace>:idempotency`, and each cache and rate
+    /// limiter under `<namespace>:<kind>:<name>`, within the same 128.)
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self

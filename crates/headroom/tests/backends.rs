@@ -58,6 +58,19 @@ fn invalid_namespace_is_a_typed_error() {
     assert!(matches!(err, headroom::BuildError::Namespace(_)));
 }
 
+/// The documented limit: 116 bytes, so that the parts' namespaces inside it fit.
+#[test]
+fn a_namespace_up_to_116_bytes_builds_and_a_longer_one_is_a_typed_error() {
+    let longest = "n".repeat(116);
+    let headroom = Headroom::builder().namespace(&longest).memory().unwrap();
+    assert_eq!(headroom.namespace().as_str(), longest);
+    let err = Headroom::builder()
+        .namespace("n".repeat(117))
+        .memory()
+        .unwrap_err();
+    assert!(matches!(err, headroom::BuildError::Namespace(_)), "{err}");
+}
+
 #[tokio::test]
 async fn unreachable_redis_is_a_backend_error() {
     // Port 1 on loopback: nothing listens there.
