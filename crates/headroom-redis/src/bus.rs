@@ -307,13 +307,15 @@ async fn maintain(
             0
         };
         if unanswered >= 2 {
-            unanswered = 0;
             lose_all(&mut channels.lock());
-            subscriber.replace(&channels).await;
+            if subscriber.replace(&channels).await {
+                unanswered = 0;
+            }
         }
         // A failure is part of the point: it makes a closed connection reconnect. A timeout
-        // may be a silent connection: a new one replaces it, and every channel is subscribed
-        // again there (a connection still reconnecting is replaced too, harmlessly).
+        // followed by a ping without an answer may be a silent connection: a new one replaces
+        // it, and every channel is subscribed again there (a connection still reconnecting is
+        // replaced too, harmlessly).
         for round in 0..2 {
             let stale: Vec<Bytes> = channels
                 .lock()
@@ -330,9 +332,11 @@ async fn maintain(
                     break;
                 }
             }
-            if !timed_out || round == 1 || !subscriber.replace(&channels).await {
+            let silent = timed_out && round == 0 && !subscriber.answers(maintenance.timeout).await;
+            if !silent || !subscriber.replace(&channels).await {
                 break;
             }
+            unanswered = 0;
         }
     }
 }
@@ -397,9 +401,10 @@ impl Listener {
         match subscriber_connection(&self.config, numbered(&self.pushes, next)).await {
             Ok(fresh) => {
                 tracing::warn!("Redis subscriber connection went silent; replaced by a new one");
+                let mut channels = channels.lock();
                 self.generation.store(next, Ordering::SeqCst);
                 self.conn.store(Arc::new(fresh));
-                lose_all(&mut channels.lock());
+                lose_all(&mut channels);
                 true
             }
             Err(error) => {
@@ -454,11 +459,13 @@ async fn route(
         let Some(channels) = channels.upgrade() else {
             return;
         };
+        let mut channels = channels.lock();
+        // Read under the lock a replacement takes to change it: a push of a replaced
+        // connection (not yet dropped) is never applied after the replacement lost the
+        // channels.
         if from != generation.load(Ordering::SeqCst) {
-            // A replaced connection, not yet dropped.
             continue;
         }
-        let mut channels = channels.lock();
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
                 if let [Value::BulkString(name), Value::BulkString(payload)] = push.data.as_slice()

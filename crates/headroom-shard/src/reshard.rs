@@ -726,7 +726,8 @@ impl<H, R: Router> Migration<H, R> {
             // cut-over (or the rollback) or the cut-over (or the rollback) sees this write and
             // waits for it.
             let old_writer = self.old_writers.enter();
-            let mirrored = self.mirrored.enter();
+            // No phase leads back to mirroring: a write that finds none is not counted.
+            let mirrored = phase.mirrors().then(|| self.mirrored.enter());
             let phase = self.phase();
             if phase.new_owners_serve() {
                 continue;
@@ -738,7 +739,7 @@ impl<H, R: Router> Migration<H, R> {
                 owner,
                 mirror: moving.then_some(mirror),
                 _old_writer: Some(old_writer),
-                _mirrored: moving.then_some(mirrored),
+                _mirrored: mirrored.filter(|_| moving),
             });
         }
     }
@@ -825,9 +826,10 @@ impl<H, R: Router> Migration<H, R> {
     /// Abandons the migration before the cut-over: every route goes to the old owners again,
     /// without mirrors. Refused with [`MigrationErrorKind::RolledBack`] from the cut-over on.
     ///
-    /// Returns once no write routed with a mirror is in flight (its [`WriteRoute`] dropped),
-    /// so that the copies on the new owners can be dropped then: a mirrored write landing
-    /// afterwards would leave a stale copy. If this future is dropped during that wait, the
+    /// Returns once every write routed with a mirror has dropped its [`WriteRoute`], so that
+    /// the copies on the new owners can be dropped then: a mirrored write landing afterwards
+    /// would leave a stale copy. (Hold the route until the mirror's write has ended, timeouts
+    /// included: a write abandoned by its caller may still land.) If this future is dropped during that wait, the
     /// migration is still rolled back, and the next call waits again.
     pub async fn rollback(&self) -> Result<(), MigrationError> {
         loop {
