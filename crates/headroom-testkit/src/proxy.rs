@@ -34,6 +34,8 @@ pub struct FaultProxy {
     mode: watch::Sender<Mode>,
     /// Connections numbered below this forward nothing any more.
     silenced_below: watch::Sender<u64>,
+    /// Connections numbered below this are closed.
+    cut_below: watch::Sender<u64>,
     opened: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -51,10 +53,12 @@ impl FaultProxy {
         let addr = listener.local_addr().expect("proxy address");
         let (mode, watcher) = watch::channel(Mode::Pass);
         let (silenced_below, silenced) = watch::channel(0);
+        let (cut_below, cut) = watch::channel(0);
         let opened = Arc::new(AtomicU64::new(0));
         let links = Links {
             mode: watcher,
             silenced,
+            cut,
             opened: Arc::clone(&opened),
         };
         let task = tokio::spawn(accept_loop(listener, upstream, links));
@@ -62,6 +66,7 @@ impl FaultProxy {
             addr,
             mode,
             silenced_below,
+            cut_below,
             opened,
             task,
         }
@@ -77,9 +82,12 @@ impl FaultProxy {
         format!("redis://{}", self.addr)
     }
 
-    /// Closes every connection and refuses new ones until [`restore`](Self::restore).
+    /// Closes every connection and refuses new ones until [`restore`](Self::restore). The
+    /// connections open now are closed even if `restore` follows at once.
     pub fn cut(&self) {
         self.mode.send_replace(Mode::Cut);
+        self.cut_below
+            .send_replace(self.opened.load(Ordering::SeqCst));
     }
 
     /// Holds every byte in both directions until [`restore`](Self::restore).
@@ -107,6 +115,7 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
+        self.cut_below.send_replace(u64::MAX);
         self.mode.send_replace(Mode::Cut);
         self.task.abort();
     }
@@ -117,6 +126,7 @@ impl Drop for FaultProxy {
 struct Links {
     mode: watch::Receiver<Mode>,
     silenced: watch::Receiver<u64>,
+    cut: watch::Receiver<u64>,
     opened: Arc<AtomicU64>,
 }
 
@@ -127,7 +137,11 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, links: Links) 
             continue;
         }
         let number = links.opened.fetch_add(1, Ordering::SeqCst);
-        let (mode, silenced) = (links.mode.clone(), links.silenced.clone());
+        let (mode, silenced, mut cut) = (
+            links.mode.clone(),
+            links.silenced.clone(),
+            links.cut.clone(),
+        );
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -141,6 +155,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, links: Links) 
             tokio::select! {
                 () = pump(client_read, server_write, mode.clone(), silenced.clone()) => {}
                 () = pump(server_read, client_write, mode, silenced) => {}
+                _ = cut.wait_for(|&below| below > number) => {}
             }
         });
     }
@@ -152,15 +167,11 @@ async fn pump(
     mut mode: watch::Receiver<Mode>,
     silenced: impl Fn() -> bool,
 ) {
-    let mut cut = mode.clone();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = tokio::select! {
-            read = from.read(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            _ = cut.wait_for(|m| *m == Mode::Cut) => return,
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
         };
         if silenced() {
             continue;
