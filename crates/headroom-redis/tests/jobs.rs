@@ -493,6 +493,9 @@ async fn takeovers_go_longest_idle_first_in_every_lane(ctx: Ctx) {
     tokio::time::sleep(Duration::from_millis(30)).await;
     let long = Duration::from_millis(300);
     assert_eq!(ctx.fetch(&p, "a2", &[0], 1, long).await[0].number, newer);
+    // The newer delivery then idles 30 ms longer than the takeover below: idle times are
+    // counted in milliseconds, and two deliveries a moment apart could tie.
+    tokio::time::sleep(Duration::from_millis(30)).await;
     let taken = ctx.fetch(&p, "b", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].number, taken[0].attempt), (older, 2));
     assert!(taken[0].taken_over);
