@@ -478,14 +478,13 @@ async fn flush_loop<S: JobStore, W: Writer>(
         if draining || phase_is(&phase, Phase::Abort) {
             return;
         }
+        // The phase as it is now counts: a shutdown seen during the pass (while the writer
+        // was busy) starts the draining pass at once.
         let stop = async {
-            while phase.changed().await.is_ok() {
-                if *phase.borrow() != Phase::Running {
-                    return;
-                }
+            if phase.wait_for(|now| *now != Phase::Running).await.is_err() {
+                // The flusher was dropped: stop after this pass.
+                std::future::pending::<()>().await;
             }
-            // The flusher was dropped: stop after this pass.
-            std::future::pending::<()>().await;
         };
         tokio::select! {
             () = stop => {}
@@ -671,7 +670,11 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
     use futures_util::FutureExt;
     let mut pause = shared.config.retry_initial;
     loop {
-        let call = std::panic::AssertUnwindSafe(shared.writer.write(writes.clone())).catch_unwind();
+        // The call is made inside the caught future: a writer may panic while making its
+        // future as well as while running it.
+        let call =
+            std::panic::AssertUnwindSafe(async { shared.writer.write(writes.clone()).await })
+                .catch_unwind();
         let error = match call.await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.message().to_owned(),

@@ -290,3 +290,72 @@ async fn a_shutdown_with_an_endless_grace_returns_once_every_write_is_written() 
     assert_eq!((report.writes, report.abandoned), (1, 0));
     assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
 }
+
+/// A shutdown that starts while the writer is busy still flushes the writes made meanwhile,
+/// though the next flush interval is far off: the flusher sees the shutdown once the writer
+/// returns rather than waiting for a later signal.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_during_a_writer_call_flushes_the_writes_made_meanwhile() {
+    let writes = WriteBehind::builder("slow", MemoryJobStore::new())
+        .flush_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (on_entry, on_release) = (entered.clone(), release.clone());
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let (db, on_entry, on_release) = (db.clone(), on_entry.clone(), on_release.clone());
+        async move {
+            // Only the first call is held.
+            if db.calls.load(Ordering::Relaxed) == 0 {
+                on_entry.notify_one();
+                on_release.notified().await;
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    writes.put("a", "1").await.unwrap();
+    // The next pass, an interval from now, hands "a" over.
+    entered.notified().await;
+    let shutdown = tokio::spawn(flusher.shutdown(Duration::from_secs(5)));
+    tokio::task::yield_now().await;
+    writes.put("b", "2").await.unwrap();
+    release.notify_one();
+    let report = shutdown.await.unwrap();
+    assert_eq!(database.value("a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(database.value("b").as_deref(), Some(&b"2"[..]));
+    assert_eq!(report.writes, 2);
+}
+
+/// A writer that panics while making its future, not only while running it, fails that call
+/// only: the batch is written on a later call.
+#[tokio::test(start_paused = true)]
+async fn a_writer_panicking_before_its_future_is_called_again() {
+    let writes = WriteBehind::builder("panicky", MemoryJobStore::new())
+        .flush_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        assert!(
+            counted.fetch_add(1, Ordering::Relaxed) > 0,
+            "the writer's pool is empty"
+        );
+        let db = db.clone();
+        async move {
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    writes.put("k", "v").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((report.writes, report.failures), (1, 1));
+}
