@@ -760,22 +760,29 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn keep_lease(&self, record: &Key, token: FencingToken, mut held_until: Instant) {
         let inner = &self.inner;
         let lease = inner.config.lease;
+        // Whether the last extension failed: the next wait then ends at the lease's end at
+        // the latest, where the lease is lost.
+        let mut failed = false;
         loop {
             let remaining = held_until.saturating_duration_since(inner.clock.now());
             inner.clock.sleep((lease / 3).min(remaining)).await;
             let sent = inner.clock.now();
-            let extend = inner.store.extend(record, token, lease);
             let answer = match held_until.checked_duration_since(sent) {
                 // Still held: the extension must land before the lease runs out.
                 Some(left) if !left.is_zero() => tokio::select! {
-                    answer = extend => Some(answer),
+                    answer = inner.store.extend(record, token, lease) => Some(answer),
                     () = inner.clock.sleep(left) => None,
                 },
+                // Ran out while extensions failed: lost, whatever a late one would answer.
+                _ if failed => None,
                 // Ran out here (a stalled process): the store says whether anyone took over.
-                _ => Some(extend.await),
+                _ => Some(inner.store.extend(record, token, lease).await),
             };
             match answer {
-                Some(Ok(Fenced::Applied)) => held_until = sent + lease,
+                Some(Ok(Fenced::Applied)) => {
+                    held_until = sent + lease;
+                    failed = false;
+                }
                 Some(Ok(_)) => {
                     tracing::warn!(record = ?record, "the idempotency lease was taken over");
                     return;
@@ -785,6 +792,7 @@ impl<S: LeaseStore> Idempotency<S> {
                     if inner.clock.now() >= held_until {
                         return;
                     }
+                    failed = true;
                 }
                 None => return,
             }

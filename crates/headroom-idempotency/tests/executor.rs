@@ -891,3 +891,97 @@ async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost(
     assert_eq!((retry.value, retry.replayed), (7, true));
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
+
+/// A memory store whose first `failures` extensions fail at once and whose later ones never
+/// answer: a store this instance has lost for good.
+#[derive(Clone, Debug)]
+struct LostExtend {
+    store: MemoryLeaseStore,
+    failures: Arc<AtomicUsize>,
+}
+
+impl headroom_core::lease::LeaseStore for LostExtend {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: bytes::Bytes,
+        retention: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        _key: &headroom_core::Key,
+        _token: headroom_core::lease::FencingToken,
+        _lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok()
+        {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Unavailable,
+            ));
+        }
+        std::future::pending().await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// Extensions that fail until the lease runs out lose it when it runs out: the operation is
+/// stopped then, not once a last extension, sent at the deadline, answers.
+#[tokio::test(start_paused = true)]
+async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
+    let clock = ManualClock::new();
+    let store = LostExtend {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failures: Arc::new(AtomicUsize::new(2)),
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || {
+                std::future::pending::<Result<u32>>()
+            })
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+    };
+    // The lease is taken at 0 s.
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..30 {
+        clock.advance(Duration::from_secs(1));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(holder.is_finished(), "the lease ran out at 30 s");
+    let lost = holder.await.unwrap().unwrap_err();
+    assert!(lost.contains("lease"), "{lost}");
+}
