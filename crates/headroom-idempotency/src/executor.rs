@@ -469,6 +469,9 @@ impl<S: LeaseStore> Idempotency<S> {
             InProgressPolicy::Reject => None,
         };
         let mut poll = Duration::from_millis(5);
+        // Whether the store said another request holds the key: failing open is then no
+        // longer an option, since the operation would run beside that request.
+        let mut held_elsewhere = false;
         loop {
             let asked_at = inner.clock.now();
             let begin = if inner.store.begin_completes_at_once() {
@@ -481,7 +484,20 @@ impl<S: LeaseStore> Idempotency<S> {
             };
             let begin = match begin {
                 Ok(begin) => begin,
-                Err(err) => return self.store_down(err, operation).await,
+                Err(err) if !held_elsewhere => return self.store_down(err, operation).await,
+                // Waiting on that request: a failed poll is one more wait, while the wait lasts.
+                Err(err) => {
+                    inner.metrics.store_errors.increment(1);
+                    let now = inner.clock.now();
+                    match wait_until {
+                        Some(deadline) if now < deadline => {
+                            inner.clock.sleep(poll.min(deadline - now)).await;
+                            poll = (poll * 2).min(MAX_POLL);
+                            continue;
+                        }
+                        _ => return Err(IdempotencyError::Unavailable(err)),
+                    }
+                }
             };
             match begin {
                 Begin::Acquired { token, took_over } => {
@@ -520,6 +536,7 @@ impl<S: LeaseStore> Idempotency<S> {
                 Begin::InProgress {
                     lease_remaining, ..
                 } => {
+                    held_elsewhere = true;
                     let now = inner.clock.now();
                     match wait_until {
                         Some(deadline) if now < deadline => {

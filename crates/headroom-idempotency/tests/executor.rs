@@ -985,3 +985,121 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     let lost = holder.await.unwrap().unwrap_err();
     assert!(lost.contains("lease"), "{lost}");
 }
+
+/// A memory store whose `begin` fails on the calls numbered in `failing` (from 1), as a store
+/// with a moment's outage.
+#[derive(Clone, Debug)]
+struct FlakyBegin {
+    store: MemoryLeaseStore,
+    calls: Arc<AtomicUsize>,
+    failing: &'static [usize],
+}
+
+impl headroom_core::lease::LeaseStore for FlakyBegin {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.failing.contains(&call) {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Timeout,
+            ));
+        }
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: bytes::Bytes,
+        retention: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.extend(key, token, lease).await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// Failing open covers duplicates that arrive while the store is down, not one already told
+/// that the first request runs: a store error while it waits for that request does not run
+/// the operation beside it.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_waiting_on_a_running_request_does_not_fail_open_on_a_store_error() {
+    let clock = ManualClock::new();
+    let store = FlakyBegin {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        calls: Arc::new(AtomicUsize::new(0)),
+        // The duplicate's first poll after being told the key is in progress.
+        failing: &[3],
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Wait {
+            max_wait: Duration::from_secs(5),
+        })
+        .store_failure(headroom_idempotency::StoreFailure::FailOpen)
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (go, went) = oneshot::channel::<u32>();
+    let first = {
+        let (idem, runs) = (idem.clone(), Arc::clone(&runs));
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Result::Ok(went.await.unwrap())
+            })
+            .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let duplicate = {
+        let (idem, runs) = (idem.clone(), Arc::clone(&runs));
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Result::Ok(0u32)
+            })
+            .await
+        })
+    };
+    // The duplicate polls every few milliseconds of the manual clock.
+    for _ in 0..20 {
+        clock.advance(Duration::from_millis(5));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    go.send(7).unwrap();
+    for _ in 0..100 {
+        if duplicate.is_finished() {
+            break;
+        }
+        clock.advance(Duration::from_millis(5));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let first = first.await.unwrap().unwrap();
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+    assert_eq!((first.value, first.replayed), (7, false));
+    assert_eq!((duplicate.value, duplicate.replayed), (7, true));
+}
