@@ -240,6 +240,7 @@ impl<E> Pipeline<E> {
     }
 
     /// The retry's budget, if it has one.
+    #[cfg(feature = "tower")]
     pub(crate) fn retry_budget(&self) -> Option<&RetryBudget> {
         self.retry.as_ref().and_then(Retry::budget)
     }

@@ -11,11 +11,18 @@
 //! | key missing (when required) | `400 Bad Request` |
 //! | key malformed, too long, or sent twice | `400 Bad Request` |
 //! | no scope (tenant or principal) for the request | `401 Unauthorized` |
-//! | same key, different request | `422 Unprocessable Content` |
+//! | same key and endpoint (method and path), different query or body | `422 Unprocessable Content` |
 //! | the first request is still running | `409 Conflict` with `Retry-After` |
 //! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
 //! | body larger than the limit | `413 Content Too Large` |
 //! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
+//!
+//! A client that goes away does not stop a keyed request halfway: a handler dropped after its
+//! effect would release the key, and the client's retry would run it again. So each keyed
+//! request runs on a task of its own until the handler answers and the key keeps the outcome,
+//! which the retry replays; the answer's body is read for the record only while the client
+//! waits (once it is gone, the record keeps the status and headers, the body omitted). A panic
+//! in the handler fails that request only, as without the layer.
 //!
 //! The request fingerprint is the method, path and query, and body by default; replace it with
 //! [`IdempotencyLayer::fingerprint`]. Records are scoped by the tenant the scope function
@@ -34,6 +41,7 @@
 //! # let _ = layer;
 //! ```
 
+use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
@@ -153,6 +161,7 @@ where
                 max_body_len: 1024 * 1024,
                 replay_headers: vec![
                     header::CONTENT_TYPE,
+                    header::CONTENT_ENCODING,
                     header::CONTENT_LANGUAGE,
                     header::LOCATION,
                     header::CONTENT_LOCATION,
@@ -191,8 +200,11 @@ where
         self
     }
 
-    /// The response headers stored and replayed (default: content type and language,
-    /// location, content location, etag).
+    /// The response headers stored and replayed (default: content type, encoding and
+    /// language, location, content location, etag). The body is stored as the handler gave
+    /// it: with a compression layer inside this one, it is replayed compressed as for the
+    /// first request, so place compression outside this layer to fit each retry's
+    /// `Accept-Encoding`.
     #[must_use]
     pub fn replay_headers(mut self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         self.options_mut().replay_headers = headers.into_iter().collect();
@@ -317,7 +329,7 @@ where
     F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     Inner: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     Inner::Future: Send,
-    Inner::Error: Send,
+    Inner::Error: Send + 'static,
     ReqB: Body + From<Bytes> + Send + 'static,
     ReqB::Data: Send,
     ReqB::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -391,59 +403,104 @@ where
             };
             let fingerprint = (options.fingerprint)(&parts, &body);
             let request = Request::from_parts(parts, ReqB::from(body));
-            let replay_headers = &options.replay_headers;
-            let store_status = &options.store_status;
-            let max_response_len = layer.executor.config().max_outcome_len;
-            let outcome = layer
-                .executor
-                .execute_leased_with_policy(
-                    &scope,
-                    &key,
-                    &fingerprint,
-                    |stored: &StoredResponse| {
-                        StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
-                    },
-                    |lease| async move {
-                        let response = inner.call(request).await?;
-                        let (head, body) = response.into_parts();
-                        let headers: Vec<(String, Vec<u8>)> = replay_headers
-                            .iter()
-                            .flat_map(|name| {
-                                head.headers.get_all(name).iter().map(|value| {
-                                    (name.as_str().to_owned(), value.as_bytes().to_vec())
-                                })
-                            })
-                            .collect();
-                        let status = head.status.as_u16();
-                        // The handler has run: whatever happens to its body (its read failing,
-                        // the client going away meanwhile), the key must keep an outcome, or a
-                        // retry would run the handler again.
-                        if store_status(head.status) {
-                            lease.took_effect(&body_omitted(status, headers.clone()));
-                        }
-                        let max_body = max_response_len.saturating_sub(stored_overhead(
-                            status,
-                            &headers,
-                            max_response_len,
-                        ));
-                        match Limited::new(body, max_body).collect().await {
-                            Ok(body) => Ok(StoredResponse {
-                                status,
-                                headers,
-                                body: body.to_bytes().to_vec(),
-                                head: Some(head),
-                            }),
-                            Err(_) => Ok(body_omitted(status, headers)),
-                        }
-                    },
-                )
-                .await;
-            match outcome {
-                Ok(executed) => Ok(rebuild(executed.value, executed.replayed)),
-                Err(IdempotencyError::Operation(err)) => Err(err),
-                Err(err) => Ok(refusal(&err)),
+            // The client going away must not stop the handler halfway: the key would be
+            // released and the client's retry would run it again. So the request runs on a
+            // task of its own until the handler answers and the key keeps the outcome; the
+            // answer's body is read for the record only while the client waits for it.
+            let (_client_waits, client_gone) = tokio::sync::oneshot::channel::<Infallible>();
+            let executing = tokio::spawn(execute(
+                layer,
+                scope,
+                key,
+                fingerprint,
+                client_gone,
+                move || inner.call(request),
+            ));
+            match executing.await {
+                Ok(response) => response,
+                Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+                Err(_) => panic!("the runtime running an idempotent request shut down"),
             }
         })
+    }
+}
+
+/// Runs one keyed request through the executor and answers with its response: the handler's,
+/// a replay or a refusal.
+async fn execute<S, F, ResB, Error, Call, Answer>(
+    layer: IdempotencyLayer<S, F>,
+    scope: Scope,
+    key: IdempotencyKey,
+    fingerprint: Vec<u8>,
+    mut client_gone: tokio::sync::oneshot::Receiver<Infallible>,
+    call: Call,
+) -> Result<Response<ResB>, Error>
+where
+    S: LeaseStore,
+    ResB: Body + From<Bytes>,
+    ResB::Error: Into<Box<dyn StdError + Send + Sync>>,
+    Call: FnOnce() -> Answer,
+    Answer: Future<Output = Result<Response<ResB>, Error>>,
+{
+    let options = &layer.options;
+    let replay_headers = &options.replay_headers;
+    let store_status = &options.store_status;
+    let max_response_len = layer.executor.config().max_outcome_len;
+    let outcome = layer
+        .executor
+        .execute_leased_with_policy(
+            &scope,
+            &key,
+            &fingerprint,
+            |stored: &StoredResponse| {
+                StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
+            },
+            |lease| async move {
+                let response = call().await?;
+                let (head, body) = response.into_parts();
+                let headers: Vec<(String, Vec<u8>)> = replay_headers
+                    .iter()
+                    .flat_map(|name| {
+                        head.headers
+                            .get_all(name)
+                            .iter()
+                            .map(|value| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+                    })
+                    .collect();
+                let status = head.status.as_u16();
+                // The handler has run: whatever happens to its body (its read failing,
+                // the client going away meanwhile), the key must keep an outcome, or a
+                // retry would run the handler again.
+                if store_status(head.status) {
+                    lease.took_effect(&body_omitted(status, headers.clone()));
+                }
+                let max_body = max_response_len.saturating_sub(stored_overhead(
+                    status,
+                    &headers,
+                    max_response_len,
+                ));
+                let read = Limited::new(body, max_body).collect();
+                tokio::select! {
+                    biased;
+                    read = read => match read {
+                        Ok(body) => Ok(StoredResponse {
+                            status,
+                            headers,
+                            body: body.to_bytes().to_vec(),
+                            head: Some(head),
+                        }),
+                        Err(_) => Ok(body_omitted(status, headers)),
+                    },
+                    // Nobody to answer: the outcome recorded above stands.
+                    _ = &mut client_gone => Ok(body_omitted(status, headers)),
+                }
+            },
+        )
+        .await;
+    match outcome {
+        Ok(executed) => Ok(rebuild(executed.value, executed.replayed)),
+        Err(IdempotencyError::Operation(err)) => Err(err),
+        Err(err) => Ok(refusal(&err)),
     }
 }
 

@@ -536,3 +536,75 @@ async fn a_body_just_under_the_limit_with_its_headers_over_it_is_omitted_not_los
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
+
+/// The client goes away while the handler runs, after its effect: the handler still runs to
+/// its answer, which the key keeps, so the client's retry replays it instead of running the
+/// handler again.
+#[tokio::test]
+async fn a_client_gone_while_the_handler_runs_leaves_the_handler_run_once() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let finish = Arc::new(Notify::new());
+    let handler = {
+        let (calls, finish) = (Arc::clone(&calls), Arc::clone(&finish));
+        service_fn(move |_: Request<Body>| {
+            let (calls, finish) = (Arc::clone(&calls), Arc::clone(&finish));
+            async move {
+                // The effect (a card charged), then more work before the answer.
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                finish.notified().await;
+                let mut response = Response::new(Body::from(format!("payment {n}")));
+                *response.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    // The default policy: a duplicate waits for the outcome.
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .build()
+        .unwrap();
+    let mut service = IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    )
+    .layer(handler);
+    {
+        let first = service
+            .ready()
+            .await
+            .unwrap()
+            .call(post(Some("\"gone\""), "charge"));
+        tokio::pin!(first);
+        tokio::select! {
+            biased;
+            _ = &mut first => panic!("the handler waits"),
+            () = async {
+                while calls.load(Ordering::SeqCst) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            } => {}
+        }
+    }
+    finish.notify_one();
+    let (status, headers, body) = send(&mut service, post(Some("\"gone\""), "charge")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// A body the handler encoded (a compression layer inside this one) is replayed with its
+/// encoding, so that the client can decode it.
+#[tokio::test]
+async fn a_replay_keeps_the_body_encoding() {
+    let encoded = service_fn(|_: Request<Body>| async {
+        let mut response = Response::new(Body::from("\u{1f}\u{8b} compressed bytes"));
+        response
+            .headers_mut()
+            .insert("content-encoding", "gzip".parse().unwrap());
+        Ok::<_, Infallible>(response)
+    });
+    let mut service = memory_layer().layer(encoded);
+    let (_, first, _) = send(&mut service, post(Some("k"), "x")).await;
+    let (_, replay, _) = send(&mut service, post(Some("k"), "x")).await;
+    assert_eq!(replay["idempotent-replayed"], "true");
+    assert_eq!(replay["content-encoding"], first["content-encoding"]);
+}
