@@ -171,7 +171,8 @@ impl LoadShedder {
             Priority::Default => config.default_at,
             Priority::Sheddable => config.sheddable_at,
         };
-        let capacity = (bulkhead.limit() + bulkhead.max_queued()) as f64;
+        // Added as floats: a queue configured as long as a `usize` allows must not overflow.
+        let capacity = bulkhead.limit() as f64 + bulkhead.max_queued() as f64;
         let concurrency = (bulkhead.in_use() + bulkhead.queued()) as f64 / capacity;
         if concurrency >= threshold {
             return Some(if bulkhead.adaptive().is_some() {

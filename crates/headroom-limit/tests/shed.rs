@@ -275,3 +275,16 @@ fn thresholds_must_not_favour_less_important_work() {
         .unwrap_err();
     assert_eq!(err.field(), "critical_at");
 }
+
+/// A bulkhead whose queue is as long as a `usize` allows (configured as "no bound") leaves
+/// the shedder working: an idle bulkhead admits every priority.
+#[test]
+fn a_bulkhead_with_the_longest_queue_admits_when_idle() {
+    let bulkhead = Bulkhead::builder("unbounded-queue")
+        .max_concurrent(10)
+        .max_queued(usize::MAX)
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead).build().unwrap();
+    assert!(Priority::ALL.iter().all(|&p| shedder.check(p).is_ok()));
+}
