@@ -193,6 +193,10 @@ pub(crate) struct Inner<K, V> {
     in_flight: Mutex<HashMap<K, InFlight<V>, foldhash::fast::RandomState>>,
     loads: AtomicU64,
     writes: Box<[AtomicU64]>,
+    /// Per write stripe, the loads that changed L1 (put a value there or dropped one). A read
+    /// that does not join loads ([`Cache::get`]) fills L1 only if none did since it began:
+    /// what it read from L2 may be older than what the load found.
+    loads_done: Box<[AtomicU64]>,
     /// Per write stripe, the writes whose L2 change has not landed yet: no read fills L1
     /// meanwhile, since what it read from L2 may be the state the write replaces.
     writing: Box<[AtomicU32]>,
@@ -261,6 +265,7 @@ where
                 in_flight: Mutex::new(HashMap::default()),
                 loads: AtomicU64::new(0),
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                loads_done: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 writing: (0..WRITE_STRIPES).map(|_| AtomicU32::new(0)).collect(),
                 stripes: foldhash::fast::RandomState::default(),
             }),
@@ -798,6 +803,7 @@ where
     async fn read_l2(self: &Arc<Self>, l2: &Arc<L2>, key: &K) -> Result<Option<V>, CacheError> {
         let full = self.l2_key(l2, key)?;
         let write = self.mark(key);
+        let loads_done = self.loads_done[write.stripe].load(Ordering::Acquire);
         let Some(bytes) = l2.get(&full).await.flatten() else {
             self.metrics.l2_misses.increment(1);
             return Ok(None);
@@ -808,7 +814,7 @@ where
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
                 let (this, key) = (Arc::clone(self), key.clone());
-                tokio::spawn(async move { this.fill_l1(&key, slot, write) });
+                tokio::spawn(async move { this.fill_read(&key, slot, write, loads_done) });
                 Ok(value)
             }
             _ => {
@@ -986,6 +992,24 @@ where
             return false;
         }
         true
+    }
+
+    /// [`fill_l1`](Self::fill_l1) for a read that did not join loads, begun when the stripe's
+    /// `loads_done` was `loads_done`: no load may have changed L1 since.
+    fn fill_read(&self, key: &K, slot: Slot<V>, write: WriteMark, loads_done: u64) {
+        let done = &self.loads_done[write.stripe];
+        if done.load(Ordering::Acquire) != loads_done || !self.fill_l1(key, slot, write) {
+            return;
+        }
+        // A load that changed L1 meanwhile may have been overwritten: drop what was just put.
+        if done.load(Ordering::Acquire) != loads_done {
+            self.l1.invalidate(key);
+        }
+    }
+
+    /// Records that a load changed the key's L1 copy (see `loads_done`).
+    fn load_changed_l1(&self, key: &K) {
+        self.loads_done[self.stripe(key)].fetch_add(1, Ordering::AcqRel);
     }
 
     /// The longest any entry written so far can live, under every TTL configuration the cache
@@ -1460,6 +1484,7 @@ where
                     if self.unchanged(write) {
                         // Whatever L1 held for the key is older than this value.
                         self.l1.invalidate(key);
+                        self.load_changed_l1(key);
                     }
                     return None;
                 }
@@ -1474,7 +1499,9 @@ where
             tags,
         );
         self.weigh(key, &mut slot, entry.as_ref().map(|e| e.value.len()));
-        self.fill_l1(key, slot, write);
+        if self.fill_l1(key, slot, write) {
+            self.load_changed_l1(key);
+        }
         entry
     }
 
@@ -1484,6 +1511,7 @@ where
     fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
         if self.unchanged(write) {
             self.l1.invalidate(key);
+            self.load_changed_l1(key);
         }
         let l2 = self.l2.as_ref()?;
         self.tombstone(l2, key, version).ok()

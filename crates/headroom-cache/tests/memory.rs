@@ -2235,3 +2235,107 @@ async fn a_longer_ttl_keeps_entries_in_l2_that_long() {
     clock.advance(SEC);
     assert_eq!(reader.get(&key("k")).await.unwrap(), None);
 }
+
+/// A store whose `get`, while `hold` is set, reads the value and then waits for a permit
+/// before answering it: a read whose answer is slow to arrive.
+#[derive(Clone, Debug)]
+struct HeldRead {
+    inner: MemoryKvStore,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    held: Arc<tokio::sync::Notify>,
+    gate: Arc<Semaphore>,
+}
+
+impl KvStore for HeldRead {
+    async fn get(
+        &self,
+        key: &headroom_core::Key,
+    ) -> Result<Option<Bytes>, headroom_core::BackendError> {
+        let read = self.inner.get(key).await;
+        if self.hold.load(Ordering::SeqCst) {
+            self.held.notify_one();
+            self.gate.acquire().await.expect("gate").forget();
+        }
+        read
+    }
+    async fn get_many(
+        &self,
+        keys: &[headroom_core::Key],
+    ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
+        self.inner.get_many(keys).await
+    }
+    async fn set(
+        &self,
+        key: &headroom_core::Key,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), headroom_core::BackendError> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(
+        &self,
+        entries: &[headroom_core::kv::KvEntry],
+    ) -> Result<(), headroom_core::BackendError> {
+        self.inner.set_many(entries).await
+    }
+    async fn delete(
+        &self,
+        keys: &[headroom_core::Key],
+    ) -> Result<u64, headroom_core::BackendError> {
+        self.inner.delete(keys).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[headroom_core::kv::KvEntry],
+        version: headroom_core::kv::VersionAt,
+    ) -> Result<u64, headroom_core::BackendError> {
+        self.inner.set_if_newer(entries, version).await
+    }
+}
+
+/// A read whose L2 answer arrives after a refresh found the key gone does not put the old
+/// value back into L1: the removal holds for reads that began before it.
+#[tokio::test]
+async fn a_slow_read_does_not_bring_back_a_value_a_refresh_removed() {
+    let clock = ManualClock::new();
+    let store = HeldRead {
+        inner: MemoryKvStore::builder().clock(clock.clock()).build(),
+        hold: Arc::default(),
+        held: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let cache: Cache<String, String> = Cache::builder()
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .l2(store.clone(), ns())
+        .clock(clock.clock())
+        .build()
+        .unwrap();
+    cache.insert(key("k"), "v1".into()).await.unwrap();
+    cache.invalidate_local(&key("k"));
+    clock.advance(6 * SEC);
+    store.hold.store(true, Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get(&key("k")).await }
+    });
+    store.held.notified().await;
+    store.hold.store(false, Ordering::SeqCst);
+    // The source no longer has the key: the refresh removes it.
+    let served = cache
+        .get_or_load(&key("k"), |_| async { Ok::<_, CacheError>(None) })
+        .await
+        .unwrap();
+    assert_eq!(
+        served.as_deref(),
+        Some("v1"),
+        "served stale while refreshing"
+    );
+    settle(|| cache.loads_in_flight() == 0).await;
+    store.gate.add_permits(1);
+    assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("v1"));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(cache.get(&key("k")).await.unwrap(), None);
+}
