@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use headroom_core::{Classify, ManualClock};
 use headroom_limit::rate::{
-    DirectLimiter, KeyedLimiter, LocalRateLimiter, Quota, RateErrorKind, TierConfig,
+    DirectLimiter, KeyedLimiter, LocalRateLimiter, Quota, Quotas, RateErrorKind, TierConfig,
 };
 use proptest::prelude::*;
 
@@ -196,6 +196,50 @@ fn millions_of_distinct_keys_stay_under_the_cap() {
         limiter.len()
     );
     assert!(limiter.max_keys() <= 10_000 + 64);
+}
+
+#[test]
+fn tiers_keep_a_cell_per_key_at_any_length() {
+    // A tier holds keys up to 47 bytes as they are and longer ones as digests: keys either
+    // side of that length, and long keys differing only in their first or last byte, each
+    // keep a cell of their own.
+    let long = "k".repeat(16 * 1024);
+    let mut keys = vec![
+        String::new(),
+        "k".repeat(47),
+        "k".repeat(48),
+        "k".repeat(49),
+        long.clone(),
+        format!("{long}!"),
+        format!("!{long}"),
+    ];
+    keys.push(format!("{}!", &long[1..]));
+    let quota = Quota::per_hour(2).unwrap();
+    let tiers = TierConfig::new().tier("one", quota).tier(
+        "several",
+        Quotas::new([quota, Quota::new(10, Duration::from_secs(86_400)).unwrap()]).unwrap(),
+    );
+    let limiter = LocalRateLimiter::builder("api", tiers)
+        .clock(ManualClock::new().clock())
+        .build()
+        .unwrap();
+    for tier in ["one", "several"] {
+        for key in &keys {
+            assert_eq!(
+                limiter.check_now(tier, key, 1).unwrap().remaining(),
+                1,
+                "{tier}"
+            );
+        }
+        for key in &keys {
+            assert_eq!(
+                limiter.check_now(tier, key, 1).unwrap().remaining(),
+                0,
+                "{tier}"
+            );
+            assert!(limiter.check_now(tier, key, 1).is_err(), "{tier}");
+        }
+    }
 }
 
 #[tokio::test]

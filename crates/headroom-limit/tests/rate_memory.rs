@@ -1,7 +1,8 @@
 //! Keyed checks of existing keys do not allocate, direct checks never do, and millions of
-//! distinct keys keep the bytes held under a bound set by the cap, measured with a counting
-//! global allocator whose counts are per thread: only the measuring thread's allocations
-//! count, so the test harness and other tests running meanwhile cannot disturb a measurement.
+//! distinct keys, or long ones, keep the bytes held under a bound set by the cap, measured with
+//! a counting global allocator whose counts are per thread: only the measuring thread's
+//! allocations count, so the test harness and other tests running meanwhile cannot disturb a
+//! measurement.
 
 use std::time::Duration;
 
@@ -98,4 +99,59 @@ fn millions_of_distinct_keys_keep_memory_under_the_cap() {
         "peak {} bytes > bound {bound}",
         info.bytes_max
     );
+}
+
+/// Sends `3 × max_keys` distinct 8 KiB keys (a raw header an attacker fills before any
+/// authentication) to `tier`, each admitted and then draining, and returns the peak bytes.
+fn peak_bytes_of_long_keys(tier: &str, quotas: Quotas, max_keys: usize) -> u64 {
+    const KEY_LEN: usize = 8 * 1024;
+    let clock = ManualClock::new();
+    let mut rng = fastrand::Rng::with_seed(7);
+    // A random body, and a random prefix of its own for every key.
+    let mut key: String = (0..KEY_LEN).map(|_| rng.alphanumeric()).collect();
+    let info = allocation_counter::measure(|| {
+        let limiter = LocalRateLimiter::builder("api", TierConfig::new().tier(tier, quotas))
+            .clock(clock.clock())
+            .max_keys_per_tier(max_keys)
+            .build()
+            .unwrap();
+        for n in 0..3 * max_keys {
+            let mut bytes = std::mem::take(&mut key).into_bytes();
+            bytes[..16].fill_with(|| rng.alphanumeric() as u8);
+            key = String::from_utf8(bytes).unwrap();
+            limiter.check_now(tier, &key, 1).unwrap();
+            if n % 1000 == 0 {
+                clock.advance(Duration::from_millis(1));
+            }
+        }
+    });
+    info.bytes_max
+}
+
+#[test]
+fn long_keys_keep_a_tier_within_its_bytes() {
+    const MAX_KEYS: usize = 20_000;
+    let hourly = Quota::per_hour(10).unwrap();
+    // The documented bound: at most 256 bytes per key held in a tier of one quota, 512 in a
+    // tier of several, whatever the keys' length.
+    let several = Quotas::new([hourly, Quota::per_minute(10).unwrap()]).unwrap();
+    let peaks = [
+        (
+            "one",
+            peak_bytes_of_long_keys("one", hourly.into(), MAX_KEYS),
+            256,
+        ),
+        (
+            "several",
+            peak_bytes_of_long_keys("several", several, MAX_KEYS),
+            512,
+        ),
+    ];
+    for (tier, peak, per_key) in peaks {
+        let bound = (MAX_KEYS * per_key + 64 * 1024) as u64;
+        assert!(
+            peak <= bound,
+            "peak bytes by tier: {peaks:?}; {tier} > bound {bound}"
+        );
+    }
 }

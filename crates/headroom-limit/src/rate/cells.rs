@@ -1,5 +1,7 @@
 //! The in-process state of one tier: a cell per key for each of its quotas, charged together.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::time::Duration;
 
 use headroom_core::{Clock, Stopwatch};
@@ -22,19 +24,91 @@ impl Cell for Tats {
     }
 }
 
+/// A key as a tier holds it, in a fixed 48 bytes: a short key's bytes, or a digest of a
+/// longer one.
+///
+/// A tier's keys come from requests (often a raw header, before authentication), so their
+/// length is the sender's. Held as given (as `governor` holds keys), 16 KiB tokens would make
+/// every entry 16 KiB and the key cap no bound on bytes; refused over a length, as the
+/// distributed limiter's store requires, they would fail callers whose key is merely long
+/// (a JWT). A fixed size keeps a tier's bytes bounded by its key cap, and a key already held
+/// is found without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TierKey {
+    /// The length of a short key, or [`DIGEST`](Self::DIGEST).
+    len: u8,
+    /// A short key's bytes, or the digest's 16, then zeros.
+    bytes: [u8; TierKey::INLINE],
+}
+
+impl TierKey {
+    /// The longest key held as it is: addresses, UUIDs, most ids and API tokens.
+    const INLINE: usize = 47;
+    const DIGEST: u8 = u8::MAX;
+    const DIGEST_LEN: usize = 16;
+
+    /// `key` as held, a longer key as a 128-bit digest keyed by `seed`: the SipHash values
+    /// of `(key, 0u8)` and `(key, 1u8)`, sharing the one pass over the key. The seed is random,
+    /// so a sender cannot search for two long keys that share a cell; any two do with
+    /// probability 2^-128.
+    pub(crate) fn new(key: &str, seed: &RandomState) -> Self {
+        let mut bytes = [0; Self::INLINE];
+        match u8::try_from(key.len()) {
+            Ok(len) if usize::from(len) <= Self::INLINE => {
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                Self { len, bytes }
+            }
+            _ => {
+                let mut first = seed.build_hasher();
+                key.hash(&mut first);
+                let mut second = first.clone();
+                first.write_u8(0);
+                second.write_u8(1);
+                bytes[..8].copy_from_slice(&first.finish().to_le_bytes());
+                bytes[8..Self::DIGEST_LEN].copy_from_slice(&second.finish().to_le_bytes());
+                Self {
+                    len: Self::DIGEST,
+                    bytes,
+                }
+            }
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        let len = match self.len {
+            Self::DIGEST => Self::DIGEST_LEN,
+            len => usize::from(len),
+        };
+        &self.bytes[..len]
+    }
+}
+
+// The documented bytes per key rest on this: an entry is 56 bytes with one quota's cell, 120
+// with several.
+const _: () = assert!(size_of::<TierKey>() == 48);
+
+/// Hashes the bytes in use only: a short key costs what the `str` itself would.
+impl Hash for TierKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.as_bytes());
+    }
+}
+
 /// A tier's cells in one process. One quota keeps the keyed limiter's lock-free cell; several
 /// keep one small locked array per key, so that a request is charged to every quota or none.
 #[derive(Debug)]
 pub(crate) struct TierCells {
     quotas: Quotas,
     cells: Cells,
+    /// The seed of long keys' digests.
+    seed: RandomState,
 }
 
 #[derive(Debug)]
 enum Cells {
-    One(KeyedLimiter<String>),
+    One(KeyedLimiter<TierKey>),
     Several {
-        table: Table<String, Tats>,
+        table: Table<TierKey, Tats>,
         gcras: Box<[Gcra]>,
         time: Stopwatch,
     },
@@ -66,6 +140,7 @@ impl TierCells {
         Self {
             quotas: quotas.clone(),
             cells,
+            seed: RandomState::new(),
         }
     }
 
@@ -77,6 +152,10 @@ impl TierCells {
     /// Spends `cost` units of every quota of `key`, or none. The answer names the quota with
     /// the fewest units left (admitted) or the longest wait (refused).
     pub(crate) fn check(&self, key: &str, cost: u32) -> Result<Admitted, RateError> {
+        self.check_held(&TierKey::new(key, &self.seed), cost)
+    }
+
+    fn check_held(&self, key: &TierKey, cost: u32) -> Result<Admitted, RateError> {
         match &self.cells {
             Cells::One(limiter) => limiter.check_key_n(key, cost),
             Cells::Several { table, gcras, time } => {
@@ -101,12 +180,13 @@ impl TierCells {
         cost: u32,
         max_wait: Duration,
     ) -> Result<Admitted, RateError> {
+        let key = TierKey::new(key, &self.seed);
         let clock = match &self.cells {
-            Cells::One(limiter) => return limiter.acquire_key_n(key, cost, max_wait).await,
+            Cells::One(limiter) => return limiter.acquire_key_n(&key, cost, max_wait).await,
             Cells::Several { time, .. } => time.clock(),
         };
         wait::acquire(clock, max_wait, || {
-            std::future::ready(self.check(key, cost))
+            std::future::ready(self.check_held(&key, cost))
         })
         .await
     }

@@ -61,6 +61,18 @@ pub(crate) fn record(metrics: &TierMetrics, tier: &str, result: &Result<Admitted
 /// Cheap to clone (clones share state). The tiers can be replaced at run time with
 /// [`replace`](Self::replace); tiers whose quotas did not change keep their state.
 ///
+/// # Memory
+///
+/// Each tier holds at most [`max_keys_per_tier`](LocalRateLimiterBuilder::max_keys_per_tier)
+/// keys, capped as a [`KeyedLimiter`](super::KeyedLimiter) is, and each key in a fixed 48 bytes
+/// whatever its length: a key of up to 47 bytes as it is, a longer one as a 128-bit digest
+/// under a random seed (two long keys share a cell with probability 2^-128, and a sender who
+/// does not know the seed cannot search for such a pair). So a tier takes at most 256 bytes
+/// per key held, the hash tables' spare room included, or 512 for a tier of several quotas,
+/// plus under 1 KiB per shard: 256 MB (512 MB) per tier at the default cap, whatever keys
+/// senders choose. A key already held is checked without allocating, and one over 47 bytes
+/// costs one more hash, of its 16-byte digest.
+///
 /// ```
 /// use std::time::Duration;
 /// use headroom_limit::rate::{
@@ -120,8 +132,8 @@ impl LocalRateLimiterBuilder {
         self
     }
 
-    /// The most keys held per tier (default 1,000,000); see
-    /// [`KeyedLimiter`](super::KeyedLimiter).
+    /// The most keys held per tier (default 1,000,000), each in at most 256 bytes (512 in a
+    /// tier of several quotas) whatever its length; see [Memory](LocalRateLimiter#memory).
     pub fn max_keys_per_tier(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self

@@ -245,6 +245,13 @@ impl KeyedLimiterBuilder {
 /// the eighth of them nearest to full again: those keys get their burst back early, which is
 /// the price of a hard cap.
 ///
+/// The cap bounds bytes as well when keys have a fixed size (an address, an id, a `u64`): an
+/// entry is the key and an 8-byte cell, and the hash tables keep at most 4× the entries' bytes.
+/// Keys are held as given, as `governor` holds them, so a `String` key takes its whole
+/// length: bound the length of keys taken from requests (a raw header) before checking
+/// them, or use [`LocalRateLimiter`](super::LocalRateLimiter), which holds every key in
+/// 48 bytes.
+///
 /// ```
 /// use headroom_core::ManualClock;
 /// use headroom_limit::rate::{KeyedLimiter, Quota};
