@@ -101,3 +101,45 @@ async fn finished_records_make_room_for_new_jobs_before_their_retention_ends() {
     }
     assert!(store.bytes() <= 64 * 1024);
 }
+
+/// Dedup keys of finished jobs do not fill the store for their window: once no finished
+/// record is left to drop, the keys whose window ends first go, and new work is taken.
+#[tokio::test]
+async fn dedup_keys_make_room_for_new_jobs_before_their_window_ends() {
+    let store = MemoryJobStore::builder().max_bytes(64 * 1024).build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 1,
+        visibility: Duration::from_secs(60),
+    };
+    let day = EnqueueLimits {
+        dedup_window: Duration::from_secs(86_400),
+        ..limits()
+    };
+    // Far more keys than the bound holds, each job done at once.
+    for i in 0..2_000 {
+        let job = NewJob::new(Bytes::from_static(b"x")).dedup_key(format!("{i:0>255}"));
+        let added = store.enqueue(&p, &job, &day).await;
+        assert!(matches!(added, Ok(Enqueued::Added(_))), "job {i}: {added:?}");
+        let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+        store
+            .complete(
+                &p,
+                delivery.number,
+                delivery.attempt,
+                Bytes::new(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(store.bytes() <= 64 * 1024);
+    // The latest key still answers with its job.
+    let again = NewJob::new(Bytes::from_static(b"x")).dedup_key(format!("{:0>255}", 1_999));
+    assert!(matches!(
+        store.enqueue(&p, &again, &day).await,
+        Ok(Enqueued::Duplicate(_))
+    ));
+}

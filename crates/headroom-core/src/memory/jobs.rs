@@ -29,7 +29,8 @@ const MAX_DEAD_LETTERS: usize = 10_000;
 /// Memory is bounded in bytes (payloads, results, errors and dedup keys, plus a fixed overhead
 /// per job) besides each partition's own bound on unfinished jobs. An enqueue that would pass
 /// the byte bound first drops finished records (done and dead), those whose retention ends
-/// first, before it ends; only when unfinished work fills the bound is it refused with
+/// first, before it ends, then dedup keys, those whose window ends first (a key dropped so no
+/// longer catches a duplicate); only when unfinished work fills the bound is it refused with
 /// [`BackendErrorKind::Unavailable`]. Completing, retrying and
 /// burying are never refused, since refusing them would run a job again.
 ///
@@ -131,8 +132,9 @@ struct State {
 }
 
 impl State {
-    /// Drops finished records (done and dead), those whose retention ends first, until `need`
-    /// more bytes fit or none is left: kept results must not stop new work.
+    /// Drops finished records (done and dead), those whose retention ends first, then dedup
+    /// keys, those whose window ends first, until `need` more bytes fit or none is left: kept
+    /// results and keys must not stop new work.
     fn make_room(&mut self, need: usize, max: usize) {
         while self.bytes.saturating_add(need) > max {
             let first = self
@@ -141,12 +143,25 @@ impl State {
                 .filter_map(|p| p.finished.first().copied().map(|first| (first, p)))
                 .min_by_key(|(first, _)| *first);
             let Some(((_, number), partition)) = first else {
-                return;
+                break;
             };
             partition.finished.pop_first();
             if let Some(job) = partition.jobs.remove(&number) {
                 self.bytes -= job.bytes();
             }
+        }
+        while self.bytes.saturating_add(need) > max {
+            let first = self
+                .partitions
+                .values_mut()
+                .filter_map(|p| Some((p.dedup_expiry.first()?.0, p)))
+                .min_by_key(|(at, _)| *at);
+            let Some((_, partition)) = first else {
+                return;
+            };
+            let (_, key) = partition.dedup_expiry.pop_first().expect("found above");
+            partition.dedup.remove(&key);
+            self.bytes -= JOB_OVERHEAD + key.len();
         }
     }
 }
