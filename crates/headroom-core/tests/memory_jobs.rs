@@ -122,7 +122,10 @@ async fn dedup_keys_make_room_for_new_jobs_before_their_window_ends() {
     for i in 0..2_000 {
         let job = NewJob::new(Bytes::from_static(b"x")).dedup_key(format!("{i:0>255}"));
         let added = store.enqueue(&p, &job, &day).await;
-        assert!(matches!(added, Ok(Enqueued::Added(_))), "job {i}: {added:?}");
+        assert!(
+            matches!(added, Ok(Enqueued::Added(_))),
+            "job {i}: {added:?}"
+        );
         let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
         store
             .complete(

@@ -18,8 +18,11 @@ use crate::{EnqueueError, Write, WriteBehind};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CacheWriteError {
-    /// The durable write was refused (the backlog is full, or the store failed): nothing
-    /// changed, neither in the cache nor for the writer.
+    /// The durable write was refused (the backlog is full, or the job invalid): nothing
+    /// changed, neither in the cache nor for the writer. Or the store failed
+    /// ([`EnqueueError::Backend`]): the write may have been recorded all the same (a lost
+    /// answer) and then reaches the writer, so the key was removed from the cache, and the
+    /// next read loads it from the source.
     #[error("the write was not accepted")]
     Enqueue(#[from] EnqueueError),
     /// The value could not be encoded: nothing changed.
@@ -100,7 +103,10 @@ where
         let bytes = key_bytes(&key);
         let (writes, cache) = (Arc::clone(&self.writes), self.cache.clone());
         self.in_turn(&bytes.clone(), async move {
-            let version = writes.put(bytes, encoded).await?;
+            let version = match writes.put(bytes, encoded).await {
+                Ok(version) => version,
+                Err(error) => return Err(forget_if_unknown(&cache, &key, error).await),
+            };
             cache.insert_at(key, value, version_time(version)).await?;
             Ok(version)
         })
@@ -112,7 +118,10 @@ where
         let bytes = key_bytes(key);
         let (writes, cache, key) = (Arc::clone(&self.writes), self.cache.clone(), key.clone());
         self.in_turn(&bytes.clone(), async move {
-            let version = writes.delete(bytes).await?;
+            let version = match writes.delete(bytes).await {
+                Ok(version) => version,
+                Err(error) => return Err(forget_if_unknown(&cache, &key, error).await),
+            };
             cache.remove_at(&key, version_time(version)).await?;
             Ok(version)
         })
@@ -140,6 +149,26 @@ where
             },
         }
     }
+}
+
+/// A failed enqueue, first removing `key` from the cache when the store failed: the write
+/// may have been recorded all the same (its answer lost), and would then reach the writer, so
+/// the value it replaces must not be answered on.
+async fn forget_if_unknown<K, V>(
+    cache: &Cache<K, V>,
+    key: &K,
+    error: EnqueueError,
+) -> CacheWriteError
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    if matches!(error, EnqueueError::Backend(_))
+        && let Err(removal) = cache.remove(key).await
+    {
+        tracing::warn!(error = %removal, "a write of unknown outcome could not be removed from the cache");
+    }
+    CacheWriteError::Enqueue(error)
 }
 
 /// The time of a write's version (Unix microseconds), by which L2 orders it.

@@ -36,6 +36,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) first_enqueue_stored: Arc<Notify>,
     lose_first_completion_reply: bool,
     completion_reply_lost: Arc<AtomicBool>,
+    lose_first_enqueue_reply: bool,
+    enqueue_reply_lost: Arc<AtomicBool>,
     hold_first_enqueue: bool,
     first_enqueue_taken: Arc<AtomicBool>,
     pub(crate) first_enqueue_held: Arc<Notify>,
@@ -57,6 +59,8 @@ impl<S: JobStore> SlowStore<S> {
             first_enqueue_stored: Arc::default(),
             lose_first_completion_reply: false,
             completion_reply_lost: Arc::default(),
+            lose_first_enqueue_reply: false,
+            enqueue_reply_lost: Arc::default(),
             hold_first_enqueue: true,
             first_enqueue_taken: Arc::default(),
             first_enqueue_held: Arc::default(),
@@ -85,6 +89,15 @@ impl SlowStore {
         }
     }
 
+    /// The first enqueue is applied, then answered with a timeout, as when its reply is lost
+    /// on the way back.
+    pub(crate) fn first_enqueue_reply_lost() -> Self {
+        Self {
+            lose_first_enqueue_reply: true,
+            ..Self::default()
+        }
+    }
+
     /// The first enqueue is answered 10 ms after its job is stored.
     pub(crate) fn slow_first_enqueue() -> Self {
         Self {
@@ -109,6 +122,9 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         if self.slow_first_enqueue && !self.first_enqueue_slowed.swap(true, Ordering::Relaxed) {
             self.first_enqueue_stored.notify_one();
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.lose_first_enqueue_reply && !self.enqueue_reply_lost.swap(true, Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
         }
         answer
     }
