@@ -797,6 +797,7 @@ where
         attempt: delivery.attempt,
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
+        extended: std::sync::Mutex::new(tokio::time::Instant::now()),
     };
     let id = JobId {
         partition: partition as u16,
@@ -1002,14 +1003,23 @@ struct Held<'a, S> {
     charged: u32,
     /// How long a finishing step keeps trying through store errors.
     budget: Duration,
+    /// When the job was fetched or last extended: each phase's heartbeat counts from it, so
+    /// that moving from waiting to running to storing does not start the count again.
+    extended: std::sync::Mutex<tokio::time::Instant>,
 }
 
 impl<S: JobStore> Held<'_, S> {
-    /// Extends the job's visibility every `every`; returns when the store says another worker
-    /// took it over.
+    /// Extends the job's visibility `every` after its fetch or last extension, then every
+    /// `every`; returns when the store says another worker took it over.
     async fn heartbeat(&self, every: Duration) {
         loop {
-            tokio::time::sleep(every).await;
+            let last = *self.extended.lock().expect("never poisoned");
+            match last.checked_add(every) {
+                Some(next) => tokio::time::sleep_until(next).await,
+                // Further than time goes: never.
+                None => std::future::pending().await,
+            }
+            *self.extended.lock().expect("never poisoned") = tokio::time::Instant::now();
             if let Ok(Fenced::Rejected) =
                 self.store.extend(self.key, self.number, self.attempt).await
             {

@@ -1163,3 +1163,58 @@ async fn a_shutdown_with_an_endless_grace_returns_once_the_worker_is_idle() {
     let report = worker.shutdown(Duration::MAX).await;
     assert_eq!((report.done, report.abandoned), (1, 0));
 }
+
+/// A job is extended every third of its visibility from its fetch to its stored answer,
+/// however its time splits between waiting for a handler, running and being stored: each
+/// phase does not start the count again.
+#[tokio::test(start_paused = true)]
+async fn a_held_job_is_extended_every_third_of_its_visibility_across_its_phases() {
+    let visibility = Duration::from_secs(30);
+    let store = SlowStore::slow_completions(Duration::from_secs(15));
+    let queue = JobQueue::builder("phases", store.clone()).build().unwrap();
+    // The first runs 19.9 s while the second waits for the handler, then runs 9.9 s.
+    let first = queue.enqueue(Job::new("19900")).await.unwrap().id;
+    let second = queue.enqueue(Job::new("9900")).await.unwrap().id;
+    assert!(first < second);
+    let worker = queue
+        .worker(|job| async move {
+            let ms: u64 = std::str::from_utf8(job.payload()).unwrap().parse().unwrap();
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(Bytes::new())
+        })
+        .concurrency(1)
+        .prefetch(1)
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    let fetched = tokio::time::Instant::now();
+    wait_for_state(&queue, first, JobState::Done).await;
+    wait_for_state(&queue, second, JobState::Done).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.done, report.lost), (2, 0));
+    let second_number = {
+        let extends = store.extends.lock().unwrap();
+        // Job numbers grow with enqueues: the second job's is the larger of the two.
+        extends.iter().map(|e| e.0).max().unwrap()
+    };
+    let mut last = fetched;
+    for (number, at) in store.extends.lock().unwrap().iter().copied() {
+        if number != second_number {
+            continue;
+        }
+        assert!(
+            at - last <= visibility / 3 + Duration::from_millis(100),
+            "{:?} without an extension of the second job, from {:?}",
+            at - last,
+            last - fetched
+        );
+        last = at;
+    }
+    // Its answer is stored when the last completion call, which takes 15 s, ends.
+    let stored = store.completions.lock().unwrap().last().unwrap().1 + Duration::from_secs(15);
+    assert!(
+        stored - last <= visibility / 3 + Duration::from_millis(100),
+        "{:?} without an extension before the answer was stored",
+        stored - last
+    );
+}

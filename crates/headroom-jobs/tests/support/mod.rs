@@ -31,6 +31,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     completion_takes: Duration,
     /// The jobs of each `complete_many` call, and when (paused time) each call began.
     pub(crate) completions: Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>,
+    /// The job of each `extend` call, and when (paused time) it was made.
+    pub(crate) extends: Arc<Mutex<Vec<(JobNumber, tokio::time::Instant)>>>,
     slow_first_enqueue: bool,
     first_enqueue_slowed: Arc<AtomicBool>,
     pub(crate) first_enqueue_stored: Arc<Notify>,
@@ -54,6 +56,7 @@ impl<S: JobStore> SlowStore<S> {
             inner,
             completion_takes: Duration::ZERO,
             completions: Arc::default(),
+            extends: Arc::default(),
             slow_first_enqueue: false,
             first_enqueue_slowed: Arc::default(),
             first_enqueue_stored: Arc::default(),
@@ -147,6 +150,10 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         number: JobNumber,
         attempt: u32,
     ) -> Result<Fenced, BackendError> {
+        self.extends
+            .lock()
+            .expect("extends lock")
+            .push((number, tokio::time::Instant::now()));
         self.inner.extend(partition, number, attempt).await
     }
 
