@@ -9,12 +9,14 @@
 //!   is being used and every request succeeds fast; shrinks by a ratio on a
 //!   [`Outcome::Dropped`] or a round trip slower than the latency threshold. Simple and
 //!   robust; it needs a drop signal (errors, timeouts or the threshold) to find the ceiling.
-//! - [`GradientConfig`]: Gradient2. Compares each round trip (the short RTT) with a long-term
-//!   average of them (the long RTT) and scales the limit by their ratio, plus a queue
+//! - [`GradientConfig`]: Gradient2. Compares the average round trip of the last round trip's
+//!   worth of successful requests (the short RTT) with a long-term average of the round trips
+//!   taken without a queue (the long RTT) and scales the limit by their ratio, plus a queue
 //!   allowance: the limit settles where queueing starts to add latency, without any error
-//!   signal. Every step is sized by the limit, so it behaves the same at a capacity of 10 and
-//!   of 10,000. A steady queue raises the long RTT too, so the long RTT only rises slowly and
-//!   is re-measured now and then by a short *probe*.
+//!   signal, however much single round trips vary. Every step is sized by the limit, so it
+//!   behaves the same at a capacity of 10 and of 10,000. A limit in full use may hold a queue
+//!   of its own making, so the long RTT learns only from round trips taken while the limit is
+//!   less than half used and from a short *probe* now and then.
 //!
 //! Use it as the limit of a [`Bulkhead`](crate::Bulkhead) through
 //! [`BulkheadBuilder::adaptive`](crate::BulkheadBuilder::adaptive), or on its own.
@@ -152,18 +154,24 @@ impl Default for AimdConfig {
 
 /// Parameters of the gradient algorithm (Gradient2, after Netflix's concurrency-limits).
 ///
-/// Each successful sample compares its round trip (the short RTT) with the long RTT, an
-/// exponential average of round trips over `long_window` round trips that follows a lower
-/// sample at once. The gradient `rtt_tolerance × long / short`, clamped to [0.5, 1], scales the
-/// limit, plus a queue allowance of `max(queue_size, √limit)`, and `smoothing` of that estimate
-/// is blended in per round trip (one limit's worth of samples), so every step is sized by the
-/// limit: the limit settles near `rtt_tolerance × capacity + √limit` at any scale. A
-/// [`Outcome::Dropped`] sample blends in half the limit instead.
+/// Only [`Outcome::Success`] samples are measured: a failure may come back at once (a refused
+/// connection) or only at a timeout, and says nothing about how long the service takes. The
+/// short RTT is an exponential average of their round trips over the last round trip (one
+/// limit's worth of samples), so round trips that merely vary do not read as queueing. The long
+/// RTT is the no-load round trip: an exponential average over `long_window` round trips of those
+/// taken while less than half the limit was in use, brought down quickly (by 5 % a sample)
+/// while it is more than twice the short RTT. Each successful sample taken with the limit in use
+/// scales the limit by the gradient `rtt_tolerance × long / short`, clamped to [0.5, 1], plus a
+/// queue allowance of `max(queue_size, √limit)`, and `smoothing` of that estimate is blended in
+/// per round trip, so every step is sized by the limit: the limit settles near
+/// `rtt_tolerance × capacity + √limit` at any scale, and falls only when queueing adds latency.
+/// A [`Outcome::Dropped`] sample blends in half the limit instead.
 ///
-/// A steady queue makes every round trip slow, the long RTT included. So every
-/// `probe_interval` round trips (jittered by ±50 % so that instances do not probe together) the
-/// limit drops to `limit / (2 × rtt_tolerance)` for about one and a half round trips, the lowest
-/// round trip seen meanwhile becomes the long RTT, and the limit goes back to where it was.
+/// A busy service may never leave the limit less than half used. So every `probe_interval`
+/// round trips (jittered by ±50 % so that instances do not probe together) the limit drops to
+/// `limit / (2 × rtt_tolerance)` for about one and a half round trips; the average of the
+/// successful round trips that come back after the first round trip's worth (the requests
+/// admitted before the drop) becomes the long RTT, and the limit goes back to where it was.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
@@ -182,7 +190,8 @@ pub struct GradientConfig {
     /// The smallest queue allowance added on top of the gradient, so the limit can grow; the
     /// allowance is `√limit` when that is larger.
     pub queue_size: usize,
-    /// How many round trips the long RTT averages over.
+    /// How many round trips the long RTT averages over (of those taken while less than half
+    /// the limit is in use).
     pub long_window: u32,
     /// About how many round trips pass between probes of the no-load round trip.
     pub probe_interval: u32,
@@ -229,9 +238,13 @@ enum State {
 struct Gradient {
     config: GradientConfig,
     limit: f64,
-    /// The long RTT in seconds; `None` before the first sample.
+    /// The long RTT in seconds: the no-load round trip, an exponential average over
+    /// `long_window` round trips of those taken while the limit was less than half used, reset
+    /// by each probe; `None` before the first successful sample.
     long_rtt: Option<f64>,
-    /// Samples left before the next probe.
+    /// The short RTT in seconds, an exponential average over the last round trip.
+    short_rtt: f64,
+    /// Round trips left before the next probe.
     until_probe: f64,
     probe: Option<Probe>,
     rng: fastrand::Rng,
@@ -241,7 +254,16 @@ struct Gradient {
 struct Probe {
     restore: f64,
     samples_left: u64,
-    lowest_rtt: f64,
+    /// Samples still to come before the requests admitted at the old limit are all back.
+    draining: u64,
+    /// The sum and number of successful round trips after that: the no-load round trip.
+    rtt_sum: f64,
+    rtt_count: u64,
+}
+
+/// Blends `sample` into the exponential average `average` with `weight`.
+fn blend(average: f64, sample: f64, weight: f64) -> f64 {
+    average * (1.0 - weight) + sample * weight
 }
 
 impl Gradient {
@@ -250,6 +272,7 @@ impl Gradient {
             limit: config.initial_limit as f64,
             config,
             long_rtt: None,
+            short_rtt: 0.0,
             until_probe: 0.0,
             probe: None,
             rng: fastrand::Rng::new(),
@@ -260,7 +283,7 @@ impl Gradient {
 
     fn schedule_probe(&mut self) {
         let jitter = 0.5 + self.rng.f64();
-        self.until_probe = f64::from(self.config.probe_interval) * self.limit.max(1.0) * jitter;
+        self.until_probe = f64::from(self.config.probe_interval) * jitter;
     }
 
     fn clamp(&self, limit: f64) -> f64 {
@@ -269,46 +292,80 @@ impl Gradient {
 
     fn sample(&mut self, rtt: Duration, in_flight: usize, outcome: Outcome) -> usize {
         let rtt = rtt.as_secs_f64().max(1e-9);
+        // Only a success measures the service: a failure may come back at once (a refused
+        // connection) or only at a timeout.
+        let success = outcome == Outcome::Success;
+        if success {
+            // Averaged over a round trip, so that round trips which merely vary (not queueing)
+            // do not pull the limit down.
+            self.short_rtt = match self.long_rtt {
+                None => rtt,
+                Some(_) => blend(self.short_rtt, rtt, 2.0 / (self.limit + 1.0)),
+            };
+        }
         if let Some(probe) = &mut self.probe {
-            probe.lowest_rtt = probe.lowest_rtt.min(rtt);
             probe.samples_left -= 1;
+            if probe.draining > 0 {
+                probe.draining -= 1;
+            } else if success {
+                probe.rtt_sum += rtt;
+                probe.rtt_count += 1;
+            }
             if probe.samples_left == 0 {
-                self.long_rtt = Some(probe.lowest_rtt);
+                if probe.rtt_count > 0 {
+                    self.long_rtt = Some(probe.rtt_sum / probe.rtt_count as f64);
+                }
                 self.limit = probe.restore;
                 self.probe = None;
                 self.schedule_probe();
             }
             return self.limit as usize;
         }
-        self.until_probe -= 1.0;
+        // Counted in round trips, so a limit that falls after scheduling does not put the
+        // probe off.
+        self.until_probe -= 1.0 / self.limit;
         if self.until_probe <= 0.0 && self.long_rtt.is_some() {
             // Long enough for the requests admitted before the drop to finish and for a round
-            // trip at the lower limit to come back.
+            // trip at the lower limit to come back; only the latter are without a queue.
             self.probe = Some(Probe {
                 restore: self.limit,
                 samples_left: (self.limit * 1.5).ceil() as u64 + 1,
-                lowest_rtt: f64::INFINITY,
+                draining: self.limit.ceil() as u64,
+                rtt_sum: 0.0,
+                rtt_count: 0,
             });
             self.limit = self.clamp(self.limit / (2.0 * self.config.rtt_tolerance));
             return self.limit as usize;
         }
-        let long = match self.long_rtt {
-            None => rtt,
-            Some(long) => {
-                let weight = 2.0 / (f64::from(self.config.long_window) * self.limit + 1.0);
-                (long * (1.0 - weight) + rtt * weight).min(rtt)
-            }
-        };
-        self.long_rtt = Some(long);
-        let estimate = if outcome == Outcome::Dropped {
-            self.limit * 0.5
-        } else if (in_flight as f64) < self.limit / 2.0 {
+        let idle = (in_flight as f64) < self.limit / 2.0;
+        if success {
+            let long = match self.long_rtt {
+                None => rtt,
+                // A round trip taken with the limit in full use includes the queue the limit
+                // allows, so only the others (and probes) teach the no-load round trip.
+                Some(long) if idle => {
+                    let weight = 2.0 / (f64::from(self.config.long_window) * self.limit + 1.0);
+                    blend(long, rtt, weight)
+                }
+                Some(long) => long,
+            };
+            // Round trips far below it mean the service got faster: catch up quickly.
+            self.long_rtt = Some(if long > 2.0 * self.short_rtt {
+                long * 0.95
+            } else {
+                long
+            });
+        }
+        let estimate = match (outcome, self.long_rtt) {
+            (Outcome::Dropped, _) => self.limit * 0.5,
             // An idle service teaches nothing about its ceiling.
-            return self.limit as usize;
-        } else {
-            let gradient = (self.config.rtt_tolerance * long / rtt).clamp(0.5, 1.0);
-            let allowance = (self.config.queue_size as f64).max(self.limit.sqrt());
-            self.limit * gradient + allowance
+            _ if idle => return self.limit as usize,
+            (Outcome::Success, Some(long)) => {
+                let gradient = (self.config.rtt_tolerance * long / self.short_rtt).clamp(0.5, 1.0);
+                let allowance = (self.config.queue_size as f64).max(self.limit.sqrt());
+                self.limit * gradient + allowance
+            }
+            _ => return self.limit as usize,
         };
         let weight = (self.config.smoothing / self.limit).min(1.0);
         self.limit = self.clamp(self.limit * (1.0 - weight) + estimate * weight);

@@ -128,13 +128,18 @@ async fn aimd_settles_near_capacity_and_backs_off_when_latency_rises() {
     );
 }
 
-/// A service of `capacity` workers taking `SERVICE_TIME` per request, with a FIFO queue
+/// A service of `capacity` workers taking `service_time()` per request, with a FIFO queue
 /// inside, driven by `4 × capacity` closed-loop callers through `limit`: each caller sends its
 /// next request as soon as the last one returns and waits for admission while `limit` requests
 /// are in flight. Simulated event by event (no runtime), so a capacity of 1,000 is cheap.
 /// Halfway through, half the workers go away. Returns the mean limit over the second quarter
 /// and over the last quarter of the run.
-fn simulate(limit: &AdaptiveLimit, capacity: usize, seconds: u64) -> (f64, f64) {
+fn simulate(
+    limit: &AdaptiveLimit,
+    capacity: usize,
+    seconds: u64,
+    mut service_time: impl FnMut() -> Duration,
+) -> (f64, f64) {
     use std::cmp::Reverse;
     use std::collections::{BinaryHeap, VecDeque};
 
@@ -160,7 +165,7 @@ fn simulate(limit: &AdaptiveLimit, capacity: usize, seconds: u64) -> (f64, f64) 
             let Some(admitted) = service_queue.pop_front() else {
                 break;
             };
-            serving.push(Reverse((now + SERVICE_TIME, admitted)));
+            serving.push(Reverse((now + service_time(), admitted)));
         }
         let Some(Reverse((done, admitted))) = serving.pop() else {
             panic!("the simulated service stalled");
@@ -203,7 +208,7 @@ fn gradient_converges_near_capacity_of_10_100_and_1000() {
         };
         let tolerance = config.rtt_tolerance;
         let limit = AdaptiveLimit::new("gradient", AdaptiveConfig::Gradient(config)).unwrap();
-        let (settled, halved) = simulate(&limit, capacity, 16);
+        let (settled, halved) = simulate(&limit, capacity, 16, || SERVICE_TIME);
         println!("capacity {capacity}: settled at {settled:.1}, after halving {halved:.1}");
         let band = |capacity| gradient_band(capacity, tolerance);
         let capacity = capacity as f64;
@@ -218,6 +223,118 @@ fn gradient_converges_near_capacity_of_10_100_and_1000() {
             band(capacity / 2.0)
         );
     }
+}
+
+/// Service times spread uniformly over 5 to 15 ms (a fixed-seed generator, so the run is
+/// the same every time): a round trip slower than the average is not queueing, and the limit
+/// still settles within the documented band of the capacity, at every scale.
+#[test]
+fn gradient_converges_near_capacity_when_service_times_vary() {
+    for capacity in [10, 100, 1_000] {
+        let config = GradientConfig {
+            initial_limit: 20,
+            max_limit: 10_000,
+            ..GradientConfig::default()
+        };
+        let tolerance = config.rtt_tolerance;
+        let limit = AdaptiveLimit::new("gradient", AdaptiveConfig::Gradient(config)).unwrap();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let spread = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let uniform = (state >> 11) as f64 / (1_u64 << 53) as f64;
+            Duration::from_secs_f64(0.005 + 0.010 * uniform)
+        };
+        let (settled, halved) = simulate(&limit, capacity, 16, spread);
+        println!("capacity {capacity}: settled at {settled:.1}, after halving {halved:.1}");
+        let band = |capacity| gradient_band(capacity, tolerance);
+        let capacity = capacity as f64;
+        assert!(
+            band(capacity).contains(&settled),
+            "capacity {capacity}: settled at {settled}, outside {:?}",
+            band(capacity)
+        );
+        assert!(
+            band(capacity / 2.0).contains(&halved),
+            "capacity {capacity}: after halving at {halved}, outside {:?}",
+            band(capacity / 2.0)
+        );
+    }
+}
+
+/// The most a test gradient limit may reach, so that it settles at a known value when the
+/// round trip never changes.
+const STEADY_MAX: usize = 100;
+
+/// A gradient limit that has settled at `STEADY_MAX` on round trips of `rtt`.
+fn settled_gradient(rtt: Duration) -> AdaptiveLimit {
+    let config = GradientConfig {
+        initial_limit: 50,
+        max_limit: STEADY_MAX,
+        ..GradientConfig::default()
+    };
+    let limit = AdaptiveLimit::new("gradient", AdaptiveConfig::Gradient(config)).unwrap();
+    let (_, last) = steady_successes(&limit, rtt, 200);
+    assert_eq!(last, STEADY_MAX, "a steady round trip lets the limit grow");
+    limit
+}
+
+/// Feeds `round_trips` round trips of successes taking `rtt` with the limit in full use. A
+/// probe lowers the limit for one and a half round trips, so the highest limit seen over two
+/// round trips is the limit outside probes: returns the lowest and the last of those.
+fn steady_successes(limit: &AdaptiveLimit, rtt: Duration, round_trips: usize) -> (usize, usize) {
+    let (mut lowest, mut highest) = (usize::MAX, 0);
+    for _ in 0..round_trips / 2 {
+        highest = 0;
+        for _ in 0..2 * STEADY_MAX + 2 {
+            highest = highest.max(limit.sample(rtt, limit.limit(), Outcome::Success));
+        }
+        lowest = lowest.min(highest);
+    }
+    (lowest, highest)
+}
+
+/// A failure that returns at once (a refused connection) is not a round trip of the service:
+/// it must not become the long RTT that later successes are compared with.
+#[test]
+fn a_fast_failure_does_not_lower_the_long_rtt() {
+    let rtt = Duration::from_millis(50);
+    let limit = settled_gradient(rtt);
+    let settled = STEADY_MAX;
+    limit.sample(Duration::from_millis(1), limit.limit(), Outcome::Dropped);
+    let (after, _) = steady_successes(&limit, rtt, 100);
+    println!("settled at {settled}, lowest over 100 round trips after a 1 ms drop: {after}");
+    assert!(
+        after as f64 >= 0.9 * settled as f64,
+        "fell to {after} from {settled}"
+    );
+}
+
+/// The same during a probe: the no-load round trip it measures comes from successes only.
+#[test]
+fn a_fast_failure_during_a_probe_does_not_become_the_long_rtt() {
+    let rtt = Duration::from_millis(50);
+    let limit = settled_gradient(rtt);
+    let settled = STEADY_MAX;
+    // A probe halves the limit (or more) at once; wait for the next one.
+    let mut probing = false;
+    for _ in 0..2 * 150 * STEADY_MAX {
+        if limit.sample(rtt, limit.limit(), Outcome::Success) < settled / 2 {
+            probing = true;
+            break;
+        }
+    }
+    assert!(probing, "a probe comes every 50 to 150 round trips");
+    limit.sample(Duration::from_millis(1), limit.limit(), Outcome::Dropped);
+    let (after, _) = steady_successes(&limit, rtt, 100);
+    println!(
+        "settled at {settled}, lowest over 100 round trips after a 1 ms drop in a probe: {after}"
+    );
+    assert!(
+        after as f64 >= 0.9 * settled as f64,
+        "fell to {after} from {settled}"
+    );
 }
 
 #[test]
