@@ -1766,7 +1766,11 @@ where
                 .iter()
                 .filter_map(|bytes| l2.namespace.key(bytes).ok())
                 .collect();
-            l2.outdated(full.iter());
+            // The write that missed L2 was made elsewhere, before the message: any write made
+            // here from the next millisecond on is newer (a version is the created-at
+            // millisecond, then the microseconds within it).
+            let missed = (self.clock.unix_millis(), u16::MAX);
+            l2.outdated(full.iter().map(|key| (key, missed)));
         }
         self.invalidate_keys(keys);
     }

@@ -41,8 +41,9 @@ pub(crate) struct L2 {
     breaker: CircuitBreaker<()>,
     cooldown: Duration,
     metrics: Arc<Metrics>,
-    /// Keys whose L2 copy may be outdated, with the generation of the write that failed.
-    pending: Mutex<HashMap<Key, u64>>,
+    /// Keys whose L2 copy may be outdated, with the generation of the write that failed and
+    /// its version: only an entry at least as new in L2 settles the key.
+    pending: Mutex<HashMap<Key, (u64, Version)>>,
     pending_len: AtomicUsize,
     max_pending: usize,
     generation: AtomicU64,
@@ -241,7 +242,7 @@ impl L2 {
         }
         let mut unsure = Unsure {
             l2: self,
-            keys: Some(entries.iter().map(|entry| &entry.key)),
+            entries: Some(entries),
         };
         let written = self
             .call(
@@ -249,11 +250,11 @@ impl L2 {
                 self.store.set_if_newer(entries, envelope::VERSION_AT),
             )
             .await;
-        let keys = unsure.keys.take().into_iter().flatten();
+        let entries = unsure.entries.take().into_iter().flatten();
         if written.is_some() {
-            self.settled(keys);
+            self.settled(entries);
         } else {
-            self.outdated(keys);
+            self.outdated(entries.map(|entry| (&entry.key, version(entry))));
         }
         written
     }
@@ -287,14 +288,20 @@ impl L2 {
         });
     }
 
-    /// The keys' L2 copies are current again.
-    fn settled<'k>(&self, keys: impl Iterator<Item = &'k Key>) {
+    /// `entries` are in L2, or something newer is: their keys' L2 copies are current again,
+    /// unless a write that missed L2 was newer still.
+    fn settled<'k>(&self, entries: impl Iterator<Item = &'k KvEntry>) {
         if self.pending_len.load(Ordering::Acquire) == 0 {
             return;
         }
         let mut pending = self.pending.lock();
-        for key in keys {
-            pending.remove(key);
+        for entry in entries {
+            if pending
+                .get(&entry.key)
+                .is_some_and(|(_, missed)| *missed <= version(entry))
+            {
+                pending.remove(&entry.key);
+            }
         }
         self.pending_changed(pending.len());
     }
@@ -317,11 +324,11 @@ impl L2 {
     }
 
     /// The keys' L2 copies may be outdated: remember them and make sure a drain runs.
-    pub(crate) fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = &'k Key>) {
+    pub(crate) fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = (&'k Key, Version)>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel);
         {
             let mut pending = self.pending.lock();
-            for key in keys {
+            for (key, missed) in keys {
                 if pending.len() >= self.max_pending && !pending.contains_key(key) {
                     // This key's outdated copy cannot be tracked: distrust all of L2 until any
                     // copy written before now has expired.
@@ -335,7 +342,10 @@ impl L2 {
                     );
                     break;
                 }
-                pending.insert(key.clone(), generation);
+                let newest = pending
+                    .get(key)
+                    .map_or(missed, |(_, held)| missed.max(*held));
+                pending.insert(key.clone(), (generation, newest));
             }
             self.pending_changed(pending.len());
         }
@@ -358,17 +368,18 @@ impl L2 {
     }
 }
 
-/// Keys of a write in progress: if the write is dropped before it ends, L2 may or may not
-/// hold the new state, so the keys become pending deletes.
-struct Unsure<'a, I: Iterator<Item = &'a Key>> {
+/// Entries of a write in progress: if the write is dropped before it ends, L2 may or may not
+/// hold the new state, so their keys become pending deletes.
+struct Unsure<'a> {
     l2: &'a Arc<L2>,
-    keys: Option<I>,
+    entries: Option<&'a [KvEntry]>,
 }
 
-impl<'a, I: Iterator<Item = &'a Key>> Drop for Unsure<'a, I> {
+impl Drop for Unsure<'_> {
     fn drop(&mut self) {
-        if let Some(keys) = self.keys.take() {
-            self.l2.outdated(keys);
+        if let Some(entries) = self.entries.take() {
+            self.l2
+                .outdated(entries.iter().map(|entry| (&entry.key, version(entry))));
         }
     }
 }
@@ -388,7 +399,7 @@ async fn drain(l2: Weak<L2>) {
             .lock()
             .iter()
             .take(DRAIN_BATCH)
-            .map(|(key, generation)| (key.clone(), *generation))
+            .map(|(key, (generation, _))| (key.clone(), *generation))
             .collect();
         if batch.is_empty() {
             this.draining.store(false, Ordering::Release);
@@ -420,7 +431,7 @@ async fn drain(l2: Weak<L2>) {
             let mut pending = this.pending.lock();
             for (key, generation) in &batch {
                 // A write that failed after this batch was taken keeps its key pending.
-                if pending.get(key) == Some(generation) {
+                if pending.get(key).is_some_and(|(held, _)| held == generation) {
                     pending.remove(key);
                 }
             }
@@ -437,4 +448,12 @@ async fn drain(l2: Weak<L2>) {
             clock.sleep(wait).await;
         }
     }
+}
+
+/// An entry's version in L2 (see [`envelope::VERSION_AT`]): its created-at millisecond, then
+/// the microseconds within it; the oldest for bytes without one.
+pub(crate) type Version = (u64, u16);
+
+fn version(entry: &KvEntry) -> Version {
+    headroom_core::kv::version_of(&entry.value, envelope::VERSION_AT).unwrap_or((0, 0))
 }

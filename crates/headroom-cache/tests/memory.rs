@@ -2339,3 +2339,50 @@ async fn a_slow_read_does_not_bring_back_a_value_a_refresh_removed() {
     }
     assert_eq!(cache.get(&key("k")).await.unwrap(), None);
 }
+
+/// A write that missed L2 keeps its key pending until L2 holds something at least as new: an
+/// older write landing meanwhile does not settle it, so the older value is never read back
+/// once L1's copy of the newer one expires.
+#[tokio::test]
+async fn an_older_write_landing_does_not_settle_a_newer_one_that_missed_l2() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(SEC)
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .l2_cooldown(5 * SEC)
+        .build()
+        .unwrap();
+    let k = key("k");
+    let made = UNIX_EPOCH + Duration::from_millis(clock.clock().unix_millis());
+    let at = |micros: u64| made + Duration::from_micros(micros);
+    clock.advance(Duration::from_millis(10));
+    cache
+        .insert_at(k.clone(), "v0".into(), at(50))
+        .await
+        .unwrap();
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    cache
+        .insert_at(k.clone(), "v2".into(), at(200))
+        .await
+        .unwrap();
+    assert_eq!(cache.pending_l2_deletes(), 1);
+    // The write, then the drain's first try, both failed.
+    settle(|| l2.calls.set_if_newer.load(Ordering::SeqCst) >= 3).await;
+    l2.calls.fail.store(false, Ordering::SeqCst);
+    cache
+        .insert_at(k.clone(), "v1".into(), at(100))
+        .await
+        .unwrap();
+    assert_eq!(cache.pending_l2_deletes(), 1, "v2 still missed L2");
+    clock.advance(2 * SEC);
+    settle(|| cache.pending_l2_deletes() == 0).await;
+    assert_ne!(
+        cache.get(&k).await.unwrap().as_deref(),
+        Some("v1"),
+        "a value older than this instance's own write"
+    );
+}
