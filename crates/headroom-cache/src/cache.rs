@@ -1316,9 +1316,12 @@ where
                 tokio::select! {
                     result = &mut load => result,
                     () = self.clock.sleep(soft) => {
-                        self.metrics.stale_served.increment(1);
-                        tracing::debug!("loader exceeds its soft timeout; serving the stale value");
-                        send(&mut reply, Ok(stale.value.clone()));
+                        // Only within its fail-safe window, which may have ended meanwhile.
+                        if self.clock.now() < stale.stale_until {
+                            self.metrics.stale_served.increment(1);
+                            tracing::debug!("loader exceeds its soft timeout; serving the stale value");
+                            send(&mut reply, Ok(stale.value.clone()));
+                        }
                         load.await
                     }
                 }

@@ -2386,3 +2386,38 @@ async fn an_older_write_landing_does_not_settle_a_newer_one_that_missed_l2() {
         "a value older than this instance's own write"
     );
 }
+
+/// The soft timeout serves a stale value only while it is within its fail-safe window: one
+/// whose window ends while the loader runs is not served, and the caller gets the loader's
+/// timeout.
+#[tokio::test]
+async fn the_soft_timeout_serves_no_value_past_its_fail_safe_window() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .fail_safe_max_stale(10 * SEC)
+        .loader_soft_timeout(Duration::from_millis(100))
+        .loader_hard_timeout(2 * SEC)
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "old".into()).await.unwrap();
+    // 50 ms before the value's window (TTL + max stale) ends.
+    clock.advance(20 * SEC - Duration::from_millis(50));
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let caller = {
+        let (cache, k, loader) = (cache.clone(), k.clone(), gated(&gate, &started_tx, "new"));
+        tokio::spawn(async move { cache.get_or_load(&k, loader).await })
+    };
+    started.recv().await.unwrap();
+    clock.advance(Duration::from_millis(100));
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!caller.is_finished(), "served past its fail-safe window");
+    clock.advance(2 * SEC);
+    let error = caller.await.unwrap().unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::LoaderTimeout, "{error}");
+}
