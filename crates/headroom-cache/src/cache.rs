@@ -460,6 +460,8 @@ where
     /// found; keys absent from its map are "not found" (cached for the negative TTL when one
     /// is configured). When the loader fails, keys with a stale value within
     /// `fail_safe_max_stale` are served that value; if any key has none, the call fails.
+    /// A key L2 cannot hold (empty, or over 1,024 bytes) fails the call with
+    /// [`CacheErrorKind::InvalidKey`] before anything is read or loaded.
     pub async fn get_many_or_load<F, Fut, E>(
         &self,
         keys: &[K],
@@ -518,6 +520,15 @@ where
         }
         if !refresh.is_empty() {
             inner.metrics.refreshes.increment(refresh.len() as u64);
+        }
+        // Every key is checked before the batch is registered: other readers may join it,
+        // and must not get this call's invalid key as their error.
+        if let Some(l2) = &inner.l2 {
+            for &place in missing.iter().chain(&refresh) {
+                keys[place]
+                    .with_key_bytes(|bytes| l2.namespace.check_key(bytes))
+                    .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))?;
+            }
         }
         let asks = missing.iter().chain(&refresh).map(|&place| &keys[place]);
         let (own, waits) = Inner::join_or_load_many(inner, asks, loader);

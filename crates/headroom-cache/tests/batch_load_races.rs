@@ -150,3 +150,39 @@ async fn a_batch_that_saw_a_key_absent_does_not_load_it_again_after_its_load_fil
         loaded.lock()
     );
 }
+
+/// A batch read with an invalid key fails for its caller alone: a read of one of its valid
+/// keys that came while the batch was starting gets that key's value, not the batch's error.
+#[tokio::test]
+async fn an_invalid_key_in_a_batch_fails_no_other_reader() {
+    let cache: Cache<String, String> = Cache::builder()
+        .ttl(60 * SEC)
+        .l2(
+            headroom_core::memory::MemoryKvStore::new(),
+            headroom_core::Namespace::new("races").unwrap(),
+        )
+        .build()
+        .unwrap();
+    let keys = ["hot".to_owned(), "x".repeat(2_000)];
+    let loader = |keys: Vec<String>| async move {
+        Ok::<_, CacheError>(
+            keys.into_iter()
+                .map(|k| (k, "loaded".to_owned()))
+                .collect::<HashMap<_, _>>(),
+        )
+    };
+    let mut batch = Box::pin(cache.get_many_or_load(&keys, loader));
+    // One poll: the batch starts; its task has not run yet.
+    let first = (&mut batch).now_or_never();
+    let single = cache
+        .get_or_load(&"hot".to_owned(), |_| async {
+            Ok::<_, CacheError>(Some("loaded alone".to_owned()))
+        })
+        .await;
+    let batch = match first {
+        Some(done) => done,
+        None => batch.await,
+    };
+    assert!(batch.is_err(), "the batch names an invalid key");
+    assert!(single.is_ok(), "{single:?}");
+}

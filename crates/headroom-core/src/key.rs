@@ -107,6 +107,11 @@ impl Namespace {
         })
     }
 
+    /// Whether `key` is accepted by [`key`](Self::key), without building it.
+    pub fn check_key(&self, key: &[u8]) -> Result<(), KeyError> {
+        check_key_len(key.len())
+    }
+
     /// Builds many keys of this namespace in one buffer: one allocation for all of them rather
     /// than one each, for a batch read. `count` is how many keys are expected (room for at
     /// most 4096 is made up front; more grow the buffer). The keys share the buffer: one
