@@ -1247,9 +1247,16 @@ where
             },
         );
         drop(in_flight);
+        // The guard goes with the task from the start: a task dropped before it first runs (its
+        // runtime shut down) still leaves nothing in flight.
+        let done = InFlightGuard {
+            inner: Arc::clone(this),
+            load,
+            keys: [key.clone()],
+        };
         tokio::spawn(
             Arc::clone(this)
-                .load(load, key.clone(), tags, loader, reply)
+                .load(done, tags, loader, reply)
                 .in_current_span(),
         );
         pending.boxed()
@@ -1258,8 +1265,7 @@ where
     /// The load task of one key: L2, then the loader, with fail-safe and soft timeout.
     async fn load<F, Fut, E>(
         self: Arc<Self>,
-        load: u64,
-        key: K,
+        done: InFlightGuard<K, V, [K; 1]>,
         tags: Tags,
         loader: F,
         reply: oneshot::Sender<Outcome<V>>,
@@ -1268,20 +1274,16 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
-        let _done = InFlightGuard {
-            inner: &self,
-            load,
-            keys: std::slice::from_ref(&key),
-        };
-        let write = self.mark(&key);
+        let [key] = &done.keys;
+        let write = self.mark(key);
         let mut reply = Some(reply);
         let now = self.clock.now();
         let mut best = self
-            .l1_get(&key, self.l1_usable())
+            .l1_get(key, self.l1_usable())
             .filter(|slot| now < slot.stale_until);
         let mut fill = false;
         if let Some(l2) = &self.l2 {
-            let full = match self.l2_key(l2, &key) {
+            let full = match self.l2_key(l2, key) {
                 Ok(full) => full,
                 Err(error) => {
                     send(&mut reply, Err(error));
@@ -1300,7 +1302,7 @@ where
             if fill {
                 // Let the callers run first.
                 tokio::task::yield_now().await;
-                self.fill_l1(&key, slot.clone(), write);
+                self.fill_l1(key, slot.clone(), write);
             }
             if now < slot.fresh_until {
                 return;
@@ -1308,11 +1310,11 @@ where
         }
         // With a fleet lock, one instance loads; the others wait for its value in L2.
         let _lock = match (&self.fleet_lock, &self.l2) {
-            (Some(lock), Some(l2)) => match self.claim_or_wait(lock, l2, &key).await {
+            (Some(lock), Some(l2)) => match self.claim_or_wait(lock, l2, key).await {
                 Ok(guard) => guard,
                 Err(loaded) => {
                     send(&mut reply, Ok(loaded.value.clone()));
-                    self.fill_l1(&key, loaded, write);
+                    self.fill_l1(key, loaded, write);
                     return;
                 }
             },
@@ -1348,9 +1350,9 @@ where
                 let cached = value.is_some() || self.ttls.load().negative_ttl.is_some();
                 let entry = if cached {
                     let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
-                    self.store(&key, value.clone(), write, version, tags)
+                    self.store(key, value.clone(), write, version, tags)
                 } else if best.is_some() {
-                    self.forget(&key, write, version)
+                    self.forget(key, write, version)
                 } else {
                     None
                 };
@@ -1373,7 +1375,7 @@ where
                             );
                             send(&mut reply, Ok(stale.value.clone()));
                         }
-                        self.rest(&key, stale, write);
+                        self.rest(key, stale, write);
                     }
                     None => send(&mut reply, Err(error)),
                 }
@@ -1588,9 +1590,15 @@ where
         if to_load.is_empty() {
             return (None, waits);
         }
+        // As in `join_or_load`: the guard goes with the task from the start.
+        let done = InFlightGuard {
+            inner: Arc::clone(this),
+            load,
+            keys: to_load,
+        };
         tokio::spawn(
             Arc::clone(this)
-                .load_many(load, to_load, loader, reply)
+                .load_many(done, loader, reply)
                 .in_current_span(),
         );
         (Some(batch), waits)
@@ -1599,8 +1607,7 @@ where
     /// The load task of a batch: one L2 round trip, then one loader call for what is left.
     async fn load_many<F, Fut, E>(
         self: Arc<Self>,
-        load: u64,
-        keys: Vec<K>,
+        done: InFlightGuard<K, V, Vec<K>>,
         loader: F,
         reply: oneshot::Sender<Vec<Outcome<V>>>,
     ) where
@@ -1608,11 +1615,7 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
-        let _done = InFlightGuard {
-            inner: &self,
-            load,
-            keys: &keys,
-        };
+        let keys = &done.keys;
         let writes: Vec<WriteMark> = keys.iter().map(|key| self.mark(key)).collect();
         // L1 again, after the marks: a write or another load may have put a value there since
         // the caller looked, and it must be seen, not loaded over.
@@ -1631,7 +1634,7 @@ where
         let mut fill = vec![false; keys.len()];
         if let Some(l2) = &self.l2 {
             let mut batch = l2.namespace.key_batch(keys.len());
-            for key in &keys {
+            for key in keys {
                 if let Err(error) = key.with_key_bytes(|bytes| batch.push(bytes)) {
                     let error = CacheError::with_source(CacheErrorKind::InvalidKey, error);
                     let _ = reply.send(vec![Err(error); keys.len()]);
@@ -1820,17 +1823,18 @@ impl<K, V> Drop for Writing<K, V> {
     }
 }
 
-/// Removes keys from the in-flight map when their load task ends, however it ends.
-struct InFlightGuard<'a, K: CacheKey, V> {
-    inner: &'a Inner<K, V>,
+/// Removes keys from the in-flight map when their load task ends, however it ends (dropped
+/// before it ever ran included).
+struct InFlightGuard<K: CacheKey, V, Keys: AsRef<[K]>> {
+    inner: Arc<Inner<K, V>>,
     load: u64,
-    keys: &'a [K],
+    keys: Keys,
 }
 
-impl<K: CacheKey, V> Drop for InFlightGuard<'_, K, V> {
+impl<K: CacheKey, V, Keys: AsRef<[K]>> Drop for InFlightGuard<K, V, Keys> {
     fn drop(&mut self) {
         let mut in_flight = self.inner.in_flight.lock();
-        for key in self.keys {
+        for key in self.keys.as_ref() {
             // A write may have detached this load and a newer one taken its place: put that
             // one back (rare; removing first takes one lookup instead of two).
             if let Some(entry) = in_flight.remove(key)

@@ -351,7 +351,10 @@ impl L2 {
         }
         if !self.draining.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(drain(Arc::downgrade(self)))),
+                Ok(runtime) => drop(runtime.spawn(drain(Draining {
+                    l2: Arc::downgrade(self),
+                    ended: false,
+                }))),
                 // No runtime (a write dropped while it shuts down): the next failure retries.
                 Err(_) => self.draining.store(false, Ordering::Release),
             }
@@ -384,16 +387,36 @@ impl Drop for Unsure<'_> {
     }
 }
 
+/// A drain task, from its spawn: one dropped before its end (its runtime shut down, even before
+/// it first ran) lets the next write that misses L2 start another.
+struct Draining {
+    l2: Weak<L2>,
+    /// Ended by finding nothing left, having cleared the flag itself.
+    ended: bool,
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Some(l2) = self.l2.upgrade()
+        {
+            l2.draining.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// Writes a tombstone over each pending key's L2 copy, until none is left. While a key is pending, another instance
 /// that missed its message may be reading the outdated copy, so a failed delete is retried
 /// soon: from `DRAIN_RETRY_FIRST`, doubling up to `DRAIN_RETRY_MAX` (or the cool-down if
 /// shorter), rather than a whole cool-down after each failure. Retries go through the breaker:
 /// while it is open they do not reach L2, and the first once it lets calls through lands the
 /// deletes.
-async fn drain(l2: Weak<L2>) {
+async fn drain(mut running: Draining) {
     let mut retry = DRAIN_RETRY_FIRST;
     loop {
-        let Some(this) = l2.upgrade() else { return };
+        let Some(this) = running.l2.upgrade() else {
+            return;
+        };
         let batch: Vec<(Key, u64)> = this
             .pending
             .lock()
@@ -407,6 +430,7 @@ async fn drain(l2: Weak<L2>) {
             if this.pending_len.load(Ordering::Acquire) == 0
                 || this.draining.swap(true, Ordering::AcqRel)
             {
+                running.ended = true;
                 return;
             }
             continue;

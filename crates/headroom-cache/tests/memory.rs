@@ -2421,3 +2421,89 @@ async fn the_soft_timeout_serves_no_value_past_its_fail_safe_window() {
     let error = caller.await.unwrap().unwrap_err();
     assert_eq!(error.kind(), CacheErrorKind::LoaderTimeout, "{error}");
 }
+
+/// A refresh started on a runtime that shuts down before running it leaves nothing in flight:
+/// a cache shared by runtimes (a test's, a `block_on` call's) still loads the key later.
+#[test]
+fn a_load_whose_runtime_shut_down_leaves_nothing_in_flight() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .build()
+        .unwrap();
+    let k = key("k");
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    first
+        .block_on(cache.insert(k.clone(), "old".into()))
+        .unwrap();
+    clock.advance(6 * SEC);
+    // Served at once, past its soft TTL: the refresh is spawned, not run.
+    let served = first
+        .block_on(cache.get_or_load(&k, |_| async {
+            Ok::<_, CacheError>(Some("new".to_owned()))
+        }))
+        .unwrap();
+    assert_eq!(served.as_deref(), Some("old"));
+    drop(first);
+    assert_eq!(
+        cache.loads_in_flight(),
+        0,
+        "a refresh that never ran is in flight"
+    );
+    clock.advance(10 * SEC);
+    let loaded = runtime()
+        .block_on(cache.get_or_load(&k, |_| async {
+            Ok::<_, CacheError>(Some("again".to_owned()))
+        }))
+        .unwrap();
+    assert_eq!(loaded.as_deref(), Some("again"));
+}
+
+/// A drain of pending L2 deletes started on a runtime that shuts down before running it does
+/// not stop later drains: the next write that misses L2 starts one, which clears them all.
+#[test]
+fn a_drain_whose_runtime_shut_down_does_not_stop_later_drains() {
+    let clock = ManualClock::new();
+    let l2 = store(&clock);
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2.clone(), ns())
+        .l2_failure_threshold(100)
+        .build()
+        .unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    };
+    l2.calls.fail.store(true, Ordering::SeqCst);
+    let first = runtime();
+    first.block_on(cache.insert(key("a"), "1".into())).unwrap();
+    drop(first);
+    assert_eq!(cache.pending_l2_deletes(), 1);
+    runtime().block_on(async {
+        cache.insert(key("b"), "2".into()).await.unwrap();
+        assert_eq!(cache.pending_l2_deletes(), 2);
+        l2.calls.fail.store(false, Ordering::SeqCst);
+        for _ in 0..100 {
+            if cache.pending_l2_deletes() == 0 {
+                break;
+            }
+            clock.advance(SEC);
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(cache.pending_l2_deletes(), 0, "no drain ran");
+    });
+}
