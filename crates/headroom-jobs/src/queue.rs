@@ -57,7 +57,9 @@ impl Job {
         self
     }
 
-    /// Run no sooner than `time` (by the store's clock; a time past runs at once).
+    /// Run no sooner than `time`, as this process's clock (the queue's) reads it: the delay
+    /// from its now is what the store counts, on its own clock, so a skew between the two
+    /// shifts the run by as much. A time past runs at once.
     pub fn at(mut self, time: SystemTime) -> Self {
         self.run_at = RunAt::At(time);
         self
