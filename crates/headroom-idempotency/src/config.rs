@@ -26,7 +26,9 @@ pub enum StoreFailure {
     #[default]
     FailClosed,
     /// Run the operation without a record. Duplicates that arrive while the store is down run
-    /// again: choose this only where availability matters more than at-most-once. A duplicate
+    /// again: choose this only where availability matters more than at-most-once. A store that
+    /// refuses a new record for want of room (the memory store at its bound, or a tenant at
+    /// its share) counts as down too. A duplicate
     /// already told that another request holds its key never runs beside it: while it waits
     /// (see [`InProgressPolicy::Wait`]) a store error counts as one more wait, and once the
     /// wait is over it fails with `Unavailable`.
