@@ -459,20 +459,25 @@ async fn flush_loop<S: JobStore, W: Writer>(
     let _lag = crate::worker::AbortOnDrop(lag);
     loop {
         let draining = !phase_is(&phase, Phase::Running);
-        for p in 0..partitions {
-            loop {
-                match drain_partition(&shared, p, &mut phase).await {
-                    Ok(true) if !phase_is(&phase, Phase::Abort) => {}
-                    Ok(_) => break,
+        // One pass per partition in turn, round after round while any has more: a backlog in
+        // one partition does not hold back the others' writes until it is gone.
+        let mut more = vec![true; partitions];
+        while more.contains(&true) && !phase_is(&phase, Phase::Abort) {
+            for (p, more) in more.iter_mut().enumerate() {
+                if !*more {
+                    continue;
+                }
+                *more = match drain_partition(&shared, p, &mut phase).await {
+                    Ok(more) => more,
                     Err(error) => {
                         shared.queue.inner.metrics.store_errors.increment(1);
                         tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
-                        break;
+                        false
                     }
+                };
+                if phase_is(&phase, Phase::Abort) {
+                    break;
                 }
-            }
-            if phase_is(&phase, Phase::Abort) {
-                break;
             }
         }
         if draining || phase_is(&phase, Phase::Abort) {

@@ -359,3 +359,74 @@ async fn a_writer_panicking_before_its_future_is_called_again() {
     let report = flusher.shutdown(Duration::from_secs(5)).await;
     assert_eq!((report.writes, report.failures), (1, 1));
 }
+
+/// Every partition's writes reach the writer in each round: a large backlog in one partition
+/// does not hold back the others' until it is gone.
+#[tokio::test(start_paused = true)]
+async fn a_backlog_in_one_partition_does_not_hold_back_the_others() {
+    use headroom_jobs::{Job, JobQueue, WriteBehindConfig};
+
+    let two = || {
+        let mut config = QueueConfig::default();
+        config.partitions = 2;
+        config
+    };
+    // A write goes to its partition by its key, as a job does by its route: the partition in
+    // a job's id tells which.
+    let probe = JobQueue::builder("probe", MemoryJobStore::new())
+        .config(two())
+        .build()
+        .unwrap();
+    let mut first = Vec::new();
+    let mut second = None;
+    for i in 0.. {
+        let key = format!("k{i}");
+        let id = probe
+            .enqueue(Job::new("").route(key.clone()))
+            .await
+            .unwrap()
+            .id;
+        if id.to_string().starts_with("0-") {
+            first.push(key);
+        } else if second.is_none() {
+            second = Some(key);
+        }
+        if first.len() == 1_000 && second.is_some() {
+            break;
+        }
+    }
+    let second = second.unwrap();
+    let writes = WriteBehind::builder("fair", MemoryJobStore::new())
+        .queue(two())
+        .config({
+            let mut config = WriteBehindConfig::default();
+            config.batch = 10;
+            config
+        })
+        .build()
+        .unwrap();
+    // A hundred batches in the first partition, then one write in the second.
+    for key in &first {
+        writes.put(key.clone(), "v").await.unwrap();
+    }
+    writes.put(second.clone(), "v").await.unwrap();
+    let calls: Arc<Mutex<Vec<Vec<Bytes>>>> = Arc::default();
+    let seen = calls.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        seen.lock()
+            .unwrap()
+            .push(batch.into_iter().map(|w| w.key).collect());
+        async { Ok(()) }
+    });
+    let report = flusher.shutdown(Duration::from_secs(60)).await;
+    assert_eq!(report.writes, 1_001);
+    let calls = calls.lock().unwrap();
+    let at = calls
+        .iter()
+        .position(|call| call.iter().any(|key| key == second.as_bytes()))
+        .unwrap();
+    assert!(
+        at <= 10,
+        "the second partition's write came after {at} calls of the first"
+    );
+}
