@@ -306,21 +306,21 @@ impl Shared {
                 }
                 HALF_OPEN => {
                     let config = self.config.load();
-                    let probes = self.probes.load(Ordering::Acquire);
-                    let full = probes & !PROBE_COUNT_MASK == probe_tag(word)
-                        && probes & PROBE_COUNT_MASK >= u64::from(config.half_open_probes);
-                    if !full {
-                        return None;
-                    }
-                    let stalled = self
-                        .now_nanos()
-                        .saturating_sub(self.half_open_since.load(Ordering::Acquire))
-                        >= nanos(config.half_open_max_wait);
+                    let running = self.probes_running(word);
+                    // Stalled with any probe running, not only with every slot taken: the
+                    // capacity below may let fewer probes in than the breaker allows.
+                    let stalled = running > 0
+                        && self
+                            .now_nanos()
+                            .saturating_sub(self.half_open_since.load(Ordering::Acquire))
+                            >= nanos(config.half_open_max_wait);
                     if !stalled {
-                        return Some(CircuitOpen {
-                            state: State::HalfOpen,
-                            retry_after: None,
-                        });
+                        return (running >= u64::from(config.half_open_probes)).then_some(
+                            CircuitOpen {
+                                state: State::HalfOpen,
+                                retry_after: None,
+                            },
+                        );
                     }
                     self.transition(word, State::Open, Reason::ProbesStalled);
                     word = self.state.load(Ordering::Acquire);
@@ -337,6 +337,39 @@ impl Shared {
             state: State::from_bits(word),
             retry_after: None,
         })
+    }
+
+    /// The probes of the half-open phase of `word` still running.
+    #[cfg(feature = "tower")]
+    fn probes_running(&self, word: u64) -> u64 {
+        let probes = self.probes.load(Ordering::Acquire);
+        if probes & !PROBE_COUNT_MASK == probe_tag(word) {
+            probes & PROBE_COUNT_MASK
+        } else {
+            0
+        }
+    }
+
+    /// How long until the half-open phase counts as stalled, while probes of it run; `None`
+    /// in any other state. A caller waiting on the guarded service meanwhile looks again then.
+    #[cfg(feature = "tower")]
+    pub(crate) fn until_stalled(&self) -> Option<Duration> {
+        let word = self.state.load(Ordering::Acquire);
+        if word & 3 != HALF_OPEN || self.probes_running(word) == 0 {
+            return None;
+        }
+        let waited = self
+            .now_nanos()
+            .saturating_sub(self.half_open_since.load(Ordering::Acquire));
+        Some(Duration::from_nanos(
+            nanos(self.config.load().half_open_max_wait).saturating_sub(waited),
+        ))
+    }
+
+    /// The clock the breaker measures time on.
+    #[cfg(feature = "tower")]
+    pub(crate) fn clock(&self) -> Clock {
+        self.time.clock().clone()
     }
 
     /// Counts a rejection made from [`refusal`](Self::refusal).

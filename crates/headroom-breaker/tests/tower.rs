@@ -375,3 +375,63 @@ async fn the_fallback_layer_replaces_the_errors_it_applies_to() {
         "not an error the fallback applies to"
     );
 }
+
+/// As above with the default three probes: the one probe the concurrency limit lets through
+/// stalls, the others never get in, and the phase still reopens once its probe outlives the
+/// wait, also for a caller already waiting on the limit.
+#[tokio::test]
+async fn a_stalled_half_open_breaker_reopens_though_its_probes_never_fill() {
+    use headroom_core::ManualClock;
+
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .build()
+        .expect("breaker");
+    let mut service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .concurrency_limit(1)
+        .service(hanging());
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    manual.advance(Duration::from_secs(5));
+    let probe = service.ready().await.expect("ready").call(1);
+    assert_eq!(breaker.state(), State::HalfOpen);
+    // A caller waiting on the limit, which the probe holds.
+    let mut parked = service.clone();
+    let waiting = tokio::spawn(async move {
+        parked.ready().await.expect("ready");
+        parked.call(2).await
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished(), "waits on the limit");
+    manual.advance(Duration::from_secs(31));
+    let error = refused_at_once(&service);
+    assert!(
+        matches!(&error, Error::CircuitOpen(open) if open.state() == State::Open),
+        "{error:?}"
+    );
+    let waited = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting caller is refused, not left waiting")
+        .expect("no panic");
+    assert!(matches!(waited, Err(Error::CircuitOpen(_))), "{waited:?}");
+    drop(probe);
+}
+
+/// The layers' services can be shared across threads (axum asks `Send + Sync` of a layered
+/// service) when what they wrap can.
+#[test]
+fn the_breaker_service_is_send_and_sync() {
+    fn shared<T: Send + Sync>(_: &T) {}
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .build()
+        .expect("breaker");
+    let service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker))
+        .service(hanging());
+    shared(&service);
+}

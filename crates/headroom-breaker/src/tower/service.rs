@@ -26,6 +26,9 @@ pub struct CircuitBreakerService<S, E> {
     breaker: CircuitBreaker<E>,
     /// The refusal `poll_ready` saw; the next `call` returns it.
     refused: Option<CircuitOpen>,
+    /// While waiting on the inner service in a half-open phase with probes running: fires
+    /// when the phase would count as stalled, so that the wait is looked at again.
+    stall_timer: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl<S, E> CircuitBreakerService<S, E> {
@@ -35,6 +38,7 @@ impl<S, E> CircuitBreakerService<S, E> {
             inner,
             breaker,
             refused: None,
+            stall_timer: None,
         }
     }
 
@@ -68,11 +72,32 @@ where
     type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.refused = self.breaker.shared().refusal();
-        if self.refused.is_some() {
-            return Poll::Ready(Ok(()));
+        loop {
+            let shared = self.breaker.shared();
+            self.refused = shared.refusal();
+            if self.refused.is_some() {
+                self.stall_timer = None;
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(ready) = self.inner.poll_ready(cx) {
+                self.stall_timer = None;
+                return Poll::Ready(ready.map_err(Error::Inner));
+            }
+            // Stuck probes may hold the capacity this waits on: look again when they would
+            // count as stalled, or the wait could outlast them for good.
+            let Some(left) = shared.until_stalled() else {
+                self.stall_timer = None;
+                return Poll::Pending;
+            };
+            let timer = self.stall_timer.get_or_insert_with(|| {
+                let clock = shared.clock();
+                Box::pin(async move { clock.sleep(left).await })
+            });
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.stall_timer = None;
         }
-        self.inner.poll_ready(cx).map_err(Error::Inner)
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
