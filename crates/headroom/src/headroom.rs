@@ -207,7 +207,8 @@ impl Headroom {
     }
 
     /// A write-behind builder named `name`, on the shared job store under
-    /// `<namespace>:jobs`, on the shared clock.
+    /// `<namespace>:write-behind` (apart from the job queues, so that a queue and a
+    /// write-behind of one name share nothing), on the shared clock.
     #[cfg(feature = "jobs")]
     #[cfg_attr(docsrs, doc(cfg(feature = "jobs")))]
     pub fn write_behind(
@@ -216,7 +217,7 @@ impl Headroom {
     ) -> Result<headroom_jobs::WriteBehindBuilder<DynJobStore>, KeyError> {
         Ok(
             headroom_jobs::WriteBehind::builder(name, self.inner.jobs.clone())
-                .namespace(self.child_namespace("jobs")?)
+                .namespace(self.child_namespace("write-behind")?)
                 .clock(self.inner.clock.clone()),
         )
     }

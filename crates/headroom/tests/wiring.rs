@@ -159,3 +159,21 @@ async fn part_names_holding_the_key_separator_are_refused() {
     assert!(headroom.rate_limiter("api:v2", tiers.clone()).is_err());
     assert!(headroom.rate_limiter("api", tiers).is_ok());
 }
+
+/// A job queue and a write-behind of the same name keep their jobs apart: the write-behind's
+/// flusher never takes the queue's jobs (it would bury them as foreign records).
+#[cfg(feature = "jobs")]
+#[tokio::test]
+async fn a_job_queue_and_a_write_behind_of_one_name_share_nothing() {
+    use headroom::jobs::{Job, JobState, Write};
+
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let queue = headroom.job_queue("orders").unwrap().build().unwrap();
+    let id = queue.enqueue(Job::new("order 7")).await.unwrap().id;
+    let writes = headroom.write_behind("orders").unwrap().build().unwrap();
+    let flusher = writes.start(|_: Vec<Write>| async { Ok(()) });
+    let report = flusher.shutdown(std::time::Duration::from_secs(5)).await;
+    assert_eq!(report.writes, 0);
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(status.state, JobState::Queued);
+}
