@@ -308,6 +308,28 @@ pub struct PipelineConfig {
     pub hedge: Option<HedgeConfig>,
 }
 
+impl PipelineConfig {
+    /// Checks every setting, naming the first one out of range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(timeout) = self.timeout {
+            check(timeout > Duration::ZERO, "timeout", "more than zero")?;
+        }
+        if let Some(breaker) = &self.breaker {
+            breaker.validate()?;
+        }
+        if let Some(retry) = &self.retry {
+            retry.validate()?;
+        }
+        if let Some(budget) = &self.budget {
+            budget.validate()?;
+        }
+        match &self.hedge {
+            Some(hedge) => hedge.validate(),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +366,19 @@ mod tests {
             ..HedgeConfig::default()
         };
         assert_eq!(bad.validate().map_err(|e| e.field()), Err("percentile"));
+        // No wait: every hedge starts at once (parallel hedging), which is allowed.
+        let parallel = HedgeConfig {
+            delay: Duration::ZERO,
+            ..HedgeConfig::default()
+        };
+        assert_eq!(parallel.validate(), Ok(()));
+        // No time at all: every attempt not ready at once would fail.
+        let bad = PipelineConfig {
+            timeout: Some(Duration::ZERO),
+            ..PipelineConfig::default()
+        };
+        assert_eq!(bad.validate().map_err(|e| e.field()), Err("timeout"));
+        assert_eq!(PipelineConfig::default().validate(), Ok(()));
     }
 
     #[cfg(feature = "serde")]

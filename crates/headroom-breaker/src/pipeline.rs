@@ -260,6 +260,7 @@ impl<E: Classify + 'static> Pipeline<E> {
         name: &str,
         clock: Clock,
     ) -> Result<Self, ConfigError> {
+        config.validate()?;
         let budget = config
             .budget
             .clone()
