@@ -175,7 +175,9 @@ pub struct RetryConfig {
     /// Largest backoff cap. The wait is drawn uniformly below the cap (full jitter). Default 10 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_delay: Duration,
-    /// Whether an attempt that timed out is retried. Default `true`.
+    /// Whether an attempt that timed out is retried. Default `true`. With
+    /// [`Retry::builder`](crate::Retry::builder), an error that `Classify::is_timeout` calls
+    /// a timeout counts as one too (a timeout layer's `Elapsed` under a retry layer).
     pub retry_timeouts: bool,
     /// A server asking to wait longer than this (retry-after) is not retried. Default 30 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]

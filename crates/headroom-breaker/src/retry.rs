@@ -67,6 +67,9 @@ type RetryAfterFn<E> = Box<dyn Fn(&E) -> Option<Duration> + Send + Sync>;
 struct Inner<E> {
     config: RetryConfig,
     retryable: Predicate<E>,
+    /// Tells an attempt that timed out below this retry (an `Elapsed` inside `E`, from a
+    /// timeout layer under a retry layer), so that `retry_timeouts` applies to it too.
+    timed_out: Option<fn(&E) -> bool>,
     retry_after: Option<RetryAfterFn<E>>,
     budget: Option<RetryBudget>,
     clock: Clock,
@@ -94,7 +97,9 @@ impl<E> fmt::Debug for Retry<E> {
 impl<E: Classify + 'static> Retry<E> {
     /// A builder retrying the errors that [`Classify::is_retryable`] calls retryable.
     pub fn builder() -> RetryBuilder<E> {
-        Self::builder_when(E::is_retryable)
+        let mut builder = Self::builder_when(E::is_retryable);
+        builder.timed_out = Some(E::is_timeout);
+        builder
     }
 }
 
@@ -104,6 +109,7 @@ impl<E> Retry<E> {
         RetryBuilder {
             config: RetryConfig::default(),
             retryable: Box::new(retryable),
+            timed_out: None,
             retry_after: None,
             budget: None,
             clock: Clock::system(),
@@ -139,6 +145,9 @@ impl<E> Retry<E> {
     pub(crate) fn next(&self, error: &Error<E>, attempt: u32) -> Next {
         let inner = &*self.inner;
         let retryable = match error {
+            Error::Inner(error) if inner.timed_out.is_some_and(|timed_out| timed_out(error)) => {
+                inner.config.retry_timeouts
+            }
             Error::Inner(error) => (inner.retryable)(error),
             Error::Elapsed(_) => inner.config.retry_timeouts,
             _ => false,
@@ -181,6 +190,7 @@ impl<E> Retry<E> {
 pub struct RetryBuilder<E> {
     config: RetryConfig,
     retryable: Predicate<E>,
+    timed_out: Option<fn(&E) -> bool>,
     retry_after: Option<RetryAfterFn<E>>,
     budget: Option<RetryBudget>,
     clock: Clock,
@@ -267,6 +277,7 @@ impl<E> RetryBuilder<E> {
             inner: Arc::new(Inner {
                 config: self.config,
                 retryable: self.retryable,
+                timed_out: self.timed_out,
                 retry_after: self.retry_after,
                 budget: self.budget,
                 clock: self.clock,

@@ -435,3 +435,38 @@ fn the_breaker_service_is_send_and_sync() {
         .service(hanging());
     shared(&service);
 }
+
+/// A retry over a timeout layer honours `retry_timeouts(false)`: an attempt that timed out
+/// below (an `Elapsed` inside the service's error) is not made again.
+#[tokio::test(start_paused = true)]
+async fn a_retry_over_a_timeout_layer_does_not_retry_timeouts_when_told_not_to() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let slow = service_fn(move |request: u32| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, BackendError>(request)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(
+            Retry::<Error<BackendError>>::builder()
+                .max_attempts(3)
+                .retry_timeouts(false)
+                .build()
+                .expect("retry"),
+        ))
+        .layer(TimeoutLayer::new(Timeout::new(Duration::from_millis(100))))
+        .service(slow);
+    let error = service.oneshot(1).await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Inner(Error::Elapsed(_))),
+        "{error:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the timed-out attempt ran again"
+    );
+}
