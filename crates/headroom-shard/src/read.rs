@@ -141,12 +141,20 @@ impl Session {
 
     /// The position a replica of `shard` must have reached to serve this session while
     /// `primary` (a node id) is the shard's primary: `None` when the session wrote nothing
-    /// there, `u64::MAX` (no replica) when it wrote through another primary.
+    /// there, `u64::MAX` (no replica) when it wrote through another primary. A shard the
+    /// session never wrote on requires the furthest position it reached on `primary` through
+    /// other shards: positions number the primary's one replication stream, and a key may
+    /// have moved between its shards (a router with more shards).
     pub fn required(&self, shard: ShardId, primary: &str) -> Option<u64> {
-        let at = self
-            .positions
-            .binary_search_by_key(&shard, |w| w.shard)
-            .ok()?;
+        let Ok(at) = self.positions.binary_search_by_key(&shard, |w| w.shard) else {
+            let primary = key_hash(primary.as_bytes());
+            return self
+                .positions
+                .iter()
+                .filter(|w| w.primary == primary && w.primary != UNKNOWN_PRIMARY)
+                .map(|w| w.position)
+                .max();
+        };
         let written = self.positions[at];
         let known = written.primary != UNKNOWN_PRIMARY;
         Some(

@@ -544,3 +544,36 @@ fn shard_labels_are_bounded() {
     let series = recorder.series("headroom_shard_routed_total");
     assert!(series <= 2 * 64 + 2 * 1024, "{series} series");
 }
+
+/// Positions count per primary, whatever shard they were written on: after a topology change
+/// that moves a key to another shard of the same primary (a router with more shards), a
+/// replica behind the session's write does not serve it.
+#[test]
+fn a_session_keeps_its_writes_when_its_key_moves_to_another_shard_of_the_primary() {
+    let on = |shards: u32, epoch: u64| {
+        Topology::builder(JumpRouter::new(shards).unwrap())
+            .epoch(epoch)
+            .node("a", "primary")
+            .node("a-r", "replica")
+            .shards(0..shards, "a", &["a-r"])
+            .build()
+            .unwrap()
+    };
+    let (before, after) = (on(2, 1), on(4, 2));
+    let key = (0..1_000u64)
+        .find(|k| before.shard_of(k) != after.shard_of(k))
+        .expect("a key that moves");
+    let mut session = Session::new();
+    session.record_write(&before.write(&key).unwrap(), 1_000);
+    after.report(
+        "a-r",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(990),
+        },
+    );
+    let read = after
+        .read_session(&key, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.node_id(), "a", "a-r is behind the session's write");
+}
