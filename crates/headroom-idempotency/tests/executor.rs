@@ -892,21 +892,31 @@ async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost(
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
 
-/// A memory store whose first `failures` extensions fail at once and whose later ones never
-/// answer: a store this instance has lost for good.
-#[derive(Clone, Debug)]
-struct LostExtend {
+/// A memory store with faults: `begin` fails on the calls numbered in `failing_begins` (from
+/// 1), as a store with a moment's outage; the first `failing_extends` extensions fail at once
+/// and, with `extends_hang`, later ones never answer (a store this instance lost for good).
+#[derive(Clone, Debug, Default)]
+struct Faulty {
     store: MemoryLeaseStore,
-    failures: Arc<AtomicUsize>,
+    failing_begins: &'static [usize],
+    begins: Arc<AtomicUsize>,
+    failing_extends: Arc<AtomicUsize>,
+    extends_hang: bool,
 }
 
-impl headroom_core::lease::LeaseStore for LostExtend {
+impl headroom_core::lease::LeaseStore for Faulty {
     async fn begin(
         &self,
         key: &headroom_core::Key,
         fingerprint: &[u8],
         lease: Duration,
     ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        let call = self.begins.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.failing_begins.contains(&call) {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Timeout,
+            ));
+        }
         self.store.begin(key, fingerprint, lease).await
     }
     async fn complete(
@@ -920,12 +930,12 @@ impl headroom_core::lease::LeaseStore for LostExtend {
     }
     async fn extend(
         &self,
-        _key: &headroom_core::Key,
-        _token: headroom_core::lease::FencingToken,
-        _lease: Duration,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
         if self
-            .failures
+            .failing_extends
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
                 left.checked_sub(1)
             })
@@ -935,7 +945,10 @@ impl headroom_core::lease::LeaseStore for LostExtend {
                 headroom_core::BackendErrorKind::Unavailable,
             ));
         }
-        std::future::pending().await
+        if self.extends_hang {
+            std::future::pending::<()>().await;
+        }
+        self.store.extend(key, token, lease).await
     }
     async fn release(
         &self,
@@ -951,9 +964,11 @@ impl headroom_core::lease::LeaseStore for LostExtend {
 #[tokio::test(start_paused = true)]
 async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     let clock = ManualClock::new();
-    let store = LostExtend {
+    let store = Faulty {
         store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        failures: Arc::new(AtomicUsize::new(2)),
+        failing_extends: Arc::new(AtomicUsize::new(2)),
+        extends_hang: true,
+        ..Faulty::default()
     };
     let idem = Idempotency::builder(store)
         .clock(clock.clock())
@@ -986,67 +1001,17 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     assert!(lost.contains("lease"), "{lost}");
 }
 
-/// A memory store whose `begin` fails on the calls numbered in `failing` (from 1), as a store
-/// with a moment's outage.
-#[derive(Clone, Debug)]
-struct FlakyBegin {
-    store: MemoryLeaseStore,
-    calls: Arc<AtomicUsize>,
-    failing: &'static [usize],
-}
-
-impl headroom_core::lease::LeaseStore for FlakyBegin {
-    async fn begin(
-        &self,
-        key: &headroom_core::Key,
-        fingerprint: &[u8],
-        lease: Duration,
-    ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
-        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        if self.failing.contains(&call) {
-            return Err(headroom_core::BackendError::new(
-                headroom_core::BackendErrorKind::Timeout,
-            ));
-        }
-        self.store.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &headroom_core::Key,
-        token: headroom_core::lease::FencingToken,
-        outcome: bytes::Bytes,
-        retention: Duration,
-    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
-        self.store.complete(key, token, outcome, retention).await
-    }
-    async fn extend(
-        &self,
-        key: &headroom_core::Key,
-        token: headroom_core::lease::FencingToken,
-        lease: Duration,
-    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
-        self.store.extend(key, token, lease).await
-    }
-    async fn release(
-        &self,
-        key: &headroom_core::Key,
-        token: headroom_core::lease::FencingToken,
-    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
-        self.store.release(key, token).await
-    }
-}
-
 /// Failing open covers duplicates that arrive while the store is down, not one already told
 /// that the first request runs: a store error while it waits for that request does not run
 /// the operation beside it.
 #[tokio::test(start_paused = true)]
 async fn a_duplicate_waiting_on_a_running_request_does_not_fail_open_on_a_store_error() {
     let clock = ManualClock::new();
-    let store = FlakyBegin {
+    let store = Faulty {
         store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        calls: Arc::new(AtomicUsize::new(0)),
         // The duplicate's first poll after being told the key is in progress.
-        failing: &[3],
+        failing_begins: &[3],
+        ..Faulty::default()
     };
     let idem = Idempotency::builder(store)
         .clock(clock.clock())

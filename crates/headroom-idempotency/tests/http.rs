@@ -461,32 +461,8 @@ async fn a_client_gone_while_the_body_is_read_leaves_the_handler_run_once() {
             async { Ok::<_, Infallible>(response) }
         })
     };
-    // The default policy: a duplicate waits for the outcome.
-    let executor = Idempotency::builder(MemoryLeaseStore::new())
-        .build()
-        .unwrap();
-    let mut service = IdempotencyLayer::new(
-        executor,
-        tenant as fn(&http::request::Parts) -> Option<String>,
-    )
-    .layer(handler);
-    {
-        let first = service
-            .ready()
-            .await
-            .unwrap()
-            .call(post(Some("\"gone\""), "charge"));
-        tokio::pin!(first);
-        tokio::select! {
-            biased;
-            _ = &mut first => panic!("the body never ends"),
-            () = async {
-                while calls.load(Ordering::SeqCst) == 0 {
-                    tokio::task::yield_now().await;
-                }
-            } => {}
-        }
-    }
+    let mut service = waiting_layer().layer(handler);
+    send_and_go_away(&mut service, &calls).await;
     let retry = service
         .ready()
         .await
@@ -558,32 +534,8 @@ async fn a_client_gone_while_the_handler_runs_leaves_the_handler_run_once() {
             }
         })
     };
-    // The default policy: a duplicate waits for the outcome.
-    let executor = Idempotency::builder(MemoryLeaseStore::new())
-        .build()
-        .unwrap();
-    let mut service = IdempotencyLayer::new(
-        executor,
-        tenant as fn(&http::request::Parts) -> Option<String>,
-    )
-    .layer(handler);
-    {
-        let first = service
-            .ready()
-            .await
-            .unwrap()
-            .call(post(Some("\"gone\""), "charge"));
-        tokio::pin!(first);
-        tokio::select! {
-            biased;
-            _ = &mut first => panic!("the handler waits"),
-            () = async {
-                while calls.load(Ordering::SeqCst) == 0 {
-                    tokio::task::yield_now().await;
-                }
-            } => {}
-        }
-    }
+    let mut service = waiting_layer().layer(handler);
+    send_and_go_away(&mut service, &calls).await;
     finish.notify_one();
     let (status, headers, body) = send(&mut service, post(Some("\"gone\""), "charge")).await;
     assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
@@ -607,4 +559,40 @@ async fn a_replay_keeps_the_body_encoding() {
     let (_, replay, _) = send(&mut service, post(Some("k"), "x")).await;
     assert_eq!(replay["idempotent-replayed"], "true");
     assert_eq!(replay["content-encoding"], first["content-encoding"]);
+}
+
+/// The layer with the default policy: a duplicate waits for the outcome.
+fn waiting_layer() -> IdempotencyLayer<MemoryLeaseStore, fn(&http::request::Parts) -> Option<String>>
+{
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .build()
+        .unwrap();
+    IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    )
+}
+
+/// Sends a keyed request and drops it, as a client going away, once the handler was called
+/// (and before its response is done).
+async fn send_and_go_away<S>(service: &mut S, calls: &AtomicUsize)
+where
+    S: Service<Request<Body>>,
+    S::Error: std::fmt::Debug,
+{
+    let first = service
+        .ready()
+        .await
+        .unwrap()
+        .call(post(Some("\"gone\""), "charge"));
+    tokio::pin!(first);
+    tokio::select! {
+        biased;
+        _ = &mut first => panic!("the response is not done while the handler runs"),
+        () = async {
+            while calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        } => {}
+    }
 }
