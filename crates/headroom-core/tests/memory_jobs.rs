@@ -146,3 +146,52 @@ async fn dedup_keys_make_room_for_new_jobs_before_their_window_ends() {
         Ok(Enqueued::Duplicate(_))
     ));
 }
+
+/// Making room never costs an unfinished job its dedup key: a retried keyed enqueue of a job
+/// still queued answers that job, however full the store.
+#[tokio::test]
+async fn dedup_keys_of_unfinished_jobs_stay() {
+    let store = MemoryJobStore::builder().max_bytes(64 * 1024).build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let day = EnqueueLimits {
+        dedup_window: Duration::from_secs(86_400),
+        ..limits()
+    };
+    let first = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
+    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &first, &day).await else {
+        panic!("added");
+    };
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[1],
+        max: 1,
+        visibility: Duration::from_secs(60),
+    };
+    // Far more keys than the bound holds, each job (in another lane) done at once.
+    for i in 0..2_000 {
+        let job = NewJob::new(Bytes::from_static(b"x"))
+            .lane(1)
+            .dedup_key(format!("{i:0>255}"));
+        let added = store.enqueue(&p, &job, &day).await;
+        assert!(
+            matches!(added, Ok(Enqueued::Added(_))),
+            "job {i}: {added:?}"
+        );
+        let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+        store
+            .complete(
+                &p,
+                delivery.number,
+                delivery.attempt,
+                Bytes::new(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    let retried = store.enqueue(&p, &first, &day).await.unwrap();
+    assert!(
+        matches!(retried, Enqueued::Duplicate(n) if n == number),
+        "{retried:?}"
+    );
+}

@@ -20,6 +20,9 @@ const JOB_OVERHEAD: usize = 160;
 /// their retention passes.
 const MAX_DEAD_LETTERS: usize = 10_000;
 
+/// The dedup keys a store looks at, per partition, for one of a finished job to drop.
+const DEDUP_SCAN: usize = 64;
+
 /// An in-memory [`JobStore`] for services that run one process.
 ///
 /// Jobs live in maps behind one mutex per store; every step is a few map and queue operations,
@@ -29,8 +32,9 @@ const MAX_DEAD_LETTERS: usize = 10_000;
 /// Memory is bounded in bytes (payloads, results, errors and dedup keys, plus a fixed overhead
 /// per job) besides each partition's own bound on unfinished jobs. An enqueue that would pass
 /// the byte bound first drops finished records (done and dead), those whose retention ends
-/// first, before it ends, then dedup keys, those whose window ends first (a key dropped so no
-/// longer catches a duplicate); only when unfinished work fills the bound is it refused with
+/// first, before it ends, then the dedup keys of finished jobs, those whose window ends first
+/// (a key dropped so no longer catches a duplicate; an unfinished job keeps its key); only
+/// when unfinished work fills the bound is it refused with
 /// [`BackendErrorKind::Unavailable`]. Completing, retrying and
 /// burying are never refused, since refusing them would run a job again.
 ///
@@ -150,16 +154,26 @@ impl State {
                 self.bytes -= job.bytes();
             }
         }
+        // Every finished record is gone by now: a key whose job still has one guards an
+        // unfinished job, and stays.
         while self.bytes.saturating_add(need) > max {
             let first = self
                 .partitions
-                .values_mut()
-                .filter_map(|p| Some((p.dedup_expiry.first()?.0, p)))
-                .min_by_key(|(at, _)| *at);
-            let Some((_, partition)) = first else {
+                .iter()
+                .filter_map(|(name, p)| {
+                    let (at, key) = p.dedup_expiry.iter().take(DEDUP_SCAN).find(|(_, key)| {
+                        p.dedup
+                            .get(key)
+                            .is_none_or(|(number, _)| !p.jobs.contains_key(number))
+                    })?;
+                    Some((*at, name.clone(), key.clone()))
+                })
+                .min_by_key(|(at, _, _)| *at);
+            let Some((at, name, key)) = first else {
                 return;
             };
-            let (_, key) = partition.dedup_expiry.pop_first().expect("found above");
+            let partition = self.partitions.get_mut(&name).expect("found above");
+            partition.dedup_expiry.remove(&(at, key.clone()));
             partition.dedup.remove(&key);
             self.bytes -= JOB_OVERHEAD + key.len();
         }
@@ -433,6 +447,12 @@ impl JobStore for MemoryJobStore {
             + job.payload.len()
             + job.tenant.as_ref().map_or(0, Bytes::len)
             + job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
+        // A duplicate needs no room: answered before room is made, which may drop dedup keys.
+        if let Some(key) = &job.dedup_key
+            && let Some(number) = self.with(partition, |p, _| p.dedup.get(key).map(|d| d.0))
+        {
+            return Ok(Enqueued::Duplicate(number));
+        }
         self.inner
             .state
             .lock()
