@@ -459,22 +459,19 @@ async fn flush_loop<S: JobStore, W: Writer>(
     let _lag = crate::worker::AbortOnDrop(lag);
     loop {
         let draining = !phase_is(&phase, Phase::Running);
-        // One pass per partition in turn, round after round while any has more: a backlog in
-        // one partition does not hold back the others' writes until it is gone.
-        let mut more = vec![true; partitions];
-        while more.contains(&true) && !phase_is(&phase, Phase::Abort) {
-            for (p, more) in more.iter_mut().enumerate() {
-                if !*more {
-                    continue;
-                }
-                *more = match drain_partition(&shared, p, &mut phase).await {
-                    Ok(more) => more,
+        // One pass of every partition in turn, round after round while any had more: a
+        // backlog in one partition holds back no other's writes, even those made meanwhile.
+        let mut more = true;
+        while more && !phase_is(&phase, Phase::Abort) {
+            more = false;
+            for p in 0..partitions {
+                match drain_partition(&shared, p, &mut phase).await {
+                    Ok(more_here) => more |= more_here,
                     Err(error) => {
                         shared.queue.inner.metrics.store_errors.increment(1);
                         tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
-                        false
                     }
-                };
+                }
                 if phase_is(&phase, Phase::Abort) {
                     break;
                 }
