@@ -1018,8 +1018,9 @@ where
         }
     }
 
-    /// Records that a load changed the key's L1 copy (see `loads_done`).
-    fn load_changed_l1(&self, key: &K) {
+    /// Records that a load is about to change the key's L1 copy (see `loads_done`): counted
+    /// first, so that a read filling L1 meanwhile sees it by its second look at the latest.
+    fn load_changes_l1(&self, key: &K) {
         self.loads_done[self.stripe(key)].fetch_add(1, Ordering::AcqRel);
     }
 
@@ -1499,8 +1500,8 @@ where
                     tracing::warn!(%error, "loaded value not cached");
                     if self.unchanged(write) {
                         // Whatever L1 held for the key is older than this value.
+                        self.load_changes_l1(key);
                         self.l1.invalidate(key);
-                        self.load_changed_l1(key);
                     }
                     return None;
                 }
@@ -1515,9 +1516,8 @@ where
             tags,
         );
         self.weigh(key, &mut slot, entry.as_ref().map(|e| e.value.len()));
-        if self.fill_l1(key, slot, write) {
-            self.load_changed_l1(key);
-        }
+        self.load_changes_l1(key);
+        self.fill_l1(key, slot, write);
         entry
     }
 
@@ -1526,8 +1526,8 @@ where
     /// replaces only entries older than the load.
     fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
         if self.unchanged(write) {
+            self.load_changes_l1(key);
             self.l1.invalidate(key);
-            self.load_changed_l1(key);
         }
         let l2 = self.l2.as_ref()?;
         self.tombstone(l2, key, version).ok()
