@@ -145,10 +145,13 @@ impl<E> Retry<E> {
     pub(crate) fn next(&self, error: &Error<E>, attempt: u32) -> Next {
         let inner = &*self.inner;
         let retryable = match error {
-            Error::Inner(error) if inner.timed_out.is_some_and(|timed_out| timed_out(error)) => {
-                inner.config.retry_timeouts
+            // A timeout below this retry is retried only when timeouts are, and only if
+            // retryable at all (one that spent a budget below is not).
+            Error::Inner(error) => {
+                (inner.retryable)(error)
+                    && (inner.config.retry_timeouts
+                        || !inner.timed_out.is_some_and(|timed_out| timed_out(error)))
             }
-            Error::Inner(error) => (inner.retryable)(error),
             Error::Elapsed(_) => inner.config.retry_timeouts,
             _ => false,
         };
