@@ -22,7 +22,10 @@
 //! request runs on a task of its own until the handler answers and the key keeps the outcome,
 //! which the retry replays; the answer's body is read for the record only while the client
 //! waits (once it is gone, the record keeps the status and headers, the body omitted). A panic
-//! in the handler fails that request only, as without the layer.
+//! in the handler fails that request only, as without the layer. The task runs in the
+//! request's span; a timeout or concurrency limit outside this layer no longer bounds the
+//! handler once the client is gone, so bound slow dependencies inside it (the lease is
+//! extended for as long as the handler runs).
 //!
 //! The request fingerprint is the method, path and query, and body by default; replace it with
 //! [`IdempotencyLayer::fingerprint`]. Records are scoped by the tenant the scope function
@@ -59,6 +62,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
 
@@ -408,14 +412,13 @@ where
             // task of its own until the handler answers and the key keeps the outcome; the
             // answer's body is read for the record only while the client waits for it.
             let (_client_waits, client_gone) = tokio::sync::oneshot::channel::<Infallible>();
-            let executing = tokio::spawn(execute(
-                layer,
-                scope,
-                key,
-                fingerprint,
-                client_gone,
-                move || inner.call(request),
-            ));
+            // In the request's span, as when it ran on the caller's task.
+            let executing = tokio::spawn(
+                execute(layer, scope, key, fingerprint, client_gone, move || {
+                    inner.call(request)
+                })
+                .in_current_span(),
+            );
             match executing.await {
                 Ok(response) => response,
                 Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
