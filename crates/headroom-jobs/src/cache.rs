@@ -21,8 +21,9 @@ pub enum CacheWriteError {
     /// The durable write was refused (the backlog is full, or the job invalid): nothing
     /// changed, neither in the cache nor for the writer. Or the store failed
     /// ([`EnqueueError::Backend`]): the write may have been recorded all the same (a lost
-    /// answer) and then reaches the writer, so the key was removed from the cache, and the
-    /// next read loads it from the source.
+    /// answer) and then reaches the writer, so the key was removed from the cache. A read
+    /// that loads the key from the source before the write reaches it may still load, and
+    /// cache, the value the write replaces: retry the write, which makes its outcome known.
     #[error("the write was not accepted")]
     Enqueue(#[from] EnqueueError),
     /// The value could not be encoded: nothing changed.
