@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use headroom_core::jobs::{EnqueueLimits, Enqueued, FetchRequest, JobStore, NewJob};
 use headroom_core::memory::MemoryJobStore;
-use headroom_core::{BackendErrorKind, ManualClock, Namespace};
+use headroom_core::{BackendErrorKind, Key, ManualClock, Namespace};
 
 fn limits() -> EnqueueLimits {
     EnqueueLimits {
@@ -108,36 +108,9 @@ async fn finished_records_make_room_for_new_jobs_before_their_retention_ends() {
 async fn dedup_keys_make_room_for_new_jobs_before_their_window_ends() {
     let store = MemoryJobStore::builder().max_bytes(64 * 1024).build();
     let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
-    let request = FetchRequest {
-        consumer: "w",
-        lanes: &[0],
-        max: 1,
-        visibility: Duration::from_secs(60),
-    };
-    let day = EnqueueLimits {
-        dedup_window: Duration::from_secs(86_400),
-        ..limits()
-    };
+    let day = day_window();
     // Far more keys than the bound holds, each job done at once.
-    for i in 0..2_000 {
-        let job = NewJob::new(Bytes::from_static(b"x")).dedup_key(format!("{i:0>255}"));
-        let added = store.enqueue(&p, &job, &day).await;
-        assert!(
-            matches!(added, Ok(Enqueued::Added(_))),
-            "job {i}: {added:?}"
-        );
-        let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
-        store
-            .complete(
-                &p,
-                delivery.number,
-                delivery.attempt,
-                Bytes::new(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
+    finish_keyed_jobs(&store, &p, 0, &day).await;
     assert!(store.bytes() <= 64 * 1024);
     // The latest key still answers with its job.
     let again = NewJob::new(Bytes::from_static(b"x")).dedup_key(format!("{:0>255}", 1_999));
@@ -153,34 +126,50 @@ async fn dedup_keys_make_room_for_new_jobs_before_their_window_ends() {
 async fn dedup_keys_of_unfinished_jobs_stay() {
     let store = MemoryJobStore::builder().max_bytes(64 * 1024).build();
     let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
-    let day = EnqueueLimits {
-        dedup_window: Duration::from_secs(86_400),
-        ..limits()
-    };
+    let day = day_window();
     let first = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
     let Ok(Enqueued::Added(number)) = store.enqueue(&p, &first, &day).await else {
         panic!("added");
     };
+    // Far more keys than the bound holds, each job (in another lane) done at once.
+    finish_keyed_jobs(&store, &p, 1, &day).await;
+    let retried = store.enqueue(&p, &first, &day).await.unwrap();
+    assert!(
+        matches!(retried, Enqueued::Duplicate(n) if n == number),
+        "{retried:?}"
+    );
+}
+
+/// Limits with a dedup window of a day.
+fn day_window() -> EnqueueLimits {
+    EnqueueLimits {
+        dedup_window: Duration::from_secs(86_400),
+        ..limits()
+    }
+}
+
+/// Enqueues 2,000 jobs in `lane`, each with its own 255-byte dedup key, and completes each
+/// at once.
+async fn finish_keyed_jobs(store: &MemoryJobStore, p: &Key, lane: u8, day: &EnqueueLimits) {
     let request = FetchRequest {
         consumer: "w",
-        lanes: &[1],
+        lanes: &[lane],
         max: 1,
         visibility: Duration::from_secs(60),
     };
-    // Far more keys than the bound holds, each job (in another lane) done at once.
     for i in 0..2_000 {
         let job = NewJob::new(Bytes::from_static(b"x"))
-            .lane(1)
+            .lane(lane)
             .dedup_key(format!("{i:0>255}"));
-        let added = store.enqueue(&p, &job, &day).await;
+        let added = store.enqueue(p, &job, day).await;
         assert!(
             matches!(added, Ok(Enqueued::Added(_))),
             "job {i}: {added:?}"
         );
-        let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+        let delivery = store.fetch(p, request).await.unwrap().pop().unwrap();
         store
             .complete(
-                &p,
+                p,
                 delivery.number,
                 delivery.attempt,
                 Bytes::new(),
@@ -189,9 +178,4 @@ async fn dedup_keys_of_unfinished_jobs_stay() {
             .await
             .unwrap();
     }
-    let retried = store.enqueue(&p, &first, &day).await.unwrap();
-    assert!(
-        matches!(retried, Enqueued::Duplicate(n) if n == number),
-        "{retried:?}"
-    );
 }
