@@ -2,6 +2,8 @@
 //! enqueue. A binary of its own: tracing's callsite cache is shared by every thread, and tests
 //! running beside this one without a subscriber could leave its spans unrecorded.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -13,14 +15,6 @@ use headroom_jobs::{Job, JobQueue, JobState};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
-
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-}
 
 /// A span seen: its name and fields (as first given, then as recorded).
 type Span = (&'static str, BTreeMap<String, String>);
@@ -85,7 +79,7 @@ impl Subscriber for Spans {
 fn a_job_runs_in_a_span_linked_to_the_request_that_enqueued_it() {
     let spans = Spans::default();
     let _guard = tracing::subscriber::set_default(spans.clone());
-    current_thread().block_on(async {
+    support::current_thread().block_on(async {
         let queue = JobQueue::builder("checkout", MemoryJobStore::new())
             .build()
             .unwrap();

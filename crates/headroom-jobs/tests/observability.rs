@@ -1,5 +1,7 @@
 //! What a dashboard shows of a queue: counts by outcome, depth and age.
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,14 +16,6 @@ fn value(rendered: &str, series: &str) -> Option<f64> {
         .map(|line| line[series.len()..].trim().parse().unwrap())
 }
 
-fn current_thread() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn outcomes_depth_and_oldest_age_are_metrics() {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -32,7 +26,7 @@ fn outcomes_depth_and_oldest_age_are_metrics() {
             .build()
             .unwrap()
     });
-    current_thread().block_on(async {
+    support::current_thread().block_on(async {
         let mut ids = Vec::new();
         for payload in ["ok", "ok", "fail", "fatal", "ok"] {
             ids.push(queue.enqueue(Job::new(payload)).await.unwrap().id);
@@ -122,7 +116,7 @@ fn a_job_buried_on_delivery_is_counted_dead() {
     let queue = metrics::with_local_recorder(&recorder, || {
         JobQueue::builder("poison", store.clone()).build().unwrap()
     });
-    current_thread().block_on(async {
+    support::current_thread().block_on(async {
         let id = queue
             .enqueue(Job::new("kills its worker"))
             .await
@@ -171,7 +165,7 @@ fn the_depth_gauge_follows_the_queue_while_every_handler_is_busy() {
             .build()
             .unwrap()
     });
-    current_thread().block_on(async {
+    support::current_thread().block_on(async {
         let worker = queue
             .worker(|_| async {
                 tokio::time::sleep(Duration::from_secs(120)).await;

@@ -252,3 +252,13 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         self.inner.stats(partition).await
     }
 }
+
+/// A current-thread runtime on paused time, for tests that install a subscriber or recorder
+/// for this thread.
+pub(crate) fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
