@@ -16,6 +16,7 @@
 //! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
 //! | body larger than the limit | `413 Content Too Large` |
 //! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
+//! | the runtime running the request shut down before it answered | `503 Service Unavailable` with `Retry-After` |
 //!
 //! A client that goes away does not stop a keyed request halfway: a handler dropped after its
 //! effect would release the key, and the client's retry would run it again. So each keyed
@@ -422,7 +423,14 @@ where
             match executing.await {
                 Ok(response) => response,
                 Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-                Err(_) => panic!("the runtime running an idempotent request shut down"),
+                // Its runtime shut down under it: the outcome is unknown, as after a crash.
+                Err(_) => Ok(with_retry_after(
+                    plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the server stopped while running the request",
+                    ),
+                    Duration::from_secs(1),
+                )),
             }
         })
     }

@@ -596,3 +596,44 @@ where
         } => {}
     }
 }
+
+/// The runtime a keyed request runs on shuts down while its caller, polled on another runtime,
+/// still waits: the caller gets a 503 with `Retry-After`, not a panic.
+#[test]
+fn a_runtime_shut_down_under_a_keyed_request_answers_503() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Response<Body>, Infallible>>()
+        })
+    };
+    let requests = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut service = waiting_layer().layer(handler);
+    let mut request = service.call(post(Some("k"), "charge"));
+    // The layer spawns the request on the runtime its future is polled in: `requests`.
+    let in_requests = requests.handle().clone();
+    let response = caller.block_on(async {
+        let response = tokio::spawn(std::future::poll_fn(move |cx| {
+            let _entered = in_requests.enter();
+            request.as_mut().poll(cx)
+        }));
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        requests.shutdown_background();
+        response.await.expect("the caller does not panic")
+    });
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+}
