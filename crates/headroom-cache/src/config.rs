@@ -198,9 +198,9 @@ impl CacheConfig {
     }
 }
 
-/// The longest time a cache takes: ten years, far inside what its clocks and L2's millisecond
-/// expiries count (and moka's limit of a thousand years).
-pub(crate) const MAX_TIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest time a cache takes: what every store keeps, far inside what its clocks count
+/// (and moka's limit of a thousand years).
+pub(crate) const MAX_TIME: Duration = headroom_core::MAX_DURATION;
 
 fn too_long(time: Duration) -> bool {
     time > MAX_TIME

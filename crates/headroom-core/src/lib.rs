@@ -46,6 +46,23 @@ mod signal;
 pub mod slot;
 
 pub use clock::{Clock, ManualClock, Stopwatch};
+
+/// The longest lease, retention or lifetime a store keeps: ten years. Longer ones are refused
+/// as configuration errors; no record needs them, and Redis scripts cannot count some of them
+/// (Lua prints numbers past 10^14 in exponent form, which Redis refuses as an expiry).
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A lease or retention in whole milliseconds (rounded down), or a configuration error when it
+/// is under a millisecond or over [`MAX_DURATION`]: what every store keeps.
+pub fn lasting_millis(duration: std::time::Duration) -> Result<u64, BackendError> {
+    if duration < std::time::Duration::from_millis(1) || duration > MAX_DURATION {
+        return Err(BackendError::with_detail(
+            BackendErrorKind::Config,
+            format!("duration {duration:?} must be between 1 ms and {MAX_DURATION:?}"),
+        ));
+    }
+    Ok(u64::try_from(duration.as_millis()).expect("at most MAX_DURATION"))
+}
 pub use error::{BackendError, BackendErrorKind, Classify};
 pub use key::{Key, KeyBatch, KeyError, Namespace};
 pub use signal::Signal;

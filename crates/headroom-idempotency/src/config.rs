@@ -84,9 +84,8 @@ impl Default for IdempotencyConfig {
     }
 }
 
-/// The longest lease, retention or wait: ten years, far inside what every store's clock and
-/// Redis's millisecond expiries count.
-const MAX_TIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest lease, retention or wait: what every store keeps.
+const MAX_TIME: Duration = headroom_core::MAX_DURATION;
 
 impl IdempotencyConfig {
     pub(crate) fn validate(&self) -> Result<(), &'static str> {

@@ -113,13 +113,7 @@ impl RedisLeaseStore {
 }
 
 fn millis(duration: Duration) -> Result<String, BackendError> {
-    match u64::try_from(duration.as_millis()) {
-        Ok(ms) if ms > 0 => Ok(ms.to_string()),
-        _ => Err(BackendError::with_detail(
-            BackendErrorKind::Config,
-            format!("duration {duration:?} must be between 1 ms and u64::MAX ms"),
-        )),
-    }
+    Ok(headroom_core::lasting_millis(duration)?.to_string())
 }
 
 fn protocol(detail: impl Into<Box<str>>) -> BackendError {

@@ -124,13 +124,7 @@ fn record(reply: &[Option<String>]) -> Result<Option<MigrationRecord>, BackendEr
 }
 
 fn millis(duration: Duration) -> Result<u64, BackendError> {
-    match u64::try_from(duration.as_millis()) {
-        Ok(ms) if ms > 0 => Ok(ms),
-        _ => Err(BackendError::with_detail(
-            BackendErrorKind::Config,
-            format!("lease {duration:?} must be between 1 ms and u64::MAX ms"),
-        )),
-    }
+    headroom_core::lasting_millis(duration)
 }
 
 impl MigrationStore for RedisMigrationStore {

@@ -18,18 +18,12 @@ pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
 pub use rate::{MemoryRateStore, MemoryRateStoreBuilder};
 
-/// A lease or a retention, refused as the Redis stores refuse it (under a millisecond, or past
-/// `u64::MAX` milliseconds), so both backends agree.
+/// A lease or a retention, refused as the Redis stores refuse it (under a millisecond, or over
+/// [`MAX_DURATION`](crate::MAX_DURATION)), so both backends agree.
 pub(crate) fn lasting(
     duration: std::time::Duration,
 ) -> Result<std::time::Duration, crate::BackendError> {
-    let millis = duration.as_millis();
-    if millis == 0 || millis > u128::from(u64::MAX) {
-        return Err(crate::BackendError::with_detail(
-            crate::BackendErrorKind::Config,
-            format!("duration {duration:?} must be between 1 ms and u64::MAX ms"),
-        ));
-    }
+    crate::lasting_millis(duration)?;
     Ok(duration)
 }
 

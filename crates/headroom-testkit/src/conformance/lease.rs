@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
-use headroom_core::{BackendErrorKind, Key, Namespace};
+use headroom_core::{BackendErrorKind, Key, MAX_DURATION, Namespace};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(20);
@@ -301,31 +301,46 @@ pub async fn keys_are_independent<S: LeaseStore>(store: &S, ns: Namespace) {
     );
 }
 
-/// A lease or retention under a millisecond or past what the store counts in milliseconds is
-/// a configuration error, and changes nothing: the holder still holds its lease.
+/// A lease or retention under a millisecond or over [`MAX_DURATION`] is a configuration error,
+/// and changes nothing: the key stays free, and a holder still holds its lease. The longest
+/// durations accepted are kept.
 pub async fn durations_outside_what_the_store_keeps_are_refused<S: LeaseStore>(
     store: &S,
     ns: Namespace,
 ) {
     let key = key(&ns);
-    for lease in [Duration::ZERO, Duration::from_micros(999), Duration::MAX] {
+    let too_long = [
+        MAX_DURATION + Duration::from_millis(1),
+        Duration::from_millis(u64::MAX),
+        Duration::MAX,
+    ];
+    for lease in [Duration::ZERO, Duration::from_micros(999)]
+        .into_iter()
+        .chain(too_long)
+    {
         let err = store.begin(&key, b"fp", lease).await.expect_err("refused");
         assert_eq!(err.kind(), BackendErrorKind::Config, "{lease:?}");
     }
-    let (token, _) = acquire(store, &key, b"fp", LONG).await;
-    let err = store
-        .extend(&key, token, Duration::MAX)
-        .await
-        .expect_err("refused");
-    assert_eq!(err.kind(), BackendErrorKind::Config);
-    let err = store
-        .complete(&key, token, Bytes::from_static(b"out"), Duration::MAX)
-        .await
-        .expect_err("refused");
-    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let (token, _) = acquire(store, &key, b"fp", MAX_DURATION).await;
+    for long in too_long {
+        let err = store.extend(&key, token, long).await.expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{long:?}");
+        let err = store
+            .complete(&key, token, Bytes::from_static(b"out"), long)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{long:?}");
+    }
     assert_eq!(
         store
-            .complete(&key, token, Bytes::from_static(b"out"), LONG)
+            .extend(&key, token, MAX_DURATION)
+            .await
+            .expect("extend"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store
+            .complete(&key, token, Bytes::from_static(b"out"), MAX_DURATION)
             .await
             .expect("complete"),
         Fenced::Applied

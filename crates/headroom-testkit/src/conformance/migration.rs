@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
-use headroom_core::{Key, Namespace};
+use headroom_core::{BackendErrorKind, Key, MAX_DURATION, Namespace};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(50);
@@ -36,6 +36,7 @@ macro_rules! migration_store_conformance {
                 concurrent_transitions_apply_exactly_once,
                 lagging_counts_live_participants_below_the_phase,
                 acknowledgements_expire_with_their_lease,
+                acknowledgement_leases_outside_what_the_store_keeps_are_refused,
                 remove_deletes_the_record_and_its_participants,
                 keys_are_independent,
             );
@@ -177,6 +178,34 @@ pub async fn acknowledgements_expire_with_their_lease<S: MigrationStore>(store: 
     }
     store.acknowledge(&key, "live", 1, LONG).await.expect("ack");
     assert_eq!(store.lagging(&key, 1).await.expect("lagging"), 0);
+}
+
+/// An acknowledgement lease under a millisecond or over [`MAX_DURATION`] is a configuration
+/// error and records nothing; the longest one accepted is counted.
+pub async fn acknowledgement_leases_outside_what_the_store_keeps_are_refused<S: MigrationStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let key = key(&ns);
+    store.create(&key, START).await.expect("create");
+    for lease in [
+        Duration::ZERO,
+        MAX_DURATION + Duration::from_millis(1),
+        Duration::from_millis(u64::MAX),
+        Duration::MAX,
+    ] {
+        let err = store
+            .acknowledge(&key, "a", 0, lease)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{lease:?}");
+    }
+    assert_eq!(store.lagging(&key, 1).await.expect("lagging"), 0);
+    store
+        .acknowledge(&key, "a", 0, MAX_DURATION)
+        .await
+        .expect("ack");
+    assert_eq!(store.lagging(&key, 1).await.expect("lagging"), 1);
 }
 
 /// `remove` deletes the record and its acknowledgements; a new record starts clean.
