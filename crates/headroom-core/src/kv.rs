@@ -56,7 +56,10 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
         keys: &[Key],
     ) -> impl Future<Output = Result<Vec<Option<Bytes>>, BackendError>> + Send;
 
-    /// Writes one value that expires after `ttl`.
+    /// Writes one value that expires after `ttl`. A TTL under a millisecond or over
+    /// [`MAX_DURATION`](crate::MAX_DURATION) fails with
+    /// [`BackendErrorKind::Config`](crate::BackendErrorKind::Config), in a batch before
+    /// anything is written.
     fn set(
         &self,
         key: &Key,

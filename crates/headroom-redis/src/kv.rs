@@ -113,14 +113,7 @@ impl RedisKvStore {
                 ),
             ));
         }
-        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if millis == 0 {
-            return Err(BackendError::with_detail(
-                BackendErrorKind::Config,
-                "a ttl under one millisecond is not allowed",
-            ));
-        }
-        Ok(millis)
+        headroom_core::lasting_millis(ttl)
     }
 
     async fn set_pipelined(&self, entries: &[(&KvEntry, u64)]) -> Result<(), BackendError> {

@@ -233,12 +233,7 @@ impl MemoryKvStore {
     }
 
     fn check(&self, value: &Bytes, ttl: Duration) -> Result<(), BackendError> {
-        if ttl.is_zero() {
-            return Err(BackendError::with_detail(
-                BackendErrorKind::Config,
-                "a ttl of zero is not allowed",
-            ));
-        }
+        crate::lasting_millis(ttl)?;
         if value.len() > self.inner.max_value_len {
             return Err(BackendError::with_detail(
                 BackendErrorKind::TooLarge,

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::kv::{KvEntry, KvStore, VersionAt};
-use headroom_core::{BackendErrorKind, Key, Namespace};
+use headroom_core::{BackendErrorKind, Key, MAX_DURATION, Namespace};
 
 /// The value limit the stores under test must be configured with.
 pub const MAX_VALUE_LEN: usize = 1024 * 1024;
@@ -84,22 +84,46 @@ pub async fn entries_expire_after_their_ttl<S: KvStore>(store: &S, ns: Namespace
     );
 }
 
-/// A TTL of zero is a configuration error, not an entry that never expires.
-pub async fn zero_ttl_is_refused<S: KvStore>(store: &S, ns: Namespace) {
-    let k = key(&ns, "k");
-    let err = store
-        .set(&k, "v".into(), Duration::ZERO)
-        .await
-        .expect_err("zero ttl");
-    assert_eq!(err.kind(), BackendErrorKind::Config);
-    let entry = KvEntry {
-        key: k.clone(),
-        value: "v".into(),
-        ttl: Duration::ZERO,
+/// A TTL under a millisecond (zero is not an entry that never expires) or over
+/// [`MAX_DURATION`] is a configuration error, alone or in a batch, and writes nothing: not even
+/// the batch's other entries. The longest TTL accepted is kept.
+pub async fn ttls_outside_what_the_store_keeps_are_refused<S: KvStore>(store: &S, ns: Namespace) {
+    let (k, good) = (key(&ns, "k"), key(&ns, "good"));
+    let value = versioned(1, "v");
+    let entry = |key: &Key, ttl| KvEntry {
+        key: key.clone(),
+        value: value.clone(),
+        ttl,
     };
-    let err = store.set_many(&[entry]).await.expect_err("zero ttl");
-    assert_eq!(err.kind(), BackendErrorKind::Config);
-    assert_eq!(store.get(&k).await.expect("get"), None);
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_micros(999),
+        MAX_DURATION + Duration::from_millis(1),
+        Duration::from_millis(u64::MAX),
+        Duration::MAX,
+    ] {
+        let err = store
+            .set(&k, value.clone(), ttl)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{ttl:?}");
+        let batch = [entry(&good, HOUR), entry(&k, ttl)];
+        let err = store.set_many(&batch).await.expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{ttl:?}");
+        let err = store
+            .set_if_newer(&batch, VersionAt::new(3))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), BackendErrorKind::Config, "{ttl:?}");
+        for key in [&k, &good] {
+            assert_eq!(store.get(key).await.expect("get"), None, "{ttl:?}");
+        }
+    }
+    store
+        .set(&k, value.clone(), MAX_DURATION)
+        .await
+        .expect("the longest ttl");
+    assert_eq!(store.get(&k).await.expect("get"), Some(value));
 }
 
 /// A value over the limit fails with `TooLarge` and writes nothing, alone or in a batch.

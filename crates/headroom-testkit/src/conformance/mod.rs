@@ -38,7 +38,7 @@ macro_rules! kv_store_conformance {
                 missing_keys_read_as_none,
                 set_overwrites,
                 entries_expire_after_their_ttl,
-                zero_ttl_is_refused,
+                ttls_outside_what_the_store_keeps_are_refused,
                 oversized_values_are_refused_and_not_written,
                 get_many_answers_in_order_with_duplicates,
                 set_many_writes_every_entry,
