@@ -116,7 +116,7 @@ where
 {
     Box::pin(async move {
         injection.wait().await;
-        if let Some(kind) = injection.fault() {
+        if let Some(kind) = injection.fault().filter(|_| injection.is_running()) {
             return Err(BackendError::with_detail(
                 kind.backend_kind(),
                 format!("injected by chaos experiment `{}`", injection.experiment()),

@@ -284,19 +284,44 @@ impl Experiment {
         sequence
     }
 
-    /// Without traffic nobody would notice the end time: a timer stops the run at its end, so
-    /// the `running` gauge and held calls follow it. Without a tokio runtime the next call or
-    /// status read stops it instead.
+    /// Without traffic nobody would notice the end time or a raised stop signal (and behind a
+    /// full bulkhead held calls let no new call come): a task stops the run at its end or when a
+    /// stop signal is raised, so the `running` gauge and held calls follow it. Without a tokio
+    /// runtime the next call or status read stops it instead.
     fn spawn_end_timer(&self, run: &Arc<Run>) -> Option<tokio::task::AbortHandle> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let clock = self.0.clock.clone();
         let remaining = run.ends_at.saturating_duration_since(clock.now());
+        let signals = self.0.stop_when.clone();
         let shared = Arc::downgrade(&self.0);
         let run = Arc::downgrade(run);
         let timer = runtime.spawn(async move {
-            clock.sleep(remaining).await;
-            if let (Some(shared), Some(run)) = (shared.upgrade(), run.upgrade()) {
-                Experiment(shared).stop_run(&run, StopReason::Ended);
+            let mut ended = std::pin::pin!(clock.sleep(remaining));
+            loop {
+                let raised = async {
+                    if signals.is_empty() {
+                        std::future::pending::<()>().await;
+                    }
+                    let each = signals.iter().map(|signal| Box::pin(signal.raised()));
+                    futures_util::future::select_all(each).await;
+                };
+                let raised = std::pin::pin!(raised);
+                let first = futures_util::future::select(ended.as_mut(), raised).await;
+                let (Some(shared), Some(run)) = (shared.upgrade(), run.upgrade()) else {
+                    return;
+                };
+                let experiment = Experiment(shared);
+                match first {
+                    futures_util::future::Either::Left(_) => {
+                        return experiment.stop_run(&run, StopReason::Ended);
+                    }
+                    // A signal lowered again before this look waits for the next raise.
+                    futures_util::future::Either::Right(_) => {
+                        if !experiment.check_stops(&run, clock.now()) {
+                            return;
+                        }
+                    }
+                }
             }
         });
         Some(timer.abort_handle())
@@ -526,8 +551,9 @@ impl ExperimentBuilder {
     }
 
     /// Stops the experiment as soon as `signal` is raised, for example an SLO's page signal
-    /// (`Objective::signal`) or one of the service's own. Checked at every call the experiment
-    /// sees while running, and by [`Experiment::status`]. May be given several times.
+    /// (`Objective::signal`) or one of the service's own. Watched from when a run starts (on a
+    /// tokio runtime; without one, checked at every call the experiment sees while running),
+    /// and by [`Experiment::status`]. May be given several times.
     pub fn stop_when(mut self, signal: Signal) -> Self {
         self.stop_when.push(signal);
         self
@@ -633,6 +659,19 @@ impl Injection {
         self.loss
     }
 
+    /// Whether the run that drew this call still runs: not stopped, replaced, or out of time.
+    /// A point checks it after [`Injection::wait`]: a call released by the run's end is made
+    /// as without the experiment, its fault or outcome not injected.
+    pub fn is_running(&self) -> bool {
+        let shared = &self.experiment.0;
+        shared
+            .run
+            .load()
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &self.run))
+            && self.experiment.check_stops(&self.run, shared.clock.now())
+    }
+
     /// The experiment's name, for the errors a point makes.
     pub fn experiment(&self) -> &str {
         self.experiment.name()
@@ -640,7 +679,8 @@ impl Injection {
 
     /// Waits out the delay, or for an aborted call holds until the run ends. Either ends when
     /// the run does (stopped, replaced, or out of time): stopping an experiment releases every
-    /// call it is delaying or holding. A caller's timeout usually ends a hold first.
+    /// call it is delaying or holding, which then check [`Injection::is_running`]. A caller's
+    /// timeout usually ends a hold first.
     pub async fn wait(&self) {
         let delay = self.delay.filter(|delay| !delay.is_zero());
         if delay.is_none() && !self.abort() {

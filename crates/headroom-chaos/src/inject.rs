@@ -94,31 +94,38 @@ impl<T, E> Chaos<T, E> {
     where
         F: Future<Output = Result<T, E>>,
     {
-        self.call_with(|| call)
+        match self.experiment.draw(self.strategies) {
+            None => ChaosFuture::passthrough(call),
+            Some(injection) => {
+                let (prelude, answer) = self.prelude(injection);
+                ChaosFuture::injected(prelude, answer, Built(call))
+            }
+        }
     }
 
-    /// [`Chaos::call`], building the call only if it is going to run (not for an injected fault
-    /// or outcome).
+    /// [`Chaos::call`], building the call only when it runs: not for an injected fault or
+    /// outcome (unless the run ends before it is answered).
     #[inline]
-    pub fn call_with<F>(&self, make: impl FnOnce() -> F) -> ChaosFuture<F, T, E>
+    pub fn call_with<F, M>(&self, make: M) -> ChaosFuture<F, T, E, Later<M>>
     where
         F: Future<Output = Result<T, E>>,
+        M: FnOnce() -> F,
     {
         match self.experiment.draw(self.strategies) {
             None => ChaosFuture::passthrough(make()),
             Some(injection) => {
                 let (prelude, answer) = self.prelude(injection);
-                let call = answer.is_none().then(|| Built(make()));
-                ChaosFuture::injected(prelude, answer, call)
+                ChaosFuture::injected(prelude, answer, Later(make))
             }
         }
     }
 
-    /// What an injected call runs before its real call (the hook, then the delay or hold), and
-    /// the answer that replaces the call, if any.
+    /// What an injected call runs before its real call (the hook, then the delay or hold),
+    /// answering whether the run still runs, and the answer that then replaces the call, if
+    /// any.
     #[cold]
     #[inline(never)]
-    pub(crate) fn prelude(&self, injection: Injection) -> (BoxFuture<()>, Option<Result<T, E>>) {
+    pub(crate) fn prelude(&self, injection: Injection) -> (BoxFuture<bool>, Option<Result<T, E>>) {
         let hook = injection
             .behavior()
             .then(|| self.behavior.as_ref().map(|hook| hook()))
@@ -130,11 +137,12 @@ impl<T, E> Chaos<T, E> {
         } else {
             None
         };
-        let prelude: BoxFuture<()> = Box::pin(async move {
+        let prelude: BoxFuture<bool> = Box::pin(async move {
             if let Some(hook) = hook {
                 hook.await;
             }
             injection.wait().await;
+            injection.is_running()
         });
         (prelude, answer)
     }
@@ -153,7 +161,7 @@ impl<T, E> Chaos<T, E> {
         Fut: Future<Output = Result<T, E>>,
     {
         let chaos = self.clone();
-        move || chaos.call_with(&mut operation)
+        move || chaos.call(operation())
     }
 }
 
@@ -199,6 +207,18 @@ impl<F> Deferred for Built<F> {
     }
 }
 
+/// A call built when it is made, by the closure given to [`Chaos::call_with`].
+#[derive(Debug)]
+pub struct Later<M>(M);
+
+impl<M: FnOnce() -> F, F> Deferred for Later<M> {
+    type Future = F;
+
+    fn start(self) -> F {
+        (self.0)()
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The future of a call through [`Chaos`] or `ChaosLayer`: the call itself when nothing is
     /// injected; otherwise the injected prelude (hook, delay, hold), then the injected answer
@@ -225,7 +245,7 @@ pin_project_lite::pin_project! {
 
 pin_project_lite::pin_project! {
     struct InjectedCall<F, T, E, C> {
-        prelude: Option<BoxFuture<()>>,
+        prelude: Option<BoxFuture<bool>>,
         answer: Option<Result<T, E>>,
         deferred: Option<C>,
         #[pin]
@@ -242,16 +262,16 @@ impl<F, T, E, C> ChaosFuture<F, T, E, C> {
     }
 
     pub(crate) fn injected(
-        prelude: BoxFuture<()>,
+        prelude: BoxFuture<bool>,
         answer: Option<Result<T, E>>,
-        deferred: Option<C>,
+        deferred: C,
     ) -> Self {
         Self {
             state: State::Injected {
                 call: Box::pin(InjectedCall {
                     prelude: Some(prelude),
                     answer,
-                    deferred,
+                    deferred: Some(deferred),
                     inner: None,
                 }),
             },
@@ -285,8 +305,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Some(prelude) = this.prelude.as_mut() {
-            ready!(prelude.as_mut().poll(cx));
+            let running = ready!(prelude.as_mut().poll(cx));
             *this.prelude = None;
+            if !running {
+                // Released by the run's end: the call is made as without the experiment.
+                *this.answer = None;
+            }
         }
         if let Some(answer) = this.answer.take() {
             return Poll::Ready(answer);

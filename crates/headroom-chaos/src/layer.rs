@@ -164,12 +164,9 @@ where
                 let (prelude, answer) = self.chaos.prelude(injection);
                 // The service made ready goes with the call, made once the injection is over;
                 // a clone takes its place here (tower's usual pattern).
-                let call = answer.is_none().then(|| {
-                    let clone = self.inner.clone();
-                    let ready = std::mem::replace(&mut self.inner, clone);
-                    ServiceCall(ready, request)
-                });
-                ChaosFuture::injected(prelude, answer, call)
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ChaosFuture::injected(prelude, answer, ServiceCall(ready, request))
             }
         }
     }

@@ -49,7 +49,7 @@ pub use experiment::{
 #[cfg(feature = "fleet")]
 #[cfg_attr(docsrs, doc(cfg(feature = "fleet")))]
 pub use fleet::{FleetError, FleetSwitch};
-pub use inject::{Built, Chaos, ChaosFuture, Deferred};
+pub use inject::{Built, Chaos, ChaosFuture, Deferred, Later};
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub use layer::{ChaosLayer, ChaosService, Everything, Pick, ServiceCall};

@@ -264,3 +264,93 @@ async fn stopping_or_ending_cuts_injected_delays_short() {
         "the delay ended with the run"
     );
 }
+
+/// A stop, or the run's end, releases a delayed call to what it would have been without the
+/// experiment: the fault or outcome drawn with its delay is not injected after the run, at any
+/// point (a call, a built call, the tower layer, a backend wrapper).
+#[tokio::test(start_paused = true)]
+async fn a_call_released_by_the_stop_or_the_end_is_not_faulted() {
+    use headroom_chaos::{ChaosKvStore, ChaosLayer};
+    use headroom_core::kv::KvStore;
+    use headroom_core::memory::MemoryKvStore;
+    use tower::{Layer, Service, ServiceExt, service_fn};
+
+    let experiment = Experiment::builder("slow-then-failing").build().unwrap();
+    let chaos = Chaos::<u32, &str>::new(experiment.clone())
+        .fault(|| "injected")
+        .outcome(|| 503);
+    let inner = MemoryKvStore::new();
+    let kv = ChaosKvStore::new(inner.clone(), experiment.clone());
+    let key = headroom_core::Namespace::new("chaos")
+        .unwrap()
+        .key("k")
+        .unwrap();
+    let delay = Delay::Fixed(10 * MINUTE);
+    for (stop, config) in [
+        (
+            true,
+            ExperimentConfig::new(60 * MINUTE)
+                .latency(1.0, delay)
+                .fault(1.0),
+        ),
+        (
+            true,
+            ExperimentConfig::new(60 * MINUTE)
+                .latency(1.0, delay)
+                .outcome(1.0),
+        ),
+        // Ended by its end time, which the delay reaches.
+        (
+            false,
+            ExperimentConfig::new(10 * MINUTE)
+                .latency(1.0, delay)
+                .fault(1.0),
+        ),
+    ] {
+        experiment.start(config).unwrap();
+        let call = tokio::spawn(chaos.call(async { Ok(1) }));
+        let built = tokio::spawn(chaos.call_with(|| async { Ok(2) }));
+        let mut service = ChaosLayer::new(chaos.clone())
+            .layer(service_fn(|n: u32| async move { Ok::<_, &str>(n) }));
+        let layered = tokio::spawn(service.ready().await.unwrap().call(3));
+        let write = tokio::spawn({
+            let (kv, key) = (kv.clone(), key.clone());
+            async move { kv.set(&key, "v".into(), MINUTE).await }
+        });
+        tokio::time::sleep(MINUTE).await;
+        if stop {
+            experiment.stop();
+        }
+        assert_eq!(call.await.unwrap(), Ok(1));
+        assert_eq!(built.await.unwrap(), Ok(2));
+        assert_eq!(layered.await.unwrap(), Ok(3));
+        write.await.unwrap().expect("the write lands");
+        assert_eq!(inner.get(&key).await.unwrap().as_deref(), Some(&b"v"[..]));
+        inner.delete(std::slice::from_ref(&key)).await.unwrap();
+    }
+}
+
+/// A raised stop signal stops the run at once, with no new call to notice it: the calls it
+/// holds are released (behind a full bulkhead, no new call may come).
+#[tokio::test(start_paused = true)]
+async fn a_raised_stop_signal_releases_held_calls_with_no_call_to_notice_it() {
+    let guard = Signal::new("orders error rate");
+    let experiment = Experiment::builder("holding")
+        .stop_when(guard.clone())
+        .build()
+        .unwrap();
+    let chaos = failing(&experiment);
+    experiment
+        .start(ExperimentConfig::new(60 * MINUTE).abort(1.0))
+        .unwrap();
+    let held = tokio::spawn(chaos.call(async { Ok(1) }));
+    tokio::time::sleep(MINUTE).await;
+    assert!(!held.is_finished());
+    guard.set(true);
+    let released = timeout(MINUTE, held).await;
+    assert_eq!(released.expect("released").unwrap(), Ok(1));
+    assert_eq!(
+        experiment.status().last_stop,
+        Some(StopReason::Signal("orders error rate".to_owned()))
+    );
+}

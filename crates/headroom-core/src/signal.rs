@@ -25,6 +25,8 @@ pub struct Signal(Arc<State>);
 struct State {
     name: Box<str>,
     raised: AtomicBool,
+    /// Wakes [`Signal::raised`] waiters when the signal is raised.
+    raising: tokio::sync::Notify,
 }
 
 impl Signal {
@@ -33,12 +35,29 @@ impl Signal {
         Self(Arc::new(State {
             name: name.into().into_boxed_str(),
             raised: AtomicBool::new(false),
+            raising: tokio::sync::Notify::new(),
         }))
     }
 
     /// Raises or lowers the signal.
     pub fn set(&self, raised: bool) {
-        self.0.raised.store(raised, Ordering::Relaxed);
+        let was = self.0.raised.swap(raised, Ordering::Relaxed);
+        if raised && !was {
+            self.0.raising.notify_waiters();
+        }
+    }
+
+    /// Waits until the signal is raised: at once if it is, else when it next is.
+    pub async fn raised(&self) {
+        loop {
+            let raising = self.0.raising.notified();
+            let mut raising = std::pin::pin!(raising);
+            raising.as_mut().enable();
+            if self.is_raised() {
+                return;
+            }
+            raising.await;
+        }
     }
 
     /// Whether the signal is raised now.
