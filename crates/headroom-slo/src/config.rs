@@ -104,6 +104,16 @@ impl BurnAlert {
             Self::new(Severity::Ticket, 1.0, secs(3 * DAY), secs(6 * HOUR)),
         ]
     }
+
+    /// The [`workbook`](Self::workbook) alerts that can fire for an objective of `target`: a
+    /// burn rate `b` fires at an error ratio above `b × (1 − target)`, which cannot exceed
+    /// 100 %, so below a target of 0.9306 the 14.4× page is left out, below 0.8333 the 6× page,
+    /// and below 0.6667 the 3× ticket. The default alerts of an objective.
+    pub fn workbook_for(target: f64) -> Vec<BurnAlert> {
+        let mut alerts = Self::workbook();
+        alerts.retain(|alert| alert.burn_rate * (1.0 - target) < 1.0);
+        alerts
+    }
 }
 
 /// One objective: the share of good requests an operation promises over a period, and the
@@ -121,7 +131,7 @@ impl BurnAlert {
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+#[cfg_attr(feature = "serde", serde(from = "ObjectiveFile"))]
 pub struct ObjectiveConfig {
     /// The objective's name: the `slo` label of its metrics and alerts.
     pub name: String,
@@ -135,9 +145,36 @@ pub struct ObjectiveConfig {
         serde(default = "default_period", with = "humantime_serde")
     )]
     pub period: Duration,
-    /// The burn-rate alerts (default [`BurnAlert::workbook`]).
-    #[cfg_attr(feature = "serde", serde(default = "BurnAlert::workbook"))]
+    /// The burn-rate alerts (default [`BurnAlert::workbook_for`] the target).
     pub alerts: Vec<BurnAlert>,
+}
+
+/// An [`ObjectiveConfig`] as a file gives it: without alerts, the defaults for its target.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectiveFile {
+    name: String,
+    sli: Sli,
+    target: f64,
+    #[serde(default = "default_period", with = "humantime_serde")]
+    period: Duration,
+    alerts: Option<Vec<BurnAlert>>,
+}
+
+#[cfg(feature = "serde")]
+impl From<ObjectiveFile> for ObjectiveConfig {
+    fn from(file: ObjectiveFile) -> Self {
+        Self {
+            alerts: file
+                .alerts
+                .unwrap_or_else(|| BurnAlert::workbook_for(file.target)),
+            name: file.name,
+            sli: file.sli,
+            target: file.target,
+            period: file.period,
+        }
+    }
 }
 
 fn default_period() -> Duration {
@@ -161,7 +198,7 @@ impl ObjectiveConfig {
             sli,
             target,
             period: default_period(),
-            alerts: BurnAlert::workbook(),
+            alerts: BurnAlert::workbook_for(target),
         }
     }
 
@@ -279,7 +316,7 @@ impl ObjectiveConfig {
                 return Err(ConfigError::new(
                     name,
                     field("burn_rate"),
-                    "must be positive and below 1 / (1 - target)",
+                    "must be positive and below 1 / (1 - target): above it the error ratio would have to exceed 100 %",
                 ));
             }
         }

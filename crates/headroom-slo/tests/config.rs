@@ -151,3 +151,38 @@ fn objectives_load_from_a_file_and_unknown_fields_are_refused() {
             .contains("unknown field `targte`")
     );
 }
+
+/// Every target in (0, 1) builds with the default alerts: they are the workbook's alerts that
+/// can fire for it (a burn rate `b` needs an error ratio of `b × (1 − target)`, at most 100 %),
+/// from code and from a file; an alert the user gives that cannot fire is still refused.
+#[test]
+fn every_target_builds_with_the_default_alerts_that_can_fire_for_it() {
+    for target in [0.5, 0.8, 0.9, 0.93, 0.95, 0.99, 0.999] {
+        for config in [
+            ObjectiveConfig::availability("orders", target),
+            ObjectiveConfig::latency("search", Duration::from_millis(250), target),
+        ] {
+            assert!(config.validate().is_ok(), "{target}");
+            let expected: Vec<BurnAlert> = BurnAlert::workbook()
+                .into_iter()
+                .filter(|alert| alert.burn_rate * (1.0 - target) < 1.0)
+                .collect();
+            assert!(!expected.is_empty());
+            assert_eq!(config.alerts, expected, "{target}");
+        }
+    }
+    #[cfg(feature = "serde")]
+    {
+        let config: SloConfig = serde_json::from_str(
+            r#"{ "objectives": [{ "name": "x", "sli": { "kind": "availability" }, "target": 0.9 }] }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.objectives[0],
+            ObjectiveConfig::availability("x", 0.9)
+        );
+        assert!(Slos::new(config).is_ok());
+    }
+    let impossible = ObjectiveConfig::availability("orders", 0.9).alerts(BurnAlert::workbook());
+    assert!(refused(impossible).starts_with("alerts[0].burn_rate: "));
+}
