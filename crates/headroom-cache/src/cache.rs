@@ -1770,6 +1770,8 @@ where
                     self.bump_writes(&key);
                     self.l1.invalidate(&key);
                 }
+                // Bytes no key of this type has: nothing in L1 to drop.
+                None if K::REBUILDS_EVERY_KEY => {}
                 // A key type that cannot be rebuilt from its bytes: drop everything instead.
                 None => return self.flush(),
             }

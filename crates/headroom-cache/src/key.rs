@@ -34,11 +34,19 @@ pub trait CacheKey: Hash + Eq + Clone + Send + Sync + 'static {
         let _ = bytes;
         None
     }
+
+    /// Whether [`from_key_bytes`](Self::from_key_bytes) rebuilds every key of this type, so
+    /// that bytes it refuses (another program's key under the cache's prefix, reported by
+    /// tracked writes) are no key of the cache and drop nothing. `false` (the default) makes
+    /// refused bytes flush the whole L1.
+    const REBUILDS_EVERY_KEY: bool = false;
 }
 
 macro_rules! borrowed_key {
-    ($($t:ty => $as:ty, |$b:ident| $from:expr);* $(;)?) => {$(
+    ($($t:ty => $as:ty, $rebuilds:expr, |$b:ident| $from:expr);* $(;)?) => {$(
         impl CacheKey for $t {
+            const REBUILDS_EVERY_KEY: bool = $rebuilds;
+
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
                 Cow::Borrowed(<$t as AsRef<$as>>::as_ref(self).as_ref())
             }
@@ -51,20 +59,23 @@ macro_rules! borrowed_key {
 }
 
 borrowed_key!(
-    String => str, |b| std::str::from_utf8(b).ok().map(Into::into);
-    Box<str> => str, |b| std::str::from_utf8(b).ok().map(Into::into);
-    Arc<str> => str, |b| std::str::from_utf8(b).ok().map(Into::into);
+    String => str, true, |b| std::str::from_utf8(b).ok().map(Into::into);
+    Box<str> => str, true, |b| std::str::from_utf8(b).ok().map(Into::into);
+    Arc<str> => str, true, |b| std::str::from_utf8(b).ok().map(Into::into);
     // A `'static` key cannot be rebuilt from bytes: messages naming one flush L1.
-    &'static str => str, |b| { let _ = b; None };
-    Vec<u8> => [u8], |b| Some(b.into());
-    Box<[u8]> => [u8], |b| Some(b.into());
-    Arc<[u8]> => [u8], |b| Some(b.into());
-    Bytes => [u8], |b| Some(Bytes::copy_from_slice(b));
+    &'static str => str, false, |b| { let _ = b; None };
+    Vec<u8> => [u8], true, |b| Some(b.into());
+    Box<[u8]> => [u8], true, |b| Some(b.into());
+    Arc<[u8]> => [u8], true, |b| Some(b.into());
+    Bytes => [u8], true, |b| Some(Bytes::copy_from_slice(b));
 );
 
 macro_rules! integer_key {
     ($($t:ty),*) => {$(
         impl CacheKey for $t {
+            // Decimal digits that do not parse are no integer's.
+            const REBUILDS_EVERY_KEY: bool = true;
+
             fn to_key_bytes(&self) -> Cow<'_, [u8]> {
                 Cow::Owned(itoa::Buffer::new().format(*self).as_bytes().to_vec())
             }

@@ -224,6 +224,65 @@ async fn l1_learns_of_writes_made_outside_headroom() {
     assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), None);
 }
 
+/// Another program writing a key under the tracked prefix that is not a key of this cache (an
+/// index beside `u64` keys) drops nothing from L1: no entry can have that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_writes_to_keys_the_cache_cannot_hold_leave_l1_alone() {
+    let server = shared_server();
+    let redis = Redis::connect(RedisConfig::standalone(server.url()))
+        .await
+        .expect("connect");
+    let ns = unique_namespace("external-foreign");
+    let prefix = format!("{ns}:");
+    // Written before tracking starts, so that the only writes reported are the test's own.
+    let writer: Cache<u64, u64> = Cache::builder()
+        .l2(RedisKvStore::new(redis.clone()), ns.clone())
+        .build()
+        .expect("cache");
+    writer.insert(7, 70).await.expect("insert");
+    writer.insert(8, 80).await.expect("insert");
+    let writes = headroom_redis::tracked_writes(&redis, prefix.as_bytes())
+        .await
+        .expect("tracking");
+    let store = Probe::new(RedisKvStore::new(redis));
+    let calls = Arc::clone(&store.calls);
+    let cache: Cache<u64, u64> = Cache::builder()
+        .ttl(Duration::from_secs(3_600))
+        .l2(store, ns.clone())
+        .external_writes(writes)
+        .build()
+        .expect("cache");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cache.l1_in_use() {
+        assert!(Instant::now() < deadline, "tracking never went live");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Read until both are served from L1 (it is filled after the first read answers).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reads = calls.reads();
+        assert_eq!(cache.get(&7).await.expect("get"), Some(70));
+        assert_eq!(cache.get(&8).await.expect("get"), Some(80));
+        if calls.reads() == reads {
+            break;
+        }
+        assert!(Instant::now() < deadline, "L1 never filled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    server.cli(&["SET", &format!("{prefix}index"), "another program's"]);
+    // Tracking reports writes in order: once the write to key 8 is applied, so is the index's.
+    server.cli(&["SET", &format!("{prefix}8"), "written by another program"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.get(&8).await.expect("get") == Some(80) {
+        assert!(Instant::now() < deadline, "the write to key 8 never arrived");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let reads = calls.reads();
+    assert_eq!(cache.get(&7).await.expect("get"), Some(70));
+    assert_eq!(calls.reads(), reads, "key 7 is still in L1");
+}
+
 /// Two instances over a Redis Cluster with a fleet lock in Redis: one loader call for a cold
 /// key; the other instance waits for the value in L2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
