@@ -275,7 +275,10 @@ async fn outside_writes_to_keys_the_cache_cannot_hold_leave_l1_alone() {
     server.cli(&["SET", &format!("{prefix}8"), "written by another program"]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while cache.get(&8).await.expect("get") == Some(80) {
-        assert!(Instant::now() < deadline, "the write to key 8 never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "the write to key 8 never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let reads = calls.reads();

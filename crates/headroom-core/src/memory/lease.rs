@@ -87,7 +87,7 @@ impl MemoryLeaseStoreBuilder {
         MemoryLeaseStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                next_token: AtomicU64::new(1),
+                last_token: AtomicU64::new(0),
                 clock: self.clock,
                 limits: self.limits,
             }),
@@ -98,7 +98,9 @@ impl MemoryLeaseStoreBuilder {
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
-    next_token: AtomicU64,
+    /// The last token issued. The next is greater, and at least the wall clock in µs, so
+    /// tokens keep growing across restarts, as on Redis.
+    last_token: AtomicU64,
     clock: Clock,
     limits: Limits,
 }
@@ -403,7 +405,15 @@ impl LeaseStore for MemoryLeaseStore {
                 false
             }
         };
-        let token = FencingToken(self.inner.next_token.fetch_add(1, Ordering::Relaxed));
+        let now_us = self.inner.clock.unix_micros();
+        let next = |last: u64| last.saturating_add(1).max(now_us);
+        let last =
+            self.inner
+                .last_token
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                    Some(next(last))
+                });
+        let token = FencingToken(next(last.unwrap_or_else(|last| last)));
         state.put(
             key,
             Record::InProgress {
@@ -490,6 +500,22 @@ mod tests {
             Begin::Acquired { token, .. } => Ok(token),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Tokens keep growing across stores, as they do across restarts of a process (and on
+    /// Redis): a token stored as a fence by an earlier process stays below every later one.
+    #[tokio::test]
+    async fn a_later_store_issues_greater_tokens_than_an_earlier_one() {
+        let k = key("acme", "k");
+        let earlier = MemoryLeaseStore::new();
+        let first = begin(&earlier, &k, Duration::from_secs(30)).await.unwrap();
+        let second = begin(&earlier, &key("acme", "k2"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(second > first);
+        let later = MemoryLeaseStore::new();
+        let third = begin(&later, &k, Duration::from_secs(30)).await.unwrap();
+        assert!(third > second, "{third:?} after {second:?}");
     }
 
     #[tokio::test]
