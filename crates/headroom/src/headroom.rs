@@ -475,11 +475,19 @@ impl HeadroomBuilder {
         self
     }
 
-    /// Shares the in-memory backends of `headroom-core` (one process).
+    /// Shares the in-memory backends of `headroom-core` (one process). Idempotency records are
+    /// bounded to 1,000,000 and 256 MiB, and one tenant to an eighth of each, so that one
+    /// tenant cannot fill them for all.
     pub fn memory(self) -> Result<Headroom, BuildError> {
         let namespaces = self.namespaces()?;
         let kv = MemoryKvStore::builder().clock(self.clock.clone()).build();
-        let leases = MemoryLeaseStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
+        let leases = MemoryLeaseStore::builder()
+            .clock(self.clock.clone())
+            .max_records(MEMORY_MAX_RECORDS)
+            .max_bytes(MEMORY_MAX_BYTES)
+            .max_records_per_scope(MEMORY_MAX_RECORDS / MEMORY_TENANT_SHARE)
+            .max_bytes_per_scope(MEMORY_MAX_BYTES / MEMORY_TENANT_SHARE)
+            .build();
         let rates = MemoryRateStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
         let jobs = MemoryJobStore::builder().clock(self.clock.clone()).build();
         Ok(self.finish(
@@ -602,3 +610,10 @@ struct Stores {
 /// Records (idempotency records, rate cells) the memory backends keep at most, so attacker-chosen
 /// keys cannot grow memory without bound.
 const MEMORY_MAX_RECORDS: usize = 1_000_000;
+
+/// Bytes of idempotency records the memory backend keeps at most.
+const MEMORY_MAX_BYTES: usize = 256 << 20;
+
+/// One tenant holds at most this fraction of the memory idempotency records, in count and in
+/// bytes, so that it cannot fill them for every tenant.
+const MEMORY_TENANT_SHARE: usize = 8;

@@ -177,3 +177,37 @@ async fn a_job_queue_and_a_write_behind_of_one_name_share_nothing() {
     let status = queue.status(id).await.unwrap().unwrap();
     assert_eq!(status.state, JobState::Queued);
 }
+
+/// On the memory backends, one tenant filling the idempotency records with large outcomes is
+/// refused at its own share; another tenant's new key still runs.
+#[tokio::test]
+async fn one_tenant_cannot_fill_the_memory_idempotency_records_for_all() {
+    let headroom = Headroom::builder().namespace("shop").memory().unwrap();
+    let idempotency = headroom.idempotency().build().unwrap();
+    let outcome = "x".repeat(1_000_000);
+    let mallory = Scope::new("mallory", "export").unwrap();
+    let mut refused = None;
+    for i in 0..300 {
+        let key = IdempotencyKey::new(&format!("k-{i}")).unwrap();
+        let ran = idempotency
+            .execute(&mallory, &key, b"", || async {
+                Ok::<_, std::io::Error>(outcome.clone())
+            })
+            .await;
+        if ran.is_err() {
+            refused = Some(i);
+            break;
+        }
+    }
+    assert!(refused.is_some(), "mallory was never refused");
+    let alice = Scope::new("alice", "checkout").unwrap();
+    let ran = idempotency
+        .execute(
+            &alice,
+            &IdempotencyKey::new("k-1").unwrap(),
+            b"",
+            || async { Ok::<_, std::io::Error>(1_u32) },
+        )
+        .await;
+    assert_eq!(ran.map(|executed| executed.value).ok(), Some(1));
+}
