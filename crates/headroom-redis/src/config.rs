@@ -49,7 +49,8 @@ pub struct RedisConfig {
     /// The shortest wait between reconnection attempts; it grows exponentially.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub reconnect_min_delay: Duration,
-    /// The longest wait between reconnection attempts.
+    /// The longest wait between reconnection attempts (at least 1 ms), and how often idle
+    /// connections are checked with a `PING`.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub reconnect_max_delay: Duration,
     /// Addresses to dial instead of the ones the nodes announce, `"host:port"` to
@@ -130,8 +131,17 @@ impl RedisConfig {
             }
             _ => {}
         }
-        if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
-            return Err("timeouts must be greater than zero".into());
+        for (field, timeout) in [
+            ("command_timeout", self.command_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(format!("{field} must be greater than zero"));
+            }
+        }
+        // It is also how often connections are checked: zero would ping without a pause.
+        if self.reconnect_max_delay < Duration::from_millis(1) {
+            return Err("reconnect_max_delay must be at least 1 ms".into());
         }
         if self.reconnect_min_delay > self.reconnect_max_delay {
             return Err("reconnect_min_delay exceeds reconnect_max_delay".into());

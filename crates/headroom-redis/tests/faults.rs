@@ -268,6 +268,30 @@ async fn invalid_configuration_is_a_config_error() {
         .await
         .expect_err("bad URL");
     assert_eq!(err.kind(), BackendErrorKind::Config);
+    // The longest reconnection delay is also how often connections are checked: zero would
+    // ping Redis without a pause.
+    let mut busy = RedisConfig::standalone(shared_server().url());
+    busy.reconnect_min_delay = Duration::ZERO;
+    busy.reconnect_max_delay = Duration::ZERO;
+    let err = Redis::connect(busy)
+        .await
+        .expect_err("zero reconnection delay");
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    assert!(
+        err.detail()
+            .is_some_and(|detail| detail.contains("reconnect_max_delay")),
+        "{err}"
+    );
+    let mut zero = RedisConfig::standalone(shared_server().url());
+    zero.command_timeout = Duration::ZERO;
+    let err = Redis::connect(zero)
+        .await
+        .expect_err("zero command timeout");
+    assert!(
+        err.detail()
+            .is_some_and(|detail| detail.contains("command_timeout")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
