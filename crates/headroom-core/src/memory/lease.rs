@@ -135,6 +135,10 @@ enum Record {
         fingerprint: Bytes,
         token: FencingToken,
         lease_until: Instant,
+        /// When the record is dropped: the lease again past its end, at least a second, as on
+        /// Redis, so that a holder that stalled past its lease while nobody took over can
+        /// extend it and run on.
+        kept_until: Instant,
     },
     Completed {
         fingerprint: Bytes,
@@ -148,7 +152,7 @@ enum Record {
 impl Record {
     fn deadline(&self) -> Instant {
         match self {
-            Self::InProgress { lease_until, .. } => *lease_until,
+            Self::InProgress { kept_until, .. } => *kept_until,
             Self::Completed { expires_at, .. } => *expires_at,
         }
     }
@@ -164,6 +168,11 @@ impl Record {
         };
         RECORD_OVERHEAD + key.as_bytes().len() + payload
     }
+}
+
+/// When an in-progress record whose lease ends at `lease_until` is dropped.
+fn kept_until(lease_until: Instant, lease: Duration) -> Instant {
+    super::after(lease_until, lease.max(Duration::from_secs(1)))
 }
 
 /// The scope of `key`: the first segment of its local part (a length byte, then that many
@@ -365,7 +374,8 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
-        let lease_until = super::after(now, super::lasting(lease)?);
+        let lease = super::lasting(lease)?;
+        let lease_until = super::after(now, lease);
         let mut state = self.inner.state.lock();
         let took_over = match state.records.get(key).map(|e| &e.record) {
             Some(Record::Completed {
@@ -420,6 +430,7 @@ impl LeaseStore for MemoryLeaseStore {
                 fingerprint: Bytes::copy_from_slice(fingerprint),
                 token,
                 lease_until,
+                kept_until: kept_until(lease_until, lease),
             },
         );
         Ok(Begin::Acquired { token, took_over })
@@ -459,10 +470,12 @@ impl LeaseStore for MemoryLeaseStore {
     ) -> Result<Fenced, BackendError> {
         let lease = super::lasting(lease)?;
         Ok(self.with_holder(key, token, |state, now, fingerprint| {
+            let lease_until = super::after(now, lease);
             let extended = Record::InProgress {
                 fingerprint,
                 token,
-                lease_until: super::after(now, lease),
+                lease_until,
+                kept_until: kept_until(lease_until, lease),
             };
             state.put(key, extended);
         }))

@@ -223,6 +223,39 @@ pub async fn expired_lease_is_taken_over_and_the_old_holder_fenced<S: LeaseStore
     );
 }
 
+/// A holder that stalled past its lease while nobody took over extends it again and
+/// completes: the store keeps its record past the lease (for the lease again, at least a
+/// second), whatever other keys begin meanwhile.
+pub async fn a_holder_past_its_lease_runs_on_while_nobody_took_over<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let (k, probe) = (key(&ns), ns.key("probe").expect("valid test key"));
+    let (token, _) = acquire(store, &k, b"fp", SHORT).await;
+    acquire(store, &probe, b"fp", SHORT).await;
+    // The probe's lease began later: once it is taken again, the holder's lease has passed.
+    acquire_after_expiry(store, &probe, b"fp").await;
+    // A new key begins meanwhile (a busy store).
+    acquire(
+        store,
+        &ns.key("other").expect("valid test key"),
+        b"fp",
+        LONG,
+    )
+    .await;
+    assert_eq!(
+        store.extend(&k, token, LONG).await.expect("extend"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store
+            .complete(&k, token, "done".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+}
+
 /// `extend` by the holder keeps the lease; a completed record cannot be extended or released.
 pub async fn holder_extends_its_lease<S: LeaseStore>(store: &S, ns: Namespace) {
     let k = key(&ns);

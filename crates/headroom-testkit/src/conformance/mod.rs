@@ -111,6 +111,7 @@ macro_rules! lease_store_conformance {
                 released_lease_can_be_taken_again_with_a_greater_token,
                 expired_lease_is_taken_over_and_the_old_holder_fenced,
                 holder_extends_its_lease,
+                a_holder_past_its_lease_runs_on_while_nobody_took_over,
                 completed_record_expires_after_retention,
                 concurrent_begins_acquire_exactly_once,
                 keys_are_independent,
