@@ -772,7 +772,8 @@ where
     /// process: sends the keys still queued and a goodbye, then stops listening. The other
     /// instances stop expecting this one without flushing anything. Afterwards L1 is no
     /// longer used (invalidations are no longer heard); L2 reads and writes go on. Without an
-    /// invalidation bus it does nothing. Shutting down again does nothing.
+    /// invalidation bus it does nothing. Shutting down again (after a shutdown cut short by a
+    /// timeout, say) waits for the first to finish.
     pub async fn shutdown(&self) {
         if let Some(invalidation) = &self.inner.invalidation {
             invalidation.shutdown().await;

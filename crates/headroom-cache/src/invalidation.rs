@@ -25,6 +25,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::metrics::{Counter, Gauge, Histogram};
 use headroom_core::{Clock, Key};
@@ -32,7 +33,6 @@ use headroom_core::{counter, gauge, histogram};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
 
 use crate::cache::MAX_HIDDEN_TAGS;
 
@@ -269,18 +269,25 @@ pub(crate) struct Invalidation {
 struct Closer {
     shared: Arc<Shared>,
     stop: watch::Sender<()>,
-    publisher: Mutex<Option<JoinHandle<()>>>,
+    /// The publisher task's end, which every shutdown waits for (a shutdown cut short by its
+    /// caller leaves it running, and the next one waits again).
+    publisher: Mutex<Option<SharedFuture<BoxFuture<'static, ()>>>>,
 }
 
 impl Closer {
-    async fn shutdown(&self) {
+    /// Tells the tasks to stop: the publisher sends what is queued, then the goodbye, then
+    /// ends. L1 is no longer used from here on.
+    fn signal(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         self.shared.set_healthy(false);
         self.stop.send_replace(());
-        let publisher = self.publisher.lock().take();
+    }
+
+    async fn shutdown(&self) {
+        self.signal();
+        let publisher = self.publisher.lock().clone();
         if let Some(publisher) = publisher {
-            // The publisher sends what is queued, then the goodbye, then ends.
-            let _ = publisher.await;
+            publisher.await;
         }
     }
 }
@@ -309,17 +316,20 @@ impl ShutdownGroup {
     }
 
     /// Shuts down every cache of the group that is still alive: each sends what it has
-    /// queued and says goodbye, and stops using its L1.
+    /// queued and says goodbye, and stops using its L1. Every cache is told to stop at once,
+    /// and they finish together; a shutdown cut short (a timeout around it) leaves them
+    /// finishing, and calling it again waits for them.
     pub async fn shutdown(&self) {
         let members: Vec<Arc<Closer>> = self
             .members
             .lock()
-            .drain(..)
-            .filter_map(|member| member.upgrade())
+            .iter()
+            .filter_map(Weak::upgrade)
             .collect();
-        for member in members {
-            member.shutdown().await;
+        for member in &members {
+            member.signal();
         }
+        futures_util::future::join_all(members.iter().map(|member| member.shutdown())).await;
     }
 }
 
@@ -386,7 +396,10 @@ impl Invalidation {
     pub(crate) fn spawn(&self, local: Weak<dyn Local>) {
         let stop = &self.closer.stop;
         let publisher = tokio::spawn(publish(Arc::clone(&self.shared), stop.subscribe()));
-        *self.closer.publisher.lock() = Some(publisher);
+        let ended: BoxFuture<'static, ()> = Box::pin(async move {
+            let _ = publisher.await;
+        });
+        *self.closer.publisher.lock() = Some(ended.shared());
         tokio::spawn(listen(Arc::clone(&self.shared), local, stop.subscribe()));
     }
 

@@ -1153,3 +1153,56 @@ async fn a_write_that_missed_l2_and_the_bus_ends_when_its_copy_is_deleted() {
     let bound = config().max_silence + Duration::from_millis(100);
     stops_serving(&b, 1, bound, "after A deleted its outdated copy").await;
 }
+
+/// A bus whose publishes wait until the gate has a permit.
+#[derive(Debug)]
+struct Stalling {
+    inner: MemoryBus,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl InvalidationBus for Stalling {
+    async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
+        drop(self.gate.acquire().await);
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
+        self.inner.subscribe(channel).await
+    }
+}
+
+/// A group shutdown cut short by its caller's timeout (its first cache cannot publish) has
+/// told every cache of the group to stop, and a second shutdown waits for them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shutdown_cut_short_still_stops_every_cache() {
+    let ns = unique_namespace("group-shutdown");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let group = headroom_cache::ShutdownGroup::new();
+    let build = |bus: DynInvalidationBus| -> Cache<String, u64> {
+        Cache::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(DynKvStore::new(store.clone()), ns.clone())
+            .invalidation(bus, config())
+            .shutdown_group(&group)
+            .build()
+            .expect("build")
+    };
+    let stalled = build(DynInvalidationBus::new(Stalling {
+        inner: bus.clone(),
+        gate: Arc::clone(&gate),
+    }));
+    let other = build(DynInvalidationBus::new(bus.clone()));
+    live(&[stalled.clone(), other.clone()]).await;
+
+    let cut_short = tokio::time::timeout(Duration::from_millis(50), group.shutdown()).await;
+    assert!(
+        cut_short.is_err(),
+        "the stalled cache's publisher cannot finish"
+    );
+    assert!(!other.l1_in_use(), "told to stop all the same");
+    gate.add_permits(1);
+    group.shutdown().await;
+    assert!(!stalled.l1_in_use() && !other.l1_in_use());
+}
