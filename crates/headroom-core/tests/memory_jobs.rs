@@ -140,6 +140,30 @@ async fn dedup_keys_of_unfinished_jobs_stay() {
     );
 }
 
+/// Past any number of unfinished keyed jobs whose keys end first, the keys of finished jobs
+/// still make room: only unfinished work filling the bound refuses an enqueue.
+#[tokio::test]
+async fn dedup_keys_of_finished_jobs_make_room_behind_many_unfinished_ones() {
+    let time = ManualClock::new();
+    let store = MemoryJobStore::builder()
+        .clock(time.clock())
+        .max_bytes(64 * 1024)
+        .build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let day = day_window();
+    for i in 0..100 {
+        let job = NewJob::new(Bytes::from_static(b"charge")).dedup_key(format!("order-{i}"));
+        assert!(matches!(
+            store.enqueue(&p, &job, &day).await,
+            Ok(Enqueued::Added(_))
+        ));
+    }
+    // Their windows end first.
+    time.advance(Duration::from_millis(1));
+    finish_keyed_jobs(&store, &p, 1, &day).await;
+    assert!(store.bytes() <= 64 * 1024);
+}
+
 /// Limits with a dedup window of a day.
 fn day_window() -> EnqueueLimits {
     EnqueueLimits {

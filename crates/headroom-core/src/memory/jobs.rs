@@ -20,9 +20,6 @@ const JOB_OVERHEAD: usize = 160;
 /// their retention passes.
 const MAX_DEAD_LETTERS: usize = 10_000;
 
-/// The dedup keys a store looks at, per partition, for one of a finished job to drop.
-const DEDUP_SCAN: usize = 64;
-
 /// An in-memory [`JobStore`] for services that run one process.
 ///
 /// Jobs live in maps behind one mutex per store; every step is a few map and queue operations,
@@ -150,32 +147,20 @@ impl State {
                 break;
             };
             partition.finished.pop_first();
-            if let Some(job) = partition.jobs.remove(&number) {
-                self.bytes -= job.bytes();
-            }
+            partition.drop_record(number, &mut self.bytes);
         }
-        // Every finished record is gone by now: a key whose job still has one guards an
-        // unfinished job, and stays.
+        // Every finished record is gone by now: the released keys are those of finished jobs
+        // (a key whose job still has a record guards an unfinished job, and stays).
         while self.bytes.saturating_add(need) > max {
             let first = self
                 .partitions
-                .iter()
-                .filter_map(|(name, p)| {
-                    let (at, key) = p.dedup_expiry.iter().take(DEDUP_SCAN).find(|(_, key)| {
-                        p.dedup
-                            .get(key)
-                            .is_none_or(|(number, _)| !p.jobs.contains_key(number))
-                    })?;
-                    Some((*at, name.clone(), key.clone()))
-                })
-                .min_by_key(|(at, _, _)| *at);
-            let Some((at, name, key)) = first else {
+                .values_mut()
+                .filter_map(|p| p.released.first().cloned().map(|first| (first, p)))
+                .min_by_key(|((at, _), _)| *at);
+            let Some(((at, key), partition)) = first else {
                 return;
             };
-            let partition = self.partitions.get_mut(&name).expect("found above");
-            partition.dedup_expiry.remove(&(at, key.clone()));
-            partition.dedup.remove(&key);
-            self.bytes -= JOB_OVERHEAD + key.len();
+            partition.drop_dedup_key(at, key, &mut self.bytes);
         }
     }
 }
@@ -211,6 +196,9 @@ struct Partition {
     finished: BTreeSet<(u64, JobNumber)>,
     dedup: HashMap<Bytes, (JobNumber, u64)>,
     dedup_expiry: BTreeSet<(u64, Bytes)>,
+    /// The dedup keys whose job's record is gone (it finished and its record was dropped),
+    /// by the end of their window: the ones room can be made from.
+    released: BTreeSet<(u64, Bytes)>,
     tenants: HashMap<Bytes, u64>,
     unfinished: u64,
     dead: VecDeque<JobNumber>,
@@ -234,6 +222,8 @@ struct Job {
     at_ms: u64,
     /// While running: the visibility its holder fetched it with (ms).
     visibility_ms: u64,
+    /// Its dedup key (counted with the key's own bytes, not the job's).
+    dedup_key: Option<Bytes>,
 }
 
 impl Job {
@@ -323,18 +313,37 @@ impl Partition {
                 break;
             }
             self.finished.pop_first();
-            if let Some(job) = self.jobs.remove(&number) {
-                *bytes -= job.bytes();
-            }
+            self.drop_record(number, bytes);
         }
         while let Some((at, _)) = self.dedup_expiry.first() {
             if *at > now_ms {
                 break;
             }
-            let (_, key) = self.dedup_expiry.pop_first().expect("checked above");
-            self.dedup.remove(&key);
-            *bytes -= JOB_OVERHEAD + key.len();
+            let (at, key) = self.dedup_expiry.pop_first().expect("checked above");
+            self.drop_dedup_key(at, key, bytes);
         }
+    }
+
+    /// Drops the record of a finished job; its dedup key, if it still guards it, is released.
+    fn drop_record(&mut self, number: JobNumber, bytes: &mut usize) {
+        let Some(job) = self.jobs.remove(&number) else {
+            return;
+        };
+        *bytes -= job.bytes();
+        if let Some(key) = job.dedup_key
+            && let Some(&(guarded, until)) = self.dedup.get(&key)
+            && guarded == number
+        {
+            self.released.insert((until, key));
+        }
+    }
+
+    /// Drops a dedup key whose window ends at `at`.
+    fn drop_dedup_key(&mut self, at: u64, key: Bytes, bytes: &mut usize) {
+        self.dedup_expiry.remove(&(at, key.clone()));
+        self.released.remove(&(at, key.clone()));
+        self.dedup.remove(&key);
+        *bytes -= JOB_OVERHEAD + key.len();
     }
 
     /// The job held by `attempt`, if it is running.
@@ -495,6 +504,7 @@ impl JobStore for MemoryJobStore {
                 error: None,
                 at_ms: due,
                 visibility_ms: 0,
+                dedup_key: job.dedup_key.clone(),
             };
             let dedup_bytes = job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
             fits(now.bytes, record.bytes() + dedup_bytes, now.max_bytes)?;
