@@ -346,11 +346,13 @@ impl MemoryLeaseStore {
         let now = self.inner.clock.now();
         let mut state = self.inner.state.lock();
         match state.records.get(key).map(|e| &e.record) {
+            // Past the time it is kept, the record is as good as gone (on Redis, expired).
             Some(Record::InProgress {
                 token: current,
                 fingerprint,
+                kept_until,
                 ..
-            }) if *current == token => {
+            }) if *current == token && *kept_until > now => {
                 let fingerprint = fingerprint.clone();
                 change(&mut state, now, fingerprint);
                 Fenced::Applied
@@ -517,6 +519,31 @@ mod tests {
 
     /// Tokens keep growing across stores, as they do across restarts of a process (and on
     /// Redis): a token stored as a fence by an earlier process stays below every later one.
+    /// Past the time its record is kept (the lease again, at least a second), a holder is
+    /// fenced whether or not another key began meanwhile, as on Redis, where the key expired.
+    #[tokio::test]
+    async fn a_holder_is_fenced_once_its_record_is_no_longer_kept() {
+        let time = ManualClock::new();
+        let store = MemoryLeaseStore::builder().clock(time.clock()).build();
+        let k = key("acme", "k");
+        let token = begin(&store, &k, Duration::from_secs(1)).await.unwrap();
+        time.advance(Duration::from_secs(3));
+        assert_eq!(
+            store
+                .extend(&k, token, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            Fenced::Rejected
+        );
+        assert_eq!(
+            store
+                .complete(&k, token, Bytes::new(), Duration::from_secs(1))
+                .await
+                .unwrap(),
+            Fenced::Rejected
+        );
+    }
+
     #[tokio::test]
     async fn a_later_store_issues_greater_tokens_than_an_earlier_one() {
         let k = key("acme", "k");
