@@ -1154,7 +1154,9 @@ where
         Ok(KvEntry {
             key,
             value: Bytes::from(bytes),
-            ttl: Duration::from_millis(lifetime),
+            // Past what a store keeps, the L2 copy goes first; L1 and the envelope keep the
+            // entry's own times.
+            ttl: Duration::from_millis(lifetime).min(headroom_core::MAX_DURATION),
         })
     }
 

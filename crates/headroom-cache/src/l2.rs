@@ -120,7 +120,7 @@ impl L2 {
             .loader_hard_timeout
             .unwrap_or_else(|| self.max_lifetime())
             .saturating_add(self.timeout)
-            .max(Duration::from_millis(1));
+            .clamp(Duration::from_millis(1), headroom_core::MAX_DURATION);
         let mut times = Times::at(at_unix_us);
         times.expires = times.created.saturating_add(millis(ttl));
         let mut bytes = Vec::with_capacity(40);

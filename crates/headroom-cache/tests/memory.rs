@@ -2507,3 +2507,31 @@ fn a_drain_whose_runtime_shut_down_does_not_stop_later_drains() {
         assert_eq!(cache.pending_l2_deletes(), 0, "no drain ran");
     });
 }
+
+/// The longest times a cache accepts still reach L2, whose stores keep at most
+/// `MAX_DURATION`: an entry whose lifetime and fail-safe window add up past it, and the
+/// tombstone of a removal from a cache whose entries live that long.
+#[tokio::test]
+async fn the_longest_times_a_cache_accepts_still_write_l2() {
+    let long = headroom_core::MAX_DURATION;
+    let l2 = MemoryKvStore::new();
+    let stale: Cache<String, u64> = Cache::builder()
+        .ttl(Duration::from_secs(60))
+        .fail_safe_max_stale(long)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    stale.insert("k".into(), 1).await.unwrap();
+    assert!(l2.get(&ns().key("k").unwrap()).await.unwrap().is_some());
+
+    let lasting: Cache<String, u64> = Cache::builder()
+        .ttl(long)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    lasting.insert("t".into(), 1).await.unwrap();
+    lasting.remove(&"t".to_owned()).await.unwrap();
+    let tombstone = l2.get(&ns().key("t").unwrap()).await.unwrap();
+    assert!(tombstone.is_some(), "the removal is recorded in L2");
+    assert_eq!(lasting.pending_l2_deletes(), 0);
+}
