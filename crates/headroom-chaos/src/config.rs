@@ -15,7 +15,8 @@ use crate::ConfigError;
 /// call can be delayed and then failed. A call ends one way, in this order: held (abort), else
 /// failed (fault), else answered by the substitute (outcome), else it runs. So with abort at
 /// `a` and fault at `f`, a share `f × (1 − a)` of the calls fail, and outcome's share is
-/// `o × (1 − a) × (1 − f)`. The blast radius then caps the calls affected by any strategy.
+/// `o × (1 − a) × (1 − f)` (less the delayed calls the run's end releases first: those run as
+/// without the experiment). The blast radius then caps the calls affected by any strategy.
 ///
 /// ```
 /// use std::time::Duration;

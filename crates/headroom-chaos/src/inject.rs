@@ -153,15 +153,19 @@ impl<T, E> Chaos<T, E> {
         self.strategies
     }
 
-    /// `operation` with every call it makes going through [`Chaos::call`]: give the result to a
-    /// pipeline, whose timeout ends held calls and whose breaker and retry see the faults.
-    pub fn wrap<F, Fut>(&self, mut operation: F) -> impl FnMut() -> ChaosFuture<Fut, T, E>
+    /// `operation` with every call it makes going through [`Chaos::call_with`]: give the
+    /// result to a pipeline, whose timeout ends held calls and whose breaker and retry see the
+    /// faults. Each call builds its operation (from a clone of `operation`) only when it runs.
+    pub fn wrap<F, Fut>(
+        &self,
+        operation: F,
+    ) -> impl FnMut() -> ChaosFuture<Fut, T, E, Later<F>> + use<F, Fut, T, E>
     where
-        F: FnMut() -> Fut,
+        F: FnOnce() -> Fut + Clone,
         Fut: Future<Output = Result<T, E>>,
     {
         let chaos = self.clone();
-        move || chaos.call(operation())
+        move || chaos.call_with(operation.clone())
     }
 }
 

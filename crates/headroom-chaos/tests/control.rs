@@ -310,6 +310,7 @@ async fn a_call_released_by_the_stop_or_the_end_is_not_faulted() {
         experiment.start(config).unwrap();
         let call = tokio::spawn(chaos.call(async { Ok(1) }));
         let built = tokio::spawn(chaos.call_with(|| async { Ok(2) }));
+        let wrapped = tokio::spawn(chaos.wrap(|| async { Ok(4) })());
         let mut service = ChaosLayer::new(chaos.clone())
             .layer(service_fn(|n: u32| async move { Ok::<_, &str>(n) }));
         let layered = tokio::spawn(service.ready().await.unwrap().call(3));
@@ -323,6 +324,7 @@ async fn a_call_released_by_the_stop_or_the_end_is_not_faulted() {
         }
         assert_eq!(call.await.unwrap(), Ok(1));
         assert_eq!(built.await.unwrap(), Ok(2));
+        assert_eq!(wrapped.await.unwrap(), Ok(4));
         assert_eq!(layered.await.unwrap(), Ok(3));
         write.await.unwrap().expect("the write lands");
         assert_eq!(inner.get(&key).await.unwrap().as_deref(), Some(&b"v"[..]));
@@ -353,4 +355,31 @@ async fn a_raised_stop_signal_releases_held_calls_with_no_call_to_notice_it() {
         experiment.status().last_stop,
         Some(StopReason::Signal("orders error rate".to_owned()))
     );
+}
+
+/// A wrapped operation is not even built for a call answered by an injected fault or
+/// substitute: building it may already act (a tower `Buffer` sends the request when called).
+#[tokio::test]
+async fn a_wrapped_operation_is_not_built_for_an_injected_answer() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let experiment = Experiment::builder("failing").build().unwrap();
+    let chaos = failing(&experiment);
+    experiment
+        .start(ExperimentConfig::new(MINUTE).fault(1.0))
+        .unwrap();
+    let built = Arc::new(AtomicUsize::new(0));
+    let mut operation = chaos.wrap({
+        let built = Arc::clone(&built);
+        move || {
+            built.fetch_add(1, Ordering::SeqCst);
+            async { Ok(1) }
+        }
+    });
+    assert!(operation().await.is_err());
+    assert_eq!(built.load(Ordering::SeqCst), 0);
+    experiment.stop();
+    assert_eq!(operation().await, Ok(1));
+    assert_eq!(built.load(Ordering::SeqCst), 1);
 }
