@@ -128,6 +128,7 @@ struct Inner {
 pub struct HeadroomBuilder {
     namespace: String,
     clock: Clock,
+    tenant_share: std::num::NonZeroUsize,
 }
 
 impl Headroom {
@@ -136,6 +137,7 @@ impl Headroom {
         HeadroomBuilder {
             namespace: String::from("headroom"),
             clock: Clock::system(),
+            tenant_share: MEMORY_TENANT_SHARE,
         }
     }
 
@@ -475,9 +477,17 @@ impl HeadroomBuilder {
         self
     }
 
+    /// On the memory backends, one tenant holds at most a `share`-th of the idempotency
+    /// records, in count and in bytes (default 8, so that one tenant cannot fill them for
+    /// all; 1 for a service whose requests all run under one principal).
+    pub fn memory_tenant_share(mut self, share: std::num::NonZeroUsize) -> Self {
+        self.tenant_share = share;
+        self
+    }
+
     /// Shares the in-memory backends of `headroom-core` (one process). Idempotency records are
-    /// bounded to 1,000,000 and 256 MiB, and one tenant to an eighth of each, so that one
-    /// tenant cannot fill them for all.
+    /// bounded to 1,000,000 and 256 MiB, and one tenant to a share of each
+    /// ([`memory_tenant_share`](Self::memory_tenant_share)).
     pub fn memory(self) -> Result<Headroom, BuildError> {
         let namespaces = self.namespaces()?;
         let kv = MemoryKvStore::builder().clock(self.clock.clone()).build();
@@ -485,8 +495,8 @@ impl HeadroomBuilder {
             .clock(self.clock.clone())
             .max_records(MEMORY_MAX_RECORDS)
             .max_bytes(MEMORY_MAX_BYTES)
-            .max_records_per_scope(MEMORY_MAX_RECORDS / MEMORY_TENANT_SHARE)
-            .max_bytes_per_scope(MEMORY_MAX_BYTES / MEMORY_TENANT_SHARE)
+            .max_records_per_scope(MEMORY_MAX_RECORDS / self.tenant_share)
+            .max_bytes_per_scope(MEMORY_MAX_BYTES / self.tenant_share)
             .build();
         let rates = MemoryRateStore::with_limits(self.clock.clone(), MEMORY_MAX_RECORDS);
         let jobs = MemoryJobStore::builder().clock(self.clock.clone()).build();
@@ -614,6 +624,6 @@ const MEMORY_MAX_RECORDS: usize = 1_000_000;
 /// Bytes of idempotency records the memory backend keeps at most.
 const MEMORY_MAX_BYTES: usize = 256 << 20;
 
-/// One tenant holds at most this fraction of the memory idempotency records, in count and in
-/// bytes, so that it cannot fill them for every tenant.
-const MEMORY_TENANT_SHARE: usize = 8;
+/// One tenant holds at most this fraction of the memory idempotency records by default, in
+/// count and in bytes, so that it cannot fill them for every tenant.
+const MEMORY_TENANT_SHARE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(8).unwrap();

@@ -211,3 +211,26 @@ async fn one_tenant_cannot_fill_the_memory_idempotency_records_for_all() {
         .await;
     assert_eq!(ran.map(|executed| executed.value).ok(), Some(1));
 }
+
+/// A service whose requests all run under one principal gives it the whole memory store.
+#[tokio::test]
+async fn one_tenant_may_be_given_the_whole_memory_store() {
+    let headroom = Headroom::builder()
+        .namespace("shop")
+        .memory_tenant_share(std::num::NonZeroUsize::MIN)
+        .memory()
+        .unwrap();
+    let idempotency = headroom.idempotency().build().unwrap();
+    let outcome = "x".repeat(1_000_000);
+    let only = Scope::new("service", "export").unwrap();
+    // More than an eighth of the 256 MiB.
+    for i in 0..40 {
+        let key = IdempotencyKey::new(&format!("k-{i}")).unwrap();
+        let ran = idempotency
+            .execute(&only, &key, b"", || async {
+                Ok::<_, std::io::Error>(outcome.clone())
+            })
+            .await;
+        assert!(ran.is_ok(), "record {i}");
+    }
+}
