@@ -12,7 +12,7 @@ use headroom_core::memory::{
     MemoryBus, MemoryJobStore, MemoryKvStore, MemoryLeaseStore, MemoryRateStore,
 };
 use headroom_core::rate::DynRateStore;
-use headroom_core::{BackendError, Classify, Clock, KeyError, Namespace};
+use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, KeyError, Namespace};
 
 /// Which backend a [`Headroom`] shares between its parts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +57,9 @@ impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BuildError::Namespace(err) => write!(f, "invalid headroom namespace: {err}"),
+            BuildError::Backend(err) if err.kind() == BackendErrorKind::Config => {
+                write!(f, "headroom backend misconfigured: {err}")
+            }
             BuildError::Backend(err) => write!(f, "headroom backend unavailable: {err}"),
         }
     }

@@ -79,3 +79,14 @@ async fn unreachable_redis_is_a_backend_error() {
     let err = Headroom::builder().redis_with(config).await.unwrap_err();
     assert!(matches!(err, headroom::BuildError::Backend(_)));
 }
+
+/// An invalid backend configuration is reported as one, naming the setting, not as an outage.
+#[tokio::test]
+async fn an_invalid_redis_configuration_is_not_reported_as_an_outage() {
+    let mut config = headroom::redis::RedisConfig::standalone("redis://127.0.0.1:1");
+    config.command_timeout = std::time::Duration::ZERO;
+    let err = Headroom::builder().redis_with(config).await.unwrap_err();
+    let message = err.to_string();
+    assert!(!message.contains("unavailable"), "{message}");
+    assert!(message.contains("command_timeout"), "{message}");
+}
