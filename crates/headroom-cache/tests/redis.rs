@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::Probe;
-use headroom_cache::{Cache, CacheError};
-use headroom_core::ManualClock;
+use common::{Probe, settle};
+use headroom_cache::{Cache, CacheError, CacheKey};
+use headroom_core::kv::KvStore;
+use headroom_core::{ManualClock, Namespace};
 use headroom_redis::{Redis, RedisConfig, RedisKvStore};
 use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
 
@@ -193,21 +194,8 @@ async fn l1_learns_of_writes_made_outside_headroom() {
         .expect("connect");
     let ns = unique_namespace("external");
     let prefix = format!("{ns}:");
-    let writes = headroom_redis::tracked_writes(&redis, prefix.as_bytes())
-        .await
-        .expect("tracking");
-    let cache: Cache<String, u64> = Cache::builder()
-        .name("external")
-        .ttl(Duration::from_secs(3_600))
-        .l2(RedisKvStore::new(redis), ns.clone())
-        .external_writes(writes)
-        .build()
-        .expect("cache");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cache.l1_in_use() {
-        assert!(Instant::now() < deadline, "tracking never went live");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let cache: Cache<String, u64> =
+        tracking_cache(&redis, &ns, RedisKvStore::new(redis.clone())).await;
     cache.insert("k".into(), 1).await.expect("insert");
     assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), Some(1));
 
@@ -222,6 +210,26 @@ async fn l1_learns_of_writes_made_outside_headroom() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert_eq!(cache.get(&"k".to_owned()).await.expect("get"), None);
+}
+
+/// A cache over `store` told of the writes made under `ns` (tracked on `redis`), once its
+/// tracking is live.
+async fn tracking_cache<K: CacheKey>(
+    redis: &Redis,
+    ns: &Namespace,
+    store: impl KvStore,
+) -> Cache<K, u64> {
+    let writes = headroom_redis::tracked_writes(redis, format!("{ns}:").as_bytes())
+        .await
+        .expect("tracking");
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(3_600))
+        .l2(store, ns.clone())
+        .external_writes(writes)
+        .build()
+        .expect("cache");
+    settle(|| cache.l1_in_use()).await;
+    cache
 }
 
 /// Another program writing a key under the tracked prefix that is not a key of this cache (an
@@ -241,22 +249,9 @@ async fn outside_writes_to_keys_the_cache_cannot_hold_leave_l1_alone() {
         .expect("cache");
     writer.insert(7, 70).await.expect("insert");
     writer.insert(8, 80).await.expect("insert");
-    let writes = headroom_redis::tracked_writes(&redis, prefix.as_bytes())
-        .await
-        .expect("tracking");
-    let store = Probe::new(RedisKvStore::new(redis));
+    let store = Probe::new(RedisKvStore::new(redis.clone()));
     let calls = Arc::clone(&store.calls);
-    let cache: Cache<u64, u64> = Cache::builder()
-        .ttl(Duration::from_secs(3_600))
-        .l2(store, ns.clone())
-        .external_writes(writes)
-        .build()
-        .expect("cache");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cache.l1_in_use() {
-        assert!(Instant::now() < deadline, "tracking never went live");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let cache: Cache<u64, u64> = tracking_cache(&redis, &ns, store).await;
     // Read until both are served from L1 (it is filled after the first read answers).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -184,22 +184,9 @@ async fn a_job_queue_and_a_write_behind_of_one_name_share_nothing() {
 async fn one_tenant_cannot_fill_the_memory_idempotency_records_for_all() {
     let headroom = Headroom::builder().namespace("shop").memory().unwrap();
     let idempotency = headroom.idempotency().build().unwrap();
-    let outcome = "x".repeat(1_000_000);
     let mallory = Scope::new("mallory", "export").unwrap();
-    let mut refused = None;
-    for i in 0..300 {
-        let key = IdempotencyKey::new(&format!("k-{i}")).unwrap();
-        let ran = idempotency
-            .execute(&mallory, &key, b"", || async {
-                Ok::<_, std::io::Error>(outcome.clone())
-            })
-            .await;
-        if ran.is_err() {
-            refused = Some(i);
-            break;
-        }
-    }
-    assert!(refused.is_some(), "mallory was never refused");
+    let stored = store_megabyte_outcomes(&idempotency, &mallory, 300).await;
+    assert!(stored < 300, "mallory was never refused");
     let alice = Scope::new("alice", "checkout").unwrap();
     let ran = idempotency
         .execute(
@@ -221,16 +208,29 @@ async fn one_tenant_may_be_given_the_whole_memory_store() {
         .memory()
         .unwrap();
     let idempotency = headroom.idempotency().build().unwrap();
-    let outcome = "x".repeat(1_000_000);
     let only = Scope::new("service", "export").unwrap();
     // More than an eighth of the 256 MiB.
-    for i in 0..40 {
+    assert_eq!(store_megabyte_outcomes(&idempotency, &only, 40).await, 40);
+}
+
+/// Runs up to `count` keys of `scope`, each storing a 1 MB outcome, until one is refused;
+/// answers how many were stored.
+async fn store_megabyte_outcomes<S: headroom::core::lease::LeaseStore>(
+    idempotency: &headroom::idempotency::Idempotency<S>,
+    scope: &Scope,
+    count: usize,
+) -> usize {
+    let outcome = "x".repeat(1_000_000);
+    for i in 0..count {
         let key = IdempotencyKey::new(&format!("k-{i}")).unwrap();
         let ran = idempotency
-            .execute(&only, &key, b"", || async {
+            .execute(scope, &key, b"", || async {
                 Ok::<_, std::io::Error>(outcome.clone())
             })
             .await;
-        assert!(ran.is_ok(), "record {i}");
+        if ran.is_err() {
+            return i;
+        }
     }
+    count
 }
