@@ -46,6 +46,9 @@ mod signal;
 pub mod slot;
 
 pub use clock::{Clock, ManualClock, Stopwatch};
+pub use error::{BackendError, BackendErrorKind, Classify};
+pub use key::{Key, KeyBatch, KeyError, Namespace};
+pub use signal::Signal;
 
 /// The longest lease, retention or lifetime a store keeps: ten years. Longer ones are refused
 /// as configuration errors; no record needs them, and Redis scripts cannot count some of them
@@ -63,6 +66,3 @@ pub fn lasting_millis(duration: std::time::Duration) -> Result<u64, BackendError
     }
     Ok(u64::try_from(duration.as_millis()).expect("at most MAX_DURATION"))
 }
-pub use error::{BackendError, BackendErrorKind, Classify};
-pub use key::{Key, KeyBatch, KeyError, Namespace};
-pub use signal::Signal;

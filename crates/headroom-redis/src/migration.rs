@@ -123,10 +123,6 @@ fn record(reply: &[Option<String>]) -> Result<Option<MigrationRecord>, BackendEr
     }
 }
 
-fn millis(duration: Duration) -> Result<u64, BackendError> {
-    headroom_core::lasting_millis(duration)
-}
-
 impl MigrationStore for RedisMigrationStore {
     async fn create(
         &self,
@@ -199,7 +195,7 @@ impl MigrationStore for RedisMigrationStore {
                     .key(key.as_bytes())
                     .arg(participant)
                     .arg(phase)
-                    .arg(millis(lease)?),
+                    .arg(headroom_core::lasting_millis(lease)?),
             )
             .await?;
         Ok(())

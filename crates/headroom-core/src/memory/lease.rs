@@ -517,8 +517,6 @@ mod tests {
         }
     }
 
-    /// Tokens keep growing across stores, as they do across restarts of a process (and on
-    /// Redis): a token stored as a fence by an earlier process stays below every later one.
     /// Past the time its record is kept (the lease again, at least a second), a holder is
     /// fenced whether or not another key began meanwhile, as on Redis, where the key expired.
     #[tokio::test]
@@ -544,6 +542,8 @@ mod tests {
         );
     }
 
+    /// Tokens keep growing across stores, as they do across restarts of a process (and on
+    /// Redis): a token stored as a fence by an earlier process stays below every later one.
     #[tokio::test]
     async fn a_later_store_issues_greater_tokens_than_an_earlier_one() {
         let k = key("acme", "k");
