@@ -58,11 +58,17 @@ pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(10 
 /// A lease or retention in whole milliseconds (rounded down), or a configuration error when it
 /// is under a millisecond or over [`MAX_DURATION`]: what every store keeps.
 pub fn lasting_millis(duration: std::time::Duration) -> Result<u64, BackendError> {
+    Ok(u64::try_from(lasting(duration)?.as_millis()).expect("at most MAX_DURATION"))
+}
+
+/// `duration`, or the configuration error of [`lasting_millis`] (the memory stores keep
+/// durations as they are).
+pub(crate) fn lasting(duration: std::time::Duration) -> Result<std::time::Duration, BackendError> {
     if duration < std::time::Duration::from_millis(1) || duration > MAX_DURATION {
         return Err(BackendError::with_detail(
             BackendErrorKind::Config,
             format!("duration {duration:?} must be between 1 ms and {MAX_DURATION:?}"),
         ));
     }
-    Ok(u64::try_from(duration.as_millis()).expect("at most MAX_DURATION"))
+    Ok(duration)
 }

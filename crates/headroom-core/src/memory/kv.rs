@@ -233,7 +233,7 @@ impl MemoryKvStore {
     }
 
     fn check(&self, value: &Bytes, ttl: Duration) -> Result<(), BackendError> {
-        crate::lasting_millis(ttl)?;
+        crate::lasting(ttl)?;
         if value.len() > self.inner.max_value_len {
             return Err(BackendError::with_detail(
                 BackendErrorKind::TooLarge,

@@ -376,7 +376,7 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
-        let lease = super::lasting(lease)?;
+        let lease = crate::lasting(lease)?;
         let lease_until = super::after(now, lease);
         let mut state = self.inner.state.lock();
         let took_over = match state.records.get(key).map(|e| &e.record) {
@@ -445,7 +445,7 @@ impl LeaseStore for MemoryLeaseStore {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
-        let retention = super::lasting(retention)?;
+        let retention = crate::lasting(retention)?;
         if let Some(Record::Completed { token: holder, .. }) =
             self.inner.state.lock().records.get(key).map(|e| &e.record)
             && *holder == token
@@ -470,7 +470,7 @@ impl LeaseStore for MemoryLeaseStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Fenced, BackendError> {
-        let lease = super::lasting(lease)?;
+        let lease = crate::lasting(lease)?;
         Ok(self.with_holder(key, token, |state, now, fingerprint| {
             let lease_until = super::after(now, lease);
             let extended = Record::InProgress {

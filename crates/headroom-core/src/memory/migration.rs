@@ -95,7 +95,7 @@ impl MigrationStore for MemoryMigrationStore {
         phase: u8,
         lease: Duration,
     ) -> Result<(), BackendError> {
-        let deadline = super::after(self.inner.clock.now(), super::lasting(lease)?);
+        let deadline = super::after(self.inner.clock.now(), crate::lasting(lease)?);
         if let Some(entry) = self.inner.entries.lock().get_mut(key) {
             entry
                 .participants

@@ -18,15 +18,6 @@ pub use lease::{MemoryLeaseStore, MemoryLeaseStoreBuilder};
 pub use migration::MemoryMigrationStore;
 pub use rate::{MemoryRateStore, MemoryRateStoreBuilder};
 
-/// A lease or a retention, refused as the Redis stores refuse it (under a millisecond, or over
-/// [`MAX_DURATION`](crate::MAX_DURATION)), so both backends agree.
-pub(crate) fn lasting(
-    duration: std::time::Duration,
-) -> Result<std::time::Duration, crate::BackendError> {
-    crate::lasting_millis(duration)?;
-    Ok(duration)
-}
-
 /// `by` after `at`; past what the platform's clock counts, as far as it counts: never.
 pub(crate) fn after(at: std::time::Instant, by: std::time::Duration) -> std::time::Instant {
     at.checked_add(by)
