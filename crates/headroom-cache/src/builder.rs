@@ -118,7 +118,7 @@ where
     /// b.insert("apples".into(), 3).await?;
     /// a.insert("apples".into(), 2).await?; // B drops its L1 copy when the message arrives
     /// b.remove_many(&["apples".into(), "pears".into()]).await?; // one message for both
-    /// a.clear(); // every instance
+    /// a.clear().await; // every instance
     /// # Ok::<_, Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```

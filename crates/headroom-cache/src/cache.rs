@@ -26,6 +26,7 @@ use crate::codec::ValueCodec;
 use crate::config::{CacheConfig, TtlConfig};
 use crate::envelope::{self, Times};
 use crate::error::{CacheError, CacheErrorKind, ConfigError};
+use crate::hides::{ClearRead, Heard, Hide, Hides, MAX_HIDDEN_TAGS, Unsure};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
@@ -35,10 +36,12 @@ use crate::{CacheBuilder, TtlFn};
 
 /// Stripes of the write counters that tell a load whether its key was written meanwhile.
 const WRITE_STRIPES: usize = 256;
+/// The first wait before a hide that did not reach L2 is written again; each failure doubles it.
+const HIDE_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest wait between writes of a hide that does not reach L2.
+const HIDE_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Bytes an L1 entry costs besides its key and value (moka's node and the slot's deadlines).
 const SLOT_OVERHEAD: usize = 100;
-/// The most invalidated tags remembered (see `Inner::hide_tag`).
-pub(crate) const MAX_HIDDEN_TAGS: usize = 10_000;
 
 /// A typed two-level cache: L1 in process (moka), L2 in any
 /// [`KvStore`](headroom_core::kv::KvStore), a loader behind both.
@@ -210,11 +213,12 @@ pub(crate) struct Inner<K, V> {
     external_live: Option<Arc<AtomicBool>>,
     /// Dropped with the cache: stops the task watching writes made by other programs.
     _external_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    /// L2 entries created at or before this Unix millisecond were cleared by [`Cache::clear`].
-    cleared_unix_ms: AtomicU64,
-    /// L2 entries carrying one of these tags created at or before its Unix millisecond were
-    /// removed by [`Cache::invalidate_tag`].
-    hidden_tags: Mutex<HashMap<Box<str>, u64>>,
+    /// What [`Cache::clear`] and [`Cache::invalidate_tag`] hid in L2.
+    hides: Hides,
+    /// Hides made here that L2 did not take yet, with their times (see `keep_unkept`).
+    unkept_hides: Mutex<HashMap<Hide, u64>>,
+    /// Whether the task writing `unkept_hides` runs.
+    keeping_unkept: AtomicBool,
 }
 
 impl<K, V> Cache<K, V>
@@ -241,6 +245,10 @@ where
         fleet_lock: Option<FleetLock>,
     ) -> Self {
         let (external_stop, external_stopped) = tokio::sync::oneshot::channel();
+        let unheard = invalidation
+            .as_ref()
+            .map_or_else(InvalidationConfig::default, |(_, _, config)| config.clone())
+            .max_silence;
         let cache = Self {
             inner: Arc::new(Inner {
                 fleet_lock,
@@ -252,8 +260,9 @@ where
                     .as_ref()
                     .map(|_| Arc::new(AtomicBool::new(false))),
                 _external_stop: external_writes.as_ref().map(|_| external_stop),
-                cleared_unix_ms: AtomicU64::new(0),
-                hidden_tags: Mutex::new(HashMap::new()),
+                hides: Hides::new(unheard),
+                unkept_hides: Mutex::new(HashMap::new()),
+                keeping_unkept: AtomicBool::new(false),
                 l1,
                 l2,
                 codec,
@@ -740,26 +749,31 @@ where
     }
 
     /// Empties the cache on every instance: L1 here and, through the invalidation bus, on the
-    /// others; L2 entries written before the call are no longer read by any instance that
-    /// received the message (they expire from L2 with their TTL).
-    pub fn clear(&self) {
+    /// others. L2 entries written before the call are no longer read by any instance (they
+    /// expire from L2 with their TTL): the clear is kept in L2 too, for instances that miss
+    /// the message or start later.
+    ///
+    /// Returns once the clear is in L2 and the message queued; a call dropped meanwhile still
+    /// has both done. When L2 cannot be reached, the message goes at once and the clear is
+    /// written to L2 in the background until it is (or no entry it hides can still be
+    /// alive), then published again.
+    pub async fn clear(&self) {
         let inner = &self.inner;
-        inner.clear_at(inner.clock.unix_millis());
-        if let Some(invalidation) = &inner.invalidation {
-            invalidation.publish_clear();
-        }
+        let at = inner.clock.unix_millis();
+        inner.clear_at(at);
+        Inner::keep_hide(inner, Hide::All, at).await;
     }
 
     /// Removes every entry carrying `tag` (see [`insert_tagged`](Self::insert_tagged)) on
-    /// every instance: L1 is flushed here and, through the invalidation bus, on the others;
-    /// L2 entries carrying the tag written before the call are no longer read by any instance
-    /// that received the message (they expire from L2 with their TTL).
-    pub fn invalidate_tag(&self, tag: &str) {
+    /// every instance: L1 is flushed here and, through the invalidation bus, on the others.
+    /// L2 entries carrying the tag written before the call are no longer read by any
+    /// instance (they expire from L2 with their TTL): the invalidation is kept in L2 too,
+    /// like a [`clear`](Self::clear), and returns when [`clear`](Self::clear) would.
+    pub async fn invalidate_tag(&self, tag: &str) {
         let inner = &self.inner;
-        inner.hide_tag(tag, inner.clock.unix_millis());
-        if let Some(invalidation) = &inner.invalidation {
-            invalidation.publish_tag(tag);
-        }
+        let at = inner.clock.unix_millis();
+        inner.hide_tag(tag, at);
+        Inner::keep_hide(inner, Hide::Tag(tag.into()), at).await;
     }
 
     /// Whether this instance's L1 is in use: always without an invalidation bus; with one,
@@ -816,12 +830,15 @@ where
         let full = self.l2_key(l2, key)?;
         let write = self.mark(key);
         let loads_done = self.loads_done[write.stripe].load(Ordering::Acquire);
-        let Some(bytes) = l2.get(&full).await.flatten() else {
+        let Some(bytes) = self.l2_get(l2, &full, self.clock.now()).await else {
             self.metrics.l2_misses.increment(1);
             return Ok(None);
         };
         let now = self.clock.now();
-        match self.decode(l2, full, &bytes, now, self.clock.unix_millis()) {
+        match self
+            .decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
+            .await
+        {
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
@@ -953,43 +970,142 @@ where
     }
 
     /// Whether an L2 entry created at `created` is hidden by a clear or one of its tags.
-    fn hidden(&self, created: u64, tags: &[&str]) -> bool {
-        if created <= self.cleared_unix_ms.load(Ordering::Acquire) {
-            return true;
-        }
-        if tags.is_empty() {
-            return false;
-        }
-        let hidden = self.hidden_tags.lock();
-        tags.iter()
-            .any(|tag| hidden.get(*tag).is_some_and(|&at| created <= at))
+    fn hidden(
+        &self,
+        created: u64,
+        tags: &[&str],
+        now: Instant,
+        learned: bool,
+    ) -> Result<bool, Unsure> {
+        let heard = if learned {
+            Heard::Learned
+        } else {
+            Heard::Now(self.heard())
+        };
+        self.hides.hidden(created, tags, now, heard)
+    }
+
+    /// Whether invalidation messages are being heard now.
+    fn heard(&self) -> bool {
+        self.invalidation
+            .as_ref()
+            .is_some_and(Invalidation::healthy)
+    }
+
+    /// The Unix millisecond before which no live entry was created.
+    fn oldest_alive(&self) -> u64 {
+        let alive = millis(self.longest_lifetime());
+        self.clock.unix_millis().saturating_sub(alive)
     }
 
     /// Drops everything from L1 and hides L2 entries carrying `tag` created at or before
-    /// `at_unix_ms`. Tags are forgotten once no entry they could hide is alive; past
-    /// `MAX_HIDDEN_TAGS` tags the cache hides everything as old as the newest instead (a clear).
+    /// `at_unix_ms`.
     fn hide_tag(&self, tag: &str, at_unix_ms: u64) {
-        let mut hidden = self.hidden_tags.lock();
-        let at = hidden.entry(tag.into()).or_insert(0);
-        *at = (*at).max(at_unix_ms);
-        if hidden.len() > MAX_HIDDEN_TAGS {
-            let alive = millis(self.longest_lifetime());
-            let oldest = self.clock.unix_millis().saturating_sub(alive);
-            hidden.retain(|_, at| *at >= oldest);
-            if hidden.len() > MAX_HIDDEN_TAGS {
-                let newest = hidden.values().copied().max().unwrap_or(0);
-                self.cleared_unix_ms.fetch_max(newest, Ordering::AcqRel);
-                hidden.clear();
-            }
-        }
-        drop(hidden);
+        self.hides.hide_tag(tag, at_unix_ms, self.oldest_alive());
         self.flush();
     }
 
     /// Drops everything from L1 and hides L2 entries created at or before `at_unix_ms`.
     fn clear_at(&self, at_unix_ms: u64) {
-        self.cleared_unix_ms.fetch_max(at_unix_ms, Ordering::AcqRel);
+        self.hides.clear(at_unix_ms);
         self.flush();
+    }
+
+    /// Keeps a hide made here in L2, then publishes it; returns once it is published. Runs
+    /// in its own task, holding the cache for that first write only (bounded by the L2
+    /// timeout), so that a caller dropped meanwhile, even with the cache, still has it
+    /// published. A hide L2 did not take is written again later (see `keep_unkept`).
+    async fn keep_hide(this: &Arc<Self>, hide: Hide, at_unix_ms: u64) {
+        let Some(key) = this.l2.as_ref().and_then(|l2| l2.hide_key(&hide)) else {
+            // No L2, or a tag too long to be a key: no entry carries it.
+            this.publish_hide(&hide);
+            return;
+        };
+        let (published, on_published) = oneshot::channel();
+        let inner = Arc::clone(this);
+        tokio::spawn(async move {
+            let l2 = inner.l2.as_ref().expect("a hide key needs L2");
+            let kept = l2.keep_hides(std::iter::once((key, at_unix_ms))).await;
+            inner.publish_hide(&hide);
+            let _ = published.send(());
+            if !kept {
+                Self::hold_unkept(&inner, hide, at_unix_ms);
+            }
+        });
+        let _ = on_published.await;
+    }
+
+    /// Remembers a hide L2 did not take, for the task that writes them again.
+    fn hold_unkept(this: &Arc<Self>, hide: Hide, at_unix_ms: u64) {
+        let mut unkept = this.unkept_hides.lock();
+        let at = unkept.entry(hide).or_insert(0);
+        *at = (*at).max(at_unix_ms);
+        // As many as an instance remembers one by one; past it, a clear of the newest stands
+        // for them, here too.
+        if unkept.len() > MAX_HIDDEN_TAGS {
+            let newest = unkept.values().copied().max().unwrap_or(0);
+            unkept.clear();
+            unkept.insert(Hide::All, newest);
+            this.clear_at(newest);
+        }
+        let start = !this.keeping_unkept.swap(true, Ordering::AcqRel);
+        drop(unkept);
+        if start {
+            tokio::spawn(Self::keep_unkept(Arc::downgrade(this), this.clock.clone()));
+        }
+    }
+
+    /// Writes the hides L2 did not take, all in one call, until L2 takes them (or no entry
+    /// they hide can be alive), then publishes them again: an instance that read L2 in
+    /// between found them absent.
+    async fn keep_unkept(this: Weak<Self>, clock: Clock) {
+        let mut pause = HIDE_RETRY_FIRST;
+        loop {
+            clock.sleep(pause).await;
+            let Some(inner) = this.upgrade() else { return };
+            let Some(l2) = &inner.l2 else { return };
+            let oldest_alive = inner.oldest_alive();
+            let unkept: Vec<(Hide, u64)> = {
+                let mut unkept = inner.unkept_hides.lock();
+                unkept.retain(|_, at| *at >= oldest_alive);
+                unkept
+                    .iter()
+                    .map(|(hide, at)| (hide.clone(), *at))
+                    .collect()
+            };
+            let keys = unkept
+                .iter()
+                .filter_map(|(hide, at)| Some((l2.hide_key(hide)?, *at)));
+            if !unkept.is_empty() && l2.keep_hides(keys).await {
+                let mut held = inner.unkept_hides.lock();
+                for (hide, at) in &unkept {
+                    if held.get(hide) == Some(at) {
+                        held.remove(hide);
+                    }
+                }
+                drop(held);
+                for (hide, _) in &unkept {
+                    inner.publish_hide(hide);
+                }
+                pause = HIDE_RETRY_FIRST;
+            } else {
+                pause = (pause * 2).min(HIDE_RETRY_MAX);
+            }
+            let unkept = inner.unkept_hides.lock();
+            if unkept.is_empty() {
+                inner.keeping_unkept.store(false, Ordering::Release);
+                return;
+            }
+        }
+    }
+
+    fn publish_hide(&self, hide: &Hide) {
+        if let Some(invalidation) = &self.invalidation {
+            match hide {
+                Hide::All => invalidation.publish_clear(),
+                Hide::Tag(tag) => invalidation.publish_tag(tag),
+            }
+        }
     }
 
     /// Puts a slot read or loaded before `write` into L1, unless the key was written since.
@@ -1166,57 +1282,150 @@ where
     }
 
     /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
-    /// are entries past their fail-safe window.
+    /// are entries past their fail-safe window. `Unsure` when a hide that could cover the
+    /// entry must be learned from L2 first (see [`decode_checked`](Self::decode_checked));
+    /// `learned` once it was.
     ///
     /// `now` and `unix_now` are the same moment on the two clocks (a batch reads them once).
     fn decode(
         &self,
         l2: &Arc<L2>,
-        key: Key,
+        key: &Key,
+        bytes: &[u8],
+        now: Instant,
+        unix_now: u64,
+        learned: bool,
+    ) -> Result<Option<Slot<V>>, Unsure> {
+        let env = match envelope::decode(bytes) {
+            Ok(env) if env.codec == self.codec.id() => env,
+            Ok(_) => return Ok(self.discard(l2, key, bytes, "written by another codec")),
+            Err(error) => return Ok(self.discard(l2, key, bytes, error)),
+        };
+        // Another schema's entry is not corrupt: a miss, left for its own readers.
+        if env.tombstone
+            || env.schema != self.config.schema_version
+            || self.hidden(env.created_unix_ms, &env.tags, now, learned)?
+        {
+            return Ok(None);
+        }
+        let value = match env.payload.map(|p| self.codec.decode(p)).transpose() {
+            Ok(value) => value,
+            Err(error) => return Ok(self.discard(l2, key, bytes, error)),
+        };
+        let tags: Tags =
+            (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
+        let times = Times {
+            created: env.created_unix_ms,
+            created_sub_ms: env.created_sub_ms_micros,
+            fresh_until: env.fresh_until_unix_ms,
+            expires: env.expires_unix_ms,
+        };
+        let mut slot = self.slot(value, times, now, unix_now, tags);
+        if self.config.l1_max_bytes.is_some() {
+            let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
+            slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
+        }
+        Ok((now < slot.stale_until).then_some(slot))
+    }
+
+    /// [`decode`](Self::decode), learning first from L2 the hides the entry needs (one more
+    /// round trip, once per hide after a loss of messages). An entry whose hides cannot be
+    /// learned (L2 stopped answering) reads as a miss.
+    async fn decode_checked(
+        &self,
+        l2: &Arc<L2>,
+        key: &Key,
         bytes: &[u8],
         now: Instant,
         unix_now: u64,
     ) -> Option<Slot<V>> {
-        let decoded = envelope::decode(bytes)
-            .map_err(|error| -> Box<dyn StdError + Send + Sync> { error.into() })
-            .and_then(|env| {
-                if env.codec != self.codec.id() {
-                    return Err("written by another codec".into());
+        match self.decode(l2, key, bytes, now, unix_now, false) {
+            Ok(found) => found,
+            Err(Unsure) => {
+                if !self.learn_hides(l2, &[bytes], now).await {
+                    return None;
                 }
-                // Another schema's entry is not corrupt: a miss, left for its own readers.
-                if env.tombstone
-                    || env.schema != self.config.schema_version
-                    || self.hidden(env.created_unix_ms, &env.tags)
-                {
-                    return Ok(None);
-                }
-                let value = env.payload.map(|p| self.codec.decode(p)).transpose()?;
-                let tags: Tags =
-                    (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
-                let times = Times {
-                    created: env.created_unix_ms,
-                    created_sub_ms: env.created_sub_ms_micros,
-                    fresh_until: env.fresh_until_unix_ms,
-                    expires: env.expires_unix_ms,
-                };
-                Ok(Some((times, value, tags)))
-            });
-        match decoded {
-            Ok(None) => None,
-            Ok(Some((times, value, tags))) => {
-                let mut slot = self.slot(value, times, now, unix_now, tags);
-                if self.config.l1_max_bytes.is_some() {
-                    let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
-                    slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
-                }
-                (now < slot.stale_until).then_some(slot)
-            }
-            Err(error) => {
-                tracing::debug!(%error, "L2 value is not a valid envelope");
-                l2.discard(key, bytes);
-                None
+                self.decode(l2, key, bytes, now, unix_now, true)
+                    .ok()
+                    .flatten()
             }
         }
+    }
+
+    /// Reads `key` from L2, with the clear (in the same round trip) when what is known of it
+    /// does not count.
+    async fn l2_get(&self, l2: &L2, key: &Key, now: Instant) -> Option<Bytes> {
+        match self.clear_to_read(l2, now) {
+            Some(clear) => {
+                let found = self.read_with_clear(l2, std::slice::from_ref(key), clear);
+                found.await?.pop().flatten()
+            }
+            None => l2.get(key).await.flatten(),
+        }
+    }
+
+    /// Reads `keys` from L2 in one round trip, with the clear when what is known of it does
+    /// not count.
+    async fn l2_get_many(&self, l2: &L2, keys: &[Key], now: Instant) -> Option<Vec<Option<Bytes>>> {
+        match self.clear_to_read(l2, now) {
+            Some(clear) => self.read_with_clear(l2, keys, clear).await,
+            None => l2.get_many(keys).await,
+        }
+    }
+
+    /// The clear's read and key, when what is known of it does not count.
+    fn clear_to_read(&self, l2: &L2, now: Instant) -> Option<(ClearRead, Key)> {
+        let read = self.hides.clear_read(now, || self.heard())?;
+        Some((read, l2.hide_key(&Hide::All)?))
+    }
+
+    async fn read_with_clear(
+        &self,
+        l2: &L2,
+        keys: &[Key],
+        (read, clear): (ClearRead, Key),
+    ) -> Option<Vec<Option<Bytes>>> {
+        let mut with_clear = Vec::with_capacity(keys.len() + 1);
+        with_clear.extend_from_slice(keys);
+        with_clear.push(clear);
+        let mut found = l2.get_many(&with_clear).await?;
+        if self
+            .hides
+            .learned_clear(read, found.pop().flatten().as_deref())
+        {
+            self.flush();
+        }
+        Some(found)
+    }
+
+    /// Learns from L2 the hides the entries encoded in `values` need; one it did not know of
+    /// flushes L1, as its message would have.
+    /// Returns whether L2 was reached (otherwise the hides stay unsure).
+    async fn learn_hides(&self, l2: &L2, values: &[&[u8]], now: Instant) -> bool {
+        let oldest_alive = self.oldest_alive();
+        let heard = || self.heard();
+        match self.hides.learn(l2, values, now, heard, oldest_alive).await {
+            Some(learned) => {
+                if learned {
+                    self.flush();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reads undecodable bytes as a miss and deletes them from L2.
+    fn discard(
+        &self,
+        l2: &Arc<L2>,
+        key: &Key,
+        bytes: &[u8],
+        error: impl fmt::Display,
+    ) -> Option<Slot<V>> {
+        tracing::debug!(%error, "L2 value is not a valid envelope");
+        l2.discard(key.clone(), bytes);
+        None
     }
 
     /// Joins the load of `key` in flight, or starts one in a spawned task.
@@ -1294,9 +1503,13 @@ where
                     return;
                 }
             };
-            let found = l2.get(&full).await.flatten();
-            let found = found
-                .and_then(|bytes| self.decode(l2, full, &bytes, now, self.clock.unix_millis()));
+            let found = match self.l2_get(l2, &full, now).await {
+                Some(bytes) => {
+                    self.decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
+                        .await
+                }
+                None => None,
+            };
             fill = self.adopt(found, &mut best, now);
         }
         // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
@@ -1420,9 +1633,14 @@ where
             }
             self.clock.sleep(poll.min(deadline - now)).await;
             let now = self.clock.now();
-            if let Some(bytes) = l2.get(&full).await.flatten()
-                && let Some(slot) =
-                    self.decode(l2, full.clone(), &bytes, now, self.clock.unix_millis())
+            let found = match self.l2_get(l2, &full, now).await {
+                Some(bytes) => {
+                    self.decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
+                        .await
+                }
+                None => None,
+            };
+            if let Some(slot) = found
                 && now < slot.fresh_until
             {
                 return Err(slot);
@@ -1645,14 +1863,35 @@ where
                 }
             }
             let full = batch.finish();
-            let values = l2
-                .get_many(&full)
+            let values = self
+                .l2_get_many(l2, &full, now)
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();
-            for (i, (bytes, full)) in values.into_iter().zip(full).enumerate() {
-                let found = bytes.and_then(|bytes| self.decode(l2, full, &bytes, now, unix_now));
-                fill[i] = self.adopt(found, &mut best[i], now);
+            let mut unsure = Vec::new();
+            for (i, (bytes, full)) in values.iter().zip(&full).enumerate() {
+                let Some(bytes) = bytes else { continue };
+                match self.decode(l2, full, bytes, now, unix_now, false) {
+                    Ok(found) => fill[i] = self.adopt(found, &mut best[i], now),
+                    Err(Unsure) => unsure.push(i),
+                }
+            }
+            if !unsure.is_empty() {
+                let needing: Vec<&[u8]> = unsure
+                    .iter()
+                    .filter_map(|&i| values[i].as_deref())
+                    .collect();
+                // Unless L2 answered, the entries stay misses.
+                if self.learn_hides(l2, &needing, now).await {
+                    for i in unsure {
+                        let found = values[i].as_deref().and_then(|bytes| {
+                            self.decode(l2, &full[i], bytes, now, unix_now, true)
+                                .ok()
+                                .flatten()
+                        });
+                        fill[i] = self.adopt(found, &mut best[i], now);
+                    }
+                }
             }
         }
         let mut to_load = Vec::new();
@@ -1803,6 +2042,11 @@ where
         }
         self.in_flight.lock().clear();
         self.l1.invalidate_all();
+    }
+
+    fn messages_lost(&self) {
+        self.hides.lost();
+        self.flush();
     }
 
     fn clear(&self, at_unix_ms: u64) {

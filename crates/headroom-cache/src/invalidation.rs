@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
-use crate::cache::MAX_HIDDEN_TAGS;
+use crate::hides::MAX_HIDDEN_TAGS;
 
 /// The first byte of every message; a message of another format is counted and ignored.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -145,6 +145,8 @@ pub(crate) trait Local: Send + Sync + 'static {
     fn outdated_keys(&self, keys: &[&[u8]]);
     /// Drops everything from L1 and detaches every load in flight.
     fn flush(&self);
+    /// Messages may have been lost: flushes, and learns hides made elsewhere from L2 again.
+    fn messages_lost(&self);
     /// Flushes L1 and stops reading L2 entries created at or before `at_unix_ms`.
     fn clear(&self, at_unix_ms: u64);
     /// Flushes L1 and stops reading L2 entries carrying `tag` created at or before
@@ -680,11 +682,11 @@ fn mark_silent(origins: &mut HashMap<u64, Origin>, now: Instant, silence: Durati
 /// The listener task: subscribes (again, after a failure), applies messages, watches for
 /// lost messages and silence.
 async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch::Receiver<()>) {
-    let flush = |reason: Flush| {
+    let lost = |reason: Flush| {
         shared.metrics.flushes[reason as usize].increment(1);
         match local.upgrade() {
             Some(local) => {
-                local.flush();
+                local.messages_lost();
                 true
             }
             None => false,
@@ -733,12 +735,12 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     if live && now.saturating_duration_since(heard) >= silence {
                         live = false;
                         shared.set_healthy(false);
-                        if !flush(Flush::Silence) { return; }
+                        if !lost(Flush::Silence) { return; }
                     }
                     // An origin that fell silent may have written without telling: flush
                     // once and stop waiting for it. Should it speak again, its sequence
                     // number shows whether anything it sent meanwhile was lost.
-                    if mark_silent(&mut origins, now, silence) && !flush(Flush::Silence) {
+                    if mark_silent(&mut origins, now, silence) && !lost(Flush::Silence) {
                         return;
                     }
                     let oldest = origins
@@ -759,7 +761,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     tracing::debug!(?reason, "invalidation messages lost");
                     live = false;
                     shared.set_healthy(false);
-                    if !flush(Flush::Lost) {
+                    if !lost(Flush::Lost) {
                         return;
                     }
                 }
@@ -822,7 +824,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     if gap {
                         shared.metrics.gaps.increment(1);
                         shared.metrics.flushes[Flush::Gap as usize].increment(1);
-                        target.flush();
+                        target.messages_lost();
                     }
                     match message.action {
                         Action::Ping => {}
@@ -852,7 +854,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
         }
         // The bus shut the subscription: messages may be lost until a new one is live.
         shared.set_healthy(false);
-        if !flush(Flush::Lost) {
+        if !lost(Flush::Lost) {
             return;
         }
     }

@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 
 use headroom_breaker::{CircuitBreaker, State};
 
+use crate::hides::{self, Hide};
 use crate::invalidation::KeyPublisher;
 
 use crate::cache::millis;
@@ -36,6 +37,8 @@ const DRAIN_RETRY_MAX: Duration = Duration::from_secs(1);
 pub(crate) struct L2 {
     store: DynKvStore,
     pub(crate) namespace: Namespace,
+    /// Where hides are kept (see `hides`).
+    hides: Namespace,
     timeout: Duration,
     clock: Clock,
     breaker: CircuitBreaker<()>,
@@ -86,7 +89,11 @@ impl L2 {
             .count_cancelled(false)
             .build()
             .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
+        let hides = Namespace::new(&format!("{namespace}.hidden")).map_err(|_| {
+            ConfigError::new("the l2 namespace is too long to keep hides beside it")
+        })?;
         Ok(Self {
+            hides,
             max_lifetime: AtomicU64::new(
                 u64::try_from(config.max_entry_lifetime().as_nanos()).unwrap_or(u64::MAX),
             ),
@@ -273,6 +280,31 @@ impl L2 {
             self.store.set_if_newer(entries, envelope::VERSION_AT),
         )
         .await;
+    }
+
+    /// The L2 key of a hide; `None` for a tag too long to be part of a key.
+    pub(crate) fn hide_key(&self, hide: &Hide) -> Option<Key> {
+        hides::key(&self.hides, hide)
+    }
+
+    /// Reads hides by their keys; `None` when L2 was not reached.
+    pub(crate) async fn read_hides(&self, keys: &[Key]) -> Option<Vec<Option<Bytes>>> {
+        self.call("get_many", self.store.get_many(keys)).await
+    }
+
+    /// Keeps hides, each made at its Unix millisecond (unless a later one is kept); whether
+    /// L2 was reached.
+    pub(crate) async fn keep_hides(&self, hides: impl Iterator<Item = (Key, u64)>) -> bool {
+        let lifetime = self.max_lifetime();
+        let entries: Vec<KvEntry> = hides
+            .map(|(key, at)| hides::entry(key, at, lifetime))
+            .collect();
+        self.call(
+            "set_if_newer",
+            self.store.set_if_newer(&entries, hides::VERSION_AT),
+        )
+        .await
+        .is_some()
     }
 
     /// Deletes a key whose bytes could not be decoded, without making the reader wait; only

@@ -95,6 +95,7 @@ pub mod codec;
 mod config;
 pub mod envelope;
 mod error;
+mod hides;
 mod invalidation;
 mod key;
 mod l2;

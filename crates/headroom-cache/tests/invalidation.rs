@@ -191,7 +191,7 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
         assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(1));
     }
     // `clear` hides "c" everywhere although its L2 copy stays until its TTL.
-    caches[2].clear();
+    caches[2].clear().await;
     for cache in &caches {
         settle_value(cache, "c", None).await;
     }
@@ -230,7 +230,7 @@ async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
         settle_value(cache, "b", Some(2)).await;
         settle_value(cache, "c", Some(3)).await;
     }
-    caches[1].invalidate_tag("team:1");
+    caches[1].invalidate_tag("team:1").await;
     for cache in &caches {
         settle_value(cache, "a", None).await;
         settle_value(cache, "b", None).await;
@@ -270,6 +270,60 @@ async fn tags_on_redis_cluster() {
     tags_reach_every_instance_and_l2(cluster_parts(3).await, unique_namespace("tags")).await;
 }
 
+/// `invalidate_tag` and `clear` are kept in L2: an instance started after them never serves
+/// the L2 copies they hid, and serves entries written after them. The instances share a
+/// manual clock, so "after" is a step of that clock, taken once a witness holding the entries
+/// in L1 has dropped them (a message is stamped when it is sent).
+async fn hides_reach_instances_started_later(parts: Vec<Parts>, ns: Namespace) {
+    let clock = ManualClock::new();
+    let mut parts = parts.into_iter();
+    let a = cache_on(parts.next().unwrap(), &ns, clock.clock());
+    let (witness_parts, witness_calls) = probed(parts.next().unwrap());
+    let witness = cache_on(witness_parts, &ns, clock.clock());
+    live(&[a.clone(), witness.clone()]).await;
+    a.insert_tagged("one".into(), 1, &["team:1"]).await.unwrap();
+    a.insert_tagged("two".into(), 2, &["team:2"]).await.unwrap();
+    a.insert("plain".into(), 3).await.unwrap();
+    for (key, value) in [("one", 1), ("two", 2), ("plain", 3)] {
+        settle_in_l1(&witness, &witness_calls, key, value).await;
+    }
+
+    a.invalidate_tag("team:1").await;
+    settle_value(&witness, "one", None).await;
+    clock.advance(Duration::from_millis(1));
+    let b = cache_on(parts.next().unwrap(), &ns, clock.clock());
+    live(std::slice::from_ref(&b)).await;
+    assert_eq!(b.get(&"one".to_owned()).await.unwrap(), None);
+    assert_eq!(b.get(&"two".to_owned()).await.unwrap(), Some(2));
+    assert_eq!(b.get(&"plain".to_owned()).await.unwrap(), Some(3));
+
+    a.clear().await;
+    settle_value(&witness, "plain", None).await;
+    clock.advance(Duration::from_millis(1));
+    let c = cache_on(parts.next().unwrap(), &ns, clock.clock());
+    live(std::slice::from_ref(&c)).await;
+    for key in ["one", "two", "plain"] {
+        assert_eq!(c.get(&key.to_owned()).await.unwrap(), None, "{key}");
+    }
+    a.insert_tagged("one".into(), 4, &["team:1"]).await.unwrap();
+    assert_eq!(c.get(&"one".to_owned()).await.unwrap(), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hides_reach_instances_started_later_on_memory_bus() {
+    hides_reach_instances_started_later(memory_parts(4), unique_namespace("later")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hides_reach_instances_started_later_on_redis() {
+    hides_reach_instances_started_later(standalone_parts(4).await, unique_namespace("later")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hides_reach_instances_started_later_on_redis_cluster() {
+    hides_reach_instances_started_later(cluster_parts(4).await, unique_namespace("later")).await;
+}
+
 /// A bus in front of another that can drop published messages or silence subscriptions, as
 /// a network would, without telling anyone.
 #[derive(Clone, Debug)]
@@ -283,6 +337,8 @@ struct Faulty {
     silenced: Arc<AtomicBool>,
     /// The length of the largest message published.
     largest: Arc<AtomicUsize>,
+    /// How many published messages were dropped.
+    dropped: Arc<AtomicUsize>,
 }
 
 impl Faulty {
@@ -294,6 +350,7 @@ impl Faulty {
             failing: Arc::default(),
             silenced: Arc::default(),
             largest: Arc::default(),
+            dropped: Arc::default(),
         }
     }
 }
@@ -308,6 +365,7 @@ impl InvalidationBus for Faulty {
         }
         if self.drop_next_publish.swap(false, Ordering::SeqCst) || self.muted.load(Ordering::SeqCst)
         {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
         self.largest.fetch_max(message.len(), Ordering::SeqCst);
@@ -361,6 +419,83 @@ async fn a_sequence_gap_flushes_l1() {
     settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
     // A's next ping (at most 50 ms later) reveals the gap.
     settle_value(&b, "k", Some(2)).await;
+}
+
+/// A's `clear` and `invalidate_tag` messages are lost on their way (the bus said nothing, and
+/// A's pings are lost too, so the message cannot slip through): B notices A's silence and
+/// learns the hides from L2, so it stops serving the hidden L2 copies within the bound, not
+/// only its L1 copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_clear_or_tag_still_hides_l2_entries_within_the_bound() {
+    let bound = config().max_silence + Duration::from_millis(100);
+    for clear in [false, true] {
+        let ns = unique_namespace("lost-hide");
+        let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
+        a.insert_tagged("tagged".into(), 2, &["team:1"])
+            .await
+            .unwrap();
+        settle_value(&b, "tagged", Some(2)).await;
+        faulty.muted.store(true, Ordering::SeqCst);
+        let hidden = Instant::now();
+        if clear {
+            a.clear().await;
+            settle_value(&b, "k", None).await;
+        } else {
+            a.invalidate_tag("team:1").await;
+            assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+        }
+        settle_value(&b, "tagged", None).await;
+        assert!(
+            hidden.elapsed() < bound,
+            "served for {:?}",
+            hidden.elapsed()
+        );
+    }
+}
+
+/// A clear that L2 did not take (it failed for the invalidating instance) is written once L2
+/// answers again and then published again: an instance that lost the message, and so read
+/// L2 again after the gap but found no clear there, stops serving the old entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hide_that_missed_l2_reaches_instances_that_read_it_absent() {
+    let ns = unique_namespace("unkept");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let (a_parts, a_calls) = probed((
+        DynKvStore::new(store.clone()),
+        DynInvalidationBus::new(faulty.clone()),
+    ));
+    let a = cache(a_parts, &ns);
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+
+    a_calls.fail.store(true, Ordering::SeqCst);
+    faulty.muted.store(true, Ordering::SeqCst);
+    let dropped = faulty.dropped.load(Ordering::SeqCst);
+    a.clear().await;
+    // The clear goes out first, before A's next ping: two messages dropped include it.
+    settle(|| faulty.dropped.load(Ordering::SeqCst) >= dropped + 2).await;
+    faulty.muted.store(false, Ordering::SeqCst);
+    // A's next message shows B the gap: B flushes and reads L2 again, clear included.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = b_calls.reads();
+        assert_eq!(
+            b.get(&"k".to_owned()).await.unwrap(),
+            Some(1),
+            "no clear in L2 yet"
+        );
+        if b_calls.reads() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never noticed the gap");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    a_calls.fail.store(false, Ordering::SeqCst);
+    settle_value(&b, "k", None).await;
 }
 
 /// B's subscription goes silent (no loss reported): after `max_silence` B stops using L1, so
@@ -892,7 +1027,8 @@ async fn tags_queued_while_the_bus_is_down_stay_bounded() {
     faulty.failing.store(true, Ordering::SeqCst);
     for round in 0..20 {
         for team in 0..1_000 {
-            a.invalidate_tag(&format!("team:{}", (round * 1_000 + team) % 12_000));
+            a.invalidate_tag(&format!("team:{}", (round * 1_000 + team) % 12_000))
+                .await;
         }
         tokio::task::yield_now().await;
     }

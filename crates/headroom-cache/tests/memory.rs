@@ -1276,7 +1276,7 @@ async fn a_probe_dropped_mid_call_lets_the_next_call_probe() {
     // One failure opens the breaker; after the cool-down the next read is the probe.
     cache.get(&key("k")).await.unwrap();
     cache.get(&key("k")).await.unwrap();
-    assert_eq!(calls.get.load(Ordering::SeqCst), 1, "open: not called");
+    assert_eq!(calls.reads(), 1, "open: not called");
     clock.advance(5 * SEC);
     store.hang.store(true, Ordering::SeqCst);
     let k = key("k");
@@ -1285,18 +1285,10 @@ async fn a_probe_dropped_mid_call_lets_the_next_call_probe() {
         _ = cache.get(&k) => panic!("a hung L2 cannot answer"),
         () = tokio::task::yield_now() => {}
     }
-    assert_eq!(
-        calls.get.load(Ordering::SeqCst),
-        2,
-        "the probe was sent, then dropped"
-    );
+    assert_eq!(calls.reads(), 2, "the probe was sent, then dropped");
     store.hang.store(false, Ordering::SeqCst);
     cache.get(&key("k")).await.unwrap();
-    assert_eq!(
-        calls.get.load(Ordering::SeqCst),
-        3,
-        "the abandoned probe freed its slot"
-    );
+    assert_eq!(calls.reads(), 3, "the abandoned probe freed its slot");
 }
 
 #[test]
@@ -1488,7 +1480,7 @@ async fn a_refreshed_entry_keeps_its_tags() {
     common::idle().await;
     assert_eq!(loads.calls(), 1, "refreshed");
     clock.advance(Duration::from_millis(1));
-    cache.invalidate_tag("t");
+    cache.invalidate_tag("t").await;
     assert_eq!(
         cache.get(&k).await.unwrap(),
         None,
@@ -1512,7 +1504,7 @@ async fn a_loaded_entry_carries_the_tags_it_was_loaded_with() {
     assert_eq!(value.as_deref(), Some("k#1"));
     common::idle().await;
     clock.advance(Duration::from_millis(1));
-    cache.invalidate_tag("t");
+    cache.invalidate_tag("t").await;
     assert_eq!(cache.get(&key("k")).await.unwrap(), None);
     let error = cache
         .get_or_load_tagged(&key("k"), &[""], loads.loader())
@@ -1835,7 +1827,7 @@ async fn a_batch_refresh_keeps_the_entry_tags() {
         .unwrap();
     common::idle().await;
     clock.advance(Duration::from_millis(1));
-    cache.invalidate_tag("t");
+    cache.invalidate_tag("t").await;
     assert_eq!(
         cache.get(&k).await.unwrap(),
         None,
@@ -2236,8 +2228,8 @@ async fn a_longer_ttl_keeps_entries_in_l2_that_long() {
     assert_eq!(reader.get(&key("k")).await.unwrap(), None);
 }
 
-/// A store whose `get`, while `hold` is set, reads the value and then waits for a permit
-/// before answering it: a read whose answer is slow to arrive.
+/// A store whose reads (`get`, `get_many`), while `hold` is set, read the values and then
+/// wait for a permit before answering them: a read whose answer is slow to arrive.
 #[derive(Clone, Debug)]
 struct HeldRead {
     inner: MemoryKvStore,
@@ -2246,23 +2238,31 @@ struct HeldRead {
     gate: Arc<Semaphore>,
 }
 
+impl HeldRead {
+    async fn slow(&self) {
+        if self.hold.load(Ordering::SeqCst) {
+            self.held.notify_one();
+            self.gate.acquire().await.expect("gate").forget();
+        }
+    }
+}
+
 impl KvStore for HeldRead {
     async fn get(
         &self,
         key: &headroom_core::Key,
     ) -> Result<Option<Bytes>, headroom_core::BackendError> {
         let read = self.inner.get(key).await;
-        if self.hold.load(Ordering::SeqCst) {
-            self.held.notify_one();
-            self.gate.acquire().await.expect("gate").forget();
-        }
+        self.slow().await;
         read
     }
     async fn get_many(
         &self,
         keys: &[headroom_core::Key],
     ) -> Result<Vec<Option<Bytes>>, headroom_core::BackendError> {
-        self.inner.get_many(keys).await
+        let read = self.inner.get_many(keys).await;
+        self.slow().await;
+        read
     }
     async fn set(
         &self,

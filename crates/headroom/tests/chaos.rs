@@ -44,7 +44,7 @@ async fn a_cache_whose_backend_fails_crawls_or_stalls_still_answers_every_caller
         ExperimentConfig::new(HOUR).abort(1.0),
     ] {
         experiment.start(config.clone()).unwrap();
-        cache.clear();
+        cache.clear().await;
         let before = loads.load(Ordering::Relaxed);
         for key in 0..20 {
             // No caller waits on L2 longer than the cache's L2 timeout (250 ms by default).
