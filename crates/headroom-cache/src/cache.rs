@@ -260,7 +260,7 @@ where
                     .as_ref()
                     .map(|_| Arc::new(AtomicBool::new(false))),
                 _external_stop: external_writes.as_ref().map(|_| external_stop),
-                hides: Hides::new(unheard),
+                hides: Hides::new(unheard, clock.now()),
                 unkept_hides: Mutex::new(HashMap::new()),
                 keeping_unkept: AtomicBool::new(false),
                 l1,
@@ -830,15 +830,25 @@ where
         let full = self.l2_key(l2, key)?;
         let write = self.mark(key);
         let loads_done = self.loads_done[write.stripe].load(Ordering::Acquire);
-        let Some(bytes) = self.l2_get(l2, &full, self.clock.now()).await else {
+        // The common case (the clear counts, the entry decodes with what is known) without
+        // the round trips that learn hides.
+        let found = match self.clear_to_read(l2) {
+            None => l2.get(&full).await.flatten(),
+            Some(clear) => self
+                .read_with_clear(l2, std::slice::from_ref(&full), clear)
+                .await
+                .and_then(|mut found| found.pop().flatten()),
+        };
+        let Some(bytes) = found else {
             self.metrics.l2_misses.increment(1);
             return Ok(None);
         };
-        let now = self.clock.now();
-        match self
-            .decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
-            .await
-        {
+        let (now, unix_now) = (self.clock.now(), self.clock.unix_millis());
+        let decoded = match self.decode(l2, &full, &bytes, now, unix_now, false) {
+            Ok(found) => found,
+            Err(Unsure) => self.decode_checked(l2, &full, &bytes, now, unix_now).await,
+        };
+        match decoded {
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
@@ -1354,8 +1364,8 @@ where
 
     /// Reads `key` from L2, with the clear (in the same round trip) when what is known of it
     /// does not count.
-    async fn l2_get(&self, l2: &L2, key: &Key, now: Instant) -> Option<Bytes> {
-        match self.clear_to_read(l2, now) {
+    async fn l2_get(&self, l2: &L2, key: &Key) -> Option<Bytes> {
+        match self.clear_to_read(l2) {
             Some(clear) => {
                 let found = self.read_with_clear(l2, std::slice::from_ref(key), clear);
                 found.await?.pop().flatten()
@@ -1366,16 +1376,18 @@ where
 
     /// Reads `keys` from L2 in one round trip, with the clear when what is known of it does
     /// not count.
-    async fn l2_get_many(&self, l2: &L2, keys: &[Key], now: Instant) -> Option<Vec<Option<Bytes>>> {
-        match self.clear_to_read(l2, now) {
+    async fn l2_get_many(&self, l2: &L2, keys: &[Key]) -> Option<Vec<Option<Bytes>>> {
+        match self.clear_to_read(l2) {
             Some(clear) => self.read_with_clear(l2, keys, clear).await,
             None => l2.get_many(keys).await,
         }
     }
 
     /// The clear's read and key, when what is known of it does not count.
-    fn clear_to_read(&self, l2: &L2, now: Instant) -> Option<(ClearRead, Key)> {
-        let read = self.hides.clear_read(now, || self.heard())?;
+    fn clear_to_read(&self, l2: &L2) -> Option<(ClearRead, Key)> {
+        let read = self
+            .hides
+            .clear_read(|| self.clock.now(), || self.heard())?;
         Some((read, l2.hide_key(&Hide::All)?))
     }
 
@@ -1503,7 +1515,7 @@ where
                     return;
                 }
             };
-            let found = match self.l2_get(l2, &full, now).await {
+            let found = match self.l2_get(l2, &full).await {
                 Some(bytes) => {
                     self.decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
                         .await
@@ -1633,7 +1645,7 @@ where
             }
             self.clock.sleep(poll.min(deadline - now)).await;
             let now = self.clock.now();
-            let found = match self.l2_get(l2, &full, now).await {
+            let found = match self.l2_get(l2, &full).await {
                 Some(bytes) => {
                     self.decode_checked(l2, &full, &bytes, now, self.clock.unix_millis())
                         .await
@@ -1864,7 +1876,7 @@ where
             }
             let full = batch.finish();
             let values = self
-                .l2_get_many(l2, &full, now)
+                .l2_get_many(l2, &full)
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();

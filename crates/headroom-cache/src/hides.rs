@@ -64,11 +64,14 @@ pub(crate) struct Hides {
     losses: AtomicU64,
     /// How long what was read from L2 while messages were not being heard counts.
     unheard: Duration,
-    /// The clear's time, and the losses counted when it was last read from L2 while
-    /// messages were heard (`NO_HEARD_READ`: none), out of the lock: an untagged entry's
-    /// check takes no lock while messages are heard.
+    /// The clear's time; the losses counted when it was last read from L2 while messages
+    /// were heard (`NO_HEARD_READ`: none); and until when (nanoseconds after `origin`, 0:
+    /// never read) its last read counts while messages are not heard. Out of the lock: an
+    /// untagged entry's check takes none.
     clear_at: AtomicU64,
     clear_counts_at: AtomicU64,
+    clear_unheard_until: AtomicU64,
+    origin: Instant,
 }
 
 #[derive(Default)]
@@ -94,13 +97,15 @@ struct Read {
 }
 
 impl Hides {
-    pub(crate) fn new(unheard: Duration) -> Self {
+    pub(crate) fn new(unheard: Duration, origin: Instant) -> Self {
         Self {
             state: Mutex::new(State::default()),
             losses: AtomicU64::new(0),
             unheard,
             clear_at: AtomicU64::new(0),
             clear_counts_at: AtomicU64::new(NO_HEARD_READ),
+            clear_unheard_until: AtomicU64::new(0),
+            origin,
         }
     }
 
@@ -137,8 +142,16 @@ impl Hides {
         if created <= self.clear_at.load(Ordering::Acquire) {
             return Ok(true);
         }
-        if tags.is_empty() && matches!(heard, Heard::Now(true)) && self.clear_counts_heard() {
-            return Ok(false);
+        if tags.is_empty() {
+            match heard {
+                Heard::Now(true) if self.clear_counts_heard() => return Ok(false),
+                Heard::Now(false)
+                    if self.nanos(now) < self.clear_unheard_until.load(Ordering::Acquire) =>
+                {
+                    return Ok(false);
+                }
+                _ => {}
+            }
         }
         let state = self.state.lock();
         if created <= state.clear.at {
@@ -159,15 +172,29 @@ impl Hides {
         if sure { Ok(false) } else { Err(Unsure) }
     }
 
-    /// When what is known of the clear does not count, a read of it to be made with the
-    /// entries' (in the same round trip) and handed to [`learned_clear`](Self::learned_clear).
-    pub(crate) fn clear_read(&self, now: Instant, heard: impl Fn() -> bool) -> Option<ClearRead> {
-        let read = self.read(now, heard);
-        if read.heard && self.clear_counts_heard() {
+    /// A read of the clear to be made with the entries' (in the same round trip) and handed
+    /// to [`learned_clear`](Self::learned_clear): when it was never read, or messages were lost
+    /// since. While messages are not heard the entries' check asks for it once its last read
+    /// no longer counts (`max_silence` later), which costs that read a second round trip:
+    /// telling it here would take a clock reading on every L2 read.
+    pub(crate) fn clear_read(
+        &self,
+        now: impl FnOnce() -> Instant,
+        heard: impl Fn() -> bool,
+    ) -> Option<ClearRead> {
+        let losses = self.losses.load(Ordering::Acquire);
+        let heard = heard();
+        let counts_at = self.clear_counts_at.load(Ordering::Acquire);
+        let never_read =
+            counts_at == NO_HEARD_READ && self.clear_unheard_until.load(Ordering::Acquire) == 0;
+        if !never_read && (!heard || counts_at == losses) {
             return None;
         }
-        let state = self.state.lock();
-        (!self.counts(state.clear.read, now, read.heard)).then_some(ClearRead(read))
+        Some(ClearRead(Read {
+            losses,
+            heard,
+            at: now(),
+        }))
     }
 
     /// Records the clear read from L2 (`None`: absent); returns whether it was unknown.
@@ -272,6 +299,18 @@ impl Hides {
             _ => NO_HEARD_READ,
         };
         self.clear_counts_at.store(counts_at, Ordering::Release);
+        let unheard_until = state
+            .clear
+            .read
+            .map_or(0, |read| self.nanos(read.at + self.unheard).max(1));
+        self.clear_unheard_until
+            .store(unheard_until, Ordering::Release);
+    }
+
+    /// `at` in nanoseconds after `origin`.
+    fn nanos(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(since).unwrap_or(u64::MAX)
     }
 
     /// Keeps at most `MAX_HIDDEN_TAGS` tags: those that can no longer hide a live entry and
