@@ -139,19 +139,22 @@ impl Hides {
         now: Instant,
         heard: Heard,
     ) -> Result<bool, Unsure> {
+        if tags.is_empty() {
+            // The stamp before the time: `mirror_clear` writes them the other way round, so a
+            // stamp seen here comes with a time at least as new as the read it stamps.
+            let counts = match heard {
+                Heard::Now(true) => self.clear_counts_heard(),
+                Heard::Now(false) => {
+                    self.nanos(now) < self.clear_unheard_until.load(Ordering::Acquire)
+                }
+                Heard::Learned => false,
+            };
+            if counts {
+                return Ok(created <= self.clear_at.load(Ordering::Acquire));
+            }
+        }
         if created <= self.clear_at.load(Ordering::Acquire) {
             return Ok(true);
-        }
-        if tags.is_empty() {
-            match heard {
-                Heard::Now(true) if self.clear_counts_heard() => return Ok(false),
-                Heard::Now(false)
-                    if self.nanos(now) < self.clear_unheard_until.load(Ordering::Acquire) =>
-                {
-                    return Ok(false);
-                }
-                _ => {}
-            }
         }
         let state = self.state.lock();
         if created <= state.clear.at {
@@ -288,7 +291,8 @@ impl Hides {
 
     /// Whether the clear was read from L2 while messages were heard, with no loss since.
     fn clear_counts_heard(&self) -> bool {
-        self.clear_counts_at.load(Ordering::Acquire) == self.losses.load(Ordering::Acquire)
+        let counts_at = self.clear_counts_at.load(Ordering::Acquire);
+        counts_at == self.losses.load(Ordering::Acquire)
     }
 
     /// Copies the clear out of the lock (see `clear_at`).
@@ -334,8 +338,9 @@ impl Hides {
     }
 }
 
-/// Records a hide read from L2 (`None`: absent); returns whether it was unknown. An
-/// undecodable value leaves the hide unsure: entries it could cover read as misses.
+/// Records a hide read from L2 (`None`: absent); returns whether it is newer than what an
+/// earlier read found (L1 may then hold entries it covers: none was let in without a read).
+/// An undecodable value leaves the hide unsure: entries it could cover read as misses.
 fn record(known: &mut Known, value: Option<&[u8]>, read: Read) -> bool {
     let at = match value.map(<[u8; 8]>::try_from) {
         None => 0,
@@ -346,7 +351,7 @@ fn record(known: &mut Known, value: Option<&[u8]>, read: Read) -> bool {
             return false;
         }
     };
-    let learned = at > known.at;
+    let learned = at > known.at && known.read.is_some();
     known.at = known.at.max(at);
     known.read = Some(read);
     learned

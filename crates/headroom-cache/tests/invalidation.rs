@@ -324,6 +324,33 @@ async fn hides_reach_instances_started_later_on_redis_cluster() {
     hides_reach_instances_started_later(cluster_parts(4).await, unique_namespace("later")).await;
 }
 
+/// Learning from L2 a hide this instance never read before flushes nothing: no entry it
+/// covers was let into L1 without a read of it. (No bus, so that no gap flushes L1 either.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learning_a_hide_for_the_first_time_keeps_l1() {
+    let ns = unique_namespace("first-hide");
+    let store = MemoryKvStore::new();
+    let build = |store: DynKvStore| {
+        Cache::<String, u64>::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(store, ns.clone())
+            .build()
+            .expect("build")
+    };
+    let a = build(DynKvStore::new(store.clone()));
+    a.insert_tagged("x".into(), 1, &["t"]).await.unwrap();
+    a.invalidate_tag("t").await;
+    a.insert("plain".into(), 2).await.unwrap();
+    let probe = Probe::new(DynKvStore::new(store));
+    let calls = Arc::clone(&probe.calls);
+    let c = build(DynKvStore::new(probe));
+    settle_in_l1(&c, &calls, "plain", 2).await;
+    assert_eq!(c.get(&"x".to_owned()).await.unwrap(), None);
+    let before = calls.reads();
+    assert_eq!(c.get(&"plain".to_owned()).await.unwrap(), Some(2));
+    assert_eq!(calls.reads(), before, "plain is still served from L1");
+}
+
 /// A bus in front of another that can drop published messages or silence subscriptions, as
 /// a network would, without telling anyone.
 #[derive(Clone, Debug)]
