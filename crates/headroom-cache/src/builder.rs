@@ -87,6 +87,10 @@ where
 
     /// The shared level: any [`KvStore`], with keys written under `namespace`.
     /// Without it the cache is L1 only.
+    ///
+    /// The cache also keeps records beside `namespace`, in `<namespace>.hidden` (its clears and
+    /// tag invalidations) and `<namespace>.fleet-lock`; a namespace ending in either is
+    /// refused at build, as it could be another cache's.
     pub fn l2(mut self, store: impl KvStore, namespace: Namespace) -> Self {
         self.l2 = Some((DynKvStore::new(store), namespace));
         self
@@ -289,6 +293,9 @@ where
             self.config.name = name;
         }
         self.config.validate().map_err(ConfigError::new)?;
+        if let Some((_, namespace)) = &self.l2 {
+            check_beside(namespace)?;
+        }
         let invalidation = match (self.invalidation, &self.l2) {
             (None, _) => None,
             (Some(_), None) => {
@@ -392,4 +399,21 @@ where
         }
         Ok(cache)
     }
+}
+
+/// Refuses an L2 namespace ending like one a cache keeps beside its own (its hides, its fleet
+/// lock): it could be another cache's, whose entries would overwrite them.
+fn check_beside(namespace: &Namespace) -> Result<(), ConfigError> {
+    let name = namespace.as_str();
+    if name.ends_with(crate::hides::BESIDE) {
+        return Err(ConfigError::new(
+            "an l2 namespace ending in `.hidden` is reserved for a cache's hides",
+        ));
+    }
+    if name.ends_with(crate::lock::BESIDE) {
+        return Err(ConfigError::new(
+            "an l2 namespace ending in `.fleet-lock` is reserved for a cache's fleet lock",
+        ));
+    }
+    Ok(())
 }

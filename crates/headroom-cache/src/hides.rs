@@ -28,6 +28,9 @@ use crate::l2::L2;
 /// newest tag instead (a clear).
 pub(crate) const MAX_HIDDEN_TAGS: usize = 10_000;
 
+/// Ends the namespace of the hides, beside the entries' (`<l2 namespace>.hidden`).
+pub(crate) const BESIDE: &str = ".hidden";
+
 /// Where a hide's time sits in its L2 value: the whole value, a little-endian `u64`.
 pub(crate) const VERSION_AT: VersionAt = VersionAt::new(0);
 

@@ -89,7 +89,7 @@ impl L2 {
             .count_cancelled(false)
             .build()
             .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
-        let hides = Namespace::new(&format!("{namespace}.hidden")).map_err(|_| {
+        let hides = Namespace::new(&format!("{namespace}{}", hides::BESIDE)).map_err(|_| {
             ConfigError::new("the l2 namespace is too long to keep hides beside it")
         })?;
         Ok(Self {

@@ -8,6 +8,9 @@ use headroom_core::{Clock, Key, Namespace};
 
 use crate::ConfigError;
 
+/// Ends the namespace of the lock records, beside the L2 namespace (`<l2 namespace>.fleet-lock`).
+pub(crate) const BESIDE: &str = ".fleet-lock";
+
 pub(crate) struct FleetLock {
     store: DynLeaseStore,
     /// Beside the L2 namespace, never inside it, so lock records are not taken for entries.
@@ -32,7 +35,7 @@ impl FleetLock {
         l2: &Namespace,
         wait: Duration,
     ) -> Result<Self, ConfigError> {
-        let namespace = Namespace::new(&format!("{}.fleet-lock", l2.as_str()))
+        let namespace = Namespace::new(&format!("{}{BESIDE}", l2.as_str()))
             .map_err(|_| ConfigError::new("the l2 namespace is too long for a fleet lock"))?;
         if wait.is_zero() || wait > crate::config::MAX_TIME {
             return Err(ConfigError::new(

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::{Calls, Probe, settle};
 use headroom_cache::{Cache, InvalidationConfig};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
-use headroom_core::kv::DynKvStore;
+use headroom_core::kv::{DynKvStore, KvEntry, KvStore, VersionAt};
 use headroom_core::memory::{MemoryBus, MemoryKvStore};
 use headroom_core::{BackendError, BackendErrorKind, Clock, Key, ManualClock, Namespace};
 use headroom_redis::{Redis, RedisBus, RedisConfig, RedisKvStore};
@@ -349,6 +349,90 @@ async fn learning_a_hide_for_the_first_time_keeps_l1() {
     let before = calls.reads();
     assert_eq!(c.get(&"plain".to_owned()).await.unwrap(), Some(2));
     assert_eq!(calls.reads(), before, "plain is still served from L1");
+}
+
+/// An entry whose hides cannot be read (L2 stopped answering between the entry's read and
+/// theirs) reads as a miss rather than being served unchecked; once L2 answers, it is a hit.
+#[tokio::test]
+async fn an_entry_whose_hides_cannot_be_read_is_a_miss() {
+    let ns = unique_namespace("unread-hide");
+    let store = MemoryKvStore::new();
+    let build = |store: DynKvStore| {
+        Cache::<String, u64>::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(store, ns.clone())
+            .build()
+            .expect("build")
+    };
+    let a = build(DynKvStore::new(store.clone()));
+    a.insert_tagged("x".into(), 1, &["t"]).await.unwrap();
+    let hides = HidesUnread {
+        inner: store,
+        on: Arc::new(AtomicBool::new(true)),
+        refused: Arc::default(),
+    };
+    let c = build(DynKvStore::new(hides.clone()));
+    assert_eq!(c.get(&"x".to_owned()).await.unwrap(), None);
+    assert_eq!(
+        hides.refused.load(Ordering::SeqCst),
+        1,
+        "the tag's read failed"
+    );
+    hides.on.store(false, Ordering::SeqCst);
+    assert_eq!(c.get(&"x".to_owned()).await.unwrap(), Some(1));
+}
+
+/// A store that, while `on`, fails the reads that ask for hides only (keys under
+/// `<namespace>.hidden`), as an L2 that stopped answering just after an entry's read would.
+#[derive(Clone, Debug)]
+struct HidesUnread {
+    inner: MemoryKvStore,
+    on: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl HidesUnread {
+    fn refuse(&self, keys: &[Key]) -> Result<(), BackendError> {
+        let hides_only = keys.iter().all(|key| {
+            let bytes = key.as_bytes();
+            bytes.windows(8).any(|w| w == b".hidden:")
+        });
+        if hides_only && self.on.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
+        Ok(())
+    }
+}
+
+impl KvStore for HidesUnread {
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        self.refuse(std::slice::from_ref(key))?;
+        self.inner.get(key).await
+    }
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>, BackendError> {
+        self.refuse(keys)?;
+        self.inner.get_many(keys).await
+    }
+    async fn set(&self, key: &Key, value: Bytes, ttl: Duration) -> Result<(), BackendError> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_many(&self, entries: &[KvEntry]) -> Result<(), BackendError> {
+        self.inner.set_many(entries).await
+    }
+    async fn delete(&self, keys: &[Key]) -> Result<u64, BackendError> {
+        self.inner.delete(keys).await
+    }
+    async fn set_if_newer(
+        &self,
+        entries: &[KvEntry],
+        version: VersionAt,
+    ) -> Result<u64, BackendError> {
+        self.inner.set_if_newer(entries, version).await
+    }
+    async fn delete_if_eq(&self, key: &Key, expected: &[u8]) -> Result<bool, BackendError> {
+        self.inner.delete_if_eq(key, expected).await
+    }
 }
 
 /// A bus in front of another that can drop published messages or silence subscriptions, as

@@ -886,6 +886,33 @@ async fn bad_keys_and_oversized_values_get_typed_errors() {
     assert_eq!(bad.unwrap_err().reason(), "ttl must be greater than zero");
 }
 
+/// A cache keeps its hides and its fleet lock in namespaces beside its own
+/// (`<namespace>.hidden`, `<namespace>.fleet-lock`): an L2 namespace ending like one of them
+/// could be another cache's, whose entries would then overwrite that cache's hides or locks,
+/// so it is refused at build.
+#[tokio::test]
+async fn l2_namespaces_beside_another_caches_are_refused() {
+    let clock = ManualClock::new();
+    for name in ["test:cache.hidden", "test:cache.fleet-lock"] {
+        let built = Cache::<String, String>::builder()
+            .l2(store(&clock), Namespace::new(name).unwrap())
+            .build();
+        let error = built.expect_err(name);
+        assert!(
+            error.reason().contains("reserved"),
+            "{name}: {}",
+            error.reason()
+        );
+    }
+    let beside = Cache::<String, String>::builder()
+        .l2(
+            store(&clock),
+            Namespace::new("test:cache.hidden-v2").unwrap(),
+        )
+        .build();
+    assert!(beside.is_ok(), "only the exact endings are reserved");
+}
+
 /// Times past what the cache's clocks and L2's expiries count are refused at build (and by
 /// `reconfigure_ttls`), rather than panicking or failing every write later.
 #[tokio::test]

@@ -246,7 +246,9 @@ impl Headroom {
     /// `<namespace>:cache:<name>`, invalidation across instances over the shared bus (default
     /// [`InvalidationConfig`](headroom_cache::InvalidationConfig): a 2 s staleness bound when
     /// messages are lost), and the shared clock. `name` must be one namespace segment
-    /// (`[A-Za-z0-9_./-]`; a name holding `:` is refused with [`KeyError::Separator`]). Build
+    /// (`[A-Za-z0-9_./-]`; a name holding `:` is refused with [`KeyError::Separator`]), and not
+    /// end in `.hidden` or `.fleet-lock` (the builder refuses it: another cache keeps records
+    /// there). Build
     /// it inside a tokio runtime.
     ///
     /// ```
