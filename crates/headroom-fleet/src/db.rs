@@ -32,8 +32,9 @@ struct Truth {
     loads: HashMap<String, u64>,
     /// Per product, when its first load was answered.
     first_answered: HashMap<String, tokio::time::Instant>,
-    /// Per product, the loads that arrived once an earlier one had been answered and its value
-    /// had time to reach L2 ([`WRITE_BACK`]): loads of a product the cache should have held.
+    /// Per product, the loads decided (the cache missed L2) once an earlier one had been
+    /// answered and its value had time to reach L2 ([`WRITE_BACK`]): loads of a product the
+    /// cache should have held.
     reloads: HashMap<String, u64>,
     /// Per idempotency key: the order of each execution.
     executions: HashMap<String, Vec<u64>>,
@@ -91,13 +92,16 @@ impl Database {
         tokio::time::sleep(took).await;
         let mut truth = self.lock();
         let value = match request {
-            DbRequest::Get { key } => {
+            DbRequest::Get { key, queued_us } => {
                 *truth.loads.entry(key.clone()).or_default() += 1;
                 let answered = *truth
                     .first_answered
                     .entry(key.clone())
                     .or_insert_with(tokio::time::Instant::now);
-                if answered + WRITE_BACK <= arrived {
+                let decided = arrived
+                    .checked_sub(Duration::from_micros(queued_us))
+                    .unwrap_or(arrived);
+                if answered + WRITE_BACK <= decided {
                     *truth.reloads.entry(key.clone()).or_default() += 1;
                 }
                 truth.versions.get(&key).copied().unwrap_or(0)
@@ -127,9 +131,11 @@ impl Database {
         self.lock().loads.clone()
     }
 
-    /// Per product so far, the loads that arrived once an earlier load of it had been answered
-    /// [`WRITE_BACK`] before: its value was in L2 by then, unless written or hidden since. (A
-    /// load in flight with the first, on another instance, is not one.)
+    /// Per product so far, the loads decided (their arrival less the time they queued in
+    /// their instance) once an earlier load of it had been answered [`WRITE_BACK`] before: its
+    /// value was in L2 by then, unless written or hidden since. (A load in flight with the
+    /// first, on another instance, is not one, nor one that missed L2 before the first value
+    /// reached it and then waited behind its instance's shedder.)
     pub fn reloads(&self) -> HashMap<String, u64> {
         self.lock().reloads.clone()
     }
@@ -144,38 +150,61 @@ impl Database {
 mod tests {
     use super::*;
 
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A database whose product reads take `get`.
+    fn database(get: Duration) -> Database {
+        let other = ms(1);
+        Database::new(
+            8,
+            Latency {
+                get,
+                put: other,
+                checkout: other,
+                report: other,
+            },
+        )
+    }
+
+    /// A load of `key` that waited `queued` in its instance before it was sent.
+    async fn load(db: Database, key: &'static str, queued: Duration) {
+        let queued_us = u64::try_from(queued.as_micros()).unwrap();
+        let key = key.to_owned();
+        db.handle(DbRequest::Get { key, queued_us }).await;
+    }
+
     /// A load in flight with the first (another instance missing L2 before the first value
     /// reached it) is not a reload; one arriving once the first value had time to reach L2 is.
     #[tokio::test(start_paused = true)]
     async fn only_loads_after_the_first_value_could_be_in_l2_are_reloads() {
-        let ms = Duration::from_millis;
-        let db = Database::new(
-            8,
-            Latency {
-                get: ms(50),
-                put: ms(1),
-                checkout: ms(1),
-                report: ms(1),
-            },
-        );
-        let get = || {
-            let db = db.clone();
-            async move {
-                db.handle(DbRequest::Get {
-                    key: "hot-0".to_owned(),
-                })
-                .await
-            }
-        };
-        let first = tokio::spawn(get());
+        let db = database(ms(50));
+        let first = tokio::spawn(load(db.clone(), "hot-0", ms(0)));
         tokio::time::sleep(ms(10)).await;
-        let alongside = tokio::spawn(get());
+        let alongside = tokio::spawn(load(db.clone(), "hot-0", ms(0)));
         first.await.unwrap();
         alongside.await.unwrap();
         assert_eq!(db.loads()["hot-0"], 2);
         assert!(db.reloads().is_empty(), "{:?}", db.reloads());
         tokio::time::sleep(WRITE_BACK).await;
-        get().await;
+        load(db.clone(), "hot-0", ms(0)).await;
         assert_eq!(db.reloads()["hot-0"], 1);
+    }
+
+    /// A load decided (the cache missed L2) before the first value could reach L2 is not a
+    /// reload, however long it then waited in its instance before it reached the database.
+    #[tokio::test(start_paused = true)]
+    async fn a_load_decided_before_the_first_value_could_be_in_l2_is_no_reload() {
+        let db = database(ms(5));
+        load(db.clone(), "tail-7", ms(0)).await;
+        // Decided 20 ms after the first answer, queued 150 ms behind the shedder.
+        tokio::time::sleep(ms(170)).await;
+        load(db.clone(), "tail-7", ms(150)).await;
+        assert_eq!(db.loads()["tail-7"], 2);
+        assert!(db.reloads().is_empty(), "{:?}", db.reloads());
+        // Decided once the first value had time to reach L2, queued or not.
+        load(db.clone(), "tail-7", ms(50)).await;
+        assert_eq!(db.reloads()["tail-7"], 1);
     }
 }

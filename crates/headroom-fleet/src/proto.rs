@@ -152,6 +152,9 @@ pub enum DbRequest {
     Get {
         /// The product.
         key: String,
+        /// Microseconds the load waited in the instance (behind its shedder) between the
+        /// cache's miss and this request.
+        queued_us: u64,
     },
     /// A new version of a product.
     Put {

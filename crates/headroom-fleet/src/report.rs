@@ -317,12 +317,18 @@ pub fn judge(
             .filter(|e| e.kind == Kind::Write && e.sent < window.end)
             .map(|e| e.key.as_str())
             .collect();
-        let reloads = window
+        let mut reloaded: Vec<(&str, u64)> = window
             .reloads_after
             .iter()
             .filter(|(k, _)| !written.contains(k.as_str()))
-            .map(|(k, after)| after - window.reloads_before.get(k).copied().unwrap_or(0))
-            .sum();
+            .map(|(k, after)| {
+                let before = window.reloads_before.get(k).copied().unwrap_or(0);
+                (k.as_str(), after - before)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        reloaded.sort_unstable();
+        let reloads = reloaded.iter().map(|(_, n)| n).sum();
         let (hits, misses) = window.l2;
         let l2_hit_ratio = (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64);
         let hot_tenant_orders = keys
@@ -389,8 +395,10 @@ pub fn judge(
             }
         }
         if expect.no_reloads && reloads > 0 {
+            let named: Vec<&str> = reloaded.iter().take(5).map(|(k, _)| *k).collect();
             broken.push(format!(
-                "{reloads} products loaded again: L2 entries were hidden"
+                "{reloads} products loaded again: L2 entries were hidden (e.g. {})",
+                named.join(", ")
             ));
         }
         if let Some(within) = expect.recovery_within

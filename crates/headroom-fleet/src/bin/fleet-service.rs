@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use headroom::Headroom;
 use headroom::cache::Cache;
@@ -80,13 +80,18 @@ impl DbFailure {
 }
 
 impl Service {
-    /// One database call at `priority`, behind the shedder.
-    async fn db(&self, priority: Priority, request: DbRequest) -> Result<u64, DbFailure> {
+    /// One database call at `priority`, behind the shedder; a load's request is told how long
+    /// it waited there.
+    async fn db(&self, priority: Priority, mut request: DbRequest) -> Result<u64, DbFailure> {
+        let asked = Instant::now();
         let _permit = self
             .shedder
             .acquire(priority)
             .await
             .map_err(|_| DbFailure::Shed)?;
+        if let DbRequest::Get { queued_us, .. } = &mut request {
+            *queued_us = u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX);
+        }
         let answer: DbResponse = self.db.call(&request).await.map_err(DbFailure::Io)?;
         Ok(answer.value)
     }
@@ -114,7 +119,7 @@ impl Service {
             .get_or_load(&key, move |key| async move {
                 service.loads.fetch_add(1, Ordering::Relaxed);
                 service
-                    .db(Priority::Default, DbRequest::Get { key })
+                    .db(Priority::Default, DbRequest::Get { key, queued_us: 0 })
                     .await
                     .map(Some)
             })
