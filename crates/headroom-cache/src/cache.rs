@@ -830,24 +830,12 @@ where
         let full = self.l2_key(l2, key)?;
         let write = self.mark(key);
         let loads_done = self.loads_done[write.stripe].load(Ordering::Acquire);
-        // The common case (the clear counts, the entry decodes with what is known) without
-        // the round trips that learn hides.
-        let found = match self.clear_to_read(l2) {
-            None => l2.get(&full).await.flatten(),
-            Some(clear) => self
-                .read_with_clear(l2, std::slice::from_ref(&full), clear)
-                .await
-                .and_then(|mut found| found.pop().flatten()),
-        };
-        let Some(bytes) = found else {
+        let Some(bytes) = self.l2_get(l2, &full).await else {
             self.metrics.l2_misses.increment(1);
             return Ok(None);
         };
         let (now, unix_now) = (self.clock.now(), self.clock.unix_millis());
-        let decoded = match self.decode(l2, &full, &bytes, now, unix_now, false) {
-            Ok(found) => found,
-            Err(Unsure) => self.decode_checked(l2, &full, &bytes, now, unix_now).await,
-        };
+        let decoded = self.decode_checked(l2, &full, &bytes, now, unix_now).await;
         match decoded {
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
