@@ -1537,6 +1537,9 @@ where
             },
             _ => None,
         };
+        // Only changes made once the load began count against it: what happened before (a
+        // hide learned by the read above, which flushed L1) is in the value it reads.
+        let loading = self.mark(key);
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let load = self.bounded(loader(key.clone()));
@@ -1567,15 +1570,15 @@ where
                 let cached = value.is_some() || self.ttls.load().negative_ttl.is_some();
                 let entry = if cached {
                     let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
-                    self.store(key, value.clone(), write, version, tags)
+                    self.store(key, value.clone(), loading, version, tags)
                 } else if best.is_some() {
-                    self.forget(key, write, version)
+                    self.forget(key, loading, version)
                 } else {
                     None
                 };
                 send(&mut reply, Ok(value));
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
-                    && self.unchanged(write)
+                    && self.unchanged(loading)
                 {
                     l2.set_loaded(&[entry]).await;
                 }
@@ -1940,6 +1943,8 @@ where
         if to_load.is_empty() {
             return;
         }
+        // As in `load`: only changes made once the load began count against it.
+        let loading: Vec<WriteMark> = to_load.iter().map(|&i| self.mark(&keys[i])).collect();
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let result = self
@@ -1952,19 +1957,19 @@ where
         match result {
             Ok(mut found) => {
                 self.metrics.loads.increment(1);
-                for &i in &to_load {
+                for (&i, &loading) in to_load.iter().zip(&loading) {
                     let key = &keys[i];
                     let value = found.remove(key);
                     let entry = if value.is_some() || self.ttls.load().negative_ttl.is_some() {
                         let tags = held[i].clone().flatten();
-                        self.store(key, value.clone(), writes[i], version, tags)
+                        self.store(key, value.clone(), loading, version, tags)
                     } else if held[i].is_some() {
-                        self.forget(key, writes[i], version)
+                        self.forget(key, loading, version)
                     } else {
                         None
                     };
                     if let Some(entry) = entry
-                        && self.unchanged(writes[i])
+                        && self.unchanged(loading)
                     {
                         entries.push(entry);
                     }
