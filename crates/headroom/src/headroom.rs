@@ -470,7 +470,9 @@ impl HeadroomBuilder {
     /// The namespace every key lives under (default `headroom`): 1 to 116 bytes of
     /// `[A-Za-z0-9_.:/-]`, checked when the backend is chosen. (A [`Namespace`] holds up to
     /// 128; idempotency records live under `<namespace>:idempotency`, and each cache and rate
-    /// limiter under `<namespace>:<kind>:<name>`, within the same 128.)
+    /// limiter under `<namespace>:<kind>:<name>`, within the same 128; a cache also keeps
+    /// `.hidden` and, with a fleet lock, `.fleet-lock` after its own, so its build needs 7 or
+    /// 11 bytes more.)
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
