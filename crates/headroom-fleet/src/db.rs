@@ -36,6 +36,8 @@ struct Truth {
     /// answered and its value had time to reach L2 ([`WRITE_BACK`]): loads of a product the
     /// cache should have held.
     reloads: HashMap<String, u64>,
+    /// Per product, how its latest reload came: see [`Reload`].
+    last_reloads: HashMap<String, Reload>,
     /// Per idempotency key: the order of each execution.
     executions: HashMap<String, Vec<u64>>,
     next_order: u64,
@@ -44,6 +46,15 @@ struct Truth {
 /// Time enough for a loaded value to reach L2 after the database answered (one Redis round
 /// trip, with room to spare).
 pub const WRITE_BACK: Duration = Duration::from_millis(100);
+
+/// How a reload came, to tell a hidden entry from a slow write-back or a long queue.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reload {
+    /// How long after the first load's answer the load was decided.
+    pub decided_after: Duration,
+    /// How long it then queued in its instance.
+    pub queued: Duration,
+}
 
 /// The database. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -103,6 +114,11 @@ impl Database {
                     .unwrap_or(arrived);
                 if answered + WRITE_BACK <= decided {
                     *truth.reloads.entry(key.clone()).or_default() += 1;
+                    let reload = Reload {
+                        decided_after: decided - answered,
+                        queued: arrived - decided,
+                    };
+                    truth.last_reloads.insert(key.clone(), reload);
                 }
                 truth.versions.get(&key).copied().unwrap_or(0)
             }
@@ -138,6 +154,11 @@ impl Database {
     /// reached it and then waited behind its instance's shedder.)
     pub fn reloads(&self) -> HashMap<String, u64> {
         self.lock().reloads.clone()
+    }
+
+    /// Per product reloaded so far, how its latest reload came.
+    pub fn last_reloads(&self) -> HashMap<String, Reload> {
+        self.lock().last_reloads.clone()
     }
 
     /// The orders placed per idempotency key so far (more than one is a duplicate execution).
@@ -206,5 +227,10 @@ mod tests {
         // Decided once the first value had time to reach L2, queued or not.
         load(db.clone(), "tail-7", ms(50)).await;
         assert_eq!(db.reloads()["tail-7"], 1);
+        let reload = Reload {
+            decided_after: ms(125),
+            queued: ms(50),
+        };
+        assert_eq!(db.last_reloads()["tail-7"], reload);
     }
 }

@@ -152,8 +152,8 @@ pub enum DbRequest {
     Get {
         /// The product.
         key: String,
-        /// Microseconds the load waited in the instance (behind its shedder) between the
-        /// cache's miss and this request.
+        /// Microseconds the load waited behind its instance's shedder before this request
+        /// (the cache had missed L2 before that wait began).
         queued_us: u64,
     },
     /// A new version of a product.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::db::Reload;
 use crate::load::{Event, HOT_TENANT, Kind};
 
 /// The staleness bound the trial holds the fleet to: `max_silence` (2 s) plus half a
@@ -65,6 +66,8 @@ pub struct Window {
     pub reloads_before: HashMap<String, u64>,
     /// See `reloads_before`.
     pub reloads_after: HashMap<String, u64>,
+    /// Per product reloaded by the end, how its latest reload came.
+    pub last_reloads: HashMap<String, Reload>,
     /// Seconds after the fault until every instance used L1 again, when measured.
     pub l1_back_after: Option<f64>,
     /// Its promises.
@@ -395,10 +398,22 @@ pub fn judge(
             }
         }
         if expect.no_reloads && reloads > 0 {
-            let named: Vec<&str> = reloaded.iter().take(5).map(|(k, _)| *k).collect();
+            let named: Vec<String> = reloaded
+                .iter()
+                .take(5)
+                .map(|(k, _)| match window.last_reloads.get(*k) {
+                    Some(how) => format!(
+                        "{k} decided {:.0} ms after the first answer, queued {:.0} ms",
+                        ms(how.decided_after),
+                        ms(how.queued)
+                    ),
+                    None => (*k).to_owned(),
+                })
+                .collect();
             broken.push(format!(
-                "{reloads} products loaded again: L2 entries were hidden (e.g. {})",
-                named.join(", ")
+                "{} products loaded again ({reloads} loads), as if hidden in L2: {}",
+                reloaded.len(),
+                named.join("; ")
             ));
         }
         if let Some(within) = expect.recovery_within
@@ -614,6 +629,7 @@ mod tests {
             loads_after: HashMap::new(),
             reloads_before: HashMap::new(),
             reloads_after: HashMap::new(),
+            last_reloads: HashMap::new(),
             l1_back_after: None,
             expect: Expect {
                 cut_off: Some(instance),

@@ -144,6 +144,7 @@ impl Trial {
             loads_after: self.db.loads(),
             reloads_before,
             reloads_after: self.db.reloads(),
+            last_reloads: self.db.last_reloads(),
             l1_back_after,
             expect,
         });
