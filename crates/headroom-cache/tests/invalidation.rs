@@ -325,19 +325,22 @@ async fn hides_reach_instances_started_later_on_redis_cluster() {
     hides_reach_instances_started_later(cluster_parts(4).await, unique_namespace("later")).await;
 }
 
+/// An instance with no bus: it learns hides only from L2.
+fn busless(store: DynKvStore, ns: &Namespace) -> Cache<String, u64> {
+    Cache::builder()
+        .ttl(Duration::from_secs(60))
+        .l2(store, ns.clone())
+        .build()
+        .expect("build")
+}
+
 /// Learning from L2 a hide this instance never read before flushes nothing: no entry it
 /// covers was let into L1 without a read of it. (No bus, so that no gap flushes L1 either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learning_a_hide_for_the_first_time_keeps_l1() {
     let ns = unique_namespace("first-hide");
     let store = MemoryKvStore::new();
-    let build = |store: DynKvStore| {
-        Cache::<String, u64>::builder()
-            .ttl(Duration::from_secs(60))
-            .l2(store, ns.clone())
-            .build()
-            .expect("build")
-    };
+    let build = |store: DynKvStore| busless(store, &ns);
     let a = build(DynKvStore::new(store.clone()));
     a.insert_tagged("x".into(), 1, &["t"]).await.unwrap();
     a.invalidate_tag("t").await;
@@ -408,13 +411,7 @@ async fn a_load_after_learning_a_hide_writes_its_value_to_l2() {
 async fn an_entry_whose_hides_cannot_be_read_is_a_miss() {
     let ns = unique_namespace("unread-hide");
     let store = MemoryKvStore::new();
-    let build = |store: DynKvStore| {
-        Cache::<String, u64>::builder()
-            .ttl(Duration::from_secs(60))
-            .l2(store, ns.clone())
-            .build()
-            .expect("build")
-    };
+    let build = |store: DynKvStore| busless(store, &ns);
     let a = build(DynKvStore::new(store.clone()));
     a.insert_tagged("x".into(), 1, &["t"]).await.unwrap();
     let hides = HidesUnread {
