@@ -881,6 +881,30 @@ where
         self.in_flight.lock().remove(key);
     }
 
+    /// Per key, whether the load numbered `load` is still the one in flight: a write to the
+    /// key, a message invalidating it or a flush detaches a load (see `bump_stripe`), writes
+    /// to other keys do not.
+    fn attached<'k>(&self, keys: impl IntoIterator<Item = &'k K>, load: u64) -> Vec<bool>
+    where
+        K: 'k,
+    {
+        let in_flight = self.in_flight.lock();
+        keys.into_iter()
+            .map(|key| in_flight.get(key).is_some_and(|entry| entry.load == load))
+            .collect()
+    }
+
+    /// Whether a load of `key` (numbered `load`, attached or not when it began at `loading`)
+    /// may write its value to L2: no change of the key since it began. A load detached before
+    /// it began (a hide learned by its own read flushed L1) is judged by its stripe instead.
+    fn unchanged_since_load(&self, key: &K, load: u64, attached: bool, loading: WriteMark) -> bool {
+        if attached {
+            self.attached([key], load)[0]
+        } else {
+            self.unchanged(loading)
+        }
+    }
+
     fn stripe(&self, key: &K) -> usize {
         self.stripes.hash_one(key) as usize % WRITE_STRIPES
     }
@@ -1540,6 +1564,7 @@ where
         // Only changes made once the load began count against it: what happened before (a
         // hide learned by the read above, which flushed L1) is in the value it reads.
         let loading = self.mark(key);
+        let attached = self.attached([key], done.load)[0];
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let load = self.bounded(loader(key.clone()));
@@ -1578,7 +1603,7 @@ where
                 };
                 send(&mut reply, Ok(value));
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
-                    && self.unchanged(loading)
+                    && self.unchanged_since_load(key, done.load, attached, loading)
                 {
                     l2.set_loaded(&[entry]).await;
                 }
@@ -1945,6 +1970,7 @@ where
         }
         // As in `load`: only changes made once the load began count against it.
         let loading: Vec<WriteMark> = to_load.iter().map(|&i| self.mark(&keys[i])).collect();
+        let attached = self.attached(to_load.iter().map(|&i| &keys[i]), done.load);
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let result = self
@@ -1957,7 +1983,7 @@ where
         match result {
             Ok(mut found) => {
                 self.metrics.loads.increment(1);
-                for (&i, &loading) in to_load.iter().zip(&loading) {
+                for (n, (&i, &loading)) in to_load.iter().zip(&loading).enumerate() {
                     let key = &keys[i];
                     let value = found.remove(key);
                     let entry = if value.is_some() || self.ttls.load().negative_ttl.is_some() {
@@ -1969,7 +1995,7 @@ where
                         None
                     };
                     if let Some(entry) = entry
-                        && self.unchanged(loading)
+                        && self.unchanged_since_load(key, done.load, attached[n], loading)
                     {
                         entries.push(entry);
                     }

@@ -491,6 +491,60 @@ fn gated(
     }
 }
 
+/// A load writes its value to L2 even when other keys were written meanwhile, as a burst of
+/// writes does (thousands of keys: every write stripe of the instance is written), with
+/// `get_or_load` and in a batch: only a change of the loaded key itself may keep it out.
+/// Another instance then finds it in L2.
+#[tokio::test]
+async fn a_load_reaches_l2_while_other_keys_are_written() {
+    for batch in [false, true] {
+        let clock = ManualClock::new();
+        let store = store(&clock);
+        let build = || -> Cache<String, String> {
+            Cache::builder()
+                .clock(clock.clock())
+                .ttl(60 * SEC)
+                .l2(store.clone(), ns())
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (build(), build());
+        let gate = Arc::new(Semaphore::new(0));
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let k = key("k");
+        let loader = gated(&gate, &started_tx, "loaded");
+        let caller = {
+            let (a, k) = (a.clone(), k.clone());
+            tokio::spawn(async move {
+                if batch {
+                    let loader = |keys: Vec<String>| async move {
+                        let value = loader(keys[0].clone()).await?;
+                        Ok::<_, CacheError>(keys.into_iter().zip(value).collect())
+                    };
+                    let mut found = a.get_many_or_load(&[k], loader).await?;
+                    Ok(found.pop().flatten())
+                } else {
+                    a.get_or_load(&k, loader).await
+                }
+            })
+        };
+        started.recv().await.unwrap();
+        for n in 0..5_000 {
+            a.insert(key(&format!("other-{n}")), "x".into())
+                .await
+                .unwrap();
+        }
+        gate.add_permits(1);
+        assert_eq!(caller.await.unwrap().unwrap().as_deref(), Some("loaded"));
+        // The load writes L2 after answering, in its own task on this thread.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let found = b.get(&k).await.unwrap();
+        assert_eq!(found.as_deref(), Some("loaded"), "batch: {batch}");
+    }
+}
+
 #[tokio::test]
 async fn a_slow_loader_past_the_soft_timeout_serves_stale_and_updates_later() {
     let clock = ManualClock::new();
