@@ -881,28 +881,14 @@ where
         self.in_flight.lock().remove(key);
     }
 
-    /// Per key, whether the load numbered `load` is still the one in flight: a write to the
-    /// key, a message invalidating it or a flush detaches a load (see `bump_stripe`), writes
-    /// to other keys do not.
-    fn attached<'k>(&self, keys: impl IntoIterator<Item = &'k K>, load: u64) -> Vec<bool>
-    where
-        K: 'k,
-    {
-        let in_flight = self.in_flight.lock();
-        keys.into_iter()
-            .map(|key| in_flight.get(key).is_some_and(|entry| entry.load == load))
-            .collect()
-    }
-
-    /// Whether a load of `key` (numbered `load`, attached or not when it began at `loading`)
-    /// may write its value to L2: no change of the key since it began. A load detached before
-    /// it began (a hide learned by its own read flushed L1) is judged by its stripe instead.
-    fn unchanged_since_load(&self, key: &K, load: u64, attached: bool, loading: WriteMark) -> bool {
-        if attached {
-            self.attached([key], load)[0]
-        } else {
-            self.unchanged(loading)
-        }
+    /// Whether the load numbered `load` is still the one in flight for `key`: a write to the
+    /// key (as it begins and as it lands), a message invalidating it or a flush detaches a
+    /// load, writes to other keys do not. Only an attached load writes its value to L2.
+    fn attached(&self, key: &K, load: u64) -> bool {
+        self.in_flight
+            .lock()
+            .get(key)
+            .is_some_and(|entry| entry.load == load)
     }
 
     fn stripe(&self, key: &K) -> usize {
@@ -919,6 +905,7 @@ where
         this.writing[stripe].fetch_add(1, Ordering::AcqRel);
         Writing {
             inner: Arc::clone(this),
+            key: key.clone(),
             stripe,
         }
     }
@@ -1561,10 +1548,6 @@ where
             },
             _ => None,
         };
-        // Only changes made once the load began count against it: what happened before (a
-        // hide learned by the read above, which flushed L1) is in the value it reads.
-        let loading = self.mark(key);
-        let attached = self.attached([key], done.load)[0];
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let load = self.bounded(loader(key.clone()));
@@ -1595,15 +1578,15 @@ where
                 let cached = value.is_some() || self.ttls.load().negative_ttl.is_some();
                 let entry = if cached {
                     let tags = tags.or_else(|| best.as_ref().and_then(|slot| slot.tags.clone()));
-                    self.store(key, value.clone(), loading, version, tags)
+                    self.store(key, value.clone(), write, version, tags)
                 } else if best.is_some() {
-                    self.forget(key, loading, version)
+                    self.forget(key, write, version)
                 } else {
                     None
                 };
                 send(&mut reply, Ok(value));
                 if let (Some(l2), Some(entry)) = (&self.l2, entry)
-                    && self.unchanged_since_load(key, done.load, attached, loading)
+                    && self.attached(key, done.load)
                 {
                     l2.set_loaded(&[entry]).await;
                 }
@@ -1968,9 +1951,6 @@ where
         if to_load.is_empty() {
             return;
         }
-        // As in `load`: only changes made once the load began count against it.
-        let loading: Vec<WriteMark> = to_load.iter().map(|&i| self.mark(&keys[i])).collect();
-        let attached = self.attached(to_load.iter().map(|&i| &keys[i]), done.load);
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let result = self
@@ -1983,19 +1963,19 @@ where
         match result {
             Ok(mut found) => {
                 self.metrics.loads.increment(1);
-                for (n, (&i, &loading)) in to_load.iter().zip(&loading).enumerate() {
+                for &i in &to_load {
                     let key = &keys[i];
                     let value = found.remove(key);
                     let entry = if value.is_some() || self.ttls.load().negative_ttl.is_some() {
                         let tags = held[i].clone().flatten();
-                        self.store(key, value.clone(), loading, version, tags)
+                        self.store(key, value.clone(), writes[i], version, tags)
                     } else if held[i].is_some() {
-                        self.forget(key, loading, version)
+                        self.forget(key, writes[i], version)
                     } else {
                         None
                     };
                     if let Some(entry) = entry
-                        && self.unchanged_since_load(key, done.load, attached[n], loading)
+                        && self.attached(key, done.load)
                     {
                         entries.push(entry);
                     }
@@ -2090,15 +2070,19 @@ where
 }
 
 /// A write on its way to L2 (see `Inner::begin_write`).
-struct Writing<K, V> {
+struct Writing<K: CacheKey, V> {
     inner: Arc<Inner<K, V>>,
+    key: K,
     stripe: usize,
 }
 
-impl<K, V> Drop for Writing<K, V> {
+impl<K: CacheKey, V> Drop for Writing<K, V> {
     fn drop(&mut self) {
-        // Bumped before the count falls, so no read that saw the old L2 state can fill L1.
+        // Bumped before the count falls, so no read that saw the old L2 state can fill L1;
+        // and a load begun while the write was on its way is detached: its source may not
+        // have the write yet (a write-behind), so its value must not reach L2.
         self.inner.writes[self.stripe].fetch_add(1, Ordering::AcqRel);
+        self.inner.in_flight.lock().remove(&self.key);
         self.inner.writing[self.stripe].fetch_sub(1, Ordering::AcqRel);
     }
 }

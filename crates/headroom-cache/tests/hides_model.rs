@@ -93,6 +93,9 @@ struct Write {
 struct Model {
     now: u64,
     writes: HashMap<usize, Write>,
+    /// The write before a load's, while that load may not have reached L2: a load whose own
+    /// read learned a hide (flushing L1) does not write its value back.
+    before_load: HashMap<usize, Write>,
     /// Every value each key was ever written with.
     written: HashMap<usize, HashSet<u64>>,
     clear: Option<Hide>,
@@ -114,14 +117,26 @@ enum Expect {
 impl Model {
     /// Whether `served` is what `instance` may serve for `key`.
     fn fits(&self, instance: usize, key: usize, served: Option<u64>) -> bool {
-        match self.expect(instance, key) {
+        let before = self.before_load.get(&key);
+        Self::allows(self.expect(instance, key), served, &self.written, key)
+            || before.is_some_and(|write| {
+                let expected = self.expect_write(write);
+                Self::allows(expected, served, &self.written, key)
+            })
+    }
+
+    fn allows(
+        expected: Expect,
+        served: Option<u64>,
+        written: &HashMap<usize, HashSet<u64>>,
+        key: usize,
+    ) -> bool {
+        match expected {
             Expect::Exactly(value) => served == value,
             Expect::EitherOr(value) => served.is_none() || served == Some(value),
-            Expect::AnyWritten => served.is_none_or(|value| {
-                self.written
-                    .get(&key)
-                    .is_some_and(|all| all.contains(&value))
-            }),
+            Expect::AnyWritten => {
+                served.is_none_or(|value| written.get(&key).is_some_and(|all| all.contains(&value)))
+            }
         }
     }
 
@@ -147,6 +162,9 @@ impl Model {
             self.expect(instance, key)
         );
         if loaded {
+            if let Some(&before) = self.writes.get(&key) {
+                self.before_load.entry(key).or_insert(before);
+            }
             self.write(key, self.source(key), step, None);
         }
         Ok(())
@@ -174,9 +192,13 @@ impl Model {
         if self.losing.iter().any(|&losing| losing != instance) {
             return Expect::AnyWritten;
         }
-        let Some(write) = self.writes.get(&key) else {
-            return Expect::Exactly(None);
-        };
+        self.writes
+            .get(&key)
+            .map_or(Expect::Exactly(None), |write| self.expect_write(write))
+    }
+
+    /// What a read may serve when `write` is the key's latest in L2.
+    fn expect_write(&self, write: &Write) -> Expect {
         let Some(value) = write.value else {
             return Expect::Exactly(None);
         };
@@ -289,10 +311,12 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         .await
                         .unwrap();
                     model.write(k, Some(value), step, tag);
+                    model.before_load.remove(&k);
                 }
                 Op::Remove(i, k) => {
                     caches[i].remove(&KEYS[k].to_owned()).await.unwrap();
                     model.write(k, None, step, None);
+                    model.before_load.remove(&k);
                 }
                 Op::Clear(i) => {
                     caches[i].clear().await;

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -353,56 +352,6 @@ async fn learning_a_hide_for_the_first_time_keeps_l1() {
     let before = calls.reads();
     assert_eq!(c.get(&"plain".to_owned()).await.unwrap(), Some(2));
     assert_eq!(calls.reads(), before, "plain is still served from L1");
-}
-
-/// A read that learns a hide it did not know (flushing L1, as the message would have) and
-/// then loads the key writes the loaded value to L2 like any load, with `get_or_load` and in
-/// a batch: the other instances find it there rather than the hidden entry, and do not load
-/// it again.
-#[tokio::test]
-async fn a_load_after_learning_a_hide_writes_its_value_to_l2() {
-    for batch in [false, true] {
-        let ns = unique_namespace("learn-then-load");
-        let clock = ManualClock::new();
-        let store = MemoryKvStore::new();
-        let build = || {
-            Cache::<String, u64>::builder()
-                .clock(clock.clock())
-                .ttl(Duration::from_secs(60))
-                .l2(store.clone(), ns.clone())
-                .build()
-                .expect("build")
-        };
-        let (a, b) = (build(), build());
-        // B reads the clear (absent) with its first read.
-        assert_eq!(b.get(&"other".to_owned()).await.unwrap(), None);
-        a.insert("x".into(), 1).await.unwrap();
-        clock.advance(Duration::from_millis(1));
-        a.clear().await;
-        // Without messages, what B read of the clear counts for `max_silence` (2 s by default).
-        clock.advance(Duration::from_secs(3));
-        let key = "x".to_owned();
-        let loaded = if batch {
-            let loader = |keys: Vec<String>| async move {
-                Ok::<_, Infallible>(keys.into_iter().map(|key| (key, 2)).collect())
-            };
-            b.get_many_or_load(std::slice::from_ref(&key), loader)
-                .await
-                .unwrap()
-                .pop()
-                .flatten()
-        } else {
-            let loader = |_| async { Ok::<_, Infallible>(Some(2)) };
-            b.get_or_load(&key, loader).await.unwrap()
-        };
-        assert_eq!(loaded, Some(2));
-        // The load writes L2 after answering, in its own task on this thread.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
-        let found = a.get(&key).await.unwrap();
-        assert_eq!(found, Some(2), "B's load is in L2 (batch: {batch})");
-    }
 }
 
 /// An entry whose hides cannot be read (L2 stopped answering between the entry's read and

@@ -2616,3 +2616,84 @@ async fn the_longest_times_a_cache_accepts_still_write_l2() {
     assert!(tombstone.is_some(), "the removal is recorded in L2");
     assert_eq!(lasting.pending_l2_deletes(), 0);
 }
+
+/// A load whose source lags the cache (a write-behind: the cache has a write the database
+/// does not yet) must not put the source's older value over a write of its key made while
+/// the load read L2 (or while it loaded): neither in the writer's L1 nor in L2.
+#[tokio::test]
+async fn a_write_made_while_a_load_reads_l2_keeps_the_load_out() {
+    let clock = ManualClock::new();
+    let store = HeldRead {
+        inner: MemoryKvStore::builder().clock(clock.clock()).build(),
+        hold: Arc::default(),
+        held: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let build = || -> Cache<String, String> {
+        Cache::builder()
+            .ttl(60 * SEC)
+            .l2(store.clone(), ns())
+            .clock(clock.clock())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    store.hold.store(true, Ordering::SeqCst);
+    let load = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let loader = |_| async { Ok::<_, CacheError>(Some("db-old".to_owned())) };
+            a.get_or_load(&key("k"), loader).await
+        }
+    });
+    store.held.notified().await;
+    store.hold.store(false, Ordering::SeqCst);
+    a.insert(key("k"), "new".into()).await.unwrap();
+    store.gate.add_permits(1);
+    load.await.unwrap().unwrap();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.get(&key("k")).await.unwrap().as_deref(), Some("new"));
+    assert_eq!(b.get(&key("k")).await.unwrap().as_deref(), Some("new"));
+}
+
+/// Likewise for a write already on its way to L2 when the load began (the writer's L1 had
+/// lost the key), which lands while the loader runs.
+#[tokio::test]
+async fn a_write_landing_while_a_load_runs_keeps_the_load_out() {
+    let clock = ManualClock::new();
+    let store = common::HoldWrites::new(MemoryKvStore::builder().clock(clock.clock()).build());
+    let build = || -> Cache<String, String> {
+        Cache::builder()
+            .ttl(60 * SEC)
+            .l2(store.clone(), ns())
+            .clock(clock.clock())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (build(), build());
+    store.hold.store(true, Ordering::SeqCst);
+    let write = tokio::spawn({
+        let a = a.clone();
+        async move { a.insert(key("k"), "new".into()).await }
+    });
+    settle(|| store.held() == 1).await;
+    // The writer's L1 would answer; as if it had evicted the key.
+    a.invalidate_local(&key("k"));
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let load = tokio::spawn({
+        let (a, loader) = (a.clone(), gated(&gate, &started_tx, "db-old"));
+        async move { a.get_or_load(&key("k"), loader).await }
+    });
+    started.recv().await.unwrap();
+    store.release();
+    write.await.unwrap().unwrap();
+    gate.add_permits(1);
+    load.await.unwrap().unwrap();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(b.get(&key("k")).await.unwrap().as_deref(), Some("new"));
+}
