@@ -500,15 +500,7 @@ async fn a_load_reaches_l2_while_other_keys_are_written() {
     for batch in [false, true] {
         let clock = ManualClock::new();
         let store = store(&clock);
-        let build = || -> Cache<String, String> {
-            Cache::builder()
-                .clock(clock.clock())
-                .ttl(60 * SEC)
-                .l2(store.clone(), ns())
-                .build()
-                .unwrap()
-        };
-        let (a, b) = (build(), build());
+        let (a, b) = two_instances(&store, &clock);
         let gate = Arc::new(Semaphore::new(0));
         let (started_tx, mut started) = mpsc::unbounded_channel();
         let k = key("k");
@@ -536,10 +528,7 @@ async fn a_load_reaches_l2_while_other_keys_are_written() {
         }
         gate.add_permits(1);
         assert_eq!(caller.await.unwrap().unwrap().as_deref(), Some("loaded"));
-        // The load writes L2 after answering, in its own task on this thread.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        let_loads_finish().await;
         let found = b.get(&k).await.unwrap();
         assert_eq!(found.as_deref(), Some("loaded"), "batch: {batch}");
     }
@@ -2320,6 +2309,15 @@ struct HeldRead {
 }
 
 impl HeldRead {
+    fn new(inner: MemoryKvStore) -> Self {
+        Self {
+            inner,
+            hold: Arc::default(),
+            held: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+
     async fn slow(&self) {
         if self.hold.load(Ordering::SeqCst) {
             self.held.notify_one();
@@ -2379,12 +2377,7 @@ impl KvStore for HeldRead {
 #[tokio::test]
 async fn a_slow_read_does_not_bring_back_a_value_a_refresh_removed() {
     let clock = ManualClock::new();
-    let store = HeldRead {
-        inner: MemoryKvStore::builder().clock(clock.clock()).build(),
-        hold: Arc::default(),
-        held: Arc::default(),
-        gate: Arc::new(Semaphore::new(0)),
-    };
+    let store = HeldRead::new(MemoryKvStore::builder().clock(clock.clock()).build());
     let cache: Cache<String, String> = Cache::builder()
         .ttl(10 * SEC)
         .soft_ttl(5 * SEC)
@@ -2623,21 +2616,8 @@ async fn the_longest_times_a_cache_accepts_still_write_l2() {
 #[tokio::test]
 async fn a_write_made_while_a_load_reads_l2_keeps_the_load_out() {
     let clock = ManualClock::new();
-    let store = HeldRead {
-        inner: MemoryKvStore::builder().clock(clock.clock()).build(),
-        hold: Arc::default(),
-        held: Arc::default(),
-        gate: Arc::new(Semaphore::new(0)),
-    };
-    let build = || -> Cache<String, String> {
-        Cache::builder()
-            .ttl(60 * SEC)
-            .l2(store.clone(), ns())
-            .clock(clock.clock())
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(), build());
+    let store = HeldRead::new(MemoryKvStore::builder().clock(clock.clock()).build());
+    let (a, b) = two_instances(&store, &clock);
     store.hold.store(true, Ordering::SeqCst);
     let load = tokio::spawn({
         let a = a.clone();
@@ -2651,9 +2631,7 @@ async fn a_write_made_while_a_load_reads_l2_keeps_the_load_out() {
     a.insert(key("k"), "new".into()).await.unwrap();
     store.gate.add_permits(1);
     load.await.unwrap().unwrap();
-    for _ in 0..100 {
-        tokio::task::yield_now().await;
-    }
+    let_loads_finish().await;
     assert_eq!(a.get(&key("k")).await.unwrap().as_deref(), Some("new"));
     assert_eq!(b.get(&key("k")).await.unwrap().as_deref(), Some("new"));
 }
@@ -2664,15 +2642,7 @@ async fn a_write_made_while_a_load_reads_l2_keeps_the_load_out() {
 async fn a_write_landing_while_a_load_runs_keeps_the_load_out() {
     let clock = ManualClock::new();
     let store = common::HoldWrites::new(MemoryKvStore::builder().clock(clock.clock()).build());
-    let build = || -> Cache<String, String> {
-        Cache::builder()
-            .ttl(60 * SEC)
-            .l2(store.clone(), ns())
-            .clock(clock.clock())
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (build(), build());
+    let (a, b) = two_instances(&store, &clock);
     store.hold.store(true, Ordering::SeqCst);
     let write = tokio::spawn({
         let a = a.clone();
@@ -2692,8 +2662,29 @@ async fn a_write_landing_while_a_load_runs_keeps_the_load_out() {
     write.await.unwrap().unwrap();
     gate.add_permits(1);
     load.await.unwrap().unwrap();
+    let_loads_finish().await;
+    assert_eq!(b.get(&key("k")).await.unwrap().as_deref(), Some("new"));
+}
+
+/// Two instances of a cache on one L2 store and clock.
+fn two_instances<S: KvStore + Clone>(
+    store: &S,
+    clock: &ManualClock,
+) -> (Cache<String, String>, Cache<String, String>) {
+    let build = || {
+        Cache::builder()
+            .ttl(60 * SEC)
+            .l2(store.clone(), ns())
+            .clock(clock.clock())
+            .build()
+            .unwrap()
+    };
+    (build(), build())
+}
+
+/// Lets a load that answered finish writing L2 (in its own task, on this thread).
+async fn let_loads_finish() {
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(b.get(&key("k")).await.unwrap().as_deref(), Some("new"));
 }
