@@ -1001,6 +1001,50 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     assert!(lost.contains("lease"), "{lost}");
 }
 
+/// A lease whose extensions fail for a while is kept once they land again before it runs
+/// out: a failed extension is tried again within the lease, not a whole third of it later.
+#[tokio::test(start_paused = true)]
+async fn a_lease_is_kept_when_extensions_land_again_before_it_runs_out() {
+    let clock = ManualClock::new();
+    // The extensions at 10 s and the next one fail; the store answers again from then on.
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failing_extends: Arc::new(AtomicUsize::new(2)),
+        ..Faulty::default()
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (finish, finished) = oneshot::channel::<()>();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async move {
+                finished.await.ok();
+                Result::<u32>::Ok(7)
+            })
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+    };
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    // The operation runs past the lease's first end (30 s).
+    for _ in 0..35 {
+        clock.advance(Duration::from_secs(1));
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(!holder.is_finished(), "the lease was kept");
+    finish.send(()).unwrap();
+    assert_eq!(holder.await.unwrap(), Ok(7));
+}
+
 /// Failing open covers duplicates that arrive while the store is down, not one already told
 /// that the first request runs: a store error while it waits for that request does not run
 /// the operation beside it.
