@@ -568,8 +568,9 @@ async fn drain_partition<S: JobStore, W: Writer>(
     tally.held.store(deliveries.len() as u64, Ordering::Relaxed);
     let mut latest: HashMap<Bytes, (u64, u64, usize)> = HashMap::new();
     let mut writes: Vec<Write> = Vec::new();
-    let mut corrupt = Vec::new();
-    for delivery in &deliveries {
+    // Corrupt writes are buried: no longer this pass's to extend, complete or hand back.
+    let (mut kept, mut corrupt) = (Vec::with_capacity(deliveries.len()), Vec::new());
+    for delivery in deliveries {
         let Some(write) = crate::envelope::open(&delivery.payload).and_then(|(_, p)| decode(p))
         else {
             corrupt.push(delivery);
@@ -588,7 +589,9 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 writes.push(write);
             }
         }
+        kept.push(delivery);
     }
+    let deliveries = kept;
     for delivery in corrupt {
         let error = Bytes::from_static(
             b"the stored write is not a write-behind record (corrupt or foreign bytes)",

@@ -448,3 +448,43 @@ async fn a_backlog_in_one_partition_does_not_hold_back_the_others() {
         "the second partition's write came after {at} calls of the first"
     );
 }
+
+/// A corrupt write in a pass is buried, and the rest of the pass is written by one writer
+/// call however long it takes: the buried write is no longer the pass's to extend, so it does
+/// not end the pass as if it had been taken over.
+#[tokio::test(start_paused = true)]
+async fn a_corrupt_write_does_not_cut_off_a_slow_writer_call() {
+    use headroom_jobs::Job;
+
+    let writes = WriteBehind::builder("slow_db", MemoryJobStore::new())
+        .flush_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    writes
+        .queue()
+        .enqueue(Job::new(Bytes::from_static(b"not a write")))
+        .await
+        .unwrap();
+    writes.put("k", "v").await.unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    // The first call takes 30 s, past a third of the visibility (60 s).
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
+        async move {
+            if first {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(calls.load(Ordering::Relaxed), 1, "the slow call was not cut off");
+    assert_eq!((report.writes, report.calls), (1, 1));
+}
