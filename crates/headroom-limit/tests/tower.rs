@@ -185,6 +185,33 @@ async fn errors_teach_the_adaptive_limit_through_the_layer() {
     assert_eq!(bulkhead.limit(), 9);
 }
 
+/// A panicking service teaches the limit nothing, also when the panic is caught around the
+/// request (a catch-panic layer above) and its future dropped only after the unwinding.
+#[tokio::test]
+async fn a_caught_panic_teaches_the_adaptive_limit_nothing() {
+    let bulkhead = Bulkhead::builder("b")
+        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 10,
+            ..AimdConfig::default()
+        }))
+        .build()
+        .unwrap();
+    let mut service = BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|poison: bool| {
+        async move {
+            tokio::task::yield_now().await;
+            assert!(!poison, "a poison request");
+            Ok::<_, Infallible>(())
+        }
+    }));
+    for _ in 0..3 {
+        let call = service.ready().await.unwrap().call(true);
+        let caught = std::panic::AssertUnwindSafe(call).catch_unwind().await;
+        assert!(caught.is_err(), "the service panicked");
+    }
+    assert_eq!(bulkhead.in_use(), 0, "every permit came back");
+    assert_eq!(bulkhead.limit(), 10, "panics are ignored, not drops");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_cancelled_while_running_counts_as_a_drop() {
     // AIMD from 2: a success with both permits in use would grow the limit to 3, a drop

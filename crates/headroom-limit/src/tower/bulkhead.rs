@@ -150,6 +150,20 @@ impl<F> State<F> {
     }
 }
 
+/// Marks the permit [`Outcome::Ignored`] when the service's poll panics: whoever catches the
+/// panic may drop the future, and the permit in it, long after the unwinding.
+struct IgnoredIfUnwinding<'a>(&'a mut Option<OwnedPermit>);
+
+impl Drop for IgnoredIfUnwinding<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(permit) = self.0
+        {
+            permit.set_outcome(Outcome::Ignored);
+        }
+    }
+}
+
 impl<F, T, E> Future for BulkheadFuture<F>
 where
     F: Future<Output = Result<T, E>>,
@@ -171,8 +185,9 @@ where
                     Err(error) => return Poll::Ready(Err(error.into())),
                 },
                 StateProj::Running { future, permit } => {
+                    let unwinding = IgnoredIfUnwinding(permit);
                     let result = ready!(future.poll(cx));
-                    if let Some(mut permit) = permit.take() {
+                    if let Some(mut permit) = unwinding.0.take() {
                         let outcome = match &result {
                             Ok(_) => Outcome::Success,
                             Err(_) => Outcome::Dropped,
