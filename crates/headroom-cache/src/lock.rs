@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use headroom_core::lease::{Begin, DynLeaseStore, FencingToken, LeaseStore};
-use headroom_core::{Clock, Key, Namespace};
+use headroom_core::lease::{
+    Begin, BeginId, DynLeaseStore, FencingToken, LeaseStore, may_have_applied, release_lost_begin,
+};
+use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
 
 use crate::ConfigError;
 
@@ -60,10 +62,22 @@ impl FleetLock {
         let Ok(key) = self.namespace.key(key) else {
             return Claim::Unavailable;
         };
+        let id = BeginId::random();
         let begin = tokio::select! {
-            begin = self.store.begin(&key, b"", lease) => begin,
-            () = clock.sleep(timeout) => return Claim::Unavailable,
+            begin = self.store.begin(&key, b"", lease, id) => begin,
+            () = clock.sleep(timeout) => Err(BackendError::new(BackendErrorKind::Timeout)),
         };
+        // A claim whose answer was lost may have taken the lock: released once the store
+        // answers, rather than held by nobody for its lease.
+        if let Err(error) = &begin
+            && may_have_applied(error)
+        {
+            let (store, clock) = (self.store.clone(), clock.clone());
+            tokio::spawn(async move {
+                release_lost_begin(&store, &key, b"", lease, id, &clock).await;
+            });
+            return Claim::Unavailable;
+        }
         match begin {
             Ok(Begin::Acquired { token, .. }) => Claim::Held(LockGuard {
                 store: self.store.clone(),

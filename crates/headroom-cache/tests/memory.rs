@@ -1840,6 +1840,88 @@ async fn a_fleet_lock_freed_without_a_value_ends_the_wait() {
     assert!(clock.elapsed() < 2 * SEC, "waited {:?}", clock.elapsed());
 }
 
+/// A lease store whose first `begin` takes the lease but answers only after an hour.
+#[derive(Clone, Debug, Default)]
+struct LateFirstBegin {
+    store: headroom_core::memory::MemoryLeaseStore,
+    begins: Arc<AtomicUsize>,
+}
+
+impl headroom_core::lease::LeaseStore for LateFirstBegin {
+    async fn begin(
+        &self,
+        key: &headroom_core::Key,
+        fingerprint: &[u8],
+        lease: Duration,
+        id: headroom_core::lease::BeginId,
+    ) -> Result<headroom_core::lease::Begin, headroom_core::BackendError> {
+        let begun = self.store.begin(key, fingerprint, lease, id).await;
+        if self.begins.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        begun
+    }
+    async fn complete(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+    async fn extend(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+        lease: Duration,
+    ) -> Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.extend(key, token, lease).await
+    }
+    async fn release(
+        &self,
+        key: &headroom_core::Key,
+        token: headroom_core::lease::FencingToken,
+    ) -> Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release(key, token).await
+    }
+}
+
+/// A fleet lock claim that timed out though the store took the lock does not hold the lock
+/// for its lease: the lease it took is released, and another instance claims it at once.
+#[tokio::test(start_paused = true)]
+async fn a_fleet_lock_claim_that_timed_out_does_not_hold_the_lock() {
+    let (l2, leases) = (MemoryKvStore::new(), LateFirstBegin::default());
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), 60 * SEC)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    // The claim times out; the instance loads without the lock and finds nothing.
+    let found = a
+        .get_or_load(&key("k"), |_| async {
+            Ok::<Option<String>, CacheError>(None)
+        })
+        .await;
+    assert_eq!(found.unwrap(), None);
+    common::idle().await;
+    let started = tokio::time::Instant::now();
+    let found = b
+        .get_or_load(&key("k"), |_| async {
+            Ok::<_, CacheError>(Some("b".to_owned()))
+        })
+        .await;
+    assert_eq!(found.unwrap().as_deref(), Some("b"));
+    assert!(
+        started.elapsed() < SEC,
+        "waited {:?} for a lock nobody held",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_batch_refresh_that_finds_nothing_removes_the_old_value() {
     let clock = ManualClock::new();

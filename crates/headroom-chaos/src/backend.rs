@@ -42,7 +42,7 @@ use headroom_core::jobs::{
     JobStore, NewJob, PartitionStats,
 };
 use headroom_core::kv::{KvEntry, KvStore, VersionAt};
-use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::lease::{Begin, BeginId, Fenced, FencingToken, LeaseStore};
 use headroom_core::migration::{MigrationRecord, MigrationStore, Transition};
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, Key};
@@ -401,9 +401,10 @@ impl<S: LeaseStore> LeaseStore for ChaosLeaseStore<S> {
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: BeginId,
     ) -> impl Future<Output = Result<Begin, BackendError>> + Send {
         self.point
-            .call([key], move || self.inner.begin(key, fingerprint, lease))
+            .call([key], move || self.inner.begin(key, fingerprint, lease, id))
     }
 
     fn complete(

@@ -19,7 +19,7 @@ use headroom_chaos::{
 };
 use headroom_core::bus::{BusEvent, InvalidationBus, Subscription};
 use headroom_core::kv::{KvEntry, KvStore, VersionAt};
-use headroom_core::lease::{Begin, FencingToken, LeaseStore};
+use headroom_core::lease::{Begin, BeginId, FencingToken, LeaseStore};
 use headroom_core::memory::{
     MemoryBus, MemoryKvStore, MemoryLeaseStore, MemoryMigrationStore, MemoryRateStore,
 };
@@ -140,7 +140,9 @@ impl Stores {
             (
                 "leases.begin",
                 Box::pin(async move {
-                    let begun = leases.begin(&key("op"), b"fingerprint", MINUTE).await?;
+                    let begun = leases
+                        .begin(&key("op"), b"fingerprint", MINUTE, BeginId::random())
+                        .await?;
                     let fresh = matches!(
                         begun,
                         Begin::Acquired {
@@ -220,7 +222,7 @@ impl Stores {
             (
                 "leases.begin",
                 self.chaos_leases
-                    .begin(&key("op"), b"fingerprint", MINUTE)
+                    .begin(&key("op"), b"fingerprint", MINUTE, BeginId::random())
                     .await
                     .map(drop),
             ),
@@ -387,13 +389,20 @@ async fn bus_script(bus: &impl InvalidationBus) -> Vec<String> {
 
 async fn lease_script(store: &impl LeaseStore) -> Vec<String> {
     let (a, b) = (key("op-a"), key("op-b"));
-    let token = match store.begin(&a, b"first", MINUTE).await.unwrap() {
+    let token = match store
+        .begin(&a, b"first", MINUTE, BeginId::random())
+        .await
+        .unwrap()
+    {
         Begin::Acquired { token, .. } => token,
         other => panic!("{other:?}"),
     };
     vec![
         format!("{token:?}"),
-        format!("{:?}", store.begin(&a, b"second", MINUTE).await),
+        format!(
+            "{:?}",
+            store.begin(&a, b"second", MINUTE, BeginId::random()).await
+        ),
         format!("{:?}", store.extend(&a, token, HOUR).await),
         format!(
             "{:?}",
@@ -401,14 +410,20 @@ async fn lease_script(store: &impl LeaseStore) -> Vec<String> {
                 .complete(&a, token, Bytes::from_static(b"done"), HOUR)
                 .await
         ),
-        format!("{:?}", store.begin(&a, b"first", MINUTE).await),
+        format!(
+            "{:?}",
+            store.begin(&a, b"first", MINUTE, BeginId::random()).await
+        ),
         format!(
             "{:?}",
             store
                 .complete(&a, FencingToken(token.0 + 9), Bytes::new(), HOUR)
                 .await
         ),
-        format!("{:?}", store.begin(&b, b"other", MINUTE).await),
+        format!(
+            "{:?}",
+            store.begin(&b, b"other", MINUTE, BeginId::random()).await
+        ),
         format!("{:?}", store.release(&b, token).await),
         format!("{:?}", store.begin_completes_at_once()),
     ]
@@ -591,7 +606,7 @@ async fn a_fault_fails_every_call_with_its_kind_without_reaching_the_store() {
         matches!(
             stores
                 .leases
-                .begin(&key("op"), b"fingerprint", MINUTE)
+                .begin(&key("op"), b"fingerprint", MINUTE, BeginId::random())
                 .await,
             Ok(Begin::Acquired {
                 took_over: false,

@@ -16,6 +16,25 @@ use crate::{BackendError, Key};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
+/// Names one [`LeaseStore::begin`] call, drawn at random for each: asked again with the same
+/// id, a store answers the token that call took, so a caller whose answer was lost (a
+/// timeout, a dropped connection) can learn it and release the key rather than leave it held
+/// by nobody for a whole lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BeginId(pub u64);
+
+impl BeginId {
+    /// A new id, unpredictable and, for practical purposes, unique.
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        use std::sync::LazyLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(KEYS.hash_one(NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
 /// The answer to [`LeaseStore::begin`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -64,6 +83,9 @@ pub enum Fenced {
 ///   with `fingerprint` and a lease of `lease`, and returns a token greater than every token
 ///   issued for that key before (the store keeps the last token at least as long as the
 ///   longest lease it issued, even after `release`).
+/// - `begin` with the `id` (and fingerprint) of the begin that created a live in-progress
+///   record answers [`Begin::Acquired`] with that record's token again, not taken over, and
+///   renews its lease to `lease` from now: a begin whose answer was lost can be asked again.
 /// - `complete` stores `outcome` with a retention of `retention` only if `token` is the current
 ///   one and the record is in progress; a stale token is [`Fenced::Rejected`] and changes nothing.
 /// - `extend` moves the lease deadline to `now + lease` for the current token only.
@@ -76,12 +98,14 @@ pub enum Fenced {
 ///   [`BackendErrorKind::Unavailable`](crate::BackendErrorKind::Unavailable) when its scope holds
 ///   its share, but never refuses `complete`.
 pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
-    /// Begins the operation for `key`, or reports who holds it or what it returned.
+    /// Begins the operation for `key`, or reports who holds it or what it returned; `id` names
+    /// this call (see [`BeginId`]).
     fn begin(
         &self,
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: BeginId,
     ) -> impl Future<Output = Result<Begin, BackendError>> + Send;
 
     /// Stores the outcome for the holder of `token`. Repeated by the holder that completed
@@ -117,6 +141,50 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// Releases what a `begin` named `id` may have taken though its caller never learned it (a
+/// timeout, a lost connection, a caller gone): asks `begin` again with the same id, and
+/// releases the lease it answers. Asks again, pausing longer each time, while the store fails
+/// and for at most `lease`, after which such a lease has run out anyway. A store that answers
+/// another holder's lease or an outcome ends it: the first `begin` took nothing that is left.
+pub async fn release_lost_begin<S: LeaseStore>(
+    store: &S,
+    key: &Key,
+    fingerprint: &[u8],
+    lease: Duration,
+    id: BeginId,
+    clock: &crate::Clock,
+) {
+    let until = clock.now() + lease;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match store.begin(key, fingerprint, lease, id).await {
+            Ok(Begin::Acquired { token, .. }) => {
+                // Unanswered, the lease runs out by itself.
+                let _ = store.release(key, token).await;
+                return;
+            }
+            Ok(_) => return,
+            Err(_) => {
+                let left = until.saturating_duration_since(clock.now());
+                if left.is_zero() {
+                    return;
+                }
+                clock.sleep(pause.min(left)).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Whether a call that failed with `error` may still have been applied by the store: its
+/// answer, not necessarily the call, was lost.
+pub fn may_have_applied(error: &BackendError) -> bool {
+    matches!(
+        error.kind(),
+        crate::BackendErrorKind::Timeout | crate::BackendErrorKind::Connection
+    )
+}
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Object-safe mirror of [`LeaseStore`], implemented for every store.
@@ -126,6 +194,7 @@ trait ErasedLeaseStore: Send + Sync + fmt::Debug + 'static {
         key: &'a Key,
         fingerprint: &'a [u8],
         lease: Duration,
+        id: BeginId,
     ) -> BoxFuture<'a, Result<Begin, BackendError>>;
     fn complete<'a>(
         &'a self,
@@ -154,8 +223,9 @@ impl<S: LeaseStore> ErasedLeaseStore for S {
         key: &'a Key,
         fingerprint: &'a [u8],
         lease: Duration,
+        id: BeginId,
     ) -> BoxFuture<'a, Result<Begin, BackendError>> {
-        Box::pin(LeaseStore::begin(self, key, fingerprint, lease))
+        Box::pin(LeaseStore::begin(self, key, fingerprint, lease, id))
     }
     fn complete<'a>(
         &'a self,
@@ -205,8 +275,9 @@ impl LeaseStore for DynLeaseStore {
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: BeginId,
     ) -> Result<Begin, BackendError> {
-        self.0.begin(key, fingerprint, lease).await
+        self.0.begin(key, fingerprint, lease, id).await
     }
     async fn complete(
         &self,

@@ -3,7 +3,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::lease::{
+    Begin, BeginId, Fenced, FencingToken, LeaseStore, may_have_applied, release_lost_begin,
+};
 use headroom_core::metrics::Counter;
 use headroom_core::{BackendError, Clock, Key, Namespace};
 use serde::Serialize;
@@ -475,9 +477,10 @@ impl<S: LeaseStore> Idempotency<S> {
         loop {
             let asked_at = inner.clock.now();
             let begin = if inner.store.begin_completes_at_once() {
+                let id = BeginId::random();
                 inner
                     .store
-                    .begin(&record, &fingerprint, inner.config.lease)
+                    .begin(&record, &fingerprint, inner.config.lease, id)
                     .await
             } else {
                 self.begin_handed_over_on_drop(&record, fingerprint).await
@@ -561,7 +564,8 @@ impl<S: LeaseStore> Idempotency<S> {
 
     /// `begin` on a store that answers over the wire: if this call is dropped while the answer
     /// is on its way, a task takes the answer over and releases a lease it took, so the key is
-    /// not held for a whole lease by nobody.
+    /// not held for a whole lease by nobody. An answer lost on the way (a timeout, a dropped
+    /// connection) is asked for again by a task, which releases the lease it names.
     async fn begin_handed_over_on_drop(
         &self,
         record: &Key,
@@ -570,10 +574,24 @@ impl<S: LeaseStore> Idempotency<S> {
         let inner = Arc::clone(&self.inner);
         let record = record.clone();
         let begin: PendingBegin<S> = Box::pin(async move {
-            let begin = inner
-                .store
-                .begin(&record, &fingerprint, inner.config.lease)
-                .await;
+            let (id, lease) = (BeginId::random(), inner.config.lease);
+            let begin = inner.store.begin(&record, &fingerprint, lease, id).await;
+            if let Err(error) = &begin
+                && may_have_applied(error)
+            {
+                let (inner, record) = (Arc::clone(&inner), record.clone());
+                tokio::spawn(async move {
+                    release_lost_begin(
+                        &inner.store,
+                        &record,
+                        &fingerprint,
+                        lease,
+                        id,
+                        &inner.clock,
+                    )
+                    .await;
+                });
+            }
             (Idempotency { inner }, record, begin)
         });
         let mut handover = HandOver(Some(begin));
@@ -931,7 +949,12 @@ mod tests {
             let key = IdempotencyKey::new(&format!("k{i}")).unwrap();
             let record = scope.record_key(&idem.inner.namespace, &key);
             let Ok(Begin::Acquired { token, .. }) = store
-                .begin(&record, &fingerprint, Duration::from_secs(5))
+                .begin(
+                    &record,
+                    &fingerprint,
+                    Duration::from_secs(5),
+                    BeginId::random(),
+                )
                 .await
             else {
                 panic!("a fresh key is acquired");

@@ -492,8 +492,9 @@ impl headroom_core::lease::LeaseStore for SlowExtend {
         key: &headroom_core::Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: headroom_core::lease::BeginId,
     ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
-        self.store.begin(key, fingerprint, lease).await
+        self.store.begin(key, fingerprint, lease, id).await
     }
     async fn complete(
         &self,
@@ -603,8 +604,9 @@ impl headroom_core::lease::LeaseStore for FlakyComplete {
         key: &headroom_core::Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: headroom_core::lease::BeginId,
     ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
-        self.store.begin(key, fingerprint, lease).await
+        self.store.begin(key, fingerprint, lease, id).await
     }
     async fn complete(
         &self,
@@ -899,6 +901,8 @@ async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost(
 struct Faulty {
     store: MemoryLeaseStore,
     failing_begins: &'static [usize],
+    /// Begins the store applies but whose answers are lost (they time out).
+    lost_begins: &'static [usize],
     begins: Arc<AtomicUsize>,
     failing_extends: Arc<AtomicUsize>,
     extends_hang: bool,
@@ -910,6 +914,7 @@ impl headroom_core::lease::LeaseStore for Faulty {
         key: &headroom_core::Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: headroom_core::lease::BeginId,
     ) -> std::result::Result<headroom_core::lease::Begin, headroom_core::BackendError> {
         let call = self.begins.fetch_add(1, Ordering::SeqCst) + 1;
         if self.failing_begins.contains(&call) {
@@ -917,7 +922,13 @@ impl headroom_core::lease::LeaseStore for Faulty {
                 headroom_core::BackendErrorKind::Timeout,
             ));
         }
-        self.store.begin(key, fingerprint, lease).await
+        let begun = self.store.begin(key, fingerprint, lease, id).await;
+        if self.lost_begins.contains(&call) {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Timeout,
+            ));
+        }
+        begun
     }
     async fn complete(
         &self,
@@ -999,6 +1010,47 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     assert!(holder.is_finished(), "the lease ran out at 30 s");
     let lost = holder.await.unwrap().unwrap_err();
     assert!(lost.contains("lease"), "{lost}");
+}
+
+/// A begin the store applied but whose answer was lost (a timeout) does not leave the key held
+/// by nobody for a whole lease: the lease it took is asked for again and released, so the
+/// retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
+    let clock = ManualClock::new();
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        lost_begins: &[1],
+        ..Faulty::default()
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let run = |value: u32| {
+        let runs = runs.clone();
+        move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Result::<u32>::Ok(value)
+        }
+    };
+    let failed = idem.execute(&scope(), &key("k"), b"x", run(0)).await;
+    assert!(
+        matches!(failed, Err(IdempotencyError::Unavailable(_))),
+        "fails closed: {failed:?}"
+    );
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    let retried = idem.execute(&scope(), &key("k"), b"x", run(1)).await;
+    assert_eq!(
+        retried.map(|out| out.value).map_err(|e| e.to_string()),
+        Ok(1)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 /// A lease whose extensions fail for a while is kept once they land again before it runs

@@ -250,6 +250,81 @@ async fn hash_tags_in_client_keys_do_not_choose_the_slot() {
     assert!(slots.len() > 1, "all records in slot {slots:?}");
 }
 
+/// A `begin` that timed out on a stalled connection, then ran once the wire delivered it, does
+/// not leave an ownerless in-progress record for a whole lease: the call fails closed, and a
+/// retry soon runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
+    let server = shared_server();
+    let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
+    let redis = Redis::connect(
+        RedisConfig::standalone(proxy.url()).with_command_timeout(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .namespace(unique_namespace("idem-timeout"))
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let scope = Scope::new("tenant", "charge").unwrap();
+    let key = IdempotencyKey::new("k").unwrap();
+    let runs = AtomicUsize::new(0);
+    // Scripts loaded: the next begin is one EVALSHA.
+    executor
+        .execute(
+            &scope,
+            &IdempotencyKey::new("warm").unwrap(),
+            b"x",
+            || async { Ok::<_, String>(0) },
+        )
+        .await
+        .unwrap();
+
+    // The begin is held on the wire past the command timeout; then the wire delivers it.
+    proxy.stall();
+    let failed = executor
+        .execute(&scope, &key, b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(0)
+        })
+        .await;
+    assert!(
+        matches!(failed, Err(IdempotencyError::Unavailable(_))),
+        "{failed:?}"
+    );
+    // The stall outlasts the call, and the first asks for the lease the begin may have taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+
+    let mut outcome = None;
+    for _ in 0..100 {
+        match executor
+            .execute(&scope, &key, b"x", || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(1)
+            })
+            .await
+        {
+            Ok(out) => {
+                outcome = Some(out.value);
+                break;
+            }
+            Err(IdempotencyError::InProgress { .. } | IdempotencyError::Unavailable(_)) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        outcome,
+        Some(1),
+        "a retry ran within 5 s, not after the 30 s lease"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 /// A call dropped while its `begin` is on the wire (a client that hangs up, a timeout) does not
 /// leave an ownerless in-progress record for a whole lease: a retry soon runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

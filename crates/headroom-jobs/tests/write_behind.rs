@@ -485,6 +485,10 @@ async fn a_corrupt_write_does_not_cut_off_a_slow_writer_call() {
     tokio::time::sleep(Duration::from_secs(40)).await;
     assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
     let report = flusher.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(calls.load(Ordering::Relaxed), 1, "the slow call was not cut off");
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        1,
+        "the slow call was not cut off"
+    );
     assert_eq!((report.writes, report.calls), (1, 1));
 }

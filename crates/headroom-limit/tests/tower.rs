@@ -196,13 +196,12 @@ async fn a_caught_panic_teaches_the_adaptive_limit_nothing() {
         }))
         .build()
         .unwrap();
-    let mut service = BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|poison: bool| {
-        async move {
+    let mut service =
+        BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|poison: bool| async move {
             tokio::task::yield_now().await;
             assert!(!poison, "a poison request");
             Ok::<_, Infallible>(())
-        }
-    }));
+        }));
     for _ in 0..3 {
         let call = service.ready().await.unwrap().call(true);
         let caught = std::panic::AssertUnwindSafe(call).catch_unwind().await;

@@ -2,7 +2,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::lease::{Begin, BeginId, Fenced, FencingToken, LeaseStore};
 use headroom_core::{BackendError, BackendErrorKind, Key};
 use redis::Script;
 
@@ -10,7 +10,7 @@ use crate::Redis;
 
 /// One Redis hash per record (so one cluster slot): `st` (`p` in progress, `c` completed, `r`
 /// released), `fp` fingerprint, `tok` fencing token, `exp` lease deadline (ms, server time),
-/// `out` outcome.
+/// `by` the id of the begin that took the lease, `out` outcome.
 ///
 /// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
 /// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
@@ -22,7 +22,7 @@ local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 local now_us = t[1] * 1000000 + t[2]
 local lease = tonumber(ARGV[2])
-local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out')
+local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by')
 if r[1] == 'c' then
   return {'c', r[2], r[5]}
 end
@@ -30,12 +30,18 @@ local took_over = '0'
 if r[1] == 'p' then
   local remaining = tonumber(r[4]) - now_ms
   if remaining > 0 then
+    if r[6] == ARGV[3] and r[2] == ARGV[1] then
+      -- Asked again by the begin that took it: its token, its lease renewed.
+      redis.call('HSET', KEYS[1], 'exp', now_ms + lease)
+      redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
+      return {'a', r[3], '0'}
+    end
     return {'p', r[2], tostring(remaining)}
   end
   took_over = '1'
 end
 local tok = string.format('%.0f', math.max((tonumber(r[3]) or 0) + 1, now_us))
-redis.call('HSET', KEYS[1], 'st', 'p', 'fp', ARGV[1], 'tok', tok, 'exp', now_ms + lease)
+redis.call('HSET', KEYS[1], 'st', 'p', 'fp', ARGV[1], 'tok', tok, 'exp', now_ms + lease, 'by', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
 return {'a', tok, took_over}
 ",
@@ -60,7 +66,7 @@ if r[1] ~= 'p' then
 end
 if op == 'complete' then
   redis.call('HSET', KEYS[1], 'st', 'c', 'out', ARGV[3])
-  redis.call('HDEL', KEYS[1], 'exp')
+  redis.call('HDEL', KEYS[1], 'exp', 'by')
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 elseif op == 'extend' then
   local t = redis.call('TIME')
@@ -71,7 +77,7 @@ else
   -- Released: the key is free again, but the token stays until the record expires (at least
   -- one lease from its last begin or extend), so the next token is greater.
   redis.call('HSET', KEYS[1], 'st', 'r')
-  redis.call('HDEL', KEYS[1], 'fp', 'exp')
+  redis.call('HDEL', KEYS[1], 'fp', 'exp', 'by')
 end
 return 1
 ",
@@ -138,11 +144,18 @@ impl LeaseStore for RedisLeaseStore {
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: BeginId,
     ) -> Result<Begin, BackendError> {
         let lease = millis(lease)?;
         let reply: Vec<Vec<u8>> = self
             .redis
-            .invoke(BEGIN.key(key.as_bytes()).arg(fingerprint).arg(lease))
+            .invoke(
+                BEGIN
+                    .key(key.as_bytes())
+                    .arg(fingerprint)
+                    .arg(lease)
+                    .arg(id.0),
+            )
             .await?;
         let [state, a, b] = <[Vec<u8>; 3]>::try_from(reply)
             .map_err(|reply| protocol(format!("begin answered {} fields", reply.len())))?;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use headroom_core::lease::{Begin, Fenced, LeaseStore};
+use headroom_core::lease::{Begin, BeginId, Fenced, LeaseStore};
 use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
 use headroom_testkit::{shared_server, unique_namespace};
 
@@ -18,7 +18,11 @@ async fn a_release_keeps_the_last_token_and_frees_the_key() {
     );
     let key = unique_namespace("lease").key("k").unwrap();
     let lease = Duration::from_secs(30);
-    let Begin::Acquired { token, .. } = store.begin(&key, b"fp", lease).await.unwrap() else {
+    let Begin::Acquired { token, .. } = store
+        .begin(&key, b"fp", lease, BeginId::random())
+        .await
+        .unwrap()
+    else {
         panic!("a fresh key is acquired");
     };
     assert_eq!(store.release(&key, token).await.unwrap(), Fenced::Applied);
@@ -34,7 +38,10 @@ async fn a_release_keeps_the_last_token_and_frees_the_key() {
     let Begin::Acquired {
         token: next,
         took_over,
-    } = store.begin(&key, b"fp2", lease).await.unwrap()
+    } = store
+        .begin(&key, b"fp2", lease, BeginId::random())
+        .await
+        .unwrap()
     else {
         panic!("a released key is acquired again");
     };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use crate::lease::{Begin, BeginId, Fenced, FencingToken, LeaseStore};
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
 /// What a record costs beyond its key, fingerprint and outcome bytes: map entry, expiry entry
@@ -134,6 +134,8 @@ enum Record {
     InProgress {
         fingerprint: Bytes,
         token: FencingToken,
+        /// The begin that took the lease, which may ask again.
+        begun_by: BeginId,
         lease_until: Instant,
         /// When the record is dropped: the lease again past its end, at least a second, as on
         /// Redis, so that a holder that stalled past its lease while nobody took over can
@@ -341,7 +343,7 @@ impl MemoryLeaseStore {
         &self,
         key: &Key,
         token: FencingToken,
-        change: impl FnOnce(&mut State, Instant, Bytes),
+        change: impl FnOnce(&mut State, Instant, Bytes, BeginId),
     ) -> Fenced {
         let now = self.inner.clock.now();
         let mut state = self.inner.state.lock();
@@ -350,11 +352,12 @@ impl MemoryLeaseStore {
             Some(Record::InProgress {
                 token: current,
                 fingerprint,
+                begun_by,
                 kept_until,
                 ..
             }) if *current == token && *kept_until > now => {
-                let fingerprint = fingerprint.clone();
-                change(&mut state, now, fingerprint);
+                let (fingerprint, begun_by) = (fingerprint.clone(), *begun_by);
+                change(&mut state, now, fingerprint, begun_by);
                 Fenced::Applied
             }
             _ => Fenced::Rejected,
@@ -374,6 +377,7 @@ impl LeaseStore for MemoryLeaseStore {
         key: &Key,
         fingerprint: &[u8],
         lease: Duration,
+        id: BeginId,
     ) -> Result<Begin, BackendError> {
         let now = self.inner.clock.now();
         let lease = crate::lasting(lease)?;
@@ -389,6 +393,28 @@ impl LeaseStore for MemoryLeaseStore {
                 return Ok(Begin::Completed {
                     fingerprint: fingerprint.clone(),
                     outcome: outcome.clone(),
+                });
+            }
+            Some(Record::InProgress {
+                fingerprint: held,
+                token,
+                begun_by,
+                lease_until: until,
+                ..
+            }) if *until > now && *begun_by == id && held.as_ref() == fingerprint => {
+                // Asked again by the begin that took it: its token, its lease renewed.
+                let renewed = Record::InProgress {
+                    fingerprint: held.clone(),
+                    token: *token,
+                    begun_by: id,
+                    lease_until,
+                    kept_until: kept_until(lease_until, lease),
+                };
+                let token = *token;
+                state.put(key, renewed);
+                return Ok(Begin::Acquired {
+                    token,
+                    took_over: false,
                 });
             }
             Some(Record::InProgress {
@@ -431,6 +457,7 @@ impl LeaseStore for MemoryLeaseStore {
             Record::InProgress {
                 fingerprint: Bytes::copy_from_slice(fingerprint),
                 token,
+                begun_by: id,
                 lease_until,
                 kept_until: kept_until(lease_until, lease),
             },
@@ -453,7 +480,7 @@ impl LeaseStore for MemoryLeaseStore {
             // Repeated by its holder (the first answer lost): it stands.
             return Ok(Fenced::Applied);
         }
-        Ok(self.with_holder(key, token, |state, now, fingerprint| {
+        Ok(self.with_holder(key, token, |state, now, fingerprint, _| {
             let completed = Record::Completed {
                 fingerprint,
                 token,
@@ -471,20 +498,23 @@ impl LeaseStore for MemoryLeaseStore {
         lease: Duration,
     ) -> Result<Fenced, BackendError> {
         let lease = crate::lasting(lease)?;
-        Ok(self.with_holder(key, token, |state, now, fingerprint| {
-            let lease_until = super::after(now, lease);
-            let extended = Record::InProgress {
-                fingerprint,
-                token,
-                lease_until,
-                kept_until: kept_until(lease_until, lease),
-            };
-            state.put(key, extended);
-        }))
+        Ok(
+            self.with_holder(key, token, |state, now, fingerprint, begun_by| {
+                let lease_until = super::after(now, lease);
+                let extended = Record::InProgress {
+                    fingerprint,
+                    token,
+                    begun_by,
+                    lease_until,
+                    kept_until: kept_until(lease_until, lease),
+                };
+                state.put(key, extended);
+            }),
+        )
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
-        Ok(self.with_holder(key, token, |state, _, _| state.remove(key)))
+        Ok(self.with_holder(key, token, |state, _, _, _| state.remove(key)))
     }
 
     fn begin_completes_at_once(&self) -> bool {
@@ -511,7 +541,7 @@ mod tests {
         key: &Key,
         lease: Duration,
     ) -> Result<FencingToken, BackendError> {
-        match store.begin(key, b"fp", lease).await? {
+        match store.begin(key, b"fp", lease, BeginId::random()).await? {
             Begin::Acquired { token, .. } => Ok(token),
             other => panic!("{other:?}"),
         }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use headroom_core::lease::{Begin, Fenced, FencingToken, LeaseStore};
+use headroom_core::lease::{Begin, BeginId, Fenced, FencingToken, LeaseStore};
 use headroom_core::{BackendErrorKind, Key, MAX_DURATION, Namespace};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -19,7 +19,11 @@ async fn acquire<S: LeaseStore>(
     fingerprint: &[u8],
     lease: Duration,
 ) -> (FencingToken, bool) {
-    match store.begin(key, fingerprint, lease).await.expect("begin") {
+    match store
+        .begin(key, fingerprint, lease, BeginId::random())
+        .await
+        .expect("begin")
+    {
         Begin::Acquired { token, took_over } => (token, took_over),
         other => panic!("expected the lease, got {other:?}"),
     }
@@ -34,8 +38,10 @@ async fn acquire_after_expiry<S: LeaseStore>(
 ) -> (FencingToken, bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Begin::Acquired { token, took_over } =
-            store.begin(key, fingerprint, LONG).await.expect("begin")
+        if let Begin::Acquired { token, took_over } = store
+            .begin(key, fingerprint, LONG, BeginId::random())
+            .await
+            .expect("begin")
         {
             return (token, took_over);
         }
@@ -47,6 +53,54 @@ async fn acquire_after_expiry<S: LeaseStore>(
     }
 }
 
+/// A `begin` asked again by its id (its first answer lost) answers the token it took, with
+/// its lease renewed; any other begin, of the same fingerprint too, sees the lease in progress,
+/// and once released the id takes nothing back.
+pub async fn a_begin_asked_again_by_its_id_answers_its_token<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let id = BeginId::random();
+    let Begin::Acquired { token, .. } = store.begin(&k, b"fp", SHORT, id).await.expect("begin")
+    else {
+        panic!("a fresh key is acquired");
+    };
+    match store.begin(&k, b"fp", LONG, id).await.expect("begin") {
+        Begin::Acquired {
+            token: again,
+            took_over,
+        } => assert_eq!((again, took_over), (token, false)),
+        other => panic!("expected the same lease, got {other:?}"),
+    }
+    // Renewed to LONG: still held well past the first lease of 20 ms.
+    tokio::time::sleep(SHORT * 3).await;
+    for other in [BeginId::random(), BeginId::random()] {
+        assert!(
+            matches!(
+                store.begin(&k, b"fp", LONG, other).await.expect("begin"),
+                Begin::InProgress { .. }
+            ),
+            "another begin sees the lease"
+        );
+    }
+    assert_eq!(
+        store.extend(&k, token, LONG).await.expect("extend"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        store.release(&k, token).await.expect("release"),
+        Fenced::Applied
+    );
+    match store.begin(&k, b"fp", LONG, id).await.expect("begin") {
+        Begin::Acquired {
+            token: next,
+            took_over,
+        } => assert!(next > token && !took_over, "{next:?} after {token:?}"),
+        other => panic!("expected a new lease, got {other:?}"),
+    }
+}
+
 /// The first `begin` acquires; a second one sees the live lease and its fingerprint.
 pub async fn first_begin_acquires_and_the_next_sees_it_in_progress<S: LeaseStore>(
     store: &S,
@@ -55,7 +109,11 @@ pub async fn first_begin_acquires_and_the_next_sees_it_in_progress<S: LeaseStore
     let k = key(&ns);
     let (_, took_over) = acquire(store, &k, b"fp-1", LONG).await;
     assert!(!took_over);
-    match store.begin(&k, b"fp-2", LONG).await.expect("begin") {
+    match store
+        .begin(&k, b"fp-2", LONG, BeginId::random())
+        .await
+        .expect("begin")
+    {
         Begin::InProgress {
             fingerprint,
             lease_remaining,
@@ -84,7 +142,10 @@ pub async fn completed_outcome_is_replayed<S: LeaseStore>(store: &S, ns: Namespa
     );
     for _ in 0..2 {
         assert_eq!(
-            store.begin(&k, b"other", LONG).await.expect("begin"),
+            store
+                .begin(&k, b"other", LONG, BeginId::random())
+                .await
+                .expect("begin"),
             Begin::Completed {
                 fingerprint: Bytes::from_static(b"fp"),
                 outcome: outcome.clone()
@@ -121,7 +182,10 @@ pub async fn a_completion_repeated_by_its_holder_is_applied<S: LeaseStore>(
         Fenced::Rejected
     );
     assert_eq!(
-        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        store
+            .begin(&k, b"fp", LONG, BeginId::random())
+            .await
+            .expect("begin"),
         Begin::Completed {
             fingerprint: Bytes::from_static(b"fp"),
             outcome
@@ -150,7 +214,10 @@ pub async fn foreign_tokens_are_rejected<S: LeaseStore>(store: &S, ns: Namespace
         Fenced::Rejected
     );
     assert!(matches!(
-        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        store
+            .begin(&k, b"fp", LONG, BeginId::random())
+            .await
+            .expect("begin"),
         Begin::InProgress { .. }
     ));
     let missing = ns.key("missing").expect("key");
@@ -215,7 +282,10 @@ pub async fn expired_lease_is_taken_over_and_the_old_holder_fenced<S: LeaseStore
         Fenced::Applied
     );
     assert_eq!(
-        store.begin(&k, b"fp", LONG).await.expect("begin"),
+        store
+            .begin(&k, b"fp", LONG, BeginId::random())
+            .await
+            .expect("begin"),
         Begin::Completed {
             fingerprint: Bytes::from_static(b"fp"),
             outcome: Bytes::from_static(b"new")
@@ -264,7 +334,11 @@ pub async fn holder_extends_its_lease<S: LeaseStore>(store: &S, ns: Namespace) {
         store.extend(&k, token, LONG).await.expect("extend"),
         Fenced::Applied
     );
-    match store.begin(&k, b"fp", LONG).await.expect("begin") {
+    match store
+        .begin(&k, b"fp", LONG, BeginId::random())
+        .await
+        .expect("begin")
+    {
         Begin::InProgress {
             lease_remaining, ..
         } => assert!(lease_remaining > LONG / 2),
@@ -305,7 +379,7 @@ pub async fn completed_record_expires_after_retention<S: LeaseStore>(store: &S, 
 /// Of many concurrent `begin`s on one key, exactly one acquires the lease.
 pub async fn concurrent_begins_acquire_exactly_once<S: LeaseStore>(store: &S, ns: Namespace) {
     let k = key(&ns);
-    let attempts = (0..64).map(|_| store.begin(&k, b"fp", LONG));
+    let attempts = (0..64).map(|_| store.begin(&k, b"fp", LONG, BeginId::random()));
     let answers = futures_util::future::join_all(attempts).await;
     let acquired = answers
         .iter()
@@ -351,7 +425,10 @@ pub async fn durations_outside_what_the_store_keeps_are_refused<S: LeaseStore>(
         .into_iter()
         .chain(too_long)
     {
-        let err = store.begin(&key, b"fp", lease).await.expect_err("refused");
+        let err = store
+            .begin(&key, b"fp", lease, BeginId::random())
+            .await
+            .expect_err("refused");
         assert_eq!(err.kind(), BackendErrorKind::Config, "{lease:?}");
     }
     let (token, _) = acquire(store, &key, b"fp", MAX_DURATION).await;
