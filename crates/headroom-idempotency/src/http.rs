@@ -387,7 +387,7 @@ where
                     "no principal to scope the idempotency key to",
                 ));
             };
-            let scope = match Scope::new(tenant, format!("{} {}", parts.method, parts.uri.path())) {
+            let scope = match Scope::new(tenant, operation(&parts.method, parts.uri.path())) {
                 Ok(scope) => scope,
                 Err(err) => return Ok(plain(StatusCode::BAD_REQUEST, &err.to_string())),
             };
@@ -592,4 +592,21 @@ fn with_retry_after<B>(mut response: Response<B>, after: Duration) -> Response<B
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
     response
+}
+
+/// The operation a request's records are scoped by: its method and path, or, for a path too
+/// long for a [`Scope`], the method, the path's beginning and the XXH3-128 hash of the whole
+/// path. A crafted collision could only replay the crafter's own outcome: the tenant and key
+/// are part of the scope too.
+fn operation(method: &Method, path: &str) -> String {
+    let whole = format!("{method} {path}");
+    if whole.len() <= Scope::MAX_LEN {
+        return whole;
+    }
+    let hash = format!(" #{:032x}", xxhash_rust::xxh3::xxh3_128(path.as_bytes()));
+    let mut end = Scope::MAX_LEN - hash.len();
+    while !whole.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{hash}", &whole[..end])
 }

@@ -637,3 +637,31 @@ fn a_runtime_shut_down_under_a_keyed_request_answers_503() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
 }
+
+/// A path too long to name the operation as it is (over 250 bytes) is still protected: the
+/// handler runs once and a retry replays, and another long path sharing its beginning is an
+/// operation of its own.
+#[tokio::test]
+async fn a_long_path_is_protected_as_its_own_operation() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = memory_layer().layer(payments(Arc::clone(&calls)));
+    let to = |last: char| {
+        let path = format!("/files/{}{last}", "a".repeat(300));
+        Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("x-tenant", "acme")
+            .header("idempotency-key", "\"k-1\"")
+            .body(Body::from("x"))
+            .unwrap()
+    };
+    let (status, headers, body) = send(&mut service, to('b')).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, body) = send(&mut service, to('b')).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, body) = send(&mut service, to('c')).await;
+    assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 1"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
