@@ -693,6 +693,10 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
     }
 }
 
+/// Extensions of one pass in flight at once: a pass holds up to ten batches, which one after
+/// the other could take longer than their visibility.
+const EXTENSIONS_IN_FLIGHT: usize = 64;
+
 /// Extends every delivery of the batch every `every`; returns when one was taken over.
 async fn extend_all<S: JobStore>(
     store: &S,
@@ -700,12 +704,21 @@ async fn extend_all<S: JobStore>(
     deliveries: &[Delivery],
     every: Duration,
 ) {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
     loop {
         tokio::time::sleep(every).await;
+        let mut extensions = FuturesUnordered::new();
         for delivery in deliveries {
-            if let Ok(headroom_core::lease::Fenced::Rejected) =
-                store.extend(key, delivery.number, delivery.attempt).await
+            if extensions.len() == EXTENSIONS_IN_FLIGHT
+                && let Some(Ok(headroom_core::lease::Fenced::Rejected)) = extensions.next().await
             {
+                return;
+            }
+            extensions.push(store.extend(key, delivery.number, delivery.attempt));
+        }
+        while let Some(extended) = extensions.next().await {
+            if let Ok(headroom_core::lease::Fenced::Rejected) = extended {
                 return;
             }
         }

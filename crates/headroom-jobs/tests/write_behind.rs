@@ -36,7 +36,7 @@ impl Database {
     }
 
     /// Starts a flusher writing to this database.
-    fn flusher(self, writes: &WriteBehind<MemoryJobStore>) -> Flusher {
+    fn flusher<S: headroom_core::jobs::JobStore>(self, writes: &WriteBehind<S>) -> Flusher {
         writes.start(move |batch: Vec<Write>| {
             let db = self.clone();
             async move {
@@ -491,4 +491,72 @@ async fn a_corrupt_write_does_not_cut_off_a_slow_writer_call() {
         "the slow call was not cut off"
     );
     assert_eq!((report.writes, report.calls), (1, 1));
+}
+
+/// A pass holding many writes keeps every one of them held while a slow writer works, even
+/// when each extension takes a while: the writes are extended together, not one after the
+/// other, so none goes a visibility unextended, is taken over by another flusher, and cuts
+/// the writer's call off.
+#[tokio::test(start_paused = true)]
+async fn a_large_pass_stays_held_while_a_slow_writer_works() {
+    use headroom_chaos::{ChaosJobStore, Delay, Experiment, ExperimentConfig};
+    use headroom_jobs::WriteBehindConfig;
+
+    let experiment = Experiment::builder("slow_store").seed(7).build().unwrap();
+    let store = ChaosJobStore::new(MemoryJobStore::new(), experiment.clone());
+    let config = {
+        let mut config = WriteBehindConfig::default();
+        config.batch = 100;
+        config.visibility = Duration::from_secs(3);
+        config.flush_interval = Duration::from_millis(100);
+        config
+    };
+    let instance = || {
+        WriteBehind::builder("held", store.clone())
+            .config(config.clone())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    for i in 0..1_000 {
+        a.put(format!("k{i}"), "v").await.unwrap();
+    }
+    // From now on every store call takes 10 ms: a thousand extensions in a row, 10 s.
+    experiment
+        .start(
+            ExperimentConfig::new(Duration::from_secs(3600))
+                .latency(1.0, Delay::Fixed(Duration::from_millis(10))),
+        )
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    // The first call (the first chunk of A's pass) takes 20 s.
+    let slow = a.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            if db.calls.load(Ordering::Relaxed) == 0 {
+                db.calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                db.calls.fetch_sub(1, Ordering::Relaxed);
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Another instance's flusher, looking for writes whose holder went quiet.
+    let other = database.clone().flusher(&b);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let held = slow.shutdown(Duration::from_secs(5)).await;
+    let other = other.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        (held.writes, other.writes),
+        (1_000, 0),
+        "the pass was written by its holder, none of it taken over"
+    );
+    assert_eq!(
+        database.writes.load(Ordering::Relaxed),
+        1_000,
+        "each key written once"
+    );
 }
