@@ -417,6 +417,32 @@ impl Drop for Probe<'_> {
     }
 }
 
+/// A store call in progress. Its caller may give up first (a timeout above the limiter, a
+/// client gone): a call abandoned after waiting a quarter of the limiter's timeout or more
+/// counts as a store failure, so that callers with shorter deadlines than the limiter's
+/// still switch it to its fallback while the store hangs.
+struct Waiting<'a, S: RateStore> {
+    limiter: &'a Inner<S>,
+    since: u64,
+    answered: bool,
+}
+
+impl<S: RateStore> Drop for Waiting<'_, S> {
+    fn drop(&mut self) {
+        let limiter = self.limiter;
+        if self.answered || limiter.now().saturating_sub(self.since) < nanos(limiter.timeout) / 4
+        {
+            return;
+        }
+        limiter.metrics.error.increment(1);
+        let abandoned = BackendError::with_detail(
+            BackendErrorKind::Timeout,
+            "rate store call abandoned by its caller while the store had not answered",
+        );
+        limiter.record_health(&Err(abandoned), None);
+    }
+}
+
 impl<S: RateStore> Inner<S> {
     fn now(&self) -> u64 {
         self.time.elapsed_nanos()
@@ -467,6 +493,11 @@ impl<S: RateStore> Inner<S> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
         let call = pin!(self.store.apply_all(cells, cost));
         let deadline = pin!(self.time.clock().sleep(self.timeout));
+        let mut waiting = Waiting {
+            limiter: self,
+            since: self.now(),
+            answered: false,
+        };
         let result = match select(call, deadline).await {
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => Err(BackendError::with_detail(
@@ -474,6 +505,7 @@ impl<S: RateStore> Inner<S> {
                 "rate store call timed out",
             )),
         };
+        waiting.answered = true;
         match &result {
             Ok(_) => self.metrics.ok.increment(1),
             Err(_) => self.metrics.error.increment(1),
