@@ -6,7 +6,7 @@ use std::time::Duration;
 use headroom_core::lease::{
     Begin, BeginId, DynLeaseStore, FencingToken, LeaseStore, may_have_applied, release_lost_begin,
 };
-use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
+use headroom_core::{Clock, Key, Namespace};
 
 use crate::ConfigError;
 
@@ -62,22 +62,23 @@ impl FleetLock {
         let Ok(key) = self.namespace.key(key) else {
             return Claim::Unavailable;
         };
-        let id = BeginId::random();
-        let begin = tokio::select! {
-            begin = self.store.begin(&key, b"", lease, id) => begin,
-            () = clock.sleep(timeout) => Err(BackendError::new(BackendErrorKind::Timeout)),
+        // Until the store answers, the claim may have taken the lock without knowing it: a
+        // claim that times out, fails with its answer lost, or is dropped releases what it
+        // may hold, rather than leave the others waiting on nobody for its lease.
+        let mut claiming = Claiming {
+            store: &self.store,
+            key: &key,
+            lease,
+            id: BeginId::random(),
+            clock,
+            answered: false,
         };
-        // A claim whose answer was lost may have taken the lock: released once the store
-        // answers, rather than held by nobody for its lease.
-        if let Err(error) = &begin
-            && may_have_applied(error)
-        {
-            let (store, clock) = (self.store.clone(), clock.clone());
-            tokio::spawn(async move {
-                release_lost_begin(&store, &key, b"", lease, id, &clock).await;
-            });
-            return Claim::Unavailable;
-        }
+        let begin = tokio::select! {
+            begin = self.store.begin(&key, b"", lease, claiming.id) => begin,
+            () = clock.sleep(timeout) => return Claim::Unavailable,
+        };
+        claiming.answered = !matches!(&begin, Err(error) if may_have_applied(error));
+        drop(claiming);
         match begin {
             Ok(Begin::Acquired { token, .. }) => Claim::Held(LockGuard {
                 store: self.store.clone(),
@@ -86,6 +87,33 @@ impl FleetLock {
             }),
             Ok(Begin::InProgress { .. }) => Claim::Taken,
             Ok(_) | Err(_) => Claim::Unavailable,
+        }
+    }
+}
+
+/// A claim on its way to the store; dropped before its answer, it releases the lease that
+/// claim may have taken.
+struct Claiming<'a> {
+    store: &'a DynLeaseStore,
+    key: &'a Key,
+    lease: Duration,
+    id: BeginId,
+    clock: &'a Clock,
+    answered: bool,
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let (store, key, id) = (self.store.clone(), self.key.clone(), self.id);
+            release_lost_begin(
+                move || {
+                    let (store, key) = (store.clone(), key.clone());
+                    async move { store.release_begun(&key, id).await }
+                },
+                self.lease,
+                self.clock,
+            );
         }
     }
 }

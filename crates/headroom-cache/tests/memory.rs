@@ -1885,6 +1885,13 @@ impl headroom_core::lease::LeaseStore for LateFirstBegin {
     ) -> Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
         self.store.release(key, token).await
     }
+    async fn release_begun(
+        &self,
+        key: &headroom_core::Key,
+        id: headroom_core::lease::BeginId,
+    ) -> Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release_begun(key, id).await
+    }
 }
 
 /// A fleet lock claim that timed out though the store took the lock does not hold the lock

@@ -251,7 +251,7 @@ wrapper!(
 );
 wrapper!(
     /// A [`LeaseStore`] (idempotency records) with an experiment's **latency**, **fault** and
-    /// **abort** injected into `begin`, `complete`, `extend` and `release`.
+    /// **abort** injected into `begin`, `complete`, `extend`, `release` and `release_begun`.
     ///
     /// A faulted call never reaches the store: a faulted `begin` takes no lease, a faulted
     /// `complete` stores no outcome. [`begin_completes_at_once`](LeaseStore::begin_completes_at_once)
@@ -436,6 +436,15 @@ impl<S: LeaseStore> LeaseStore for ChaosLeaseStore<S> {
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
         self.point
             .call([key], move || self.inner.release(key, token))
+    }
+
+    fn release_begun(
+        &self,
+        key: &Key,
+        id: BeginId,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send {
+        self.point
+            .call([key], move || self.inner.release_begun(key, id))
     }
 
     fn begin_completes_at_once(&self) -> bool {

@@ -16,22 +16,29 @@ use crate::{BackendError, Key};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
-/// Names one [`LeaseStore::begin`] call, drawn at random for each: asked again with the same
-/// id, a store answers the token that call took, so a caller whose answer was lost (a
-/// timeout, a dropped connection) can learn it and release the key rather than leave it held
-/// by nobody for a whole lease.
+/// Names one [`LeaseStore::begin`] call, drawn at random for each, so that a caller whose
+/// answer was lost (a timeout, a dropped connection) can release the lease that call may have
+/// taken ([`LeaseStore::release_begun`]) rather than leave the key held by nobody for a whole
+/// lease, and a begin sent twice (a client's retry after a dropped connection) is answered its
+/// own token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BeginId(pub u64);
 
 impl BeginId {
-    /// A new id, unpredictable and, for practical purposes, unique.
+    /// A new id, unpredictable and, for practical purposes, unique: a per-thread wyrand
+    /// generator seeded from the standard library's random hasher keys.
     pub fn random() -> Self {
+        use std::cell::Cell;
         use std::hash::{BuildHasher, RandomState};
-        use std::sync::LazyLock;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static KEYS: LazyLock<RandomState> = LazyLock::new(RandomState::new);
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        Self(KEYS.hash_one(NEXT.fetch_add(1, Ordering::Relaxed)))
+        thread_local! {
+            static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0_u8));
+        }
+        STATE.with(|state| {
+            let next = state.get().wrapping_add(0xa076_1d64_78bd_642f);
+            state.set(next);
+            let mixed = u128::from(next) * u128::from(next ^ 0xe703_7ed1_a0b4_28db);
+            Self((mixed as u64) ^ ((mixed >> 64) as u64))
+        })
     }
 }
 
@@ -85,7 +92,9 @@ pub enum Fenced {
 ///   longest lease it issued, even after `release`).
 /// - `begin` with the `id` (and fingerprint) of the begin that created a live in-progress
 ///   record answers [`Begin::Acquired`] with that record's token again, not taken over, and
-///   renews its lease to `lease` from now: a begin whose answer was lost can be asked again.
+///   leaves its lease as it is: a begin sent twice takes one lease.
+/// - `release_begun` removes the in-progress record the begin named `id` created, if it is
+///   still that begin's (not completed, released nor taken over), and never takes a key.
 /// - `complete` stores `outcome` with a retention of `retention` only if `token` is the current
 ///   one and the record is in progress; a stale token is [`Fenced::Rejected`] and changes nothing.
 /// - `extend` moves the lease deadline to `now + lease` for the current token only.
@@ -133,6 +142,15 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         token: FencingToken,
     ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
 
+    /// Releases the lease the begin named `id` took, whose answer (and so whose token) its
+    /// caller never had; [`Fenced::Rejected`] when that begin holds nothing (it never ran, or
+    /// its record was completed, released or taken over since).
+    fn release_begun(
+        &self,
+        key: &Key,
+        id: BeginId,
+    ) -> impl Future<Output = Result<Fenced, BackendError>> + Send;
+
     /// Whether `begin` always completes the first time it is polled (an in-process store).
     /// Otherwise (the default) a caller dropped while `begin` is in flight hands it to a task
     /// that releases the lease it may have taken, which costs an allocation per `begin`.
@@ -141,39 +159,62 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// Releases what a `begin` named `id` may have taken though its caller never learned it (a
-/// timeout, a lost connection, a caller gone): asks `begin` again with the same id, and
-/// releases the lease it answers. Asks again, pausing longer each time, while the store fails
-/// and for at most `lease`, after which such a lease has run out anyway. A store that answers
-/// another holder's lease or an outcome ends it: the first `begin` took nothing that is left.
-pub async fn release_lost_begin<S: LeaseStore>(
-    store: &S,
-    key: &Key,
-    fingerprint: &[u8],
-    lease: Duration,
-    id: BeginId,
-    clock: &crate::Clock,
-) {
-    let until = clock.now() + lease;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match store.begin(key, fingerprint, lease, id).await {
-            Ok(Begin::Acquired { token, .. }) => {
-                // Unanswered, the lease runs out by itself.
-                let _ = store.release(key, token).await;
-                return;
-            }
-            Ok(_) => return,
-            Err(_) => {
-                let left = until.saturating_duration_since(clock.now());
-                if left.is_zero() {
-                    return;
-                }
-                clock.sleep(pause.min(left)).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-        }
+/// Release tasks for lost begins alive at once in this process; past it, such a lease simply
+/// runs out, as it would without a task.
+const MAX_RELEASE_TASKS: usize = 1024;
+
+static RELEASE_TASKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Releases, in a spawned task, the lease a `begin` may have taken though its caller never
+/// learned it (its answer timed out, its connection dropped, its caller went away): calls
+/// `release`, that begin's [`LeaseStore::release_begun`], again while the store fails (each
+/// call bounded by what is left, pausing 50 ms to 1 s with jitter) for at most `lease`, after
+/// which that lease has run out anyway. Nothing is taken: a begin that never ran leaves nothing
+/// to release. Without a runtime, or with 1,024 such tasks alive, the lease runs out instead.
+pub fn release_lost_begin<F, Fut>(release: F, lease: Duration, clock: &crate::Clock)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Fenced, BackendError>> + Send,
+{
+    use std::sync::atomic::Ordering;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if RELEASE_TASKS
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < MAX_RELEASE_TASKS).then_some(n + 1)
+        })
+        .is_err()
+    {
+        return;
     }
+    let clock = clock.clone();
+    runtime.spawn(async move {
+        let until = clock.now() + lease;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let left = until.saturating_duration_since(clock.now());
+            if left.is_zero() {
+                break;
+            }
+            // An answer ends it, and so does the lease running out while the store hangs.
+            let mut ask = std::pin::pin!(release());
+            let mut out = std::pin::pin!(clock.sleep(left));
+            let answered = std::future::poll_fn(|cx| match ask.as_mut().poll(cx) {
+                std::task::Poll::Ready(answer) => std::task::Poll::Ready(answer.is_ok()),
+                std::task::Poll::Pending => out.as_mut().poll(cx).map(|()| true),
+            })
+            .await;
+            if answered {
+                break;
+            }
+            let jitter = (BeginId::random().0 >> 11) as f64 / (1_u64 << 53) as f64;
+            let jittered = pause / 2 + pause.mul_f64(jitter / 2.0);
+            clock.sleep(jittered.min(left)).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+        RELEASE_TASKS.fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Whether a call that failed with `error` may still have been applied by the store: its
@@ -214,6 +255,11 @@ trait ErasedLeaseStore: Send + Sync + fmt::Debug + 'static {
         key: &'a Key,
         token: FencingToken,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
+    fn release_begun<'a>(
+        &'a self,
+        key: &'a Key,
+        id: BeginId,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>>;
     fn begin_completes_at_once(&self) -> bool;
 }
 
@@ -250,6 +296,13 @@ impl<S: LeaseStore> ErasedLeaseStore for S {
         token: FencingToken,
     ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
         Box::pin(LeaseStore::release(self, key, token))
+    }
+    fn release_begun<'a>(
+        &'a self,
+        key: &'a Key,
+        id: BeginId,
+    ) -> BoxFuture<'a, Result<Fenced, BackendError>> {
+        Box::pin(LeaseStore::release_begun(self, key, id))
     }
     fn begin_completes_at_once(&self) -> bool {
         LeaseStore::begin_completes_at_once(self)
@@ -298,6 +351,9 @@ impl LeaseStore for DynLeaseStore {
     }
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
         self.0.release(key, token).await
+    }
+    async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
+        self.0.release_begun(key, id).await
     }
     fn begin_completes_at_once(&self) -> bool {
         self.0.begin_completes_at_once()

@@ -579,18 +579,12 @@ impl<S: LeaseStore> Idempotency<S> {
             if let Err(error) = &begin
                 && may_have_applied(error)
             {
-                let (inner, record) = (Arc::clone(&inner), record.clone());
-                tokio::spawn(async move {
-                    release_lost_begin(
-                        &inner.store,
-                        &record,
-                        &fingerprint,
-                        lease,
-                        id,
-                        &inner.clock,
-                    )
-                    .await;
-                });
+                let (store, record) = (Arc::clone(&inner), record.clone());
+                let release = move || {
+                    let (store, record) = (Arc::clone(&store), record.clone());
+                    async move { store.store.release_begun(&record, id).await }
+                };
+                release_lost_begin(release, lease, &inner.clock);
             }
             (Idempotency { inner }, record, begin)
         });

@@ -522,6 +522,13 @@ impl headroom_core::lease::LeaseStore for SlowExtend {
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
         self.store.release(key, token).await
     }
+    async fn release_begun(
+        &self,
+        key: &headroom_core::Key,
+        id: headroom_core::lease::BeginId,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release_begun(key, id).await
+    }
 }
 
 /// An extension waiting on a slow store does not stop the operation from running and finishing.
@@ -645,6 +652,13 @@ impl headroom_core::lease::LeaseStore for FlakyComplete {
         token: headroom_core::lease::FencingToken,
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
         self.store.release(key, token).await
+    }
+    async fn release_begun(
+        &self,
+        key: &headroom_core::Key,
+        id: headroom_core::lease::BeginId,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release_begun(key, id).await
     }
 }
 
@@ -903,6 +917,8 @@ struct Faulty {
     failing_begins: &'static [usize],
     /// Begins the store applies but whose answers are lost (they time out).
     lost_begins: &'static [usize],
+    /// Every `release` fails, as while the store flaps.
+    releases_fail: bool,
     begins: Arc<AtomicUsize>,
     failing_extends: Arc<AtomicUsize>,
     extends_hang: bool,
@@ -966,7 +982,19 @@ impl headroom_core::lease::LeaseStore for Faulty {
         key: &headroom_core::Key,
         token: headroom_core::lease::FencingToken,
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        if self.releases_fail {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Connection,
+            ));
+        }
         self.store.release(key, token).await
+    }
+    async fn release_begun(
+        &self,
+        key: &headroom_core::Key,
+        id: headroom_core::lease::BeginId,
+    ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
+        self.store.release_begun(key, id).await
     }
 }
 
@@ -1051,6 +1079,39 @@ async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
         Ok(1)
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A begin that failed without running (the connection refused) leaves nothing behind that
+/// could hold the key, even while releases fail: the retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn a_begin_that_never_ran_leaves_the_key_free() {
+    let clock = ManualClock::new();
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failing_begins: &[1],
+        releases_fail: true,
+        ..Faulty::default()
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    let failed = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(0) })
+        .await;
+    assert!(matches!(failed, Err(IdempotencyError::Unavailable(_))));
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+    let retried = idem
+        .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(1) })
+        .await;
+    assert_eq!(
+        retried.map(|out| out.value).map_err(|e| e.to_string()),
+        Ok(1)
+    );
 }
 
 /// A lease whose extensions fail for a while is kept once they land again before it runs

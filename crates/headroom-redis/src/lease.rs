@@ -31,9 +31,7 @@ if r[1] == 'p' then
   local remaining = tonumber(r[4]) - now_ms
   if remaining > 0 then
     if r[6] == ARGV[3] and r[2] == ARGV[1] then
-      -- Asked again by the begin that took it: its token, its lease renewed.
-      redis.call('HSET', KEYS[1], 'exp', now_ms + lease)
-      redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
+      -- Sent again by the begin that took it: its token.
       return {'a', r[3], '0'}
     end
     return {'p', r[2], tostring(remaining)}
@@ -79,6 +77,22 @@ else
   redis.call('HSET', KEYS[1], 'st', 'r')
   redis.call('HDEL', KEYS[1], 'fp', 'exp', 'by')
 end
+return 1
+",
+    )
+});
+
+/// ARGV: the id of the begin whose lease is released, if that begin still holds it.
+static RELEASE_BEGUN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local r = redis.call('HMGET', KEYS[1], 'st', 'by')
+if r[1] ~= 'p' or r[2] ~= ARGV[1] then
+  return 0
+end
+-- As a release: the token stays until the record expires.
+redis.call('HSET', KEYS[1], 'st', 'r')
+redis.call('HDEL', KEYS[1], 'fp', 'exp', 'by')
 return 1
 ",
     )
@@ -203,5 +217,17 @@ impl LeaseStore for RedisLeaseStore {
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
         self.change(key, token, "release", &[]).await
+    }
+
+    async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
+        let released: i64 = self
+            .redis
+            .invoke(RELEASE_BEGUN.key(key.as_bytes()).arg(id.0))
+            .await?;
+        Ok(if released == 1 {
+            Fenced::Applied
+        } else {
+            Fenced::Rejected
+        })
     }
 }

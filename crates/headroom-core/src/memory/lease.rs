@@ -402,18 +402,9 @@ impl LeaseStore for MemoryLeaseStore {
                 lease_until: until,
                 ..
             }) if *until > now && *begun_by == id && held.as_ref() == fingerprint => {
-                // Asked again by the begin that took it: its token, its lease renewed.
-                let renewed = Record::InProgress {
-                    fingerprint: held.clone(),
-                    token: *token,
-                    begun_by: id,
-                    lease_until,
-                    kept_until: kept_until(lease_until, lease),
-                };
-                let token = *token;
-                state.put(key, renewed);
+                // Sent again by the begin that took it: its token.
                 return Ok(Begin::Acquired {
-                    token,
+                    token: *token,
                     took_over: false,
                 });
             }
@@ -514,6 +505,16 @@ impl LeaseStore for MemoryLeaseStore {
     }
 
     async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
+        Ok(self.with_holder(key, token, |state, _, _, _| state.remove(key)))
+    }
+
+    async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
+        let token = match self.inner.state.lock().records.get(key).map(|e| &e.record) {
+            Some(Record::InProgress {
+                token, begun_by, ..
+            }) if *begun_by == id => *token,
+            _ => return Ok(Fenced::Rejected),
+        };
         Ok(self.with_holder(key, token, |state, _, _, _| state.remove(key)))
     }
 

@@ -430,8 +430,7 @@ struct Waiting<'a, S: RateStore> {
 impl<S: RateStore> Drop for Waiting<'_, S> {
     fn drop(&mut self) {
         let limiter = self.limiter;
-        if self.answered || limiter.now().saturating_sub(self.since) < nanos(limiter.timeout) / 4
-        {
+        if self.answered || limiter.now().saturating_sub(self.since) < nanos(limiter.timeout) / 4 {
             return;
         }
         limiter.metrics.error.increment(1);
@@ -488,14 +487,20 @@ impl<S: RateStore> Inner<S> {
         )
     }
 
-    /// One store call, bounded by the timeout.
-    async fn apply(&self, cells: &[(Key, Gcra)], cost: u32) -> Result<RateDecision, BackendError> {
+    /// One store call, bounded by the timeout; `since` is when the check began waiting on the
+    /// store.
+    async fn apply(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+        since: u64,
+    ) -> Result<RateDecision, BackendError> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
         let call = pin!(self.store.apply_all(cells, cost));
         let deadline = pin!(self.time.clock().sleep(self.timeout));
         let mut waiting = Waiting {
             limiter: self,
-            since: self.now(),
+            since,
             answered: false,
         };
         let result = match select(call, deadline).await {
@@ -557,7 +562,7 @@ impl<S: RateStore> Inner<S> {
         // be refused and the call repeated for what is left, two round trips for one unit.
         let batch = if saturated { 1 } else { self.batch };
         let mut reserve = batch.max(cost).min(quotas.max_cost());
-        let mut decision = self.apply(&cells, reserve).await;
+        let mut decision = self.apply(&cells, reserve, now).await;
         if let Ok(refused) = &decision
             && !refused.allowed
             && reserve > cost
@@ -565,7 +570,7 @@ impl<S: RateStore> Inner<S> {
         {
             // Fewer units than a batch are left: take what is there.
             reserve = refused.remaining.min(reserve);
-            decision = self.apply(&cells, reserve).await;
+            decision = self.apply(&cells, reserve, now).await;
         }
         self.record_health(&decision, probe);
         match decision {

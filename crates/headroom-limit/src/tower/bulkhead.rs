@@ -150,17 +150,9 @@ impl<F> State<F> {
     }
 }
 
-/// Marks the permit [`Outcome::Ignored`] when the service's poll panics: whoever catches the
-/// panic may drop the future, and the permit in it, long after the unwinding.
-struct IgnoredIfUnwinding<'a>(&'a mut Option<OwnedPermit>);
-
-impl Drop for IgnoredIfUnwinding<'_> {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(permit) = self.0
-        {
-            permit.set_outcome(Outcome::Ignored);
-        }
+fn set_outcome(permit: &mut Option<OwnedPermit>, outcome: Outcome) {
+    if let Some(permit) = permit {
+        permit.set_outcome(outcome);
     }
 }
 
@@ -185,9 +177,15 @@ where
                     Err(error) => return Poll::Ready(Err(error.into())),
                 },
                 StateProj::Running { future, permit } => {
-                    let unwinding = IgnoredIfUnwinding(permit);
-                    let result = ready!(future.poll(cx));
-                    if let Some(mut permit) = unwinding.0.take() {
+                    // Ignored while the service polls: a panic leaves it so, whoever catches
+                    // the panic and drops the permit later; a cancellation between polls
+                    // leaves Dropped.
+                    set_outcome(permit, Outcome::Ignored);
+                    let Poll::Ready(result) = future.poll(cx) else {
+                        set_outcome(permit, Outcome::Dropped);
+                        return Poll::Pending;
+                    };
+                    if let Some(mut permit) = permit.take() {
                         let outcome = match &result {
                             Ok(_) => Outcome::Success,
                             Err(_) => Outcome::Dropped,
