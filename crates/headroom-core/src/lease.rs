@@ -188,8 +188,17 @@ where
     {
         return;
     }
+    /// Counts the task out however it ends: done, or dropped with its runtime.
+    struct Counted;
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            RELEASE_TASKS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let counted = Counted;
     let clock = clock.clone();
     runtime.spawn(async move {
+        let _counted = counted;
         let until = clock.now() + lease;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -213,7 +222,6 @@ where
             clock.sleep(jittered.min(left)).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
-        RELEASE_TASKS.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
@@ -357,5 +365,30 @@ impl LeaseStore for DynLeaseStore {
     }
     fn begin_completes_at_once(&self) -> bool {
         self.0.begin_completes_at_once()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    /// A release task dropped unfinished with its runtime is counted out, so tasks lost that
+    /// way never use up the bound.
+    #[test]
+    fn a_release_task_dropped_with_its_runtime_is_counted_out() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let hangs = || std::future::pending::<Result<Fenced, BackendError>>();
+            release_lost_begin(hangs, Duration::from_secs(60), &crate::Clock::system());
+            assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1);
+            tokio::task::yield_now().await;
+        });
+        drop(runtime);
+        assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);
     }
 }

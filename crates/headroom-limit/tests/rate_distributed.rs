@@ -470,34 +470,6 @@ async fn a_dropped_check_leaves_the_limiter_usable() {
     assert_eq!(store.calls.load(Ordering::Relaxed), 2);
 }
 
-/// Checks whose callers give up before the limiter's own timeout (a tower timeout above it),
-/// while the store does not answer, still switch the limiter to its fallback: a check
-/// abandoned after waiting on the store for a quarter of the timeout or more counts as a
-/// store failure.
-#[tokio::test(start_paused = true)]
-async fn checks_abandoned_while_the_store_hangs_switch_to_the_fallback() {
-    let clock = ManualClock::new();
-    let store = StalledStore::default();
-    let limiter = limiter_on(store.clone(), Fallback::Open, &clock);
-    let check = tokio::spawn({
-        let limiter = limiter.clone();
-        async move { limiter.check("t", "k", 1).await.is_ok() }
-    });
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
-    // The caller's deadline, half the limiter's 100 ms.
-    clock.advance(Duration::from_millis(50));
-    check.abort();
-    assert!(check.await.is_err(), "the caller gave up");
-    let next = futures_util::FutureExt::now_or_never(limiter.check("t", "k", 1));
-    assert!(
-        matches!(next, Some(Ok(_))),
-        "answered at once by the open fallback"
-    );
-    assert_eq!(store.calls.load(Ordering::Relaxed), 1);
-}
-
 #[tokio::test]
 async fn costs_and_keys_that_cannot_fit_are_typed_errors() {
     let clock = ManualClock::new();

@@ -144,6 +144,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
     }
 
     /// How long a store call may take before the store counts as unreachable (default 100 ms).
+    /// Keep it below the deadlines of the limiter's callers: a check cancelled first counts
+    /// for nothing, so callers that always give up sooner never switch it to the fallback.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -417,31 +419,6 @@ impl Drop for Probe<'_> {
     }
 }
 
-/// A store call in progress. Its caller may give up first (a timeout above the limiter, a
-/// client gone): a call abandoned after waiting a quarter of the limiter's timeout or more
-/// counts as a store failure, so that callers with shorter deadlines than the limiter's
-/// still switch it to its fallback while the store hangs.
-struct Waiting<'a, S: RateStore> {
-    limiter: &'a Inner<S>,
-    since: u64,
-    answered: bool,
-}
-
-impl<S: RateStore> Drop for Waiting<'_, S> {
-    fn drop(&mut self) {
-        let limiter = self.limiter;
-        if self.answered || limiter.now().saturating_sub(self.since) < nanos(limiter.timeout) / 4 {
-            return;
-        }
-        limiter.metrics.error.increment(1);
-        let abandoned = BackendError::with_detail(
-            BackendErrorKind::Timeout,
-            "rate store call abandoned by its caller while the store had not answered",
-        );
-        limiter.record_health(&Err(abandoned), None);
-    }
-}
-
 impl<S: RateStore> Inner<S> {
     fn now(&self) -> u64 {
         self.time.elapsed_nanos()
@@ -487,22 +464,11 @@ impl<S: RateStore> Inner<S> {
         )
     }
 
-    /// One store call, bounded by the timeout; `since` is when the check began waiting on the
-    /// store.
-    async fn apply(
-        &self,
-        cells: &[(Key, Gcra)],
-        cost: u32,
-        since: u64,
-    ) -> Result<RateDecision, BackendError> {
+    /// One store call, bounded by the timeout.
+    async fn apply(&self, cells: &[(Key, Gcra)], cost: u32) -> Result<RateDecision, BackendError> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
         let call = pin!(self.store.apply_all(cells, cost));
         let deadline = pin!(self.time.clock().sleep(self.timeout));
-        let mut waiting = Waiting {
-            limiter: self,
-            since,
-            answered: false,
-        };
         let result = match select(call, deadline).await {
             Either::Left((result, _)) => result,
             Either::Right(((), _)) => Err(BackendError::with_detail(
@@ -510,7 +476,6 @@ impl<S: RateStore> Inner<S> {
                 "rate store call timed out",
             )),
         };
-        waiting.answered = true;
         match &result {
             Ok(_) => self.metrics.ok.increment(1),
             Err(_) => self.metrics.error.increment(1),
@@ -562,7 +527,7 @@ impl<S: RateStore> Inner<S> {
         // be refused and the call repeated for what is left, two round trips for one unit.
         let batch = if saturated { 1 } else { self.batch };
         let mut reserve = batch.max(cost).min(quotas.max_cost());
-        let mut decision = self.apply(&cells, reserve, now).await;
+        let mut decision = self.apply(&cells, reserve).await;
         if let Ok(refused) = &decision
             && !refused.allowed
             && reserve > cost
@@ -570,7 +535,7 @@ impl<S: RateStore> Inner<S> {
         {
             // Fewer units than a batch are left: take what is there.
             reserve = refused.remaining.min(reserve);
-            decision = self.apply(&cells, reserve, now).await;
+            decision = self.apply(&cells, reserve).await;
         }
         self.record_health(&decision, probe);
         match decision {
