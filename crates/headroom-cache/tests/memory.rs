@@ -1707,22 +1707,27 @@ async fn l1_is_bounded_by_bytes() {
     assert!(held > 0);
 }
 
+/// Two instances sharing an in-memory L2 and the fleet lock on `leases`, waiting `wait`.
+fn two_with_a_fleet_lock(
+    leases: impl headroom_core::lease::LeaseStore + Clone,
+    wait: Duration,
+) -> (Cache<String, String>, Cache<String, String>) {
+    let l2 = MemoryKvStore::new();
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), wait)
+            .build()
+            .unwrap()
+    };
+    (instance(), instance())
+}
+
 /// Two instances sharing a lease store: one loads a cold key, the other waits for its value
 /// in L2 instead of calling the loader too.
 #[tokio::test(start_paused = true)]
 async fn a_fleet_lock_makes_one_instance_load_and_the_others_wait() {
-    let (l2, leases) = (
-        MemoryKvStore::new(),
-        headroom_core::memory::MemoryLeaseStore::new(),
-    );
-    let instance = || -> Cache<String, String> {
-        Cache::builder()
-            .l2(l2.clone(), ns())
-            .fleet_lock(leases.clone(), 10 * SEC)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = two_with_a_fleet_lock(headroom_core::memory::MemoryLeaseStore::new(), 10 * SEC);
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
     let loader = {
@@ -1757,18 +1762,7 @@ async fn a_fleet_lock_makes_one_instance_load_and_the_others_wait() {
 /// The wait for another instance's load is bounded: past it, the instance loads anyway.
 #[tokio::test(start_paused = true)]
 async fn a_fleet_lock_held_too_long_does_not_block_reads() {
-    let (l2, leases) = (
-        MemoryKvStore::new(),
-        headroom_core::memory::MemoryLeaseStore::new(),
-    );
-    let instance = || -> Cache<String, String> {
-        Cache::builder()
-            .l2(l2.clone(), ns())
-            .fleet_lock(leases.clone(), 3 * SEC)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = two_with_a_fleet_lock(headroom_core::memory::MemoryLeaseStore::new(), 3 * SEC);
     let hung = tokio::spawn({
         let a = a.clone();
         async move {
@@ -1797,18 +1791,7 @@ async fn a_fleet_lock_held_too_long_does_not_block_reads() {
 /// than waiting out the whole bound.
 #[tokio::test(start_paused = true)]
 async fn a_fleet_lock_freed_without_a_value_ends_the_wait() {
-    let (l2, leases) = (
-        MemoryKvStore::new(),
-        headroom_core::memory::MemoryLeaseStore::new(),
-    );
-    let instance = || -> Cache<String, String> {
-        Cache::builder()
-            .l2(l2.clone(), ns())
-            .fleet_lock(leases.clone(), 60 * SEC)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = two_with_a_fleet_lock(headroom_core::memory::MemoryLeaseStore::new(), 60 * SEC);
     let gate = Arc::new(Semaphore::new(0));
     let (started_tx, mut started) = mpsc::unbounded_channel();
     let first = tokio::spawn({
@@ -1898,15 +1881,7 @@ impl headroom_core::lease::LeaseStore for LateFirstBegin {
 /// for its lease: the lease it took is released, and another instance claims it at once.
 #[tokio::test(start_paused = true)]
 async fn a_fleet_lock_claim_that_timed_out_does_not_hold_the_lock() {
-    let (l2, leases) = (MemoryKvStore::new(), LateFirstBegin::default());
-    let instance = || -> Cache<String, String> {
-        Cache::builder()
-            .l2(l2.clone(), ns())
-            .fleet_lock(leases.clone(), 60 * SEC)
-            .build()
-            .unwrap()
-    };
-    let (a, b) = (instance(), instance());
+    let (a, b) = two_with_a_fleet_lock(LateFirstBegin::default(), 60 * SEC);
     // The claim times out; the instance loads without the lock and finds nothing.
     let found = a
         .get_or_load(&key("k"), |_| async {

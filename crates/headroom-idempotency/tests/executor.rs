@@ -23,6 +23,21 @@ fn key(k: &str) -> IdempotencyKey {
     IdempotencyKey::new(k).unwrap()
 }
 
+/// Lets spawned tasks run until they wait again.
+async fn settle() {
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Advances `clock` by `seconds`, one second at a time, letting tasks run after each.
+async fn advance_seconds(clock: &ManualClock, seconds: u32) {
+    for _ in 0..seconds {
+        clock.advance(Duration::from_secs(1));
+        settle().await;
+    }
+}
+
 fn executor(clock: &ManualClock, policy: InProgressPolicy) -> Idempotency<MemoryLeaseStore> {
     Idempotency::builder(MemoryLeaseStore::with_limits(clock.clock(), 10_000))
         .clock(clock.clock())
@@ -719,9 +734,7 @@ async fn storing_an_outcome_is_retried_with_backoff() {
     while !holder.is_finished() && waited < Duration::from_secs(5) {
         clock.advance(Duration::from_millis(10));
         waited += Duration::from_millis(10);
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     assert_eq!(holder.await.unwrap().unwrap().value, 9);
     assert_eq!(store.calls.load(Ordering::SeqCst), 3);
@@ -758,9 +771,7 @@ async fn a_call_dropped_while_its_outcome_is_stored_still_stores_it() {
     drop(call);
     for _ in 0..100 {
         clock.advance(Duration::from_millis(10));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     clock.advance(Duration::from_secs(31));
     let retry = idem
@@ -840,9 +851,7 @@ async fn a_completion_whose_answer_was_lost_is_not_taken_for_a_takeover() {
             break;
         }
         clock.advance(Duration::from_millis(10));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     let out = holder.await.unwrap();
     assert_eq!(out.map(|out| out.value).map_err(|e| e.to_string()), Ok(5));
@@ -865,12 +874,7 @@ async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost(
         answer: Arc::new(tokio::sync::Semaphore::new(0)),
         asked: Arc::new(tokio::sync::Notify::new()),
     };
-    let idem = Idempotency::builder(store)
-        .clock(clock.clock())
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
+    let idem = rejecting(store, &clock);
     let runs = Arc::new(AtomicUsize::new(0));
     let holder = {
         let (idem, runs) = (idem.clone(), Arc::clone(&runs));
@@ -890,9 +894,7 @@ async fn an_operation_that_took_effect_keeps_its_outcome_when_its_lease_is_lost(
             break;
         }
         clock.advance(Duration::from_secs(1));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     assert!(holder.is_finished(), "the lease ran out");
     let lost = holder.await.unwrap().unwrap_err();
@@ -922,6 +924,16 @@ struct Faulty {
     begins: Arc<AtomicUsize>,
     failing_extends: Arc<AtomicUsize>,
     extends_hang: bool,
+}
+
+/// An executor on `store` with a 30 s lease that rejects duplicates of a running request.
+fn rejecting<S: headroom_core::lease::LeaseStore>(store: S, clock: &ManualClock) -> Idempotency<S> {
+    Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap()
 }
 
 impl headroom_core::lease::LeaseStore for Faulty {
@@ -1026,22 +1038,15 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
         })
     };
     // The lease is taken at 0 s.
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
-    for _ in 0..30 {
-        clock.advance(Duration::from_secs(1));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
-    }
+    settle().await;
+    advance_seconds(&clock, 30).await;
     assert!(holder.is_finished(), "the lease ran out at 30 s");
     let lost = holder.await.unwrap().unwrap_err();
     assert!(lost.contains("lease"), "{lost}");
 }
 
 /// A begin the store applied but whose answer was lost (a timeout) does not leave the key held
-/// by nobody for a whole lease: the lease it took is asked for again and released, so the
+/// by nobody for a whole lease: the lease it took is released by its id, so the
 /// retry runs at once.
 #[tokio::test(start_paused = true)]
 async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
@@ -1051,12 +1056,7 @@ async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
         lost_begins: &[1],
         ..Faulty::default()
     };
-    let idem = Idempotency::builder(store)
-        .clock(clock.clock())
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
+    let idem = rejecting(store, &clock);
     let runs = Arc::new(AtomicUsize::new(0));
     let run = |value: u32| {
         let runs = runs.clone();
@@ -1070,9 +1070,7 @@ async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
         matches!(failed, Err(IdempotencyError::Unavailable(_))),
         "fails closed: {failed:?}"
     );
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     let retried = idem.execute(&scope(), &key("k"), b"x", run(1)).await;
     assert_eq!(
         retried.map(|out| out.value).map_err(|e| e.to_string()),
@@ -1092,19 +1090,12 @@ async fn a_begin_that_never_ran_leaves_the_key_free() {
         releases_fail: true,
         ..Faulty::default()
     };
-    let idem = Idempotency::builder(store)
-        .clock(clock.clock())
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
+    let idem = rejecting(store, &clock);
     let failed = idem
         .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(0) })
         .await;
     assert!(matches!(failed, Err(IdempotencyError::Unavailable(_))));
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     let retried = idem
         .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(1) })
         .await;
@@ -1143,16 +1134,9 @@ async fn a_lease_is_kept_when_extensions_land_again_before_it_runs_out() {
             .map_err(|e| e.to_string())
         })
     };
-    for _ in 0..5 {
-        tokio::task::yield_now().await;
-    }
+    settle().await;
     // The operation runs past the lease's first end (30 s).
-    for _ in 0..35 {
-        clock.advance(Duration::from_secs(1));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
-    }
+    advance_seconds(&clock, 35).await;
     assert!(!holder.is_finished(), "the lease was kept");
     finish.send(()).unwrap();
     assert_eq!(holder.await.unwrap(), Ok(7));
@@ -1205,9 +1189,7 @@ async fn a_duplicate_waiting_on_a_running_request_does_not_fail_open_on_a_store_
     // The duplicate polls every few milliseconds of the manual clock.
     for _ in 0..20 {
         clock.advance(Duration::from_millis(5));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     go.send(7).unwrap();
     for _ in 0..100 {
@@ -1215,9 +1197,7 @@ async fn a_duplicate_waiting_on_a_running_request_does_not_fail_open_on_a_store_
             break;
         }
         clock.advance(Duration::from_millis(5));
-        for _ in 0..5 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
     }
     let first = first.await.unwrap().unwrap();
     let duplicate = duplicate.await.unwrap().unwrap();

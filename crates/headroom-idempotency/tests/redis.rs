@@ -250,6 +250,58 @@ async fn hash_tags_in_client_keys_do_not_choose_the_slot() {
     assert!(slots.len() > 1, "all records in slot {slots:?}");
 }
 
+fn scope() -> Scope {
+    Scope::new("tenant", "charge").unwrap()
+}
+
+/// An executor over Redis on `config` with a 30 s lease that rejects duplicates of a running
+/// request, its scripts loaded (its next begin is one EVALSHA).
+async fn warm_executor(config: RedisConfig, namespace: &str) -> Idempotency<RedisLeaseStore> {
+    let redis = Redis::connect(config).await.unwrap();
+    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
+        .namespace(unique_namespace(namespace))
+        .lease(Duration::from_secs(30))
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap();
+    executor
+        .execute(
+            &scope(),
+            &IdempotencyKey::new("warm").unwrap(),
+            b"x",
+            || async { Ok::<_, String>(0) },
+        )
+        .await
+        .unwrap();
+    executor
+}
+
+/// Retries the call of `key` every 50 ms, for at most 5 s, until it runs (counted in `runs`)
+/// or replays; what it answered.
+async fn retry_until_it_runs(
+    executor: &Idempotency<RedisLeaseStore>,
+    scope: &Scope,
+    key: &IdempotencyKey,
+    runs: &AtomicUsize,
+) -> Option<u32> {
+    for _ in 0..100 {
+        match executor
+            .execute(scope, key, b"x", || async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(1)
+            })
+            .await
+        {
+            Ok(out) => return Some(out.value),
+            Err(IdempotencyError::InProgress { .. } | IdempotencyError::Unavailable(_)) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    None
+}
+
 /// A `begin` that timed out on a stalled connection, then ran once the wire delivered it, does
 /// not leave an ownerless in-progress record for a whole lease: the call fails closed, and a
 /// retry soon runs.
@@ -257,30 +309,14 @@ async fn hash_tags_in_client_keys_do_not_choose_the_slot() {
 async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
     let server = shared_server();
     let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
-    let redis = Redis::connect(
-        RedisConfig::standalone(proxy.url()).with_command_timeout(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
-    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
-        .namespace(unique_namespace("idem-timeout"))
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
-    let scope = Scope::new("tenant", "charge").unwrap();
-    let key = IdempotencyKey::new("k").unwrap();
-    let runs = AtomicUsize::new(0);
-    // Scripts loaded: the next begin is one EVALSHA.
-    executor
-        .execute(
-            &scope,
-            &IdempotencyKey::new("warm").unwrap(),
-            b"x",
-            || async { Ok::<_, String>(0) },
-        )
-        .await
-        .unwrap();
+    let config =
+        RedisConfig::standalone(proxy.url()).with_command_timeout(Duration::from_millis(100));
+    let executor = warm_executor(config, "idem-timeout").await;
+    let (scope, key, runs) = (
+        scope(),
+        IdempotencyKey::new("k").unwrap(),
+        AtomicUsize::new(0),
+    );
 
     // The begin is held on the wire past the command timeout; then the wire delivers it.
     proxy.stall();
@@ -298,25 +334,7 @@ async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.restore();
 
-    let mut outcome = None;
-    for _ in 0..100 {
-        match executor
-            .execute(&scope, &key, b"x", || async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(1)
-            })
-            .await
-        {
-            Ok(out) => {
-                outcome = Some(out.value);
-                break;
-            }
-            Err(IdempotencyError::InProgress { .. } | IdempotencyError::Unavailable(_)) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(other) => panic!("{other:?}"),
-        }
-    }
+    let outcome = retry_until_it_runs(&executor, &scope, &key, &runs).await;
     assert_eq!(
         outcome,
         Some(1),
@@ -331,28 +349,12 @@ async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
 async fn a_call_dropped_during_begin_does_not_strand_its_key() {
     let server = shared_server();
     let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
-    let redis = Redis::connect(RedisConfig::standalone(proxy.url()))
-        .await
-        .unwrap();
-    let executor = Idempotency::builder(RedisLeaseStore::new(redis))
-        .namespace(unique_namespace("idem-drop"))
-        .lease(Duration::from_secs(30))
-        .in_progress(InProgressPolicy::Reject)
-        .build()
-        .unwrap();
-    let scope = Scope::new("tenant", "charge").unwrap();
-    let key = IdempotencyKey::new("k").unwrap();
-    let runs = AtomicUsize::new(0);
-    // Scripts loaded: the next begin is one EVALSHA.
-    executor
-        .execute(
-            &scope,
-            &IdempotencyKey::new("warm").unwrap(),
-            b"x",
-            || async { Ok::<_, String>(0) },
-        )
-        .await
-        .unwrap();
+    let executor = warm_executor(RedisConfig::standalone(proxy.url()), "idem-drop").await;
+    let (scope, key, runs) = (
+        scope(),
+        IdempotencyKey::new("k").unwrap(),
+        AtomicUsize::new(0),
+    );
 
     // The begin is held on the wire; the caller gives up; then the wire delivers it.
     proxy.stall();
@@ -367,25 +369,7 @@ async fn a_call_dropped_during_begin_does_not_strand_its_key() {
     assert!(dropped.is_err(), "the call is dropped mid-begin");
     proxy.restore();
 
-    let mut outcome = None;
-    for _ in 0..100 {
-        match executor
-            .execute(&scope, &key, b"x", || async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(1)
-            })
-            .await
-        {
-            Ok(out) => {
-                outcome = Some(out.value);
-                break;
-            }
-            Err(IdempotencyError::InProgress { .. }) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(other) => panic!("{other:?}"),
-        }
-    }
+    let outcome = retry_until_it_runs(&executor, &scope, &key, &runs).await;
     assert_eq!(
         outcome,
         Some(1),
