@@ -1045,18 +1045,10 @@ async fn a_lease_whose_extensions_fail_is_lost_when_it_runs_out() {
     assert!(lost.contains("lease"), "{lost}");
 }
 
-/// A begin the store applied but whose answer was lost (a timeout) does not leave the key held
-/// by nobody for a whole lease: the lease it took is released by its id, so the
-/// retry runs at once.
-#[tokio::test(start_paused = true)]
-async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
-    let clock = ManualClock::new();
-    let store = Faulty {
-        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        lost_begins: &[1],
-        ..Faulty::default()
-    };
-    let idem = rejecting(store, &clock);
+/// A call on `store` whose first begin fails fails closed; a retry right after it runs the
+/// operation, which runs once in all.
+async fn fails_closed_then_a_retry_runs_once(store: Faulty, clock: &ManualClock) {
+    let idem = rejecting(store, clock);
     let runs = Arc::new(AtomicUsize::new(0));
     let run = |value: u32| {
         let runs = runs.clone();
@@ -1079,6 +1071,20 @@ async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// A begin the store applied but whose answer was lost (a timeout) does not leave the key held
+/// by nobody for a whole lease: the lease it took is released by its id, so the
+/// retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn a_begin_whose_answer_was_lost_does_not_strand_its_key() {
+    let clock = ManualClock::new();
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        lost_begins: &[1],
+        ..Faulty::default()
+    };
+    fails_closed_then_a_retry_runs_once(store, &clock).await;
+}
+
 /// A begin that failed without running (the connection refused) leaves nothing behind that
 /// could hold the key, even while releases fail: the retry runs at once.
 #[tokio::test(start_paused = true)]
@@ -1090,19 +1096,7 @@ async fn a_begin_that_never_ran_leaves_the_key_free() {
         releases_fail: true,
         ..Faulty::default()
     };
-    let idem = rejecting(store, &clock);
-    let failed = idem
-        .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(0) })
-        .await;
-    assert!(matches!(failed, Err(IdempotencyError::Unavailable(_))));
-    settle().await;
-    let retried = idem
-        .execute(&scope(), &key("k"), b"x", || async { Result::<u32>::Ok(1) })
-        .await;
-    assert_eq!(
-        retried.map(|out| out.value).map_err(|e| e.to_string()),
-        Ok(1)
-    );
+    fails_closed_then_a_retry_runs_once(store, &clock).await;
 }
 
 /// A lease whose extensions fail for a while is kept once they land again before it runs

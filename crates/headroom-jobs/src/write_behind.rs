@@ -708,18 +708,17 @@ async fn extend_all<S: JobStore>(
     use futures_util::stream::FuturesUnordered;
     loop {
         tokio::time::sleep(every).await;
-        let mut extensions = FuturesUnordered::new();
-        for delivery in deliveries {
-            if extensions.len() == EXTENSIONS_IN_FLIGHT
-                && let Some(Ok(headroom_core::lease::Fenced::Rejected)) = extensions.next().await
+        let (mut waiting, mut extensions) = (deliveries.iter(), FuturesUnordered::new());
+        loop {
+            while extensions.len() < EXTENSIONS_IN_FLIGHT
+                && let Some(delivery) = waiting.next()
             {
-                return;
+                extensions.push(store.extend(key, delivery.number, delivery.attempt));
             }
-            extensions.push(store.extend(key, delivery.number, delivery.attempt));
-        }
-        while let Some(extended) = extensions.next().await {
-            if let Ok(headroom_core::lease::Fenced::Rejected) = extended {
-                return;
+            match extensions.next().await {
+                Some(Ok(headroom_core::lease::Fenced::Rejected)) => return,
+                Some(_) => {}
+                None => break,
             }
         }
     }

@@ -160,15 +160,20 @@ async fn shed_layer_refuses_low_priority_requests_under_load() {
     assert_eq!(shedder.rejected(Priority::Sheddable, Reason::InFlight), 1);
 }
 
-#[tokio::test]
-async fn errors_teach_the_adaptive_limit_through_the_layer() {
-    let bulkhead = Bulkhead::builder("b")
+/// A bulkhead with an AIMD limit starting at `initial_limit`.
+fn aimd(initial_limit: usize) -> Bulkhead {
+    Bulkhead::builder("b")
         .adaptive(AdaptiveConfig::Aimd(AimdConfig {
-            initial_limit: 10,
+            initial_limit,
             ..AimdConfig::default()
         }))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn errors_teach_the_adaptive_limit_through_the_layer() {
+    let bulkhead = aimd(10);
     let mut service =
         BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|fail: bool| async move {
             if fail {
@@ -189,13 +194,7 @@ async fn errors_teach_the_adaptive_limit_through_the_layer() {
 /// request (a catch-panic layer above) and its future dropped only after the unwinding.
 #[tokio::test]
 async fn a_caught_panic_teaches_the_adaptive_limit_nothing() {
-    let bulkhead = Bulkhead::builder("b")
-        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
-            initial_limit: 10,
-            ..AimdConfig::default()
-        }))
-        .build()
-        .unwrap();
+    let bulkhead = aimd(10);
     let mut service =
         BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|poison: bool| async move {
             tokio::task::yield_now().await;
@@ -215,13 +214,7 @@ async fn a_caught_panic_teaches_the_adaptive_limit_nothing() {
 async fn a_request_cancelled_while_running_counts_as_a_drop() {
     // AIMD from 2: a success with both permits in use would grow the limit to 3, a drop
     // backs it off to 1.
-    let bulkhead = Bulkhead::builder("b")
-        .adaptive(AdaptiveConfig::Aimd(AimdConfig {
-            initial_limit: 2,
-            ..AimdConfig::default()
-        }))
-        .build()
-        .unwrap();
+    let bulkhead = aimd(2);
     let mut service = BulkheadLayer::new(bulkhead.clone()).layer(service_fn(|()| {
         std::future::pending::<Result<(), Infallible>>()
     }));

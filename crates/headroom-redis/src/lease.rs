@@ -124,11 +124,16 @@ impl RedisLeaseStore {
             invocation.arg(*arg);
         }
         let applied: i64 = self.redis.invoke(&invocation).await?;
-        Ok(if applied == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Rejected
-        })
+        Ok(fenced(applied))
+    }
+}
+
+/// A change script's answer: 1 when it was made.
+fn fenced(applied: i64) -> Fenced {
+    if applied == 1 {
+        Fenced::Applied
+    } else {
+        Fenced::Rejected
     }
 }
 
@@ -224,10 +229,6 @@ impl LeaseStore for RedisLeaseStore {
             .redis
             .invoke(RELEASE_BEGUN.key(key.as_bytes()).arg(id.0))
             .await?;
-        Ok(if released == 1 {
-            Fenced::Applied
-        } else {
-            Fenced::Rejected
-        })
+        Ok(fenced(released))
     }
 }

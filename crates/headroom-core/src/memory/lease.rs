@@ -345,17 +345,28 @@ impl MemoryLeaseStore {
         token: FencingToken,
         change: impl FnOnce(&mut State, Instant, Bytes, BeginId),
     ) -> Fenced {
+        self.with_in_progress(key, |current, _| current == token, change)
+    }
+
+    /// Runs `change` on the in-progress record of `key` if `holds` says so of its token and
+    /// the begin that took it.
+    fn with_in_progress(
+        &self,
+        key: &Key,
+        holds: impl FnOnce(FencingToken, BeginId) -> bool,
+        change: impl FnOnce(&mut State, Instant, Bytes, BeginId),
+    ) -> Fenced {
         let now = self.inner.clock.now();
         let mut state = self.inner.state.lock();
         match state.records.get(key).map(|e| &e.record) {
             // Past the time it is kept, the record is as good as gone (on Redis, expired).
             Some(Record::InProgress {
-                token: current,
+                token,
                 fingerprint,
                 begun_by,
                 kept_until,
                 ..
-            }) if *current == token && *kept_until > now => {
+            }) if *kept_until > now && holds(*token, *begun_by) => {
                 let (fingerprint, begun_by) = (fingerprint.clone(), *begun_by);
                 change(&mut state, now, fingerprint, begun_by);
                 Fenced::Applied
@@ -509,13 +520,8 @@ impl LeaseStore for MemoryLeaseStore {
     }
 
     async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
-        let token = match self.inner.state.lock().records.get(key).map(|e| &e.record) {
-            Some(Record::InProgress {
-                token, begun_by, ..
-            }) if *begun_by == id => *token,
-            _ => return Ok(Fenced::Rejected),
-        };
-        Ok(self.with_holder(key, token, |state, _, _, _| state.remove(key)))
+        let begun = |_, begun_by| begun_by == id;
+        Ok(self.with_in_progress(key, begun, |state, _, _, _| state.remove(key)))
     }
 
     fn begin_completes_at_once(&self) -> bool {
