@@ -797,7 +797,11 @@ where
         attempt: delivery.attempt,
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
-        extended: std::sync::Mutex::new(tokio::time::Instant::now()),
+        due: std::sync::Mutex::new(extension_due(
+            tokio::time::Instant::now(),
+            config.visibility,
+            true,
+        )),
     };
     let id = JobId {
         partition: partition as u16,
@@ -829,7 +833,7 @@ where
         biased;
         () = until(&mut phase, |p| p != Phase::Running) => Waited::Stopping,
         permit = turn.wait() => Waited::Handler(permit),
-        () = job.heartbeat(config.visibility / 3) => Waited::Lost,
+        () = job.heartbeat(config.visibility) => Waited::Lost,
     };
     let handler_turn = match waited {
         Waited::Handler(permit) => permit,
@@ -867,7 +871,7 @@ where
         .instrument(span.clone());
     let ran = tokio::select! {
         answered = handler => Ran::Answered(answered),
-        () = job.heartbeat(config.visibility / 3) => Ran::Lost,
+        () = job.heartbeat(config.visibility) => Ran::Lost,
         () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
     };
     drop(running);
@@ -928,7 +932,7 @@ where
         }
     };
     let keep_held = async {
-        job.heartbeat(config.visibility / 3).await;
+        job.heartbeat(config.visibility).await;
         // Taken over, or already finished: the finishing step tells which.
         std::future::pending::<std::convert::Infallible>().await
     };
@@ -990,6 +994,23 @@ async fn failed<S: JobStore, H>(
     }
 }
 
+/// When a held job's next extension is due (`None`: past what an `Instant` holds): a third of
+/// its visibility after `since`, its fetch or the send of the last extension that `landed`;
+/// a tenth of it after an extension that failed at `since`. So a store out of reach for up to
+/// about half the visibility costs no job, where trying only every third would put the third
+/// try at the moment the hold runs out.
+pub(crate) fn extension_due(
+    since: tokio::time::Instant,
+    visibility: Duration,
+    landed: bool,
+) -> Option<tokio::time::Instant> {
+    since.checked_add(if landed {
+        visibility / 3
+    } else {
+        visibility / 10
+    })
+}
+
 /// The job a worker holds, and the steps on it.
 struct Held<'a, S> {
     store: &'a S,
@@ -1003,29 +1024,37 @@ struct Held<'a, S> {
     charged: u32,
     /// How long a finishing step keeps trying through store errors.
     budget: Duration,
-    /// When the job was fetched or last extended: each phase's heartbeat counts from it, so
-    /// that moving from waiting to running to storing does not start the count again.
-    extended: std::sync::Mutex<tokio::time::Instant>,
+    /// When the next extension is due ([`extension_due`]). Each phase's heartbeat keeps to
+    /// it, so that moving from waiting to running to storing does not start the count again.
+    due: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<S: JobStore> Held<'_, S> {
-    /// Extends the job's visibility `every` after its fetch or last extension, then every
-    /// `every`; returns when the store says another worker took it over.
-    async fn heartbeat(&self, every: Duration) {
+    /// Extends the job's visibility when due (see [`extension_due`]), for as long as the job
+    /// is held; returns when the store says another worker took it over.
+    async fn heartbeat(&self, visibility: Duration) {
         loop {
-            let last = *self.extended.lock().expect("never poisoned");
-            match last.checked_add(every) {
-                Some(next) => tokio::time::sleep_until(next).await,
-                // Further than time goes: never.
+            let due = *self.due.lock().expect("never poisoned");
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
                 None => std::future::pending().await,
             }
-            *self.extended.lock().expect("never poisoned") = tokio::time::Instant::now();
-            if let Ok(Fenced::Rejected) =
-                self.store.extend(self.key, self.number, self.attempt).await
-            {
-                return;
+            let sent = tokio::time::Instant::now();
+            // Due again soon if this call is cut off (its phase ended).
+            self.set_due(extension_due(sent, visibility, false));
+            match self.store.extend(self.key, self.number, self.attempt).await {
+                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, true)),
+                Err(_) => {
+                    let now = tokio::time::Instant::now();
+                    self.set_due(extension_due(now, visibility, false));
+                }
+                Ok(_) => return,
             }
         }
+    }
+
+    fn set_due(&self, due: Option<tokio::time::Instant>) {
+        *self.due.lock().expect("never poisoned") = due;
     }
 
     /// Runs a finishing step, again after store errors (50 ms, doubling) within the budget.

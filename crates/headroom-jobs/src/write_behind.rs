@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::config::InvalidConfig;
 use crate::queue::JobQueue;
+use crate::worker::extension_due;
 use crate::{EnqueueError, Job, JobError, QueueConfig};
 
 /// One write handed to the [`Writer`]: the latest of the writes to its key in the batch.
@@ -613,7 +614,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let written = writes.is_empty()
         || tokio::select! {
             () = write_chunks(shared, writes) => true,
-            () = extend_all(&queue.store, key, &deliveries, config.visibility / 3) => false,
+            () = extend_all(&queue.store, key, &deliveries, config.visibility) => false,
             () = async {
                 while !phase_is(phase, Phase::Abort) {
                     if phase.changed().await.is_err() {
@@ -697,17 +698,24 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
 /// the other could take longer than their visibility.
 const EXTENSIONS_IN_FLIGHT: usize = 64;
 
-/// Extends every delivery of the batch every `every`; returns when one was taken over.
+/// Extends every delivery of the batch as a worker extends a job it holds (see
+/// [`extension_due`]), all of them in each round; returns when one was taken over.
 async fn extend_all<S: JobStore>(
     store: &S,
     key: &headroom_core::Key,
     deliveries: &[Delivery],
-    every: Duration,
+    visibility: Duration,
 ) {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
+    let mut due = extension_due(tokio::time::Instant::now(), visibility, true);
     loop {
-        tokio::time::sleep(every).await;
+        match due {
+            Some(due) => tokio::time::sleep_until(due).await,
+            None => std::future::pending().await,
+        }
+        let began = tokio::time::Instant::now();
+        let mut landed = true;
         let (mut waiting, mut extensions) = (deliveries.iter(), FuturesUnordered::new());
         loop {
             while extensions.len() < EXTENSIONS_IN_FLIGHT
@@ -717,10 +725,16 @@ async fn extend_all<S: JobStore>(
             }
             match extensions.next().await {
                 Some(Ok(headroom_core::lease::Fenced::Rejected)) => return,
+                Some(Err(_)) => landed = false,
                 Some(_) => {}
                 None => break,
             }
         }
+        due = if landed {
+            extension_due(began, visibility, true)
+        } else {
+            extension_due(tokio::time::Instant::now(), visibility, false)
+        };
     }
 }
 

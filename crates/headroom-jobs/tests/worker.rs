@@ -1218,3 +1218,53 @@ async fn a_held_job_is_extended_every_third_of_its_visibility_across_its_phases(
         stored - last
     );
 }
+
+/// A worker whose extensions fail for a while (the store out of its reach for 17 s of a 30 s
+/// visibility) tries again soon once one fails, so the first that lands comes before the hold
+/// runs out and no other worker takes the job over while it runs.
+#[tokio::test(start_paused = true)]
+async fn a_job_is_kept_through_a_store_outage_shorter_than_its_visibility() {
+    let visibility = Duration::from_secs(30);
+    let store = SlowStore::slow_extends(Duration::from_millis(500));
+    let queue = JobQueue::builder("outage", store.clone()).build().unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = |runs: Arc<AtomicU32>| {
+        move |_job| {
+            runs.fetch_add(1, Ordering::Relaxed);
+            async {
+                tokio::time::sleep(Duration::from_secs(45)).await;
+                Ok(Bytes::new())
+            }
+        }
+    };
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    let start = tokio::time::Instant::now();
+    let holder = queue
+        .worker(handler(runs.clone()))
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Running).await;
+    let other = queue
+        .worker(handler(runs.clone()))
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    tokio::time::sleep_until(start + Duration::from_secs(5)).await;
+    store.extends_fail.store(true, Ordering::Relaxed);
+    tokio::time::sleep_until(start + Duration::from_secs(22)).await;
+    store.extends_fail.store(false, Ordering::Relaxed);
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        1,
+        "the job ran again elsewhere"
+    );
+    let record = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(record.attempt, 1);
+    let (a, b) = (
+        holder.shutdown(Duration::from_secs(1)).await,
+        other.shutdown(Duration::from_secs(1)).await,
+    );
+    assert_eq!((a.done, a.lost, b.done, b.lost), (1, 0, 0, 0));
+}

@@ -493,6 +493,84 @@ async fn a_corrupt_write_does_not_cut_off_a_slow_writer_call() {
     assert_eq!((report.writes, report.calls), (1, 1));
 }
 
+/// A flusher whose extensions fail for a while (the store out of reach for 17 s of a 30 s
+/// visibility, every call a round trip of 500 ms) tries again soon once they fail, so its pass
+/// stays held through the outage and no other flusher takes it over while the writer works.
+#[tokio::test(start_paused = true)]
+async fn a_pass_stays_held_through_a_store_outage_shorter_than_its_visibility() {
+    use headroom_chaos::{ChaosJobStore, Delay, Experiment, ExperimentConfig};
+    use headroom_jobs::WriteBehindConfig;
+
+    let experiment = Experiment::builder("outage").seed(7).build().unwrap();
+    let store = ChaosJobStore::new(MemoryJobStore::new(), experiment.clone());
+    let config = {
+        let mut config = WriteBehindConfig::default();
+        config.visibility = Duration::from_secs(30);
+        config.flush_interval = Duration::from_millis(100);
+        config
+    };
+    let instance = || {
+        WriteBehind::builder("outage", store.clone())
+            .config(config.clone())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    for i in 0..10 {
+        a.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let round_trip = || Delay::Fixed(Duration::from_millis(500));
+    let an_hour = Duration::from_secs(3600);
+    experiment
+        .start(ExperimentConfig::new(an_hour).latency(1.0, round_trip()))
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let database = Database::default();
+    let db = database.clone();
+    // The first call takes 45 s.
+    let slow = a.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            if db.calls.load(Ordering::Relaxed) == 0 {
+                db.calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(45)).await;
+                db.calls.fetch_sub(1, Ordering::Relaxed);
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let other = database.clone().flusher(&b);
+    tokio::time::sleep_until(start + Duration::from_secs(5)).await;
+    experiment.stop();
+    experiment
+        .start(
+            ExperimentConfig::new(an_hour)
+                .latency(1.0, round_trip())
+                .fault(1.0),
+        )
+        .unwrap();
+    tokio::time::sleep_until(start + Duration::from_secs(22)).await;
+    experiment.stop();
+    experiment
+        .start(ExperimentConfig::new(an_hour).latency(1.0, round_trip()))
+        .unwrap();
+    tokio::time::sleep_until(start + Duration::from_secs(60)).await;
+    let held = slow.shutdown(Duration::from_secs(5)).await;
+    let other = other.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        (held.writes, other.writes),
+        (10, 0),
+        "the pass was written by its holder, none of it taken over"
+    );
+    assert_eq!(
+        database.writes.load(Ordering::Relaxed),
+        10,
+        "each key written once"
+    );
+}
+
 /// A pass holding many writes keeps every one of them held while a slow writer works, even
 /// when each extension takes a while: the writes are extended together, not one after the
 /// other, so none goes a visibility unextended, is taken over by another flusher, and cuts

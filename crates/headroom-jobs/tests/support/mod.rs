@@ -46,6 +46,11 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) release_first_enqueue: Arc<Notify>,
     pub(crate) fetch_panics: Arc<AtomicBool>,
     pub(crate) fetch_panicked: Arc<Notify>,
+    /// How long each `extend` takes, applied or failed.
+    extend_takes: Duration,
+    /// While set, every `extend` fails with a connection error, as when the store is out of
+    /// reach.
+    pub(crate) extends_fail: Arc<AtomicBool>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -70,6 +75,8 @@ impl<S: JobStore> SlowStore<S> {
             release_first_enqueue: Arc::default(),
             fetch_panics: Arc::default(),
             fetch_panicked: Arc::default(),
+            extend_takes: Duration::ZERO,
+            extends_fail: Arc::default(),
         }
     }
 }
@@ -97,6 +104,14 @@ impl SlowStore {
     pub(crate) fn first_enqueue_reply_lost() -> Self {
         Self {
             lose_first_enqueue_reply: true,
+            ..Self::default()
+        }
+    }
+
+    /// Each extension takes `takes`, a round trip.
+    pub(crate) fn slow_extends(takes: Duration) -> Self {
+        Self {
+            extend_takes: takes,
             ..Self::default()
         }
     }
@@ -154,6 +169,10 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             .lock()
             .expect("extends lock")
             .push((number, tokio::time::Instant::now()));
+        tokio::time::sleep(self.extend_takes).await;
+        if self.extends_fail.load(Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
         self.inner.extend(partition, number, attempt).await
     }
 
