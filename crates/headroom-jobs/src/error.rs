@@ -32,7 +32,9 @@ pub enum EnqueueError {
     /// The job asks for something the queue does not have or cannot carry.
     #[error("invalid job: {0}")]
     Invalid(String),
-    /// The job store failed.
+    /// The job store failed. After a timeout or a dropped connection the job may have been
+    /// added with only its answer lost: an enqueue tried again with the same idempotency key
+    /// answers that job's id instead of adding another.
     #[error("job store failed")]
     Backend(#[from] BackendError),
 }

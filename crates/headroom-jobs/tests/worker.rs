@@ -384,6 +384,28 @@ async fn a_duplicate_enqueue_answers_the_first_id_within_its_tenant() {
     assert_eq!(queue.status_for("", first.id).await.unwrap(), None);
 }
 
+/// An enqueue that failed with a timeout may have added its job, its answer lost: tried again
+/// with the same idempotency key, it answers that job's id and adds no second one.
+#[tokio::test(start_paused = true)]
+async fn an_enqueue_whose_answer_was_lost_is_tried_again_safely_with_its_key() {
+    let queue = JobQueue::builder("lost", SlowStore::first_enqueue_reply_lost())
+        .build()
+        .unwrap();
+    let job = || Job::new("pay").idempotency_key("order-9");
+    let failed = queue.enqueue(job()).await.unwrap_err();
+    assert!(matches!(failed, EnqueueError::Backend(_)), "{failed:?}");
+    assert_eq!(
+        queue.stats().await.unwrap().unfinished,
+        1,
+        "the job was added"
+    );
+    let again = queue.enqueue(job()).await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(queue.stats().await.unwrap().unfinished, 1);
+    let status = queue.status(again.id).await.unwrap().unwrap();
+    assert_eq!(status.state, JobState::Queued);
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_attempts_back_off_exponentially_and_the_last_one_makes_the_job_dead() {
     let queue = JobQueue::builder("flaky", MemoryJobStore::new())
