@@ -374,14 +374,22 @@ mod tests {
 
     use super::*;
 
+    /// The tests below count the process's release tasks: one at a time.
+    static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
     /// A release task dropped unfinished with its runtime is counted out, so tasks lost that
     /// way never use up the bound.
     #[test]
     fn a_release_task_dropped_with_its_runtime_is_counted_out() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let _one_at_a_time = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let runtime = runtime();
         runtime.block_on(async {
             let hangs = || std::future::pending::<Result<Fenced, BackendError>>();
             release_lost_begin(hangs, Duration::from_secs(60), &crate::Clock::system());
@@ -389,6 +397,41 @@ mod tests {
             tokio::task::yield_now().await;
         });
         drop(runtime);
+        assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);
+    }
+
+    /// Lost begins whose store hangs keep at most 1,024 release tasks alive; a begin lost
+    /// past that starts none (its lease runs out instead), and one lost once tasks ended
+    /// starts one again.
+    #[test]
+    fn at_most_1024_release_tasks_are_alive_at_once() {
+        let _one_at_a_time = COUNTING.lock().unwrap_or_else(|e| e.into_inner());
+        let hangs = || std::future::pending::<Result<Fenced, BackendError>>();
+        let clock = crate::Clock::system();
+        let first = runtime();
+        first.block_on(async {
+            for _ in 0..MAX_RELEASE_TASKS {
+                release_lost_begin(hangs, Duration::from_secs(60), &clock);
+            }
+            let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&asked);
+            let one_more = move || {
+                flag.store(true, Ordering::Relaxed);
+                std::future::pending::<Result<Fenced, BackendError>>()
+            };
+            release_lost_begin(one_more, Duration::from_secs(60), &clock);
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1024);
+            assert!(!asked.load(Ordering::Relaxed), "a task past the bound ran");
+        });
+        drop(first);
+        assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);
+        runtime().block_on(async {
+            release_lost_begin(hangs, Duration::from_secs(60), &clock);
+            assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1);
+        });
         assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);
     }
 }
