@@ -594,6 +594,8 @@ where
         let p = next_partition;
         next_partition = (next_partition + 1) % partitions;
         let order = lanes.next_order();
+        // The store holds what it delivers from about now: each job's extensions count from it.
+        let sent = tokio::time::Instant::now();
         let fetched = queue
             .store
             .fetch(
@@ -619,7 +621,8 @@ where
                     let counted = Counted::start(&shared.tally);
                     let phase = phase.clone();
                     jobs.spawn(async move {
-                        let outcome = run_job(shared, p, delivery, (slot, turn), phase).await;
+                        let outcome =
+                            run_job(shared, (p, sent), delivery, (slot, turn), phase).await;
                         counted.finish(outcome);
                     });
                 }
@@ -744,7 +747,7 @@ enum Waited {
 /// Runs one delivered job and counts its outcome, whichever path it ends on.
 async fn run_job<S, H, Fut>(
     shared: Arc<Shared<S, H>>,
-    partition: usize,
+    (partition, fetched): (usize, tokio::time::Instant),
     delivery: Delivery,
     places: (OwnedSemaphorePermit, Turn),
     phase: watch::Receiver<Phase>,
@@ -755,7 +758,7 @@ where
     Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
 {
     let number = delivery.number;
-    let outcome = attempt(&shared, partition, delivery, places, phase).await;
+    let outcome = attempt(&shared, (partition, fetched), delivery, places, phase).await;
     let metrics = &shared.queue.inner.metrics;
     match outcome {
         Outcome::Done => metrics.done.increment(1),
@@ -776,7 +779,7 @@ where
 
 async fn attempt<S, H, Fut>(
     shared: &Shared<S, H>,
-    partition: usize,
+    (partition, fetched): (usize, tokio::time::Instant),
     delivery: Delivery,
     (slot, turn): (OwnedSemaphorePermit, Turn),
     mut phase: watch::Receiver<Phase>,
@@ -797,11 +800,7 @@ where
         attempt: delivery.attempt,
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
-        due: std::sync::Mutex::new(extension_due(
-            tokio::time::Instant::now(),
-            config.visibility,
-            true,
-        )),
+        due: std::sync::Mutex::new(extension_due(fetched, config.visibility, None)),
     };
     let id = JobId {
         partition: partition as u16,
@@ -994,21 +993,23 @@ async fn failed<S: JobStore, H>(
     }
 }
 
-/// When a held job's next extension is due (`None`: past what an `Instant` holds): a third of
-/// its visibility after `since`, its fetch or the send of the last extension that `landed`;
-/// a tenth of it after an extension that failed at `since`. So a store out of reach for up to
-/// about half the visibility costs no job, where trying only every third would put the third
-/// try at the moment the hold runs out.
+/// When a held job's next extension is due (`None`: past what an `Instant` holds), its fetch
+/// or last extension `sent` then: a third of the visibility later; or, when that extension
+/// failed at `failed_at` in a way a retry may cure (the store out of reach), a tenth of it
+/// after the failure, and never later than the third. So a store out of reach for up to about
+/// half the visibility costs no job, where trying only every third would put the third try at
+/// the moment the hold runs out.
 pub(crate) fn extension_due(
-    since: tokio::time::Instant,
+    sent: tokio::time::Instant,
     visibility: Duration,
-    landed: bool,
+    failed_at: Option<tokio::time::Instant>,
 ) -> Option<tokio::time::Instant> {
-    since.checked_add(if landed {
-        visibility / 3
-    } else {
-        visibility / 10
-    })
+    let regular = sent.checked_add(visibility / 3);
+    match failed_at.map(|at| at.checked_add(visibility / 10)) {
+        // The sooner of the two, where one past what an `Instant` holds is never.
+        Some(again) => [regular, again].into_iter().flatten().min(),
+        None => regular,
+    }
 }
 
 /// The job a worker holds, and the steps on it.
@@ -1041,13 +1042,14 @@ impl<S: JobStore> Held<'_, S> {
             }
             let sent = tokio::time::Instant::now();
             // Due again soon if this call is cut off (its phase ended).
-            self.set_due(extension_due(sent, visibility, false));
+            self.set_due(extension_due(sent, visibility, Some(sent)));
             match self.store.extend(self.key, self.number, self.attempt).await {
-                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, true)),
-                Err(_) => {
-                    let now = tokio::time::Instant::now();
-                    self.set_due(extension_due(now, visibility, false));
+                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, None)),
+                Err(error) if error.is_retryable() => {
+                    let failed_at = tokio::time::Instant::now();
+                    self.set_due(extension_due(sent, visibility, Some(failed_at)));
                 }
+                Err(_) => self.set_due(extension_due(sent, visibility, None)),
                 Ok(_) => return,
             }
         }
@@ -1057,7 +1059,8 @@ impl<S: JobStore> Held<'_, S> {
         *self.due.lock().expect("never poisoned") = due;
     }
 
-    /// Runs a finishing step, again after store errors (50 ms, doubling) within the budget.
+    /// Runs a finishing step, again after store errors (50 ms, doubling up to a fifth of the
+    /// budget, and a last try at its end) within the budget.
     /// The step leaves the job `landed`: a try refused after one that failed is checked
     /// against the job's status, since the failed try may have been applied with only its
     /// answer lost (a timeout).
@@ -1074,15 +1077,16 @@ impl<S: JobStore> Held<'_, S> {
             match step().await {
                 Err(error)
                     if error.is_retryable()
-                        && deadline.is_none_or(|deadline| {
-                            tokio::time::Instant::now()
-                                .checked_add(pause)
-                                .is_some_and(|resumed| resumed < deadline)
-                        }) =>
+                        && deadline
+                            .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {
                     failed_before = true;
-                    tokio::time::sleep(pause).await;
-                    pause = pause.saturating_mul(2);
+                    // The last try comes at the deadline, not a pause short of it.
+                    let left = deadline.map_or(pause, |deadline| {
+                        deadline.saturating_duration_since(tokio::time::Instant::now())
+                    });
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = pause.saturating_mul(2).min(self.budget / 5);
                 }
                 Ok(Fenced::Rejected) if failed_before && self.is(landed).await => {
                     return Ok(Fenced::Applied);

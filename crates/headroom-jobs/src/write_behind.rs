@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
-use headroom_core::{BackendError, Clock, Namespace};
+use headroom_core::{BackendError, Classify, Clock, Namespace};
 use tokio::sync::watch;
 
 use crate::config::InvalidConfig;
@@ -530,6 +530,8 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let config = &shared.config;
     let mut deliveries = Vec::new();
     let mut more = false;
+    // The store holds the pass's writes from about now: their extensions count from it.
+    let fetched = tokio::time::Instant::now();
     loop {
         let request = FetchRequest {
             consumer: &shared.consumer,
@@ -614,7 +616,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let written = writes.is_empty()
         || tokio::select! {
             () = write_chunks(shared, writes) => true,
-            () = extend_all(&queue.store, key, &deliveries, config.visibility) => false,
+            () = extend_all(&queue.store, key, &deliveries, fetched, config.visibility) => false,
             () = async {
                 while !phase_is(phase, Phase::Abort) {
                     if phase.changed().await.is_err() {
@@ -698,43 +700,60 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
 /// the other could take longer than their visibility.
 const EXTENSIONS_IN_FLIGHT: usize = 64;
 
-/// Extends every delivery of the batch as a worker extends a job it holds (see
-/// [`extension_due`]), all of them in each round; returns when one was taken over.
+/// Extends the deliveries of a pass, fetched from `fetched` on, as a worker extends a job it
+/// holds (see [`extension_due`]): all of them a third of the visibility after the last round
+/// over all of them, and those whose extension failed (the store out of reach) again sooner.
+/// Returns when one was taken over.
 async fn extend_all<S: JobStore>(
     store: &S,
     key: &headroom_core::Key,
     deliveries: &[Delivery],
+    fetched: tokio::time::Instant,
     visibility: Duration,
 ) {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
-    let mut due = extension_due(tokio::time::Instant::now(), visibility, true);
+    let mut round = fetched;
+    let (mut failed, mut failed_at) = (Vec::new(), None);
     loop {
+        let all_due = extension_due(round, visibility, None);
+        let due = if failed.is_empty() {
+            all_due
+        } else {
+            extension_due(round, visibility, failed_at)
+        };
         match due {
             Some(due) => tokio::time::sleep_until(due).await,
             None => std::future::pending().await,
         }
-        let began = tokio::time::Instant::now();
-        let mut landed = true;
-        let (mut waiting, mut extensions) = (deliveries.iter(), FuturesUnordered::new());
+        let now = tokio::time::Instant::now();
+        let these: Vec<&Delivery> = if all_due.is_some_and(|due| now >= due) {
+            round = now;
+            deliveries.iter().collect()
+        } else {
+            std::mem::take(&mut failed)
+        };
+        failed.clear();
+        let (mut waiting, mut extensions) = (these.into_iter(), FuturesUnordered::new());
         loop {
             while extensions.len() < EXTENSIONS_IN_FLIGHT
                 && let Some(delivery) = waiting.next()
             {
-                extensions.push(store.extend(key, delivery.number, delivery.attempt));
+                extensions.push(async move {
+                    (
+                        delivery,
+                        store.extend(key, delivery.number, delivery.attempt).await,
+                    )
+                });
             }
             match extensions.next().await {
-                Some(Ok(headroom_core::lease::Fenced::Rejected)) => return,
-                Some(Err(_)) => landed = false,
+                Some((_, Ok(headroom_core::lease::Fenced::Rejected))) => return,
+                Some((delivery, Err(error))) if error.is_retryable() => failed.push(delivery),
                 Some(_) => {}
                 None => break,
             }
         }
-        due = if landed {
-            extension_due(began, visibility, true)
-        } else {
-            extension_due(tokio::time::Instant::now(), visibility, false)
-        };
+        failed_at = Some(tokio::time::Instant::now());
     }
 }
 

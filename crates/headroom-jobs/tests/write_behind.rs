@@ -493,11 +493,12 @@ async fn a_corrupt_write_does_not_cut_off_a_slow_writer_call() {
     assert_eq!((report.writes, report.calls), (1, 1));
 }
 
-/// A flusher whose extensions fail for a while (the store out of reach for 17 s of a 30 s
-/// visibility, every call a round trip of 500 ms) tries again soon once they fail, so its pass
-/// stays held through the outage and no other flusher takes it over while the writer works.
+/// A store out of reach for half the visibility (every call a round trip of 500 ms), from
+/// just before the pass's first extension is due, costs the flusher none of its writes: an
+/// extension that failed is tried again soon, so one lands before the hold runs out and no
+/// other flusher takes the pass over while the writer works.
 #[tokio::test(start_paused = true)]
-async fn a_pass_stays_held_through_a_store_outage_shorter_than_its_visibility() {
+async fn a_pass_stays_held_through_a_store_outage_of_half_its_visibility() {
     use headroom_chaos::{ChaosJobStore, Delay, Experiment, ExperimentConfig};
     use headroom_jobs::WriteBehindConfig;
 
@@ -542,7 +543,7 @@ async fn a_pass_stays_held_through_a_store_outage_shorter_than_its_visibility() 
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let other = database.clone().flusher(&b);
-    tokio::time::sleep_until(start + Duration::from_secs(5)).await;
+    tokio::time::sleep_until(start + Duration::from_secs(10)).await;
     experiment.stop();
     experiment
         .start(
@@ -551,7 +552,7 @@ async fn a_pass_stays_held_through_a_store_outage_shorter_than_its_visibility() 
                 .fault(1.0),
         )
         .unwrap();
-    tokio::time::sleep_until(start + Duration::from_secs(22)).await;
+    tokio::time::sleep_until(start + Duration::from_secs(25)).await;
     experiment.stop();
     experiment
         .start(ExperimentConfig::new(an_hour).latency(1.0, round_trip()))

@@ -48,9 +48,9 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) fetch_panicked: Arc<Notify>,
     /// How long each `extend` takes, applied or failed.
     extend_takes: Duration,
-    /// While set, every `extend` fails with a connection error, as when the store is out of
-    /// reach.
-    pub(crate) extends_fail: Arc<AtomicBool>,
+    /// While set, every `extend` and `complete_many` fails with a connection error, as when
+    /// the store is out of the worker's reach.
+    pub(crate) out_of_reach: Arc<AtomicBool>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -76,7 +76,7 @@ impl<S: JobStore> SlowStore<S> {
             fetch_panics: Arc::default(),
             fetch_panicked: Arc::default(),
             extend_takes: Duration::ZERO,
-            extends_fail: Arc::default(),
+            out_of_reach: Arc::default(),
         }
     }
 }
@@ -170,7 +170,7 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             .expect("extends lock")
             .push((number, tokio::time::Instant::now()));
         tokio::time::sleep(self.extend_takes).await;
-        if self.extends_fail.load(Ordering::Relaxed) {
+        if self.out_of_reach.load(Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Connection));
         }
         self.inner.extend(partition, number, attempt).await
@@ -206,6 +206,9 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             .expect("completions lock")
             .push((jobs.len(), tokio::time::Instant::now()));
         tokio::time::sleep(self.completion_takes).await;
+        if self.out_of_reach.load(Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
         let answer = self.inner.complete_many(partition, jobs, retention).await;
         if self.lose_first_completion_reply
             && !self.completion_reply_lost.swap(true, Ordering::Relaxed)
