@@ -276,6 +276,29 @@ impl<S: JobStore> JobQueueBuilder<S> {
     }
 }
 
+/// An idempotency key as the store keeps it: per tenant, so one tenant's key never answers
+/// another's job, and for a job without a tenant, per route. A tenant's key is its length
+/// byte, the tenant and the key (tenant and key are at most 255 bytes, checked before); a
+/// route's, a zero byte, `0xFF` (which no UTF-8 key starts with), the route's length (four
+/// bytes), the route and the key; any other, a zero byte and the key.
+fn scoped_key(tenant: Option<&str>, route: Option<&[u8]>, key: &str) -> Bytes {
+    let mut scoped = Vec::new();
+    match (tenant, route) {
+        (Some(tenant), _) => {
+            scoped.push(tenant.len() as u8);
+            scoped.extend_from_slice(tenant.as_bytes());
+        }
+        (None, Some(route)) => {
+            scoped.extend_from_slice(&[0, 0xFF]);
+            scoped.extend_from_slice(&(route.len() as u32).to_be_bytes());
+            scoped.extend_from_slice(route);
+        }
+        (None, None) => scoped.push(0),
+    }
+    scoped.extend_from_slice(key.as_bytes());
+    Bytes::from(scoped)
+}
+
 fn hash(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
@@ -352,15 +375,10 @@ impl<S: JobStore> JobQueue<S> {
                 .duration_since(UNIX_EPOCH + inner.clock.unix_time())
                 .unwrap_or(Duration::ZERO),
         };
-        // Keys are kept per tenant: one tenant's key never answers another's job.
-        let dedup_key = job.idempotency_key.as_ref().map(|key| {
-            let tenant = job.tenant.as_deref().unwrap_or("");
-            let mut scoped = Vec::with_capacity(1 + tenant.len() + key.len());
-            scoped.push(tenant.len() as u8);
-            scoped.extend_from_slice(tenant.as_bytes());
-            scoped.extend_from_slice(key.as_bytes());
-            Bytes::from(scoped)
-        });
+        let dedup_key = job
+            .idempotency_key
+            .as_ref()
+            .map(|key| scoped_key(job.tenant.as_deref(), job.route.as_deref(), key));
         let mut new = NewJob::new(envelope::seal(job.origin.as_deref(), &job.payload))
             .lane(job.lane)
             .delay(delay);

@@ -386,6 +386,32 @@ async fn a_duplicate_enqueue_answers_the_first_id_within_its_tenant() {
     assert_eq!(queue.status_for("", first.id).await.unwrap(), None);
 }
 
+/// Without a tenant, an idempotency key is kept per route: the same key under two routes makes
+/// two jobs, even when both routes go to one partition.
+#[tokio::test(start_paused = true)]
+async fn a_key_under_two_routes_makes_two_jobs() {
+    let queue = JobQueue::builder("routes", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let charge = |order: &'static str| Job::new("charge").route(order).idempotency_key("charge");
+    let first = queue.enqueue(charge("order-1")).await.unwrap();
+    let second = queue.enqueue(charge("order-2")).await.unwrap();
+    assert!(
+        !second.duplicate,
+        "another route's job was taken for this one"
+    );
+    assert_ne!(first.id, second.id);
+    let again = queue.enqueue(charge("order-1")).await.unwrap();
+    assert_eq!((again.id, again.duplicate), (first.id, true));
+    // Nor does a key under a route answer the same key without one.
+    let unrouted = queue
+        .enqueue(Job::new("charge").idempotency_key("charge"))
+        .await
+        .unwrap();
+    assert!(!unrouted.duplicate);
+    assert_eq!(queue.stats().await.unwrap().unfinished, 3);
+}
+
 /// An enqueue that failed with a timeout may have added its job, its answer lost: tried again
 /// with the same idempotency key, it answers that job's id and adds no second one.
 #[tokio::test(start_paused = true)]
