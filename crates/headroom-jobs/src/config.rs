@@ -135,13 +135,13 @@ impl QueueConfig {
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 #[non_exhaustive]
 pub struct WorkerConfig {
-    /// How many jobs run at once (default 8).
+    /// How many jobs run at once (default 8, at most 1,048,576).
     pub concurrency: usize,
-    /// Jobs fetched ahead of free handlers (default 8), so one fetch takes several jobs while
-    /// handlers are busy. A job fetched ahead is kept (extended) while it waits, and handed
-    /// back at once when the worker shuts down. Jobs whose handler answered while their
-    /// answer is being stored do not count here; up to `concurrency + prefetch` of them more
-    /// are held besides.
+    /// Jobs fetched ahead of free handlers (default 8, at most 1,048,576), so one fetch takes
+    /// several jobs while handlers are busy. A job fetched ahead is kept (extended) while it
+    /// waits, and handed back at once when the worker shuts down. Jobs whose handler answered
+    /// while their answer is being stored do not count here; up to `concurrency + prefetch`
+    /// of them more are held besides.
     pub prefetch: usize,
     /// How long a job may run without its worker extending it before another worker may
     /// take it over (default 30 s). A live worker extends every third of it, and again a tenth
@@ -189,11 +189,21 @@ impl Default for WorkerConfig {
     }
 }
 
+/// The most handlers, and the most jobs fetched ahead, of one worker: far past what a process
+/// runs, and within what a worker's semaphores count.
+const MAX_HANDLERS: usize = 1 << 20;
+
 impl WorkerConfig {
     /// Checks every setting, as the worker's builder does.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        if self.concurrency == 0 {
-            return Err(InvalidConfig::new("concurrency", "must be at least 1"));
+        if !(1..=MAX_HANDLERS).contains(&self.concurrency) {
+            return Err(InvalidConfig::new(
+                "concurrency",
+                "must be at least 1 and at most 1,048,576",
+            ));
+        }
+        if self.prefetch > MAX_HANDLERS {
+            return Err(InvalidConfig::new("prefetch", "must be at most 1,048,576"));
         }
         if self.visibility < Duration::from_millis(30) {
             return Err(InvalidConfig::new("visibility", "must be at least 30 ms"));
@@ -296,6 +306,9 @@ mod tests {
             config.validate().unwrap_err().field()
         };
         assert_eq!(worker(|c| c.concurrency = 0), "concurrency");
+        // Past what a worker can count, a typed error rather than a panic at start.
+        assert_eq!(worker(|c| c.concurrency = 1 << 62), "concurrency");
+        assert_eq!(worker(|c| c.prefetch = usize::MAX), "prefetch");
         assert_eq!(worker(|c| c.visibility = Duration::ZERO), "visibility");
         assert_eq!(worker(|c| c.max_attempts = 0), "max_attempts");
         assert_eq!(

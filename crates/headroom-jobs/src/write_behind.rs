@@ -64,7 +64,7 @@ pub struct WriteBehindConfig {
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub flush_interval: Duration,
     /// The most writes (after coalescing) per writer call, and per fetch from the store
-    /// (default 1,000).
+    /// (default 1,000, at most 100,000).
     pub batch: usize,
     /// How long a batch may go unanswered before another instance takes it over (default
     /// 60 s); a live flusher extends it while its writer runs.
@@ -99,8 +99,12 @@ impl WriteBehindConfig {
                 "must be at least 1 ms",
             ));
         }
-        if self.batch == 0 {
-            return Err(InvalidConfig::new("batch", "must be at least 1"));
+        // A pass holds up to ten batches in memory.
+        if !(1..=100_000).contains(&self.batch) {
+            return Err(InvalidConfig::new(
+                "batch",
+                "must be at least 1 and at most 100,000",
+            ));
         }
         if self.visibility < Duration::from_millis(30) {
             return Err(InvalidConfig::new("visibility", "must be at least 30 ms"));
@@ -760,6 +764,17 @@ async fn extend_all<S: JobStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_out_of_bounds_is_a_typed_error() {
+        for batch in [0, 100_001, usize::MAX] {
+            let config = WriteBehindConfig {
+                batch,
+                ..WriteBehindConfig::default()
+            };
+            assert_eq!(config.validate().unwrap_err().field(), "batch");
+        }
+    }
 
     #[test]
     fn writes_round_trip_and_foreign_bytes_do_not_decode() {
