@@ -364,14 +364,42 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
     end
   end
   if scan then
-    -- Deliveries idle for the visibility or longer, in every lane, longest idle first.
-    local candidates = {}
+    -- The visibility each holder last fetched with (ms, 0 when not known), read once each.
+    local visibilities = {}
+    local function held_for(holder)
+      local v = visibilities[holder]
+      if not v then
+        v = int(redis.pcall('HGET', P .. ':v', holder)) or 0
+        visibilities[holder] = v
+      end
+      return v
+    end
+    -- Deliveries idle for the visibility or longer and for their holder's, in every lane,
+    -- longest idle first. Those held for a longer visibility (older workers, during a deploy)
+    -- are passed over without counting: a lane's pending entries are paged through, 100 at a
+    -- time, until `max` lapsed ones are found or 1,000 were looked at.
+    local candidates, looked_through = {}, true
     for lane = 0, MAX_LANE do
       local s = stream(lane)
       if redis.call('EXISTS', s) == 1 then
-        local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, '-', '+', num(max))
-        for _, p in ipairs(pending) do
-          candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
+        local from, seen, found = '-', 0, 0
+        while found < max do
+          if seen >= 1000 then
+            looked_through = false
+            break
+          end
+          local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, from, '+', 100)
+          for _, p in ipairs(pending) do
+            if p[3] >= held_for(p[2]) then
+              candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
+              found = found + 1
+            end
+          end
+          seen = seen + #pending
+          if #pending < 100 then
+            break
+          end
+          from = '(' .. pending[#pending][1]
         end
       end
     end
@@ -384,16 +412,6 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       end
       return x[2] < y[2]
     end)
-    -- The visibility each holder last fetched with (ms, 0 when not known), read once each.
-    local visibilities = {}
-    local function held_for(holder)
-      local v = visibilities[holder]
-      if not v then
-        v = int(redis.pcall('HGET', P .. ':v', holder)) or 0
-        visibilities[holder] = v
-      end
-      return v
-    end
     local owners = {}
     for i = 1, math.min(#candidates, max) do
       local c = candidates[i]
@@ -415,8 +433,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         uncount(n)
       elseif kind == 'skip' then
         drop(s, c[2])
-      elseif c[3] >= held_for(c[4]) then
-        -- Idle for its holder's visibility too (a longer one is left to run).
+      else
         redis.call('XCLAIM', s, 'w', consumer, '0', c[2], 'JUSTID')
         take(tostring(c[1]), c[2], n, rk, r, 1)
       end
@@ -424,7 +441,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         owners[#owners + 1] = {s, c[4]}
       end
     end
-    if every >= 1 and #candidates < max and not stop then
+    if every >= 1 and #candidates < max and looked_through and not stop then
       redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
     end
     -- A holder left without deliveries is most likely gone: forget it (a live one comes back

@@ -770,10 +770,12 @@ async fn a_record_of_another_type_is_corrupt_and_stops_no_other_job(ctx: Ctx) {
         ctx.add(&p, job("held")).await,
         ctx.add(&p, job("other")).await,
     ];
+    // Held for 1 ms, so that a takeover may take it: one past its holder's visibility only.
     assert_eq!(
-        numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await),
+        numbers(ctx.fetch(&p, "w", &[0], 10, Duration::from_millis(1)).await),
         [held, other]
     );
+    tokio::time::sleep(Duration::from_millis(5)).await;
     replace(&ctx, &p, held).await;
     let err = ctx.store.extend(&p, held, 1).await.unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
@@ -884,7 +886,10 @@ async fn garbage_in_a_record_is_a_typed_error(ctx: Ctx) {
         assert_eq!(done.unwrap(), Fenced::Applied);
     }
     let taken = ctx.add(&p, job("taken")).await;
-    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, LONG).await), [taken]);
+    // Held for 1 ms, so that a takeover may take it: one past its holder's visibility only.
+    let short = Duration::from_millis(1);
+    assert_eq!(numbers(ctx.fetch(&p, "w", &[0], 10, short).await), [taken]);
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let _: i64 = ctx
         .raw(
             redis::cmd("HSET")

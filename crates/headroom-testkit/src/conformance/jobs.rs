@@ -497,6 +497,42 @@ pub async fn a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers
     );
 }
 
+/// A lapsed delivery is taken over even behind more deliveries than a fetch asks for that are
+/// idle past the fetcher's visibility but within their holders' longer one (a fleet of older
+/// workers during a deploy): those are passed over, not counted against the fetch.
+pub async fn a_lapsed_delivery_is_taken_over_behind_longer_holds<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    for payload in ["a", "b", "c"] {
+        add(store, &p, &job(payload)).await;
+    }
+    let lapsed = add(store, &p, &job("d")).await;
+    let short = Duration::from_millis(50);
+    assert_eq!(fetch(store, &p, "old", &[0], 3, LONG).await.len(), 3);
+    assert_eq!(fetch(store, &p, "gone", &[0], 1, short).await.len(), 1);
+    let start = Instant::now();
+    let taken = loop {
+        let taken = fetch(store, &p, "new", &[0], 2, short).await;
+        if !taken.is_empty() {
+            break taken;
+        }
+        assert!(
+            start.elapsed() < WAIT_BOUND,
+            "the lapsed delivery was not taken over within {WAIT_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        taken
+            .iter()
+            .map(|d| (d.number, d.attempt))
+            .collect::<Vec<_>>(),
+        [(lapsed, 2)]
+    );
+}
+
 /// A holder that extends keeps its job past the visibility timeout.
 pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
     let p = partition(&ns, "q");

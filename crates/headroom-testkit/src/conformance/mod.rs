@@ -190,6 +190,7 @@ macro_rules! job_store_conformance {
                 a_delayed_job_waits_for_its_delay,
                 an_expired_visibility_is_taken_over_and_the_old_holder_fenced,
                 a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers,
+                a_lapsed_delivery_is_taken_over_behind_longer_holds,
                 extending_keeps_the_job,
                 a_retried_job_comes_back_after_its_delay,
                 a_released_job_comes_back_at_once_uncharged,
