@@ -311,13 +311,17 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       return 'bad', 'entry ' .. id
     end
     local rk = record(n)
-    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h')
+    local r = read_record(rk, 's', 'a', 'e', 'p', 't', 'h', 'l')
     if not r then
       return 'bad', 'job ' .. n, n
     end
     local state = r[1]
-    local attempt, enqueued = int(r[2]), int(r[3])
-    if (state == 'q' or state == 'y' or state == 'r') and attempt and enqueued then
+    local attempt, enqueued, lane = int(r[2]), int(r[3]), r[7]
+    -- Deliverable only with an attempt the next one still fits a u32 after, and a lane every
+    -- step can read (compared as one character, as the steps do): otherwise no step could
+    -- finish it, and it would come back after every visibility.
+    if (state == 'q' or state == 'y' or state == 'r') and attempt and attempt < 4294967295
+        and enqueued and type(lane) == 'string' and #lane == 1 and lane >= '0' and lane <= '7' then
       -- Parsed once, for `take`.
       r[2], r[3] = attempt, enqueued
       return 'ok', n, rk, r

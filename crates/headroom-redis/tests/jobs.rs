@@ -172,6 +172,7 @@ on_both!(
     a_retried_job_is_redelivered_with_the_next_attempt,
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
+    a_record_no_step_could_finish_is_corrupt_and_not_delivered,
     a_record_of_another_type_is_corrupt_and_stops_no_other_job,
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
@@ -834,6 +835,56 @@ async fn a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery(ct
     // The holder's visibility lapses; the job is taken over, charged as every delivery is.
     let taken = ctx.fetch(&p, "v", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].attempt, taken[0].handed_back), (2, 0));
+}
+
+/// A record a delivery cannot carry (an attempt at the largest the store counts, so the next
+/// is past it) or that no step could finish (its lane gone from it): a fetch meeting it fails
+/// typed with `Corrupt` and takes it off its lane, instead of delivering it (to be delivered
+/// again after every visibility, since no step would finish it) or failing the whole fetch
+/// with the other jobs already marked running.
+async fn a_record_no_step_could_finish_is_corrupt_and_not_delivered(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let numbers = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.number).collect::<Vec<_>>();
+    let before = ctx.add(&p, job("before")).await;
+    let last_attempt = ctx.add(&p, job("last attempt")).await;
+    let no_lane = ctx.add(&p, job("no lane")).await;
+    let after = ctx.add(&p, job("after")).await;
+    let record = |number: JobNumber| sub(&p, &format!(":j:{number}"));
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(record(last_attempt))
+                .arg("a")
+                .arg(u32::MAX),
+        )
+        .await;
+    let _: i64 = ctx
+        .raw(redis::cmd("HDEL").arg(record(no_lane)).arg("l"))
+        .await;
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 10,
+        visibility: LONG,
+    };
+    assert_eq!(
+        numbers(ctx.store.fetch(&p, request).await.unwrap()),
+        [before]
+    );
+    for _ in 0..2 {
+        let err = ctx.store.fetch(&p, request).await.unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    }
+    assert_eq!(
+        numbers(ctx.store.fetch(&p, request).await.unwrap()),
+        [after]
+    );
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!(
+        (stats.unfinished, stats.ready, stats.running),
+        (2, 0, 2),
+        "the corrupt jobs are no longer counted"
+    );
 }
 
 /// Bytes the store did not write in a record give a typed error, never a panic; a fetch
