@@ -103,6 +103,30 @@ local function push(lane, n)
 end
 ";
 
+/// Tenants' unfinished counts.
+const TENANT_COUNT: &str = r"
+-- Adds `delta` to `tenant`'s unfinished count, dropping the count at zero. A count the store
+-- did not write (not a whole number, or `P:t` not a hash) is dropped first rather than failing
+-- the step half way through its writes: that tenant's bound counts from here again.
+local function count_tenant(tenant, delta)
+  local t = P .. ':t'
+  local left = redis.pcall('HINCRBY', t, tenant, delta)
+  if type(left) ~= 'number' then
+    local dropped = redis.pcall('HDEL', t, tenant)
+    if type(dropped) ~= 'number' then
+      redis.call('DEL', t)
+    end
+    left = delta
+    if delta > 0 then
+      redis.call('HSET', t, tenant, delta)
+    end
+  end
+  if left <= 0 then
+    redis.call('HDEL', t, tenant)
+  end
+end
+";
+
 /// The drain rate's buckets, read and written.
 const DRAIN: &str = r"
 -- The drain buckets rolled to now: bucket index, finished in it, finished in the one before.
@@ -144,9 +168,7 @@ end
 local function finished(tenant)
   redis.call('INCRBY', P .. ':n', -1)
   if tenant then
-    if redis.call('HINCRBY', P .. ':t', tenant, -1) <= 0 then
-      redis.call('HDEL', P .. ':t', tenant)
-    end
+    count_tenant(tenant, -1)
   end
   drained(1)
 end
@@ -176,9 +198,7 @@ local function uncount(n)
   end
   local tenant = redis.pcall('HGET', record(n), 't')
   if type(tenant) == 'string' then
-    if redis.call('HINCRBY', P .. ':t', tenant, -1) <= 0 then
-      redis.call('HDEL', P .. ':t', tenant)
-    end
+    count_tenant(tenant, -1)
   end
 end
 ";
@@ -241,7 +261,7 @@ local n = num(number)
 local rk = record(n)
 if tenant then
   redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3], 't', tenant)
-  redis.call('HINCRBY', P .. ':t', tenant, 1)
+  count_tenant(tenant, 1)
 else
   redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
 end
@@ -575,9 +595,9 @@ if op == 'retry' or op == 'release' then
   end
   redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
 else
-  finished(tenant)
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
+  finished(tenant)
   redis.call('HSET', rk, 's', 'x', 'err', ARGV[4])
   redis.call('HDEL', rk, 'sid', 'c')
   redis.call('PEXPIRE', rk, ARGV[5])
@@ -697,9 +717,7 @@ local function complete_jobs(from)
     end
     redis.call('INCRBY', P .. ':n', -done)
     for tenant, count in pairs(tenants) do
-      if redis.call('HINCRBY', P .. ':t', tenant, -count) <= 0 then
-        redis.call('HDEL', P .. ':t', tenant)
-      end
+      count_tenant(tenant, -count)
     end
     drained(done)
   end
@@ -811,12 +829,18 @@ fn script(parts: &[&str], body: &str) -> Script {
     ))
 }
 
-static ENQUEUE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[LANE_PUSH, DRAIN], ENQUEUE));
-static FETCH_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[LANE_PUSH, UNCOUNT, HOLDS, FETCH_JOBS], FETCH));
-static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[DRAIN, PRUNE_DEAD], STEP));
+static ENQUEUE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[LANE_PUSH, TENANT_COUNT, DRAIN], ENQUEUE));
+static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        &[LANE_PUSH, TENANT_COUNT, UNCOUNT, HOLDS, FETCH_JOBS],
+        FETCH,
+    )
+});
+static STEP_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, PRUNE_DEAD], STEP));
 static COMPLETE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[DRAIN, COMPLETE_JOBS], COMPLETE));
+    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, COMPLETE_JOBS], COMPLETE));
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));

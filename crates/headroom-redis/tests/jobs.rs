@@ -173,6 +173,7 @@ on_both!(
     buried_jobs_are_dead_letters_newest_first,
     garbage_in_a_record_is_a_typed_error,
     a_record_no_step_could_finish_is_corrupt_and_not_delivered,
+    a_tenant_count_the_store_did_not_write_is_started_again,
     a_record_of_another_type_is_corrupt_and_stops_no_other_job,
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
@@ -835,6 +836,53 @@ async fn a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery(ct
     // The holder's visibility lapses; the job is taken over, charged as every delivery is.
     let taken = ctx.fetch(&p, "v", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].attempt, taken[0].handed_back), (2, 0));
+}
+
+/// A tenant's unfinished count that is not a number (written by something else): the steps
+/// that count that tenant's jobs finish as they would and start its count again, rather than
+/// failing half way (the partition's count already taken down, again at every retry) or
+/// leaving other tenants' counts as they were.
+async fn a_tenant_count_the_store_did_not_write_is_started_again(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let counts = sub(&p, ":t");
+    let [a, b, c] = [
+        ctx.add(&p, job("a").tenant("acme")).await,
+        ctx.add(&p, job("b").tenant("acme")).await,
+        ctx.add(&p, job("c").tenant("globex")).await,
+    ];
+    assert_eq!(ctx.fetch(&p, "w", &[0], 10, LONG).await.len(), 3);
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&counts).arg("acme").arg("x"))
+        .await;
+    let buried = ctx.store.bury(&p, a, 1, Bytes::new(), LONG).await;
+    assert_eq!(buried.unwrap(), Fenced::Applied);
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&counts).arg("acme").arg("x"))
+        .await;
+    let done = |number| Completion {
+        number,
+        attempt: 1,
+        result: Bytes::new(),
+    };
+    let answers = ctx
+        .store
+        .complete_many(&p, &[done(b), done(c)], LONG)
+        .await
+        .expect("complete_many");
+    assert!(
+        answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))),
+        "{answers:?}"
+    );
+    assert_eq!(ctx.store.stats(&p).await.unwrap().unfinished, 0);
+    let left: Vec<String> = ctx.raw(redis::cmd("HKEYS").arg(&counts)).await;
+    assert!(left.is_empty(), "tenant counts left: {left:?}");
+    // Enqueues count again from there, with the count not a number once more.
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&counts).arg("acme").arg("x"))
+        .await;
+    ctx.add(&p, job("d").tenant("acme")).await;
+    let count: String = ctx.raw(redis::cmd("HGET").arg(&counts).arg("acme")).await;
+    assert_eq!(count, "1");
 }
 
 /// A record a delivery cannot carry (an attempt at the largest the store counts, so the next
