@@ -373,7 +373,7 @@ impl Worker {
             Some(Ok(())) => {}
             Some(Err(error)) => tracing::error!(%error, "the worker's fetch loop panicked"),
             // Waiting for a job task that does not end (a handler that never yields): drop
-            // the loop, which aborts the job tasks that can still be aborted.
+            // the loop, which leaves that task to store its answer if it ever comes.
             None => task.abort(),
         }
         stop_completer.notify_one();
@@ -568,7 +568,7 @@ where
     // fetches take several jobs at once while handlers are busy.
     let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
     let handlers = Arc::new(Semaphore::new(config.concurrency));
-    let mut jobs = JoinSet::new();
+    let mut jobs = JobTasks(JoinSet::new());
     let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
     let partitions = queue.partitions.len();
     let mut next_partition = fastrand::usize(..partitions);
@@ -581,7 +581,7 @@ where
     )));
     loop {
         // Each job task counts its own outcome on the tally.
-        while jobs.try_join_next().is_some() {}
+        while jobs.0.try_join_next().is_some() {}
         let first = tokio::select! {
             biased;
             () = until(&mut phase, |p| p != Phase::Running) => break,
@@ -620,7 +620,7 @@ where
                     let turn = Turn::take(&handlers);
                     let counted = Counted::start(&shared.tally);
                     let phase = phase.clone();
-                    jobs.spawn(async move {
+                    jobs.0.spawn(async move {
                         let outcome =
                             run_job(shared, (p, sent), delivery, (slot, turn), phase).await;
                         counted.finish(outcome);
@@ -652,7 +652,7 @@ where
             }
         }
     }
-    while jobs.join_next().await.is_some() {}
+    while jobs.0.join_next().await.is_some() {}
     // Gone for good: the store forgets this consumer wherever it holds nothing (a bounded
     // wait; a consumer left behind is harmless, and found again by takeovers).
     let leave = async {
@@ -663,6 +663,18 @@ where
         }
     };
     let _ = tokio::time::timeout(config.visibility / 2, leave).await;
+}
+
+/// A worker's job tasks, left running when the fetch loop is dropped rather than aborted. The
+/// shutdown drops the loop once its bound ran out with a job task still running: by then every
+/// handler that yields was cut off, so that task's handler blocks its thread, and its answer, if
+/// it ever comes, is still stored (`a_blocked_handlers_late_answer_is_stored_after_the_shutdown`).
+struct JobTasks(JoinSet<()>);
+
+impl Drop for JobTasks {
+    fn drop(&mut self) {
+        self.0.detach_all();
+    }
 }
 
 /// Publishes the queue's counts every `every`, until aborted.

@@ -1199,6 +1199,38 @@ async fn shutdown_returns_within_its_bound_though_a_handler_never_yields() {
     shuts_down_within_its_bound_leaving_the_blocked_job(worker, &blocking, grace, visibility).await;
 }
 
+/// The answer of a handler that blocked its thread through a whole shutdown is still stored
+/// when it comes, by a store whose calls yield (as a network store's do), since no worker took
+/// the job over meanwhile. Real time, as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_handlers_late_answer_is_stored_after_the_shutdown() {
+    let store = SlowStore::slow_completions(Duration::from_millis(1));
+    let queue = JobQueue::builder("late", store).build().unwrap();
+    let id = queue.enqueue(Job::new("blocks")).await.unwrap().id;
+    let blocking = Blocking::new();
+    let (grace, visibility) = (Duration::from_millis(200), Duration::from_secs(1));
+    let worker = queue
+        .worker(blocking.handler())
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    blocking.started.notified().await;
+    shuts_down_within_its_bound_leaving_the_blocked_job(worker, &blocking, grace, visibility).await;
+    let stored = async {
+        loop {
+            let status = queue.status(id).await.unwrap().unwrap();
+            if status.state == JobState::Done {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let status = tokio::time::timeout(SCHEDULING_SLACK, stored)
+        .await
+        .expect("the late answer was not stored");
+    assert_eq!(status.attempt, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shutdown_with_an_endless_grace_returns_once_the_worker_is_idle() {
     let queue = JobQueue::builder("endless", MemoryJobStore::new())
