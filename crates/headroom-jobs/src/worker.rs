@@ -92,7 +92,8 @@ pub struct WorkerReport {
     pub handed_back: u64,
     /// Jobs the worker could not finish nor hand back: a handler still running when the
     /// shutdown's bound ended (one that blocks its thread without yielding cannot be cut off),
-    /// or a job whose task ended with the worker's own failure. Each stays held until its
+    /// a job whose answer or hand-back the store did not take within the finishing step's
+    /// budget, or a job whose task ended with the worker's own failure. Each stays held until its
     /// visibility runs out; then another worker takes it over.
     pub abandoned: u64,
 }
@@ -111,6 +112,8 @@ enum Outcome {
     Dead,
     Lost,
     HandedBack,
+    /// Neither finished nor handed back: the store could not be reached.
+    Abandoned,
 }
 
 /// The outcomes of a worker's jobs, counted as each job's task ends, where `shutdown` reads
@@ -177,6 +180,7 @@ impl WorkerReport {
             Outcome::Dead => self.dead += 1,
             Outcome::Lost => self.lost += 1,
             Outcome::HandedBack => self.handed_back += 1,
+            Outcome::Abandoned => self.abandoned += 1,
         }
     }
 }
@@ -785,6 +789,7 @@ where
             );
         }
         Outcome::HandedBack => metrics.handed_back.increment(1),
+        Outcome::Abandoned => metrics.abandoned.increment(1),
     }
     outcome
 }
@@ -958,14 +963,15 @@ where
         Outcome::Dead => "dead",
         Outcome::Lost => "lost",
         Outcome::HandedBack => "handed_back",
+        Outcome::Abandoned => "abandoned",
     };
     span.record("outcome", name);
     outcome
 }
 
 /// The outcome of a finishing step: `outcome` if the store took it, lost if the job had been
-/// taken over (or the store could not be reached within the budget: the job stays held and
-/// another worker takes it over after its visibility).
+/// taken over, abandoned if the store could not be reached within the budget (the job stays
+/// held, and another worker takes it over after its visibility).
 fn finish<S, H>(
     shared: &Shared<S, H>,
     step: Result<Fenced, BackendError>,
@@ -977,7 +983,7 @@ fn finish<S, H>(
         Err(error) => {
             shared.queue.inner.metrics.store_errors.increment(1);
             tracing::warn!(queue = %shared.queue.inner.name, %error, "finishing a job failed; another worker will run it again");
-            Outcome::Lost
+            Outcome::Abandoned
         }
     }
 }

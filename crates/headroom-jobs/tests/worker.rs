@@ -1199,6 +1199,28 @@ async fn shutdown_returns_within_its_bound_though_a_handler_never_yields() {
     shuts_down_within_its_bound_leaving_the_blocked_job(worker, &blocking, grace, visibility).await;
 }
 
+/// A job whose answer the store never takes (out of reach for longer than the finishing step
+/// tries) is counted as abandoned, not as lost: no other worker took it over.
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_answer_the_store_never_takes_is_abandoned_not_lost() {
+    let store: SlowStore = SlowStore::default();
+    let queue = JobQueue::builder("unreachable", store.clone())
+        .build()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    store.out_of_reach.store(true, Ordering::Relaxed);
+    let worker = queue
+        .worker(|_job| async { Ok(Bytes::new()) })
+        .visibility(Duration::from_secs(30))
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Running).await;
+    // Past the finishing step's budget of half the visibility.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.done, report.lost, report.abandoned), (0, 0, 1));
+}
+
 /// The answer of a handler that blocked its thread through a whole shutdown is still stored
 /// when it comes, by a store whose calls yield (as a network store's do), since no worker took
 /// the job over meanwhile. Real time, as above.
