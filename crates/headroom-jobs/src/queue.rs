@@ -135,7 +135,9 @@ pub struct QueueStats {
     pub delayed: u64,
     /// Dead jobs kept.
     pub dead: u64,
-    /// The age of the oldest ready job, by the store's clock against this process's.
+    /// How long ago the job at the front of a lane was enqueued, the longest over lanes (a
+    /// delayed or retried job counts from its enqueue), by the store's clock against this
+    /// process's.
     pub oldest_ready_age: Option<Duration>,
 }
 
