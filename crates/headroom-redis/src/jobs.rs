@@ -588,11 +588,14 @@ if op == 'retry' or op == 'release' then
   end
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
-  redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
-  redis.call('HDEL', rk, 'sid', 'c')
   if op == 'release' then
-    redis.call('HSET', rk, 'h', num(handed + 1))
+    -- A hand-back is no failed attempt: the last failure's error stays.
+    redis.call('HSET', rk, 's', 'y', 'h', num(handed + 1))
+    redis.call('HSETNX', rk, 'err', ARGV[5])
+  else
+    redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
   end
+  redis.call('HDEL', rk, 'sid', 'c')
   redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
 else
   redis.call('XACK', s, 'w', sid)

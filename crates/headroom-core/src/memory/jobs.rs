@@ -386,7 +386,10 @@ impl Partition {
         let Some(job) = self.held(number, attempt) else {
             return Fenced::Rejected;
         };
-        job.change(now.bytes, |job| job.error = Some(error));
+        // A hand-back is no failed attempt: the last failure's error stays.
+        if !handed_back || job.error.is_none() {
+            job.change(now.bytes, |job| job.error = Some(error));
+        }
         let since = job.at_ms;
         let due = now.ms.saturating_add(millis(delay));
         job.state = JobState::Retrying;

@@ -624,6 +624,48 @@ pub async fn a_released_job_comes_back_at_once_uncharged<S: JobStore>(store: &S,
     );
 }
 
+/// A hand-back keeps the error of the job's last failed attempt, which its status goes on
+/// answering; a job that never failed answers the hand-back's reason.
+pub async fn a_hand_back_keeps_the_error_of_the_last_failed_attempt<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = &partition(&ns, "q");
+    let error_of = |number| async move {
+        let record = store.status(p, number).await.expect("status");
+        record.expect("kept").error
+    };
+    let failed = add(store, p, &job("failed")).await;
+    fetch(store, p, "w", &[0], 1, LONG).await;
+    let retried = store.retry(
+        p,
+        failed,
+        1,
+        Duration::ZERO,
+        Bytes::from_static(b"provider 503"),
+    );
+    assert_eq!(retried.await.expect("retry"), Fenced::Applied);
+    let again = fetch_eventually(store, p, "w", LONG).await;
+    assert_eq!((again[0].number, again[0].attempt), (failed, 2));
+    let released = store.release(p, failed, 2, Bytes::from_static(b"shutting down"));
+    assert_eq!(released.await.expect("release"), Fenced::Applied);
+    assert_eq!(
+        error_of(failed).await.as_deref(),
+        Some(&b"provider 503"[..])
+    );
+
+    let fresh = add(store, p, &job("fresh")).await;
+    let taken = fetch_eventually(store, p, "w", LONG).await;
+    let numbers: Vec<JobNumber> = taken.iter().map(|d| d.number).collect();
+    assert!(numbers.contains(&fresh), "{numbers:?}");
+    let released = store.release(p, fresh, 1, Bytes::from_static(b"shutting down"));
+    assert_eq!(released.await.expect("release"), Fenced::Applied);
+    assert_eq!(
+        error_of(fresh).await.as_deref(),
+        Some(&b"shutting down"[..])
+    );
+}
+
 /// A buried job is dead: kept with its payload and error, listed newest first among the dead
 /// letters, and no longer counted against the bound.
 pub async fn a_buried_job_is_a_dead_letter_and_frees_its_place<S: JobStore>(
