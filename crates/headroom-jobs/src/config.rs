@@ -145,8 +145,9 @@ pub struct WorkerConfig {
     pub prefetch: usize,
     /// How long a job may run without its worker extending it before another worker may
     /// take it over (default 30 s). A live worker extends every third of it, and again a tenth
-    /// of it after an extension that failed, so it loses its jobs only when it dies, stalls,
-    /// or cannot reach the store for over half of it.
+    /// of it after sending an extension that failed, so it loses its jobs only when it dies,
+    /// stalls, or cannot reach the store for over half of it (when the store's calls fail
+    /// within a tenth of it).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub visibility: Duration,
     /// Deliveries of a job before it is dead (default 5), counting those that ended with

@@ -1,6 +1,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -90,11 +91,13 @@ pub struct WorkerReport {
     pub lost: u64,
     /// Jobs still running when the shutdown's grace ended, handed back for another worker.
     pub handed_back: u64,
-    /// Jobs the worker could not finish nor hand back: a handler still running when the
-    /// shutdown's bound ended (one that blocks its thread without yielding cannot be cut off),
-    /// a job whose answer or hand-back the store did not take within the finishing step's
-    /// budget, or a job whose task ended with the worker's own failure. Each stays held until its
-    /// visibility runs out; then another worker takes it over.
+    /// Jobs the worker could not finish nor hand back: a job whose answer or hand-back the
+    /// store did not take within the finishing step's budget (the attempts metric's
+    /// `abandoned`), a job whose task ended with the worker's own failure, or a handler still
+    /// running when the shutdown's bound ended (one that blocks its thread without yielding
+    /// cannot be cut off; its answer, if it comes after the report, is still stored). Each
+    /// stays held until its visibility runs out, unless that late answer is stored first;
+    /// then another worker takes it over.
     pub abandoned: u64,
 }
 
@@ -287,10 +290,12 @@ where
             completions,
             tally: Arc::clone(&tally),
         });
-        let task = tokio::spawn(fetch_loop(shared, watch_phase));
+        let leave_running = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(fetch_loop(shared, watch_phase, Arc::clone(&leave_running)));
         Ok(Worker {
             phase,
             task,
+            leave_running,
             completer,
             stop_completer,
             tally,
@@ -327,8 +332,11 @@ impl<S: JobStore> JobQueue<S> {
 pub struct Worker {
     phase: watch::Sender<Phase>,
     task: tokio::task::JoinHandle<()>,
+    /// Set when a shutdown drops the fetch loop at its bound: see [`JobTasks`].
+    leave_running: Arc<AtomicBool>,
     /// Stores the completions: joined by `shutdown` within its bound, so none is stored
-    /// after it returned (unless the bound cut a store call short).
+    /// after it returned (unless the bound cut a store call short), but a handler's that
+    /// blocked its thread through the shutdown (see [`JobTasks`]).
     completer: tokio::task::JoinHandle<()>,
     /// Tells the completer to store what it was handed and end, though job tasks left
     /// running still hold its sender.
@@ -356,6 +364,7 @@ impl Worker {
         let Self {
             phase,
             mut task,
+            leave_running,
             completer,
             stop_completer,
             tally,
@@ -378,7 +387,10 @@ impl Worker {
             Some(Err(error)) => tracing::error!(%error, "the worker's fetch loop panicked"),
             // Waiting for a job task that does not end (a handler that never yields): drop
             // the loop, which leaves that task to store its answer if it ever comes.
-            None => task.abort(),
+            None => {
+                leave_running.store(true, Ordering::Relaxed);
+                task.abort();
+            }
         }
         stop_completer.notify_one();
         let mut completer = completer;
@@ -560,8 +572,11 @@ impl LaneSchedule {
     }
 }
 
-async fn fetch_loop<S, H, Fut>(shared: Arc<Shared<S, H>>, mut phase: watch::Receiver<Phase>)
-where
+async fn fetch_loop<S, H, Fut>(
+    shared: Arc<Shared<S, H>>,
+    mut phase: watch::Receiver<Phase>,
+    leave_running: Arc<AtomicBool>,
+) where
     S: JobStore,
     H: Fn(JobContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Bytes, JobError>> + Send + 'static,
@@ -572,7 +587,10 @@ where
     // fetches take several jobs at once while handlers are busy.
     let slots = Arc::new(Semaphore::new(config.concurrency + config.prefetch));
     let handlers = Arc::new(Semaphore::new(config.concurrency));
-    let mut jobs = JobTasks(JoinSet::new());
+    let mut jobs = JobTasks {
+        tasks: JoinSet::new(),
+        leave_running,
+    };
     let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
     let partitions = queue.partitions.len();
     let mut next_partition = fastrand::usize(..partitions);
@@ -585,7 +603,7 @@ where
     )));
     loop {
         // Each job task counts its own outcome on the tally.
-        while jobs.0.try_join_next().is_some() {}
+        while jobs.tasks.try_join_next().is_some() {}
         let first = tokio::select! {
             biased;
             () = until(&mut phase, |p| p != Phase::Running) => break,
@@ -624,7 +642,7 @@ where
                     let turn = Turn::take(&handlers);
                     let counted = Counted::start(&shared.tally);
                     let phase = phase.clone();
-                    jobs.0.spawn(async move {
+                    jobs.tasks.spawn(async move {
                         let outcome =
                             run_job(shared, (p, sent), delivery, (slot, turn), phase).await;
                         counted.finish(outcome);
@@ -656,7 +674,7 @@ where
             }
         }
     }
-    while jobs.0.join_next().await.is_some() {}
+    while jobs.tasks.join_next().await.is_some() {}
     // Gone for good: the store forgets this consumer wherever it holds nothing (a bounded
     // wait; a consumer left behind is harmless, and found again by takeovers).
     let leave = async {
@@ -669,15 +687,21 @@ where
     let _ = tokio::time::timeout(config.visibility / 2, leave).await;
 }
 
-/// A worker's job tasks, left running when the fetch loop is dropped rather than aborted. The
-/// shutdown drops the loop once its bound ran out with a job task still running: by then every
-/// handler that yields was cut off, so that task's handler blocks its thread, and its answer, if
-/// it ever comes, is still stored (`a_blocked_handlers_late_answer_is_stored_after_the_shutdown`).
-struct JobTasks(JoinSet<()>);
+/// A worker's job tasks, aborted with the fetch loop (when it panics, or its runtime stops),
+/// except when a shutdown drops the loop once its bound ran out with a job task still running
+/// (`leave_running`): by then every handler that yields was cut off, so that task's handler
+/// blocks its thread, and it is left running to store its answer if it ever comes
+/// (`a_blocked_handlers_late_answer_is_stored_after_the_shutdown`).
+struct JobTasks {
+    tasks: JoinSet<()>,
+    leave_running: Arc<AtomicBool>,
+}
 
 impl Drop for JobTasks {
     fn drop(&mut self) {
-        self.0.detach_all();
+        if self.leave_running.load(Ordering::Relaxed) {
+            self.tasks.detach_all();
+        }
     }
 }
 
@@ -817,7 +841,7 @@ where
         attempt: delivery.attempt,
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
-        due: std::sync::Mutex::new(extension_due(fetched, config.visibility, None)),
+        due: std::sync::Mutex::new(extension_due(fetched, config.visibility, false)),
     };
     let id = JobId {
         partition: partition as u16,
@@ -1012,22 +1036,21 @@ async fn failed<S: JobStore, H>(
 }
 
 /// When a held job's next extension is due (`None`: past what an `Instant` holds), its fetch
-/// or last extension `sent` then: a third of the visibility later; or, when that extension
-/// failed at `failed_at` in a way a retry may cure (the store out of reach), a tenth of it
-/// after the failure, and never later than the third. So a store out of reach for up to about
-/// half the visibility costs no job, where trying only every third would put the third try at
-/// the moment the hold runs out.
+/// or last extension `sent` then: a third of the visibility later; or a tenth of it when that
+/// extension failed in a way a retry may cure (the store out of reach), which is at once when
+/// the failure took longer to come. A store out of reach for up to half the visibility then
+/// costs no job, as long as its calls fail within a tenth of it (its command timeout), where
+/// trying only every third would put the third try at the moment the hold runs out.
 pub(crate) fn extension_due(
     sent: tokio::time::Instant,
     visibility: Duration,
-    failed_at: Option<tokio::time::Instant>,
+    failed: bool,
 ) -> Option<tokio::time::Instant> {
-    let regular = sent.checked_add(visibility / 3);
-    match failed_at.map(|at| at.checked_add(visibility / 10)) {
-        // The sooner of the two, where one past what an `Instant` holds is never.
-        Some(again) => [regular, again].into_iter().flatten().min(),
-        None => regular,
-    }
+    sent.checked_add(if failed {
+        visibility / 10
+    } else {
+        visibility / 3
+    })
 }
 
 /// The job a worker holds, and the steps on it.
@@ -1060,14 +1083,12 @@ impl<S: JobStore> Held<'_, S> {
             }
             let sent = tokio::time::Instant::now();
             // Due again soon if this call is cut off (its phase ended).
-            self.set_due(extension_due(sent, visibility, Some(sent)));
+            self.set_due(extension_due(sent, visibility, true));
             match self.store.extend(self.key, self.number, self.attempt).await {
-                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, None)),
-                Err(error) if error.is_retryable() => {
-                    let failed_at = tokio::time::Instant::now();
-                    self.set_due(extension_due(sent, visibility, Some(failed_at)));
-                }
-                Err(_) => self.set_due(extension_due(sent, visibility, None)),
+                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, false)),
+                // Due soon, as set above.
+                Err(error) if error.is_retryable() => {}
+                Err(_) => self.set_due(extension_due(sent, visibility, false)),
                 Ok(_) => return,
             }
         }

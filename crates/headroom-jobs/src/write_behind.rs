@@ -717,22 +717,26 @@ async fn extend_all<S: JobStore>(
 ) {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
-    let mut round = fetched;
-    let (mut failed, mut failed_at) = (Vec::new(), None);
+    // When the last round over all of them, and the last round, began.
+    let (mut all_began, mut began) = (fetched, fetched);
+    let mut failed = Vec::new();
     loop {
-        let all_due = extension_due(round, visibility, None);
+        let all_due = extension_due(all_began, visibility, false);
         let due = if failed.is_empty() {
             all_due
         } else {
-            extension_due(round, visibility, failed_at)
+            [all_due, extension_due(began, visibility, true)]
+                .into_iter()
+                .flatten()
+                .min()
         };
         match due {
             Some(due) => tokio::time::sleep_until(due).await,
             None => std::future::pending().await,
         }
-        let now = tokio::time::Instant::now();
-        let these: Vec<&Delivery> = if all_due.is_some_and(|due| now >= due) {
-            round = now;
+        began = tokio::time::Instant::now();
+        let these: Vec<&Delivery> = if all_due.is_some_and(|due| began >= due) {
+            all_began = began;
             deliveries.iter().collect()
         } else {
             std::mem::take(&mut failed)
@@ -757,7 +761,6 @@ async fn extend_all<S: JobStore>(
                 None => break,
             }
         }
-        failed_at = Some(tokio::time::Instant::now());
     }
 }
 

@@ -1221,6 +1221,52 @@ async fn a_job_whose_answer_the_store_never_takes_is_abandoned_not_lost() {
     assert_eq!((report.done, report.lost, report.abandoned), (0, 0, 1));
 }
 
+/// When the fetch loop panics (a bug in the store), the handlers it started are stopped with
+/// it, and their jobs are not held on: another worker takes them over after their visibility.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_fetch_loop_stops_its_running_handlers() {
+    struct Flag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let store: SlowStore = SlowStore::default();
+    let (fetch_panics, fetch_panicked) = (store.fetch_panics.clone(), store.fetch_panicked.clone());
+    let queue = JobQueue::builder("panics", store).build().unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stopped.clone();
+    let visibility = Duration::from_secs(10);
+    let worker = queue
+        .worker(move |_job| {
+            let flag = Flag(flag.clone());
+            async move {
+                let _flag = flag;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(Bytes::new())
+            }
+        })
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Running).await;
+    fetch_panics.store(true, Ordering::Relaxed);
+    fetch_panicked.notified().await;
+    worker.shutdown(Duration::from_secs(1)).await;
+    assert!(stopped.load(Ordering::Relaxed), "the handler still runs");
+    fetch_panics.store(false, Ordering::Relaxed);
+    tokio::time::sleep(visibility * 2).await;
+    let other = queue
+        .worker(|_job| async { Ok(Bytes::new()) })
+        .visibility(visibility)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert_eq!(queue.status(id).await.unwrap().unwrap().attempt, 2);
+    other.shutdown(Duration::from_secs(1)).await;
+}
+
 /// The answer of a handler that blocked its thread through a whole shutdown is still stored
 /// when it comes, by a store whose calls yield (as a network store's do), since no worker took
 /// the job over meanwhile. Real time, as above.
