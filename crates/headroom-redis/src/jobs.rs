@@ -105,17 +105,34 @@ end
 
 /// Tenants' unfinished counts.
 const TENANT_COUNT: &str = r"
--- Adds `delta` to `tenant`'s unfinished count, dropping the count at zero. A count the store
--- did not write (not a whole number, or `P:t` not a hash) is dropped first rather than failing
--- the step half way through its writes: that tenant's bound counts from here again.
+-- Tenants' unfinished counts. A count the store did not write (not a whole number, or `P:t`
+-- not a hash) is dropped rather than failing a step half way through its writes: that
+-- tenant's bound counts from there again.
+local function drop_tenant_count(tenant)
+  local dropped = redis.pcall('HDEL', P .. ':t', tenant)
+  if type(dropped) ~= 'number' then
+    redis.call('DEL', P .. ':t')
+  end
+end
+-- `tenant`'s unfinished count, a count the store did not write dropped and read as 0.
+local function tenant_count(tenant)
+  local raw = redis.pcall('HGET', P .. ':t', tenant)
+  if not raw then
+    return 0
+  end
+  local count = type(raw) == 'string' and int(raw)
+  if not count then
+    drop_tenant_count(tenant)
+    return 0
+  end
+  return count
+end
+-- Adds `delta` to `tenant`'s unfinished count, dropping the count at zero.
 local function count_tenant(tenant, delta)
   local t = P .. ':t'
   local left = redis.pcall('HINCRBY', t, tenant, delta)
   if type(left) ~= 'number' then
-    local dropped = redis.pcall('HDEL', t, tenant)
-    if type(dropped) ~= 'number' then
-      redis.call('DEL', t)
-    end
+    drop_tenant_count(tenant)
     left = delta
     if delta > 0 then
       redis.call('HSET', t, tenant, delta)
@@ -244,11 +261,7 @@ if not unfinished then
   return {'c', 'unfinished count'}
 end
 if tenant and ARGV[10] ~= '' then
-  local raw = redis.call('HGET', P .. ':t', tenant)
-  local depth = int(raw or '0')
-  if not depth then
-    return {'c', 'unfinished count of a tenant'}
-  end
+  local depth = tenant_count(tenant)
   if depth >= tonumber(ARGV[10]) then
     return {'f', 1, depth, drained_per_sec(), unfinished}
   end

@@ -883,6 +883,21 @@ async fn a_tenant_count_the_store_did_not_write_is_started_again(ctx: Ctx) {
     ctx.add(&p, job("d").tenant("acme")).await;
     let count: String = ctx.raw(redis::cmd("HGET").arg(&counts).arg("acme")).await;
     assert_eq!(count, "1");
+    // And so does an enqueue bounded per tenant, which reads the count first.
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&counts).arg("acme").arg("x"))
+        .await;
+    let bounded = EnqueueLimits {
+        max_per_tenant: Some(10),
+        ..limits(1_000)
+    };
+    let added = ctx
+        .store
+        .enqueue(&p, &job("e").tenant("acme"), &bounded)
+        .await;
+    assert!(matches!(added, Ok(Enqueued::Added(_))), "{added:?}");
+    let count: String = ctx.raw(redis::cmd("HGET").arg(&counts).arg("acme")).await;
+    assert_eq!(count, "1");
 }
 
 /// A record a delivery cannot carry (an attempt at the largest the store counts, so the next
