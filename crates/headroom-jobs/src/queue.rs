@@ -282,10 +282,11 @@ impl<S: JobStore> JobQueueBuilder<S> {
 /// An idempotency key as the store keeps it: per tenant, so one tenant's key never answers
 /// another's job, and for a job without a tenant, per route. A tenant's key is its length
 /// byte, the tenant and the key (tenant and key are at most 255 bytes, checked before); a
-/// route's, a zero byte, `0xFF` (which no UTF-8 key starts with), the route's length (four
-/// bytes), the route and the key; any other, a zero byte and the key.
+/// route's, a zero byte, `0xFF` (which no UTF-8 key starts with), the route's 128-bit hash
+/// (so a long route does not lengthen the key) and the key; any other, a zero byte and the
+/// key.
 fn scoped_key(tenant: Option<&str>, route: Option<&[u8]>, key: &str) -> Bytes {
-    let mut scoped = Vec::new();
+    let mut scoped = Vec::with_capacity(18 + 255 + key.len());
     match (tenant, route) {
         (Some(tenant), _) => {
             scoped.push(tenant.len() as u8);
@@ -293,8 +294,7 @@ fn scoped_key(tenant: Option<&str>, route: Option<&[u8]>, key: &str) -> Bytes {
         }
         (None, Some(route)) => {
             scoped.extend_from_slice(&[0, 0xFF]);
-            scoped.extend_from_slice(&(route.len() as u32).to_be_bytes());
-            scoped.extend_from_slice(route);
+            scoped.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(route).to_be_bytes());
         }
         (None, None) => scoped.push(0),
     }
