@@ -52,7 +52,8 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:v`: hash of the visibility (ms) each consumer holding deliveries fetched with: a
 //   takeover waits for the holder's too. A consumer's entry goes when it holds nothing.
 // - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
-//   quarter of that fetch's visibility.
+//   quarter of that fetch's visibility; `P:scanat`: hash of the pending entry each lane's next
+//   look goes on from (`(<id>`), when the last one stopped half way.
 
 /// Helpers shared by every script; `W` (the drain window in ms), `MAX_DEAD`, `MAX_DUE` and
 /// `MAX_LANE` are defined before them. Each script adds only the further helpers it calls (the
@@ -413,16 +414,20 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
     end
     -- Deliveries idle for the visibility or longer and for their holder's, in every lane,
     -- longest idle first. Those held for a longer visibility (older workers, during a deploy)
-    -- are passed over without counting: a lane's pending entries are paged through, 100 at a
-    -- time, until `max` lapsed ones are found or 1,000 were looked at.
-    local candidates, looked_through = {}, true
+    -- are passed over without counting: a lane's idle entries are paged through, 100 at a
+    -- time, until `max` lapsed ones are found, the lane's end, or 1,000 looked at. A look that
+    -- stops at 1,000 leaves where it stopped in `P:scanat`, for the next look to go on from
+    -- there (and the next fetch to look), so every entry is reached in turn.
+    local candidates, went_on = {}, false
     for lane = 0, MAX_LANE do
       local s = stream(lane)
       if redis.call('EXISTS', s) == 1 then
-        local from, seen, found = '-', 0, 0
+        local resumed = redis.call('HGET', P .. ':scanat', lane)
+        local from, seen, found = resumed or '-', 0, 0
         while found < max do
           if seen >= 1000 then
-            looked_through = false
+            redis.call('HSET', P .. ':scanat', lane, from)
+            went_on = true
             break
           end
           local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, from, '+', 100)
@@ -434,6 +439,9 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
           end
           seen = seen + #pending
           if #pending < 100 then
+            if resumed then
+              redis.call('HDEL', P .. ':scanat', lane)
+            end
             break
           end
           from = '(' .. pending[#pending][1]
@@ -478,7 +486,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
         owners[#owners + 1] = {s, c[4]}
       end
     end
-    if every >= 1 and #candidates < max and looked_through and not stop then
+    if every >= 1 and #candidates < max and not went_on and not stop then
       redis.call('SET', P .. ':scan', num(now), 'PX', num(every))
     end
     -- A holder left without deliveries is most likely gone: forget it (a live one comes back

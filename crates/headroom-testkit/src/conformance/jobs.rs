@@ -497,20 +497,26 @@ pub async fn a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers
     );
 }
 
-/// A lapsed delivery is taken over even behind more deliveries than a fetch asks for that are
-/// idle past the fetcher's visibility but within their holders' longer one (a fleet of older
-/// workers during a deploy): those are passed over, not counted against the fetch.
+/// A lapsed delivery is taken over even behind more deliveries than a fetch asks for, and
+/// more than a store looks through at once, that are idle past the fetcher's visibility but
+/// within their holders' longer one (a fleet of older workers during a deploy): those are
+/// passed over, not counted against the fetch.
 pub async fn a_lapsed_delivery_is_taken_over_behind_longer_holds<S: JobStore>(
     store: &S,
     ns: Namespace,
 ) {
     let p = partition(&ns, "q");
-    for payload in ["a", "b", "c"] {
-        add(store, &p, &job(payload)).await;
+    const HELD: usize = 1_001;
+    let mut numbers = Vec::with_capacity(HELD + 1);
+    for payload in std::iter::repeat_n("held", HELD).chain(["lapsed"]) {
+        match store.enqueue(&p, &job(payload), &limits(2_000)).await {
+            Ok(Enqueued::Added(number)) => numbers.push(number),
+            other => panic!("expected the job to be added, got {other:?}"),
+        }
     }
-    let lapsed = add(store, &p, &job("d")).await;
+    let lapsed = numbers[HELD];
     let short = Duration::from_millis(50);
-    assert_eq!(fetch(store, &p, "old", &[0], 3, LONG).await.len(), 3);
+    assert_eq!(fetch(store, &p, "old", &[0], HELD, LONG).await.len(), HELD);
     assert_eq!(fetch(store, &p, "gone", &[0], 1, short).await.len(), 1);
     let start = Instant::now();
     let taken = loop {
