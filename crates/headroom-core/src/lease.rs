@@ -410,8 +410,14 @@ mod tests {
         let clock = crate::Clock::system();
         let first = runtime();
         first.block_on(async {
+            let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for _ in 0..MAX_RELEASE_TASKS {
-                release_lost_begin(hangs, Duration::from_secs(60), &clock);
+                let started = std::sync::Arc::clone(&started);
+                let counted = move || {
+                    started.fetch_add(1, Ordering::Relaxed);
+                    std::future::pending::<Result<Fenced, BackendError>>()
+                };
+                release_lost_begin(counted, Duration::from_secs(60), &clock);
             }
             let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = std::sync::Arc::clone(&asked);
@@ -420,10 +426,13 @@ mod tests {
                 std::future::pending::<Result<Fenced, BackendError>>()
             };
             release_lost_begin(one_more, Duration::from_secs(60), &clock);
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
-            assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1024);
+            // Tasks first run in the order they were spawned: once one spawned last has run,
+            // so has every task before it, the one past the bound included had it been spawned.
+            let (ran, last) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move { ran.send(()).unwrap() });
+            last.await.unwrap();
+            assert_eq!(started.load(Ordering::Relaxed), MAX_RELEASE_TASKS);
+            assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), MAX_RELEASE_TASKS);
             assert!(!asked.load(Ordering::Relaxed), "a task past the bound ran");
         });
         drop(first);
