@@ -46,6 +46,26 @@ impl Database {
         })
     }
 
+    /// Starts a flusher writing to this database, whose first call takes `first_takes`.
+    fn slow_first_flusher<S: headroom_core::jobs::JobStore>(
+        self,
+        writes: &WriteBehind<S>,
+        first_takes: Duration,
+    ) -> Flusher {
+        writes.start(move |batch: Vec<Write>| {
+            let db = self.clone();
+            async move {
+                if db.calls.load(Ordering::Relaxed) == 0 {
+                    db.calls.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(first_takes).await;
+                    db.calls.fetch_sub(1, Ordering::Relaxed);
+                }
+                db.apply(batch);
+                Ok(())
+            }
+        })
+    }
+
     fn value(&self, key: &str) -> Option<Bytes> {
         self.rows
             .lock()
@@ -527,20 +547,10 @@ async fn a_pass_stays_held_through_a_store_outage_of_half_its_visibility() {
         .unwrap();
     let start = tokio::time::Instant::now();
     let database = Database::default();
-    let db = database.clone();
     // The first call takes 45 s.
-    let slow = a.start(move |batch: Vec<Write>| {
-        let db = db.clone();
-        async move {
-            if db.calls.load(Ordering::Relaxed) == 0 {
-                db.calls.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(45)).await;
-                db.calls.fetch_sub(1, Ordering::Relaxed);
-            }
-            db.apply(batch);
-            Ok(())
-        }
-    });
+    let slow = database
+        .clone()
+        .slow_first_flusher(&a, Duration::from_secs(45));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let other = database.clone().flusher(&b);
     tokio::time::sleep_until(start + Duration::from_secs(10)).await;
@@ -608,20 +618,10 @@ async fn a_large_pass_stays_held_while_a_slow_writer_works() {
         )
         .unwrap();
     let database = Database::default();
-    let db = database.clone();
     // The first call (the first chunk of A's pass) takes 20 s.
-    let slow = a.start(move |batch: Vec<Write>| {
-        let db = db.clone();
-        async move {
-            if db.calls.load(Ordering::Relaxed) == 0 {
-                db.calls.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_secs(20)).await;
-                db.calls.fetch_sub(1, Ordering::Relaxed);
-            }
-            db.apply(batch);
-            Ok(())
-        }
-    });
+    let slow = database
+        .clone()
+        .slow_first_flusher(&a, Duration::from_secs(20));
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Another instance's flusher, looking for writes whose holder went quiet.
     let other = database.clone().flusher(&b);

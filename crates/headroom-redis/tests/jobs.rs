@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_core::jobs::{
-    Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState, JobStore,
-    NewJob,
+    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobState,
+    JobStore, NewJob,
 };
 use headroom_core::lease::Fenced;
 use headroom_core::slot::cluster_slot;
@@ -67,6 +67,22 @@ impl Ctx {
             Enqueued::Added(number) => number,
             other => panic!("expected the job to be added, got {other:?}"),
         }
+    }
+
+    /// Completes each of `numbers` at its first attempt in one `complete_many`.
+    async fn complete_firsts(&self, p: &Key, numbers: &[JobNumber]) -> Completed {
+        let jobs: Vec<Completion> = numbers
+            .iter()
+            .map(|&number| Completion {
+                number,
+                attempt: 1,
+                result: Bytes::new(),
+            })
+            .collect();
+        self.store
+            .complete_many(p, &jobs, LONG)
+            .await
+            .expect("complete_many")
     }
 
     async fn fetch(
@@ -781,16 +797,7 @@ async fn a_record_of_another_type_is_corrupt_and_stops_no_other_job(ctx: Ctx) {
     replace(&ctx, &p, held).await;
     let err = ctx.store.extend(&p, held, 1).await.unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
-    let done = |number| Completion {
-        number,
-        attempt: 1,
-        result: Bytes::new(),
-    };
-    let answers = ctx
-        .store
-        .complete_many(&p, &[done(held), done(other)], LONG)
-        .await
-        .expect("complete_many");
+    let answers = ctx.complete_firsts(&p, &[held, other]).await;
     assert_eq!(
         answers[0].as_ref().map_err(|e| e.kind()).unwrap_err(),
         BackendErrorKind::Corrupt
@@ -859,16 +866,7 @@ async fn a_tenant_count_the_store_did_not_write_is_started_again(ctx: Ctx) {
     let _: i64 = ctx
         .raw(redis::cmd("HSET").arg(&counts).arg("acme").arg("x"))
         .await;
-    let done = |number| Completion {
-        number,
-        attempt: 1,
-        result: Bytes::new(),
-    };
-    let answers = ctx
-        .store
-        .complete_many(&p, &[done(b), done(c)], LONG)
-        .await
-        .expect("complete_many");
+    let answers = ctx.complete_firsts(&p, &[b, c]).await;
     assert!(
         answers.iter().all(|a| matches!(a, Ok(Fenced::Applied))),
         "{answers:?}"
