@@ -229,7 +229,7 @@ pub struct JobRecord {
     /// The result stored by [`JobStore::complete`].
     pub result: Option<Bytes>,
     /// The error of the last failed attempt (or, for a job that never failed, why it was
-    /// last handed back).
+    /// first handed back).
     pub error: Option<Bytes>,
 }
 
@@ -367,8 +367,8 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
     /// does, but uncharged: the holder is handing it back unfinished (it is stopping), not
     /// failing it. Its later deliveries count this one in
     /// [`handed_back`](Delivery::handed_back); their attempt numbers still grow, as fencing
-    /// tokens. `error` (the reason) is kept only when the job has no error of a failed
-    /// attempt.
+    /// tokens. `error` (the reason) is kept only when the job has no error yet (of a
+    /// failed attempt, or of an earlier hand-back).
     fn release(
         &self,
         partition: &Key,

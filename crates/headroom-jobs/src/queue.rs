@@ -117,7 +117,7 @@ pub struct JobStatus {
     pub enqueued_at: SystemTime,
     /// The handler's result, once done.
     pub result: Option<Bytes>,
-    /// The error of the last failed attempt (or, for a job that never failed, why it was last
+    /// The error of the last failed attempt (or, for a job that never failed, why it was first
     /// handed back).
     pub error: Option<String>,
 }

@@ -93,11 +93,11 @@ pub struct WorkerReport {
     pub handed_back: u64,
     /// Jobs the worker could not finish nor hand back: a job whose answer or hand-back the
     /// store did not take within the finishing step's budget (the attempts metric's
-    /// `abandoned`), a job whose task ended with the worker's own failure, or a handler still
-    /// running when the shutdown's bound ended (one that blocks its thread without yielding
-    /// cannot be cut off; its answer, if it comes after the report, is still stored). Each
-    /// stays held until its visibility runs out, unless that late answer is stored first;
-    /// then another worker takes it over.
+    /// `abandoned`), a job whose task ended with the worker's own failure, or a job still
+    /// running or being handed back when the shutdown's bound ended (a handler that blocks its
+    /// thread without yielding cannot be cut off; its answer, or the hand-back, if it comes
+    /// after the report, is still stored). Each stays held until its visibility runs out,
+    /// unless that late step lands first; then another worker takes it over.
     pub abandoned: u64,
 }
 
@@ -335,8 +335,8 @@ pub struct Worker {
     /// Set when a shutdown drops the fetch loop at its bound: see [`JobTasks`].
     leave_running: Arc<AtomicBool>,
     /// Stores the completions: joined by `shutdown` within its bound, so none is stored
-    /// after it returned (unless the bound cut a store call short), but a handler's that
-    /// blocked its thread through the shutdown (see [`JobTasks`]).
+    /// after it returned (unless the bound cut a store call short), but the steps of the job
+    /// tasks left running at the bound (see [`JobTasks`]).
     completer: tokio::task::JoinHandle<()>,
     /// Tells the completer to store what it was handed and end, though job tasks left
     /// running still hold its sender.
@@ -358,8 +358,11 @@ impl Worker {
     /// counted in [`WorkerReport::abandoned`] and stays held until its visibility runs out,
     /// when another worker takes it over. A handler that blocks its thread without yielding
     /// cannot be cut off: it is left running, and its answer, if it ever comes, is stored
-    /// unless the job was taken over meanwhile. On a current-thread runtime such a handler
-    /// blocks the runtime itself, this shutdown included, and nothing can bound that.
+    /// unless the job was taken over meanwhile; so is a hand-back whose store calls were still
+    /// being tried. After the fetch loop panicked, though, the job tasks stop with it, and such
+    /// an answer is lost with its task (the job runs again after its visibility). On a
+    /// current-thread runtime such a handler blocks the runtime itself, this shutdown included,
+    /// and nothing can bound that.
     pub async fn shutdown(self, grace: Duration) -> WorkerReport {
         let Self {
             phase,
@@ -690,7 +693,8 @@ async fn fetch_loop<S, H, Fut>(
 /// A worker's job tasks, aborted with the fetch loop (when it panics, or its runtime stops),
 /// except when a shutdown drops the loop once its bound ran out with a job task still running
 /// (`leave_running`): by then every handler that yields was cut off, so that task's handler
-/// blocks its thread, and it is left running to store its answer if it ever comes
+/// blocks its thread, or its hand-back is still trying the store, and it is left running to
+/// store its answer if it ever comes
 /// (`a_blocked_handlers_late_answer_is_stored_after_the_shutdown`).
 struct JobTasks {
     tasks: JoinSet<()>,

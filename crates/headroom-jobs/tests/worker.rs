@@ -1369,17 +1369,16 @@ async fn a_held_job_is_extended_every_third_of_its_visibility_across_its_phases(
     );
 }
 
-/// Two workers of one queue, on a store whose extensions take 500 ms and which is out of the
-/// first worker's reach (extensions and completions fail) from `from` to `to` after the job
-/// was enqueued; the job's handler runs `runs_for`. Answers how many times it ran, and the
+/// Two workers of one queue, on `store`, which is out of the first worker's reach
+/// (extensions and completions fail) from `from` to `to` after the job was enqueued; the job's
+/// handler runs `runs_for`, and its visibility is 30 s. Answers how many times it ran, and the
 /// first worker's report and the second's.
 async fn through_an_outage(
-    from: Duration,
-    to: Duration,
+    store: SlowStore,
+    (from, to): (Duration, Duration),
     runs_for: Duration,
 ) -> (u32, WorkerReport, WorkerReport) {
     let visibility = Duration::from_secs(30);
-    let store = SlowStore::slow_extends(Duration::from_millis(500));
     let queue = JobQueue::builder("outage", store.clone()).build().unwrap();
     let runs = Arc::new(AtomicU32::new(0));
     let handler = |runs: Arc<AtomicU32>| {
@@ -1424,8 +1423,8 @@ async fn through_an_outage(
 #[tokio::test(start_paused = true)]
 async fn a_running_job_is_kept_through_a_store_outage_of_half_its_visibility() {
     let (runs, holder, other) = through_an_outage(
-        Duration::from_millis(9_900),
-        Duration::from_millis(24_900),
+        SlowStore::slow_extends(Duration::from_millis(500)),
+        (Duration::from_millis(9_900), Duration::from_millis(24_900)),
         Duration::from_secs(45),
     )
     .await;
@@ -1439,9 +1438,24 @@ async fn a_running_job_is_kept_through_a_store_outage_of_half_its_visibility() {
 #[tokio::test(start_paused = true)]
 async fn a_job_finished_during_a_store_outage_of_under_half_its_visibility_is_stored() {
     let (runs, holder, other) = through_an_outage(
-        Duration::from_secs(4),
-        Duration::from_millis(18_900),
+        SlowStore::slow_extends(Duration::from_millis(500)),
+        (Duration::from_secs(4), Duration::from_millis(18_900)),
         Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(runs, 1, "the job ran again elsewhere");
+    assert_eq!((holder.done, holder.lost, other.done), (1, 0, 0));
+}
+
+/// The same outage, with extensions that fail only 4 s after they were sent (a timeout longer
+/// than a tenth of the visibility): the next try goes out as the failure comes back, not a
+/// tenth of the visibility after, so one still lands before the hold runs out.
+#[tokio::test(start_paused = true)]
+async fn a_running_job_is_kept_through_an_outage_whose_failures_come_slowly() {
+    let (runs, holder, other) = through_an_outage(
+        SlowStore::default().failing_after(Duration::from_secs(4)),
+        (Duration::from_millis(9_900), Duration::from_millis(24_900)),
+        Duration::from_secs(45),
     )
     .await;
     assert_eq!(runs, 1, "the job ran again elsewhere");

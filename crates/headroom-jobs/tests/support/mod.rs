@@ -48,6 +48,9 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) fetch_panicked: Arc<Notify>,
     /// How long each `extend` takes, applied or failed.
     extend_takes: Duration,
+    /// When set, an `extend` sent while the store is out of reach fails only this long after
+    /// it was sent, with a timeout.
+    failure_takes: Option<Duration>,
     /// While set, every `extend` and `complete_many` fails with a connection error, as when
     /// the store is out of the worker's reach.
     pub(crate) out_of_reach: Arc<AtomicBool>,
@@ -76,6 +79,7 @@ impl<S: JobStore> SlowStore<S> {
             fetch_panics: Arc::default(),
             fetch_panicked: Arc::default(),
             extend_takes: Duration::ZERO,
+            failure_takes: None,
             out_of_reach: Arc::default(),
         }
     }
@@ -113,6 +117,14 @@ impl SlowStore {
         Self {
             extend_takes: takes,
             ..Self::default()
+        }
+    }
+
+    /// An `extend` sent while the store is out of reach fails `takes` after it was sent.
+    pub(crate) fn failing_after(self, takes: Duration) -> Self {
+        Self {
+            failure_takes: Some(takes),
+            ..self
         }
     }
 
@@ -169,6 +181,12 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             .lock()
             .expect("extends lock")
             .push((number, tokio::time::Instant::now()));
+        if let Some(takes) = self.failure_takes
+            && self.out_of_reach.load(Ordering::Relaxed)
+        {
+            tokio::time::sleep(takes).await;
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
         tokio::time::sleep(self.extend_takes).await;
         if self.out_of_reach.load(Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Connection));
