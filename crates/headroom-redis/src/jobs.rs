@@ -416,21 +416,29 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
     -- longest idle first. Those held for a longer visibility (older workers, during a deploy)
     -- are passed over without counting: a lane's idle entries are paged through, 100 at a
     -- time, until `max` lapsed ones are found, the lane's end, or 1,000 looked at. A look that
-    -- stops at 1,000 leaves where it stopped in `P:scanat`, for the next look to go on from
-    -- there (and the next fetch to look), so every entry is reached in turn.
+    -- stops at 1,000 leaves where it stopped in `P:scanat` (`(<id>`), and the next look (the
+    -- next fetch's) goes on from there to the lane's end, then from its start to there, so
+    -- every entry is reached in turn. A place the store did not write is dropped.
     local candidates, went_on = {}, false
     for lane = 0, MAX_LANE do
       local s = stream(lane)
       if redis.call('EXISTS', s) == 1 then
-        local resumed = redis.call('HGET', P .. ':scanat', lane)
-        local from, seen, found = resumed or '-', 0, 0
+        local resumed = redis.pcall('HGET', P .. ':scanat', lane)
+        if type(resumed) == 'table' then
+          redis.call('DEL', P .. ':scanat')
+          resumed = false
+        elseif resumed and not string.match(resumed, '^%(%d+%-%d+$') then
+          redis.call('HDEL', P .. ':scanat', lane)
+          resumed = false
+        end
+        local from, to, seen, found = resumed or '-', '+', 0, 0
         while found < max do
           if seen >= 1000 then
             redis.call('HSET', P .. ':scanat', lane, from)
             went_on = true
             break
           end
-          local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, from, '+', 100)
+          local pending = redis.call('XPENDING', s, 'w', 'IDLE', visibility, from, to, 100)
           for _, p in ipairs(pending) do
             if p[3] >= held_for(p[2]) then
               candidates[#candidates + 1] = {lane, p[1], p[3], p[2]}
@@ -438,13 +446,16 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
             end
           end
           seen = seen + #pending
-          if #pending < 100 then
-            if resumed then
-              redis.call('HDEL', P .. ':scanat', lane)
-            end
+          if #pending == 100 then
+            from = '(' .. pending[#pending][1]
+          elseif resumed and to == '+' then
+            -- The lane's end: on from its start to where this look began (the entry there
+            -- was looked at by the last look).
+            redis.call('HDEL', P .. ':scanat', lane)
+            from, to = '-', string.sub(resumed, 2)
+          else
             break
           end
-          from = '(' .. pending[#pending][1]
         end
       end
     end

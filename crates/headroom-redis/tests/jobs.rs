@@ -190,6 +190,7 @@ on_both!(
     garbage_in_a_record_is_a_typed_error,
     a_record_no_step_could_finish_is_corrupt_and_not_delivered,
     a_tenant_count_the_store_did_not_write_is_started_again,
+    a_takeover_place_the_store_did_not_write_is_dropped,
     a_record_of_another_type_is_corrupt_and_stops_no_other_job,
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
@@ -843,6 +844,28 @@ async fn a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery(ct
     // The holder's visibility lapses; the job is taken over, charged as every delivery is.
     let taken = ctx.fetch(&p, "v", &[0], 1, Duration::ZERO).await;
     assert_eq!((taken[0].attempt, taken[0].handed_back), (2, 0));
+}
+
+/// Where a takeover look goes on from in a lane, replaced by something the store did not
+/// write (garbage, or a key of another type): the look drops it and starts from the lane's
+/// start, rather than failing every fetch of the partition.
+async fn a_takeover_place_the_store_did_not_write_is_dropped(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let place = sub(&p, ":scanat");
+    let number = ctx.add(&p, job("a")).await;
+    let short = Duration::from_millis(1);
+    assert_eq!(ctx.fetch(&p, "gone", &[0], 1, short).await.len(), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(&place).arg("0").arg("garbage"))
+        .await;
+    let taken = ctx.fetch(&p, "new", &[0], 1, short).await;
+    assert_eq!((taken[0].number, taken[0].attempt), (number, 2));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(&place)).await;
+    let _: () = ctx.raw(redis::cmd("SET").arg(&place).arg("x")).await;
+    let taken = ctx.fetch(&p, "newer", &[0], 1, short).await;
+    assert_eq!((taken[0].number, taken[0].attempt), (number, 3));
 }
 
 /// A tenant's unfinished count that is not a number (written by something else): the steps
