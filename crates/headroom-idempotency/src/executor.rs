@@ -784,19 +784,21 @@ impl<S: LeaseStore> Idempotency<S> {
         None
     }
 
-    /// Extends the lease every third of its length, and a tenth of it after a failed
-    /// extension, so that a store back before the lease's end keeps it; completes only when
-    /// the lease is lost: an extension refused, or none applied before the lease ran out.
+    /// Extends the lease every third of its length, and a tenth of it after sending an
+    /// extension that failed (at once when the failure took longer to come), so that a store
+    /// back before the lease's end keeps it; completes only when the lease is lost: an
+    /// extension refused, or none applied before the lease ran out.
     async fn keep_lease(&self, record: &Key, token: FencingToken, mut held_until: Instant) {
         let inner = &self.inner;
         let lease = inner.config.lease;
         // Whether the last extension failed: the next wait then ends at the lease's end at
         // the latest, where the lease is lost.
         let mut failed = false;
+        let mut due = inner.clock.now() + lease / 3;
         loop {
-            let remaining = held_until.saturating_duration_since(inner.clock.now());
-            let pause = if failed { lease / 10 } else { lease / 3 };
-            inner.clock.sleep(pause.min(remaining)).await;
+            let now = inner.clock.now();
+            let wait = due.min(held_until).saturating_duration_since(now);
+            inner.clock.sleep(wait).await;
             let sent = inner.clock.now();
             let answer = match held_until.checked_duration_since(sent) {
                 // Still held: the extension must land before the lease runs out.
@@ -812,6 +814,7 @@ impl<S: LeaseStore> Idempotency<S> {
             match answer {
                 Some(Ok(Fenced::Applied)) => {
                     held_until = sent + lease;
+                    due = sent + lease / 3;
                     failed = false;
                 }
                 Some(Ok(_)) => {
@@ -823,6 +826,7 @@ impl<S: LeaseStore> Idempotency<S> {
                     if inner.clock.now() >= held_until {
                         return;
                     }
+                    due = sent + lease / 10;
                     failed = true;
                 }
                 None => return,

@@ -923,6 +923,8 @@ struct Faulty {
     releases_fail: bool,
     begins: Arc<AtomicUsize>,
     failing_extends: Arc<AtomicUsize>,
+    /// How long a failing extension takes to fail, on this clock (at once when `None`).
+    failures_take: Option<(headroom_core::Clock, Duration)>,
     extends_hang: bool,
 }
 
@@ -980,6 +982,9 @@ impl headroom_core::lease::LeaseStore for Faulty {
             })
             .is_ok()
         {
+            if let Some((clock, takes)) = &self.failures_take {
+                clock.sleep(*takes).await;
+            }
             return Err(headroom_core::BackendError::new(
                 headroom_core::BackendErrorKind::Unavailable,
             ));
@@ -1130,6 +1135,44 @@ async fn a_lease_is_kept_when_extensions_land_again_before_it_runs_out() {
     };
     settle().await;
     // The operation runs past the lease's first end (30 s).
+    advance_seconds(&clock, 35).await;
+    assert!(!holder.is_finished(), "the lease was kept");
+    finish.send(()).unwrap();
+    assert_eq!(holder.await.unwrap(), Ok(7));
+}
+
+/// The same, with extensions that fail only 4 s after they were sent: the next try goes out
+/// as the failure comes back (a tenth of the lease after the send has passed), not a tenth of
+/// the lease after the failure, so one still lands before the lease runs out.
+#[tokio::test(start_paused = true)]
+async fn a_lease_is_kept_through_extensions_that_fail_slowly() {
+    let clock = ManualClock::new();
+    // Four extensions fail, each 4 s after it was sent.
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failing_extends: Arc::new(AtomicUsize::new(4)),
+        failures_take: Some((clock.clock(), Duration::from_secs(4))),
+        ..Faulty::default()
+    };
+    let idem = Idempotency::builder(store)
+        .clock(clock.clock())
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (finish, finished) = oneshot::channel::<()>();
+    let holder = {
+        let idem = idem.clone();
+        tokio::spawn(async move {
+            idem.execute(&scope(), &key("k"), b"x", || async move {
+                finished.await.ok();
+                Result::<u32>::Ok(7)
+            })
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+    };
+    settle().await;
     advance_seconds(&clock, 35).await;
     assert!(!holder.is_finished(), "the lease was kept");
     finish.send(()).unwrap();
