@@ -1115,27 +1115,29 @@ async fn a_lease_is_kept_when_extensions_land_again_before_it_runs_out() {
         failing_extends: Arc::new(AtomicUsize::new(2)),
         ..Faulty::default()
     };
+    keeps_its_lease_past_its_first_end(store, &clock).await;
+}
+
+/// Runs an operation on `store` with a 30 s lease for 35 s, past the lease's first end, and
+/// checks that it kept the lease and answered.
+async fn keeps_its_lease_past_its_first_end(store: Faulty, clock: &ManualClock) {
     let idem = Idempotency::builder(store)
         .clock(clock.clock())
         .lease(Duration::from_secs(30))
         .build()
         .unwrap();
     let (finish, finished) = oneshot::channel::<()>();
-    let holder = {
-        let idem = idem.clone();
-        tokio::spawn(async move {
-            idem.execute(&scope(), &key("k"), b"x", || async move {
-                finished.await.ok();
-                Result::<u32>::Ok(7)
-            })
-            .await
-            .map(|out| out.value)
-            .map_err(|e| e.to_string())
+    let holder = tokio::spawn(async move {
+        idem.execute(&scope(), &key("k"), b"x", || async move {
+            finished.await.ok();
+            Result::<u32>::Ok(7)
         })
-    };
+        .await
+        .map(|out| out.value)
+        .map_err(|e| e.to_string())
+    });
     settle().await;
-    // The operation runs past the lease's first end (30 s).
-    advance_seconds(&clock, 35).await;
+    advance_seconds(clock, 35).await;
     assert!(!holder.is_finished(), "the lease was kept");
     finish.send(()).unwrap();
     assert_eq!(holder.await.unwrap(), Ok(7));
@@ -1154,29 +1156,7 @@ async fn a_lease_is_kept_through_extensions_that_fail_slowly() {
         failures_take: Some((clock.clock(), Duration::from_secs(4))),
         ..Faulty::default()
     };
-    let idem = Idempotency::builder(store)
-        .clock(clock.clock())
-        .lease(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let (finish, finished) = oneshot::channel::<()>();
-    let holder = {
-        let idem = idem.clone();
-        tokio::spawn(async move {
-            idem.execute(&scope(), &key("k"), b"x", || async move {
-                finished.await.ok();
-                Result::<u32>::Ok(7)
-            })
-            .await
-            .map(|out| out.value)
-            .map_err(|e| e.to_string())
-        })
-    };
-    settle().await;
-    advance_seconds(&clock, 35).await;
-    assert!(!holder.is_finished(), "the lease was kept");
-    finish.send(()).unwrap();
-    assert_eq!(holder.await.unwrap(), Ok(7));
+    keeps_its_lease_past_its_first_end(store, &clock).await;
 }
 
 /// Failing open covers duplicates that arrive while the store is down, not one already told
