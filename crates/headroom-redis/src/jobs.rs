@@ -50,7 +50,9 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
 //   the bucket before; it expires after two windows without a finished job.
 // - `P:v`: hash of the visibility (ms) each consumer holding deliveries fetched with: a
-//   takeover waits for the holder's too. A consumer's entry goes when it holds nothing.
+//   takeover waits for the holder's too. A consumer's entry goes when it holds nothing and
+//   leaves, or is forgotten: a look for lapsed deliveries drops from the groups every other
+//   consumer that holds nothing and has been idle for the look's visibility.
 // - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
 //   quarter of that fetch's visibility; `P:scanat`: hash of the pending entry each lane's next
 //   look goes on from (`(<id>`), when the last one stopped half way.
@@ -507,6 +509,23 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       if #redis.call('XPENDING', o[1], 'w', '-', '+', 1, o[2]) == 0 then
         redis.call('XGROUP', 'DELCONSUMER', o[1], 'w', o[2])
         forgotten[o[2]] = true
+      end
+    end
+    -- So is any other consumer holding nothing and idle for the visibility: a worker that died
+    -- holding nothing is never taken over from, and would stay in the groups for good.
+    for lane = 0, MAX_LANE do
+      local s = stream(lane)
+      if redis.call('EXISTS', s) == 1 then
+        for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, 'w')) do
+          local info = {}
+          for k = 1, #c - 1, 2 do
+            info[c[k]] = c[k + 1]
+          end
+          if info.pending == 0 and info.idle >= tonumber(visibility) and info.name ~= consumer then
+            redis.call('XGROUP', 'DELCONSUMER', s, 'w', info.name)
+            forgotten[info.name] = true
+          end
+        end
       end
     end
     for holder in pairs(forgotten) do

@@ -180,6 +180,7 @@ on_both!(
     lanes_are_separate_streams_read_in_order,
     a_delayed_job_waits_in_the_delay_set,
     an_idle_delivery_is_taken_over_and_its_holder_forgotten,
+    a_consumer_gone_without_leaving_is_forgotten,
     takeovers_go_longest_idle_first_in_every_lane,
     lapsed_deliveries_are_looked_for_once_per_quarter_of_the_visibility,
     a_batch_completion_clears_every_lane_and_answers_each_job,
@@ -496,6 +497,52 @@ async fn an_idle_delivery_is_taken_over_and_its_holder_forgotten(ctx: Ctx) {
         visibilities().await.is_empty(),
         "a holder that left is forgotten"
     );
+}
+
+/// A worker killed while it held nothing (its jobs all finished) never leaves and is never
+/// taken over from: the next look for lapsed deliveries forgets it, and its visibility, once
+/// it has been idle for the visibility, so a queue's groups do not grow with every worker
+/// that ever died. A consumer still holding a delivery is kept.
+async fn a_consumer_gone_without_leaving_is_forgotten(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let visibility = Duration::from_millis(100);
+    let done = ctx.add(&p, job("done")).await;
+    assert_eq!(
+        ctx.fetch(&p, "dies", &[0], 1, visibility).await[0].number,
+        done
+    );
+    let answers = ctx.complete_firsts(&p, &[done]).await;
+    assert!(matches!(answers[..], [Ok(Fenced::Applied)]));
+    let held = ctx.add(&p, job("held")).await;
+    assert_eq!(ctx.fetch(&p, "holds", &[0], 1, LONG).await[0].number, held);
+    let consumers = || async {
+        let consumers: Vec<Vec<redis::Value>> = ctx
+            .raw(
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(sub(&p, ":s:0"))
+                    .arg("w"),
+            )
+            .await;
+        let mut names: Vec<String> = consumers
+            .iter()
+            .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    let visibilities = || async {
+        let mut held: Vec<String> = ctx.raw(redis::cmd("HKEYS").arg(sub(&p, ":v"))).await;
+        held.sort();
+        held
+    };
+    assert_eq!(consumers().await, ["dies", "holds"]);
+    assert_eq!(visibilities().await, ["dies", "holds"]);
+    // Past the visibility (Redis counts idle time on its own clock), another worker looks.
+    tokio::time::sleep(visibility + Duration::from_millis(50)).await;
+    assert!(ctx.fetch(&p, "lives", &[0], 1, visibility).await.is_empty());
+    assert_eq!(consumers().await, ["holds"]);
+    assert_eq!(visibilities().await, ["holds"]);
 }
 
 /// Takeovers come before ready jobs, longest idle first, from every lane (the lanes asked for
