@@ -49,10 +49,12 @@ const FIRST_WITH_MICROS: u8 = 3;
 /// created-at millisecond, then, in entries of format 3 on, the microseconds within it. An
 /// entry of an earlier format counts as made at microsecond 0 of its millisecond (whatever it
 /// holds at those bytes), so a write of that millisecond replaces it, as it would between two
-/// earlier entries.
+/// earlier entries. Bytes without the envelope's magic (another program's) carry no version:
+/// any entry replaces them.
 pub const VERSION_AT: VersionAt = VersionAt::new(CREATED_AT)
     .with_tie_at(CREATED_SUB_MS_MICROS)
-    .with_tie_only_when(FORMAT_AT, FIRST_WITH_MICROS);
+    .with_tie_only_when(FORMAT_AT, FIRST_WITH_MICROS)
+    .with_marker(&MAGIC);
 
 const MAGIC: [u8; 2] = *b"hc";
 /// Header bytes after the header-length field in version 1: flags, codec, three timestamps.

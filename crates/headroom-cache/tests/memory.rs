@@ -113,6 +113,11 @@ async fn garbage_on_memory_l2() {
 }
 
 #[tokio::test]
+async fn foreign_bytes_on_memory_l2() {
+    common::writes_replace_bytes_another_program_wrote(MemoryKvStore::new(), ns()).await;
+}
+
+#[tokio::test]
 async fn values_expire_after_their_ttl_in_l1_and_l2() {
     let clock = ManualClock::new();
     let l2 = store(&clock);

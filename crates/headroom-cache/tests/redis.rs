@@ -74,6 +74,24 @@ async fn garbage_on_redis_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_bytes_on_redis() {
+    common::writes_replace_bytes_another_program_wrote(
+        standalone().await,
+        unique_namespace("foreign"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_bytes_on_redis_cluster() {
+    common::writes_replace_bytes_another_program_wrote(
+        cluster().await,
+        unique_namespace("foreign"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn format_2_entries_on_redis() {
     common::format_2_entries_keep_their_place_by_their_millisecond(
         standalone().await,

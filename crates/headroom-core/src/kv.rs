@@ -80,9 +80,10 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
     /// equal one is replaced); returns how many entries were written.
     ///
     /// A value's version sits where `version` says (see [`VersionAt`]). A held value too
-    /// short to carry its `u64` is overwritten; one that ends before the tie-break, or whose
+    /// short to carry its `u64`, or that does not start with the version's marker (bytes
+    /// another program wrote), is overwritten; one that ends before the tie-break, or whose
     /// gate byte says it has none, has a tie-break of 0. An entry too short to carry the whole
-    /// version (its gate byte included) fails the call with
+    /// version (its gate byte included), or without the marker, fails the call with
     /// [`BackendErrorKind::Config`](crate::BackendErrorKind::Config) before anything is
     /// written.
     ///
@@ -151,12 +152,20 @@ pub trait KvStore: Send + Sync + fmt::Debug + 'static {
 /// };
 /// assert!(is_newer(&value(3, 7, 100), Some(&value(2, 7, 500)), version));
 /// assert!(!is_newer(&value(3, 7, 100), Some(&value(3, 7, 500)), version));
+///
+/// // Only values that start with a marker carry a version: any such value replaces bytes
+/// // another program wrote, whatever they hold where the version would be.
+/// let version = VersionAt::new(2).with_marker(b"hc");
+/// let value = |ms: u64| [&b"hc"[..], &ms.to_le_bytes()].concat();
+/// assert!(is_newer(&value(1), Some(&[0xFF; 10]), version));
+/// assert!(!is_newer(&value(1), Some(&value(2)), version));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionAt {
     at: usize,
     tie_at: Option<usize>,
     tie_only_when: Option<(usize, u8)>,
+    marker: &'static [u8],
 }
 
 impl VersionAt {
@@ -166,7 +175,20 @@ impl VersionAt {
             at,
             tie_at: None,
             tie_only_when: None,
+            marker: &[],
         }
+    }
+
+    /// This version, carried only by values that start with `marker` (a format's magic
+    /// bytes): a held value without it was written by another program and is older than any
+    /// value offered, and an offered value without it is refused.
+    pub const fn with_marker(self, marker: &'static [u8]) -> Self {
+        Self { marker, ..self }
+    }
+
+    /// The bytes a value starts with when it carries the version (empty when any value does).
+    pub const fn marker(self) -> &'static [u8] {
+        self.marker
     }
 
     /// This version, with the `u16` at `tie_at` to break a tie.
@@ -207,9 +229,10 @@ impl VersionAt {
         }
     }
 
-    /// How many bytes a value needs to carry the whole version, its gate byte included.
+    /// How many bytes a value needs to carry the whole version, its gate byte and marker
+    /// included.
     pub fn len_needed(self) -> usize {
-        let end = self.at.saturating_add(8);
+        let end = self.at.saturating_add(8).max(self.marker.len());
         let Some(tie_at) = self.tie_at else {
             return end;
         };
@@ -234,8 +257,12 @@ impl VersionAt {
 /// The version `value` carries where `version` says (see [`KvStore::set_if_newer`]): its
 /// `u64`, then its tie-break, which counts as 0 when there is none, `value` ends before it (a
 /// value written by a format without one), or the version's gate byte says it does not count
-/// (see [`VersionAt::with_tie_only_when`]); `None` when `value` is too short for the `u64`.
+/// (see [`VersionAt::with_tie_only_when`]); `None` when `value` is too short for the `u64`
+/// or does not start with the version's marker.
 pub fn version_of(value: &[u8], version: VersionAt) -> Option<(u64, u16)> {
+    if !value.starts_with(version.marker) {
+        return None;
+    }
     let high = value.get(version.at..version.at.checked_add(8)?)?;
     Some((
         u64::from_le_bytes(high.try_into().ok()?),
@@ -254,15 +281,14 @@ pub fn is_newer(value: &[u8], held: Option<&[u8]>, version: VersionAt) -> bool {
     }
 }
 
-/// Refuses entries too short to carry their version.
+/// Refuses entries too short to carry their version, or without its marker.
 pub fn check_versions(entries: &[KvEntry], version: VersionAt) -> Result<(), BackendError> {
-    if entries
-        .iter()
-        .any(|entry| entry.value.len() < version.len_needed())
-    {
+    if entries.iter().any(|entry| {
+        entry.value.len() < version.len_needed() || !entry.value.starts_with(version.marker)
+    }) {
         return Err(BackendError::with_detail(
             crate::BackendErrorKind::Config,
-            "a value too short to carry its version",
+            "a value that does not carry its version",
         ));
     }
     Ok(())

@@ -14,16 +14,18 @@ use crate::Redis;
 
 /// `set_if_newer` for the keys of one slot. ARGV: the 1-based index of the version's first
 /// byte, that of its tie-break's first byte (0 for none), that of the byte the tie-break
-/// counts only when it is at least the next argument (0 for none), that least value, then per
-/// key: value, TTL in ms. Versions are little-endian, so bytes compare from the last one down;
-/// the tie-break decides between equal versions, and counts as 0 in a value that ends before
-/// it or whose gate byte is missing or below its least value; an equal version is written.
+/// counts only when it is at least the next argument (0 for none), that least value, the
+/// marker a held value carries its version only after (empty for none), then per key: value,
+/// TTL in ms. Versions are little-endian, so bytes compare from the last one down; the
+/// tie-break decides between equal versions, and counts as 0 in a value that ends before it
+/// or whose gate byte is missing or below its least value; an equal version is written.
 /// Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local at, tie = tonumber(ARGV[1]), tonumber(ARGV[2])
 local gate, gate_least = tonumber(ARGV[3]), tonumber(ARGV[4])
+local marker = ARGV[5]
 -- Whether value is newer than held in bytes first..last (most significant first); nil if equal.
 local function newer_in(held, value, first, last)
   for b = first, last, -1 do
@@ -40,15 +42,15 @@ local function tie_of(v)
 end
 local written = 0
 for i, key in ipairs(KEYS) do
-  local value = ARGV[2 * i + 3]
+  local value = ARGV[2 * i + 4]
   local held = redis.call('GET', key)
   local newer = true
-  if held and #held >= at + 7 then
+  if held and #held >= at + 7 and string.sub(held, 1, #marker) == marker then
     newer = newer_in(held, value, at + 7, at)
     if newer == nil then newer = tie_of(value) >= tie_of(held) end
   end
   if newer then
-    redis.call('SET', key, value, 'PX', ARGV[2 * i + 4])
+    redis.call('SET', key, value, 'PX', ARGV[2 * i + 5])
     written = written + 1
   end
 end
@@ -158,7 +160,8 @@ impl RedisKvStore {
             .arg(version.at() + 1)
             .arg(version.tie_at().map_or(0, |tie_at| tie_at + 1))
             .arg(gate)
-            .arg(gate_least);
+            .arg(gate_least)
+            .arg(version.marker());
         for (entry, millis) in entries {
             invocation
                 .key(entry.key.as_bytes())

@@ -287,6 +287,49 @@ pub async fn garbage_in_l2_is_a_miss<S: KvStore + Clone>(store: S, ns: Namespace
     }
 }
 
+/// Bytes another program wrote under a key are older than any write of the cache: an
+/// `insert` replaces them (and is read back from L2), and so does a `remove`'s tombstone,
+/// whatever the bytes hold where an entry keeps its version.
+pub async fn writes_replace_bytes_another_program_wrote<S: KvStore + Clone>(
+    store: S,
+    ns: Namespace,
+) {
+    let cache: Cache<String, String> = Cache::builder()
+        .l2(store.clone(), ns.clone())
+        .build()
+        .expect("cache");
+    let foreign: [&[u8]; 2] = [b"written by another program", &[0xFF; 64]];
+    for (i, bytes) in foreign.iter().enumerate() {
+        let name = format!("f{i}");
+        let key = ns.key(&name).expect("key");
+        store
+            .set(&key, Bytes::copy_from_slice(bytes), Duration::from_secs(60))
+            .await
+            .expect("write foreign bytes");
+        cache
+            .insert(name.clone(), format!("new {i}"))
+            .await
+            .expect("insert");
+        cache.invalidate_local(&name);
+        assert_eq!(
+            cache.get(&name).await.expect("get"),
+            Some(format!("new {i}")),
+            "foreign bytes {i} are replaced by an insert"
+        );
+
+        store
+            .set(&key, Bytes::copy_from_slice(bytes), Duration::from_secs(60))
+            .await
+            .expect("write foreign bytes");
+        cache.remove(&name).await.expect("remove");
+        let held = store.get(&key).await.expect("read back");
+        assert!(
+            held.as_deref() != Some(*bytes),
+            "foreign bytes {i} are replaced by a remove's tombstone"
+        );
+    }
+}
+
 /// An L2 entry as an instance of the previous version writes it: format 2, versioned to the
 /// millisecond `created`, alive for a minute; the postcard encoding of `value`, or a tombstone.
 pub fn format_2_entry(created: u64, value: Option<&str>) -> Vec<u8> {

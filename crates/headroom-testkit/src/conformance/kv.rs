@@ -321,6 +321,61 @@ pub async fn set_if_newer_never_replaces_a_newer_value<S: KvStore>(store: &S, ns
     assert_eq!(error.kind(), BackendErrorKind::Config);
 }
 
+/// With a marker, a held value that does not start with it carries no version (another
+/// program wrote it), so any value offered replaces it, whatever its bytes read as where the
+/// version would be; marked values keep their order; an offered value without the marker is
+/// refused.
+pub async fn set_if_newer_replaces_a_held_value_without_the_marker<S: KvStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let version = VersionAt::new(3).with_marker(b"hdr");
+    let (low, high) = (0x0100_0000_0000_00ff_u64, 0x0200_0000_0000_0001_u64);
+    let mut unmarked = versioned(high, "held").to_vec();
+    unmarked[0] = b'x';
+    let cases = [
+        (
+            "unmarked",
+            Bytes::from(unmarked),
+            versioned(low, "new"),
+            true,
+        ),
+        (
+            "text",
+            Bytes::from_static(b"written by another program"),
+            versioned(low, "new"),
+            true,
+        ),
+        (
+            "marked-newer",
+            versioned(high, "held"),
+            versioned(low, "new"),
+            false,
+        ),
+        (
+            "marked-older",
+            versioned(low, "held"),
+            versioned(high, "new"),
+            true,
+        ),
+    ];
+    offer_over_held(store, &ns, version, &cases).await;
+    let mut offered = versioned(high, "new").to_vec();
+    offered[0] = b'x';
+    let error = store
+        .set_if_newer(
+            &[KvEntry {
+                key: key(&ns, "text"),
+                value: Bytes::from(offered),
+                ttl: HOUR,
+            }],
+            version,
+        )
+        .await
+        .expect_err("an entry without the marker");
+    assert_eq!(error.kind(), BackendErrorKind::Config);
+}
+
 /// A value carrying the tie-break `tie` at byte 0 and `version` at byte 3 (both
 /// little-endian), then `tag`.
 fn tied(version: u64, tie: u16, tag: &str) -> Bytes {

@@ -47,6 +47,7 @@ macro_rules! kv_store_conformance {
                 concurrent_writers_and_readers_agree,
                 set_if_newer_never_replaces_a_newer_value,
                 set_if_newer_breaks_a_tie_by_the_second_field,
+                set_if_newer_replaces_a_held_value_without_the_marker,
                 delete_if_eq_deletes_only_the_expected_bytes,
             );
         }
