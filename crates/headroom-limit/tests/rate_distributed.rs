@@ -164,6 +164,32 @@ async fn a_changed_quota_starts_every_key_full() {
     }
 }
 
+/// A cost of zero spends nothing in the store either: a check of cost zero on one instance
+/// (may this be sent?) leaves the unit for the request that spends it, on any instance.
+#[tokio::test]
+async fn a_cost_of_zero_spends_nothing_in_the_store() {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::with_limits(clock.clock(), 1000);
+    let ns = unique_namespace("rate");
+    let instance = || {
+        DistributedRateLimiter::builder(
+            "api",
+            store.clone(),
+            ns.clone(),
+            TierConfig::new().tier("t", Quota::per_minute(1).unwrap()),
+        )
+        .clock(clock.clock())
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    assert_eq!(a.check("t", "k", 0).await.unwrap().remaining(), 1);
+    b.check("t", "k", 1)
+        .await
+        .expect("the unit a check of cost zero left");
+    assert!(a.check("t", "k", 1).await.is_err(), "one a minute");
+}
+
 #[tokio::test]
 async fn batched_units_are_spent_locally_and_expire() {
     let clock = ManualClock::new();

@@ -525,7 +525,12 @@ impl<S: RateStore> Inner<S> {
         let cells = tier.cells(key)?;
         // A saturated key is charged one request at a time, as in exact mode: a batch would
         // be refused and the call repeated for what is left, two round trips for one unit.
-        let batch = if saturated { 1 } else { self.batch };
+        // A cost of zero asks without spending: it reserves nothing either.
+        let batch = if saturated || cost == 0 {
+            cost
+        } else {
+            self.batch
+        };
         let mut reserve = batch.max(cost).min(quotas.max_cost());
         let mut decision = self.apply(&cells, reserve).await;
         if let Ok(refused) = &decision
