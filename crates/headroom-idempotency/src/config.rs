@@ -3,7 +3,10 @@ use std::time::Duration;
 /// What a duplicate does while the first request with its key is still running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case", tag = "policy"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", tag = "policy", from = "InProgressFields")
+)]
 pub enum InProgressPolicy {
     /// Fail at once with [`IdempotencyError::InProgress`](crate::IdempotencyError::InProgress)
     /// and a retry-after (HTTP 409).
@@ -14,6 +17,29 @@ pub enum InProgressPolicy {
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
         max_wait: Duration,
     },
+}
+
+/// [`InProgressPolicy`] as loaded: serde lets a unit variant of a tagged enum take any field,
+/// so each policy is a struct variant here, and a field it does not take is refused.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy", deny_unknown_fields)]
+enum InProgressFields {
+    Reject {},
+    Wait {
+        #[serde(with = "humantime_serde")]
+        max_wait: Duration,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl From<InProgressFields> for InProgressPolicy {
+    fn from(fields: InProgressFields) -> Self {
+        match fields {
+            InProgressFields::Reject {} => InProgressPolicy::Reject,
+            InProgressFields::Wait { max_wait } => InProgressPolicy::Wait { max_wait },
+        }
+    }
 }
 
 /// What happens when the record store cannot be reached.
@@ -47,6 +73,11 @@ pub enum StoreFailure {
 ///     "in_progress": { "policy": "wait", "max_wait": "2s" }
 /// }"#).unwrap();
 /// assert_eq!(config.retention, std::time::Duration::from_secs(48 * 3600));
+///
+/// // A field a policy does not take is an error, not ignored.
+/// assert!(serde_json::from_str::<headroom_idempotency::IdempotencyConfig>(
+///     r#"{ "in_progress": { "policy": "reject", "max_wait": "2s" } }"#
+/// ).is_err());
 /// # }
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,10 @@ use crate::{ConfigError, Overloaded, Priority, Reason};
 /// What a full queue does with new work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(tag = "policy", rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(tag = "policy", rename_all = "snake_case", from = "OverflowFields")
+)]
 pub enum Overflow {
     /// Refuse the new item ([`Reason::QueueFull`]).
     RejectNew,
@@ -32,6 +35,31 @@ pub enum Overflow {
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
         timeout: Duration,
     },
+}
+
+/// [`Overflow`] as loaded: serde lets a unit variant of a tagged enum take any field, so each
+/// policy is a struct variant here, and a field it does not take is refused.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+enum OverflowFields {
+    RejectNew {},
+    DropOldest {},
+    Wait {
+        #[serde(with = "humantime_serde")]
+        timeout: Duration,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl From<OverflowFields> for Overflow {
+    fn from(fields: OverflowFields) -> Self {
+        match fields {
+            OverflowFields::RejectNew {} => Overflow::RejectNew,
+            OverflowFields::DropOldest {} => Overflow::DropOldest,
+            OverflowFields::Wait { timeout } => Overflow::Wait { timeout },
+        }
+    }
 }
 
 /// CoDel parameters: shed when queue delay stays above `target` for a whole `interval`.

@@ -67,6 +67,17 @@ fn queue_and_shed_configs_load() {
 fn unknown_fields_and_bad_values_are_errors_not_panics() {
     assert!(serde_json::from_str::<BulkheadConfig>(r#"{ "max_concurent": 4 }"#).is_err());
     assert!(serde_json::from_str::<BulkheadConfig>(r#"{ "max_wait": "soon" }"#).is_err());
+    // An overflow policy with a field it does not take: a typo, or a timeout meant for `wait`.
+    for overflow in [
+        r#"{ "policy": "drop_oldest", "timeout": "1s" }"#,
+        r#"{ "policy": "wait", "timeout": "50ms", "max": 3 }"#,
+    ] {
+        let config = format!(r#"{{ "overflow": {overflow} }}"#);
+        assert!(
+            serde_json::from_str::<QueueConfig>(&config).is_err(),
+            "{overflow}"
+        );
+    }
     let config: BulkheadConfig = serde_json::from_str(r#"{ "max_concurrent": 0 }"#).unwrap();
     assert_eq!(
         Bulkhead::from_config("zero", config).unwrap_err().field(),
@@ -110,6 +121,8 @@ fn rate_tiers_and_fallbacks_load_with_human_readable_periods() {
         serde_json::from_str::<Fallback>(r#"{ "mode": "closed" }"#).unwrap(),
         Fallback::Closed
     );
+    // A field the mode does not take is an error, not ignored.
+    assert!(serde_json::from_str::<Fallback>(r#"{ "mode": "open", "instances": 4 }"#).is_err());
 
     let config: headroom_limit::rate::DistributedConfig = serde_json::from_str(
         r#"{ "tiers": { "free": { "limit": 60, "period": "1m" } }, "batch": 0 }"#,

@@ -17,7 +17,10 @@ use crate::{Router, ShardId};
 /// up with the session).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(tag = "policy", rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(tag = "policy", rename_all = "snake_case", from = "ReadPolicyFields")
+)]
 #[non_exhaustive]
 pub enum ReadPolicy {
     /// Every read goes to the primary.
@@ -39,6 +42,33 @@ pub enum ReadPolicy {
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
         max_lag: Duration,
     },
+}
+
+/// [`ReadPolicy`] as loaded: serde lets a unit variant of a tagged enum take any field, so
+/// each policy is a struct variant here, and a field it does not take is refused.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+enum ReadPolicyFields {
+    Primary {},
+    RoundRobin {},
+    LeastInFlight {},
+    LagAware {
+        #[serde(with = "humantime_serde")]
+        max_lag: Duration,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl From<ReadPolicyFields> for ReadPolicy {
+    fn from(fields: ReadPolicyFields) -> Self {
+        match fields {
+            ReadPolicyFields::Primary {} => ReadPolicy::Primary,
+            ReadPolicyFields::RoundRobin {} => ReadPolicy::RoundRobin,
+            ReadPolicyFields::LeastInFlight {} => ReadPolicy::LeastInFlight,
+            ReadPolicyFields::LagAware { max_lag } => ReadPolicy::LagAware { max_lag },
+        }
+    }
 }
 
 /// A read-your-writes session: the positions its writes reached, per shard.

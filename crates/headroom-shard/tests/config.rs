@@ -74,6 +74,16 @@ fn read_policies_deserialize_with_human_durations() {
     );
     let policy: ReadPolicy = serde_json::from_str(r#"{ "policy": "round_robin" }"#).unwrap();
     assert_eq!(policy, ReadPolicy::RoundRobin);
+    // A field the policy does not take is an error, not ignored.
+    for policy in [
+        r#"{ "policy": "round_robin", "max_lag": "250ms" }"#,
+        r#"{ "policy": "lag_aware", "max_lag": "250ms", "max_lags": "1s" }"#,
+    ] {
+        assert!(
+            serde_json::from_str::<ReadPolicy>(policy).is_err(),
+            "{policy}"
+        );
+    }
 }
 
 #[test]

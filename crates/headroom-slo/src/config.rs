@@ -10,7 +10,7 @@ use crate::ConfigError;
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
     feature = "serde",
-    serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)
+    serde(tag = "kind", rename_all = "snake_case", from = "SliFields")
 )]
 pub enum Sli {
     /// Good when the request succeeded.
@@ -21,6 +21,29 @@ pub enum Sli {
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
         threshold: Duration,
     },
+}
+
+/// [`Sli`] as loaded: serde lets a unit variant of a tagged enum take any field, so each kind
+/// is a struct variant here, and a field it does not take is refused.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum SliFields {
+    Availability {},
+    Latency {
+        #[serde(with = "humantime_serde")]
+        threshold: Duration,
+    },
+}
+
+#[cfg(feature = "serde")]
+impl From<SliFields> for Sli {
+    fn from(fields: SliFields) -> Self {
+        match fields {
+            SliFields::Availability {} => Sli::Availability,
+            SliFields::Latency { threshold } => Sli::Latency { threshold },
+        }
+    }
 }
 
 /// How urgent a burn-rate alert is.

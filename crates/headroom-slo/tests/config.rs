@@ -150,6 +150,11 @@ fn objectives_load_from_a_file_and_unknown_fields_are_refused() {
             .to_string()
             .contains("unknown field `targte`")
     );
+    // A threshold given to the availability SLI (meant for a latency one) is refused too.
+    let misplaced = serde_json::from_str::<SloConfig>(
+        r#"{ "objectives": [{ "name": "x", "sli": { "kind": "availability", "threshold": "100ms" }, "target": 0.9 }] }"#,
+    );
+    assert!(misplaced.is_err(), "{misplaced:?}");
 }
 
 /// Every target in (0, 1) builds with the default alerts: they are the workbook's alerts that

@@ -26,7 +26,7 @@ use crate::metrics::TierMetrics;
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(
     feature = "serde",
-    serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)
+    serde(tag = "mode", rename_all = "snake_case", from = "FallbackFields")
 )]
 #[non_exhaustive]
 pub enum Fallback {
@@ -41,6 +41,28 @@ pub enum Fallback {
     Open,
     /// Refuse everything with [`RateErrorKind::Unavailable`]: enforcement over availability.
     Closed,
+}
+
+/// [`Fallback`] as loaded: serde lets a unit variant of a tagged enum take any field, so each
+/// mode is a struct variant here, and a field it does not take is refused.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+enum FallbackFields {
+    Local { instances: u32 },
+    Open {},
+    Closed {},
+}
+
+#[cfg(feature = "serde")]
+impl From<FallbackFields> for Fallback {
+    fn from(fields: FallbackFields) -> Self {
+        match fields {
+            FallbackFields::Local { instances } => Fallback::Local { instances },
+            FallbackFields::Open {} => Fallback::Open,
+            FallbackFields::Closed {} => Fallback::Closed,
+        }
+    }
 }
 
 impl Fallback {
