@@ -1880,8 +1880,12 @@ where
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();
             let mut unsure = Vec::new();
+            // Every key is adopted once, found or not, so each counts one L2 hit or miss.
             for (i, (bytes, full)) in values.iter().zip(&full).enumerate() {
-                let Some(bytes) = bytes else { continue };
+                let Some(bytes) = bytes else {
+                    fill[i] = self.adopt(None, &mut best[i], now);
+                    continue;
+                };
                 match self.decode(l2, full, bytes, now, unix_now, false) {
                     Ok(found) => fill[i] = self.adopt(found, &mut best[i], now),
                     Err(Unsure) => unsure.push(i),
@@ -1893,15 +1897,14 @@ where
                     .filter_map(|&i| values[i].as_deref())
                     .collect();
                 // Unless L2 answered, the entries stay misses.
-                if self.learn_hides(l2, &needing, now).await {
-                    for i in unsure {
-                        let found = values[i].as_deref().and_then(|bytes| {
-                            self.decode(l2, &full[i], bytes, now, unix_now, true)
-                                .ok()
-                                .flatten()
-                        });
-                        fill[i] = self.adopt(found, &mut best[i], now);
-                    }
+                let learned = self.learn_hides(l2, &needing, now).await;
+                for i in unsure {
+                    let found = values[i].as_deref().filter(|_| learned).and_then(|bytes| {
+                        self.decode(l2, &full[i], bytes, now, unix_now, true)
+                            .ok()
+                            .flatten()
+                    });
+                    fill[i] = self.adopt(found, &mut best[i], now);
                 }
             }
         }

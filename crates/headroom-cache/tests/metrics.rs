@@ -189,6 +189,65 @@ async fn l2_errors_the_breaker_and_corrupt_values_are_reported() {
     );
 }
 
+/// A batch read counts a hit or a miss per key at each level, as the same reads one at a
+/// time do: an L2 key absent, unreadable or not reached (L2 failing, its breaker open) is an
+/// L2 miss.
+#[tokio::test]
+async fn batch_reads_count_a_hit_or_miss_per_key_at_each_level() {
+    let recorded = Recorded::default();
+    let clock = ManualClock::new();
+    let store = Probe::new(MemoryKvStore::builder().clock(clock.clock()).build());
+    let cache: Cache<String, String> = metrics::with_local_recorder(&recorded, || {
+        Cache::builder()
+            .name("m")
+            .clock(clock.clock())
+            .l2(store.clone(), ns())
+            .l2_failure_threshold(1)
+            .l2_cooldown(5 * SEC)
+            .build()
+            .unwrap()
+    });
+    let keys = |names: &[&str]| -> Vec<String> { names.iter().map(|&n| n.to_owned()).collect() };
+    let load_all = |keys: Vec<String>| async move {
+        Ok::<_, CacheError>(
+            keys.into_iter()
+                .map(|k| (k.clone(), k))
+                .collect::<HashMap<_, _>>(),
+        )
+    };
+    let counter = |name: &str, level: &str| {
+        recorded.counter(&format!(
+            "headroom_cache_{name}_total{{cache=m,level={level}}}"
+        ))
+    };
+    cache.insert("a".to_owned(), "a".to_owned()).await.unwrap();
+    cache.invalidate_local(&"a".to_owned());
+    cache
+        .get_many_or_load(&keys(&["a", "b", "c"]), load_all)
+        .await
+        .unwrap();
+    assert_eq!(counter("misses", "l1"), 3);
+    assert_eq!(counter("hits", "l2"), 1);
+    assert_eq!(counter("misses", "l2"), 2, "b and c are absent from L2");
+
+    store.calls.fail.store(true, Ordering::SeqCst);
+    cache
+        .get_many_or_load(&keys(&["d", "e"]), load_all)
+        .await
+        .unwrap();
+    assert_eq!(counter("misses", "l2"), 4, "L2 failed for d and e");
+    cache
+        .get_many_or_load(&keys(&["f", "g", "h"]), load_all)
+        .await
+        .unwrap();
+    assert_eq!(
+        counter("misses", "l2"),
+        7,
+        "the breaker kept f, g and h from L2"
+    );
+    assert_eq!(counter("misses", "l1"), 8);
+}
+
 #[tokio::test]
 async fn l1_evictions_are_counted_unless_disabled() {
     for enabled in [true, false] {
