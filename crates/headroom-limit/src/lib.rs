@@ -36,7 +36,7 @@
 //! |---|---|---|
 //! | `headroom_limit_in_flight_requests` | gauge | permits held |
 //! | `headroom_limit_queued_requests` | gauge | callers or items waiting |
-//! | `headroom_limit_queue_delay_seconds` | histogram | time waited by admitted work |
+//! | `headroom_limit_queue_delay_seconds` | histogram | time waited: by every item a work queue hands out; by the bulkhead callers that had to queue (an immediate admission records nothing, so `admitted_total` less the histogram's count is those admitted at once) |
 //! | `headroom_limit_admitted_total` | counter | work admitted |
 //! | `headroom_limit_rejected_total` | counter | work refused or shed, by `priority` and `reason` |
 //! | `headroom_limit_concurrency_limit_requests` | gauge | current limit (`bulkhead` or `limiter`) |
