@@ -20,6 +20,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RedisServerBuilder {
     args: Vec<String>,
     port: Option<u16>,
+    /// A cluster node: its bus port, `port + 10000`, must be free too.
+    bus: bool,
 }
 
 impl RedisServerBuilder {
@@ -36,22 +38,40 @@ impl RedisServerBuilder {
         self
     }
 
-    /// Starts the server and waits until it answers `PING`.
+    /// Chooses a port whose cluster bus port (`port + 10000`) is free too.
+    fn cluster_node(mut self) -> Self {
+        self.bus = true;
+        self
+    }
+
+    /// Starts the server and waits until it answers `PING`. A port the kit chose that was
+    /// taken before the server could listen on it is given up for another.
     ///
     /// # Panics
     ///
     /// If `redis-server` is missing or does not start: test support fails loudly.
     pub fn start(self) -> RedisServer {
-        let port = self.port.unwrap_or_else(|| free_port(false));
-        let dir = scratch_dir(port);
-        let server = RedisServer {
-            port,
-            dir,
-            args: self.args,
-            process: Mutex::new(None),
-        };
-        server.spawn();
-        server
+        let mut attempts = 0;
+        loop {
+            let port = self.port.unwrap_or_else(|| free_port(self.bus));
+            let server = RedisServer {
+                port,
+                dir: scratch_dir(port),
+                args: self.args.clone(),
+                process: Mutex::new(None),
+            };
+            let Err(log) = server.try_spawn() else {
+                return server;
+            };
+            // Not `kill`, which waits for the port to close: it may be another's.
+            server.stop();
+            if self.port.is_some() || attempts >= 10 || !log.contains(PORT_TAKEN) {
+                panic!(
+                    "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{log}"
+                );
+            }
+            attempts += 1;
+        }
     }
 }
 
@@ -105,13 +125,21 @@ impl RedisServer {
 
     /// Kills the server with `SIGKILL` and waits for it to exit. Unpersisted data is lost.
     pub fn kill(&self) {
-        if let Some(mut process) = self.lock().take() {
-            signal(process.pid, "KILL");
-            drop(process._lifeline);
-            // The guard shell exits once its server is gone.
-            let _ = process.guard.wait();
+        if self.stop() {
             wait_until_port_closed(self.port);
         }
+    }
+
+    /// Kills the server's process, if it runs, and waits for it to exit; whether it ran.
+    fn stop(&self) -> bool {
+        let Some(mut process) = self.lock().take() else {
+            return false;
+        };
+        signal(process.pid, "KILL");
+        drop(process._lifeline);
+        // The guard shell exits once its server is gone.
+        let _ = process.guard.wait();
+        true
     }
 
     /// Starts the server again on the same port (after [`kill`](Self::kill), or to restart it).
@@ -156,6 +184,17 @@ impl RedisServer {
     }
 
     fn spawn(&self) {
+        if let Err(log) = self.try_spawn() {
+            self.stop();
+            panic!(
+                "redis-server on port {} did not answer PING within {START_TIMEOUT:?}; log:\n{log}",
+                self.port
+            );
+        }
+    }
+
+    /// Starts the server and waits until it answers `PING`; its log when it does not.
+    fn try_spawn(&self) -> Result<(), String> {
         ensure_installed();
         let mut args = vec![
             "--port".to_owned(),
@@ -198,7 +237,7 @@ impl RedisServer {
             _lifeline: lifeline,
             pid,
         });
-        wait_for_ping(self.port, &self.dir);
+        wait_for_ping(self.port, &self.dir)
     }
 }
 
@@ -230,7 +269,7 @@ impl RedisCluster {
         let nodes: Vec<RedisServer> = (0..masters * (1 + replicas))
             .map(|_| {
                 RedisServer::builder()
-                    .port(free_port(true))
+                    .cluster_node()
                     .config("cluster-enabled", "yes")
                     .config("cluster-config-file", "nodes.conf")
                     .config("cluster-node-timeout", "2000")
@@ -541,15 +580,34 @@ fn signal(pid: u32, name: &str) {
         .status();
 }
 
-/// A port that is free now (and, for cluster nodes, whose bus port `port + 10000` is free too).
+/// What `redis-server` logs when its port was taken.
+const PORT_TAKEN: &str = "Address already in use";
+
+/// A port that is free now (and, for cluster nodes, whose bus port `port + 10000` is free
+/// too), below the range the system gives outgoing connections: a port from that range could
+/// be taken by a connection of another test between this check and the server's listening.
 fn free_port(with_bus: bool) -> u16 {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let bus = if with_bus { 10_000 } else { 0 };
+    let end = first_ephemeral.saturating_sub(bus);
+    if end > 10_000 {
+        for _ in 0..1_000 {
+            let port = fastrand::u16(10_000..end);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && (!with_bus || TcpListener::bind(("127.0.0.1", port + bus)).is_ok())
+            {
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: one from it (a taken one is retried at start).
     for _ in 0..1_000 {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
         let port = listener.local_addr().expect("local addr").port();
-        if !with_bus {
-            return port;
-        }
-        if port < 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        if !with_bus || (port < 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()) {
             return port;
         }
     }
@@ -563,17 +621,18 @@ fn scratch_dir(port: u16) -> PathBuf {
     dir
 }
 
-fn wait_for_ping(port: u16, dir: &Path) {
+/// Waits until the server answers `PING`; its log when it does not in time, or when it could
+/// not listen on its port.
+fn wait_for_ping(port: u16, dir: &Path) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
+    let log = || std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
     loop {
         if ping(port) {
-            return;
+            return Ok(());
         }
-        if Instant::now() >= deadline {
-            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
-            panic!(
-                "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{log}"
-            );
+        let log = log();
+        if Instant::now() >= deadline || log.contains(PORT_TAKEN) {
+            return Err(log);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -624,4 +683,36 @@ fn redis_cli_lenient(port: u16, args: &[&str]) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_the_kit_chooses_are_below_the_range_of_outgoing_connections() {
+        let first_ephemeral: u16 =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .expect("a Linux port range")
+                .split_whitespace()
+                .next()
+                .and_then(|first| first.parse().ok())
+                .expect("its first port");
+        for _ in 0..100 {
+            assert!(free_port(false) < first_ephemeral);
+            assert!(free_port(true) + 10_000 < first_ephemeral);
+        }
+    }
+
+    #[test]
+    fn a_server_whose_port_is_taken_says_so_at_once() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port();
+        let start = Instant::now();
+        let started = std::panic::catch_unwind(|| RedisServer::builder().port(port).start());
+        let message = started.expect_err("the port is taken");
+        let message = message.downcast_ref::<String>().expect("a panic message");
+        assert!(message.contains(PORT_TAKEN), "{message}");
+        assert!(start.elapsed() < START_TIMEOUT, "{:?}", start.elapsed());
+    }
 }
