@@ -455,6 +455,9 @@ where
             }
         }
         inner.metrics.l1_misses.increment(1);
+        if inner.l2.is_none() {
+            inner.check_key(key)?;
+        }
         let span = tracing::debug_span!("cache.get_or_load", name = %inner.config.name);
         // The load is spawned inside the span, and runs in it.
         let wait = span.in_scope(|| Inner::join_or_load(inner, key, tags, loader));
@@ -469,8 +472,8 @@ where
     /// found; keys absent from its map are "not found" (cached for the negative TTL when one
     /// is configured). When the loader fails, keys with a stale value within
     /// `fail_safe_max_stale` are served that value; if any key has none, the call fails.
-    /// A key L2 cannot hold (empty, or over 1,024 bytes) fails the call with
-    /// [`CacheErrorKind::InvalidKey`] before anything is read or loaded.
+    /// A key L2 could not hold (empty, or over 1,024 bytes), with L2 or without, fails the
+    /// call with [`CacheErrorKind::InvalidKey`] before anything is read or loaded.
     pub async fn get_many_or_load<F, Fut, E>(
         &self,
         keys: &[K],
@@ -532,12 +535,8 @@ where
         }
         // Every key is checked before the batch is registered: other readers may join it,
         // and must not get this call's invalid key as their error.
-        if let Some(l2) = &inner.l2 {
-            for &place in missing.iter().chain(&refresh) {
-                keys[place]
-                    .with_key_bytes(|bytes| l2.namespace.check_key(bytes))
-                    .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))?;
-            }
+        for &place in missing.iter().chain(&refresh) {
+            inner.check_key(&keys[place])?;
         }
         let asks = missing.iter().chain(&refresh).map(|&place| &keys[place]);
         let (own, waits) = Inner::join_or_load_many(inner, asks, loader);
@@ -629,6 +628,7 @@ where
     ) -> Result<(), CacheError> {
         let inner = &self.inner;
         check_tags(tags)?;
+        inner.check_key(&key)?;
         let mut times = inner.times(Some(&value));
         // Never later than now: the deadlines count from now and must not precede it. Never
         // earlier than one TTL ago: the L2 lifetime counts from it and stays bounded.
@@ -820,6 +820,13 @@ where
     K: CacheKey,
     V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
+    /// Refuses a key L2 could not hold, with L2 or without, so that L1's entry bound also
+    /// bounds the bytes its keys take.
+    fn check_key(&self, key: &K) -> Result<(), CacheError> {
+        key.with_key_bytes(Key::check)
+            .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))
+    }
+
     fn l2_key(&self, l2: &L2, key: &K) -> Result<Key, CacheError> {
         key.with_key_bytes(|bytes| l2.namespace.key(bytes))
             .map_err(|error| CacheError::with_source(CacheErrorKind::InvalidKey, error))

@@ -107,6 +107,43 @@ async fn batch_on_memory_l2() {
     common::batch_reads_l2_once_and_loads_once(Probe::new(MemoryKvStore::new()), ns()).await;
 }
 
+/// Keys are checked the same without L2 as with it: an empty one, or one over 1,024 bytes, is
+/// refused with `InvalidKey` before anything is loaded or held, so L1's entry bound also
+/// bounds the bytes its keys take, whatever keys callers send.
+#[tokio::test]
+async fn keys_l2_could_not_hold_are_refused_without_l2_too() {
+    let cache: Cache<String, String> = Cache::builder()
+        .negative_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let loads = Arc::new(AtomicUsize::new(0));
+    let loader = |loads: &Arc<AtomicUsize>| {
+        let loads = Arc::clone(loads);
+        move |_: String| async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, CacheError>(None)
+        }
+    };
+    for key in ["k".repeat(1_025), String::new()] {
+        let error = cache.get_or_load(&key, loader(&loads)).await.unwrap_err();
+        assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
+        let error = cache.insert(key.clone(), "v".into()).await.unwrap_err();
+        assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
+        let error = cache
+            .get_many_or_load(std::slice::from_ref(&key), |_| async {
+                Ok::<_, CacheError>(HashMap::new())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
+        assert_eq!(cache.get(&key).await.unwrap(), None);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 0, "nothing was loaded");
+    let longest = "k".repeat(1_024);
+    cache.insert(longest.clone(), "v".into()).await.unwrap();
+    assert_eq!(cache.get(&longest).await.unwrap().as_deref(), Some("v"));
+}
+
 #[tokio::test]
 async fn garbage_on_memory_l2() {
     common::garbage_in_l2_is_a_miss(MemoryKvStore::new(), ns()).await;

@@ -241,6 +241,20 @@ impl Key {
     /// The longest key part accepted, in bytes (the namespace is not counted).
     pub const MAX_LEN: usize = 1024;
 
+    /// Whether `local` is accepted as the key part in any namespace: not empty, and at most
+    /// [`MAX_LEN`](Self::MAX_LEN) bytes.
+    ///
+    /// ```
+    /// use headroom_core::Key;
+    ///
+    /// assert!(Key::check(b"user:42").is_ok());
+    /// assert!(Key::check(b"").is_err());
+    /// assert!(Key::check(&[b'k'; 1025]).is_err());
+    /// ```
+    pub fn check(local: &[u8]) -> Result<(), KeyError> {
+        check_key_len(local.len())
+    }
+
     /// The full key, namespace included, as stored in the backend.
     pub fn as_bytes(&self) -> &[u8] {
         &self.full
