@@ -340,6 +340,13 @@ fn invalid_quotas_are_configuration_errors() {
         .unwrap()
         .share(4);
     assert_eq!((share.limit(), share.burst()), (25, 2));
+    // Shares add up to the quota's rate, also when the units do not split evenly or are
+    // fewer than the instances: 10 a minute over 4 is one each 24 s, 2 over 4 one each 2 min.
+    let share = Quota::per_minute(10).unwrap().share(4);
+    assert_eq!(share.emission_interval(), Duration::from_secs(24));
+    let share = Quota::per_minute(2).unwrap().share(4);
+    assert_eq!(share.emission_interval(), Duration::from_secs(120));
+    assert_eq!(share.burst(), 1);
 }
 
 #[tokio::test]

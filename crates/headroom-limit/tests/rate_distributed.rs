@@ -414,6 +414,50 @@ async fn local_fallback_enforces_this_instances_share() {
     assert_eq!(limiter.round_trips(), 2);
 }
 
+/// With fewer units a period than instances, the instances' shares still add up to the
+/// quota's rate: each instance admits one unit per `instances` emission intervals, not one
+/// per period. Only the burst cannot be split below one unit each, so the fleet admits at
+/// most `instances` at once when the store goes away (as the `Fallback::Local` docs say).
+#[tokio::test]
+async fn local_fallback_shares_add_up_to_the_quota_when_instances_outnumber_its_units() {
+    let clock = ManualClock::new();
+    let instances = 4;
+    let fleet: Vec<_> = (0..instances)
+        .map(|_| {
+            DistributedRateLimiter::builder(
+                "sms",
+                DownStore,
+                unique_namespace("rate"),
+                TierConfig::new().tier("t", Quota::per_minute(2).unwrap()),
+            )
+            .clock(clock.clock())
+            .fallback(Fallback::Local { instances })
+            .retry_after_failure(Duration::from_secs(3_600))
+            .build()
+            .unwrap()
+        })
+        .collect();
+    let minutes = 10;
+    let mut admitted = 0;
+    for _ in 0..=minutes * 60 {
+        for limiter in &fleet {
+            if limiter.check("t", "k", 1).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        clock.advance(Duration::from_secs(1));
+    }
+    // Two a minute, and the first instants' burst of one per instance.
+    assert!(
+        admitted <= 2 * minutes + u64::from(instances),
+        "{admitted} admitted in {minutes} minutes"
+    );
+    assert!(
+        admitted >= 2 * minutes,
+        "{admitted} admitted in {minutes} minutes"
+    );
+}
+
 /// A cost the whole quota admits but this instance's share cannot hold is still a rate
 /// decision during an outage, never an error: it takes the whole share, once the share is full.
 #[tokio::test]

@@ -31,8 +31,10 @@ use crate::metrics::TierMetrics;
 #[non_exhaustive]
 pub enum Fallback {
     /// Enforce, in each instance, its share of the quota: rate and burst divided by
-    /// `instances`. With that many instances up, the service as a whole stays within the
-    /// quota (each instance starts its share full when the store goes away).
+    /// `instances` (see [`Quota::share`](super::Quota::share)). With that many instances up,
+    /// the service as a whole stays within the quota's rate; each instance starts its share
+    /// full when the store goes away, and a share's burst is at least one unit, so the fleet
+    /// may admit up to `instances` units at once then, when the quota's burst is smaller.
     Local {
         /// How many instances share the quota.
         instances: u32,

@@ -134,15 +134,24 @@ impl Quota {
         }
     }
 
-    /// This quota split evenly over `instances` (rate and burst, each at least 1): the share
-    /// one instance enforces on its own when the shared store is unreachable. Its burst is
-    /// lowered, should the rounding put its time past [`MAX_BURST_TIME`].
+    /// This quota split evenly over `instances`: the share one instance enforces on its own
+    /// when the shared store is unreachable. The shares' rates add up to the quota's: a limit
+    /// that does not split evenly is kept over a period `instances` times as long (2 a minute
+    /// over 4 instances: 2 every 4 minutes each). The burst is split rounding down, but is at
+    /// least 1; it is lowered, should the rounding put its time past [`MAX_BURST_TIME`].
     pub fn share(&self, instances: u32) -> Self {
         let instances = instances.max(1);
-        let limit = (self.limit / instances).max(1);
+        let stretched = self
+            .period
+            .checked_mul(instances)
+            .filter(|period| *period / self.limit <= MAX_BURST_TIME);
+        let (limit, period) = match stretched {
+            Some(period) if self.limit % instances != 0 => (self.limit, period),
+            _ => ((self.limit / instances).max(1), self.period),
+        };
         let share = Self {
             limit,
-            period: self.period,
+            period,
             burst: (self.burst / instances).max(1),
         };
         if share.burst_time_fits() {
