@@ -146,7 +146,7 @@ impl Quota {
             .checked_mul(instances)
             .filter(|period| *period / self.limit <= MAX_BURST_TIME);
         let (limit, period) = match stretched {
-            Some(period) if self.limit % instances != 0 => (self.limit, period),
+            Some(period) if !self.limit.is_multiple_of(instances) => (self.limit, period),
             _ => ((self.limit / instances).max(1), self.period),
         };
         let share = Self {
