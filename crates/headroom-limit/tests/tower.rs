@@ -160,6 +160,40 @@ async fn shed_layer_refuses_low_priority_requests_under_load() {
     assert_eq!(shedder.rejected(Priority::Sheddable, Reason::InFlight), 1);
 }
 
+/// Behind a `LoadShedLayer`, the bulkhead's own refusals carry the priority the shedder gave
+/// the request, as `LoadShedder::acquire`'s do: a critical request the shedder let through
+/// and the bulkhead then refused (its wait over) is counted as critical.
+#[tokio::test(start_paused = true)]
+async fn bulkhead_refusals_behind_the_shedder_carry_the_requests_priority() {
+    let bulkhead = Bulkhead::builder("b")
+        .max_concurrent(1)
+        .max_queued(1)
+        .max_wait(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone()).build().unwrap();
+    let mut service = LoadShedLayer::new(shedder, |_: &u32| Priority::Critical).layer(
+        BulkheadLayer::new(bulkhead.clone())
+            .layer(service_fn(|n: u32| async move { Ok::<_, Infallible>(n) })),
+    );
+    let held = bulkhead.try_acquire().unwrap();
+    let refused = service.ready().await.unwrap().call(1).await.unwrap_err();
+    let refused = refused.downcast_ref::<Overloaded>().expect("a refusal");
+    assert_eq!(
+        (refused.reason(), refused.priority()),
+        (Reason::WaitTimeout, Priority::Critical)
+    );
+    drop(held);
+    // A bulkhead layer alone refuses as the default priority.
+    let bulkhead = Bulkhead::builder("b").max_concurrent(1).build().unwrap();
+    let mut service = BulkheadLayer::new(bulkhead.clone())
+        .layer(service_fn(|n: u32| async move { Ok::<_, Infallible>(n) }));
+    let _held = bulkhead.try_acquire().unwrap();
+    let refused = service.ready().await.unwrap().call(1).await.unwrap_err();
+    let refused = refused.downcast_ref::<Overloaded>().expect("a refusal");
+    assert_eq!(refused.priority(), Priority::Default);
+}
+
 /// A bulkhead with an AIMD limit starting at `initial_limit`.
 fn aimd(initial_limit: usize) -> Bulkhead {
     Bulkhead::builder("b")

@@ -192,10 +192,10 @@ impl Bulkhead {
         Some(Permit::new(&self.inner, started).into_owned())
     }
 
-    /// Refuses a caller that found every permit taken and may not wait.
+    /// Refuses a caller of `priority` that found every permit taken and may not wait.
     #[cfg(feature = "tower")]
-    pub(crate) fn reject_full(&self) -> Overloaded {
-        self.inner.reject(Reason::QueueFull, Priority::Default)
+    pub(crate) fn reject_full(&self, priority: Priority) -> Overloaded {
+        self.inner.reject(Reason::QueueFull, priority)
     }
 
     /// The bulkhead's name.

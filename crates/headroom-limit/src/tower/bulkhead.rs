@@ -54,6 +54,9 @@ impl<S> Layer<S> for BulkheadLayer {
 /// The permit is taken in `call` (see the [module docs](super)) and held until the response
 /// future completes or is dropped. A request that must wait for a permit takes the ready inner
 /// service with it (leaving a clone behind, hence `S: Clone`) and calls it once admitted.
+/// A refusal carries the priority a [`LoadShedLayer`](super::LoadShedLayer) above gave the
+/// request, or [`Priority::Default`](crate::Priority::Default) without one.
+///
 /// With an adaptive limit, an `Ok` response reports [`Outcome::Success`]; an `Err`, and a
 /// request whose future is dropped while it runs (its caller timed out or went away), report
 /// [`Outcome::Dropped`]; a request whose service panics reports [`Outcome::Ignored`].
@@ -86,14 +89,16 @@ where
         if let Some(permit) = self.bulkhead.try_admit_owned() {
             return BulkheadFuture::running(self.inner.call(request), permit);
         }
+        // Refused or queued as the priority a load shedder above gave the request.
+        let priority = super::calling_priority();
         if self.bulkhead.max_queued() == 0 {
-            return BulkheadFuture::rejected(self.bulkhead.reject_full());
+            return BulkheadFuture::rejected(self.bulkhead.reject_full(priority));
         }
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
         let bulkhead = self.bulkhead.clone();
         BulkheadFuture::waiting(Box::pin(async move {
-            let permit = bulkhead.acquire_owned().await?;
+            let permit = bulkhead.acquire_as(priority).await?.into_owned();
             Ok((permit, ready.call(request)))
         }))
     }

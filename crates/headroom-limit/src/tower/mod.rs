@@ -37,7 +37,33 @@ pub use queue::{Panicked, QueueFuture, QueueLayer, QueueService};
 pub use rate::{RATELIMIT, RATELIMIT_POLICY, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use shed::{LoadShedFuture, LoadShedLayer, LoadShedService};
 
+use std::cell::Cell;
+
 use crate::Priority;
+
+thread_local! {
+    /// The priority a [`LoadShedService`] gave the request it is passing to the inner service's
+    /// `call`, for a [`BulkheadService`] below it to refuse that request as.
+    static CALLING: Cell<Option<Priority>> = const { Cell::new(None) };
+}
+
+/// Runs `call` (an inner service's `call`) with `priority` as the request's priority.
+fn calling_with<R>(priority: Priority, call: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Priority>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CALLING.set(self.0);
+        }
+    }
+    let _restore = Restore(CALLING.replace(Some(priority)));
+    call()
+}
+
+/// The priority of the request being called: the one a [`LoadShedService`] above gave it, or
+/// [`Priority::Default`].
+fn calling_priority() -> Priority {
+    CALLING.get().unwrap_or(Priority::Default)
+}
 
 /// The error type of these services: the inner service's error or an
 /// [`Overloaded`](crate::Overloaded), boxed.

@@ -13,7 +13,10 @@ use crate::{LoadShedder, Overloaded};
 /// Wraps services in a [`LoadShedService`] sharing one [`LoadShedder`].
 ///
 /// Put it outside a [`BulkheadLayer`](super::BulkheadLayer) of the same bulkhead: the
-/// shedder refuses the less important requests first, the bulkhead bounds the rest.
+/// shedder refuses the less important requests first, the bulkhead bounds the rest, and
+/// refuses (and counts) them as the priority the shedder gave them. The priority reaches the
+/// bulkhead layer when its `call` runs within this one's, as in a plain stack; a layer between
+/// them that calls later (a buffer) leaves the bulkhead's refusals at the default priority.
 ///
 /// ```
 /// use headroom_limit::tower::{BulkheadLayer, LoadShedLayer};
@@ -91,7 +94,7 @@ where
         match self.shedder.check(priority) {
             Ok(()) => LoadShedFuture {
                 state: State::Called {
-                    future: self.inner.call(request),
+                    future: super::calling_with(priority, || self.inner.call(request)),
                 },
             },
             Err(error) => LoadShedFuture {
