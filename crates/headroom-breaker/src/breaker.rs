@@ -306,16 +306,16 @@ impl Shared {
                 }
                 HALF_OPEN => {
                     let config = self.config.load();
-                    let running = self.probes_running(word);
                     // Stalled with any probe running, not only with every slot taken: the
                     // capacity below may let fewer probes in than the breaker allows.
-                    let stalled = running > 0
+                    let stalled = self.probes_running(word) > 0
                         && self
                             .now_nanos()
                             .saturating_sub(self.half_open_since.load(Ordering::Acquire))
                             >= nanos(config.half_open_max_wait);
                     if !stalled {
-                        return (running >= u64::from(config.half_open_probes)).then_some(
+                        let admitted = self.probes_admitted(word);
+                        return (admitted >= u64::from(config.half_open_probes)).then_some(
                             CircuitOpen {
                                 state: State::HalfOpen,
                                 retry_after: None,
@@ -339,15 +339,31 @@ impl Shared {
         })
     }
 
-    /// The probes of the half-open phase of `word` still running.
+    /// The probes admitted in the half-open phase of `word` (a probe that succeeded keeps its
+    /// slot; one whose result did not count gives it back).
     #[cfg(feature = "tower")]
-    fn probes_running(&self, word: u64) -> u64 {
+    fn probes_admitted(&self, word: u64) -> u64 {
         let probes = self.probes.load(Ordering::Acquire);
         if probes & !PROBE_COUNT_MASK == probe_tag(word) {
             probes & PROBE_COUNT_MASK
         } else {
             0
         }
+    }
+
+    /// The probes of the half-open phase of `word` still running: admitted and not yet
+    /// succeeded (a failed one ends the phase).
+    #[cfg(feature = "tower")]
+    fn probes_running(&self, word: u64) -> u64 {
+        let admitted = self.probes_admitted(word);
+        if admitted == 0 {
+            return 0;
+        }
+        let recovery = self.recovery.lock();
+        if self.state.load(Ordering::Acquire) != word {
+            return 0;
+        }
+        admitted.saturating_sub(u64::from(recovery.probes_succeeded))
     }
 
     /// How long until the half-open phase counts as stalled, while probes of it run; `None`

@@ -422,6 +422,39 @@ async fn a_stalled_half_open_breaker_reopens_though_its_probes_never_fill() {
     drop(probe);
 }
 
+/// Probes that succeeded are finished, not running: a half-open phase whose probes all
+/// succeeded so far is not stalled, however slowly the next requests come, so a recovered
+/// dependency behind the layer closes the circuit under light traffic too.
+#[tokio::test]
+async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
+    use headroom_core::ManualClock;
+
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .half_open_probes(3)
+        .half_open_max_wait(Duration::from_secs(1))
+        .open_duration(Duration::from_secs(1))
+        .build()
+        .expect("breaker");
+    let service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .service(flaky(Arc::new(AtomicU32::new(0)), 0));
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    let mut transitions = breaker.subscribe();
+    manual.advance(Duration::from_secs(1));
+    for _ in 0..3 {
+        assert_eq!(service.clone().oneshot(1).await.expect("a probe"), 2);
+        manual.advance(Duration::from_secs(2));
+    }
+    assert_eq!(breaker.state(), State::Closed);
+    while let Ok(transition) = transitions.try_recv() {
+        assert_ne!(transition.to, State::Open, "{transition:?}");
+    }
+}
+
 /// The layers' services can be shared across threads (axum asks `Send + Sync` of a layered
 /// service) when what they wrap can.
 #[test]
