@@ -29,6 +29,9 @@ pub const PLAN_SAMPLES: u32 = 1 << 16;
 /// - Redis Cluster slots on both sides: [`Slots`](Units::Slots) ranges, with exact fractions;
 /// - ranges on both sides: [`KeyRanges`](Units::KeyRanges) (no fraction: it depends on the
 ///   key distribution);
+/// - ranges on one side only: [`KeyRanges`](Units::KeyRanges) of the range side, one move per
+///   pair of nodes the keys of a range may go between (the keys of those ranges that the other
+///   side places accordingly; no fraction);
 /// - otherwise, keys spread by hash: fractions measured over [`PLAN_SAMPLES`] keys.
 ///
 /// ```
@@ -138,11 +141,24 @@ impl ReshardPlan {
                     slot_moves(from, to, |s| (a.slot_owner(s), b.slot_owner(s)))
                 }
                 (Layout::Ranges(a), Layout::Ranges(b)) => range_moves(from, to, a, b),
+                // Samples would all fall in the first range: every range is listed instead.
+                (Layout::Ranges(ranges), other) => {
+                    let mut moves = ranges_to_spread(from, to, ranges, true);
+                    moves.extend(pinned_moves(from, to, pinned(other)));
+                    sort_moves(&mut moves);
+                    moves
+                }
+                (other, Layout::Ranges(ranges)) => {
+                    let mut moves = ranges_to_spread(to, from, ranges, false);
+                    moves.extend(pinned_moves(from, to, pinned(other)));
+                    sort_moves(&mut moves);
+                    moves
+                }
                 (a, b) => {
                     // No sample reaches a pinned key: list those that change node.
                     let mut moves = sampled_moves(from, to);
                     moves.extend(pinned_moves(from, to, pinned(a).chain(pinned(b))));
-                    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
+                    sort_moves(&mut moves);
                     moves
                 }
             }
@@ -194,11 +210,69 @@ fn sample_shares<R: Router>(router: &R) -> BTreeMap<ShardId, u32> {
     shares
 }
 
+fn sort_moves(moves: &mut [Move]) {
+    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
+}
+
+/// The moves between the ranges of `ranged` (the topology being replaced when `ranged_first`,
+/// else the replacement) and `spread`, whose router spreads keys by hash: the keys of a range
+/// on one node may go to, or come from, any node of `spread`, so each range is listed for
+/// every such other node.
+fn ranges_to_spread<H, R: Router>(
+    ranged: &Topology<H, R>,
+    spread: &Topology<H, R>,
+    ranges: &crate::RangeRouter,
+    ranged_first: bool,
+) -> Vec<Move> {
+    let mut spread_nodes: Vec<Arc<str>> = spread
+        .router()
+        .shards()
+        .into_iter()
+        .filter_map(|shard| node_of(spread, shard))
+        .collect();
+    spread_nodes.sort_unstable();
+    spread_nodes.dedup();
+    let bounds: Vec<(&[u8], ShardId)> = ranges.ranges().collect();
+    let mut moves: BTreeMap<Pair, Vec<KeyRange>> = BTreeMap::new();
+    for (i, &(lo, shard)) in bounds.iter().enumerate() {
+        let Some(node) = node_of(ranged, shard) else {
+            continue;
+        };
+        let hi = bounds.get(i + 1).map(|&(hi, _)| Box::<[u8]>::from(hi));
+        for other in spread_nodes.iter().filter(|other| **other != node) {
+            let pair = if ranged_first {
+                (Arc::clone(&node), Arc::clone(other))
+            } else {
+                (Arc::clone(other), Arc::clone(&node))
+            };
+            let ranges = moves.entry(pair).or_default();
+            match ranges.last_mut() {
+                Some(last) if last.end.as_deref() == Some(lo) => last.end.clone_from(&hi),
+                _ => ranges.push(KeyRange {
+                    start: lo.into(),
+                    end: hi.clone(),
+                }),
+            }
+        }
+    }
+    moves
+        .into_iter()
+        .map(|((from, to), ranges)| Move {
+            from,
+            to,
+            units: Units::KeyRanges(ranges),
+            fraction: None,
+        })
+        .collect()
+}
+
 fn shard_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<Move> {
     let exact_slots = match from.router().layout() {
         Layout::Slots(slots) => Some(slots),
         _ => None,
     };
+    // A range's share of the keys depends on the keys: none is given.
+    let ranged = matches!(from.router().layout(), Layout::Ranges(_));
     let shares = sample_shares(from.router());
     let mut moves: BTreeMap<Pair, (Vec<ShardId>, f64)> = BTreeMap::new();
     for shard in from.router().shards() {
@@ -226,7 +300,7 @@ fn shard_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<
             from,
             to,
             units: Units::Shards(shards),
-            fraction: Some(fraction),
+            fraction: (!ranged).then_some(fraction),
         })
         .collect()
 }

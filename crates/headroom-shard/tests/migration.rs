@@ -150,6 +150,81 @@ fn plans_list_moving_key_ranges() {
     assert_eq!(plan.moved_fraction(), None);
 }
 
+/// Between a range router and a hash router, every key that changes node is in a move of its
+/// pair of nodes, whichever range it falls in (a sample of keys would all fall in the first
+/// range); the moves are key ranges, without a fraction (it depends on the keys). The same
+/// range router under a new placement moves shards, without a fraction either.
+#[test]
+fn plans_between_ranges_and_a_hash_router_cover_every_range() {
+    use headroom_shard::AnyRouter;
+
+    let build = |epoch, router: AnyRouter| {
+        Topology::builder(router)
+            .epoch(epoch)
+            .node("a", ())
+            .node("b", ())
+            .node("c", ())
+            .shard(ShardId(0), "a", &[])
+            .shard(ShardId(1), "b", &[])
+            .shard(ShardId(2), "c", &[])
+            .build()
+            .unwrap()
+    };
+    let ranges = || {
+        AnyRouter::from(
+            RangeRouter::builder(ShardId(0))
+                .split_at("g", ShardId(1))
+                .split_at("p", ShardId(2))
+                .build()
+                .unwrap(),
+        )
+    };
+    let jump = || AnyRouter::from(JumpRouter::new(3).unwrap());
+    let keys: Vec<String> = (0..2_000)
+        .map(|i| format!("{}{i}", ["apple", "hat", "zebra"][i % 3]))
+        .collect();
+    for (from, to) in [
+        (build(1, ranges()), build(2, jump())),
+        (build(1, jump()), build(2, ranges())),
+    ] {
+        let plan = ReshardPlan::between(&from, &to);
+        assert_eq!(plan.moved_fraction(), None);
+        for key in &keys {
+            let (a, b) = (
+                from.write(key.as_str()).unwrap().node_id(),
+                to.write(key.as_str()).unwrap().node_id(),
+            );
+            if a == b {
+                continue;
+            }
+            let covered = plan.moves().iter().any(|m| {
+                (m.from(), m.to()) == (a, b)
+                    && matches!(m.units(), Units::KeyRanges(ranges) if ranges.iter().any(|r| {
+                        *r.start <= *key.as_bytes()
+                            && r.end.as_deref().is_none_or(|end| key.as_bytes() < end)
+                    }))
+            });
+            assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
+        }
+    }
+    let moved = Topology::builder(ranges())
+        .epoch(3)
+        .node("a", ())
+        .node("b", ())
+        .node("c", ())
+        .shard(ShardId(0), "a", &[])
+        .shard(ShardId(1), "c", &[])
+        .shard(ShardId(2), "c", &[])
+        .build()
+        .unwrap();
+    let plan = ReshardPlan::between(&build(1, ranges()), &moved);
+    assert_eq!(
+        moves_of(&plan),
+        [("b", "c", Units::Shards(vec![ShardId(1)]))]
+    );
+    assert_eq!(plan.moved_fraction(), None);
+}
+
 #[test]
 fn plans_between_different_hash_routers_are_sampled() {
     let build = |epoch, shards: u32| {
