@@ -190,6 +190,38 @@ async fn a_cost_of_zero_spends_nothing_in_the_store() {
     assert!(a.check("t", "k", 1).await.is_err(), "one a minute");
 }
 
+/// A store that refuses everything, even a cost of zero, as a cell whose time is far ahead of
+/// the store's clock does (the clock stepped back).
+#[derive(Clone, Debug)]
+struct RefusingStore;
+
+impl RateStore for RefusingStore {
+    async fn apply_all(&self, _: &[(Key, Gcra)], _: u32) -> Result<RateDecision, BackendError> {
+        Ok(RateDecision {
+            allowed: false,
+            remaining: 0,
+            retry_after: Duration::from_secs(1),
+            reset_after: Duration::from_secs(1),
+            cell: 0,
+        })
+    }
+}
+
+/// A cost of zero is never refused, even by a store that refuses it.
+#[tokio::test]
+async fn a_cost_of_zero_is_admitted_though_the_store_refuses_it() {
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        RefusingStore,
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_minute(1).unwrap()),
+    )
+    .build()
+    .unwrap();
+    assert_eq!(limiter.check("t", "k", 0).await.unwrap().remaining(), 0);
+    assert!(limiter.check("t", "k", 1).await.is_err());
+}
+
 #[tokio::test]
 async fn batched_units_are_spent_locally_and_expire() {
     let clock = ManualClock::new();

@@ -593,6 +593,13 @@ impl<S: RateStore> Inner<S> {
                     reset_after: decision.reset_after,
                 })
             }
+            // A cost of zero spends nothing, so it is never refused, even by a store whose cell
+            // is ahead of its clock.
+            Ok(decision) if cost == 0 => Ok(Admitted {
+                quota: quotas.get(decision.cell),
+                remaining: decision.remaining,
+                reset_after: decision.reset_after,
+            }),
             Ok(decision) => {
                 // The refusal was for `reserve` units; by the quota that waits longest, `cost`
                 // units fit `reserve - cost` intervals earlier and a single unit `reserve - 1`
