@@ -438,6 +438,11 @@ async fn local_fallback_enforces_this_instances_share() {
         refused.limited().unwrap().retry_after(),
         Duration::from_secs(6)
     );
+    // A refusal names the configured quota, as an admission does, not the share.
+    assert_eq!(
+        refused.limited().unwrap().quota(),
+        Quota::per_minute(40).unwrap()
+    );
     assert_eq!(limiter.fallback_decisions(), 11);
     // Only the first call tried the store; the rest waited out the retry interval.
     assert_eq!(limiter.round_trips(), 1);

@@ -17,7 +17,9 @@ use super::cells::TierCells;
 use super::limiter::record;
 use super::local::nanos;
 use super::reserved::{Local, LocalState, fnv1a};
-use super::{Admitted, Quotas, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig, wait};
+use super::{
+    Admitted, Quota, Quotas, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig, wait,
+};
 use crate::ConfigError;
 use crate::metrics::TierMetrics;
 
@@ -704,16 +706,24 @@ impl<S: RateStore> Inner<S> {
         match (&tier.local, self.fallback) {
             // A cost the quota admits but the share cannot hold takes the whole share.
             (Some(local), _) => {
+                // Answers name the quota the enforced share comes from, admitted or refused.
+                let configured = |share: Quota| {
+                    let shares = local.quotas().as_slice();
+                    let index = shares.iter().position(|s| *s == share);
+                    tier.quotas.get(index.unwrap_or(0))
+                };
                 local
                     .check(key, cost.min(local.quotas().max_cost()))
-                    .map(|admitted| {
-                        // Answers name the quota the enforced share comes from.
-                        let shares = local.quotas().as_slice();
-                        let index = shares.iter().position(|share| *share == admitted.quota);
-                        Admitted {
-                            quota: tier.quotas.get(index.unwrap_or(0)),
-                            ..admitted
+                    .map(|admitted| Admitted {
+                        quota: configured(admitted.quota),
+                        ..admitted
+                    })
+                    .map_err(|error| match error.limited() {
+                        Some(limited) => {
+                            RateLimited::new(configured(limited.quota()), limited.retry_after())
+                                .into()
                         }
+                        None => error,
                     })
             }
             (None, Fallback::Closed) => Err(RateError::unavailable(error)),
