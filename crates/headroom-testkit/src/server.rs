@@ -3,6 +3,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
@@ -237,7 +238,7 @@ impl RedisServer {
             _lifeline: lifeline,
             pid,
         });
-        wait_for_ping(self.port, &self.dir)
+        wait_until_serving(self.port, pid, &self.dir)
     }
 }
 
@@ -614,20 +615,28 @@ fn free_port(with_bus: bool) -> u16 {
     panic!("no free loopback port found");
 }
 
+/// A fresh directory of its own for a server on `port` (each start of the kit's servers gets
+/// another, so a start that failed never removes a running server's).
 fn scratch_dir(port: u16) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("headroom-redis-{}-{port}", std::process::id()));
+    static STARTS: AtomicU64 = AtomicU64::new(0);
+    let start = STARTS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "headroom-redis-{}-{port}-{start}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
     dir
 }
 
-/// Waits until the server answers `PING`; its log when it does not in time, or when it could
-/// not listen on its port.
-fn wait_for_ping(port: u16, dir: &Path) -> Result<(), String> {
+/// Waits until the server of `pid` answers on `port` (another server there, which took the
+/// port first, does not count); its log when it does not in time, or when it could not listen
+/// on its port.
+fn wait_until_serving(port: u16, pid: u32, dir: &Path) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
     let log = || std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
     loop {
-        if ping(port) {
+        if serving_pid(port) == Some(pid) {
             return Ok(());
         }
         let log = log();
@@ -638,18 +647,28 @@ fn wait_for_ping(port: u16, dir: &Path) -> Result<(), String> {
     }
 }
 
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(
+/// The process id of the Redis server answering on `port`, from `INFO server`.
+fn serving_pid(port: u16) -> Option<u32> {
+    let stream = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(200),
-    ) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+    )
+    .ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    (&stream)
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .ok()?;
+    let mut reply = BufReader::new(&stream);
+    let mut header = String::new();
+    reply.read_line(&mut header).ok()?;
+    let len: usize = header.strip_prefix('$')?.trim().parse().ok()?;
+    let mut body = vec![0; len];
+    reply.read_exact(&mut body).ok()?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:")?.trim().parse().ok())
 }
 
 fn wait_until_port_closed(port: u16) {
@@ -704,15 +723,26 @@ mod tests {
         }
     }
 
+    /// A server whose port was taken fails at once, saying so, whether the taker speaks Redis
+    /// or not, and leaves the taker's directory alone.
     #[test]
     fn a_server_whose_port_is_taken_says_so_at_once() {
-        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = taken.local_addr().expect("addr").port();
-        let start = Instant::now();
-        let started = std::panic::catch_unwind(|| RedisServer::builder().port(port).start());
-        let message = started.expect_err("the port is taken");
-        let message = message.downcast_ref::<String>().expect("a panic message");
-        assert!(message.contains(PORT_TAKEN), "{message}");
-        assert!(start.elapsed() < START_TIMEOUT, "{:?}", start.elapsed());
+        let refused = |port: u16| {
+            let start = Instant::now();
+            let started = std::panic::catch_unwind(|| RedisServer::builder().port(port).start());
+            let message = started.expect_err("the port is taken");
+            let message = message
+                .downcast_ref::<String>()
+                .expect("a panic message")
+                .clone();
+            assert!(message.contains(PORT_TAKEN), "{message}");
+            assert!(start.elapsed() < START_TIMEOUT, "{:?}", start.elapsed());
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        refused(listener.local_addr().expect("addr").port());
+        let taker = RedisServer::start();
+        refused(taker.port());
+        assert!(taker.dir().exists());
+        assert!(taker.is_running());
     }
 }
