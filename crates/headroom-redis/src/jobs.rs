@@ -51,8 +51,8 @@ const MAX_MS: u64 = 1 << 50;
 //   the bucket before; it expires after two windows without a finished job.
 // - `P:v`: hash of the visibility (ms) each consumer holding deliveries fetched with: a
 //   takeover waits for the holder's too. A consumer's entry goes when it holds nothing and
-//   leaves, or is forgotten: a look for lapsed deliveries drops from the groups every other
-//   consumer that holds nothing and has been idle for the look's visibility.
+//   leaves, or is forgotten: a look for lapsed deliveries drops from the groups the other
+//   consumers that hold nothing and have been idle for the look's visibility, 100 at most.
 // - `P:scan`: when a fetch last looked for lapsed deliveries (server ms), expiring after a
 //   quarter of that fetch's visibility; `P:scanat`: hash of the pending entry each lane's next
 //   look goes on from (`(<id>`), when the last one stopped half way.
@@ -512,10 +512,12 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
       end
     end
     -- So is any other consumer holding nothing and idle for the visibility: a worker that died
-    -- holding nothing is never taken over from, and would stay in the groups for good.
+    -- holding nothing is never taken over from, and would stay in the groups for good. At most
+    -- 100 a look, so that a look after many died stays short; the next looks forget the rest.
+    local sweep = 100
     for lane = 0, MAX_LANE do
       local s = stream(lane)
-      if redis.call('EXISTS', s) == 1 then
+      if sweep > 0 and redis.call('EXISTS', s) == 1 then
         for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, 'w')) do
           local info = {}
           for k = 1, #c - 1, 2 do
@@ -524,6 +526,10 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
           if info.pending == 0 and info.idle >= tonumber(visibility) and info.name ~= consumer then
             redis.call('XGROUP', 'DELCONSUMER', s, 'w', info.name)
             forgotten[info.name] = true
+            sweep = sweep - 1
+            if sweep == 0 then
+              break
+            end
           end
         end
       end
