@@ -376,7 +376,7 @@ where
                 let span = tracing::debug_span!("cache.get", name = %inner.config.name);
                 Box::pin(inner.read_l2(l2, key).instrument(span)).await
             }
-            None => Ok(None),
+            None => inner.check_key(key).map(|()| None),
         }
     }
 
@@ -733,7 +733,12 @@ where
                 .iter()
                 .map(|key| inner.tombstone(l2, key, at_unix_us))
                 .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
+            None => {
+                for key in keys {
+                    inner.check_key(key)?;
+                }
+                Vec::new()
+            }
         };
         let mut writing = Vec::with_capacity(keys.len());
         for key in keys {

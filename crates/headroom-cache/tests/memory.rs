@@ -136,11 +136,19 @@ async fn keys_l2_could_not_hold_are_refused_without_l2_too() {
             .await
             .unwrap_err();
         assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
-        assert_eq!(cache.get(&key).await.unwrap(), None);
+        let error = cache.get(&key).await.unwrap_err();
+        assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
     }
     assert_eq!(loads.load(Ordering::SeqCst), 0, "nothing was loaded");
     let longest = "k".repeat(1_024);
     cache.insert(longest.clone(), "v".into()).await.unwrap();
+    assert_eq!(cache.get(&longest).await.unwrap().as_deref(), Some("v"));
+    // A removal with an invalid key fails and removes nothing, as with L2.
+    let error = cache
+        .remove_many(&[longest.clone(), String::new()])
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), CacheErrorKind::InvalidKey);
     assert_eq!(cache.get(&longest).await.unwrap().as_deref(), Some("v"));
 }
 
