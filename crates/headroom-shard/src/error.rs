@@ -33,6 +33,9 @@ pub enum ConfigErrorKind {
     StaleEpoch,
     /// The user-supplied handle could not be created.
     Handle,
+    /// A setting is outside what works: no virtual nodes on a ring, a replication report that
+    /// never counts.
+    InvalidValue,
 }
 
 /// An invalid router or topology definition.

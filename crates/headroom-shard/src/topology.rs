@@ -502,6 +502,12 @@ impl<H, R: Router> TopologyBuilder<H, R> {
         if nodes.is_empty() {
             return Err(ConfigError::new(ConfigErrorKind::Empty, "no nodes"));
         }
+        if status_ttl.is_zero() {
+            return Err(ConfigError::new(
+                ConfigErrorKind::InvalidValue,
+                "status_ttl must be positive: no replication report would count",
+            ));
+        }
         let mut ids: Vec<&str> = nodes.iter().map(|(id, _)| &**id).collect();
         ids.sort_unstable();
         if let Some(pair) = ids.windows(2).find(|pair| pair[0] == pair[1]) {

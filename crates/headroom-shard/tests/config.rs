@@ -106,6 +106,24 @@ fn bad_configurations_are_typed_errors() {
         kind(r#"{ "kind": "maglev", "shards": 4, "table_size": 100 }"#),
         ConfigErrorKind::InvalidTableSize
     );
+    // No virtual nodes would leave one point per member: balance left to chance.
+    assert_eq!(
+        kind(r#"{ "kind": "ring", "shards": 4, "vnodes": 0 }"#),
+        ConfigErrorKind::InvalidValue
+    );
+    // A report that never counts would keep every read off the replicas.
+    let zero_ttl = with_router(r#"{ "kind": "jump", "shards": 4 }"#).replacen(
+        "\"epoch\": 1,",
+        "\"epoch\": 1, \"status_ttl\": \"0s\",",
+        1,
+    );
+    assert_eq!(
+        parse(&zero_ttl)
+            .build(|_| Ok::<_, std::io::Error>(()))
+            .unwrap_err()
+            .kind(),
+        ConfigErrorKind::InvalidValue
+    );
     assert_eq!(
         kind(r#"{ "kind": "maglev", "shards": [{ "shard": 0, "weight": 2.0 }], "table_size": 7 }"#),
         ConfigErrorKind::InvalidWeight

@@ -38,6 +38,12 @@ impl RingRouter {
         vnodes: u32,
     ) -> Result<Self, ConfigError> {
         let members = validate_members(members)?;
+        if vnodes == 0 {
+            return Err(ConfigError::new(
+                ConfigErrorKind::InvalidValue,
+                "vnodes must be at least 1",
+            ));
+        }
         let counts: Vec<u64> = members
             .iter()
             .map(|(_, weight)| (f64::from(vnodes) * weight).round().max(1.0) as u64)
