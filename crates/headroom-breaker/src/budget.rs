@@ -118,9 +118,10 @@ impl RetryBudget {
         Arc::as_ptr(&self.inner).addr()
     }
 
-    /// Runs a request's `attempts`, recorded in `budget`: a hedge within them (a `HedgeLayer`
-    /// under a `RetryLayer`) that shares the budget does not record the request again, or each
-    /// retry would pay for itself.
+    /// Runs a request's `attempts`, recorded in `budget`: a hedge or retry within them (a
+    /// `HedgeLayer` under a `RetryLayer`, or a `RetryLayer` under a `HedgeLayer`) that shares
+    /// the budget does not record the request again, or each retry or hedge would pay for
+    /// itself.
     pub(crate) fn deposited<F: Future>(budget: Option<&Self>, attempts: F) -> Deposited<F> {
         Deposited {
             budget: budget.map_or(0, Self::id),
@@ -128,12 +129,23 @@ impl RetryBudget {
         }
     }
 
-    /// Records one request, unless a retry running it recorded it already (see
+    /// Records one request, unless a retry or hedge running it recorded it already (see
     /// [`deposited`](Self::deposited)).
     pub(crate) fn deposit_once(&self) {
-        if DEPOSITED.get() != self.id() {
+        if !self.recorded_in(DEPOSITED.get()) {
             self.deposit();
         }
+    }
+
+    /// The budget the request being polled is recorded in (see [`deposited`](Self::deposited)),
+    /// as [`recorded_in`](Self::recorded_in) takes it.
+    pub(crate) fn recorded() -> usize {
+        DEPOSITED.get()
+    }
+
+    /// Whether `recorded` (from [`recorded`](Self::recorded)) is this budget.
+    pub(crate) fn recorded_in(&self, recorded: usize) -> bool {
+        recorded == self.id()
     }
 
     fn epoch(&self) -> u64 {

@@ -189,10 +189,13 @@ impl Hedge {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        if let Some(budget) = &self.inner.budget {
+        let budget = self.inner.budget.as_ref();
+        if let Some(budget) = budget {
             budget.deposit_once();
         }
-        self.run(&mut op).await
+        // A retry within a hedged copy (a `RetryLayer` under a `HedgeLayer`) that shares this
+        // budget must not record the request again.
+        RetryBudget::deposited(budget, self.run(&mut op)).await
     }
 
     /// One hedged attempt; the caller has made the budget deposit for its request.

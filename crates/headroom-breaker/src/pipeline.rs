@@ -38,12 +38,23 @@ impl<E> Default for Parts<'_, E> {
 }
 
 impl<E> Parts<'_, E> {
-    pub(crate) async fn call<T, F, Fut>(self, mut op: F) -> Result<T, Error<E>>
+    pub(crate) fn call<T, F, Fut>(self, op: F) -> impl Future<Output = Result<T, Error<E>>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.deposit();
+        // Read at the call, before this request's own retry marks its budget as recorded: a
+        // hedge further out that shares a budget has recorded the request in it already.
+        let recorded = RetryBudget::recorded();
+        self.run(op, recorded)
+    }
+
+    async fn run<T, F, Fut>(self, mut op: F, recorded: usize) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.deposit(recorded);
         let mut attempt = 1;
         loop {
             let error = match self.attempt(&mut op).await {
@@ -68,14 +79,18 @@ impl<E> Parts<'_, E> {
         }
     }
 
-    /// One request deposits once in each distinct budget.
-    fn deposit(&self) {
+    /// One request deposits once in each distinct budget, and not in the one it was
+    /// `recorded` in further out.
+    fn deposit(&self, recorded: usize) {
         let retry_budget = self.retry.and_then(Retry::budget);
-        if let Some(budget) = retry_budget {
+        if let Some(budget) = retry_budget
+            && !budget.recorded_in(recorded)
+        {
             budget.deposit();
         }
         if let Some(budget) = self.hedge.and_then(Hedge::budget)
             && !retry_budget.is_some_and(|other| RetryBudget::same(budget, other))
+            && !budget.recorded_in(recorded)
         {
             budget.deposit();
         }

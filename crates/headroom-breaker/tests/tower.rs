@@ -283,6 +283,52 @@ async fn a_pipeline_over_a_hedge_sharing_its_budget_deposits_once_per_request() 
     stays_within_the_shared_budget(service, &calls).await;
 }
 
+/// A hedge layer over a retry layer sharing its budget: the request is recorded once, by the
+/// hedge, not again by the retry of each hedged copy, so the hedges stay within the budget's
+/// ratio of requests.
+#[tokio::test(start_paused = true)]
+async fn a_hedge_over_a_retry_sharing_its_budget_deposits_once_per_request() {
+    let budget = RetryBudget::builder()
+        .ratio(0.5)
+        .min_per_second(0)
+        .build()
+        .expect("budget");
+    let retry = Retry::<BackendError>::builder()
+        .max_attempts(1)
+        .budget(budget.clone())
+        .build()
+        .expect("retry");
+    let hedge = Hedge::builder()
+        .delay(Duration::from_millis(10))
+        .budget(budget)
+        .build()
+        .expect("hedge");
+    let calls = Arc::new(AtomicU32::new(0));
+    let slow = {
+        let calls = calls.clone();
+        service_fn(move |request: u32| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, BackendError>(request)
+            }
+        })
+    };
+    let service = ServiceBuilder::new()
+        .layer(HedgeLayer::new(hedge))
+        .layer(RetryLayer::new(retry))
+        .service(slow);
+    const REQUESTS: u32 = 100;
+    for request in 0..REQUESTS {
+        assert_eq!(service.clone().oneshot(request).await.unwrap(), request);
+    }
+    let calls = calls.load(Ordering::SeqCst);
+    assert!(
+        calls <= REQUESTS * 3 / 2,
+        "{calls} calls for {REQUESTS} requests with a budget of 0.5 hedges per request"
+    );
+}
+
 /// Counts response futures dropped before they finished.
 struct DropCounter(Arc<AtomicU32>);
 
