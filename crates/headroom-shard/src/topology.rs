@@ -118,6 +118,11 @@ impl NodeState {
         }
     }
 
+    /// Forgets the last report: the status reads as unknown until the next one.
+    fn forget_status(&self) {
+        self.reported_micros.store(UNKNOWN, Ordering::Release);
+    }
+
     fn set(&self, status: ReplicaStatus, now: Instant) {
         let micros = status.lag.map_or(UNKNOWN, |lag| {
             u64::try_from(lag.as_micros()).unwrap_or(UNKNOWN - 1)
@@ -375,13 +380,40 @@ impl<H, R: Router> Topology<H, R> {
     }
 
     /// Takes over live node state (in-flight counts, replication status) from `previous`
-    /// for every node that keeps its id.
+    /// for every node that keeps its id. A node that replicates other primaries than before
+    /// (a failover) keeps its in-flight count but not its last report: its positions number
+    /// another primary's stream.
     fn adopt_state<R2>(&mut self, previous: &Topology<H, R2>) {
-        for node in &mut self.nodes {
-            if let Some(old) = previous.nodes.iter().find(|old| old.id == node.id) {
-                node.state = Arc::clone(&old.state);
+        for index in 0..self.nodes.len() {
+            let Some(old) = previous.node_index(&self.nodes[index].id) else {
+                continue;
+            };
+            let state = Arc::clone(&previous.nodes[old].state);
+            if self.upstreams(index) != previous.upstreams(old) {
+                state.forget_status();
             }
+            self.nodes[index].state = state;
         }
+    }
+}
+
+impl<H, R> Topology<H, R> {
+    fn node_index(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| *node.id == *id)
+    }
+
+    /// The ids of the primaries node `index` is a replica of, in order.
+    fn upstreams(&self, index: usize) -> Vec<&str> {
+        let mut primaries: Vec<&str> = self
+            .shards
+            .iter()
+            .flatten()
+            .filter(|entry| entry.replicas.contains(&index))
+            .map(|entry| &*self.nodes[entry.primary].id)
+            .collect();
+        primaries.sort_unstable();
+        primaries.dedup();
+        primaries
     }
 }
 

@@ -577,3 +577,58 @@ fn a_session_keeps_its_writes_when_its_key_moves_to_another_shard_of_the_primary
         .unwrap();
     assert_eq!(read.node_id(), "a", "a-r is behind the session's write");
 }
+
+/// A replica whose shard has another primary after a failover replays another stream: its
+/// last report, positions of the old primary's stream, no longer says how far it is, so it
+/// serves no session read until it reports again.
+#[test]
+fn a_replica_that_follows_a_new_primary_is_not_trusted_on_its_old_report() {
+    let before = Topology::builder(JumpRouter::new(1).unwrap())
+        .epoch(1)
+        .node("p", "old primary")
+        .node("r1", "replica")
+        .node("r2", "replica")
+        .shard(ShardId(0), "p", &["r1", "r2"])
+        .build()
+        .unwrap();
+    let handle = TopologyHandle::new(before);
+    handle.load().report(
+        "r2",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(10_000),
+        },
+    );
+    let after = Topology::builder(JumpRouter::new(1).unwrap())
+        .epoch(2)
+        .node("p", "old primary")
+        .node("r1", "new primary")
+        .node("r2", "replica")
+        .shard(ShardId(0), "r1", &["r2"])
+        .build()
+        .unwrap();
+    handle.replace(after).unwrap();
+    let current = handle.load();
+    let mut session = Session::new();
+    session.record_write(&current.write(&7u64).unwrap(), 9_600);
+    let read = current
+        .read_session(&7u64, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(
+        read.node_id(),
+        "r1",
+        "r2's report was of the old primary's stream"
+    );
+    // Once it reports on the new stream, it serves the session again.
+    current.report(
+        "r2",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(9_700),
+        },
+    );
+    let read = current
+        .read_session(&7u64, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.node_id(), "r2");
+}
