@@ -133,21 +133,32 @@ async fn hits_misses_loads_and_stale_serves_are_counted() {
     );
 }
 
+/// A cache named `m` recording into `recorded`, over `store`, whose L2 breaker opens after
+/// `threshold` failures for 5 s.
+fn breaker_cache(
+    recorded: &Recorded,
+    clock: &ManualClock,
+    store: &Probe<MemoryKvStore>,
+    threshold: u32,
+) -> Cache<String, String> {
+    metrics::with_local_recorder(recorded, || {
+        Cache::builder()
+            .name("m")
+            .clock(clock.clock())
+            .l2(store.clone(), ns())
+            .l2_failure_threshold(threshold)
+            .l2_cooldown(5 * SEC)
+            .build()
+            .unwrap()
+    })
+}
+
 #[tokio::test]
 async fn l2_errors_the_breaker_and_corrupt_values_are_reported() {
     let recorded = Recorded::default();
     let clock = ManualClock::new();
     let store = Probe::new(MemoryKvStore::builder().clock(clock.clock()).build());
-    let cache: Cache<String, String> = metrics::with_local_recorder(&recorded, || {
-        Cache::builder()
-            .name("m")
-            .clock(clock.clock())
-            .l2(store.clone(), ns())
-            .l2_failure_threshold(2)
-            .l2_cooldown(5 * SEC)
-            .build()
-            .unwrap()
-    });
+    let cache = breaker_cache(&recorded, &clock, &store, 2);
     store
         .inner
         .set(
@@ -197,16 +208,7 @@ async fn batch_reads_count_a_hit_or_miss_per_key_at_each_level() {
     let recorded = Recorded::default();
     let clock = ManualClock::new();
     let store = Probe::new(MemoryKvStore::builder().clock(clock.clock()).build());
-    let cache: Cache<String, String> = metrics::with_local_recorder(&recorded, || {
-        Cache::builder()
-            .name("m")
-            .clock(clock.clock())
-            .l2(store.clone(), ns())
-            .l2_failure_threshold(1)
-            .l2_cooldown(5 * SEC)
-            .build()
-            .unwrap()
-    });
+    let cache = breaker_cache(&recorded, &clock, &store, 1);
     let keys = |names: &[&str]| -> Vec<String> { names.iter().map(|&n| n.to_owned()).collect() };
     let load_all = |keys: Vec<String>| async move {
         Ok::<_, CacheError>(

@@ -125,6 +125,24 @@ impl Ctx {
         }
     }
 
+    /// The consumers of lane 0's group in partition `p`, by name.
+    async fn consumers(&self, p: &Key) -> Vec<String> {
+        let consumers: Vec<Vec<redis::Value>> = self
+            .raw(
+                redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(sub(p, ":s:0"))
+                    .arg("w"),
+            )
+            .await;
+        let mut names: Vec<String> = consumers
+            .iter()
+            .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     async fn raw<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
         self.redis.query(cmd).await.expect("raw command")
     }
@@ -463,19 +481,7 @@ async fn an_idle_delivery_is_taken_over_and_its_holder_forgotten(ctx: Ctx) {
         ctx.store.extend(&p, number, 1).await.unwrap(),
         Fenced::Rejected
     );
-    let consumers: Vec<Vec<redis::Value>> = ctx
-        .raw(
-            redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg(sub(&p, ":s:0"))
-                .arg("w"),
-        )
-        .await;
-    let names: Vec<String> = consumers
-        .iter()
-        .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
-        .collect();
-    assert_eq!(names, ["lives"]);
+    assert_eq!(ctx.consumers(&p).await, ["lives"]);
     let visibilities = || async {
         let held: Vec<String> = ctx.raw(redis::cmd("HKEYS").arg(sub(&p, ":v"))).await;
         held
@@ -515,34 +521,18 @@ async fn a_consumer_gone_without_leaving_is_forgotten(ctx: Ctx) {
     assert!(matches!(answers[..], [Ok(Fenced::Applied)]));
     let held = ctx.add(&p, job("held")).await;
     assert_eq!(ctx.fetch(&p, "holds", &[0], 1, LONG).await[0].number, held);
-    let consumers = || async {
-        let consumers: Vec<Vec<redis::Value>> = ctx
-            .raw(
-                redis::cmd("XINFO")
-                    .arg("CONSUMERS")
-                    .arg(sub(&p, ":s:0"))
-                    .arg("w"),
-            )
-            .await;
-        let mut names: Vec<String> = consumers
-            .iter()
-            .map(|c| redis::from_redis_value(c[1].clone()).unwrap())
-            .collect();
-        names.sort();
-        names
-    };
     let visibilities = || async {
         let mut held: Vec<String> = ctx.raw(redis::cmd("HKEYS").arg(sub(&p, ":v"))).await;
         held.sort();
         held
     };
-    assert_eq!(consumers().await, ["dies", "holds"]);
+    assert_eq!(ctx.consumers(&p).await, ["dies", "holds"]);
     assert_eq!(visibilities().await, ["dies", "holds"]);
     // Past the visibility (Redis counts idle time on its own clock), another worker looks.
     tokio::time::sleep(visibility + Duration::from_millis(50)).await;
     assert!(ctx.fetch(&p, "lives", &[0], 1, visibility).await.is_empty());
     // (From Redis 7.2 on, the looking worker's empty read makes it a consumer too.)
-    let left = consumers().await;
+    let left = ctx.consumers(&p).await;
     assert!(left.contains(&"holds".to_owned()), "{left:?}");
     assert!(!left.contains(&"dies".to_owned()), "{left:?}");
     assert_eq!(visibilities().await, ["holds"]);
@@ -561,12 +551,12 @@ async fn a_consumer_gone_without_leaving_is_forgotten(ctx: Ctx) {
     }
     tokio::time::sleep(visibility + Duration::from_millis(50)).await;
     ctx.fetch(&p, "lives", &[0], 1, Duration::ZERO).await;
-    let left = consumers().await.len();
+    let left = ctx.consumers(&p).await.len();
     assert!((150..=152).contains(&left), "{left} left after one look");
     for _ in 0..2 {
         ctx.fetch(&p, "lives", &[0], 1, Duration::ZERO).await;
     }
-    let left = consumers().await;
+    let left = ctx.consumers(&p).await;
     assert!(
         left.iter().all(|name| !name.starts_with("dead")),
         "{left:?}"

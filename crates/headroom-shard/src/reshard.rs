@@ -245,16 +245,25 @@ fn ranges_to_spread<H, R: Router>(
             } else {
                 (Arc::clone(other), Arc::clone(&node))
             };
-            let ranges = moves.entry(pair).or_default();
-            match ranges.last_mut() {
-                Some(last) if last.end.as_deref() == Some(lo) => last.end.clone_from(&hi),
-                _ => ranges.push(KeyRange {
-                    start: lo.into(),
-                    end: hi.clone(),
-                }),
-            }
+            push_range(moves.entry(pair).or_default(), lo, hi.clone());
         }
     }
+    key_range_moves(moves)
+}
+
+/// Adds the keys from `start` to `end` to `ranges`, joining them to the last range when it
+/// ends where they start.
+fn push_range(ranges: &mut Vec<KeyRange>, start: &[u8], end: Option<Box<[u8]>>) {
+    match ranges.last_mut() {
+        Some(last) if last.end.as_deref() == Some(start) => last.end = end,
+        _ => ranges.push(KeyRange {
+            start: start.into(),
+            end,
+        }),
+    }
+}
+
+fn key_range_moves(moves: BTreeMap<Pair, Vec<KeyRange>>) -> Vec<Move> {
     moves
         .into_iter()
         .map(|((from, to), ranges)| Move {
@@ -357,25 +366,10 @@ fn range_moves<H, R: Router>(
             continue;
         };
         if x != y {
-            let ranges = moves.entry((x, y)).or_default();
-            match ranges.last_mut() {
-                Some(last) if last.end.as_deref() == Some(*lo) => last.end = hi,
-                _ => ranges.push(KeyRange {
-                    start: (*lo).into(),
-                    end: hi,
-                }),
-            }
+            push_range(moves.entry((x, y)).or_default(), lo, hi);
         }
     }
-    moves
-        .into_iter()
-        .map(|((from, to), ranges)| Move {
-            from,
-            to,
-            units: Units::KeyRanges(ranges),
-            fraction: None,
-        })
-        .collect()
+    key_range_moves(moves)
 }
 
 /// The keys a layout pins to shards.
