@@ -194,7 +194,10 @@ pub(crate) struct Shared {
     /// and a result recorded under an older generation is dropped.
     state: AtomicU64,
     open_until: AtomicU64,
-    half_open_since: AtomicU64,
+    /// When the wait on running probes began: the start of the half-open phase, then each
+    /// probe that succeeded or was admitted with none running. Probes that run
+    /// `half_open_max_wait` past it without one finishing count as stalled.
+    probes_waited_since: AtomicU64,
     /// Half-open probes admitted (lower 32 bits), tagged with the generation (upper 32 bits),
     /// so that a late release can never touch the count of a later half-open phase.
     probes: AtomicU64,
@@ -308,11 +311,12 @@ impl Shared {
                     let config = self.config.load();
                     // Stalled with any probe running, not only with every slot taken: the
                     // capacity below may let fewer probes in than the breaker allows.
-                    let stalled = self.probes_running(word) > 0
-                        && self
-                            .now_nanos()
-                            .saturating_sub(self.half_open_since.load(Ordering::Acquire))
-                            >= nanos(config.half_open_max_wait);
+                    // Time first: the running count takes a lock.
+                    let stalled = self
+                        .now_nanos()
+                        .saturating_sub(self.probes_waited_since.load(Ordering::Acquire))
+                        >= nanos(config.half_open_max_wait)
+                        && self.probes_running(word) > 0;
                     if !stalled {
                         let admitted = self.probes_admitted(word);
                         return (admitted >= u64::from(config.half_open_probes)).then_some(
@@ -355,15 +359,17 @@ impl Shared {
     /// succeeded (a failed one ends the phase).
     #[cfg(feature = "tower")]
     fn probes_running(&self, word: u64) -> u64 {
-        let admitted = self.probes_admitted(word);
-        if admitted == 0 {
+        if self.probes_admitted(word) == 0 {
             return 0;
         }
+        // Both counts under the lock a success takes, so that a probe admitted meanwhile is
+        // not missed.
         let recovery = self.recovery.lock();
         if self.state.load(Ordering::Acquire) != word {
             return 0;
         }
-        admitted.saturating_sub(u64::from(recovery.probes_succeeded))
+        self.probes_admitted(word)
+            .saturating_sub(u64::from(recovery.probes_succeeded))
     }
 
     /// How long until the half-open phase counts as stalled, while probes of it run; `None`
@@ -376,7 +382,7 @@ impl Shared {
         }
         let waited = self
             .now_nanos()
-            .saturating_sub(self.half_open_since.load(Ordering::Acquire));
+            .saturating_sub(self.probes_waited_since.load(Ordering::Acquire));
         Some(Duration::from_nanos(
             nanos(self.config.load().half_open_max_wait).saturating_sub(waited),
         ))
@@ -405,12 +411,15 @@ impl Shared {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(self.ticket(word)),
+                Ok(_) => {
+                    self.restart_wait_if_idle(word, probes & PROBE_COUNT_MASK);
+                    return Ok(self.ticket(word));
+                }
                 Err(current) => probes = current,
             }
         }
         let now = self.now_nanos();
-        let since = self.half_open_since.load(Ordering::Acquire);
+        let since = self.probes_waited_since.load(Ordering::Acquire);
         if now.saturating_sub(since) >= nanos(self.config.load().half_open_max_wait)
             && self.transition(word, State::Open, Reason::ProbesStalled)
         {
@@ -421,6 +430,18 @@ impl Shared {
             ));
         }
         Err(self.rejected(State::HalfOpen, None))
+    }
+
+    /// A probe admitted when `admitted_before` probes of the phase of `word` were: if every
+    /// one of those had succeeded, none was running, and the wait on probes starts now.
+    fn restart_wait_if_idle(&self, word: u64, admitted_before: u64) {
+        let recovery = self.recovery.lock();
+        if self.state.load(Ordering::Acquire) == word
+            && admitted_before == u64::from(recovery.probes_succeeded)
+        {
+            self.probes_waited_since
+                .store(self.now_nanos(), Ordering::Release);
+        }
     }
 
     fn release_probe(&self, word: u64) {
@@ -491,6 +512,9 @@ impl Shared {
                         return;
                     }
                     recovery.probes_succeeded += 1;
+                    // Progress: the probes still running are waited on from now.
+                    self.probes_waited_since
+                        .store(self.now_nanos(), Ordering::Release);
                     if recovery.probes_succeeded >= self.config.load().half_open_probes {
                         self.transition_locked(
                             &mut recovery,
@@ -585,7 +609,7 @@ impl Shared {
             State::HalfOpen => {
                 recovery.probes_succeeded = 0;
                 self.probes.store(probe_tag(word), Ordering::Release);
-                self.half_open_since.store(now, Ordering::Release);
+                self.probes_waited_since.store(now, Ordering::Release);
             }
             State::Closed => {
                 recovery.opens = 0;
@@ -1019,7 +1043,7 @@ impl<E> CircuitBreakerBuilder<E> {
             time: self.clock.stopwatch(),
             state: AtomicU64::new(CLOSED),
             open_until: AtomicU64::new(0),
-            half_open_since: AtomicU64::new(0),
+            probes_waited_since: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             recovery: Mutex::new(Recovery {
                 opens: 0,

@@ -87,8 +87,9 @@ pub struct BreakerConfig {
     pub max_open_duration: Duration,
     /// Probe calls let through when half-open; all must succeed to close. Default 3.
     pub half_open_probes: u32,
-    /// If the probes have not all finished after this long in half-open, the circuit reopens
-    /// (and later admits fresh probes) rather than wait on them forever. Default 30 s.
+    /// If probes run this long with none finishing (from the start of the half-open phase, the
+    /// last probe that succeeded, or a probe admitted when none was running), the circuit
+    /// reopens (and later admits fresh probes) rather than wait on them forever. Default 30 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub half_open_max_wait: Duration,
     /// Whether a call cancelled before it finished (its future dropped) counts as a failure.

@@ -501,6 +501,56 @@ async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
     }
 }
 
+/// A probe that has just started is not stalled, though the half-open phase began long ago:
+/// probes count as stalled only after running `half_open_max_wait` with none finishing, so
+/// overlapping requests under light traffic still close the circuit.
+#[tokio::test]
+async fn a_probe_admitted_late_in_the_phase_is_not_stalled_at_once() {
+    use headroom_core::ManualClock;
+
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .half_open_probes(3)
+        .half_open_max_wait(Duration::from_secs(1))
+        .open_duration(Duration::from_secs(1))
+        .build()
+        .expect("breaker");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .service(service_fn({
+            let gate = gate.clone();
+            move |request: u32| {
+                let gate = gate.clone();
+                async move {
+                    if request == 0 {
+                        gate.acquire().await.expect("open").forget();
+                    }
+                    Ok::<_, BackendError>(request)
+                }
+            }
+        }));
+    for _ in 0..20 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    let mut transitions = breaker.subscribe();
+    manual.advance(Duration::from_secs(1));
+    assert_eq!(service.clone().oneshot(1).await.expect("probe 1"), 1);
+    manual.advance(Duration::from_secs(2));
+    let slow = tokio::spawn(service.clone().oneshot(0));
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(service.clone().oneshot(2).await.expect("probe 3"), 2);
+    gate.add_permits(1);
+    assert_eq!(slow.await.expect("no panic").expect("probe 2"), 0);
+    assert_eq!(breaker.state(), State::Closed);
+    while let Ok(transition) = transitions.try_recv() {
+        assert_ne!(transition.to, State::Open, "{transition:?}");
+    }
+}
+
 /// The layers' services can be shared across threads (axum asks `Send + Sync` of a layered
 /// service) when what they wrap can.
 #[test]
