@@ -29,9 +29,9 @@ pub const PLAN_SAMPLES: u32 = 1 << 16;
 /// - Redis Cluster slots on both sides: [`Slots`](Units::Slots) ranges, with exact fractions;
 /// - ranges on both sides: [`KeyRanges`](Units::KeyRanges) (no fraction: it depends on the
 ///   key distribution);
-/// - ranges on one side only: [`KeyRanges`](Units::KeyRanges) of the range side, one move per
-///   pair of nodes the keys of a range may go between (the keys of those ranges that the other
-///   side places accordingly; no fraction);
+/// - ranges on one side and a hash router on the other: [`KeyRanges`](Units::KeyRanges) of
+///   the range side, one move per pair of nodes the keys of a range may go between (the keys
+///   of those ranges that the other side places accordingly; no fraction);
 /// - otherwise, keys spread by hash: fractions measured over [`PLAN_SAMPLES`] keys.
 ///
 /// ```
@@ -142,23 +142,17 @@ impl ReshardPlan {
                 }
                 (Layout::Ranges(a), Layout::Ranges(b)) => range_moves(from, to, a, b),
                 // Samples would all fall in the first range: every range is listed instead.
-                (Layout::Ranges(ranges), other) => {
-                    let mut moves = ranges_to_spread(from, to, ranges, true);
-                    moves.extend(pinned_moves(from, to, pinned(other)));
-                    sort_moves(&mut moves);
-                    moves
+                (Layout::Ranges(ranges), Layout::Hashed) => {
+                    ranges_to_spread(from, to, ranges, true)
                 }
-                (other, Layout::Ranges(ranges)) => {
-                    let mut moves = ranges_to_spread(to, from, ranges, false);
-                    moves.extend(pinned_moves(from, to, pinned(other)));
-                    sort_moves(&mut moves);
-                    moves
+                (Layout::Hashed, Layout::Ranges(ranges)) => {
+                    ranges_to_spread(to, from, ranges, false)
                 }
                 (a, b) => {
                     // No sample reaches a pinned key: list those that change node.
                     let mut moves = sampled_moves(from, to);
                     moves.extend(pinned_moves(from, to, pinned(a).chain(pinned(b))));
-                    sort_moves(&mut moves);
+                    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
                     moves
                 }
             }
@@ -208,10 +202,6 @@ fn sample_shares<R: Router>(router: &R) -> BTreeMap<ShardId, u32> {
             .or_default() += 1;
     }
     shares
-}
-
-fn sort_moves(moves: &mut [Move]) {
-    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
 }
 
 /// The moves between the ranges of `ranged` (the topology being replaced when `ranged_first`,

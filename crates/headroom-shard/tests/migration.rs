@@ -223,6 +223,15 @@ fn plans_between_ranges_and_a_hash_router_cover_every_range() {
         [("b", "c", Units::Shards(vec![ShardId(1)]))]
     );
     assert_eq!(plan.moved_fraction(), None);
+    // A directory over the same ranges moves only its pinned keys.
+    let pinned = AnyRouter::Directory(Box::new(
+        Directory::new(ranges(), [("apple", ShardId(2))]).unwrap(),
+    ));
+    let plan = ReshardPlan::between(&build(1, ranges()), &build(2, pinned));
+    assert_eq!(
+        moves_of(&plan),
+        [("a", "c", Units::Keys(vec![b"apple".as_slice().into()]))]
+    );
 }
 
 #[test]
