@@ -317,13 +317,14 @@ impl<H, R: Router> Topology<H, R> {
     /// delays nobody else's report.
     pub async fn probe_nodes<P: LagProbe<H>>(&self, probe: &P, timeout: Duration) {
         join_all(self.nodes.iter().map(|node| async move {
+            let mark = node.probe_mark();
             let answer = std::pin::pin!(probe.probe(node.id(), node.handle()));
             let deadline = std::pin::pin!(self.clock.sleep(timeout));
             let status = match select(answer, deadline).await {
                 Either::Left((status, _)) => status,
                 Either::Right(((), _)) => None,
             };
-            node.set_status(status.unwrap_or_default());
+            node.set_probed_status(mark, status.unwrap_or_default());
         }))
         .await;
     }

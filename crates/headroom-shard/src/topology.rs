@@ -67,6 +67,22 @@ impl<H> Node<H> {
     pub(crate) fn set_status(&self, status: ReplicaStatus) {
         self.state.set(status, self.clock.now());
     }
+
+    /// A mark to pass to [`set_probed_status`](Self::set_probed_status) with the answer of a
+    /// probe sent now.
+    pub(crate) fn probe_mark(&self) -> u64 {
+        self.state.forgotten.load(Ordering::Acquire)
+    }
+
+    /// Records `status`, a probe's answer, unless the node's status was forgotten since the
+    /// probe was sent (`mark`): the answer then describes what the node followed before.
+    pub(crate) fn set_probed_status(&self, mark: u64, status: ReplicaStatus) {
+        self.set_status(status);
+        // Checked after the write, so that a forget that came meanwhile is never undone.
+        if self.probe_mark() != mark {
+            self.state.reported_micros.store(UNKNOWN, Ordering::Release);
+        }
+    }
 }
 
 impl<H> fmt::Debug for Node<H> {
@@ -87,6 +103,8 @@ pub(crate) struct NodeState {
     position: AtomicU64,
     /// When the status was reported, in microseconds after `base`; `UNKNOWN` before any report.
     reported_micros: AtomicU64,
+    /// How many times the status was forgotten: a probe answer from before it is dropped.
+    forgotten: AtomicU64,
     base: Instant,
 }
 
@@ -97,6 +115,7 @@ impl NodeState {
             lag_micros: AtomicU64::new(UNKNOWN),
             position: AtomicU64::new(UNKNOWN),
             reported_micros: AtomicU64::new(UNKNOWN),
+            forgotten: AtomicU64::new(0),
             base: now,
         }
     }
@@ -118,8 +137,10 @@ impl NodeState {
         }
     }
 
-    /// Forgets the last report: the status reads as unknown until the next one.
+    /// Forgets the last report: the status reads as unknown until the next one, and a probe
+    /// answer asked for before now is dropped (see [`Node::set_probed_status`]).
     fn forget_status(&self) {
+        self.forgotten.fetch_add(1, Ordering::AcqRel);
         self.reported_micros.store(UNKNOWN, Ordering::Release);
     }
 

@@ -632,3 +632,53 @@ fn a_replica_that_follows_a_new_primary_is_not_trusted_on_its_old_report() {
         .unwrap();
     assert_eq!(read.node_id(), "r2");
 }
+
+/// A lag probe that was in flight when the failover replaced the topology answers with a
+/// position of the old primary's stream: that answer is dropped, not recorded over the
+/// forgotten report.
+#[tokio::test]
+async fn a_probe_answer_from_before_a_failover_is_not_recorded_after_it() {
+    let build = |epoch, primary: &str, replicas: &[&str]| {
+        Topology::builder(JumpRouter::new(1).unwrap())
+            .epoch(epoch)
+            .node("p", "p")
+            .node("r1", "r1")
+            .node("r2", "r2")
+            .shard(ShardId(0), primary, replicas)
+            .build()
+            .unwrap()
+    };
+    let handle = TopologyHandle::new(build(1, "p", &["r1", "r2"]));
+    let before = handle.snapshot();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let probe = {
+        let release = release.clone();
+        move |_: &str, _: &&str| {
+            let release = release.clone();
+            async move {
+                release.notified().await;
+                Some(ReplicaStatus {
+                    lag: Some(Duration::ZERO),
+                    position: Some(10_000),
+                })
+            }
+        }
+    };
+    let round = tokio::spawn(async move {
+        before.probe_nodes(&probe, Duration::from_secs(60)).await;
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    handle.replace(build(2, "r1", &["r2"])).unwrap();
+    release.notify_waiters();
+    round.await.expect("no panic");
+    let current = handle.load();
+    assert_eq!(current.node("r2").unwrap().status().position, None);
+    let mut session = Session::new();
+    session.record_write(&current.write(&7u64).unwrap(), 9_600);
+    let read = current
+        .read_session(&7u64, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.node_id(), "r1");
+}
