@@ -12,7 +12,7 @@ const INSTALL_HINT: &str = "redis-server was not found on PATH. Install it with 
      `sudo apt-get install -y redis-server` (Debian/Ubuntu), or run the README's test command, \
      which installs it.";
 
-/// How long a server may take to answer its first PING.
+/// How long a server may take to serve: to listen, and to load its data.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Builds a [`RedisServer`] with extra configuration.
@@ -45,7 +45,7 @@ impl RedisServerBuilder {
         self
     }
 
-    /// Starts the server and waits until it answers `PING`. A port the kit chose that was
+    /// Starts the server and waits until it serves (its data loaded). A port the kit chose that was
     /// taken before the server could listen on it is given up for another.
     ///
     /// # Panics
@@ -68,7 +68,7 @@ impl RedisServerBuilder {
             server.stop();
             if self.port.is_some() || attempts >= 10 || !log.contains(PORT_TAKEN) {
                 panic!(
-                    "redis-server on port {port} did not answer PING within {START_TIMEOUT:?}; log:\n{log}"
+                    "redis-server on port {port} did not serve within {START_TIMEOUT:?}; log:\n{log}"
                 );
             }
             attempts += 1;
@@ -188,13 +188,13 @@ impl RedisServer {
         if let Err(log) = self.try_spawn() {
             self.stop();
             panic!(
-                "redis-server on port {} did not answer PING within {START_TIMEOUT:?}; log:\n{log}",
+                "redis-server on port {} did not serve within {START_TIMEOUT:?}; log:\n{log}",
                 self.port
             );
         }
     }
 
-    /// Starts the server and waits until it answers `PING`; its log when it does not.
+    /// Starts the server and waits until it serves (its data loaded); its log when it does not.
     fn try_spawn(&self) -> Result<(), String> {
         ensure_installed();
         let mut args = vec![
@@ -647,7 +647,8 @@ fn wait_until_serving(port: u16, pid: u32, dir: &Path) -> Result<(), String> {
     }
 }
 
-/// The process id of the Redis server answering on `port`, from `INFO server`.
+/// The process id of the Redis server answering on `port` once it has loaded its data (from
+/// `INFO server persistence`; a server still loading its append-only file answers nothing).
 fn serving_pid(port: u16) -> Option<u32> {
     let stream = TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
@@ -658,7 +659,7 @@ fn serving_pid(port: u16) -> Option<u32> {
         .set_read_timeout(Some(Duration::from_millis(500)))
         .ok()?;
     (&stream)
-        .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .write_all(b"*3\r\n$4\r\nINFO\r\n$6\r\nserver\r\n$11\r\npersistence\r\n")
         .ok()?;
     let mut reply = BufReader::new(&stream);
     let mut header = String::new();
@@ -666,9 +667,16 @@ fn serving_pid(port: u16) -> Option<u32> {
     let len: usize = header.strip_prefix('$')?.trim().parse().ok()?;
     let mut body = vec![0; len];
     reply.read_exact(&mut body).ok()?;
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|line| line.strip_prefix("process_id:")?.trim().parse().ok())
+    let info = String::from_utf8_lossy(&body);
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    if field("loading") != Some("0") {
+        return None;
+    }
+    field("process_id")?.parse().ok()
 }
 
 fn wait_until_port_closed(port: u16) {
@@ -721,6 +729,27 @@ mod tests {
             assert!(free_port(false) < first_ephemeral);
             assert!(free_port(true) + 10_000 < first_ephemeral);
         }
+    }
+
+    /// `restart` returns once the server has loaded its data, not while it answers `LOADING`.
+    #[test]
+    fn a_restarted_server_has_loaded_its_data_when_restart_returns() {
+        let server = RedisServer::builder()
+            // Test-only: each key takes 100 µs to load, 0.5 s for these, and the server
+            // answers (`LOADING`) while it loads.
+            .config("key-load-delay", "100")
+            .config("loading-process-events-interval-bytes", "1024")
+            .start();
+        let mut args = vec!["MSET".to_owned()];
+        for i in 0..5_000 {
+            args.extend([format!("k{i}"), "v".to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        server.cli(&args);
+        // A snapshot, which the restarted server loads key by key.
+        server.cli(&["SAVE"]);
+        server.restart();
+        assert_eq!(server.cli(&["GET", "k1"]).trim(), "v");
     }
 
     /// A server whose port was taken fails at once, saying so, whether the taker speaks Redis
