@@ -189,13 +189,13 @@ impl Hedge {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let budget = self.inner.budget.as_ref();
-        if let Some(budget) = budget {
-            budget.deposit_once();
-        }
+        let Some(budget) = &self.inner.budget else {
+            return self.run(&mut op).await;
+        };
+        budget.deposit_once();
         // A retry within a hedged copy (a `RetryLayer` under a `HedgeLayer`) that shares this
         // budget must not record the request again.
-        RetryBudget::deposited(budget, self.run(&mut op)).await
+        RetryBudget::deposited(Some(budget), self.run(&mut op)).await
     }
 
     /// One hedged attempt; the caller has made the budget deposit for its request.
