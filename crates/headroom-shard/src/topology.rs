@@ -405,36 +405,51 @@ impl<H, R: Router> Topology<H, R> {
     /// (a failover) keeps its in-flight count but not its last report: its positions number
     /// another primary's stream.
     fn adopt_state<R2>(&mut self, previous: &Topology<H, R2>) {
-        for index in 0..self.nodes.len() {
-            let Some(old) = previous.node_index(&self.nodes[index].id) else {
-                continue;
-            };
+        let olds: Vec<Option<usize>> = self
+            .nodes
+            .iter()
+            .map(|node| previous.nodes.iter().position(|old| old.id == node.id))
+            .collect();
+        let moved: Vec<bool> = {
+            let (now, before) = (self.upstreams(), previous.upstreams());
+            olds.iter()
+                .enumerate()
+                .map(|(index, old)| old.is_some_and(|old| now[index] != before[old]))
+                .collect()
+        };
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            let Some(old) = olds[index] else { continue };
             let state = Arc::clone(&previous.nodes[old].state);
-            if self.upstreams(index) != previous.upstreams(old) {
+            if moved[index] {
                 state.forget_status();
             }
-            self.nodes[index].state = state;
+            node.state = state;
         }
     }
 }
 
 impl<H, R> Topology<H, R> {
-    fn node_index(&self, id: &str) -> Option<usize> {
-        self.nodes.iter().position(|node| *node.id == *id)
-    }
-
-    /// The ids of the primaries node `index` is a replica of, in order.
-    fn upstreams(&self, index: usize) -> Vec<&str> {
-        let mut primaries: Vec<&str> = self
-            .shards
-            .iter()
-            .flatten()
-            .filter(|entry| entry.replicas.contains(&index))
-            .map(|entry| &*self.nodes[entry.primary].id)
-            .collect();
-        primaries.sort_unstable();
-        primaries.dedup();
+    /// For each node, the ids of the primaries it is a replica of, in order: one pass over
+    /// the shards.
+    fn upstreams(&self) -> Vec<Vec<&str>> {
+        let mut primaries: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
+        for entry in self.shards.iter().flatten() {
+            for &replica in &entry.replicas {
+                // Shards placed together follow one primary: most repeats are consecutive.
+                if primaries[replica].last() != Some(&entry.primary) {
+                    primaries[replica].push(entry.primary);
+                }
+            }
+        }
         primaries
+            .into_iter()
+            .map(|indices| {
+                let mut ids: Vec<&str> = indices.iter().map(|&i| &*self.nodes[i].id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            })
+            .collect()
     }
 }
 
