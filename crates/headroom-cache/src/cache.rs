@@ -628,7 +628,10 @@ where
     ) -> Result<(), CacheError> {
         let inner = &self.inner;
         check_tags(tags)?;
-        inner.check_key(&key)?;
+        // With L2, building the key's L2 form checks it.
+        if inner.l2.is_none() {
+            inner.check_key(&key)?;
+        }
         let mut times = inner.times(Some(&value));
         // Never later than now: the deadlines count from now and must not precede it. Never
         // earlier than one TTL ago: the L2 lifetime counts from it and stays bounded.
