@@ -468,27 +468,47 @@ async fn a_stalled_half_open_breaker_reopens_though_its_probes_never_fill() {
     drop(probe);
 }
 
-/// Probes that succeeded are finished, not running: a half-open phase whose probes all
-/// succeeded so far is not stalled, however slowly the next requests come, so a recovered
-/// dependency behind the layer closes the circuit under light traffic too.
-#[tokio::test]
-async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
-    use headroom_core::ManualClock;
-
-    let manual = ManualClock::new();
-    let breaker = CircuitBreaker::<BackendError>::builder()
+/// A breaker on `manual` time that lets 3 probes through when half-open, a second after
+/// opening, and waits a second on running probes.
+fn three_probes_waited_on_for_a_second(
+    manual: &headroom_core::ManualClock,
+) -> CircuitBreaker<BackendError> {
+    CircuitBreaker::builder()
         .clock(manual.clock())
         .half_open_probes(3)
         .half_open_max_wait(Duration::from_secs(1))
         .open_duration(Duration::from_secs(1))
         .build()
-        .expect("breaker");
-    let service = ServiceBuilder::new()
-        .layer(CircuitBreakerLayer::new(breaker.clone()))
-        .service(flaky(Arc::new(AtomicU32::new(0)), 0));
+        .expect("breaker")
+}
+
+/// Opens `breaker` with failures.
+fn trip(breaker: &CircuitBreaker<BackendError>) {
     for _ in 0..20 {
         breaker.try_acquire().expect("closed").failure();
     }
+}
+
+/// Asserts no transition received reopened the circuit.
+fn never_reopened(
+    transitions: &mut tokio::sync::broadcast::Receiver<headroom_breaker::Transition>,
+) {
+    while let Ok(transition) = transitions.try_recv() {
+        assert_ne!(transition.to, State::Open, "{transition:?}");
+    }
+}
+
+/// Probes that succeeded are finished, not running: a half-open phase whose probes all
+/// succeeded so far is not stalled, however slowly the next requests come, so a recovered
+/// dependency behind the layer closes the circuit under light traffic too.
+#[tokio::test]
+async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
+    let manual = headroom_core::ManualClock::new();
+    let breaker = three_probes_waited_on_for_a_second(&manual);
+    let service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .service(flaky(Arc::new(AtomicU32::new(0)), 0));
+    trip(&breaker);
     let mut transitions = breaker.subscribe();
     manual.advance(Duration::from_secs(1));
     for _ in 0..3 {
@@ -496,9 +516,7 @@ async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
         manual.advance(Duration::from_secs(2));
     }
     assert_eq!(breaker.state(), State::Closed);
-    while let Ok(transition) = transitions.try_recv() {
-        assert_ne!(transition.to, State::Open, "{transition:?}");
-    }
+    never_reopened(&mut transitions);
 }
 
 /// A probe that has just started is not stalled, though the half-open phase began long ago:
@@ -506,16 +524,8 @@ async fn half_open_probes_that_succeeded_do_not_stall_the_phase() {
 /// overlapping requests under light traffic still close the circuit.
 #[tokio::test]
 async fn a_probe_admitted_late_in_the_phase_is_not_stalled_at_once() {
-    use headroom_core::ManualClock;
-
-    let manual = ManualClock::new();
-    let breaker = CircuitBreaker::<BackendError>::builder()
-        .clock(manual.clock())
-        .half_open_probes(3)
-        .half_open_max_wait(Duration::from_secs(1))
-        .open_duration(Duration::from_secs(1))
-        .build()
-        .expect("breaker");
+    let manual = headroom_core::ManualClock::new();
+    let breaker = three_probes_waited_on_for_a_second(&manual);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let service = ServiceBuilder::new()
         .layer(CircuitBreakerLayer::new(breaker.clone()))
@@ -531,9 +541,7 @@ async fn a_probe_admitted_late_in_the_phase_is_not_stalled_at_once() {
                 }
             }
         }));
-    for _ in 0..20 {
-        breaker.try_acquire().expect("closed").failure();
-    }
+    trip(&breaker);
     let mut transitions = breaker.subscribe();
     manual.advance(Duration::from_secs(1));
     assert_eq!(service.clone().oneshot(1).await.expect("probe 1"), 1);
@@ -546,9 +554,7 @@ async fn a_probe_admitted_late_in_the_phase_is_not_stalled_at_once() {
     gate.add_permits(1);
     assert_eq!(slow.await.expect("no panic").expect("probe 2"), 0);
     assert_eq!(breaker.state(), State::Closed);
-    while let Ok(transition) = transitions.try_recv() {
-        assert_ne!(transition.to, State::Open, "{transition:?}");
-    }
+    never_reopened(&mut transitions);
 }
 
 /// The layers' services can be shared across threads (axum asks `Send + Sync` of a layered
