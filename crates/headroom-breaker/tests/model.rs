@@ -63,7 +63,7 @@ struct Model {
     opens: u32,
     admitted: u32,
     succeeded: u32,
-    half_open_since: u64,
+    waited_since: u64,
 }
 
 impl Model {
@@ -77,7 +77,7 @@ impl Model {
             opens: 0,
             admitted: 0,
             succeeded: 0,
-            half_open_since: 0,
+            waited_since: 0,
         }
     }
 
@@ -93,7 +93,7 @@ impl Model {
             State::HalfOpen => {
                 self.admitted = 0;
                 self.succeeded = 0;
-                self.half_open_since = self.now;
+                self.waited_since = self.now;
             }
             State::Closed => {
                 self.opens = 0;
@@ -114,11 +114,17 @@ impl Model {
         match self.state {
             State::Closed => Some((self.generation, State::Closed)),
             State::HalfOpen if self.admitted < PROBES => {
+                // "Probes run [half_open_max_wait] with none finishing (from the start of the
+                // half-open phase, the last probe that succeeded, or a probe admitted when none
+                // was running)": this one starts the wait when none runs.
+                if self.admitted == self.succeeded {
+                    self.waited_since = self.now;
+                }
                 self.admitted += 1;
                 Some((self.generation, State::HalfOpen))
             }
             State::HalfOpen => {
-                if self.now - self.half_open_since >= MAX_WAIT_MS {
+                if self.now - self.waited_since >= MAX_WAIT_MS {
                     self.enter(State::Open);
                 }
                 None
@@ -150,6 +156,7 @@ impl Model {
             (State::HalfOpen, Some(true)) => self.enter(State::Open),
             (State::HalfOpen, Some(false)) => {
                 self.succeeded += 1;
+                self.waited_since = self.now;
                 if self.succeeded >= PROBES {
                     self.enter(State::Closed);
                 }
