@@ -51,12 +51,12 @@ impl RuleOptions {
 /// `headroom_slo_bad_events_total`, what the objectives compute in process, with the default
 /// [`RuleOptions`]. Per objective:
 ///
-/// - a group `headroom-slo-<name>` with a recording rule
+/// - a group `headroom-slo/<name>` with a recording rule
 ///   `headroom_slo:error_ratio:rate<window>{slo}` per alert window, and an alert per severity,
 ///   `HeadroomSloPageBurn` or `HeadroomSloTicketBurn`, that fires while the error ratio is
 ///   above `burn_rate * (1 - target)` over both windows of any of its alerts, labelled `slo`
 ///   and `severity`, with `summary` and `runbook` annotations;
-/// - a group `headroom-slo-<name>-budget`, evaluated every 5 minutes, with the period's ratio
+/// - a group `headroom-slo-budget/<name>`, evaluated every 5 minutes, with the period's ratio
 ///   and `headroom_slo:error_budget_remaining{slo}`. It reads the counters over the whole
 ///   period: Prometheus must keep them that long (`--storage.tsdb.retention.time`, 15 days by
 ///   default), or the budget covers only what it keeps.
@@ -138,7 +138,7 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
     let _ = writeln!(
         out,
         "  - name: {}",
-        yaml_string(&format!("headroom-slo-{name}"))
+        yaml_string(&format!("headroom-slo/{name}"))
     );
     let _ = writeln!(out, "    rules:");
     for window in objective.windows() {
@@ -148,7 +148,9 @@ fn write_groups(out: &mut String, objective: &ObjectiveConfig, options: &RuleOpt
     }
     write_alerts(out, objective, options, &matchers);
 
-    let budget_group = format!("headroom-slo-{name}-budget");
+    // The two prefixes differ before the name starts, so no objective's name makes one of its
+    // groups another's: Prometheus refuses a file that repeats a group's name.
+    let budget_group = format!("headroom-slo-budget/{name}");
     let _ = writeln!(out, "  - name: {}", yaml_string(&budget_group));
     let _ = writeln!(out, "    interval: 5m");
     let _ = writeln!(out, "    rules:");

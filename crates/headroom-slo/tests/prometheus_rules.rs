@@ -70,6 +70,23 @@ fn generated_rules_pass_promtool_check() {
     assert!(report.contains("SUCCESS: 19 rules found"), "{report}");
 }
 
+/// Every name an objective may take gives groups no other objective's groups share:
+/// Prometheus refuses a whole file that repeats a group's name.
+#[test]
+fn objectives_whose_names_extend_each_other_load_together() {
+    let objectives = [
+        ObjectiveConfig::availability("checkout", 0.999),
+        ObjectiveConfig::availability("checkout-budget", 0.999),
+        ObjectiveConfig::availability("budget-checkout", 0.999),
+        ObjectiveConfig::availability("budget:checkout", 0.999),
+    ];
+    let rules = prometheus_rules(&objectives).unwrap();
+    let file = scratch("extended-names.yml", &rules);
+    let report = promtool(&["check", "rules", path(&file)]);
+    // Per objective: 8 ratios, the budget left and 2 alerts.
+    assert!(report.contains("SUCCESS: 44 rules found"), "{report}");
+}
+
 /// Seven hours at 1,000 requests a minute, then ten minutes at 20 % bad, then good again.
 fn bad_in_minute(minute: u64) -> u64 {
     if (420..430).contains(&minute) { 200 } else { 0 }
