@@ -40,7 +40,8 @@ impl<R, E, F: Fn(&Result<R, E>) -> bool> ClassifyOutcome<R, E> for F {
 /// latency objective its duration from the call to the response. A call whose future is
 /// dropped before it completes (the client gave up, an outer timeout fired) has no outcome: it
 /// is recorded only by a latency objective, as bad, once it has taken longer than the
-/// threshold ([`Objective::abandon`]).
+/// threshold ([`Objective::abandon`]). A call whose service panics failed its caller: it is
+/// recorded as bad when its future is dropped.
 ///
 /// Put the layer inside a load shedder or rate limit whose refusals should not count against
 /// the objective, outside those whose refusals should.
@@ -129,7 +130,7 @@ where
             inner: self.inner.call(request),
             objective: self.objective.clone(),
             classify: self.classify.clone(),
-            finished: false,
+            state: Polled::Between,
         }
     }
 }
@@ -143,17 +144,27 @@ pin_project_lite::pin_project! {
         objective: Objective,
         classify: C,
         started: Started,
-        finished: bool,
+        state: Polled,
     }
 
     impl<F, C> PinnedDrop for SloFuture<F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if !*this.finished {
-                this.objective.abandon(*this.started);
+            match this.state {
+                Polled::Between => this.objective.abandon(*this.started),
+                Polled::Inside => this.objective.finish(*this.started, false),
+                Polled::Finished => {}
             }
         }
     }
+}
+
+/// Where a [`SloFuture`] stands; `Inside` when dropped means the service panicked.
+#[derive(Clone, Copy, Debug)]
+enum Polled {
+    Between,
+    Inside,
+    Finished,
 }
 
 impl<F, C, R, E> Future for SloFuture<F, C>
@@ -166,8 +177,11 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        *this.finished = true;
+        *this.state = Polled::Inside;
+        let polled = this.inner.poll(cx);
+        *this.state = Polled::Between;
+        let result = ready!(polled);
+        *this.state = Polled::Finished;
         this.objective
             .finish(*this.started, this.classify.succeeded(&result));
         Poll::Ready(result)

@@ -74,6 +74,29 @@ async fn a_call_given_up_on_counts_against_latency_once_past_the_threshold() {
     assert_eq!(available.evaluate().events, 0);
 }
 
+/// A service that panics failed its caller (a catching layer outside answers 500, or the
+/// connection drops): both kinds of objective count the call as bad, at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_whose_service_panics_counts_as_bad() {
+    let time = ManualClock::new();
+    let available = Objective::with_clock(
+        ObjectiveConfig::availability("search-ok", 0.99),
+        time.clock(),
+    )
+    .unwrap();
+    for objective in [available, latency(&time)] {
+        let service = SloLayer::new(objective.clone()).layer(service_fn(|_: ()| async {
+            panic!("the handler failed");
+            #[allow(unreachable_code)]
+            Ok::<(), ()>(())
+        }));
+        let panicked = tokio::spawn(service.oneshot(())).await.unwrap_err();
+        assert!(panicked.is_panic());
+        let status = objective.evaluate();
+        assert_eq!((status.events, status.bad), (1, 1), "{}", objective.name());
+    }
+}
+
 /// With no request arriving, the timer still moves the windows on: the page signal is lowered
 /// once the short window has no bad request left.
 #[tokio::test(flavor = "current_thread")]
