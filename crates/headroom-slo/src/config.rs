@@ -128,14 +128,33 @@ impl BurnAlert {
         ]
     }
 
-    /// The [`workbook`](Self::workbook) alerts that can fire for an objective of `target`: a
-    /// burn rate `b` fires at an error ratio above `b × (1 − target)`, which cannot exceed
-    /// 100 %, so below a target of 0.9306 the 14.4× page is left out, below 0.8333 the 6× page,
-    /// and below 0.6667 the 3× ticket. The default alerts of an objective.
+    /// The [`workbook`](Self::workbook) alerts that can fire for an objective of `target` over
+    /// 30 days: a burn rate `b` fires at an error ratio above `b × (1 − target)`, which cannot
+    /// exceed 100 %, so below a target of 0.9306 the 14.4× page is left out, below 0.8333 the
+    /// 6× page, and below 0.6667 the 3× ticket.
     pub fn workbook_for(target: f64) -> Vec<BurnAlert> {
-        let mut alerts = Self::workbook();
-        alerts.retain(|alert| alert.burn_rate * (1.0 - target) < 1.0);
-        alerts
+        Self::workbook_over(default_period(), target)
+    }
+
+    /// The [`workbook_for`](Self::workbook_for) alerts of `target` for a budget spent over
+    /// `period`: every window is scaled by `period / 30 days` (to the whole second), so each
+    /// alert fires when the same share of the budget is spent as over 30 days (the 14.4× page
+    /// at 2 %). An alert whose short window would be under a second is left out. The default
+    /// alerts of an objective.
+    pub fn workbook_over(period: Duration, target: f64) -> Vec<BurnAlert> {
+        let scale = period.as_secs_f64() / default_period().as_secs_f64();
+        let scaled =
+            |window: Duration| Duration::from_secs((window.as_secs_f64() * scale).round() as u64);
+        Self::workbook()
+            .into_iter()
+            .filter(|alert| alert.burn_rate * (1.0 - target) < 1.0)
+            .map(|alert| Self {
+                long_window: scaled(alert.long_window),
+                short_window: scaled(alert.short_window),
+                ..alert
+            })
+            .filter(|alert| !alert.short_window.is_zero())
+            .collect()
     }
 }
 
@@ -168,7 +187,7 @@ pub struct ObjectiveConfig {
         serde(default = "default_period", with = "humantime_serde")
     )]
     pub period: Duration,
-    /// The burn-rate alerts (default [`BurnAlert::workbook_for`] the target).
+    /// The burn-rate alerts (default [`BurnAlert::workbook_over`] the period, for the target).
     pub alerts: Vec<BurnAlert>,
 }
 
@@ -191,7 +210,7 @@ impl From<ObjectiveFile> for ObjectiveConfig {
         Self {
             alerts: file
                 .alerts
-                .unwrap_or_else(|| BurnAlert::workbook_for(file.target)),
+                .unwrap_or_else(|| BurnAlert::workbook_over(file.period, file.target)),
             name: file.name,
             sli: file.sli,
             target: file.target,
@@ -225,9 +244,14 @@ impl ObjectiveConfig {
         }
     }
 
-    /// Replaces the period the budget is spent over.
+    /// Replaces the period the budget is spent over. Alerts still at their defaults for the
+    /// old period become the defaults for the new one ([`BurnAlert::workbook_over`]); alerts
+    /// given explicitly are kept.
     #[must_use]
     pub fn period(mut self, period: Duration) -> Self {
+        if self.alerts == BurnAlert::workbook_over(self.period, self.target) {
+            self.alerts = BurnAlert::workbook_over(period, self.target);
+        }
         self.period = period;
         self
     }

@@ -191,3 +191,54 @@ fn every_target_builds_with_the_default_alerts_that_can_fire_for_it() {
     let impossible = ObjectiveConfig::availability("orders", 0.9).alerts(BurnAlert::workbook());
     assert!(refused(impossible).starts_with("alerts[0].burn_rate: "));
 }
+
+/// The default alerts spend the same share of the budget before they fire whatever the period
+/// (the workbook's shares are for 30 days: 2 % in the page's long window, then 5 %, 10 %,
+/// 10 %), from code and from a file; a period shorter than the workbook's longest window
+/// still builds. Alerts given explicitly are kept as given.
+#[test]
+fn the_default_alerts_spend_the_workbook_shares_of_any_period() {
+    let day = 86_400.0;
+    let share = |alert: &BurnAlert, period: Duration| {
+        alert.burn_rate * alert.long_window.as_secs_f64() / period.as_secs_f64()
+    };
+    let thirty_days = Duration::from_secs(30 * 86_400);
+    let workbook: Vec<f64> = BurnAlert::workbook()
+        .iter()
+        .map(|alert| share(alert, thirty_days))
+        .collect();
+    for days in [1.0, 7.0, 28.0, 90.0] {
+        let period = Duration::from_secs_f64(days * day);
+        let config = ObjectiveConfig::availability("orders", 0.999).period(period);
+        assert!(config.validate().is_ok(), "{days} days");
+        assert_eq!(config.alerts.len(), 4, "{days} days");
+        for (alert, expected) in config.alerts.iter().zip(&workbook) {
+            let error = (share(alert, period) - expected).abs() / expected;
+            assert!(
+                error < 0.01,
+                "{days} days: {alert:?} spends {}",
+                share(alert, period)
+            );
+            assert!(alert.short_window < alert.long_window && alert.long_window <= period);
+        }
+        #[cfg(feature = "serde")]
+        {
+            let file: SloConfig = serde_json::from_str(&format!(
+                r#"{{ "objectives": [{{ "name": "orders", "sli": {{ "kind": "availability" }}, "target": 0.999, "period": "{}s" }}] }}"#,
+                period.as_secs()
+            ))
+            .unwrap();
+            assert_eq!(file.objectives[0], config, "{days} days");
+        }
+    }
+    let given = [BurnAlert::new(
+        Severity::Page,
+        10.0,
+        Duration::from_secs(3600),
+        Duration::from_secs(300),
+    )];
+    let kept = ObjectiveConfig::availability("orders", 0.999)
+        .alerts(given)
+        .period(Duration::from_secs(7 * 86_400));
+    assert_eq!(kept.alerts, given);
+}
