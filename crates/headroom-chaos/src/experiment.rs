@@ -14,8 +14,8 @@ use headroom_core::{Clock, Signal, counter, gauge};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::ConfigError;
 use crate::config::{ExperimentConfig, FaultKind};
+use crate::{ConfigError, StartError};
 
 /// The strategies an injection point can apply. A point draws only those it supports, so a
 /// fault configured on an experiment is never counted at a point that cannot return one.
@@ -245,8 +245,15 @@ impl Experiment {
 
     /// Switches the experiment on with `config`, for `config.duration` from now. If it was
     /// running, the new run replaces it: new settings, a new end time, counts from zero.
-    pub fn start(&self, config: ExperimentConfig) -> Result<(), ConfigError> {
+    ///
+    /// Refused with [`StartError::Config`] if `config` is invalid, and with
+    /// [`StartError::Halted`] while one of its stop signals is raised (the run would stop at
+    /// once); either way nothing changes.
+    pub fn start(&self, config: ExperimentConfig) -> Result<(), StartError> {
         config.validate()?;
+        if let Some(signal) = self.0.stop_when.iter().find(|signal| signal.is_raised()) {
+            return Err(StartError::Halted(signal.name().to_owned()));
+        }
         let ends_at = self.0.clock.now() + config.duration;
         self.start_until(config, ends_at);
         Ok(())

@@ -59,6 +59,17 @@ pub use layer::{ChaosLayer, ChaosService, Everything, Pick, ServiceCall};
 #[doc = include_str!("../../../docs/chaos.md")]
 mod guide {}
 
+/// Why [`Experiment::start`] refused to start a run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A stop signal of the experiment, named here, is raised: the run would stop at once.
+    #[error("chaos experiment: not started while its stop signal `{0}` is raised")]
+    Halted(String),
+}
+
 /// A configuration refused, naming the field.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("chaos experiment: {field} {reason}")]

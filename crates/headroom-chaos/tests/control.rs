@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use headroom_chaos::{Chaos, Delay, Experiment, ExperimentConfig, FaultKind, StopReason};
+use headroom_chaos::{
+    Chaos, Delay, Experiment, ExperimentConfig, FaultKind, StartError, StopReason,
+};
 use headroom_core::{ManualClock, Signal};
 use tokio::time::timeout;
 
@@ -75,6 +77,29 @@ fn a_raised_stop_signal_stops_the_experiment_at_the_next_call() {
         !experiment.is_running(),
         "a stopped experiment stays stopped"
     );
+}
+
+/// A start while a stop signal is raised is refused, naming the signal, and runs nothing;
+/// once the signal is lowered, the start succeeds.
+#[test]
+fn a_start_while_a_stop_signal_is_raised_is_refused() {
+    let guard = Signal::new("orders error rate");
+    let experiment = Experiment::builder("guarded")
+        .stop_when(guard.clone())
+        .build()
+        .unwrap();
+    guard.set(true);
+    let refused = experiment
+        .start(ExperimentConfig::new(MINUTE).fault(1.0))
+        .unwrap_err();
+    assert_eq!(refused, StartError::Halted("orders error rate".to_owned()));
+    assert!(!experiment.is_running());
+    assert_eq!(experiment.status().last_stop, None);
+    guard.set(false);
+    experiment
+        .start(ExperimentConfig::new(MINUTE).fault(1.0))
+        .unwrap();
+    assert!(experiment.is_running());
 }
 
 /// An aborted call is held until the experiment stops, then makes its real call; a restart
@@ -175,7 +200,9 @@ fn invalid_configurations_are_refused_with_the_field() {
     ];
     let experiment = Experiment::builder("refused").build().unwrap();
     for (config, field) in cases {
-        let error = experiment.start(config.clone()).unwrap_err();
+        let Err(StartError::Config(error)) = experiment.start(config.clone()) else {
+            panic!("{config:?} was not refused");
+        };
         assert_eq!(error.field(), field, "{config:?}");
         assert!(!experiment.is_running());
     }
