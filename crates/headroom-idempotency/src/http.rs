@@ -5,9 +5,9 @@
 //!
 //! | situation | response |
 //! |---|---|
-//! | first request with a key | the service's response; stored unless it is a 408, 409, 425 or 429 (server errors are stored: the handler may have acted before it failed) |
+//! | first request with a key | the service's response; stored unless it is a 408, 409, 425 or 429 (server errors are stored: the handler may have acted before it failed); a response not stored reaches its caller as the service gave it, streamed |
 //! | retry with the same key and request | the stored status, replayed headers and body, plus `Idempotent-Replayed: true` |
-//! | response body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
+//! | stored response's body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
 //! | key missing (when required) | `400 Bad Request` |
 //! | key malformed, too long, or sent twice | `400 Bad Request` |
 //! | no scope (tenant or principal) for the request | `401 Unauthorized` |
@@ -288,13 +288,17 @@ impl<S, F, Inner: fmt::Debug> fmt::Debug for IdempotencyService<S, F, Inner> {
 
 /// A response as stored for replay.
 #[derive(Serialize, Deserialize)]
-struct StoredResponse {
+#[serde(bound = "")]
+struct StoredResponse<B> {
     status: u16,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
     /// The first response's full head, returned to its own caller (never stored).
     #[serde(skip)]
     head: Option<http::response::Parts>,
+    /// The body of a response that is not stored, passed to its caller unread.
+    #[serde(skip)]
+    unread: Option<B>,
 }
 
 /// What a stored response takes beyond its body of up to `max_body` bytes, as encoded: the
@@ -313,7 +317,7 @@ fn varint(n: usize) -> usize {
 }
 
 /// A response whose body could not be kept: its status and headers, and a header saying so.
-fn body_omitted(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredResponse {
+fn body_omitted<B>(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredResponse<B> {
     headers.push((
         IDEMPOTENT_BODY_OMITTED.as_str().to_owned(),
         b"true".to_vec(),
@@ -323,6 +327,7 @@ fn body_omitted(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredRespo
         headers,
         body: Vec::new(),
         head: None,
+        unread: None,
     }
 }
 
@@ -463,7 +468,7 @@ where
             &scope,
             &key,
             &fingerprint,
-            |stored: &StoredResponse| {
+            |stored: &StoredResponse<ResB>| {
                 StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
             },
             |lease| async move {
@@ -479,12 +484,20 @@ where
                     })
                     .collect();
                 let status = head.status.as_u16();
+                if !store_status(head.status) {
+                    // Nothing is replayed from it: its caller gets it as it is.
+                    return Ok(StoredResponse {
+                        status,
+                        headers: Vec::new(),
+                        body: Vec::new(),
+                        head: Some(head),
+                        unread: Some(body),
+                    });
+                }
                 // The handler has run: whatever happens to its body (its read failing,
                 // the client going away meanwhile), the key must keep an outcome, or a
                 // retry would run the handler again.
-                if store_status(head.status) {
-                    lease.took_effect(&body_omitted(status, headers.clone()));
-                }
+                lease.took_effect(&body_omitted::<ResB>(status, headers.clone()));
                 let max_body = max_response_len.saturating_sub(stored_overhead(
                     status,
                     &headers,
@@ -499,6 +512,7 @@ where
                             headers,
                             body: body.to_bytes().to_vec(),
                             head: Some(head),
+                            unread: None,
                         }),
                         Err(_) => Ok(body_omitted(status, headers)),
                     },
@@ -515,8 +529,10 @@ where
     }
 }
 
-fn rebuild<B: From<Bytes>>(stored: StoredResponse, replayed: bool) -> Response<B> {
-    let body = B::from(Bytes::from(stored.body));
+fn rebuild<B: From<Bytes>>(stored: StoredResponse<B>, replayed: bool) -> Response<B> {
+    let body = stored
+        .unread
+        .unwrap_or_else(|| B::from(Bytes::from(stored.body)));
     if let Some(head) = stored.head {
         return Response::from_parts(head, body);
     }

@@ -347,6 +347,35 @@ async fn a_response_too_large_to_store_runs_once_however_often_the_client_retrie
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
+/// A response the layer does not store (a 429 asking the client to come back) reaches its
+/// caller whole, however large, with every header: nothing is replayed from it, so nothing of
+/// it may be left out.
+#[tokio::test]
+async fn a_response_that_is_not_stored_reaches_its_caller_whole() {
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(1024)
+        .build()
+        .unwrap();
+    let layer = IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    );
+    let busy = service_fn(|_: Request<Body>| {
+        let mut response = Response::new(Body::from(vec![b'x'; 4096]));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        response
+            .headers_mut()
+            .insert("retry-after", "3".parse().unwrap());
+        async { Ok::<_, Infallible>(response) }
+    });
+    let mut service = layer.layer(busy);
+    let (status, headers, body) = send(&mut service, post(Some("\"busy\""), "x")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body.len(), 4096, "the body is the handler's");
+    assert_eq!(headers["retry-after"], "3");
+    assert!(headers.get("idempotent-body-omitted").is_none());
+}
+
 /// A response body that fails while it is read cannot be replayed, but the handler behind it
 /// ran: retries must not run it again.
 #[tokio::test]
