@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use headroom_core::lease::{
-    Begin, BeginId, DynLeaseStore, FencingToken, LeaseStore, may_have_applied, release_lost_begin,
+    Begin, BeginId, DynLeaseStore, FencingToken, LeaseStore, may_have_applied,
+    release_in_background,
 };
 use headroom_core::{Clock, Key, Namespace};
 
@@ -106,7 +107,7 @@ impl Drop for Claiming<'_> {
     fn drop(&mut self) {
         if !self.answered {
             let (store, key, id) = (self.store.clone(), self.key.clone(), self.id);
-            release_lost_begin(
+            release_in_background(
                 move || {
                     let (store, key) = (store.clone(), key.clone());
                     async move { store.release_begun(&key, id).await }

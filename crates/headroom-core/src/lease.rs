@@ -159,19 +159,21 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     }
 }
 
-/// Release tasks for lost begins alive at once in this process; past it, such a lease simply
-/// runs out, as it would without a task.
+/// Release tasks alive at once in this process; past it, such a lease simply runs out, as it
+/// would without a task.
 const MAX_RELEASE_TASKS: usize = 1024;
 
 static RELEASE_TASKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Releases, in a spawned task, the lease a `begin` may have taken though its caller never
-/// learned it (its answer timed out, its connection dropped, its caller went away): calls
-/// `release`, that begin's [`LeaseStore::release_begun`], again while the store fails (each
-/// call bounded by what is left, pausing 50 ms to 1 s with jitter) for at most `lease`, after
-/// which that lease has run out anyway. Nothing is taken: a begin that never ran leaves nothing
-/// to release. Without a runtime, or with 1,024 such tasks alive, the lease runs out instead.
-pub fn release_lost_begin<F, Fut>(release: F, lease: Duration, clock: &crate::Clock)
+/// Releases a lease in a spawned task, so that a key is not left held by nobody until its
+/// lease runs out: calls `release` again while the store fails (each call bounded by what is
+/// left, pausing 50 ms to 1 s with jitter) for at most `lease`, after which the lease has run
+/// out anyway. Two uses: the lease a `begin` may have taken though its caller never learned it
+/// (its answer timed out, its connection dropped, its caller went away), with that begin's
+/// [`LeaseStore::release_begun`], where a begin that never ran leaves nothing to release; and a
+/// [`LeaseStore::release`] the store failed. Without a runtime, or with 1,024 such tasks alive,
+/// the lease runs out instead.
+pub fn release_in_background<F, Fut>(release: F, lease: Duration, clock: &crate::Clock)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = Result<Fenced, BackendError>> + Send,
@@ -392,7 +394,7 @@ mod tests {
         let runtime = runtime();
         runtime.block_on(async {
             let hangs = || std::future::pending::<Result<Fenced, BackendError>>();
-            release_lost_begin(hangs, Duration::from_secs(60), &crate::Clock::system());
+            release_in_background(hangs, Duration::from_secs(60), &crate::Clock::system());
             assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1);
             tokio::task::yield_now().await;
         });
@@ -417,7 +419,7 @@ mod tests {
                     started.fetch_add(1, Ordering::Relaxed);
                     std::future::pending::<Result<Fenced, BackendError>>()
                 };
-                release_lost_begin(counted, Duration::from_secs(60), &clock);
+                release_in_background(counted, Duration::from_secs(60), &clock);
             }
             let asked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = std::sync::Arc::clone(&asked);
@@ -425,7 +427,7 @@ mod tests {
                 flag.store(true, Ordering::Relaxed);
                 std::future::pending::<Result<Fenced, BackendError>>()
             };
-            release_lost_begin(one_more, Duration::from_secs(60), &clock);
+            release_in_background(one_more, Duration::from_secs(60), &clock);
             // Tasks first run in the order they were spawned: once one spawned last has run,
             // so has every task before it, the one past the bound included had it been spawned.
             let (ran, last) = tokio::sync::oneshot::channel();
@@ -438,7 +440,7 @@ mod tests {
         drop(first);
         assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);
         runtime().block_on(async {
-            release_lost_begin(hangs, Duration::from_secs(60), &clock);
+            release_in_background(hangs, Duration::from_secs(60), &clock);
             assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 1);
         });
         assert_eq!(RELEASE_TASKS.load(Ordering::Relaxed), 0);

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use headroom_core::lease::{
-    Begin, BeginId, Fenced, FencingToken, LeaseStore, may_have_applied, release_lost_begin,
+    Begin, BeginId, Fenced, FencingToken, LeaseStore, may_have_applied, release_in_background,
 };
 use headroom_core::metrics::Counter;
 use headroom_core::{BackendError, Clock, Key, Namespace};
@@ -584,7 +584,7 @@ impl<S: LeaseStore> Idempotency<S> {
                     let (store, record) = (Arc::clone(&store), record.clone());
                     async move { store.store.release_begun(&record, id).await }
                 };
-                release_lost_begin(release, lease, &inner.clock);
+                release_in_background(release, lease, &inner.clock);
             }
             (Idempotency { inner }, record, begin)
         });
@@ -837,7 +837,14 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn release(&self, record: &Key, token: FencingToken) {
         self.inner.metrics.released.increment(1);
         if let Err(err) = self.inner.store.release(record, token).await {
-            tracing::warn!(error = %err, "releasing the idempotency lease failed; it will expire");
+            tracing::warn!(error = %err, "releasing the idempotency lease failed; trying again");
+            let (inner, record) = (Arc::clone(&self.inner), record.clone());
+            let (lease, clock) = (inner.config.lease, inner.clock.clone());
+            let release = move || {
+                let (inner, record) = (Arc::clone(&inner), record.clone());
+                async move { inner.store.release(&record, token).await }
+            };
+            release_in_background(release, lease, &clock);
         }
     }
 }

@@ -919,8 +919,8 @@ struct Faulty {
     failing_begins: &'static [usize],
     /// Begins the store applies but whose answers are lost (they time out).
     lost_begins: &'static [usize],
-    /// Every `release` fails, as while the store flaps.
-    releases_fail: bool,
+    /// The first `failing_releases` releases fail, as while the store flaps.
+    failing_releases: Arc<AtomicUsize>,
     begins: Arc<AtomicUsize>,
     failing_extends: Arc<AtomicUsize>,
     /// How long a failing extension takes to fail, on this clock (at once when `None`).
@@ -999,7 +999,13 @@ impl headroom_core::lease::LeaseStore for Faulty {
         key: &headroom_core::Key,
         token: headroom_core::lease::FencingToken,
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
-        if self.releases_fail {
+        if self
+            .failing_releases
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok()
+        {
             return Err(headroom_core::BackendError::new(
                 headroom_core::BackendErrorKind::Connection,
             ));
@@ -1013,6 +1019,32 @@ impl headroom_core::lease::LeaseStore for Faulty {
     ) -> std::result::Result<headroom_core::lease::Fenced, headroom_core::BackendError> {
         self.store.release_begun(key, id).await
     }
+}
+
+/// An operation that fails releases its key so that a retry runs again; a release the store
+/// fails once is tried again, so the retry does not wait out the lease on a key nobody holds.
+#[tokio::test(start_paused = true)]
+async fn a_release_the_store_fails_once_is_tried_again() {
+    let clock = ManualClock::new();
+    let store = Faulty {
+        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+        failing_releases: Arc::new(AtomicUsize::new(1)),
+        ..Faulty::default()
+    };
+    let idem = rejecting(store, &clock);
+    let failed = idem
+        .execute(&scope(), &key("k"), b"x", || async {
+            Err::<u32, _>("declined")
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(failed, IdempotencyError::Operation("declined")));
+    advance_seconds(&clock, 2).await;
+    let retry = idem
+        .execute(&scope(), &key("k"), b"x", || async { Ok::<u32, &str>(7) })
+        .await
+        .unwrap();
+    assert_eq!((retry.value, retry.replayed), (7, false));
 }
 
 /// Extensions that fail until the lease runs out lose it when it runs out: the operation is
@@ -1098,7 +1130,7 @@ async fn a_begin_that_never_ran_leaves_the_key_free() {
     let store = Faulty {
         store: MemoryLeaseStore::with_limits(clock.clock(), 100),
         failing_begins: &[1],
-        releases_fail: true,
+        failing_releases: Arc::new(AtomicUsize::new(usize::MAX)),
         ..Faulty::default()
     };
     fails_closed_then_a_retry_runs_once(store, &clock).await;
