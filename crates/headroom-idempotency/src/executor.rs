@@ -526,11 +526,11 @@ impl<S: LeaseStore> Idempotency<S> {
                     return Err(IdempotencyError::KeyReused);
                 }
                 Begin::Completed { outcome, .. } => {
-                    self.inner.metrics.replays.increment(1);
                     if outcome.as_ref() == [NOT_REPLAYABLE] {
                         return Err(IdempotencyError::NotReplayable);
                     }
                     let value = decode(&outcome).ok_or(IdempotencyError::Corrupt)?;
+                    self.inner.metrics.replays.increment(1);
                     return Ok(Executed {
                         value,
                         replayed: true,

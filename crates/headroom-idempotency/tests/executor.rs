@@ -1254,3 +1254,42 @@ async fn a_duplicate_waiting_on_a_running_request_does_not_fail_open_on_a_store_
     assert_eq!((first.value, first.replayed), (7, false));
     assert_eq!((duplicate.value, duplicate.replayed), (7, true));
 }
+
+/// `headroom_idempotency_replays_total` counts outcomes replayed to a retry, and only those: a
+/// retry refused because the outcome could not be kept is not a replay.
+#[tokio::test]
+async fn only_outcomes_replayed_count_as_replays() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // The counters are registered when the executor is built.
+    let idem = metrics::with_local_recorder(&recorder, || {
+        Idempotency::builder(MemoryLeaseStore::new())
+            .max_outcome_len(64)
+            .build()
+            .unwrap()
+    });
+    let replays = || {
+        handle
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("headroom_idempotency_replays_total "))
+            .map(str::to_owned)
+    };
+    let small = || async { Ok::<u32, ()>(7) };
+    let large = || async { Ok::<String, ()>("x".repeat(1024)) };
+    idem.execute(&scope(), &key("small"), b"x", small)
+        .await
+        .unwrap();
+    idem.execute(&scope(), &key("large"), b"x", large)
+        .await
+        .unwrap();
+    let refused = idem.execute(&scope(), &key("large"), b"x", large).await;
+    assert!(matches!(refused, Err(IdempotencyError::NotReplayable)));
+    assert_eq!(replays().as_deref(), Some("0"));
+    let replayed = idem
+        .execute(&scope(), &key("small"), b"x", small)
+        .await
+        .unwrap();
+    assert!(replayed.replayed);
+    assert_eq!(replays().as_deref(), Some("1"));
+}
