@@ -19,4 +19,21 @@ for example in "${examples[@]}"; do
     if [ "$example" = flash-sale ]; then flags+=(--check); fi
     timeout 60 "$target_dir/release/$example" "${flags[@]}"
 done
+# A service asked to stop (SIGTERM, as a rolling deploy does) stops gracefully and exits 0.
+echo "== axum-service, stopped by SIGTERM"
+log=$(mktemp)
+LISTEN_ADDR=127.0.0.1:0 timeout 60 "$target_dir/release/axum-service" > "$log" 2>&1 &
+pid=$!
+for _ in $(seq 300); do
+    grep -q "^listening on" "$log" && break
+    kill -0 "$pid" 2> /dev/null || break
+    sleep 0.1
+done
+kill -TERM "$pid"
+if ! wait "$pid" || ! grep -q "^stopped gracefully" "$log"; then
+    echo "axum-service did not stop gracefully on SIGTERM:"
+    cat "$log"
+    exit 1
+fi
+cat "$log"
 echo "every example ran"

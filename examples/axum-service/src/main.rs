@@ -33,7 +33,10 @@
 //! the orders rate limits and the products cache take new settings from that file whenever
 //! it changes (checked every 5 s; see docs/operations.md, "Reloading configuration").
 //!
-//! It listens on 127.0.0.1:3000 until Ctrl-C. Memory backends by default; set
+//! It listens on 127.0.0.1:3000 (or `LISTEN_ADDR`) until SIGTERM or Ctrl-C, then stops
+//! gracefully: it takes no new connection, lets the requests in flight answer, gives running
+//! exports 10 s, and shuts the caches down so that the other instances keep their L1 (a
+//! process killed outright costs each of them one flush). Memory backends by default; set
 //! `REDIS_URL=redis://127.0.0.1:6379` to share state between instances. With `--smoke` (or
 //! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits;
 //! `--print-metrics` then prints what `/metrics` answered.
@@ -593,6 +596,22 @@ async fn export_round(addr: std::net::SocketAddr) -> Result<bool, Box<dyn std::e
     Ok(done && response.starts_with("HTTP/1.1 202") && other == 404)
 }
 
+/// Resolves when the process is asked to stop: SIGTERM (what a rolling deploy sends) or
+/// Ctrl-C.
+async fn stop_requested() {
+    #[cfg(unix)]
+    if let Ok(mut terminate) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let smoke = std::env::args().any(|a| a == "--smoke")
@@ -632,24 +651,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             |bytes| serde_json::from_slice::<RuntimeConfig>(bytes),
         ));
     }
-    let listener = TcpListener::bind(if smoke {
-        "127.0.0.1:0"
-    } else {
-        "127.0.0.1:3000"
-    })
-    .await?;
+    let listen = match std::env::var("LISTEN_ADDR") {
+        Ok(addr) if !addr.is_empty() => addr,
+        _ if smoke => "127.0.0.1:0".to_owned(),
+        _ => "127.0.0.1:3000".to_owned(),
+    };
+    let listener = TcpListener::bind(&listen).await?;
     let addr = listener.local_addr()?;
     println!(
         "listening on http://{addr} (backend: {})",
         headroom.backend()
     );
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
     if !smoke {
-        tokio::signal::ctrl_c().await?;
-        server.abort();
+        stop_requested().await;
+        let _ = stop.send(());
+        server.await??;
         // Running exports get 10 s to finish; the rest go back to the queue for the next
         // instance.
         export_worker.shutdown(Duration::from_secs(10)).await;
+        headroom.shutdown().await;
+        println!("stopped gracefully");
         return Ok(());
     }
 
@@ -687,8 +716,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if print_metrics {
         println!("# scrape\n{exposition}");
     }
-    server.abort();
+    let _ = stop.send(());
+    server.await??;
     export_worker.shutdown(Duration::from_secs(5)).await;
+    headroom.shutdown().await;
     let charged = charges.load(Ordering::Relaxed) - charged_before_chaos;
     println!("payment gateway charged {charged} time(s)");
     if (
