@@ -22,7 +22,9 @@
 //! effect would release the key, and the client's retry would run it again. So each keyed
 //! request runs on a task of its own until the handler answers and the key keeps the outcome,
 //! which the retry replays; the answer's body is read for the record only while the client
-//! waits (once it is gone, the record keeps the status and headers, the body omitted). A panic
+//! waits (once it is gone, the record keeps the status and headers, the body omitted). A
+//! request still waiting for its key (a duplicate of one running) when its client goes away
+//! stops there: the handler is never called for nobody. A panic
 //! in the handler fails that request only, as without the layer. The task runs in the
 //! request's span; a timeout or concurrency limit outside this layer no longer bounds the
 //! handler once the client is gone, so bound slow dependencies inside it (the lease is
@@ -45,12 +47,12 @@
 //! # let _ = layer;
 //! ```
 
-use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -416,8 +418,9 @@ where
             // The client going away must not stop the handler halfway: the key would be
             // released and the client's retry would run it again. So the request runs on a
             // task of its own until the handler answers and the key keeps the outcome; the
-            // answer's body is read for the record only while the client waits for it.
-            let (_client_waits, client_gone) = tokio::sync::oneshot::channel::<Infallible>();
+            // answer's body is read for the record only while the client waits for it. A
+            // request still waiting for the key when its client goes away stops there.
+            let (_client_waits, client_gone) = tokio::sync::watch::channel(());
             // In the request's span, as when it ran on the caller's task.
             let executing = tokio::spawn(
                 execute(layer, scope, key, fingerprint, client_gone, move || {
@@ -448,7 +451,7 @@ async fn execute<S, F, ResB, Error, Call, Answer>(
     scope: Scope,
     key: IdempotencyKey,
     fingerprint: Vec<u8>,
-    mut client_gone: tokio::sync::oneshot::Receiver<Infallible>,
+    client_gone: tokio::sync::watch::Receiver<()>,
     call: Call,
 ) -> Result<Response<ResB>, Error>
 where
@@ -462,16 +465,22 @@ where
     let replay_headers = &options.replay_headers;
     let store_status = &options.store_status;
     let max_response_len = layer.executor.config().max_outcome_len;
-    let outcome = layer
-        .executor
-        .execute_leased_with_policy(
-            &scope,
-            &key,
-            &fingerprint,
-            |stored: &StoredResponse<ResB>| {
-                StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
-            },
-            |lease| async move {
+    // Resolves when the client stops waiting (its side of the channel dropped).
+    let gone = |mut client: tokio::sync::watch::Receiver<()>| async move {
+        let _ = client.changed().await;
+    };
+    let started = AtomicBool::new(false);
+    let executing = layer.executor.execute_leased_with_policy(
+        &scope,
+        &key,
+        &fingerprint,
+        |stored: &StoredResponse<ResB>| {
+            StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
+        },
+        |lease| {
+            started.store(true, Ordering::Relaxed);
+            let client_gone = gone(client_gone.clone());
+            async move {
                 let response = call().await?;
                 let (head, body) = response.into_parts();
                 let headers: Vec<(String, Vec<u8>)> = replay_headers
@@ -517,11 +526,27 @@ where
                         Err(_) => Ok(body_omitted(status, headers)),
                     },
                     // Nobody to answer: the outcome recorded above stands.
-                    _ = &mut client_gone => Ok(body_omitted(status, headers)),
+                    () = client_gone => Ok(body_omitted(status, headers)),
                 }
-            },
-        )
-        .await;
+            }
+        },
+    );
+    let mut executing = std::pin::pin!(executing);
+    let mut client_left = std::pin::pin!(gone(client_gone.clone()));
+    let outcome = std::future::poll_fn(|cx| {
+        if let Poll::Ready(outcome) = executing.as_mut().poll(cx) {
+            return Poll::Ready(Some(outcome));
+        }
+        // Until the handler is called, nobody waits for what would come of it.
+        if !started.load(Ordering::Relaxed) && client_left.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await;
+    let Some(outcome) = outcome else {
+        return Ok(plain(StatusCode::REQUEST_TIMEOUT, "the client went away"));
+    };
     match outcome {
         Ok(executed) => Ok(rebuild(executed.value, executed.replayed)),
         Err(IdempotencyError::Operation(err)) => Err(err),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use headroom_core::memory::MemoryLeaseStore;
 use headroom_idempotency::http::{IdempotencyLayer, is_final_status};
 use headroom_idempotency::{Idempotency, InProgressPolicy};
@@ -570,6 +571,49 @@ async fn a_client_gone_while_the_handler_runs_leaves_the_handler_run_once() {
     assert_eq!((status, body.as_str()), (StatusCode::CREATED, "payment 0"));
     assert_eq!(headers["idempotent-replayed"], "true");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// A duplicate whose client went away while it waited for the first request stops waiting:
+/// when the first releases the key (a 429 is not stored), nobody is left to run the handler
+/// for, so it does not run again.
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_whose_client_went_away_while_waiting_does_not_run_the_handler() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let finish = Arc::new(Notify::new());
+    let handler = {
+        let (calls, finish) = (Arc::clone(&calls), Arc::clone(&finish));
+        service_fn(move |_: Request<Body>| {
+            let (calls, finish) = (Arc::clone(&calls), Arc::clone(&finish));
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    finish.notified().await;
+                }
+                let mut response = Response::new(Body::from("busy"));
+                *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let service = waiting_layer().layer(handler);
+    let first = tokio::spawn(service.clone().oneshot(post(Some("\"dup\""), "charge")));
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The duplicate starts waiting, then its client goes away.
+    let duplicate = service.clone().oneshot(post(Some("\"dup\""), "charge"));
+    assert!(duplicate.now_or_never().is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    finish.notify_one();
+    assert_eq!(
+        first.await.unwrap().unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "nobody waits for a second run"
+    );
 }
 
 /// A body the handler encoded (a compression layer inside this one) is replayed with its
