@@ -10,7 +10,7 @@
 //! | stored response's body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
 //! | key missing (when required) | `400 Bad Request` |
 //! | key malformed, too long, or sent twice | `400 Bad Request` |
-//! | no scope (tenant or principal) for the request | `401 Unauthorized` |
+//! | no scope (tenant or principal) for the request, or an empty one | `401 Unauthorized` |
 //! | same key and endpoint (method and path), different query or body | `422 Unprocessable Content` |
 //! | the first request is still running | `409 Conflict` with `Retry-After` |
 //! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
@@ -388,7 +388,7 @@ where
                     Err(err) => return Ok(plain(StatusCode::BAD_REQUEST, &err.to_string())),
                 },
             };
-            let Some(tenant) = (options.scope)(&parts) else {
+            let Some(tenant) = (options.scope)(&parts).filter(|tenant| !tenant.is_empty()) else {
                 return Ok(plain(
                     StatusCode::UNAUTHORIZED,
                     "no principal to scope the idempotency key to",

@@ -178,6 +178,15 @@ async fn a_request_without_a_principal_gets_401() {
         send(&mut service, request).await.0,
         StatusCode::UNAUTHORIZED
     );
+    // An empty principal is no principal.
+    let mut request = post(Some("k"), "x");
+    request
+        .headers_mut()
+        .insert("x-tenant", "".parse().unwrap());
+    assert_eq!(
+        send(&mut service, request).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
