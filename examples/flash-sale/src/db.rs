@@ -77,6 +77,9 @@ pub(crate) struct Database {
 struct Order {
     /// Times it was inserted: more than once is a duplicate order.
     placed: u32,
+    /// Reservations of it while it stood: a checkout run again, which the idempotent insert
+    /// absorbed.
+    reserved_again: u32,
     paid: bool,
     /// Withdrawn before payment (its payment could not be queued).
     cancelled: bool,
@@ -91,6 +94,9 @@ pub(crate) struct DbStats {
     /// Orders placed and not cancelled.
     pub(crate) orders: u64,
     pub(crate) duplicate_orders: u64,
+    /// Checkouts run again for an order that stood: not duplicates, thanks to the idempotent
+    /// insert, but each one the checkout's own idempotency should have replayed instead.
+    pub(crate) repeated_checkouts: u64,
     pub(crate) paid_orders: u64,
     pub(crate) cancelled_orders: u64,
     /// Time connections were held, in all.
@@ -210,7 +216,10 @@ impl Database {
     ) -> Result<u64, DbError> {
         self.query().await?;
         self.record(customer, reference, |order| {
-            order.placed = order.placed.max(1)
+            if order.placed > 0 && !order.cancelled {
+                order.reserved_again += 1;
+            }
+            order.placed = order.placed.max(1);
         });
         Ok(order_number(customer, reference))
     }
@@ -252,6 +261,7 @@ impl Database {
                 .values()
                 .map(|o| u64::from(o.placed.saturating_sub(1)))
                 .sum(),
+            repeated_checkouts: orders.values().map(|o| u64::from(o.reserved_again)).sum(),
             paid_orders: orders.values().filter(|o| o.paid).count() as u64,
             cancelled_orders: orders.values().filter(|o| o.cancelled).count() as u64,
             connection_time: Duration::from_micros(self.held_micros.load(Ordering::Relaxed)),
@@ -371,6 +381,7 @@ mod tests {
         db.reserve_order(1, 10).await.expect("reserve");
         db.reserve_order(1, 10).await.expect("reserve again");
         assert_eq!((db.stats().orders, db.stats().paid_orders), (1, 0));
+        assert_eq!(db.stats().repeated_checkouts, 1, "the second was absorbed");
         db.mark_paid(1, 10).await.expect("paid");
         let stats = db.stats();
         assert_eq!(

@@ -5,7 +5,7 @@
 //! is answered without charging again. A charge is made when the request arrives, so a caller
 //! that gives up waiting (or dies) has still charged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use std::time::Duration;
 pub(crate) struct Gateway {
     /// Charges by (customer, order reference): more than one is a double charge.
     charges: Mutex<HashMap<(u64, u64), u32>>,
-    /// Idempotency keys seen.
-    keys: Mutex<HashSet<String>>,
+    /// Idempotency keys seen, with the charges each one absorbed.
+    keys: Mutex<HashMap<String, u32>>,
 }
 
 /// Counters of one run.
@@ -24,6 +24,8 @@ pub(crate) struct PaymentStats {
     /// Orders charged at least once.
     pub(crate) charged: u64,
     pub(crate) double_charges: u64,
+    /// Charges asked again under a key already seen: not made.
+    pub(crate) repeated_charges: u64,
 }
 
 impl Gateway {
@@ -35,8 +37,12 @@ impl Gateway {
         reference: u64,
         idempotency_key: Option<&str>,
     ) {
-        let first = idempotency_key
-            .is_none_or(|key| self.keys.lock().expect("keys lock").insert(key.to_owned()));
+        let first = idempotency_key.is_none_or(|key| {
+            let mut keys = self.keys.lock().expect("keys lock");
+            let seen = keys.entry(key.to_owned()).or_insert(0);
+            *seen += 1;
+            *seen == 1
+        });
         if first {
             *self
                 .charges
@@ -54,6 +60,9 @@ impl Gateway {
         PaymentStats {
             charged: charges.len() as u64,
             double_charges: charges.values().map(|&n| u64::from(n - 1)).sum(),
+            repeated_charges: (self.keys.lock().expect("keys lock").values())
+                .map(|&n| u64::from(n - 1))
+                .sum(),
         }
     }
 }
@@ -68,6 +77,7 @@ mod tests {
         gateway.charge(1, 10, Some("order 1-10")).await;
         gateway.charge(1, 10, Some("order 1-10")).await;
         assert_eq!(gateway.stats().double_charges, 0);
+        assert_eq!(gateway.stats().repeated_charges, 1);
         gateway.charge(2, 20, None).await;
         gateway.charge(2, 20, None).await;
         let stats = gateway.stats();

@@ -274,9 +274,15 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
     });
     row("orders committed", &|r| r.db.orders.to_string());
     row("duplicate orders", &|r| r.db.duplicate_orders.to_string());
+    row("checkouts run again (idempotent insert absorbed)", &|r| {
+        r.db.repeated_checkouts.to_string()
+    });
     row("orders paid", &|r| r.db.paid_orders.to_string());
     row("double charges (payment provider)", &|r| {
         r.payments.double_charges.to_string()
+    });
+    row("charges asked again (provider's key absorbed)", &|r| {
+        r.payments.repeated_charges.to_string()
     });
     row("orders cancelled (payment not queued)", &|r| {
         r.db.cancelled_orders.to_string()
@@ -410,12 +416,14 @@ fn idle_fraction(db: &DbStats) -> f64 {
 }
 
 /// Whether a protected run met the payment targets: connections not left idle in
-/// transaction, every payment job finished, every order placed paid, each charged once.
+/// transaction, every payment job finished, every order placed paid, each charged once, and
+/// each checkout run once (a retry replayed, not absorbed by the idempotent insert).
 pub(crate) fn payments_held(db: &DbStats, paid: &PaymentStats, guard: &GuardStats) -> bool {
     idle_fraction(db) <= IDLE_SHARE_TARGET
         && guard.unpaid == Some(0)
         && guard.payment_jobs.dead == 0
         && paid.double_charges == 0
+        && db.repeated_checkouts == 0
         && db.orders == db.paid_orders
         && paid.charged == db.paid_orders
 }
@@ -424,7 +432,7 @@ pub(crate) fn payments_held(db: &DbStats, paid: &PaymentStats, guard: &GuardStat
 fn print_payments(bare: &Run, guarded: &Run) -> bool {
     println!();
     println!(
-        "payment targets: at most {:.0} % of connection time idle in transaction; every payment job done, every order placed paid, each charged once",
+        "payment targets: at most {:.0} % of connection time idle in transaction; every payment job done, every order placed paid, each charged once, each checkout run once",
         IDLE_SHARE_TARGET * 100.0
     );
     let mut met = true;
@@ -441,7 +449,7 @@ fn print_payments(bare: &Run, guarded: &Run) -> bool {
         };
         let ok = payments_held(db, paid, guard);
         println!(
-            "  {:<12} idle in transaction {}, unfinished payment jobs {}, dead {}, orders placed {}, charged {}, paid {}, double charges {}  => {}",
+            "  {:<12} idle in transaction {}, unfinished payment jobs {}, dead {}, orders placed {}, charged {}, paid {}, double charges {}, checkouts run again {}  => {}",
             run.label,
             idle_share(db),
             guard
@@ -452,6 +460,7 @@ fn print_payments(bare: &Run, guarded: &Run) -> bool {
             paid.charged,
             db.paid_orders,
             paid.double_charges,
+            db.repeated_checkouts,
             if ok { "held" } else { "missed" }
         );
         met &= ok;
@@ -630,8 +639,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_payment_targets_fail_for_a_run_that_pays_inside_its_transaction_or_leaves_orders_unpaid()
-    {
+    fn the_payment_targets_fail_for_a_run_that_pays_inside_its_transaction_leaves_orders_unpaid_or_runs_a_checkout_twice()
+     {
         let db = DbStats {
             orders: 10,
             paid_orders: 10,
@@ -642,6 +651,7 @@ mod tests {
         let paid = PaymentStats {
             charged: 10,
             double_charges: 0,
+            repeated_charges: 0,
         };
         let guard = GuardStats {
             unpaid: Some(0),
@@ -664,6 +674,12 @@ mod tests {
             ..paid
         };
         assert!(!payments_held(&db, &twice, &guard));
+        // A checkout run twice fails the target though the idempotent insert absorbed it.
+        let run_twice = DbStats {
+            repeated_checkouts: 1,
+            ..db
+        };
+        assert!(!payments_held(&run_twice, &paid, &guard));
     }
 
     #[test]
