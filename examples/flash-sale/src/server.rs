@@ -156,8 +156,10 @@ pub(crate) fn guard(
         .ttl(Duration::from_secs(20))
         .soft_ttl(Duration::from_secs(15))
         .ttl_jitter(Duration::from_secs(2))
-        // L1 entries live one second, so instances also read each other's loads from L2.
-        .l1_max_ttl(Duration::from_secs(1))
+        // L1 entries live ten seconds, so instances also read each other's loads from L2,
+        // and longer than the invalidation's staleness bound (`max_silence`, 2 s), so that a
+        // page is fresh after a lost message only because the loss was detected.
+        .l1_max_ttl(Duration::from_secs(10))
         .fail_safe_max_stale(Duration::from_secs(120))
         .loader_soft_timeout(Duration::from_millis(150))
         .build()?;
