@@ -314,7 +314,7 @@ pub(crate) fn print(plan: &Plan, backend: &str, runs: [&Run; 2]) -> bool {
             .as_ref()
             .map_or("-".into(), |g| g.replays.to_string())
     });
-    row("checkouts shed", &|r| {
+    row("shed (checkouts and page loads)", &|r| {
         r.guard.as_ref().map_or("-".into(), |g| g.shed.to_string())
     });
     row("breaker rejections", &|r| {

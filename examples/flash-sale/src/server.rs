@@ -223,7 +223,8 @@ pub(crate) fn guard(
 pub(crate) struct GuardHandle(Arc<Guard>);
 
 impl GuardHandle {
-    /// Checkouts refused by the shedder, all priorities and reasons.
+    /// Work refused by the shedder, all priorities and reasons: checkouts and the product
+    /// pages' database loads, which share it.
     pub(crate) fn shed(&self) -> u64 {
         let shedder = &self.0.shedder;
         Priority::ALL
