@@ -62,12 +62,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Admission control: refuse the least important work first when saturated.
-    let bulkhead = headroom.bulkhead("reports").max_concurrent(2).build()?;
+    // At 80 % in use, sheddable work (refused from 70 %) goes and default work (from 90 %)
+    // still gets in.
+    let bulkhead = headroom.bulkhead("reports").max_concurrent(10).build()?;
     let shedder = LoadShedder::builder(bulkhead).build()?;
-    let _first = shedder.acquire(Priority::Critical).await?;
-    match shedder.check(Priority::Sheddable) {
-        Ok(()) => println!("sheddable work admitted"),
-        Err(overloaded) => println!("sheddable work refused: {overloaded}"),
+    let mut running = Vec::new();
+    for _ in 0..8 {
+        running.push(shedder.acquire(Priority::Critical).await?);
+    }
+    for priority in [Priority::Sheddable, Priority::Default] {
+        match shedder.check(priority) {
+            Ok(()) => println!("{priority} work admitted at 80 % load"),
+            Err(overloaded) => println!("{priority} work refused at 80 % load: {overloaded}"),
+        }
     }
 
     // A circuit breaker around a dependency.
