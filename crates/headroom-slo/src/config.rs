@@ -139,12 +139,17 @@ impl BurnAlert {
     /// The [`workbook_for`](Self::workbook_for) alerts of `target` for a budget spent over
     /// `period`: every window is scaled by `period / 30 days` (to the whole second), so each
     /// alert fires when the same share of the budget is spent as over 30 days (the 14.4× page
-    /// at 2 %). An alert whose short window would be under a second is left out. The default
-    /// alerts of an objective.
+    /// at 2 %). No window is shorter than a minute, so that a Prometheus scraping every 15 s
+    /// has four samples in each for `rate` (a short window, which decides only when an alert
+    /// stops, is held there for periods under 6 days; a long one for periods under 12 hours,
+    /// whose alerts then spend more of their budget before they fire). An alert whose short
+    /// window is then not shorter than its long one, or whose long window exceeds the period,
+    /// is left out. The default alerts of an objective.
     pub fn workbook_over(period: Duration, target: f64) -> Vec<BurnAlert> {
         let scale = period.as_secs_f64() / default_period().as_secs_f64();
-        let scaled =
-            |window: Duration| Duration::from_secs((window.as_secs_f64() * scale).round() as u64);
+        let scaled = |window: Duration| {
+            Duration::from_secs(((window.as_secs_f64() * scale).round() as u64).max(MINUTE))
+        };
         Self::workbook()
             .into_iter()
             .filter(|alert| alert.burn_rate * (1.0 - target) < 1.0)
@@ -153,7 +158,7 @@ impl BurnAlert {
                 short_window: scaled(alert.short_window),
                 ..alert
             })
-            .filter(|alert| !alert.short_window.is_zero())
+            .filter(|alert| alert.short_window < alert.long_window && alert.long_window <= period)
             .collect()
     }
 }
@@ -189,6 +194,20 @@ pub struct ObjectiveConfig {
     pub period: Duration,
     /// The burn-rate alerts (default [`BurnAlert::workbook_over`] the period, for the target).
     pub alerts: Vec<BurnAlert>,
+    /// Whether the alerts were given (through [`alerts`](Self::alerts), or listed in a file):
+    /// a new period keeps them.
+    #[cfg_attr(feature = "serde", serde(skip))]
+    alerts_given: Given,
+}
+
+/// How a value was built, not part of it: equal to every other.
+#[derive(Clone, Copy, Debug, Default)]
+struct Given(bool);
+
+impl PartialEq for Given {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// An [`ObjectiveConfig`] as a file gives it: without alerts, the defaults for its target.
@@ -208,6 +227,7 @@ struct ObjectiveFile {
 impl From<ObjectiveFile> for ObjectiveConfig {
     fn from(file: ObjectiveFile) -> Self {
         Self {
+            alerts_given: Given(file.alerts.is_some()),
             alerts: file
                 .alerts
                 .unwrap_or_else(|| BurnAlert::workbook_over(file.period, file.target)),
@@ -241,6 +261,7 @@ impl ObjectiveConfig {
             target,
             period: default_period(),
             alerts: BurnAlert::workbook_for(target),
+            alerts_given: Given(false),
         }
     }
 
@@ -249,7 +270,8 @@ impl ObjectiveConfig {
     /// given explicitly are kept.
     #[must_use]
     pub fn period(mut self, period: Duration) -> Self {
-        if self.alerts == BurnAlert::workbook_over(self.period, self.target) {
+        if !self.alerts_given.0 && self.alerts == BurnAlert::workbook_over(self.period, self.target)
+        {
             self.alerts = BurnAlert::workbook_over(period, self.target);
         }
         self.period = period;
@@ -260,6 +282,7 @@ impl ObjectiveConfig {
     #[must_use]
     pub fn alerts(mut self, alerts: impl IntoIterator<Item = BurnAlert>) -> Self {
         self.alerts = alerts.into_iter().collect();
+        self.alerts_given = Given(true);
         self
     }
 

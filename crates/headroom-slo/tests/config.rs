@@ -241,4 +241,9 @@ fn the_default_alerts_spend_the_workbook_shares_of_any_period() {
         .alerts(given)
         .period(Duration::from_secs(7 * 86_400));
     assert_eq!(kept.alerts, given);
+    // Even when they are the 30-day workbook's, as a user pinning the classic windows gives.
+    let pinned = ObjectiveConfig::availability("orders", 0.999)
+        .alerts(BurnAlert::workbook())
+        .period(Duration::from_secs(7 * 86_400));
+    assert_eq!(pinned.alerts, BurnAlert::workbook());
 }

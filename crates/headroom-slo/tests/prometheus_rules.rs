@@ -161,6 +161,51 @@ fn prometheus_fires_the_page_when_the_objective_does() {
     promtool(&["test", "rules", path(&file)]);
 }
 
+/// An objective over one day keeps each of its default alerts working in Prometheus: their
+/// windows, scaled down with the period, are never shorter than a minute, so a scrape every
+/// 15 s puts enough samples in each for `rate`. Each alert alone, over an hour of good
+/// requests, then 20 % bad: quiet before, firing five minutes in.
+#[test]
+fn each_default_alert_of_a_one_day_objective_fires_in_prometheus() {
+    let day = Duration::from_secs(86_400);
+    let (mut events, mut bad, mut bad_total) = (Vec::new(), Vec::new(), 0_u64);
+    for scrape in 0..=280_u64 {
+        events.push((scrape * 250).to_string());
+        bad.push(bad_total.to_string());
+        if scrape >= 240 {
+            bad_total += 50;
+        }
+    }
+    let defaults = BurnAlert::workbook_over(day, 0.999);
+    assert_eq!(defaults.len(), 4);
+    for (i, alert) in defaults.into_iter().enumerate() {
+        let config = ObjectiveConfig::availability("checkout", 0.999)
+            .period(day)
+            .alerts([alert]);
+        let rules = scratch(
+            &format!("one-day-{i}.yml"),
+            &prometheus_rules(std::slice::from_ref(&config)).unwrap(),
+        );
+        let (name, severity, meaning) = match alert.severity {
+            Severity::Page => ("HeadroomSloPageBurn", "page", "fast enough to page"),
+            Severity::Ticket => (
+                "HeadroomSloTicketBurn",
+                "ticket",
+                "steadily enough for a ticket",
+            ),
+        };
+        let tests = format!(
+            "rule_files:\n  - {rules}\nevaluation_interval: 15s\ntests:\n  - interval: 15s\n    input_series:\n      - series: 'headroom_slo_events_total{{slo=\"checkout\"}}'\n        values: '{events}'\n      - series: 'headroom_slo_bad_events_total{{slo=\"checkout\"}}'\n        values: '{bad}'\n    alert_rule_test:\n      - eval_time: 55m\n        alertname: {name}\n        exp_alerts: []\n      - eval_time: 65m\n        alertname: {name}\n        exp_alerts:\n          - exp_labels: {{severity: {severity}, slo: checkout}}\n            exp_annotations:\n              summary: checkout is burning its error budget {meaning}\n              runbook: https://github.com/headroom-rs/headroom/blob/main/docs/operations.md#runbook-{lower}\n",
+            rules = path(&rules),
+            events = events.join(" "),
+            bad = bad.join(" "),
+            lower = name.to_lowercase(),
+        );
+        let file = scratch(&format!("one-day-{i}-test.yml"), &tests);
+        promtool(&["test", "rules", path(&file)]);
+    }
+}
+
 /// Two environments share an objective's name in one Prometheus, each with its rules written
 /// for its own selector: staging burning its budget pages for staging alone, and the page says
 /// which environment it is about.
