@@ -19,19 +19,32 @@ for example in "${examples[@]}"; do
     if [ "$example" = flash-sale ]; then flags+=(--check); fi
     timeout 60 "$target_dir/release/$example" "${flags[@]}"
 done
-# A service asked to stop (SIGTERM, as a rolling deploy does) stops gracefully and exits 0.
+# A service asked to stop (SIGTERM, as a rolling deploy does) stops gracefully and exits 0,
+# within its drain (10 s) though a client holds an idle connection open.
 echo "== axum-service, stopped by SIGTERM"
 log=$(mktemp)
-LISTEN_ADDR=127.0.0.1:0 timeout 60 "$target_dir/release/axum-service" > "$log" 2>&1 &
+trap 'rm -f "$log"' EXIT
+LISTEN_ADDR=127.0.0.1:0 env -u HEADROOM_SMOKE timeout 60 "$target_dir/release/axum-service" \
+    > "$log" 2>&1 &
 pid=$!
 for _ in $(seq 300); do
     grep -q "^listening on" "$log" && break
     kill -0 "$pid" 2> /dev/null || break
     sleep 0.1
 done
-kill -TERM "$pid"
-if ! wait "$pid" || ! grep -q "^stopped gracefully" "$log"; then
-    echo "axum-service did not stop gracefully on SIGTERM:"
+addr=$(sed -n 's|^listening on http://\([0-9.:]*\) .*|\1|p' "$log")
+stopped=false
+if [ -n "$addr" ]; then
+    exec 3<> "/dev/tcp/${addr%:*}/${addr##*:}"
+    started=$(date +%s)
+    kill -TERM "$pid"
+    wait "$pid" && grep -q "^stopped gracefully" "$log" && [ $(( $(date +%s) - started )) -le 15 ] \
+        && stopped=true
+    exec 3<&-
+fi
+if ! $stopped; then
+    kill "$pid" 2> /dev/null || true
+    echo "axum-service did not stop gracefully on SIGTERM within its drain:"
     cat "$log"
     exit 1
 fi

@@ -34,8 +34,8 @@
 //! it changes (checked every 5 s; see docs/operations.md, "Reloading configuration").
 //!
 //! It listens on 127.0.0.1:3000 (or `LISTEN_ADDR`) until SIGTERM or Ctrl-C, then stops
-//! gracefully: it takes no new connection, lets the requests in flight answer, gives running
-//! exports 10 s, and shuts the caches down so that the other instances keep their L1 (a
+//! gracefully: it takes no new connection, gives the requests in flight 10 s to answer and
+//! running exports 10 s more, and shuts the caches down so that the other instances keep their L1 (a
 //! process killed outright costs each of them one flush). Memory backends by default; set
 //! `REDIS_URL=redis://127.0.0.1:6379` to share state between instances. With `--smoke` (or
 //! `HEADROOM_SMOKE=1`) it listens on a free port, sends a few requests to itself and exits;
@@ -597,20 +597,28 @@ async fn export_round(addr: std::net::SocketAddr) -> Result<bool, Box<dyn std::e
 }
 
 /// Resolves when the process is asked to stop: SIGTERM (what a rolling deploy sends) or
-/// Ctrl-C.
-async fn stop_requested() {
+/// Ctrl-C. The handlers are installed at once, not when the future is first polled.
+fn stop_requested() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    if let Ok(mut terminate) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)))
+    };
+    async move {
+        #[cfg(unix)]
+        if let Ok((mut terminate, mut interrupt)) = signals {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            return;
         }
-        return;
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
+
+/// How long requests in flight get to answer once the process is asked to stop.
+const DRAIN: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -656,6 +664,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ if smoke => "127.0.0.1:0".to_owned(),
         _ => "127.0.0.1:3000".to_owned(),
     };
+    // Installed before the service says it listens, so that a stop asked at once is heard.
+    let stop_requested = (!smoke).then(stop_requested);
     let listener = TcpListener::bind(&listen).await?;
     let addr = listener.local_addr()?;
     println!(
@@ -670,10 +680,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await
     });
-    if !smoke {
-        stop_requested().await;
+    if let Some(stop_requested) = stop_requested {
+        stop_requested.await;
         let _ = stop.send(());
-        server.await??;
+        // Connections left open (an idle keep-alive) do not hold the process past the drain.
+        let mut server = server;
+        match tokio::time::timeout(DRAIN, &mut server).await {
+            Ok(served) => served??,
+            Err(_) => server.abort(),
+        }
         // Running exports get 10 s to finish; the rest go back to the queue for the next
         // instance.
         export_worker.shutdown(Duration::from_secs(10)).await;
