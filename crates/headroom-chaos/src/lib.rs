@@ -61,6 +61,7 @@ mod guide {}
 
 /// Why [`Experiment::start`] refused to start a run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
