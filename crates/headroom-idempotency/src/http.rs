@@ -534,14 +534,12 @@ where
     let mut executing = std::pin::pin!(executing);
     let mut client_left = std::pin::pin!(gone(client_gone.clone()));
     let outcome = std::future::poll_fn(|cx| {
-        if let Poll::Ready(outcome) = executing.as_mut().poll(cx) {
-            return Poll::Ready(Some(outcome));
-        }
-        // Until the handler is called, nobody waits for what would come of it.
+        // Until the handler is called, nobody waits for what would come of it: a client gone
+        // is seen before the wait could take the key.
         if !started.load(Ordering::Relaxed) && client_left.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        Poll::Pending
+        executing.as_mut().poll(cx).map(Some)
     })
     .await;
     let Some(outcome) = outcome else {
