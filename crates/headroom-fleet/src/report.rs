@@ -34,6 +34,9 @@ pub struct Expect {
     pub critical_success: Option<f64>,
     /// Every instance uses its L1 again within this many seconds after the fault ends.
     pub l1_back_within: Option<f64>,
+    /// The fault overflowed an instance's invalidation outbox: the others flush for it at
+    /// least once (or the window judged nothing of that path).
+    pub overflowed: bool,
     /// The instance cut from Redis during the fault. Nobody can hear of the writes it
     /// acknowledges meanwhile before it reaches Redis again, so they count as acknowledged
     /// when the fault ends.
@@ -161,7 +164,8 @@ fn ms(duration: Duration) -> f64 {
 
 /// How stale each read was: the time since a newer version had been acknowledged to a
 /// writer when the read was sent (zero when the version served was current). A write
-/// acknowledged by an instance while it was cut off from Redis counts from the end of the cut.
+/// acknowledged by an instance while it was cut off from Redis counts, for the other
+/// instances, from the end of the cut; the writer itself knows it at once.
 pub fn staleness(events: &[Event], windows: &[Window]) -> Vec<Duration> {
     let cuts: Vec<(usize, Duration, Duration)> = windows
         .iter()
@@ -173,14 +177,20 @@ pub fn staleness(events: &[Event], windows: &[Window]) -> Vec<Duration> {
             .find(|(slot, from, to)| event.instance == Some(*slot) && (*from..*to).contains(&acked))
             .map_or(acked, |(_, _, to)| *to)
     };
-    let mut acks: HashMap<&str, Vec<(u64, Duration)>> = HashMap::new();
+    // Per product: each version acknowledged, when, when the others could hear of it, and by
+    // which instance.
+    type Ack = (u64, Duration, Duration, Option<usize>);
+    let mut acks: HashMap<&str, Vec<Ack>> = HashMap::new();
     for event in events {
         if let (Kind::Write, "ok", Some(version)) =
             (event.kind, event.outcome.as_str(), event.version)
         {
-            acks.entry(&event.key)
-                .or_default()
-                .push((version, heard_at(event)));
+            acks.entry(&event.key).or_default().push((
+                version,
+                event.sent + event.latency,
+                heard_at(event),
+                event.instance,
+            ));
         }
     }
     events
@@ -192,8 +202,16 @@ pub fn staleness(events: &[Event], windows: &[Window]) -> Vec<Duration> {
             acks.get(event.key.as_str())
                 .into_iter()
                 .flatten()
-                .filter(|(version, acked)| *version > served && *acked < event.sent)
-                .map(|(_, acked)| event.sent - *acked)
+                .map(|&(version, acked, heard, writer)| {
+                    let known = if writer.is_some() && writer == event.instance {
+                        acked
+                    } else {
+                        heard
+                    };
+                    (version, known)
+                })
+                .filter(|(version, known)| *version > served && *known < event.sent)
+                .map(|(_, known)| event.sent - known)
                 .max()
                 .unwrap_or_default()
         })
@@ -344,7 +362,8 @@ pub fn judge(
         let recovery_s = recovery(events, window.fault_end, window.end);
 
         let mut broken = Vec::new();
-        let caused_by_shared_state: usize = ["cache", "rate_store"]
+        // The stand-in database knows every product: "missing" is the cache losing a value.
+        let caused_by_shared_state: usize = ["cache", "rate_store", "missing"]
             .iter()
             .map(|kind| outcomes.get(*kind).copied().unwrap_or(0))
             .sum();
@@ -396,6 +415,13 @@ pub fn judge(
                 )),
                 Some(_) => {}
             }
+        }
+        let overflow_flushes = window.flush_reasons.get("overflow").copied().unwrap_or(0);
+        if expect.overflowed && overflow_flushes == 0 {
+            broken.push(
+                "no instance flushed for an overflowed outbox: the window did not reach that path"
+                    .to_owned(),
+            );
         }
         if expect.no_reloads && reloads > 0 {
             let named: Vec<String> = reloaded
@@ -655,6 +681,59 @@ mod tests {
                 Duration::from_secs(2),
                 Duration::ZERO
             ]
+        );
+    }
+
+    /// The writer itself hears its write at once, cut off or not: it never serves the
+    /// version before it again (its pending delete, `docs/cache.md`).
+    #[test]
+    fn the_cut_instance_reading_the_version_before_its_own_write_is_stale() {
+        let events = [
+            event(Kind::Write, 1_000, 2, 2),
+            event(Kind::Read, 3_600, 1, 2),
+            event(Kind::Read, 3_600, 1, 0),
+        ];
+        let stale = staleness(&events, &[cut_window(2, 500, 4_000)]);
+        assert_eq!(
+            stale,
+            [Duration::ZERO, Duration::from_millis(2_599), Duration::ZERO]
+        );
+    }
+
+    /// A window whose fault was to overflow an outbox, and in which nobody flushed for one,
+    /// judged nothing of that path: broken.
+    #[test]
+    fn a_burst_that_never_overflowed_breaks_its_window() {
+        let mut window = cut_window(0, 0, 1_000);
+        window.expect = Expect {
+            overflowed: true,
+            ..Expect::default()
+        };
+        let events = [event(Kind::Read, 100, 1, 0)];
+        let report = judge(&events, std::slice::from_ref(&window), &HashMap::new());
+        let broken = &report.windows[0].broken;
+        assert!(broken.iter().any(|b| b.contains("overflow")), "{broken:?}");
+        window.flush_reasons.insert("overflow".to_owned(), 5);
+        let report = judge(&events, &[window], &HashMap::new());
+        assert!(
+            report.windows[0].broken.is_empty(),
+            "{:?}",
+            report.windows[0].broken
+        );
+    }
+
+    /// The stand-in database knows every product: a read answered "missing" is the cache
+    /// losing a value, a caller error.
+    #[test]
+    fn a_product_the_cache_answers_missing_breaks_the_window() {
+        let window = cut_window(0, 0, 1_000);
+        let mut missing = event(Kind::Read, 100, 1, 0);
+        missing.outcome = "missing".to_owned();
+        let report = judge(&[missing], &[window], &HashMap::new());
+        let broken = &report.windows[0].broken;
+        assert!(
+            broken.iter().any(|b| b.contains("caller errors")),
+            "{broken:?}"
         );
     }
 

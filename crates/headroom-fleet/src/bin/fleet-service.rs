@@ -38,6 +38,9 @@ use tokio::sync::Semaphore;
 const DB_CONCURRENCY: usize = 2;
 /// How many instances share the rate limits.
 const INSTANCES: u32 = 6;
+/// Products a bulk import removes from the cache at once: more than the invalidation
+/// outbox's 1,024 keys.
+const BURST_BATCH: usize = 1_250;
 
 struct Service {
     instance: usize,
@@ -194,19 +197,36 @@ impl Service {
         }
     }
 
-    /// Writes `count` products of this instance's own, at most 64 at a time.
+    /// A bulk import of `count` products of this instance's own: each batch of
+    /// [`BURST_BATCH`] has its rows written to the database (64 at a time, on the import's
+    /// own connections rather than through the request shedder), then is removed from the
+    /// cache in one `remove_many`, more keys than the invalidation outbox holds (1,024), so
+    /// the other instances are sent a flush instead of the keys. Answers how many products
+    /// were written and removed.
     async fn burst(self: &Arc<Self>, count: u32) -> ServiceResponse {
         let gate = Arc::new(Semaphore::new(64));
-        let mut writes = tokio::task::JoinSet::new();
-        for n in 0..count {
-            let (service, gate) = (Arc::clone(self), Arc::clone(&gate));
-            writes.spawn(async move {
-                let _permit = gate.acquire_owned().await;
-                let key = format!("burst-{}-{n}", service.instance);
-                service.write(key).await.is_ok()
-            });
+        let mut written = 0;
+        let keys: Vec<String> = (0..count)
+            .map(|n| format!("burst-{}-{n}", self.instance))
+            .collect();
+        for batch in keys.chunks(BURST_BATCH) {
+            let mut puts = tokio::task::JoinSet::new();
+            for key in batch {
+                let (service, gate, key) = (Arc::clone(self), Arc::clone(&gate), key.clone());
+                puts.spawn(async move {
+                    let _permit = gate.acquire_owned().await;
+                    service
+                        .db
+                        .call::<_, DbResponse>(&DbRequest::Put { key })
+                        .await
+                        .is_ok()
+                });
+            }
+            let put = puts.join_all().await.into_iter().filter(|ok| *ok).count();
+            if self.products.remove_many(batch).await.is_ok() {
+                written += put;
+            }
         }
-        let written = writes.join_all().await.into_iter().filter(|ok| *ok).count();
         ServiceResponse {
             version: Some(written as u64),
             ..ServiceResponse::outcome("ok")

@@ -295,14 +295,20 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
             "write burst (5,000 writes on one instance)",
             Expect {
                 no_reloads: true,
+                overflowed: true,
                 ..Expect::default()
             },
             |fleet, _, _| async move {
-                if let Some(client) = fleet.client(1) {
-                    let _ = client
-                        .call::<_, ServiceResponse>(&ServiceRequest::Burst { count: 5_000 })
-                        .await;
-                }
+                const BURST: u64 = 5_000;
+                let client = fleet.client(1).expect("instance 1 runs");
+                let burst = client
+                    .call::<_, ServiceResponse>(&ServiceRequest::Burst {
+                        count: BURST as u32,
+                    })
+                    .await
+                    .expect("the burst answers");
+                // Fewer writes would not be the burst the window judges.
+                assert_eq!(burst.version, Some(BURST), "products the burst wrote");
             },
         )
         .await;
