@@ -130,7 +130,7 @@ where
             inner: self.inner.call(request),
             objective: self.objective.clone(),
             classify: self.classify.clone(),
-            state: Polled::Between,
+            finished: false,
         }
     }
 }
@@ -144,27 +144,32 @@ pin_project_lite::pin_project! {
         objective: Objective,
         classify: C,
         started: Started,
-        state: Polled,
+        finished: bool,
     }
 
     impl<F, C> PinnedDrop for SloFuture<F, C> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            match this.state {
-                Polled::Between => this.objective.abandon(*this.started),
-                Polled::Inside => this.objective.finish(*this.started, false),
-                Polled::Finished => {}
+            if !*this.finished {
+                this.objective.abandon(*this.started);
             }
         }
     }
 }
 
-/// Where a [`SloFuture`] stands; `Inside` when dropped means the service panicked.
-#[derive(Clone, Copy, Debug)]
-enum Polled {
-    Between,
-    Inside,
-    Finished,
+/// Records its call as bad when dropped, which only happens while the service's `poll`
+/// unwinds (a panic): the normal path forgets it.
+struct PanicGuard<'a> {
+    objective: &'a Objective,
+    started: Started,
+    finished: &'a mut bool,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        *self.finished = true;
+        self.objective.finish(self.started, false);
+    }
 }
 
 impl<F, C, R, E> Future for SloFuture<F, C>
@@ -177,11 +182,15 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        *this.state = Polled::Inside;
+        let panicking = PanicGuard {
+            objective: this.objective,
+            started: *this.started,
+            finished: this.finished,
+        };
         let polled = this.inner.poll(cx);
-        *this.state = Polled::Between;
+        std::mem::forget(panicking);
         let result = ready!(polled);
-        *this.state = Polled::Finished;
+        *this.finished = true;
         this.objective
             .finish(*this.started, this.classify.succeeded(&result));
         Poll::Ready(result)
