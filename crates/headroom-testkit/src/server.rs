@@ -616,8 +616,10 @@ fn free_port(with_bus: bool) -> u16 {
 }
 
 /// A fresh directory of its own for a server on `port` (each start of the kit's servers gets
-/// another, so a start that failed never removes a running server's).
+/// another, so a start that failed never removes a running server's). The directories of
+/// test processes that are gone (killed before they could remove them) are removed first.
 fn scratch_dir(port: u16) -> PathBuf {
+    remove_dirs_of_gone_processes();
     static STARTS: AtomicU64 = AtomicU64::new(0);
     let start = STARTS.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
@@ -627,6 +629,31 @@ fn scratch_dir(port: u16) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
     dir
+}
+
+/// Removes the scratch directories (`headroom-redis-<pid>-...`) whose process is no longer
+/// running. Linux only, where `/proc` says which processes run.
+fn remove_dirs_of_gone_processes() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("headroom-redis-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Waits until the server of `pid` answers on `port` (another server there, which took the
@@ -750,6 +777,25 @@ mod tests {
         server.cli(&["SAVE"]);
         server.restart();
         assert_eq!(server.cli(&["GET", "k1"]).trim(), "v");
+    }
+
+    /// The scratch directory a test process killed outright left behind goes at the next
+    /// start of a server; a running process's stays.
+    #[test]
+    fn directories_of_a_killed_test_process_are_removed() {
+        let mut gone = Command::new("true").spawn().expect("spawn true");
+        let gone_pid = gone.id();
+        gone.wait().expect("true exits");
+        let left = std::env::temp_dir().join(format!("headroom-redis-{gone_pid}-1-0"));
+        let ours =
+            std::env::temp_dir().join(format!("headroom-redis-{}-1-999999", std::process::id()));
+        for dir in [&left, &ours] {
+            std::fs::create_dir_all(dir).expect("create");
+        }
+        let _server = RedisServer::builder().start();
+        assert!(!left.exists(), "a gone process's directory stays");
+        assert!(ours.exists(), "a running process's directory was removed");
+        std::fs::remove_dir_all(&ours).expect("remove");
     }
 
     /// A server whose port was taken fails at once, saying so, whether the taker speaks Redis
