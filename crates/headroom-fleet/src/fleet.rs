@@ -20,6 +20,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Process {
     child: Child,
+    /// The instance's standard input, held open while the trial runs: when the trial dies,
+    /// however it dies, the pipe closes and the instance exits with it.
+    _lifeline: tokio::process::ChildStdin,
 }
 
 /// The counters of one slot across its processes.
@@ -84,10 +87,12 @@ impl Fleet {
                 ["--via".to_owned(), format!("{announced}={reachable}")]
             }))
             .args(&self.seeds)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()?;
+        let lifeline = child.stdin.take().expect("stdin is piped");
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
@@ -97,7 +102,10 @@ impl Fleet {
         self.counted.lock().await[slot].offset = Stats::default();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let client = Arc::new(Client::new(addr, Duration::from_secs(5)));
-        self.processes.lock().await[slot] = Some(Process { child });
+        self.processes.lock().await[slot] = Some(Process {
+            child,
+            _lifeline: lifeline,
+        });
         *self.slot(slot) = Some(client);
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! instance's connections to one cluster node through another address (the trial's fault
 //! proxies).
 //! It prints `ready` once it listens, and on SIGTERM shuts headroom down gracefully (queued
-//! invalidations and a goodbye) before it exits.
+//! invalidations and a goodbye) before it exits; it exits at once when its standard input
+//! closes (the trial that started it is gone, even killed).
 
 use std::error::Error;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use headroom_fleet::proto::{
     Client, DbRequest, DbResponse, ServiceRequest, ServiceResponse, Stats, serve_lines,
 };
 use headroom_fleet::recorder::Counters;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
@@ -380,8 +382,19 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     println!("ready");
+    // The trial holds this instance's standard input open; its end means the trial is gone.
+    let mut lifeline = tokio::io::stdin();
+    let trial_gone = async move {
+        let mut byte = [0_u8; 1];
+        while matches!(lifeline.read(&mut byte).await, Ok(n) if n > 0) {}
+    };
+    tokio::pin!(trial_gone);
     loop {
         tokio::select! {
+            () = &mut trial_gone => {
+                eprintln!("fleet-service {}: the trial is gone; exiting", args.instance);
+                return ExitCode::FAILURE;
+            }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let service = Arc::clone(&service);
