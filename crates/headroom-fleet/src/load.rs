@@ -185,8 +185,9 @@ impl Load {
         }
     }
 
-    /// Sends `request` to the first instance that is up from `slot` on, and logs the answer.
-    async fn send(&self, slot: usize, (kind, request): (Kind, ServiceRequest)) {
+    /// Sends `request` to the first instance that is up from `slot` on, and logs the answer
+    /// as an event, judged with the rest.
+    pub async fn send(&self, slot: usize, (kind, request): (Kind, ServiceRequest)) {
         let size = self.fleet.size();
         let serving = (0..size)
             .map(|i| (slot + i) % size)

@@ -11,6 +11,7 @@
 //! closes (the trial that started it is gone, even killed).
 
 use std::error::Error;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,7 +32,6 @@ use headroom_fleet::proto::{
     Client, DbRequest, DbResponse, ServiceRequest, ServiceResponse, Stats, serve_lines,
 };
 use headroom_fleet::recorder::Counters;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
@@ -383,18 +383,16 @@ async fn main() -> ExitCode {
     };
     println!("ready");
     // The trial holds this instance's standard input open; its end means the trial is gone.
-    let mut lifeline = tokio::io::stdin();
-    let trial_gone = async move {
-        let mut byte = [0_u8; 1];
-        while matches!(lifeline.read(&mut byte).await, Ok(n) if n > 0) {}
-    };
-    tokio::pin!(trial_gone);
+    // A thread of its own, so that the blocking read never holds up the runtime's shutdown.
+    let instance = args.instance;
+    std::thread::spawn(move || {
+        let mut buffer = [0_u8; 64];
+        while matches!(std::io::stdin().read(&mut buffer), Ok(n) if n > 0) {}
+        eprintln!("fleet-service {instance}: the trial is gone; exiting");
+        std::process::exit(1);
+    });
     loop {
         tokio::select! {
-            () = &mut trial_gone => {
-                eprintln!("fleet-service {}: the trial is gone; exiting", args.instance);
-                return ExitCode::FAILURE;
-            }
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     let service = Arc::clone(&service);

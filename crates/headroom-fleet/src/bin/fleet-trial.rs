@@ -15,7 +15,7 @@ use std::time::Duration;
 use headroom_fleet::chart;
 use headroom_fleet::db::{Database, Latency};
 use headroom_fleet::fleet::Fleet;
-use headroom_fleet::load::Load;
+use headroom_fleet::load::{Kind, Load};
 use headroom_fleet::proto::{ServiceRequest, ServiceResponse, Stats};
 use headroom_fleet::report::{self, Expect, Window};
 use headroom_testkit::{FaultProxy, RedisCluster};
@@ -231,13 +231,12 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                 max_locked_loads_per_key: Some(1.5),
                 ..Expect::default()
             },
-            |fleet, _, _| async move {
+            |fleet, _, load| async move {
+                // Each read is an event of the window: a waiter of the single flight that
+                // failed instead of waiting breaks it as a caller error.
                 let mut reads = tokio::task::JoinSet::new();
                 for n in 0..50 {
                     for slot in 0..fleet.size() {
-                        let Some(client) = fleet.client(slot) else {
-                            continue;
-                        };
                         for request in [
                             ServiceRequest::Read {
                                 key: format!("cold-plain-{n}"),
@@ -246,10 +245,9 @@ async fn run(schedule: Schedule, out: PathBuf) -> Result<bool, Box<dyn std::erro
                                 key: format!("cold-locked-{n}"),
                             },
                         ] {
-                            let client = Arc::clone(&client);
-                            reads.spawn(async move {
-                                let _ = client.call::<_, ServiceResponse>(&request).await;
-                            });
+                            let load = Arc::clone(&load);
+                            reads
+                                .spawn(async move { load.send(slot, (Kind::Read, request)).await });
                         }
                     }
                 }
