@@ -100,6 +100,19 @@ fn memory_layer() -> IdempotencyLayer<MemoryLeaseStore, fn(&http::request::Parts
     .max_body_len(1024)
 }
 
+/// The layer on an executor that stores outcomes of at most 1,024 bytes.
+fn storing_up_to_1024_bytes()
+-> IdempotencyLayer<MemoryLeaseStore, fn(&http::request::Parts) -> Option<String>> {
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(1024)
+        .build()
+        .unwrap();
+    IdempotencyLayer::new(
+        executor,
+        tenant as fn(&http::request::Parts) -> Option<String>,
+    )
+}
+
 #[tokio::test]
 async fn a_retry_replays_status_selected_headers_and_body() {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -326,14 +339,7 @@ async fn inner_service_errors_propagate_and_release_the_key() {
 #[tokio::test]
 async fn a_response_too_large_to_store_runs_once_however_often_the_client_retries() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let executor = Idempotency::builder(MemoryLeaseStore::new())
-        .max_outcome_len(1024)
-        .build()
-        .unwrap();
-    let layer = IdempotencyLayer::new(
-        executor,
-        tenant as fn(&http::request::Parts) -> Option<String>,
-    );
+    let layer = storing_up_to_1024_bytes();
     let large = {
         let calls = Arc::clone(&calls);
         service_fn(move |_: Request<Body>| {
@@ -362,14 +368,7 @@ async fn a_response_too_large_to_store_runs_once_however_often_the_client_retrie
 /// it may be left out.
 #[tokio::test]
 async fn a_response_that_is_not_stored_reaches_its_caller_whole() {
-    let executor = Idempotency::builder(MemoryLeaseStore::new())
-        .max_outcome_len(1024)
-        .build()
-        .unwrap();
-    let layer = IdempotencyLayer::new(
-        executor,
-        tenant as fn(&http::request::Parts) -> Option<String>,
-    );
+    let layer = storing_up_to_1024_bytes();
     let busy = service_fn(|_: Request<Body>| {
         let mut response = Response::new(Body::from(vec![b'x'; 4096]));
         *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
@@ -521,14 +520,7 @@ async fn a_client_gone_while_the_body_is_read_leaves_the_handler_run_once() {
 #[tokio::test]
 async fn a_body_just_under_the_limit_with_its_headers_over_it_is_omitted_not_lost() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let executor = Idempotency::builder(MemoryLeaseStore::new())
-        .max_outcome_len(1024)
-        .build()
-        .unwrap();
-    let layer = IdempotencyLayer::new(
-        executor,
-        tenant as fn(&http::request::Parts) -> Option<String>,
-    );
+    let layer = storing_up_to_1024_bytes();
     let handler = {
         let calls = Arc::clone(&calls);
         service_fn(move |_: Request<Body>| {
