@@ -41,7 +41,7 @@ impl<R, E, F: Fn(&Result<R, E>) -> bool> ClassifyOutcome<R, E> for F {
 /// dropped before it completes (the client gave up, an outer timeout fired) has no outcome: it
 /// is recorded only by a latency objective, as bad, once it has taken longer than the
 /// threshold ([`Objective::abandon`]). A call whose service panics failed its caller: it is
-/// recorded as bad when its future is dropped.
+/// recorded as bad as the panic unwinds.
 ///
 /// Put the layer inside a load shedder or rate limit whose refusals should not count against
 /// the objective, outside those whose refusals should.
