@@ -171,29 +171,23 @@ impl Session {
 
     /// The position a replica of `shard` must have reached to serve this session while
     /// `primary` (a node id) is the shard's primary: `None` when the session wrote nothing
-    /// there, `u64::MAX` (no replica) when it wrote through another primary. A shard the
-    /// session never wrote on requires the furthest position it reached on `primary` through
-    /// other shards: positions number the primary's one replication stream, and a key may
-    /// have moved between its shards (a router with more shards).
+    /// on `primary`, `u64::MAX` (no replica) when it wrote on `shard` through another
+    /// primary. Otherwise the furthest position it reached on `primary` through any shard:
+    /// positions number the primary's one replication stream, and a key may have moved
+    /// between its shards (a router with more or fewer shards).
     pub fn required(&self, shard: ShardId, primary: &str) -> Option<u64> {
-        let Ok(at) = self.positions.binary_search_by_key(&shard, |w| w.shard) else {
-            let primary = key_hash(primary.as_bytes());
-            return self
-                .positions
-                .iter()
-                .filter(|w| w.primary == primary && w.primary != UNKNOWN_PRIMARY)
-                .map(|w| w.position)
-                .max();
-        };
-        let written = self.positions[at];
-        let known = written.primary != UNKNOWN_PRIMARY;
-        Some(
-            if known && written.primary == key_hash(primary.as_bytes()) {
-                written.position
-            } else {
-                u64::MAX
-            },
-        )
+        let primary = key_hash(primary.as_bytes());
+        if let Ok(at) = self.positions.binary_search_by_key(&shard, |w| w.shard) {
+            let written = self.positions[at];
+            if written.primary == UNKNOWN_PRIMARY || written.primary != primary {
+                return Some(u64::MAX);
+            }
+        }
+        self.positions
+            .iter()
+            .filter(|w| w.primary == primary && w.primary != UNKNOWN_PRIMARY)
+            .map(|w| w.position)
+            .max()
     }
 }
 

@@ -578,6 +578,42 @@ fn a_session_keeps_its_writes_when_its_key_moves_to_another_shard_of_the_primary
     assert_eq!(read.node_id(), "a", "a-r is behind the session's write");
 }
 
+/// The same move onto a shard the session also wrote on, earlier and less far: the read needs
+/// the furthest position the session reached on the primary, not that shard's own.
+#[test]
+fn a_session_keeps_its_writes_when_its_key_moves_onto_a_shard_it_wrote_on_earlier() {
+    let on = |shards: u32, epoch: u64| {
+        Topology::builder(JumpRouter::new(shards).unwrap())
+            .epoch(epoch)
+            .node("a", "primary")
+            .node("a-r", "replica")
+            .shards(0..shards, "a", &["a-r"])
+            .build()
+            .unwrap()
+    };
+    let (before, after) = (on(4, 1), on(2, 2));
+    let moved = (0..1_000u64)
+        .find(|k| before.shard_of(k) != after.shard_of(k))
+        .expect("a key that moves");
+    let earlier = (0..1_000u64)
+        .find(|k| before.shard_of(k) == after.shard_of(&moved))
+        .expect("a key on the shard it moves to");
+    let mut session = Session::new();
+    session.record_write(&before.write(&earlier).unwrap(), 500);
+    session.record_write(&before.write(&moved).unwrap(), 1_000);
+    after.report(
+        "a-r",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(700),
+        },
+    );
+    let read = after
+        .read_session(&moved, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.node_id(), "a", "a-r is behind the session's write");
+}
+
 /// A replica whose shard has another primary after a failover replays another stream: its
 /// last report, positions of the old primary's stream, no longer says how far it is, so it
 /// serves no session read until it reports again.
