@@ -136,7 +136,10 @@ impl ReshardPlan {
         let moves = if from.router() == to.router() {
             shard_moves(from, to)
         } else {
-            match (from.router().layout(), to.router().layout()) {
+            let mut pins = Vec::new();
+            let before = unpinned(from.router().layout(), &mut pins);
+            let after = unpinned(to.router().layout(), &mut pins);
+            let mut moves = match (before, after) {
                 (Layout::Slots(a), Layout::Slots(b)) => {
                     slot_moves(from, to, |s| (a.slot_owner(s), b.slot_owner(s)))
                 }
@@ -148,14 +151,14 @@ impl ReshardPlan {
                 (Layout::Hashed, Layout::Ranges(ranges)) => {
                     ranges_to_spread(to, from, ranges, false)
                 }
-                (a, b) => {
-                    // No sample reaches a pinned key: list those that change node.
-                    let mut moves = sampled_moves(from, to);
-                    moves.extend(pinned_moves(from, to, pinned(a).chain(pinned(b))));
-                    moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
-                    moves
-                }
+                _ => sampled_moves(from, to),
+            };
+            // No sample nor base unit says where a pinned key goes: list those that move.
+            if !pins.is_empty() {
+                moves.extend(pinned_moves(from, to, pins.into_iter()));
+                moves.sort_by(|x, y| (&x.from, &x.to).cmp(&(&y.from, &y.to)));
             }
+            moves
         };
         Self {
             from_epoch: from.epoch(),
@@ -363,12 +366,13 @@ fn range_moves<H, R: Router>(
 }
 
 /// The keys a layout pins to shards.
-fn pinned<'a>(layout: Layout<'a>) -> impl Iterator<Item = &'a [u8]> {
-    let pins: &[(Box<[u8]>, ShardId)] = match layout {
-        Layout::Pinned(pins) => pins,
-        _ => &[],
-    };
-    pins.iter().map(|(key, _)| key.as_ref())
+/// The layout of the router under any directories, whose pinned keys go to `pins`.
+fn unpinned<'a>(mut layout: Layout<'a>, pins: &mut Vec<&'a [u8]>) -> Layout<'a> {
+    while let Layout::Pinned { pins: pinned, base } = layout {
+        pins.extend(pinned.iter().map(|(key, _)| key.as_ref()));
+        layout = base.layout();
+    }
+    layout
 }
 
 fn pinned_moves<'k, H, R: Router>(

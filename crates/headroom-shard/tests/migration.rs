@@ -234,6 +234,77 @@ fn plans_between_ranges_and_a_hash_router_cover_every_range() {
     );
 }
 
+/// A directory keeps its base router's units: over ranges, the ranges that change node are
+/// listed whatever the other side is, and the pinned keys besides.
+#[test]
+fn plans_with_a_directory_over_ranges_cover_every_key_that_moves() {
+    use headroom_shard::AnyRouter;
+
+    let build = |epoch, router: AnyRouter| {
+        Topology::builder(router)
+            .epoch(epoch)
+            .node("a", ())
+            .node("b", ())
+            .node("c", ())
+            .shard(ShardId(0), "a", &[])
+            .shard(ShardId(1), "b", &[])
+            .shard(ShardId(2), "c", &[])
+            .build()
+            .unwrap()
+    };
+    let ranges = |splits: &[(&str, u32)]| {
+        let mut builder = RangeRouter::builder(ShardId(0));
+        for &(at, shard) in splits {
+            builder = builder.split_at(at, ShardId(shard));
+        }
+        builder.build().unwrap()
+    };
+    let plain = || AnyRouter::from(ranges(&[("g", 1), ("p", 2)]));
+    let directory = || {
+        AnyRouter::Directory(Box::new(
+            Directory::new(
+                AnyRouter::from(ranges(&[("g", 1), ("k", 2)])),
+                [("apple", ShardId(2))],
+            )
+            .unwrap(),
+        ))
+    };
+    let jump = || AnyRouter::from(JumpRouter::new(3).unwrap());
+    let keys: Vec<String> = (0..3_000)
+        .map(|i| format!("{}{i}", ["apple", "hat", "lemon", "zebra"][i % 4]))
+        .chain(["apple".to_owned()])
+        .collect();
+    for (from, to) in [
+        (build(1, plain()), build(2, directory())),
+        (build(1, directory()), build(2, plain())),
+        (build(1, directory()), build(2, jump())),
+        (build(1, jump()), build(2, directory())),
+    ] {
+        let plan = ReshardPlan::between(&from, &to);
+        for key in &keys {
+            let (a, b) = (
+                from.write(key.as_str()).unwrap().node_id(),
+                to.write(key.as_str()).unwrap().node_id(),
+            );
+            if a == b {
+                continue;
+            }
+            let covered = plan.moves().iter().any(|m| {
+                (m.from(), m.to()) == (a, b)
+                    && match m.units() {
+                        Units::KeyRanges(ranges) => ranges.iter().any(|r| {
+                            *r.start <= *key.as_bytes()
+                                && r.end.as_deref().is_none_or(|end| key.as_bytes() < end)
+                        }),
+                        Units::Keys(pinned) => pinned.iter().any(|k| **k == *key.as_bytes()),
+                        _ => false,
+                    }
+            });
+            assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
+        }
+    }
+}
+
 #[test]
 fn plans_between_different_hash_routers_are_sampled() {
     let build = |epoch, shards: u32| {

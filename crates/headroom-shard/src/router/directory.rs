@@ -70,7 +70,10 @@ impl<R: Router> Router for Directory<R> {
     }
 
     fn layout(&self) -> Layout<'_> {
-        Layout::Pinned(&self.overrides)
+        Layout::Pinned {
+            pins: &self.overrides,
+            base: &self.base,
+        }
     }
 
     fn shards(&self) -> Vec<ShardId> {

@@ -84,9 +84,14 @@ pub enum Layout<'a> {
     Slots(&'a SlotRouter),
     /// Keys map to byte ranges; what moves is a set of key ranges.
     Ranges(&'a RangeRouter),
-    /// Some keys are pinned to shards (sorted by key), the others spread by hash; what moves
-    /// is the pinned keys that change node, and what a sample of the others measures.
-    Pinned(&'a [(Box<[u8]>, ShardId)]),
+    /// Some keys are pinned to shards (sorted by key), the others routed by `base`; what
+    /// moves is the pinned keys that change node, and what moves in the base's units.
+    Pinned {
+        /// The pinned keys and their shards, sorted by key.
+        pins: &'a [(Box<[u8]>, ShardId)],
+        /// The router of every other key.
+        base: &'a dyn Router,
+    },
 }
 
 impl<R: Router + ?Sized> Router for Box<R> {
