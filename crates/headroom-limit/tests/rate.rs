@@ -175,6 +175,26 @@ proptest! {
     }
 }
 
+/// A full shard evicts the eighth of its draining keys nearest to full again, even when
+/// they all drain until the same instant: the others keep their refusals.
+#[test]
+fn a_full_shard_of_keys_draining_alike_evicts_only_an_eighth() {
+    let clock = ManualClock::new();
+    let limiter: KeyedLimiter<u64> = KeyedLimiter::builder(Quota::per_hour(1).unwrap())
+        .clock(clock.clock())
+        .shards(1)
+        .max_keys(16)
+        .build();
+    for key in 0..16u64 {
+        limiter.check_key(&key).unwrap();
+    }
+    limiter.check_key(&16).unwrap();
+    // An eighth, and one more to make room for the new key. (Checking the keys again would
+    // insert the evicted ones and evict others.)
+    let kept = limiter.len() - 1;
+    assert!(kept >= 16 - 16 / 8 - 1, "{kept} of 16 draining keys kept");
+}
+
 #[test]
 fn millions_of_distinct_keys_stay_under_the_cap() {
     let clock = ManualClock::new();

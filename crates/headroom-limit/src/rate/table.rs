@@ -171,7 +171,17 @@ impl<K: Hash, C: Cell> Shard<K, C> {
             .iter_mut()
             .map(|(_, cell)| cell.full_at())
             .collect();
-        let (_, &mut threshold, _) = full_at.select_nth_unstable(excess - 1);
-        self.cells.retain(|(_, cell)| cell.full_at() > threshold);
+        let (below, &mut threshold, _) = full_at.select_nth_unstable(excess - 1);
+        // Cells full again at the same instant as the threshold's are evicted only as far as
+        // needed: keys checked together would otherwise all go at once.
+        let mut ties = excess - below.iter().filter(|&&at| at < threshold).count();
+        self.cells.retain(|(_, cell)| {
+            let at = cell.full_at();
+            if at == threshold && ties > 0 {
+                ties -= 1;
+                return false;
+            }
+            at >= threshold
+        });
     }
 }
