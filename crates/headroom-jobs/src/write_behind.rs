@@ -467,12 +467,15 @@ async fn flush_loop<S: JobStore, W: Writer>(
         // One pass of every partition in turn, round after round while any had more: a
         // backlog in one partition holds back no other's writes, even those made meanwhile.
         let mut more = true;
+        let mut pause = shared.config.retry_initial;
         while more && !phase_is(&phase, Phase::Abort) {
             more = false;
+            let mut failed = false;
             for p in 0..partitions {
                 match drain_partition(&shared, p, &mut phase).await {
                     Ok(more_here) => more |= more_here,
                     Err(error) => {
+                        failed = true;
                         shared.queue.inner.metrics.store_errors.increment(1);
                         tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
                     }
@@ -480,6 +483,16 @@ async fn flush_loop<S: JobStore, W: Writer>(
                 if phase_is(&phase, Phase::Abort) {
                     break;
                 }
+            }
+            // Draining, a fetch that failed is tried again until the grace ends: the writes it
+            // missed would otherwise wait for another instance (or, in memory, be lost).
+            if failed && draining {
+                more = true;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = aborted(&mut phase) => {}
+                }
+                pause = pause.saturating_mul(2).min(shared.config.retry_max);
             }
         }
         if draining || phase_is(&phase, Phase::Abort) {
@@ -503,14 +516,30 @@ async fn flush_loop<S: JobStore, W: Writer>(
     }
 }
 
+/// Returns once the flusher is told to abort; never if it was dropped.
+async fn aborted(phase: &mut watch::Receiver<Phase>) {
+    while !phase_is(phase, Phase::Abort) {
+        if phase.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Publishes the lag every flush interval (at most every second): how long the oldest write
-/// not yet written has waited, whether it waits in the store or in the batch in hand.
+/// not yet written has waited, whether it waits in the store or in the batch in hand. While
+/// the store cannot be read, its oldest write ages from the last reading.
 async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<FlushShared<S, W>>) {
     let every = shared.config.flush_interval.min(Duration::from_secs(1));
+    let mut last_read = (Duration::ZERO, tokio::time::Instant::now());
     loop {
         let ready = match shared.queue.publish_stats().await {
-            Ok(stats) => stats.oldest_ready_age.unwrap_or_default(),
-            Err(_) => Duration::ZERO,
+            Ok(stats) => {
+                let age = stats.oldest_ready_age.unwrap_or_default();
+                last_read = (age, tokio::time::Instant::now());
+                age
+            }
+            Err(_) if last_read.0.is_zero() => Duration::ZERO,
+            Err(_) => last_read.0 + last_read.1.elapsed(),
         };
         let held = match shared.oldest_held_ms.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
@@ -621,13 +650,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
         || tokio::select! {
             () = write_chunks(shared, writes) => true,
             () = extend_all(&queue.store, key, &deliveries, fetched, config.visibility) => false,
-            () = async {
-                while !phase_is(phase, Phase::Abort) {
-                    if phase.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-            } => false,
+            () = aborted(phase) => false,
         };
     if written {
         tally.writes.fetch_add(handed, Ordering::Relaxed);

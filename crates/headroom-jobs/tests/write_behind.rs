@@ -8,6 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use headroom_core::memory::MemoryJobStore;
 use headroom_jobs::{EnqueueError, Flusher, JobError, QueueConfig, Write, WriteBehind};
+use support::SlowStore;
+
+mod support;
 
 /// Rows by key: the version written last and the value (`None` once deleted).
 type Rows = HashMap<Bytes, (u64, Option<Bytes>)>;
@@ -194,6 +197,27 @@ async fn shutdown_flushes_every_pending_write() {
     assert!((0..10).all(|i| database.value(&format!("cart:{i}")).is_some()));
 }
 
+/// A blip of the store while the shutdown flushes costs a retry, not the writes: the grace
+/// is there to be used.
+#[tokio::test(start_paused = true)]
+async fn shutdown_flushes_every_pending_write_through_a_blip_of_the_store() {
+    let store: SlowStore = SlowStore::default();
+    let writes = WriteBehind::builder("carts", store.clone())
+        .flush_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let flusher = database.clone().flusher(&writes);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..10 {
+        writes.put(format!("cart:{i}"), "full").await.unwrap();
+    }
+    store.failing_fetches.store(3, Ordering::Relaxed);
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.writes, 10);
+    assert!((0..10).all(|i| database.value(&format!("cart:{i}")).is_some()));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_full_backlog_refuses_writes_instead_of_buffering_without_end() {
     let writes = WriteBehind::builder("bounded", MemoryJobStore::new())
@@ -214,21 +238,24 @@ async fn a_full_backlog_refuses_writes_instead_of_buffering_without_end() {
     );
 }
 
+/// The lag gauge of queue `queue`, as `handle` renders it.
+fn lag_of(handle: &metrics_exporter_prometheus::PrometheusHandle, queue: &str) -> f64 {
+    let series = format!(r#"headroom_jobs_write_behind_lag_seconds{{queue="{queue}"}}"#);
+    handle
+        .render()
+        .lines()
+        .find(|line| line.starts_with(&series))
+        .map(|line| line[series.len()..].trim().parse::<f64>().unwrap())
+        .unwrap()
+}
+
 #[test]
 fn the_lag_grows_while_the_writer_fails_and_falls_when_it_recovers() {
     use metrics_exporter_prometheus::PrometheusBuilder;
 
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
-    let lag = || {
-        let rendered = handle.render();
-        let series = r#"headroom_jobs_write_behind_lag_seconds{queue="lagging"}"#;
-        rendered
-            .lines()
-            .find(|line| line.starts_with(series))
-            .map(|line| line[series.len()..].trim().parse::<f64>().unwrap())
-            .unwrap()
-    };
+    let lag = || lag_of(&handle, "lagging");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -253,6 +280,43 @@ fn the_lag_grows_while_the_writer_fails_and_falls_when_it_recovers() {
         assert!(lag() >= 15.0, "lag {} s after 20 s of failures", lag());
         tokio::time::sleep(Duration::from_secs(45)).await;
         assert!(lag() <= 2.0, "lag {} s after the writer recovered", lag());
+        flusher.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
+/// The store out of reach says nothing of the writes waiting in it: the lag does not fall to
+/// zero, which would clear the alert on it, but goes on growing from its last reading.
+#[test]
+fn the_lag_goes_on_growing_while_the_store_is_out_of_reach() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    support::current_thread().block_on(async {
+        let store: SlowStore = SlowStore::default();
+        let writes = WriteBehind::builder("unreachable", store.clone())
+            .flush_interval(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        store.failing_fetches.store(usize::MAX, Ordering::Relaxed);
+        let flusher = metrics::with_local_recorder(&recorder, || {
+            writes.start(|_batch: Vec<Write>| async { Ok(()) })
+        });
+        writes.put("k", "v").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(lag_of(&handle, "unreachable") >= 8.0);
+        store.failing_stats.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let lag = lag_of(&handle, "unreachable");
+        assert!(
+            lag >= 18.0,
+            "lag {lag} s after 10 s of the store out of reach"
+        );
+        store.failing_stats.store(false, Ordering::Relaxed);
+        store.failing_fetches.store(0, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let lag = lag_of(&handle, "unreachable");
+        assert!(lag <= 2.0, "lag {lag} s once the store is back");
         flusher.shutdown(Duration::from_secs(1)).await;
     });
 }

@@ -4,7 +4,7 @@
 // Each test target uses only some of it.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +54,10 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     /// While set, every `extend` and `complete_many` fails with a connection error, as when
     /// the store is out of the worker's reach.
     pub(crate) out_of_reach: Arc<AtomicBool>,
+    /// How many of the next fetches fail with a timeout, as in a blip of the store.
+    pub(crate) failing_fetches: Arc<AtomicUsize>,
+    /// While set, every `stats` call fails with a connection error.
+    pub(crate) failing_stats: Arc<AtomicBool>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -81,6 +85,8 @@ impl<S: JobStore> SlowStore<S> {
             extend_takes: Duration::ZERO,
             failure_takes: None,
             out_of_reach: Arc::default(),
+            failing_fetches: Arc::default(),
+            failing_stats: Arc::default(),
         }
     }
 }
@@ -167,6 +173,14 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         if self.fetch_panics.load(Ordering::Relaxed) {
             self.fetch_panicked.notify_one();
             panic!("a bug in the store's fetch");
+        }
+        let failing = |left: usize| left.checked_sub(1);
+        if self
+            .failing_fetches
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, failing)
+            .is_ok()
+        {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
         }
         self.inner.fetch(partition, request).await
     }
@@ -289,6 +303,9 @@ impl<S: JobStore> JobStore for SlowStore<S> {
     }
 
     async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        if self.failing_stats.load(Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Connection));
+        }
         self.inner.stats(partition).await
     }
 }
