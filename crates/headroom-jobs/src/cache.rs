@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -26,6 +27,13 @@ pub enum CacheWriteError {
     /// cache, the value the write replaces: retry the write, which makes its outcome known.
     #[error("the write was not accepted")]
     Enqueue(#[from] EnqueueError),
+    /// Writes of keys sharing this key's turns already wait up to their bound, behind a
+    /// slow job store or cache: nothing changed; retry later.
+    #[error("{waiting} writes already wait their turn for this key")]
+    Busy {
+        /// The writes waiting, this bound.
+        waiting: usize,
+    },
     /// The value could not be encoded: nothing changed.
     #[error("the value could not be encoded")]
     Encode(#[from] serde_json::Error),
@@ -49,12 +57,30 @@ pub enum CacheWriteError {
 /// version whichever instance's write reaches it last. Keys are spread over 256 stripes and the keys
 /// of a stripe take turns together: a write waits for the earlier writes of its stripe, each a
 /// job store call and a cache write. A write runs to its end in a task of its own, even when
-/// its caller stops waiting for it.
+/// its caller stops waiting for it. At most 64 writes of a stripe wait at once; past that, a
+/// write is refused at once with [`CacheWriteError::Busy`], so that callers who give up on a
+/// slow store cannot pile up writes without end.
 pub struct WriteBehindCache<K, V, S> {
     cache: Cache<K, V>,
     writes: Arc<WriteBehind<S>>,
     /// The turns, one per stripe of keys.
-    turns: Arc<[Arc<Mutex<()>>]>,
+    turns: Arc<[Arc<Turn>]>,
+}
+
+/// The turn of a stripe of keys, and how many writes wait for it or hold it.
+#[derive(Default)]
+struct Turn {
+    lock: Mutex<()>,
+    waiting: AtomicUsize,
+}
+
+/// Counts a write against its stripe's bound until it ends (or is dropped unrun).
+struct Waiting(Arc<Turn>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<K, V, S> std::fmt::Debug for WriteBehindCache<K, V, S> {
@@ -69,6 +95,9 @@ impl<K, V, S> std::fmt::Debug for WriteBehindCache<K, V, S> {
 /// The stripes of keys whose writes take turns.
 const TURN_STRIPES: usize = 256;
 
+/// The most writes of one stripe waiting for (or holding) its turn.
+const MAX_WAITING: usize = 64;
+
 impl<K, V, S> WriteBehindCache<K, V, S>
 where
     K: CacheKey,
@@ -80,9 +109,7 @@ where
         Self {
             cache,
             writes: Arc::new(writes),
-            turns: (0..TURN_STRIPES)
-                .map(|_| Arc::new(Mutex::new(())))
-                .collect(),
+            turns: (0..TURN_STRIPES).map(|_| Arc::default()).collect(),
         }
     }
 
@@ -136,9 +163,16 @@ where
         key: &[u8],
         write: impl Future<Output = Result<u64, CacheWriteError>> + Send + 'static,
     ) -> Result<u64, CacheWriteError> {
-        let turn = Arc::clone(&self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]);
+        let turn = &self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES];
+        if turn.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+            turn.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(CacheWriteError::Busy {
+                waiting: MAX_WAITING,
+            });
+        }
+        let waiting = Waiting(Arc::clone(turn));
         let task = tokio::spawn(async move {
-            let _turn = turn.lock_owned().await;
+            let _turn = waiting.0.lock.lock().await;
             write.await
         });
         match task.await {

@@ -60,7 +60,8 @@ where
 #[non_exhaustive]
 pub struct WriteBehindConfig {
     /// How often pending writes are handed to the writer (default 1 s): writes of one key
-    /// within one interval reach the writer once.
+    /// within one interval reach the writer once per flusher, while a partition takes at
+    /// most ten batches of writes per interval (a pass takes ten, the next follows at once).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub flush_interval: Duration,
     /// The most writes (after coalescing) per writer call, and per fetch from the store

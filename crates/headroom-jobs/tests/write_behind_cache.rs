@@ -250,6 +250,53 @@ async fn an_insert_whose_caller_stops_waiting_still_reaches_the_cache() {
     );
 }
 
+/// Writes whose callers gave up still run, in their key's turn; while the store is stuck,
+/// writes of one key pile up only to a bound, past which they are refused at once, so that
+/// impatient callers cannot fill memory with writes waiting their turn.
+#[tokio::test(start_paused = true)]
+async fn writes_waiting_for_a_stuck_store_are_bounded() {
+    let store = SlowStore::holding_first_enqueue(MemoryJobStore::new());
+    let (held, release) = (
+        store.first_enqueue_held.clone(),
+        store.release_first_enqueue.clone(),
+    );
+    let writes = WriteBehind::builder("profiles", store).build().unwrap();
+    let profiles = Arc::new(WriteBehindCache::new(cache(), writes));
+    let write = |visits| {
+        let profiles = profiles.clone();
+        let profile = Profile {
+            name: "Ada".into(),
+            visits,
+        };
+        async move {
+            tokio::time::timeout(
+                Duration::from_millis(1),
+                profiles.insert("ada".to_owned(), profile),
+            )
+            .await
+        }
+    };
+    let first = tokio::spawn(write(0));
+    held.notified().await;
+    let mut refused = 0;
+    for visits in 1..=1_000 {
+        match write(visits).await {
+            Ok(Err(CacheWriteError::Busy { .. })) => refused += 1,
+            Err(_elapsed) => {}
+            other => panic!("write {visits}: {other:?}"),
+        }
+    }
+    assert!(first.await.unwrap().is_err(), "the first caller gave up");
+    release.notify_one();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stored = profiles.writes().queue().stats().await.unwrap().unfinished;
+    assert_eq!(stored, 1_001 - refused, "every write not refused is stored");
+    assert!(
+        stored <= 100,
+        "{stored} writes were kept waiting their turn"
+    );
+}
+
 /// One instance of a service writing profiles behind its cache: its own cache (L1) and
 /// write-behind, on the Redis L2 and job queue that every instance shares.
 async fn instance<S: JobStore>(
