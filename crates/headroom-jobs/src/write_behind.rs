@@ -37,7 +37,10 @@ pub struct Write {
 ///
 /// `write` is called with the coalesced writes of one batch, each key once. An `Err` (or a
 /// panic) keeps the whole batch and calls again after a backoff, in the same order, until it
-/// succeeds; later writes of the same keys wait behind it.
+/// succeeds; later writes of the same keys wait behind it. A fatal error
+/// ([`JobError::fatal`]) says some write of the batch can never be written: the batch's writes
+/// are then handed over one at a time, and each refused for good alone is buried as a dead
+/// letter of the queue, with the error.
 pub trait Writer: Send + Sync + 'static {
     /// Writes `batch`.
     fn write(&self, batch: Vec<Write>) -> impl Future<Output = Result<(), JobError>> + Send;
@@ -333,7 +336,7 @@ pub struct FlushReport {
     pub writes: u64,
     /// Writes recorded and superseded by a later write of their key in the same batch.
     pub coalesced: u64,
-    /// Writer calls that failed (and were made again).
+    /// Writer calls that failed (made again, or refused for good with a fatal error).
     pub failures: u64,
     /// Writes the flusher held when its shutdown's bound ran out, neither written nor
     /// handed back (a writer that blocked its thread): another flusher takes them over once
@@ -647,21 +650,48 @@ async fn drain_partition<S: JobStore, W: Writer>(
     }
     let handed = writes.len() as u64;
     let coalesced = (deliveries.len() - writes.len()) as u64;
-    let written = writes.is_empty()
-        || tokio::select! {
-            () = write_chunks(shared, writes) => true,
-            () = extend_all(&queue.store, key, &deliveries, fetched, config.visibility) => false,
-            () = aborted(phase) => false,
-        };
-    if written {
+    let refused = if writes.is_empty() {
+        Some(Vec::new())
+    } else {
+        tokio::select! {
+            refused = write_chunks(shared, writes) => Some(refused),
+            () = extend_all(&queue.store, key, &deliveries, fetched, config.visibility) => None,
+            () = aborted(phase) => None,
+        }
+    };
+    let written = refused.is_some();
+    if let Some(refused) = refused {
+        // A write refused for good is dead: its delivery (the key's latest) is buried with
+        // the writer's error; the writes it superseded are done with, as when it is written.
+        let dead: HashMap<u64, String> = refused
+            .into_iter()
+            .filter_map(|(write_key, error)| latest.get(&write_key).map(|w| (w.1, error)))
+            .collect();
+        let handed = handed - dead.len() as u64;
         tally.writes.fetch_add(handed, Ordering::Relaxed);
         tally.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         shared.metrics.writes.increment(handed);
         shared.metrics.coalesced.increment(coalesced);
+        for delivery in deliveries.iter().filter(|d| dead.contains_key(&d.number)) {
+            let error = &dead[&delivery.number];
+            tracing::warn!(queue = %queue.name, job.number = delivery.number, error, "the writer refused a write for good; it is dead");
+            queue.metrics.dead.increment(1);
+            let _ = queue
+                .store
+                .bury(
+                    key,
+                    delivery.number,
+                    delivery.attempt,
+                    Bytes::copy_from_slice(error.as_bytes()),
+                    queue.config.dead_retention,
+                )
+                .await;
+        }
         // All in one step (one round trip on Redis). A write left uncompleted (the store
         // failed) is delivered again and written again: versions make that harmless.
         let done: Vec<Completion> = deliveries
             .iter()
+            .filter(|delivery| !dead.contains_key(&delivery.number))
             .map(|delivery| Completion {
                 number: delivery.number,
                 attempt: delivery.attempt,
@@ -692,17 +722,39 @@ async fn drain_partition<S: JobStore, W: Writer>(
     Ok(more && written)
 }
 
-/// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken.
-async fn write_chunks<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec<Write>) {
+/// A write the writer refused for good: its key and the writer's message.
+type Refused = (Bytes, String);
+
+/// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken;
+/// answers the writes refused for good.
+async fn write_chunks<S, W: Writer>(
+    shared: &FlushShared<S, W>,
+    writes: Vec<Write>,
+) -> Vec<Refused> {
+    let mut refused = Vec::new();
     for chunk in writes.chunks(shared.config.batch) {
-        write_until_taken(shared, chunk.to_vec()).await;
-        shared.tally.calls.fetch_add(1, Ordering::Relaxed);
-        shared.metrics.calls.increment(1);
+        match write_until_taken(shared, chunk.to_vec()).await {
+            Ok(()) => {}
+            // Some write of the chunk can never be written: find which, one at a time.
+            Err(error) if chunk.len() == 1 => refused.push((chunk[0].key.clone(), error)),
+            Err(_) => {
+                for write in chunk {
+                    if let Err(error) = write_until_taken(shared, vec![write.clone()]).await {
+                        refused.push((write.key.clone(), error));
+                    }
+                }
+            }
+        }
     }
+    refused
 }
 
-/// Calls the writer until it takes `writes`, backing off between calls.
-async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec<Write>) {
+/// Calls the writer until it takes `writes`, backing off between calls, or until it
+/// refuses them for good (a fatal [`JobError`]), answering its message.
+async fn write_until_taken<S, W: Writer>(
+    shared: &FlushShared<S, W>,
+    writes: Vec<Write>,
+) -> Result<(), String> {
     use futures_util::FutureExt;
     let mut pause = shared.config.retry_initial;
     loop {
@@ -711,13 +763,20 @@ async fn write_until_taken<S, W: Writer>(shared: &FlushShared<S, W>, writes: Vec
         let call =
             std::panic::AssertUnwindSafe(async { shared.writer.write(writes.clone()).await })
                 .catch_unwind();
-        let error = match call.await {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error.message().to_owned(),
-            Err(_) => "the writer panicked".to_owned(),
+        let (error, again) = match call.await {
+            Ok(Ok(())) => {
+                shared.tally.calls.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.calls.increment(1);
+                return Ok(());
+            }
+            Ok(Err(error)) => (error.message().to_owned(), error.is_retryable()),
+            Err(_) => ("the writer panicked".to_owned(), true),
         };
         shared.tally.failures.fetch_add(1, Ordering::Relaxed);
         shared.metrics.failures.increment(1);
+        if !again {
+            return Err(error);
+        }
         tracing::warn!(queue = %shared.queue.inner.name, error, retry_in = ?pause, "the writer failed; the batch waits");
         tokio::time::sleep(pause).await;
         pause = pause.saturating_mul(2).min(shared.config.retry_max);

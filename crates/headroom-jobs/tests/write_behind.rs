@@ -197,6 +197,43 @@ async fn shutdown_flushes_every_pending_write() {
     assert!((0..10).all(|i| database.value(&format!("cart:{i}")).is_some()));
 }
 
+/// A writer that answers `JobError::fatal` says a batch can never be written: the flusher
+/// hands its writes over one at a time, writes the others, and buries the one that fails
+/// alone as a dead letter, instead of retrying the batch for ever behind it.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_writer_refuses_for_good_is_dead_and_holds_back_no_other() {
+    let writes = WriteBehind::builder("accounts", MemoryJobStore::new())
+        .flush_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let database = Database::default();
+    let db = database.clone();
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            if batch.iter().any(|write| write.key == "poison") {
+                return Err(JobError::fatal("a constraint is violated"));
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    for key in ["a", "poison", "b"] {
+        writes.put(key, "v").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(database.value("a").is_some() && database.value("b").is_some());
+    let dead = writes.queue().dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let status = writes.queue().status(dead[0]).await.unwrap().unwrap();
+    assert!(
+        status.error.as_deref().unwrap().contains("a constraint is violated"),
+        "{status:?}"
+    );
+    assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
+    flusher.shutdown(Duration::from_secs(1)).await;
+}
+
 /// A blip of the store while the shutdown flushes costs a retry, not the writes: the grace
 /// is there to be used.
 #[tokio::test(start_paused = true)]
