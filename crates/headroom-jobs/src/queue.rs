@@ -280,14 +280,21 @@ impl<S: JobStore> JobQueueBuilder<S> {
 }
 
 /// An idempotency key as the store keeps it: per tenant, so one tenant's key never answers
-/// another's job, and for a job without a tenant, per route. A tenant's key is its length
-/// byte, the tenant and the key (tenant and key are at most 255 bytes, checked before); a
-/// route's, a zero byte, `0xFF` (which no UTF-8 key starts with), the route's 128-bit hash
-/// (so a long route does not lengthen the key) and the key; any other, a zero byte and the
-/// key.
+/// another's job, and for a job without a tenant, per route. The scopes' bytes never meet
+/// (tenant and key are at most 255 bytes, checked before; a key is UTF-8, which never holds
+/// the bytes `0xFE` and `0xFF`):
+/// - a tenant's key is the tenant's length byte (1 to 255), the tenant and the key;
+/// - the empty tenant's, a zero byte, `0xFE` and the key;
+/// - a route's, a zero byte, `0xFF`, the route's 128-bit hash (so a long route does not
+///   lengthen the key) and the key;
+/// - any other, a zero byte and the key.
+///
+/// The empty tenant's tag came later: before it, its keys were those of jobs with neither
+/// tenant nor route. The others are as they were, so their keys are still recognised.
 fn scoped_key(tenant: Option<&str>, route: Option<&[u8]>, key: &str) -> Bytes {
     let mut scoped = Vec::with_capacity(18 + 255 + key.len());
     match (tenant, route) {
+        (Some(""), _) => scoped.extend_from_slice(&[0, 0xFE]),
         (Some(tenant), _) => {
             scoped.push(tenant.len() as u8);
             scoped.extend_from_slice(tenant.as_bytes());
@@ -571,5 +578,42 @@ fn status_of(record: JobRecord) -> JobStatus {
         error: record
             .error
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::scoped_key;
+
+    /// No two scopes make the same bytes, whatever bytes their tenants, routes and keys hold:
+    /// separators, lengths, the tags themselves.
+    #[test]
+    fn scoped_keys_of_different_scopes_or_keys_never_meet() {
+        let tenants = [
+            None,
+            Some(""),
+            Some("a"),
+            Some("ab"),
+            Some("\0"),
+            Some("\u{1}a"),
+            Some("\u{2}ab"),
+        ];
+        let routes: [Option<&[u8]>; 4] = [None, Some(b""), Some(b"\0"), Some(&[0xFE, 0xFF])];
+        let keys = ["", "k", "b", "ab", "\0k", "\u{1}", "\u{2}ab", "a\0"];
+        let mut seen = HashMap::new();
+        for tenant in tenants {
+            for route in routes {
+                for key in keys {
+                    let scoped = scoped_key(tenant, route, key);
+                    // A tenant's key ignores the route: the tenant is its scope.
+                    let scope = (tenant, if tenant.is_some() { None } else { route }, key);
+                    if let Some(other) = seen.insert(scoped.clone(), scope) {
+                        assert_eq!(other, scope, "two scopes make {scoped:?}");
+                    }
+                }
+            }
+        }
     }
 }

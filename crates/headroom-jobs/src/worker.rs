@@ -542,8 +542,8 @@ async fn until(phase: &mut watch::Receiver<Phase>, pred: impl Fn(Phase) -> bool)
     }
 }
 
-/// Smooth weighted round robin over the lanes: each fetch reads the lane whose turn it is
-/// first, then the others in priority order.
+/// Smooth weighted round robin over the lanes of one partition: each fetch of the partition
+/// reads the lane whose turn it is first, then the others in priority order.
 struct LaneSchedule {
     weights: Vec<i64>,
     current: Vec<i64>,
@@ -594,8 +594,14 @@ async fn fetch_loop<S, H, Fut>(
         tasks: JoinSet::new(),
         leave_running,
     };
-    let mut lanes = LaneSchedule::new(&queue.config.lane_weights);
     let partitions = queue.partitions.len();
+    // One schedule per partition, each stepped by that partition's fetches only: one shared
+    // by all, stepped on every fetch as the partitions take turns too, would give a partition
+    // the same leading lanes every time when the partition count and the weights' sum share a
+    // factor, and starve the other lanes there.
+    let mut lanes: Vec<LaneSchedule> = (0..partitions)
+        .map(|_| LaneSchedule::new(&queue.config.lane_weights))
+        .collect();
     let mut next_partition = fastrand::usize(..partitions);
     let mut empty_in_a_row = 0;
     let mut idle = Duration::from_millis(1);
@@ -618,7 +624,7 @@ async fn fetch_loop<S, H, Fut>(
         }
         let p = next_partition;
         next_partition = (next_partition + 1) % partitions;
-        let order = lanes.next_order();
+        let order = lanes[p].next_order();
         // The store holds what it delivers from about now: each job's extensions count from it.
         let sent = tokio::time::Instant::now();
         let fetched = queue
@@ -861,10 +867,15 @@ where
         );
     };
     if job.charged > config.max_attempts {
-        let error = format!(
-            "gave up after {} attempts; the last ended without an answer (its worker died or stalled)",
+        let mut error = format!(
+            "gave up after {} attempts; the last ended without an answer (its worker died, stalled or shut down)",
             config.max_attempts
         );
+        // The dead letter keeps the job's last error along with why it was given up.
+        if let Some(last) = job.last_error().await {
+            error.push_str("; the last error: ");
+            error.push_str(&last);
+        }
         tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
         return finish(
             shared,
@@ -913,7 +924,10 @@ where
     let handler = AssertUnwindSafe(async { (shared.handler)(context).await })
         .catch_unwind()
         .instrument(span.clone());
+    // Biased, the answer first: a handler that answers as the grace ends (or as its job is
+    // taken over) has finished, and its answer is stored rather than thrown away.
     let ran = tokio::select! {
+        biased;
         answered = handler => Ran::Answered(answered),
         () = job.heartbeat(config.visibility) => Ran::Lost,
         () = until(&mut phase, |p| p == Phase::Abort) => Ran::Aborted,
@@ -967,12 +981,7 @@ where
             Ran::Lost => Outcome::Lost,
             // Cut off mid-run: charged, since its effect may have begun, so a job that never
             // finishes within a shutdown's grace still ends dead after its attempts.
-            Ran::Aborted => finish(
-                shared,
-                job.retry(Duration::ZERO, "its worker shut down before it finished")
-                    .await,
-                Outcome::HandedBack,
-            ),
+            Ran::Aborted => finish(shared, job.cut_off().await, Outcome::HandedBack),
         }
     };
     let keep_held = async {
@@ -1189,6 +1198,36 @@ impl<S: JobStore> Held<'_, S> {
                 .retry(self.key, self.number, self.attempt, delay, error.clone())
         })
         .await
+    }
+
+    /// Hands the job back cut off mid-run by a shutdown, charged, for another worker at once.
+    /// The error of an earlier attempt is kept, as a hand-back keeps it
+    /// ([`JobStore::release`]): a cut-off is no failed attempt, and a job that then dies keeps
+    /// its last error. Without one, the reason is kept.
+    async fn cut_off(&self) -> Result<Fenced, BackendError> {
+        let reason = "its worker shut down before it finished";
+        let kept = match self.attempt {
+            // No earlier delivery, so no error to keep: spare the store call.
+            1 => None,
+            // Within the step's longest pause, so the hand-back keeps most of its budget.
+            _ => tokio::time::timeout(self.budget / 5, self.last_error())
+                .await
+                .ok()
+                .flatten(),
+        };
+        self.retry(Duration::ZERO, kept.as_deref().unwrap_or(reason))
+            .await
+    }
+
+    /// The error the store keeps for the job (of its last failed attempt, or why it was first
+    /// handed back), if it keeps one and can be reached.
+    async fn last_error(&self) -> Option<String> {
+        match self.store.status(self.key, self.number).await {
+            Ok(Some(record)) => record
+                .error
+                .map(|error| String::from_utf8_lossy(&error).into_owned()),
+            _ => None,
+        }
     }
 
     /// Hands the job back unfinished, uncharged, for another worker at once.

@@ -1457,3 +1457,176 @@ async fn a_running_job_is_kept_through_an_outage_whose_failures_come_slowly() {
     )
     .await;
 }
+
+/// A tenant of each of a two-partition queue's partitions, found by enqueueing a probe (held
+/// back a day, so it is never delivered here) for each candidate and reading its partition.
+async fn a_tenant_in_each_partition(queue: &JobQueue<MemoryJobStore>) -> [String; 2] {
+    let mut found: [Option<String>; 2] = [None, None];
+    for candidate in 0.. {
+        let tenant = format!("tenant-{candidate}");
+        let probe = Job::new("probe")
+            .tenant(tenant.clone())
+            .delay(Duration::from_secs(86_400));
+        let partition = usize::from(queue.enqueue(probe).await.unwrap().id.partition());
+        found[partition].get_or_insert(tenant);
+        if let [Some(a), Some(b)] = &found {
+            return [a.clone(), b.clone()];
+        }
+    }
+    unreachable!()
+}
+
+/// Lanes take turns leading the fetches of each partition: with two partitions and two lanes
+/// of equal weight, neither partition reads one lane first every time (which starved the
+/// other lane in that partition while the first held jobs).
+#[tokio::test(start_paused = true)]
+async fn in_every_partition_lanes_take_turns_leading_and_none_starves() {
+    let queue = JobQueue::builder("turns", MemoryJobStore::new())
+        .partitions(2)
+        .lane_weights([1, 1])
+        .build()
+        .unwrap();
+    let tenants = a_tenant_in_each_partition(&queue).await;
+    for tenant in &tenants {
+        for lane in [0, 1] {
+            for _ in 0..50 {
+                queue
+                    .enqueue(Job::new("x").tenant(tenant.clone()).lane(lane))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let started: Arc<Mutex<Vec<(u16, u8)>>> = Arc::default();
+    let seen = started.clone();
+    let worker = queue
+        .worker(move |job| {
+            seen.lock()
+                .unwrap()
+                .push((job.id().partition(), job.lane()));
+            async { Ok(Bytes::new()) }
+        })
+        .concurrency(1)
+        .prefetch(0)
+        .start()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while started.lock().unwrap().len() < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "not all jobs ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.shutdown(Duration::from_secs(1)).await;
+    let started = started.lock().unwrap().clone();
+    for partition in [0, 1] {
+        let lanes: Vec<u8> = started
+            .iter()
+            .filter(|(p, _)| *p == partition)
+            .map(|(_, lane)| *lane)
+            .take(10)
+            .collect();
+        assert!(
+            lanes.contains(&0) && lanes.contains(&1),
+            "partition {partition} started only one lane first: {lanes:?}"
+        );
+    }
+}
+
+/// An empty tenant is a tenant: its idempotency keys are its own, not those of jobs with
+/// neither a tenant nor a route.
+#[tokio::test(start_paused = true)]
+async fn an_empty_tenants_keys_are_its_own() {
+    let queue = JobQueue::builder("empty-tenant", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let tenanted = queue
+        .enqueue(Job::new("a").tenant("").idempotency_key("k"))
+        .await
+        .unwrap();
+    assert!(!tenanted.duplicate);
+    let untenanted = queue
+        .enqueue(Job::new("b").idempotency_key("k"))
+        .await
+        .unwrap();
+    assert!(
+        !untenanted.duplicate,
+        "a job without a tenant was taken for the empty tenant's"
+    );
+    assert_eq!(queue.stats().await.unwrap().unfinished, 2);
+}
+
+/// A handler that answers at the very moment the shutdown's grace ends has finished: its
+/// job is done, not cut off, handed back and run again.
+#[tokio::test(start_paused = true)]
+async fn a_job_that_answers_as_the_grace_ends_is_done_not_run_again() {
+    let grace = Duration::from_secs(5);
+    for round in 0..20 {
+        let queue = JobQueue::builder("on-the-bell", MemoryJobStore::new())
+            .build()
+            .unwrap();
+        let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+        let started = Arc::new(tokio::sync::Notify::new());
+        let tell = started.clone();
+        let worker = queue
+            .worker(move |_job| {
+                tell.notify_one();
+                async move {
+                    tokio::time::sleep(grace).await;
+                    Ok(Bytes::from_static(b"answered"))
+                }
+            })
+            .start()
+            .unwrap();
+        // The grace starts at the instant the handler does (time is paused).
+        started.notified().await;
+        let report = worker.shutdown(grace).await;
+        let status = queue.status(id).await.unwrap().unwrap();
+        assert_eq!(
+            (status.state, report.done, report.handed_back),
+            (JobState::Done, 1, 0),
+            "round {round}: {report:?}"
+        );
+    }
+}
+
+/// A job cut off by a shutdown on its last attempt dies with the error of its last failed
+/// attempt, not with the shutdown's reason nor with "no answer" alone.
+#[tokio::test(start_paused = true)]
+async fn a_job_cut_off_on_its_last_attempt_dies_with_its_last_error() {
+    let queue = JobQueue::builder("last-error", MemoryJobStore::new())
+        .build()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    let on_last = Arc::new(tokio::sync::Notify::new());
+    let tell = on_last.clone();
+    let worker = queue
+        .worker(move |job| {
+            let tell = tell.clone();
+            async move {
+                if job.attempt() < 5 {
+                    return Err(JobError::retry(format!("gateway 502 on {}", job.attempt())));
+                }
+                tell.notify_one();
+                std::future::pending().await
+            }
+        })
+        .max_attempts(5)
+        .backoff(Duration::from_millis(10), 1.0, Duration::from_millis(10))
+        .start()
+        .unwrap();
+    on_last.notified().await;
+    let report = worker.shutdown(Duration::ZERO).await;
+    assert_eq!((report.retried, report.handed_back), (4, 1));
+    let handed_back = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(handed_back.error.as_deref(), Some("gateway 502 on 4"));
+
+    let next = queue
+        .worker(|_job| async { Ok(Bytes::new()) })
+        .max_attempts(5)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Dead).await;
+    let dead = queue.status(id).await.unwrap().unwrap();
+    let error = dead.error.unwrap();
+    assert!(error.contains("gateway 502 on 4"), "{error}");
+    assert_eq!(next.shutdown(Duration::from_secs(1)).await.dead, 1);
+}
