@@ -707,7 +707,8 @@ where
         self.remove_many(std::slice::from_ref(key)).await
     }
 
-    /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys.
+    /// Removes values from L1 and L2: one L2 call, one invalidation message for all keys
+    /// (neither for no keys).
     ///
     /// In L2 each key gets a tombstone (read as absent) rather than a delete, so that a value
     /// loaded before the removal, on any instance, never replaces it. Fails, removing nothing,
@@ -729,6 +730,10 @@ where
 
     /// Removes `keys` as removed at `at_unix_us` or now, whichever is earlier.
     async fn remove_keys(&self, keys: &[K], at_unix_us: u64) -> Result<(), CacheError> {
+        if keys.is_empty() {
+            // No L2 call, no message.
+            return Ok(());
+        }
         let inner = &self.inner;
         let at_unix_us = inner.clock.unix_micros().min(at_unix_us);
         let tombstones = match &inner.l2 {
@@ -792,10 +797,11 @@ where
 
     /// Stops this cache's part in invalidation across instances, for a graceful stop of the
     /// process: sends the keys still queued and a goodbye, then stops listening. The other
-    /// instances stop expecting this one without flushing anything. Afterwards L1 is no
-    /// longer used (invalidations are no longer heard); L2 reads and writes go on. Without an
-    /// invalidation bus it does nothing. Shutting down again (after a shutdown cut short by a
-    /// timeout, say) waits for the first to finish.
+    /// instances stop expecting this one without flushing anything (unless the bus refused
+    /// some of those keys). Afterwards L1 is no longer used (invalidations are no longer
+    /// heard); L2 reads and writes go on, and a write is still announced, at the cost of an
+    /// L1 flush on every other instance. Without an invalidation bus it does nothing. Shutting
+    /// down again (after a shutdown cut short by a timeout, say) waits for the first to finish.
     pub async fn shutdown(&self) {
         if let Some(invalidation) = &self.inner.invalidation {
             invalidation.shutdown().await;

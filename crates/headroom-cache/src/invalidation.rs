@@ -17,7 +17,8 @@
 //!   shows no gap; one whose messages were taken by the bus and then lost does.
 //!
 //! An instance that stops gracefully ([`Cache::shutdown`](crate::Cache::shutdown)) sends its
-//! last keys and a goodbye: the others stop expecting it and flush nothing.
+//! last keys and a goodbye: the others stop expecting it and flush nothing, unless it had to
+//! give up on some of those keys (its goodbye then shows a gap).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
 use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscription};
 use headroom_core::metrics::{Counter, Gauge, Histogram};
 use headroom_core::{Clock, Key};
@@ -271,14 +271,15 @@ pub(crate) struct Invalidation {
 struct Closer {
     shared: Arc<Shared>,
     stop: watch::Sender<()>,
-    /// The publisher task's end, which every shutdown waits for (a shutdown cut short by its
-    /// caller leaves it running, and the next one waits again).
-    publisher: Mutex<Option<SharedFuture<BoxFuture<'static, ()>>>>,
+    /// Turns true once the publisher has said goodbye, which every shutdown waits for (a
+    /// shutdown cut short by its caller leaves the publisher at it, and the next one waits
+    /// again); closed when the publisher task ends.
+    goodbye: Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl Closer {
-    /// Tells the tasks to stop: the publisher sends what is queued, then the goodbye, then
-    /// ends. L1 is no longer used from here on.
+    /// Tells the tasks to stop: the publisher sends what is queued, then the goodbye. L1 is
+    /// no longer used from here on.
     fn signal(&self) {
         self.shared.stopped.store(true, Ordering::Release);
         self.shared.set_healthy(false);
@@ -287,9 +288,10 @@ impl Closer {
 
     async fn shutdown(&self) {
         self.signal();
-        let publisher = self.publisher.lock().clone();
-        if let Some(publisher) = publisher {
-            publisher.await;
+        let goodbye = self.goodbye.lock().clone();
+        if let Some(mut goodbye) = goodbye {
+            // An error means the publisher task is gone (the runtime is shutting down).
+            let _ = goodbye.wait_for(|&said| said).await;
         }
     }
 }
@@ -387,7 +389,7 @@ impl Invalidation {
             closer: Arc::new(Closer {
                 shared: Arc::clone(&shared),
                 stop: watch::channel(()).0,
-                publisher: Mutex::new(None),
+                goodbye: Mutex::new(None),
             }),
             shared,
         }
@@ -397,11 +399,13 @@ impl Invalidation {
     /// a failed upgrade means the cache is gone).
     pub(crate) fn spawn(&self, local: Weak<dyn Local>) {
         let stop = &self.closer.stop;
-        let publisher = tokio::spawn(publish(Arc::clone(&self.shared), stop.subscribe()));
-        let ended: BoxFuture<'static, ()> = Box::pin(async move {
-            let _ = publisher.await;
-        });
-        *self.closer.publisher.lock() = Some(ended.shared());
+        let (said_goodbye, goodbye) = watch::channel(false);
+        tokio::spawn(publish(
+            Arc::clone(&self.shared),
+            stop.subscribe(),
+            said_goodbye,
+        ));
+        *self.closer.goodbye.lock() = Some(goodbye);
         tokio::spawn(listen(Arc::clone(&self.shared), local, stop.subscribe()));
     }
 
@@ -410,7 +414,7 @@ impl Invalidation {
         self.shared.healthy.load(Ordering::Acquire) && !self.shared.stopped.load(Ordering::Acquire)
     }
 
-    /// Sends what is queued and a goodbye, stops both tasks and stops using L1.
+    /// Sends what is queued and a goodbye, stops listening and stops using L1.
     pub(crate) async fn shutdown(&self) {
         self.closer.shutdown().await;
     }
@@ -463,9 +467,14 @@ impl KeyPublisher {
 
 impl Shared {
     fn queue_keys<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>, outdated: bool) {
+        let mut keys = keys.into_iter().peekable();
+        if keys.peek().is_none() {
+            // Nothing to announce: no need to wake the publisher.
+            return;
+        }
         let mut outbox = self.outbox.lock();
         if !outbox.clear && !outbox.overflowed {
-            let keys = keys.into_iter().map(<[u8]>::to_vec);
+            let keys = keys.map(<[u8]>::to_vec);
             if outdated {
                 outbox.outdated.extend(keys);
             } else {
@@ -483,10 +492,10 @@ impl Shared {
 
     /// Publishes one message; whether the bus took it.
     async fn send(&self, action: Action<'_>) -> bool {
-        // Only the publisher task sends. A number is used up only by a message the bus took:
-        // what failed is sent again under the same number, so receivers see no gap (and one
-        // that failed yet arrived is merely applied twice). A message the bus took and then
-        // lost still shows as a gap.
+        // Only the publisher task sends. A number is used up only by a message the bus took
+        // (or skipped on purpose, see `publish`): what failed is sent again under the same
+        // number, so receivers see no gap (and one that failed yet arrived is merely applied
+        // twice). A message the bus took and then lost still shows as a gap.
         let seq = self.seq.load(Ordering::Relaxed);
         let message = Message {
             origin: self.origin,
@@ -602,18 +611,37 @@ impl Shared {
 }
 
 /// The publisher task: one message at a time, in sequence order, batching every key queued
-/// while the previous message was in flight; a ping when idle for `ping_interval`; what the bus
-/// refused, again after a pause (in order, so that receivers see no gap); when told to stop,
-/// what is still queued (once), then the goodbye.
-async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
+/// while the previous message was in flight; a ping when nothing was sent for
+/// `ping_interval`; what the bus refused, again after a pause (in order, so that receivers
+/// see no gap); when told to stop, what is still queued (once), then the goodbye. What is
+/// queued after the goodbye goes out the same way, until the cache is dropped.
+async fn publish(
+    shared: Arc<Shared>,
+    mut stopped: watch::Receiver<()>,
+    said_goodbye: watch::Sender<bool>,
+) {
     let mut stopping = false;
+    // The cache is gone: nothing more comes once the outbox is found empty.
+    let mut dropped = false;
+    // Whether anything was sent (or given up) since the last goodbye.
+    let mut bye_due = true;
     let mut failures = 0;
+    let mut last_sent = shared.clock.now();
     loop {
         let mut outbox = std::mem::take(&mut *shared.outbox.lock());
         if !outbox.is_empty() {
-            if shared.send_outbox(&mut outbox).await {
+            bye_due = true;
+            let sent = shared.send_outbox(&mut outbox).await;
+            last_sent = shared.clock.now();
+            if sent {
                 failures = 0;
-            } else if !stopping {
+            } else if stopping {
+                // Given up on the rest. Skip a sequence number (past the refused message's,
+                // which may have arrived all the same) so that the next message, the goodbye
+                // at the latest, shows a gap: the others flush rather than retire this
+                // instance without these keys.
+                shared.seq.fetch_add(2, Ordering::Relaxed);
+            } else {
                 shared.put_back(outbox);
                 failures += 1;
                 tokio::select! {
@@ -622,13 +650,29 @@ async fn publish(shared: Arc<Shared>, mut stopped: watch::Receiver<()>) {
                 }
             }
         } else if stopping {
-            shared.send(Action::Bye).await;
-            return;
-        } else {
+            if bye_due {
+                shared.send(Action::Bye).await;
+                bye_due = false;
+                said_goodbye.send_replace(true);
+            }
+            if dropped {
+                return;
+            }
+            // Keys queued from here on (a write that lands late, its caller gone) still go
+            // out, then another goodbye. The others have retired this instance, so they take
+            // the message for a gap and flush: costly, but never stale.
             tokio::select! {
                 () = shared.wake.notified() => {}
-                () = shared.clock.sleep(shared.config.ping_interval) => {
+                changed = stopped.changed() => dropped = changed.is_err(),
+            }
+        } else {
+            // Pings keep their beat however often the task is woken with nothing to send.
+            let quiet = shared.clock.now().saturating_duration_since(last_sent);
+            tokio::select! {
+                () = shared.wake.notified() => {}
+                () = shared.clock.sleep(shared.config.ping_interval.saturating_sub(quiet)) => {
                     shared.send(Action::Ping).await;
+                    last_sent = shared.clock.now();
                 }
                 // Keys may have been queued since the outbox was last taken: the next turn
                 // sends them, and the goodbye only once it finds the outbox empty.
@@ -899,6 +943,8 @@ pub(crate) async fn watch_external_writes(
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
+
     use super::*;
 
     #[test]
@@ -923,5 +969,53 @@ mod tests {
         assert_eq!(decode(&[FORMAT_VERSION + 1, 0, 0, 0, 0]), None);
         assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
         assert_eq!(decode(&[FORMAT_VERSION, 0xff, 0xff, 0xff]), None);
+    }
+
+    struct Inert;
+
+    impl Local for Inert {
+        fn invalidate_keys(&self, _: &[&[u8]]) {}
+        fn outdated_keys(&self, _: &[&[u8]]) {}
+        fn flush(&self) {}
+        fn messages_lost(&self) {}
+        fn clear(&self, _: u64) {}
+        fn invalidate_tag(&self, _: &str, _: u64) {}
+    }
+
+    /// Whatever wakes the publisher without giving it anything to send, it pings on its beat:
+    /// the others must not take it for silent.
+    #[tokio::test(start_paused = true)]
+    async fn wakes_with_nothing_to_send_do_not_hold_back_the_pings() {
+        use headroom_core::memory::MemoryBus;
+
+        let bus = MemoryBus::new();
+        let channel = headroom_core::Namespace::new("pings")
+            .and_then(|ns| ns.key("~invalidation"))
+            .expect("channel");
+        let mut heard = bus.subscribe(&channel).await.expect("subscribe");
+        let config = InvalidationConfig::default();
+        let interval = config.ping_interval;
+        let invalidation = Invalidation::new(
+            DynInvalidationBus::new(bus),
+            channel,
+            config,
+            Clock::system(),
+            "pings",
+        );
+        let local: Arc<dyn Local> = Arc::new(Inert);
+        invalidation.spawn(Arc::downgrade(&local));
+        for _ in 0..8 {
+            invalidation.shared.wake.notify_one();
+            tokio::time::sleep(interval / 2).await;
+        }
+        let mut pings = 0;
+        while let Some(Some(event)) = heard.next_event().now_or_never() {
+            if let BusEvent::Message(bytes) = event
+                && decode(&bytes).is_some_and(|m| m.action == Action::Ping)
+            {
+                pings += 1;
+            }
+        }
+        assert!(pings >= 3, "{pings} pings in four ping intervals");
     }
 }

@@ -442,6 +442,10 @@ struct Faulty {
     muted: Arc<AtomicBool>,
     /// Refuses every publish with a connection error.
     failing: Arc<AtomicBool>,
+    /// Refuses this many publishes from now on, as `failing` does.
+    refuse_next: Arc<AtomicUsize>,
+    /// How many publishes were refused.
+    refused: Arc<AtomicUsize>,
     silenced: Arc<AtomicBool>,
     /// The length of the largest message published.
     largest: Arc<AtomicUsize>,
@@ -456,6 +460,8 @@ impl Faulty {
             drop_next_publish: Arc::default(),
             muted: Arc::default(),
             failing: Arc::default(),
+            refuse_next: Arc::default(),
+            refused: Arc::default(),
             silenced: Arc::default(),
             largest: Arc::default(),
             dropped: Arc::default(),
@@ -465,7 +471,13 @@ impl Faulty {
 
 impl InvalidationBus for Faulty {
     async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
-        if self.failing.load(Ordering::SeqCst) {
+        let refuse = self.failing.load(Ordering::SeqCst)
+            || self
+                .refuse_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if refuse {
+            self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(BackendError::with_detail(
                 BackendErrorKind::Connection,
                 "the bus is out of reach",
@@ -1067,6 +1079,28 @@ async fn a_crashed_instance_costs_each_survivor_one_flush() {
     served_from_l1_throughout(&b, &b_calls, "k", 1, config().max_silence * 4).await;
 }
 
+/// A calls `remove_many` with no keys more often than `ping_interval`: it still pings, so B
+/// never takes it for silent and keeps its L1.
+#[tokio::test(start_paused = true)]
+async fn removing_no_keys_does_not_hold_back_the_pings() {
+    let ns = unique_namespace("remove-none");
+    let mut parts = memory_parts(2).into_iter();
+    let a = cache(parts.next().unwrap(), &ns);
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    let until = Instant::now() + config().max_silence * 4;
+    while Instant::now() < until {
+        a.remove_many(&[]).await.unwrap();
+        let before = b_calls.reads();
+        assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+        assert_eq!(b_calls.reads(), before, "B flushed its L1: A looked silent");
+        tokio::time::sleep(config().ping_interval / 2).await;
+    }
+}
+
 /// A cut from the bus (every publish fails) costs each other instance one flush: when A's
 /// messages flow again, what it could not send reaches B, in sequence, and B keeps its L1.
 #[tokio::test(start_paused = true)]
@@ -1313,6 +1347,69 @@ async fn a_write_just_before_shutdown_is_announced_before_the_goodbye() {
         a.shutdown().await;
         settle_value(&b, "k", Some(round + 100)).await;
     }
+}
+
+/// A shutdown gives up on what the bus refuses, after one attempt. A's last keys are refused
+/// (once before the shutdown, once during it) and its goodbye goes out: B must not retire A as
+/// if nothing were lost, and stops serving the old value at once.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_that_could_not_send_its_last_keys_makes_the_others_flush() {
+    let ns = unique_namespace("bye-unsent");
+    let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
+    faulty.refuse_next.store(2, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    // The first attempt is refused; A waits to send it again.
+    settle(|| faulty.refused.load(Ordering::SeqCst) == 1).await;
+    a.shutdown().await;
+    assert_eq!(faulty.refused.load(Ordering::SeqCst), 2, "refused again");
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    assert!(
+        stale_for < config().max_silence,
+        "B served the old value for {stale_for:?}"
+    );
+}
+
+/// An insert dropped while its L2 write is in flight, and the instance shut down before the
+/// write lands: its keys are queued after the goodbye. They still reach B, which stops
+/// serving the old value.
+#[tokio::test(start_paused = true)]
+async fn a_write_landing_after_the_goodbye_still_reaches_the_others() {
+    use futures_util::FutureExt;
+
+    let ns = unique_namespace("after-bye");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let gated = Gated {
+        inner: store.clone(),
+        held: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let a = cache(
+        (
+            DynKvStore::new(gated.clone()),
+            DynInvalidationBus::new(bus.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    gated.held.store(true, Ordering::SeqCst);
+    let mut insert = Box::pin(a.insert("k".into(), 2));
+    assert!((&mut insert).now_or_never().is_none(), "the L2 write waits");
+    drop(insert);
+    a.shutdown().await;
+    gated.gate.add_permits(1);
+    let landed = Instant::now();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = landed.elapsed();
+    assert!(
+        stale_for < config().max_silence,
+        "B served the old value for {stale_for:?}"
+    );
 }
 
 /// A (whose L2 calls fail on demand and whose messages can be dropped) and B share L2 and a

@@ -288,8 +288,9 @@ impl Headroom {
 
     /// Stops this instance gracefully, before the process exits: every cache built from
     /// [`cache`](Self::cache) sends its queued invalidations and a goodbye, so the other
-    /// instances flush nothing for it (a crash costs each of them one L1 flush). Await it on
-    /// SIGTERM, after the server stopped taking requests.
+    /// instances flush nothing for it (a crash costs each of them one L1 flush, as does a
+    /// goodbye whose keys the bus refused). Await it on SIGTERM, after the server stopped
+    /// taking requests.
     pub async fn shutdown(&self) {
         #[cfg(feature = "cache")]
         self.inner.caches.shutdown().await;
