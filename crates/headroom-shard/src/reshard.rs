@@ -917,8 +917,9 @@ impl<H, R: Router> Migration<H, R> {
     /// Takes on `phase` as decided elsewhere (by the process driving a shared migration).
     /// Phases only move forward (or to `RolledBack` before the cut-over); entering the
     /// cut-over waits, as [`advance`](Self::advance) does, for writes routed to old owners,
-    /// and a rollback, as [`rollback`](Self::rollback) does, for mirrored writes.
-    pub(crate) async fn follow(&self, phase: Phase) {
+    /// and a rollback, as [`rollback`](Self::rollback) does, for mirrored writes. Returns the
+    /// phase it waited for: the local phase then, which may be past `phase`.
+    pub(crate) async fn follow(&self, phase: Phase) -> Phase {
         loop {
             let current = self.phase();
             let forward = phase != Phase::RolledBack && phase > current;
@@ -927,11 +928,13 @@ impl<H, R: Router> Migration<H, R> {
                 break;
             }
         }
-        match self.phase() {
+        let local = self.phase();
+        match local {
             phase if phase.new_owners_serve() => self.drained().await,
             Phase::RolledBack => self.mirrored.none().await,
             _ => {}
         }
+        local
     }
 
     fn set_phase(&self, current: Phase, next: Phase) -> bool {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::future::{Either, select};
@@ -68,6 +69,10 @@ pub struct SharedMigration<H, R, S> {
     lease: Duration,
     poll: Duration,
     clock: Clock,
+    /// The furthest phase this participant has taken on in full (its writes to old owners, or
+    /// its mirrored writes, finished): the one it acknowledges. The local phase can be ahead
+    /// while a refresh waits, and another refresh must not acknowledge that.
+    taken_on: AtomicU8,
 }
 
 impl<H, R: fmt::Debug, S: fmt::Debug> fmt::Debug for SharedMigration<H, R, S> {
@@ -103,6 +108,7 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
             lease: DEFAULT_LEASE,
             poll: DEFAULT_POLL,
             clock: Clock::system(),
+            taken_on: AtomicU8::new(Phase::Copy as u8),
         }
     }
 
@@ -163,8 +169,7 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     pub async fn refresh(&self) -> Result<Phase, MigrationError> {
         let mut phase = self.load().await?;
         loop {
-            self.take_on(phase).await;
-            let local = self.migration.phase();
+            let local = self.take_on(phase).await;
             self.store
                 .acknowledge(&self.key, &self.participant, local as u8, self.lease)
                 .await
@@ -180,17 +185,21 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
         }
     }
 
-    /// Takes `phase` on locally. While the cut-over waits for this participant's writes to old
-    /// owners, it keeps acknowledging the phase it had: it stays counted as behind however
-    /// long those writes take, since only a participant that died stops acknowledging.
-    async fn take_on(&self, phase: Phase) {
-        let before = self.migration.phase();
+    /// Takes `phase` on locally and returns the phase now taken on in full. While the
+    /// cut-over waits for this participant's writes to old owners, it keeps acknowledging the
+    /// phase it had taken on in full: it stays counted as behind however long those writes
+    /// take, since only a participant that died stops acknowledging.
+    async fn take_on(&self, phase: Phase) -> Phase {
         let mut follow = std::pin::pin!(self.migration.follow(phase));
         loop {
             let renew = std::pin::pin!(self.clock.sleep(self.poll));
-            if let Either::Left(((), _)) = select(follow.as_mut(), renew).await {
-                return;
+            if let Either::Left((waited_for, _)) = select(follow.as_mut(), renew).await {
+                // Phases only move forward (a rollback is the last): the furthest counts.
+                let taken_on = self.taken_on.fetch_max(waited_for as u8, Ordering::AcqRel);
+                return Phase::from_u8(taken_on.max(waited_for as u8)).unwrap_or(waited_for);
             }
+            let before =
+                Phase::from_u8(self.taken_on.load(Ordering::Acquire)).unwrap_or(Phase::Copy);
             if let Err(error) = self
                 .store
                 .acknowledge(&self.key, &self.participant, before as u8, self.lease)

@@ -179,6 +179,46 @@ async fn a_live_participant_whose_write_outlasts_its_lease_is_waited_for() {
     following.abort();
 }
 
+/// A second refresh in the same participant (a request handler's, beside its follow task)
+/// while the cut-over waits for its write to an old owner does not acknowledge the cut-over
+/// for it: the write is still in flight.
+#[tokio::test(start_paused = true)]
+async fn a_second_refresh_during_the_wait_does_not_acknowledge_the_cut_over_early() {
+    let lease = Duration::from_secs(2);
+    let (driver, other, following) = driver_and_follower("second-refresh", lease).await;
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(other.migration().phase(), Phase::ShadowRead);
+
+    let held = other.migration().write(&moving_key()).unwrap();
+    // Polls (every 100 ms) at distinct instants: the follow task renews at x00, the second
+    // refresh at x15, and the driver checks at x30, after both.
+    let ms = Duration::from_millis;
+    tokio::time::sleep(ms(30)).await;
+    let cut_over = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.advance().await }
+    });
+    // The follow task has taken the cut-over on (at 1.1 s) and waits for the write.
+    tokio::time::sleep(ms(85)).await;
+    assert_eq!(other.migration().phase(), Phase::CutOver);
+    let second = tokio::spawn({
+        let other = Arc::clone(&other);
+        async move { other.refresh().await }
+    });
+    tokio::time::sleep(5 * lease).await;
+    assert!(
+        !cut_over.is_finished(),
+        "the cut-over ended while a live participant still writes to an old owner"
+    );
+    drop(held);
+    assert_eq!(cut_over.await.unwrap().unwrap(), Phase::CutOver);
+    assert_eq!(second.await.unwrap().unwrap(), Phase::CutOver);
+    following.abort();
+}
+
 /// A shared rollback returns once no live participant has a mirrored write in flight, so the
 /// copies on the new owners can be dropped then, not before.
 #[tokio::test(start_paused = true)]
