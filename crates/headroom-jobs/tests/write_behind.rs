@@ -227,7 +227,11 @@ async fn a_write_the_writer_refuses_for_good_is_dead_and_holds_back_no_other() {
     assert_eq!(dead.len(), 1, "{dead:?}");
     let status = writes.queue().status(dead[0]).await.unwrap().unwrap();
     assert!(
-        status.error.as_deref().unwrap().contains("a constraint is violated"),
+        status
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("a constraint is violated"),
         "{status:?}"
     );
     assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
