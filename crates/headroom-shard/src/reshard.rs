@@ -15,7 +15,7 @@ use crate::error::{MigrationError, MigrationErrorKind, UnknownShard};
 use crate::hash::ShardKey;
 use crate::metrics::{MIGRATION_PHASE, MIGRATION_PROGRESS, SHADOW_READS};
 use crate::router::{CLUSTER_SLOTS, Layout};
-use crate::{AnyRouter, ReadPolicy, Router, ShardId, Target, Topology};
+use crate::{AnyRouter, ReadPolicy, Router, Session, ShardId, Target, Topology};
 
 /// Keys sampled to measure hash-spread moves: 2^16, so a fraction is within ±0.5% (3σ).
 pub const PLAN_SAMPLES: u32 = 1 << 16;
@@ -405,6 +405,20 @@ fn pinned_moves<'k, H, R: Router>(
             }
         })
         .collect()
+}
+
+/// Routes a read on `shard` of `topology`, behind none of `session`'s writes.
+fn read_on<'t, H, R: Router>(
+    topology: &'t Topology<H, R>,
+    shard: ShardId,
+    policy: &ReadPolicy,
+    session: Option<&Session>,
+) -> Result<Target<'t, H>, UnknownShard> {
+    let required = match session {
+        Some(session) => session.required(shard, topology.primary(shard)?.id()),
+        None => None,
+    };
+    topology.read_shard(shard, policy, required)
 }
 
 fn sampled_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<Move> {
@@ -812,24 +826,46 @@ impl<H, R: Router> Migration<H, R> {
         key: &K,
         policy: &ReadPolicy,
     ) -> Result<ReadRoute<'_, H>, UnknownShard> {
+        self.read_with(key, policy, None)
+    }
+
+    /// Routes a read of `key` by `policy`, never to a replica behind `session`'s writes (see
+    /// [`Topology::read_session`]); record the session's writes with the targets
+    /// [`write`](Self::write) routes them to.
+    pub fn read_session<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        policy: &ReadPolicy,
+        session: &Session,
+    ) -> Result<ReadRoute<'_, H>, UnknownShard> {
+        self.read_with(key, policy, Some(session))
+    }
+
+    fn read_with<K: ShardKey + ?Sized>(
+        &self,
+        key: &K,
+        policy: &ReadPolicy,
+        session: Option<&Session>,
+    ) -> Result<ReadRoute<'_, H>, UnknownShard> {
         let (old_shard, new_shard) = key.with_key_bytes(|bytes| {
             (
                 self.from.router().route_bytes(bytes),
                 self.to.router().route_bytes(bytes),
             )
         });
+        let read = |topology, shard| read_on(topology, shard, policy, session);
         let phase = self.phase();
         if phase.new_owners_serve() {
             return Ok(ReadRoute {
-                target: self.to.read_shard(new_shard, policy, None)?,
+                target: read(&*self.to, new_shard)?,
                 shadow: None,
             });
         }
-        let target = self.from.read_shard(old_shard, policy, None)?;
+        let target = read(&*self.from, old_shard)?;
         let shadow = if phase == Phase::ShadowRead
             && self.to.primary(new_shard)?.id() != self.from.primary(old_shard)?.id()
         {
-            Some(self.to.read_shard(new_shard, policy, None)?)
+            Some(read(&*self.to, new_shard)?)
         } else {
             None
         };

@@ -11,7 +11,7 @@ use common::{TestRecorder, poll_once};
 use headroom_core::Classify;
 use headroom_shard::{
     Directory, EpochFence, JumpRouter, KeyRange, Migration, MigrationErrorKind, Phase, RangeRouter,
-    ReadPolicy, ReshardPlan, Router, ShardId, SlotRouter, Topology, Units,
+    ReadPolicy, ReplicaStatus, ReshardPlan, Router, Session, ShardId, SlotRouter, Topology, Units,
 };
 
 fn jump_topology(
@@ -525,6 +525,50 @@ async fn routing_follows_the_phase_table() {
     assert_eq!(write(&moving), ("b".into(), None, 2));
     assert_eq!(write(&staying), ("a".into(), None, 2));
     assert_eq!(read(&moving), ("b".into(), None));
+}
+
+/// Reads through a migration keep a session's writes: before the cut-over on the old owner,
+/// after it on the new, never from a replica behind what the session wrote there.
+#[tokio::test]
+async fn session_reads_through_a_migration_never_go_behind_the_sessions_writes() {
+    let build = |epoch, node: &'static str| {
+        Topology::builder(JumpRouter::new(4).unwrap())
+            .epoch(epoch)
+            .node(node, ())
+            .node(if node == "a" { "a-r" } else { "b-r" }, ())
+            .shards(0..4, node, &[if node == "a" { "a-r" } else { "b-r" }])
+            .build()
+            .unwrap()
+    };
+    let migration = Migration::new("m", Arc::new(build(1, "a")), Arc::new(build(2, "b"))).unwrap();
+    let behind = |node: &str, topology: &Topology<(), JumpRouter>| {
+        topology.report(
+            node,
+            ReplicaStatus {
+                lag: Some(std::time::Duration::ZERO),
+                position: Some(900),
+            },
+        );
+    };
+    behind("a-r", migration.from_topology());
+    behind("b-r", migration.to_topology());
+    let mut session = Session::new();
+    session.record_write(migration.write("k").unwrap().owner(), 1_000);
+    let read = migration
+        .read_session("k", &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.target.node_id(), "a", "a-r is behind the write");
+
+    migration.report_copied(1, 1);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(migration.phase(), Phase::CutOver);
+    session.record_write(migration.write("k").unwrap().owner(), 1_000);
+    let read = migration
+        .read_session("k", &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.target.node_id(), "b", "b-r is behind the write");
 }
 
 #[tokio::test]
