@@ -1048,7 +1048,7 @@ where
     async fn keep_hide(this: &Arc<Self>, hide: Hide, at_unix_ms: u64) {
         let Some(key) = this.l2.as_ref().and_then(|l2| l2.hide_key(&hide)) else {
             // No L2, or a tag too long to be a key: no entry carries it.
-            this.publish_hide(&hide);
+            this.publish_hide(&hide, at_unix_ms);
             return;
         };
         let (published, on_published) = oneshot::channel();
@@ -1056,7 +1056,7 @@ where
         tokio::spawn(async move {
             let l2 = inner.l2.as_ref().expect("a hide key needs L2");
             let kept = l2.keep_hides(std::iter::once((key, at_unix_ms))).await;
-            inner.publish_hide(&hide);
+            inner.publish_hide(&hide, at_unix_ms);
             let _ = published.send(());
             if !kept {
                 Self::hold_unkept(&inner, hide, at_unix_ms);
@@ -1114,8 +1114,8 @@ where
                     }
                 }
                 drop(held);
-                for (hide, _) in &unkept {
-                    inner.publish_hide(hide);
+                for (hide, at) in &unkept {
+                    inner.publish_hide(hide, *at);
                 }
                 pause = HIDE_RETRY_FIRST;
             } else {
@@ -1129,11 +1129,12 @@ where
         }
     }
 
-    fn publish_hide(&self, hide: &Hide) {
+    /// Publishes a hide made at `at_unix_ms`: the others hide what was written up to then.
+    fn publish_hide(&self, hide: &Hide, at_unix_ms: u64) {
         if let Some(invalidation) = &self.invalidation {
             match hide {
-                Hide::All => invalidation.publish_clear(),
-                Hide::Tag(tag) => invalidation.publish_tag(tag),
+                Hide::All => invalidation.publish_clear(at_unix_ms),
+                Hide::Tag(tag) => invalidation.publish_tag(tag, at_unix_ms),
             }
         }
     }

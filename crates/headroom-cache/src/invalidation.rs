@@ -20,7 +20,7 @@
 //! last keys and a goodbye: the others stop expecting it and flush nothing, unless it had to
 //! give up on some of those keys (its goodbye then shows a gap).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -206,11 +206,14 @@ struct Outbox {
     keys: Vec<Vec<u8>>,
     /// Keys written whose L2 copies could not be updated.
     outdated: Vec<Vec<u8>>,
-    /// Each tag once: the message hides all entries carrying it up to when it is sent.
-    tags: HashSet<String>,
+    /// Each tag once, with the time of its latest invalidation (Unix ms): the message hides
+    /// the entries carrying it written up to then.
+    tags: HashMap<String, u64>,
     /// More keys than `max_pending_keys` were queued: send a flush instead of the keys.
     overflowed: bool,
-    clear: bool,
+    /// A clear, with the time of the latest (Unix ms): the message hides every entry written
+    /// up to then.
+    clear: Option<u64>,
 }
 
 /// The most bytes of keys or tags one message carries: under every bus's limit on a message
@@ -233,12 +236,31 @@ fn fitting(lengths: impl Iterator<Item = usize>) -> usize {
 }
 
 impl Outbox {
-    /// A clear covers every key and tag queued before it.
-    fn make_clear(&mut self) {
+    /// A clear at `at` covers every key queued before it, and every tag invalidated up to
+    /// then; a tag invalidated later still hides what the clear does not.
+    fn make_clear(&mut self, at: u64) {
+        let at = self.clear.map_or(at, |queued| queued.max(at));
+        let mut tags = std::mem::take(&mut self.tags);
+        tags.retain(|_, tag_at| *tag_at > at);
         *self = Self {
-            clear: true,
+            clear: Some(at),
+            tags,
             ..Self::default()
         };
+    }
+
+    /// Queues `tag` invalidated at `at`, unless a queued clear covers it.
+    fn add_tag(&mut self, tag: &str, at: u64) {
+        if self.clear.is_some_and(|clear_at| at <= clear_at) {
+            return;
+        }
+        match self.tags.get_mut(tag) {
+            Some(queued) => *queued = (*queued).max(at),
+            None => {
+                self.tags.insert(tag.to_owned(), at);
+            }
+        }
+        self.bound_tags();
     }
 
     /// Past as many tags as an instance hides one by one (beyond which it hides everything
@@ -246,12 +268,13 @@ impl Outbox {
     /// bus is out of reach.
     fn bound_tags(&mut self) {
         if self.tags.len() > MAX_HIDDEN_TAGS {
-            self.make_clear();
+            let newest = self.tags.values().copied().max().unwrap_or(0);
+            self.make_clear(newest);
         }
     }
 
     fn is_empty(&self) -> bool {
-        !self.clear
+        self.clear.is_none()
             && !self.overflowed
             && self.keys.is_empty()
             && self.outdated.is_empty()
@@ -434,22 +457,15 @@ impl Invalidation {
         KeyPublisher(Arc::downgrade(&self.shared))
     }
 
-    /// Queues a tag for the next message.
-    pub(crate) fn publish_tag(&self, tag: &str) {
-        let mut outbox = self.shared.outbox.lock();
-        if !outbox.clear && !outbox.tags.contains(tag) {
-            outbox.tags.insert(tag.to_owned());
-            outbox.bound_tags();
-        }
-        drop(outbox);
+    /// Queues a tag invalidated at `at_unix_ms` for the next message.
+    pub(crate) fn publish_tag(&self, tag: &str, at_unix_ms: u64) {
+        self.shared.outbox.lock().add_tag(tag, at_unix_ms);
         self.shared.wake.notify_one();
     }
 
-    /// Queues a "clear" for the next message.
-    pub(crate) fn publish_clear(&self) {
-        let mut outbox = self.shared.outbox.lock();
-        outbox.make_clear();
-        drop(outbox);
+    /// Queues a "clear" made at `at_unix_ms` for the next message.
+    pub(crate) fn publish_clear(&self, at_unix_ms: u64) {
+        self.shared.outbox.lock().make_clear(at_unix_ms);
         self.shared.wake.notify_one();
     }
 }
@@ -473,7 +489,7 @@ impl Shared {
             return;
         }
         let mut outbox = self.outbox.lock();
-        if !outbox.clear && !outbox.overflowed {
+        if outbox.clear.is_none() && !outbox.overflowed {
             let keys = keys.map(<[u8]>::to_vec);
             if outdated {
                 outbox.outdated.extend(keys);
@@ -490,8 +506,15 @@ impl Shared {
         self.wake.notify_one();
     }
 
-    /// Publishes one message; whether the bus took it.
+    /// Publishes one message, sent now; whether the bus took it.
     async fn send(&self, action: Action<'_>) -> bool {
+        self.send_at(action, self.clock.unix_millis()).await
+    }
+
+    /// Publishes one message dated `unix_ms` (a clear's or a tag's hide time: a message the
+    /// bus refused for a while must not hide what was written meanwhile); whether the bus
+    /// took it.
+    async fn send_at(&self, action: Action<'_>, unix_ms: u64) -> bool {
         // Only the publisher task sends. A number is used up only by a message the bus took
         // (or skipped on purpose, see `publish`): what failed is sent again under the same
         // number, so receivers see no gap (and one that failed yet arrived is merely applied
@@ -500,7 +523,7 @@ impl Shared {
         let message = Message {
             origin: self.origin,
             seq,
-            sent_unix_ms: self.clock.unix_millis(),
+            sent_unix_ms: unix_ms,
             action,
         };
         match self.bus.publish(&self.channel, message.encode()).await {
@@ -520,13 +543,12 @@ impl Shared {
     /// Sends what `outbox` holds, emptying it part by part; at the first publish that fails,
     /// stops and leaves the rest in it.
     async fn send_outbox(&self, outbox: &mut Outbox) -> bool {
-        if outbox.clear {
-            // A clear covers every key and tag queued before it.
-            if !self.send(Action::Clear).await {
+        if let Some(at) = outbox.clear {
+            // A clear covers every key and tag queued before it; tags invalidated later follow.
+            if !self.send_at(Action::Clear, at).await {
                 return false;
             }
-            *outbox = Outbox::default();
-            return true;
+            outbox.clear = None;
         }
         if outbox.overflowed {
             if !self.send(Action::Flush).await {
@@ -551,18 +573,26 @@ impl Shared {
             }
             outbox.outdated.drain(..n);
         }
-        while !outbox.tags.is_empty() {
-            let n = fitting(outbox.tags.iter().map(String::len));
-            let tags: Vec<String> = outbox.tags.iter().take(n).cloned().collect();
+        // Oldest first, each message dated by its newest tag: a tag is hidden up to at most
+        // the time of a tag invalidated after it and sent with it.
+        let mut tags: Vec<(String, u64)> = outbox.tags.drain().collect();
+        tags.sort_unstable_by_key(|&(_, at)| at);
+        let mut sent = 0;
+        while sent < tags.len() {
+            let n = fitting(tags[sent..].iter().map(|(tag, _)| tag.len()));
+            let batch = &tags[sent..sent + n];
+            let at = batch[n - 1].1;
             if !self
-                .send(Action::Tags(tags.iter().map(String::as_str).collect()))
+                .send_at(
+                    Action::Tags(batch.iter().map(|(tag, _)| tag.as_str()).collect()),
+                    at,
+                )
                 .await
             {
+                outbox.tags.extend(tags.drain(sent..));
                 return false;
             }
-            for tag in &tags {
-                outbox.tags.remove(tag);
-            }
+            sent += n;
         }
         true
     }
@@ -570,22 +600,22 @@ impl Shared {
     /// Queues again, ahead of what was queued since, what could not be sent.
     fn put_back(&self, mut unsent: Outbox) {
         let mut outbox = self.outbox.lock();
-        if outbox.clear {
-            return;
+        let newer = std::mem::take(&mut *outbox);
+        if let Some(at) = newer.clear {
+            unsent.make_clear(at);
         }
-        if unsent.clear {
+        for (tag, at) in &newer.tags {
+            unsent.add_tag(tag, *at);
+        }
+        if unsent.clear.is_some() {
+            // The clear covers every key, queued before it or since (it flushes L1 when
+            // received, after those writes).
             *outbox = unsent;
             return;
         }
-        unsent.keys.append(&mut outbox.keys);
-        unsent.outdated.append(&mut outbox.outdated);
-        unsent.tags.extend(outbox.tags.drain());
-        unsent.overflowed |= outbox.overflowed;
-        unsent.bound_tags();
-        if unsent.clear {
-            *outbox = unsent;
-            return;
-        }
+        unsent.keys.extend(newer.keys);
+        unsent.outdated.extend(newer.outdated);
+        unsent.overflowed |= newer.overflowed;
         // Past the limit, one flush stands for every key, as when they are queued.
         if unsent.overflowed
             || unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys

@@ -573,6 +573,37 @@ async fn a_lost_clear_or_tag_still_hides_l2_entries_within_the_bound() {
     }
 }
 
+/// A clear or tag invalidation the bus refused for a while hides, when it arrives, what was
+/// written before the call, not what other instances wrote while it waited to be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_clear_or_tag_hides_only_what_was_written_before_the_call() {
+    for clear in [false, true] {
+        let ns = unique_namespace("late-hide");
+        let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
+        a.insert_tagged("old".into(), 1, &["team:1"]).await.unwrap();
+        settle_value(&b, "old", Some(1)).await;
+        faulty.failing.store(true, Ordering::SeqCst);
+        if clear {
+            a.clear().await;
+        } else {
+            a.invalidate_tag("team:1").await;
+        }
+        // Well within B's patience for A's silence, and in a later millisecond.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.insert_tagged("fresh".into(), 5, &["team:1"])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        faulty.failing.store(false, Ordering::SeqCst);
+        settle_value(&b, "old", None).await;
+        assert_eq!(
+            b.get(&"fresh".to_owned()).await.unwrap(),
+            Some(5),
+            "B's later write was hidden (clear: {clear})"
+        );
+    }
+}
+
 /// A clear that L2 did not take (it failed for the invalidating instance) is written once L2
 /// answers again and then published again: an instance that lost the message, and so read
 /// L2 again after the gap but found no clear there, stops serving the old entry.
