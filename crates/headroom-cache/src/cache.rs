@@ -2067,7 +2067,7 @@ where
             // here from the next millisecond on is newer (a version is the created-at
             // millisecond, then the microseconds within it).
             let missed = (self.clock.unix_millis(), u16::MAX);
-            l2.outdated(full.iter().map(|key| (key, missed)));
+            l2.outdated_elsewhere(full.iter().map(|key| (key, missed)));
         }
         self.invalidate_keys(keys);
     }

@@ -80,10 +80,11 @@ pub struct CacheConfig {
     /// How long the cache leaves L2 alone after repeated failures before probing it again.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub l2_cooldown: Duration,
-    /// The most keys whose L2 copy is known to be outdated (a write failed to reach L2) that
-    /// are remembered until a delete reaches L2. A key beyond it makes the cache skip L2 reads
-    /// for `ttl + ttl_jitter + fail_safe_max_stale`, after which every copy it could have missed
-    /// has expired.
+    /// The most keys whose L2 copy is known to be outdated (a write here failed to reach L2)
+    /// that are remembered until a delete reaches L2. A key beyond it makes the cache skip L2
+    /// reads for `ttl + ttl_jitter + fail_safe_max_stale`, after which every copy it could have
+    /// missed has expired. As many keys heard from other instances are remembered besides;
+    /// past that, they are served as if their message had been missed.
     pub l2_max_pending_deletes: usize,
     /// The largest encoded value accepted, in bytes.
     pub max_value_len: usize,

@@ -44,9 +44,8 @@ pub(crate) struct L2 {
     breaker: CircuitBreaker<()>,
     cooldown: Duration,
     metrics: Arc<Metrics>,
-    /// Keys whose L2 copy may be outdated, with the generation of the write that failed and
-    /// its version: only an entry at least as new in L2 settles the key.
-    pending: Mutex<HashMap<Key, (u64, Version)>>,
+    /// Keys whose L2 copy may be outdated: only an entry at least as new in L2 settles one.
+    pending: Mutex<Pending>,
     pending_len: AtomicUsize,
     max_pending: usize,
     generation: AtomicU64,
@@ -110,7 +109,7 @@ impl L2 {
             cooldown,
             clock,
             metrics,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             pending_len: AtomicUsize::new(0),
             max_pending: config.l2_max_pending_deletes,
             generation: AtomicU64::new(0),
@@ -201,7 +200,7 @@ impl L2 {
         if untrusted_until != 0 && self.since_origin() < untrusted_until {
             return false;
         }
-        self.pending_len.load(Ordering::Acquire) == 0 || !self.pending.lock().contains_key(key)
+        self.pending_len.load(Ordering::Acquire) == 0 || !self.pending.lock().keys.contains_key(key)
     }
 
     fn since_origin(&self) -> u64 {
@@ -329,13 +328,14 @@ impl L2 {
         let mut pending = self.pending.lock();
         for entry in entries {
             if pending
+                .keys
                 .get(&entry.key)
-                .is_some_and(|(_, missed)| *missed <= version(entry))
+                .is_some_and(|held| held.missed <= version(entry))
             {
                 pending.remove(&entry.key);
             }
         }
-        self.pending_changed(pending.len());
+        self.pending_changed(pending.keys.len());
     }
 
     /// Sends the keys of every delete the drain makes to the other instances: one of them may
@@ -357,11 +357,43 @@ impl L2 {
 
     /// The keys' L2 copies may be outdated: remember them and make sure a drain runs.
     pub(crate) fn outdated<'k>(self: &Arc<Self>, keys: impl Iterator<Item = (&'k Key, Version)>) {
+        self.remember_outdated(keys, Origin::Here);
+    }
+
+    /// Another instance's write of the keys missed L2: remember them as far as there is room.
+    /// Past it, a key is served as by an instance that missed the message (its writer deletes
+    /// the copy and announces it): the backlog bounds this instance's own writes, whatever
+    /// the whole fleet wrote meanwhile.
+    pub(crate) fn outdated_elsewhere<'k>(
+        self: &Arc<Self>,
+        keys: impl Iterator<Item = (&'k Key, Version)>,
+    ) {
+        self.remember_outdated(keys, Origin::Elsewhere);
+    }
+
+    fn remember_outdated<'k>(
+        self: &Arc<Self>,
+        keys: impl Iterator<Item = (&'k Key, Version)>,
+        origin: Origin,
+    ) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel);
         {
             let mut pending = self.pending.lock();
             for (key, missed) in keys {
-                if pending.len() >= self.max_pending && !pending.contains_key(key) {
+                let held = pending.keys.get(key).copied();
+                let elsewhere = origin == Origin::Elsewhere;
+                // Each origin has its own room: keys heard from the fleet never crowd out
+                // this instance's own.
+                let fits = match held {
+                    Some(held) => !held.elsewhere || elsewhere || pending.here() < self.max_pending,
+                    None if elsewhere => pending.elsewhere < self.max_pending,
+                    None => pending.here() < self.max_pending,
+                };
+                if !fits {
+                    if elsewhere {
+                        self.metrics.l2_pending_untracked.increment(1);
+                        continue;
+                    }
                     // This key's outdated copy cannot be tracked: distrust all of L2 until any
                     // copy written before now has expired.
                     let lifetime = self.max_lifetime.load(Ordering::Relaxed);
@@ -374,12 +406,17 @@ impl L2 {
                     );
                     break;
                 }
-                let newest = pending
-                    .get(key)
-                    .map_or(missed, |(_, held)| missed.max(*held));
-                pending.insert(key.clone(), (generation, newest));
+                pending.insert(
+                    key.clone(),
+                    Held {
+                        generation,
+                        missed: held.map_or(missed, |held| missed.max(held.missed)),
+                        // A key this instance wrote stays its own to track.
+                        elsewhere: elsewhere && held.is_none_or(|held| held.elsewhere),
+                    },
+                );
             }
-            self.pending_changed(pending.len());
+            self.pending_changed(pending.keys.len());
         }
         if !self.draining.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {
@@ -401,6 +438,52 @@ impl L2 {
     pub(crate) fn pending_deletes(&self) -> usize {
         self.pending_len.load(Ordering::Acquire)
     }
+}
+
+/// The pending deletes, each origin's counted against its own room.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<Key, Held>,
+    /// How many of the keys were heard from other instances.
+    elsewhere: usize,
+}
+
+/// A pending delete: the generation of the write that failed and its version.
+#[derive(Clone, Copy)]
+struct Held {
+    generation: u64,
+    missed: Version,
+    /// Heard from another instance, not written here.
+    elsewhere: bool,
+}
+
+impl Pending {
+    /// How many of the keys were written here.
+    fn here(&self) -> usize {
+        self.keys.len() - self.elsewhere
+    }
+
+    fn insert(&mut self, key: Key, held: Held) {
+        if self.keys.insert(key, held).is_some_and(|old| old.elsewhere) {
+            self.elsewhere -= 1;
+        }
+        if held.elsewhere {
+            self.elsewhere += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if self.keys.remove(key).is_some_and(|old| old.elsewhere) {
+            self.elsewhere -= 1;
+        }
+    }
+}
+
+/// Where the write that missed L2 was made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Here,
+    Elsewhere,
 }
 
 /// Entries of a write in progress: if the write is dropped before it ends, L2 may or may not
@@ -452,9 +535,10 @@ async fn drain(mut running: Draining) {
         let batch: Vec<(Key, u64)> = this
             .pending
             .lock()
+            .keys
             .iter()
             .take(DRAIN_BATCH)
-            .map(|(key, (generation, _))| (key.clone(), *generation))
+            .map(|(key, held)| (key.clone(), held.generation))
             .collect();
         if batch.is_empty() {
             this.draining.store(false, Ordering::Release);
@@ -487,11 +571,15 @@ async fn drain(mut running: Draining) {
             let mut pending = this.pending.lock();
             for (key, generation) in &batch {
                 // A write that failed after this batch was taken keeps its key pending.
-                if pending.get(key).is_some_and(|(held, _)| held == generation) {
+                if pending
+                    .keys
+                    .get(key)
+                    .is_some_and(|held| held.generation == *generation)
+                {
                     pending.remove(key);
                 }
             }
-            this.pending_changed(pending.len());
+            this.pending_changed(pending.keys.len());
             drop(pending);
             if let Some(publisher) = this.deletes_announced_to.get() {
                 publisher.publish_keys(batch.iter().map(|(key, _)| key.local()));

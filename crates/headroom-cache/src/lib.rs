@@ -73,7 +73,8 @@
 //! `headroom_cache_load_duration_seconds`, `headroom_cache_refreshes_total`,
 //! `headroom_cache_stale_served_total`, `headroom_cache_l2_errors_total` (label `kind`:
 //! `error`, `timeout`), `headroom_cache_l2_skipped_total`, `headroom_cache_l2_corrupt_total`,
-//! `headroom_cache_l2_pending_deletes`, `headroom_cache_l2_breaker_open`,
+//! `headroom_cache_l2_pending_deletes`, `headroom_cache_l2_outdated_untracked_total`,
+//! `headroom_cache_l2_breaker_open`,
 //! `headroom_cache_evictions_total` and `headroom_cache_oversized_total`; with invalidation,
 //! `headroom_cache_invalidation_sent_total`, `_publish_errors_total`, `_received_total`,
 //! `_invalid_total`, `_gaps_total`, `_flushes_total` (label `reason`), the

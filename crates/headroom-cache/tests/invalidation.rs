@@ -604,6 +604,51 @@ async fn a_late_clear_or_tag_hides_only_what_was_written_before_the_call() {
     }
 }
 
+/// Outdated keys heard from other instances do not count against an instance's own backlog
+/// of pending deletes: a fleet whose L2 writes all failed for a while (a master failover)
+/// does not stop reading L2 for an entry lifetime because together they wrote more keys than
+/// one instance tracks. (Their writers delete those copies and announce it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_instances_outdated_keys_do_not_make_l2_distrusted() {
+    let ns = unique_namespace("fleet-backlog");
+    let with_backlog_of_four = |parts: Parts| {
+        Cache::builder()
+            .ttl(Duration::from_secs(60))
+            .l2_cooldown(Duration::from_millis(100))
+            .l2_max_pending_deletes(4)
+            .l2(parts.0, ns.clone())
+            .invalidation(parts.1, config())
+            .build()
+            .expect("build")
+    };
+    let mut parts = memory_parts(2).into_iter();
+    let (a_parts, a_calls) = probed(parts.next().unwrap());
+    let (b_parts, b_calls) = probed(parts.next().unwrap());
+    let (a, b): (Cache<String, u64>, Cache<String, u64>) =
+        (with_backlog_of_four(a_parts), with_backlog_of_four(b_parts));
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("untouched".into(), 7).await.unwrap();
+
+    for calls in [&a_calls, &b_calls] {
+        calls.fail.store(true, Ordering::SeqCst);
+    }
+    for i in 0..3 {
+        b.insert(format!("b{i}"), i).await.unwrap();
+        a.insert(format!("a{i}"), i).await.unwrap();
+    }
+    settle(|| b.pending_l2_deletes() >= 4).await;
+    for calls in [&a_calls, &b_calls] {
+        calls.fail.store(false, Ordering::SeqCst);
+    }
+    settle(|| a.pending_l2_deletes() == 0 && b.pending_l2_deletes() == 0).await;
+    b.invalidate_local(&"untouched".to_owned());
+    assert_eq!(
+        b.get(&"untouched".to_owned()).await.unwrap(),
+        Some(7),
+        "B stopped reading L2"
+    );
+}
+
 /// A clear that L2 did not take (it failed for the invalidating instance) is written once L2
 /// answers again and then published again: an instance that lost the message, and so read
 /// L2 again after the gap but found no clear there, stops serving the old entry.
