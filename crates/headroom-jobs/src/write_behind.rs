@@ -40,7 +40,8 @@ pub struct Write {
 /// succeeds; later writes of the same keys wait behind it. A fatal error
 /// ([`JobError::fatal`]) says some write of the batch can never be written: the batch's writes
 /// are then handed over one at a time, and each refused for good alone is buried as a dead
-/// letter of the queue, with the error.
+/// letter of the queue, with the error (and with it the earlier writes of its key that it
+/// superseded in the batch).
 pub trait Writer: Send + Sync + 'static {
     /// Writes `batch`.
     fn write(&self, batch: Vec<Write>) -> impl Future<Output = Result<(), JobError>> + Send;
@@ -610,6 +611,8 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let mut writes: Vec<Write> = Vec::new();
     // Corrupt writes are buried: no longer this pass's to extend, complete or hand back.
     let (mut kept, mut corrupt) = (Vec::with_capacity(deliveries.len()), Vec::new());
+    // The key of each kept delivery, in the same order.
+    let mut kept_keys = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         let Some(write) = crate::envelope::open(&delivery.payload).and_then(|(_, p)| decode(p))
         else {
@@ -617,6 +620,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
             continue;
         };
         let rank = (write.version, delivery.number);
+        kept_keys.push(write.key.clone());
         match latest.get_mut(&write.key) {
             Some((version, number, index)) => {
                 if rank > (*version, *number) {
@@ -661,19 +665,17 @@ async fn drain_partition<S: JobStore, W: Writer>(
     };
     let written = refused.is_some();
     if let Some(refused) = refused {
-        // A write refused for good is dead: its delivery (the key's latest) is buried with
-        // the writer's error; the writes it superseded are done with, as when it is written.
-        let dead: HashMap<u64, String> = refused
-            .into_iter()
-            .filter_map(|(write_key, error)| latest.get(&write_key).map(|w| (w.1, error)))
-            .collect();
-        let handed = handed - dead.len() as u64;
+        // A write refused for good is dead, and so are the writes of its key it superseded
+        // in this pass: none of them was written. Each is buried with the writer's error.
+        let handed = handed - refused.len() as u64;
+        let dead: HashMap<Bytes, String> = refused.into_iter().collect();
         tally.writes.fetch_add(handed, Ordering::Relaxed);
         tally.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         shared.metrics.writes.increment(handed);
         shared.metrics.coalesced.increment(coalesced);
-        for delivery in deliveries.iter().filter(|d| dead.contains_key(&d.number)) {
-            let error = &dead[&delivery.number];
+        let is_dead = |i: usize| dead.contains_key(&kept_keys[i]);
+        for (i, delivery) in deliveries.iter().enumerate().filter(|&(i, _)| is_dead(i)) {
+            let error = &dead[&kept_keys[i]];
             tracing::warn!(queue = %queue.name, job.number = delivery.number, error, "the writer refused a write for good; it is dead");
             queue.metrics.dead.increment(1);
             let _ = queue
@@ -691,8 +693,9 @@ async fn drain_partition<S: JobStore, W: Writer>(
         // failed) is delivered again and written again: versions make that harmless.
         let done: Vec<Completion> = deliveries
             .iter()
-            .filter(|delivery| !dead.contains_key(&delivery.number))
-            .map(|delivery| Completion {
+            .enumerate()
+            .filter(|&(i, _)| !is_dead(i))
+            .map(|(_, delivery)| Completion {
                 number: delivery.number,
                 attempt: delivery.attempt,
                 result: Bytes::new(),
