@@ -236,8 +236,9 @@ fn fitting(lengths: impl Iterator<Item = usize>) -> usize {
 }
 
 impl Outbox {
-    /// A clear at `at` covers every key queued before it, and every tag invalidated up to
-    /// then; a tag invalidated later still hides what the clear does not.
+    /// A clear at `at` covers every key queued before it (outdated ones too: their L2 copies
+    /// were written before it), and every tag invalidated up to then; a tag invalidated
+    /// later still hides what the clear does not.
     fn make_clear(&mut self, at: u64) {
         let at = self.clear.map_or(at, |queued| queued.max(at));
         let mut tags = std::mem::take(&mut self.tags);
@@ -489,7 +490,9 @@ impl Shared {
             return;
         }
         let mut outbox = self.outbox.lock();
-        if outbox.clear.is_none() && !outbox.overflowed {
+        // A queued clear flushes L1 when it arrives, after these writes, so it stands for
+        // their keys; not for an outdated L2 copy, which may be newer than the clear's call.
+        if !outbox.overflowed && (outdated || outbox.clear.is_none()) {
             let keys = keys.map(<[u8]>::to_vec);
             if outdated {
                 outbox.outdated.extend(keys);
@@ -607,13 +610,11 @@ impl Shared {
         for (tag, at) in &newer.tags {
             unsent.add_tag(tag, *at);
         }
-        if unsent.clear.is_some() {
-            // The clear covers every key, queued before it or since (it flushes L1 when
-            // received, after those writes).
-            *outbox = unsent;
-            return;
+        // A clear stands for every key, queued before it or since (it flushes L1 when
+        // received, after those writes), but not for outdated keys queued since.
+        if unsent.clear.is_none() {
+            unsent.keys.extend(newer.keys);
         }
-        unsent.keys.extend(newer.keys);
         unsent.outdated.extend(newer.outdated);
         unsent.overflowed |= newer.overflowed;
         // Past the limit, one flush stands for every key, as when they are queued.

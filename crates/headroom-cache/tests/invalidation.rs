@@ -604,6 +604,43 @@ async fn a_late_clear_or_tag_hides_only_what_was_written_before_the_call() {
     }
 }
 
+/// A write whose L2 copy is outdated is announced even while a clear waits to be sent: the
+/// clear, dated by its call, does not hide the copy another instance wrote after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outdated_write_queued_behind_a_clear_is_still_announced() {
+    let ns = unique_namespace("outdated-behind-clear");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let ((a_store, a_bus), a_calls) = probed((
+        DynKvStore::new(store.clone()),
+        DynInvalidationBus::new(faulty.clone()),
+    ));
+    let a = cache((a_store, a_bus), &ns);
+    let b = cache((DynKvStore::new(store), DynInvalidationBus::new(bus)), &ns);
+    live(&[a.clone(), b.clone()]).await;
+    faulty.failing.store(true, Ordering::SeqCst);
+    a.clear().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.insert("k".into(), 2).await.unwrap();
+    a_calls.fail.store(true, Ordering::SeqCst);
+    a.insert("k".into(), 3).await.unwrap();
+    faulty.failing.store(false, Ordering::SeqCst);
+    // A's clear arrives (B's L1 is flushed), then the key: B stops reading 2 from L2.
+    settle(|| faulty.refused.load(Ordering::SeqCst) > 0).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let served = b.get(&"k".to_owned()).await.unwrap();
+        if served != Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B still serves the outdated copy"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Outdated keys heard from other instances do not count against an instance's own backlog
 /// of pending deletes: a fleet whose L2 writes all failed for a while (a master failover)
 /// does not stop reading L2 for an entry lifetime because together they wrote more keys than
