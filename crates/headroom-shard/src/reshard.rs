@@ -856,8 +856,23 @@ impl<H, R: Router> Migration<H, R> {
         let read = |topology, shard| read_on(topology, shard, policy, session);
         let phase = self.phase();
         if phase.new_owners_serve() {
+            let (old_primary, new_primary) = (
+                self.from.primary(old_shard)?.id(),
+                self.to.primary(new_shard)?.id(),
+            );
+            // The session's writes of a moved key before the cut-over went to the old primary,
+            // and to the new one only as mirrors whose positions it may not know: until it
+            // has written on the new primary, it reads there.
+            let wrote_before = session.and_then(|s| s.required(old_shard, old_primary));
+            let wrote_since = session.and_then(|s| s.required(new_shard, new_primary));
+            let target =
+                if new_primary != old_primary && wrote_before.is_some() && wrote_since.is_none() {
+                    self.to.read_shard(new_shard, &ReadPolicy::Primary, None)?
+                } else {
+                    read(&*self.to, new_shard)?
+                };
             return Ok(ReadRoute {
-                target: read(&*self.to, new_shard)?,
+                target,
                 shadow: None,
             });
         }
