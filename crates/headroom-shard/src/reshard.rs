@@ -269,12 +269,14 @@ fn key_range_moves(moves: BTreeMap<Pair, Vec<KeyRange>>) -> Vec<Move> {
 }
 
 fn shard_moves<H, R: Router>(from: &Topology<H, R>, to: &Topology<H, R>) -> Vec<Move> {
-    let exact_slots = match from.router().layout() {
+    // A directory's shares are its base router's (its pinned keys are a handful).
+    let layout = unpinned(from.router().layout(), &mut Vec::new());
+    let exact_slots = match layout {
         Layout::Slots(slots) => Some(slots),
         _ => None,
     };
     // A range's share of the keys depends on the keys: none is given.
-    let ranged = matches!(from.router().layout(), Layout::Ranges(_));
+    let ranged = matches!(layout, Layout::Ranges(_));
     let shares = sample_shares(from.router());
     let mut moves: BTreeMap<Pair, (Vec<ShardId>, f64)> = BTreeMap::new();
     for shard in from.router().shards() {

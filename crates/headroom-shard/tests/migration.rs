@@ -303,6 +303,20 @@ fn plans_with_a_directory_over_ranges_cover_every_key_that_moves() {
             assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
         }
     }
+    // The same directory under a new placement moves shards, with no fraction: its base
+    // router's ranges give none.
+    let mut placed = Topology::builder(directory()).epoch(3);
+    for node in ["a", "b", "c"] {
+        placed = placed.node(node, ());
+    }
+    let placed = placed
+        .shard(ShardId(0), "a", &[])
+        .shard(ShardId(1), "c", &[])
+        .shard(ShardId(2), "c", &[])
+        .build()
+        .unwrap();
+    let plan = ReshardPlan::between(&build(2, directory()), &placed);
+    assert_eq!(plan.moved_fraction(), None, "{:?}", plan.moves());
 }
 
 #[test]
