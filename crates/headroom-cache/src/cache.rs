@@ -1328,15 +1328,18 @@ where
         learned: bool,
     ) -> Result<Option<Slot<V>>, Unsure> {
         let env = match envelope::decode(bytes) {
-            Ok(env) if env.codec == self.codec.id() => env,
-            Ok(_) => return Ok(self.discard(l2, key, bytes, "written by another codec")),
+            Ok(env) => env,
             Err(error) => return Ok(self.discard(l2, key, bytes, error)),
         };
-        // Another schema's entry is not corrupt: a miss, left for its own readers.
-        if env.tombstone
-            || env.schema != self.config.schema_version
-            || self.hidden(env.created_unix_ms, &env.tags, now, learned)?
-        {
+        // Another schema's entry is not corrupt: a miss, left for its own readers, whatever
+        // its codec (a codec change comes with a new schema version).
+        if env.tombstone || env.schema != self.config.schema_version {
+            return Ok(None);
+        }
+        if env.codec != self.codec.id() {
+            return Ok(self.discard(l2, key, bytes, "written by another codec"));
+        }
+        if self.hidden(env.created_unix_ms, &env.tags, now, learned)? {
             return Ok(None);
         }
         let value = match env.payload.map(|p| self.codec.decode(p)).transpose() {

@@ -1061,6 +1061,31 @@ async fn a_value_written_with_another_codec_is_a_miss() {
     assert_eq!(postcard.get(&key("k")).await.unwrap(), None);
 }
 
+/// A codec change shipped with a new schema version, as the docs ask: during the rolling
+/// deploy, each side reads the other's entries as misses and leaves them in L2.
+#[tokio::test(start_paused = true)]
+async fn a_codec_change_under_a_new_schema_version_leaves_the_other_sides_entries() {
+    let l2 = MemoryKvStore::new();
+    let old: Cache<String, String> = Cache::builder()
+        .schema_version(1)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let new: Cache<String, String> = Cache::builder()
+        .codec(headroom_cache::codec::Json)
+        .schema_version(2)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    old.insert(key("k"), "v".into()).await.unwrap();
+    assert_eq!(new.get(&key("k")).await.unwrap(), None);
+    // A delete of the other side's entry would run in the background: let it.
+    common::idle().await;
+    assert!(l2.get(&ns().key("k").unwrap()).await.unwrap().is_some());
+    old.invalidate_local(&key("k"));
+    assert_eq!(old.get(&key("k")).await.unwrap(), Some("v".into()));
+}
+
 #[tokio::test]
 async fn a_write_dropped_while_l2_is_hung_leaves_the_key_pending() {
     let clock = ManualClock::new();
