@@ -86,7 +86,8 @@ pub struct CacheConfig {
     /// missed has expired. As many keys heard from other instances are remembered besides;
     /// past that, they are served as if their message had been missed.
     pub l2_max_pending_deletes: usize,
-    /// The largest encoded value accepted, in bytes.
+    /// The largest encoded value accepted, in bytes: checked when a value is encoded for L2
+    /// (without L2, bound L1 in bytes with `l1_max_bytes` instead).
     pub max_value_len: usize,
     /// The version of the cached value's shape, written in every L2 entry. An entry of another
     /// schema version reads as a miss and is left in place, so that during a rolling deploy
