@@ -7,7 +7,7 @@ use headroom_core::lease::{
     Begin, BeginId, Fenced, FencingToken, LeaseStore, may_have_applied, release_in_background,
 };
 use headroom_core::metrics::Counter;
-use headroom_core::{BackendError, Clock, Key, Namespace};
+use headroom_core::{BackendError, BackendErrorKind, Clock, Key, Namespace};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -487,6 +487,12 @@ impl<S: LeaseStore> Idempotency<S> {
             };
             let begin = match begin {
                 Ok(begin) => begin,
+                // The store answered, about a record it did not write: no outage, so neither
+                // running without a record nor failing closed until it expires.
+                Err(err) if err.kind() == BackendErrorKind::Corrupt => {
+                    tracing::error!(record = ?record, error = %err, "the idempotency record is corrupt");
+                    return Err(IdempotencyError::Corrupt);
+                }
                 Err(err) if !held_elsewhere => return self.store_down(err, operation).await,
                 // Waiting on that request: a failed poll is one more wait, while the wait lasts.
                 Err(err) => {
@@ -980,6 +986,79 @@ mod tests {
                 matches!(err, IdempotencyError::Corrupt),
                 "{garbage:?}: {err:?}"
             );
+        }
+    }
+
+    /// A store whose every record is corrupt (another program wrote it).
+    #[derive(Debug)]
+    struct CorruptStore;
+
+    impl LeaseStore for CorruptStore {
+        async fn begin(
+            &self,
+            _: &Key,
+            _: &[u8],
+            _: Duration,
+            _: BeginId,
+        ) -> Result<Begin, BackendError> {
+            Err(BackendError::with_detail(
+                BackendErrorKind::Corrupt,
+                "a foreign record",
+            ))
+        }
+
+        async fn complete(
+            &self,
+            _: &Key,
+            _: FencingToken,
+            _: Bytes,
+            _: Duration,
+        ) -> Result<Fenced, BackendError> {
+            unreachable!("nothing is acquired")
+        }
+
+        async fn extend(
+            &self,
+            _: &Key,
+            _: FencingToken,
+            _: Duration,
+        ) -> Result<Fenced, BackendError> {
+            unreachable!("nothing is acquired")
+        }
+
+        async fn release(&self, _: &Key, _: FencingToken) -> Result<Fenced, BackendError> {
+            unreachable!("nothing is acquired")
+        }
+
+        async fn release_begun(&self, _: &Key, _: BeginId) -> Result<Fenced, BackendError> {
+            Ok(Fenced::Rejected)
+        }
+    }
+
+    /// A corrupt record is no store outage: failing open must not run the operation beside
+    /// it on every retry, nor failing closed answer 503 until it expires (maybe never).
+    #[tokio::test]
+    async fn a_corrupt_record_is_corrupt_and_runs_nothing_under_either_store_failure_policy() {
+        for policy in [StoreFailure::FailOpen, StoreFailure::FailClosed] {
+            let idem = Idempotency::builder(CorruptStore)
+                .store_failure(policy)
+                .build()
+                .unwrap();
+            let scope = Scope::new("t", "op").unwrap();
+            let key = IdempotencyKey::new("k").unwrap();
+            let runs = std::sync::atomic::AtomicUsize::new(0);
+            let err = idem
+                .execute(&scope, &key, b"request", || async {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok::<String, ()>("ran".into())
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, IdempotencyError::Corrupt),
+                "{policy:?}: {err:?}"
+            );
+            assert_eq!(runs.into_inner(), 0, "{policy:?}: the operation ran");
         }
     }
 

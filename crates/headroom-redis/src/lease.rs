@@ -15,6 +15,11 @@ use crate::Redis;
 /// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
 /// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
 /// clock, even after the record expired.
+///
+/// A record missing a field its state needs (`fp`, `tok` and `exp` in progress; `fp`, `tok`
+/// and `out` completed; `tok` released), with a token or deadline that is not a whole number,
+/// an unknown state, fields without a state, or a key of another type in its place is not what
+/// the store wrote: `begin` answers `{'x', what, ''}` and changes nothing.
 static BEGIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -22,35 +27,75 @@ local t = redis.call('TIME')
 local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
 local now_us = t[1] * 1000000 + t[2]
 local lease = tonumber(ARGV[2])
-local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by')
-if r[1] == 'c' then
-  return {'c', r[2], r[5]}
+local function corrupt(what)
+  return {'x', what, ''}
+end
+-- A key of another type is corrupt, not an error that would read as the store being down.
+local r = redis.pcall('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by')
+if r.err then
+  return corrupt('the key holds another type')
+end
+-- A whole number the store wrote (at most 2^53, exact in a double), or nil.
+local function int(v)
+  if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
+    local x = tonumber(v)
+    if x <= 9007199254740992 then
+      return x
+    end
+  end
+  return nil
+end
+local st, fp, tok, exp = r[1], r[2], int(r[3]), int(r[4])
+if r[3] and not tok then
+  return corrupt('its token is not a whole number')
+end
+if st == 'c' then
+  if not (fp and tok and r[5]) then
+    return corrupt('a completion lacks its fingerprint, token or outcome')
+  end
+  return {'c', fp, r[5]}
 end
 local took_over = '0'
-if r[1] == 'p' then
-  local remaining = tonumber(r[4]) - now_ms
+if st == 'p' then
+  if not (fp and tok and exp) then
+    return corrupt('a lease lacks its fingerprint, token or a whole-number deadline')
+  end
+  local remaining = exp - now_ms
   if remaining > 0 then
-    if r[6] == ARGV[3] and r[2] == ARGV[1] then
+    if r[6] == ARGV[3] and fp == ARGV[1] then
       -- Sent again by the begin that took it: its token.
       return {'a', r[3], '0'}
     end
-    return {'p', r[2], tostring(remaining)}
+    return {'p', fp, string.format('%.0f', remaining)}
   end
   took_over = '1'
+elseif st == 'r' then
+  if not tok then
+    return corrupt('a release lacks its token')
+  end
+elseif st then
+  return corrupt('its state is unknown')
+elseif r[2] or r[3] or r[4] or r[5] or r[6] then
+  return corrupt('it has fields but no state')
 end
-local tok = string.format('%.0f', math.max((tonumber(r[3]) or 0) + 1, now_us))
-redis.call('HSET', KEYS[1], 'st', 'p', 'fp', ARGV[1], 'tok', tok, 'exp', now_ms + lease, 'by', ARGV[3])
+local next_tok = string.format('%.0f', math.max((tok or 0) + 1, now_us))
+redis.call('HSET', KEYS[1], 'st', 'p', 'fp', ARGV[1], 'tok', next_tok, 'exp', string.format('%.0f', now_ms + lease), 'by', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
-return {'a', tok, took_over}
+return {'a', next_tok, took_over}
 ",
     )
 });
 
 /// ARGV: token, then per operation: outcome and retention (complete), lease (extend), nothing (release).
+///
+/// Answers 1 (applied), 0 (rejected) or -1 (a key of another type in the record's place).
 static CHANGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local r = redis.call('HMGET', KEYS[1], 'st', 'tok')
+local r = redis.pcall('HMGET', KEYS[1], 'st', 'tok')
+if r.err then
+  return -1
+end
 local op = ARGV[2]
 if r[2] ~= ARGV[1] then
   return 0
@@ -69,7 +114,7 @@ if op == 'complete' then
 elseif op == 'extend' then
   local t = redis.call('TIME')
   local lease = tonumber(ARGV[3])
-  redis.call('HSET', KEYS[1], 'exp', t[1] * 1000 + math.floor(t[2] / 1000) + lease)
+  redis.call('HSET', KEYS[1], 'exp', string.format('%.0f', t[1] * 1000 + math.floor(t[2] / 1000) + lease))
   redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
 else
   -- Released: the key is free again, but the token stays until the record expires (at least
@@ -82,11 +127,15 @@ return 1
     )
 });
 
-/// ARGV: the id of the begin whose lease is released, if that begin still holds it.
+/// ARGV: the id of the begin whose lease is released, if that begin still holds it. Answers
+/// as [`CHANGE`].
 static RELEASE_BEGUN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local r = redis.call('HMGET', KEYS[1], 'st', 'by')
+local r = redis.pcall('HMGET', KEYS[1], 'st', 'by')
+if r.err then
+  return -1
+end
 if r[1] ~= 'p' or r[2] ~= ARGV[1] then
   return 0
 end
@@ -100,6 +149,11 @@ return 1
 
 /// The Redis [`LeaseStore`]: each step is one Lua script on one key, one round trip, using the
 /// server's clock for lease deadlines.
+///
+/// A record that is not what the store wrote (a field its state needs missing, a token or
+/// deadline that is not a whole number, an unknown state), or a key of another type in its
+/// place, is [`BackendErrorKind::Corrupt`] to `begin`, and a key of another type is to every
+/// step; nothing is changed. Such a record stays until it expires or is deleted.
 #[derive(Clone, Debug)]
 pub struct RedisLeaseStore {
     redis: Redis,
@@ -123,17 +177,18 @@ impl RedisLeaseStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let applied: i64 = self.redis.invoke(&invocation).await?;
-        Ok(fenced(applied))
+        let answer: i64 = self.redis.invoke(&invocation).await?;
+        fenced(answer, key)
     }
 }
 
-/// A change script's answer: 1 when it was made.
-fn fenced(applied: i64) -> Fenced {
-    if applied == 1 {
-        Fenced::Applied
-    } else {
-        Fenced::Rejected
+/// A change script's answer: 1 applied, 0 rejected, -1 a key of another type at `key`.
+fn fenced(answer: i64, key: &Key) -> Result<Fenced, BackendError> {
+    match answer {
+        1 => Ok(Fenced::Applied),
+        0 => Ok(Fenced::Rejected),
+        -1 => Err(corrupt(key, "the key holds another type")),
+        other => Err(protocol(format!("a lease step answered {other}"))),
     }
 }
 
@@ -145,16 +200,22 @@ fn protocol(detail: impl Into<Box<str>>) -> BackendError {
     BackendError::with_detail(BackendErrorKind::Protocol, detail)
 }
 
-fn number(bytes: &[u8]) -> Result<u64, BackendError> {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            protocol(format!(
-                "expected a number, got {:?}",
-                bytes.escape_ascii().to_string()
-            ))
-        })
+fn corrupt(key: &Key, what: &str) -> BackendError {
+    BackendError::with_detail(
+        BackendErrorKind::Corrupt,
+        format!(
+            "lease record {:?} is not what the store wrote: {what}",
+            key.as_bytes().escape_ascii().to_string()
+        ),
+    )
+}
+
+fn number(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+fn text(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
 }
 
 impl LeaseStore for RedisLeaseStore {
@@ -179,21 +240,30 @@ impl LeaseStore for RedisLeaseStore {
         let [state, a, b] = <[Vec<u8>; 3]>::try_from(reply)
             .map_err(|reply| protocol(format!("begin answered {} fields", reply.len())))?;
         match state.as_slice() {
+            // The token may be the record's own (a begin sent again).
             b"a" => Ok(Begin::Acquired {
-                token: FencingToken(number(&a)?),
+                token: FencingToken(number(&a).ok_or_else(|| {
+                    corrupt(key, &format!("its token {:?} is not a number", text(&a)))
+                })?),
                 took_over: b == b"1",
             }),
             b"p" => Ok(Begin::InProgress {
                 fingerprint: Bytes::from(a),
-                lease_remaining: Duration::from_millis(number(&b)?),
+                lease_remaining: Duration::from_millis(number(&b).ok_or_else(|| {
+                    protocol(format!(
+                        "begin answered a remaining lease of {:?}",
+                        text(&b)
+                    ))
+                })?),
             }),
             b"c" => Ok(Begin::Completed {
                 fingerprint: Bytes::from(a),
                 outcome: Bytes::from(b),
             }),
+            b"x" => Err(corrupt(key, &String::from_utf8_lossy(&a))),
             other => Err(protocol(format!(
-                "unknown record state {:?}",
-                other.escape_ascii().to_string()
+                "begin answered an unknown state {:?}",
+                text(other)
             ))),
         }
     }
@@ -225,10 +295,10 @@ impl LeaseStore for RedisLeaseStore {
     }
 
     async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
-        let released: i64 = self
+        let answer: i64 = self
             .redis
             .invoke(RELEASE_BEGUN.key(key.as_bytes()).arg(id.0))
             .await?;
-        Ok(fenced(released))
+        fenced(answer, key)
     }
 }
