@@ -372,6 +372,18 @@ impl Shared {
             .saturating_sub(u64::from(recovery.probes_succeeded))
     }
 
+    /// The refusal of a caller that cannot make its call yet (the guarded service is not
+    /// ready) while the circuit is open, its open duration passed or not: only a call admits
+    /// the probe, and calls admitted before the circuit opened may hold the capacity it waits
+    /// on for good. `None` in any other state.
+    #[cfg(feature = "tower")]
+    pub(crate) fn open_refusal(&self) -> Option<CircuitOpen> {
+        (self.state.load(Ordering::Acquire) & 3 == OPEN).then_some(CircuitOpen {
+            state: State::Open,
+            retry_after: None,
+        })
+    }
+
     /// How long until the half-open phase counts as stalled, while probes of it run; `None`
     /// in any other state. A caller waiting on the guarded service meanwhile looks again then.
     #[cfg(feature = "tower")]

@@ -216,21 +216,24 @@ impl<E> Pipeline<E> {
 
     /// Runs `op` through every strategy. Each attempt and each hedge is a new call of `op`.
     ///
-    /// To hedge, give the pipeline its [`hedge`](PipelineBuilder::hedge): a [`Hedge::call`]
-    /// made inside `op` that shares the retry's budget records each attempt as a request of
-    /// its own, so retries would pay for themselves. (A `HedgeLayer` under a `PipelineLayer`
-    /// is accounted for.)
+    /// The request is recorded once in each budget of the pipeline's retry and hedge, and
+    /// not again by a retry or hedge sharing the budget around the call (a `RetryLayer` over
+    /// a `PipelineLayer`) or within `op` (a [`Hedge::call`], a `HedgeLayer` under a
+    /// `PipelineLayer`).
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // Built here, when the call is first polled, so that the attempts see the budget a
+        // retry or hedge further out recorded the request in, not the one marked below.
+        let attempts = RetryBudget::deposited(self.budget(), self.parts().call(op));
         if !tracing::enabled!(tracing::Level::DEBUG) {
             // Without a span the call's future is not wrapped, so not moved.
-            return self.parts().call(op).await;
+            return attempts.await;
         }
         let span = tracing::debug_span!("pipeline.call", name = %self.name, outcome = tracing::field::Empty);
-        let result = self.parts().call(op).instrument(span.clone()).await;
+        let result = attempts.instrument(span.clone()).await;
         span.record(
             "outcome",
             match &result {
@@ -254,10 +257,13 @@ impl<E> Pipeline<E> {
         fallback.call(self.call(op)).await
     }
 
-    /// The retry's budget, if it has one.
-    #[cfg(feature = "tower")]
-    pub(crate) fn retry_budget(&self) -> Option<&RetryBudget> {
-        self.retry.as_ref().and_then(Retry::budget)
+    /// The budget a request through the pipeline is recorded in, as a retry or hedge within
+    /// `op` sharing it sees it: the retry's, or else the hedge's.
+    fn budget(&self) -> Option<&RetryBudget> {
+        self.retry
+            .as_ref()
+            .and_then(Retry::budget)
+            .or_else(|| self.hedge.as_ref().and_then(Hedge::budget))
     }
 
     /// The circuit breaker, if there is one (to subscribe to its transitions, for example).

@@ -88,6 +88,66 @@ async fn a_dropped_response_future_frees_a_half_open_probe() {
     assert_eq!(breaker.state(), State::Closed);
 }
 
+/// A breaker on `manual` time with one half-open probe slot, tripped and past its open
+/// duration: the next call admitted is the only probe.
+fn awaiting_its_only_probe(manual: &headroom_core::ManualClock) -> CircuitBreaker<BackendError> {
+    awaiting_its_only_probe_with(manual, |_| true)
+}
+
+fn awaiting_its_only_probe_with(
+    manual: &headroom_core::ManualClock,
+    failure_if: impl Fn(&BackendError) -> bool + Send + Sync + 'static,
+) -> CircuitBreaker<BackendError> {
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .half_open_probes(1)
+        .failure_if(failure_if)
+        .build()
+        .expect("breaker");
+    trip(&breaker);
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(5));
+    breaker
+}
+
+/// An inner service whose `call` panics does not keep the half-open probe slot it was
+/// admitted to.
+#[test]
+fn a_panicking_inner_call_frees_its_half_open_probe() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let manual = headroom_core::ManualClock::new();
+    let breaker = awaiting_its_only_probe(&manual);
+    let panicking =
+        service_fn(|_: u32| -> std::future::Ready<Result<u32, BackendError>> { panic!("inner") });
+    let mut service = CircuitBreakerLayer::new(breaker.clone()).layer(panicking);
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        drop(tower::Service::call(&mut service, 1));
+    }));
+    assert!(panicked.is_err());
+    breaker.try_acquire().expect("probe slot freed").success();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+/// A `failure_if` that panics on the probe's error does not keep its half-open probe slot.
+#[test]
+fn a_panicking_failure_classifier_frees_the_half_open_probe() {
+    use futures_util::FutureExt;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    let manual = headroom_core::ManualClock::new();
+    let breaker = awaiting_its_only_probe_with(&manual, |_| panic!("classifier"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut service = CircuitBreakerLayer::new(breaker.clone()).layer(flaky(calls, 1));
+    let mut probe = std::pin::pin!(tower::Service::call(&mut service, 1));
+    assert_eq!(breaker.state(), State::HalfOpen);
+    let panicked = catch_unwind(AssertUnwindSafe(|| probe.as_mut().now_or_never()));
+    assert!(panicked.is_err());
+    // The future, pinned here, is still alive: the slot was freed while unwinding.
+    breaker.try_acquire().expect("probe slot freed").success();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_pipeline_layer_retries_with_a_clone_of_the_request() {
     let calls = Arc::new(AtomicU32::new(0));
@@ -139,6 +199,48 @@ async fn an_open_breaker_fails_fast_in_front_of_a_saturated_concurrency_limit() 
         matches!(error, headroom_breaker::Error::CircuitOpen(open) if open.retry_after().is_some())
     );
     drop(in_flight);
+}
+
+/// Once the open duration has passed, a caller is not left waiting on a concurrency limit
+/// held by calls admitted before the circuit opened, which never end: the circuit stays
+/// open and refuses it until a probe can run.
+#[tokio::test]
+async fn an_open_breaker_past_its_open_duration_fails_fast_in_front_of_a_saturated_limit() {
+    use futures_util::FutureExt;
+
+    let manual = headroom_core::ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .build()
+        .expect("breaker");
+    let mut service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .concurrency_limit(1)
+        .service(hanging());
+    let in_flight = service.ready().await.expect("ready").call(1);
+    trip(&breaker);
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(5));
+    assert!(
+        service.clone().ready().now_or_never().is_some(),
+        "ready at once, whatever the inner service's backpressure"
+    );
+    let error = refused_at_once(&service);
+    assert!(
+        matches!(&error, Error::CircuitOpen(open) if open.state() == State::Open),
+        "{error:?}"
+    );
+    assert_eq!(breaker.state(), State::Open);
+    // Once the capacity is free, the next call is the probe.
+    drop(in_flight);
+    let probe = service
+        .ready()
+        .now_or_never()
+        .expect("ready")
+        .expect("ready")
+        .call(3);
+    assert_eq!(breaker.state(), State::HalfOpen);
+    drop(probe);
 }
 
 /// Calls a clone of `service`, which must be ready at once whatever the backpressure below
@@ -327,6 +429,154 @@ async fn a_hedge_over_a_retry_sharing_its_budget_deposits_once_per_request() {
         calls <= REQUESTS * 3 / 2,
         "{calls} calls for {REQUESTS} requests with a budget of 0.5 hedges per request"
     );
+}
+
+/// A budget of one retry per request and no reserve, on a clock that stands still: the
+/// retries it grants are exactly the requests recorded in it (see [`deposits`]).
+fn one_retry_per_request(manual: &headroom_core::ManualClock) -> RetryBudget {
+    RetryBudget::builder()
+        .ratio(1.0)
+        .min_per_second(0)
+        .clock(manual.clock())
+        .build()
+        .expect("budget")
+}
+
+/// How many requests are recorded in a budget from [`one_retry_per_request`] and not yet
+/// retried; spends them.
+fn deposits(budget: &RetryBudget) -> usize {
+    (0..1_000).take_while(|_| budget.try_withdraw()).count()
+}
+
+/// A retry of up to two attempts, with `budget`.
+fn retry_with<E: headroom_core::Classify + 'static>(budget: &RetryBudget) -> Retry<E> {
+    Retry::builder()
+        .max_attempts(2)
+        .base_delay(Duration::from_millis(1))
+        .budget(budget.clone())
+        .build()
+        .expect("retry")
+}
+
+/// Sends requests that succeed at once through `service` and checks each was recorded in
+/// `budget` exactly once.
+async fn deposits_once_per_request<S>(service: S, budget: &RetryBudget)
+where
+    S: Service<u32, Response = u32> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    const REQUESTS: usize = 10;
+    for request in 0..REQUESTS {
+        let request = u32::try_from(request).expect("small");
+        assert_eq!(
+            service.clone().oneshot(request).await.expect("answered"),
+            request * 2
+        );
+    }
+    assert_eq!(deposits(budget), REQUESTS, "one deposit per request");
+}
+
+/// A pipeline layer records each request in its retry's budget, so that its retries are paid
+/// for by its own traffic, not only by the budget's reserve.
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_layer_records_each_request_in_its_budget() {
+    let manual = headroom_core::ManualClock::new();
+    let budget = one_retry_per_request(&manual);
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(
+            Pipeline::builder().retry(retry_with(&budget)).build(),
+        ))
+        .service(flaky(calls.clone(), 1));
+    assert_eq!(service.clone().oneshot(21).await.expect("retried"), 42);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
+    assert_eq!(deposits(&budget), 0, "the request paid for its retry");
+    deposits_once_per_request(service, &budget).await;
+}
+
+/// Each nesting of the layers sharing one budget records a request in it exactly once.
+#[tokio::test(start_paused = true)]
+async fn layers_sharing_a_budget_deposit_exactly_once_per_request() {
+    let manual = headroom_core::ManualClock::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let hedge = |budget: &RetryBudget| {
+        Hedge::builder()
+            .delay(Duration::from_secs(1))
+            .budget(budget.clone())
+            .build()
+            .expect("hedge")
+    };
+
+    let budget = one_retry_per_request(&manual);
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(retry_with(&budget)))
+        .layer(PipelineLayer::new(
+            Pipeline::builder().retry(retry_with(&budget)).build(),
+        ))
+        .service(flaky(calls.clone(), 0));
+    deposits_once_per_request(service, &budget).await;
+
+    let budget = one_retry_per_request(&manual);
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(
+            Pipeline::builder().retry(retry_with(&budget)).build(),
+        ))
+        .layer(HedgeLayer::new(hedge(&budget)))
+        .service(flaky(calls.clone(), 0));
+    deposits_once_per_request(service, &budget).await;
+
+    let budget = one_retry_per_request(&manual);
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(
+            Pipeline::builder()
+                .retry(retry_with(&budget))
+                .hedge(hedge(&budget))
+                .build(),
+        ))
+        .service(flaky(calls.clone(), 0));
+    deposits_once_per_request(service, &budget).await;
+
+    let budget = one_retry_per_request(&manual);
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(retry_with(&budget)))
+        .layer(HedgeLayer::new(hedge(&budget)))
+        .service(flaky(calls.clone(), 0));
+    deposits_once_per_request(service, &budget).await;
+
+    let budget = one_retry_per_request(&manual);
+    let service = ServiceBuilder::new()
+        .layer(HedgeLayer::new(hedge(&budget)))
+        .layer(RetryLayer::new(retry_with(&budget)))
+        .service(flaky(calls.clone(), 0));
+    deposits_once_per_request(service, &budget).await;
+}
+
+/// `Pipeline::call` made directly records each request once, also when `op` hedges with a
+/// `Hedge` sharing the retry's budget.
+#[tokio::test(start_paused = true)]
+async fn a_direct_pipeline_call_deposits_exactly_once_per_request() {
+    let manual = headroom_core::ManualClock::new();
+    let budget = one_retry_per_request(&manual);
+    let pipeline = Pipeline::<BackendError>::builder()
+        .retry(retry_with(&budget))
+        .build();
+    for _ in 0..10 {
+        assert_eq!(pipeline.call(|| async { Ok(1) }).await.expect("ok"), 1);
+    }
+    assert_eq!(deposits(&budget), 10, "one deposit per request");
+
+    let hedge = Hedge::builder()
+        .delay(Duration::from_secs(1))
+        .budget(budget.clone())
+        .build()
+        .expect("hedge");
+    for _ in 0..10 {
+        let result = pipeline
+            .call(|| hedge.call(|| async { Ok::<_, BackendError>(1) }))
+            .await;
+        assert_eq!(result.expect("ok"), 1);
+    }
+    assert_eq!(deposits(&budget), 10, "one deposit per request");
 }
 
 /// Counts response futures dropped before they finished.

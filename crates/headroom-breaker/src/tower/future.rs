@@ -10,6 +10,41 @@ use std::sync::Arc;
 use crate::breaker::{Outcome, Ticket};
 use crate::{CircuitBreaker, CircuitOpen, Error, Fallback};
 
+/// A call the breaker admitted. Dropped before [`finish`](Self::finish) ends, it records a
+/// cancelled call, as a dropped [`Permit`](crate::Permit) does: also when the inner service's
+/// `call` or the breaker's `failure_if` panics, so that a panic never keeps a half-open probe
+/// slot.
+pub(super) struct Admission<E> {
+    breaker: CircuitBreaker<E>,
+    ticket: Option<Ticket>,
+}
+
+impl<E> Admission<E> {
+    pub(super) fn new(breaker: CircuitBreaker<E>, ticket: Ticket) -> Self {
+        Self {
+            breaker,
+            ticket: Some(ticket),
+        }
+    }
+
+    /// Records how the call ended.
+    fn finish<T>(mut self, result: &Result<T, Error<E>>) {
+        // The classifier runs while the ticket is still held, to be cancelled if it panics.
+        let outcome = self.breaker.outcome(result);
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.shared().finish(ticket, outcome);
+        }
+    }
+}
+
+impl<E> Drop for Admission<E> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.breaker.shared().finish(ticket, Outcome::Cancelled);
+        }
+    }
+}
+
 pin_project! {
     /// The response future of [`CircuitBreakerService`](super::CircuitBreakerService).
     ///
@@ -17,24 +52,16 @@ pin_project! {
     pub struct ResponseFuture<F, E> {
         #[pin]
         inner: Option<F>,
-        admission: Option<(CircuitBreaker<E>, Ticket)>,
+        admission: Option<Admission<E>>,
         open: CircuitOpen,
-    }
-
-    impl<F, E> PinnedDrop for ResponseFuture<F, E> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some((breaker, ticket)) = this.project().admission.take() {
-                breaker.shared().finish(ticket, Outcome::Cancelled);
-            }
-        }
     }
 }
 
 impl<F, E> ResponseFuture<F, E> {
-    pub(super) fn admitted(inner: F, breaker: CircuitBreaker<E>, ticket: Ticket) -> Self {
+    pub(super) fn admitted(inner: F, admission: Admission<E>) -> Self {
         Self {
             inner: Some(inner),
-            admission: Some((breaker, ticket)),
+            admission: Some(admission),
             // Read only by a rejected future.
             open: CircuitOpen {
                 state: crate::State::Closed,
@@ -72,8 +99,8 @@ where
             return Poll::Ready(Err(Error::CircuitOpen(*this.open)));
         };
         let result = ready!(inner.poll(cx)).map_err(Error::Inner);
-        if let Some((breaker, ticket)) = this.admission.take() {
-            breaker.shared().finish(ticket, breaker.outcome(&result));
+        if let Some(admission) = this.admission.take() {
+            admission.finish(&result);
         }
         Poll::Ready(result)
     }

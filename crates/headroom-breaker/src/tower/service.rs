@@ -7,10 +7,8 @@ use tower_service::Service;
 
 use std::sync::Arc;
 
-use super::future::{FallbackFuture, ResponseFuture};
-use crate::{
-    CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, RetryBudget, Timeout,
-};
+use super::future::{Admission, FallbackFuture, ResponseFuture};
+use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, Timeout};
 
 /// A service guarded by a [`CircuitBreaker`]; built by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
@@ -18,9 +16,12 @@ use crate::{
 /// While the circuit refuses calls, `poll_ready` answers ready at once without asking the
 /// inner service, and the next `call` fails with [`CircuitOpen`](crate::CircuitOpen): callers
 /// of a tripped breaker never wait on the backpressure of what it guards (a concurrency limit,
-/// a buffer). A half-open phase whose probes have outlived `half_open_max_wait` is reopened by
-/// `poll_ready` itself, since stuck probes may hold the very capacity it would wait on. A caller
-/// already waiting on the inner service when the circuit opens is refused when that wait ends.
+/// a buffer). Past its open duration the circuit goes on refusing callers the inner service is
+/// not ready for, until one it is ready for makes the probe: calls admitted before the circuit
+/// opened may hold its capacity for good. A half-open phase whose probes have outlived
+/// `half_open_max_wait` is reopened by `poll_ready` itself, since stuck probes may hold the
+/// very capacity it would wait on. A caller already waiting on the inner service when the
+/// circuit opens is refused when that wait ends.
 pub struct CircuitBreakerService<S, E> {
     inner: S,
     breaker: CircuitBreaker<E>,
@@ -83,6 +84,14 @@ where
                 self.stall_timer = None;
                 return Poll::Ready(ready.map_err(Error::Inner));
             }
+            // Past its open duration the circuit admits a probe at the next call, but nothing
+            // guarantees the inner service ever gets ready for it: calls admitted before the
+            // circuit opened may hold its capacity for good. Until then it still refuses.
+            self.refused = shared.open_refusal();
+            if self.refused.is_some() {
+                self.stall_timer = None;
+                return Poll::Ready(Ok(()));
+            }
             // Stuck probes may hold the capacity this waits on: look again when they would
             // count as stalled, or the wait could outlast them for good.
             let Some(left) = shared.until_stalled() else {
@@ -108,7 +117,9 @@ where
         // The inner service is ready; a circuit that opened since is still honoured here.
         match self.breaker.shared().acquire() {
             Ok(ticket) => {
-                ResponseFuture::admitted(self.inner.call(request), self.breaker.clone(), ticket)
+                // Taken before the inner call, to be cancelled if that panics.
+                let admission = Admission::new(self.breaker.clone(), ticket);
+                ResponseFuture::admitted(self.inner.call(request), admission)
             }
             Err(open) => ResponseFuture::rejected(open),
         }
@@ -171,12 +182,9 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let pipeline = self.pipeline.clone();
         let service = self.inner.clone();
-        Box::pin(async move {
-            let attempts = pipeline.call(move || attempt(&service, &request));
-            // A `HedgeLayer` below that shares the retry's budget must not record the request
-            // again, or each retry would pay for itself.
-            RetryBudget::deposited(pipeline.retry_budget(), attempts).await
-        })
+        // `Pipeline::call` records the request once, also for a `HedgeLayer` below sharing
+        // the retry's budget.
+        Box::pin(async move { pipeline.call(move || attempt(&service, &request)).await })
     }
 }
 
