@@ -101,6 +101,16 @@ type Batch<V> = Shared<BoxFuture<'static, Option<Arc<Vec<Outcome<V>>>>>>;
 struct InFlight<V> {
     load: u64,
     join: Join<V>,
+    /// Set once the load answered early with a value it goes on refreshing (or, past its soft
+    /// timeout, with a stale one): when that value stops being servable. A caller coming
+    /// later does not join that answer but starts a load of its own.
+    answered_until: Option<Instant>,
+}
+
+impl<V> InFlight<V> {
+    fn joinable(&self, now: Instant) -> bool {
+        self.answered_until.is_none_or(|until| now < until)
+    }
 }
 
 /// What a caller joining a load in flight waits on.
@@ -905,6 +915,19 @@ where
     /// Whether the load numbered `load` is still the one in flight for `key`: a write to the
     /// key (as it begins and as it lands), a message invalidating it or a flush detaches a
     /// load, writes to other keys do not. Only an attached load writes its value to L2.
+    /// Marks the keys of load `load` (those it still holds) as answered early with values
+    /// servable until `until`.
+    fn answered_until(&self, keys: &[K], load: u64, until: Instant) {
+        let mut in_flight = self.in_flight.lock();
+        for key in keys {
+            if let Some(entry) = in_flight.get_mut(key)
+                && entry.load == load
+            {
+                entry.answered_until = Some(until);
+            }
+        }
+    }
+
     fn attached(&self, key: &K, load: u64) -> bool {
         self.in_flight
             .lock()
@@ -1477,7 +1500,9 @@ where
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let mut in_flight = this.in_flight.lock();
-        if let Some(existing) = in_flight.get(key) {
+        if let Some(existing) = in_flight.get(key)
+            && existing.joinable(this.clock.now())
+        {
             return existing.join.wait();
         }
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
@@ -1493,6 +1518,7 @@ where
             InFlight {
                 load,
                 join: Join::One(pending.clone()),
+                answered_until: None,
             },
         );
         drop(in_flight);
@@ -1552,6 +1578,7 @@ where
         // refreshed below); L1 is filled after the callers have it.
         if let Some(slot) = best.as_ref().filter(|slot| now < slot.expires_at) {
             send(&mut reply, Ok(slot.value.clone()));
+            self.answered_until(std::slice::from_ref(key), done.load, slot.expires_at);
             if fill {
                 // Let the callers run first.
                 tokio::task::yield_now().await;
@@ -1587,6 +1614,11 @@ where
                             self.metrics.stale_served.increment(1);
                             tracing::debug!("loader exceeds its soft timeout; serving the stale value");
                             send(&mut reply, Ok(stale.value.clone()));
+                            self.answered_until(
+                                std::slice::from_ref(key),
+                                done.load,
+                                stale.stale_until,
+                            );
                         }
                         load.await
                     }
@@ -1824,21 +1856,36 @@ where
         let mut waits = Vec::with_capacity(keys.size_hint().0);
         let mut to_load = Vec::with_capacity(waits.capacity());
         let mut in_flight = this.in_flight.lock();
+        let now = this.clock.now();
         for key in keys {
-            let wait = match in_flight.entry(key.clone()) {
-                Entry::Occupied(entry) => match &entry.get().join {
-                    // Listed twice in this call.
-                    Join::Batch(_, at) if entry.get().load == load => Wait::Own(*at),
-                    join => Wait::Joined(join.wait()),
-                },
-                Entry::Vacant(entry) => {
-                    let at = to_load.len();
-                    entry.insert(InFlight {
+            let own = |to_load: &mut Vec<K>| {
+                let at = to_load.len();
+                to_load.push(key.clone());
+                (
+                    InFlight {
                         load,
                         join: Join::Batch(batch.clone(), at),
-                    });
-                    to_load.push(key.clone());
-                    Wait::Own(at)
+                        answered_until: None,
+                    },
+                    Wait::Own(at),
+                )
+            };
+            let wait = match in_flight.entry(key.clone()) {
+                Entry::Occupied(mut entry) => match &entry.get().join {
+                    // Listed twice in this call.
+                    Join::Batch(_, at) if entry.get().load == load => Wait::Own(*at),
+                    join if entry.get().joinable(now) => Wait::Joined(join.wait()),
+                    // Its early answer is no longer servable: a load of its own.
+                    _ => {
+                        let (flight, wait) = own(&mut to_load);
+                        entry.insert(flight);
+                        wait
+                    }
+                },
+                Entry::Vacant(entry) => {
+                    let (flight, wait) = own(&mut to_load);
+                    entry.insert(flight);
+                    wait
                 }
             };
             waits.push(wait);
@@ -1959,6 +2006,13 @@ where
                 outcomes.clone()
             };
             let _ = reply.send(answers(answer));
+            if !to_load.is_empty() {
+                // Joiners of the refresh get these answers only while all of them are servable.
+                let until = best.iter().flatten().map(|slot| slot.expires_at).min();
+                if let Some(until) = until {
+                    self.answered_until(keys, done.load, until);
+                }
+            }
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
         }

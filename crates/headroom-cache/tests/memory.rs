@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -380,6 +381,43 @@ async fn not_found_is_cached_for_the_negative_ttl() {
         4,
         "no negative TTL, no negative caching"
     );
+}
+
+/// A refresh that hangs answered its first callers with the old value while it was within
+/// its TTL; a caller that comes after the TTL does not get that value (no fail-safe here),
+/// even though the refresh is still in flight.
+#[tokio::test(start_paused = true)]
+async fn a_caller_joining_a_hung_refresh_after_the_ttl_gets_no_expired_value() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .l2(store(&clock), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache
+        .get_or_load(&k, |_| async { Ok::<_, Infallible>(Some("v1".to_owned())) })
+        .await
+        .unwrap();
+    clock.advance(6 * SEC);
+    let hung = cache
+        .get_or_load(&k, |_| {
+            std::future::pending::<Result<Option<String>, Infallible>>()
+        })
+        .await
+        .unwrap();
+    assert_eq!(hung.as_deref(), Some("v1"), "within the TTL, the old value");
+    // The refresh starts, answers its callers with the old value, and hangs in the loader.
+    common::idle().await;
+    clock.advance(5 * SEC);
+    assert_eq!(cache.get(&k).await.unwrap(), None, "past the TTL");
+    let served = cache
+        .get_or_load(&k, |_| async { Ok::<_, Infallible>(Some("v2".to_owned())) })
+        .await
+        .unwrap();
+    assert_ne!(served.as_deref(), Some("v1"), "an expired value was served");
 }
 
 #[tokio::test]
