@@ -1588,9 +1588,24 @@ where
                 return;
             }
         }
+        // The soft timeout runs from here, over the wait for a fleet lock and the load alike.
+        let soft = self
+            .config
+            .loader_soft_timeout
+            .zip(best.as_ref())
+            .map(|(soft, stale)| (self.clock.now() + soft, stale));
         // With a fleet lock, one instance loads; the others wait for its value in L2.
         let _lock = match (&self.fleet_lock, &self.l2) {
-            (Some(lock), Some(l2)) => match self.claim_or_wait(lock, l2, key).await {
+            (Some(lock), Some(l2)) => match self
+                .past_soft_timeout(
+                    self.claim_or_wait(lock, l2, key),
+                    soft,
+                    &mut reply,
+                    key,
+                    done.load,
+                )
+                .await
+            {
                 Ok(guard) => guard,
                 Err(loaded) => {
                     send(&mut reply, Ok(loaded.value.clone()));
@@ -1603,29 +1618,9 @@ where
         let started = self.clock.now();
         let version = self.clock.unix_micros();
         let load = self.bounded(loader(key.clone()));
-        tokio::pin!(load);
-        let result = match (self.config.loader_soft_timeout, &best) {
-            (Some(soft), Some(stale)) if reply.is_some() => {
-                tokio::select! {
-                    result = &mut load => result,
-                    () = self.clock.sleep(soft) => {
-                        // Only within its fail-safe window, which may have ended meanwhile.
-                        if self.clock.now() < stale.stale_until {
-                            self.metrics.stale_served.increment(1);
-                            tracing::debug!("loader exceeds its soft timeout; serving the stale value");
-                            send(&mut reply, Ok(stale.value.clone()));
-                            self.answered_until(
-                                std::slice::from_ref(key),
-                                done.load,
-                                stale.stale_until,
-                            );
-                        }
-                        load.await
-                    }
-                }
-            }
-            _ => load.await,
-        };
+        let result = self
+            .past_soft_timeout(load, soft, &mut reply, key, done.load)
+            .await;
         self.metrics
             .load_duration
             .record(self.clock.now().saturating_duration_since(started));
@@ -1664,6 +1659,36 @@ where
                     }
                     None => send(&mut reply, Err(error)),
                 }
+            }
+        }
+    }
+
+    /// Awaits `work`. Past the soft timeout's deadline, with callers still waiting and a stale
+    /// value at hand, answers them with that value (within its fail-safe window) and goes on.
+    async fn past_soft_timeout<T>(
+        &self,
+        work: impl Future<Output = T>,
+        soft: Option<(Instant, &Slot<V>)>,
+        reply: &mut Option<oneshot::Sender<Outcome<V>>>,
+        key: &K,
+        load: u64,
+    ) -> T {
+        let Some((deadline, stale)) = soft.filter(|_| reply.is_some()) else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        let left = deadline.saturating_duration_since(self.clock.now());
+        tokio::select! {
+            out = &mut work => out,
+            () = self.clock.sleep(left) => {
+                // Only within its fail-safe window, which may have ended meanwhile.
+                if self.clock.now() < stale.stale_until {
+                    self.metrics.stale_served.increment(1);
+                    tracing::debug!("loader exceeds its soft timeout; serving the stale value");
+                    send(reply, Ok(stale.value.clone()));
+                    self.answered_until(std::slice::from_ref(key), load, stale.stale_until);
+                }
+                work.await
             }
         }
     }

@@ -1900,6 +1900,53 @@ async fn a_fleet_lock_held_too_long_does_not_block_reads() {
     hung.abort();
 }
 
+/// The soft timeout covers the wait for another instance's load as well as this instance's
+/// own: with a stale value at hand, callers waiting on a fleet lock held by a hung load get it
+/// after the soft timeout, not after the lock's whole wait.
+#[tokio::test(start_paused = true)]
+async fn the_soft_timeout_covers_the_wait_for_a_fleet_lock() {
+    let (l2, leases) = (
+        MemoryKvStore::new(),
+        headroom_core::memory::MemoryLeaseStore::new(),
+    );
+    let instance = || -> Cache<String, String> {
+        Cache::builder()
+            .ttl(10 * SEC)
+            .fail_safe_max_stale(60 * SEC)
+            .loader_soft_timeout(Duration::from_millis(100))
+            .l2(l2.clone(), ns())
+            .fleet_lock(leases.clone(), 10 * SEC)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(), instance());
+    a.insert(key("k"), "v".into()).await.unwrap();
+    b.get(&key("k")).await.unwrap();
+    tokio::time::sleep(11 * SEC).await;
+    let hung = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.get_or_load(&key("k"), |_| {
+                std::future::pending::<Result<Option<String>, CacheError>>()
+            })
+            .await
+        }
+    });
+    common::idle().await;
+    let started = tokio::time::Instant::now();
+    let loads = Counter::default();
+    assert_eq!(
+        b.get_or_load(&key("k"), loads.loader())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("v")
+    );
+    let waited = started.elapsed();
+    assert!(waited < SEC, "waited {waited:?} for the stale value");
+    hung.abort();
+}
+
 /// A holder whose load finds nothing frees the lock: a waiting instance loads at once rather
 /// than waiting out the whole bound.
 #[tokio::test(start_paused = true)]
