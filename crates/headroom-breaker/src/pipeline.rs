@@ -217,23 +217,21 @@ impl<E> Pipeline<E> {
     /// Runs `op` through every strategy. Each attempt and each hedge is a new call of `op`.
     ///
     /// The request is recorded once in each budget of the pipeline's retry and hedge, and
-    /// not again by a retry or hedge sharing the budget around the call (a `RetryLayer` over
-    /// a `PipelineLayer`) or within `op` (a [`Hedge::call`], a `HedgeLayer` under a
-    /// `PipelineLayer`).
+    /// not again by a retry or hedge sharing the budget around the call. To hedge, give the
+    /// pipeline its [`hedge`](PipelineBuilder::hedge): a [`Hedge::call`] made inside `op` that
+    /// shares the retry's budget records each attempt as a request of its own, so retries
+    /// would pay for themselves. (A `HedgeLayer` under a `PipelineLayer` is accounted for.)
     pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        // Built here, when the call is first polled, so that the attempts see the budget a
-        // retry or hedge further out recorded the request in, not the one marked below.
-        let attempts = RetryBudget::deposited(self.budget(), self.parts().call(op));
         if !tracing::enabled!(tracing::Level::DEBUG) {
             // Without a span the call's future is not wrapped, so not moved.
-            return attempts.await;
+            return self.parts().call(op).await;
         }
         let span = tracing::debug_span!("pipeline.call", name = %self.name, outcome = tracing::field::Empty);
-        let result = attempts.instrument(span.clone()).await;
+        let result = self.parts().call(op).instrument(span.clone()).await;
         span.record(
             "outcome",
             match &result {
@@ -242,6 +240,27 @@ impl<E> Pipeline<E> {
             },
         );
         result
+    }
+
+    /// [`call`](Self::call), with the request marked as recorded in the pipeline's budget
+    /// while its attempts run, so that a `HedgeLayer` below sharing it does not record it
+    /// again. The budget a layer further out recorded it in is read first, when this is
+    /// called.
+    #[cfg(feature = "tower")]
+    pub(crate) fn call_marked<T, F, Fut>(
+        &self,
+        op: F,
+    ) -> impl Future<Output = Result<T, Error<E>>> + use<'_, T, F, Fut, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let budget = self
+            .retry
+            .as_ref()
+            .and_then(Retry::budget)
+            .or_else(|| self.hedge.as_ref().and_then(Hedge::budget));
+        RetryBudget::deposited(budget, self.parts().call(op))
     }
 
     /// Runs `op` and falls back as `fallback` says when it fails for good.
@@ -255,15 +274,6 @@ impl<E> Pipeline<E> {
         Fut: Future<Output = Result<T, E>>,
     {
         fallback.call(self.call(op)).await
-    }
-
-    /// The budget a request through the pipeline is recorded in, as a retry or hedge within
-    /// `op` sharing it sees it: the retry's, or else the hedge's.
-    fn budget(&self) -> Option<&RetryBudget> {
-        self.retry
-            .as_ref()
-            .and_then(Retry::budget)
-            .or_else(|| self.hedge.as_ref().and_then(Hedge::budget))
     }
 
     /// The circuit breaker, if there is one (to subscribe to its transitions, for example).

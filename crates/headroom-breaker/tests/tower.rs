@@ -551,8 +551,7 @@ async fn layers_sharing_a_budget_deposit_exactly_once_per_request() {
     deposits_once_per_request(service, &budget).await;
 }
 
-/// `Pipeline::call` made directly records each request once, also when `op` hedges with a
-/// `Hedge` sharing the retry's budget.
+/// `Pipeline::call` made directly records each request once.
 #[tokio::test(start_paused = true)]
 async fn a_direct_pipeline_call_deposits_exactly_once_per_request() {
     let manual = headroom_core::ManualClock::new();
@@ -562,19 +561,6 @@ async fn a_direct_pipeline_call_deposits_exactly_once_per_request() {
         .build();
     for _ in 0..10 {
         assert_eq!(pipeline.call(|| async { Ok(1) }).await.expect("ok"), 1);
-    }
-    assert_eq!(deposits(&budget), 10, "one deposit per request");
-
-    let hedge = Hedge::builder()
-        .delay(Duration::from_secs(1))
-        .budget(budget.clone())
-        .build()
-        .expect("hedge");
-    for _ in 0..10 {
-        let result = pipeline
-            .call(|| hedge.call(|| async { Ok::<_, BackendError>(1) }))
-            .await;
-        assert_eq!(result.expect("ok"), 1);
     }
     assert_eq!(deposits(&budget), 10, "one deposit per request");
 }

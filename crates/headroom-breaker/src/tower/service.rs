@@ -182,9 +182,14 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let pipeline = self.pipeline.clone();
         let service = self.inner.clone();
-        // `Pipeline::call` records the request once, also for a `HedgeLayer` below sharing
-        // the retry's budget.
-        Box::pin(async move { pipeline.call(move || attempt(&service, &request)).await })
+        // Made when first polled: under a layer further out (a `RetryLayer`), the request is
+        // read as recorded in its budget, then marked as recorded in this pipeline's for a
+        // `HedgeLayer` below sharing it.
+        Box::pin(async move {
+            pipeline
+                .call_marked(move || attempt(&service, &request))
+                .await
+        })
     }
 }
 
