@@ -2047,12 +2047,18 @@ where
             .iter()
             .map(|slot| slot.as_ref().map(|slot| slot.tags.clone()))
             .collect();
-        // Filled slots are servable, so their outcome is known and no fail-safe needs them.
+        // Filled slots are servable, so their outcome is known; one being refreshed is kept
+        // for the rest after a failed refresh.
         for (i, slot) in best.iter_mut().enumerate() {
-            if fill[i]
-                && let Some(slot) = slot.take()
-            {
-                self.fill_l1(&keys[i], slot, writes[i]);
+            if !fill[i] {
+                continue;
+            }
+            let filled = match slot {
+                Some(fresh) if now < fresh.fresh_until => slot.take(),
+                refreshing => refreshing.clone(),
+            };
+            if let Some(filled) = filled {
+                self.fill_l1(&keys[i], filled, writes[i]);
             }
         }
         if to_load.is_empty() {
@@ -2094,6 +2100,11 @@ where
                 for &i in &to_load {
                     let key = &keys[i];
                     if outcomes[i].is_some() {
+                        // Answered already (a refresh): its value rests too, so that a failing
+                        // source is tried once per throttle, as for a single key.
+                        if let Some(stale) = best[i].take().filter(|slot| now < slot.stale_until) {
+                            self.rest(key, stale, writes[i]);
+                        }
                         continue;
                     }
                     let outcome = match best[i].take().filter(|slot| now < slot.stale_until) {

@@ -1731,6 +1731,48 @@ async fn after_serving_a_stale_value_the_failing_loader_rests_for_the_throttle()
     );
 }
 
+/// The same for a batch refreshing a value past its soft TTL: a failing source is tried once
+/// per throttle, not on every batch request.
+#[tokio::test(start_paused = true)]
+async fn a_batch_refresh_whose_loader_fails_rests_for_the_throttle() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .fail_safe_throttle(30 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let k = key("k");
+    cache
+        .get_many_or_load(std::slice::from_ref(&k), |keys| async move {
+            Ok::<_, CacheError>(keys.into_iter().map(|k| (k, "v1".to_owned())).collect())
+        })
+        .await
+        .unwrap();
+    clock.advance(6 * SEC);
+    for _ in 0..3 {
+        let calls = Arc::clone(&calls);
+        let values = cache
+            .get_many_or_load(std::slice::from_ref(&k), move |_| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
+            })
+            .await
+            .unwrap();
+        assert_eq!(values, vec![Some("v1".to_owned())]);
+        common::idle().await;
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the failing source was tried again"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hung_loader_is_abandoned_by_default() {
     let cache: Cache<String, String> = Cache::builder().build().unwrap();
