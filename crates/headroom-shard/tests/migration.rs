@@ -150,6 +150,53 @@ fn plans_list_moving_key_ranges() {
     assert_eq!(plan.moved_fraction(), None);
 }
 
+/// Nodes a, b and c, shards 0, 1 and 2 on the nodes `placement` names.
+fn three_nodes(
+    epoch: u64,
+    router: headroom_shard::AnyRouter,
+    placement: [&str; 3],
+) -> Topology<(), headroom_shard::AnyRouter> {
+    let mut builder = Topology::builder(router).epoch(epoch);
+    for node in ["a", "b", "c"] {
+        builder = builder.node(node, ());
+    }
+    for (shard, node) in placement.into_iter().enumerate() {
+        builder = builder.shard(ShardId(shard as u32), node, &[]);
+    }
+    builder.build().unwrap()
+}
+
+/// Asserts that every key of `keys` that changes node between `from` and `to` is in a move of
+/// `plan` from its old node to its new one: in one of its key ranges, or among its keys.
+fn assert_plan_covers<R: Router>(
+    plan: &ReshardPlan,
+    from: &Topology<(), R>,
+    to: &Topology<(), R>,
+    keys: &[String],
+) {
+    for key in keys {
+        let (a, b) = (
+            from.write(key.as_str()).unwrap().node_id(),
+            to.write(key.as_str()).unwrap().node_id(),
+        );
+        if a == b {
+            continue;
+        }
+        let covered = plan.moves().iter().any(|m| {
+            (m.from(), m.to()) == (a, b)
+                && match m.units() {
+                    Units::KeyRanges(ranges) => ranges.iter().any(|r| {
+                        *r.start <= *key.as_bytes()
+                            && r.end.as_deref().is_none_or(|end| key.as_bytes() < end)
+                    }),
+                    Units::Keys(pinned) => pinned.iter().any(|k| **k == *key.as_bytes()),
+                    _ => false,
+                }
+        });
+        assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
+    }
+}
+
 /// Between a range router and a hash router, every key that changes node is in a move of its
 /// pair of nodes, whichever range it falls in (a sample of keys would all fall in the first
 /// range); the moves are key ranges, without a fraction (it depends on the keys). The same
@@ -158,18 +205,7 @@ fn plans_list_moving_key_ranges() {
 fn plans_between_ranges_and_a_hash_router_cover_every_range() {
     use headroom_shard::AnyRouter;
 
-    let build = |epoch, router: AnyRouter| {
-        Topology::builder(router)
-            .epoch(epoch)
-            .node("a", ())
-            .node("b", ())
-            .node("c", ())
-            .shard(ShardId(0), "a", &[])
-            .shard(ShardId(1), "b", &[])
-            .shard(ShardId(2), "c", &[])
-            .build()
-            .unwrap()
-    };
+    let build = |epoch, router: AnyRouter| three_nodes(epoch, router, ["a", "b", "c"]);
     let ranges = || {
         AnyRouter::from(
             RangeRouter::builder(ShardId(0))
@@ -189,34 +225,14 @@ fn plans_between_ranges_and_a_hash_router_cover_every_range() {
     ] {
         let plan = ReshardPlan::between(&from, &to);
         assert_eq!(plan.moved_fraction(), None);
-        for key in &keys {
-            let (a, b) = (
-                from.write(key.as_str()).unwrap().node_id(),
-                to.write(key.as_str()).unwrap().node_id(),
-            );
-            if a == b {
-                continue;
-            }
-            let covered = plan.moves().iter().any(|m| {
-                (m.from(), m.to()) == (a, b)
-                    && matches!(m.units(), Units::KeyRanges(ranges) if ranges.iter().any(|r| {
-                        *r.start <= *key.as_bytes()
-                            && r.end.as_deref().is_none_or(|end| key.as_bytes() < end)
-                    }))
-            });
-            assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
-        }
+        assert!(
+            plan.moves()
+                .iter()
+                .all(|m| matches!(m.units(), Units::KeyRanges(_)))
+        );
+        assert_plan_covers(&plan, &from, &to, &keys);
     }
-    let moved = Topology::builder(ranges())
-        .epoch(3)
-        .node("a", ())
-        .node("b", ())
-        .node("c", ())
-        .shard(ShardId(0), "a", &[])
-        .shard(ShardId(1), "c", &[])
-        .shard(ShardId(2), "c", &[])
-        .build()
-        .unwrap();
+    let moved = three_nodes(3, ranges(), ["a", "c", "c"]);
     let plan = ReshardPlan::between(&build(1, ranges()), &moved);
     assert_eq!(
         moves_of(&plan),
@@ -240,18 +256,7 @@ fn plans_between_ranges_and_a_hash_router_cover_every_range() {
 fn plans_with_a_directory_over_ranges_cover_every_key_that_moves() {
     use headroom_shard::AnyRouter;
 
-    let build = |epoch, router: AnyRouter| {
-        Topology::builder(router)
-            .epoch(epoch)
-            .node("a", ())
-            .node("b", ())
-            .node("c", ())
-            .shard(ShardId(0), "a", &[])
-            .shard(ShardId(1), "b", &[])
-            .shard(ShardId(2), "c", &[])
-            .build()
-            .unwrap()
-    };
+    let build = |epoch, router: AnyRouter| three_nodes(epoch, router, ["a", "b", "c"]);
     let ranges = |splits: &[(&str, u32)]| {
         let mut builder = RangeRouter::builder(ShardId(0));
         for &(at, shard) in splits {
@@ -281,40 +286,11 @@ fn plans_with_a_directory_over_ranges_cover_every_key_that_moves() {
         (build(1, jump()), build(2, directory())),
     ] {
         let plan = ReshardPlan::between(&from, &to);
-        for key in &keys {
-            let (a, b) = (
-                from.write(key.as_str()).unwrap().node_id(),
-                to.write(key.as_str()).unwrap().node_id(),
-            );
-            if a == b {
-                continue;
-            }
-            let covered = plan.moves().iter().any(|m| {
-                (m.from(), m.to()) == (a, b)
-                    && match m.units() {
-                        Units::KeyRanges(ranges) => ranges.iter().any(|r| {
-                            *r.start <= *key.as_bytes()
-                                && r.end.as_deref().is_none_or(|end| key.as_bytes() < end)
-                        }),
-                        Units::Keys(pinned) => pinned.iter().any(|k| **k == *key.as_bytes()),
-                        _ => false,
-                    }
-            });
-            assert!(covered, "{key} moves from {a} to {b}: {:?}", plan.moves());
-        }
+        assert_plan_covers(&plan, &from, &to, &keys);
     }
     // The same directory under a new placement moves shards, with no fraction: its base
     // router's ranges give none.
-    let mut placed = Topology::builder(directory()).epoch(3);
-    for node in ["a", "b", "c"] {
-        placed = placed.node(node, ());
-    }
-    let placed = placed
-        .shard(ShardId(0), "a", &[])
-        .shard(ShardId(1), "c", &[])
-        .shard(ShardId(2), "c", &[])
-        .build()
-        .unwrap();
+    let placed = three_nodes(3, directory(), ["a", "c", "c"]);
     let plan = ReshardPlan::between(&build(2, directory()), &placed);
     assert_eq!(plan.moved_fraction(), None, "{:?}", plan.moves());
 }

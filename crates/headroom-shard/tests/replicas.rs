@@ -545,21 +545,23 @@ fn shard_labels_are_bounded() {
     assert!(series <= 2 * 64 + 2 * 1024, "{series} series");
 }
 
+/// `shards` shards, all on primary "a" with replica "a-r".
+fn on_one_primary(shards: u32, epoch: u64) -> Topology<&'static str, JumpRouter> {
+    Topology::builder(JumpRouter::new(shards).unwrap())
+        .epoch(epoch)
+        .node("a", "primary")
+        .node("a-r", "replica")
+        .shards(0..shards, "a", &["a-r"])
+        .build()
+        .unwrap()
+}
+
 /// Positions count per primary, whatever shard they were written on: after a topology change
 /// that moves a key to another shard of the same primary (a router with more shards), a
 /// replica behind the session's write does not serve it.
 #[test]
 fn a_session_keeps_its_writes_when_its_key_moves_to_another_shard_of_the_primary() {
-    let on = |shards: u32, epoch: u64| {
-        Topology::builder(JumpRouter::new(shards).unwrap())
-            .epoch(epoch)
-            .node("a", "primary")
-            .node("a-r", "replica")
-            .shards(0..shards, "a", &["a-r"])
-            .build()
-            .unwrap()
-    };
-    let (before, after) = (on(2, 1), on(4, 2));
+    let (before, after) = (on_one_primary(2, 1), on_one_primary(4, 2));
     let key = (0..1_000u64)
         .find(|k| before.shard_of(k) != after.shard_of(k))
         .expect("a key that moves");
@@ -582,16 +584,7 @@ fn a_session_keeps_its_writes_when_its_key_moves_to_another_shard_of_the_primary
 /// the furthest position the session reached on the primary, not that shard's own.
 #[test]
 fn a_session_keeps_its_writes_when_its_key_moves_onto_a_shard_it_wrote_on_earlier() {
-    let on = |shards: u32, epoch: u64| {
-        Topology::builder(JumpRouter::new(shards).unwrap())
-            .epoch(epoch)
-            .node("a", "primary")
-            .node("a-r", "replica")
-            .shards(0..shards, "a", &["a-r"])
-            .build()
-            .unwrap()
-    };
-    let (before, after) = (on(4, 1), on(2, 2));
+    let (before, after) = (on_one_primary(4, 1), on_one_primary(2, 2));
     let moved = (0..1_000u64)
         .find(|k| before.shard_of(k) != after.shard_of(k))
         .expect("a key that moves");
