@@ -912,9 +912,6 @@ where
         self.in_flight.lock().remove(key);
     }
 
-    /// Whether the load numbered `load` is still the one in flight for `key`: a write to the
-    /// key (as it begins and as it lands), a message invalidating it or a flush detaches a
-    /// load, writes to other keys do not. Only an attached load writes its value to L2.
     /// Marks the keys of load `load` (those it still holds) as answered early with values
     /// servable until `until`.
     fn answered_until(&self, keys: &[K], load: u64, until: Instant) {
@@ -928,6 +925,16 @@ where
         }
     }
 
+    /// A load of `key` takes the place of one whose early answer expired: the overtaken one,
+    /// ending later with an older value (or failing), must not fill L1 over it, as after a
+    /// write.
+    fn overtake(&self, key: &K) {
+        self.writes[self.stripe(key)].fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether the load numbered `load` is still the one in flight for `key`: a write to the
+    /// key (as it begins and as it lands), a message invalidating it or a flush detaches a
+    /// load, writes to other keys do not. Only an attached load writes its value to L2.
     fn attached(&self, key: &K, load: u64) -> bool {
         self.in_flight
             .lock()
@@ -1500,11 +1507,14 @@ where
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let mut in_flight = this.in_flight.lock();
-        if let Some(existing) = in_flight.get(key)
-            && existing.joinable(this.clock.now())
-        {
-            return existing.join.wait();
-        }
+        let overtaking = match in_flight.get(key) {
+            Some(existing) if existing.joinable(this.clock.now()) => return existing.join.wait(),
+            Some(_) => {
+                this.overtake(key);
+                true
+            }
+            None => false,
+        };
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let pending = answer
@@ -1529,9 +1539,12 @@ where
             load,
             keys: [key.clone()],
         };
+        // The overtaken load holds this instance's fleet lock of the key, and stays detached:
+        // its value would never reach L2 for a waiter to find.
+        let claim = !overtaking;
         tokio::spawn(
             Arc::clone(this)
-                .load(done, tags, loader, reply)
+                .load(done, tags, loader, reply, claim)
                 .in_current_span(),
         );
         pending.boxed()
@@ -1544,6 +1557,7 @@ where
         tags: Tags,
         loader: F,
         reply: oneshot::Sender<Outcome<V>>,
+        claim: bool,
     ) where
         F: FnOnce(K) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
@@ -1596,7 +1610,7 @@ where
             .map(|(soft, stale)| (self.clock.now() + soft, stale));
         // With a fleet lock, one instance loads; the others wait for its value in L2.
         let _lock = match (&self.fleet_lock, &self.l2) {
-            (Some(lock), Some(l2)) => match self
+            (Some(lock), Some(l2)) if claim => match self
                 .past_soft_timeout(
                     self.claim_or_wait(lock, l2, key),
                     soft,
@@ -1902,6 +1916,7 @@ where
                     join if entry.get().joinable(now) => Wait::Joined(join.wait()),
                     // Its early answer is no longer servable: a load of its own.
                     _ => {
+                        this.overtake(key);
                         let (flight, wait) = own(&mut to_load);
                         entry.insert(flight);
                         wait

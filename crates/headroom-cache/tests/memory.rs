@@ -420,6 +420,60 @@ async fn a_caller_joining_a_hung_refresh_after_the_ttl_gets_no_expired_value() {
     assert_ne!(served.as_deref(), Some("v1"), "an expired value was served");
 }
 
+/// The hung refresh that a later caller did not join ends after that caller's own load: its
+/// older value does not replace the newer one in L1, and, with fail-safe, its failure does
+/// not put the old value back.
+#[tokio::test(start_paused = true)]
+async fn a_refresh_overtaken_by_a_later_load_does_not_replace_its_value() {
+    for fails in [false, true] {
+        let clock = ManualClock::new();
+        let cache: Cache<String, String> = Cache::builder()
+            .clock(clock.clock())
+            .ttl(10 * SEC)
+            .soft_ttl(5 * SEC)
+            .fail_safe_max_stale(if fails { 60 * SEC } else { Duration::ZERO })
+            .fail_safe_throttle(30 * SEC)
+            .l2(store(&clock), ns())
+            .build()
+            .unwrap();
+        let k = key("k");
+        cache
+            .get_or_load(&k, |_| async {
+                Ok::<_, std::io::Error>(Some("v1".to_owned()))
+            })
+            .await
+            .unwrap();
+        clock.advance(6 * SEC);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        cache
+            .get_or_load(&k, move |_| async move {
+                let _ = released.await;
+                if fails {
+                    return Err(std::io::Error::other("database down"));
+                }
+                Ok(Some("old".to_owned()))
+            })
+            .await
+            .unwrap();
+        common::idle().await;
+        clock.advance(5 * SEC);
+        let loaded = cache
+            .get_or_load(&k, |_| async {
+                Ok::<_, std::io::Error>(Some("v2".to_owned()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded.as_deref(), Some("v2"));
+        release.send(()).unwrap();
+        common::idle().await;
+        assert_eq!(
+            cache.get(&k).await.unwrap().as_deref(),
+            Some("v2"),
+            "the overtaken refresh replaced the newer value (failing: {fails})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn past_the_soft_ttl_a_hit_is_served_and_refreshed_in_the_background() {
     let clock = ManualClock::new();
@@ -1987,6 +2041,35 @@ async fn the_soft_timeout_covers_the_wait_for_a_fleet_lock() {
     let waited = started.elapsed();
     assert!(waited < SEC, "waited {waited:?} for the stale value");
     hung.abort();
+}
+
+/// With a fleet lock, a caller that does not join a hung refresh (its early answer expired)
+/// does not wait for the lock that refresh holds: it loads at once.
+#[tokio::test(start_paused = true)]
+async fn a_caller_overtaking_a_hung_refresh_does_not_wait_for_its_fleet_lock() {
+    let cache: Cache<String, String> = Cache::builder()
+        .ttl(10 * SEC)
+        .soft_ttl(5 * SEC)
+        .l2(MemoryKvStore::new(), ns())
+        .fleet_lock(headroom_core::memory::MemoryLeaseStore::new(), 10 * SEC)
+        .build()
+        .unwrap();
+    let k = key("k");
+    cache.insert(k.clone(), "v1".into()).await.unwrap();
+    tokio::time::sleep(6 * SEC).await;
+    cache
+        .get_or_load(&k, |_| {
+            std::future::pending::<Result<Option<String>, CacheError>>()
+        })
+        .await
+        .unwrap();
+    common::idle().await;
+    tokio::time::sleep(5 * SEC).await;
+    let started = tokio::time::Instant::now();
+    let loads = Counter::default();
+    let loaded = cache.get_or_load(&k, loads.loader()).await.unwrap();
+    assert_eq!(loaded.as_deref(), Some("k#1"));
+    assert!(started.elapsed() < SEC, "waited {:?}", started.elapsed());
 }
 
 /// A holder whose load finds nothing frees the lock: a waiting instance loads at once rather
