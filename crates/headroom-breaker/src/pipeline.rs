@@ -118,6 +118,17 @@ impl<E> Parts<'_, E> {
     }
 }
 
+/// Records how a pipeline call ended on its span.
+fn record_outcome<T, E>(span: &tracing::Span, result: &Result<T, Error<E>>) {
+    span.record(
+        "outcome",
+        match result {
+            Ok(_) => "ok",
+            Err(err) => err.kind().as_str(),
+        },
+    );
+}
+
 fn flatten<T, E>(result: Result<Result<T, E>, crate::Elapsed>) -> Result<T, Error<E>> {
     match result {
         Ok(inner) => inner.map_err(Error::Inner),
@@ -232,13 +243,7 @@ impl<E> Pipeline<E> {
         }
         let span = tracing::debug_span!("pipeline.call", name = %self.name, outcome = tracing::field::Empty);
         let result = self.parts().call(op).instrument(span.clone()).await;
-        span.record(
-            "outcome",
-            match &result {
-                Ok(_) => "ok",
-                Err(err) => err.kind().as_str(),
-            },
-        );
+        record_outcome(&span, &result);
         result
     }
 
@@ -247,10 +252,7 @@ impl<E> Pipeline<E> {
     /// again. The budget a layer further out recorded it in is read first, when this is
     /// called.
     #[cfg(feature = "tower")]
-    pub(crate) fn call_marked<T, F, Fut>(
-        &self,
-        op: F,
-    ) -> impl Future<Output = Result<T, Error<E>>> + use<'_, T, F, Fut, E>
+    pub(crate) async fn call_marked<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -260,7 +262,14 @@ impl<E> Pipeline<E> {
             .as_ref()
             .and_then(Retry::budget)
             .or_else(|| self.hedge.as_ref().and_then(Hedge::budget));
-        RetryBudget::deposited(budget, self.parts().call(op))
+        let attempts = RetryBudget::deposited(budget, self.parts().call(op));
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return attempts.await;
+        }
+        let span = tracing::debug_span!("pipeline.call", name = %self.name, outcome = tracing::field::Empty);
+        let result = attempts.instrument(span.clone()).await;
+        record_outcome(&span, &result);
+        result
     }
 
     /// Runs `op` and falls back as `fallback` says when it fails for good.

@@ -242,6 +242,24 @@ async fn operations_open_spans_with_a_name_and_an_outcome() {
         .await
         .unwrap();
     assert_eq!(spans.outcomes("pipeline.call"), [pair("inventory", "ok")]);
+    // The same pipeline as a tower layer.
+    {
+        use tower::{ServiceBuilder, ServiceExt};
+        ServiceBuilder::new()
+            .layer(headroom::breaker::tower::PipelineLayer::new(
+                pipeline.clone(),
+            ))
+            .service(tower::service_fn(|(): ()| async {
+                Ok::<_, std::io::Error>(())
+            }))
+            .oneshot(())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        spans.outcomes("pipeline.call"),
+        [pair("inventory", "ok"), pair("inventory", "ok")]
+    );
 
     // Idempotency: the first request runs, the retry is replayed.
     let idempotency = headroom.idempotency().build().unwrap();
