@@ -641,16 +641,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
             b"the stored write is not a write-behind record (corrupt or foreign bytes)",
         );
         tracing::warn!(queue = %queue.name, job.number = delivery.number, "a corrupt write is dead");
-        let _ = queue
-            .store
-            .bury(
-                key,
-                delivery.number,
-                delivery.attempt,
-                error,
-                queue.config.dead_retention,
-            )
-            .await;
+        bury(queue, key, &delivery, error).await;
     }
     let handed = writes.len() as u64;
     let coalesced = (deliveries.len() - writes.len()) as u64;
@@ -678,16 +669,13 @@ async fn drain_partition<S: JobStore, W: Writer>(
             let error = &dead[&kept_keys[i]];
             tracing::warn!(queue = %queue.name, job.number = delivery.number, error, "the writer refused a write for good; it is dead");
             queue.metrics.dead.increment(1);
-            let _ = queue
-                .store
-                .bury(
-                    key,
-                    delivery.number,
-                    delivery.attempt,
-                    Bytes::copy_from_slice(error.as_bytes()),
-                    queue.config.dead_retention,
-                )
-                .await;
+            bury(
+                queue,
+                key,
+                delivery,
+                Bytes::copy_from_slice(error.as_bytes()),
+            )
+            .await;
         }
         // All in one step (one round trip on Redis). A write left uncompleted (the store
         // failed) is delivered again and written again: versions make that harmless.
@@ -723,6 +711,26 @@ async fn drain_partition<S: JobStore, W: Writer>(
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
     tally.held.store(0, Ordering::Relaxed);
     Ok(more && written)
+}
+
+/// Makes `delivery` of partition `key` a dead letter with `error`, kept for the queue's dead
+/// retention. A store that fails leaves it held, to be taken over and tried again.
+async fn bury<S: JobStore>(
+    queue: &crate::queue::QueueInner<S>,
+    key: &headroom_core::Key,
+    delivery: &Delivery,
+    error: Bytes,
+) {
+    let _ = queue
+        .store
+        .bury(
+            key,
+            delivery.number,
+            delivery.attempt,
+            error,
+            queue.config.dead_retention,
+        )
+        .await;
 }
 
 /// A write the writer refused for good: its key and the writer's message.
