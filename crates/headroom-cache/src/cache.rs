@@ -1592,13 +1592,16 @@ where
         // refreshed below); L1 is filled after the callers have it.
         if let Some(slot) = best.as_ref().filter(|slot| now < slot.expires_at) {
             send(&mut reply, Ok(slot.value.clone()));
-            self.answered_until(std::slice::from_ref(key), done.load, slot.expires_at);
+            let refreshing = now >= slot.fresh_until;
+            if refreshing {
+                self.answered_until(std::slice::from_ref(key), done.load, slot.expires_at);
+            }
             if fill {
                 // Let the callers run first.
                 tokio::task::yield_now().await;
                 self.fill_l1(key, slot.clone(), write);
             }
-            if now < slot.fresh_until {
+            if !refreshing {
                 return;
             }
         }
