@@ -1455,11 +1455,16 @@ where
         with_clear.extend_from_slice(keys);
         with_clear.push(clear);
         let mut found = l2.get_many(&with_clear).await?;
-        if self
-            .hides
-            .learned_clear(read, found.pop().flatten().as_deref())
-        {
+        let value = found.pop().flatten();
+        let unix_now = self.clock.unix_millis();
+        let recorded = self.hides.learned_clear(read, value.as_deref(), unix_now);
+        if recorded.learned {
             self.flush();
+        }
+        if recorded.foreign
+            && let (Some(clear), Some(value)) = (with_clear.pop(), value)
+        {
+            l2.replace_foreign_hide(clear, &value, unix_now).await;
         }
         Some(found)
     }
@@ -1470,7 +1475,8 @@ where
     async fn learn_hides(&self, l2: &L2, values: &[&[u8]], now: Instant) -> bool {
         let oldest_alive = self.oldest_alive();
         let heard = || self.heard();
-        match self.hides.learn(l2, values, now, heard, oldest_alive).await {
+        let at = (now, self.clock.unix_millis());
+        match self.hides.learn(l2, values, at, heard, oldest_alive).await {
             Some(learned) => {
                 if learned {
                     self.flush();

@@ -37,6 +37,10 @@ pub(crate) const VERSION_AT: VersionAt = VersionAt::new(0);
 /// `clear_counts_at` when no read of the clear made while messages were heard is known.
 const NO_HEARD_READ: u64 = u64::MAX;
 
+/// A hide dated further ahead of this instance's clock than clocks drift apart is foreign
+/// bytes: kept, it would hide every entry until then.
+const AHEAD_AT_MOST_MS: u64 = 60_000;
+
 /// A hide that could cover an entry is not known for sure: learn it from L2 first.
 #[derive(Debug)]
 pub(crate) struct Unsure;
@@ -203,23 +207,30 @@ impl Hides {
         }))
     }
 
-    /// Records the clear read from L2 (`None`: absent); returns whether it was unknown.
-    pub(crate) fn learned_clear(&self, read: ClearRead, value: Option<&[u8]>) -> bool {
+    /// Records the clear read from L2 (`None`: absent) at `unix_now`; returns whether it was
+    /// unknown, and whether it was foreign bytes (see [`record`]) for L2 to replace.
+    pub(crate) fn learned_clear(
+        &self,
+        read: ClearRead,
+        value: Option<&[u8]>,
+        unix_now: u64,
+    ) -> Recorded {
         let mut state = self.state.lock();
-        let learned = record(&mut state.clear, value, read.0);
+        let recorded = record(&mut state.clear, value, read.0, unix_now);
         self.mirror_clear(&state);
-        learned
+        recorded
     }
 
     /// Reads from L2 the hides not known for sure that could cover the entries encoded in
     /// `values`, in one round trip. `heard` tells whether messages are being heard now.
     /// Returns whether it learned of a hide it did not know (L1 may hold entries it
-    /// covers), or `None` when L2 was not reached: the hides stay unsure.
+    /// covers), or `None` when L2 was not reached: the hides stay unsure. Foreign bytes found
+    /// where a hide is kept are replaced in L2 by a hide of `unix_now` (see [`record`]).
     pub(crate) async fn learn(
         &self,
         l2: &L2,
         values: &[&[u8]],
-        now: Instant,
+        (now, unix_now): (Instant, u64),
         heard: impl Fn() -> bool,
         oldest_alive: u64,
     ) -> Option<bool> {
@@ -255,16 +266,28 @@ impl Hides {
         }
         let found = l2.read_hides(&keys).await?;
         let mut learned = false;
-        let mut state = self.state.lock();
-        for (name, value) in names.into_iter().zip(found) {
-            let known = match name {
-                None => &mut state.clear,
-                Some(tag) => state.tags.entry(tag.into()).or_default(),
-            };
-            learned |= record(known, value.as_deref(), read);
+        let mut foreign = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for ((name, value), key) in names.into_iter().zip(found).zip(keys) {
+                let known = match name {
+                    None => &mut state.clear,
+                    Some(tag) => state.tags.entry(tag.into()).or_default(),
+                };
+                let recorded = record(known, value.as_deref(), read, unix_now);
+                learned |= recorded.learned;
+                if recorded.foreign
+                    && let Some(value) = value
+                {
+                    foreign.push((key, value));
+                }
+            }
+            self.mirror_clear(&state);
+            self.bound(&mut state, oldest_alive, Some(read));
         }
-        self.mirror_clear(&state);
-        self.bound(&mut state, oldest_alive, Some(read));
+        for (key, value) in foreign {
+            l2.replace_foreign_hide(key, &value, unix_now).await;
+        }
         Some(learned)
     }
 
@@ -341,23 +364,32 @@ impl Hides {
     }
 }
 
-/// Records a hide read from L2 (`None`: absent); returns whether it is newer than what an
-/// earlier read found (L1 may then hold entries it covers: none was let in without a read).
-/// An undecodable value leaves the hide unsure: entries it could cover read as misses.
-fn record(known: &mut Known, value: Option<&[u8]>, read: Read) -> bool {
-    let at = match value.map(<[u8; 8]>::try_from) {
-        None => 0,
-        Some(Ok(bytes)) => u64::from_le_bytes(bytes),
-        Some(Err(_)) => {
-            tracing::warn!("undecodable hide in L2; entries it could cover are read as misses");
-            known.read = None;
-            return false;
-        }
+/// What [`record`] made of a hide read from L2.
+pub(crate) struct Recorded {
+    /// The hide is newer than what an earlier read found: L1 may hold entries it covers.
+    pub(crate) learned: bool,
+    /// The value was foreign bytes, taken as a hide of the time of the read.
+    pub(crate) foreign: bool,
+}
+
+/// Records a hide read from L2 at `unix_now` (`None`: absent). Foreign bytes (not a time, or
+/// a time further ahead than clocks drift) are taken as a hide of `unix_now`: whatever they
+/// replaced was made before, and could have covered any entry made before.
+fn record(known: &mut Known, value: Option<&[u8]>, read: Read, unix_now: u64) -> Recorded {
+    let found = match value.map(<[u8; 8]>::try_from) {
+        None => Some(0),
+        Some(Ok(bytes)) => Some(u64::from_le_bytes(bytes))
+            .filter(|at| *at <= unix_now.saturating_add(AHEAD_AT_MOST_MS)),
+        Some(Err(_)) => None,
     };
+    let at = found.unwrap_or(unix_now);
     let learned = at > known.at && known.read.is_some();
     known.at = known.at.max(at);
     known.read = Some(read);
-    learned
+    Recorded {
+        learned,
+        foreign: found.is_none(),
+    }
 }
 
 /// The L2 entry of a hide made at `at_unix_ms`, kept as long as an entry it covers can live.

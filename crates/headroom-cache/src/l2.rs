@@ -306,6 +306,17 @@ impl L2 {
         .is_some()
     }
 
+    /// Replaces foreign bytes found where a hide is kept by a hide made at `at_unix_ms`. They
+    /// are deleted first, and only while they are still there: bytes that read as a time
+    /// later than any hide's would refuse every hide written over them.
+    pub(crate) async fn replace_foreign_hide(&self, key: Key, found: &[u8], at_unix_ms: u64) {
+        self.metrics.l2_corrupt.increment(1);
+        tracing::warn!(namespace = %self.namespace, ?key, "undecodable hide in L2; replacing it");
+        self.call("delete_if_eq", self.store.delete_if_eq(&key, found))
+            .await;
+        self.keep_hides(std::iter::once((key, at_unix_ms))).await;
+    }
+
     /// Deletes a key whose bytes could not be decoded, without making the reader wait; only
     /// while it still holds those bytes, so a value written meanwhile (the load that follows
     /// the miss, say) stays. A delete that fails is not retried: the bytes expire with their TTL.

@@ -3038,3 +3038,79 @@ async fn let_loads_finish() {
         tokio::task::yield_now().await;
     }
 }
+
+/// Foreign bytes where a hide is kept in L2 (`<namespace>.hidden`: too short to hold a time,
+/// or a time far ahead of every clock) are corrupt like any other L2 value. What they
+/// replaced could have hidden anything written before they were found, so those entries stay
+/// hidden; they are replaced by a hide of the time they were found, so that entries written
+/// after are served from L2 again, to every instance.
+#[tokio::test(start_paused = true)]
+async fn corrupt_bytes_where_a_hide_is_kept_are_replaced_by_a_hide_of_when_they_were_found() {
+    let hidden = Namespace::new("test:cache.hidden").unwrap();
+    let far_ahead = u64::MAX / 2;
+    let garbage: [(&str, Vec<u8>); 3] = [
+        ("too short", b"junk".to_vec()),
+        ("too long", b"garbage!!".to_vec()),
+        ("far ahead", far_ahead.to_le_bytes().to_vec()),
+    ];
+    let hides: [(&str, &[&str]); 2] = [("c", &[]), ("t:team", &["team"])];
+    for ((what, garbage), (hide, tags)) in garbage
+        .iter()
+        .flat_map(|bytes| hides.iter().map(move |hide| (bytes, hide)))
+    {
+        let case = format!("{what} at {hide}");
+        let hide = hidden.key(hide.as_bytes()).unwrap();
+        let clock = ManualClock::new();
+        let store = MemoryKvStore::builder().clock(clock.clock()).build();
+        let instance = || -> Cache<String, String> {
+            Cache::builder()
+                .clock(clock.clock())
+                .l2(store.clone(), ns())
+                .build()
+                .unwrap()
+        };
+        let writer = instance();
+        writer
+            .insert_tagged(key("before"), "old".into(), tags)
+            .await
+            .unwrap();
+        clock.advance(Duration::from_millis(5));
+        store
+            .set(&hide, Bytes::from(garbage.clone()), 60 * SEC)
+            .await
+            .unwrap();
+        let found_at = clock.clock().unix_millis();
+
+        let reader = instance();
+        assert_eq!(
+            reader.get(&key("before")).await.unwrap(),
+            None,
+            "{case}: an entry the lost hide could have covered is not served"
+        );
+        common::idle().await;
+        let repaired = store.get(&hide).await.unwrap().expect("a hide is kept");
+        let at = u64::from_le_bytes(
+            repaired[..]
+                .try_into()
+                .unwrap_or_else(|_| panic!("{case}: the hide holds a time: {repaired:?}")),
+        );
+        assert!(
+            at >= found_at && at < found_at + 1_000,
+            "{case}: the hide is of when the bytes were found ({at} against {found_at})"
+        );
+
+        clock.advance(Duration::from_millis(5));
+        reader
+            .insert_tagged(key("after"), "new".into(), tags)
+            .await
+            .unwrap();
+        for (who, cache) in [("another instance", instance()), ("the reader", reader)] {
+            cache.invalidate_local(&key("after"));
+            assert_eq!(
+                cache.get(&key("after")).await.unwrap().as_deref(),
+                Some("new"),
+                "{case}: {who} serves an entry written after the repair from L2"
+            );
+        }
+    }
+}
