@@ -1871,13 +1871,17 @@ where
     }
 
     /// After a failed load was answered with `stale`, serves it from L1 for the fail-safe
-    /// throttle (within its fail-safe window) without calling the loader.
+    /// throttle (within its fail-safe window and `l1_max_ttl`) without calling the loader.
     fn rest(&self, key: &K, mut stale: Slot<V>, write: WriteMark) {
         let throttle = self.config.fail_safe_throttle;
         if throttle.is_zero() {
             return;
         }
-        let until = (self.clock.now() + throttle).min(stale.stale_until);
+        let mut until = (self.clock.now() + throttle).min(stale.stale_until);
+        if let Some(cap) = self.config.l1_max_ttl {
+            // Not behind L2 for longer than the cap: past it the loader may be tried again.
+            until = until.min(self.clock.now() + cap);
+        }
         stale.fresh_until = until;
         stale.expires_at = until;
         self.fill_l1(key, stale, write);

@@ -58,7 +58,7 @@ pub struct CacheConfig {
     pub fail_safe_max_stale: Duration,
     /// After a load fails and a stale value is served instead, that value is served from L1
     /// for this long without calling the loader again (fail-safe throttle), so a failing source
-    /// is not called on every request.
+    /// is not called on every request. At most `l1_max_ttl`, when that is set.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub fail_safe_throttle: Duration,
     /// When a stale value is at hand, callers wait this long for the loader before being served

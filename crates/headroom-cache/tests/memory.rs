@@ -1786,6 +1786,43 @@ async fn after_serving_a_stale_value_the_failing_loader_rests_for_the_throttle()
     );
 }
 
+/// `l1_max_ttl` bounds how long an instance serves a value from L1 behind L2, a value resting
+/// after a failed load too: past it, a value written elsewhere meanwhile is served.
+#[tokio::test(start_paused = true)]
+async fn a_resting_stale_value_is_served_from_l1_no_longer_than_l1_max_ttl() {
+    let clock = ManualClock::new();
+    let l2 = MemoryKvStore::builder().clock(clock.clock()).build();
+    let instance = |l1_max_ttl: Option<Duration>| -> Cache<String, String> {
+        let builder = Cache::builder()
+            .clock(clock.clock())
+            .ttl(10 * SEC)
+            .fail_safe_max_stale(600 * SEC)
+            .fail_safe_throttle(30 * SEC)
+            .l2(l2.clone(), ns());
+        match l1_max_ttl {
+            Some(cap) => builder.l1_max_ttl(cap),
+            None => builder,
+        }
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (instance(Some(SEC)), instance(None));
+    let loads = Counter::default();
+    let k = key("k");
+    a.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(20 * SEC);
+    let value = a.get_or_load(&k, loads.failing()).await.unwrap();
+    assert_eq!(value.as_deref(), Some("k#1"), "stale value served");
+    common::idle().await;
+    b.insert(k.clone(), "new".into()).await.unwrap();
+    clock.advance(2 * SEC);
+    assert_eq!(
+        a.get(&k).await.unwrap().as_deref(),
+        Some("new"),
+        "the value written elsewhere, past l1_max_ttl"
+    );
+}
+
 /// The same for a batch refreshing a value past its soft TTL: a failing source is tried once
 /// per throttle, not on every batch request.
 #[tokio::test(start_paused = true)]
