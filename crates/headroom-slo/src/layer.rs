@@ -125,9 +125,20 @@ where
 
     #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
+        let started = self.objective.start();
+        // Armed around the inner call too: a service that panics in `call` failed its caller,
+        // and no future exists yet to record it.
+        let mut finished = false;
+        let panicking = PanicGuard {
+            objective: &self.objective,
+            started,
+            finished: &mut finished,
+        };
+        let inner = self.inner.call(request);
+        std::mem::forget(panicking);
         SloFuture {
-            started: self.objective.start(),
-            inner: self.inner.call(request),
+            started,
+            inner,
             objective: self.objective.clone(),
             classify: self.classify.clone(),
             finished: false,
@@ -157,8 +168,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Records its call as bad when dropped, which only happens while the service's `poll`
-/// unwinds (a panic): the normal path forgets it.
+/// Records its call as bad when dropped, which only happens while the service's `call` or
+/// `poll` unwinds (a panic): the normal path forgets it.
 struct PanicGuard<'a> {
     objective: &'a Objective,
     started: Started,

@@ -97,6 +97,27 @@ async fn a_call_whose_service_panics_counts_as_bad() {
     }
 }
 
+/// A service whose `call` itself panics, before any future exists, failed its caller just the
+/// same: both kinds of objective count the call as bad.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_whose_service_panics_in_call_counts_as_bad() {
+    let time = ManualClock::new();
+    let available = Objective::with_clock(
+        ObjectiveConfig::availability("search-ok", 0.99),
+        time.clock(),
+    )
+    .unwrap();
+    for objective in [available, latency(&time)] {
+        let service = SloLayer::new(objective.clone()).layer(service_fn(
+            |_: ()| -> std::future::Ready<Result<(), ()>> { panic!("in call") },
+        ));
+        let panicked = tokio::spawn(service.oneshot(())).await.unwrap_err();
+        assert!(panicked.is_panic());
+        let status = objective.evaluate();
+        assert_eq!((status.events, status.bad), (1, 1), "{}", objective.name());
+    }
+}
+
 /// With no request arriving, the timer still moves the windows on: the page signal is lowered
 /// once the short window has no bad request left.
 #[tokio::test(flavor = "current_thread")]
