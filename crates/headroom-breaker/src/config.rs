@@ -10,6 +10,26 @@ const MAX_WINDOW_SLOTS: u32 = 1 << 20;
 /// The most buckets a time window may have (a cache line each, per core).
 const MAX_TIME_BUCKETS: u32 = 1024;
 
+/// Where a section's settings are checked: alone (from its builder), or inside a
+/// [`PipelineConfig`], whose sections share setting names (the breaker's `window` and the
+/// budget's).
+#[derive(Clone, Copy)]
+enum Within {
+    Alone,
+    Pipeline,
+}
+
+/// The name of a setting as its error reports it: `window` alone, `budget.window` inside a
+/// pipeline. Both are `'static`, so an error still costs nothing to build.
+macro_rules! setting {
+    ($within:expr, $section:literal, $field:literal) => {
+        match $within {
+            Within::Alone => $field,
+            Within::Pipeline => concat!($section, ".", $field),
+        }
+    };
+}
+
 /// How a breaker's sliding window measures recent calls.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -35,22 +55,22 @@ pub enum WindowConfig {
 }
 
 impl WindowConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, within: Within) -> Result<(), ConfigError> {
         match *self {
             Self::Count { size } => check(
                 (1..=MAX_WINDOW_SLOTS).contains(&size),
-                "window.size",
+                setting!(within, "breaker", "window.size"),
                 "between 1 and 1048576",
             ),
             Self::Time { length, buckets } => {
                 check(
                     (1..=MAX_TIME_BUCKETS).contains(&buckets),
-                    "window.buckets",
+                    setting!(within, "breaker", "window.buckets"),
                     "between 1 and 1024",
                 )?;
                 check(
                     length.as_nanos() >= u128::from(buckets),
-                    "window.length",
+                    setting!(within, "breaker", "window.length"),
                     "at least one nanosecond per bucket",
                 )
             }
@@ -124,39 +144,55 @@ fn is_ratio(ratio: f64) -> bool {
 impl BreakerConfig {
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check(is_ratio(self.failure_ratio), "failure_ratio", "in (0, 1]")?;
+        self.validate_within(Within::Alone)
+    }
+
+    fn validate_within(&self, within: Within) -> Result<(), ConfigError> {
+        check(
+            is_ratio(self.failure_ratio),
+            setting!(within, "breaker", "failure_ratio"),
+            "in (0, 1]",
+        )?;
         if let Some(ratio) = self.slow_call_ratio {
-            check(is_ratio(ratio), "slow_call_ratio", "in (0, 1]")?;
+            check(
+                is_ratio(ratio),
+                setting!(within, "breaker", "slow_call_ratio"),
+                "in (0, 1]",
+            )?;
         }
-        self.window.validate()?;
-        check(self.minimum_calls >= 1, "minimum_calls", "at least 1")?;
+        self.window.validate(within)?;
+        check(
+            self.minimum_calls >= 1,
+            setting!(within, "breaker", "minimum_calls"),
+            "at least 1",
+        )?;
         // A count window never holds more than its size: a larger minimum is never reached,
         // and the breaker would never open.
         if let WindowConfig::Count { size } = self.window {
             check(
                 self.minimum_calls <= size,
-                "minimum_calls",
+                setting!(within, "breaker", "minimum_calls"),
                 "at most window.size for a count window",
             )?;
         }
         check(
             !self.open_duration.is_zero(),
-            "open_duration",
+            setting!(within, "breaker", "open_duration"),
             "more than zero",
         )?;
         check(
             self.max_open_duration >= self.open_duration,
-            "max_open_duration",
+            setting!(within, "breaker", "max_open_duration"),
             "at least open_duration",
         )?;
         check(
             (1..=MAX_WINDOW_SLOTS).contains(&self.half_open_probes),
-            "half_open_probes",
+            setting!(within, "breaker", "half_open_probes"),
             "between 1 and 1048576",
         )?;
         check(
             !self.half_open_max_wait.is_zero(),
-            "half_open_max_wait",
+            setting!(within, "breaker", "half_open_max_wait"),
             "more than zero",
         )
     }
@@ -200,10 +236,18 @@ impl Default for RetryConfig {
 impl RetryConfig {
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check(self.max_attempts >= 1, "max_attempts", "at least 1")?;
+        self.validate_within(Within::Alone)
+    }
+
+    fn validate_within(&self, within: Within) -> Result<(), ConfigError> {
+        check(
+            self.max_attempts >= 1,
+            setting!(within, "retry", "max_attempts"),
+            "at least 1",
+        )?;
         check(
             self.max_delay >= self.base_delay,
-            "max_delay",
+            setting!(within, "retry", "max_delay"),
             "at least base_delay",
         )
     }
@@ -238,14 +282,18 @@ impl Default for BudgetConfig {
 impl BudgetConfig {
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_within(Within::Alone)
+    }
+
+    fn validate_within(&self, within: Within) -> Result<(), ConfigError> {
         check(
             (0.0..=10.0).contains(&self.ratio),
-            "ratio",
+            setting!(within, "budget", "ratio"),
             "between 0 and 10",
         )?;
         check(
             self.window >= Duration::from_millis(10),
-            "window",
+            setting!(within, "budget", "window"),
             "at least 10ms",
         )
     }
@@ -280,12 +328,20 @@ impl Default for HedgeConfig {
 impl HedgeConfig {
     /// Checks every setting, naming the first one out of range.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_within(Within::Alone)
+    }
+
+    fn validate_within(&self, within: Within) -> Result<(), ConfigError> {
         if let Some(p) = self.percentile {
-            check(p > 0.0 && p < 1.0, "percentile", "in (0, 1)")?;
+            check(
+                p > 0.0 && p < 1.0,
+                setting!(within, "hedge", "percentile"),
+                "in (0, 1)",
+            )?;
         }
         check(
             (1..=16).contains(&self.max_hedges),
-            "max_hedges",
+            setting!(within, "hedge", "max_hedges"),
             "between 1 and 16",
         )
     }
@@ -312,22 +368,23 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Checks every setting, naming the first one out of range.
+    /// Checks every setting, naming the first one out of range by its path: `timeout`,
+    /// `budget.window`, `breaker.window.size`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(timeout) = self.timeout {
             check(timeout > Duration::ZERO, "timeout", "more than zero")?;
         }
         if let Some(breaker) = &self.breaker {
-            breaker.validate()?;
+            breaker.validate_within(Within::Pipeline)?;
         }
         if let Some(retry) = &self.retry {
-            retry.validate()?;
+            retry.validate_within(Within::Pipeline)?;
         }
         if let Some(budget) = &self.budget {
-            budget.validate()?;
+            budget.validate_within(Within::Pipeline)?;
         }
         match &self.hedge {
-            Some(hedge) => hedge.validate(),
+            Some(hedge) => hedge.validate_within(Within::Pipeline),
             None => Ok(()),
         }
     }
@@ -382,6 +439,73 @@ mod tests {
         };
         assert_eq!(bad.validate().map_err(|e| e.field()), Err("timeout"));
         assert_eq!(PipelineConfig::default().validate(), Ok(()));
+    }
+
+    /// Inside a pipeline the sections share setting names (the breaker's window and the
+    /// budget's): an error names the section too, and a section checked alone does not.
+    #[test]
+    fn pipeline_errors_name_the_section_of_the_setting() {
+        let field = |config: PipelineConfig| config.validate().map_err(|e| e.field());
+        let budget = BudgetConfig {
+            window: Duration::from_millis(5),
+            ..BudgetConfig::default()
+        };
+        assert_eq!(budget.validate().map_err(|e| e.field()), Err("window"));
+        assert_eq!(
+            field(PipelineConfig {
+                budget: Some(budget),
+                ..PipelineConfig::default()
+            }),
+            Err("budget.window")
+        );
+        let breaker = |breaker| PipelineConfig {
+            breaker: Some(breaker),
+            ..PipelineConfig::default()
+        };
+        assert_eq!(
+            field(breaker(BreakerConfig {
+                window: WindowConfig::Time {
+                    length: Duration::from_nanos(5),
+                    buckets: 10,
+                },
+                ..BreakerConfig::default()
+            })),
+            Err("breaker.window.length")
+        );
+        assert_eq!(
+            field(breaker(BreakerConfig {
+                failure_ratio: 0.0,
+                ..BreakerConfig::default()
+            })),
+            Err("breaker.failure_ratio")
+        );
+        assert_eq!(
+            field(PipelineConfig {
+                retry: Some(RetryConfig {
+                    max_attempts: 0,
+                    ..RetryConfig::default()
+                }),
+                ..PipelineConfig::default()
+            }),
+            Err("retry.max_attempts")
+        );
+        assert_eq!(
+            field(PipelineConfig {
+                hedge: Some(HedgeConfig {
+                    max_hedges: 0,
+                    ..HedgeConfig::default()
+                }),
+                ..PipelineConfig::default()
+            }),
+            Err("hedge.max_hedges")
+        );
+        assert_eq!(
+            field(PipelineConfig {
+                timeout: Some(Duration::ZERO),
+                ..PipelineConfig::default()
+            }),
+            Err("timeout")
+        );
     }
 
     #[cfg(feature = "serde")]

@@ -234,7 +234,8 @@ impl ConfigError {
         Self { field, expected }
     }
 
-    /// The name of the offending setting.
+    /// The name of the offending setting; from a [`PipelineConfig`](crate::PipelineConfig),
+    /// its path, section first (`budget.window`, `breaker.window.size`).
     pub fn field(&self) -> &'static str {
         self.field
     }

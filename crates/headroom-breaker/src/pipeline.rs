@@ -381,6 +381,10 @@ impl<E> PipelineBuilder<E> {
     }
 
     /// Limits each attempt to `after`, measured on the pipeline's clock.
+    ///
+    /// Taken as it is, as [`Timeout::new`] takes it: a zero limit fails every attempt that
+    /// waits at all with [`Elapsed`](crate::Elapsed). [`Pipeline::from_config`] checks the
+    /// configured timeout and refuses zero.
     pub fn timeout(mut self, after: Duration) -> Self {
         self.timeout = Some(after);
         self

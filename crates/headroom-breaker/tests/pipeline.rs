@@ -203,6 +203,24 @@ async fn fallback_answers_when_the_circuit_is_open_or_attempts_are_spent() {
 }
 
 #[cfg(feature = "serde")]
+/// The builder takes a zero timeout as it is (`from_config` refuses one): an attempt ready at
+/// its first poll still succeeds, and one that waits fails with `Elapsed`.
+#[tokio::test(start_paused = true)]
+async fn a_zero_timeout_from_the_builder_fails_every_attempt_that_waits() {
+    let pipeline = Pipeline::<Failure>::builder()
+        .timeout(Duration::ZERO)
+        .build();
+    assert_eq!(pipeline.call(|| async { Ok(7) }).await.ok(), Some(7));
+    let error = pipeline
+        .call(|| async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(7)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Elapsed);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_pipeline_loads_from_configuration() {
     let config: headroom_breaker::PipelineConfig = serde_json::from_str(
@@ -241,5 +259,5 @@ async fn a_pipeline_loads_from_configuration() {
         serde_json::from_str(r#"{ "retry": { "max_attempts": 0 } }"#).expect("parses");
     let error = Pipeline::<Failure>::from_config(&bad, "orders", headroom_core::Clock::system())
         .unwrap_err();
-    assert_eq!(error.field(), "max_attempts");
+    assert_eq!(error.field(), "retry.max_attempts");
 }
