@@ -15,6 +15,8 @@ use crate::Redis;
 // interval), in µs. The answer is how far each cell's arrival time ran ahead of now before the
 // decision (zero when full), from which [`RateDecision::of_cells`] derives the figures. A cell
 // a decision leaves full (a cost of zero) is not written: it reads as full without a key.
+// A cell that does not hold a time (not a number, NaN, a key of another type) reads as full
+// too, and is overwritten when charged; the comparisons are written so that NaN fails them.
 
 /// One cell. Answers the ahead when it charged the cell, and `-1 - ahead` when it did not.
 static APPLY_ONE: LazyLock<Script> = LazyLock::new(|| {
@@ -22,8 +24,8 @@ static APPLY_ONE: LazyLock<Script> = LazyLock::new(|| {
         r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat or tat < now then
+local tat = tonumber(redis.pcall('GET', KEYS[1]))
+if not (tat and tat >= now) then
   tat = now
 end
 local new = tat + tonumber(ARGV[1])
@@ -47,8 +49,8 @@ local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local answer = {1}
 for i = 1, #KEYS do
-  local ahead = (tonumber(redis.call('GET', KEYS[i])) or now) - now
-  if ahead < 0 then
+  local ahead = (tonumber(redis.pcall('GET', KEYS[i])) or now) - now
+  if not (ahead > 0) then
     ahead = 0
   end
   answer[i + 1] = ahead

@@ -102,3 +102,120 @@ async fn a_corrupt_cell_is_read_without_a_panic() {
     assert!(!both.allowed);
     assert_eq!(both.cell, 1, "the absurd cell is the one that refuses");
 }
+
+fn name(key: &headroom_core::Key) -> String {
+    std::str::from_utf8(key.as_bytes()).unwrap().to_owned()
+}
+
+/// Whether the cell at `key` holds a time the store wrote: a finite number of µs.
+fn holds_a_time(server: &RedisServer, key: &headroom_core::Key) -> bool {
+    server
+        .cli(&["GET", &name(key)])
+        .trim()
+        .parse::<f64>()
+        .is_ok_and(f64::is_finite)
+}
+
+/// "nan" is not a number, and "-inf" a time long past: either cell reads as full and is
+/// overwritten, alone or with another cell, as a cell that does not hold a number is.
+#[tokio::test]
+async fn a_nan_or_minus_infinity_cell_reads_as_full_and_is_overwritten() {
+    let server = shared_server();
+    let store = store(server).await;
+    let ns = unique_namespace("rate");
+    for (i, held) in ["nan", "-inf"].into_iter().enumerate() {
+        let (alone, odd, empty) = (
+            ns.key(format!("alone{i}")).unwrap(),
+            ns.key(format!("odd{i}")).unwrap(),
+            ns.key(format!("empty{i}")).unwrap(),
+        );
+        server.cli(&["SET", &name(&alone), held]);
+        server.cli(&["SET", &name(&odd), held]);
+
+        let decision = store.apply(&alone, TEN_PER_SECOND, 1).await.unwrap();
+        assert!(decision.allowed, "{held}");
+        assert_eq!(decision.remaining, 4, "{held}");
+        assert!(holds_a_time(server, &alone), "{held}");
+
+        let both = store
+            .apply_all(
+                &[
+                    (odd.clone(), TEN_PER_SECOND),
+                    (empty.clone(), TEN_PER_SECOND),
+                ],
+                1,
+            )
+            .await
+            .unwrap();
+        assert!(both.allowed, "{held}");
+        assert_eq!(both.remaining, 4, "{held}");
+        assert!(holds_a_time(server, &odd), "{held}");
+        assert!(holds_a_time(server, &empty), "{held}");
+    }
+}
+
+/// "inf" is an absurd time, as "1e300" is: the cell refuses with a long wait, and a decision
+/// over several cells charges none of the others.
+#[tokio::test]
+async fn an_infinite_cell_refuses_with_a_long_wait_and_charges_no_other_cell() {
+    let server = shared_server();
+    let store = store(server).await;
+    let ns = unique_namespace("rate");
+    let (far, empty) = (ns.key("far").unwrap(), ns.key("empty").unwrap());
+    server.cli(&["SET", &name(&far), "inf"]);
+
+    let refused = store.apply(&far, TEN_PER_SECOND, 1).await.unwrap();
+    assert!(!refused.allowed);
+    assert!(refused.retry_after > Duration::from_secs(3_600 * 24 * 365));
+
+    let both = store
+        .apply_all(
+            &[
+                (far.clone(), TEN_PER_SECOND),
+                (empty.clone(), TEN_PER_SECOND),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(!both.allowed);
+    assert_eq!(both.cell, 0, "the infinite cell is the one that refuses");
+    assert_eq!(server.cli(&["GET", &name(&empty)]).trim(), "", "charged");
+    assert_eq!(server.cli(&["GET", &name(&far)]).trim(), "inf");
+}
+
+/// A key of another type where a cell belongs does not hold a number either: it reads as
+/// full and is overwritten, alone or with another cell, instead of failing every decision.
+#[tokio::test]
+async fn a_key_of_another_type_in_a_cells_place_reads_as_full_and_is_overwritten() {
+    let server = shared_server();
+    let store = store(server).await;
+    let ns = unique_namespace("rate");
+    let (alone, list, empty) = (
+        ns.key("alone").unwrap(),
+        ns.key("list").unwrap(),
+        ns.key("empty").unwrap(),
+    );
+    server.cli(&["RPUSH", &name(&alone), "a"]);
+    server.cli(&["RPUSH", &name(&list), "a"]);
+
+    let decision = store.apply(&alone, TEN_PER_SECOND, 1).await.unwrap();
+    assert!(decision.allowed);
+    assert_eq!(decision.remaining, 4);
+    assert!(holds_a_time(server, &alone));
+
+    let both = store
+        .apply_all(
+            &[
+                (list.clone(), TEN_PER_SECOND),
+                (empty.clone(), TEN_PER_SECOND),
+            ],
+            1,
+        )
+        .await
+        .unwrap();
+    assert!(both.allowed);
+    assert_eq!(both.remaining, 4);
+    assert!(holds_a_time(server, &list));
+    assert!(holds_a_time(server, &empty));
+}
