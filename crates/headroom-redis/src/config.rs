@@ -46,7 +46,8 @@ pub struct RedisConfig {
     /// exceeds it fails with a timeout error; it never hangs.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub command_timeout: Duration,
-    /// The shortest wait between reconnection attempts; it grows exponentially.
+    /// The shortest wait between reconnection attempts (the first goes out at once); it
+    /// doubles while attempts fail, up to `reconnect_max_delay`.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub reconnect_min_delay: Duration,
     /// The longest wait between reconnection attempts (at least 1 ms), and how often idle

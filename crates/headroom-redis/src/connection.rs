@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use headroom_core::{BackendError, BackendErrorKind};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 use crate::address_map::AddressMap;
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation,
+};
 use tokio::sync::Notify;
 
 use crate::error::backend_error;
@@ -22,9 +24,12 @@ use crate::{RedisConfig, RedisMode};
 /// - Every command is bounded by [`RedisConfig::command_timeout`], reconnection included:
 ///   a stalled or cut connection yields [`BackendErrorKind::Timeout`] or
 ///   [`BackendErrorKind::Connection`], never a hang.
-/// - A lost connection is re-established by itself in the background, with exponential backoff
-///   between attempts; the command in flight when it broke fails, and later commands succeed
-///   once the server answers again. No caller has to rebuild the handle.
+/// - A lost connection is re-established by itself in the background: the first dial goes out
+///   at once, and while dials fail the waits between them double from
+///   [`RedisConfig::reconnect_min_delay`] up to [`RedisConfig::reconnect_max_delay`], on one
+///   schedule per handle however many commands arrive. Meanwhile commands fail at once with
+///   [`BackendErrorKind::Connection`] (or time out, on a cluster or a silent connection); once
+///   a dial succeeds they succeed again. No caller has to rebuild the handle.
 /// - A connection that goes silent without closing (a frozen host, a dead NAT entry), which
 ///   the socket never reports, is replaced: the handle `PING`s it every
 ///   [`RedisConfig::reconnect_max_delay`], and at once after a command timed out, and when a
@@ -36,14 +41,15 @@ pub struct Redis {
     config: Arc<RedisConfig>,
 }
 
-/// A multiplexed connection: clones share it.
+/// A multiplexed connection: clones share it. The handle's standalone connection is a plain
+/// one that it redials itself; the bus's reconnects and resubscribes by itself.
 #[derive(Clone)]
-pub(crate) enum Conn {
-    Standalone(ConnectionManager),
+pub(crate) enum Conn<S = ConnectionManager> {
+    Standalone(S),
     Cluster(ClusterConnection),
 }
 
-impl Conn {
+impl<S: ConnectionLike + Send> Conn<S> {
     /// Runs one command within `timeout`.
     pub(crate) async fn query<T: FromRedisValue>(
         self,
@@ -57,11 +63,11 @@ impl Conn {
     }
 }
 
-/// The connection in use, and what dials a new one when it goes silent.
+/// The connection in use, and what dials a new one when it goes silent or closes.
 struct Link {
-    conn: ArcSwap<Conn>,
+    conn: ArcSwap<Conn<MultiplexedConnection>>,
     dialer: Dialer,
-    /// Wakes the watcher early: a command timed out.
+    /// Wakes the watcher early: a command timed out (or found a standalone connection closed).
     suspect: Arc<Notify>,
 }
 
@@ -71,15 +77,18 @@ enum Dialer {
 }
 
 impl Dialer {
-    async fn dial(&self, config: &RedisConfig) -> Result<Conn, BackendError> {
+    async fn dial(
+        &self,
+        config: &RedisConfig,
+    ) -> Result<Conn<MultiplexedConnection>, BackendError> {
         let deadline = config.connect_timeout.saturating_mul(2);
         Ok(match self {
             Self::Standalone(client) => {
-                let manager = ConnectionManager::new_with_config(
-                    Client::clone(client),
-                    manager_config(config),
-                );
-                Conn::Standalone(bounded(deadline, manager).await?)
+                let settings = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.command_timeout));
+                let dial = client.get_multiplexed_async_connection_with_config(&settings);
+                Conn::Standalone(bounded(deadline, dial).await?)
             }
             Self::Cluster(client) => {
                 Conn::Cluster(bounded(deadline, client.get_async_connection()).await?)
@@ -88,51 +97,103 @@ impl Dialer {
     }
 }
 
+/// Why a connection must be replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// A `PING` got no answer within the command timeout.
+    Silent,
+    /// A standalone connection closed: the handle redials it itself.
+    Lost,
+}
+
 impl Link {
-    /// `PING`s the connection, and if that times out, dials a new one in its place; whether
-    /// it did. The old connection closes once the commands still holding it end.
-    async fn check(&self, config: &RedisConfig) -> bool {
+    /// `PING`s the connection: whether it must be replaced, and why.
+    async fn check(&self, config: &RedisConfig) -> Option<Fault> {
         let conn = Conn::clone(&self.conn.load());
         let ping = conn
             .query::<()>(&redis::cmd("PING"), config.command_timeout)
             .await;
-        if !ping.is_err_and(|error| error.kind() == BackendErrorKind::Timeout) {
-            return false;
+        match ping.map_err(|error| error.kind()) {
+            Err(BackendErrorKind::Timeout) => Some(Fault::Silent),
+            // A cluster connection reconnects its nodes by itself.
+            Err(BackendErrorKind::Connection) if !self.is_cluster() => Some(Fault::Lost),
+            _ => None,
         }
+    }
+
+    /// Dials a new connection in the old one's place; whether it did. The old connection
+    /// closes once the commands still holding it end.
+    async fn redial(&self, config: &RedisConfig, fault: Fault) -> bool {
         match self.dialer.dial(config).await {
             Ok(fresh) => {
-                tracing::warn!("Redis connection went silent; replaced by a new one");
+                tracing::warn!(?fault, "Redis connection replaced by a new one");
                 self.conn.store(Arc::new(fresh));
                 true
             }
             Err(error) => {
-                tracing::warn!(%error, "Redis connection went silent; dialing a new one failed");
+                tracing::debug!(%error, ?fault, "dialing a new Redis connection failed");
                 false
             }
         }
     }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.dialer, Dialer::Cluster(_))
+    }
 }
 
-/// Checks the connection every `reconnect_max_delay`, and at once after a command timed out,
-/// until every handle is dropped. Callers that give up before the command timeout (the
-/// cache's L2 timeout, a rate limiter's) see no timeout of the handle's: the regular checks
-/// notice the silence all the same. A replacement is followed by a full interval, so that a
-/// server that is slow rather than gone is not redialed over and over.
+/// Checks the connection every `reconnect_max_delay`, and at once after a command timed out
+/// (or, standalone, failed on a closed connection), until every handle is dropped, and
+/// replaces a connection that went silent or closed. Callers that give up before the command
+/// timeout (the cache's L2 timeout, a rate limiter's) see no timeout of the handle's: the
+/// regular checks notice the silence all the same.
+///
+/// The first dial goes out at once; then each waits, from `reconnect_min_delay` doubling up
+/// to `reconnect_max_delay`, until a check finds a connection answering: an outage costs Redis
+/// one dial per `reconnect_max_delay` per handle, however many commands fail meanwhile. A
+/// replacement of a silent connection is followed by a full interval, so that a server that is
+/// slow rather than gone is not redialed over and over.
 async fn watch(link: Weak<Link>, suspect: Arc<Notify>, config: Arc<RedisConfig>) {
     let every = config.reconnect_max_delay;
+    let mut wait: Option<Duration> = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = suspect.notified() => {}
         }
-        let Some(link) = link.upgrade() else {
+        let Some(strong) = link.upgrade() else {
             return;
         };
-        if link.check(&config).await {
-            drop(link);
+        let Some(fault) = strong.check(&config).await else {
+            wait = None;
+            continue;
+        };
+        drop(strong);
+        loop {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            wait = Some(next_wait(wait, &config));
+            let Some(strong) = link.upgrade() else {
+                return;
+            };
+            if strong.redial(&config, fault).await {
+                break;
+            }
+        }
+        if fault == Fault::Silent {
             tokio::time::sleep(every).await;
         }
     }
+}
+
+/// The wait before the dial after one that waited `wait` (none: the first).
+fn next_wait(wait: Option<Duration>, config: &RedisConfig) -> Duration {
+    // At least 1 ms, so that a zero `reconnect_min_delay` still grows.
+    wait.map_or(config.reconnect_min_delay, |wait| {
+        wait.saturating_mul(2).max(Duration::from_millis(1))
+    })
+    .min(config.reconnect_max_delay)
 }
 
 impl Redis {
@@ -180,17 +241,19 @@ impl Redis {
 
     /// Whether this handle talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.link.dialer, Dialer::Cluster(_))
+        self.link.is_cluster()
     }
 
-    fn conn(&self) -> Conn {
+    fn conn(&self) -> Conn<MultiplexedConnection> {
         Conn::clone(&self.link.conn.load())
     }
 
-    /// Passes `result` on; a timeout makes the watcher check the connection at once.
+    /// Passes `result` on; a timeout, or a standalone connection found closed, makes the
+    /// watcher check the connection at once.
     fn noticed<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
         if let Err(error) = &result
-            && error.kind() == BackendErrorKind::Timeout
+            && (error.kind() == BackendErrorKind::Timeout
+                || error.kind() == BackendErrorKind::Connection && !self.is_cluster())
         {
             self.link.suspect.notify_one();
         }
@@ -253,15 +316,6 @@ impl fmt::Debug for Redis {
             .field("urls", &self.config.urls)
             .finish_non_exhaustive()
     }
-}
-
-fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.command_timeout))
-        .set_min_delay(config.reconnect_min_delay)
-        .set_max_delay(config.reconnect_max_delay)
-        .set_number_of_retries(3)
 }
 
 fn millis(duration: Duration) -> u64 {

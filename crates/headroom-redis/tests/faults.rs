@@ -950,3 +950,102 @@ async fn a_timed_out_cluster_command_runs_at_most_once() {
         }
     }
 }
+
+/// A TCP door in front of `upstream` that counts the dials it gets: while open it forwards
+/// them, while shut it closes them as soon as they are accepted (and closes the connections it
+/// forwarded when it shuts), as a server that is down behind a load balancer would.
+struct CountingDoor {
+    addr: std::net::SocketAddr,
+    shut: tokio::sync::watch::Sender<bool>,
+    dials: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingDoor {
+    async fn open(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shut, watching) = tokio::sync::watch::channel(false);
+        let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&dials);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if *watching.borrow() {
+                    continue;
+                }
+                let mut shut = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = shut.wait_for(|&shut| shut) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            shut,
+            dials,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    fn dials(&self) -> usize {
+        self.dials.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn set_shut(&self, shut: bool) {
+        self.shut.send_replace(shut);
+    }
+}
+
+impl Drop for CountingDoor {
+    fn drop(&mut self) {
+        self.shut.send_replace(true);
+        self.task.abort();
+    }
+}
+
+/// During an outage the handle redials on one schedule of its own, whose delays grow from
+/// `reconnect_min_delay` up to `reconnect_max_delay`, however many commands arrive meanwhile;
+/// each of those fails within the command timeout, and the handle is back once Redis is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_redialed_with_growing_delays_however_many_commands_arrive() {
+    const OUTAGE: Duration = Duration::from_secs(3);
+    let server = shared_server();
+    let door = CountingDoor::open(server.addr()).await;
+    let mut config = config(door.url());
+    config.reconnect_min_delay = Duration::from_millis(10);
+    config.reconnect_max_delay = Duration::from_secs(1);
+    let store = RedisKvStore::new(Redis::connect(config).await.expect("connect"));
+    let key = unique_namespace("backoff").key("k").unwrap();
+    store.set(&key, "v".into(), HOUR).await.expect("set");
+
+    door.set_shut(true);
+    let before = door.dials();
+    let started = Instant::now();
+    // A command every 10 ms, for a bounded time.
+    while started.elapsed() < OUTAGE {
+        let sent = Instant::now();
+        let err = store.get(&key).await.expect_err("Redis is down");
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(sent.elapsed() < TIMEOUT * 3, "took {:?}", sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let dials = door.dials() - before;
+    // Delays of 10, 20, 40, ... ms up to 1 s: dials at 0, 10, 30, 70, 150, 310, 630 ms, then
+    // about once a second: 9 in 3 s, and a few more for slack.
+    assert!(dials <= 12, "{dials} dials in {OUTAGE:?}");
+
+    door.set_shut(false);
+    // Back by the next dial: at most `reconnect_max_delay` away.
+    attempts_until_ok(|| store.get(&key)).await;
+}
