@@ -273,6 +273,9 @@ pub struct PartitionStats {
 ///   then takes ready jobs from the lanes in the order given, oldest first in each lane, up to
 ///   `max` in all. Each job delivered is running, with `attempt` one more than before and its
 ///   visibility counted from now.
+/// - `recover`, in one step, delivers again the jobs a `fetch_marked` with the token delivered
+///   that are still running at that attempt, counting their visibility from now, and changes
+///   nothing else.
 /// - `extend`, `complete`, `retry` and `bury` apply only for the current attempt of a running
 ///   job; otherwise they are [`Fenced::Rejected`] and change nothing.
 ///   - `extend` counts the job's visibility from now again.
@@ -301,6 +304,39 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send;
+
+    /// Fetches as [`fetch`](Self::fetch) does, and marks each delivery with `token`, which the
+    /// caller draws at random for this fetch (not 0), so that [`recover`](Self::recover) finds
+    /// them again if the answer is lost. The default ignores the token: the deliveries of a
+    /// lost answer then wait for their visibility to run out, and are taken over with a
+    /// greater attempt.
+    fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send {
+        let _ = token;
+        self.fetch(partition, request)
+    }
+
+    /// After a [`fetch_marked`](Self::fetch_marked) by `consumer` with `token` failed (a
+    /// timeout, a dropped connection: the store may have run it, and only its answer was
+    /// lost), delivers again up to `max` of the jobs it delivered that are still running at
+    /// that delivery (not finished, handed back or taken over since), as they were: the same
+    /// attempt, so uncharged and still the fencing token (no holder of it ever knew of it),
+    /// with their visibility counted from now. None when the fetch delivered nothing, and none
+    /// for token 0. The default answers none.
+    fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send {
+        let _ = (partition, consumer, token, max);
+        async { Ok(Vec::new()) }
+    }
 
     /// Counts the visibility of the holder of `attempt` from now again.
     fn extend(
@@ -435,6 +471,19 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         partition: &'a Key,
         request: FetchRequest<'a>,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>>;
+    fn fetch_marked<'a>(
+        &'a self,
+        partition: &'a Key,
+        request: FetchRequest<'a>,
+        token: u64,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>>;
+    fn recover<'a>(
+        &'a self,
+        partition: &'a Key,
+        consumer: &'a str,
+        token: u64,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>>;
     fn extend<'a>(
         &'a self,
         partition: &'a Key,
@@ -514,6 +563,23 @@ impl<S: JobStore> ErasedJobStore for S {
         request: FetchRequest<'a>,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>> {
         Box::pin(JobStore::fetch(self, partition, request))
+    }
+    fn fetch_marked<'a>(
+        &'a self,
+        partition: &'a Key,
+        request: FetchRequest<'a>,
+        token: u64,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>> {
+        Box::pin(JobStore::fetch_marked(self, partition, request, token))
+    }
+    fn recover<'a>(
+        &'a self,
+        partition: &'a Key,
+        consumer: &'a str,
+        token: u64,
+        max: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, BackendError>> {
+        Box::pin(JobStore::recover(self, partition, consumer, token, max))
     }
     fn extend<'a>(
         &'a self,
@@ -633,6 +699,23 @@ impl JobStore for DynJobStore {
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
         self.0.fetch(partition, request).await
+    }
+    async fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.0.fetch_marked(partition, request, token).await
+    }
+    async fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.0.recover(partition, consumer, token, max).await
     }
     async fn extend(
         &self,

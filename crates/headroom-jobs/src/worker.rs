@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
 use headroom_core::lease::Fenced;
-use headroom_core::{BackendError, Classify, Key};
+use headroom_core::{BackendError, BackendErrorKind, Key};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -39,8 +39,9 @@ impl JobContext {
         self.id
     }
 
-    /// Which attempt this is, from 1. Deliveries a stopping worker handed back unfinished
-    /// are not counted; a takeover after a worker died or stalled is.
+    /// Which attempt this is, from 1. Deliveries a stopping worker handed back before their
+    /// handler started are not counted; a job it cut off mid-run is (its effect may have
+    /// begun), and so is a takeover after a worker died or stalled.
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -603,6 +604,9 @@ async fn fetch_loop<S, H, Fut>(
         .map(|_| LaneSchedule::new(&queue.config.lane_weights))
         .collect();
     let mut next_partition = fastrand::usize(..partitions);
+    // A fetch that failed after the store may have run it (only its answer lost): its
+    // partition, its token and when it was sent. Its jobs are taken back before the next fetch.
+    let mut lost: Option<(usize, u64, tokio::time::Instant)> = None;
     let mut empty_in_a_row = 0;
     let mut idle = Duration::from_millis(1);
     // On its own timer: the loop below waits for slots, which a spike keeps all busy.
@@ -622,25 +626,39 @@ async fn fetch_loop<S, H, Fut>(
         while let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
             held.push(slot);
         }
-        let p = next_partition;
-        next_partition = (next_partition + 1) % partitions;
-        let order = lanes[p].next_order();
+        let recovering = lost.is_some();
+        let (p, token) = match lost {
+            Some((p, token, _)) => (p, token),
+            None => {
+                let p = next_partition;
+                next_partition = (next_partition + 1) % partitions;
+                (p, fastrand::u64(1..))
+            }
+        };
         // The store holds what it delivers from about now: each job's extensions count from it.
         let sent = tokio::time::Instant::now();
-        let fetched = queue
-            .store
-            .fetch(
-                &queue.partitions[p],
-                FetchRequest {
-                    consumer: &shared.consumer,
-                    lanes: &order,
-                    max: held.len(),
-                    visibility: config.visibility,
-                },
-            )
-            .await;
+        let fetched = if recovering {
+            // No more than this fetch could take: the lost one had no more slots than these.
+            queue
+                .store
+                .recover(&queue.partitions[p], &shared.consumer, token, held.len())
+                .await
+        } else {
+            let order = lanes[p].next_order();
+            let request = FetchRequest {
+                consumer: &shared.consumer,
+                lanes: &order,
+                max: held.len(),
+                visibility: config.visibility,
+            };
+            queue
+                .store
+                .fetch_marked(&queue.partitions[p], request, token)
+                .await
+        };
         let pause = match fetched {
             Ok(deliveries) if !deliveries.is_empty() => {
+                lost = None;
                 empty_in_a_row = 0;
                 idle = Duration::from_millis(1);
                 for delivery in deliveries {
@@ -659,6 +677,11 @@ async fn fetch_loop<S, H, Fut>(
                 }
                 None
             }
+            // The lost fetch had delivered nothing: fetch at once.
+            Ok(_) if recovering => {
+                lost = None;
+                None
+            }
             Ok(_) => {
                 empty_in_a_row += 1;
                 (empty_in_a_row >= partitions).then(|| {
@@ -670,7 +693,17 @@ async fn fetch_loop<S, H, Fut>(
             }
             Err(error) => {
                 queue.metrics.store_errors.increment(1);
-                tracing::warn!(queue = %queue.name, %error, "fetching jobs failed");
+                tracing::warn!(queue = %queue.name, %error, recovering, "fetching jobs failed");
+                // Its jobs would otherwise wait out their visibility, unknown to any handler,
+                // and be charged another attempt. Taking them back is tried while they may
+                // still be held; after that they are taken over as before.
+                lost = match lost {
+                    Some(first) if may_pass(&error) && first.2.elapsed() < config.visibility => {
+                        Some(first)
+                    }
+                    Some(_) => None,
+                    None => may_pass(&error).then_some((p, token, sent)),
+                };
                 Some(config.poll_interval)
             }
         };
@@ -1048,9 +1081,22 @@ async fn failed<S: JobStore, H>(
     }
 }
 
+/// Whether a store call that failed with `error` may pass when tried again: with the store out
+/// of reach, and also while it refuses writes for a while (a primary demoted by a failover
+/// answers `READONLY`, a Redis at `maxmemory` under `noeviction` answers `OOM`: command
+/// errors). Not with data the store did not write, a value too large for it or a
+/// configuration it refuses, which stay as they are.
+pub(crate) fn may_pass(error: &BackendError) -> bool {
+    !matches!(
+        error.kind(),
+        BackendErrorKind::Corrupt | BackendErrorKind::TooLarge | BackendErrorKind::Config
+    )
+}
+
 /// When a held job's next extension is due (`None`: past what an `Instant` holds), its fetch
 /// or last extension `sent` then: a third of the visibility later; or a tenth of it when that
-/// extension failed in a way a retry may cure (the store out of reach), which is at once when
+/// extension failed in a way a retry may cure ([`may_pass`]: the store out of reach, or
+/// refusing writes for a while), which is at once when
 /// the failure took longer to come. A store out of reach for up to half the visibility then
 /// costs no job, as long as its calls fail within a tenth of it (its command timeout), where
 /// trying only every third would put the third try at the moment the hold runs out.
@@ -1100,7 +1146,7 @@ impl<S: JobStore> Held<'_, S> {
             match self.store.extend(self.key, self.number, self.attempt).await {
                 Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, false)),
                 // Due soon, as set above.
-                Err(error) if error.is_retryable() => {}
+                Err(error) if may_pass(&error) => {}
                 Err(_) => self.set_due(extension_due(sent, visibility, false)),
                 Ok(_) => return,
             }
@@ -1111,8 +1157,8 @@ impl<S: JobStore> Held<'_, S> {
         *self.due.lock().expect("never poisoned") = due;
     }
 
-    /// Runs a finishing step, again after store errors (50 ms, doubling up to a fifth of the
-    /// budget, and a last try at its end) within the budget.
+    /// Runs a finishing step, again after store errors a retry may cure ([`may_pass`]; 50 ms,
+    /// doubling up to a fifth of the budget, and a last try at its end) within the budget.
     /// The step leaves the job `landed`: a try refused after one that failed is checked
     /// against the job's status, since the failed try may have been applied with only its
     /// answer lost (a timeout).
@@ -1128,7 +1174,7 @@ impl<S: JobStore> Held<'_, S> {
         loop {
             match step().await {
                 Err(error)
-                    if error.is_retryable()
+                    if may_pass(&error)
                         && deadline
                             .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {

@@ -10,12 +10,12 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
-use headroom_core::{BackendError, Classify, Clock, Namespace};
+use headroom_core::{BackendError, Clock, Namespace};
 use tokio::sync::watch;
 
 use crate::config::InvalidConfig;
 use crate::queue::JobQueue;
-use crate::worker::extension_due;
+use crate::worker::{extension_due, may_pass};
 use crate::{EnqueueError, Job, JobError, QueueConfig};
 
 /// One write handed to the [`Writer`]: the latest of the writes to its key in the batch.
@@ -467,6 +467,9 @@ async fn flush_loop<S: JobStore, W: Writer>(
     // On its own timer: a pass can be stuck on a failing writer for as long as it fails.
     let lag = tokio::spawn(publish_lag_every(Arc::clone(&shared)));
     let _lag = crate::worker::AbortOnDrop(lag);
+    // Per partition, a fetch that failed after the store may have run it (only its answer
+    // lost): its token and when it was sent. Its writes are taken back at the next pass.
+    let mut lost: Vec<Option<(u64, tokio::time::Instant)>> = vec![None; partitions];
     loop {
         let draining = !phase_is(&phase, Phase::Running);
         // One pass of every partition in turn, round after round while any had more: a
@@ -476,8 +479,8 @@ async fn flush_loop<S: JobStore, W: Writer>(
         while more && !phase_is(&phase, Phase::Abort) {
             more = false;
             let mut failed = false;
-            for p in 0..partitions {
-                match drain_partition(&shared, p, &mut phase).await {
+            for (p, lost) in lost.iter_mut().enumerate() {
+                match drain_partition(&shared, p, lost, &mut phase).await {
                     Ok(more_here) => more |= more_here,
                     Err(error) => {
                         failed = true;
@@ -557,10 +560,12 @@ async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<Fl
 
 /// Takes the writes ready in partition `p` (up to ten batches), coalesces them per key (the
 /// highest version wins), and hands them to the writer in chunks of `batch` keys, in order,
-/// each until the writer takes it. Answers whether more may be ready.
+/// each until the writer takes it; first, the writes of the partition's `lost` fetch, if one's
+/// answer was lost. Answers whether more may be ready.
 async fn drain_partition<S: JobStore, W: Writer>(
     shared: &FlushShared<S, W>,
     p: usize,
+    lost: &mut Option<(u64, tokio::time::Instant)>,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<bool, BackendError> {
     let queue = &shared.queue.inner;
@@ -570,6 +575,27 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let mut more = false;
     // The store holds the pass's writes from about now: their extensions count from it.
     let fetched = tokio::time::Instant::now();
+    if let Some((token, sent)) = *lost {
+        match queue
+            .store
+            .recover(key, &shared.consumer, token, config.batch)
+            .await
+        {
+            Ok(recovered) => {
+                *lost = None;
+                deliveries = recovered;
+            }
+            // Tried again at the next pass while its writes may still be held; after that
+            // they are taken over as before.
+            Err(error) if may_pass(&error) && sent.elapsed() < config.visibility => {
+                return Err(error);
+            }
+            Err(error) => {
+                *lost = None;
+                return Err(error);
+            }
+        }
+    }
     loop {
         let request = FetchRequest {
             consumer: &shared.consumer,
@@ -577,14 +603,22 @@ async fn drain_partition<S: JobStore, W: Writer>(
             max: config.batch,
             visibility: config.visibility,
         };
-        let fetched = match queue.store.fetch(key, request).await {
+        let token = fastrand::u64(1..);
+        let sent = tokio::time::Instant::now();
+        let fetched = match queue.store.fetch_marked(key, request, token).await {
             Ok(fetched) => fetched,
-            Err(error) if deliveries.is_empty() => return Err(error),
+            // The store may have run it: its writes are taken back at the next pass rather
+            // than left to wait out their visibility.
+            Err(error) if deliveries.is_empty() => {
+                *lost = may_pass(&error).then_some((token, sent));
+                return Err(error);
+            }
             // Write what is in hand now: left held, it would reach the writer only after its
             // visibility, behind later writes of the same keys.
             Err(error) => {
                 queue.metrics.store_errors.increment(1);
                 tracing::warn!(queue = %queue.name, %error, "fetching more writes failed");
+                *lost = may_pass(&error).then_some((token, sent));
                 break;
             }
         };
@@ -800,7 +834,8 @@ const EXTENSIONS_IN_FLIGHT: usize = 64;
 
 /// Extends the deliveries of a pass, fetched from `fetched` on, as a worker extends a job it
 /// holds (see [`extension_due`]): all of them a third of the visibility after the last round
-/// over all of them, and those whose extension failed (the store out of reach) again sooner.
+/// over all of them, and those whose extension failed in a way a retry may cure (the store out
+/// of reach, or refusing writes for a while) again sooner.
 /// Returns when one was taken over.
 async fn extend_all<S: JobStore>(
     store: &S,
@@ -850,7 +885,9 @@ async fn extend_all<S: JobStore>(
             }
             match extensions.next().await {
                 Some((_, Ok(headroom_core::lease::Fenced::Rejected))) => return,
-                Some((delivery, Err(error))) if error.is_retryable() => failed.push(delivery),
+                Some((delivery, Err(error))) if may_pass(&error) => {
+                    failed.push(delivery);
+                }
                 Some(_) => {}
                 None => break,
             }

@@ -1,5 +1,7 @@
 //! Queues and write-behind on real Redis, standalone and Cluster.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_jobs::{EnqueueError, Job, JobQueue, Write, WriteBehind};
+use headroom_jobs::{EnqueueError, Job, JobQueue, JobState, Write, WriteBehind};
 use headroom_redis::{Redis, RedisConfig, RedisJobStore, RedisLeaseStore};
 use headroom_testkit::{shared_cluster, shared_server, unique_namespace};
+use support::SlowStore;
 
 /// Rows by key: the version written last and the value.
 type Rows = HashMap<Bytes, (u64, Option<Bytes>)>;
@@ -254,4 +257,52 @@ async fn a_worker_that_shuts_down_leaves_the_consumer_group() {
     let report = worker.shutdown(Duration::from_secs(5)).await;
     assert_eq!(report.done, 3);
     assert!(!consumers().contains("leaver"), "{}", consumers());
+}
+
+/// A fetch Redis ran but whose reply was lost (the store answers a timeout after running the
+/// real fetch) does not strand its job for the visibility: the worker takes it back as the
+/// same delivery, so it runs at once on its first attempt, on standalone Redis and on a
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_fetch_reply_was_lost_runs_at_once_on_its_first_attempt_on_redis() {
+    for (what, redis) in [
+        ("standalone", standalone().await),
+        ("cluster", cluster().await),
+    ] {
+        let store = SlowStore::first_fetch_reply_lost(RedisJobStore::new(redis));
+        let queue = JobQueue::builder("fetch-lost", store)
+            .namespace(unique_namespace("fetch-lost"))
+            .build()
+            .unwrap();
+        let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+        let attempts: Arc<Mutex<Vec<(u32, Duration)>>> = Arc::default();
+        let seen = attempts.clone();
+        let start = Instant::now();
+        let worker = queue
+            .worker(move |job| {
+                seen.lock().unwrap().push((job.attempt(), start.elapsed()));
+                async { Ok(Bytes::new()) }
+            })
+            .visibility(Duration::from_secs(10))
+            .max_attempts(1)
+            .start()
+            .unwrap();
+        wait_until("the job ran", || !attempts.lock().unwrap().is_empty()).await;
+        let report = worker.shutdown(Duration::from_secs(5)).await;
+        let attempts = attempts.lock().unwrap().clone();
+        assert_eq!(attempts.len(), 1, "{what}: {attempts:?}");
+        let (attempt, after) = attempts[0];
+        assert_eq!(attempt, 1, "{what}");
+        assert!(
+            after < Duration::from_secs(2),
+            "{what}: ran only after {after:?}"
+        );
+        assert_eq!((report.done, report.dead), (1, 0), "{what}: {report:?}");
+        let status = queue.status(id).await.unwrap().unwrap();
+        assert_eq!(
+            (status.state, status.attempt),
+            (JobState::Done, 1),
+            "{what}"
+        );
+    }
 }

@@ -1630,3 +1630,81 @@ async fn a_job_cut_off_on_its_last_attempt_dies_with_its_last_error() {
     assert!(error.contains("gateway 502 on 4"), "{error}");
     assert_eq!(next.shutdown(Duration::from_secs(1)).await.dead, 1);
 }
+
+/// A completion the store refuses for a while, as a primary demoted in a failover answers
+/// `READONLY` (or a Redis at its memory limit answers `OOM`), is a store error like any other:
+/// tried again within the finishing step's budget, so the job is done once, not abandoned and
+/// run again after its visibility.
+#[tokio::test(start_paused = true)]
+async fn a_completion_refused_as_read_only_for_a_while_is_tried_again_and_the_job_runs_once() {
+    let store = SlowStore::read_only_completions(Duration::from_secs(1));
+    let queue = JobQueue::builder("read-only", store).build().unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let worker = queue
+        .worker(move |_job| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async { Ok(Bytes::from_static(b"paid")) }
+        })
+        .visibility(Duration::from_secs(10))
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Done).await;
+    // Past the visibility: a job abandoned meanwhile would have run again by now.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "the job ran again");
+    assert_eq!((report.done, report.abandoned), (1, 0), "{report:?}");
+}
+
+/// A store that refuses writes (`READONLY`) for half the visibility of a running job, from
+/// just before its first extension is due, costs no job: a refused extension is tried again
+/// soon, as one that failed with the store out of reach is.
+#[tokio::test(start_paused = true)]
+async fn a_running_job_is_kept_through_a_read_only_store_for_half_its_visibility() {
+    assert_kept_through_an_outage(
+        SlowStore::slow_extends(Duration::from_millis(500)).read_only_while_out_of_reach(),
+        (Duration::from_millis(9_900), Duration::from_millis(24_900)),
+        Duration::from_secs(45),
+    )
+    .await;
+}
+
+/// A fetch the store ran but whose reply was lost (a timeout) does not strand its jobs: the
+/// worker takes them back as the same delivery at once, so the job runs within a second or
+/// two, on its first attempt, rather than after its visibility on a second one (with
+/// `max_attempts(1)`, dead without ever running).
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_fetch_reply_was_lost_runs_at_once_on_its_first_attempt() {
+    let store = SlowStore::first_fetch_reply_lost(MemoryJobStore::new());
+    let queue = JobQueue::builder("fetch-lost", store).build().unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    let start = tokio::time::Instant::now();
+    let worker = queue
+        .worker(move |job| {
+            seen.lock()
+                .unwrap()
+                .push((job.attempt(), tokio::time::Instant::now() - start));
+            async { Ok(Bytes::new()) }
+        })
+        .visibility(Duration::from_secs(10))
+        .max_attempts(1)
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Done).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    let (attempt, after) = attempts[0];
+    assert_eq!(attempt, 1);
+    assert!(
+        after < Duration::from_secs(2),
+        "the job ran only {after:?} after the lost fetch"
+    );
+    assert_eq!((report.done, report.dead), (1, 0), "{report:?}");
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(status.attempt, 1, "the job was delivered again");
+}

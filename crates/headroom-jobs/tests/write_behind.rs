@@ -753,3 +753,26 @@ async fn a_large_pass_stays_held_while_a_slow_writer_works() {
         "each key written once"
     );
 }
+
+/// Writes taken by a fetch the store ran but whose reply was lost (a timeout) are not
+/// stranded for their visibility (60 s): the flusher takes them back at its next pass and
+/// hands them to the writer then.
+#[tokio::test(start_paused = true)]
+async fn writes_whose_fetch_reply_was_lost_reach_the_writer_at_the_next_pass() {
+    let store = SlowStore::first_fetch_reply_lost(MemoryJobStore::new());
+    let writes = WriteBehind::builder("carts", store).build().unwrap();
+    for i in 0..10 {
+        writes.put(format!("cart:{i}"), "full").await.unwrap();
+    }
+    let database = Database::default();
+    let flusher = database.clone().flusher(&writes);
+    // A few flush intervals (1 s), far within the visibility.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let written = (0..10)
+        .filter(|i| database.value(&format!("cart:{i}")).is_some())
+        .count();
+    assert_eq!(written, 10, "the writes of the lost fetch waited");
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((report.writes, report.calls), (10, 1), "{report:?}");
+    assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
+}

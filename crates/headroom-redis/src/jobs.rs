@@ -34,7 +34,9 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
 //   tenant (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
-//   while running `sid` (the stream entry of the current delivery) and `c` (its consumer). A
+//   while running `sid` (the stream entry of the current delivery), `c` (its consumer) and `f`
+//   (the token of the fetch that made it, `0` for none, with `+` after it when that delivery
+//   took the job over: `recover` finds a lost fetch's deliveries by it). A
 //   completion empties `p`, `sid` and `c` in the write that marks the job done rather than
 //   deleting them in a call of its own. Unfinished records never expire; finished ones expire
 //   after their retention.
@@ -293,8 +295,9 @@ end
 return {'a', number}
 ";
 
-/// Fetching, as `fetch_jobs(consumer, max, visibility (ms), first_lane, last_lane)`: the lanes
-/// to read, in order, are `ARGV[first_lane..=last_lane]`.
+/// Fetching, as `fetch_jobs(consumer, max, visibility (ms), token, first_lane, last_lane)`: the
+/// lanes to read, in order, are `ARGV[first_lane..=last_lane]`; each delivery is marked with
+/// `token` (see `f` above).
 ///
 /// Answers `{deliveries, corrupt}`: the deliveries flat, eight values each (number, attempt,
 /// lane, payload, tenant or nil, enqueued ms, taken over (1/0), handed back); `corrupt` names the jobs (or stream entries) whose
@@ -303,7 +306,9 @@ return {'a', number}
 /// met after, it is left where it is (the next fetch meets it first), so no job is ever
 /// delivered along with an error.
 const FETCH_JOBS: &str = r"
-local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
+local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lane)
+  -- Made once: each delivery writes one or the other.
+  local taken_mark = token .. '+'
   -- The deliveries, eight values each, one after the other: flat, which costs less to build
   -- and to answer than a table per delivery.
   local out, corrupt = {}, {}
@@ -374,7 +379,7 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
   local function take(lane, id, n, rk, r, taken)
     local a = r[2] + 1
     -- A small whole number goes to Redis as its digits, and faster than `num` makes them.
-    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer)
+    redis.call('HSET', rk, 's', 'r', 'a', a, 'sid', id, 'c', consumer, 'f', taken == 1 and taken_mark or token)
     local k = count * 8
     out[k + 1], out[k + 2], out[k + 3], out[k + 4] = n, a, lane, r[4] or ''
     out[k + 5], out[k + 6], out[k + 7], out[k + 8] = r[5], r[3], taken, r[6] and int(r[6]) or 0
@@ -598,10 +603,58 @@ local function fetch_jobs(consumer, max, visibility, first_lane, last_lane)
 end
 ";
 
-/// ARGV: consumer, max, visibility (ms), then the lanes to read in order. Answers as
+/// ARGV: consumer, max, visibility (ms), token, then the lanes to read in order. Answers as
 /// [`FETCH_JOBS`].
 const FETCH: &str = r"
-return fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], 4, #ARGV)
+return fetch_jobs(ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], 5, #ARGV)
+";
+
+/// ARGV: consumer, token, max. Delivers again, as they were, up to `max` of the jobs the fetch
+/// marked with `token` delivered to the consumer and that are still running at that delivery
+/// (state, stream entry, consumer and mark all still the fetch's), resetting each entry's idle
+/// time as an extension does. Finding them pages through the consumer's pending entries of
+/// every lane; it runs only after a fetch failed. A record that is not what the store wrote
+/// is passed over, left for a takeover. Answers as [`FETCH_JOBS`], never naming a corrupt
+/// record.
+const RECOVER: &str = r"
+local consumer, token, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local taken_mark = token .. '+'
+local out = {}
+local count = 0
+for lane = 0, MAX_LANE do
+  local s = stream(lane)
+  if count < max and redis.call('EXISTS', s) == 1 then
+    local from = '-'
+    while count < max do
+      local pending = redis.call('XPENDING', s, 'w', from, '+', 100, consumer)
+      for _, p in ipairs(pending) do
+        local id = p[1]
+        local entry = redis.call('XRANGE', s, id, id)[1]
+        local fields = entry and entry[2]
+        local n = type(fields) == 'table' and fields[1] == 'n' and fields[2]
+        if count < max and type(n) == 'string' and string.match(n, '^%d+$') then
+          local r = read_record(record(n), 's', 'a', 'e', 'p', 't', 'h', 'f', 'sid', 'c')
+          local mark = r and r[7]
+          local attempt, enqueued = r and int(r[2]), r and int(r[3])
+          if r and r[1] == 'r' and (mark == token or mark == taken_mark) and r[8] == id
+              and r[9] == consumer and attempt and enqueued then
+            redis.call('XCLAIM', s, 'w', consumer, '0', id, 'JUSTID')
+            local k = count * 8
+            out[k + 1], out[k + 2], out[k + 3], out[k + 4] = n, attempt, lane, r[4] or ''
+            out[k + 5], out[k + 6] = r[5], enqueued
+            out[k + 7], out[k + 8] = mark == taken_mark and 1 or 0, r[6] and int(r[6]) or 0
+            count = count + 1
+          end
+        end
+      end
+      if #pending < 100 then
+        break
+      end
+      from = '(' .. pending[#pending][1]
+    end
+  end
+end
+return {out, {}}
 ";
 
 /// ARGV: number, attempt, operation (`extend`, `retry`, `release`, `bury`), then per
@@ -897,6 +950,7 @@ static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
         FETCH,
     )
 });
+static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], RECOVER));
 static STEP_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, PRUNE_DEAD], STEP));
 static COMPLETE_SCRIPT: LazyLock<Script> =
@@ -928,6 +982,10 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[HOLDS], LEAVE)
 ///   delivers in order), so one `XTRIM MINID` removes them; only the completed entries past
 ///   the oldest pending one are deleted by id. When a completed entry was not pending (its
 ///   lane was lost and made again), only the completed entries are deleted.
+/// - A fetch marks each record it delivers with its token (`fetch_marked`; `fetch` marks 0),
+///   in the write that marks the job running. `recover` finds a lost fetch's deliveries by
+///   paging through the consumer's pending entries in every lane (it runs only after a failed
+///   fetch), and delivers those still running there again, resetting their idle time.
 /// - Delayed and retrying jobs wait in a sorted set by due time; each fetch moves up to 1,000
 ///   of those due to the end of their lanes.
 /// - Unfinished records never expire; done and dead ones expire after their retention. Up to
@@ -1349,6 +1407,15 @@ impl JobStore for RedisJobStore {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetch_marked(partition, request, 0).await
+    }
+
+    async fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> Result<Vec<Delivery>, BackendError> {
         for &lane in request.lanes {
             check_lane(lane)?;
         }
@@ -1358,13 +1425,35 @@ impl JobStore for RedisJobStore {
         invocation
             .arg(request.consumer)
             .arg(max.to_string())
-            .arg(clamped_millis(request.visibility).to_string());
+            .arg(clamped_millis(request.visibility).to_string())
+            .arg(token);
         for lane in request.lanes {
             invocation.arg(lane.to_string());
         }
         let reply = array(self.redis.invoke(&invocation).await?, "fetch")?;
         let Ok([deliveries, corrupted]) = <[Value; 2]>::try_from(reply) else {
             return Err(protocol("fetch answered an unexpected reply"));
+        };
+        parse_fetched(key, deliveries, corrupted)
+    }
+
+    async fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        let key = self.partition(partition)?;
+        if token == 0 || max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = u32::try_from(max).unwrap_or(u32::MAX);
+        let mut invocation = RECOVER_SCRIPT.key(key);
+        invocation.arg(consumer).arg(token).arg(max);
+        let reply = array(self.redis.invoke(&invocation).await?, "recover")?;
+        let Ok([deliveries, corrupted]) = <[Value; 2]>::try_from(reply) else {
+            return Err(protocol("recover answered an unexpected reply"));
         };
         parse_fetched(key, deliveries, corrupted)
     }

@@ -215,7 +215,65 @@ on_both!(
     garbage_in_the_counts_is_a_typed_error,
     drain_stats_of_another_type_fail_no_step,
     invalid_arguments_are_refused_before_redis,
+    a_lost_fetch_is_recovered_at_its_attempt_while_still_held,
 );
+
+/// A fetch whose answer was lost is found again by its token: `recover` delivers again, as
+/// they were (the same attempt, taken over or not), the jobs it delivered that are still
+/// running there, whatever the consumer fetched since; not one finished or taken over since,
+/// and nothing for another consumer or token. Asked again (its answer lost too), it answers
+/// the same.
+async fn a_lost_fetch_is_recovered_at_its_attempt_while_still_held(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let visibility = Duration::from_millis(200);
+    let old = ctx.add(&p, job("old")).await;
+    // Another worker's delivery, lapsed by the time of the lost fetch, which takes it over.
+    assert_eq!(ctx.fetch(&p, "dies", &[0], 1, visibility).await.len(), 1);
+    let a = ctx.add(&p, job("a")).await;
+    let b = ctx.add(&p, job("b")).await;
+    let c = ctx.add(&p, job("c")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let request = |max| FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max,
+        visibility,
+    };
+    let lost = ctx.store.fetch_marked(&p, request(3), 7).await.unwrap();
+    let numbers = |d: &[Delivery]| d.iter().map(|d| (d.number, d.attempt)).collect::<Vec<_>>();
+    assert_eq!(numbers(&lost), [(old, 2), (a, 1), (b, 1)]);
+    assert!(lost[0].taken_over);
+    let later = ctx.store.fetch_marked(&p, request(1), 8).await.unwrap();
+    assert_eq!(numbers(&later), [(c, 1)]);
+    assert!(matches!(
+        ctx.complete_firsts(&p, &[b]).await[..],
+        [Ok(Fenced::Applied)]
+    ));
+
+    let recovered = ctx.store.recover(&p, "w", 7, 10).await.unwrap();
+    assert_eq!(recovered, lost[..2]);
+    assert_eq!(ctx.store.recover(&p, "w", 7, 10).await.unwrap(), lost[..2]);
+    assert_eq!(ctx.store.recover(&p, "w", 7, 1).await.unwrap(), lost[..1]);
+    for (consumer, token) in [("x", 7), ("w", 9), ("w", 0)] {
+        assert_eq!(
+            ctx.store.recover(&p, consumer, token, 10).await.unwrap(),
+            [],
+            "{consumer} {token}"
+        );
+    }
+    // Recovered, a job is held from then as after an extension; lapsed, it is taken over
+    // by another worker, and no longer the lost fetch's to recover.
+    let deadline = Instant::now() + WAIT_BOUND;
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        assert!(Instant::now() < deadline, "taken over: {taken:?}");
+        taken.extend(numbers(&ctx.fetch(&p, "other", &[0], 10, visibility).await));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    taken.sort_unstable();
+    assert_eq!(taken, [(old, 3), (a, 2), (c, 2)]);
+    assert_eq!(ctx.store.recover(&p, "w", 7, 10).await.unwrap(), []);
+}
 
 /// Enqueue writes a record without expiry and one stream entry holding just the number;
 /// delivery marks the record running; completion removes the entry, drops the payload, and

@@ -224,9 +224,27 @@ struct Job {
     visibility_ms: u64,
     /// Its dedup key (counted with the key's own bytes, not the job's).
     dedup_key: Option<Bytes>,
+    /// While running: the token of the fetch that delivered it (0 for none), and whether that
+    /// delivery took it over, so that [`JobStore::recover`] can deliver it again as it was.
+    token: u64,
+    taken_over: bool,
 }
 
 impl Job {
+    /// The running job's current delivery.
+    fn delivery(&self, number: JobNumber) -> Delivery {
+        Delivery {
+            number,
+            attempt: self.attempt,
+            lane: self.lane,
+            payload: self.payload.clone().unwrap_or_default(),
+            tenant: self.tenant.clone(),
+            enqueued_at_ms: self.enqueued_at_ms,
+            taken_over: self.taken_over,
+            handed_back: self.handed_back,
+        }
+    }
+
     /// Changes the job's fields with `change`, keeping the store's byte books.
     fn change(&mut self, bytes: &mut usize, change: impl FnOnce(&mut Self)) {
         let before = self.bytes();
@@ -426,24 +444,17 @@ impl Partition {
         number: JobNumber,
         taken_over: bool,
         now_ms: u64,
-        visibility_ms: u64,
+        (visibility_ms, token): (u64, u64),
     ) -> Delivery {
         let job = self.jobs.get_mut(&number).expect("a queued job");
         job.state = JobState::Running;
         job.attempt += 1;
         job.at_ms = now_ms;
         job.visibility_ms = visibility_ms;
+        job.token = token;
+        job.taken_over = taken_over;
         self.running.insert((now_ms, number));
-        Delivery {
-            number,
-            attempt: job.attempt,
-            lane: job.lane,
-            payload: job.payload.clone().unwrap_or_default(),
-            tenant: job.tenant.clone(),
-            enqueued_at_ms: job.enqueued_at_ms,
-            taken_over,
-            handed_back: job.handed_back,
-        }
+        job.delivery(number)
     }
 }
 
@@ -508,6 +519,8 @@ impl JobStore for MemoryJobStore {
                 at_ms: due,
                 visibility_ms: 0,
                 dedup_key: job.dedup_key.clone(),
+                token: 0,
+                taken_over: false,
             };
             let dedup_bytes = job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
             fits(now.bytes, record.bytes() + dedup_bytes, now.max_bytes)?;
@@ -538,6 +551,15 @@ impl JobStore for MemoryJobStore {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetch_marked(partition, request, 0).await
+    }
+
+    async fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> Result<Vec<Delivery>, BackendError> {
         for &lane in request.lanes {
             lane_index(lane)?;
         }
@@ -566,18 +588,50 @@ impl JobStore for MemoryJobStore {
                 .collect();
             for (since, number) in lapsed {
                 p.running.remove(&(since, number));
-                deliveries.push(p.deliver(number, true, now.ms, visibility));
+                deliveries.push(p.deliver(number, true, now.ms, (visibility, token)));
             }
             for &lane in request.lanes {
                 while deliveries.len() < request.max {
                     let Some(number) = p.lanes[usize::from(lane)].pop_front() else {
                         break;
                     };
-                    deliveries.push(p.deliver(number, false, now.ms, visibility));
+                    deliveries.push(p.deliver(number, false, now.ms, (visibility, token)));
                 }
             }
             Ok(deliveries)
         })
+    }
+
+    /// Scans the running jobs: it runs only after a fetch failed, never on a fetch's way.
+    async fn recover(
+        &self,
+        partition: &Key,
+        _consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        if token == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.with(partition, |p, now| {
+            let marked: Vec<(u64, JobNumber)> = p
+                .running
+                .iter()
+                .filter(|&(_, number)| p.jobs[number].token == token)
+                .take(max)
+                .copied()
+                .collect();
+            marked
+                .into_iter()
+                .map(|(since, number)| {
+                    p.running.remove(&(since, number));
+                    p.running.insert((now.ms, number));
+                    let job = p.jobs.get_mut(&number).expect("a running job");
+                    job.at_ms = now.ms;
+                    job.delivery(number)
+                })
+                .collect()
+        }))
     }
 
     async fn extend(

@@ -58,6 +58,14 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) failing_fetches: Arc<AtomicUsize>,
     /// While set, every `stats` call fails with a connection error.
     pub(crate) failing_stats: Arc<AtomicBool>,
+    /// While the store is out of reach, it answers as a Redis that refuses writes (a demoted
+    /// primary's `READONLY`, a command error) rather than with a dropped connection.
+    read_only_outage: bool,
+    /// Until then, every `complete_many` is refused with `READONLY`, as by a primary demoted
+    /// in a failover that the client still writes to.
+    read_only_until: Option<tokio::time::Instant>,
+    lose_first_fetch_reply: bool,
+    fetch_reply_lost: Arc<AtomicBool>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -87,8 +95,39 @@ impl<S: JobStore> SlowStore<S> {
             out_of_reach: Arc::default(),
             failing_fetches: Arc::default(),
             failing_stats: Arc::default(),
+            read_only_outage: false,
+            read_only_until: None,
+            lose_first_fetch_reply: false,
+            fetch_reply_lost: Arc::default(),
         }
     }
+
+    /// `inner`, whose first fetch is applied, then answered with a timeout, as when its reply
+    /// is lost on the way back.
+    pub(crate) fn first_fetch_reply_lost(inner: S) -> Self {
+        Self {
+            hold_first_enqueue: false,
+            lose_first_fetch_reply: true,
+            ..Self::holding_first_enqueue(inner)
+        }
+    }
+
+    /// The error of a call made while the store is out of reach.
+    fn outage(&self) -> BackendError {
+        if self.read_only_outage {
+            read_only()
+        } else {
+            BackendError::new(BackendErrorKind::Connection)
+        }
+    }
+}
+
+/// What Redis answers a write sent to a replica (a primary demoted in a failover).
+fn read_only() -> BackendError {
+    BackendError::with_detail(
+        BackendErrorKind::Command,
+        "READONLY You can't write against a read only replica.",
+    )
 }
 
 impl SlowStore {
@@ -134,6 +173,22 @@ impl SlowStore {
         }
     }
 
+    /// Every completion is refused with `READONLY` for `lasts` from now.
+    pub(crate) fn read_only_completions(lasts: Duration) -> Self {
+        Self {
+            read_only_until: Some(tokio::time::Instant::now() + lasts),
+            ..Self::default()
+        }
+    }
+
+    /// While out of reach, the store refuses writes with `READONLY` instead.
+    pub(crate) fn read_only_while_out_of_reach(self) -> Self {
+        Self {
+            read_only_outage: true,
+            ..self
+        }
+    }
+
     /// The first enqueue is answered 10 ms after its job is stored.
     pub(crate) fn slow_first_enqueue() -> Self {
         Self {
@@ -170,6 +225,15 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         partition: &Key,
         request: FetchRequest<'_>,
     ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetch_marked(partition, request, 0).await
+    }
+
+    async fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> Result<Vec<Delivery>, BackendError> {
         if self.fetch_panics.load(Ordering::Relaxed) {
             self.fetch_panicked.notify_one();
             panic!("a bug in the store's fetch");
@@ -182,7 +246,21 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         {
             return Err(BackendError::new(BackendErrorKind::Timeout));
         }
-        self.inner.fetch(partition, request).await
+        let answer = self.inner.fetch_marked(partition, request, token).await;
+        if self.lose_first_fetch_reply && !self.fetch_reply_lost.swap(true, Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
+        answer
+    }
+
+    async fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.inner.recover(partition, consumer, token, max).await
     }
 
     async fn extend(
@@ -203,7 +281,7 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         }
         tokio::time::sleep(self.extend_takes).await;
         if self.out_of_reach.load(Ordering::Relaxed) {
-            return Err(BackendError::new(BackendErrorKind::Connection));
+            return Err(self.outage());
         }
         self.inner.extend(partition, number, attempt).await
     }
@@ -239,7 +317,13 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             .push((jobs.len(), tokio::time::Instant::now()));
         tokio::time::sleep(self.completion_takes).await;
         if self.out_of_reach.load(Ordering::Relaxed) {
-            return Err(BackendError::new(BackendErrorKind::Connection));
+            return Err(self.outage());
+        }
+        if self
+            .read_only_until
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+        {
+            return Err(read_only());
         }
         let answer = self.inner.complete_many(partition, jobs, retention).await;
         if self.lose_first_completion_reply
