@@ -473,6 +473,29 @@ impl<S: JobStore> JobStore for ChaosJobStore<S> {
             .call([partition], move || self.inner.fetch(partition, request))
     }
 
+    fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.fetch_marked(partition, request, token)
+        })
+    }
+
+    fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Vec<Delivery>, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.recover(partition, consumer, token, max)
+        })
+    }
+
     fn extend(
         &self,
         partition: &Key,

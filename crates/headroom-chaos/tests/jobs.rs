@@ -100,6 +100,8 @@ async fn a_fault_fails_every_step_without_reaching_the_store() {
     let kinds = [
         wrapped.enqueue(&p, &job, &limits()).await.map(|_| ()),
         wrapped.fetch(&p, request()).await.map(|_| ()),
+        wrapped.fetch_marked(&p, request(), 42).await.map(|_| ()),
+        wrapped.recover(&p, "w", 42, 10).await.map(|_| ()),
         wrapped
             .extend(&p, held.number, held.attempt)
             .await
@@ -161,4 +163,21 @@ async fn latency_delays_each_step_and_an_abort_holds_it_until_the_stop() {
     experiment.stop();
     let stats = held.await.unwrap();
     assert_eq!((stats.unfinished, stats.running), (1, 1));
+}
+
+/// Off, a fetch's mark reaches the store, so the jobs of a fetch whose answer was lost are
+/// recovered through the wrapper as through the store itself.
+#[tokio::test(start_paused = true)]
+async fn off_the_jobs_of_a_lost_fetch_are_recovered_through_the_wrapper() {
+    let inner = MemoryJobStore::new();
+    let wrapped = ChaosJobStore::new(inner.clone(), experiment());
+    let p = partition();
+    wrapped
+        .enqueue(&p, &NewJob::new(Bytes::from_static(b"x")), &limits())
+        .await
+        .unwrap();
+    let fetched = wrapped.fetch_marked(&p, request(), 42).await.unwrap();
+    let recovered = wrapped.recover(&p, "w", 42, 10).await.unwrap();
+    assert_eq!(recovered, fetched);
+    assert_eq!(inner.recover(&p, "w", 42, 10).await.unwrap(), fetched);
 }
