@@ -11,7 +11,8 @@
 //!   histograms looks for a recorder on its first such record and every [`LOOK_EVERY`]th
 //!   after (looking costs a few dozen instructions, so it is not done on every record). The
 //!   first look that finds one registers every waiting handle of the process with it, gauges
-//!   included, and they stay with it. Up to [`LOOK_EVERY`] records per thread after the
+//!   included, and they stay with it. Waiting gauges look too, on the same count, as they
+//!   are set, increased or decreased. Up to [`LOOK_EVERY`] records per thread after the
 //!   recorder arrives are lost, as `metrics` loses every record made before it.
 //! - A waiting gauge keeps its value and hands it over, so a limit set when its part was built
 //!   is there at once; a level (in flight) is published from its part's state at its first
@@ -80,11 +81,16 @@ fn recorder_installed() -> bool {
 }
 
 fn wait(handle: Weak<dyn Waiting>) {
-    let mut waiting = WAITING.lock();
-    if waiting.len().is_power_of_two() {
-        waiting.retain(|handle| handle.strong_count() > 0);
+    {
+        let mut waiting = WAITING.lock();
+        if waiting.len().is_power_of_two() {
+            waiting.retain(|handle| handle.strong_count() > 0);
+        }
+        waiting.push(handle);
     }
-    waiting.push(handle);
+    // A recorder installed since the handle looked, and found by others already, would not
+    // be looked for again by handles that are all bound.
+    look_for_recorder();
 }
 
 /// One registered handle and what it takes to register it again.
@@ -296,10 +302,12 @@ fn publish_level(gauge: &metrics::Gauge, level: &dyn Fn() -> usize) {
 }
 
 impl GaugeState {
-    /// Applies a change to the kept value until a recorder is found, then hands the value to
-    /// it once and applies every later change to it. Each change lands in exactly one of them.
+    /// Applies a change to the kept value until a recorder is found (looked for as a waiting
+    /// counter does), then hands the value to it once and applies every later change to it.
+    /// Each change lands in exactly one of them.
     #[inline(never)]
     fn keep(&self, change: impl Fn(f64) -> f64, apply: impl Fn(&metrics::Gauge)) {
+        record_while_waiting();
         let mut kept = self.kept.load(Ordering::Acquire);
         loop {
             if kept == HANDED_OVER {
@@ -498,6 +506,30 @@ mod tests {
         assert_eq!(kept.last("limit"), Some(8.0));
         limit.increment(1.0);
         assert_eq!(kept.last("limit"), Some(9.0));
+    }
+
+    /// A part may hold only gauges that wait (its counters were built once a recorder was
+    /// current, or it has none): its gauges find the recorder by themselves, as they change.
+    /// (A level is published on a path that also counts, so it leaves the looking to that
+    /// counter, as it does here to the other gauge.)
+    #[test]
+    fn gauges_find_a_recorder_with_no_waiting_counter_around() {
+        let _serial = serial();
+        let limit = Gauge::new("limit", &[("part", "a")]);
+        let in_flight = Gauge::new("in_flight", &[("part", "a")]);
+        let kept = Kept::default();
+        metrics::with_local_recorder(&kept, || {
+            for level in 0..LOOK_EVERY {
+                limit.set(5.0);
+                in_flight.set_level(|| level as usize);
+            }
+        });
+        assert_eq!(kept.last("limit"), Some(5.0));
+        assert_eq!(
+            kept.last("in_flight"),
+            Some(f64::from(LOOK_EVERY - 1)),
+            "published from the first change after the gauge found the recorder"
+        );
     }
 
     #[test]
