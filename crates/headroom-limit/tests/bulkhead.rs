@@ -127,6 +127,30 @@ async fn growing_wakes_waiters_and_shrinking_retires_permits_as_they_return() {
     assert!(b.set_max_concurrent(0).is_err());
 }
 
+/// A permit handed to a waiter that then gives up comes back to the bulkhead; after a shrink
+/// it pays what the shrink still owes before anyone can take it.
+#[tokio::test]
+async fn a_permit_left_by_a_cancelled_waiter_pays_a_shrink_first() {
+    let b = bulkhead(2, 1, Duration::from_secs(60));
+    let a = b.try_acquire_owned().expect("1");
+    let _b = b.try_acquire_owned().expect("2");
+    let mut waiter = Box::pin(b.acquire_owned());
+    assert!(
+        (&mut waiter).now_or_never().is_none(),
+        "no permit free: waits"
+    );
+    drop(a); // handed over to the waiter, which has not run since
+    b.set_max_concurrent(1).expect("shrink");
+    drop(waiter);
+    assert_eq!(b.in_use(), 1);
+    assert_eq!(
+        b.try_acquire().map(drop).unwrap_err().reason(),
+        Reason::QueueFull,
+        "one permit held under a limit of one"
+    );
+    assert_eq!(b.in_use(), 1);
+}
+
 #[tokio::test]
 async fn growth_beyond_the_waiters_is_free_at_once() {
     let b = bulkhead(1, 8, Duration::from_secs(60));
@@ -215,6 +239,7 @@ enum Op {
     Release(usize),
     Resize(usize),
     StartWaiter,
+    PollWaiters,
     CancelWaiter(usize),
 }
 
@@ -224,6 +249,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..16_usize).prop_map(Op::Release),
         2 => (1..8_usize).prop_map(Op::Resize),
         2 => Just(Op::StartWaiter),
+        2 => Just(Op::PollWaiters),
         1 => (0..16_usize).prop_map(Op::CancelWaiter),
     ]
 }
@@ -234,8 +260,11 @@ type Waiter = std::pin::Pin<
 
 proptest! {
     /// Against a model: never more permits out than the limit allows (a shrink cannot revoke
-    /// held permits, so held permits may exceed a new, smaller limit until returned), and
-    /// after everything is returned exactly `limit` permits are free.
+    /// held permits, so held permits may exceed a new, smaller limit until returned), no
+    /// caller is admitted at once while the permits held reach the limit (a shrink retires
+    /// free permits at once and the rest as they are released, however they come back), and
+    /// after everything is returned exactly `limit` permits are free. Waiters run only when
+    /// polled, so a permit can be handed to one that gives up before it runs.
     #[test]
     fn permits_follow_the_model(ops in proptest::collection::vec(op(), 1..80)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -245,32 +274,54 @@ proptest! {
             let mut waiters: Vec<Waiter> = Vec::new();
             let mut max_limit_since_last_idle = b.limit();
             for op in ops {
+                let polled = matches!(op, Op::PollWaiters);
                 match op {
-                    Op::TryAcquire => if let Ok(p) = b.try_acquire_owned() { held.push(p) },
+                    Op::TryAcquire => if let Ok(p) = b.try_acquire_owned() {
+                        prop_assert!(held.len() < b.limit(), "taken with {} held under limit {}", held.len(), b.limit());
+                        held.push(p);
+                    },
                     Op::Release(i) => if !held.is_empty() { drop(held.swap_remove(i % held.len())); },
                     Op::Resize(n) => {
                         b.set_max_concurrent(n).unwrap();
                         max_limit_since_last_idle = max_limit_since_last_idle.max(n);
                     }
                     Op::StartWaiter => {
-                        let b = b.clone();
-                        waiters.push(Box::pin(async move { b.acquire_owned().await }));
+                        let mut w: Waiter = Box::pin({
+                            let b = b.clone();
+                            async move { b.acquire_owned().await }
+                        });
+                        // The first poll takes a free permit or starts waiting.
+                        match w.as_mut().now_or_never() {
+                            Some(Ok(p)) => {
+                                prop_assert!(held.len() < b.limit(), "admitted with {} held under limit {}", held.len(), b.limit());
+                                held.push(p);
+                            }
+                            Some(Err(_)) => {}
+                            None => waiters.push(w),
+                        }
+                    }
+                    Op::PollWaiters => {
+                        // Admitted waiters join the holders.
+                        let mut still = Vec::new();
+                        for mut w in waiters.drain(..) {
+                            match w.as_mut().now_or_never() {
+                                Some(Ok(p)) => held.push(p),
+                                Some(Err(_)) => {}
+                                None => still.push(w),
+                            }
+                        }
+                        waiters = still;
                     }
                     Op::CancelWaiter(i) => if !waiters.is_empty() { drop(waiters.swap_remove(i % waiters.len())); },
                 }
-                // Poll every waiter once; admitted ones join the holders.
-                let mut still = Vec::new();
-                for mut w in waiters.drain(..) {
-                    match w.as_mut().now_or_never() {
-                        Some(Ok(p)) => held.push(p),
-                        Some(Err(_)) => {}
-                        None => still.push(w),
-                    }
-                }
-                waiters = still;
                 prop_assert!(held.len() <= max_limit_since_last_idle);
-                prop_assert_eq!(b.in_use(), held.len());
-                if held.is_empty() { max_limit_since_last_idle = b.limit(); }
+                // A permit handed to a waiter that has not run yet is in use too.
+                if polled || waiters.is_empty() {
+                    prop_assert_eq!(b.in_use(), held.len());
+                } else {
+                    prop_assert!(b.in_use() >= held.len());
+                }
+                if held.is_empty() && waiters.is_empty() { max_limit_since_last_idle = b.limit(); }
             }
             drop(waiters);
             drop(held);

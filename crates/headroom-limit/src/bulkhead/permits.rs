@@ -11,8 +11,20 @@ const MAX_WAITING: usize = u32::MAX as usize;
 /// One waiter in the upper half of the state word.
 const ONE_WAITING: u64 = 1 << 32;
 
+/// The lower half of the state word counts free permits up from `OWES_NOTHING` and what a
+/// shrink still owes down from it, so that a permit coming back pays the debt in the same
+/// atomic step that decides where it goes.
+const OWES_NOTHING: u64 = 1 << 31;
+
+const LOWER_HALF: u64 = u32::MAX as u64;
+
+#[inline]
 fn free(state: u64) -> usize {
-    (state & u64::from(u32::MAX)) as usize
+    (state & LOWER_HALF).saturating_sub(OWES_NOTHING) as usize
+}
+
+fn owed(state: u64) -> usize {
+    OWES_NOTHING.saturating_sub(state & LOWER_HALF) as usize
 }
 
 fn waiting(state: u64) -> usize {
@@ -27,21 +39,22 @@ struct CacheLine<T>(T);
 /// Every permit is free, held, in the hand-off on its way to a waiter, or owed back after a
 /// shrink.
 ///
-/// Free permits and registered waiters share one word, so that taking a permit, starting to
-/// wait and giving a permit back each decide on one consistent view with one atomic
-/// operation: a permit given back while anyone waits goes to the hand-off, never to `free`,
-/// so no waiter sleeps while a permit is free. Handing over and taking back what nobody is
-/// left to take are serialised by `handoff_lock`, and whoever makes the waiters zero takes
-/// the hand-off back under it, so no permit is stranded there. The model checks in this
-/// module explore every interleaving of these steps under loom.
+/// Free permits, what a shrink still owes and registered waiters share one word, so that
+/// taking a permit, starting to wait, shrinking and giving a permit back each decide on one
+/// consistent view with one atomic operation: a permit given back pays what a shrink owes
+/// first, and while anyone waits goes to the hand-off, never to `free`, so no waiter sleeps
+/// while a permit is free and none is free while one is owed. Handing over and taking back
+/// what nobody is left to take are serialised by `handoff_lock`: whoever makes the waiters
+/// zero takes the hand-off back under it, so no permit is stranded there, and a shrink or a
+/// waiter that leaves while one is owed pays it from what no waiter has taken. The model checks
+/// in this module explore every interleaving of these steps under loom.
 pub(super) struct Permits {
-    /// Free permits in the lower half, registered waiters in the upper half.
+    /// Free permits (or, below `OWES_NOTHING`, permits owed) in the lower half, registered
+    /// waiters in the upper half.
     state: CacheLine<AtomicU64>,
     handoff: Handoff,
     handoff_lock: Mutex<()>,
     limit: AtomicUsize,
-    /// Permits still to retire after a shrink: taken back as holders release them.
-    debt: AtomicUsize,
     resize: Mutex<()>,
 }
 
@@ -59,11 +72,10 @@ impl Permits {
     /// `limit` free permits.
     pub(super) fn new(limit: usize) -> Self {
         Self {
-            state: CacheLine(AtomicU64::new(limit as u64)),
+            state: CacheLine(AtomicU64::new(OWES_NOTHING + limit as u64)),
             handoff: Handoff::new(),
             handoff_lock: Mutex::new(()),
             limit: AtomicUsize::new(limit),
-            debt: AtomicUsize::new(0),
             resize: Mutex::new(()),
         }
     }
@@ -106,22 +118,11 @@ impl Permits {
     /// the free permits.
     #[inline]
     pub(super) fn release(&self) {
-        let mut debt = self.debt.load(Ordering::Acquire);
-        while debt > 0 {
-            match self.debt.compare_exchange_weak(
-                debt,
-                debt - 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return,
-                Err(current) => debt = current,
-            }
-        }
         self.give(1);
     }
 
-    /// Makes `n` permits available: one to each registered waiter, up to `n`, the rest free.
+    /// Makes `n` permits available: first to what a shrink owes, then one to each registered
+    /// waiter, the rest free.
     #[inline]
     fn give(&self, n: usize) {
         let mut handed = 0;
@@ -130,7 +131,8 @@ impl Permits {
             .state
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                handed = n.min(waiting(state));
+                let paid = owed(state).min(n);
+                handed = (n - paid).min(waiting(state));
                 (handed < n).then(|| state + (n - handed) as u64)
             });
         if handed > 0 {
@@ -141,60 +143,57 @@ impl Permits {
         }
     }
 
-    /// Once nobody waits, returns what is left in the hand-off to the free permits; called
-    /// with `handoff_lock` held.
+    /// Takes back what is in the hand-off for nobody: while anyone waits, only what a shrink
+    /// owes (a permit no waiter has taken yet, or one a waiter gave up); once nobody waits,
+    /// everything, which is free once the debt is paid. Called with `handoff_lock` held.
     fn take_back_stranded(&self) {
-        if waiting(self.state.0.load(Ordering::Acquire)) > 0 {
+        let state = self.state.0.load(Ordering::Acquire);
+        let most = if waiting(state) > 0 {
+            owed(state)
+        } else {
+            usize::MAX
+        };
+        if most == 0 {
             return;
         }
-        let stranded = self.handoff.take_back();
+        let stranded = self.handoff.take_back(most);
         if stranded == 0 {
             return;
         }
-        let freed = self
+        let mut kept = stranded;
+        let _ = self
             .state
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                (waiting(state) == 0).then(|| state + stranded as u64)
+                let returned = if waiting(state) == 0 {
+                    stranded
+                } else {
+                    owed(state).min(stranded)
+                };
+                kept = stranded - returned;
+                (returned > 0).then(|| state + returned as u64)
             });
-        if freed.is_err() {
-            // Someone started waiting meanwhile: the permits are theirs, and whoever of them
-            // leaves last takes back what is left.
-            self.handoff.add(stranded);
+        if kept > 0 {
+            // Someone started waiting meanwhile (or the debt was paid): the permits are the
+            // waiters', and whoever of them leaves last takes back what is left.
+            self.handoff.add(kept);
         }
     }
 
-    /// Sets the limit: growing makes permits available at once (after forgiving what a
-    /// shrink still owes), shrinking retires free permits at once and the rest as their
-    /// holders release them. Returns the old limit if it changed.
+    /// Sets the limit: growing makes permits available at once (after paying what a shrink
+    /// still owes), shrinking retires free permits at once (and those in the hand-off that no
+    /// waiter has taken) and the rest as their holders release them. Returns the old limit if
+    /// it changed.
     pub(super) fn resize(&self, new: usize) -> Option<usize> {
         let _serialised = self.resize.lock();
         let old = self.limit.swap(new, Ordering::AcqRel);
         if new > old {
-            let grow = new - old;
-            let owed = self
-                .debt
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |debt| {
-                    Some(debt - debt.min(grow))
-                })
-                .unwrap_or_else(|debt| debt);
-            let forgiven = owed.min(grow);
-            if grow > forgiven {
-                self.give(grow - forgiven);
-            }
+            self.give(new - old);
         } else if new < old {
-            let shrink = old - new;
-            let mut retired = 0;
-            let _ = self
-                .state
-                .0
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                    retired = free(state).min(shrink);
-                    (retired > 0).then(|| state - retired as u64)
-                });
-            if shrink > retired {
-                self.debt.fetch_add(shrink - retired, Ordering::AcqRel);
-            }
+            // Free permits go at once; below them, the rest is owed.
+            self.state.0.fetch_sub((old - new) as u64, Ordering::AcqRel);
+            let _serialised = self.handoff_lock.lock();
+            self.take_back_stranded();
         }
         (new != old).then_some(old)
     }
@@ -205,8 +204,9 @@ impl Permits {
 
     /// Held permits: derived from the others, a snapshot under concurrent change.
     pub(super) fn in_use(&self) -> usize {
-        let total = self.limit.load(Ordering::Relaxed) + self.debt.load(Ordering::Relaxed);
-        let idle = free(self.state.0.load(Ordering::Relaxed)) + self.handoff.available();
+        let state = self.state.0.load(Ordering::Relaxed);
+        let total = self.limit.load(Ordering::Relaxed) + owed(state);
+        let idle = free(state) + self.handoff.available();
         total.saturating_sub(idle)
     }
 
@@ -228,7 +228,8 @@ impl Waiter<'_> {
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let before = self.0.state.0.fetch_sub(ONE_WAITING, Ordering::AcqRel);
-        if waiting(before) == 1 {
+        // A permit this waiter was handed and gave up is back in the hand-off.
+        if waiting(before) == 1 || owed(before) > 0 {
             let _serialised = self.0.handoff_lock.lock();
             self.0.take_back_stranded();
         }
@@ -301,24 +302,48 @@ mod model {
             assert!(permits.try_take());
             let quitter = {
                 let permits = Arc::clone(&permits);
-                thread::spawn(move || match permits.take_or_wait(1) {
-                    Entry::Taken => permits.release(),
-                    Entry::Waiting(waiter) => {
-                        let handed_over = {
-                            let wait = pin!(waiter.handed_over());
-                            let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-                            wait.poll(&mut cx)
-                        };
-                        drop(waiter);
-                        if handed_over == Poll::Ready(true) {
-                            permits.release();
-                        }
-                    }
-                    Entry::Full => panic!("refused with room to wait"),
-                })
+                thread::spawn(move || wait_once_then_give_up(&permits))
             };
             permits.release();
             quitter.join().unwrap();
+            assert_all_free(&permits, 1);
+        });
+    }
+
+    /// Gives up after one poll; gives the permit back if it was handed one by then.
+    fn wait_once_then_give_up(permits: &Permits) {
+        match permits.take_or_wait(1) {
+            Entry::Taken => permits.release(),
+            Entry::Waiting(waiter) => {
+                let handed_over = {
+                    let wait = pin!(waiter.handed_over());
+                    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+                    wait.poll(&mut cx)
+                };
+                drop(waiter);
+                if handed_over == Poll::Ready(true) {
+                    permits.release();
+                }
+            }
+            Entry::Full => panic!("refused with room to wait"),
+        }
+    }
+
+    #[test]
+    fn a_permit_left_by_a_caller_that_gives_up_waiting_pays_a_shrink() {
+        check(|| {
+            let permits = Arc::new(Permits::new(2));
+            assert!(permits.try_take());
+            assert!(permits.try_take());
+            let quitter = {
+                let permits = Arc::clone(&permits);
+                thread::spawn(move || wait_once_then_give_up(&permits))
+            };
+            permits.release();
+            permits.resize(1);
+            quitter.join().unwrap();
+            assert!(!permits.try_take(), "a second permit under a limit of one");
+            permits.release();
             assert_all_free(&permits, 1);
         });
     }
@@ -377,8 +402,9 @@ mod model {
                 thread::spawn(move || permits.release())
             };
             permits.resize(1);
-            permits.release();
             releaser.join().unwrap();
+            assert!(!permits.try_take(), "a second permit under a limit of one");
+            permits.release();
             assert_all_free(&permits, 1);
         });
     }

@@ -24,9 +24,9 @@ impl Handoff {
         self.0.add_permits(n);
     }
 
-    /// Takes back every permit nobody has taken yet.
-    pub(super) fn take_back(&self) -> usize {
-        self.0.forget_permits(usize::MAX)
+    /// Takes back up to `most` of the permits not yet assigned to a waiter.
+    pub(super) fn take_back(&self, most: usize) -> usize {
+        self.0.forget_permits(most)
     }
 
     pub(super) fn available(&self) -> usize {
@@ -40,7 +40,7 @@ impl Handoff {
 }
 
 /// The model of the hand-off under loom, with the orderings of tokio's semaphore: the count
-/// of permits is an atomic that giving adds to (Release) and taking back swaps (AcqRel), so
+/// of permits is an atomic that giving adds to (Release) and taking back updates (AcqRel), so
 /// the two synchronise with each other only through the count itself; waiters' wakers sit
 /// behind a lock.
 #[cfg(headroom_loom)]
@@ -66,8 +66,14 @@ impl Handoff {
         }
     }
 
-    pub(super) fn take_back(&self) -> usize {
-        self.permits.swap(0, Ordering::AcqRel)
+    pub(super) fn take_back(&self, most: usize) -> usize {
+        let before = self
+            .permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |permits| {
+                Some(permits - permits.min(most))
+            })
+            .unwrap_or_else(|permits| permits);
+        before.min(most)
     }
 
     pub(super) fn available(&self) -> usize {
