@@ -599,6 +599,18 @@ fn bad_configuration_is_a_typed_error() {
     }
 }
 
+/// With no room for any tenant's own state every tenant would share the overflow tenant, and
+/// the bulkhead would share nothing fairly: refused like the other zero sizes.
+#[test]
+fn zero_max_tenants_is_a_typed_error() {
+    let err = KeyedBulkhead::builder("zero")
+        .max_tenants(0)
+        .build()
+        .expect_err("max_tenants(0) is refused");
+    assert_eq!(err.field(), "max_tenants");
+    assert!(!err.is_retryable());
+}
+
 /// The model test's tenants: `t0` is of class `heavy` (weight 2), the others weigh 1.
 const NAMES: [&str; 5] = ["t0", "t1", "t2", "t3", "t4"];
 

@@ -58,8 +58,8 @@ pub struct KeyedBulkheadConfig {
     /// How long a caller waits for a permit before it is refused.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_wait: Duration,
-    /// How many tenants have state of their own at once (at most 2^20); beyond it, new
-    /// tenants share one overflow tenant.
+    /// How many tenants have state of their own at once (1 to 2^20); beyond it, new tenants
+    /// share one overflow tenant.
     pub max_tenants: usize,
     /// Tenant classes by name, with their weight (1 to 1,000,000). Tenants acquired without
     /// a class, and the overflow tenant, weigh 1.
@@ -543,7 +543,7 @@ impl KeyedBulkheadBuilder {
         self
     }
 
-    /// How many tenants may have state of their own at once (default 1024, at most 2^20);
+    /// How many tenants may have state of their own at once (default 1024, 1 to 2^20);
     /// beyond it, new tenants share one overflow tenant.
     pub fn max_tenants(mut self, max_tenants: usize) -> Self {
         self.config.max_tenants = max_tenants;
@@ -573,6 +573,10 @@ impl KeyedBulkheadBuilder {
         let config = self.config;
         if config.max_concurrent == 0 {
             return Err(ConfigError::new("max_concurrent", "must be at least 1"));
+        }
+        if config.max_tenants == 0 {
+            // Every tenant would be the overflow tenant: nothing shared fairly.
+            return Err(ConfigError::new("max_tenants", "must be at least 1"));
         }
         for (field, value, max) in [
             ("max_concurrent", config.max_concurrent, MAX_SIZE),
