@@ -11,7 +11,8 @@ use headroom_core::memory::MemoryRateStore;
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
 use headroom_core::{BackendError, BackendErrorKind, Classify, Key, ManualClock, Namespace};
 use headroom_limit::rate::{
-    DistributedRateLimiter, Fallback, Quota, RateErrorKind, RateLimit, TierConfig,
+    DistributedConfig, DistributedRateLimiter, Fallback, Quota, RateErrorKind, RateLimit,
+    TierConfig,
 };
 use headroom_redis::{Redis, RedisConfig, RedisRateStore};
 use headroom_testkit::{RedisServer, shared_cluster, shared_server, unique_namespace};
@@ -593,6 +594,43 @@ async fn costs_and_keys_that_cannot_fit_are_typed_errors() {
         RateErrorKind::UnknownTier
     );
     assert_eq!(limiter.round_trips(), 0);
+}
+
+/// A zero `timeout` would count every store call not ready at its first poll as an outage, and
+/// a zero `retry_after_failure` would leave no window in which the fallback spares the store:
+/// both are refused, naming the field, from the builder and from a loaded configuration.
+#[test]
+fn a_zero_timeout_or_retry_after_failure_is_a_typed_error() {
+    let builder = || {
+        DistributedRateLimiter::builder(
+            "zero",
+            MemoryRateStore::new(),
+            Namespace::new("rate").unwrap(),
+            tiers(),
+        )
+    };
+    let zero_timeout = builder().timeout(Duration::ZERO).build().unwrap_err();
+    assert_eq!(zero_timeout.field(), "timeout");
+    assert!(!zero_timeout.is_retryable());
+    let zero_window = builder()
+        .retry_after_failure(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(zero_window.field(), "retry_after_failure");
+    let config = DistributedConfig {
+        tiers: tiers(),
+        timeout: Duration::ZERO,
+        ..DistributedConfig::default()
+    };
+    let from_config = DistributedRateLimiter::builder_from(
+        "zero",
+        MemoryRateStore::new(),
+        Namespace::new("rate").unwrap(),
+        config,
+    )
+    .build()
+    .unwrap_err();
+    assert_eq!(from_config.field(), "timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -108,10 +108,10 @@ pub struct DistributedConfig {
     pub batch: u32,
     /// What to do while the store is unreachable.
     pub fallback: Fallback,
-    /// How long a store call may take.
+    /// How long a store call may take (more than zero).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub timeout: Duration,
-    /// How long to use the fallback after a failed store call.
+    /// How long to use the fallback after a failed store call (more than zero).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub retry_after_failure: Duration,
     /// The most keys held per tier in local state.
@@ -169,7 +169,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
         self
     }
 
-    /// How long a store call may take before the store counts as unreachable (default 100 ms).
+    /// How long a store call may take before the store counts as unreachable (default 100 ms,
+    /// more than zero).
     /// Keep it below the deadlines of the limiter's callers: a check cancelled first counts
     /// for nothing, so callers that always give up sooner never switch it to the fallback.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -178,7 +179,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
     }
 
     /// How long to use the fallback after a failed store call before one request probes the
-    /// store again (default 1 s), so an outage does not cost a timeout on every request.
+    /// store again (default 1 s, more than zero), so an outage does not cost a timeout on
+    /// every request.
     pub fn retry_after_failure(mut self, wait: Duration) -> Self {
         self.retry_after_failure = wait;
         self
@@ -191,13 +193,25 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
         self
     }
 
-    /// Builds the limiter; errors on invalid tier names, a zero batch or zero instances.
+    /// Builds the limiter; errors on invalid tier names, a zero batch, zero instances, or a
+    /// zero timeout or retry window.
     pub fn build(self) -> Result<DistributedRateLimiter<S>, ConfigError> {
         if self.batch == 0 {
             return Err(ConfigError::new("batch", "must be at least 1"));
         }
         if self.fallback == (Fallback::Local { instances: 0 }) {
             return Err(ConfigError::new("instances", "must be at least 1"));
+        }
+        // Zero would count every store call not ready at once as an outage.
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new("timeout", "must be more than zero"));
+        }
+        // Zero would leave no window in which the fallback spares a failing store.
+        if self.retry_after_failure.is_zero() {
+            return Err(ConfigError::new(
+                "retry_after_failure",
+                "must be more than zero",
+            ));
         }
         let round_trips = |outcome: &'static str| {
             headroom_core::counter!(
