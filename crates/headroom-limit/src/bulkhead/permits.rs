@@ -23,6 +23,13 @@ fn free(state: u64) -> usize {
     (state & LOWER_HALF).saturating_sub(OWES_NOTHING) as usize
 }
 
+/// `free(state) > 0`, in one comparison.
+#[inline]
+fn has_free(state: u64) -> bool {
+    state & LOWER_HALF > OWES_NOTHING
+}
+
+#[inline]
 fn owed(state: u64) -> usize {
     OWES_NOTHING.saturating_sub(state & LOWER_HALF) as usize
 }
@@ -86,7 +93,7 @@ impl Permits {
         self.state
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                (free(state) > 0).then(|| state - 1)
+                has_free(state).then(|| state - 1)
             })
             .is_ok()
     }
@@ -99,7 +106,7 @@ impl Permits {
             .state
             .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
-                if free(state) > 0 {
+                if has_free(state) {
                     Some(state - 1)
                 } else if waiting(state) < max_waiting {
                     Some(state + ONE_WAITING)
@@ -108,7 +115,7 @@ impl Permits {
                 }
             });
         match before {
-            Ok(state) if free(state) > 0 => Entry::Taken,
+            Ok(state) if has_free(state) => Entry::Taken,
             Ok(_) => Entry::Waiting(Waiter(self)),
             Err(_) => Entry::Full,
         }
@@ -118,7 +125,18 @@ impl Permits {
     /// the free permits.
     #[inline]
     pub(super) fn release(&self) {
-        self.give(1);
+        // Paying what a shrink owes and freeing a permit are both one more in the lower half;
+        // only with nothing owed and someone waiting does the permit go to the hand-off.
+        let to_waiter = self
+            .state
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (waiting(state) == 0 || owed(state) > 0).then(|| state + 1)
+            })
+            .is_err();
+        if to_waiter {
+            self.hand_over(1);
+        }
     }
 
     /// Makes `n` permits available: first to what a shrink owes, then one to each registered
@@ -136,11 +154,18 @@ impl Permits {
                 (handed < n).then(|| state + (n - handed) as u64)
             });
         if handed > 0 {
-            let _serialised = self.handoff_lock.lock();
-            self.handoff.add(handed);
-            // The waiters seen may all have left meanwhile.
-            self.take_back_stranded();
+            self.hand_over(handed);
         }
+    }
+
+    /// Puts `n` permits in the hand-off for the waiters seen, out of line so that a release
+    /// stays small enough to inline.
+    #[inline(never)]
+    fn hand_over(&self, n: usize) {
+        let _serialised = self.handoff_lock.lock();
+        self.handoff.add(n);
+        // The waiters seen may all have left meanwhile.
+        self.take_back_stranded();
     }
 
     /// Takes back what is in the hand-off for nobody: while anyone waits, only what a shrink
