@@ -128,14 +128,9 @@ where
         let started = self.objective.start();
         // Armed around the inner call too: a service that panics in `call` failed its caller,
         // and no future exists yet to record it.
-        let mut finished = false;
-        let panicking = PanicGuard {
-            objective: &self.objective,
-            started,
-            finished: &mut finished,
-        };
+        let calling = Calling(&self.objective, started);
         let inner = self.inner.call(request);
-        std::mem::forget(panicking);
+        std::mem::forget(calling);
         SloFuture {
             started,
             inner,
@@ -168,8 +163,18 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Records its call as bad when dropped, which only happens while the service's `call` or
-/// `poll` unwinds (a panic): the normal path forgets it.
+/// Records the call being made as bad when dropped, which only happens while the service's
+/// `call` unwinds (a panic): the normal path forgets it.
+struct Calling<'a>(&'a Objective, Started);
+
+impl Drop for Calling<'_> {
+    fn drop(&mut self) {
+        self.0.finish(self.1, false);
+    }
+}
+
+/// Records its call as bad when dropped, which only happens while the service's `poll`
+/// unwinds (a panic): the normal path forgets it.
 struct PanicGuard<'a> {
     objective: &'a Objective,
     started: Started,
