@@ -249,6 +249,55 @@ async fn batched_units_are_spent_locally_and_expire() {
     assert_eq!(limiter.round_trips(), 3);
 }
 
+/// FNV-1a, 64 bits: a hash anyone can compute, as a sender would to aim keys at one place.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Keys a sender chose to share a victim's place under an unkeyed hash (FNV-1a over 16
+/// shards) cannot push the victim's reserved units out of local state: they are placed by a
+/// hash the sender cannot compute, so a flood of them a tenth of the key cap spreads out, and
+/// the victim's next request is still served from its reserved units, with no round trip.
+#[tokio::test]
+async fn keys_aimed_at_a_victims_shard_leave_its_reserved_units_in_place() {
+    const MAX_KEYS: usize = 1_600;
+    let clock = ManualClock::new();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::with_limits(clock.clock(), 10_000),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_hour(100).unwrap()),
+    )
+    .clock(clock.clock())
+    .batch(10)
+    .max_keys_per_tier(MAX_KEYS)
+    .build()
+    .unwrap();
+    limiter.check("t", "victim", 1).await.unwrap();
+    assert_eq!(limiter.round_trips(), 1);
+    let aim = |key: &str| fnv1a(key.as_bytes()) % 16;
+    let flood: Vec<String> = (0..)
+        .map(|n| format!("flood-{n}"))
+        .filter(|key| aim(key) == aim("victim"))
+        .take(MAX_KEYS / 8)
+        .collect();
+    for key in &flood {
+        limiter.check("t", key, 1).await.unwrap();
+    }
+    let before = limiter.round_trips();
+    assert_eq!(before, 1 + flood.len() as u64);
+    for _ in 0..9 {
+        limiter.check("t", "victim", 1).await.unwrap();
+    }
+    assert_eq!(
+        limiter.round_trips(),
+        before,
+        "the victim's reserved units were dropped by the flood"
+    );
+}
+
 /// A store that is down: every call fails at once.
 #[derive(Clone, Debug)]
 struct DownStore;

@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
-use headroom_core::ManualClock;
+use headroom_core::memory::MemoryRateStore;
+use headroom_core::{ManualClock, Namespace};
 use headroom_limit::rate::{
-    DirectLimiter, KeyedLimiter, LocalRateLimiter, Quota, Quotas, TierConfig,
+    DirectLimiter, DistributedRateLimiter, KeyedLimiter, LocalRateLimiter, Quota, Quotas,
+    RateLimit, TierConfig,
 };
 
 #[test]
@@ -69,6 +71,39 @@ fn tiered_checks_of_known_keys_do_not_allocate() {
         }
     });
     assert_eq!(info.count_total, 0, "{info:?}");
+}
+
+#[test]
+fn batched_distributed_checks_spent_from_reserved_units_do_not_allocate() {
+    let clock = ManualClock::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::builder().clock(clock.clock()).build(),
+        Namespace::new("rate").unwrap(),
+        TierConfig::new().tier("t", Quota::per_hour(100_000).unwrap()),
+    )
+    .clock(clock.clock())
+    .batch(1_000)
+    .build()
+    .unwrap();
+    let long = "k".repeat(DistributedRateLimiter::<MemoryRateStore>::MAX_KEY_LEN);
+    runtime.block_on(async {
+        limiter.check("t", "alice", 1).await.unwrap();
+        limiter.check("t", &long, 1).await.unwrap();
+    });
+    let info = allocation_counter::measure(|| {
+        runtime.block_on(async {
+            for _ in 0..400 {
+                limiter.check("t", "alice", 1).await.unwrap();
+                limiter.check("t", &long, 1).await.unwrap();
+            }
+        });
+    });
+    assert_eq!(info.count_total, 0, "{info:?}");
+    assert_eq!(limiter.round_trips(), 2);
 }
 
 #[test]
@@ -154,4 +189,56 @@ fn long_keys_keep_a_tier_within_its_bytes() {
             "peak bytes by tier: {peaks:?}; {tier} > bound {bound}"
         );
     }
+}
+
+#[test]
+fn long_keys_keep_a_distributed_limiters_local_state_within_its_bytes() {
+    const MAX_KEYS: usize = 20_000;
+    const KEY_LEN: usize = 990;
+    // The store's own cells are capped apart, in its bytes.
+    const STORE_BYTES: usize = 256 * 1024;
+    let clock = ManualClock::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut key: String = (0..KEY_LEN).map(|_| rng.alphanumeric()).collect();
+    // Batched, so every new key is held with the units reserved for it.
+    let info = allocation_counter::measure(|| {
+        let store = MemoryRateStore::builder()
+            .clock(clock.clock())
+            .max_bytes(STORE_BYTES)
+            .build();
+        let limiter = DistributedRateLimiter::builder(
+            "api",
+            store,
+            Namespace::new("rate").unwrap(),
+            TierConfig::new().tier("t", Quota::per_hour(100).unwrap()),
+        )
+        .clock(clock.clock())
+        .batch(10)
+        .max_keys_per_tier(MAX_KEYS)
+        .build()
+        .unwrap();
+        runtime.block_on(async {
+            for n in 0..3 * MAX_KEYS {
+                let mut bytes = std::mem::take(&mut key).into_bytes();
+                bytes[..16].fill_with(|| rng.alphanumeric() as u8);
+                key = String::from_utf8(bytes).unwrap();
+                limiter.check("t", &key, 1).await.unwrap();
+                if n % 1000 == 0 {
+                    clock.advance(Duration::from_millis(1));
+                }
+            }
+            assert_eq!(limiter.round_trips(), 3 * MAX_KEYS as u64);
+        });
+    });
+    // The documented bound: at most 256 bytes per key held in local state, whatever the keys'
+    // length, beside the store's bytes (counted twice for its tables' spare room).
+    let bound = (MAX_KEYS * 256 + 2 * STORE_BYTES + 64 * 1024) as u64;
+    assert!(
+        info.bytes_max <= bound,
+        "peak {} bytes > bound {bound}",
+        info.bytes_max
+    );
 }

@@ -187,7 +187,8 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
     }
 
     /// The most keys held per tier in local state (reserved units, fallback cells);
-    /// default 100,000.
+    /// default 100,000. Keys are held in a fixed size whatever their length, so this bounds
+    /// the bytes too (docs/rate-limits.md, "Memory under attacker-chosen keys").
     pub fn max_keys_per_tier(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self

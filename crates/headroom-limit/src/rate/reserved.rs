@@ -1,16 +1,36 @@
 //! What an instance of a distributed limiter knows of each key without asking the store.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 
+use hashbrown::HashTable;
 use parking_lot::Mutex;
+
+use super::cells::TierKey;
 
 /// Units reserved and not yet spent, and until when each key is known to be refused, in a
 /// bounded sharded map.
+///
+/// Keys come from requests, so they are held as a tier's cells hold them ([`TierKey`]: a
+/// fixed 48 bytes, a long key as a digest under a random seed), which keeps the map's bytes
+/// bounded by its key cap, and placed in shards by a randomly seeded hash: with a hash a
+/// sender could compute, keys aimed at one shard would fill it with a sixteenth of the cap
+/// and clear the units other keys reserved there.
 #[derive(Debug)]
 pub(crate) struct LocalState {
-    shards: Box<[Mutex<HashMap<String, Entry>>]>,
+    shards: Box<[Shard]>,
     shard_cap: usize,
+    /// The seed of long keys' digests.
+    seed: RandomState,
+    /// Places held keys in shards and in their tables.
+    hasher: RandomState,
 }
+
+type Shard = Mutex<HashTable<(TierKey, Entry)>>;
+
+// The documented 256 bytes per key rest on this: 81 bytes a slot with its control byte, at
+// most 16/7 slots per key.
+const _: () = assert!(size_of::<(TierKey, Entry)>() == 80);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Entry {
@@ -51,8 +71,8 @@ pub(crate) enum Local {
 
 const LOCAL_SHARDS: usize = 16;
 
-/// FNV-1a, 64 bits: a stable hash for spreading keys (over locks here, over cluster slots in
-/// the store's keys), where no keyed hash is needed.
+/// FNV-1a, 64 bits: a stable hash for the store's keys (cluster slots, quota parts), on which
+/// every instance must agree. Anyone can compute it, so it never places keys in memory.
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -63,21 +83,29 @@ impl LocalState {
     pub(crate) fn new(max_keys: usize) -> Self {
         Self {
             shards: (0..LOCAL_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(HashTable::new()))
                 .collect(),
             shard_cap: max_keys.div_ceil(LOCAL_SHARDS).max(1),
+            seed: RandomState::new(),
+            hasher: RandomState::new(),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
-        // The maps inside use a keyed hash.
-        &self.shards[(fnv1a(key.as_bytes()) % LOCAL_SHARDS as u64) as usize]
+    /// `key` as held, its hash, and its shard.
+    fn place(&self, key: &str) -> (TierKey, u64, &Shard) {
+        let key = TierKey::new(key, &self.seed);
+        let hash = self.hasher.hash_one(key);
+        // The tables use the low bits to place entries and the top seven as tags; pick the
+        // shard from bits in between.
+        let shard = &self.shards[(hash >> 32) as usize % LOCAL_SHARDS];
+        (key, hash, shard)
     }
 
     /// `interval` is the shortest emission interval of the tier's quotas.
     pub(crate) fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
-        let mut shard = self.shard(key).lock();
-        let Some(entry) = shard.get_mut(key) else {
+        let (key, hash, shard) = self.place(key);
+        let mut shard = shard.lock();
+        let Some((_, entry)) = shard.find_mut(hash, |(k, _)| *k == key) else {
             return Local::Unknown { saturated: false };
         };
         // Reserved units are already charged in the store: spend them even when the store
@@ -104,20 +132,22 @@ impl LocalState {
     }
 
     pub(crate) fn update(&self, key: &str, now: u64, change: impl FnOnce(&mut Entry)) {
-        let mut shard = self.shard(key).lock();
-        if shard.len() >= self.shard_cap && !shard.contains_key(key) {
-            shard.retain(|_, e| (e.expires > now && e.units > 0) || e.blocked_until > now);
+        let (key, hash, shard) = self.place(key);
+        let mut shard = shard.lock();
+        let held = |(k, _): &(TierKey, Entry)| *k == key;
+        if shard.len() >= self.shard_cap && shard.find(hash, held).is_none() {
+            shard.retain(|(_, e)| (e.expires > now && e.units > 0) || e.blocked_until > now);
             if shard.len() >= self.shard_cap {
                 // Forgetting reserved units or refusals only ever admits less or asks more.
                 shard.clear();
             }
         }
-        match shard.get_mut(key) {
-            Some(entry) => change(entry),
+        match shard.find_mut(hash, held) {
+            Some((_, entry)) => change(entry),
             None => {
                 let mut entry = Entry::default();
                 change(&mut entry);
-                shard.insert(key.to_owned(), entry);
+                shard.insert_unique(hash, (key, entry), |(k, _)| self.hasher.hash_one(k));
             }
         }
     }
