@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use headroom_core::Namespace;
 use headroom_idempotency::{
     Idempotency, IdempotencyError, IdempotencyKey, InProgressPolicy, Scope, StoreFailure,
 };
@@ -255,11 +256,16 @@ fn scope() -> Scope {
 }
 
 /// An executor over Redis on `config` with a 30 s lease that rejects duplicates of a running
-/// request, its scripts loaded (its next begin is one EVALSHA).
-async fn warm_executor(config: RedisConfig, namespace: &str) -> Idempotency<RedisLeaseStore> {
+/// request, its scripts loaded (its next begin is one EVALSHA), and the namespace of its
+/// records, which hold only the warm-up's record of key `warm`.
+async fn warm_executor(
+    config: RedisConfig,
+    namespace: &str,
+) -> (Idempotency<RedisLeaseStore>, Namespace) {
+    let namespace = unique_namespace(namespace);
     let redis = Redis::connect(config).await.unwrap();
     let executor = Idempotency::builder(RedisLeaseStore::new(redis))
-        .namespace(unique_namespace(namespace))
+        .namespace(namespace.clone())
         .lease(Duration::from_secs(30))
         .in_progress(InProgressPolicy::Reject)
         .build()
@@ -273,7 +279,28 @@ async fn warm_executor(config: RedisConfig, namespace: &str) -> Idempotency<Redi
         )
         .await
         .unwrap();
-    executor
+    (executor, namespace)
+}
+
+/// Whether `server` holds a record of key `k` in `namespace`: a record's name ends with its
+/// idempotency key, and the only other record is the warm-up's, of key `warm`.
+fn holds_the_record_of_k(server: &RedisServer, namespace: &Namespace) -> bool {
+    let pattern = format!("{}:*k", namespace.as_str());
+    let records = server.cli(&["--raw", "KEYS", &pattern]);
+    records.lines().any(|name| !name.is_empty())
+}
+
+/// Waits, for at most 5 s, until `server` holds the record of key `k` in `namespace`: the
+/// begin held on the wire has reached Redis and run. A begin that never ran would leave
+/// nothing to strand.
+async fn wait_until_the_begin_ran(server: &RedisServer, namespace: &Namespace) {
+    for _ in 0..100 {
+        if holds_the_record_of_k(server, namespace) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the begin held on the wire never reached Redis: no record of `k`");
 }
 
 /// Retries the call of `key` every 50 ms, for at most 5 s, until it runs (counted in `runs`,
@@ -320,7 +347,7 @@ async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
     let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
     let config =
         RedisConfig::standalone(proxy.url()).with_command_timeout(Duration::from_millis(100));
-    let executor = warm_executor(config, "idem-timeout").await;
+    let (executor, namespace) = warm_executor(config, "idem-timeout").await;
     let (scope, key, runs) = (
         scope(),
         IdempotencyKey::new("k").unwrap(),
@@ -341,7 +368,12 @@ async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
     );
     // The stall outlasts the call, and the first asks for the lease the begin may have taken.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !holds_the_record_of_k(server, &namespace),
+        "the begin was held on the wire"
+    );
     proxy.restore();
+    wait_until_the_begin_ran(server, &namespace).await;
 
     a_retry_soon_runs_once(&executor, &scope, &key, &runs).await;
 }
@@ -352,7 +384,8 @@ async fn a_begin_that_timed_out_but_ran_does_not_strand_its_key() {
 async fn a_call_dropped_during_begin_does_not_strand_its_key() {
     let server = shared_server();
     let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
-    let executor = warm_executor(RedisConfig::standalone(proxy.url()), "idem-drop").await;
+    let (executor, namespace) =
+        warm_executor(RedisConfig::standalone(proxy.url()), "idem-drop").await;
     let (scope, key, runs) = (
         scope(),
         IdempotencyKey::new("k").unwrap(),
@@ -370,7 +403,12 @@ async fn a_call_dropped_during_begin_does_not_strand_its_key() {
     )
     .await;
     assert!(dropped.is_err(), "the call is dropped mid-begin");
+    assert!(
+        !holds_the_record_of_k(server, &namespace),
+        "the begin was held on the wire"
+    );
     proxy.restore();
+    wait_until_the_begin_ran(server, &namespace).await;
 
     a_retry_soon_runs_once(&executor, &scope, &key, &runs).await;
 }

@@ -69,6 +69,11 @@ impl Database {
         })
     }
 
+    /// The row of `key`: the version written last and the value (`None` once deleted).
+    fn row(&self, key: &str) -> Option<(u64, Option<Bytes>)> {
+        self.rows.lock().unwrap().get(key.as_bytes()).cloned()
+    }
+
     fn value(&self, key: &str) -> Option<Bytes> {
         self.rows
             .lock()
@@ -126,53 +131,128 @@ async fn a_hundred_thousand_writes_on_a_thousand_keys_coalesce_per_flush_window(
     assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
 }
 
+/// One writer call: when it was made (since the writer started failing), whether it failed,
+/// and the writes it was handed, by key and version.
+#[derive(Debug)]
+struct Call {
+    at: Duration,
+    failed: bool,
+    writes: Vec<(Bytes, u64)>,
+}
+
+/// Writes made while the writer fails wait in the store, and a batch the writer failed is
+/// kept and handed over again: once the writer recovers, the database has every key's last
+/// write, including those of keys written only during the outage and never after.
 #[tokio::test(start_paused = true)]
 async fn a_writer_failing_for_thirty_seconds_then_recovering_loses_nothing() {
+    let outage = Duration::from_secs(30);
     let writes = WriteBehind::builder("orders", MemoryJobStore::new())
         .flush_interval(Duration::from_millis(200))
         .build()
         .unwrap();
+    // Each key's last write: its version, its value (`None`: deleted) and when it was made.
+    let mut last: HashMap<String, (u64, Option<String>, Duration)> = HashMap::new();
+    // Written once, before the flusher starts: the first batch the writer fails holds them.
+    let early: Vec<String> = (0..10).map(|i| format!("early:{i}")).collect();
+    for key in &early {
+        let version = writes.put(key.clone(), "early").await.unwrap();
+        last.insert(
+            key.clone(),
+            (version, Some("early".to_owned()), Duration::ZERO),
+        );
+    }
     let database = Database::default();
     let db = database.clone();
     let start = tokio::time::Instant::now();
-    let failures = Arc::new(AtomicU64::new(0));
-    let failed = failures.clone();
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let seen = calls.clone();
     let flusher = writes.start(move |batch: Vec<Write>| {
-        let (db, failed) = (db.clone(), failed.clone());
+        let (db, seen) = (db.clone(), seen.clone());
         async move {
-            if start.elapsed() < Duration::from_secs(30) {
-                failed.fetch_add(1, Ordering::Relaxed);
+            let failed = start.elapsed() < outage;
+            seen.lock().unwrap().push(Call {
+                at: start.elapsed(),
+                failed,
+                writes: batch.iter().map(|w| (w.key.clone(), w.version)).collect(),
+            });
+            if failed {
                 return Err(JobError::retry("database unreachable"));
             }
             db.apply(batch);
             Ok(())
         }
     });
-    let mut last = HashMap::new();
+    // `order:*` is written every second, through the outage and after it; `outage:{i}` only
+    // from the first to the `1 + i % 25`th second, all within the outage.
+    let during: Vec<String> = (0..50).map(|i| format!("outage:{i}")).collect();
     for second in 0..40u64 {
-        for i in 0..50u64 {
-            let key = format!("order:{i}");
-            let value = format!("{second}");
+        let keys = (0..50u64).map(|i| (format!("order:{i}"), i)).chain(
+            (0..50u64)
+                .filter(|i| (1..=1 + i % 25).contains(&second))
+                .map(|i| (format!("outage:{i}"), i)),
+        );
+        for (key, i) in keys {
+            let at = start.elapsed();
             if second % 3 == 2 && i % 5 == 0 {
-                writes.delete(key.clone()).await.unwrap();
-                last.insert(key, None);
+                let version = writes.delete(key.clone()).await.unwrap();
+                last.insert(key, (version, None, at));
             } else {
-                writes.put(key.clone(), value.clone()).await.unwrap();
-                last.insert(key, Some(value));
+                let value = format!("{second}");
+                let version = writes.put(key.clone(), value.clone()).await.unwrap();
+                last.insert(key, (version, Some(value), at));
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let report = flusher.shutdown(Duration::from_secs(60)).await;
-    assert!(
-        failures.load(Ordering::Relaxed) >= 5,
-        "the writer never failed"
-    );
-    assert_eq!(report.failures, failures.load(Ordering::Relaxed));
-    for (key, value) in &last {
+    let calls = std::mem::take(&mut *calls.lock().unwrap());
+    let failures = calls.iter().filter(|call| call.failed).count() as u64;
+    assert!(failures >= 5, "the writer failed {failures} times");
+    assert_eq!(report.failures, failures);
+    let first_failure = calls.iter().position(|call| call.failed).unwrap();
+    // Handed to the writer in a call it took, after the first failure.
+    let taken_after_failure = |key: &str, version: u64| {
+        calls[first_failure + 1..].iter().any(|call| {
+            !call.failed
+                && call
+                    .writes
+                    .contains(&(Bytes::copy_from_slice(key.as_bytes()), version))
+        })
+    };
+    for key in &early {
+        let version = last[key].0;
+        assert!(
+            calls[first_failure]
+                .writes
+                .contains(&(Bytes::copy_from_slice(key.as_bytes()), version)),
+            "{key} was in the batch that failed first: {:?}",
+            calls[first_failure]
+        );
+        assert!(
+            taken_after_failure(key, version),
+            "{key} v{version} handed over again"
+        );
+    }
+    for key in &during {
+        let (version, _, at) = &last[key];
+        assert!(
+            calls[first_failure].at < *at && *at < outage,
+            "{key} last written at {at:?}, during the outage"
+        );
+        assert!(
+            taken_after_failure(key, *version),
+            "{key} v{version}, written during the outage, handed over once it ended"
+        );
+    }
+    for (key, (version, value, _)) in &last {
         assert_eq!(
-            database.value(key).as_deref(),
-            value.as_deref().map(str::as_bytes),
+            database.row(key),
+            Some((
+                *version,
+                value
+                    .as_deref()
+                    .map(|v| Bytes::copy_from_slice(v.as_bytes()))
+            )),
             "{key}"
         );
     }
@@ -264,7 +344,23 @@ async fn shutdown_flushes_every_pending_write_through_a_blip_of_the_store() {
     }
     store.failing_fetches.store(3, Ordering::Relaxed);
     let report = flusher.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(report.writes, 10);
+    assert_eq!(
+        store.failing_fetches.load(Ordering::Relaxed),
+        0,
+        "the shutdown met every failing fetch of the blip"
+    );
+    assert_eq!(
+        (report.writes, report.calls, report.abandoned),
+        (10, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        (
+            database.calls.load(Ordering::Relaxed),
+            database.writes.load(Ordering::Relaxed)
+        ),
+        (1, 10)
+    );
     assert!((0..10).all(|i| database.value(&format!("cart:{i}")).is_some()));
 }
 

@@ -136,9 +136,14 @@ async fn queue_delay_signal_sheds_low_priority_work() {
 
 /// An overload long enough to shut every priority, then no traffic gets through the shedder
 /// at all: the signal must fade by itself, since no admission will ever reset it.
+///
+/// The documented rule: the queue-delay load is `delay / target`, fading linearly to zero over
+/// `queue_delay_decay` after the wait ended, and a priority is refused while the load reaches
+/// its threshold. So each priority comes back once the wait is `decay × (1 − threshold ×
+/// target / delay)` old: the lower its threshold, the later, and sheddable work last.
 #[tokio::test(start_paused = true)]
 async fn queue_delay_signal_fades_once_overload_ends() {
-    let decay = Duration::from_secs(1);
+    let (decay, target) = (Duration::from_secs(1), Duration::from_millis(20));
     let bulkhead = Bulkhead::builder("latch")
         .max_concurrent(1)
         .max_queued(100)
@@ -146,7 +151,9 @@ async fn queue_delay_signal_fades_once_overload_ends() {
         .build()
         .unwrap();
     let shedder = LoadShedder::builder(bulkhead.clone())
-        .queue_delay_target(Duration::from_millis(20))
+        .shed_at(Priority::Sheddable, 0.5)
+        .shed_at(Priority::Default, 0.75)
+        .queue_delay_target(target)
         .queue_delay_decay(decay)
         .build()
         .unwrap();
@@ -163,28 +170,49 @@ async fn queue_delay_signal_fades_once_overload_ends() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(held);
     waiter.await.unwrap().unwrap();
+    let delay = bulkhead.queue_delay();
+    assert!(delay >= 5 * target, "a wait of {delay:?}");
     for priority in Priority::ALL {
         assert_eq!(
             shedder.check(priority).unwrap_err().reason(),
             Reason::QueueDelay
         );
     }
-    // The overload is over and the bulkhead idle; callers only ever meet the shedder.
-    let mut admitted_after = None;
-    for step in 1..=20 {
-        tokio::time::advance(decay / 20).await;
-        if shedder.check(Priority::Critical).is_ok() {
-            admitted_after = Some(decay / 20 * step);
-            break;
+    // The overload is over and the bulkhead idle; callers only ever meet the shedder. Steps
+    // of a 64th of the window, so that no priority's return falls on a step's edge.
+    let step = decay / 64;
+    let mut admitted_after: [Option<Duration>; 3] = [None; 3];
+    for n in 1..=64 {
+        tokio::time::advance(step).await;
+        for priority in Priority::ALL {
+            if admitted_after[slot(priority)].is_none() && shedder.check(priority).is_ok() {
+                admitted_after[slot(priority)] = Some(step * n);
+            }
         }
     }
-    let admitted_after = admitted_after.expect("critical work admitted within the decay window");
-    assert!(admitted_after <= decay);
-    // Sheddable work comes back last, and by the end of the window everything is admitted.
-    tokio::time::advance(decay).await;
-    for priority in Priority::ALL {
-        assert!(shedder.check(priority).is_ok(), "{priority} admitted");
-    }
+    let config = shedder.config();
+    let [critical, default, sheddable] = [
+        (Priority::Critical, config.critical_at),
+        (Priority::Default, config.default_at),
+        (Priority::Sheddable, config.sheddable_at),
+    ]
+    .map(|(priority, threshold)| {
+        let after = admitted_after[slot(priority)]
+            .unwrap_or_else(|| panic!("{priority} not admitted within the decay window"));
+        // The first step past the wait's age at which the faded load drops below the threshold.
+        let expected =
+            decay.mul_f64(1.0 - threshold * target.as_secs_f64() / delay.as_secs_f64());
+        assert!(
+            expected < after && after <= expected + step,
+            "{priority} admitted {after:?} after the overload, expected within a step of {expected:?}"
+        );
+        after
+    });
+    assert!(
+        critical <= default && default <= sheddable && critical < sheddable,
+        "back in order of importance: critical {critical:?}, default {default:?}, sheddable {sheddable:?}"
+    );
+    assert!(sheddable <= decay, "everything admitted within the window");
 }
 
 #[tokio::test]
