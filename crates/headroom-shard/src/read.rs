@@ -35,8 +35,10 @@ pub enum ReadPolicy {
     ///
     /// The lag is the one last reported: a replica whose replication stalls just after a report
     /// may be `max_lag` plus that report's age behind. With `monitor_lag` the age stays under
-    /// its interval plus the probe's timeout (a probe that fails makes the status unknown at
-    /// once); reports are never trusted past the topology's `status_ttl`.
+    /// its interval plus twice the probe's timeout (an answer at the start of a round counts
+    /// while that round waits for its slowest probe, the interval passes, and the next
+    /// round's probe answers or times out); a probe that fails makes the status unknown at
+    /// once, and reports are never trusted past the topology's `status_ttl`.
     LagAware {
         /// The largest replication delay a read tolerates, as of the replica's last report.
         #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -71,7 +73,7 @@ impl From<ReadPolicyFields> for ReadPolicy {
     }
 }
 
-/// A read-your-writes session: the positions its writes reached, per shard.
+/// A read-your-writes session: the positions its writes reached, per primary.
 ///
 /// Record the position (LSN, replication offset, commit timestamp: any number that grows
 /// with each write on a shard's primary) after every write; reads through
@@ -80,61 +82,123 @@ impl From<ReadPolicyFields> for ReadPolicy {
 /// shard has another primary (a failover, a migration's cut-over), its replicas are numbered
 /// by another stream, and the session reads from the primary until it writes there. Serialize
 /// the session (with the `serde` feature) to carry it across requests, in a cookie or a
-/// header.
+/// header; the form written is also read by the version before, which kept a position per
+/// shard, so instances of both share sessions during a rolling deploy
+/// (`a_session_written_now_is_read_in_the_per_shard_form`).
+///
+/// It holds one entry per shard written on (the primary it was last written through) and one
+/// per primary (the furthest position reached there), so it stays as small as the set of
+/// shards and nodes the session touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(from = "SessionForm", into = "SessionForm"))]
 pub struct Session {
-    positions: Vec<Written>,
+    /// The primary each shard was last written through, sorted by shard.
+    shards: Vec<ShardWritten>,
+    /// How far the session reached on each primary, sorted by primary.
+    primaries: Vec<Reached>,
 }
 
-/// How far the session's writes reached on one shard, and on which primary.
+/// The primary a shard was last written through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(from = "WrittenForm"))]
-struct Written {
+struct ShardWritten {
     shard: ShardId,
     /// The hash of the primary's node id: stable across processes, small in a cookie.
     /// `UNKNOWN_PRIMARY` for a position written before sessions named their primary.
     primary: u64,
+}
+
+/// The furthest position the session reached on one primary, through any shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+struct Reached {
+    /// The hash of the primary's node id.
+    primary: u64,
     position: u64,
+    /// The greatest topology epoch a write recorded here was routed under: a migration's
+    /// reads ask whether the session wrote here since the new topology took over.
+    #[cfg_attr(feature = "serde", serde(default))]
+    epoch: u64,
 }
 
 /// The primary of a position from a session serialized before sessions named their primary:
 /// no node's hash, so the shard is read from its primary until the session writes there.
 const UNKNOWN_PRIMARY: u64 = 0;
 
-/// The forms a session's position is read from.
+/// A session as written: a position per shard, as sessions kept them before they kept them
+/// per primary (so that the versions before read it, during a rolling deploy), and how far it
+/// reached on each primary, epochs included (which the versions before ignore).
 #[cfg(feature = "serde")]
-#[derive(serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SessionForm {
+    #[serde(default)]
+    primaries: Vec<Reached>,
+    #[serde(default)]
+    positions: Vec<WrittenForm>,
+}
+
+/// A position per shard, as sessions kept them before.
+#[cfg(feature = "serde")]
+#[derive(serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum WrittenForm {
-    Now {
+    Named {
         shard: ShardId,
         primary: u64,
         position: u64,
     },
     /// `[shard, position]`, before sessions named their primary.
-    Before(ShardId, u64),
+    Unnamed(ShardId, u64),
 }
 
 #[cfg(feature = "serde")]
-impl From<WrittenForm> for Written {
-    fn from(form: WrittenForm) -> Self {
-        match form {
-            WrittenForm::Now {
-                shard,
-                primary,
-                position,
-            } => Self {
-                shard,
-                primary,
-                position,
-            },
-            WrittenForm::Before(shard, position) => Self {
-                shard,
-                primary: UNKNOWN_PRIMARY,
-                position,
-            },
+impl From<SessionForm> for Session {
+    fn from(form: SessionForm) -> Self {
+        let mut session = Self::default();
+        for written in form.positions {
+            // Epoch 0: no migration counts these writes as made under its new topology.
+            let (shard, primary, position) = match written {
+                WrittenForm::Named {
+                    shard,
+                    primary,
+                    position,
+                } => (shard, primary, position),
+                WrittenForm::Unnamed(shard, position) => (shard, UNKNOWN_PRIMARY, position),
+            };
+            session.record(shard, primary, position, 0);
+        }
+        for Reached {
+            primary,
+            position,
+            epoch,
+        } in form.primaries
+        {
+            session.reach(primary, position, epoch);
+        }
+        session
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<Session> for SessionForm {
+    fn from(session: Session) -> Self {
+        let reached = |primary| {
+            session
+                .primaries
+                .binary_search_by_key(&primary, |r: &Reached| r.primary)
+                .map_or(0, |at| session.primaries[at].position)
+        };
+        Self {
+            positions: session
+                .shards
+                .iter()
+                .map(|&ShardWritten { shard, primary }| WrittenForm::Named {
+                    shard,
+                    primary,
+                    position: reached(primary),
+                })
+                .collect(),
+            primaries: session.primaries,
         }
     }
 }
@@ -148,46 +212,69 @@ impl Session {
     /// Records that `write` (a write's target, on the shard's primary) reached `position`;
     /// positions on one primary never go backwards.
     pub fn record_write<H>(&mut self, write: &Target<'_, H>, position: u64) {
-        let written = Written {
-            shard: write.shard(),
-            primary: key_hash(write.node_id().as_bytes()),
-            position,
-        };
-        match self
-            .positions
-            .binary_search_by_key(&written.shard, |w| w.shard)
-        {
+        let primary = key_hash(write.node_id().as_bytes());
+        self.record(write.shard(), primary, position, write.epoch());
+    }
+
+    fn record(&mut self, shard: ShardId, primary: u64, position: u64, epoch: u64) {
+        self.set_shard(shard, primary);
+        // A position of no known primary numbers no stream: it only marks the shard.
+        if primary != UNKNOWN_PRIMARY {
+            self.reach(primary, position, epoch);
+        }
+    }
+
+    fn set_shard(&mut self, shard: ShardId, primary: u64) {
+        match self.shards.binary_search_by_key(&shard, |w| w.shard) {
+            Ok(at) => self.shards[at].primary = primary,
+            Err(at) => self.shards.insert(at, ShardWritten { shard, primary }),
+        }
+    }
+
+    fn reach(&mut self, primary: u64, position: u64, epoch: u64) {
+        match self.primaries.binary_search_by_key(&primary, |r| r.primary) {
             Ok(at) => {
-                let known = &mut self.positions[at];
-                if known.primary == written.primary {
-                    known.position = known.position.max(position);
-                } else {
-                    *known = written;
-                }
+                let reached = &mut self.primaries[at];
+                reached.position = reached.position.max(position);
+                reached.epoch = reached.epoch.max(epoch);
             }
-            Err(at) => self.positions.insert(at, written),
+            Err(at) => self.primaries.insert(
+                at,
+                Reached {
+                    primary,
+                    position,
+                    epoch,
+                },
+            ),
         }
     }
 
     /// The position a replica of `shard` must have reached to serve this session while
     /// `primary` (a node id) is the shard's primary: `None` when the session wrote nothing
-    /// on `primary`, `u64::MAX` (no replica) when it wrote on `shard` through another
+    /// on `primary`, `u64::MAX` (no replica) when it last wrote on `shard` through another
     /// primary. Otherwise the furthest position it reached on `primary` through any shard:
     /// positions number the primary's one replication stream, and a key may have moved
     /// between its shards (a router with more or fewer shards).
     pub fn required(&self, shard: ShardId, primary: &str) -> Option<u64> {
+        self.required_since(shard, primary, 0)
+    }
+
+    /// Like [`required`](Self::required), but `None` unless a write the session recorded on
+    /// `primary` was routed under `epoch` or later.
+    pub(crate) fn required_since(&self, shard: ShardId, primary: &str, epoch: u64) -> Option<u64> {
         let primary = key_hash(primary.as_bytes());
-        if let Ok(at) = self.positions.binary_search_by_key(&shard, |w| w.shard) {
-            let written = self.positions[at];
-            if written.primary == UNKNOWN_PRIMARY || written.primary != primary {
+        if let Ok(at) = self.shards.binary_search_by_key(&shard, |w| w.shard) {
+            let written = self.shards[at].primary;
+            if written == UNKNOWN_PRIMARY || written != primary {
                 return Some(u64::MAX);
             }
         }
-        self.positions
-            .iter()
-            .filter(|w| w.primary == primary && w.primary != UNKNOWN_PRIMARY)
-            .map(|w| w.position)
-            .max()
+        let at = self
+            .primaries
+            .binary_search_by_key(&primary, |r| r.primary)
+            .ok()?;
+        let reached = self.primaries[at];
+        (reached.epoch >= epoch).then_some(reached.position)
     }
 }
 
@@ -368,9 +455,11 @@ where
     }
 }
 
-/// Probes the nodes of the current topology every `interval`, forever, each probe bounded by
-/// `timeout` (see [`Topology::probe_nodes`]); spawn it as a task and abort it (or drop it) to
-/// stop. Each round probes the topology in force when it starts, and waits on its clock.
+/// Probes the nodes of the current topology in rounds `interval` apart, forever, each probe
+/// bounded by `timeout` (see [`Topology::probe_nodes`]); spawn it as a task and abort it (or
+/// drop it) to stop. A round lasts until its slowest probe answers or times out, so a report
+/// is at most `interval + 2 × timeout` old before the next replaces it. Each round probes the
+/// topology in force when it starts, and waits on its clock.
 pub async fn monitor_lag<H, R, P>(
     topology: &crate::TopologyHandle<H, R>,
     probe: &P,

@@ -833,7 +833,9 @@ impl<H, R: Router> Migration<H, R> {
 
     /// Routes a read of `key` by `policy`, never to a replica behind `session`'s writes (see
     /// [`Topology::read_session`]); record the session's writes with the targets
-    /// [`write`](Self::write) routes them to.
+    /// [`write`](Self::write) routes them to. After the cut-over, a moved key the session may
+    /// have written before it is read from the new primary until the session has written
+    /// there under the new topology (or recorded a mirror's write: record all or none).
     pub fn read_session<K: ShardKey + ?Sized>(
         &self,
         key: &K,
@@ -862,17 +864,27 @@ impl<H, R: Router> Migration<H, R> {
                 self.from.primary(old_shard)?.id(),
                 self.to.primary(new_shard)?.id(),
             );
-            // The session's writes of a moved key before the cut-over went to the old primary,
-            // and to the new one only as mirrors whose positions it may not know: until it
-            // has written on the new primary, it reads there.
-            let wrote_before = session.and_then(|s| s.required(old_shard, old_primary));
-            let wrote_since = session.and_then(|s| s.required(new_shard, new_primary));
-            let target =
-                if new_primary != old_primary && wrote_before.is_some() && wrote_since.is_none() {
-                    self.to.read_shard(new_shard, &ReadPolicy::Primary, None)?
-                } else {
-                    read(&*self.to, new_shard)?
-                };
+            let target = match session {
+                // The session's writes of a moved key before the cut-over went to the old
+                // primary, and to the new one only as mirrors whose positions it may not know.
+                // Its writes on the new primary under the new topology are either such mirrors
+                // (recorded) or came after the cut-over, so after every mirror; any earlier
+                // position there (a key that stays) may be older than the mirror: until it has
+                // written there under the new topology, it reads from the new primary.
+                Some(session)
+                    if new_primary != old_primary
+                        && session.required(old_shard, old_primary).is_some() =>
+                {
+                    let since = session.required_since(new_shard, new_primary, self.to.epoch());
+                    let policy = if since.is_some() {
+                        policy
+                    } else {
+                        &ReadPolicy::Primary
+                    };
+                    self.to.read_shard(new_shard, policy, since)?
+                }
+                _ => read(&*self.to, new_shard)?,
+            };
             return Ok(ReadRoute {
                 target,
                 shadow: None,

@@ -229,3 +229,71 @@ fn a_session_in_the_earlier_form_loads_and_reads_from_the_primary() {
     let round_trip: Session = serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
     assert_eq!(round_trip, old);
 }
+
+/// A session serialized when positions were kept per shard (`{shard, primary, position}`)
+/// loads with them: the position counts on its primary, and its shard is marked as written
+/// there.
+#[test]
+fn a_session_in_the_per_shard_form_loads_with_its_positions() {
+    let a = headroom_shard::hash::key_hash(b"a");
+    let old: Session = serde_json::from_str(&format!(
+        r#"{{"positions":[{{"shard":3,"primary":{a},"position":1000}}]}}"#
+    ))
+    .unwrap();
+    assert_eq!(old.required(ShardId(3), "a"), Some(1000));
+    assert_eq!(old.required(ShardId(4), "a"), Some(1000));
+    assert_eq!(old.required(ShardId(3), "b"), Some(u64::MAX));
+    assert_eq!(old.required(ShardId(4), "b"), None);
+    let round_trip: Session = serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
+    assert_eq!(round_trip, old);
+}
+
+/// A session as this version writes it is read by the version before, which kept a position
+/// per shard and knew no other field, so that instances of both can share sessions during a
+/// rolling deploy.
+#[test]
+fn a_session_written_now_is_read_in_the_per_shard_form() {
+    #[derive(serde::Deserialize)]
+    struct PerShard {
+        positions: Vec<Written>,
+    }
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Written {
+        shard: u32,
+        primary: u64,
+        position: u64,
+    }
+    let (a, b) = (
+        headroom_shard::hash::key_hash(b"a"),
+        headroom_shard::hash::key_hash(b"b"),
+    );
+    let session: Session = serde_json::from_str(&format!(
+        r#"{{"positions":[{{"shard":3,"primary":{a},"position":1000}},{{"shard":4,"primary":{b},"position":70}},{{"shard":5,"primary":{a},"position":400}}]}}"#
+    ))
+    .unwrap();
+    let earlier: PerShard = serde_json::from_str(&serde_json::to_string(&session).unwrap())
+        .expect("the per-shard form reads it");
+    let mut positions = earlier.positions;
+    positions.sort_by_key(|w| w.shard);
+    assert_eq!(
+        positions,
+        [
+            Written {
+                shard: 3,
+                primary: a,
+                position: 1000
+            },
+            Written {
+                shard: 4,
+                primary: b,
+                position: 70
+            },
+            Written {
+                shard: 5,
+                primary: a,
+                position: 1000
+            },
+        ],
+        "each shard with its primary and the furthest position reached there"
+    );
+}

@@ -574,6 +574,88 @@ async fn session_reads_through_a_migration_never_go_behind_the_sessions_writes()
     assert_eq!(read.target.node_id(), "b", "b-r is behind the write");
 }
 
+/// A session that wrote on the new primary before the cut-over (a key that stays there)
+/// knows a position there older than the mirror of a key it wrote on its old primary: after
+/// the cut-over that key is read from the new primary until the session writes there under
+/// the new topology (or recorded the mirror's write), not from a replica that has only
+/// reached the earlier position.
+#[tokio::test]
+async fn a_moved_key_is_read_from_the_new_primary_despite_earlier_writes_there() {
+    let from = Topology::builder(JumpRouter::new(4).unwrap())
+        .epoch(1)
+        .node("a", ())
+        .node("a-r", ())
+        .node("b", ())
+        .node("b-r", ())
+        .shards(0..2, "a", &["a-r"])
+        .shards(2..4, "b", &["b-r"])
+        .build()
+        .unwrap();
+    let to = Topology::builder(JumpRouter::new(8).unwrap())
+        .epoch(2)
+        .node("b", ())
+        .node("b-r", ())
+        .shards(0..8, "b", &["b-r"])
+        .build()
+        .unwrap();
+    let stays = (0..1_000u64)
+        .find(|k| from.shard_of(k) >= ShardId(2))
+        .expect("a key on b in both topologies");
+    let moves = (0..1_000u64)
+        .find(|k| from.shard_of(k) < ShardId(2) && to.shard_of(k) != from.shard_of(k))
+        .expect("a key moving from a to b");
+    let migration = Migration::new("m", Arc::new(from), Arc::new(to)).unwrap();
+    let report = |position| {
+        migration.to_topology().report(
+            "b-r",
+            ReplicaStatus {
+                lag: Some(std::time::Duration::ZERO),
+                position: Some(position),
+            },
+        );
+    };
+    let mut session = Session::new();
+    session.record_write(migration.write(&stays).unwrap().owner(), 500);
+    let route = migration.write(&moves).unwrap();
+    assert_eq!(route.mirror().map(|m| m.node_id()), Some("b"));
+    session.record_write(route.owner(), 100);
+    // Its mirror lands on b at 600: `session` does not record it, `mirrored` does.
+    let mut mirrored = session.clone();
+    mirrored.record_write(route.mirror().unwrap(), 600);
+    drop(route);
+    report(550);
+    migration.report_copied(1, 1);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(migration.phase(), Phase::CutOver);
+    let read = |session: &Session| {
+        migration
+            .read_session(&moves, &ReadPolicy::RoundRobin, session)
+            .unwrap()
+            .target
+            .node_id()
+            .to_owned()
+    };
+    assert_eq!(
+        read(&session),
+        "b",
+        "b-r at 550 may not have the mirror at 600"
+    );
+
+    // Recording the mirror's write lets a replica that has it serve the key.
+    assert_eq!(read(&mirrored), "b", "b-r is behind the mirror");
+    report(600);
+    assert_eq!(read(&mirrored), "b-r");
+
+    // So does a write on b after the cut-over, which comes after every mirror.
+    report(550);
+    session.record_write(migration.write(&stays).unwrap().owner(), 700);
+    assert_eq!(read(&session), "b", "b-r is behind the session's write");
+    report(700);
+    assert_eq!(read(&session), "b-r");
+}
+
 #[tokio::test]
 async fn cut_over_waits_for_writes_to_old_owners_and_survives_cancellation() {
     let from = Arc::new(jump_topology(1, &[(0..16, "a")]));

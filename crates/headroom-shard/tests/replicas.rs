@@ -607,6 +607,56 @@ fn a_session_keeps_its_writes_when_its_key_moves_onto_a_shard_it_wrote_on_earlie
     assert_eq!(read.node_id(), "a", "a-r is behind the session's write");
 }
 
+/// After a router change a shard number covers other keys, maybe on another primary: a write
+/// there must not erase what the session reached on the primary that shard number had
+/// before, where its earlier key still lives under another number.
+#[test]
+fn a_session_keeps_its_writes_on_a_primary_when_their_shard_number_moves_to_another() {
+    let v1 = on_one_primary(4, 1);
+    // Even shards on a (with a-r), odd ones on b.
+    let v2 = (0..8)
+        .fold(
+            Topology::builder(JumpRouter::new(8).unwrap())
+                .epoch(2)
+                .node("a", "primary")
+                .node("a-r", "replica")
+                .node("b", "primary b"),
+            |builder, shard| match shard % 2 {
+                0 => builder.shard(ShardId(shard), "a", &["a-r"]),
+                _ => builder.shard(ShardId(shard), "b", &[]),
+            },
+        )
+        .build()
+        .unwrap();
+    let m = (0..10_000u64)
+        .find(|k| v1.shard_of(k) == ShardId(1) && v2.shard_of(k) == ShardId(4))
+        .expect("a key on shard 1, then 4");
+    let k = (0..10_000u64)
+        .find(|k| v2.shard_of(k) == ShardId(1))
+        .expect("a key on shard 1 of the new router");
+    let handle = TopologyHandle::new(v1);
+    let mut session = Session::new();
+    session.record_write(&handle.load().write(&m).unwrap(), 100);
+    handle.replace(v2).unwrap();
+    let current = handle.load();
+    session.record_write(&current.write(&k).unwrap(), 700);
+    current.report(
+        "a-r",
+        ReplicaStatus {
+            lag: Some(Duration::ZERO),
+            position: Some(50),
+        },
+    );
+    let read = current
+        .read_session(&m, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(
+        read.node_id(),
+        "a",
+        "a-r is behind the session's write of m"
+    );
+}
+
 /// A replica whose shard has another primary after a failover replays another stream: its
 /// last report, positions of the old primary's stream, no longer says how far it is, so it
 /// serves no session read until it reports again.
