@@ -102,11 +102,20 @@ pub enum MigrationErrorKind {
     RolledBack,
     /// The shared migration store failed; the error's source says how.
     Backend,
+    /// The shared record is gone, or holds a phase this participant cannot take on from its
+    /// own: behind it (a store failover lost the write, the record was removed) or a rollback
+    /// after its cut-over. Participants may now route differently; no step is taken until an
+    /// operator decides (finish the migration with the processes on the later phase, or
+    /// restore the record).
+    Diverged,
+    /// A setting is outside what works: a zero poll interval, or an acknowledgement lease
+    /// shorter than two poll intervals.
+    InvalidValue,
 }
 
 impl MigrationErrorKind {
     /// A short snake_case name: `fenced`, `finished`, `copy_incomplete`, `stale_epoch`,
-    /// `conflict`, `rolled_back`, `backend`.
+    /// `conflict`, `rolled_back`, `backend`, `diverged`, `invalid_value`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Fenced => "fenced",
@@ -116,6 +125,8 @@ impl MigrationErrorKind {
             Self::Conflict => "conflict",
             Self::RolledBack => "rolled_back",
             Self::Backend => "backend",
+            Self::Diverged => "diverged",
+            Self::InvalidValue => "invalid_value",
         }
     }
 }

@@ -91,6 +91,17 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// How often participants read the shared phase unless set otherwise.
 const DEFAULT_POLL: Duration = Duration::from_millis(500);
 
+/// Whether a participant on `local` can take on the shared phase `shared`: the same, a later
+/// one, or a rollback before its cut-over.
+fn can_take_on(local: Phase, shared: Phase) -> bool {
+    match (local, shared) {
+        _ if local == shared => true,
+        (Phase::RolledBack, _) => false,
+        (_, Phase::RolledBack) => local.mirrors(),
+        _ => shared > local,
+    }
+}
+
 impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// A participant `participant` (an id unique among the processes, such as host and pid) in
     /// the migration recorded under `key`; configure it, then [`join`](Self::join).
@@ -116,8 +127,14 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// acknowledges it; route through [`migration`](Self::migration) only after this returns.
     ///
     /// Fails with [`MigrationErrorKind::StaleEpoch`] when the record describes a migration
-    /// between other epochs.
+    /// between other epochs, and with [`MigrationErrorKind::InvalidValue`] when the poll
+    /// interval is zero or the lease shorter than two of them.
     pub async fn join(self) -> Result<Self, MigrationError> {
+        // Acknowledgements are renewed every poll interval plus a refresh's own time: a lease
+        // of less than two could lapse for a live participant, and the cut-over skip it.
+        if self.poll.is_zero() || self.lease < self.poll.saturating_mul(2) {
+            return Err(self.error(MigrationErrorKind::InvalidValue));
+        }
         let start = MigrationRecord {
             phase: Phase::Copy as u8,
             ..self.expected_epochs()
@@ -133,7 +150,8 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     }
 
     /// How long an acknowledgement keeps this participant counted (default 10 s); a driver's
-    /// cut-over waits at most about this long for a participant that stopped refreshing.
+    /// cut-over waits at most about this long for a participant that stopped refreshing. At
+    /// least two [`poll`](Self::poll) intervals, or [`join`](Self::join) refuses it.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
@@ -141,7 +159,8 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     }
 
     /// How often [`follow`](Self::follow) refreshes, and the driver checks acknowledgements
-    /// during a cut-over (default 500 ms). Keep it well below the lease.
+    /// during a cut-over (default 500 ms). Not zero, and at most half the lease, or
+    /// [`join`](Self::join) refuses it; keep it well below the lease.
     #[must_use]
     pub fn poll(mut self, poll: Duration) -> Self {
         self.poll = poll;
@@ -166,6 +185,10 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     }
 
     /// Reads the shared phase, takes it on locally, and acknowledges it.
+    ///
+    /// Fails with [`MigrationErrorKind::Diverged`], keeping the local phase, when the record
+    /// is gone or behind the phase this participant has taken on (a store that lost a
+    /// write): phases never go back, since this process may already route to the new owners.
     pub async fn refresh(&self) -> Result<Phase, MigrationError> {
         let mut phase = self.load().await?;
         loop {
@@ -210,14 +233,31 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
         }
     }
 
+    /// Reads the shared phase. Fails with [`MigrationErrorKind::Diverged`] when the record is
+    /// gone or holds a phase this participant cannot take on from the one it had before the
+    /// read: every local phase was read from the record, which only moves forward, so the
+    /// store lost a write and processes may now route differently.
     async fn load(&self) -> Result<Phase, MigrationError> {
+        let local = self.migration.phase();
         let record = self
             .store
             .load(&self.key)
             .await
-            .map_err(|e| self.backend(e))?
-            .ok_or_else(|| self.error(MigrationErrorKind::Conflict))?;
-        self.check_epochs(record)
+            .map_err(|e| self.backend(e))?;
+        let shared = match record {
+            Some(record) => Some(self.check_epochs(record)?),
+            None => None,
+        };
+        match shared {
+            Some(shared) if can_take_on(local, shared) => Ok(shared),
+            _ => {
+                tracing::error!(
+                    ?local, ?shared, participant = %self.participant,
+                    "shared migration record lost or behind this participant"
+                );
+                Err(self.error(MigrationErrorKind::Diverged))
+            }
+        }
     }
 
     /// Refreshes every poll interval, forever; spawn it as a task and abort it (or drop it) to
@@ -237,7 +277,10 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// reported complete. Entering [`Phase::CutOver`] returns once every live participant has
     /// acknowledged it, that is, has stopped routing to old owners and finished its writes
     /// there. Fails with [`MigrationErrorKind::Conflict`] when another participant moved the
-    /// phase first. If this future is dropped during that wait, the shared phase has still
+    /// phase first, and with [`MigrationErrorKind::Diverged`] when the record is gone or its
+    /// phase went back behind this participant's, before or during the wait (participants
+    /// on either side of it would wait for each other forever, and a missing record counts
+    /// nobody). If this future is dropped during that wait, the shared phase has still
     /// advanced; [`settled`](Self::settled) waits again, as does the next `advance` before it
     /// moves on.
     pub async fn advance(&self) -> Result<Phase, MigrationError> {
@@ -306,6 +349,9 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
                 .lagging(&self.key, phase as u8)
                 .await
                 .map_err(|e| self.backend(e))?;
+            // A record gone (which counts nobody) or gone back (whose followers never reach
+            // `phase`) cannot end the wait: fail instead of returning early or never.
+            self.load().await?;
             if lagging == 0 {
                 return Ok(());
             }

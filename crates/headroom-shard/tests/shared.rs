@@ -271,6 +271,117 @@ async fn the_step_after_an_abandoned_cut_over_waits_for_the_participants() {
     assert_eq!(driver.advance().await.unwrap(), Phase::Cleanup);
 }
 
+/// A record that vanishes while the cut-over waits (removed, or lost by the store) counts no
+/// participant, so it cannot show that every live one has left the old owners: the cut-over
+/// fails with `Diverged` rather than returning as if they had.
+#[tokio::test(start_paused = true)]
+async fn the_cut_over_fails_when_the_shared_record_vanishes_during_the_wait() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("vanished").unwrap();
+    let driver = Arc::new(join(&store, &ns, "driver").await);
+    let other = join(&store, &ns, "other").await;
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    assert_eq!(other.refresh().await.unwrap(), Phase::ShadowRead);
+    let cut_over = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.advance().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!cut_over.is_finished(), "the cut-over waits for `other`");
+    store.remove(&ns.key("m").unwrap()).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(1), cut_over)
+        .await
+        .expect("the cut-over noticed within a poll interval")
+        .unwrap();
+    assert_eq!(outcome.unwrap_err().kind(), MigrationErrorKind::Diverged);
+    assert_eq!(
+        other.refresh().await.unwrap_err().kind(),
+        MigrationErrorKind::Diverged
+    );
+}
+
+/// A shared phase that goes back (a store failover that lost the write) leaves the processes
+/// that took on the later phase there and lets others join behind it: neither a waiting
+/// cut-over nor the next step waits for them forever, each fails with `Diverged`, and a
+/// participant ahead of the record reports it and keeps its phase.
+#[tokio::test(start_paused = true)]
+async fn the_cut_over_fails_when_the_shared_phase_goes_back() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("went-back").unwrap();
+    let key = ns.key("m").unwrap();
+    let driver = Arc::new(join(&store, &ns, "driver").await);
+    let other = join(&store, &ns, "other").await;
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
+    assert_eq!(other.refresh().await.unwrap(), Phase::ShadowRead);
+    let cut_over = tokio::spawn({
+        let driver = Arc::clone(&driver);
+        async move { driver.advance().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!cut_over.is_finished(), "the cut-over waits for `other`");
+
+    // The store loses the cut-over; a participant joining now follows the earlier phase.
+    let record = store.load(&key).await.unwrap().unwrap();
+    assert_eq!(record.phase, Phase::CutOver as u8);
+    let lost = store
+        .transition(&key, record, Phase::ShadowRead as u8)
+        .await
+        .unwrap();
+    assert_eq!(lost, headroom_core::migration::Transition::Applied);
+    let late = Arc::new(join(&store, &ns, "late").await);
+    assert_eq!(late.migration().phase(), Phase::ShadowRead);
+    let following = tokio::spawn({
+        let late = Arc::clone(&late);
+        async move { late.follow().await }
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(1), cut_over)
+        .await
+        .expect("the cut-over noticed within a poll interval")
+        .unwrap();
+    assert_eq!(outcome.unwrap_err().kind(), MigrationErrorKind::Diverged);
+    let next = tokio::time::timeout(Duration::from_secs(5), driver.advance())
+        .await
+        .expect("the next step does not wait forever");
+    assert_eq!(next.unwrap_err().kind(), MigrationErrorKind::Diverged);
+    assert_eq!(driver.migration().phase(), Phase::CutOver);
+    following.abort();
+}
+
+/// A participant renews its acknowledgement every poll interval (plus the refresh's own time):
+/// a lease shorter than two intervals could lapse while it is alive, so the cut-over would
+/// stop waiting for it; and a zero interval would spin. Both are refused at `join`.
+#[tokio::test(start_paused = true)]
+async fn join_refuses_a_zero_poll_and_a_lease_under_two_polls() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("settings").unwrap();
+    let join_with = |lease, poll| {
+        let (from, to) = topologies();
+        let migration = Migration::new("shared", from, to).unwrap();
+        SharedMigration::new(migration, store.clone(), ns.key("m").unwrap(), "p")
+            .lease(lease)
+            .poll(poll)
+            .join()
+    };
+    let ms = Duration::from_millis;
+    for (lease, poll) in [(ms(1_000), ms(0)), (ms(100), ms(100)), (ms(199), ms(100))] {
+        let refused = join_with(lease, poll).await.unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            MigrationErrorKind::InvalidValue,
+            "lease {lease:?}, poll {poll:?}"
+        );
+    }
+    assert!(
+        store.load(&ns.key("m").unwrap()).await.unwrap().is_none(),
+        "a refused participant creates no record"
+    );
+    join_with(ms(200), ms(100)).await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_silent_participant_is_waited_for_no_longer_than_its_lease() {
     let store = MemoryMigrationStore::new();

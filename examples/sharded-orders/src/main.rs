@@ -38,12 +38,14 @@ impl OrderDb {
 
 const SHARDS: u32 = 16;
 
-/// A topology placing each logical shard on database `owner(shard)`.
+/// A topology placing each logical shard on database `owner(shard)`; each replacement takes a
+/// greater `epoch` (a `Migration` between the two refuses one that does not grow).
 fn topology(
+    epoch: u64,
     databases: &[Arc<OrderDb>],
     owner: impl Fn(u32) -> usize,
 ) -> Result<Topology<Arc<OrderDb>, JumpRouter>, Box<dyn std::error::Error>> {
-    let mut builder = Topology::builder(JumpRouter::new(SHARDS)?);
+    let mut builder = Topology::builder(JumpRouter::new(SHARDS)?).epoch(epoch);
     let names: Vec<String> = (0..databases.len()).map(|i| format!("db-{i}")).collect();
     for (name, db) in names.iter().zip(databases) {
         builder = builder.node(name.as_str(), db.clone());
@@ -68,7 +70,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let databases: Vec<Arc<OrderDb>> = (0..4).map(|_| Arc::default()).collect();
     // Logical shards are spread round robin over the databases.
-    let topology = topology(&databases, |shard| shard as usize % 4)?;
+    let topology = topology(1, &databases, |shard| shard as usize % 4)?;
     for order in 0..orders {
         let customer = order % 5_000;
         let target = topology.write(&customer)?;
@@ -108,7 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut grown = databases.clone();
     grown.push(Arc::default());
     // db-4 takes one logical shard from each of three databases; the others stay put.
-    let grown = self::topology(&grown, |shard| {
+    let grown = self::topology(2, &grown, |shard| {
         if shard % 5 == 4 {
             4
         } else {
@@ -118,7 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plan = ReshardPlan::between(&topology, &grown);
     println!(
         "adding db-4 moves {} of {SHARDS} logical shards ({:.0} % of the data)",
-        plan.moves().len(),
+        plan.unit_count(),
         plan.moved_fraction().unwrap_or(0.0) * 100.0
     );
     Ok(())
