@@ -36,12 +36,21 @@ fn cache(parts: Parts, ns: &Namespace) -> Cache<String, u64> {
 }
 
 fn cache_on(parts: Parts, ns: &Namespace, clock: Clock) -> Cache<String, u64> {
+    cache_with(parts, ns, clock, config())
+}
+
+fn cache_with(
+    parts: Parts,
+    ns: &Namespace,
+    clock: Clock,
+    config: InvalidationConfig,
+) -> Cache<String, u64> {
     Cache::builder()
         .clock(clock)
         .ttl(Duration::from_secs(60))
         .l2_cooldown(Duration::from_millis(100))
         .l2(parts.0, ns.clone())
-        .invalidation(parts.1, config())
+        .invalidation(parts.1, config)
         .build()
         .expect("build")
 }
@@ -114,20 +123,69 @@ async fn settle_in_l1(cache: &Cache<String, u64>, calls: &Calls, key: &str, expe
     }
 }
 
-/// An update on A stops being served by B's L1 once the message arrives; returns the lag.
-async fn update_reaches_other_l1(parts: Vec<Parts>, ns: Namespace) -> Duration {
+/// Returns once `reader` has heard every message `writer` sent before the call, so that no
+/// message of an earlier write reaches it later. The reader holds a marker in L1 that only a
+/// message drops, and one origin's messages arrive in order. Twice: the first message an
+/// instance hears from another may show a gap (a ping sent before it subscribed), and the
+/// flush that follows drops the marker before the messages ahead of the marker's arrive.
+async fn heard_everything_from(
+    writer: &Cache<String, u64>,
+    reader: &Cache<String, u64>,
+    reader_calls: &Calls,
+) {
+    for _ in 0..2 {
+        reader.insert("heard".into(), 0).await.unwrap();
+        settle_in_l1(reader, reader_calls, "heard", 0).await;
+        writer.insert("heard".into(), 1).await.unwrap();
+        settle_value(reader, "heard", Some(1)).await;
+    }
+}
+
+/// Reads `key` once on `cache` and asserts that it is served `expected` from L1: L1 was not
+/// flushed.
+async fn still_in_l1(cache: &Cache<String, u64>, calls: &Calls, key: &str, expected: u64) {
+    let before = calls.reads();
+    assert_eq!(cache.get(&key.to_owned()).await.unwrap(), Some(expected));
+    assert_eq!(
+        calls.reads(),
+        before,
+        "{key} read from L2: L1 was flushed rather than the one key dropped"
+    );
+}
+
+/// An update on A stops being served by B's L1 because its own message drops the key, not
+/// because B flushed its whole L1 (on a gap after a message lost or garbled, at A's next ping;
+/// or on silence): B serves the new value well within `ping_interval`, and an unrelated key
+/// B holds stays in its L1. Returns the lag.
+async fn update_reaches_other_l1(
+    parts: Vec<Parts>,
+    ns: Namespace,
+    config: InvalidationConfig,
+) -> Duration {
     let mut parts = parts.into_iter();
-    let a = cache(parts.next().unwrap(), &ns);
+    let a = cache_with(parts.next().unwrap(), &ns, Clock::system(), config.clone());
     let (b_parts, b_calls) = probed(parts.next().unwrap());
-    let b = cache(b_parts, &ns);
+    let b = cache_with(b_parts, &ns, Clock::system(), config.clone());
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
-    // From here on B serves its L1 copy: only the message can make it read L2 again.
+    a.insert("other".into(), 7).await.unwrap();
+    heard_everything_from(&a, &b, &b_calls).await;
+    // From here on B serves its L1 copies: only a message can make it read L2 again.
     settle_in_l1(&b, &b_calls, "k", 1).await;
+    settle_in_l1(&b, &b_calls, "other", 7).await;
+    let within = config.ping_interval / 5;
     let started = Instant::now();
     a.insert("k".into(), 2).await.unwrap();
-    settle_value(&b, "k", Some(2)).await;
-    started.elapsed()
+    while b.get(&"k".to_owned()).await.unwrap() != Some(2) {
+        assert!(
+            started.elapsed() < within,
+            "B served the old value for {within:?}, a fifth of ping_interval"
+        );
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+    let lag = started.elapsed();
+    still_in_l1(&b, &b_calls, "other", 7).await;
+    lag
 }
 
 /// Reads `key` on `cache` until it answers `expected` (bounded by [`settle`]'s 5 s).
@@ -142,33 +200,49 @@ async fn settle_value(cache: &Cache<String, u64>, key: &str, expected: Option<u6
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Pings and silence far apart, so that on real Redis a flush they could cause comes long
+/// after the message it is told from.
+fn slow_pings() -> InvalidationConfig {
+    let mut config = InvalidationConfig::default();
+    config.ping_interval = Duration::from_secs(5);
+    config.max_silence = Duration::from_secs(20);
+    config
+}
+
+/// On tokio's paused clock: the message takes no time, the next ping (which would show a
+/// gap) comes `ping_interval` later.
+#[tokio::test(start_paused = true)]
 async fn update_reaches_other_instance_on_memory_bus() {
-    let lag = update_reaches_other_l1(memory_parts(2), unique_namespace("inval")).await;
+    let lag = update_reaches_other_l1(memory_parts(2), unique_namespace("inval"), config()).await;
     println!("memory bus propagation: {lag:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_reaches_other_instance_on_redis() {
-    let lag = update_reaches_other_l1(standalone_parts(2).await, unique_namespace("inval")).await;
+    let parts = standalone_parts(2).await;
+    let lag = update_reaches_other_l1(parts, unique_namespace("inval"), slow_pings()).await;
     println!("redis propagation: {lag:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_reaches_other_instance_on_redis_cluster() {
-    let lag = update_reaches_other_l1(cluster_parts(2).await, unique_namespace("inval")).await;
+    let parts = cluster_parts(2).await;
+    let lag = update_reaches_other_l1(parts, unique_namespace("inval"), slow_pings()).await;
     println!("redis cluster propagation: {lag:?}");
 }
 
-/// `remove_many` on one instance removes the keys from every instance (L1 and L2); `clear`
-/// hides every entry from every instance although the L2 copies stay until their TTL, and
-/// entries written after it are served again. The instances share a manual clock, so "after"
-/// is a step of that clock.
+/// `remove_many` on one instance removes the keys from every instance (L1 and L2) by its own
+/// message, which drops those keys only: an unrelated key stays in every L1. `clear` hides
+/// every entry from every instance although the L2 copies stay until their TTL, and entries
+/// written after it are served again. The instances share a manual clock, so "after" is a step
+/// of that clock (and no ping or silence, which run on it, can flush an L1 meanwhile: a lost
+/// message would leave the keys served).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_many_and_clear_reach_every_instance_and_l2() {
     let ns = unique_namespace("clear");
     let clock = ManualClock::new();
-    let caches: Vec<_> = memory_parts(3)
+    let (parts, calls): (Vec<_>, Vec<_>) = memory_parts(3).into_iter().map(probed).unzip();
+    let caches: Vec<_> = parts
         .into_iter()
         .map(|parts| cache_on(parts, &ns, clock.clock()))
         .collect();
@@ -176,19 +250,22 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
     for key in ["a", "b", "c"] {
         caches[0].insert(key.into(), 1).await.unwrap();
     }
-    for cache in &caches {
+    for (cache, calls) in caches.iter().zip(&calls).skip(1) {
+        heard_everything_from(&caches[0], cache, calls).await;
+    }
+    for (cache, calls) in caches.iter().zip(&calls) {
         for key in ["a", "b", "c"] {
-            settle_value(cache, key, Some(1)).await;
+            settle_in_l1(cache, calls, key, 1).await;
         }
     }
     caches[1]
         .remove_many(&["a".to_owned(), "b".to_owned()])
         .await
         .unwrap();
-    for cache in &caches {
+    for (cache, calls) in caches.iter().zip(&calls) {
         settle_value(cache, "a", None).await;
         settle_value(cache, "b", None).await;
-        assert_eq!(cache.get(&"c".to_owned()).await.unwrap(), Some(1));
+        still_in_l1(cache, calls, "c", 1).await;
     }
     // `clear` hides "c" everywhere although its L2 copy stays until its TTL.
     caches[2].clear().await;
@@ -205,9 +282,13 @@ async fn remove_many_and_clear_reach_every_instance_and_l2() {
 
 /// `invalidate_tag` removes the entries carrying the tag from every instance's L1 and hides
 /// their L2 copies (still in L2 until their TTL) from every instance; other entries stay.
-/// The instances share a manual clock, so "after the invalidation" is a step of that clock.
+/// A tagged write is announced like any other, by its key alone: it drops that key from the
+/// other instances' L1 and nothing else (only the tag's invalidation flushes L1).
+/// The instances share a manual clock, so "after the invalidation" is a step of that clock
+/// (and no ping or silence, which run on it, can flush an L1 meanwhile).
 async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
     let clock = ManualClock::new();
+    let (parts, calls): (Vec<_>, Vec<_>) = parts.into_iter().map(probed).unzip();
     let caches: Vec<_> = parts
         .into_iter()
         .map(|parts| cache_on(parts, &ns, clock.clock()))
@@ -242,8 +323,21 @@ async fn tags_reach_every_instance_and_l2(parts: Vec<Parts>, ns: Namespace) {
         .insert_tagged("a".into(), 4, &["team:1"])
         .await
         .unwrap();
-    for cache in &caches {
-        settle_value(cache, "a", Some(4)).await;
+    for (i, (cache, calls)) in caches.iter().zip(&calls).enumerate() {
+        for writer in (0..caches.len()).filter(|&writer| writer != i) {
+            heard_everything_from(&caches[writer], cache, calls).await;
+        }
+        settle_in_l1(cache, calls, "a", 4).await;
+        settle_in_l1(cache, calls, "c", 3).await;
+    }
+    // A tagged update: its message drops "a" from every L1, "c" stays.
+    caches[0]
+        .insert_tagged("a".into(), 5, &["team:1"])
+        .await
+        .unwrap();
+    for (cache, calls) in caches.iter().zip(&calls) {
+        settle_value(cache, "a", Some(5)).await;
+        still_in_l1(cache, calls, "c", 3).await;
     }
     let too_many = vec!["t"; headroom_cache::envelope::MAX_TAGS + 1];
     for bad in [&[""][..], &[&*"x".repeat(256)][..], &too_many[..]] {
@@ -841,7 +935,8 @@ enum Fault {
 
 /// A keeps writing one key while B reads it; B's Redis suffers `fault` from round 10 to
 /// round 40. B never serves a value replaced longer than the staleness bound ago, and serves
-/// fresh values once Redis is back (from L1 again, except after a restart: see below).
+/// fresh values once Redis is back (from L1 again, except after a restart: see below); then,
+/// its pending deletes done, it serves no absence either.
 /// (Standalone only: a cluster client learns node addresses from the cluster and would bypass
 /// the proxy.)
 async fn faulty_run(fault: Fault) {
@@ -857,7 +952,10 @@ async fn faulty_run(fault: Fault) {
     let b = cache(redis_parts(config_for(proxy.url())).await, &ns);
     live(&[a.clone(), b.clone()]).await;
     let bound = config().max_silence + Duration::from_millis(100);
-    let mut writes: Vec<Instant> = Vec::new();
+    let mut writes: History = Vec::new();
+    // From the fault until B has caught up, B's L2 may not answer, and an L2 error reads as
+    // a miss: an absence then is no stale one.
+    let mut misses_excused = false;
     for round in 0u64..60 {
         match (round, fault) {
             (10, Fault::Cut) => proxy.cut(),
@@ -867,20 +965,11 @@ async fn faulty_run(fault: Fault) {
             (40, Fault::Restart) => server.restart(),
             _ => {}
         }
+        misses_excused |= round == 10;
         a.insert("k".into(), round).await.unwrap();
-        writes.push(Instant::now());
+        writes.push((Some(round), Instant::now()));
         for _ in 0..5 {
-            let served = b.get(&"k".to_owned()).await.unwrap();
-            if let Some(version) = served {
-                // The write that replaced `version`, if any, is at most `bound` old.
-                if let Some(replaced) = writes.get(version as usize + 1) {
-                    assert!(
-                        replaced.elapsed() <= bound,
-                        "{fault:?}: B served version {version}, replaced {:?} ago",
-                        replaced.elapsed()
-                    );
-                }
-            }
+            read_within_bound(&b, &writes, bound, misses_excused, fault).await;
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -891,11 +980,47 @@ async fn faulty_run(fault: Fault) {
     let deadline = Instant::now() + Duration::from_secs(5);
     for version in 60u64.. {
         a.insert("k".into(), version).await.unwrap();
+        writes.push((Some(version), Instant::now()));
         tokio::time::sleep(Duration::from_millis(20)).await;
         if b.get(&"k".to_owned()).await.unwrap() == Some(version) {
             break;
         }
         assert!(Instant::now() < deadline, "{fault:?}: B never caught up");
+    }
+    // The outdated copies the fault left are deleted (each delete a tombstone, which may
+    // cover a later write until the next one); then B serves every write, never an absence.
+    settle(|| a.pending_l2_deletes() == 0 && b.pending_l2_deletes() == 0).await;
+    let first = writes.len() as u64;
+    for version in first..first + 20 {
+        a.insert("k".into(), version).await.unwrap();
+        writes.push((Some(version), Instant::now()));
+        for _ in 0..5 {
+            read_within_bound(&b, &writes, bound, false, fault).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// Reads `k` on `b` and asserts that what it serves (a value, or an absence, unless misses
+/// are excused) was replaced in `writes` at most `bound` before the read began.
+async fn read_within_bound(
+    b: &Cache<String, u64>,
+    writes: &History,
+    bound: Duration,
+    misses_excused: bool,
+    fault: Fault,
+) {
+    let started = Instant::now();
+    let served = b.get(&"k".to_owned()).await.unwrap();
+    if served.is_none() && misses_excused {
+        return;
+    }
+    if let Some(replaced) = last_replaced(writes, served) {
+        assert!(
+            replaced + bound >= started,
+            "{fault:?}: B served {served:?}, replaced {:?} before the read",
+            started - replaced
+        );
     }
 }
 
@@ -918,11 +1043,24 @@ async fn redis_restart_stays_within_bound() {
 /// write returned.
 type History = Vec<(Option<u64>, Instant)>;
 
+/// When what a read served (a value, or an absence) was last replaced in `history`, which
+/// starts with the key absent; `None` while it is still current.
+fn last_replaced(history: &History, served: Option<u64>) -> Option<Instant> {
+    let states = std::iter::once(None).chain(history.iter().map(|(value, _)| *value));
+    let at = states
+        .enumerate()
+        .filter(|(_, state)| *state == served)
+        .map(|(at, _)| at)
+        .last()
+        .unwrap_or_else(|| panic!("served {served:?}, never written"));
+    history.get(at).map(|(_, replaced)| *replaced)
+}
+
 /// A seeded model of concurrent writers, readers and invalidations on several instances:
 /// writes of one key are serialized (so "the latest value" is defined) while reads run
-/// freely. During the run, no read returns a value replaced longer than the bound before the
-/// read began; after quiescence, within the bound, every instance serves the latest value of
-/// every key, and keeps serving it.
+/// freely. During the run, no read returns a value (or an absence) replaced longer than the
+/// bound before the read began; after quiescence, within the bound, every instance serves the
+/// latest value of every key, and keeps serving it.
 async fn randomized_run(parts: Vec<Parts>, ns: Namespace, seed: u64) {
     const KEYS: usize = 6;
     let caches: Vec<_> = parts.into_iter().map(|parts| cache(parts, &ns)).collect();
@@ -975,17 +1113,12 @@ async fn randomized_run(parts: Vec<Parts>, ns: Namespace, seed: u64) {
                         _ => {
                             let started = Instant::now();
                             let served = cache.get(&key).await.unwrap();
-                            let Some(value) = served else { continue };
                             let history = histories[k].lock().await;
-                            let at = history
-                                .iter()
-                                .position(|(v, _)| *v == Some(value))
-                                .expect("served a value never written");
-                            if let Some((_, replaced)) = history.get(at + 1) {
+                            if let Some(replaced) = last_replaced(&history, served) {
                                 assert!(
-                                    *replaced + bound >= started,
-                                    "served {value} of {key}, replaced {:?} before the read",
-                                    started - *replaced
+                                    replaced + bound >= started,
+                                    "served {served:?} of {key}, replaced {:?} before the read",
+                                    started - replaced
                                 );
                             }
                         }
