@@ -827,7 +827,7 @@ async fn a_hide_that_missed_l2_reaches_instances_that_read_it_absent() {
 
 /// B's subscription goes silent (no loss reported): after `max_silence` B stops using L1, so
 /// it never serves a value invalidated longer ago than that; once messages flow, L1 is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_silent_subscription_bypasses_l1_until_heard_again() {
     let ns = unique_namespace("silence");
     let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
@@ -869,7 +869,7 @@ async fn a_silent_subscription_bypasses_l1_until_heard_again() {
 
 /// A writes L2 but its messages no longer get out (no error anywhere): B notices A's silence
 /// and flushes its L1 within the bound.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_silent_origin_makes_others_flush() {
     let ns = unique_namespace("mute");
     let (a, b, _, faulty) = faulty_writer_and_reader(&ns).await;
