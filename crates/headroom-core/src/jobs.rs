@@ -322,7 +322,8 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
 
     /// After a [`fetch_marked`](Self::fetch_marked) by `consumer` with `token` failed (a
     /// timeout, a dropped connection: the store may have run it, and only its answer was
-    /// lost), delivers again up to `max` of the jobs it delivered that are still running at
+    /// lost), delivers again (the token, drawn at random, names the fetch; the consumer lets
+    /// a store narrow its search) up to `max` of the jobs it delivered that are still running at
     /// that delivery (not finished, handed back or taken over since), as they were: the same
     /// attempt, so uncharged and still the fencing token (no holder of it ever knew of it),
     /// with their visibility counted from now. None when the fetch delivered nothing, and none

@@ -558,6 +558,64 @@ pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
     assert_eq!(taken[0].attempt, 2);
 }
 
+/// The jobs a marked fetch delivered are delivered again by `recover` with its token, as
+/// they were (same attempt, so their holder's steps apply), their visibility counted from
+/// then; not for another token, and not once finished or taken over.
+pub async fn a_lost_fetch_is_recovered_as_it_was<S: JobStore>(store: &S, ns: Namespace) {
+    let p = partition(&ns, "q");
+    let first = add(store, &p, &job("a")).await;
+    let second = add(store, &p, &job("b")).await;
+    let visibility = Duration::from_millis(400);
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 10,
+        visibility,
+    };
+    let fetched = store.fetch_marked(&p, request, 7).await.expect("fetch");
+    assert_eq!(fetched.len(), 2);
+    // Most of the fetch's visibility passes before the recovery.
+    tokio::time::sleep(visibility * 3 / 4).await;
+    assert!(
+        store
+            .recover(&p, "w", 8, 10)
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+    assert!(
+        store
+            .recover(&p, "w", 0, 10)
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+    let mut recovered = store.recover(&p, "w", 7, 10).await.expect("recover");
+    recovered.sort_by_key(|d| d.number);
+    assert_eq!(recovered, fetched, "delivered again as they were");
+    assert_eq!(
+        store
+            .complete(&p, first, 1, Bytes::new(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied,
+        "the recovered attempt is the holder's"
+    );
+    // The visibility counts from the recovery: nobody takes the second job over before it
+    // runs out, then a takeover leaves nothing to recover.
+    let recovered_at = Instant::now();
+    let taken = fetch_eventually(store, &p, "x", visibility).await;
+    assert!(recovered_at.elapsed() >= visibility - Duration::from_millis(50));
+    assert_eq!((taken[0].number, taken[0].attempt), (second, 2));
+    assert!(
+        store
+            .recover(&p, "w", 7, 10)
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+}
+
 /// A retried job waits its delay as retrying, keeping its error, then comes back with the
 /// next attempt.
 pub async fn a_retried_job_comes_back_after_its_delay<S: JobStore>(store: &S, ns: Namespace) {

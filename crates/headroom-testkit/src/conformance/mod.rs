@@ -193,6 +193,7 @@ macro_rules! job_store_conformance {
                 a_delivery_is_kept_for_its_holders_visibility_whatever_the_fetchers,
                 a_lapsed_delivery_is_taken_over_behind_longer_holds,
                 extending_keeps_the_job,
+                a_lost_fetch_is_recovered_as_it_was,
                 a_retried_job_comes_back_after_its_delay,
                 a_released_job_comes_back_at_once_uncharged,
                 a_hand_back_keeps_the_error_of_the_last_failed_attempt,
