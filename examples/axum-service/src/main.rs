@@ -11,7 +11,8 @@
 //!   with `Retry-After` and `RateLimit` headers), a keyed bulkhead (at most 32 orders at once,
 //!   shared fairly between API keys, a short queue, a typed 503 beyond it) and the idempotency
 //!   layer (`Idempotency-Key` header, scoped per `x-api-key`), so a retried order is replayed
-//!   instead of charged twice; each order is stored on the shard of its API key;
+//!   instead of charged twice (a refusal given before the charge is not stored, so its retry
+//!   runs again); each order is stored on the shard of its API key;
 //! - the payment gateway the orders call is a tower service behind a circuit breaker layer,
 //!   with a chaos experiment between the two (off until started): `PUT /admin/chaos` with an
 //!   experiment's JSON starts it on every instance sharing the backend, `DELETE /admin/chaos`
@@ -66,7 +67,9 @@ use headroom::breaker::tower::{CircuitBreakerLayer, CircuitBreakerService};
 use headroom::chaos::{Chaos, ChaosLayer, ChaosService, Experiment, ExperimentConfig, FleetSwitch};
 use headroom::core::jobs::DynJobStore;
 use headroom::core::kv::DynKvStore;
-use headroom::idempotency::http::IdempotencyLayer;
+use headroom::core::lease::DynLeaseStore;
+use headroom::idempotency::Idempotency;
+use headroom::idempotency::http::{IdempotencyLayer, is_final_status};
 use headroom::jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, Worker};
 use headroom::limit::KeyedBulkhead;
 use headroom::limit::rate::RateKey;
@@ -279,6 +282,32 @@ async fn order(State(app): State<App>, headers: HeaderMap, body: String) -> impl
     }
 }
 
+/// The idempotency layer of `POST /orders`, scoped per `x-api-key`. `order` answers 500 (no
+/// shard) and 503 (payments paused) before it charges anything: those answers release the key,
+/// so that a retry runs the order again once the service recovers, rather than being told the
+/// same for the whole retention. Its other answers are stored, a 502 among them: the gateway
+/// may have charged before it failed.
+fn orders_idempotency(
+    idempotency: Idempotency<DynLeaseStore>,
+) -> IdempotencyLayer<
+    DynLeaseStore,
+    impl Fn(&axum::http::request::Parts) -> Option<String> + Send + Sync + 'static,
+> {
+    IdempotencyLayer::new(idempotency, |parts: &axum::http::request::Parts| {
+        parts
+            .headers
+            .get("x-api-key")?
+            .to_str()
+            .ok()
+            .map(str::to_owned)
+    })
+    .store_status(|status| {
+        is_final_status(status)
+            && status != StatusCode::INTERNAL_SERVER_ERROR
+            && status != StatusCode::SERVICE_UNAVAILABLE
+    })
+}
+
 /// Turns a refusal of the bulkhead into a typed 503 response (the rate limit layer answers its
 /// own refusals with 429).
 async fn overloaded(err: headroom::limit::tower::BoxError) -> (StatusCode, String) {
@@ -465,17 +494,7 @@ async fn app(
                 request.headers().get("x-api-key").cloned()
             },
         ))
-        .layer(IdempotencyLayer::new(
-            idempotency,
-            |parts: &axum::http::request::Parts| {
-                parts
-                    .headers
-                    .get("x-api-key")?
-                    .to_str()
-                    .ok()
-                    .map(str::to_owned)
-            },
-        ));
+        .layer(orders_idempotency(idempotency));
     let router = Router::new()
         .route("/products/{id}", get(product))
         .route("/orders", post(order).layer(orders))
@@ -744,4 +763,86 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the service did not answer as expected".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU16;
+
+    use axum::body::Body;
+    use axum::http::Request;
+
+    use super::*;
+
+    /// Sends one request through the router; returns the status, headers and body.
+    async fn call(router: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    fn order_with(key: &str) -> Request<Body> {
+        Request::post("/orders")
+            .header("x-api-key", "acme")
+            .header("idempotency-key", key)
+            .body(Body::from("sku=7"))
+            .unwrap()
+    }
+
+    /// `order` answers 500 "no shard" and 503 "payments paused" (the breaker open) before it
+    /// charges anything: behind the orders' idempotency layer, the retry of such an order is
+    /// charged once the service recovers, rather than told the refusal again for the whole
+    /// retention.
+    #[tokio::test]
+    async fn an_order_refused_before_its_charge_is_charged_when_retried_after_recovery() {
+        let headroom = Headroom::builder().memory().unwrap();
+        for (refusal, message) in [
+            (StatusCode::INTERNAL_SERVER_ERROR, "no shard"),
+            (StatusCode::SERVICE_UNAVAILABLE, "payments paused"),
+        ] {
+            // `order`'s answers, the shard map's and the breaker's state held by `answer`.
+            let answer = Arc::new(AtomicU16::new(refusal.as_u16()));
+            let charges = Arc::new(AtomicU64::new(0));
+            let handler = {
+                let (answer, charges) = (Arc::clone(&answer), Arc::clone(&charges));
+                post(move || async move {
+                    let status = StatusCode::from_u16(answer.load(Ordering::SeqCst)).unwrap();
+                    if status != StatusCode::CREATED {
+                        return (status, String::from(message));
+                    }
+                    let charge = charges.fetch_add(1, Ordering::SeqCst);
+                    (status, format!("charge {charge} on orders-a"))
+                })
+            };
+            let idempotency = headroom.idempotency().build().unwrap();
+            let router =
+                Router::new().route("/orders", handler.layer(orders_idempotency(idempotency)));
+            let key = format!("order-{}", refusal.as_u16());
+            for _ in 0..2 {
+                let (status, headers, body) = call(&router, order_with(&key)).await;
+                assert_eq!((status, body.as_str()), (refusal, message));
+                assert!(
+                    headers.get("idempotent-replayed").is_none(),
+                    "a {refusal} given before any charge is not replayed"
+                );
+            }
+            answer.store(StatusCode::CREATED.as_u16(), Ordering::SeqCst);
+            let (status, headers, body) = call(&router, order_with(&key)).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::CREATED, "charge 0 on orders-a")
+            );
+            assert!(headers.get("idempotent-replayed").is_none());
+            // From now on the charge is replayed.
+            let (status, headers, replayed) = call(&router, order_with(&key)).await;
+            assert_eq!((status, replayed), (StatusCode::CREATED, body));
+            assert_eq!(headers["idempotent-replayed"], "true");
+            assert_eq!(charges.load(Ordering::SeqCst), 1);
+        }
+    }
 }
