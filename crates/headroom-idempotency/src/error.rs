@@ -40,7 +40,9 @@ pub enum IdempotencyError<E> {
     Fenced,
     /// The lease was lost while the operation ran: its extension was refused (another request
     /// took over after a stall) or the store could not be reached before the lease ran out.
-    /// The operation was stopped (its future dropped) and nothing was stored (HTTP 409).
+    /// The operation was stopped (its future dropped) (HTTP 409). Nothing was stored, unless
+    /// the operation had said it [took effect](crate::Lease::took_effect): that outcome is then
+    /// stored (unless another request took over), and a retry replays it.
     #[error("the idempotency lease was lost while the operation ran; it was stopped")]
     LeaseLost,
     /// The operation itself failed (its key was released so a retry runs again).

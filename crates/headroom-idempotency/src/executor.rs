@@ -135,7 +135,8 @@ pub struct InvalidConfig(&'static str);
 /// 4. An error, an outcome the policy does not store, a panic or a cancelled (dropped) call
 ///    releases the key, so a retry runs again; except once the operation has run (or said it
 ///    [took effect](Lease::took_effect)): a call dropped or panicking after that keeps its
-///    outcome, stored by a task, and a retry replays it.
+///    outcome, stored by a task, and a retry replays it. So an operation that may panic after
+///    its effect calls `took_effect` before the risky part, or a retry runs it again.
 /// 5. An outcome that cannot be stored (over `max_outcome_len`, or failing to serialize) goes
 ///    back to its caller, but the key stays taken: later requests get
 ///    [`IdempotencyError::NotReplayable`] and the operation never runs again.

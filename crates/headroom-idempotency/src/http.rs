@@ -7,13 +7,14 @@
 //! |---|---|
 //! | first request with a key | the service's response; stored unless it is a 408, 409, 425 or 429 (server errors are stored: the handler may have acted before it failed); a response not stored reaches its caller as the service gave it, streamed |
 //! | retry with the same key and request | the stored status, replayed headers and body, plus `Idempotent-Replayed: true` |
-//! | stored response's body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers, an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
+//! | stored response's body over `max_outcome_len`, or failing while read | to the first request and every retry: the status and replayed headers (left out too when they leave no room for `Idempotent-Body-Omitted`), an empty body and `Idempotent-Body-Omitted: true`; the handler never runs again |
 //! | key missing (when required) | `400 Bad Request` |
 //! | key malformed, too long, or sent twice | `400 Bad Request` |
 //! | no scope (tenant or principal) for the request, or an empty one | `401 Unauthorized` |
 //! | same key and endpoint (method and path), different query or body | `422 Unprocessable Content` |
 //! | the first request is still running | `409 Conflict` with `Retry-After` |
-//! | the lease was lost while the handler ran (it was stopped), or taken over | `409 Conflict` with `Retry-After` |
+//! | the lease was lost while the request ran (an extension refused, or the store unreachable for a whole lease): the handler was stopped, or, had it answered, its answer is kept with the body omitted for the retry | `409 Conflict` with `Retry-After` |
+//! | another request took the key over before this one's response was stored | `409 Conflict` with `Retry-After` |
 //! | body larger than the limit | `413 Content Too Large` |
 //! | record store down (failing closed) | `503 Service Unavailable` with `Retry-After` |
 //! | the runtime running the request shut down before it answered | `503 Service Unavailable` with `Retry-After` |
@@ -24,15 +25,30 @@
 //! which the retry replays; the answer's body is read for the record only while the client
 //! waits (once it is gone, the record keeps the status and headers, the body omitted). A
 //! request still waiting for its key (a duplicate of one running) when its client goes away
-//! stops there: the handler is never called for nobody. A panic
-//! in the handler fails that request only, as without the layer. The task runs in the
+//! stops there: the handler is never called for nobody. The task runs in the
 //! request's span; a timeout or concurrency limit outside this layer no longer bounds the
 //! handler once the client is gone, so bound slow dependencies inside it (the lease is
 //! extended for as long as the handler runs).
 //!
+//! A panic in the handler fails that request only, as without the layer, and releases the key
+//! like an error: the handler has not answered, so a retry runs it again, even when it had
+//! charged the card before it panicked (tower-http's `CatchPanicLayer` outside this layer
+//! answers that request 500 and the client retries). A handler that may panic after its effect
+//! wants `CatchPanicLayer` *inside* this layer, between it and the handler: the panic becomes a
+//! 500 response, stored and replayed like any server error.
+//!
+//! Before it calls the handler, the layer puts the lease's [`FencingToken`] into the request's
+//! extensions (`request.extensions().get::<FencingToken>()`, or axum's
+//! `Extension<FencingToken>`), for the handler's own writes to compare, as
+//! [`Lease::token`](crate::Lease::token); it is absent when the request runs without a record
+//! (the store down and [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen)).
+//!
 //! The request fingerprint is the method, path and query, and body by default; replace it with
 //! [`IdempotencyLayer::fingerprint`]. Records are scoped by the tenant the scope function
 //! returns, and by method and path, so a key can never replay another tenant's response.
+//! The path is the one this layer sees: a router that strips a prefix before it (axum's
+//! `Router::nest`) makes `/v1/charges` and `/v1/refunds` both `/`, one record for both. Apply
+//! the layer outside `nest`, or name the mount point in the scope function's tenant.
 //!
 //! ```
 //! use headroom_core::memory::MemoryLeaseStore;
@@ -57,7 +73,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::lease::LeaseStore;
+use headroom_core::lease::{FencingToken, LeaseStore};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -75,7 +91,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// The response header marking a response whose body was left out: it was larger than the
 /// store takes (`max_outcome_len`) or failed while it was read. The handler ran; the status and
-/// replayed headers are the handler's, and every retry gets the same.
+/// replayed headers are the handler's (the headers left out too when they leave no room for
+/// this one), and every retry gets the same.
 pub const IDEMPOTENT_BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
 
 type Fingerprint = dyn Fn(&http::request::Parts, &[u8]) -> Vec<u8> + Send + Sync;
@@ -318,12 +335,21 @@ fn varint(n: usize) -> usize {
     (usize::BITS - n.leading_zeros()).max(1).div_ceil(7) as usize
 }
 
-/// A response whose body could not be kept: its status and headers, and a header saying so.
-fn body_omitted<B>(status: u16, mut headers: Vec<(String, Vec<u8>)>) -> StoredResponse<B> {
+/// A response whose body could not be kept: its status and headers, and a header saying so;
+/// without the headers when they would leave no room for that header under `max_len`, so that
+/// the status is kept whenever it fits.
+fn body_omitted<B>(
+    status: u16,
+    mut headers: Vec<(String, Vec<u8>)>,
+    max_len: usize,
+) -> StoredResponse<B> {
     headers.push((
         IDEMPOTENT_BODY_OMITTED.as_str().to_owned(),
         b"true".to_vec(),
     ));
+    if stored_overhead(status, &headers, 0) > max_len {
+        headers.drain(..headers.len() - 1);
+    }
     StoredResponse {
         status,
         headers,
@@ -414,7 +440,7 @@ where
                 }
             };
             let fingerprint = (options.fingerprint)(&parts, &body);
-            let request = Request::from_parts(parts, ReqB::from(body));
+            let mut request = Request::from_parts(parts, ReqB::from(body));
             // The client going away must not stop the handler halfway: the key would be
             // released and the client's retry would run it again. So the request runs on a
             // task of its own until the handler answers and the key keeps the outcome; the
@@ -423,7 +449,10 @@ where
             let (_client_waits, client_gone) = tokio::sync::watch::channel(());
             // In the request's span, as when it ran on the caller's task.
             let executing = tokio::spawn(
-                execute(layer, scope, key, fingerprint, client_gone, move || {
+                execute(layer, scope, key, fingerprint, client_gone, move |token| {
+                    if let Some(token) = token {
+                        request.extensions_mut().insert(token);
+                    }
                     inner.call(request)
                 })
                 .in_current_span(),
@@ -458,7 +487,7 @@ where
     S: LeaseStore,
     ResB: Body + From<Bytes>,
     ResB::Error: Into<Box<dyn StdError + Send + Sync>>,
-    Call: FnOnce() -> Answer,
+    Call: FnOnce(Option<FencingToken>) -> Answer,
     Answer: Future<Output = Result<Response<ResB>, Error>>,
 {
     let options = &layer.options;
@@ -480,8 +509,10 @@ where
         |lease| {
             started.store(true, Ordering::Relaxed);
             let client_gone = gone(client_gone.clone());
+            // No token when the request runs without a record (the store down, failing open).
+            let token = lease.is_held().then(|| lease.token());
             async move {
-                let response = call().await?;
+                let response = call(token).await?;
                 let (head, body) = response.into_parts();
                 let headers: Vec<(String, Vec<u8>)> = replay_headers
                     .iter()
@@ -506,7 +537,8 @@ where
                 // The handler has run: whatever happens to its body (its read failing,
                 // the client going away meanwhile), the key must keep an outcome, or a
                 // retry would run the handler again.
-                lease.took_effect(&body_omitted::<ResB>(status, headers.clone()));
+                let omitted = body_omitted(status, headers.clone(), max_response_len);
+                lease.took_effect(&omitted);
                 let max_body = max_response_len.saturating_sub(stored_overhead(
                     status,
                     &headers,
@@ -523,10 +555,10 @@ where
                             head: Some(head),
                             unread: None,
                         }),
-                        Err(_) => Ok(body_omitted(status, headers)),
+                        Err(_) => Ok(omitted),
                     },
                     // Nobody to answer: the outcome recorded above stands.
-                    () = client_gone => Ok(body_omitted(status, headers)),
+                    () = client_gone => Ok(omitted),
                 }
             }
         },
@@ -590,10 +622,18 @@ fn refusal<E, B: From<Bytes>>(err: &IdempotencyError<E>) -> Response<B> {
             ),
             *retry_after,
         ),
-        IdempotencyError::Fenced | IdempotencyError::LeaseLost => with_retry_after(
+        IdempotencyError::Fenced => with_retry_after(
             plain(
                 StatusCode::CONFLICT,
                 "another request with this Idempotency-Key took over",
+            ),
+            Duration::from_secs(1),
+        ),
+        // The store may have been out of reach, with nobody else holding the key.
+        IdempotencyError::LeaseLost => with_retry_after(
+            plain(
+                StatusCode::CONFLICT,
+                "the lease on this Idempotency-Key was lost while the request ran; retry it with the same key",
             ),
             Duration::from_secs(1),
         ),

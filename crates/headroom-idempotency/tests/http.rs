@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use headroom_core::lease::{Begin, BeginId, Fenced, LeaseStore};
 use headroom_core::memory::MemoryLeaseStore;
+use headroom_core::{BackendError, Key};
 use headroom_idempotency::http::{IdempotencyLayer, is_final_status};
-use headroom_idempotency::{Idempotency, InProgressPolicy};
+use headroom_idempotency::{FencingToken, Idempotency, InProgressPolicy};
 use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
 use headroom_testkit::RedisServer;
 use http::{Method, Request, Response, StatusCode};
@@ -595,21 +596,39 @@ async fn a_duplicate_whose_client_went_away_while_waiting_does_not_run_the_handl
             }
         })
     };
-    let service = waiting_layer().layer(handler);
+    let store = Noting::default();
+    let executor = Idempotency::builder(store.clone()).build().unwrap();
+    let service = IdempotencyLayer::new(executor, tenant).layer(handler);
     let first = tokio::spawn(service.clone().oneshot(post(Some("\"dup\""), "charge")));
     while calls.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
-    // The duplicate starts waiting, then its client goes away.
-    let duplicate = service.clone().oneshot(post(Some("\"dup\""), "charge"));
-    assert!(duplicate.now_or_never().is_none());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The duplicate waits: the store told it twice that the first holds the key. Then its
+    // client goes away.
+    // Boxed, so that dropping it drops the request.
+    let mut duplicate = Box::pin(service.clone().oneshot(post(Some("\"dup\""), "charge")));
+    tokio::select! {
+        biased;
+        _ = &mut duplicate => panic!("the duplicate waits while the first runs"),
+        () = async {
+            // Paused time moves on while this sleeps, to the duplicate's next look.
+            for _ in 0..1_000 {
+                if store.in_progress.load(Ordering::SeqCst) >= 2 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("the duplicate never asked the store twice");
+        } => {}
+    }
+    drop(duplicate);
     finish.notify_one();
     assert_eq!(
         first.await.unwrap().unwrap().status(),
         StatusCode::TOO_MANY_REQUESTS
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Past the duplicate's longest wait (5 s).
+    tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
         calls.load(Ordering::SeqCst),
         1,
@@ -633,6 +652,140 @@ async fn a_replay_keeps_the_body_encoding() {
     let (_, replay, _) = send(&mut service, post(Some("k"), "x")).await;
     assert_eq!(replay["idempotent-replayed"], "true");
     assert_eq!(replay["content-encoding"], first["content-encoding"]);
+}
+
+/// A memory store that notes the tokens its `begin`s issued and how many it answered
+/// `InProgress`.
+#[derive(Clone, Debug, Default)]
+struct Noting {
+    store: MemoryLeaseStore,
+    issued: Arc<std::sync::Mutex<Vec<FencingToken>>>,
+    in_progress: Arc<AtomicUsize>,
+}
+
+impl LeaseStore for Noting {
+    async fn begin(
+        &self,
+        key: &Key,
+        fingerprint: &[u8],
+        lease: Duration,
+        id: BeginId,
+    ) -> Result<Begin, BackendError> {
+        let begin = self.store.begin(key, fingerprint, lease, id).await;
+        match &begin {
+            Ok(Begin::Acquired { token, .. }) => self.issued.lock().unwrap().push(*token),
+            Ok(Begin::InProgress { .. }) => {
+                self.in_progress.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        begin
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+
+    async fn extend(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.store.extend(key, token, lease).await
+    }
+
+    async fn release(&self, key: &Key, token: FencingToken) -> Result<Fenced, BackendError> {
+        self.store.release(key, token).await
+    }
+
+    async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
+        self.store.release_begun(key, id).await
+    }
+
+    fn begin_completes_at_once(&self) -> bool {
+        self.store.begin_completes_at_once()
+    }
+}
+
+/// The handler finds its lease's fencing token in the request's extensions, for its own
+/// writes: the token the store issued for that lease, greater for the next holder of the key.
+#[tokio::test]
+async fn the_handler_finds_its_leases_fencing_token_in_the_request_extensions() {
+    let store = Noting::default();
+    let executor = Idempotency::builder(store.clone()).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |request: Request<Body>| {
+            // The first answer is a 429, which is not stored: the retry holds the key anew.
+            let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::CREATED
+            };
+            let token = request.extensions().get::<FencingToken>().copied();
+            let mut response = Response::new(Body::from(format!("{token:?}")));
+            *response.status_mut() = status;
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(handler);
+    let (first, _, first_token) = send(&mut service, post(Some("\"fence\""), "charge")).await;
+    let (second, _, second_token) = send(&mut service, post(Some("\"fence\""), "charge")).await;
+    assert_eq!(
+        (first, second),
+        (StatusCode::TOO_MANY_REQUESTS, StatusCode::CREATED)
+    );
+    let issued = store.issued.lock().unwrap().clone();
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    assert!(issued[0] < issued[1], "{issued:?}");
+    assert_eq!(first_token, format!("{:?}", Some(issued[0])));
+    assert_eq!(second_token, format!("{:?}", Some(issued[1])));
+}
+
+/// Replayed headers that leave no room for `Idempotent-Body-Omitted` beside them under
+/// `max_outcome_len` are left out too: the first caller and every retry get the status and the
+/// omitted body's header, never a 500, and the handler never runs again.
+#[tokio::test]
+async fn headers_that_nearly_fill_the_limit_still_leave_the_status_with_the_body_omitted() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(256)
+        .build()
+        .unwrap();
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(Body::from(vec![b'x'; 100]));
+            *response.status_mut() = StatusCode::CREATED;
+            let location = format!("/payments/{}", "p".repeat(220));
+            assert_eq!(location.len(), 230);
+            response
+                .headers_mut()
+                .insert("location", location.parse().unwrap());
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(handler);
+    for attempt in 0..3 {
+        let (status, headers, body) = send(&mut service, post(Some("\"near\""), "x")).await;
+        assert_eq!(status, StatusCode::CREATED, "attempt {attempt}: {body}");
+        assert_eq!(headers["idempotent-body-omitted"], "true");
+        assert!(headers.get("location").is_none(), "attempt {attempt}");
+        assert!(body.is_empty());
+        if attempt > 0 {
+            assert_eq!(headers["idempotent-replayed"], "true");
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
 /// The layer with the default policy: a duplicate waits for the outcome.
