@@ -26,7 +26,7 @@ use crate::codec::ValueCodec;
 use crate::config::{CacheConfig, TtlConfig};
 use crate::envelope::{self, Times};
 use crate::error::{CacheError, CacheErrorKind, ConfigError};
-use crate::hides::{ClearRead, Heard, Hide, Hides, MAX_HIDDEN_TAGS, Unsure};
+use crate::hides::{ClearRead, Heard, Hide, Hides, MAX_HIDDEN_TAGS, Unsure, Wall};
 use crate::invalidation::{Invalidation, InvalidationConfig, Local, ShutdownGroup};
 use crate::key::CacheKey;
 use crate::l2::L2;
@@ -1205,6 +1205,19 @@ where
     /// The longest any entry written so far can live, under every TTL configuration the cache
     /// has had: what tags and tombstones must outlive. L2 keeps it; without L2 it is the
     /// lifetime the cache was built with, which a reload cannot raise.
+    /// The wall clock now, and the latest time a hide read now can carry: a minute ahead of
+    /// it, for clocks apart, or as far as an entry lives, whichever is later. A hide from a
+    /// clock ahead by less is honoured; one dated later would hide every entry made for
+    /// longer than an entry lives.
+    fn wall(&self) -> Wall {
+        let now = self.clock.unix_millis();
+        let ahead = millis(self.longest_lifetime()).max(60_000);
+        Wall {
+            now,
+            latest: now.saturating_add(ahead),
+        }
+    }
+
     fn longest_lifetime(&self) -> Duration {
         self.l2
             .as_ref()
@@ -1456,15 +1469,15 @@ where
         with_clear.push(clear);
         let mut found = l2.get_many(&with_clear).await?;
         let value = found.pop().flatten();
-        let unix_now = self.clock.unix_millis();
-        let recorded = self.hides.learned_clear(read, value.as_deref(), unix_now);
+        let wall = self.wall();
+        let recorded = self.hides.learned_clear(read, value.as_deref(), wall);
         if recorded.learned {
             self.flush();
         }
         if recorded.foreign
             && let (Some(clear), Some(value)) = (with_clear.pop(), value)
         {
-            l2.replace_foreign_hide(clear, &value, unix_now).await;
+            l2.replace_foreign_hide(clear, &value, wall.now).await;
         }
         Some(found)
     }
@@ -1475,8 +1488,11 @@ where
     async fn learn_hides(&self, l2: &L2, values: &[&[u8]], now: Instant) -> bool {
         let oldest_alive = self.oldest_alive();
         let heard = || self.heard();
-        let at = (now, self.clock.unix_millis());
-        match self.hides.learn(l2, values, at, heard, oldest_alive).await {
+        match self
+            .hides
+            .learn(l2, values, (now, self.wall()), heard, oldest_alive)
+            .await
+        {
             Some(learned) => {
                 if learned {
                     self.flush();

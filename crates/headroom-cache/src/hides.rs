@@ -37,9 +37,13 @@ pub(crate) const VERSION_AT: VersionAt = VersionAt::new(0);
 /// `clear_counts_at` when no read of the clear made while messages were heard is known.
 const NO_HEARD_READ: u64 = u64::MAX;
 
-/// A hide dated further ahead of this instance's clock than clocks drift apart is foreign
-/// bytes: kept, it would hide every entry until then.
-const AHEAD_AT_MOST_MS: u64 = 60_000;
+/// The wall clock when a hide is read, in Unix milliseconds, and the latest time a hide can
+/// plausibly carry: later, it is foreign bytes (kept, it would hide every entry until then).
+#[derive(Clone, Copy)]
+pub(crate) struct Wall {
+    pub(crate) now: u64,
+    pub(crate) latest: u64,
+}
 
 /// A hide that could cover an entry is not known for sure: learn it from L2 first.
 #[derive(Debug)]
@@ -207,16 +211,16 @@ impl Hides {
         }))
     }
 
-    /// Records the clear read from L2 (`None`: absent) at `unix_now`; returns whether it was
+    /// Records the clear read from L2 (`None`: absent) at `wall`; returns whether it was
     /// unknown, and whether it was foreign bytes (see [`record`]) for L2 to replace.
     pub(crate) fn learned_clear(
         &self,
         read: ClearRead,
         value: Option<&[u8]>,
-        unix_now: u64,
+        wall: Wall,
     ) -> Recorded {
         let mut state = self.state.lock();
-        let recorded = record(&mut state.clear, value, read.0, unix_now);
+        let recorded = record(&mut state.clear, value, read.0, wall);
         self.mirror_clear(&state);
         recorded
     }
@@ -225,12 +229,12 @@ impl Hides {
     /// `values`, in one round trip. `heard` tells whether messages are being heard now.
     /// Returns whether it learned of a hide it did not know (L1 may hold entries it
     /// covers), or `None` when L2 was not reached: the hides stay unsure. Foreign bytes found
-    /// where a hide is kept are replaced in L2 by a hide of `unix_now` (see [`record`]).
+    /// where a hide is kept are replaced in L2 by a hide of `wall.now` (see [`record`]).
     pub(crate) async fn learn(
         &self,
         l2: &L2,
         values: &[&[u8]],
-        (now, unix_now): (Instant, u64),
+        (now, wall): (Instant, Wall),
         heard: impl Fn() -> bool,
         oldest_alive: u64,
     ) -> Option<bool> {
@@ -274,7 +278,7 @@ impl Hides {
                     None => &mut state.clear,
                     Some(tag) => state.tags.entry(tag.into()).or_default(),
                 };
-                let recorded = record(known, value.as_deref(), read, unix_now);
+                let recorded = record(known, value.as_deref(), read, wall);
                 learned |= recorded.learned;
                 if recorded.foreign
                     && let Some(value) = value
@@ -286,7 +290,7 @@ impl Hides {
             self.bound(&mut state, oldest_alive, Some(read));
         }
         for (key, value) in foreign {
-            l2.replace_foreign_hide(key, &value, unix_now).await;
+            l2.replace_foreign_hide(key, &value, wall.now).await;
         }
         Some(learned)
     }
@@ -372,17 +376,16 @@ pub(crate) struct Recorded {
     pub(crate) foreign: bool,
 }
 
-/// Records a hide read from L2 at `unix_now` (`None`: absent). Foreign bytes (not a time, or
-/// a time further ahead than clocks drift) are taken as a hide of `unix_now`: whatever they
-/// replaced was made before, and could have covered any entry made before.
-fn record(known: &mut Known, value: Option<&[u8]>, read: Read, unix_now: u64) -> Recorded {
+/// Records a hide read from L2 at `wall` (`None`: absent). Foreign bytes (not a time, or a
+/// time past `wall.latest`) are taken as a hide of `wall.now`: whatever they replaced was made
+/// before, and could have covered any entry made before.
+fn record(known: &mut Known, value: Option<&[u8]>, read: Read, wall: Wall) -> Recorded {
     let found = match value.map(<[u8; 8]>::try_from) {
         None => Some(0),
-        Some(Ok(bytes)) => Some(u64::from_le_bytes(bytes))
-            .filter(|at| *at <= unix_now.saturating_add(AHEAD_AT_MOST_MS)),
+        Some(Ok(bytes)) => Some(u64::from_le_bytes(bytes)).filter(|at| *at <= wall.latest),
         Some(Err(_)) => None,
     };
-    let at = found.unwrap_or(unix_now);
+    let at = found.unwrap_or(wall.now);
     let learned = at > known.at && known.read.is_some();
     known.at = known.at.max(at);
     known.read = Some(read);

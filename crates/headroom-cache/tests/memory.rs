@@ -3151,3 +3151,40 @@ async fn corrupt_bytes_where_a_hide_is_kept_are_replaced_by_a_hide_of_when_they_
         }
     }
 }
+
+/// A hide from an instance whose clock runs ahead, by less than an entry lives, is a hide,
+/// not foreign bytes: it is honoured and kept.
+#[tokio::test(start_paused = true)]
+async fn a_hide_from_a_clock_ahead_is_honoured() {
+    let hide = Namespace::new("test:cache.hidden")
+        .unwrap()
+        .key("c")
+        .unwrap();
+    let clock = ManualClock::new();
+    let store = MemoryKvStore::builder().clock(clock.clock()).build();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(600 * SEC)
+        .l2(store.clone(), ns())
+        .build()
+        .unwrap();
+    cache.insert(key("k"), "v".into()).await.unwrap();
+    let ahead = (clock.clock().unix_millis() + 90_000).to_le_bytes();
+    store
+        .set(&hide, Bytes::copy_from_slice(&ahead), 60 * SEC)
+        .await
+        .unwrap();
+    let reader: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(600 * SEC)
+        .l2(store.clone(), ns())
+        .build()
+        .unwrap();
+    assert_eq!(reader.get(&key("k")).await.unwrap(), None, "hidden");
+    common::idle().await;
+    assert_eq!(
+        store.get(&hide).await.unwrap().as_deref(),
+        Some(&ahead[..]),
+        "kept as it was"
+    );
+}
