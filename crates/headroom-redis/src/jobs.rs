@@ -37,7 +37,7 @@ const MAX_MS: u64 = 1 << 50;
 //   while running `sid` (the stream entry of the current delivery), `c` (its consumer) and `f`
 //   (the token of the fetch that made it, `0` for none, with `+` after it when that delivery
 //   took the job over: `recover` finds a lost fetch's deliveries by it). A
-//   completion empties `p`, `sid` and `c` in the write that marks the job done rather than
+//   completion empties `p`, `sid`, `c` and `f` in the write that marks the job done rather than
 //   deleting them in a call of its own. Unfinished records never expire; finished ones expire
 //   after their retention.
 // - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
@@ -705,14 +705,14 @@ if op == 'retry' or op == 'release' then
   else
     redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
   end
-  redis.call('HDEL', rk, 'sid', 'c')
+  redis.call('HDEL', rk, 'sid', 'c', 'f')
   redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
 else
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
   finished(tenant)
   redis.call('HSET', rk, 's', 'x', 'err', ARGV[4])
-  redis.call('HDEL', rk, 'sid', 'c')
+  redis.call('HDEL', rk, 'sid', 'c', 'f')
   redis.call('PEXPIRE', rk, ARGV[5])
   prune_dead()
   redis.call('ZADD', P .. ':dead', redis.call('INCR', P .. ':dseq'), n)
@@ -816,7 +816,7 @@ local function complete_jobs(from)
         if tenant then
           tenants[tenant] = (tenants[tenant] or 0) + 1
         end
-        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '', 'sid', '', 'c', '')
+        redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '', 'sid', '', 'c', '', 'f', '')
         redis.call('PEXPIRE', rk, retention)
       else
         answer = -1

@@ -323,13 +323,14 @@ async fn a_job_lives_in_its_record_and_lane_stream(ctx: Ctx) {
                 .arg(&record)
                 .arg("p")
                 .arg("sid")
-                .arg("c"),
+                .arg("c")
+                .arg("f"),
         )
         .await;
     assert_eq!(
         emptied,
-        vec![Some(Vec::new()); 3],
-        "a done job's payload and delivery are emptied"
+        vec![Some(Vec::new()); 4],
+        "a done job's payload and delivery (its fetch's mark too) are emptied"
     );
     let done = ctx.store.status(&p, number).await.unwrap().unwrap();
     assert_eq!(done.state, JobState::Done);
