@@ -131,7 +131,7 @@ impl Link {
                 true
             }
             Err(error) => {
-                tracing::debug!(%error, ?fault, "dialing a new Redis connection failed");
+                tracing::warn!(%error, ?fault, "dialing a new Redis connection failed");
                 false
             }
         }
@@ -149,7 +149,9 @@ impl Link {
 /// regular checks notice the silence all the same.
 ///
 /// The first dial goes out at once; then each waits, from `reconnect_min_delay` doubling up
-/// to `reconnect_max_delay`, until a check finds a connection answering: an outage costs Redis
+/// to `reconnect_max_delay`, until a check finds a connection answering (a connection that
+/// drops again before that is redialed after the grown wait: a flapping server is not
+/// dialed faster): an outage costs Redis
 /// one dial per `reconnect_max_delay` per handle, however many commands fail meanwhile. A
 /// replacement of a silent connection is followed by a full interval, so that a server that is
 /// slow rather than gone is not redialed over and over.
