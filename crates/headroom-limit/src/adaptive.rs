@@ -87,7 +87,7 @@ impl AdaptiveConfig {
         if max > crate::limits::MAX_LIMIT {
             return Err(ConfigError::new(
                 "max_limit",
-                "exceeds the largest supported limit",
+                "must be at most 2147483647 (2^31 - 1)",
             ));
         }
         if !(min <= initial && initial <= max) {
@@ -130,7 +130,7 @@ pub struct AimdConfig {
     pub initial_limit: usize,
     /// The limit never goes below this (at least 1).
     pub min_limit: usize,
-    /// The limit never goes above this.
+    /// The limit never goes above this (at most 2³¹ − 1).
     pub max_limit: usize,
     /// The limit is multiplied by this on a drop, in (0, 1).
     pub backoff_ratio: f64,
@@ -180,7 +180,7 @@ pub struct GradientConfig {
     pub initial_limit: usize,
     /// The limit never goes below this (at least 1).
     pub min_limit: usize,
-    /// The limit never goes above this.
+    /// The limit never goes above this (at most 2³¹ − 1).
     pub max_limit: usize,
     /// How much of each new estimate is blended into the limit per round trip, in (0, 1].
     pub smoothing: f64,

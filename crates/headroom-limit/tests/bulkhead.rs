@@ -430,3 +430,27 @@ fn an_adaptive_bulkhead_refuses_other_adaptive_settings() {
         "adaptive"
     );
 }
+
+/// The largest limit is 2³¹ − 1, as documented: past it, building or resizing is refused
+/// with an error naming the setting.
+#[test]
+fn limits_past_two_to_the_thirty_one_are_refused() {
+    let largest = (1usize << 31) - 1;
+    let bulkhead = Bulkhead::builder("b")
+        .max_concurrent(largest)
+        .build()
+        .unwrap();
+    let refused = Bulkhead::builder("b")
+        .max_concurrent(largest + 1)
+        .build()
+        .unwrap_err();
+    assert_eq!(refused.field(), "max_concurrent");
+    assert_eq!(
+        bulkhead
+            .set_max_concurrent(largest + 1)
+            .unwrap_err()
+            .field(),
+        "max_concurrent"
+    );
+    assert!(bulkhead.try_acquire().is_ok());
+}

@@ -38,7 +38,8 @@ use crate::{ConfigError, Overloaded, Priority, Reason};
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct BulkheadConfig {
-    /// How many callers may hold a permit at once (ignored when `adaptive` is set).
+    /// How many callers may hold a permit at once (ignored when `adaptive` is set); 1 to
+    /// 2³¹ − 1.
     pub max_concurrent: usize,
     /// How many callers may wait for a permit; 0 rejects as soon as every permit is taken
     /// (at most 2³² − 1 wait at once, whatever the setting).
@@ -452,7 +453,7 @@ fn validate_limit(limit: usize) -> Result<(), ConfigError> {
     if limit > MAX_LIMIT {
         return Err(ConfigError::new(
             "max_concurrent",
-            "exceeds the largest supported limit",
+            "must be at most 2147483647 (2^31 - 1)",
         ));
     }
     Ok(())
