@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
 use headroom_core::lease::Fenced;
-use headroom_core::{BackendError, BackendErrorKind, Key};
+use headroom_core::{BackendError, BackendErrorKind, Classify, Key};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -697,8 +697,12 @@ async fn fetch_loop<S, H, Fut>(
                 // Its jobs would otherwise wait out their visibility, unknown to any handler,
                 // and be charged another attempt. Taking them back is tried while they may
                 // still be held; after that they are taken over as before.
+                // A recovery is tried again only while the store is out of reach (a fetch
+                // would fail too); refused, it is given up at once, so that fetching goes on.
                 lost = match lost {
-                    Some(first) if may_pass(&error) && first.2.elapsed() < config.visibility => {
+                    Some(first)
+                        if error.is_retryable() && first.2.elapsed() < config.visibility =>
+                    {
                         Some(first)
                     }
                     Some(_) => None,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
-use headroom_core::{BackendError, Clock, Namespace};
+use headroom_core::{BackendError, Classify, Clock, Namespace};
 use tokio::sync::watch;
 
 use crate::config::InvalidConfig;
@@ -585,9 +585,9 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 *lost = None;
                 deliveries = recovered;
             }
-            // Tried again at the next pass while its writes may still be held; after that
-            // they are taken over as before.
-            Err(error) if may_pass(&error) && sent.elapsed() < config.visibility => {
+            // Tried again at the next pass while the store is out of reach and its writes
+            // may still be held; refused, or after that, they are taken over as before.
+            Err(error) if error.is_retryable() && sent.elapsed() < config.visibility => {
                 return Err(error);
             }
             Err(error) => {

@@ -1675,6 +1675,32 @@ async fn a_running_job_is_kept_through_a_read_only_store_for_half_its_visibility
 /// worker takes them back as the same delivery at once, so the job runs within a second or
 /// two, on its first attempt, rather than after its visibility on a second one (with
 /// `max_attempts(1)`, dead without ever running).
+/// Taking back a lost fetch's jobs is given up at once when the store refuses it with an error
+/// no retry cures: the worker goes back to fetching, so jobs that fetch never took run at once.
+#[tokio::test(start_paused = true)]
+async fn a_recovery_the_store_refuses_does_not_hold_fetching_back() {
+    let store: SlowStore = SlowStore::default();
+    store.failing_fetches.store(1, Ordering::Relaxed);
+    store.failing_recovers.store(true, Ordering::Relaxed);
+    let queue = JobQueue::builder("recovery-refused", store)
+        .build()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    let start = tokio::time::Instant::now();
+    let worker = queue
+        .worker(|_job| async { Ok(Bytes::new()) })
+        .visibility(Duration::from_secs(10))
+        .start()
+        .unwrap();
+    wait_for_state(&queue, id, JobState::Done).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the job ran {:?} after the failed fetch",
+        start.elapsed()
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_fetch_reply_was_lost_runs_at_once_on_its_first_attempt() {
     let store = SlowStore::first_fetch_reply_lost(MemoryJobStore::new());

@@ -66,6 +66,9 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     read_only_until: Option<tokio::time::Instant>,
     lose_first_fetch_reply: bool,
     fetch_reply_lost: Arc<AtomicBool>,
+    /// While set, every `recover` is refused with a command error (a script the server will
+    /// not run).
+    pub(crate) failing_recovers: Arc<AtomicBool>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -99,6 +102,7 @@ impl<S: JobStore> SlowStore<S> {
             read_only_until: None,
             lose_first_fetch_reply: false,
             fetch_reply_lost: Arc::default(),
+            failing_recovers: Arc::default(),
         }
     }
 
@@ -260,6 +264,12 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         token: u64,
         max: usize,
     ) -> Result<Vec<Delivery>, BackendError> {
+        if self.failing_recovers.load(Ordering::Relaxed) {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Command,
+                "ERR the script is refused",
+            ));
+        }
         self.inner.recover(partition, consumer, token, max).await
     }
 
