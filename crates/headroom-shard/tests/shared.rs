@@ -10,7 +10,9 @@ use headroom_core::Namespace;
 use headroom_core::memory::MemoryMigrationStore;
 use headroom_core::migration::MigrationStore;
 use headroom_redis::{Redis, RedisConfig, RedisMigrationStore};
-use headroom_shard::{JumpRouter, Migration, MigrationErrorKind, Phase, SharedMigration, Topology};
+use headroom_shard::{
+    JumpRouter, Migration, MigrationError, MigrationErrorKind, Phase, SharedMigration, Topology,
+};
 use headroom_testkit::RedisServer;
 
 type Node = &'static str;
@@ -271,15 +273,20 @@ async fn the_step_after_an_abandoned_cut_over_waits_for_the_participants() {
     assert_eq!(driver.advance().await.unwrap(), Phase::Cleanup);
 }
 
-/// A record that vanishes while the cut-over waits (removed, or lost by the store) counts no
-/// participant, so it cannot show that every live one has left the old owners: the cut-over
-/// fails with `Diverged` rather than returning as if they had.
-#[tokio::test(start_paused = true)]
-async fn the_cut_over_fails_when_the_shared_record_vanishes_during_the_wait() {
-    let store = MemoryMigrationStore::new();
-    let ns = Namespace::new("vanished").unwrap();
-    let driver = Arc::new(join(&store, &ns, "driver").await);
-    let other = join(&store, &ns, "other").await;
+type InMemory = SharedMigration<Node, JumpRouter, MemoryMigrationStore>;
+
+/// A driver and another participant in shadow reads, and the driver's cut-over, spawned and
+/// waiting for the other to take it on.
+async fn cut_over_waiting_for_another(
+    store: &MemoryMigrationStore,
+    ns: &Namespace,
+) -> (
+    Arc<InMemory>,
+    InMemory,
+    tokio::task::JoinHandle<Result<Phase, MigrationError>>,
+) {
+    let driver = Arc::new(join(store, ns, "driver").await);
+    let other = join(store, ns, "other").await;
     driver.migration().report_copied(1, 1);
     assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
     assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
@@ -290,6 +297,17 @@ async fn the_cut_over_fails_when_the_shared_record_vanishes_during_the_wait() {
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!cut_over.is_finished(), "the cut-over waits for `other`");
+    (driver, other, cut_over)
+}
+
+/// A record that vanishes while the cut-over waits (removed, or lost by the store) counts no
+/// participant, so it cannot show that every live one has left the old owners: the cut-over
+/// fails with `Diverged` rather than returning as if they had.
+#[tokio::test(start_paused = true)]
+async fn the_cut_over_fails_when_the_shared_record_vanishes_during_the_wait() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("vanished").unwrap();
+    let (_driver, other, cut_over) = cut_over_waiting_for_another(&store, &ns).await;
     store.remove(&ns.key("m").unwrap()).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(1), cut_over)
         .await
@@ -311,18 +329,7 @@ async fn the_cut_over_fails_when_the_shared_phase_goes_back() {
     let store = MemoryMigrationStore::new();
     let ns = Namespace::new("went-back").unwrap();
     let key = ns.key("m").unwrap();
-    let driver = Arc::new(join(&store, &ns, "driver").await);
-    let other = join(&store, &ns, "other").await;
-    driver.migration().report_copied(1, 1);
-    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
-    assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
-    assert_eq!(other.refresh().await.unwrap(), Phase::ShadowRead);
-    let cut_over = tokio::spawn({
-        let driver = Arc::clone(&driver);
-        async move { driver.advance().await }
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!cut_over.is_finished(), "the cut-over waits for `other`");
+    let (driver, _other, cut_over) = cut_over_waiting_for_another(&store, &ns).await;
 
     // The store loses the cut-over; a participant joining now follows the earlier phase.
     let record = store.load(&key).await.unwrap().unwrap();
