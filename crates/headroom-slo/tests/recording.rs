@@ -74,17 +74,21 @@ async fn a_call_given_up_on_counts_against_latency_once_past_the_threshold() {
     assert_eq!(available.evaluate().events, 0);
 }
 
-/// A service that panics failed its caller (a catching layer outside answers 500, or the
-/// connection drops): both kinds of objective count the call as bad, at once.
-#[tokio::test(flavor = "current_thread")]
-async fn a_call_whose_service_panics_counts_as_bad() {
-    let time = ManualClock::new();
+/// An availability and a latency objective on `time`.
+fn both_kinds(time: &ManualClock) -> [Objective; 2] {
     let available = Objective::with_clock(
         ObjectiveConfig::availability("search-ok", 0.99),
         time.clock(),
     )
     .unwrap();
-    for objective in [available, latency(&time)] {
+    [available, latency(time)]
+}
+
+/// A service that panics failed its caller (a catching layer outside answers 500, or the
+/// connection drops): both kinds of objective count the call as bad, at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_call_whose_service_panics_counts_as_bad() {
+    for objective in both_kinds(&ManualClock::new()) {
         let service = SloLayer::new(objective.clone()).layer(service_fn(|_: ()| async {
             panic!("the handler failed");
             #[allow(unreachable_code)]
@@ -101,13 +105,7 @@ async fn a_call_whose_service_panics_counts_as_bad() {
 /// same: both kinds of objective count the call as bad.
 #[tokio::test(flavor = "current_thread")]
 async fn a_call_whose_service_panics_in_call_counts_as_bad() {
-    let time = ManualClock::new();
-    let available = Objective::with_clock(
-        ObjectiveConfig::availability("search-ok", 0.99),
-        time.clock(),
-    )
-    .unwrap();
-    for objective in [available, latency(&time)] {
+    for objective in both_kinds(&ManualClock::new()) {
         let service = SloLayer::new(objective.clone()).layer(service_fn(
             |_: ()| -> std::future::Ready<Result<(), ()>> { panic!("in call") },
         ));
