@@ -202,7 +202,6 @@ async fn fallback_answers_when_the_circuit_is_open_or_attempts_are_spent() {
     assert_eq!(error.inner(), Some(&Failure::Invalid));
 }
 
-#[cfg(feature = "serde")]
 /// The builder takes a zero timeout as it is (`from_config` refuses one): an attempt ready at
 /// its first poll still succeeds, and one that waits fails with `Elapsed`.
 #[tokio::test(start_paused = true)]
@@ -221,6 +220,7 @@ async fn a_zero_timeout_from_the_builder_fails_every_attempt_that_waits() {
     assert_eq!(error.kind(), ErrorKind::Elapsed);
 }
 
+#[cfg(feature = "serde")]
 #[tokio::test(start_paused = true)]
 async fn a_pipeline_loads_from_configuration() {
     let config: headroom_breaker::PipelineConfig = serde_json::from_str(
