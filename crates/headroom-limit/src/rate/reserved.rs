@@ -2,6 +2,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hashbrown::HashTable;
 use parking_lot::Mutex;
@@ -24,6 +25,9 @@ pub(crate) struct LocalState {
     seed: RandomState,
     /// Places held keys in shards and in their tables.
     hasher: RandomState,
+    /// Keys held in every shard, changed under the shard's lock: with none (exact mode with
+    /// no refusal), a check neither hashes nor locks.
+    held: AtomicUsize,
 }
 
 type Shard = Mutex<HashTable<(TierKey, Entry)>>;
@@ -88,6 +92,7 @@ impl LocalState {
             shard_cap: max_keys.div_ceil(LOCAL_SHARDS).max(1),
             seed: RandomState::new(),
             hasher: RandomState::new(),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -103,6 +108,9 @@ impl LocalState {
 
     /// `interval` is the shortest emission interval of the tier's quotas.
     pub(crate) fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return Local::Unknown { saturated: false };
+        }
         let (key, hash, shard) = self.place(key);
         let mut shard = shard.lock();
         let Some((_, entry)) = shard.find_mut(hash, |(k, _)| *k == key) else {
@@ -136,11 +144,13 @@ impl LocalState {
         let mut shard = shard.lock();
         let held = |(k, _): &(TierKey, Entry)| *k == key;
         if shard.len() >= self.shard_cap && shard.find(hash, held).is_none() {
+            let before = shard.len();
             shard.retain(|(_, e)| (e.expires > now && e.units > 0) || e.blocked_until > now);
             if shard.len() >= self.shard_cap {
                 // Forgetting reserved units or refusals only ever admits less or asks more.
                 shard.clear();
             }
+            self.held.fetch_sub(before - shard.len(), Ordering::Relaxed);
         }
         match shard.find_mut(hash, held) {
             Some((_, entry)) => change(entry),
@@ -148,6 +158,7 @@ impl LocalState {
                 let mut entry = Entry::default();
                 change(&mut entry);
                 shard.insert_unique(hash, (key, entry), |(k, _)| self.hasher.hash_one(k));
+                self.held.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
