@@ -598,6 +598,16 @@ impl<S: JobStore> JobStore for ChaosJobStore<S> {
             .call([partition], move || self.inner.dead_letters(partition, max))
     }
 
+    fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> impl Future<Output = Result<Option<(JobNumber, Bytes)>, BackendError>> + Send {
+        self.point.call([partition], move || {
+            self.inner.newest_of(partition, subject)
+        })
+    }
+
     fn stats(
         &self,
         partition: &Key,

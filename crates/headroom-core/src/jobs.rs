@@ -38,6 +38,9 @@ pub struct NewJob {
     /// An idempotency key: a second enqueue with the same key within the window returns the
     /// first job's number and adds nothing.
     pub dedup_key: Option<Bytes>,
+    /// What the job writes (a record's key, for a write-behind): while it is unfinished, the
+    /// newest job enqueued with a subject is found by [`JobStore::newest_of`].
+    pub subject: Option<Bytes>,
 }
 
 impl NewJob {
@@ -74,6 +77,13 @@ impl NewJob {
     #[must_use]
     pub fn dedup_key(mut self, key: impl Into<Bytes>) -> Self {
         self.dedup_key = Some(key.into());
+        self
+    }
+
+    /// About `subject`.
+    #[must_use]
+    pub fn subject(mut self, subject: impl Into<Bytes>) -> Self {
+        self.subject = Some(subject.into());
         self
     }
 }
@@ -286,6 +296,8 @@ pub struct PartitionStats {
 ///   - `bury` makes it dead, keeping its payload and `error` for `retention`, and lists it
 ///     among the dead letters.
 /// - A done or dead job no longer counts against any bound.
+/// - `newest_of` answers the job last added with the subject while it is unfinished; once it
+///   is done or dead, nothing, even if an older job with the subject is still unfinished.
 /// - Times use the store's clock (Redis server time), never the caller's.
 /// - Deliveries are at least once: a job taken over after its visibility ran out may still be
 ///   running in its first holder.
@@ -450,6 +462,14 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         async { Ok(()) }
     }
 
+    /// The number and payload of the job last added to `partition` with `subject`
+    /// ([`NewJob::subject`]), if it is unfinished.
+    fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> impl Future<Output = Result<Option<(JobNumber, Bytes)>, BackendError>> + Send;
+
     /// The partition's counts.
     fn stats(
         &self,
@@ -543,6 +563,11 @@ trait ErasedJobStore: Send + Sync + fmt::Debug + 'static {
         partition: &'a Key,
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<(), BackendError>>;
+    fn newest_of<'a>(
+        &'a self,
+        partition: &'a Key,
+        subject: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<(JobNumber, Bytes)>, BackendError>>;
     fn stats<'a>(
         &'a self,
         partition: &'a Key,
@@ -663,6 +688,13 @@ impl<S: JobStore> ErasedJobStore for S {
         consumer: &'a str,
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(JobStore::leave(self, partition, consumer))
+    }
+    fn newest_of<'a>(
+        &'a self,
+        partition: &'a Key,
+        subject: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<(JobNumber, Bytes)>, BackendError>> {
+        Box::pin(JobStore::newest_of(self, partition, subject))
     }
     fn stats<'a>(
         &'a self,
@@ -793,6 +825,13 @@ impl JobStore for DynJobStore {
     }
     async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
         self.0.leave(partition, consumer).await
+    }
+    async fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+        self.0.newest_of(partition, subject).await
     }
     async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
         self.0.stats(partition).await

@@ -22,9 +22,8 @@ pub enum CacheWriteError {
     /// The durable write was refused (the backlog is full, or the job invalid): nothing
     /// changed, neither in the cache nor for the writer. Or the store failed
     /// ([`EnqueueError::Backend`]): the write may have been recorded all the same (a lost
-    /// answer) and then reaches the writer, so the key was removed from the cache. A read
-    /// that loads the key from the source before the write reaches it may still load, and
-    /// cache, the value the write replaces: retry the write, which makes its outcome known.
+    /// answer) and then reaches the writer, so the key was removed from the cache; if it was
+    /// recorded, [`WriteBehindCache::get_or_load`] answers it until the writer has it.
     #[error("the write was not accepted")]
     Enqueue(#[from] EnqueueError),
     /// Writes of keys sharing this key's turns already wait up to their bound, behind a
@@ -48,7 +47,9 @@ pub enum CacheWriteError {
 /// records a durable write, which a [`Flusher`](crate::Flusher) hands to the writer, coalesced
 /// per key per flush window.
 ///
-/// Values are written as JSON; a writer reads them back with [`Write::json`].
+/// Values are written as JSON; a writer reads them back with [`Write::json`]. Read through
+/// [`get_or_load`](Self::get_or_load): on a miss, it answers a write the writer does not
+/// have yet before it asks the source.
 ///
 /// A key's writes take turns in this process: each records its version and updates the
 /// cache before the next begins, so the cache keeps the value of the latest version, the one
@@ -116,6 +117,33 @@ where
     /// The cache, for reads.
     pub fn cache(&self) -> &Cache<K, V> {
         &self.cache
+    }
+
+    /// Reads `key` as [`Cache::get_or_load`] does, except that on a miss of both levels the
+    /// key's newest write the writer does not have yet ([`WriteBehind::pending`]) is the
+    /// value, and `loader` (the source the writer writes to) is asked only when there is
+    /// none. So a read never loads the value an acknowledged write replaced, also when the
+    /// write did not reach L2 (Redis out of reach at that moment) or its entry left L2
+    /// before the flush (TTL, eviction). When the job store cannot be asked, the load fails
+    /// (served stale, if the cache's fail-safe has a value), rather than risk that value.
+    ///
+    /// Reads through [`cache`](Self::cache) do not look at the unwritten writes.
+    pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
+    where
+        F: FnOnce(K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
+        let writes = Arc::clone(&self.writes);
+        self.cache
+            .get_or_load(key, move |key: K| async move {
+                match writes.pending(&key_bytes(&key)).await {
+                    Ok(Some(write)) => write.json().transpose().map_err(Into::into),
+                    Ok(None) => loader(key).await.map_err(Into::into),
+                    Err(error) => Err::<_, Box<dyn std::error::Error + Send + Sync>>(error.into()),
+                }
+            })
+            .await
     }
 
     /// The write-behind, to start its flusher.

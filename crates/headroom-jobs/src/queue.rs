@@ -21,6 +21,8 @@ pub struct Job {
     tenant: Option<String>,
     idempotency_key: Option<String>,
     route: Option<Bytes>,
+    /// Found by [`JobQueue::newest_of`] while it is the newest unfinished job of its route.
+    subject: bool,
     origin: Option<String>,
 }
 
@@ -41,6 +43,7 @@ impl Job {
             tenant: None,
             idempotency_key: None,
             route: None,
+            subject: false,
             origin: None,
         }
     }
@@ -85,6 +88,13 @@ impl Job {
     /// idempotency key deduplicates only among jobs of one route.
     pub fn route(mut self, key: impl Into<Bytes>) -> Self {
         self.route = Some(key.into());
+        self
+    }
+
+    /// Found by [`JobQueue::newest_of`] its route key while it is the newest unfinished job
+    /// enqueued so with that route.
+    pub(crate) fn subject_of_its_route(mut self) -> Self {
+        self.subject = true;
         self
     }
 
@@ -398,6 +408,11 @@ impl<S: JobStore> JobQueue<S> {
         if let Some(key) = dedup_key {
             new = new.dedup_key(key);
         }
+        if job.subject
+            && let Some(route) = &job.route
+        {
+            new = new.subject(route.clone());
+        }
         let answer = inner
             .store
             .enqueue(&inner.partitions[partition], &new, &inner.limits)
@@ -475,6 +490,33 @@ impl<S: JobStore> JobQueue<S> {
         Duration::try_from_secs_f64(jittered)
             .unwrap_or(Duration::MAX)
             .clamp(config.min_retry_after, config.max_retry_after)
+    }
+
+    /// The payload of the newest unfinished job enqueued with route `route` as its subject
+    /// ([`Job::subject_of_its_route`], without a tenant), if any.
+    pub(crate) async fn newest_of(&self, route: &[u8]) -> Result<Option<Bytes>, BackendError> {
+        let inner = &self.inner;
+        let partition = &inner.partitions[self.partition_of_route(route)];
+        let Some((_, sealed)) = inner.store.newest_of(partition, route).await? else {
+            return Ok(None);
+        };
+        envelope::open(&sealed)
+            .map(|(_, payload)| Some(payload))
+            .ok_or_else(|| {
+                BackendError::with_detail(
+                    headroom_core::BackendErrorKind::Corrupt,
+                    "the newest job of a route is not a sealed job",
+                )
+            })
+    }
+
+    fn partition_of_route(&self, route: &[u8]) -> usize {
+        let n = self.inner.partitions.len();
+        if n == 1 {
+            0
+        } else {
+            (hash(route) % n as u64) as usize
+        }
     }
 
     fn partition_for(&self, job: &Job) -> usize {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
-use headroom_core::{BackendError, Classify, Clock, Namespace};
+use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Namespace};
 use tokio::sync::watch;
 
 use crate::config::InvalidConfig;
@@ -291,8 +291,30 @@ impl<S: JobStore> WriteBehind<S> {
             })
             .map_or(micros, |last| micros.max(last + 1));
         let payload = encode(version, &key, value);
-        self.queue.enqueue(Job::new(payload).route(key)).await?;
+        let job = Job::new(payload).route(key).subject_of_its_route();
+        self.queue.enqueue(job).await?;
         Ok(version)
+    }
+
+    /// The newest write recorded for `key` while the writer does not have it yet: from
+    /// `put` or `delete` until the writer took it (or refused it for good). `None` when the
+    /// writer has the key's newest write, or none was recorded.
+    ///
+    /// A read that misses the cache asks this before the source, which lacks the write
+    /// until the flush ([`WriteBehindCache::get_or_load`](crate::WriteBehindCache::get_or_load)).
+    pub async fn pending(&self, key: &[u8]) -> Result<Option<Write>, BackendError> {
+        let Some(payload) = self.queue.newest_of(key).await? else {
+            return Ok(None);
+        };
+        decode(payload)
+            .filter(|write| write.key == key)
+            .map(Some)
+            .ok_or_else(|| {
+                BackendError::with_detail(
+                    BackendErrorKind::Corrupt,
+                    "the newest write of a key is not a write-behind record",
+                )
+            })
     }
 
     /// Starts handing the writes to `writer`, on the current tokio runtime. Run one flusher

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use headroom_cache::Cache;
+use headroom_cache::{Cache, CacheError, CacheErrorKind};
 use headroom_core::jobs::JobStore;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
 use headroom_core::{Clock, ManualClock, Namespace};
@@ -165,6 +165,13 @@ async fn a_write_whose_enqueue_answer_was_lost_leaves_no_old_value_in_the_cache(
         .unwrap();
     let lost = profiles.insert("ada".to_owned(), ada(2)).await.unwrap_err();
     assert!(matches!(lost, CacheWriteError::Enqueue(_)), "{lost:?}");
+    let source = Source::with("ada", ada(1));
+    assert_eq!(
+        source.read(&profiles, "ada").await,
+        Some(ada(2)),
+        "a read before the flush answers the recorded write, not the source's older value"
+    );
+    assert_eq!(source.loads(), 0);
     let written: Written = Arc::default();
     let seen = written.clone();
     let flusher = profiles.writes().start(move |batch: Vec<Write>| {
@@ -473,4 +480,176 @@ async fn of_an_instance_removing_a_key_and_another_inserting_it_within_a_millise
         Duration::from_micros(300),
     )
     .await;
+}
+
+/// The database a writer writes to and a loader reads from, counting the loads.
+#[derive(Clone, Default)]
+struct Source {
+    rows: Arc<Mutex<Rows>>,
+    loads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Source {
+    fn with(key: &str, profile: Profile) -> Self {
+        let source = Self::default();
+        source
+            .rows
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), (0, Some(profile)));
+        source
+    }
+
+    fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Reads `key` through `profiles`, loading from this source on a miss.
+    async fn read<S: JobStore>(
+        &self,
+        profiles: &WriteBehindCache<String, Profile, S>,
+        key: &str,
+    ) -> Option<Profile> {
+        self.try_read(profiles, key).await.unwrap()
+    }
+
+    async fn try_read<S: JobStore>(
+        &self,
+        profiles: &WriteBehindCache<String, Profile, S>,
+        key: &str,
+    ) -> Result<Option<Profile>, CacheError> {
+        let source = self.clone();
+        profiles
+            .get_or_load(&key.to_owned(), move |key: String| async move {
+                source
+                    .loads
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let rows = source.rows.lock().unwrap();
+                Ok::<_, std::convert::Infallible>(rows.get(&key).and_then(|row| row.1.clone()))
+            })
+            .await
+    }
+
+    /// Hands every write waiting in `profiles` to this source, applying each only over an
+    /// older version.
+    async fn flush<S: JobStore>(&self, profiles: &WriteBehindCache<String, Profile, S>) {
+        for (key, row) in flush_to_rows(profiles).await {
+            let mut rows = self.rows.lock().unwrap();
+            let kept = rows.entry(key).or_insert((0, None));
+            if kept.0 < row.0 {
+                *kept = row;
+            }
+        }
+    }
+}
+
+/// A read that misses both levels before the flush (here the entries' TTL ran out while the
+/// writer was behind) answers the write still waiting for the writer, not the older value the
+/// source holds; a delete waiting answers nothing. Once the writer has them, reads load from
+/// the source again.
+#[tokio::test(start_paused = true)]
+async fn a_read_missing_the_cache_before_the_flush_answers_the_unwritten_write() {
+    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
+    let clock = manual.clock();
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(1))
+        .l2(
+            MemoryKvStore::builder().clock(clock.clone()).build(),
+            Namespace::new("profiles").unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("ttl", MemoryJobStore::new())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let profiles = WriteBehindCache::new(cache, writes);
+    let source = Source::with("ada", visits(1));
+    source
+        .rows
+        .lock()
+        .unwrap()
+        .insert("bob".to_owned(), (0, Some(visits(7))));
+
+    profiles.insert("ada".to_owned(), visits(2)).await.unwrap();
+    profiles.remove(&"bob".to_owned()).await.unwrap();
+    manual.advance(Duration::from_secs(2));
+    assert_eq!(source.read(&profiles, "ada").await, Some(visits(2)));
+    assert_eq!(source.read(&profiles, "bob").await, None);
+    assert_eq!(
+        source.loads(),
+        0,
+        "the source was read for a key it is behind on"
+    );
+
+    source.flush(&profiles).await;
+    manual.advance(Duration::from_secs(2));
+    assert_eq!(source.read(&profiles, "ada").await, Some(visits(2)));
+    assert_eq!(source.read(&profiles, "bob").await, None);
+    assert_eq!(source.loads(), 2, "written, the keys load from the source");
+}
+
+/// A write whose cache write failed (the cache's Redis out of reach at that moment) is still
+/// what another instance reads before the flush, and not the source's older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_missed_the_cache_is_read_elsewhere_before_the_flush() {
+    let server = shared_server();
+    let redis = standalone().await;
+    let ns = unique_namespace("wb-missed-l2");
+    let proxy = headroom_testkit::FaultProxy::start(server.addr()).await;
+    let through_proxy = Redis::connect(
+        RedisConfig::standalone(proxy.url()).with_command_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    let clock = Clock::system();
+    let a = {
+        let cache = Cache::builder()
+            .ttl(Duration::from_secs(600))
+            .l2(RedisKvStore::new(through_proxy), ns.child("cache").unwrap())
+            .build()
+            .unwrap();
+        let writes = WriteBehind::builder("profiles", RedisJobStore::new(redis.clone()))
+            .namespace(ns.child("jobs").unwrap())
+            .build()
+            .unwrap();
+        WriteBehindCache::new(cache, writes)
+    };
+    let b = instance(RedisJobStore::new(redis.clone()), &redis, &ns, &clock).await;
+    let source = Source::with("ada", visits(1));
+
+    proxy.cut();
+    a.insert("ada".to_owned(), visits(2)).await.unwrap();
+    proxy.restore();
+    assert_eq!(read_elsewhere(&redis, &ns, &clock, "ada").await, None);
+    assert_eq!(source.read(&b, "ada").await, Some(visits(2)));
+    assert_eq!(
+        source.loads(),
+        0,
+        "the source was read for a key it is behind on"
+    );
+
+    source.flush(&b).await;
+    assert_eq!(source.rows.lock().unwrap()["ada"].1, Some(visits(2)));
+}
+
+/// While the job store cannot say whether a key has a write the source lacks, a read that
+/// misses the cache fails rather than load a value such a write may have replaced.
+#[tokio::test(start_paused = true)]
+async fn a_read_missing_the_cache_while_the_job_store_is_out_of_reach_loads_nothing() {
+    let store: SlowStore = SlowStore::default();
+    let out_of_reach = store.out_of_reach.clone();
+    let writes = WriteBehind::builder("out", store).build().unwrap();
+    let profiles = WriteBehindCache::new(cache(), writes);
+    let source = Source::with("ada", visits(1));
+
+    out_of_reach.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = source.try_read(&profiles, "ada").await.unwrap_err();
+    assert_eq!(failed.kind(), CacheErrorKind::Loader, "{failed}");
+    assert_eq!(source.loads(), 0);
+
+    out_of_reach.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(source.read(&profiles, "ada").await, Some(visits(1)));
+    assert_eq!(source.loads(), 1);
 }

@@ -33,7 +33,7 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
-//   tenant (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
+//   tenant (if any), `k` subject (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
 //   while running `sid` (the stream entry of the current delivery), `c` (its consumer) and `f`
 //   (the token of the fetch that made it, `0` for none, with `+` after it when that delivery
 //   took the job over: `recover` finds a lost fetch's deliveries by it). A
@@ -47,6 +47,8 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:d`: sorted set of delayed and retrying job numbers by due time (ms).
 // - `P:dd:<dedup key>`: the number first enqueued with the key, expiring after the window.
 // - `P:n`: unfinished jobs; `P:t`: hash of unfinished jobs per tenant.
+// - `P:k`: hash of the number of the job last added with each subject, while it is unfinished:
+//   its completion or burial removes the field if it still names that job.
 // - `P:dead`: sorted set of dead job numbers by burial order (`P:dseq`), bounded; `P:dx`: the
 //   same numbers by the end of their retention, to drop them once their record expired.
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
@@ -149,6 +151,20 @@ local function count_tenant(tenant, delta)
 end
 ";
 
+/// The subjects' newest jobs.
+const SUBJECTS: &str = r"
+-- Forgets `subject`'s newest job if it is job `n`, which finished. A `P:k` the store did not
+-- write is dropped rather than failing a step half way through its writes.
+local function forget_subject(subject, n)
+  local newest = redis.pcall('HGET', P .. ':k', subject)
+  if newest == n then
+    redis.call('HDEL', P .. ':k', subject)
+  elseif type(newest) == 'table' then
+    redis.call('DEL', P .. ':k')
+  end
+end
+";
+
 /// The drain rate's buckets, read and written.
 const DRAIN: &str = r"
 -- The drain buckets rolled to now: bucket index, finished in it, finished in the one before.
@@ -244,7 +260,8 @@ end
 ";
 
 /// ARGV: lane, delay (ms, 0 for none), payload, tenant flag (`1`/`0`), tenant, dedup flag,
-/// dedup key, dedup window (ms), max length, max per tenant (empty for none).
+/// dedup key, dedup window (ms), max length, max per tenant (empty for none), subject flag,
+/// subject.
 ///
 /// Answers `{'a', number}`, `{'d', number}`, `{'f', tenant (1/0), depth, drained per sec,
 /// unfinished}` or `{'c', what}` for a corrupt count.
@@ -282,6 +299,13 @@ if tenant then
   count_tenant(tenant, 1)
 else
   redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
+end
+if ARGV[11] == '1' then
+  redis.call('HSET', rk, 'k', ARGV[12])
+  if type(redis.pcall('HSET', P .. ':k', ARGV[12], n)) ~= 'number' then
+    redis.call('DEL', P .. ':k')
+    redis.call('HSET', P .. ':k', ARGV[12], n)
+  end
 end
 redis.call('INCR', P .. ':n')
 if ARGV[2] ~= '0' then
@@ -665,7 +689,7 @@ return {out, {}}
 const STEP: &str = r"
 local n = ARGV[1]
 local rk = record(n)
-local r = read_record(rk, 's', 'a', 'l', 'sid', 't', 'c')
+local r = read_record(rk, 's', 'a', 'l', 'sid', 't', 'c', 'k')
 if not r then
   return -1
 end
@@ -711,6 +735,9 @@ else
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
   finished(tenant)
+  if r[7] then
+    forget_subject(r[7], n)
+  end
   redis.call('HSET', rk, 's', 'x', 'err', ARGV[4])
   redis.call('HDEL', rk, 'sid', 'c', 'f')
   redis.call('PEXPIRE', rk, ARGV[5])
@@ -797,7 +824,7 @@ local function complete_jobs(from)
   for i = from + 1, #ARGV, 3 do
     local n = ARGV[i]
     local rk = record(n)
-    local r = read_record(rk, 's', 'a', 'l', 'sid', 't')
+    local r = read_record(rk, 's', 'a', 'l', 'sid', 't', 'k')
     local answer = 0
     if not r then
       answer = -1
@@ -818,6 +845,9 @@ local function complete_jobs(from)
         end
         redis.call('HSET', rk, 's', 'd', 'res', ARGV[i + 2], 'p', '', 'sid', '', 'c', '', 'f', '')
         redis.call('PEXPIRE', rk, retention)
+        if r[6] then
+          forget_subject(r[6], n)
+        end
       else
         answer = -1
       end
@@ -842,6 +872,20 @@ end
 /// [`COMPLETE_JOBS`].
 const COMPLETE: &str = r"
 return complete_jobs(1)
+";
+
+/// ARGV: subject. Answers `{number, payload}` of the subject's newest job if it is unfinished
+/// (a record the store wrote, still naming the subject), or nothing.
+const NEWEST: &str = r"
+local n = redis.pcall('HGET', P .. ':k', ARGV[1])
+if type(n) ~= 'string' or not int(n) then
+  return false
+end
+local r = read_record(record(n), 's', 'k', 'p')
+if r and (r[1] == 'q' or r[1] == 'y' or r[1] == 'r') and r[2] == ARGV[1] and r[3] then
+  return {n, r[3]}
+end
+return false
 ";
 
 /// ARGV: max. Answers the numbers of up to `max` dead jobs still kept, newest first.
@@ -952,9 +996,10 @@ static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 });
 static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], RECOVER));
 static STEP_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, PRUNE_DEAD], STEP));
+    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, PRUNE_DEAD, SUBJECTS], STEP));
 static COMPLETE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, COMPLETE_JOBS], COMPLETE));
+    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, SUBJECTS, COMPLETE_JOBS], COMPLETE));
+static NEWEST_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], NEWEST));
 static DEAD_LETTERS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRUNE_DEAD], DEAD_LETTERS));
 static STATS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[PRUNE_DEAD], STATS));
@@ -1369,7 +1414,9 @@ impl JobStore for RedisJobStore {
                     .max_per_tenant
                     .map(|max| max.to_string())
                     .unwrap_or_default(),
-            );
+            )
+            .arg(flag(job.subject.is_some()))
+            .arg(job.subject.as_deref().unwrap_or_default());
         let reply = array(self.redis.invoke(&invocation).await?, "enqueue")?;
         match reply.as_slice() {
             [Value::BulkString(code), number] if code == b"a" => {
@@ -1587,6 +1634,29 @@ impl JobStore for RedisJobStore {
             .query(redis::cmd("HMGET").arg(record).arg(&RECORD_FIELDS[..]))
             .await?;
         parse_record(number, fields)
+    }
+
+    async fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+        let key = self.partition(partition)?;
+        let reply: Value = self
+            .redis
+            .invoke(NEWEST_SCRIPT.key(key).arg(subject))
+            .await?;
+        match reply {
+            Value::Nil => Ok(None),
+            Value::Array(fields) => match <[Value; 2]>::try_from(fields) {
+                Ok([number, payload]) => Ok(Some((
+                    stored_number(&number, "the newest job of a subject")?,
+                    bytes(payload, "the payload of a subject's newest job")?.unwrap_or_default(),
+                ))),
+                Err(_) => Err(protocol("newest_of answered an unexpected reply")),
+            },
+            _ => Err(protocol("newest_of answered an unexpected reply")),
+        }
     }
 
     async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {

@@ -193,6 +193,7 @@ macro_rules! on_both {
 
 on_both!(
     a_job_lives_in_its_record_and_lane_stream,
+    foreign_subjects_find_nothing_and_fail_no_step,
     concurrent_enqueuers_never_pass_the_bound,
     a_dedup_key_lives_for_its_window,
     lanes_are_separate_streams_read_in_order,
@@ -1275,6 +1276,37 @@ async fn drain_stats_of_another_type_fail_no_step(ctx: Ctx) {
     let stats = ctx.store.stats(&p).await.unwrap();
     assert_eq!((stats.unfinished, stats.dead), (0, 1));
     ctx.add(&p, job("c")).await;
+}
+
+/// The subjects' hash replaced by a key of another type, or a field naming no job of its
+/// subject: no newest job is found there, and no step fails on it (the next enqueue with a
+/// subject writes the hash afresh).
+async fn foreign_subjects_find_nothing_and_fail_no_step(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let a = ctx.add(&p, job("a").subject("s")).await;
+    let other = ctx.add(&p, job("o").subject("t")).await;
+    let _: () = ctx.raw(redis::cmd("SET").arg(sub(&p, ":k")).arg("x")).await;
+    assert_eq!(ctx.store.newest_of(&p, b"s").await.unwrap(), None);
+    assert_eq!(ctx.fetch(&p, "w", &[0], 10, LONG).await.len(), 2);
+    let done = ctx.store.complete(&p, a, 1, Bytes::new(), LONG).await;
+    assert_eq!(done.unwrap(), Fenced::Applied);
+    let b = ctx.add(&p, job("b").subject("s")).await;
+    assert_eq!(
+        ctx.store.newest_of(&p, b"s").await.unwrap(),
+        Some((b, Bytes::from_static(b"b")))
+    );
+    for foreign in ["junk".to_owned(), other.to_string(), "99999".to_owned()] {
+        let _: i64 = ctx
+            .raw(redis::cmd("HSET").arg(sub(&p, ":k")).arg("s").arg(&foreign))
+            .await;
+        assert_eq!(
+            ctx.store.newest_of(&p, b"s").await.unwrap(),
+            None,
+            "{foreign}"
+        );
+    }
+    let buried = ctx.store.bury(&p, other, 1, Bytes::new(), LONG).await;
+    assert_eq!(buried.unwrap(), Fenced::Applied);
 }
 
 /// Zero retentions and dedup windows, and lanes past the last, are refused as configuration

@@ -200,6 +200,8 @@ struct Partition {
     /// by the end of their window: the ones room can be made from.
     released: BTreeSet<(u64, Bytes)>,
     tenants: HashMap<Bytes, u64>,
+    /// The job last added with each subject, while it is unfinished.
+    subjects: HashMap<Bytes, JobNumber>,
     unfinished: u64,
     dead: VecDeque<JobNumber>,
     drain: Drain,
@@ -224,6 +226,7 @@ struct Job {
     visibility_ms: u64,
     /// Its dedup key (counted with the key's own bytes, not the job's).
     dedup_key: Option<Bytes>,
+    subject: Option<Bytes>,
     /// While running: the token of the fetch that delivered it (0 for none), and whether that
     /// delivery took it over, so that [`JobStore::recover`] can deliver it again as it was.
     token: u64,
@@ -254,7 +257,12 @@ impl Job {
 
     fn bytes(&self) -> usize {
         let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
-        JOB_OVERHEAD + len(&self.payload) + len(&self.tenant) + len(&self.result) + len(&self.error)
+        JOB_OVERHEAD
+            + len(&self.payload)
+            + len(&self.tenant)
+            + len(&self.subject)
+            + len(&self.result)
+            + len(&self.error)
     }
 }
 
@@ -379,6 +387,11 @@ impl Partition {
         job.at_ms = until_ms;
         self.finished.insert((until_ms, number));
         self.unfinished -= 1;
+        if let Some(subject) = &job.subject
+            && self.subjects.get(subject) == Some(&number)
+        {
+            self.subjects.remove(subject);
+        }
         if let Some(tenant) = &job.tenant
             && let Some(count) = self.tenants.get_mut(tenant)
         {
@@ -469,6 +482,7 @@ impl JobStore for MemoryJobStore {
         let need = JOB_OVERHEAD
             + job.payload.len()
             + job.tenant.as_ref().map_or(0, Bytes::len)
+            + job.subject.as_ref().map_or(0, Bytes::len)
             + job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
         // A duplicate needs no room: answered before room is made, which may drop dedup keys.
         if let Some(key) = &job.dedup_key
@@ -519,6 +533,7 @@ impl JobStore for MemoryJobStore {
                 at_ms: due,
                 visibility_ms: 0,
                 dedup_key: job.dedup_key.clone(),
+                subject: job.subject.clone(),
                 token: 0,
                 taken_over: false,
             };
@@ -539,6 +554,9 @@ impl JobStore for MemoryJobStore {
             }
             if let Some(tenant) = &job.tenant {
                 *p.tenants.entry(tenant.clone()).or_default() += 1;
+            }
+            if let Some(subject) = &job.subject {
+                p.subjects.insert(subject.clone(), number);
             }
             p.unfinished += 1;
             p.jobs.insert(number, record);
@@ -759,6 +777,18 @@ impl JobStore for MemoryJobStore {
             let jobs = &p.jobs;
             p.dead.retain(|number| jobs.contains_key(number));
             p.dead.iter().take(max).copied().collect()
+        }))
+    }
+
+    async fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+        Ok(self.with(partition, |p, _| {
+            let number = *p.subjects.get(subject)?;
+            let payload = p.jobs.get(&number)?.payload.clone()?;
+            Some((number, payload))
         }))
     }
 

@@ -51,8 +51,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     /// When set, an `extend` sent while the store is out of reach fails only this long after
     /// it was sent, with a timeout.
     failure_takes: Option<Duration>,
-    /// While set, every `extend` and `complete_many` fails with a connection error, as when
-    /// the store is out of the worker's reach.
+    /// While set, every `extend`, `complete_many` and `newest_of` fails with a connection
+    /// error, as when the store is out of the worker's reach.
     pub(crate) out_of_reach: Arc<AtomicBool>,
     /// How many of the next fetches fail with a timeout, as in a blip of the store.
     pub(crate) failing_fetches: Arc<AtomicUsize>,
@@ -394,6 +394,17 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         max: usize,
     ) -> Result<Vec<JobNumber>, BackendError> {
         self.inner.dead_letters(partition, max).await
+    }
+
+    async fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+        if self.out_of_reach.load(Ordering::Relaxed) {
+            return Err(self.outage());
+        }
+        self.inner.newest_of(partition, subject).await
     }
 
     async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {

@@ -539,6 +539,98 @@ pub async fn a_lapsed_delivery_is_taken_over_behind_longer_holds<S: JobStore>(
     );
 }
 
+/// The newest job of a subject is found while it is unfinished (queued, running or
+/// retrying), whatever its older ones do; once it is done or dead, nothing is, even while an
+/// older one of the subject is still unfinished.
+pub async fn the_newest_job_of_a_subject_is_found_while_unfinished<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let newest = |subject: &'static str| {
+        let p = p.clone();
+        async move {
+            store
+                .newest_of(&p, subject.as_bytes())
+                .await
+                .expect("newest_of")
+        }
+    };
+    let about = |payload: &'static str, subject: &'static str| job(payload).subject(subject);
+    assert_eq!(newest("ada").await, None);
+    let first = add(store, &p, &about("ada 1", "ada")).await;
+    assert_eq!(
+        newest("ada").await,
+        Some((first, Bytes::from_static(b"ada 1")))
+    );
+    let second = add(store, &p, &about("ada 2", "ada")).await;
+    let bob = add(store, &p, &about("bob 1", "bob")).await;
+    add(store, &p, &job("no subject")).await;
+    assert_eq!(
+        newest("ada").await,
+        Some((second, Bytes::from_static(b"ada 2")))
+    );
+    assert_eq!(
+        newest("bob").await,
+        Some((bob, Bytes::from_static(b"bob 1")))
+    );
+    assert_eq!(newest("carol").await, None);
+
+    assert_eq!(fetch(store, &p, "w", &[0], 10, LONG).await.len(), 4);
+    let done = |number| Completion {
+        number,
+        attempt: 1,
+        result: Bytes::new(),
+    };
+    store
+        .complete_many(&p, &[done(first)], LONG)
+        .await
+        .expect("complete");
+    assert_eq!(
+        newest("ada").await,
+        Some((second, Bytes::from_static(b"ada 2"))),
+        "running, after an older one finished"
+    );
+    let retried = store
+        .retry(&p, second, 1, Duration::ZERO, Bytes::from_static(b"boom"))
+        .await
+        .expect("retry");
+    assert_eq!(retried, Fenced::Applied);
+    assert_eq!(
+        newest("ada").await,
+        Some((second, Bytes::from_static(b"ada 2"))),
+        "retrying"
+    );
+    let buried = store
+        .bury(&p, bob, 1, Bytes::from_static(b"refused"), LONG)
+        .await
+        .expect("bury");
+    assert_eq!(buried, Fenced::Applied);
+    assert_eq!(newest("bob").await, None, "dead");
+
+    let third = add(store, &p, &about("ada 3", "ada")).await;
+    let again = fetch_eventually(store, &p, "w", LONG).await;
+    let delivered: HashSet<JobNumber> = again.iter().map(|d| d.number).collect();
+    assert!(delivered.contains(&third), "{delivered:?}");
+    let third_attempt = again
+        .iter()
+        .find(|d| d.number == third)
+        .expect("third")
+        .attempt;
+    assert_eq!(
+        store
+            .complete(&p, third, third_attempt, Bytes::new(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Applied
+    );
+    assert_eq!(
+        newest("ada").await,
+        None,
+        "done, though an older one of the subject is unfinished"
+    );
+}
+
 /// A holder that extends keeps its job past the visibility timeout.
 pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
     let p = partition(&ns, "q");
