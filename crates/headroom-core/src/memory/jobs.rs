@@ -12,6 +12,9 @@ use crate::jobs::{
 use crate::lease::Fenced;
 use crate::{BackendError, BackendErrorKind, Clock, Key};
 
+/// The hasher of maps whose keys no client chooses, so that hash flooding cannot reach them.
+type FastHash = foldhash::fast::RandomState;
+
 /// What a job costs beyond its payload, result and error bytes: record, indexes and
 /// bookkeeping, rounded up.
 const JOB_OVERHEAD: usize = 160;
@@ -128,7 +131,8 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    partitions: HashMap<Bytes, Partition>,
+    /// By the partitions' keys, which the application names (not its clients).
+    partitions: HashMap<Bytes, Partition, FastHash>,
     bytes: usize,
 }
 
@@ -186,7 +190,8 @@ impl Now<'_> {
 #[derive(Debug, Default)]
 struct Partition {
     last_number: JobNumber,
-    jobs: HashMap<JobNumber, Job>,
+    /// By the numbers the store gives: no client chooses them.
+    jobs: HashMap<JobNumber, Job, FastHash>,
     lanes: [VecDeque<JobNumber>; MAX_LANES as usize],
     /// Waiting jobs by due time.
     delayed: BTreeSet<(u64, JobNumber)>,
