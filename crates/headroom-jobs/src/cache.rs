@@ -2,11 +2,13 @@
 //! writes in batches.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use headroom_cache::{Cache, CacheError, CacheKey};
 use headroom_core::jobs::JobStore;
 use serde::Serialize;
@@ -14,6 +16,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
 use crate::{EnqueueError, Write, WriteBehind};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a write-behind cache write failed.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +136,7 @@ where
     where
         F: FnOnce(K) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
     {
         let writes = Arc::clone(&self.writes);
         self.cache
@@ -140,8 +144,52 @@ where
                 match writes.pending(&key_bytes(&key)).await {
                     Ok(Some(write)) => write.json().transpose().map_err(Into::into),
                     Ok(None) => loader(key).await.map_err(Into::into),
-                    Err(error) => Err::<_, Box<dyn std::error::Error + Send + Sync>>(error.into()),
+                    Err(error) => Err::<_, BoxError>(error.into()),
                 }
+            })
+            .await
+    }
+
+    /// Reads `keys` as [`Cache::get_many_or_load`] does, except that the keys missing from
+    /// both levels are first looked up among the unwritten writes, as
+    /// [`get_or_load`](Self::get_or_load) does (one job store call per key, all at once), and
+    /// `loader` gets only the keys that have none. When the job store cannot be asked for
+    /// some key, the load fails.
+    pub async fn get_many_or_load<F, Fut, E>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<V>>, CacheError>
+    where
+        F: FnOnce(Vec<K>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        let writes = Arc::clone(&self.writes);
+        self.cache
+            .get_many_or_load(keys, move |missing: Vec<K>| async move {
+                let pending = join_all(missing.iter().map(|key| {
+                    let bytes = key_bytes(key);
+                    let writes = &writes;
+                    async move { writes.pending(&bytes).await }
+                }))
+                .await;
+                let (mut found, mut unwritten) = (HashMap::new(), Vec::new());
+                for (key, pending) in missing.into_iter().zip(pending) {
+                    match pending? {
+                        // A delete waiting: the key is not found.
+                        Some(write) => {
+                            if let Some(value) = write.json::<V>().transpose()? {
+                                found.insert(key, value);
+                            }
+                        }
+                        None => unwritten.push(key),
+                    }
+                }
+                if !unwritten.is_empty() {
+                    found.extend(loader(unwritten).await.map_err(Into::into)?);
+                }
+                Ok::<_, BoxError>(found)
             })
             .await
     }

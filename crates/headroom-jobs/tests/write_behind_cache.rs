@@ -530,6 +530,37 @@ impl Source {
             .await
     }
 
+    /// Reads `keys` through `profiles` in one batch, loading the misses from this source;
+    /// answers the values and the keys the loader was asked for.
+    async fn read_many<S: JobStore>(
+        &self,
+        profiles: &WriteBehindCache<String, Profile, S>,
+        keys: &[&str],
+    ) -> (Vec<Option<Profile>>, Vec<String>) {
+        let source = self.clone();
+        let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let asked_for = asked.clone();
+        let keys: Vec<String> = keys.iter().map(|&key| key.to_owned()).collect();
+        let values = profiles
+            .get_many_or_load(&keys, move |keys: Vec<String>| async move {
+                asked_for.lock().unwrap().extend(keys.iter().cloned());
+                let rows = source.rows.lock().unwrap();
+                let found: HashMap<String, Profile> = keys
+                    .into_iter()
+                    .filter_map(|key| {
+                        let value = rows.get(&key)?.1.clone()?;
+                        Some((key, value))
+                    })
+                    .collect();
+                Ok::<_, std::convert::Infallible>(found)
+            })
+            .await
+            .unwrap();
+        let mut asked = asked.lock().unwrap().clone();
+        asked.sort();
+        (values, asked)
+    }
+
     /// Hands every write waiting in `profiles` to this source, applying each only over an
     /// older version.
     async fn flush<S: JobStore>(&self, profiles: &WriteBehindCache<String, Profile, S>) {
@@ -652,4 +683,55 @@ async fn a_read_missing_the_cache_while_the_job_store_is_out_of_reach_loads_noth
     out_of_reach.store(false, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(source.read(&profiles, "ada").await, Some(visits(1)));
     assert_eq!(source.loads(), 1);
+}
+
+/// A batch read answers the misses that have an unwritten write from it, and asks the source
+/// only for the others; once the writer has the writes, the source for all.
+#[tokio::test(start_paused = true)]
+async fn a_batch_read_missing_the_cache_before_the_flush_answers_the_unwritten_writes() {
+    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
+    let clock = manual.clock();
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(1))
+        .l2(
+            MemoryKvStore::builder().clock(clock.clone()).build(),
+            Namespace::new("profiles").unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("batch", MemoryJobStore::new())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let profiles = WriteBehindCache::new(cache, writes);
+    let source = Source::with("ada", visits(1));
+    for (key, profile) in [("bob", visits(7)), ("cy", visits(3))] {
+        source
+            .rows
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), (0, Some(profile)));
+    }
+
+    profiles.insert("ada".to_owned(), visits(2)).await.unwrap();
+    profiles.remove(&"bob".to_owned()).await.unwrap();
+    manual.advance(Duration::from_secs(2));
+    let (values, asked) = source.read_many(&profiles, &["ada", "bob", "cy"]).await;
+    assert_eq!(values, [Some(visits(2)), None, Some(visits(3))]);
+    assert_eq!(
+        asked,
+        ["cy"],
+        "the source was asked for keys it is behind on"
+    );
+
+    source.flush(&profiles).await;
+    manual.advance(Duration::from_secs(2));
+    let (values, asked) = source.read_many(&profiles, &["ada", "bob", "cy"]).await;
+    assert_eq!(values, [Some(visits(2)), None, Some(visits(3))]);
+    assert_eq!(
+        asked,
+        ["ada", "bob", "cy"],
+        "written, the keys load from the source"
+    );
 }
