@@ -126,10 +126,13 @@ where
     /// Reads `key` as [`Cache::get_or_load`] does, except that on a miss of both levels the
     /// key's newest write the writer does not have yet ([`WriteBehind::pending`]) is the
     /// value, and `loader` (the source the writer writes to) is asked only when there is
-    /// none. So a read never loads the value an acknowledged write replaced, also when the
-    /// write did not reach L2 (Redis out of reach at that moment) or its entry left L2
-    /// before the flush (TTL, eviction). When the job store cannot be asked, the load fails
-    /// (served stale, if the cache's fail-safe has a value), rather than risk that value.
+    /// none. This covers a write that did not reach L2 (Redis out of reach at that moment),
+    /// an entry that left L2 before the flush (TTL, eviction) and a write whose enqueue
+    /// answer was lost. A write of this instance still on its way to the job store when the
+    /// read missed is waited for, and answers instead of the loaded value; across instances
+    /// see the write-behind guarantees in `docs/jobs.md`. When the job store cannot be asked,
+    /// the load fails (served stale, if the cache's fail-safe has a value), rather than risk
+    /// loading the value a write replaced.
     ///
     /// Reads through [`cache`](Self::cache) do not look at the unwritten writes.
     pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
@@ -138,23 +141,28 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let writes = Arc::clone(&self.writes);
+        let (writes, turns) = (Arc::clone(&self.writes), Arc::clone(&self.turns));
         self.cache
             .get_or_load(key, move |key: K| async move {
-                match writes.pending(&key_bytes(&key)).await {
-                    Ok(Some(write)) => write.json().transpose().map_err(Into::into),
-                    Ok(None) => loader(key).await.map_err(Into::into),
-                    Err(error) => Err::<_, BoxError>(error.into()),
+                let bytes = key_bytes(&key);
+                if let Some(write) = writes.pending(&bytes).await? {
+                    return value_of::<V>(&write);
+                }
+                let loaded = loader(key).await.map_err(Into::into)?;
+                wait_for_writes_under_way(&turns, [&bytes[..]]).await;
+                match writes.pending(&bytes).await? {
+                    Some(write) => value_of(&write),
+                    None => Ok(loaded),
                 }
             })
             .await
     }
 
     /// Reads `keys` as [`Cache::get_many_or_load`] does, except that the keys missing from
-    /// both levels are first looked up among the unwritten writes, as
-    /// [`get_or_load`](Self::get_or_load) does (one job store call per key, all at once), and
-    /// `loader` gets only the keys that have none. When the job store cannot be asked for
-    /// some key, the load fails.
+    /// both levels are looked up among the unwritten writes as
+    /// [`get_or_load`](Self::get_or_load) does (one job store call per key, all at once, before
+    /// and after the load), and `loader` gets only the keys that have none. When the job store
+    /// cannot be asked for some key, the load fails.
     pub async fn get_many_or_load<F, Fut, E>(
         &self,
         keys: &[K],
@@ -165,31 +173,26 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let writes = Arc::clone(&self.writes);
+        let (writes, turns) = (Arc::clone(&self.writes), Arc::clone(&self.turns));
         self.cache
             .get_many_or_load(keys, move |missing: Vec<K>| async move {
-                let pending = join_all(missing.iter().map(|key| {
-                    let bytes = key_bytes(key);
-                    let writes = &writes;
-                    async move { writes.pending(&bytes).await }
-                }))
-                .await;
-                let (mut found, mut unwritten) = (HashMap::new(), Vec::new());
-                for (key, pending) in missing.into_iter().zip(pending) {
-                    match pending? {
-                        // A delete waiting: the key is not found.
-                        Some(write) => {
-                            if let Some(value) = write.json::<V>().transpose()? {
-                                found.insert(key, value);
-                            }
-                        }
-                        None => unwritten.push(key),
+                let mut found = HashMap::new();
+                let unwritten = take_pending(&writes, missing, &mut found).await?;
+                if unwritten.is_empty() {
+                    return Ok::<_, BoxError>(found);
+                }
+                let mut loaded = loader(unwritten.clone()).await.map_err(Into::into)?;
+                let bytes: Vec<Bytes> = unwritten.iter().map(key_bytes).collect();
+                wait_for_writes_under_way(&turns, bytes.iter().map(|b| &b[..])).await;
+                let mut landed = HashMap::new();
+                let unwritten = take_pending(&writes, unwritten, &mut landed).await?;
+                for key in unwritten {
+                    if let Some(value) = loaded.remove(&key) {
+                        found.insert(key, value);
                     }
                 }
-                if !unwritten.is_empty() {
-                    found.extend(loader(unwritten).await.map_err(Into::into)?);
-                }
-                Ok::<_, BoxError>(found)
+                found.extend(landed);
+                Ok(found)
             })
             .await
     }
@@ -239,7 +242,7 @@ where
         key: &[u8],
         write: impl Future<Output = Result<u64, CacheWriteError>> + Send + 'static,
     ) -> Result<u64, CacheWriteError> {
-        let turn = &self.turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES];
+        let turn = turn_of(&self.turns, key);
         if turn.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
             turn.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(CacheWriteError::Busy {
@@ -260,6 +263,65 @@ where
             },
         }
     }
+}
+
+/// The turn of `key`'s stripe.
+fn turn_of<'t>(turns: &'t [Arc<Turn>], key: &[u8]) -> &'t Arc<Turn> {
+    &turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]
+}
+
+/// Waits until the writes of `keys`' stripes under way in this instance now have ended: a
+/// write that began before a load looked at the unwritten writes may land after the look,
+/// and is then found by the next.
+async fn wait_for_writes_under_way<'k>(
+    turns: &[Arc<Turn>],
+    keys: impl IntoIterator<Item = &'k [u8]>,
+) {
+    let mut stripes: Vec<usize> = keys
+        .into_iter()
+        .map(|key| xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES)
+        .collect();
+    stripes.sort_unstable();
+    stripes.dedup();
+    for stripe in stripes {
+        drop(turns[stripe].lock.lock().await);
+    }
+}
+
+/// The value a write leaves: `None` for a delete.
+fn value_of<V: DeserializeOwned>(write: &Write) -> Result<Option<V>, BoxError> {
+    Ok(write.json().transpose()?)
+}
+
+/// Moves the values of the `keys` that have an unwritten write into `found` (a delete's key
+/// stays out: not found), and answers the other keys.
+async fn take_pending<K, V, S>(
+    writes: &WriteBehind<S>,
+    keys: Vec<K>,
+    found: &mut HashMap<K, V>,
+) -> Result<Vec<K>, BoxError>
+where
+    K: CacheKey,
+    V: DeserializeOwned,
+    S: JobStore,
+{
+    let pending = join_all(keys.iter().map(|key| {
+        let bytes = key_bytes(key);
+        async move { writes.pending(&bytes).await }
+    }))
+    .await;
+    let mut without = Vec::new();
+    for (key, pending) in keys.into_iter().zip(pending) {
+        match pending? {
+            Some(write) => {
+                if let Some(value) = value_of(&write)? {
+                    found.insert(key, value);
+                }
+            }
+            None => without.push(key),
+        }
+    }
+    Ok(without)
 }
 
 /// A failed enqueue, first removing `key` from the cache when the store failed: the write

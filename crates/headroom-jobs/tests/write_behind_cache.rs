@@ -735,3 +735,88 @@ async fn a_batch_read_missing_the_cache_before_the_flush_answers_the_unwritten_w
         "written, the keys load from the source"
     );
 }
+
+/// A read that misses the cache while this instance's write of the key is on its way to the
+/// job store answers that write once it lands, and the cache keeps the write's value: the
+/// read does not fill the value the write replaces over it.
+#[tokio::test(start_paused = true)]
+async fn a_read_overlapping_a_write_on_its_way_answers_the_write() {
+    a_read_overlaps_a_write_on_its_way(false).await;
+}
+
+/// As [`a_read_overlapping_a_write_on_its_way_answers_the_write`], for a batch read.
+#[tokio::test(start_paused = true)]
+async fn a_batch_read_overlapping_a_write_on_its_way_answers_the_write() {
+    a_read_overlaps_a_write_on_its_way(true).await;
+}
+
+async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
+    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
+    let clock = manual.clock();
+    let store = SlowStore::holding_first_enqueue(MemoryJobStore::new());
+    let (held, release) = (
+        store.first_enqueue_held.clone(),
+        store.release_first_enqueue.clone(),
+    );
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(600))
+        .l2(
+            MemoryKvStore::builder().clock(clock.clone()).build(),
+            Namespace::new("profiles").unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("overlap", store)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let profiles = Arc::new(WriteBehindCache::new(cache, writes));
+    let source = Source::with("ada", visits(1));
+
+    let write = tokio::spawn({
+        let profiles = profiles.clone();
+        async move { profiles.insert("ada".to_owned(), visits(2)).await }
+    });
+    held.notified().await;
+    manual.advance(Duration::from_millis(1));
+    let loaded = Arc::new(tokio::sync::Notify::new());
+    let read = tokio::spawn({
+        let (profiles, source, loaded) = (profiles.clone(), source.clone(), loaded.clone());
+        async move {
+            let row = move |key: &String| {
+                let row = source.rows.lock().unwrap().get(key).cloned();
+                loaded.notify_one();
+                row.and_then(|row| row.1)
+            };
+            if batch {
+                let keys = ["ada".to_owned()];
+                let values = profiles
+                    .get_many_or_load(&keys, move |keys: Vec<String>| async move {
+                        let found: HashMap<String, Profile> = keys
+                            .into_iter()
+                            .filter_map(|key| row(&key).map(|value| (key, value)))
+                            .collect();
+                        Ok::<_, std::convert::Infallible>(found)
+                    })
+                    .await;
+                values.map(|mut values| values.remove(0))
+            } else {
+                profiles
+                    .get_or_load(&"ada".to_owned(), move |key: String| async move {
+                        Ok::<_, std::convert::Infallible>(row(&key))
+                    })
+                    .await
+            }
+        }
+    });
+    loaded.notified().await;
+    release.notify_one();
+    write.await.unwrap().unwrap();
+    assert_eq!(read.await.unwrap().unwrap(), Some(visits(2)));
+    assert_eq!(
+        profiles.cache().get(&"ada".to_owned()).await.unwrap(),
+        Some(visits(2)),
+        "the cache keeps the value the write replaced"
+    );
+}
