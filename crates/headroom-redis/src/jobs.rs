@@ -229,14 +229,18 @@ end
 /// Uncounting jobs that can no longer run.
 const UNCOUNT: &str = r"
 -- A job that can no longer run (its record gone, or not what the store wrote) stops counting
--- against the partition's bound and, when its record still names one, its tenant's.
+-- against the partition's bound and, when its record still names one, its tenant's; nor is
+-- it its subject's newest job any more.
 local function uncount(n)
   if redis.call('INCRBY', P .. ':n', -1) < 0 then
     redis.call('SET', P .. ':n', 0)
   end
-  local tenant = redis.pcall('HGET', record(n), 't')
-  if type(tenant) == 'string' then
-    count_tenant(tenant, -1)
+  local r = read_record(record(n), 't', 'k')
+  if r and type(r[1]) == 'string' then
+    count_tenant(r[1], -1)
+  end
+  if r and type(r[2]) == 'string' then
+    forget_subject(r[2], n)
   end
 end
 ";
@@ -990,7 +994,14 @@ static ENQUEUE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[LANE_PUSH, TENANT_COUNT, DRAIN], ENQUEUE));
 static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     script(
-        &[LANE_PUSH, TENANT_COUNT, UNCOUNT, HOLDS, FETCH_JOBS],
+        &[
+            LANE_PUSH,
+            TENANT_COUNT,
+            SUBJECTS,
+            UNCOUNT,
+            HOLDS,
+            FETCH_JOBS,
+        ],
         FETCH,
     )
 });

@@ -194,6 +194,7 @@ macro_rules! on_both {
 on_both!(
     a_job_lives_in_its_record_and_lane_stream,
     foreign_subjects_find_nothing_and_fail_no_step,
+    a_corrupt_job_taken_off_its_lane_is_not_its_subjects_newest,
     concurrent_enqueuers_never_pass_the_bound,
     a_dedup_key_lives_for_its_window,
     lanes_are_separate_streams_read_in_order,
@@ -1307,6 +1308,30 @@ async fn foreign_subjects_find_nothing_and_fail_no_step(ctx: Ctx) {
     }
     let buried = ctx.store.bury(&p, other, 1, Bytes::new(), LONG).await;
     assert_eq!(buried.unwrap(), Fenced::Applied);
+}
+
+/// A job a fetch takes off its lane as corrupt (no step could finish it) is no longer its
+/// subject's newest: it will never run, so nothing may answer its payload as pending.
+async fn a_corrupt_job_taken_off_its_lane_is_not_its_subjects_newest(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let number = ctx.add(&p, job("a").subject("s")).await;
+    let _: i64 = ctx
+        .raw(
+            redis::cmd("HSET")
+                .arg(sub(&p, &format!(":j:{number}")))
+                .arg("l")
+                .arg("x"),
+        )
+        .await;
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 10,
+        visibility: LONG,
+    };
+    let err = ctx.store.fetch(&p, request).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    assert_eq!(ctx.store.newest_of(&p, b"s").await.unwrap(), None);
 }
 
 /// Zero retentions and dedup windows, and lanes past the last, are refused as configuration
