@@ -80,7 +80,8 @@ impl NewJob {
         self
     }
 
-    /// About `subject`.
+    /// Found by [`JobStore::newest_of`] with `subject` while it is the newest unfinished job
+    /// added with it.
     #[must_use]
     pub fn subject(mut self, subject: impl Into<Bytes>) -> Self {
         self.subject = Some(subject.into());
