@@ -229,6 +229,24 @@ pub(crate) struct Inner<K, V> {
     unkept_hides: Mutex<HashMap<Hide, u64>>,
     /// Whether the task writing `unkept_hides` runs.
     keeping_unkept: AtomicBool,
+    /// L1 fills of L2 hits read by [`Cache::get`], made by one task after their callers have
+    /// their values: a task spawned per hit cost more than the rest of the read.
+    read_fills: Mutex<ReadFills<K, V>>,
+}
+
+/// The L1 fills waiting for their task (see `Inner::read_fills`).
+struct ReadFills<K, V> {
+    pending: Vec<ReadFill<K, V>>,
+    /// Whether a task is spawned to make them (it takes the fills pushed until it ends).
+    scheduled: bool,
+}
+
+/// An L2 hit of [`Cache::get`] to put in L1 (see `Inner::fill_read`).
+struct ReadFill<K, V> {
+    key: K,
+    slot: Slot<V>,
+    write: WriteMark,
+    loads_done: u64,
 }
 
 impl<K, V> Cache<K, V>
@@ -273,6 +291,10 @@ where
                 hides: Hides::new(unheard, clock.now()),
                 unkept_hides: Mutex::new(HashMap::new()),
                 keeping_unkept: AtomicBool::new(false),
+                read_fills: Mutex::new(ReadFills {
+                    pending: Vec::new(),
+                    scheduled: false,
+                }),
                 l1,
                 l2,
                 codec,
@@ -519,14 +541,12 @@ where
         for (place, key) in keys.iter().enumerate() {
             match inner.l1_get(key, l1_usable) {
                 Some(slot) if now < slot.expires_at => {
-                    inner.metrics.l1_hits.increment(1);
                     if now >= slot.fresh_until {
                         refresh.push(place);
                     }
                     results.push(slot.value);
                 }
                 _ => {
-                    inner.metrics.l1_misses.increment(1);
                     results.push(None);
                     // Sized at the first miss, for every key left: a read that L1 serves
                     // whole allocates nothing for it.
@@ -536,6 +556,14 @@ where
                     missing.push(place);
                 }
             }
+        }
+        // Counted once per batch rather than per key.
+        let misses = missing.len() as u64;
+        if misses < keys.len() as u64 {
+            inner.metrics.l1_hits.increment(keys.len() as u64 - misses);
+        }
+        if misses > 0 {
+            inner.metrics.l1_misses.increment(misses);
         }
         if missing.is_empty() && refresh.is_empty() {
             return Ok(results);
@@ -871,8 +899,15 @@ where
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
-                let (this, key) = (Arc::clone(self), key.clone());
-                tokio::spawn(async move { this.fill_read(&key, slot, write, loads_done) });
+                Inner::fill_later(
+                    self,
+                    ReadFill {
+                        key: key.clone(),
+                        slot,
+                        write,
+                        loads_done,
+                    },
+                );
                 Ok(value)
             }
             _ => {
@@ -909,7 +944,11 @@ where
 
     fn bump_stripe(&self, key: &K, stripe: usize) {
         self.writes[stripe].fetch_add(1, Ordering::AcqRel);
-        self.in_flight.lock().remove(key);
+        let mut in_flight = self.in_flight.lock();
+        // Mostly nothing is being loaded: then the key is not hashed.
+        if !in_flight.is_empty() {
+            in_flight.remove(key);
+        }
     }
 
     /// Marks the keys of load `load` (those it still holds) as answered early with values
@@ -1196,10 +1235,27 @@ where
         }
     }
 
+    /// Queues `fill` for the task making read fills, spawning it unless it is already
+    /// spawned; it runs once the caller has its value.
+    fn fill_later(this: &Arc<Self>, fill: ReadFill<K, V>) {
+        let mut fills = this.read_fills.lock();
+        fills.pending.push(fill);
+        if fills.scheduled {
+            return;
+        }
+        fills.scheduled = true;
+        drop(fills);
+        let filling = Filling {
+            inner: Arc::clone(this),
+            finished: false,
+        };
+        tokio::spawn(filling.run());
+    }
+
     /// Records that a load is about to change the key's L1 copy (see `loads_done`): counted
     /// first, so that a read filling L1 meanwhile sees it by its second look at the latest.
-    fn load_changes_l1(&self, key: &K) {
-        self.loads_done[self.stripe(key)].fetch_add(1, Ordering::AcqRel);
+    fn load_changes_l1(&self, write: WriteMark) {
+        self.loads_done[write.stripe].fetch_add(1, Ordering::AcqRel);
     }
 
     /// The longest any entry written so far can live, under every TTL configuration the cache
@@ -1786,25 +1842,11 @@ where
         }
     }
 
-    /// Takes a slot read from L2 as the key's best candidate when it is at least as new as
-    /// L1's. Returns whether it may be served and so should fill L1; a slot past its TTL is
-    /// kept only as a fail-safe candidate and counts as a miss.
+    /// [`adopt`] for one key, its L2 hit or miss recorded at once.
     fn adopt(&self, found: Option<Slot<V>>, best: &mut Option<Slot<V>>, now: Instant) -> bool {
-        let newer = found.filter(|slot| {
-            best.as_ref()
-                .is_none_or(|b| slot.created_micros >= b.created_micros)
-        });
-        let Some(slot) = newer else {
-            self.metrics.l2_misses.increment(1);
-            return false;
-        };
-        let servable = now < slot.expires_at;
-        if servable {
-            self.metrics.l2_hits.increment(1);
-        } else {
-            self.metrics.l2_misses.increment(1);
-        }
-        *best = Some(slot);
+        let mut tally = L2Tally::default();
+        let servable = adopt(found, best, now, &mut tally);
+        tally.record(&self.metrics);
         servable
     }
 
@@ -1853,7 +1895,7 @@ where
                     tracing::warn!(%error, "loaded value not cached");
                     if self.unchanged(write) {
                         // Whatever L1 held for the key is older than this value.
-                        self.load_changes_l1(key);
+                        self.load_changes_l1(write);
                         self.l1.invalidate(key);
                     }
                     return None;
@@ -1869,7 +1911,7 @@ where
             tags,
         );
         self.weigh(key, &mut slot, entry.as_ref().map(|e| e.value.len()));
-        self.load_changes_l1(key);
+        self.load_changes_l1(write);
         self.fill_l1(key, slot, write);
         entry
     }
@@ -1879,7 +1921,7 @@ where
     /// replaces only entries older than the load.
     fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
         if self.unchanged(write) {
-            self.load_changes_l1(key);
+            self.load_changes_l1(write);
             self.l1.invalidate(key);
         }
         let l2 = self.l2.as_ref()?;
@@ -2022,16 +2064,18 @@ where
             let unix_now = self.clock.unix_millis();
             let mut unsure = Vec::new();
             // Every key is adopted once, found or not, so each counts one L2 hit or miss.
+            let mut tally = L2Tally::default();
             for (i, (bytes, full)) in values.iter().zip(&full).enumerate() {
                 let Some(bytes) = bytes else {
-                    fill[i] = self.adopt(None, &mut best[i], now);
+                    fill[i] = adopt(None, &mut best[i], now, &mut tally);
                     continue;
                 };
                 match self.decode(l2, full, bytes, now, unix_now, false) {
-                    Ok(found) => fill[i] = self.adopt(found, &mut best[i], now),
+                    Ok(found) => fill[i] = adopt(found, &mut best[i], now, &mut tally),
                     Err(Unsure) => unsure.push(i),
                 }
             }
+            tally.record(&self.metrics);
             if !unsure.is_empty() {
                 let needing: Vec<&[u8]> = unsure
                     .iter()
@@ -2086,11 +2130,14 @@ where
             tokio::task::yield_now().await;
         }
         // Per key, whether the cache held a value (which a "not found" must remove) and its
-        // tags (which a loaded value keeps).
-        let held: Vec<Option<Tags>> = best
-            .iter()
-            .map(|slot| slot.as_ref().map(|slot| slot.tags.clone()))
-            .collect();
+        // tags (which a loaded value keeps); only a load reads them.
+        let held: Vec<Option<Tags>> = if to_load.is_empty() {
+            Vec::new()
+        } else {
+            best.iter()
+                .map(|slot| slot.as_ref().map(|slot| slot.tags.clone()))
+                .collect()
+        };
         // Filled slots are servable, so their outcome is known; one being refreshed is kept
         // for the rest after a failed refresh.
         for (i, slot) in best.iter_mut().enumerate() {
@@ -2231,6 +2278,50 @@ where
     }
 }
 
+/// The task making read fills (see `Inner::read_fills`). Dropped unfinished (its runtime
+/// shut down, a panic), it leaves the next fill to spawn another.
+struct Filling<K, V> {
+    inner: Arc<Inner<K, V>>,
+    finished: bool,
+}
+
+impl<K, V> Filling<K, V>
+where
+    K: CacheKey,
+    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    async fn run(mut self) {
+        // Swapped with the queue, so that neither allocates once grown.
+        let mut taken = Vec::new();
+        loop {
+            {
+                let mut fills = self.inner.read_fills.lock();
+                if fills.pending.is_empty() {
+                    // Under the lock: a fill pushed after this spawns a task again.
+                    fills.scheduled = false;
+                    self.finished = true;
+                    return;
+                }
+                std::mem::swap(&mut fills.pending, &mut taken);
+            }
+            for fill in taken.drain(..) {
+                self.inner
+                    .fill_read(&fill.key, fill.slot, fill.write, fill.loads_done);
+            }
+            // Other tasks run between rounds.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl<K, V> Drop for Filling<K, V> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.inner.read_fills.lock().scheduled = false;
+        }
+    }
+}
+
 /// A write on its way to L2 (see `Inner::begin_write`).
 struct Writing<K: CacheKey, V> {
     inner: Arc<Inner<K, V>>,
@@ -2268,6 +2359,51 @@ impl<K: CacheKey, V, Keys: AsRef<[K]>> Drop for InFlightGuard<K, V, Keys> {
             {
                 in_flight.insert(key.clone(), entry);
             }
+        }
+    }
+}
+
+/// Takes a slot read from L2 as the key's best candidate when it is at least as new as
+/// L1's. Returns whether it may be served and so should fill L1; a slot past its TTL is kept
+/// only as a fail-safe candidate and counts as a miss.
+fn adopt<V>(
+    found: Option<Slot<V>>,
+    best: &mut Option<Slot<V>>,
+    now: Instant,
+    tally: &mut L2Tally,
+) -> bool {
+    let newer = found.filter(|slot| {
+        best.as_ref()
+            .is_none_or(|b| slot.created_micros >= b.created_micros)
+    });
+    let Some(slot) = newer else {
+        tally.misses += 1;
+        return false;
+    };
+    let servable = now < slot.expires_at;
+    if servable {
+        tally.hits += 1;
+    } else {
+        tally.misses += 1;
+    }
+    *best = Some(slot);
+    servable
+}
+
+/// L2 hits and misses counted over a read, recorded once.
+#[derive(Default)]
+struct L2Tally {
+    hits: u64,
+    misses: u64,
+}
+
+impl L2Tally {
+    fn record(self, metrics: &Metrics) {
+        if self.hits > 0 {
+            metrics.l2_hits.increment(self.hits);
+        }
+        if self.misses > 0 {
+            metrics.l2_misses.increment(self.misses);
         }
     }
 }
