@@ -1120,11 +1120,16 @@ async fn random_steps<S: JobStore>(store: &S, p: &Key, seed: u64) {
     // Deliveries not stepped on yet, current or superseded.
     let mut held: Vec<(JobNumber, u32)> = Vec::new();
     let mut completions: HashMap<JobNumber, u32> = HashMap::new();
+    // Per subject, the job last added with it.
+    const SUBJECTS: [&str; 3] = ["s0", "s1", "s2"];
+    let mut newest: HashMap<&str, JobNumber> = HashMap::new();
     for step in 0..300 {
         match rng.u8(..100) {
             0..=29 => {
-                let number = add(store, p, &job("x").lane(rng.u8(..3))).await;
+                let subject = SUBJECTS[rng.usize(..SUBJECTS.len())];
+                let number = add(store, p, &job("x").lane(rng.u8(..3)).subject(subject)).await;
                 latest.insert(number, 0);
+                newest.insert(subject, number);
             }
             30..=54 => {
                 let mut lanes = [0, 1, 2];
@@ -1182,6 +1187,21 @@ async fn random_steps<S: JobStore>(store: &S, p: &Key, seed: u64) {
                 }
             }
         }
+        // The job last added with a subject is its newest while unfinished; done, none is.
+        let subject = SUBJECTS[rng.usize(..SUBJECTS.len())];
+        let expected = newest
+            .get(subject)
+            .copied()
+            .filter(|number| !done.contains(number));
+        let found = store
+            .newest_of(p, subject.as_bytes())
+            .await
+            .expect("newest_of")
+            .map(|(number, _)| number);
+        assert_eq!(
+            found, expected,
+            "seed {seed} step {step}: newest of {subject}"
+        );
     }
     // The drain: complete what is held, fetch the rest, until nothing is unfinished.
     let deadline = Instant::now() + WAIT_BOUND;
