@@ -229,24 +229,6 @@ pub(crate) struct Inner<K, V> {
     unkept_hides: Mutex<HashMap<Hide, u64>>,
     /// Whether the task writing `unkept_hides` runs.
     keeping_unkept: AtomicBool,
-    /// L1 fills of L2 hits read by [`Cache::get`], made by one task after their callers have
-    /// their values: a task spawned per hit cost more than the rest of the read.
-    read_fills: Mutex<ReadFills<K, V>>,
-}
-
-/// The L1 fills waiting for their task (see `Inner::read_fills`).
-struct ReadFills<K, V> {
-    pending: Vec<ReadFill<K, V>>,
-    /// Whether a task is spawned to make them (it takes the fills pushed until it ends).
-    scheduled: bool,
-}
-
-/// An L2 hit of [`Cache::get`] to put in L1 (see `Inner::fill_read`).
-struct ReadFill<K, V> {
-    key: K,
-    slot: Slot<V>,
-    write: WriteMark,
-    loads_done: u64,
 }
 
 impl<K, V> Cache<K, V>
@@ -291,10 +273,6 @@ where
                 hides: Hides::new(unheard, clock.now()),
                 unkept_hides: Mutex::new(HashMap::new()),
                 keeping_unkept: AtomicBool::new(false),
-                read_fills: Mutex::new(ReadFills {
-                    pending: Vec::new(),
-                    scheduled: false,
-                }),
                 l1,
                 l2,
                 codec,
@@ -899,15 +877,8 @@ where
             Some(slot) if now < slot.expires_at => {
                 self.metrics.l2_hits.increment(1);
                 let value = slot.value.clone();
-                Inner::fill_later(
-                    self,
-                    ReadFill {
-                        key: key.clone(),
-                        slot,
-                        write,
-                        loads_done,
-                    },
-                );
+                let (this, key) = (Arc::clone(self), key.clone());
+                tokio::spawn(async move { this.fill_read(&key, slot, write, loads_done) });
                 Ok(value)
             }
             _ => {
@@ -1233,23 +1204,6 @@ where
         if done.load(Ordering::Acquire) != loads_done {
             self.l1.invalidate(key);
         }
-    }
-
-    /// Queues `fill` for the task making read fills, spawning it unless it is already
-    /// spawned; it runs once the caller has its value.
-    fn fill_later(this: &Arc<Self>, fill: ReadFill<K, V>) {
-        let mut fills = this.read_fills.lock();
-        fills.pending.push(fill);
-        if fills.scheduled {
-            return;
-        }
-        fills.scheduled = true;
-        drop(fills);
-        let filling = Filling {
-            inner: Arc::clone(this),
-            finished: false,
-        };
-        tokio::spawn(filling.run());
     }
 
     /// Records that a load is about to change the key's L1 copy (see `loads_done`): counted
@@ -2275,50 +2229,6 @@ where
 
     fn invalidate_tag(&self, tag: &str, at_unix_ms: u64) {
         self.hide_tag(tag, at_unix_ms);
-    }
-}
-
-/// The task making read fills (see `Inner::read_fills`). Dropped unfinished (its runtime
-/// shut down, a panic), it leaves the next fill to spawn another.
-struct Filling<K, V> {
-    inner: Arc<Inner<K, V>>,
-    finished: bool,
-}
-
-impl<K, V> Filling<K, V>
-where
-    K: CacheKey,
-    V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static,
-{
-    async fn run(mut self) {
-        // Swapped with the queue, so that neither allocates once grown.
-        let mut taken = Vec::new();
-        loop {
-            {
-                let mut fills = self.inner.read_fills.lock();
-                if fills.pending.is_empty() {
-                    // Under the lock: a fill pushed after this spawns a task again.
-                    fills.scheduled = false;
-                    self.finished = true;
-                    return;
-                }
-                std::mem::swap(&mut fills.pending, &mut taken);
-            }
-            for fill in taken.drain(..) {
-                self.inner
-                    .fill_read(&fill.key, fill.slot, fill.write, fill.loads_done);
-            }
-            // Other tasks run between rounds.
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-impl<K, V> Drop for Filling<K, V> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.inner.read_fills.lock().scheduled = false;
-        }
     }
 }
 
