@@ -206,7 +206,8 @@ impl L2 {
     /// Whether every key is [`readable`](Self::readable): L2 is trusted and no delete is
     /// pending.
     fn all_readable(&self) -> bool {
-        self.untrusted_until.load(Ordering::Acquire) == 0
+        let untrusted_until = self.untrusted_until.load(Ordering::Acquire);
+        (untrusted_until == 0 || self.since_origin() >= untrusted_until)
             && self.pending_len.load(Ordering::Acquire) == 0
     }
 
