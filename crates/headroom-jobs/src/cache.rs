@@ -9,8 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
+use headroom_breaker::CircuitBreaker;
 use headroom_cache::{Cache, CacheError, CacheKey};
 use headroom_core::jobs::JobStore;
+use headroom_core::{BackendError, BackendErrorKind, Classify, Clock};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
@@ -70,6 +72,9 @@ pub struct WriteBehindCache<K, V, S> {
     writes: Arc<WriteBehind<S>>,
     /// The turns, one per stripe of keys.
     turns: Arc<[Arc<Turn>]>,
+    /// Guards the loads' looks at the unwritten writes, as the cache's breaker guards L2: with
+    /// the store out of reach, loads fail at once rather than each wait for its timeout.
+    lookups: Arc<CircuitBreaker<()>>,
 }
 
 /// The turn of a stripe of keys, and how many writes wait for it or hold it.
@@ -111,10 +116,16 @@ where
 {
     /// `cache`, writing behind through `writes`.
     pub fn new(cache: Cache<K, V>, writes: WriteBehind<S>) -> Self {
+        let lookups = Arc::new(lookup_breaker(
+            cache.config().l2_failure_threshold,
+            cache.config().l2_cooldown,
+            writes.clock(),
+        ));
         Self {
             cache,
             writes: Arc::new(writes),
             turns: (0..TURN_STRIPES).map(|_| Arc::default()).collect(),
+            lookups,
         }
     }
 
@@ -132,7 +143,8 @@ where
     /// read missed is waited for, and answers instead of the loaded value; across instances
     /// see the write-behind guarantees in `docs/jobs.md`. When the job store cannot be asked,
     /// the load fails (served stale, if the cache's fail-safe has a value), rather than risk
-    /// loading the value a write replaced.
+    /// loading the value a write replaced; after the cache's `l2_failure_threshold` such
+    /// failures in a row, loads fail at once until a look after its `l2_cooldown` succeeds.
     ///
     /// Reads through [`cache`](Self::cache) do not look at the unwritten writes.
     pub async fn get_or_load<F, Fut, E>(&self, key: &K, loader: F) -> Result<Option<V>, CacheError>
@@ -141,16 +153,16 @@ where
         Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let (writes, turns) = (Arc::clone(&self.writes), Arc::clone(&self.turns));
+        let unwritten = self.unwritten();
         self.cache
             .get_or_load(key, move |key: K| async move {
                 let bytes = key_bytes(&key);
-                if let Some(write) = writes.pending(&bytes).await? {
+                if let Some(write) = unwritten.pending(&bytes).await? {
                     return value_of::<V>(&write);
                 }
                 let loaded = loader(key).await.map_err(Into::into)?;
-                wait_for_writes_under_way(&turns, [&bytes[..]]).await;
-                match writes.pending(&bytes).await? {
+                wait_for_writes_under_way(&unwritten.turns, [&bytes[..]]).await;
+                match unwritten.pending(&bytes).await? {
                     Some(write) => value_of(&write),
                     None => Ok(loaded),
                 }
@@ -173,19 +185,19 @@ where
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
         E: Into<BoxError> + Send + 'static,
     {
-        let (writes, turns) = (Arc::clone(&self.writes), Arc::clone(&self.turns));
+        let lookups = self.unwritten();
         self.cache
             .get_many_or_load(keys, move |missing: Vec<K>| async move {
                 let mut found = HashMap::new();
-                let unwritten = take_pending(&writes, missing, &mut found).await?;
+                let unwritten = lookups.take_pending(missing, &mut found).await?;
                 if unwritten.is_empty() {
                     return Ok::<_, BoxError>(found);
                 }
                 let mut loaded = loader(unwritten.clone()).await.map_err(Into::into)?;
                 let bytes: Vec<Bytes> = unwritten.iter().map(key_bytes).collect();
-                wait_for_writes_under_way(&turns, bytes.iter().map(|b| &b[..])).await;
+                wait_for_writes_under_way(&lookups.turns, bytes.iter().map(|b| &b[..])).await;
                 let mut landed = HashMap::new();
-                let unwritten = take_pending(&writes, unwritten, &mut landed).await?;
+                let unwritten = lookups.take_pending(unwritten, &mut landed).await?;
                 for key in unwritten {
                     if let Some(value) = loaded.remove(&key) {
                         found.insert(key, value);
@@ -195,6 +207,15 @@ where
                 Ok(found)
             })
             .await
+    }
+
+    /// What a load needs to look at the unwritten writes.
+    fn unwritten(&self) -> Unwritten<S> {
+        Unwritten {
+            writes: Arc::clone(&self.writes),
+            turns: Arc::clone(&self.turns),
+            lookups: Arc::clone(&self.lookups),
+        }
     }
 
     /// The write-behind, to start its flusher.
@@ -293,35 +314,84 @@ fn value_of<V: DeserializeOwned>(write: &Write) -> Result<Option<V>, BoxError> {
     Ok(write.json().transpose()?)
 }
 
-/// Moves the values of the `keys` that have an unwritten write into `found` (a delete's key
-/// stays out: not found), and answers the other keys.
-async fn take_pending<K, V, S>(
-    writes: &WriteBehind<S>,
-    keys: Vec<K>,
-    found: &mut HashMap<K, V>,
-) -> Result<Vec<K>, BoxError>
-where
-    K: CacheKey,
-    V: DeserializeOwned,
-    S: JobStore,
-{
-    let pending = join_all(keys.iter().map(|key| {
-        let bytes = key_bytes(key);
-        async move { writes.pending(&bytes).await }
-    }))
-    .await;
-    let mut without = Vec::new();
-    for (key, pending) in keys.into_iter().zip(pending) {
-        match pending? {
-            Some(write) => {
-                if let Some(value) = value_of(&write)? {
-                    found.insert(key, value);
-                }
-            }
-            None => without.push(key),
+/// A load's view of the unwritten writes: the write-behind, this instance's turns and the
+/// breaker guarding the looks.
+struct Unwritten<S> {
+    writes: Arc<WriteBehind<S>>,
+    turns: Arc<[Arc<Turn>]>,
+    lookups: Arc<CircuitBreaker<()>>,
+}
+
+impl<S: JobStore> Unwritten<S> {
+    /// [`WriteBehind::pending`] under the breaker.
+    async fn pending(&self, key: &[u8]) -> Result<Option<Write>, BackendError> {
+        let Ok(permit) = self.lookups.try_acquire() else {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Unavailable,
+                "the job store keeps failing: unwritten writes are not looked up for a while",
+            ));
+        };
+        let found = self.writes.pending(key).await;
+        match &found {
+            Ok(_) => permit.success(),
+            // Corrupt data says nothing of the store's health.
+            Err(error) if error.is_retryable() => permit.failure(),
+            Err(_) => permit.ignore(),
         }
+        found
     }
-    Ok(without)
+
+    /// Moves the values of the `keys` that have an unwritten write into `found` (a delete's
+    /// key stays out: not found), and answers the other keys.
+    async fn take_pending<K, V>(
+        &self,
+        keys: Vec<K>,
+        found: &mut HashMap<K, V>,
+    ) -> Result<Vec<K>, BoxError>
+    where
+        K: CacheKey,
+        V: DeserializeOwned,
+    {
+        let pending = join_all(keys.iter().map(|key| {
+            let bytes = key_bytes(key);
+            async move { self.pending(&bytes).await }
+        }))
+        .await;
+        let mut without = Vec::new();
+        for (key, pending) in keys.into_iter().zip(pending) {
+            match pending? {
+                Some(write) => {
+                    if let Some(value) = value_of(&write)? {
+                        found.insert(key, value);
+                    }
+                }
+                None => without.push(key),
+            }
+        }
+        Ok(without)
+    }
+}
+
+/// The breaker of the loads' looks at the unwritten writes: `failure_threshold` failures in a
+/// row open it for `cooldown`, then one look closes it or opens it again (the settings of the
+/// cache's L2 breaker, which the cache's configuration validated).
+fn lookup_breaker(failure_threshold: u32, cooldown: Duration, clock: Clock) -> CircuitBreaker<()> {
+    let build = |failure_threshold: u32, cooldown: Duration| {
+        CircuitBreaker::builder()
+            .name("write-behind-lookups")
+            .clock(clock.clone())
+            .count_window(failure_threshold)
+            .minimum_calls(failure_threshold)
+            .failure_ratio(1.0)
+            .open_duration(cooldown)
+            .max_open_duration(cooldown)
+            .half_open_probes(1)
+            .count_cancelled(false)
+            .build()
+    };
+    build(failure_threshold, cooldown)
+        .or_else(|_| build(5, Duration::from_secs(5)))
+        .unwrap_or_else(|_| unreachable!("the default settings are valid"))
 }
 
 /// A failed enqueue, first removing `key` from the cache when the store failed: the write

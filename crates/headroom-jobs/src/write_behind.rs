@@ -261,6 +261,12 @@ impl<S: JobStore> WriteBehind<S> {
         }
     }
 
+    /// The clock writes are versioned by.
+    #[cfg(feature = "cache")]
+    pub(crate) fn clock(&self) -> Clock {
+        self.clock.clone()
+    }
+
     /// The queue holding the unwritten writes.
     pub fn queue(&self) -> &JobQueue<S> {
         &self.queue

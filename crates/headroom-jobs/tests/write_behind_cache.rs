@@ -820,3 +820,56 @@ async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
         "the cache keeps the value the write replaced"
     );
 }
+
+/// While the job store is out of reach, loads stop paying its timeout after the cache's
+/// `l2_failure_threshold` failures in a row: they fail at once, until a look after the
+/// cache's `l2_cooldown` finds the store back.
+#[tokio::test(start_paused = true)]
+async fn loads_stop_waiting_for_a_job_store_out_of_reach() {
+    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
+    let clock = manual.clock();
+    let store = SlowStore::default().failing_after(Duration::from_secs(1));
+    let out_of_reach = store.out_of_reach.clone();
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(600))
+        .l2(
+            MemoryKvStore::builder().clock(clock.clone()).build(),
+            Namespace::new("profiles").unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let (threshold, cooldown) = (
+        cache.config().l2_failure_threshold,
+        cache.config().l2_cooldown,
+    );
+    let writes = WriteBehind::builder("out", store)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let profiles = WriteBehindCache::new(cache, writes);
+    let source = Source::with("k0", visits(1));
+
+    out_of_reach.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..threshold {
+        let started = tokio::time::Instant::now();
+        source
+            .try_read(&profiles, &format!("k{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "load {i}");
+    }
+    for i in threshold..2 * threshold {
+        let started = tokio::time::Instant::now();
+        source
+            .try_read(&profiles, &format!("k{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::ZERO, "load {i} waited");
+    }
+    assert_eq!(source.loads(), 0);
+
+    out_of_reach.store(false, std::sync::atomic::Ordering::Relaxed);
+    manual.advance(cooldown);
+    assert_eq!(source.read(&profiles, "k0").await, Some(visits(1)));
+}

@@ -48,8 +48,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) fetch_panicked: Arc<Notify>,
     /// How long each `extend` takes, applied or failed.
     extend_takes: Duration,
-    /// When set, an `extend` sent while the store is out of reach fails only this long after
-    /// it was sent, with a timeout.
+    /// When set, an `extend` or `newest_of` sent while the store is out of reach fails only
+    /// this long after it was sent, with a timeout.
     failure_takes: Option<Duration>,
     /// While set, every `extend`, `complete_many` and `newest_of` fails with a connection
     /// error, as when the store is out of the worker's reach.
@@ -402,6 +402,10 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         subject: &[u8],
     ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
         if self.out_of_reach.load(Ordering::Relaxed) {
+            if let Some(takes) = self.failure_takes {
+                tokio::time::sleep(takes).await;
+                return Err(BackendError::new(BackendErrorKind::Timeout));
+            }
             return Err(self.outage());
         }
         self.inner.newest_of(partition, subject).await
