@@ -482,6 +482,30 @@ async fn of_an_instance_removing_a_key_and_another_inserting_it_within_a_millise
     .await;
 }
 
+/// A write-behind cache on `store`, its cache's entries living `ttl`, every part on one
+/// manual clock (returned, to move time).
+fn on_manual_time<S: JobStore>(
+    store: S,
+    ttl: Duration,
+) -> (ManualClock, WriteBehindCache<String, Profile, S>) {
+    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
+    let clock = manual.clock();
+    let cache = Cache::builder()
+        .ttl(ttl)
+        .l2(
+            MemoryKvStore::builder().clock(clock.clone()).build(),
+            Namespace::new("profiles").unwrap(),
+        )
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("profiles", store)
+        .clock(clock)
+        .build()
+        .unwrap();
+    (manual, WriteBehindCache::new(cache, writes))
+}
+
 /// The database a writer writes to and a loader reads from, counting the loads.
 #[derive(Clone, Default)]
 struct Source {
@@ -580,22 +604,7 @@ impl Source {
 /// the source again.
 #[tokio::test(start_paused = true)]
 async fn a_read_missing_the_cache_before_the_flush_answers_the_unwritten_write() {
-    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
-    let clock = manual.clock();
-    let cache = Cache::builder()
-        .ttl(Duration::from_secs(1))
-        .l2(
-            MemoryKvStore::builder().clock(clock.clone()).build(),
-            Namespace::new("profiles").unwrap(),
-        )
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let writes = WriteBehind::builder("ttl", MemoryJobStore::new())
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let profiles = WriteBehindCache::new(cache, writes);
+    let (manual, profiles) = on_manual_time(MemoryJobStore::new(), Duration::from_secs(1));
     let source = Source::with("ada", visits(1));
     source
         .rows
@@ -689,22 +698,7 @@ async fn a_read_missing_the_cache_while_the_job_store_is_out_of_reach_loads_noth
 /// only for the others; once the writer has the writes, the source for all.
 #[tokio::test(start_paused = true)]
 async fn a_batch_read_missing_the_cache_before_the_flush_answers_the_unwritten_writes() {
-    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
-    let clock = manual.clock();
-    let cache = Cache::builder()
-        .ttl(Duration::from_secs(1))
-        .l2(
-            MemoryKvStore::builder().clock(clock.clone()).build(),
-            Namespace::new("profiles").unwrap(),
-        )
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let writes = WriteBehind::builder("batch", MemoryJobStore::new())
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let profiles = WriteBehindCache::new(cache, writes);
+    let (manual, profiles) = on_manual_time(MemoryJobStore::new(), Duration::from_secs(1));
     let source = Source::with("ada", visits(1));
     for (key, profile) in [("bob", visits(7)), ("cy", visits(3))] {
         source
@@ -751,27 +745,13 @@ async fn a_batch_read_overlapping_a_write_on_its_way_answers_the_write() {
 }
 
 async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
-    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
-    let clock = manual.clock();
     let store = SlowStore::holding_first_enqueue(MemoryJobStore::new());
     let (held, release) = (
         store.first_enqueue_held.clone(),
         store.release_first_enqueue.clone(),
     );
-    let cache = Cache::builder()
-        .ttl(Duration::from_secs(600))
-        .l2(
-            MemoryKvStore::builder().clock(clock.clone()).build(),
-            Namespace::new("profiles").unwrap(),
-        )
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let writes = WriteBehind::builder("overlap", store)
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let profiles = Arc::new(WriteBehindCache::new(cache, writes));
+    let (manual, profiles) = on_manual_time(store, Duration::from_secs(600));
+    let profiles = Arc::new(profiles);
     let source = Source::with("ada", visits(1));
 
     let write = tokio::spawn({
@@ -826,28 +806,11 @@ async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
 /// cache's `l2_cooldown` finds the store back.
 #[tokio::test(start_paused = true)]
 async fn loads_stop_waiting_for_a_job_store_out_of_reach() {
-    let manual = ManualClock::starting_at(Duration::from_secs(1_700_000_000));
-    let clock = manual.clock();
     let store = SlowStore::default().failing_after(Duration::from_secs(1));
     let out_of_reach = store.out_of_reach.clone();
-    let cache = Cache::builder()
-        .ttl(Duration::from_secs(600))
-        .l2(
-            MemoryKvStore::builder().clock(clock.clone()).build(),
-            Namespace::new("profiles").unwrap(),
-        )
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let (threshold, cooldown) = (
-        cache.config().l2_failure_threshold,
-        cache.config().l2_cooldown,
-    );
-    let writes = WriteBehind::builder("out", store)
-        .clock(clock.clone())
-        .build()
-        .unwrap();
-    let profiles = WriteBehindCache::new(cache, writes);
+    let (manual, profiles) = on_manual_time(store, Duration::from_secs(600));
+    let config = profiles.cache().config();
+    let (threshold, cooldown) = (config.l2_failure_threshold, config.l2_cooldown);
     let source = Source::with("k0", visits(1));
 
     out_of_reach.store(true, std::sync::atomic::Ordering::Relaxed);
