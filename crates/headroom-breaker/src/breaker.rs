@@ -1031,6 +1031,20 @@ impl<E> CircuitBreakerBuilder<E> {
         self
     }
 
+    /// Opens the circuit when the last `failures` calls all failed, for `cooldown` each time
+    /// (no doubling); one probe then closes it or opens it again; cancelled calls count as
+    /// nothing. The breaker of a dependency that is either up or down (a store, a cache's
+    /// backend): a count window of `failures` that must all fail.
+    pub fn open_after_failures_in_a_row(self, failures: u32, cooldown: Duration) -> Self {
+        self.count_window(failures)
+            .minimum_calls(failures)
+            .failure_ratio(1.0)
+            .open_duration(cooldown)
+            .max_open_duration(cooldown)
+            .half_open_probes(1)
+            .count_cancelled(false)
+    }
+
     /// Decides which errors count as failures; the others are ignored. Default: all do.
     /// Timeouts of a pipeline's attempts always count.
     pub fn failure_if(mut self, counts: impl Fn(&E) -> bool + Send + Sync + 'static) -> Self {

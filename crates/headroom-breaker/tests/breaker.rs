@@ -667,3 +667,32 @@ fn a_lowered_threshold_is_judged_at_the_next_call_even_a_success() {
     record(&breaker, 0, 1);
     assert_eq!(breaker.state(), State::Open);
 }
+
+/// `open_after_failures_in_a_row(3, 5 s)`: a success among the failures keeps it closed, three
+/// in a row open it for 5 s each time (no doubling), and one probe closes it.
+#[test]
+fn opens_after_failures_in_a_row_for_its_cooldown_each_time() {
+    let manual = ManualClock::new();
+    let breaker = CircuitBreaker::<Failure>::builder()
+        .clock(manual.clock())
+        .open_after_failures_in_a_row(3, Duration::from_secs(5))
+        .build()
+        .expect("valid config");
+    record(&breaker, 2, 1);
+    record(&breaker, 2, 0);
+    assert_eq!(breaker.state(), State::Closed, "a success among them");
+    record(&breaker, 1, 0);
+    assert_eq!(breaker.state(), State::Open, "three in a row");
+    for _ in 0..2 {
+        manual.advance(Duration::from_secs(5) - Duration::from_millis(1));
+        assert!(breaker.try_acquire().is_err(), "open for its cooldown");
+        manual.advance(Duration::from_millis(1));
+        let probe = breaker.try_acquire().expect("one probe");
+        assert!(breaker.try_acquire().is_err(), "only one probe");
+        probe.failure();
+        assert_eq!(breaker.state(), State::Open, "the probe failed");
+    }
+    manual.advance(Duration::from_secs(5));
+    breaker.try_acquire().expect("one probe").success();
+    assert_eq!(breaker.state(), State::Closed);
+}

@@ -74,18 +74,10 @@ impl L2 {
     ) -> Result<Self, ConfigError> {
         let failure_threshold = config.l2_failure_threshold;
         let cooldown = config.l2_cooldown;
-        // `failure_threshold` failures in a row open it (a full window of failures); one probe
-        // after each cool-down closes it or opens it again. Dropped calls count as nothing.
         let breaker = CircuitBreaker::builder()
             .name(format!("cache-l2:{namespace}"))
             .clock(clock.clone())
-            .count_window(failure_threshold)
-            .minimum_calls(failure_threshold)
-            .failure_ratio(1.0)
-            .open_duration(cooldown)
-            .max_open_duration(cooldown)
-            .half_open_probes(1)
-            .count_cancelled(false)
+            .open_after_failures_in_a_row(failure_threshold, cooldown)
             .build()
             .map_err(|_| ConfigError::new("invalid L2 breaker settings"))?;
         let hides = Namespace::new(&format!("{namespace}{}", hides::BESIDE)).map_err(|_| {

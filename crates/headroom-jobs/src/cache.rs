@@ -372,21 +372,15 @@ impl<S: JobStore> Unwritten<S> {
     }
 }
 
-/// The breaker of the loads' looks at the unwritten writes: `failure_threshold` failures in a
-/// row open it for `cooldown`, then one look closes it or opens it again (the settings of the
-/// cache's L2 breaker, which the cache's configuration validated).
+/// The breaker of the loads' looks at the unwritten writes, with the settings of the cache's
+/// L2 breaker (which the cache's configuration validated; should they not build, the
+/// cache's defaults).
 fn lookup_breaker(failure_threshold: u32, cooldown: Duration, clock: Clock) -> CircuitBreaker<()> {
-    let build = |failure_threshold: u32, cooldown: Duration| {
+    let build = |failures, cooldown| {
         CircuitBreaker::builder()
             .name("write-behind-lookups")
             .clock(clock.clone())
-            .count_window(failure_threshold)
-            .minimum_calls(failure_threshold)
-            .failure_ratio(1.0)
-            .open_duration(cooldown)
-            .max_open_duration(cooldown)
-            .half_open_probes(1)
-            .count_cancelled(false)
+            .open_after_failures_in_a_row(failures, cooldown)
             .build()
     };
     build(failure_threshold, cooldown)
