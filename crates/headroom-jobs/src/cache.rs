@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use headroom_breaker::CircuitBreaker;
-use headroom_cache::{Cache, CacheError, CacheKey};
+use headroom_cache::{Cache, CacheConfig, CacheError, CacheKey};
 use headroom_core::jobs::JobStore;
 use headroom_core::{BackendError, BackendErrorKind, Classify, Clock};
 use serde::Serialize;
@@ -116,11 +116,7 @@ where
 {
     /// `cache`, writing behind through `writes`.
     pub fn new(cache: Cache<K, V>, writes: WriteBehind<S>) -> Self {
-        let lookups = Arc::new(lookup_breaker(
-            cache.config().l2_failure_threshold,
-            cache.config().l2_cooldown,
-            writes.clock(),
-        ));
+        let lookups = Arc::new(lookup_breaker(cache.config(), writes.clock()));
         Self {
             cache,
             writes: Arc::new(writes),
@@ -139,9 +135,9 @@ where
     /// value, and `loader` (the source the writer writes to) is asked only when there is
     /// none. This covers a write that did not reach L2 (Redis out of reach at that moment),
     /// an entry that left L2 before the flush (TTL, eviction) and a write whose enqueue
-    /// answer was lost. A write of this instance still on its way to the job store when the
-    /// read missed is waited for, and answers instead of the loaded value; across instances
-    /// see the write-behind guarantees in `docs/jobs.md`. When the job store cannot be asked,
+    /// answer was lost. A load first waits for this instance's writes under way in the key's
+    /// stripe, so that one still on its way to the job store is found; across instances see
+    /// the write-behind guarantees in `docs/jobs.md`. When the job store cannot be asked,
     /// the load fails (served stale, if the cache's fail-safe has a value), rather than risk
     /// loading the value a write replaced; after the cache's `l2_failure_threshold` such
     /// failures in a row, loads fail at once until a look after its `l2_cooldown` succeeds.
@@ -157,11 +153,12 @@ where
         self.cache
             .get_or_load(key, move |key: K| async move {
                 let bytes = key_bytes(&key);
+                wait_for_writes_under_way(&unwritten.turns, [&bytes[..]]).await;
                 if let Some(write) = unwritten.pending(&bytes).await? {
                     return value_of::<V>(&write);
                 }
                 let loaded = loader(key).await.map_err(Into::into)?;
-                wait_for_writes_under_way(&unwritten.turns, [&bytes[..]]).await;
+                // A write of another instance may have landed during the load.
                 match unwritten.pending(&bytes).await? {
                     Some(write) => value_of(&write),
                     None => Ok(loaded),
@@ -188,14 +185,15 @@ where
         let lookups = self.unwritten();
         self.cache
             .get_many_or_load(keys, move |missing: Vec<K>| async move {
+                let bytes: Vec<Bytes> = missing.iter().map(key_bytes).collect();
+                wait_for_writes_under_way(&lookups.turns, bytes.iter().map(|b| &b[..])).await;
                 let mut found = HashMap::new();
                 let unwritten = lookups.take_pending(missing, &mut found).await?;
                 if unwritten.is_empty() {
                     return Ok::<_, BoxError>(found);
                 }
                 let mut loaded = loader(unwritten.clone()).await.map_err(Into::into)?;
-                let bytes: Vec<Bytes> = unwritten.iter().map(key_bytes).collect();
-                wait_for_writes_under_way(&lookups.turns, bytes.iter().map(|b| &b[..])).await;
+                // Writes of other instances may have landed during the load.
                 let mut landed = HashMap::new();
                 let unwritten = lookups.take_pending(unwritten, &mut landed).await?;
                 for key in unwritten {
@@ -291,9 +289,9 @@ fn turn_of<'t>(turns: &'t [Arc<Turn>], key: &[u8]) -> &'t Arc<Turn> {
     &turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]
 }
 
-/// Waits until the writes of `keys`' stripes under way in this instance now have ended: a
-/// write that began before a load looked at the unwritten writes may land after the look,
-/// and is then found by the next.
+/// Waits until the writes of `keys`' stripes under way in this instance now have ended, so
+/// that a load's look finds them: a write that begins later is versioned after the load,
+/// and its cache write wins over the load's.
 async fn wait_for_writes_under_way<'k>(
     turns: &[Arc<Turn>],
     keys: impl IntoIterator<Item = &'k [u8]>,
@@ -325,20 +323,28 @@ struct Unwritten<S> {
 impl<S: JobStore> Unwritten<S> {
     /// [`WriteBehind::pending`] under the breaker.
     async fn pending(&self, key: &[u8]) -> Result<Option<Write>, BackendError> {
+        self.guarded(self.writes.pending(key)).await
+    }
+
+    /// Runs `looks` under the breaker as one call (a batch's looks count once).
+    async fn guarded<T>(
+        &self,
+        looks: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
         let Ok(permit) = self.lookups.try_acquire() else {
             return Err(BackendError::with_detail(
                 BackendErrorKind::Unavailable,
                 "the job store keeps failing: unwritten writes are not looked up for a while",
             ));
         };
-        let found = self.writes.pending(key).await;
-        match &found {
+        let answer = looks.await;
+        match &answer {
             Ok(_) => permit.success(),
             // Corrupt data says nothing of the store's health.
             Err(error) if error.is_retryable() => permit.failure(),
             Err(_) => permit.ignore(),
         }
-        found
+        answer
     }
 
     /// Moves the values of the `keys` that have an unwritten write into `found` (a delete's
@@ -352,14 +358,16 @@ impl<S: JobStore> Unwritten<S> {
         K: CacheKey,
         V: DeserializeOwned,
     {
-        let pending = join_all(keys.iter().map(|key| {
+        let looks = join_all(keys.iter().map(|key| {
             let bytes = key_bytes(key);
-            async move { self.pending(&bytes).await }
-        }))
-        .await;
+            async move { self.writes.pending(&bytes).await }
+        }));
+        let pending = self
+            .guarded(async { looks.await.into_iter().collect::<Result<Vec<_>, _>>() })
+            .await?;
         let mut without = Vec::new();
         for (key, pending) in keys.into_iter().zip(pending) {
-            match pending? {
+            match pending {
                 Some(write) => {
                     if let Some(value) = value_of(&write)? {
                         found.insert(key, value);
@@ -373,16 +381,19 @@ impl<S: JobStore> Unwritten<S> {
 }
 
 /// The breaker of the loads' looks at the unwritten writes, with the settings of the cache's
-/// L2 breaker (which the cache's configuration validated; should they not build, the
-/// cache's defaults).
-fn lookup_breaker(failure_threshold: u32, cooldown: Duration, clock: Clock) -> CircuitBreaker<()> {
+/// L2 breaker (validated when the cache has L2; settings that do not build give the cache's
+/// defaults).
+fn lookup_breaker(config: &CacheConfig, clock: Clock) -> CircuitBreaker<()> {
     let build = |failures, cooldown| {
         CircuitBreaker::builder()
-            .name("write-behind-lookups")
+            .name(format!("write-behind-lookups:{}", config.name))
             .clock(clock.clone())
             .open_after_failures_in_a_row(failures, cooldown)
+            // A look cut off (by the cache's loader timeout) waited as long as a failure.
+            .count_cancelled(true)
             .build()
     };
+    let (failure_threshold, cooldown) = (config.l2_failure_threshold, config.l2_cooldown);
     build(failure_threshold, cooldown)
         .or_else(|_| build(5, Duration::from_secs(5)))
         .unwrap_or_else(|_| unreachable!("the default settings are valid"))

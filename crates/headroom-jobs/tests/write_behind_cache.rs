@@ -735,17 +735,40 @@ async fn a_batch_read_missing_the_cache_before_the_flush_answers_the_unwritten_w
 /// read does not fill the value the write replaces over it.
 #[tokio::test(start_paused = true)]
 async fn a_read_overlapping_a_write_on_its_way_answers_the_write() {
-    a_read_overlaps_a_write_on_its_way(false).await;
+    a_read_overlaps_a_write_on_its_way(Read::One, None).await;
 }
 
 /// As [`a_read_overlapping_a_write_on_its_way_answers_the_write`], for a batch read.
 #[tokio::test(start_paused = true)]
 async fn a_batch_read_overlapping_a_write_on_its_way_answers_the_write() {
-    a_read_overlaps_a_write_on_its_way(true).await;
+    a_read_overlaps_a_write_on_its_way(Read::Batch, None).await;
 }
 
-async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
-    let store = SlowStore::holding_first_enqueue(MemoryJobStore::new());
+/// As [`a_read_overlapping_a_write_on_its_way_answers_the_write`], when an older write of the
+/// key is still unwritten: the read answers the newer write, not the older.
+#[tokio::test(start_paused = true)]
+async fn a_read_overlapping_a_write_on_its_way_answers_it_over_an_older_unwritten_one() {
+    a_read_overlaps_a_write_on_its_way(Read::One, Some(visits(2))).await;
+}
+
+/// As [`a_read_overlapping_a_write_on_its_way_answers_it_over_an_older_unwritten_one`], for a
+/// batch read.
+#[tokio::test(start_paused = true)]
+async fn a_batch_read_overlapping_a_write_on_its_way_answers_it_over_an_older_unwritten_one() {
+    a_read_overlaps_a_write_on_its_way(Read::Batch, Some(visits(2))).await;
+}
+
+#[derive(Clone, Copy)]
+enum Read {
+    One,
+    Batch,
+}
+
+/// Another process records `older` (if any) of "ada"; then this instance's write of
+/// `visits(3)` is held on its way to the store while a read of "ada" misses the cache.
+async fn a_read_overlaps_a_write_on_its_way(read: Read, older: Option<Profile>) {
+    let inner = MemoryJobStore::new();
+    let store = SlowStore::holding_first_enqueue(inner.clone());
     let (held, release) = (
         store.first_enqueue_held.clone(),
         store.release_first_enqueue.clone(),
@@ -753,51 +776,42 @@ async fn a_read_overlaps_a_write_on_its_way(batch: bool) {
     let (manual, profiles) = on_manual_time(store, Duration::from_secs(600));
     let profiles = Arc::new(profiles);
     let source = Source::with("ada", visits(1));
+    if let Some(older) = older {
+        let elsewhere = WriteBehind::builder("profiles", inner)
+            .clock(manual.clock())
+            .build()
+            .unwrap();
+        let encoded = serde_json::to_vec(&older).unwrap();
+        elsewhere.put(&b"ada"[..], encoded).await.unwrap();
+        manual.advance(Duration::from_millis(1));
+    }
 
     let write = tokio::spawn({
         let profiles = profiles.clone();
-        async move { profiles.insert("ada".to_owned(), visits(2)).await }
+        async move { profiles.insert("ada".to_owned(), visits(3)).await }
     });
     held.notified().await;
     manual.advance(Duration::from_millis(1));
-    let loaded = Arc::new(tokio::sync::Notify::new());
-    let read = tokio::spawn({
-        let (profiles, source, loaded) = (profiles.clone(), source.clone(), loaded.clone());
+    let reading = tokio::spawn({
+        let (profiles, source) = (profiles.clone(), source.clone());
         async move {
-            let row = move |key: &String| {
-                let row = source.rows.lock().unwrap().get(key).cloned();
-                loaded.notify_one();
-                row.and_then(|row| row.1)
-            };
-            if batch {
-                let keys = ["ada".to_owned()];
-                let values = profiles
-                    .get_many_or_load(&keys, move |keys: Vec<String>| async move {
-                        let found: HashMap<String, Profile> = keys
-                            .into_iter()
-                            .filter_map(|key| row(&key).map(|value| (key, value)))
-                            .collect();
-                        Ok::<_, std::convert::Infallible>(found)
-                    })
-                    .await;
-                values.map(|mut values| values.remove(0))
-            } else {
-                profiles
-                    .get_or_load(&"ada".to_owned(), move |key: String| async move {
-                        Ok::<_, std::convert::Infallible>(row(&key))
-                    })
-                    .await
+            match read {
+                Read::One => source.try_read(&profiles, "ada").await,
+                Read::Batch => Ok(source.read_many(&profiles, &["ada"]).await.0.remove(0)),
             }
         }
     });
-    loaded.notified().await;
+    // The read's load has begun (or the read is over) before the write goes on.
+    while profiles.cache().loads_in_flight() == 0 && !reading.is_finished() {
+        tokio::task::yield_now().await;
+    }
     release.notify_one();
     write.await.unwrap().unwrap();
-    assert_eq!(read.await.unwrap().unwrap(), Some(visits(2)));
+    assert_eq!(reading.await.unwrap().unwrap(), Some(visits(3)));
     assert_eq!(
         profiles.cache().get(&"ada".to_owned()).await.unwrap(),
-        Some(visits(2)),
-        "the cache keeps the value the write replaced"
+        Some(visits(3)),
+        "the cache keeps the write's value"
     );
 }
 
@@ -835,4 +849,62 @@ async fn loads_stop_waiting_for_a_job_store_out_of_reach() {
     out_of_reach.store(false, std::sync::atomic::Ordering::Relaxed);
     manual.advance(cooldown);
     assert_eq!(source.read(&profiles, "k0").await, Some(visits(1)));
+}
+
+/// A load cut off by the cache's loader timeout while it looked at the unwritten writes
+/// counts as a failed look: with a loader timeout shorter than the store's, loads still stop
+/// waiting for a store out of reach.
+#[tokio::test(start_paused = true)]
+async fn looks_cut_off_by_the_loader_timeout_count_as_failed() {
+    let store = SlowStore::default().failing_after(Duration::from_secs(1));
+    let out_of_reach = store.out_of_reach.clone();
+    // On tokio's paused time, which the loader timeout's timer follows.
+    let cache = Cache::builder()
+        .ttl(Duration::from_secs(600))
+        .loader_hard_timeout(Duration::from_millis(500))
+        .l2(MemoryKvStore::new(), Namespace::new("profiles").unwrap())
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("profiles", store).build().unwrap();
+    let profiles = WriteBehindCache::new(cache, writes);
+    let threshold = profiles.cache().config().l2_failure_threshold;
+    let source = Source::default();
+
+    out_of_reach.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..threshold {
+        let started = tokio::time::Instant::now();
+        source
+            .try_read(&profiles, &format!("k{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(500), "load {i}");
+    }
+    let started = tokio::time::Instant::now();
+    source.try_read(&profiles, "last").await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO, "the last load waited");
+}
+
+/// A batch read's looks count as one toward the breaker: after the store came back and the
+/// cool-down passed, one batch closes the breaker rather than fail all but one of its keys.
+#[tokio::test(start_paused = true)]
+async fn a_batch_read_after_the_cooldown_finds_the_store_back() {
+    let store: SlowStore = SlowStore::default();
+    let out_of_reach = store.out_of_reach.clone();
+    let (manual, profiles) = on_manual_time(store, Duration::from_secs(600));
+    let config = profiles.cache().config();
+    let (threshold, cooldown) = (config.l2_failure_threshold, config.l2_cooldown);
+    let source = Source::with("a", visits(1));
+
+    out_of_reach.store(true, std::sync::atomic::Ordering::Relaxed);
+    for i in 0..threshold {
+        source
+            .try_read(&profiles, &format!("k{i}"))
+            .await
+            .unwrap_err();
+    }
+    out_of_reach.store(false, std::sync::atomic::Ordering::Relaxed);
+    manual.advance(cooldown);
+    let (values, asked) = source.read_many(&profiles, &["a", "b"]).await;
+    assert_eq!(values, [Some(visits(1)), None]);
+    assert_eq!(asked, ["a", "b"]);
 }
