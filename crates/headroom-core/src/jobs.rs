@@ -38,9 +38,13 @@ pub struct NewJob {
     /// An idempotency key: a second enqueue with the same key within the window returns the
     /// first job's number and adds nothing.
     pub dedup_key: Option<Bytes>,
-    /// What the job writes (a record's key, for a write-behind): while it is unfinished, the
-    /// newest job enqueued with a subject is found by [`JobStore::newest_of`].
+    /// What the job writes (a record's key, for a write-behind): the newest unfinished job
+    /// of a subject is found by [`JobStore::newest_of`].
     pub subject: Option<Bytes>,
+    /// How the job ranks among the jobs of its subject (a write's version): one added with a
+    /// lower rank than the unfinished newest of its subject does not replace it. On Redis,
+    /// at most 2^53.
+    pub subject_rank: u64,
 }
 
 impl NewJob {
@@ -85,6 +89,13 @@ impl NewJob {
     #[must_use]
     pub fn subject(mut self, subject: impl Into<Bytes>) -> Self {
         self.subject = Some(subject.into());
+        self
+    }
+
+    /// Ranked `rank` among the jobs of its subject (see [`NewJob::subject_rank`]).
+    #[must_use]
+    pub fn subject_rank(mut self, rank: u64) -> Self {
+        self.subject_rank = rank;
         self
     }
 }
@@ -297,8 +308,10 @@ pub struct PartitionStats {
 ///   - `bury` makes it dead, keeping its payload and `error` for `retention`, and lists it
 ///     among the dead letters.
 /// - A done or dead job no longer counts against any bound.
-/// - `newest_of` answers the job last added with the subject while it is unfinished; once it
-///   is done or dead, nothing, even if an older job with the subject is still unfinished.
+/// - `newest_of` answers the newest job of the subject while it is unfinished: the job added
+///   with it last, unless the newest then unfinished ranked higher (`subject_rank`), which
+///   stays the newest. Once the newest is done or dead, nothing, even if another job of the
+///   subject is still unfinished.
 /// - Times use the store's clock (Redis server time), never the caller's.
 /// - Deliveries are at least once: a job taken over after its visibility ran out may still be
 ///   running in its first holder.

@@ -21,8 +21,9 @@ pub struct Job {
     tenant: Option<String>,
     idempotency_key: Option<String>,
     route: Option<Bytes>,
-    /// Found by [`JobQueue::newest_of`] while it is the newest unfinished job of its route.
-    subject: bool,
+    /// Found by [`JobQueue::newest_of`] while it is the newest unfinished job of its route,
+    /// with this rank among them.
+    subject: Option<u64>,
     origin: Option<String>,
 }
 
@@ -43,7 +44,7 @@ impl Job {
             tenant: None,
             idempotency_key: None,
             route: None,
-            subject: false,
+            subject: None,
             origin: None,
         }
     }
@@ -92,9 +93,9 @@ impl Job {
     }
 
     /// Found by [`JobQueue::newest_of`] its route key while it is the newest unfinished job
-    /// enqueued so with that route.
-    pub(crate) fn subject_of_its_route(mut self) -> Self {
-        self.subject = true;
+    /// enqueued so with that route, ranked `rank` among them (see [`NewJob::subject_rank`]).
+    pub(crate) fn subject_of_its_route(mut self, rank: u64) -> Self {
+        self.subject = Some(rank);
         self
     }
 
@@ -408,10 +409,8 @@ impl<S: JobStore> JobQueue<S> {
         if let Some(key) = dedup_key {
             new = new.dedup_key(key);
         }
-        if job.subject
-            && let Some(route) = &job.route
-        {
-            new = new.subject(route.clone());
+        if let (Some(rank), Some(route)) = (job.subject, &job.route) {
+            new = new.subject(route.clone()).subject_rank(rank);
         }
         let answer = inner
             .store

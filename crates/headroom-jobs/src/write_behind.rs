@@ -297,7 +297,8 @@ impl<S: JobStore> WriteBehind<S> {
             })
             .map_or(micros, |last| micros.max(last + 1));
         let payload = encode(version, &key, value);
-        let job = Job::new(payload).route(key).subject_of_its_route();
+        // Ranked by version: the pending write of a key is the one the writer keeps.
+        let job = Job::new(payload).route(key).subject_of_its_route(version);
         self.queue.enqueue(job).await?;
         Ok(version)
     }

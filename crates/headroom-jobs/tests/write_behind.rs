@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use headroom_core::ManualClock;
 use headroom_core::memory::MemoryJobStore;
 use headroom_jobs::{EnqueueError, Flusher, JobError, QueueConfig, Write, WriteBehind};
 use support::SlowStore;
@@ -871,4 +872,30 @@ async fn writes_whose_fetch_reply_was_lost_reach_the_writer_at_the_next_pass() {
     let report = flusher.shutdown(Duration::from_secs(5)).await;
     assert_eq!((report.writes, report.calls), (10, 1), "{report:?}");
     assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
+}
+
+/// Of two instances' writes of a key, the one pending is the one the writer keeps, the
+/// higher version, whichever reached the store last: here the instance whose clock is ahead
+/// records its write first.
+#[tokio::test(start_paused = true)]
+async fn the_pending_write_of_a_key_is_its_highest_version() {
+    let store = MemoryJobStore::new();
+    let now = Duration::from_secs(1_700_000_000);
+    let ahead = ManualClock::starting_at(now + Duration::from_millis(5));
+    let behind = ManualClock::starting_at(now);
+    let instance = |clock: &ManualClock| {
+        WriteBehind::builder("profiles", store.clone())
+            .clock(clock.clock())
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (instance(&ahead), instance(&behind));
+    let a_version = a.put(&b"ada"[..], &b"from a"[..]).await.unwrap();
+    let b_version = b.put(&b"ada"[..], &b"from b"[..]).await.unwrap();
+    assert!(b_version < a_version);
+    let pending = a.pending(b"ada").await.unwrap().expect("a pending write");
+    assert_eq!(
+        (pending.version, pending.value),
+        (a_version, Some(Bytes::from_static(b"from a")))
+    );
 }

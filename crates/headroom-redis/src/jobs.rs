@@ -33,7 +33,7 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
-//   tenant (if any), `k` subject (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
+//   tenant (if any), `k` subject and `kr` its rank (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
 //   while running `sid` (the stream entry of the current delivery), `c` (its consumer) and `f`
 //   (the token of the fetch that made it, `0` for none, with `+` after it when that delivery
 //   took the job over: `recover` finds a lost fetch's deliveries by it). A
@@ -47,8 +47,9 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:d`: sorted set of delayed and retrying job numbers by due time (ms).
 // - `P:dd:<dedup key>`: the number first enqueued with the key, expiring after the window.
 // - `P:n`: unfinished jobs; `P:t`: hash of unfinished jobs per tenant.
-// - `P:k`: hash of the number of the job last added with each subject, while it is unfinished:
-//   its completion or burial removes the field if it still names that job.
+// - `P:k`: hash of the number of each subject's newest job (the last added, unless the one
+//   then newest and unfinished ranked higher), while it is unfinished: its completion or
+//   burial removes the field if it still names that job.
 // - `P:dead`: sorted set of dead job numbers by burial order (`P:dseq`), bounded; `P:dx`: the
 //   same numbers by the end of their retention, to drop them once their record expired.
 // - `P:stats`: the drain rate's buckets: `b` bucket index, `c` finished in it, `p` finished in
@@ -265,7 +266,7 @@ end
 
 /// ARGV: lane, delay (ms, 0 for none), payload, tenant flag (`1`/`0`), tenant, dedup flag,
 /// dedup key, dedup window (ms), max length, max per tenant (empty for none), subject flag,
-/// subject.
+/// subject, subject rank.
 ///
 /// Answers `{'a', number}`, `{'d', number}`, `{'f', tenant (1/0), depth, drained per sec,
 /// unfinished}` or `{'c', what}` for a corrupt count.
@@ -305,10 +306,21 @@ else
   redis.call('HSET', rk, 's', 'q', 'a', '0', 'l', ARGV[1], 'e', num(now), 'p', ARGV[3])
 end
 if ARGV[11] == '1' then
-  redis.call('HSET', rk, 'k', ARGV[12])
-  if type(redis.pcall('HSET', P .. ':k', ARGV[12], n)) ~= 'number' then
+  local subject, rank = ARGV[12], tonumber(ARGV[13])
+  redis.call('HSET', rk, 'k', subject, 'kr', ARGV[13])
+  -- The newest job of the subject stays so while unfinished if it ranks higher.
+  local newest = redis.pcall('HGET', P .. ':k', subject)
+  local outranked = false
+  if type(newest) == 'table' then
     redis.call('DEL', P .. ':k')
-    redis.call('HSET', P .. ':k', ARGV[12], n)
+  elseif newest then
+    local r = read_record(record(newest), 's', 'k', 'kr')
+    local other = r and int(r[3])
+    outranked = other and (r[1] == 'q' or r[1] == 'y' or r[1] == 'r') and r[2] == subject
+      and other > rank
+  end
+  if not outranked then
+    redis.call('HSET', P .. ':k', subject, n)
   end
 end
 redis.call('INCR', P .. ':n')
@@ -1403,6 +1415,13 @@ impl JobStore for RedisJobStore {
         limits: &EnqueueLimits,
     ) -> Result<Enqueued, BackendError> {
         check_lane(job.lane)?;
+        // Ranks are compared as Lua numbers, exact up to 2^53.
+        if job.subject_rank > 1 << 53 {
+            return Err(BackendError::with_detail(
+                BackendErrorKind::Config,
+                format!("subject rank {} is above 2^53", job.subject_rank),
+            ));
+        }
         let key = self.partition(partition)?;
         let dedup_window = match &job.dedup_key {
             Some(_) => ttl_millis(limits.dedup_window, "the dedup window")?,
@@ -1427,7 +1446,8 @@ impl JobStore for RedisJobStore {
                     .unwrap_or_default(),
             )
             .arg(flag(job.subject.is_some()))
-            .arg(job.subject.as_deref().unwrap_or_default());
+            .arg(job.subject.as_deref().unwrap_or_default())
+            .arg(job.subject_rank.to_string());
         let reply = array(self.redis.invoke(&invocation).await?, "enqueue")?;
         match reply.as_slice() {
             [Value::BulkString(code), number] if code == b"a" => {

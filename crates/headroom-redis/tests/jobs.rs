@@ -1364,6 +1364,16 @@ async fn invalid_arguments_are_refused_before_redis(ctx: Ctx) {
     assert_eq!(err.kind(), BackendErrorKind::Config);
     let err = ctx
         .store
+        .enqueue(
+            &p,
+            &job("a").subject("s").subject_rank((1 << 53) + 1),
+            &limits(10),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Config);
+    let err = ctx
+        .store
         .fetch(
             &p,
             FetchRequest {

@@ -205,8 +205,8 @@ struct Partition {
     /// by the end of their window: the ones room can be made from.
     released: BTreeSet<(u64, Bytes)>,
     tenants: HashMap<Bytes, u64>,
-    /// The job last added with each subject, while it is unfinished.
-    subjects: HashMap<Bytes, JobNumber>,
+    /// The newest job of each subject and its rank, while it is unfinished.
+    subjects: HashMap<Bytes, (u64, JobNumber)>,
     unfinished: u64,
     dead: VecDeque<JobNumber>,
     drain: Drain,
@@ -393,7 +393,7 @@ impl Partition {
         self.finished.insert((until_ms, number));
         self.unfinished -= 1;
         if let Some(subject) = &job.subject
-            && self.subjects.get(subject) == Some(&number)
+            && self.subjects.get(subject).map(|&(_, newest)| newest) == Some(number)
         {
             self.subjects.remove(subject);
         }
@@ -561,7 +561,14 @@ impl JobStore for MemoryJobStore {
                 *p.tenants.entry(tenant.clone()).or_default() += 1;
             }
             if let Some(subject) = &job.subject {
-                p.subjects.insert(subject.clone(), number);
+                let outranked = p
+                    .subjects
+                    .get(subject)
+                    .is_some_and(|&(rank, _)| rank > job.subject_rank);
+                if !outranked {
+                    p.subjects
+                        .insert(subject.clone(), (job.subject_rank, number));
+                }
             }
             p.unfinished += 1;
             p.jobs.insert(number, record);
@@ -791,7 +798,7 @@ impl JobStore for MemoryJobStore {
         subject: &[u8],
     ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
         Ok(self.with(partition, |p, _| {
-            let number = *p.subjects.get(subject)?;
+            let (_, number) = *p.subjects.get(subject)?;
             let payload = p.jobs.get(&number)?.payload.clone()?;
             Some((number, payload))
         }))

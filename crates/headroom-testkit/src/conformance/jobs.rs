@@ -631,6 +631,50 @@ pub async fn the_newest_job_of_a_subject_is_found_while_unfinished<S: JobStore>(
     );
 }
 
+/// A job added with a lower rank than its subject's unfinished newest does not replace it; one
+/// of equal or higher rank does; and once the newest finishes, none is, though a lower-ranked
+/// job of the subject is unfinished.
+pub async fn a_lower_ranked_job_does_not_replace_its_subjects_newest<S: JobStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let p = partition(&ns, "q");
+    let ranked = |payload: &'static str, rank| job(payload).subject("s").subject_rank(rank);
+    let newest = || async {
+        store
+            .newest_of(&p, b"s")
+            .await
+            .expect("newest_of")
+            .map(|(number, _)| number)
+    };
+    let ten = add(store, &p, &ranked("ten", 10)).await;
+    add(store, &p, &ranked("five", 5)).await;
+    assert_eq!(newest().await, Some(ten), "a lower rank added later");
+    let ten_again = add(store, &p, &ranked("ten again", 10)).await;
+    assert_eq!(newest().await, Some(ten_again), "an equal rank added later");
+    let twelve = add(store, &p, &ranked("twelve", 12)).await;
+    assert_eq!(newest().await, Some(twelve), "a higher rank");
+
+    let delivered = fetch(store, &p, "w", &[0], 10, LONG).await;
+    assert_eq!(delivered.len(), 4);
+    let done = Completion {
+        number: twelve,
+        attempt: 1,
+        result: Bytes::new(),
+    };
+    store
+        .complete_many(&p, &[done], LONG)
+        .await
+        .expect("complete");
+    assert_eq!(newest().await, None, "the newest is done");
+    let six = add(store, &p, &ranked("six", 6)).await;
+    assert_eq!(
+        newest().await,
+        Some(six),
+        "no unfinished newest to outrank it"
+    );
+}
+
 /// A holder that extends keeps its job past the visibility timeout.
 pub async fn extending_keeps_the_job<S: JobStore>(store: &S, ns: Namespace) {
     let p = partition(&ns, "q");

@@ -199,6 +199,7 @@ macro_rules! job_store_conformance {
                 a_hand_back_keeps_the_error_of_the_last_failed_attempt,
                 a_buried_job_is_a_dead_letter_and_frees_its_place,
                 the_newest_job_of_a_subject_is_found_while_unfinished,
+                a_lower_ranked_job_does_not_replace_its_subjects_newest,
                 finished_records_go_after_their_retention,
                 steps_on_unknown_jobs_are_rejected,
                 stats_count_each_state,
