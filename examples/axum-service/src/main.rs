@@ -118,10 +118,19 @@ struct App {
     metrics: PrometheusHandle,
 }
 
+/// The caller's API key, the tenant its exports belong to; an empty one is none (anyone could
+/// send it).
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|key| !key.is_empty())
+}
+
 /// Enqueues an export for the caller's API key: 202 with where to follow it, 503 with when
 /// to retry when the queue is full.
 async fn export(State(app): State<App>, headers: HeaderMap) -> axum::response::Response {
-    let Some(tenant) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) else {
+    let Some(tenant) = api_key(&headers) else {
         return (StatusCode::BAD_REQUEST, "x-api-key required").into_response();
     };
     let mut job = Job::new(format!("export for {tenant}")).tenant(tenant);
@@ -163,10 +172,9 @@ async fn job_status(
     let Ok(id) = id.parse::<JobId>() else {
         return (StatusCode::BAD_REQUEST, "not a job id".to_owned());
     };
-    let tenant = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let Some(tenant) = api_key(&headers) else {
+        return (StatusCode::BAD_REQUEST, "x-api-key required".to_owned());
+    };
     match app.exports.status_for(tenant, id).await {
         Ok(Some(status)) => {
             let detail = match status.state {
@@ -612,7 +620,17 @@ async fn export_round(addr: std::net::SocketAddr) -> Result<bool, Box<dyn std::e
     };
     let (other, _) = send(addr, &get("globex")).await?;
     println!("GET {location:<22} -> {other} (another API key)");
-    Ok(done && response.starts_with("HTTP/1.1 202") && other == 404)
+    // An empty key is no tenant: anyone could send it.
+    let (anonymous, _) = send(addr, &get("")).await?;
+    println!("GET {location:<22} -> {anonymous} (an empty API key)");
+    let empty = post.replace("x-api-key: acme", "x-api-key: ");
+    let (refused, _) = send(addr, &empty).await?;
+    println!("POST /exports              -> {refused} (an empty API key)");
+    Ok(done
+        && response.starts_with("HTTP/1.1 202")
+        && other == 404
+        && anonymous == 400
+        && refused == 400)
 }
 
 /// Resolves when the process is asked to stop: SIGTERM (what a rolling deploy sends) or
