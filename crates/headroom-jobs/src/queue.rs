@@ -179,7 +179,7 @@ impl<S> std::fmt::Debug for JobQueue<S> {
 }
 
 pub(crate) struct QueueInner<S> {
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     pub(crate) store: S,
     pub(crate) config: QueueConfig,
     pub(crate) partitions: Vec<Key>,
@@ -278,7 +278,7 @@ impl<S: JobStore> JobQueueBuilder<S> {
         Ok(JobQueue {
             inner: Arc::new(QueueInner {
                 metrics: QueueMetrics::new(name),
-                name: self.name,
+                name: self.name.into(),
                 store: self.store,
                 config: self.config,
                 partitions,
@@ -456,7 +456,7 @@ impl<S: JobStore> JobQueue<S> {
                 };
                 let to_drain = ahead + depth.saturating_sub(bound) + 1;
                 Err(EnqueueError::Full {
-                    queue: inner.name.clone(),
+                    queue: inner.name.to_string(),
                     tenant,
                     depth,
                     retry_after: self.retry_after(to_drain, drained_per_sec),

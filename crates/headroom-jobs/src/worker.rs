@@ -22,6 +22,7 @@ use crate::{JobError, JobId, envelope};
 /// A job handed to a handler.
 #[derive(Clone, Debug)]
 pub struct JobContext {
+    queue: Arc<str>,
     id: JobId,
     attempt: u32,
     lane: u8,
@@ -33,10 +34,22 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    /// The job's id: the key to run its effect under an idempotency key, so that a second
-    /// delivery replays instead of running again.
+    /// The job's id, numbered per queue: a queue of another name on the same store, or a
+    /// store that numbers jobs again (a new memory store, Redis data lost), gives the same ids
+    /// to other jobs. Key the job's effect by [`idempotency_key`](Self::idempotency_key).
     pub fn id(&self) -> JobId {
         self.id
+    }
+
+    /// The key to run the job's effect under (with `headroom-idempotency`), so that a second
+    /// delivery replays instead of running again: the queue's name, the job's id and when it
+    /// was enqueued (store clock, ms), which no other job of any queue shares.
+    pub fn idempotency_key(&self) -> String {
+        let enqueued_ms = self
+            .enqueued_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis());
+        format!("{}/{}/{enqueued_ms}", self.queue, self.id)
     }
 
     /// Which attempt this is, from 1. Deliveries a stopping worker handed back before their
@@ -944,6 +957,7 @@ where
         outcome = tracing::field::Empty,
     );
     let context = JobContext {
+        queue: Arc::clone(&queue.name),
         id,
         attempt: job.charged,
         lane: delivery.lane,

@@ -1734,3 +1734,51 @@ async fn a_job_whose_fetch_reply_was_lost_runs_at_once_on_its_first_attempt() {
     let status = queue.status(id).await.unwrap().unwrap();
     assert_eq!(status.attempt, 1, "the job was delivered again");
 }
+
+/// Job ids are numbered per queue: a queue of another name on the same store (as the docs
+/// advise when the partitions change) numbers its jobs from `0-1` again. An effect run under
+/// the documented key still runs once for each job, not once for the first queue's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_of_two_queues_on_one_store_each_take_effect_under_the_documented_key() {
+    let store = MemoryJobStore::new();
+    let idempotency = Arc::new(
+        Idempotency::builder(MemoryLeaseStore::new())
+            .build()
+            .unwrap(),
+    );
+    let charges = Arc::new(AtomicU32::new(0));
+    for name in ["checkout", "checkout-v2"] {
+        let queue = JobQueue::builder(name, store.clone()).build().unwrap();
+        let (idempotency, charges) = (idempotency.clone(), charges.clone());
+        let worker = queue
+            .worker(move |job| {
+                let (idempotency, charges) = (idempotency.clone(), charges.clone());
+                async move {
+                    let key = IdempotencyKey::new(&job.idempotency_key()).unwrap();
+                    idempotency
+                        .execute(
+                            &Scope::new("shop", "charge").unwrap(),
+                            &key,
+                            job.payload(),
+                            || async {
+                                charges.fetch_add(1, Ordering::SeqCst);
+                                Ok::<_, std::io::Error>(())
+                            },
+                        )
+                        .await
+                        .map_err(|e| JobError::retry(e.to_string()))?;
+                    Ok(Bytes::new())
+                }
+            })
+            .start()
+            .unwrap();
+        let id = queue.enqueue(Job::new("charge")).await.unwrap().id;
+        wait_for_state(&queue, id, JobState::Done).await;
+        worker.shutdown(Duration::from_secs(5)).await;
+    }
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        2,
+        "each queue's job charged"
+    );
+}
