@@ -33,7 +33,8 @@ pub struct QueueConfig {
     pub dead_retention: Duration,
     /// The largest payload accepted, in bytes (default 512 KiB).
     pub max_payload_len: usize,
-    /// The largest result kept, in bytes (default 64 KiB); a larger one fails the attempt.
+    /// The largest result kept, in bytes (default 64 KiB); a larger one is dropped (the job is
+    /// done, without a result) and a warning logged.
     pub max_result_len: usize,
     /// The shortest retry-after a refusal carries (default 100 ms).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]

@@ -1002,18 +1002,24 @@ where
         };
         drop(slot);
         match ran {
-            Ran::Answered(Ok(Ok(result))) if result.len() <= queue.config.max_result_len => finish(
-                shared,
-                job.complete(result, queue.config.result_retention).await,
-                Outcome::Done,
-            ),
-            Ran::Answered(Ok(Ok(result))) => {
-                let error = JobError::fatal(format!(
-                    "the result is {} bytes, more than the queue's limit of {}",
-                    result.len(),
-                    queue.config.max_result_len
-                ));
-                failed(shared, &job, error).await
+            Ran::Answered(Ok(Ok(mut result))) => {
+                // The work is done: a result too large to keep is dropped, not the job failed
+                // (a dead job invites running it again).
+                if result.len() > queue.config.max_result_len {
+                    tracing::warn!(
+                        queue = %queue.name,
+                        job.id = %id,
+                        len = result.len(),
+                        max = queue.config.max_result_len,
+                        "the job's result is larger than the queue keeps; it is dropped"
+                    );
+                    result = Bytes::new();
+                }
+                finish(
+                    shared,
+                    job.complete(result, queue.config.result_retention).await,
+                    Outcome::Done,
+                )
             }
             Ran::Answered(Ok(Err(error))) => failed(shared, &job, error).await,
             Ran::Answered(Err(panic)) => {

@@ -1782,3 +1782,36 @@ async fn jobs_of_two_queues_on_one_store_each_take_effect_under_the_documented_k
         "each queue's job charged"
     );
 }
+
+/// A handler that succeeded with a result over `max_result_len` did its work: the job is done
+/// (not dead, which would invite running it again), without the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_limit_is_dropped_and_the_job_is_done() {
+    let mut config = QueueConfig::default();
+    config.max_result_len = 8;
+    let queue = JobQueue::builder("receipts", MemoryJobStore::new())
+        .config(config)
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|_job| async { Ok(Bytes::from_static(b"nine byte")) })
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("charge")).await.unwrap().id;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = queue.status(id).await.unwrap().expect("kept");
+        if matches!(status.state, JobState::Done | JobState::Dead) {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never finished");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(status.state, JobState::Done, "{:?}", status.error);
+    assert!(
+        status.result.as_ref().is_none_or(Bytes::is_empty),
+        "{:?}",
+        status.result
+    );
+}
