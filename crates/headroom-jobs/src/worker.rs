@@ -1183,9 +1183,9 @@ impl<S: JobStore> Held<'_, S> {
 
     /// Runs a finishing step, again after store errors a retry may cure ([`may_pass`]; 50 ms,
     /// doubling up to a fifth of the budget, and a last try at its end) within the budget.
-    /// The step leaves the job `landed`: a try refused after one that failed is checked
-    /// against the job's status, since the failed try may have been applied with only its
-    /// answer lost (a timeout).
+    /// The step leaves the job `landed`: a refused try is checked against the job's status,
+    /// since an earlier try may have been applied with only its answer lost (a timeout), or
+    /// the client sent the step twice (after its connection dropped).
     async fn persist<F, Fut>(&self, landed: JobState, step: F) -> Result<Fenced, BackendError>
     where
         F: Fn() -> Fut,
@@ -1194,7 +1194,6 @@ impl<S: JobStore> Held<'_, S> {
         // No deadline when the budget (half the visibility) is past what an `Instant` holds.
         let deadline = tokio::time::Instant::now().checked_add(self.budget);
         let mut pause = Duration::from_millis(50);
-        let mut failed_before = false;
         loop {
             match step().await {
                 Err(error)
@@ -1202,7 +1201,6 @@ impl<S: JobStore> Held<'_, S> {
                         && deadline
                             .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {
-                    failed_before = true;
                     // The last try comes at the deadline, not a pause short of it.
                     let left = deadline.map_or(pause, |deadline| {
                         deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -1210,7 +1208,10 @@ impl<S: JobStore> Held<'_, S> {
                     tokio::time::sleep(pause.min(left)).await;
                     pause = pause.saturating_mul(2).min(self.budget / 5);
                 }
-                Ok(Fenced::Rejected) if failed_before && self.is(landed).await => {
+                // Rejected after a failed try (which may have been applied), or at once (a
+                // client that sent the step again after its connection dropped): the job in
+                // the state the step leads to, at this attempt, means it was applied.
+                Ok(Fenced::Rejected) if self.is(landed).await => {
                     return Ok(Fenced::Applied);
                 }
                 answer => return answer,

@@ -509,6 +509,24 @@ async fn a_job_whose_completion_reply_was_lost_counts_as_done() {
     );
 }
 
+/// A completion the client sent twice (its connection dropped after the first was applied)
+/// is answered "rejected" by the second: the job is done at this worker's attempt, so it
+/// counts as done, not lost.
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_completion_was_sent_twice_counts_as_done() {
+    let queue = JobQueue::builder("resent", SlowStore::first_completion_resent())
+        .build()
+        .unwrap();
+    let worker = queue
+        .worker(|_| async { Ok(Bytes::from_static(b"paid")) })
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Done).await;
+    let report = worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((report.done, report.lost), (1, 0));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_handler_fails_only_its_attempt() {
     let queue = JobQueue::builder("panics", MemoryJobStore::new())

@@ -38,6 +38,10 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) first_enqueue_stored: Arc<Notify>,
     lose_first_completion_reply: bool,
     completion_reply_lost: Arc<AtomicBool>,
+    /// The first `complete_many` is applied twice, answered by the second, as when a client
+    /// sends a command again after its connection dropped (Redis Cluster's does).
+    resend_first_completion: bool,
+    completion_resent: Arc<AtomicBool>,
     lose_first_enqueue_reply: bool,
     enqueue_reply_lost: Arc<AtomicBool>,
     hold_first_enqueue: bool,
@@ -85,6 +89,8 @@ impl<S: JobStore> SlowStore<S> {
             first_enqueue_stored: Arc::default(),
             lose_first_completion_reply: false,
             completion_reply_lost: Arc::default(),
+            resend_first_completion: false,
+            completion_resent: Arc::default(),
             lose_first_enqueue_reply: false,
             enqueue_reply_lost: Arc::default(),
             hold_first_enqueue: true,
@@ -148,6 +154,15 @@ impl SlowStore {
     pub(crate) fn first_completion_reply_lost() -> Self {
         Self {
             lose_first_completion_reply: true,
+            ..Self::default()
+        }
+    }
+
+    /// The first `complete_many` is applied, then sent and applied again, and answered as the
+    /// second time.
+    pub(crate) fn first_completion_resent() -> Self {
+        Self {
+            resend_first_completion: true,
             ..Self::default()
         }
     }
@@ -336,6 +351,9 @@ impl<S: JobStore> JobStore for SlowStore<S> {
             return Err(read_only());
         }
         let answer = self.inner.complete_many(partition, jobs, retention).await;
+        if self.resend_first_completion && !self.completion_resent.swap(true, Ordering::Relaxed) {
+            return self.inner.complete_many(partition, jobs, retention).await;
+        }
         if self.lose_first_completion_reply
             && !self.completion_reply_lost.swap(true, Ordering::Relaxed)
         {
