@@ -284,9 +284,14 @@ where
     }
 }
 
+/// The stripe of `key`, whose writes take turns together.
+fn stripe_of(key: &[u8]) -> usize {
+    xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES
+}
+
 /// The turn of `key`'s stripe.
 fn turn_of<'t>(turns: &'t [Arc<Turn>], key: &[u8]) -> &'t Arc<Turn> {
-    &turns[xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES]
+    &turns[stripe_of(key)]
 }
 
 /// Waits until the writes of `keys`' stripes under way in this instance now have ended, so
@@ -296,10 +301,7 @@ async fn wait_for_writes_under_way<'k>(
     turns: &[Arc<Turn>],
     keys: impl IntoIterator<Item = &'k [u8]>,
 ) {
-    let mut stripes: Vec<usize> = keys
-        .into_iter()
-        .map(|key| xxhash_rust::xxh3::xxh3_64(key) as usize % TURN_STRIPES)
-        .collect();
+    let mut stripes: Vec<usize> = keys.into_iter().map(stripe_of).collect();
     stripes.sort_unstable();
     stripes.dedup();
     for stripe in stripes {
