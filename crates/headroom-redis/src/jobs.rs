@@ -33,12 +33,12 @@ const MAX_MS: u64 = 1 << 50;
 // - `P:seq`: the last job number (INCR).
 // - `P:j:<number>`: the record of a job, a hash: `s` state (`q` queued, `r` running, `y`
 //   retrying, `d` done, `x` dead), `a` attempt, `l` lane, `e` enqueued (ms), `p` payload, `t`
-//   tenant (if any), `k` subject and `kr` its rank (if any), `h` deliveries handed back (once one was), `res` result, `err` error, and
-//   while running `sid` (the stream entry of the current delivery), `c` (its consumer) and `f`
-//   (the token of the fetch that made it, `0` for none, with `+` after it when that delivery
-//   took the job over: `recover` finds a lost fetch's deliveries by it). A
-//   completion empties `p`, `sid`, `c` and `f` in the write that marks the job done rather than
-//   deleting them in a call of its own. Unfinished records never expire; finished ones expire
+//   tenant (if any), `k` subject and `kr` its rank (if any), `h` deliveries handed back (once
+//   one was), `res` result, `err` error, and while running `sid` (the stream entry of the
+//   current delivery), `c` (its consumer) and `f` (the token of the fetch that made it, `0`
+//   for none, with `+` after it when that delivery took the job over: `recover` finds a lost
+//   fetch's deliveries by it). A completion empties `p`, `sid`, `c` and `f` in the write that
+//   marks the job done rather than deleting them in a call of its own. Unfinished records never expire; finished ones expire
 //   after their retention.
 // - `P:s:<lane>`: one stream per lane, with consumer group `w`; an entry holds `n` the job
 //   number, and lives from the moment the job is ready until its delivery is acknowledged
