@@ -100,13 +100,27 @@ end
 ";
 
 /// Adds an entry for job `n` to the end of `lane`'s stream, making the stream and its group
-/// the first time.
+/// the first time; and delays a job. A key of another type in the place of a lane or of the
+/// delayed set holds none of the store's jobs: it is dropped and made afresh, rather than fail
+/// a step half way through its writes.
 const LANE_PUSH: &str = r"
 local function push(lane, n)
   local s = stream(lane)
-  if not redis.call('XADD', s, 'NOMKSTREAM', '*', 'n', n) then
+  local added = redis.pcall('XADD', s, 'NOMKSTREAM', '*', 'n', n)
+  if type(added) == 'table' and added.err then
+    redis.call('DEL', s)
+    added = false
+  end
+  if not added then
     redis.call('XGROUP', 'CREATE', s, 'w', '0', 'MKSTREAM')
     redis.call('XADD', s, '*', 'n', n)
+  end
+end
+-- Job `n` waits in the delayed set until `due` (ms).
+local function delay_job(n, due)
+  if type(redis.pcall('ZADD', P .. ':d', num(due), n)) ~= 'number' then
+    redis.call('DEL', P .. ':d')
+    redis.call('ZADD', P .. ':d', num(due), n)
   end
 end
 ";
@@ -325,7 +339,7 @@ if ARGV[11] == '1' then
 end
 redis.call('INCR', P .. ':n')
 if ARGV[2] ~= '0' then
-  redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[2])), n)
+  delay_job(n, now + tonumber(ARGV[2]))
 else
   push(ARGV[1], n)
 end
@@ -356,7 +370,12 @@ local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lan
   local stop = false
 
   -- The delayed jobs whose time came join the end of their lanes, in due order.
-  local due = redis.call('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
+  local due = redis.pcall('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
+  if due.err then
+    -- Not the store's: it holds none of its jobs.
+    redis.call('DEL', P .. ':d')
+    due = {}
+  end
   if #due > 0 then
     redis.call('ZREMRANGEBYRANK', P .. ':d', 0, #due - 1)
     for _, n in ipairs(due) do
@@ -746,7 +765,7 @@ if op == 'retry' or op == 'release' then
     redis.call('HSET', rk, 's', 'y', 'err', ARGV[5])
   end
   redis.call('HDEL', rk, 'sid', 'c', 'f')
-  redis.call('ZADD', P .. ':d', num(now + tonumber(ARGV[4])), n)
+  delay_job(n, now + tonumber(ARGV[4]))
 else
   redis.call('XACK', s, 'w', sid)
   redis.call('XDEL', s, sid)
@@ -1018,8 +1037,12 @@ static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 static RECOVER_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], RECOVER));
-static STEP_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, PRUNE_DEAD, SUBJECTS], STEP));
+static STEP_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        &[LANE_PUSH, TENANT_COUNT, DRAIN, PRUNE_DEAD, SUBJECTS],
+        STEP,
+    )
+});
 static COMPLETE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[TENANT_COUNT, DRAIN, SUBJECTS, COMPLETE_JOBS], COMPLETE));
 static NEWEST_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[], NEWEST));

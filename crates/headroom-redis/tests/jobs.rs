@@ -195,6 +195,7 @@ on_both!(
     a_job_lives_in_its_record_and_lane_stream,
     foreign_subjects_find_nothing_and_fail_no_step,
     a_corrupt_job_taken_off_its_lane_is_not_its_subjects_newest,
+    a_delayed_set_or_lane_of_another_type_fails_no_step,
     concurrent_enqueuers_never_pass_the_bound,
     a_dedup_key_lives_for_its_window,
     lanes_are_separate_streams_read_in_order,
@@ -1332,6 +1333,36 @@ async fn a_corrupt_job_taken_off_its_lane_is_not_its_subjects_newest(ctx: Ctx) {
     let err = ctx.store.fetch(&p, request).await.unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
     assert_eq!(ctx.store.newest_of(&p, b"s").await.unwrap(), None);
+}
+
+/// The delayed set and a lane stream replaced by keys of another type hold none of the
+/// store's jobs: they are dropped and made afresh, so no step fails half way through its
+/// writes (a retry that took its job off its lane and then failed to delay it left the job
+/// retrying for good, counted against the bound).
+async fn a_delayed_set_or_lane_of_another_type_fails_no_step(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":s:0")).arg("x"))
+        .await;
+    let a = ctx.add(&p, job("a")).await;
+    let delivered = ctx.fetch(&p, "w", &[0], 10, LONG).await;
+    assert_eq!(delivered.len(), 1);
+    let _: () = ctx.raw(redis::cmd("SET").arg(sub(&p, ":d")).arg("x")).await;
+    let retried = ctx
+        .store
+        .retry(&p, a, 1, Duration::ZERO, Bytes::from_static(b"again"))
+        .await;
+    assert_eq!(retried.unwrap(), Fenced::Applied);
+    let again = ctx.fetch_eventually(&p, "w", LONG).await;
+    assert_eq!((again[0].number, again[0].attempt), (a, 2));
+    let _: () = ctx.raw(redis::cmd("SET").arg(sub(&p, ":d")).arg("x")).await;
+    let b = ctx.add(&p, job("b").delay(Duration::from_millis(1))).await;
+    let later = ctx.fetch_eventually(&p, "w", LONG).await;
+    assert_eq!(later[0].number, b);
+    let _: () = ctx.raw(redis::cmd("SET").arg(sub(&p, ":d")).arg("x")).await;
+    assert!(ctx.fetch(&p, "w", &[0], 10, LONG).await.is_empty());
+    let stats = ctx.store.stats(&p).await.unwrap();
+    assert_eq!((stats.unfinished, stats.running), (2, 2), "{stats:?}");
 }
 
 /// Zero retentions and dedup windows, and lanes past the last, are refused as configuration
