@@ -492,21 +492,8 @@ async fn a_fatal_error_makes_the_job_dead_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_completion_reply_was_lost_counts_as_done() {
-    let queue = JobQueue::builder("reply-lost", SlowStore::first_completion_reply_lost())
-        .build()
-        .unwrap();
-    let worker = queue
-        .worker(|_| async { Ok(Bytes::from_static(b"paid")) })
-        .start()
-        .unwrap();
-    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
-    wait_for_state(&queue, id, JobState::Done).await;
-    let report = worker.shutdown(Duration::from_secs(1)).await;
-    assert_eq!(
-        (report.done, report.lost),
-        (1, 0),
-        "the store applied the completion; only its answer was lost"
-    );
+    // The store applied the completion; only its answer was lost.
+    a_completion_applied_counts_as_done(SlowStore::first_completion_reply_lost()).await;
 }
 
 /// A completion the client sent twice (its connection dropped after the first was applied)
@@ -514,9 +501,13 @@ async fn a_job_whose_completion_reply_was_lost_counts_as_done() {
 /// counts as done, not lost.
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_completion_was_sent_twice_counts_as_done() {
-    let queue = JobQueue::builder("resent", SlowStore::first_completion_resent())
-        .build()
-        .unwrap();
+    a_completion_applied_counts_as_done(SlowStore::first_completion_resent()).await;
+}
+
+/// Runs one job on `store`, whose first completion is applied whatever it answers, and
+/// checks that the worker counts it done.
+async fn a_completion_applied_counts_as_done(store: SlowStore) {
+    let queue = JobQueue::builder("applied", store).build().unwrap();
     let worker = queue
         .worker(|_| async { Ok(Bytes::from_static(b"paid")) })
         .start()
