@@ -1,33 +1,54 @@
-//! The bytes a job is stored as: a version byte, the origin's length and bytes, then the
-//! payload.
+//! The bytes a job is stored as: a version byte, the job's nonce (8 bytes, from version 2),
+//! the origin's length and bytes, then the payload.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-const VERSION: u8 = 1;
+/// Version 1 had no nonce; jobs stored so are still read.
+const VERSION: u8 = 2;
 
 /// The longest origin carried, in bytes.
 pub(crate) const MAX_ORIGIN_LEN: usize = 255;
 
-pub(crate) fn seal(origin: Option<&str>, payload: &[u8]) -> Bytes {
+/// A job as stored when it was enqueued.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Opened {
+    /// Drawn at random on enqueue (`None` for a job stored before nonces were).
+    pub(crate) nonce: Option<u64>,
+    pub(crate) origin: Option<String>,
+    pub(crate) payload: Bytes,
+}
+
+pub(crate) fn seal(nonce: u64, origin: Option<&str>, payload: &[u8]) -> Bytes {
     let origin = origin.unwrap_or("").as_bytes();
-    let mut sealed = BytesMut::with_capacity(2 + origin.len() + payload.len());
+    let mut sealed = BytesMut::with_capacity(10 + origin.len() + payload.len());
     sealed.put_u8(VERSION);
+    sealed.put_u64(nonce);
     sealed.put_u8(origin.len() as u8);
     sealed.put_slice(origin);
     sealed.put_slice(payload);
     sealed.freeze()
 }
 
-/// The origin (if any) and the payload, or `None` when the bytes are not an envelope.
-pub(crate) fn open(sealed: &Bytes) -> Option<(Option<String>, Bytes)> {
+/// The job, or `None` when the bytes are not an envelope.
+pub(crate) fn open(sealed: &Bytes) -> Option<Opened> {
     let (&version, rest) = sealed.split_first()?;
+    let (nonce, rest) = match version {
+        1 => (None, rest),
+        VERSION => {
+            let (nonce, rest) = rest.split_first_chunk::<8>()?;
+            (Some(u64::from_be_bytes(*nonce)), rest)
+        }
+        _ => return None,
+    };
     let (&len, rest) = rest.split_first()?;
-    if version != VERSION || rest.len() < usize::from(len) {
-        return None;
-    }
-    let origin = std::str::from_utf8(&rest[..usize::from(len)]).ok()?;
+    let origin = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?;
     let origin = (!origin.is_empty()).then(|| origin.to_owned());
-    Some((origin, sealed.slice(2 + usize::from(len)..)))
+    let start = sealed.len() - rest.len() + usize::from(len);
+    Some(Opened {
+        nonce,
+        origin,
+        payload: sealed.slice(start..),
+    })
 }
 
 #[cfg(test)]
@@ -35,13 +56,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn payloads_and_origins_round_trip() {
-        for (origin, payload) in [(None, &b""[..]), (Some("00-abc-01"), b"charge 7")] {
-            let sealed = seal(origin, payload);
-            let (back, bytes) = open(&sealed).expect("an envelope");
-            assert_eq!(back.as_deref(), origin);
-            assert_eq!(&bytes[..], payload);
+    fn payloads_origins_and_nonces_round_trip() {
+        for (nonce, origin, payload) in [
+            (0, None, &b""[..]),
+            (u64::MAX, Some("00-abc-01"), b"charge 7"),
+        ] {
+            let opened = open(&seal(nonce, origin, payload)).expect("an envelope");
+            assert_eq!(opened.nonce, Some(nonce));
+            assert_eq!(opened.origin.as_deref(), origin);
+            assert_eq!(&opened.payload[..], payload);
         }
+    }
+
+    #[test]
+    fn jobs_stored_before_nonces_are_read() {
+        let opened = open(&Bytes::from_static(b"\x01\x03abccharge")).expect("an envelope");
+        assert_eq!(
+            opened,
+            Opened {
+                nonce: None,
+                origin: Some("abc".to_owned()),
+                payload: Bytes::from_static(b"charge"),
+            }
+        );
     }
 
     #[test]
@@ -49,7 +86,8 @@ mod tests {
         for bytes in [
             &b""[..],
             b"\x01",
-            b"\x02\x00abc",
+            b"\x03\x00abc",
+            b"\x02\x00\x00\x00",
             b"\x01\x09short",
             b"\x01\x02\xff\xfe",
         ] {

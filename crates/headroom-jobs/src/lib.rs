@@ -15,8 +15,8 @@
 //! - **At least once, effectively once.** A worker that dies loses its jobs to another worker
 //!   after the visibility timeout; a live one extends it. Every delivery has a greater attempt
 //!   number, and the store rejects the steps of an earlier holder. Run the handler's effect
-//!   under `headroom-idempotency`, keyed by [`JobContext::id`], and it happens once however
-//!   often the job is delivered.
+//!   under `headroom-idempotency`, keyed by [`JobContext::idempotency_key`], and it happens
+//!   once however often the job is delivered.
 //! - **Retries and dead letters.** A failed attempt is retried after an exponential backoff
 //!   with jitter; after the last attempt the job is dead, kept with its payload and error.
 //! - **Graceful shutdown.** [`Worker::shutdown`] stops fetching, waits for running jobs up to

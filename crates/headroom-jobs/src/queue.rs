@@ -400,9 +400,8 @@ impl<S: JobStore> JobQueue<S> {
             .idempotency_key
             .as_ref()
             .map(|key| scoped_key(job.tenant.as_deref(), job.route.as_deref(), key));
-        let mut new = NewJob::new(envelope::seal(job.origin.as_deref(), &job.payload))
-            .lane(job.lane)
-            .delay(delay);
+        let sealed = envelope::seal(fastrand::u64(..), job.origin.as_deref(), &job.payload);
+        let mut new = NewJob::new(sealed).lane(job.lane).delay(delay);
         if let Some(tenant) = &job.tenant {
             new = new.tenant(Bytes::copy_from_slice(tenant.as_bytes()));
         }
@@ -500,7 +499,7 @@ impl<S: JobStore> JobQueue<S> {
             return Ok(None);
         };
         envelope::open(&sealed)
-            .map(|(_, payload)| Some(payload))
+            .map(|opened| Some(opened.payload))
             .ok_or_else(|| {
                 BackendError::with_detail(
                     headroom_core::BackendErrorKind::Corrupt,

@@ -24,6 +24,7 @@ use crate::{JobError, JobId, envelope};
 pub struct JobContext {
     queue: Arc<str>,
     id: JobId,
+    nonce: Option<u64>,
     attempt: u32,
     lane: u8,
     payload: Bytes,
@@ -42,14 +43,21 @@ impl JobContext {
     }
 
     /// The key to run the job's effect under (with `headroom-idempotency`), so that a second
-    /// delivery replays instead of running again: the queue's name, the job's id and when it
-    /// was enqueued (store clock, ms), which no other job of any queue shares.
+    /// delivery replays instead of running again: the queue's name, the job's id and a number
+    /// drawn at random when it was enqueued (64 bits), so that no other job shares it, of any
+    /// queue or store. (A job enqueued by a version before that number has its enqueue time,
+    /// in store ms, in its place.)
     pub fn idempotency_key(&self) -> String {
-        let enqueued_ms = self
-            .enqueued_at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis());
-        format!("{}/{}/{enqueued_ms}", self.queue, self.id)
+        match self.nonce {
+            Some(nonce) => format!("{}/{}/{nonce:016x}", self.queue, self.id),
+            None => {
+                let enqueued_ms = self
+                    .enqueued_at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |since| since.as_millis());
+                format!("{}/{}/{enqueued_ms}", self.queue, self.id)
+            }
+        }
     }
 
     /// Which attempt this is, from 1. Deliveries a stopping worker handed back before their
@@ -907,7 +915,12 @@ where
         partition: partition as u16,
         number: delivery.number,
     };
-    let Some((origin, payload)) = envelope::open(&delivery.payload) else {
+    let Some(envelope::Opened {
+        nonce,
+        origin,
+        payload,
+    }) = envelope::open(&delivery.payload)
+    else {
         let error = "the stored payload is not a job envelope (corrupt or foreign bytes)";
         tracing::warn!(queue = %queue.name, job.id = %id, error, "job is dead");
         return finish(
@@ -959,6 +972,7 @@ where
     let context = JobContext {
         queue: Arc::clone(&queue.name),
         id,
+        nonce,
         attempt: job.charged,
         lane: delivery.lane,
         payload,

@@ -677,7 +677,8 @@ async fn drain_partition<S: JobStore, W: Writer>(
     // The key of each kept delivery, in the same order.
     let mut kept_keys = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        let Some(write) = crate::envelope::open(&delivery.payload).and_then(|(_, p)| decode(p))
+        let Some(write) =
+            crate::envelope::open(&delivery.payload).and_then(|opened| decode(opened.payload))
         else {
             corrupt.push(delivery);
             continue;
