@@ -476,8 +476,9 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         async { Ok(()) }
     }
 
-    /// The number and payload of the job last added to `partition` with `subject`
-    /// ([`NewJob::subject`]), if it is unfinished.
+    /// The number and payload of the newest job of `subject` in `partition`
+    /// ([`NewJob::subject`]: the last added, unless the newest then unfinished ranked higher,
+    /// [`NewJob::subject_rank`]), if it is unfinished.
     fn newest_of(
         &self,
         partition: &Key,

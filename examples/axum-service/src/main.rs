@@ -584,7 +584,7 @@ async fn chaos_round(
 }
 
 /// Enqueues an export, follows its Location until it is done, and checks that another API
-/// key cannot read it.
+/// key cannot read it and that an empty key neither reads nor enqueues.
 async fn export_round(addr: std::net::SocketAddr) -> Result<bool, Box<dyn std::error::Error>> {
     let post = "POST /exports HTTP/1.1\r\nHost: localhost\r\nx-api-key: acme\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let mut stream = TcpStream::connect(addr).await?;
