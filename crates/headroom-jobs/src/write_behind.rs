@@ -308,7 +308,7 @@ impl<S: JobStore> WriteBehind<S> {
     /// writer has the key's newest write, or none was recorded.
     ///
     /// A read that misses the cache asks this before the source, which lacks the write
-    /// until the flush ([`WriteBehindCache::get_or_load`](crate::WriteBehindCache::get_or_load)).
+    /// until the flush (`WriteBehindCache::get_or_load`, feature `cache`).
     pub async fn pending(&self, key: &[u8]) -> Result<Option<Write>, BackendError> {
         let Some(payload) = self.queue.newest_of(key).await? else {
             return Ok(None);
