@@ -303,9 +303,9 @@ impl<S: JobStore> WriteBehind<S> {
         Ok(version)
     }
 
-    /// The newest write recorded for `key` while the writer does not have it yet: from
-    /// `put` or `delete` until the writer took it (or refused it for good). `None` when the
-    /// writer has the key's newest write, or none was recorded.
+    /// The newest write (the highest version) recorded for `key` while the writer does not
+    /// have it yet: from `put` or `delete` until the writer took it (or refused it for good).
+    /// `None` when the writer has the key's newest write, or none was recorded.
     ///
     /// A read that misses the cache asks this before the source, which lacks the write
     /// until the flush (`WriteBehindCache::get_or_load`, feature `cache`).
