@@ -104,10 +104,21 @@ end
 /// delayed set holds none of the store's jobs: it is dropped and made afresh, rather than fail
 /// a step half way through its writes.
 const LANE_PUSH: &str = r"
+-- Whether `reply` (of a `pcall`) says its key holds another type; any other error (OOM, a
+-- replica's READONLY) is raised, failing the step as a `call` would.
+local function wrong_type(reply)
+  if type(reply) ~= 'table' or not reply.err then
+    return false
+  end
+  if string.sub(reply.err, 1, 9) == 'WRONGTYPE' then
+    return true
+  end
+  error(reply)
+end
 local function push(lane, n)
   local s = stream(lane)
   local added = redis.pcall('XADD', s, 'NOMKSTREAM', '*', 'n', n)
-  if type(added) == 'table' and added.err then
+  if wrong_type(added) then
     redis.call('DEL', s)
     added = false
   end
@@ -118,7 +129,7 @@ local function push(lane, n)
 end
 -- Job `n` waits in the delayed set until `due` (ms).
 local function delay_job(n, due)
-  if type(redis.pcall('ZADD', P .. ':d', num(due), n)) ~= 'number' then
+  if wrong_type(redis.pcall('ZADD', P .. ':d', num(due), n)) then
     redis.call('DEL', P .. ':d')
     redis.call('ZADD', P .. ':d', num(due), n)
   end
@@ -371,7 +382,7 @@ local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lan
 
   -- The delayed jobs whose time came join the end of their lanes, in due order.
   local due = redis.pcall('ZRANGEBYSCORE', P .. ':d', '-inf', num(now), 'LIMIT', 0, MAX_DUE)
-  if due.err then
+  if wrong_type(due) then
     -- Not the store's: it holds none of its jobs.
     redis.call('DEL', P .. ':d')
     due = {}
