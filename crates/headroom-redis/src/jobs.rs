@@ -78,6 +78,11 @@ end
 local function stream(lane)
   return P .. ':s:' .. lane
 end
+-- Whether the lane stream `s` is there; a key of another type in its place is none of the
+-- store's (it is dropped when a job is pushed to the lane).
+local function lane_exists(s)
+  return redis.call('TYPE', s).ok == 'stream'
+end
 -- The fields of record `rk`, or nil when the key holds another type: not what the store
 -- wrote, so corrupt, and not an error that would stop the script half way.
 local function read_record(rk, ...)
@@ -244,7 +249,7 @@ const HOLDS: &str = r"
 local function holds_any(consumer)
   for lane = 0, MAX_LANE do
     local s = stream(lane)
-    if redis.call('EXISTS', s) == 1 and #redis.call('XPENDING', s, 'w', '-', '+', 1, consumer) > 0 then
+    if lane_exists(s) and #redis.call('XPENDING', s, 'w', '-', '+', 1, consumer) > 0 then
       return true
     end
   end
@@ -499,7 +504,7 @@ local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lan
     local candidates, went_on = {}, false
     for lane = 0, MAX_LANE do
       local s = stream(lane)
-      if redis.call('EXISTS', s) == 1 then
+      if lane_exists(s) then
         local resumed = redis.pcall('HGET', P .. ':scanat', lane)
         if type(resumed) == 'table' then
           redis.call('DEL', P .. ':scanat')
@@ -592,7 +597,7 @@ local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lan
     local sweep = 100
     for lane = 0, MAX_LANE do
       local s = stream(lane)
-      if sweep > 0 and redis.call('EXISTS', s) == 1 then
+      if sweep > 0 and lane_exists(s) then
         for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, 'w')) do
           local info = {}
           for k = 1, #c - 1, 2 do
@@ -623,7 +628,7 @@ local function fetch_jobs(consumer, max, visibility, token, first_lane, last_lan
     end
     local lane = ARGV[i]
     local s = stream(lane)
-    if redis.call('EXISTS', s) == 1 then
+    if lane_exists(s) then
       while count < max and not stop do
         local r = redis.call('XREADGROUP', 'GROUP', 'w', consumer, 'COUNT', num(max - count), 'STREAMS', s, '>')
         if not r or not r[1] or #r[1][2] == 0 then
@@ -693,7 +698,7 @@ local out = {}
 local count = 0
 for lane = 0, MAX_LANE do
   local s = stream(lane)
-  if count < max and redis.call('EXISTS', s) == 1 then
+  if count < max and lane_exists(s) then
     local from = '-'
     while count < max do
       local pending = redis.call('XPENDING', s, 'w', from, '+', 100, consumer)
@@ -969,7 +974,7 @@ prune_dead()
 local ready, running, oldest = 0, 0, false
 for lane = 0, MAX_LANE do
   local s = stream(lane)
-  if redis.call('EXISTS', s) == 1 then
+  if lane_exists(s) then
     local len = redis.call('XLEN', s)
     local pending = redis.call('XPENDING', s, 'w')[1]
     running = running + pending
@@ -1011,7 +1016,7 @@ return {
 const LEAVE: &str = r"
 for lane = 0, MAX_LANE do
   local s = stream(lane)
-  if redis.call('EXISTS', s) == 1 and #redis.call('XPENDING', s, 'w', '-', '+', 1, ARGV[1]) == 0 then
+  if lane_exists(s) and #redis.call('XPENDING', s, 'w', '-', '+', 1, ARGV[1]) == 0 then
     redis.call('XGROUP', 'DELCONSUMER', s, 'w', ARGV[1])
   end
 end

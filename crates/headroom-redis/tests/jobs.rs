@@ -1363,6 +1363,17 @@ async fn a_delayed_set_or_lane_of_another_type_fails_no_step(ctx: Ctx) {
     assert!(ctx.fetch(&p, "w", &[0], 10, LONG).await.is_empty());
     let stats = ctx.store.stats(&p).await.unwrap();
     assert_eq!((stats.unfinished, stats.running), (2, 2), "{stats:?}");
+    // A lane no job of the partition uses, of another type: fetches, recoveries, stats and
+    // leaving pass over it.
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":s:7")).arg("x"))
+        .await;
+    let c = ctx.add(&p, job("c")).await;
+    let fetched = ctx.fetch(&p, "v", &[0], 10, Duration::ZERO).await;
+    assert!(fetched.iter().any(|d| d.number == c), "{fetched:?}");
+    assert!(ctx.store.recover(&p, "v", 1, 10).await.unwrap().is_empty());
+    ctx.store.stats(&p).await.unwrap();
+    ctx.store.leave(&p, "v").await.unwrap();
 }
 
 /// Zero retentions and dedup windows, and lanes past the last, are refused as configuration
