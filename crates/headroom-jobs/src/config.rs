@@ -34,7 +34,7 @@ pub struct QueueConfig {
     /// The largest payload accepted, in bytes (default 512 KiB).
     pub max_payload_len: usize,
     /// The largest result kept, in bytes (default 64 KiB); a larger one is dropped (the job is
-    /// done, without a result) and a warning logged.
+    /// done, with an empty result) and a warning logged.
     pub max_result_len: usize,
     /// The shortest retry-after a refusal carries (default 100 ms).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
@@ -43,6 +43,12 @@ pub struct QueueConfig {
     /// lately (default 30 s).
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max_retry_after: Duration,
+    /// Whether each job keeps a 64-bit number drawn at random on enqueue, which makes
+    /// [`JobContext::idempotency_key`](crate::JobContext::idempotency_key) unique across
+    /// stores too (default off). Workers of versions before this field cannot read jobs
+    /// stored with it and bury them as corrupt: turn it on once every worker of the queue
+    /// runs this version or a later one.
+    pub job_nonces: bool,
 }
 
 impl Default for QueueConfig {
@@ -59,6 +65,7 @@ impl Default for QueueConfig {
             max_result_len: 64 * 1024,
             min_retry_after: Duration::from_millis(100),
             max_retry_after: Duration::from_secs(30),
+            job_nonces: false,
         }
     }
 }

@@ -1,9 +1,10 @@
-//! The bytes a job is stored as: a version byte, the job's nonce (8 bytes, from version 2),
-//! the origin's length and bytes, then the payload.
+//! The bytes a job is stored as: a version byte, the job's nonce (8 bytes, version 2 only),
+//! the origin's length and bytes, then the payload. Version 1, without a nonce, is what
+//! earlier versions read, and is written unless a nonce is asked for.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Version 1 had no nonce; jobs stored so are still read.
+/// With a nonce.
 const VERSION: u8 = 2;
 
 /// The longest origin carried, in bytes.
@@ -12,17 +13,22 @@ pub(crate) const MAX_ORIGIN_LEN: usize = 255;
 /// A job as stored when it was enqueued.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Opened {
-    /// Drawn at random on enqueue (`None` for a job stored before nonces were).
+    /// Drawn at random on enqueue (`None` for a job stored without one).
     pub(crate) nonce: Option<u64>,
     pub(crate) origin: Option<String>,
     pub(crate) payload: Bytes,
 }
 
-pub(crate) fn seal(nonce: u64, origin: Option<&str>, payload: &[u8]) -> Bytes {
+pub(crate) fn seal(nonce: Option<u64>, origin: Option<&str>, payload: &[u8]) -> Bytes {
     let origin = origin.unwrap_or("").as_bytes();
     let mut sealed = BytesMut::with_capacity(10 + origin.len() + payload.len());
-    sealed.put_u8(VERSION);
-    sealed.put_u64(nonce);
+    match nonce {
+        Some(nonce) => {
+            sealed.put_u8(VERSION);
+            sealed.put_u64(nonce);
+        }
+        None => sealed.put_u8(1),
+    }
     sealed.put_u8(origin.len() as u8);
     sealed.put_slice(origin);
     sealed.put_slice(payload);
@@ -58,14 +64,23 @@ mod tests {
     #[test]
     fn payloads_origins_and_nonces_round_trip() {
         for (nonce, origin, payload) in [
-            (0, None, &b""[..]),
-            (u64::MAX, Some("00-abc-01"), b"charge 7"),
+            (Some(0), None, &b""[..]),
+            (Some(u64::MAX), Some("00-abc-01"), b"charge 7"),
+            (None, Some("00-abc-01"), b"charge 7"),
         ] {
             let opened = open(&seal(nonce, origin, payload)).expect("an envelope");
-            assert_eq!(opened.nonce, Some(nonce));
+            assert_eq!(opened.nonce, nonce);
             assert_eq!(opened.origin.as_deref(), origin);
             assert_eq!(&opened.payload[..], payload);
         }
+    }
+
+    /// A job sealed without a nonce is what versions before nonces read: their `open`
+    /// took version 1 only.
+    #[test]
+    fn a_job_without_a_nonce_is_sealed_as_earlier_versions_read_it() {
+        let sealed = seal(None, Some("abc"), b"charge");
+        assert_eq!(&sealed[..], b"\x01\x03abccharge");
     }
 
     #[test]

@@ -400,7 +400,8 @@ impl<S: JobStore> JobQueue<S> {
             .idempotency_key
             .as_ref()
             .map(|key| scoped_key(job.tenant.as_deref(), job.route.as_deref(), key));
-        let sealed = envelope::seal(fastrand::u64(..), job.origin.as_deref(), &job.payload);
+        let nonce = config.job_nonces.then(|| fastrand::u64(..));
+        let sealed = envelope::seal(nonce, job.origin.as_deref(), &job.payload);
         let mut new = NewJob::new(sealed).lane(job.lane).delay(delay);
         if let Some(tenant) = &job.tenant {
             new = new.tenant(Bytes::copy_from_slice(tenant.as_bytes()));

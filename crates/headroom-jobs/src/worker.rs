@@ -43,10 +43,12 @@ impl JobContext {
     }
 
     /// The key to run the job's effect under (with `headroom-idempotency`), so that a second
-    /// delivery replays instead of running again: the queue's name, the job's id and a number
-    /// drawn at random when it was enqueued (64 bits), so that no other job shares it, of any
-    /// queue or store. (A job enqueued by a version before that number has its enqueue time,
-    /// in store ms, in its place.)
+    /// delivery replays instead of running again: the queue's name, the job's id and either
+    /// the number the job drew at random on enqueue
+    /// ([`QueueConfig::job_nonces`](crate::QueueConfig::job_nonces)), which no other job of
+    /// any queue or store shares, or else its enqueue time (store clock, ms), which tells
+    /// apart the jobs of queues of one store and of a store that numbers jobs again, but not
+    /// those of two stores with a queue of the same name enqueued in the same millisecond.
     pub fn idempotency_key(&self) -> String {
         match self.nonce {
             Some(nonce) => format!("{}/{}/{nonce:016x}", self.queue, self.id),

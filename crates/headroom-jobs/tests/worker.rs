@@ -1760,8 +1760,8 @@ async fn jobs_of_two_queues_on_one_store_each_take_effect_under_the_documented_k
 }
 
 /// Two stores (one memory store per replica, say) with a queue of the same name give the same
-/// ids to their jobs, and may enqueue them in the same millisecond: an effect run under the
-/// documented key still runs once for each.
+/// ids to their jobs, and may enqueue them in the same millisecond: with job nonces on, an
+/// effect run under the documented key still runs once for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_of_two_stores_with_a_queue_of_one_name_each_take_effect_under_the_documented_key() {
     // A clock that stands still: both jobs are enqueued in the same millisecond.
@@ -1769,8 +1769,10 @@ async fn jobs_of_two_stores_with_a_queue_of_one_name_each_take_effect_under_the_
     let charges = Charges::default();
     for _ in 0..2 {
         let store = MemoryJobStore::builder().clock(clock.clone()).build();
+        let mut config = QueueConfig::default();
+        config.job_nonces = true;
         charges
-            .charge_one(JobQueue::builder("checkout", store))
+            .charge_one(JobQueue::builder("checkout", store).config(config))
             .await;
     }
     assert_eq!(charges.count(), 2, "each store's job charged");
@@ -1861,9 +1863,35 @@ async fn a_result_over_the_limit_is_dropped_and_the_job_is_done() {
     };
     worker.shutdown(Duration::from_secs(5)).await;
     assert_eq!(status.state, JobState::Done, "{:?}", status.error);
-    assert!(
-        status.result.as_ref().is_none_or(Bytes::is_empty),
-        "{:?}",
-        status.result
-    );
+    assert_eq!(status.result, Some(Bytes::new()), "the result is dropped");
+}
+
+/// By default a job is stored as workers of earlier versions read it (envelope version 1,
+/// without a nonce), so that a rolling deploy's older workers run the newer producers' jobs;
+/// with job nonces on, it is not.
+#[tokio::test]
+async fn by_default_jobs_are_stored_as_earlier_workers_read_them() {
+    for (nonces, version) in [(false, 1u8), (true, 2)] {
+        let store = MemoryJobStore::new();
+        let mut config = QueueConfig::default();
+        config.job_nonces = nonces;
+        let queue = JobQueue::builder("compat", store.clone())
+            .config(config)
+            .build()
+            .unwrap();
+        queue.enqueue(Job::new("charge")).await.unwrap();
+        let request = FetchRequest {
+            consumer: "reader",
+            lanes: &[0],
+            max: 1,
+            visibility: Duration::from_secs(60),
+        };
+        let partition = headroom_core::Namespace::new("headroom.jobs")
+            .unwrap()
+            .key("{compat.0}")
+            .unwrap();
+        let fetched = store.fetch(&partition, request).await.unwrap();
+        assert_eq!(fetched.len(), 1, "the queue's partition is {partition:?}");
+        assert_eq!(fetched[0].payload[0], version, "nonces {nonces}");
+    }
 }
