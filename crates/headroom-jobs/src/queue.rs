@@ -92,8 +92,9 @@ impl Job {
         self
     }
 
-    /// Found by [`JobQueue::newest_of`] its route key while it is the newest unfinished job
-    /// enqueued so with that route, ranked `rank` among them (see [`NewJob::subject_rank`]).
+    /// Found by [`JobQueue::newest_of`] with its route key while it is the newest unfinished
+    /// job enqueued so with that route, ranked `rank` among them (see
+    /// [`NewJob::subject_rank`]).
     pub(crate) fn subject_of_its_route(mut self, rank: u64) -> Self {
         self.subject = Some(rank);
         self
