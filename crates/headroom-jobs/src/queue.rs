@@ -510,12 +510,12 @@ impl<S: JobStore> JobQueue<S> {
             })
     }
 
+    /// The partition of the jobs with `route` and no tenant: one place for the rule, which
+    /// [`newest_of`](Self::newest_of) relies on to find the partition a job was enqueued in.
     fn partition_of_route(&self, route: &[u8]) -> usize {
-        let n = self.inner.partitions.len();
-        if n == 1 {
-            0
-        } else {
-            (hash(route) % n as u64) as usize
+        match self.inner.partitions.len() {
+            1 => 0,
+            n => (hash(route) % n as u64) as usize,
         }
     }
 
@@ -526,7 +526,7 @@ impl<S: JobStore> JobQueue<S> {
         }
         let chosen = match (&job.tenant, &job.route, &job.idempotency_key) {
             (Some(tenant), _, _) => hash(tenant.as_bytes()),
-            (None, Some(route), _) => hash(route),
+            (None, Some(route), _) => return self.partition_of_route(route),
             (None, None, Some(key)) => hash(key.as_bytes()),
             (None, None, None) => self.inner.next_partition.fetch_add(1, Ordering::Relaxed) as u64,
         };
