@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use headroom_breaker::CircuitBreaker;
 use headroom_cache::{Cache, CacheConfig, CacheError, CacheKey};
@@ -17,7 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use crate::{EnqueueError, Write, WriteBehind};
+use crate::write_behind::OnDead;
+use crate::{EnqueueError, Flusher, Write, WriteBehind, Writer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,8 +52,9 @@ pub enum CacheWriteError {
 }
 
 /// A [`Cache`] whose writes go to a [`WriteBehind`]: `insert` updates L1 and L2 at once and
-/// records a durable write, which a [`Flusher`](crate::Flusher) hands to the writer, coalesced
-/// per key per flush window.
+/// records a durable write, which a [`Flusher`] hands to the writer, coalesced per key per
+/// flush window. Start the flusher with [`start`](Self::start), which also takes the writes
+/// the writer refuses for good out of the cache.
 ///
 /// Values are written as JSON; a writer reads them back with [`Write::json`]. Read through
 /// [`get_or_load`](Self::get_or_load): on a miss, it answers a write the writer does not
@@ -216,9 +219,35 @@ where
         }
     }
 
-    /// The write-behind, to start its flusher.
+    /// The write-behind, for its queue and its unwritten writes.
     pub fn writes(&self) -> &WriteBehind<S> {
         &self.writes
+    }
+
+    /// Starts handing the writes to `writer`, as [`WriteBehind::start`] does, and takes each
+    /// write the writer refuses for good out of the cache: the database never gets it, so the
+    /// key is removed as of that write's version ([`Cache::remove_at`]), which leaves a later
+    /// write of the key in place. A key whose [`CacheKey::from_key_bytes`] gives nothing back
+    /// cannot be removed (a warning says so), and stays until its TTL.
+    pub fn start<W: Writer>(&self, writer: W) -> Flusher {
+        let cache = self.cache.clone();
+        let on_dead: OnDead = Box::new(move |write: Write| {
+            let cache = cache.clone();
+            async move {
+                let Some(key) = K::from_key_bytes(&write.key) else {
+                    tracing::warn!(
+                        cache = %cache.config().name,
+                        "a write refused for good stays in the cache: its key cannot be read back from its bytes"
+                    );
+                    return;
+                };
+                if let Err(error) = cache.remove_at(&key, version_time(write.version)).await {
+                    tracing::warn!(%error, "a write refused for good could not be removed from the cache");
+                }
+            }
+            .boxed()
+        });
+        self.writes.start_flusher(writer, Some(on_dead))
     }
 
     /// Records the write durably, then puts `value` in the cache; answers the write's version.

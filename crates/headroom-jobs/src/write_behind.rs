@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Namespace};
@@ -327,12 +329,19 @@ impl<S: JobStore> WriteBehind<S> {
     /// Starts handing the writes to `writer`, on the current tokio runtime. Run one flusher
     /// per instance: together they drain every partition.
     pub fn start<W: Writer>(&self, writer: W) -> Flusher {
+        self.start_flusher(writer, None)
+    }
+
+    /// [`start`](Self::start), calling `on_dead` with each write refused for good once it
+    /// is buried.
+    pub(crate) fn start_flusher<W: Writer>(&self, writer: W, on_dead: Option<OnDead>) -> Flusher {
         let (phase, watch_phase) = watch::channel(Phase::Running);
         let name = self.queue.inner.name.clone();
         let shared = Arc::new(FlushShared {
             queue: self.queue.clone(),
             config: self.config.clone(),
             writer,
+            on_dead,
             consumer: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
             metrics: FlushMetrics::new(&name),
             oldest_held_ms: AtomicU64::new(0),
@@ -453,10 +462,17 @@ impl Flusher {
     }
 }
 
+/// What a flusher does with a write refused for good, after burying it.
+pub(crate) type OnDead = Box<dyn Fn(Write) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Refused writes taken out of a cache at once, after a pass.
+const REMOVALS_IN_FLIGHT: usize = 64;
+
 struct FlushShared<S, W> {
     queue: JobQueue<S>,
     config: WriteBehindConfig,
     writer: W,
+    on_dead: Option<OnDead>,
     consumer: String,
     metrics: FlushMetrics,
     /// When the oldest write of the batch in hand was recorded (Unix ms), 0 when none is.
@@ -723,7 +739,10 @@ async fn drain_partition<S: JobStore, W: Writer>(
         // A write refused for good is dead, and so are the writes of its key it superseded
         // in this pass: none of them was written. Each is buried with the writer's error.
         let handed = handed - refused.len() as u64;
-        let dead: HashMap<Bytes, String> = refused.into_iter().collect();
+        let (dead_writes, dead): (Vec<Write>, HashMap<Bytes, String>) = refused
+            .into_iter()
+            .map(|(write, error)| (write.clone(), (write.key, error)))
+            .unzip();
         tally.writes.fetch_add(handed, Ordering::Relaxed);
         tally.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         shared.metrics.writes.increment(handed);
@@ -757,6 +776,12 @@ async fn drain_partition<S: JobStore, W: Writer>(
             .store
             .complete_many(key, &done, queue.config.result_retention)
             .await;
+        // After the completions, so that a slow cache holds back no write of the pass.
+        if let Some(on_dead) = &shared.on_dead {
+            futures_util::stream::iter(dead_writes)
+                .for_each_concurrent(REMOVALS_IN_FLIGHT, on_dead)
+                .await;
+        }
     } else {
         // Shut down, or taken over: hand back what is still ours, for the next flusher. A
         // write whose chunk was written is written again: versions make that harmless.
@@ -797,8 +822,8 @@ async fn bury<S: JobStore>(
         .await;
 }
 
-/// A write the writer refused for good: its key and the writer's message.
-type Refused = (Bytes, String);
+/// A write the writer refused for good, and the writer's message.
+type Refused = (Write, String);
 
 /// Hands `writes` to the writer in chunks of `batch`, in order, each until it is taken;
 /// answers the writes refused for good.
@@ -811,11 +836,11 @@ async fn write_chunks<S, W: Writer>(
         match write_until_taken(shared, chunk.to_vec()).await {
             Ok(()) => {}
             // Some write of the chunk can never be written: find which, one at a time.
-            Err(error) if chunk.len() == 1 => refused.push((chunk[0].key.clone(), error)),
+            Err(error) if chunk.len() == 1 => refused.push((chunk[0].clone(), error)),
             Err(_) => {
                 for write in chunk {
                     if let Err(error) = write_until_taken(shared, vec![write.clone()]).await {
-                        refused.push((write.key.clone(), error));
+                        refused.push((write.clone(), error));
                     }
                 }
             }

@@ -12,7 +12,7 @@ use headroom_cache::{Cache, CacheError, CacheErrorKind};
 use headroom_core::jobs::JobStore;
 use headroom_core::memory::{MemoryJobStore, MemoryKvStore};
 use headroom_core::{Clock, ManualClock, Namespace};
-use headroom_jobs::{CacheWriteError, QueueConfig, Write, WriteBehind, WriteBehindCache};
+use headroom_jobs::{CacheWriteError, JobError, QueueConfig, Write, WriteBehind, WriteBehindCache};
 use headroom_redis::{Redis, RedisConfig, RedisJobStore, RedisKvStore};
 use headroom_testkit::{shared_server, unique_namespace};
 use support::SlowStore;
@@ -197,6 +197,85 @@ async fn a_write_whose_enqueue_answer_was_lost_leaves_no_old_value_in_the_cache(
         Some(ada(1)),
         "the cache answers the value the write replaced"
     );
+}
+
+/// A write the writer refuses for good never reaches the database: the cache stops answering
+/// it, on this instance's L1 and in L2, while a later write of the key, recorded while the
+/// writer was refusing, stays.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_writer_refuses_for_good_leaves_the_cache_and_a_later_one_stays() {
+    let kv = MemoryKvStore::new();
+    let l2 = |kv: &MemoryKvStore| {
+        Cache::<String, Profile>::builder()
+            .ttl(Duration::from_secs(600))
+            .l2(kv.clone(), Namespace::new("profiles").unwrap())
+            .build()
+            .unwrap()
+    };
+    let writes = WriteBehind::builder("profiles", MemoryJobStore::new())
+        .flush_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let profiles = Arc::new(WriteBehindCache::new(l2(&kv), writes));
+    let ada = |visits| Profile {
+        name: "Ada".into(),
+        visits,
+    };
+    let (called, answer) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let flusher = profiles.start({
+        let (called, answer) = (called.clone(), answer.clone());
+        move |batch: Vec<Write>| {
+            let (called, answer) = (called.clone(), answer.clone());
+            async move {
+                let write = &batch[0];
+                if write.json::<Profile>().unwrap().unwrap().visits > 1 {
+                    return Ok(());
+                }
+                if write.key == "ada" {
+                    called.notify_one();
+                    answer.notified().await;
+                }
+                Err(JobError::fatal("a constraint is violated"))
+            }
+        }
+    });
+    profiles.insert("bob".to_owned(), ada(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    profiles.insert("ada".to_owned(), ada(1)).await.unwrap();
+    called.notified().await;
+    // A later write of the key is recorded while the writer refuses the first.
+    profiles.insert("ada".to_owned(), ada(2)).await.unwrap();
+    // The refusal comes later than that write.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    answer.notify_one();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        profiles
+            .writes()
+            .queue()
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let elsewhere = l2(&kv);
+    for cache in [profiles.cache(), &elsewhere] {
+        assert_eq!(
+            cache.get(&"bob".to_owned()).await.unwrap(),
+            None,
+            "the cache answers a write the database never got"
+        );
+        assert_eq!(
+            cache.get(&"ada".to_owned()).await.unwrap(),
+            Some(ada(2)),
+            "the later write left the cache"
+        );
+    }
+    flusher.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]
