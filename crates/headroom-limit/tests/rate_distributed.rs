@@ -117,9 +117,10 @@ fn assert_within_batch_bound(admitted: usize, round_trips: u64, batch: u32) {
         admitted >= QUOTA as usize - INSTANCES * (batch as usize - 1),
         "{admitted} admitted"
     );
-    // One per batch, plus at most two per instance where the batches run out and one for
-    // its first refusal.
-    let most = u64::from(QUOTA) / u64::from(batch) + 3 * INSTANCES as u64;
+    // One per batch, plus per instance the smaller batches it starts with (2, 4, 8, ... below
+    // `batch`), two where the batches run out and one for its first refusal.
+    let smaller = (1..).take_while(|&k| 2u32.pow(k) < batch).count() as u64;
+    let most = u64::from(QUOTA) / u64::from(batch) + (3 + smaller) * INSTANCES as u64;
     assert!(round_trips <= most, "{round_trips} round trips > {most}");
 }
 
@@ -223,8 +224,10 @@ async fn a_cost_of_zero_is_admitted_though_the_store_refuses_it() {
     assert!(limiter.check("t", "k", 1).await.is_err());
 }
 
+/// A key's batches follow its use: two units first, twice as many each time they run out
+/// within their hold (up to the batch), and one more than was spent when they lapse.
 #[tokio::test]
-async fn batched_units_are_spent_locally_and_expire() {
+async fn batched_units_are_spent_locally_grow_with_use_and_expire() {
     let clock = ManualClock::new();
     let store = MemoryRateStore::with_limits(clock.clock(), 1000);
     let limiter = DistributedRateLimiter::builder(
@@ -237,16 +240,135 @@ async fn batched_units_are_spent_locally_and_expire() {
     .batch(10)
     .build()
     .unwrap();
-    for _ in 0..10 {
+    let mut asked_at = Vec::new();
+    for request in 1..=26 {
+        let before = limiter.round_trips();
         limiter.check("t", "k", 1).await.unwrap();
+        if limiter.round_trips() > before {
+            asked_at.push(request);
+        }
     }
-    assert_eq!(limiter.round_trips(), 1);
-    limiter.check("t", "k", 1).await.unwrap();
-    assert_eq!(limiter.round_trips(), 2);
-    // The 9 units left are held for at most 10 emission intervals (100 ms).
+    // Batches of 2, 4, 8, 10 and 10.
+    assert_eq!(asked_at, [1, 3, 7, 15, 25]);
+    // Of the last batch, 2 units are spent and 8 left; they are held for at most 10 emission
+    // intervals (100 ms), then the next request asks again, for one more than the 2 spent:
+    // 3 units, for it and the next two.
     clock.advance(Duration::from_millis(100));
-    limiter.check("t", "k", 1).await.unwrap();
-    assert_eq!(limiter.round_trips(), 3);
+    for expected in [6, 6, 6, 7] {
+        limiter.check("t", "k", 1).await.unwrap();
+        assert_eq!(limiter.round_trips(), expected);
+    }
+}
+
+/// Reserved units are held for `batch` intervals counted from before the round trip: against a
+/// store slower than that, a batch would expire on arrival and charge the key `batch` units
+/// per request. Under half its quota, no request is refused however slow the store, and
+/// batches still save round trips against a store that answers within their hold.
+#[tokio::test(start_paused = true)]
+async fn a_store_slower_than_a_batch_is_held_refuses_nothing_under_the_quota() {
+    for (latency, batched) in [
+        (Duration::from_millis(20), false),
+        (Duration::from_millis(1), true),
+    ] {
+        // 1,000 a second: a batch of 10 is held for 10 ms.
+        let limiter = DistributedRateLimiter::builder(
+            "api",
+            FlakyStore::new(latency),
+            unique_namespace("rate"),
+            TierConfig::new().tier("t", Quota::per_second(1000).unwrap()),
+        )
+        .batch(10)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+        // Ten callers, a check every 20 ms each, 2 ms apart: 500 a second on one key.
+        let start = tokio::time::Instant::now();
+        let callers = (0..10u64).map(|caller| {
+            let limiter = limiter.clone();
+            async move {
+                let first = start + Duration::from_millis(2 * caller);
+                let mut ticks = tokio::time::interval_at(first, Duration::from_millis(20));
+                let mut refused = 0;
+                for _ in 0..50 {
+                    ticks.tick().await;
+                    if limiter.check("t", "k", 1).await.is_err() {
+                        refused += 1;
+                    }
+                }
+                refused
+            }
+        });
+        let refused: u32 = futures_util::future::join_all(callers)
+            .await
+            .into_iter()
+            .sum();
+        assert_eq!(refused, 0, "{latency:?}: refused under half the quota");
+        let round_trips = limiter.round_trips();
+        if batched {
+            assert!(
+                round_trips <= 150,
+                "{latency:?}: {round_trips} round trips for 500 checks"
+            );
+        } else {
+            assert!(
+                round_trips <= 500,
+                "{latency:?}: {round_trips} round trips for 500 checks"
+            );
+        }
+    }
+}
+
+/// Two batched instances each use a key at 30 % of its quota, and an exact one at 10 %:
+/// together they are under it, so nothing is refused and the key keeps most of its burst. A
+/// batch reserved whole at each hold, whatever the key's use, would charge each batched
+/// instance the key's whole rate: the key would run dry, and each batch would be refused
+/// and asked again for what is left.
+#[tokio::test(start_paused = true)]
+async fn batched_instances_sharing_a_key_under_its_quota_are_charged_what_they_use() {
+    let store = MemoryRateStore::new();
+    let ns = unique_namespace("rate");
+    let instance = |batch| {
+        DistributedRateLimiter::builder(
+            "api",
+            store.clone(),
+            ns.clone(),
+            TierConfig::new().tier("t", Quota::per_second(1000).unwrap()),
+        )
+        .batch(batch)
+        .build()
+        .unwrap()
+    };
+    let instances = [instance(10), instance(10), instance(1)];
+    // A check every 10 ms per caller, callers 1 ms apart: three callers on each batched
+    // instance (300 a second each), one on the exact one (100 a second).
+    let start = tokio::time::Instant::now();
+    let callers = instances.iter().enumerate().flat_map(|(i, limiter)| {
+        let callers = if i < 2 { 3 } else { 1 };
+        (0..callers).map(move |caller| async move {
+            let first = start + Duration::from_millis(3 * i as u64 + caller);
+            let mut ticks = tokio::time::interval_at(first, Duration::from_millis(10));
+            let (mut refused, mut least) = (0, u32::MAX);
+            for _ in 0..300 {
+                ticks.tick().await;
+                match limiter.check("t", "k", 1).await {
+                    Ok(admitted) => least = least.min(admitted.remaining()),
+                    Err(_) => refused += 1,
+                }
+            }
+            (refused, least)
+        })
+    });
+    let seen = futures_util::future::join_all(callers).await;
+    let refused: u32 = seen.iter().map(|(refused, _)| refused).sum();
+    assert_eq!(refused, 0, "refused of 2,100 checks at 70 % of the quota");
+    // What the store left, with what the instance holds.
+    let least = seen.iter().map(|&(_, least)| least).min().unwrap();
+    assert!(least >= 500, "the key fell to {least} units of its 1,000");
+    let batched: u64 = instances[..2].iter().map(|l| l.round_trips()).sum();
+    assert!(
+        batched < 900,
+        "{batched} round trips for 1,800 batched checks"
+    );
 }
 
 /// FNV-1a, 64 bits: a hash anyone can compute, as a sender would to aim keys at one place.
@@ -259,7 +381,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Keys a sender chose to share a victim's place under an unkeyed hash (FNV-1a over 16
 /// shards) cannot push the victim's reserved units out of local state: they are placed by a
 /// hash the sender cannot compute, so a flood of them a tenth of the key cap spreads out, and
-/// the victim's next request is still served from its reserved units, with no round trip.
+/// the victim's next request is still served from its reserved unit, with no round trip.
 #[tokio::test]
 async fn keys_aimed_at_a_victims_shard_leave_its_reserved_units_in_place() {
     const MAX_KEYS: usize = 1_600;
@@ -288,13 +410,11 @@ async fn keys_aimed_at_a_victims_shard_leave_its_reserved_units_in_place() {
     }
     let before = limiter.round_trips();
     assert_eq!(before, 1 + flood.len() as u64);
-    for _ in 0..9 {
-        limiter.check("t", "victim", 1).await.unwrap();
-    }
+    limiter.check("t", "victim", 1).await.unwrap();
     assert_eq!(
         limiter.round_trips(),
         before,
-        "the victim's reserved units were dropped by the flood"
+        "the victim's reserved unit was dropped by the flood"
     );
 }
 

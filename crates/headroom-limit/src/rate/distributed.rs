@@ -155,8 +155,9 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
         self
     }
 
-    /// Reserve `units` at a time from the store and spend them locally (default 1: every
-    /// decision is one round trip). See the type's documentation for the bound this keeps.
+    /// Reserve up to `units` at a time from the store and spend them locally (default 1:
+    /// every decision is one round trip). See the type's documentation for how batches are
+    /// sized and the bound this keeps.
     pub fn batch(mut self, units: u32) -> Self {
         self.batch = units;
         self
@@ -237,6 +238,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             store: self.store,
             namespace: self.namespace,
             time: self.clock.stopwatch(),
+            last_round_trip: AtomicU64::new(0),
             batch: self.batch,
             fallback: self.fallback,
             timeout: self.timeout,
@@ -274,13 +276,18 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// # Batched mode
 ///
-/// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves `n` units of
-/// a key with one `apply_all(cost = n)` and spends them locally, so a busy key costs one round
-/// trip per `n` requests. When the cell holds fewer than `n` units, the instance takes what is
-/// left (a second round trip). A key the store refused within the last `n` intervals is
-/// saturated: the instance asks for single units, as in exact mode, until the key goes `n`
-/// intervals without a refusal. Reserved units are charged in the store before they are spent,
-/// and an instance keeps them for at most `n` emission intervals, so:
+/// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves up to `n`
+/// units of a key with one `apply_all` and spends them locally, so a busy key costs one round
+/// trip per `n` requests. A batch is sized by the key's use: 2 units first, twice as many each
+/// time they run out while held (up to `n`), one more than were spent when they lapse; so a
+/// key is charged about what it uses, where a whole batch per hold would charge a key used at
+/// a fraction of its quota the quota's whole rate. When the cell holds fewer units than asked,
+/// the instance takes what is left (a second round trip). A key the store refused within the
+/// last `n` intervals is saturated: the instance asks for single units, as in exact mode,
+/// until the key goes `n` intervals without a refusal; so does an instance whose last store
+/// call took half of `n` intervals or more, as its units would be half gone when they arrive.
+/// Reserved units are charged in the store before they are spent, and an instance keeps them
+/// for at most `n` emission intervals from before the call, so:
 ///
 /// - over the life of the store, the instances never admit more than the store granted;
 /// - in any window, they admit at most `n` units more than one exact limiter would (units
@@ -348,6 +355,9 @@ struct Inner<S> {
     /// [`HEALTHY`], [`PROBING`], or the time (ns on `time`) until which the store is not
     /// tried after a failure.
     health: AtomicU64,
+    /// How long the last store call took (ns), in batched mode: a batch pays only when its
+    /// units outlive the round trip.
+    last_round_trip: AtomicU64,
     tiers: ArcSwap<HashMap<Box<str>, Arc<Tier>>>,
     metrics: StoreMetrics,
 }
@@ -508,6 +518,7 @@ impl<S: RateStore> Inner<S> {
     /// One store call, bounded by the timeout.
     async fn apply(&self, cells: &[(Key, Gcra)], cost: u32) -> Result<RateDecision, BackendError> {
         self.metrics.round_trips.fetch_add(1, Ordering::Relaxed);
+        let started = (self.batch > 1).then(|| self.now());
         let call = pin!(self.store.apply_all(cells, cost));
         let deadline = pin!(self.time.clock().sleep(self.timeout));
         let result = match select(call, deadline).await {
@@ -517,6 +528,10 @@ impl<S: RateStore> Inner<S> {
                 "rate store call timed out",
             )),
         };
+        if let Some(started) = started {
+            let took = self.now().saturating_sub(started);
+            self.last_round_trip.store(took, Ordering::Relaxed);
+        }
         match &result {
             Ok(_) => self.metrics.ok.increment(1),
             Err(_) => self.metrics.error.increment(1),
@@ -530,10 +545,10 @@ impl<S: RateStore> Inner<S> {
             return Err(RateError::new(RateErrorKind::CostTooHigh));
         }
         let now = self.now();
-        let saturated = match tier
+        let local = tier
             .local_state
-            .check(key, cost, now, tier.interval, self.batch)
-        {
+            .check(key, cost, now, tier.interval, self.batch);
+        let (saturated, sized) = match local {
             Local::Spent {
                 units,
                 store_remaining,
@@ -553,7 +568,7 @@ impl<S: RateStore> Inner<S> {
                 let wait = Duration::from_nanos(wait.saturating_add(extra));
                 return Err(RateLimited::new(quota, wait).into());
             }
-            Local::Unknown { saturated } => saturated,
+            Local::Unknown { saturated, batch } => (saturated, batch),
         };
         if key.len() > MAX_KEY_LEN {
             return Err(RateError::new(RateErrorKind::InvalidKey));
@@ -566,11 +581,19 @@ impl<S: RateStore> Inner<S> {
         let cells = tier.cells(key)?;
         // A saturated key is charged one request at a time, as in exact mode: a batch would
         // be refused and the call repeated for what is left, two round trips for one unit.
-        // A cost of zero asks without spending: it reserves nothing either.
-        let batch = if saturated || cost == 0 {
+        // A cost of zero asks without spending: it reserves nothing either. Nor does a call
+        // to a store slow enough that a batch, held for `batch` intervals from before the
+        // call, would be half gone (or expired) on arrival, charged and mostly unspendable.
+        let hold = tier.interval.saturating_mul(u64::from(self.batch));
+        let slow = self
+            .last_round_trip
+            .load(Ordering::Relaxed)
+            .saturating_mul(2)
+            >= hold;
+        let batch = if saturated || cost == 0 || slow {
             cost
         } else {
-            self.batch
+            sized
         };
         let mut reserve = batch.max(cost).min(quotas.max_cost());
         let mut decision = self.apply(&cells, reserve).await;
@@ -593,13 +616,15 @@ impl<S: RateStore> Inner<S> {
                         now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
                     tier.local_state.update(key, now, |entry| {
                         // Units merged with older ones expire with the oldest, so none is
-                        // held longer than the bound allows.
-                        if entry.expires > now {
+                        // held longer than the bound allows; with none left, the new ones
+                        // get their whole hold.
+                        if entry.expires > now && entry.units > 0 {
                             entry.units += granted;
                         } else {
                             entry.units = granted;
                             entry.expires = expires;
                         }
+                        entry.reserved = entry.units.saturating_add(cost);
                         entry.store_remaining = decision.remaining;
                         entry.reserved_quota = quota_index(decision.cell);
                     });

@@ -39,6 +39,9 @@ const _: () = assert!(size_of::<(TierKey, Entry)>() == 80);
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Entry {
     pub(crate) units: u32,
+    /// The units these started with: those reserved, with the cost of the request that
+    /// reserved them. What was spent of them sizes the next batch.
+    pub(crate) reserved: u32,
     /// Units left in the store when these were reserved.
     pub(crate) store_remaining: u32,
     /// The quota with the fewest units left when these were reserved (its index in the tier).
@@ -70,7 +73,28 @@ pub(crate) enum Local {
         /// The store refused this key within the last `batch` intervals: the key is
         /// saturated, and a batch would be refused and retried with what is left.
         saturated: bool,
+        /// The units to reserve, the request's cost included (see [`batch_size`]).
+        batch: u32,
     },
+}
+
+/// The units to reserve for a key (at most `batch`), from what its last reservation started
+/// with and has left: twice as many when it ran out (`left < cost`), one more than was spent
+/// when it lapsed with units left, and two for a key with none. A key is charged about what
+/// it uses rather than a whole batch per hold, which at a fraction of the quota would charge
+/// it the quota's whole rate.
+pub(crate) fn batch_size(last: Option<&Entry>, cost: u32, batch: u32) -> u32 {
+    let size = match last {
+        Some(last) if last.reserved > 0 => {
+            if last.units < cost {
+                last.reserved.saturating_mul(2)
+            } else {
+                (last.reserved - last.units).saturating_add(1)
+            }
+        }
+        _ => 2,
+    };
+    size.clamp(1, batch)
 }
 
 const LOCAL_SHARDS: usize = 16;
@@ -108,13 +132,17 @@ impl LocalState {
 
     /// `interval` is the shortest emission interval of the tier's quotas.
     pub(crate) fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
+        let fresh = Local::Unknown {
+            saturated: false,
+            batch: batch_size(None, cost, batch),
+        };
         if self.held.load(Ordering::Relaxed) == 0 {
-            return Local::Unknown { saturated: false };
+            return fresh;
         }
         let (key, hash, shard) = self.place(key);
         let mut shard = shard.lock();
         let Some((_, entry)) = shard.find_mut(hash, |(k, _)| *k == key) else {
-            return Local::Unknown { saturated: false };
+            return fresh;
         };
         // Reserved units are already charged in the store: spend them even when the store
         // refuses more.
@@ -136,6 +164,7 @@ impl LocalState {
         let recent = interval.saturating_mul(u64::from(batch));
         Local::Unknown {
             saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
+            batch: batch_size(Some(entry), cost, batch),
         }
     }
 
