@@ -445,13 +445,15 @@ impl RateStore for StalledStore {
     }
 }
 
-/// A memory store that counts its calls, answers each after `latency`, and fails while
-/// `down` is set.
+/// A memory store that counts its calls, answers each after `latency`, fails while `down` is
+/// set, and while `misconfigured` is set refuses every call at once as a configuration error
+/// (as a store refuses a quota it cannot hold, without reaching its server).
 #[derive(Clone, Debug)]
 struct FlakyStore {
     inner: MemoryRateStore,
     calls: Arc<AtomicU32>,
     down: Arc<AtomicBool>,
+    misconfigured: Arc<AtomicBool>,
     latency: Duration,
 }
 
@@ -461,6 +463,7 @@ impl FlakyStore {
             inner: MemoryRateStore::new(),
             calls: Arc::default(),
             down: Arc::default(),
+            misconfigured: Arc::default(),
             latency,
         }
     }
@@ -481,6 +484,9 @@ impl RateStore for FlakyStore {
         cost: u32,
     ) -> Result<RateDecision, BackendError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.misconfigured.load(Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Config));
+        }
         tokio::time::sleep(self.latency).await;
         if self.down.load(Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Connection));
@@ -533,6 +539,24 @@ async fn after_the_failure_window_one_probe_goes_out_and_the_rest_keep_the_fallb
     // The probe was answered: requests go to the store again, concurrently.
     assert_eq!(concurrent_checks(&limiter, 4).await, 4);
     assert_eq!((store.calls(), limiter.fallback_decisions()), (6, 16));
+}
+
+/// A probe the store refuses as a configuration error, without reaching its server, says
+/// nothing of the store's health: the next request probes, and the others keep the fallback.
+#[tokio::test(start_paused = true)]
+async fn a_probe_refused_as_a_configuration_error_leaves_the_outage_on() {
+    let store = FlakyStore::new(Duration::from_millis(10));
+    let limiter = recovering_limiter(store.clone());
+    store.set_down(true);
+    limiter.check("t", "k", 1).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    store.misconfigured.store(true, Ordering::Relaxed);
+    let refused = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(refused.kind(), RateErrorKind::StoreConfig, "{refused:?}");
+    store.misconfigured.store(false, Ordering::Relaxed);
+    assert_eq!(store.calls(), 2);
+    assert_eq!(concurrent_checks(&limiter, 16).await, 16);
+    assert_eq!(store.calls(), 3, "one probe, not one call per request");
 }
 
 /// A probe the store fails keeps every request on the fallback for another whole window, with

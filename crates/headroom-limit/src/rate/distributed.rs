@@ -691,15 +691,18 @@ impl<S: RateStore> Inner<S> {
     }
 
     /// Records what a store call says of the store: an answer to a probe ends the outage, a
-    /// failure starts one (or, for a probe, another window) from now.
+    /// failure starts one (or, for a probe, another window) from now. A configuration error
+    /// (a quota the store cannot hold, refused before any call) says nothing: a probe that
+    /// got one is dropped, and the next request probes.
     fn record_health(
         &self,
         decision: &Result<RateDecision, BackendError>,
         probe: Option<Probe<'_>>,
     ) {
         let failure = match decision {
-            Err(error) if error.kind() != BackendErrorKind::Config => Some(error),
-            _ => None,
+            Err(error) if error.kind() == BackendErrorKind::Config => return,
+            Err(error) => Some(error),
+            Ok(_) => None,
         };
         let Some(error) = failure else {
             if probe.is_some() {
