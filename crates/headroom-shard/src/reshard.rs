@@ -836,6 +836,8 @@ impl<H, R: Router> Migration<H, R> {
     /// [`write`](Self::write) routes them to. After the cut-over, a moved key the session may
     /// have written before it is read from the new primary until the session has written
     /// there under the new topology (or recorded a mirror's write: record all or none).
+    /// Before the cut-over here, a moved key is read from its new owner once the session has
+    /// written there under the new topology, through a process already past the cut-over.
     pub fn read_session<K: ShardKey + ?Sized>(
         &self,
         key: &K,
@@ -889,6 +891,22 @@ impl<H, R: Router> Migration<H, R> {
                 target,
                 shadow: None,
             });
+        }
+        // Before the cut-over here, a session that wrote the key's new owner under the new
+        // topology did so through a process already past it: the old owner never gets that
+        // write, so the key is read where it went.
+        if let Some(session) = session
+            && phase.mirrors()
+        {
+            let new_primary = self.to.primary(new_shard)?.id();
+            if new_primary != self.from.primary(old_shard)?.id()
+                && let Some(since) = session.required_since(new_shard, new_primary, self.to.epoch())
+            {
+                return Ok(ReadRoute {
+                    target: self.to.read_shard(new_shard, policy, Some(since))?,
+                    shadow: None,
+                });
+            }
         }
         let target = read(&*self.from, old_shard)?;
         let shadow = if phase == Phase::ShadowRead

@@ -11,7 +11,8 @@ use headroom_core::memory::MemoryMigrationStore;
 use headroom_core::migration::MigrationStore;
 use headroom_redis::{Redis, RedisConfig, RedisMigrationStore};
 use headroom_shard::{
-    JumpRouter, Migration, MigrationError, MigrationErrorKind, Phase, SharedMigration, Topology,
+    JumpRouter, Migration, MigrationError, MigrationErrorKind, Phase, ReadPolicy, Session,
+    SharedMigration, Topology,
 };
 use headroom_testkit::RedisServer;
 
@@ -298,6 +299,35 @@ async fn cut_over_waiting_for_another(
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!cut_over.is_finished(), "the cut-over waits for `other`");
     (driver, other, cut_over)
+}
+
+/// A session that wrote a moved key under the cut-over, through a process that took it on,
+/// reads it back through a process that has not yet: from the new owner, which has the write,
+/// not from the old one, which never gets it.
+#[tokio::test(start_paused = true)]
+async fn a_session_reads_its_write_after_the_cut_over_through_a_process_still_before_it() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("session-cut-over").unwrap();
+    let (driver, other, _cut_over) = cut_over_waiting_for_another(&store, &ns).await;
+    let key = moving_key();
+    let mut session = Session::new();
+    let written = driver.migration().write(&key).unwrap();
+    assert_eq!(written.owner().node_id(), "c");
+    assert!(written.mirror().is_none());
+    session.record_write(written.owner(), 10);
+    drop(written);
+    assert_eq!(other.migration().phase(), Phase::ShadowRead);
+    for policy in [ReadPolicy::Primary, ReadPolicy::RoundRobin] {
+        let read = other
+            .migration()
+            .read_session(&key, &policy, &session)
+            .unwrap();
+        assert_eq!(
+            read.target.node_id(),
+            "c",
+            "{policy:?}: read from the owner the session's write never reached"
+        );
+    }
 }
 
 /// A record that vanishes while the cut-over waits (removed, or lost by the store) counts no
