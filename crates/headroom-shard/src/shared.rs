@@ -271,7 +271,11 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
         }
     }
 
-    /// Moves the shared phase to the next one and returns it.
+    /// Moves the shared phase to the next one after the shared phase now, and returns it.
+    ///
+    /// Each call moves one step from wherever the phase is, so a second call (an operator's
+    /// second run, a retry after an answer was lost) moves one step further: to take one
+    /// given step, use [`advance_to`](Self::advance_to).
     ///
     /// Leaving [`Phase::Copy`] requires this participant's [`Migration`] to have the backfill
     /// reported complete. Entering [`Phase::CutOver`] returns once every live participant has
@@ -287,8 +291,38 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
         crate::reshard::traced_step(self.migration.name(), self.advance_untraced()).await
     }
 
+    /// Moves the shared phase to `target`, the phase after the shared one, and returns it;
+    /// when the shared phase is already `target`, moves nothing (and, into
+    /// [`Phase::CutOver`], waits for the participants as the step does). So a step can be
+    /// tried again safely, after a lost answer or by a second driver. Fails with
+    /// [`MigrationErrorKind::Conflict`] when `target` is neither the shared phase nor the one
+    /// after it, and otherwise as [`advance`](Self::advance).
+    pub async fn advance_to(&self, target: Phase) -> Result<Phase, MigrationError> {
+        crate::reshard::traced_step(self.migration.name(), self.advance_to_untraced(target)).await
+    }
+
+    async fn advance_to_untraced(&self, target: Phase) -> Result<Phase, MigrationError> {
+        let current = self.refresh().await?;
+        if current == target {
+            if target == Phase::CutOver {
+                self.await_acknowledgements(target).await?;
+            }
+            return Ok(target);
+        }
+        // A rolled back migration is refused as such by the step.
+        if current != Phase::RolledBack && current.next() != Some(target) {
+            return Err(self.error(MigrationErrorKind::Conflict));
+        }
+        self.step(current).await
+    }
+
     async fn advance_untraced(&self) -> Result<Phase, MigrationError> {
         let current = self.refresh().await?;
+        self.step(current).await
+    }
+
+    /// Moves the shared phase on from `current`, just read.
+    async fn step(&self, current: Phase) -> Result<Phase, MigrationError> {
         if current == Phase::RolledBack {
             return Err(self.error(MigrationErrorKind::RolledBack));
         }

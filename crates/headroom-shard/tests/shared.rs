@@ -88,7 +88,6 @@ async fn participants_follow_the_shared_phase() {
     // The other router learns the phase from the store, not from the driver.
     assert_eq!(other.migration().phase(), Phase::Copy);
     assert_eq!(other.refresh().await.unwrap(), Phase::DualWrite);
-    // A second driver acting on a phase it has not refreshed loses the compare-and-set.
     assert_eq!(driver.advance().await.unwrap(), Phase::ShadowRead);
     let (from, to) = topologies();
     let stale = Migration::new("stale", from, to).unwrap();
@@ -133,6 +132,54 @@ async fn participants_follow_the_shared_phase() {
         other.rollback().await.unwrap_err().kind(),
         MigrationErrorKind::RolledBack
     );
+}
+
+/// A step taken by phase is taken once: a second driver asking for the same step, or a retry
+/// after a lost answer, moves nothing, and a step past the next phase is refused, where each
+/// `advance` moves one step further from wherever the phase is.
+#[tokio::test(start_paused = true)]
+async fn a_step_taken_twice_moves_the_phase_once() {
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("step-twice").unwrap();
+    let first = join(&store, &ns, "first").await;
+    let second = join(&store, &ns, "second").await;
+    for driver in [&first, &second] {
+        driver.migration().report_copied(1, 1);
+    }
+    assert_eq!(
+        first.advance_to(Phase::DualWrite).await.unwrap(),
+        Phase::DualWrite
+    );
+    assert_eq!(
+        second.advance_to(Phase::DualWrite).await.unwrap(),
+        Phase::DualWrite
+    );
+    assert_eq!(first.refresh().await.unwrap(), Phase::DualWrite);
+    // Past the next phase: shadow reads would be skipped.
+    let skipped = second.advance_to(Phase::CutOver).await.unwrap_err();
+    assert_eq!(skipped.kind(), MigrationErrorKind::Conflict);
+    assert_eq!(
+        second.advance_to(Phase::ShadowRead).await.unwrap(),
+        Phase::ShadowRead
+    );
+    assert_eq!(first.refresh().await.unwrap(), Phase::ShadowRead);
+    // Behind the shared phase: refused, nothing moves.
+    let behind = first.advance_to(Phase::DualWrite).await.unwrap_err();
+    assert_eq!(behind.kind(), MigrationErrorKind::Conflict);
+    // Into the cut-over, taken twice: the second waits for the participants as the first did.
+    let cut_over = first.advance_to(Phase::CutOver);
+    let taken_on = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        second.refresh().await
+    };
+    let (cut_over, taken_on) = tokio::join!(cut_over, taken_on);
+    assert_eq!(cut_over.unwrap(), Phase::CutOver);
+    assert_eq!(taken_on.unwrap(), Phase::CutOver);
+    assert_eq!(
+        second.advance_to(Phase::CutOver).await.unwrap(),
+        Phase::CutOver
+    );
+    assert_eq!(first.refresh().await.unwrap(), Phase::CutOver);
 }
 
 type Participant = Arc<SharedMigration<Node, JumpRouter, MemoryMigrationStore>>;
