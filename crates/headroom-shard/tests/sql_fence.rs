@@ -1,5 +1,7 @@
-//! The epoch fence kept where the data lives, in SQL (SQLite): a process that stopped following
-//! a shared migration cannot land a late write on either owner after the cut-over.
+//! The epoch and version fence kept where the data lives, in SQL (SQLite): a process that
+//! stopped following a shared migration cannot land a late write on either owner after the
+//! cut-over, mirrors landing out of order keep the later write, and a delete during the copy
+//! stays deleted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,33 +37,51 @@ fn topology(epoch: u64) -> Arc<Topology<Node, JumpRouter>> {
 fn database() -> Connection {
     let db = Connection::open_in_memory().unwrap();
     db.execute_batch(
-        "CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT NOT NULL, epoch INTEGER NOT NULL);
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT, deleted INTEGER NOT NULL,
+                              epoch INTEGER NOT NULL, version INTEGER NOT NULL);
          CREATE TABLE shard_fence (shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL);",
     )
     .unwrap();
     db
 }
 
-/// One statement: the shard's fence and the row's epoch must both be at most the write's.
-/// Returns whether the row was written (false: fenced; route again).
-fn fenced_write(db: &Connection, shard: u32, id: u64, body: &str, epoch: u64) -> bool {
+/// One statement: the shard's fence must be at most the write's epoch, and the row's epoch
+/// and version (compared in that order) at most the write's: so a late write of an old epoch
+/// is fenced, and of two writes of one epoch the later version stays, in whichever order they
+/// land. `body` is `None` for a delete, kept as a tombstone row so that no older write or copy
+/// brings the key back. Returns whether the row was written (false: fenced, or superseded by a
+/// later version).
+fn versioned_write(
+    db: &Connection,
+    shard: u32,
+    id: u64,
+    body: Option<&str>,
+    epoch: u64,
+    version: u64,
+) -> bool {
     let changed = db
         .execute(
-            "INSERT INTO items (id, body, epoch)
-             SELECT :id, :body, :epoch
+            "INSERT INTO items (id, body, deleted, epoch, version)
+             SELECT :id, :body, :deleted, :epoch, :version
              WHERE COALESCE((SELECT epoch FROM shard_fence WHERE shard = :shard), 0) <= :epoch
-             ON CONFLICT (id) DO UPDATE SET body = excluded.body, epoch = excluded.epoch
-             WHERE items.epoch <= excluded.epoch",
-            named_params! { ":id": id, ":body": body, ":epoch": epoch, ":shard": shard },
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body, deleted = excluded.deleted,
+                 epoch = excluded.epoch, version = excluded.version
+             WHERE (items.epoch, items.version) <= (excluded.epoch, excluded.version)",
+            named_params! {
+                ":id": id, ":body": body, ":deleted": body.is_none(), ":epoch": epoch,
+                ":version": version, ":shard": shard,
+            },
         )
         .unwrap();
     changed == 1
 }
 
 fn body(db: &Connection, id: u64) -> Option<String> {
-    db.query_row("SELECT body FROM items WHERE id = ?1", [id], |row| {
-        row.get(0)
-    })
+    db.query_row(
+        "SELECT body FROM items WHERE id = ?1 AND NOT deleted",
+        [id],
+        |row| row.get(0),
+    )
     .ok()
 }
 
@@ -87,11 +107,7 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
     let store = MemoryMigrationStore::new();
     let driver = participant(&store, "driver", Duration::from_secs(60)).await;
     let partitioned = participant(&store, "partitioned", Duration::from_secs(2)).await;
-    let key = (0..1000u64)
-        .find(|k| {
-            topology(1).write(k).unwrap().node_id() != topology(2).write(k).unwrap().node_id()
-        })
-        .unwrap();
+    let key = moving_key();
     driver.migration().report_copied(1, 1);
     driver.advance().await.unwrap();
     driver.advance().await.unwrap();
@@ -111,12 +127,13 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
     }
     let live = driver.migration().write(&key).unwrap();
     assert_eq!(live.owner().node_id(), "c");
-    let written = fenced_write(
+    let written = versioned_write(
         &databases["c"],
         live.owner().shard().0,
         key,
-        "live",
+        Some("live"),
         live.epoch(),
+        1,
     );
     assert!(written);
     drop(live);
@@ -125,20 +142,22 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
     let late = partitioned.migration().write(&key).unwrap();
     assert_eq!(late.epoch(), 1);
     let owner = late.owner();
-    assert!(!fenced_write(
+    assert!(!versioned_write(
         &databases[owner.node_id()],
         owner.shard().0,
         key,
-        "late",
-        late.epoch()
+        Some("late"),
+        late.epoch(),
+        2,
     ));
     let mirror = late.mirror().unwrap();
-    assert!(!fenced_write(
+    assert!(!versioned_write(
         &databases[mirror.node_id()],
         mirror.shard().0,
         key,
-        "late",
-        late.epoch()
+        Some("late"),
+        late.epoch(),
+        2,
     ));
     drop(late);
     assert_eq!(body(&databases["b"], key), None);
@@ -147,12 +166,125 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
     // Once it hears from the store again, it routes under the new epoch and its write lands.
     assert_eq!(partitioned.refresh().await.unwrap(), Phase::CutOver);
     let retry = partitioned.migration().write(&key).unwrap();
-    assert!(fenced_write(
+    assert!(versioned_write(
         &databases[retry.owner().node_id()],
         retry.owner().shard().0,
         key,
-        "late",
-        retry.epoch()
+        Some("late"),
+        retry.epoch(),
+        2,
     ));
     assert_eq!(body(&databases["c"], key).as_deref(), Some("late"));
+}
+
+/// A key that moves from `b` to `c`.
+fn moving_key() -> u64 {
+    (0..1000u64)
+        .find(|k| {
+            topology(1).write(k).unwrap().node_id() != topology(2).write(k).unwrap().node_id()
+        })
+        .unwrap()
+}
+
+/// Two writes of one key during the dual writes, whose mirrors reach the new owner in the
+/// other order: after the cut-over the new owner answers the later write, as the old one did.
+#[tokio::test]
+async fn mirrors_landing_out_of_order_leave_the_later_write_on_the_new_owner() {
+    let databases: HashMap<Node, Connection> =
+        ["a", "b", "c"].map(|node| (node, database())).into();
+    let migration = Migration::new("sql", topology(1), topology(2)).unwrap();
+    let key = moving_key();
+    migration.report_copied(1, 1);
+    assert_eq!(migration.advance().await.unwrap(), Phase::DualWrite);
+    let first = migration.write(&key).unwrap();
+    let second = migration.write(&key).unwrap();
+    let apply = |route: &headroom_shard::WriteRoute<'_, Node>, body, version, to_mirror: bool| {
+        let target = if to_mirror {
+            route.mirror().unwrap()
+        } else {
+            route.owner()
+        };
+        versioned_write(
+            &databases[target.node_id()],
+            target.shard().0,
+            key,
+            Some(body),
+            route.epoch(),
+            version,
+        )
+    };
+    // The owner takes them in order, the mirror the other way round.
+    apply(&first, "first", 1, false);
+    apply(&second, "second", 2, false);
+    apply(&second, "second", 2, true);
+    apply(&first, "first", 1, true);
+    drop((first, second));
+    assert_eq!(body(&databases["b"], key).as_deref(), Some("second"));
+    assert_eq!(migration.advance().await.unwrap(), Phase::ShadowRead);
+    assert_eq!(migration.advance().await.unwrap(), Phase::CutOver);
+    let read = migration
+        .read(&key, &headroom_shard::ReadPolicy::Primary)
+        .unwrap();
+    assert_eq!(
+        body(&databases[read.target.node_id()], key).as_deref(),
+        Some("second"),
+        "an acknowledged, read write went back to an earlier one at the cut-over"
+    );
+}
+
+/// A key deleted during the copy, after the backfill read it: the backfill's copy does not
+/// bring it back on the new owner.
+#[tokio::test]
+async fn a_delete_during_the_copy_is_not_undone_by_the_backfill() {
+    let databases: HashMap<Node, Connection> =
+        ["a", "b", "c"].map(|node| (node, database())).into();
+    let migration = Migration::new("sql", topology(1), topology(2)).unwrap();
+    let key = moving_key();
+    let old = topology(1).write(&key).unwrap().shard().0;
+    let new = topology(2).write(&key).unwrap().shard().0;
+    assert!(versioned_write(
+        &databases["b"],
+        old,
+        key,
+        Some("kept"),
+        1,
+        1
+    ));
+    // The backfill reads the row; then the key is deleted, on the owner and the mirror.
+    let copied = body(&databases["b"], key).unwrap();
+    let delete = migration.write(&key).unwrap();
+    assert!(versioned_write(
+        &databases["b"],
+        old,
+        key,
+        None,
+        delete.epoch(),
+        2
+    ));
+    let mirror = delete.mirror().unwrap();
+    assert!(versioned_write(
+        &databases[mirror.node_id()],
+        new,
+        key,
+        None,
+        delete.epoch(),
+        2
+    ));
+    drop(delete);
+    // The backfill writes what it read, at the version it read, under the old epoch.
+    versioned_write(&databases["c"], new, key, Some(&copied), 1, 1);
+    migration.report_copied(1, 1);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(migration.phase(), Phase::CutOver);
+    let read = migration
+        .read(&key, &headroom_shard::ReadPolicy::Primary)
+        .unwrap();
+    assert_eq!(read.target.node_id(), "c");
+    assert_eq!(
+        body(&databases["c"], key),
+        None,
+        "the deleted key came back"
+    );
 }
