@@ -45,6 +45,11 @@ fn database() -> Connection {
     db
 }
 
+/// The databases of nodes `a`, `b` and `c`.
+fn databases() -> HashMap<Node, Connection> {
+    ["a", "b", "c"].map(|node| (node, database())).into()
+}
+
 /// One statement: the shard's fence must be at most the write's epoch, and the row's epoch
 /// and version (compared in that order) at most the write's: so a late write of an old epoch
 /// is fenced, and of two writes of one epoch the later version stays, in whichever order they
@@ -102,8 +107,7 @@ async fn participant(
 
 #[tokio::test(start_paused = true)]
 async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
-    let databases: HashMap<Node, Connection> =
-        ["a", "b", "c"].map(|node| (node, database())).into();
+    let databases = databases();
     let store = MemoryMigrationStore::new();
     let driver = participant(&store, "driver", Duration::from_secs(60)).await;
     let partitioned = participant(&store, "partitioned", Duration::from_secs(2)).await;
@@ -190,8 +194,7 @@ fn moving_key() -> u64 {
 /// other order: after the cut-over the new owner answers the later write, as the old one did.
 #[tokio::test]
 async fn mirrors_landing_out_of_order_leave_the_later_write_on_the_new_owner() {
-    let databases: HashMap<Node, Connection> =
-        ["a", "b", "c"].map(|node| (node, database())).into();
+    let databases = databases();
     let migration = Migration::new("sql", topology(1), topology(2)).unwrap();
     let key = moving_key();
     migration.report_copied(1, 1);
@@ -236,8 +239,7 @@ async fn mirrors_landing_out_of_order_leave_the_later_write_on_the_new_owner() {
 /// bring it back on the new owner.
 #[tokio::test]
 async fn a_delete_during_the_copy_is_not_undone_by_the_backfill() {
-    let databases: HashMap<Node, Connection> =
-        ["a", "b", "c"].map(|node| (node, database())).into();
+    let databases = databases();
     let migration = Migration::new("sql", topology(1), topology(2)).unwrap();
     let key = moving_key();
     let old = topology(1).write(&key).unwrap().shard().0;
