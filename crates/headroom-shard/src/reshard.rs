@@ -836,8 +836,9 @@ impl<H, R: Router> Migration<H, R> {
     /// [`write`](Self::write) routes them to. After the cut-over, a moved key the session may
     /// have written before it is read from the new primary until the session has written
     /// there under the new topology (or recorded a mirror's write: record all or none).
-    /// Before the cut-over here, a moved key is read from its new owner once the session has
-    /// written there under the new topology, through a process already past the cut-over.
+    /// Before the cut-over here but after the copy, a moved key is read from its new owner
+    /// when the session's last write of its new shard went there under the new topology
+    /// (through a process already past the cut-over, or a recorded mirror).
     pub fn read_session<K: ShardKey + ?Sized>(
         &self,
         key: &K,
@@ -892,19 +893,26 @@ impl<H, R: Router> Migration<H, R> {
                 shadow: None,
             });
         }
-        // Before the cut-over here, a session that wrote the key's new owner under the new
-        // topology did so through a process already past it: the old owner never gets that
-        // write, so the key is read where it went.
+        // Once the copy is over (the new owner has every key, and every write through its
+        // mirror), a session whose last write of the key's new shard went to the new owner
+        // under the new topology may have written the key through a process already past the
+        // cut-over, where the old owner never gets it: the key is read where it went (and,
+        // in shadow reads, compared with the old owner).
         if let Some(session) = session
-            && phase.mirrors()
+            && matches!(phase, Phase::DualWrite | Phase::ShadowRead)
         {
             let new_primary = self.to.primary(new_shard)?.id();
             if new_primary != self.from.primary(old_shard)?.id()
-                && let Some(since) = session.required_since(new_shard, new_primary, self.to.epoch())
+                && let Some(since) = session.wrote_since(new_shard, new_primary, self.to.epoch())
             {
+                let shadow = if phase == Phase::ShadowRead {
+                    Some(read(&*self.from, old_shard)?)
+                } else {
+                    None
+                };
                 return Ok(ReadRoute {
                     target: self.to.read_shard(new_shard, policy, Some(since))?,
-                    shadow: None,
+                    shadow,
                 });
             }
         }

@@ -574,6 +574,53 @@ async fn session_reads_through_a_migration_never_go_behind_the_sessions_writes()
     assert_eq!(read.target.node_id(), "b", "b-r is behind the write");
 }
 
+/// Before the cut-over, a session's reads stay on the old owner unless its last write of the
+/// key's new shard went to the new owner under the new topology: not for a write of the same
+/// shard number under the old topology (on the old primary), nor, during the copy, for a
+/// recorded mirror, when the new owner may not have the other keys yet.
+#[tokio::test]
+async fn session_reads_before_the_cut_over_stay_on_the_old_owner_without_a_write_past_it() {
+    let build = |epoch, shards, node: &'static str| {
+        Topology::builder(JumpRouter::new(shards).unwrap())
+            .epoch(epoch)
+            .node(node, ())
+            .shards(0..shards, node, &[])
+            .build()
+            .unwrap()
+    };
+    let (from, to) = (build(1, 4, "a"), build(2, 8, "b"));
+    let same_number = (0..1_000u64)
+        .find(|k| to.shard_of(k) == from.shard_of(k))
+        .unwrap();
+    let mut session = Session::new();
+    session.record_write(&from.write(&same_number).unwrap(), 1_000);
+    let migration = Migration::new("m", Arc::new(from), Arc::new(to)).unwrap();
+    let read = |key: &u64, session: &Session| {
+        migration
+            .read_session(key, &ReadPolicy::Primary, session)
+            .unwrap()
+            .target
+            .node_id()
+            .to_owned()
+    };
+    assert_eq!(read(&same_number, &session), "a");
+    let mirrored = migration.write(&1u64).unwrap();
+    session.record_write(mirrored.mirror().unwrap(), 5);
+    drop(mirrored);
+    let other = (2..1_000u64)
+        .find(|k| migration.to_topology().shard_of(k) == migration.to_topology().shard_of(&1u64))
+        .unwrap();
+    assert_eq!(read(&other, &session), "a", "read during the copy from b");
+    migration.report_copied(1, 1);
+    migration.advance().await.unwrap();
+    let mut old_only = Session::new();
+    old_only.record_write(
+        &migration.from_topology().write(&same_number).unwrap(),
+        1_000,
+    );
+    assert_eq!(read(&same_number, &old_only), "a");
+}
+
 /// A session that wrote on the new primary before the cut-over (a key that stays there)
 /// knows a position there older than the mirror of a key it wrote on its old primary: after
 /// the cut-over that key is read from the new primary until the session writes there under
