@@ -260,6 +260,31 @@ async fn batched_units_are_spent_locally_grow_with_use_and_expire() {
     }
 }
 
+/// Requests costing more than one unit batch too: their batches grow as those of single units
+/// do, so a busy key costs far fewer round trips than requests.
+#[tokio::test]
+async fn batches_grow_for_requests_of_any_cost() {
+    let clock = ManualClock::new();
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        MemoryRateStore::with_limits(clock.clock(), 1000),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(1000).unwrap()),
+    )
+    .clock(clock.clock())
+    .batch(10)
+    .build()
+    .unwrap();
+    for _ in 0..20 {
+        limiter.check("t", "k", 2).await.unwrap();
+    }
+    assert!(
+        limiter.round_trips() <= 8,
+        "{} round trips for 20 requests",
+        limiter.round_trips()
+    );
+}
+
 /// Reserved units are held for `batch` intervals counted from before the round trip: against a
 /// store slower than that, a batch would expire on arrival and charge the key `batch` units
 /// per request. Under half its quota, no request is refused however slow the store, and

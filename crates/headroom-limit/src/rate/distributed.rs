@@ -278,9 +278,10 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 ///
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves up to `n`
 /// units of a key with one `apply_all` and spends them locally, so a busy key costs one round
-/// trip per `n` requests. A batch is sized by the key's use: 2 units first, twice as many each
-/// time they run out while held (up to `n`), one more than were spent when they lapse; so a
-/// key is charged about what it uses, where a whole batch per hold would charge a key used at
+/// trip per `n` requests. A batch is sized by the key's use (the request's cost included, up
+/// to `n`): one unit more than the cost first, twice as many each time they run out while
+/// held, a request's cost more than were spent when they lapse; so a key is charged about what
+/// it uses, where a whole batch per hold would charge a key used at
 /// a fraction of its quota the quota's whole rate. When the cell holds fewer units than asked,
 /// the instance takes what is left (a second round trip). A key the store refused within the
 /// last `n` intervals is saturated: the instance asks for single units, as in exact mode,

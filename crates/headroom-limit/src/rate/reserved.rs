@@ -78,23 +78,24 @@ pub(crate) enum Local {
     },
 }
 
-/// The units to reserve for a key (at most `batch`), from what its last reservation started
-/// with and has left: twice as many when it ran out (`left < cost`), one more than was spent
-/// when it lapsed with units left, and two for a key with none. A key is charged about what
-/// it uses rather than a whole batch per hold, which at a fraction of the quota would charge
-/// it the quota's whole rate.
+/// The units to reserve for a key (at most `batch`), the request's `cost` included, from what
+/// its last reservation started with and has left: twice as many when it ran out (`left <
+/// cost`), a request's cost more than was spent when it lapsed with units left, and one unit
+/// more than the cost for a key with none; never less than one unit over the cost, so that a
+/// batch always holds some back. A key is charged about what it uses rather than a whole
+/// batch per hold, which at a fraction of the quota would charge it the quota's whole rate.
 pub(crate) fn batch_size(last: Option<&Entry>, cost: u32, batch: u32) -> u32 {
     let size = match last {
         Some(last) if last.reserved > 0 => {
             if last.units < cost {
                 last.reserved.saturating_mul(2)
             } else {
-                (last.reserved - last.units).saturating_add(1)
+                (last.reserved - last.units).saturating_add(cost)
             }
         }
-        _ => 2,
+        _ => 0,
     };
-    size.clamp(1, batch)
+    size.max(cost.saturating_add(1)).min(batch)
 }
 
 const LOCAL_SHARDS: usize = 16;
