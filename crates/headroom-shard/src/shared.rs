@@ -294,7 +294,9 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// Moves the shared phase to `target`, the phase after the shared one, and returns it;
     /// when the shared phase is already `target`, moves nothing (and, into
     /// [`Phase::CutOver`], waits for the participants as the step does). So a step can be
-    /// tried again safely, after a lost answer or by a second driver. Fails with
+    /// tried again safely, after a lost answer or by a second driver, and a transition the
+    /// store applied but answered as refused (sent twice by a cluster client after a dropped
+    /// connection) counts as taken. Fails with
     /// [`MigrationErrorKind::Conflict`] when `target` is neither the shared phase nor the one
     /// after it, and otherwise as [`advance`](Self::advance).
     pub async fn advance_to(&self, target: Phase) -> Result<Phase, MigrationError> {
@@ -304,16 +306,34 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     async fn advance_to_untraced(&self, target: Phase) -> Result<Phase, MigrationError> {
         let current = self.refresh().await?;
         if current == target {
-            if target == Phase::CutOver {
-                self.await_acknowledgements(target).await?;
-            }
-            return Ok(target);
+            return self.reached(target).await;
         }
         // A rolled back migration is refused as such by the step.
         if current != Phase::RolledBack && current.next() != Some(target) {
             return Err(self.error(MigrationErrorKind::Conflict));
         }
-        self.step(current).await
+        match self.step(current).await {
+            // Moved by another driver taking the same step, or by this one: a transition sent
+            // again (a cluster client resending after a dropped connection) finds its own
+            // first sending applied.
+            Err(error) if error.kind() == MigrationErrorKind::Conflict => {
+                if self.refresh().await? == target {
+                    self.reached(target).await
+                } else {
+                    Err(error)
+                }
+            }
+            stepped => stepped,
+        }
+    }
+
+    /// `target`, which the shared phase has reached: into the cut-over, once the
+    /// participants have taken it on, as the step waits.
+    async fn reached(&self, target: Phase) -> Result<Phase, MigrationError> {
+        if target == Phase::CutOver {
+            self.await_acknowledgements(target).await?;
+        }
+        Ok(target)
     }
 
     async fn advance_untraced(&self) -> Result<Phase, MigrationError> {

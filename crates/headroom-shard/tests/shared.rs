@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use headroom_core::Namespace;
 use headroom_core::memory::MemoryMigrationStore;
 use headroom_core::migration::MigrationStore;
+use headroom_core::migration::{MigrationRecord, Transition};
+use headroom_core::{BackendError, Key, Namespace};
 use headroom_redis::{Redis, RedisConfig, RedisMigrationStore};
 use headroom_shard::{
     JumpRouter, Migration, MigrationError, MigrationErrorKind, Phase, ReadPolicy, Session,
@@ -180,6 +181,77 @@ async fn a_step_taken_twice_moves_the_phase_once() {
         Phase::CutOver
     );
     assert_eq!(first.refresh().await.unwrap(), Phase::CutOver);
+}
+
+/// A store that sends every transition twice and answers the second (as a cluster client
+/// does when the connection drops before the first answer): the first applies it.
+#[derive(Clone, Debug, Default)]
+struct SentTwice(MemoryMigrationStore);
+
+impl MigrationStore for SentTwice {
+    async fn create(
+        &self,
+        key: &Key,
+        record: MigrationRecord,
+    ) -> Result<MigrationRecord, BackendError> {
+        self.0.create(key, record).await
+    }
+
+    async fn load(&self, key: &Key) -> Result<Option<MigrationRecord>, BackendError> {
+        self.0.load(key).await
+    }
+
+    async fn transition(
+        &self,
+        key: &Key,
+        expected: MigrationRecord,
+        phase: u8,
+    ) -> Result<Transition, BackendError> {
+        self.0.transition(key, expected, phase).await?;
+        self.0.transition(key, expected, phase).await
+    }
+
+    async fn acknowledge(
+        &self,
+        key: &Key,
+        participant: &str,
+        phase: u8,
+        lease: Duration,
+    ) -> Result<(), BackendError> {
+        self.0.acknowledge(key, participant, phase, lease).await
+    }
+
+    async fn lagging(&self, key: &Key, phase: u8) -> Result<u64, BackendError> {
+        self.0.lagging(key, phase).await
+    }
+
+    async fn remove(&self, key: &Key) -> Result<(), BackendError> {
+        self.0.remove(key).await
+    }
+}
+
+/// A step whose transition was applied by a first sending, whose answer was lost, is taken:
+/// `advance_to` answers the phase, and into the cut-over waits for the participants, rather
+/// than report a conflict with itself.
+#[tokio::test(start_paused = true)]
+async fn a_step_sent_twice_is_taken_and_waits_for_the_participants() {
+    let store = SentTwice::default();
+    let ns = Namespace::new("sent-twice").unwrap();
+    let driver = join(&store, &ns, "driver").await;
+    let other = join(&store, &ns, "other").await;
+    driver.migration().report_copied(1, 1);
+    for phase in [Phase::DualWrite, Phase::ShadowRead] {
+        assert_eq!(driver.advance_to(phase).await.unwrap(), phase);
+    }
+    assert_eq!(other.refresh().await.unwrap(), Phase::ShadowRead);
+    let cut_over = driver.advance_to(Phase::CutOver);
+    tokio::pin!(cut_over);
+    tokio::select! {
+        ended = &mut cut_over => panic!("the cut-over ended with a participant behind: {ended:?}"),
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+    assert_eq!(other.refresh().await.unwrap(), Phase::CutOver);
+    assert_eq!(cut_over.await.unwrap(), Phase::CutOver);
 }
 
 type Participant = Arc<SharedMigration<Node, JumpRouter, MemoryMigrationStore>>;
