@@ -50,12 +50,22 @@ fn databases() -> HashMap<Node, Connection> {
     ["a", "b", "c"].map(|node| (node, database())).into()
 }
 
-/// One statement: the shard's fence must be at most the write's epoch, and the row's epoch
-/// and version (compared in that order) at most the write's: so a late write of an old epoch
-/// is fenced, and of two writes of one epoch the later version stays, in whichever order they
-/// land. `body` is `None` for a delete, kept as a tombstone row so that no older write or copy
-/// brings the key back. Returns whether the row was written (false: fenced, or superseded by a
-/// later version).
+/// What a write did.
+#[derive(Debug, PartialEq)]
+enum Written {
+    Landed,
+    /// Under an epoch older than the shard's fence or the row's: route again, and retry.
+    Fenced,
+    /// A later version of the key is there: the write is done.
+    Superseded,
+}
+
+/// One statement: the shard's fence and the row's epoch must be at most the write's epoch,
+/// and the row's version at most the write's: so a late write of an old epoch is fenced, and
+/// of two writes of a key the later version stays, in whichever order they land and whatever
+/// epoch a retry carries. `body` is `None` for a delete, kept as a tombstone row so that no
+/// older write or copy brings the key back. When nothing changed, the row and the fence tell
+/// a fenced write from a superseded one.
 fn versioned_write(
     db: &Connection,
     shard: u32,
@@ -63,7 +73,7 @@ fn versioned_write(
     body: Option<&str>,
     epoch: u64,
     version: u64,
-) -> bool {
+) -> Written {
     let changed = db
         .execute(
             "INSERT INTO items (id, body, deleted, epoch, version)
@@ -71,14 +81,29 @@ fn versioned_write(
              WHERE COALESCE((SELECT epoch FROM shard_fence WHERE shard = :shard), 0) <= :epoch
              ON CONFLICT (id) DO UPDATE SET body = excluded.body, deleted = excluded.deleted,
                  epoch = excluded.epoch, version = excluded.version
-             WHERE (items.epoch, items.version) <= (excluded.epoch, excluded.version)",
+             WHERE items.epoch <= excluded.epoch AND items.version <= excluded.version",
             named_params! {
                 ":id": id, ":body": body, ":deleted": body.is_none(), ":epoch": epoch,
                 ":version": version, ":shard": shard,
             },
         )
         .unwrap();
-    changed == 1
+    if changed == 1 {
+        return Written::Landed;
+    }
+    let fenced: bool = db
+        .query_row(
+            "SELECT COALESCE((SELECT epoch FROM shard_fence WHERE shard = :shard), 0) > :epoch
+                 OR COALESCE((SELECT epoch FROM items WHERE id = :id), 0) > :epoch",
+            named_params! { ":id": id, ":epoch": epoch, ":shard": shard },
+            |row| row.get(0),
+        )
+        .unwrap();
+    if fenced {
+        Written::Fenced
+    } else {
+        Written::Superseded
+    }
 }
 
 fn body(db: &Connection, id: u64) -> Option<String> {
@@ -139,30 +164,36 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
         live.epoch(),
         1,
     );
-    assert!(written);
+    assert_eq!(written, Written::Landed);
     drop(live);
 
     // The partitioned process still routes by its last phase: old owner, mirrored to the new.
     let late = partitioned.migration().write(&key).unwrap();
     assert_eq!(late.epoch(), 1);
     let owner = late.owner();
-    assert!(!versioned_write(
-        &databases[owner.node_id()],
-        owner.shard().0,
-        key,
-        Some("late"),
-        late.epoch(),
-        2,
-    ));
+    assert_eq!(
+        versioned_write(
+            &databases[owner.node_id()],
+            owner.shard().0,
+            key,
+            Some("late"),
+            late.epoch(),
+            2,
+        ),
+        Written::Fenced
+    );
     let mirror = late.mirror().unwrap();
-    assert!(!versioned_write(
-        &databases[mirror.node_id()],
-        mirror.shard().0,
-        key,
-        Some("late"),
-        late.epoch(),
-        2,
-    ));
+    assert_eq!(
+        versioned_write(
+            &databases[mirror.node_id()],
+            mirror.shard().0,
+            key,
+            Some("late"),
+            late.epoch(),
+            2,
+        ),
+        Written::Fenced
+    );
     drop(late);
     assert_eq!(body(&databases["b"], key), None);
     assert_eq!(body(&databases["c"], key).as_deref(), Some("live"));
@@ -170,14 +201,17 @@ async fn the_sql_fence_refuses_a_partitioned_process_after_the_cut_over() {
     // Once it hears from the store again, it routes under the new epoch and its write lands.
     assert_eq!(partitioned.refresh().await.unwrap(), Phase::CutOver);
     let retry = partitioned.migration().write(&key).unwrap();
-    assert!(versioned_write(
-        &databases[retry.owner().node_id()],
-        retry.owner().shard().0,
-        key,
-        Some("late"),
-        retry.epoch(),
-        2,
-    ));
+    assert_eq!(
+        versioned_write(
+            &databases[retry.owner().node_id()],
+            retry.owner().shard().0,
+            key,
+            Some("late"),
+            retry.epoch(),
+            2,
+        ),
+        Written::Landed
+    );
     assert_eq!(body(&databases["c"], key).as_deref(), Some("late"));
 }
 
@@ -220,7 +254,7 @@ async fn mirrors_landing_out_of_order_leave_the_later_write_on_the_new_owner() {
     apply(&first, "first", 1, false);
     apply(&second, "second", 2, false);
     apply(&second, "second", 2, true);
-    apply(&first, "first", 1, true);
+    assert_eq!(apply(&first, "first", 1, true), Written::Superseded);
     drop((first, second));
     assert_eq!(body(&databases["b"], key).as_deref(), Some("second"));
     assert_eq!(migration.advance().await.unwrap(), Phase::ShadowRead);
@@ -233,6 +267,19 @@ async fn mirrors_landing_out_of_order_leave_the_later_write_on_the_new_owner() {
         Some("second"),
         "an acknowledged, read write went back to an earlier one at the cut-over"
     );
+    // The earlier write, tried again under the new epoch, is still the earlier one.
+    let retry = migration.write(&key).unwrap();
+    let owner = retry.owner();
+    let retried = versioned_write(
+        &databases[owner.node_id()],
+        owner.shard().0,
+        key,
+        Some("first"),
+        retry.epoch(),
+        1,
+    );
+    assert_eq!(retried, Written::Superseded);
+    assert_eq!(body(&databases["c"], key).as_deref(), Some("second"));
 }
 
 /// A key deleted during the copy, after the backfill read it: the backfill's copy does not
@@ -244,37 +291,35 @@ async fn a_delete_during_the_copy_is_not_undone_by_the_backfill() {
     let key = moving_key();
     let old = topology(1).write(&key).unwrap().shard().0;
     let new = topology(2).write(&key).unwrap().shard().0;
-    assert!(versioned_write(
-        &databases["b"],
-        old,
-        key,
-        Some("kept"),
-        1,
-        1
-    ));
+    assert_eq!(
+        versioned_write(&databases["b"], old, key, Some("kept"), 1, 1),
+        Written::Landed
+    );
     // The backfill reads the row; then the key is deleted, on the owner and the mirror.
     let copied = body(&databases["b"], key).unwrap();
     let delete = migration.write(&key).unwrap();
-    assert!(versioned_write(
-        &databases["b"],
-        old,
-        key,
-        None,
-        delete.epoch(),
-        2
-    ));
+    assert_eq!(
+        versioned_write(&databases["b"], old, key, None, delete.epoch(), 2),
+        Written::Landed
+    );
     let mirror = delete.mirror().unwrap();
-    assert!(versioned_write(
-        &databases[mirror.node_id()],
-        new,
-        key,
-        None,
-        delete.epoch(),
-        2
-    ));
+    assert_eq!(
+        versioned_write(
+            &databases[mirror.node_id()],
+            new,
+            key,
+            None,
+            delete.epoch(),
+            2
+        ),
+        Written::Landed
+    );
     drop(delete);
     // The backfill writes what it read, at the version it read, under the old epoch.
-    versioned_write(&databases["c"], new, key, Some(&copied), 1, 1);
+    assert_eq!(
+        versioned_write(&databases["c"], new, key, Some(&copied), 1, 1),
+        Written::Superseded
+    );
     migration.report_copied(1, 1);
     for _ in 0..3 {
         migration.advance().await.unwrap();
