@@ -735,6 +735,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
         }
     };
     let written = refused.is_some();
+    let mut refused_writes = Vec::new();
     if let Some(refused) = refused {
         // A write refused for good is dead, and so are the writes of its key it superseded
         // in this pass: none of them was written. Each is buried with the writer's error.
@@ -776,12 +777,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
             .store
             .complete_many(key, &done, queue.config.result_retention)
             .await;
-        // After the completions, so that a slow cache holds back no write of the pass.
-        if let Some(on_dead) = &shared.on_dead {
-            futures_util::stream::iter(dead_writes)
-                .for_each_concurrent(REMOVALS_IN_FLIGHT, on_dead)
-                .await;
-        }
+        refused_writes = dead_writes;
     } else {
         // Shut down, or taken over: hand back what is still ours, for the next flusher. A
         // write whose chunk was written is written again: versions make that harmless.
@@ -799,6 +795,20 @@ async fn drain_partition<S: JobStore, W: Writer>(
     }
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
     tally.held.store(0, Ordering::Relaxed);
+    // Once the pass's writes are finished, so that a slow cache holds none of them back; a
+    // shutdown out of time leaves the rest in the cache until their TTL.
+    if let Some(on_dead) = &shared.on_dead
+        && !refused_writes.is_empty()
+    {
+        let removals = futures_util::stream::iter(refused_writes)
+            .for_each_concurrent(REMOVALS_IN_FLIGHT, on_dead);
+        tokio::select! {
+            () = removals => {}
+            () = aborted(phase) => {
+                tracing::warn!(queue = %queue.name, "shut down before every refused write was taken out of the cache");
+            }
+        }
+    }
     Ok(more && written)
 }
 

@@ -278,6 +278,56 @@ async fn a_write_the_writer_refuses_for_good_leaves_the_cache_and_a_later_one_st
     flusher.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Taking refused writes out of a cache whose L2 hangs holds back no write of the flusher's
+/// pass: its shutdown reports none abandoned, since every one was finished.
+#[tokio::test(start_paused = true)]
+async fn a_hung_cache_holds_back_no_write_of_a_pass_with_refused_writes() {
+    let experiment = headroom_chaos::Experiment::builder("hung-l2")
+        .build()
+        .unwrap();
+    let cache = Cache::<String, Profile>::builder()
+        .ttl(Duration::from_secs(600))
+        .l2(
+            headroom_chaos::ChaosKvStore::new(MemoryKvStore::new(), experiment.clone()),
+            Namespace::new("profiles").unwrap(),
+        )
+        .l2_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let writes = WriteBehind::builder("profiles", MemoryJobStore::new())
+        .flush_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let profiles = WriteBehindCache::new(cache, writes);
+    let flusher = profiles.start(|_: Vec<Write>| async { Err(JobError::fatal("refused")) });
+    profiles
+        .insert(
+            "ada".to_owned(),
+            Profile {
+                name: "Ada".into(),
+                visits: 1,
+            },
+        )
+        .await
+        .unwrap();
+    experiment
+        .start(headroom_chaos::ExperimentConfig::new(Duration::from_secs(3600)).abort(1.0))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        profiles
+            .writes()
+            .queue()
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let report = flusher.shutdown(Duration::from_millis(100)).await;
+    assert_eq!(report.abandoned, 0, "{report:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn of_two_concurrent_inserts_of_a_key_the_cache_keeps_the_later_version() {
     let store = SlowStore::slow_first_enqueue();
