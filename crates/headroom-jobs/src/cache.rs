@@ -226,9 +226,13 @@ where
 
     /// Starts handing the writes to `writer`, as [`WriteBehind::start`] does, and takes each
     /// write the writer refuses for good out of the cache: the database never gets it, so the
-    /// key is removed as of that write's version ([`Cache::remove_at`]), which leaves a later
-    /// write of the key in place. A key whose [`CacheKey::from_key_bytes`] gives nothing back
-    /// cannot be removed (a warning says so), and stays until its TTL.
+    /// key is removed as of that write's version ([`Cache::remove_at`]). In L2 a later write
+    /// of the key stays; L1 copies of the key are dropped (here, and through the invalidation
+    /// bus on the other instances) and read again. The removals run once the flusher's pass
+    /// is finished, and a shutdown out of time cuts them short. A key whose
+    /// [`CacheKey::from_key_bytes`] gives nothing back cannot be removed (a warning says so),
+    /// and stays until its TTL; so does a refused write whose own cache write reaches L2
+    /// after the removal (a slow L2 on the instance that made it).
     pub fn start<W: Writer>(&self, writer: W) -> Flusher {
         let cache = self.cache.clone();
         let on_dead: OnDead = Box::new(move |write: Write| {
