@@ -281,9 +281,9 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 /// trip per `n` requests. A batch is sized by the key's use (the request's cost included, up
 /// to `n`): one unit more than the cost first, twice as many each time they run out while
 /// held, a request's cost more than were spent when they lapse; so a key is charged about what
-/// it uses, where a whole batch per hold would charge a key used at
-/// a fraction of its quota the quota's whole rate. When the cell holds fewer units than asked,
-/// the instance takes what is left (a second round trip). A key the store refused within the
+/// it uses, where a whole batch per hold would charge a key used at a fraction of its quota
+/// the quota's whole rate. When the cell holds fewer units than asked, the instance takes what
+/// is left (a second round trip). A key the store refused within the
 /// last `n` intervals is saturated: the instance asks for single units, as in exact mode,
 /// until the key goes `n` intervals without a refusal; so does an instance whose last store
 /// call took half of `n` intervals or more, as its units would be half gone when they arrive.
