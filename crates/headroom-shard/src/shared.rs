@@ -296,9 +296,9 @@ impl<H, R: Router, S: MigrationStore> SharedMigration<H, R, S> {
     /// [`Phase::CutOver`], waits for the participants as the step does). So a step can be
     /// tried again safely, after a lost answer or by a second driver, and a transition the
     /// store applied but answered as refused (sent twice by a cluster client after a dropped
-    /// connection) counts as taken. Fails with
-    /// [`MigrationErrorKind::Conflict`] when `target` is neither the shared phase nor the one
-    /// after it, and otherwise as [`advance`](Self::advance).
+    /// connection) counts as taken. Fails with [`MigrationErrorKind::Conflict`] when `target`
+    /// is neither the shared phase nor the one after it, and otherwise as
+    /// [`advance`](Self::advance).
     pub async fn advance_to(&self, target: Phase) -> Result<Phase, MigrationError> {
         crate::reshard::traced_step(self.migration.name(), self.advance_to_untraced(target)).await
     }
