@@ -117,9 +117,9 @@ fn assert_within_batch_bound(admitted: usize, round_trips: u64, batch: u32) {
         admitted >= QUOTA as usize - INSTANCES * (batch as usize - 1),
         "{admitted} admitted"
     );
-    // One per batch, plus per instance the smaller batches it starts with (2, 4, 8, ... below
+    // One per batch, plus per instance the smaller batches it starts with (1, 2, 4, ... below
     // `batch`), two where the batches run out and one for its first refusal.
-    let smaller = (1..).take_while(|&k| 2u32.pow(k) < batch).count() as u64;
+    let smaller = (0..).take_while(|&k| 2u32.pow(k) < batch).count() as u64;
     let most = u64::from(QUOTA) / u64::from(batch) + (3 + smaller) * INSTANCES as u64;
     assert!(round_trips <= most, "{round_trips} round trips > {most}");
 }
@@ -224,8 +224,8 @@ async fn a_cost_of_zero_is_admitted_though_the_store_refuses_it() {
     assert!(limiter.check("t", "k", 1).await.is_err());
 }
 
-/// A key's batches follow its use: two units first, twice as many each time they run out
-/// within their hold (up to the batch), and one more than was spent when they lapse.
+/// A key's batches follow its use: the cost alone first, twice as many each time they run out
+/// within their hold (up to the batch), and as many as were spent when they lapse.
 #[tokio::test]
 async fn batched_units_are_spent_locally_grow_with_use_and_expire() {
     let clock = ManualClock::new();
@@ -241,20 +241,20 @@ async fn batched_units_are_spent_locally_grow_with_use_and_expire() {
     .build()
     .unwrap();
     let mut asked_at = Vec::new();
-    for request in 1..=26 {
+    for request in 1..=27 {
         let before = limiter.round_trips();
         limiter.check("t", "k", 1).await.unwrap();
         if limiter.round_trips() > before {
             asked_at.push(request);
         }
     }
-    // Batches of 2, 4, 8, 10 and 10.
-    assert_eq!(asked_at, [1, 3, 7, 15, 25]);
+    // Batches of 1, 2, 4, 8, 10 and 10.
+    assert_eq!(asked_at, [1, 2, 4, 8, 16, 26]);
     // Of the last batch, 2 units are spent and 8 left; they are held for at most 10 emission
-    // intervals (100 ms), then the next request asks again, for one more than the 2 spent:
-    // 3 units, for it and the next two.
+    // intervals (100 ms), then the next request asks again, for as many as were spent: 2
+    // units, for it and the next; the one after finds them run out, and asks for 4.
     clock.advance(Duration::from_millis(100));
-    for expected in [6, 6, 6, 7] {
+    for expected in [7, 7, 8] {
         limiter.check("t", "k", 1).await.unwrap();
         assert_eq!(limiter.round_trips(), expected);
     }
@@ -283,6 +283,47 @@ async fn batches_grow_for_requests_of_any_cost() {
         "{} round trips for 20 requests",
         limiter.round_trips()
     );
+}
+
+/// A key asked for less than once per hold is charged what it uses, whatever the cost: two
+/// batched instances using a key at 63 % of its quota in requests of 5 units leave it the rest
+/// of its burst, and cost no more round trips than requests.
+#[tokio::test]
+async fn batched_requests_less_than_once_per_hold_are_charged_their_cost() {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::with_limits(clock.clock(), 1000);
+    let ns = unique_namespace("rate");
+    let instance = |batch| {
+        DistributedRateLimiter::builder(
+            "api",
+            store.clone(),
+            ns.clone(),
+            TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
+        )
+        .clock(clock.clock())
+        .batch(batch)
+        .build()
+        .unwrap()
+    };
+    let (a, b, exact) = (instance(10), instance(10), instance(1));
+    // A request every 150 ms on `a`, every 170 ms on `b`, for 20 s; a batch is held 100 ms.
+    let mut at: Vec<(u64, bool)> = (1..=133).map(|i| (150 * i, true)).collect();
+    at.extend((1..=117).map(|i| (170 * i, false)));
+    at.sort_unstable();
+    let mut now = 0;
+    for &(ms, on_a) in &at {
+        clock.advance(Duration::from_millis(ms - now));
+        now = ms;
+        let limiter = if on_a { &a } else { &b };
+        limiter.check("t", "k", 5).await.unwrap();
+    }
+    let round_trips = a.round_trips() + b.round_trips();
+    assert!(
+        round_trips <= at.len() as u64,
+        "{round_trips} round trips for {} requests",
+        at.len()
+    );
+    exact.check("t", "k", 30).await.unwrap();
 }
 
 /// Reserved units are held for `batch` intervals counted from before the round trip: against a
@@ -422,8 +463,11 @@ async fn keys_aimed_at_a_victims_shard_leave_its_reserved_units_in_place() {
     .max_keys_per_tier(MAX_KEYS)
     .build()
     .unwrap();
-    limiter.check("t", "victim", 1).await.unwrap();
-    assert_eq!(limiter.round_trips(), 1);
+    // A reservation of the cost alone, then one of two units: one is held.
+    for _ in 0..2 {
+        limiter.check("t", "victim", 1).await.unwrap();
+    }
+    assert_eq!(limiter.round_trips(), 2);
     let aim = |key: &str| fnv1a(key.as_bytes()) % 16;
     let flood: Vec<String> = (0..)
         .map(|n| format!("flood-{n}"))
@@ -434,7 +478,7 @@ async fn keys_aimed_at_a_victims_shard_leave_its_reserved_units_in_place() {
         limiter.check("t", key, 1).await.unwrap();
     }
     let before = limiter.round_trips();
-    assert_eq!(before, 1 + flood.len() as u64);
+    assert_eq!(before, 2 + flood.len() as u64);
     limiter.check("t", "victim", 1).await.unwrap();
     assert_eq!(
         limiter.round_trips(),

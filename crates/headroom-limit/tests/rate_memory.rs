@@ -90,9 +90,9 @@ fn batched_distributed_checks_spent_from_reserved_units_do_not_allocate() {
     .build()
     .unwrap();
     let long = "k".repeat(DistributedRateLimiter::<MemoryRateStore>::MAX_KEY_LEN);
-    // Batches grow from 2 units as they run out: after 511 requests, a key holds 511 units.
+    // Batches grow from 1 unit as they run out: after 512 requests, a key holds 511 units.
     runtime.block_on(async {
-        for _ in 0..511 {
+        for _ in 0..512 {
             limiter.check("t", "alice", 1).await.unwrap();
             limiter.check("t", &long, 1).await.unwrap();
         }

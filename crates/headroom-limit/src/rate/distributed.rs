@@ -279,11 +279,10 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 /// With [`batch(n)`](DistributedRateLimiterBuilder::batch), an instance reserves up to `n`
 /// units of a key with one `apply_all` and spends them locally, so a busy key costs one round
 /// trip per `n` requests. A batch is sized by the key's use (the request's cost included, up
-/// to `n`): one unit more than the cost first, twice as many each time they run out while
-/// held, a request's cost more than were spent when they lapse; so a key is charged about what
-/// it uses, where a whole batch per hold would charge a key used at a fraction of its quota
-/// the quota's whole rate. When the cell holds fewer units than asked, the instance takes what
-/// is left (a second round trip). A key the store refused within the
+/// to `n`): the cost alone first, twice as many each time they run out while held, as many as
+/// were spent when they lapse; so a key is charged what it uses, where a whole batch per hold
+/// would charge a key used at a fraction of its quota the quota's whole rate. When the cell
+/// holds fewer units than asked, the instance takes what is left (a second round trip). A key the store refused within the
 /// last `n` intervals is saturated: the instance asks for single units, as in exact mode,
 /// until the key goes `n` intervals without a refusal; so does an instance whose last store
 /// call took half of `n` intervals or more, as its units would be half gone when they arrive.
@@ -611,7 +610,9 @@ impl<S: RateStore> Inner<S> {
         match decision {
             Ok(decision) if decision.allowed => {
                 let granted = reserve - cost;
-                if granted > 0 {
+                // In batched mode a reservation of the cost alone is kept too: a second request
+                // within its hold finds it run out, and the next batch grows.
+                if granted > 0 || (self.batch > 1 && cost > 0) {
                     let interval = tier.interval;
                     let expires =
                         now.saturating_add(interval.saturating_mul(u64::from(self.batch)));

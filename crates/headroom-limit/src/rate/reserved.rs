@@ -78,24 +78,19 @@ pub(crate) enum Local {
     },
 }
 
-/// The units to reserve for a key (at most `batch`), the request's `cost` included, from what
-/// its last reservation started with and has left: twice as many when it ran out (`left <
-/// cost`), a request's cost more than was spent when it lapsed with units left, and one unit
-/// more than the cost for a key with none; never less than one unit over the cost, so that a
-/// batch always holds some back. A key is charged about what it uses rather than a whole
-/// batch per hold, which at a fraction of the quota would charge it the quota's whole rate.
-pub(crate) fn batch_size(last: Option<&Entry>, cost: u32, batch: u32) -> u32 {
+/// The units to reserve for a key at `now` (the request's `cost` included, at most `batch`),
+/// from its last reservation: what it started with (`reserved`), has left and holds until.
+/// Twice as many when they ran out while held, as many as were spent when they lapsed, and
+/// just the cost for a key with none; so a key is charged what it uses, where a whole batch
+/// per hold would charge a key used at a fraction of its quota the quota's whole rate, and a
+/// key asked for once per hold is charged its cost alone.
+pub(crate) fn batch_size(last: Option<&Entry>, cost: u32, batch: u32, now: u64) -> u32 {
     let size = match last {
-        Some(last) if last.reserved > 0 => {
-            if last.units < cost {
-                last.reserved.saturating_mul(2)
-            } else {
-                (last.reserved - last.units).saturating_add(cost)
-            }
-        }
-        _ => 0,
+        Some(last) if last.expires > now => last.reserved.saturating_mul(2),
+        Some(last) => last.reserved.saturating_sub(last.units),
+        None => 0,
     };
-    size.max(cost.saturating_add(1)).min(batch)
+    size.max(cost).min(batch)
 }
 
 const LOCAL_SHARDS: usize = 16;
@@ -135,7 +130,7 @@ impl LocalState {
     pub(crate) fn check(&self, key: &str, cost: u32, now: u64, interval: u64, batch: u32) -> Local {
         let fresh = Local::Unknown {
             saturated: false,
-            batch: batch_size(None, cost, batch),
+            batch: batch_size(None, cost, batch, now),
         };
         if self.held.load(Ordering::Relaxed) == 0 {
             return fresh;
@@ -165,7 +160,7 @@ impl LocalState {
         let recent = interval.saturating_mul(u64::from(batch));
         Local::Unknown {
             saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
-            batch: batch_size(Some(entry), cost, batch),
+            batch: batch_size(Some(entry), cost, batch, now),
         }
     }
 
