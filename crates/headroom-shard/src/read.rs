@@ -259,15 +259,14 @@ impl Session {
         self.required_since(shard, primary, 0)
     }
 
-    /// The position the session reached on `primary` when its last write of `shard` went
-    /// there, recorded under `epoch` or later; `None` otherwise (its last write of `shard`
-    /// went to another primary, or none was recorded there that late).
-    pub(crate) fn wrote_since(&self, shard: ShardId, primary: &str, epoch: u64) -> Option<u64> {
-        let at = self.shards.binary_search_by_key(&shard, |w| w.shard).ok()?;
-        if self.shards[at].primary != key_hash(primary.as_bytes()) {
-            return None;
-        }
-        self.required_since(shard, primary, epoch)
+    /// Whether the session's last write of `shard` went to `primary`, and a write it
+    /// recorded there was routed under `epoch` or later.
+    pub(crate) fn last_wrote_since(&self, shard: ShardId, primary: &str, epoch: u64) -> bool {
+        let Ok(at) = self.shards.binary_search_by_key(&shard, |w| w.shard) else {
+            return false;
+        };
+        self.shards[at].primary == key_hash(primary.as_bytes())
+            && self.required_since(shard, primary, epoch).is_some()
     }
 
     /// Like [`required`](Self::required), but `None` unless a write the session recorded on

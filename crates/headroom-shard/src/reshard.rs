@@ -836,7 +836,7 @@ impl<H, R: Router> Migration<H, R> {
     /// [`write`](Self::write) routes them to. After the cut-over, a moved key the session may
     /// have written before it is read from the new primary until the session has written
     /// there under the new topology (or recorded a mirror's write: record all or none).
-    /// Before the cut-over here but after the copy, a moved key is read from its new owner
+    /// Before the cut-over here but after the copy, a moved key is read from its new primary
     /// when the session's last write of its new shard went there under the new topology
     /// (through a process already past the cut-over, or a recorded mirror).
     pub fn read_session<K: ShardKey + ?Sized>(
@@ -897,13 +897,15 @@ impl<H, R: Router> Migration<H, R> {
         // mirror), a session whose last write of the key's new shard went to the new owner
         // under the new topology may have written the key through a process already past the
         // cut-over, where the old owner never gets it: the key is read where it went (and,
-        // in shadow reads, compared with the old owner).
+        // in shadow reads, compared with the old owner), from the new primary, since the
+        // mirrors of the session's writes through processes before the cut-over may have
+        // landed there after that write.
         if let Some(session) = session
             && matches!(phase, Phase::DualWrite | Phase::ShadowRead)
         {
             let new_primary = self.to.primary(new_shard)?.id();
             if new_primary != self.from.primary(old_shard)?.id()
-                && let Some(since) = session.wrote_since(new_shard, new_primary, self.to.epoch())
+                && session.last_wrote_since(new_shard, new_primary, self.to.epoch())
             {
                 let shadow = if phase == Phase::ShadowRead {
                     Some(read(&*self.from, old_shard)?)
@@ -911,7 +913,7 @@ impl<H, R: Router> Migration<H, R> {
                     None
                 };
                 return Ok(ReadRoute {
-                    target: self.to.read_shard(new_shard, policy, Some(since))?,
+                    target: self.to.read_shard(new_shard, &ReadPolicy::Primary, None)?,
                     shadow,
                 });
             }

@@ -621,6 +621,59 @@ async fn session_reads_before_the_cut_over_stay_on_the_old_owner_without_a_write
     assert_eq!(read(&same_number, &old_only), "a");
 }
 
+/// A moved key the session wrote through a process still before the cut-over, whose mirror
+/// position it did not record, is read from the new primary by such a process once the
+/// session wrote there under the new topology: a replica past that other write may not have
+/// the mirror, written later.
+#[tokio::test]
+async fn a_read_before_the_cut_over_of_a_moved_key_goes_to_the_new_primary_not_a_replica() {
+    let from = Topology::builder(JumpRouter::new(4).unwrap())
+        .epoch(1)
+        .node("a", ())
+        .shards(0..4, "a", &[])
+        .build()
+        .unwrap();
+    let to = Topology::builder(JumpRouter::new(8).unwrap())
+        .epoch(2)
+        .node("b", ())
+        .node("b-r", ())
+        .shards(0..8, "b", &["b-r"])
+        .build()
+        .unwrap();
+    let (from, to) = (Arc::new(from), Arc::new(to));
+    let moved: Vec<u64> = (0..10_000u64)
+        .filter(|k| to.shard_of(k) == ShardId(5))
+        .take(2)
+        .collect();
+    let (j, k) = (moved[0], moved[1]);
+    let past = Migration::new("past", Arc::clone(&from), Arc::clone(&to)).unwrap();
+    let lagging = Migration::new("lagging", Arc::clone(&from), Arc::clone(&to)).unwrap();
+    for migration in [&past, &lagging] {
+        migration.report_copied(1, 1);
+    }
+    for _ in 0..3 {
+        past.advance().await.unwrap();
+    }
+    for _ in 0..2 {
+        lagging.advance().await.unwrap();
+    }
+    let mut session = Session::new();
+    session.record_write(past.write(&j).unwrap().owner(), 100);
+    // Its mirror lands on `b` at 200, unrecorded.
+    session.record_write(lagging.write(&k).unwrap().owner(), 50);
+    to.report(
+        "b-r",
+        ReplicaStatus {
+            lag: Some(std::time::Duration::ZERO),
+            position: Some(150),
+        },
+    );
+    let read = lagging
+        .read_session(&k, &ReadPolicy::RoundRobin, &session)
+        .unwrap();
+    assert_eq!(read.target.node_id(), "b");
+}
+
 /// A session that wrote on the new primary before the cut-over (a key that stays there)
 /// knows a position there older than the mirror of a key it wrote on its old primary: after
 /// the cut-over that key is read from the new primary until the session writes there under
