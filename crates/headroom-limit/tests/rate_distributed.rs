@@ -326,6 +326,79 @@ async fn batched_requests_less_than_once_per_hold_are_charged_their_cost() {
     exact.check("t", "k", 30).await.unwrap();
 }
 
+/// A memory store that charges each call at once and answers it only when let through, so
+/// that a reservation's answer can come after a later one's.
+#[derive(Clone, Debug, Default)]
+struct GatedStore {
+    inner: MemoryRateStore,
+    entered: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Notify>,
+    gated: Arc<AtomicBool>,
+}
+
+impl RateStore for GatedStore {
+    async fn apply_all(
+        &self,
+        cells: &[(Key, Gcra)],
+        cost: u32,
+    ) -> Result<RateDecision, BackendError> {
+        let decision = self.inner.apply_all(cells, cost).await;
+        if self.gated.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.gate.notified().await;
+        }
+        decision
+    }
+}
+
+/// Units reserved by a call whose answer comes after a later reservation's are held no longer
+/// than their own hold from before their call, though they join units held longer.
+#[tokio::test]
+async fn units_answered_late_are_held_no_longer_than_their_own_hold() {
+    let clock = ManualClock::new();
+    let store = GatedStore {
+        inner: MemoryRateStore::with_limits(clock.clock(), 100),
+        ..GatedStore::default()
+    };
+    // 10 a second: a batch of 4 is held 400 ms.
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        store.clone(),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(10).unwrap()),
+    )
+    .clock(clock.clock())
+    .batch(4)
+    .timeout(Duration::from_secs(60))
+    .build()
+    .unwrap();
+    // Reservations of 1 and 2, all spent: the next is of 2.
+    for _ in 0..3 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    clock.advance(Duration::from_millis(1000));
+    store.gated.store(true, Ordering::SeqCst);
+    let late = tokio::spawn({
+        let limiter = limiter.clone();
+        async move { limiter.check("t", "k", 1).await }
+    });
+    store.entered.notified().await;
+    // At 1,100 ms another reservation of 2, held until 1,500 ms, answers first.
+    clock.advance(Duration::from_millis(100));
+    limiter.check("t", "k", 1).await.unwrap();
+    // The late one's unit, charged at 1,000 ms, may be spent until 1,400 ms only.
+    clock.advance(Duration::from_millis(350));
+    store.gate.notify_one();
+    late.await.unwrap().unwrap();
+    let before = limiter.round_trips();
+    limiter.check("t", "k", 1).await.unwrap();
+    limiter.check("t", "k", 1).await.unwrap();
+    assert!(
+        limiter.round_trips() > before,
+        "a unit was spent 450 ms after it was charged"
+    );
+}
+
 /// Reserved units are held for `batch` intervals counted from before the round trip: against a
 /// store slower than that, a batch would expire on arrival and charge the key `batch` units
 /// per request. Under half its quota, no request is refused however slow the store, and

@@ -616,12 +616,15 @@ impl<S: RateStore> Inner<S> {
                     let interval = tier.interval;
                     let expires =
                         now.saturating_add(interval.saturating_mul(u64::from(self.batch)));
-                    tier.local_state.update(key, now, |entry| {
-                        // Units merged with older ones expire with the oldest, so none is
-                        // held longer than the bound allows; with none left, the new ones
-                        // get their whole hold.
-                        if entry.expires > now && entry.units > 0 {
+                    let arrived = self.now();
+                    tier.local_state.update(key, arrived, |entry| {
+                        // Units merged with others still held expire with the earlier, so
+                        // none is held longer than the bound allows (a reservation answered
+                        // late may join one made after it); with none left, the new ones get
+                        // their whole hold.
+                        if entry.expires > arrived && entry.units > 0 {
                             entry.units += granted;
+                            entry.expires = entry.expires.min(expires);
                         } else {
                             entry.units = granted;
                             entry.expires = expires;
