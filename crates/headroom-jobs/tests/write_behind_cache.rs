@@ -199,6 +199,17 @@ async fn a_write_whose_enqueue_answer_was_lost_leaves_no_old_value_in_the_cache(
     );
 }
 
+/// How many dead letters the write-behind keeps (up to 10).
+async fn dead_letters<S: JobStore>(profiles: &WriteBehindCache<String, Profile, S>) -> usize {
+    profiles
+        .writes()
+        .queue()
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .len()
+}
+
 /// A write the writer refuses for good never reaches the database: the cache stops answering
 /// it, on this instance's L1 and in L2, while a later write of the key, recorded while the
 /// writer was refusing, stays.
@@ -252,16 +263,7 @@ async fn a_write_the_writer_refuses_for_good_leaves_the_cache_and_a_later_one_st
     tokio::time::sleep(Duration::from_millis(10)).await;
     answer.notify_one();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        profiles
-            .writes()
-            .queue()
-            .dead_letters(10)
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(dead_letters(&profiles).await, 2);
     let elsewhere = l2(&kv);
     for cache in [profiles.cache(), &elsewhere] {
         assert_eq!(
@@ -314,16 +316,7 @@ async fn a_hung_cache_holds_back_no_write_of_a_pass_with_refused_writes() {
         .start(headroom_chaos::ExperimentConfig::new(Duration::from_secs(3600)).abort(1.0))
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        profiles
-            .writes()
-            .queue()
-            .dead_letters(10)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(dead_letters(&profiles).await, 1);
     let report = flusher.shutdown(Duration::from_millis(100)).await;
     assert_eq!(report.abandoned, 0, "{report:?}");
 }

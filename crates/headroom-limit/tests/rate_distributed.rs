@@ -260,21 +260,39 @@ async fn batched_units_are_spent_locally_grow_with_use_and_expire() {
     }
 }
 
+/// A limiter of tier `t` at `quota` on `store` under `ns`, on `clock`, reserving up to `batch`
+/// units at a time.
+fn on_manual_clock(
+    store: &MemoryRateStore,
+    ns: &Namespace,
+    clock: &ManualClock,
+    quota: Quota,
+    batch: u32,
+) -> DistributedRateLimiter<MemoryRateStore> {
+    DistributedRateLimiter::builder(
+        "api",
+        store.clone(),
+        ns.clone(),
+        TierConfig::new().tier("t", quota),
+    )
+    .clock(clock.clock())
+    .batch(batch)
+    .build()
+    .unwrap()
+}
+
 /// Requests costing more than one unit batch too: their batches grow as those of single units
 /// do, so a busy key costs far fewer round trips than requests.
 #[tokio::test]
 async fn batches_grow_for_requests_of_any_cost() {
     let clock = ManualClock::new();
-    let limiter = DistributedRateLimiter::builder(
-        "api",
-        MemoryRateStore::with_limits(clock.clock(), 1000),
-        unique_namespace("rate"),
-        TierConfig::new().tier("t", Quota::per_second(1000).unwrap()),
-    )
-    .clock(clock.clock())
-    .batch(10)
-    .build()
-    .unwrap();
+    let limiter = on_manual_clock(
+        &MemoryRateStore::with_limits(clock.clock(), 1000),
+        &unique_namespace("rate"),
+        &clock,
+        Quota::per_second(1000).unwrap(),
+        10,
+    );
     for _ in 0..20 {
         limiter.check("t", "k", 2).await.unwrap();
     }
@@ -293,18 +311,8 @@ async fn batched_requests_less_than_once_per_hold_are_charged_their_cost() {
     let clock = ManualClock::new();
     let store = MemoryRateStore::with_limits(clock.clock(), 1000);
     let ns = unique_namespace("rate");
-    let instance = |batch| {
-        DistributedRateLimiter::builder(
-            "api",
-            store.clone(),
-            ns.clone(),
-            TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
-        )
-        .clock(clock.clock())
-        .batch(batch)
-        .build()
-        .unwrap()
-    };
+    let instance =
+        |batch| on_manual_clock(&store, &ns, &clock, Quota::per_second(100).unwrap(), batch);
     let (a, b, exact) = (instance(10), instance(10), instance(1));
     // A request every 150 ms on `a`, every 170 ms on `b`, for 20 s; a batch is held 100 ms.
     let mut at: Vec<(u64, bool)> = (1..=133).map(|i| (150 * i, true)).collect();
@@ -1168,16 +1176,13 @@ async fn saturated(batch: u32) -> (u32, u64) {
     let namespace = unique_namespace("rate");
     let limiters: Vec<_> = (0..4)
         .map(|_| {
-            DistributedRateLimiter::builder(
-                "api",
-                store.clone(),
-                namespace.clone(),
-                TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
+            on_manual_clock(
+                &store,
+                &namespace,
+                &clock,
+                Quota::per_second(100).unwrap(),
+                batch,
             )
-            .clock(clock.clock())
-            .batch(batch)
-            .build()
-            .unwrap()
         })
         .collect();
     let mut admitted = 0;
