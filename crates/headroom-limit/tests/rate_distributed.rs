@@ -407,6 +407,29 @@ async fn units_answered_late_are_held_no_longer_than_their_own_hold() {
     );
 }
 
+/// Requests of one key arriving at once, on an instance whose units ran out, do not each
+/// reserve a batch: one does, the others ask for their cost, and every one fits the quota.
+#[tokio::test(start_paused = true)]
+async fn requests_of_a_key_at_once_reserve_one_batch() {
+    let limiter = DistributedRateLimiter::builder(
+        "api",
+        FlakyStore::new(Duration::from_millis(1)),
+        unique_namespace("rate"),
+        TierConfig::new().tier("t", Quota::per_second(100).unwrap()),
+    )
+    .batch(10)
+    .timeout(Duration::from_secs(1))
+    .build()
+    .unwrap();
+    // Batches of 1, 2, 4 and 8, all spent: the next would be of 10.
+    for _ in 0..15 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    let at_once = futures_util::future::join_all((0..20).map(|_| limiter.check("t", "k", 1))).await;
+    let refused = at_once.iter().filter(|checked| checked.is_err()).count();
+    assert_eq!(refused, 0, "refused of 20 requests with 85 units left");
+}
+
 /// Reserved units are held for `batch` intervals counted from before the round trip: against a
 /// store slower than that, a batch would expire on arrival and charge the key `batch` units
 /// per request. Under half its quota, no request is refused however slow the store, and

@@ -630,6 +630,7 @@ impl<S: RateStore> Inner<S> {
                             entry.expires = expires;
                         }
                         entry.reserved = entry.units.saturating_add(cost);
+                        entry.reserving = false;
                         entry.store_remaining = decision.remaining;
                         entry.reserved_quota = quota_index(decision.cell);
                     });
@@ -658,6 +659,7 @@ impl<S: RateStore> Inner<S> {
                 let earlier = |units: u32| interval.saturating_mul(u64::from(units));
                 let for_one = retry_after.saturating_sub(earlier(reserve - 1));
                 tier.local_state.update(key, now, |entry| {
+                    entry.reserving = false;
                     entry.refused = true;
                     entry.blocked_until = now.saturating_add(for_one);
                     entry.blocked_quota = quota_index(decision.cell);

@@ -55,6 +55,9 @@ pub(crate) struct Entry {
     pub(crate) blocked_until: u64,
     /// The quota that refused (its index in the tier).
     pub(crate) blocked_quota: u8,
+    /// A batch for this key is on its way from the store: requests meanwhile ask for their
+    /// cost alone rather than each reserve a batch. Cleared by the next answer recorded here.
+    pub(crate) reserving: bool,
 }
 
 /// What the local state says about a request.
@@ -158,9 +161,15 @@ impl LocalState {
             };
         }
         let recent = interval.saturating_mul(u64::from(batch));
+        let mut size = batch_size(Some(entry), cost, batch, now);
+        if entry.reserving {
+            size = cost;
+        } else if size > cost && cost > 0 {
+            entry.reserving = true;
+        }
         Local::Unknown {
             saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
-            batch: batch_size(Some(entry), cost, batch, now),
+            batch: size,
         }
     }
 
