@@ -262,11 +262,13 @@ impl Session {
     /// Whether the session's last write of `shard` went to `primary`, and a write it
     /// recorded there was routed under `epoch` or later.
     pub(crate) fn last_wrote_since(&self, shard: ShardId, primary: &str, epoch: u64) -> bool {
-        let Ok(at) = self.shards.binary_search_by_key(&shard, |w| w.shard) else {
-            return false;
-        };
-        self.shards[at].primary == key_hash(primary.as_bytes())
-            && self.required_since(shard, primary, epoch).is_some()
+        let primary = key_hash(primary.as_bytes());
+        let last = self.shards.binary_search_by_key(&shard, |w| w.shard);
+        last.is_ok_and(|at| self.shards[at].primary == primary)
+            && self
+                .primaries
+                .binary_search_by_key(&primary, |r| r.primary)
+                .is_ok_and(|at| self.primaries[at].epoch >= epoch)
     }
 
     /// Like [`required`](Self::required), but `None` unless a write the session recorded on
