@@ -517,22 +517,32 @@ async fn routing_follows_the_phase_table() {
     assert_eq!(read(&moving), ("b".into(), None));
 }
 
+/// `shards` logical shards all on one primary `node`, with `replicas`.
+fn one_primary(
+    epoch: u64,
+    shards: u32,
+    node: &'static str,
+    replicas: &[&'static str],
+) -> Topology<(), JumpRouter> {
+    let mut builder = Topology::builder(JumpRouter::new(shards).unwrap())
+        .epoch(epoch)
+        .node(node, ());
+    for &replica in replicas {
+        builder = builder.node(replica, ());
+    }
+    builder.shards(0..shards, node, replicas).build().unwrap()
+}
+
 /// Reads through a migration keep a session's writes: before the cut-over on the old owner,
 /// after it on the new, never from a replica behind what the session wrote. A write recorded
 /// on the old owner only (its mirror's position unknown) sends the key's reads to the new
 /// primary after the cut-over, whatever shard numbers the two routers use.
 #[tokio::test]
 async fn session_reads_through_a_migration_never_go_behind_the_sessions_writes() {
-    let build = |epoch, shards, node: &'static str, replica: &'static str| {
-        Topology::builder(JumpRouter::new(shards).unwrap())
-            .epoch(epoch)
-            .node(node, ())
-            .node(replica, ())
-            .shards(0..shards, node, &[replica])
-            .build()
-            .unwrap()
-    };
-    let (from, to) = (build(1, 4, "a", "a-r"), build(2, 8, "b", "b-r"));
+    let (from, to) = (
+        one_primary(1, 4, "a", &["a-r"]),
+        one_primary(2, 8, "b", &["b-r"]),
+    );
     let key = (0..1_000u64)
         .find(|k| to.shard_of(k) >= ShardId(4))
         .expect("a key on a shard the old router does not have");
@@ -580,15 +590,7 @@ async fn session_reads_through_a_migration_never_go_behind_the_sessions_writes()
 /// recorded mirror, when the new owner may not have the other keys yet.
 #[tokio::test]
 async fn session_reads_before_the_cut_over_stay_on_the_old_owner_without_a_write_past_it() {
-    let build = |epoch, shards, node: &'static str| {
-        Topology::builder(JumpRouter::new(shards).unwrap())
-            .epoch(epoch)
-            .node(node, ())
-            .shards(0..shards, node, &[])
-            .build()
-            .unwrap()
-    };
-    let (from, to) = (build(1, 4, "a"), build(2, 8, "b"));
+    let (from, to) = (one_primary(1, 4, "a", &[]), one_primary(2, 8, "b", &[]));
     let same_number = (0..1_000u64)
         .find(|k| to.shard_of(k) == from.shard_of(k))
         .unwrap();
@@ -627,20 +629,8 @@ async fn session_reads_before_the_cut_over_stay_on_the_old_owner_without_a_write
 /// the mirror, written later.
 #[tokio::test]
 async fn a_read_before_the_cut_over_of_a_moved_key_goes_to_the_new_primary_not_a_replica() {
-    let from = Topology::builder(JumpRouter::new(4).unwrap())
-        .epoch(1)
-        .node("a", ())
-        .shards(0..4, "a", &[])
-        .build()
-        .unwrap();
-    let to = Topology::builder(JumpRouter::new(8).unwrap())
-        .epoch(2)
-        .node("b", ())
-        .node("b-r", ())
-        .shards(0..8, "b", &["b-r"])
-        .build()
-        .unwrap();
-    let (from, to) = (Arc::new(from), Arc::new(to));
+    let from = Arc::new(one_primary(1, 4, "a", &[]));
+    let to = Arc::new(one_primary(2, 8, "b", &["b-r"]));
     let moved: Vec<u64> = (0..10_000u64)
         .filter(|k| to.shard_of(k) == ShardId(5))
         .take(2)
@@ -691,13 +681,7 @@ async fn a_moved_key_is_read_from_the_new_primary_despite_earlier_writes_there()
         .shards(2..4, "b", &["b-r"])
         .build()
         .unwrap();
-    let to = Topology::builder(JumpRouter::new(8).unwrap())
-        .epoch(2)
-        .node("b", ())
-        .node("b-r", ())
-        .shards(0..8, "b", &["b-r"])
-        .build()
-        .unwrap();
+    let to = one_primary(2, 8, "b", &["b-r"]);
     let stays = (0..1_000u64)
         .find(|k| from.shard_of(k) >= ShardId(2))
         .expect("a key on b in both topologies");
