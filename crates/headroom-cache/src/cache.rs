@@ -180,6 +180,21 @@ pub(crate) struct Slot<V> {
     pub(crate) weight: u32,
 }
 
+impl<V> Slot<V> {
+    /// What a tombstone made at `created_micros` reads as at `now`: nothing, not even stale.
+    fn removed(created_micros: u64, now: Instant) -> Self {
+        Self {
+            value: None,
+            created_micros,
+            fresh_until: now,
+            expires_at: now,
+            stale_until: now,
+            tags: None,
+            weight: 0,
+        }
+    }
+}
+
 /// The tags of an entry (`None` when it has none), shared by its L1 slot and its loads.
 type Tags = Option<Arc<[Box<str>]>>;
 
@@ -1365,10 +1380,11 @@ where
         Ok(l2.tombstone(self.l2_key(l2, key)?, at_unix_us))
     }
 
-    /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`, and so
-    /// are entries past their fail-safe window. `Unsure` when a hide that could cover the
-    /// entry must be learned from L2 first (see [`decode_checked`](Self::decode_checked));
-    /// `learned` once it was.
+    /// Decodes L2 bytes into a slot; undecodable bytes are deleted and read as `None`. A
+    /// tombstone reads as a slot without a value that is already past its fail-safe window:
+    /// newer than a copy L1 holds, it replaces that copy as what a load may serve (see
+    /// [`adopt`]). `Unsure` when a hide that could cover the entry must be learned from L2
+    /// first (see [`decode_checked`](Self::decode_checked)); `learned` once it was.
     ///
     /// `now` and `unix_now` are the same moment on the two clocks (a batch reads them once).
     fn decode(
@@ -1386,8 +1402,17 @@ where
         };
         // Another schema's entry is not corrupt: a miss, left for its own readers, whatever
         // its codec (a codec change comes with a new schema version).
-        if env.tombstone || env.schema != self.config.schema_version {
+        if env.schema != self.config.schema_version {
             return Ok(None);
+        }
+        let times = Times {
+            created: env.created_unix_ms,
+            created_sub_ms: env.created_sub_ms_micros,
+            fresh_until: env.fresh_until_unix_ms,
+            expires: env.expires_unix_ms,
+        };
+        if env.tombstone {
+            return Ok(Some(Slot::removed(times.created_micros(), now)));
         }
         if env.codec != self.codec.id() {
             return Ok(self.discard(l2, key, bytes, "written by another codec"));
@@ -1401,18 +1426,12 @@ where
         };
         let tags: Tags =
             (!env.tags.is_empty()).then(|| env.tags.iter().map(|&t| t.into()).collect());
-        let times = Times {
-            created: env.created_unix_ms,
-            created_sub_ms: env.created_sub_ms_micros,
-            fresh_until: env.fresh_until_unix_ms,
-            expires: env.expires_unix_ms,
-        };
         let mut slot = self.slot(value, times, now, unix_now, tags);
         if self.config.l1_max_bytes.is_some() {
             let total = key.as_bytes().len() + bytes.len() + SLOT_OVERHEAD;
             slot.weight = u32::try_from(total).unwrap_or(u32::MAX);
         }
-        Ok((now < slot.stale_until).then_some(slot))
+        Ok(Some(slot))
     }
 
     /// [`decode`](Self::decode), learning first from L2 the hides the entry needs (one more
@@ -2275,7 +2294,8 @@ impl<K: CacheKey, V, Keys: AsRef<[K]>> Drop for InFlightGuard<K, V, Keys> {
 
 /// Takes a slot read from L2 as the key's best candidate when it is at least as new as
 /// L1's. Returns whether it may be served and so should fill L1; a slot past its TTL is kept
-/// only as a fail-safe candidate and counts as a miss.
+/// only as a fail-safe candidate and counts as a miss, and one past its fail-safe window (a
+/// tombstone, say) leaves no candidate: L1's older copy was replaced after it was made.
 fn adopt<V>(
     found: Option<Slot<V>>,
     best: &mut Option<Slot<V>>,
@@ -2296,7 +2316,7 @@ fn adopt<V>(
     } else {
         tally.misses += 1;
     }
-    *best = Some(slot);
+    *best = (now < slot.stale_until).then_some(slot);
     servable
 }
 

@@ -593,6 +593,51 @@ async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
     assert_eq!(loads.calls(), 4);
 }
 
+/// Instance B removes a key that A holds in L1. Past A's L1 cap, A's load reads B's tombstone
+/// from L2: the key was removed after A's copy was made, so when the loader fails, A serves
+/// no stale copy (and keeps none), for a single read and for a batch alike.
+#[tokio::test]
+async fn fail_safe_serves_no_value_removed_after_it() {
+    for batch in [false, true] {
+        let clock = ManualClock::new();
+        let l2 = store(&clock);
+        let a: Cache<String, String> = Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l1_max_ttl(2 * SEC)
+            .fail_safe_max_stale(60 * SEC)
+            .l2(l2.clone(), ns())
+            .build()
+            .unwrap();
+        let b: Cache<String, String> = Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l2(l2, ns())
+            .build()
+            .unwrap();
+        let loads = Counter::default();
+        let k = key("k");
+        a.get_or_load(&k, loads.loader()).await.unwrap();
+        clock.advance(SEC);
+        b.remove(&k).await.unwrap();
+        clock.advance(2 * SEC);
+        let served = if batch {
+            a.get_many_or_load(std::slice::from_ref(&k), |_keys: Vec<String>| async {
+                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
+            })
+            .await
+            .map(|mut found| found.pop().flatten())
+        } else {
+            a.get_or_load(&k, loads.failing()).await
+        };
+        assert!(
+            served.is_err(),
+            "a value removed after A's copy was served (batch: {batch}): {served:?}"
+        );
+        assert_eq!(a.get(&k).await.unwrap(), None, "and kept (batch: {batch})");
+    }
+}
+
 #[tokio::test]
 async fn without_fail_safe_the_loader_error_is_returned() {
     let clock = ManualClock::new();
