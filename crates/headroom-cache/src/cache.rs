@@ -93,9 +93,21 @@ impl<K, V> fmt::Debug for Cache<K, V> {
 /// What a read or load ends with, shared by every caller waiting on the same load.
 type Outcome<V> = Result<Option<V>, CacheError>;
 type Pending<V> = Shared<BoxFuture<'static, Outcome<V>>>;
-/// The outcomes of a batch load, in the order of its keys; `None` when the load task died (a
-/// loader panic).
-type Batch<V> = Shared<BoxFuture<'static, Option<Arc<Vec<Outcome<V>>>>>>;
+/// Outcomes of a batch load, in the order of its keys (`O` is an outcome, or one that may be
+/// missing); `None` when the load task died (a loader panic).
+type Outcomes<O> = Shared<BoxFuture<'static, Option<Arc<Vec<O>>>>>;
+
+/// What a batch load answers, shared by its caller and the readers that join it.
+struct Answers<V> {
+    /// When its loader runs: the outcomes known before (`None` for the keys it loads), so that
+    /// a reader of one of those keys does not wait for the loader, nor share its failure.
+    /// `None` when the batch answers every key at once, or its task died first.
+    early: Outcomes<Option<Outcome<V>>>,
+    /// Every key's outcome.
+    all: Outcomes<Outcome<V>>,
+}
+
+type Batch<V> = Arc<Answers<V>>;
 
 /// A load in flight: callers join it; `load` tells it apart from a later load of the key.
 struct InFlight<V> {
@@ -126,11 +138,16 @@ impl<V: Clone + Send + Sync + 'static> Join<V> {
         match self {
             Self::One(pending) => pending.clone().boxed(),
             Self::Batch(batch, place) => {
-                let place = *place;
-                batch
-                    .clone()
-                    .map(move |outcomes| pick(outcomes.as_deref().map(Vec::as_slice), place))
-                    .boxed()
+                let (batch, place) = (Arc::clone(batch), *place);
+                async move {
+                    if let Some(early) = batch.early.clone().await
+                        && let Some(Some(outcome)) = early.get(place)
+                    {
+                        return outcome.clone();
+                    }
+                    pick(batch.all.clone().await.as_deref().map(Vec::as_slice), place)
+                }
+                .boxed()
             }
         }
     }
@@ -577,7 +594,7 @@ where
         }
         let own = async move {
             match own {
-                Some(batch) => batch.await,
+                Some(batch) => batch.all.clone().await,
                 None => None,
             }
         };
@@ -937,11 +954,14 @@ where
         }
     }
 
-    /// Marks the keys of load `load` (those it still holds) as answered early with values
-    /// servable until `until`.
-    fn answered_until(&self, keys: &[K], load: u64, until: Instant) {
+    /// Marks keys of load `load` (those it still holds) as answered early, each with a value
+    /// servable until its instant.
+    fn answered_until<'k>(&self, answered: impl IntoIterator<Item = (&'k K, Instant)>, load: u64)
+    where
+        K: 'k,
+    {
         let mut in_flight = self.in_flight.lock();
-        for key in keys {
+        for (key, until) in answered {
             if let Some(entry) = in_flight.get_mut(key)
                 && entry.load == load
             {
@@ -1645,7 +1665,7 @@ where
             send(&mut reply, Ok(slot.value.clone()));
             let refreshing = now >= slot.fresh_until;
             if refreshing {
-                self.answered_until(std::slice::from_ref(key), done.load, slot.expires_at);
+                self.answered_until([(key, slot.expires_at)], done.load);
             }
             if fill {
                 // Let the callers run first.
@@ -1754,7 +1774,7 @@ where
                     self.metrics.stale_served.increment(1);
                     tracing::debug!("loader exceeds its soft timeout; serving the stale value");
                     send(reply, Ok(stale.value.clone()));
-                    self.answered_until(std::slice::from_ref(key), load, stale.stale_until);
+                    self.answered_until([(key, stale.stale_until)], load);
                 }
                 work.await
             }
@@ -1931,10 +1951,14 @@ where
         E: Into<Box<dyn StdError + Send + Sync>> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel::<Vec<Outcome<V>>>();
-        let batch: Batch<V> = answer
-            .map(|answer| answer.ok().map(Arc::new))
-            .boxed()
-            .shared();
+        let (early_reply, early) = oneshot::channel::<Vec<Option<Outcome<V>>>>();
+        let batch: Batch<V> = Arc::new(Answers {
+            early: early.map(|early| early.ok().map(Arc::new)).boxed().shared(),
+            all: answer
+                .map(|answer| answer.ok().map(Arc::new))
+                .boxed()
+                .shared(),
+        });
         let load = this.loads.fetch_add(1, Ordering::Relaxed);
         let mut waits = Vec::with_capacity(keys.size_hint().0);
         let mut to_load = Vec::with_capacity(waits.capacity());
@@ -1947,7 +1971,7 @@ where
                 (
                     InFlight {
                         load,
-                        join: Join::Batch(batch.clone(), at),
+                        join: Join::Batch(Arc::clone(&batch), at),
                         answered_until: None,
                     },
                     Wait::Own(at),
@@ -1986,7 +2010,7 @@ where
         };
         tokio::spawn(
             Arc::clone(this)
-                .load_many(done, loader, reply)
+                .load_many(done, loader, reply, early_reply)
                 .in_current_span(),
         );
         (Some(batch), waits)
@@ -1998,6 +2022,7 @@ where
         done: InFlightGuard<K, V, Vec<K>>,
         loader: F,
         reply: oneshot::Sender<Vec<Outcome<V>>>,
+        early_reply: oneshot::Sender<Vec<Option<Outcome<V>>>>,
     ) where
         F: FnOnce(Vec<K>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<HashMap<K, V>, E>> + Send + 'static,
@@ -2084,23 +2109,32 @@ where
             }
         }
         let mut reply = Some(reply);
+        // Readers joining a key answered here get its value only while it is servable.
+        let answered_until = |outcomes: &[Option<Outcome<V>>]| {
+            let answered = keys.iter().zip(&best).zip(outcomes);
+            self.answered_until(
+                answered.filter_map(|((key, slot), outcome)| {
+                    Some((key, slot.as_ref().filter(|_| outcome.is_some())?.expires_at))
+                }),
+                done.load,
+            );
+        };
         if answered_all && let Some(reply) = reply.take() {
+            // Everything goes in the full answer, now.
+            drop(early_reply);
             // Keep the outcomes only when a refresh below still needs them.
             let answer = if to_load.is_empty() {
                 std::mem::take(&mut outcomes)
             } else {
+                answered_until(&outcomes);
                 outcomes.clone()
             };
             let _ = reply.send(answers(answer));
-            if !to_load.is_empty() {
-                // Joiners of the refresh get these answers only while all of them are servable.
-                let until = best.iter().flatten().map(|slot| slot.expires_at).min();
-                if let Some(until) = until {
-                    self.answered_until(keys, done.load, until);
-                }
-            }
             // Let the callers run before the fills below.
             tokio::task::yield_now().await;
+        } else {
+            answered_until(&outcomes);
+            let _ = early_reply.send(outcomes.clone());
         }
         // Per key, whether the cache held a value (which a "not found" must remove) and its
         // tags (which a loaded value keeps); only a load reads them.
