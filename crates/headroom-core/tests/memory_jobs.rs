@@ -164,6 +164,58 @@ async fn dedup_keys_of_finished_jobs_make_room_behind_many_unfinished_ones() {
     assert!(store.bytes() <= 64 * 1024);
 }
 
+/// An enqueue the queue's bound refuses makes no room: kept results and the dedup keys of
+/// finished jobs go only for work that is taken, so a refusal does not let a retried keyed
+/// enqueue run its job a second time.
+#[tokio::test]
+async fn a_refused_enqueue_drops_no_kept_result_or_dedup_key() {
+    let store = MemoryJobStore::builder().max_bytes(2 * 1024).build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let one = EnqueueLimits {
+        max_len: 1,
+        ..day_window()
+    };
+    let keyed = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
+    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &keyed, &one).await else {
+        panic!("added");
+    };
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 1,
+        visibility: Duration::from_secs(60),
+    };
+    let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+    store
+        .complete(
+            &p,
+            number,
+            delivery.attempt,
+            Bytes::from_static(b"ok"),
+            day_window().dedup_window,
+        )
+        .await
+        .unwrap();
+    let queued = NewJob::new(Bytes::from(vec![b'q'; 512]));
+    assert!(matches!(
+        store.enqueue(&p, &queued, &one).await,
+        Ok(Enqueued::Added(_))
+    ));
+    // Too large to fit beside what is kept, and refused by the queue's bound anyway.
+    let large = NewJob::new(Bytes::from(vec![b'l'; 1_200]));
+    let refused = store.enqueue(&p, &large, &one).await.unwrap();
+    assert!(matches!(refused, Enqueued::Full { .. }), "{refused:?}");
+    assert!(
+        store.status(&p, number).await.unwrap().is_some(),
+        "the finished job's result was dropped for a refused enqueue"
+    );
+    let retried = store.enqueue(&p, &keyed, &one).await.unwrap();
+    assert!(
+        matches!(retried, Enqueued::Duplicate(n) if n == number),
+        "the dedup key was dropped for a refused enqueue: {retried:?}"
+    );
+}
+
 /// Limits with a dedup window of a day.
 fn day_window() -> EnqueueLimits {
     EnqueueLimits {

@@ -99,7 +99,18 @@ impl MemoryJobStore {
     fn with<T>(&self, partition: &Key, step: impl FnOnce(&mut Partition, Now<'_>) -> T) -> T {
         let now_ms = self.inner.clock.unix_millis();
         let mut state = self.inner.state.lock();
-        let State { partitions, bytes } = &mut *state;
+        self.within(&mut state, partition, now_ms, step)
+    }
+
+    /// [`with`](Self::with), for a caller that holds the lock already.
+    fn within<T>(
+        &self,
+        state: &mut State,
+        partition: &Key,
+        now_ms: u64,
+        step: impl FnOnce(&mut Partition, Now<'_>) -> T,
+    ) -> T {
+        let State { partitions, bytes } = state;
         let partition = match partitions.get_mut(partition.as_bytes()) {
             Some(partition) => partition,
             None => partitions.entry(partition.to_bytes()).or_default(),
@@ -489,26 +500,20 @@ impl JobStore for MemoryJobStore {
             + job.tenant.as_ref().map_or(0, Bytes::len)
             + job.subject.as_ref().map_or(0, Bytes::len)
             + job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
-        // A duplicate needs no room: answered before room is made, which may drop dedup keys.
-        if let Some(key) = &job.dedup_key
-            && let Some(number) = self.with(partition, |p, _| p.dedup.get(key).map(|d| d.0))
-        {
-            return Ok(Enqueued::Duplicate(number));
-        }
-        self.inner
-            .state
-            .lock()
-            .make_room(need, self.inner.max_bytes);
-        self.with(partition, |p, now| {
+        let now_ms = self.inner.clock.unix_millis();
+        let mut state = self.inner.state.lock();
+        // A duplicate or a refused job needs no room: answered before room is made, which
+        // drops kept results and dedup keys.
+        let answered = self.within(&mut state, partition, now_ms, |p, now| {
             if let Some(key) = &job.dedup_key
                 && let Some(&(number, _)) = p.dedup.get(key)
             {
-                return Ok(Enqueued::Duplicate(number));
+                return Some(Enqueued::Duplicate(number));
             }
             if let (Some(tenant), Some(max)) = (&job.tenant, limits.max_per_tenant) {
                 let depth = p.tenants.get(tenant).copied().unwrap_or(0);
                 if depth >= max {
-                    return Ok(Enqueued::Full {
+                    return Some(Enqueued::Full {
                         tenant: true,
                         depth,
                         drained_per_sec: p.drain.per_sec(now.ms),
@@ -516,14 +521,18 @@ impl JobStore for MemoryJobStore {
                     });
                 }
             }
-            if p.unfinished >= limits.max_len {
-                return Ok(Enqueued::Full {
-                    tenant: false,
-                    depth: p.unfinished,
-                    drained_per_sec: p.drain.per_sec(now.ms),
-                    unfinished: p.unfinished,
-                });
-            }
+            (p.unfinished >= limits.max_len).then(|| Enqueued::Full {
+                tenant: false,
+                depth: p.unfinished,
+                drained_per_sec: p.drain.per_sec(now.ms),
+                unfinished: p.unfinished,
+            })
+        });
+        if let Some(answer) = answered {
+            return Ok(answer);
+        }
+        state.make_room(need, self.inner.max_bytes);
+        self.within(&mut state, partition, now_ms, |p, now| {
             let due = now.ms.saturating_add(millis(job.delay));
             let record = Job {
                 state: JobState::Queued,
