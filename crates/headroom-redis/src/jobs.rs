@@ -141,8 +141,17 @@ local function delay_job(n, due)
 end
 ";
 
-/// Tenants' unfinished counts.
+/// The partition's and tenants' unfinished counts.
 const TENANT_COUNT: &str = r"
+-- Takes `count` jobs that finished or can no longer run off the partition's unfinished count.
+-- A count the store did not write is left as it is, for enqueues to refuse as corrupt until it
+-- is reset, rather than failing a step half way through its writes.
+local function unfinished_down(count)
+  local left = redis.pcall('INCRBY', P .. ':n', -count)
+  if type(left) == 'number' and left < 0 then
+    redis.call('SET', P .. ':n', 0)
+  end
+end
 -- Tenants' unfinished counts. A count the store did not write (not a whole number, or `P:t`
 -- not a hash) is dropped rather than failing a step half way through its writes: that
 -- tenant's bound counts from there again.
@@ -235,7 +244,7 @@ local function drained(count)
 end
 -- Takes a finished job off the unfinished counts (its tenant's too) and counts it drained.
 local function finished(tenant)
-  redis.call('INCRBY', P .. ':n', -1)
+  unfinished_down(1)
   if tenant then
     count_tenant(tenant, -1)
   end
@@ -263,9 +272,7 @@ const UNCOUNT: &str = r"
 -- against the partition's bound and, when its record still names one, its tenant's; nor is
 -- it its subject's newest job any more.
 local function uncount(n)
-  if redis.call('INCRBY', P .. ':n', -1) < 0 then
-    redis.call('SET', P .. ':n', 0)
-  end
+  unfinished_down(1)
   local r = read_record(record(n), 't', 'k')
   if r and type(r[1]) == 'string' then
     count_tenant(r[1], -1)
@@ -909,7 +916,7 @@ local function complete_jobs(from)
     for lane, lane_ids in pairs(ids) do
       ack_and_remove(stream(lane), lane_ids)
     end
-    redis.call('INCRBY', P .. ':n', -done)
+    unfinished_down(done)
     for tenant, count in pairs(tenants) do
       count_tenant(tenant, -count)
     end

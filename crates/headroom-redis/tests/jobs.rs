@@ -217,6 +217,7 @@ on_both!(
     a_corrupt_hand_back_count_changes_nothing_and_charges_every_delivery,
     garbage_in_the_counts_is_a_typed_error,
     drain_stats_of_another_type_fail_no_step,
+    an_unfinished_count_the_store_did_not_write_fails_no_step,
     invalid_arguments_are_refused_before_redis,
     a_lost_fetch_is_recovered_at_its_attempt_while_still_held,
 );
@@ -1278,6 +1279,46 @@ async fn drain_stats_of_another_type_fail_no_step(ctx: Ctx) {
     let stats = ctx.store.stats(&p).await.unwrap();
     assert_eq!((stats.unfinished, stats.dead), (0, 1));
     ctx.add(&p, job("c")).await;
+}
+
+/// The partition's unfinished count replaced by something else: enqueues are refused as
+/// corrupt until it is reset, but the steps that finish jobs go on whole (the job done or
+/// dead, off its lane, its tenant's count down) rather than failing after their own writes.
+async fn an_unfinished_count_the_store_did_not_write_fails_no_step(ctx: Ctx) {
+    let p = ctx.partition("q");
+    let a = ctx.add(&p, job("a").tenant("t")).await;
+    let b = ctx.add(&p, job("b")).await;
+    let visibility = Duration::from_millis(100);
+    assert_eq!(ctx.fetch(&p, "w", &[0], 10, visibility).await.len(), 2);
+    let _: () = ctx
+        .raw(redis::cmd("SET").arg(sub(&p, ":n")).arg(&b"\xfe\xff"[..]))
+        .await;
+    let done = ctx.store.complete(&p, a, 1, Bytes::new(), LONG).await;
+    assert_eq!(done.unwrap(), Fenced::Applied);
+    let buried = ctx.store.bury(&p, b, 1, Bytes::new(), LONG).await;
+    assert_eq!(buried.unwrap(), Fenced::Applied);
+    let refused = ctx.store.enqueue(&p, &job("c"), &limits(10)).await;
+    assert_eq!(refused.unwrap_err().kind(), BackendErrorKind::Corrupt);
+    // Reset by hand; nothing is delivered again, and the tenant's count went down.
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
+    tokio::time::sleep(2 * visibility).await;
+    assert!(ctx.fetch(&p, "w2", &[0], 10, LONG).await.is_empty());
+    let state = |n| {
+        let store = &ctx.store;
+        let p = &p;
+        async move { store.status(p, n).await.unwrap().map(|record| record.state) }
+    };
+    assert_eq!(state(a).await, Some(JobState::Done));
+    assert_eq!(state(b).await, Some(JobState::Dead));
+    let one_per_tenant = EnqueueLimits {
+        max_per_tenant: Some(1),
+        ..limits(10)
+    };
+    let again = ctx
+        .store
+        .enqueue(&p, &job("d").tenant("t"), &one_per_tenant)
+        .await;
+    assert!(matches!(again, Ok(Enqueued::Added(_))), "{again:?}");
 }
 
 /// The subjects' hash replaced by a key of another type, or a field naming no job of its
