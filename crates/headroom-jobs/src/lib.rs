@@ -14,7 +14,9 @@
 //!   their weights; a job can wait a delay or run at a time.
 //! - **At least once, effectively once.** A worker that dies loses its jobs to another worker
 //!   after the visibility timeout; a live one extends it. Every delivery has a greater attempt
-//!   number, and the store rejects the steps of an earlier holder. Run the handler's effect
+//!   number, and the store rejects the steps of an earlier holder (unless Redis lost the
+//!   earlier delivery in a failover or restart: see the durability section of `docs/jobs.md`).
+//!   Run the handler's effect
 //!   under `headroom-idempotency`, keyed by [`JobContext::idempotency_key`], and it happens
 //!   once however often the job is delivered.
 //! - **Retries and dead letters.** A failed attempt is retried after an exponential backoff
