@@ -1090,6 +1090,18 @@ where
         self.hides.hidden(created, tags, now, heard)
     }
 
+    /// Whether a clear or a tag invalidation known now hides `slot`, an L1 copy read before
+    /// L2 told of it: such a copy is no candidate for fail-safe either.
+    fn hides_copy(&self, slot: &Slot<V>, now: Instant) -> bool {
+        let tags: Vec<&str> = slot
+            .tags
+            .iter()
+            .flat_map(|tags| tags.iter().map(|t| &**t))
+            .collect();
+        self.hidden(slot.created_micros / 1_000, &tags, now, true)
+            .unwrap_or(false)
+    }
+
     /// Whether invalidation messages are being heard now.
     fn heard(&self) -> bool {
         self.invalidation
@@ -1657,6 +1669,7 @@ where
                 }
                 None => None,
             };
+            best = best.filter(|copy| !self.hides_copy(copy, now));
             fill = self.adopt(found, &mut best, now);
         }
         // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
@@ -2060,6 +2073,11 @@ where
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();
+            for copy in &mut best {
+                if copy.as_ref().is_some_and(|copy| self.hides_copy(copy, now)) {
+                    *copy = None;
+                }
+            }
             let mut unsure = Vec::new();
             // Every key is adopted once, found or not, so each counts one L2 hit or miss.
             let mut tally = L2Tally::default();
@@ -2087,6 +2105,12 @@ where
                             .ok()
                             .flatten()
                     });
+                    if best[i]
+                        .as_ref()
+                        .is_some_and(|copy| self.hides_copy(copy, now))
+                    {
+                        best[i] = None;
+                    }
                     fill[i] = self.adopt(found, &mut best[i], now);
                 }
             }

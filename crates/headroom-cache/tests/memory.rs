@@ -638,6 +638,61 @@ async fn fail_safe_serves_no_value_removed_after_it() {
     }
 }
 
+/// The same after a clear or a tag invalidation made on B: A learns it from L2 in its load,
+/// and its older L1 copy, hidden by it, is no fail-safe candidate either.
+#[tokio::test]
+async fn fail_safe_serves_no_value_hidden_after_it() {
+    for (clear, batch) in [(false, false), (true, false), (false, true), (true, true)] {
+        let clock = ManualClock::new();
+        let l2 = store(&clock);
+        let a: Cache<String, String> = Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l1_max_ttl(2 * SEC)
+            .fail_safe_max_stale(60 * SEC)
+            .l2(l2.clone(), ns())
+            .build()
+            .unwrap();
+        let b: Cache<String, String> = Cache::builder()
+            .clock(clock.clock())
+            .ttl(60 * SEC)
+            .l2(l2, ns())
+            .build()
+            .unwrap();
+        let k = key("k");
+        a.get_or_load_tagged(&k, &["team"], |k| async move {
+            Ok::<_, Infallible>(Some(format!("{k}#1")))
+        })
+        .await
+        .unwrap();
+        clock.advance(SEC);
+        if clear {
+            b.clear().await;
+        } else {
+            b.invalidate_tag("team").await;
+        }
+        clock.advance(2 * SEC);
+        let served = if batch {
+            a.get_many_or_load(std::slice::from_ref(&k), |_keys: Vec<String>| async {
+                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
+            })
+            .await
+            .map(|mut found| found.pop().flatten())
+        } else {
+            a.get_or_load(&k, Counter::default().failing()).await
+        };
+        assert!(
+            served.is_err(),
+            "a value hidden after A's copy was served (clear: {clear}, batch: {batch}): {served:?}"
+        );
+        assert_eq!(
+            a.get(&k).await.unwrap(),
+            None,
+            "and kept (clear: {clear}, batch: {batch})"
+        );
+    }
+}
+
 #[tokio::test]
 async fn without_fail_safe_the_loader_error_is_returned() {
     let clock = ManualClock::new();
