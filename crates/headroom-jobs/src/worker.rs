@@ -1201,7 +1201,9 @@ impl<S: JobStore> Held<'_, S> {
     /// doubling up to a fifth of the budget, and a last try at its end) within the budget.
     /// The step leaves the job `landed`: a refused try is checked against the job's status,
     /// since an earlier try may have been applied with only its answer lost (a timeout), or
-    /// the client sent the step twice (after its connection dropped).
+    /// the client sent the step twice (after its connection dropped). After such a try, a job
+    /// `Retrying` may already be running again: another delivery means the step was applied,
+    /// since within the budget (half the visibility) this holder's hold has not lapsed.
     async fn persist<F, Fut>(&self, landed: JobState, step: F) -> Result<Fenced, BackendError>
     where
         F: Fn() -> Fut,
@@ -1210,6 +1212,7 @@ impl<S: JobStore> Held<'_, S> {
         // No deadline when the budget (half the visibility) is past what an `Instant` holds.
         let deadline = tokio::time::Instant::now().checked_add(self.budget);
         let mut pause = Duration::from_millis(50);
+        let mut answer_lost = false;
         loop {
             match step().await {
                 Err(error)
@@ -1217,6 +1220,7 @@ impl<S: JobStore> Held<'_, S> {
                         && deadline
                             .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {
+                    answer_lost = true;
                     // The last try comes at the deadline, not a pause short of it.
                     let left = deadline.map_or(pause, |deadline| {
                         deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -1227,7 +1231,7 @@ impl<S: JobStore> Held<'_, S> {
                 // Rejected after a failed try (which may have been applied), or at once (a
                 // client that sent the step again after its connection dropped): the job in
                 // the state the step leads to, at this attempt, means it was applied.
-                Ok(Fenced::Rejected) if self.is(landed).await => {
+                Ok(Fenced::Rejected) if self.landed(landed, answer_lost).await => {
                     return Ok(Fenced::Applied);
                 }
                 answer => return answer,
@@ -1236,12 +1240,16 @@ impl<S: JobStore> Held<'_, S> {
     }
 
     /// Whether the job is `state` at this holder's attempt (the fencing token: only this
-    /// holder's steps can have put it there).
-    async fn is(&self, state: JobState) -> bool {
-        matches!(
-            self.store.status(self.key, self.number).await,
-            Ok(Some(record)) if record.state == state && record.attempt == self.attempt
-        )
+    /// holder's steps can have put it there), or, `Retrying` after a try whose answer may have
+    /// been lost, delivered again since (see [`persist`](Self::persist)).
+    async fn landed(&self, state: JobState, answer_lost: bool) -> bool {
+        match self.store.status(self.key, self.number).await {
+            Ok(Some(record)) => {
+                (record.state == state && record.attempt == self.attempt)
+                    || (answer_lost && state == JobState::Retrying && record.attempt > self.attempt)
+            }
+            _ => false,
+        }
     }
 
     /// Completes the job through the worker's completer, with the completions ready at the

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use headroom_core::jobs::{FetchRequest, JobStore};
 use headroom_core::memory::{MemoryJobStore, MemoryLeaseStore};
 use headroom_idempotency::{Idempotency, IdempotencyKey, Scope};
-use headroom_jobs::{EnqueueError, Job, JobError, JobId, JobQueue, JobState, QueueConfig, Worker};
+use headroom_jobs::{
+    EnqueueError, Job, JobError, JobId, JobQueue, JobState, QueueConfig, Worker, WorkerConfig,
+};
 use support::SlowStore;
 
 async fn wait_for_state<S: JobStore>(queue: &JobQueue<S>, id: JobId, state: JobState) {
@@ -502,6 +504,45 @@ async fn a_job_whose_completion_reply_was_lost_counts_as_done() {
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_completion_was_sent_twice_counts_as_done() {
     a_completion_applied_counts_as_done(SlowStore::first_completion_resent()).await;
+}
+
+/// A shutdown cuts a job off and hands it back; the store applies the hand-back but its answer
+/// is lost, and another worker fetches the job before the hand-back is tried again, which the
+/// store then refuses. The job was handed back, not lost, and counts so.
+#[tokio::test(start_paused = true)]
+async fn a_hand_back_applied_with_its_answer_lost_counts_as_handed_back() {
+    let queue = JobQueue::builder("handed", SlowStore::first_retry_reply_lost())
+        .build()
+        .unwrap();
+    let mut quick = WorkerConfig::default();
+    quick.poll_interval = Duration::from_millis(5);
+    let long = |_| async {
+        tokio::time::sleep(Duration::from_secs(3_600)).await;
+        Ok(Bytes::new())
+    };
+    let a = queue
+        .worker(long)
+        .config(quick.clone())
+        .consumer("a")
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Running).await;
+    let b = queue
+        .worker(long)
+        .config(quick)
+        .consumer("b")
+        .start()
+        .unwrap();
+    let report = a.shutdown(Duration::from_millis(100)).await;
+    assert_eq!((report.handed_back, report.lost), (1, 0), "{report:?}");
+    let status = queue.status(id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.state, status.attempt),
+        (JobState::Running, 2),
+        "b holds it"
+    );
+    b.shutdown(Duration::ZERO).await;
 }
 
 /// Runs one job on `store`, whose first completion is applied whatever it answers, and

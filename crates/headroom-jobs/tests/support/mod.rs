@@ -70,6 +70,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     read_only_until: Option<tokio::time::Instant>,
     lose_first_fetch_reply: bool,
     fetch_reply_lost: Arc<AtomicBool>,
+    lose_first_retry_reply: bool,
+    retry_reply_lost: Arc<AtomicBool>,
     /// While set, every `recover` is refused with a command error (a script the server will
     /// not run).
     pub(crate) failing_recovers: Arc<AtomicBool>,
@@ -108,6 +110,8 @@ impl<S: JobStore> SlowStore<S> {
             read_only_until: None,
             lose_first_fetch_reply: false,
             fetch_reply_lost: Arc::default(),
+            lose_first_retry_reply: false,
+            retry_reply_lost: Arc::default(),
             failing_recovers: Arc::default(),
         }
     }
@@ -145,6 +149,15 @@ impl SlowStore {
     pub(crate) fn slow_completions(takes: Duration) -> Self {
         Self {
             completion_takes: takes,
+            ..Self::default()
+        }
+    }
+
+    /// The first `retry` (a hand-back too) is applied, then answered with a timeout, as when
+    /// its reply is lost on the way back.
+    pub(crate) fn first_retry_reply_lost() -> Self {
+        Self {
+            lose_first_retry_reply: true,
             ..Self::default()
         }
     }
@@ -370,9 +383,14 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         delay: Duration,
         error: Bytes,
     ) -> Result<Fenced, BackendError> {
-        self.inner
+        let answer = self
+            .inner
             .retry(partition, number, attempt, delay, error)
-            .await
+            .await;
+        if self.lose_first_retry_reply && !self.retry_reply_lost.swap(true, Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
+        answer
     }
 
     async fn release(
