@@ -524,6 +524,12 @@ where
                     })
                     .collect();
                 let status = head.status.as_u16();
+                // The handler has run: whatever happens next (the storing policy panicking,
+                // the body's read failing, the client going away meanwhile), the key must
+                // keep an outcome, or a retry would run the handler again. A status not to
+                // store releases the key all the same once this returns.
+                let omitted = body_omitted(status, headers.clone(), max_response_len);
+                lease.took_effect(&omitted);
                 if !store_status(head.status) {
                     // Nothing is replayed from it: its caller gets it as it is.
                     return Ok(StoredResponse {
@@ -534,11 +540,6 @@ where
                         unread: Some(body),
                     });
                 }
-                // The handler has run: whatever happens to its body (its read failing,
-                // the client going away meanwhile), the key must keep an outcome, or a
-                // retry would run the handler again.
-                let omitted = body_omitted(status, headers.clone(), max_response_len);
-                lease.took_effect(&omitted);
                 let max_body = max_response_len.saturating_sub(stored_overhead(
                     status,
                     &headers,

@@ -255,6 +255,31 @@ async fn retry_statuses_and_opted_out_statuses_are_not_stored() {
     assert_eq!(calls.load(Ordering::SeqCst), 10);
 }
 
+/// The storing policy panics once the handler has answered: the handler ran, so the key keeps
+/// an outcome, and a retry does not run it again.
+#[tokio::test]
+async fn a_storing_policy_that_panics_after_the_handler_answered_keeps_the_key() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let panicked = Arc::new(AtomicUsize::new(0));
+    let service = storing_up_to_1024_bytes()
+        .store_status({
+            let panicked = Arc::clone(&panicked);
+            move |status| {
+                if panicked.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a bug in the storing policy");
+                }
+                is_final_status(status)
+            }
+        })
+        .layer(payments(Arc::clone(&calls)));
+    let first = tokio::spawn(service.clone().oneshot(post(Some("k"), "x"))).await;
+    assert!(first.unwrap_err().is_panic());
+    let (status, headers, _) = send(&mut service.clone(), post(Some("k"), "x")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran again");
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+}
+
 #[tokio::test]
 async fn a_duplicate_while_the_first_runs_gets_409_with_retry_after() {
     let release = Arc::new(Notify::new());
