@@ -549,6 +549,11 @@ where
                 tokio::select! {
                     biased;
                     read = read => match read {
+                        // Headers that alone pass the limit leave no room even for an empty
+                        // body (`max_body` is then 0): kept as for a body too large.
+                        Ok(_) if stored_overhead(status, &headers, 0) > max_response_len => {
+                            Ok(omitted)
+                        }
                         Ok(body) => Ok(StoredResponse {
                             status,
                             headers,

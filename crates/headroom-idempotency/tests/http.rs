@@ -813,6 +813,41 @@ async fn headers_that_nearly_fill_the_limit_still_leave_the_status_with_the_body
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
+/// The same with an empty body and headers that alone pass the limit: the status is kept with
+/// the body omitted, never a 500 on the retry.
+#[tokio::test]
+async fn headers_past_the_limit_with_an_empty_body_leave_the_status_with_the_body_omitted() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let executor = Idempotency::builder(MemoryLeaseStore::new())
+        .max_outcome_len(256)
+        .build()
+        .unwrap();
+    let handler = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(Body::default());
+            *response.status_mut() = StatusCode::CREATED;
+            let location = format!("/payments/{}", "p".repeat(290));
+            response
+                .headers_mut()
+                .insert("location", location.parse().unwrap());
+            async { Ok::<_, Infallible>(response) }
+        })
+    };
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(handler);
+    for attempt in 0..3 {
+        let (status, headers, body) = send(&mut service, post(Some("\"empty\""), "x")).await;
+        assert_eq!(status, StatusCode::CREATED, "attempt {attempt}: {body}");
+        assert_eq!(
+            headers["idempotent-body-omitted"], "true",
+            "attempt {attempt}"
+        );
+        assert!(headers.get("location").is_none(), "attempt {attempt}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
 /// The layer with the default policy: a duplicate waits for the outcome.
 fn waiting_layer() -> IdempotencyLayer<MemoryLeaseStore, fn(&http::request::Parts) -> Option<String>>
 {
