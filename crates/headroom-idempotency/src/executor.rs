@@ -85,10 +85,17 @@ impl Lease {
     /// For an operation that does more after its effect: the HTTP layer calls it once the
     /// handler has answered, before reading the response body.
     pub fn took_effect<T: Serialize>(&self, outcome: &T) {
+        // The effect first, with no outcome to keep: a `Serialize` that panics still leaves
+        // the key kept (as not replayable), not released for a retry to run again.
+        self.keep(None);
+        self.keep(encode(outcome));
+    }
+
+    fn keep(&self, encoded: Option<Bytes>) {
         *self
             .took_effect
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(encode(outcome));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(encoded);
     }
 
     fn new(token: FencingToken, held: watch::Receiver<bool>) -> Self {

@@ -826,6 +826,49 @@ async fn a_storing_policy_that_panics_after_the_run_keeps_the_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
 }
 
+/// An outcome whose `Serialize` panics, handed to `took_effect` once the operation took
+/// effect: the panic fails that call, but the effect is recorded, so a retry does not run the
+/// operation again (the outcome itself could not be kept: not replayable).
+#[tokio::test]
+async fn a_took_effect_outcome_whose_serialize_panics_still_keeps_the_key() {
+    struct PanicsOnSerialize;
+    impl serde::Serialize for PanicsOnSerialize {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+            panic!("a bug in Serialize");
+        }
+    }
+    let clock = ManualClock::new();
+    let idem = executor(&clock, InProgressPolicy::Reject);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let panicked = {
+        let (idem, runs) = (idem.clone(), Arc::clone(&runs));
+        tokio::spawn(async move {
+            idem.execute_leased(&scope(), &key("k"), b"x", |lease| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                lease.took_effect(&PanicsOnSerialize);
+                Result::Ok(1u32)
+            })
+            .await
+            .map(|out| out.value)
+            .map_err(|e| e.to_string())
+        })
+        .await
+    };
+    assert!(panicked.unwrap_err().is_panic());
+    tokio::task::yield_now().await; // the spawned store runs
+    let retry = idem
+        .execute(&scope(), &key("k"), b"x", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Result::Ok(2u32)
+        })
+        .await;
+    assert!(
+        matches!(retry, Err(IdempotencyError::NotReplayable)),
+        "{retry:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation ran once");
+}
+
 /// A completion that landed but whose answer was lost is retried, and the retry's answer is
 /// the success it was: the caller gets its value, not `Fenced`, and the outcome is replayed.
 #[tokio::test]
