@@ -687,7 +687,7 @@ impl<S: LeaseStore> Idempotency<S> {
             match took_effect {
                 // It took effect: its outcome is kept (fenced if another holder took over).
                 Some(encoded) => {
-                    let kept = self.storable(&record, encoded);
+                    let kept = self.storable(encoded);
                     guard.then = OnEnd::Keep(kept.clone());
                     self.store_outcome(&record, token, kept).await;
                 }
@@ -709,7 +709,7 @@ impl<S: LeaseStore> Idempotency<S> {
         // The operation ran: from here the key keeps an outcome (the one it recorded, or a
         // marker), even should the policy or the encoding panic, or this call be dropped.
         guard.then = OnEnd::Keep(match took_effect {
-            Some(encoded) => self.storable(&record, encoded),
+            Some(encoded) => self.storable(encoded),
             None => Bytes::from_static(&[NOT_REPLAYABLE]),
         });
         if !store_if(&value) {
@@ -721,7 +721,7 @@ impl<S: LeaseStore> Idempotency<S> {
                 replayed: false,
             });
         }
-        let outcome = self.storable(&record, encode(&value));
+        let outcome = self.storable(encode(&value));
         guard.then = OnEnd::Keep(outcome.clone());
         let stored = self.store_outcome(&record, token, outcome).await;
         guard.then = OnEnd::Nothing;
@@ -742,23 +742,20 @@ impl<S: LeaseStore> Idempotency<S> {
 
     /// The bytes to store for an encoded outcome (`None`: it failed to serialize): itself, or
     /// the not-replayable marker when it cannot be stored.
-    fn storable(&self, record: &Key, encoded: Option<Bytes>) -> Bytes {
-        let max = self.inner.config.max_outcome_len;
+    /// The operation ran: releasing the key would let a retry run it again, so an outcome
+    /// that cannot be stored keeps the key with a marker instead (this caller still gets its
+    /// value). Counted when stored ([`store_outcome`](Self::store_outcome)), since an outcome
+    /// recorded when the operation took effect is often replaced by its final one.
+    fn storable(&self, encoded: Option<Bytes>) -> Bytes {
         match encoded {
-            Some(encoded) if encoded.len() <= max => encoded,
-            encoded => {
-                // The operation ran: releasing the key would let a retry run it again. Keep the
-                // key with a marker instead; this caller still gets its value.
-                self.inner.metrics.not_replayable.increment(1);
-                tracing::warn!(
-                    record = ?record,
-                    len = ?encoded.map(|e| e.len()),
-                    max,
-                    "the outcome cannot be stored; later requests with this key get NotReplayable"
-                );
-                Bytes::from_static(&[NOT_REPLAYABLE])
-            }
+            Some(encoded) if encoded.len() <= self.inner.config.max_outcome_len => encoded,
+            _ => Bytes::from_static(&[NOT_REPLAYABLE]),
         }
+    }
+
+    /// Counts an outcome kept that a retry cannot get whole.
+    pub(crate) fn count_not_replayable(&self) {
+        self.inner.metrics.not_replayable.increment(1);
     }
 
     /// Stores an outcome, retrying a failing store with a growing pause. `None` when every
@@ -770,6 +767,14 @@ impl<S: LeaseStore> Idempotency<S> {
         outcome: Bytes,
     ) -> Option<Fenced> {
         let inner = &self.inner;
+        if outcome.as_ref() == [NOT_REPLAYABLE] {
+            self.count_not_replayable();
+            tracing::warn!(
+                record = ?record,
+                max = inner.config.max_outcome_len,
+                "the outcome cannot be stored; later requests with this key get NotReplayable"
+            );
+        }
         // Short enough that the pauses together stay well inside the lease.
         let mut backoff = COMPLETE_BACKOFF.min(inner.config.lease / 16);
         for attempt in 1..=COMPLETE_ATTEMPTS {
@@ -836,6 +841,7 @@ impl<S: LeaseStore> Idempotency<S> {
                     return;
                 }
                 Some(Err(err)) => {
+                    inner.metrics.store_errors.increment(1);
                     tracing::warn!(error = %err, "extending the idempotency lease failed");
                     if inner.clock.now() >= held_until {
                         return;
@@ -851,6 +857,7 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn release(&self, record: &Key, token: FencingToken) {
         self.inner.metrics.released.increment(1);
         if let Err(err) = self.inner.store.release(record, token).await {
+            self.inner.metrics.store_errors.increment(1);
             tracing::warn!(error = %err, "releasing the idempotency lease failed; trying again");
             let (inner, record) = (Arc::clone(&self.inner), record.clone());
             let (lease, clock) = (inner.config.lease, inner.clock.clone());
@@ -909,7 +916,7 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
         let then = match std::mem::replace(&mut self.then, OnEnd::Nothing) {
             OnEnd::Nothing => return,
             OnEnd::Release => match self.lease.as_ref().and_then(Lease::kept) {
-                Some(encoded) => OnEnd::Keep(self.executor.storable(self.record, encoded)),
+                Some(encoded) => OnEnd::Keep(self.executor.storable(encoded)),
                 None => OnEnd::Release,
             },
             keep => keep,

@@ -494,6 +494,11 @@ where
     let replay_headers = &options.replay_headers;
     let store_status = &options.store_status;
     let max_response_len = layer.executor.config().max_outcome_len;
+    // A response kept without its body: a retry gets its status and headers only.
+    let without_body = |omitted| {
+        layer.executor.count_not_replayable();
+        Ok(omitted)
+    };
     // Resolves when the client stops waiting (its side of the channel dropped).
     let gone = |mut client: tokio::sync::watch::Receiver<()>| async move {
         let _ = client.changed().await;
@@ -552,7 +557,7 @@ where
                         // Headers that alone pass the limit leave no room even for an empty
                         // body (`max_body` is then 0): kept as for a body too large.
                         Ok(_) if stored_overhead(status, &headers, 0) > max_response_len => {
-                            Ok(omitted)
+                            without_body(omitted)
                         }
                         Ok(body) => Ok(StoredResponse {
                             status,
@@ -561,10 +566,10 @@ where
                             head: Some(head),
                             unread: None,
                         }),
-                        Err(_) => Ok(omitted),
+                        Err(_) => without_body(omitted),
                     },
                     // Nobody to answer: the outcome recorded above stands.
-                    () = client_gone => Ok(omitted),
+                    () = client_gone => without_body(omitted),
                 }
             }
         },

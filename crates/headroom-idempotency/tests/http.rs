@@ -389,6 +389,61 @@ async fn a_response_too_large_to_store_runs_once_however_often_the_client_retrie
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
 }
 
+/// `headroom_idempotency_not_replayable_total` counts each kept outcome a retry cannot get
+/// whole, once: a value too large to store (not again for the outcome recorded when the
+/// operation took effect, nor for such an outcome the final value replaced), and a response
+/// kept without its body.
+#[tokio::test]
+async fn outcomes_kept_without_their_body_count_once_as_not_replayable() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let executor = metrics::with_local_recorder(&recorder, || {
+        Idempotency::builder(MemoryLeaseStore::new())
+            .max_outcome_len(1024)
+            .build()
+            .unwrap()
+    });
+    let counted = || {
+        handle
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("headroom_idempotency_not_replayable_total "))
+            .map(str::to_owned)
+    };
+    let scope = headroom_idempotency::Scope::new("acme", "export").unwrap();
+    let large = "x".repeat(4096);
+    for (name, last) in [
+        ("both large", large.clone()),
+        ("last small", "small".to_owned()),
+    ] {
+        let key = headroom_idempotency::IdempotencyKey::new(&name.replace(' ', "-")).unwrap();
+        let (large, last) = (large.clone(), last.clone());
+        executor
+            .execute_leased(&scope, &key, b"x", |lease| async move {
+                lease.took_effect(&large);
+                Ok::<_, Infallible>(last)
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        counted().as_deref(),
+        Some("1"),
+        "counted once, for the large value"
+    );
+    let huge = service_fn(|_: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::from(vec![b'x'; 64 * 1024])))
+    });
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(huge);
+    let (_, headers, _) = send(&mut service, post(Some("\"huge\""), "x")).await;
+    assert_eq!(headers["idempotent-body-omitted"], "true");
+    assert_eq!(
+        counted().as_deref(),
+        Some("2"),
+        "and the response kept without its body"
+    );
+}
+
 /// A response the layer does not store (a 429 asking the client to come back) reaches its
 /// caller whole, however large, with every header: nothing is replayed from it, so nothing of
 /// it may be left out.
