@@ -36,7 +36,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use headroom_core::metrics::{Counter, Gauge};
@@ -228,6 +228,9 @@ struct Inner {
     limit: AtomicUsize,
     gauge: Gauge,
     changes: Counter,
+    /// Set when a load shedder refused a request for the limit's sake (see
+    /// [`AdaptiveLimit::refused_demand`]); taken by the next sample.
+    refused_demand: AtomicBool,
 }
 
 enum State {
@@ -290,7 +293,7 @@ impl Gradient {
         limit.clamp(self.config.min_limit as f64, self.config.max_limit as f64)
     }
 
-    fn sample(&mut self, rtt: Duration, in_flight: usize, outcome: Outcome) -> usize {
+    fn sample(&mut self, rtt: Duration, in_flight: usize, outcome: Outcome, wanted: bool) -> usize {
         let rtt = rtt.as_secs_f64().max(1e-9);
         // Only a success measures the service: a failure may come back at once (a refused
         // connection) or only at a timeout.
@@ -358,8 +361,9 @@ impl Gradient {
         }
         let estimate = match (outcome, self.long_rtt) {
             (Outcome::Dropped, _) => self.limit * 0.5,
-            // An idle service teaches nothing about its ceiling.
-            _ if idle => return self.limit as usize,
+            // An idle service teaches nothing about its ceiling, unless requests were refused
+            // for the limit's sake meanwhile.
+            _ if idle && !wanted => return self.limit as usize,
             (Outcome::Success, Some(long)) => {
                 let gradient = (self.config.rtt_tolerance * long / self.short_rtt).clamp(0.5, 1.0);
                 let allowance = (self.config.queue_size as f64).max(self.limit.sqrt());
@@ -397,6 +401,7 @@ impl AdaptiveLimit {
                 state: Mutex::new(state),
                 limit: AtomicUsize::new(initial),
                 gauge,
+                refused_demand: AtomicBool::new(false),
             }),
         })
     }
@@ -411,15 +416,25 @@ impl AdaptiveLimit {
         self.inner.limit.load(Ordering::Relaxed)
     }
 
+    /// Records that a request was refused because of the limit (by a load shedder keeping its
+    /// priority below a share of it): the next sample counts as a limit in demand, however
+    /// few requests hold permits.
+    pub(crate) fn refused_demand(&self) {
+        self.inner.refused_demand.store(true, Ordering::Relaxed);
+    }
+
     /// Feeds one finished request and returns the (possibly new) limit.
     ///
     /// `rtt` is how long the request held its permit, `in_flight` how many requests held
-    /// one at that moment (this one included). The limit only grows while it is being used:
-    /// an idle service teaches nothing about its ceiling.
+    /// one at that moment (this one included). The limit only grows while it is being used,
+    /// or while requests are refused for its sake (a [`LoadShedder`](crate::LoadShedder) that
+    /// keeps some priorities below a share of it): an idle service teaches nothing about its
+    /// ceiling.
     pub fn sample(&self, rtt: Duration, in_flight: usize, outcome: Outcome) -> usize {
         if outcome == Outcome::Ignored {
             return self.limit();
         }
+        let wanted = self.inner.refused_demand.swap(false, Ordering::Relaxed);
         let mut state = self.inner.state.lock();
         let new = match &mut *state {
             State::Aimd { config, limit } => {
@@ -427,12 +442,12 @@ impl AdaptiveLimit {
                 if outcome == Outcome::Dropped || slow {
                     let backed_off = (*limit as f64 * config.backoff_ratio).floor() as usize;
                     *limit = backed_off.max(config.min_limit);
-                } else if in_flight.saturating_mul(2) >= *limit {
+                } else if wanted || in_flight.saturating_mul(2) >= *limit {
                     *limit = (*limit + 1).min(config.max_limit);
                 }
                 *limit
             }
-            State::Gradient(gradient) => gradient.sample(rtt, in_flight, outcome),
+            State::Gradient(gradient) => gradient.sample(rtt, in_flight, outcome, wanted),
         };
         drop(state);
         let old = self.inner.limit.swap(new, Ordering::Relaxed);

@@ -175,10 +175,13 @@ impl LoadShedder {
         let capacity = bulkhead.limit() as f64 + bulkhead.max_queued() as f64;
         let concurrency = (bulkhead.in_use() + bulkhead.queued()) as f64 / capacity;
         if concurrency >= threshold {
-            return Some(if bulkhead.adaptive().is_some() {
-                Reason::AdaptiveLimit
-            } else {
-                Reason::InFlight
+            return Some(match bulkhead.adaptive() {
+                Some(adaptive) => {
+                    // Demand the limit did not meet, though it may look idle below the share.
+                    adaptive.refused_demand();
+                    Reason::AdaptiveLimit
+                }
+                None => Reason::InFlight,
             });
         }
         let target = config.queue_delay_target?;

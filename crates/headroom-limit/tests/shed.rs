@@ -232,6 +232,60 @@ async fn adaptive_bulkhead_reports_the_adaptive_limit_as_reason() {
     assert_eq!(refused.reason(), Reason::AdaptiveLimit);
 }
 
+/// A bulkhead of an adaptive limit that only sheddable work uses, shed at half the limit: the
+/// work refused for that cap is demand the limit did not meet, so the limit grows to what the
+/// service takes (here, a service as fast at any load) rather than staying where the cap keeps
+/// the work below half of it, which an idle service would look like.
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_capped_by_a_shedder_still_grows_with_the_refused_demand() {
+    use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig, GradientConfig};
+    for config in [
+        AdaptiveConfig::Gradient(GradientConfig {
+            initial_limit: 4,
+            ..GradientConfig::default()
+        }),
+        AdaptiveConfig::Aimd(AimdConfig {
+            initial_limit: 10,
+            ..AimdConfig::default()
+        }),
+    ] {
+        let bulkhead = Bulkhead::builder("batch")
+            .adaptive(config.clone())
+            .build()
+            .unwrap();
+        let shedder = LoadShedder::builder(bulkhead.clone())
+            .shed_at(Priority::Sheddable, 0.4)
+            .build()
+            .unwrap();
+        let start = bulkhead.limit();
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let shedder = shedder.clone();
+                tokio::spawn(async move {
+                    while tokio::time::Instant::now() < until {
+                        match shedder.acquire(Priority::Sheddable).await {
+                            Ok(permit) => {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                drop(permit);
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        assert!(
+            bulkhead.limit() > 2 * start,
+            "{config:?}: the limit stayed at {} (from {start})",
+            bulkhead.limit()
+        );
+    }
+}
+
 /// While a signal given to the shedder is raised, the priorities it names are refused with
 /// `Reason::Signal` on an idle bulkhead; the others, and everyone once it is lowered, get in.
 #[test]
