@@ -593,6 +593,44 @@ async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
     assert_eq!(loads.calls(), 4);
 }
 
+/// Instance A, with fail-safe and a short L1 cap, and instance B, on one L2.
+fn fail_safe_and_other(clock: &ManualClock) -> (Cache<String, String>, Cache<String, String>) {
+    let l2 = store(clock);
+    let a = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(2 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .l2(l2.clone(), ns())
+        .build()
+        .unwrap();
+    let b = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l2(l2, ns())
+        .build()
+        .unwrap();
+    (a, b)
+}
+
+/// Reads `k` through a loader that fails, alone or in a batch.
+async fn read_failing(
+    cache: &Cache<String, String>,
+    k: &String,
+    batch: bool,
+) -> Result<Option<String>, CacheError> {
+    if batch {
+        cache
+            .get_many_or_load(std::slice::from_ref(k), |_keys: Vec<String>| async {
+                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
+            })
+            .await
+            .map(|mut found| found.pop().flatten())
+    } else {
+        cache.get_or_load(k, Counter::default().failing()).await
+    }
+}
+
 /// Instance B removes a key that A holds in L1. Past A's L1 cap, A's load reads B's tombstone
 /// from L2: the key was removed after A's copy was made, so when the loader fails, A serves
 /// no stale copy (and keeps none), for a single read and for a batch alike.
@@ -600,36 +638,15 @@ async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
 async fn fail_safe_serves_no_value_removed_after_it() {
     for batch in [false, true] {
         let clock = ManualClock::new();
-        let l2 = store(&clock);
-        let a: Cache<String, String> = Cache::builder()
-            .clock(clock.clock())
-            .ttl(60 * SEC)
-            .l1_max_ttl(2 * SEC)
-            .fail_safe_max_stale(60 * SEC)
-            .l2(l2.clone(), ns())
-            .build()
-            .unwrap();
-        let b: Cache<String, String> = Cache::builder()
-            .clock(clock.clock())
-            .ttl(60 * SEC)
-            .l2(l2, ns())
-            .build()
-            .unwrap();
-        let loads = Counter::default();
+        let (a, b) = fail_safe_and_other(&clock);
         let k = key("k");
-        a.get_or_load(&k, loads.loader()).await.unwrap();
+        a.get_or_load(&k, Counter::default().loader())
+            .await
+            .unwrap();
         clock.advance(SEC);
         b.remove(&k).await.unwrap();
         clock.advance(2 * SEC);
-        let served = if batch {
-            a.get_many_or_load(std::slice::from_ref(&k), |_keys: Vec<String>| async {
-                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
-            })
-            .await
-            .map(|mut found| found.pop().flatten())
-        } else {
-            a.get_or_load(&k, loads.failing()).await
-        };
+        let served = read_failing(&a, &k, batch).await;
         assert!(
             served.is_err(),
             "a value removed after A's copy was served (batch: {batch}): {served:?}"
@@ -644,21 +661,7 @@ async fn fail_safe_serves_no_value_removed_after_it() {
 async fn fail_safe_serves_no_value_hidden_after_it() {
     for (clear, batch) in [(false, false), (true, false), (false, true), (true, true)] {
         let clock = ManualClock::new();
-        let l2 = store(&clock);
-        let a: Cache<String, String> = Cache::builder()
-            .clock(clock.clock())
-            .ttl(60 * SEC)
-            .l1_max_ttl(2 * SEC)
-            .fail_safe_max_stale(60 * SEC)
-            .l2(l2.clone(), ns())
-            .build()
-            .unwrap();
-        let b: Cache<String, String> = Cache::builder()
-            .clock(clock.clock())
-            .ttl(60 * SEC)
-            .l2(l2, ns())
-            .build()
-            .unwrap();
+        let (a, b) = fail_safe_and_other(&clock);
         let k = key("k");
         a.get_or_load_tagged(&k, &["team"], |k| async move {
             Ok::<_, Infallible>(Some(format!("{k}#1")))
@@ -672,15 +675,7 @@ async fn fail_safe_serves_no_value_hidden_after_it() {
             b.invalidate_tag("team").await;
         }
         clock.advance(2 * SEC);
-        let served = if batch {
-            a.get_many_or_load(std::slice::from_ref(&k), |_keys: Vec<String>| async {
-                Err::<HashMap<String, String>, _>(std::io::Error::other("database down"))
-            })
-            .await
-            .map(|mut found| found.pop().flatten())
-        } else {
-            a.get_or_load(&k, Counter::default().failing()).await
-        };
+        let served = read_failing(&a, &k, batch).await;
         assert!(
             served.is_err(),
             "a value hidden after A's copy was served (clear: {clear}, batch: {batch}): {served:?}"
