@@ -216,6 +216,54 @@ async fn a_refused_enqueue_drops_no_kept_result_or_dedup_key() {
     );
 }
 
+/// The same for an enqueue the store's bytes refuse: when dropping every kept result and
+/// finished job's key would not make room for it (unfinished work fills the bound), nothing
+/// is dropped.
+#[tokio::test]
+async fn an_enqueue_no_room_can_be_made_for_drops_no_kept_result_or_dedup_key() {
+    let store = MemoryJobStore::builder().max_bytes(2 * 1024).build();
+    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
+    let day = day_window();
+    let keyed = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
+    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &keyed, &day).await else {
+        panic!("added");
+    };
+    let request = FetchRequest {
+        consumer: "w",
+        lanes: &[0],
+        max: 1,
+        visibility: Duration::from_secs(60),
+    };
+    let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+    store
+        .complete(
+            &p,
+            number,
+            delivery.attempt,
+            Bytes::from_static(b"ok"),
+            day.dedup_window,
+        )
+        .await
+        .unwrap();
+    let queued = NewJob::new(Bytes::from(vec![b'q'; 1_200]));
+    assert!(matches!(
+        store.enqueue(&p, &queued, &day).await,
+        Ok(Enqueued::Added(_))
+    ));
+    let large = NewJob::new(Bytes::from(vec![b'l'; 600]));
+    let refused = store.enqueue(&p, &large, &day).await.unwrap_err();
+    assert_eq!(refused.kind(), BackendErrorKind::Unavailable);
+    assert!(
+        store.status(&p, number).await.unwrap().is_some(),
+        "the finished job's result was dropped for a refused enqueue"
+    );
+    let retried = store.enqueue(&p, &keyed, &day).await.unwrap();
+    assert!(
+        matches!(retried, Enqueued::Duplicate(n) if n == number),
+        "the dedup key was dropped for a refused enqueue: {retried:?}"
+    );
+}
+
 /// Limits with a dedup window of a day.
 fn day_window() -> EnqueueLimits {
     EnqueueLimits {

@@ -148,6 +148,34 @@ struct State {
 }
 
 impl State {
+    /// Whether dropping finished records and the keys they release would let `need` more
+    /// bytes fit. Counts only until they would: when they would not, they total less than
+    /// `need`, so at most about `need` bytes of them are looked at.
+    fn can_make_room(&self, need: usize, max: usize) -> bool {
+        let mut over = self.bytes.saturating_add(need).saturating_sub(max);
+        for p in self.partitions.values() {
+            if over == 0 {
+                break;
+            }
+            let records = p.finished.iter().filter_map(|(_, number)| {
+                let job = p.jobs.get(number)?;
+                let key = job
+                    .dedup_key
+                    .as_ref()
+                    .filter(|key| p.dedup.get(*key).map(|&(guarded, _)| guarded) == Some(*number));
+                Some(job.bytes() + key.map_or(0, |key| JOB_OVERHEAD + key.len()))
+            });
+            let keys = p.released.iter().map(|(_, key)| JOB_OVERHEAD + key.len());
+            for freed in records.chain(keys) {
+                over = over.saturating_sub(freed);
+                if over == 0 {
+                    break;
+                }
+            }
+        }
+        over == 0
+    }
+
     /// Drops finished records (done and dead), those whose retention ends first, then dedup
     /// keys, those whose window ends first, until `need` more bytes fit or none is left: kept
     /// results and keys must not stop new work.
@@ -530,6 +558,10 @@ impl JobStore for MemoryJobStore {
         });
         if let Some(answer) = answered {
             return Ok(answer);
+        }
+        if !state.can_make_room(need, self.inner.max_bytes) {
+            // Unfinished work fills the bound: refused without dropping anything.
+            fits(&state.bytes, need, self.inner.max_bytes)?;
         }
         state.make_room(need, self.inner.max_bytes);
         self.within(&mut state, partition, now_ms, |p, now| {
