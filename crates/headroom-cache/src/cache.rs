@@ -1102,6 +1102,15 @@ where
             .unwrap_or(false)
     }
 
+    /// Drops L1's copy of `key`, which L2 just told was removed or hidden after it was made,
+    /// unless a write put a newer one there since `write`: once the tombstone or hide is gone
+    /// from L2, the copy must not come back (through fail-safe).
+    fn drop_copy(&self, key: &K, write: WriteMark) {
+        if self.unchanged(write) {
+            self.l1.invalidate(key);
+        }
+    }
+
     /// Whether invalidation messages are being heard now.
     fn heard(&self) -> bool {
         self.invalidation
@@ -1669,8 +1678,12 @@ where
                 }
                 None => None,
             };
+            let held = best.is_some();
             best = best.filter(|copy| !self.hides_copy(copy, now));
             fill = self.adopt(found, &mut best, now);
+            if held && best.is_none() {
+                self.drop_copy(key, write);
+            }
         }
         // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
         // refreshed below); L1 is filled after the callers have it.
@@ -2073,6 +2086,12 @@ where
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();
+            // Which keys L1 held a copy of; none, mostly (L1 missed them all).
+            let held: Vec<bool> = if best.iter().any(Option::is_some) {
+                best.iter().map(Option::is_some).collect()
+            } else {
+                Vec::new()
+            };
             for copy in &mut best {
                 if copy.as_ref().is_some_and(|copy| self.hides_copy(copy, now)) {
                     *copy = None;
@@ -2112,6 +2131,11 @@ where
                         best[i] = None;
                     }
                     fill[i] = self.adopt(found, &mut best[i], now);
+                }
+            }
+            for (i, _) in held.iter().enumerate().filter(|(_, held)| **held) {
+                if best[i].is_none() {
+                    self.drop_copy(&keys[i], writes[i]);
                 }
             }
         }

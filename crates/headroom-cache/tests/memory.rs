@@ -593,7 +593,8 @@ async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
     assert_eq!(loads.calls(), 4);
 }
 
-/// Instance A, with fail-safe and a short L1 cap, and instance B, on one L2.
+/// Instance A, with fail-safe and a short L1 cap, and instance B, on one L2; loads of both
+/// time out after a second, so a tombstone lives only a little longer.
 fn fail_safe_and_other(clock: &ManualClock) -> (Cache<String, String>, Cache<String, String>) {
     let l2 = store(clock);
     let a = Cache::builder()
@@ -601,12 +602,14 @@ fn fail_safe_and_other(clock: &ManualClock) -> (Cache<String, String>, Cache<Str
         .ttl(60 * SEC)
         .l1_max_ttl(2 * SEC)
         .fail_safe_max_stale(60 * SEC)
+        .loader_hard_timeout(SEC)
         .l2(l2.clone(), ns())
         .build()
         .unwrap();
     let b = Cache::builder()
         .clock(clock.clock())
         .ttl(60 * SEC)
+        .loader_hard_timeout(SEC)
         .l2(l2, ns())
         .build()
         .unwrap();
@@ -633,7 +636,8 @@ async fn read_failing(
 
 /// Instance B removes a key that A holds in L1. Past A's L1 cap, A's load reads B's tombstone
 /// from L2: the key was removed after A's copy was made, so when the loader fails, A serves
-/// no stale copy (and keeps none), for a single read and for a batch alike.
+/// no stale copy, and keeps none, so that none comes back once the tombstone is gone; for a
+/// single read and for a batch alike.
 #[tokio::test]
 async fn fail_safe_serves_no_value_removed_after_it() {
     for batch in [false, true] {
@@ -645,13 +649,20 @@ async fn fail_safe_serves_no_value_removed_after_it() {
             .unwrap();
         clock.advance(SEC);
         b.remove(&k).await.unwrap();
-        clock.advance(2 * SEC);
+        // Past A's L1 cap, within the tombstone's life.
+        clock.advance(Duration::from_millis(1_100));
         let served = read_failing(&a, &k, batch).await;
         assert!(
             served.is_err(),
             "a value removed after A's copy was served (batch: {batch}): {served:?}"
         );
         assert_eq!(a.get(&k).await.unwrap(), None, "and kept (batch: {batch})");
+        clock.advance(5 * SEC);
+        let served = read_failing(&a, &k, batch).await;
+        assert!(
+            served.is_err(),
+            "served again past the tombstone (batch: {batch}): {served:?}"
+        );
     }
 }
 
