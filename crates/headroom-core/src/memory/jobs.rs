@@ -376,6 +376,37 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Partition {
+    /// What an enqueue of `job` answers without adding it: a duplicate, or full.
+    fn answer_without_adding(
+        &mut self,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+        now_ms: u64,
+    ) -> Option<Enqueued> {
+        if let Some(key) = &job.dedup_key
+            && let Some(&(number, _)) = self.dedup.get(key)
+        {
+            return Some(Enqueued::Duplicate(number));
+        }
+        if let (Some(tenant), Some(max)) = (&job.tenant, limits.max_per_tenant) {
+            let depth = self.tenants.get(tenant).copied().unwrap_or(0);
+            if depth >= max {
+                return Some(Enqueued::Full {
+                    tenant: true,
+                    depth,
+                    drained_per_sec: self.drain.per_sec(now_ms),
+                    unfinished: self.unfinished,
+                });
+            }
+        }
+        (self.unfinished >= limits.max_len).then(|| Enqueued::Full {
+            tenant: false,
+            depth: self.unfinished,
+            drained_per_sec: self.drain.per_sec(now_ms),
+            unfinished: self.unfinished,
+        })
+    }
+
     /// Drops the records whose retention ended and the dedup keys whose window passed.
     fn expire(&mut self, now_ms: u64, bytes: &mut usize) {
         while let Some(&(at, number)) = self.finished.first() {
@@ -529,42 +560,27 @@ impl JobStore for MemoryJobStore {
             + job.subject.as_ref().map_or(0, Bytes::len)
             + job.dedup_key.as_ref().map_or(0, |k| JOB_OVERHEAD + k.len());
         let now_ms = self.inner.clock.unix_millis();
+        let max_bytes = self.inner.max_bytes;
         let mut state = self.inner.state.lock();
-        // A duplicate or a refused job needs no room: answered before room is made, which
-        // drops kept results and dedup keys.
-        let answered = self.within(&mut state, partition, now_ms, |p, now| {
-            if let Some(key) = &job.dedup_key
-                && let Some(&(number, _)) = p.dedup.get(key)
-            {
-                return Some(Enqueued::Duplicate(number));
+        if state.bytes.saturating_add(need) > max_bytes {
+            // A duplicate or a refused job needs no room: answered before room is made, which
+            // drops kept results and dedup keys.
+            let answer = self.within(&mut state, partition, now_ms, |p, now| {
+                p.answer_without_adding(job, limits, now.ms)
+            });
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
-            if let (Some(tenant), Some(max)) = (&job.tenant, limits.max_per_tenant) {
-                let depth = p.tenants.get(tenant).copied().unwrap_or(0);
-                if depth >= max {
-                    return Some(Enqueued::Full {
-                        tenant: true,
-                        depth,
-                        drained_per_sec: p.drain.per_sec(now.ms),
-                        unfinished: p.unfinished,
-                    });
-                }
+            if !state.can_make_room(need, max_bytes) {
+                // Unfinished work fills the bound: refused without dropping anything.
+                fits(&state.bytes, need, max_bytes)?;
             }
-            (p.unfinished >= limits.max_len).then(|| Enqueued::Full {
-                tenant: false,
-                depth: p.unfinished,
-                drained_per_sec: p.drain.per_sec(now.ms),
-                unfinished: p.unfinished,
-            })
-        });
-        if let Some(answer) = answered {
-            return Ok(answer);
+            state.make_room(need, max_bytes);
         }
-        if !state.can_make_room(need, self.inner.max_bytes) {
-            // Unfinished work fills the bound: refused without dropping anything.
-            fits(&state.bytes, need, self.inner.max_bytes)?;
-        }
-        state.make_room(need, self.inner.max_bytes);
         self.within(&mut state, partition, now_ms, |p, now| {
+            if let Some(answer) = p.answer_without_adding(job, limits, now.ms) {
+                return Ok(answer);
+            }
             let due = now.ms.saturating_add(millis(job.delay));
             let record = Job {
                 state: JobState::Queued,
