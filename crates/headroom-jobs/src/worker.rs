@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
-use headroom_core::lease::Fenced;
+use headroom_core::lease::{Fenced, may_have_applied};
 use headroom_core::{BackendError, BackendErrorKind, Classify, Key};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -912,6 +912,7 @@ where
         charged: delivery.attempt.saturating_sub(delivery.handed_back),
         budget: config.visibility / 2,
         due: std::sync::Mutex::new(extension_due(fetched, config.visibility, false)),
+        held_until: std::sync::Mutex::new(fetched.checked_add(config.visibility)),
     };
     let id = JobId {
         partition: partition as u16,
@@ -1168,6 +1169,10 @@ struct Held<'a, S> {
     /// When the next extension is due ([`extension_due`]). Each phase's heartbeat keeps to
     /// it, so that moving from waiting to running to storing does not start the count again.
     due: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Until when the store holds the job for this worker at the least: a visibility from
+    /// the sending of the fetch or of the last extension it applied (`None` past what an
+    /// `Instant` holds).
+    held_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<S: JobStore> Held<'_, S> {
@@ -1184,7 +1189,10 @@ impl<S: JobStore> Held<'_, S> {
             // Due again soon if this call is cut off (its phase ended).
             self.set_due(extension_due(sent, visibility, true));
             match self.store.extend(self.key, self.number, self.attempt).await {
-                Ok(Fenced::Applied) => self.set_due(extension_due(sent, visibility, false)),
+                Ok(Fenced::Applied) => {
+                    self.set_due(extension_due(sent, visibility, false));
+                    *self.held_until.lock().expect("never poisoned") = sent.checked_add(visibility);
+                }
                 // Due soon, as set above.
                 Err(error) if may_pass(&error) => {}
                 Err(_) => self.set_due(extension_due(sent, visibility, false)),
@@ -1201,9 +1209,10 @@ impl<S: JobStore> Held<'_, S> {
     /// doubling up to a fifth of the budget, and a last try at its end) within the budget.
     /// The step leaves the job `landed`: a refused try is checked against the job's status,
     /// since an earlier try may have been applied with only its answer lost (a timeout), or
-    /// the client sent the step twice (after its connection dropped). After such a try, a job
-    /// `Retrying` may already be running again: another delivery means the step was applied,
-    /// since within the budget (half the visibility) this holder's hold has not lapsed.
+    /// the client sent the step twice (after its connection dropped). After a try that may
+    /// have been applied with its answer lost, a job `Retrying` may already be running again:
+    /// another delivery means the step was applied while this holder's hold has not lapsed,
+    /// since only a lapse lets another worker take the job over otherwise.
     async fn persist<F, Fut>(&self, landed: JobState, step: F) -> Result<Fenced, BackendError>
     where
         F: Fn() -> Fut,
@@ -1220,7 +1229,7 @@ impl<S: JobStore> Held<'_, S> {
                         && deadline
                             .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {
-                    answer_lost = true;
+                    answer_lost |= may_have_applied(&error);
                     // The last try comes at the deadline, not a pause short of it.
                     let left = deadline.map_or(pause, |deadline| {
                         deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -1241,12 +1250,21 @@ impl<S: JobStore> Held<'_, S> {
 
     /// Whether the job is `state` at this holder's attempt (the fencing token: only this
     /// holder's steps can have put it there), or, `Retrying` after a try whose answer may have
-    /// been lost, delivered again since (see [`persist`](Self::persist)).
+    /// been lost, delivered again since while still held here (see [`persist`](Self::persist)).
     async fn landed(&self, state: JobState, answer_lost: bool) -> bool {
+        let held = || {
+            self.held_until
+                .lock()
+                .expect("never poisoned")
+                .is_none_or(|until| tokio::time::Instant::now() < until)
+        };
         match self.store.status(self.key, self.number).await {
             Ok(Some(record)) => {
                 (record.state == state && record.attempt == self.attempt)
-                    || (answer_lost && state == JobState::Retrying && record.attempt > self.attempt)
+                    || (answer_lost
+                        && state == JobState::Retrying
+                        && record.attempt > self.attempt
+                        && held())
             }
             _ => false,
         }

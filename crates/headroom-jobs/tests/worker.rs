@@ -545,6 +545,56 @@ async fn a_hand_back_applied_with_its_answer_lost_counts_as_handed_back() {
     b.shutdown(Duration::ZERO).await;
 }
 
+/// The same rule does not take a takeover for the step: a worker cut off from the store past
+/// the visibility loses its job to another; its handler then fails, and its retry's first try
+/// fails without reaching the store, the next is refused. The job is at a later attempt, but
+/// this worker's hold had lapsed: it was lost, not retried.
+#[tokio::test(start_paused = true)]
+async fn a_retry_refused_after_the_hold_lapsed_counts_as_lost() {
+    let store: SlowStore = SlowStore::default();
+    let (out_of_reach, fail_next_retry) = (
+        Arc::clone(&store.out_of_reach),
+        Arc::clone(&store.fail_next_retry),
+    );
+    let queue = JobQueue::builder("lapsed", store).build().unwrap();
+    let mut quick = WorkerConfig::default();
+    quick.poll_interval = Duration::from_millis(5);
+    let go = Arc::new(tokio::sync::Notify::new());
+    let a = queue
+        .worker({
+            let go = Arc::clone(&go);
+            move |_| {
+                let go = Arc::clone(&go);
+                async move {
+                    go.notified().await;
+                    Err::<Bytes, _>(JobError::retry("gateway 502"))
+                }
+            }
+        })
+        .config(quick.clone())
+        .consumer("a")
+        .visibility(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    let id = queue.enqueue(Job::new("x")).await.unwrap().id;
+    wait_for_state(&queue, id, JobState::Running).await;
+    out_of_reach.store(true, Ordering::Relaxed);
+    let b = queue
+        .worker(|_| std::future::pending::<Result<Bytes, JobError>>())
+        .config(quick)
+        .consumer("b")
+        .start()
+        .unwrap();
+    while queue.status(id).await.unwrap().unwrap().attempt < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fail_next_retry.store(true, Ordering::Relaxed);
+    go.notify_one();
+    let report = a.shutdown(Duration::from_secs(5)).await;
+    assert_eq!((report.lost, report.retried), (1, 0), "{report:?}");
+    b.shutdown(Duration::ZERO).await;
+}
+
 /// Runs one job on `store`, whose first completion is applied whatever it answers, and
 /// checks that the worker counts it done.
 async fn a_completion_applied_counts_as_done(store: SlowStore) {

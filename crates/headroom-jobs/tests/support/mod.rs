@@ -72,6 +72,9 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     fetch_reply_lost: Arc<AtomicBool>,
     lose_first_retry_reply: bool,
     retry_reply_lost: Arc<AtomicBool>,
+    /// While set, the next `retry` fails with a timeout without reaching the store; unset by
+    /// that call.
+    pub(crate) fail_next_retry: Arc<AtomicBool>,
     /// While set, every `recover` is refused with a command error (a script the server will
     /// not run).
     pub(crate) failing_recovers: Arc<AtomicBool>,
@@ -112,6 +115,7 @@ impl<S: JobStore> SlowStore<S> {
             fetch_reply_lost: Arc::default(),
             lose_first_retry_reply: false,
             retry_reply_lost: Arc::default(),
+            fail_next_retry: Arc::default(),
             failing_recovers: Arc::default(),
         }
     }
@@ -383,6 +387,9 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         delay: Duration,
         error: Bytes,
     ) -> Result<Fenced, BackendError> {
+        if self.fail_next_retry.swap(false, Ordering::Relaxed) {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
         let answer = self
             .inner
             .retry(partition, number, attempt, delay, error)
