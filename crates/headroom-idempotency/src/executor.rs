@@ -661,6 +661,7 @@ impl<S: LeaseStore> Idempotency<S> {
             token,
             then: OnEnd::Release,
             lease: None,
+            counted: false,
         };
         let (held, lease) = watch::channel(true);
         let lease = Lease::new(token, lease);
@@ -688,6 +689,8 @@ impl<S: LeaseStore> Idempotency<S> {
                 // It took effect: its outcome is kept (fenced if another holder took over).
                 Some(encoded) => {
                     let kept = self.storable(encoded);
+                    self.count_if_marker(&record, &kept);
+                    guard.counted = true;
                     guard.then = OnEnd::Keep(kept.clone());
                     self.store_outcome(&record, token, kept).await;
                 }
@@ -722,6 +725,8 @@ impl<S: LeaseStore> Idempotency<S> {
             });
         }
         let outcome = self.storable(encode(&value));
+        self.count_if_marker(&record, &outcome);
+        guard.counted = true;
         guard.then = OnEnd::Keep(outcome.clone());
         let stored = self.store_outcome(&record, token, outcome).await;
         guard.then = OnEnd::Nothing;
@@ -758,6 +763,18 @@ impl<S: LeaseStore> Idempotency<S> {
         self.inner.metrics.not_replayable.increment(1);
     }
 
+    /// Counts `outcome`, about to be kept for `record`, when it is the not-replayable marker.
+    fn count_if_marker(&self, record: &Key, outcome: &Bytes) {
+        if outcome.as_ref() == [NOT_REPLAYABLE] {
+            self.count_not_replayable();
+            tracing::warn!(
+                record = ?record,
+                max = self.inner.config.max_outcome_len,
+                "the outcome cannot be stored; later requests with this key get NotReplayable"
+            );
+        }
+    }
+
     /// Stores an outcome, retrying a failing store with a growing pause. `None` when every
     /// attempt failed.
     async fn store_outcome(
@@ -767,14 +784,6 @@ impl<S: LeaseStore> Idempotency<S> {
         outcome: Bytes,
     ) -> Option<Fenced> {
         let inner = &self.inner;
-        if outcome.as_ref() == [NOT_REPLAYABLE] {
-            self.count_not_replayable();
-            tracing::warn!(
-                record = ?record,
-                max = inner.config.max_outcome_len,
-                "the outcome cannot be stored; later requests with this key get NotReplayable"
-            );
-        }
         // Short enough that the pauses together stay well inside the lease.
         let mut backoff = COMPLETE_BACKOFF.min(inner.config.lease / 16);
         for attempt in 1..=COMPLETE_ATTEMPTS {
@@ -909,6 +918,8 @@ struct EndGuard<'a, S: LeaseStore> {
     then: OnEnd,
     /// The running operation's lease, to see whether it took effect.
     lease: Option<Lease>,
+    /// Whether the outcome kept was counted already (when it is the marker).
+    counted: bool,
 }
 
 impl<S: LeaseStore> Drop for EndGuard<'_, S> {
@@ -921,6 +932,11 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
             },
             keep => keep,
         };
+        if let OnEnd::Keep(outcome) = &then
+            && !self.counted
+        {
+            self.executor.count_if_marker(self.record, outcome);
+        }
         // Nothing can be awaited here: the runtime finishes the work. Without a runtime the
         // lease simply expires.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

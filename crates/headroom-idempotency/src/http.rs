@@ -494,9 +494,12 @@ where
     let replay_headers = &options.replay_headers;
     let store_status = &options.store_status;
     let max_response_len = layer.executor.config().max_outcome_len;
-    // A response kept without its body: a retry gets its status and headers only.
-    let without_body = |omitted| {
-        layer.executor.count_not_replayable();
+    // A response kept without its body (when there is a record to keep it in): a retry gets
+    // its status and headers only.
+    let without_body = |omitted, kept: bool| {
+        if kept {
+            layer.executor.count_not_replayable();
+        }
         Ok(omitted)
     };
     // Resolves when the client stops waiting (its side of the channel dropped).
@@ -557,7 +560,7 @@ where
                         // Headers that alone pass the limit leave no room even for an empty
                         // body (`max_body` is then 0): kept as for a body too large.
                         Ok(_) if stored_overhead(status, &headers, 0) > max_response_len => {
-                            without_body(omitted)
+                            without_body(omitted, token.is_some())
                         }
                         Ok(body) => Ok(StoredResponse {
                             status,
@@ -566,10 +569,10 @@ where
                             head: Some(head),
                             unread: None,
                         }),
-                        Err(_) => without_body(omitted),
+                        Err(_) => without_body(omitted, token.is_some()),
                     },
                     // Nobody to answer: the outcome recorded above stands.
-                    () = client_gone => without_body(omitted),
+                    () = client_gone => without_body(omitted, token.is_some()),
                 }
             }
         },
