@@ -320,7 +320,9 @@ local tenant = false
 if ARGV[4] == '1' then
   tenant = ARGV[5]
 end
-local unfinished = int(redis.call('GET', P .. ':n') or '0')
+-- A count of another type (an error here) is as corrupt as one that is not a number.
+local count = redis.pcall('GET', P .. ':n')
+local unfinished = type(count) ~= 'table' and int(count or '0')
 if not unfinished then
   return {'c', 'unfinished count'}
 end
@@ -1008,8 +1010,13 @@ for lane = 0, MAX_LANE do
     end
   end
 end
+-- A count of another type reads as corrupt, as one that is not a number does.
+local unfinished = redis.pcall('GET', P .. ':n')
+if type(unfinished) == 'table' then
+  unfinished = 'of another type'
+end
 return {
-  redis.call('GET', P .. ':n'),
+  unfinished,
   ready,
   running,
   redis.call('ZCARD', P .. ':d'),

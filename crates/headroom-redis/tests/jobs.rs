@@ -1246,6 +1246,20 @@ async fn garbage_in_the_counts_is_a_typed_error(ctx: Ctx) {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    // A count of another type is as corrupt.
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
+    let _: i64 = ctx
+        .raw(redis::cmd("HSET").arg(sub(&p, ":n")).arg("f").arg("1"))
+        .await;
+    let err = ctx.store.stats(&p).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let err = ctx
+        .store
+        .enqueue(&p, &job("b"), &limits(10))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
     // A dedup key holding something other than a number.
     let _: () = ctx
         .raw(redis::cmd("SET").arg(sub(&p, ":dd:k")).arg("nonsense"))
