@@ -1107,6 +1107,8 @@ where
     /// from L2, the copy must not come back (through fail-safe).
     fn drop_copy(&self, key: &K, write: WriteMark) {
         if self.unchanged(write) {
+            // A change to L1, so that a read begun before it does not fill L1 with the copy.
+            self.load_changes_l1(write);
             self.l1.invalidate(key);
         }
     }

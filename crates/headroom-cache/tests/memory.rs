@@ -2865,6 +2865,55 @@ impl KvStore for HeldRead {
     }
 }
 
+/// A read of A whose L2 answer (the value) arrives after A's load found the key removed on B
+/// and dropped A's copy does not put the copy back into L1, where it would be served through
+/// fail-safe once the tombstone is gone.
+#[tokio::test]
+async fn a_slow_read_does_not_bring_back_a_copy_a_load_found_removed() {
+    let clock = ManualClock::new();
+    let shared = MemoryKvStore::builder().clock(clock.clock()).build();
+    let held = HeldRead::new(shared.clone());
+    let a: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .l1_max_ttl(2 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .loader_hard_timeout(SEC)
+        .l2(held.clone(), ns())
+        .build()
+        .unwrap();
+    let b: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(60 * SEC)
+        .loader_hard_timeout(SEC)
+        .l2(shared, ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    a.get_or_load(&k, Counter::default().loader())
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(2_500));
+    held.hold.store(true, Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let (a, k) = (a.clone(), k.clone());
+        async move { a.get(&k).await }
+    });
+    held.held.notified().await;
+    held.hold.store(false, Ordering::SeqCst);
+    b.remove(&k).await.unwrap();
+    assert!(
+        read_failing(&a, &k, false).await.is_err(),
+        "the tombstone seen"
+    );
+    held.gate.add_permits(1);
+    assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("k#1"));
+    let_loads_finish().await;
+    clock.advance(5 * SEC);
+    let served = read_failing(&a, &k, false).await;
+    assert!(served.is_err(), "the removed copy came back: {served:?}");
+}
+
 /// A read whose L2 answer arrives after a refresh found the key gone does not put the old
 /// value back into L1: the removal holds for reads that began before it.
 #[tokio::test]
