@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
-use headroom_core::lease::{Fenced, may_have_applied};
+use headroom_core::lease::Fenced;
 use headroom_core::{BackendError, BackendErrorKind, Classify, Key};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -1209,10 +1209,10 @@ impl<S: JobStore> Held<'_, S> {
     /// doubling up to a fifth of the budget, and a last try at its end) within the budget.
     /// The step leaves the job `landed`: a refused try is checked against the job's status,
     /// since an earlier try may have been applied with only its answer lost (a timeout), or
-    /// the client sent the step twice (after its connection dropped). After a try that may
-    /// have been applied with its answer lost, a job `Retrying` may already be running again:
-    /// another delivery means the step was applied while this holder's hold has not lapsed,
-    /// since only a lapse lets another worker take the job over otherwise.
+    /// the client sent the step twice (after its connection dropped). A job the step made
+    /// `Retrying` may already be running again: another delivery while this holder's hold
+    /// has not lapsed means the step was applied, since only a lapse lets another worker take
+    /// the job over otherwise.
     async fn persist<F, Fut>(&self, landed: JobState, step: F) -> Result<Fenced, BackendError>
     where
         F: Fn() -> Fut,
@@ -1221,7 +1221,6 @@ impl<S: JobStore> Held<'_, S> {
         // No deadline when the budget (half the visibility) is past what an `Instant` holds.
         let deadline = tokio::time::Instant::now().checked_add(self.budget);
         let mut pause = Duration::from_millis(50);
-        let mut answer_lost = false;
         loop {
             match step().await {
                 Err(error)
@@ -1229,7 +1228,6 @@ impl<S: JobStore> Held<'_, S> {
                         && deadline
                             .is_none_or(|deadline| tokio::time::Instant::now() < deadline) =>
                 {
-                    answer_lost |= may_have_applied(&error);
                     // The last try comes at the deadline, not a pause short of it.
                     let left = deadline.map_or(pause, |deadline| {
                         deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -1240,7 +1238,7 @@ impl<S: JobStore> Held<'_, S> {
                 // Rejected after a failed try (which may have been applied), or at once (a
                 // client that sent the step again after its connection dropped): the job in
                 // the state the step leads to, at this attempt, means it was applied.
-                Ok(Fenced::Rejected) if self.landed(landed, answer_lost).await => {
+                Ok(Fenced::Rejected) if self.landed(landed).await => {
                     return Ok(Fenced::Applied);
                 }
                 answer => return answer,
@@ -1249,9 +1247,9 @@ impl<S: JobStore> Held<'_, S> {
     }
 
     /// Whether the job is `state` at this holder's attempt (the fencing token: only this
-    /// holder's steps can have put it there), or, `Retrying` after a try whose answer may have
-    /// been lost, delivered again since while still held here (see [`persist`](Self::persist)).
-    async fn landed(&self, state: JobState, answer_lost: bool) -> bool {
+    /// holder's steps can have put it there), or, `Retrying`, delivered again since while
+    /// still held here (see [`persist`](Self::persist)).
+    async fn landed(&self, state: JobState) -> bool {
         let held = || {
             self.held_until
                 .lock()
@@ -1261,10 +1259,7 @@ impl<S: JobStore> Held<'_, S> {
         match self.store.status(self.key, self.number).await {
             Ok(Some(record)) => {
                 (record.state == state && record.attempt == self.attempt)
-                    || (answer_lost
-                        && state == JobState::Retrying
-                        && record.attempt > self.attempt
-                        && held())
+                    || (state == JobState::Retrying && record.attempt > self.attempt && held())
             }
             _ => false,
         }

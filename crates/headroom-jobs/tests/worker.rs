@@ -511,9 +511,24 @@ async fn a_job_whose_completion_was_sent_twice_counts_as_done() {
 /// store then refuses. The job was handed back, not lost, and counts so.
 #[tokio::test(start_paused = true)]
 async fn a_hand_back_applied_with_its_answer_lost_counts_as_handed_back() {
-    let queue = JobQueue::builder("handed", SlowStore::first_retry_reply_lost())
-        .build()
-        .unwrap();
+    a_hand_back_refused_after_it_was_applied_counts_as_handed_back(
+        SlowStore::first_retry_reply_lost(),
+    )
+    .await;
+}
+
+/// The same when the client sent the hand-back again (Redis Cluster's does after a dropped
+/// connection) and the store refused the second: no error was seen, the job was handed back.
+#[tokio::test(start_paused = true)]
+async fn a_hand_back_sent_twice_counts_as_handed_back() {
+    a_hand_back_refused_after_it_was_applied_counts_as_handed_back(SlowStore::first_retry_resent())
+        .await;
+}
+
+/// Runs one job that a shutdown cuts off, on `store`, whose first hand-back is applied but
+/// answered otherwise while a second worker fetches the job: it counts as handed back.
+async fn a_hand_back_refused_after_it_was_applied_counts_as_handed_back(store: SlowStore) {
+    let queue = JobQueue::builder("handed", store).build().unwrap();
     let mut quick = WorkerConfig::default();
     quick.poll_interval = Duration::from_millis(5);
     let long = |_| async {

@@ -75,6 +75,10 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     /// While set, the next `retry` fails with a timeout without reaching the store; unset by
     /// that call.
     pub(crate) fail_next_retry: Arc<AtomicBool>,
+    /// The first `retry` is applied, then sent again once the job was delivered again, and
+    /// answered as the second time, as Redis Cluster's client does after a dropped connection.
+    resend_first_retry: bool,
+    retry_resent: Arc<AtomicBool>,
     /// While set, every `recover` is refused with a command error (a script the server will
     /// not run).
     pub(crate) failing_recovers: Arc<AtomicBool>,
@@ -116,6 +120,8 @@ impl<S: JobStore> SlowStore<S> {
             lose_first_retry_reply: false,
             retry_reply_lost: Arc::default(),
             fail_next_retry: Arc::default(),
+            resend_first_retry: false,
+            retry_resent: Arc::default(),
             failing_recovers: Arc::default(),
         }
     }
@@ -153,6 +159,15 @@ impl SlowStore {
     pub(crate) fn slow_completions(takes: Duration) -> Self {
         Self {
             completion_takes: takes,
+            ..Self::default()
+        }
+    }
+
+    /// The first `retry` (a hand-back too) is applied, then sent again once another delivery
+    /// took the job, and answered as the second time.
+    pub(crate) fn first_retry_resent() -> Self {
+        Self {
+            resend_first_retry: true,
             ..Self::default()
         }
     }
@@ -392,8 +407,22 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         }
         let answer = self
             .inner
-            .retry(partition, number, attempt, delay, error)
+            .retry(partition, number, attempt, delay, error.clone())
             .await;
+        if self.resend_first_retry && !self.retry_resent.swap(true, Ordering::Relaxed) {
+            while self
+                .inner
+                .status(partition, number)
+                .await?
+                .is_some_and(|record| record.attempt <= attempt)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            return self
+                .inner
+                .retry(partition, number, attempt, delay, error)
+                .await;
+        }
         if self.lose_first_retry_reply && !self.retry_reply_lost.swap(true, Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Timeout));
         }
