@@ -661,7 +661,6 @@ impl<S: LeaseStore> Idempotency<S> {
             token,
             then: OnEnd::Release,
             lease: None,
-            counted: false,
         };
         let (held, lease) = watch::channel(true);
         let lease = Lease::new(token, lease);
@@ -689,10 +688,8 @@ impl<S: LeaseStore> Idempotency<S> {
                 // It took effect: its outcome is kept (fenced if another holder took over).
                 Some(encoded) => {
                     let kept = self.storable(encoded);
-                    self.count_if_marker(&record, &kept);
-                    guard.counted = true;
                     guard.then = OnEnd::Keep(kept.clone());
-                    self.store_outcome(&record, token, kept).await;
+                    self.keep_outcome(&record, token, kept).await;
                 }
                 // A no-op if another holder took over; otherwise a retry need not wait out the
                 // lease.
@@ -725,10 +722,8 @@ impl<S: LeaseStore> Idempotency<S> {
             });
         }
         let outcome = self.storable(encode(&value));
-        self.count_if_marker(&record, &outcome);
-        guard.counted = true;
         guard.then = OnEnd::Keep(outcome.clone());
-        let stored = self.store_outcome(&record, token, outcome).await;
+        let stored = self.keep_outcome(&record, token, outcome).await;
         guard.then = OnEnd::Nothing;
         match stored {
             Some(Fenced::Applied) => Ok(Executed {
@@ -763,9 +758,18 @@ impl<S: LeaseStore> Idempotency<S> {
         self.inner.metrics.not_replayable.increment(1);
     }
 
-    /// Counts `outcome`, about to be kept for `record`, when it is the not-replayable marker.
-    fn count_if_marker(&self, record: &Key, outcome: &Bytes) {
-        if outcome.as_ref() == [NOT_REPLAYABLE] {
+    /// [`store_outcome`](Self::store_outcome), counting the not-replayable marker once the
+    /// store took it. A call dropped meanwhile leaves the store to its guard, which counts
+    /// the same way.
+    async fn keep_outcome(
+        &self,
+        record: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+    ) -> Option<Fenced> {
+        let marker = outcome.as_ref() == [NOT_REPLAYABLE];
+        let stored = self.store_outcome(record, token, outcome).await;
+        if marker && stored == Some(Fenced::Applied) {
             self.count_not_replayable();
             tracing::warn!(
                 record = ?record,
@@ -773,6 +777,7 @@ impl<S: LeaseStore> Idempotency<S> {
                 "the outcome cannot be stored; later requests with this key get NotReplayable"
             );
         }
+        stored
     }
 
     /// Stores an outcome, retrying a failing store with a growing pause. `None` when every
@@ -918,8 +923,6 @@ struct EndGuard<'a, S: LeaseStore> {
     then: OnEnd,
     /// The running operation's lease, to see whether it took effect.
     lease: Option<Lease>,
-    /// Whether the outcome kept was counted already (when it is the marker).
-    counted: bool,
 }
 
 impl<S: LeaseStore> Drop for EndGuard<'_, S> {
@@ -932,11 +935,6 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
             },
             keep => keep,
         };
-        if let OnEnd::Keep(outcome) = &then
-            && !self.counted
-        {
-            self.executor.count_if_marker(self.record, outcome);
-        }
         // Nothing can be awaited here: the runtime finishes the work. Without a runtime the
         // lease simply expires.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -946,7 +944,7 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
         runtime.spawn(async move {
             match then {
                 OnEnd::Keep(outcome) => {
-                    executor.store_outcome(&record, token, outcome).await;
+                    executor.keep_outcome(&record, token, outcome).await;
                 }
                 _ => executor.release(&record, token).await,
             }

@@ -702,45 +702,57 @@ impl FlakyComplete {
     }
 }
 
-/// A value too large to keep counts once as not replayable, even when the call is dropped while
-/// its marker is being stored and the marker is stored again in the background.
+/// A value too large to keep counts once as not replayable when its marker is kept: once,
+/// even when the call is dropped while the marker is being stored and it is stored again in
+/// the background; not at all when the store never takes it (a retry then runs again).
 #[tokio::test]
-async fn a_marker_stored_again_after_a_drop_counts_once() {
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    let clock = ManualClock::new();
-    let store = FlakyComplete {
-        store: MemoryLeaseStore::with_limits(clock.clock(), 100),
-        failures: Arc::new(AtomicUsize::new(1)),
-        calls: Arc::new(AtomicUsize::new(0)),
-        applied: false,
-    };
-    let idem = metrics::with_local_recorder(&recorder, || {
-        Idempotency::builder(store.clone())
-            .clock(clock.clock())
-            .max_outcome_len(64)
-            .build()
-            .unwrap()
-    });
-    let (scope, key) = (scope(), key("k"));
-    let mut call = Box::pin(idem.execute(&scope, &key, b"x", || async {
-        Ok::<String, ()>("x".repeat(1024))
-    }));
-    // The first store of the marker fails: the call waits before trying again, and is dropped.
-    assert!((&mut call).now_or_never().is_none());
-    drop(call);
-    settle().await;
-    assert_eq!(
-        store.calls.load(Ordering::SeqCst),
-        2,
-        "stored again in the background"
-    );
-    let counted = handle
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix("headroom_idempotency_not_replayable_total "))
-        .map(str::to_owned);
-    assert_eq!(counted.as_deref(), Some("1"));
+async fn a_marker_counts_once_when_kept_and_not_when_never_kept() {
+    for never_kept in [false, true] {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let clock = ManualClock::new();
+        let store = FlakyComplete {
+            store: MemoryLeaseStore::with_limits(clock.clock(), 100),
+            failures: Arc::new(AtomicUsize::new(if never_kept { 100 } else { 1 })),
+            calls: Arc::new(AtomicUsize::new(0)),
+            applied: false,
+        };
+        let idem = metrics::with_local_recorder(&recorder, || {
+            Idempotency::builder(store.clone())
+                .clock(clock.clock())
+                .max_outcome_len(64)
+                .build()
+                .unwrap()
+        });
+        let (scope, key) = (scope(), key("k"));
+        let mut call = Box::pin(idem.execute(&scope, &key, b"x", || async {
+            Ok::<String, ()>("x".repeat(1024))
+        }));
+        // The first store of the marker fails: the call waits before trying again.
+        assert!((&mut call).now_or_never().is_none());
+        if never_kept {
+            while (&mut call).now_or_never().is_none() {
+                clock.advance(Duration::from_millis(10));
+                settle().await;
+            }
+        } else {
+            // Dropped: the marker is stored again in the background.
+            drop(call);
+            settle().await;
+            assert_eq!(store.calls.load(Ordering::SeqCst), 2);
+        }
+        let counted = handle
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix("headroom_idempotency_not_replayable_total "))
+            .map(str::to_owned);
+        let expected = if never_kept { "0" } else { "1" };
+        assert_eq!(
+            counted.as_deref(),
+            Some(expected),
+            "never kept: {never_kept}"
+        );
+    }
 }
 
 /// Storing an outcome is retried after a pause that grows, not at once, so a store that is
