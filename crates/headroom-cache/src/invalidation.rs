@@ -30,6 +30,7 @@ use headroom_core::bus::{BusEvent, DynInvalidationBus, InvalidationBus, Subscrip
 use headroom_core::metrics::{Counter, Gauge, Histogram};
 use headroom_core::{Clock, Key};
 use headroom_core::{counter, gauge, histogram};
+use indexmap::IndexSet;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -203,9 +204,11 @@ impl InvalidationMetrics {
 /// Keys waiting for the publisher task.
 #[derive(Default)]
 struct Outbox {
-    keys: Vec<Vec<u8>>,
+    /// Each key once, in the order first queued: a key written again while queued does not
+    /// fill the outbox.
+    keys: IndexSet<Vec<u8>>,
     /// Keys written whose L2 copies could not be updated.
-    outdated: Vec<Vec<u8>>,
+    outdated: IndexSet<Vec<u8>>,
     /// Each tag once, with the time of its latest invalidation (Unix ms): the message hides
     /// the entries carrying it written up to then.
     tags: HashMap<String, u64>,
@@ -500,8 +503,8 @@ impl Shared {
                 outbox.keys.extend(keys);
             }
             if outbox.keys.len() + outbox.outdated.len() > self.config.max_pending_keys {
-                outbox.keys = Vec::new();
-                outbox.outdated = Vec::new();
+                outbox.keys = IndexSet::new();
+                outbox.outdated = IndexSet::new();
                 outbox.overflowed = true;
             }
         }
@@ -562,7 +565,7 @@ impl Shared {
         // Several messages when the queue is large: each fits any bus (see MESSAGE_BYTES).
         while !outbox.keys.is_empty() {
             let n = fitting(outbox.keys.iter().map(Vec::len));
-            let keys: Vec<&[u8]> = outbox.keys[..n].iter().map(Vec::as_slice).collect();
+            let keys: Vec<&[u8]> = outbox.keys.iter().take(n).map(Vec::as_slice).collect();
             if !self.send(Action::Keys(keys)).await {
                 return false;
             }
@@ -570,7 +573,7 @@ impl Shared {
         }
         while !outbox.outdated.is_empty() {
             let n = fitting(outbox.outdated.iter().map(Vec::len));
-            let keys: Vec<&[u8]> = outbox.outdated[..n].iter().map(Vec::as_slice).collect();
+            let keys: Vec<&[u8]> = outbox.outdated.iter().take(n).map(Vec::as_slice).collect();
             if !self.send(Action::Outdated(keys)).await {
                 return false;
             }
@@ -621,8 +624,8 @@ impl Shared {
         if unsent.overflowed
             || unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys
         {
-            unsent.keys = Vec::new();
-            unsent.outdated = Vec::new();
+            unsent.keys = IndexSet::new();
+            unsent.outdated = IndexSet::new();
             unsent.overflowed = true;
         }
         *outbox = unsent;

@@ -1283,6 +1283,44 @@ async fn an_overflowing_outbox_flushes_l1_but_hides_no_l2_entry() {
     assert_eq!(served, Some(7), "the L2 entry nobody wrote stays visible");
 }
 
+/// A key written again and again while the bus refuses messages is queued once: the writes
+/// do not overflow the outbox and flush the other instances' L1 for one key changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_again_while_queued_is_queued_once() {
+    let ns = unique_namespace("hot");
+    let mut small = config();
+    small.max_pending_keys = 4;
+    let build = |parts: Parts| -> Cache<String, u64> {
+        Cache::builder()
+            .ttl(Duration::from_secs(60))
+            .l2(parts.0, ns.clone())
+            .invalidation(parts.1, small.clone())
+            .build()
+            .expect("build")
+    };
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let a = build((
+        DynKvStore::new(store.clone()),
+        DynInvalidationBus::new(faulty.clone()),
+    ));
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    let b = build(b_parts);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("untouched".into(), 7).await.unwrap();
+    a.insert("hot".into(), 0).await.unwrap();
+    settle_in_l1(&b, &b_calls, "untouched", 7).await;
+    settle_in_l1(&b, &b_calls, "hot", 0).await;
+    faulty.failing.store(true, Ordering::SeqCst);
+    for i in 1..10 {
+        a.insert("hot".into(), i).await.unwrap();
+    }
+    faulty.failing.store(false, Ordering::SeqCst);
+    // B drops its copy of "hot" only when A's message arrives.
+    settle_value(&b, "hot", Some(9)).await;
+    served_from_l1_throughout(&b, &b_calls, "untouched", 7, Duration::from_millis(50)).await;
+}
+
 /// Serves `key` on `cache` for `window` and asserts that no read goes to L2: L1 was not
 /// flushed meanwhile.
 async fn served_from_l1_throughout(
