@@ -729,6 +729,16 @@ struct Origin {
     heard: Instant,
     /// Not heard for `max_silence`: flushed for once, not waited for any more.
     silent: bool,
+    /// This instance lost messages since the origin was last heard, and flushes and bypasses
+    /// L1 until it hears again: the numbers the origin's next message skips are covered.
+    resync: bool,
+}
+
+/// After this instance lost messages: each origin's next message sets its count afresh.
+fn resync(origins: &mut HashMap<u64, Origin>) {
+    for origin in origins.values_mut() {
+        origin.resync = true;
+    }
 }
 
 /// Silent origins remembered (most are crashed instances, which never speak again); past
@@ -813,6 +823,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     if live && now.saturating_duration_since(heard) >= silence {
                         live = false;
                         shared.set_healthy(false);
+                        resync(&mut origins);
                         if !lost(Flush::Silence) { return; }
                     }
                     // An origin that fell silent may have written without telling: flush
@@ -839,6 +850,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     tracing::debug!(?reason, "invalidation messages lost");
                     live = false;
                     shared.set_healthy(false);
+                    resync(&mut origins);
                     if !lost(Flush::Lost) {
                         return;
                     }
@@ -875,7 +887,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     shared.metrics.lag.record(Duration::from_millis(lag));
                     let known = origins.get_mut(&message.origin);
                     let gap = match &known {
-                        Some(origin) => message.seq > origin.next_seq,
+                        Some(origin) => !origin.resync && message.seq > origin.next_seq,
                         // A new instance starts at 0; a later number means missed messages.
                         None => message.seq > 0,
                     };
@@ -884,6 +896,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                             origin.next_seq = origin.next_seq.max(message.seq.saturating_add(1));
                             origin.heard = now;
                             origin.silent = false;
+                            origin.resync = false;
                         }
                         None => {
                             origins.insert(
@@ -892,6 +905,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                                     next_seq: message.seq.saturating_add(1),
                                     heard: now,
                                     silent: false,
+                                    resync: false,
                                 },
                             );
                         }

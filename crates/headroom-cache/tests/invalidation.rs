@@ -867,6 +867,50 @@ async fn a_silent_subscription_bypasses_l1_until_heard_again() {
     settle(|| b.l1_in_use()).await;
 }
 
+/// A subscriber that lost messages for a while (here it heard nothing, and noticed) flushes
+/// once when it hears again: not once more for each writer, whose next message shows the
+/// numbers it missed, all covered by that flush.
+#[tokio::test(start_paused = true)]
+async fn a_subscriber_back_from_a_loss_flushes_once_not_once_per_writer() {
+    let ns = unique_namespace("resync");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let faulty = Faulty::new(bus.clone());
+    let writers: Vec<_> = (0..3)
+        .map(|_| {
+            cache(
+                (
+                    DynKvStore::new(store.clone()),
+                    DynInvalidationBus::new(bus.clone()),
+                ),
+                &ns,
+            )
+        })
+        .collect();
+    let (b_parts, b_calls) = probed((
+        DynKvStore::new(store),
+        DynInvalidationBus::new(faulty.clone()),
+    ));
+    let b = cache(b_parts, &ns);
+    let mut all = writers.clone();
+    all.push(b.clone());
+    live(&all).await;
+    writers[0].insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    faulty.silenced.store(true, Ordering::SeqCst);
+    settle(|| !b.l1_in_use()).await;
+    faulty.silenced.store(false, Ordering::SeqCst);
+    settle(|| b.l1_in_use()).await;
+    // Every writer speaks within a ping interval; each L1 flush sends the next read to L2.
+    let before = b_calls.reads();
+    let until = Instant::now() + 3 * config().ping_interval;
+    while Instant::now() < until {
+        assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let from_l2 = b_calls.reads() - before;
+    assert!(from_l2 <= 1, "L1 flushed {from_l2} times after the loss");
+}
+
 /// A writes L2 but its messages no longer get out (no error anywhere): B notices A's silence
 /// and flushes its L1 within the bound.
 #[tokio::test(start_paused = true)]
