@@ -295,7 +295,14 @@ where
             inner: Arc::new(Inner {
                 fleet_lock,
                 invalidation: invalidation.map(|(bus, channel, invalidation)| {
-                    Invalidation::new(bus, channel, invalidation, clock.clone(), &config.name)
+                    Invalidation::new(
+                        bus,
+                        channel,
+                        invalidation,
+                        config.l2_max_pending_deletes,
+                        clock.clone(),
+                        &config.name,
+                    )
                 }),
                 // Until the subscription is live, writes by others may go unseen.
                 external_live: external_writes

@@ -239,6 +239,21 @@ fn fitting(lengths: impl Iterator<Item = usize>) -> usize {
 }
 
 impl Outbox {
+    /// Past `max_keys` keys, one flush stands for them all. Outdated keys count apart, up to
+    /// `max_outdated`, so that a burst of writes does not drop them (a flush empties L1, not
+    /// the old L2 copies the others would read back); past that many, they are given up too,
+    /// and the others read those copies until they are deleted or expire.
+    fn bound(&mut self, max_keys: usize, max_outdated: usize) {
+        if self.overflowed || self.keys.len() > max_keys {
+            self.keys = IndexSet::new();
+            self.overflowed = true;
+        }
+        if self.outdated.len() > max_outdated {
+            self.outdated = IndexSet::new();
+            self.overflowed = true;
+        }
+    }
+
     /// A clear at `at` covers every key queued before it (outdated ones too: their L2 copies
     /// were written before it), and every tag invalidated up to then; a tag invalidated
     /// later still hides what the clear does not.
@@ -383,6 +398,9 @@ struct Shared {
     /// Shut down: no message is heard any more, so L1 is never used again.
     stopped: AtomicBool,
     outbox: Mutex<Outbox>,
+    /// The most outdated keys queued: as many as the L2 deletes a cache owes and remembers
+    /// (`CacheConfig::l2_max_pending_deletes`), since each is one.
+    max_outdated: usize,
     wake: Notify,
     seq: AtomicU64,
     metrics: InvalidationMetrics,
@@ -395,6 +413,7 @@ impl Invalidation {
         bus: DynInvalidationBus,
         channel: Key,
         config: InvalidationConfig,
+        max_outdated: usize,
         clock: Clock,
         cache_name: &str,
     ) -> Self {
@@ -402,6 +421,7 @@ impl Invalidation {
             bus,
             channel,
             config,
+            max_outdated,
             clock,
             origin: fastrand::u64(..),
             healthy: AtomicBool::new(false),
@@ -493,21 +513,18 @@ impl Shared {
             return;
         }
         let mut outbox = self.outbox.lock();
-        // A queued clear flushes L1 when it arrives, after these writes, so it stands for
-        // their keys; not for an outdated L2 copy, which may be newer than the clear's call.
-        if !outbox.overflowed && (outdated || outbox.clear.is_none()) {
-            let keys = keys.map(<[u8]>::to_vec);
-            if outdated {
-                outbox.outdated.extend(keys);
-            } else {
-                outbox.keys.extend(keys);
-            }
-            if outbox.keys.len() + outbox.outdated.len() > self.config.max_pending_keys {
-                outbox.keys = IndexSet::new();
-                outbox.outdated = IndexSet::new();
-                outbox.overflowed = true;
-            }
+        let keys = keys.map(<[u8]>::to_vec);
+        if outdated {
+            // Kept through an overflow of the other keys: a flush empties L1, not the old L2
+            // copies the others would read back. Nor does a queued clear stand for them: an
+            // outdated copy may be newer than the clear's call.
+            outbox.outdated.extend(keys);
+        } else if !outbox.overflowed && outbox.clear.is_none() {
+            // A queued clear flushes L1 when it arrives, after these writes, so it stands for
+            // their keys; so does a queued flush.
+            outbox.keys.extend(keys);
         }
+        outbox.bound(self.config.max_pending_keys, self.max_outdated);
         drop(outbox);
         self.wake.notify_one();
     }
@@ -620,14 +637,7 @@ impl Shared {
         }
         unsent.outdated.extend(newer.outdated);
         unsent.overflowed |= newer.overflowed;
-        // Past the limit, one flush stands for every key, as when they are queued.
-        if unsent.overflowed
-            || unsent.keys.len() + unsent.outdated.len() > self.config.max_pending_keys
-        {
-            unsent.keys = IndexSet::new();
-            unsent.outdated = IndexSet::new();
-            unsent.overflowed = true;
-        }
+        unsent.bound(self.config.max_pending_keys, self.max_outdated);
         *outbox = unsent;
     }
 
@@ -1047,6 +1057,7 @@ mod tests {
             DynInvalidationBus::new(bus),
             channel,
             config,
+            10_000,
             Clock::system(),
             "pings",
         );

@@ -1751,15 +1751,29 @@ async fn writer_with_failing_l2_and_reader(
     Cache<String, u64>,
     Arc<Calls>,
 ) {
+    writer_with_failing_l2_and_reader_on(ns, config()).await
+}
+
+/// [`writer_with_failing_l2_and_reader`] with invalidation configured as `config`.
+async fn writer_with_failing_l2_and_reader_on(
+    ns: &Namespace,
+    config: InvalidationConfig,
+) -> (
+    Cache<String, u64>,
+    Arc<Calls>,
+    Faulty,
+    Cache<String, u64>,
+    Arc<Calls>,
+) {
     let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
     let faulty = Faulty::new(bus.clone());
     let (a_parts, a_calls) = probed((
         DynKvStore::new(store.clone()),
         DynInvalidationBus::new(faulty.clone()),
     ));
-    let a = cache(a_parts, ns);
+    let a = cache_with(a_parts, ns, Clock::system(), config.clone());
     let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
-    let b = cache(b_parts, ns);
+    let b = cache_with(b_parts, ns, Clock::system(), config);
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
     settle_in_l1(&b, &b_calls, "k", 1).await;
@@ -1793,6 +1807,30 @@ async fn a_write_that_missed_l2_is_not_served_from_the_old_copy_by_others() {
             b.get(&"k".to_owned()).await.unwrap(),
             Some(1),
             "B serves the L2 copy A's write replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The same when A's write is one of a burst that overflows A's queue of keys: the others
+/// flush L1 for the burst's keys, and still hear which L2 copies are outdated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_missed_l2_is_not_served_from_the_old_copies_by_others() {
+    let ns = unique_namespace("missed-burst");
+    let mut small = config();
+    small.max_pending_keys = 4;
+    let (a, a_calls, _, b, _) = writer_with_failing_l2_and_reader_on(&ns, small).await;
+    a_calls.fail.store(true, Ordering::SeqCst);
+    let burst: Vec<String> = std::iter::once("k".to_owned())
+        .chain((0..5).map(|i| format!("x{i}")))
+        .collect();
+    a.remove_many(&burst).await.unwrap();
+    stops_serving(&b, 1, Duration::from_secs(2), "the flush").await;
+    for _ in 0..50 {
+        assert_ne!(
+            b.get(&"k".to_owned()).await.unwrap(),
+            Some(1),
+            "B serves the L2 copy A's removal replaced"
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
