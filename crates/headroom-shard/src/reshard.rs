@@ -811,8 +811,11 @@ impl<H, R: Router> Migration<H, R> {
                 continue;
             }
             let owner = self.from.write_shard(old_shard)?;
-            let mirror = self.to.write_shard(new_shard)?;
+            let mirror = self.to.primary_target(new_shard)?;
             let moving = phase.mirrors() && mirror.node_id() != owner.node_id();
+            if moving {
+                self.to.count_write(new_shard);
+            }
             return Ok(WriteRoute {
                 owner,
                 mirror: moving.then_some(mirror),

@@ -383,12 +383,24 @@ impl<H, R: Router> Topology<H, R> {
     pub fn write_shard(&self, shard: ShardId) -> Result<Target<'_, H>, UnknownShard> {
         let entry = self.entry(shard)?;
         entry.routed_writes.increment(1);
-        Ok(Target::new(
-            &self.nodes[entry.primary],
-            shard,
-            Role::Primary,
-            self.epoch,
-        ))
+        Ok(self.primary_of(entry, shard))
+    }
+
+    /// `shard`'s primary, as a write's target, not counted as routed (a migration asks for a
+    /// key's new primary before it knows whether the write goes there).
+    pub(crate) fn primary_target(&self, shard: ShardId) -> Result<Target<'_, H>, UnknownShard> {
+        Ok(self.primary_of(self.entry(shard)?, shard))
+    }
+
+    fn primary_of(&self, entry: &ShardEntry, shard: ShardId) -> Target<'_, H> {
+        Target::new(&self.nodes[entry.primary], shard, Role::Primary, self.epoch)
+    }
+
+    /// Counts a write routed to `shard` (a known one).
+    pub(crate) fn count_write(&self, shard: ShardId) {
+        if let Ok(entry) = self.entry(shard) {
+            entry.routed_writes.increment(1);
+        }
     }
 
     /// Reports the replication status of node `id`, dated now; returns whether the node exists.

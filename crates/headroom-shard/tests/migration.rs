@@ -468,6 +468,27 @@ async fn phases_advance_in_order_with_checks() {
     );
 }
 
+/// A write of a key that stays where it is counts once in `headroom_shard_routed_total`
+/// during a migration, not once more for the new topology's primary it does not go to.
+#[tokio::test]
+async fn a_write_that_does_not_move_is_counted_once() {
+    let recorder = TestRecorder::default();
+    let migration = metrics::with_local_recorder(&recorder, || {
+        let from = Arc::new(jump_topology(1, &[(0..16, "a")]));
+        let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+        Migration::new("m", from, to).unwrap()
+    });
+    let staying = (0..1000u64)
+        .find(|k| migration.to_topology().shard_of(k) < ShardId(8))
+        .unwrap();
+    let shard = migration.to_topology().shard_of(&staying);
+    let route = migration.write(&staying).unwrap();
+    assert!(route.mirror().is_none());
+    drop(route);
+    let series = format!("headroom_shard_routed_total{{op=write,shard={shard},topology=default}}");
+    assert_eq!(recorder.counter(&series), 1, "{series}");
+}
+
 #[tokio::test]
 async fn routing_follows_the_phase_table() {
     let recorder = TestRecorder::default();
