@@ -169,51 +169,13 @@ async fn dedup_keys_of_finished_jobs_make_room_behind_many_unfinished_ones() {
 /// enqueue run its job a second time.
 #[tokio::test]
 async fn a_refused_enqueue_drops_no_kept_result_or_dedup_key() {
-    let store = MemoryJobStore::builder().max_bytes(2 * 1024).build();
-    let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
     let one = EnqueueLimits {
         max_len: 1,
         ..day_window()
     };
-    let keyed = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
-    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &keyed, &one).await else {
-        panic!("added");
-    };
-    let request = FetchRequest {
-        consumer: "w",
-        lanes: &[0],
-        max: 1,
-        visibility: Duration::from_secs(60),
-    };
-    let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
-    store
-        .complete(
-            &p,
-            number,
-            delivery.attempt,
-            Bytes::from_static(b"ok"),
-            day_window().dedup_window,
-        )
-        .await
-        .unwrap();
-    let queued = NewJob::new(Bytes::from(vec![b'q'; 512]));
-    assert!(matches!(
-        store.enqueue(&p, &queued, &one).await,
-        Ok(Enqueued::Added(_))
-    ));
     // Too large to fit beside what is kept, and refused by the queue's bound anyway.
-    let large = NewJob::new(Bytes::from(vec![b'l'; 1_200]));
-    let refused = store.enqueue(&p, &large, &one).await.unwrap();
-    assert!(matches!(refused, Enqueued::Full { .. }), "{refused:?}");
-    assert!(
-        store.status(&p, number).await.unwrap().is_some(),
-        "the finished job's result was dropped for a refused enqueue"
-    );
-    let retried = store.enqueue(&p, &keyed, &one).await.unwrap();
-    assert!(
-        matches!(retried, Enqueued::Duplicate(n) if n == number),
-        "the dedup key was dropped for a refused enqueue: {retried:?}"
-    );
+    let refused = refusal_keeps_what_was_kept(&one, 512, 1_200).await;
+    assert!(matches!(refused, Ok(Enqueued::Full { .. })), "{refused:?}");
 }
 
 /// The same for an enqueue the store's bytes refuse: when dropping every kept result and
@@ -221,11 +183,22 @@ async fn a_refused_enqueue_drops_no_kept_result_or_dedup_key() {
 /// is dropped.
 #[tokio::test]
 async fn an_enqueue_no_room_can_be_made_for_drops_no_kept_result_or_dedup_key() {
+    let refused = refusal_keeps_what_was_kept(&day_window(), 1_200, 600).await;
+    assert_eq!(refused.unwrap_err().kind(), BackendErrorKind::Unavailable);
+}
+
+/// On a store of 2 KiB: a keyed job done, a job of `queued` bytes queued, then an enqueue of
+/// `refused` bytes, whose answer is returned, after checking that the done job's result and
+/// dedup key are still kept.
+async fn refusal_keeps_what_was_kept(
+    limits: &EnqueueLimits,
+    queued: usize,
+    refused: usize,
+) -> Result<Enqueued, headroom_core::BackendError> {
     let store = MemoryJobStore::builder().max_bytes(2 * 1024).build();
     let p = Namespace::new("jobs").unwrap().key("{q}").unwrap();
-    let day = day_window();
     let keyed = NewJob::new(Bytes::from_static(b"charge")).dedup_key("order-1");
-    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &keyed, &day).await else {
+    let Ok(Enqueued::Added(number)) = store.enqueue(&p, &keyed, limits).await else {
         panic!("added");
     };
     let request = FetchRequest {
@@ -235,33 +208,35 @@ async fn an_enqueue_no_room_can_be_made_for_drops_no_kept_result_or_dedup_key() 
         visibility: Duration::from_secs(60),
     };
     let delivery = store.fetch(&p, request).await.unwrap().pop().unwrap();
+    let retention = day_window().dedup_window;
     store
         .complete(
             &p,
             number,
             delivery.attempt,
             Bytes::from_static(b"ok"),
-            day.dedup_window,
+            retention,
         )
         .await
         .unwrap();
-    let queued = NewJob::new(Bytes::from(vec![b'q'; 1_200]));
+    let queued = NewJob::new(Bytes::from(vec![b'q'; queued]));
     assert!(matches!(
-        store.enqueue(&p, &queued, &day).await,
+        store.enqueue(&p, &queued, limits).await,
         Ok(Enqueued::Added(_))
     ));
-    let large = NewJob::new(Bytes::from(vec![b'l'; 600]));
-    let refused = store.enqueue(&p, &large, &day).await.unwrap_err();
-    assert_eq!(refused.kind(), BackendErrorKind::Unavailable);
+    let answer = store
+        .enqueue(&p, &NewJob::new(Bytes::from(vec![b'l'; refused])), limits)
+        .await;
     assert!(
         store.status(&p, number).await.unwrap().is_some(),
         "the finished job's result was dropped for a refused enqueue"
     );
-    let retried = store.enqueue(&p, &keyed, &day).await.unwrap();
+    let retried = store.enqueue(&p, &keyed, limits).await.unwrap();
     assert!(
         matches!(retried, Enqueued::Duplicate(n) if n == number),
         "the dedup key was dropped for a refused enqueue: {retried:?}"
     );
+    answer
 }
 
 /// Limits with a dedup window of a day.

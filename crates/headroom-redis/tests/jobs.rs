@@ -1235,30 +1235,23 @@ async fn garbage_in_a_record_is_a_typed_error(ctx: Ctx) {
 async fn garbage_in_the_counts_is_a_typed_error(ctx: Ctx) {
     let p = ctx.partition("q");
     ctx.add(&p, job("a")).await;
-    let _: () = ctx
-        .raw(redis::cmd("SET").arg(sub(&p, ":n")).arg(&b"\xfe\xff"[..]))
-        .await;
-    let err = ctx.store.stats(&p).await.unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
-    let err = ctx
-        .store
-        .enqueue(&p, &job("b"), &limits(10))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
-    // A count of another type is as corrupt.
-    let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
-    let _: i64 = ctx
-        .raw(redis::cmd("HSET").arg(sub(&p, ":n")).arg("f").arg("1"))
-        .await;
-    let err = ctx.store.stats(&p).await.unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
-    let err = ctx
-        .store
-        .enqueue(&p, &job("b"), &limits(10))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    // Bytes that are not a number, then a key of another type.
+    let mut set = redis::cmd("SET");
+    set.arg(sub(&p, ":n")).arg(&b"\xfe\xff"[..]);
+    let mut hset = redis::cmd("HSET");
+    hset.arg(sub(&p, ":n")).arg("f").arg("1");
+    for garbage in [set, hset] {
+        let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
+        let _: redis::Value = ctx.raw(&garbage).await;
+        let err = ctx.store.stats(&p).await.unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+        let err = ctx
+            .store
+            .enqueue(&p, &job("b"), &limits(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Corrupt, "{err}");
+    }
     let _: i64 = ctx.raw(redis::cmd("DEL").arg(sub(&p, ":n"))).await;
     // A dedup key holding something other than a number.
     let _: () = ctx
