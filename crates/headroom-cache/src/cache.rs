@@ -1687,12 +1687,7 @@ where
                 }
                 None => None,
             };
-            let held = best.is_some();
-            best = best.filter(|copy| !self.hides_copy(copy, now));
-            fill = self.adopt(found, &mut best, now);
-            if held && best.is_none() {
-                self.drop_copy(key, write);
-            }
+            fill = self.adopt(key, write, found, &mut best, now);
         }
         // A servable value answers at once (past its soft TTL too: stale-while-revalidate,
         // refreshed below); L1 is filled after the callers have it.
@@ -1870,11 +1865,42 @@ where
         }
     }
 
-    /// [`adopt`] for one key, its L2 hit or miss recorded at once.
-    fn adopt(&self, found: Option<Slot<V>>, best: &mut Option<Slot<V>>, now: Instant) -> bool {
+    /// [`adopt_over_copy`](Self::adopt_over_copy) for one key, its L2 hit or miss recorded
+    /// at once.
+    fn adopt(
+        &self,
+        key: &K,
+        write: WriteMark,
+        found: Option<Slot<V>>,
+        best: &mut Option<Slot<V>>,
+        now: Instant,
+    ) -> bool {
         let mut tally = L2Tally::default();
-        let servable = adopt(found, best, now, &mut tally);
+        let servable = self.adopt_over_copy(key, write, found, best, now, &mut tally);
         tally.record(&self.metrics);
+        servable
+    }
+
+    /// [`adopt`] of what L2 holds for `key` over L1's copy of it in `best`, if any: a copy a
+    /// clear or tag known now hides is no candidate, and a copy that L2 or a hide showed was
+    /// replaced after it was made is dropped from L1 too (see [`drop_copy`](Self::drop_copy)).
+    fn adopt_over_copy(
+        &self,
+        key: &K,
+        write: WriteMark,
+        found: Option<Slot<V>>,
+        best: &mut Option<Slot<V>>,
+        now: Instant,
+        tally: &mut L2Tally,
+    ) -> bool {
+        let held = best.is_some();
+        if best.as_ref().is_some_and(|copy| self.hides_copy(copy, now)) {
+            *best = None;
+        }
+        let servable = adopt(found, best, now, tally);
+        if held && best.is_none() {
+            self.drop_copy(key, write);
+        }
         servable
     }
 
@@ -2095,29 +2121,22 @@ where
                 .await
                 .unwrap_or_else(|| vec![None; keys.len()]);
             let unix_now = self.clock.unix_millis();
-            // Which keys L1 held a copy of; none, mostly (L1 missed them all).
-            let held: Vec<bool> = if best.iter().any(Option::is_some) {
-                best.iter().map(Option::is_some).collect()
-            } else {
-                Vec::new()
-            };
-            for copy in &mut best {
-                if copy.as_ref().is_some_and(|copy| self.hides_copy(copy, now)) {
-                    *copy = None;
-                }
-            }
             let mut unsure = Vec::new();
             // Every key is adopted once, found or not, so each counts one L2 hit or miss.
             let mut tally = L2Tally::default();
             for (i, (bytes, full)) in values.iter().zip(&full).enumerate() {
-                let Some(bytes) = bytes else {
-                    fill[i] = adopt(None, &mut best[i], now, &mut tally);
-                    continue;
+                let found = match bytes {
+                    Some(bytes) => match self.decode(l2, full, bytes, now, unix_now, false) {
+                        Ok(found) => found,
+                        Err(Unsure) => {
+                            unsure.push(i);
+                            continue;
+                        }
+                    },
+                    None => None,
                 };
-                match self.decode(l2, full, bytes, now, unix_now, false) {
-                    Ok(found) => fill[i] = adopt(found, &mut best[i], now, &mut tally),
-                    Err(Unsure) => unsure.push(i),
-                }
+                let (key, write) = (&keys[i], writes[i]);
+                fill[i] = self.adopt_over_copy(key, write, found, &mut best[i], now, &mut tally);
             }
             tally.record(&self.metrics);
             if !unsure.is_empty() {
@@ -2133,18 +2152,7 @@ where
                             .ok()
                             .flatten()
                     });
-                    if best[i]
-                        .as_ref()
-                        .is_some_and(|copy| self.hides_copy(copy, now))
-                    {
-                        best[i] = None;
-                    }
-                    fill[i] = self.adopt(found, &mut best[i], now);
-                }
-            }
-            for (i, _) in held.iter().enumerate().filter(|(_, held)| **held) {
-                if best[i].is_none() {
-                    self.drop_copy(&keys[i], writes[i]);
+                    fill[i] = self.adopt(&keys[i], writes[i], found, &mut best[i], now);
                 }
             }
         }
