@@ -1334,14 +1334,7 @@ async fn a_key_written_again_while_queued_is_queued_once() {
     let ns = unique_namespace("hot");
     let mut small = config();
     small.max_pending_keys = 4;
-    let build = |parts: Parts| -> Cache<String, u64> {
-        Cache::builder()
-            .ttl(Duration::from_secs(60))
-            .l2(parts.0, ns.clone())
-            .invalidation(parts.1, small.clone())
-            .build()
-            .expect("build")
-    };
+    let build = |parts: Parts| cache_with(parts, &ns, Clock::system(), small.clone());
     let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
     let faulty = Faulty::new(bus.clone());
     let a = build((

@@ -597,20 +597,29 @@ async fn fail_safe_serves_a_stale_value_when_the_loader_fails() {
 /// time out after a second, so a tombstone lives only a little longer.
 fn fail_safe_and_other(clock: &ManualClock) -> (Cache<String, String>, Cache<String, String>) {
     let l2 = store(clock);
+    fail_safe_and_other_on(clock, l2.clone(), l2)
+}
+
+/// [`fail_safe_and_other`], A reading L2 through `a_l2` and B through `b_l2`.
+fn fail_safe_and_other_on(
+    clock: &ManualClock,
+    a_l2: impl KvStore,
+    b_l2: impl KvStore,
+) -> (Cache<String, String>, Cache<String, String>) {
     let a = Cache::builder()
         .clock(clock.clock())
         .ttl(60 * SEC)
         .l1_max_ttl(2 * SEC)
         .fail_safe_max_stale(60 * SEC)
         .loader_hard_timeout(SEC)
-        .l2(l2.clone(), ns())
+        .l2(a_l2, ns())
         .build()
         .unwrap();
     let b = Cache::builder()
         .clock(clock.clock())
         .ttl(60 * SEC)
         .loader_hard_timeout(SEC)
-        .l2(l2, ns())
+        .l2(b_l2, ns())
         .build()
         .unwrap();
     (a, b)
@@ -2873,22 +2882,7 @@ async fn a_slow_read_does_not_bring_back_a_copy_a_load_found_removed() {
     let clock = ManualClock::new();
     let shared = MemoryKvStore::builder().clock(clock.clock()).build();
     let held = HeldRead::new(shared.clone());
-    let a: Cache<String, String> = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .l1_max_ttl(2 * SEC)
-        .fail_safe_max_stale(60 * SEC)
-        .loader_hard_timeout(SEC)
-        .l2(held.clone(), ns())
-        .build()
-        .unwrap();
-    let b: Cache<String, String> = Cache::builder()
-        .clock(clock.clock())
-        .ttl(60 * SEC)
-        .loader_hard_timeout(SEC)
-        .l2(shared, ns())
-        .build()
-        .unwrap();
+    let (a, b) = fail_safe_and_other_on(&clock, held.clone(), shared);
     let k = key("k");
     a.get_or_load(&k, Counter::default().loader())
         .await
