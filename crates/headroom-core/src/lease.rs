@@ -94,7 +94,11 @@ pub enum Fenced {
 ///   record answers [`Begin::Acquired`] with that record's token again, not taken over, and
 ///   leaves its lease as it is: a begin sent twice takes one lease.
 /// - `release_begun` removes the in-progress record the begin named `id` created, if it is
-///   still that begin's (not completed, released nor taken over), and never takes a key.
+///   still that begin's (not completed, released nor taken over), and never takes a key. On a
+///   store whose `begin` can be overtaken (not [`begin_completes_at_once`](Self::begin_completes_at_once)),
+///   a begin named `id` that reaches the store after it (a copy a client library sent again,
+///   or one held on a slow connection) takes nothing and fails as a
+///   [`Command`](crate::BackendErrorKind::Command), unless the record was completed.
 /// - `complete` stores `outcome` with a retention of `retention` only if `token` is the current
 ///   one and the record is in progress; a stale token is [`Fenced::Rejected`] and changes nothing.
 /// - `extend` moves the lease deadline to `now + lease` for the current token only.

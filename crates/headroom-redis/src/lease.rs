@@ -10,7 +10,8 @@ use crate::Redis;
 
 /// One Redis hash per record (so one cluster slot): `st` (`p` in progress, `c` completed, `r`
 /// released), `fp` fingerprint, `tok` fencing token, `exp` lease deadline (ms, server time),
-/// `by` the id of the begin that took the lease, `out` outcome.
+/// `by` the id of the begin that took the lease, `out` outcome, `no` the id of the last begin
+/// released by its id (a copy of it that reaches Redis later takes nothing).
 ///
 /// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
 /// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
@@ -31,9 +32,13 @@ local function corrupt(what)
   return {'x', what, ''}
 end
 -- A key of another type is corrupt, not an error that would read as the store being down.
-local r = redis.pcall('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by')
+local r = redis.pcall('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by', 'no')
 if r.err then
   return corrupt('the key holds another type')
+end
+if r[7] == ARGV[3] then
+  -- Released by its id before it got here: its caller is gone.
+  return {'n', '', ''}
 end
 -- A whole number the store wrote (at most 2^53, exact in a double), or nil.
 local function int(v)
@@ -127,8 +132,9 @@ return 1
     )
 });
 
-/// ARGV: the id of the begin whose lease is released, if that begin still holds it. Answers
-/// as [`CHANGE`].
+/// ARGV: the id of the begin whose lease is released, if that begin still holds it, and how
+/// long (ms) its id is kept at least, so that a copy of that begin reaching Redis later takes
+/// nothing. Answers as [`CHANGE`].
 static RELEASE_BEGUN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -136,16 +142,28 @@ local r = redis.pcall('HMGET', KEYS[1], 'st', 'by')
 if r.err then
   return -1
 end
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then
-  return 0
+local released = 0
+if r[1] == 'p' and r[2] == ARGV[1] then
+  -- As a release: the token stays until the record expires.
+  redis.call('HSET', KEYS[1], 'st', 'r')
+  redis.call('HDEL', KEYS[1], 'fp', 'exp', 'by')
+  released = 1
 end
--- As a release: the token stays until the record expires.
-redis.call('HSET', KEYS[1], 'st', 'r')
-redis.call('HDEL', KEYS[1], 'fp', 'exp', 'by')
-return 1
+-- A completion answers every begin with its outcome; otherwise the begin's id is kept.
+if r[1] ~= 'c' then
+  redis.call('HSET', KEYS[1], 'no', ARGV[1])
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+end
+return released
 ",
     )
 });
+
+/// How long a begin released by its id is remembered at least: past the client library's own
+/// resends of a timed-out command and a slow connection's delivery.
+const RELEASED_BEGIN_KEPT: Duration = Duration::from_secs(60);
 
 /// The Redis [`LeaseStore`]: each step is one Lua script on one key, one round trip, using the
 /// server's clock for lease deadlines.
@@ -261,6 +279,10 @@ impl LeaseStore for RedisLeaseStore {
                 outcome: Bytes::from(b),
             }),
             b"x" => Err(corrupt(key, &String::from_utf8_lossy(&a))),
+            b"n" => Err(BackendError::with_detail(
+                BackendErrorKind::Command,
+                "this begin was released by its id before it reached Redis; it took nothing",
+            )),
             other => Err(protocol(format!(
                 "begin answered an unknown state {:?}",
                 text(other)
@@ -297,7 +319,12 @@ impl LeaseStore for RedisLeaseStore {
     async fn release_begun(&self, key: &Key, id: BeginId) -> Result<Fenced, BackendError> {
         let answer: i64 = self
             .redis
-            .invoke(RELEASE_BEGUN.key(key.as_bytes()).arg(id.0))
+            .invoke(
+                RELEASE_BEGUN
+                    .key(key.as_bytes())
+                    .arg(id.0)
+                    .arg(millis(RELEASED_BEGIN_KEPT)?),
+            )
             .await?;
         fenced(answer, key)
     }

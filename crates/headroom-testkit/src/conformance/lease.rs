@@ -118,6 +118,7 @@ pub async fn release_begun_releases_only_that_begins_lease<S: LeaseStore>(
         store.release(&k, other).await.expect("release"),
         Fenced::Applied
     );
+    let id = BeginId::random();
     let Begin::Acquired { token, .. } = store.begin(&k, b"fp", LONG, id).await.expect("begin")
     else {
         panic!("the released key is acquired");
@@ -151,6 +152,76 @@ pub async fn release_begun_releases_only_that_begins_lease<S: LeaseStore>(
         Fenced::Rejected,
         "a completed record stays"
     );
+}
+
+/// On a store whose `begin` can be overtaken (its answer comes over a wire), a begin that
+/// reaches the store after `release_begun` of its id (a copy the client library sent again,
+/// or one held on a slow connection while the release went on another) takes nothing and is
+/// refused as a command: whether the key was free, held by that begin, or held by another that
+/// let it go since. A store whose `begin` completes at once cannot be overtaken.
+pub async fn a_begin_that_reaches_the_store_after_its_release_takes_nothing<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    if store.begin_completes_at_once() {
+        return;
+    }
+    let overtaken = |what: &str, begin: Result<Begin, headroom_core::BackendError>| match begin {
+        Err(error) => assert_eq!(error.kind(), BackendErrorKind::Command, "{what}: {error}"),
+        Ok(other) => panic!("{what}: a begin after its release took {other:?}"),
+    };
+    let free = |k: Key| async move {
+        let (_, took_over) = acquire(store, &k, b"fp", LONG).await;
+        assert!(!took_over, "the key was free");
+    };
+
+    let (k, id) = (
+        ns.key("never-ran").expect("valid test key"),
+        BeginId::random(),
+    );
+    assert_eq!(
+        store.release_begun(&k, id).await.expect("release_begun"),
+        Fenced::Rejected
+    );
+    overtaken("a free key", store.begin(&k, b"fp", LONG, id).await);
+    free(k).await;
+
+    let (k, id) = (
+        ns.key("sent-twice").expect("valid test key"),
+        BeginId::random(),
+    );
+    assert!(matches!(
+        store.begin(&k, b"fp", LONG, id).await.expect("begin"),
+        Begin::Acquired { .. }
+    ));
+    assert_eq!(
+        store.release_begun(&k, id).await.expect("release_begun"),
+        Fenced::Applied
+    );
+    overtaken(
+        "its own lease released",
+        store.begin(&k, b"fp", LONG, id).await,
+    );
+    free(k).await;
+
+    let (k, id) = (
+        ns.key("other-holder").expect("valid test key"),
+        BeginId::random(),
+    );
+    let (other, _) = acquire(store, &k, b"fp", LONG).await;
+    assert_eq!(
+        store.release_begun(&k, id).await.expect("release_begun"),
+        Fenced::Rejected
+    );
+    assert_eq!(
+        store.release(&k, other).await.expect("release"),
+        Fenced::Applied
+    );
+    overtaken(
+        "another's lease released",
+        store.begin(&k, b"fp", LONG, id).await,
+    );
+    free(k).await;
 }
 
 /// The first `begin` acquires; a second one sees the live lease and its fingerprint.

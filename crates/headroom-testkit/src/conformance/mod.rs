@@ -108,6 +108,7 @@ macro_rules! lease_store_conformance {
                 first_begin_acquires_and_the_next_sees_it_in_progress,
                 a_begin_sent_again_by_its_id_answers_its_token,
                 release_begun_releases_only_that_begins_lease,
+                a_begin_that_reaches_the_store_after_its_release_takes_nothing,
                 completed_outcome_is_replayed,
                 a_completion_repeated_by_its_holder_is_applied,
                 foreign_tokens_are_rejected,
