@@ -39,6 +39,10 @@ pub struct Executed<T> {
     pub replayed: bool,
 }
 
+/// An outcome recorded when the operation took effect, encoded (`None`: it failed to
+/// serialize), and whether a retry gets it whole.
+type Effect = (Option<Bytes>, bool);
+
 /// The lease an operation runs under, handed to it by
 /// [`Idempotency::execute_leased`]: its fencing token, and whether the lease is still held.
 ///
@@ -51,8 +55,9 @@ pub struct Executed<T> {
 pub struct Lease {
     token: FencingToken,
     held: watch::Receiver<bool>,
-    /// The encoded outcome kept should the operation end early after taking effect.
-    took_effect: Arc<Mutex<Option<Option<Bytes>>>>,
+    /// The encoded outcome kept should the operation end early after taking effect, and
+    /// whether a retry gets it whole.
+    took_effect: Arc<Mutex<Option<Effect>>>,
 }
 
 impl Lease {
@@ -85,17 +90,23 @@ impl Lease {
     /// For an operation that does more after its effect: the HTTP layer calls it once the
     /// handler has answered, before reading the response body.
     pub fn took_effect<T: Serialize>(&self, outcome: &T) {
-        // The effect first, with no outcome to keep: a `Serialize` that panics still leaves
-        // the key kept (as not replayable), not released for a retry to run again.
-        self.keep(None);
-        self.keep(encode(outcome));
+        self.took_effect_as(outcome, true);
     }
 
-    fn keep(&self, encoded: Option<Bytes>) {
+    /// [`took_effect`](Self::took_effect) with an outcome a retry does not get whole (a
+    /// response without its body), counted as not replayable once kept.
+    pub(crate) fn took_effect_as<T: Serialize>(&self, outcome: &T, whole: bool) {
+        // The effect first, with no outcome to keep: a `Serialize` that panics still leaves
+        // the key kept (as not replayable), not released for a retry to run again.
+        self.keep(None, whole);
+        self.keep(encode(outcome), whole);
+    }
+
+    fn keep(&self, encoded: Option<Bytes>, whole: bool) {
         *self
             .took_effect
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(encoded);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((encoded, whole));
     }
 
     fn new(token: FencingToken, held: watch::Receiver<bool>) -> Self {
@@ -107,7 +118,7 @@ impl Lease {
     }
 
     /// The outcome recorded by [`took_effect`](Self::took_effect), if any.
-    fn kept(&self) -> Option<Option<Bytes>> {
+    fn kept(&self) -> Option<Effect> {
         self.took_effect
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -438,6 +449,33 @@ impl<S: LeaseStore> Idempotency<S> {
         Fut: Future<Output = Result<T, E>>,
         P: FnOnce(&T) -> bool,
     {
+        let keeping = move |value: &T| {
+            if store_if(value) {
+                Keeping::Whole
+            } else {
+                Keeping::Not
+            }
+        };
+        self.execute_keeping(scope, key, fingerprint, keeping, operation)
+            .await
+    }
+
+    /// [`execute_leased_with_policy`](Self::execute_leased_with_policy) whose policy also
+    /// says whether a retry gets the value whole.
+    pub(crate) async fn execute_keeping<T, E, F, Fut, P>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        fingerprint: &[u8],
+        store_if: P,
+        operation: F,
+    ) -> Result<Executed<T>, IdempotencyError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Lease) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        P: FnOnce(&T) -> Keeping,
+    {
         if !tracing::enabled!(tracing::Level::DEBUG) {
             // Without a span the execution's future is not wrapped, so not moved.
             return self
@@ -469,7 +507,7 @@ impl<S: LeaseStore> Idempotency<S> {
         T: Serialize + DeserializeOwned,
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        P: FnOnce(&T) -> bool,
+        P: FnOnce(&T) -> Keeping,
     {
         let inner = &self.inner;
         let record = scope.record_key(&inner.namespace, key);
@@ -652,7 +690,7 @@ impl<S: LeaseStore> Idempotency<S> {
         T: Serialize,
         F: FnOnce(Lease) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        P: FnOnce(&T) -> bool,
+        P: FnOnce(&T) -> Keeping,
     {
         // Until the operation has run, a panic or a drop releases the key.
         let mut guard = EndGuard {
@@ -686,8 +724,8 @@ impl<S: LeaseStore> Idempotency<S> {
             tracing::warn!(record = ?record, "idempotency lease lost while the operation ran; the operation was stopped");
             match took_effect {
                 // It took effect: its outcome is kept (fenced if another holder took over).
-                Some(encoded) => {
-                    let kept = self.storable(encoded);
+                Some((encoded, whole)) => {
+                    let kept = self.storable(encoded, whole);
                     guard.then = OnEnd::Keep(kept.clone());
                     self.keep_outcome(&record, token, kept).await;
                 }
@@ -709,10 +747,11 @@ impl<S: LeaseStore> Idempotency<S> {
         // The operation ran: from here the key keeps an outcome (the one it recorded, or a
         // marker), even should the policy or the encoding panic, or this call be dropped.
         guard.then = OnEnd::Keep(match took_effect {
-            Some(encoded) => self.storable(encoded),
-            None => Bytes::from_static(&[NOT_REPLAYABLE]),
+            Some((encoded, whole)) => self.storable(encoded, whole),
+            None => self.storable(None, false),
         });
-        if !store_if(&value) {
+        let keeping = store_if(&value);
+        if keeping == Keeping::Not {
             guard.then = OnEnd::Release;
             self.release(&record, token).await;
             guard.then = OnEnd::Nothing;
@@ -721,7 +760,7 @@ impl<S: LeaseStore> Idempotency<S> {
                 replayed: false,
             });
         }
-        let outcome = self.storable(encode(&value));
+        let outcome = self.storable(encode(&value), keeping == Keeping::Whole);
         guard.then = OnEnd::Keep(outcome.clone());
         let stored = self.keep_outcome(&record, token, outcome).await;
         guard.then = OnEnd::Nothing;
@@ -740,37 +779,40 @@ impl<S: LeaseStore> Idempotency<S> {
         }
     }
 
-    /// The bytes to store for an encoded outcome (`None`: it failed to serialize): itself, or
-    /// the not-replayable marker when it cannot be stored.
+    /// What to store for an encoded outcome (`None`: it failed to serialize), `whole` or not
+    /// for a retry: itself, or the not-replayable marker when it cannot be stored.
+    ///
     /// The operation ran: releasing the key would let a retry run it again, so an outcome
     /// that cannot be stored keeps the key with a marker instead (this caller still gets its
-    /// value). Counted when stored ([`store_outcome`](Self::store_outcome)), since an outcome
+    /// value). Counted once stored ([`keep_outcome`](Self::keep_outcome)), since an outcome
     /// recorded when the operation took effect is often replaced by its final one.
-    fn storable(&self, encoded: Option<Bytes>) -> Bytes {
+    fn storable(&self, encoded: Option<Bytes>, whole: bool) -> ToKeep {
         match encoded {
-            Some(encoded) if encoded.len() <= self.inner.config.max_outcome_len => encoded,
-            _ => Bytes::from_static(&[NOT_REPLAYABLE]),
+            Some(bytes) if bytes.len() <= self.inner.config.max_outcome_len => {
+                ToKeep { bytes, whole }
+            }
+            _ => ToKeep {
+                bytes: Bytes::from_static(&[NOT_REPLAYABLE]),
+                whole: false,
+            },
         }
     }
 
-    /// Counts an outcome kept that a retry cannot get whole.
-    pub(crate) fn count_not_replayable(&self) {
-        self.inner.metrics.not_replayable.increment(1);
-    }
-
-    /// [`store_outcome`](Self::store_outcome), counting the not-replayable marker once the
-    /// store took it. A call dropped meanwhile leaves the store to its guard, which counts
-    /// the same way.
+    /// [`store_outcome`](Self::store_outcome), counting an outcome a retry cannot get whole
+    /// once the store took it. A call dropped meanwhile leaves the store to its guard, which
+    /// counts the same way.
     async fn keep_outcome(
         &self,
         record: &Key,
         token: FencingToken,
-        outcome: Bytes,
+        outcome: ToKeep,
     ) -> Option<Fenced> {
-        let marker = outcome.as_ref() == [NOT_REPLAYABLE];
-        let stored = self.store_outcome(record, token, outcome).await;
+        let marker = outcome.bytes.as_ref() == [NOT_REPLAYABLE];
+        let stored = self.store_outcome(record, token, outcome.bytes).await;
+        if stored == Some(Fenced::Applied) && !outcome.whole {
+            self.inner.metrics.not_replayable.increment(1);
+        }
         if marker && stored == Some(Fenced::Applied) {
-            self.count_not_replayable();
             tracing::warn!(
                 record = ?record,
                 max = self.inner.config.max_outcome_len,
@@ -907,12 +949,28 @@ impl<S: LeaseStore> Drop for HandOver<S> {
     }
 }
 
+/// Whether a value is kept for its key, and whether a retry gets it whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keeping {
+    Not,
+    Whole,
+    /// Kept, though a retry does not get all of it (a response without its body).
+    Partly,
+}
+
+/// An outcome to store for a key, and whether a retry gets it whole.
+#[derive(Clone, Debug)]
+struct ToKeep {
+    bytes: Bytes,
+    whole: bool,
+}
+
 /// What becomes of a held key should its call end early (dropped, or a panic).
 enum OnEnd {
     /// Release it, unless the operation said it [took effect](Lease::took_effect).
     Release,
     /// Store this outcome: the operation ran.
-    Keep(Bytes),
+    Keep(ToKeep),
     Nothing,
 }
 
@@ -930,7 +988,7 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
         let then = match std::mem::replace(&mut self.then, OnEnd::Nothing) {
             OnEnd::Nothing => return,
             OnEnd::Release => match self.lease.as_ref().and_then(Lease::kept) {
-                Some(encoded) => OnEnd::Keep(self.executor.storable(encoded)),
+                Some((encoded, whole)) => OnEnd::Keep(self.executor.storable(encoded, whole)),
                 None => OnEnd::Release,
             },
             keep => keep,

@@ -83,6 +83,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::executor::Keeping;
 use crate::{Idempotency, IdempotencyError, IdempotencyKey, Scope};
 
 /// The request header carrying the key.
@@ -318,6 +319,9 @@ struct StoredResponse<B> {
     /// The body of a response that is not stored, passed to its caller unread.
     #[serde(skip)]
     unread: Option<B>,
+    /// Kept without its body: a retry does not get it whole.
+    #[serde(skip)]
+    body_omitted: bool,
 }
 
 /// What a stored response takes beyond its body of up to `max_body` bytes, as encoded: the
@@ -356,6 +360,7 @@ fn body_omitted<B>(
         body: Vec::new(),
         head: None,
         unread: None,
+        body_omitted: true,
     }
 }
 
@@ -494,25 +499,24 @@ where
     let replay_headers = &options.replay_headers;
     let store_status = &options.store_status;
     let max_response_len = layer.executor.config().max_outcome_len;
-    // A response kept without its body (when there is a record to keep it in): a retry gets
-    // its status and headers only.
-    let without_body = |omitted, kept: bool| {
-        if kept {
-            layer.executor.count_not_replayable();
-        }
-        Ok(omitted)
-    };
     // Resolves when the client stops waiting (its side of the channel dropped).
     let gone = |mut client: tokio::sync::watch::Receiver<()>| async move {
         let _ = client.changed().await;
     };
     let started = AtomicBool::new(false);
-    let executing = layer.executor.execute_leased_with_policy(
+    let executing = layer.executor.execute_keeping(
         &scope,
         &key,
         &fingerprint,
         |stored: &StoredResponse<ResB>| {
-            StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status))
+            if !StatusCode::from_u16(stored.status).is_ok_and(|status| store_status(status)) {
+                Keeping::Not
+            } else if stored.body_omitted {
+                // A retry gets its status and headers only.
+                Keeping::Partly
+            } else {
+                Keeping::Whole
+            }
         },
         |lease| {
             started.store(true, Ordering::Relaxed);
@@ -537,7 +541,7 @@ where
                 // keep an outcome, or a retry would run the handler again. A status not to
                 // store releases the key all the same once this returns.
                 let omitted = body_omitted(status, headers.clone(), max_response_len);
-                lease.took_effect(&omitted);
+                lease.took_effect_as(&omitted, false);
                 if !store_status(head.status) {
                     // Nothing is replayed from it: its caller gets it as it is.
                     return Ok(StoredResponse {
@@ -546,6 +550,7 @@ where
                         body: Vec::new(),
                         head: Some(head),
                         unread: Some(body),
+                        body_omitted: false,
                     });
                 }
                 let max_body = max_response_len.saturating_sub(stored_overhead(
@@ -560,7 +565,7 @@ where
                         // Headers that alone pass the limit leave no room even for an empty
                         // body (`max_body` is then 0): kept as for a body too large.
                         Ok(_) if stored_overhead(status, &headers, 0) > max_response_len => {
-                            without_body(omitted, token.is_some())
+                            Ok(omitted)
                         }
                         Ok(body) => Ok(StoredResponse {
                             status,
@@ -568,11 +573,12 @@ where
                             body: body.to_bytes().to_vec(),
                             head: Some(head),
                             unread: None,
+                            body_omitted: false,
                         }),
-                        Err(_) => without_body(omitted, token.is_some()),
+                        Err(_) => Ok(omitted),
                     },
                     // Nobody to answer: the outcome recorded above stands.
-                    () = client_gone => without_body(omitted, token.is_some()),
+                    () = client_gone => Ok(omitted),
                 }
             }
         },

@@ -444,6 +444,45 @@ async fn outcomes_kept_without_their_body_count_once_as_not_replayable() {
     );
 }
 
+/// A response kept without its body counts as not replayable only once a record took it: a
+/// store that never took it leaves nothing a retry could not get whole (the retry runs the
+/// handler again), so nothing is counted.
+#[tokio::test(start_paused = true)]
+async fn a_response_without_its_body_the_store_never_took_is_not_counted() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let store = Noting {
+        completes_fail: true,
+        ..Noting::default()
+    };
+    let executor = metrics::with_local_recorder(&recorder, || {
+        Idempotency::builder(store)
+            .max_outcome_len(1024)
+            .build()
+            .unwrap()
+    });
+    let huge = service_fn(|_: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::from(vec![b'x'; 64 * 1024])))
+    });
+    let mut service = IdempotencyLayer::new(executor, tenant).layer(huge);
+    let (status, headers, _) = send(&mut service, post(Some("\"huge\""), "x")).await;
+    assert_eq!(
+        (status, &headers["idempotent-body-omitted"]),
+        (
+            StatusCode::OK,
+            &"true".parse::<http::HeaderValue>().unwrap()
+        )
+    );
+    let rendered = handle.render();
+    let counted = rendered
+        .lines()
+        .find_map(|line| line.strip_prefix("headroom_idempotency_not_replayable_total "));
+    assert!(
+        counted.is_none_or(|n| n == "0"),
+        "counted {counted:?} with no record kept"
+    );
+}
+
 /// A response the layer does not store (a 429 asking the client to come back) reaches its
 /// caller whole, however large, with every header: nothing is replayed from it, so nothing of
 /// it may be left out.
@@ -735,12 +774,13 @@ async fn a_replay_keeps_the_body_encoding() {
 }
 
 /// A memory store that notes the tokens its `begin`s issued and how many it answered
-/// `InProgress`.
+/// `InProgress`; with `completes_fail`, every completion fails, as a store briefly down.
 #[derive(Clone, Debug, Default)]
 struct Noting {
     store: MemoryLeaseStore,
     issued: Arc<std::sync::Mutex<Vec<FencingToken>>>,
     in_progress: Arc<AtomicUsize>,
+    completes_fail: bool,
 }
 
 impl LeaseStore for Noting {
@@ -769,6 +809,12 @@ impl LeaseStore for Noting {
         outcome: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
+        if self.completes_fail {
+            return Err(BackendError::with_detail(
+                headroom_core::BackendErrorKind::Unavailable,
+                "store briefly down",
+            ));
+        }
         self.store.complete(key, token, outcome, retention).await
     }
 
