@@ -737,10 +737,12 @@ fn retry_pause(failures: u32, ping_interval: Duration) -> Duration {
 struct Origin {
     next_seq: u64,
     heard: Instant,
-    /// Not heard for `max_silence`: flushed for once, not waited for any more.
+    /// Not heard for `max_silence` while the channel was: flushed for once, not waited for
+    /// any more.
     silent: bool,
-    /// This instance lost messages since the origin was last heard, and flushes and bypasses
-    /// L1 until it hears again: the numbers the origin's next message skips are covered.
+    /// This instance lost messages since the origin was last heard: L1 was flushed and stays
+    /// bypassed until the origin speaks again (or falls silent), so the numbers its next
+    /// message skips, sent during the loss or since, are covered.
     resync: bool,
 }
 
@@ -748,6 +750,16 @@ struct Origin {
 fn resync(origins: &mut HashMap<u64, Origin>) {
     for origin in origins.values_mut() {
         origin.resync = true;
+    }
+}
+
+/// The channel is heard again after a loss: every origin to hear from before L1 is used
+/// again gets a whole `max_silence` from now to speak.
+fn await_origins(origins: &mut HashMap<u64, Origin>, now: Instant) {
+    for origin in origins.values_mut() {
+        if origin.resync && !origin.silent {
+            origin.heard = now;
+        }
     }
 }
 
@@ -790,17 +802,25 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
             None => false,
         }
     };
-    // Back to using L1. Loads that read L2 while messages were being lost must not fill
-    // it: the flush detaches them (L1 itself is already empty).
-    let recover = || match local.upgrade() {
-        Some(local) => {
-            if !shared.healthy.load(Ordering::Acquire) {
+    // Back to using L1 once every origin heard before the loss has spoken again or fallen
+    // silent. Loads that read L2 while messages were being lost must not fill it: the flush
+    // detaches them (L1 itself is already empty). False when the cache is gone.
+    let recover = |origins: &HashMap<u64, Origin>| {
+        if shared.healthy.load(Ordering::Acquire)
+            || origins
+                .values()
+                .any(|origin| origin.resync && !origin.silent)
+        {
+            return true;
+        }
+        match local.upgrade() {
+            Some(local) => {
                 local.flush();
                 shared.set_healthy(true);
+                true
             }
-            true
+            None => false,
         }
-        None => false,
     };
     let mut origins: HashMap<u64, Origin> = HashMap::new();
     loop {
@@ -824,6 +844,9 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
         // each origin) turns `max_silence` old, not on a beat: the bound is exact. Messages
         // only move these times later, so a check that finds nothing due just moves on.
         let mut next_check = heard + silence;
+        // An origin's silence went unchecked while the channel itself was quiet: check at the
+        // next message.
+        let mut check_on_message = false;
         loop {
             let wait = next_check.saturating_duration_since(shared.clock.now());
             let event = tokio::select! {
@@ -838,18 +861,33 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     }
                     // An origin that fell silent may have written without telling: flush
                     // once and stop waiting for it. Should it speak again, its sequence
-                    // number shows whether anything it sent meanwhile was lost.
-                    if mark_silent(&mut origins, now, silence) && !lost(Flush::Silence) {
+                    // number shows whether anything it sent meanwhile was lost. Only while
+                    // the channel is heard (this instance's own pings come every
+                    // `ping_interval`): when it is quiet too, the silence is this
+                    // instance's, which the check above covers.
+                    let hearing = live && now.saturating_duration_since(heard) < silence / 2;
+                    if hearing && mark_silent(&mut origins, now, silence) && !lost(Flush::Silence) {
                         return;
                     }
-                    let oldest = origins
-                        .values()
-                        .filter(|origin| !origin.silent)
-                        .map(|origin| origin.heard)
-                        .chain(live.then_some(heard))
-                        .min()
-                        .unwrap_or(now);
-                    next_check = oldest + silence;
+                    // An origin waited for since a loss may just have fallen silent.
+                    if live && !recover(&origins) {
+                        return;
+                    }
+                    check_on_message = live && !hearing;
+                    next_check = if hearing {
+                        let oldest = origins
+                            .values()
+                            .filter(|origin| !origin.silent)
+                            .map(|origin| origin.heard)
+                            .fold(heard, Instant::min);
+                        oldest + silence
+                    } else if live {
+                        // Until the channel is heard again, only its own silence is due.
+                        heard + silence
+                    } else {
+                        // Nothing is due until the channel is live again.
+                        now + silence
+                    };
                     continue;
                 }
                 _ = stopped.changed() => return,
@@ -868,7 +906,8 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                 Some(BusEvent::Live) => {
                     live = true;
                     heard = shared.clock.now();
-                    if !recover() {
+                    await_origins(&mut origins, heard);
+                    if !recover(&origins) {
                         return;
                     }
                 }
@@ -882,11 +921,15 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     if !live {
                         // Silent until now: L1 was flushed and bypassed meanwhile.
                         live = true;
-                        if !recover() {
-                            return;
-                        }
+                        await_origins(&mut origins, now);
+                    }
+                    if std::mem::take(&mut check_on_message) {
+                        next_check = now;
                     }
                     if message.origin == shared.origin {
+                        if !recover(&origins) {
+                            return;
+                        }
                         continue;
                     }
                     shared.metrics.received.increment(1);
@@ -897,7 +940,11 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     shared.metrics.lag.record(Duration::from_millis(lag));
                     let known = origins.get_mut(&message.origin);
                     let gap = match &known {
-                        Some(origin) => !origin.resync && message.seq > origin.next_seq,
+                        // Numbers skipped since the loss are covered by its flush, unless the
+                        // origin was silent before it (and so not waited for).
+                        Some(origin) => {
+                            (origin.silent || !origin.resync) && message.seq > origin.next_seq
+                        }
                         // A new instance starts at 0; a later number means missed messages.
                         None => message.seq > 0,
                     };
@@ -919,6 +966,9 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                                 },
                             );
                         }
+                    }
+                    if !recover(&origins) {
+                        return;
                     }
                     let Some(target) = local.upgrade() else {
                         return;

@@ -545,6 +545,8 @@ struct Faulty {
     largest: Arc<AtomicUsize>,
     /// How many published messages were dropped.
     dropped: Arc<AtomicUsize>,
+    /// Each send makes the subscriptions report a loss, then live again at once.
+    losses: tokio::sync::broadcast::Sender<()>,
 }
 
 impl Faulty {
@@ -559,7 +561,14 @@ impl Faulty {
             silenced: Arc::default(),
             largest: Arc::default(),
             dropped: Arc::default(),
+            losses: tokio::sync::broadcast::channel(4).0,
         }
+    }
+
+    /// The subscriptions report a loss and are live again at once, as a subscriber that fell
+    /// behind.
+    fn lose(&self) {
+        self.losses.send(()).expect("a subscription");
     }
 }
 
@@ -589,13 +598,21 @@ impl InvalidationBus for Faulty {
     async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
         let silenced = Arc::clone(&self.silenced);
         let events = self.inner.subscribe(channel).await?;
-        Ok(Subscription::new(futures_util::StreamExt::filter(
-            events,
-            move |event| {
-                let pass =
-                    !(matches!(event, BusEvent::Message(_)) && silenced.load(Ordering::SeqCst));
-                std::future::ready(pass)
-            },
+        let events = futures_util::StreamExt::filter(events, move |event| {
+            let pass = !(matches!(event, BusEvent::Message(_)) && silenced.load(Ordering::SeqCst));
+            std::future::ready(pass)
+        });
+        let losses = futures_util::stream::unfold(self.losses.subscribe(), |mut losses| async {
+            losses.recv().await.ok()?;
+            let events = [
+                BusEvent::Lost(headroom_core::bus::LossReason::Lagged(0)),
+                BusEvent::Live,
+            ];
+            Some((futures_util::stream::iter(events), losses))
+        });
+        let losses = futures_util::StreamExt::flatten(losses);
+        Ok(Subscription::new(futures_util::stream::select(
+            events, losses,
         )))
     }
 }
@@ -633,6 +650,52 @@ async fn a_sequence_gap_flushes_l1() {
     settle(|| !faulty.drop_next_publish.load(Ordering::SeqCst)).await;
     // A's next ping (at most 50 ms later) reveals the gap.
     settle_value(&b, "k", Some(2)).await;
+}
+
+/// A subscriber back from a loss still sees a message lost after it: L1 stays bypassed until
+/// each writer it knew is heard again (its next message may skip numbers sent during the loss,
+/// which the flush covers), so a gap in a writer's numbers after that still flushes.
+#[tokio::test(start_paused = true)]
+async fn a_message_lost_after_a_subscriber_recovered_still_flushes() {
+    let ns = unique_namespace("gap-after-loss");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let (a_bus, b_bus) = (Faulty::new(bus.clone()), Faulty::new(bus));
+    let a = cache(
+        (
+            DynKvStore::new(store.clone()),
+            DynInvalidationBus::new(a_bus.clone()),
+        ),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((
+        DynKvStore::new(store),
+        DynInvalidationBus::new(b_bus.clone()),
+    ));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+
+    // The loss flushed B's L1 (a read goes to L2); then B holds `k` in L1 again.
+    b_bus.lose();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let before = b_calls.reads();
+    while b_calls.reads() == before {
+        assert!(Instant::now() < deadline, "the loss never flushed B's L1");
+        assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+    a_bus.drop_next_publish.store(true, Ordering::SeqCst);
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle(|| !a_bus.drop_next_publish.load(Ordering::SeqCst)).await;
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    assert!(
+        stale_for <= 2 * config().ping_interval,
+        "B served the old value for {stale_for:?}"
+    );
 }
 
 /// A's `clear` and `invalidate_tag` messages are lost on their way (the bus said nothing, and
