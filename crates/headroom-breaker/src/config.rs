@@ -90,7 +90,7 @@ pub struct BreakerConfig {
     /// Share of slow calls in the window that opens the circuit, in (0, 1]; `None` (the
     /// default) ignores call duration.
     pub slow_call_ratio: Option<f64>,
-    /// A call taking longer than this is slow. Default 1 s.
+    /// A call taking longer than this is slow; more than zero. Default 1 s.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub slow_call_duration: Duration,
     /// The sliding window. Default: the last 10 s in 10 buckets.
@@ -160,6 +160,12 @@ impl BreakerConfig {
                 "in (0, 1]",
             )?;
         }
+        // A zero limit makes every call slow: the circuit would open and never close.
+        check(
+            !self.slow_call_duration.is_zero(),
+            setting!(within, "breaker", "slow_call_duration"),
+            "more than zero",
+        )?;
         self.window.validate(within)?;
         check(
             self.minimum_calls >= 1,

@@ -475,6 +475,46 @@ fn invalid_settings_are_typed_errors() {
     assert_eq!(error.field(), "half_open_probes");
 }
 
+/// A call slower than zero is every call: with a zero slow-call duration the breaker would
+/// open on its first judgement and reopen on every probe. Refused at build, at
+/// reconfiguration, and from a loaded configuration.
+#[test]
+fn a_zero_slow_call_duration_is_refused() {
+    let error = CircuitBreaker::<Failure>::builder()
+        .slow_calls(0.5, Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(error.field(), "slow_call_duration");
+
+    let manual = ManualClock::new();
+    let breaker = breaker(&manual);
+    let mut config = breaker.config();
+    config.slow_call_ratio = Some(0.5);
+    config.slow_call_duration = Duration::ZERO;
+    assert_eq!(
+        breaker.reconfigure(config).unwrap_err().field(),
+        "slow_call_duration"
+    );
+
+    #[cfg(feature = "serde")]
+    {
+        let loaded: headroom_breaker::BreakerConfig =
+            serde_json::from_str(r#"{ "slow_call_ratio": 0.5, "slow_call_duration": "0s" }"#)
+                .expect("parses");
+        let error = CircuitBreaker::<Failure>::builder()
+            .config(loaded.clone())
+            .build()
+            .unwrap_err();
+        assert_eq!(error.field(), "slow_call_duration");
+        let mut pipeline = headroom_breaker::PipelineConfig::default();
+        pipeline.breaker = Some(loaded);
+        assert_eq!(
+            pipeline.validate().unwrap_err().field(),
+            "breaker.slow_call_duration"
+        );
+    }
+}
+
 /// A count window never holds more than its size, so a larger minimum would never be reached
 /// and the breaker would never open: refused at build and at reconfiguration.
 #[test]
