@@ -907,6 +907,12 @@ impl Permit<'_> {
         self.finish(Outcome::Ignored);
     }
 
+    /// Whether this permit admits a half-open probe.
+    pub(crate) fn is_probe(&self) -> bool {
+        self.ticket
+            .is_some_and(|ticket| ticket.word & 3 == HALF_OPEN)
+    }
+
     fn finish(mut self, outcome: Outcome) {
         if let Some(ticket) = self.ticket.take() {
             self.shared.finish(ticket, outcome);
@@ -974,7 +980,7 @@ impl<E> CircuitBreakerBuilder<E> {
     }
 
     /// Opens the circuit also when `ratio` of the calls in the window took longer than
-    /// `slower_than`.
+    /// `slower_than` (more than zero).
     pub fn slow_calls(mut self, ratio: f64, slower_than: Duration) -> Self {
         self.config.slow_call_ratio = Some(ratio);
         self.config.slow_call_duration = slower_than;

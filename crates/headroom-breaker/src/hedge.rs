@@ -138,6 +138,8 @@ impl Latencies {
 #[derive(Clone)]
 pub struct Hedge {
     inner: Arc<Inner>,
+    /// Outside `inner`, so that a pipeline can label a clone with its own name.
+    metrics: Arc<Metrics>,
 }
 
 struct Inner {
@@ -145,8 +147,23 @@ struct Inner {
     budget: Option<RetryBudget>,
     latencies: Option<Latencies>,
     clock: Clock,
+}
+
+/// The counters of a hedge, labelled with the name of its pipeline.
+struct Metrics {
+    pipeline: Arc<str>,
     hedges: Counter,
     denied: Counter,
+}
+
+impl Metrics {
+    fn new(pipeline: Arc<str>) -> Self {
+        Self {
+            hedges: headroom_core::counter!("headroom_breaker_hedges_total", "pipeline" => pipeline.to_string()),
+            denied: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => pipeline.to_string(), "strategy" => "hedge"),
+            pipeline,
+        }
+    }
 }
 
 impl fmt::Debug for Hedge {
@@ -154,6 +171,7 @@ impl fmt::Debug for Hedge {
         f.debug_struct("Hedge")
             .field("config", &self.inner.config)
             .field("delay", &self.delay())
+            .field("pipeline", &self.metrics.pipeline)
             .finish_non_exhaustive()
     }
 }
@@ -181,6 +199,18 @@ impl Hedge {
 
     pub(crate) fn budget(&self) -> Option<&RetryBudget> {
         self.inner.budget.as_ref()
+    }
+
+    /// This hedge, its metrics labelled `pipeline` (the same hedge, sharing its settings,
+    /// budget and observed latencies, when they are already).
+    pub(crate) fn labelled(self, pipeline: &Arc<str>) -> Self {
+        if self.metrics.pipeline == *pipeline {
+            return self;
+        }
+        Self {
+            inner: self.inner,
+            metrics: Arc::new(Metrics::new(Arc::clone(pipeline))),
+        }
     }
 
     /// Runs `op`, hedged. Each hedge is a new call of `op`.
@@ -251,12 +281,12 @@ impl Hedge {
                     .as_ref()
                     .is_some_and(|budget| !budget.try_withdraw())
                 {
-                    inner.denied.increment(1);
+                    self.metrics.denied.increment(1);
                     tracing::debug!("hedge denied: retry budget spent");
                     hedging = false;
                     continue;
                 }
-                inner.hedges.increment(1);
+                self.metrics.hedges.increment(1);
                 launched += 1;
                 tracing::debug!(attempt = launched + 1, ?delay, "hedging a slow attempt");
                 hedges.get_or_insert_with(FuturesUnordered::new).push(op());
@@ -320,7 +350,8 @@ impl HedgeBuilder {
         self
     }
 
-    /// The `pipeline` label of its metrics. Default `"default"`.
+    /// The `pipeline` label of its metrics. Default `"default"`; a named
+    /// [`Pipeline`](crate::Pipeline) it is given to counts it under the pipeline's name.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
         self
@@ -329,16 +360,14 @@ impl HedgeBuilder {
     /// Validates the settings and builds the hedge.
     pub fn build(self) -> Result<Hedge, ConfigError> {
         self.config.validate()?;
-        let label = self.name.to_string();
         Ok(Hedge {
             inner: Arc::new(Inner {
                 latencies: self.config.percentile.map(Latencies::new),
                 config: self.config,
                 budget: self.budget,
                 clock: self.clock,
-                hedges: headroom_core::counter!("headroom_breaker_hedges_total", "pipeline" => label.clone()),
-                denied: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "hedge"),
             }),
+            metrics: Arc::new(Metrics::new(self.name)),
         })
     }
 }

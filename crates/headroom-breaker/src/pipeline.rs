@@ -8,7 +8,7 @@ use std::time::Duration;
 use headroom_core::{Classify, Clock};
 use tracing::Instrument;
 
-use crate::breaker::CircuitBreaker;
+use crate::breaker::{CircuitBreaker, Permit};
 use crate::budget::RetryBudget;
 use crate::config::PipelineConfig;
 use crate::error::{ConfigError, Error};
@@ -105,7 +105,11 @@ impl<E> Parts<'_, E> {
             Some(breaker) => Some(breaker.try_acquire().map_err(Error::CircuitOpen)?),
             None => None,
         };
-        let result = match (self.timeout, self.hedge) {
+        // A probe is one call: hedged, it would let more than `half_open_probes` through.
+        let hedge = self
+            .hedge
+            .filter(|_| !permit.as_ref().is_some_and(Permit::is_probe));
+        let result = match (self.timeout, hedge) {
             (Some(timeout), Some(hedge)) => flatten(timeout.call(hedge.run(op)).await),
             (Some(timeout), None) => flatten(timeout.call(op()).await),
             (None, Some(hedge)) => hedge.run(op).await.map_err(Error::Inner),
@@ -143,7 +147,8 @@ fn flatten<T, E>(result: Result<Result<T, E>, crate::Elapsed>) -> Result<T, Erro
 /// 3. **circuit breaker**: each attempt needs a permit, and its outcome is recorded (a timed-out
 ///    attempt is a failure);
 /// 4. **timeout**: bounds each attempt, hedges included, and cancels it when reached;
-/// 5. **hedge**: inside an attempt, starts extra calls when the first is slow.
+/// 5. **hedge**: inside an attempt, starts extra calls when the first is slow; an attempt
+///    admitted as a half-open probe is not hedged, so the breaker's probes stay single calls.
 ///
 /// So a retry never waits on an open circuit's attempt, a breaker sees every attempt rather
 /// than every request, and a timeout cancels all the hedged calls of its attempt at once.
@@ -212,7 +217,7 @@ impl<E> Pipeline<E> {
             },
             timeout: None,
             clock: Clock::system(),
-            name: Arc::from("default"),
+            name: None,
         }
     }
 
@@ -355,7 +360,8 @@ pub struct PipelineBuilder<E> {
     pipeline: Pipeline<E>,
     timeout: Option<Duration>,
     clock: Clock,
-    name: Arc<str>,
+    /// Unset, the retry and hedge keep the labels they were built with.
+    name: Option<Arc<str>>,
 }
 
 impl<E> fmt::Debug for PipelineBuilder<E> {
@@ -404,17 +410,25 @@ impl<E> PipelineBuilder<E> {
 
     /// The `pipeline` label of the strategies' metrics and the `name` of the pipeline's spans.
     /// Default `"default"`.
+    ///
+    /// Set, it replaces the name the [`Retry`] and [`Hedge`] were built with: the pipeline's
+    /// copies share their settings and budget and count under this label. Unset, they keep
+    /// their own.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = name.into();
+        self.name = Some(name.into());
         self
     }
 
     /// The pipeline.
     pub fn build(mut self) -> Pipeline<E> {
+        if let Some(name) = self.name {
+            self.pipeline.retry = self.pipeline.retry.map(|retry| retry.labelled(&name));
+            self.pipeline.hedge = self.pipeline.hedge.map(|hedge| hedge.labelled(&name));
+            self.pipeline.name = name;
+        }
         self.pipeline.timeout = self
             .timeout
-            .map(|after| Timeout::named(after, self.clock, &self.name));
-        self.pipeline.name = self.name;
+            .map(|after| Timeout::named(after, self.clock, &self.pipeline.name));
         self.pipeline
     }
 }

@@ -60,6 +60,25 @@ pub(crate) enum Next {
 /// ```
 pub struct Retry<E> {
     inner: Arc<Inner<E>>,
+    /// Outside `inner`, so that a pipeline can label a clone with its own name.
+    metrics: Arc<Metrics>,
+}
+
+/// The counters of a retry, labelled with the name of its pipeline.
+struct Metrics {
+    pipeline: Arc<str>,
+    retries: Counter,
+    exhausted: Counter,
+}
+
+impl Metrics {
+    fn new(pipeline: Arc<str>) -> Self {
+        Self {
+            retries: headroom_core::counter!("headroom_breaker_retries_total", "pipeline" => pipeline.to_string()),
+            exhausted: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => pipeline.to_string(), "strategy" => "retry"),
+            pipeline,
+        }
+    }
 }
 
 type RetryAfterFn<E> = Box<dyn Fn(&E) -> Option<Duration> + Send + Sync>;
@@ -73,14 +92,13 @@ struct Inner<E> {
     retry_after: Option<RetryAfterFn<E>>,
     budget: Option<RetryBudget>,
     clock: Clock,
-    retries: Counter,
-    exhausted: Counter,
 }
 
 impl<E> Clone for Retry<E> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -90,6 +108,7 @@ impl<E> fmt::Debug for Retry<E> {
         f.debug_struct("Retry")
             .field("config", &self.inner.config)
             .field("budget", &self.inner.budget)
+            .field("pipeline", &self.metrics.pipeline)
             .finish_non_exhaustive()
     }
 }
@@ -141,6 +160,18 @@ impl<E> Retry<E> {
         &self.inner.clock
     }
 
+    /// This retry, its metrics labelled `pipeline` (the same retry, sharing its settings and
+    /// budget, when they are already).
+    pub(crate) fn labelled(self, pipeline: &Arc<str>) -> Self {
+        if self.metrics.pipeline == *pipeline {
+            return self;
+        }
+        Self {
+            inner: self.inner,
+            metrics: Arc::new(Metrics::new(Arc::clone(pipeline))),
+        }
+    }
+
     /// Decides what follows failed attempt number `attempt` (counted from 1).
     pub(crate) fn next(&self, error: &Error<E>, attempt: u32) -> Next {
         let inner = &*self.inner;
@@ -170,7 +201,7 @@ impl<E> Retry<E> {
             .as_ref()
             .is_some_and(|budget| !budget.try_withdraw())
         {
-            inner.exhausted.increment(1);
+            self.metrics.exhausted.increment(1);
             tracing::debug!(attempt, "retry denied: retry budget spent");
             return Next::Exhausted;
         }
@@ -182,7 +213,7 @@ impl<E> Retry<E> {
         let cap_nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         let jittered = Duration::from_nanos(fastrand::u64(0..=cap_nanos));
         let wait = server_wait.map_or(jittered, |wait| wait.max(jittered));
-        inner.retries.increment(1);
+        self.metrics.retries.increment(1);
         tracing::debug!(attempt, ?wait, "retrying");
         Next::After(wait)
     }
@@ -266,7 +297,8 @@ impl<E> RetryBuilder<E> {
         self
     }
 
-    /// The `pipeline` label of its metrics. Default `"default"`.
+    /// The `pipeline` label of its metrics. Default `"default"`; a named
+    /// [`Pipeline`](crate::Pipeline) it is given to counts it under the pipeline's name.
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
         self
@@ -275,7 +307,6 @@ impl<E> RetryBuilder<E> {
     /// Validates the settings and builds the retry.
     pub fn build(self) -> Result<Retry<E>, ConfigError> {
         self.config.validate()?;
-        let label = self.name.to_string();
         Ok(Retry {
             inner: Arc::new(Inner {
                 config: self.config,
@@ -284,9 +315,8 @@ impl<E> RetryBuilder<E> {
                 retry_after: self.retry_after,
                 budget: self.budget,
                 clock: self.clock,
-                retries: headroom_core::counter!("headroom_breaker_retries_total", "pipeline" => label.clone()),
-                exhausted: headroom_core::counter!("headroom_breaker_budget_exhausted_total", "pipeline" => label, "strategy" => "retry"),
             }),
+            metrics: Arc::new(Metrics::new(self.name)),
         })
     }
 }

@@ -3,8 +3,11 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use headroom_breaker::{CircuitBreaker, ErrorKind, Fallback, Pipeline, Retry, RetryBudget, State};
+use headroom_breaker::{
+    CircuitBreaker, ErrorKind, Fallback, Hedge, Pipeline, Retry, RetryBudget, State,
+};
 use headroom_core::Classify;
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::time::Instant;
 
 #[derive(Debug, PartialEq)]
@@ -200,6 +203,112 @@ async fn fallback_answers_when_the_circuit_is_open_or_attempts_are_spent() {
         .await
         .unwrap_err();
     assert_eq!(error.inner(), Some(&Failure::Invalid));
+}
+
+/// The pipeline's name labels the metrics of the retry and hedge it is given, though they
+/// were built before it under the default name.
+#[tokio::test(start_paused = true)]
+async fn the_pipelines_name_labels_its_retry_and_hedge_metrics() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let pipeline = metrics::with_local_recorder(&recorder, || {
+        Pipeline::builder()
+            .name("inventory")
+            .retry(retry().build().expect("retry"))
+            .hedge(
+                Hedge::builder()
+                    .delay(Duration::from_millis(10))
+                    .build()
+                    .expect("hedge"),
+            )
+            .build()
+    });
+    let calls = AtomicU32::new(0);
+    pipeline
+        .call(|| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match call {
+                    // The first attempt fails and is retried.
+                    0 => Err(Failure::Busy(None)),
+                    // The second is slow, so it is hedged; the hedge answers.
+                    1 => {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await
+        .expect("the hedge answers");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    let rendered = handle.render();
+    let count = |series: &str| {
+        rendered
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|value| value.trim().parse::<f64>().expect("a number"))
+    };
+    assert_eq!(
+        count(r#"headroom_breaker_retries_total{pipeline="inventory"}"#),
+        Some(1.0),
+        "{rendered}"
+    );
+    assert_eq!(
+        count(r#"headroom_breaker_hedges_total{pipeline="inventory"}"#),
+        Some(1.0),
+        "{rendered}"
+    );
+}
+
+/// A half-open breaker lets `half_open_probes` calls through, and a hedge under it must not
+/// add calls to a probe; a call admitted while closed is hedged as usual.
+#[tokio::test(start_paused = true)]
+async fn a_half_open_probe_is_one_call_even_with_a_hedge() {
+    let breaker = CircuitBreaker::builder()
+        .count_window(1)
+        .minimum_calls(1)
+        .half_open_probes(1)
+        .open_duration(Duration::from_secs(1))
+        .build()
+        .expect("breaker");
+    let pipeline = Pipeline::builder()
+        .breaker(breaker.clone())
+        .hedge(
+            Hedge::builder()
+                .delay(Duration::from_millis(10))
+                .max_hedges(3)
+                .build()
+                .expect("hedge"),
+        )
+        .build();
+    let error = pipeline
+        .call(|| async { Err::<(), _>(Failure::Invalid) })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Inner);
+    assert_eq!(breaker.state(), State::Open);
+    tokio::time::advance(Duration::from_secs(1)).await;
+
+    let calls = AtomicU32::new(0);
+    let slow = || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, Failure>(())
+        }
+    };
+    pipeline.call(slow).await.expect("the probe succeeds");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the probe was not hedged");
+    assert_eq!(breaker.state(), State::Closed);
+
+    pipeline.call(slow).await.expect("closed");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "closed again: the call and three hedges"
+    );
 }
 
 /// The builder takes a zero timeout as it is (`from_config` refuses one): an attempt ready at
