@@ -474,3 +474,45 @@ async fn keys_longer_than_the_documented_limit_are_typed_errors() {
     assert_eq!(error.kind(), RateErrorKind::InvalidKey);
     assert_eq!(limiter.round_trips(), 1);
 }
+
+/// In batched mode, a refusal names the quota that holds back the request's own cost and its
+/// wait, as in exact mode: not the quota that would hold back the batch the limiter asked for.
+/// Here the slow quota has room for one more request but not for a batch; the fast one has no
+/// room at all.
+#[tokio::test]
+async fn a_batched_refusal_names_the_quota_that_holds_back_the_request() {
+    let clock = ManualClock::new();
+    let store = MemoryRateStore::builder().clock(clock.clock()).build();
+    let (fast, slow) = (
+        Quota::new(10, Duration::from_secs(100)).unwrap(),
+        Quota::new(12, Duration::from_secs(1200)).unwrap(),
+    );
+    let tiers = TierConfig::new().tier("t", Quotas::new([fast, slow]).unwrap());
+    let namespace = unique_namespace("rate-batched-refusal");
+    let limiter = |name: &str, batch: u32| {
+        DistributedRateLimiter::builder(name, store.clone(), namespace.clone(), tiers.clone())
+            .clock(clock.clock())
+            .batch(batch)
+            .build()
+            .unwrap()
+    };
+    let (batched, exact) = (limiter("batched", 5), limiter("exact", 1));
+    let mut admitted = 0;
+    let refused = loop {
+        match batched.check("t", "alice", 1).await {
+            Ok(_) => admitted += 1,
+            Err(error) => break error,
+        }
+        if admitted == 7 {
+            // Another instance spends what the fast quota has left.
+            exact.check("t", "alice", 3).await.unwrap();
+        }
+        assert!(admitted <= 10, "the fast quota admits 10");
+    };
+    let limited = refused.limited().expect("refused by a quota");
+    assert_eq!(
+        (limited.quota(), limited.retry_after()),
+        (fast, fast.emission_interval()),
+        "after {admitted} admitted"
+    );
+}

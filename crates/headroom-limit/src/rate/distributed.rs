@@ -600,11 +600,17 @@ impl<S: RateStore> Inner<S> {
         if let Ok(refused) = &decision
             && !refused.allowed
             && reserve > cost
-            && refused.remaining >= cost
         {
-            // Fewer units than a batch are left: take what is there.
-            reserve = refused.remaining.min(reserve);
-            decision = self.apply(&cells, reserve).await;
+            if quotas.as_slice().len() > 1 {
+                // The refusal of a batch tells only which quota waits longest for all of it;
+                // another may be the one that holds back the cost alone. Ask for the cost.
+                reserve = cost;
+                decision = self.apply(&cells, reserve).await;
+            } else if refused.remaining >= cost {
+                // Fewer units than a batch are left: take what is there.
+                reserve = refused.remaining.min(reserve);
+                decision = self.apply(&cells, reserve).await;
+            }
         }
         self.record_health(&decision, probe);
         match decision {
@@ -649,10 +655,11 @@ impl<S: RateStore> Inner<S> {
                 reset_after: decision.reset_after,
             }),
             Ok(decision) => {
-                // The refusal was for `reserve` units; by the quota that waits longest, `cost`
-                // units fit `reserve - cost` intervals earlier and a single unit `reserve - 1`
-                // intervals earlier. (With several quotas, another may hold a single unit back
-                // longer: remembering the shorter wait only asks the store sooner.)
+                // The refusal was for `reserve` units (the cost alone, with several quotas);
+                // by the quota that waits longest, `cost` units fit `reserve - cost` intervals
+                // earlier and a single unit `reserve - 1` intervals earlier. (With several
+                // quotas, another may hold a single unit back longer: remembering the shorter
+                // wait only asks the store sooner.)
                 let quota = quotas.get(decision.cell);
                 let interval = nanos(quota.emission_interval());
                 let retry_after = nanos(decision.retry_after);
