@@ -234,13 +234,22 @@ struct Inner {
 }
 
 enum State {
-    Aimd { config: AimdConfig, limit: usize },
+    Aimd {
+        config: AimdConfig,
+        limit: usize,
+        /// The highest limit reached in full use, at least the initial one: as far as
+        /// refused demand alone takes the limit (see [`AdaptiveLimit::sample`]).
+        proven: usize,
+    },
     Gradient(Box<Gradient>),
 }
 
 struct Gradient {
     config: GradientConfig,
     limit: f64,
+    /// The highest limit reached in full use, at least the initial one: as far as refused
+    /// demand alone takes the limit (see [`AdaptiveLimit::sample`]).
+    proven: f64,
     /// The long RTT in seconds: the no-load round trip, an exponential average over
     /// `long_window` round trips of those taken while the limit was less than half used, reset
     /// by each probe; `None` before the first successful sample.
@@ -273,6 +282,7 @@ impl Gradient {
     fn new(config: GradientConfig) -> Self {
         let mut gradient = Self {
             limit: config.initial_limit as f64,
+            proven: config.initial_limit as f64,
             config,
             long_rtt: None,
             short_rtt: 0.0,
@@ -372,7 +382,15 @@ impl Gradient {
             _ => return self.limit as usize,
         };
         let weight = (self.config.smoothing / self.limit).min(1.0);
-        self.limit = self.clamp(self.limit * (1.0 - weight) + estimate * weight);
+        let next = self.clamp(self.limit * (1.0 - weight) + estimate * weight);
+        self.limit = if idle {
+            // Only refused demand asks for more: it may restore what full use has shown, but
+            // a priority kept below a share of the limit cannot show the service past it.
+            next.min(self.limit.max(self.proven))
+        } else {
+            self.proven = self.proven.max(next);
+            next
+        };
         self.limit as usize
     }
 }
@@ -387,6 +405,7 @@ impl AdaptiveLimit {
             AdaptiveConfig::Aimd(config) => State::Aimd {
                 config,
                 limit: initial,
+                proven: initial,
             },
             AdaptiveConfig::Gradient(config) => State::Gradient(Box::new(Gradient::new(config))),
         };
@@ -426,10 +445,11 @@ impl AdaptiveLimit {
     /// Feeds one finished request and returns the (possibly new) limit.
     ///
     /// `rtt` is how long the request held its permit, `in_flight` how many requests held
-    /// one at that moment (this one included). The limit only grows while it is being used,
-    /// or while requests are refused for its sake (a [`LoadShedder`](crate::LoadShedder) that
-    /// keeps some priorities below a share of it): an idle service teaches nothing about its
-    /// ceiling.
+    /// one at that moment (this one included). The limit only grows while it is being used:
+    /// an idle service teaches nothing about its ceiling. Requests refused for its sake (by a
+    /// [`LoadShedder`](crate::LoadShedder) that keeps some priorities below a share of it)
+    /// grow it back to the highest limit reached in full use, or the initial one, not past
+    /// it: work held below a share of the limit cannot show the service at the whole of it.
     pub fn sample(&self, rtt: Duration, in_flight: usize, outcome: Outcome) -> usize {
         if outcome == Outcome::Ignored {
             return self.limit();
@@ -437,13 +457,20 @@ impl AdaptiveLimit {
         let wanted = self.inner.refused_demand.swap(false, Ordering::Relaxed);
         let mut state = self.inner.state.lock();
         let new = match &mut *state {
-            State::Aimd { config, limit } => {
+            State::Aimd {
+                config,
+                limit,
+                proven,
+            } => {
                 let slow = config.latency_threshold.is_some_and(|t| rtt > t);
                 if outcome == Outcome::Dropped || slow {
                     let backed_off = (*limit as f64 * config.backoff_ratio).floor() as usize;
                     *limit = backed_off.max(config.min_limit);
-                } else if wanted || in_flight.saturating_mul(2) >= *limit {
+                } else if in_flight.saturating_mul(2) >= *limit {
                     *limit = (*limit + 1).min(config.max_limit);
+                    *proven = (*proven).max(*limit);
+                } else if wanted && *limit < *proven {
+                    *limit += 1;
                 }
                 *limit
             }

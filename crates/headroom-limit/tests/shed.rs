@@ -232,13 +232,14 @@ async fn adaptive_bulkhead_reports_the_adaptive_limit_as_reason() {
     assert_eq!(refused.reason(), Reason::AdaptiveLimit);
 }
 
-/// A bulkhead of an adaptive limit that only sheddable work uses, shed at half the limit: the
-/// work refused for that cap is demand the limit did not meet, so the limit grows to what the
-/// service takes (here, a service as fast at any load) rather than staying where the cap keeps
-/// the work below half of it, which an idle service would look like.
+/// A bulkhead of an adaptive limit that an outage drove down, then used only by work shed at
+/// 0.4 of the limit: that work alone never holds half of it, which an idle service would look
+/// like, but the demand refused for it is demand the limit did not meet, so the limit climbs
+/// back to what full use had shown (here, of a service as fast at any load) rather than staying
+/// where the outage left it, shedding nearly everything.
 #[tokio::test(start_paused = true)]
-async fn an_adaptive_limit_capped_by_a_shedder_still_grows_with_the_refused_demand() {
-    use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig, GradientConfig};
+async fn an_adaptive_limit_an_outage_drove_down_grows_back_with_the_refused_demand() {
+    use headroom_limit::adaptive::{AdaptiveConfig, AimdConfig, GradientConfig, Outcome};
     for config in [
         AdaptiveConfig::Gradient(GradientConfig {
             initial_limit: 4,
@@ -257,33 +258,123 @@ async fn an_adaptive_limit_capped_by_a_shedder_still_grows_with_the_refused_dema
             .shed_at(Priority::Sheddable, 0.4)
             .build()
             .unwrap();
-        let start = bulkhead.limit();
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        let callers: Vec<_> = (0..50)
-            .map(|_| {
-                let shedder = shedder.clone();
-                tokio::spawn(async move {
-                    while tokio::time::Instant::now() < until {
-                        match shedder.acquire(Priority::Sheddable).await {
-                            Ok(permit) => {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                drop(permit);
-                            }
-                            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                        }
-                    }
-                })
-            })
-            .collect();
-        for caller in callers {
-            caller.await.unwrap();
-        }
+        let answering = |outcome| {
+            move || async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                outcome
+            }
+        };
+        let seconds = Duration::from_secs;
+        drive(
+            &shedder,
+            Priority::Critical,
+            50,
+            seconds(10),
+            answering(Outcome::Success),
+        )
+        .await;
+        let full = bulkhead.limit();
+        drive(
+            &shedder,
+            Priority::Critical,
+            50,
+            seconds(2),
+            answering(Outcome::Dropped),
+        )
+        .await;
+        let down = bulkhead.limit();
         assert!(
-            bulkhead.limit() > 2 * start,
-            "{config:?}: the limit stayed at {} (from {start})",
-            bulkhead.limit()
+            down * 4 < full,
+            "{config:?}: the outage left {down} of {full}"
+        );
+        drive(
+            &shedder,
+            Priority::Sheddable,
+            50,
+            seconds(30),
+            answering(Outcome::Success),
+        )
+        .await;
+        let back = bulkhead.limit();
+        assert!(
+            back * 4 >= full * 3,
+            "{config:?}: the limit came back to {back} of {full} (from {down})"
         );
     }
+}
+
+/// Runs `callers` closed-loop callers of `priority` through `shedder` for `duration`, each
+/// request served by `service`, whose answer is the outcome its permit reports.
+async fn drive<F, Fut>(
+    shedder: &LoadShedder,
+    priority: Priority,
+    callers: usize,
+    duration: Duration,
+    service: F,
+) where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = headroom_limit::adaptive::Outcome> + Send,
+{
+    let until = tokio::time::Instant::now() + duration;
+    let callers: Vec<_> = (0..callers)
+        .map(|_| {
+            let (shedder, service) = (shedder.clone(), service.clone());
+            tokio::spawn(async move {
+                while tokio::time::Instant::now() < until {
+                    match shedder.acquire(priority).await {
+                        Ok(mut permit) => permit.set_outcome(service().await),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+}
+
+/// Work of a priority shed at 0.4 of the limit, alone on a service of 10 workers taking
+/// 10 ms each, cannot show that service at full use: the demand refused for it does not grow
+/// the gradient limit past where the documentation says it settles on that service
+/// (`rtt_tolerance × capacity` plus a queue allowance of `√limit`), which would let the shed
+/// work alone fill the service and leave no room for the work the rest is kept for.
+#[tokio::test(start_paused = true)]
+async fn demand_refused_for_a_shed_priority_does_not_grow_the_limit_past_the_service() {
+    use headroom_limit::adaptive::{AdaptiveConfig, GradientConfig};
+    let config = GradientConfig::default();
+    let bulkhead = Bulkhead::builder("batch")
+        .adaptive(AdaptiveConfig::Gradient(config.clone()))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(bulkhead.clone())
+        .shed_at(Priority::Sheddable, 0.4)
+        .build()
+        .unwrap();
+    let workers = Arc::new(tokio::sync::Semaphore::new(10));
+    let service = move || {
+        let workers = Arc::clone(&workers);
+        async move {
+            let _worker = workers.acquire().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            headroom_limit::adaptive::Outcome::Success
+        }
+    };
+    drive(
+        &shedder,
+        Priority::Sheddable,
+        50,
+        Duration::from_secs(30),
+        service,
+    )
+    .await;
+    let settled = config.rtt_tolerance * 10.0;
+    let top = settled + 2.0 * settled.sqrt() + 2.0;
+    assert!(
+        bulkhead.limit() as f64 <= top,
+        "the limit grew to {} (the band tops at {top:.1})",
+        bulkhead.limit()
+    );
 }
 
 /// While a signal given to the shedder is raised, the priorities it names are refused with
