@@ -954,7 +954,9 @@ impl<S: LeaseStore> Drop for HandOver<S> {
 pub(crate) enum Keeping {
     Not,
     Whole,
-    /// Kept, though a retry does not get all of it (a response without its body).
+    /// Kept, though a retry does not get all of it (a response without its body): only the
+    /// HTTP layer keeps a value so.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
     Partly,
 }
 
