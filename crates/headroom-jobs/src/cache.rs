@@ -226,17 +226,19 @@ where
 
     /// Starts handing the writes to `writer`, as [`WriteBehind::start`] does, and takes each
     /// write the writer refuses for good out of the cache: the database never gets it, so the
-    /// key is removed as of that write's version ([`Cache::remove_at`]). In L2 a later write
-    /// of the key stays; L1 copies of the key are dropped (here, and through the invalidation
-    /// bus on the other instances) and read again. The removals run once the flusher's pass
+    /// key is removed, as of now, which also drops the copies that reads made of the write
+    /// while it waited, or, while a later write of the key waits, as of the refused write's
+    /// version ([`Cache::remove_at`]), so that in L2 that later write stays. L1 copies of the
+    /// key are dropped (here, and through the invalidation bus on the other instances) and
+    /// read again. The removals run once the flusher's pass
     /// is finished, and a shutdown out of time cuts them short. A key whose
     /// [`CacheKey::from_key_bytes`] gives nothing back cannot be removed (a warning says so),
     /// and stays until its TTL; so does a refused write whose own cache write reaches L2
     /// after the removal (a slow L2 on the instance that made it).
     pub fn start<W: Writer>(&self, writer: W) -> Flusher {
-        let cache = self.cache.clone();
+        let (cache, writes) = (self.cache.clone(), Arc::clone(&self.writes));
         let on_dead: OnDead = Box::new(move |write: Write| {
-            let cache = cache.clone();
+            let (cache, writes) = (cache.clone(), Arc::clone(&writes));
             async move {
                 let Some(key) = K::from_key_bytes(&write.key) else {
                     tracing::warn!(
@@ -245,7 +247,20 @@ where
                     );
                     return;
                 };
-                if let Err(error) = cache.remove_at(&key, version_time(write.version)).await {
+                // A read that answered the write while it waited cached it as of that read.
+                // Unless a later write of the key waits, the database has every other write,
+                // so the key goes as of now; otherwise as of the refused write, and the later
+                // one stays.
+                let later_waits = matches!(
+                    writes.pending(&write.key).await,
+                    Ok(Some(later)) if later.version > write.version
+                );
+                let removed = if later_waits {
+                    cache.remove_at(&key, version_time(write.version)).await
+                } else {
+                    cache.remove(&key).await
+                };
+                if let Err(error) = removed {
                     tracing::warn!(%error, "a write refused for good could not be removed from the cache");
                 }
             }

@@ -752,6 +752,29 @@ async fn a_read_missing_the_cache_before_the_flush_answers_the_unwritten_write()
     assert_eq!(source.loads(), 2, "written, the keys load from the source");
 }
 
+/// A write the writer refuses for good leaves the cache also when a read cached it while it
+/// waited for the writer (its own entry had run out, so the read answered the unwritten
+/// write): the next read loads the database's value.
+#[tokio::test(start_paused = true)]
+async fn a_refused_write_a_read_cached_while_it_waited_leaves_the_cache() {
+    let (manual, profiles) = on_manual_time(MemoryJobStore::new(), Duration::from_secs(1));
+    let source = Source::with("ada", visits(1));
+    profiles.insert("ada".to_owned(), visits(9)).await.unwrap();
+    manual.advance(Duration::from_secs(2));
+    assert_eq!(source.read(&profiles, "ada").await, Some(visits(9)));
+    manual.advance(Duration::from_millis(10));
+    let flusher = profiles.start(|_: Vec<Write>| async {
+        Err(JobError::fatal("a constraint is violated"))
+    });
+    flusher.shutdown(Duration::from_secs(30)).await;
+    assert_eq!(dead_letters(&profiles).await, 1);
+    assert_eq!(
+        source.read(&profiles, "ada").await,
+        Some(visits(1)),
+        "the cache answers a write the database never got"
+    );
+}
+
 /// A write whose cache write failed (the cache's Redis out of reach at that moment) is still
 /// what another instance reads before the flush, and not the source's older value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
