@@ -159,15 +159,27 @@ impl RetryBudget {
 
     /// Takes leave for one retry or hedge; `false` when the budget is spent.
     pub fn try_withdraw(&self) -> bool {
+        self.withdraw().is_some()
+    }
+
+    /// [`try_withdraw`](Self::try_withdraw), answering the time slice the unit was taken
+    /// from, to [give it back](Self::give_back).
+    pub(crate) fn withdraw(&self) -> Option<u64> {
         let epoch = self.epoch();
         self.inner.buckets.add(epoch, [0, 1]);
         let [deposits, withdrawals] = self.inner.buckets.sum(epoch);
         let allowed = self.inner.reserve + self.inner.ratio * deposits as f64;
         if withdrawals as f64 <= allowed {
-            return true;
+            return Some(epoch);
         }
+        self.give_back(epoch);
+        None
+    }
+
+    /// Gives back a unit taken in time slice `epoch` for a retry that never ran (nothing,
+    /// once that slice has left the window).
+    pub(crate) fn give_back(&self, epoch: u64) {
         self.inner.buckets.add(epoch, [0, -1]);
-        false
     }
 }
 

@@ -71,8 +71,9 @@ impl<E> Parts<'_, E> {
                         last: Box::new(error),
                     });
                 }
-                Next::After(wait) => {
-                    retry.clock().sleep(wait).await;
+                Next::After(waiting) => {
+                    retry.clock().sleep(waiting.wait).await;
+                    waiting.start();
                     attempt += 1;
                 }
             }

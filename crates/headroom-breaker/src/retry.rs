@@ -14,13 +14,39 @@ use crate::error::{ConfigError, Error, Predicate};
 use crate::pipeline::Parts;
 
 /// What to do after a failed attempt.
-pub(crate) enum Next {
-    /// Wait this long, then try again.
-    After(Duration),
+pub(crate) enum Next<'a> {
+    /// Wait, then try again.
+    After(Waiting<'a>),
     /// Give up with the attempt's error.
     Stop,
     /// A retry was due but the budget is spent.
     Exhausted,
+}
+
+/// A retry decided on, waiting to start: dropped before [`start`](Self::start) (its caller
+/// went away during the wait), it never ran, so the budget unit it took goes back and it is
+/// not counted.
+pub(crate) struct Waiting<'a> {
+    pub(crate) wait: Duration,
+    /// The budget and the time slice it took a unit from.
+    unit: Option<(&'a RetryBudget, u64)>,
+    retries: &'a Counter,
+}
+
+impl Waiting<'_> {
+    /// The retry starts: it is counted, and its budget unit spent.
+    pub(crate) fn start(mut self) {
+        self.unit = None;
+        self.retries.increment(1);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some((budget, slice)) = self.unit.take() {
+            budget.give_back(slice);
+        }
+    }
 }
 
 /// Retries of operations failing with `E`.
@@ -173,7 +199,7 @@ impl<E> Retry<E> {
     }
 
     /// Decides what follows failed attempt number `attempt` (counted from 1).
-    pub(crate) fn next(&self, error: &Error<E>, attempt: u32) -> Next {
+    pub(crate) fn next(&self, error: &Error<E>, attempt: u32) -> Next<'_> {
         let inner = &*self.inner;
         let retryable = match error {
             // A timeout below this retry is retried only when timeouts are, and only if
@@ -196,15 +222,17 @@ impl<E> Retry<E> {
         if server_wait.is_some_and(|wait| wait > inner.config.max_retry_after) {
             return Next::Stop;
         }
-        if inner
-            .budget
-            .as_ref()
-            .is_some_and(|budget| !budget.try_withdraw())
-        {
-            self.metrics.exhausted.increment(1);
-            tracing::debug!(attempt, "retry denied: retry budget spent");
-            return Next::Exhausted;
-        }
+        let unit = match &inner.budget {
+            Some(budget) => match budget.withdraw() {
+                Some(slice) => Some((budget, slice)),
+                None => {
+                    self.metrics.exhausted.increment(1);
+                    tracing::debug!(attempt, "retry denied: retry budget spent");
+                    return Next::Exhausted;
+                }
+            },
+            None => None,
+        };
         let cap = inner
             .config
             .base_delay
@@ -213,9 +241,12 @@ impl<E> Retry<E> {
         let cap_nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         let jittered = Duration::from_nanos(fastrand::u64(0..=cap_nanos));
         let wait = server_wait.map_or(jittered, |wait| wait.max(jittered));
-        self.metrics.retries.increment(1);
         tracing::debug!(attempt, ?wait, "retrying");
-        Next::After(wait)
+        Next::After(Waiting {
+            wait,
+            unit,
+            retries: &self.metrics.retries,
+        })
     }
 }
 

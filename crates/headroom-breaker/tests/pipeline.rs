@@ -171,6 +171,54 @@ async fn a_spent_budget_ends_retries_with_a_typed_error_keeping_the_last_one() {
     assert_eq!(error.inner(), Some(&Failure::Busy(None)));
 }
 
+/// A retry whose caller goes away while it waits never runs: the budget unit it took goes
+/// back, so the next request can still retry, and it does not count as a retry made.
+#[tokio::test(start_paused = true)]
+async fn a_retry_whose_caller_left_during_its_wait_spends_no_budget() {
+    let budget = RetryBudget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .window(Duration::from_secs(1))
+        .build()
+        .expect("budget");
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let pipeline = metrics::with_local_recorder(&recorder, || {
+        Pipeline::builder()
+            .retry(retry().budget(budget).build().expect("retry"))
+            .build()
+    });
+    let attempts = AtomicU32::new(0);
+    let left = tokio::time::timeout(
+        Duration::from_millis(10),
+        pipeline.call(|| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Busy(Some(Duration::from_secs(5)))) }
+        }),
+    )
+    .await;
+    assert!(left.is_err(), "the caller left during the 5 s wait");
+    let answered = pipeline
+        .call(|| {
+            let first = attempts.fetch_add(1, Ordering::SeqCst) == 1;
+            async move {
+                if first {
+                    Err(Failure::Busy(None))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+    assert!(answered.is_ok(), "{answered:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    let rendered = handle.render();
+    let retries = rendered.lines().find_map(|line| {
+        line.strip_prefix("headroom_breaker_retries_total{pipeline=\"default\"} ")
+    });
+    assert_eq!(retries, Some("1"), "{rendered}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn fallback_answers_when_the_circuit_is_open_or_attempts_are_spent() {
     let breaker = CircuitBreaker::builder().build().expect("breaker");
