@@ -838,6 +838,9 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
             _ = stopped.changed() => return,
         };
         let mut live = false;
+        // This instance's own messages come back later than `max_silence`: the channel flows
+        // but is behind, and is not taken for live until one comes back in time.
+        let mut behind = false;
         let mut heard = shared.clock.now();
         let silence = shared.config.max_silence;
         // Checked when the oldest of the last messages heard (from the channel, and from
@@ -905,6 +908,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                 }
                 Some(BusEvent::Live) => {
                     live = true;
+                    behind = false;
                     heard = shared.clock.now();
                     await_origins(&mut origins, heard);
                     if !recover(&origins) {
@@ -918,8 +922,26 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     };
                     let now = shared.clock.now();
                     heard = now;
-                    if !live {
-                        // Silent until now: L1 was flushed and bypassed meanwhile.
+                    if message.origin == shared.origin {
+                        // Sent on this instance's own clock: how far behind the channel is.
+                        let late = shared
+                            .clock
+                            .unix_millis()
+                            .saturating_sub(message.sent_unix_ms);
+                        let was_behind = behind;
+                        behind = Duration::from_millis(late) >= silence;
+                        if behind && !was_behind {
+                            tracing::debug!(late_ms = late, "invalidation messages arrive late");
+                            live = false;
+                            shared.set_healthy(false);
+                            resync(&mut origins);
+                            if !lost(Flush::Silence) {
+                                return;
+                            }
+                        }
+                    }
+                    if !live && !behind {
+                        // Silent (or behind) until now: L1 was flushed and bypassed meanwhile.
                         live = true;
                         await_origins(&mut origins, now);
                     }
@@ -927,7 +949,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                         next_check = now;
                     }
                     if message.origin == shared.origin {
-                        if !recover(&origins) {
+                        if live && !recover(&origins) {
                             return;
                         }
                         continue;
@@ -967,7 +989,7 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                             );
                         }
                     }
-                    if !recover(&origins) {
+                    if live && !recover(&origins) {
                         return;
                     }
                     let Some(target) = local.upgrade() else {

@@ -974,6 +974,85 @@ async fn a_subscriber_back_from_a_loss_flushes_once_not_once_per_writer() {
     assert!(from_l2 <= 1, "L1 flushed {from_l2} times after the loss");
 }
 
+/// A bus whose subscriptions deliver every event `delay` after it came (a subscriber whose
+/// connection is backed up): messages keep flowing, late.
+#[derive(Clone, Debug, Default)]
+struct Late {
+    inner: MemoryBus,
+    /// Nanoseconds.
+    delay: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl InvalidationBus for Late {
+    async fn publish(&self, channel: &Key, message: Bytes) -> Result<(), BackendError> {
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(&self, channel: &Key) -> Result<Subscription, BackendError> {
+        let mut events = self.inner.subscribe(channel).await?;
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = events.next_event().await {
+                if arrived.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        let delay = Arc::clone(&self.delay);
+        Ok(Subscription::new(futures_util::stream::unfold(
+            arrivals,
+            move |mut arrivals| {
+                let delay = Duration::from_nanos(delay.load(Ordering::SeqCst));
+                async move {
+                    let (at, event) = arrivals.recv().await?;
+                    tokio::time::sleep_until(at + delay).await;
+                    Some((event, arrivals))
+                }
+            },
+        )))
+    }
+}
+
+/// A subscription that falls behind for good (messages flow, but a second late) is not taken
+/// for a live one once its messages come again: the instance's own messages show how late
+/// they are, and L1 stays bypassed while they are later than `max_silence`, so a write on
+/// another instance is not served stale from L1 for that second.
+#[tokio::test(start_paused = true)]
+async fn a_subscription_that_stays_behind_keeps_l1_bypassed() {
+    let ns = unique_namespace("late");
+    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let late = Late {
+        inner: bus.clone(),
+        ..Late::default()
+    };
+    let a = cache(
+        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
+        &ns,
+    );
+    let (b_parts, b_calls) = probed((
+        DynKvStore::new(store),
+        DynInvalidationBus::new(late.clone()),
+    ));
+    let b = cache(b_parts, &ns);
+    live(&[a.clone(), b.clone()]).await;
+    a.insert("k".into(), 1).await.unwrap();
+    settle_in_l1(&b, &b_calls, "k", 1).await;
+
+    let delay = Duration::from_secs(1);
+    late.delay.store(delay.as_nanos() as u64, Ordering::SeqCst);
+    // Messages published from now on reach B a second late; by then they flow again.
+    tokio::time::sleep(delay + 5 * config().ping_interval).await;
+    assert_eq!(b.get(&"k".to_owned()).await.unwrap(), Some(1));
+    let written = Instant::now();
+    a.insert("k".into(), 2).await.unwrap();
+    settle_value(&b, "k", Some(2)).await;
+    let stale_for = written.elapsed();
+    assert!(
+        stale_for < config().max_silence,
+        "B served the old value for {stale_for:?}"
+    );
+}
+
 /// A writes L2 but its messages no longer get out (no error anywhere): B notices A's silence
 /// and flushes its L1 within the bound.
 #[tokio::test(start_paused = true)]
