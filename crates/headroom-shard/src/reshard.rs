@@ -144,11 +144,12 @@ impl ReshardPlan {
                     slot_moves(from, to, |s| (a.slot_owner(s), b.slot_owner(s)))
                 }
                 (Layout::Ranges(a), Layout::Ranges(b)) => range_moves(from, to, a, b),
-                // Samples would all fall in the first range: every range is listed instead.
-                (Layout::Ranges(ranges), Layout::Hashed) => {
+                // Samples would all fall in the first range: every range is listed instead,
+                // for every node of the side that spreads keys by hash (slots too).
+                (Layout::Ranges(ranges), Layout::Hashed | Layout::Slots(_)) => {
                     ranges_to_spread(from, to, ranges, true)
                 }
-                (Layout::Hashed, Layout::Ranges(ranges)) => {
+                (Layout::Hashed | Layout::Slots(_), Layout::Ranges(ranges)) => {
                     ranges_to_spread(to, from, ranges, false)
                 }
                 _ => sampled_moves(from, to),

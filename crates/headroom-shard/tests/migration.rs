@@ -216,12 +216,16 @@ fn plans_between_ranges_and_a_hash_router_cover_every_range() {
         )
     };
     let jump = || AnyRouter::from(JumpRouter::new(3).unwrap());
+    // Redis Cluster slots spread keys by hash too.
+    let slots = || AnyRouter::from(headroom_shard::SlotRouter::even(3).unwrap());
     let keys: Vec<String> = (0..2_000)
         .map(|i| format!("{}{i}", ["apple", "hat", "zebra"][i % 3]))
         .collect();
     for (from, to) in [
         (build(1, ranges()), build(2, jump())),
         (build(1, jump()), build(2, ranges())),
+        (build(1, ranges()), build(2, slots())),
+        (build(1, slots()), build(2, ranges())),
     ] {
         let plan = ReshardPlan::between(&from, &to);
         assert_eq!(plan.moved_fraction(), None);
