@@ -11,6 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobStore};
+use headroom_core::lease::Fenced;
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{BackendError, BackendErrorKind, Classify, Clock, Namespace};
 use tokio::sync::watch;
@@ -137,9 +138,16 @@ impl WriteBehindConfig {
 pub struct WriteBehind<S> {
     queue: JobQueue<S>,
     config: WriteBehindConfig,
-    last_version: AtomicU64,
+    /// The last version given, when this handle keeps its own (on a manual clock); `None`
+    /// shares the process's, [`LAST_VERSION`].
+    own_last_version: Option<AtomicU64>,
     clock: Clock,
 }
+
+/// The last version given by any handle of the process on the system clock: two handles
+/// writing one key must not give it equal versions, or a writer that applies versions drops
+/// the later write.
+static LAST_VERSION: AtomicU64 = AtomicU64::new(0);
 
 impl<S> std::fmt::Debug for WriteBehind<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,6 +197,10 @@ impl<S: JobStore> WriteBehindBuilder<S> {
     }
 
     /// The clock for versions and the lag (default: the system clock).
+    ///
+    /// On the system clock, versions keep increasing across every handle of the process. A
+    /// handle on a manual clock stands for a process of its own (tests run many in one), so
+    /// its versions keep increasing within the handle only.
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
@@ -206,7 +218,7 @@ impl<S: JobStore> WriteBehindBuilder<S> {
         Ok(WriteBehind {
             queue: queue.build()?,
             config: self.config,
-            last_version: AtomicU64::new(0),
+            own_last_version: self.clock.is_manual().then(|| AtomicU64::new(0)),
             clock: self.clock,
         })
     }
@@ -292,8 +304,8 @@ impl<S: JobStore> WriteBehind<S> {
 
     async fn record(&self, key: Bytes, value: Option<&[u8]>) -> Result<u64, EnqueueError> {
         let micros = self.clock.unix_micros();
-        let version = self
-            .last_version
+        let versions = self.own_last_version.as_ref().unwrap_or(&LAST_VERSION);
+        let version = versions
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
                 Some(micros.max(last + 1))
             })
@@ -390,7 +402,7 @@ struct FlushTally {
     writes: AtomicU64,
     coalesced: AtomicU64,
     failures: AtomicU64,
-    /// The deliveries in hand: fetched and neither completed nor handed back.
+    /// The deliveries in hand: fetched and neither written, handed back nor buried.
     held: AtomicU64,
 }
 
@@ -688,10 +700,14 @@ async fn drain_partition<S: JobStore, W: Writer>(
     tally.held.store(deliveries.len() as u64, Ordering::Relaxed);
     let mut latest: HashMap<Bytes, (u64, u64, usize)> = HashMap::new();
     let mut writes: Vec<Write> = Vec::new();
+    let mut in_hand = InHand {
+        per_write: Vec::new(),
+        held: &tally.held,
+    };
     // Corrupt writes are buried: no longer this pass's to extend, complete or hand back.
     let (mut kept, mut corrupt) = (Vec::with_capacity(deliveries.len()), Vec::new());
-    // The key of each kept delivery, in the same order.
-    let mut kept_keys = Vec::with_capacity(deliveries.len());
+    // The write each kept delivery is coalesced into, in the same order.
+    let mut kept_writes = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         let Some(write) =
             crate::envelope::open(&delivery.payload).and_then(|opened| decode(opened.payload))
@@ -700,17 +716,20 @@ async fn drain_partition<S: JobStore, W: Writer>(
             continue;
         };
         let rank = (write.version, delivery.number);
-        kept_keys.push(write.key.clone());
         match latest.get_mut(&write.key) {
             Some((version, number, index)) => {
                 if rank > (*version, *number) {
                     (*version, *number) = rank;
                     writes[*index] = write;
                 }
+                kept_writes.push(*index);
+                *in_hand.per_write[*index].get_mut() += 1;
             }
             None => {
                 latest.insert(write.key.clone(), (rank.0, rank.1, writes.len()));
+                kept_writes.push(writes.len());
                 writes.push(write);
+                in_hand.per_write.push(AtomicU64::new(1));
             }
         }
         kept.push(delivery);
@@ -722,6 +741,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
         );
         tracing::warn!(queue = %queue.name, job.number = delivery.number, "a corrupt write is dead");
         bury(queue, key, &delivery, error).await;
+        tally.held.fetch_sub(1, Ordering::Relaxed);
     }
     let handed = writes.len() as u64;
     let coalesced = (deliveries.len() - writes.len()) as u64;
@@ -729,7 +749,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
         Some(Vec::new())
     } else {
         tokio::select! {
-            refused = write_chunks(shared, writes) => Some(refused),
+            refused = write_chunks(shared, &writes, &in_hand) => Some(refused),
             () = extend_all(&queue.store, key, &deliveries, fetched, config.visibility) => None,
             () = aborted(phase) => None,
         }
@@ -748,11 +768,10 @@ async fn drain_partition<S: JobStore, W: Writer>(
         tally.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         shared.metrics.writes.increment(handed);
         shared.metrics.coalesced.increment(coalesced);
-        let is_dead = |i: usize| dead.contains_key(&kept_keys[i]);
+        let is_dead = |i: usize| dead.contains_key(&writes[kept_writes[i]].key);
         for (i, delivery) in deliveries.iter().enumerate().filter(|&(i, _)| is_dead(i)) {
-            let error = &dead[&kept_keys[i]];
+            let error = &dead[&writes[kept_writes[i]].key];
             tracing::warn!(queue = %queue.name, job.number = delivery.number, error, "the writer refused a write for good; it is dead");
-            queue.metrics.dead.increment(1);
             bury(
                 queue,
                 key,
@@ -760,6 +779,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 Bytes::copy_from_slice(error.as_bytes()),
             )
             .await;
+            in_hand.let_go(kept_writes[i]);
         }
         // All in one step (one round trip on Redis). A write left uncompleted (the store
         // failed) is delivered again and written again: versions make that harmless.
@@ -781,7 +801,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
     } else {
         // Shut down, or taken over: hand back what is still ours, for the next flusher. A
         // write whose chunk was written is written again: versions make that harmless.
-        for delivery in &deliveries {
+        for (delivery, &write) in deliveries.iter().zip(&kept_writes) {
             let _ = queue
                 .store
                 .release(
@@ -791,6 +811,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
                     Bytes::from_static(b"handed back"),
                 )
                 .await;
+            in_hand.let_go(write);
         }
     }
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
@@ -813,14 +834,15 @@ async fn drain_partition<S: JobStore, W: Writer>(
 }
 
 /// Makes `delivery` of partition `key` a dead letter with `error`, kept for the queue's dead
-/// retention. A store that fails leaves it held, to be taken over and tried again.
+/// retention, and counts it dead once it is one, as a worker counts its dead jobs. A store
+/// that fails leaves it held, to be delivered again and buried (and counted) then.
 async fn bury<S: JobStore>(
     queue: &crate::queue::QueueInner<S>,
     key: &headroom_core::Key,
     delivery: &Delivery,
     error: Bytes,
 ) {
-    let _ = queue
+    let buried = queue
         .store
         .bury(
             key,
@@ -830,6 +852,40 @@ async fn bury<S: JobStore>(
             queue.config.dead_retention,
         )
         .await;
+    match buried {
+        Ok(Fenced::Applied) => queue.metrics.dead.increment(1),
+        // Taken over meanwhile: its new holder writes or buries it.
+        Ok(_) => {}
+        Err(error) => {
+            queue.metrics.store_errors.increment(1);
+            tracing::warn!(queue = %queue.name, job.number = delivery.number, %error, "burying a dead write failed; it is delivered again");
+        }
+    }
+}
+
+/// The deliveries of a pass in hand, neither written, handed back nor buried: per write they
+/// were coalesced into, and in all (the flusher's tally, which a shutdown out of time reports
+/// as abandoned).
+struct InHand<'t> {
+    per_write: Vec<AtomicU64>,
+    held: &'t AtomicU64,
+}
+
+impl InHand<'_> {
+    /// The writer took write `i`: its deliveries are written.
+    fn written(&self, i: usize) {
+        let deliveries = self.per_write[i].swap(0, Ordering::Relaxed);
+        self.held.fetch_sub(deliveries, Ordering::Relaxed);
+    }
+
+    /// A delivery of write `i` was handed back or buried; one already written was counted then.
+    fn let_go(&self, i: usize) {
+        let unwritten = self.per_write[i]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if unwritten.is_ok() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A write the writer refused for good, and the writer's message.
@@ -839,18 +895,21 @@ type Refused = (Write, String);
 /// answers the writes refused for good.
 async fn write_chunks<S, W: Writer>(
     shared: &FlushShared<S, W>,
-    writes: Vec<Write>,
+    writes: &[Write],
+    in_hand: &InHand<'_>,
 ) -> Vec<Refused> {
     let mut refused = Vec::new();
-    for chunk in writes.chunks(shared.config.batch) {
+    for (n, chunk) in writes.chunks(shared.config.batch).enumerate() {
+        let start = n * shared.config.batch;
         match write_until_taken(shared, chunk.to_vec()).await {
-            Ok(()) => {}
+            Ok(()) => (start..start + chunk.len()).for_each(|i| in_hand.written(i)),
             // Some write of the chunk can never be written: find which, one at a time.
             Err(error) if chunk.len() == 1 => refused.push((chunk[0].clone(), error)),
             Err(_) => {
-                for write in chunk {
-                    if let Err(error) = write_until_taken(shared, vec![write.clone()]).await {
-                        refused.push((write.clone(), error));
+                for (i, write) in (start..).zip(chunk) {
+                    match write_until_taken(shared, vec![write.clone()]).await {
+                        Ok(()) => in_hand.written(i),
+                        Err(error) => refused.push((write.clone(), error)),
                     }
                 }
             }

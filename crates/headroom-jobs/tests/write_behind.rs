@@ -385,15 +385,19 @@ async fn a_full_backlog_refuses_writes_instead_of_buffering_without_end() {
     );
 }
 
-/// The lag gauge of queue `queue`, as `handle` renders it.
-fn lag_of(handle: &metrics_exporter_prometheus::PrometheusHandle, queue: &str) -> f64 {
-    let series = format!(r#"headroom_jobs_write_behind_lag_seconds{{queue="{queue}"}}"#);
+/// The value of `series` as `handle` renders it, if recorded.
+fn value_of(handle: &metrics_exporter_prometheus::PrometheusHandle, series: &str) -> Option<f64> {
     handle
         .render()
         .lines()
-        .find(|line| line.starts_with(&series))
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
         .map(|line| line[series.len()..].trim().parse::<f64>().unwrap())
-        .unwrap()
+}
+
+/// The lag gauge of queue `queue`, as `handle` renders it.
+fn lag_of(handle: &metrics_exporter_prometheus::PrometheusHandle, queue: &str) -> f64 {
+    let series = format!(r#"headroom_jobs_write_behind_lag_seconds{{queue="{queue}"}}"#);
+    value_of(handle, &series).unwrap()
 }
 
 #[test]
@@ -468,6 +472,74 @@ fn the_lag_goes_on_growing_while_the_store_is_out_of_reach() {
     });
 }
 
+/// A write buried as a dead letter counts in `headroom_jobs_attempts_total{outcome="dead"}`,
+/// as a worker's dead job does: a corrupt write as well as one the writer refuses for good,
+/// each once its burial landed. A burial the store failed leaves the write to be delivered
+/// again, and buried then: it is counted once.
+#[test]
+fn writes_buried_as_dead_are_counted_dead_once() {
+    use headroom_jobs::{Job, WriteBehindConfig};
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let dead = || {
+        value_of(
+            &handle,
+            r#"headroom_jobs_attempts_total{queue="graveyard",outcome="dead"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    support::current_thread().block_on(async {
+        let store: SlowStore = SlowStore::default();
+        let (writes, flusher) = metrics::with_local_recorder(&recorder, || {
+            let writes = WriteBehind::builder("graveyard", store.clone())
+                .config({
+                    let mut config = WriteBehindConfig::default();
+                    config.flush_interval = Duration::from_millis(100);
+                    config.visibility = Duration::from_secs(1);
+                    config
+                })
+                .build()
+                .unwrap();
+            let flusher = writes.start(|batch: Vec<Write>| async move {
+                if batch.iter().any(|write| write.key == "poison") {
+                    return Err(JobError::fatal("a constraint is violated"));
+                }
+                Ok(())
+            });
+            (writes, flusher)
+        });
+        let dead_letters = || async { writes.queue().dead_letters(10).await.unwrap().len() };
+
+        writes
+            .queue()
+            .enqueue(Job::new(Bytes::from_static(b"not a write")))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!((dead_letters().await, dead()), (1, 1.0), "a corrupt write");
+
+        store.failing_buries.store(1, Ordering::Relaxed);
+        writes.put("poison", "v").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(store.failing_buries.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            (dead_letters().await, dead()),
+            (1, 1.0),
+            "a refused write whose burial failed"
+        );
+        // Delivered again once its visibility ran out, and buried.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            (dead_letters().await, dead()),
+            (2, 2.0),
+            "a refused write buried"
+        );
+        flusher.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A writer that blocks its thread is not cut off when the grace ends: the shutdown still
 /// returns within its bound (the grace, then half the visibility for the hand-back). Real
 /// time: a writer that blocks a thread needs a multi-threaded runtime, which cannot pause
@@ -520,6 +592,49 @@ async fn a_shutdown_with_an_endless_grace_returns_once_every_write_is_written() 
     let report = flusher.shutdown(Duration::MAX).await;
     assert_eq!((report.writes, report.abandoned), (1, 0));
     assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
+}
+
+/// A shutdown out of time counts as abandoned only the writes its flusher neither wrote nor
+/// handed back: not a corrupt write it buried, nor those of a chunk the writer took, nor those
+/// it handed back before the store stopped answering.
+#[tokio::test(start_paused = true)]
+async fn only_writes_neither_written_nor_handed_back_are_abandoned() {
+    use headroom_jobs::{Job, WriteBehindConfig};
+
+    // The five writes of the chunk written, then two of the next, are handed back.
+    let store = SlowStore::hanging_releases_after(7);
+    let writes = WriteBehind::builder("stuck", store)
+        .config({
+            let mut config = WriteBehindConfig::default();
+            config.batch = 5;
+            config
+        })
+        .build()
+        .unwrap();
+    writes
+        .queue()
+        .enqueue(Job::new(Bytes::from_static(b"not a write")))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        writes.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let database = Database::default();
+    let db = database.clone();
+    // The first chunk is written; the second call never answers.
+    let flusher = writes.start(move |batch: Vec<Write>| {
+        let db = db.clone();
+        async move {
+            if db.calls.load(Ordering::Relaxed) > 0 {
+                std::future::pending::<()>().await;
+            }
+            db.apply(batch);
+            Ok(())
+        }
+    });
+    let report = flusher.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(database.writes.load(Ordering::Relaxed), 5);
+    assert_eq!(report.abandoned, 3, "{report:?}");
 }
 
 /// A shutdown that starts while the writer is busy still flushes the writes made meanwhile,
@@ -897,5 +1012,34 @@ async fn the_pending_write_of_a_key_is_its_highest_version() {
     assert_eq!(
         (pending.version, pending.value),
         (a_version, Some(Bytes::from_static(b"from a")))
+    );
+}
+
+/// Versions rise across the handles of a process, not per handle: a key's later write made
+/// through another handle is kept by a writer that applies versions, though the first handle's
+/// versions ran ahead of the clock (two writes within a microsecond; paused time stands still).
+#[tokio::test(start_paused = true)]
+async fn a_later_write_through_another_handle_of_the_process_is_kept() {
+    let store = MemoryJobStore::new();
+    let handle = || {
+        WriteBehind::builder("profiles", store.clone())
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (handle(), handle());
+    first.put("bob", "b").await.unwrap();
+    let earlier = first.put("ada", "from the first").await.unwrap();
+    let later = second.put("ada", "from the second").await.unwrap();
+    let database = Database::default();
+    let report = database
+        .clone()
+        .flusher(&second)
+        .shutdown(Duration::from_secs(5))
+        .await;
+    assert_eq!(report.writes, 2, "{report:?}");
+    assert!(earlier < later, "versions {earlier} then {later}");
+    assert_eq!(
+        database.value("ada").as_deref(),
+        Some(&b"from the second"[..])
     );
 }

@@ -763,9 +763,8 @@ async fn a_refused_write_a_read_cached_while_it_waited_leaves_the_cache() {
     manual.advance(Duration::from_secs(2));
     assert_eq!(source.read(&profiles, "ada").await, Some(visits(9)));
     manual.advance(Duration::from_millis(10));
-    let flusher = profiles.start(|_: Vec<Write>| async {
-        Err(JobError::fatal("a constraint is violated"))
-    });
+    let flusher =
+        profiles.start(|_: Vec<Write>| async { Err(JobError::fatal("a constraint is violated")) });
     flusher.shutdown(Duration::from_secs(30)).await;
     assert_eq!(dead_letters(&profiles).await, 1);
     assert_eq!(

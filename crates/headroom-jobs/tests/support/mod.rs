@@ -60,6 +60,8 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     pub(crate) out_of_reach: Arc<AtomicBool>,
     /// How many of the next fetches fail with a timeout, as in a blip of the store.
     pub(crate) failing_fetches: Arc<AtomicUsize>,
+    /// How many of the next burials fail with a timeout, without reaching the store.
+    pub(crate) failing_buries: Arc<AtomicUsize>,
     /// While set, every `stats` call fails with a connection error.
     pub(crate) failing_stats: Arc<AtomicBool>,
     /// While the store is out of reach, it answers as a Redis that refuses writes (a demoted
@@ -82,6 +84,10 @@ pub(crate) struct SlowStore<S = MemoryJobStore> {
     /// While set, every `recover` is refused with a command error (a script the server will
     /// not run).
     pub(crate) failing_recovers: Arc<AtomicBool>,
+    /// How many releases are answered before every later one waits for ever, as a store
+    /// that stopped answering; `None`: all are.
+    releases_answered: Option<usize>,
+    releases: Arc<AtomicUsize>,
 }
 
 impl<S: JobStore> SlowStore<S> {
@@ -112,6 +118,7 @@ impl<S: JobStore> SlowStore<S> {
             failure_takes: None,
             out_of_reach: Arc::default(),
             failing_fetches: Arc::default(),
+            failing_buries: Arc::default(),
             failing_stats: Arc::default(),
             read_only_outage: false,
             read_only_until: None,
@@ -123,6 +130,8 @@ impl<S: JobStore> SlowStore<S> {
             resend_first_retry: false,
             retry_resent: Arc::default(),
             failing_recovers: Arc::default(),
+            releases_answered: None,
+            releases: Arc::default(),
         }
     }
 
@@ -237,6 +246,14 @@ impl SlowStore {
         Self {
             read_only_outage: true,
             ..self
+        }
+    }
+
+    /// The first `answered` releases (hand-backs) are answered, and no later one ever is.
+    pub(crate) fn hanging_releases_after(answered: usize) -> Self {
+        Self {
+            releases_answered: Some(answered),
+            ..Self::default()
         }
     }
 
@@ -436,6 +453,12 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         attempt: u32,
         error: Bytes,
     ) -> Result<Fenced, BackendError> {
+        if self
+            .releases_answered
+            .is_some_and(|answered| self.releases.fetch_add(1, Ordering::Relaxed) >= answered)
+        {
+            std::future::pending::<()>().await;
+        }
         self.inner.release(partition, number, attempt, error).await
     }
 
@@ -447,6 +470,14 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         error: Bytes,
         retention: Duration,
     ) -> Result<Fenced, BackendError> {
+        let failing = |left: usize| left.checked_sub(1);
+        if self
+            .failing_buries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, failing)
+            .is_ok()
+        {
+            return Err(BackendError::new(BackendErrorKind::Timeout));
+        }
         self.inner
             .bury(partition, number, attempt, error, retention)
             .await
