@@ -184,11 +184,13 @@ impl Classify for MigrationError {
             .is_some_and(|source| source.is_timeout())
     }
 
-    /// A fenced write succeeds when routed again under the current epoch; a conflicting step
-    /// or a store failure may succeed when tried again.
+    /// A fenced write succeeds when routed again under the current epoch, and a store
+    /// failure may succeed when tried again. A step refused for a conflict is not retried:
+    /// the shared phase moved, and the driver decides again (an `advance` tried again would
+    /// move one step further).
     fn is_retryable(&self) -> bool {
         match self.kind {
-            MigrationErrorKind::Fenced | MigrationErrorKind::Conflict => true,
+            MigrationErrorKind::Fenced => true,
             MigrationErrorKind::Backend => self
                 .source
                 .as_ref()

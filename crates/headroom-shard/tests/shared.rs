@@ -136,8 +136,8 @@ async fn participants_follow_the_shared_phase() {
 }
 
 /// A step taken by phase is taken once: a second driver asking for the same step, or a retry
-/// after a lost answer, moves nothing, and a step past the next phase is refused, where each
-/// `advance` moves one step further from wherever the phase is.
+/// after a lost answer, moves nothing, and a step past the next phase is refused (not to be
+/// retried: `advance` would move one step further from wherever the phase is).
 #[tokio::test(start_paused = true)]
 async fn a_step_taken_twice_moves_the_phase_once() {
     let store = MemoryMigrationStore::new();
@@ -159,6 +159,8 @@ async fn a_step_taken_twice_moves_the_phase_once() {
     // Past the next phase: shadow reads would be skipped.
     let skipped = second.advance_to(Phase::CutOver).await.unwrap_err();
     assert_eq!(skipped.kind(), MigrationErrorKind::Conflict);
+    // A retry policy leaves a refused step alone: the driver decides again.
+    assert!(!headroom_core::Classify::is_retryable(&skipped));
     assert_eq!(
         second.advance_to(Phase::ShadowRead).await.unwrap(),
         Phase::ShadowRead
