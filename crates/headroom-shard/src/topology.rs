@@ -282,7 +282,10 @@ impl<'a, H> Target<'a, H> {
         self.role
     }
 
-    /// The epoch of the topology that made the choice (for fencing writes at the node).
+    /// The epoch of the topology that made the choice. To fence a write at the node, stamp
+    /// it with this outside a migration; inside one, stamp the owner's write and the
+    /// mirror's alike with [`WriteRoute::epoch`](crate::WriteRoute::epoch), the route's (a
+    /// mirror's target is the new topology's, of a greater epoch).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
