@@ -693,16 +693,26 @@ pub struct ReadRoute<'a, H> {
 impl<H, R: Router + PartialEq> Migration<H, R> {
     /// A migration from `from` to `to`, starting in [`Phase::Copy`]; `to` must have the
     /// greater epoch. `name` labels its metrics.
+    ///
+    /// A node of `to` that keeps its id takes over its live state in `from` (in-flight
+    /// requests, and its replication status unless it now follows other primaries), as
+    /// [`TopologyHandle::replace`](crate::TopologyHandle::replace) does: the status probed
+    /// through the handle that holds `from` serves the reads `to` routes from the cut-over
+    /// on. That needs `to` not shared yet (as `Arc::new(to)` is); otherwise report to it
+    /// ([`to_topology`](Self::to_topology)) as well.
     pub fn new(
         name: &str,
         from: Arc<Topology<H, R>>,
-        to: Arc<Topology<H, R>>,
+        mut to: Arc<Topology<H, R>>,
     ) -> Result<Self, MigrationError> {
         if to.epoch() <= from.epoch() {
             return Err(MigrationError::new(
                 MigrationErrorKind::StaleEpoch,
                 from.epoch(),
             ));
+        }
+        if let Some(next) = Arc::get_mut(&mut to) {
+            next.adopt_state(&from);
         }
         let plan = ReshardPlan::between(&from, &to);
         let shadow = |outcome: &'static str| counter!(SHADOW_READS, "migration" => name.to_owned(), "outcome" => outcome);

@@ -419,7 +419,7 @@ impl<H, R: Router> Topology<H, R> {
     /// for every node that keeps its id. A node that replicates other primaries than before
     /// (a failover) keeps its in-flight count but not its last report: its positions number
     /// another primary's stream.
-    fn adopt_state<R2>(&mut self, previous: &Topology<H, R2>) {
+    pub(crate) fn adopt_state<R2>(&mut self, previous: &Topology<H, R2>) {
         let olds: Vec<Option<usize>> = self
             .nodes
             .iter()

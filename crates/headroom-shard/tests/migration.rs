@@ -689,6 +689,53 @@ async fn a_read_before_the_cut_over_of_a_moved_key_goes_to_the_new_primary_not_a
     assert_eq!(read.target.node_id(), "b");
 }
 
+/// A node both topologies of a migration keep is one node: the replica status reported to
+/// the topology being replaced (the one `monitor_lag` probes through the handle) serves the
+/// reads the new topology routes from the cut-over on, so lag-aware reads of a key that stays
+/// still go to its replica rather than all to the primaries.
+#[tokio::test]
+async fn after_the_cut_over_reads_use_the_status_reported_to_the_old_topology() {
+    let from = Topology::builder(JumpRouter::new(4).unwrap())
+        .epoch(1)
+        .node("a", ())
+        .node("b", ())
+        .node("b-r", ())
+        .shards(0..2, "a", &[])
+        .shards(2..4, "b", &["b-r"])
+        .build()
+        .unwrap();
+    let to = one_primary(2, 8, "b", &["b-r"]);
+    let stays = (0..1_000u64)
+        .find(|k| from.shard_of(k) >= ShardId(2))
+        .expect("a key on b in both topologies");
+    let migration = Migration::new("m", Arc::new(from), Arc::new(to)).unwrap();
+    migration.from_topology().report(
+        "b-r",
+        ReplicaStatus {
+            lag: Some(std::time::Duration::ZERO),
+            position: Some(1),
+        },
+    );
+    let policy = ReadPolicy::LagAware {
+        max_lag: std::time::Duration::from_secs(1),
+    };
+    let replica = |migration: &Migration<(), JumpRouter>| {
+        migration
+            .read(&stays, &policy)
+            .unwrap()
+            .target
+            .node_id()
+            .to_owned()
+    };
+    assert_eq!(replica(&migration), "b-r");
+    migration.report_copied(1, 1);
+    for _ in 0..3 {
+        migration.advance().await.unwrap();
+    }
+    assert_eq!(migration.phase(), Phase::CutOver);
+    assert_eq!(replica(&migration), "b-r");
+}
+
 /// A session that wrote on the new primary before the cut-over (a key that stays there)
 /// knows a position there older than the mirror of a key it wrote on its old primary: after
 /// the cut-over that key is read from the new primary until the session writes there under
