@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -479,21 +480,19 @@ impl<T> WorkQueue<T> {
         for _ in usize::from(result.is_ok())..removed {
             inner.space.notify_one();
         }
+        // Counted and announced before the shed handlers run: the item is in the queue.
+        if result.is_ok() {
+            inner.metrics.queued.increment(1.0);
+            inner.metrics.admitted.increment(1);
+            inner.items.notify_one();
+        }
         for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
-        match result {
-            Ok(()) => {
-                inner.metrics.queued.increment(1.0);
-                inner.metrics.admitted.increment(1);
-                inner.items.notify_one();
-                Ok(())
-            }
-            Err(item) => Err(PushError {
-                item,
-                rejection: Overloaded::new(Reason::QueueFull, how.priority),
-            }),
-        }
+        result.map_err(|item| PushError {
+            item,
+            rejection: Overloaded::new(Reason::QueueFull, how.priority),
+        })
     }
 
     /// The earliest deadline among the items at the head of their class: the next place
@@ -660,8 +659,12 @@ impl<T> WorkQueue<T> {
             .rejections
             .record(rejection.priority(), rejection.reason());
         tracing::debug!(queue = %inner.name, reason = %rejection.reason(), priority = %rejection.priority(), "shed queued item");
-        if let Some(handler) = &inner.on_shed {
-            handler(item, rejection);
+        let Some(handler) = &inner.on_shed else {
+            return;
+        };
+        // The panic belongs to the shed item's caller, not to the push or pop that shed it.
+        if catch_unwind(AssertUnwindSafe(|| handler(item, rejection))).is_err() {
+            tracing::error!(queue = %inner.name, reason = %rejection.reason(), priority = %rejection.priority(), "shed handler panicked");
         }
     }
 
@@ -787,7 +790,10 @@ impl<T> WorkQueueBuilder<T> {
 
     /// Receives every item shed from the queue with the reason, e.g. to answer its caller.
     ///
-    /// Called outside the queue's lock; it must not block.
+    /// Called outside the queue's lock; it must not block. A handler that panics loses only
+    /// that item: the panic is caught and logged, the other shed items still reach the
+    /// handler, and the push or pop that shed them goes on (a push so reports its item
+    /// accepted, which it was).
     pub fn on_shed(mut self, handler: impl Fn(T, Overloaded) + Send + Sync + 'static) -> Self {
         self.on_shed = Some(Box::new(handler));
         self

@@ -522,6 +522,72 @@ async fn queued_gauge_counts_items_evicted_or_expired_on_push() {
     assert_eq!(gauges.get(QUEUED), 0.0);
 }
 
+/// A shed handler that panics fails nothing else: the push that shed the item was accepted
+/// (a retry would run the work twice), the gauges and a waiting consumer see its item.
+#[tokio::test]
+async fn a_panicking_shed_handler_leaves_the_push_admitted_and_counted() {
+    const QUEUED: &str = "headroom_limit_queued_requests";
+    let gauges = Gauges::default();
+    let queue = metrics::with_local_recorder(&gauges, || {
+        WorkQueue::builder("q")
+            .capacity(1)
+            .overflow(Overflow::DropOldest)
+            .on_shed(|_: u32, _| panic!("shed handler"))
+            .build()
+            .expect("valid queue")
+    });
+    let consumer = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.pop().await }
+    });
+    tokio::task::yield_now().await;
+    queue.try_push(1).unwrap();
+    // Evicts 1 before the consumer runs; its handler panics.
+    let pushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queue.try_push(2)));
+    assert_eq!(consumer.await.unwrap(), Some(2));
+    assert_eq!(gauges.get(QUEUED), 0.0, "queued gauge after the pop");
+    assert!(matches!(pushed, Ok(Ok(()))), "the push was accepted");
+}
+
+/// Every shed item reaches the handler, on a push and on a pop, though it panics on one.
+#[tokio::test]
+async fn every_shed_item_reaches_the_handler_though_it_panics_on_one() {
+    let manual = ManualClock::new();
+    let clock = manual.clock();
+    let shed: Shed = Arc::default();
+    let sink = Arc::clone(&shed);
+    let queue = WorkQueue::builder("q")
+        .capacity(2)
+        .clock(clock.clone())
+        .on_shed(move |item, rejection: Overloaded| {
+            if item % 2 == 1 {
+                panic!("shed handler fails on odd items");
+            }
+            sink.lock().push((item, rejection.reason()));
+        })
+        .build()
+        .expect("valid queue");
+    let soon = Enqueue::new().deadline(clock.now() + Duration::from_millis(10));
+    queue.try_push_with(1, soon).unwrap();
+    queue.try_push_with(2, soon).unwrap();
+    manual.advance(Duration::from_millis(10));
+    // Both expired items are shed to make room; the handler panics on the first.
+    let pushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queue.try_push(4)));
+    assert!(matches!(pushed, Ok(Ok(()))), "the push was accepted");
+    assert_eq!(*shed.lock(), [(2, Reason::DeadlineExpired)]);
+    // A consumer that sheds an item whose handler panics gets the next one.
+    let soon = Enqueue::new().deadline(clock.now() + Duration::from_millis(10));
+    queue.try_pop().unwrap();
+    queue.try_push_with(3, soon).unwrap();
+    queue.try_push(6).unwrap();
+    manual.advance(Duration::from_millis(10));
+    let popped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| queue.try_pop()));
+    assert!(
+        matches!(popped, Ok(Some(6))),
+        "the pop goes on to the next item"
+    );
+}
+
 /// Shrinking the capacity drops nothing: queued items stay and pushes are refused until the
 /// queue is under the new capacity. Growing it lets a push that waits for room in at once.
 #[tokio::test(start_paused = true)]

@@ -408,6 +408,51 @@ async fn a_panicking_request_fails_alone_and_the_workers_live_on() {
     assert_eq!(answer.expect("served"), 40);
 }
 
+/// A service whose first readiness check fails; the instance that failed stays failed, as
+/// tower allows, while fresh clones work.
+#[derive(Clone)]
+struct FailsOnce {
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    broken: bool,
+}
+
+impl Service<u32> for FailsOnce {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<u32, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.broken || !self.failed.swap(true, Ordering::SeqCst) {
+            self.broken = true;
+            return Poll::Ready(Err("not ready".into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, n: u32) -> Self::Future {
+        std::future::ready(Ok(n))
+    }
+}
+
+/// A service whose `poll_ready` failed is discarded, as tower requires: the request fails
+/// with that error and the worker serves the next one with a fresh clone.
+#[tokio::test]
+async fn a_queue_worker_replaces_a_service_that_failed_readiness() {
+    let layer = QueueLayer::new("q", QueueConfig::default(), 1, |_: &u32| Priority::Default)
+        .expect("valid layer");
+    let mut service = layer.layer(FailsOnce {
+        failed: Arc::default(),
+        broken: false,
+    });
+    let first = service.ready().await.expect("ready").call(1).await;
+    assert_eq!(
+        first.expect_err("readiness failed").to_string(),
+        "not ready"
+    );
+    let second = service.ready().await.expect("ready").call(2).await;
+    assert_eq!(second.expect("served by a fresh clone"), 2);
+}
+
 /// A service that records which requests started, then completes each request when the
 /// test adds a permit to `gate` (in the order the requests started).
 fn recorded(

@@ -164,6 +164,7 @@ impl Shares {
         let slot = self.activate(hash, weight);
         self.tenants[slot as usize].held += 1;
         self.in_use += 1;
+        self.count_overflow(slot);
         Some(slot)
     }
 
@@ -188,6 +189,7 @@ impl Shares {
             queued.wake = self.evict_newest(victim);
         }
         queued.waiter = self.push_waiter(slot);
+        self.count_overflow(slot);
         Some(queued)
     }
 
@@ -275,15 +277,21 @@ impl Shares {
                 .insert_unique(hash, slot, |&slot| tenants[slot as usize].hash);
             self.tracked_gauge.increment(1.0);
             (slot, weight)
-        } else {
-            self.overflows.increment(1);
-            if !self.tenants[OVERFLOW as usize].is_idle() {
-                return OVERFLOW;
-            }
+        } else if self.tenants[OVERFLOW as usize].is_idle() {
             (OVERFLOW, OVERFLOW_WEIGHT)
+        } else {
+            return OVERFLOW;
         };
         self.active_weight += u64::from(weight);
         slot
+    }
+
+    /// Counts an acquire charged to the overflow tenant: only once charged, as a caller
+    /// refused after [`activate`](Self::activate) is charged nothing.
+    fn count_overflow(&self, slot: u32) {
+        if slot == OVERFLOW {
+            self.overflows.increment(1);
+        }
     }
 
     /// Forgets a tenant that holds nothing and waits for nothing, in O(1).

@@ -32,7 +32,9 @@ struct Job<Req, Rsp> {
 /// concurrency limit. Requests are admitted, ordered and shed by the [`QueueConfig`]:
 /// priorities (from `prioritize`), overflow policy, CoDel and adaptive LIFO. A request whose
 /// caller has gone (its response future was dropped, for example by a timeout) is skipped,
-/// never run. A request whose service panics fails with [`Panicked`]; its worker goes on.
+/// never run. A request whose service panics fails with [`Panicked`]; its worker goes on with
+/// a fresh clone of the service. A `poll_ready` error fails its request with that error, and
+/// the worker discards that service for a fresh clone too, as tower's contract requires.
 ///
 /// ```
 /// use headroom_limit::tower::QueueLayer;
@@ -155,18 +157,23 @@ where
         if job.reply.is_closed() {
             continue;
         }
+        // The request's result, and whether the service must be discarded.
         let serve = async {
-            poll_fn(|cx| service.poll_ready(cx).map_err(Into::into)).await?;
-            service.call(job.request).await.map_err(Into::into)
-        };
-        let result = match AssertUnwindSafe(serve).catch_unwind().await {
-            Ok(result) => result,
-            Err(_) => {
-                // A service that panicked may be left half-changed: start over from a clone.
-                service = template.clone();
-                Err(Panicked.into())
+            if let Err(error) = poll_fn(|cx| service.poll_ready(cx)).await {
+                return (true, Err(error.into()));
             }
+            (false, service.call(job.request).await.map_err(Into::into))
         };
+        let (discard, result) = match AssertUnwindSafe(serve).catch_unwind().await {
+            Ok(served) => served,
+            // A service that panicked may be left half-changed.
+            Err(_) => (true, Err(Panicked.into())),
+        };
+        if discard {
+            // Neither a service whose `poll_ready` failed (tower's contract) nor one that
+            // panicked is used again: start over from a clone.
+            service = template.clone();
+        }
         let _ = job.reply.send(result);
     }
 }
