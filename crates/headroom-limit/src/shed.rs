@@ -224,6 +224,7 @@ impl LoadShedder {
     /// configuration is refused and the one in force stays.
     pub fn reconfigure(&self, config: LoadShedConfig) -> Result<(), ConfigError> {
         config.validate()?;
+        reachable(&config, &self.inner.bulkhead)?;
         self.inner.config.store(Arc::new(config));
         Ok(())
     }
@@ -293,9 +294,11 @@ impl LoadShedderBuilder {
         self
     }
 
-    /// Builds the shedder, or says which setting is out of range.
+    /// Builds the shedder, or says which setting is out of range (a queue-delay target no
+    /// wait in the bulkhead can reach is: see [`queue_delay_target`](Self::queue_delay_target)).
     pub fn build(self) -> Result<LoadShedder, ConfigError> {
         self.config.validate()?;
+        reachable(&self.config, &self.bulkhead)?;
         if self
             .signals
             .iter()
@@ -317,4 +320,25 @@ impl LoadShedderBuilder {
             }),
         })
     }
+}
+
+/// Whether the bulkhead's waits can reach `config`'s queue-delay target at its lowest
+/// threshold: a wait is at most `max_wait`, and without a queue nobody waits.
+fn reachable(config: &LoadShedConfig, bulkhead: &Bulkhead) -> Result<(), ConfigError> {
+    let Some(target) = config.queue_delay_target else {
+        return Ok(());
+    };
+    if bulkhead.max_queued() == 0 {
+        return Err(ConfigError::new(
+            "queue_delay_target",
+            "the bulkhead queues nobody, so no request waits: give it a queue",
+        ));
+    }
+    if bulkhead.max_wait().as_secs_f64() < config.sheddable_at * target.as_secs_f64() {
+        return Err(ConfigError::new(
+            "queue_delay_target",
+            "no wait reaches it: max_wait is below the target times the lowest threshold",
+        ));
+    }
+    Ok(())
 }

@@ -265,15 +265,29 @@ async fn an_adaptive_limit_an_outage_drove_down_grows_back_with_the_refused_dema
             }
         };
         let seconds = Duration::from_secs;
-        drive(
-            &shedder,
-            Priority::Critical,
-            50,
-            seconds(10),
-            answering(Outcome::Success),
-        )
-        .await;
-        let full = bulkhead.limit();
+        // A gradient limit drops for a while at each probe of the no-load round trip: the
+        // highest limit over the last second is the limit outside probes.
+        let highest_over_a_second = || async {
+            let mut highest = 0;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                highest = highest.max(bulkhead.limit());
+            }
+            highest
+        };
+        let (_, full) = tokio::join!(
+            drive(
+                &shedder,
+                Priority::Critical,
+                50,
+                seconds(10),
+                answering(Outcome::Success),
+            ),
+            async {
+                tokio::time::sleep(seconds(9)).await;
+                highest_over_a_second().await
+            }
+        );
         drive(
             &shedder,
             Priority::Critical,
@@ -287,15 +301,19 @@ async fn an_adaptive_limit_an_outage_drove_down_grows_back_with_the_refused_dema
             down * 4 < full,
             "{config:?}: the outage left {down} of {full}"
         );
-        drive(
-            &shedder,
-            Priority::Sheddable,
-            50,
-            seconds(30),
-            answering(Outcome::Success),
-        )
-        .await;
-        let back = bulkhead.limit();
+        let (_, back) = tokio::join!(
+            drive(
+                &shedder,
+                Priority::Sheddable,
+                50,
+                seconds(30),
+                answering(Outcome::Success),
+            ),
+            async {
+                tokio::time::sleep(seconds(29)).await;
+                highest_over_a_second().await
+            }
+        );
         assert!(
             back * 4 >= full * 3,
             "{config:?}: the limit came back to {back} of {full} (from {down})"
@@ -460,4 +478,45 @@ fn a_bulkhead_with_the_longest_queue_admits_when_idle() {
         .unwrap();
     let shedder = LoadShedder::builder(bulkhead).build().unwrap();
     assert!(Priority::ALL.iter().all(|&p| shedder.check(p).is_ok()));
+}
+
+/// A queue-delay target that no wait in the bulkhead can reach would never shed: with no
+/// queue nobody waits, and a wait is at most `max_wait`, so a target above `max_wait` divided
+/// by the lowest threshold never reaches it. Refused as configuration, at build and on
+/// reconfigure; a target the waits can reach is taken.
+#[test]
+fn a_queue_delay_target_no_wait_can_reach_is_refused() {
+    let ms = Duration::from_millis;
+    let unqueued = Bulkhead::builder("unqueued")
+        .max_concurrent(1)
+        .build()
+        .unwrap();
+    let refused = LoadShedder::builder(unqueued)
+        .queue_delay_target(ms(1))
+        .build()
+        .unwrap_err();
+    assert_eq!(refused.field(), "queue_delay_target");
+    let short = Bulkhead::builder("short")
+        .max_concurrent(1)
+        .max_queued(10)
+        .max_wait(ms(5))
+        .build()
+        .unwrap();
+    // The default lowest threshold is 0.7: a 20 ms target needs waits of 14 ms.
+    let refused = LoadShedder::builder(short.clone())
+        .queue_delay_target(ms(20))
+        .build()
+        .unwrap_err();
+    assert_eq!(refused.field(), "queue_delay_target");
+    let shedder = LoadShedder::builder(short)
+        .queue_delay_target(ms(5))
+        .build()
+        .unwrap();
+    let mut config = shedder.config();
+    config.queue_delay_target = Some(ms(20));
+    assert_eq!(
+        shedder.reconfigure(config).unwrap_err().field(),
+        "queue_delay_target"
+    );
+    assert_eq!(shedder.config().queue_delay_target, Some(ms(5)));
 }
