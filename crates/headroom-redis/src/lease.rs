@@ -10,8 +10,10 @@ use crate::Redis;
 
 /// One Redis hash per record (so one cluster slot): `st` (`p` in progress, `c` completed, `r`
 /// released), `fp` fingerprint, `tok` fencing token, `exp` lease deadline (ms, server time),
-/// `by` the id of the begin that took the lease, `out` outcome, `no` the id of the last begin
-/// released by its id (a copy of it that reaches Redis later takes nothing).
+/// `by` the id of the begin that took the lease, `out` outcome, `no` the ids of the last eight
+/// begins released by their id, space-separated (a copy of one that reaches Redis later takes
+/// nothing). A step never shortens the record's expiry, so those ids are kept as long as
+/// their release asked.
 ///
 /// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
 /// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
@@ -36,7 +38,7 @@ local r = redis.pcall('HMGET', KEYS[1], 'st', 'fp', 'tok', 'exp', 'out', 'by', '
 if r.err then
   return corrupt('the key holds another type')
 end
-if r[7] == ARGV[3] then
+if r[7] and string.find(' ' .. r[7] .. ' ', ' ' .. ARGV[3] .. ' ', 1, true) then
   -- Released by its id before it got here: its caller is gone.
   return {'n', '', ''}
 end
@@ -85,7 +87,10 @@ elseif r[2] or r[3] or r[4] or r[5] or r[6] then
 end
 local next_tok = string.format('%.0f', math.max((tok or 0) + 1, now_us))
 redis.call('HSET', KEYS[1], 'st', 'p', 'fp', ARGV[1], 'tok', next_tok, 'exp', string.format('%.0f', now_ms + lease), 'by', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
+local ttl = lease + math.max(lease, 1000)
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
 return {'a', next_tok, took_over}
 ",
     )
@@ -120,7 +125,10 @@ elseif op == 'extend' then
   local t = redis.call('TIME')
   local lease = tonumber(ARGV[3])
   redis.call('HSET', KEYS[1], 'exp', string.format('%.0f', t[1] * 1000 + math.floor(t[2] / 1000) + lease))
-  redis.call('PEXPIRE', KEYS[1], lease + math.max(lease, 1000))
+  local ttl = lease + math.max(lease, 1000)
+  if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
 else
   -- Released: the key is free again, but the token stays until the record expires (at least
   -- one lease from its last begin or extend), so the next token is greater.
@@ -138,7 +146,7 @@ return 1
 static RELEASE_BEGUN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local r = redis.pcall('HMGET', KEYS[1], 'st', 'by')
+local r = redis.pcall('HMGET', KEYS[1], 'st', 'by', 'no')
 if r.err then
   return -1
 end
@@ -151,7 +159,15 @@ if r[1] == 'p' and r[2] == ARGV[1] then
 end
 -- A completion answers every begin with its outcome; otherwise the begin's id is kept.
 if r[1] ~= 'c' then
-  redis.call('HSET', KEYS[1], 'no', ARGV[1])
+  local ids = {}
+  for id in string.gmatch(r[3] or '', '%S+') do
+    ids[#ids + 1] = id
+  end
+  while #ids >= 8 do
+    table.remove(ids, 1)
+  end
+  ids[#ids + 1] = ARGV[1]
+  redis.call('HSET', KEYS[1], 'no', table.concat(ids, ' '))
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
   end

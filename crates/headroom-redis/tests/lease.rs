@@ -194,3 +194,40 @@ async fn a_key_of_another_type_is_corrupt_to_every_step() {
     }
     assert_eq!(shared_server().cli(&["LLEN", name(&key)]).trim(), "2");
 }
+
+/// A begin released by its id is remembered for at least a minute, also once another begin
+/// with a short lease took the key and let it go: a copy of it that reaches Redis within that
+/// minute takes nothing.
+#[tokio::test]
+async fn a_released_begin_is_remembered_for_a_minute_whatever_the_leases_since() {
+    let server = shared_server();
+    let store = RedisLeaseStore::new(
+        Redis::connect(RedisConfig::standalone(server.url()))
+            .await
+            .unwrap(),
+    );
+    let key = unique_namespace("lease-marker").key("k").unwrap();
+    let (released, other) = (BeginId::random(), BeginId::random());
+    assert_eq!(
+        store.release_begun(&key, released).await.unwrap(),
+        Fenced::Rejected
+    );
+    let Begin::Acquired { token, .. } = store
+        .begin(&key, b"fp", Duration::from_secs(1), other)
+        .await
+        .unwrap()
+    else {
+        panic!("the free key is taken");
+    };
+    assert_eq!(
+        store
+            .extend(&key, token, Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Fenced::Applied
+    );
+    assert_eq!(store.release(&key, token).await.unwrap(), Fenced::Applied);
+    let name = std::str::from_utf8(key.as_bytes()).unwrap();
+    let ttl: i64 = server.cli(&["PTTL", name]).trim().parse().unwrap();
+    assert!(ttl > 55_000, "the released begin is kept {ttl} ms");
+}

@@ -204,6 +204,24 @@ pub async fn a_begin_that_reaches_the_store_after_its_release_takes_nothing<S: L
     );
     free(k).await;
 
+    // Two begins released in turn: the first one's copy takes nothing either.
+    let (k, first, second) = (
+        ns.key("released-twice").expect("valid test key"),
+        BeginId::random(),
+        BeginId::random(),
+    );
+    for id in [first, second] {
+        assert_eq!(
+            store.release_begun(&k, id).await.expect("release_begun"),
+            Fenced::Rejected
+        );
+    }
+    overtaken(
+        "the first of two released",
+        store.begin(&k, b"fp", LONG, first).await,
+    );
+    free(k).await;
+
     let (k, id) = (
         ns.key("other-holder").expect("valid test key"),
         BeginId::random(),
