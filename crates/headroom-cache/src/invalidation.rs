@@ -922,8 +922,10 @@ async fn listen(shared: Arc<Shared>, local: Weak<dyn Local>, mut stopped: watch:
                     };
                     let now = shared.clock.now();
                     heard = now;
-                    if message.origin == shared.origin {
-                        // Sent on this instance's own clock: how far behind the channel is.
+                    // Sent on this instance's own clock: how far behind the channel is. Not a
+                    // clear's or a tag's, dated by the hide (which a refused publish delays).
+                    let dated_by_send = !matches!(message.action, Action::Clear | Action::Tags(_));
+                    if message.origin == shared.origin && dated_by_send {
                         let late = shared
                             .clock
                             .unix_millis()

@@ -319,3 +319,77 @@ async fn invalidation_messages_gaps_and_state_are_reported() {
     })
     .await;
 }
+
+/// A bus that refuses every publish while `refusing` is set, as a Redis out of reach for
+/// publishing.
+#[derive(Clone, Debug, Default)]
+struct Refusing {
+    inner: headroom_core::memory::MemoryBus,
+    refusing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl headroom_core::bus::InvalidationBus for Refusing {
+    async fn publish(
+        &self,
+        channel: &headroom_core::Key,
+        message: Bytes,
+    ) -> Result<(), headroom_core::BackendError> {
+        if self.refusing.load(Ordering::SeqCst) {
+            return Err(headroom_core::BackendError::new(
+                headroom_core::BackendErrorKind::Connection,
+            ));
+        }
+        self.inner.publish(channel, message).await
+    }
+
+    async fn subscribe(
+        &self,
+        channel: &headroom_core::Key,
+    ) -> Result<headroom_core::bus::Subscription, headroom_core::BackendError> {
+        self.inner.subscribe(channel).await
+    }
+}
+
+/// A clear whose message the bus refused for a while goes out dated by its hide time, not by
+/// when it is sent: coming back to its own instance late, it does not read as a subscription
+/// that fell behind, so that instance counts no silence and flushes nothing for it.
+#[tokio::test(start_paused = true)]
+async fn a_clear_sent_late_counts_no_silence_on_its_instance() {
+    use headroom_cache::InvalidationConfig;
+
+    let recorded = Recorded::default();
+    let store = MemoryKvStore::new();
+    let bus = Refusing::default();
+    let ns = Namespace::new("test:metrics-late-clear").unwrap();
+    let mut config = InvalidationConfig::default();
+    config.ping_interval = Duration::from_millis(50);
+    config.max_silence = Duration::from_millis(200);
+    let build = |name: &str, bus| -> Cache<String, String> {
+        metrics::with_local_recorder(&recorded, || {
+            Cache::builder()
+                .name(name)
+                .l2(store.clone(), ns.clone())
+                .invalidation(bus, config.clone())
+                .build()
+                .unwrap()
+        })
+    };
+    let a = build(
+        "la",
+        headroom_core::bus::DynInvalidationBus::new(bus.clone()),
+    );
+    let b = build(
+        "lb",
+        headroom_core::bus::DynInvalidationBus::new(bus.inner.clone()),
+    );
+    common::settle(|| a.l1_in_use() && b.l1_in_use()).await;
+    bus.refusing.store(true, Ordering::SeqCst);
+    a.clear().await;
+    tokio::time::sleep(2 * config.max_silence).await;
+    bus.refusing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(4 * config.ping_interval).await;
+    assert_eq!(
+        recorded.counter("headroom_cache_invalidation_flushes_total{cache=la,reason=silence}"),
+        0
+    );
+}
