@@ -228,7 +228,9 @@ where
     /// write the writer refuses for good out of the cache: the database never gets it, so the
     /// key is removed, as of now, which also drops the copies that reads made of the write
     /// while it waited, or, while a later write of the key waits, as of the refused write's
-    /// version ([`Cache::remove_at`]), so that in L2 that later write stays. L1 copies of the
+    /// version ([`Cache::remove_at`]), so that in L2 that later write stays (when the job
+    /// store cannot say, as of now: the later write is then read again, from the unwritten
+    /// writes by [`get_or_load`](Self::get_or_load)). L1 copies of the
     /// key are dropped (here, and through the invalidation bus on the other instances) and
     /// read again. The removals run once the flusher's pass
     /// is finished, and a shutdown out of time cuts them short. A key whose
