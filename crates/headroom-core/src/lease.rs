@@ -98,7 +98,8 @@ pub enum Fenced {
 ///   store whose `begin` can be overtaken (not [`begin_completes_at_once`](Self::begin_completes_at_once)),
 ///   a begin named `id` that reaches the store after it (a copy a client library sent again,
 ///   or one held on a slow connection) takes nothing and fails as a
-///   [`Command`](crate::BackendErrorKind::Command), unless the record was completed.
+///   [`Command`](crate::BackendErrorKind::Command), unless the record was completed. Such a
+///   store may bound what it remembers (Redis: the last eight ids of a key, for a minute).
 /// - `complete` stores `outcome` with a retention of `retention` only if `token` is the current
 ///   one and the record is in progress; a stale token is [`Fenced::Rejected`] and changes nothing.
 /// - `extend` moves the lease deadline to `now + lease` for the current token only.
