@@ -37,7 +37,10 @@ pub enum RedisMode {
 pub struct RedisConfig {
     /// Standalone or cluster.
     pub mode: RedisMode,
-    /// `redis://` or `rediss://` URLs: the server, or the cluster's seed nodes.
+    /// `redis://` URLs: the server, or the cluster's seed nodes. `rediss://` (TLS) needs a
+    /// TLS feature of the `redis` crate, which headroom leaves off (add, for example,
+    /// `redis = { version = "1", features = ["tokio-rustls-comp"] }` to the service's
+    /// manifest); without one, `Redis::connect` fails with a `Config` error saying so.
     pub urls: Vec<String>,
     /// The longest a connection attempt may take.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
