@@ -268,6 +268,11 @@ async fn invalid_configuration_is_a_config_error() {
         .await
         .expect_err("bad URL");
     assert_eq!(err.kind(), BackendErrorKind::Config);
+    // TLS is left off: a `rediss` URL says so rather than failing as a connection would.
+    let err = Redis::connect(RedisConfig::standalone("rediss://127.0.0.1:1"))
+        .await
+        .expect_err("no TLS built in");
+    assert_eq!(err.kind(), BackendErrorKind::Config, "{err}");
     // The longest reconnection delay is also how often connections are checked: zero would
     // ping Redis without a pause.
     let mut busy = RedisConfig::standalone(shared_server().url());
