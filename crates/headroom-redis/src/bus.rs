@@ -455,11 +455,27 @@ async fn route(
     channels: std::sync::Weak<Mutex<HashMap<Bytes, Channel>>>,
     dropped: Arc<Notify>,
 ) {
-    while let Some((from, push)) = pushed.recv().await {
+    loop {
+        // Every so often without a push too: a subscriber told of no loss for want of room
+        // (here, or by the maintenance task) must not wait for a push that may not come.
+        let push = tokio::time::timeout(LOSS_REPORT_EVERY, pushed.recv()).await;
         let Some(channels) = channels.upgrade() else {
             return;
         };
         let mut channels = channels.lock();
+        let (from, push) = match push {
+            Ok(Some(push)) => push,
+            Ok(None) => return,
+            Err(_) => {
+                for channel in channels.values_mut() {
+                    let live = channel.live;
+                    channel
+                        .subscribers
+                        .retain_mut(|s| s.report_loss(live) != Reported::Gone);
+                }
+                continue;
+            }
+        };
         // Read under the lock a replacement takes to change it: a push of a replaced
         // connection (not yet dropped) is never applied after the replacement lost the
         // channels.
@@ -508,6 +524,9 @@ async fn route(
         }
     }
 }
+
+/// How soon, without a push, a subscriber is told of a loss it had no room for.
+const LOSS_REPORT_EVERY: Duration = Duration::from_millis(50);
 
 /// The connection is gone: every live channel is lost until subscribed again.
 fn lose_all(channels: &mut HashMap<Bytes, Channel>) {

@@ -516,6 +516,39 @@ async fn tracked_writes_report_keys_changed_by_anyone_and_survive_a_restart() {
     );
 }
 
+/// Messages a subscription had no room for are reported as a loss once it has room again, even
+/// when no message follows them: a subscriber must not wait for an event that may not come to
+/// learn that it missed some.
+#[tokio::test(flavor = "current_thread")]
+async fn a_bus_reports_messages_it_had_no_room_for_without_a_later_message() {
+    let server = shared_server();
+    let redis = Redis::connect(config(server.url())).await.expect("connect");
+    let bus = RedisBus::connect(redis).await.expect("bus");
+    let channel = unique_namespace("bus-burst").key("ch").unwrap();
+    let mut subscription = bus.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(next_event(&mut subscription).await, BusEvent::Live);
+    // Well over the events a subscription holds (1,024), none read meanwhile.
+    let sent = 2_000;
+    for i in 0..sent {
+        bus.publish(&channel, bytes::Bytes::from(i.to_string()))
+            .await
+            .expect("publish");
+    }
+    let mut messages = 0;
+    let after = loop {
+        match next_event(&mut subscription).await {
+            BusEvent::Message(_) => messages += 1,
+            other => break other,
+        }
+    };
+    assert!(messages < sent, "{messages} of {sent} held");
+    assert!(
+        matches!(after, BusEvent::Lost(LossReason::Lagged(_))),
+        "{after:?}"
+    );
+    assert_eq!(next_event(&mut subscription).await, BusEvent::Live);
+}
+
 /// A burst of more invalidations than the subscription holds is reported as a loss even when
 /// no write follows it, so a cache drops what it may have missed rather than serving it.
 /// (One thread: the burst is all forwarded before the test reads any of it.)
