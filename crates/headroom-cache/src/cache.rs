@@ -1109,15 +1109,18 @@ where
             .unwrap_or(false)
     }
 
-    /// Drops L1's copy of `key`, which L2 just told was removed or hidden after it was made,
-    /// unless a write put a newer one there since `write`: once the tombstone or hide is gone
-    /// from L2, the copy must not come back (through fail-safe).
-    fn drop_copy(&self, key: &K, write: WriteMark) {
-        if self.unchanged(write) {
-            // A change to L1, so that a read begun before it does not fill L1 with the copy.
-            self.load_changes_l1(write);
-            self.l1.invalidate(key);
-        }
+    /// Drops L1's copy of `key` if it was made before `before` (µs since the Unix epoch): a
+    /// copy a write put there since stays. Judged by the copy itself, not by the key's write
+    /// stripe, which writes of other keys change too.
+    fn drop_older(&self, key: &K, write: WriteMark, before: u64) {
+        // A change to L1, so that a read begun before it does not fill L1 with the copy.
+        self.load_changes_l1(write);
+        self.l1
+            .entry(key.clone())
+            .and_compute_with(|held| match held {
+                Some(held) if held.value().created_micros < before => Op::Remove,
+                _ => Op::Nop,
+            });
     }
 
     /// Whether invalidation messages are being heard now.
@@ -1883,7 +1886,9 @@ where
 
     /// [`adopt`] of what L2 holds for `key` over L1's copy of it in `best`, if any: a copy a
     /// clear or tag known now hides is no candidate, and a copy that L2 or a hide showed was
-    /// replaced after it was made is dropped from L1 too (see [`drop_copy`](Self::drop_copy)).
+    /// replaced after it was made is dropped from L1 too, unless a write put a newer one there
+    /// since: once the tombstone or hide is gone from L2, the copy must not come back (through
+    /// fail-safe).
     fn adopt_over_copy(
         &self,
         key: &K,
@@ -1893,13 +1898,15 @@ where
         now: Instant,
         tally: &mut L2Tally,
     ) -> bool {
-        let held = best.is_some();
+        let held = best.as_ref().map(|copy| copy.created_micros);
         if best.as_ref().is_some_and(|copy| self.hides_copy(copy, now)) {
             *best = None;
         }
         let servable = adopt(found, best, now, tally);
-        if held && best.is_none() {
-            self.drop_copy(key, write);
+        if let Some(made) = held
+            && best.is_none()
+        {
+            self.drop_older(key, write, made.saturating_add(1));
         }
         servable
     }
@@ -1947,11 +1954,8 @@ where
                 Err(error) => {
                     self.metrics.oversized.increment(1);
                     tracing::warn!(%error, "loaded value not cached");
-                    if self.unchanged(write) {
-                        // Whatever L1 held for the key is older than this value.
-                        self.load_changes_l1(write);
-                        self.l1.invalidate(key);
-                    }
+                    // Whatever L1 held for the key before the load is older than this value.
+                    self.drop_older(key, write, version);
                     return None;
                 }
             },
@@ -1974,10 +1978,7 @@ where
     /// held here and returns a tombstone for L2, versioned when the load began so that it
     /// replaces only entries older than the load.
     fn forget(&self, key: &K, write: WriteMark, version: u64) -> Option<KvEntry> {
-        if self.unchanged(write) {
-            self.load_changes_l1(write);
-            self.l1.invalidate(key);
-        }
+        self.drop_older(key, write, version);
         let l2 = self.l2.as_ref()?;
         self.tombstone(l2, key, version).ok()
     }

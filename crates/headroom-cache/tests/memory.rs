@@ -1812,6 +1812,51 @@ async fn a_refresh_that_finds_nothing_removes_the_old_value() {
     );
 }
 
+/// A load that finds nothing drops the old value from L1 also when other keys are written
+/// while it runs: a write to another key says nothing of this key's copy, which fail-safe must
+/// not serve once the tombstone has left L2.
+#[tokio::test(start_paused = true)]
+async fn a_load_that_finds_nothing_removes_the_old_value_while_other_keys_change() {
+    let clock = ManualClock::new();
+    let cache: Cache<String, String> = Cache::builder()
+        .clock(clock.clock())
+        .ttl(10 * SEC)
+        .fail_safe_max_stale(60 * SEC)
+        .l2(MemoryKvStore::builder().clock(clock.clock()).build(), ns())
+        .build()
+        .unwrap();
+    let k = key("k");
+    let loads = Counter::default();
+    cache.get_or_load(&k, loads.loader()).await.unwrap();
+    clock.advance(11 * SEC);
+    let answer = Arc::new(tokio::sync::Notify::new());
+    let gone = {
+        let answer = Arc::clone(&answer);
+        move |_: String| async move {
+            answer.notified().await;
+            Ok::<Option<String>, CacheError>(None)
+        }
+    };
+    let load = {
+        let (cache, k) = (cache.clone(), k.clone());
+        tokio::spawn(async move { cache.get_or_load(&k, gone).await })
+    };
+    common::idle().await;
+    // While the load waits for the source, other keys change on this instance.
+    for i in 0..2_000 {
+        cache.invalidate_local(&key(&format!("other-{i}")));
+    }
+    answer.notify_one();
+    assert_eq!(load.await.unwrap().unwrap(), None);
+    // Past the tombstone's life in L2: only L1 could still hold the old value.
+    clock.advance(31 * SEC);
+    let error = cache.get_or_load(&k, loads.failing()).await;
+    assert!(
+        error.is_err(),
+        "fail-safe never serves a value the source deleted: {error:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_refreshed_entry_keeps_its_tags() {
     let clock = ManualClock::new();
