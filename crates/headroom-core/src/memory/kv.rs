@@ -149,7 +149,9 @@ impl MemoryKvStoreBuilder {
         self
     }
 
-    /// The largest value accepted, in bytes (default 16 MiB).
+    /// The largest value accepted, in bytes (default 16 MiB), and at most a shard's share of
+    /// [`max_bytes`](Self::max_bytes), so that values held one per shard cannot add up past
+    /// it.
     pub fn max_value_len(mut self, max_value_len: usize) -> Self {
         self.max_value_len = max_value_len;
         self
@@ -157,7 +159,7 @@ impl MemoryKvStoreBuilder {
 
     /// The most bytes held at once (default 1 GiB): keys, values and 128 bytes for each
     /// entry's bookkeeping, so that empty values count too. Split evenly among the internal
-    /// shards; an entry larger than its shard's share is still kept, alone.
+    /// shards (16); a value larger than a shard's share is refused as too large.
     pub fn max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = max_bytes.max(1);
         self
@@ -165,14 +167,15 @@ impl MemoryKvStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryKvStore {
+        let max_bytes_per_shard = self.max_bytes.div_ceil(SHARDS);
         MemoryKvStore {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 hasher: RandomState::new(),
                 clock: self.clock,
                 max_entries_per_shard: self.max_entries.div_ceil(SHARDS),
-                max_bytes_per_shard: self.max_bytes.div_ceil(SHARDS),
-                max_value_len: self.max_value_len,
+                max_bytes_per_shard,
+                max_value_len: self.max_value_len.min(max_bytes_per_shard),
             }),
         }
     }
@@ -418,20 +421,17 @@ mod tests {
         }
         assert!(store.bytes() <= 160 * 1024, "{} bytes held", store.bytes());
         assert!(store.len() > 100, "{} entries", store.len());
-        // A value larger than a shard's share of the bound still fits alone.
+        // A value larger than a shard's share of the bound is refused.
         let big = ns.key("big").unwrap();
-        store
+        let refused = store
             .set(
                 &big,
                 Bytes::from(vec![1u8; 64 * 1024]),
                 Duration::from_secs(60),
             )
             .await
-            .unwrap();
-        assert_eq!(
-            store.get(&big).await.unwrap().map(|v| v.len()),
-            Some(64 * 1024)
-        );
+            .unwrap_err();
+        assert_eq!(refused.kind(), crate::BackendErrorKind::TooLarge);
     }
 
     #[tokio::test]
@@ -453,8 +453,31 @@ mod tests {
         );
     }
 
+    /// Values each larger than a shard's share of the byte bound cannot add up past it, one
+    /// per shard: a value too large for a share is refused with a typed error.
     #[tokio::test]
-    async fn full_shard_drops_expired_entries_before_live_ones() {
+    async fn values_larger_than_a_share_cannot_hold_more_than_the_byte_bound() {
+        let store = MemoryKvStore::builder().max_bytes(1 << 20).build();
+        let ns = Namespace::new("t").unwrap();
+        let large = Bytes::from(vec![0u8; 512 * 1024]);
+        for i in 0..200u32 {
+            let key = ns.key(i.to_be_bytes()).unwrap();
+            if let Err(error) = store
+                .set(&key, large.clone(), Duration::from_secs(60))
+                .await
+            {
+                assert_eq!(error.kind(), crate::BackendErrorKind::TooLarge);
+            }
+        }
+        assert!(
+            store.bytes() <= (1 << 20) + (1 << 16),
+            "{} bytes",
+            store.bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_shard_drops_its_oldest_entry_not_the_one_just_written() {
         let manual = ManualClock::new();
         let store = MemoryKvStore::builder()
             .max_entries(SHARDS)
@@ -464,7 +487,8 @@ mod tests {
         let keys: Vec<Key> = (0..200u32)
             .map(|i| ns.key(i.to_be_bytes()).unwrap())
             .collect();
-        // Find two keys of one shard: the first expires soon, the second lives long.
+        // Find two keys of one shard, the shard holding one entry: writing the second drops
+        // the first, the oldest (expired here), never the one just written.
         let first = &keys[0];
         let same_shard = keys[1..]
             .iter()
