@@ -104,20 +104,40 @@ enum Fault {
     Silent,
     /// A standalone connection closed: the handle redials it itself.
     Lost,
+    /// A standalone server that is a replica now (a failover demoted it and kept its
+    /// clients): the address may lead to the new primary.
+    Demoted,
 }
 
 impl Link {
-    /// `PING`s the connection: whether it must be replaced, and why.
+    /// `PING`s the connection (standalone, asks its `ROLE`): whether it must be replaced,
+    /// and why.
     async fn check(&self, config: &RedisConfig) -> Option<Fault> {
         let conn = Conn::clone(&self.conn.load());
-        let ping = conn
-            .query::<()>(&redis::cmd("PING"), config.command_timeout)
+        if self.is_cluster() {
+            // A cluster connection reconnects its nodes and follows failovers by itself.
+            let ping = conn
+                .query::<()>(&redis::cmd("PING"), config.command_timeout)
+                .await;
+            return (ping.map_err(|error| error.kind()) == Err(BackendErrorKind::Timeout))
+                .then_some(Fault::Silent);
+        }
+        let role = conn
+            .query::<Vec<redis::Value>>(&redis::cmd("ROLE"), config.command_timeout)
             .await;
-        match ping.map_err(|error| error.kind()) {
-            Err(BackendErrorKind::Timeout) => Some(Fault::Silent),
-            // A cluster connection reconnects its nodes by itself.
-            Err(BackendErrorKind::Connection) if !self.is_cluster() => Some(Fault::Lost),
-            _ => None,
+        match role {
+            Ok(role) => match role.first() {
+                Some(redis::Value::BulkString(role)) if role.as_slice() == b"slave" => {
+                    Some(Fault::Demoted)
+                }
+                _ => None,
+            },
+            Err(error) => match error.kind() {
+                BackendErrorKind::Timeout => Some(Fault::Silent),
+                BackendErrorKind::Connection => Some(Fault::Lost),
+                // A server that refuses `ROLE` (a restricted command) answered: it is there.
+                _ => None,
+            },
         }
     }
 
@@ -183,7 +203,9 @@ async fn watch(link: Weak<Link>, suspect: Arc<Notify>, config: Arc<RedisConfig>)
                 break;
             }
         }
-        if fault == Fault::Silent {
+        // Not redialed over and over: a slow server, or an address still leading to the
+        // demoted one.
+        if matches!(fault, Fault::Silent | Fault::Demoted) {
             tokio::time::sleep(every).await;
         }
     }
@@ -250,12 +272,16 @@ impl Redis {
         Conn::clone(&self.link.conn.load())
     }
 
-    /// Passes `result` on; a timeout, or a standalone connection found closed, makes the
-    /// watcher check the connection at once.
+    /// Passes `result` on; a timeout, or on a standalone server a closed connection or a
+    /// refusal of a server not able to serve (a replica's `READONLY`), makes the watcher
+    /// check the connection at once.
     fn noticed<T>(&self, result: Result<T, BackendError>) -> Result<T, BackendError> {
         if let Err(error) = &result
             && (error.kind() == BackendErrorKind::Timeout
-                || error.kind() == BackendErrorKind::Connection && !self.is_cluster())
+                || matches!(
+                    error.kind(),
+                    BackendErrorKind::Connection | BackendErrorKind::Unavailable
+                ) && !self.is_cluster())
         {
             self.link.suspect.notify_one();
         }

@@ -12,7 +12,9 @@ pub(crate) fn backend_error(err: RedisError) -> BackendError {
                 ServerErrorKind::BusyLoading
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown,
+                | ServerErrorKind::MasterDown
+                // A replica now (a failover demoted it): the primary is elsewhere.
+                | ServerErrorKind::ReadOnly,
             ) => BackendErrorKind::Unavailable,
             ErrorKind::Server(_) | ErrorKind::Extension => BackendErrorKind::Command,
             ErrorKind::Parse | ErrorKind::UnexpectedReturnType | ErrorKind::RESP3NotSupported => {

@@ -1087,3 +1087,27 @@ async fn an_outage_is_redialed_with_growing_delays_however_many_commands_arrive(
     // Back by the next dial: at most `reconnect_max_delay` away.
     attempts_until_ok(|| store.get(&key)).await;
 }
+
+/// A standalone primary demoted by a failover that keeps its clients connected (`REPLICAOF`,
+/// with the address moved to the new primary, as managed failovers do) answers writes with
+/// `READONLY`: the handle notices, dials again and reaches the new primary behind the address,
+/// rather than failing every write until the process restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_is_left_for_the_new_one_behind_its_address() {
+    let (old, new) = (RedisServer::start(), RedisServer::start());
+    let proxy = FaultProxy::start(old.addr()).await;
+    let store = RedisKvStore::new(Redis::connect(config(proxy.url())).await.expect("connect"));
+    let key = unique_namespace("demoted").key("k").unwrap();
+    let ttl = Duration::from_secs(60);
+    store.set(&key, "1".into(), ttl).await.expect("set");
+    // The failover: the new server leads, the old one follows it, the address moves.
+    old.cli(&["REPLICAOF", "127.0.0.1", &new.port().to_string()]);
+    proxy.redirect(new.addr());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(error) = store.set(&key, "2".into(), ttl).await {
+        assert!(Instant::now() < deadline, "writes still fail: {error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let name = std::str::from_utf8(key.as_bytes()).unwrap();
+    assert_eq!(new.cli(&["GET", name]).trim(), "2");
+}

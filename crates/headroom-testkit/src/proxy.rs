@@ -26,6 +26,8 @@ enum Mode {
 /// - [`delay`](Self::delay): every chunk is forwarded after a delay.
 /// - [`silence`](Self::silence): the connections open now go silent for good, while new ones
 ///   pass, as when a peer vanishes without closing (a frozen host, a dead NAT entry).
+/// - [`redirect`](Self::redirect): new connections go to another server, open ones stay, as
+///   when a failover moves a DNS name or a service's address to the new primary.
 ///
 /// The proxy runs on the tokio runtime that started it and stops when dropped.
 #[derive(Debug)]
@@ -36,6 +38,7 @@ pub struct FaultProxy {
     silenced_below: watch::Sender<u64>,
     /// Connections numbered below this are closed.
     cut_below: watch::Sender<u64>,
+    upstream: watch::Sender<SocketAddr>,
     opened: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -54,6 +57,7 @@ impl FaultProxy {
         let (mode, watcher) = watch::channel(Mode::Pass);
         let (silenced_below, silenced) = watch::channel(0);
         let (cut_below, cut) = watch::channel(0);
+        let (upstream, upstreams) = watch::channel(upstream);
         let opened = Arc::new(AtomicU64::new(0));
         let links = Links {
             mode: watcher,
@@ -61,12 +65,13 @@ impl FaultProxy {
             cut,
             opened: Arc::clone(&opened),
         };
-        let task = tokio::spawn(accept_loop(listener, upstream, links));
+        let task = tokio::spawn(accept_loop(listener, upstreams, links));
         Self {
             addr,
             mode,
             silenced_below,
             cut_below,
+            upstream,
             opened,
             task,
         }
@@ -105,6 +110,11 @@ impl FaultProxy {
         self.mode.send_replace(Mode::Pass);
     }
 
+    /// Sends the connections made from now on to `upstream`; the open ones stay where they are.
+    pub fn redirect(&self, upstream: SocketAddr) {
+        self.upstream.send_replace(upstream);
+    }
+
     /// Makes every connection open now silent for good: it stays open, and the bytes sent on
     /// it in either direction are dropped. Connections made afterwards forward normally.
     pub fn silence(&self) {
@@ -130,8 +140,9 @@ struct Links {
     opened: Arc<AtomicU64>,
 }
 
-async fn accept_loop(listener: TcpListener, upstream: SocketAddr, links: Links) {
+async fn accept_loop(listener: TcpListener, upstreams: watch::Receiver<SocketAddr>, links: Links) {
     while let Ok((client, _)) = listener.accept().await {
+        let upstream = *upstreams.borrow();
         if *links.mode.borrow() == Mode::Cut {
             drop(client);
             continue;
