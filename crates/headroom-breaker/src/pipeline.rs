@@ -55,15 +55,31 @@ impl<E> Parts<'_, E> {
         Fut: Future<Output = Result<T, E>>,
     {
         self.deposit(recorded);
+        let error = match self.attempt(&mut op).await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        match self.retry {
+            // Boxed: the retries' state (a wait that gives its budget unit back if dropped)
+            // does not weigh on the first attempt, which mostly succeeds.
+            Some(retry) => Box::pin(self.retry(retry, op, error)).await,
+            None => Err(error),
+        }
+    }
+
+    /// Retries after the first attempt failed with `error`.
+    async fn retry<T, F, Fut>(
+        &self,
+        retry: &Retry<E>,
+        mut op: F,
+        mut error: Error<E>,
+    ) -> Result<T, Error<E>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let mut attempt = 1;
         loop {
-            let error = match self.attempt(&mut op).await {
-                Ok(value) => return Ok(value),
-                Err(error) => error,
-            };
-            let Some(retry) = self.retry else {
-                return Err(error);
-            };
             match retry.next(&error, attempt) {
                 Next::Stop => return Err(error),
                 Next::Exhausted => {
@@ -77,6 +93,10 @@ impl<E> Parts<'_, E> {
                     attempt += 1;
                 }
             }
+            error = match self.attempt(&mut op).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
         }
     }
 
