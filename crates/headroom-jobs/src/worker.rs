@@ -1124,8 +1124,8 @@ async fn failed<S: JobStore, H>(
 
 /// Whether a store call that failed with `error` may pass when tried again: with the store out
 /// of reach, and also while it refuses writes for a while (a primary demoted by a failover
-/// answers `READONLY`, a Redis at `maxmemory` under `noeviction` answers `OOM`: command
-/// errors). Not with data the store did not write, a value too large for it or a
+/// answers `READONLY`, a Redis at `maxmemory` under `noeviction` answers `OOM`, a command
+/// error). Not with data the store did not write, a value too large for it or a
 /// configuration it refuses, which stay as they are.
 pub(crate) fn may_pass(error: &BackendError) -> bool {
     !matches!(

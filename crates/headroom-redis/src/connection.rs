@@ -31,10 +31,14 @@ use crate::{RedisConfig, RedisMode};
 ///   [`BackendErrorKind::Connection`] (or time out, on a cluster or a silent connection); once
 ///   a dial succeeds they succeed again. No caller has to rebuild the handle.
 /// - A connection that goes silent without closing (a frozen host, a dead NAT entry), which
-///   the socket never reports, is replaced: the handle `PING`s it every
-///   [`RedisConfig::reconnect_max_delay`], and at once after a command timed out, and when a
-///   `PING` gets no answer within the command timeout it dials a new connection to take its
-///   place. Commands fail with [`BackendErrorKind::Timeout`] until then.
+///   the socket never reports, is replaced: the handle `PING`s it (standalone, asks its
+///   `ROLE`) every [`RedisConfig::reconnect_max_delay`], and at once after a command timed
+///   out, and when that gets no answer within the command timeout it dials a new connection
+///   to take its place. Commands fail with [`BackendErrorKind::Timeout`] until then.
+/// - A standalone server that a failover demoted to a replica without dropping its clients
+///   (writes answer `READONLY`, an [`BackendErrorKind::Unavailable`] here) is left: after such
+///   a refusal the handle asks the server's `ROLE` at once and dials the address again, which
+///   the failover moves to the new primary.
 #[derive(Clone)]
 pub struct Redis {
     link: Arc<Link>,
