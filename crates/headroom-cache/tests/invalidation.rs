@@ -622,21 +622,32 @@ impl InvalidationBus for Faulty {
 async fn faulty_writer_and_reader(
     ns: &Namespace,
 ) -> (Cache<String, u64>, Cache<String, u64>, Arc<Calls>, Faulty) {
-    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let bus = MemoryBus::new();
     let faulty = Faulty::new(bus.clone());
-    let a = cache(
-        (
-            DynKvStore::new(store.clone()),
-            DynInvalidationBus::new(faulty.clone()),
-        ),
+    let (a, b, b_calls) = writer_and_reader(
+        DynInvalidationBus::new(faulty.clone()),
+        DynInvalidationBus::new(bus),
         ns,
-    );
-    let (b_parts, b_calls) = probed((DynKvStore::new(store), DynInvalidationBus::new(bus)));
+    )
+    .await;
+    (a, b, b_calls, faulty)
+}
+
+/// A writes through `a_bus`; B, through `b_bus` and with its L2 calls counted, holds `k` = 1
+/// in its L1. They share one L2.
+async fn writer_and_reader(
+    a_bus: DynInvalidationBus,
+    b_bus: DynInvalidationBus,
+    ns: &Namespace,
+) -> (Cache<String, u64>, Cache<String, u64>, Arc<Calls>) {
+    let store = MemoryKvStore::new();
+    let a = cache((DynKvStore::new(store.clone()), a_bus), ns);
+    let (b_parts, b_calls) = probed((DynKvStore::new(store), b_bus));
     let b = cache(b_parts, ns);
     live(&[a.clone(), b.clone()]).await;
     a.insert("k".into(), 1).await.unwrap();
     settle_in_l1(&b, &b_calls, "k", 1).await;
-    (a, b, b_calls, faulty)
+    (a, b, b_calls)
 }
 
 /// A message lost on its way (the bus said nothing) shows as a gap in A's sequence numbers at
@@ -658,23 +669,14 @@ async fn a_sequence_gap_flushes_l1() {
 #[tokio::test(start_paused = true)]
 async fn a_message_lost_after_a_subscriber_recovered_still_flushes() {
     let ns = unique_namespace("gap-after-loss");
-    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let bus = MemoryBus::new();
     let (a_bus, b_bus) = (Faulty::new(bus.clone()), Faulty::new(bus));
-    let a = cache(
-        (
-            DynKvStore::new(store.clone()),
-            DynInvalidationBus::new(a_bus.clone()),
-        ),
-        &ns,
-    );
-    let (b_parts, b_calls) = probed((
-        DynKvStore::new(store),
+    let (a, b, b_calls) = writer_and_reader(
+        DynInvalidationBus::new(a_bus.clone()),
         DynInvalidationBus::new(b_bus.clone()),
-    ));
-    let b = cache(b_parts, &ns);
-    live(&[a.clone(), b.clone()]).await;
-    a.insert("k".into(), 1).await.unwrap();
-    settle_in_l1(&b, &b_calls, "k", 1).await;
+        &ns,
+    )
+    .await;
 
     // The loss flushed B's L1 (a read goes to L2); then B holds `k` in L1 again.
     b_bus.lose();
@@ -1020,23 +1022,17 @@ impl InvalidationBus for Late {
 #[tokio::test(start_paused = true)]
 async fn a_subscription_that_stays_behind_keeps_l1_bypassed() {
     let ns = unique_namespace("late");
-    let (store, bus) = (MemoryKvStore::new(), MemoryBus::new());
+    let bus = MemoryBus::new();
     let late = Late {
         inner: bus.clone(),
         ..Late::default()
     };
-    let a = cache(
-        (DynKvStore::new(store.clone()), DynInvalidationBus::new(bus)),
-        &ns,
-    );
-    let (b_parts, b_calls) = probed((
-        DynKvStore::new(store),
+    let (a, b, _) = writer_and_reader(
+        DynInvalidationBus::new(bus),
         DynInvalidationBus::new(late.clone()),
-    ));
-    let b = cache(b_parts, &ns);
-    live(&[a.clone(), b.clone()]).await;
-    a.insert("k".into(), 1).await.unwrap();
-    settle_in_l1(&b, &b_calls, "k", 1).await;
+        &ns,
+    )
+    .await;
 
     let delay = Duration::from_secs(1);
     late.delay.store(delay.as_nanos() as u64, Ordering::SeqCst);
