@@ -116,7 +116,7 @@ where
 {
     Box::pin(async move {
         injection.wait().await;
-        if let Some(kind) = injection.fault().filter(|_| injection.is_running()) {
+        if let Some(kind) = injection.fault().filter(|_| injection.answers()) {
             return Err(BackendError::with_detail(
                 kind.backend_kind(),
                 format!("injected by chaos experiment `{}`", injection.experiment()),

@@ -28,6 +28,8 @@ use crate::ConfigError;
 ///     .max_fraction(0.05);
 /// assert!(config.validate().is_ok());
 /// ```
+// Fields left out (`None`) are not written: unknown fields are refused, so an instance built
+// before a new optional field must still read every configuration that does not use it.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
@@ -41,24 +43,42 @@ pub struct ExperimentConfig {
     #[cfg_attr(feature = "serde", serde(default))]
     pub blast_radius: BlastRadius,
     /// Delays calls before they run.
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub latency: Option<Latency>,
     /// Fails calls with an error instead of running them: the injection point's error, or for a
     /// backend wrapper a [`BackendError`](headroom_core::BackendError) of [`Fault::kind`].
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub fault: Option<Fault>,
     /// Answers calls with a substituted response instead of running them.
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub outcome: Option<Rate>,
     /// Runs the injection point's hook before the call.
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub behavior: Option<Rate>,
     /// Holds calls without completing them until the experiment stops, so the caller's own
     /// timeout is what ends them (a stalled backend, a hung dependency).
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub abort: Option<Rate>,
     /// Drops published bus messages without an error (an invalidation bus wrapper only).
-    #[cfg_attr(feature = "serde", serde(default))]
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
     pub loss: Option<Rate>,
 }
 
@@ -191,6 +211,7 @@ pub struct BlastRadius {
     /// The most calls affected in each second of the run, counted from its start on the
     /// experiment's clock (no cap by default). Two seconds' caps can fall within one second
     /// across a boundary: at most twice the cap in any sliding second.
+    #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
     pub max_per_second: Option<u32>,
 }
 

@@ -105,8 +105,9 @@ impl StopReason {
 /// [`ExperimentConfig`] says into every injection point built on it, until it is stopped, its
 /// duration runs out, or one of its stop signals is raised.
 ///
-/// Clones share the experiment. When it is off, an injection point costs one relaxed atomic
-/// load and allocates nothing.
+/// Clones share the experiment (so do the injection points built on it); dropping the last one
+/// ends a run still going. When it is off, an injection point costs one relaxed atomic load and
+/// allocates nothing.
 ///
 /// ```
 /// use std::time::Duration;
@@ -145,6 +146,27 @@ struct Shared {
     seed: AtomicU64,
     starts: AtomicU64,
     metrics: Metrics,
+}
+
+/// The last handle dropped ends a run still going: nothing can stop it later, and its end timer
+/// gives up once the experiment is gone.
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let control = self.control.get_mut();
+        if let Some(end_timer) = control.end_timer.take() {
+            end_timer.abort();
+        }
+        if self.run.swap(None).is_none() {
+            return;
+        }
+        self.on.store(false, Ordering::Relaxed);
+        self.metrics.running.set(0.0);
+        tracing::warn!(
+            target: "headroom_chaos",
+            experiment = %self.name,
+            "chaos experiment dropped while running: stopped"
+        );
+    }
 }
 
 #[derive(Default)]
@@ -620,9 +642,11 @@ enum End {
     Outcome,
 }
 
-/// What one call gets: drawn by [`Experiment::draw`], already counted in the metrics and the
-/// blast radius. Injection points built on an experiment apply it in this order: the hook, the
-/// delay, the hold, then the fault or outcome instead of the call.
+/// What one call gets: drawn by [`Experiment::draw`], already counted in the blast radius, and
+/// its delay, hook, hold and loss in the metrics. Its fault or outcome is counted only when it
+/// answers the call ([`Injection::answers`]): the run may end while the call waits. Injection
+/// points built on an experiment apply it in this order: the hook, the delay, the hold, then
+/// the fault or outcome instead of the call.
 pub struct Injection {
     experiment: Experiment,
     run: Arc<Run>,
@@ -667,8 +691,6 @@ impl Injection {
     }
 
     /// Whether the run that drew this call still runs: not stopped, replaced, or out of time.
-    /// A point checks it after [`Injection::wait`]: a call released by the run's end is made
-    /// as without the experiment, its fault or outcome not injected.
     pub fn is_running(&self) -> bool {
         let shared = &self.experiment.0;
         shared
@@ -684,9 +706,29 @@ impl Injection {
         self.experiment.name()
     }
 
+    /// Whether the drawn fault or outcome answers the call instead of its real call: one was
+    /// drawn and the run that drew it still runs. A call released by the run's end is made as
+    /// without the experiment, its fault or outcome not injected. A `true` is counted in
+    /// `headroom_chaos_injected_total` and logged, so a point asks once, after
+    /// [`Injection::wait`], as it answers the call.
+    pub fn answers(&self) -> bool {
+        let (fault, outcome) = (self.fault().is_some(), self.outcome());
+        if !(fault || outcome) || !self.is_running() {
+            return false;
+        }
+        let metrics = &self.experiment.0.metrics;
+        if fault {
+            metrics.fault.increment(1);
+        } else {
+            metrics.outcome.increment(1);
+        }
+        self.log(None, false, false, fault, outcome, false);
+        true
+    }
+
     /// Waits out the delay, or for an aborted call holds until the run ends. Either ends when
     /// the run does (stopped, replaced, or out of time): stopping an experiment releases every
-    /// call it is delaying or holding, which then check [`Injection::is_running`]. A caller's
+    /// call it is delaying or holding, which then asks [`Injection::answers`]. A caller's
     /// timeout usually ends a hold first.
     pub async fn wait(&self) {
         let delay = self.delay.filter(|delay| !delay.is_zero());
@@ -727,30 +769,54 @@ impl Injection {
         futures_util::future::select(std::pin::pin!(sleep), std::pin::pin!(stopped)).await;
     }
 
+    /// Counts and logs what applies as soon as the call is drawn; the fault or outcome waits
+    /// for [`Injection::answers`].
     fn record(&self) {
         let metrics = &self.experiment.0.metrics;
         let strategies = [
             (self.delay.is_some(), &metrics.latency),
             (self.behavior, &metrics.behavior),
             (self.abort(), &metrics.abort),
-            (self.fault().is_some(), &metrics.fault),
-            (self.outcome(), &metrics.outcome),
             (self.loss, &metrics.loss),
         ];
+        let mut any = false;
         for (injected, counter) in strategies {
             if injected {
                 counter.increment(1);
+                any = true;
             }
         }
+        if any {
+            self.log(
+                self.delay,
+                self.behavior,
+                self.abort(),
+                false,
+                false,
+                self.loss,
+            );
+        }
+    }
+
+    /// One `chaos injected` event, with every field, so the events of one call read alike.
+    fn log(
+        &self,
+        delay: Option<Duration>,
+        behavior: bool,
+        abort: bool,
+        fault: bool,
+        outcome: bool,
+        loss: bool,
+    ) {
         tracing::info!(
             target: "headroom_chaos",
             experiment = %self.experiment.0.name,
-            delay_ms = self.delay.map(|delay| delay.as_secs_f64() * 1e3),
-            behavior = self.behavior,
-            abort = self.abort(),
-            fault = self.fault().is_some(),
-            outcome = self.outcome(),
-            loss = self.loss,
+            delay_ms = delay.map(|delay| delay.as_secs_f64() * 1e3),
+            behavior,
+            abort,
+            fault,
+            outcome,
+            loss,
             "chaos injected"
         );
     }

@@ -21,7 +21,7 @@
 //! When a stop signal ends the run a follower started (an SLO paging on one instance), that
 //! follower clears the switch, so the experiment stops on every instance. It clears it only
 //! while the switch holds the start of that run (a newer start stays), and tries again at each
-//! poll while the store fails.
+//! poll while the store fails, counting each failure in `headroom_chaos_fleet_errors_total`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -333,7 +333,9 @@ impl<S: KvStore + Clone> FleetSwitch<S> {
     ///
     /// Reads and unreadable records are never a panic: each failure stops the run the follower
     /// started, is counted in `headroom_chaos_fleet_errors_total{experiment}`, and is logged
-    /// (a warning when a streak of failures begins, debug while it lasts).
+    /// (a warning when a streak of failures begins, debug while it lasts). A failed clear of
+    /// the switch after a stop signal is counted and logged the same way, and retried at the
+    /// next poll.
     ///
     /// ```
     /// use std::time::Duration;

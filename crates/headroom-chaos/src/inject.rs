@@ -121,8 +121,7 @@ impl<T, E> Chaos<T, E> {
     }
 
     /// What an injected call runs before its real call (the hook, then the delay or hold),
-    /// answering whether the run still runs, and the answer that then replaces the call, if
-    /// any.
+    /// answering whether the drawn answer still replaces the call, and that answer, if any.
     #[cold]
     #[inline(never)]
     pub(crate) fn prelude(&self, injection: Injection) -> (BoxFuture<bool>, Option<Result<T, E>>) {
@@ -142,7 +141,7 @@ impl<T, E> Chaos<T, E> {
                 hook.await;
             }
             injection.wait().await;
-            injection.is_running()
+            injection.answers()
         });
         (prelude, answer)
     }
@@ -309,9 +308,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Some(prelude) = this.prelude.as_mut() {
-            let running = ready!(prelude.as_mut().poll(cx));
+            let answers = ready!(prelude.as_mut().poll(cx));
             *this.prelude = None;
-            if !running {
+            if !answers {
                 // Released by the run's end: the call is made as without the experiment.
                 *this.answer = None;
             }

@@ -21,10 +21,12 @@
 //! injected strategy), `headroom_chaos_spared_total` (calls a strategy drew that the blast
 //! radius spared), `headroom_chaos_stops_total{reason}` (`manual`, `ended`, `signal`,
 //! `fleet`), the gauge `headroom_chaos_running`, and with the `fleet` feature
-//! `headroom_chaos_fleet_errors_total` (switch reads that failed or were not understood).
-//! Each injection is also a `tracing` event
-//! (target `headroom_chaos`, in the span of the call it affects), and each start and stop a
-//! warning.
+//! `headroom_chaos_fleet_errors_total` (switch reads that failed or were not understood, and
+//! failed clears after a stop signal).
+//! A fault or substitute is counted when it answers the call, not when it is drawn: a call the
+//! run's end releases first runs as without the experiment. Each injection is also a `tracing`
+//! event (target `headroom_chaos`, in the span of the call it affects), and each start and stop
+//! a warning.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -250,6 +250,39 @@ fn a_configuration_loads_from_json_with_readable_durations() {
     assert_eq!(round_trip, config);
 }
 
+/// A strategy left out is left out of the JSON too, not written as `null`: an instance built
+/// before a new optional field reads every configuration that does not use it.
+#[test]
+fn fields_left_out_are_not_serialized() {
+    let config = ExperimentConfig::new(MINUTE).fault(0.1);
+    let json = serde_json::to_value(&config).unwrap();
+    let object = json.as_object().unwrap();
+    for absent in ["latency", "outcome", "behavior", "abort", "loss"] {
+        assert!(!object.contains_key(absent), "{absent} in {json}");
+    }
+    assert!(
+        !object["blast_radius"]
+            .as_object()
+            .unwrap()
+            .contains_key("max_per_second"),
+        "{json}"
+    );
+    assert_eq!(
+        serde_json::from_value::<ExperimentConfig>(json).unwrap(),
+        config
+    );
+    let full = config
+        .latency(0.5, Delay::Fixed(Duration::from_millis(5)))
+        .outcome(0.2)
+        .behavior(0.3)
+        .abort(0.4)
+        .loss(0.6)
+        .max_per_second(9);
+    let round_trip: ExperimentConfig =
+        serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
+    assert_eq!(round_trip, full);
+}
+
 /// The kill switch kills: stopping ends injected delays at once, and no delay outlasts the
 /// run's end time.
 #[tokio::test(start_paused = true)]

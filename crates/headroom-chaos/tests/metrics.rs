@@ -85,6 +85,86 @@ fn injections_spares_stops_and_the_running_gauge_are_recorded() {
     );
 }
 
+/// A call released by the run's end makes its real call: the fault or substitute drawn with
+/// its delay is neither injected nor counted, and only what reached a caller is.
+#[tokio::test(start_paused = true)]
+async fn a_fault_or_outcome_released_by_the_end_is_not_counted() {
+    use headroom_chaos::ChaosKvStore;
+    use headroom_core::kv::KvStore;
+    use headroom_core::memory::MemoryKvStore;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let experiment = metrics::with_local_recorder(&recorder, || {
+        Experiment::builder("released").build().unwrap()
+    });
+    let chaos = Chaos::<u32, &str>::new(experiment.clone())
+        .fault(|| "injected")
+        .outcome(|| 0);
+    let kv = ChaosKvStore::new(MemoryKvStore::new(), experiment.clone());
+    let key = headroom_core::Namespace::new("chaos")
+        .unwrap()
+        .key("k")
+        .unwrap();
+    let secs = Duration::from_secs;
+    let slow = ExperimentConfig::new(secs(10)).latency(1.0, Delay::Fixed(secs(5)));
+    let events = Events::default();
+    let logging = tracing::subscriber::set_default(events.clone());
+
+    experiment.start(slow.clone().fault(1.0)).unwrap();
+    // Answered at 5 s, within the run: injected.
+    assert_eq!(chaos.call(async { Ok(7) }).await, Err("injected"));
+    tokio::time::sleep(secs(1)).await;
+    // Drawn at 6 s, released by the end at 10 s: the real calls run.
+    let write = tokio::spawn({
+        let (kv, key) = (kv.clone(), key.clone());
+        async move { kv.set(&key, "v".into(), secs(60)).await }
+    });
+    assert_eq!(chaos.call(async { Ok(7) }).await, Ok(7));
+    write.await.unwrap().expect("the write lands");
+
+    experiment.start(slow.outcome(1.0)).unwrap();
+    tokio::time::sleep(secs(6)).await;
+    assert_eq!(chaos.call(async { Ok(7) }).await, Ok(7));
+
+    let rendered = handle.render();
+    let series = |strategy: &str| {
+        format!(r#"headroom_chaos_injected_total{{experiment="released",strategy="{strategy}"}}"#)
+    };
+    assert_eq!(line(&rendered, &series("fault")), Some("1"), "{rendered}");
+    assert_eq!(line(&rendered, &series("outcome")), Some("0"), "{rendered}");
+    assert_eq!(line(&rendered, &series("latency")), Some("4"), "{rendered}");
+    drop(logging);
+    let seen = events.seen.lock().unwrap();
+    let logged = |field: &str| {
+        seen.iter()
+            .filter(|(_, _, fields)| fields.get(field).is_some_and(|value| value == "true"))
+            .count()
+    };
+    assert_eq!((logged("fault"), logged("outcome")), (1, 0), "{seen:?}");
+}
+
+/// An experiment dropped while it runs is off for good: the gauge goes back to 0 rather than
+/// showing a run nobody can stop.
+#[tokio::test(start_paused = true)]
+async fn dropping_a_running_experiment_resets_the_running_gauge() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let experiment = metrics::with_local_recorder(&recorder, || {
+        Experiment::builder("dropped").build().unwrap()
+    });
+    let chaos = Chaos::<u32, &str>::new(experiment.clone()).fault(|| "injected");
+    experiment
+        .start(ExperimentConfig::new(Duration::from_secs(10)).fault(1.0))
+        .unwrap();
+    let gauge = r#"headroom_chaos_running{experiment="dropped"}"#;
+    assert_eq!(line(&handle.render(), gauge), Some("1"));
+    drop(chaos);
+    drop(experiment);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(line(&handle.render(), gauge), Some("0"));
+}
+
 /// An event seen: its target, the name of the span it was in, and its fields as text.
 type Seen = (String, Option<&'static str>, BTreeMap<String, String>);
 
