@@ -1238,3 +1238,161 @@ async fn a_saturated_key_costs_batched_instances_no_more_round_trips_than_exact_
         "batched admitted {batched_admitted}, exact {exact_admitted}: more than a batch apart"
     );
 }
+
+/// How long an instance answers a refusal itself before it asks the store again, whatever the
+/// wait (docs/rate-limits.md, "Exact mode").
+const REFUSAL_MEMORY: Duration = Duration::from_secs(1);
+
+/// A limiter on the shared Redis, on `clock`, with one tier `t` of `quota`.
+async fn on_redis(
+    namespace: &Namespace,
+    clock: &ManualClock,
+    quota: Quota,
+    batch: u32,
+) -> DistributedRateLimiter<RedisRateStore> {
+    let store = redis_store(RedisConfig::standalone(shared_server().url())).await;
+    DistributedRateLimiter::builder(
+        "api",
+        store,
+        namespace.clone(),
+        TierConfig::new().tier("t", quota),
+    )
+    .clock(clock.clock())
+    .batch(batch)
+    .build()
+    .unwrap()
+}
+
+/// The one store cell a tier of one quota keeps under `namespace` (with a key checked).
+fn only_cell(namespace: &Namespace) -> String {
+    let pattern = format!("{}:*", namespace.as_str());
+    let keys = shared_server().cli(&["KEYS", &pattern]);
+    let keys: Vec<&str> = keys.lines().filter(|line| !line.is_empty()).collect();
+    assert_eq!(keys.len(), 1, "cells under {pattern}: {keys:?}");
+    keys[0].to_owned()
+}
+
+/// A cell holding an absurd time refuses with a wait of centuries; once it is deleted, an
+/// instance that remembered the refusal asks the store again within the documented bound
+/// and is admitted, though the wait it remembered saturates the instance's clock.
+#[tokio::test]
+async fn a_refusal_from_an_absurd_cell_is_forgotten_once_the_cell_is_deleted() {
+    let clock = ManualClock::new();
+    let namespace = unique_namespace("rate");
+    let limiter = on_redis(&namespace, &clock, Quota::per_second(10).unwrap(), 1).await;
+    limiter.check("t", "k", 1).await.unwrap();
+    let cell = only_cell(&namespace);
+    shared_server().cli(&["SET", &cell, "1e300"]);
+    let refused = limiter.check("t", "k", 1).await.unwrap_err();
+    assert!(refused.limited().unwrap().retry_after() > Duration::from_secs(3_600 * 24 * 365));
+    // Refused again at once without a round trip: the memory still spares the store.
+    assert_eq!(
+        limiter.check("t", "k", 1).await.unwrap_err().kind(),
+        RateErrorKind::Limited
+    );
+    assert_eq!(limiter.round_trips(), 2);
+
+    shared_server().cli(&["DEL", &cell]);
+    clock.advance(REFUSAL_MEMORY);
+    let admitted = limiter.check("t", "k", 1).await;
+    assert!(
+        admitted.is_ok(),
+        "still refused after the cell was deleted: {admitted:?}"
+    );
+    assert_eq!(limiter.round_trips(), 3);
+}
+
+/// A key of one an hour reset with DEL (support, a Redis restart without persistence, a
+/// failover that lost the write) is admitted again by an instance that refused it within the
+/// bound, not an hour later.
+#[tokio::test]
+async fn a_deleted_cell_of_an_hourly_quota_admits_again_within_the_bound() {
+    let clock = ManualClock::new();
+    let namespace = unique_namespace("rate");
+    let limiter = on_redis(&namespace, &clock, Quota::per_hour(1).unwrap(), 1).await;
+    limiter.check("t", "k", 1).await.unwrap();
+    let refused = limiter.check("t", "k", 1).await.unwrap_err();
+    assert!(refused.limited().unwrap().retry_after() > Duration::from_secs(3_500));
+    // Within the bound the refusal is answered here, with the wait that is left.
+    clock.advance(Duration::from_millis(400));
+    let remembered = limiter.check("t", "k", 1).await.unwrap_err();
+    assert_eq!(
+        refused.limited().unwrap().retry_after() - remembered.limited().unwrap().retry_after(),
+        Duration::from_millis(400)
+    );
+    assert_eq!(limiter.round_trips(), 2);
+
+    shared_server().cli(&["DEL", &only_cell(&namespace)]);
+    clock.advance(REFUSAL_MEMORY);
+    let admitted = limiter.check("t", "k", 1).await;
+    assert!(
+        admitted.is_ok(),
+        "still refused after the cell was deleted: {admitted:?}"
+    );
+    assert_eq!(limiter.round_trips(), 3);
+}
+
+/// Past the bound a key the store still refuses is asked about once, and the fresh refusal is
+/// remembered for another bound: a refused flood costs one round trip per bound.
+#[tokio::test]
+async fn a_key_still_refused_past_the_bound_costs_one_round_trip_per_bound() {
+    let clock = ManualClock::new();
+    let namespace = unique_namespace("rate");
+    let limiter = on_redis(&namespace, &clock, Quota::per_hour(1).unwrap(), 1).await;
+    limiter.check("t", "k", 1).await.unwrap();
+    for _ in 0..3 {
+        for _ in 0..10 {
+            let refused = limiter.check("t", "k", 1).await.unwrap_err();
+            assert_eq!(refused.kind(), RateErrorKind::Limited);
+        }
+        clock.advance(REFUSAL_MEMORY);
+    }
+    assert_eq!(limiter.round_trips(), 1 + 3);
+}
+
+/// A batched instance that was refused by an absurd cell stops treating the key as saturated
+/// once the store admits it again: it batches again, fewer round trips than requests.
+#[tokio::test]
+async fn a_batched_instance_batches_again_once_a_deleted_absurd_cell_admits() {
+    let clock = ManualClock::new();
+    let namespace = unique_namespace("rate");
+    let limiter = on_redis(&namespace, &clock, Quota::per_second(10).unwrap(), 4).await;
+    limiter.check("t", "k", 1).await.unwrap();
+    let cell = only_cell(&namespace);
+    shared_server().cli(&["SET", &cell, "1e300"]);
+    limiter.check("t", "k", 1).await.unwrap_err();
+    shared_server().cli(&["DEL", &cell]);
+    clock.advance(REFUSAL_MEMORY);
+    let before = limiter.round_trips();
+    for _ in 0..7 {
+        limiter.check("t", "k", 1).await.unwrap();
+    }
+    // Batches of 1, 2 and 4 hold the seven.
+    assert_eq!(limiter.round_trips() - before, 3);
+}
+
+/// Failing closed, every refusal of an outage carries the store's error as its source, not
+/// only the one whose call failed: the requests that keep the fallback meanwhile too.
+#[tokio::test]
+async fn every_refusal_while_failing_closed_carries_the_store_error() {
+    let server = RedisServer::start();
+    let store = redis_store(
+        RedisConfig::standalone(server.url()).with_command_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    // On a manual clock the failure window never ends by itself: the second check keeps the
+    // fallback without calling the store.
+    let clock = ManualClock::new();
+    let limiter = limiter_on(store, Fallback::Closed, &clock);
+    server.kill();
+    let mut kinds = Vec::new();
+    for key in ["a", "b"] {
+        let refused = limiter.check("t", key, 1).await.unwrap_err();
+        assert_eq!(refused.kind(), RateErrorKind::Unavailable);
+        let source = std::error::Error::source(&refused)
+            .unwrap_or_else(|| panic!("the refusal of {key:?} has no source"));
+        kinds.push(source.downcast_ref::<BackendError>().unwrap().kind());
+    }
+    assert_eq!(limiter.round_trips(), 1);
+    assert_eq!(kinds[0], kinds[1]);
+}

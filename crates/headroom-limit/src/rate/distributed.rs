@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::future::{Either, select};
 use headroom_core::metrics::Counter;
 use headroom_core::rate::{Gcra, RateDecision, RateStore};
@@ -245,6 +245,7 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
             retry_after_failure: self.retry_after_failure,
             max_keys: self.max_keys,
             health: AtomicU64::new(HEALTHY),
+            last_failure: ArcSwapOption::empty(),
             tiers: ArcSwap::from_pointee(HashMap::new()),
         };
         let tiers = inner.build_tiers(&self.tiers, None)?;
@@ -268,11 +269,15 @@ impl<S: RateStore> DistributedRateLimiterBuilder<S> {
 /// choose it. Keys are at most [`MAX_KEY_LEN`](Self::MAX_KEY_LEN) bytes.
 ///
 /// Any number of instances admit together exactly what one limiter would. A refusal is
-/// remembered until its `retry_after`: the store's cells only move forward, so requests for
-/// that key are refused locally until then with no round trip, which is exact too and keeps a
-/// flood of refused requests off the store. (For a tier of several quotas, the refusal is
-/// remembered for the quota that waited longest; a remembered refusal of another cost names
-/// that quota's wait, which another quota may exceed.)
+/// remembered until its `retry_after`, or for one second when that is longer: the store's
+/// cells only move forward, so requests for that key are refused locally meanwhile with no
+/// round trip and the wait that is left, which is exact too and keeps a flood of refused
+/// requests off the store (one round trip a second per key at most). Past the second, the
+/// next request asks the store again, so a cell deleted or lost (a key reset, a store
+/// restarted without its data) is noticed within a second, whatever wait it gave. (For a tier
+/// of several quotas, the refusal is remembered for the quota that waited longest; a
+/// remembered refusal of another cost names that quota's wait, which another quota may
+/// exceed.)
 ///
 /// # Batched mode
 ///
@@ -353,8 +358,12 @@ struct Inner<S> {
     retry_after_failure: Duration,
     max_keys: usize,
     /// [`HEALTHY`], [`PROBING`], or the time (ns on `time`) until which the store is not
-    /// tried after a failure.
+    /// tried after a failure. A failure is written with `Release` after `last_failure`, and
+    /// routing reads it with `Acquire`, so a request routed to the fallback sees that failure.
     health: AtomicU64,
+    /// The last failed store call: the source of the refusals of a closed fallback that did
+    /// not call the store themselves.
+    last_failure: ArcSwapOption<BackendError>,
     /// How long the last store call took (ns), in batched mode: a batch pays only when its
     /// units outlive the round trip.
     last_round_trip: AtomicU64,
@@ -436,6 +445,13 @@ impl Tier {
             .collect()
     }
 }
+
+/// The longest an instance answers a refusal itself (ns), without asking the store: the
+/// refusal's wait when shorter. Remembering refusals keeps a refused flood off the store (one
+/// round trip a second per key and instance at most); the bound is how long a cell deleted or
+/// lost (a key reset, a store restarted without its data) goes unnoticed, whatever the wait
+/// it gave.
+const REFUSAL_MEMORY_NS: u64 = 1_000_000_000;
 
 /// The store answered its last probe (or never failed): every request may call it.
 const HEALTHY: u64 = 0;
@@ -548,7 +564,7 @@ impl<S: RateStore> Inner<S> {
         let local = tier
             .local_state
             .check(key, cost, now, tier.interval, self.batch);
-        let (saturated, sized) = match local {
+        let (saturated, sized, outlived) = match local {
             Local::Spent {
                 units,
                 store_remaining,
@@ -568,7 +584,11 @@ impl<S: RateStore> Inner<S> {
                 let wait = Duration::from_nanos(wait.saturating_add(extra));
                 return Err(RateLimited::new(quota, wait).into());
             }
-            Local::Unknown { saturated, batch } => (saturated, batch),
+            Local::Unknown {
+                saturated,
+                batch,
+                outlived,
+            } => (saturated, batch, outlived),
         };
         if key.len() > MAX_KEY_LEN {
             return Err(RateError::new(RateErrorKind::InvalidKey));
@@ -596,7 +616,7 @@ impl<S: RateStore> Inner<S> {
             sized
         };
         let mut reserve = batch.max(cost).min(quotas.max_cost());
-        let mut decision = self.apply(&cells, reserve).await;
+        let mut decision = self.apply(&cells, reserve).await.map_err(Arc::new);
         if let Ok(refused) = &decision
             && !refused.allowed
             && reserve > cost
@@ -605,16 +625,24 @@ impl<S: RateStore> Inner<S> {
                 // The refusal of a batch tells only which quota waits longest for all of it;
                 // another may be the one that holds back the cost alone. Ask for the cost.
                 reserve = cost;
-                decision = self.apply(&cells, reserve).await;
+                decision = self.apply(&cells, reserve).await.map_err(Arc::new);
             } else if refused.remaining >= cost {
                 // Fewer units than a batch are left: take what is there.
                 reserve = refused.remaining.min(reserve);
-                decision = self.apply(&cells, reserve).await;
+                decision = self.apply(&cells, reserve).await.map_err(Arc::new);
             }
         }
         self.record_health(&decision, probe);
         match decision {
             Ok(decision) if decision.allowed => {
+                // The store admitted a unit its earlier refusal held back: the refusal's cell
+                // was deleted or lost, so the refusal no longer holds (nor makes the key
+                // saturated).
+                if let Some(blocked_until) = outlived
+                    && cost > 0
+                {
+                    tier.local_state.forget_refusal(key, blocked_until);
+                }
                 let granted = reserve - cost;
                 // In batched mode a reservation of the cost alone is kept too: a second request
                 // within its hold finds it run out, and the next batch grows.
@@ -669,6 +697,7 @@ impl<S: RateStore> Inner<S> {
                     entry.reserving = false;
                     entry.refused = true;
                     entry.blocked_until = now.saturating_add(for_one);
+                    entry.answered_until = now.saturating_add(for_one.min(REFUSAL_MEMORY_NS));
                     entry.blocked_quota = quota_index(decision.cell);
                 });
                 let wait = retry_after.saturating_sub(earlier(reserve - cost)).max(1);
@@ -685,7 +714,7 @@ impl<S: RateStore> Inner<S> {
     /// for `retry_after_failure`; then the first request to come probes it, and the others
     /// keep the fallback until the probe's answer is in.
     fn route(&self, now: u64) -> Route<'_> {
-        match self.health.load(Ordering::Relaxed) {
+        match self.health.load(Ordering::Acquire) {
             HEALTHY => Route::Store,
             PROBING => Route::Fallback,
             window_end if now < window_end => Route::Fallback,
@@ -710,7 +739,7 @@ impl<S: RateStore> Inner<S> {
     /// got one is dropped, and the next request probes.
     fn record_health(
         &self,
-        decision: &Result<RateDecision, BackendError>,
+        decision: &Result<RateDecision, Arc<BackendError>>,
         probe: Option<Probe<'_>>,
     ) {
         let failure = match decision {
@@ -725,18 +754,20 @@ impl<S: RateStore> Inner<S> {
             }
             return;
         };
+        // Before the window opens, so every request it routes to the fallback finds it.
+        self.last_failure.store(Some(Arc::clone(error)));
         let window_end = self
             .now()
             .saturating_add(nanos(self.retry_after_failure))
             .clamp(HEALTHY + 1, PROBING - 1);
         if probe.is_some() {
-            self.health.store(window_end, Ordering::Relaxed);
+            self.health.store(window_end, Ordering::Release);
             return;
         }
         // A failure seen while a probe is out leaves the decision to the probe.
         let previous = self
             .health
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |health| {
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |health| {
                 (health != PROBING).then_some(window_end)
             });
         if previous == Ok(HEALTHY) {
@@ -754,7 +785,7 @@ impl<S: RateStore> Inner<S> {
         tier: &Tier,
         key: &str,
         cost: u32,
-        error: Option<BackendError>,
+        error: Option<Arc<BackendError>>,
     ) -> Result<Admitted, RateError> {
         self.metrics.fallbacks.increment(1);
         self.metrics
@@ -783,7 +814,11 @@ impl<S: RateStore> Inner<S> {
                         None => error,
                     })
             }
-            (None, Fallback::Closed) => Err(RateError::unavailable(error)),
+            // A request that did not call the store is refused for the failure that opened the
+            // window (or a later one).
+            (None, Fallback::Closed) => Err(RateError::unavailable(
+                error.or_else(|| self.last_failure.load_full()),
+            )),
             (None, _) => {
                 let quotas = tier.quotas.as_slice();
                 let narrowest = quotas.iter().min_by_key(|quota| quota.burst());

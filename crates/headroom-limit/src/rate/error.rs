@@ -1,6 +1,7 @@
 //! Rate-limit rejections and errors.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use headroom_core::{BackendError, Classify};
@@ -95,7 +96,8 @@ pub enum RateErrorKind {
 pub struct RateError {
     kind: RateErrorKind,
     limited: Option<RateLimited>,
-    source: Option<BackendError>,
+    /// Shared: every refusal of an outage carries the failure that started it.
+    source: Option<Arc<BackendError>>,
 }
 
 impl RateError {
@@ -107,14 +109,14 @@ impl RateError {
         }
     }
 
-    pub(crate) fn unavailable(source: Option<BackendError>) -> Self {
+    pub(crate) fn unavailable(source: Option<Arc<BackendError>>) -> Self {
         Self {
             source,
             ..Self::new(RateErrorKind::Unavailable)
         }
     }
 
-    pub(crate) fn with_source(kind: RateErrorKind, source: BackendError) -> Self {
+    pub(crate) fn with_source(kind: RateErrorKind, source: Arc<BackendError>) -> Self {
         Self {
             source: Some(source),
             ..Self::new(kind)
@@ -157,7 +159,7 @@ impl fmt::Display for RateError {
 impl std::error::Error for RateError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source
-            .as_ref()
+            .as_deref()
             .map(|source| source as &(dyn std::error::Error + 'static))
     }
 }

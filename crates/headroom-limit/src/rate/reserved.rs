@@ -32,9 +32,9 @@ pub(crate) struct LocalState {
 
 type Shard = Mutex<HashTable<(TierKey, Entry)>>;
 
-// The documented 256 bytes per key rest on this: 81 bytes a slot with its control byte, at
+// The documented 256 bytes per key rest on this: 89 bytes a slot with its control byte, at
 // most 16/7 slots per key.
-const _: () = assert!(size_of::<(TierKey, Entry)>() == 80);
+const _: () = assert!(size_of::<(TierKey, Entry)>() == 88);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Entry {
@@ -51,8 +51,13 @@ pub(crate) struct Entry {
     /// Whether the store has refused this key.
     pub(crate) refused: bool,
     /// Until when a cost of 1 is refused (after the last refusal): the store's cells only ever
-    /// move forward, so a refusal holds until then whatever the other instances do.
+    /// move forward, so a refusal holds until then whatever the other instances do, as long
+    /// as the cell is not deleted or lost.
     pub(crate) blocked_until: u64,
+    /// Until when the refusal is answered here without asking the store: at most
+    /// `blocked_until`, and a bounded time after the refusal, so a cell deleted or lost
+    /// (or one holding an absurd time, whose wait saturates) is not refused for ever.
+    pub(crate) answered_until: u64,
     /// The quota that refused (its index in the tier).
     pub(crate) blocked_quota: u8,
     /// A batch for this key is on its way from the store: requests meanwhile ask for their
@@ -78,6 +83,9 @@ pub(crate) enum Local {
         saturated: bool,
         /// The units to reserve, the request's cost included (see [`batch_size`]).
         batch: u32,
+        /// The `blocked_until` of a refusal no longer answered here though its wait has not
+        /// run out: should the store admit a unit now, the refusal's cell was deleted or lost.
+        outlived: Option<u64>,
     },
 }
 
@@ -134,6 +142,7 @@ impl LocalState {
         let fresh = Local::Unknown {
             saturated: false,
             batch: batch_size(None, cost, batch, now),
+            outlived: None,
         };
         if self.held.load(Ordering::Relaxed) == 0 {
             return fresh;
@@ -153,10 +162,11 @@ impl LocalState {
                 quota: usize::from(entry.reserved_quota),
             };
         }
-        // A cost of zero spends nothing: never refused.
-        if entry.blocked_until > now && cost > 0 {
+        // A cost of zero spends nothing: never refused. Past `answered_until`, the store is
+        // asked again: only it knows whether the refusing cell is still there.
+        if entry.answered_until > now && cost > 0 {
             return Local::Blocked {
-                wait: entry.blocked_until - now,
+                wait: entry.blocked_until.saturating_sub(now),
                 quota: usize::from(entry.blocked_quota),
             };
         }
@@ -170,6 +180,25 @@ impl LocalState {
         Local::Unknown {
             saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
             batch: size,
+            outlived: (entry.refused && entry.blocked_until > now).then_some(entry.blocked_until),
+        }
+    }
+
+    /// Forgets the refusal of `key` that held until `blocked_until`, which the store has
+    /// since admitted past; a later refusal recorded meanwhile is kept.
+    pub(crate) fn forget_refusal(&self, key: &str, blocked_until: u64) {
+        if self.held.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let (key, hash, shard) = self.place(key);
+        let mut shard = shard.lock();
+        if let Some((_, entry)) = shard.find_mut(hash, |(k, _)| *k == key)
+            && entry.refused
+            && entry.blocked_until == blocked_until
+        {
+            entry.refused = false;
+            entry.blocked_until = 0;
+            entry.answered_until = 0;
         }
     }
 
