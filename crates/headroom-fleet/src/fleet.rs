@@ -15,6 +15,8 @@ use crate::proto::{Client, ServiceRequest, ServiceResponse, Stats};
 
 /// How long an instance may take to start or to stop gracefully.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the driver waits for an instance's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One running service process.
 #[derive(Debug)]
@@ -101,7 +103,7 @@ impl Fleet {
         }
         self.counted.lock().await[slot].offset = Stats::default();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let client = Arc::new(Client::new(addr, Duration::from_secs(5)));
+        let client = Arc::new(Client::new(addr, ANSWER_TIMEOUT));
         self.processes.lock().await[slot] = Some(Process {
             child,
             _lifeline: lifeline,
@@ -111,7 +113,8 @@ impl Fleet {
     }
 
     /// Takes the instance of `slot` out of the load, waits for its requests to finish, and
-    /// stops it with SIGTERM (it shuts headroom down gracefully).
+    /// stops it with SIGTERM (it shuts headroom down gracefully). The slot is emptied first,
+    /// as in [`Fleet::kill`]: the load tells a request cut off by the schedule by that.
     pub async fn stop(&self, slot: usize) -> io::Result<()> {
         let client = self.slot(slot).take();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -189,6 +192,13 @@ impl Fleet {
         for slot in 0..self.size() {
             let _ = self.stop(slot).await;
         }
+    }
+
+    /// Puts `client` in `slot` (or empties it) with no process behind it: the load's view
+    /// of an instance, for tests that serve it themselves.
+    #[cfg(test)]
+    pub(crate) fn set_client(&self, slot: usize, client: Option<Arc<Client>>) {
+        *self.slot(slot) = client;
     }
 
     fn slot(&self, slot: usize) -> std::sync::RwLockWriteGuard<'_, Option<Arc<Client>>> {

@@ -1,6 +1,7 @@
 //! The open-loop load: Poisson arrivals of reads, writes, idempotent checkouts (with client
 //! retries) and reports, spread over the instances that are up, each answer logged.
 
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -14,6 +15,25 @@ pub const HOT_KEYS: usize = 10;
 pub const TAIL_KEYS: usize = 2_000;
 /// The tenant that orders far more than its tier allows.
 pub const HOT_TENANT: &str = "free-0";
+
+/// No answer because the instance was down: none was up, or the schedule took the one asked
+/// out of the load (to stop or kill it) before the request failed.
+pub const UNREACHABLE: &str = "unreachable";
+/// No answer within the client's timeout from an instance that was up throughout.
+pub const HUNG: &str = "hung";
+/// The connection lost (or an unreadable answer) with an instance that was up throughout: a
+/// handler that panicked, a process that died on its own.
+pub const DROPPED: &str = "dropped";
+
+/// The outcome of a request that got no answer, `still_up` when its instance was still the
+/// one in its slot (the schedule had not taken it out) when the request failed.
+pub fn unanswered(error: &io::Error, still_up: bool) -> &'static str {
+    match (still_up, error.kind()) {
+        (false, _) => UNREACHABLE,
+        (true, io::ErrorKind::TimedOut) => HUNG,
+        (true, _) => DROPPED,
+    }
+}
 
 /// What a request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -38,7 +58,7 @@ pub struct Event {
     pub latency: Duration,
     /// What it was.
     pub kind: Kind,
-    /// The service's outcome, or `unreachable` when the instance did not answer.
+    /// The service's outcome, or why there was none: [`UNREACHABLE`], [`HUNG`], [`DROPPED`].
     pub outcome: String,
     /// The product (reads and writes) or idempotency key (checkouts).
     pub key: String,
@@ -193,7 +213,6 @@ impl Load {
             .map(|i| (slot + i) % size)
             .find_map(|s| Some((s, self.fleet.client(s)?)));
         let instance = serving.as_ref().map(|(s, _)| *s);
-        let client = serving.map(|(_, client)| client);
         let key = match &request {
             ServiceRequest::Read { key }
             | ServiceRequest::ReadLocked { key }
@@ -202,12 +221,23 @@ impl Load {
             _ => String::new(),
         };
         let sent = self.now();
-        let answer = match client {
-            Some(client) => client.call::<_, ServiceResponse>(&request).await.ok(),
-            None => None,
+        let answer = match serving {
+            Some((slot, client)) => match client.call(&request).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    // Stop and kill empty the slot before they touch the process, and a
+                    // restart fills it with another client: the same client still there means
+                    // nothing the schedule did can explain the failure.
+                    let still_up = self
+                        .fleet
+                        .client(slot)
+                        .is_some_and(|now| Arc::ptr_eq(&now, &client));
+                    ServiceResponse::outcome(unanswered(&error, still_up))
+                }
+            },
+            None => ServiceResponse::outcome(UNREACHABLE),
         };
         let latency = self.now().saturating_sub(sent);
-        let answer = answer.unwrap_or_else(|| ServiceResponse::outcome("unreachable"));
         let event = Event {
             sent,
             latency,
@@ -222,5 +252,125 @@ impl Load {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::proto::Client;
+
+    /// A fleet of one slot, served by whatever the test puts behind `addr`.
+    fn fleet_at(addr: SocketAddr) -> (Arc<Fleet>, Arc<Client>) {
+        let fleet = Arc::new(Fleet::new(PathBuf::new(), 1, addr, Vec::new()));
+        let client = Arc::new(Client::new(addr, crate::fleet::ANSWER_TIMEOUT));
+        fleet.set_client(0, Some(Arc::clone(&client)));
+        (fleet, client)
+    }
+
+    fn read(key: &str) -> (Kind, ServiceRequest) {
+        (
+            Kind::Read,
+            ServiceRequest::Read {
+                key: key.to_owned(),
+            },
+        )
+    }
+
+    /// An instance that reads each request and never answers: a hang (a read blocked on a
+    /// failed-over master, say). The client's 5 s timeout passes on the paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_an_up_instance_never_answers_is_hung() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (fleet, _) = fleet_at(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let load = Load::new(fleet, 1.0);
+        load.send(0, read("hot-0")).await;
+        let events = load.events();
+        assert_eq!(events[0].outcome, HUNG);
+        assert_eq!(events[0].instance, Some(0));
+    }
+
+    /// An instance that closes the connection instead of answering: a handler that panicked,
+    /// or a process that died without the schedule killing it.
+    #[tokio::test]
+    async fn a_request_an_up_instance_drops_is_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (fleet, _) = fleet_at(listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            let _ = BufReader::new(stream).read_line(&mut line).await;
+        });
+        let load = Load::new(fleet, 1.0);
+        load.send(0, read("hot-0")).await;
+        assert_eq!(load.events()[0].outcome, DROPPED);
+    }
+
+    /// The schedule takes an instance out of the load before it stops or kills it: a request
+    /// it cut off is the instance being down, not a broken answer.
+    #[tokio::test]
+    async fn a_request_cut_off_by_the_schedule_taking_its_instance_down_is_unreachable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (fleet, _) = fleet_at(listener.local_addr().unwrap());
+        let (received, got_request) = oneshot::channel();
+        let (kill, killed) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream);
+            let _ = reader.read_line(&mut line).await;
+            let _ = received.send(());
+            let _ = killed.await;
+        });
+        let load = Load::new(Arc::clone(&fleet), 1.0);
+        let sending = tokio::spawn({
+            let load = Arc::clone(&load);
+            async move { load.send(0, read("hot-0")).await }
+        });
+        got_request.await.unwrap();
+        fleet.set_client(0, None);
+        kill.send(()).unwrap();
+        sending.await.unwrap();
+        assert_eq!(load.events()[0].outcome, UNREACHABLE);
+    }
+
+    /// A timeout is a hang only on an instance the schedule left alone: one stopped (its
+    /// drain and graceful shutdown can outlast a slow request) or killed meanwhile was down.
+    #[test]
+    fn a_failure_on_an_instance_taken_out_of_the_load_is_unreachable() {
+        let timed_out = io::Error::new(io::ErrorKind::TimedOut, "no answer in time");
+        let closed = io::Error::new(io::ErrorKind::UnexpectedEof, "closed");
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(unanswered(&timed_out, true), HUNG);
+        assert_eq!(unanswered(&closed, true), DROPPED);
+        assert_eq!(unanswered(&refused, true), DROPPED);
+        for error in [&timed_out, &closed, &refused] {
+            assert_eq!(unanswered(error, false), UNREACHABLE);
+        }
+    }
+
+    /// With no instance up there is nobody to ask.
+    #[tokio::test]
+    async fn a_request_with_no_instance_up_is_unreachable() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9));
+        let (fleet, _) = fleet_at(addr);
+        fleet.set_client(0, None);
+        let load = Load::new(fleet, 1.0);
+        load.send(0, read("hot-0")).await;
+        assert_eq!(load.events()[0].outcome, UNREACHABLE);
+        assert_eq!(load.events()[0].instance, None);
     }
 }

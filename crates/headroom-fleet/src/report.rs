@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::db::Reload;
-use crate::load::{Event, HOT_TENANT, Kind};
+use crate::fleet::ANSWER_TIMEOUT;
+use crate::load::{DROPPED, Event, HOT_TENANT, HUNG, Kind};
 
 /// The staleness bound the trial holds the fleet to: `max_silence` (2 s) plus half a
 /// `ping_interval` (silence is checked every half interval) plus 250 ms of scheduling delay
@@ -92,6 +93,9 @@ pub struct WindowReport {
     pub p99_ms: f64,
     pub p99_good_ms: f64,
     pub critical_success: f64,
+    /// Requests to an instance that was up throughout that got no answer: hung past the
+    /// client's timeout or their connection lost.
+    pub unanswered: usize,
     pub stale_reads: usize,
     pub max_staleness_ms: f64,
     /// Up to five reads staler than the bound: product, version served, staleness (ms), and
@@ -363,13 +367,24 @@ pub fn judge(
 
         let mut broken = Vec::new();
         // The stand-in database knows every product: "missing" is the cache losing a value.
+        let count = |outcome: &str| outcomes.get(outcome).copied().unwrap_or(0);
         let caused_by_shared_state: usize = ["cache", "rate_store", "missing"]
-            .iter()
-            .map(|kind| outcomes.get(*kind).copied().unwrap_or(0))
+            .into_iter()
+            .map(count)
             .sum();
         if caused_by_shared_state > 0 {
             broken.push(format!(
                 "{caused_by_shared_state} caller errors caused by L2, the bus or the rate store"
+            ));
+        }
+        // Nothing the schedule did explains these (a stopped or killed instance's requests
+        // are `unreachable`): a read blocked on Redis past its timeouts, or a handler that
+        // panicked, fails its caller as surely as an error does.
+        let (hung, dropped) = (count(HUNG), count(DROPPED));
+        let unanswered = hung + dropped;
+        if unanswered > 0 {
+            broken.push(format!(
+                "{unanswered} requests to an instance that was up got no answer ({hung} hung past {ANSWER_TIMEOUT:?}, {dropped} lost their connection)"
             ));
         }
         if duplicate_executions > 0 || different_outcomes > 0 {
@@ -480,6 +495,7 @@ pub fn judge(
             p99_ms: percentile(&latencies, 0.99),
             p99_good_ms: percentile(&good_latencies, 0.99),
             critical_success,
+            unanswered,
             stale_reads,
             max_staleness_ms: ms(max_staleness),
             stale_examples,
@@ -571,7 +587,7 @@ pub fn render(report: &Report) -> String {
     let mut out = String::new();
     for w in &report.windows {
         out.push_str(&format!(
-            "\n== {} ({:.1}-{:.1} s)\n  requests {:>6}  goodput {:>5.1} %  p50 {:>6.1} ms  p99 {:>7.1} ms  p99 good {:>7.1} ms\n  outcomes {:?}\n  critical success {:.1} %  stale reads {}  max staleness {:.0} ms\n  duplicates {}  different outcomes {}  orders of {HOT_TENANT} {} (allowed {:.0})\n  L1 flushes per instance {:?} by reason {:?}\n  loads of hot products {}  reloads {}  L2 hit ratio {}\n  recovery {}  L1 back {}  loads per cold product (plain, single flight) {}\n",
+            "\n== {} ({:.1}-{:.1} s)\n  requests {:>6}  goodput {:>5.1} %  p50 {:>6.1} ms  p99 {:>7.1} ms  p99 good {:>7.1} ms\n  outcomes {:?}\n  critical success {:.1} %  unanswered {}  stale reads {}  max staleness {:.0} ms\n  duplicates {}  different outcomes {}  orders of {HOT_TENANT} {} (allowed {:.0})\n  L1 flushes per instance {:?} by reason {:?}\n  loads of hot products {}  reloads {}  L2 hit ratio {}\n  recovery {}  L1 back {}  loads per cold product (plain, single flight) {}\n",
             w.name,
             w.start_s,
             w.end_s,
@@ -582,6 +598,7 @@ pub fn render(report: &Report) -> String {
             w.p99_good_ms,
             w.outcomes,
             w.critical_success * 100.0,
+            w.unanswered,
             w.stale_reads,
             w.max_staleness_ms,
             w.duplicate_executions,
@@ -735,6 +752,56 @@ mod tests {
             broken.iter().any(|b| b.contains("caller errors")),
             "{broken:?}"
         );
+    }
+
+    fn baseline() -> Window {
+        let mut window = cut_window(0, 0, 10_000);
+        window.name = "baseline".to_owned();
+        window.flushes = vec![Some(0); 6];
+        window.expect = Expect {
+            max_flushes: Some(0),
+            no_reloads: true,
+            ..Expect::default()
+        };
+        window
+    }
+
+    /// A request to an instance that was up throughout and never answered (a hang past the
+    /// client's timeout, or a connection lost to a panicking handler) failed its caller.
+    #[test]
+    fn a_request_an_up_instance_never_answered_breaks_the_window() {
+        for outcome in [HUNG, DROPPED] {
+            let mut unanswered = event(Kind::Read, 100, 1, 0);
+            unanswered.outcome = outcome.to_owned();
+            unanswered.version = None;
+            unanswered.latency = Duration::from_secs(5);
+            let report = judge(&[unanswered], &[baseline()], &HashMap::new());
+            let window = &report.windows[0];
+            assert!(
+                window.broken.iter().any(|b| b.contains("no answer")),
+                "{outcome}: {:?}",
+                window.broken
+            );
+            let json = serde_json::to_value(&report).unwrap();
+            assert_eq!(json["windows"][0]["unanswered"], 1, "{outcome}");
+            assert!(render(&report).contains("unanswered 1"), "{outcome}");
+        }
+    }
+
+    /// A request cut off by the schedule stopping or killing its instance breaks nothing.
+    #[test]
+    fn a_request_to_an_instance_the_schedule_took_down_breaks_nothing() {
+        let mut down = event(Kind::Read, 100, 1, 0);
+        down.outcome = crate::load::UNREACHABLE.to_owned();
+        down.version = None;
+        let report = judge(&[down], &[baseline()], &HashMap::new());
+        assert!(
+            report.windows[0].broken.is_empty(),
+            "{:?}",
+            report.windows[0].broken
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["windows"][0]["unanswered"], 0);
     }
 
     #[test]
