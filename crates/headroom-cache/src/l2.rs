@@ -164,10 +164,13 @@ impl L2 {
                     self.metrics.l2_errors.increment(1);
                 }
                 tracing::debug!(namespace = %self.namespace, op, %error, "L2 call failed");
-                // A refused value or configuration says nothing about L2's health.
+                // A refused value or configuration, or foreign data in a key, says nothing
+                // about L2's health.
                 let health = !matches!(
                     error.kind(),
-                    BackendErrorKind::TooLarge | BackendErrorKind::Config
+                    BackendErrorKind::TooLarge
+                        | BackendErrorKind::Config
+                        | BackendErrorKind::Corrupt
                 );
                 if !health {
                     permit.ignore();
@@ -214,7 +217,26 @@ impl L2 {
             self.metrics.l2_skipped.increment(1);
             return None;
         }
-        self.call("get", self.store.get(key)).await
+        self.call("get", self.get_one(key)).await
+    }
+
+    /// Reads one key. Bytes the store itself calls corrupt (on Redis, a key of another type:
+    /// another program's hash) are a miss counted as corrupt, and a success for the breaker:
+    /// L2 answered.
+    async fn get_one(&self, key: &Key) -> Result<Option<Bytes>, BackendError> {
+        match self.store.get(key).await {
+            Err(error) if error.kind() == BackendErrorKind::Corrupt => {
+                self.metrics.l2_corrupt.increment(1);
+                tracing::warn!(
+                    namespace = %self.namespace,
+                    ?key,
+                    %error,
+                    "unreadable L2 key; read as a miss until a write replaces it",
+                );
+                Ok(None)
+            }
+            read => read,
+        }
     }
 
     /// Reads many keys in one round trip; keys that must not be trusted read as `None`.

@@ -19,7 +19,8 @@ use crate::Redis;
 /// TTL in ms. Versions are little-endian, so bytes compare from the last one down; the
 /// tie-break decides between equal versions, and counts as 0 in a value that ends before it
 /// or whose gate byte is missing or below its least value; an equal version is written.
-/// Returns how many keys were written.
+/// A key of another type (another program's hash, say) is written over as bytes without the
+/// marker are, rather than fail the whole call. Returns how many keys were written.
 static SET_IF_NEWER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -43,7 +44,13 @@ end
 local written = 0
 for i, key in ipairs(KEYS) do
   local value = ARGV[2 * i + 4]
-  local held = redis.call('GET', key)
+  local held = redis.pcall('GET', key)
+  -- A key of another type holds nothing of ours: absent. Any other error is raised as a call
+  -- would raise it.
+  if type(held) == 'table' then
+    if string.sub(held.err, 1, 9) ~= 'WRONGTYPE' then error(held) end
+    held = false
+  end
   local newer = true
   if held and #held >= at + 7 and string.sub(held, 1, #marker) == marker then
     newer = newer_in(held, value, at + 7, at)
@@ -59,11 +66,32 @@ return written
     )
 });
 
-/// Deletes KEYS[1] only while it holds exactly ARGV[1].
+/// Redis refuses `GET` of a key of another type (`WRONGTYPE`): foreign data in the key, as
+/// bytes the caller cannot decode are, rather than a failing server.
+fn foreign_type(error: BackendError, key: &Key) -> BackendError {
+    let wrong_type = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<redis::RedisError>())
+        .is_some_and(|source| source.code() == Some("WRONGTYPE"));
+    if !wrong_type {
+        return error;
+    }
+    BackendError::with_detail(
+        BackendErrorKind::Corrupt,
+        format!(
+            "key {:?} holds another Redis type than a string",
+            key.as_bytes().escape_ascii().to_string()
+        ),
+    )
+    .with_source(error)
+}
+
+/// Deletes KEYS[1] only while it holds exactly ARGV[1]; a key of another type never does.
 static DELETE_IF_EQ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.pcall('GET', KEYS[1])
+if type(held) == 'table' and string.sub(held.err, 1, 9) ~= 'WRONGTYPE' then error(held) end
+if held == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -76,6 +104,12 @@ return 0
 /// `delete_if_eq`).
 ///
 /// Values are stored as they are given; keys are the full namespaced [`Key`]s.
+///
+/// A key another program filled with another Redis type (a hash, a list) fails `get` with
+/// [`BackendErrorKind::Corrupt`], and reads as absent in `get_many` (`MGET` answers nil for
+/// it). `set`, `set_many` and `set_if_newer` write over it (to
+/// `set_if_newer` it is older than any value, as bytes without the version's marker are),
+/// `delete` deletes it, and `delete_if_eq` leaves it: it never holds the expected bytes.
 #[derive(Clone, Debug)]
 pub struct RedisKvStore {
     redis: Redis,
@@ -177,7 +211,8 @@ impl KvStore for RedisKvStore {
         let value: Option<Vec<u8>> = self
             .redis
             .query(redis::cmd("GET").arg(key.as_bytes()))
-            .await?;
+            .await
+            .map_err(|error| foreign_type(error, key))?;
         Ok(value.map(Bytes::from))
     }
 

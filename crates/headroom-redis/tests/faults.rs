@@ -214,9 +214,10 @@ async fn foreign_data_under_the_namespace_is_bytes_or_a_typed_error() {
     let value = store.get(&garbage).await.expect("get garbage");
     assert_eq!(value.as_deref(), Some(foreign));
 
-    // A key of another type is a typed command error, alone and inside a batch read.
+    // A key of another type is foreign data: a typed corrupt error alone, absent inside a
+    // batch read.
     let err = store.get(&list).await.expect_err("wrong type");
-    assert_eq!(err.kind(), BackendErrorKind::Command);
+    assert_eq!(err.kind(), BackendErrorKind::Corrupt);
     assert!(!err.is_retryable());
     let values = store
         .get_many(&[garbage.clone(), list.clone()])
