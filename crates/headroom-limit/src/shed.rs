@@ -8,7 +8,9 @@ use arc_swap::ArcSwap;
 use headroom_core::Signal;
 
 use crate::metrics::Rejections;
-use crate::{Bulkhead, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Reason};
+use crate::{
+    Bulkhead, BulkheadConfig, ConfigError, Overloaded, OwnedPermit, Permit, Priority, Reason,
+};
 
 /// Configuration of a [`LoadShedder`], loadable with serde (feature `serde`).
 ///
@@ -83,6 +85,15 @@ impl LoadShedConfig {
             return Err(ConfigError::new("queue_delay_decay", "must be positive"));
         }
         Ok(())
+    }
+
+    /// Checks that waits in a bulkhead configured as `bulkhead` can reach the queue-delay
+    /// target, as [`LoadShedderBuilder::build`] and [`LoadShedder::reconfigure`] do against
+    /// the bulkhead in force. Only `max_queued` and `max_wait` matter. Use it before changing
+    /// a bulkhead that a shedder with a target guards: the bulkhead's own setters do not know
+    /// its shedders.
+    pub fn check_reachable(&self, bulkhead: &BulkheadConfig) -> Result<(), ConfigError> {
+        reachable(self, bulkhead.max_queued, bulkhead.max_wait)
     }
 }
 
@@ -224,7 +235,8 @@ impl LoadShedder {
     /// configuration is refused and the one in force stays.
     pub fn reconfigure(&self, config: LoadShedConfig) -> Result<(), ConfigError> {
         config.validate()?;
-        reachable(&config, &self.inner.bulkhead)?;
+        let bulkhead = &self.inner.bulkhead;
+        reachable(&config, bulkhead.max_queued(), bulkhead.max_wait())?;
         self.inner.config.store(Arc::new(config));
         Ok(())
     }
@@ -298,7 +310,11 @@ impl LoadShedderBuilder {
     /// wait in the bulkhead can reach is: see [`queue_delay_target`](Self::queue_delay_target)).
     pub fn build(self) -> Result<LoadShedder, ConfigError> {
         self.config.validate()?;
-        reachable(&self.config, &self.bulkhead)?;
+        reachable(
+            &self.config,
+            self.bulkhead.max_queued(),
+            self.bulkhead.max_wait(),
+        )?;
         if self
             .signals
             .iter()
@@ -322,19 +338,23 @@ impl LoadShedderBuilder {
     }
 }
 
-/// Whether the bulkhead's waits can reach `config`'s queue-delay target at its lowest
-/// threshold: a wait is at most `max_wait`, and without a queue nobody waits.
-fn reachable(config: &LoadShedConfig, bulkhead: &Bulkhead) -> Result<(), ConfigError> {
+/// Whether waits in a bulkhead queueing up to `max_queued` callers for up to `max_wait` can
+/// reach `config`'s queue-delay target at its lowest threshold: without a queue nobody waits.
+fn reachable(
+    config: &LoadShedConfig,
+    max_queued: usize,
+    max_wait: Duration,
+) -> Result<(), ConfigError> {
     let Some(target) = config.queue_delay_target else {
         return Ok(());
     };
-    if bulkhead.max_queued() == 0 {
+    if max_queued == 0 {
         return Err(ConfigError::new(
             "queue_delay_target",
             "the bulkhead queues nobody, so no request waits: give it a queue",
         ));
     }
-    if bulkhead.max_wait().as_secs_f64() < config.sheddable_at * target.as_secs_f64() {
+    if max_wait.as_secs_f64() < config.sheddable_at * target.as_secs_f64() {
         return Err(ConfigError::new(
             "queue_delay_target",
             "no wait reaches it: max_wait is below the target times the lowest threshold",

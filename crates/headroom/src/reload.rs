@@ -21,6 +21,11 @@
 //! are refused if a reload changes them. A part a configuration no longer names keeps the
 //! settings it has.
 //!
+//! When a reload names a registered shedder or its bulkhead, the shedder's queue-delay target
+//! is checked against the bulkhead as the reload leaves it (the bulkhead's new entry, or the
+//! settings in force): a reload that gives a bulkhead no queue, or a `max_wait` too short for
+//! its shedder's target, is refused, since the shedder would never shed on queue delay again.
+//!
 //! ```
 //! # #[cfg(all(feature = "limit", feature = "breaker"))] {
 //! use headroom::limit::{Bulkhead, BulkheadConfig};
@@ -211,6 +216,9 @@ fn named(config: &RuntimeConfig) -> Vec<(&'static str, &str)> {
 #[must_use]
 pub struct Reloader {
     parts: Vec<Arc<dyn Part>>,
+    /// The bulkheads and shedders among `parts`, whose settings are checked together.
+    #[cfg(feature = "limit")]
+    guarded: limit_parts::Guarded,
     /// One reload at a time, so that two never interleave their checks and changes.
     reloading: Arc<Mutex<()>>,
     applied: Counter,
@@ -236,6 +244,8 @@ impl Reloader {
     pub fn new() -> Self {
         Self {
             parts: Vec::new(),
+            #[cfg(feature = "limit")]
+            guarded: limit_parts::Guarded::default(),
             reloading: Arc::default(),
             applied: headroom_core::counter!("headroom_reload_total", "outcome" => "applied"),
             refused: headroom_core::counter!("headroom_reload_total", "outcome" => "refused"),
@@ -294,7 +304,15 @@ impl Reloader {
             part.check(config)
                 .map_err(|reason| ReloadError::new(part.kind(), part.name(), reason))?;
         }
-        for part in &self.parts {
+        #[cfg(feature = "limit")]
+        self.guarded.check(config)?;
+        // Bulkheads first: a shedder's reconfigure judges its target against the bulkhead in
+        // force, which must by then be the one checked above.
+        let (bulkheads, others): (Vec<_>, Vec<_>) = self
+            .parts
+            .iter()
+            .partition(|part| part.kind() == "bulkhead");
+        for part in bulkheads.into_iter().chain(others) {
             part.apply(config)
                 .map_err(|reason| ReloadError::new(part.kind(), part.name(), reason))?;
         }
@@ -369,13 +387,68 @@ impl Reloader {
 mod limit_parts {
     use headroom_core::rate::RateStore;
     use headroom_limit::rate::{DistributedRateLimiter, LocalRateLimiter};
-    use headroom_limit::{Bulkhead, LoadShedder, WorkQueue};
+    use headroom_limit::{Bulkhead, BulkheadConfig, LoadShedder, WorkQueue};
 
-    use super::{Registered, Reloader};
+    use super::{Registered, ReloadError, Reloader, RuntimeConfig};
+
+    /// The registered bulkheads and shedders: a shedder's queue-delay target depends on its
+    /// bulkhead's queue and wait, which another entry of the same reload may change.
+    #[derive(Clone, Default)]
+    pub(super) struct Guarded {
+        bulkheads: Vec<Bulkhead>,
+        shedders: Vec<LoadShedder>,
+    }
+
+    impl Guarded {
+        /// Whether every registered shedder's target can be reached in its bulkhead, both as
+        /// `config` leaves them.
+        pub(super) fn check(&self, config: &RuntimeConfig) -> Result<(), ReloadError> {
+            for shedder in &self.shedders {
+                let guarded = shedder.bulkhead();
+                // An entry reaches the shedder's bulkhead only if that very bulkhead is
+                // registered: another of the same name does not change it.
+                let entry = self
+                    .bulkheads
+                    .iter()
+                    .find(|bulkhead| bulkhead.is_same(guarded))
+                    .and_then(|bulkhead| config.bulkheads.get(bulkhead.name()));
+                let in_force;
+                let settings = match (config.shedders.get(shedder.name()), entry) {
+                    (Some(settings), _) => settings,
+                    // A pair the reload leaves alone stays as it is, whatever else it changes.
+                    (None, None) => continue,
+                    (None, Some(_)) => {
+                        in_force = shedder.config();
+                        &in_force
+                    }
+                };
+                if settings.queue_delay_target.is_none() {
+                    continue;
+                }
+                let bulkhead = entry.cloned().unwrap_or_else(|| BulkheadConfig {
+                    max_queued: guarded.max_queued(),
+                    max_wait: guarded.max_wait(),
+                    ..BulkheadConfig::default()
+                });
+                settings.check_reachable(&bulkhead).map_err(|error| {
+                    let reason = match entry {
+                        Some(_) => format!(
+                            "{error} (bulkhead `{}` as this reload leaves it)",
+                            guarded.name()
+                        ),
+                        None => error.to_string(),
+                    };
+                    ReloadError::new("shedder", shedder.name(), reason)
+                })?;
+            }
+            Ok(())
+        }
+    }
 
     impl Reloader {
         /// Registers a bulkhead, under its name.
-        pub fn bulkhead(self, bulkhead: &Bulkhead) -> Self {
+        pub fn bulkhead(mut self, bulkhead: &Bulkhead) -> Self {
+            self.guarded.bulkheads.push(bulkhead.clone());
             self.with(Registered {
                 kind: "bulkhead",
                 name: bulkhead.name().to_owned(),
@@ -398,8 +471,11 @@ mod limit_parts {
             })
         }
 
-        /// Registers a load shedder, under the name of the bulkhead it guards.
-        pub fn shedder(self, shedder: &LoadShedder) -> Self {
+        /// Registers a load shedder, under the name of the bulkhead it guards. Register that
+        /// bulkhead too, so that a reload changing it is checked against the shedder's
+        /// queue-delay target.
+        pub fn shedder(mut self, shedder: &LoadShedder) -> Self {
+            self.guarded.shedders.push(shedder.clone());
             self.with(Registered {
                 kind: "shedder",
                 name: shedder.name().to_owned(),

@@ -423,3 +423,194 @@ async fn a_setting_refused_by_its_part_leaves_every_part_unchanged() {
     assert_eq!(db.limit(), 8, "nothing changed");
     assert!(orders.quotas("standard").is_some());
 }
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+/// The config of a reload naming `db`'s bulkhead and shedder entries, either or both.
+fn db_config(bulkhead: Option<BulkheadConfig>, shedder: Option<LoadShedConfig>) -> RuntimeConfig {
+    let mut config = RuntimeConfig::default();
+    if let Some(bulkhead) = bulkhead {
+        config.bulkheads.insert("db".into(), bulkhead);
+    }
+    if let Some(shedder) = shedder {
+        config.shedders.insert("db".into(), shedder);
+    }
+    config
+}
+
+/// A shedder's queue-delay target is judged against the bulkhead as the reload leaves it: an
+/// entry that takes the bulkhead's queue away while giving its shedder a target is refused
+/// before the bulkhead changes.
+#[test]
+fn a_shedder_target_the_reloaded_bulkhead_cannot_reach_changes_nothing() {
+    let db = Bulkhead::builder("db")
+        .max_concurrent(8)
+        .max_queued(16)
+        .max_wait(ms(100))
+        .build()
+        .unwrap();
+    let shedder = LoadShedder::builder(db.clone()).build().unwrap();
+    let reloader = Reloader::new().bulkhead(&db).shedder(&shedder);
+    // `max_queued` left out: the bulkhead would queue nobody, so no wait reaches the target.
+    let config = db_config(
+        Some(BulkheadConfig {
+            max_concurrent: 32,
+            ..BulkheadConfig::default()
+        }),
+        Some(LoadShedConfig {
+            queue_delay_target: Some(ms(200)),
+            ..LoadShedConfig::default()
+        }),
+    );
+    let error = reloader.apply(&config).unwrap_err();
+    assert_eq!(error.part(), "shedder `db`");
+    assert!(error.reason().contains("queue_delay_target"), "{error}");
+    assert_eq!(
+        (db.limit(), db.max_queued(), db.max_wait()),
+        (8, 16, ms(100)),
+        "the bulkhead is unchanged"
+    );
+    assert_eq!(shedder.config(), LoadShedConfig::default());
+}
+
+/// A bulkhead entry alone can put its shedder's target out of reach (no queue, or a shorter
+/// `max_wait`): the shedder would never shed on queue delay again, so the reload is refused.
+#[test]
+fn a_bulkhead_reload_that_leaves_its_shedder_target_unreachable_is_refused() {
+    let db = Bulkhead::builder("db")
+        .max_concurrent(8)
+        .max_queued(4)
+        .max_wait(ms(100))
+        .build()
+        .unwrap();
+    // The lowest threshold is 0.7: a 100 ms target needs waits of 70 ms.
+    let shedder = LoadShedder::builder(db.clone())
+        .queue_delay_target(ms(100))
+        .build()
+        .unwrap();
+    let reloader = Reloader::new().bulkhead(&db).shedder(&shedder);
+    for (case, entry) in [
+        (
+            "no queue",
+            BulkheadConfig {
+                max_concurrent: 2,
+                ..BulkheadConfig::default()
+            },
+        ),
+        (
+            "a shorter wait",
+            BulkheadConfig {
+                max_concurrent: 2,
+                max_queued: 4,
+                max_wait: ms(50),
+                adaptive: None,
+            },
+        ),
+    ] {
+        let error = reloader
+            .apply(&db_config(Some(entry), None))
+            .expect_err(case);
+        assert_eq!(error.part(), "shedder `db`", "{case}");
+        assert!(
+            error.reason().contains("queue_delay_target"),
+            "{case}: {error}"
+        );
+        assert!(error.reason().contains("bulkhead `db`"), "{case}: {error}");
+        assert_eq!(
+            (db.limit(), db.max_queued(), db.max_wait()),
+            (8, 4, ms(100)),
+            "{case}: the bulkhead is unchanged"
+        );
+    }
+    // A wait that still reaches the target is taken.
+    let reaching = BulkheadConfig {
+        max_concurrent: 2,
+        max_queued: 4,
+        max_wait: ms(70),
+        adaptive: None,
+    };
+    assert_eq!(reloader.apply(&db_config(Some(reaching), None)), Ok(()));
+    assert_eq!((db.limit(), db.max_wait()), (2, ms(70)));
+    assert_eq!(shedder.config().queue_delay_target, Some(ms(100)));
+    // Set on the bulkhead itself, unchecked: a reload naming neither part leaves them as they
+    // are rather than being refused for them.
+    db.set_max_queued(0);
+    assert_eq!(reloader.apply(&RuntimeConfig::default()), Ok(()));
+}
+
+/// A bulkhead and its shedder may change together whichever was registered first: given a
+/// queue and a target at once, or losing both at once.
+#[test]
+fn a_bulkhead_and_its_shedder_change_together_in_either_registration_order() {
+    for shedder_first in [true, false] {
+        let db = Bulkhead::builder("db").max_concurrent(8).build().unwrap();
+        let shedder = LoadShedder::builder(db.clone()).build().unwrap();
+        let reloader = if shedder_first {
+            Reloader::new().shedder(&shedder).bulkhead(&db)
+        } else {
+            Reloader::new().bulkhead(&db).shedder(&shedder)
+        };
+        let queued = db_config(
+            Some(BulkheadConfig {
+                max_concurrent: 8,
+                max_queued: 16,
+                max_wait: ms(1_000),
+                adaptive: None,
+            }),
+            Some(LoadShedConfig {
+                queue_delay_target: Some(ms(200)),
+                ..LoadShedConfig::default()
+            }),
+        );
+        assert_eq!(
+            reloader.apply(&queued),
+            Ok(()),
+            "shedder first: {shedder_first}"
+        );
+        assert_eq!((db.max_queued(), db.max_wait()), (16, ms(1_000)));
+        assert_eq!(shedder.config().queue_delay_target, Some(ms(200)));
+
+        let unqueued = db_config(
+            Some(BulkheadConfig {
+                max_concurrent: 8,
+                ..BulkheadConfig::default()
+            }),
+            Some(LoadShedConfig::default()),
+        );
+        assert_eq!(
+            reloader.apply(&unqueued),
+            Ok(()),
+            "shedder first: {shedder_first}"
+        );
+        assert_eq!(db.max_queued(), 0);
+        assert_eq!(shedder.config().queue_delay_target, None);
+    }
+}
+
+/// A bulkhead entry changes the registered bulkhead of that name; a shedder guarding another
+/// bulkhead that happens to share the name is judged against the one it guards.
+#[test]
+fn a_shedder_is_judged_against_the_bulkhead_it_guards() {
+    let db = Bulkhead::builder("db").max_concurrent(8).build().unwrap();
+    let other = Bulkhead::builder("db").max_concurrent(4).build().unwrap();
+    let shedder = LoadShedder::builder(other.clone()).build().unwrap();
+    let reloader = Reloader::new().bulkhead(&db).shedder(&shedder);
+    let config = db_config(
+        Some(BulkheadConfig {
+            max_concurrent: 32,
+            max_queued: 16,
+            max_wait: ms(1_000),
+            adaptive: None,
+        }),
+        Some(LoadShedConfig {
+            queue_delay_target: Some(ms(200)),
+            ..LoadShedConfig::default()
+        }),
+    );
+    let error = reloader.apply(&config).unwrap_err();
+    assert_eq!(error.part(), "shedder `db`");
+    assert_eq!((db.limit(), db.max_queued()), (8, 0), "nothing changed");
+    assert_eq!(other.max_queued(), 0);
+}

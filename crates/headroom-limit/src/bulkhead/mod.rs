@@ -249,6 +249,12 @@ impl Bulkhead {
             .saturating_sub(at)
     }
 
+    /// Whether `self` and `other` are handles to one bulkhead (clones of each other), not
+    /// merely bulkheads of the same name.
+    pub fn is_same(&self, other: &Bulkhead) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The adaptive limit steering this bulkhead, if it has one.
     pub fn adaptive(&self) -> Option<&AdaptiveLimit> {
         self.inner.adaptive.as_ref()
@@ -290,6 +296,12 @@ impl Bulkhead {
     /// configuration may leave `adaptive` out or repeat it unchanged (and its
     /// `max_concurrent` is then ignored), and one that changes it is refused, as is an
     /// invalid one; the settings in force stay.
+    ///
+    /// Neither this nor the setters consult the shedders guarding the bulkhead: a shorter
+    /// `max_wait` or no queue can put a shedder's queue-delay target out of reach, and the
+    /// shedder then never sheds on queue delay. Check such a change with
+    /// [`LoadShedConfig::check_reachable`](crate::LoadShedConfig::check_reachable) first, or
+    /// reload the bulkhead and its shedder together through the facade's reloader, which does.
     ///
     /// [`set_max_concurrent`]: Self::set_max_concurrent
     /// [`set_max_queued`]: Self::set_max_queued
