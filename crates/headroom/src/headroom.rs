@@ -235,6 +235,7 @@ impl Headroom {
     /// The namespace of the part `name` of a `kind` of component: `<namespace>:<kind>:<name>`.
     /// The name is one segment: one holding `:` is refused, or two parts could share keys
     /// (`products` with key `v2:7` and `products:v2` with key `7`).
+    #[cfg(any(feature = "cache", feature = "limit"))]
     fn part_namespace(&self, kind: &str, name: &str) -> Result<Namespace, KeyError> {
         if let Some(offset) = name.find(':') {
             return Err(KeyError::Separator { offset });
@@ -287,7 +288,7 @@ impl Headroom {
     }
 
     /// Stops this instance gracefully, before the process exits: every cache built from
-    /// [`cache`](Self::cache) sends its queued invalidations and a goodbye, so the other
+    /// `cache` (feature `cache`) sends its queued invalidations and a goodbye, so the other
     /// instances flush nothing for it (a crash costs each of them one L1 flush, as does a
     /// goodbye whose keys the bus refused). Await it on SIGTERM, after the server stopped
     /// taking requests.
