@@ -208,6 +208,9 @@ impl<T> Classify for PushError<T> {
 
 type ShedHandler<T> = Box<dyn Fn(T, Overloaded) + Send + Sync>;
 
+/// Tells an item whose caller has gone, so that its place can go to live work.
+type AbandonedCheck<T> = dyn Fn(&T) -> bool + Send + Sync;
+
 /// A bounded queue of work with overflow policies, deadlines, priorities, CoDel and adaptive
 /// LIFO.
 ///
@@ -259,6 +262,7 @@ struct Inner<T> {
     items: Notify,
     space: Notify,
     on_shed: Option<ShedHandler<T>>,
+    abandoned: Option<Box<AbandonedCheck<T>>>,
     last_delay_nanos: AtomicU64,
     metrics: AdmissionMetrics,
 }
@@ -327,6 +331,7 @@ pub struct WorkQueueBuilder<T> {
     config: QueueConfig,
     clock: Clock,
     on_shed: Option<ShedHandler<T>>,
+    abandoned: Option<Box<AbandonedCheck<T>>>,
 }
 
 impl<T> fmt::Debug for WorkQueueBuilder<T> {
@@ -346,6 +351,7 @@ impl<T> WorkQueue<T> {
             config: QueueConfig::default(),
             clock: Clock::system(),
             on_shed: None,
+            abandoned: None,
         }
     }
 
@@ -448,11 +454,13 @@ impl<T> WorkQueue<T> {
             drop(state);
             return Err(self.refuse(item, how.priority, Reason::Closed));
         }
-        // Allocates only when expired items are found; an eviction needs no buffer.
+        // Allocates only when dead items are found; an eviction needs no buffer.
         let mut expired = Vec::new();
+        let mut abandoned = Vec::new();
         let mut evicted = None;
         if state.len >= config.capacity {
-            Self::drop_expired(&mut state, now, &mut expired);
+            let check = inner.abandoned.as_deref();
+            Self::drop_dead_heads(&mut state, now, check, &mut expired, &mut abandoned);
             // One eviction makes room only in a queue at its capacity; a queue over it (its
             // capacity was lowered) refuses rather than lose queued work for nothing.
             if state.len == config.capacity {
@@ -472,7 +480,7 @@ impl<T> WorkQueue<T> {
             Err(item)
         };
         drop(state);
-        let removed = expired.len() + usize::from(evicted.is_some());
+        let removed = expired.len() + abandoned.len() + usize::from(evicted.is_some());
         if removed > 0 {
             inner.metrics.queued.decrement(removed as f64);
         }
@@ -489,6 +497,9 @@ impl<T> WorkQueue<T> {
         for (item, rejection) in expired.into_iter().chain(evicted) {
             self.shed(item, rejection);
         }
+        // No one is left to answer, and the queue turned nothing away: dropped uncounted,
+        // outside the lock.
+        drop(abandoned);
         result.map_err(|item| PushError {
             item,
             rejection: Overloaded::new(Reason::QueueFull, how.priority),
@@ -496,7 +507,7 @@ impl<T> WorkQueue<T> {
     }
 
     /// The earliest deadline among the items at the head of their class: the next place
-    /// [`drop_expired`](Self::drop_expired) can free.
+    /// [`drop_dead_heads`](Self::drop_dead_heads) can free.
     fn next_head_expiry(&self) -> Option<Instant> {
         let state = self.inner.state.lock();
         state
@@ -506,31 +517,74 @@ impl<T> WorkQueue<T> {
             .min()
     }
 
-    /// Removes the expired items at the head of each class: they hold places for nothing.
+    /// Removes the dead items at the head of each class, expired or abandoned by their caller:
+    /// they hold places for nothing. Expired items are to be shed; abandoned ones go uncounted,
+    /// as no one is left to answer.
     ///
     /// Looks at each removed item once and at one live item per class, so a push into a full
-    /// queue costs the same however long the queue is. An item that expired behind a live one
-    /// of its class (a shorter deadline pushed later) keeps its place until it reaches the
-    /// head, and is shed, never run, when a consumer gets to it.
-    fn drop_expired(state: &mut State<T>, now: Instant, expired: &mut Vec<(T, Overloaded)>) {
-        let is_expired = |entry: &Entry<T>| entry.deadline.is_some_and(|deadline| deadline <= now);
+    /// queue costs the same however long the queue is. An item that died behind a live one of
+    /// its class (a shorter deadline pushed later, a caller that left sooner) keeps its place
+    /// until it reaches the head, and is never run when a consumer gets to it.
+    fn drop_dead_heads(
+        state: &mut State<T>,
+        now: Instant,
+        check: Option<&AbandonedCheck<T>>,
+        expired: &mut Vec<(T, Overloaded)>,
+        abandoned: &mut Vec<T>,
+    ) {
         for index in 0..state.classes.len() {
             while let Some(head) = state.classes[index].front() {
-                let head_expired = is_expired(head);
+                // Abandonment first: an item whose caller left is no refusal, whatever its
+                // deadline.
+                let head_abandoned = check.is_some_and(|check| check(&head.item));
+                let head_expired = head.deadline.is_some_and(|deadline| deadline <= now);
                 #[cfg(test)]
                 {
                     state.examined += 1;
                 }
-                if !head_expired {
+                if !head_abandoned && !head_expired {
                     break;
                 }
                 let Some(entry) = state.classes[index].pop_front() else {
                     break;
                 };
                 state.len -= 1;
-                let rejection = Overloaded::new(Reason::DeadlineExpired, entry.priority);
-                expired.push((entry.item, rejection));
+                if head_abandoned {
+                    abandoned.push(entry.item);
+                } else {
+                    let rejection = Overloaded::new(Reason::DeadlineExpired, entry.priority);
+                    expired.push((entry.item, rejection));
+                }
             }
+        }
+    }
+
+    /// Frees at once the places of abandoned items at the head of their class, rather than
+    /// at the next push into a full queue, and wakes a waiting push for each: for a caller
+    /// that has just left. Costs what [`drop_dead_heads`](Self::drop_dead_heads) does.
+    #[cfg(feature = "tower")]
+    pub(crate) fn release_abandoned(&self) {
+        let inner = &*self.inner;
+        let Some(check) = inner.abandoned.as_deref() else {
+            return;
+        };
+        let mut abandoned = Vec::new();
+        let mut state = inner.state.lock();
+        for class in &mut state.classes {
+            while class.front().is_some_and(|head| check(&head.item)) {
+                if let Some(entry) = class.pop_front() {
+                    abandoned.push(entry.item);
+                }
+            }
+        }
+        state.len -= abandoned.len();
+        drop(state);
+        if abandoned.is_empty() {
+            return;
+        }
+        inner.metrics.queued.decrement(abandoned.len() as f64);
+        for _ in 0..abandoned.len() {
+            inner.space.notify_one();
         }
     }
 
@@ -799,6 +853,16 @@ impl<T> WorkQueueBuilder<T> {
         self
     }
 
+    /// Recognises items whose caller has gone (checked under the queue's lock: it must be
+    /// cheap). A full queue frees their places at the head of each class before it refuses or
+    /// evicts live work, and drops them without the shed handler or a rejection: no one is
+    /// left to answer, and the queue turned nothing away.
+    #[cfg(feature = "tower")]
+    pub(crate) fn abandoned(mut self, check: impl Fn(&T) -> bool + Send + Sync + 'static) -> Self {
+        self.abandoned = Some(Box::new(check));
+        self
+    }
+
     /// Builds the queue, or says which setting is out of range.
     pub fn build(self) -> Result<WorkQueue<T>, ConfigError> {
         self.config.validate()?;
@@ -819,6 +883,7 @@ impl<T> WorkQueueBuilder<T> {
                 items: Notify::new(),
                 space: Notify::new(),
                 on_shed: self.on_shed,
+                abandoned: self.abandoned,
                 last_delay_nanos: AtomicU64::new(0),
             }),
         })
@@ -862,5 +927,57 @@ mod tests {
         let per_push = (examined() - before) as f64 / 1_000.0;
         assert!(per_push <= 4.0, "{per_push} entries examined per push");
         assert_eq!(queue.len(), CAPACITY);
+    }
+
+    /// Abandoned items cost a push into a full queue what expired ones do, and leave
+    /// uncounted: neither shed nor refused.
+    #[cfg(feature = "tower")]
+    #[test]
+    fn abandoned_items_free_their_places_at_the_cost_of_expired_ones() {
+        use std::sync::atomic::AtomicUsize;
+
+        const CAPACITY: usize = 100_000;
+        // Items below this number have been abandoned by their callers.
+        let gone = Arc::new(AtomicUsize::new(0));
+        let shed = Arc::new(AtomicUsize::new(0));
+        let queue = WorkQueue::builder("q")
+            .capacity(CAPACITY)
+            .abandoned({
+                let gone = Arc::clone(&gone);
+                move |item: &usize| *item < gone.load(Ordering::Relaxed)
+            })
+            .on_shed({
+                let shed = Arc::clone(&shed);
+                move |_, _| {
+                    shed.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build()
+            .unwrap();
+        for item in 0..CAPACITY {
+            queue.try_push(item).unwrap();
+        }
+        gone.store(100, Ordering::Relaxed);
+        let examined = || queue.inner.state.lock().examined;
+        let before = examined();
+        // The first 100 pushes take the places of the 100 abandoned items; the rest are refused.
+        for item in 0..1_000 {
+            let pushed = queue.try_push(CAPACITY + item);
+            assert_eq!(pushed.is_ok(), item < 100, "push {item}");
+        }
+        let per_push = (examined() - before) as f64 / 1_000.0;
+        assert!(per_push <= 4.0, "{per_push} entries examined per push");
+        assert_eq!(queue.len(), CAPACITY);
+        assert_eq!(
+            shed.load(Ordering::Relaxed),
+            0,
+            "abandoned items are not shed"
+        );
+        let rejected = |reason| queue.rejected(Priority::Default, reason);
+        assert_eq!(rejected(Reason::QueueFull), 900);
+        assert_eq!(
+            rejected(Reason::Evicted) + rejected(Reason::DeadlineExpired),
+            0
+        );
     }
 }

@@ -31,10 +31,13 @@ struct Job<Req, Rsp> {
 /// owns a clone of the inner service and runs one request at a time: `workers` is the
 /// concurrency limit. Requests are admitted, ordered and shed by the [`QueueConfig`]:
 /// priorities (from `prioritize`), overflow policy, CoDel and adaptive LIFO. A request whose
-/// caller has gone (its response future was dropped, for example by a timeout) is skipped,
-/// never run. A request whose service panics fails with [`Panicked`]; its worker goes on with
-/// a fresh clone of the service. A `poll_ready` error fails its request with that error, and
-/// the worker discards that service for a fresh clone too, as tower's contract requires.
+/// caller has gone (its response future was dropped, for example by a timeout) is never run,
+/// and gives up its place: at once if it is at the head of its class, else once it gets there
+/// (finding it sooner would take a scan of the queue). A full queue frees such places before
+/// it refuses or evicts anyone. A request whose service panics fails with [`Panicked`]; its
+/// worker goes on with a fresh clone of the service. A `poll_ready` error fails its request
+/// with that error, and the worker discards that service for a fresh clone too, as tower's
+/// contract requires.
 ///
 /// ```
 /// use headroom_limit::tower::QueueLayer;
@@ -134,14 +137,20 @@ where
                 // The caller may be gone already; then there is no one to tell.
                 let _ = job.reply.send(Err(rejection.into()));
             })
+            .abandoned(|job: &Job<Req, S::Response>| job.reply.is_closed())
             .build()
             .expect("the configuration was validated by QueueLayer::new");
         for _ in 0..self.workers {
             tokio::spawn(work(queue.clone(), inner.clone()));
         }
+        let release: Release = {
+            let queue = queue.clone();
+            Arc::new(move || queue.release_abandoned())
+        };
         QueueService {
             closer: Arc::new(Closer(queue.clone())),
             queue,
+            release,
             prioritize: self.prioritize.clone(),
         }
     }
@@ -191,6 +200,9 @@ impl fmt::Display for Panicked {
 
 impl std::error::Error for Panicked {}
 
+/// Frees the places of abandoned requests at the head of the queue, for a caller that leaves.
+type Release = Arc<dyn Fn() + Send + Sync>;
+
 /// Closes the queue when the last handle to the service goes, so the workers stop.
 struct Closer<T>(WorkQueue<T>);
 
@@ -209,6 +221,7 @@ impl<T> Drop for Closer<T> {
 pub struct QueueService<Req, Rsp, P> {
     queue: WorkQueue<Job<Req, Rsp>>,
     closer: Arc<Closer<Job<Req, Rsp>>>,
+    release: Release,
     prioritize: P,
 }
 
@@ -217,6 +230,7 @@ impl<Req, Rsp, P: Clone> Clone for QueueService<Req, Rsp, P> {
         Self {
             queue: self.queue.clone(),
             closer: Arc::clone(&self.closer),
+            release: Arc::clone(&self.release),
             prioritize: self.prioritize.clone(),
         }
     }
@@ -277,11 +291,21 @@ where
                     response,
                 }
             }
-            Err(refused) => State::Refused {
-                error: Some(refused.rejection()),
-            },
+            Err(refused) => {
+                return QueueFuture {
+                    state: State::Refused {
+                        error: refused.rejection(),
+                    },
+                    priority,
+                    release: None,
+                };
+            }
         };
-        QueueFuture { state, priority }
+        QueueFuture {
+            state,
+            priority,
+            release: Some(Arc::clone(&self.release)),
+        }
     }
 }
 
@@ -291,6 +315,8 @@ type Push = Pin<Box<dyn Future<Output = Result<(), Overloaded>> + Send>>;
 pub struct QueueFuture<Rsp> {
     state: State<Rsp>,
     priority: Priority,
+    /// Called when the caller leaves while its request is queued.
+    release: Option<Release>,
 }
 
 enum State<Rsp> {
@@ -302,8 +328,10 @@ enum State<Rsp> {
         response: oneshot::Receiver<Result<Rsp, BoxError>>,
     },
     Refused {
-        error: Option<Overloaded>,
+        error: Overloaded,
     },
+    /// Answered: nothing of the request is left in the queue.
+    Done,
 }
 
 impl<Rsp> fmt::Debug for QueueFuture<Rsp> {
@@ -323,27 +351,43 @@ impl<Rsp> Future for QueueFuture<Rsp> {
             match &mut this.state {
                 State::Pushing { push, .. } => {
                     let pushed = std::task::ready!(push.as_mut().poll(cx));
-                    let previous =
-                        std::mem::replace(&mut this.state, State::Refused { error: None });
+                    let previous = std::mem::replace(&mut this.state, State::Done);
                     this.state = match (pushed, previous) {
                         (Ok(()), State::Pushing { response, .. }) => State::Queued { response },
-                        (Err(error), _) => State::Refused { error: Some(error) },
+                        (Err(error), _) => State::Refused { error },
                         (Ok(()), other) => other,
                     };
                 }
                 State::Queued { response } => {
-                    return Pin::new(response).poll(cx).map(|reply| match reply {
+                    let reply = std::task::ready!(Pin::new(response).poll(cx));
+                    this.state = State::Done;
+                    return Poll::Ready(match reply {
                         Ok(result) => result,
                         // The worker dropped the job without answering: the queue closed.
                         Err(_) => Err(Overloaded::new(Reason::Closed, this.priority).into()),
                     });
                 }
                 State::Refused { error } => {
-                    return Poll::Ready(Err(error.take().map_or_else(
-                        || "queue future polled after completion".into(),
-                        BoxError::from,
-                    )));
+                    let error = *error;
+                    this.state = State::Done;
+                    return Poll::Ready(Err(error.into()));
                 }
+                State::Done => {
+                    return Poll::Ready(Err("queue future polled after completion".into()));
+                }
+            }
+        }
+    }
+}
+
+impl<Rsp> Drop for QueueFuture<Rsp> {
+    fn drop(&mut self) {
+        if let State::Queued { .. } = self.state {
+            // Dropping the receiver first closes the reply, so the queue sees the request
+            // as abandoned.
+            self.state = State::Done;
+            if let Some(release) = &self.release {
+                release();
             }
         }
     }
