@@ -4,7 +4,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -215,6 +215,13 @@ impl<V> Slot<V> {
 /// The tags of an entry (`None` when it has none), shared by its L1 slot and its loads.
 type Tags = Option<Arc<[Box<str>]>>;
 
+/// A copy resting after a failed load: its version and when the rest ends.
+#[derive(Clone, Copy)]
+struct Rest {
+    version: u64,
+    until: Instant,
+}
+
 /// A key's write counter stripe and its value when a read or load began.
 #[derive(Clone, Copy)]
 struct WriteMark {
@@ -245,6 +252,14 @@ pub(crate) struct Inner<K, V> {
     /// Per write stripe, the writes whose L2 change has not landed yet: no read fills L1
     /// meanwhile, since what it read from L2 may be the state the write replaces.
     writing: Box<[AtomicU32]>,
+    /// Per key, the copy resting after a failed load (see `rest`), apart from L1: a load that
+    /// finds that very copy as its only candidate serves it without calling the loader, so
+    /// the throttle holds while L1 is bypassed or has dropped the copy. A write or
+    /// invalidation of the key removes it. Bounded; a key it cannot hold is loaded again.
+    resting: moka::sync::Cache<K, Rest>,
+    /// At least the records in `resting` (counted before one goes in, and after it left), so
+    /// that a write, with none there, does not look.
+    resting_len: Arc<AtomicUsize>,
     /// Picks a key's write stripe. Not flooding-resistant, and need not be: keys that share a
     /// stripe only skip some L1 fills, and any 256 keys already share stripes.
     stripes: foldhash::fast::RandomState,
@@ -291,6 +306,19 @@ where
             .as_ref()
             .map_or_else(InvalidationConfig::default, |(_, _, config)| config.clone())
             .max_silence;
+        // As many keys as L1 holds entries (by count); deadlines follow the cache's clock,
+        // moka's lifetime only frees the memory.
+        let resting_len = Arc::new(AtomicUsize::new(0));
+        let left = Arc::clone(&resting_len);
+        let resting = moka::sync::Cache::builder()
+            .max_capacity(config.l1_max_capacity)
+            .eviction_listener(move |_, _, _| {
+                left.fetch_sub(1, Ordering::AcqRel);
+            });
+        let resting = match config.fail_safe_throttle {
+            throttle if throttle.is_zero() => resting.build(),
+            throttle => resting.time_to_live(throttle).build(),
+        };
         let cache = Self {
             inner: Arc::new(Inner {
                 fleet_lock,
@@ -325,6 +353,8 @@ where
                 writes: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 loads_done: (0..WRITE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 writing: (0..WRITE_STRIPES).map(|_| AtomicU32::new(0)).collect(),
+                resting,
+                resting_len,
                 stripes: foldhash::fast::RandomState::default(),
             }),
         };
@@ -959,6 +989,12 @@ where
         if !in_flight.is_empty() {
             in_flight.remove(key);
         }
+        drop(in_flight);
+        // After the load is detached: a rest counted before the detachment is seen here, and
+        // one counted after sees the load detached (see `rest`), through the lock.
+        if self.resting_len.load(Ordering::Acquire) > 0 {
+            self.resting.invalidate(key);
+        }
     }
 
     /// Marks keys of load `load` (those it still holds) as answered early, each with a value
@@ -1453,19 +1489,21 @@ where
             Ok(env) => env,
             Err(error) => return Ok(self.discard(l2, key, bytes, error)),
         };
-        // Another schema's entry is not corrupt: a miss, left for its own readers, whatever
-        // its codec (a codec change comes with a new schema version).
-        if env.schema != self.config.schema_version {
-            return Ok(None);
-        }
         let times = Times {
             created: env.created_unix_ms,
             created_sub_ms: env.created_sub_ms_micros,
             fresh_until: env.fresh_until_unix_ms,
             expires: env.expires_unix_ms,
         };
+        // A tombstone carries no value, so its schema does not matter: a removal made by an
+        // instance of another schema (a rolling deploy) counts here too.
         if env.tombstone {
             return Ok(Some(Slot::removed(times.created_micros(), now)));
+        }
+        // Another schema's entry is not corrupt: a miss, left for its own readers, whatever
+        // its codec (a codec change comes with a new schema version).
+        if env.schema != self.config.schema_version {
+            return Ok(None);
         }
         if env.codec != self.codec.id() {
             return Ok(self.discard(l2, key, bytes, "written by another codec"));
@@ -1709,6 +1747,15 @@ where
                 return;
             }
         }
+        // The copy resting after a failed load, found again: the loader is not tried again
+        // within the throttle, whether or not L1 served it.
+        if let Some(stale) = best.as_ref().filter(|slot| now >= slot.expires_at)
+            && self.resting_copy(key, stale, now)
+        {
+            self.metrics.stale_served.increment(1);
+            send(&mut reply, Ok(stale.value.clone()));
+            return;
+        }
         // The soft timeout runs from here, over the wait for a fleet lock and the load alike.
         let soft = self
             .config
@@ -1776,7 +1823,7 @@ where
                             );
                             send(&mut reply, Ok(stale.value.clone()));
                         }
-                        self.rest(key, stale, write);
+                        self.rest(key, &stale, write, done.load);
                     }
                     None => send(&mut reply, Err(error)),
                 }
@@ -1932,7 +1979,8 @@ where
         })
     }
 
-    /// Puts a loaded value in L1 and returns its L2 entry (if it fits).
+    /// Puts a loaded value in L1 and returns its L2 entry; for a value L2 cannot hold (too
+    /// large), a tombstone instead (see `forget`).
     ///
     /// The entry's created time (its version in L2) is `version`, the Unix microsecond the
     /// load began at: a write made meanwhile elsewhere is newer, so this entry never replaces
@@ -1954,9 +2002,9 @@ where
                 Err(error) => {
                     self.metrics.oversized.increment(1);
                     tracing::warn!(%error, "loaded value not cached");
-                    // Whatever L1 held for the key before the load is older than this value.
-                    self.drop_older(key, write, version);
-                    return None;
+                    // Whatever the cache held for the key before the load is older than this
+                    // value: neither a read (from L2) nor fail-safe may serve it again.
+                    return self.forget(key, write, version);
                 }
             },
             None => None,
@@ -1983,21 +2031,74 @@ where
         self.tombstone(l2, key, version).ok()
     }
 
-    /// After a failed load was answered with `stale`, serves it from L1 for the fail-safe
-    /// throttle (within its fail-safe window and `l1_max_ttl`) without calling the loader.
-    fn rest(&self, key: &K, mut stale: Slot<V>, write: WriteMark) {
+    /// After failed load `load` was answered with `stale`, lets it rest for the fail-safe
+    /// throttle (within its fail-safe window and `l1_max_ttl`): L1 serves it, and a load that
+    /// finds that very copy serves it (see `resting_copy`), without calling the loader.
+    ///
+    /// Judged by the key itself, not by its write stripe, which writes of other keys change
+    /// too: a write, invalidation or flush of the key detached the load, and then nothing
+    /// rests. In L1 the copy held there (the same version) is extended; `stale` goes in
+    /// where L1 holds nothing or an older copy only while the stripe shows no write since
+    /// `write` and none on its way to L2 (a removal on its way dropped the copy from L1, and
+    /// it must not come back); otherwise it rests apart from L1 only.
+    fn rest(&self, key: &K, stale: &Slot<V>, write: WriteMark, load: u64) {
         let throttle = self.config.fail_safe_throttle;
-        if throttle.is_zero() {
+        if throttle.is_zero() || !self.attached(key, load) {
             return;
         }
-        let mut until = (self.clock.now() + throttle).min(stale.stale_until);
+        let now = self.clock.now();
+        let mut until = (now + throttle).min(stale.stale_until);
         if let Some(cap) = self.config.l1_max_ttl {
             // Not behind L2 for longer than the cap: past it the loader may be tried again.
-            until = until.min(self.clock.now() + cap);
+            until = until.min(now + cap);
         }
-        stale.fresh_until = until;
-        stale.expires_at = until;
-        self.fill_l1(key, stale, write);
+        let version = stale.created_micros;
+        if self.l1_usable() {
+            let settled = self.settled(write);
+            let rested = |mut slot: Slot<V>| {
+                slot.fresh_until = until;
+                slot.expires_at = until;
+                Op::Put(slot)
+            };
+            self.l1
+                .entry(key.clone())
+                .and_compute_with(|held| match held {
+                    Some(held) if held.value().created_micros == version => {
+                        rested(held.into_value())
+                    }
+                    Some(held) if held.value().created_micros > version => Op::Nop,
+                    _ if settled => rested(stale.clone()),
+                    _ => Op::Nop,
+                });
+        }
+        self.resting_len.fetch_add(1, Ordering::AcqRel);
+        self.resting.insert(key.clone(), Rest { version, until });
+        // A write, invalidation or flush of the key since the first look may have come
+        // between that look and the changes above: it ends the rest all the same.
+        if !self.attached(key, load) {
+            self.resting.invalidate(key);
+            self.l1
+                .entry(key.clone())
+                .and_compute_with(|held| match held {
+                    Some(held)
+                        if held.value().created_micros == version
+                            && held.value().expires_at == until =>
+                    {
+                        Op::Remove
+                    }
+                    _ => Op::Nop,
+                });
+        }
+    }
+
+    /// Whether `stale`, a load's candidate past its TTL, is the copy resting for `key` (see
+    /// `rest`): then it is served without calling the loader. It was found after L2's
+    /// tombstones and newer writes, and the hides, were taken into account, so the rest
+    /// serves nothing that fail-safe would not.
+    fn resting_copy(&self, key: &K, stale: &Slot<V>, now: Instant) -> bool {
+        self.resting
+            .get(key)
+            .is_some_and(|rest| rest.version == stale.created_micros && now < rest.until)
     }
 
     /// Registers one batch load for every key not already in flight. Returns that load (if any
@@ -2168,6 +2269,11 @@ where
                     outcomes[i] = Some(Ok(slot.value.clone()));
                     to_load.push(i);
                 }
+                // Resting after a failed load: not loaded again within the throttle.
+                Some(slot) if self.resting_copy(&keys[i], slot, now) => {
+                    self.metrics.stale_served.increment(1);
+                    outcomes[i] = Some(Ok(slot.value.clone()));
+                }
                 _ => {
                     answered_all = false;
                     to_load.push(i);
@@ -2267,16 +2373,15 @@ where
                         // Answered already (a refresh): its value rests too, so that a failing
                         // source is tried once per throttle, as for a single key.
                         if let Some(stale) = best[i].take().filter(|slot| now < slot.stale_until) {
-                            self.rest(key, stale, writes[i]);
+                            self.rest(key, &stale, writes[i], done.load);
                         }
                         continue;
                     }
                     let outcome = match best[i].take().filter(|slot| now < slot.stale_until) {
                         Some(stale) => {
                             self.metrics.stale_served.increment(1);
-                            let value = stale.value.clone();
-                            self.rest(key, stale, writes[i]);
-                            Ok(value)
+                            self.rest(key, &stale, writes[i], done.load);
+                            Ok(stale.value)
                         }
                         None => Err(error.clone()),
                     };
@@ -2335,6 +2440,7 @@ where
         }
         self.in_flight.lock().clear();
         self.l1.invalidate_all();
+        self.resting.invalidate_all();
     }
 
     fn messages_lost(&self) {

@@ -56,9 +56,11 @@ pub struct CacheConfig {
     /// (fail-safe). Zero disables fail-safe.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub fail_safe_max_stale: Duration,
-    /// After a load fails and a stale value is served instead, that value is served from L1
-    /// for this long without calling the loader again (fail-safe throttle), so a failing source
-    /// is not called on every request. At most `l1_max_ttl`, when that is set.
+    /// After a load fails and a stale value is served instead, that value is served for this
+    /// long without calling the loader again (fail-safe throttle), so a failing source is not
+    /// called on every request: from L1, and by loads that find that very copy while L1 is
+    /// bypassed. A write or invalidation of the key ends it. At most `l1_max_ttl`, when that
+    /// is set.
     #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub fail_safe_throttle: Duration,
     /// When a stale value is at hand, callers wait this long for the loader before being served
@@ -92,7 +94,7 @@ pub struct CacheConfig {
     /// The version of the cached value's shape, written in every L2 entry. An entry of another
     /// schema version reads as a miss and is left in place, so that during a rolling deploy
     /// that changes the value type, old and new instances ignore (rather than delete) each
-    /// other's entries. Default 0.
+    /// other's entries. A tombstone (a removal) counts whatever its schema version. Default 0.
     pub schema_version: u32,
 }
 

@@ -26,7 +26,7 @@
 //! - **Envelope**: every L2 value is wrapped in a versioned [`envelope`] (format version,
 //!   timestamps, schema version, tags) and encoded by a pluggable [`codec`]; undecodable
 //!   bytes are a miss, a metric and a delete (of those bytes only); another schema version's
-//!   entry is a miss left in place. Loads write back only over older entries, so a value
+//!   value is a miss left in place (its removals count). Loads write back only over older entries, so a value
 //!   loaded before a write or removal elsewhere never replaces it.
 //!
 //! The guides (`docs/cache.md`, `docs/invalidation.md`) cover the concepts, sizing L1,
