@@ -13,7 +13,8 @@ use crate::ShardId;
 pub enum ConfigErrorKind {
     /// A router or topology has no shards, nodes or members.
     Empty,
-    /// The same shard, node or key appears twice.
+    /// The same shard, node or key appears twice (a node twice in one placement too: as its
+    /// own replica, or as a replica twice).
     Duplicate,
     /// A weight is zero, negative or not a number.
     InvalidWeight,

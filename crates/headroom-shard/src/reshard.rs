@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use headroom_core::metrics::{Counter, Gauge};
 use headroom_core::{counter, gauge};
@@ -57,6 +57,7 @@ pub struct ReshardPlan {
     from_epoch: u64,
     to_epoch: u64,
     moves: Vec<Move>,
+    sampled: bool,
 }
 
 /// Keys moving from one node to another.
@@ -133,6 +134,7 @@ type Pair = (Arc<str>, Arc<str>);
 impl ReshardPlan {
     /// The plan for replacing `from` with `to`.
     pub fn between<H, R: Router + PartialEq>(from: &Topology<H, R>, to: &Topology<H, R>) -> Self {
+        let mut sampled = false;
         let moves = if from.router() == to.router() {
             shard_moves(from, to)
         } else {
@@ -152,7 +154,10 @@ impl ReshardPlan {
                 (Layout::Hashed | Layout::Slots(_), Layout::Ranges(ranges)) => {
                     ranges_to_spread(to, from, ranges, false)
                 }
-                _ => sampled_moves(from, to),
+                _ => {
+                    sampled = true;
+                    sampled_moves(from, to)
+                }
             };
             // No sample nor base unit says where a pinned key goes: list those that move.
             if !pins.is_empty() {
@@ -165,6 +170,7 @@ impl ReshardPlan {
             from_epoch: from.epoch(),
             to_epoch: to.epoch(),
             moves,
+            sampled,
         }
     }
 
@@ -191,6 +197,14 @@ impl ReshardPlan {
     /// The number of units to copy, for progress reporting.
     pub fn unit_count(&self) -> u64 {
         self.moves.iter().map(|m| m.units.count()).sum()
+    }
+
+    /// Whether the moves were measured over sample keys ([`Units::Sampled`], between routers
+    /// that both spread keys by hash and share no unit). Such a plan may miss moves, a source
+    /// node or all of them (empty though keys move): the copier then scans every node of the
+    /// old topology. Every other plan lists each unit that changes node.
+    pub fn is_sampled(&self) -> bool {
+        self.sampled
     }
 }
 
@@ -586,6 +600,8 @@ pub struct Migration<H, R = AnyRouter> {
     mirrored: Writers,
     copied: AtomicU64,
     to_copy: AtomicU64,
+    /// Whether `report_copied` was called: a sampled plan's own count proves nothing.
+    copy_reported: AtomicBool,
     metrics: MigrationMetrics,
 }
 
@@ -734,6 +750,7 @@ impl<H, R: Router + PartialEq> Migration<H, R> {
             old_writers: Writers::default(),
             mirrored: Writers::default(),
             copied: AtomicU64::new(0),
+            copy_reported: AtomicBool::new(false),
             metrics,
         })
     }
@@ -767,17 +784,25 @@ impl<H, R: Router> Migration<H, R> {
 
     /// Reports backfill progress: `copied` of `total` units (by default the plan's
     /// [`unit_count`](ReshardPlan::unit_count); any unit the copier counts in works).
+    ///
+    /// A [sampled](ReshardPlan::is_sampled) plan may miss moves, so its copy is complete only
+    /// once reported so, even when the plan is empty: once the scan of every old node is
+    /// over, report the copier's own count (`n` of `n`, or `0` of `0` if nothing moved).
     pub fn report_copied(&self, copied: u64, total: u64) {
         self.to_copy.store(total, Ordering::Release);
         self.copied.store(copied.min(total), Ordering::Release);
+        self.copy_reported.store(true, Ordering::Release);
         self.metrics.progress.set(self.progress());
     }
 
-    /// The fraction of the backfill done, 0 to 1.
+    /// The fraction of the backfill done, 0 to 1: 1 for a plan with nothing to copy, but 0
+    /// for a sampled plan until a report (see [`report_copied`](Self::report_copied)).
     pub fn progress(&self) -> f64 {
         let total = self.to_copy.load(Ordering::Acquire);
         if total == 0 {
-            return 1.0;
+            // An empty sampled plan does not show that nothing moves.
+            let known = !self.plan.is_sampled() || self.copy_reported.load(Ordering::Acquire);
+            return if known { 1.0 } else { 0.0 };
         }
         self.copied.load(Ordering::Acquire) as f64 / total as f64
     }
@@ -945,7 +970,9 @@ impl<H, R: Router> Migration<H, R> {
 
     /// Moves to the next phase and returns it.
     ///
-    /// Leaving [`Phase::Copy`] requires the backfill to be reported complete. Entering
+    /// Leaving [`Phase::Copy`] requires the backfill to be reported complete
+    /// ([`report_copied`](Self::report_copied)), unless the plan is exact and empty (nothing
+    /// moves); a [sampled](ReshardPlan::is_sampled) plan always needs the report. Entering
     /// [`Phase::CutOver`] waits until every write routed to an old owner has finished; if this
     /// future is dropped during that wait the phase has still advanced (routing is already
     /// fenced), and [`drained`](Self::drained) waits again, as does the next `advance` before

@@ -569,8 +569,10 @@ impl<H, R: Router> TopologyBuilder<H, R> {
         self
     }
 
-    /// Checks that every node is unique, every placement names known nodes, and every shard
-    /// the router can return is placed, then builds the topology.
+    /// Checks that every node is unique, every placement names known nodes, none of them
+    /// twice (a primary as its own replica, a replica listed twice:
+    /// [`ConfigErrorKind::Duplicate`]), and every shard the router can return is placed, then
+    /// builds the topology.
     pub fn build(self) -> Result<Topology<H, R>, ConfigError> {
         let Self {
             name,
@@ -629,6 +631,27 @@ impl<H, R: Router> TopologyBuilder<H, R> {
                 return Err(ConfigError::new(
                     ConfigErrorKind::TooLarge,
                     format_args!("shard {} is above {MAX_SHARD_ID}", range.end - 1),
+                ));
+            }
+            // A node twice in one placement would be read as a replica of itself, or take
+            // two turns of every round among the replicas.
+            if let Some(twice) = replicas
+                .iter()
+                .enumerate()
+                .find(|&(i, id)| *id == *primary || replicas[..i].contains(id))
+                .map(|(_, id)| id)
+            {
+                let role = if *twice == *primary {
+                    "the primary and a replica"
+                } else {
+                    "a replica twice"
+                };
+                return Err(ConfigError::new(
+                    ConfigErrorKind::Duplicate,
+                    format_args!(
+                        "node {twice} is {role} of shards {}..{}",
+                        range.start, range.end
+                    ),
                 ));
             }
             let primary = index_of(primary)?;

@@ -319,6 +319,107 @@ fn plans_between_different_hash_routers_are_sampled() {
     assert!((fraction - 0.2).abs() < 0.01, "moved {fraction}");
 }
 
+/// Only plans between routers that both spread keys by hash, with no unit in common, are
+/// sampled; the others list every unit that changes node.
+#[test]
+fn only_plans_between_different_hash_routers_are_sampled() {
+    use headroom_shard::AnyRouter;
+
+    let build = |epoch, router: AnyRouter| three_nodes(epoch, router, ["a", "b", "c"]);
+    let jump = |n| AnyRouter::from(JumpRouter::new(n).unwrap());
+    let slots = || AnyRouter::from(SlotRouter::even(3).unwrap());
+    let ranges = || {
+        AnyRouter::from(
+            RangeRouter::builder(ShardId(0))
+                .split_at("g", ShardId(1))
+                .split_at("p", ShardId(2))
+                .build()
+                .unwrap(),
+        )
+    };
+    let pinned = |base| {
+        AnyRouter::Directory(Box::new(
+            Directory::new(base, [("apple", ShardId(2))]).unwrap(),
+        ))
+    };
+    let sampled = |from: AnyRouter, to: AnyRouter| {
+        ReshardPlan::between(&build(1, from), &build(2, to)).is_sampled()
+    };
+    assert!(sampled(jump(3), slots()));
+    assert!(sampled(slots(), jump(3)));
+    assert!(sampled(pinned(jump(3)), slots()));
+    assert!(!sampled(jump(3), jump(3)));
+    assert!(!sampled(
+        slots(),
+        AnyRouter::from(SlotRouter::even(2).unwrap())
+    ));
+    assert!(!sampled(ranges(), jump(3)));
+    assert!(!sampled(pinned(ranges()), jump(3)));
+    // Different routers over hash: compared on samples, even when one only pins keys.
+    assert!(sampled(jump(3), pinned(jump(3))));
+    let moved = three_nodes(2, jump(3), ["a", "c", "c"]);
+    assert!(!ReshardPlan::between(&build(1, jump(3)), &moved).is_sampled());
+}
+
+/// Jump from a million shards to one more, the last on a new node: about one key in a million
+/// moves, so the 2^16 sample keys likely miss it and the plan can be empty.
+fn a_million_jump_shards(epoch: u64, shards: u32) -> Topology<(), JumpRouter> {
+    let mut builder = Topology::builder(JumpRouter::new(shards).unwrap())
+        .epoch(epoch)
+        .node("a", ())
+        .shards(0..1_000_000, "a", &[]);
+    if shards > 1_000_000 {
+        builder = builder.node("b", ()).shards(1_000_000..shards, "b", &[]);
+    }
+    builder.build().unwrap()
+}
+
+/// A sampled plan can miss real moves: an empty one says nothing about what the copier must
+/// do, so the copy ends only once the copier reports it done.
+#[tokio::test]
+async fn an_empty_sampled_plan_does_not_end_the_copy_without_a_report() {
+    let from = Arc::new(a_million_jump_shards(1, 1_000_000));
+    let to = Arc::new(a_million_jump_shards(2, 1_000_001));
+    let migration = Migration::new("sampled", from, to).unwrap();
+    assert_eq!(migration.plan().unit_count(), 0, "no sample key moved");
+    assert!(migration.plan().is_sampled());
+    // Yet keys move: one is mirrored to the new node.
+    let moving = (0..u64::from(u32::MAX))
+        .find(|k| migration.to_topology().shard_of(k) == ShardId(1_000_000))
+        .unwrap();
+    assert_eq!(
+        migration
+            .write(&moving)
+            .unwrap()
+            .mirror()
+            .unwrap()
+            .node_id(),
+        "b"
+    );
+    assert_eq!(
+        migration.advance().await.map_err(|e| e.kind()),
+        Err(MigrationErrorKind::CopyIncomplete),
+        "nothing was reported copied"
+    );
+    assert_eq!(migration.phase(), Phase::Copy);
+    assert_eq!(migration.progress(), 0.0);
+    // The copier scanned every old node and copied what moves.
+    migration.report_copied(1, 1);
+    assert_eq!(migration.advance().await, Ok(Phase::DualWrite));
+}
+
+/// An exact plan with no moves has nothing to copy: the copy ends without a report.
+#[tokio::test]
+async fn an_exact_plan_with_no_moves_ends_the_copy_without_a_report() {
+    let from = Arc::new(jump_topology(1, &[(0..8, "a"), (8..16, "b")]));
+    let to = Arc::new(jump_topology(2, &[(0..8, "a"), (8..16, "b")]));
+    let migration = Migration::new("exact", from, to).unwrap();
+    assert_eq!(migration.plan().unit_count(), 0);
+    assert!(!migration.plan().is_sampled());
+    assert_eq!(migration.progress(), 1.0);
+    assert_eq!(migration.advance().await, Ok(Phase::DualWrite));
+}
+
 /// A key pinned to another node moves: the plan lists it, so the copy is not skipped.
 #[tokio::test]
 async fn plans_list_the_pinned_keys_that_move() {

@@ -320,6 +320,38 @@ fn invalid_topologies_are_rejected() {
     );
 }
 
+/// A primary listed as its own replica would be read as a replica (counted under
+/// `role=replica`, refused by `LagAware` for want of a lag report) and follow itself.
+#[test]
+fn a_primary_listed_as_its_own_replica_is_refused() {
+    let err = Topology::builder(JumpRouter::new(8).unwrap())
+        .node("a", ())
+        .node("r", ())
+        .shards(0..4, "a", &["r"])
+        .shards(4..8, "a", &["r", "a"])
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.kind(), ConfigErrorKind::Duplicate);
+    assert!(err.to_string().contains("node a"), "{err}");
+}
+
+/// A replica listed twice would take two turns of every round.
+#[test]
+fn a_replica_listed_twice_for_a_shard_is_refused() {
+    let err = Topology::builder(JumpRouter::new(8).unwrap())
+        .node("a", ())
+        .node("r1", ())
+        .node("r2", ())
+        .shard(ShardId(0), "a", &["r1", "r2", "r1"])
+        .shards(1..8, "a", &["r1", "r2"])
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.kind(), ConfigErrorKind::Duplicate);
+    assert!(err.to_string().contains("node r1"), "{err}");
+}
+
 #[test]
 fn replacement_needs_a_greater_epoch_and_keeps_node_state() {
     let handle = TopologyHandle::new(topology(5));

@@ -135,6 +135,46 @@ async fn participants_follow_the_shared_phase() {
     );
 }
 
+/// A driver leaves the copy of a sampled plan only once it is reported, even when no sample
+/// key moved (a jump from a million shards to one more): the plan may miss real moves.
+#[tokio::test(start_paused = true)]
+async fn a_shared_copy_of_an_empty_sampled_plan_ends_only_once_reported() {
+    let build = |epoch, shards: u32| {
+        Topology::builder(JumpRouter::new(shards).unwrap())
+            .epoch(epoch)
+            .node("a", "a")
+            .node("b", "b")
+            .shards(0..1_000_000, "a", &[])
+            .shards(1_000_000..shards, "b", &[])
+            .build()
+            .unwrap()
+    };
+    let migration = Migration::new(
+        "sampled",
+        Arc::new(build(1, 1_000_000)),
+        Arc::new(build(2, 1_000_001)),
+    )
+    .unwrap();
+    assert_eq!(migration.plan().unit_count(), 0, "no sample key moved");
+    let store = MemoryMigrationStore::new();
+    let ns = Namespace::new("sampled").unwrap();
+    let driver = SharedMigration::new(migration, store, ns.key("m").unwrap(), "driver")
+        .join()
+        .await
+        .unwrap();
+    for step in [
+        driver.advance().await,
+        driver.advance_to(Phase::DualWrite).await,
+    ] {
+        assert_eq!(
+            step.map_err(|e| e.kind()),
+            Err(MigrationErrorKind::CopyIncomplete)
+        );
+    }
+    driver.migration().report_copied(1, 1);
+    assert_eq!(driver.advance().await.unwrap(), Phase::DualWrite);
+}
+
 /// A step taken by phase is taken once: a second driver asking for the same step, or a retry
 /// after a lost answer, moves nothing, and a step past the next phase is refused (not to be
 /// retried: `advance` would move one step further from wherever the phase is).
