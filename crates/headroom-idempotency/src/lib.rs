@@ -20,7 +20,7 @@
 //! `MemoryLeaseStore` of `headroom-core` for one process, or `RedisLeaseStore` of
 //! `headroom-redis` for many instances (one Lua script, one round trip, per step).
 //!
-//! With the `tower` feature, [`http::IdempotencyLayer`] applies all of this to HTTP services
+//! With the `tower` feature, `http::IdempotencyLayer` applies all of this to HTTP services
 //! through the `Idempotency-Key` header.
 //!
 //! See `docs/idempotency.md` in the repository for the failure modes and what each asks of you.
