@@ -24,11 +24,11 @@
 //! request runs on a task of its own until the handler answers and the key keeps the outcome,
 //! which the retry replays; the answer's body is read for the record only while the client
 //! waits (once it is gone, the record keeps the status and headers, the body omitted). A
-//! request still waiting for its key (a duplicate of one running) when its client goes away
-//! stops there: the handler is never called for nobody. The task runs in the
-//! request's span; a timeout or concurrency limit outside this layer no longer bounds the
-//! handler once the client is gone, so bound slow dependencies inside it (the lease is
-//! extended for as long as the handler runs).
+//! request still waiting for its key (a duplicate of one running), or for the inner service's
+//! capacity, when its client goes away stops there: the handler is never called for nobody.
+//! The task runs in the request's span; a timeout or concurrency limit outside this layer no
+//! longer bounds the handler once the client is gone, so bound slow dependencies inside it
+//! (the lease is extended for as long as the handler runs).
 //!
 //! A panic in the handler fails that request only, as without the layer, and releases the key
 //! like an error: the handler has not answered, so a retry runs it again, even when it had
@@ -37,11 +37,24 @@
 //! wants `CatchPanicLayer` *inside* this layer, between it and the handler: the panic becomes a
 //! 500 response, stored and replayed like any server error.
 //!
-//! Before it calls the handler, the layer puts the lease's [`FencingToken`] into the request's
-//! extensions (`request.extensions().get::<FencingToken>()`, or axum's
-//! `Extension<FencingToken>`), for the handler's own writes to compare, as
-//! [`Lease::token`](crate::Lease::token); it is absent when the request runs without a record
-//! (the store down and [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen)).
+//! Before it calls the handler, the layer puts the lease's
+//! [`FencingToken`](crate::FencingToken) into the request's extensions
+//! (`request.extensions().get::<FencingToken>()`, or axum's `Extension<FencingToken>`), for the
+//! handler's own writes to compare, as [`Lease::token`](crate::Lease::token); it is absent when
+//! the request runs without a record (the store down and
+//! [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen)).
+//!
+//! The layer's service is always ready: it reserves none of the inner service's capacity for
+//! a request that may never call it (a replay, a refusal, a duplicate waiting for its key, a
+//! body still uploading). A request drives its own clone of the inner service to ready only
+//! once it is to call it, as tower's `Oneshot` does, so the backpressure of a concurrency
+//! limit or a buffer inside this layer applies to the requests that run the handler, and a
+//! retry storm on one slow key does not starve the others. A keyed request waits for that
+//! capacity holding its key (its duplicates wait or get 409 meanwhile); a client that goes
+//! away before the handler is called stops it there and frees the key. An error of the inner
+//! service's `poll_ready` (or a panic in it) fails that request alone, and frees its key: the
+//! handler did not run. Layers outside this one see it always ready, so one that sheds load when its
+//! inner service is not ready (tower's `LoadShed`) sheds nothing there: put it inside.
 //!
 //! The request fingerprint is the method, path and query, and body by default; replace it with
 //! [`IdempotencyLayer::fingerprint`]. Records are scoped by the tenant the scope function
@@ -73,7 +86,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::lease::{FencingToken, LeaseStore};
+use headroom_core::lease::LeaseStore;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -384,19 +397,21 @@ where
     type Error = Inner::Error;
     type Future = BoxFuture<Result<Response<ResB>, Inner::Error>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: the inner service's capacity is taken by each request that calls it, in
+    /// its own future, not reserved here for one that may never call it (a replay, a refusal, a
+    /// duplicate waiting for its key, a body still uploading).
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        // The ready service handles this request; its clone serves the next one.
-        let ready = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, ready);
+        // A clone nobody readied: the request drives it to ready before it calls it.
+        let mut inner = self.inner.clone();
         let layer = self.layer.clone();
         Box::pin(async move {
             let options = &layer.options;
             if !options.methods.contains(request.method()) {
-                return inner.call(request).await;
+                return call_when_ready(&mut inner, request).await;
             }
             let (parts, body) = request.into_parts();
             let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
@@ -407,7 +422,9 @@ where
                         "the Idempotency-Key header is required",
                     ));
                 }
-                (None, _) => return inner.call(Request::from_parts(parts, body)).await,
+                (None, _) => {
+                    return call_when_ready(&mut inner, Request::from_parts(parts, body)).await;
+                }
                 (Some(_), Some(_)) => {
                     return Ok(plain(
                         StatusCode::BAD_REQUEST,
@@ -445,22 +462,18 @@ where
                 }
             };
             let fingerprint = (options.fingerprint)(&parts, &body);
-            let mut request = Request::from_parts(parts, ReqB::from(body));
+            let request = Request::from_parts(parts, ReqB::from(body));
             // The client going away must not stop the handler halfway: the key would be
             // released and the client's retry would run it again. So the request runs on a
             // task of its own until the handler answers and the key keeps the outcome; the
             // answer's body is read for the record only while the client waits for it. A
-            // request still waiting for the key when its client goes away stops there.
+            // request still waiting for the key, or for the inner service's capacity, when its
+            // client goes away stops there.
             let (_client_waits, client_gone) = tokio::sync::watch::channel(());
             // In the request's span, as when it ran on the caller's task.
             let executing = tokio::spawn(
-                execute(layer, scope, key, fingerprint, client_gone, move |token| {
-                    if let Some(token) = token {
-                        request.extensions_mut().insert(token);
-                    }
-                    inner.call(request)
-                })
-                .in_current_span(),
+                execute(layer, scope, key, fingerprint, client_gone, inner, request)
+                    .in_current_span(),
             );
             match executing.await {
                 Ok(response) => response,
@@ -478,22 +491,32 @@ where
     }
 }
 
+/// Drives `inner`, a clone nobody readied, to ready and calls it (tower's `Oneshot`): its
+/// readiness error is this request's.
+async fn call_when_ready<Inner: Service<Request>, Request>(
+    inner: &mut Inner,
+    request: Request,
+) -> Result<Inner::Response, Inner::Error> {
+    std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+    inner.call(request).await
+}
+
 /// Runs one keyed request through the executor and answers with its response: the handler's,
 /// a replay or a refusal.
-async fn execute<S, F, ResB, Error, Call, Answer>(
+async fn execute<S, F, Inner, ReqB, ResB>(
     layer: IdempotencyLayer<S, F>,
     scope: Scope,
     key: IdempotencyKey,
     fingerprint: Vec<u8>,
     client_gone: tokio::sync::watch::Receiver<()>,
-    call: Call,
-) -> Result<Response<ResB>, Error>
+    mut inner: Inner,
+    mut request: Request<ReqB>,
+) -> Result<Response<ResB>, Inner::Error>
 where
     S: LeaseStore,
+    Inner: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: Body + From<Bytes>,
     ResB::Error: Into<Box<dyn StdError + Send + Sync>>,
-    Call: FnOnce(Option<FencingToken>) -> Answer,
-    Answer: Future<Output = Result<Response<ResB>, Error>>,
 {
     let options = &layer.options;
     let replay_headers = &options.replay_headers;
@@ -519,12 +542,21 @@ where
             }
         },
         |lease| {
-            started.store(true, Ordering::Relaxed);
+            let started = &started;
             let client_gone = gone(client_gone.clone());
             // No token when the request runs without a record (the store down, failing open).
             let token = lease.is_held().then(|| lease.token());
             async move {
-                let response = call(token).await?;
+                // Only the request that runs the handler takes the inner service's capacity,
+                // and only now. A readiness error fails this request and releases the key: the
+                // handler did not run.
+                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                // Until here, a client gone stops the request and releases the key.
+                started.store(true, Ordering::Relaxed);
+                if let Some(token) = token {
+                    request.extensions_mut().insert(token);
+                }
+                let response = inner.call(request).await?;
                 let (head, body) = response.into_parts();
                 let headers: Vec<(String, Vec<u8>)> = replay_headers
                     .iter()
