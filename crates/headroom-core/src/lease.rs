@@ -53,7 +53,8 @@ pub enum Begin {
         /// The previous holder's lease had expired and was taken over.
         took_over: bool,
     },
-    /// Another holder's lease is live.
+    /// Another holder's lease is live; or it ran out, but under another fingerprint
+    /// (`lease_remaining` is then zero), so it is not this request's to take over.
     InProgress {
         /// The fingerprint the holder began with.
         fingerprint: Bytes,
@@ -76,7 +77,9 @@ pub enum Fenced {
     /// The token was current and the change was made.
     Applied,
     /// The token is no longer current (the lease expired and another holder took over, or the
-    /// record is gone); nothing was changed.
+    /// record is gone); nothing was changed. A holder whose operation ran tells the two apart
+    /// with a `begin` of its own fingerprint: only a record that is gone, or whose lease ran
+    /// out, is acquired again.
     Rejected,
 }
 
@@ -86,10 +89,13 @@ pub enum Fenced {
 ///
 /// - Every method is one atomic step (one round trip and one Lua script on Redis): no
 ///   interleaving of two callers can make two of them hold a live lease on one key.
-/// - `begin` on a missing key, or on a key whose lease expired, creates an in-progress record
-///   with `fingerprint` and a lease of `lease`, and returns a token greater than every token
-///   issued for that key before (the store keeps the last token at least as long as the
-///   longest lease it issued, even after `release`).
+/// - `begin` on a missing key, or on a key whose lease expired and was taken with the same
+///   `fingerprint`, creates an in-progress record with `fingerprint` and a lease of `lease`,
+///   and returns a token greater than every token issued for that key before (the store keeps
+///   the last token at least as long as the longest lease it issued, even after `release`).
+///   An expired lease taken with another fingerprint stands for a run that may have taken
+///   effect: `begin` answers [`Begin::InProgress`] with that fingerprint and no time left, and
+///   changes nothing, for as long as the store keeps the record.
 /// - `begin` with the `id` (and fingerprint) of the begin that created a live in-progress
 ///   record answers [`Begin::Acquired`] with that record's token again, not taken over, and
 ///   leaves its lease as it is: a begin sent twice takes one lease.

@@ -20,7 +20,9 @@ pub enum IdempotencyError<E> {
         /// When a retry may find the outcome.
         retry_after: Duration,
     },
-    /// The record store is unavailable and the executor fails closed (HTTP 503).
+    /// The record store is unavailable and the executor fails closed (HTTP 503). Retryable
+    /// as its store error is (a timeout, a lost connection or a store known to be down, not a
+    /// configuration or a command the store refused).
     #[error("the idempotency store is unavailable")]
     Unavailable(#[source] BackendError),
     /// The operation ran for this key before, but its outcome could not be stored (larger
@@ -34,15 +36,19 @@ pub enum IdempotencyError<E> {
     /// The stored outcome could not be decoded (written by another program or format).
     #[error("the stored outcome is corrupt")]
     Corrupt,
-    /// This request's lease expired and another holder took over: its outcome was not stored,
-    /// and the other holder's outcome stands.
+    /// This request's lease expired and another request took the key over (it holds it, or
+    /// completed it): this request's outcome was not stored, and the other's stands (HTTP
+    /// 409). Retryable: a retry with the same key replays it, or waits for it. A holder whose
+    /// record the store lost while nobody took over is not fenced: it takes the key again and
+    /// stores its outcome.
     #[error("the lease expired and another request took over the key")]
     Fenced,
     /// The lease was lost while the operation ran: its extension was refused (another request
     /// took over after a stall) or the store could not be reached before the lease ran out.
     /// The operation was stopped (its future dropped) (HTTP 409). Nothing was stored, unless
     /// the operation had said it [took effect](crate::Lease::took_effect): that outcome is then
-    /// stored (unless another request took over), and a retry replays it.
+    /// stored (unless another request took over), and a retry replays it. Retryable: a retry
+    /// with the same key runs again, or replays.
     #[error("the idempotency lease was lost while the operation ran; it was stopped")]
     LeaseLost,
     /// The operation itself failed (its key was released so a retry runs again).
@@ -71,7 +77,12 @@ impl<E: Classify> Classify for IdempotencyError<E> {
 
     fn is_retryable(&self) -> bool {
         match self {
-            Self::InProgress { .. } | Self::Unavailable(_) => true,
+            // A retry with the same key replays the other holder's outcome, or runs again (or
+            // replays the kept outcome) once the lost lease is free.
+            Self::InProgress { .. } | Self::Fenced | Self::LeaseLost => true,
+            // A store that is down may come back; one misconfigured or refusing the command
+            // will not.
+            Self::Unavailable(err) => err.is_retryable(),
             Self::Operation(err) => err.is_retryable(),
             _ => false,
         }

@@ -1,4 +1,5 @@
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,7 +62,14 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The fencing token: greater than that of every earlier holder of this key.
+    /// The fencing token: greater than that of every earlier holder of this key. It stays
+    /// the same for the whole run.
+    ///
+    /// An operation that runs without a record (the store down and
+    /// [`StoreFailure::FailOpen`]) gets `FencingToken(0)`, which no store issued: it is below
+    /// every holder's, so it fences nothing out, and a write compared with it (`fence <
+    /// $token`) never passes. Tell such a run by [`is_held`](Self::is_held), `false` from the
+    /// start (the HTTP layer leaves the token out of the request then).
     pub fn token(&self) -> FencingToken {
         self.token
     }
@@ -159,7 +167,12 @@ pub struct InvalidConfig(&'static str);
 ///    back to its caller, but the key stays taken: later requests get
 ///    [`IdempotencyError::NotReplayable`] and the operation never runs again.
 /// 6. A holder whose lease was taken over cannot store its outcome: it gets
-///    [`IdempotencyError::Fenced`] and the new holder's outcome stands.
+///    [`IdempotencyError::Fenced`] and the new holder's outcome stands. A holder whose record
+///    the store lost (a restart without it, a flush, an expiry) while nobody took the key over
+///    takes it again, with a `begin` of its own fingerprint, and runs on or stores its outcome.
+/// 7. A lease that ran out is taken over only by a request with the same fingerprint (its
+///    retry); another request with the key gets [`IdempotencyError::KeyReused`], since the
+///    first run may have taken effect.
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
@@ -562,8 +575,9 @@ impl<S: LeaseStore> Idempotency<S> {
                         tracing::info!(record = ?record, "idempotency lease taken over from an expired holder");
                     }
                     let held_until = asked_at + inner.config.lease;
+                    let holding = Holding::new(token, fingerprint);
                     return self
-                        .run(record, token, held_until, store_if, operation)
+                        .run(record, holding, held_until, store_if, operation)
                         .await;
                 }
                 Begin::Completed {
@@ -681,7 +695,7 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn run<T, E, F, Fut, P>(
         &self,
         record: Key,
-        token: FencingToken,
+        holding: Holding,
         held_until: Instant,
         store_if: P,
         operation: F,
@@ -696,18 +710,20 @@ impl<S: LeaseStore> Idempotency<S> {
         let mut guard = EndGuard {
             executor: self,
             record: &record,
-            token,
+            holding: &holding,
             then: OnEnd::Release,
             lease: None,
         };
         let (held, lease) = watch::channel(true);
-        let lease = Lease::new(token, lease);
+        // The operation keeps the token it began with, even should the key be taken again
+        // under a newer one: that one is never another holder's.
+        let lease = Lease::new(holding.token(), lease);
         guard.lease = Some(lease.clone());
         let outcome = {
             let operation = operation(lease);
             tokio::pin!(operation);
             // Both are polled together, so a slow extension never stalls the operation.
-            let keep = self.keep_lease(&record, token, held_until);
+            let keep = self.keep_lease(&record, &holding, held_until);
             tokio::pin!(keep);
             tokio::select! {
                 biased;
@@ -727,11 +743,11 @@ impl<S: LeaseStore> Idempotency<S> {
                 Some((encoded, whole)) => {
                     let kept = self.storable(encoded, whole);
                     guard.then = OnEnd::Keep(kept.clone());
-                    self.keep_outcome(&record, token, kept).await;
+                    self.keep_outcome(&record, &holding, kept).await;
                 }
                 // A no-op if another holder took over; otherwise a retry need not wait out the
                 // lease.
-                None => self.release(&record, token).await,
+                None => self.release(&record, holding.token()).await,
             }
             guard.then = OnEnd::Nothing;
             return Err(IdempotencyError::LeaseLost);
@@ -739,7 +755,7 @@ impl<S: LeaseStore> Idempotency<S> {
         let value = match outcome {
             Ok(value) => value,
             Err(err) => {
-                self.release(&record, token).await;
+                self.release(&record, holding.token()).await;
                 guard.then = OnEnd::Nothing;
                 return Err(IdempotencyError::Operation(err));
             }
@@ -753,7 +769,7 @@ impl<S: LeaseStore> Idempotency<S> {
         let keeping = store_if(&value);
         if keeping == Keeping::Not {
             guard.then = OnEnd::Release;
-            self.release(&record, token).await;
+            self.release(&record, holding.token()).await;
             guard.then = OnEnd::Nothing;
             return Ok(Executed {
                 value,
@@ -762,7 +778,7 @@ impl<S: LeaseStore> Idempotency<S> {
         }
         let outcome = self.storable(encode(&value), keeping == Keeping::Whole);
         guard.then = OnEnd::Keep(outcome.clone());
-        let stored = self.keep_outcome(&record, token, outcome).await;
+        let stored = self.keep_outcome(&record, &holding, outcome).await;
         guard.then = OnEnd::Nothing;
         match stored {
             Some(Fenced::Applied) => Ok(Executed {
@@ -804,11 +820,11 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn keep_outcome(
         &self,
         record: &Key,
-        token: FencingToken,
+        holding: &Holding,
         outcome: ToKeep,
     ) -> Option<Fenced> {
         let marker = outcome.bytes.as_ref() == [NOT_REPLAYABLE];
-        let stored = self.store_outcome(record, token, outcome.bytes).await;
+        let stored = self.store_outcome(record, holding, outcome.bytes).await;
         if stored == Some(Fenced::Applied) && !outcome.whole {
             self.inner.metrics.not_replayable.increment(1);
         }
@@ -827,7 +843,7 @@ impl<S: LeaseStore> Idempotency<S> {
     async fn store_outcome(
         &self,
         record: &Key,
-        token: FencingToken,
+        holding: &Holding,
         outcome: Bytes,
     ) -> Option<Fenced> {
         let inner = &self.inner;
@@ -838,15 +854,11 @@ impl<S: LeaseStore> Idempotency<S> {
                 inner.clock.sleep(backoff).await;
                 backoff *= 2;
             }
-            match inner
-                .store
-                .complete(record, token, outcome.clone(), inner.config.retention)
-                .await
-            {
+            match self.complete(record, holding, outcome.clone()).await {
                 Ok(Fenced::Applied) => return Some(Fenced::Applied),
                 Ok(fenced) => {
                     inner.metrics.fenced.increment(1);
-                    tracing::warn!(record = ?record, "outcome fenced: the lease was taken over");
+                    tracing::warn!(record = ?record, "outcome fenced: another request took the key over");
                     return Some(fenced);
                 }
                 Err(err) => {
@@ -859,11 +871,79 @@ impl<S: LeaseStore> Idempotency<S> {
         None
     }
 
+    /// Stores `outcome` under the holder's token. Refused, the key is taken again if nobody
+    /// holds it (see [`retake`](Self::retake)) and the outcome stored under the new token;
+    /// [`Fenced::Rejected`] only when another request holds the key or completed it.
+    async fn complete(
+        &self,
+        record: &Key,
+        holding: &Holding,
+        outcome: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        let (store, retention) = (&self.inner.store, self.inner.config.retention);
+        match store
+            .complete(record, holding.token(), outcome.clone(), retention)
+            .await?
+        {
+            Fenced::Applied => Ok(Fenced::Applied),
+            refused => match self.retake(record, holding).await? {
+                Some(token) => store.complete(record, token, outcome, retention).await,
+                None => Ok(refused),
+            },
+        }
+    }
+
+    /// Extends the holder's lease: `true` while it holds the key, having taken it again if
+    /// the store refused the extension with nobody else holding it.
+    async fn extend(&self, record: &Key, holding: &Holding) -> Result<bool, BackendError> {
+        let lease = self.inner.config.lease;
+        match self
+            .inner
+            .store
+            .extend(record, holding.token(), lease)
+            .await?
+        {
+            Fenced::Applied => Ok(true),
+            _ => Ok(self.retake(record, holding).await?.is_some()),
+        }
+    }
+
+    /// After the store refused the holder's token: a refusal means another request took the
+    /// key over, or that the record is gone (Redis restarted without it, it was flushed, or
+    /// it expired with nobody taking over). A `begin` with the holder's fingerprint tells them
+    /// apart: it acquires the key only when nobody holds it, and the holder goes on under the
+    /// new token (`Some`); another holder's lease or outcome is `None`. The operation ran or
+    /// runs, so at most once holds for later requests only if the key stays taken.
+    async fn retake(
+        &self,
+        record: &Key,
+        holding: &Holding,
+    ) -> Result<Option<FencingToken>, BackendError> {
+        let inner = &self.inner;
+        let begin = inner
+            .store
+            .begin(
+                record,
+                &holding.fingerprint,
+                inner.config.lease,
+                holding.retake,
+            )
+            .await?;
+        match begin {
+            Begin::Acquired { token, .. } => {
+                holding.set_token(token);
+                tracing::warn!(record = ?record, "nobody held the idempotency key (its record gone, or its lease run out); its holder took it again");
+                Ok(Some(token))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Extends the lease every third of its length, and a tenth of it after sending an
     /// extension that failed (at once when the failure took longer to come), so that a store
     /// back before the lease's end keeps it; completes only when the lease is lost: an
     /// extension refused, or none applied before the lease ran out.
-    async fn keep_lease(&self, record: &Key, token: FencingToken, mut held_until: Instant) {
+    async fn keep_lease(&self, record: &Key, holding: &Holding, mut held_until: Instant) {
         let inner = &self.inner;
         let lease = inner.config.lease;
         // Whether the last extension failed: the next wait then ends at the lease's end at
@@ -878,21 +958,21 @@ impl<S: LeaseStore> Idempotency<S> {
             let answer = match held_until.checked_duration_since(sent) {
                 // Still held: the extension must land before the lease runs out.
                 Some(left) if !left.is_zero() => tokio::select! {
-                    answer = inner.store.extend(record, token, lease) => Some(answer),
+                    answer = self.extend(record, holding) => Some(answer),
                     () = inner.clock.sleep(left) => None,
                 },
                 // Ran out while extensions failed: lost, whatever a late one would answer.
                 _ if failed => None,
                 // Ran out here (a stalled process): the store says whether anyone took over.
-                _ => Some(inner.store.extend(record, token, lease).await),
+                _ => Some(self.extend(record, holding).await),
             };
             match answer {
-                Some(Ok(Fenced::Applied)) => {
+                Some(Ok(true)) => {
                     held_until = sent + lease;
                     due = sent + lease / 3;
                     failed = false;
                 }
-                Some(Ok(_)) => {
+                Some(Ok(false)) => {
                     tracing::warn!(record = ?record, "the idempotency lease was taken over");
                     return;
                 }
@@ -922,6 +1002,45 @@ impl<S: LeaseStore> Idempotency<S> {
                 async move { inner.store.release(&record, token).await }
             };
             release_in_background(release, lease, &clock);
+        }
+    }
+}
+
+/// What a running operation holds its key by: the current token, and what the key is taken
+/// again with should the store lose the record while nobody else holds the key.
+#[derive(Debug)]
+struct Holding {
+    /// The current token: the one the key was taken with, or the last it was taken again with.
+    token: AtomicU64,
+    fingerprint: [u8; 16],
+    /// Names every begin that takes the key again, so that one whose answer was lost, asked
+    /// again (by a later attempt, or by the task of a dropped call), is answered its token.
+    retake: BeginId,
+}
+
+impl Holding {
+    fn new(token: FencingToken, fingerprint: [u8; 16]) -> Self {
+        Self {
+            token: AtomicU64::new(token.0),
+            fingerprint,
+            retake: BeginId::random(),
+        }
+    }
+
+    fn token(&self) -> FencingToken {
+        FencingToken(self.token.load(Ordering::Relaxed))
+    }
+
+    fn set_token(&self, token: FencingToken) {
+        self.token.store(token.0, Ordering::Relaxed);
+    }
+
+    /// A copy, for a task that finishes the run.
+    fn snapshot(&self) -> Self {
+        Self {
+            token: AtomicU64::new(self.token().0),
+            fingerprint: self.fingerprint,
+            retake: self.retake,
         }
     }
 }
@@ -979,7 +1098,7 @@ enum OnEnd {
 struct EndGuard<'a, S: LeaseStore> {
     executor: &'a Idempotency<S>,
     record: &'a Key,
-    token: FencingToken,
+    holding: &'a Holding,
     then: OnEnd,
     /// The running operation's lease, to see whether it took effect.
     lease: Option<Lease>,
@@ -1000,13 +1119,14 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (executor, record, token) = (self.executor.clone(), self.record.clone(), self.token);
+        let (executor, record) = (self.executor.clone(), self.record.clone());
+        let holding = self.holding.snapshot();
         runtime.spawn(async move {
             match then {
                 OnEnd::Keep(outcome) => {
-                    executor.keep_outcome(&record, token, outcome).await;
+                    executor.keep_outcome(&record, &holding, outcome).await;
                 }
-                _ => executor.release(&record, token).await,
+                _ => executor.release(&record, holding.token()).await,
             }
         });
     }

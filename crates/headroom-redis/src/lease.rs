@@ -15,6 +15,9 @@ use crate::Redis;
 /// nothing). A step never shortens the record's expiry, so those ids are kept as long as
 /// their release asked.
 ///
+/// An expired lease is taken over only by a begin with its fingerprint; another fingerprint is
+/// answered `{'p', fp, '0'}` (in progress, no time left) and changes nothing.
+///
 /// Tokens are `max(previous + 1, server time in µs)`: they grow across releases (a released
 /// record keeps its token for the rest of its expiry, at least one lease) and, by the server's
 /// clock, even after the record expired.
@@ -75,6 +78,10 @@ if st == 'p' then
     end
     return {'p', fp, string.format('%.0f', remaining)}
   end
+  if fp ~= ARGV[1] then
+    -- The run under this lease may have taken effect: only its own request takes it over.
+    return {'p', fp, '0'}
+  end
   took_over = '1'
 elseif st == 'r' then
   if not tok then
@@ -98,7 +105,9 @@ return {'a', next_tok, took_over}
 
 /// ARGV: token, then per operation: outcome and retention (complete), lease (extend), nothing (release).
 ///
-/// Answers 1 (applied), 0 (rejected) or -1 (a key of another type in the record's place).
+/// Answers 1 (applied), 0 (rejected) or -1 (a key of another type in the record's place). A
+/// record that is gone is rejected too: a holder tells that apart from another's token with a
+/// `begin` of its fingerprint, which acquires the key only if nobody holds it.
 static CHANGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"

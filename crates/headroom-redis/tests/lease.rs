@@ -231,3 +231,44 @@ async fn a_released_begin_is_remembered_for_a_minute_whatever_the_leases_since()
     let ttl: i64 = server.cli(&["PTTL", name]).trim().parse().unwrap();
     assert!(ttl > 55_000, "the released begin is kept {ttl} ms");
 }
+
+/// A lease that ran out on the server's clock (its deadline moved into the past here) stands
+/// for a run that may have taken effect: a begin with another fingerprint is answered the
+/// holder's, with no time left, and changes nothing; one with the same fingerprint takes it
+/// over with a greater token.
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_only_with_its_fingerprint() {
+    let (store, key) = store_and_key("lease-fp").await;
+    let lease = Duration::from_secs(30);
+    let Begin::Acquired { token, .. } = store
+        .begin(&key, b"x", lease, BeginId::random())
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key is acquired");
+    };
+    shared_server().cli(&["HSET", name(&key), "exp", "1"]);
+    let before = snapshot(&key);
+    assert_eq!(
+        store
+            .begin(&key, b"y", lease, BeginId::random())
+            .await
+            .unwrap(),
+        Begin::InProgress {
+            fingerprint: Bytes::from_static(b"x"),
+            lease_remaining: Duration::ZERO,
+        }
+    );
+    assert_eq!(snapshot(&key), before, "nothing changed");
+    let Begin::Acquired {
+        token: next,
+        took_over,
+    } = store
+        .begin(&key, b"x", lease, BeginId::random())
+        .await
+        .unwrap()
+    else {
+        panic!("the same request takes the expired lease over");
+    };
+    assert!(next > token && took_over, "{next:?} after {token:?}");
+}

@@ -420,14 +420,23 @@ impl LeaseStore for MemoryLeaseStore {
                 });
             }
             Some(Record::InProgress {
-                fingerprint,
+                fingerprint: held,
                 lease_until,
+                kept_until,
                 ..
             }) => {
                 if *lease_until > now {
                     return Ok(Begin::InProgress {
-                        fingerprint: fingerprint.clone(),
+                        fingerprint: held.clone(),
                         lease_remaining: *lease_until - now,
+                    });
+                }
+                // The run under this lease may have taken effect: only its own request takes
+                // it over, while the record is kept (past that, as on Redis, it is gone).
+                if *kept_until > now && held.as_ref() != fingerprint {
+                    return Ok(Begin::InProgress {
+                        fingerprint: held.clone(),
+                        lease_remaining: Duration::ZERO,
                     });
                 }
                 true
@@ -577,6 +586,55 @@ mod tests {
                 .unwrap(),
             Fenced::Rejected
         );
+    }
+
+    /// An expired lease stands for a run that may have taken effect: a begin with another
+    /// fingerprint is answered the holder's and takes nothing while the record is kept, and
+    /// one with the same fingerprint takes it over. Once the record is no longer kept (on
+    /// Redis, it expired), the key is free for any request.
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over_only_with_its_fingerprint() {
+        let time = ManualClock::new();
+        let store = MemoryLeaseStore::builder().clock(time.clock()).build();
+        let (k, lease) = (key("acme", "k"), Duration::from_secs(30));
+        let Begin::Acquired { token: first, .. } = store
+            .begin(&k, b"x", lease, BeginId::random())
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh key is acquired");
+        };
+        time.advance(lease + Duration::from_secs(1));
+        assert_eq!(
+            store
+                .begin(&k, b"y", lease, BeginId::random())
+                .await
+                .unwrap(),
+            Begin::InProgress {
+                fingerprint: Bytes::from_static(b"x"),
+                lease_remaining: Duration::ZERO,
+            }
+        );
+        let Begin::Acquired {
+            token: second,
+            took_over,
+        } = store
+            .begin(&k, b"x", lease, BeginId::random())
+            .await
+            .unwrap()
+        else {
+            panic!("the same request takes the expired lease over");
+        };
+        assert!(second > first && took_over);
+
+        time.advance(3 * lease);
+        assert!(matches!(
+            store
+                .begin(&k, b"y", lease, BeginId::random())
+                .await
+                .unwrap(),
+            Begin::Acquired { .. }
+        ));
     }
 
     /// Tokens keep growing across stores, as they do across restarts of a process (and on

@@ -434,6 +434,50 @@ pub async fn expired_lease_is_taken_over_and_the_old_holder_fenced<S: LeaseStore
     );
 }
 
+/// An expired lease is taken over only by a begin with its fingerprint: the run it stood for
+/// may have taken effect, so a begin with another fingerprint is answered the record's (in
+/// progress, no time left) and changes nothing; one with the same fingerprint takes it over.
+pub async fn an_expired_lease_is_taken_over_only_with_its_fingerprint<S: LeaseStore>(
+    store: &S,
+    ns: Namespace,
+) {
+    let k = key(&ns);
+    let (old, _) = acquire(store, &k, b"fp-1", SHORT).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store
+            .begin(&k, b"fp-2", LONG, BeginId::random())
+            .await
+            .expect("begin")
+        {
+            Begin::InProgress {
+                fingerprint,
+                lease_remaining,
+            } => {
+                assert_eq!(fingerprint, Bytes::from_static(b"fp-1"));
+                if lease_remaining.is_zero() {
+                    break;
+                }
+            }
+            other => panic!("a begin with another fingerprint took {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a 20 ms lease still held after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (new, _) = acquire(store, &k, b"fp-1", LONG).await;
+    assert!(new > old, "{new:?} after {old:?}");
+    assert_eq!(
+        store
+            .complete(&k, old, "old".into(), LONG)
+            .await
+            .expect("complete"),
+        Fenced::Rejected
+    );
+}
+
 /// A holder that stalled past its lease while nobody took over extends it again and
 /// completes: the store keeps its record past the lease (for the lease again, at least a
 /// second), whatever other keys begin meanwhile.

@@ -114,6 +114,7 @@ macro_rules! lease_store_conformance {
                 foreign_tokens_are_rejected,
                 released_lease_can_be_taken_again_with_a_greater_token,
                 expired_lease_is_taken_over_and_the_old_holder_fenced,
+                an_expired_lease_is_taken_over_only_with_its_fingerprint,
                 holder_extends_its_lease,
                 a_holder_past_its_lease_runs_on_while_nobody_took_over,
                 completed_record_expires_after_retention,
