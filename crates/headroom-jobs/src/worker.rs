@@ -7,7 +7,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use headroom_core::jobs::{Completion, Delivery, FetchRequest, JobState, JobStore};
 use headroom_core::lease::Fenced;
 use headroom_core::{BackendError, BackendErrorKind, Classify, Key};
@@ -16,7 +17,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::config::{InvalidConfig, WorkerConfig};
-use crate::queue::JobQueue;
+use crate::queue::{JobQueue, QueueInner};
 use crate::{JobError, JobId, envelope};
 
 /// A job handed to a handler.
@@ -456,18 +457,20 @@ struct Shared<S, H> {
 struct Completing {
     partition: usize,
     job: Completion,
-    answer: oneshot::Sender<Result<Fenced, BackendError>>,
+    answer: CompletionAnswer,
 }
 
 /// The most completions the completer sends in one call.
 const MAX_COMPLETIONS_PER_CALL: usize = 64;
 
-/// Completes the worker's jobs: each round takes every completion waiting at that moment (up
-/// to [`MAX_COMPLETIONS_PER_CALL`]) and sends those of each partition in one
-/// [`JobStore::complete_many`] (one round trip and one script on Redis). It never waits for
-/// more to arrive: a completion waits at most for the round in flight, and those that became
-/// ready meanwhile share the next. Each job's task gets its own answer, and retries through
-/// store errors itself.
+/// Completes the worker's jobs: each partition's completions go in one
+/// [`JobStore::complete_many`] (one round trip and one script on Redis) at a time, with every
+/// completion of the partition waiting when the call is sent (up to
+/// [`MAX_COMPLETIONS_PER_CALL`]). It never waits for more to arrive: a completion waits at most
+/// for its partition's call in flight, and those that became ready meanwhile share the next.
+/// The partitions' calls run side by side, so one partition whose node hangs (each call taking
+/// the store's timeout) holds back no other's completions. Each job's task gets its own
+/// answer, and retries through store errors itself.
 ///
 /// Told to `stop`, it stores what it was handed and ends, though a job task left running
 /// (a handler that never yields) still holds a sender.
@@ -476,78 +479,134 @@ async fn complete_in_batches<S: JobStore>(
     mut waiting: mpsc::UnboundedReceiver<Completing>,
     stop: Arc<Notify>,
 ) {
-    let queue = &queue.inner;
-    let retention = queue.config.result_retention;
-    let mut round = Vec::new();
+    let queue = &*queue.inner;
+    let mut rounds = Rounds::new(queue.partitions.len());
+    let mut calls = FuturesUnordered::new();
     let mut stopping = false;
+    let mut open = true;
     loop {
-        let next = if stopping {
-            waiting.recv().await
-        } else {
-            tokio::select! {
-                next = waiting.recv() => next,
-                () = stop.notified() => {
-                    // A job task that answers later completes its job alone.
-                    waiting.close();
-                    stopping = true;
-                    continue;
-                }
+        while let Some(partition) = rounds.ready.pop() {
+            let (jobs, answers) = rounds.take(partition);
+            calls.push(complete_round(queue, partition, jobs, answers));
+        }
+        if !open && calls.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(partition) = calls.next(), if !calls.is_empty() => rounds.answered(partition),
+            () = stop.notified(), if !stopping => {
+                // A job task that answers later completes its job alone; those already sent
+                // are still received.
+                waiting.close();
+                stopping = true;
             }
-        };
-        let Some(first) = next else { break };
-        round.push(first);
-        while round.len() < MAX_COMPLETIONS_PER_CALL {
-            match waiting.try_recv() {
-                Ok(next) => round.push(next),
-                Err(_) => break,
+            next = waiting.recv(), if open => match next {
+                Some(completing) => rounds.add(completing),
+                None => open = false,
+            },
+        }
+        // Every completion waiting at this moment goes in the next call of its partition.
+        while open && let Ok(completing) = waiting.try_recv() {
+            rounds.add(completing);
+        }
+    }
+}
+
+/// The completions waiting for their partition's next call.
+struct Rounds {
+    /// Per partition, in the order the jobs finished.
+    waiting: Vec<Vec<Completing>>,
+    /// Per partition, whether a call is in flight.
+    in_flight: Vec<bool>,
+    /// The partitions with completions waiting and no call in flight.
+    ready: Vec<usize>,
+}
+
+impl Rounds {
+    fn new(partitions: usize) -> Self {
+        Self {
+            waiting: (0..partitions).map(|_| Vec::new()).collect(),
+            in_flight: vec![false; partitions],
+            ready: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, completing: Completing) {
+        let p = completing.partition;
+        self.waiting[p].push(completing);
+        if !self.in_flight[p] && self.waiting[p].len() == 1 {
+            self.ready.push(p);
+        }
+    }
+
+    /// The next call's jobs of `partition`, whose call is then in flight.
+    fn take(&mut self, partition: usize) -> (Vec<Completion>, Vec<CompletionAnswer>) {
+        self.in_flight[partition] = true;
+        let waiting = &mut self.waiting[partition];
+        let end = waiting.len().min(MAX_COMPLETIONS_PER_CALL);
+        waiting
+            .drain(..end)
+            .map(|completing| (completing.job, completing.answer))
+            .unzip()
+    }
+
+    /// `partition`'s call ended.
+    fn answered(&mut self, partition: usize) {
+        self.in_flight[partition] = false;
+        if !self.waiting[partition].is_empty() {
+            self.ready.push(partition);
+        }
+    }
+}
+
+type CompletionAnswer = oneshot::Sender<Result<Fenced, BackendError>>;
+
+/// Completes `jobs` of `partition` in one call and tells each its answer; answers the partition.
+async fn complete_round<S: JobStore>(
+    queue: &QueueInner<S>,
+    partition: usize,
+    jobs: Vec<Completion>,
+    answers: Vec<CompletionAnswer>,
+) -> usize {
+    let answered = queue
+        .store
+        .complete_many(
+            &queue.partitions[partition],
+            &jobs,
+            queue.config.result_retention,
+        )
+        .await;
+    match answered {
+        Ok(each) if each.len() == answers.len() => {
+            for (answer, step) in answers.into_iter().zip(each) {
+                let _ = answer.send(step);
             }
         }
-        // Stable: each partition's jobs keep the order they finished in.
-        round.sort_by_key(|completing: &Completing| completing.partition);
-        while let Some(partition) = round.first().map(|completing| completing.partition) {
-            let end = round
-                .iter()
-                .position(|completing| completing.partition != partition)
-                .unwrap_or(round.len());
-            let (jobs, answers): (Vec<Completion>, Vec<_>) = round
-                .drain(..end)
-                .map(|completing| (completing.job, completing.answer))
-                .unzip();
-            let answered = queue
-                .store
-                .complete_many(&queue.partitions[partition], &jobs, retention)
-                .await;
-            match answered {
-                Ok(each) if each.len() == answers.len() => {
-                    for (answer, step) in answers.into_iter().zip(each) {
-                        let _ = answer.send(step);
-                    }
-                }
-                Ok(each) => {
-                    let detail = format!(
-                        "the store answered {} of {} completions",
-                        each.len(),
-                        answers.len()
-                    );
-                    for answer in answers {
-                        let _ = answer.send(Err(BackendError::with_detail(
-                            headroom_core::BackendErrorKind::Protocol,
-                            detail.clone(),
-                        )));
-                    }
-                }
-                Err(error) => {
-                    for answer in answers {
-                        let copy = match error.detail() {
-                            Some(detail) => BackendError::with_detail(error.kind(), detail),
-                            None => BackendError::new(error.kind()),
-                        };
-                        let _ = answer.send(Err(copy));
-                    }
-                }
+        Ok(each) => {
+            let detail = format!(
+                "the store answered {} of {} completions",
+                each.len(),
+                answers.len()
+            );
+            for answer in answers {
+                let _ = answer.send(Err(BackendError::with_detail(
+                    BackendErrorKind::Protocol,
+                    detail.clone(),
+                )));
+            }
+        }
+        Err(error) => {
+            for answer in answers {
+                let copy = match error.detail() {
+                    Some(detail) => BackendError::with_detail(error.kind(), detail),
+                    None => BackendError::new(error.kind()),
+                };
+                let _ = answer.send(Err(copy));
             }
         }
     }
+    partition
 }
 
 /// Waits until the phase satisfies `pred`; a dropped worker is draining, never aborting.
@@ -627,9 +686,14 @@ async fn fetch_loop<S, H, Fut>(
         .map(|_| LaneSchedule::new(&queue.config.lane_weights))
         .collect();
     let mut next_partition = fastrand::usize(..partitions);
-    // A fetch that failed after the store may have run it (only its answer lost): its
-    // partition, its token and when it was sent. Its jobs are taken back before the next fetch.
-    let mut lost: Option<(usize, u64, tokio::time::Instant)> = None;
+    // Kept per partition: on a Redis Cluster each partition is on its own node, and one out
+    // of reach (failing over) must not hold back the fetches of the others.
+    let mut fetches: Vec<PartitionFetches> = (0..partitions)
+        .map(|_| PartitionFetches::new(config.poll_interval))
+        .collect();
+    let max_backoff = config
+        .poll_interval
+        .max((config.visibility / 10).min(MAX_FETCH_BACKOFF));
     let mut empty_in_a_row = 0;
     let mut idle = Duration::from_millis(1);
     // On its own timer: the loop below waits for slots, which a spike keeps all busy.
@@ -649,14 +713,32 @@ async fn fetch_loop<S, H, Fut>(
         while let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
             held.push(slot);
         }
-        let recovering = lost.is_some();
-        let (p, token) = match lost {
-            Some((p, token, _)) => (p, token),
-            None => {
-                let p = next_partition;
-                next_partition = (next_partition + 1) % partitions;
-                (p, fastrand::u64(1..))
+        // The partition whose turn it is, skipping those whose last call failed lately.
+        let now = tokio::time::Instant::now();
+        let Some(skipped) = (0..partitions).find(|&i| {
+            fetches[(next_partition + i) % partitions]
+                .resume_at
+                .is_none_or(|at| at <= now)
+        }) else {
+            // Every partition failed lately: wait for the first to be tried again.
+            drop(held);
+            let resume = fetches.iter().filter_map(|fetches| fetches.resume_at).min();
+            tokio::select! {
+                biased;
+                () = until(&mut phase, |p| p != Phase::Running) => break,
+                () = sleep_until(resume) => {}
             }
+            continue;
+        };
+        let p = (next_partition + skipped) % partitions;
+        next_partition = (p + 1) % partitions;
+        // A skipped turn finds nothing, as an empty fetch: with the others empty too, the
+        // loop pauses as often as when no partition is skipped.
+        empty_in_a_row += skipped;
+        let recovering = fetches[p].lost.is_some();
+        let token = match fetches[p].lost {
+            Some((token, _)) => token,
+            None => fastrand::u64(1..),
         };
         // The store holds what it delivers from about now: each job's extensions count from it.
         let sent = tokio::time::Instant::now();
@@ -681,7 +763,7 @@ async fn fetch_loop<S, H, Fut>(
         };
         let pause = match fetched {
             Ok(deliveries) if !deliveries.is_empty() => {
-                lost = None;
+                fetches[p].answered(config.poll_interval);
                 empty_in_a_row = 0;
                 idle = Duration::from_millis(1);
                 for delivery in deliveries {
@@ -702,10 +784,11 @@ async fn fetch_loop<S, H, Fut>(
             }
             // The lost fetch had delivered nothing: fetch at once.
             Ok(_) if recovering => {
-                lost = None;
+                fetches[p].answered(config.poll_interval);
                 None
             }
             Ok(_) => {
+                fetches[p].answered(config.poll_interval);
                 empty_in_a_row += 1;
                 (empty_in_a_row >= partitions).then(|| {
                     empty_in_a_row = 0;
@@ -716,22 +799,28 @@ async fn fetch_loop<S, H, Fut>(
             }
             Err(error) => {
                 queue.metrics.store_errors.increment(1);
-                tracing::warn!(queue = %queue.name, %error, recovering, "fetching jobs failed");
+                tracing::warn!(queue = %queue.name, partition = p, %error, recovering, "fetching jobs failed");
+                let partition = &mut fetches[p];
                 // Its jobs would otherwise wait out their visibility, unknown to any handler,
                 // and be charged another attempt. Taking them back is tried while they may
                 // still be held; after that they are taken over as before.
-                // A recovery is tried again only while the store is out of reach (a fetch
-                // would fail too); refused, it is given up at once, so that fetching goes on.
-                lost = match lost {
+                // A recovery is tried again only while the partition is out of reach (a fetch
+                // there would fail too); refused, it is given up, so that fetching goes on.
+                partition.lost = match partition.lost {
                     Some(first)
-                        if error.is_retryable() && first.2.elapsed() < config.visibility =>
+                        if error.is_retryable() && first.1.elapsed() < config.visibility =>
                     {
                         Some(first)
                     }
                     Some(_) => None,
-                    None => may_pass(&error).then_some((p, token, sent)),
+                    None => may_pass(&error).then_some((token, sent)),
                 };
-                Some(config.poll_interval)
+                // The other partitions are fetched meanwhile: this one's calls may each take
+                // the store's timeout, so it is left alone for a while, longer after each
+                // failure.
+                partition.resume_at = Some(later(partition.backoff));
+                partition.backoff = partition.backoff.saturating_mul(2).min(max_backoff);
+                None
             }
         };
         drop(held);
@@ -754,6 +843,52 @@ async fn fetch_loop<S, H, Fut>(
         }
     };
     let _ = tokio::time::timeout(config.visibility / 2, leave).await;
+}
+
+/// The longest a worker leaves a partition alone after its calls kept failing.
+const MAX_FETCH_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How a worker's fetch loop stands with one partition.
+struct PartitionFetches {
+    /// A fetch that failed after the store may have run it (only its answer lost): its token
+    /// and when it was sent. Its jobs are taken back at the partition's next turn.
+    lost: Option<(u64, tokio::time::Instant)>,
+    /// After a failed call, the partition's turns are skipped until then.
+    resume_at: Option<tokio::time::Instant>,
+    /// How long the partition is skipped after its next failed call.
+    backoff: Duration,
+}
+
+impl PartitionFetches {
+    fn new(poll_interval: Duration) -> Self {
+        Self {
+            lost: None,
+            resume_at: None,
+            backoff: poll_interval,
+        }
+    }
+
+    /// The partition's call was answered: its next turn comes as usual.
+    fn answered(&mut self, poll_interval: Duration) {
+        self.lost = None;
+        self.resume_at = None;
+        self.backoff = poll_interval;
+    }
+}
+
+/// Sleeps until `at`; for ever when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `by` from now, or a year when that is past what an `Instant` holds.
+fn later(by: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(by)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 /// A worker's job tasks, aborted with the fetch loop (when it panics, or its runtime stops),
@@ -1317,11 +1452,12 @@ impl<S: JobStore> Held<'_, S> {
         let kept = match self.attempt {
             // No earlier delivery, so no error to keep: spare the store call.
             1 => None,
-            // Within the step's longest pause, so the hand-back keeps most of its budget.
-            _ => tokio::time::timeout(self.budget / 5, self.last_error())
+            // Read through a blip of the store, which would hold the hand-back up as long,
+            // rather than hand back over the error (a retry keeps the error it is given); for
+            // up to half the budget, so the hand-back keeps the other half.
+            _ => tokio::time::timeout(self.budget / 2, self.last_error_through_blips())
                 .await
-                .ok()
-                .flatten(),
+                .unwrap_or(None),
         };
         self.retry(Duration::ZERO, kept.as_deref().unwrap_or(reason))
             .await
@@ -1330,12 +1466,32 @@ impl<S: JobStore> Held<'_, S> {
     /// The error the store keeps for the job (of its last failed attempt, or why it was first
     /// handed back), if it keeps one and can be reached.
     async fn last_error(&self) -> Option<String> {
-        match self.store.status(self.key, self.number).await {
-            Ok(Some(record)) => record
-                .error
-                .map(|error| String::from_utf8_lossy(&error).into_owned()),
-            _ => None,
+        self.read_last_error().await.unwrap_or(None)
+    }
+
+    /// As [`last_error`](Self::last_error), asking again after store errors a retry may cure
+    /// ([`may_pass`]), with the pauses of [`persist`](Self::persist); the caller bounds it.
+    async fn last_error_through_blips(&self) -> Option<String> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.read_last_error().await {
+                Ok(error) => return error,
+                Err(error) if may_pass(&error) => {
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2).min(self.budget / 5);
+                }
+                Err(_) => return None,
+            }
         }
+    }
+
+    async fn read_last_error(&self) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .store
+            .status(self.key, self.number)
+            .await?
+            .and_then(|record| record.error)
+            .map(|error| String::from_utf8_lossy(&error).into_owned()))
     }
 
     /// Hands the job back unfinished, uncharged, for another worker at once.
