@@ -1,9 +1,11 @@
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use headroom_core::jobs::{EnqueueLimits, Enqueued, JobRecord, JobState, JobStore, NewJob};
+use headroom_core::jobs::{
+    EnqueueLimits, Enqueued, JobRecord, JobState, JobStore, NewJob, PartitionStats,
+};
 use headroom_core::{BackendError, Clock, Key, Namespace};
 
 use crate::config::{InvalidConfig, QueueConfig};
@@ -188,6 +190,19 @@ pub(crate) struct QueueInner<S> {
     next_partition: AtomicUsize,
     pub(crate) clock: Clock,
     pub(crate) metrics: QueueMetrics,
+    /// Each partition's counts as last read, `None` before any reading: what the gauges show
+    /// of a partition that cannot be read.
+    last_read: Mutex<Vec<Option<PartitionStats>>>,
+}
+
+/// One reading of a queue's partitions.
+pub(crate) struct Reading {
+    /// Each partition's counts as read now, `None` where the read failed.
+    pub(crate) partitions: Vec<Option<PartitionStats>>,
+    /// The counts of the partitions read, with the last reading of those that failed.
+    pub(crate) stats: QueueStats,
+    /// The first failure, if any partition could not be read.
+    pub(crate) error: Option<BackendError>,
 }
 
 /// Builds a [`JobQueue`].
@@ -279,6 +294,7 @@ impl<S: JobStore> JobQueueBuilder<S> {
         Ok(JobQueue {
             inner: Arc::new(QueueInner {
                 metrics: QueueMetrics::new(name),
+                last_read: Mutex::new(vec![None; usize::from(self.config.partitions)]),
                 name: self.name.into(),
                 store: self.store,
                 config: self.config,
@@ -581,12 +597,71 @@ impl<S: JobStore> JobQueue<S> {
         Ok(ids)
     }
 
-    /// The queue's counts, summed over its partitions (one store call per partition).
+    /// The queue's counts, summed over its partitions (one store call per partition, made
+    /// together). Fails if any partition cannot be read.
     pub async fn stats(&self) -> Result<QueueStats, BackendError> {
+        let reading = self.read().await;
+        match reading.error {
+            Some(error) => Err(error),
+            None => Ok(reading.stats),
+        }
+    }
+
+    /// Reads the queue's counts and publishes them as metrics: what workers do every
+    /// `stats_interval`.
+    ///
+    /// A partition that cannot be read (its Redis Cluster master out of reach) counts with
+    /// its last reading, its oldest ready job ageing on (with nothing, before any reading),
+    /// so that the gauges go on following the others. The gauges are published all the same,
+    /// and the first failure is answered.
+    pub async fn publish_stats(&self) -> Result<QueueStats, BackendError> {
+        let reading = self.publish_reading().await;
+        match reading.error {
+            Some(error) => Err(error),
+            None => Ok(reading.stats),
+        }
+    }
+
+    /// [`publish_stats`](Self::publish_stats), answering each partition's reading.
+    pub(crate) async fn publish_reading(&self) -> Reading {
+        let reading = self.read().await;
+        self.inner.metrics.publish(&reading.stats);
+        reading
+    }
+
+    /// Reads every partition's counts at once: one partition out of reach (a timeout) does
+    /// not hold back the others.
+    async fn read(&self) -> Reading {
+        let inner = &*self.inner;
+        let answers = futures_util::future::join_all(
+            inner
+                .partitions
+                .iter()
+                .map(|partition| inner.store.stats(partition)),
+        )
+        .await;
+        let mut last_read = inner
+            .last_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut error = None;
+        let partitions: Vec<Option<PartitionStats>> = answers
+            .into_iter()
+            .zip(last_read.iter_mut())
+            .map(|(answer, last)| match answer {
+                Ok(stats) => {
+                    *last = Some(stats);
+                    Some(stats)
+                }
+                Err(failed) => {
+                    error.get_or_insert(failed);
+                    None
+                }
+            })
+            .collect();
         let mut total = QueueStats::default();
         let mut oldest: Option<u64> = None;
-        for partition in &self.inner.partitions {
-            let stats = self.inner.store.stats(partition).await?;
+        for stats in last_read.iter().flatten() {
             total.unfinished += stats.unfinished;
             total.ready += stats.ready;
             total.running += stats.running;
@@ -597,17 +672,14 @@ impl<S: JobStore> JobQueue<S> {
                 (a, b) => a.or(b),
             };
         }
-        total.oldest_ready_age = oldest
-            .map(|ms| Duration::from_millis(self.inner.clock.unix_millis().saturating_sub(ms)));
-        Ok(total)
-    }
-
-    /// Reads the queue's counts and publishes them as metrics: what workers do every
-    /// `stats_interval`.
-    pub async fn publish_stats(&self) -> Result<QueueStats, BackendError> {
-        let stats = self.stats().await?;
-        self.inner.metrics.publish(&stats);
-        Ok(stats)
+        drop(last_read);
+        total.oldest_ready_age =
+            oldest.map(|ms| Duration::from_millis(inner.clock.unix_millis().saturating_sub(ms)));
+        Reading {
+            partitions,
+            stats: total,
+            error,
+        }
     }
 }
 

@@ -389,9 +389,9 @@ pub struct FlushReport {
     pub coalesced: u64,
     /// Writer calls that failed (made again, or refused for good with a fatal error).
     pub failures: u64,
-    /// Writes the flusher held when its shutdown's bound ran out, neither written nor
-    /// handed back (a writer that blocked its thread): another flusher takes them over once
-    /// their visibility runs out.
+    /// Writes the flusher let go of neither written nor handed back: those it held when its
+    /// shutdown's bound ran out (a writer that blocked its thread), and those whose hand-back
+    /// the store refused. Another flusher takes them over once their visibility runs out.
     pub abandoned: u64,
 }
 
@@ -404,6 +404,8 @@ struct FlushTally {
     failures: AtomicU64,
     /// The deliveries in hand: fetched and neither written, handed back nor buried.
     held: AtomicU64,
+    /// Deliveries let go of unwritten, their hand-back refused by the store.
+    abandoned: AtomicU64,
 }
 
 impl FlushTally {
@@ -413,7 +415,7 @@ impl FlushTally {
             writes: self.writes.load(Ordering::Relaxed),
             coalesced: self.coalesced.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
-            abandoned: 0,
+            abandoned: self.abandoned.load(Ordering::Relaxed),
         }
     }
 }
@@ -463,7 +465,7 @@ impl Flusher {
             Some(Err(error)) => tracing::error!(%error, "the flush loop panicked"),
             None => {
                 task.abort();
-                report.abandoned = tally.held.load(Ordering::Relaxed);
+                report.abandoned += tally.held.load(Ordering::Relaxed);
                 tracing::warn!(
                     abandoned = report.abandoned,
                     "the flusher stopped with writes it could not write nor hand back; another flusher takes them over after their visibility"
@@ -591,24 +593,41 @@ async fn aborted(phase: &mut watch::Receiver<Phase>) {
 }
 
 /// Publishes the lag every flush interval (at most every second): how long the oldest write
-/// not yet written has waited, whether it waits in the store or in the batch in hand. While
-/// the store cannot be read, its oldest write ages from the last reading.
+/// not yet written has waited, whether it waits in the store or in the batch in hand.
+///
+/// A partition that cannot be read may hold writes recorded since its last reading: its part
+/// grows from that reading, from the age of the oldest write it found, or from the reading
+/// itself when it found none, since a write acknowledged just after it waits there unseen.
+/// Before any reading (an instance restarting during an outage) it grows from the flusher's
+/// start. So an outage shows on the gauge even when the last reading found nothing.
 async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<FlushShared<S, W>>) {
     let every = shared.config.flush_interval.min(Duration::from_secs(1));
-    let mut last_read = (Duration::ZERO, tokio::time::Instant::now());
+    let queue = &shared.queue.inner;
+    // Per partition: the age of its oldest ready write at its last reading, and when that was.
+    let mut last_read = vec![(Duration::ZERO, tokio::time::Instant::now()); queue.partitions.len()];
     loop {
-        let ready = match shared.queue.publish_stats().await {
-            Ok(stats) => {
-                let age = stats.oldest_ready_age.unwrap_or_default();
-                last_read = (age, tokio::time::Instant::now());
-                age
-            }
-            Err(_) if last_read.0.is_zero() => Duration::ZERO,
-            Err(_) => last_read.0 + last_read.1.elapsed(),
-        };
+        let reading = shared.queue.publish_reading().await;
+        if reading.error.is_some() {
+            queue.metrics.store_errors.increment(1);
+        }
+        let now_ms = queue.clock.unix_millis();
+        let mut ready = Duration::ZERO;
+        for (read, last) in reading.partitions.iter().zip(&mut last_read) {
+            let age = match read {
+                Some(stats) => {
+                    let age = stats.oldest_ready_ms.map_or(Duration::ZERO, |ms| {
+                        Duration::from_millis(now_ms.saturating_sub(ms))
+                    });
+                    *last = (age, tokio::time::Instant::now());
+                    age
+                }
+                None => last.0 + last.1.elapsed(),
+            };
+            ready = ready.max(age);
+        }
         let held = match shared.oldest_held_ms.load(Ordering::Relaxed) {
             0 => Duration::ZERO,
-            ms => Duration::from_millis(shared.queue.inner.clock.unix_millis().saturating_sub(ms)),
+            ms => Duration::from_millis(now_ms.saturating_sub(ms)),
         };
         shared.metrics.lag.set(ready.max(held).as_secs_f64());
         tokio::time::sleep(every).await;
@@ -702,7 +721,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
     let mut writes: Vec<Write> = Vec::new();
     let mut in_hand = InHand {
         per_write: Vec::new(),
-        held: &tally.held,
+        tally,
     };
     // Corrupt writes are buried: no longer this pass's to extend, complete or hand back.
     let (mut kept, mut corrupt) = (Vec::with_capacity(deliveries.len()), Vec::new());
@@ -800,18 +819,42 @@ async fn drain_partition<S: JobStore, W: Writer>(
         refused_writes = dead_writes;
     } else {
         // Shut down, or taken over: hand back what is still ours, for the next flusher. A
-        // write whose chunk was written is written again: versions make that harmless.
-        for (delivery, &write) in deliveries.iter().zip(&kept_writes) {
-            let _ = queue
-                .store
-                .release(
-                    key,
-                    delivery.number,
-                    delivery.attempt,
-                    Bytes::from_static(b"handed back"),
-                )
-                .await;
-            in_hand.let_go(write);
+        // write whose chunk was written is written again: versions make that harmless. Many
+        // at once: one after the other, ten batches could outlast the shutdown's budget.
+        let in_hand = &in_hand;
+        let refused = AtomicU64::new(0);
+        futures_util::stream::iter(deliveries.iter().zip(&kept_writes))
+            .for_each_concurrent(RELEASES_IN_FLIGHT, |(delivery, &write)| {
+                let refused = &refused;
+                async move {
+                    let released = queue
+                        .store
+                        .release(
+                            key,
+                            delivery.number,
+                            delivery.attempt,
+                            Bytes::from_static(b"handed back"),
+                        )
+                        .await;
+                    match released {
+                        // Handed back, or taken over meanwhile: its new holder has it.
+                        Ok(_) => {
+                            in_hand.let_go(write);
+                        }
+                        // Still held by this flusher, which lets it go: unless written, it
+                        // waits out its visibility.
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            in_hand.abandon(write);
+                        }
+                    }
+                }
+            })
+            .await;
+        let refused = refused.into_inner();
+        if refused > 0 {
+            queue.metrics.store_errors.increment(refused);
+            tracing::warn!(queue = %queue.name, refused, "the store refused to take writes back; another flusher takes over the unwritten ones after their visibility");
         }
     }
     shared.oldest_held_ms.store(0, Ordering::Relaxed);
@@ -868,22 +911,33 @@ async fn bury<S: JobStore>(
 /// as abandoned).
 struct InHand<'t> {
     per_write: Vec<AtomicU64>,
-    held: &'t AtomicU64,
+    tally: &'t FlushTally,
 }
 
 impl InHand<'_> {
     /// The writer took write `i`: its deliveries are written.
     fn written(&self, i: usize) {
         let deliveries = self.per_write[i].swap(0, Ordering::Relaxed);
-        self.held.fetch_sub(deliveries, Ordering::Relaxed);
+        self.tally.held.fetch_sub(deliveries, Ordering::Relaxed);
     }
 
-    /// A delivery of write `i` was handed back or buried; one already written was counted then.
-    fn let_go(&self, i: usize) {
+    /// A delivery of write `i` was handed back or buried; one already written was counted
+    /// then. Answers whether it was unwritten.
+    fn let_go(&self, i: usize) -> bool {
         let unwritten = self.per_write[i]
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        if unwritten.is_ok() {
-            self.held.fetch_sub(1, Ordering::Relaxed);
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if unwritten {
+            self.tally.held.fetch_sub(1, Ordering::Relaxed);
+        }
+        unwritten
+    }
+
+    /// A delivery of write `i` is let go of though the store refused to take it back: unless
+    /// written, it is abandoned.
+    fn abandon(&self, i: usize) {
+        if self.let_go(i) {
+            self.tally.abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -951,6 +1005,10 @@ async fn write_until_taken<S, W: Writer>(
         pause = pause.saturating_mul(2).min(shared.config.retry_max);
     }
 }
+
+/// Hand-backs of one pass in flight at once: a pass holds up to ten batches, which one after
+/// the other could outlast a shutdown's budget of half the visibility.
+const RELEASES_IN_FLIGHT: usize = 64;
 
 /// Extensions of one pass in flight at once: a pass holds up to ten batches, which one after
 /// the other could take longer than their visibility.

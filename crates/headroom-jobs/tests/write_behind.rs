@@ -472,6 +472,81 @@ fn the_lag_goes_on_growing_while_the_store_is_out_of_reach() {
     });
 }
 
+/// A flusher that starts (an instance restarting) while the store is out of reach, with an
+/// acknowledged write still unwritten in it, has no reading to grow from: its lag grows from
+/// its start rather than standing at zero for the whole outage.
+#[test]
+fn the_lag_grows_from_its_start_for_a_flusher_that_never_read_the_store() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    support::current_thread().block_on(async {
+        let store: SlowStore = SlowStore::default();
+        let writes = WriteBehind::builder("restarted", store.clone())
+            .flush_interval(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        writes.put("k", "v").await.unwrap();
+        store.failing_fetches.store(usize::MAX, Ordering::Relaxed);
+        store.failing_stats.store(true, Ordering::Relaxed);
+        let database = Database::default();
+        let flusher = metrics::with_local_recorder(&recorder, || database.clone().flusher(&writes));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let lag = lag_of(&handle, "restarted");
+        assert!(
+            lag >= 8.0,
+            "lag {lag} s after 10 s of a store out of reach since the flusher started"
+        );
+        store.failing_stats.store(false, Ordering::Relaxed);
+        store.failing_fetches.store(0, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let lag = lag_of(&handle, "restarted");
+        assert!(lag <= 2.0, "lag {lag} s once the store is back");
+        assert_eq!(database.value("k").as_deref(), Some(&b"v"[..]));
+        flusher.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
+/// At low traffic the last reading can find no write waiting. A write acknowledged after it
+/// and unwritten when the store goes out of reach then waits unseen: the lag grows from that
+/// reading rather than standing at zero for the whole outage.
+#[test]
+fn the_lag_grows_through_an_outage_that_follows_a_reading_of_no_write() {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    support::current_thread().block_on(async {
+        let store: SlowStore = SlowStore::default();
+        let writes = WriteBehind::builder("quiet", store.clone())
+            .flush_interval(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let flusher = metrics::with_local_recorder(&recorder, || {
+            writes.start(|_batch: Vec<Write>| async { Ok(()) })
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(lag_of(&handle, "quiet"), 0.0, "no write yet");
+        // Reads fail from now on; the write itself is acknowledged.
+        store.failing_fetches.store(usize::MAX, Ordering::Relaxed);
+        store.failing_stats.store(true, Ordering::Relaxed);
+        writes.put("k", "v").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let lag = lag_of(&handle, "quiet");
+        assert!(
+            lag >= 8.0,
+            "lag {lag} s after 10 s of the store out of reach with a write unwritten"
+        );
+        store.failing_stats.store(false, Ordering::Relaxed);
+        store.failing_fetches.store(0, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let lag = lag_of(&handle, "quiet");
+        assert!(lag <= 2.0, "lag {lag} s once the store is back");
+        flusher.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A write buried as a dead letter counts in `headroom_jobs_attempts_total{outcome="dead"}`,
 /// as a worker's dead job does: a corrupt write as well as one the writer refuses for good,
 /// each once its burial landed. A burial the store failed leaves the write to be delivered
@@ -1042,4 +1117,237 @@ async fn a_later_write_through_another_handle_of_the_process_is_kept() {
         database.value("ada").as_deref(),
         Some(&b"from the second"[..])
     );
+}
+
+/// The memory store whose hand-backs (`release`) each take `takes` (a round trip), and are
+/// refused with a timeout when `refused`, as by a store out of reach, without reaching it.
+#[derive(Clone, Debug)]
+struct HandBacks {
+    inner: MemoryJobStore,
+    takes: Duration,
+    refused: bool,
+    /// The hand-backs the store took.
+    taken: Arc<AtomicU64>,
+}
+
+impl HandBacks {
+    fn new(takes: Duration, refused: bool) -> Self {
+        Self {
+            inner: MemoryJobStore::new(),
+            takes,
+            refused,
+            taken: Arc::default(),
+        }
+    }
+}
+
+mod hand_backs {
+    use bytes::Bytes;
+    use headroom_core::jobs::{
+        Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber,
+        JobRecord, JobStore, NewJob, PartitionStats,
+    };
+    use headroom_core::lease::Fenced;
+    use headroom_core::{BackendError, BackendErrorKind, Key};
+    use std::time::Duration;
+
+    impl JobStore for super::HandBacks {
+        async fn enqueue(
+            &self,
+            partition: &Key,
+            job: &NewJob,
+            limits: &EnqueueLimits,
+        ) -> Result<Enqueued, BackendError> {
+            self.inner.enqueue(partition, job, limits).await
+        }
+
+        async fn fetch(
+            &self,
+            partition: &Key,
+            request: FetchRequest<'_>,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.inner.fetch(partition, request).await
+        }
+
+        async fn fetch_marked(
+            &self,
+            partition: &Key,
+            request: FetchRequest<'_>,
+            token: u64,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.inner.fetch_marked(partition, request, token).await
+        }
+
+        async fn recover(
+            &self,
+            partition: &Key,
+            consumer: &str,
+            token: u64,
+            max: usize,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.inner.recover(partition, consumer, token, max).await
+        }
+
+        async fn extend(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+        ) -> Result<Fenced, BackendError> {
+            self.inner.extend(partition, number, attempt).await
+        }
+
+        async fn complete(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            result: Bytes,
+            retention: Duration,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .complete(partition, number, attempt, result, retention)
+                .await
+        }
+
+        async fn complete_many(
+            &self,
+            partition: &Key,
+            jobs: &[Completion],
+            retention: Duration,
+        ) -> Result<Completed, BackendError> {
+            self.inner.complete_many(partition, jobs, retention).await
+        }
+
+        async fn retry(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            delay: Duration,
+            error: Bytes,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .retry(partition, number, attempt, delay, error)
+                .await
+        }
+
+        async fn release(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            error: Bytes,
+        ) -> Result<Fenced, BackendError> {
+            tokio::time::sleep(self.takes).await;
+            if self.refused {
+                return Err(BackendError::new(BackendErrorKind::Timeout));
+            }
+            self.taken
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.release(partition, number, attempt, error).await
+        }
+
+        async fn bury(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            error: Bytes,
+            retention: Duration,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .bury(partition, number, attempt, error, retention)
+                .await
+        }
+
+        async fn status(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+        ) -> Result<Option<JobRecord>, BackendError> {
+            self.inner.status(partition, number).await
+        }
+
+        async fn dead_letters(
+            &self,
+            partition: &Key,
+            max: usize,
+        ) -> Result<Vec<JobNumber>, BackendError> {
+            self.inner.dead_letters(partition, max).await
+        }
+
+        async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
+            self.inner.leave(partition, consumer).await
+        }
+
+        async fn newest_of(
+            &self,
+            partition: &Key,
+            subject: &[u8],
+        ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+            self.inner.newest_of(partition, subject).await
+        }
+
+        async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+            self.inner.stats(partition).await
+        }
+    }
+}
+
+/// A writer whose calls never answer.
+fn never_answering() -> impl headroom_jobs::Writer {
+    |_batch: Vec<Write>| std::future::pending::<Result<(), JobError>>()
+}
+
+/// A write whose hand-back the store refused is neither written nor handed back: it waits
+/// out its visibility like one a shutdown out of time leaves held, and is counted abandoned
+/// with them, though the hand-backs ended within the bound.
+#[tokio::test(start_paused = true)]
+async fn writes_whose_hand_back_the_store_refused_are_abandoned() {
+    let store = HandBacks::new(Duration::ZERO, true);
+    let writes = WriteBehind::builder("refused", store).build().unwrap();
+    for i in 0..10 {
+        writes.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let flusher = writes.start(never_answering());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = flusher.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(report.abandoned, 10, "{report:?}");
+    // Still held by the stopped flusher, not handed back.
+    let stats = writes.queue().stats().await.unwrap();
+    assert_eq!((stats.running, stats.ready), (10, 0), "{stats:?}");
+}
+
+/// A pass holds up to ten batches; handed back one after the other at 5 ms a round trip,
+/// a thousand writes would take 5 s, past the shutdown's budget of half the visibility
+/// (500 ms here). Handed back together, every one is back in the store within it.
+#[tokio::test(start_paused = true)]
+async fn a_full_pass_is_handed_back_within_the_shutdown_budget() {
+    use headroom_jobs::WriteBehindConfig;
+
+    let store = HandBacks::new(Duration::from_millis(5), false);
+    let writes = WriteBehind::builder("handing-back", store.clone())
+        .config({
+            let mut config = WriteBehindConfig::default();
+            config.batch = 100;
+            config.visibility = Duration::from_secs(1);
+            config
+        })
+        .build()
+        .unwrap();
+    for i in 0..1_000 {
+        writes.put(format!("k{i}"), "v").await.unwrap();
+    }
+    let flusher = writes.start(never_answering());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let grace = Duration::from_secs(1);
+    let started = tokio::time::Instant::now();
+    let report = flusher.shutdown(grace).await;
+    assert_eq!(report.abandoned, 0, "{report:?}");
+    assert!(started.elapsed() <= grace + Duration::from_millis(500));
+    assert_eq!(store.taken.load(Ordering::Relaxed), 1_000);
+    // Back in the store, none held (waiting for the next fetch to make them ready).
+    let stats = writes.queue().stats().await.unwrap();
+    assert_eq!((stats.unfinished, stats.running), (1_000, 0), "{stats:?}");
 }
