@@ -1786,10 +1786,6 @@ async fn a_running_job_is_kept_through_a_read_only_store_for_half_its_visibility
     .await;
 }
 
-/// A fetch the store ran but whose reply was lost (a timeout) does not strand its jobs: the
-/// worker takes them back as the same delivery at once, so the job runs within a second or
-/// two, on its first attempt, rather than after its visibility on a second one (with
-/// `max_attempts(1)`, dead without ever running).
 /// Taking back a lost fetch's jobs is given up at once when the store refuses it with an error
 /// no retry cures: the worker goes back to fetching, so jobs that fetch never took run at once.
 #[tokio::test(start_paused = true)]
@@ -1816,6 +1812,10 @@ async fn a_recovery_the_store_refuses_does_not_hold_fetching_back() {
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A fetch the store ran but whose reply was lost (a timeout) does not strand its jobs: the
+/// worker takes them back as the same delivery at once, so the job runs within a second or
+/// two, on its first attempt, rather than after its visibility on a second one (with
+/// `max_attempts(1)`, dead without ever running).
 #[tokio::test(start_paused = true)]
 async fn a_job_whose_fetch_reply_was_lost_runs_at_once_on_its_first_attempt() {
     let store = SlowStore::first_fetch_reply_lost(MemoryJobStore::new());
