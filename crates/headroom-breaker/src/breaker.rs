@@ -755,15 +755,19 @@ impl<E> CircuitBreaker<E> {
     /// Replaces the thresholds while the breaker runs: failure and slow-call ratios, the slow
     /// call duration, the minimum calls, open durations, half-open probes and their wait. The
     /// state and the calls in the window are kept, and the next call that ends judges them by
-    /// the new thresholds, whatever its outcome.
+    /// the new thresholds, whatever its outcome. A half-open phase is judged at once by the new
+    /// number of probes: if at least that many have succeeded, the circuit closes; raised, the
+    /// extra probes are admitted, and all must succeed.
     /// The window's kind and size are fixed when the breaker is built, so a configuration
     /// that changes them is refused, as is an invalid one; the settings in force stay.
     pub fn reconfigure(&self, config: BreakerConfig) -> Result<(), ConfigError> {
         self.check_config(&config)?;
         let shared = &self.inner.shared;
         // Under the transitions' lock, so that two reconfigurations never leave one's slow
-        // limit with the other's settings.
-        let _recovery = shared.recovery.lock();
+        // limit with the other's settings, and a probe's success is counted against either
+        // the old probe count or the new one, not lost between them.
+        let mut recovery = shared.recovery.lock();
+        let probes = config.half_open_probes;
         shared
             .slow_nanos
             .store(slow_nanos(&config), Ordering::Relaxed);
@@ -771,6 +775,13 @@ impl<E> CircuitBreaker<E> {
         // The calls in the window may be above new thresholds: the next call judges them,
         // whatever its outcome.
         shared.short.store(true, Ordering::Relaxed);
+        // A half-open phase is judged only when a probe succeeds. Lowered to no more probes
+        // than have succeeded, none may be left running to succeed, and its slots stay taken:
+        // judge it now. (Raised, the extra slots open at the next admission.)
+        let word = shared.state.load(Ordering::Acquire);
+        if word & 3 == HALF_OPEN && recovery.probes_succeeded >= probes {
+            shared.transition_locked(&mut recovery, word, State::Closed, Reason::ProbesSucceeded);
+        }
         Ok(())
     }
 

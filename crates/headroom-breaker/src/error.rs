@@ -254,6 +254,18 @@ impl fmt::Display for ConfigError {
 
 impl StdError for ConfigError {}
 
+/// A setting that is out of range stays so however often it is tried: not retryable. Nor is
+/// it a rejection, which is a deliberate refusal of a valid call.
+impl Classify for ConfigError {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
 pub(crate) fn check(
     ok: bool,
     field: &'static str,

@@ -736,3 +736,64 @@ fn opens_after_failures_in_a_row_for_its_cooldown_each_time() {
     breaker.try_acquire().expect("one probe").success();
     assert_eq!(breaker.state(), State::Closed);
 }
+
+/// Lowering the probes a half-open phase needs to no more than have already succeeded closes
+/// the circuit there and then: no probe is left to succeed and judge the phase.
+#[test]
+fn lowering_the_half_open_probes_below_those_that_succeeded_closes_the_circuit() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    let mut transitions = breaker.subscribe();
+    record(&breaker, 0, 2);
+    assert_eq!(breaker.state(), State::HalfOpen, "2 of 3 probes succeeded");
+    let mut config = breaker.config();
+    config.half_open_probes = 2;
+    breaker.reconfigure(config).expect("valid");
+    assert_eq!(breaker.state(), State::Closed);
+    let closed = std::iter::from_fn(|| transitions.try_recv().ok()).last();
+    assert_eq!(
+        closed.map(|t| (t.from, t.to, t.reason)),
+        Some((State::HalfOpen, State::Closed, Reason::ProbesSucceeded))
+    );
+    breaker.try_acquire().expect("closed").success();
+}
+
+/// Raising the probes of a half-open phase opens the extra slots, and the phase closes only
+/// once that many probes succeeded.
+#[test]
+fn raising_the_half_open_probes_admits_and_awaits_the_extra_probes() {
+    let manual = ManualClock::new();
+    let breaker = half_open(&manual);
+    record(&breaker, 0, 2);
+    let mut config = breaker.config();
+    config.half_open_probes = 5;
+    breaker.reconfigure(config).expect("valid");
+    assert_eq!(breaker.state(), State::HalfOpen);
+    let third = breaker.try_acquire().expect("a third slot");
+    let fourth = breaker.try_acquire().expect("a fourth slot");
+    let fifth = breaker.try_acquire().expect("a fifth slot");
+    assert!(breaker.try_acquire().is_err(), "five slots, all taken");
+    third.success();
+    fourth.success();
+    assert_eq!(breaker.state(), State::HalfOpen, "4 of 5 succeeded");
+    fifth.success();
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+/// A configuration error is typed and classified like every other error of the crate: not a
+/// timeout, not worth retrying, not a rejection.
+#[test]
+fn a_configuration_error_is_classified() {
+    fn classified<E: headroom_core::Classify>(error: &E) -> (bool, bool, bool) {
+        (
+            error.is_timeout(),
+            error.is_retryable(),
+            error.is_rejected(),
+        )
+    }
+    let error = CircuitBreaker::<Failure>::builder()
+        .failure_ratio(0.0)
+        .build()
+        .unwrap_err();
+    assert_eq!(classified(&error), (false, false, false));
+}
