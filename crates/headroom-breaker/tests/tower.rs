@@ -841,3 +841,235 @@ async fn a_retry_over_a_timeout_layer_does_not_retry_timeouts_when_told_not_to()
         "the timed-out attempt ran again"
     );
 }
+
+/// Behind the layer no probe is running once those admitted have succeeded, so nothing would
+/// ever judge a half-open phase whose probe count was lowered to them: the reconfiguration
+/// closes it, and requests go through again.
+#[tokio::test]
+async fn lowering_the_half_open_probes_behind_the_layer_closes_the_circuit() {
+    let manual = headroom_core::ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .count_window(4)
+        .minimum_calls(4)
+        .half_open_probes(3)
+        .open_duration(Duration::from_secs(5))
+        .build()
+        .expect("breaker");
+    let service = ServiceBuilder::new()
+        .layer(CircuitBreakerLayer::new(breaker.clone()))
+        .service(flaky(Arc::new(AtomicU32::new(0)), 0));
+    for _ in 0..4 {
+        breaker.try_acquire().expect("closed").failure();
+    }
+    assert_eq!(breaker.state(), State::Open);
+    manual.advance(Duration::from_secs(5));
+    for _ in 0..2 {
+        assert_eq!(service.clone().oneshot(1).await.expect("a probe"), 2);
+    }
+    assert_eq!(breaker.state(), State::HalfOpen);
+    let mut config = breaker.config();
+    config.half_open_probes = 2;
+    breaker.reconfigure(config).expect("valid");
+    let answer = service.clone().oneshot(3).await;
+    assert!(matches!(answer, Ok(6)), "{answer:?}");
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+/// A service answering after 80 ms, behind a limit of one call at a time.
+fn one_at_a_time_in_80_ms() -> impl tower::Service<
+    u32,
+    Response = u32,
+    Error = BackendError,
+    Future = impl Future<Output = Result<u32, BackendError>> + Send,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service(service_fn(|request: u32| async move {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            Ok::<_, BackendError>(request)
+        }))
+}
+
+/// Requests queued behind a concurrency limit below the pipeline wait their turn outside the
+/// attempt: the timeout bounds the response, not the wait to be served, so a busy but healthy
+/// dependency neither times out nor opens the breaker.
+#[tokio::test(start_paused = true)]
+async fn the_pipeline_layer_times_the_response_not_the_wait_to_be_served() {
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .count_window(4)
+        .minimum_calls(4)
+        .build()
+        .expect("breaker");
+    let pipeline = Pipeline::builder()
+        .breaker(breaker.clone())
+        .timeout(Duration::from_millis(100))
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(pipeline))
+        .service(one_at_a_time_in_80_ms());
+    let requests: Vec<_> = (0..6)
+        .map(|request| tokio::spawn(service.clone().oneshot(request)))
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.expect("no panic"));
+    }
+    assert_eq!(breaker.state(), State::Closed, "{answers:?}");
+    for (request, answer) in answers.into_iter().enumerate() {
+        assert!(
+            matches!(answer, Ok(value) if value as usize == request),
+            "{answer:?}"
+        );
+    }
+}
+
+/// A hedged copy waits for its own clone of the service, and that wait is within its
+/// attempt's time limit: the primary holds the only slot, so the hedge never runs, and the
+/// primary answers.
+#[tokio::test(start_paused = true)]
+async fn a_hedged_copy_in_the_pipeline_layer_waits_for_its_own_clone() {
+    let pipeline = Pipeline::builder()
+        .hedge(
+            Hedge::builder()
+                .delay(Duration::from_millis(10))
+                .build()
+                .expect("hedge"),
+        )
+        .timeout(Duration::from_millis(100))
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(pipeline))
+        .service(one_at_a_time_in_80_ms());
+    let started = tokio::time::Instant::now();
+    assert_eq!(service.oneshot(7).await.expect("the primary answers"), 7);
+    assert_eq!(started.elapsed(), Duration::from_millis(80));
+}
+
+/// The pipeline layer waits to be served before its attempt is admitted, but not on an open
+/// circuit: refused at once while it is open, and past its open duration too while calls
+/// admitted before it opened hold the capacity below, as the breaker layer is.
+#[tokio::test]
+async fn an_open_breaker_in_the_pipeline_layer_fails_fast_in_front_of_a_saturated_limit() {
+    use futures_util::FutureExt;
+
+    let manual = headroom_core::ManualClock::new();
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .clock(manual.clock())
+        .build()
+        .expect("breaker");
+    let pipeline = Pipeline::builder().breaker(breaker.clone()).build();
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(pipeline))
+        .concurrency_limit(1)
+        .service(hanging());
+    let mut in_flight = service.clone().oneshot(1);
+    assert!((&mut in_flight).now_or_never().is_none(), "holds the limit");
+    trip(&breaker);
+    let error = refused_at_once(&service);
+    assert!(
+        matches!(&error, Error::CircuitOpen(open) if open.retry_after().is_some()),
+        "{error:?}"
+    );
+    manual.advance(Duration::from_secs(5));
+    let error = refused_at_once(&service);
+    assert!(
+        matches!(&error, Error::CircuitOpen(open) if open.state() == State::Open),
+        "{error:?}"
+    );
+    assert_eq!(breaker.state(), State::Open);
+    // Once the capacity is free, the next request is the probe.
+    drop(in_flight);
+    let mut probe = service.clone().oneshot(3);
+    assert!((&mut probe).now_or_never().is_none(), "the probe runs");
+    assert_eq!(breaker.state(), State::HalfOpen);
+}
+
+/// Through the layer too, a retry refused by the breaker after its wait (here while waiting to
+/// be served, which ends at once when the circuit refuses) never reached the service: its
+/// budget unit goes back, and the caller gets the error of the attempt made.
+#[tokio::test(start_paused = true)]
+async fn a_retry_in_the_pipeline_layer_refused_by_the_breaker_spends_no_budget() {
+    let manual = headroom_core::ManualClock::new();
+    let budget = one_retry_per_request(&manual);
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .build()
+        .expect("breaker");
+    let retry = Retry::builder()
+        .max_attempts(2)
+        .retry_after(|_: &BackendError| Some(Duration::from_millis(50)))
+        .budget(budget.clone())
+        .build()
+        .expect("retry");
+    let calls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(
+            Pipeline::builder()
+                .retry(retry)
+                .breaker(breaker.clone())
+                .build(),
+        ))
+        .service(flaky(calls.clone(), 1));
+    let (answer, ()) = tokio::join!(service.oneshot(1), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        breaker.isolate();
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the retry never ran");
+    assert_eq!(deposits(&budget), 1, "the retry's unit went back");
+    let error = answer.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Inner, "{error:?}");
+}
+
+/// A service that never gets ready, failing instead.
+#[derive(Clone)]
+struct FailsToGetReady(Arc<AtomicU32>);
+
+impl Service<u32> for FailsToGetReady {
+    type Response = u32;
+    type Error = BackendError;
+    type Future = std::future::Ready<Result<u32, BackendError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BackendError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::task::Poll::Ready(Err(BackendError::new(BackendErrorKind::Connection)))
+    }
+
+    fn call(&mut self, request: u32) -> Self::Future {
+        std::future::ready(Ok(request))
+    }
+}
+
+/// A service that fails to get ready (one connecting when asked, say) fails the attempt: the
+/// breaker counts it and the retry retries it, as a failed call.
+#[tokio::test(start_paused = true)]
+async fn a_service_failing_to_get_ready_fails_the_pipeline_layers_attempt() {
+    let breaker = CircuitBreaker::<BackendError>::builder()
+        .count_window(2)
+        .minimum_calls(2)
+        .build()
+        .expect("breaker");
+    let pipeline = Pipeline::builder()
+        .retry(
+            Retry::builder()
+                .max_attempts(2)
+                .base_delay(Duration::from_millis(1))
+                .build()
+                .expect("retry"),
+        )
+        .breaker(breaker.clone())
+        .timeout(Duration::from_millis(100))
+        .build();
+    let polls = Arc::new(AtomicU32::new(0));
+    let service = ServiceBuilder::new()
+        .layer(PipelineLayer::new(pipeline))
+        .service(FailsToGetReady(polls.clone()));
+    let error = service.oneshot(1).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Inner, "{error:?}");
+    assert_eq!(polls.load(Ordering::SeqCst), 2, "retried once");
+    assert_eq!(breaker.state(), State::Open, "both attempts counted");
+}
