@@ -1350,6 +1350,34 @@ async fn a_key_still_refused_past_the_bound_costs_one_round_trip_per_bound() {
     assert_eq!(limiter.round_trips(), 1 + 3);
 }
 
+/// Past the bound, the requests that come while one asks the store again are answered by the
+/// refusal it remembers: a key hammered by concurrent callers costs one round trip a second
+/// too, not one per caller that arrives during the round trip.
+#[tokio::test]
+async fn concurrent_requests_past_the_bound_ask_the_store_once() {
+    let clock = ManualClock::new();
+    let namespace = unique_namespace("rate");
+    let limiter = on_redis(&namespace, &clock, Quota::per_hour(1).unwrap(), 1).await;
+    limiter.check("t", "k", 1).await.unwrap();
+    limiter.check("t", "k", 1).await.unwrap_err();
+    for _ in 0..3 {
+        clock.advance(REFUSAL_MEMORY);
+        let before = limiter.round_trips();
+        let at_once =
+            futures_util::future::join_all((0..20).map(|_| limiter.check("t", "k", 1))).await;
+        assert!(at_once.iter().all(|refused| {
+            refused
+                .as_ref()
+                .is_err_and(|refused| refused.kind() == RateErrorKind::Limited)
+        }));
+        assert_eq!(
+            limiter.round_trips() - before,
+            1,
+            "round trips for 20 at once"
+        );
+    }
+}
+
 /// A batched instance that was refused by an absurd cell stops treating the key as saturated
 /// once the store admits it again: it batches again, fewer round trips than requests.
 #[tokio::test]

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::cells::TierCells;
 use super::limiter::record;
 use super::local::nanos;
-use super::reserved::{Local, LocalState, fnv1a};
+use super::reserved::{Local, LocalState, REFUSAL_MEMORY_NS, fnv1a};
 use super::{
     Admitted, Quota, Quotas, RateError, RateErrorKind, RateLimit, RateLimited, TierConfig, wait,
 };
@@ -445,13 +445,6 @@ impl Tier {
             .collect()
     }
 }
-
-/// The longest an instance answers a refusal itself (ns), without asking the store: the
-/// refusal's wait when shorter. Remembering refusals keeps a refused flood off the store (one
-/// round trip a second per key and instance at most); the bound is how long a cell deleted or
-/// lost (a key reset, a store restarted without its data) goes unnoticed, whatever the wait
-/// it gave.
-const REFUSAL_MEMORY_NS: u64 = 1_000_000_000;
 
 /// The store answered its last probe (or never failed): every request may call it.
 const HEALTHY: u64 = 0;

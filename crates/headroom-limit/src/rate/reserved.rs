@@ -32,6 +32,13 @@ pub(crate) struct LocalState {
 
 type Shard = Mutex<HashTable<(TierKey, Entry)>>;
 
+/// The longest an instance answers a refusal itself (ns), without asking the store: the
+/// refusal's wait when shorter. Remembering refusals keeps a refused flood off the store (one
+/// round trip a second per key and instance at most); the bound is how long a cell deleted or
+/// lost (a key reset, a store restarted without its data) goes unnoticed, whatever the wait
+/// it gave.
+pub(crate) const REFUSAL_MEMORY_NS: u64 = 1_000_000_000;
+
 // The documented 256 bytes per key rest on this: 89 bytes a slot with its control byte, at
 // most 16/7 slots per key.
 const _: () = assert!(size_of::<(TierKey, Entry)>() == 88);
@@ -170,6 +177,14 @@ impl LocalState {
                 quota: usize::from(entry.blocked_quota),
             };
         }
+        let outlived = (entry.refused && entry.blocked_until > now).then_some(entry.blocked_until);
+        if outlived.is_some() && cost > 0 {
+            // This request asks the store again; the others answer from the refusal until it
+            // has (its answer replaces or forgets the refusal), not one round trip each.
+            entry.answered_until = now
+                .saturating_add(REFUSAL_MEMORY_NS)
+                .min(entry.blocked_until);
+        }
         let recent = interval.saturating_mul(u64::from(batch));
         let mut size = batch_size(Some(entry), cost, batch, now);
         if entry.reserving {
@@ -180,7 +195,7 @@ impl LocalState {
         Local::Unknown {
             saturated: entry.refused && now < entry.blocked_until.saturating_add(recent),
             batch: size,
-            outlived: (entry.refused && entry.blocked_until > now).then_some(entry.blocked_until),
+            outlived,
         }
     }
 
