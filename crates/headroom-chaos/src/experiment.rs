@@ -4,8 +4,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -530,6 +530,7 @@ impl Experiment {
             behavior,
             end,
             loss,
+            answered: OnceLock::new(),
         };
         injection.record();
         Some(injection)
@@ -654,6 +655,8 @@ pub struct Injection {
     behavior: bool,
     end: Option<End>,
     loss: bool,
+    /// What [`Injection::answers`] answered: asked again, it counts nothing more.
+    answered: OnceLock<bool>,
 }
 
 impl Injection {
@@ -708,22 +711,26 @@ impl Injection {
 
     /// Whether the drawn fault or outcome answers the call instead of its real call: one was
     /// drawn and the run that drew it still runs. A call released by the run's end is made as
-    /// without the experiment, its fault or outcome not injected. A `true` is counted in
-    /// `headroom_chaos_injected_total` and logged, so a point asks once, after
-    /// [`Injection::wait`], as it answers the call.
+    /// without the experiment, its fault or outcome not injected. The first answer is final,
+    /// and a `true` is counted in `headroom_chaos_injected_total` and logged once: a point
+    /// asks after [`Injection::wait`], as it answers the call (a point built on
+    /// [`Experiment::draw`] asks this, not [`Injection::is_running`], or its faults go
+    /// uncounted).
     pub fn answers(&self) -> bool {
-        let (fault, outcome) = (self.fault().is_some(), self.outcome());
-        if !(fault || outcome) || !self.is_running() {
-            return false;
-        }
-        let metrics = &self.experiment.0.metrics;
-        if fault {
-            metrics.fault.increment(1);
-        } else {
-            metrics.outcome.increment(1);
-        }
-        self.log(None, false, false, fault, outcome, false);
-        true
+        *self.answered.get_or_init(|| {
+            let (fault, outcome) = (self.fault().is_some(), self.outcome());
+            if !(fault || outcome) || !self.is_running() {
+                return false;
+            }
+            let metrics = &self.experiment.0.metrics;
+            if fault {
+                metrics.fault.increment(1);
+            } else {
+                metrics.outcome.increment(1);
+            }
+            self.log(None, false, false, fault, outcome, false);
+            true
+        })
     }
 
     /// Waits out the delay, or for an aborted call holds until the run ends. Either ends when

@@ -144,6 +144,27 @@ async fn a_fault_or_outcome_released_by_the_end_is_not_counted() {
     assert_eq!((logged("fault"), logged("outcome")), (1, 0), "{seen:?}");
 }
 
+/// A point built on `Experiment::draw` that asks `answers` more than once (a retry of its own
+/// check) still counts one injected fault: the call is answered once.
+#[tokio::test(start_paused = true)]
+async fn asking_twice_whether_a_fault_answers_counts_it_once() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let experiment = metrics::with_local_recorder(&recorder, || {
+        Experiment::builder("asked-twice").build().unwrap()
+    });
+    experiment
+        .start(ExperimentConfig::new(Duration::from_secs(10)).fault(1.0))
+        .unwrap();
+    let injection = experiment
+        .draw(headroom_chaos::Strategies::FAULT)
+        .expect("every call is faulted");
+    assert!(injection.answers());
+    assert!(injection.answers(), "the same answer the second time");
+    let fault = r#"headroom_chaos_injected_total{experiment="asked-twice",strategy="fault"}"#;
+    assert_eq!(line(&handle.render(), fault), Some("1"));
+}
+
 /// An experiment dropped while it runs is off for good: the gauge goes back to 0 rather than
 /// showing a run nobody can stop.
 #[tokio::test(start_paused = true)]
