@@ -1,5 +1,5 @@
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -747,7 +747,7 @@ impl<S: LeaseStore> Idempotency<S> {
                 }
                 // A no-op if another holder took over; otherwise a retry need not wait out the
                 // lease.
-                None => self.release(&record, holding.token()).await,
+                None => self.release_held(&record, &holding).await,
             }
             guard.then = OnEnd::Nothing;
             return Err(IdempotencyError::LeaseLost);
@@ -755,7 +755,7 @@ impl<S: LeaseStore> Idempotency<S> {
         let value = match outcome {
             Ok(value) => value,
             Err(err) => {
-                self.release(&record, holding.token()).await;
+                self.release_held(&record, &holding).await;
                 guard.then = OnEnd::Nothing;
                 return Err(IdempotencyError::Operation(err));
             }
@@ -769,7 +769,7 @@ impl<S: LeaseStore> Idempotency<S> {
         let keeping = store_if(&value);
         if keeping == Keeping::Not {
             guard.then = OnEnd::Release;
-            self.release(&record, holding.token()).await;
+            self.release_held(&record, &holding).await;
             guard.then = OnEnd::Nothing;
             return Ok(Executed {
                 value,
@@ -920,6 +920,8 @@ impl<S: LeaseStore> Idempotency<S> {
         holding: &Holding,
     ) -> Result<Option<FencingToken>, BackendError> {
         let inner = &self.inner;
+        // Before it is sent: dropped or unanswered, it may still take the key.
+        holding.retaken.store(true, Ordering::Relaxed);
         let begin = inner
             .store
             .begin(
@@ -990,19 +992,50 @@ impl<S: LeaseStore> Idempotency<S> {
         }
     }
 
+    /// Releases the key a run holds: by its token, and, should that be refused after a
+    /// begin went out to take the key again, by that begin's id, since that begin may have
+    /// taken the key under a token the run never learned (its answer lost, or not awaited
+    /// once dropped or once the lease ran out).
+    async fn release_held(&self, record: &Key, holding: &Holding) {
+        let retake = holding
+            .retaken
+            .load(Ordering::Relaxed)
+            .then_some(holding.retake);
+        self.release_by(record, holding.token(), retake).await;
+    }
+
     async fn release(&self, record: &Key, token: FencingToken) {
+        self.release_by(record, token, None).await;
+    }
+
+    async fn release_by(&self, record: &Key, token: FencingToken, retake: Option<BeginId>) {
         self.inner.metrics.released.increment(1);
-        if let Err(err) = self.inner.store.release(record, token).await {
+        if let Err(err) = release_once(&self.inner, record, token, retake).await {
             self.inner.metrics.store_errors.increment(1);
             tracing::warn!(error = %err, "releasing the idempotency lease failed; trying again");
             let (inner, record) = (Arc::clone(&self.inner), record.clone());
             let (lease, clock) = (inner.config.lease, inner.clock.clone());
             let release = move || {
                 let (inner, record) = (Arc::clone(&inner), record.clone());
-                async move { inner.store.release(&record, token).await }
+                async move { release_once(&inner, &record, token, retake).await }
             };
             release_in_background(release, lease, &clock);
         }
+    }
+}
+
+/// One attempt of [`Idempotency::release_by`]: the release by `token`, then, refused, the
+/// release of what the begin named `retake` took, if it was sent.
+async fn release_once<S: LeaseStore>(
+    inner: &Inner<S>,
+    record: &Key,
+    token: FencingToken,
+    retake: Option<BeginId>,
+) -> Result<Fenced, BackendError> {
+    match (inner.store.release(record, token).await?, retake) {
+        (Fenced::Applied, _) => Ok(Fenced::Applied),
+        (_, Some(id)) => inner.store.release_begun(record, id).await,
+        (refused, None) => Ok(refused),
     }
 }
 
@@ -1016,6 +1049,8 @@ struct Holding {
     /// Names every begin that takes the key again, so that one whose answer was lost, asked
     /// again (by a later attempt, or by the task of a dropped call), is answered its token.
     retake: BeginId,
+    /// Whether such a begin was sent: releasing the key then releases what it took too.
+    retaken: AtomicBool,
 }
 
 impl Holding {
@@ -1024,6 +1059,7 @@ impl Holding {
             token: AtomicU64::new(token.0),
             fingerprint,
             retake: BeginId::random(),
+            retaken: AtomicBool::new(false),
         }
     }
 
@@ -1041,6 +1077,7 @@ impl Holding {
             token: AtomicU64::new(self.token().0),
             fingerprint: self.fingerprint,
             retake: self.retake,
+            retaken: AtomicBool::new(self.retaken.load(Ordering::Relaxed)),
         }
     }
 }
@@ -1126,7 +1163,7 @@ impl<S: LeaseStore> Drop for EndGuard<'_, S> {
                 OnEnd::Keep(outcome) => {
                     executor.keep_outcome(&record, &holding, outcome).await;
                 }
-                _ => executor.release(&record, holding.token()).await,
+                _ => executor.release_held(&record, &holding).await,
             }
         });
     }

@@ -2,7 +2,7 @@
 //! token of a run without a record: on the memory store (manual clock) and on real Redis.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use headroom_idempotency::{
 };
 use headroom_redis::{Redis, RedisConfig, RedisLeaseStore};
 use headroom_testkit::RedisServer;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -222,6 +222,186 @@ async fn an_expired_lease_is_not_taken_over_by_another_request() {
         matches!(other, Err(IdempotencyError::KeyReused)),
         "{other:?}"
     );
+}
+
+/// How the begin that takes a vanished key again answers, once the store has run it.
+#[derive(Clone, Copy, Debug)]
+enum RetakeAnswer {
+    /// A lease later: the lease keeper gives up on it first.
+    Late,
+    /// Never: it times out.
+    Lost,
+}
+
+/// A memory store whose first extension finds the record gone (as after a flush) and is
+/// refused; the begin that then takes the key again is run, but its answer comes as `answer`
+/// says.
+#[derive(Clone, Debug)]
+struct VanishingRecord {
+    store: MemoryLeaseStore,
+    answer: RetakeAnswer,
+    vanished: Arc<AtomicBool>,
+    retaking: Arc<AtomicBool>,
+    /// Told once the retaking begin has run.
+    retook: Arc<Notify>,
+}
+
+const SHORT_LEASE: Duration = Duration::from_secs(3);
+
+impl VanishingRecord {
+    fn new(answer: RetakeAnswer) -> Self {
+        Self {
+            store: MemoryLeaseStore::new(),
+            answer,
+            vanished: Arc::default(),
+            retaking: Arc::default(),
+            retook: Arc::default(),
+        }
+    }
+}
+
+impl LeaseStore for VanishingRecord {
+    async fn begin(
+        &self,
+        key: &Key,
+        fingerprint: &[u8],
+        lease: Duration,
+        id: BeginId,
+    ) -> std::result::Result<Begin, BackendError> {
+        let begin = self.store.begin(key, fingerprint, lease, id).await;
+        if self.retaking.swap(false, Ordering::SeqCst) {
+            self.retook.notify_one();
+            match self.answer {
+                RetakeAnswer::Late => tokio::time::sleep(SHORT_LEASE).await,
+                RetakeAnswer::Lost => {
+                    return Err(BackendError::with_detail(
+                        BackendErrorKind::Timeout,
+                        "the answer was lost",
+                    ));
+                }
+            }
+        }
+        begin
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        outcome: Bytes,
+        retention: Duration,
+    ) -> std::result::Result<Fenced, BackendError> {
+        self.store.complete(key, token, outcome, retention).await
+    }
+
+    async fn extend(
+        &self,
+        key: &Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> std::result::Result<Fenced, BackendError> {
+        if self.vanished.swap(true, Ordering::SeqCst) {
+            return self.store.extend(key, token, lease).await;
+        }
+        self.store.release(key, token).await?;
+        self.retaking.store(true, Ordering::SeqCst);
+        Ok(Fenced::Rejected)
+    }
+
+    async fn release(
+        &self,
+        key: &Key,
+        token: FencingToken,
+    ) -> std::result::Result<Fenced, BackendError> {
+        self.store.release(key, token).await
+    }
+
+    async fn release_begun(
+        &self,
+        key: &Key,
+        id: BeginId,
+    ) -> std::result::Result<Fenced, BackendError> {
+        self.store.release_begun(key, id).await
+    }
+}
+
+fn vanishing_executor(store: &VanishingRecord) -> Idempotency<VanishingRecord> {
+    Idempotency::builder(store.clone())
+        .lease(SHORT_LEASE)
+        .in_progress(InProgressPolicy::Reject)
+        .build()
+        .unwrap()
+}
+
+/// The record vanished and the begin taking the key back was still unanswered when the lease
+/// ran out: the holder stops with `LeaseLost`, and the lease that begin took is released with
+/// it, so a retry with the key runs at once rather than being told it is in progress.
+#[tokio::test(start_paused = true)]
+async fn a_lease_lost_while_taking_the_key_back_leaves_the_key_free() {
+    let store = VanishingRecord::new(RetakeAnswer::Late);
+    let idem = vanishing_executor(&store);
+    let runs = AtomicUsize::new(0);
+    let lost = idem
+        .execute(&scope(), &key(), b"amount=100", || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<String>>().await
+        })
+        .await;
+    assert!(matches!(lost, Err(IdempotencyError::LeaseLost)), "{lost:?}");
+    let retry = run_once(&idem, b"amount=100", &runs).await;
+    assert_eq!(retry, Ok(("ran".to_owned(), false)), "the retry runs");
+    assert_eq!(runs.into_inner(), 2);
+}
+
+/// A call dropped while the begin taking its vanished key back is unanswered releases the
+/// lease that begin took, so a retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_taking_the_key_back_leaves_the_key_free() {
+    let store = VanishingRecord::new(RetakeAnswer::Late);
+    let idem = vanishing_executor(&store);
+    let runs = AtomicUsize::new(0);
+    let (s, k) = (scope(), key());
+    let mut call = Box::pin(idem.execute(&s, &k, b"amount=100", || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<String>>().await
+    }));
+    tokio::select! {
+        out = &mut call => panic!("the call ended: {out:?}"),
+        () = store.retook.notified() => {}
+    }
+    drop(call);
+    settle().await;
+    let retry = run_once(&idem, b"amount=100", &runs).await;
+    assert_eq!(retry, Ok(("ran".to_owned(), false)), "the retry runs");
+    assert_eq!(runs.into_inner(), 2);
+}
+
+/// The begin taking the vanished key back ran but its answer was lost, and then the operation
+/// failed: the error releases the lease that begin took, so a retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn an_error_after_taking_the_key_back_unanswered_leaves_the_key_free() {
+    let store = VanishingRecord::new(RetakeAnswer::Lost);
+    let idem = vanishing_executor(&store);
+    let runs = AtomicUsize::new(0);
+    let (fail, failed) = oneshot::channel::<String>();
+    let (s, k) = (scope(), key());
+    let mut call = Box::pin(idem.execute(&s, &k, b"amount=100", || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Result::<String>::Err(failed.await.unwrap())
+    }));
+    tokio::select! {
+        out = &mut call => panic!("the call ended: {out:?}"),
+        () = store.retook.notified() => {}
+    }
+    fail.send("declined".to_owned()).unwrap();
+    let err = call.await.unwrap_err();
+    assert!(
+        matches!(&err, IdempotencyError::Operation(e) if e == "declined"),
+        "{err:?}"
+    );
+    let retry = run_once(&idem, b"amount=100", &runs).await;
+    assert_eq!(retry, Ok(("ran".to_owned(), false)), "the retry runs");
+    assert_eq!(runs.into_inner(), 2);
 }
 
 #[test]
