@@ -526,26 +526,46 @@ async fn flush_loop<S: JobStore, W: Writer>(
     // On its own timer: a pass can be stuck on a failing writer for as long as it fails.
     let lag = tokio::spawn(publish_lag_every(Arc::clone(&shared)));
     let _lag = crate::worker::AbortOnDrop(lag);
-    // Per partition, a fetch that failed after the store may have run it (only its answer
-    // lost): its token and when it was sent. Its writes are taken back at the next pass.
-    let mut lost: Vec<Option<(u64, tokio::time::Instant)>> = vec![None; partitions];
+    // Kept per partition: on a Redis Cluster each partition is on its own node, and one out
+    // of reach (failing over) must not hold back the passes over the others.
+    let initial = shared.config.flush_interval;
+    let mut flushes: Vec<PartitionFlushes> = (0..partitions)
+        .map(|_| PartitionFlushes::new(initial))
+        .collect();
+    let max_backoff = initial.max((shared.config.visibility / 10).min(MAX_FLUSH_BACKOFF));
     loop {
         let draining = !phase_is(&phase, Phase::Running);
         // One pass of every partition in turn, round after round while any had more: a
         // backlog in one partition holds back no other's writes, even those made meanwhile.
+        // A partition out of reach is left out meanwhile rather than cost each round a timeout.
         let mut more = true;
         let mut pause = shared.config.retry_initial;
         while more && !phase_is(&phase, Phase::Abort) {
             more = false;
             let mut failed = false;
-            for (p, lost) in lost.iter_mut().enumerate() {
-                match drain_partition(&shared, p, lost, &mut phase).await {
-                    Ok(more_here) => more |= more_here,
+            for (p, partition) in flushes.iter_mut().enumerate() {
+                // Draining, every partition is tried: the grace bounds the shutdown.
+                if !draining && !partition.takes_turn() {
+                    continue;
+                }
+                let answered = match drain_partition(&shared, p, &mut partition.lost, &mut phase)
+                    .await
+                {
+                    Ok(drained) => {
+                        more |= drained.more;
+                        drained.answered
+                    }
                     Err(error) => {
                         failed = true;
                         shared.queue.inner.metrics.store_errors.increment(1);
-                        tracing::warn!(queue = %shared.queue.inner.name, %error, "fetching writes failed");
+                        tracing::warn!(queue = %shared.queue.inner.name, partition = p, %error, "fetching writes failed");
+                        false
                     }
+                };
+                if answered {
+                    partition.backoff = initial;
+                } else if !draining {
+                    partition.leave_out(&shared, p, max_backoff);
                 }
                 if phase_is(&phase, Phase::Abort) {
                     break;
@@ -580,6 +600,97 @@ async fn flush_loop<S: JobStore, W: Writer>(
         if phase.has_changed().is_err() {
             return;
         }
+    }
+}
+
+/// The longest a flusher leaves a partition out of its rounds after its calls kept failing,
+/// as a worker leaves it unfetched.
+const MAX_FLUSH_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How a flusher stands with one partition.
+struct PartitionFlushes {
+    /// A fetch that failed after the store may have run it (only its answer lost): its token
+    /// and when it was sent. Its writes are taken back at the partition's next pass.
+    lost: Option<(u64, tokio::time::Instant)>,
+    /// After a failed call, asks the partition's node again beside the rounds, which leave
+    /// the partition out until it answers: each call there may take the store's timeout.
+    probe: Option<Probe>,
+    /// How long the partition is left alone after its next failed call.
+    backoff: Duration,
+}
+
+impl PartitionFlushes {
+    fn new(backoff: Duration) -> Self {
+        Self {
+            lost: None,
+            probe: None,
+            backoff,
+        }
+    }
+
+    /// Whether the partition takes its turn in this round: unless a call to it failed and
+    /// its node has not answered since.
+    fn takes_turn(&mut self) -> bool {
+        use futures_util::FutureExt;
+        let Some(probe) = &mut self.probe else {
+            return true;
+        };
+        if !probe.0.is_finished() {
+            return false;
+        }
+        // A probe that panicked says nothing of the node: the partition's own calls tell.
+        if let Some(Ok(backoff)) = (&mut probe.0).now_or_never() {
+            self.backoff = backoff;
+        }
+        self.probe = None;
+        true
+    }
+
+    /// A call to partition `p` failed: it is left out of the rounds until its node answers
+    /// again, asked after a backoff that doubles, up to `max_backoff`, after each failure in
+    /// a row, as a worker's fetches are.
+    fn leave_out<S: JobStore, W: Writer>(
+        &mut self,
+        shared: &Arc<FlushShared<S, W>>,
+        p: usize,
+        max_backoff: Duration,
+    ) {
+        let shared = Arc::clone(shared);
+        let mut backoff = self.backoff;
+        self.probe = Some(Probe(tokio::spawn(async move {
+            let queue = &shared.queue.inner;
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(max_backoff);
+                // The recovery of a fetch never made: the kind of call that failed, on the
+                // partition's node, answering nothing, so that no write waits in the probe. (A
+                // store without tokens answers it unasked: the partition is then tried in the
+                // rounds after each backoff, as a worker tries it.)
+                let token = fastrand::u64(1..);
+                match queue
+                    .store
+                    .recover(&queue.partitions[p], &shared.consumer, token, 1)
+                    .await
+                {
+                    Err(error) if error.is_retryable() => {
+                        queue.metrics.store_errors.increment(1);
+                        tracing::debug!(queue = %queue.name, partition = p, %error, retry_in = ?backoff, "the partition is still out of reach");
+                    }
+                    // Answered, even with an error: the node is back, and the partition's
+                    // own calls tell the rest.
+                    _ => return backoff,
+                }
+            }
+        })));
+    }
+}
+
+/// A partition's probe, stopped with the flush loop; it answers the partition's next backoff.
+struct Probe(tokio::task::JoinHandle<Duration>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -637,18 +748,19 @@ async fn publish_lag_every<S: JobStore, W: Send + Sync + 'static>(shared: Arc<Fl
 /// Takes the writes ready in partition `p` (up to ten batches), coalesces them per key (the
 /// highest version wins), and hands them to the writer in chunks of `batch` keys, in order,
 /// each until the writer takes it; first, the writes of the partition's `lost` fetch, if one's
-/// answer was lost. Answers whether more may be ready.
+/// answer was lost. Fails when it fetched nothing for a failed call.
 async fn drain_partition<S: JobStore, W: Writer>(
     shared: &FlushShared<S, W>,
     p: usize,
     lost: &mut Option<(u64, tokio::time::Instant)>,
     phase: &mut watch::Receiver<Phase>,
-) -> Result<bool, BackendError> {
+) -> Result<Drained, BackendError> {
     let queue = &shared.queue.inner;
     let key = &queue.partitions[p];
     let config = &shared.config;
     let mut deliveries = Vec::new();
     let mut more = false;
+    let mut answered = true;
     // The store holds the pass's writes from about now: their extensions count from it.
     let fetched = tokio::time::Instant::now();
     if let Some((token, sent)) = *lost {
@@ -693,8 +805,9 @@ async fn drain_partition<S: JobStore, W: Writer>(
             // visibility, behind later writes of the same keys.
             Err(error) => {
                 queue.metrics.store_errors.increment(1);
-                tracing::warn!(queue = %queue.name, %error, "fetching more writes failed");
+                tracing::warn!(queue = %queue.name, partition = p, %error, "fetching more writes failed");
                 *lost = may_pass(&error).then_some((token, sent));
+                answered = false;
                 break;
             }
         };
@@ -707,7 +820,10 @@ async fn drain_partition<S: JobStore, W: Writer>(
         }
     }
     if deliveries.is_empty() {
-        return Ok(false);
+        return Ok(Drained {
+            more: false,
+            answered,
+        });
     }
     let oldest = deliveries
         .iter()
@@ -873,7 +989,18 @@ async fn drain_partition<S: JobStore, W: Writer>(
             }
         }
     }
-    Ok(more && written)
+    Ok(Drained {
+        more: more && written,
+        answered,
+    })
+}
+
+/// What a pass over a partition found.
+struct Drained {
+    /// More writes may be ready.
+    more: bool,
+    /// Every call to the partition was answered.
+    answered: bool,
 }
 
 /// Makes `delivery` of partition `key` a dead letter with `error`, kept for the queue's dead

@@ -1351,3 +1351,382 @@ async fn a_full_pass_is_handed_back_within_the_shutdown_budget() {
     let stats = writes.queue().stats().await.unwrap();
     assert_eq!((stats.unfinished, stats.running), (1_000, 0), "{stats:?}");
 }
+
+/// How long a call to the partition out of reach takes to fail: a Redis client's command
+/// timeout.
+const HANG: Duration = Duration::from_secs(2);
+
+/// The memory job store with one partition's node out of reach (the key whose local part is
+/// `local`: a Redis Cluster master failing over): while `hanging`, each fetch or recovery
+/// there waits [`HANG`], then fails with a timeout without reaching the store.
+#[derive(Clone, Debug)]
+struct HangingPartition {
+    inner: MemoryJobStore,
+    local: Vec<u8>,
+    hanging: Arc<std::sync::atomic::AtomicBool>,
+    /// The fetches and recoveries there that failed.
+    failed: Arc<AtomicU64>,
+}
+
+impl HangingPartition {
+    fn new(local: &str) -> Self {
+        Self {
+            inner: MemoryJobStore::new(),
+            local: local.as_bytes().to_vec(),
+            hanging: Arc::new(true.into()),
+            failed: Arc::default(),
+        }
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Decided as the call is sent: one sent during the outage fails after [`HANG`].
+    async fn reach(
+        &self,
+        partition: &headroom_core::Key,
+    ) -> Result<(), headroom_core::BackendError> {
+        if partition.local() != self.local.as_slice() || !self.hanging.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        tokio::time::sleep(HANG).await;
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        Err(headroom_core::BackendError::new(
+            headroom_core::BackendErrorKind::Timeout,
+        ))
+    }
+}
+
+mod hanging_partition {
+    use bytes::Bytes;
+    use headroom_core::jobs::{
+        Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber,
+        JobRecord, JobStore, NewJob, PartitionStats,
+    };
+    use headroom_core::lease::Fenced;
+    use headroom_core::{BackendError, Key};
+    use std::time::Duration;
+
+    impl JobStore for super::HangingPartition {
+        async fn enqueue(
+            &self,
+            partition: &Key,
+            job: &NewJob,
+            limits: &EnqueueLimits,
+        ) -> Result<Enqueued, BackendError> {
+            self.inner.enqueue(partition, job, limits).await
+        }
+
+        async fn fetch(
+            &self,
+            partition: &Key,
+            request: FetchRequest<'_>,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.fetch_marked(partition, request, 0).await
+        }
+
+        async fn fetch_marked(
+            &self,
+            partition: &Key,
+            request: FetchRequest<'_>,
+            token: u64,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.reach(partition).await?;
+            self.inner.fetch_marked(partition, request, token).await
+        }
+
+        async fn recover(
+            &self,
+            partition: &Key,
+            consumer: &str,
+            token: u64,
+            max: usize,
+        ) -> Result<Vec<Delivery>, BackendError> {
+            self.reach(partition).await?;
+            self.inner.recover(partition, consumer, token, max).await
+        }
+
+        async fn extend(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+        ) -> Result<Fenced, BackendError> {
+            self.inner.extend(partition, number, attempt).await
+        }
+
+        async fn complete(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            result: Bytes,
+            retention: Duration,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .complete(partition, number, attempt, result, retention)
+                .await
+        }
+
+        async fn complete_many(
+            &self,
+            partition: &Key,
+            jobs: &[Completion],
+            retention: Duration,
+        ) -> Result<Completed, BackendError> {
+            self.inner.complete_many(partition, jobs, retention).await
+        }
+
+        async fn retry(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            delay: Duration,
+            error: Bytes,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .retry(partition, number, attempt, delay, error)
+                .await
+        }
+
+        async fn release(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            error: Bytes,
+        ) -> Result<Fenced, BackendError> {
+            self.inner.release(partition, number, attempt, error).await
+        }
+
+        async fn bury(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+            attempt: u32,
+            error: Bytes,
+            retention: Duration,
+        ) -> Result<Fenced, BackendError> {
+            self.inner
+                .bury(partition, number, attempt, error, retention)
+                .await
+        }
+
+        async fn status(
+            &self,
+            partition: &Key,
+            number: JobNumber,
+        ) -> Result<Option<JobRecord>, BackendError> {
+            self.inner.status(partition, number).await
+        }
+
+        async fn dead_letters(
+            &self,
+            partition: &Key,
+            max: usize,
+        ) -> Result<Vec<JobNumber>, BackendError> {
+            self.inner.dead_letters(partition, max).await
+        }
+
+        async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
+            self.inner.leave(partition, consumer).await
+        }
+
+        async fn newest_of(
+            &self,
+            partition: &Key,
+            subject: &[u8],
+        ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+            self.inner.newest_of(partition, subject).await
+        }
+
+        async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+            self.inner.stats(partition).await
+        }
+    }
+}
+
+/// A queue configuration of four partitions.
+fn four_partitions() -> QueueConfig {
+    let mut config = QueueConfig::default();
+    config.partitions = 4;
+    config
+}
+
+/// `n` keys whose writes go to `partition` of a four-partition queue: a write goes to its
+/// partition by its key, as a job does by its route, which the partition in a probe job's id
+/// tells.
+async fn keys_in(partition: u16, n: usize) -> Vec<String> {
+    use headroom_jobs::{Job, JobQueue};
+
+    let probe = JobQueue::builder("probe", MemoryJobStore::new())
+        .config(four_partitions())
+        .build()
+        .unwrap();
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let key = format!("key-{i}");
+        let id = probe
+            .enqueue(Job::new("").route(key.clone()))
+            .await
+            .unwrap()
+            .id;
+        if id.partition() == partition {
+            keys.push(key);
+            if keys.len() == n {
+                break;
+            }
+        }
+    }
+    keys
+}
+
+/// A writer that notes when it was handed each key.
+fn noting_writer(
+    seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>>,
+) -> impl headroom_jobs::Writer {
+    move |batch: Vec<Write>| {
+        let now = tokio::time::Instant::now();
+        let mut seen = seen.lock().unwrap();
+        for write in batch {
+            seen.entry(write.key).or_insert(now);
+        }
+        async { Ok(()) }
+    }
+}
+
+/// Waits until the writer was handed `key`; answers when.
+async fn handed_at(
+    seen: &Mutex<HashMap<Bytes, tokio::time::Instant>>,
+    key: &str,
+) -> tokio::time::Instant {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(&at) = seen.lock().unwrap().get(key.as_bytes()) {
+            return at;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never reached the writer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One partition out of reach (its master failing over; each fetch or recovery there takes
+/// the command timeout, 2 s, to fail) does not slow the flushing of the others: their writes
+/// reach the writer within a flush interval, pass after pass, rather than each pass waiting
+/// for another timeout.
+#[tokio::test(start_paused = true)]
+async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
+    let interval = Duration::from_secs(1);
+    let store = HangingPartition::new("{failover.0}");
+    let writes = WriteBehind::builder("failover", store.clone())
+        .queue(four_partitions())
+        .flush_interval(interval)
+        .build()
+        .unwrap();
+    let mut keys = Vec::new();
+    for partition in 1..4 {
+        keys.push(keys_in(partition, 10).await);
+    }
+    let seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>> = Arc::default();
+    let flusher = writes.start(noting_writer(seen.clone()));
+    // The flusher has met the outage.
+    while store.failed() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tried = store.failed();
+    // Thirty writes over about 40 s, at varying points of the flush interval, through the
+    // partition's tries again after its backoffs.
+    for i in 0..30 {
+        let key = &keys[i % 3][i / 3];
+        let put = tokio::time::Instant::now();
+        writes.put(key.clone(), "v").await.unwrap();
+        let took = handed_at(&seen, key).await - put;
+        assert!(
+            took <= interval + Duration::from_millis(100),
+            "write {i} (partition {}) reached the writer {took:?} after it was made, with a flush interval of {interval:?} ({} calls to the partition out of reach had failed)",
+            1 + i % 3,
+            store.failed(),
+        );
+        tokio::time::sleep(Duration::from_millis(330)).await;
+    }
+    assert!(
+        store.failed() > tried + 3,
+        "the partition out of reach was tried {} times more during the outage",
+        store.failed() - tried
+    );
+    flusher.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A backlog in one partition (ten passes' worth) is flushed pass after pass, each following
+/// at once, while another partition is out of reach: only the first pass meets its timeout.
+#[tokio::test(start_paused = true)]
+async fn a_backlog_beside_a_partition_out_of_reach_is_flushed_pass_after_pass() {
+    use headroom_jobs::WriteBehindConfig;
+
+    let store = HangingPartition::new("{backlog.0}");
+    let writes = WriteBehind::builder("backlog", store.clone())
+        .queue(four_partitions())
+        .config({
+            let mut config = WriteBehindConfig::default();
+            config.batch = 10;
+            config
+        })
+        .build()
+        .unwrap();
+    let keys = keys_in(1, 1_000).await;
+    for key in &keys {
+        writes.put(key.clone(), "v").await.unwrap();
+    }
+    let seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>> = Arc::default();
+    let start = tokio::time::Instant::now();
+    let flusher = writes.start(noting_writer(seen.clone()));
+    let mut last = start;
+    for key in &keys {
+        last = last.max(handed_at(&seen, key).await);
+    }
+    let took = last - start;
+    assert!(
+        took <= HANG + Duration::from_millis(100),
+        "a backlog of ten passes took {took:?} to reach the writer ({} calls to the partition out of reach failed meanwhile)",
+        store.failed(),
+    );
+    flusher.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A partition that was out of reach is flushed again once it answers: the writes made to it
+/// during the outage reach the writer within its longest backoff (5 s), one failing call
+/// (the command timeout) and a flush interval of the end of the outage.
+#[tokio::test(start_paused = true)]
+async fn writes_made_to_a_partition_out_of_reach_are_flushed_once_it_is_back() {
+    let store = HangingPartition::new("{failback.0}");
+    let writes = WriteBehind::builder("failback", store.clone())
+        .queue(four_partitions())
+        .build()
+        .unwrap();
+    let stranded = keys_in(0, 10).await;
+    let seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>> = Arc::default();
+    let flusher = writes.start(noting_writer(seen.clone()));
+    for key in &stranded {
+        writes.put(key.clone(), "v").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    assert!(store.failed() > 0);
+    assert!(seen.lock().unwrap().is_empty());
+    store.hanging.store(false, Ordering::Relaxed);
+    let back = tokio::time::Instant::now();
+    for key in &stranded {
+        let took = handed_at(&seen, key).await.saturating_duration_since(back);
+        assert!(
+            took <= Duration::from_secs(5) + HANG + Duration::from_secs(1),
+            "{key} reached the writer {took:?} after its partition was back"
+        );
+    }
+    let report = flusher.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.writes, 10, "{report:?}");
+    assert_eq!(writes.queue().stats().await.unwrap().unfinished, 0);
+}
