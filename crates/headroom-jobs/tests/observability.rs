@@ -5,9 +5,11 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use headroom_core::BackendErrorKind;
 use headroom_core::memory::MemoryJobStore;
 use headroom_jobs::{Job, JobError, JobQueue, JobState};
 use metrics_exporter_prometheus::PrometheusBuilder;
+use support::{Call, Fault, Faults};
 
 fn value(rendered: &str, series: &str) -> Option<f64> {
     rendered
@@ -198,166 +200,6 @@ fn the_depth_gauge_follows_the_queue_while_every_handler_is_busy() {
     });
 }
 
-/// The memory store whose `stats` fails for the partitions in `down`, as when the cluster
-/// master serving them is out of reach while the others answer.
-#[derive(Clone, Debug, Default)]
-struct StatsDown {
-    inner: MemoryJobStore,
-    down: std::sync::Arc<std::sync::Mutex<Vec<headroom_core::Key>>>,
-}
-
-mod stats_down {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use headroom_core::jobs::{
-        Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber,
-        JobRecord, JobStore, NewJob, PartitionStats,
-    };
-    use headroom_core::lease::Fenced;
-    use headroom_core::{BackendError, BackendErrorKind, Key};
-
-    impl JobStore for super::StatsDown {
-        async fn enqueue(
-            &self,
-            partition: &Key,
-            job: &NewJob,
-            limits: &EnqueueLimits,
-        ) -> Result<Enqueued, BackendError> {
-            self.inner.enqueue(partition, job, limits).await
-        }
-
-        async fn fetch(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.fetch(partition, request).await
-        }
-
-        async fn fetch_marked(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-            token: u64,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.fetch_marked(partition, request, token).await
-        }
-
-        async fn recover(
-            &self,
-            partition: &Key,
-            consumer: &str,
-            token: u64,
-            max: usize,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.recover(partition, consumer, token, max).await
-        }
-
-        async fn extend(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-        ) -> Result<Fenced, BackendError> {
-            self.inner.extend(partition, number, attempt).await
-        }
-
-        async fn complete(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            result: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .complete(partition, number, attempt, result, retention)
-                .await
-        }
-
-        async fn complete_many(
-            &self,
-            partition: &Key,
-            jobs: &[Completion],
-            retention: Duration,
-        ) -> Result<Completed, BackendError> {
-            self.inner.complete_many(partition, jobs, retention).await
-        }
-
-        async fn retry(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            delay: Duration,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .retry(partition, number, attempt, delay, error)
-                .await
-        }
-
-        async fn release(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            self.inner.release(partition, number, attempt, error).await
-        }
-
-        async fn bury(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .bury(partition, number, attempt, error, retention)
-                .await
-        }
-
-        async fn status(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-        ) -> Result<Option<JobRecord>, BackendError> {
-            self.inner.status(partition, number).await
-        }
-
-        async fn dead_letters(
-            &self,
-            partition: &Key,
-            max: usize,
-        ) -> Result<Vec<JobNumber>, BackendError> {
-            self.inner.dead_letters(partition, max).await
-        }
-
-        async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
-            self.inner.leave(partition, consumer).await
-        }
-
-        async fn newest_of(
-            &self,
-            partition: &Key,
-            subject: &[u8],
-        ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
-            self.inner.newest_of(partition, subject).await
-        }
-
-        async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-            if self.down.lock().unwrap().contains(partition) {
-                return Err(BackendError::new(BackendErrorKind::Connection));
-            }
-            self.inner.stats(partition).await
-        }
-    }
-}
-
 /// One partition whose counts cannot be read (its cluster master out of reach) freezes no
 /// gauge: the readable partitions' counts are published, with the unreadable one's last
 /// reading (its oldest ready job ageing on), and the failed read answers its error.
@@ -365,7 +207,7 @@ mod stats_down {
 fn the_gauges_follow_the_readable_partitions_while_one_cannot_be_read() {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
-    let store = StatsDown::default();
+    let store = Faults::default();
     let queue = metrics::with_local_recorder(&recorder, || {
         JobQueue::builder("split", store.clone())
             .partitions(2)
@@ -382,11 +224,13 @@ fn the_gauges_follow_the_readable_partitions_while_one_cannot_be_read() {
         queue.publish_stats().await.unwrap();
         assert_eq!(gauge("headroom_jobs_depth"), 1.0);
 
-        let down = headroom_core::Namespace::new("headroom.jobs")
-            .unwrap()
-            .key("{split.0}")
-            .unwrap();
-        store.down.lock().unwrap().push(down);
+        // Its cluster master out of reach: reading its counts fails at once.
+        store.inject(
+            &[Call::Stats],
+            Some("{split.0}"),
+            Fault::Fail(BackendErrorKind::Connection),
+            None,
+        );
         // Fifty in each partition.
         for _ in 0..100 {
             queue.enqueue(Job::new("late")).await.unwrap();

@@ -1,37 +1,20 @@
 //! Workers while one partition's store node is out of reach (a Redis Cluster master failing
 //! over), or slow to answer some calls: the other partitions' jobs go on.
 
+mod support;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_core::jobs::{
-    Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber, JobRecord,
-    JobStore, NewJob, PartitionStats,
-};
-use headroom_core::lease::Fenced;
-use headroom_core::memory::MemoryJobStore;
-use headroom_core::{BackendError, BackendErrorKind, Key};
+use headroom_core::jobs::JobStore;
 use headroom_jobs::{Job, JobError, JobId, JobQueue, JobState};
+use support::{Call, Fault, Faults};
 
 /// How long a call to the partition out of reach takes to fail: a Redis client's command
 /// timeout.
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Call {
-    Fetch,
-    Recover,
-    Extend,
-    Complete,
-    Retry,
-    Release,
-    Bury,
-    Status,
-    Stats,
-    Leave,
-}
 
 const EVERY_CALL: [Call; 10] = [
     Call::Fetch,
@@ -46,246 +29,16 @@ const EVERY_CALL: [Call; 10] = [
     Call::Leave,
 ];
 
-/// One `complete_many` call: whether it went to the partition out of reach, and when (paused
-/// time) it began and ended (`None`: in flight).
-#[derive(Clone, Copy, Debug)]
-struct CompleteCall {
-    to_outage: bool,
-    began: tokio::time::Instant,
-    ended: Option<tokio::time::Instant>,
-}
-
-impl CompleteCall {
-    fn in_flight_at(&self, at: tokio::time::Instant) -> bool {
-        self.began <= at && self.ended.is_none_or(|ended| at < ended)
-    }
-}
-
-/// The memory job store, with the calls of one partition (the key whose local part is `local`)
-/// failing for a while: each waits [`COMMAND_TIMEOUT`], then fails with a timeout, without
-/// reaching the store.
-#[derive(Clone, Debug)]
-struct PartitionOutage {
-    inner: MemoryJobStore,
-    local: Vec<u8>,
-    failing: Arc<Mutex<Vec<(Call, tokio::time::Instant)>>>,
-    /// The calls that failed so far, of each kind.
-    failed: Arc<Mutex<Vec<Call>>>,
-    completions: Arc<Mutex<Vec<CompleteCall>>>,
-}
-
-impl PartitionOutage {
-    fn new(local: &str) -> Self {
-        Self {
-            inner: MemoryJobStore::new(),
-            local: local.as_bytes().to_vec(),
-            failing: Arc::default(),
-            failed: Arc::default(),
-            completions: Arc::default(),
-        }
-    }
-
-    /// `calls` to the partition fail from now on, for `lasts`.
-    fn fail(&self, calls: &[Call], lasts: Duration) {
-        let until = tokio::time::Instant::now() + lasts;
-        self.failing
-            .lock()
-            .unwrap()
-            .extend(calls.iter().map(|&call| (call, until)));
-    }
-
-    fn failed(&self, call: Call) -> usize {
-        self.failed
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|&&c| c == call)
-            .count()
-    }
-
-    /// Fails `call` after the command timeout if it goes to the partition while it fails.
-    async fn reach(&self, partition: &Key, call: Call) -> Result<(), BackendError> {
-        if partition.local() != self.local.as_slice() {
-            return Ok(());
-        }
-        let now = tokio::time::Instant::now();
-        let out = self
-            .failing
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|&(c, until)| c == call && now < until);
-        if !out {
-            return Ok(());
-        }
-        tokio::time::sleep(COMMAND_TIMEOUT).await;
-        self.failed.lock().unwrap().push(call);
-        Err(BackendError::new(BackendErrorKind::Timeout))
-    }
-}
-
-impl JobStore for PartitionOutage {
-    async fn enqueue(
-        &self,
-        partition: &Key,
-        job: &NewJob,
-        limits: &EnqueueLimits,
-    ) -> Result<Enqueued, BackendError> {
-        self.inner.enqueue(partition, job, limits).await
-    }
-
-    async fn fetch(
-        &self,
-        partition: &Key,
-        request: FetchRequest<'_>,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.fetch_marked(partition, request, 0).await
-    }
-
-    async fn fetch_marked(
-        &self,
-        partition: &Key,
-        request: FetchRequest<'_>,
-        token: u64,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.reach(partition, Call::Fetch).await?;
-        self.inner.fetch_marked(partition, request, token).await
-    }
-
-    async fn recover(
-        &self,
-        partition: &Key,
-        consumer: &str,
-        token: u64,
-        max: usize,
-    ) -> Result<Vec<Delivery>, BackendError> {
-        self.reach(partition, Call::Recover).await?;
-        self.inner.recover(partition, consumer, token, max).await
-    }
-
-    async fn extend(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-    ) -> Result<Fenced, BackendError> {
-        self.reach(partition, Call::Extend).await?;
-        self.inner.extend(partition, number, attempt).await
-    }
-
-    async fn complete(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        result: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        let job = Completion {
-            number,
-            attempt,
-            result,
-        };
-        let mut answers = self
-            .complete_many(partition, std::slice::from_ref(&job), retention)
-            .await?;
-        answers.pop().expect("one answer per job")
-    }
-
-    async fn complete_many(
-        &self,
-        partition: &Key,
-        jobs: &[Completion],
-        retention: Duration,
-    ) -> Result<Completed, BackendError> {
-        let call = {
-            let mut calls = self.completions.lock().unwrap();
-            calls.push(CompleteCall {
-                to_outage: partition.local() == self.local.as_slice(),
-                began: tokio::time::Instant::now(),
-                ended: None,
-            });
-            calls.len() - 1
-        };
-        let reached = self.reach(partition, Call::Complete).await;
-        self.completions.lock().unwrap()[call].ended = Some(tokio::time::Instant::now());
-        reached?;
-        self.inner.complete_many(partition, jobs, retention).await
-    }
-
-    async fn retry(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        delay: Duration,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.reach(partition, Call::Retry).await?;
-        self.inner
-            .retry(partition, number, attempt, delay, error)
-            .await
-    }
-
-    async fn release(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-    ) -> Result<Fenced, BackendError> {
-        self.reach(partition, Call::Release).await?;
-        self.inner.release(partition, number, attempt, error).await
-    }
-
-    async fn bury(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-        attempt: u32,
-        error: Bytes,
-        retention: Duration,
-    ) -> Result<Fenced, BackendError> {
-        self.reach(partition, Call::Bury).await?;
-        self.inner
-            .bury(partition, number, attempt, error, retention)
-            .await
-    }
-
-    async fn status(
-        &self,
-        partition: &Key,
-        number: JobNumber,
-    ) -> Result<Option<JobRecord>, BackendError> {
-        self.reach(partition, Call::Status).await?;
-        self.inner.status(partition, number).await
-    }
-
-    async fn dead_letters(
-        &self,
-        partition: &Key,
-        max: usize,
-    ) -> Result<Vec<JobNumber>, BackendError> {
-        self.inner.dead_letters(partition, max).await
-    }
-
-    async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
-        self.reach(partition, Call::Leave).await?;
-        self.inner.leave(partition, consumer).await
-    }
-
-    async fn newest_of(
-        &self,
-        partition: &Key,
-        subject: &[u8],
-    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
-        self.inner.newest_of(partition, subject).await
-    }
-
-    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-        self.reach(partition, Call::Stats).await?;
-        self.inner.stats(partition).await
-    }
+/// `calls` to the partition (the key whose local part is `local`) fail from now on, for
+/// `lasts`: each waits [`COMMAND_TIMEOUT`], then fails with a timeout, without reaching the
+/// store.
+fn fail(store: &Faults, local: &str, calls: &[Call], lasts: Duration) {
+    store.inject(
+        calls,
+        Some(local),
+        Fault::Hang(COMMAND_TIMEOUT),
+        Some(lasts),
+    );
 }
 
 /// A route whose jobs go to `partition`, found by enqueueing a probe (held back a day, so it
@@ -319,13 +72,13 @@ async fn done_among<S: JobStore>(queue: &JobQueue<S>, ids: &[JobId]) -> usize {
 /// the failover (or a visibility).
 #[tokio::test(start_paused = true)]
 async fn a_partition_out_of_reach_holds_back_no_other_partitions_jobs() {
-    let store = PartitionOutage::new("{failover.0}");
+    let store = Faults::default();
     let queue = JobQueue::builder("failover", store.clone())
         .partitions(2)
         .build()
         .unwrap();
     let route = a_route_in(&queue, 1).await;
-    store.fail(&EVERY_CALL, Duration::from_secs(25));
+    fail(&store, "{failover.0}", &EVERY_CALL, Duration::from_secs(25));
     let worker = queue
         .worker(|_job| async { Ok(Bytes::new()) })
         .visibility(Duration::from_secs(30))
@@ -362,13 +115,18 @@ async fn a_partition_out_of_reach_holds_back_no_other_partitions_jobs() {
 /// calls, so its answers do not fill the places for answers being stored and stop fetching.
 #[tokio::test(start_paused = true)]
 async fn completions_hanging_on_one_partition_hold_back_no_other_partitions() {
-    let store = PartitionOutage::new("{hanging.0}");
+    let store = Faults::default().timing(Call::Complete);
     let queue = JobQueue::builder("hanging", store.clone())
         .partitions(2)
         .build()
         .unwrap();
     let (stuck, quick) = (a_route_in(&queue, 0).await, a_route_in(&queue, 1).await);
-    store.fail(&[Call::Complete], Duration::from_secs(3600));
+    fail(
+        &store,
+        "{hanging.0}",
+        &[Call::Complete],
+        Duration::from_secs(3600),
+    );
     let worker = queue
         .worker(|job| async move {
             // A short piece of work: the worker's eight handlers take 250 ms for 200 jobs.
@@ -402,14 +160,14 @@ async fn completions_hanging_on_one_partition_hold_back_no_other_partitions() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = start.elapsed();
-    let calls = store.completions.lock().unwrap().clone();
+    let calls = store.timed();
     let hanging: Vec<_> = calls
         .iter()
-        .filter(|call| call.to_outage && call.ended.is_none_or(|ended| ended > start))
+        .filter(|call| call.to("{hanging.0}") && call.ended.is_none_or(|ended| ended > start))
         .collect();
     let quick: Vec<_> = calls
         .iter()
-        .filter(|call| !call.to_outage && call.began >= start)
+        .filter(|call| !call.to("{hanging.0}") && call.began >= start)
         .collect();
     // The other partition's calls sent while one to the hanging partition was in flight:
     // served beside it, not after it.
@@ -437,7 +195,7 @@ async fn completions_hanging_on_one_partition_hold_back_no_other_partitions() {
 /// handing the job back with the shutdown's reason over it.
 #[tokio::test(start_paused = true)]
 async fn a_job_cut_off_during_a_blip_of_status_keeps_its_last_error() {
-    let store = PartitionOutage::new("{blip.0}");
+    let store = Faults::default();
     let queue = JobQueue::builder("blip", store.clone()).build().unwrap();
     let id = queue.enqueue(Job::new("x")).await.unwrap().id;
     let second = Arc::new(tokio::sync::Notify::new());
@@ -463,7 +221,7 @@ async fn a_job_cut_off_during_a_blip_of_status_keeps_its_last_error() {
     second.notified().await;
     // Four calls' worth: longer than one status call takes to fail, well within the hand-back's
     // budget (half the visibility).
-    store.fail(&[Call::Status], 4 * COMMAND_TIMEOUT);
+    fail(&store, "{blip.0}", &[Call::Status], 4 * COMMAND_TIMEOUT);
     let report = worker.shutdown(Duration::from_secs(1)).await;
     assert_eq!(
         (report.retried, report.handed_back),

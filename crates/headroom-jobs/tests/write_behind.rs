@@ -9,7 +9,7 @@ use bytes::Bytes;
 use headroom_core::ManualClock;
 use headroom_core::memory::MemoryJobStore;
 use headroom_jobs::{EnqueueError, Flusher, JobError, QueueConfig, Write, WriteBehind};
-use support::SlowStore;
+use support::{Fault, Faults, SlowStore};
 
 mod support;
 
@@ -1121,178 +1121,15 @@ async fn a_later_write_through_another_handle_of_the_process_is_kept() {
 
 /// The memory store whose hand-backs (`release`) each take `takes` (a round trip), and are
 /// refused with a timeout when `refused`, as by a store out of reach, without reaching it.
-#[derive(Clone, Debug)]
-struct HandBacks {
-    inner: MemoryJobStore,
-    takes: Duration,
-    refused: bool,
-    /// The hand-backs the store took.
-    taken: Arc<AtomicU64>,
-}
-
-impl HandBacks {
-    fn new(takes: Duration, refused: bool) -> Self {
-        Self {
-            inner: MemoryJobStore::new(),
-            takes,
-            refused,
-            taken: Arc::default(),
-        }
-    }
-}
-
-mod hand_backs {
-    use bytes::Bytes;
-    use headroom_core::jobs::{
-        Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber,
-        JobRecord, JobStore, NewJob, PartitionStats,
+fn hand_backs(takes: Duration, refused: bool) -> Faults {
+    let store = Faults::default();
+    let fault = if refused {
+        Fault::Hang(takes)
+    } else {
+        Fault::Delay(takes)
     };
-    use headroom_core::lease::Fenced;
-    use headroom_core::{BackendError, BackendErrorKind, Key};
-    use std::time::Duration;
-
-    impl JobStore for super::HandBacks {
-        async fn enqueue(
-            &self,
-            partition: &Key,
-            job: &NewJob,
-            limits: &EnqueueLimits,
-        ) -> Result<Enqueued, BackendError> {
-            self.inner.enqueue(partition, job, limits).await
-        }
-
-        async fn fetch(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.fetch(partition, request).await
-        }
-
-        async fn fetch_marked(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-            token: u64,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.fetch_marked(partition, request, token).await
-        }
-
-        async fn recover(
-            &self,
-            partition: &Key,
-            consumer: &str,
-            token: u64,
-            max: usize,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.inner.recover(partition, consumer, token, max).await
-        }
-
-        async fn extend(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-        ) -> Result<Fenced, BackendError> {
-            self.inner.extend(partition, number, attempt).await
-        }
-
-        async fn complete(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            result: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .complete(partition, number, attempt, result, retention)
-                .await
-        }
-
-        async fn complete_many(
-            &self,
-            partition: &Key,
-            jobs: &[Completion],
-            retention: Duration,
-        ) -> Result<Completed, BackendError> {
-            self.inner.complete_many(partition, jobs, retention).await
-        }
-
-        async fn retry(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            delay: Duration,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .retry(partition, number, attempt, delay, error)
-                .await
-        }
-
-        async fn release(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            tokio::time::sleep(self.takes).await;
-            if self.refused {
-                return Err(BackendError::new(BackendErrorKind::Timeout));
-            }
-            self.taken
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.inner.release(partition, number, attempt, error).await
-        }
-
-        async fn bury(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .bury(partition, number, attempt, error, retention)
-                .await
-        }
-
-        async fn status(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-        ) -> Result<Option<JobRecord>, BackendError> {
-            self.inner.status(partition, number).await
-        }
-
-        async fn dead_letters(
-            &self,
-            partition: &Key,
-            max: usize,
-        ) -> Result<Vec<JobNumber>, BackendError> {
-            self.inner.dead_letters(partition, max).await
-        }
-
-        async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
-            self.inner.leave(partition, consumer).await
-        }
-
-        async fn newest_of(
-            &self,
-            partition: &Key,
-            subject: &[u8],
-        ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
-            self.inner.newest_of(partition, subject).await
-        }
-
-        async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-            self.inner.stats(partition).await
-        }
-    }
+    store.inject(&[support::Call::Release], None, fault, None);
+    store
 }
 
 /// A writer whose calls never answer.
@@ -1305,7 +1142,7 @@ fn never_answering() -> impl headroom_jobs::Writer {
 /// with them, though the hand-backs ended within the bound.
 #[tokio::test(start_paused = true)]
 async fn writes_whose_hand_back_the_store_refused_are_abandoned() {
-    let store = HandBacks::new(Duration::ZERO, true);
+    let store = hand_backs(Duration::ZERO, true);
     let writes = WriteBehind::builder("refused", store).build().unwrap();
     for i in 0..10 {
         writes.put(format!("k{i}"), "v").await.unwrap();
@@ -1326,7 +1163,7 @@ async fn writes_whose_hand_back_the_store_refused_are_abandoned() {
 async fn a_full_pass_is_handed_back_within_the_shutdown_budget() {
     use headroom_jobs::WriteBehindConfig;
 
-    let store = HandBacks::new(Duration::from_millis(5), false);
+    let store = hand_backs(Duration::from_millis(5), false);
     let writes = WriteBehind::builder("handing-back", store.clone())
         .config({
             let mut config = WriteBehindConfig::default();
@@ -1346,7 +1183,7 @@ async fn a_full_pass_is_handed_back_within_the_shutdown_budget() {
     let report = flusher.shutdown(grace).await;
     assert_eq!(report.abandoned, 0, "{report:?}");
     assert!(started.elapsed() <= grace + Duration::from_millis(500));
-    assert_eq!(store.taken.load(Ordering::Relaxed), 1_000);
+    assert_eq!(store.reached(support::Call::Release), 1_000);
     // Back in the store, none held (waiting for the next fetch to make them ready).
     let stats = writes.queue().stats().await.unwrap();
     assert_eq!((stats.unfinished, stats.running), (1_000, 0), "{stats:?}");
@@ -1357,195 +1194,17 @@ async fn a_full_pass_is_handed_back_within_the_shutdown_budget() {
 const HANG: Duration = Duration::from_secs(2);
 
 /// The memory job store with one partition's node out of reach (the key whose local part is
-/// `local`: a Redis Cluster master failing over): while `hanging`, each fetch or recovery
-/// there waits [`HANG`], then fails with a timeout without reaching the store.
-#[derive(Clone, Debug)]
-struct HangingPartition {
-    inner: MemoryJobStore,
-    local: Vec<u8>,
-    hanging: Arc<std::sync::atomic::AtomicBool>,
-    /// The fetches and recoveries there that failed.
-    failed: Arc<AtomicU64>,
-}
-
-impl HangingPartition {
-    fn new(local: &str) -> Self {
-        Self {
-            inner: MemoryJobStore::new(),
-            local: local.as_bytes().to_vec(),
-            hanging: Arc::new(true.into()),
-            failed: Arc::default(),
-        }
-    }
-
-    fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
-    }
-
-    /// Decided as the call is sent: one sent during the outage fails after [`HANG`].
-    async fn reach(
-        &self,
-        partition: &headroom_core::Key,
-    ) -> Result<(), headroom_core::BackendError> {
-        if partition.local() != self.local.as_slice() || !self.hanging.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        tokio::time::sleep(HANG).await;
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        Err(headroom_core::BackendError::new(
-            headroom_core::BackendErrorKind::Timeout,
-        ))
-    }
-}
-
-mod hanging_partition {
-    use bytes::Bytes;
-    use headroom_core::jobs::{
-        Completed, Completion, Delivery, EnqueueLimits, Enqueued, FetchRequest, JobNumber,
-        JobRecord, JobStore, NewJob, PartitionStats,
-    };
-    use headroom_core::lease::Fenced;
-    use headroom_core::{BackendError, Key};
-    use std::time::Duration;
-
-    impl JobStore for super::HangingPartition {
-        async fn enqueue(
-            &self,
-            partition: &Key,
-            job: &NewJob,
-            limits: &EnqueueLimits,
-        ) -> Result<Enqueued, BackendError> {
-            self.inner.enqueue(partition, job, limits).await
-        }
-
-        async fn fetch(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.fetch_marked(partition, request, 0).await
-        }
-
-        async fn fetch_marked(
-            &self,
-            partition: &Key,
-            request: FetchRequest<'_>,
-            token: u64,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.reach(partition).await?;
-            self.inner.fetch_marked(partition, request, token).await
-        }
-
-        async fn recover(
-            &self,
-            partition: &Key,
-            consumer: &str,
-            token: u64,
-            max: usize,
-        ) -> Result<Vec<Delivery>, BackendError> {
-            self.reach(partition).await?;
-            self.inner.recover(partition, consumer, token, max).await
-        }
-
-        async fn extend(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-        ) -> Result<Fenced, BackendError> {
-            self.inner.extend(partition, number, attempt).await
-        }
-
-        async fn complete(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            result: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .complete(partition, number, attempt, result, retention)
-                .await
-        }
-
-        async fn complete_many(
-            &self,
-            partition: &Key,
-            jobs: &[Completion],
-            retention: Duration,
-        ) -> Result<Completed, BackendError> {
-            self.inner.complete_many(partition, jobs, retention).await
-        }
-
-        async fn retry(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            delay: Duration,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .retry(partition, number, attempt, delay, error)
-                .await
-        }
-
-        async fn release(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-        ) -> Result<Fenced, BackendError> {
-            self.inner.release(partition, number, attempt, error).await
-        }
-
-        async fn bury(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-            attempt: u32,
-            error: Bytes,
-            retention: Duration,
-        ) -> Result<Fenced, BackendError> {
-            self.inner
-                .bury(partition, number, attempt, error, retention)
-                .await
-        }
-
-        async fn status(
-            &self,
-            partition: &Key,
-            number: JobNumber,
-        ) -> Result<Option<JobRecord>, BackendError> {
-            self.inner.status(partition, number).await
-        }
-
-        async fn dead_letters(
-            &self,
-            partition: &Key,
-            max: usize,
-        ) -> Result<Vec<JobNumber>, BackendError> {
-            self.inner.dead_letters(partition, max).await
-        }
-
-        async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
-            self.inner.leave(partition, consumer).await
-        }
-
-        async fn newest_of(
-            &self,
-            partition: &Key,
-            subject: &[u8],
-        ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
-            self.inner.newest_of(partition, subject).await
-        }
-
-        async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
-            self.inner.stats(partition).await
-        }
-    }
+/// `local`: a Redis Cluster master failing over): until healed, each fetch or recovery there
+/// waits [`HANG`], then fails with a timeout without reaching the store.
+fn hanging_partition(local: &str) -> Faults {
+    let store = Faults::default();
+    store.inject(
+        &[support::Call::Fetch, support::Call::Recover],
+        Some(local),
+        Fault::Hang(HANG),
+        None,
+    );
+    store
 }
 
 /// A queue configuration of four partitions.
@@ -1622,7 +1281,7 @@ async fn handed_at(
 #[tokio::test(start_paused = true)]
 async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
     let interval = Duration::from_secs(1);
-    let store = HangingPartition::new("{failover.0}");
+    let store = hanging_partition("{failover.0}");
     let writes = WriteBehind::builder("failover", store.clone())
         .queue(four_partitions())
         .flush_interval(interval)
@@ -1635,10 +1294,10 @@ async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
     let seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>> = Arc::default();
     let flusher = writes.start(noting_writer(seen.clone()));
     // The flusher has met the outage.
-    while store.failed() == 0 {
+    while store.failures() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let tried = store.failed();
+    let tried = store.failures();
     // Thirty writes over about 40 s, at varying points of the flush interval, through the
     // partition's tries again after its backoffs.
     for i in 0..30 {
@@ -1650,14 +1309,14 @@ async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
             took <= interval + Duration::from_millis(100),
             "write {i} (partition {}) reached the writer {took:?} after it was made, with a flush interval of {interval:?} ({} calls to the partition out of reach had failed)",
             1 + i % 3,
-            store.failed(),
+            store.failures(),
         );
         tokio::time::sleep(Duration::from_millis(330)).await;
     }
     assert!(
-        store.failed() > tried + 3,
+        store.failures() > tried + 3,
         "the partition out of reach was tried {} times more during the outage",
-        store.failed() - tried
+        store.failures() - tried
     );
     flusher.shutdown(Duration::from_secs(1)).await;
 }
@@ -1668,7 +1327,7 @@ async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
 async fn a_backlog_beside_a_partition_out_of_reach_is_flushed_pass_after_pass() {
     use headroom_jobs::WriteBehindConfig;
 
-    let store = HangingPartition::new("{backlog.0}");
+    let store = hanging_partition("{backlog.0}");
     let writes = WriteBehind::builder("backlog", store.clone())
         .queue(four_partitions())
         .config({
@@ -1693,7 +1352,7 @@ async fn a_backlog_beside_a_partition_out_of_reach_is_flushed_pass_after_pass() 
     assert!(
         took <= HANG + Duration::from_millis(100),
         "a backlog of ten passes took {took:?} to reach the writer ({} calls to the partition out of reach failed meanwhile)",
-        store.failed(),
+        store.failures(),
     );
     flusher.shutdown(Duration::from_secs(1)).await;
 }
@@ -1703,7 +1362,7 @@ async fn a_backlog_beside_a_partition_out_of_reach_is_flushed_pass_after_pass() 
 /// (the command timeout) and a flush interval of the end of the outage.
 #[tokio::test(start_paused = true)]
 async fn writes_made_to_a_partition_out_of_reach_are_flushed_once_it_is_back() {
-    let store = HangingPartition::new("{failback.0}");
+    let store = hanging_partition("{failback.0}");
     let writes = WriteBehind::builder("failback", store.clone())
         .queue(four_partitions())
         .build()
@@ -1715,9 +1374,9 @@ async fn writes_made_to_a_partition_out_of_reach_are_flushed_once_it_is_back() {
         writes.put(key.clone(), "v").await.unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    assert!(store.failed() > 0);
+    assert!(store.failures() > 0);
     assert!(seen.lock().unwrap().is_empty());
-    store.hanging.store(false, Ordering::Relaxed);
+    store.heal();
     let back = tokio::time::Instant::now();
     for key in &stranded {
         let took = handed_at(&seen, key).await.saturating_duration_since(back);

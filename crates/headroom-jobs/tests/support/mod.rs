@@ -1,5 +1,5 @@
-//! A job store slowed, held, or losing a reply, where a test needs it, shared by the test
-//! targets.
+//! A job store slowed, held, losing a reply or failing, where a test needs it, shared by the
+//! test targets.
 
 // Each test target uses only some of it.
 #![allow(dead_code)]
@@ -520,6 +520,346 @@ impl<S: JobStore> JobStore for SlowStore<S> {
         if self.failing_stats.load(Ordering::Relaxed) {
             return Err(BackendError::new(BackendErrorKind::Connection));
         }
+        self.inner.stats(partition).await
+    }
+}
+
+/// A call to a job store, as a fault plan names it (`fetch` is a `fetch_marked`, `complete` a
+/// `complete_many`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Call {
+    Enqueue,
+    Fetch,
+    Recover,
+    Extend,
+    Complete,
+    Retry,
+    Release,
+    Bury,
+    Status,
+    DeadLetters,
+    Leave,
+    NewestOf,
+    Stats,
+}
+
+/// What a call meets while a fault is on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Fault {
+    /// It fails at once, without reaching the store.
+    Fail(BackendErrorKind),
+    /// It waits this long (a command timeout), then fails with a timeout, without reaching
+    /// the store.
+    Hang(Duration),
+    /// It waits this long (a round trip), then reaches the store.
+    Delay(Duration),
+}
+
+/// One entry of a fault plan.
+#[derive(Clone, Debug)]
+struct Rule {
+    call: Call,
+    /// The local part of the partition's key; every partition when `None`.
+    partition: Option<Vec<u8>>,
+    fault: Fault,
+    /// For ever when `None`.
+    until: Option<tokio::time::Instant>,
+}
+
+/// One timed call: to which partition (the local part of its key), and when (paused time) it
+/// began and got past its fault (`None`: not yet).
+#[derive(Clone, Debug)]
+pub(crate) struct Timed {
+    pub(crate) call: Call,
+    pub(crate) partition: Vec<u8>,
+    pub(crate) began: tokio::time::Instant,
+    pub(crate) ended: Option<tokio::time::Instant>,
+}
+
+impl Timed {
+    pub(crate) fn to(&self, partition: &str) -> bool {
+        self.partition == partition.as_bytes()
+    }
+
+    pub(crate) fn in_flight_at(&self, at: tokio::time::Instant) -> bool {
+        self.began <= at && self.ended.is_none_or(|ended| at < ended)
+    }
+}
+
+const CALLS: usize = Call::Stats as usize + 1;
+
+/// The memory job store, with the calls a fault plan names failing, hanging or delayed; the
+/// plan changes as a test goes (a partition's node going out of reach and coming back). Each
+/// call's fault is decided as it is sent.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Faults {
+    inner: MemoryJobStore,
+    plan: Arc<Mutex<Vec<Rule>>>,
+    /// The calls of these kinds are timed.
+    timing: Vec<Call>,
+    timed: Arc<Mutex<Vec<Timed>>>,
+    /// Of each kind, the calls that failed, and those that reached the store.
+    failed: Arc<[AtomicUsize; CALLS]>,
+    reached: Arc<[AtomicUsize; CALLS]>,
+}
+
+impl Faults {
+    /// The calls of kind `call` are timed.
+    pub(crate) fn timing(mut self, call: Call) -> Self {
+        self.timing.push(call);
+        self
+    }
+
+    /// From now on, `calls` to `partition` (the local part of its key; every partition when
+    /// `None`) meet `fault`, for `lasts` (for ever when `None`).
+    pub(crate) fn inject(
+        &self,
+        calls: &[Call],
+        partition: Option<&str>,
+        fault: Fault,
+        lasts: Option<Duration>,
+    ) {
+        let until = lasts.map(|lasts| tokio::time::Instant::now() + lasts);
+        self.plan
+            .lock()
+            .unwrap()
+            .extend(calls.iter().map(|&call| Rule {
+                call,
+                partition: partition.map(|local| local.as_bytes().to_vec()),
+                fault,
+                until,
+            }));
+    }
+
+    /// Every fault is off from now on.
+    pub(crate) fn heal(&self) {
+        self.plan.lock().unwrap().clear();
+    }
+
+    /// The calls of kind `call` that failed so far.
+    pub(crate) fn failed(&self, call: Call) -> usize {
+        self.failed[call as usize].load(Ordering::Relaxed)
+    }
+
+    /// The calls of every kind that failed so far.
+    pub(crate) fn failures(&self) -> usize {
+        self.failed.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The calls of kind `call` that reached the store so far.
+    pub(crate) fn reached(&self, call: Call) -> usize {
+        self.reached[call as usize].load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn timed(&self) -> Vec<Timed> {
+        self.timed.lock().unwrap().clone()
+    }
+
+    /// Lets `call` to `partition` meet its fault, if one is on; `Ok` once it may reach the
+    /// store.
+    async fn reach(&self, partition: &Key, call: Call) -> Result<(), BackendError> {
+        let timed = self.timing.contains(&call).then(|| {
+            let mut timed = self.timed.lock().unwrap();
+            timed.push(Timed {
+                call,
+                partition: partition.local().to_vec(),
+                began: tokio::time::Instant::now(),
+                ended: None,
+            });
+            timed.len() - 1
+        });
+        let now = tokio::time::Instant::now();
+        let fault = self
+            .plan
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|rule| {
+                rule.call == call
+                    && rule
+                        .partition
+                        .as_ref()
+                        .is_none_or(|local| local.as_slice() == partition.local())
+                    && rule.until.is_none_or(|until| now < until)
+            })
+            .map(|rule| rule.fault);
+        let reached = match fault {
+            None => Ok(()),
+            Some(Fault::Fail(kind)) => Err(BackendError::new(kind)),
+            Some(Fault::Hang(takes)) => {
+                tokio::time::sleep(takes).await;
+                Err(BackendError::new(BackendErrorKind::Timeout))
+            }
+            Some(Fault::Delay(takes)) => {
+                tokio::time::sleep(takes).await;
+                Ok(())
+            }
+        };
+        if let Some(at) = timed {
+            self.timed.lock().unwrap()[at].ended = Some(tokio::time::Instant::now());
+        }
+        let counts = if reached.is_ok() {
+            &self.reached
+        } else {
+            &self.failed
+        };
+        counts[call as usize].fetch_add(1, Ordering::Relaxed);
+        reached
+    }
+}
+
+impl JobStore for Faults {
+    async fn enqueue(
+        &self,
+        partition: &Key,
+        job: &NewJob,
+        limits: &EnqueueLimits,
+    ) -> Result<Enqueued, BackendError> {
+        self.reach(partition, Call::Enqueue).await?;
+        self.inner.enqueue(partition, job, limits).await
+    }
+
+    async fn fetch(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.fetch_marked(partition, request, 0).await
+    }
+
+    async fn fetch_marked(
+        &self,
+        partition: &Key,
+        request: FetchRequest<'_>,
+        token: u64,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.reach(partition, Call::Fetch).await?;
+        self.inner.fetch_marked(partition, request, token).await
+    }
+
+    async fn recover(
+        &self,
+        partition: &Key,
+        consumer: &str,
+        token: u64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, BackendError> {
+        self.reach(partition, Call::Recover).await?;
+        self.inner.recover(partition, consumer, token, max).await
+    }
+
+    async fn extend(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+    ) -> Result<Fenced, BackendError> {
+        self.reach(partition, Call::Extend).await?;
+        self.inner.extend(partition, number, attempt).await
+    }
+
+    async fn complete(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        result: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        let job = Completion {
+            number,
+            attempt,
+            result,
+        };
+        let mut answers = self
+            .complete_many(partition, std::slice::from_ref(&job), retention)
+            .await?;
+        answers.pop().expect("one answer per job")
+    }
+
+    async fn complete_many(
+        &self,
+        partition: &Key,
+        jobs: &[Completion],
+        retention: Duration,
+    ) -> Result<Completed, BackendError> {
+        self.reach(partition, Call::Complete).await?;
+        self.inner.complete_many(partition, jobs, retention).await
+    }
+
+    async fn retry(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        delay: Duration,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.reach(partition, Call::Retry).await?;
+        self.inner
+            .retry(partition, number, attempt, delay, error)
+            .await
+    }
+
+    async fn release(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+    ) -> Result<Fenced, BackendError> {
+        self.reach(partition, Call::Release).await?;
+        self.inner.release(partition, number, attempt, error).await
+    }
+
+    async fn bury(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+        attempt: u32,
+        error: Bytes,
+        retention: Duration,
+    ) -> Result<Fenced, BackendError> {
+        self.reach(partition, Call::Bury).await?;
+        self.inner
+            .bury(partition, number, attempt, error, retention)
+            .await
+    }
+
+    async fn status(
+        &self,
+        partition: &Key,
+        number: JobNumber,
+    ) -> Result<Option<JobRecord>, BackendError> {
+        self.reach(partition, Call::Status).await?;
+        self.inner.status(partition, number).await
+    }
+
+    async fn dead_letters(
+        &self,
+        partition: &Key,
+        max: usize,
+    ) -> Result<Vec<JobNumber>, BackendError> {
+        self.reach(partition, Call::DeadLetters).await?;
+        self.inner.dead_letters(partition, max).await
+    }
+
+    async fn leave(&self, partition: &Key, consumer: &str) -> Result<(), BackendError> {
+        self.reach(partition, Call::Leave).await?;
+        self.inner.leave(partition, consumer).await
+    }
+
+    async fn newest_of(
+        &self,
+        partition: &Key,
+        subject: &[u8],
+    ) -> Result<Option<(JobNumber, Bytes)>, BackendError> {
+        self.reach(partition, Call::NewestOf).await?;
+        self.inner.newest_of(partition, subject).await
+    }
+
+    async fn stats(&self, partition: &Key) -> Result<PartitionStats, BackendError> {
+        self.reach(partition, Call::Stats).await?;
         self.inner.stats(partition).await
     }
 }
