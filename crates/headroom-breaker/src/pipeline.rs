@@ -1,8 +1,7 @@
 //! The pipeline: the strategies composed in one fixed, documented order.
 
-use std::convert::Infallible;
 use std::fmt;
-use std::future::{Future, Pending};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,73 +11,11 @@ use tracing::Instrument;
 use crate::breaker::{CircuitBreaker, Permit};
 use crate::budget::RetryBudget;
 use crate::config::PipelineConfig;
-use crate::error::{CircuitOpen, ConfigError, Error};
+use crate::error::{ConfigError, Error};
 use crate::fallback::Fallback;
 use crate::hedge::Hedge;
 use crate::retry::{Next, Retry};
 use crate::timeout::Timeout;
-
-/// The operation a pipeline runs: a new call for each attempt and each hedge.
-///
-/// An operation may have to wait to be served (a tower service's readiness). That wait comes
-/// before its attempt is admitted by the breaker and timed: time queued behind a concurrency
-/// limit is neither counted against the attempt's limit nor, timed out, a breaker failure.
-pub(crate) trait Op<T, E> {
-    /// The future of one call.
-    type Call: Future<Output = Result<T, E>>;
-    /// What the wait to be served yields, for the call that follows it.
-    type Ready;
-
-    /// The first attempt through `parts`: [`Parts::admit`], then [`Parts::make`]. Chosen by
-    /// the operation, so that one that never waits to be served makes it in one step,
-    /// [`Parts::attempt`], without a trace of the wait.
-    fn first_attempt(&mut self, parts: &Parts<'_, E>) -> impl Future<Output = Result<T, Error<E>>>;
-
-    /// The wait to be served before an attempt, ending in what the call needs or in the
-    /// error of a service that failed to get ready; `None` for an operation that never waits.
-    /// With a `breaker`, the wait ends at once, refused, while the breaker would refuse the
-    /// attempt anyway: callers of an open circuit do not queue.
-    fn ready(
-        &mut self,
-        breaker: Option<&CircuitBreaker<E>>,
-    ) -> Option<impl Future<Output = Result<Result<Self::Ready, E>, CircuitOpen>>>;
-
-    /// One call: an attempt's, with what its wait to be served yielded, or a hedged copy,
-    /// with `None`, which waits to be served on its own.
-    fn call(&mut self, ready: Option<Self::Ready>) -> Self::Call;
-}
-
-/// A closure never waits to be served: each call is a call of the closure.
-impl<T, E, F, Fut> Op<T, E> for F
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    type Call = Fut;
-    type Ready = Infallible;
-
-    #[inline(always)]
-    fn first_attempt(&mut self, parts: &Parts<'_, E>) -> impl Future<Output = Result<T, Error<E>>> {
-        parts.attempt(self)
-    }
-
-    #[inline(always)]
-    fn ready(
-        &mut self,
-        _: Option<&CircuitBreaker<E>>,
-    ) -> Option<impl Future<Output = Result<Result<Infallible, E>, CircuitOpen>>> {
-        None::<Pending<_>>
-    }
-
-    #[inline(always)]
-    fn call(&mut self, _: Option<Infallible>) -> Fut {
-        self()
-    }
-}
-
-/// How an attempt was served: `None` for an operation that never waits to be, else what its
-/// call needs, or the error of a service that failed to get ready.
-pub(crate) type Served<R, E> = Option<Result<R, E>>;
 
 /// Borrowed strategies, run in the pipeline order. Every entry point of the crate that makes
 /// attempts goes through [`Parts::call`], so the order is defined in one place.
@@ -100,10 +37,11 @@ impl<E> Default for Parts<'_, E> {
     }
 }
 
-impl<'a, E> Parts<'a, E> {
-    pub(crate) fn call<T, O>(self, op: O) -> impl Future<Output = Result<T, Error<E>>>
+impl<E> Parts<'_, E> {
+    pub(crate) fn call<T, F, Fut>(self, op: F) -> impl Future<Output = Result<T, Error<E>>>
     where
-        O: Op<T, E>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
     {
         // Read at the call, before this request's own retry marks its budget as recorded: a
         // hedge further out that shares a budget has recorded the request in it already.
@@ -111,12 +49,13 @@ impl<'a, E> Parts<'a, E> {
         self.run(op, recorded)
     }
 
-    async fn run<T, O>(self, mut op: O, recorded: usize) -> Result<T, Error<E>>
+    async fn run<T, F, Fut>(self, mut op: F, recorded: usize) -> Result<T, Error<E>>
     where
-        O: Op<T, E>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
     {
         self.deposit(recorded);
-        let error = match op.first_attempt(&self).await {
+        let error = match self.attempt(&mut op).await {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
@@ -129,37 +68,32 @@ impl<'a, E> Parts<'a, E> {
     }
 
     /// Retries after the first attempt failed with `error`.
-    async fn retry<T, O>(
+    async fn retry<T, F, Fut>(
         &self,
         retry: &Retry<E>,
-        mut op: O,
+        mut op: F,
         mut error: Error<E>,
     ) -> Result<T, Error<E>>
     where
-        O: Op<T, E>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
     {
         let mut attempt = 1;
         loop {
-            let waiting = match retry.next(&error, attempt) {
+            match retry.next(&error, attempt) {
                 Next::Stop => return Err(error),
                 Next::Exhausted => {
                     return Err(Error::BudgetExhausted {
                         last: Box::new(error),
                     });
                 }
-                Next::After(waiting) => waiting,
-            };
-            retry.clock().sleep(waiting.wait).await;
-            attempt += 1;
-            let Ok((served, permit)) = self.admit(&mut op).await else {
-                // Refused before its call (the circuit opened during the wait): the retry
-                // never reached the dependency, so, as for a caller gone during the wait, its
-                // unit goes back with `waiting` and it is not counted. The last attempt made
-                // ended the request: its error says why.
-                return Err(error);
-            };
-            waiting.start();
-            error = match self.make(&mut op, served, permit).await {
+                Next::After(waiting) => {
+                    retry.clock().sleep(waiting.wait).await;
+                    waiting.start();
+                    attempt += 1;
+                }
+            }
+            error = match self.attempt(&mut op).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,
             };
@@ -183,10 +117,6 @@ impl<'a, E> Parts<'a, E> {
         }
     }
 
-    /// One attempt of an operation that never waits to be served: the breaker's permit,
-    /// then the call. The steps of [`admit`](Self::admit) and [`make`](Self::make), written
-    /// out for a closure: awaiting those costs a closure's first attempt, the pipeline's
-    /// common path, some 3 % more instructions.
     async fn attempt<T, F, Fut>(&self, op: &mut F) -> Result<T, Error<E>>
     where
         F: FnMut() -> Fut,
@@ -205,67 +135,6 @@ impl<'a, E> Parts<'a, E> {
             (Some(timeout), None) => flatten(timeout.call(op()).await),
             (None, Some(hedge)) => hedge.run(op).await.map_err(Error::Inner),
             (None, None) => op().await.map_err(Error::Inner),
-        };
-        if let (Some(breaker), Some(permit)) = (self.breaker, permit) {
-            breaker.record(permit, &result);
-        }
-        result
-    }
-
-    /// Serves an attempt, if `op` waits to be, then asks the breaker for its permit; refused,
-    /// no call was made. The wait to be served holds no permit and is not timed: the breaker
-    /// judges calls, and the timeout bounds the response, not the queue before it.
-    pub(crate) async fn admit<T, O>(
-        &self,
-        op: &mut O,
-    ) -> Result<(Served<O::Ready, E>, Option<Permit<'a>>), CircuitOpen>
-    where
-        O: Op<T, E>,
-    {
-        let served = match op.ready(self.breaker) {
-            Some(ready) => Some(ready.await?),
-            None => None,
-        };
-        let permit = match self.breaker {
-            Some(breaker) => Some(breaker.try_acquire()?),
-            None => None,
-        };
-        Ok((served, permit))
-    }
-
-    /// The call of an admitted attempt, served as `served` says: timed, hedged unless it is a
-    /// probe, and recorded by the breaker.
-    pub(crate) async fn make<T, O>(
-        &self,
-        op: &mut O,
-        served: Served<O::Ready, E>,
-        permit: Option<Permit<'a>>,
-    ) -> Result<T, Error<E>>
-    where
-        O: Op<T, E>,
-    {
-        // A probe is one call: hedged, it would let more than `half_open_probes` through.
-        let hedge = self
-            .hedge
-            .filter(|_| !permit.as_ref().is_some_and(Permit::is_probe));
-        let result = match (served.transpose(), self.timeout, hedge) {
-            // A service that failed to get ready failed the attempt, as its call would have
-            // (a connection refused, for one that connects when asked if it is ready).
-            (Err(unready), _, _) => Err(Error::Inner(unready)),
-            (Ok(ready), Some(timeout), Some(hedge)) => {
-                // The first call is the attempt's own; the hedged copies wait on their own.
-                let mut ready = ready;
-                flatten(timeout.call(hedge.run(&mut || op.call(ready.take()))).await)
-            }
-            (Ok(ready), Some(timeout), None) => flatten(timeout.call(op.call(ready)).await),
-            (Ok(ready), None, Some(hedge)) => {
-                let mut ready = ready;
-                hedge
-                    .run(&mut || op.call(ready.take()))
-                    .await
-                    .map_err(Error::Inner)
-            }
-            (Ok(ready), None, None) => op.call(ready).await.map_err(Error::Inner),
         };
         if let (Some(breaker), Some(permit)) = (self.breaker, permit) {
             breaker.record(permit, &result);
@@ -297,9 +166,7 @@ fn flatten<T, E>(result: Result<Result<T, E>, crate::Elapsed>) -> Result<T, Erro
 /// 1. **fallback** ([`call_with_fallback`](Self::call_with_fallback)): replaces the final error;
 /// 2. **retry**: repeats failed attempts, within its budget;
 /// 3. **circuit breaker**: each attempt needs a permit, and its outcome is recorded (a timed-out
-///    attempt is a failure). A retry refused after its backoff, the circuit having opened
-///    meanwhile, is not made: its budget unit goes back, it is not counted in
-///    `headroom_breaker_retries_total`, and the call ends with the last attempt's error;
+///    attempt is a failure);
 /// 4. **timeout**: bounds each attempt, hedges included, and cancels it when reached;
 /// 5. **hedge**: inside an attempt, starts extra calls when the first is slow; an attempt
 ///    admitted as a half-open probe is not hedged, so the breaker's probes stay single calls.
@@ -411,9 +278,10 @@ impl<E> Pipeline<E> {
     /// again. The budget a layer further out recorded it in is read first, when this is
     /// called.
     #[cfg(feature = "tower")]
-    pub(crate) async fn call_marked<T, O>(&self, op: O) -> Result<T, Error<E>>
+    pub(crate) async fn call_marked<T, F, Fut>(&self, op: F) -> Result<T, Error<E>>
     where
-        O: Op<T, E>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
     {
         let budget = self
             .retry

@@ -24,8 +24,8 @@ pub(crate) enum Next<'a> {
 }
 
 /// A retry decided on, waiting to start: dropped before [`start`](Self::start) (its caller
-/// went away during the wait, or a pipeline's breaker refused it), it never ran, so the budget
-/// unit it took goes back and it is not counted.
+/// went away during the wait), it never ran, so the budget unit it took goes back and it is
+/// not counted.
 pub(crate) struct Waiting<'a> {
     pub(crate) wait: Duration,
     /// The budget and the time slice it took a unit from.
@@ -34,7 +34,7 @@ pub(crate) struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
-    /// The retry starts, admitted to make its call: it is counted, and its budget unit spent.
+    /// The retry starts: it is counted, and its budget unit spent.
     pub(crate) fn start(mut self) {
         self.unit = None;
         self.retries.increment(1);

@@ -5,9 +5,7 @@
 //!   reaching the service, and each response is recorded. Its future does not allocate.
 //! - [`PipelineLayer`] runs each request through a whole [`Pipeline`](crate::Pipeline). Each
 //!   attempt (and hedge) calls a clone of the service with a clone of the request, so both
-//!   must be `Clone`; the response future is boxed. An attempt waits for its clone to be ready
-//!   before the breaker admits it and its timeout starts (an open circuit ends that wait at
-//!   once): the timeout bounds the response, not the wait to be served.
+//!   must be `Clone`; the response future is boxed.
 //!
 //! - [`RetryLayer`], [`TimeoutLayer`], [`HedgeLayer`] and [`FallbackLayer`] apply one strategy
 //!   each, for stacks that compose their own order. A retry or hedge calls a clone of the

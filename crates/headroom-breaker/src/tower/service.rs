@@ -1,14 +1,13 @@
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use tower_service::Service;
 
+use std::sync::Arc;
+
 use super::future::{Admission, FallbackFuture, ResponseFuture};
-use crate::breaker::Shared;
-use crate::pipeline::{Op, Parts};
 use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry, Timeout};
 
 /// A service guarded by a [`CircuitBreaker`]; built by
@@ -26,63 +25,11 @@ use crate::{CircuitBreaker, CircuitOpen, Error, Fallback, Hedge, Pipeline, Retry
 pub struct CircuitBreakerService<S, E> {
     inner: S,
     breaker: CircuitBreaker<E>,
-    gate: Gate,
-}
-
-/// The wait for a service guarded by a breaker to be ready for a call, which ends at once
-/// while the breaker refuses calls (see [`CircuitBreakerService`]).
-#[derive(Default)]
-struct Gate {
-    /// The refusal the wait ended on; the call that follows returns it.
+    /// The refusal `poll_ready` saw; the next `call` returns it.
     refused: Option<CircuitOpen>,
     /// While waiting on the inner service in a half-open phase with probes running: fires
     /// when the phase would count as stalled, so that the wait is looked at again.
     stall_timer: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
-}
-
-impl Gate {
-    /// Ready when the breaker refuses calls (the refusal is left in `refused`) or when
-    /// `inner`, the guarded service's readiness, is.
-    fn poll_ready<X>(
-        &mut self,
-        shared: &Shared,
-        cx: &mut Context<'_>,
-        mut inner: impl FnMut(&mut Context<'_>) -> Poll<Result<(), X>>,
-    ) -> Poll<Result<(), X>> {
-        loop {
-            self.refused = shared.refusal();
-            if self.refused.is_some() {
-                self.stall_timer = None;
-                return Poll::Ready(Ok(()));
-            }
-            if let Poll::Ready(ready) = inner(cx) {
-                self.stall_timer = None;
-                return Poll::Ready(ready);
-            }
-            // Past its open duration the circuit admits a probe at the next call, but nothing
-            // guarantees the inner service ever gets ready for it: calls admitted before the
-            // circuit opened may hold its capacity for good. Until then it still refuses.
-            self.refused = shared.open_refusal();
-            if self.refused.is_some() {
-                self.stall_timer = None;
-                return Poll::Ready(Ok(()));
-            }
-            // Stuck probes may hold the capacity this waits on: look again when they would
-            // count as stalled, or the wait could outlast them for good.
-            let Some(left) = shared.until_stalled() else {
-                self.stall_timer = None;
-                return Poll::Pending;
-            };
-            let timer = self.stall_timer.get_or_insert_with(|| {
-                let clock = shared.clock();
-                Box::pin(async move { clock.sleep(left).await })
-            });
-            if timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            self.stall_timer = None;
-        }
-    }
 }
 
 impl<S, E> CircuitBreakerService<S, E> {
@@ -91,7 +38,8 @@ impl<S, E> CircuitBreakerService<S, E> {
         Self {
             inner,
             breaker,
-            gate: Gate::default(),
+            refused: None,
+            stall_timer: None,
         }
     }
 
@@ -125,14 +73,44 @@ where
     type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        let inner = &mut self.inner;
-        self.gate
-            .poll_ready(self.breaker.shared(), cx, |cx| inner.poll_ready(cx))
-            .map_err(Error::Inner)
+        loop {
+            let shared = self.breaker.shared();
+            self.refused = shared.refusal();
+            if self.refused.is_some() {
+                self.stall_timer = None;
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(ready) = self.inner.poll_ready(cx) {
+                self.stall_timer = None;
+                return Poll::Ready(ready.map_err(Error::Inner));
+            }
+            // Past its open duration the circuit admits a probe at the next call, but nothing
+            // guarantees the inner service ever gets ready for it: calls admitted before the
+            // circuit opened may hold its capacity for good. Until then it still refuses.
+            self.refused = shared.open_refusal();
+            if self.refused.is_some() {
+                self.stall_timer = None;
+                return Poll::Ready(Ok(()));
+            }
+            // Stuck probes may hold the capacity this waits on: look again when they would
+            // count as stalled, or the wait could outlast them for good.
+            let Some(left) = shared.until_stalled() else {
+                self.stall_timer = None;
+                return Poll::Pending;
+            };
+            let timer = self.stall_timer.get_or_insert_with(|| {
+                let clock = shared.clock();
+                Box::pin(async move { clock.sleep(left).await })
+            });
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.stall_timer = None;
+        }
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        if let Some(open) = self.gate.refused.take() {
+        if let Some(open) = self.refused.take() {
             self.breaker.shared().count_rejection();
             return ResponseFuture::rejected(open);
         }
@@ -150,14 +128,6 @@ where
 
 /// A service whose requests run through a [`Pipeline`]; built by
 /// [`PipelineLayer`](super::PipelineLayer).
-///
-/// Each attempt waits for its clone of the service to be ready before the breaker admits it
-/// and before its timeout starts: the timeout bounds the response, not the wait to be served,
-/// and time queued behind a concurrency limit or a buffer below is no breaker failure. That
-/// wait ends at once, refused, while the circuit refuses calls, as a
-/// [`CircuitBreakerService`]'s does. A service that fails to get ready fails the attempt,
-/// counted as its call would be. A hedged copy waits for its own clone, within its attempt's
-/// time limit.
 pub struct PipelineService<S, E> {
     inner: S,
     pipeline: Pipeline<E>,
@@ -204,134 +174,22 @@ where
     type Error = Error<S::Error>;
     type Future = BoxFuture<Result<S::Response, Self::Error>>;
 
-    /// Always ready: each attempt waits for the readiness of its own clone of the service,
-    /// before the breaker admits it and its timeout starts.
+    /// Always ready: each attempt waits for the readiness of its own clone of the service.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
         let pipeline = self.pipeline.clone();
-        let attempts = Attempts {
-            service: self.inner.clone(),
-            request,
-        };
+        let service = self.inner.clone();
         // Made when first polled: under a layer further out (a `RetryLayer`), the request is
         // read as recorded in its budget, then marked as recorded in this pipeline's for a
         // `HedgeLayer` below sharing it.
-        Box::pin(async move { pipeline.call_marked(attempts).await })
-    }
-}
-
-/// The calls of one request through a [`PipelineService`]: each attempt and each hedged copy
-/// calls a clone of the service, once ready, with a clone of the request.
-struct Attempts<S, Req> {
-    service: S,
-    request: Req,
-}
-
-impl<S, Req> Attempts<S, Req>
-where
-    S: Service<Req> + Clone,
-{
-    /// A clone of the service, once ready, or the error it failed to get ready with. While
-    /// `breaker` refuses calls the wait ends at once, as a [`CircuitBreakerService`]'s does,
-    /// in the refusal (counted): callers of an open circuit do not queue for capacity that
-    /// calls admitted before it opened may hold for good.
-    async fn ready_service(
-        &mut self,
-        breaker: Option<&CircuitBreaker<S::Error>>,
-    ) -> Result<Result<S, S::Error>, CircuitOpen> {
-        let mut service = self.service.clone();
-        let Some(breaker) = breaker else {
-            return Ok(poll_fn(|cx| service.poll_ready(cx)).await.map(|()| service));
-        };
-        let shared = breaker.shared();
-        let mut gate = Gate::default();
-        let ready = poll_fn(|cx| gate.poll_ready(shared, cx, |cx| service.poll_ready(cx))).await;
-        match gate.refused {
-            Some(open) => {
-                shared.count_rejection();
-                Err(open)
-            }
-            None => Ok(ready.map(|()| service)),
-        }
-    }
-}
-
-impl<S, Req> Op<S::Response, S::Error> for Attempts<S, Req>
-where
-    S: Service<Req> + Clone,
-    Req: Clone,
-{
-    type Call = Call<S, Req>;
-    type Ready = S;
-
-    async fn first_attempt(
-        &mut self,
-        parts: &Parts<'_, S::Error>,
-    ) -> Result<S::Response, Error<S::Error>> {
-        let (served, permit) = parts.admit(self).await.map_err(Error::CircuitOpen)?;
-        parts.make(self, served, permit).await
-    }
-
-    fn ready(
-        &mut self,
-        breaker: Option<&CircuitBreaker<S::Error>>,
-    ) -> Option<impl Future<Output = Result<Result<S, S::Error>, CircuitOpen>>> {
-        Some(self.ready_service(breaker))
-    }
-
-    fn call(&mut self, ready: Option<S>) -> Call<S, Req> {
-        match ready {
-            Some(mut service) => Call::Called {
-                response: service.call(self.request.clone()),
-            },
-            None => Call::Waiting {
-                service: self.service.clone(),
-                request: self.request.clone(),
-            },
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// One call of a [`PipelineService`]'s attempt or hedged copy.
-    #[project = CallProjection]
-    enum Call<S, Req>
-    where
-        S: Service<Req>,
-    {
-        /// A hedged copy, waiting for its clone of the service to be ready.
-        Waiting { service: S, request: Req },
-        Called {
-            #[pin]
-            response: S::Future,
-        },
-    }
-}
-
-impl<S, Req> Future for Call<S, Req>
-where
-    S: Service<Req>,
-    Req: Clone,
-{
-    type Output = Result<S::Response, S::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let response = match self.as_mut().project() {
-                CallProjection::Called { response } => return response.poll(cx),
-                CallProjection::Waiting { service, request } => {
-                    if let Err(error) = ready!(service.poll_ready(cx)) {
-                        return Poll::Ready(Err(error));
-                    }
-                    // A clone: the waiting state, which owns the request, is pinned.
-                    service.call(request.clone())
-                }
-            };
-            self.set(Self::Called { response });
-        }
+        Box::pin(async move {
+            pipeline
+                .call_marked(move || attempt(&service, &request))
+                .await
+        })
     }
 }
 
