@@ -418,3 +418,54 @@ async fn a_pipeline_loads_from_configuration() {
         .unwrap_err();
     assert_eq!(error.field(), "retry.max_attempts");
 }
+
+/// A retry refused by the breaker after its wait never reached the dependency: its budget
+/// unit goes back, it is not counted as a retry made, and the caller gets the error of the
+/// last attempt made.
+#[tokio::test(start_paused = true)]
+async fn a_retry_refused_by_the_breaker_after_its_wait_spends_no_budget() {
+    let budget = RetryBudget::builder()
+        .ratio(0.0)
+        .min_per_second(1)
+        .window(Duration::from_secs(1))
+        .build()
+        .expect("budget");
+    let breaker = CircuitBreaker::builder().build().expect("breaker");
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let pipeline = metrics::with_local_recorder(&recorder, || {
+        Pipeline::builder()
+            .retry(
+                retry()
+                    .max_attempts(2)
+                    .budget(budget.clone())
+                    .build()
+                    .expect("retry"),
+            )
+            .breaker(breaker.clone())
+            .build()
+    });
+    let attempts = AtomicU32::new(0);
+    // The server asks for at least 50 ms; the circuit is isolated 10 ms into the wait.
+    let busy = Failure::Busy(Some(Duration::from_millis(50)));
+    let (answer, ()) = tokio::join!(
+        pipeline.call(|| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure::Busy(Some(Duration::from_millis(50)))) }
+        }),
+        async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            breaker.isolate();
+        },
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "the retry never ran");
+    assert!(budget.try_withdraw(), "the retry's unit went back");
+    let rendered = handle.render();
+    let retries = rendered.lines().find_map(|line| {
+        line.strip_prefix("headroom_breaker_retries_total{pipeline=\"default\"} ")
+    });
+    assert!(matches!(retries, None | Some("0")), "{rendered}");
+    let error = answer.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Inner, "{error:?}");
+    assert_eq!(error.into_inner(), Some(busy));
+}
