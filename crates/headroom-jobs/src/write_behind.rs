@@ -559,7 +559,9 @@ async fn flush_loop<S: JobStore, W: Writer>(
                         failed = true;
                         shared.queue.inner.metrics.store_errors.increment(1);
                         tracing::warn!(queue = %shared.queue.inner.name, partition = p, %error, "fetching writes failed");
-                        false
+                        // An error no retry cures came from a node that answered: the
+                        // partition is in reach, and tried again at the next interval.
+                        !error.is_retryable()
                     }
                 };
                 if answered {
@@ -807,7 +809,7 @@ async fn drain_partition<S: JobStore, W: Writer>(
                 queue.metrics.store_errors.increment(1);
                 tracing::warn!(queue = %queue.name, partition = p, %error, "fetching more writes failed");
                 *lost = may_pass(&error).then_some((token, sent));
-                answered = false;
+                answered = !error.is_retryable();
                 break;
             }
         };

@@ -1321,6 +1321,42 @@ async fn a_partition_out_of_reach_holds_back_no_other_partitions_writes() {
     flusher.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A partition whose node answers with an error no retry cures (a script error, say) is no
+/// partition out of reach: it is not left out of the passes, so its writes are flushed at the
+/// next interval once the error is gone.
+#[tokio::test(start_paused = true)]
+async fn a_partition_refusing_its_calls_is_tried_again_at_the_next_interval() {
+    let interval = Duration::from_secs(1);
+    let store = Faults::default();
+    store.inject(
+        &[support::Call::Fetch, support::Call::Recover],
+        Some("{refusing.0}"),
+        Fault::Fail(headroom_core::BackendErrorKind::Command),
+        None,
+    );
+    let writes = WriteBehind::builder("refusing", store.clone())
+        .queue(four_partitions())
+        .flush_interval(interval)
+        .build()
+        .unwrap();
+    let key = keys_in(0, 1).await.remove(0);
+    let seen: Arc<Mutex<HashMap<Bytes, tokio::time::Instant>>> = Arc::default();
+    let flusher = writes.start(noting_writer(seen.clone()));
+    // Refused for long enough that a backoff would have grown to its top.
+    while store.failures() < 8 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.heal();
+    let back = tokio::time::Instant::now();
+    writes.put(key.clone(), "v").await.unwrap();
+    let took = handed_at(&seen, &key).await - back;
+    assert!(
+        took <= interval + Duration::from_millis(100),
+        "the write reached the writer {took:?} after the refusals ended, with a flush interval of {interval:?}"
+    );
+    flusher.shutdown(Duration::from_secs(1)).await;
+}
+
 /// A backlog in one partition (ten passes' worth) is flushed pass after pass, each following
 /// at once, while another partition is out of reach: only the first pass meets its timeout.
 #[tokio::test(start_paused = true)]
