@@ -4,8 +4,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -530,7 +530,7 @@ impl Experiment {
             behavior,
             end,
             loss,
-            answered: OnceLock::new(),
+            answered: AtomicBool::new(false),
         };
         injection.record();
         Some(injection)
@@ -655,8 +655,9 @@ pub struct Injection {
     behavior: bool,
     end: Option<End>,
     loss: bool,
-    /// What [`Injection::answers`] answered: asked again, it counts nothing more.
-    answered: OnceLock<bool>,
+    /// Whether [`Injection::answers`] counted this call's answer: asked again, it counts
+    /// nothing more.
+    answered: AtomicBool,
 }
 
 impl Injection {
@@ -711,17 +712,17 @@ impl Injection {
 
     /// Whether the drawn fault or outcome answers the call instead of its real call: one was
     /// drawn and the run that drew it still runs. A call released by the run's end is made as
-    /// without the experiment, its fault or outcome not injected. The first answer is final,
-    /// and a `true` is counted in `headroom_chaos_injected_total` and logged once: a point
+    /// without the experiment, its fault or outcome not injected. A `true` is counted in
+    /// `headroom_chaos_injected_total` and logged once, however often it is asked: a point
     /// asks after [`Injection::wait`], as it answers the call (a point built on
     /// [`Experiment::draw`] asks this, not [`Injection::is_running`], or its faults go
     /// uncounted).
     pub fn answers(&self) -> bool {
-        *self.answered.get_or_init(|| {
-            let (fault, outcome) = (self.fault().is_some(), self.outcome());
-            if !(fault || outcome) || !self.is_running() {
-                return false;
-            }
+        let (fault, outcome) = (self.fault().is_some(), self.outcome());
+        if !(fault || outcome) || !self.is_running() {
+            return false;
+        }
+        if !self.answered.swap(true, Ordering::Relaxed) {
             let metrics = &self.experiment.0.metrics;
             if fault {
                 metrics.fault.increment(1);
@@ -729,8 +730,8 @@ impl Injection {
                 metrics.outcome.increment(1);
             }
             self.log(None, false, false, fault, outcome, false);
-            true
-        })
+        }
+        true
     }
 
     /// Waits out the delay, or for an aborted call holds until the run ends. Either ends when

@@ -165,6 +165,22 @@ async fn asking_twice_whether_a_fault_answers_counts_it_once() {
     assert_eq!(line(&handle.render(), fault), Some("1"));
 }
 
+/// An answer asked for before the wait is not final: once the run has ended, the call is
+/// made as without the experiment.
+#[tokio::test(start_paused = true)]
+async fn a_fault_asked_about_before_the_run_ended_no_longer_answers_after_it() {
+    let experiment = Experiment::builder("asked-early").build().unwrap();
+    experiment
+        .start(ExperimentConfig::new(Duration::from_secs(10)).fault(1.0))
+        .unwrap();
+    let injection = experiment
+        .draw(headroom_chaos::Strategies::FAULT)
+        .expect("every call is faulted");
+    assert!(injection.answers());
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(!injection.answers(), "the run has ended");
+}
+
 /// An experiment dropped while it runs is off for good: the gauge goes back to 0 rather than
 /// showing a run nobody can stop.
 #[tokio::test(start_paused = true)]
