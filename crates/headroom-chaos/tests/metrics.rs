@@ -21,8 +21,21 @@ fn line<'a>(rendered: &'a str, series: &str) -> Option<&'a str> {
         .map(|line| line[series.len()..].trim())
 }
 
+/// Tests of this file run on threads of their own, some with a subscriber of their own, some
+/// with none. A callsite first reached on a thread with none may be cached as uninteresting
+/// while another thread installs its subscriber, and that one then misses the event. A global
+/// subscriber interested in everything, installed before any test emits, keeps every callsite
+/// enabled; each test's own subscriber still gets its thread's events.
+fn every_callsite_enabled() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Events::default());
+    });
+}
+
 #[test]
 fn injections_spares_stops_and_the_running_gauge_are_recorded() {
+    every_callsite_enabled();
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     metrics::with_local_recorder(&recorder, || {
@@ -89,6 +102,7 @@ fn injections_spares_stops_and_the_running_gauge_are_recorded() {
 /// its delay is neither injected nor counted, and only what reached a caller is.
 #[tokio::test(start_paused = true)]
 async fn a_fault_or_outcome_released_by_the_end_is_not_counted() {
+    every_callsite_enabled();
     use headroom_chaos::ChaosKvStore;
     use headroom_core::kv::KvStore;
     use headroom_core::memory::MemoryKvStore;
@@ -148,6 +162,7 @@ async fn a_fault_or_outcome_released_by_the_end_is_not_counted() {
 /// check) still counts one injected fault: the call is answered once.
 #[tokio::test(start_paused = true)]
 async fn asking_twice_whether_a_fault_answers_counts_it_once() {
+    every_callsite_enabled();
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     let experiment = metrics::with_local_recorder(&recorder, || {
@@ -169,6 +184,7 @@ async fn asking_twice_whether_a_fault_answers_counts_it_once() {
 /// made as without the experiment.
 #[tokio::test(start_paused = true)]
 async fn a_fault_asked_about_before_the_run_ended_no_longer_answers_after_it() {
+    every_callsite_enabled();
     let experiment = Experiment::builder("asked-early").build().unwrap();
     experiment
         .start(ExperimentConfig::new(Duration::from_secs(10)).fault(1.0))
@@ -185,6 +201,7 @@ async fn a_fault_asked_about_before_the_run_ended_no_longer_answers_after_it() {
 /// showing a run nobody can stop.
 #[tokio::test(start_paused = true)]
 async fn dropping_a_running_experiment_resets_the_running_gauge() {
+    every_callsite_enabled();
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     let experiment = metrics::with_local_recorder(&recorder, || {
@@ -258,6 +275,7 @@ impl Subscriber for Events {
 /// what was injected; starts and stops are events too.
 #[test]
 fn each_injection_is_a_tracing_event_in_the_callers_span() {
+    every_callsite_enabled();
     let events = Events::default();
     tracing::subscriber::with_default(events.clone(), || {
         let experiment = Experiment::builder("traced").build().unwrap();
